@@ -28,8 +28,11 @@ help: ## list the targets
 
 # ---------------------------------------------------------------- set-up
 
-.PHONY: setup setup-py setup-model setup-tools build
-setup: setup-py setup-tools build ## install everything the project needs (idempotent)
+.PHONY: setup setup-system setup-py setup-model setup-tools build
+setup: setup-system setup-py setup-tools build ## install everything the project needs (idempotent)
+
+setup-system: ## Debian packages: Xvfb, xdotool, xterm for the local sandbox (needs root)
+	bash scripts/install_system_deps.sh
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -99,8 +102,8 @@ lint: setup lint-proto ## go vet, ruff, mypy
 test-go: ## Go unit tests with the race detector (goleak in each package)
 	cd dispatcher_go && go test -race -count=1 ./...
 
-test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles)
-	$(VENV)/bin/pytest -q commander/tests
+test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles, local sandbox)
+	$(VENV)/bin/pytest -q commander
 
 test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model" tests

@@ -1,0 +1,147 @@
+"""``commander``: run planners for the dispatcher.
+
+    commander --dispatcher 127.0.0.1:50051 --slots 4 --llm-base-url http://127.0.0.1:8080/v1
+
+Every flag has an environment variable (see ``--help``). SIGTERM/SIGINT: stop
+taking work, give running sessions ``--shutdown-grace`` seconds, then stop them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from commander._chat import DEFAULT_API_KEY, DEFAULT_BASE_URL, DEFAULT_MODEL, LLMSettings
+from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._commander import VERSION, Commander, default_commander_id
+from commander._connection import ConnectionConfig
+from commander._provider import ToolProvider
+from commander._workspace import workspace_provider
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"label must be key=value, got {text!r}")
+    return key, value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="commander", description="Run LLM agent planners for the dispatcher."
+    )
+    add_connection_flags(parser)
+    parser.add_argument(
+        "--slots",
+        type=_positive_int,
+        default=env("COMMANDER_SLOTS", "4"),  # argparse applies `type` to string defaults
+        help="sessions run at once, one ChatStream each (env COMMANDER_SLOTS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--id",
+        dest="commander_id",
+        default=env("COMMANDER_ID", default_commander_id()),
+        help="commander id sent in the hello (env COMMANDER_ID; default host-pid)",
+    )
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label sent in the hello; repeatable",
+    )
+    parser.add_argument(
+        "--llm-base-url",
+        default=env("LLM_BASE_URL", DEFAULT_BASE_URL),
+        help="default OpenAI-compatible endpoint (env LLM_BASE_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--llm-model",
+        default=env("LLM_MODEL", DEFAULT_MODEL),
+        help="default model name (env LLM_MODEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--llm-api-key",
+        default=env("LLM_API_KEY", DEFAULT_API_KEY),
+        help="default API key (env LLM_API_KEY; prefer the env var)",
+    )
+    parser.add_argument(
+        "--llm-max-turns",
+        type=_positive_int,
+        default=env("LLM_MAX_TURNS", "8"),
+        help="model turns per session, tool round trips included (env LLM_MAX_TURNS)",
+    )
+    parser.add_argument(
+        "--no-llm-tools",
+        action="store_true",
+        help="do not offer the session's tools to the model (for models without function calling)",
+    )
+    parser.add_argument(
+        "--with-tools",
+        metavar="DIR",
+        default=env("COMMANDER_WITH_TOOLS"),
+        help="also serve the workspace tools on DIR in this process (env COMMANDER_WITH_TOOLS)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=env("COMMANDER_SHUTDOWN_GRACE", "10"),
+        help="seconds running sessions may go on after SIGTERM (default %(default)s)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    return parser
+
+
+def build_commander(args: argparse.Namespace) -> Commander:
+    """The Commander the parsed flags describe."""
+    connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
+    llm = LLMSettings(
+        base_url=args.llm_base_url,
+        model=args.llm_model,
+        api_key=args.llm_api_key,
+        max_turns=args.llm_max_turns,
+        use_tools=not args.no_llm_tools,
+    )
+    providers: list[ToolProvider] = []
+    if args.with_tools:
+        providers.append(workspace_provider(args.with_tools))
+    return Commander(
+        connection,
+        slots=args.slots,
+        commander_id=args.commander_id,
+        labels=dict(args.labels),
+        llm=llm,
+        tool_providers=providers,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``commander`` command."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    commander = build_commander(args)
+    try:
+        anyio.run(_serve, commander)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _serve(commander: Commander) -> None:
+    await run_until_signalled(commander.run, commander.shutdown, what="commander")
+
+
+if __name__ == "__main__":
+    main()

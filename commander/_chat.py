@@ -1,0 +1,545 @@
+"""The ``chat`` planner: a streaming chat agent on any OpenAI-compatible endpoint.
+
+The same code path serves the embedded SmolLM2 (llama-cpp-python's server),
+vLLM, Doubao ARK, DeepSeek, OpenAI...: only the base URL, model name and key
+differ, and those come from the task's config
+(``stageModelConfig.actionGeneratorModel``) with the commander's defaults
+behind them.
+
+Interruption: the planner is an async generator with no task group in it.
+When the session is stopped, the cancellation arrives either inside the model
+stream's read or at a ``yield`` (as ``GeneratorExit``); in both cases the
+``finally`` closes the HTTP response under a shielded, time-bounded scope, so a
+self-hosted model server sees the connection close and stops generating. The
+tokens already streamed are recorded with ``ctx.add_usage`` and reach the
+dispatcher in ``stopped.final_usage``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+import urllib.parse
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from typing import Any, cast
+
+import anyio
+import anyio.to_thread
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionChunk
+
+from commander._errors import ModelError, ToolError, tool_error_code_name
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._gen.lybic.agent import agent_pb2
+from commander._planners import PlannerOutput
+from commander._session import SessionContext
+
+_log = logging.getLogger("commander.chat")
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
+DEFAULT_MODEL = "smollm2"
+DEFAULT_API_KEY = "none"
+
+# Where a provider's OpenAI-compatible API lives, for tasks that name a
+# provider (or a model whose name gives it away, as seed 000 does for doubao,
+# gemini and deepseek) but no apiEndpoint.
+_PROVIDER_ENDPOINTS = {
+    "doubao": "https://ark.cn-beijing.volces.com/api/v3",
+    "ark": "https://ark.cn-beijing.volces.com/api/v3",
+    "deepseek": "https://api.deepseek.com/v1",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta/openai/",
+    "openai": "https://api.openai.com/v1",
+}
+_MODEL_PREFIX_PROVIDERS = ("doubao", "deepseek", "gemini")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMSettings:
+    """The chat planner's defaults and limits (a task's config overrides the model)."""
+
+    base_url: str = DEFAULT_BASE_URL
+    model: str = DEFAULT_MODEL
+    api_key: str = dataclasses.field(default=DEFAULT_API_KEY, repr=False)
+    #: Seconds to wait for the next streamed chunk (and for the first one).
+    read_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    #: Model turns per session (tool round trips included); the last one is
+    #: made without tools so that the model has to answer.
+    max_turns: int = 8
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system_prompt: str | None = None
+    #: Offer the session's tools to the model (function calling).
+    use_tools: bool = True
+    #: Bound on closing the model stream after a stop.
+    close_timeout: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTarget:
+    """The model a session talks to, resolved from the task config and the defaults."""
+
+    base_url: str
+    model: str
+    api_key: str = dataclasses.field(repr=False)
+
+
+def resolve_model(config: agent_pb2.CommonConfig, defaults: LLMSettings) -> ModelTarget:
+    """Task config (``stageModelConfig.actionGeneratorModel``) over the commander's defaults."""
+    base_url, model, api_key = defaults.base_url, defaults.model, defaults.api_key
+    if config.HasField("stageModelConfig"):
+        stages = config.stageModelConfig
+        if stages.HasField("actionGeneratorModel"):
+            llm = stages.actionGeneratorModel
+            if llm.modelName:
+                model = llm.modelName
+            if llm.HasField("apiKey") and llm.apiKey:
+                api_key = llm.apiKey
+            if llm.HasField("apiEndpoint") and llm.apiEndpoint:
+                base_url = llm.apiEndpoint
+            else:
+                provider = llm.provider.lower() if llm.HasField("provider") else ""
+                if not provider and llm.modelName:
+                    provider = next(
+                        (p for p in _MODEL_PREFIX_PROVIDERS if llm.modelName.lower().startswith(p)),
+                        "",
+                    )
+                base_url = _PROVIDER_ENDPOINTS.get(provider, base_url)
+    return ModelTarget(base_url=base_url, model=model, api_key=api_key)
+
+
+class ToolNames:
+    """Reversible map between dispatcher tool names and OpenAI function names.
+
+    OpenAI function names must match ``^[A-Za-z0-9_-]{1,64}$``; ours may contain
+    dots (``workspace.read_file``). ``.`` becomes ``__``, anything else invalid
+    ``_``; collisions and over-long names get a numeric suffix. A name the model
+    invents maps to itself, so the dispatcher answers it with UNKNOWN_TOOL.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._to_openai: dict[str, str] = {}
+        self._to_tool: dict[str, str] = {}
+        for name in names:
+            base = re.sub(r"[^A-Za-z0-9_-]", "_", name.replace(".", "__")) or "tool"
+            candidate, n = base[:64], 1
+            while candidate in self._to_tool:
+                n += 1
+                suffix = f"_{n}"
+                candidate = base[: 64 - len(suffix)] + suffix
+            self._to_openai[name] = candidate
+            self._to_tool[candidate] = name
+
+    def to_openai(self, name: str) -> str:
+        return self._to_openai[name]
+
+    def to_tool(self, function_name: str) -> str:
+        return self._to_tool.get(function_name, function_name)
+
+
+class ThinkSplitter:
+    """Splits streamed content into reasoning (inside ``<think>…</think>``) and answer.
+
+    Tags may be cut anywhere between chunks; a possible partial tag at the end
+    of a chunk is held back until the next chunk decides it.
+    """
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self.thinking = False
+
+    def feed(self, text: str) -> list[tuple[bool, str]]:
+        """(is_thought, text) pieces that are certain so far."""
+        self._buf += text
+        out: list[tuple[bool, str]] = []
+        while True:
+            tag = self.CLOSE if self.thinking else self.OPEN
+            i = self._buf.find(tag)
+            if i >= 0:
+                if i:
+                    out.append((self.thinking, self._buf[:i]))
+                self._buf = self._buf[i + len(tag) :]
+                self.thinking = not self.thinking
+                continue
+            keep = _partial_suffix(self._buf, tag)
+            cut = len(self._buf) - keep
+            if cut:
+                out.append((self.thinking, self._buf[:cut]))
+                self._buf = self._buf[cut:]
+            return out
+
+    def flush(self) -> list[tuple[bool, str]]:
+        """Whatever is held back, at the end of the stream."""
+        rest, self._buf = self._buf, ""
+        return [(self.thinking, rest)] if rest else []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count (4 characters a token) for servers that report no usage."""
+    return math.ceil(len(text) / 4)
+
+
+def _openai_tools(tools: Sequence[ipb.ToolSpec], names: ToolNames) -> list[dict[str, Any]]:
+    result = []
+    for spec in tools:
+        try:
+            parameters = json.loads(spec.parameters_json_schema or "{}")
+        except ValueError:
+            parameters = {}
+        if not isinstance(parameters, dict) or not parameters:
+            parameters = {"type": "object", "properties": {}}
+        result.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": names.to_openai(spec.name),
+                    "description": spec.description,
+                    "parameters": parameters,
+                },
+            }
+        )
+    return result
+
+
+def _history_messages(history: Iterable[ipb.ConversationTurn]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for turn in history:
+        if turn.role in ("user", "assistant", "system"):
+            messages.append({"role": turn.role, "content": turn.content})
+        elif turn.role == "tool":
+            # A "tool" message must answer a tool_calls id the history does not
+            # keep; told as the assistant's own note instead.
+            messages.append({"role": "assistant", "content": f"[tool result] {turn.content}"})
+        else:
+            messages.append({"role": "user", "content": turn.content})
+    return messages
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What a session's requests go to."""
+
+    target: ModelTarget
+    client: openai.AsyncOpenAI
+    timeout: openai.Timeout
+
+
+@dataclasses.dataclass
+class _ToolCallDraft:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclasses.dataclass
+class _Turn:
+    """What one streamed model turn produced."""
+
+    answer: list[str] = dataclasses.field(default_factory=list)
+    tool_calls: dict[int, _ToolCallDraft] = dataclasses.field(default_factory=dict)
+    chunks: int = 0  # streamed pieces: the output-token estimate
+    usage: CompletionUsage | None = None  # the server's, when it sent one
+
+
+class ChatPlanner:
+    """The ``chat`` planner (register it under any name; ``chat`` by default).
+
+    Streams reasoning as ``ThoughtChain`` and the answer as ``ContentChunk``
+    (``is_finish`` on an empty last chunk of each answer), one ``Usage`` per
+    model turn (``steps=1``), calls the session's tools through function
+    calling, and ends with a ``FinalResult`` carrying the last answer.
+    """
+
+    def __init__(self, settings: LLMSettings | None = None) -> None:
+        self.settings = settings or LLMSettings()
+        # Request options an endpoint refused (400/422) before streaming: left
+        # out from then on. Keyed by base URL.
+        self._unsupported: dict[str, set[str]] = {}
+        # One HTTP connection pool for every session and endpoint: building an
+        # HTTP client loads the CA bundle (tens of ms of blocked event loop), far
+        # too slow to do per session.
+        self._http: openai.DefaultAsyncHttpxClient | None = None
+
+    async def _client(self, target: ModelTarget) -> openai.AsyncOpenAI:
+        if self._http is None:
+            http = await anyio.to_thread.run_sync(openai.DefaultAsyncHttpxClient)
+            if self._http is None:
+                self._http = http
+            else:
+                await http.aclose()
+        return openai.AsyncOpenAI(
+            base_url=target.base_url,
+            api_key=target.api_key,
+            # A retry after tokens were streamed would repeat them: never retry here.
+            max_retries=0,
+            timeout=openai.Timeout(
+                self.settings.read_timeout, connect=self.settings.connect_timeout
+            ),
+            http_client=self._http,
+        )
+
+    def _timeout(self, ctx: SessionContext) -> openai.Timeout:
+        """Per-request timeout: the read timeout, cut short by the task's deadline."""
+        read = self.settings.read_timeout
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            read = max(1.0, min(read, remaining))
+        return openai.Timeout(read, connect=self.settings.connect_timeout)
+
+    async def aclose(self) -> None:
+        """Close the shared HTTP client (the commander calls this when it stops)."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+
+    async def __call__(self, ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
+        target = resolve_model(ctx.config, self.settings)
+        names = ToolNames(spec.name for spec in ctx.tools)
+        offered = _openai_tools(ctx.tools, names) if self.settings.use_tools and ctx.tools else []
+        messages: list[dict[str, Any]] = []
+        if self.settings.system_prompt:
+            messages.append({"role": "system", "content": self.settings.system_prompt})
+        messages.extend(_history_messages(ctx.history))
+        messages.append({"role": "user", "content": ctx.instruction})
+        model = _Model(target, await self._client(target), self._timeout(ctx))
+        answer = ""
+        tool_calls_made = 0
+        turns = 0
+        for turns in range(1, self.settings.max_turns + 1):
+            for user_input in ctx.drain_user_inputs():
+                messages.append({"role": "user", "content": user_input.text})
+            last = turns == self.settings.max_turns
+            turn = _Turn()
+            # aclosing: a stop at our yield must close the inner generator (and
+            # with it the model stream) now, not whenever it is collected.
+            async with contextlib.aclosing(
+                self._stream_turn(ctx, model, messages, [] if last else offered, turn)
+            ) as outputs:
+                async for output in outputs:
+                    yield output
+            answer = "".join(turn.answer)
+            if not turn.tool_calls:
+                interjected = ctx.drain_user_inputs()
+                if interjected and not last:
+                    # Messages that came in while the model answered get a turn too.
+                    messages.append({"role": "assistant", "content": answer})
+                    messages.extend({"role": "user", "content": u.text} for u in interjected)
+                    continue
+                break
+            calls = [turn.tool_calls[i] for i in sorted(turn.tool_calls)]
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": answer or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                        for call in calls
+                    ],
+                }
+            )
+            for call in calls:
+                tool_calls_made += 1
+                content = await self._run_tool(ctx, names.to_tool(call.name), call.arguments)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+        yield ipb.FinalResult(
+            outcome=ipb.SESSION_OUTCOME_SUCCESS,
+            result=answer,
+            message=f"{turns} model turn(s), {tool_calls_made} tool call(s), model {target.model}",
+        )
+
+    async def _run_tool(self, ctx: SessionContext, tool: str, arguments: str) -> str:
+        """Call a tool through the dispatcher; errors go back to the model as text."""
+        try:
+            return await ctx.call_tool_json(tool, arguments or "{}")
+        except ToolError as exc:
+            ctx.logger.info("tool %s failed: %s", tool, exc.message)
+            code = tool_error_code_name(exc.error_code).removeprefix("TOOL_ERROR_CODE_")
+            return json.dumps({"error": {"code": code, "message": exc.message}})
+
+    async def _open_stream(
+        self,
+        model: _Model,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+    ) -> openai.AsyncStream[ChatCompletionChunk]:
+        target = model.target
+        unsupported = self._unsupported.setdefault(target.base_url, set())
+        while True:
+            request: dict[str, Any] = {
+                "model": target.model,
+                "messages": messages,
+                "stream": True,
+                "timeout": model.timeout,
+            }
+            if "stream_options" not in unsupported:
+                request["stream_options"] = {"include_usage": True}
+            if tools and "tools" not in unsupported:
+                request["tools"] = tools
+            if self.settings.temperature is not None:
+                request["temperature"] = self.settings.temperature
+            if self.settings.max_tokens is not None:
+                request["max_tokens"] = self.settings.max_tokens
+            try:
+                created = await model.client.chat.completions.create(**request)
+                return cast("openai.AsyncStream[ChatCompletionChunk]", created)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                # Nothing was streamed yet, so trying again is safe. Drop the
+                # optional extras one at a time (older servers reject them).
+                extra = next((k for k in ("stream_options", "tools") if k in request), None)
+                if extra is None:
+                    raise _model_error(exc, target) from exc
+                _log.warning(
+                    "%s refused %s (%s); retrying without it",
+                    target.base_url,
+                    extra,
+                    exc.status_code,
+                )
+                unsupported.add(extra)
+            except openai.OpenAIError as exc:
+                raise _model_error(exc, target) from exc
+
+    async def _stream_turn(
+        self,
+        ctx: SessionContext,
+        model: _Model,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        turn: _Turn,
+    ) -> AsyncGenerator[PlannerOutput, None]:
+        target = model.target
+        prompt_estimate = estimate_tokens(json.dumps(messages)) + (
+            estimate_tokens(json.dumps(tools)) if tools else 0
+        )
+        completed = False
+        stream: openai.AsyncStream[ChatCompletionChunk] | None = None
+        splitter = ThinkSplitter()
+        try:
+            stream = await self._open_stream(model, messages, tools)
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    turn.usage = chunk.usage
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta
+                extra = delta.model_extra or {}
+                reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+                if isinstance(reasoning, str) and reasoning:
+                    turn.chunks += 1
+                    yield ipb.ThoughtChain(step_name="Reasoning", delta=reasoning)
+                if delta.content:
+                    turn.chunks += 1
+                    for output in _split(splitter.feed(delta.content), turn):
+                        yield output
+                for tc in delta.tool_calls or ():
+                    turn.chunks += 1
+                    draft = turn.tool_calls.setdefault(tc.index, _ToolCallDraft())
+                    if tc.id:
+                        draft.id = tc.id
+                    if tc.function is not None:
+                        # Most servers send the name once; some repeat it per chunk.
+                        if tc.function.name and tc.function.name != draft.name:
+                            draft.name += tc.function.name
+                        if tc.function.arguments:
+                            draft.arguments += tc.function.arguments
+            for output in _split(splitter.flush(), turn):
+                yield output
+            completed = True
+        except openai.OpenAIError as exc:
+            raise _model_error(exc, target) from exc
+        finally:
+            if stream is not None:
+                # Closing the response is what stops a self-hosted model: shielded
+                # so that it happens even while we are being cancelled, bounded so
+                # that a stuck server cannot hold the stop up.
+                with anyio.move_on_after(self.settings.close_timeout, shield=True):
+                    await stream.close()
+            if stream is not None and not completed:
+                # Stopped or failed mid-turn: the tokens spent so far still count
+                # (estimated: a stream cut short carries no usage from the server).
+                ctx.add_usage(
+                    input_tokens=prompt_estimate,
+                    output_tokens=turn.chunks,
+                    steps=1,
+                    model=target.model,
+                )
+        for draft in turn.tool_calls.values():
+            if not draft.id:
+                draft.id = f"call_{uuid.uuid4().hex[:12]}"
+        if turn.answer:
+            # The answer of this turn is complete (an empty last chunk, as in seed 004).
+            yield ipb.ContentChunk(text="", is_finish=True)
+        if turn.usage is not None:
+            yield ipb.Usage(
+                input_tokens=turn.usage.prompt_tokens,
+                output_tokens=turn.usage.completion_tokens,
+                steps=1,
+                model=target.model,
+            )
+        else:
+            # The server sent no usage (no stream_options support): estimated,
+            # output tokens = streamed pieces (servers stream about one token each).
+            yield ipb.Usage(
+                input_tokens=prompt_estimate,
+                output_tokens=turn.chunks,
+                steps=1,
+                model=target.model,
+            )
+
+
+def _split(pieces: list[tuple[bool, str]], turn: _Turn) -> list[PlannerOutput]:
+    outputs: list[PlannerOutput] = []
+    for is_thought, text in pieces:
+        if is_thought:
+            outputs.append(ipb.ThoughtChain(step_name="Reasoning", delta=text))
+        else:
+            turn.answer.append(text)
+            outputs.append(ipb.ContentChunk(text=text))
+    return outputs
+
+
+_KEY_LIKE = re.compile(r"\b(?:sk|ak|pk)-[\w*.\-]{6,}")
+
+
+def _public_url(url: str) -> str:
+    """The URL without user info or query (they may carry credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _model_error(exc: openai.OpenAIError, target: ModelTarget) -> ModelError:
+    """A client-safe description: it becomes a task event that clients read."""
+    if isinstance(exc, openai.APIStatusError):
+        detail = f"HTTP {exc.status_code}: {exc.message}"
+    elif isinstance(exc, openai.APITimeoutError):
+        detail = "timed out"
+    elif isinstance(exc, openai.APIConnectionError):
+        detail = "connection failed"
+    else:
+        detail = str(exc)
+    if target.api_key:
+        detail = detail.replace(target.api_key, "[redacted]")
+    detail = _KEY_LIKE.sub("[redacted]", detail)
+    return ModelError(f"model {target.model} at {_public_url(target.base_url)}: {detail}")

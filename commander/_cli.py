@@ -1,0 +1,87 @@
+"""What the command-line entry points share: env-backed flags, logging, signals."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+_log = logging.getLogger("commander.cli")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The environment variable ``name``, or ``default`` when unset or empty."""
+    value = os.environ.get(name)
+    return value if value else default
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dispatcher",
+        default=env("DISPATCHER_ADDR", "127.0.0.1:50051"),
+        help="dispatcher address host:port (env DISPATCHER_ADDR; default %(default)s)",
+    )
+    parser.add_argument(
+        "--token",
+        default=env("COMMANDER_TOKEN"),
+        help="bearer token for the dispatcher (env COMMANDER_TOKEN; prefer the env var: "
+        "flags are visible in the process list)",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        default=env("COMMANDER_CA_CERT"),
+        help="PEM CA certificate: use TLS and trust this CA (env COMMANDER_CA_CERT)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log level (env LOG_LEVEL; default %(default)s)",
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request URL at INFO; keep that for DEBUG.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def run_until_signalled(
+    run: Callable[[], Coroutine[Any, Any, None]],
+    shutdown: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    what: str,
+) -> None:
+    """Run ``run()``; the first SIGTERM/SIGINT starts ``shutdown()``, a second one aborts."""
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    if count == 1:
+                        _log.info(
+                            "%s: %s, shutting down gracefully",
+                            what,
+                            signal.Signals(signum).name,
+                        )
+                        tg.start_soon(shutdown)
+                    else:
+                        _log.warning("%s: second signal, aborting", what)
+                        tg.cancel_scope.cancel()
+                        return
+
+        tg.start_soon(watch_signals)
+        await run()
+        tg.cancel_scope.cancel()

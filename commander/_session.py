@@ -1,0 +1,506 @@
+"""One session on a slot: the planner, its tool calls, user input, stop and usage.
+
+The life of a session (see docs/protocol.md):
+
+* the slot's reader hands a ``start`` to :class:`Session`, whose coordinator
+  task (:meth:`Session.run`) starts the planner in its own task and cancel
+  scope;
+* the planner's outputs and tool calls go to the stream's single writer;
+* a ``stop`` cancels *only* the planner's scope — never the tasks that read or
+  write the gRPC call — which closes the in-flight model stream (the planner's
+  own shielded, time-bounded cleanup) and abandons pending tool waits;
+* the coordinator then sends exactly one terminal packet: ``stopped`` with the
+  usage not yet reported, or ``result``; and waits for ``SESSION_CLOSED``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from commander._connection import MAX_MESSAGE_BYTES, now_us
+from commander._errors import (
+    CommanderError,
+    InvalidToolArgumentsError,
+    tool_error_from_result,
+)
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._gen.lybic.agent import agent_pb2
+from commander._planners import Planner, PlannerOutput, PlannerReturn
+from commander._writer import Outgoing
+
+_log = logging.getLogger("commander.session")
+
+Send = Callable[[Outgoing[ipb.UpstreamPacket]], Awaitable[None]]
+
+_FIELD_BY_TYPE: dict[type[Any], str] = {
+    ipb.ThoughtChain: "thought",
+    ipb.ContentChunk: "content",
+    ipb.Usage: "usage",
+    ipb.StageChange: "stage",
+    ipb.Artifact: "artifact",
+    ipb.ErrorSignal: "error",
+}
+
+#: Interjected user messages waiting for the planner; beyond this they are
+#: dropped (with an error event), never queued without bound.
+USER_INPUT_BACKLOG = 64
+#: The default result (the answer text) is capped to this many characters.
+_MAX_RESULT_CHARS = 1_000_000
+
+
+def merge_usage(into: ipb.Usage, delta: ipb.Usage) -> None:
+    """Add ``delta`` to ``into`` (model and currency: the latest non-empty one)."""
+    into.input_tokens += delta.input_tokens
+    into.output_tokens += delta.output_tokens
+    into.cost += delta.cost
+    into.steps += delta.steps
+    if delta.currency:
+        into.currency = delta.currency
+    if delta.model:
+        into.model = delta.model
+
+
+def _usage_is_empty(u: ipb.Usage) -> bool:
+    return not (u.input_tokens or u.output_tokens or u.cost or u.steps)
+
+
+class SessionContext:
+    """Everything a planner gets to know and do in its session.
+
+    Attributes mirror ``StartSession``: ``task_id``, ``session_id``,
+    ``instruction``, ``config`` (the resolved ``lybic.agent.CommonConfig``,
+    secrets included), ``history``, ``tools``, ``deadline``, ``planner``,
+    ``labels``, ``sandbox``, ``previous_task_id``, ``destroy_sandbox``.
+    """
+
+    def __init__(self, session: Session, start: ipb.StartSession) -> None:
+        self._session = session
+        #: The raw ``StartSession``.
+        self.start = start
+        self.session_id: str = session.session_id
+        self.task_id: str = start.task_id
+        self.instruction: str = start.instruction
+        self.config: agent_pb2.CommonConfig = start.config
+        self.history: tuple[ipb.ConversationTurn, ...] = tuple(start.history)
+        self.tools: tuple[ipb.ToolSpec, ...] = tuple(start.tools)
+        self.planner: str = start.planner
+        self.labels: Mapping[str, str] = dict(start.labels)
+        self.sandbox: agent_pb2.Sandbox | None = (
+            start.sandbox if start.HasField("sandbox") else None
+        )
+        self.previous_task_id: str = start.previous_task_id
+        self.destroy_sandbox: bool = start.destroy_sandbox
+        self.deadline: dt.datetime | None = (
+            start.deadline.ToDatetime(tzinfo=dt.UTC) if start.HasField("deadline") else None
+        )
+        #: Logger that prefixes the task and session ids.
+        self.logger = logging.LoggerAdapter(
+            logging.getLogger("commander.planner"),
+            {"task_id": self.task_id, "session_id": self.session_id},
+        )
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline (may be negative), or None without one."""
+        if self.deadline is None:
+            return None
+        return (self.deadline - dt.datetime.now(dt.UTC)).total_seconds()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the session has been told to stop (the planner is being cancelled)."""
+        return self._session.stop_requested
+
+    async def call_tool(self, tool_name: str, /, **arguments: Any) -> Any:
+        """Call a brokered tool and return its decoded JSON result.
+
+        Raises a :class:`~commander.ToolError` subclass when the dispatcher
+        answers with an error (unknown tool, bad arguments, timeout, ...).
+        """
+        try:
+            arguments_json = json.dumps(arguments)
+        except (TypeError, ValueError) as exc:
+            raise InvalidToolArgumentsError(
+                f"arguments are not JSON-serialisable: {exc}", tool_name=tool_name
+            ) from exc
+        result_json = await self.call_tool_json(tool_name, arguments_json)
+        if not result_json:
+            return None
+        try:
+            return json.loads(result_json)
+        except ValueError:
+            return result_json
+
+    async def call_tool_json(self, tool_name: str, arguments_json: str) -> str:
+        """Call a brokered tool with raw JSON arguments; returns the raw JSON result."""
+        return await self._session.call_tool(tool_name, arguments_json)
+
+    @property
+    def user_inputs(self) -> MemoryObjectReceiveStream[ipb.UserInput]:
+        """Interjected user messages, in arrival order (``await ...receive()``, ``async for``)."""
+        return self._session.user_input_receiver
+
+    def drain_user_inputs(self) -> list[ipb.UserInput]:
+        """The user messages that arrived so far and were not yet taken, without waiting."""
+        taken: list[ipb.UserInput] = []
+        while True:
+            try:
+                taken.append(self._session.user_input_receiver.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return taken
+
+    def add_usage(
+        self,
+        usage: ipb.Usage | None = None,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost: float = 0.0,
+        currency: str = "",
+        steps: int = 0,
+        model: str = "",
+    ) -> None:
+        """Record usage that has not been yielded as a ``Usage`` packet.
+
+        It rides on the next yielded ``Usage``, or on the terminal packet
+        (``stopped.final_usage`` after a stop). Safe to call from a planner's
+        cancellation handler: it does not await.
+        """
+        delta = ipb.Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
+            currency=currency,
+            steps=steps,
+            model=model,
+        )
+        if usage is not None:
+            merge_usage(delta, usage)
+        self._session.add_usage(delta)
+
+
+class Session:
+    """Runtime of one session (internal); the slot drives it."""
+
+    def __init__(
+        self,
+        packet: ipb.DownstreamPacket,
+        planner: Planner | Exception,
+        send: Send,
+        *,
+        slot_index: int,
+        cancel_timeout: float = 2.0,
+        closed_timeout: float = 30.0,
+    ) -> None:
+        self.session_id = packet.session_id
+        self.task_id = packet.start.task_id
+        self._planner = planner
+        self._send = send
+        self._slot_index = slot_index
+        self._cancel_timeout = cancel_timeout
+        self._closed_timeout = closed_timeout
+        self._calls = 0
+        self._pending: dict[str, tuple[anyio.Event, list[ipb.ToolCallResult]]] = {}
+        self._usage = ipb.Usage()  # recorded, not yet written
+        self._answer: list[str] = []
+        self._answer_chars = 0
+        self._final: ipb.FinalResult | None = None
+        self._failure: BaseException | None = None
+        self._stop: ipb.StopSignal | None = None
+        self._local_stop: str | None = None
+        self._terminal_started = False
+        self._planner_scope: anyio.CancelScope | None = None
+        self._planner_done = anyio.Event()
+        self._wake = anyio.Event()
+        #: Set by the slot when the dispatcher acknowledges the terminal packet.
+        self.closed = anyio.Event()
+        #: Set once the terminal packet has been handed to the writer.
+        self.terminal_sent = anyio.Event()
+        self._ui_send, self.user_input_receiver = anyio.create_memory_object_stream[ipb.UserInput](
+            USER_INPUT_BACKLOG
+        )
+        self.outcome = "RUNNING"
+        self.ctx = SessionContext(self, packet.start)
+
+    # --- called by the slot's reader (never block) ---
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop (from the dispatcher or a local shutdown) was requested."""
+        return self._stop is not None or self._local_stop is not None
+
+    def request_stop(self, signal: ipb.StopSignal) -> None:
+        """The dispatcher's stop: cancel the planner; ``stopped`` follows."""
+        if self._terminal_started:
+            return
+        self._stop = signal
+        self._cancel_planner()
+
+    def request_local_stop(self, reason: str) -> None:
+        """Stop on our own (shutdown): cancel the planner; ``result FAILURE`` follows."""
+        if self._terminal_started or self.stop_requested:
+            return
+        self._local_stop = reason
+        self._cancel_planner()
+
+    def _cancel_planner(self) -> None:
+        if self._planner_scope is not None:
+            self._planner_scope.cancel()
+        self._wake.set()
+
+    def deliver_tool_result(self, result: ipb.ToolCallResult) -> bool:
+        """Wake the tool call waiting for ``result.call_id``; False if none waits."""
+        waiter = self._pending.get(result.call_id)
+        if waiter is None:
+            return False
+        event, box = waiter
+        if not box:
+            box.append(result)
+            event.set()
+        return True
+
+    def deliver_user_input(self, user_input: ipb.UserInput) -> bool:
+        """Queue an interjected message for the planner; False when the backlog is full."""
+        try:
+            self._ui_send.send_nowait(user_input)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return True  # the planner is gone; nothing left to tell
+        return True
+
+    def add_usage(self, delta: ipb.Usage) -> None:
+        merge_usage(self._usage, delta)
+
+    # --- tool calls (planner side) ---
+
+    async def call_tool(self, tool_name: str, arguments_json: str) -> str:
+        self._calls += 1
+        call_id = f"{self._calls}-{uuid.uuid4().hex[:12]}"
+        packet = self._packet(
+            tool_call=ipb.ToolCallRequest(
+                tool_name=tool_name, arguments_json=arguments_json, call_id=call_id
+            )
+        )
+        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+            raise InvalidToolArgumentsError(
+                f"arguments of {len(arguments_json)} bytes exceed the message size limit",
+                tool_name=tool_name,
+                call_id=call_id,
+            )
+        event = anyio.Event()
+        box: list[ipb.ToolCallResult] = []
+        # Registered before the request goes out, so a fast answer is never missed;
+        # removed in any case, so a stop abandons the wait and a late answer is ignored.
+        self._pending[call_id] = (event, box)
+        try:
+            await self._send(Outgoing(packet))
+            await event.wait()
+        finally:
+            del self._pending[call_id]
+        result = box[0]
+        if result.HasField("error"):
+            raise tool_error_from_result(result)
+        return result.result_json
+
+    # --- the coordinator ---
+
+    async def run(self, tg: TaskGroup) -> None:
+        """Run the planner to its end or until stopped; send the terminal packet."""
+        started = time.monotonic()
+        _log.info(
+            "session start task=%s session=%s planner=%s slot=%d",
+            self.task_id,
+            self.session_id,
+            self.ctx.planner,
+            self._slot_index,
+        )
+        try:
+            tg.start_soon(self._run_planner)
+            await self._wake.wait()
+            if not self._planner_done.is_set():
+                # A stop: the planner's scope is cancelled; give its cleanup (closing
+                # the model stream) a bounded time, then answer the stop regardless.
+                # Anything it still emits is dropped by the writer's gate.
+                with anyio.move_on_after(self._cancel_timeout):
+                    await self._planner_done.wait()
+                if not self._planner_done.is_set():
+                    _log.warning(
+                        "session %s: planner still running %.1fs after the stop; abandoning it",
+                        self.session_id,
+                        self._cancel_timeout,
+                    )
+            self._terminal_started = True
+            for packet in self._terminal_packets():
+                await self._send(Outgoing(packet))
+            self.terminal_sent.set()
+            with anyio.move_on_after(self._closed_timeout):
+                await self.closed.wait()
+            if not self.closed.is_set():
+                _log.warning(
+                    "session %s: no SESSION_CLOSED within %.0fs",
+                    self.session_id,
+                    self._closed_timeout,
+                )
+        finally:
+            self._ui_send.close()
+            self.user_input_receiver.close()
+            _log.info(
+                "session end task=%s session=%s outcome=%s duration=%.2fs",
+                self.task_id,
+                self.session_id,
+                self.outcome,
+                time.monotonic() - started,
+            )
+
+    async def _run_planner(self) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._planner_scope = scope
+                if self.stop_requested:
+                    scope.cancel()
+                try:
+                    await self._drive()
+                except Exception as exc:
+                    self._failure = exc
+        finally:
+            self._planner_done.set()
+            self._wake.set()
+
+    async def _drive(self) -> None:
+        if isinstance(self._planner, Exception):
+            raise self._planner
+        produced = self._planner(self.ctx)
+        if isinstance(produced, AsyncIterator):
+            await self._drain(produced)
+        elif inspect.isawaitable(produced):
+            self._take_return(await produced)
+        else:
+            raise TypeError(
+                f"planner returned {type(produced).__name__}, "
+                "expected an async iterator or an awaitable"
+            )
+
+    async def _drain(self, outputs: AsyncIterator[PlannerOutput]) -> None:
+        try:
+            async for item in outputs:
+                if isinstance(item, ipb.FinalResult):
+                    self._final = item
+                    break
+                await self._emit(item)
+        finally:
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                # GeneratorExit at the planner's yield runs its cleanup (closing the
+                # model's HTTP stream) even when we are being cancelled.
+                with anyio.move_on_after(self._cancel_timeout, shield=True):
+                    await aclose()
+
+    def _take_return(self, value: PlannerReturn) -> None:
+        if isinstance(value, ipb.FinalResult):
+            self._final = value
+        elif isinstance(value, str):
+            self._final = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=value)
+        elif value is not None:
+            raise TypeError(f"planner returned {type(value).__name__}")
+
+    async def _emit(self, item: PlannerOutput) -> None:
+        if isinstance(item, str):
+            item = ipb.ContentChunk(text=item)
+        field = _FIELD_BY_TYPE.get(type(item))
+        if field is None:
+            raise TypeError(f"planner yielded {type(item).__name__}, which is not an output")
+        if isinstance(item, ipb.ContentChunk):
+            self._remember_answer(item.text)
+        if isinstance(item, ipb.Usage):
+            # Everything recorded so far goes out with it; if the hand-over is
+            # cancelled before the writer took it, it stays recorded.
+            self.add_usage(item)
+            usage, self._usage = self._usage, ipb.Usage()
+            out = Outgoing(self._packet(usage=usage))
+            try:
+                await self._send(out)
+            except BaseException:
+                if not out.taken:
+                    merge_usage(self._usage, usage)
+                raise
+            return
+        packet = self._packet(**{field: item})
+        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+            _log.warning(
+                "session %s: dropped a %s of %d bytes (over the message size limit)",
+                self.session_id,
+                field,
+                packet.ByteSize(),
+            )
+            packet = self._packet(
+                error=ipb.ErrorSignal(
+                    code="payload_too_large",
+                    message=f"a {field} of {packet.ByteSize()} bytes exceeded the "
+                    f"{MAX_MESSAGE_BYTES}-byte message limit and was dropped",
+                )
+            )
+        await self._send(Outgoing(packet))
+
+    def _remember_answer(self, text: str) -> None:
+        if self._answer_chars < _MAX_RESULT_CHARS:
+            text = text[: _MAX_RESULT_CHARS - self._answer_chars]
+            self._answer.append(text)
+            self._answer_chars += len(text)
+
+    def _packet(self, **payload: Any) -> ipb.UpstreamPacket:
+        return ipb.UpstreamPacket(session_id=self.session_id, timestamp=now_us(), **payload)
+
+    def _terminal_packets(self) -> list[ipb.UpstreamPacket]:
+        usage, self._usage = self._usage, ipb.Usage()
+        if self._stop is not None:
+            self.outcome = "STOPPED"
+            return [self._packet(stopped=ipb.Stopped(reason=self._stop.reason, final_usage=usage))]
+        packets: list[ipb.UpstreamPacket] = []
+        if not _usage_is_empty(usage):
+            packets.append(self._packet(usage=usage))
+        if self._local_stop is not None:
+            result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_FAILURE, message=self._local_stop)
+        elif self._failure is not None:
+            code, message = _describe_failure(self._failure)
+            if not isinstance(self._failure, CommanderError):
+                _log.error(
+                    "session %s: planner failed",
+                    self.session_id,
+                    exc_info=self._failure,
+                )
+            else:
+                _log.warning("session %s: planner failed: %s", self.session_id, message)
+            packets.append(self._packet(error=ipb.ErrorSignal(code=code, message=message)))
+            result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_FAILURE, message=message)
+        elif self._final is not None:
+            result = ipb.FinalResult()
+            result.CopyFrom(self._final)
+            if result.outcome == ipb.SESSION_OUTCOME_UNSPECIFIED:
+                result.outcome = ipb.SESSION_OUTCOME_SUCCESS
+        else:
+            result = ipb.FinalResult(
+                outcome=ipb.SESSION_OUTCOME_SUCCESS, result="".join(self._answer)
+            )
+        self.outcome = ipb.SessionOutcome.Name(result.outcome).removeprefix("SESSION_OUTCOME_")
+        packets.append(self._packet(result=result))
+        return packets
+
+
+def _describe_failure(exc: BaseException) -> tuple[str, str]:
+    """ErrorSignal code and message for a planner's exception."""
+    if isinstance(exc, CommanderError):
+        return exc.code, str(exc) or type(exc).__name__
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return "planner_error", message

@@ -1,0 +1,481 @@
+"""In-process stand-ins for the dispatcher and for an OpenAI-compatible model server.
+
+* :class:`FakeDispatcher` — a real grpc.aio server on port 0 serving
+  ``AgentInteraction`` and ``ToolProviderService`` from the generated code; a
+  test drives each connected slot or provider by hand.
+* :class:`ScriptedLLM` — a tiny asyncio HTTP server that answers
+  ``/v1/chat/completions`` with scripted SSE ``chat.completion.chunk``s at a set
+  pace and records whether the client closed the stream before the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._gen.dispatch.v1 import interaction_pb2_grpc, tools_pb2, tools_pb2_grpc
+
+TERMINAL = ("result", "stopped")
+WAIT = 10.0  # default bound of every wait in the fakes
+
+
+class FakeSlot:
+    """One ChatStream as the fake dispatcher sees it."""
+
+    def __init__(self, auto_close: bool) -> None:
+        self.hello: ipb.Hello | None = None
+        self.metadata: dict[str, str] = {}
+        self.received: list[ipb.UpstreamPacket] = []
+        self._inbox: asyncio.Queue[ipb.UpstreamPacket] = asyncio.Queue()
+        self._outbox: asyncio.Queue[ipb.DownstreamPacket | None] = asyncio.Queue()
+        self.auto_close = auto_close
+        self.ended = asyncio.Event()
+        self._sessions = 0
+
+    async def send(self, packet: ipb.DownstreamPacket) -> None:
+        await self._outbox.put(packet)
+
+    def end(self) -> None:
+        """End the RPC from the dispatcher's side."""
+        self._outbox.put_nowait(None)
+
+    async def recv(self, within: float = WAIT) -> ipb.UpstreamPacket:
+        return await asyncio.wait_for(self._inbox.get(), within)
+
+    async def recv_until_terminal(self, within: float = WAIT) -> list[ipb.UpstreamPacket]:
+        """Packets up to and including the session's terminal packet."""
+        packets: list[ipb.UpstreamPacket] = []
+        deadline = time.monotonic() + within
+        while True:
+            packet = await self.recv(max(0.01, deadline - time.monotonic()))
+            packets.append(packet)
+            if packet.WhichOneof("payload") in TERMINAL:
+                return packets
+
+    async def recv_kind(self, kind: str, within: float = WAIT) -> ipb.UpstreamPacket:
+        """The next packet of that payload kind (others are skipped)."""
+        deadline = time.monotonic() + within
+        while True:
+            packet = await self.recv(max(0.01, deadline - time.monotonic()))
+            if packet.WhichOneof("payload") == kind:
+                return packet
+
+    def pending(self) -> list[ipb.UpstreamPacket]:
+        """Whatever arrived and was not yet taken."""
+        items = []
+        while not self._inbox.empty():
+            items.append(self._inbox.get_nowait())
+        return items
+
+    async def start(
+        self,
+        instruction: str = "hello",
+        *,
+        planner: str = "chat",
+        tools: list[ipb.ToolSpec] | None = None,
+        **fields: Any,
+    ) -> str:
+        """Send a start; returns the new session id."""
+        self._sessions += 1
+        session_id = f"s-{id(self) % 10_000}-{self._sessions}"
+        start = ipb.StartSession(
+            task_id=f"task-{self._sessions}",
+            instruction=instruction,
+            planner=planner,
+            tools=tools or [],
+            **fields,
+        )
+        await self.send(ipb.DownstreamPacket(session_id=session_id, start=start))
+        return session_id
+
+    async def stop(
+        self, session_id: str, reason: str = "cancelled by client", code: int = 1
+    ) -> None:
+        await self.send(
+            ipb.DownstreamPacket(
+                session_id=session_id,
+                stop=ipb.StopSignal(reason=reason, code=code),  # type: ignore[arg-type]
+            )
+        )
+
+    async def tool_result(
+        self, session_id: str, call: ipb.ToolCallRequest, result_json: str = "", **error: Any
+    ) -> None:
+        result = ipb.ToolCallResult(
+            call_id=call.call_id, tool_name=call.tool_name, result_json=result_json
+        )
+        if error:
+            result.error.CopyFrom(ipb.ToolError(**error))
+        await self.send(ipb.DownstreamPacket(session_id=session_id, tool_result=result))
+
+    async def user_input(self, session_id: str, text: str) -> None:
+        await self.send(
+            ipb.DownstreamPacket(
+                session_id=session_id, user_input=ipb.UserInput(message_id="m1", text=text)
+            )
+        )
+
+
+class FakeProvider:
+    """One ToolProviderService.Connect stream as the fake dispatcher sees it."""
+
+    def __init__(self) -> None:
+        self.hello: tools_pb2.ProviderHello | None = None
+        self._inbox: asyncio.Queue[tools_pb2.ConnectRequest] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tools_pb2.ConnectResponse | None] = asyncio.Queue()
+
+    async def send(self, message: tools_pb2.ConnectResponse) -> None:
+        await self._outbox.put(message)
+
+    async def recv(self, within: float = WAIT) -> tools_pb2.ConnectRequest:
+        return await asyncio.wait_for(self._inbox.get(), within)
+
+    async def invoke(self, invocation_id: str, tool_name: str, arguments: Any, **kw: Any) -> None:
+        args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        await self.send(
+            tools_pb2.ConnectResponse(
+                invoke=tools_pb2.Invocation(
+                    invocation_id=invocation_id, tool_name=tool_name, arguments_json=args, **kw
+                )
+            )
+        )
+
+    async def cancel(self, invocation_id: str) -> None:
+        await self.send(
+            tools_pb2.ConnectResponse(
+                cancel=tools_pb2.CancelInvocation(invocation_id=invocation_id, reason="stop")
+            )
+        )
+
+
+class FakeDispatcher(
+    interaction_pb2_grpc.AgentInteractionServicer, tools_pb2_grpc.ToolProviderServiceServicer
+):
+    """Servicer side of the fake: hands every new slot/provider stream to the test."""
+
+    def __init__(self, *, auto_close: bool = True, ack_hello: bool = True) -> None:
+        self.slots: asyncio.Queue[FakeSlot] = asyncio.Queue()
+        self.providers: asyncio.Queue[FakeProvider] = asyncio.Queue()
+        self.auto_close = auto_close
+        self.ack_hello = ack_hello
+        self.streams_opened = 0
+
+    async def next_slot(self, within: float = WAIT) -> FakeSlot:
+        return await asyncio.wait_for(self.slots.get(), within)
+
+    async def next_provider(self, within: float = WAIT) -> FakeProvider:
+        return await asyncio.wait_for(self.providers.get(), within)
+
+    # Handlers that use context.read()/write() return None (the stubs only know
+    # the iterator style).
+    async def ChatStream(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
+        self.streams_opened += 1
+        slot = FakeSlot(self.auto_close)
+        slot.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        first = await context.read()
+        if not isinstance(first, ipb.UpstreamPacket) or first.WhichOneof("payload") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "hello first")
+        slot.hello = first.hello
+        slot.received.append(first)
+        if self.ack_hello:
+            await context.write(
+                ipb.DownstreamPacket(ack=ipb.Ack(kind=ipb.ACK_KIND_HELLO, slot_id="slot-x"))
+            )
+        await self.slots.put(slot)
+
+        async def pump_in() -> None:
+            while True:
+                packet = await context.read()
+                if not isinstance(packet, ipb.UpstreamPacket):
+                    slot.end()
+                    return
+                slot.received.append(packet)
+                await slot._inbox.put(packet)
+                if slot.auto_close and packet.WhichOneof("payload") in TERMINAL:
+                    await slot.send(
+                        ipb.DownstreamPacket(
+                            session_id=packet.session_id,
+                            ack=ipb.Ack(kind=ipb.ACK_KIND_SESSION_CLOSED),
+                        )
+                    )
+
+        reader = asyncio.create_task(pump_in())
+        try:
+            while True:
+                out = await slot._outbox.get()
+                if out is None:
+                    return
+                await context.write(out)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            slot.ended.set()
+
+    async def Connect(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
+        provider = FakeProvider()
+        first = await context.read()
+        if not isinstance(first, tools_pb2.ConnectRequest) or first.WhichOneof("msg") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "hello first")
+        provider.hello = first.hello
+        await context.write(
+            tools_pb2.ConnectResponse(
+                welcome=tools_pb2.Welcome(registered_tools=[t.name for t in first.hello.tools])
+            )
+        )
+        await self.providers.put(provider)
+
+        async def pump_in() -> None:
+            while True:
+                message = await context.read()
+                if not isinstance(message, tools_pb2.ConnectRequest):
+                    await provider._outbox.put(None)
+                    return
+                await provider._inbox.put(message)
+
+        reader = asyncio.create_task(pump_in())
+        try:
+            while True:
+                out = await provider._outbox.get()
+                if out is None:
+                    return
+                await context.write(out)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+class DispatcherServer:
+    """A FakeDispatcher on a real port; can be stopped and restarted on the same port."""
+
+    def __init__(
+        self,
+        servicer: FakeDispatcher | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.servicer = servicer or FakeDispatcher()
+        self.credentials = credentials
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        interaction_pb2_grpc.add_AgentInteractionServicer_to_server(self.servicer, server)
+        tools_pb2_grpc.add_ToolProviderServiceServicer_to_server(self.servicer, server)
+        address = f"127.0.0.1:{self.port}"
+        if self.credentials is not None:
+            self.port = server.add_secure_port(address, self.credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+
+
+# --- the scripted model server ---
+
+
+@dataclasses.dataclass
+class Reply:
+    """One scripted answer to a chat completion request."""
+
+    deltas: list[dict[str, Any]]
+    delay: float = 0.0
+    usage: dict[str, int] | None = None
+    finish_reason: str = "stop"
+    status: int = 200
+
+    @classmethod
+    def text(cls, text: str, *, delay: float = 0.0, **kw: Any) -> Reply:
+        """The answer ``text``, streamed a word at a time."""
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        return cls([{"content": p} for p in pieces], delay=delay, **kw)
+
+    @classmethod
+    def tool_call(cls, name: str, arguments: Any, *, call_id: str = "call_1") -> Reply:
+        """A single function call, its arguments split over two chunks."""
+        args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        half = len(args) // 2
+        return cls(
+            [
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": args[:half]},
+                        }
+                    ]
+                },
+                {"tool_calls": [{"index": 0, "function": {"arguments": args[half:]}}]},
+            ],
+            finish_reason="tool_calls",
+        )
+
+
+@dataclasses.dataclass
+class StreamRecord:
+    """What happened to one streamed response."""
+
+    request: dict[str, Any]
+    total: int
+    sent: int = 0
+    completed: bool = False
+    client_closed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    closed_at: float | None = None
+
+
+class ScriptedLLM:
+    """OpenAI-compatible streaming server answering from a list of :class:`Reply`."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.streams: list[StreamRecord] = []
+        self.stream_started = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return [s.request for s in self.streams]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            if ":" in line:
+                key, _, value = line.partition(":")
+                headers[key.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        request = json.loads(body or b"{}")
+        reply = self.replies.pop(0) if self.replies else Reply.text("(no script left)")
+        if reply.status != 200:
+            payload = json.dumps({"error": {"message": "scripted failure", "type": "x"}}).encode()
+            writer.write(
+                f"HTTP/1.1 {reply.status} Error\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+            self.streams.append(StreamRecord(request=request, total=0, completed=True))
+            return
+        include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+        chunks = [_chunk({**d}) for d in reply.deltas]
+        chunks.append(_chunk({}, finish_reason=reply.finish_reason))
+        if include_usage and reply.usage is not None:
+            chunks.append({**_chunk({}), "choices": [], "usage": reply.usage})
+        record = StreamRecord(request=request, total=len(chunks))
+        self.streams.append(record)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"cache-control: no-cache\r\nconnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        self.stream_started.set()
+
+        async def watch_close() -> None:
+            # The client sends nothing after its request: EOF means it hung up.
+            await reader.read(1)
+            record.closed_at = time.monotonic()
+            record.client_closed.set()
+
+        watcher = asyncio.create_task(watch_close())
+        try:
+            for chunk in chunks:
+                if record.client_closed.is_set():
+                    return
+                writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await writer.drain()
+                record.sent += 1
+                if reply.delay:
+                    await asyncio.sleep(reply.delay)
+            writer.write(b"data: [DONE]\n\n")
+            await writer.drain()
+            record.completed = True
+        finally:
+            if not record.client_closed.is_set():
+                watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "scripted",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+async def collect_for(slot: FakeSlot, seconds: float) -> list[ipb.UpstreamPacket]:
+    """Everything the slot receives during ``seconds``."""
+    packets: list[ipb.UpstreamPacket] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            packets.append(await slot.recv(left))
+        except TimeoutError:
+            break
+    return packets
+
+
+async def wait_for(predicate: Callable[[], bool], within: float = WAIT) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(server: DispatcherServer) -> AsyncIterator[DispatcherServer]:
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -1,0 +1,83 @@
+"""The command-line entry points build what their flags and environment say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from commander.__main__ import build_commander, build_parser
+from commander.tools_main import build_parser as build_tools_parser
+
+
+def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPATCHER_ADDR", "10.0.0.1:6000")
+    monkeypatch.setenv("COMMANDER_SLOTS", "3")
+    monkeypatch.setenv("COMMANDER_TOKEN", "tok")
+    monkeypatch.setenv("COMMANDER_ID", "c-7")
+    monkeypatch.setenv("LLM_BASE_URL", "http://llm:1/v1")
+    monkeypatch.setenv("LLM_MODEL", "big")
+    monkeypatch.setenv("LLM_API_KEY", "sk-env")
+    args = build_parser().parse_args([])
+    commander = build_commander(args)
+    assert commander.connection.target == "10.0.0.1:6000"
+    assert commander.connection.token == "tok"
+    assert len(commander.slots) == 3
+    assert commander.commander_id == "c-7"
+    assert list(commander.hello.capabilities) == ["planner:chat"]
+    chat = commander.planners.get("chat")
+    settings = chat.settings  # type: ignore[attr-defined]
+    assert (settings.base_url, settings.model, settings.api_key) == (
+        "http://llm:1/v1",
+        "big",
+        "sk-env",
+    )
+    assert "sk-env" not in repr(settings) and "tok" not in repr(commander.connection)
+
+
+def test_flags_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DISPATCHER_ADDR", raising=False)
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    args = build_parser().parse_args(
+        [
+            "--dispatcher",
+            "127.0.0.1:7000",
+            "--slots",
+            "2",
+            "--label",
+            "region=eu",
+            "--label",
+            "tier=gold",
+            "--ca-cert",
+            str(ca),
+            "--with-tools",
+            str(tmp_path / "ws"),
+            "--log-level",
+            "debug",
+        ]
+    )
+    commander = build_commander(args)
+    assert commander.connection.target == "127.0.0.1:7000"
+    assert commander.connection.secure
+    assert dict(commander.hello.labels) == {"region": "eu", "tier": "gold"}
+    assert len(commander.slots) == 2
+    assert args.log_level == "DEBUG"
+    assert (tmp_path / "ws").is_dir()
+
+
+def test_bad_flags_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMANDER_SLOTS", "many")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])
+    monkeypatch.delenv("COMMANDER_SLOTS")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--slots", "0"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--label", "novalue"])
+
+
+def test_tools_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOOLS_ROOT", "/tmp/x")
+    args = build_tools_parser().parse_args(["--dispatcher", "h:1"])
+    assert args.root == "/tmp/x" and args.dispatcher == "h:1"

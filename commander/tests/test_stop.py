@@ -1,0 +1,167 @@
+"""Interruption: a stop cancels the planner only, closes the model stream, answers `stopped`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import pytest
+
+from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander.tests.fakes import DispatcherServer, Reply, ScriptedLLM, collect_for
+
+pytestmark = pytest.mark.anyio
+
+ECHO_TOOL = ipb.ToolSpec(name="echo", description="echo")
+
+
+def long_reply(words: int = 400, delay: float = 0.02) -> Reply:
+    return Reply.text(" ".join(f"w{i}" for i in range(words)), delay=delay)
+
+
+async def test_stop_mid_generation_closes_the_model_stream(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    llm.replies.append(long_reply())
+    async with make_commander():
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start("write a lot")
+        for _ in range(5):
+            await slot.recv_kind("content")
+
+        stop_sent = time.monotonic()
+        await slot.stop(session_id, "cancelled by client", code=ipb.STOP_CODE_CLIENT_CANCEL)
+        packets = await slot.recv_until_terminal(within=3)
+        stop_answered = time.monotonic() - stop_sent
+
+        stopped = packets[-1]
+        assert stopped.WhichOneof("payload") == "stopped"
+        assert stopped.session_id == session_id
+        assert stopped.stopped.reason == "cancelled by client"
+        assert stop_answered < 1.0
+        # Everything before `stopped` is what was in flight; nothing comes after it.
+        assert {p.WhichOneof("payload") for p in packets[:-1]} <= {"content"}
+        assert await collect_for(slot, 0.5) == []
+
+        # The model server saw its HTTP stream closed, long before the script's end.
+        record = llm.streams[0]
+        with anyio.fail_after(2):
+            await record.client_closed.wait()
+        assert not record.completed
+        assert record.sent < record.total // 2
+        assert record.closed_at is not None and record.closed_at - stop_sent < 1.0
+
+        # The tokens streamed so far were not reported yet: they ride on `stopped`.
+        usage = stopped.stopped.final_usage
+        assert usage.output_tokens >= 5
+        assert usage.input_tokens > 0
+        assert usage.steps == 1
+        assert usage.model == "test-model"
+
+        # The slot is idle again and serves the next session.
+        llm.replies.append(Reply.text("fresh start"))
+        await slot.start("again")
+        packets = await slot.recv_until_terminal()
+        assert packets[-1].result.result == "fresh start"
+
+
+async def test_stop_while_waiting_for_a_tool_result(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    llm.replies.append(Reply.tool_call("echo", {"x": 1}))
+    async with make_commander():
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start("use a tool", tools=[ECHO_TOOL])
+        before_call = []
+        while True:
+            packet = await slot.recv()
+            before_call.append(packet)
+            if packet.HasField("tool_call"):
+                break
+        # the model turn that asked for the tool was reported before the call
+        assert [p.WhichOneof("payload") for p in before_call] == ["usage", "tool_call"]
+        call = before_call[-1].tool_call
+
+        stop_sent = time.monotonic()
+        await slot.stop(session_id, "policy says no", code=ipb.STOP_CODE_POLICY)
+        packets = await slot.recv_until_terminal(within=3)
+        assert time.monotonic() - stop_sent < 1.0
+        assert [p.WhichOneof("payload") for p in packets] == ["stopped"]
+        assert packets[0].stopped.reason == "policy says no"
+        assert packets[0].stopped.final_usage.output_tokens == 0  # all reported already
+
+        # A late answer to the abandoned call is ignored; the slot goes on.
+        await slot.tool_result(session_id, call, result_json="{}")
+        assert await collect_for(slot, 0.3) == []
+        llm.replies.append(Reply.text("next"))
+        await slot.start("next task")
+        packets = await slot.recv_until_terminal()
+        assert packets[-1].result.result == "next"
+
+
+async def test_stop_right_after_start(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    llm.replies.append(long_reply())
+    async with make_commander():
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start("hi")
+        await slot.stop(session_id, "changed my mind")
+        packets = await slot.recv_until_terminal(within=3)
+        assert packets[-1].WhichOneof("payload") == "stopped"
+        assert await collect_for(slot, 0.3) == []
+
+
+async def test_stopped_is_sent_in_bounded_time_even_if_cleanup_hangs(
+    dispatcher: DispatcherServer, make_commander: Callable[..., Commander]
+) -> None:
+    planners = PlannerRegistry()
+    finished = anyio.Event()
+
+    @planners.register("stubborn")
+    async def stubborn(ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
+        yield "working"
+        try:
+            await anyio.sleep_forever()
+        finally:
+            ctx.add_usage(output_tokens=3)
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.8)  # a cleanup that takes too long
+            finished.set()
+
+    async with make_commander(planners=planners, stop_cancel_timeout=0.2):
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start(planner="stubborn")
+        assert (await slot.recv()).content.text == "working"
+        stop_sent = time.monotonic()
+        await slot.stop(session_id)
+        packet = await slot.recv(within=3)
+        assert packet.WhichOneof("payload") == "stopped"
+        assert time.monotonic() - stop_sent < 0.75
+        assert not finished.is_set()
+        with anyio.fail_after(3):
+            await finished.wait()
+        assert await collect_for(slot, 0.2) == []
+
+
+async def test_nothing_of_a_session_is_written_after_its_terminal_packet(
+    dispatcher: DispatcherServer, make_commander: Callable[..., Commander]
+) -> None:
+    # The writer's gate, exercised directly: even a packet that reached the
+    # writer after `stopped` (say, from a planner that ignored its cancellation)
+    # is dropped.
+    commander = make_commander(planners=PlannerRegistry({"x": lambda ctx: _nothing()}))
+    slot = commander.slots[0]
+    stopped = ipb.UpstreamPacket(session_id="s1", stopped=ipb.Stopped(reason="r"))
+    late = ipb.UpstreamPacket(session_id="s1", content=ipb.ContentChunk(text="late"))
+    other = ipb.UpstreamPacket(session_id="s2", content=ipb.ContentChunk(text="fine"))
+    assert slot._accept(late)
+    assert slot._accept(stopped)
+    assert not slot._accept(late)
+    assert slot._accept(other)
+
+
+async def _nothing() -> None:
+    return None

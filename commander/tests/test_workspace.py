@@ -1,0 +1,100 @@
+"""The example toolset: workspace file tools confined to one folder, and text.sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from commander import InvalidToolArgumentsError, ToolExecutionError, workspace_provider
+from commander._workspace import MAX_WRITE_BYTES
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_write_read_list(tmp_path: Path) -> None:
+    tools = workspace_provider(tmp_path / "ws")
+    written = await tools.call("workspace.write_file", {"path": "notes/a.txt", "content": "héllo"})
+    assert written == {"path": "notes/a.txt", "bytes_written": 6, "size": 6}
+    await tools.call(
+        "workspace.write_file", {"path": "notes/a.txt", "content": "!", "append": True}
+    )
+    read = await tools.call("workspace.read_file", {"path": "notes/a.txt"})
+    assert read == {"path": "notes/a.txt", "content": "héllo!", "size": 7, "truncated": False}
+    partial = await tools.call("workspace.read_file", {"path": "notes/a.txt", "max_bytes": 2})
+    assert partial["truncated"] is True and partial["content"] == "h\ufffd"
+
+    listing = await tools.call("workspace.list_files", {})
+    assert listing == {
+        "path": ".",
+        "entries": [{"path": "notes", "type": "directory"}],
+        "truncated": False,
+    }
+    deep = await tools.call("workspace.list_files", {"path": ".", "recursive": True})
+    assert [e["path"] for e in deep["entries"]] == ["notes", "notes/a.txt"]
+    assert (tmp_path / "ws" / "notes" / "a.txt").read_text("utf-8") == "héllo!"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../outside.txt", "a/../../outside.txt", "/etc/passwd", "", "bad\x00name"],
+)
+async def test_paths_outside_the_workspace_are_refused(tmp_path: Path, path: str) -> None:
+    tools = workspace_provider(tmp_path / "ws")
+    with pytest.raises(InvalidToolArgumentsError):
+        await tools.call("workspace.write_file", {"path": path, "content": "x"})
+    with pytest.raises(InvalidToolArgumentsError):
+        await tools.call("workspace.read_file", {"path": path})
+    assert not (tmp_path / "outside.txt").exists()
+
+
+async def test_symlinks_leading_out_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    os.symlink(secret, ws / "link.txt")
+    os.symlink(tmp_path, ws / "up")
+    tools = workspace_provider(ws)
+    with pytest.raises(InvalidToolArgumentsError, match="escapes"):
+        await tools.call("workspace.read_file", {"path": "link.txt"})
+    with pytest.raises(InvalidToolArgumentsError, match="escapes"):
+        await tools.call("workspace.write_file", {"path": "up/secret.txt", "content": "pwned"})
+    assert secret.read_text() == "top secret"
+
+
+async def test_limits_and_missing_files(tmp_path: Path) -> None:
+    tools = workspace_provider(tmp_path)
+    with pytest.raises(InvalidToolArgumentsError, match="limit"):
+        await tools.call(
+            "workspace.write_file", {"path": "big", "content": "x" * (MAX_WRITE_BYTES + 1)}
+        )
+    with pytest.raises(ToolExecutionError, match="no such file"):
+        await tools.call("workspace.read_file", {"path": "missing.txt"})
+    with pytest.raises(InvalidToolArgumentsError, match="not a directory"):
+        await tools.call("workspace.write_file", {"path": "f", "content": ""})
+        await tools.call("workspace.list_files", {"path": "f"})
+
+
+async def test_sha256(tmp_path: Path) -> None:
+    tools = workspace_provider(tmp_path)
+    digest = await tools.call("text.sha256", {"text": "abc"})
+    assert digest == {"sha256": hashlib.sha256(b"abc").hexdigest()}
+
+
+def test_specs_mark_side_effects(tmp_path: Path) -> None:
+    specs = {s.name: s for s in workspace_provider(tmp_path).specs}
+    assert set(specs) == {
+        "workspace.write_file",
+        "workspace.read_file",
+        "workspace.list_files",
+        "text.sha256",
+    }
+    assert specs["workspace.write_file"].side_effects
+    assert not specs["workspace.read_file"].side_effects
+    schema = json.loads(specs["workspace.write_file"].parameters_json_schema)
+    assert schema["required"] == ["path", "content"]
+    assert schema["properties"]["append"] == {"type": "boolean"}

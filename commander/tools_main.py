@@ -1,0 +1,63 @@
+"""``commander-tools``: serve the example workspace toolset as its own process.
+
+    commander-tools --dispatcher 127.0.0.1:50051 --root ./workspace
+
+Tools: ``workspace.write_file``, ``workspace.read_file``, ``workspace.list_files``
+(confined to ``--root``) and ``text.sha256``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._connection import ConnectionConfig
+from commander._provider import ToolProvider
+from commander._workspace import workspace_provider
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="commander-tools", description="Serve the workspace tools to the dispatcher."
+    )
+    add_connection_flags(parser)
+    parser.add_argument(
+        "--root",
+        default=env("TOOLS_ROOT", "workspace"),
+        help="the workspace folder the file tools are confined to (env TOOLS_ROOT; "
+        "default %(default)s)",
+    )
+    parser.add_argument(
+        "--id",
+        dest="provider_id",
+        default=env("TOOLS_PROVIDER_ID", "workspace"),
+        help="provider id sent in the hello (default %(default)s)",
+    )
+    return parser
+
+
+async def _serve(provider: ToolProvider, connection: ConnectionConfig) -> None:
+    async def run() -> None:
+        await provider.run(connection)
+
+    await run_until_signalled(run, provider.shutdown, what="commander-tools")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``commander-tools`` command."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
+    provider = workspace_provider(args.root, provider_id=args.provider_id)
+    try:
+        anyio.run(_serve, provider, connection)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
