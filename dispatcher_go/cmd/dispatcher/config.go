@@ -1,0 +1,142 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+)
+
+// config is the dispatcher's command-line configuration. Every flag can
+// also come from the environment: DISPATCHER_ + the flag name in upper case
+// with - as _ (e.g. --queue-size ↔ DISPATCHER_QUEUE_SIZE). A flag given on
+// the command line wins over the environment. Prefer the environment for
+// tokens: command lines are visible to every user of the host.
+type config struct {
+	listen         string
+	addrFile       string
+	commanderToken string
+	clientToken    string
+	tlsCert        string
+	tlsKey         string
+	queueSize      int
+	stopGrace      time.Duration
+	toolTimeout    time.Duration
+	maxMsgBytes    int
+	drainTimeout   time.Duration
+	kaTime         time.Duration
+	kaTimeout      time.Duration
+	kaMinTime      time.Duration
+	defaultPlanner string
+	maxTasksKept   int
+	logLevel       string
+	logFormat      string
+}
+
+// envName is the environment variable of a flag.
+func envName(flagName string) string {
+	return "DISPATCHER_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parseConfig reads flags from args with environment fallbacks from getenv.
+// It returns flag.ErrHelp for -h.
+func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("dispatcher", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	fs.StringVar(&c.listen, "listen", "127.0.0.1:50051", "address to listen on (port 0 picks a free port)")
+	fs.StringVar(&c.addrFile, "addr-file", "", "write the actual listen address to this file once serving")
+	fs.StringVar(&c.commanderToken, "commander-token", "", "bearer token commanders and tool providers must present (empty: no auth)")
+	fs.StringVar(&c.clientToken, "client-token", "", "bearer token clients must present (empty: no auth)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (with --tls-key: serve TLS)")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file")
+	fs.IntVar(&c.queueSize, "queue-size", 1024, "pending tasks the queue holds before RESOURCE_EXHAUSTED")
+	fs.DurationVar(&c.stopGrace, "stop-grace", 2*time.Second, "time a stopped session has to send stopped before its stream is aborted")
+	fs.DurationVar(&c.toolTimeout, "tool-timeout", 30*time.Second, "default timeout of a tool call")
+	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 4<<20, "largest message the dispatcher accepts")
+	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
+	fs.DurationVar(&c.kaTime, "keepalive-time", 5*time.Second, "ping a connection silent for this long")
+	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", 2*time.Second, "close a connection whose ping is not acked within this")
+	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", 5*time.Second, "clients may ping at most this often")
+	fs.StringVar(&c.defaultPlanner, "default-planner", "chat", "planner of tasks that name none")
+	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", 10000, "finished tasks kept in memory (oldest evicted)")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] {
+			return
+		}
+		if v := getenv(envName(f.Name)); v != "" {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", envName(f.Name), err))
+			}
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return c, c.validate()
+}
+
+func (c *config) validate() error {
+	var errs []error
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		errs = append(errs, errors.New("--tls-cert and --tls-key go together"))
+	}
+	if c.queueSize <= 0 {
+		errs = append(errs, errors.New("--queue-size must be positive"))
+	}
+	if c.maxMsgBytes <= 0 {
+		errs = append(errs, errors.New("--max-msg-bytes must be positive"))
+	}
+	if c.maxTasksKept <= 0 {
+		errs = append(errs, errors.New("--max-tasks-kept must be positive"))
+	}
+	for name, d := range map[string]time.Duration{
+		"--stop-grace": c.stopGrace, "--tool-timeout": c.toolTimeout, "--drain-timeout": c.drainTimeout,
+		"--keepalive-time": c.kaTime, "--keepalive-timeout": c.kaTimeout, "--keepalive-min-time": c.kaMinTime,
+	} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive", name))
+		}
+	}
+	if c.defaultPlanner == "" {
+		errs = append(errs, errors.New("--default-planner must not be empty"))
+	}
+	if _, err := parseLevel(c.logLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if c.logFormat != "json" && c.logFormat != "text" {
+		errs = append(errs, errors.New("--log-format must be json or text"))
+	}
+	return errors.Join(errs...)
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level: %q is not debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func newLogger(c *config, w io.Writer) *slog.Logger {
+	level, _ := parseLevel(c.logLevel)
+	opts := &slog.HandlerOptions{Level: level}
+	if c.logFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}

@@ -1,0 +1,164 @@
+// Command dispatcher is the dispatcher server: it schedules tasks on
+// commander slots, brokers tool calls and serves the client APIs, all on one
+// gRPC port. See docs/protocol.md and docs/operations.md.
+//
+// SIGTERM (or SIGINT) drains: health goes NOT_SERVING, new tasks are
+// refused, running tasks get --drain-timeout to finish, the rest are stopped,
+// then the server stops. A second signal stops at once.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/agentdispatch/dispatcher/internal/api"
+)
+
+// version is set at build time: -ldflags "-X main.version=1.2.3".
+var version = "dev"
+
+// gracefulStopWait bounds GracefulStop after the drain; Drain has ended
+// every stream, so only in-flight unary calls remain.
+const gracefulStopWait = time.Second
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stderr))
+}
+
+func run(args []string, getenv func(string) string, stderr io.Writer) int {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "dispatcher:", err)
+		return 2
+	}
+	log := newLogger(cfg, stderr)
+	if err := serve(cfg, log); err != nil {
+		log.Error("dispatcher failed", "error", err)
+		return 1
+	}
+	return 0
+}
+
+func serve(cfg *config, log *slog.Logger) error {
+	srv, err := api.New(api.Config{
+		Version:         version,
+		LogLevel:        cfg.logLevel,
+		CommanderToken:  cfg.commanderToken,
+		ClientToken:     cfg.clientToken,
+		QueueSize:       cfg.queueSize,
+		StopGrace:       cfg.stopGrace,
+		ToolTimeout:     cfg.toolTimeout,
+		MaxRecvMsgBytes: cfg.maxMsgBytes,
+		Keepalive:       api.Keepalive{Time: cfg.kaTime, Timeout: cfg.kaTimeout, MinTime: cfg.kaMinTime},
+		DefaultPlanner:  cfg.defaultPlanner,
+		MaxTasksKept:    cfg.maxTasksKept,
+		Logger:          log,
+	})
+	if err != nil {
+		return err
+	}
+	opts := srv.ServerOptions()
+	if cfg.tlsCert != "" {
+		creds, err := credentials.NewServerTLSFromFile(cfg.tlsCert, cfg.tlsKey)
+		if err != nil {
+			return fmt.Errorf("load TLS certificate: %w", err)
+		}
+		opts = append(opts, grpc.Creds(creds))
+	}
+	gs := grpc.NewServer(opts...)
+	srv.Register(gs)
+
+	lis, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return err
+	}
+	// Signals are caught from here on, before the address is published, so
+	// a test that signals right after reading the address is handled.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, os.Interrupt)
+	defer signal.Stop(sigs)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- gs.Serve(lis) }()
+	addr := lis.Addr().String()
+	if cfg.addrFile != "" {
+		if err := writeFileAtomic(cfg.addrFile, addr+"\n"); err != nil {
+			gs.Stop()
+			return fmt.Errorf("write --addr-file: %w", err)
+		}
+		defer os.Remove(cfg.addrFile)
+	}
+	log.Info("dispatcher serving", "addr", addr, "version", version, "tls", cfg.tlsCert != "",
+		"commander_auth", cfg.commanderToken != "", "client_auth", cfg.clientToken != "")
+
+	select {
+	case err := <-serveErr:
+		return err
+	case sig := <-sigs:
+		log.Info("shutdown requested; draining", "signal", sig.String(), "drain_timeout", cfg.drainTimeout)
+	}
+
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.drainTimeout)
+		defer cancel()
+		srv.Drain(ctx)
+		stopped := make(chan struct{})
+		go func() {
+			gs.GracefulStop()
+			close(stopped)
+		}()
+		t := time.NewTimer(gracefulStopWait)
+		defer t.Stop()
+		select {
+		case <-stopped:
+		case <-t.C:
+			gs.Stop()
+			<-stopped
+		}
+	}()
+	select {
+	case <-drained:
+		log.Info("dispatcher stopped")
+	case sig := <-sigs:
+		log.Warn("second signal; stopping now", "signal", sig.String())
+		gs.Stop()
+	}
+	return nil
+}
+
+// writeFileAtomic writes via a temporary file and a rename, so that a reader
+// polling for the file never sees it half written.
+func writeFileAtomic(path, content string) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".addr-*")
+	if err != nil {
+		return err
+	}
+	if _, err := tmp.WriteString(content); err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		os.Remove(tmp.Name())
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}

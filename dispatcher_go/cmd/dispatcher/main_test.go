@@ -1,0 +1,350 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// The test binary doubles as the dispatcher: with this variable set it runs
+// main, so the process tests exercise the real binary's code without a
+// separate build.
+const beDispatcher = "DISPATCHER_TEST_BE_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(beDispatcher) == "1" {
+		os.Exit(run(os.Args[1:], os.Getenv, os.Stderr))
+	}
+	goleak.VerifyTestMain(m)
+}
+
+func env(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestConfigDefaults(t *testing.T) {
+	c, err := parseConfig(nil, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.listen != "127.0.0.1:50051" || c.queueSize != 1024 || c.stopGrace != 2*time.Second || c.toolTimeout != 30*time.Second ||
+		c.maxMsgBytes != 4<<20 || c.drainTimeout != 15*time.Second || c.kaTime != 5*time.Second || c.kaTimeout != 2*time.Second ||
+		c.kaMinTime != 5*time.Second || c.defaultPlanner != "chat" || c.maxTasksKept != 10000 || c.logFormat != "json" || c.logLevel != "info" {
+		t.Fatalf("defaults %+v", c)
+	}
+}
+
+func TestConfigEnvFallbackAndFlagsWin(t *testing.T) {
+	c, err := parseConfig([]string{"--queue-size", "7"}, env(map[string]string{
+		"DISPATCHER_LISTEN":           "0.0.0.0:0",
+		"DISPATCHER_QUEUE_SIZE":       "99",
+		"DISPATCHER_COMMANDER_TOKEN":  "ct",
+		"DISPATCHER_CLIENT_TOKEN":     "cl",
+		"DISPATCHER_STOP_GRACE":       "750ms",
+		"DISPATCHER_KEEPALIVE_TIME":   "10s",
+		"DISPATCHER_LOG_FORMAT":       "text",
+		"DISPATCHER_DEFAULT_PLANNER":  "gui",
+		"DISPATCHER_MAX_TASKS_KEPT":   "5",
+		"DISPATCHER_TLS_CERT":         "",
+		"DISPATCHER_UNRELATED_OPTION": "x",
+	}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.listen != "0.0.0.0:0" || c.queueSize != 7 || c.commanderToken != "ct" || c.clientToken != "cl" || c.stopGrace != 750*time.Millisecond ||
+		c.kaTime != 10*time.Second || c.logFormat != "text" || c.defaultPlanner != "gui" || c.maxTasksKept != 5 {
+		t.Fatalf("config %+v", c)
+	}
+}
+
+func TestConfigRejectsBadValues(t *testing.T) {
+	for name, tc := range map[string]struct {
+		args []string
+		env  map[string]string
+	}{
+		"bad env duration": {nil, map[string]string{"DISPATCHER_STOP_GRACE": "soon"}},
+		"half TLS":         {[]string{"--tls-cert", "c.pem"}, nil},
+		"zero queue":       {[]string{"--queue-size", "0"}, nil},
+		"log format":       {[]string{"--log-format", "xml"}, nil},
+		"log level":        {[]string{"--log-level", "loud"}, nil},
+		"negative grace":   {[]string{"--stop-grace", "-1s"}, nil},
+		"stray argument":   {[]string{"serve"}, nil},
+	} {
+		if _, err := parseConfig(tc.args, env(tc.env), io.Discard); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := parseConfig([]string{"-h"}, env(nil), io.Discard); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("-h: %v", err)
+	}
+}
+
+// syncBuffer collects a child's stderr safely.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type proc struct {
+	cmd    *exec.Cmd
+	addr   string
+	stderr *syncBuffer
+	exited chan error
+}
+
+// startDispatcher runs the dispatcher as a child process on a free port and
+// waits for its --addr-file.
+func startDispatcher(t *testing.T, extraEnv []string, args ...string) *proc {
+	t.Helper()
+	dir := t.TempDir()
+	addrFile := filepath.Join(dir, "addr")
+	args = append([]string{"--listen", "127.0.0.1:0", "--addr-file", addrFile, "--log-format", "text"}, args...)
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(append(os.Environ(), beDispatcher+"=1"), extraEnv...)
+	p := &proc{cmd: cmd, stderr: &syncBuffer{}, exited: make(chan error, 1)}
+	cmd.Stderr = p.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-p.exited
+		p.exited <- nil
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(addrFile)
+		if err == nil && strings.HasSuffix(string(b), "\n") {
+			p.addr = strings.TrimSpace(string(b))
+			return p
+		}
+		select {
+		case err := <-p.exited:
+			p.exited <- err
+			t.Fatalf("dispatcher exited: %v\n%s", err, p.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no addr file\n%s", p.stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestProcessServesAuthAndDrainsOnSIGTERM(t *testing.T) {
+	p := startDispatcher(t, []string{"DISPATCHER_CLIENT_TOKEN=client-tok", "DISPATCHER_COMMANDER_TOKEN=cmd-tok"}, "--drain-timeout", "2s")
+	conn, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	hc := healthpb.NewHealthClient(conn)
+	if r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health %v %v", r, err)
+	}
+	agent := agentpb.NewAgentClient(conn)
+	if _, err := agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("no token: %v", err)
+	}
+	cctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer client-tok")
+	info, err := agent.GetAgentInfo(cctx, &agentpb.GetAgentInfoRequest{})
+	if err != nil || info.GetVersion() != "dev" {
+		t.Fatalf("info %v %v", info, err)
+	}
+
+	// A commander with a running task: SIGTERM lets it finish.
+	kctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer cmd-tok")
+	stream, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(kctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stream.Send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}}})
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	start, err := agent.RunAgentInstructionAsync(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp, err := stream.Recv()
+	if err != nil || sp.GetStart() == nil {
+		t.Fatalf("start %v %v", sp, err)
+	}
+
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		if err == nil && r.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("health not NOT_SERVING while draining: %v %v", r, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := agent.RunAgentInstructionAsync(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "y"}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("new work while draining: %v", err)
+	}
+	_ = stream.Send(&dispatchv1.UpstreamPacket{SessionId: sp.GetSessionId(), Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{
+		Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "finished during drain",
+	}}})
+	st, err := agent.QueryTaskStatus(cctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
+	for err == nil && st.GetStatus() == agentpb.TaskStatus_RUNNING {
+		time.Sleep(5 * time.Millisecond)
+		st, err = agent.QueryTaskStatus(cctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
+	}
+	if err == nil && st.GetStatus() != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("task during drain: %v", st)
+	}
+
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+		if err != nil {
+			t.Fatalf("exit: %v\n%s", err, p.stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("did not exit after SIGTERM\n%s", p.stderr.String())
+	}
+	logs := p.stderr.String()
+	for _, want := range []string{"dispatcher serving", "draining", "dispatcher stopped"} {
+		if !strings.Contains(logs, want) {
+			t.Fatalf("log lacks %q:\n%s", want, logs)
+		}
+	}
+	if strings.Contains(logs, "client-tok") || strings.Contains(logs, "cmd-tok") {
+		t.Fatal("a token reached the logs")
+	}
+}
+
+func TestProcessServesTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile, pool := selfSigned(t, dir)
+	p := startDispatcher(t, nil, "--tls-cert", certFile, "--tls-key", keyFile)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	conn, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: "127.0.0.1"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if r, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("TLS health %v %v", r, err)
+	}
+	plain, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	sctx, scancel := context.WithTimeout(ctx, time.Second)
+	defer scancel()
+	if _, err := healthpb.NewHealthClient(plain).Check(sctx, &healthpb.HealthCheckRequest{}); err == nil {
+		t.Fatal("plaintext accepted by a TLS server")
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-p.exited:
+		p.exited <- err
+	case <-time.After(10 * time.Second):
+		t.Fatal("no exit")
+	}
+}
+
+func TestProcessRefusesBadFlags(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "--queue-size", "-3")
+	cmd.Env = append(os.Environ(), beDispatcher+"=1")
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "queue-size") {
+		t.Fatalf("exit %v\n%s", err, out)
+	}
+}
+
+func selfSigned(t *testing.T, dir string) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "dispatcher-test"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}

@@ -1,0 +1,211 @@
+package api
+
+import (
+	"context"
+	"math"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// agentService is lybic.agent.Agent, wire-compatible with seed 000.
+type agentService struct {
+	agentpb.UnimplementedAgentServer
+	s *Server
+}
+
+// GetAgentInfo reports the version and the real number of connected slots.
+func (a *agentService) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
+	return &agentpb.AgentInfo{
+		Version:            a.s.cfg.Version,
+		MaxConcurrentTasks: int32(min(a.s.sched.SlotCount(), math.MaxInt32)),
+		LogLevel:           a.s.cfg.LogLevel,
+	}, nil
+}
+
+// GetGlobalCommonConfig returns the global config, secrets masked.
+func (a *agentService) GetGlobalCommonConfig(context.Context, *agentpb.GetGlobalCommonConfigRequest) (*agentpb.CommonConfig, error) {
+	return task.Mask(a.s.tasks.Configs().Global()), nil
+}
+
+// GetCommonConfig returns the global config or a task's resolved config by id, masked.
+func (a *agentService) GetCommonConfig(_ context.Context, req *agentpb.GetCommonConfigRequest) (*agentpb.CommonConfig, error) {
+	cfg, err := a.s.tasks.ConfigByID(req.GetId())
+	if err != nil {
+		return nil, toStatus(a.s.log, err)
+	}
+	return cfg, nil
+}
+
+// SetGlobalCommonConfig replaces the global config.
+func (a *agentService) SetGlobalCommonConfig(_ context.Context, req *agentpb.SetGlobalCommonConfigRequest) (*agentpb.SetCommonConfigResponse, error) {
+	if req.GetCommonConfig() == nil {
+		return nil, status.Error(codes.InvalidArgument, "commonConfig is required")
+	}
+	if req.GetCommonConfig().GetTaskTimeout() < 0 {
+		return nil, status.Error(codes.InvalidArgument, "taskTimeout must not be negative")
+	}
+	id := a.s.tasks.Configs().SetGlobal(req.GetCommonConfig())
+	return &agentpb.SetCommonConfigResponse{Success: true, Id: id}, nil
+}
+
+// SetGlobalCommonLLMConfig sets stageModelConfig.actionGeneratorModel.
+func (a *agentService) SetGlobalCommonLLMConfig(_ context.Context, req *agentpb.SetGlobalCommonLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(task.ActionGeneratorModel, req.GetLlmConfig())
+}
+
+// SetGlobalGroundingLLMConfig sets stageModelConfig.groundingModel.
+func (a *agentService) SetGlobalGroundingLLMConfig(_ context.Context, req *agentpb.SetGlobalGroundingLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(task.GroundingModel, req.GetLlmConfig())
+}
+
+// SetGlobalEmbeddingLLMConfig sets stageModelConfig.embeddingModel.
+func (a *agentService) SetGlobalEmbeddingLLMConfig(_ context.Context, req *agentpb.SetGlobalEmbeddingLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(task.EmbeddingModel, req.GetLlmConfig())
+}
+
+func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (*agentpb.LLMConfig, error) {
+	if llm == nil {
+		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
+	}
+	return task.Mask(a.s.tasks.Configs().SetStageModel(which, llm)), nil
+}
+
+func specFromRun(req *agentpb.RunAgentInstructionRequest) task.Spec {
+	return task.Spec{
+		Instruction:    req.GetInstruction(),
+		RunningConfig:  req.GetRunningConfig(),
+		Sandbox:        req.GetSandbox(),
+		DestroySandbox: req.GetDestroySandbox(),
+		PreviousTaskID: req.GetPreviousTaskId(),
+	}
+}
+
+// RunAgentInstruction runs a task and streams it until it ends. A client
+// that goes away cancels its task: nobody else knows its id.
+func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionRequest, stream grpc.ServerStreamingServer[agentpb.TaskStream]) error {
+	t, err := a.s.tasks.Submit(specFromRun(req))
+	if err != nil {
+		return toStatus(a.s.log, err)
+	}
+	ctx := stream.Context()
+	err = a.s.follow(ctx, t, 0, func(ev *dispatchv1.TaskEvent) error {
+		stage, msg, ok := project(ev)
+		if !ok {
+			return nil
+		}
+		return stream.Send(&agentpb.TaskStream{TaskId: t.ID(), Stage: stage, Message: msg, Timestamp: ev.GetTime()})
+	})
+	if err != nil && !task.Terminal(t.Status()) {
+		// Do not wait for the stop: the caller is gone.
+		_, _ = a.s.tasks.Cancel(context.WithoutCancel(ctx), t.ID(), "client disconnected", false)
+	}
+	return toStatus(a.s.log, err)
+}
+
+// RunAgentInstructionAsync queues a task and returns its id at once.
+func (a *agentService) RunAgentInstructionAsync(_ context.Context, req *agentpb.RunAgentInstructionRequest) (*agentpb.RunAgentInstructionAsyncResponse, error) {
+	t, err := a.s.tasks.Submit(specFromRun(req))
+	if err != nil {
+		return nil, toStatus(a.s.log, err)
+	}
+	return &agentpb.RunAgentInstructionAsyncResponse{TaskId: t.ID()}, nil
+}
+
+// GetAgentTaskStream streams a task's history, then live events, ending
+// when the task ends (at once after the history for a finished task).
+func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest, stream grpc.ServerStreamingServer[agentpb.GetAgentTaskStreamResponse]) error {
+	t, err := a.s.tasks.Get(req.GetTaskId())
+	if err != nil {
+		return toStatus(a.s.log, err)
+	}
+	err = a.s.follow(stream.Context(), t, 0, func(ev *dispatchv1.TaskEvent) error {
+		stage, msg, ok := project(ev)
+		if !ok {
+			return nil
+		}
+		return stream.Send(&agentpb.GetAgentTaskStreamResponse{TaskStream: &agentpb.TaskStream{
+			TaskId: t.ID(), Stage: stage, Message: msg, Timestamp: ev.GetTime(),
+		}})
+	})
+	return toStatus(a.s.log, err)
+}
+
+// QueryTaskStatus reports an unknown id as status NOT_FOUND in the response
+// (seed-000 semantics), not as a gRPC error.
+func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTaskStatusRequest) (*agentpb.QueryTaskStatusResponse, error) {
+	t, err := a.s.tasks.Get(req.GetTaskId())
+	if err != nil {
+		return &agentpb.QueryTaskStatusResponse{TaskId: req.GetTaskId(), Status: agentpb.TaskStatus_NOT_FOUND, Message: "task not found"}, nil
+	}
+	info := t.Info()
+	return &agentpb.QueryTaskStatusResponse{
+		TaskId:              info.ID,
+		Status:              info.Status,
+		Message:             info.Message,
+		Result:              info.Result,
+		Sandbox:             info.Sandbox,
+		ExecutionStatistics: statistics(&info, time.Now()),
+	}, nil
+}
+
+// CancelTask answers truthfully: success only if this call stopped or
+// dequeued the task; an unknown id is success=false (seed semantics).
+func (a *agentService) CancelTask(ctx context.Context, req *agentpb.CancelTaskRequest) (*agentpb.CancelTaskResponse, error) {
+	out, err := a.s.tasks.Cancel(ctx, req.GetTaskId(), "cancelled by client", true)
+	if err != nil {
+		st := toStatus(a.s.log, err)
+		if status.Code(st) == codes.NotFound {
+			return &agentpb.CancelTaskResponse{TaskId: req.GetTaskId(), Success: false, Message: "task not found"}, nil
+		}
+		return nil, st
+	}
+	return &agentpb.CancelTaskResponse{TaskId: req.GetTaskId(), Success: out.Cancelled, Message: out.Message}, nil
+}
+
+// statistics renders a task's ExecutionStatistics.
+func statistics(info *task.Info, now time.Time) *agentpb.ExecutionStatistics {
+	st := info.Stats
+	return &agentpb.ExecutionStatistics{
+		Steps:           st.Steps,
+		DurationSeconds: int32(min(info.Duration(now).Round(time.Second)/time.Second, math.MaxInt32)),
+		InputTokens:     st.InputTokens,
+		OutputTokens:    st.OutputTokens,
+		TotalTokens:     st.InputTokens + st.OutputTokens,
+		Cost:            st.Cost,
+		CurrencySymbol:  st.Currency,
+	}
+}
+
+// taskProto renders a task for the native API.
+func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
+	ts := func(t time.Time) *timestamppb.Timestamp {
+		if t.IsZero() {
+			return nil
+		}
+		return timestamppb.New(t)
+	}
+	return &dispatchv1.Task{
+		TaskId:      info.ID,
+		Instruction: info.Instruction,
+		Status:      info.Status,
+		Message:     info.Message,
+		Result:      info.Result,
+		Statistics:  statistics(info, now),
+		CreatedAt:   ts(info.CreatedAt),
+		StartedAt:   ts(info.StartedAt),
+		EndedAt:     ts(info.EndedAt),
+		LastSeq:     info.LastSeq,
+		Planner:     info.Planner,
+		CommanderId: info.CommanderID,
+		Labels:      info.Labels,
+		Sandbox:     info.Sandbox,
+	}
+}

@@ -1,0 +1,182 @@
+package api
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// Each bad input gets the right status or error packet, and the dispatcher
+// keeps serving everyone else: a healthy commander runs a whole task after
+// all of them.
+func TestBadInputs(t *testing.T) {
+	h := newHarness(t, Config{MaxRecvMsgBytes: 64 << 10})
+	ctx := ctxT(t)
+	healthy := h.commander(ctx, "planner:chat")
+
+	t.Run("empty instruction", func(t *testing.T) {
+		_, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: ""})
+		wantCode(t, err, codes.InvalidArgument)
+		_, err = h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "   "})
+		wantCode(t, err, codes.InvalidArgument)
+		s, err := h.agent.RunAgentInstruction(ctx, &agentpb.RunAgentInstructionRequest{})
+		if err == nil {
+			_, err = s.Recv()
+		}
+		wantCode(t, err, codes.InvalidArgument)
+	})
+
+	t.Run("unknown task id", func(t *testing.T) {
+		st, err := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: "no-such-task"})
+		if err != nil || st.GetStatus() != agentpb.TaskStatus_NOT_FOUND || st.GetTaskId() != "no-such-task" {
+			t.Fatalf("QueryTaskStatus %v %v", st, err)
+		}
+		s, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: "no-such-task"})
+		if err == nil {
+			_, err = s.Recv()
+		}
+		wantCode(t, err, codes.NotFound)
+		w, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: "no-such-task"})
+		if err == nil {
+			_, err = w.Recv()
+		}
+		wantCode(t, err, codes.NotFound)
+		_, err = h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: "no-such-task"})
+		wantCode(t, err, codes.NotFound)
+		_, err = h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: "no-such-task", Text: "x"})
+		wantCode(t, err, codes.NotFound)
+	})
+
+	t.Run("message over size limit", func(t *testing.T) {
+		big := h.commander(ctx, "planner:big")
+		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
+		sid, _ := big.start()
+		big.send(up(sid, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 100<<10)}))
+		wantCode(t, big.ended(), codes.ResourceExhausted)
+		got := waitTerminal(t, h, sub.GetTaskId())
+		if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(got.GetMessage(), "commander connection lost: ") {
+			t.Fatalf("task %v", got)
+		}
+		// A client request over the limit is refused the same way.
+		_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: strings.Repeat("y", 100<<10)})
+		wantCode(t, err, codes.ResourceExhausted)
+	})
+
+	t.Run("packet before hello", func(t *testing.T) {
+		c := h.openChat(ctx)
+		c.send(up("", &dispatchv1.ContentChunk{Text: "hi"}))
+		wantCode(t, c.ended(), codes.FailedPrecondition)
+	})
+
+	t.Run("upstream packet with no payload", func(t *testing.T) {
+		c := h.commander(ctx, "planner:other")
+		c.send(&dispatchv1.UpstreamPacket{SessionId: "whatever"})
+		a := c.recv().GetAck()
+		if a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || !strings.Contains(a.GetDetail(), "no payload") {
+			t.Fatalf("ack %v", a)
+		}
+	})
+
+	t.Run("content for an unknown session", func(t *testing.T) {
+		c := h.commander(ctx, "planner:other")
+		c.send(up("ses-made-up", &dispatchv1.ContentChunk{Text: "late"}))
+		p := c.recv()
+		if p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || p.GetSessionId() != "ses-made-up" {
+			t.Fatalf("ack %v", p)
+		}
+		c.send(up("ses-made-up", &dispatchv1.ToolCallRequest{CallId: "x", ToolName: "echo"}))
+		if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
+			t.Fatalf("tool call for unknown session: %v", a)
+		}
+	})
+
+	t.Run("unknown tool and arguments not JSON", func(t *testing.T) {
+		c := h.commander(ctx, "planner:tools")
+		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "tools"})
+		sid, _ := c.start()
+		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "u", ToolName: "rm_rf", ArgumentsJson: `{}`}))
+		if r := c.recv().GetToolResult(); r.GetCallId() != "u" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL {
+			t.Fatalf("unknown tool %v", r)
+		}
+		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "j", ToolName: "calculator", ArgumentsJson: `{"expression": "1+1"`}))
+		if r := c.recv().GetToolResult(); r.GetCallId() != "j" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS {
+			t.Fatalf("not JSON %v", r)
+		}
+		// The session goes on.
+		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "ok", ToolName: "calculator", ArgumentsJson: `{"expression":"2+2"}`}))
+		if r := c.recv().GetToolResult(); r.GetError() != nil {
+			t.Fatalf("good call after bad ones: %v", r)
+		}
+		c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "4"}))
+		c.recv()
+		got, _ := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: sub.GetTaskId()})
+		if got.GetTask().GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Fatalf("task %v", got.GetTask())
+		}
+	})
+
+	t.Run("others still served", func(t *testing.T) {
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "still there?"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		playScript(t, healthy, "yes")
+		st, _ := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: sub.GetTaskId()})
+		if st.GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Fatalf("status %v", st)
+		}
+	})
+}
+
+func isTerminal(s agentpb.TaskStatus) bool {
+	return s == agentpb.TaskStatus_SUCCESS || s == agentpb.TaskStatus_FAILURE || s == agentpb.TaskStatus_CANCELLED
+}
+
+// waitTerminal polls GetTask until the task has ended.
+func waitTerminal(t *testing.T, h *harness, id string) *dispatchv1.Task {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		got, err := h.tasks.GetTask(ctxT(t), &dispatchv1.GetTaskRequest{TaskId: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if isTerminal(got.GetTask().GetStatus()) {
+			return got.GetTask()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("task still %v", got.GetTask().GetStatus())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestQueueFullIsResourceExhausted(t *testing.T) {
+	h := newHarness(t, Config{QueueSize: 2})
+	ctx := ctxT(t)
+	for range 2 {
+		if _, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
+	wantCode(t, err, codes.ResourceExhausted)
+	_, err = h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
+	wantCode(t, err, codes.ResourceExhausted)
+}
+
+func TestUnknownErrorsDoNotLeak(t *testing.T) {
+	err := toStatus(discard(), context.Canceled)
+	wantCode(t, err, codes.Canceled)
+	err = toStatus(discard(), errSecret)
+	wantCode(t, err, codes.Internal)
+	if strings.Contains(err.Error(), "sk-") {
+		t.Fatal("internal text leaked")
+	}
+}

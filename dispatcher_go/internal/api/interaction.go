@@ -1,0 +1,31 @@
+package api
+
+import (
+	"google.golang.org/grpc"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// interactionService is dispatch.v1.AgentInteraction (commanders).
+type interactionService struct {
+	dispatchv1.UnimplementedAgentInteractionServer
+	s *Server
+}
+
+// ChatStream runs one commander slot.
+func (is *interactionService) ChatStream(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) error {
+	return toStatus(is.s.log, is.s.sessions.Serve(stream))
+}
+
+// toolProviderService is dispatch.v1.ToolProviderService (tool providers).
+type toolProviderService struct {
+	dispatchv1.UnimplementedToolProviderServiceServer
+	s *Server
+}
+
+// Connect runs one tool provider's stream until it or the server ends.
+func (tp *toolProviderService) Connect(stream grpc.BidiStreamingServer[dispatchv1.ConnectRequest, dispatchv1.ConnectResponse]) error {
+	ctx, cancel := tp.s.streamContext(stream.Context())
+	defer cancel()
+	return toStatus(tp.s.log, tp.s.broker.ServeProvider(ctx, stream))
+}

@@ -1,0 +1,233 @@
+// Package api serves the dispatcher's gRPC services on one server:
+// lybic.agent.Agent (seed-000 client API), dispatch.v1.TaskService (native
+// client API), dispatch.v1.AgentInteraction (commanders' ChatStream),
+// dispatch.v1.ToolProviderService (tool providers), grpc.health.v1.Health and
+// server reflection.
+//
+// It is the only place that knows gRPC codes: domain packages return wrapped
+// sentinel errors and toStatus (errors.go) maps them, never passing internal
+// text or secrets to a caller. Auth (auth.go) is a pair of interceptors.
+package api
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/scheduler"
+	"github.com/agentdispatch/dispatcher/internal/session"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Keepalive holds the server's HTTP/2 keepalive settings (see
+// docs/operations.md for the numbers and what they imply).
+type Keepalive struct {
+	// Time: the server pings a connection silent for this long.
+	Time time.Duration
+	// Timeout: no ping ack within this → the connection is closed, which
+	// fails the tasks of the commander on it.
+	Timeout time.Duration
+	// MinTime: clients may ping at most this often (must be <= the
+	// commanders' keepalive_time_ms, or grpc-go answers with GOAWAY
+	// too_many_pings).
+	MinTime time.Duration
+}
+
+// DefaultKeepalive are the documented defaults: a dead peer is noticed
+// within Time+Timeout = 7 s of silence.
+var DefaultKeepalive = Keepalive{Time: 5 * time.Second, Timeout: 2 * time.Second, MinTime: 5 * time.Second}
+
+// Config configures a dispatcher.
+type Config struct {
+	// Version is reported by GetAgentInfo.
+	Version string
+	// LogLevel is reported by GetAgentInfo.
+	LogLevel string
+	// CommanderToken, when set, is required (Bearer) by AgentInteraction
+	// and ToolProviderService.
+	CommanderToken string
+	// ClientToken, when set, is required (Bearer) by Agent and TaskService.
+	ClientToken string
+	// QueueSize bounds the pending-task queue.
+	QueueSize int
+	// StopGrace is how long a stopped session may take to ack.
+	StopGrace time.Duration
+	// ToolTimeout is the default per-call tool timeout.
+	ToolTimeout time.Duration
+	// MaxRecvMsgBytes is grpc's MaxRecvMsgSize.
+	MaxRecvMsgBytes int
+	// Keepalive settings.
+	Keepalive Keepalive
+	// DefaultPlanner runs tasks that name none.
+	DefaultPlanner string
+	// MaxTasksKept bounds finished tasks kept in memory.
+	MaxTasksKept int
+	// EventLimits bound each task's event log.
+	EventLimits eventlog.Limits
+	// GlobalConfig is the initial global CommonConfig (nil: empty).
+	GlobalConfig *agentpb.CommonConfig
+	// Logger receives all logs; nil discards.
+	Logger *slog.Logger
+}
+
+func (c *Config) applyDefaults() {
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+	if c.QueueSize <= 0 {
+		c.QueueSize = 1024
+	}
+	if c.StopGrace <= 0 {
+		c.StopGrace = 2 * time.Second
+	}
+	if c.ToolTimeout <= 0 {
+		c.ToolTimeout = 30 * time.Second
+	}
+	if c.MaxRecvMsgBytes <= 0 {
+		c.MaxRecvMsgBytes = 4 << 20
+	}
+	if c.Keepalive == (Keepalive{}) {
+		c.Keepalive = DefaultKeepalive
+	}
+	if c.DefaultPlanner == "" {
+		c.DefaultPlanner = "chat"
+	}
+	if c.EventLimits == (eventlog.Limits{}) {
+		c.EventLimits = eventlog.DefaultLimits
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Server is a wired dispatcher: its components and the gRPC services.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	tasks    *task.Manager
+	sched    *scheduler.Scheduler
+	broker   *broker.Broker
+	sessions *session.Server
+	health   *health.Server
+
+	// base ends every client stream (watchers, providers) at shutdown.
+	base       context.Context
+	cancelBase context.CancelFunc
+}
+
+// New builds the dispatcher's components from cfg.
+func New(cfg Config) (*Server, error) {
+	cfg.applyDefaults()
+	log := cfg.Logger
+	b, err := broker.New(broker.Options{DefaultTimeout: cfg.ToolTimeout, Logger: log.With("component", "broker")})
+	if err != nil {
+		return nil, err
+	}
+	sched := scheduler.New(cfg.QueueSize)
+	mgr := task.NewManager(eventlog.NewMemory(cfg.EventLimits), task.NewConfigStore(cfg.GlobalConfig), task.ManagerOptions{
+		DefaultPlanner: cfg.DefaultPlanner,
+		StopGrace:      cfg.StopGrace,
+		MaxTasksKept:   cfg.MaxTasksKept,
+		Logger:         log.With("component", "task"),
+	})
+	mgr.SetQueue(sched)
+	sessions := session.NewServer(sched, b, session.Options{
+		StopGrace: cfg.StopGrace,
+		Logger:    log.With("component", "session"),
+	})
+	base, cancel := context.WithCancel(context.Background())
+	return &Server{
+		cfg:        cfg,
+		log:        log,
+		tasks:      mgr,
+		sched:      sched,
+		broker:     b,
+		sessions:   sessions,
+		health:     health.NewServer(),
+		base:       base,
+		cancelBase: cancel,
+	}, nil
+}
+
+// Tasks is the task manager (for tests and wiring).
+func (s *Server) Tasks() *task.Manager { return s.tasks }
+
+// Sessions is the session server (stop statistics).
+func (s *Server) Sessions() *session.Server { return s.sessions }
+
+// Scheduler is the scheduler.
+func (s *Server) Scheduler() *scheduler.Scheduler { return s.sched }
+
+// ServerOptions are the grpc.Server options the dispatcher needs: message
+// size limit, keepalive, auth. Callers add transport credentials.
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	ka := s.cfg.Keepalive
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(s.cfg.MaxRecvMsgBytes),
+		// No MaxConnectionIdle/MaxConnectionAge: idle-closing never helps
+		// a long-lived commander, and an age limit would cut its streams.
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: ka.Time, Timeout: ka.Timeout}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: ka.MinTime, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(s.unaryAuth),
+		grpc.ChainStreamInterceptor(s.streamAuth),
+	}
+}
+
+// Register registers all services on gs.
+func (s *Server) Register(gs *grpc.Server) {
+	agentpb.RegisterAgentServer(gs, &agentService{s: s})
+	dispatchv1.RegisterTaskServiceServer(gs, &taskService{s: s})
+	dispatchv1.RegisterAgentInteractionServer(gs, &interactionService{s: s})
+	dispatchv1.RegisterToolProviderServiceServer(gs, &toolProviderService{s: s})
+	healthpb.RegisterHealthServer(gs, s.health)
+	reflection.Register(gs)
+	for _, name := range []string{
+		"",
+		agentpb.Agent_ServiceDesc.ServiceName,
+		dispatchv1.TaskService_ServiceDesc.ServiceName,
+		dispatchv1.AgentInteraction_ServiceDesc.ServiceName,
+		dispatchv1.ToolProviderService_ServiceDesc.ServiceName,
+	} {
+		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+}
+
+// Drain prepares a shutdown: health goes NOT_SERVING, no new task is
+// accepted, queued and running tasks may finish until ctx ends, then the
+// rest are stopped (STOP_CODE_SHUTDOWN, up to the stop grace) and every
+// stream is ended so that GracefulStop can complete.
+func (s *Server) Drain(ctx context.Context) {
+	s.health.Shutdown()
+	s.log.Info("draining", "active_tasks", len(s.tasks.Registry().Active()))
+	s.tasks.Shutdown(ctx)
+	s.sessions.Shutdown()
+	s.cancelBase()
+	st := s.sessions.Stats().StopLatency.Snapshot()
+	s.log.Info("drained", "stops_acked", st.Count, "stop_latency_p50", st.Quantile(0.5), "stop_latency_p99", st.Quantile(0.99))
+}
+
+// Close releases resources without draining (tests).
+func (s *Server) Close() {
+	s.sessions.Shutdown()
+	s.cancelBase()
+}
+
+// streamContext is ctx ended also by the server's shutdown.
+func (s *Server) streamContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(s.base, func() { cancel(errShuttingDown) })
+	return ctx, func() {
+		stop()
+		cancel(nil)
+	}
+}

@@ -1,0 +1,139 @@
+package api
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Paging of ListTasks.
+const (
+	defaultPageSize = 50
+	maxPageSize     = 1000
+)
+
+// taskService is dispatch.v1.TaskService, the native client API.
+type taskService struct {
+	dispatchv1.UnimplementedTaskServiceServer
+	s *Server
+}
+
+// SubmitTask queues a task.
+func (ts *taskService) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+	t, err := ts.s.tasks.Submit(task.Spec{
+		Instruction:          req.GetInstruction(),
+		RunningConfig:        req.GetRunningConfig(),
+		Sandbox:              req.GetSandbox(),
+		DestroySandbox:       req.GetDestroySandbox(),
+		PreviousTaskID:       req.GetPreviousTaskId(),
+		Planner:              req.GetPlanner(),
+		RequiredCapabilities: req.GetRequiredCapabilities(),
+		Labels:               req.GetLabels(),
+		TimeoutSeconds:       req.GetTimeoutSeconds(),
+	})
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
+	}
+	return &dispatchv1.SubmitTaskResponse{TaskId: t.ID()}, nil
+}
+
+// WatchTask streams events with seq > after_seq: history, then live, until the end.
+func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
+	t, err := ts.s.tasks.Get(req.GetTaskId())
+	if err != nil {
+		return toStatus(ts.s.log, err)
+	}
+	err = ts.s.follow(stream.Context(), t, req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
+		return stream.Send(&dispatchv1.WatchTaskResponse{Event: ev})
+	})
+	return toStatus(ts.s.log, err)
+}
+
+// GetTask returns a task's state, result and statistics.
+func (ts *taskService) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
+	t, err := ts.s.tasks.Get(req.GetTaskId())
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
+	}
+	info := t.Info()
+	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now())}, nil
+}
+
+// ListTasks lists tasks newest first, filtered by status, paged.
+func (ts *taskService) ListTasks(_ context.Context, req *dispatchv1.ListTasksRequest) (*dispatchv1.ListTasksResponse, error) {
+	size := int(req.GetPageSize())
+	switch {
+	case size < 0:
+		return nil, status.Error(codes.InvalidArgument, "page_size must not be negative")
+	case size == 0:
+		size = defaultPageSize
+	case size > maxPageSize:
+		size = maxPageSize
+	}
+	before, err := decodePageToken(req.GetPageToken())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
+	}
+	tasks, next := ts.s.tasks.Registry().List(req.GetStatuses(), size, before)
+	now := time.Now()
+	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, len(tasks))}
+	for i, t := range tasks {
+		info := t.Info()
+		resp.Tasks[i] = taskProto(&info, now)
+	}
+	if next != 0 {
+		resp.NextPageToken = encodePageToken(next)
+	}
+	return resp, nil
+}
+
+// Page tokens are opaque to clients: the creation sequence of the last task
+// of the page, base64url-encoded.
+func encodePageToken(seq uint64) string {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], seq)
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func decodePageToken(s string) (uint64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil || len(b) != 8 {
+		return 0, status.Error(codes.InvalidArgument, "invalid page_token")
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
+
+// CancelTask stops a pending or running task and says what happened.
+func (ts *taskService) CancelTask(ctx context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
+	out, err := ts.s.tasks.Cancel(ctx, req.GetTaskId(), req.GetReason(), true)
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
+	}
+	return &dispatchv1.CancelTaskResponse{Cancelled: out.Cancelled, Status: out.Status, Message: out.Message}, nil
+}
+
+// Interject delivers a user message to a running task's planner.
+func (ts *taskService) Interject(ctx context.Context, req *dispatchv1.InterjectRequest) (*dispatchv1.InterjectResponse, error) {
+	id, seq, err := ts.s.tasks.Interject(ctx, req.GetTaskId(), req.GetText())
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
+	}
+	return &dispatchv1.InterjectResponse{MessageId: id, Seq: seq}, nil
+}
+
+// ListTools lists the tools a planner can call now and their executors.
+func (ts *taskService) ListTools(context.Context, *dispatchv1.ListToolsRequest) (*dispatchv1.ListToolsResponse, error) {
+	specs, execs := ts.s.broker.Tools()
+	return &dispatchv1.ListToolsResponse{Tools: specs, Executors: execs}, nil
+}

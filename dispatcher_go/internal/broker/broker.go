@@ -1,0 +1,293 @@
+// Package broker routes planners' tool calls to their executors: tools built
+// into the dispatcher, or tools declared by provider processes over
+// ToolProviderService.Connect.
+//
+// Every call is checked before it runs: the tool must exist (else
+// UNKNOWN_TOOL), the arguments must be a JSON object that passes the tool's
+// JSON Schema (else INVALID_ARGUMENTS; schemas are compiled once, at
+// registration). Each call runs under a timeout (TIMEOUT) and under the
+// caller's context, which a stop cancels (CANCELLED). A provider that goes
+// away fails its calls in flight with PROVIDER_UNAVAILABLE. Failures are
+// returned as a ToolCallResult carrying the error, never as a Go error: the
+// session always goes on.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// ExecutorBuiltin is the executor name of tools served by the dispatcher.
+const ExecutorBuiltin = "builtin"
+
+// Errors of provider registration; the API layer maps them to gRPC codes.
+var (
+	// ErrToolExists means a declared tool name is already served.
+	ErrToolExists = errors.New("tool already registered")
+	// ErrInvalidTool means a declared tool is malformed (name, schema, ...).
+	ErrInvalidTool = errors.New("invalid tool spec")
+	// ErrProtocol means a provider broke the Connect protocol.
+	ErrProtocol = errors.New("tool provider protocol violation")
+)
+
+// Limits on declared tools.
+const (
+	maxToolName      = 128
+	maxToolsPerHello = 1024
+	maxToolTimeout   = 10 * time.Minute
+	maxErrorText     = 512
+)
+
+// Options configure a Broker.
+type Options struct {
+	// DefaultTimeout applies to tools that declare none (--tool-timeout).
+	DefaultTimeout time.Duration
+	// ProviderQueue bounds the messages waiting to be sent to one provider;
+	// callers wait (under their timeout) when it is full.
+	ProviderQueue int
+	// Logger receives broker logs; nil discards.
+	Logger *slog.Logger
+}
+
+// Call is one tool call of a planner.
+type Call struct {
+	TaskID        string
+	SessionID     string
+	CallID        string
+	ToolName      string
+	ArgumentsJSON string
+}
+
+// Result is a call's outcome as the session reports it.
+type Result struct {
+	// Result answers the call (error set on failure).
+	Result *dispatchv1.ToolCallResult
+	// Executor is "builtin" or the provider id ("" if the call never ran).
+	Executor string
+	// Duration is the time from Call to Result.
+	Duration time.Duration
+}
+
+// builtinFunc runs a built-in tool. args passed the tool's schema.
+type builtinFunc func(ctx context.Context, args map[string]any, raw string) (string, error)
+
+type tool struct {
+	spec     *dispatchv1.ToolSpec
+	schema   *jsonschema.Schema // nil: any object
+	timeout  time.Duration
+	builtin  builtinFunc
+	provider *provider
+}
+
+// Broker is the tool registry and router. Safe for concurrent use.
+type Broker struct {
+	opts Options
+	log  *slog.Logger
+	calc *calculator
+
+	mu        sync.RWMutex
+	tools     map[string]*tool
+	providers map[string]*provider
+	specs     []*dispatchv1.ToolSpec // sorted by name; replaced, never modified
+	executors []string               // parallel to specs
+
+	nextInvocation atomic.Uint64
+}
+
+// New returns a broker serving the built-in tools.
+func New(opts Options) (*Broker, error) {
+	if opts.DefaultTimeout <= 0 {
+		opts.DefaultTimeout = 30 * time.Second
+	}
+	if opts.ProviderQueue <= 0 {
+		opts.ProviderQueue = 256
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	calc, err := newCalculator()
+	if err != nil {
+		return nil, err
+	}
+	b := &Broker{
+		opts:      opts,
+		log:       opts.Logger,
+		calc:      calc,
+		tools:     make(map[string]*tool),
+		providers: make(map[string]*provider),
+	}
+	for _, bt := range b.builtins() {
+		t, err := b.compileTool(bt.spec)
+		if err != nil {
+			return nil, fmt.Errorf("built-in tool %s: %w", bt.spec.GetName(), err)
+		}
+		t.builtin = bt.run
+		b.tools[t.spec.GetName()] = t
+	}
+	b.rebuildLocked()
+	return b, nil
+}
+
+// Tools lists the tools a planner can call now, sorted by name, with their
+// executors ("builtin" or the provider id). The slices must not be modified.
+func (b *Broker) Tools() (specs []*dispatchv1.ToolSpec, executors []string) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return b.specs, b.executors
+}
+
+// rebuildLocked republishes the sorted tool list after a change.
+func (b *Broker) rebuildLocked() {
+	names := make([]string, 0, len(b.tools))
+	for n := range b.tools {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	specs := make([]*dispatchv1.ToolSpec, len(names))
+	execs := make([]string, len(names))
+	for i, n := range names {
+		t := b.tools[n]
+		specs[i] = t.spec
+		execs[i] = ExecutorBuiltin
+		if t.provider != nil {
+			execs[i] = t.provider.id
+		}
+	}
+	b.specs, b.executors = specs, execs
+}
+
+// compileTool validates a declared spec and compiles its schema.
+func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
+	name := spec.GetName()
+	if err := validToolName(name); err != nil {
+		return nil, err
+	}
+	sch, err := compileSchema(spec.GetParametersJsonSchema())
+	if err != nil {
+		return nil, fmt.Errorf("%w: tool %q: schema: %s", ErrInvalidTool, name, truncate(err.Error()))
+	}
+	timeout := b.opts.DefaultTimeout
+	if ms := spec.GetTimeoutMs(); ms > 0 {
+		timeout = min(time.Duration(ms)*time.Millisecond, maxToolTimeout)
+	} else if ms < 0 {
+		return nil, fmt.Errorf("%w: tool %q: negative timeout_ms", ErrInvalidTool, name)
+	}
+	return &tool{spec: spec, schema: sch, timeout: timeout}, nil
+}
+
+func validToolName(name string) error {
+	if name == "" || len(name) > maxToolName {
+		return fmt.Errorf("%w: tool name must be 1..%d characters", ErrInvalidTool, maxToolName)
+	}
+	for _, c := range name {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("_.:-", c)
+		if !ok {
+			return fmt.Errorf("%w: tool name %q: only letters, digits and _ . : - are allowed", ErrInvalidTool, name)
+		}
+	}
+	return nil
+}
+
+// Call runs c and always returns a result; failures are in Result.Error.
+func (b *Broker) Call(ctx context.Context, c Call) Result {
+	start := time.Now()
+	res := &dispatchv1.ToolCallResult{ToolName: c.ToolName, CallId: c.CallID}
+	done := func(executor string) Result {
+		return Result{Result: res, Executor: executor, Duration: time.Since(start)}
+	}
+	fail := func(code dispatchv1.ToolErrorCode, msg, executor string) Result {
+		res.ResultJson = ""
+		res.Error = &dispatchv1.ToolError{Code: code, Message: truncate(msg)}
+		return done(executor)
+	}
+
+	b.mu.RLock()
+	t := b.tools[c.ToolName]
+	b.mu.RUnlock()
+	if t == nil {
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, "unknown tool", "")
+	}
+	args, err := parseArguments(c.ArgumentsJSON)
+	if err != nil {
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, err.Error(), "")
+	}
+	if t.schema != nil {
+		if err := t.schema.Validate(args); err != nil {
+			return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), "")
+		}
+	}
+	executor := ExecutorBuiltin
+	if t.provider != nil {
+		executor = t.provider.id
+	}
+	// A stop that came first wins: the call must not start.
+	if ctx.Err() != nil {
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
+	}
+	cctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+
+	var out string
+	if t.builtin != nil {
+		out, err = t.builtin(cctx, args.(map[string]any), c.ArgumentsJSON)
+	} else {
+		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, t.timeout)
+	}
+	if err == nil {
+		res.ResultJson = out
+		return done(executor)
+	}
+	var te *toolError
+	switch {
+	case errors.As(err, &te):
+		return fail(te.code, te.msg, executor)
+	case ctx.Err() != nil:
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
+	case errors.Is(err, context.DeadlineExceeded) || cctx.Err() != nil:
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, fmt.Sprintf("no result within %s", t.timeout), executor)
+	case errors.Is(err, errProviderGone):
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE, "tool provider disconnected", executor)
+	default:
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, err.Error(), executor)
+	}
+}
+
+func (b *Broker) newInvocationID() string {
+	return fmt.Sprintf("inv-%d", b.nextInvocation.Add(1))
+}
+
+// toolError is a failure with a specific code, returned by executors.
+type toolError struct {
+	code dispatchv1.ToolErrorCode
+	msg  string
+}
+
+// Error returns the message meant for the planner.
+func (e *toolError) Error() string { return e.msg }
+
+func invalidArgs(format string, a ...any) error {
+	return &toolError{code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, msg: fmt.Sprintf(format, a...)}
+}
+
+func execFailed(format string, a ...any) error {
+	return &toolError{code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, msg: fmt.Sprintf(format, a...)}
+}
+
+// truncate bounds texts that go back to planners and clients.
+func truncate(s string) string {
+	if len(s) <= maxErrorText {
+		return s
+	}
+	return s[:maxErrorText] + "…"
+}

@@ -1,0 +1,370 @@
+package broker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func newBroker(t *testing.T, timeout time.Duration) *Broker {
+	t.Helper()
+	b, err := New(Options{DefaultTimeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func call(b *Broker, ctx context.Context, tool, args string) Result {
+	return b.Call(ctx, Call{TaskID: "t", SessionID: "s", CallID: "c1", ToolName: tool, ArgumentsJSON: args})
+}
+
+func wantError(t *testing.T, r Result, code dispatchv1.ToolErrorCode) {
+	t.Helper()
+	if r.Result.GetError().GetCode() != code {
+		t.Fatalf("error = %v, want %v (result %q)", r.Result.GetError(), code, r.Result.GetResultJson())
+	}
+	if r.Result.GetCallId() != "c1" {
+		t.Fatal("result lost its call_id")
+	}
+}
+
+func wantJSON(t *testing.T, r Result) map[string]any {
+	t.Helper()
+	if r.Result.GetError() != nil {
+		t.Fatalf("unexpected error %v", r.Result.GetError())
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(r.Result.GetResultJson()), &m); err != nil {
+		t.Fatalf("result not JSON: %q", r.Result.GetResultJson())
+	}
+	return m
+}
+
+func TestBuiltinsListed(t *testing.T) {
+	b := newBroker(t, time.Second)
+	specs, execs := b.Tools()
+	var names []string
+	for i, s := range specs {
+		names = append(names, s.GetName())
+		if execs[i] != ExecutorBuiltin {
+			t.Fatalf("executor %q", execs[i])
+		}
+	}
+	if strings.Join(names, ",") != "calculator,echo,sleep,time_now" {
+		t.Fatalf("tools %v", names)
+	}
+}
+
+func TestCalculator(t *testing.T) {
+	b := newBroker(t, time.Second)
+	ctx := context.Background()
+	for expr, want := range map[string]float64{
+		"1 + 1":           2,
+		"7 / 2":           3.5,
+		"(1 + 2) * 3.5":   10.5,
+		"-4 * .5":         -2,
+		"17 % 5":          2,
+		"2e3 + 1":         2001,
+		"((((((1))))))":   1,
+		"1.5e-1 * 10":     1.5,
+		"100 - 99.75":     0.25,
+		"3 * (4 + 5) - 6": 21,
+	} {
+		r := call(b, ctx, "calculator", `{"expression":"`+expr+`"}`)
+		m := wantJSON(t, r)
+		if got, _ := m["result"].(float64); got != want {
+			t.Errorf("%s = %v, want %v", expr, m["result"], want)
+		}
+		if r.Executor != ExecutorBuiltin {
+			t.Errorf("executor %q", r.Executor)
+		}
+	}
+	for _, expr := range []string{"1 +", "os.exit()", "'a' + 'b'", "size([1,2])", "1 ; 2", "1.5 % 2", "[1][0]"} {
+		r := call(b, ctx, "calculator", `{"expression":"`+expr+`"}`)
+		wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	}
+	wantError(t, call(b, ctx, "calculator", `{"expression":"1/0"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
+	wantError(t, call(b, ctx, "calculator", `{"expression":"5 % 0"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
+}
+
+func TestTimeNowEchoSleep(t *testing.T) {
+	b := newBroker(t, 5*time.Second)
+	ctx := context.Background()
+	m := wantJSON(t, call(b, ctx, "time_now", `{"timezone":"Asia/Shanghai"}`))
+	if !strings.HasSuffix(m["time"].(string), "+08:00") {
+		t.Fatalf("time %v", m["time"])
+	}
+	m = wantJSON(t, call(b, ctx, "time_now", ``))
+	if m["timezone"] != "UTC" {
+		t.Fatalf("default zone %v", m["timezone"])
+	}
+	wantError(t, call(b, ctx, "time_now", `{"timezone":"Mars/Olympus"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	wantError(t, call(b, ctx, "time_now", `{"timezone":"Local"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+
+	r := call(b, ctx, "echo", `{"a":[1,2],"b":"x"}`)
+	if r.Result.GetResultJson() != `{"a":[1,2],"b":"x"}` {
+		t.Fatalf("echo %q", r.Result.GetResultJson())
+	}
+	m = wantJSON(t, call(b, ctx, "sleep", `{"ms":5}`))
+	if m["slept_ms"].(float64) != 5 {
+		t.Fatalf("sleep %v", m)
+	}
+	wantError(t, call(b, ctx, "sleep", `{"ms":600000}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+}
+
+func TestBadCalls(t *testing.T) {
+	b := newBroker(t, time.Second)
+	ctx := context.Background()
+	wantError(t, call(b, ctx, "no_such_tool", `{}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL)
+	wantError(t, call(b, ctx, "echo", `{not json`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	wantError(t, call(b, ctx, "echo", `[1,2]`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	wantError(t, call(b, ctx, "echo", `{} {}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	r := call(b, ctx, "calculator", `{"expression":42}`)
+	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+	if !strings.Contains(r.Result.GetError().GetMessage(), "schema") {
+		t.Fatalf("message %q", r.Result.GetError().GetMessage())
+	}
+	wantError(t, call(b, ctx, "calculator", `{"expression":"1","extra":1}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+}
+
+func TestTimeoutAndCancel(t *testing.T) {
+	b := newBroker(t, 30*time.Millisecond)
+	// A stop cancels the session's context: a running sleep ends at once
+	// with CANCELLED (sleep declares its own, longer timeout).
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		cancel()
+	}()
+	start := time.Now()
+	r := call(b, ctx, "sleep", `{"ms":5000}`)
+	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED)
+	if time.Since(start) > time.Second {
+		t.Fatal("cancel did not interrupt sleep")
+	}
+	// Already cancelled: the call must not start.
+	wantError(t, call(b, ctx, "echo", `{}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED)
+}
+
+func TestSchemaCompilation(t *testing.T) {
+	for name, src := range map[string]string{
+		"not json":      `{`,
+		"bad type":      `{"type":"objekt"}`,
+		"external ref":  `{"$ref":"file:///etc/passwd"}`,
+		"remote ref":    `{"$ref":"https://example.com/s.json"}`,
+		"not an object": `[1]`,
+	} {
+		if _, err := compileSchema(src); err == nil {
+			t.Errorf("%s: compiled", name)
+		}
+	}
+	for name, src := range map[string]string{
+		"empty":    ``,
+		"object":   `{"type":"object","properties":{"x":{"type":"integer"}},"required":["x"]}`,
+		"internal": `{"$defs":{"n":{"type":"number"}},"type":"object","properties":{"x":{"$ref":"#/$defs/n"}}}`,
+		"true":     `true`,
+	} {
+		if _, err := compileSchema(src); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// fakeProvider is the provider's end of a Connect stream.
+type fakeProvider struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	toSrv  chan *dispatchv1.ConnectRequest
+	toProv chan *dispatchv1.ConnectResponse
+}
+
+func newFakeProvider() *fakeProvider {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &fakeProvider{ctx: ctx, cancel: cancel, toSrv: make(chan *dispatchv1.ConnectRequest), toProv: make(chan *dispatchv1.ConnectResponse, 16)}
+}
+
+func (f *fakeProvider) Send(m *dispatchv1.ConnectResponse) error {
+	select {
+	case f.toProv <- m:
+		return nil
+	case <-f.ctx.Done():
+		return f.ctx.Err()
+	}
+}
+
+func (f *fakeProvider) Recv() (*dispatchv1.ConnectRequest, error) {
+	select {
+	case m, ok := <-f.toSrv:
+		if !ok {
+			return nil, io.EOF
+		}
+		return m, nil
+	case <-f.ctx.Done():
+		return nil, f.ctx.Err()
+	}
+}
+
+func (f *fakeProvider) next(t *testing.T) *dispatchv1.ConnectResponse {
+	t.Helper()
+	select {
+	case m := <-f.toProv:
+		return m
+	case <-time.After(2 * time.Second):
+		t.Fatal("no message from the broker")
+		return nil
+	}
+}
+
+func hello(id string, tools ...*dispatchv1.ToolSpec) *dispatchv1.ConnectRequest {
+	return &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Hello{Hello: &dispatchv1.ProviderHello{ProviderId: id, Tools: tools}}}
+}
+
+// serve runs ServeProvider; the returned channel yields its error.
+func serve(b *Broker, f *fakeProvider) chan error {
+	done := make(chan error, 1)
+	go func() {
+		err := b.ServeProvider(f.ctx, f)
+		f.cancel() // the RPC is over: what grpc does after the handler returns
+		done <- err
+	}()
+	return done
+}
+
+func TestProviderRoundTripAndUnregister(t *testing.T) {
+	b := newBroker(t, 2*time.Second)
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.toSrv <- hello("sandbox-1", &dispatchv1.ToolSpec{
+		Name: "computer.click", ParametersJsonSchema: `{"type":"object","properties":{"x":{"type":"integer"},"y":{"type":"integer"}},"required":["x","y"]}`,
+	})
+	w := f.next(t).GetWelcome()
+	if w == nil || len(w.GetRegisteredTools()) != 1 {
+		t.Fatalf("welcome %v", w)
+	}
+
+	res := make(chan Result, 1)
+	go func() { res <- call(b, context.Background(), "computer.click", `{"x":1,"y":2}`) }()
+	inv := f.next(t).GetInvoke()
+	if inv.GetToolName() != "computer.click" || inv.GetCallId() != "c1" || inv.GetTaskId() != "t" || inv.GetDeadline() == nil {
+		t.Fatalf("invoke %v", inv)
+	}
+	f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
+		InvocationId: inv.GetInvocationId(), ResultJson: `{"ok":true}`,
+	}}}
+	r := <-res
+	if r.Result.GetResultJson() != `{"ok":true}` || r.Executor != "sandbox-1" {
+		t.Fatalf("result %v executor %q", r.Result, r.Executor)
+	}
+	// Schema is enforced before the provider sees anything.
+	wantError(t, call(b, context.Background(), "computer.click", `{"x":"1"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
+
+	// A result nobody waits for is rejected; the stream goes on.
+	f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{InvocationId: "bogus"}}}
+	if rej := f.next(t).GetRejected(); rej.GetInvocationId() != "bogus" {
+		t.Fatalf("rejected %v", rej)
+	}
+
+	close(f.toSrv)
+	if err := <-done; err != nil {
+		t.Fatalf("ServeProvider = %v", err)
+	}
+	wantError(t, call(b, context.Background(), "computer.click", `{"x":1,"y":2}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL)
+}
+
+func TestProviderGoneMidCall(t *testing.T) {
+	b := newBroker(t, 5*time.Second)
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "slow"})
+	f.next(t)
+	res := make(chan Result, 1)
+	go func() { res <- call(b, context.Background(), "slow", `{}`) }()
+	f.next(t) // the invoke
+	close(f.toSrv)
+	<-done
+	wantError(t, <-res, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE)
+}
+
+func TestProviderTimeoutSendsCancel(t *testing.T) {
+	b := newBroker(t, 50*time.Millisecond)
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "slow"})
+	f.next(t)
+	r := call(b, context.Background(), "slow", `{}`)
+	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT)
+	inv := f.next(t).GetInvoke()
+	c := f.next(t).GetCancel()
+	if c.GetInvocationId() != inv.GetInvocationId() || c.GetReason() != "timeout" {
+		t.Fatalf("cancel %v for %v", c, inv)
+	}
+	close(f.toSrv)
+	<-done
+}
+
+func TestProviderErrorsAndBadResults(t *testing.T) {
+	b := newBroker(t, 2*time.Second)
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "t1"})
+	f.next(t)
+	answer := func(r *dispatchv1.InvocationResult) Result {
+		res := make(chan Result, 1)
+		go func() { res <- call(b, context.Background(), "t1", `{}`) }()
+		r.InvocationId = f.next(t).GetInvoke().GetInvocationId()
+		f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: r}}
+		return <-res
+	}
+	wantError(t, answer(&dispatchv1.InvocationResult{ResultJson: "not json"}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
+	wantError(t, answer(&dispatchv1.InvocationResult{Error: &dispatchv1.ToolError{Message: "boom"}}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
+	close(f.toSrv)
+	<-done
+}
+
+func TestProviderRegistrationRefusals(t *testing.T) {
+	b := newBroker(t, time.Second)
+	cases := map[string]struct {
+		first *dispatchv1.ConnectRequest
+		want  error
+	}{
+		"builtin clash":    {hello("p1", &dispatchv1.ToolSpec{Name: "calculator"}), ErrToolExists},
+		"bad schema":       {hello("p2", &dispatchv1.ToolSpec{Name: "x", ParametersJsonSchema: `{"type":1}`}), ErrInvalidTool},
+		"bad name":         {hello("p3", &dispatchv1.ToolSpec{Name: "a b"}), ErrInvalidTool},
+		"duplicate":        {hello("p4", &dispatchv1.ToolSpec{Name: "d"}, &dispatchv1.ToolSpec{Name: "d"}), ErrInvalidTool},
+		"no provider id":   {hello("", &dispatchv1.ToolSpec{Name: "e"}), ErrProtocol},
+		"result first":     {&dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{}}}, ErrProtocol},
+		"negative timeout": {hello("p5", &dispatchv1.ToolSpec{Name: "f", TimeoutMs: -1}), ErrInvalidTool},
+	}
+	for name, c := range cases {
+		f := newFakeProvider()
+		done := serve(b, f)
+		f.toSrv <- c.first
+		if err := <-done; !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", name, err, c.want)
+		}
+	}
+	// A clash with another provider.
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.toSrv <- hello("first", &dispatchv1.ToolSpec{Name: "shared"})
+	f.next(t)
+	g := newFakeProvider()
+	gdone := serve(b, g)
+	g.toSrv <- hello("second", &dispatchv1.ToolSpec{Name: "shared"})
+	if err := <-gdone; !errors.Is(err, ErrToolExists) {
+		t.Fatalf("clash: %v", err)
+	}
+	close(f.toSrv)
+	<-done
+}

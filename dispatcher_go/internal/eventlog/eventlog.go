@@ -1,0 +1,92 @@
+// Package eventlog keeps each task's numbered events (seq 1, 2, 3, ...) and
+// lets any number of readers follow them, each at its own pace, by cursor.
+//
+// Fan-out reads from the log rather than pushing into per-reader queues: a
+// slow reader only falls behind in the log, it never slows the writer and
+// never makes memory grow. The log of one task is bounded (Limits) so that a
+// runaway task cannot eat the dispatcher's memory; appends past the bound are
+// refused with ErrFull, never silently dropped.
+//
+// Store is the seam for the durable store of a later issue; Memory is the
+// in-memory implementation.
+package eventlog
+
+import (
+	"context"
+	"errors"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// Errors returned by Log implementations. Callers test them with errors.Is.
+var (
+	// ErrFull means a Capped append would exceed the task's limits.
+	ErrFull = errors.New("event log limit reached")
+	// ErrFenced means a Fenceable append came after Fence: the task is being
+	// stopped and accepts no further planner output.
+	ErrFenced = errors.New("event log fenced")
+	// ErrSealed means the log holds its terminal event; nothing more is accepted.
+	ErrSealed = errors.New("event log sealed")
+	// ErrExists means Create was called twice for one task.
+	ErrExists = errors.New("event log already exists")
+)
+
+// Class says how an append is policed. Classes combine with |.
+type Class uint8
+
+const (
+	// Control events (state changes, stop, terminal packets, tool results of
+	// accepted calls) are always accepted until the log is sealed. Their
+	// number per task is bounded by the protocol, so they need no cap.
+	Control Class = 0
+	// Capped events count toward Limits and are refused with ErrFull past them.
+	Capped Class = 1 << iota
+	// Fenceable events are refused with ErrFenced once Fence was called.
+	Fenceable
+)
+
+// Limits bound one task's log. Zero fields mean "no limit".
+type Limits struct {
+	// MaxEvents is the most Capped events a task may log.
+	MaxEvents int
+	// MaxBytes is the most wire bytes (proto.Size) of Capped events.
+	MaxBytes int64
+}
+
+// DefaultLimits are the dispatcher's defaults: 100 000 events or 64 MiB per
+// task, whichever comes first. A chatty planner streaming token by token
+// produces a few thousand events per answer, so the bound only bites on a
+// runaway; 64 MiB keeps room for a few screenshots sent inline.
+var DefaultLimits = Limits{MaxEvents: 100_000, MaxBytes: 64 << 20}
+
+// Log is one task's event log. All methods are safe for concurrent use.
+//
+// Events handed to Append, Fence and Seal belong to the log afterwards: the
+// log sets their Seq and readers share the same pointer, so nobody may
+// modify them again.
+type Log interface {
+	// Append adds ev with the next seq and returns it.
+	Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error)
+	// Fence appends ev (a Control event) and, atomically with it, refuses
+	// every later Fenceable append. It reports ErrFenced if already fenced.
+	Fence(ev *dispatchv1.TaskEvent) (uint64, error)
+	// Seal appends the terminal event ev and closes the log to appends.
+	// Readers get io.EOF once they have read it.
+	Seal(ev *dispatchv1.TaskEvent) (uint64, error)
+	// LastSeq is the seq of the newest event (0 when empty).
+	LastSeq() uint64
+	// Read waits until the log holds an event with seq > afterSeq, then
+	// returns such events in order, at most cap(dst) of them (64 if dst has
+	// no capacity), appended to dst[:0]. It returns io.EOF when the log is
+	// sealed and holds nothing after afterSeq, and ctx.Err() when ctx ends.
+	Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error)
+}
+
+// Store creates and removes task logs.
+type Store interface {
+	// Create opens a new, empty log for taskID.
+	Create(taskID string) (Log, error)
+	// Remove forgets taskID's log (on eviction of a finished task). Readers
+	// that hold the Log may finish reading it.
+	Remove(taskID string)
+}

@@ -1,0 +1,186 @@
+package eventlog
+
+import (
+	"context"
+	"io"
+	"sync"
+
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// defaultBatch is how many events Read returns when dst has no capacity.
+const defaultBatch = 64
+
+// Memory is an in-memory Store. Its logs live as long as somebody holds them;
+// the Store only keeps names so that a task id cannot get two logs.
+type Memory struct {
+	limits Limits
+
+	mu   sync.Mutex
+	logs map[string]struct{}
+}
+
+// NewMemory returns a Store whose logs obey limits.
+func NewMemory(limits Limits) *Memory {
+	return &Memory{limits: limits, logs: make(map[string]struct{})}
+}
+
+// Create implements Store.
+func (m *Memory) Create(taskID string) (Log, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.logs[taskID]; ok {
+		return nil, ErrExists
+	}
+	m.logs[taskID] = struct{}{}
+	return &memLog{limits: m.limits, events: make([]*dispatchv1.TaskEvent, 0, 16)}, nil
+}
+
+// Remove implements Store.
+func (m *Memory) Remove(taskID string) {
+	m.mu.Lock()
+	delete(m.logs, taskID)
+	m.mu.Unlock()
+}
+
+// Len is the number of logs the store knows (for tests and stats).
+func (m *Memory) Len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.logs)
+}
+
+// memLog is a slice of events under a RWMutex. Readers that find nothing new
+// wait on wake, a channel made only when somebody waits and closed by the next
+// append: no per-reader queue, no allocation per event when nobody waits.
+type memLog struct {
+	limits Limits
+
+	mu           sync.RWMutex
+	events       []*dispatchv1.TaskEvent
+	cappedEvents int
+	cappedBytes  int64
+	fenced       bool
+	sealed       bool
+	wake         chan struct{}
+}
+
+// Append implements Log.
+func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
+	// Size outside the lock: it walks the message and needs no log state.
+	var size int64
+	if class&Capped != 0 && l.limits.MaxBytes > 0 {
+		size = int64(proto.Size(ev))
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sealed {
+		return 0, ErrSealed
+	}
+	if class&Fenceable != 0 && l.fenced {
+		return 0, ErrFenced
+	}
+	if class&Capped != 0 {
+		if l.limits.MaxEvents > 0 && l.cappedEvents >= l.limits.MaxEvents {
+			return 0, ErrFull
+		}
+		if l.limits.MaxBytes > 0 && l.cappedBytes+size > l.limits.MaxBytes {
+			return 0, ErrFull
+		}
+		l.cappedEvents++
+		l.cappedBytes += size
+	}
+	return l.appendLocked(ev), nil
+}
+
+// Fence implements Log.
+func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sealed {
+		return 0, ErrSealed
+	}
+	if l.fenced {
+		return 0, ErrFenced
+	}
+	l.fenced = true
+	return l.appendLocked(ev), nil
+}
+
+// Seal implements Log.
+func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sealed {
+		return 0, ErrSealed
+	}
+	seq := l.appendLocked(ev)
+	l.sealed = true
+	return seq, nil
+}
+
+func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent) uint64 {
+	seq := uint64(len(l.events)) + 1
+	ev.Seq = seq
+	l.events = append(l.events, ev)
+	if l.wake != nil {
+		close(l.wake)
+		l.wake = nil
+	}
+	return seq
+}
+
+// LastSeq implements Log.
+func (l *memLog) LastSeq() uint64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return uint64(len(l.events))
+}
+
+// Read implements Log.
+func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error) {
+	limit := cap(dst)
+	if limit == 0 {
+		limit = defaultBatch
+	}
+	dst = dst[:0]
+	for {
+		l.mu.RLock()
+		if n := uint64(len(l.events)); afterSeq < n {
+			end := min(n, afterSeq+uint64(limit))
+			dst = append(dst, l.events[afterSeq:end]...)
+			l.mu.RUnlock()
+			return dst, nil
+		}
+		sealed := l.sealed
+		l.mu.RUnlock()
+		if sealed {
+			return dst, io.EOF
+		}
+		w := l.waiter(afterSeq)
+		if w == nil {
+			continue // something arrived between the two locks
+		}
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return dst, ctx.Err()
+		}
+	}
+}
+
+// waiter returns the channel the next append closes, or nil if the log
+// changed since the caller looked (new events past afterSeq, or sealed).
+func (l *memLog) waiter(afterSeq uint64) chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if afterSeq < uint64(len(l.events)) || l.sealed {
+		return nil
+	}
+	if l.wake == nil {
+		l.wake = make(chan struct{})
+	}
+	return l.wake
+}

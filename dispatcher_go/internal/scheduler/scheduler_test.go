@@ -1,0 +1,225 @@
+package scheduler
+
+import (
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+
+	"go.uber.org/goleak"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeSlot records deliveries; dead makes Deliver fail.
+type fakeSlot struct {
+	name  string
+	caps  map[string]bool
+	dead  bool
+	mu    sync.Mutex
+	tasks []*task.Task
+}
+
+func newSlot(name string, caps ...string) *fakeSlot {
+	s := &fakeSlot{name: name, caps: map[string]bool{}}
+	for _, c := range caps {
+		s.caps[c] = true
+	}
+	return s
+}
+
+func (s *fakeSlot) HasCapability(c string) bool { return s.caps[c] }
+
+func (s *fakeSlot) PlannerCapabilities() []string {
+	var out []string
+	for c := range s.caps {
+		if strings.HasPrefix(c, "planner:") {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (s *fakeSlot) Deliver(t *task.Task) bool {
+	if s.dead {
+		return false
+	}
+	s.mu.Lock()
+	s.tasks = append(s.tasks, t)
+	s.mu.Unlock()
+	return true
+}
+
+func (s *fakeSlot) got() []*task.Task {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*task.Task(nil), s.tasks...)
+}
+
+func setup(t *testing.T, queue int) (*Scheduler, *task.Manager) {
+	t.Helper()
+	s := New(queue)
+	m := task.NewManager(eventlog.NewMemory(eventlog.Limits{}), task.NewConfigStore(nil), task.ManagerOptions{})
+	m.SetQueue(s)
+	return s, m
+}
+
+func submit(t *testing.T, m *task.Manager, planner string, caps ...string) *task.Task {
+	t.Helper()
+	tk, err := m.Submit(task.Spec{Instruction: "x", Planner: planner, RequiredCapabilities: caps})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tk
+}
+
+func TestPendingUntilASlotMatches(t *testing.T) {
+	s, m := setup(t, 10)
+	tk := submit(t, m, "gui", "os:linux")
+	if st := s.Stats(); st.Queued != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	chat := newSlot("chat", "planner:chat", "os:linux")
+	s.AddSlot(chat)
+	guiWin := newSlot("gui-win", "planner:gui", "os:windows")
+	s.AddSlot(guiWin)
+	if len(chat.got())+len(guiWin.got()) != 0 {
+		t.Fatal("task went to a slot without the capabilities")
+	}
+	guiLinux := newSlot("gui-linux", "planner:gui", "os:linux")
+	s.AddSlot(guiLinux)
+	if got := guiLinux.got(); len(got) != 1 || got[0] != tk {
+		t.Fatalf("matching slot got %v", got)
+	}
+	st := s.Stats()
+	if st.Slots != 3 || st.Idle != 2 || st.Queued != 0 || s.SlotCount() != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestIdleSlotTakesTaskAtOnceAndBusySlotDoesNot(t *testing.T) {
+	s, m := setup(t, 10)
+	sl := newSlot("a", "planner:chat")
+	s.AddSlot(sl)
+	t1 := submit(t, m, "chat")
+	t2 := submit(t, m, "chat")
+	if got := sl.got(); len(got) != 1 || got[0] != t1 {
+		t.Fatalf("got %v", got)
+	}
+	if s.Stats().Queued != 1 {
+		t.Fatal("second task should wait")
+	}
+	s.Release(sl)
+	if got := sl.got(); len(got) != 2 || got[1] != t2 {
+		t.Fatalf("after release: %v", got)
+	}
+	s.Release(sl)
+	if st := s.Stats(); st.Idle != 1 {
+		t.Fatalf("slot should be idle: %+v", st)
+	}
+}
+
+func TestQueueFull(t *testing.T) {
+	s, m := setup(t, 2)
+	submit(t, m, "chat")
+	submit(t, m, "chat")
+	if _, err := m.Submit(task.Spec{Instruction: "x"}); !errors.Is(err, ErrQueueFull) {
+		t.Fatalf("err = %v, want ErrQueueFull", err)
+	}
+	if s.Stats().Queued != 2 {
+		t.Fatal("queue changed")
+	}
+}
+
+func TestFIFOAndSkipOfUnmatchable(t *testing.T) {
+	s, m := setup(t, 10)
+	gui := submit(t, m, "gui")
+	c1 := submit(t, m, "chat")
+	c2 := submit(t, m, "chat")
+	sl := newSlot("chat", "planner:chat")
+	s.AddSlot(sl)
+	s.Release(sl)
+	if got := sl.got(); len(got) != 2 || got[0] != c1 || got[1] != c2 {
+		t.Fatalf("order %v", got)
+	}
+	if !s.Remove(gui) || s.Remove(gui) {
+		t.Fatal("Remove must succeed once")
+	}
+}
+
+func TestDeadSlotIsDroppedAndTaskKept(t *testing.T) {
+	s, m := setup(t, 10)
+	dead := newSlot("dead", "planner:chat")
+	s.AddSlot(dead)
+	dead.dead = true
+	tk := submit(t, m, "chat")
+	if s.SlotCount() != 0 || s.Stats().Queued != 1 {
+		t.Fatalf("stats %+v", s.Stats())
+	}
+	if tk.Status() != agentpb.TaskStatus_PENDING {
+		t.Fatal("task must stay pending")
+	}
+	live := newSlot("live", "planner:chat")
+	s.AddSlot(live)
+	if len(live.got()) != 1 {
+		t.Fatal("task not given to the live slot")
+	}
+}
+
+func TestRemoveSlot(t *testing.T) {
+	s, m := setup(t, 10)
+	sl := newSlot("a", "planner:chat")
+	s.AddSlot(sl)
+	s.RemoveSlot(sl)
+	submit(t, m, "chat")
+	if len(sl.got()) != 0 || s.SlotCount() != 0 {
+		t.Fatal("removed slot got a task")
+	}
+	s.Release(sl) // unknown slot: ignored
+	if s.SlotCount() != 0 {
+		t.Fatal("Release re-registered a removed slot")
+	}
+}
+
+func TestConcurrentSubmitAndSlots(t *testing.T) {
+	s, m := setup(t, 10000)
+	var wg sync.WaitGroup
+	slots := make([]*fakeSlot, 8)
+	for i := range slots {
+		slots[i] = newSlot("s", "planner:chat")
+		s.AddSlot(slots[i])
+	}
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 200 {
+				if _, err := m.Submit(task.Spec{Instruction: "x"}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	for _, sl := range slots {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 200 {
+				s.Release(sl)
+			}
+		}()
+	}
+	wg.Wait()
+	total := 0
+	for _, sl := range slots {
+		total += len(sl.got())
+	}
+	if total+s.Stats().Queued != 800 {
+		t.Fatalf("delivered %d + queued %d != 800", total, s.Stats().Queued)
+	}
+}

@@ -1,0 +1,419 @@
+package session
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// run is one session: one task on one slot. It implements task.Runner.
+type run struct {
+	sl        *slot
+	t         *task.Task
+	sessionID string
+	log       *slog.Logger
+	// ctx is cancelled at the stop decision and at the end: it cancels the
+	// session's tool calls.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	stopped   atomic.Bool // the stop is decided (fast check on the packet path)
+	ended     atomic.Bool // finish ran
+	startSent atomic.Bool // the start packet went out
+
+	mu       sync.Mutex // guards the fields below
+	stop     stopInfo
+	decided  bool
+	deadline *time.Timer
+	grace    *time.Timer
+
+	// Only the receiving goroutine touches these.
+	calls    map[string]struct{}
+	inflight atomic.Int32
+}
+
+type stopInfo struct {
+	reason string
+	code   dispatchv1.StopCode
+	at     time.Time
+	sentAt time.Time
+}
+
+func newRun(sl *slot, t *task.Task) *run {
+	ctx, cancel := context.WithCancel(sl.ctx)
+	id := newSessionID()
+	return &run{
+		sl:        sl,
+		t:         t,
+		sessionID: id,
+		log:       sl.log.With("task_id", t.ID(), "session_id", id),
+		ctx:       ctx,
+		cancel:    cancel,
+		calls:     make(map[string]struct{}),
+	}
+}
+
+func newSessionID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return "ses-" + hex.EncodeToString(b[:])
+}
+
+// startPacket hands the task to the commander.
+func (r *run) startPacket() *dispatchv1.DownstreamPacket {
+	t := r.t
+	tools, _ := r.sl.srv.broker.Tools()
+	return &dispatchv1.DownstreamPacket{
+		SessionId: r.sessionID,
+		Signal: &dispatchv1.DownstreamPacket_Start{Start: &dispatchv1.StartSession{
+			TaskId:         t.ID(),
+			Instruction:    t.Instruction(),
+			Config:         t.Config(),
+			Sandbox:        t.Sandbox(),
+			DestroySandbox: t.DestroySandbox(),
+			PreviousTaskId: t.PreviousTaskID(),
+			History:        t.History(),
+			Deadline:       timestamppb.New(time.Now().Add(t.Timeout())),
+			Planner:        t.Planner(),
+			Tools:          tools,
+			Labels:         t.Labels(),
+		}},
+	}
+}
+
+// armDeadline stops the session with STOP_CODE_DEADLINE when its time is up.
+func (r *run) armDeadline() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.deadline = time.AfterFunc(r.t.Timeout(), func() {
+		r.Stop(fmt.Sprintf("deadline exceeded (%s)", r.t.Timeout()), dispatchv1.StopCode_STOP_CODE_DEADLINE)
+	})
+}
+
+// disarm stops the timers at the end of the session.
+func (r *run) disarm() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.deadline != nil {
+		r.deadline.Stop()
+	}
+	if r.grace != nil {
+		r.grace.Stop()
+	}
+}
+
+func (r *run) stopState() (stopInfo, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stop, r.decided
+}
+
+func (r *run) startWasSent() bool { return r.startSent.Load() }
+
+// stopSent records when the stop packet went out (called by the sender).
+func (r *run) stopSent() {
+	r.mu.Lock()
+	if r.decided && r.stop.sentAt.IsZero() {
+		r.stop.sentAt = time.Now()
+	}
+	r.mu.Unlock()
+}
+
+// Stop implements task.Runner. The decision is the fence in the task's log:
+// from then on the dispatcher records no planner output of this session and
+// runs none of its tool calls; pending calls are cancelled; the stop goes
+// out ahead of every queued packet; the grace timer starts.
+func (r *run) Stop(reason string, code dispatchv1.StopCode) bool {
+	r.mu.Lock()
+	if r.decided || r.ended.Load() {
+		r.mu.Unlock()
+		return false
+	}
+	r.decided = true
+	r.stop = stopInfo{reason: reason, code: code, at: time.Now()}
+	r.mu.Unlock()
+	r.stopped.Store(true)
+	r.sl.srv.stats.StopsDecided.Add(1)
+
+	stop := &dispatchv1.StopSignal{Reason: reason, Code: code}
+	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
+	r.cancel()
+
+	pkt := &dispatchv1.DownstreamPacket{SessionId: r.sessionID, Signal: &dispatchv1.DownstreamPacket_Stop{Stop: stop}}
+	if r.sl.out.setStop(pkt) {
+		// The commander never heard of this session: nothing to wait for.
+		r.sl.finish(r, stopStatus(code), reason+" (before the commander started it)", "", false)
+		return true
+	}
+	r.mu.Lock()
+	if !r.ended.Load() {
+		r.grace = time.AfterFunc(r.sl.srv.opts.StopGrace, r.graceExpired)
+	}
+	r.mu.Unlock()
+	r.log.Info("stop decided", "code", code.String(), "reason", reason)
+	return true
+}
+
+// graceExpired aborts the stream of a session that did not send stopped.
+func (r *run) graceExpired() {
+	if r.ended.Load() {
+		return
+	}
+	r.log.Warn("no stopped within the grace; aborting the stream", "grace", r.sl.srv.opts.StopGrace)
+	r.sl.cancel(ErrStopNotAcknowledged)
+}
+
+// Interject implements task.Runner.
+func (r *run) Interject(ctx context.Context, text string) (string, uint64, error) {
+	if r.ended.Load() || r.stopped.Load() {
+		return "", 0, fmt.Errorf("%w: the task is stopping", task.ErrNotRunning)
+	}
+	ui := &dispatchv1.UserInput{MessageId: "msg-" + newSessionID()[4:], Text: text}
+	seq, err := r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_UserInput{UserInput: ui}}, eventlog.Capped|eventlog.Fenceable)
+	switch {
+	case errors.Is(err, eventlog.ErrFenced), errors.Is(err, eventlog.ErrSealed):
+		return "", 0, fmt.Errorf("%w: the task is stopping", task.ErrNotRunning)
+	case err != nil:
+		return "", 0, err
+	}
+	pkt := &dispatchv1.DownstreamPacket{SessionId: r.sessionID, Signal: &dispatchv1.DownstreamPacket_UserInput{UserInput: ui}}
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stopWithRun := context.AfterFunc(r.ctx, cancel)
+	defer stopWithRun()
+	if err := r.sl.out.push(pctx, pkt); err != nil {
+		if ctx.Err() != nil {
+			return "", 0, ctx.Err()
+		}
+		return "", 0, fmt.Errorf("%w: the session ended before the message was delivered", task.ErrNotRunning)
+	}
+	return ui.GetMessageId(), seq, nil
+}
+
+// handle processes one packet of this session (receiving goroutine only).
+func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
+	ev := &dispatchv1.TaskEvent{EmittedAtUs: pkt.GetTimestamp()}
+	// Planner output: refused once the stop is decided (Fenceable).
+	const output = eventlog.Capped | eventlog.Fenceable
+	switch p := pkt.GetPayload().(type) {
+	case *dispatchv1.UpstreamPacket_Thought:
+		ev.Kind = &dispatchv1.TaskEvent_Thought{Thought: p.Thought}
+		return r.record(ev, output)
+	case *dispatchv1.UpstreamPacket_Content:
+		ev.Kind = &dispatchv1.TaskEvent_Content{Content: p.Content}
+		return r.record(ev, output)
+	case *dispatchv1.UpstreamPacket_Stage:
+		ev.Kind = &dispatchv1.TaskEvent_Stage{Stage: p.Stage}
+		return r.record(ev, output)
+	case *dispatchv1.UpstreamPacket_Artifact:
+		ev.Kind = &dispatchv1.TaskEvent_Artifact{Artifact: p.Artifact}
+		return r.record(ev, output)
+	case *dispatchv1.UpstreamPacket_Error:
+		ev.Kind = &dispatchv1.TaskEvent_Error{Error: p.Error}
+		return r.record(ev, output)
+	case *dispatchv1.UpstreamPacket_Usage:
+		// Spending is real even after a stop: counted, not fenced.
+		r.t.AddUsage(p.Usage)
+		ev.Kind = &dispatchv1.TaskEvent_Usage{Usage: p.Usage}
+		return r.record(ev, eventlog.Capped)
+	case *dispatchv1.UpstreamPacket_ToolCall:
+		ev.Kind = &dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}
+		return r.toolCall(ev, p.ToolCall)
+	case *dispatchv1.UpstreamPacket_Result:
+		ev.Kind = &dispatchv1.TaskEvent_Result{Result: p.Result}
+		r.onResult(ev, p.Result)
+		return nil
+	case *dispatchv1.UpstreamPacket_Stopped:
+		ev.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}
+		r.onStopped(ev, p.Stopped)
+		return nil
+	}
+	return r.sl.reject(r.sessionID, "unsupported payload")
+}
+
+// record appends a planner event and handles refusals.
+func (r *run) record(ev *dispatchv1.TaskEvent, class eventlog.Class) error {
+	_, err := r.t.Record(ev, class)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, eventlog.ErrFenced):
+		// Stopped: dropped by design, counted, never forwarded.
+		r.sl.srv.stats.DroppedAfterStop.Add(1)
+		return nil
+	case errors.Is(err, eventlog.ErrFull):
+		r.Stop("event log limit reached", dispatchv1.StopCode_STOP_CODE_BUDGET)
+		return r.sl.reject(r.sessionID, "event log limit reached; the session is stopped")
+	default:
+		return r.sl.reject(r.sessionID, "session closed")
+	}
+}
+
+// toolCall records a tool call and starts it, or refuses it.
+func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest) error {
+	if tc.GetCallId() == "" {
+		return r.sl.reject(r.sessionID, "tool_call without call_id")
+	}
+	if r.stopped.Load() {
+		r.sl.srv.stats.DeniedAfterStop.Add(1)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
+	}
+	if _, dup := r.calls[tc.GetCallId()]; dup {
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "duplicate call_id in this session", false)
+	}
+	// The append is the check against the stop fence: a call recorded
+	// before the fence was accepted before the stop (and is cancelled by it).
+	_, err := r.t.Record(ev, eventlog.Capped|eventlog.Fenceable)
+	switch {
+	case errors.Is(err, eventlog.ErrFenced):
+		r.sl.srv.stats.DeniedAfterStop.Add(1)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
+	case errors.Is(err, eventlog.ErrFull):
+		r.Stop("event log limit reached", dispatchv1.StopCode_STOP_CODE_BUDGET)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "event log limit reached; the session is stopped", false)
+	case err != nil:
+		return r.sl.reject(r.sessionID, "session closed")
+	}
+	r.calls[tc.GetCallId()] = struct{}{}
+	if int(r.inflight.Load()) >= r.sl.srv.opts.MaxToolCalls {
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED,
+			fmt.Sprintf("too many tool calls in flight (limit %d)", r.sl.srv.opts.MaxToolCalls), true)
+	}
+	call := broker.Call{
+		TaskID:        r.t.ID(),
+		SessionID:     r.sessionID,
+		CallID:        tc.GetCallId(),
+		ToolName:      tc.GetToolName(),
+		ArgumentsJSON: tc.GetArgumentsJson(),
+	}
+	r.inflight.Add(1)
+	if !r.sl.goTool(func() {
+		defer r.inflight.Add(-1)
+		r.deliverResult(r.sl.srv.broker.Call(r.ctx, call))
+	}) {
+		r.inflight.Add(-1) // the stream is over; nobody will read a result
+	}
+	return nil
+}
+
+// deny answers a tool call with an error result without running it. logged
+// says whether the call is in the event log (then so is its result).
+func (r *run) deny(tc *dispatchv1.ToolCallRequest, code dispatchv1.ToolErrorCode, msg string, logged bool) error {
+	res := &dispatchv1.ToolCallResult{
+		ToolName: tc.GetToolName(),
+		CallId:   tc.GetCallId(),
+		Error:    &dispatchv1.ToolError{Code: code, Message: msg},
+	}
+	if logged {
+		r.recordResult(broker.Result{Result: res})
+	}
+	return r.sendResult(res)
+}
+
+// deliverResult records a finished call and sends its result downstream.
+func (r *run) deliverResult(res broker.Result) {
+	r.recordResult(res)
+	if r.ended.Load() {
+		return // the session is over; nobody waits for this call
+	}
+	_ = r.sendResult(res.Result)
+}
+
+func (r *run) recordResult(res broker.Result) {
+	// Control: the call was accepted, so its outcome is recorded even
+	// after a stop (cancelled calls show as CANCELLED).
+	_, _ = r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolResult{ToolResult: &dispatchv1.ToolResultEvent{
+		Result:     res.Result,
+		DurationMs: res.Duration.Milliseconds(),
+		Executor:   res.Executor,
+	}}}, eventlog.Control)
+}
+
+func (r *run) sendResult(res *dispatchv1.ToolCallResult) error {
+	err := r.sl.out.push(r.sl.ctx, &dispatchv1.DownstreamPacket{
+		SessionId: r.sessionID,
+		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res},
+	})
+	if err != nil {
+		return context.Cause(r.sl.ctx)
+	}
+	return nil
+}
+
+// onResult ends the session the planner finished. If a stop was decided
+// but the planner finished first, the task keeps the planner's real outcome
+// (and a cancel says truthfully that it came too late).
+func (r *run) onResult(ev *dispatchv1.TaskEvent, res *dispatchv1.FinalResult) {
+	_, _ = r.t.Record(ev, eventlog.Control)
+	status := agentpb.TaskStatus_FAILURE
+	msg := res.GetMessage()
+	switch res.GetOutcome() {
+	case dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS:
+		status = agentpb.TaskStatus_SUCCESS
+		if msg == "" {
+			msg = "completed"
+		}
+	case dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE:
+		if msg == "" {
+			msg = "the planner reported a failure"
+		}
+	default:
+		msg = "the planner ended without an outcome"
+	}
+	r.end(status, msg, res.GetResult())
+}
+
+// onStopped ends a stopped session.
+func (r *run) onStopped(ev *dispatchv1.TaskEvent, st *dispatchv1.Stopped) {
+	r.t.AddUsage(st.GetFinalUsage())
+	_, _ = r.t.Record(ev, eventlog.Control)
+	info, decided := r.stopState()
+	if decided {
+		r.end(stopStatus(info.code), info.reason, "")
+		return
+	}
+	reason := st.GetReason()
+	if reason == "" {
+		reason = "no reason given"
+	}
+	r.end(agentpb.TaskStatus_FAILURE, "the planner stopped on its own: "+reason, "")
+}
+
+// end finishes the session after its terminal packet.
+func (r *run) end(status agentpb.TaskStatus, msg, result string) {
+	r.sl.finish(r, status, msg, result, true)
+}
+
+// measureStop records the stop latency of a session that ended by a
+// commander packet after a stop decision: decision → terminal packet.
+// Called by finish before the task ends, so that whoever sees the task end
+// also sees the measurement.
+func (r *run) measureStop(ackAt time.Time) {
+	info, decided := r.stopState()
+	if !decided {
+		return
+	}
+	latency := ackAt.Sub(info.at)
+	stats := &r.sl.srv.stats
+	stats.StopsAcked.Add(1)
+	stats.StopLatency.Observe(latency)
+	attrs := []any{"code", info.code.String(), "ack_after", latency}
+	if !info.sentAt.IsZero() {
+		attrs = append(attrs, "sent_after", info.sentAt.Sub(info.at))
+	}
+	r.log.Info("stop latency", attrs...)
+}

@@ -1,0 +1,189 @@
+// Package session runs commander ChatStreams. One stream is one slot: a
+// hello, then any number of sessions one after the other, each running one
+// task (docs/protocol.md is the spec).
+//
+// Per stream there is exactly one receiving goroutine (it handles each
+// upstream packet inline, so upstream is paced by HTTP/2 flow control) and
+// exactly one sending goroutine (it drains the slot's outbox, stop lane
+// first). Stops, deadlines, cancels and interjections come from other
+// goroutines and meet the stream only through the outbox and a few atomics:
+// no global lock sits on the per-packet path.
+//
+// The stop guarantee is enforced here, not trusted to the commander: the
+// stop decision fences the task's event log, so no thought or content of the
+// session is recorded (or reaches any client) after it, and tool calls
+// arriving after it are refused with DENIED.
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/scheduler"
+)
+
+// Errors that end a ChatStream; the API layer maps them to gRPC codes.
+var (
+	// ErrProtocol means the commander broke the protocol (no hello first,
+	// second hello): FAILED_PRECONDITION.
+	ErrProtocol = errors.New("commander protocol violation")
+	// ErrStopNotAcknowledged means no stopped arrived within the stop
+	// grace: ABORTED.
+	ErrStopNotAcknowledged = errors.New("stop not acknowledged within the grace period")
+	// ErrShutdown means the dispatcher is shutting down: UNAVAILABLE.
+	ErrShutdown = errors.New("dispatcher shutting down")
+)
+
+// senderExitWait bounds how long Serve waits for the sender goroutine. It
+// leaves at once unless blocked in Send on a commander that stopped reading;
+// that Send returns only when the RPC ends, i.e. when Serve returns.
+const senderExitWait = 250 * time.Millisecond
+
+// Limits on a hello.
+const (
+	maxCapabilities = 256
+	maxHelloField   = 256
+)
+
+// Stream is the server side of AgentInteraction.ChatStream.
+type Stream interface {
+	Context() context.Context
+	Send(*dispatchv1.DownstreamPacket) error
+	Recv() (*dispatchv1.UpstreamPacket, error)
+}
+
+// Options configure a Server.
+type Options struct {
+	// StopGrace is how long a stopped session may take to send stopped
+	// before its stream is aborted (default 2 s).
+	StopGrace time.Duration
+	// OutboxSize bounds the downstream packets waiting per slot (default 64).
+	OutboxSize int
+	// MaxToolCalls bounds a session's tool calls in flight (default 32);
+	// more are refused with DENIED.
+	MaxToolCalls int
+	// Logger receives session logs; nil discards.
+	Logger *slog.Logger
+}
+
+// Server runs ChatStreams against a scheduler and a broker.
+type Server struct {
+	opts   Options
+	sched  *scheduler.Scheduler
+	broker *broker.Broker
+	log    *slog.Logger
+	stats  Stats
+
+	base       context.Context
+	cancelBase context.CancelFunc
+	slotSeq    atomic.Uint64
+}
+
+// NewServer returns a Server.
+func NewServer(sched *scheduler.Scheduler, b *broker.Broker, opts Options) *Server {
+	if opts.StopGrace <= 0 {
+		opts.StopGrace = 2 * time.Second
+	}
+	if opts.OutboxSize <= 0 {
+		opts.OutboxSize = 64
+	}
+	if opts.MaxToolCalls <= 0 {
+		opts.MaxToolCalls = 32
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	base, cancel := context.WithCancel(context.Background())
+	return &Server{opts: opts, sched: sched, broker: b, log: opts.Logger, base: base, cancelBase: cancel}
+}
+
+// Stats returns the live counters.
+func (s *Server) Stats() *Stats { return &s.stats }
+
+// Shutdown ends every stream (UNAVAILABLE). Running sessions should have
+// been stopped before (task.Manager.Shutdown); any left fail.
+func (s *Server) Shutdown() { s.cancelBase() }
+
+// Serve runs one ChatStream until it ends. It returns nil when the commander
+// closed the stream, or the error that ended it.
+func (s *Server) Serve(stream Stream) error {
+	ctx, cancel := context.WithCancelCause(stream.Context())
+	defer cancel(nil)
+	stopOnShutdown := context.AfterFunc(s.base, func() { cancel(ErrShutdown) })
+	defer stopOnShutdown()
+
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil {
+		return fmt.Errorf("%w: the first packet must be hello", ErrProtocol)
+	}
+	if err := validHello(hello); err != nil {
+		return err
+	}
+	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
+	sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
+		Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,
+	}}})
+
+	// Registered before the ack can go out: a commander that has its ack
+	// is counted in GetAgentInfo and may get a start right after it.
+	s.stats.Slots.Add(1)
+	s.sched.AddSlot(sl)
+	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities())
+
+	senderDone := make(chan struct{})
+	go func() {
+		defer close(senderDone)
+		sl.sendLoop(stream)
+	}()
+	recvDone := make(chan error, 1)
+	go func() { recvDone <- sl.recvLoop(stream) }()
+
+	select {
+	case err = <-recvDone:
+	case <-ctx.Done():
+		err = context.Cause(ctx)
+	}
+	cancel(err)
+	s.sched.RemoveSlot(sl)
+	s.stats.Slots.Add(-1)
+	sl.out.close()
+	sl.closeCurrent(err)
+	sl.waitTools()
+	t := time.NewTimer(senderExitWait)
+	select {
+	case <-senderDone:
+	case <-t.C:
+	}
+	t.Stop()
+	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+func validHello(h *dispatchv1.Hello) error {
+	if len(h.GetCommanderId()) > maxHelloField || len(h.GetVersion()) > maxHelloField {
+		return fmt.Errorf("%w: hello fields too long", ErrProtocol)
+	}
+	if len(h.GetCapabilities()) > maxCapabilities || len(h.GetLabels()) > maxCapabilities {
+		return fmt.Errorf("%w: too many capabilities or labels (max %d)", ErrProtocol, maxCapabilities)
+	}
+	for _, c := range h.GetCapabilities() {
+		if c == "" || len(c) > maxHelloField {
+			return fmt.Errorf("%w: capability empty or too long", ErrProtocol)
+		}
+	}
+	return nil
+}

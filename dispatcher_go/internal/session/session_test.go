@@ -1,0 +1,626 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/scheduler"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const wait = 3 * time.Second
+
+type env struct {
+	srv   *Server
+	sched *scheduler.Scheduler
+	mgr   *task.Manager
+}
+
+func newEnv(t *testing.T, opts Options, limits eventlog.Limits) *env {
+	t.Helper()
+	b, err := broker.New(broker.Options{DefaultTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sched := scheduler.New(16)
+	if opts.StopGrace == 0 {
+		opts.StopGrace = 300 * time.Millisecond
+	}
+	mgr := task.NewManager(eventlog.NewMemory(limits), task.NewConfigStore(nil), task.ManagerOptions{StopGrace: opts.StopGrace})
+	mgr.SetQueue(sched)
+	srv := NewServer(sched, b, opts)
+	t.Cleanup(srv.Shutdown)
+	return &env{srv: srv, sched: sched, mgr: mgr}
+}
+
+// commander is the commander's end of a fake ChatStream. Send blocks until
+// the test reads (like HTTP/2 flow control with a zero window) when
+// unbuffered.
+type commander struct {
+	t      *testing.T
+	ctx    context.Context
+	cancel context.CancelFunc
+	up     chan *dispatchv1.UpstreamPacket
+	down   chan *dispatchv1.DownstreamPacket
+	done   chan error
+}
+
+func (c *commander) Context() context.Context { return c.ctx }
+
+func (c *commander) Send(p *dispatchv1.DownstreamPacket) error {
+	select {
+	case c.down <- p:
+		return nil
+	case <-c.ctx.Done():
+		return c.ctx.Err()
+	}
+}
+
+func (c *commander) Recv() (*dispatchv1.UpstreamPacket, error) {
+	select {
+	case p, ok := <-c.up:
+		if !ok {
+			return nil, io.EOF
+		}
+		return p, nil
+	case <-c.ctx.Done():
+		return nil, c.ctx.Err()
+	}
+}
+
+// open starts Serve on a new fake stream without sending anything.
+func (e *env) open(t *testing.T, downBuf int) *commander {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &commander{t: t, ctx: ctx, cancel: cancel, up: make(chan *dispatchv1.UpstreamPacket), down: make(chan *dispatchv1.DownstreamPacket, downBuf), done: make(chan error, 1)}
+	go func() {
+		err := e.srv.Serve(c)
+		cancel() // grpc ends the RPC when the handler returns
+		c.done <- err
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-c.done
+		c.done <- nil
+	})
+	return c
+}
+
+// connect opens a stream and says hello with caps.
+func (e *env) connect(t *testing.T, caps ...string) *commander {
+	t.Helper()
+	c := e.open(t, 64)
+	c.send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "cmd-1", Capabilities: caps}}})
+	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO || a.GetSlotId() == "" {
+		t.Fatalf("hello ack: %v", a)
+	}
+	return c
+}
+
+func (c *commander) send(p *dispatchv1.UpstreamPacket) {
+	c.t.Helper()
+	select {
+	case c.up <- p:
+	case <-time.After(wait):
+		c.t.Fatal("dispatcher does not read")
+	}
+}
+
+func (c *commander) recv() *dispatchv1.DownstreamPacket {
+	c.t.Helper()
+	select {
+	case p := <-c.down:
+		return p
+	case <-time.After(wait):
+		c.t.Fatal("no downstream packet")
+		return nil
+	}
+}
+
+func (c *commander) noPacket(d time.Duration) {
+	c.t.Helper()
+	select {
+	case p := <-c.down:
+		c.t.Fatalf("unexpected packet %v", p)
+	case <-time.After(d):
+	}
+}
+
+func (c *commander) ended() error {
+	c.t.Helper()
+	select {
+	case err := <-c.done:
+		c.done <- err
+		return err
+	case <-time.After(wait):
+		c.t.Fatal("stream did not end")
+		return nil
+	}
+}
+
+func (c *commander) start() (string, *dispatchv1.StartSession) {
+	c.t.Helper()
+	p := c.recv()
+	if p.GetStart() == nil || p.GetSessionId() == "" {
+		c.t.Fatalf("want start, got %v", p)
+	}
+	return p.GetSessionId(), p.GetStart()
+}
+
+func pkt(sid string, payload any) *dispatchv1.UpstreamPacket {
+	p := &dispatchv1.UpstreamPacket{SessionId: sid, Timestamp: time.Now().UnixMicro()}
+	switch v := payload.(type) {
+	case *dispatchv1.ThoughtChain:
+		p.Payload = &dispatchv1.UpstreamPacket_Thought{Thought: v}
+	case *dispatchv1.ContentChunk:
+		p.Payload = &dispatchv1.UpstreamPacket_Content{Content: v}
+	case *dispatchv1.ToolCallRequest:
+		p.Payload = &dispatchv1.UpstreamPacket_ToolCall{ToolCall: v}
+	case *dispatchv1.Usage:
+		p.Payload = &dispatchv1.UpstreamPacket_Usage{Usage: v}
+	case *dispatchv1.FinalResult:
+		p.Payload = &dispatchv1.UpstreamPacket_Result{Result: v}
+	case *dispatchv1.Stopped:
+		p.Payload = &dispatchv1.UpstreamPacket_Stopped{Stopped: v}
+	case *dispatchv1.StageChange:
+		p.Payload = &dispatchv1.UpstreamPacket_Stage{Stage: v}
+	case *dispatchv1.Hello:
+		p.Payload = &dispatchv1.UpstreamPacket_Hello{Hello: v}
+	case nil:
+	default:
+		panic("unknown payload")
+	}
+	return p
+}
+
+func (e *env) submit(t *testing.T, spec task.Spec) *task.Task {
+	t.Helper()
+	if spec.Instruction == "" {
+		spec.Instruction = "do it"
+	}
+	tk, err := e.mgr.Submit(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tk
+}
+
+func waitDone(t *testing.T, tk *task.Task) task.Info {
+	t.Helper()
+	select {
+	case <-tk.Done():
+	case <-time.After(wait):
+		t.Fatalf("task still %v", tk.Status())
+	}
+	return tk.Info()
+}
+
+func allEvents(t *testing.T, tk *task.Task) []*dispatchv1.TaskEvent {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	var out []*dispatchv1.TaskEvent
+	var after uint64
+	for {
+		evs, err := tk.Log().Read(ctx, after, nil)
+		out = append(out, evs...)
+		if len(evs) > 0 {
+			after = evs[len(evs)-1].GetSeq()
+		}
+		if errors.Is(err, io.EOF) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func kinds(evs []*dispatchv1.TaskEvent) string {
+	var s []string
+	for _, ev := range evs {
+		m := ev.ProtoReflect()
+		name := string(m.WhichOneof(m.Descriptor().Oneofs().ByName("kind")).Name())
+		if st := ev.GetState(); st != nil {
+			name += ":" + st.GetStatus().String()
+		}
+		s = append(s, name)
+	}
+	return strings.Join(s, " ")
+}
+
+func TestHelloMustComeFirst(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.open(t, 8)
+	c.send(pkt("", &dispatchv1.ContentChunk{Text: "hi"}))
+	if err := c.ended(); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("Serve = %v, want ErrProtocol", err)
+	}
+	// Everyone else is still served.
+	e.connect(t, "planner:chat")
+	if e.sched.SlotCount() != 1 {
+		t.Fatal("second stream not registered")
+	}
+}
+
+func TestSessionLifecycle(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{Labels: map[string]string{"k": "v"}})
+	sid, st := c.start()
+	if st.GetTaskId() != tk.ID() || st.GetInstruction() != "do it" || st.GetPlanner() != "chat" || st.GetDeadline() == nil || len(st.GetTools()) != 4 || st.GetLabels()["k"] != "v" {
+		t.Fatalf("start %v", st)
+	}
+	c.send(pkt(sid, &dispatchv1.ThoughtChain{StepName: "Planning", Delta: "hmm"}))
+	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "The answer is "}))
+	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "call-1", ToolName: "calculator", ArgumentsJson: `{"expression":"6*7"}`}))
+	tr := c.recv()
+	if tr.GetSessionId() != sid || tr.GetToolResult().GetCallId() != "call-1" || !strings.Contains(tr.GetToolResult().GetResultJson(), `"result":42`) {
+		t.Fatalf("tool result %v", tr)
+	}
+	c.send(pkt(sid, &dispatchv1.Usage{InputTokens: 10, OutputTokens: 20, Cost: 0.01, Currency: "USD", Steps: 1}))
+	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "42"}))
+	if a := c.recv(); a.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED || a.GetSessionId() != sid {
+		t.Fatalf("close ack %v", a)
+	}
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_SUCCESS || info.Result != "42" || info.Stats.OutputTokens != 20 || info.CommanderID != "cmd-1" {
+		t.Fatalf("info %+v", info)
+	}
+	evs := allEvents(t, tk)
+	if got := kinds(evs); got != "state:PENDING state:RUNNING thought content tool_call tool_result usage result state:SUCCESS" {
+		t.Fatalf("events: %s", got)
+	}
+	for i, ev := range evs {
+		if ev.GetSeq() != uint64(i+1) {
+			t.Fatalf("seq gap at %d", i)
+		}
+	}
+	if evs[2].GetEmittedAtUs() == 0 || evs[5].GetToolResult().GetExecutor() != broker.ExecutorBuiltin {
+		t.Fatal("emit time or executor missing")
+	}
+	// The slot is idle again and takes the next task.
+	tk2 := e.submit(t, task.Spec{})
+	if _, st := c.start(); st.GetTaskId() != tk2.ID() {
+		t.Fatal("slot did not take the next task")
+	}
+}
+
+func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	c.send(pkt("", nil))
+	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || !strings.Contains(a.GetDetail(), "no payload") {
+		t.Fatalf("no payload: %v", a)
+	}
+	c.send(pkt("ses-unknown", &dispatchv1.ContentChunk{Text: "late"}))
+	if a := c.recv(); a.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || a.GetSessionId() != "ses-unknown" {
+		t.Fatalf("unknown session: %v", a)
+	}
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	c.send(pkt("ses-other", &dispatchv1.ContentChunk{Text: "wrong"}))
+	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
+		t.Fatalf("wrong session: %v", a)
+	}
+	// Tool errors are results, the session goes on.
+	for _, tc := range []struct {
+		tool, args string
+		code       dispatchv1.ToolErrorCode
+	}{
+		{"nope", `{}`, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL},
+		{"echo", `{not json`, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS},
+	} {
+		c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: tc.tool, ToolName: tc.tool, ArgumentsJson: tc.args}))
+		if r := c.recv().GetToolResult(); r.GetError().GetCode() != tc.code || r.GetCallId() != tc.tool {
+			t.Fatalf("%s: %v", tc.tool, r)
+		}
+	}
+	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "echo", ToolName: "echo", ArgumentsJson: `{}`}))
+	if r := c.recv().GetToolResult(); r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
+		t.Fatalf("duplicate call_id: %v", r)
+	}
+	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE, Message: "gave up"}))
+	c.recv()
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "gave up" {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestSecondHelloEndsStreamAndFailsTask(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	c.start()
+	c.send(pkt("", &dispatchv1.Hello{CommanderId: "again"}))
+	if err := c.ended(); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("Serve = %v", err)
+	}
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(info.Message, "commander connection lost: ") {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestCommanderLostFailsTaskAtOnce(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	c.start()
+	c.cancel() // the connection breaks
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(info.Message, "commander connection lost: ") {
+		t.Fatalf("info %+v", info)
+	}
+	if e.sched.SlotCount() != 0 {
+		t.Fatal("slot still registered")
+	}
+}
+
+// The stop overtakes queued packets; after it, planner output is dropped and
+// tool calls are refused by the dispatcher itself.
+func TestStopOvertakesQueueAndFencesOutput(t *testing.T) {
+	e := newEnv(t, Options{StopGrace: 2 * time.Second}, eventlog.Limits{})
+	c := e.open(t, 0) // unbuffered: nothing is sent until the test reads
+	c.send(pkt("", &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}))
+	c.recv() // hello ack
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	// Three tool results pile up because the commander does not read.
+	for _, id := range []string{"a", "b", "c"} {
+		c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: id, ToolName: "echo", ArgumentsJson: `{}`}))
+	}
+	deadline := time.Now().Add(wait)
+	for len(allEventsNow(tk, "tool_result")) < 3 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	out, err := e.mgr.Cancel(context.Background(), tk.ID(), "user pressed stop", false)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel %+v %v", out, err)
+	}
+	// At most one result was already in Send; the stop comes next.
+	var sawStop bool
+	for range 2 {
+		p := c.recv()
+		if p.GetStop() != nil {
+			sawStop = true
+			if p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || p.GetSessionId() != sid {
+				t.Fatalf("stop %v", p)
+			}
+			break
+		}
+	}
+	if !sawStop {
+		t.Fatal("stop did not overtake the queued tool results")
+	}
+	// Output after the stop decision is dropped; tool calls are denied.
+	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "LEAK"}))
+	c.send(pkt(sid, &dispatchv1.ThoughtChain{Delta: "LEAK"}))
+	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "late", ToolName: "echo", ArgumentsJson: `{}`}))
+	for {
+		p := c.recv()
+		if r := p.GetToolResult(); r.GetCallId() == "late" {
+			if r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
+				t.Fatalf("late call: %v", r)
+			}
+			break
+		}
+	}
+	c.send(pkt(sid, &dispatchv1.Stopped{Reason: "ok", FinalUsage: &dispatchv1.Usage{OutputTokens: 3}}))
+	for c.recv().GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
+	}
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_CANCELLED || info.Stats.OutputTokens != 3 {
+		t.Fatalf("info %+v", info)
+	}
+	evs := allEvents(t, tk)
+	stopAt := -1
+	for i, ev := range evs {
+		if ev.GetStop() != nil {
+			stopAt = i
+		}
+		if strings.Contains(ev.GetContent().GetText()+ev.GetThought().GetDelta(), "LEAK") {
+			t.Fatal("content after the stop reached the log")
+		}
+		if ev.GetToolCall().GetCallId() == "late" {
+			t.Fatal("refused call logged as accepted")
+		}
+	}
+	if stopAt < 0 || evs[len(evs)-2].GetStopped() == nil {
+		t.Fatalf("events: %s", kinds(evs))
+	}
+	st := e.srv.Stats()
+	if st.StopsAcked.Load() != 1 || st.StopLatency.Snapshot().Count != 1 || st.DroppedAfterStop.Load() != 2 || st.DeniedAfterStop.Load() != 1 {
+		t.Fatalf("stats acked=%d lat=%d dropped=%d denied=%d", st.StopsAcked.Load(), st.StopLatency.Snapshot().Count, st.DroppedAfterStop.Load(), st.DeniedAfterStop.Load())
+	}
+}
+
+// allEventsNow returns the events of kind so far without waiting for the end.
+func allEventsNow(tk *task.Task, kind string) []*dispatchv1.TaskEvent {
+	evs, _ := tk.Log().Read(context.Background(), 0, make([]*dispatchv1.TaskEvent, 0, 1024))
+	var out []*dispatchv1.TaskEvent
+	for _, ev := range evs {
+		if strings.HasPrefix(kinds([]*dispatchv1.TaskEvent{ev}), kind) {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+func TestNoStoppedWithinGraceAbortsStream(t *testing.T) {
+	e := newEnv(t, Options{StopGrace: 100 * time.Millisecond}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	c.start()
+	start := time.Now()
+	out, _ := e.mgr.Cancel(context.Background(), tk.ID(), "", true)
+	if c.recv().GetStop() == nil {
+		t.Fatal("no stop")
+	}
+	if err := c.ended(); !errors.Is(err, ErrStopNotAcknowledged) {
+		t.Fatalf("Serve = %v", err)
+	}
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_CANCELLED || !strings.Contains(info.Message, "did not acknowledge") {
+		t.Fatalf("info %+v", info)
+	}
+	if !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel outcome %+v", out)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("abort took %s", d)
+	}
+	if e.srv.Stats().StopsAborted.Load() != 1 {
+		t.Fatal("abort not counted")
+	}
+}
+
+func TestDeadlineStopsSession(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{TimeoutSeconds: 1})
+	sid, _ := c.start()
+	p := c.recv()
+	if p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_DEADLINE {
+		t.Fatalf("want deadline stop, got %v", p)
+	}
+	c.send(pkt(sid, &dispatchv1.Stopped{Reason: "deadline"}))
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "deadline") {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestResultAfterStopKeepsTheRealOutcome(t *testing.T) {
+	e := newEnv(t, Options{StopGrace: time.Second}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	done := make(chan task.CancelOutcome, 1)
+	go func() {
+		out, _ := e.mgr.Cancel(context.Background(), tk.ID(), "", true)
+		done <- out
+	}()
+	c.recv() // stop
+	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "done anyway"}))
+	out := <-done
+	if out.Cancelled || out.Status != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("cancel must say it came too late: %+v", out)
+	}
+}
+
+func TestStopBeforeStartWasSentWithdrawsIt(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.open(t, 0)
+	c.send(pkt("", &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}))
+	// The hello ack sits in Send (nobody reads), so the start stays queued.
+	time.Sleep(20 * time.Millisecond)
+	tk := e.submit(t, task.Spec{})
+	if tk.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("status %v", tk.Status())
+	}
+	out, _ := e.mgr.Cancel(context.Background(), tk.ID(), "", true)
+	if !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("outcome %+v", out)
+	}
+	if c.recv().GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO {
+		t.Fatal("hello ack")
+	}
+	c.noPacket(50 * time.Millisecond) // neither the start nor a stop
+	// The slot is free for the next task.
+	tk2 := e.submit(t, task.Spec{})
+	if _, st := c.start(); st.GetTaskId() != tk2.ID() {
+		t.Fatal("slot not reused")
+	}
+}
+
+func TestEventLimitStopsWithBudget(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{MaxEvents: 3})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	for range 3 {
+		c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "x"}))
+	}
+	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "one too many"}))
+	var stop, rejected bool
+	for !stop || !rejected {
+		p := c.recv()
+		stop = stop || p.GetStop().GetCode() == dispatchv1.StopCode_STOP_CODE_BUDGET
+		rejected = rejected || p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_REJECTED
+	}
+	c.send(pkt(sid, &dispatchv1.Stopped{}))
+	info := waitDone(t, tk)
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "event log limit") {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+func TestInterjectReachesPlanner(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	id, seq, err := e.mgr.Interject(context.Background(), tk.ID(), "also do Y")
+	if err != nil || id == "" || seq != 3 {
+		t.Fatalf("interject %q %d %v", id, seq, err)
+	}
+	p := c.recv()
+	if p.GetUserInput().GetText() != "also do Y" || p.GetUserInput().GetMessageId() != id || p.GetSessionId() != sid {
+		t.Fatalf("user input %v", p)
+	}
+	e.mgr.Cancel(context.Background(), tk.ID(), "", false)
+	if _, _, err := e.mgr.Interject(context.Background(), tk.ID(), "too late"); !errors.Is(err, task.ErrNotRunning) {
+		t.Fatalf("interject after stop: %v", err)
+	}
+}
+
+func TestCapabilityMatching(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	chat := e.connect(t, "planner:chat")
+	gui := e.connect(t, "planner:gui", "os:linux")
+	tk := e.submit(t, task.Spec{Planner: "gui", RequiredCapabilities: []string{"os:linux"}})
+	if _, st := gui.start(); st.GetTaskId() != tk.ID() {
+		t.Fatal("wrong task")
+	}
+	chat.noPacket(30 * time.Millisecond)
+}
+
+func TestShutdownEndsStreams(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	e.srv.Shutdown()
+	if err := c.ended(); !errors.Is(err, ErrShutdown) {
+		t.Fatalf("Serve = %v", err)
+	}
+}
+
+func TestHistogramQuantiles(t *testing.T) {
+	var h Histogram
+	for range 90 {
+		h.Observe(3 * time.Millisecond)
+	}
+	for range 10 {
+		h.Observe(400 * time.Millisecond)
+	}
+	s := h.Snapshot()
+	if s.Count != 100 || s.Quantile(0.5) != 5*time.Millisecond || s.Quantile(0.99) != 500*time.Millisecond {
+		t.Fatalf("p50=%s p99=%s", s.Quantile(0.5), s.Quantile(0.99))
+	}
+	h.Observe(time.Minute)
+	if h.Snapshot().Counts[len(latencyBounds)] != 1 {
+		t.Fatal("overflow bucket")
+	}
+}

@@ -1,0 +1,336 @@
+package task
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// Limits on client input, so that one request cannot make the dispatcher
+// hold arbitrary amounts of memory besides the gRPC message limit.
+const (
+	maxLabels        = 64
+	maxCapabilities  = 64
+	maxShortField    = 256 // planner, capability, label key/value, ids
+	maxTimeoutSecond = 7 * 24 * 3600
+)
+
+// Queue places pending tasks on slots. The scheduler implements it.
+type Queue interface {
+	// Enqueue hands t to a free slot at once or queues it; it fails (e.g.
+	// queue full) without keeping t.
+	Enqueue(t *Task) error
+	// Remove takes t out of the queue; false if it was not queued (already
+	// running, or ended).
+	Remove(t *Task) bool
+}
+
+// Spec is a task as a client submits it.
+type Spec struct {
+	Instruction          string
+	RunningConfig        *agentpb.CommonConfig
+	Sandbox              *agentpb.Sandbox
+	DestroySandbox       bool
+	PreviousTaskID       string
+	Planner              string
+	RequiredCapabilities []string
+	Labels               map[string]string
+	TimeoutSeconds       int32
+}
+
+// CancelOutcome says truthfully what a cancel did.
+type CancelOutcome struct {
+	// Cancelled is true if this call dequeued or stopped the task.
+	Cancelled bool
+	// Status is the task's status after the call.
+	Status agentpb.TaskStatus
+	// Message explains the outcome in words for the client.
+	Message string
+}
+
+// ManagerOptions configure a Manager.
+type ManagerOptions struct {
+	// DefaultPlanner is used when a submission names none ("chat").
+	DefaultPlanner string
+	// StopGrace is how long a cancel waits for the commander's stopped ack
+	// (the session aborts the stream after the same grace).
+	StopGrace time.Duration
+	// MaxTasksKept bounds the finished tasks kept in memory.
+	MaxTasksKept int
+	// Logger receives lifecycle logs; nil discards.
+	Logger *slog.Logger
+}
+
+// Manager is the entry point for task operations shared by both client APIs.
+type Manager struct {
+	opts    ManagerOptions
+	store   eventlog.Store
+	configs *ConfigStore
+	reg     *Registry
+	queue   Queue
+	log     *slog.Logger
+	closed  atomic.Bool
+}
+
+// NewManager wires a manager. SetQueue must be called before Submit (the
+// scheduler and the manager refer to each other).
+func NewManager(store eventlog.Store, configs *ConfigStore, opts ManagerOptions) *Manager {
+	if opts.DefaultPlanner == "" {
+		opts.DefaultPlanner = "chat"
+	}
+	if opts.StopGrace <= 0 {
+		opts.StopGrace = 2 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{opts: opts, store: store, configs: configs, log: opts.Logger}
+	m.reg = NewRegistry(opts.MaxTasksKept, func(t *Task) { store.Remove(t.id) })
+	return m
+}
+
+// SetQueue sets the queue tasks are placed on.
+func (m *Manager) SetQueue(q Queue) { m.queue = q }
+
+// Configs is the config store.
+func (m *Manager) Configs() *ConfigStore { return m.configs }
+
+// Registry is the task registry.
+func (m *Manager) Registry() *Registry { return m.reg }
+
+// Submit validates spec, creates the task (PENDING) and queues it.
+func (m *Manager) Submit(spec Spec) (*Task, error) {
+	if m.closed.Load() {
+		return nil, ErrClosed
+	}
+	if err := validateSpec(&spec); err != nil {
+		return nil, err
+	}
+	planner := spec.Planner
+	if planner == "" {
+		planner = m.opts.DefaultPlanner
+	}
+	var history []*dispatchv1.ConversationTurn
+	if spec.PreviousTaskID != "" {
+		prev := m.reg.Get(spec.PreviousTaskID)
+		if prev == nil {
+			return nil, fmt.Errorf("%w: previous task not found", ErrInvalidArgument)
+		}
+		history = prev.conversation()
+	}
+	cfg := m.configs.Resolve(spec.RunningConfig)
+	timeout := time.Duration(DefaultTaskTimeout) * time.Second
+	if s := cfg.GetTaskTimeout(); s > 0 {
+		timeout = time.Duration(s) * time.Second
+	}
+	if spec.TimeoutSeconds > 0 {
+		timeout = time.Duration(spec.TimeoutSeconds) * time.Second
+	}
+	t := &Task{
+		id:             NewID(),
+		instruction:    spec.Instruction,
+		planner:        planner,
+		required:       spec.RequiredCapabilities,
+		labels:         spec.Labels,
+		sandbox:        spec.Sandbox,
+		destroySandbox: spec.DestroySandbox,
+		previousTaskID: spec.PreviousTaskID,
+		history:        history,
+		timeout:        timeout,
+		createdAt:      time.Now(),
+		done:           make(chan struct{}),
+		status:         agentpb.TaskStatus_PENDING,
+		message:        "queued",
+		config:         cfg,
+		onFinish:       m.reg.finishedTask,
+	}
+	log, err := m.store.Create(t.id)
+	if err != nil {
+		return nil, fmt.Errorf("create event log: %w", err)
+	}
+	t.log = log
+	t.mu.Lock()
+	_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
+	t.mu.Unlock()
+	m.reg.add(t)
+	if err := m.queue.Enqueue(t); err != nil {
+		m.reg.remove(t)
+		m.store.Remove(t.id)
+		return nil, err
+	}
+	m.log.Debug("task submitted", "task_id", t.id, "planner", planner)
+	return t, nil
+}
+
+func validateSpec(s *Spec) error {
+	if strings.TrimSpace(s.Instruction) == "" {
+		return fmt.Errorf("%w: instruction is empty", ErrInvalidArgument)
+	}
+	if s.TimeoutSeconds < 0 || s.TimeoutSeconds > maxTimeoutSecond {
+		return fmt.Errorf("%w: timeout_seconds must be between 0 and %d", ErrInvalidArgument, maxTimeoutSecond)
+	}
+	if len(s.Planner) > maxShortField || len(s.PreviousTaskID) > maxShortField {
+		return fmt.Errorf("%w: planner or previous task id too long", ErrInvalidArgument)
+	}
+	if len(s.RequiredCapabilities) > maxCapabilities {
+		return fmt.Errorf("%w: too many required capabilities (max %d)", ErrInvalidArgument, maxCapabilities)
+	}
+	for _, c := range s.RequiredCapabilities {
+		if c == "" || len(c) > maxShortField {
+			return fmt.Errorf("%w: required capability empty or too long", ErrInvalidArgument)
+		}
+	}
+	if len(s.Labels) > maxLabels {
+		return fmt.Errorf("%w: too many labels (max %d)", ErrInvalidArgument, maxLabels)
+	}
+	for k, v := range s.Labels {
+		if len(k) > maxShortField || len(v) > maxShortField {
+			return fmt.Errorf("%w: label key or value too long", ErrInvalidArgument)
+		}
+	}
+	if s.RunningConfig.GetTaskTimeout() < 0 {
+		return fmt.Errorf("%w: taskTimeout must not be negative", ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Get returns the task with id or ErrNotFound.
+func (m *Manager) Get(id string) (*Task, error) {
+	if t := m.reg.Get(id); t != nil {
+		return t, nil
+	}
+	return nil, ErrNotFound
+}
+
+// ConfigByID returns the masked config with id: the global config, or the
+// resolved config of the task with that id.
+func (m *Manager) ConfigByID(id string) (*agentpb.CommonConfig, error) {
+	if id == "" || id == m.configs.GlobalID() || id == GlobalConfigID {
+		return Mask(m.configs.Global()), nil
+	}
+	if t := m.reg.Get(id); t != nil {
+		return Mask(t.Config()), nil
+	}
+	return nil, fmt.Errorf("%w: no config with that id", ErrNotFound)
+}
+
+// Cancel stops a pending task (dequeued → CANCELLED) or a running one (stop
+// sent; with wait, it waits up to the stop grace for the task to end so the
+// outcome it reports is the real one).
+func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (CancelOutcome, error) {
+	t, err := m.Get(id)
+	if err != nil {
+		return CancelOutcome{}, err
+	}
+	if reason == "" {
+		reason = "cancelled by client"
+	}
+	if m.queue.Remove(t) {
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil
+	}
+	r, st := t.runnerState()
+	if Terminal(st) {
+		return CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
+	}
+	if r == nil {
+		// Neither queued nor running: it was never placed (cannot happen
+		// with the scheduler, which starts tasks under its own lock), so
+		// ending it here is the only way to keep it from hanging.
+		ok := t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		return CancelOutcome{Cancelled: ok, Status: t.Status(), Message: "cancelled"}, nil
+	}
+	decided := r.Stop(reason, dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL)
+	if !wait {
+		return CancelOutcome{Cancelled: decided, Status: t.Status(), Message: "stop sent"}, nil
+	}
+	// The session ends the task at the latest when the grace runs out; a
+	// little more covers the abort itself.
+	timer := time.NewTimer(m.opts.StopGrace + 500*time.Millisecond)
+	defer timer.Stop()
+	select {
+	case <-t.Done():
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	info := t.Info()
+	switch {
+	case info.Status == agentpb.TaskStatus_CANCELLED && decided:
+		return CancelOutcome{Cancelled: true, Status: info.Status, Message: "cancelled: " + info.Message}, nil
+	case info.Status == agentpb.TaskStatus_CANCELLED:
+		return CancelOutcome{Status: info.Status, Message: "already being cancelled: " + info.Message}, nil
+	case Terminal(info.Status):
+		return CancelOutcome{Status: info.Status, Message: "task ended (" + info.Status.String() + ") before the stop took effect: " + info.Message}, nil
+	case decided:
+		return CancelOutcome{Cancelled: true, Status: info.Status, Message: "stop sent; the commander has not acknowledged it yet"}, nil
+	default:
+		return CancelOutcome{Status: info.Status, Message: "a stop is already in progress"}, nil
+	}
+}
+
+// Interject delivers text to the running task's planner.
+func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint64, error) {
+	if strings.TrimSpace(text) == "" {
+		return "", 0, fmt.Errorf("%w: text is empty", ErrInvalidArgument)
+	}
+	t, err := m.Get(id)
+	if err != nil {
+		return "", 0, err
+	}
+	r, st := t.runnerState()
+	if r == nil {
+		return "", 0, fmt.Errorf("%w: task is %s", ErrNotRunning, st)
+	}
+	return r.Interject(ctx, text)
+}
+
+// Shutdown refuses new tasks, lets queued and running ones finish until ctx
+// ends, then stops what is left (STOP_CODE_SHUTDOWN) and waits up to the
+// stop grace for it. Pending tasks still queued at that point fail.
+func (m *Manager) Shutdown(ctx context.Context) {
+	m.closed.Store(true)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+wait:
+	for len(m.reg.Active()) > 0 {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-tick.C:
+		}
+	}
+	active := m.reg.Active()
+	if len(active) == 0 {
+		return
+	}
+	const reason = "dispatcher shutting down"
+	for _, t := range active {
+		if m.queue.Remove(t) {
+			t.Finish(agentpb.TaskStatus_FAILURE, reason, "")
+			continue
+		}
+		if r, _ := t.runnerState(); r != nil {
+			r.Stop(reason, dispatchv1.StopCode_STOP_CODE_SHUTDOWN)
+		}
+	}
+	deadline := time.NewTimer(m.opts.StopGrace + 500*time.Millisecond)
+	defer deadline.Stop()
+	for _, t := range active {
+		select {
+		case <-t.Done():
+		case <-deadline.C:
+			m.log.Warn("tasks still running at shutdown", "count", len(m.reg.Active()))
+			return
+		}
+	}
+}
+
+// Closed reports whether Shutdown has begun.
+func (m *Manager) Closed() bool { return m.closed.Load() }

@@ -1,0 +1,336 @@
+// Package task holds the task model: its state machine (PENDING → RUNNING →
+// SUCCESS | FAILURE | CANCELLED), its event log, its statistics, the registry
+// of known tasks, the global config and how a task's config is resolved, and
+// the Manager that submits, cancels and interjects.
+//
+// The package does not know how tasks are scheduled or run: a Queue places
+// them and a Runner (a commander session) executes them.
+package task
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// Errors of this package; the API layer maps them to gRPC codes.
+var (
+	// ErrNotFound means no task (or config) has the given id.
+	ErrNotFound = errors.New("task not found")
+	// ErrInvalidArgument means a request is malformed; the wrapping error
+	// says how, in words safe to show to a client.
+	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrNotRunning means the operation needs a RUNNING task.
+	ErrNotRunning = errors.New("task is not running")
+	// ErrNotPending means Start was called on a task that is not PENDING.
+	ErrNotPending = errors.New("task is not pending")
+	// ErrClosed means the dispatcher is draining and takes no new tasks.
+	ErrClosed = errors.New("dispatcher is shutting down; no new tasks accepted")
+)
+
+// Runner is what runs a task: a commander session. The task holds it while
+// RUNNING so that cancel and interject reach the session.
+type Runner interface {
+	// Stop decides to stop the session. It reports whether this call made
+	// the decision (false if a stop was already decided or the run ended).
+	Stop(reason string, code dispatchv1.StopCode) bool
+	// Interject delivers a user message to the running planner and records
+	// it as an event; it returns the message id and the event's seq.
+	Interject(ctx context.Context, text string) (messageID string, seq uint64, err error)
+}
+
+// Stats are what a task consumed, summed from Usage packets.
+type Stats struct {
+	Steps        int32
+	InputTokens  int64
+	OutputTokens int64
+	Cost         float64
+	Currency     string
+}
+
+// Info is a consistent snapshot of a task for readers.
+type Info struct {
+	ID             string
+	Instruction    string
+	Planner        string
+	Status         agentpb.TaskStatus
+	Message        string
+	Result         string
+	CreatedAt      time.Time
+	StartedAt      time.Time
+	EndedAt        time.Time
+	CommanderID    string
+	SessionID      string
+	Labels         map[string]string
+	Sandbox        *agentpb.Sandbox
+	Stats          Stats
+	LastSeq        uint64
+	PreviousTaskID string
+}
+
+// Duration is how long the task ran: from start to end, or to now while it
+// runs; 0 if it never started.
+func (i *Info) Duration(now time.Time) time.Duration {
+	if i.StartedAt.IsZero() {
+		return 0
+	}
+	if !i.EndedAt.IsZero() {
+		return i.EndedAt.Sub(i.StartedAt)
+	}
+	return now.Sub(i.StartedAt)
+}
+
+// Task is one submitted instruction. Fields set at creation never change; the
+// rest is guarded by mu. Event appends go straight to the log (which has its
+// own lock) so the per-packet path never takes mu.
+type Task struct {
+	id             string
+	instruction    string
+	planner        string
+	required       []string
+	labels         map[string]string
+	sandbox        *agentpb.Sandbox
+	destroySandbox bool
+	previousTaskID string
+	history        []*dispatchv1.ConversationTurn
+	timeout        time.Duration
+	createdAt      time.Time
+	createSeq      uint64
+	log            eventlog.Log
+	done           chan struct{}
+	onFinish       func(*Task)
+
+	mu          sync.Mutex
+	status      agentpb.TaskStatus
+	message     string
+	result      string
+	config      *agentpb.CommonConfig
+	startedAt   time.Time
+	endedAt     time.Time
+	commanderID string
+	sessionID   string
+	runner      Runner
+	stats       Stats
+}
+
+// ID is the task's id.
+func (t *Task) ID() string { return t.id }
+
+// Instruction is what the client asked for.
+func (t *Task) Instruction() string { return t.instruction }
+
+// Planner is the planner the task needs ("chat", ...).
+func (t *Task) Planner() string { return t.planner }
+
+// RequiredCapabilities are the capabilities a slot needs besides the planner.
+func (t *Task) RequiredCapabilities() []string { return t.required }
+
+// Labels are the client's labels. Callers must not modify the map.
+func (t *Task) Labels() map[string]string { return t.labels }
+
+// Sandbox is the sandbox the client chose, or nil.
+func (t *Task) Sandbox() *agentpb.Sandbox { return t.sandbox }
+
+// DestroySandbox says whether the sandbox is destroyed after the task.
+func (t *Task) DestroySandbox() bool { return t.destroySandbox }
+
+// PreviousTaskID is the task this one continues, if any.
+func (t *Task) PreviousTaskID() string { return t.previousTaskID }
+
+// History is the conversation to continue from.
+func (t *Task) History() []*dispatchv1.ConversationTurn { return t.history }
+
+// Timeout is the task's wall-clock budget once it starts.
+func (t *Task) Timeout() time.Duration { return t.timeout }
+
+// Log is the task's event log.
+func (t *Task) Log() eventlog.Log { return t.log }
+
+// Done is closed when the task reaches a terminal status.
+func (t *Task) Done() <-chan struct{} { return t.done }
+
+// Config is the resolved config with secrets, for the StartSession that
+// hands the task to a commander. After the task ends only a masked copy is
+// kept. Callers must not modify it.
+func (t *Task) Config() *agentpb.CommonConfig {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.config
+}
+
+// Status is the current status.
+func (t *Task) Status() agentpb.TaskStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.status
+}
+
+// Terminal reports whether s is an end state.
+func Terminal(s agentpb.TaskStatus) bool {
+	return s == agentpb.TaskStatus_SUCCESS || s == agentpb.TaskStatus_FAILURE || s == agentpb.TaskStatus_CANCELLED
+}
+
+// Info returns a snapshot.
+func (t *Task) Info() Info {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return Info{
+		ID:             t.id,
+		Instruction:    t.instruction,
+		Planner:        t.planner,
+		Status:         t.status,
+		Message:        t.message,
+		Result:         t.result,
+		CreatedAt:      t.createdAt,
+		StartedAt:      t.startedAt,
+		EndedAt:        t.endedAt,
+		CommanderID:    t.commanderID,
+		SessionID:      t.sessionID,
+		Labels:         t.labels,
+		Sandbox:        t.sandbox,
+		Stats:          t.stats,
+		LastSeq:        t.log.LastSeq(),
+		PreviousTaskID: t.previousTaskID,
+	}
+}
+
+// Start moves a PENDING task to RUNNING on r. It fails with ErrNotPending if
+// the task is no longer pending (e.g. it was cancelled meanwhile).
+func (t *Task) Start(r Runner, commanderID, sessionID string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status != agentpb.TaskStatus_PENDING {
+		return ErrNotPending
+	}
+	t.status = agentpb.TaskStatus_RUNNING
+	t.message = "running"
+	t.startedAt = time.Now()
+	t.runner = r
+	t.commanderID = commanderID
+	t.sessionID = sessionID
+	// Under mu so that state events are in the same order as the changes.
+	_, err := t.log.Append(t.stateEvent(), eventlog.Control)
+	return err
+}
+
+// Finish moves the task to a terminal status. Only the first call counts; it
+// reports whether this call ended the task. result is the task's answer (for
+// SUCCESS). The terminal state event seals the log.
+func (t *Task) Finish(status agentpb.TaskStatus, message, result string) bool {
+	t.mu.Lock()
+	if Terminal(t.status) {
+		t.mu.Unlock()
+		return false
+	}
+	t.status = status
+	t.message = message
+	if result != "" {
+		t.result = result
+	}
+	t.endedAt = time.Now()
+	t.runner = nil
+	// The secrets were only needed to start the session.
+	if t.config != nil {
+		t.config = Mask(t.config)
+	}
+	_, _ = t.log.Seal(t.stateEvent())
+	t.mu.Unlock()
+	close(t.done)
+	if t.onFinish != nil {
+		t.onFinish(t)
+	}
+	return true
+}
+
+// runnerState returns the runner (nil unless RUNNING) and the status.
+func (t *Task) runnerState() (Runner, agentpb.TaskStatus) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.runner, t.status
+}
+
+// AddUsage adds a Usage delta to the statistics.
+func (t *Task) AddUsage(u *dispatchv1.Usage) {
+	if u == nil {
+		return
+	}
+	t.mu.Lock()
+	t.stats.InputTokens += u.GetInputTokens()
+	t.stats.OutputTokens += u.GetOutputTokens()
+	t.stats.Cost += u.GetCost()
+	t.stats.Steps += u.GetSteps()
+	if c := u.GetCurrency(); c != "" {
+		t.stats.Currency = c
+	}
+	t.mu.Unlock()
+}
+
+// Record stamps ev with the task id and the current time and appends it.
+func (t *Task) Record(ev *dispatchv1.TaskEvent, class eventlog.Class) (uint64, error) {
+	t.stamp(ev)
+	return t.log.Append(ev, class)
+}
+
+// Fence records ev (a stop) and refuses all later Fenceable events: from
+// here on no planner output of this task reaches any reader.
+func (t *Task) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
+	t.stamp(ev)
+	return t.log.Fence(ev)
+}
+
+func (t *Task) stamp(ev *dispatchv1.TaskEvent) {
+	ev.TaskId = t.id
+	if ev.Time == nil {
+		ev.Time = timestamppb.Now()
+	}
+}
+
+// stateEvent builds the event for the current status. Caller holds mu.
+func (t *Task) stateEvent() *dispatchv1.TaskEvent {
+	ev := &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{
+		Status: t.status, Message: t.message,
+	}}}
+	t.stamp(ev)
+	return ev
+}
+
+// conversation is the history a task continuing this one starts from.
+func (t *Task) conversation() []*dispatchv1.ConversationTurn {
+	info := t.Info()
+	h := make([]*dispatchv1.ConversationTurn, 0, len(t.history)+2)
+	h = append(h, t.history...)
+	h = append(h, &dispatchv1.ConversationTurn{Role: "user", Content: t.instruction})
+	if info.Result != "" {
+		h = append(h, &dispatchv1.ConversationTurn{Role: "assistant", Content: info.Result})
+	}
+	return h
+}
+
+// NewID returns a random id in UUID v4 form, unguessable so that a task id
+// is not a hint to other tenants' tasks.
+func NewID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = (b[6] & 0x0f) | 0x40
+	b[8] = (b[8] & 0x3f) | 0x80
+	var s [36]byte
+	hex.Encode(s[0:8], b[0:4])
+	s[8] = '-'
+	hex.Encode(s[9:13], b[4:6])
+	s[13] = '-'
+	hex.Encode(s[14:18], b[6:8])
+	s[18] = '-'
+	hex.Encode(s[19:23], b[8:10])
+	s[23] = '-'
+	hex.Encode(s[24:], b[10:])
+	return string(s[:])
+}
