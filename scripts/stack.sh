@@ -77,7 +77,7 @@ up() {
   wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
   log "tool provider (workspace tools in $RUN/workspace)"
   mkdir -p "$RUN/workspace"
-  start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "$DISPATCHER_LISTEN" --workspace "$RUN/workspace"
+  start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "$DISPATCHER_LISTEN" --root "$RUN/workspace"
   log "commander with $COMMANDER_SLOTS slots, model smollm2"
   start commander "$ROOT/.venv/bin/commander" --dispatcher "$DISPATCHER_LISTEN" --slots "$COMMANDER_SLOTS" \
     --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2

@@ -1,0 +1,205 @@
+"""Commanders that die or freeze, and a dispatcher that restarts.
+
+Timings are printed (run with -s to see them) and bounded by assertions.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
+from commander._gen.lybic.agent import agent_pb2
+from tests import _procs
+from tests._client import describe, kind, start_watch, wait_status
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.e2e
+
+# kill -9 closes the commander's sockets at once: the dispatcher should see the
+# stream end right away. A frozen commander is only found by keepalive pings.
+KILL_DETECT_LIMIT = 3.0
+
+
+def _start_generating(stack: Stack, *dispatcher_flags: str):  # type: ignore[no-untyped-def]
+    llm = stack.scripted(tokens_per_sec=50, tokens=1000)
+    d = stack.dispatcher(*dispatcher_flags)
+    cmd = stack.commander(d, llm.base_url, slots=1, wait_slots=1)
+    instruction = f"generate for a long time [{uuid.uuid4().hex[:8]}]"
+    task_id = d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction=instruction), timeout=5
+    ).task_id
+    watch = start_watch(d.tasks, task_id)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flowing")
+    return d, cmd, task_id, watch
+
+
+def test_kill9_commander_mid_task_fails_the_task(stack: Stack) -> None:
+    d, cmd, task_id, watch = _start_generating(stack)
+    t0 = time.monotonic()
+    cmd.kill9()
+    status = wait_status(d.agent, task_id, timeout=15)
+    detected = time.monotonic() - t0
+    print(
+        f"\nkill -9 commander → task {agent_pb2.TaskStatus.Name(status.status)} in {detected:.3f}s"
+    )
+    assert status.status == agent_pb2.FAILURE, status
+    msg = status.message.lower()
+    assert "commander" in msg and "lost" in msg, f"unclear failure reason: {status.message!r}"
+    assert detected < KILL_DETECT_LIMIT, f"took {detected:.2f}s to notice a killed commander"
+
+    watch.join(10)
+    events = watch.values()
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.FAILURE
+    assert "commander" in events[-1].state.message.lower()
+    # Its slot is gone.
+    d.wait_slots(0, timeout=10)
+
+
+def test_frozen_commander_is_found_by_keepalive(stack: Stack) -> None:
+    # Server pings every 1 s and waits 1 s for the answer: a commander that stops
+    # answering (SIGSTOP: the process is alive, its sockets open) is found in about 2 s.
+    d, cmd, task_id, _ = _start_generating(
+        stack, "--keepalive-time", "1s", "--keepalive-timeout", "1s"
+    )
+    t0 = time.monotonic()
+    cmd.signal(signal.SIGSTOP)
+    try:
+        status = wait_status(d.agent, task_id, timeout=20)
+        detected = time.monotonic() - t0
+    finally:
+        cmd.signal(signal.SIGCONT)
+    print(
+        f"\nSIGSTOP commander (keepalive 1s+1s) → task "
+        f"{agent_pb2.TaskStatus.Name(status.status)} in {detected:.3f}s"
+    )
+    assert status.status == agent_pb2.FAILURE, status
+    assert "commander" in status.message.lower(), status.message
+    assert detected < 1 + 1 + 3, f"keepalive took {detected:.2f}s (time 1s, timeout 1s)"
+
+
+def test_default_keepalive_window(stack: Stack) -> None:
+    """With the default keepalive (5 s + 2 s), a frozen commander fails its task in the
+    documented window, not never."""
+    d, cmd, task_id, _ = _start_generating(stack)
+    t0 = time.monotonic()
+    cmd.signal(signal.SIGSTOP)
+    try:
+        status = wait_status(d.agent, task_id, timeout=30)
+        detected = time.monotonic() - t0
+    finally:
+        cmd.signal(signal.SIGCONT)
+    print(f"\nSIGSTOP commander (default keepalive) → FAILURE in {detected:.3f}s")
+    assert status.status == agent_pb2.FAILURE, status
+    assert detected < 5 + 2 + 3, f"took {detected:.2f}s (keepalive 5s + 2s)"
+
+
+def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -> None:
+    """kill -9 the dispatcher and start a new one on the same address: commanders
+    (one of them busy) and the tool provider come back by themselves."""
+    llm = stack.scripted([{"content": "back again"}])
+    slow = stack.scripted(tokens_per_sec=50, tokens=1000)
+    d = stack.dispatcher()
+    a = stack.commander(d, llm.base_url, slots=2)
+    b = stack.commander(d, llm.base_url, slots=1)
+    d.wait_slots(3, procs=[a, b])
+    provider = stack.provider(d, tmp_path / "ws")
+    first = list(
+        d.agent.RunAgentInstruction(
+            agent_pb2.RunAgentInstructionRequest(instruction="before restart"), timeout=30
+        )
+    )
+    assert first[-1].stage == "final" and first[-1].message == "back again"
+    # One slot is busy generating when the dispatcher dies.
+    marker = uuid.uuid4().hex[:8]
+    d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(
+            instruction=f"in flight [{marker}]", running_config=slow.model_config()
+        ),
+        timeout=5,
+    )
+    slow.wait_streams(marker, lambda r: r and r[0]["tokens"] > 0, 15, "generation started")
+
+    t0 = time.monotonic()
+    d2 = stack.restart_dispatcher(d)
+    assert d2.addr == d.addr
+    d2.wait_slots(3, timeout=30, procs=[a, b])
+    reconnected = time.monotonic() - t0
+    print(f"\ndispatcher restart → 3 slots back in {reconnected:.3f}s")
+    assert a.alive() and b.alive()
+    # The orphaned session's planner was cancelled: its model stream is closed.
+    rec = slow.wait_streams(
+        marker, lambda r: r[0]["outcome"] != "active", 10, "orphaned model stream closed"
+    )[0]
+    assert rec["outcome"] == "client_closed", rec
+    _procs.wait_until(
+        lambda: "workspace.write_file" in d2.tool_names(),
+        30,
+        "tool provider re-registered",
+        procs=[provider],
+    )
+
+    stream = list(
+        d2.agent.RunAgentInstruction(
+            agent_pb2.RunAgentInstructionRequest(instruction="after restart"), timeout=30
+        )
+    )
+    assert stream and stream[-1].stage == "final", [s.stage for s in stream]
+    assert stream[-1].message == "back again"
+    assert wait_status(d2.agent, stream[-1].taskId).status == agent_pb2.SUCCESS
+
+
+def test_sigterm_drains_with_a_deadline(stack: Stack) -> None:
+    """SIGTERM: health NOT_SERVING, new tasks refused, the running task is stopped at
+    the drain deadline and its watchers see it end, then the process exits."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=1000)
+    d = stack.dispatcher("--drain-timeout", "2s")
+    cmd = stack.commander(d, llm.base_url, slots=1, wait_slots=1)
+    running = d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction="long one"), timeout=5
+    ).task_id
+    watch_running = start_watch(d.tasks, running)
+    watch_running.wait(lambda evs: any(kind(e) == "content" for e in evs), 20, "content")
+    pending = d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction="waits in the queue"), timeout=5
+    ).task_id
+    watch_pending = start_watch(d.tasks, pending)
+
+    t0, t0_wall = time.monotonic(), time.time()
+    d.proc.signal(signal.SIGTERM)
+    _procs.wait_until(
+        lambda: _procs.health_status(d.addr) == 2,  # NOT_SERVING
+        1.5,
+        "health NOT_SERVING after SIGTERM",
+        interval=0.02,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        d.tasks.SubmitTask(tasks_pb2.SubmitTaskRequest(instruction="too late"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+
+    watch_running.join(15)
+    watch_pending.join(15)
+    for w in (watch_running, watch_pending):
+        events = w.values()
+        last = events[-1]
+        assert kind(last) == "state", describe(events)
+        assert last.state.status in (agent_pb2.FAILURE, agent_pb2.CANCELLED), describe(events)
+    stop = [e for e in watch_running.values() if kind(e) == "stop"]
+    assert stop and stop[0].stop.code == interaction_pb2.STOP_CODE_SHUTDOWN, stop
+    ended_after = stop[0].time.ToNanoseconds() / 1e9 - t0_wall
+    assert d.proc.popen.wait(timeout=15) == 0
+    exited = time.monotonic() - t0
+    print(
+        f"\nSIGTERM: running task stopped {ended_after:.2f}s after the signal (drain 2s); "
+        f"process exited after {exited:.2f}s"
+    )
+    assert 1.5 <= ended_after <= 4, ended_after
+    assert exited < 2 + 2 + 1 + 3, exited
+    rec = llm.streams()[0]
+    assert rec["outcome"] == "client_closed", rec
+    assert cmd.alive(), "the commander should outlive the dispatcher and wait to reconnect"
