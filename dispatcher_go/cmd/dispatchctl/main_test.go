@@ -1,0 +1,417 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeTasks is an in-memory TaskService: one task whose events are scripted
+// and which, once cancelled, emits stop, stopped and CANCELLED.
+type fakeTasks struct {
+	dispatchv1.UnimplementedTaskServiceServer
+
+	mu        sync.Mutex
+	submitted *dispatchv1.SubmitTaskRequest
+	token     string
+	events    []*dispatchv1.TaskEvent
+	changed   chan struct{} // closed and replaced when events grow
+	status    agentpb.TaskStatus
+	// cutOnce makes the first WatchTask fail with UNAVAILABLE after this
+	// many events, to exercise the resume.
+	cutOnce int
+	watches []uint64 // after_seq of each WatchTask
+	// ignoreCancel makes CancelTask accept and then do nothing.
+	ignoreCancel bool
+}
+
+func newFake() *fakeTasks {
+	return &fakeTasks{changed: make(chan struct{}), status: agentpb.TaskStatus_PENDING}
+}
+
+// emit appends events, numbering them.
+func (f *fakeTasks) emit(evs ...*dispatchv1.TaskEvent) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, ev := range evs {
+		ev.TaskId = "t1"
+		ev.Seq = uint64(len(f.events) + 1)
+		ev.Time = timestamppb.Now()
+		if st := ev.GetState(); st != nil {
+			f.status = st.GetStatus()
+		}
+		f.events = append(f.events, ev)
+	}
+	close(f.changed)
+	f.changed = make(chan struct{})
+}
+
+func state(s agentpb.TaskStatus, msg string) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: s, Message: msg}}}
+}
+func thought(s string) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Thought{Thought: &dispatchv1.ThoughtChain{Delta: s}}}
+}
+func content(s string, finish bool) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: s, IsFinish: finish}}}
+}
+
+func (f *fakeTasks) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	f.mu.Lock()
+	f.submitted = req
+	f.token = strings.Join(md.Get("authorization"), ",")
+	f.mu.Unlock()
+	f.emit(state(agentpb.TaskStatus_PENDING, "queued"))
+	return &dispatchv1.SubmitTaskResponse{TaskId: "t1"}, nil
+}
+
+func (f *fakeTasks) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv1.TaskService_WatchTaskServer) error {
+	if req.GetTaskId() != "t1" {
+		return status.Error(codes.NotFound, "no such task")
+	}
+	f.mu.Lock()
+	f.watches = append(f.watches, req.GetAfterSeq())
+	cut := f.cutOnce
+	f.cutOnce = 0
+	f.mu.Unlock()
+	next, sent := req.GetAfterSeq(), 0
+	for {
+		f.mu.Lock()
+		evs, changed, ended := f.events[next:], f.changed, terminal(f.status)
+		f.mu.Unlock()
+		if len(evs) == 0 && ended {
+			return nil // resumed past the terminal event: nothing to send
+		}
+		for _, ev := range evs {
+			if cut > 0 && sent == cut {
+				return status.Error(codes.Unavailable, "connection reset")
+			}
+			if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
+				return err
+			}
+			next, sent = ev.GetSeq(), sent+1
+			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
+				return nil
+			}
+		}
+		select {
+		case <-changed:
+		case <-stream.Context().Done():
+			return stream.Context().Err()
+		}
+	}
+}
+
+func (f *fakeTasks) CancelTask(_ context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
+	f.mu.Lock()
+	st := f.status
+	f.mu.Unlock()
+	if terminal(st) {
+		return &dispatchv1.CancelTaskResponse{Status: st, Message: "already ended"}, nil
+	}
+	if f.ignoreCancel {
+		return &dispatchv1.CancelTaskResponse{Cancelled: true, Status: st}, nil
+	}
+	f.emit(
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason(), Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}},
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stopped{Stopped: &dispatchv1.Stopped{Reason: "planner cancelled"}}},
+		state(agentpb.TaskStatus_CANCELLED, req.GetReason()),
+	)
+	return &dispatchv1.CancelTaskResponse{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED}, nil
+}
+
+func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
+	if req.GetTaskId() != "t1" {
+		return nil, status.Error(codes.NotFound, "no such task")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return &dispatchv1.GetTaskResponse{Task: &dispatchv1.Task{
+		TaskId: "t1", Status: f.status, Result: "Hello world", LastSeq: uint64(len(f.events)),
+		Statistics: &agentpb.ExecutionStatistics{Steps: 2, DurationSeconds: 3, InputTokens: 10, OutputTokens: 5, TotalTokens: 15},
+	}}, nil
+}
+
+// fakeAgent serves GetAgentInfo of the seed-000 API.
+type fakeAgent struct {
+	agentpb.UnimplementedAgentServer
+}
+
+func (fakeAgent) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
+	return &agentpb.AgentInfo{Version: "test", MaxConcurrentTasks: 2, LogLevel: "info"}, nil
+}
+
+// harness runs dispatchctl against the fake over an in-memory connection.
+type harness struct {
+	fake       *fakeTasks
+	lis        *bufconn.Listener
+	interrupts chan os.Signal
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	h := &harness{fake: newFake(), lis: bufconn.Listen(1 << 20), interrupts: make(chan os.Signal, 2)}
+	srv := grpc.NewServer()
+	dispatchv1.RegisterTaskServiceServer(srv, h.fake)
+	agentpb.RegisterAgentServer(srv, fakeAgent{})
+	go srv.Serve(h.lis)
+	t.Cleanup(srv.Stop)
+	return h
+}
+
+// run runs one dispatchctl command; the returned buffers hold its output.
+func (h *harness) run(t *testing.T, args ...string) (code int, stdout, stderr *bytes.Buffer) {
+	t.Helper()
+	stdout, stderr = &bytes.Buffer{}, &bytes.Buffer{}
+	e := env{
+		stdout: stdout, stderr: stderr, interrupts: h.interrupts,
+		getenv: func(k string) string {
+			if k == "DISPATCHER_CLIENT_TOKEN" {
+				return "secret"
+			}
+			return ""
+		},
+		dialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			return h.lis.DialContext(ctx)
+		})},
+	}
+	code = realMain(t.Context(), append([]string{"--addr", "passthrough:///bufnet"}, args...), e)
+	return code, stdout, stderr
+}
+
+// script plays a successful task once the client is watching.
+func (f *fakeTasks) playSuccess() {
+	f.emit(
+		state(agentpb.TaskStatus_RUNNING, "on slot 1"),
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stage{Stage: &dispatchv1.StageChange{Stage: "planning"}}},
+		thought("I should"), thought(" greet.\nThen add."),
+		content("Hello", false), content(" world", true),
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{ToolName: "calculator", ArgumentsJson: `{"expression":"2+2"}`, CallId: "c1"}}},
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolResult{ToolResult: &dispatchv1.ToolResultEvent{
+			Result: &dispatchv1.ToolCallResult{ToolName: "calculator", ResultJson: "4", CallId: "c1"}, DurationMs: 2, Executor: "builtin"}}},
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolResult{ToolResult: &dispatchv1.ToolResultEvent{
+			Result: &dispatchv1.ToolCallResult{ToolName: "nope", CallId: "c2", Error: &dispatchv1.ToolError{
+				Code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, Message: "no tool named nope"}}, Executor: "builtin"}}},
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Usage{Usage: &dispatchv1.Usage{InputTokens: 10}}},
+		&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Result{Result: &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "Hello world"}}},
+		state(agentpb.TaskStatus_SUCCESS, ""),
+	)
+}
+
+func TestRunStreamsReadably(t *testing.T) {
+	h := newHarness(t)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		h.fake.playSuccess()
+	}()
+	code, out, errOut := h.run(t, "run", "--model", "smollm2", "--base-url", "http://127.0.0.1:9/v1",
+		"--planner", "chat", "--timeout", "90s", "--label", "team=a", "say hello")
+	if code != exitOK {
+		t.Fatalf("exit %d, stderr %s", code, errOut)
+	}
+	want := `-- PENDING: queued
+-- RUNNING: on slot 1
+== planning
+thought: I should greet.
+thought: Then add.
+Hello world
+-> calculator({"expression":"2+2"})  [call c1]
+<- calculator = 4  [call c1, 2 ms, builtin]
+<- nope failed UNKNOWN_TOOL: no tool named nope  [call c2, 0 ms, builtin]
+== result SUCCESS
+-- SUCCESS
+status: SUCCESS
+steps 2 · 3s · tokens 10 in / 5 out / 15 total
+task: t1
+`
+	if out.String() != want {
+		t.Fatalf("stdout:\n%s\nwant:\n%s", out, want)
+	}
+	if !strings.Contains(errOut.String(), "task t1 submitted") {
+		t.Fatalf("stderr %q", errOut)
+	}
+	req := h.fake.submitted
+	llm := req.GetRunningConfig().GetStageModelConfig().GetActionGeneratorModel()
+	if req.GetInstruction() != "say hello" || req.GetPlanner() != "chat" || req.GetTimeoutSeconds() != 90 ||
+		req.GetLabels()["team"] != "a" || llm.GetModelName() != "smollm2" || llm.GetApiEndpoint() != "http://127.0.0.1:9/v1" {
+		t.Fatalf("submitted %v", req)
+	}
+	if h.fake.token != "Bearer secret" {
+		t.Fatalf("authorization %q", h.fake.token)
+	}
+}
+
+func TestRunCtrlCCancelsAndKeepsPrinting(t *testing.T) {
+	h := newHarness(t)
+	go func() {
+		time.Sleep(30 * time.Millisecond)
+		h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("partial", false))
+		time.Sleep(30 * time.Millisecond)
+		h.interrupts <- os.Interrupt
+	}()
+	code, out, errOut := h.run(t, "run", "write forever")
+	if code != exitCancelled {
+		t.Fatalf("exit %d, stdout %s stderr %s", code, out, errOut)
+	}
+	for _, want := range []string{"partial\n## stop (client cancel): cancelled from dispatchctl (Ctrl-C)\n", "## stopped: planner cancelled\n", "-- CANCELLED", "status: CANCELLED"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("stdout lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(errOut.String(), "cancelling task t1") {
+		t.Errorf("stderr %q", errOut)
+	}
+}
+
+func TestRunCancelAfter(t *testing.T) {
+	h := newHarness(t)
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""))
+	code, out, _ := h.run(t, "run", "--cancel-after", "30ms", "long task")
+	if code != exitCancelled || !strings.Contains(out.String(), "--cancel-after") {
+		t.Fatalf("exit %d, stdout %s", code, out)
+	}
+}
+
+func TestSecondCtrlCQuits(t *testing.T) {
+	h := newHarness(t)
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""))
+	// A commander that ignores the stop: only the second Ctrl-C ends the watch.
+	h.fake.ignoreCancel = true
+	h.interrupts <- os.Interrupt
+	h.interrupts <- os.Interrupt
+	code, _, errOut := h.run(t, "watch", "t1")
+	if code != exitInterrupted {
+		t.Fatalf("exit %d, stderr %s", code, errOut)
+	}
+}
+
+func TestWatchResumesAfterUnavailable(t *testing.T) {
+	h := newHarness(t)
+	h.fake.cutOnce = 3
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("a", false), content("b", false), content("c", false))
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		h.fake.emit(content("d", true), state(agentpb.TaskStatus_FAILURE, "model error"))
+	}()
+	code, out, errOut := h.run(t, "watch", "t1")
+	if code != exitFailure {
+		t.Fatalf("exit %d, stderr %s", code, errOut)
+	}
+	if !strings.Contains(out.String(), "-- RUNNING\nabcd\n-- FAILURE: model error\n") {
+		t.Fatalf("stdout (want each event once):\n%s", out)
+	}
+	if len(h.fake.watches) != 2 || h.fake.watches[1] != 3 {
+		t.Fatalf("watches after_seq %v, want [0 3]", h.fake.watches)
+	}
+	if !strings.Contains(errOut.String(), "resuming after seq 3") {
+		t.Fatalf("stderr %q", errOut)
+	}
+}
+
+func TestWatchJSONAndAfterSeq(t *testing.T) {
+	h := newHarness(t)
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("x", false), state(agentpb.TaskStatus_SUCCESS, ""))
+	code, out, _ := h.run(t, "watch", "t1", "--after-seq", "1", "--json")
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if code != exitOK || len(lines) != 3 || !strings.Contains(lines[0], `"seq":"2"`) || !strings.Contains(lines[2], `"taskId":"t1"`) {
+		t.Fatalf("exit %d, stdout:\n%s", code, out)
+	}
+}
+
+func TestOtherCommands(t *testing.T) {
+	h := newHarness(t)
+	if code, out, _ := h.run(t, "submit", "x"); code != exitOK || out.String() != "t1\n" {
+		t.Fatalf("submit: %d %q", code, out)
+	}
+	if code, out, _ := h.run(t, "status", "t1"); code != exitOK || !strings.Contains(out.String(), "status:") || !strings.Contains(out.String(), "PENDING") {
+		t.Fatalf("status: %d %q", code, out)
+	}
+	if code, _, errOut := h.run(t, "status", "nope"); code != exitFailure || !strings.Contains(errOut.String(), "NotFound") {
+		t.Fatalf("status nope: %d %q", code, errOut)
+	}
+	if code, out, _ := h.run(t, "cancel", "t1"); code != exitOK || !strings.Contains(out.String(), "cancelled: task is CANCELLED") {
+		t.Fatalf("cancel: %d %q", code, out)
+	}
+	if code, out, _ := h.run(t, "cancel", "t1"); code != exitFailure || !strings.Contains(out.String(), "not cancelled") {
+		t.Fatalf("second cancel: %d %q", code, out)
+	}
+	if code, out, _ := h.run(t, "info"); code != exitOK || !strings.Contains(out.String(), "slots:      2") {
+		t.Fatalf("info: %d %q", code, out)
+	}
+	if code, _, _ := h.run(t, "info", "--min-slots", "3"); code != exitFailure {
+		t.Fatalf("info --min-slots 3: %d", code)
+	}
+	if code, _, errOut := h.run(t, "list"); code != exitFailure || !strings.Contains(errOut.String(), "Unimplemented") {
+		t.Fatalf("list against a server without it: %d %q", code, errOut)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	h := newHarness(t)
+	for _, args := range [][]string{
+		{}, {"frobnicate"}, {"run"}, {"run", "a", "b"}, {"watch"}, {"run", "--label", "novalue", "x"},
+		{"list", "--status", "BOGUS"}, {"run", "--bogus-flag", "x"},
+	} {
+		if code, _, _ := h.run(t, args...); code != exitUsage {
+			t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
+		}
+	}
+}
+
+func TestRendererColorAndThoughtBlocks(t *testing.T) {
+	var b bytes.Buffer
+	r := &renderer{w: &b, color: true}
+	r.event(thought("think"))
+	r.event(content("answer", false))
+	r.event(thought("more"))
+	r.endLine()
+	got := b.String()
+	want := styleThought + "thought: " + styleReset + styleThought + "think" + styleReset + "\n" +
+		"answer\n" +
+		styleThought + "thought: " + styleReset + styleThought + "more" + styleReset + "\n"
+	if got != want {
+		t.Fatalf("got  %q\nwant %q", got, want)
+	}
+}
+
+func TestWatchPastTheEndOfAFinishedTask(t *testing.T) {
+	h := newHarness(t)
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), state(agentpb.TaskStatus_SUCCESS, ""))
+	// The fake, like the dispatcher, ends the stream at once: nothing is
+	// after seq 2. dispatchctl asks GetTask and reports the real outcome.
+	code, out, errOut := h.run(t, "watch", "t1", "--after-seq", "2")
+	if code != exitOK || !strings.Contains(out.String(), "status: SUCCESS") {
+		t.Fatalf("exit %d\nstdout %s\nstderr %s", code, out, errOut)
+	}
+}
+
+func TestRendererShowsKindsItDoesNotKnow(t *testing.T) {
+	var b bytes.Buffer
+	r := &renderer{w: &b}
+	// An event with no kind, and one whose kind is rendered generically:
+	// every kind the switch names is handled, so use the fallback directly
+	// through an empty event.
+	r.event(&dispatchv1.TaskEvent{Seq: 7})
+	if got := b.String(); got != "-- event 7 (no kind)\n" {
+		t.Fatalf("got %q", got)
+	}
+}

@@ -1,0 +1,479 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/agentdispatch/dispatcher/internal/benchkit"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// benchCapability is what the simulated commanders offer and the simulated
+// clients' tasks ask for (planner "bench").
+const (
+	benchPlanner    = "bench"
+	benchCapability = "planner:" + benchPlanner
+)
+
+// sessionPlan says what a simulated planner does once a task starts.
+type sessionPlan struct {
+	// rate is content packets per second per session; 0 floods.
+	rate float64
+	// packetBytes is the size of each content packet's text.
+	packetBytes int
+	// endAt ends every session with a result at that moment (relay,
+	// throughput); zero means run until stopped (stop).
+	endAt time.Time
+	// maxPackets ends a session with a result after this many content
+	// packets (0 = no limit): tasks stay below the dispatcher's per-task
+	// event log bound, and a long run is many tasks, as in production.
+	maxPackets int64
+	// maxSession ends a session with a result after this long whatever
+	// happens, so no run can hang on a stop that never comes.
+	maxSession time.Duration
+	// leakAfterStop is how many content packets the planner still sends
+	// after it received a stop and before it sends stopped, as a careless
+	// planner would: the dispatcher must drop them.
+	leakAfterStop int
+	// tools, when set, makes each step a brokered tool call instead of a
+	// content packet: the planner sends tool_call and waits for its
+	// tool_result, cycling through these tool names.
+	tools []string
+}
+
+// sessionTrace is what the commander side saw of one task.
+type sessionTrace struct {
+	mu          sync.Mutex
+	taskID      string
+	sessionID   string
+	started     time.Time // start received
+	stopRecv    time.Time // stop received (zero if none)
+	stoppedSent time.Time // stopped handed to gRPC
+	closedAck   time.Time // ack SESSION_CLOSED received
+	sent        int64     // content packets sent
+	leaked      int64     // content packets sent after the stop was received
+}
+
+func (t *sessionTrace) snapshot() sessionTrace {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return sessionTrace{taskID: t.taskID, sessionID: t.sessionID, started: t.started, stopRecv: t.stopRecv,
+		stoppedSent: t.stoppedSent, closedAck: t.closedAck, sent: t.sent, leaked: t.leaked}
+}
+
+// fleet is a set of simulated commander slots sharing one plan.
+type fleet struct {
+	plan    sessionPlan
+	payload string
+	id      string
+
+	traces   sync.Map // task id → *sessionTrace
+	sent     atomic.Int64
+	rejected atomic.Int64
+	sessions atomic.Int64
+	lost     atomic.Int64 // slots whose stream ended before the fleet was closed
+	lostErr  atomic.Value // string: the first reason a slot was lost
+	closing  atomic.Bool
+	wg       sync.WaitGroup
+
+	// Tool calls (plan.tools): round trip per tool, counted from
+	// measureFrom on; errors by code.
+	toolRTT      map[string]*benchkit.Recorder
+	toolFrom     atomic.Int64 // unix µs; calls sent outside [toolFrom, toolTo) are not recorded
+	toolTo       atomic.Int64
+	toolCalls    atomic.Int64
+	toolErrors   atomic.Int64
+	toolErrFirst atomic.Value // string
+}
+
+func newFleet(plan sessionPlan) *fleet {
+	f := &fleet{
+		plan:    plan,
+		payload: strings.Repeat("x", max(plan.packetBytes, 1)),
+		id:      fmt.Sprintf("loadgen-%d", os.Getpid()),
+		toolRTT: map[string]*benchkit.Recorder{},
+	}
+	for _, t := range plan.tools {
+		f.toolRTT[t] = benchkit.NewRecorder(0)
+	}
+	return f
+}
+
+// describeLost says how many slots were lost and why the first one was.
+func (f *fleet) describeLost() string {
+	n := f.lost.Load()
+	if n == 0 {
+		return "0 slots lost"
+	}
+	why, _ := f.lostErr.Load().(string)
+	return fmt.Sprintf("%d slots lost, first: %s", n, why)
+}
+
+// trace returns the trace of a task the fleet ran, if any.
+func (f *fleet) trace(taskID string) (sessionTrace, bool) {
+	v, ok := f.traces.Load(taskID)
+	if !ok {
+		return sessionTrace{}, false
+	}
+	return v.(*sessionTrace).snapshot(), true
+}
+
+// open starts n slots spread over conns and waits until every one has its
+// hello acknowledged (or ctx ends).
+func (f *fleet) open(ctx context.Context, conns []*grpc.ClientConn, n int) error {
+	ready := make(chan error, n)
+	for i := range n {
+		conn := conns[i%len(conns)]
+		f.wg.Go(func() { f.runSlot(ctx, conn, i, ready) })
+	}
+	var firstErr error
+	for range n {
+		select {
+		case err := <-ready:
+			if err != nil && firstErr == nil {
+				firstErr = err
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("opening %d slots: %w", n, ctx.Err())
+		}
+	}
+	return firstErr
+}
+
+// wait marks the fleet as shutting down and waits for its slots; the caller
+// cancels the slots' context first.
+func (f *fleet) wait() {
+	f.closing.Store(true)
+	f.wg.Wait()
+}
+
+// runSlot is one simulated slot: a ChatStream whose receive loop runs in its
+// own goroutine and whose sends all happen here (one sender per stream).
+func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, ready chan<- error) {
+	signalled := false
+	signal := func(err error) {
+		if !signalled {
+			signalled = true
+			ready <- err
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(ctx)
+	if err != nil {
+		signal(fmt.Errorf("slot %d: ChatStream: %w", idx, err))
+		return
+	}
+	err = stream.Send(&dispatchv1.UpstreamPacket{
+		Timestamp: time.Now().UnixMicro(),
+		Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{
+			CommanderId: f.id, Version: "loadgen", Capabilities: []string{benchCapability},
+			Labels: map[string]string{"role": "loadgen"}, SlotIndex: int32(idx),
+		}},
+	})
+	if err != nil {
+		signal(fmt.Errorf("slot %d: hello: %w", idx, err))
+		return
+	}
+
+	down := make(chan *dispatchv1.DownstreamPacket, 16)
+	recvErr := make(chan error, 1)
+	go f.receive(ctx, stream, down, recvErr)
+
+	defer func() {
+		if !f.closing.Load() && ctx.Err() == nil {
+			f.lost.Add(1)
+		}
+	}()
+	lose := func(err error) {
+		if !f.closing.Load() {
+			f.lostErr.CompareAndSwap(nil, fmt.Sprintf("slot %d: %v", idx, err))
+		}
+	}
+
+	// Wait for the hello ack.
+	for !signalled {
+		select {
+		case pkt, ok := <-down:
+			if !ok {
+				err := <-recvErr
+				signal(fmt.Errorf("slot %d: stream ended before the hello ack: %w", idx, err))
+				return
+			}
+			if pkt.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_HELLO {
+				signal(nil)
+			}
+		case <-ctx.Done():
+			signal(ctx.Err())
+			return
+		}
+	}
+
+	for {
+		var start *dispatchv1.DownstreamPacket
+		select {
+		case pkt, ok := <-down:
+			if !ok {
+				lose(<-recvErr)
+				return
+			}
+			if pkt.GetStart() == nil {
+				continue // a late SESSION_CLOSED ack, a stray tool result...
+			}
+			start = pkt
+		case <-ctx.Done():
+			_ = stream.CloseSend()
+			return
+		}
+		if err := f.session(ctx, stream, start, down); err != nil {
+			lose(err)
+			return
+		}
+	}
+}
+
+// receive reads downstream packets, timestamps stops the moment they arrive,
+// and hands everything else to the sender.
+func (f *fleet) receive(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], down chan<- *dispatchv1.DownstreamPacket, recvErr chan<- error) {
+	defer close(down)
+	var cur *sessionTrace
+	for {
+		pkt, err := stream.Recv()
+		if err != nil {
+			recvErr <- err
+			return
+		}
+		now := time.Now()
+		switch {
+		case pkt.GetStart() != nil:
+			cur = &sessionTrace{taskID: pkt.GetStart().GetTaskId(), sessionID: pkt.GetSessionId(), started: now}
+			f.traces.Store(cur.taskID, cur)
+			f.sessions.Add(1)
+		case pkt.GetStop() != nil:
+			if cur != nil && cur.sessionID == pkt.GetSessionId() {
+				cur.mu.Lock()
+				if cur.stopRecv.IsZero() {
+					cur.stopRecv = now
+				}
+				cur.mu.Unlock()
+			}
+		case pkt.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED:
+			if cur != nil && cur.sessionID == pkt.GetSessionId() {
+				cur.mu.Lock()
+				cur.closedAck = now
+				cur.mu.Unlock()
+			}
+		case pkt.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_REJECTED:
+			f.rejected.Add(1)
+			continue
+		}
+		select {
+		case down <- pkt:
+		case <-ctx.Done():
+			recvErr <- ctx.Err()
+			return
+		}
+	}
+}
+
+var errStreamEnded = errors.New("stream ended")
+
+// session plays one task: content packets at the plan's rate until the plan
+// ends it (usage + result) or a stop arrives (leaked packets + stopped), then
+// waits for the SESSION_CLOSED ack.
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+	sid := start.GetSessionId()
+	v, _ := f.traces.Load(start.GetStart().GetTaskId())
+	tr := v.(*sessionTrace)
+	send := func(p *dispatchv1.UpstreamPacket) error {
+		p.SessionId = sid
+		p.Timestamp = time.Now().UnixMicro()
+		return stream.Send(p)
+	}
+	var n int64 // content packets of this session
+	content := func() error {
+		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
+			Content: &dispatchv1.ContentChunk{Text: f.payload}}})
+		if err == nil {
+			n++
+			f.sent.Add(1)
+			tr.mu.Lock()
+			tr.sent++
+			if !tr.stopRecv.IsZero() {
+				tr.leaked++
+			}
+			tr.mu.Unlock()
+		}
+		return err
+	}
+
+	began := time.Now()
+	deadline := began.Add(f.plan.maxSession)
+	if !f.plan.endAt.IsZero() && f.plan.endAt.Before(deadline) {
+		deadline = f.plan.endAt
+	}
+	end := time.NewTimer(time.Until(deadline))
+	defer end.Stop()
+	var interval time.Duration
+	if f.plan.rate > 0 {
+		interval = time.Duration(float64(time.Second) / f.plan.rate)
+	}
+	tick := time.NewTimer(0)
+	defer tick.Stop()
+	next := began
+	var stop *dispatchv1.StopSignal
+	var calls int64
+	args := fmt.Sprintf(`{"text":%q}`, f.payload)
+	// toolCall sends one tool_call and waits for its tool_result; a stop or
+	// the end of the session while waiting ends the wait.
+	toolCall := func() (ended bool, err error) {
+		calls++
+		tool := f.plan.tools[int(calls-1)%len(f.plan.tools)]
+		callID := fmt.Sprintf("c%d", calls)
+		sentAt := time.Now()
+		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{
+			ToolName: tool, ArgumentsJson: args, CallId: callID}}}); err != nil {
+			return false, err
+		}
+		for {
+			select {
+			case pkt, ok := <-down:
+				if !ok {
+					return false, errStreamEnded
+				}
+				if pkt.GetSessionId() != sid {
+					continue
+				}
+				if s := pkt.GetStop(); s != nil {
+					stop = s
+					return true, nil
+				}
+				res := pkt.GetToolResult()
+				if res == nil || res.GetCallId() != callID {
+					continue
+				}
+				if at := sentAt.UnixMicro(); at >= f.toolFrom.Load() && at < f.toolTo.Load() {
+					f.toolCalls.Add(1)
+					f.toolRTT[tool].Add(time.Since(sentAt))
+				}
+				if e := res.GetError(); e != nil {
+					f.toolErrors.Add(1)
+					f.toolErrFirst.CompareAndSwap(nil, fmt.Sprintf("%s: %s: %s", tool, e.GetCode(), e.GetMessage()))
+				}
+				return false, nil
+			case <-end.C:
+				return true, nil
+			case <-ctx.Done():
+				return false, ctx.Err()
+			}
+		}
+	}
+
+emit:
+	for {
+		select {
+		case pkt, ok := <-down:
+			if !ok {
+				return errStreamEnded
+			}
+			if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
+				stop = s
+				break emit
+			}
+			continue
+		case <-end.C:
+			break emit
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+		if len(f.plan.tools) > 0 {
+			ended, err := toolCall()
+			if err != nil {
+				return err
+			}
+			if ended {
+				break emit
+			}
+			n++ // a call counts as a step towards maxPackets
+		} else if err := content(); err != nil {
+			return err
+		}
+		if f.plan.maxPackets > 0 && n >= f.plan.maxPackets {
+			break emit
+		}
+		if interval == 0 {
+			tick.Reset(0)
+			continue
+		}
+		// An absolute schedule, so pacing does not drift; after a stall
+		// (flow control) it restarts from now instead of bursting.
+		next = next.Add(interval)
+		wait := time.Until(next)
+		if wait < -interval {
+			next, wait = time.Now(), 0
+		}
+		tick.Reset(max(wait, 0))
+	}
+
+	if stop != nil {
+		for range f.plan.leakAfterStop {
+			if err := content(); err != nil {
+				return err
+			}
+		}
+		tr.mu.Lock()
+		tr.stoppedSent = time.Now()
+		sent := tr.sent
+		tr.mu.Unlock()
+		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
+			Reason:     "bench planner cancelled: " + stop.GetReason(),
+			FinalUsage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"},
+		}}})
+		if err != nil {
+			return err
+		}
+	} else {
+		tr.mu.Lock()
+		sent := tr.sent
+		tr.mu.Unlock()
+		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Usage{
+			Usage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"}}}); err != nil {
+			return err
+		}
+		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{
+			Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS,
+			Result:  fmt.Sprintf("sent %d packets", sent),
+		}}}); err != nil {
+			return err
+		}
+	}
+
+	// The slot is idle again once the dispatcher acknowledges the end. A
+	// stop arriving now (the session ended as it was cancelled) is ignored.
+	wait := time.NewTimer(30 * time.Second)
+	defer wait.Stop()
+	for {
+		select {
+		case pkt, ok := <-down:
+			if !ok {
+				return errStreamEnded
+			}
+			if pkt.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED && pkt.GetSessionId() == sid {
+				return nil
+			}
+		case <-wait.C:
+			return fmt.Errorf("session %s: no SESSION_CLOSED ack within 30s", sid)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}

@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// toyDispatcher is the smallest dispatcher the load generator can run
+// against: slots, a FIFO of tasks, an event log per task, stop → stopped.
+// leakAfterStop makes it forward content after a stop, as a buggy
+// dispatcher would, so a test can see loadgen catch it.
+type toyDispatcher struct {
+	dispatchv1.UnimplementedTaskServiceServer
+	dispatchv1.UnimplementedAgentInteractionServer
+
+	leakAfterStop bool
+	idle          chan *toySlot
+	slots         atomic.Int32
+	mu            sync.Mutex
+	tasks         map[string]*toyTask
+	nextID        int
+}
+
+type toySlot struct {
+	out     chan *dispatchv1.DownstreamPacket
+	mu      sync.Mutex
+	task    *toyTask
+	session string
+}
+
+type toyTask struct {
+	id      string
+	mu      sync.Mutex
+	events  []*dispatchv1.TaskEvent
+	changed chan struct{}
+	status  agentpb.TaskStatus
+	slot    *toySlot
+	stopped bool
+	started *timestamppb.Timestamp
+	ended   *timestamppb.Timestamp
+}
+
+func newToy() *toyDispatcher {
+	return &toyDispatcher{idle: make(chan *toySlot, 10000), tasks: map[string]*toyTask{}}
+}
+
+func (t *toyTask) append(ev *dispatchv1.TaskEvent) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ev.TaskId, ev.Seq, ev.Time = t.id, uint64(len(t.events)+1), timestamppb.Now()
+	if st := ev.GetState(); st != nil {
+		t.status = st.GetStatus()
+		switch {
+		case st.GetStatus() == agentpb.TaskStatus_RUNNING:
+			t.started = ev.Time
+		case terminal(st.GetStatus()):
+			t.ended = ev.Time
+		}
+	}
+	t.events = append(t.events, ev)
+	close(t.changed)
+	t.changed = make(chan struct{})
+}
+
+func stateEv(s agentpb.TaskStatus) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: s}}}
+}
+
+func (d *toyDispatcher) task(id string) (*toyTask, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	t, ok := d.tasks[id]
+	if !ok {
+		return nil, status.Error(codes.NotFound, "no such task")
+	}
+	return t, nil
+}
+
+func (d *toyDispatcher) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+	d.mu.Lock()
+	d.nextID++
+	t := &toyTask{id: fmt.Sprintf("task-%d", d.nextID), changed: make(chan struct{})}
+	d.tasks[t.id] = t
+	d.mu.Unlock()
+	t.append(stateEv(agentpb.TaskStatus_PENDING))
+	go func() {
+		s := <-d.idle
+		t.mu.Lock()
+		t.slot = s
+		t.mu.Unlock()
+		s.mu.Lock()
+		s.task, s.session = t, t.id+"-s"
+		s.mu.Unlock()
+		t.append(stateEv(agentpb.TaskStatus_RUNNING))
+		s.out <- &dispatchv1.DownstreamPacket{SessionId: t.id + "-s", Signal: &dispatchv1.DownstreamPacket_Start{
+			Start: &dispatchv1.StartSession{TaskId: t.id, Instruction: req.GetInstruction(), Planner: req.GetPlanner()}}}
+	}()
+	return &dispatchv1.SubmitTaskResponse{TaskId: t.id}, nil
+}
+
+func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStreamServer) error {
+	if _, err := stream.Recv(); err != nil {
+		return err
+	}
+	s := &toySlot{out: make(chan *dispatchv1.DownstreamPacket, 16)}
+	ctx := stream.Context()
+	sendErr := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case p := <-s.out:
+				if err := stream.Send(p); err != nil {
+					sendErr <- err
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO}}}
+	d.slots.Add(1)
+	defer d.slots.Add(-1)
+	d.idle <- s
+	for {
+		p, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		t, sid := s.task, s.session
+		s.mu.Unlock()
+		if t == nil || p.GetSessionId() != sid {
+			continue
+		}
+		t.mu.Lock()
+		stopped := t.stopped
+		t.mu.Unlock()
+		ev := &dispatchv1.TaskEvent{EmittedAtUs: p.GetTimestamp()}
+		closeSession := func(final agentpb.TaskStatus) {
+			t.append(ev)
+			t.append(stateEv(final))
+			s.mu.Lock()
+			s.task, s.session = nil, ""
+			s.mu.Unlock()
+			s.out <- &dispatchv1.DownstreamPacket{SessionId: sid, Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED}}}
+			d.idle <- s
+		}
+		switch {
+		case p.GetContent() != nil:
+			if stopped && !d.leakAfterStop {
+				continue
+			}
+			ev.Kind = &dispatchv1.TaskEvent_Content{Content: p.GetContent()}
+			t.append(ev)
+		case p.GetUsage() != nil:
+			ev.Kind = &dispatchv1.TaskEvent_Usage{Usage: p.GetUsage()}
+			t.append(ev)
+		case p.GetStopped() != nil:
+			ev.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: p.GetStopped()}
+			closeSession(agentpb.TaskStatus_CANCELLED)
+		case p.GetResult() != nil:
+			ev.Kind = &dispatchv1.TaskEvent_Result{Result: p.GetResult()}
+			closeSession(agentpb.TaskStatus_SUCCESS)
+		}
+	}
+}
+
+func (d *toyDispatcher) CancelTask(_ context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
+	t, err := d.task(req.GetTaskId())
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	if t.stopped || t.slot == nil || terminal(t.status) {
+		st := t.status
+		t.mu.Unlock()
+		return &dispatchv1.CancelTaskResponse{Status: st}, nil
+	}
+	t.stopped = true
+	slot := t.slot
+	t.mu.Unlock()
+	t.append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason(), Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}})
+	slot.out <- &dispatchv1.DownstreamPacket{SessionId: t.id + "-s", Signal: &dispatchv1.DownstreamPacket_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason()}}}
+	return &dispatchv1.CancelTaskResponse{Cancelled: true, Status: agentpb.TaskStatus_RUNNING}, nil
+}
+
+func (d *toyDispatcher) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv1.TaskService_WatchTaskServer) error {
+	t, err := d.task(req.GetTaskId())
+	if err != nil {
+		return err
+	}
+	next := req.GetAfterSeq()
+	for {
+		t.mu.Lock()
+		evs, changed := t.events[next:], t.changed
+		t.mu.Unlock()
+		for _, ev := range evs {
+			if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
+				return err
+			}
+			next = ev.GetSeq()
+			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
+				return nil
+			}
+		}
+		select {
+		case <-changed:
+		case <-stream.Context().Done():
+			return stream.Context().Err()
+		}
+	}
+}
+
+func (d *toyDispatcher) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
+	t, err := d.task(req.GetTaskId())
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return &dispatchv1.GetTaskResponse{Task: &dispatchv1.Task{TaskId: t.id, Status: t.status,
+		LastSeq: uint64(len(t.events)), StartedAt: t.started, EndedAt: t.ended}}, nil
+}
+
+// toyAgent is the seed-000 API of the toy: GetAgentInfo only.
+type toyAgent struct {
+	agentpb.UnimplementedAgentServer
+	d *toyDispatcher
+}
+
+func (a toyAgent) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
+	return &agentpb.AgentInfo{Version: "toy", MaxConcurrentTasks: a.d.slots.Load()}, nil
+}

@@ -1,0 +1,194 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/test/bufconn"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// runAgainstToy runs loadgen with args against an in-memory toy dispatcher
+// and returns its exit status and its parsed --json result.
+func runAgainstToy(t *testing.T, toy *toyDispatcher, args ...string) (int, result, string) {
+	t.Helper()
+	lis := bufconn.Listen(1 << 20)
+	srv := grpc.NewServer()
+	dispatchv1.RegisterTaskServiceServer(srv, toy)
+	dispatchv1.RegisterAgentInteractionServer(srv, toy)
+	agentpb.RegisterAgentServer(srv, toyAgent{d: toy})
+	go srv.Serve(lis)
+	defer srv.Stop()
+	var stdout, stderr bytes.Buffer
+	e := &env{stdout: &stdout, stderr: &stderr, dialOptions: []grpc.DialOption{
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+	}}
+	code := realMain(t.Context(), append([]string{"--addr", "127.0.0.1:1", "--json"}, args...), e)
+	var res result
+	if stdout.Len() > 0 {
+		if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
+			t.Fatalf("bad JSON %q: %v", stdout.String(), err)
+		}
+	}
+	return code, res, stderr.String()
+}
+
+func lat(r result, name string) map[string]any {
+	for _, l := range r.Latencies {
+		if l.Name == name {
+			return l.Summary
+		}
+	}
+	return nil
+}
+
+func val(r result, name string) float64 {
+	for _, v := range r.Values {
+		if v.Name == name {
+			return v.Value
+		}
+	}
+	return -1
+}
+
+func TestStopScenarioAgainstToy(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "stop", "--sessions", "4", "--duration", "600ms",
+		"--stop-min", "20ms", "--stop-max", "80ms", "--rate", "200")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	s := lat(res, "cancel call → commander got stop")
+	if s == nil || s["n"].(float64) < 4 {
+		t.Fatalf("too few stops measured: %v\n%s", s, log)
+	}
+	// At least the 3 deliberate ones per stop; a few more are sent while the
+	// stop travels from the receive loop to the sender.
+	if got, want := val(res, "content sent after stop (must be dropped)"), 3*val(res, "tasks cancelled"); got < want {
+		t.Fatalf("leaked %v packets, want at least %v", got, want)
+	}
+	for _, name := range []string{"cancel call → stopped recorded", "stop decision → stopped recorded", "commander: stop → stopped sent"} {
+		if l := lat(res, name); l == nil || l["n"] != s["n"] {
+			t.Errorf("%s: %v", name, l)
+		}
+	}
+	t.Log(log)
+	if !strings.Contains(log, "scenario stop:") || !strings.Contains(log, "p99=") {
+		t.Fatalf("human summary missing:\n%s", log)
+	}
+}
+
+func TestStopScenarioCatchesContentAfterStop(t *testing.T) {
+	toy := newToy()
+	toy.leakAfterStop = true
+	code, res, log := runAgainstToy(t, toy, "--scenario", "stop", "--sessions", "2", "--duration", "300ms",
+		"--stop-min", "10ms", "--stop-max", "30ms", "--rate", "200")
+	if code != 1 || res.OK {
+		t.Fatalf("a dispatcher that forwards content after a stop passed: exit %d\n%s", code, log)
+	}
+	failed := false
+	for _, c := range res.Checks {
+		if c.Name == "no content after stop" && !c.Pass {
+			failed = true
+		}
+	}
+	if !failed {
+		t.Fatalf("check not failed: %+v", res.Checks)
+	}
+}
+
+func TestRelayScenarioAgainstToy(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "relay", "--sessions", "3", "--duration", "700ms",
+		"--warmup", "100ms", "--rate", "100", "--watchers", "2")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	// 3 sessions × 100/s × 0.6 s × 2 watchers: about 360 samples.
+	if s := lat(res, "emit → watcher receives"); s == nil || s["n"].(float64) < 200 {
+		t.Fatalf("samples: %v\n%s", s, log)
+	}
+}
+
+func TestThroughputScenarioAgainstToy(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "throughput", "--sessions", "2", "--duration", "500ms",
+		"--warmup", "100ms", "--packet-bytes", "64")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	if v := val(res, "events logged by the dispatcher"); v < 100 {
+		t.Fatalf("accepted %v/s\n%s", v, log)
+	}
+}
+
+func TestIdleScenarioAgainstToy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("holds slots for 2s")
+	}
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "idle", "--sessions", "50", "--duration", "100ms",
+		"--streams-per-conn", "10")
+	if code != 0 || !res.OK || val(res, "slots opened (hello acked)") != 50 {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+}
+
+func TestFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"--scenario", "nope"}, {"--addr", "10.0.0.1:50051"}, {"--addr", "example.com:1"},
+		{"--sessions", "0"}, {"--warmup", "20s", "--duration", "10s"}, {"extra"},
+	} {
+		var stderr bytes.Buffer
+		if code := realMain(t.Context(), args, &env{stdout: &stderr, stderr: &stderr}); code != 2 {
+			t.Errorf("%q: exit %d, want 2", args, code)
+		}
+	}
+	o, err := parseFlags([]string{"--scenario", "stop", "--addr", "[::1]:5"}, &bytes.Buffer{})
+	if err != nil || o.rate != 50 {
+		t.Fatalf("stop defaults: %+v %v", o, err)
+	}
+	o, _ = parseFlags([]string{"--scenario", "throughput", "--addr", "localhost:5"}, &bytes.Buffer{})
+	if o.rate != 0 {
+		t.Fatalf("throughput floods by default, rate %v", o.rate)
+	}
+}
+
+func TestReport(t *testing.T) {
+	a := newResult("relay", map[string]any{"sessions": 10})
+	a.value("events delivered to watchers", 1234.5, "/s")
+	b := newResult("stop", map[string]any{"sessions": 5})
+	b.check("no content after stop", false, "2 events")
+	var in, out bytes.Buffer
+	_ = a.printJSON(&in)
+	_ = b.printJSON(&in)
+	ok, err := report(&in, &out)
+	if err != nil || ok {
+		t.Fatalf("ok=%v err=%v", ok, err)
+	}
+	for _, want := range []string{"relay@10", "1,234", "checks FAILED", "stop@5: no content after stop: 2 events"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+func TestThroughputRotatesTasksWithoutWatchers(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "throughput", "--sessions", "2", "--duration", "600ms",
+		"--warmup", "100ms", "--watchers", "0", "--task-packets", "500")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	if n := val(res, "tasks"); n < 4 {
+		t.Fatalf("only %v tasks: sessions did not rotate\n%s", n, log)
+	}
+	if v := val(res, "events logged by the dispatcher"); v < 100 {
+		t.Fatalf("logged %v/s\n%s", v, log)
+	}
+}

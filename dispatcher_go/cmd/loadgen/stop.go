@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/benchkit"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// stopStats gathers the stop scenario's measurements from all lanes.
+type stopStats struct {
+	cancelToStopRecv     *benchkit.Recorder // client CancelTask call → commander receives stop
+	cancelToStoppedEvent *benchkit.Recorder // client CancelTask call → dispatcher records stopped (event time)
+	decisionToStopped    *benchkit.Recorder // dispatcher stop event → stopped event (dispatcher clock)
+	stopRecvToSent       *benchkit.Recorder // commander: stop received → stopped sent
+	cancelToTerminal     *benchkit.Recorder // client CancelTask call → watcher gets CANCELLED
+	cancelRPC            *benchkit.Recorder // CancelTask round trip
+
+	tasks, cancelled, endedOtherwise, notCancelled atomic.Int64
+	contentAfterStop, missingStop, missingStopped  atomic.Int64
+	stopNotReceived                                atomic.Int64
+	leaked, gaps                                   atomic.Int64
+	errs                                           errList
+}
+
+// errList keeps the first few errors of concurrent lanes.
+type errList struct {
+	mu   sync.Mutex
+	errs []error
+	n    int
+}
+
+func (l *errList) add(err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.n++
+	if len(l.errs) < 5 {
+		l.errs = append(l.errs, err)
+	}
+}
+
+func (l *errList) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n
+}
+
+// describe says how many errors there were and what the first few said.
+func (l *errList) describe() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n == 0 {
+		return "0 errors"
+	}
+	return fmt.Sprintf("%d errors, first: %s", l.n, joinErrs(l.errs))
+}
+
+func runStop(ctx context.Context, o *options, e *env) (*result, error) {
+	params := o.baseParams()
+	params["rate"] = o.rate
+	params["packet_bytes"] = o.packetBytes
+	params["stop_window"] = fmt.Sprintf("%s..%s", o.stopMin, o.stopMax)
+	params["leak_after_stop"] = o.leakAfterStop
+	res := newResult("stop", params)
+
+	f := newFleet(sessionPlan{rate: o.rate, packetBytes: o.packetBytes, maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop})
+	cmdConns, err := dialN(o, e, o.connsFor(o.sessions), o.token, true)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(cmdConns)
+	slotCtx, stopSlots := context.WithCancel(ctx)
+	defer func() { stopSlots(); f.wait() }()
+	if err := f.open(slotCtx, cmdConns, o.sessions); err != nil {
+		return nil, err
+	}
+	cliConns, err := dialN(o, e, o.connsFor(o.sessions), o.clientToken, false)
+	if err != nil {
+		return nil, err
+	}
+	defer closeAll(cliConns)
+	pool := &clientPool{conns: cliConns, runID: fmt.Sprintf("stop-%d", time.Now().UnixNano())}
+
+	st := &stopStats{
+		cancelToStopRecv: benchkit.NewRecorder(0), cancelToStoppedEvent: benchkit.NewRecorder(0),
+		decisionToStopped: benchkit.NewRecorder(0), stopRecvToSent: benchkit.NewRecorder(0),
+		cancelToTerminal: benchkit.NewRecorder(0), cancelRPC: benchkit.NewRecorder(0),
+	}
+	began := time.Now()
+	deadline := began.Add(o.duration)
+	var wg sync.WaitGroup
+	for lane := range o.sessions {
+		rng := rand.New(rand.NewPCG(o.seed, uint64(lane)))
+		wg.Go(func() {
+			for n := 0; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
+				if err := stopOne(ctx, o, pool, f, st, rng, lane, n); err != nil {
+					st.errs.add(err)
+					if ctx.Err() != nil {
+						return
+					}
+					time.Sleep(100 * time.Millisecond) // do not spin on a failing dispatcher
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(began)
+
+	res.latency("cancel call → commander got stop", st.cancelToStopRecv.Summary())
+	res.latency("cancel call → stopped recorded", st.cancelToStoppedEvent.Summary())
+	res.latency("stop decision → stopped recorded", st.decisionToStopped.Summary())
+	res.latency("commander: stop → stopped sent", st.stopRecvToSent.Summary())
+	res.latency("cancel call → watcher got CANCELLED", st.cancelToTerminal.Summary())
+	res.latency("CancelTask round trip", st.cancelRPC.Summary())
+	res.value("tasks", float64(st.tasks.Load()), "")
+	res.value("tasks cancelled", float64(st.cancelled.Load()), "")
+	res.value("stops per second", float64(st.cancelled.Load())/elapsed.Seconds(), "/s")
+	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
+	res.value("REJECTED acks", float64(f.rejected.Load()), "")
+
+	res.check("no content after stop", st.contentAfterStop.Load() == 0,
+		"%d content/thought events reached a watcher after the stop event", st.contentAfterStop.Load())
+	res.check("every cancel stopped its task", st.notCancelled.Load() == 0 && st.endedOtherwise.Load() == 0,
+		"%d CancelTask said not cancelled, %d tasks ended otherwise", st.notCancelled.Load(), st.endedOtherwise.Load())
+	res.check("stop and stopped events recorded", st.missingStop.Load() == 0 && st.missingStopped.Load() == 0,
+		"%d tasks without a stop event, %d without a stopped event", st.missingStop.Load(), st.missingStopped.Load())
+	res.check("every commander received its stop", st.stopNotReceived.Load() == 0,
+		"%d cancelled tasks whose commander never saw a stop", st.stopNotReceived.Load())
+	res.check("events numbered without gaps", st.gaps.Load() == 0, "%d gaps or duplicates", st.gaps.Load())
+	res.check("no errors", st.errs.count() == 0, "%s", st.errs.describe())
+	res.check("no slot lost", f.lost.Load() == 0, "%s", f.describeLost())
+	res.check("at least one stop measured", st.cancelled.Load() > 0, "%d", st.cancelled.Load())
+	return res, nil
+}
+
+// stopOne submits one task, watches it, cancels it at a random moment after
+// its first content event, and records the stop's timings.
+func stopOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *stopStats, rng *rand.Rand, lane, n int) error {
+	id, err := pool.submit(ctx, lane, n)
+	if err != nil {
+		return err
+	}
+	st.tasks.Add(1)
+	tc := pool.tasks()
+	delay := o.stopMin
+	if span := o.stopMax - o.stopMin; span > 0 {
+		delay += time.Duration(rng.Int64N(int64(span)))
+	}
+
+	var (
+		timer      *time.Timer
+		cancelDone = make(chan struct{})
+		tCancel    time.Time
+		rpcResp    *dispatchv1.CancelTaskResponse
+		rpcErr     error
+		stopSeq    uint64
+		stopAt     time.Time
+		stoppedAt  time.Time
+		terminalAt time.Time
+	)
+	fire := func() {
+		defer close(cancelDone)
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		tCancel = time.Now()
+		rpcResp, rpcErr = tc.CancelTask(cctx, &dispatchv1.CancelTaskRequest{TaskId: id, Reason: "loadgen stop scenario"})
+		if rpcErr == nil {
+			st.cancelRPC.Add(time.Since(tCancel))
+		}
+	}
+	w, err := watch(ctx, tc, id, func(ev *dispatchv1.TaskEvent, at time.Time) {
+		switch ev.GetKind().(type) {
+		case *dispatchv1.TaskEvent_Content, *dispatchv1.TaskEvent_Thought:
+			if stopSeq > 0 {
+				st.contentAfterStop.Add(1)
+			}
+			if timer == nil {
+				timer = time.AfterFunc(delay, fire)
+			}
+		case *dispatchv1.TaskEvent_Stop:
+			if stopSeq == 0 {
+				stopSeq, stopAt = ev.GetSeq(), ev.GetTime().AsTime()
+			}
+		case *dispatchv1.TaskEvent_Stopped:
+			stoppedAt = ev.GetTime().AsTime()
+		case *dispatchv1.TaskEvent_State:
+			terminalAt = at
+		}
+	})
+	if timer != nil && !timer.Stop() {
+		<-cancelDone // it fired: wait for the call to finish
+	} else {
+		close(cancelDone)
+		timer = nil
+	}
+	st.gaps.Add(w.gaps)
+	if err != nil {
+		return err
+	}
+	if timer == nil {
+		st.endedOtherwise.Add(1)
+		return fmt.Errorf("task %s ended %s before it was cancelled", id, w.status)
+	}
+	if rpcErr != nil {
+		return fmt.Errorf("CancelTask %s: %w", id, rpcErr)
+	}
+	if !rpcResp.GetCancelled() {
+		st.notCancelled.Add(1)
+		return fmt.Errorf("CancelTask %s: not cancelled (%s: %s)", id, rpcResp.GetStatus(), rpcResp.GetMessage())
+	}
+	if w.status != agentpb.TaskStatus_CANCELLED {
+		st.endedOtherwise.Add(1)
+		return fmt.Errorf("task %s ended %s after a successful cancel", id, w.status)
+	}
+	st.cancelled.Add(1)
+	st.cancelToTerminal.Add(terminalAt.Sub(tCancel))
+	if stopSeq == 0 {
+		st.missingStop.Add(1)
+	}
+	if stoppedAt.IsZero() {
+		st.missingStopped.Add(1)
+	} else {
+		st.cancelToStoppedEvent.Add(stoppedAt.Sub(tCancel))
+		if stopSeq > 0 {
+			st.decisionToStopped.Add(stoppedAt.Sub(stopAt))
+		}
+	}
+	if tr, ok := f.trace(id); ok && !tr.stopRecv.IsZero() {
+		st.cancelToStopRecv.Add(tr.stopRecv.Sub(tCancel))
+		if !tr.stoppedSent.IsZero() {
+			st.stopRecvToSent.Add(tr.stoppedSent.Sub(tr.stopRecv))
+		}
+		st.leaked.Add(tr.leaked)
+	} else {
+		st.stopNotReceived.Add(1)
+	}
+	return nil
+}

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Benchmarks of the dispatcher (issue 7): builds the binaries, then runs each
+# scenario of bin/loadgen against a fresh dispatcher process on 127.0.0.1:0
+# and prints one table of the results.
+#
+#   scripts/bench.sh                 the stated loads, under 10 minutes on 2 cores
+#   BENCH_QUICK=1 scripts/bench.sh   much smaller loads, under 2 minutes
+#
+# Environment:
+#   BENCH_OUT             where results go (default .run/bench): results.jsonl
+#                         (one JSON line per scenario run, `loadgen report`
+#                         reads it), <scenario>.txt (human summary), *.log
+#   BENCH_ONLY            run only the scenario runs whose label contains this
+#                         word (e.g. BENCH_ONLY=stop)
+#   BENCH_DISPATCHER_ARGS extra flags for every dispatcher (e.g. a store)
+#   BENCH_DISPATCHER      a dispatcher binary to measure instead of building
+#                         bin/dispatcher (e.g. to compare two builds)
+#
+# Each scenario gets its own dispatcher, so one scenario's memory and event
+# log do not skew the next. loadgen runs as a separate process on the same
+# 2 cores as the dispatcher: the numbers include that contention.
+# Exit status: 0 if every scenario ran and passed its checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN=$ROOT/bin
+OUT=${BENCH_OUT:-$ROOT/.run/bench}
+QUICK=${BENCH_QUICK:-0}
+ONLY=${BENCH_ONLY:-}
+DISPATCHER=${BENCH_DISPATCHER:-$BIN/dispatcher}
+read -r -a DISPATCHER_ARGS <<<"${BENCH_DISPATCHER_ARGS:-}"
+COMMANDER_TOKEN=bench-commander-$$
+CLIENT_TOKEN=bench-client-$$
+
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+FAILED=()
+PIDS=()
+
+log() { printf '\033[2m[bench]\033[0m %s\n' "$*" >&2; }
+
+# stop_pid PID: TERM, then KILL after 5 s.
+stop_pid() {
+  local pid=$1
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# wait_file PATH SECONDS PID NAME: wait until PATH is non-empty.
+wait_file() {
+  local path=$1 secs=$2 pid=$3 name=$4 deadline=$((SECONDS + $2))
+  until [ -s "$path" ]; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name exited; last lines of its log:"; tail -n 20 "$OUT/$name.log" >&2; return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name did not write $path within ${secs}s"; tail -n 20 "$OUT/$name.log" >&2; return 1
+    fi
+    sleep 0.1
+  done
+}
+
+# start_dispatcher NAME: a fresh dispatcher on a free loopback port; sets
+# DISPATCHER_PID and DISPATCHER_ADDR.
+start_dispatcher() {
+  local name=$1
+  rm -f "$OUT/$name.addr"
+  "$DISPATCHER" --listen 127.0.0.1:0 --addr-file "$OUT/$name.addr" \
+    --commander-token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
+    --queue-size 100000 "${DISPATCHER_ARGS[@]}" >"$OUT/$name.log" 2>&1 &
+  DISPATCHER_PID=$!
+  PIDS+=("$DISPATCHER_PID")
+  wait_file "$OUT/$name.addr" 30 "$DISPATCHER_PID" "$name"
+  DISPATCHER_ADDR=$(head -n 1 "$OUT/$name.addr")
+}
+
+# scenario LABEL LOADGEN-ARGS...: run one loadgen scenario against its own
+# dispatcher; the JSON result line is appended to results.jsonl.
+scenario() {
+  local label=$1; shift
+  if [ -n "$ONLY" ] && [[ $label != *"$ONLY"* ]]; then return 0; fi
+  log "scenario $label: loadgen $*"
+  if ! start_dispatcher "dispatcher-$label"; then
+    FAILED+=("$label (dispatcher did not start)"); return 0
+  fi
+  if ! "$BIN/loadgen" --addr "$DISPATCHER_ADDR" --token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
+    --dispatcher-pid "$DISPATCHER_PID" --label "$label" --json "$@" >>"$RESULTS" 2> >(tee "$OUT/$label.txt" >&2); then
+    FAILED+=("$label")
+  fi
+  if ! kill -0 "$DISPATCHER_PID" 2>/dev/null; then
+    FAILED+=("$label (the dispatcher died; see $OUT/dispatcher-$label.log)")
+  fi
+  stop_pid "$DISPATCHER_PID"
+}
+
+# --- hook: the Python commander stop benchmark ---------------------------
+# Issue 7 scenario 1 with the real commander: stops fired at random moments
+# while real commander slots stream from scriptedllm; the stop latency
+# (dispatcher decision → stopped ack) and the model-stream close seen by
+# scriptedllm's /stats. The driver is scripts/bench_commander.py (not written
+# yet). Contract: it is run as
+#   .venv/bin/python scripts/bench_commander.py
+# with DISPATCHER_ADDR, DISPATCHER_COMMANDER_TOKEN, DISPATCHER_CLIENT_TOKEN,
+# SCRIPTED_LLM_URL (http://HOST:PORT/v1, /stats beside it), BENCH_QUICK set,
+# a dispatcher and scriptedllm already running, and it appends result lines
+# in loadgen's --json shape to $BENCH_RESULTS so that the table includes them.
+python_commander_stop() {
+  local label=python-commander-stop
+  if [ -n "$ONLY" ] && [[ $label != *"$ONLY"* ]]; then return 0; fi
+  if [ ! -f "$ROOT/scripts/bench_commander.py" ] || [ ! -x "$ROOT/.venv/bin/python" ]; then
+    log "scenario $label: skipped (scripts/bench_commander.py not there yet)"
+    return 0
+  fi
+  log "scenario $label"
+  local tokens=2000 rate=50
+  [ "$QUICK" = 1 ] && tokens=400
+  rm -f "$OUT/scriptedllm.addr"
+  "$BIN/scriptedllm" --listen 127.0.0.1:0 --addr-file "$OUT/scriptedllm.addr" \
+    --tokens-per-sec "$rate" --tokens "$tokens" --reasoning-tokens 20 >"$OUT/scriptedllm.log" 2>&1 &
+  local llm_pid=$!
+  PIDS+=("$llm_pid")
+  wait_file "$OUT/scriptedllm.addr" 10 "$llm_pid" scriptedllm || { FAILED+=("$label (scriptedllm)"); return 0; }
+  start_dispatcher "dispatcher-$label" || { FAILED+=("$label (dispatcher)"); stop_pid "$llm_pid"; return 0; }
+  if ! DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
+    DISPATCHER_CLIENT_TOKEN=$CLIENT_TOKEN DISPATCHER_PID=$DISPATCHER_PID \
+    SCRIPTED_LLM_URL="http://$(head -n 1 "$OUT/scriptedllm.addr")/v1" BENCH_QUICK=$QUICK \
+    BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_commander.py" \
+    2> >(tee "$OUT/$label.txt" >&2); then
+    FAILED+=("$label")
+  fi
+  stop_pid "$DISPATCHER_PID"
+  stop_pid "$llm_pid"
+}
+
+# --- build -----------------------------------------------------------------
+log "building into $BIN"
+mkdir -p "$BIN"
+CMDS="loadgen scriptedllm dispatchctl"
+[ -n "${BENCH_DISPATCHER:-}" ] || CMDS="dispatcher $CMDS"
+(cd dispatcher_go && for c in $CMDS; do
+  go build -trimpath -o "$BIN/$c" "./cmd/$c"
+done)
+
+log "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(go version | cut -d' ' -f3), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+START=$SECONDS
+
+# --- the loads ---------------------------------------------------------------
+# stop:       N sessions streaming token-sized packets; each task cancelled
+#             0.2–2 s after its first content; lanes resubmit until the end.
+#             stop-flood: the same while every session floods (the worst case:
+#             the stop and the stopped ack queue behind a full HTTP/2 window).
+# relay:      N sessions at a steady rate, one watcher each.
+# throughput: N sessions flooding 64-byte packets over N/2 connections, one
+#             watcher each; throughput-ingest: the same with no watcher.
+# idle:       N idle slots (hello, KeepAlive 10 s) held open; RSS per slot.
+# tools:      N sessions each calling a tool 20 times a second, alternating
+#             the built-in echo and bench_echo served by loadgen as a provider.
+if [ "$QUICK" = 1 ]; then
+  log "BENCH_QUICK=1: small loads"
+  scenario stop       --scenario stop --sessions 10 --duration 6s --rate 50 --packet-bytes 16
+  scenario stop-flood --scenario stop --sessions 4 --duration 4s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
+  scenario relay      --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
+  scenario throughput --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
+  scenario idle       --scenario idle --sessions 500 --duration 3s --streams-per-conn 50
+  scenario tools      --scenario tools --sessions 10 --duration 5s --rate 20
+else
+  scenario stop        --scenario stop --sessions 50 --duration 30s --rate 50 --packet-bytes 16
+  scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
+  scenario relay-10    --scenario relay --sessions 10 --duration 20s --rate 50 --packet-bytes 32
+  scenario relay-200   --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
+  scenario throughput  --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
+  scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
+  scenario idle        --scenario idle --sessions 10000 --duration 20s --streams-per-conn 100
+  scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
+fi
+python_commander_stop
+
+# --- the table ---------------------------------------------------------------
+echo
+echo "== results ($((SECONDS - START)) s; raw: $RESULTS)"
+if [ -s "$RESULTS" ]; then
+  "$BIN/loadgen" report "$RESULTS" || true
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo
+  echo "FAILED scenario runs:"
+  printf '  %s\n' "${FAILED[@]}"
+  exit 1
+fi
