@@ -95,8 +95,8 @@ test: setup setup-model lint check-generate test-go test-py test-e2e test-model 
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
-	$(VENV)/bin/ruff check commander tests
-	$(VENV)/bin/ruff format --check commander tests
+	$(VENV)/bin/ruff check commander tests scripts
+	$(VENV)/bin/ruff format --check commander tests scripts
 	$(VENV)/bin/mypy
 
 test-go: ## Go unit tests with the race detector (goleak in each package)
