@@ -79,6 +79,11 @@ lint-proto: setup-tools ## buf lint on proto/
 demo: setup setup-model ## set up and run the main job end to end on the embedded defaults
 	scripts/stack.sh demo "$(INSTRUCTION)"
 
+GUI_INSTRUCTION ?= Type 'hello from the GUI agent' into the terminal
+.PHONY: demo-gui
+demo-gui: setup build ## the GUI agent on the local Xvfb sandbox (scripted UI-TARS model; GUI_LLM_BASE_URL/GUI_LLM_MODEL/GUI_LLM_API_KEY for a real one)
+	scripts/gui_demo.sh "$(GUI_INSTRUCTION)"
+
 up: setup setup-model ## start dispatcher, model, commander, tool provider in the background
 	scripts/stack.sh up
 

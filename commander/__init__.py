@@ -22,22 +22,31 @@ from commander._errors import (
     UnknownToolError,
 )
 from commander._planners import Planner, PlannerOutput, PlannerRegistry
+from commander._pricing import ModelPrice, PriceTable
 from commander._provider import ToolProvider
 from commander._session import SessionContext
 from commander._workspace import workspace_provider
+from commander.gui._planner import GuiPlanner, GuiSettings
+from commander.sandbox import SandboxSettings, SandboxTools, sandbox_provider
 
 __all__ = [
     "ChatPlanner",
     "Commander",
     "CommanderError",
     "ConnectionConfig",
+    "GuiPlanner",
+    "GuiSettings",
     "InvalidToolArgumentsError",
     "LLMSettings",
     "ModelError",
+    "ModelPrice",
     "Planner",
     "PlannerNotFoundError",
     "PlannerOutput",
     "PlannerRegistry",
+    "PriceTable",
+    "SandboxSettings",
+    "SandboxTools",
     "SessionContext",
     "ToolCancelledError",
     "ToolDeniedError",
@@ -48,5 +57,6 @@ __all__ = [
     "ToolUnavailableError",
     "UnknownToolError",
     "__version__",
+    "sandbox_provider",
     "workspace_provider",
 ]

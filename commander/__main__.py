@@ -14,12 +14,24 @@ from collections.abc import Sequence
 
 import anyio
 
-from commander._chat import DEFAULT_API_KEY, DEFAULT_BASE_URL, DEFAULT_MODEL, LLMSettings
+from commander._chat import (
+    DEFAULT_API_KEY,
+    DEFAULT_BASE_URL,
+    DEFAULT_MODEL,
+    ChatPlanner,
+    LLMSettings,
+    ModelTarget,
+)
 from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
 from commander._commander import VERSION, Commander, default_commander_id
 from commander._connection import ConnectionConfig
+from commander._planners import PlannerRegistry
+from commander._pricing import PriceTable
 from commander._provider import ToolProvider
 from commander._workspace import workspace_provider
+from commander.gui._planner import GuiPlanner, GuiSettings
+from commander.sandbox import SandboxSettings, SandboxTools, sandbox_provider
+from commander.sandbox._cli import add_sandbox_flags, sandbox_settings_from_args
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -95,6 +107,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the workspace tools on DIR in this process (env COMMANDER_WITH_TOOLS)",
     )
     parser.add_argument(
+        "--prices",
+        default=env("COMMANDER_PRICES"),
+        metavar="FILE",
+        help="JSON or TOML per-model price table, over the built-in one (env COMMANDER_PRICES)",
+    )
+    gui = parser.add_argument_group("gui planner (planner name 'gui')")
+    gui.add_argument(
+        "--gui-base-url",
+        default=env("GUI_LLM_BASE_URL"),
+        help="OpenAI-compatible endpoint of the GUI model (env GUI_LLM_BASE_URL; "
+        "default: --llm-base-url)",
+    )
+    gui.add_argument(
+        "--gui-model",
+        default=env("GUI_LLM_MODEL", "ui-tars"),
+        help="the GUI (vision) model (env GUI_LLM_MODEL; default %(default)s)",
+    )
+    gui.add_argument(
+        "--gui-api-key",
+        default=env("GUI_LLM_API_KEY"),
+        help="API key of the GUI model (env GUI_LLM_API_KEY; default: --llm-api-key)",
+    )
+    gui.add_argument(
+        "--gui-output-format",
+        choices=["ui-tars", "pyautogui"],
+        default=env("GUI_OUTPUT_FORMAT", "ui-tars"),
+        help="how the GUI model writes actions (env GUI_OUTPUT_FORMAT; default %(default)s)",
+    )
+    gui.add_argument(
+        "--gui-coordinates",
+        choices=["relative", "smart-resize", "screen"],
+        default=env("GUI_COORDINATES", "relative"),
+        help="the GUI model's coordinates: relative 0..1000 (UI-TARS, Doubao), smart-resize "
+        "(UI-TARS-1.5 absolute), screen pixels (env GUI_COORDINATES; default %(default)s)",
+    )
+    gui.add_argument(
+        "--gui-grounding-model",
+        default=env("GUI_GROUNDING_MODEL"),
+        help="NORMAL mode's grounding model when a task names none (env GUI_GROUNDING_MODEL; "
+        "same endpoint as the GUI model)",
+    )
+    add_sandbox_flags(parser)
+    parser.add_argument(
+        "--no-sandbox-tools",
+        action="store_true",
+        default=env("COMMANDER_NO_SANDBOX_TOOLS") is not None,
+        help="do not serve the computer.* sandbox tools in this process (run "
+        "`python -m commander.sandbox` instead; env COMMANDER_NO_SANDBOX_TOOLS)",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=env("COMMANDER_SHUTDOWN_GRACE", "10"),
@@ -117,12 +179,42 @@ def build_commander(args: argparse.Namespace) -> Commander:
     providers: list[ToolProvider] = []
     if args.with_tools:
         providers.append(workspace_provider(args.with_tools))
+    sandbox_tools: SandboxTools | None = None
+    settings: SandboxSettings = sandbox_settings_from_args(args)
+    # Served here by default once a sandbox API is configured (the local sandbox
+    # server's endpoint, or Lybic credentials); without one the tools could only fail.
+    if not args.no_sandbox_tools and settings.configured:
+        sandbox_tools = SandboxTools(settings)
+        providers.append(sandbox_provider(sandbox_tools))
+    gui = GuiSettings(
+        base_url=args.gui_base_url or args.llm_base_url,
+        model=args.gui_model,
+        api_key=args.gui_api_key or args.llm_api_key,
+        grounding=(
+            ModelTarget(
+                args.gui_base_url or args.llm_base_url,
+                args.gui_grounding_model,
+                args.gui_api_key or args.llm_api_key,
+            )
+            if args.gui_grounding_model
+            else None
+        ),
+        output_format=args.gui_output_format,
+        coordinates=args.gui_coordinates,
+        prices=PriceTable.load(args.prices),
+    )
+    planners = PlannerRegistry(
+        {
+            "chat": ChatPlanner(llm),
+            "gui": GuiPlanner(gui, local_tools=sandbox_tools, close_tools=True),
+        }
+    )
     return Commander(
         connection,
         slots=args.slots,
         commander_id=args.commander_id,
         labels=dict(args.labels),
-        llm=llm,
+        planners=planners,
         tool_providers=providers,
         shutdown_grace=args.shutdown_grace,
     )

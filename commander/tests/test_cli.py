@@ -24,7 +24,7 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert commander.connection.token == "tok"
     assert len(commander.slots) == 3
     assert commander.commander_id == "c-7"
-    assert list(commander.hello.capabilities) == ["planner:chat"]
+    assert list(commander.hello.capabilities) == ["planner:chat", "planner:gui"]
     chat = commander.planners.get("chat")
     settings = chat.settings  # type: ignore[attr-defined]
     assert (settings.base_url, settings.model, settings.api_key) == (

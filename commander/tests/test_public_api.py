@@ -15,9 +15,17 @@ EXPECTED = {
     "PlannerRegistry",
     "ChatPlanner",
     "LLMSettings",
+    "GuiPlanner",
+    "GuiSettings",
+    # statistics
+    "PriceTable",
+    "ModelPrice",
     # tool providers
     "ToolProvider",
     "workspace_provider",
+    "SandboxSettings",
+    "SandboxTools",
+    "sandbox_provider",
     # errors: one root
     "CommanderError",
     "PlannerNotFoundError",

@@ -1,0 +1,72 @@
+"""``python -m commander.sandbox``: serve the ``computer.*`` tools as their own process.
+
+    LYBIC_ORG_ID=... LYBIC_API_KEY=... python -m commander.sandbox --dispatcher 127.0.0.1:50051
+
+For the local sandbox server: ``--sandbox-endpoint http://HOST:PORT`` with its
+org id and API key. Run commanders with ``--no-sandbox-tools`` then (a tool
+name is served by one provider only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._connection import ConnectionConfig
+from commander.sandbox._cli import add_sandbox_flags, sandbox_settings_from_args
+from commander.sandbox._provider import sandbox_provider
+from commander.sandbox._tools import SandboxTools
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m commander.sandbox",
+        description="Serve the computer.* sandbox tools to the dispatcher.",
+    )
+    add_connection_flags(parser)
+    add_sandbox_flags(parser)
+    parser.add_argument(
+        "--id",
+        dest="provider_id",
+        default=env("SANDBOX_PROVIDER_ID", "sandbox"),
+        help="provider id sent in the hello (default %(default)s)",
+    )
+    return parser
+
+
+async def _serve(tools: SandboxTools, args: argparse.Namespace) -> None:
+    connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
+    provider = sandbox_provider(tools, provider_id=args.provider_id)
+
+    async def run() -> None:
+        try:
+            await provider.run(connection)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await tools.aclose()
+
+    await run_until_signalled(run, provider.shutdown, what="commander.sandbox")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m commander.sandbox``."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    settings = sandbox_settings_from_args(args)
+    if not settings.configured:
+        sys.exit(
+            "commander.sandbox: no sandbox API configured: set LYBIC_ORG_ID and LYBIC_API_KEY, "
+            "or --sandbox-endpoint for the local sandbox server"
+        )
+    try:
+        anyio.run(_serve, SandboxTools(settings), args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

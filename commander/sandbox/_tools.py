@@ -1,0 +1,470 @@
+"""The GUI sandbox as ``computer.*`` tools over the unmodified ``lybic`` SDK.
+
+One code path for the Lybic cloud and the local sandbox server
+(:mod:`commander.localsandbox`): only the endpoint differs.
+
+World-changing actions are never retried: the SDK's client is built with
+``max_retries=0`` (its default retries *every* non-2xx answer and every
+network error, so a click whose answer was lost would be clicked twice), and
+nothing here retries an action either. Read-only calls (screenshot, get) are
+retried on network errors and 5xx only.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+from lybic import LybicAPIError, LybicAuth, LybicClient, Sandbox, dto
+from lybic.action import (
+    AndroidBackAction,
+    AndroidHomeAction,
+    OsCloseAppAction,
+    OsCloseAppByNameAction,
+    OsListAppsAction,
+    OsStartAppAction,
+    OsStartAppByNameAction,
+    TouchDragAction,
+    TouchLongPressAction,
+    TouchSwipeAction,
+    TouchTapAction,
+)
+from lybic.exceptions import LybicInternalError
+from pydantic import BaseModel, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from commander._errors import InvalidToolArgumentsError, ToolError, ToolExecutionError
+from commander.gui._actions import (
+    Action,
+    KeyboardHotkey,
+    KeyboardType,
+    KeyDown,
+    KeyUp,
+    MouseButton,
+    MouseClick,
+    MouseDoubleClick,
+    MouseDrag,
+    MouseMove,
+    MouseScroll,
+    MouseTripleClick,
+    Point,
+    to_sdk_action,
+)
+
+_log = logging.getLogger("commander.sandbox")
+
+T = TypeVar("T")
+
+DEFAULT_ENDPOINT = "https://api.lybic.cn"
+#: The local sandbox server's shape used when nothing names one (the cloud has no default).
+LOCAL_SHAPE = "local-1280x720"
+#: Longest text one ``computer.type`` call may carry.
+MAX_TYPE_CHARS = 10_000
+#: Longest ``computer.wait``.
+MAX_WAIT_MS = 60_000
+_MAX_COORD = 16_384
+_MAX_SCROLL = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxSettings:
+    """Where the sandboxes live and how they are reached.
+
+    ``timeout`` bounds each HTTP request to the sandbox API; typing a long
+    text is one request that lasts as long as the typing, so it is generous.
+    """
+
+    endpoint: str = DEFAULT_ENDPOINT
+    org_id: str = ""
+    api_key: str = dataclasses.field(default="", repr=False)
+    #: Shape of the sandboxes created when a task names none ("": the local
+    #: server's 1280x720 off the cloud; required on the cloud).
+    default_shape: str = ""
+    #: A sandbox to use when a task names none (seed 000's LYBIC_PRECREATE_SID).
+    precreate_sid: str = ""
+    timeout: float = 300.0
+    #: Attempts of a read-only call (screenshot, get) on network errors and 5xx.
+    read_attempts: int = 3
+
+    @property
+    def configured(self) -> bool:
+        """Whether a sandbox API is set up: an endpoint of our own, or Lybic credentials."""
+        return bool(self.org_id and self.api_key) or self.endpoint != DEFAULT_ENDPOINT
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> SandboxSettings:
+        """Settings from ``LYBIC_API_ENDPOINT``, ``LYBIC_ORG_ID``, ``LYBIC_API_KEY``,
+        ``LYBIC_PRECREATE_SID``, ``LYBIC_SANDBOX_SHAPE``; keyword overrides win."""
+        values: dict[str, Any] = {
+            "endpoint": os.environ.get("LYBIC_API_ENDPOINT") or DEFAULT_ENDPOINT,
+            "org_id": os.environ.get("LYBIC_ORG_ID", ""),
+            "api_key": os.environ.get("LYBIC_API_KEY", ""),
+            "precreate_sid": os.environ.get("LYBIC_PRECREATE_SID", ""),
+            "default_shape": os.environ.get("LYBIC_SANDBOX_SHAPE", ""),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _retryable_read(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError | LybicInternalError):
+        return True
+    if isinstance(exc, LybicAPIError):
+        return (exc.status_code or 0) >= 500
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, LybicAPIError):
+        return f"sandbox API error {exc.status_code}: {exc.message}"
+    if isinstance(exc, LybicInternalError):
+        return f"sandbox API unavailable ({exc.status_code})"
+    if isinstance(exc, httpx.TimeoutException):
+        return "the sandbox API did not answer in time"
+    if isinstance(exc, httpx.TransportError):
+        return "the sandbox API could not be reached"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"sandbox API error {exc.response.status_code}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _tool_error(exc: BaseException, *, world_changing: bool) -> ToolError:
+    message = _describe(exc)
+    if world_changing and isinstance(exc, httpx.TransportError | LybicInternalError):
+        # The request may have reached the sandbox: say so rather than guess.
+        message += "; the action may or may not have been performed (it was not retried)"
+    if isinstance(exc, LybicAPIError) and exc.status_code in (400, 404, 422):
+        return InvalidToolArgumentsError(message)
+    return ToolExecutionError(message)
+
+
+def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidToolArgumentsError(f"{name} must be a number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidToolArgumentsError(f"{name} must be a whole number")
+        value = int(value)
+    if not lo <= value <= hi:
+        raise InvalidToolArgumentsError(f"{name} must be within {lo}..{hi}, got {value}")
+    return int(value)
+
+
+def _point(x: Any, y: Any) -> Point:
+    return Point(_int_in(x, "x", 0, _MAX_COORD), _int_in(y, "y", 0, _MAX_COORD))
+
+
+_BUTTONS = {"left": MouseButton.LEFT, "right": MouseButton.RIGHT, "middle": MouseButton.MIDDLE}
+
+
+def _button(name: str) -> MouseButton:
+    try:
+        return _BUTTONS[name]
+    except KeyError:
+        raise InvalidToolArgumentsError(
+            f"button must be one of {', '.join(_BUTTONS)}, got {name!r}"
+        ) from None
+
+
+def _sandbox_id(sandbox_id: Any) -> str:
+    if not isinstance(sandbox_id, str) or not sandbox_id or len(sandbox_id) > 200:
+        raise InvalidToolArgumentsError("sandbox_id must be a non-empty string")
+    return sandbox_id
+
+
+class SandboxTools:
+    """The operations behind the ``computer.*`` tools, on one Lybic org.
+
+    Actions on one sandbox run one at a time (a lock per sandbox): two
+    sessions sharing a sandbox cannot interleave the halves of a drag.
+    """
+
+    def __init__(self, settings: SandboxSettings, client: LybicClient | None = None) -> None:
+        self.settings = settings
+        self._client = client
+        self._locks: dict[str, anyio.Lock] = {}
+        #: Sandboxes this process created (and may destroy).
+        self.created: set[str] = set()
+
+    def _lybic(self) -> LybicClient:
+        if self._client is None:
+            if not self.settings.org_id or not self.settings.api_key:
+                raise ToolExecutionError(
+                    "the sandbox provider has no Lybic credentials "
+                    "(LYBIC_ORG_ID and LYBIC_API_KEY, or --sandbox-endpoint for the local sandbox)"
+                )
+            self._client = LybicClient(
+                LybicAuth(
+                    org_id=self.settings.org_id,
+                    api_key=self.settings.api_key,
+                    endpoint=self.settings.endpoint,
+                ),
+                # The SDK takes an int; it becomes httpx's timeout for every phase.
+                timeout=max(1, round(self.settings.timeout)),
+                # Never 3 (the default): it re-sends world-changing actions.
+                max_retries=0,
+            )
+        return self._client
+
+    def _sandbox(self) -> Sandbox:
+        return Sandbox(self._lybic())
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def _read(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """A read-only call, retried on network errors and 5xx."""
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(max(1, self.settings.read_attempts)),
+                wait=wait_random_exponential(multiplier=0.2, max=2.0),
+                retry=retry_if_exception(_retryable_read),
+                reraise=True,
+            ):
+                with attempt:
+                    return await fn()
+        except (LybicAPIError, LybicInternalError, httpx.HTTPError) as exc:
+            raise _tool_error(exc, world_changing=False) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- sandbox life ---
+
+    async def acquire(
+        self, sandbox_id: str = "", shape: str = "", max_life_seconds: int = 3600
+    ) -> dict[str, Any]:
+        """Use ``sandbox_id`` (or the precreated one), or create one of ``shape``."""
+        max_life = _int_in(max_life_seconds, "max_life_seconds", 60, 86_400)
+        sid = sandbox_id or self.settings.precreate_sid
+        created = False
+        if sid:
+            got = await self._read(lambda: self._sandbox().get(sid))
+            sid = got.sandbox.id
+        else:
+            shape = shape or self.settings.default_shape
+            if not shape and self.settings.endpoint != DEFAULT_ENDPOINT:
+                shape = LOCAL_SHAPE
+            if not shape:
+                raise InvalidToolArgumentsError(
+                    "no sandbox shape: name one in the task's sandbox (shapeName) or set "
+                    "LYBIC_SANDBOX_SHAPE on the sandbox provider"
+                )
+            try:
+                made = await self._sandbox().create(
+                    name="commander-gui", shape=shape, maxLifeSeconds=max_life
+                )
+            except (LybicAPIError, LybicInternalError, httpx.HTTPError) as exc:
+                raise _tool_error(exc, world_changing=True) from exc
+            except ValidationError as exc:
+                raise InvalidToolArgumentsError(f"cannot create the sandbox: {exc}") from exc
+            sid = made.id
+            created = True
+            self.created.add(sid)
+            _log.info("created sandbox %s (%s)", sid, shape)
+        shot = await self.screenshot(sid)
+        return {
+            "sandbox_id": sid,
+            "created": created,
+            "width": shot["width"],
+            "height": shot["height"],
+        }
+
+    async def release(self, sandbox_id: str) -> dict[str, Any]:
+        """Destroy a sandbox (never the precreated one, which outlives tasks)."""
+        sid = _sandbox_id(sandbox_id)
+        if sid == self.settings.precreate_sid:
+            return {"sandbox_id": sid, "deleted": False, "reason": "the precreated sandbox is kept"}
+        try:
+            await self._sandbox().delete(sid)
+        except LybicAPIError as exc:
+            if exc.status_code != 404:
+                raise _tool_error(exc, world_changing=False) from exc
+        except (LybicInternalError, httpx.HTTPError) as exc:
+            raise _tool_error(exc, world_changing=False) from exc
+        self.created.discard(sid)
+        self._locks.pop(sid, None)
+        _log.info("deleted sandbox %s", sid)
+        return {"sandbox_id": sid, "deleted": True}
+
+    # --- observation ---
+
+    async def screenshot(self, sandbox_id: str) -> dict[str, Any]:
+        """The screen as base64 (WebP as the sandbox serves it, else PNG) and its size."""
+        sid = _sandbox_id(sandbox_id)
+        _url, image, b64 = await self._read(lambda: self._sandbox().get_screenshot(sid))
+        mime = "image/webp"
+        if not b64:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+            mime = "image/png"
+        width, height = image.size
+        return {"image_base64": b64, "mime_type": mime, "width": width, "height": height}
+
+    # --- actions: one request each, never retried ---
+
+    async def act(self, sandbox_id: str, action: Action | BaseModel) -> dict[str, Any]:
+        """Perform one action (a typed action, or any SDK action DTO: touch:*,
+        android:*, os:*); the answer carries the pointer position and the action's result."""
+        sid = _sandbox_id(sandbox_id)
+        model: BaseModel = action if isinstance(action, BaseModel) else to_sdk_action(action)
+        kind = str(getattr(model, "type", ""))
+        data = dto.ExecuteSandboxActionDto(
+            action=model, includeScreenShot=False, includeCursorPosition=True
+        )
+        lock = self._locks.setdefault(sid, anyio.Lock())
+        async with lock:
+            try:
+                answer = await self._sandbox().execute_sandbox_action(sid, data=data)
+            except (LybicAPIError, LybicInternalError, httpx.HTTPError) as exc:
+                raise _tool_error(exc, world_changing=True) from exc
+        result: dict[str, Any] = {"ok": True, "action": kind}
+        if answer.cursorPosition is not None:
+            cursor = answer.cursorPosition
+            result["cursor"] = {"x": cursor.x, "y": cursor.y}
+        if answer.actionResult is not None:
+            result["result"] = answer.actionResult
+        return result
+
+
+# --- tool argument → action builders (shared by the provider and tests) ---
+
+
+def click_action(kind: str, x: Any, y: Any, button: str = "left", hold_key: str = "") -> Action:
+    at = _point(x, y)
+    btn = _button(button)
+    hold = hold_key or None
+    if kind == "double":
+        return MouseDoubleClick(at, btn, hold)
+    if kind == "triple":
+        return MouseTripleClick(at, btn, hold)
+    return MouseClick(at, btn, hold)
+
+
+def drag_action(start_x: Any, start_y: Any, end_x: Any, end_y: Any) -> Action:
+    return MouseDrag(_point(start_x, start_y), _point(end_x, end_y))
+
+
+def scroll_action(x: Any, y: Any, down: Any = 0, right: Any = 0) -> Action:
+    return MouseScroll(
+        _point(x, y),
+        _int_in(down, "down", -_MAX_SCROLL, _MAX_SCROLL),
+        _int_in(right, "right", -_MAX_SCROLL, _MAX_SCROLL),
+    )
+
+
+def type_action(text: Any, submit_newlines: bool = True) -> Action:
+    if not isinstance(text, str):
+        raise InvalidToolArgumentsError("text must be a string")
+    if len(text) > MAX_TYPE_CHARS:
+        raise InvalidToolArgumentsError(f"text is longer than {MAX_TYPE_CHARS} characters")
+    return KeyboardType(text, bool(submit_newlines))
+
+
+def _key(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 100 or "\n" in value:
+        raise InvalidToolArgumentsError(f"{name} must be a key name in xdotool syntax, e.g. ctrl+c")
+    return value
+
+
+def hotkey_action(keys: Any, duration_ms: Any = None) -> Action:
+    duration = None if duration_ms is None else _int_in(duration_ms, "duration_ms", 1, 10_000)
+    return KeyboardHotkey(_key(keys, "keys"), duration)
+
+
+def key_down_action(key: Any) -> Action:
+    return KeyDown(_key(key, "key"))
+
+
+def key_up_action(key: Any) -> Action:
+    return KeyUp(_key(key, "key"))
+
+
+def move_action(x: Any, y: Any) -> Action:
+    return MouseMove(_point(x, y))
+
+
+# --- Android sandboxes: touch:*, android:*, os:* ---
+
+#: Actions without arguments, by tool suffix.
+SIMPLE_MOBILE_ACTIONS: dict[str, type[BaseModel]] = {
+    "back": AndroidBackAction,
+    "home": AndroidHomeAction,
+    "list_apps": OsListAppsAction,
+}
+
+
+def _px(v: int) -> Any:
+    return dto.PixelLength(type="px", value=v)
+
+
+def _model(action: Any) -> BaseModel:
+    assert isinstance(action, BaseModel)
+    return action
+
+
+def tap_action(x: Any, y: Any) -> BaseModel:
+    p = _point(x, y)
+    return _model(TouchTapAction(x=_px(p.x), y=_px(p.y)))
+
+
+def long_press_action(x: Any, y: Any, duration_ms: Any = 1000) -> BaseModel:
+    p = _point(x, y)
+    return _model(
+        TouchLongPressAction(
+            x=_px(p.x), y=_px(p.y), duration=_int_in(duration_ms, "duration_ms", 1, 10_000)
+        )
+    )
+
+
+def swipe_action(x: Any, y: Any, direction: Any, distance: Any) -> BaseModel:
+    if direction not in ("up", "down", "left", "right"):
+        raise InvalidToolArgumentsError("direction must be up, down, left or right")
+    p = _point(x, y)
+    return _model(
+        TouchSwipeAction(
+            x=_px(p.x),
+            y=_px(p.y),
+            direction=direction,
+            distance=_px(_int_in(distance, "distance", 1, _MAX_COORD)),
+        )
+    )
+
+
+def touch_drag_action(start_x: Any, start_y: Any, end_x: Any, end_y: Any) -> BaseModel:
+    a, b = _point(start_x, start_y), _point(end_x, end_y)
+    return _model(TouchDragAction(startX=_px(a.x), startY=_px(a.y), endX=_px(b.x), endY=_px(b.y)))
+
+
+def _app(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 300:
+        raise InvalidToolArgumentsError(f"{name} must be a non-empty string")
+    return value
+
+
+def start_app_action(package_name: Any = "", name: Any = "") -> BaseModel:
+    if package_name:
+        return _model(OsStartAppAction(packageName=_app(package_name, "package_name")))
+    return _model(OsStartAppByNameAction(name=_app(name, "name (or package_name)")))
+
+
+def close_app_action(package_name: Any = "", name: Any = "") -> BaseModel:
+    if package_name:
+        return _model(OsCloseAppAction(packageName=_app(package_name, "package_name")))
+    return _model(OsCloseAppByNameAction(name=_app(name, "name (or package_name)")))

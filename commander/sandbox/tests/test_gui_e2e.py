@@ -1,0 +1,280 @@
+"""End to end: the gui planner drives a real X application through the real dispatcher.
+
+Processes: the dispatcher binary, the local sandbox server (Xvfb + xdotool).
+In this process: the commander (``gui`` planner + the ``computer.*`` sandbox
+provider over the unmodified lybic SDK) and a scripted OpenAI-compatible model
+replaying a UI-TARS trajectory. The X application is an xterm running
+``cat > FILE``: what the agent types ends up in FILE.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import grpc.aio
+import pytest
+from lybic import LybicAPIError, LybicClient, Sandbox
+
+from commander import Commander, ConnectionConfig
+from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
+from commander._gen.lybic.agent import agent_pb2
+from commander._pricing import ModelPrice, PriceTable
+from commander.gui._planner import GuiPlanner, GuiSettings
+from commander.localsandbox.tests.conftest import LocalServer
+from commander.sandbox import SandboxTools, sandbox_provider
+from commander.sandbox.tests.conftest import DispatcherProc, sandbox_settings
+from commander.tests.fakes import Reply, ScriptedLLM, wait_for
+
+pytestmark = pytest.mark.anyio
+
+USAGE = {"prompt_tokens": 1500, "completion_tokens": 30, "total_tokens": 1530}
+PRICES = PriceTable().extend({"ui-tars-scripted": ModelPrice(2.0, 8.0, "CNY")})
+
+
+def uitars(thought: str, action: str, **kw: Any) -> Reply:
+    return Reply.text(f"Thought: {thought}\nAction: {action}", usage=USAGE, **kw)
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[ScriptedLLM]:
+    server = ScriptedLLM()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def lybic(sandbox_server: LocalServer) -> AsyncIterator[LybicClient]:
+    async with sandbox_server.client() as client:
+        yield client
+
+
+async def _run(s: Sandbox, sid: str, *argv: str) -> tuple[int, str]:
+    r = await s.execute_process(sid, executable=argv[0], args=list(argv[1:]))
+    return r.exitCode, base64.b64decode(r.stdoutBase64).decode()
+
+
+@pytest.fixture
+async def xterm_sandbox(lybic: LybicClient, tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A sandbox whose screen shows an xterm running ``cat > out.txt`` at the top left."""
+    s = Sandbox(lybic)
+    created = await s.create(name="gui-e2e", shape="local-1024x768", maxLifeSeconds=600)
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    try:
+        code, _ = await _run(
+            s,
+            created.id,
+            "/bin/sh",
+            "-c",
+            f"xterm -geometry 80x24+0+0 -e sh -c 'cat > {out}' >/dev/null 2>&1 &",
+        )
+        assert code == 0
+        with anyio.fail_after(20):
+            while True:
+                code, found = await _run(
+                    s, created.id, "xdotool", "search", "--onlyvisible", "--class", "xterm"
+                )
+                if code == 0 and found.strip():
+                    break
+                await anyio.sleep(0.1)
+        await anyio.sleep(0.5)
+        yield created.id, out
+    finally:
+        try:
+            await s.delete(created.id)
+        except LybicAPIError as exc:
+            if exc.status_code != 404:  # the destroySandbox test deleted it already
+                raise
+
+
+@pytest.fixture
+async def commander(
+    dispatcher_proc: DispatcherProc, sandbox_server: LocalServer, llm: ScriptedLLM
+) -> AsyncIterator[tuple[Commander, SandboxTools]]:
+    tools = SandboxTools(sandbox_settings(sandbox_server))
+    settings = GuiSettings(
+        base_url=llm.base_url,
+        model="ui-tars-scripted",
+        settle_seconds=0.2,
+        prices=PRICES,
+    )
+    commander = Commander(
+        ConnectionConfig(target=dispatcher_proc.addr, reconnect_initial=0.05, reconnect_max=0.3),
+        slots=1,
+        planners={"gui": GuiPlanner(settings, local_tools=tools)},
+        tool_providers=[sandbox_provider(tools)],
+        shutdown_grace=1.0,
+    )
+    async with commander:
+        await commander.wait_connected()
+        async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
+            stub = tasks_pb2_grpc.TaskServiceStub(channel)
+            with anyio.fail_after(15):
+                while True:
+                    listed = await stub.ListTools(tasks_pb2.ListToolsRequest())
+                    if "computer.type" in {t.name for t in listed.tools}:
+                        break
+                    await anyio.sleep(0.05)
+        yield commander, tools
+    await tools.aclose()
+
+
+async def _events(stub: tasks_pb2_grpc.TaskServiceStub, task_id: str) -> list[tasks_pb2.TaskEvent]:
+    events = []
+    with anyio.fail_after(60):
+        call: Any = stub.WatchTask(tasks_pb2.WatchTaskRequest(task_id=task_id))
+        async for r in call:
+            events.append(r.event)
+    return events
+
+
+def _kind(ev: tasks_pb2.TaskEvent) -> str:
+    return ev.WhichOneof("kind") or ""
+
+
+def _tool_calls(events: list[tasks_pb2.TaskEvent]) -> list[str]:
+    return [ev.tool_call.tool_name for ev in events if _kind(ev) == "tool_call"]
+
+
+async def _wait_file(path: Path, want: str, within: float = 10) -> str:
+    with contextlib.suppress(TimeoutError):
+        await wait_for(lambda: _read(path) == want, within)
+    return _read(path)
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
+
+
+async def test_types_into_xterm_and_succeeds_with_true_statistics(
+    commander: tuple[Commander, SandboxTools],
+    dispatcher_proc: DispatcherProc,
+    llm: ScriptedLLM,
+    xterm_sandbox: tuple[str, Path],
+) -> None:
+    sid, out = xterm_sandbox
+    llm.replies = [
+        uitars("Focus the terminal.", "click(point='<point>150 120</point>')"),
+        uitars("Type the line.", "type(content='hello from the gui agent\\n')"),
+        uitars("The text is in the terminal.", "finished(content='typed the line')"),
+    ]
+    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        submitted = await stub.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(
+                instruction="Type 'hello from the gui agent' into the terminal",
+                planner="gui",
+                sandbox=agent_pb2.Sandbox(id=sid),
+                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
+            )
+        )
+        events = await _events(stub, submitted.task_id)
+        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=submitted.task_id))).task
+
+    assert task.status == agent_pb2.SUCCESS, (task.message, [_kind(e) for e in events])
+    assert task.result == "typed the line"
+    # The X application changed state: xterm got the keystrokes, cat wrote them.
+    assert await _wait_file(out, "hello from the gui agent\n") == "hello from the gui agent\n"
+
+    calls = _tool_calls(events)
+    assert calls == [
+        "computer.sandbox_acquire",
+        "computer.screenshot",
+        "computer.screenshot",
+        "computer.click",
+        "computer.screenshot",
+        "computer.type",
+        "computer.screenshot",
+    ] or calls == [
+        "computer.sandbox_acquire",
+        "computer.screenshot",
+        "computer.click",
+        "computer.screenshot",
+        "computer.type",
+        "computer.screenshot",
+    ], calls
+    artifacts = [ev.artifact for ev in events if _kind(ev) == "artifact"]
+    assert len(artifacts) == 3
+    assert artifacts[0].kind == "screenshot" and artifacts[0].data[:4] == b"RIFF"
+    assert any(_kind(ev) == "thought" for ev in events)
+
+    # The model saw the screenshot as a data URL, in the UI-TARS conversation.
+    first = llm.requests[0]["messages"]
+    assert "## User Instruction" in first[0]["content"]
+    image_part = first[-1]["content"][-1]
+    assert image_part["image_url"]["url"].startswith("data:image/webp;base64,")
+
+    stats = task.statistics
+    assert stats.steps == 3
+    assert stats.inputTokens == 3 * 1500
+    assert stats.outputTokens == 3 * 30
+    assert stats.totalTokens == 3 * 1530
+    assert stats.cost == pytest.approx(3 * (1500 * 2.0 + 30 * 8.0) / 1e6)
+    assert stats.currencySymbol in ("CNY", "¥")
+
+
+async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox(
+    commander: tuple[Commander, SandboxTools],
+    dispatcher_proc: DispatcherProc,
+    llm: ScriptedLLM,
+    lybic: LybicClient,
+    xterm_sandbox: tuple[str, Path],
+) -> None:
+    sid, out = xterm_sandbox
+    slow = " ".join(["thinking"] * 200)
+    llm.replies = [
+        uitars("Focus the terminal.", "click(point='<point>150 120</point>')"),
+        # Streams for ~10 s; the stop comes while it streams: its type() never runs.
+        uitars(f"{slow}.", "type(content='AFTER THE STOP\\n')", delay=0.05),
+        uitars("Never asked.", "type(content='NEVER\\n')"),
+    ]
+    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        submitted = await stub.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(
+                instruction="Type something into the terminal",
+                planner="gui",
+                sandbox=agent_pb2.Sandbox(id=sid),
+                destroy_sandbox=True,
+                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
+            )
+        )
+        await wait_for(lambda: len(llm.streams) >= 2 and llm.streams[1].sent >= 5, 30)
+        await stub.CancelTask(
+            tasks_pb2.CancelTaskRequest(task_id=submitted.task_id, reason="test stop")
+        )
+        events = await _events(stub, submitted.task_id)
+        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=submitted.task_id))).task
+
+    assert task.status == agent_pb2.CANCELLED, task.message
+    calls = _tool_calls(events)
+    assert "computer.click" in calls
+    assert "computer.type" not in calls, calls
+    # The model's HTTP stream was closed by the stop, long before its end.
+    with anyio.fail_after(5):
+        await llm.streams[1].client_closed.wait()
+    assert not llm.streams[1].completed
+    assert len(llm.streams) == 2
+    await anyio.sleep(1.0)
+    assert _read(out) == ""  # nothing was typed
+    # destroySandbox: destroyed although the task was cancelled.
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await Sandbox(lybic).get(sid)
+            except LybicAPIError as exc:
+                assert exc.status_code == 404
+                break
+            await anyio.sleep(0.1)
+    # The tokens streamed before the stop are in the statistics.
+    assert task.statistics.steps >= 1
+    assert task.statistics.inputTokens >= 1500
