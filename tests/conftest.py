@@ -212,6 +212,13 @@ class Stack:
             argv += ["--client-token", client_token]
         if commander_token:
             argv += ["--commander-token", commander_token]
+        if _has_flag(str(exe), "--data-dir") and not {"--data-dir", "--storage-backend"} & set(
+            extra
+        ):
+            # Each dispatcher its own embedded store (the default, ./.data, is
+            # locked by one dispatcher and would outlive the test); a restart
+            # reuses the flags, and so the store.
+            argv += ["--data-dir", str(self.workdir / f"{name}.data")]
         proc = spawn(name, argv, self.workdir)
         self.procs.append(proc)
         addr = wait_until(
@@ -348,6 +355,15 @@ class Stack:
         for p in order:
             p.stop(grace=3.0)
         self.procs.clear()
+
+
+@functools.cache
+def _has_flag(exe: str, flag: str) -> bool:
+    """Whether the binary's --help lists flag (Go's flag package prints `-name`)."""
+    res = subprocess.run(
+        [exe, "--help"], capture_output=True, text=True, timeout=30, check=False, cwd=_procs.ROOT
+    )
+    return f"  {flag[1:]} " in res.stdout + res.stderr or f"  {flag} " in res.stdout + res.stderr
 
 
 @functools.cache

@@ -32,8 +32,23 @@ type config struct {
 	kaMinTime      time.Duration
 	defaultPlanner string
 	maxTasksKept   int
+	policyFile     string
+	policyPoll     time.Duration
+	storage        string
+	postgresDSN    string
+	dataDir        string
+	retention      time.Duration
+	flushInterval  time.Duration
+	secretKey      string // DISPATCHER_SECRET_KEY only: never a flag
 	logLevel       string
 	logFormat      string
+}
+
+// seedEnv are the seed-000 variable names a flag also reads, after its
+// DISPATCHER_ name.
+var seedEnv = map[string]string{
+	"storage-backend": "TASK_STORAGE_BACKEND",
+	"postgres-dsn":    "POSTGRES_CONNECTION_STRING",
 }
 
 // envName is the environment variable of a flag.
@@ -63,6 +78,13 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", 5*time.Second, "clients may ping at most this often")
 	fs.StringVar(&c.defaultPlanner, "default-planner", "chat", "planner of tasks that name none")
 	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", 10000, "finished tasks kept in memory (oldest evicted)")
+	fs.StringVar(&c.policyFile, "policy-file", "", "YAML policy file (docs/policies.md), reloaded when it changes; empty: no policy")
+	fs.DurationVar(&c.policyPoll, "policy-poll", time.Second, "how often the policy file is checked for changes")
+	fs.StringVar(&c.storage, "storage-backend", "sqlite", "sqlite (a file in --data-dir), postgres (--postgres-dsn) or memory (nothing survives a restart); env also TASK_STORAGE_BACKEND")
+	fs.StringVar(&c.postgresDSN, "postgres-dsn", "", "PostgreSQL connection string for --storage-backend postgres; env also POSTGRES_CONNECTION_STRING")
+	fs.StringVar(&c.dataDir, "data-dir", "./.data", "directory of the embedded (sqlite) store")
+	fs.DurationVar(&c.retention, "retention", 7*24*time.Hour, "remove tasks and their events this long after they ended (0: keep forever)")
+	fs.DurationVar(&c.flushInterval, "event-flush-interval", time.Millisecond, "longest an event waits to be written in a batch (and to reach watchers)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	if err := fs.Parse(args); err != nil {
@@ -78,7 +100,11 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 		if given[f.Name] {
 			return
 		}
-		if v := getenv(envName(f.Name)); v != "" {
+		v := getenv(envName(f.Name))
+		if v == "" && seedEnv[f.Name] != "" {
+			v = getenv(seedEnv[f.Name])
+		}
+		if v != "" {
 			if err := fs.Set(f.Name, v); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", envName(f.Name), err))
 			}
@@ -87,6 +113,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	c.secretKey = getenv("DISPATCHER_SECRET_KEY")
 	return c, c.validate()
 }
 
@@ -107,10 +134,27 @@ func (c *config) validate() error {
 	for name, d := range map[string]time.Duration{
 		"--stop-grace": c.stopGrace, "--tool-timeout": c.toolTimeout, "--drain-timeout": c.drainTimeout,
 		"--keepalive-time": c.kaTime, "--keepalive-timeout": c.kaTimeout, "--keepalive-min-time": c.kaMinTime,
+		"--policy-poll": c.policyPoll,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive", name))
 		}
+	}
+	switch c.storage {
+	case "sqlite":
+		if c.dataDir == "" {
+			errs = append(errs, errors.New("--data-dir must not be empty with the sqlite store"))
+		}
+	case "postgres":
+		if c.postgresDSN == "" {
+			errs = append(errs, errors.New("--storage-backend postgres needs --postgres-dsn (or POSTGRES_CONNECTION_STRING)"))
+		}
+	case "memory":
+	default:
+		errs = append(errs, fmt.Errorf("--storage-backend: %q is not sqlite, postgres or memory", c.storage))
+	}
+	if c.retention < 0 || c.flushInterval <= 0 {
+		errs = append(errs, errors.New("--retention must not be negative and --event-flush-interval must be positive"))
 	}
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))

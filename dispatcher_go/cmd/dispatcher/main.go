@@ -25,6 +25,9 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
+	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
 )
 
 // version is set at build time: -ldflags "-X main.version=1.2.3".
@@ -55,20 +58,50 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 	return 0
 }
 
+// openStore opens the configured store (nil for "memory").
+func openStore(cfg *config) (store.Store, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	switch cfg.storage {
+	case "sqlite":
+		return sqlite.Open(ctx, cfg.dataDir)
+	case "postgres":
+		return postgres.Open(ctx, cfg.postgresDSN)
+	}
+	return nil, nil
+}
+
 func serve(cfg *config, log *slog.Logger) error {
+	st, err := openStore(cfg)
+	if err != nil {
+		return fmt.Errorf("open %s store: %w", cfg.storage, err)
+	}
+	if st != nil {
+		defer st.Close()
+	}
+	var secretKey []byte
+	if cfg.secretKey != "" {
+		secretKey = []byte(cfg.secretKey)
+	}
 	srv, err := api.New(api.Config{
-		Version:         version,
-		LogLevel:        cfg.logLevel,
-		CommanderToken:  cfg.commanderToken,
-		ClientToken:     cfg.clientToken,
-		QueueSize:       cfg.queueSize,
-		StopGrace:       cfg.stopGrace,
-		ToolTimeout:     cfg.toolTimeout,
-		MaxRecvMsgBytes: cfg.maxMsgBytes,
-		Keepalive:       api.Keepalive{Time: cfg.kaTime, Timeout: cfg.kaTimeout, MinTime: cfg.kaMinTime},
-		DefaultPlanner:  cfg.defaultPlanner,
-		MaxTasksKept:    cfg.maxTasksKept,
-		Logger:          log,
+		Store:              st,
+		SecretKey:          secretKey,
+		Retention:          cfg.retention,
+		EventFlushInterval: cfg.flushInterval,
+		Version:            version,
+		LogLevel:           cfg.logLevel,
+		CommanderToken:     cfg.commanderToken,
+		ClientToken:        cfg.clientToken,
+		QueueSize:          cfg.queueSize,
+		StopGrace:          cfg.stopGrace,
+		ToolTimeout:        cfg.toolTimeout,
+		MaxRecvMsgBytes:    cfg.maxMsgBytes,
+		Keepalive:          api.Keepalive{Time: cfg.kaTime, Timeout: cfg.kaTimeout, MinTime: cfg.kaMinTime},
+		DefaultPlanner:     cfg.defaultPlanner,
+		MaxTasksKept:       cfg.maxTasksKept,
+		PolicyFile:         cfg.policyFile,
+		PolicyPoll:         cfg.policyPoll,
+		Logger:             log,
 	})
 	if err != nil {
 		return err

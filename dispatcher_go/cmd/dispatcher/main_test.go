@@ -143,7 +143,8 @@ func startDispatcher(t *testing.T, extraEnv []string, args ...string) *proc {
 	addrFile := filepath.Join(dir, "addr")
 	args = append([]string{"--listen", "127.0.0.1:0", "--addr-file", addrFile, "--log-format", "text"}, args...)
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(append(os.Environ(), beDispatcher+"=1"), extraEnv...)
+	// Each process gets its own embedded store unless extraEnv names one.
+	cmd.Env = append(append(os.Environ(), beDispatcher+"=1", "DISPATCHER_DATA_DIR="+filepath.Join(dir, "data")), extraEnv...)
 	p := &proc{cmd: cmd, stderr: &syncBuffer{}, exited: make(chan error, 1)}
 	cmd.Stderr = p.stderr
 	if err := cmd.Start(); err != nil {

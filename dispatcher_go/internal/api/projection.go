@@ -47,6 +47,8 @@ func project(ev *dispatchv1.TaskEvent) (stage, message string, ok bool) {
 		return "error", k.Error.GetMessage(), true
 	case *dispatchv1.TaskEvent_Stop:
 		return "stop", k.Stop.GetReason(), true
+	case *dispatchv1.TaskEvent_Policy:
+		return "policy", policyMessage(k.Policy), true
 	case *dispatchv1.TaskEvent_Result:
 		if k.Result.GetOutcome() == dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS {
 			return "final", k.Result.GetResult(), true
@@ -55,10 +57,34 @@ func project(ev *dispatchv1.TaskEvent) (stage, message string, ok bool) {
 	return "", "", false
 }
 
+// policyMessage words a policy decision for the seed-000 stream, e.g.
+// "hold computer.click (call c1) by rule gui-needs-approval: ..." or
+// "approved computer.click (call c1) by rule gui-needs-approval: ...".
+func policyMessage(pd *dispatchv1.PolicyDecision) string {
+	verb := strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_"))
+	if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
+		verb = strings.ToLower(strings.TrimPrefix(o.String(), "HOLD_OUTCOME_"))
+	}
+	var b strings.Builder
+	b.WriteString(verb)
+	if pd.GetToolName() != "" {
+		b.WriteString(" " + pd.GetToolName() + " (call " + pd.GetCallId() + ")")
+	} else if pd.GetPacketKind() != "" {
+		b.WriteString(" on " + pd.GetPacketKind())
+	}
+	b.WriteString(" by rule " + pd.GetRuleId())
+	if pd.GetReason() != "" {
+		b.WriteString(": " + pd.GetReason())
+	}
+	return b.String()
+}
+
 // follow calls fn for each event of t with seq > after, history first, then
 // live, until the log's terminal event (nil), ctx's end or fn's error. It
 // reads the log by cursor: a slow caller only falls behind in the log.
 func (s *Server) follow(ctx context.Context, t *task.Task, after uint64, fn func(*dispatchv1.TaskEvent) error) error {
+	s.follows.Add(1)
+	defer s.follows.Add(-1)
 	ctx, cancel := s.streamContext(ctx)
 	defer cancel()
 	buf := make([]*dispatchv1.TaskEvent, 0, 64)

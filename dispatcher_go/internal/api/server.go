@@ -12,6 +12,7 @@ package api
 import (
 	"context"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -24,8 +25,10 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -76,6 +79,25 @@ type Config struct {
 	EventLimits eventlog.Limits
 	// GlobalConfig is the initial global CommonConfig (nil: empty).
 	GlobalConfig *agentpb.CommonConfig
+	// PolicyFile is the YAML policy file (docs/policies.md); empty means
+	// no global policy. It must load at start; later changes are reloaded
+	// (a bad version is rejected and the one in force stays).
+	PolicyFile string
+	// PolicyPoll is how often PolicyFile is checked for changes (default 1 s).
+	PolicyPoll time.Duration
+	// Store, when set, makes tasks, events and the global config durable
+	// (the caller opens it and closes it after Drain or Close); New then
+	// restores the previous run's state (task.Manager.Restore). Nil keeps
+	// everything in memory.
+	Store store.Store
+	// SecretKey encrypts stored secrets (see task.Persistence); empty:
+	// secrets are not stored.
+	SecretKey []byte
+	// Retention removes tasks (and their events) that ended longer ago
+	// than this; 0 keeps them forever.
+	Retention time.Duration
+	// EventFlushInterval is the store writer's batching interval (0: 1 ms).
+	EventFlushInterval time.Duration
 	// Logger receives all logs; nil discards.
 	Logger *slog.Logger
 }
@@ -119,10 +141,15 @@ type Server struct {
 	broker   *broker.Broker
 	sessions *session.Server
 	health   *health.Server
+	policy   *policy.Engine
+	writer   *store.Writer // nil without a Store
 
 	// base ends every client stream (watchers, providers) at shutdown.
 	base       context.Context
 	cancelBase context.CancelFunc
+	// follows counts the watchers reading a task log (Drain lets them
+	// read their tasks' ends before it cuts the streams).
+	follows atomic.Int64
 }
 
 // New builds the dispatcher's components from cfg.
@@ -134,18 +161,50 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	sched := scheduler.New(cfg.QueueSize)
-	mgr := task.NewManager(eventlog.NewMemory(cfg.EventLimits), task.NewConfigStore(cfg.GlobalConfig), task.ManagerOptions{
+	pol := policy.NewEngine(log.With("component", "policy"))
+	if cfg.PolicyFile != "" {
+		if _, err := pol.LoadFile(cfg.PolicyFile); err != nil {
+			return nil, err
+		}
+	}
+	var logs eventlog.Store = eventlog.NewMemory(cfg.EventLimits)
+	var persist *task.Persistence
+	var writer *store.Writer
+	if cfg.Store != nil {
+		writer = store.NewWriter(cfg.Store, store.WriterOptions{Interval: cfg.EventFlushInterval, Logger: log.With("component", "store")})
+		durable := eventlog.NewDurable(cfg.EventLimits, writer)
+		logs = durable
+		persist = &task.Persistence{Store: cfg.Store, Writer: writer, Logs: durable, SecretKey: cfg.SecretKey}
+	}
+	mgr := task.NewManager(logs, task.NewConfigStore(cfg.GlobalConfig), task.ManagerOptions{
 		DefaultPlanner: cfg.DefaultPlanner,
 		StopGrace:      cfg.StopGrace,
 		MaxTasksKept:   cfg.MaxTasksKept,
+		Persistence:    persist,
 		Logger:         log.With("component", "task"),
 	})
 	mgr.SetQueue(sched)
+	if persist != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		_, err := mgr.Restore(ctx)
+		cancel()
+		if err != nil {
+			writer.Close()
+			return nil, err
+		}
+	}
 	sessions := session.NewServer(sched, b, session.Options{
 		StopGrace: cfg.StopGrace,
+		Policy:    pol,
 		Logger:    log.With("component", "session"),
 	})
 	base, cancel := context.WithCancel(context.Background())
+	if cfg.PolicyFile != "" {
+		go pol.Watch(base, cfg.PolicyFile, cfg.PolicyPoll)
+	}
+	if cfg.Store != nil && cfg.Retention > 0 {
+		go task.RunRetention(base, cfg.Store, cfg.Retention, 0, log.With("component", "retention"))
+	}
 	return &Server{
 		cfg:        cfg,
 		log:        log,
@@ -154,6 +213,8 @@ func New(cfg Config) (*Server, error) {
 		broker:     b,
 		sessions:   sessions,
 		health:     health.NewServer(),
+		policy:     pol,
+		writer:     writer,
 		base:       base,
 		cancelBase: cancel,
 	}, nil
@@ -161,6 +222,9 @@ func New(cfg Config) (*Server, error) {
 
 // Tasks is the task manager (for tests and wiring).
 func (s *Server) Tasks() *task.Manager { return s.tasks }
+
+// Policy is the policy engine (decision counters, the policy in force).
+func (s *Server) Policy() *policy.Engine { return s.policy }
 
 // Sessions is the session server (stop statistics).
 func (s *Server) Sessions() *session.Server { return s.sessions }
@@ -211,15 +275,42 @@ func (s *Server) Drain(ctx context.Context) {
 	s.log.Info("draining", "active_tasks", len(s.tasks.Registry().Active()))
 	s.tasks.Shutdown(ctx)
 	s.sessions.Shutdown()
+	s.awaitWatchers(watcherDrainWait)
 	s.cancelBase()
+	if s.writer != nil {
+		s.writer.Close() // writes what is pending
+	}
 	st := s.sessions.Stats().StopLatency.Snapshot()
 	s.log.Info("drained", "stops_acked", st.Count, "stop_latency_p50", st.Quantile(0.5), "stop_latency_p99", st.Quantile(0.99))
+}
+
+// watcherDrainWait bounds how long Drain lets watchers read to their
+// tasks' terminal events (with a durable store an event becomes readable
+// one flush after it is recorded).
+const watcherDrainWait = time.Second
+
+// awaitWatchers makes what the tasks recorded durable and readable, then
+// waits up to d for the watchers to read to their tasks' ends (after
+// tasks.Shutdown every task has ended, so each watcher ends by itself).
+func (s *Server) awaitWatchers(d time.Duration) {
+	deadline := time.Now().Add(d)
+	if s.writer != nil {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		_ = s.writer.Flush(ctx)
+		cancel()
+	}
+	for s.follows.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // Close releases resources without draining (tests).
 func (s *Server) Close() {
 	s.sessions.Shutdown()
 	s.cancelBase()
+	if s.writer != nil {
+		s.writer.Close()
+	}
 }
 
 // streamContext is ctx ended also by the server's shutdown.

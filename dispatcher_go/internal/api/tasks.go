@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/binary"
+	"fmt"
 	"time"
 
 	"google.golang.org/grpc"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -28,7 +30,18 @@ type taskService struct {
 
 // SubmitTask queues a task.
 func (ts *taskService) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+	var extra *policy.Policy
+	if src := req.GetPolicyYaml(); src != "" {
+		p, err := policy.Compile([]byte(src))
+		if err != nil {
+			// The compile error names the rule or test and what is wrong;
+			// it is about the caller's own text.
+			return nil, toStatus(ts.s.log, fmt.Errorf("%w: policy_yaml: %v", task.ErrInvalidArgument, err))
+		}
+		extra = p
+	}
 	t, err := ts.s.tasks.Submit(task.Spec{
+		Policy:               extra,
 		Instruction:          req.GetInstruction(),
 		RunningConfig:        req.GetRunningConfig(),
 		Sandbox:              req.GetSandbox(),
@@ -130,6 +143,15 @@ func (ts *taskService) Interject(ctx context.Context, req *dispatchv1.InterjectR
 		return nil, toStatus(ts.s.log, err)
 	}
 	return &dispatchv1.InterjectResponse{MessageId: id, Seq: seq}, nil
+}
+
+// ApproveToolCall resolves a tool call held by a policy.
+func (ts *taskService) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error) {
+	outcome, seq, err := ts.s.tasks.ApproveToolCall(req.GetTaskId(), req.GetCallId(), req.GetApprove(), req.GetReason())
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
+	}
+	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
 }
 
 // ListTools lists the tools a planner can call now and their executors.

@@ -57,6 +57,12 @@ func (m *Memory) Len() int {
 // append: no per-reader queue, no allocation per event when nobody waits.
 type memLog struct {
 	limits Limits
+	// Durable logs only (see Durable): sink persists each event, readers
+	// see events up to committed (what the sink reported durable), and the
+	// first base events live only in the store.
+	sink   Sink
+	taskID string
+	base   uint64
 
 	mu           sync.RWMutex
 	events       []*dispatchv1.TaskEvent
@@ -64,6 +70,7 @@ type memLog struct {
 	cappedBytes  int64
 	fenced       bool
 	sealed       bool
+	committed    uint64
 	wake         chan struct{}
 }
 
@@ -74,6 +81,7 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 	if class&Capped != 0 && l.limits.MaxBytes > 0 {
 		size = int64(proto.Size(ev))
 	}
+	l.waitRoom()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -97,6 +105,7 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 
 // Fence implements Log.
 func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
+	l.waitRoom()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -111,6 +120,7 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 
 // Seal implements Log.
 func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
+	l.waitRoom()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -121,10 +131,23 @@ func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	return seq, nil
 }
 
+// waitRoom applies the sink's back-pressure, outside the lock.
+func (l *memLog) waitRoom() {
+	if l.sink != nil {
+		l.sink.WaitRoom()
+	}
+}
+
 func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent) uint64 {
-	seq := uint64(len(l.events)) + 1
+	seq := l.base + uint64(len(l.events)) + 1
 	ev.Seq = seq
 	l.events = append(l.events, ev)
+	if l.sink != nil {
+		// Readers are woken by Commit once the event is durable.
+		l.sink.Persist(l, l.taskID, ev)
+		return seq
+	}
+	l.committed = seq
 	if l.wake != nil {
 		close(l.wake)
 		l.wake = nil
@@ -132,11 +155,25 @@ func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent) uint64 {
 	return seq
 }
 
+// Commit implements Committer: events up to seq are durable and may be read.
+func (l *memLog) Commit(seq uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if seq <= l.committed {
+		return
+	}
+	l.committed = min(seq, l.base+uint64(len(l.events)))
+	if l.wake != nil {
+		close(l.wake)
+		l.wake = nil
+	}
+}
+
 // LastSeq implements Log.
 func (l *memLog) LastSeq() uint64 {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	return uint64(len(l.events))
+	return l.base + uint64(len(l.events))
 }
 
 // Read implements Log.
@@ -146,15 +183,26 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 		limit = defaultBatch
 	}
 	dst = dst[:0]
+	if afterSeq < l.base {
+		// Older than what this process holds: read it from the store.
+		evs, err := l.sink.ReadStored(ctx, l.taskID, afterSeq, int(min(uint64(limit), l.base-afterSeq)))
+		if err != nil {
+			return dst, err
+		}
+		if len(evs) == 0 {
+			return dst, ErrTrimmed
+		}
+		return append(dst, evs...), nil
+	}
 	for {
 		l.mu.RLock()
-		if n := uint64(len(l.events)); afterSeq < n {
+		if n := l.committed; afterSeq < n {
 			end := min(n, afterSeq+uint64(limit))
-			dst = append(dst, l.events[afterSeq:end]...)
+			dst = append(dst, l.events[afterSeq-l.base:end-l.base]...)
 			l.mu.RUnlock()
 			return dst, nil
 		}
-		sealed := l.sealed
+		sealed := l.sealed && l.committed == l.base+uint64(len(l.events))
 		l.mu.RUnlock()
 		if sealed {
 			return dst, io.EOF
@@ -176,7 +224,7 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 func (l *memLog) waiter(afterSeq uint64) chan struct{} {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if afterSeq < uint64(len(l.events)) || l.sealed {
+	if afterSeq < l.committed || (l.sealed && l.committed == l.base+uint64(len(l.events))) {
 		return nil
 	}
 	if l.wake == nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -40,10 +41,16 @@ type run struct {
 	decided  bool
 	deadline *time.Timer
 	grace    *time.Timer
+	holds    map[string]*hold // tool calls held by a policy, by call_id
+
+	// pol is the session's policy state (nil: no policy engine).
+	pol   *policy.Session
+	begun time.Time
 
 	// Only the receiving goroutine touches these.
-	calls    map[string]struct{}
-	inflight atomic.Int32
+	calls     map[string]struct{}
+	toolCalls int64
+	inflight  atomic.Int32
 }
 
 type stopInfo struct {
@@ -56,7 +63,7 @@ type stopInfo struct {
 func newRun(sl *slot, t *task.Task) *run {
 	ctx, cancel := context.WithCancel(sl.ctx)
 	id := newSessionID()
-	return &run{
+	r := &run{
 		sl:        sl,
 		t:         t,
 		sessionID: id,
@@ -64,7 +71,12 @@ func newRun(sl *slot, t *task.Task) *run {
 		ctx:       ctx,
 		cancel:    cancel,
 		calls:     make(map[string]struct{}),
+		begun:     time.Now(),
 	}
+	if eng := sl.srv.opts.Policy; eng != nil {
+		r.pol = policy.NewSession(eng, t.Policy())
+	}
+	return r
 }
 
 func newSessionID() string {
@@ -138,6 +150,11 @@ func (r *run) stopSent() {
 // runs none of its tool calls; pending calls are cancelled; the stop goes
 // out ahead of every queued packet; the grace timer starts.
 func (r *run) Stop(reason string, code dispatchv1.StopCode) bool {
+	return r.stopWith(reason, code, "")
+}
+
+// stopWith is Stop with the id of the policy rule that decided, if any.
+func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) bool {
 	r.mu.Lock()
 	if r.decided || r.ended.Load() {
 		r.mu.Unlock()
@@ -149,7 +166,7 @@ func (r *run) Stop(reason string, code dispatchv1.StopCode) bool {
 	r.stopped.Store(true)
 	r.sl.srv.stats.StopsDecided.Add(1)
 
-	stop := &dispatchv1.StopSignal{Reason: reason, Code: code}
+	stop := &dispatchv1.StopSignal{Reason: reason, Code: code, RuleId: ruleID}
 	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
 	r.cancel()
 
@@ -164,7 +181,7 @@ func (r *run) Stop(reason string, code dispatchv1.StopCode) bool {
 		r.grace = time.AfterFunc(r.sl.srv.opts.StopGrace, r.graceExpired)
 	}
 	r.mu.Unlock()
-	r.log.Info("stop decided", "code", code.String(), "reason", reason)
+	r.log.Info("stop decided", "code", code.String(), "reason", reason, "rule_id", ruleID)
 	return true
 }
 
@@ -206,6 +223,15 @@ func (r *run) Interject(ctx context.Context, text string) (string, uint64, error
 
 // handle processes one packet of this session (receiving goroutine only).
 func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
+	if u := pkt.GetUsage(); u != nil {
+		// Spending is real even after a stop: counted (before the policy
+		// looks at the budget), and recorded below, never fenced.
+		r.t.AddUsage(u)
+	}
+	// The policy decides before the packet is recorded: a stop fences the
+	// log here, so this packet is dropped by the fence below like any
+	// packet after a stop.
+	d := r.evaluate(pkt)
 	ev := &dispatchv1.TaskEvent{EmittedAtUs: pkt.GetTimestamp()}
 	// Planner output: refused once the stop is decided (Fenceable).
 	const output = eventlog.Capped | eventlog.Fenceable
@@ -226,13 +252,11 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 		ev.Kind = &dispatchv1.TaskEvent_Error{Error: p.Error}
 		return r.record(ev, output)
 	case *dispatchv1.UpstreamPacket_Usage:
-		// Spending is real even after a stop: counted, not fenced.
-		r.t.AddUsage(p.Usage)
 		ev.Kind = &dispatchv1.TaskEvent_Usage{Usage: p.Usage}
 		return r.record(ev, eventlog.Capped)
 	case *dispatchv1.UpstreamPacket_ToolCall:
 		ev.Kind = &dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}
-		return r.toolCall(ev, p.ToolCall)
+		return r.toolCall(ev, p.ToolCall, d)
 	case *dispatchv1.UpstreamPacket_Result:
 		ev.Kind = &dispatchv1.TaskEvent_Result{Result: p.Result}
 		r.onResult(ev, p.Result)
@@ -264,7 +288,7 @@ func (r *run) record(ev *dispatchv1.TaskEvent, class eventlog.Class) error {
 }
 
 // toolCall records a tool call and starts it, or refuses it.
-func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest) error {
+func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest, d policy.Decision) error {
 	if tc.GetCallId() == "" {
 		return r.sl.reject(r.sessionID, "tool_call without call_id")
 	}
@@ -289,6 +313,10 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest)
 		return r.sl.reject(r.sessionID, "session closed")
 	}
 	r.calls[tc.GetCallId()] = struct{}{}
+	r.toolCalls++
+	if d.Action == policy.Deny {
+		return r.policyDeny(tc, d)
+	}
 	if int(r.inflight.Load()) >= r.sl.srv.opts.MaxToolCalls {
 		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED,
 			fmt.Sprintf("too many tool calls in flight (limit %d)", r.sl.srv.opts.MaxToolCalls), true)
@@ -299,6 +327,10 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest)
 		CallID:        tc.GetCallId(),
 		ToolName:      tc.GetToolName(),
 		ArgumentsJSON: tc.GetArgumentsJson(),
+	}
+	if d.Action == policy.Hold {
+		r.policyHold(tc, call, d)
+		return nil
 	}
 	r.inflight.Add(1)
 	if !r.sl.goTool(func() {

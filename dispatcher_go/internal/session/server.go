@@ -26,6 +26,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 )
 
@@ -69,6 +70,9 @@ type Options struct {
 	// MaxToolCalls bounds a session's tool calls in flight (default 32);
 	// more are refused with DENIED.
 	MaxToolCalls int
+	// Policy evaluates every upstream packet of a running session (nil: no
+	// policy; every packet is allowed).
+	Policy *policy.Engine
 	// Logger receives session logs; nil discards.
 	Logger *slog.Logger
 }

@@ -34,6 +34,20 @@ const (
 type ConfigStore struct {
 	mu     sync.RWMutex
 	global *agentpb.CommonConfig
+	// onChange, when set, persists each new global config (under mu, so
+	// that writes are in the order of the changes).
+	onChange func(*agentpb.CommonConfig)
+}
+
+// set replaces the global config without persisting it (restore).
+func (s *ConfigStore) set(c *agentpb.CommonConfig) {
+	c = proto.Clone(c).(*agentpb.CommonConfig)
+	if c.GetId() == "" {
+		c.Id = GlobalConfigID
+	}
+	s.mu.Lock()
+	s.global = c
+	s.mu.Unlock()
 }
 
 // NewConfigStore starts with initial (nil: an empty config with id "global").
@@ -70,6 +84,9 @@ func (s *ConfigStore) SetGlobal(cfg *agentpb.CommonConfig) string {
 	}
 	s.mu.Lock()
 	s.global = c
+	if s.onChange != nil {
+		s.onChange(c)
+	}
 	s.mu.Unlock()
 	return c.GetId()
 }
@@ -95,6 +112,9 @@ func (s *ConfigStore) SetStageModel(which StageModel, llm *agentpb.LLMConfig) *a
 		g.StageModelConfig.EmbeddingModel = c
 	}
 	s.global = g
+	if s.onChange != nil {
+		s.onChange(g)
+	}
 	return proto.Clone(c).(*agentpb.LLMConfig)
 }
 

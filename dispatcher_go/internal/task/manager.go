@@ -11,6 +11,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 )
 
 // Limits on client input, so that one request cannot make the dispatcher
@@ -43,6 +44,9 @@ type Spec struct {
 	RequiredCapabilities []string
 	Labels               map[string]string
 	TimeoutSeconds       int32
+	// Policy is the task's extra policy (compiled by the caller, which
+	// reports its errors), or nil.
+	Policy *policy.Policy
 }
 
 // CancelOutcome says truthfully what a cancel did.
@@ -64,6 +68,9 @@ type ManagerOptions struct {
 	StopGrace time.Duration
 	// MaxTasksKept bounds the finished tasks kept in memory.
 	MaxTasksKept int
+	// Persistence, when set, stores tasks, events and the global config
+	// (see Restore); nil keeps everything in memory only.
+	Persistence *Persistence
 	// Logger receives lifecycle logs; nil discards.
 	Logger *slog.Logger
 }
@@ -77,6 +84,7 @@ type Manager struct {
 	queue   Queue
 	log     *slog.Logger
 	closed  atomic.Bool
+	persist *persister // nil: in memory only
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the
@@ -93,6 +101,13 @@ func NewManager(store eventlog.Store, configs *ConfigStore, opts ManagerOptions)
 	}
 	m := &Manager{opts: opts, store: store, configs: configs, log: opts.Logger}
 	m.reg = NewRegistry(opts.MaxTasksKept, func(t *Task) { store.Remove(t.id) })
+	if p := opts.Persistence; p != nil {
+		// AES with a 32-byte key cannot fail.
+		m.persist, _ = newPersister(p.Store, p.Writer, p.Logs, p.SecretKey)
+		configs.mu.Lock()
+		configs.onChange = m.saveGlobal
+		configs.mu.Unlock()
+	}
 	return m
 }
 
@@ -119,7 +134,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	}
 	var history []*dispatchv1.ConversationTurn
 	if spec.PreviousTaskID != "" {
-		prev := m.reg.Get(spec.PreviousTaskID)
+		prev, _ := m.Get(spec.PreviousTaskID) // from the store if not in memory
 		if prev == nil {
 			return nil, fmt.Errorf("%w: previous task not found", ErrInvalidArgument)
 		}
@@ -150,6 +165,8 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		message:        "queued",
 		config:         cfg,
 		onFinish:       m.reg.finishedTask,
+		policy:         spec.Policy,
+		persist:        m.persist,
 	}
 	log, err := m.store.Create(t.id)
 	if err != nil {
@@ -164,6 +181,18 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		m.reg.remove(t)
 		m.store.Remove(t.id)
 		return nil, err
+	}
+	if m.persist != nil {
+		// The client gets the id only once the task survives a crash.
+		t.mu.Lock()
+		t.saveLocked()
+		t.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := m.persist.w.Flush(ctx)
+		cancel()
+		if err != nil {
+			m.log.Error("task not stored", "task_id", t.id, "error", err)
+		}
 	}
 	m.log.Debug("task submitted", "task_id", t.id, "planner", planner)
 	return t, nil
@@ -206,6 +235,9 @@ func (m *Manager) Get(id string) (*Task, error) {
 	if t := m.reg.Get(id); t != nil {
 		return t, nil
 	}
+	if t := m.loadStored(id); t != nil {
+		return t, nil
+	}
 	return nil, ErrNotFound
 }
 
@@ -215,7 +247,7 @@ func (m *Manager) ConfigByID(id string) (*agentpb.CommonConfig, error) {
 	if id == "" || id == m.configs.GlobalID() || id == GlobalConfigID {
 		return Mask(m.configs.Global()), nil
 	}
-	if t := m.reg.Get(id); t != nil {
+	if t, _ := m.Get(id); t != nil {
 		return Mask(t.Config()), nil
 	}
 	return nil, fmt.Errorf("%w: no config with that id", ErrNotFound)
@@ -289,6 +321,24 @@ func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint6
 		return "", 0, fmt.Errorf("%w: task is %s", ErrNotRunning, st)
 	}
 	return r.Interject(ctx, text)
+}
+
+// ApproveToolCall resolves a tool call of a running task that a policy
+// holds: approve runs it, reject answers it DENIED.
+func (m *Manager) ApproveToolCall(id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error) {
+	if callID == "" || len(callID) > maxShortField || len(reason) > maxShortField*4 {
+		return 0, 0, fmt.Errorf("%w: call_id must be 1 to %d bytes, reason at most %d", ErrInvalidArgument, maxShortField, maxShortField*4)
+	}
+	t, err := m.Get(id)
+	if err != nil {
+		return 0, 0, err
+	}
+	r, st := t.runnerState()
+	a, ok := r.(Approver)
+	if !ok {
+		return 0, 0, fmt.Errorf("%w: task is %s", ErrNotRunning, st)
+	}
+	return a.ResolveHold(callID, approve, reason)
 }
 
 // Shutdown refuses new tasks, lets queued and running ones finish until ctx

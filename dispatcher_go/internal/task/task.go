@@ -20,6 +20,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 )
 
 // Errors of this package; the API layer maps them to gRPC codes.
@@ -46,6 +47,15 @@ type Runner interface {
 	// Interject delivers a user message to the running planner and records
 	// it as an event; it returns the message id and the event's seq.
 	Interject(ctx context.Context, text string) (messageID string, seq uint64, err error)
+}
+
+// Approver is a Runner that can resolve tool calls held by a policy (a
+// separate interface so that runners without policies need not implement it).
+type Approver interface {
+	// ResolveHold approves or rejects the held call callID; it returns how
+	// the hold ended and the seq of the event recording it. An unknown or
+	// already resolved call is ErrNotFound.
+	ResolveHold(callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error)
 }
 
 // Stats are what a task consumed, summed from Usage packets.
@@ -106,8 +116,10 @@ type Task struct {
 	createdAt      time.Time
 	createSeq      uint64
 	log            eventlog.Log
+	policy         *policy.Policy
 	done           chan struct{}
 	onFinish       func(*Task)
+	persist        *persister // nil: nothing is stored
 
 	mu          sync.Mutex
 	status      agentpb.TaskStatus
@@ -154,6 +166,17 @@ func (t *Task) Timeout() time.Duration { return t.timeout }
 
 // Log is the task's event log.
 func (t *Task) Log() eventlog.Log { return t.log }
+
+// Policy is the task's own extra policy (it only tightens the global one),
+// or nil.
+func (t *Task) Policy() *policy.Policy { return t.policy }
+
+// Stats returns what the task consumed so far.
+func (t *Task) Stats() Stats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.stats
+}
 
 // Done is closed when the task reaches a terminal status.
 func (t *Task) Done() <-chan struct{} { return t.done }
@@ -219,6 +242,7 @@ func (t *Task) Start(r Runner, commanderID, sessionID string) error {
 	t.sessionID = sessionID
 	// Under mu so that state events are in the same order as the changes.
 	_, err := t.log.Append(t.stateEvent(), eventlog.Control)
+	t.saveLocked()
 	return err
 }
 
@@ -243,6 +267,7 @@ func (t *Task) Finish(status agentpb.TaskStatus, message, result string) bool {
 		t.config = Mask(t.config)
 	}
 	_, _ = t.log.Seal(t.stateEvent())
+	t.saveLocked()
 	t.mu.Unlock()
 	close(t.done)
 	if t.onFinish != nil {

@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from commander._gen.lybic.agent import agent_pb2 as _agent_pb2
 import builtins as _builtins
 import sys
@@ -23,6 +24,60 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PolicyAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PolicyActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PolicyAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POLICY_ACTION_UNSPECIFIED: _PolicyAction.ValueType  # 0
+    POLICY_ACTION_ALLOW: _PolicyAction.ValueType  # 1
+    """Allowed; only recorded when it resolves a hold (approved)."""
+    POLICY_ACTION_STOP: _PolicyAction.ValueType  # 2
+    """The session is stopped (a StopSignal event with the same rule_id follows)."""
+    POLICY_ACTION_DENY: _PolicyAction.ValueType  # 3
+    """The tool call is refused (error DENIED); the session goes on."""
+    POLICY_ACTION_HOLD: _PolicyAction.ValueType  # 4
+    """The tool call waits for ApproveToolCall, or the hold timeout (deny)."""
+
+class PolicyAction(_PolicyAction, metaclass=_PolicyActionEnumTypeWrapper):
+    """PolicyAction is what a policy decided about an upstream packet."""
+
+POLICY_ACTION_UNSPECIFIED: PolicyAction.ValueType  # 0
+POLICY_ACTION_ALLOW: PolicyAction.ValueType  # 1
+"""Allowed; only recorded when it resolves a hold (approved)."""
+POLICY_ACTION_STOP: PolicyAction.ValueType  # 2
+"""The session is stopped (a StopSignal event with the same rule_id follows)."""
+POLICY_ACTION_DENY: PolicyAction.ValueType  # 3
+"""The tool call is refused (error DENIED); the session goes on."""
+POLICY_ACTION_HOLD: PolicyAction.ValueType  # 4
+"""The tool call waits for ApproveToolCall, or the hold timeout (deny)."""
+Global___PolicyAction: _TypeAlias = PolicyAction  # noqa: Y015
+
+class _HoldOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLD_OUTCOME_UNSPECIFIED: _HoldOutcome.ValueType  # 0
+    HOLD_OUTCOME_APPROVED: _HoldOutcome.ValueType  # 1
+    HOLD_OUTCOME_REJECTED: _HoldOutcome.ValueType  # 2
+    HOLD_OUTCOME_TIMED_OUT: _HoldOutcome.ValueType  # 3
+    HOLD_OUTCOME_CANCELLED: _HoldOutcome.ValueType  # 4
+    """The session stopped or ended while the call was held."""
+
+class HoldOutcome(_HoldOutcome, metaclass=_HoldOutcomeEnumTypeWrapper):
+    """HoldOutcome says how a held tool call was resolved."""
+
+HOLD_OUTCOME_UNSPECIFIED: HoldOutcome.ValueType  # 0
+HOLD_OUTCOME_APPROVED: HoldOutcome.ValueType  # 1
+HOLD_OUTCOME_REJECTED: HoldOutcome.ValueType  # 2
+HOLD_OUTCOME_TIMED_OUT: HoldOutcome.ValueType  # 3
+HOLD_OUTCOME_CANCELLED: HoldOutcome.ValueType  # 4
+"""The session stopped or ended while the call was held."""
+Global___HoldOutcome: _TypeAlias = HoldOutcome  # noqa: Y015
 
 @_typing.final
 class SubmitTaskRequest(_message.Message):
@@ -59,6 +114,7 @@ class SubmitTaskRequest(_message.Message):
     REQUIRED_CAPABILITIES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    POLICY_YAML_FIELD_NUMBER: _builtins.int
     instruction: _builtins.str
     destroy_sandbox: _builtins.bool
     previous_task_id: _builtins.str
@@ -66,6 +122,13 @@ class SubmitTaskRequest(_message.Message):
     """The planner to run; empty means the dispatcher's default ("chat")."""
     timeout_seconds: _builtins.int
     """Wall-clock limit in seconds; 0 means the config's taskTimeout."""
+    policy_yaml: _builtins.str
+    """Extra policy for this task only, in the YAML format of the policy file
+    (docs/policies.md). It can only tighten the global policy: its rules may
+    stop, deny or hold, its limits apply on top of the global ones, and
+    nothing in it can allow what the global policy forbids. A policy that
+    does not compile or fails its own tests is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def running_config(self) -> _agent_pb2.CommonConfig:
         """Overrides the global config for this task only (field by field)."""
@@ -90,10 +153,11 @@ class SubmitTaskRequest(_message.Message):
         required_capabilities: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_seconds: _builtins.int = ...,
+        policy_yaml: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "running_config", b"running_config", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "destroy_sandbox", b"destroy_sandbox", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "previous_task_id", b"previous_task_id", "required_capabilities", b"required_capabilities", "running_config", b"running_config", "sandbox", b"sandbox", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "destroy_sandbox", b"destroy_sandbox", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "policy_yaml", b"policy_yaml", "previous_task_id", b"previous_task_id", "required_capabilities", b"required_capabilities", "running_config", b"running_config", "sandbox", b"sandbox", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015
@@ -246,6 +310,7 @@ class TaskEvent(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
     USER_INPUT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     seq: _builtins.int
     """1, 2, 3, ... per task, no gaps."""
@@ -279,6 +344,8 @@ class TaskEvent(_message.Message):
     def stopped(self) -> _interaction_pb2.Stopped: ...
     @_builtins.property
     def user_input(self) -> _interaction_pb2.UserInput: ...
+    @_builtins.property
+    def policy(self) -> Global___PolicyDecision: ...
     def __init__(
         self,
         *,
@@ -299,16 +366,133 @@ class TaskEvent(_message.Message):
         stop: _interaction_pb2.StopSignal | None = ...,
         stopped: _interaction_pb2.Stopped | None = ...,
         user_input: _interaction_pb2.UserInput | None = ...,
+        policy: Global___PolicyDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "kind", b"kind", "result", b"result", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "kind", b"kind", "policy", b"policy", "result", b"result", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "emitted_at_us", b"emitted_at_us", "error", b"error", "kind", b"kind", "result", b"result", "seq", b"seq", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "task_id", b"task_id", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "emitted_at_us", b"emitted_at_us", "error", b"error", "kind", b"kind", "policy", b"policy", "result", b"result", "seq", b"seq", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "task_id", b"task_id", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state", "thought", "content", "tool_call", "tool_result", "error", "usage", "stage", "artifact", "result", "stop", "stopped", "user_input"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state", "thought", "content", "tool_call", "tool_result", "error", "usage", "stage", "artifact", "result", "stop", "stopped", "user_input", "policy"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
+
+@_typing.final
+class PolicyDecision(_message.Message):
+    """PolicyDecision records a policy's decision about a packet of the task. Every
+    decision other than allow is recorded, with the rule that made it; the
+    resolution of a hold is recorded as a second PolicyDecision with
+    hold_outcome set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PACKET_KIND_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    HOLD_DEADLINE_FIELD_NUMBER: _builtins.int
+    HOLD_OUTCOME_FIELD_NUMBER: _builtins.int
+    action: Global___PolicyAction.ValueType
+    rule_id: _builtins.str
+    """The rule that decided, e.g. "no-secrets" or "limit.max_tokens"."""
+    reason: _builtins.str
+    """Why, in words for people."""
+    packet_kind: _builtins.str
+    """The packet the decision is about: "content", "thought", "tool_call", ..."""
+    call_id: _builtins.str
+    """For tool calls: the call concerned."""
+    tool_name: _builtins.str
+    policy_version: _builtins.str
+    """Version (content hash) of the policy that decided."""
+    hold_outcome: Global___HoldOutcome.ValueType
+    """Set on the event that resolves a hold."""
+    @_builtins.property
+    def hold_deadline(self) -> _timestamp_pb2.Timestamp:
+        """For HOLD: when the hold times out (then the call is denied)."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___PolicyAction.ValueType = ...,
+        rule_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        packet_kind: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        hold_deadline: _timestamp_pb2.Timestamp | None = ...,
+        hold_outcome: Global___HoldOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold_deadline", b"hold_deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call_id", b"call_id", "hold_deadline", b"hold_deadline", "hold_outcome", b"hold_outcome", "packet_kind", b"packet_kind", "policy_version", b"policy_version", "reason", b"reason", "rule_id", b"rule_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDecision: _TypeAlias = PolicyDecision  # noqa: Y015
+
+@_typing.final
+class ApproveToolCallRequest(_message.Message):
+    """ApproveToolCallRequest resolves a held tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    call_id: _builtins.str
+    """The call_id of the held tool call (from its PolicyDecision event)."""
+    approve: _builtins.bool
+    """True runs the call; false refuses it (DENIED)."""
+    reason: _builtins.str
+    """Why; recorded with the resolution."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "call_id", b"call_id", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveToolCallRequest: _TypeAlias = ApproveToolCallRequest  # noqa: Y015
+
+@_typing.final
+class ApproveToolCallResponse(_message.Message):
+    """ApproveToolCallResponse says what the call did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    outcome: Global___HoldOutcome.ValueType
+    seq: _builtins.int
+    """The seq of the resolution event."""
+    def __init__(
+        self,
+        *,
+        outcome: Global___HoldOutcome.ValueType = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveToolCallResponse: _TypeAlias = ApproveToolCallResponse  # noqa: Y015
 
 @_typing.final
 class GetTaskRequest(_message.Message):

@@ -70,6 +70,11 @@ class TaskServiceStub:
                 request_serializer=dispatch_dot_v1_dot_tasks__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_tasks__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.ApproveToolCall = channel.unary_unary(
+                '/dispatch.v1.TaskService/ApproveToolCall',
+                request_serializer=dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallRequest.SerializeToString,
+                response_deserializer=dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -128,6 +133,17 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveToolCall(self, request, context):
+        """ApproveToolCall resolves a tool call that a policy holds (a
+        PolicyDecision event with action HOLD): approve runs it, reject answers it
+        DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+        held, already resolved, timed out); FAILED_PRECONDITION if the task is
+        not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +181,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=dispatch_dot_v1_dot_tasks__pb2.ListToolsRequest.FromString,
                     response_serializer=dispatch_dot_v1_dot_tasks__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'ApproveToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveToolCall,
+                    request_deserializer=dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallRequest.FromString,
+                    response_serializer=dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +378,33 @@ class TaskService:
             '/dispatch.v1.TaskService/ListTools',
             dispatch_dot_v1_dot_tasks__pb2.ListToolsRequest.SerializeToString,
             dispatch_dot_v1_dot_tasks__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispatch.v1.TaskService/ApproveToolCall',
+            dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallRequest.SerializeToString,
+            dispatch_dot_v1_dot_tasks__pb2.ApproveToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,13 @@ class TaskServiceStub:
     """
     ListTools: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListToolsRequest, _tasks_pb2.ListToolsResponse]
     """ListTools lists the tools a planner can call right now."""
+    ApproveToolCall: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ApproveToolCallRequest, _tasks_pb2.ApproveToolCallResponse]
+    """ApproveToolCall resolves a tool call that a policy holds (a
+    PolicyDecision event with action HOLD): approve runs it, reject answers it
+    DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+    held, already resolved, timed out); FAILED_PRECONDITION if the task is
+    not running.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -82,6 +89,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     ListTools: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListToolsRequest, _tasks_pb2.ListToolsResponse]  # type: ignore[assignment]
     """ListTools lists the tools a planner can call right now."""
+    ApproveToolCall: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ApproveToolCallRequest, _tasks_pb2.ApproveToolCallResponse]  # type: ignore[assignment]
+    """ApproveToolCall resolves a tool call that a policy holds (a
+    PolicyDecision event with action HOLD): approve runs it, reject answers it
+    DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+    held, already resolved, timed out); FAILED_PRECONDITION if the task is
+    not running.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is served by the dispatcher for clients."""
@@ -147,5 +161,18 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.ListToolsResponse, _abc.Awaitable[_tasks_pb2.ListToolsResponse]]:
         """ListTools lists the tools a planner can call right now."""
+
+    @_abc_1.abstractmethod
+    def ApproveToolCall(
+        self,
+        request: _tasks_pb2.ApproveToolCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ApproveToolCallResponse, _abc.Awaitable[_tasks_pb2.ApproveToolCallResponse]]:
+        """ApproveToolCall resolves a tool call that a policy holds (a
+        PolicyDecision event with action HOLD): approve runs it, reject answers it
+        DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+        held, already resolved, timed out); FAILED_PRECONDITION if the task is
+        not running.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,6 +27,123 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// PolicyAction is what a policy decided about an upstream packet.
+type PolicyAction int32
+
+const (
+	PolicyAction_POLICY_ACTION_UNSPECIFIED PolicyAction = 0
+	// Allowed; only recorded when it resolves a hold (approved).
+	PolicyAction_POLICY_ACTION_ALLOW PolicyAction = 1
+	// The session is stopped (a StopSignal event with the same rule_id follows).
+	PolicyAction_POLICY_ACTION_STOP PolicyAction = 2
+	// The tool call is refused (error DENIED); the session goes on.
+	PolicyAction_POLICY_ACTION_DENY PolicyAction = 3
+	// The tool call waits for ApproveToolCall, or the hold timeout (deny).
+	PolicyAction_POLICY_ACTION_HOLD PolicyAction = 4
+)
+
+// Enum value maps for PolicyAction.
+var (
+	PolicyAction_name = map[int32]string{
+		0: "POLICY_ACTION_UNSPECIFIED",
+		1: "POLICY_ACTION_ALLOW",
+		2: "POLICY_ACTION_STOP",
+		3: "POLICY_ACTION_DENY",
+		4: "POLICY_ACTION_HOLD",
+	}
+	PolicyAction_value = map[string]int32{
+		"POLICY_ACTION_UNSPECIFIED": 0,
+		"POLICY_ACTION_ALLOW":       1,
+		"POLICY_ACTION_STOP":        2,
+		"POLICY_ACTION_DENY":        3,
+		"POLICY_ACTION_HOLD":        4,
+	}
+)
+
+func (x PolicyAction) Enum() *PolicyAction {
+	p := new(PolicyAction)
+	*p = x
+	return p
+}
+
+func (x PolicyAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (PolicyAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_dispatch_v1_tasks_proto_enumTypes[0].Descriptor()
+}
+
+func (PolicyAction) Type() protoreflect.EnumType {
+	return &file_dispatch_v1_tasks_proto_enumTypes[0]
+}
+
+func (x PolicyAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use PolicyAction.Descriptor instead.
+func (PolicyAction) EnumDescriptor() ([]byte, []int) {
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{0}
+}
+
+// HoldOutcome says how a held tool call was resolved.
+type HoldOutcome int32
+
+const (
+	HoldOutcome_HOLD_OUTCOME_UNSPECIFIED HoldOutcome = 0
+	HoldOutcome_HOLD_OUTCOME_APPROVED    HoldOutcome = 1
+	HoldOutcome_HOLD_OUTCOME_REJECTED    HoldOutcome = 2
+	HoldOutcome_HOLD_OUTCOME_TIMED_OUT   HoldOutcome = 3
+	// The session stopped or ended while the call was held.
+	HoldOutcome_HOLD_OUTCOME_CANCELLED HoldOutcome = 4
+)
+
+// Enum value maps for HoldOutcome.
+var (
+	HoldOutcome_name = map[int32]string{
+		0: "HOLD_OUTCOME_UNSPECIFIED",
+		1: "HOLD_OUTCOME_APPROVED",
+		2: "HOLD_OUTCOME_REJECTED",
+		3: "HOLD_OUTCOME_TIMED_OUT",
+		4: "HOLD_OUTCOME_CANCELLED",
+	}
+	HoldOutcome_value = map[string]int32{
+		"HOLD_OUTCOME_UNSPECIFIED": 0,
+		"HOLD_OUTCOME_APPROVED":    1,
+		"HOLD_OUTCOME_REJECTED":    2,
+		"HOLD_OUTCOME_TIMED_OUT":   3,
+		"HOLD_OUTCOME_CANCELLED":   4,
+	}
+)
+
+func (x HoldOutcome) Enum() *HoldOutcome {
+	p := new(HoldOutcome)
+	*p = x
+	return p
+}
+
+func (x HoldOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (HoldOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_dispatch_v1_tasks_proto_enumTypes[1].Descriptor()
+}
+
+func (HoldOutcome) Type() protoreflect.EnumType {
+	return &file_dispatch_v1_tasks_proto_enumTypes[1]
+}
+
+func (x HoldOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use HoldOutcome.Descriptor instead.
+func (HoldOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{1}
+}
+
 // SubmitTaskRequest describes a task.
 type SubmitTaskRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
@@ -43,8 +160,14 @@ type SubmitTaskRequest struct {
 	Labels               map[string]string `protobuf:"bytes,8,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Wall-clock limit in seconds; 0 means the config's taskTimeout.
 	TimeoutSeconds int32 `protobuf:"varint,9,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Extra policy for this task only, in the YAML format of the policy file
+	// (docs/policies.md). It can only tighten the global policy: its rules may
+	// stop, deny or hold, its limits apply on top of the global ones, and
+	// nothing in it can allow what the global policy forbids. A policy that
+	// does not compile or fails its own tests is INVALID_ARGUMENT.
+	PolicyYaml    string `protobuf:"bytes,10,opt,name=policy_yaml,json=policyYaml,proto3" json:"policy_yaml,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SubmitTaskRequest) Reset() {
@@ -138,6 +261,13 @@ func (x *SubmitTaskRequest) GetTimeoutSeconds() int32 {
 		return x.TimeoutSeconds
 	}
 	return 0
+}
+
+func (x *SubmitTaskRequest) GetPolicyYaml() string {
+	if x != nil {
+		return x.PolicyYaml
+	}
+	return ""
 }
 
 // SubmitTaskResponse returns the new task's id.
@@ -424,6 +554,7 @@ type TaskEvent struct {
 	//	*TaskEvent_Stop
 	//	*TaskEvent_Stopped
 	//	*TaskEvent_UserInput
+	//	*TaskEvent_Policy
 	Kind          isTaskEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -611,6 +742,15 @@ func (x *TaskEvent) GetUserInput() *UserInput {
 	return nil
 }
 
+func (x *TaskEvent) GetPolicy() *PolicyDecision {
+	if x != nil {
+		if x, ok := x.Kind.(*TaskEvent_Policy); ok {
+			return x.Policy
+		}
+	}
+	return nil
+}
+
 type isTaskEvent_Kind interface {
 	isTaskEvent_Kind()
 }
@@ -667,6 +807,10 @@ type TaskEvent_UserInput struct {
 	UserInput *UserInput `protobuf:"bytes,22,opt,name=user_input,json=userInput,proto3,oneof"`
 }
 
+type TaskEvent_Policy struct {
+	Policy *PolicyDecision `protobuf:"bytes,23,opt,name=policy,proto3,oneof"`
+}
+
 func (*TaskEvent_State) isTaskEvent_Kind() {}
 
 func (*TaskEvent_Thought) isTaskEvent_Kind() {}
@@ -693,6 +837,253 @@ func (*TaskEvent_Stopped) isTaskEvent_Kind() {}
 
 func (*TaskEvent_UserInput) isTaskEvent_Kind() {}
 
+func (*TaskEvent_Policy) isTaskEvent_Kind() {}
+
+// PolicyDecision records a policy's decision about a packet of the task. Every
+// decision other than allow is recorded, with the rule that made it; the
+// resolution of a hold is recorded as a second PolicyDecision with
+// hold_outcome set.
+type PolicyDecision struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Action PolicyAction           `protobuf:"varint,1,opt,name=action,proto3,enum=dispatch.v1.PolicyAction" json:"action,omitempty"`
+	// The rule that decided, e.g. "no-secrets" or "limit.max_tokens".
+	RuleId string `protobuf:"bytes,2,opt,name=rule_id,json=ruleId,proto3" json:"rule_id,omitempty"`
+	// Why, in words for people.
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The packet the decision is about: "content", "thought", "tool_call", ...
+	PacketKind string `protobuf:"bytes,4,opt,name=packet_kind,json=packetKind,proto3" json:"packet_kind,omitempty"`
+	// For tool calls: the call concerned.
+	CallId   string `protobuf:"bytes,5,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	ToolName string `protobuf:"bytes,6,opt,name=tool_name,json=toolName,proto3" json:"tool_name,omitempty"`
+	// Version (content hash) of the policy that decided.
+	PolicyVersion string `protobuf:"bytes,7,opt,name=policy_version,json=policyVersion,proto3" json:"policy_version,omitempty"`
+	// For HOLD: when the hold times out (then the call is denied).
+	HoldDeadline *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=hold_deadline,json=holdDeadline,proto3" json:"hold_deadline,omitempty"`
+	// Set on the event that resolves a hold.
+	HoldOutcome   HoldOutcome `protobuf:"varint,9,opt,name=hold_outcome,json=holdOutcome,proto3,enum=dispatch.v1.HoldOutcome" json:"hold_outcome,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyDecision) Reset() {
+	*x = PolicyDecision{}
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyDecision) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyDecision) ProtoMessage() {}
+
+func (x *PolicyDecision) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyDecision.ProtoReflect.Descriptor instead.
+func (*PolicyDecision) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *PolicyDecision) GetAction() PolicyAction {
+	if x != nil {
+		return x.Action
+	}
+	return PolicyAction_POLICY_ACTION_UNSPECIFIED
+}
+
+func (x *PolicyDecision) GetRuleId() string {
+	if x != nil {
+		return x.RuleId
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetPacketKind() string {
+	if x != nil {
+		return x.PacketKind
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetCallId() string {
+	if x != nil {
+		return x.CallId
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetToolName() string {
+	if x != nil {
+		return x.ToolName
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetPolicyVersion() string {
+	if x != nil {
+		return x.PolicyVersion
+	}
+	return ""
+}
+
+func (x *PolicyDecision) GetHoldDeadline() *timestamppb.Timestamp {
+	if x != nil {
+		return x.HoldDeadline
+	}
+	return nil
+}
+
+func (x *PolicyDecision) GetHoldOutcome() HoldOutcome {
+	if x != nil {
+		return x.HoldOutcome
+	}
+	return HoldOutcome_HOLD_OUTCOME_UNSPECIFIED
+}
+
+// ApproveToolCallRequest resolves a held tool call.
+type ApproveToolCallRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	TaskId string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	// The call_id of the held tool call (from its PolicyDecision event).
+	CallId string `protobuf:"bytes,2,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// True runs the call; false refuses it (DENIED).
+	Approve bool `protobuf:"varint,3,opt,name=approve,proto3" json:"approve,omitempty"`
+	// Why; recorded with the resolution.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveToolCallRequest) Reset() {
+	*x = ApproveToolCallRequest{}
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveToolCallRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveToolCallRequest) ProtoMessage() {}
+
+func (x *ApproveToolCallRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveToolCallRequest.ProtoReflect.Descriptor instead.
+func (*ApproveToolCallRequest) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ApproveToolCallRequest) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *ApproveToolCallRequest) GetCallId() string {
+	if x != nil {
+		return x.CallId
+	}
+	return ""
+}
+
+func (x *ApproveToolCallRequest) GetApprove() bool {
+	if x != nil {
+		return x.Approve
+	}
+	return false
+}
+
+func (x *ApproveToolCallRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// ApproveToolCallResponse says what the call did.
+type ApproveToolCallResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Outcome HoldOutcome            `protobuf:"varint,1,opt,name=outcome,proto3,enum=dispatch.v1.HoldOutcome" json:"outcome,omitempty"`
+	// The seq of the resolution event.
+	Seq           uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveToolCallResponse) Reset() {
+	*x = ApproveToolCallResponse{}
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveToolCallResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveToolCallResponse) ProtoMessage() {}
+
+func (x *ApproveToolCallResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveToolCallResponse.ProtoReflect.Descriptor instead.
+func (*ApproveToolCallResponse) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ApproveToolCallResponse) GetOutcome() HoldOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return HoldOutcome_HOLD_OUTCOME_UNSPECIFIED
+}
+
+func (x *ApproveToolCallResponse) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 // GetTaskRequest names a task.
 type GetTaskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -703,7 +1094,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[7]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -715,7 +1106,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[7]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -728,7 +1119,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{7}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -748,7 +1139,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[8]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -760,7 +1151,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[8]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -773,7 +1164,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{8}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -807,7 +1198,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[9]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -819,7 +1210,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[9]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -832,7 +1223,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Task) GetTaskId() string {
@@ -948,7 +1339,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[10]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -960,7 +1351,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[10]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -973,7 +1364,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListTasksRequest) GetStatuses() []agent.TaskStatus {
@@ -1008,7 +1399,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[11]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1411,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[11]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1424,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -1061,7 +1452,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[12]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1464,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[12]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1477,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelTaskRequest) GetTaskId() string {
@@ -1117,7 +1508,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[13]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1129,7 +1520,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[13]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1142,7 +1533,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelTaskResponse) GetCancelled() bool {
@@ -1177,7 +1568,7 @@ type InterjectRequest struct {
 
 func (x *InterjectRequest) Reset() {
 	*x = InterjectRequest{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[14]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1189,7 +1580,7 @@ func (x *InterjectRequest) String() string {
 func (*InterjectRequest) ProtoMessage() {}
 
 func (x *InterjectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[14]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1202,7 +1593,7 @@ func (x *InterjectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InterjectRequest.ProtoReflect.Descriptor instead.
 func (*InterjectRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *InterjectRequest) GetTaskId() string {
@@ -1230,7 +1621,7 @@ type InterjectResponse struct {
 
 func (x *InterjectResponse) Reset() {
 	*x = InterjectResponse{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[15]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +1633,7 @@ func (x *InterjectResponse) String() string {
 func (*InterjectResponse) ProtoMessage() {}
 
 func (x *InterjectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[15]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +1646,7 @@ func (x *InterjectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InterjectResponse.ProtoReflect.Descriptor instead.
 func (*InterjectResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *InterjectResponse) GetMessageId() string {
@@ -1281,7 +1672,7 @@ type ListToolsRequest struct {
 
 func (x *ListToolsRequest) Reset() {
 	*x = ListToolsRequest{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[16]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1684,7 @@ func (x *ListToolsRequest) String() string {
 func (*ListToolsRequest) ProtoMessage() {}
 
 func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[16]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1697,7 @@ func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
 func (*ListToolsRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{19}
 }
 
 // ListToolsResponse lists tools and where they run.
@@ -1321,7 +1712,7 @@ type ListToolsResponse struct {
 
 func (x *ListToolsResponse) Reset() {
 	*x = ListToolsResponse{}
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[17]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1333,7 +1724,7 @@ func (x *ListToolsResponse) String() string {
 func (*ListToolsResponse) ProtoMessage() {}
 
 func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_tasks_proto_msgTypes[17]
+	mi := &file_dispatch_v1_tasks_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1346,7 +1737,7 @@ func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
 func (*ListToolsResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_tasks_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListToolsResponse) GetTools() []*ToolSpec {
@@ -1367,7 +1758,7 @@ var File_dispatch_v1_tasks_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\n" +
-	"\x17dispatch/v1/tasks.proto\x12\vdispatch.v1\x1a\x1ddispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\x82\x04\n" +
+	"\x17dispatch/v1/tasks.proto\x12\vdispatch.v1\x1a\x1ddispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xa3\x04\n" +
 	"\x11SubmitTaskRequest\x12 \n" +
 	"\vinstruction\x18\x01 \x01(\tR\vinstruction\x12@\n" +
 	"\x0erunning_config\x18\x02 \x01(\v2\x19.lybic.agent.CommonConfigR\rrunningConfig\x123\n" +
@@ -1377,7 +1768,10 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\aplanner\x18\x06 \x01(\tR\aplanner\x123\n" +
 	"\x15required_capabilities\x18\a \x03(\tR\x14requiredCapabilities\x12B\n" +
 	"\x06labels\x18\b \x03(\v2*.dispatch.v1.SubmitTaskRequest.LabelsEntryR\x06labels\x12'\n" +
-	"\x0ftimeout_seconds\x18\t \x01(\x05R\x0etimeoutSeconds\x1a9\n" +
+	"\x0ftimeout_seconds\x18\t \x01(\x05R\x0etimeoutSeconds\x12\x1f\n" +
+	"\vpolicy_yaml\x18\n" +
+	" \x01(\tR\n" +
+	"policyYaml\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
@@ -1397,7 +1791,7 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x1b.dispatch.v1.ToolCallResultR\x06result\x12\x1f\n" +
 	"\vduration_ms\x18\x02 \x01(\x03R\n" +
 	"durationMs\x12\x1a\n" +
-	"\bexecutor\x18\x03 \x01(\tR\bexecutor\"\xc1\x06\n" +
+	"\bexecutor\x18\x03 \x01(\tR\bexecutor\"\xf8\x06\n" +
 	"\tTaskEvent\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12.\n" +
@@ -1418,8 +1812,28 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x04stop\x18\x14 \x01(\v2\x17.dispatch.v1.StopSignalH\x00R\x04stop\x120\n" +
 	"\astopped\x18\x15 \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x127\n" +
 	"\n" +
-	"user_input\x18\x16 \x01(\v2\x16.dispatch.v1.UserInputH\x00R\tuserInputB\x06\n" +
-	"\x04kind\")\n" +
+	"user_input\x18\x16 \x01(\v2\x16.dispatch.v1.UserInputH\x00R\tuserInput\x125\n" +
+	"\x06policy\x18\x17 \x01(\v2\x1b.dispatch.v1.PolicyDecisionH\x00R\x06policyB\x06\n" +
+	"\x04kind\"\xf0\x02\n" +
+	"\x0ePolicyDecision\x121\n" +
+	"\x06action\x18\x01 \x01(\x0e2\x19.dispatch.v1.PolicyActionR\x06action\x12\x17\n" +
+	"\arule_id\x18\x02 \x01(\tR\x06ruleId\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1f\n" +
+	"\vpacket_kind\x18\x04 \x01(\tR\n" +
+	"packetKind\x12\x17\n" +
+	"\acall_id\x18\x05 \x01(\tR\x06callId\x12\x1b\n" +
+	"\ttool_name\x18\x06 \x01(\tR\btoolName\x12%\n" +
+	"\x0epolicy_version\x18\a \x01(\tR\rpolicyVersion\x12?\n" +
+	"\rhold_deadline\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\fholdDeadline\x12;\n" +
+	"\fhold_outcome\x18\t \x01(\x0e2\x18.dispatch.v1.HoldOutcomeR\vholdOutcome\"|\n" +
+	"\x16ApproveToolCallRequest\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x17\n" +
+	"\acall_id\x18\x02 \x01(\tR\x06callId\x12\x18\n" +
+	"\aapprove\x18\x03 \x01(\bR\aapprove\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"_\n" +
+	"\x17ApproveToolCallResponse\x122\n" +
+	"\aoutcome\x18\x01 \x01(\x0e2\x18.dispatch.v1.HoldOutcomeR\aoutcome\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\")\n" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"8\n" +
 	"\x0fGetTaskResponse\x12%\n" +
@@ -1474,7 +1888,19 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x10ListToolsRequest\"^\n" +
 	"\x11ListToolsResponse\x12+\n" +
 	"\x05tools\x18\x01 \x03(\v2\x15.dispatch.v1.ToolSpecR\x05tools\x12\x1c\n" +
-	"\texecutors\x18\x02 \x03(\tR\texecutors2\xa3\x04\n" +
+	"\texecutors\x18\x02 \x03(\tR\texecutors*\x8e\x01\n" +
+	"\fPolicyAction\x12\x1d\n" +
+	"\x19POLICY_ACTION_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13POLICY_ACTION_ALLOW\x10\x01\x12\x16\n" +
+	"\x12POLICY_ACTION_STOP\x10\x02\x12\x16\n" +
+	"\x12POLICY_ACTION_DENY\x10\x03\x12\x16\n" +
+	"\x12POLICY_ACTION_HOLD\x10\x04*\x99\x01\n" +
+	"\vHoldOutcome\x12\x1c\n" +
+	"\x18HOLD_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15HOLD_OUTCOME_APPROVED\x10\x01\x12\x19\n" +
+	"\x15HOLD_OUTCOME_REJECTED\x10\x02\x12\x1a\n" +
+	"\x16HOLD_OUTCOME_TIMED_OUT\x10\x03\x12\x1a\n" +
+	"\x16HOLD_OUTCOME_CANCELLED\x10\x042\x81\x05\n" +
 	"\vTaskService\x12M\n" +
 	"\n" +
 	"SubmitTask\x12\x1e.dispatch.v1.SubmitTaskRequest\x1a\x1f.dispatch.v1.SubmitTaskResponse\x12L\n" +
@@ -1484,7 +1910,8 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\n" +
 	"CancelTask\x12\x1e.dispatch.v1.CancelTaskRequest\x1a\x1f.dispatch.v1.CancelTaskResponse\x12J\n" +
 	"\tInterject\x12\x1d.dispatch.v1.InterjectRequest\x1a\x1e.dispatch.v1.InterjectResponse\x12J\n" +
-	"\tListTools\x12\x1d.dispatch.v1.ListToolsRequest\x1a\x1e.dispatch.v1.ListToolsResponseb\x06proto3"
+	"\tListTools\x12\x1d.dispatch.v1.ListToolsRequest\x1a\x1e.dispatch.v1.ListToolsResponse\x12\\\n" +
+	"\x0fApproveToolCall\x12#.dispatch.v1.ApproveToolCallRequest\x1a$.dispatch.v1.ApproveToolCallResponseb\x06proto3"
 
 var (
 	file_dispatch_v1_tasks_proto_rawDescOnce sync.Once
@@ -1498,99 +1925,112 @@ func file_dispatch_v1_tasks_proto_rawDescGZIP() []byte {
 	return file_dispatch_v1_tasks_proto_rawDescData
 }
 
-var file_dispatch_v1_tasks_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_dispatch_v1_tasks_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_dispatch_v1_tasks_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_dispatch_v1_tasks_proto_goTypes = []any{
-	(*SubmitTaskRequest)(nil),         // 0: dispatch.v1.SubmitTaskRequest
-	(*SubmitTaskResponse)(nil),        // 1: dispatch.v1.SubmitTaskResponse
-	(*WatchTaskRequest)(nil),          // 2: dispatch.v1.WatchTaskRequest
-	(*WatchTaskResponse)(nil),         // 3: dispatch.v1.WatchTaskResponse
-	(*TaskState)(nil),                 // 4: dispatch.v1.TaskState
-	(*ToolResultEvent)(nil),           // 5: dispatch.v1.ToolResultEvent
-	(*TaskEvent)(nil),                 // 6: dispatch.v1.TaskEvent
-	(*GetTaskRequest)(nil),            // 7: dispatch.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),           // 8: dispatch.v1.GetTaskResponse
-	(*Task)(nil),                      // 9: dispatch.v1.Task
-	(*ListTasksRequest)(nil),          // 10: dispatch.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),         // 11: dispatch.v1.ListTasksResponse
-	(*CancelTaskRequest)(nil),         // 12: dispatch.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),        // 13: dispatch.v1.CancelTaskResponse
-	(*InterjectRequest)(nil),          // 14: dispatch.v1.InterjectRequest
-	(*InterjectResponse)(nil),         // 15: dispatch.v1.InterjectResponse
-	(*ListToolsRequest)(nil),          // 16: dispatch.v1.ListToolsRequest
-	(*ListToolsResponse)(nil),         // 17: dispatch.v1.ListToolsResponse
-	nil,                               // 18: dispatch.v1.SubmitTaskRequest.LabelsEntry
-	nil,                               // 19: dispatch.v1.Task.LabelsEntry
-	(*agent.CommonConfig)(nil),        // 20: lybic.agent.CommonConfig
-	(*agent.Sandbox)(nil),             // 21: lybic.agent.Sandbox
-	(agent.TaskStatus)(0),             // 22: lybic.agent.TaskStatus
-	(*ToolCallResult)(nil),            // 23: dispatch.v1.ToolCallResult
-	(*timestamppb.Timestamp)(nil),     // 24: google.protobuf.Timestamp
-	(*ThoughtChain)(nil),              // 25: dispatch.v1.ThoughtChain
-	(*ContentChunk)(nil),              // 26: dispatch.v1.ContentChunk
-	(*ToolCallRequest)(nil),           // 27: dispatch.v1.ToolCallRequest
-	(*ErrorSignal)(nil),               // 28: dispatch.v1.ErrorSignal
-	(*Usage)(nil),                     // 29: dispatch.v1.Usage
-	(*StageChange)(nil),               // 30: dispatch.v1.StageChange
-	(*Artifact)(nil),                  // 31: dispatch.v1.Artifact
-	(*FinalResult)(nil),               // 32: dispatch.v1.FinalResult
-	(*StopSignal)(nil),                // 33: dispatch.v1.StopSignal
-	(*Stopped)(nil),                   // 34: dispatch.v1.Stopped
-	(*UserInput)(nil),                 // 35: dispatch.v1.UserInput
-	(*agent.ExecutionStatistics)(nil), // 36: lybic.agent.ExecutionStatistics
-	(*ToolSpec)(nil),                  // 37: dispatch.v1.ToolSpec
+	(PolicyAction)(0),                 // 0: dispatch.v1.PolicyAction
+	(HoldOutcome)(0),                  // 1: dispatch.v1.HoldOutcome
+	(*SubmitTaskRequest)(nil),         // 2: dispatch.v1.SubmitTaskRequest
+	(*SubmitTaskResponse)(nil),        // 3: dispatch.v1.SubmitTaskResponse
+	(*WatchTaskRequest)(nil),          // 4: dispatch.v1.WatchTaskRequest
+	(*WatchTaskResponse)(nil),         // 5: dispatch.v1.WatchTaskResponse
+	(*TaskState)(nil),                 // 6: dispatch.v1.TaskState
+	(*ToolResultEvent)(nil),           // 7: dispatch.v1.ToolResultEvent
+	(*TaskEvent)(nil),                 // 8: dispatch.v1.TaskEvent
+	(*PolicyDecision)(nil),            // 9: dispatch.v1.PolicyDecision
+	(*ApproveToolCallRequest)(nil),    // 10: dispatch.v1.ApproveToolCallRequest
+	(*ApproveToolCallResponse)(nil),   // 11: dispatch.v1.ApproveToolCallResponse
+	(*GetTaskRequest)(nil),            // 12: dispatch.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),           // 13: dispatch.v1.GetTaskResponse
+	(*Task)(nil),                      // 14: dispatch.v1.Task
+	(*ListTasksRequest)(nil),          // 15: dispatch.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),         // 16: dispatch.v1.ListTasksResponse
+	(*CancelTaskRequest)(nil),         // 17: dispatch.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),        // 18: dispatch.v1.CancelTaskResponse
+	(*InterjectRequest)(nil),          // 19: dispatch.v1.InterjectRequest
+	(*InterjectResponse)(nil),         // 20: dispatch.v1.InterjectResponse
+	(*ListToolsRequest)(nil),          // 21: dispatch.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),         // 22: dispatch.v1.ListToolsResponse
+	nil,                               // 23: dispatch.v1.SubmitTaskRequest.LabelsEntry
+	nil,                               // 24: dispatch.v1.Task.LabelsEntry
+	(*agent.CommonConfig)(nil),        // 25: lybic.agent.CommonConfig
+	(*agent.Sandbox)(nil),             // 26: lybic.agent.Sandbox
+	(agent.TaskStatus)(0),             // 27: lybic.agent.TaskStatus
+	(*ToolCallResult)(nil),            // 28: dispatch.v1.ToolCallResult
+	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
+	(*ThoughtChain)(nil),              // 30: dispatch.v1.ThoughtChain
+	(*ContentChunk)(nil),              // 31: dispatch.v1.ContentChunk
+	(*ToolCallRequest)(nil),           // 32: dispatch.v1.ToolCallRequest
+	(*ErrorSignal)(nil),               // 33: dispatch.v1.ErrorSignal
+	(*Usage)(nil),                     // 34: dispatch.v1.Usage
+	(*StageChange)(nil),               // 35: dispatch.v1.StageChange
+	(*Artifact)(nil),                  // 36: dispatch.v1.Artifact
+	(*FinalResult)(nil),               // 37: dispatch.v1.FinalResult
+	(*StopSignal)(nil),                // 38: dispatch.v1.StopSignal
+	(*Stopped)(nil),                   // 39: dispatch.v1.Stopped
+	(*UserInput)(nil),                 // 40: dispatch.v1.UserInput
+	(*agent.ExecutionStatistics)(nil), // 41: lybic.agent.ExecutionStatistics
+	(*ToolSpec)(nil),                  // 42: dispatch.v1.ToolSpec
 }
 var file_dispatch_v1_tasks_proto_depIdxs = []int32{
-	20, // 0: dispatch.v1.SubmitTaskRequest.running_config:type_name -> lybic.agent.CommonConfig
-	21, // 1: dispatch.v1.SubmitTaskRequest.sandbox:type_name -> lybic.agent.Sandbox
-	18, // 2: dispatch.v1.SubmitTaskRequest.labels:type_name -> dispatch.v1.SubmitTaskRequest.LabelsEntry
-	6,  // 3: dispatch.v1.WatchTaskResponse.event:type_name -> dispatch.v1.TaskEvent
-	22, // 4: dispatch.v1.TaskState.status:type_name -> lybic.agent.TaskStatus
-	23, // 5: dispatch.v1.ToolResultEvent.result:type_name -> dispatch.v1.ToolCallResult
-	24, // 6: dispatch.v1.TaskEvent.time:type_name -> google.protobuf.Timestamp
-	4,  // 7: dispatch.v1.TaskEvent.state:type_name -> dispatch.v1.TaskState
-	25, // 8: dispatch.v1.TaskEvent.thought:type_name -> dispatch.v1.ThoughtChain
-	26, // 9: dispatch.v1.TaskEvent.content:type_name -> dispatch.v1.ContentChunk
-	27, // 10: dispatch.v1.TaskEvent.tool_call:type_name -> dispatch.v1.ToolCallRequest
-	5,  // 11: dispatch.v1.TaskEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
-	28, // 12: dispatch.v1.TaskEvent.error:type_name -> dispatch.v1.ErrorSignal
-	29, // 13: dispatch.v1.TaskEvent.usage:type_name -> dispatch.v1.Usage
-	30, // 14: dispatch.v1.TaskEvent.stage:type_name -> dispatch.v1.StageChange
-	31, // 15: dispatch.v1.TaskEvent.artifact:type_name -> dispatch.v1.Artifact
-	32, // 16: dispatch.v1.TaskEvent.result:type_name -> dispatch.v1.FinalResult
-	33, // 17: dispatch.v1.TaskEvent.stop:type_name -> dispatch.v1.StopSignal
-	34, // 18: dispatch.v1.TaskEvent.stopped:type_name -> dispatch.v1.Stopped
-	35, // 19: dispatch.v1.TaskEvent.user_input:type_name -> dispatch.v1.UserInput
-	9,  // 20: dispatch.v1.GetTaskResponse.task:type_name -> dispatch.v1.Task
-	22, // 21: dispatch.v1.Task.status:type_name -> lybic.agent.TaskStatus
-	36, // 22: dispatch.v1.Task.statistics:type_name -> lybic.agent.ExecutionStatistics
-	24, // 23: dispatch.v1.Task.created_at:type_name -> google.protobuf.Timestamp
-	24, // 24: dispatch.v1.Task.started_at:type_name -> google.protobuf.Timestamp
-	24, // 25: dispatch.v1.Task.ended_at:type_name -> google.protobuf.Timestamp
-	19, // 26: dispatch.v1.Task.labels:type_name -> dispatch.v1.Task.LabelsEntry
-	21, // 27: dispatch.v1.Task.sandbox:type_name -> lybic.agent.Sandbox
-	22, // 28: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
-	9,  // 29: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
-	22, // 30: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
-	37, // 31: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
-	0,  // 32: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
-	2,  // 33: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
-	7,  // 34: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
-	10, // 35: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
-	12, // 36: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
-	14, // 37: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
-	16, // 38: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
-	1,  // 39: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
-	3,  // 40: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
-	8,  // 41: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
-	11, // 42: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
-	13, // 43: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
-	15, // 44: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
-	17, // 45: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
-	39, // [39:46] is the sub-list for method output_type
-	32, // [32:39] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	25, // 0: dispatch.v1.SubmitTaskRequest.running_config:type_name -> lybic.agent.CommonConfig
+	26, // 1: dispatch.v1.SubmitTaskRequest.sandbox:type_name -> lybic.agent.Sandbox
+	23, // 2: dispatch.v1.SubmitTaskRequest.labels:type_name -> dispatch.v1.SubmitTaskRequest.LabelsEntry
+	8,  // 3: dispatch.v1.WatchTaskResponse.event:type_name -> dispatch.v1.TaskEvent
+	27, // 4: dispatch.v1.TaskState.status:type_name -> lybic.agent.TaskStatus
+	28, // 5: dispatch.v1.ToolResultEvent.result:type_name -> dispatch.v1.ToolCallResult
+	29, // 6: dispatch.v1.TaskEvent.time:type_name -> google.protobuf.Timestamp
+	6,  // 7: dispatch.v1.TaskEvent.state:type_name -> dispatch.v1.TaskState
+	30, // 8: dispatch.v1.TaskEvent.thought:type_name -> dispatch.v1.ThoughtChain
+	31, // 9: dispatch.v1.TaskEvent.content:type_name -> dispatch.v1.ContentChunk
+	32, // 10: dispatch.v1.TaskEvent.tool_call:type_name -> dispatch.v1.ToolCallRequest
+	7,  // 11: dispatch.v1.TaskEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
+	33, // 12: dispatch.v1.TaskEvent.error:type_name -> dispatch.v1.ErrorSignal
+	34, // 13: dispatch.v1.TaskEvent.usage:type_name -> dispatch.v1.Usage
+	35, // 14: dispatch.v1.TaskEvent.stage:type_name -> dispatch.v1.StageChange
+	36, // 15: dispatch.v1.TaskEvent.artifact:type_name -> dispatch.v1.Artifact
+	37, // 16: dispatch.v1.TaskEvent.result:type_name -> dispatch.v1.FinalResult
+	38, // 17: dispatch.v1.TaskEvent.stop:type_name -> dispatch.v1.StopSignal
+	39, // 18: dispatch.v1.TaskEvent.stopped:type_name -> dispatch.v1.Stopped
+	40, // 19: dispatch.v1.TaskEvent.user_input:type_name -> dispatch.v1.UserInput
+	9,  // 20: dispatch.v1.TaskEvent.policy:type_name -> dispatch.v1.PolicyDecision
+	0,  // 21: dispatch.v1.PolicyDecision.action:type_name -> dispatch.v1.PolicyAction
+	29, // 22: dispatch.v1.PolicyDecision.hold_deadline:type_name -> google.protobuf.Timestamp
+	1,  // 23: dispatch.v1.PolicyDecision.hold_outcome:type_name -> dispatch.v1.HoldOutcome
+	1,  // 24: dispatch.v1.ApproveToolCallResponse.outcome:type_name -> dispatch.v1.HoldOutcome
+	14, // 25: dispatch.v1.GetTaskResponse.task:type_name -> dispatch.v1.Task
+	27, // 26: dispatch.v1.Task.status:type_name -> lybic.agent.TaskStatus
+	41, // 27: dispatch.v1.Task.statistics:type_name -> lybic.agent.ExecutionStatistics
+	29, // 28: dispatch.v1.Task.created_at:type_name -> google.protobuf.Timestamp
+	29, // 29: dispatch.v1.Task.started_at:type_name -> google.protobuf.Timestamp
+	29, // 30: dispatch.v1.Task.ended_at:type_name -> google.protobuf.Timestamp
+	24, // 31: dispatch.v1.Task.labels:type_name -> dispatch.v1.Task.LabelsEntry
+	26, // 32: dispatch.v1.Task.sandbox:type_name -> lybic.agent.Sandbox
+	27, // 33: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
+	14, // 34: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
+	27, // 35: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
+	42, // 36: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
+	2,  // 37: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
+	4,  // 38: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
+	12, // 39: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
+	15, // 40: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
+	17, // 41: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
+	19, // 42: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
+	21, // 43: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
+	10, // 44: dispatch.v1.TaskService.ApproveToolCall:input_type -> dispatch.v1.ApproveToolCallRequest
+	3,  // 45: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
+	5,  // 46: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
+	13, // 47: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
+	16, // 48: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
+	18, // 49: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
+	20, // 50: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
+	22, // 51: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
+	11, // 52: dispatch.v1.TaskService.ApproveToolCall:output_type -> dispatch.v1.ApproveToolCallResponse
+	45, // [45:53] is the sub-list for method output_type
+	37, // [37:45] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_tasks_proto_init() }
@@ -1614,20 +2054,22 @@ func file_dispatch_v1_tasks_proto_init() {
 		(*TaskEvent_Stop)(nil),
 		(*TaskEvent_Stopped)(nil),
 		(*TaskEvent_UserInput)(nil),
+		(*TaskEvent_Policy)(nil),
 	}
-	file_dispatch_v1_tasks_proto_msgTypes[9].OneofWrappers = []any{}
+	file_dispatch_v1_tasks_proto_msgTypes[12].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_tasks_proto_rawDesc), len(file_dispatch_v1_tasks_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   20,
+			NumEnums:      2,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_dispatch_v1_tasks_proto_goTypes,
 		DependencyIndexes: file_dispatch_v1_tasks_proto_depIdxs,
+		EnumInfos:         file_dispatch_v1_tasks_proto_enumTypes,
 		MessageInfos:      file_dispatch_v1_tasks_proto_msgTypes,
 	}.Build()
 	File_dispatch_v1_tasks_proto = out.File

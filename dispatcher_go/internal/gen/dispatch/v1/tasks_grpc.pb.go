@@ -23,13 +23,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TaskService_SubmitTask_FullMethodName = "/dispatch.v1.TaskService/SubmitTask"
-	TaskService_WatchTask_FullMethodName  = "/dispatch.v1.TaskService/WatchTask"
-	TaskService_GetTask_FullMethodName    = "/dispatch.v1.TaskService/GetTask"
-	TaskService_ListTasks_FullMethodName  = "/dispatch.v1.TaskService/ListTasks"
-	TaskService_CancelTask_FullMethodName = "/dispatch.v1.TaskService/CancelTask"
-	TaskService_Interject_FullMethodName  = "/dispatch.v1.TaskService/Interject"
-	TaskService_ListTools_FullMethodName  = "/dispatch.v1.TaskService/ListTools"
+	TaskService_SubmitTask_FullMethodName      = "/dispatch.v1.TaskService/SubmitTask"
+	TaskService_WatchTask_FullMethodName       = "/dispatch.v1.TaskService/WatchTask"
+	TaskService_GetTask_FullMethodName         = "/dispatch.v1.TaskService/GetTask"
+	TaskService_ListTasks_FullMethodName       = "/dispatch.v1.TaskService/ListTasks"
+	TaskService_CancelTask_FullMethodName      = "/dispatch.v1.TaskService/CancelTask"
+	TaskService_Interject_FullMethodName       = "/dispatch.v1.TaskService/Interject"
+	TaskService_ListTools_FullMethodName       = "/dispatch.v1.TaskService/ListTools"
+	TaskService_ApproveToolCall_FullMethodName = "/dispatch.v1.TaskService/ApproveToolCall"
 )
 
 // TaskServiceClient is the client API for TaskService service.
@@ -55,6 +56,12 @@ type TaskServiceClient interface {
 	Interject(ctx context.Context, in *InterjectRequest, opts ...grpc.CallOption) (*InterjectResponse, error)
 	// ListTools lists the tools a planner can call right now.
 	ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error)
+	// ApproveToolCall resolves a tool call that a policy holds (a
+	// PolicyDecision event with action HOLD): approve runs it, reject answers it
+	// DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+	// held, already resolved, timed out); FAILED_PRECONDITION if the task is
+	// not running.
+	ApproveToolCall(ctx context.Context, in *ApproveToolCallRequest, opts ...grpc.CallOption) (*ApproveToolCallResponse, error)
 }
 
 type taskServiceClient struct {
@@ -144,6 +151,16 @@ func (c *taskServiceClient) ListTools(ctx context.Context, in *ListToolsRequest,
 	return out, nil
 }
 
+func (c *taskServiceClient) ApproveToolCall(ctx context.Context, in *ApproveToolCallRequest, opts ...grpc.CallOption) (*ApproveToolCallResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApproveToolCallResponse)
+	err := c.cc.Invoke(ctx, TaskService_ApproveToolCall_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TaskServiceServer is the server API for TaskService service.
 // All implementations must embed UnimplementedTaskServiceServer
 // for forward compatibility.
@@ -167,6 +184,12 @@ type TaskServiceServer interface {
 	Interject(context.Context, *InterjectRequest) (*InterjectResponse, error)
 	// ListTools lists the tools a planner can call right now.
 	ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error)
+	// ApproveToolCall resolves a tool call that a policy holds (a
+	// PolicyDecision event with action HOLD): approve runs it, reject answers it
+	// DENIED. NOT_FOUND if the task is unknown or no such call is held (never
+	// held, already resolved, timed out); FAILED_PRECONDITION if the task is
+	// not running.
+	ApproveToolCall(context.Context, *ApproveToolCallRequest) (*ApproveToolCallResponse, error)
 	mustEmbedUnimplementedTaskServiceServer()
 }
 
@@ -197,6 +220,9 @@ func (UnimplementedTaskServiceServer) Interject(context.Context, *InterjectReque
 }
 func (UnimplementedTaskServiceServer) ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTools not implemented")
+}
+func (UnimplementedTaskServiceServer) ApproveToolCall(context.Context, *ApproveToolCallRequest) (*ApproveToolCallResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ApproveToolCall not implemented")
 }
 func (UnimplementedTaskServiceServer) mustEmbedUnimplementedTaskServiceServer() {}
 func (UnimplementedTaskServiceServer) testEmbeddedByValue()                     {}
@@ -338,6 +364,24 @@ func _TaskService_ListTools_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TaskService_ApproveToolCall_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApproveToolCallRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TaskServiceServer).ApproveToolCall(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TaskService_ApproveToolCall_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TaskServiceServer).ApproveToolCall(ctx, req.(*ApproveToolCallRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TaskService_ServiceDesc is the grpc.ServiceDesc for TaskService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -368,6 +412,10 @@ var TaskService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListTools",
 			Handler:    _TaskService_ListTools_Handler,
+		},
+		{
+			MethodName: "ApproveToolCall",
+			Handler:    _TaskService_ApproveToolCall_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,417 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// slot is one ChatStream of a scripted commander.
+type slot struct {
+	t      *testing.T
+	stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]
+}
+
+func openSlot(ctx context.Context, t *testing.T, conn *grpc.ClientConn) *slot {
+	t.Helper()
+	st, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &slot{t: t, stream: st}
+	s.send("", &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "crash-test", Capabilities: []string{"planner:chat"}}}})
+	if p, err := st.Recv(); err != nil || p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO {
+		t.Fatalf("hello ack %v %v", p, err)
+	}
+	return s
+}
+
+func (s *slot) send(sid string, p *dispatchv1.UpstreamPacket) {
+	p.SessionId = sid
+	if err := s.stream.Send(p); err != nil {
+		s.t.Errorf("send: %v", err)
+	}
+}
+
+// start waits for the next StartSession.
+func (s *slot) start() (sid, taskID string) {
+	for {
+		p, err := s.stream.Recv()
+		if err != nil {
+			if s.stream.Context().Err() == nil { // not the test ending the commander
+				s.t.Errorf("recv start: %v", err)
+			}
+			return "", ""
+		}
+		if st := p.GetStart(); st != nil {
+			return p.GetSessionId(), st.GetTaskId()
+		}
+	}
+}
+
+func (s *slot) content(sid string, n int, prefix string) {
+	for i := range n {
+		s.send(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{Content: &dispatchv1.ContentChunk{Text: fmt.Sprintf("%s-%d ", prefix, i)}}})
+	}
+}
+
+func (s *slot) finish(sid, result string) {
+	s.send(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: result}}})
+	for {
+		p, err := s.stream.Recv()
+		if err != nil {
+			s.t.Errorf("recv close ack: %v", err)
+			return
+		}
+		if p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
+			return
+		}
+	}
+}
+
+// watched is what one watcher received.
+type watched struct {
+	mu     sync.Mutex
+	events []*dispatchv1.TaskEvent
+}
+
+func (w *watched) last() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.events) == 0 {
+		return 0
+	}
+	return w.events[len(w.events)-1].GetSeq()
+}
+
+// watch follows taskID from after until the stream ends (terminal event,
+// or the dispatcher dies); it reports whether it saw the end.
+func watch(ctx context.Context, tc dispatchv1.TaskServiceClient, taskID string, after uint64, w *watched) (bool, error) {
+	st, err := tc.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: taskID, AfterSeq: after})
+	if err != nil {
+		return false, err
+	}
+	for {
+		r, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return true, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		w.mu.Lock()
+		w.events = append(w.events, r.GetEvent())
+		w.mu.Unlock()
+	}
+}
+
+func dial(t *testing.T, addr string) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// TestProcessKill9RestoresTruthfulState kills the real dispatcher (SIGKILL)
+// with 50 tasks submitted (2 finished, 5 running and streaming, 43 queued),
+// starts it again on the same data directory, and checks that every task's
+// state is truthful and that watchers resuming by seq neither miss nor
+// repeat an event.
+func TestProcessKill9RestoresTruthfulState(t *testing.T) {
+	dir := t.TempDir()
+	kill9Restart(t, []string{"DISPATCHER_DATA_DIR=" + dir, "DISPATCHER_SECRET_KEY=test-key"})
+	assertNoPlainSecret(t, dir, "sk-secret-value-1234")
+}
+
+// TestProcessKill9RestoresTruthfulStatePostgres is the same against a real
+// PostgreSQL (POSTGRES_TEST_DSN, e.g. from scripts/postgres.sh start), chosen
+// as seed 000 does: TASK_STORAGE_BACKEND and POSTGRES_CONNECTION_STRING.
+func TestProcessKill9RestoresTruthfulStatePostgres(t *testing.T) {
+	dsn := os.Getenv("POSTGRES_TEST_DSN")
+	if dsn == "" {
+		t.Skip("POSTGRES_TEST_DSN is not set: start a server with scripts/postgres.sh start and export the DSN it prints")
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	schema := fmt.Sprintf("kill9_%d", os.Getpid())
+	if _, err := conn.Exec(ctx, `DROP SCHEMA IF EXISTS `+schema+` CASCADE; CREATE SCHEMA `+schema); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = conn.Exec(ctx, `DROP SCHEMA IF EXISTS `+schema+` CASCADE`)
+		conn.Close(ctx)
+	})
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	kill9Restart(t, []string{"TASK_STORAGE_BACKEND=postgres", "POSTGRES_CONNECTION_STRING=" + dsn + sep + "search_path=" + schema, "DISPATCHER_SECRET_KEY=test-key"})
+}
+
+func kill9Restart(t *testing.T, dataEnv []string) {
+	const (
+		total   = 50
+		slots   = 5
+		chunks  = 20
+		doneNow = 2
+	)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	p1 := startDispatcher(t, dataEnv)
+	conn1 := dial(t, p1.addr)
+	defer conn1.Close()
+	tc1 := dispatchv1.NewTaskServiceClient(conn1)
+
+	var ids []string
+	for i := range total {
+		r, err := tc1.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{
+			Instruction: fmt.Sprintf("task %d", i),
+			RunningConfig: &agentpb.CommonConfig{StageModelConfig: &agentpb.StageModelConfig{
+				ActionGeneratorModel: &agentpb.LLMConfig{ModelName: "m", ApiKey: proto.String("sk-secret-value-1234")},
+			}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.GetTaskId())
+	}
+	watchers := make(map[string]*watched, total)
+	wctx, stopWatch := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, id := range ids {
+		w := &watched{}
+		watchers[id] = w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = watch(wctx, tc1, id, 0, w)
+		}()
+	}
+
+	// 5 slots: the first doneNow finish a task and take the next; all end up
+	// streaming one task each.
+	kctx, killCommander := context.WithCancel(ctx)
+	defer killCommander()
+	finished := map[string]bool{}
+	running := map[string]bool{}
+	for i := range slots {
+		s := openSlot(kctx, t, conn1)
+		sid, id := s.start()
+		s.content(sid, chunks, id)
+		if i < doneNow {
+			s.finish(sid, "answer of "+id)
+			finished[id] = true
+			sid, id = s.start()
+			s.content(sid, chunks, id)
+		}
+		running[id] = true
+	}
+	// Wait until the watchers have seen everything sent: what a watcher has
+	// seen is durable (the log shows only written events).
+	deadline := time.Now().Add(20 * time.Second)
+	for id := range running {
+		for watchers[id].last() < uint64(2+chunks) { // pending, running, chunks
+			if time.Now().After(deadline) {
+				t.Fatalf("watcher of %s saw %d events", id, watchers[id].last())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for id := range finished {
+		for watchers[id].last() < uint64(2+chunks+2) { // + result + SUCCESS
+			if time.Now().After(deadline) {
+				t.Fatalf("watcher of finished %s saw %d", id, watchers[id].last())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+
+	if err := p1.cmd.Process.Signal(os.Kill); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-p1.exited:
+		p1.exited <- err
+	case <-time.After(10 * time.Second):
+		t.Fatal("not killed")
+	}
+	stopWatch()
+	wg.Wait()
+	killCommander()
+
+	p2 := startDispatcher(t, dataEnv)
+	conn2 := dial(t, p2.addr)
+	defer conn2.Close()
+	tc2 := dispatchv1.NewTaskServiceClient(conn2)
+
+	// Truthful states, before any commander is connected.
+	for _, id := range ids {
+		r, err := tc2.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: id})
+		if err != nil {
+			t.Fatalf("GetTask %s after restart: %v", id, err)
+		}
+		got := r.GetTask()
+		switch {
+		case finished[id]:
+			if got.GetStatus() != agentpb.TaskStatus_SUCCESS || got.GetResult() != "answer of "+id {
+				t.Errorf("finished task %s: %v %q", id, got.GetStatus(), got.GetResult())
+			}
+		case running[id]:
+			if got.GetStatus() != agentpb.TaskStatus_FAILURE || got.GetMessage() != task.RestartFailureMessage {
+				t.Errorf("running task %s: %v %q", id, got.GetStatus(), got.GetMessage())
+			}
+		default:
+			if got.GetStatus() != agentpb.TaskStatus_PENDING {
+				t.Errorf("queued task %s: %v %q", id, got.GetStatus(), got.GetMessage())
+			}
+		}
+	}
+
+	// Resume every watcher from the last seq it saw, with a commander that
+	// now runs the queued tasks to the end.
+	resumed := make(map[string]*watched, total)
+	errs := make(chan error, total)
+	for _, id := range ids {
+		w := &watched{}
+		resumed[id] = w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ended, err := watch(ctx, tc2, id, watchers[id].last(), w)
+			if err != nil || !ended {
+				errs <- fmt.Errorf("resumed watch of %s: ended=%v err=%v", id, ended, err)
+			}
+		}()
+	}
+	cctx, stopCommander := context.WithCancel(ctx)
+	var cwg sync.WaitGroup
+	for range 8 {
+		s := openSlot(cctx, t, conn2)
+		cwg.Add(1)
+		go func() {
+			defer cwg.Done()
+			for cctx.Err() == nil {
+				sid, id := s.start()
+				if sid == "" {
+					return
+				}
+				s.content(sid, 3, id)
+				s.finish(sid, "late answer of "+id)
+			}
+		}()
+	}
+	wg.Wait()
+	stopCommander()
+	cwg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+
+	for _, id := range ids {
+		before, after := watchers[id].events, resumed[id].events
+		all := append(append([]*dispatchv1.TaskEvent{}, before...), after...)
+		for i, ev := range all {
+			if ev.GetSeq() != uint64(i+1) {
+				t.Fatalf("task %s: event %d has seq %d (gap or duplicate across the restart)", id, i+1, ev.GetSeq())
+			}
+		}
+		last := all[len(all)-1].GetState()
+		want := agentpb.TaskStatus_SUCCESS
+		if running[id] {
+			want = agentpb.TaskStatus_FAILURE
+		}
+		if last.GetStatus() != want {
+			t.Errorf("task %s ends with %v, want %v", id, last, want)
+		}
+		// A fresh watcher from 0 gets exactly the same events.
+		fresh := &watched{}
+		if ended, err := watch(ctx, tc2, id, 0, fresh); err != nil || !ended {
+			t.Fatalf("fresh watch %s: %v", id, err)
+		}
+		if len(fresh.events) != len(all) {
+			t.Fatalf("task %s: fresh watch %d events, resumed %d", id, len(fresh.events), len(all))
+		}
+		for i := range all {
+			if !proto.Equal(all[i], fresh.events[i]) {
+				t.Fatalf("task %s seq %d differs: %v vs %v", id, i+1, all[i], fresh.events[i])
+			}
+		}
+	}
+
+	// Credentials: masked when read back, never stored in plain text.
+	ac := agentpb.NewAgentClient(conn2)
+	cfg, err := ac.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: ids[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := cfg.GetStageModelConfig().GetActionGeneratorModel().GetApiKey(); k != "****1234" && k != "" {
+		t.Errorf("api key read back as %q", k)
+	}
+}
+
+// assertNoPlainSecret checks that no file in dir contains secret.
+func assertNoPlainSecret(t *testing.T, dir, secret string) {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		b, err := os.ReadFile(dir + "/" + e.Name())
+		if err != nil {
+			continue
+		}
+		if bytes.Contains(b, []byte(secret)) {
+			t.Errorf("%s holds the api key in plain text", e.Name())
+		}
+	}
+}
+
+func TestConfigStorageSeedEnvAndDefaults(t *testing.T) {
+	c, err := parseConfig(nil, env(nil), io.Discard)
+	if err != nil || c.storage != "sqlite" || c.dataDir != "./.data" || c.retention != 7*24*time.Hour {
+		t.Fatalf("defaults: %+v %v", c, err)
+	}
+	c, err = parseConfig(nil, env(map[string]string{
+		"TASK_STORAGE_BACKEND": "postgres", "POSTGRES_CONNECTION_STRING": "postgres://x@h/db",
+		"DISPATCHER_SECRET_KEY": "s", "DISPATCHER_DATA_DIR": "/d",
+	}), io.Discard)
+	if err != nil || c.storage != "postgres" || c.postgresDSN != "postgres://x@h/db" || c.secretKey != "s" || c.dataDir != "/d" {
+		t.Fatalf("seed env: %+v %v", c, err)
+	}
+	// DISPATCHER_ names win over the seed names, flags over both.
+	c, err = parseConfig([]string{"--storage-backend", "memory"}, env(map[string]string{
+		"TASK_STORAGE_BACKEND": "postgres", "DISPATCHER_STORAGE_BACKEND": "sqlite",
+	}), io.Discard)
+	if err != nil || c.storage != "memory" {
+		t.Fatalf("flag wins: %+v %v", c, err)
+	}
+	for _, bad := range [][]string{{"--storage-backend", "mysql"}, {"--storage-backend", "postgres"}, {"--retention", "-1s"}} {
+		if _, err := parseConfig(bad, env(nil), io.Discard); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,178 @@
+package api
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+)
+
+func openSQLite(t *testing.T, dir string) store.Store {
+	t.Helper()
+	st, err := sqlite.Open(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	return st
+}
+
+// stop ends h as a crash would, minus the process: no drain.
+func (h *harness) stopNoDrain() {
+	h.conn.Close()
+	h.srv.Close()
+	h.gs.Stop()
+}
+
+// TestStoreContinuationAndConfigAcrossRestart: a task that continues a
+// task of the previous run gets its conversation from the store; the global
+// config comes back, its secret usable by commanders (sealed with the key)
+// and masked for clients; finished tasks and their events are served from
+// the store.
+func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	key := []byte("k")
+
+	st1 := openSQLite(t, dir)
+	h1 := newHarness(t, Config{Store: st1, SecretKey: key})
+	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
+		t.Fatal(err)
+	}
+	c := h1.commander(ctx, "planner:chat")
+	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "what is 1+1?"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	playScript(t, c, "2")
+	first := r.GetTaskId()
+	storeWaitStatus(t, h1, first, agentpb.TaskStatus_SUCCESS)
+	lastSeq := storeGetTask(t, h1, first).GetLastSeq()
+	h1.stopNoDrain()
+	st1.Close()
+
+	st2 := openSQLite(t, dir)
+	h2 := newHarness(t, Config{Store: st2, SecretKey: key})
+	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := g.GetStageModelConfig().GetActionGeneratorModel().GetApiKey(); k != "****abcd" {
+		t.Fatalf("global api key read back as %q", k)
+	}
+	got := storeGetTask(t, h2, first)
+	if got.GetStatus() != agentpb.TaskStatus_SUCCESS || got.GetResult() != "2" || got.GetLastSeq() != lastSeq {
+		t.Fatalf("finished task after restart: %v", got)
+	}
+	// Its events, from the store, to the end.
+	w, err := h2.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: first})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for {
+		resp, err := w.Recv()
+		if err != nil {
+			break
+		}
+		n++
+		if resp.GetEvent().GetSeq() != n {
+			t.Fatalf("event %d has seq %d", n, resp.GetEvent().GetSeq())
+		}
+	}
+	if n != lastSeq {
+		t.Fatalf("watched %d events, want %d", n, lastSeq)
+	}
+
+	c2 := h2.commander(ctx, "planner:chat")
+	if _, err := h2.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "and times 3?", PreviousTaskId: first}); err != nil {
+		t.Fatal(err)
+	}
+	_, start := c2.start()
+	hist := start.GetHistory()
+	if len(hist) != 2 || hist[0].GetContent() != "what is 1+1?" || hist[1].GetRole() != "assistant" || hist[1].GetContent() != "2" {
+		t.Fatalf("history after restart: %v", hist)
+	}
+	if k := start.GetConfig().GetStageModelConfig().GetActionGeneratorModel().GetApiKey(); k != "sk-global-secret-abcd" {
+		t.Fatalf("commander got api key %q after restart", k)
+	}
+}
+
+// TestStoreWithoutKeyDropsSecrets: without DISPATCHER_SECRET_KEY secrets
+// are not stored at all, so after a restart there is none to hand out.
+func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	st1 := openSQLite(t, dir)
+	h1 := newHarness(t, Config{Store: st1})
+	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
+		t.Fatal(err)
+	}
+	h1.stopNoDrain()
+	st1.Close()
+	st2 := openSQLite(t, dir)
+	h2 := newHarness(t, Config{Store: st2})
+	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := g.GetStageModelConfig().GetActionGeneratorModel()
+	if m.GetModelName() != "gpt" || m.GetApiKey() != "" {
+		t.Fatalf("after restart without key: %v", m)
+	}
+}
+
+// TestStoreRetentionRemovesOldTasks: a finished task older than the
+// retention is gone from the store.
+func TestStoreRetentionRemovesOldTasks(t *testing.T) {
+	ctx := ctxT(t)
+	st := openSQLite(t, t.TempDir())
+	h := newHarness(t, Config{Store: st, Retention: 50 * time.Millisecond})
+	c := h.commander(ctx, "planner:chat")
+	r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	playScript(t, c, "y")
+	storeWaitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
+	deadline := time.Now().Add(wait)
+	for {
+		_, err := st.GetTask(ctx, r.GetTaskId())
+		if err == store.ErrNotFound {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("task not removed by retention: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n, _ := st.LastSeq(ctx, r.GetTaskId()); n != 0 {
+		t.Fatalf("%d events left", n)
+	}
+}
+
+func storeGetTask(t *testing.T, h *harness, id string) *dispatchv1.Task {
+	t.Helper()
+	r, err := h.tasks.GetTask(context.Background(), &dispatchv1.GetTaskRequest{TaskId: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.GetTask()
+}
+
+func storeWaitStatus(t *testing.T, h *harness, id string, want agentpb.TaskStatus) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for storeGetTask(t, h, id).GetStatus() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("task %s: %v, want %v", id, storeGetTask(t, h, id).GetStatus(), want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

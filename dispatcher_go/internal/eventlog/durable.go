@@ -1,0 +1,89 @@
+package eventlog
+
+import (
+	"context"
+	"errors"
+	"sync"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// ErrTrimmed means a reader asked for events the store no longer holds
+// (removed by retention, or lost).
+var ErrTrimmed = errors.New("event log: earlier events are no longer stored")
+
+// Committer is told which events became durable. Durable logs implement it.
+type Committer interface {
+	// Commit says that every event up to seq is durable.
+	Commit(seq uint64)
+}
+
+// Sink persists events for Durable logs (store.Writer implements it).
+type Sink interface {
+	// WaitRoom waits while the sink's bounded buffer is full: the
+	// back-pressure on producers when the disk falls behind. Logs call it
+	// before taking their lock, never under it.
+	WaitRoom()
+	// Persist queues ev (already numbered) of taskID for writing and calls
+	// c.Commit once it is durable. It is called under the log's lock, in
+	// seq order, and must not block (Commit takes that lock).
+	Persist(c Committer, taskID string, ev *dispatchv1.TaskEvent)
+	// ReadStored returns up to limit stored events of taskID with
+	// seq > afterSeq, in order.
+	ReadStored(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]*dispatchv1.TaskEvent, error)
+}
+
+// Durable is a Store whose logs keep serving live readers from memory while
+// every event is written to a Sink in batches. A reader sees an event only
+// once it is durable, so whatever a watcher was sent survives a crash and a
+// watcher that resumes by seq after a restart neither misses nor repeats
+// an event. The added latency is the sink's flush interval; appends never
+// wait for a disk write (only for buffer room when the disk falls behind).
+type Durable struct {
+	limits Limits
+	sink   Sink
+
+	mu   sync.Mutex
+	logs map[string]struct{}
+}
+
+// NewDurable returns a Store whose logs obey limits and persist to sink.
+func NewDurable(limits Limits, sink Sink) *Durable {
+	return &Durable{limits: limits, sink: sink, logs: make(map[string]struct{})}
+}
+
+// Create implements Store.
+func (d *Durable) Create(taskID string) (Log, error) {
+	return d.Restore(taskID, 0, false)
+}
+
+// Restore opens the log of a task whose events up to lastSeq are already
+// stored (after a restart): new events continue at lastSeq+1 and readers
+// that start before it read the store. A sealed log accepts nothing.
+func (d *Durable) Restore(taskID string, lastSeq uint64, sealed bool) (Log, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.logs[taskID]; ok {
+		return nil, ErrExists
+	}
+	d.logs[taskID] = struct{}{}
+	return &memLog{
+		limits: d.limits, sink: d.sink, taskID: taskID,
+		base: lastSeq, committed: lastSeq, sealed: sealed,
+		events: make([]*dispatchv1.TaskEvent, 0, 16),
+	}, nil
+}
+
+// Stored returns a read-only, sealed log of a finished task that is not
+// held in memory: every read goes to the store. It is not registered, so
+// any number of them may exist for one task.
+func (d *Durable) Stored(taskID string, lastSeq uint64) Log {
+	return &memLog{limits: d.limits, sink: d.sink, taskID: taskID, base: lastSeq, committed: lastSeq, sealed: true}
+}
+
+// Remove implements Store.
+func (d *Durable) Remove(taskID string) {
+	d.mu.Lock()
+	delete(d.logs, taskID)
+	d.mu.Unlock()
+}

@@ -1,0 +1,152 @@
+package eventlog
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// fakeSink holds persisted events until the test commits them; stored are
+// events "from a previous run".
+type fakeSink struct {
+	mu      sync.Mutex
+	pending []struct {
+		c   Committer
+		seq uint64
+	}
+	stored []*dispatchv1.TaskEvent
+}
+
+func (f *fakeSink) WaitRoom() {}
+
+func (f *fakeSink) Persist(c Committer, _ string, ev *dispatchv1.TaskEvent) {
+	f.mu.Lock()
+	f.pending = append(f.pending, struct {
+		c   Committer
+		seq uint64
+	}{c, ev.GetSeq()})
+	f.mu.Unlock()
+}
+
+func (f *fakeSink) commitAll() {
+	f.mu.Lock()
+	p := f.pending
+	f.pending = nil
+	f.mu.Unlock()
+	for _, x := range p {
+		x.c.Commit(x.seq)
+	}
+}
+
+func (f *fakeSink) ReadStored(_ context.Context, _ string, after uint64, limit int) ([]*dispatchv1.TaskEvent, error) {
+	var out []*dispatchv1.TaskEvent
+	for _, ev := range f.stored {
+		if ev.GetSeq() > after && len(out) < limit {
+			out = append(out, ev)
+		}
+	}
+	return out, nil
+}
+
+func TestDurableReadersSeeOnlyCommittedEvents(t *testing.T) {
+	sink := &fakeSink{}
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq, _ := l.Append(content("a"), Capped); seq != 1 {
+		t.Fatalf("seq %d", seq)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if evs, err := l.Read(ctx, 0, nil); len(evs) != 0 || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("uncommitted event visible: %v %v", evs, err)
+	}
+	got := make(chan int, 1)
+	go func() {
+		evs, _ := l.Read(context.Background(), 0, nil)
+		got <- len(evs)
+	}()
+	time.Sleep(5 * time.Millisecond)
+	sink.commitAll()
+	select {
+	case n := <-got:
+		if n != 1 {
+			t.Fatalf("read %d", n)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("reader not woken by commit")
+	}
+	// The terminal event: EOF only once it is committed too.
+	if _, err := l.Seal(content("end")); err != nil {
+		t.Fatal(err)
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel2()
+	if _, err := l.Read(ctx2, 1, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("sealed but uncommitted: %v", err)
+	}
+	sink.commitAll()
+	evs, err := l.Read(context.Background(), 1, nil)
+	if err != nil || len(evs) != 1 || evs[0].GetSeq() != 2 {
+		t.Fatalf("terminal: %v %v", evs, err)
+	}
+	if _, err := l.Read(context.Background(), 2, nil); !errors.Is(err, io.EOF) {
+		t.Fatalf("after terminal: %v", err)
+	}
+}
+
+func TestDurableRestoreContinuesSeqAndReadsOlderFromStore(t *testing.T) {
+	sink := &fakeSink{}
+	for i := 1; i <= 3; i++ {
+		ev := content("old")
+		ev.Seq = uint64(i)
+		sink.stored = append(sink.stored, ev)
+	}
+	d := NewDurable(Limits{}, sink)
+	l, err := d.Restore("t", 3, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq, _ := l.Append(content("new"), Capped); seq != 4 {
+		t.Fatalf("seq after restore %d", seq)
+	}
+	sink.commitAll()
+	var seqs []uint64
+	var after uint64
+	buf := make([]*dispatchv1.TaskEvent, 0, 2)
+	for after < 4 {
+		evs, err := l.Read(context.Background(), after, buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range evs {
+			seqs = append(seqs, ev.GetSeq())
+			after = ev.GetSeq()
+		}
+	}
+	if len(seqs) != 4 || seqs[0] != 1 || seqs[3] != 4 {
+		t.Fatalf("seqs %v", seqs)
+	}
+	// A stored (finished) log reads only the store, then ends.
+	s := d.Stored("t", 3)
+	if evs, err := s.Read(context.Background(), 0, nil); err != nil || len(evs) != 3 {
+		t.Fatalf("stored read %v %v", evs, err)
+	}
+	if _, err := s.Read(context.Background(), 3, nil); !errors.Is(err, io.EOF) {
+		t.Fatalf("stored end %v", err)
+	}
+	// Events the store lost (retention) are reported, not looped on.
+	sink.stored = nil
+	if _, err := s.Read(context.Background(), 0, nil); !errors.Is(err, ErrTrimmed) {
+		t.Fatalf("trimmed: %v", err)
+	}
+	if _, err := d.Restore("t", 0, false); !errors.Is(err, ErrExists) {
+		t.Fatalf("restore twice: %v", err)
+	}
+}

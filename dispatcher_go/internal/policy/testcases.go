@@ -1,0 +1,131 @@
+package policy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// testSpec is one inline test case of a policy file: packets evaluated in
+// order on a fresh session; every packet but the last must be allowed, the
+// last must get expect.
+type testSpec struct {
+	Name    string       `yaml:"name"`
+	State   stateSpec    `yaml:"state"`
+	Packets []packetSpec `yaml:"packets"`
+	Expect  expectSpec   `yaml:"expect"`
+}
+
+type packetSpec struct {
+	Kind  string         `yaml:"kind"`
+	Text  string         `yaml:"text"`
+	Stage string         `yaml:"stage"`
+	Tool  string         `yaml:"tool"`
+	Args  map[string]any `yaml:"args"`
+	// ArgsJSON is the raw arguments (e.g. not valid JSON); overrides args.
+	ArgsJSON *string `yaml:"args_json"`
+}
+
+type stateSpec struct {
+	TaskID       string            `yaml:"task_id"`
+	Planner      string            `yaml:"planner"`
+	Tenant       string            `yaml:"tenant"`
+	Labels       map[string]string `yaml:"labels"`
+	InputTokens  int64             `yaml:"input_tokens"`
+	OutputTokens int64             `yaml:"output_tokens"`
+	Cost         float64           `yaml:"cost"`
+	Steps        int64             `yaml:"steps"`
+	Elapsed      duration          `yaml:"elapsed"`
+	ToolCalls    int64             `yaml:"tool_calls"`
+}
+
+type expectSpec struct {
+	Action string `yaml:"action"`
+	Rule   string `yaml:"rule"`
+}
+
+// staticSource serves one policy, for tests.
+type staticSource struct {
+	p     *Policy
+	stats Stats
+}
+
+func (s *staticSource) Current() *Policy { return s.p }
+func (s *staticSource) Stats() *Stats    { return &s.stats }
+
+// Packet converts a test packet.
+func (ps *packetSpec) packet() (Packet, error) {
+	p := Packet{Kind: ps.Kind, Text: ps.Text, Stage: ps.Stage, ToolName: ps.Tool}
+	if kindBit(ps.Kind) == 0 {
+		return p, fmt.Errorf("packet kind %q is not one of %v", ps.Kind, kinds)
+	}
+	switch {
+	case ps.ArgsJSON != nil:
+		p.ToolArgsJSON = *ps.ArgsJSON
+	case ps.Args != nil:
+		b, err := json.Marshal(ps.Args)
+		if err != nil {
+			return p, fmt.Errorf("args: %v", err)
+		}
+		p.ToolArgsJSON = string(b)
+	case ps.Kind == KindToolCall:
+		p.ToolArgsJSON = "{}"
+	}
+	return p, nil
+}
+
+func (ss *stateSpec) state() State {
+	return State{
+		TaskID: ss.TaskID, Planner: ss.Planner, Tenant: ss.Tenant, Labels: ss.Labels,
+		InputTokens: ss.InputTokens, OutputTokens: ss.OutputTokens, Cost: ss.Cost, Steps: ss.Steps,
+		Elapsed: time.Duration(ss.Elapsed), ToolCalls: ss.ToolCalls,
+	}
+}
+
+// runTests runs a policy's inline test cases against it.
+func runTests(p *Policy, tests []testSpec) error {
+	var errs []error
+	for i, tc := range tests {
+		name := tc.Name
+		if name == "" {
+			name = fmt.Sprintf("#%d", i+1)
+		}
+		if err := runTest(p, &tc); err != nil {
+			errs = append(errs, fmt.Errorf("test %q: %v", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func runTest(p *Policy, tc *testSpec) error {
+	want, ok := parseAction(tc.Expect.Action)
+	if !ok {
+		return fmt.Errorf("expect.action %q is not allow, hold, deny or stop", tc.Expect.Action)
+	}
+	if len(tc.Packets) == 0 {
+		return errors.New("no packets")
+	}
+	s := NewSession(&staticSource{p: p}, nil)
+	st := tc.State.state()
+	ctx := context.Background()
+	for i := range tc.Packets {
+		pkt, err := tc.Packets[i].packet()
+		if err != nil {
+			return fmt.Errorf("packet %d: %v", i+1, err)
+		}
+		d := s.Evaluate(ctx, pkt, st)
+		last := i == len(tc.Packets)-1
+		if !last {
+			if d.Action != Allow {
+				return fmt.Errorf("packet %d: got %s by %s before the last packet", i+1, d.Action, d.RuleID)
+			}
+			continue
+		}
+		if d.Action != want || (tc.Expect.Rule != "" && d.RuleID != tc.Expect.Rule) {
+			return fmt.Errorf("got %s by %q (%s), want %s by %q", d.Action, d.RuleID, d.Reason, want, tc.Expect.Rule)
+		}
+	}
+	return nil
+}

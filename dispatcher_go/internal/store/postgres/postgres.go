@@ -1,0 +1,266 @@
+// Package postgres is the production store: PostgreSQL through pgx v5. The
+// schema is the same as the embedded store's (see package store); migrations
+// run on Open under an advisory lock, so replicas starting together apply
+// each migration once.
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+// migrationLock is the pg_advisory_xact_lock key of migrations ("dispatch").
+const migrationLock = 0x6469737061746368
+
+// migrations are applied in order, each once; the index+1 is the version.
+// Never edit one that has shipped: append a new one.
+var migrations = []string{
+	`CREATE TABLE tasks (
+		id TEXT PRIMARY KEY,
+		status INTEGER NOT NULL,
+		created_at BIGINT NOT NULL,
+		ended_at BIGINT NOT NULL DEFAULT 0,
+		body BYTEA NOT NULL
+	);
+	CREATE INDEX tasks_status_created ON tasks(status, created_at);
+	CREATE INDEX tasks_ended ON tasks(ended_at) WHERE ended_at > 0;
+	CREATE INDEX tasks_created ON tasks(created_at);
+	CREATE TABLE events (
+		task_id TEXT NOT NULL,
+		seq BIGINT NOT NULL,
+		data BYTEA NOT NULL,
+		PRIMARY KEY (task_id, seq)
+	);
+	CREATE TABLE configs (
+		id TEXT PRIMARY KEY,
+		data BYTEA NOT NULL,
+		updated_at BIGINT NOT NULL
+	);`,
+}
+
+// Store is the PostgreSQL store.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open connects to dsn (a libpq connection string or URL) and migrates.
+func Open(ctx context.Context, dsn string) (*Store, error) {
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: connect: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("postgres: connect: %w", err)
+	}
+	s := &Store{pool: pool}
+	if err := s.migrate(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLock)); err != nil {
+			return fmt.Errorf("postgres: migrate: %w", err)
+		}
+		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)`); err != nil {
+			return fmt.Errorf("postgres: migrate: %w", err)
+		}
+		var v int
+		if err := tx.QueryRow(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
+			return fmt.Errorf("postgres: migrate: %w", err)
+		}
+		if v > len(migrations) {
+			return fmt.Errorf("postgres: database schema version %d is newer than this dispatcher (%d)", v, len(migrations))
+		}
+		for i := v; i < len(migrations); i++ {
+			if _, err := tx.Exec(ctx, migrations[i]); err != nil {
+				return fmt.Errorf("postgres: migration %d: %w", i+1, err)
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)`, i+1, time.Now().Unix()); err != nil {
+				return fmt.Errorf("postgres: migration %d: %w", i+1, err)
+			}
+		}
+		return nil
+	})
+}
+
+// Apply implements store.Store: all events in one INSERT … SELECT unnest
+// (one round trip whatever the batch size), then the task upserts, in one
+// transaction.
+func (s *Store) Apply(ctx context.Context, b store.Batch) error {
+	if len(b.Events) == 0 && len(b.Tasks) == 0 {
+		return nil
+	}
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if len(b.Events) > 0 {
+			taskIDs := make([]string, len(b.Events))
+			seqs := make([]int64, len(b.Events))
+			data := make([][]byte, len(b.Events))
+			for i, e := range b.Events {
+				taskIDs[i], seqs[i], data[i] = e.TaskID, int64(e.Seq), e.Data
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO events (task_id, seq, data)
+				SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING`,
+				taskIDs, seqs, data); err != nil {
+				return fmt.Errorf("postgres: apply events: %w", err)
+			}
+		}
+		if len(b.Tasks) > 0 {
+			var pb pgx.Batch
+			for _, t := range b.Tasks {
+				pb.Queue(`INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES ($1, $2, $3, $4, $5)
+					ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
+					ended_at = excluded.ended_at, body = excluded.body`,
+					t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body)
+			}
+			if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
+				return fmt.Errorf("postgres: apply tasks: %w", err)
+			}
+		}
+		return nil
+	})
+	return err
+}
+
+func scanTask(row pgx.Row) (store.TaskRecord, error) {
+	var r store.TaskRecord
+	var created, ended int64
+	if err := row.Scan(&r.ID, &r.Status, &created, &ended, &r.Body); err != nil {
+		return r, err
+	}
+	r.CreatedAt, r.EndedAt = store.FromMicros(created), store.FromMicros(ended)
+	return r, nil
+}
+
+// GetTask implements store.Store.
+func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error) {
+	r, err := scanTask(s.pool.QueryRow(ctx, `SELECT id, status, created_at, ended_at, body FROM tasks WHERE id = $1`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return r, store.ErrNotFound
+	}
+	if err != nil {
+		return r, fmt.Errorf("postgres: get task: %w", err)
+	}
+	return r, nil
+}
+
+// ListTasks implements store.Store.
+func (s *Store) ListTasks(ctx context.Context, statuses []int32, limit int) ([]store.TaskRecord, error) {
+	q := `SELECT id, status, created_at, ended_at, body FROM tasks
+		WHERE (cardinality($1::int[]) = 0 OR status = ANY($1::int[]))
+		ORDER BY created_at DESC, id DESC`
+	args := []any{statuses}
+	if statuses == nil {
+		args[0] = []int32{}
+	}
+	if limit > 0 {
+		q += ` LIMIT $2`
+		args = append(args, limit)
+	}
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: list tasks: %w", err)
+	}
+	defer rows.Close()
+	var out []store.TaskRecord
+	for rows.Next() {
+		r, err := scanTask(rows)
+		if err != nil {
+			return out, fmt.Errorf("postgres: list tasks: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// ReadEvents implements store.Store.
+func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
+	if limit <= 0 {
+		limit = 64
+	}
+	rows, err := s.pool.Query(ctx, `SELECT seq, data FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`, taskID, int64(afterSeq), limit)
+	if err != nil {
+		return nil, fmt.Errorf("postgres: read events: %w", err)
+	}
+	defer rows.Close()
+	var out []store.Event
+	for rows.Next() {
+		e := store.Event{TaskID: taskID}
+		var seq int64
+		if err := rows.Scan(&seq, &e.Data); err != nil {
+			return out, fmt.Errorf("postgres: read events: %w", err)
+		}
+		e.Seq = uint64(seq)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// LastSeq implements store.Store.
+func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
+	var seq int64
+	if err := s.pool.QueryRow(ctx, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id = $1`, taskID).Scan(&seq); err != nil {
+		return 0, fmt.Errorf("postgres: last seq: %w", err)
+	}
+	return uint64(seq), nil
+}
+
+// PutConfig implements store.Store.
+func (s *Store) PutConfig(ctx context.Context, id string, data []byte) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO configs (id, data, updated_at) VALUES ($1, $2, $3)
+		ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at`, id, data, time.Now().UnixMicro())
+	if err != nil {
+		return fmt.Errorf("postgres: put config: %w", err)
+	}
+	return nil
+}
+
+// GetConfig implements store.Store.
+func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
+	var data []byte
+	err := s.pool.QueryRow(ctx, `SELECT data FROM configs WHERE id = $1`, id).Scan(&data)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, store.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("postgres: get config: %w", err)
+	}
+	return data, nil
+}
+
+// DeleteEndedBefore implements store.Store.
+func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error) {
+	var n int64
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		c := store.Micros(cutoff)
+		if _, err := tx.Exec(ctx, `DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < $1)`, c); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, `DELETE FROM tasks WHERE ended_at > 0 AND ended_at < $1`, c)
+		n = tag.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("postgres: retention: %w", err)
+	}
+	return n, nil
+}
+
+// Close implements store.Store.
+func (s *Store) Close() error {
+	s.pool.Close()
+	return nil
+}

@@ -1,0 +1,314 @@
+// Package sqlite is the embedded store: one SQLite file in the data
+// directory, through a pure-Go driver (no cgo, no server). WAL mode with
+// synchronous=NORMAL: a commit survives a process crash (kill -9); a power
+// loss may lose the last commits but never corrupts the file.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	_ "modernc.org/sqlite" // driver "sqlite"
+
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+// FileName is the database file inside the data directory.
+const FileName = "dispatcher.db"
+
+// migrations are applied in order, each once; the index+1 is the version.
+// Never edit one that has shipped: append a new one.
+var migrations = []string{
+	`CREATE TABLE tasks (
+		id TEXT PRIMARY KEY,
+		status INTEGER NOT NULL,
+		created_at INTEGER NOT NULL,
+		ended_at INTEGER NOT NULL DEFAULT 0,
+		body BLOB NOT NULL
+	);
+	CREATE INDEX tasks_status_created ON tasks(status, created_at);
+	CREATE INDEX tasks_ended ON tasks(ended_at) WHERE ended_at > 0;
+	CREATE INDEX tasks_created ON tasks(created_at);
+	CREATE TABLE events (
+		task_id TEXT NOT NULL,
+		seq INTEGER NOT NULL,
+		data BLOB NOT NULL,
+		PRIMARY KEY (task_id, seq)
+	) WITHOUT ROWID;
+	CREATE TABLE configs (
+		id TEXT PRIMARY KEY,
+		data BLOB NOT NULL,
+		updated_at INTEGER NOT NULL
+	);`,
+}
+
+// eventChunk is how many events one INSERT writes (3 parameters each, well
+// under SQLite's 32766).
+const eventChunk = 500
+
+var eventInserts sync.Map // n → query text
+
+func eventInsert(n int) string {
+	if q, ok := eventInserts.Load(n); ok {
+		return q.(string)
+	}
+	q := `INSERT INTO events (task_id, seq, data) VALUES (?, ?, ?)` + strings.Repeat(`, (?, ?, ?)`, n-1) + ` ON CONFLICT DO NOTHING`
+	eventInserts.Store(n, q)
+	return q
+}
+
+// Store is the SQLite store.
+type Store struct {
+	db   *sql.DB
+	lock *os.File // the data dir's lock (Open only)
+}
+
+var _ store.Store = (*Store)(nil)
+
+// Open opens (creating if needed) the database in dir and migrates it.
+func Open(ctx context.Context, dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("sqlite: data dir: %w", err)
+	}
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	s, err := OpenFile(ctx, filepath.Join(dir, FileName))
+	if err != nil {
+		if lock != nil {
+			lock.Close()
+		}
+		return nil, err
+	}
+	s.lock = lock
+	return s, nil
+}
+
+// OpenFile opens the database file path and migrates it.
+func OpenFile(ctx context.Context, path string) (*Store, error) {
+	q := url.Values{}
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+		q.Add("_pragma", p)
+	}
+	q.Set("_txlock", "immediate")
+	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: open: %w", err)
+	}
+	// One writer at a time is SQLite's model; a few connections let
+	// readers run beside it (WAL).
+	db.SetMaxOpenConns(4)
+	s := &Store{db: db}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Store) migrate(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("sqlite: migrate: %w", err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
+		return fmt.Errorf("sqlite: migrate: %w", err)
+	}
+	var v int
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
+		return fmt.Errorf("sqlite: migrate: %w", err)
+	}
+	if v > len(migrations) {
+		return fmt.Errorf("sqlite: database schema version %d is newer than this dispatcher (%d)", v, len(migrations))
+	}
+	for i := v; i < len(migrations); i++ {
+		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+			return fmt.Errorf("sqlite: migration %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`, i+1, time.Now().Unix()); err != nil {
+			return fmt.Errorf("sqlite: migration %d: %w", i+1, err)
+		}
+	}
+	return tx.Commit()
+}
+
+// Apply implements store.Store.
+func (s *Store) Apply(ctx context.Context, b store.Batch) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("sqlite: apply: %w", err)
+	}
+	defer tx.Rollback()
+	// Multi-row INSERTs: one statement per eventChunk events instead of one
+	// per event (the per-statement cost dominates small rows).
+	for evs := b.Events; len(evs) > 0; {
+		n := min(len(evs), eventChunk)
+		q := eventInsert(n)
+		args := make([]any, 0, 3*n)
+		for _, e := range evs[:n] {
+			args = append(args, e.TaskID, int64(e.Seq), e.Data)
+		}
+		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+			return fmt.Errorf("sqlite: apply events: %w", err)
+		}
+		evs = evs[n:]
+	}
+	for _, t := range b.Tasks {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES (?, ?, ?, ?, ?)
+			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
+			ended_at = excluded.ended_at, body = excluded.body`,
+			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body); err != nil {
+			return fmt.Errorf("sqlite: apply task: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("sqlite: commit: %w", err)
+	}
+	return nil
+}
+
+func scanTask(sc interface{ Scan(...any) error }) (store.TaskRecord, error) {
+	var r store.TaskRecord
+	var created, ended int64
+	if err := sc.Scan(&r.ID, &r.Status, &created, &ended, &r.Body); err != nil {
+		return r, err
+	}
+	r.CreatedAt, r.EndedAt = store.FromMicros(created), store.FromMicros(ended)
+	return r, nil
+}
+
+// GetTask implements store.Store.
+func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error) {
+	r, err := scanTask(s.db.QueryRowContext(ctx, `SELECT id, status, created_at, ended_at, body FROM tasks WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return r, store.ErrNotFound
+	}
+	if err != nil {
+		return r, fmt.Errorf("sqlite: get task: %w", err)
+	}
+	return r, nil
+}
+
+// ListTasks implements store.Store.
+func (s *Store) ListTasks(ctx context.Context, statuses []int32, limit int) ([]store.TaskRecord, error) {
+	q := `SELECT id, status, created_at, ended_at, body FROM tasks`
+	args := make([]any, 0, len(statuses)+1)
+	if len(statuses) > 0 {
+		q += ` WHERE status IN (?` + strings.Repeat(`, ?`, len(statuses)-1) + `)`
+		for _, st := range statuses {
+			args = append(args, st)
+		}
+	}
+	q += ` ORDER BY created_at DESC, id DESC`
+	if limit > 0 {
+		q += ` LIMIT ?`
+		args = append(args, limit)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: list tasks: %w", err)
+	}
+	defer rows.Close()
+	var out []store.TaskRecord
+	for rows.Next() {
+		r, err := scanTask(rows)
+		if err != nil {
+			return out, fmt.Errorf("sqlite: list tasks: %w", err)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// ReadEvents implements store.Store.
+func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
+	if limit <= 0 {
+		limit = 64
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT seq, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?`, taskID, int64(afterSeq), limit)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: read events: %w", err)
+	}
+	defer rows.Close()
+	var out []store.Event
+	for rows.Next() {
+		e := store.Event{TaskID: taskID}
+		var seq int64
+		if err := rows.Scan(&seq, &e.Data); err != nil {
+			return out, fmt.Errorf("sqlite: read events: %w", err)
+		}
+		e.Seq = uint64(seq)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// LastSeq implements store.Store.
+func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
+	var seq int64
+	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id = ?`, taskID).Scan(&seq); err != nil {
+		return 0, fmt.Errorf("sqlite: last seq: %w", err)
+	}
+	return uint64(seq), nil
+}
+
+// PutConfig implements store.Store.
+func (s *Store) PutConfig(ctx context.Context, id string, data []byte) error {
+	_, err := s.db.ExecContext(ctx, `INSERT INTO configs (id, data, updated_at) VALUES (?, ?, ?)
+		ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at`, id, data, time.Now().UnixMicro())
+	if err != nil {
+		return fmt.Errorf("sqlite: put config: %w", err)
+	}
+	return nil
+}
+
+// GetConfig implements store.Store.
+func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
+	var data []byte
+	err := s.db.QueryRowContext(ctx, `SELECT data FROM configs WHERE id = ?`, id).Scan(&data)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, store.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: get config: %w", err)
+	}
+	return data, nil
+}
+
+// DeleteEndedBefore implements store.Store.
+func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	defer tx.Rollback()
+	c := store.Micros(cutoff)
+	if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < ?)`, c); err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	res, err := tx.ExecContext(ctx, `DELETE FROM tasks WHERE ended_at > 0 AND ended_at < ?`, c)
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return n, tx.Commit()
+}
+
+// Close implements store.Store.
+func (s *Store) Close() error {
+	err := s.db.Close()
+	if s.lock != nil {
+		s.lock.Close() // releases the flock
+	}
+	return err
+}

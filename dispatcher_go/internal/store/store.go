@@ -1,0 +1,95 @@
+// Package store is the dispatcher's durable state: tasks, their numbered
+// events, and configs. Store is the interface; sqlite/ (embedded, the
+// default) and postgres/ implement it and both pass storetest's conformance
+// suite.
+//
+// The store is deliberately schema-light: a task is a row with the columns
+// queries need (id, status, creation and end time) and an opaque body the
+// task package encodes (secrets already removed or encrypted), an event is
+// (task id, seq, serialized TaskEvent). Implementations do not interpret
+// bodies, so the two backends cannot drift apart in what they keep.
+//
+// Writes from the hot path go through Writer, which batches them into one
+// transaction per flush so that persistence does not throttle streaming.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound means no row has the given id.
+var ErrNotFound = errors.New("store: not found")
+
+// TaskRecord is a task as stored.
+type TaskRecord struct {
+	// ID is the task id (primary key).
+	ID string
+	// Status is the agentpb.TaskStatus number.
+	Status int32
+	// CreatedAt orders tasks; EndedAt is zero until the task ends and is
+	// what retention looks at.
+	CreatedAt time.Time
+	EndedAt   time.Time
+	// Body is the rest of the task, encoded by the task package.
+	Body []byte
+}
+
+// Event is one task event as stored: Data is the serialized TaskEvent.
+type Event struct {
+	TaskID string
+	Seq    uint64
+	Data   []byte
+}
+
+// Batch is what one flush writes, in one transaction: events first, then
+// task records (a record written in the same flush as its task's events is
+// never ahead of them).
+type Batch struct {
+	Events []Event
+	Tasks  []TaskRecord
+}
+
+// Store is the durable state. Implementations are safe for concurrent use.
+type Store interface {
+	// Apply writes b atomically. Events are idempotent by (task id, seq):
+	// writing an event again is a no-op. Tasks are upserted by id.
+	Apply(ctx context.Context, b Batch) error
+	// GetTask returns the task with id, or ErrNotFound.
+	GetTask(ctx context.Context, id string) (TaskRecord, error)
+	// ListTasks returns tasks whose status is in statuses (empty: any),
+	// newest first, at most limit of them (<= 0: all).
+	ListTasks(ctx context.Context, statuses []int32, limit int) ([]TaskRecord, error)
+	// ReadEvents returns up to limit events of taskID with seq > afterSeq,
+	// in seq order.
+	ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]Event, error)
+	// LastSeq is the highest stored seq of taskID (0: none).
+	LastSeq(ctx context.Context, taskID string) (uint64, error)
+	// PutConfig stores a config document under id (upsert).
+	PutConfig(ctx context.Context, id string, data []byte) error
+	// GetConfig returns the config document with id, or ErrNotFound.
+	GetConfig(ctx context.Context, id string) ([]byte, error)
+	// DeleteEndedBefore removes the tasks that ended before cutoff and all
+	// their events, and reports how many tasks it removed.
+	DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error)
+	// Close releases the store.
+	Close() error
+}
+
+// Micros is t in Unix microseconds, 0 for the zero time: the column
+// encoding both backends share.
+func Micros(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixMicro()
+}
+
+// FromMicros is the inverse of Micros.
+func FromMicros(us int64) time.Time {
+	if us == 0 {
+		return time.Time{}
+	}
+	return time.UnixMicro(us)
+}

@@ -1,0 +1,302 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// ErrWriterClosed means the Writer was closed before the write was durable.
+var ErrWriterClosed = errors.New("store: writer closed")
+
+// WriterOptions tune a Writer. Zero fields take the defaults.
+type WriterOptions struct {
+	// Interval is the longest an event waits before its batch is written
+	// (default 1 ms; throughput hardly depends on it, since under load
+	// batches fill to MaxBatch first). Readers of a durable log see an event once it is
+	// written, so this is also the added latency of a live watcher.
+	Interval time.Duration
+	// MaxBatch writes a batch at once when this many items are pending
+	// (default 2048), without waiting for Interval.
+	MaxBatch int
+	// MaxPending bounds the items waiting for a write (default 16384).
+	// Past it, appends wait: the producer is slowed to what the disk can
+	// take instead of memory growing without bound.
+	MaxPending int
+	// Logger receives write errors; nil discards.
+	Logger *slog.Logger
+}
+
+func (o *WriterOptions) applyDefaults() {
+	if o.Interval <= 0 {
+		o.Interval = time.Millisecond
+	}
+	if o.MaxBatch <= 0 {
+		o.MaxBatch = 2048
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 16384
+	}
+	if o.MaxPending < o.MaxBatch {
+		o.MaxPending = o.MaxBatch
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+type pendingEvent struct {
+	c      eventlog.Committer
+	taskID string
+	ev     *dispatchv1.TaskEvent
+}
+
+// Writer batches event and task writes into one Store.Apply per flush: a
+// flush happens Interval after the first pending item, or at once when
+// MaxBatch items are pending or somebody calls Flush. It implements
+// eventlog.Sink: appending an event costs a mutex and a slice append, the
+// serialization and the disk write happen on the Writer's goroutine, and the
+// log is told (Committer.Commit) once the event is durable.
+//
+// A failed write is retried (and logged) until it succeeds or the Writer is
+// closed; meanwhile appends wait once MaxPending is reached.
+type Writer struct {
+	st   Store
+	opts WriterOptions
+
+	mu      sync.Mutex
+	space   *sync.Cond
+	events  []pendingEvent
+	tasks   []TaskRecord
+	waiters []chan error
+	first   time.Time // when the oldest pending item arrived
+	closed  bool
+
+	wake chan struct{}
+	done chan struct{}
+}
+
+// NewWriter starts a Writer on st. Close stops it.
+func NewWriter(st Store, opts WriterOptions) *Writer {
+	opts.applyDefaults()
+	w := &Writer{st: st, opts: opts, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	w.space = sync.NewCond(&w.mu)
+	go w.run()
+	return w
+}
+
+// Store is the store written to.
+func (w *Writer) Store() Store { return w.st }
+
+func (w *Writer) pendingLocked() int { return len(w.events) + len(w.tasks) }
+
+func (w *Writer) notifyLocked() {
+	n := w.pendingLocked()
+	if n == 1 {
+		w.first = time.Now()
+	}
+	if n == 1 || n >= w.opts.MaxBatch {
+		select {
+		case w.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// WaitRoom implements eventlog.Sink: it waits while MaxPending items are
+// waiting to be written. (Producers that passed it together may overshoot
+// the bound by one item each.)
+func (w *Writer) WaitRoom() {
+	w.mu.Lock()
+	for w.pendingLocked() >= w.opts.MaxPending && !w.closed {
+		w.space.Wait()
+	}
+	w.mu.Unlock()
+}
+
+// Persist implements eventlog.Sink. It is called under the log's lock, in
+// seq order, and never waits for room (WaitRoom did).
+func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.TaskEvent) {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return // shutting down: the event stays in memory only
+	}
+	w.events = append(w.events, pendingEvent{c: c, taskID: taskID, ev: ev})
+	w.notifyLocked()
+	w.mu.Unlock()
+}
+
+// ReadStored implements eventlog.Sink.
+func (w *Writer) ReadStored(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]*dispatchv1.TaskEvent, error) {
+	rows, err := w.st.ReadEvents(ctx, taskID, afterSeq, limit)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*dispatchv1.TaskEvent, 0, len(rows))
+	for _, r := range rows {
+		ev := &dispatchv1.TaskEvent{}
+		if err := proto.Unmarshal(r.Data, ev); err != nil {
+			return out, err
+		}
+		out = append(out, ev)
+	}
+	return out, nil
+}
+
+// SaveTask queues an upsert of rec, written after every event queued before it.
+func (w *Writer) SaveTask(rec TaskRecord) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return
+	}
+	w.tasks = append(w.tasks, rec)
+	w.notifyLocked()
+}
+
+// Flush writes everything queued so far now and waits until it is durable.
+func (w *Writer) Flush(ctx context.Context) error {
+	ch := make(chan error, 1)
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return ErrWriterClosed
+	}
+	w.waiters = append(w.waiters, ch)
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close writes what is pending and stops the Writer. Later appends are
+// kept in memory only.
+func (w *Writer) Close() {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		<-w.done
+		return
+	}
+	w.closed = true
+	w.space.Broadcast()
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+	<-w.done
+}
+
+func (w *Writer) run() {
+	defer close(w.done)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	commits := make(map[eventlog.Committer]uint64)
+	for {
+		<-w.wake
+		w.mu.Lock()
+		// Wait out the interval unless the batch is full, a flush was
+		// asked for, or we are closing.
+		for w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
+			wait := w.opts.Interval - time.Since(w.first)
+			if wait <= 0 {
+				break
+			}
+			w.mu.Unlock()
+			timer.Reset(wait)
+			select {
+			case <-timer.C:
+			case <-w.wake:
+				timer.Stop()
+			}
+			w.mu.Lock()
+		}
+		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
+		w.events, w.tasks, w.waiters = nil, nil, nil
+		w.space.Broadcast()
+		w.mu.Unlock()
+
+		err := w.write(events, tasks, commits)
+		for _, ch := range waiters {
+			ch <- err
+		}
+		if closed {
+			w.mu.Lock()
+			rest := w.waiters
+			w.waiters = nil
+			w.mu.Unlock()
+			for _, ch := range rest {
+				ch <- ErrWriterClosed
+			}
+			return
+		}
+		w.mu.Lock()
+		if w.pendingLocked() > 0 || len(w.waiters) > 0 {
+			select {
+			case w.wake <- struct{}{}:
+			default:
+			}
+		}
+		w.mu.Unlock()
+	}
+}
+
+// write applies one batch, retrying until it succeeds or the Writer is
+// closed, then tells each log the highest seq now durable.
+func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64) error {
+	if len(events) == 0 && len(tasks) == 0 {
+		return nil
+	}
+	b := Batch{Events: make([]Event, 0, len(events)), Tasks: tasks}
+	for _, p := range events {
+		data, err := proto.Marshal(p.ev)
+		if err != nil {
+			w.opts.Logger.Error("event not serializable; stored empty", "task_id", p.taskID, "seq", p.ev.GetSeq(), "error", err)
+		}
+		b.Events = append(b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data})
+	}
+	backoff := 50 * time.Millisecond
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := w.st.Apply(ctx, b)
+		cancel()
+		if err == nil {
+			break
+		}
+		w.opts.Logger.Error("store write failed; retrying", "events", len(b.Events), "tasks", len(b.Tasks), "error", err)
+		w.mu.Lock()
+		closed := w.closed
+		w.mu.Unlock()
+		if closed {
+			return err
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 2*time.Second)
+	}
+	for _, p := range events {
+		if s := p.ev.GetSeq(); s > commits[p.c] {
+			commits[p.c] = s
+		}
+	}
+	for c, s := range commits {
+		c.Commit(s)
+		delete(commits, c)
+	}
+	return nil
+}

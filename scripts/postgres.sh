@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL for tests and benchmarks.
+#
+#   scripts/postgres.sh start    install postgresql (Debian) if missing, start a
+#                                cluster on a free loopback port under a temp
+#                                dir, print its connection string (stdout, one line)
+#   scripts/postgres.sh dsn      print the connection string of the running cluster
+#   scripts/postgres.sh stop     stop the cluster and remove its directory
+#
+# Idempotent: start while running prints the same DSN; stop when stopped is a
+# no-op. The server runs as an unprivileged user (postgres refuses root):
+# when run as root, as the "postgres" system user via runuser. State lives in
+# $PG_STATE_DIR (default /tmp/agentdispatch-pg), trust auth, loopback only.
+set -euo pipefail
+
+STATE_DIR="${PG_STATE_DIR:-/tmp/agentdispatch-pg}"
+RUN_USER="${PG_RUN_USER:-postgres}"
+DB_NAME="dispatcher"
+
+log() { echo "postgres.sh: $*" >&2; }
+
+pg_bindir() {
+	local d
+	d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+	[[ -n "$d" && -x "$d/initdb" ]] && echo "$d"
+}
+
+install_pg() {
+	if [[ -n "$(pg_bindir)" ]]; then return; fi
+	if [[ $(id -u) -ne 0 ]]; then
+		log "postgresql is not installed and we are not root: apt-get install postgresql"
+		exit 1
+	fi
+	log "installing postgresql from Debian"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq >&2
+	apt-get install -y -qq --no-install-recommends postgresql >&2
+	# The package may start its own cluster on 5432; we do not use it.
+}
+
+as_user() {
+	if [[ $(id -u) -eq 0 ]]; then
+		runuser -u "$RUN_USER" -- "$@"
+	else
+		"$@"
+	fi
+}
+
+free_port() {
+	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+dsn() {
+	local port user
+	port=$(cat "$STATE_DIR/port")
+	user=$(cat "$STATE_DIR/user")
+	echo "postgres://${user}@127.0.0.1:${port}/${DB_NAME}?sslmode=disable"
+}
+
+running() {
+	[[ -f "$STATE_DIR/port" && -d "$STATE_DIR/data" ]] || return 1
+	as_user "$(pg_bindir)/pg_ctl" -D "$STATE_DIR/data" status >/dev/null 2>&1
+}
+
+start() {
+	install_pg
+	local bin user port
+	bin=$(pg_bindir)
+	if running; then
+		dsn
+		return
+	fi
+	rm -rf "$STATE_DIR"
+	mkdir -p "$STATE_DIR"
+	user=$(id -un)
+	if [[ $(id -u) -eq 0 ]]; then
+		user="$RUN_USER"
+		chown "$RUN_USER" "$STATE_DIR"
+	fi
+	port=$(free_port)
+	as_user "$bin/initdb" -D "$STATE_DIR/data" -U "$user" --auth=trust --no-sync -E UTF8 >"$STATE_DIR/initdb.log" 2>&1 ||
+		{ cat "$STATE_DIR/initdb.log" >&2; exit 1; }
+	echo "$port" >"$STATE_DIR/port"
+	echo "$user" >"$STATE_DIR/user"
+	# Throwaway cluster: fsync off makes tests fast; never use for real data.
+	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
+		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }
+	as_user "$bin/createdb" -h 127.0.0.1 -p "$port" -U "$user" "$DB_NAME"
+	log "started on 127.0.0.1:$port (state in $STATE_DIR)"
+	dsn
+}
+
+stop() {
+	local bin
+	bin=$(pg_bindir || true)
+	if [[ -n "$bin" && -d "$STATE_DIR/data" ]]; then
+		as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -m fast -w stop >&2 2>&1 || true
+	fi
+	rm -rf "$STATE_DIR"
+}
+
+case "${1:-}" in
+start) start ;;
+stop) stop ;;
+dsn) running && dsn || { log "not running"; exit 1; } ;;
+*) echo "usage: $0 start|stop|dsn" >&2; exit 2 ;;
+esac
