@@ -95,8 +95,8 @@ logs: ## tail the logs of the background stack
 
 # ---------------------------------------------------------------- tests
 
-.PHONY: test lint test-go test-py test-e2e test-model
-test: setup setup-model lint check-generate test-go test-py test-e2e test-model ## run every test
+.PHONY: test lint test-go test-py test-e2e test-model test-store
+test: setup setup-model lint check-generate test-go test-store test-py test-e2e test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -106,6 +106,12 @@ lint: setup lint-proto ## go vet, ruff, mypy
 
 test-go: ## Go unit tests with the race detector (goleak in each package)
 	cd dispatcher_go && go test -race -count=1 ./...
+
+test-store: ## store conformance (SQLite + a real PostgreSQL), restart and kill -9 tests on Postgres
+	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop' EXIT && \
+	cd dispatcher_go && export POSTGRES_TEST_DSN=$$DSN && \
+	go test -race -count=1 ./internal/store/... ./internal/eventlog/ && \
+	go test -race -count=1 -run 'Kill9|TestStore|TestConfigStorage' ./cmd/dispatcher/ ./internal/api/
 
 test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles, local sandbox)
 	$(VENV)/bin/pytest -q commander
@@ -118,9 +124,14 @@ test-model: build setup-model ## end to end with the real local model (SmolLM2 v
 
 # ---------------------------------------------------------------- bench
 
-.PHONY: bench
+.PHONY: bench bench-store
 bench: setup build ## benchmarks (BENCH_QUICK=1 for a short run)
 	scripts/bench.sh
+	$(MAKE) --no-print-directory bench-store
+
+bench-store: ## streaming throughput: in-memory log vs SQLite vs PostgreSQL, as ratios from one run
+	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop' EXIT && \
+	cd dispatcher_go && POSTGRES_TEST_DSN=$$DSN go test -run '^$$' -bench StreamingThroughput -benchtime 1x -count 3 ./internal/store/
 
 .PHONY: clean
 clean: ## remove build outputs and run state

@@ -73,7 +73,7 @@ up() {
   port_free "$host" "$port" || { log "$DISPATCHER_LISTEN is taken; set DISPATCHER_LISTEN"; exit 1; }
   log "dispatcher on $DISPATCHER_LISTEN"
   rm -f "$RUN/dispatcher.addr"
-  start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --log-format text
+  start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --data-dir "$RUN/data" --log-format text
   wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
   log "tool provider (workspace tools in $RUN/workspace)"
   mkdir -p "$RUN/workspace"
