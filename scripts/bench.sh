@@ -37,6 +37,8 @@ RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 FAILED=()
 PIDS=()
+# Extra dispatcher flags of the scenario being run (e.g. --policy-file).
+SCENARIO_DISPATCHER_ARGS=()
 
 log() { printf '\033[2m[bench]\033[0m %s\n' "$*" >&2; }
 
@@ -76,9 +78,10 @@ wait_file() {
 start_dispatcher() {
   local name=$1
   rm -f "$OUT/$name.addr"
-  "$DISPATCHER" --listen 127.0.0.1:0 --addr-file "$OUT/$name.addr" \
+  rm -rf "$OUT/$name.data" # each scenario starts from an empty store
+  "$DISPATCHER" --listen 127.0.0.1:0 --addr-file "$OUT/$name.addr" --data-dir "$OUT/$name.data" \
     --commander-token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
-    --queue-size 100000 "${DISPATCHER_ARGS[@]}" >"$OUT/$name.log" 2>&1 &
+    --queue-size 100000 "${DISPATCHER_ARGS[@]}" "${SCENARIO_DISPATCHER_ARGS[@]}" >"$OUT/$name.log" 2>&1 &
   DISPATCHER_PID=$!
   PIDS+=("$DISPATCHER_PID")
   wait_file "$OUT/$name.addr" 30 "$DISPATCHER_PID" "$name"
@@ -143,6 +146,66 @@ python_commander_stop() {
   stop_pid "$llm_pid"
 }
 
+# --- policy (issue 3) ---------------------------------------------------------
+# The policy file of the policy scenario: the phrase rule loadgen's poisoned
+# sessions trip (split across two packets), plus ten CEL rules that every
+# packet is evaluated against and that never fire on the bench traffic, so
+# the stop latency is measured with a realistic policy loaded.
+write_bench_policy() {
+  local f=$1 i
+  {
+    echo "version: 1"
+    echo "limits: {max_tool_calls_per_minute: 1000000}"
+    echo "rules:"
+    echo "  - {id: bench-phrase, phrases: [\"launch codes\"], action: stop, reason: forbidden phrase}"
+    for i in 1 2 3; do
+      echo "  - {id: deny-$i, when: 'tool_name == \"shell$i\" && tool_args.cmd.contains(\"rm\")', action: deny}"
+      echo "  - {id: word-$i, when: 'kind == \"content\" && window.contains(\"secret-word-$i\")', action: stop}"
+      echo "  - {id: tenant-$i, when: 'cost > 1000.0 || labels[\"tenant$i\"] == \"blocked\"', action: stop, on_error: ignore}"
+    done
+    echo "tests:"
+    echo "  - name: split phrase"
+    echo "    packets: [{kind: content, text: \"xx launch\"}, {kind: content, text: \" codes xx\"}]"
+    echo "    expect: {action: stop, rule: bench-phrase}"
+  } >"$f"
+}
+
+# policy_scenario LABEL LOADGEN-ARGS...: the policy scenario against a
+# dispatcher started with the bench policy file.
+policy_scenario() {
+  local label=$1; shift
+  write_bench_policy "$OUT/bench-policy.yaml"
+  SCENARIO_DISPATCHER_ARGS=(--policy-file "$OUT/bench-policy.yaml")
+  scenario "$label" --scenario policy --phrase "launch codes" --policy-rule bench-phrase "$@"
+  SCENARIO_DISPATCHER_ARGS=()
+}
+
+# policy_eval: the cost of evaluating one packet against 1, 10 and 100 CEL
+# rules (BenchmarkEvaluate in internal/policy); the ns/op lines are kept in
+# policy-eval.txt and added to results.jsonl as a pseudo-scenario.
+policy_eval() {
+  local label=policy-eval
+  if [ -n "$ONLY" ] && [[ $label != *"$ONLY"* ]]; then return 0; fi
+  log "policy evaluation cost: go test -run '^\$' -bench BenchmarkEvaluate -benchtime 1s ./internal/policy/"
+  if ! (cd dispatcher_go && go test -run '^$' -bench BenchmarkEvaluate -benchtime 1s ./internal/policy/) \
+    >"$OUT/policy-eval.log" 2>&1; then
+    tail -n 20 "$OUT/policy-eval.log" >&2
+    FAILED+=("$label"); return 0
+  fi
+  grep -E '^BenchmarkEvaluate/.*/rules=(1|10|100)-' "$OUT/policy-eval.log" >"$OUT/policy-eval.txt" || true
+  if [ ! -s "$OUT/policy-eval.txt" ]; then
+    FAILED+=("$label (no BenchmarkEvaluate lines)"); return 0
+  fi
+  cat "$OUT/policy-eval.txt" >&2
+  awk -v label="$label" '
+    { split($1, parts, "/"); kind = parts[2]; rules = parts[3]; sub(/-[0-9]+$/, "", rules); sub(/rules=/, "", rules)
+      for (i = 2; i < NF; i++) if ($(i + 1) == "ns/op") ns = $i
+      vals = vals sep sprintf("{\"name\":\"evaluate one %s packet, %s rules\",\"value\":%s,\"unit\":\"ns/op\"}", kind, rules, ns)
+      sep = "," }
+    END { printf("{\"scenario\":\"policy-eval\",\"label\":\"%s\",\"params\":{\"benchtime\":\"1s\"},\"values\":[%s],\"ok\":true}\n", label, vals) }
+  ' "$OUT/policy-eval.txt" >>"$RESULTS"
+}
+
 # --- build -----------------------------------------------------------------
 log "building into $BIN"
 mkdir -p "$BIN"
@@ -166,6 +229,11 @@ START=$SECONDS
 # idle:       N idle slots (hello, KeepAlive 10 s) held open; RSS per slot.
 # tools:      N sessions each calling a tool 20 times a second, alternating
 #             the built-in echo and bench_echo served by loadgen as a provider.
+# policy:     N sessions streaming 50 packets/s against a dispatcher with a
+#             policy file (a phrase rule + 9 CEL rules); half the tasks emit
+#             the forbidden phrase split across two packets 0.2–2 s in:
+#             completing packet sent → stop at the commander → stopped
+#             recorded, and nothing after the stop reaches a watcher.
 if [ "$QUICK" = 1 ]; then
   log "BENCH_QUICK=1: small loads"
   scenario stop       --scenario stop --sessions 10 --duration 6s --rate 50 --packet-bytes 16
@@ -174,6 +242,7 @@ if [ "$QUICK" = 1 ]; then
   scenario throughput --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
   scenario idle       --scenario idle --sessions 500 --duration 3s --streams-per-conn 50
   scenario tools      --scenario tools --sessions 10 --duration 5s --rate 20
+  policy_scenario policy --sessions 10 --duration 5s --rate 50 --packet-bytes 16 --stop-min 100ms --stop-max 1s
 else
   scenario stop        --scenario stop --sessions 50 --duration 30s --rate 50 --packet-bytes 16
   scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
@@ -183,14 +252,22 @@ else
   scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
   scenario idle        --scenario idle --sessions 10000 --duration 20s --streams-per-conn 100
   scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
+  policy_scenario policy-50 --sessions 50 --duration 20s --rate 50 --packet-bytes 16
+  policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16
 fi
 python_commander_stop
+policy_eval
 
 # --- the table ---------------------------------------------------------------
 echo
 echo "== results ($((SECONDS - START)) s; raw: $RESULTS)"
 if [ -s "$RESULTS" ]; then
   "$BIN/loadgen" report "$RESULTS" || true
+fi
+if [ -s "$OUT/policy-eval.txt" ]; then
+  echo
+  echo "== policy evaluation per packet (go test -bench BenchmarkEvaluate ./internal/policy/; 1/10/100 CEL rules + a phrase rule + limits)"
+  cat "$OUT/policy-eval.txt"
 fi
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo

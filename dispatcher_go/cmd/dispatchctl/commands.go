@@ -430,6 +430,33 @@ func (c *cli) cmdCancel(ctx context.Context, args []string) int {
 	return exitOK
 }
 
+// cmdApprove resolves a tool call held by a policy (ApproveToolCall):
+// approve runs it, --reject refuses it (DENIED).
+func (c *cli) cmdApprove(ctx context.Context, args []string) int {
+	fs := c.flagSet("approve")
+	reject := fs.Bool("reject", false, "refuse the call instead (it is answered DENIED)")
+	reason := fs.String("reason", "", "why, recorded with the resolution")
+	pos, ok := c.parse(fs, args, 2, "TASK_ID CALL_ID")
+	if !ok {
+		return exitUsage
+	}
+	tasks, err := c.tasks()
+	if err != nil {
+		return c.fail(err)
+	}
+	cctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	resp, err := tasks.ApproveToolCall(cctx, &dispatchv1.ApproveToolCallRequest{
+		TaskId: pos[0], CallId: pos[1], Approve: !*reject, Reason: *reason,
+	})
+	if err != nil {
+		return c.fail(err)
+	}
+	outcome := strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "HOLD_OUTCOME_"))
+	fmt.Fprintf(c.stdout, "%s: call %s of task %s (event %d)\n", outcome, pos[1], pos[0], resp.GetSeq())
+	return exitOK
+}
+
 func (c *cli) cmdList(ctx context.Context, args []string) int {
 	fs := c.flagSet("list")
 	statuses := fs.String("status", "", "only these statuses, comma-separated (e.g. RUNNING,PENDING)")

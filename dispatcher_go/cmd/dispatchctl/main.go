@@ -5,6 +5,7 @@
 //	dispatchctl submit "instruction"          # prints the task id
 //	dispatchctl watch TASK_ID [--after-seq N]
 //	dispatchctl status TASK_ID | cancel TASK_ID | list | tools | info
+//	dispatchctl approve TASK_ID CALL_ID [--reject] [--reason R]   # a call held by a policy
 //
 // Connection flags, accepted before or after the subcommand: --addr
 // (DISPATCHER_ADDR, default 127.0.0.1:50051), --token
@@ -83,6 +84,7 @@ commands:
   watch TASK_ID             stream a task's events (--after-seq N to resume)
   status TASK_ID            show a task's state, result and statistics
   cancel TASK_ID            stop a pending or running task
+  approve TASK_ID CALL_ID   run a tool call a policy holds (--reject refuses it)
   list                      list tasks, newest first
   tools                     list the tools planners can call
   info                      show the dispatcher's version, slots and health
@@ -92,14 +94,15 @@ Run 'dispatchctl COMMAND -h' for a command's flags.
 
 // commands maps each subcommand to its implementation.
 var commands = map[string]func(*cli, context.Context, []string) int{
-	"run":    (*cli).cmdRun,
-	"submit": (*cli).cmdSubmit,
-	"watch":  (*cli).cmdWatch,
-	"status": (*cli).cmdStatus,
-	"cancel": (*cli).cmdCancel,
-	"list":   (*cli).cmdList,
-	"tools":  (*cli).cmdTools,
-	"info":   (*cli).cmdInfo,
+	"run":     (*cli).cmdRun,
+	"submit":  (*cli).cmdSubmit,
+	"watch":   (*cli).cmdWatch,
+	"status":  (*cli).cmdStatus,
+	"cancel":  (*cli).cmdCancel,
+	"approve": (*cli).cmdApprove,
+	"list":    (*cli).cmdList,
+	"tools":   (*cli).cmdTools,
+	"info":    (*cli).cmdInfo,
 }
 
 func realMain(ctx context.Context, args []string, e env) int {

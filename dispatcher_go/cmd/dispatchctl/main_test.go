@@ -41,6 +41,10 @@ type fakeTasks struct {
 	watches []uint64 // after_seq of each WatchTask
 	// ignoreCancel makes CancelTask accept and then do nothing.
 	ignoreCancel bool
+	// approvals are the ApproveToolCall requests received; held is the
+	// call_id the fake holds (resolved once).
+	approvals []*dispatchv1.ApproveToolCallRequest
+	held      string
 }
 
 func newFake() *fakeTasks {
@@ -137,6 +141,36 @@ func (f *fakeTasks) CancelTask(_ context.Context, req *dispatchv1.CancelTaskRequ
 		state(agentpb.TaskStatus_CANCELLED, req.GetReason()),
 	)
 	return &dispatchv1.CancelTaskResponse{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED}, nil
+}
+
+// ApproveToolCall resolves the one held call, as the dispatcher does: a
+// second resolution of the same call is NOT_FOUND.
+func (f *fakeTasks) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error) {
+	f.mu.Lock()
+	f.approvals = append(f.approvals, req)
+	held := f.held
+	if req.GetTaskId() == "t1" && req.GetCallId() == held {
+		f.held = ""
+	}
+	f.mu.Unlock()
+	if req.GetTaskId() != "t1" {
+		return nil, status.Error(codes.NotFound, "no such task")
+	}
+	if held == "" || req.GetCallId() != held {
+		return nil, status.Error(codes.NotFound, "no tool call with that call_id is held")
+	}
+	outcome, action := dispatchv1.HoldOutcome_HOLD_OUTCOME_APPROVED, dispatchv1.PolicyAction_POLICY_ACTION_ALLOW
+	if !req.GetApprove() {
+		outcome, action = dispatchv1.HoldOutcome_HOLD_OUTCOME_REJECTED, dispatchv1.PolicyAction_POLICY_ACTION_DENY
+	}
+	f.emit(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Policy{Policy: &dispatchv1.PolicyDecision{
+		Action: action, RuleId: "gui-needs-approval", CallId: req.GetCallId(), ToolName: "computer.click",
+		HoldOutcome: outcome, Reason: req.GetReason(),
+	}}})
+	f.mu.Lock()
+	seq := uint64(len(f.events))
+	f.mu.Unlock()
+	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
 }
 
 func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
@@ -413,5 +447,76 @@ func TestRendererShowsKindsItDoesNotKnow(t *testing.T) {
 	r.event(&dispatchv1.TaskEvent{Seq: 7})
 	if got := b.String(); got != "-- event 7 (no kind)\n" {
 		t.Fatalf("got %q", got)
+	}
+}
+
+func TestApprove(t *testing.T) {
+	h := newHarness(t)
+	h.fake.held = "c7"
+	code, out, errOut := h.run(t, "approve", "t1", "c7", "--reason", "looks fine")
+	if code != exitOK || out.String() != "approved: call c7 of task t1 (event 1)\n" {
+		t.Fatalf("approve: exit %d\nstdout %q\nstderr %q", code, out, errOut)
+	}
+	// Already resolved: the dispatcher's NOT_FOUND is reported, exit 1.
+	code, _, errOut = h.run(t, "approve", "t1", "c7")
+	if code != exitFailure || !strings.Contains(errOut.String(), "NotFound") {
+		t.Fatalf("second approve: exit %d, stderr %q", code, errOut)
+	}
+	h.fake.held = "c8"
+	code, out, _ = h.run(t, "approve", "--reject", "t1", "c8", "--reason", "no clicking")
+	if code != exitOK || !strings.HasPrefix(out.String(), "rejected: call c8 of task t1") {
+		t.Fatalf("reject: exit %d, stdout %q", code, out)
+	}
+	h.fake.mu.Lock()
+	got := h.fake.approvals
+	h.fake.mu.Unlock()
+	if len(got) != 3 || !got[0].GetApprove() || got[0].GetReason() != "looks fine" ||
+		got[2].GetApprove() || got[2].GetCallId() != "c8" || got[2].GetReason() != "no clicking" {
+		t.Fatalf("requests: %v", got)
+	}
+	for _, args := range [][]string{{"approve"}, {"approve", "t1"}, {"approve", "t1", "c1", "extra"}} {
+		if code, _, _ := h.run(t, args...); code != exitUsage {
+			t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
+		}
+	}
+}
+
+func policyEvent(pd *dispatchv1.PolicyDecision) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Policy{Policy: pd}}
+}
+
+func TestRendererPolicyDecisions(t *testing.T) {
+	var b bytes.Buffer
+	r := &renderer{w: &b}
+	r.event(content("The launch", false))
+	r.event(policyEvent(&dispatchv1.PolicyDecision{
+		Action: dispatchv1.PolicyAction_POLICY_ACTION_STOP, RuleId: "no-launch-codes", Reason: "forbidden phrase", PacketKind: "content",
+	}))
+	r.event(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{
+		Reason: "forbidden phrase", Code: dispatchv1.StopCode_STOP_CODE_POLICY, RuleId: "no-launch-codes",
+	}}})
+	r.event(policyEvent(&dispatchv1.PolicyDecision{
+		Action: dispatchv1.PolicyAction_POLICY_ACTION_DENY, RuleId: "no-gui", Reason: "no clicks", PacketKind: "tool_call",
+		CallId: "c1", ToolName: "computer.click",
+	}))
+	deadline := time.Date(2026, 1, 2, 3, 4, 5, 0, time.Local)
+	hold := policyEvent(&dispatchv1.PolicyDecision{
+		Action: dispatchv1.PolicyAction_POLICY_ACTION_HOLD, RuleId: "gui-needs-approval", PacketKind: "tool_call",
+		CallId: "c2", ToolName: "computer.click", HoldDeadline: timestamppb.New(deadline),
+	})
+	hold.TaskId = "t1"
+	r.event(hold)
+	r.event(policyEvent(&dispatchv1.PolicyDecision{
+		Action: dispatchv1.PolicyAction_POLICY_ACTION_DENY, RuleId: "gui-needs-approval", Reason: "approval timed out",
+		CallId: "c2", ToolName: "computer.click", HoldOutcome: dispatchv1.HoldOutcome_HOLD_OUTCOME_TIMED_OUT,
+	}))
+	want := "The launch\n" +
+		"!! policy stop [no-launch-codes]: forbidden phrase (on content)\n" +
+		"## stop (policy): forbidden phrase rule no-launch-codes\n" +
+		"!! policy deny [no-gui]: computer.click [call c1]: no clicks\n" +
+		"!! policy hold [gui-needs-approval]: computer.click [call c2] — held until 03:04:05; dispatchctl approve t1 c2 [--reject]\n" +
+		"!! policy timed out [gui-needs-approval]: computer.click [call c2]: approval timed out\n"
+	if got := b.String(); got != want {
+		t.Fatalf("got\n%s\nwant\n%s", got, want)
 	}
 }

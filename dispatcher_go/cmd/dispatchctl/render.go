@@ -182,6 +182,8 @@ func (r *renderer) event(ev *dispatchv1.TaskEvent) {
 		r.line(styleStop, "## stop (%s): %s%s", code, k.Stop.GetReason(), suffix(" rule ", k.Stop.GetRuleId()))
 	case *dispatchv1.TaskEvent_Stopped:
 		r.line(styleStop, "## stopped%s", suffix(": ", k.Stopped.GetReason()))
+	case *dispatchv1.TaskEvent_Policy:
+		r.line(policyStyle(k.Policy), "%s", policyLine(ev.GetTaskId(), k.Policy))
 	case *dispatchv1.TaskEvent_UserInput:
 		r.line(styleBold, "> user: %s", k.UserInput.GetText())
 	default:
@@ -200,6 +202,49 @@ func (r *renderer) event(ev *dispatchv1.TaskEvent) {
 		}
 		r.line(styleDim, "-- %s%s", fd.Name(), body)
 	}
+}
+
+// policyLine words a policy decision, e.g.
+// "!! policy stop [no-secrets]: forbidden phrase (on content)",
+// "!! policy hold [gui-needs-approval]: computer.click [call c1] — held until 12:00:30; dispatchctl approve t1 c1 [--reject]",
+// "!! policy approved [gui-needs-approval]: computer.click [call c1]: ok".
+func policyLine(taskID string, pd *dispatchv1.PolicyDecision) string {
+	if taskID == "" {
+		taskID = "TASK_ID"
+	}
+	verb := strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_"))
+	if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
+		verb = strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(o.String(), "HOLD_OUTCOME_"), "_", " "))
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "!! policy %s [%s]", verb, pd.GetRuleId())
+	if pd.GetToolName() != "" || pd.GetCallId() != "" {
+		fmt.Fprintf(&b, ": %s [call %s]", pd.GetToolName(), pd.GetCallId())
+	}
+	if pd.GetReason() != "" {
+		b.WriteString(": " + pd.GetReason())
+	}
+	if pd.GetToolName() == "" && pd.GetPacketKind() != "" {
+		fmt.Fprintf(&b, " (on %s)", pd.GetPacketKind())
+	}
+	if pd.GetAction() == dispatchv1.PolicyAction_POLICY_ACTION_HOLD && pd.GetHoldDeadline() != nil {
+		fmt.Fprintf(&b, " — held until %s; dispatchctl approve %s %s [--reject]",
+			pd.GetHoldDeadline().AsTime().Local().Format("15:04:05"), taskID, pd.GetCallId())
+	}
+	return b.String()
+}
+
+// policyStyle colours a decision by what it does to the task.
+func policyStyle(pd *dispatchv1.PolicyDecision) string {
+	switch {
+	case pd.GetAction() == dispatchv1.PolicyAction_POLICY_ACTION_STOP:
+		return styleStop
+	case pd.GetAction() == dispatchv1.PolicyAction_POLICY_ACTION_ALLOW:
+		return styleGood
+	case pd.GetAction() == dispatchv1.PolicyAction_POLICY_ACTION_HOLD:
+		return styleBold
+	}
+	return styleBad
 }
 
 // summary prints a task's final status, result and statistics.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -47,6 +48,25 @@ type sessionPlan struct {
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
 	tools []string
+	// phrase (policy scenario) is the forbidden phrase a task labelled
+	// poisonLabel=K emits split across two content packets: the first half
+	// at the end of packet K-1, the second half (which completes it) at the
+	// start of packet K. Such a session streams on until it is stopped.
+	phrase string
+}
+
+// poisonLabel is the task label that tells a simulated planner at which
+// content packet (0-based) to complete the forbidden phrase.
+const poisonLabel = "bench_poison_at"
+
+// splitPhrase cuts the phrase in two non-empty halves (at a space if any).
+func splitPhrase(phrase string) (string, string) {
+	cut := len(phrase) / 2
+	if i := strings.LastIndex(phrase[:max(cut, 1)], " "); i > 0 {
+		cut = i
+	}
+	cut = min(max(cut, 1), len(phrase)-1)
+	return phrase[:cut], phrase[cut:]
 }
 
 // sessionTrace is what the commander side saw of one task.
@@ -60,13 +80,16 @@ type sessionTrace struct {
 	closedAck   time.Time // ack SESSION_CLOSED received
 	sent        int64     // content packets sent
 	leaked      int64     // content packets sent after the stop was received
+	poisonAt    int64     // content packet completing the phrase (0: none)
+	offendSent  time.Time // that packet handed to gRPC
 }
 
 func (t *sessionTrace) snapshot() sessionTrace {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return sessionTrace{taskID: t.taskID, sessionID: t.sessionID, started: t.started, stopRecv: t.stopRecv,
-		stoppedSent: t.stoppedSent, closedAck: t.closedAck, sent: t.sent, leaked: t.leaked}
+		stoppedSent: t.stoppedSent, closedAck: t.closedAck, sent: t.sent, leaked: t.leaked,
+		poisonAt: t.poisonAt, offendSent: t.offendSent}
 }
 
 // fleet is a set of simulated commander slots sharing one plan.
@@ -299,9 +322,31 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 		return stream.Send(p)
 	}
 	var n int64 // content packets of this session
+	var poisonAt int64
+	var firstHalf, secondHalf string
+	if f.plan.phrase != "" {
+		if k, err := strconv.ParseInt(start.GetStart().GetLabels()[poisonLabel], 10, 64); err == nil && k > 0 {
+			poisonAt = k
+			firstHalf, secondHalf = splitPhrase(f.plan.phrase)
+			tr.mu.Lock()
+			tr.poisonAt = k
+			tr.mu.Unlock()
+		}
+	}
 	content := func() error {
+		text := f.payload
+		switch {
+		case poisonAt == 0:
+		case n == poisonAt-1:
+			text = f.payload + firstHalf
+		case n == poisonAt:
+			text = secondHalf + f.payload
+			tr.mu.Lock()
+			tr.offendSent = time.Now()
+			tr.mu.Unlock()
+		}
 		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
-			Content: &dispatchv1.ContentChunk{Text: f.payload}}})
+			Content: &dispatchv1.ContentChunk{Text: text}}})
 		if err == nil {
 			n++
 			f.sent.Add(1)
@@ -407,7 +452,7 @@ emit:
 		} else if err := content(); err != nil {
 			return err
 		}
-		if f.plan.maxPackets > 0 && n >= f.plan.maxPackets {
+		if f.plan.maxPackets > 0 && n >= f.plan.maxPackets && poisonAt == 0 {
 			break emit
 		}
 		if interval == 0 {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -23,11 +24,16 @@ type toyDispatcher struct {
 	dispatchv1.UnimplementedAgentInteractionServer
 
 	leakAfterStop bool
-	idle          chan *toySlot
-	slots         atomic.Int32
-	mu            sync.Mutex
-	tasks         map[string]*toyTask
-	nextID        int
+	// phrase, when set, is a forbidden phrase: the chunk that completes it
+	// (across chunks) stops the session by policy, as the dispatcher does;
+	// with leakPhrase the toy records that chunk anyway, as a buggy one would.
+	phrase     string
+	leakPhrase bool
+	idle       chan *toySlot
+	slots      atomic.Int32
+	mu         sync.Mutex
+	tasks      map[string]*toyTask
+	nextID     int
 }
 
 type toySlot struct {
@@ -45,8 +51,12 @@ type toyTask struct {
 	status  agentpb.TaskStatus
 	slot    *toySlot
 	stopped bool
-	started *timestamppb.Timestamp
-	ended   *timestamppb.Timestamp
+	// tail is the end of the content stream (phrase matching); byPolicy
+	// marks a policy stop, which ends the task FAILURE.
+	tail     string
+	byPolicy bool
+	started  *timestamppb.Timestamp
+	ended    *timestamppb.Timestamp
 }
 
 func newToy() *toyDispatcher {
@@ -102,7 +112,7 @@ func (d *toyDispatcher) SubmitTask(_ context.Context, req *dispatchv1.SubmitTask
 		s.mu.Unlock()
 		t.append(stateEv(agentpb.TaskStatus_RUNNING))
 		s.out <- &dispatchv1.DownstreamPacket{SessionId: t.id + "-s", Signal: &dispatchv1.DownstreamPacket_Start{
-			Start: &dispatchv1.StartSession{TaskId: t.id, Instruction: req.GetInstruction(), Planner: req.GetPlanner()}}}
+			Start: &dispatchv1.StartSession{TaskId: t.id, Instruction: req.GetInstruction(), Planner: req.GetPlanner(), Labels: req.GetLabels()}}}
 	}()
 	return &dispatchv1.SubmitTaskResponse{TaskId: t.id}, nil
 }
@@ -160,6 +170,9 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 			if stopped && !d.leakAfterStop {
 				continue
 			}
+			if d.phrase != "" && !stopped && d.policyCheck(t, sid, p.GetContent().GetText()) && !d.leakPhrase {
+				continue
+			}
 			ev.Kind = &dispatchv1.TaskEvent_Content{Content: p.GetContent()}
 			t.append(ev)
 		case p.GetUsage() != nil:
@@ -167,12 +180,41 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 			t.append(ev)
 		case p.GetStopped() != nil:
 			ev.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: p.GetStopped()}
-			closeSession(agentpb.TaskStatus_CANCELLED)
+			t.mu.Lock()
+			final := agentpb.TaskStatus_CANCELLED
+			if t.byPolicy {
+				final = agentpb.TaskStatus_FAILURE
+			}
+			t.mu.Unlock()
+			closeSession(final)
 		case p.GetResult() != nil:
 			ev.Kind = &dispatchv1.TaskEvent_Result{Result: p.GetResult()}
 			closeSession(agentpb.TaskStatus_SUCCESS)
 		}
 	}
+}
+
+// policyCheck matches the phrase against the stream's tail + text; on a
+// match it records PolicyDecision{STOP} and the stop, and stops the session.
+func (d *toyDispatcher) policyCheck(t *toyTask, sid, text string) bool {
+	t.mu.Lock()
+	window := t.tail + text
+	t.tail = window[max(0, len(window)-len(d.phrase)+1):]
+	hit := strings.Contains(window, d.phrase)
+	if hit {
+		t.stopped, t.byPolicy = true, true
+	}
+	slot := t.slot
+	t.mu.Unlock()
+	if !hit {
+		return false
+	}
+	t.append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Policy{Policy: &dispatchv1.PolicyDecision{
+		Action: dispatchv1.PolicyAction_POLICY_ACTION_STOP, RuleId: "bench-phrase", PacketKind: "content"}}})
+	stop := &dispatchv1.StopSignal{Reason: "forbidden phrase", Code: dispatchv1.StopCode_STOP_CODE_POLICY, RuleId: "bench-phrase"}
+	t.append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
+	slot.out <- &dispatchv1.DownstreamPacket{SessionId: sid, Signal: &dispatchv1.DownstreamPacket_Stop{Stop: stop}}
+	return true
 }
 
 func (d *toyDispatcher) CancelTask(_ context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {

@@ -22,6 +22,11 @@
 //	tools       N sessions calling tools back to back (--rate 0) or paced:
 //	            tool_call → tool_result round trip for the built-in echo and
 //	            for bench_echo, served by loadgen as a tool provider.
+//	policy      N sessions stream at --rate against a dispatcher whose policy
+//	            file has a phrase rule (--policy-rule) for --phrase; a share
+//	            (--poison) emit the phrase split across two packets at a
+//	            random moment. Completing packet sent → commander got stop
+//	            → stopped recorded; nothing after the stop reaches watchers.
 //
 // Everything is bounded: loops end by count or time, a hard --timeout caps the
 // run, and traffic goes only to the given loopback address. The exit status
@@ -73,6 +78,9 @@ type options struct {
 	timeout        time.Duration
 	cpuProfile     string
 	label          string
+	phrase         string
+	policyRule     string
+	poison         float64
 }
 
 // scenarios maps --scenario to its run function and its default --rate.
@@ -85,6 +93,7 @@ var scenarios = map[string]struct {
 	"throughput": {runThroughput, 0},
 	"idle":       {runIdle, 0},
 	"tools":      {runTools, 0},
+	"policy":     {runPolicy, 50},
 }
 
 // env is the process around a run, replaceable in tests.
@@ -154,19 +163,22 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.addr, "addr", envOr("DISPATCHER_ADDR", "127.0.0.1:50051"), "dispatcher address (loopback only; env DISPATCHER_ADDR)")
 	fs.StringVar(&o.token, "token", os.Getenv("DISPATCHER_COMMANDER_TOKEN"), "commander token (env DISPATCHER_COMMANDER_TOKEN)")
 	fs.StringVar(&o.clientToken, "client-token", os.Getenv("DISPATCHER_CLIENT_TOKEN"), "client token (env DISPATCHER_CLIENT_TOKEN)")
-	fs.StringVar(&o.scenario, "scenario", "relay", "stop | relay | throughput | idle | tools")
+	fs.StringVar(&o.scenario, "scenario", "relay", "stop | relay | throughput | idle | tools | policy")
 	fs.IntVar(&o.sessions, "sessions", 10, "concurrent sessions (idle: slots)")
 	fs.DurationVar(&o.duration, "duration", 10*time.Second, "how long the load runs (idle: how long the slots are held)")
 	fs.DurationVar(&o.warmup, "warmup", -1, "relay/throughput: the first part of the run is not counted (default: duration/5, at most 2s)")
-	fs.Float64Var(&o.rate, "rate", -1, "content packets per second per session; 0 floods (default: stop 50, relay 20, throughput 0, tools 0)")
+	fs.Float64Var(&o.rate, "rate", -1, "content packets per second per session; 0 floods (default: stop 50, relay 20, throughput 0, tools 0, policy 50)")
 	fs.IntVar(&o.packetBytes, "packet-bytes", 32, "bytes of text per content packet")
 	fs.BoolVar(&o.json, "json", false, "print the result as one JSON line on stdout (the human summary goes to stderr)")
 	fs.IntVar(&o.dispatcherPID, "dispatcher-pid", 0, "pid of the dispatcher, to read its RSS and CPU time from /proc")
 	fs.IntVar(&o.streamsPerConn, "streams-per-conn", 16, "ChatStreams (and watchers) per gRPC connection, like slots per commander process")
 	fs.IntVar(&o.watchers, "watchers", 1, "relay/throughput: WatchTask subscribers per task")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the random stop moments")
-	fs.DurationVar(&o.stopMin, "stop-min", 200*time.Millisecond, "stop: earliest cancel after the first content event")
-	fs.DurationVar(&o.stopMax, "stop-max", 2*time.Second, "stop: latest cancel after the first content event")
+	fs.DurationVar(&o.stopMin, "stop-min", 200*time.Millisecond, "stop: earliest cancel after the first content event (policy: earliest phrase)")
+	fs.DurationVar(&o.stopMax, "stop-max", 2*time.Second, "stop: latest cancel after the first content event (policy: latest phrase)")
+	fs.StringVar(&o.phrase, "phrase", "launch codes", "policy: the forbidden phrase of the dispatcher's policy file")
+	fs.StringVar(&o.policyRule, "policy-rule", "bench-phrase", "policy: the id of the rule that forbids --phrase")
+	fs.Float64Var(&o.poison, "poison", 0.5, "policy: share of the tasks that emit the phrase (0..1)")
 	fs.IntVar(&o.leakAfterStop, "leak-after-stop", 3, "stop: content packets each planner still sends after the stop (the dispatcher must drop them)")
 	fs.Int64Var(&o.taskPackets, "task-packets", -1, "relay/throughput/tools: a session ends after this many packets (tools: calls) and its lane submits the next task; 0 = no limit (default: relay 0, throughput and tools 20000)")
 	fs.DurationVar(&o.keepalive, "keepalive", 10*time.Second, "commander connections' KeepAlive ping interval (0 = off)")
@@ -185,7 +197,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	}
 	sc, ok := scenarios[o.scenario]
 	if !ok {
-		return nil, fmt.Errorf("unknown --scenario %q (stop, relay, throughput, idle, tools)", o.scenario)
+		return nil, fmt.Errorf("unknown --scenario %q (stop, relay, throughput, idle, tools, policy)", o.scenario)
 	}
 	if o.rate < 0 {
 		o.rate = sc.defaultRate
@@ -207,6 +219,14 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("need 0 <= --stop-min <= --stop-max")
 	case o.leakAfterStop < 0 || o.leakAfterStop > 1000:
 		return nil, errors.New("--leak-after-stop must be in 0..1000")
+	case o.poison < 0 || o.poison > 1:
+		return nil, errors.New("--poison must be in 0..1")
+	case o.scenario == "policy" && len(o.phrase) < 2:
+		return nil, errors.New("--phrase must have at least 2 bytes (it is sent in two halves)")
+	case o.scenario == "policy" && o.rate <= 0:
+		return nil, errors.New("the policy scenario needs --rate > 0")
+	case o.scenario == "policy" && strings.Trim(strings.ToLower(o.phrase), "x") == "":
+		return nil, errors.New("--phrase must not be made of the filler text")
 	}
 	if o.taskPackets < 0 {
 		o.taskPackets = 0

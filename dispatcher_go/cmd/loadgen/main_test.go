@@ -106,6 +106,48 @@ func TestStopScenarioCatchesContentAfterStop(t *testing.T) {
 	}
 }
 
+func TestPolicyScenarioAgainstToy(t *testing.T) {
+	toy := newToy()
+	toy.phrase = "launch codes"
+	code, res, log := runAgainstToy(t, toy, "--scenario", "policy", "--sessions", "4", "--duration", "600ms",
+		"--stop-min", "20ms", "--stop-max", "80ms", "--rate", "200", "--poison", "0.7")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	s := lat(res, "offending packet sent → commander got stop")
+	if s == nil || s["n"].(float64) < 4 || s["n"].(float64) != val(res, "tasks stopped by the rule") {
+		t.Fatalf("too few policy stops measured: %v\n%s", s, log)
+	}
+	if val(res, "clean tasks") < 1 {
+		t.Fatalf("no clean task ran:\n%s", log)
+	}
+	for _, name := range []string{"offending packet sent → stopped recorded", "policy decision → stopped recorded",
+		"offending packet sent → watcher got stop", "commander: stop → stopped sent"} {
+		if l := lat(res, name); l == nil || l["n"] != s["n"] {
+			t.Errorf("%s: %v", name, l)
+		}
+	}
+}
+
+func TestPolicyScenarioCatchesThePhraseReachingWatchers(t *testing.T) {
+	toy := newToy()
+	toy.phrase, toy.leakPhrase = "launch codes", true
+	code, res, log := runAgainstToy(t, toy, "--scenario", "policy", "--sessions", "2", "--duration", "300ms",
+		"--stop-min", "10ms", "--stop-max", "30ms", "--rate", "200", "--poison", "1")
+	if code != 1 || res.OK {
+		t.Fatalf("a dispatcher that forwards the completing chunk passed: exit %d\n%s", code, log)
+	}
+	failed := map[string]bool{}
+	for _, c := range res.Checks {
+		if !c.Pass {
+			failed[c.Name] = true
+		}
+	}
+	if !failed["phrase never reached a watcher"] || !failed["no content after stop"] {
+		t.Fatalf("checks not failed: %+v", res.Checks)
+	}
+}
+
 func TestRelayScenarioAgainstToy(t *testing.T) {
 	code, res, log := runAgainstToy(t, newToy(), "--scenario", "relay", "--sessions", "3", "--duration", "700ms",
 		"--warmup", "100ms", "--rate", "100", "--watchers", "2")
@@ -144,6 +186,7 @@ func TestFlags(t *testing.T) {
 	for _, args := range [][]string{
 		{"--scenario", "nope"}, {"--addr", "10.0.0.1:50051"}, {"--addr", "example.com:1"},
 		{"--sessions", "0"}, {"--warmup", "20s", "--duration", "10s"}, {"extra"},
+		{"--scenario", "policy", "--rate", "0"}, {"--scenario", "policy", "--phrase", "xX"}, {"--poison", "1.5"},
 	} {
 		var stderr bytes.Buffer
 		if code := realMain(t.Context(), args, &env{stdout: &stderr, stderr: &stderr}); code != 2 {
