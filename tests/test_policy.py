@@ -259,7 +259,8 @@ def test_phrase_rule_stops_streaming_generation_mid_sentence(env: SimpleNamespac
     assert kind(last) == "state" and last.state.status == agent_pb2.FAILURE, describe(events)
     # The terminal message is the stop's reason (docs/protocol.md); the rule id
     # is carried by the PolicyDecision and StopSignal events above.
-    assert last.state.message == stop.reason == "forbidden phrase", last.state
+    expected = "policy rule no-launch-codes: forbidden phrase"
+    assert last.state.message == stop.reason == expected, last.state
 
     # The seed-000 projection tells the same story, in stages.
     stream = seed.values()
@@ -271,7 +272,7 @@ def test_phrase_rule_stops_streaming_generation_mid_sentence(env: SimpleNamespac
     assert not [s for s in stages[p_i:] if s in CONTENT_STAGES], stages[p_i:]
     assert "".join(s.message for s in stream[:p_i] if s.stage == "content") == before
     assert stages[-1] == "failure", stages[-5:]
-    assert stream[-1].message == "forbidden phrase", stream[-1]
+    assert stream[-1].message == expected, stream[-1]
 
     # The model server saw its stream closed by the client, long before its end.
     recs = llm.wait_streams(marker, lambda r: r and r[0]["outcome"] != "active", 5, "stream end")
@@ -282,9 +283,9 @@ def test_phrase_rule_stops_streaming_generation_mid_sentence(env: SimpleNamespac
     # Status, GetTask, and a replay from the log agree.
     status = wait_status(d.agent, task_id, timeout=5)
     assert status.status == agent_pb2.FAILURE, status
-    assert status.message == "forbidden phrase", status
+    assert status.message == expected, status
     task = d.tasks.GetTask(T.GetTaskRequest(task_id=task_id), timeout=5).task
-    assert task.status == agent_pb2.FAILURE and task.message == "forbidden phrase", task
+    assert task.status == agent_pb2.FAILURE and task.message == expected, task
     replay = watch_all(d.tasks, task_id, timeout=10)
     assert [e.SerializeToString(deterministic=True) for e in replay] == [
         e.SerializeToString(deterministic=True) for e in events

@@ -12,12 +12,12 @@ import (
 )
 
 // fakeSink holds persisted events until the test commits them; stored are
-// events "from a previous run".
+// the events "on disk": from a previous run, or committed since.
 type fakeSink struct {
 	mu      sync.Mutex
 	pending []struct {
-		c   Committer
-		seq uint64
+		c  Committer
+		ev *dispatchv1.TaskEvent
 	}
 	stored []*dispatchv1.TaskEvent
 }
@@ -27,9 +27,9 @@ func (f *fakeSink) WaitRoom() {}
 func (f *fakeSink) Persist(c Committer, _ string, ev *dispatchv1.TaskEvent) {
 	f.mu.Lock()
 	f.pending = append(f.pending, struct {
-		c   Committer
-		seq uint64
-	}{c, ev.GetSeq()})
+		c  Committer
+		ev *dispatchv1.TaskEvent
+	}{c, ev})
 	f.mu.Unlock()
 }
 
@@ -37,13 +37,18 @@ func (f *fakeSink) commitAll() {
 	f.mu.Lock()
 	p := f.pending
 	f.pending = nil
+	for _, x := range p {
+		f.stored = append(f.stored, x.ev)
+	}
 	f.mu.Unlock()
 	for _, x := range p {
-		x.c.Commit(x.seq)
+		x.c.Commit(x.ev.GetSeq())
 	}
 }
 
 func (f *fakeSink) ReadStored(_ context.Context, _ string, after uint64, limit int) ([]*dispatchv1.TaskEvent, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	var out []*dispatchv1.TaskEvent
 	for _, ev := range f.stored {
 		if ev.GetSeq() > after && len(out) < limit {
@@ -148,5 +153,61 @@ func TestDurableRestoreContinuesSeqAndReadsOlderFromStore(t *testing.T) {
 	}
 	if _, err := d.Restore("t", 0, false); !errors.Is(err, ErrExists) {
 		t.Fatalf("restore twice: %v", err)
+	}
+}
+
+// A finished task's events are dropped from memory once all are durable, so
+// memory does not grow with the logs of finished tasks; readers, including
+// one that was half-way through, get the rest from the store.
+func TestDurableReleasesFinishedLogToStore(t *testing.T) {
+	sink := &fakeSink{}
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if _, err := l.Append(content(string(rune('a'+i))), Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sink.commitAll()
+	half, err := l.Read(context.Background(), 0, make([]*dispatchv1.TaskEvent, 0, 5))
+	if err != nil || len(half) != 5 {
+		t.Fatalf("first half: %d %v", len(half), err)
+	}
+	if _, err := l.Seal(content("end")); err != nil {
+		t.Fatal(err)
+	}
+	sink.commitAll()
+	ml := l.(*memLog)
+	ml.mu.RLock()
+	held := len(ml.events)
+	ml.mu.RUnlock()
+	if held != 0 {
+		t.Fatalf("finished log still holds %d events in memory", held)
+	}
+	if got := l.LastSeq(); got != 11 {
+		t.Fatalf("LastSeq %d after release", got)
+	}
+	var seqs []uint64
+	after := half[len(half)-1].GetSeq()
+	for {
+		evs, err := l.Read(context.Background(), after, nil)
+		for _, ev := range evs {
+			seqs = append(seqs, ev.GetSeq())
+			after = ev.GetSeq()
+		}
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(seqs) != 6 || seqs[0] != 6 || seqs[5] != 11 {
+		t.Fatalf("rest of the log from the store: %v", seqs)
+	}
+	if evs, err := l.Read(context.Background(), 0, nil); err != nil || len(evs) == 0 || evs[0].GetSeq() != 1 {
+		t.Fatalf("late reader from 0: %v %v", evs, err)
 	}
 }

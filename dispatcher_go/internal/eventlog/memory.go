@@ -163,6 +163,12 @@ func (l *memLog) Commit(seq uint64) {
 		return
 	}
 	l.committed = min(seq, l.base+uint64(len(l.events)))
+	if l.sink != nil && l.sealed && l.committed == l.base+uint64(len(l.events)) {
+		// Every event of the finished task is in the store: let it go, so
+		// that the memory of finished tasks does not grow with their logs.
+		// Readers still behind read the rest from the store (see Read).
+		l.base, l.events = l.committed, nil
+	}
 	if l.wake != nil {
 		close(l.wake)
 		l.wake = nil
@@ -183,19 +189,13 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 		limit = defaultBatch
 	}
 	dst = dst[:0]
-	if afterSeq < l.base {
-		// Older than what this process holds: read it from the store.
-		evs, err := l.sink.ReadStored(ctx, l.taskID, afterSeq, int(min(uint64(limit), l.base-afterSeq)))
-		if err != nil {
-			return dst, err
-		}
-		if len(evs) == 0 {
-			return dst, ErrTrimmed
-		}
-		return append(dst, evs...), nil
-	}
 	for {
 		l.mu.RLock()
+		if base := l.base; afterSeq < base {
+			// Not (or no longer) held by this process: read the store.
+			l.mu.RUnlock()
+			return l.readStored(ctx, afterSeq, base, limit, dst)
+		}
 		if n := l.committed; afterSeq < n {
 			end := min(n, afterSeq+uint64(limit))
 			dst = append(dst, l.events[afterSeq-l.base:end-l.base]...)
@@ -217,6 +217,19 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 			return dst, ctx.Err()
 		}
 	}
+}
+
+// readStored reads up to limit events after afterSeq, all older than base,
+// from the store.
+func (l *memLog) readStored(ctx context.Context, afterSeq, base uint64, limit int, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error) {
+	evs, err := l.sink.ReadStored(ctx, l.taskID, afterSeq, int(min(uint64(limit), base-afterSeq)))
+	if err != nil {
+		return dst, err
+	}
+	if len(evs) == 0 {
+		return dst, ErrTrimmed
+	}
+	return append(dst, evs...), nil
 }
 
 // waiter returns the channel the next append closes, or nil if the log

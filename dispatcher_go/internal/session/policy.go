@@ -93,7 +93,10 @@ func (r *run) evaluate(pkt *dispatchv1.UpstreamPacket) policy.Decision {
 		if strings.HasPrefix(d.RuleID, "limit.") {
 			code = dispatchv1.StopCode_STOP_CODE_BUDGET
 		}
-		r.stopWith(d.Reason, code, d.RuleID)
+		// The rule id goes into the reason because the reason becomes the
+		// task's message: a client that only polls status (seed 000) must
+		// still learn which rule ended the task.
+		r.stopWith(fmt.Sprintf("policy rule %s: %s", d.RuleID, d.Reason), code, d.RuleID)
 	}
 	return d
 }
