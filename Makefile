@@ -31,7 +31,7 @@ help: ## list the targets
 .PHONY: setup setup-system setup-py setup-model setup-tools build
 setup: setup-system setup-py setup-tools build ## install everything the project needs (idempotent)
 
-setup-system: ## Debian packages: Xvfb, xdotool, xterm for the local sandbox (needs root)
+setup-system: ## Debian packages: Xvfb, xdotool, xterm for the local sandbox, chromium for the web page test (needs root)
 	bash scripts/install_system_deps.sh
 
 $(VENV)/.deps: pyproject.toml
@@ -95,8 +95,8 @@ logs: ## tail the logs of the background stack
 
 # ---------------------------------------------------------------- tests
 
-.PHONY: test lint test-go test-py test-e2e test-model test-store
-test: setup setup-model lint check-generate test-go test-store test-py test-e2e test-model ## run every test
+.PHONY: test lint test-go test-py test-e2e test-model test-store test-browser check-compose images
+test: setup setup-model lint check-generate check-compose test-go test-store test-py test-e2e test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -112,6 +112,16 @@ test-store: ## store conformance (SQLite + a real PostgreSQL), restart and kill 
 	cd dispatcher_go && export POSTGRES_TEST_DSN=$$DSN && \
 	go test -race -count=1 ./internal/store/... ./internal/eventlog/ && \
 	go test -race -count=1 -run 'Kill9|TestStore|TestConfigStorage' ./cmd/dispatcher/ ./internal/api/
+
+test-browser: ## the web page in a real headless Chromium (also part of test-go)
+	cd dispatcher_go && go test -race -count=1 -run TestWebPageInChromium -v ./internal/httpapi/
+
+check-compose: ## docker compose config on docker-compose.yml (no daemon needed; builds the compose plugin once if missing)
+	bash scripts/check_compose.sh
+
+images: ## container images (needs a Docker daemon)
+	docker build -t agent-dispatch/dispatcher:dev dispatcher_go
+	docker build -f commander/Dockerfile -t agent-dispatch/commander:dev .
 
 test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles, local sandbox)
 	$(VENV)/bin/pytest -q commander

@@ -3,12 +3,13 @@
 #   xvfb     the X server each sandbox runs (one display per sandbox)
 #   xdotool  real mouse and keyboard input through XTEST
 #   xterm    a real X application the tests and the demo type into
+#   chromium the headless browser the web page test drives (internal/httpapi)
 # Idempotent: does nothing when every tool is already on PATH. Runs apt-get
 # update at most once per call. Needs root (or passwordless sudo).
 set -euo pipefail
 
-packages=(xvfb xdotool xterm)
-tools=(Xvfb xdotool xterm)
+packages=(xvfb xdotool xterm chromium)
+tools=(Xvfb xdotool xterm chromium)
 
 missing=0
 for t in "${tools[@]}"; do

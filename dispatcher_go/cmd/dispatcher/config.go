@@ -42,6 +42,9 @@ type config struct {
 	secretKey      string // DISPATCHER_SECRET_KEY only: never a flag
 	logLevel       string
 	logFormat      string
+	httpListen     string // "" disables the HTTP API and the web page
+	httpDefault    bool   // httpListen is the default, not asked for
+	metricsListen  string // "" disables /metrics
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -87,6 +90,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.flushInterval, "event-flush-interval", time.Millisecond, "longest an event waits to be written in a batch (and to reach watchers)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
+	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")
+	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -114,6 +119,16 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 		return nil, err
 	}
 	c.secretKey = getenv("DISPATCHER_SECRET_KEY")
+	c.httpDefault = !given["http-listen"] && getenv(envName("http-listen")) == ""
+	if c.metricsListen == "" && strings.EqualFold(getenv("ENABLE_PROMETHEUS"), "true") {
+		// Seed 000: ENABLE_PROMETHEUS=true, PROMETHEUS_PORT=8000, metrics
+		// at http://HOST:PORT/metrics (all interfaces, as in its containers).
+		port := getenv("PROMETHEUS_PORT")
+		if port == "" {
+			port = "8000"
+		}
+		c.metricsListen = ":" + port
+	}
 	return c, c.validate()
 }
 

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
@@ -83,6 +84,11 @@ func serve(cfg *config, log *slog.Logger) error {
 	if cfg.secretKey != "" {
 		secretKey = []byte(cfg.secretKey)
 	}
+	m := newMetrics(cfg)
+	var onEvent func(*dispatchv1.TaskEvent)
+	if m != nil {
+		onEvent = m.ObserveEvent
+	}
 	srv, err := api.New(api.Config{
 		Store:              st,
 		SecretKey:          secretKey,
@@ -102,11 +108,15 @@ func serve(cfg *config, log *slog.Logger) error {
 		PolicyFile:         cfg.policyFile,
 		PolicyPoll:         cfg.policyPoll,
 		Logger:             log,
+		OnEvent:            onEvent,
 	})
 	if err != nil {
 		return err
 	}
 	opts := srv.ServerOptions()
+	if m != nil {
+		opts = append(m.ServerOptions(), opts...) // count refused calls too
+	}
 	if cfg.tlsCert != "" {
 		creds, err := credentials.NewServerTLSFromFile(cfg.tlsCert, cfg.tlsKey)
 		if err != nil {
@@ -116,6 +126,9 @@ func serve(cfg *config, log *slog.Logger) error {
 	}
 	gs := grpc.NewServer(opts...)
 	srv.Register(gs)
+	if m != nil {
+		m.InitializeGRPC(gs)
+	}
 
 	lis, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
@@ -129,6 +142,11 @@ func serve(cfg *config, log *slog.Logger) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(lis) }()
+	hs, err := startHTTP(cfg, srv, m, log)
+	if err != nil {
+		gs.Stop()
+		return err
+	}
 	addr := lis.Addr().String()
 	if cfg.addrFile != "" {
 		if err := writeFileAtomic(cfg.addrFile, addr+"\n"); err != nil {
@@ -153,6 +171,7 @@ func serve(cfg *config, log *slog.Logger) error {
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.drainTimeout)
 		defer cancel()
 		srv.Drain(ctx)
+		hs.shutdown(gracefulStopWait)
 		stopped := make(chan struct{})
 		go func() {
 			gs.GracefulStop()
@@ -173,6 +192,7 @@ func serve(cfg *config, log *slog.Logger) error {
 	case sig := <-sigs:
 		log.Warn("second signal; stopping now", "signal", sig.String())
 		gs.Stop()
+		hs.close()
 	}
 	return nil
 }

@@ -100,6 +100,10 @@ type Config struct {
 	EventFlushInterval time.Duration
 	// Logger receives all logs; nil discards.
 	Logger *slog.Logger
+	// OnEvent, when set, is called with every event recorded on a task of
+	// this run (after its seq is set; it must not modify it, and must be
+	// quick: it runs on the recording path). Metrics use it.
+	OnEvent func(*dispatchv1.TaskEvent)
 }
 
 func (c *Config) applyDefaults() {
@@ -175,6 +179,9 @@ func New(cfg Config) (*Server, error) {
 		durable := eventlog.NewDurable(cfg.EventLimits, writer)
 		logs = durable
 		persist = &task.Persistence{Store: cfg.Store, Writer: writer, Logs: durable, SecretKey: cfg.SecretKey}
+	}
+	if cfg.OnEvent != nil {
+		logs = observedStore{Store: logs, fn: cfg.OnEvent}
 	}
 	mgr := task.NewManager(logs, task.NewConfigStore(cfg.GlobalConfig), task.ManagerOptions{
 		DefaultPlanner: cfg.DefaultPlanner,

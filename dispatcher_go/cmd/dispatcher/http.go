@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/httpapi"
+	"github.com/agentdispatch/dispatcher/internal/metrics"
+)
+
+// httpServers are the HTTP listeners beside gRPC: the HTTP API with the
+// web page (--http-listen) and /metrics (--metrics-listen).
+type httpServers struct {
+	log     *slog.Logger
+	servers []*http.Server
+}
+
+// newMetrics returns the metrics when they are enabled, else nil.
+func newMetrics(cfg *config) *metrics.Metrics {
+	if cfg.metricsListen == "" {
+		return nil
+	}
+	return metrics.New()
+}
+
+// startHTTP starts the HTTP listeners that cfg enables. The gRPC services
+// must be registered (metrics pre-create their per-method series).
+func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, log *slog.Logger) (*httpServers, error) {
+	hs := &httpServers{log: log}
+	if cfg.httpListen != "" {
+		h := httpapi.New(srv.Local(), httpapi.Options{ClientToken: cfg.clientToken, Logger: log.With("component", "http")})
+		err := hs.start("http api", cfg.httpListen, h)
+		switch {
+		case err != nil && cfg.httpDefault:
+			// Nobody asked for this address (e.g. several dispatchers on
+			// one host, as in tests): run without the HTTP API.
+			log.Warn("http api disabled: cannot listen on the default address; set --http-listen", "addr", cfg.httpListen, "error", err)
+		case err != nil:
+			return nil, err
+		}
+	}
+	if m != nil {
+		m.Watch(metrics.Sources{Tasks: srv.Tasks(), Scheduler: srv.Scheduler(), Sessions: srv.Sessions(), Policy: srv.Policy()})
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", m.Handler())
+		if err := hs.start("metrics", cfg.metricsListen, mux); err != nil {
+			hs.close()
+			return nil, err
+		}
+	}
+	return hs, nil
+}
+
+func (hs *httpServers) start(name, addr string, h http.Handler) error {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	// No ReadTimeout/WriteTimeout: they would cut event streams (SSE);
+	// bodies are bounded by size, headers by time.
+	s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(hs.log.Handler(), slog.LevelWarn)}
+	hs.servers = append(hs.servers, s)
+	go func() {
+		if err := s.Serve(lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			hs.log.Error(name+" server failed", "error", err)
+		}
+	}()
+	hs.log.Info(name+" serving", "addr", lis.Addr().String())
+	return nil
+}
+
+// shutdown lets requests in flight finish for up to d (event streams have
+// ended with the drain), then closes what is left.
+func (hs *httpServers) shutdown(d time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	for _, s := range hs.servers {
+		if s.Shutdown(ctx) != nil {
+			s.Close()
+		}
+	}
+}
+
+func (hs *httpServers) close() {
+	for _, s := range hs.servers {
+		s.Close()
+	}
+}

@@ -1,0 +1,38 @@
+package api
+
+import (
+	"context"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// Local is the native client API (dispatch.v1.TaskService) for in-process
+// front ends such as the HTTP API (internal/httpapi). It runs the same code
+// as the gRPC service, so validation and error mapping are the same: every
+// error is a gRPC status (see errors.go). It does no auth; the front end
+// checks the client token itself.
+type Local struct {
+	taskService
+}
+
+// Local returns the in-process native client API.
+func (s *Server) Local() *Local { return &Local{taskService{s: s}} }
+
+// Watch calls fn for each event of task id with seq > afterSeq, history
+// first, then live, until the task's terminal event (nil), ctx's end or
+// fn's error. An unknown id is codes.NotFound.
+func (l *Local) Watch(ctx context.Context, id string, afterSeq uint64, fn func(*dispatchv1.TaskEvent) error) error {
+	t, err := l.s.tasks.Get(id)
+	if err != nil {
+		return toStatus(l.s.log, err)
+	}
+	return toStatus(l.s.log, l.s.follow(ctx, t, afterSeq, fn))
+}
+
+// Serving reports whether the dispatcher accepts work (false while it drains).
+func (l *Local) Serving(ctx context.Context) bool {
+	r, err := l.s.health.Check(ctx, &healthpb.HealthCheckRequest{})
+	return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
+}

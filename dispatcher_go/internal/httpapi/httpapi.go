@@ -1,0 +1,174 @@
+// Package httpapi serves the dispatcher's HTTP API beside gRPC: the seed-001
+// REST/SSE endpoints (/api/agent/run, /api/agent/task/submit, ...), native
+// endpoints over the same task API (/api/tasks/...; events as protojson,
+// the SSE id of an event is its seq, Last-Event-ID resumes), and the web
+// page at /.
+//
+// Every handler calls the in-process native API (api.Local), so validation
+// and error mapping are those of gRPC; the gRPC code of an error becomes an
+// HTTP status in one table (httpStatus). A bad request is always a 4xx with
+// a JSON body {"success": false, "code": "...", "error": "..."}; a 500 means
+// a real internal error.
+package httpapi
+
+import (
+	"context"
+	"crypto/subtle"
+	"embed"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// Backend is the native client API the handlers call (api.Local). Its
+// errors are gRPC statuses.
+type Backend interface {
+	SubmitTask(context.Context, *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error)
+	GetTask(context.Context, *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error)
+	ListTasks(context.Context, *dispatchv1.ListTasksRequest) (*dispatchv1.ListTasksResponse, error)
+	CancelTask(context.Context, *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error)
+	Interject(context.Context, *dispatchv1.InterjectRequest) (*dispatchv1.InterjectResponse, error)
+	ApproveToolCall(context.Context, *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error)
+	// Watch calls fn for each event with seq > afterSeq until the task's end.
+	Watch(ctx context.Context, taskID string, afterSeq uint64, fn func(*dispatchv1.TaskEvent) error) error
+	// Serving is false while the dispatcher drains.
+	Serving(ctx context.Context) bool
+}
+
+// Options configure the handler. Zero values are the defaults.
+type Options struct {
+	// ClientToken, when set, is required as "Authorization: Bearer <token>"
+	// on every /api/ endpoint except /api/health (as on the gRPC client
+	// services). GET requests may carry it in the cookie TokenCookie
+	// instead, because a browser's EventSource cannot set headers; requests
+	// that change anything always need the header (no CSRF through the cookie).
+	ClientToken string
+	// MaxBodyBytes bounds a request body (default 1 MiB); larger → 413.
+	MaxBodyBytes int64
+	// Heartbeat is the interval of SSE comment lines that keep idle
+	// streams open through proxies (default 15 s).
+	Heartbeat time.Duration
+	// Logger receives request errors; nil discards.
+	Logger *slog.Logger
+}
+
+// TokenCookie is the cookie a browser may use for the client token on GET
+// requests (the web page sets it).
+const TokenCookie = "dispatcher_token"
+
+//go:embed web
+var webFiles embed.FS
+
+type handler struct {
+	b    Backend
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns the HTTP handler: the API under /api/ and the web page at /.
+func New(b Backend, opts Options) http.Handler {
+	if opts.MaxBodyBytes <= 0 {
+		opts.MaxBodyBytes = 1 << 20
+	}
+	if opts.Heartbeat <= 0 {
+		opts.Heartbeat = 15 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	h := &handler{b: b, opts: opts, log: opts.Logger}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /api/health", h.health)
+
+	// Seed 001.
+	mux.Handle("POST /api/agent/run", h.auth(h.seedRun))
+	mux.Handle("POST /api/agent/task/submit", h.auth(h.seedSubmit))
+	mux.Handle("GET /api/agent/task/status/{id}", h.auth(h.seedStatus))
+	mux.Handle("POST /api/agent/cancel", h.auth(h.seedCancel))
+	mux.Handle("POST /api/sandbox/create", h.auth(h.seedSandboxCreate))
+
+	// Native.
+	mux.Handle("GET /api/tasks", h.auth(h.listTasks))
+	mux.Handle("POST /api/tasks", h.auth(h.submitTask))
+	mux.Handle("GET /api/tasks/{id}", h.auth(h.getTask))
+	mux.Handle("GET /api/tasks/{id}/events", h.auth(h.events))
+	mux.Handle("POST /api/tasks/{id}/cancel", h.auth(h.cancelTask))
+	mux.Handle("POST /api/tasks/{id}/interject", h.auth(h.interject))
+	mux.Handle("POST /api/tasks/{id}/tool-calls/{call_id}/approve", h.auth(h.approve(true)))
+	mux.Handle("POST /api/tasks/{id}/tool-calls/{call_id}/reject", h.auth(h.approve(false)))
+	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
+		// Nothing else matched: a known path with another method is a 405.
+		var allow []string
+		for _, m := range []string{http.MethodGet, http.MethodPost} {
+			probe := r.Clone(r.Context())
+			probe.Method = m
+			if _, p := mux.Handler(probe); p != "/api/" && p != "" {
+				allow = append(allow, m)
+			}
+		}
+		if len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			writeError(w, http.StatusMethodNotAllowed, "METHOD_NOT_ALLOWED", "method "+r.Method+" not allowed on "+r.URL.Path)
+			return
+		}
+		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such endpoint: "+r.Method+" "+r.URL.Path)
+	})
+
+	// The web page: static files, no data in them (no token needed).
+	sub, _ := fs.Sub(webFiles, "web")
+	files := http.FileServerFS(sub)
+	page := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		files.ServeHTTP(w, r)
+	})
+	mux.Handle("GET /{$}", page)
+	mux.Handle("GET /app.js", page)
+	mux.Handle("GET /style.css", page)
+	return mux
+}
+
+// health is seed 001's {"status": "ok"}; 503 {"status": "draining"} while
+// the dispatcher drains. No token needed (probes).
+func (h *handler) health(w http.ResponseWriter, r *http.Request) {
+	if !h.b.Serving(r.Context()) {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// auth checks the client token (see Options.ClientToken).
+func (h *handler) auth(next http.HandlerFunc) http.Handler {
+	want := []byte(h.opts.ClientToken)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(want) == 0 || tokenOK(r, want) {
+			next(w, r)
+			return
+		}
+		w.Header().Set("WWW-Authenticate", `Bearer realm="dispatcher"`)
+		writeError(w, http.StatusUnauthorized, "UNAUTHENTICATED", "missing or invalid bearer token")
+	})
+}
+
+func tokenOK(r *http.Request, want []byte) bool {
+	// Constant time: the comparison must not tell how much of a guess was right.
+	if scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(tok)), want) == 1
+	}
+	if r.Method == http.MethodGet {
+		if c, err := r.Cookie(TokenCookie); err == nil {
+			return subtle.ConstantTimeCompare([]byte(c.Value), want) == 1
+		}
+	}
+	return false
+}
+
+// errClientGone ends a stream whose client went away; it wraps
+// context.Canceled so that the API layer does not log it as internal.
+var errClientGone = errors.Join(errors.New("client went away"), context.Canceled)

@@ -1,0 +1,586 @@
+package httpapi
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/api"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// waitStatus polls the seed status endpoint until the task has status.
+func (e *env) waitStatus(id, token, want string) map[string]any {
+	e.t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		var st map[string]any
+		e.do("GET", "/api/agent/task/status/"+id, token, "", &st)
+		if st["status"] == want {
+			return st
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("task %s: status %v, want %s", id, st["status"], want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestHealthIsOpenAndAPINeedsToken(t *testing.T) {
+	e := newEnv(t, api.Config{ClientToken: "secret"}, Options{})
+	var h map[string]string
+	if r := e.do("GET", "/api/health", "", "", &h); r.StatusCode != 200 || h["status"] != "ok" {
+		t.Fatalf("health %d %v", r.StatusCode, h)
+	}
+	var eb errorBody
+	r := e.do("GET", "/api/tasks", "", "", &eb)
+	if r.StatusCode != http.StatusUnauthorized || eb.Code != "UNAUTHENTICATED" || r.Header.Get("WWW-Authenticate") == "" {
+		t.Fatalf("no token: %d %+v", r.StatusCode, eb)
+	}
+	if r := e.do("GET", "/api/tasks", "wrong", "", &eb); r.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("wrong token: %d", r.StatusCode)
+	}
+	if r := e.do("GET", "/api/tasks", "secret", "", nil); r.StatusCode != 200 {
+		t.Fatalf("with token: %d", r.StatusCode)
+	}
+	// The cookie is accepted on GET (EventSource) but never on a POST.
+	get, _ := http.NewRequest("GET", e.url+"/api/tasks", nil)
+	get.AddCookie(&http.Cookie{Name: TokenCookie, Value: "secret"})
+	post, _ := http.NewRequest("POST", e.url+"/api/agent/task/submit", strings.NewReader(`{"instruction":"x"}`))
+	post.AddCookie(&http.Cookie{Name: TokenCookie, Value: "secret"})
+	for req, want := range map[*http.Request]int{get: 200, post: 401} {
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("%s with cookie: %d, want %d", req.Method, resp.StatusCode, want)
+		}
+	}
+	// The page itself is open: it holds no data.
+	if r := e.do("GET", "/", "", "", nil); r.StatusCode != 200 || !strings.HasPrefix(r.Header.Get("Content-Type"), "text/html") {
+		t.Fatalf("page: %d %s", r.StatusCode, r.Header.Get("Content-Type"))
+	}
+}
+
+// TestBadInputIs4xxJSON: bad JSON, wrong types, oversized bodies, unknown
+// ids and endpoints are 4xx with a JSON error, never a 500.
+func TestBadInputIs4xxJSON(t *testing.T) {
+	e := newEnv(t, api.Config{}, Options{MaxBodyBytes: 1024})
+	big := `{"instruction":"` + strings.Repeat("x", 2000) + `"}`
+	cases := []struct {
+		method, path, body string
+		want               int
+	}{
+		{"POST", "/api/agent/task/submit", `{"instruction":`, 400},
+		{"POST", "/api/agent/task/submit", `not json`, 400},
+		{"POST", "/api/agent/task/submit", `[1,2]`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": 5}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "max_steps": "ten"}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "authentication": "key"}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x"} {}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": ""}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "max_steps": -1}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "continue_context": true}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "continue_context": true, "task_id": "nope"}`, 400},
+		{"POST", "/api/agent/task/submit", big, 413},
+		{"POST", "/api/agent/run", `{"instruction": 1}`, 400},
+		{"POST", "/api/agent/run", big, 413},
+		{"POST", "/api/tasks", `{"instruction": "x", "bogus": 1}`, 400},
+		{"POST", "/api/tasks", `{"instruction": "x", "timeout_seconds": "soon"}`, 400},
+		{"POST", "/api/tasks", `{"instruction": "x", "policy_yaml": "rules: [oops"}`, 400},
+		{"GET", "/api/agent/task/status/nope", "", 404},
+		{"POST", "/api/agent/cancel", `{"task_id": "nope"}`, 404},
+		{"POST", "/api/agent/cancel", `{"task_id": 7}`, 400},
+		{"GET", "/api/tasks/nope", "", 404},
+		{"GET", "/api/tasks/nope/events", "", 404},
+		{"GET", "/api/tasks?status=BOGUS", "", 400},
+		{"GET", "/api/tasks?page_size=x", "", 400},
+		{"GET", "/api/tasks?page_token=zzz", "", 400},
+		{"POST", "/api/tasks/nope/cancel", `{}`, 404},
+		{"POST", "/api/tasks/nope/interject", `{"text": "hi"}`, 404},
+		{"POST", "/api/tasks/nope/interject", `{"text": 3}`, 400},
+		{"POST", "/api/tasks/nope/interject", `{"txt": "hi"}`, 400},
+		{"POST", "/api/tasks/nope/tool-calls/c1/approve", `{}`, 404},
+		{"POST", "/api/tasks/nope/tool-calls/c1/reject", `{"reason": false}`, 400},
+		{"POST", "/api/sandbox/create", `{"name": "box", "maxLifeSeconds": 3600}`, 501},
+		{"POST", "/api/sandbox/create", `{"maxLifeSeconds": "long"}`, 400},
+		{"GET", "/api/agent/run", "", 405},
+		{"DELETE", "/api/tasks", "", 405},
+		{"GET", "/api/nothing", "", 404},
+	}
+	for _, c := range cases {
+		var eb errorBody
+		r := e.do(c.method, c.path, "", c.body, &eb)
+		if r.StatusCode != c.want || eb.Error == "" || eb.Success || r.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("%s %s %.60q: %d %+v (%s), want %d with a JSON error", c.method, c.path, c.body, r.StatusCode, eb, r.Header.Get("Content-Type"), c.want)
+		}
+	}
+	// A bad resume point on a real task.
+	var sub map[string]any
+	e.do("POST", "/api/agent/task/submit", "", `{"instruction":"x"}`, &sub)
+	id := sub["task_id"].(string)
+	req, _ := http.NewRequest("GET", e.url+"/api/tasks/"+id+"/events", nil)
+	req.Header.Set("Last-Event-ID", "minus one")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Fatalf("bad Last-Event-ID: %d", resp.StatusCode)
+	}
+}
+
+// TestEventsResumeWithoutGapOrDuplicate reads a task's SSE stream, drops
+// the connection mid-task, resumes with Last-Event-ID, and checks that the
+// union is seq 1..last exactly once each, ending with "event: end".
+func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
+	e := newEnv(t, api.Config{}, Options{})
+	c := e.commander("")
+	ctx := ctxT(t)
+	release := make(chan struct{})
+	go c.serve(ctx, func(ctx context.Context, s *session, _ *dispatchv1.StartSession) error {
+		for i := range 10 {
+			s.c.send(up(s.sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}))
+		}
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		for i := 10; i < 20; i++ {
+			s.c.send(up(s.sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}))
+		}
+		s.c.send(up(s.sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "done"}))
+		return nil
+	})
+	var sub map[string]any
+	e.do("POST", "/api/tasks", "", `{"instruction":"stream"}`, &sub)
+	id := sub["task_id"].(string)
+
+	var seqs []uint64
+	read := func(lastID string, until func(sseEvent) bool) (ended bool) {
+		req, _ := http.NewRequestWithContext(ctx, "GET", e.url+"/api/tasks/"+id+"/events", nil)
+		if lastID != "" {
+			req.Header.Set("Last-Event-ID", lastID)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+			t.Fatalf("events: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
+		}
+		_ = readSSE(resp.Body, func(ev sseEvent) bool {
+			if ev.Event == "end" {
+				ended = true
+				return false
+			}
+			var te map[string]any
+			if err := json.Unmarshal([]byte(ev.Data), &te); err != nil {
+				t.Fatalf("event data %q: %v", ev.Data, err)
+			}
+			seq, _ := strconv.ParseUint(ev.ID, 10, 64)
+			if fmt.Sprint(te["seq"]) != ev.ID || te["task_id"] != id {
+				t.Fatalf("event id %s, data %v", ev.ID, te)
+			}
+			seqs = append(seqs, seq)
+			return until(ev)
+		})
+		return ended
+	}
+	// First connection: read until chunk 5, then drop the connection.
+	read("", func(ev sseEvent) bool { return !strings.Contains(ev.Data, "chunk 5 ") })
+	close(release)
+	// Resume from the last id received (as EventSource does).
+	if !read(strconv.FormatUint(seqs[len(seqs)-1], 10), func(sseEvent) bool { return true }) {
+		t.Fatal("stream did not end with event: end")
+	}
+	for i, s := range seqs {
+		if s != uint64(i+1) {
+			t.Fatalf("seqs %v: gap or duplicate at %d", seqs, i)
+		}
+	}
+	var task map[string]any
+	e.do("GET", "/api/tasks/"+id, "", "", &task)
+	if task["status"] != "SUCCESS" || fmt.Sprint(task["last_seq"]) != strconv.Itoa(len(seqs)) {
+		t.Fatalf("task %v after %d events", task, len(seqs))
+	}
+	// ?after_seq= on a finished task: the rest of the history, then end.
+	seqs = nil
+	req, _ := http.NewRequest("GET", e.url+"/api/tasks/"+id+"/events?after_seq=20", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := false
+	_ = readSSE(resp.Body, func(ev sseEvent) bool {
+		if ev.Event == "end" {
+			ended = true
+			return false
+		}
+		n, _ := strconv.ParseUint(ev.ID, 10, 64)
+		seqs = append(seqs, n)
+		return true
+	})
+	resp.Body.Close()
+	if !ended || len(seqs) == 0 || seqs[0] != 21 {
+		t.Fatalf("after_seq=20: %v ended=%v", seqs, ended)
+	}
+}
+
+// TestInterjectApproveAndCancelOverHTTP: a held tool call is approved over
+// HTTP, an interjection reaches the planner, and a cancel ends the task.
+func TestInterjectApproveAndCancelOverHTTP(t *testing.T) {
+	policy := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(policy, []byte(`
+rules:
+  - id: echo-needs-approval
+    when: tool_name == "echo"
+    action: hold
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, api.Config{PolicyFile: policy}, Options{})
+	c := e.commander("")
+	ctx := ctxT(t)
+	got := make(chan string, 4)
+	go c.serve(ctx, func(ctx context.Context, s *session, _ *dispatchv1.StartSession) error {
+		s.c.send(up(s.sid, &dispatchv1.ToolCallRequest{CallId: "h1", ToolName: "echo", ArgumentsJson: `{"text":"hi"}`}))
+		s.c.send(up(s.sid, &dispatchv1.StageChange{Stage: "call_user", Message: "what is the password?"}))
+		for {
+			p, err := s.next(ctx)
+			if err != nil {
+				return err
+			}
+			if r := p.GetToolResult(); r != nil {
+				got <- "result:" + r.GetResultJson()
+			}
+			if u := p.GetUserInput(); u != nil {
+				got <- "user:" + u.GetText()
+			}
+		}
+	})
+	var sub map[string]any
+	e.do("POST", "/api/agent/task/submit", "", `{"instruction":"hold me"}`, &sub)
+	id := sub["task_id"].(string)
+	e.waitStatus(id, "", "running")
+	// Approve once the hold is recorded.
+	deadline := time.Now().Add(wait)
+	for {
+		var out map[string]any
+		r := e.do("POST", "/api/tasks/"+id+"/tool-calls/h1/approve", "", `{"reason":"fine"}`, &out)
+		if r.StatusCode == 200 {
+			if out["outcome"] != "HOLD_OUTCOME_APPROVED" {
+				t.Fatalf("approve: %v", out)
+			}
+			break
+		}
+		if r.StatusCode != 404 || time.Now().After(deadline) {
+			t.Fatalf("approve: %d %v", r.StatusCode, out)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if g := <-got; !strings.HasPrefix(g, "result:") || !strings.Contains(g, "hi") {
+		t.Fatalf("planner got %q", g)
+	}
+	// A second approve of the same call: 404 (not held any more).
+	if r := e.do("POST", "/api/tasks/"+id+"/tool-calls/h1/reject", "", ``, nil); r.StatusCode != 404 {
+		t.Fatalf("second resolve: %d", r.StatusCode)
+	}
+	var ij map[string]any
+	if r := e.do("POST", "/api/tasks/"+id+"/interject", "", `{"text":"hunter2"}`, &ij); r.StatusCode != 200 || ij["message_id"] == "" {
+		t.Fatalf("interject %d %v", r.StatusCode, ij)
+	}
+	if g := <-got; g != "user:hunter2" {
+		t.Fatalf("planner got %q", g)
+	}
+	var cr map[string]any
+	if r := e.do("POST", "/api/tasks/"+id+"/cancel", "", `{"reason":"enough"}`, &cr); r.StatusCode != 200 || cr["cancelled"] != true || cr["status"] != "CANCELLED" {
+		t.Fatalf("cancel %d %v", r.StatusCode, cr)
+	}
+	// Interjecting into an ended task is a conflict, not a 500.
+	var eb errorBody
+	if r := e.do("POST", "/api/tasks/"+id+"/interject", "", `{"text":"late"}`, &eb); r.StatusCode != 409 {
+		t.Fatalf("late interject %d %+v", r.StatusCode, eb)
+	}
+	var list struct {
+		Tasks []map[string]any `json:"tasks"`
+	}
+	e.do("GET", "/api/tasks?status=CANCELLED", "", "", &list)
+	if len(list.Tasks) != 1 || list.Tasks[0]["task_id"] != id {
+		t.Fatalf("list %v", list)
+	}
+}
+
+// TestRunDisconnectCancels: a client of /api/agent/run that goes away
+// cancels its task (nobody else knows its id).
+func TestRunDisconnectCancels(t *testing.T) {
+	e := newEnv(t, api.Config{}, Options{})
+	c := e.commander("")
+	ctx := ctxT(t)
+	go c.serve(ctx, chatScript(time.Hour))
+	rctx, cancel := context.WithCancel(ctx)
+	req, _ := http.NewRequestWithContext(rctx, "POST", e.url+"/api/agent/run", strings.NewReader(`{"instruction":"x"}`))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Header.Get("X-Task-Id")
+	_ = readSSE(resp.Body, func(ev sseEvent) bool { return !strings.Contains(ev.Data, `"thinking"`) })
+	cancel()
+	resp.Body.Close()
+	st := e.waitStatus(id, "", "cancelled")
+	if !strings.Contains(fmt.Sprint(st["message"]), "client disconnected") {
+		t.Fatalf("status %v", st)
+	}
+}
+
+// TestSeedCurlExamples runs seed 001's curl examples, as written there
+// (only the host changed), against the dispatcher with a fake commander.
+func TestSeedCurlExamples(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("curl not installed")
+	}
+	e := newEnv(t, api.Config{}, Options{})
+	ctx := ctxT(t)
+	go e.commander("").serve(ctx, chatScript(0))
+	run := func(args ...string) string {
+		t.Helper()
+		for i, a := range args {
+			args[i] = strings.ReplaceAll(a, "http://localhost:5000", e.url)
+		}
+		out, err := exec.CommandContext(ctx, curl, append([]string{"-sS"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("curl %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	obj := func(s string) map[string]any {
+		t.Helper()
+		var m map[string]any
+		if err := json.Unmarshal([]byte(s), &m); err != nil {
+			t.Fatalf("%q: %v", s, err)
+		}
+		return m
+	}
+
+	// Verify Installation.
+	if h := obj(run("http://localhost:5000/api/health")); h["status"] != "ok" {
+		t.Fatalf("health %v", h)
+	}
+
+	// Example 1: Simple Task Execution (SSE).
+	out := run("-X", "POST", "http://localhost:5000/api/agent/run",
+		"-H", "Content-Type: application/json",
+		"-d", `{
+    "instruction": "Open calculator and compute 123 * 456",
+    "sandbox_id": "sbx-abc123",
+    "authentication": {
+      "api_key": "sk-lybic-key",
+      "org_id": "org-123"
+    },
+    "ark_apikey": "ark-api-key"
+  }`)
+	var types []string
+	var finished map[string]any
+	_ = readSSE(strings.NewReader(out), func(ev sseEvent) bool {
+		if ev.Event != "" {
+			return true
+		}
+		m := obj(ev.Data)
+		types = append(types, m["type"].(string))
+		if m["type"] == "finished" {
+			finished = m
+		}
+		return true
+	})
+	want := []string{"status", "status", "thinking", "action", "observation", "message", "usage", "result", "finished"}
+	if strings.Join(types, ",") != strings.Join(want, ",") {
+		t.Fatalf("run event types %v, want %v\n%s", types, want, out)
+	}
+	if finished["output"] != "Calculation completed: 56088" || finished["status"] != "finished" {
+		t.Fatalf("finished %v", finished)
+	}
+	if !strings.Contains(out, `"content":"123 * 456 = 56088"`) && !strings.Contains(out, "56088") {
+		t.Fatalf("no tool result in %s", out)
+	}
+
+	// Example 2: Async Task with Status Polling.
+	sub := obj(run("-X", "POST", "http://localhost:5000/api/agent/task/submit",
+		"-H", "Content-Type: application/json",
+		"-d", `{
+    "instruction": "Create a text file named report.txt with content: Meeting notes",
+    "sandbox_id": "box-abc123",
+    "max_steps": 50,
+    "authentication": {
+      "api_key": "sk-lybic-key",
+      "org_id": "org-123"
+    },
+    "ark_apikey": "ark-api-key"
+  }`))
+	id, _ := sub["task_id"].(string)
+	if sub["success"] != true || id == "" || sub["message"] != "Task submitted successfully" {
+		t.Fatalf("submit %v", sub)
+	}
+	e.waitStatus(id, "", "finished")
+	st := obj(run("http://localhost:5000/api/agent/task/status/" + id))
+	if st["task_id"] != id || st["query"] != "Create a text file named report.txt with content: Meeting notes" ||
+		st["finished_output"] != "Calculation completed: 56088" || st["sandbox_info"].(map[string]any)["sandbox_id"] != "box-abc123" {
+		t.Fatalf("status %v", st)
+	}
+	// The credentials reached the task's config and are masked when read back.
+	cfg, err := e.srv.Tasks().ConfigByID(id)
+	if err != nil || cfg.GetSteps() != 50 || cfg.GetAuthorizationInfo().GetOrgID() != "org-123" ||
+		cfg.GetAuthorizationInfo().GetApiKey() == "sk-lybic-key" || cfg.GetStageModelConfig().GetActionGeneratorModel().GetApiKey() == "ark-api-key" {
+		t.Fatalf("config %v %v", cfg, err)
+	}
+
+	// Example 3: Creating a sandbox is not the dispatcher's: 501, JSON.
+	sb := run("-X", "POST", "http://localhost:5000/api/sandbox/create",
+		"-H", "Content-Type: application/json",
+		"-d", `{
+    "name": "automation-env",
+    "shape": "beijing-2c-4g-cpu",
+    "maxLifeSeconds": 7200,
+    "authentication": {
+      "api_key": "sk-lybic-key",
+      "org_id": "org-123"
+    }
+  }`, "-w", "\n%{http_code}")
+	i := strings.LastIndex(sb, "\n")
+	if body, code := sb[:i], sb[i+1:]; code != "501" || obj(body)["code"] != "UNIMPLEMENTED" {
+		t.Fatalf("sandbox create: %s", sb)
+	}
+
+	// Example 4 / Context Continuation: continue the finished task.
+	out = run("-X", "POST", "http://localhost:5000/api/agent/run",
+		"-d", `{
+    "instruction": "Now search for Artificial Intelligence",
+    "sandbox_id": "BOX-123",
+    "continue_context": true,
+    "task_id": "`+id+`",
+    "ark_apikey": "..."
+  }`)
+	if !strings.Contains(out, `"type":"finished"`) {
+		t.Fatalf("continued run: %s", out)
+	}
+
+	// Cancelling Tasks: one (unknown, so 404), then all.
+	cancelOne := run("-X", "POST", "http://localhost:5000/api/agent/cancel",
+		"-d", `{
+    "task_id": "task-id-to-cancel",
+    "authentication": {}
+  }`)
+	if obj(cancelOne)["code"] != "NOT_FOUND" {
+		t.Fatalf("cancel one: %s", cancelOne)
+	}
+	c2 := obj(run("-X", "POST", "http://localhost:5000/api/agent/cancel", "-d", `{
+    "authentication": {}
+  }`))
+	if c2["success"] != true {
+		t.Fatalf("cancel all: %v", c2)
+	}
+}
+
+// TestCancelAll cancels every pending and running task.
+func TestCancelAll(t *testing.T) {
+	e := newEnv(t, api.Config{}, Options{})
+	ctx := ctxT(t)
+	go e.commander("").serve(ctx, chatScript(time.Hour))
+	var ids []string
+	for range 3 {
+		var sub map[string]any
+		e.do("POST", "/api/agent/task/submit", "", `{"instruction":"long"}`, &sub)
+		ids = append(ids, sub["task_id"].(string))
+	}
+	e.waitStatus(ids[0], "", "running")
+	var out struct {
+		Success   bool     `json:"success"`
+		Cancelled []string `json:"cancelled"`
+	}
+	e.do("POST", "/api/agent/cancel", "", `{"authentication": null}`, &out)
+	if !out.Success || len(out.Cancelled) != 3 {
+		t.Fatalf("cancel all: %+v", out)
+	}
+	for _, id := range ids {
+		e.waitStatus(id, "", "cancelled")
+	}
+}
+
+// TestHeartbeatAndDrain: an idle event stream gets keepalive comments; a
+// drain turns /api/health to 503, refuses submissions, and the stream
+// gets the task's end.
+func TestHeartbeatAndDrain(t *testing.T) {
+	e := newEnv(t, api.Config{}, Options{Heartbeat: 20 * time.Millisecond})
+	var sub map[string]any
+	e.do("POST", "/api/tasks", "", `{"instruction":"nobody runs me"}`, &sub)
+	id := sub["task_id"].(string)
+	resp, err := http.Get(e.url + "/api/tasks/" + id + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	lines := make(chan string, 64)
+	go func() {
+		defer close(lines)
+		buf := make([]byte, 4096)
+		var acc string
+		for {
+			n, err := resp.Body.Read(buf)
+			acc += string(buf[:n])
+			for {
+				i := strings.IndexByte(acc, '\n')
+				if i < 0 {
+					break
+				}
+				lines <- acc[:i]
+				acc = acc[i+1:]
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	waitLine := func(want string) {
+		t.Helper()
+		deadline := time.After(wait)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("stream ended before %q", want)
+				}
+				if strings.HasPrefix(l, want) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("no %q", want)
+			}
+		}
+	}
+	waitLine(": keepalive")
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	e.srv.Drain(ctx)   // the pending task fails; the stream ends
+	waitLine("data: ") // the FAILURE state event
+	var h map[string]string
+	if r := e.do("GET", "/api/health", "", "", &h); r.StatusCode != 503 || h["status"] != "draining" {
+		t.Fatalf("health while draining: %d %v", r.StatusCode, h)
+	}
+	var eb errorBody
+	if r := e.do("POST", "/api/tasks", "", `{"instruction":"late"}`, &eb); r.StatusCode != 503 {
+		t.Fatalf("submit while draining: %d %+v", r.StatusCode, eb)
+	}
+}

@@ -1,0 +1,396 @@
+package httpapi
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// lybicAuth is seed 001's LybicAuthentication object.
+type lybicAuth struct {
+	APIKey      string `json:"api_key"`
+	OrgID       string `json:"org_id"`
+	APIEndpoint string `json:"api_endpoint"`
+}
+
+// runRequest is seed 001's RunAgentRequest and SubmitTaskRequest (which
+// adds max_steps), plus the dispatcher's planner, labels and
+// timeout_seconds. Unknown fields are ignored, as by the seed's server.
+type runRequest struct {
+	Instruction      string     `json:"instruction"`
+	SandboxID        string     `json:"sandbox_id"`
+	UserSystemPrompt string     `json:"user_system_prompt"`
+	ContinueContext  bool       `json:"continue_context"`
+	TaskID           string     `json:"task_id"`
+	Authentication   *lybicAuth `json:"authentication"`
+	ArkAPIKey        string     `json:"ark_apikey"`
+	MaxSteps         *int32     `json:"max_steps"`
+
+	Planner        string            `json:"planner"`
+	Labels         map[string]string `json:"labels"`
+	TimeoutSeconds int32             `json:"timeout_seconds"`
+}
+
+// submitRequest maps a seed-001 request onto the native one: credentials
+// go into the task's running config (stored masked, see docs/operations.md),
+// ark_apikey is the action generator model's key, max_steps the config's
+// steps, continue_context+task_id the previous task.
+func (rr *runRequest) submitRequest() (*dispatchv1.SubmitTaskRequest, error) {
+	if rr.UserSystemPrompt != "" {
+		return nil, status.Error(codes.InvalidArgument, "user_system_prompt is not supported: planners keep their own system prompt")
+	}
+	req := &dispatchv1.SubmitTaskRequest{
+		Instruction:    rr.Instruction,
+		Planner:        rr.Planner,
+		Labels:         rr.Labels,
+		TimeoutSeconds: rr.TimeoutSeconds,
+	}
+	if rr.SandboxID != "" {
+		req.Sandbox = &agentpb.Sandbox{Id: rr.SandboxID}
+	}
+	if rr.ContinueContext {
+		if rr.TaskID == "" {
+			return nil, status.Error(codes.InvalidArgument, "continue_context needs task_id (the task to continue)")
+		}
+		req.PreviousTaskId = rr.TaskID
+	}
+	cfg := &agentpb.CommonConfig{}
+	used := false
+	if a := rr.Authentication; a != nil && (a.APIKey != "" || a.OrgID != "" || a.APIEndpoint != "") {
+		cfg.AuthorizationInfo = &agentpb.Authorization{ApiKey: a.APIKey, OrgID: a.OrgID}
+		if a.APIEndpoint != "" {
+			cfg.AuthorizationInfo.ApiEndpoint = &a.APIEndpoint
+		}
+		used = true
+	}
+	if rr.ArkAPIKey != "" {
+		k := rr.ArkAPIKey
+		cfg.StageModelConfig = &agentpb.StageModelConfig{ActionGeneratorModel: &agentpb.LLMConfig{ApiKey: &k}}
+		used = true
+	}
+	if rr.MaxSteps != nil {
+		if *rr.MaxSteps <= 0 {
+			return nil, status.Error(codes.InvalidArgument, "max_steps must be positive")
+		}
+		cfg.Steps = rr.MaxSteps
+		used = true
+	}
+	if used {
+		req.RunningConfig = cfg
+	}
+	return req, nil
+}
+
+func (h *handler) readRun(w http.ResponseWriter, r *http.Request) (*dispatchv1.SubmitTaskRequest, bool) {
+	var rr runRequest
+	if err := h.decodeJSON(w, r, &rr, false); err != nil {
+		h.writeBad(w, err)
+		return nil, false
+	}
+	req, err := rr.submitRequest()
+	if err != nil {
+		h.writeStatus(w, err)
+		return nil, false
+	}
+	return req, true
+}
+
+// seedSubmit: POST /api/agent/task/submit → {"success": true, "task_id", "message"}.
+func (h *handler) seedSubmit(w http.ResponseWriter, r *http.Request) {
+	req, ok := h.readRun(w, r)
+	if !ok {
+		return
+	}
+	resp, err := h.b.SubmitTask(r.Context(), req)
+	if err != nil {
+		h.writeStatus(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"success": true, "task_id": resp.GetTaskId(), "message": "Task submitted successfully"})
+}
+
+// seedEvent is one SSE event of /api/agent/run, seed 001's
+// {"type": "thinking"|"action"|"result"|"finished", "content"|"output": …}
+// with the dispatcher's extra fields.
+type seedEvent struct {
+	Type    string `json:"type"`
+	Content string `json:"content,omitempty"`
+	Output  string `json:"output,omitempty"`
+	TaskID  string `json:"task_id"`
+	Seq     uint64 `json:"seq"`
+	// Status is set on "status" and "finished": pending, running,
+	// finished, failed, cancelled.
+	Status string `json:"status,omitempty"`
+	// Tool calls and results.
+	Tool   string `json:"tool,omitempty"`
+	CallID string `json:"call_id,omitempty"`
+	// Stage events (e.g. call_user).
+	Stage string `json:"stage,omitempty"`
+	// Artifacts (screenshots): inline data as a data: URL, or a URI.
+	MimeType string `json:"mime_type,omitempty"`
+	URL      string `json:"url,omitempty"`
+	// Usage.
+	InputTokens  int64   `json:"input_tokens,omitempty"`
+	OutputTokens int64   `json:"output_tokens,omitempty"`
+	Cost         float64 `json:"cost,omitempty"`
+}
+
+// seedProjection maps a task event to a seed-001 SSE event; false for
+// events without one. result is the task's result so far (for "finished").
+func seedProjection(ev *dispatchv1.TaskEvent, result string) (seedEvent, bool) {
+	e := seedEvent{TaskID: ev.GetTaskId(), Seq: ev.GetSeq()}
+	switch k := ev.GetKind().(type) {
+	case *dispatchv1.TaskEvent_State:
+		e.Status = seedStatus(k.State.GetStatus())
+		e.Type = "status"
+		e.Content = k.State.GetMessage()
+		switch k.State.GetStatus() {
+		case agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED:
+			e.Type = "finished"
+			e.Output = result
+		}
+	case *dispatchv1.TaskEvent_Thought:
+		e.Type, e.Content, e.Stage = "thinking", k.Thought.GetDelta(), k.Thought.GetStepName()
+	case *dispatchv1.TaskEvent_Content:
+		e.Type, e.Content = "message", k.Content.GetText()
+	case *dispatchv1.TaskEvent_ToolCall:
+		tc := k.ToolCall
+		e.Type, e.Tool, e.CallID = "action", tc.GetToolName(), tc.GetCallId()
+		e.Content = tc.GetToolName() + "(" + tc.GetArgumentsJson() + ")"
+	case *dispatchv1.TaskEvent_ToolResult:
+		res := k.ToolResult.GetResult()
+		e.Type, e.Tool, e.CallID = "observation", res.GetToolName(), res.GetCallId()
+		if er := res.GetError(); er != nil {
+			e.Content = "error: " + strings.TrimPrefix(er.GetCode().String(), "TOOL_ERROR_CODE_") + ": " + er.GetMessage()
+		} else {
+			e.Content = res.GetResultJson()
+		}
+	case *dispatchv1.TaskEvent_Stage:
+		e.Type, e.Stage, e.Content = "stage", k.Stage.GetStage(), k.Stage.GetMessage()
+	case *dispatchv1.TaskEvent_Artifact:
+		a := k.Artifact
+		e.Type, e.Stage, e.Content, e.MimeType = "artifact", a.GetKind(), a.GetDescription(), a.GetMimeType()
+		if a.GetKind() == "screenshot" {
+			e.Type = "screenshot"
+		}
+		e.URL = a.GetUri()
+		if len(a.GetData()) > 0 {
+			e.URL = "data:" + a.GetMimeType() + ";base64," + base64.StdEncoding.EncodeToString(a.GetData())
+		}
+	case *dispatchv1.TaskEvent_Usage:
+		u := k.Usage
+		e.Type, e.InputTokens, e.OutputTokens, e.Cost = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost()
+	case *dispatchv1.TaskEvent_Error:
+		e.Type, e.Content = "error", k.Error.GetMessage()
+	case *dispatchv1.TaskEvent_Stop:
+		e.Type, e.Content = "stop", k.Stop.GetReason()
+	case *dispatchv1.TaskEvent_Policy:
+		pd := k.Policy
+		e.Type, e.CallID, e.Tool = "policy", pd.GetCallId(), pd.GetToolName()
+		e.Content = strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_")) + " by rule " + pd.GetRuleId() + ": " + pd.GetReason()
+	case *dispatchv1.TaskEvent_Result:
+		e.Type, e.Content = "result", k.Result.GetResult()
+	case *dispatchv1.TaskEvent_UserInput:
+		e.Type, e.Content = "user_input", k.UserInput.GetText()
+	default:
+		return e, false
+	}
+	return e, true
+}
+
+// seedStatus names a status as seed 001 does ("finished" for success).
+func seedStatus(s agentpb.TaskStatus) string {
+	switch s {
+	case agentpb.TaskStatus_PENDING:
+		return "pending"
+	case agentpb.TaskStatus_RUNNING:
+		return "running"
+	case agentpb.TaskStatus_SUCCESS:
+		return "finished"
+	case agentpb.TaskStatus_FAILURE:
+		return "failed"
+	case agentpb.TaskStatus_CANCELLED:
+		return "cancelled"
+	case agentpb.TaskStatus_NOT_FOUND:
+		return "not_found"
+	}
+	return "unknown"
+}
+
+// seedRun: POST /api/agent/run — submits and streams the task as SSE
+// (seed 001's data: {"type": …} lines, each with id: <seq>) until it ends.
+// The task id is also in the X-Task-Id header. A client that goes away
+// cancels its task, as with the gRPC RunAgentInstruction.
+func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
+	req, ok := h.readRun(w, r)
+	if !ok {
+		return
+	}
+	ctx := r.Context()
+	resp, err := h.b.SubmitTask(ctx, req)
+	if err != nil {
+		h.writeStatus(w, err)
+		return
+	}
+	id := resp.GetTaskId()
+	w.Header().Set("X-Task-Id", id)
+	s := startSSE(w)
+	stop := h.heartbeat(s)
+	defer stop()
+	var result string
+	err = h.b.Watch(ctx, id, 0, func(ev *dispatchv1.TaskEvent) error {
+		if res := ev.GetResult(); res != nil {
+			result = res.GetResult()
+		}
+		e, ok := seedProjection(ev, result)
+		if !ok {
+			return nil
+		}
+		b, err := json.Marshal(e)
+		if err != nil {
+			return err
+		}
+		return s.send(strconv.FormatUint(ev.GetSeq(), 10), "", b)
+	})
+	if err != nil && ctx.Err() != nil {
+		// Do not wait for the stop: the caller is gone.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 100*time.Millisecond)
+		_, _ = h.b.CancelTask(cctx, &dispatchv1.CancelTaskRequest{TaskId: id, Reason: "client disconnected"})
+		cancel()
+		return
+	}
+	h.endStream(ctx, s, err)
+}
+
+// seedStatus: GET /api/agent/task/status/{id} → seed 001's
+// {"task_id", "status", "query", "finished_output", "llm_context",
+// "sandbox_info": {"sandbox_id"}} plus message and statistics.
+func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
+	resp, err := h.b.GetTask(r.Context(), &dispatchv1.GetTaskRequest{TaskId: r.PathValue("id")})
+	if err != nil {
+		h.writeStatus(w, err)
+		return
+	}
+	t := resp.GetTask()
+	out := map[string]any{
+		"task_id":         t.GetTaskId(),
+		"status":          seedStatus(t.GetStatus()),
+		"query":           t.GetInstruction(),
+		"finished_output": t.GetResult(),
+		"message":         t.GetMessage(),
+		"llm_context":     nil, // the conversation is kept by the dispatcher; continue with continue_context
+		"sandbox_info":    nil,
+		"planner":         t.GetPlanner(),
+		"last_seq":        t.GetLastSeq(),
+	}
+	if sb := t.GetSandbox(); sb != nil {
+		out["sandbox_info"] = map[string]any{"sandbox_id": sb.GetId()}
+	}
+	if st := t.GetStatistics(); st != nil {
+		out["statistics"] = map[string]any{
+			"steps": st.GetSteps(), "duration_seconds": st.GetDurationSeconds(),
+			"input_tokens": st.GetInputTokens(), "output_tokens": st.GetOutputTokens(),
+			"total_tokens": st.GetTotalTokens(), "cost": st.GetCost(), "currency": st.GetCurrencySymbol(),
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// seedCancel: POST /api/agent/cancel {"task_id": …} cancels one task;
+// without task_id it cancels every pending and running task (the client
+// token is the only identity there is, so "the caller's tasks" are all).
+func (h *handler) seedCancel(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		TaskID         string     `json:"task_id"`
+		Authentication *lybicAuth `json:"authentication"`
+	}
+	if err := h.decodeJSON(w, r, &body, false); err != nil {
+		h.writeBad(w, err)
+		return
+	}
+	ctx := r.Context()
+	if body.TaskID != "" {
+		resp, err := h.b.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: body.TaskID})
+		if err != nil {
+			h.writeStatus(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{
+			"success": resp.GetCancelled(), "task_id": body.TaskID,
+			"status": seedStatus(resp.GetStatus()), "message": resp.GetMessage(),
+		})
+		return
+	}
+	var ids []string
+	req := &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING}, PageSize: 1000}
+	for {
+		page, err := h.b.ListTasks(ctx, req)
+		if err != nil {
+			h.writeStatus(w, err)
+			return
+		}
+		for _, t := range page.GetTasks() {
+			ids = append(ids, t.GetTaskId())
+		}
+		if page.GetNextPageToken() == "" {
+			break
+		}
+		req.PageToken = page.GetNextPageToken()
+	}
+	var (
+		mu        sync.Mutex
+		cancelled = []string{}
+		wg        sync.WaitGroup
+		sem       = make(chan struct{}, 16)
+	)
+	for _, id := range ids {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			resp, err := h.b.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: id})
+			if err == nil && resp.GetCancelled() {
+				mu.Lock()
+				cancelled = append(cancelled, id)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	writeJSON(w, http.StatusOK, map[string]any{
+		"success": true, "cancelled": cancelled,
+		"message": strconv.Itoa(len(cancelled)) + " of " + strconv.Itoa(len(ids)) + " active tasks cancelled",
+	})
+}
+
+// seedSandboxCreate: POST /api/sandbox/create is not served by the
+// dispatcher: sandboxes belong to the sandbox tool provider (the
+// commander's computer.* tools create their own on first use, or use the
+// task's sandbox_id). 501 with a JSON error, after the body is checked.
+func (h *handler) seedSandboxCreate(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Name           string     `json:"name"`
+		Shape          string     `json:"shape"`
+		MaxLifeSeconds *int       `json:"maxLifeSeconds"`
+		ProjectID      string     `json:"projectId"`
+		Authentication *lybicAuth `json:"authentication"`
+	}
+	if err := h.decodeJSON(w, r, &body, false); err != nil {
+		h.writeBad(w, err)
+		return
+	}
+	writeError(w, http.StatusNotImplemented, "UNIMPLEMENTED",
+		"sandbox creation is not served by the dispatcher: submit the task without sandbox_id and the GUI sandbox provider creates one, or pass the id of an existing sandbox")
+}
