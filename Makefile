@@ -21,6 +21,7 @@ BUF_VERSION                := 1.75.0
 
 GO_CMDS := dispatcher dispatchctl scriptedllm loadgen
 INSTRUCTION ?= In two short sentences, explain what a dispatcher does in an agent system.
+DEMO_GUI_INSTRUCTION ?= Type 'hello from SmolLM2' into the terminal.
 
 .PHONY: help
 help: ## list the targets
@@ -77,7 +78,7 @@ lint-proto: setup-tools ## buf lint on proto/
 
 .PHONY: demo up down logs
 demo: setup setup-model ## set up and run the main job end to end on the embedded defaults
-	scripts/stack.sh demo "$(INSTRUCTION)"
+	scripts/stack.sh demo "$(INSTRUCTION)" "$(DEMO_GUI_INSTRUCTION)"
 
 GUI_INSTRUCTION ?= Type 'hello from the GUI agent' into the terminal
 .PHONY: demo-gui

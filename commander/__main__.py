@@ -131,9 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gui.add_argument(
         "--gui-output-format",
-        choices=["ui-tars", "pyautogui"],
-        default=env("GUI_OUTPUT_FORMAT", "ui-tars"),
-        help="how the GUI model writes actions (env GUI_OUTPUT_FORMAT; default %(default)s)",
+        choices=["auto", "ui-tars", "pyautogui", "json"],
+        default=env("GUI_OUTPUT_FORMAT", "auto"),
+        help="how the GUI model writes actions; auto: json (schema-constrained) for a text "
+        "observation, else ui-tars (env GUI_OUTPUT_FORMAT; default %(default)s)",
+    )
+    gui.add_argument(
+        "--gui-observation",
+        choices=["auto", "screenshot", "text", "both"],
+        default=env("GUI_OBSERVATION", "auto"),
+        help="what the GUI model is shown: the screenshot, a text description of the screen "
+        "(computer.describe_screen; for text-only models), or both; auto: text for known "
+        "text-only models (smollm*, tinyllama*), else screenshot (env GUI_OBSERVATION)",
+    )
+    gui.add_argument(
+        "--gui-response-format",
+        choices=["llama-cpp", "json-schema", "off"],
+        default=env("GUI_RESPONSE_FORMAT", "llama-cpp"),
+        help="how the json format's schema constrains decoding: llama-cpp-python's "
+        "json_object+schema, OpenAI's json_schema, or off (env GUI_RESPONSE_FORMAT)",
+    )
+    gui.add_argument(
+        "--gui-max-steps",
+        type=_positive_int,
+        default=env("GUI_MAX_STEPS", "50"),
+        help="step limit of a GUI task whose config sets none (env GUI_MAX_STEPS; "
+        "default %(default)s)",
     )
     gui.add_argument(
         "--gui-coordinates",
@@ -169,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 def build_commander(args: argparse.Namespace) -> Commander:
     """The Commander the parsed flags describe."""
     connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
+    prices = PriceTable.load(args.prices)
     llm = LLMSettings(
+        prices=prices,
         base_url=args.llm_base_url,
         model=args.llm_model,
         api_key=args.llm_api_key,
@@ -200,8 +225,11 @@ def build_commander(args: argparse.Namespace) -> Commander:
             else None
         ),
         output_format=args.gui_output_format,
+        observation=args.gui_observation,
+        response_format=args.gui_response_format,
+        steps=args.gui_max_steps,
         coordinates=args.gui_coordinates,
-        prices=PriceTable.load(args.prices),
+        prices=prices,
     )
     planners = PlannerRegistry(
         {

@@ -38,6 +38,7 @@ from commander._errors import ModelError, ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._planners import PlannerOutput
+from commander._pricing import PriceTable
 from commander._session import SessionContext
 
 _log = logging.getLogger("commander.chat")
@@ -79,6 +80,20 @@ class LLMSettings:
     use_tools: bool = True
     #: Bound on closing the model stream after a stop.
     close_timeout: float = 2.0
+    #: Per-model prices: the cost and currency of every Usage.
+    prices: PriceTable = dataclasses.field(default_factory=PriceTable)
+
+    def usage(self, model: str, input_tokens: int, output_tokens: int) -> ipb.Usage:
+        """One model turn's Usage, priced from :attr:`prices` (0 and no currency if unknown)."""
+        cost, currency = self.prices.cost(model, input_tokens, output_tokens)
+        return ipb.Usage(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost,
+            currency=currency,
+            steps=1,
+            model=model,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,9 +491,14 @@ class ChatPlanner:
             if stream is not None and not completed:
                 # Stopped or failed mid-turn: the tokens spent so far still count
                 # (estimated: a stream cut short carries no usage from the server).
+                cost, currency = self.settings.prices.cost(
+                    target.model, prompt_estimate, turn.chunks
+                )
                 ctx.add_usage(
                     input_tokens=prompt_estimate,
                     output_tokens=turn.chunks,
+                    cost=cost,
+                    currency=currency,
                     steps=1,
                     model=target.model,
                 )
@@ -489,21 +509,13 @@ class ChatPlanner:
             # The answer of this turn is complete (an empty last chunk, as in seed 004).
             yield ipb.ContentChunk(text="", is_finish=True)
         if turn.usage is not None:
-            yield ipb.Usage(
-                input_tokens=turn.usage.prompt_tokens,
-                output_tokens=turn.usage.completion_tokens,
-                steps=1,
-                model=target.model,
+            yield self.settings.usage(
+                target.model, turn.usage.prompt_tokens, turn.usage.completion_tokens
             )
         else:
             # The server sent no usage (no stream_options support): estimated,
             # output tokens = streamed pieces (servers stream about one token each).
-            yield ipb.Usage(
-                input_tokens=prompt_estimate,
-                output_tokens=turn.chunks,
-                steps=1,
-                model=target.model,
-            )
+            yield self.settings.usage(target.model, prompt_estimate, turn.chunks)
 
 
 def _split(pieces: list[tuple[bool, str]], turn: _Turn) -> list[PlannerOutput]:

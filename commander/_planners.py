@@ -32,6 +32,7 @@ PlannerOutput: TypeAlias = (
     | interaction_pb2.Usage
     | interaction_pb2.StageChange
     | interaction_pb2.Artifact
+    | interaction_pb2.SandboxInUse
     | interaction_pb2.ErrorSignal
     | interaction_pb2.FinalResult
     | str

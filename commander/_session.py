@@ -49,6 +49,7 @@ _FIELD_BY_TYPE: dict[type[Any], str] = {
     ipb.Usage: "usage",
     ipb.StageChange: "stage",
     ipb.Artifact: "artifact",
+    ipb.SandboxInUse: "sandbox",
     ipb.ErrorSignal: "error",
 }
 

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Starts and stops the local stack: SmolLM2 behind llama-cpp-python's
-# OpenAI-compatible server, the dispatcher, a commander and a tool provider.
+# OpenAI-compatible server, the dispatcher, the local sandbox server (Xvfb +
+# xdotool) with a desktop (an xterm running `cat > .run/xterm.txt`, focused),
+# a commander (chat and gui planners, the computer.* sandbox tools in-process
+# over the lybic SDK) and a tool provider.
 #
-#   scripts/stack.sh up            start in the background (pids and logs in .run/)
-#   scripts/stack.sh down          stop what `up` started
-#   scripts/stack.sh demo "text"   up, run the instruction through dispatchctl, down
-#   scripts/stack.sh model-test    start only the model server, run the `model` tests
+#   scripts/stack.sh up                 start in the background (pids and logs in .run/)
+#   scripts/stack.sh down               stop what `up` started
+#   scripts/stack.sh demo "text" ["gui text"]
+#                                       up, run the chat instruction, then the GUI
+#                                       instruction on the local desktop (gui planner,
+#                                       SmolLM2 reading a text description of the screen),
+#                                       show what the xterm received, down
+#   scripts/stack.sh model-test         start only the model server, run the `model` tests
 #
-# Ports: DISPATCHER_LISTEN (127.0.0.1:50051), MODEL_PORT (8080). Everything
-# listens on loopback only.
+# Ports: DISPATCHER_LISTEN (127.0.0.1:50051), MODEL_PORT (8080); the sandbox
+# server takes a free port. GUI_MAX_STEPS (5): the GUI task's step limit.
+# Everything listens on loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +26,8 @@ BIN=$ROOT/bin
 DISPATCHER_LISTEN=${DISPATCHER_LISTEN:-127.0.0.1:50051}
 MODEL_PORT=${MODEL_PORT:-8080}
 COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
+GUI_MAX_STEPS=${GUI_MAX_STEPS:-5}
+GUI_INSTRUCTION_DEFAULT="Type 'hello from SmolLM2' into the terminal."
 mkdir -p "$RUN"
 
 log() { printf '\033[2m[stack]\033[0m %s\n' "$*" >&2; }
@@ -75,18 +85,37 @@ up() {
   rm -f "$RUN/dispatcher.addr"
   start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --data-dir "$RUN/data" --log-format text
   wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
+  sandbox_up
   log "tool provider (workspace tools in $RUN/workspace)"
   mkdir -p "$RUN/workspace"
   start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "$DISPATCHER_LISTEN" --root "$RUN/workspace"
   log "commander with $COMMANDER_SLOTS slots, model smollm2"
+  LYBIC_API_KEY=$(cat "$RUN/sandbox.key") LYBIC_PRECREATE_SID=$(cat "$RUN/desktop.sid") \
   start commander "$ROOT/.venv/bin/commander" --dispatcher "$DISPATCHER_LISTEN" --slots "$COMMANDER_SLOTS" \
-    --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2
+    --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2 \
+    --gui-model smollm2 --gui-max-steps "$GUI_MAX_STEPS" \
+    --sandbox-endpoint "http://$(cat "$RUN/sandbox.addr")" --sandbox-org ORG-local
   wait_for commander 60 "$BIN/dispatchctl" --addr "$DISPATCHER_LISTEN" info --min-slots "$COMMANDER_SLOTS"
   log "stack is up: dispatcher $DISPATCHER_LISTEN, model http://127.0.0.1:$MODEL_PORT/v1 (logs: $RUN/*.log)"
 }
 
+# The local sandbox server, and a desktop on it: an xterm whose typed lines go
+# to $RUN/xterm.txt (its id becomes the commander's LYBIC_PRECREATE_SID).
+sandbox_up() {
+  log "local sandbox server (Xvfb + xdotool), a desktop with an xterm"
+  rm -f "$RUN/sandbox.addr" "$RUN/xterm.txt"
+  [ -s "$RUN/sandbox.key" ] || (umask 077; "$PY" -c 'import secrets; print("lysk-" + secrets.token_hex(16))' >"$RUN/sandbox.key")
+  LOCALSANDBOX_API_KEY=$(cat "$RUN/sandbox.key") \
+  start sandbox "$PY" -m commander.localsandbox --listen 127.0.0.1:0 --addr-file "$RUN/sandbox.addr" \
+    --org-id ORG-local --state-dir "$RUN/sandbox-state"
+  wait_for sandbox 30 test -s "$RUN/sandbox.addr"
+  LYBIC_API_ENDPOINT="http://$(cat "$RUN/sandbox.addr")" LYBIC_ORG_ID=ORG-local \
+    LYBIC_API_KEY=$(cat "$RUN/sandbox.key") \
+    "$PY" "$ROOT/scripts/local_desktop.py" "$RUN/xterm.txt" >"$RUN/desktop.sid"
+}
+
 down() {
-  for n in commander tools dispatcher model; do stop_one "$n"; done
+  for n in commander tools sandbox dispatcher model; do stop_one "$n"; done
 }
 
 case "${1:-}" in
@@ -97,6 +126,12 @@ case "${1:-}" in
     up
     log "running: $2"
     "$BIN/dispatchctl" --addr "$DISPATCHER_LISTEN" run "$2"
+    gui=${3:-$GUI_INSTRUCTION_DEFAULT}
+    log "running on the local desktop (gui planner, at most $GUI_MAX_STEPS steps): $gui"
+    "$BIN/dispatchctl" --addr "$DISPATCHER_LISTEN" run --planner gui "$gui" | cut -c1-240 || true
+    log "what the xterm received ($RUN/xterm.txt):"
+    cat "$RUN/xterm.txt" 2>/dev/null || true
+    echo
     ;;
   model-test)
     trap 'stop_one model' EXIT
@@ -105,5 +140,5 @@ case "${1:-}" in
     LOCAL_LLM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1" DISPATCH_BIN_DIR="$BIN" \
       "$ROOT/.venv/bin/pytest" -q -m model tests
     ;;
-  *) echo "usage: $0 up|down|demo INSTRUCTION|model-test" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|demo INSTRUCTION [GUI_INSTRUCTION]|model-test" >&2; exit 2 ;;
 esac

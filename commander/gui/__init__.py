@@ -1,11 +1,13 @@
 """GUI-agent model output → typed actions, by a whitelisting parser. Never eval, never exec.
 
-Two output formats are read:
+Three output formats are read:
 
 * UI-TARS / Doubao UI-TARS (:func:`parse_uitars`):
   ``Thought: …`` then ``Action: click(point='<point>x y</point>')``;
 * pyautogui-style code (:func:`parse_pyautogui`), the subset the ``lybic``
-  SDK's ``Pyautogui`` class accepts.
+  SDK's ``Pyautogui`` class accepts;
+* one JSON action object (:func:`parse_json_action`), whose schema
+  (:data:`JSON_ACTION_SCHEMA`) constrains a small model's decoding.
 
 Coordinates are mapped from the model's convention (:class:`Relative1000`,
 :class:`SmartResizedPixels` for UI-TARS-1.5, :class:`ScreenPixels`) to pixels
@@ -48,10 +50,11 @@ from commander.gui._coords import (
     smart_resize,
 )
 from commander.gui._errors import ParseError
+from commander.gui._jsonaction import JSON_ACTION_SCHEMA, JSON_ACTIONS, parse_json_action
 from commander.gui._pyautogui import parse_pyautogui
 from commander.gui._uitars import parse_uitars
 
-OutputFormat = Literal["ui-tars", "pyautogui"]
+OutputFormat = Literal["ui-tars", "pyautogui", "json"]
 
 
 def parse_model_output(
@@ -61,16 +64,21 @@ def parse_model_output(
     screen: ScreenSize,
     space: CoordinateSpace | None = None,
 ) -> ParsedOutput:
-    """Parses ``text`` as ``output_format``: :func:`parse_uitars` or :func:`parse_pyautogui`."""
+    """Parses ``text`` as ``output_format``: :func:`parse_uitars`, :func:`parse_pyautogui`
+    or :func:`parse_json_action`."""
     if output_format == "ui-tars":
         return parse_uitars(text, screen=screen, space=space)
     if output_format == "pyautogui":
         return parse_pyautogui(text, screen=screen, space=space)
+    if output_format == "json":
+        return parse_json_action(text, screen=screen, space=space)
     raise ValueError(f"unknown output format {output_format!r}")
 
 
 __all__ = [
     "HERE",
+    "JSON_ACTIONS",
+    "JSON_ACTION_SCHEMA",
     "Action",
     "CallUser",
     "CoordinateSpace",
@@ -97,6 +105,7 @@ __all__ = [
     "Screenshot",
     "SmartResizedPixels",
     "Wait",
+    "parse_json_action",
     "parse_model_output",
     "parse_pyautogui",
     "parse_uitars",

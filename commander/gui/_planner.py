@@ -21,6 +21,13 @@ FAST mode: one model does everything. NORMAL mode: the action model decides,
 and a grounding model (``stageModelConfig.groundingModel``) places the point
 of each click, move or scroll from the step's thought.
 
+Observation: a vision model gets the screenshot; a text-only model
+(``observation="text"``; ``auto`` picks it for the models of
+``GuiSettings.text_only_models``, e.g. SmolLM2) gets ``computer.describe_screen``
+— screen size, visible windows with title and geometry, keyboard focus,
+pointer — and answers with one JSON action object whose schema constrains its
+decoding (``response_format``), so every answer parses. ``both`` sends both.
+
 Model calls are retried (tenacity) only when nothing was streamed yet and the
 error is a connection error, a timeout before the first token, 429 or 5xx.
 """
@@ -31,6 +38,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import re
@@ -63,6 +71,7 @@ from commander._planners import PlannerOutput
 from commander._pricing import PriceTable
 from commander._session import SessionContext
 from commander.gui import (
+    JSON_ACTION_SCHEMA,
     Action,
     CallUser,
     CoordinateSpace,
@@ -138,6 +147,31 @@ FAIL if it cannot be done, WAIT to wait.
 Task: {instruction}
 """
 
+#: The prompt for the JSON action format (text-only models; screen pixels).
+JSON_PROMPT = """You operate a computer. Each step you get a description of the screen \
+and answer with one JSON object:
+{"thought": "...", "action": "...", "x": 0, "y": 0, "text": "..."}
+Actions: type (write "text" into the focused window; "\\n" presses Enter), hotkey (press \
+the keys in "text", e.g. "ctrl c" or "enter"), click / double_click / right_click / move \
+(at pixel x, y), scroll ("text": up or down), wait, finished ("text": your answer; only \
+when the task is done), failed ("text": why), call_user (ask the user for help).
+
+Example. Task: Type 'abc' into the terminal.
+Step 1 answer: {"thought": "The terminal has focus, so I type the text.", "action": "type", \
+"x": 0, "y": 0, "text": "abc\\n"}
+Step 2 answer: {"thought": "I typed the text; the task is done.", "action": "finished", \
+"x": 0, "y": 0, "text": "typed abc"}
+
+Task: {instruction}"""
+
+#: Models that cannot see images (``observation="auto"`` gives them text); fnmatch,
+#: case-insensitive, on the model name.
+TEXT_ONLY_MODELS = ("*smollm*", "*tinyllama*")
+
+Observation = Literal["auto", "screenshot", "text", "both"]
+FormatSetting = Literal["auto", "ui-tars", "pyautogui", "json"]
+ResponseFormat = Literal["llama-cpp", "json-schema", "off"]
+
 #: The UI-TARS grounding prompt (NORMAL mode's grounding model).
 GROUNDING_PROMPT = (
     "Output only the coordinate of one point in your response. "
@@ -175,7 +209,18 @@ class GuiSettings:
     #: NORMAL mode's grounding model when the task's config names none (None: the
     #: action model's own coordinates are used).
     grounding: ModelTarget | None = None
-    output_format: OutputFormat = "ui-tars"
+    #: "auto": "json" for a text observation, else "ui-tars".
+    output_format: FormatSetting = "auto"
+    #: What the model is shown: "auto" is "text" for TEXT_ONLY_MODELS, else "screenshot".
+    observation: Observation = "auto"
+    text_only_models: tuple[str, ...] = TEXT_ONLY_MODELS
+    #: How the JSON format's schema is sent: llama-cpp-python's
+    #: ``{"type": "json_object", "schema": …}``, OpenAI's ``json_schema``, or not at all.
+    response_format: ResponseFormat = "llama-cpp"
+    #: Step limit when the task's config sets none.
+    steps: int = DEFAULT_STEPS
+    #: Screen descriptions kept in the conversation (text observation).
+    history_descriptions: int = 3
     coordinates: SpaceName = "relative"
     grounding_coordinates: SpaceName = "relative"
     #: Shape of the sandbox created when the task names none ("": the provider's default).
@@ -252,6 +297,39 @@ def resolve_models(
         else:
             grounding = settings.grounding
     return action, grounding, fast
+
+
+def resolve_io(settings: GuiSettings, model: str) -> tuple[Observation, OutputFormat]:
+    """(observation, output format) for ``model``: ``auto`` resolved by its name."""
+    observation = settings.observation
+    if observation == "auto":
+        name = model.lower()
+        text_only = any(fnmatch.fnmatchcase(name, p.lower()) for p in settings.text_only_models)
+        observation = "text" if text_only else "screenshot"
+    fmt: OutputFormat
+    if settings.output_format == "auto":
+        fmt = "json" if observation == "text" else "ui-tars"
+    else:
+        fmt = settings.output_format
+    return observation, fmt
+
+
+def _describe_action(action: Action) -> str:
+    """One line for the model about an action that was performed."""
+    match action:
+        case KeyboardType():
+            return f"typed {action.content!r}"
+        case KeyboardHotkey():
+            return f"pressed {action.keys}"
+        case MouseClick() | MouseDoubleClick() | MouseTripleClick():
+            return f"{type(action).__name__} at x={action.at.x} y={action.at.y}"
+        case MouseMove():
+            return f"moved the pointer to x={action.to.x} y={action.to.y}"
+        case MouseScroll():
+            return f"scrolled {action.step_vertical:+d} down, {action.step_horizontal:+d} right"
+        case Wait():
+            return f"waited {action.duration_ms} ms"
+    return action.type
 
 
 def _shorten_images(messages: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
@@ -349,7 +427,7 @@ class _Run:
         self.ctx = ctx
         config = ctx.config
         self.max_steps = config.steps if config.HasField("steps") and config.steps > 0 else 0
-        self.max_steps = self.max_steps or DEFAULT_STEPS
+        self.max_steps = self.max_steps or self.settings.steps or DEFAULT_STEPS
         timeout = (
             config.taskTimeout
             if config.HasField("taskTimeout") and config.taskTimeout > 0
@@ -361,7 +439,15 @@ class _Run:
             own_deadline if remaining is None else min(own_deadline, time.monotonic() + remaining)
         )
         self.action_model, self.grounding_model, self.fast = resolve_models(config, self.settings)
-        self.space = coordinate_space(self.settings.coordinates)
+        self.observation, self.output_format = resolve_io(self.settings, self.action_model.model)
+        # The JSON format speaks screen pixels (the text observation gives pixels).
+        self.space = (
+            ScreenPixels()
+            if self.output_format == "json"
+            else coordinate_space(self.settings.coordinates)
+        )
+        #: (index in messages, content without the description) of text observations.
+        self._described: list[tuple[int, str]] = []
         self.grounding_space = coordinate_space(self.settings.grounding_coordinates)
         self.sandbox_id = ""
         self.release_pending = False
@@ -381,6 +467,10 @@ class _Run:
         try:
             yield ipb.StageChange(stage="sandbox", message="acquiring a sandbox")
             await self._acquire()
+            # The dispatcher keeps it on the task, for a task that continues this one.
+            yield ipb.SandboxInUse(
+                sandbox=agent_pb2.Sandbox(id=self.sandbox_id), kept=not self.release_pending
+            )
             yield ipb.StageChange(
                 stage="sandbox",
                 message=f"sandbox {self.sandbox_id} ({self.screen.width}x{self.screen.height})",
@@ -406,11 +496,26 @@ class _Run:
                     description=f"step {step}: the screen before the model's action",
                 )
                 feedback.extend(f"The user says: {u.text}" for u in ctx.drain_user_inputs())
-                parts: list[dict[str, Any]] = [{"type": "text", "text": t} for t in feedback]
-                parts.append(
-                    {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{image_b64}"}}
-                )
-                self.messages.append({"role": "user", "content": parts})
+                description = ""
+                if self.observation in ("text", "both"):
+                    description = await self._describe(step)
+                if self.observation == "text":
+                    short = "\n".join([*feedback, f"Step {step}."])
+                    self._described.append((len(self.messages), short))
+                    self.messages.append(
+                        {"role": "user", "content": "\n".join([*feedback, description])}
+                    )
+                else:
+                    parts: list[dict[str, Any]] = [{"type": "text", "text": t} for t in feedback]
+                    if description:
+                        parts.append({"type": "text", "text": description})
+                    parts.append(
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": f"data:{mime};base64,{image_b64}"},
+                        }
+                    )
+                    self.messages.append({"role": "user", "content": parts})
                 feedback = []
                 reply = _Reply()
                 async with contextlib.aclosing(
@@ -424,7 +529,7 @@ class _Run:
                 try:
                     parsed = parse_model_output(
                         reply.text,
-                        output_format=self.settings.output_format,
+                        output_format=self.output_format,
                         screen=self.screen,
                         space=self.space,
                     )
@@ -537,12 +642,25 @@ class _Run:
             raise ToolError("computer.screenshot returned bad base64") from exc
         return image, str(shot.get("mime_type") or "image/png")
 
+    async def _describe(self, step: int) -> str:
+        """The text observation of ``step`` (``computer.describe_screen``), or why there is none."""
+        try:
+            got = await self._call("computer.describe_screen", sandbox_id=self.sandbox_id)
+        except ToolError as exc:
+            return f"Step {step}. The screen could not be described: {exc.message}"
+        text = got.get("text") if isinstance(got, dict) else None
+        if not isinstance(text, str):
+            return f"Step {step}. The screen could not be described."
+        return f"Step {step}. {text[:4000]}"
+
     def _start_conversation(self) -> None:
         ctx = self.ctx
         for turn in ctx.history:
             role = turn.role if turn.role in ("user", "assistant") else "user"
             self.messages.append({"role": role, "content": turn.content})
-        if self.settings.output_format == "ui-tars":
+        if self.output_format == "json":
+            prompt = JSON_PROMPT.replace("{instruction}", ctx.instruction)
+        elif self.output_format == "ui-tars":
             prompt = UITARS_PROMPT.replace("{instruction}", ctx.instruction)
         else:
             prompt = PYAUTOGUI_PROMPT.format(
@@ -615,6 +733,11 @@ class _Run:
                 cur = result["cursor"]
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     self.cursor = (int(cur["x"]), int(cur["y"]))
+            if self.output_format == "json":
+                feedback.append(
+                    f"Done: you {_describe_action(action)}. If the task is complete now, "
+                    'answer with the action "finished"; do not repeat an action that is done.'
+                )
 
     async def _wait_for_user(self) -> str:
         remaining = self.remaining()
@@ -756,6 +879,12 @@ class _Run:
         """One streamed model call (retried only before its first token); text → ``reply``."""
         self._check_deadline()
         client = await self.planner._client(target)
+        if self._described and messages is self.messages:
+            keep = max(0, self.settings.history_descriptions)
+            old = self._described[: len(self._described) - keep] if keep else self._described
+            messages = list(messages)
+            for index, short in old:
+                messages[index] = {**messages[index], "content": short}
         request: dict[str, Any] = {
             "model": target.model,
             "messages": _shorten_images(messages, self.settings.history_images),
@@ -767,6 +896,15 @@ class _Run:
             request["temperature"] = self.settings.temperature
         if self.settings.max_tokens is not None:
             request["max_tokens"] = self.settings.max_tokens
+        if step_name != "grounding" and self.output_format == "json":
+            if self.settings.response_format == "llama-cpp":
+                # llama-cpp-python's server compiles the schema to a grammar.
+                request["response_format"] = {"type": "json_object", "schema": JSON_ACTION_SCHEMA}
+            elif self.settings.response_format == "json-schema":
+                request["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "gui_action", "schema": JSON_ACTION_SCHEMA},
+                }
         prompt_estimate = estimate_tokens(
             json.dumps([m for m in request["messages"] if isinstance(m.get("content"), str)])
         )

@@ -36,6 +36,7 @@ TOOL_NAMES = (
     "computer.sandbox_acquire",
     "computer.sandbox_release",
     "computer.screenshot",
+    "computer.describe_screen",
     "computer.click",
     "computer.double_click",
     "computer.triple_click",
@@ -102,6 +103,16 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     )
     async def screenshot(sandbox_id: str) -> dict[str, Any]:
         return await tools.screenshot(sandbox_id)
+
+    @provider.tool(
+        "computer.describe_screen",
+        description="The screen as text, for models that cannot see: its size, the visible "
+        "windows (title, position, size), the window with the keyboard focus, the pointer "
+        "(X11 sandboxes; read with xdotool, nothing is changed).",
+        timeout_ms=_ACTION_TIMEOUT_MS,
+    )
+    async def describe_screen(sandbox_id: str) -> dict[str, Any]:
+        return await tools.describe_screen(sandbox_id)
 
     def clicker(kind: str, fixed_button: str | None) -> None:
         name = {

@@ -317,6 +317,23 @@ class SandboxTools:
         width, height = image.size
         return {"image_base64": b64, "mime_type": mime, "width": width, "height": height}
 
+    async def describe_screen(self, sandbox_id: str) -> dict[str, Any]:
+        """What is on an X11 sandbox's screen, as data and as text, for models
+        that cannot see: screen size, visible named windows with their geometry,
+        the window with keyboard focus and the pointer. Read with ``xdotool``
+        through the sandbox's own process API (nothing is clicked or typed)."""
+        sid = _sandbox_id(sandbox_id)
+        request = dto.SandboxProcessRequestDto(executable="/bin/sh", args=["-c", _DESCRIBE_SH])
+        answer = await self._read(lambda: self._sandbox().execute_process(sid, data=request))
+        out = base64.b64decode(answer.stdoutBase64 or "").decode("utf-8", "replace")
+        if answer.exitCode != 0 and "SCREEN=" not in out:
+            err = base64.b64decode(answer.stderrBase64 or "").decode("utf-8", "replace")
+            raise ToolExecutionError(
+                f"the sandbox could not describe its screen (exit {answer.exitCode}): "
+                f"{err.strip()[:300]}"
+            )
+        return parse_screen_description(out)
+
     # --- actions: one request each, never retried ---
 
     async def act(self, sandbox_id: str, action: Action | BaseModel) -> dict[str, Any]:
@@ -341,6 +358,84 @@ class SandboxTools:
         if answer.actionResult is not None:
             result["result"] = answer.actionResult
         return result
+
+
+#: Lists the screen with xdotool (one process call; window titles are read, never run).
+_DESCRIBE_SH = r"""
+printf 'SCREEN=%s\n' "$(xdotool getdisplaygeometry 2>/dev/null)"
+printf 'FOCUS=%s\n' "$(xdotool getwindowfocus 2>/dev/null)"
+xdotool getmouselocation --shell 2>/dev/null | sed -n 's/^\([XY]\)=/POINTER_\1=/p'
+for w in $(xdotool search --onlyvisible --name . 2>/dev/null | head -n 40); do
+  printf 'WINDOW=%s\n' "$w"
+  xdotool getwindowgeometry --shell "$w" 2>/dev/null | grep -E '^(X|Y|WIDTH|HEIGHT)='
+  printf 'NAME=%s\n' "$(xdotool getwindowname "$w" 2>/dev/null | tr -d '\r\n' | cut -c1-200)"
+done
+"""
+
+
+def _to_int(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def parse_screen_description(out: str) -> dict[str, Any]:
+    """The output of the describe script as ``{width, height, pointer, windows, text}``."""
+    width = height = 0
+    focus: int | None = None
+    pointer: dict[str, int] = {}
+    windows: list[dict[str, Any]] = []
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key == "SCREEN":
+            w, _, h = value.strip().partition(" ")
+            width, height = _to_int(w) or 0, _to_int(h) or 0
+        elif key == "FOCUS":
+            focus = _to_int(value)
+        elif key in ("POINTER_X", "POINTER_Y"):
+            n = _to_int(value)
+            if n is not None:
+                pointer[key[-1].lower()] = n
+        elif key == "WINDOW":
+            wid = _to_int(value)
+            if wid is not None:
+                windows.append({"id": wid, "title": "", "x": 0, "y": 0, "width": 0, "height": 0})
+        elif windows and key in ("X", "Y", "WIDTH", "HEIGHT"):
+            windows[-1][key.lower()] = _to_int(value) or 0
+        elif windows and key == "NAME":
+            windows[-1]["title"] = value
+    # Only windows one could act on: some size, on the screen, each id once.
+    seen: set[int] = set()
+    kept: list[dict[str, Any]] = []
+    for win in windows:
+        if win["id"] in seen or win["width"] < 2 or win["height"] < 2:
+            continue
+        seen.add(win["id"])
+        win["focused"] = win["id"] == focus
+        kept.append(win)
+    lines = [f"Screen: {width}x{height} pixels."]
+    if kept:
+        lines.append("Visible windows:")
+        for win in kept:
+            lines.append(
+                f'- "{win["title"]}" at x={win["x"]} y={win["y"]}, '
+                f"{win['width']}x{win['height']} pixels"
+                + (", has the keyboard focus" if win["focused"] else "")
+            )
+    else:
+        lines.append("No windows are visible.")
+    if not any(w["focused"] for w in kept):
+        lines.append("No listed window has the keyboard focus (typing goes where the pointer is).")
+    if pointer.keys() == {"x", "y"}:
+        lines.append(f"Pointer at x={pointer['x']} y={pointer['y']}.")
+    return {
+        "width": width,
+        "height": height,
+        "pointer": pointer or None,
+        "windows": kept,
+        "text": "\n".join(lines),
+    }
 
 
 # --- tool argument → action builders (shared by the provider and tests) ---

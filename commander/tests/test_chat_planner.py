@@ -269,3 +269,28 @@ async def test_closing_the_planner_at_a_yield_closes_the_model_stream(llm: Scrip
         await planner.aclose()
         session.user_input_receiver.close()
         session._ui_send.close()
+
+
+async def test_usage_is_priced_from_the_price_table(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    from commander._pricing import ModelPrice, PriceTable
+
+    llm.replies += [
+        Reply.text(
+            "priced",
+            usage={"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500},
+        )
+    ]
+    prices = PriceTable({"m": ModelPrice(2.0, 8.0, "USD")})
+    settings = LLMSettings(base_url=llm.base_url, model="m", prices=prices)
+    async with make_commander(llm=settings):
+        slot = await dispatcher.servicer.next_slot()
+        await slot.start("go")
+        packets = await slot.recv_until_terminal()
+    usage = next(p.usage for p in packets if p.HasField("usage"))
+    assert usage.cost == pytest.approx((1000 * 2.0 + 500 * 8.0) / 1e6)
+    assert usage.currency == "USD"
+    # The built-in table: a local model is free, in a known currency.
+    assert LLMSettings().usage("smollm2", 10, 5).currency == "USD"
+    assert LLMSettings().usage("smollm2", 10, 5).cost == 0.0

@@ -1028,3 +1028,105 @@ BAD: list[Bad] = [
         ("no pyautogui code",),
     ),
 ]
+
+
+def _j(action: str, x: object = 0, y: object = 0, text: str = "", thought: str = "t") -> str:
+    import json
+
+    return json.dumps({"thought": thought, "action": action, "x": x, "y": y, "text": text})
+
+
+# ------------------------------------------------------------------------- JSON action object
+# (screen pixels by default: the text observation gives window geometry in pixels)
+GOOD += [
+    Good(
+        "json-type",
+        "json",
+        _j("type", text="hello from smollm2\n", thought="The xterm has focus."),
+        (KeyboardType("hello from smollm2\n"),),
+        thought="The xterm has focus.",
+    ),
+    Good("json-hotkey-space", "json", _j("hotkey", text="ctrl c"), (KeyboardHotkey("ctrl+c"),)),
+    Good(
+        "json-hotkey-plus",
+        "json",
+        _j("hotkey", text="ctrl+shift+t"),
+        (KeyboardHotkey("ctrl+shift+t"),),
+    ),
+    Good("json-hotkey-enter", "json", _j("hotkey", text="enter"), (KeyboardHotkey("Return"),)),
+    Good("json-click", "json", _j("click", 100, 200), (MouseClick(P(100, 200)),)),
+    Good("json-click-float", "json", _j("click", 100.4, 199.6), (MouseClick(P(100, 200)),)),
+    Good("json-click-edge-clamped", "json", _j("click", 1920, 1080), (MouseClick(P(1919, 1079)),)),
+    Good(
+        "json-click-relative-space",
+        "json",
+        _j("click", 500, 500),
+        (MouseClick(P(960, 540)),),
+        space=REL,
+    ),
+    Good("json-double-click", "json", _j("double_click", 5, 6), (MouseDoubleClick(P(5, 6)),)),
+    Good("json-right-click", "json", _j("right_click", 5, 6), (MouseClick(P(5, 6), R),)),
+    Good("json-move", "json", _j("move", 7, 8), (MouseMove(P(7, 8)),)),
+    Good("json-scroll-here", "json", _j("scroll", text="up"), (MouseScroll(HERE, -5),)),
+    Good("json-scroll-at", "json", _j("scroll", 10, 20, "right"), (MouseScroll(P(10, 20), 0, 5),)),
+    Good("json-wait", "json", _j("wait"), (Wait(2000),)),
+    Good("json-finished", "json", _j("finished", text="done"), (Finished("done"),)),
+    Good("json-finished-empty", "json", _j("finished"), (Finished(None),)),
+    Good("json-failed", "json", _j("failed", text="no terminal"), (Failed("no terminal"),)),
+    Good("json-call-user", "json", _j("call_user"), (CallUser(),)),
+    Good(
+        "json-fenced",
+        "json",
+        '```json\n{"thought": "x", "action": "wait", "x": 0, "y": 0, "text": ""}\n```',
+        (Wait(2000),),
+    ),
+    Good(
+        "json-optional-keys-missing",
+        "json",
+        '{"action": "type", "text": "a"}',
+        (KeyboardType("a"),),
+        thought="",
+    ),
+    Good(
+        # A payload is only ever text to type: nothing evaluates it.
+        "json-type-code-is-just-text",
+        "json",
+        _j("type", text="__import__('os').system('touch /tmp/pwned')"),
+        (KeyboardType("__import__('os').system('touch /tmp/pwned')"),),
+    ),
+]
+
+BAD += [
+    Bad("json-not-json", "json", "Action: click(point='<point>1 2</point>')", ("not valid json",)),
+    Bad(
+        "json-unterminated",
+        "json",
+        '{"thought": "x", "action": "type", "text": "abc',
+        ("not valid json",),
+    ),
+    Bad("json-array", "json", '[{"action": "wait"}]', ("one json object",)),
+    Bad("json-unknown-action", "json", _j("explode"), ("must be one of", "type")),
+    Bad("json-action-not-string", "json", '{"action": 3}', ("must be one of",)),
+    Bad(
+        "json-unknown-key",
+        "json",
+        '{"action": "wait", "__class__": 1}',
+        ("unknown key", "__class__"),
+    ),
+    Bad(
+        "json-duplicate-key", "json", '{"action": "wait", "action": "finished"}', ("appears twice",)
+    ),
+    Bad("json-nan", "json", '{"action": "click", "x": NaN, "y": 1}', ("nan",)),
+    Bad("json-infinity", "json", '{"action": "click", "x": Infinity, "y": 1}', ("infinity",)),
+    Bad("json-absurd-coordinate", "json", _j("click", 10**9, 5), ("outside the screen",)),
+    Bad("json-negative-coordinate", "json", _j("click", -1, 5), ("outside the screen",)),
+    Bad("json-coordinate-string", "json", _j("click", "100", 5), ("must be a number",)),
+    Bad("json-coordinate-bool", "json", _j("click", True, 5), ("must be a number",)),
+    Bad("json-click-no-point", "json", '{"action": "click"}', ('needs "x"',)),
+    Bad("json-type-empty", "json", _j("type"), ("needs the text",)),
+    Bad("json-text-not-string", "json", '{"action": "type", "text": ["a"]}', ("must be a string",)),
+    Bad("json-hotkey-unknown-key", "json", _j("hotkey", text="hyper q"), ("unknown key name",)),
+    Bad("json-scroll-bad-direction", "json", _j("scroll", text="sideways"), ("up, down",)),
+    Bad("json-deep-nesting", "json", "[" * 30_000 + "]" * 30_000, ("nested too deeply",)),
+    Bad("json-empty", "json", "   ", ("not valid json",)),
+]

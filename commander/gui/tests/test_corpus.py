@@ -46,3 +46,23 @@ def test_corpus_covers_every_action_of_both_formats() -> None:
         if name in ("position", "moveRel"):
             continue
         assert f"pyautogui.{name}(" in pyautogui_text, f"no good pyautogui case for {name}"
+
+
+def test_corpus_covers_every_json_action() -> None:
+    import json
+
+    from commander.gui import JSON_ACTIONS
+
+    seen = set()
+    for case in GOOD:
+        if case.fmt == "json":
+            body = case.text.strip().removeprefix("```json").removesuffix("```")
+            seen.add(json.loads(body)["action"])
+    assert seen == set(JSON_ACTIONS)
+
+
+def test_json_schema_names_exactly_the_parsed_keys_and_actions() -> None:
+    from commander.gui import JSON_ACTION_SCHEMA, JSON_ACTIONS
+
+    assert JSON_ACTION_SCHEMA["properties"]["action"]["enum"] == list(JSON_ACTIONS)
+    assert set(JSON_ACTION_SCHEMA["required"]) == set(JSON_ACTION_SCHEMA["properties"])

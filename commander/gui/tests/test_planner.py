@@ -351,3 +351,122 @@ def test_models_resolve_from_the_stage_config() -> None:
     assert grounding.model == "g" and action.base_url == "http://default/v1"
     action, grounding, _ = resolve_models(agent_pb2.CommonConfig(), settings)
     assert (action.model, action.api_key, grounding) == ("m0", "k0", None)
+
+
+DESCRIPTION = 'Screen: 1000x500 pixels.\nVisible windows:\n- "xterm" at x=0 y=0, 484x316 pixels'
+
+
+@dataclass
+class DescribingSandbox(FakeSandbox):
+    """A FakeSandbox that also answers computer.describe_screen."""
+
+    def answer(self, name: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if name == "computer.describe_screen":
+            self.calls.append((name, args))
+            return json.dumps({"width": W, "height": H, "windows": [], "text": DESCRIPTION}), {}
+        return super().answer(name, args)
+
+
+def jsonaction(action: str, x: int = 0, y: int = 0, text: str = "") -> Reply:
+    body = {"thought": "I act.", "action": action, "x": x, "y": y, "text": text}
+    return Reply.text(json.dumps(body), usage=USAGE)
+
+
+async def test_text_observation_for_a_text_only_model_with_constrained_json(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    llm.replies = [
+        jsonaction("click", 100, 50),
+        jsonaction("type", text="hello\n"),
+        jsonaction("finished", text="typed hello"),
+    ]
+    slot = await make(model="smollm2")  # auto: a known text-only model
+    sid = await slot.start("type hello", planner="gui")
+    sandbox = DescribingSandbox()
+    packets = await drive(slot, sid, sandbox)
+    result = result_of(packets)
+    assert result.outcome == ipb.SESSION_OUTCOME_SUCCESS and result.result == "typed hello"
+    assert [a for a in sandbox.actions() if a[0] != "computer.describe_screen"] == [
+        ("computer.click", {"x": 100, "y": 50}),  # screen pixels, unscaled
+        ("computer.type", {"text": "hello\n", "submit_newlines": True}),
+    ]
+    assert [n for n, _ in sandbox.calls].count("computer.describe_screen") == 3
+    first, last = llm.requests[0], llm.requests[-1]
+    # Grammar-constrained decoding: llama-cpp-python's json_object + schema.
+    assert first["response_format"]["type"] == "json_object"
+    assert first["response_format"]["schema"]["properties"]["action"]["enum"][0] == "type"
+    # No image anywhere, only text: the prompt, then the description of each step.
+    for message in last["messages"]:
+        assert isinstance(message["content"], str)
+    assert '"action"' in last["messages"][0]["content"]
+    assert last["messages"][1]["content"] == "Step 1. " + DESCRIPTION
+    assert "Done: you typed 'hello\\n'. If the task is complete" in last["messages"][-1]["content"]
+    assert "Step 3. " + DESCRIPTION in last["messages"][-1]["content"]
+    # Screenshots still go to the task's events (what the user sees).
+    assert len([p for p in packets if p.HasField("artifact")]) == 3
+
+
+async def test_text_observation_never_finished_ends_as_failure_at_the_step_limit(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    llm.replies = [jsonaction("wait") for _ in range(4)]
+    slot = await make(model="m", observation="text", steps=4, history_descriptions=2)
+    sid = await slot.start("x", planner="gui")
+    packets = await drive(slot, sid, DescribingSandbox())
+    result = result_of(packets)
+    assert result.outcome == ipb.SESSION_OUTCOME_FAILURE
+    assert "out of steps" in result.message and "4 steps" in result.message
+    contents = [m["content"] for m in llm.requests[-1]["messages"] if m["role"] == "user"]
+    # Older descriptions leave the conversation; the last two stay.
+    assert sum(DESCRIPTION in c for c in contents) == 2
+
+
+async def test_screenshot_models_keep_ui_tars_and_send_no_response_format(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make()
+    sid = await slot.start("x", planner="gui")
+    sandbox = DescribingSandbox()
+    packets = await drive(slot, sid, sandbox)
+    assert result_of(packets).outcome == ipb.SESSION_OUTCOME_SUCCESS
+    assert "response_format" not in llm.requests[0]
+    assert "computer.describe_screen" not in [n for n, _ in sandbox.calls]
+
+
+async def test_both_observations_send_the_description_beside_the_image(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make(observation="both")
+    sid = await slot.start("x", planner="gui")
+    packets = await drive(slot, sid, DescribingSandbox())
+    assert result_of(packets).outcome == ipb.SESSION_OUTCOME_SUCCESS
+    parts = llm.requests[0]["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url"]
+    assert parts[0]["text"] == "Step 1. " + DESCRIPTION
+
+
+def test_resolve_io_picks_text_and_json_for_text_only_models() -> None:
+    from commander.gui._planner import resolve_io
+
+    assert resolve_io(GuiSettings(), "SmolLM2-135M-Instruct") == ("text", "json")
+    assert resolve_io(GuiSettings(), "ui-tars-1.5") == ("screenshot", "ui-tars")
+    assert resolve_io(GuiSettings(observation="text"), "gpt-4o") == ("text", "json")
+    assert resolve_io(GuiSettings(output_format="pyautogui"), "x") == ("screenshot", "pyautogui")
+    assert resolve_io(GuiSettings(observation="both", output_format="json"), "x") == (
+        "both",
+        "json",
+    )
+
+
+async def test_the_sandbox_in_use_is_reported_and_kept_unless_destroyed(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make()
+    sid = await slot.start("x", planner="gui")
+    packets = await drive(slot, sid, FakeSandbox())
+    reported = [p.sandbox for p in packets if p.HasField("sandbox")]
+    assert len(reported) == 1
+    assert reported[0].sandbox.id == "SBX-new" and reported[0].kept is True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,49 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
     # The tokens streamed before the stop are in the statistics.
     assert task.statistics.steps >= 1
     assert task.statistics.inputTokens >= 1500
+
+
+async def test_previous_task_id_continues_the_sandbox(
+    commander: tuple[Commander, SandboxTools],
+    dispatcher_proc: DispatcherProc,
+    llm: ScriptedLLM,
+    xterm_sandbox: tuple[str, Path],
+) -> None:
+    """The second task names no sandbox; it continues the first one's (through the
+    dispatcher: SandboxInUse → the task → StartSession.sandbox), so its keystrokes
+    reach the same xterm."""
+    sid, out = xterm_sandbox
+    llm.replies = [
+        uitars("Focus the terminal.", "click(point='<point>150 120</point>')"),
+        uitars("Type the first line.", "type(content='one\\n')"),
+        uitars("Done.", "finished(content='first')"),
+        uitars("Type the second line.", "type(content='two\\n')"),
+        uitars("Done.", "finished(content='second')"),
+    ]
+    config = agent_pb2.CommonConfig(steps=10, taskTimeout=120)
+    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        first = await stub.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(
+                instruction="type one",
+                planner="gui",
+                sandbox=agent_pb2.Sandbox(id=sid),
+                running_config=config,
+            )
+        )
+        await _events(stub, first.task_id)
+        second = await stub.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(
+                instruction="now type two",
+                planner="gui",
+                previous_task_id=first.task_id,
+                running_config=config,
+            )
+        )
+        events = await _events(stub, second.task_id)
+        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=second.task_id))).task
+    assert task.status == agent_pb2.SUCCESS, task.message
+    assert task.sandbox.id == sid
+    acquire = next(e.tool_call for e in events if _kind(e) == "tool_call")
+    assert json.loads(acquire.arguments_json)["sandbox_id"] == sid
+    assert await _wait_file(out, "one\ntwo\n") == "one\ntwo\n"

@@ -36,7 +36,7 @@ async def test_life_screenshot_and_actions(tools: SandboxTools) -> None:
     assert all(
         spec.side_effects
         for spec in provider.specs
-        if spec.name not in ("computer.screenshot", "computer.wait")
+        if spec.name not in ("computer.screenshot", "computer.describe_screen", "computer.wait")
     )
     got = await provider.call("computer.sandbox_acquire", {"shape": "local-1024x768"})
     sid = got["sandbox_id"]
@@ -212,3 +212,80 @@ async def test_android_tools_send_the_sdk_actions() -> None:
             "mobile.swipe", {**sid, "x": 1, "y": 1, "direction": "in", "distance": 1}
         )
     await tools.aclose()
+
+
+async def test_describe_screen_lists_a_real_xterm(tools: SandboxTools) -> None:
+    provider = sandbox_provider(tools)
+    got = await provider.call("computer.sandbox_acquire", {"shape": "local-1024x768"})
+    sid = got["sandbox_id"]
+    try:
+        empty = await provider.call("computer.describe_screen", {"sandbox_id": sid})
+        assert (empty["width"], empty["height"]) == (1024, 768)
+        assert empty["windows"] == []
+        assert "Screen: 1024x768 pixels." in empty["text"]
+        sandbox = Sandbox(tools._lybic())
+        await sandbox.execute_process(
+            sid,
+            executable="/bin/sh",
+            args=["-c", "xterm -T demo-term -geometry 40x10+30+40 >/dev/null 2>&1 &"],
+        )
+        import anyio
+
+        described: dict[str, Any] = {}
+        for _ in range(100):
+            described = await provider.call("computer.describe_screen", {"sandbox_id": sid})
+            if described["windows"]:
+                break
+            await anyio.sleep(0.1)
+        titles = [w["title"] for w in described["windows"]]
+        assert "demo-term" in titles, described
+        win = described["windows"][titles.index("demo-term")]
+        assert (win["x"], win["y"]) == (30, 40) and win["width"] > 50 and win["height"] > 50
+        assert '"demo-term" at x=30 y=40' in described["text"]
+    finally:
+        await provider.call("computer.sandbox_release", {"sandbox_id": sid})
+
+
+def test_parse_screen_description_keeps_real_windows_and_marks_focus() -> None:
+    from commander.sandbox._tools import parse_screen_description
+
+    out = "\n".join(
+        [
+            "SCREEN=800 600",
+            "FOCUS=7",
+            "POINTER_X=5",
+            "POINTER_Y=6",
+            "WINDOW=7",
+            "X=1",
+            "Y=2",
+            "WIDTH=300",
+            "HEIGHT=200",
+            "NAME=term; rm -rf / $(x)",
+            "WINDOW=8",
+            "X=0",
+            "Y=0",
+            "WIDTH=1",
+            "HEIGHT=1",
+            "NAME=tiny",
+            "garbage line",
+        ]
+    )
+    d = parse_screen_description(out)
+    assert (d["width"], d["height"], d["pointer"]) == (800, 600, {"x": 5, "y": 6})
+    assert d["windows"] == [
+        {
+            "id": 7,
+            "title": "term; rm -rf / $(x)",
+            "x": 1,
+            "y": 2,
+            "width": 300,
+            "height": 200,
+            "focused": True,
+        }
+    ]
+    assert d["text"].splitlines() == [
+        "Screen: 800x600 pixels.",
+        "Visible windows:",
+        '- "term; rm -rf / $(x)" at x=1 y=2, 300x200 pixels, has the keyboard focus',
+        "Pointer at x=5 y=6.",
+    ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from commander import CommanderError, GuiPlanner, PriceTable
+from commander import ChatPlanner, CommanderError, GuiPlanner, PriceTable
 from commander.__main__ import build_commander, build_parser
 from commander._pricing import ModelPrice
 
@@ -52,6 +52,38 @@ def test_sandbox_tools_are_served_once_a_sandbox_api_is_configured(
     assert gui.settings.prices.cost("ui-tars-1.5", 1_000_000, 0) == (1.0, "USD")
     names = {spec.name for p in commander._tool_providers for spec in p.specs}
     assert "computer.click" in names
+    assert "computer.describe_screen" in names
+    # The chat planner prices its turns from the same table.
+    chat = commander.planners.get("chat")
+    assert isinstance(chat, ChatPlanner)
+    assert chat.settings.prices.cost("ui-tars-1.5", 1_000_000, 0) == (1.0, "USD")
+    # Defaults: observation and format follow the model; a text-only model gets text+json.
+    assert (gui.settings.observation, gui.settings.output_format) == ("auto", "auto")
+    assert gui.settings.steps == 50
+    text = build_commander(
+        build_parser().parse_args(
+            [
+                "--sandbox-endpoint",
+                "http://127.0.0.1:9",
+                "--gui-observation",
+                "both",
+                "--gui-output-format",
+                "json",
+                "--gui-response-format",
+                "json-schema",
+                "--gui-max-steps",
+                "7",
+            ]
+        )
+    ).planners.get("gui")
+    assert isinstance(text, GuiPlanner)
+    s = text.settings
+    assert (s.observation, s.output_format, s.response_format, s.steps) == (
+        "both",
+        "json",
+        "json-schema",
+        7,
+    )
 
     off = build_commander(
         build_parser().parse_args(["--sandbox-endpoint", "http://x:1", "--no-sandbox-tools"])

@@ -215,6 +215,8 @@ func up(sid string, payload any) *dispatchv1.UpstreamPacket {
 		p.Payload = &dispatchv1.UpstreamPacket_Stage{Stage: v}
 	case *dispatchv1.ErrorSignal:
 		p.Payload = &dispatchv1.UpstreamPacket_Error{Error: v}
+	case *dispatchv1.SandboxInUse:
+		p.Payload = &dispatchv1.UpstreamPacket_Sandbox{Sandbox: v}
 	case nil:
 	default:
 		panic("unknown payload")

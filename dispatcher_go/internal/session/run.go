@@ -265,6 +265,11 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 		ev.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}
 		r.onStopped(ev, p.Stopped)
 		return nil
+	case *dispatchv1.UpstreamPacket_Sandbox:
+		// A fact about the world, not planner output: kept even after a stop,
+		// so that a continuing task finds the sandbox (QueryTaskStatus shows it).
+		r.t.SetSandboxInUse(p.Sandbox.GetSandbox(), p.Sandbox.GetKept())
+		return nil
 	}
 	return r.sl.reject(r.sessionID, "unsupported payload")
 }

@@ -133,12 +133,17 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		planner = m.opts.DefaultPlanner
 	}
 	var history []*dispatchv1.ConversationTurn
+	sandbox := spec.Sandbox
 	if spec.PreviousTaskID != "" {
 		prev, _ := m.Get(spec.PreviousTaskID) // from the store if not in memory
 		if prev == nil {
 			return nil, fmt.Errorf("%w: previous task not found", ErrInvalidArgument)
 		}
 		history = prev.conversation()
+		if sandbox == nil {
+			// The sandbox continues too: the one the previous session kept.
+			sandbox = prev.ContinuedSandbox()
+		}
 	}
 	cfg := m.configs.Resolve(spec.RunningConfig)
 	timeout := time.Duration(DefaultTaskTimeout) * time.Second
@@ -154,7 +159,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		planner:        planner,
 		required:       spec.RequiredCapabilities,
 		labels:         spec.Labels,
-		sandbox:        spec.Sandbox,
+		sandbox:        sandbox,
 		destroySandbox: spec.DestroySandbox,
 		previousTaskID: spec.PreviousTaskID,
 		history:        history,

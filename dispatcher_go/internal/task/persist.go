@@ -127,6 +127,8 @@ type taskBody struct {
 	Required       []string          `json:"required,omitempty"`
 	Sandbox        json.RawMessage   `json:"sandbox,omitempty"`
 	DestroySandbox bool              `json:"destroySandbox,omitempty"`
+	UsedSandbox    json.RawMessage   `json:"usedSandbox,omitempty"`
+	SandboxKept    bool              `json:"sandboxKept,omitempty"`
 	TimeoutMS      int64             `json:"timeoutMs,omitempty"`
 	Stats          Stats             `json:"stats"`
 	History        []turn            `json:"history,omitempty"`
@@ -154,6 +156,10 @@ func (t *Task) recordLocked() store.TaskRecord {
 	}
 	if t.sandbox != nil {
 		b.Sandbox, _ = protojson.Marshal(StripSecrets(t.sandbox))
+	}
+	if t.usedSandbox != nil {
+		b.UsedSandbox, _ = protojson.Marshal(t.usedSandbox)
+		b.SandboxKept = t.sandboxKept
 	}
 	if t.config != nil {
 		b.Config, _ = protojson.Marshal(StripSecrets(t.config))
@@ -196,6 +202,12 @@ func (m *Manager) fromRecord(rec store.TaskRecord) (*Task, *taskBody, error) {
 		sb := &agentpb.Sandbox{}
 		if protojson.Unmarshal(b.Sandbox, sb) == nil {
 			t.sandbox = sb
+		}
+	}
+	if len(b.UsedSandbox) > 0 {
+		sb := &agentpb.Sandbox{}
+		if protojson.Unmarshal(b.UsedSandbox, sb) == nil {
+			t.usedSandbox, t.sandboxKept = sb, b.SandboxKept
 		}
 	}
 	if c := m.persist.open(b.SealedConfig, rec.ID); c != nil {

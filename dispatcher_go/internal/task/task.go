@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
@@ -132,6 +133,10 @@ type Task struct {
 	sessionID   string
 	runner      Runner
 	stats       Stats
+	// The sandbox the session reported (SandboxInUse), and whether it
+	// outlives the task so that a continuing task may use it.
+	usedSandbox *agentpb.Sandbox
+	sandboxKept bool
 }
 
 // ID is the task's id.
@@ -151,6 +156,30 @@ func (t *Task) Labels() map[string]string { return t.labels }
 
 // Sandbox is the sandbox the client chose, or nil.
 func (t *Task) Sandbox() *agentpb.Sandbox { return t.sandbox }
+
+// SetSandboxInUse records the sandbox the session acquired (an empty id is
+// ignored); kept says it is not destroyed at the end of the task.
+func (t *Task) SetSandboxInUse(sb *agentpb.Sandbox, kept bool) {
+	if sb.GetId() == "" {
+		return
+	}
+	sb = proto.Clone(sb).(*agentpb.Sandbox)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.usedSandbox, t.sandboxKept = sb, kept
+	t.saveLocked()
+}
+
+// ContinuedSandbox is the sandbox a task continuing this one runs on: the
+// one the session reported and kept, or nil.
+func (t *Task) ContinuedSandbox() *agentpb.Sandbox {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.usedSandbox == nil || !t.sandboxKept {
+		return nil
+	}
+	return proto.Clone(t.usedSandbox).(*agentpb.Sandbox)
+}
 
 // DestroySandbox says whether the sandbox is destroyed after the task.
 func (t *Task) DestroySandbox() bool { return t.destroySandbox }
@@ -219,11 +248,20 @@ func (t *Task) Info() Info {
 		CommanderID:    t.commanderID,
 		SessionID:      t.sessionID,
 		Labels:         t.labels,
-		Sandbox:        t.sandbox,
+		Sandbox:        t.sandboxLocked(),
 		Stats:          t.stats,
 		LastSeq:        t.log.LastSeq(),
 		PreviousTaskID: t.previousTaskID,
 	}
+}
+
+// sandboxLocked is the sandbox the session reported, else the client's.
+// Caller holds t.mu.
+func (t *Task) sandboxLocked() *agentpb.Sandbox {
+	if t.usedSandbox != nil {
+		return t.usedSandbox
+	}
+	return t.sandbox
 }
 
 // Start moves a PENDING task to RUNNING on r. It fails with ErrNotPending if

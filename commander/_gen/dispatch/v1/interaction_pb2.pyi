@@ -162,6 +162,7 @@ class UpstreamPacket(_message.Message):
     ARTIFACT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session the packet belongs to; empty only on hello."""
     timestamp: _builtins.int
@@ -188,6 +189,8 @@ class UpstreamPacket(_message.Message):
     def result(self) -> Global___FinalResult: ...
     @_builtins.property
     def stopped(self) -> Global___Stopped: ...
+    @_builtins.property
+    def sandbox(self) -> Global___SandboxInUse: ...
     def __init__(
         self,
         *,
@@ -203,12 +206,13 @@ class UpstreamPacket(_message.Message):
         artifact: Global___Artifact | None = ...,
         result: Global___FinalResult | None = ...,
         stopped: Global___Stopped | None = ...,
+        sandbox: Global___SandboxInUse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["thought", "content", "tool_call", "error", "hello", "usage", "stage", "artifact", "result", "stopped"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["thought", "content", "tool_call", "error", "hello", "usage", "stage", "artifact", "result", "stopped", "sandbox"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -481,6 +485,38 @@ class Artifact(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
+
+@_typing.final
+class SandboxInUse(_message.Message):
+    """SandboxInUse names the sandbox a session acquired (given, precreated or
+    created). The dispatcher keeps it on the task (QueryTaskStatus.sandbox) and,
+    when kept is set, hands it to a task that continues this one
+    (previous_task_id) and names no sandbox of its own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    kept: _builtins.bool
+    """The sandbox outlives the session (it is not destroyed at its end), so a
+    continuing task may use it.
+    """
+    @_builtins.property
+    def sandbox(self) -> _agent_pb2.Sandbox: ...
+    def __init__(
+        self,
+        *,
+        sandbox: _agent_pb2.Sandbox | None = ...,
+        kept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept", b"kept", "sandbox", b"sandbox"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxInUse: _TypeAlias = SandboxInUse  # noqa: Y015
 
 @_typing.final
 class FinalResult(_message.Message):

@@ -295,6 +295,7 @@ type UpstreamPacket struct {
 	//	*UpstreamPacket_Artifact
 	//	*UpstreamPacket_Result
 	//	*UpstreamPacket_Stopped
+	//	*UpstreamPacket_Sandbox
 	Payload       isUpstreamPacket_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -441,6 +442,15 @@ func (x *UpstreamPacket) GetStopped() *Stopped {
 	return nil
 }
 
+func (x *UpstreamPacket) GetSandbox() *SandboxInUse {
+	if x != nil {
+		if x, ok := x.Payload.(*UpstreamPacket_Sandbox); ok {
+			return x.Sandbox
+		}
+	}
+	return nil
+}
+
 type isUpstreamPacket_Payload interface {
 	isUpstreamPacket_Payload()
 }
@@ -485,6 +495,10 @@ type UpstreamPacket_Stopped struct {
 	Stopped *Stopped `protobuf:"bytes,12,opt,name=stopped,proto3,oneof"`
 }
 
+type UpstreamPacket_Sandbox struct {
+	Sandbox *SandboxInUse `protobuf:"bytes,13,opt,name=sandbox,proto3,oneof"`
+}
+
 func (*UpstreamPacket_Thought) isUpstreamPacket_Payload() {}
 
 func (*UpstreamPacket_Content) isUpstreamPacket_Payload() {}
@@ -504,6 +518,8 @@ func (*UpstreamPacket_Artifact) isUpstreamPacket_Payload() {}
 func (*UpstreamPacket_Result) isUpstreamPacket_Payload() {}
 
 func (*UpstreamPacket_Stopped) isUpstreamPacket_Payload() {}
+
+func (*UpstreamPacket_Sandbox) isUpstreamPacket_Payload() {}
 
 // Hello registers the stream as one slot of a commander.
 type Hello struct {
@@ -1033,6 +1049,64 @@ func (x *Artifact) GetDescription() string {
 	return ""
 }
 
+// SandboxInUse names the sandbox a session acquired (given, precreated or
+// created). The dispatcher keeps it on the task (QueryTaskStatus.sandbox) and,
+// when kept is set, hands it to a task that continues this one
+// (previous_task_id) and names no sandbox of its own.
+type SandboxInUse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Sandbox *agent.Sandbox         `protobuf:"bytes,1,opt,name=sandbox,proto3" json:"sandbox,omitempty"`
+	// The sandbox outlives the session (it is not destroyed at its end), so a
+	// continuing task may use it.
+	Kept          bool `protobuf:"varint,2,opt,name=kept,proto3" json:"kept,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SandboxInUse) Reset() {
+	*x = SandboxInUse{}
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SandboxInUse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SandboxInUse) ProtoMessage() {}
+
+func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SandboxInUse.ProtoReflect.Descriptor instead.
+func (*SandboxInUse) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SandboxInUse) GetSandbox() *agent.Sandbox {
+	if x != nil {
+		return x.Sandbox
+	}
+	return nil
+}
+
+func (x *SandboxInUse) GetKept() bool {
+	if x != nil {
+		return x.Kept
+	}
+	return false
+}
+
 // FinalResult ends a session that ran to its end (terminal).
 type FinalResult struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -1047,7 +1121,7 @@ type FinalResult struct {
 
 func (x *FinalResult) Reset() {
 	*x = FinalResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1133,7 @@ func (x *FinalResult) String() string {
 func (*FinalResult) ProtoMessage() {}
 
 func (x *FinalResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1146,7 @@ func (x *FinalResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinalResult.ProtoReflect.Descriptor instead.
 func (*FinalResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *FinalResult) GetOutcome() SessionOutcome {
@@ -1108,7 +1182,7 @@ type Stopped struct {
 
 func (x *Stopped) Reset() {
 	*x = Stopped{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1194,7 @@ func (x *Stopped) String() string {
 func (*Stopped) ProtoMessage() {}
 
 func (x *Stopped) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1207,7 @@ func (x *Stopped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stopped.ProtoReflect.Descriptor instead.
 func (*Stopped) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Stopped) GetReason() string {
@@ -1169,7 +1243,7 @@ type DownstreamPacket struct {
 
 func (x *DownstreamPacket) Reset() {
 	*x = DownstreamPacket{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1181,7 +1255,7 @@ func (x *DownstreamPacket) String() string {
 func (*DownstreamPacket) ProtoMessage() {}
 
 func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1194,7 +1268,7 @@ func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownstreamPacket.ProtoReflect.Descriptor instead.
 func (*DownstreamPacket) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DownstreamPacket) GetSignal() isDownstreamPacket_Signal {
@@ -1303,7 +1377,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1315,7 +1389,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1328,7 +1402,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Ack) GetKind() AckKind {
@@ -1366,7 +1440,7 @@ type StopSignal struct {
 
 func (x *StopSignal) Reset() {
 	*x = StopSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1378,7 +1452,7 @@ func (x *StopSignal) String() string {
 func (*StopSignal) ProtoMessage() {}
 
 func (x *StopSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1391,7 +1465,7 @@ func (x *StopSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSignal.ProtoReflect.Descriptor instead.
 func (*StopSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StopSignal) GetReason() string {
@@ -1426,7 +1500,7 @@ type ToolError struct {
 
 func (x *ToolError) Reset() {
 	*x = ToolError{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1438,7 +1512,7 @@ func (x *ToolError) String() string {
 func (*ToolError) ProtoMessage() {}
 
 func (x *ToolError) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1451,7 +1525,7 @@ func (x *ToolError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolError.ProtoReflect.Descriptor instead.
 func (*ToolError) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ToolError) GetCode() ToolErrorCode {
@@ -1482,7 +1556,7 @@ type ToolCallResult struct {
 
 func (x *ToolCallResult) Reset() {
 	*x = ToolCallResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1494,7 +1568,7 @@ func (x *ToolCallResult) String() string {
 func (*ToolCallResult) ProtoMessage() {}
 
 func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1507,7 +1581,7 @@ func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallResult.ProtoReflect.Descriptor instead.
 func (*ToolCallResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ToolCallResult) GetToolName() string {
@@ -1556,7 +1630,7 @@ type ToolSpec struct {
 
 func (x *ToolSpec) Reset() {
 	*x = ToolSpec{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1642,7 @@ func (x *ToolSpec) String() string {
 func (*ToolSpec) ProtoMessage() {}
 
 func (x *ToolSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1655,7 @@ func (x *ToolSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolSpec.ProtoReflect.Descriptor instead.
 func (*ToolSpec) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ToolSpec) GetName() string {
@@ -1631,7 +1705,7 @@ type ConversationTurn struct {
 
 func (x *ConversationTurn) Reset() {
 	*x = ConversationTurn{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1643,7 +1717,7 @@ func (x *ConversationTurn) String() string {
 func (*ConversationTurn) ProtoMessage() {}
 
 func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1656,7 +1730,7 @@ func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConversationTurn.ProtoReflect.Descriptor instead.
 func (*ConversationTurn) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ConversationTurn) GetRole() string {
@@ -1699,7 +1773,7 @@ type StartSession struct {
 
 func (x *StartSession) Reset() {
 	*x = StartSession{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1711,7 +1785,7 @@ func (x *StartSession) String() string {
 func (*StartSession) ProtoMessage() {}
 
 func (x *StartSession) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1724,7 +1798,7 @@ func (x *StartSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSession.ProtoReflect.Descriptor instead.
 func (*StartSession) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StartSession) GetTaskId() string {
@@ -1815,7 +1889,7 @@ type UserInput struct {
 
 func (x *UserInput) Reset() {
 	*x = UserInput{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1827,7 +1901,7 @@ func (x *UserInput) String() string {
 func (*UserInput) ProtoMessage() {}
 
 func (x *UserInput) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1840,7 +1914,7 @@ func (x *UserInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserInput.ProtoReflect.Descriptor instead.
 func (*UserInput) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UserInput) GetMessageId() string {
@@ -1861,7 +1935,7 @@ var File_dispatch_v1_interaction_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\n" +
-	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xda\x04\n" +
+	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\x91\x05\n" +
 	"\x0eUpstreamPacket\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1c\n" +
@@ -1876,7 +1950,8 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\bartifact\x18\n" +
 	" \x01(\v2\x15.dispatch.v1.ArtifactH\x00R\bartifact\x122\n" +
 	"\x06result\x18\v \x01(\v2\x18.dispatch.v1.FinalResultH\x00R\x06result\x120\n" +
-	"\astopped\x18\f \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astoppedB\t\n" +
+	"\astopped\x18\f \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x125\n" +
+	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandboxB\t\n" +
 	"\apayload\"\xfa\x01\n" +
 	"\x05Hello\x12!\n" +
 	"\fcommander_id\x18\x01 \x01(\tR\vcommanderId\x12\x18\n" +
@@ -1916,7 +1991,10 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\tmime_type\x18\x02 \x01(\tR\bmimeType\x12\x10\n" +
 	"\x03uri\x18\x03 \x01(\tR\x03uri\x12\x12\n" +
 	"\x04data\x18\x04 \x01(\fR\x04data\x12 \n" +
-	"\vdescription\x18\x05 \x01(\tR\vdescription\"v\n" +
+	"\vdescription\x18\x05 \x01(\tR\vdescription\"R\n" +
+	"\fSandboxInUse\x12.\n" +
+	"\asandbox\x18\x01 \x01(\v2\x14.lybic.agent.SandboxR\asandbox\x12\x12\n" +
+	"\x04kept\x18\x02 \x01(\bR\x04kept\"v\n" +
 	"\vFinalResult\x125\n" +
 	"\aoutcome\x18\x01 \x01(\x0e2\x1b.dispatch.v1.SessionOutcomeR\aoutcome\x12\x16\n" +
 	"\x06result\x18\x02 \x01(\tR\x06result\x12\x18\n" +
@@ -2028,7 +2106,7 @@ func file_dispatch_v1_interaction_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_interaction_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(SessionOutcome)(0),           // 0: dispatch.v1.SessionOutcome
 	(AckKind)(0),                  // 1: dispatch.v1.AckKind
@@ -2043,22 +2121,23 @@ var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(*Usage)(nil),                 // 10: dispatch.v1.Usage
 	(*StageChange)(nil),           // 11: dispatch.v1.StageChange
 	(*Artifact)(nil),              // 12: dispatch.v1.Artifact
-	(*FinalResult)(nil),           // 13: dispatch.v1.FinalResult
-	(*Stopped)(nil),               // 14: dispatch.v1.Stopped
-	(*DownstreamPacket)(nil),      // 15: dispatch.v1.DownstreamPacket
-	(*Ack)(nil),                   // 16: dispatch.v1.Ack
-	(*StopSignal)(nil),            // 17: dispatch.v1.StopSignal
-	(*ToolError)(nil),             // 18: dispatch.v1.ToolError
-	(*ToolCallResult)(nil),        // 19: dispatch.v1.ToolCallResult
-	(*ToolSpec)(nil),              // 20: dispatch.v1.ToolSpec
-	(*ConversationTurn)(nil),      // 21: dispatch.v1.ConversationTurn
-	(*StartSession)(nil),          // 22: dispatch.v1.StartSession
-	(*UserInput)(nil),             // 23: dispatch.v1.UserInput
-	nil,                           // 24: dispatch.v1.Hello.LabelsEntry
-	nil,                           // 25: dispatch.v1.StartSession.LabelsEntry
-	(*agent.CommonConfig)(nil),    // 26: lybic.agent.CommonConfig
+	(*SandboxInUse)(nil),          // 13: dispatch.v1.SandboxInUse
+	(*FinalResult)(nil),           // 14: dispatch.v1.FinalResult
+	(*Stopped)(nil),               // 15: dispatch.v1.Stopped
+	(*DownstreamPacket)(nil),      // 16: dispatch.v1.DownstreamPacket
+	(*Ack)(nil),                   // 17: dispatch.v1.Ack
+	(*StopSignal)(nil),            // 18: dispatch.v1.StopSignal
+	(*ToolError)(nil),             // 19: dispatch.v1.ToolError
+	(*ToolCallResult)(nil),        // 20: dispatch.v1.ToolCallResult
+	(*ToolSpec)(nil),              // 21: dispatch.v1.ToolSpec
+	(*ConversationTurn)(nil),      // 22: dispatch.v1.ConversationTurn
+	(*StartSession)(nil),          // 23: dispatch.v1.StartSession
+	(*UserInput)(nil),             // 24: dispatch.v1.UserInput
+	nil,                           // 25: dispatch.v1.Hello.LabelsEntry
+	nil,                           // 26: dispatch.v1.StartSession.LabelsEntry
 	(*agent.Sandbox)(nil),         // 27: lybic.agent.Sandbox
-	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
+	(*agent.CommonConfig)(nil),    // 28: lybic.agent.CommonConfig
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
 }
 var file_dispatch_v1_interaction_proto_depIdxs = []int32{
 	6,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
@@ -2069,33 +2148,35 @@ var file_dispatch_v1_interaction_proto_depIdxs = []int32{
 	10, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
 	11, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
 	12, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
-	13, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
-	14, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
-	24, // 10: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
-	0,  // 11: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
-	10, // 12: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
-	16, // 13: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
-	17, // 14: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
-	19, // 15: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
-	22, // 16: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
-	23, // 17: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
-	1,  // 18: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
-	2,  // 19: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
-	3,  // 20: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
-	18, // 21: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
-	26, // 22: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
-	27, // 23: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
-	21, // 24: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
-	28, // 25: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
-	20, // 26: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
-	25, // 27: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
-	4,  // 28: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
-	15, // 29: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
-	29, // [29:30] is the sub-list for method output_type
-	28, // [28:29] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	14, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
+	15, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
+	13, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
+	25, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
+	27, // 12: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
+	0,  // 13: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
+	10, // 14: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
+	17, // 15: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
+	18, // 16: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
+	20, // 17: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
+	23, // 18: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
+	24, // 19: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
+	1,  // 20: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
+	2,  // 21: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
+	3,  // 22: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
+	19, // 23: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
+	28, // 24: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
+	27, // 25: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
+	22, // 26: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
+	29, // 27: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
+	21, // 28: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
+	26, // 29: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
+	4,  // 30: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
+	16, // 31: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
+	31, // [31:32] is the sub-list for method output_type
+	30, // [30:31] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_interaction_proto_init() }
@@ -2114,22 +2195,23 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*UpstreamPacket_Artifact)(nil),
 		(*UpstreamPacket_Result)(nil),
 		(*UpstreamPacket_Stopped)(nil),
+		(*UpstreamPacket_Sandbox)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[11].OneofWrappers = []any{
+	file_dispatch_v1_interaction_proto_msgTypes[12].OneofWrappers = []any{
 		(*DownstreamPacket_Ack)(nil),
 		(*DownstreamPacket_Stop)(nil),
 		(*DownstreamPacket_ToolResult)(nil),
 		(*DownstreamPacket_Start)(nil),
 		(*DownstreamPacket_UserInput)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[18].OneofWrappers = []any{}
+	file_dispatch_v1_interaction_proto_msgTypes[19].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_interaction_proto_rawDesc), len(file_dispatch_v1_interaction_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,73 @@
+package task
+
+import (
+	"context"
+	"testing"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+)
+
+func TestSandboxInUseIsShownKeptForContinuationAndStored(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	prev, _ := m.Submit(Spec{Instruction: "open a terminal", Sandbox: &agentpb.Sandbox{ShapeName: "local-1024x768"}})
+	q.take(prev)
+	if got := prev.Info().Sandbox.GetShapeName(); got != "local-1024x768" {
+		t.Fatalf("before any report the client's sandbox is shown, got %q", got)
+	}
+	prev.SetSandboxInUse(&agentpb.Sandbox{}, true) // no id: ignored
+	if prev.ContinuedSandbox() != nil {
+		t.Fatal("an empty report was recorded")
+	}
+	reported := &agentpb.Sandbox{Id: "SBX-1"}
+	prev.SetSandboxInUse(reported, true)
+	reported.Id = "changed" // the task holds its own copy
+	if got := prev.Info().Sandbox.GetId(); got != "SBX-1" {
+		t.Fatalf("Info().Sandbox = %q", got)
+	}
+	prev.Finish(agentpb.TaskStatus_SUCCESS, "ok", "done")
+
+	next, err := m.Submit(Spec{Instruction: "type in it", PreviousTaskID: prev.ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.Sandbox().GetId() != "SBX-1" {
+		t.Fatalf("continuing task's sandbox %v", next.Sandbox())
+	}
+	own, _ := m.Submit(Spec{Instruction: "x", PreviousTaskID: prev.ID(), Sandbox: &agentpb.Sandbox{Id: "SBX-own"}})
+	if own.Sandbox().GetId() != "SBX-own" {
+		t.Fatalf("own sandbox replaced: %v", own.Sandbox())
+	}
+
+	// The stored record brings the report back (a continuation after a restart).
+	prev.mu.Lock()
+	rec := prev.recordLocked()
+	prev.mu.Unlock()
+	st, err := sqlite.Open(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	durable, _, _ := durableManager(t, st)
+	back, _, err := durable.fromRecord(rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// (its log is attached by the caller of fromRecord; Info needs it)
+	if back.ContinuedSandbox().GetId() != "SBX-1" || back.sandboxLocked().GetId() != "SBX-1" {
+		t.Fatalf("restored sandbox %v / %v", back.ContinuedSandbox(), back.sandboxLocked())
+	}
+
+	// Destroyed at the end of its task: shown, not handed on.
+	gone, _ := m.Submit(Spec{Instruction: "throwaway", DestroySandbox: true})
+	q.take(gone)
+	gone.SetSandboxInUse(&agentpb.Sandbox{Id: "SBX-gone"}, false)
+	gone.Finish(agentpb.TaskStatus_SUCCESS, "ok", "")
+	if gone.Info().Sandbox.GetId() != "SBX-gone" || gone.ContinuedSandbox() != nil {
+		t.Fatalf("destroyed sandbox: info %v, continued %v", gone.Info().Sandbox, gone.ContinuedSandbox())
+	}
+	after, _ := m.Submit(Spec{Instruction: "again", PreviousTaskID: gone.ID()})
+	if after.Sandbox() != nil {
+		t.Fatalf("a destroyed sandbox was handed on: %v", after.Sandbox())
+	}
+}
