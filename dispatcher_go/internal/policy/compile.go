@@ -146,7 +146,12 @@ type Policy struct {
 	maxPhrase   int // longest phrase, bytes
 	holdTimeout time.Duration
 	numRules    int
+	src         []byte // the YAML it was compiled from, for storing with a task
 }
+
+// Source returns the YAML the policy was compiled from. Compiling it again
+// gives an equivalent policy (tasks store their own policy this way).
+func (p *Policy) Source() []byte { return p.src }
 
 // Limits returns the policy's built-in limits.
 func (p *Policy) Limits() Limits { return p.limits }
@@ -215,6 +220,7 @@ func build(spec *fileSpec, src []byte) (*Policy, error) {
 	}
 	sum := sha256.Sum256(src)
 	p := &Policy{
+		src:         bytes.Clone(src),
 		Version:     hex.EncodeToString(sum[:6]),
 		limits:      spec.Limits,
 		window:      DefaultTextWindow,

@@ -20,6 +20,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/store"
 )
 
@@ -135,6 +136,9 @@ type taskBody struct {
 	Config         json.RawMessage   `json:"config,omitempty"`
 	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
 	LastSeq        uint64            `json:"lastSeq,omitempty"`
+	// PolicyYAML is the task's own policy: a requeued task must not run
+	// looser than it was submitted.
+	PolicyYAML string `json:"policyYaml,omitempty"`
 }
 
 type turn struct {
@@ -150,6 +154,9 @@ func (t *Task) recordLocked() store.TaskRecord {
 		PreviousTaskID: t.previousTaskID, Labels: t.labels, Required: t.required,
 		DestroySandbox: t.destroySandbox, TimeoutMS: t.timeout.Milliseconds(), Stats: t.stats,
 		LastSeq: t.log.LastSeq(),
+	}
+	if t.policy != nil {
+		b.PolicyYAML = string(t.policy.Source())
 	}
 	for _, h := range t.history {
 		b.History = append(b.History, turn{Role: h.GetRole(), Content: h.GetContent()})
@@ -197,6 +204,15 @@ func (m *Manager) fromRecord(rec store.TaskRecord) (*Task, *taskBody, error) {
 	}
 	for _, h := range b.History {
 		t.history = append(t.history, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})
+	}
+	if b.PolicyYAML != "" {
+		pol, err := policy.Compile([]byte(b.PolicyYAML))
+		if err != nil {
+			// Kept, not fatal here: a finished task only shows its state,
+			// and a requeued one is failed rather than run without it.
+			t.policyErr = err
+		}
+		t.policy = pol
 	}
 	if len(b.Sandbox) > 0 {
 		sb := &agentpb.Sandbox{}
@@ -350,6 +366,10 @@ func (m *Manager) Restore(ctx context.Context) (RestoreReport, error) {
 		_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
 		t.saveLocked()
 		t.mu.Unlock()
+		if t.policyErr != nil {
+			t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile after the dispatcher restart: "+t.policyErr.Error(), "")
+			continue
+		}
 		if err := m.queue.Enqueue(t); err != nil {
 			t.Finish(agentpb.TaskStatus_FAILURE, "could not be queued again after a dispatcher restart: "+err.Error(), "")
 			continue

@@ -10,6 +10,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
 )
@@ -164,5 +165,46 @@ func TestRestoreJudgesEachTaskByItsLastDurableEvent(t *testing.T) {
 	// A task neither in memory nor in the store is not found.
 	if _, err := m2.Get("nope"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown id: %v", err)
+	}
+}
+
+// A task's own policy only tightens the global one; a restart must not drop
+// it, or the requeued task would run looser than it was submitted.
+func TestRequeuedTaskKeepsItsOwnPolicy(t *testing.T) {
+	ctx := context.Background()
+	st, err := sqlite.Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+
+	src := "rules:\n  - {id: no-secrets, phrases: [secret], action: stop}\n"
+	pol, err := policy.Compile([]byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m1, _, w1 := durableManager(t, st)
+	tk, err := m1.Submit(Spec{Instruction: "tightened", Policy: pol})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w1.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w1.Close()
+
+	m2, q2, _ := durableManager(t, st)
+	if _, err := m2.Restore(ctx); err != nil {
+		t.Fatal(err)
+	}
+	back, err := m2.Get(tk.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(q2.tasks) != 1 || back.Policy() == nil || string(back.Policy().Source()) != src {
+		t.Fatalf("requeued task policy: queued %d, policy %v", len(q2.tasks), back.Policy())
+	}
+	if back.Policy().Version != pol.Version {
+		t.Fatalf("policy version %s, want %s", back.Policy().Version, pol.Version)
 	}
 }

@@ -118,6 +118,7 @@ type Task struct {
 	createSeq      uint64
 	log            eventlog.Log
 	policy         *policy.Policy
+	policyErr      error // set when a stored task's policy failed to compile
 	done           chan struct{}
 	onFinish       func(*Task)
 	persist        *persister // nil: nothing is stored
