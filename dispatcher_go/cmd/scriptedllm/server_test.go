@@ -119,6 +119,21 @@ func getStats(t *testing.T, ts *httptest.Server) statsDoc {
 	return doc
 }
 
+// settledStats is getStats once no stream is active: the handler records a
+// stream's end just after its last write, so a client that has read
+// everything can ask before the record says so.
+func settledStats(t *testing.T, ts *httptest.Server) statsDoc {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		doc := getStats(t, ts)
+		if doc.Active == 0 || time.Now().After(deadline) {
+			return doc
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 const userMsg = `"messages":[{"role":"user","content":"hello there"}]`
 
 func TestStreamGeneratedWithUsage(t *testing.T) {
@@ -151,7 +166,7 @@ func TestStreamGeneratedWithUsage(t *testing.T) {
 		t.Fatalf("usage chunk %+v", chunks[9])
 	}
 
-	doc := getStats(t, ts)
+	doc := settledStats(t, ts)
 	if doc.Started != 1 || doc.Completed != 1 || doc.Active != 0 || len(doc.Streams) != 1 {
 		t.Fatalf("stats %+v", doc)
 	}
@@ -324,7 +339,7 @@ func TestNonStreaming(t *testing.T) {
 		body.Usage.CompletionTokens != 6 {
 		t.Fatalf("body %+v", body)
 	}
-	if r := getStats(t, ts).Streams[0]; r.Stream || r.Outcome != outcomeCompleted || r.LastUser != "parts" {
+	if r := settledStats(t, ts).Streams[0]; r.Stream || r.Outcome != outcomeCompleted || r.LastUser != "parts" {
 		t.Fatalf("record %+v", r)
 	}
 }
@@ -390,7 +405,7 @@ func TestRecordsAreBounded(t *testing.T) {
 		_, _ = io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
-	doc := getStats(t, ts)
+	doc := settledStats(t, ts)
 	if len(doc.Streams) != 3 || doc.DroppedRecords != 2 || doc.Started != 5 || doc.Streams[0].ID != 3 {
 		t.Fatalf("stats %+v", doc)
 	}
