@@ -78,6 +78,10 @@ class LLMSettings:
     system_prompt: str | None = None
     #: Offer the session's tools to the model (function calling).
     use_tools: bool = True
+    #: Tools never offered to the chat model: the GUI tools only make sense in
+    #: the gui planner's look-act loop, and their 25 schemas would fill a small
+    #: model's context.
+    exclude_tool_prefixes: tuple[str, ...] = ("computer.", "mobile.")
     #: Bound on closing the model stream after a stop.
     close_timeout: float = 2.0
     #: Per-model prices: the cost and currency of every Usage.
@@ -325,8 +329,9 @@ class ChatPlanner:
 
     async def __call__(self, ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
         target = resolve_model(ctx.config, self.settings)
-        names = ToolNames(spec.name for spec in ctx.tools)
-        offered = _openai_tools(ctx.tools, names) if self.settings.use_tools and ctx.tools else []
+        tools = [t for t in ctx.tools if not t.name.startswith(self.settings.exclude_tool_prefixes)]
+        names = ToolNames(spec.name for spec in tools)
+        offered = _openai_tools(tools, names) if self.settings.use_tools and tools else []
         messages: list[dict[str, Any]] = []
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": self.settings.system_prompt})

@@ -25,6 +25,7 @@ SHA_TOOL = ipb.ToolSpec(
     ),
 )
 ECHO_TOOL = ipb.ToolSpec(name="echo", description="echo", parameters_json_schema="")
+CLICK_TOOL = ipb.ToolSpec(name="computer.click", description="click", parameters_json_schema="")
 
 
 def kinds(packets: list[ipb.UpstreamPacket]) -> list[str]:
@@ -105,7 +106,9 @@ async def test_history_config_and_tools_shape_the_request(
     ]
     async with make_commander(llm=LLMSettings(base_url="http://127.0.0.1:9/v1")):
         slot = await dispatcher.servicer.next_slot()
-        await slot.start("now", config=config, history=history, tools=[SHA_TOOL, ECHO_TOOL])
+        await slot.start(
+            "now", config=config, history=history, tools=[SHA_TOOL, CLICK_TOOL, ECHO_TOOL]
+        )
         packets = await slot.recv_until_terminal()
     assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_SUCCESS
     request = llm.requests[0]
@@ -116,6 +119,7 @@ async def test_history_config_and_tools_shape_the_request(
         {"role": "user", "content": "now"},
     ]
     functions = [t["function"] for t in request["tools"]]
+    # GUI tools belong to the gui planner's loop: never offered to the chat model.
     assert [f["name"] for f in functions] == ["text__sha256", "echo"]
     assert functions[0]["parameters"]["required"] == ["text"]
     assert functions[1]["parameters"] == {"type": "object", "properties": {}}
