@@ -135,10 +135,15 @@ test-model: build setup-model ## end to end with the real local model (SmolLM2 v
 
 # ---------------------------------------------------------------- bench
 
-.PHONY: bench bench-store
+.PHONY: bench bench-store bench-profile
 bench: setup build ## benchmarks (BENCH_QUICK=1 for a short run)
 	scripts/bench.sh
 	$(MAKE) --no-print-directory bench-store
+
+bench-profile: build ## CPU profiles behind docs/benchmarks.md (perf on the dispatcher, py-spy on Python)
+	scripts/bench_profile.sh throughput
+	scripts/bench_profile.sh relay-200
+	scripts/bench_profile.sh python
 
 bench-store: ## streaming throughput: in-memory log vs SQLite vs PostgreSQL, as ratios from one run
 	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop' EXIT && \

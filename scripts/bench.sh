@@ -15,6 +15,14 @@
 #   BENCH_DISPATCHER_ARGS extra flags for every dispatcher (e.g. a store)
 #   BENCH_DISPATCHER      a dispatcher binary to measure instead of building
 #                         bin/dispatcher (e.g. to compare two builds)
+#   BENCH_PYSPY           a directory: the Python drivers of scenarios 6 and 7
+#                         also record py-spy profiles there (collapsed stacks)
+#
+# Besides loadgen's scenarios: scripts/bench_commander.py (stop/relay with the
+# real commander), scripts/bench_pyceiling.py (issue 7 scenario 6: one
+# commander process vs raw grpc.aio), scripts/bench_rest.py (scenario 7:
+# FastAPI+SSE vs WatchTask). Profiles: scripts/bench_profile.sh.
+# Results and what they mean: docs/benchmarks.md.
 #
 # Each scenario gets its own dispatcher, so one scenario's memory and event
 # log do not skew the next. loadgen runs as a separate process on the same
@@ -111,8 +119,8 @@ scenario() {
 # Issue 7 scenario 1 with the real commander: stops fired at random moments
 # while real commander slots stream from scriptedllm; the stop latency
 # (dispatcher decision → stopped ack) and the model-stream close seen by
-# scriptedllm's /stats. The driver is scripts/bench_commander.py (not written
-# yet). Contract: it is run as
+# scriptedllm's /stats. The driver is scripts/bench_commander.py.
+# Contract: it is run as
 #   .venv/bin/python scripts/bench_commander.py
 # with DISPATCHER_ADDR, DISPATCHER_COMMANDER_TOKEN, DISPATCHER_CLIENT_TOKEN,
 # SCRIPTED_LLM_URL (http://HOST:PORT/v1, /stats beside it), BENCH_QUICK set,
@@ -144,6 +152,29 @@ python_commander_stop() {
   fi
   stop_pid "$DISPATCHER_PID"
   stop_pid "$llm_pid"
+}
+
+# python_driver LABEL SCRIPT: a Python driver against its own fresh
+# dispatcher (no scriptedllm); the script appends its result lines to
+# $BENCH_RESULTS. BENCH_PYSPY=DIR also records py-spy profiles there.
+python_driver() {
+  local label=$1 script=$2
+  if [ -n "$ONLY" ] && [[ $label != *"$ONLY"* ]]; then return 0; fi
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    log "scenario $label: skipped (no .venv)"; return 0
+  fi
+  log "scenario $label: .venv/bin/python scripts/$script"
+  start_dispatcher "dispatcher-$label" || { FAILED+=("$label (dispatcher)"); return 0; }
+  if ! DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
+    DISPATCHER_CLIENT_TOKEN=$CLIENT_TOKEN DISPATCHER_PID=$DISPATCHER_PID BENCH_QUICK=$QUICK \
+    BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/$script" \
+    2> >(tee "$OUT/$label.txt" >&2); then
+    FAILED+=("$label")
+  fi
+  if ! kill -0 "$DISPATCHER_PID" 2>/dev/null; then
+    FAILED+=("$label (the dispatcher died; see $OUT/dispatcher-$label.log)")
+  fi
+  stop_pid "$DISPATCHER_PID"
 }
 
 # --- policy (issue 3) ---------------------------------------------------------
@@ -206,6 +237,17 @@ policy_eval() {
   ' "$OUT/policy-eval.txt" >>"$RESULTS"
 }
 
+# memory_scenario LABEL LOADGEN-ARGS...: a scenario against a dispatcher
+# with --storage-backend memory, to show what the default SQLite store adds
+# (a watcher sees an event only once it is written: up to
+# --event-flush-interval plus the write).
+memory_scenario() {
+  local label=$1; shift
+  SCENARIO_DISPATCHER_ARGS=(--storage-backend memory)
+  scenario "$label" "$@"
+  SCENARIO_DISPATCHER_ARGS=()
+}
+
 # --- build -----------------------------------------------------------------
 log "building into $BIN"
 mkdir -p "$BIN"
@@ -223,7 +265,8 @@ START=$SECONDS
 #             0.2–2 s after its first content; lanes resubmit until the end.
 #             stop-flood: the same while every session floods (the worst case:
 #             the stop and the stopped ack queue behind a full HTTP/2 window).
-# relay:      N sessions at a steady rate, one watcher each.
+# relay:      N sessions at a steady rate, one watcher each; *-memory: the
+#             same against --storage-backend memory (no store on the path).
 # throughput: N sessions flooding 64-byte packets over N/2 connections, one
 #             watcher each; throughput-ingest: the same with no watcher.
 # idle:       N idle slots (hello, KeepAlive 10 s) held open; RSS per slot.
@@ -239,6 +282,7 @@ if [ "$QUICK" = 1 ]; then
   scenario stop       --scenario stop --sessions 10 --duration 6s --rate 50 --packet-bytes 16
   scenario stop-flood --scenario stop --sessions 4 --duration 4s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
   scenario relay      --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
+  memory_scenario relay-memory --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
   scenario throughput --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
   scenario idle       --scenario idle --sessions 500 --duration 3s --streams-per-conn 50
   scenario tools      --scenario tools --sessions 10 --duration 5s --rate 20
@@ -248,6 +292,8 @@ else
   scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
   scenario relay-10    --scenario relay --sessions 10 --duration 20s --rate 50 --packet-bytes 32
   scenario relay-200   --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
+  memory_scenario relay-10-memory  --scenario relay --sessions 10 --duration 20s --rate 50 --packet-bytes 32
+  memory_scenario relay-200-memory --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
   scenario throughput  --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
   scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
   scenario idle        --scenario idle --sessions 10000 --duration 20s --streams-per-conn 100
@@ -256,6 +302,10 @@ else
   policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16
 fi
 python_commander_stop
+# Scenario 6: one real commander process flooding vs raw grpc.aio.
+python_driver python-ceiling bench_pyceiling.py
+# Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.
+python_driver rest-vs-grpc bench_rest.py
 policy_eval
 
 # --- the table ---------------------------------------------------------------

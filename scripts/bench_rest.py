@@ -1,0 +1,471 @@
+"""Issue 7 scenario 7: the same event stream via REST+SSE (seed 001) and via gRPC.
+
+The stream: EVENTS content events of token-sized text (8-56 bytes, fixed seed)
+and a terminal event. It is served to one client
+
+- ``grpc live``: a grpc.aio writer (a commander slot, in this process) sends the
+  events as ``UpstreamPacket{content}`` to the dispatcher, one client watches
+  the task with ``WatchTask``; the dispatcher's CPU covers ingest, the event
+  log, the store and the fan-out — everything the server does per event;
+- ``grpc replay``: the same finished task watched again from seq 0 (REPEAT
+  times): the cost
+  of serving the events alone;
+- ``rest``: a FastAPI app under uvicorn (one process, the way seed 001 builds
+  it): ``POST /api/agent/run`` runs a planner in the server that yields the
+  same events, each sent as an SSE ``data: {json}`` line via StreamingResponse.
+  Two event shapes: ``seed001`` (``{"type", "content"}``, what seed 001 sends)
+  and ``full`` (also ``task_id``, ``seq``, ``timestamp``, what a gRPC
+  ``TaskEvent`` carries).
+
+CPU per event: utime+stime of the server process (/proc/PID/stat, 10 ms
+ticks) from the request to the last byte, / content events. Bytes per event:
+every byte the server sent to the client, counted by a TCP relay in this
+process between client and server (HTTP/2 frames incl. headers, or HTTP/1.1
+response incl. headers; not TCP/IP headers), / content events. Both are
+reported as REST / gRPC ratios from one run. Result lines in loadgen's
+``--json`` shape go to $BENCH_RESULTS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from pydantic import BaseModel
+
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._gen.dispatch.v1 import interaction_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from commander._gen.lybic.agent import agent_pb2, agent_pb2_grpc
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+EVENTS = int(os.environ.get("BENCH_REST_EVENTS", "5000" if QUICK else "20000"))
+#: Each measured stream is served this many times and the counts summed: the
+#: CPU clock of /proc ticks in 10 ms.
+REPEAT = int(os.environ.get("BENCH_REST_REPEAT", "3"))
+ADDR = os.environ.get("DISPATCHER_ADDR", "127.0.0.1:50051")
+COMMANDER_TOKEN = os.environ.get("DISPATCHER_COMMANDER_TOKEN", "")
+CLIENT_TOKEN = os.environ.get("DISPATCHER_CLIENT_TOKEN", "")
+WORDS = (
+    "the model streams tokens to the client while a planner thinks about the next action".split()
+)
+
+
+@functools.cache
+def synthetic_events(n: int) -> tuple[str, ...]:
+    """Token-sized texts of 8..56 bytes, the same for every transport (seed 1).
+
+    Cached: the REST server's planner then only iterates them, as the gRPC
+    writer (outside the measured server) does.
+    """
+    rng = random.Random(1)
+    out = []
+    for _ in range(n):
+        text = ""
+        target = rng.randint(8, 56)
+        while len(text) < target:
+            text += rng.choice(WORDS) + " "
+        out.append(text[:target])
+    return tuple(out)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
+def md(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+# --- the REST server (seed 001's shape) -----------------------------------------
+
+
+class RunRequest(BaseModel):
+    """The body of POST /api/agent/run (seed 001's, plus the bench knobs)."""
+
+    instruction: str
+    events: int
+    shape: str = "seed001"
+
+
+def build_app() -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    async def planner(n: int) -> AsyncIterator[tuple[str, str]]:
+        for text in synthetic_events(n):
+            yield "content", text
+            await asyncio.sleep(0)  # a real planner awaits its model between tokens
+
+    @app.post("/api/agent/run")
+    async def run(req: RunRequest) -> StreamingResponse:
+        task_id = f"task-{time.time_ns()}"
+
+        async def sse() -> AsyncIterator[str]:
+            seq = 0
+            async for kind, text in planner(req.events):
+                seq += 1
+                ev: dict[str, Any] = {"type": kind, "content": text}
+                if req.shape == "full":
+                    ev.update(task_id=task_id, seq=seq, timestamp=time.time())
+                yield f"data: {json.dumps(ev)}\n\n"
+            yield f"data: {json.dumps({'type': 'finished', 'output': f'{seq} events'})}\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return app
+
+
+def run_server(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- a byte-counting TCP relay ------------------------------------------------------
+
+
+class Relay:
+    """Relays 127.0.0.1:<port> to a target and counts the bytes each way."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.down = 0  # server -> client
+        self.up = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    def reset(self) -> None:
+        self.down = self.up = 0
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(*self.target)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, down: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    if down:
+                        self.down += len(data)
+                    else:
+                        self.up += len(data)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        try:
+            await asyncio.gather(pump(cr, sw, False), pump(sr, cw, True))
+        except asyncio.CancelledError:
+            pass  # the relay is closed with the loop
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+# --- gRPC side ---------------------------------------------------------------------
+
+
+async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
+    """One commander slot offering planner:restbench; writes the events of one task."""
+    async with grpc.aio.insecure_channel(ADDR) as ch:
+        call = interaction_pb2_grpc.AgentInteractionStub(ch).ChatStream(
+            metadata=md(COMMANDER_TOKEN)
+        )
+        await call.write(
+            ipb.UpstreamPacket(
+                hello=ipb.Hello(
+                    commander_id="bench-rest", version="0", capabilities=["planner:restbench"]
+                )
+            )
+        )
+        ready.set()
+        while True:
+            down = await call.read()
+            if down is grpc.aio.EOF:
+                return
+            if down.WhichOneof("signal") == "start":
+                break
+        sid = down.session_id
+        for text in texts:
+            await call.write(
+                ipb.UpstreamPacket(
+                    session_id=sid,
+                    timestamp=time.time_ns() // 1000,
+                    content=ipb.ContentChunk(text=text),
+                )
+            )
+        await call.write(
+            ipb.UpstreamPacket(
+                session_id=sid,
+                result=ipb.FinalResult(
+                    outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{len(texts)} events"
+                ),
+            )
+        )
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+
+async def grpc_watch(port: int, task_id: str) -> int:
+    """Watches task_id through the relay; returns the content events received."""
+    n = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = tasks_pb2_grpc.TaskServiceStub(ch)
+        async for resp in stub.WatchTask(
+            tasks_pb2.WatchTaskRequest(task_id=task_id), metadata=md(CLIENT_TOKEN)
+        ):
+            if resp.event.WhichOneof("kind") == "content":
+                n += 1
+    return n
+
+
+async def grpc_side(texts: tuple[str, ...], dpid: int) -> dict[str, dict[str, float]]:
+    host, port = ADDR.rsplit(":", 1)
+    relay = Relay(host, int(port))
+    rport = await relay.start()
+    out: dict[str, dict[str, float]] = {}
+    ready = asyncio.Event()
+    writer = asyncio.create_task(grpc_writer(texts, ready))
+    await ready.wait()
+    async with grpc.aio.insecure_channel(ADDR) as ch:
+        agent = agent_pb2_grpc.AgentStub(ch)
+        deadline = time.monotonic() + 30
+        while True:
+            info = await agent.GetAgentInfo(
+                agent_pb2.GetAgentInfoRequest(), metadata=md(CLIENT_TOKEN)
+            )
+            if info.maxConcurrentTasks >= 1:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bench slot did not register within 30 s")
+            await asyncio.sleep(0.05)
+        tasks = tasks_pb2_grpc.TaskServiceStub(ch)
+        cpu0, t0 = cpu_seconds(dpid), time.monotonic()
+        resp = await tasks.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(instruction="rest bench", planner="restbench"),
+            metadata=md(CLIENT_TOKEN),
+        )
+        n = await grpc_watch(rport, resp.task_id)
+        await writer
+        out["grpc live"] = {
+            "cpu_s": cpu_seconds(dpid) - cpu0,
+            "events": n,
+            "bytes": relay.down,
+            "wall_s": time.monotonic() - t0,
+        }
+        await asyncio.sleep(0.5)  # let the store settle
+        relay.reset()
+        cpu0, t0 = cpu_seconds(dpid), time.monotonic()
+        n = 0
+        for _ in range(REPEAT):
+            n += await grpc_watch(rport, resp.task_id)
+        out["grpc replay"] = {
+            "cpu_s": cpu_seconds(dpid) - cpu0,
+            "events": n,
+            "bytes": relay.down,
+            "wall_s": time.monotonic() - t0,
+        }
+    await relay.close()
+    return out
+
+
+# --- REST side -----------------------------------------------------------------------
+
+
+async def rest_run(port: int, shape: str) -> int:
+    """POST /api/agent/run through the relay; returns the content events received."""
+    import httpx
+
+    n = 0
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        body = {"instruction": "rest bench", "events": EVENTS, "shape": shape}
+        async with client.stream("POST", "/api/agent/run", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "content":
+                    n += 1
+    return n
+
+
+async def rest_side(spid: int, sport: int) -> dict[str, dict[str, float]]:
+    relay = Relay("127.0.0.1", sport)
+    rport = await relay.start()
+    out = {}
+    await rest_run(rport, "seed001")  # warm-up: imports, the cached events
+    for shape in ("seed001", "full"):
+        relay.reset()
+        cpu0, t0 = cpu_seconds(spid), time.monotonic()
+        n = 0
+        for _ in range(REPEAT):
+            n += await rest_run(rport, shape)
+        out[f"rest {shape}"] = {
+            "cpu_s": cpu_seconds(spid) - cpu0,
+            "events": n,
+            "bytes": relay.down,
+            "wall_s": time.monotonic() - t0,
+        }
+    await relay.close()
+    return out
+
+
+def start_pyspy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    """With BENCH_PYSPY=DIR: py-spy records pid into DIR/pyspy-NAME.txt (collapsed stacks)."""
+    out_dir = os.environ.get("BENCH_PYSPY")
+    spy_bin = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not out_dir or not os.path.exists(spy_bin):
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"pyspy-{name}.txt")
+    argv = [spy_bin, "record", "--rate", "250", "--nonblocking", "--format", "raw"]
+    return subprocess.Popen([*argv, "-o", out, "--pid", str(pid)], stdout=subprocess.DEVNULL)
+
+
+def stop_pyspy(spy: subprocess.Popen[bytes] | None) -> None:
+    """SIGINT makes py-spy write its profile."""
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--serve", type=int, help="run the FastAPI server on this port (internal)")
+    args = ap.parse_args()
+    if args.serve:
+        run_server(args.serve)
+        return 0
+    texts = synthetic_events(EVENTS)
+    dpid = int(os.environ["DISPATCHER_PID"])
+    res = asyncio.run(grpc_side(texts, dpid))
+
+    sport = free_port()
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(sport)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", sport), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    print("the FastAPI server did not start", file=sys.stderr)
+                    return 1
+                time.sleep(0.1)
+        spy = start_pyspy(server.pid, "rest-server")
+        try:
+            res.update(asyncio.run(rest_side(server.pid, sport)))
+        finally:
+            stop_pyspy(spy)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+    values = []
+    checks = []
+    for name, r in res.items():
+        ev = max(r["events"], 1)
+        r["cpu_us_per_event"] = r["cpu_s"] / ev * 1e6
+        r["bytes_per_event"] = r["bytes"] / ev
+        print(
+            f"{name}: {r['events']} events in {r['wall_s']:.2f} s, "
+            f"server CPU {r['cpu_s']:.2f} s = {r['cpu_us_per_event']:.1f} us/event, "
+            f"{r['bytes']} bytes = {r['bytes_per_event']:.1f} B/event",
+            file=sys.stderr,
+        )
+        values += [
+            {
+                "name": f"{name}: server CPU per event",
+                "value": round(r["cpu_us_per_event"], 2),
+                "unit": "us",
+            },
+            {
+                "name": f"{name}: bytes per event",
+                "value": round(r["bytes_per_event"], 1),
+                "unit": "B",
+            },
+        ]
+        want = EVENTS if name == "grpc live" else EVENTS * REPEAT
+        checks.append(
+            {
+                "name": f"{name}: all events",
+                "pass": r["events"] == want,
+                "detail": f"{r['events']}/{want}",
+            }
+        )
+    for rest in ("rest seed001", "rest full"):
+        for g in ("grpc live", "grpc replay"):
+            cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
+            size = res[rest]["bytes_per_event"] / max(res[g]["bytes_per_event"], 1e-9)
+            print(
+                f"{rest} / {g}: CPU per event x{cpu:.2f}, bytes per event x{size:.2f}",
+                file=sys.stderr,
+            )
+            values += [
+                {"name": f"{rest} / {g}: CPU per event", "value": round(cpu, 3), "unit": "ratio"},
+                {
+                    "name": f"{rest} / {g}: bytes per event",
+                    "value": round(size, 3),
+                    "unit": "ratio",
+                },
+            ]
+    result = {
+        "scenario": "rest-vs-grpc",
+        "label": f"rest-vs-grpc@{EVENTS}",
+        "params": {
+            "events": EVENTS,
+            "repeat": REPEAT,
+            "text_bytes": "8..56",
+            "clients": 1,
+            "uvicorn": "h11, asyncio loop, 1 worker",
+        },
+        "values": values,
+        "checks": checks,
+        "ok": all(c["pass"] for c in checks),
+    }
+    if path := os.environ.get("BENCH_RESULTS"):
+        with open(path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
