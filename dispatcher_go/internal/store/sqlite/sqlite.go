@@ -69,7 +69,16 @@ func eventInsert(n int) string {
 type Store struct {
 	db   *sql.DB
 	lock *os.File // the data dir's lock (Open only)
+	// inserts holds the multi-row event INSERT prepared once per size in
+	// chunkSizes: parsing a 500-row statement on every write was 7% of the
+	// dispatcher's CPU under load (perf, docs/benchmarks.md).
+	inserts map[int]*sql.Stmt
 }
+
+// chunkSizes are the row counts of the prepared event INSERTs, largest
+// first: a batch is written as full chunks, then smaller ones, so a few
+// statements serve every batch size.
+var chunkSizes = [...]int{eventChunk, 64, 8, 1}
 
 var _ store.Store = (*Store)(nil)
 
@@ -107,10 +116,18 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// One writer at a time is SQLite's model; a few connections let
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db}
+	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes))}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
+	}
+	for _, n := range chunkSizes {
+		st, err := db.PrepareContext(ctx, eventInsert(n))
+		if err != nil {
+			s.Close()
+			return nil, fmt.Errorf("sqlite: prepare: %w", err)
+		}
+		s.inserts[n] = st
 	}
 	return s, nil
 }
@@ -149,16 +166,22 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 		return fmt.Errorf("sqlite: apply: %w", err)
 	}
 	defer tx.Rollback()
-	// Multi-row INSERTs: one statement per eventChunk events instead of one
+	// Multi-row INSERTs: one statement per chunk of events instead of one
 	// per event (the per-statement cost dominates small rows).
+	args := make([]any, 0, 3*min(len(b.Events), eventChunk))
 	for evs := b.Events; len(evs) > 0; {
-		n := min(len(evs), eventChunk)
-		q := eventInsert(n)
-		args := make([]any, 0, 3*n)
+		n := chunkSizes[len(chunkSizes)-1]
+		for _, c := range chunkSizes {
+			if c <= len(evs) {
+				n = c
+				break
+			}
+		}
+		args = args[:0]
 		for _, e := range evs[:n] {
 			args = append(args, e.TaskID, int64(e.Seq), e.Data)
 		}
-		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+		if _, err := tx.StmtContext(ctx, s.inserts[n]).ExecContext(ctx, args...); err != nil {
 			return fmt.Errorf("sqlite: apply events: %w", err)
 		}
 		evs = evs[n:]
@@ -306,6 +329,9 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 
 // Close implements store.Store.
 func (s *Store) Close() error {
+	for _, st := range s.inserts {
+		st.Close()
+	}
 	err := s.db.Close()
 	if s.lock != nil {
 		s.lock.Close() // releases the flock
