@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model turns per session, tool round trips included (env LLM_MAX_TURNS)",
     )
     parser.add_argument(
+        "--llm-exclude-tools",
+        default=env("LLM_EXCLUDE_TOOLS", ""),
+        help="comma-separated tool name prefixes never offered to the chat model, e.g. "
+        "'computer.,mobile.' for a small-context model (env LLM_EXCLUDE_TOOLS)",
+    )
+    parser.add_argument(
         "--no-llm-tools",
         action="store_true",
         help="do not offer the session's tools to the model (for models without function calling)",
@@ -200,6 +206,7 @@ def build_commander(args: argparse.Namespace) -> Commander:
         api_key=args.llm_api_key,
         max_turns=args.llm_max_turns,
         use_tools=not args.no_llm_tools,
+        exclude_tool_prefixes=tuple(p for p in args.llm_exclude_tools.split(",") if p),
     )
     providers: list[ToolProvider] = []
     if args.with_tools:

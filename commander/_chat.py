@@ -78,10 +78,10 @@ class LLMSettings:
     system_prompt: str | None = None
     #: Offer the session's tools to the model (function calling).
     use_tools: bool = True
-    #: Tools never offered to the chat model: the GUI tools only make sense in
-    #: the gui planner's look-act loop, and their 25 schemas would fill a small
-    #: model's context.
-    exclude_tool_prefixes: tuple[str, ...] = ("computer.", "mobile.")
+    #: Name prefixes of tools never offered to the chat model, e.g.
+    #: ("computer.", "mobile."): the GUI tools' 25 schemas fill most of a
+    #: small model's context (SmolLM2: 4,096 tokens).
+    exclude_tool_prefixes: tuple[str, ...] = ()
     #: Bound on closing the model stream after a stop.
     close_timeout: float = 2.0
     #: Per-model prices: the cost and currency of every Usage.

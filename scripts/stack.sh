@@ -92,6 +92,7 @@ up() {
   log "commander with $COMMANDER_SLOTS slots, model smollm2"
   LYBIC_API_KEY=$(cat "$RUN/sandbox.key") LYBIC_PRECREATE_SID=$(cat "$RUN/desktop.sid") \
   start commander "$ROOT/.venv/bin/commander" --dispatcher "$DISPATCHER_LISTEN" --slots "$COMMANDER_SLOTS" \
+    --llm-exclude-tools "computer.,mobile." \
     --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2 \
     --gui-model smollm2 --gui-max-steps "$GUI_MAX_STEPS" \
     --sandbox-endpoint "http://$(cat "$RUN/sandbox.addr")" --sandbox-org ORG-local
