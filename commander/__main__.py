@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from wsgiref.simple_server import WSGIServer
 
 import anyio
+from prometheus_client import REGISTRY, CollectorRegistry
 
+from commander import _metrics
 from commander._chat import (
     DEFAULT_API_KEY,
     DEFAULT_BASE_URL,
@@ -185,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not serve the computer.* sandbox tools in this process (run "
         "`python -m commander.sandbox` instead; env COMMANDER_NO_SANDBOX_TOOLS)",
     )
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (also: ENABLE_PROMETHEUS=true, port "
+        "PROMETHEUS_PORT, default 8000)",
+    )
+    metrics.add_argument(
+        "--metrics-host",
+        default=env("PROMETHEUS_HOST", "127.0.0.1"),
+        help="address the /metrics listener binds (env PROMETHEUS_HOST; default %(default)s)",
+    )
     parser.add_argument(
         "--shutdown-grace",
         type=float,
@@ -255,11 +271,34 @@ def build_commander(args: argparse.Namespace) -> Commander:
     )
 
 
+def metrics_port(args: argparse.Namespace) -> int | None:
+    """The /metrics port the flags and environment ask for, or None (metrics off)."""
+    if args.metrics_port is not None:
+        return int(args.metrics_port)
+    if (env("ENABLE_PROMETHEUS") or "").lower() in ("1", "true", "yes", "on"):
+        return int(env("PROMETHEUS_PORT", "8000") or "8000")
+    return None
+
+
+def start_metrics(
+    args: argparse.Namespace, registry: CollectorRegistry | None = None
+) -> WSGIServer | None:
+    """Install the metrics and serve /metrics in a thread, if enabled; returns the server."""
+    port = metrics_port(args)
+    if port is None:
+        return None
+    registry = registry if registry is not None else REGISTRY
+    _metrics.install(_metrics.CommanderMetrics(registry))
+    server, _ = _metrics.serve(port, args.metrics_host, registry)
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``commander`` command."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     commander = build_commander(args)
+    start_metrics(args)
     try:
         anyio.run(_serve, commander)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
@@ -34,6 +35,7 @@ import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 
+from commander import _metrics
 from commander._errors import ModelError, ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
@@ -453,9 +455,16 @@ class ChatPlanner:
         completed = False
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         splitter = ThinkSplitter()
+        metrics = _metrics.current
+        started = time.monotonic()
+        first_chunk = True
         try:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
+                if first_chunk:
+                    first_chunk = False
+                    if metrics is not None:
+                        metrics.observe_first_token(target.model, time.monotonic() - started)
                 if chunk.usage is not None:
                     turn.usage = chunk.usage
                 if not chunk.choices:
@@ -484,6 +493,8 @@ class ChatPlanner:
             for output in _split(splitter.flush(), turn):
                 yield output
             completed = True
+            if metrics is not None:
+                metrics.observe_step("chat", time.monotonic() - started)
         except openai.OpenAIError as exc:
             raise _model_error(exc, target) from exc
         finally:

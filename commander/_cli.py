@@ -11,6 +11,10 @@ from typing import Any
 
 import anyio
 
+from commander._logging import LOG_FORMATS, setup_logging
+
+__all__ = ["add_connection_flags", "env", "run_until_signalled", "setup_logging"]
+
 _log = logging.getLogger("commander.cli")
 
 
@@ -44,16 +48,14 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         type=str.upper,
         help="log level (env LOG_LEVEL; default %(default)s)",
     )
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "--log-format",
+        default=env("LOG_FORMAT", "text"),
+        choices=LOG_FORMATS,
+        type=str.lower,
+        help="log lines: text, or json objects with time, level, logger, message and the "
+        "task_id/session_id when known (env LOG_FORMAT; default %(default)s)",
     )
-    # httpx logs every request URL at INFO; keep that for DEBUG.
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 async def run_until_signalled(

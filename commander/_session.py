@@ -28,6 +28,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from commander import _metrics
 from commander._connection import MAX_MESSAGE_BYTES, now_us
 from commander._errors import (
     CommanderError,
@@ -36,6 +37,7 @@ from commander._errors import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
+from commander._logging import session_ids
 from commander._planners import Planner, PlannerOutput, PlannerReturn
 from commander._writer import Outgoing
 
@@ -56,6 +58,8 @@ _FIELD_BY_TYPE: dict[type[Any], str] = {
 #: Interjected user messages waiting for the planner; beyond this they are
 #: dropped (with an error event), never queued without bound.
 USER_INPUT_BACKLOG = 64
+#: commander_sessions_total's outcome label of Session.outcome.
+_OUTCOME_LABELS = {"SUCCESS": "success", "STOPPED": "stopped"}
 #: The default result (the answer text) is capped to this many characters.
 _MAX_RESULT_CHARS = 1_000_000
 
@@ -282,6 +286,9 @@ class Session:
 
     def add_usage(self, delta: ipb.Usage) -> None:
         merge_usage(self._usage, delta)
+        metrics = _metrics.current
+        if metrics is not None:
+            metrics.add_tokens(delta.model or "unknown", delta.input_tokens, delta.output_tokens)
 
     # --- tool calls (planner side) ---
 
@@ -319,6 +326,9 @@ class Session:
     async def run(self, tg: TaskGroup) -> None:
         """Run the planner to its end or until stopped; send the terminal packet."""
         started = time.monotonic()
+        # Every log record of this task (and of the planner task started below,
+        # which copies the context) carries the ids.
+        ids = session_ids.set((self.task_id, self.session_id))
         _log.info(
             "session start task=%s session=%s planner=%s slot=%d",
             self.task_id,
@@ -363,6 +373,12 @@ class Session:
                 self.outcome,
                 time.monotonic() - started,
             )
+            metrics = _metrics.current
+            if metrics is not None:
+                metrics.session_finished(
+                    self.ctx.planner or "unknown", _OUTCOME_LABELS.get(self.outcome, "failure")
+                )
+            session_ids.reset(ids)
 
     async def _run_planner(self) -> None:
         try:

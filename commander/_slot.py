@@ -21,6 +21,7 @@ import grpc
 import grpc.aio
 from anyio.abc import TaskGroup
 
+from commander import _metrics
 from commander._connection import (
     CallCancelled,
     CallTimer,
@@ -91,6 +92,9 @@ class Slot:
         self._connection_changed = anyio.Event()
 
     def _set_connected(self, value: bool) -> None:
+        metrics = _metrics.current
+        if metrics is not None and value != self.connected:
+            metrics.slot_connected(1 if value else -1)
         self.connected = value
         changed, self._connection_changed = self._connection_changed, anyio.Event()
         changed.set()

@@ -50,7 +50,7 @@ async def _serve(provider: ToolProvider, connection: ConnectionConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``commander-tools`` command."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
     provider = workspace_provider(args.root, provider_id=args.provider_id)
     try:

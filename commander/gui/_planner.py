@@ -57,6 +57,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from commander import _metrics
 from commander._chat import (
     _MODEL_PREFIX_PROVIDERS,
     _PROVIDER_ENDPOINTS,
@@ -487,6 +488,7 @@ class _Run:
                     )
                 self._check_deadline()
                 step = self.steps_done + 1
+                step_started = time.monotonic()
                 shot = await self._call("computer.screenshot", sandbox_id=self.sandbox_id)
                 image_b64, mime = self._take_screenshot(shot)
                 yield ipb.Artifact(
@@ -544,6 +546,7 @@ class _Run:
                             f"row; last: {exc.message}",
                         ) from exc
                     feedback.append(exc.feedback())
+                    _observe_step(step_started)
                     continue
                 parse_errors = 0
                 if parsed.thought:
@@ -553,6 +556,7 @@ class _Run:
                 ) as outputs:
                     async for output in outputs:
                         yield output
+                _observe_step(step_started)
                 if self.settings.settle_seconds > 0:
                     await anyio.sleep(self.settings.settle_seconds)
         except _Outcome as done:
@@ -951,11 +955,18 @@ class _Run:
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         usage_seen = False
         completed = False
+        metrics = _metrics.current
+        started = time.monotonic()
+        first_chunk = True
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
             try:
                 async for chunk in stream:
+                    if first_chunk:
+                        first_chunk = False
+                        if metrics is not None:
+                            metrics.observe_first_token(target.model, time.monotonic() - started)
                     if chunk.usage is not None:
                         reply.input_tokens = chunk.usage.prompt_tokens
                         reply.output_tokens = chunk.usage.completion_tokens
@@ -990,6 +1001,13 @@ class _Run:
                     currency=currency,
                     model=target.model,
                 )
+
+
+def _observe_step(started: float) -> None:
+    """commander_step_duration_seconds{planner="gui"}: screenshot to the step's last action."""
+    metrics = _metrics.current
+    if metrics is not None:
+        metrics.observe_step("gui", time.monotonic() - started)
 
 
 @dataclasses.dataclass(frozen=True)

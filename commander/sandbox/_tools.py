@@ -17,6 +17,7 @@ import dataclasses
 import io
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from commander import _metrics
 from commander._errors import InvalidToolArgumentsError, ToolError, ToolExecutionError
 from commander.gui._actions import (
     Action,
@@ -347,10 +349,17 @@ class SandboxTools:
         )
         lock = self._locks.setdefault(sid, anyio.Lock())
         async with lock:
+            started = time.monotonic()
+            outcome = "error"
             try:
                 answer = await self._sandbox().execute_sandbox_action(sid, data=data)
+                outcome = "ok"
             except (LybicAPIError, LybicInternalError, httpx.HTTPError) as exc:
                 raise _tool_error(exc, world_changing=True) from exc
+            finally:
+                metrics = _metrics.current
+                if metrics is not None:
+                    metrics.observe_action(kind, outcome, time.monotonic() - started)
         result: dict[str, Any] = {"ok": True, "action": kind}
         if answer.cursorPosition is not None:
             cursor = answer.cursorPosition

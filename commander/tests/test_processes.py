@@ -30,8 +30,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_commander_process_runs_a_session_and_stops_on_sigterm(
-    dispatcher: DispatcherServer, llm: ScriptedLLM, tmp_path: Path
+    dispatcher: DispatcherServer, llm: ScriptedLLM, tmp_path: Path, log_format: str
 ) -> None:
     llm.replies.append(Reply.text("from a real process"))
     log_path = tmp_path / "commander.log"
@@ -48,7 +49,9 @@ async def test_commander_process_runs_a_session_and_stops_on_sigterm(
         "--llm-model",
         "scripted",
     ]
-    env = child_env(LLM_API_KEY="sk-must-not-leak", COMMANDER_TOKEN="tok-must-not-leak")
+    env = child_env(
+        LLM_API_KEY="sk-must-not-leak", COMMANDER_TOKEN="tok-must-not-leak", LOG_FORMAT=log_format
+    )
     with log_path.open("wb") as log:
         async with await anyio.open_process(
             command, env=env, stdout=subprocess.DEVNULL, stderr=log
@@ -71,6 +74,12 @@ async def test_commander_process_runs_a_session_and_stops_on_sigterm(
     assert "session start task=task-1" in text
     assert "session end task=task-1" in text and "outcome=SUCCESS" in text
     assert "must-not-leak" not in text
+    if log_format == "json":
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+        assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+        start = next(line for line in lines if line["message"].startswith("session start"))
+        assert start["task_id"] == "task-1" and start["session_id"]
+        assert start["logger"] == "commander.session" and start["level"] == "INFO"
 
 
 async def test_commander_tools_process_serves_the_workspace(
