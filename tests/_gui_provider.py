@@ -4,23 +4,17 @@
 
 Serves `computer.click` and `computer.type` (names as the sandbox provider
 uses them; the commander of the tests runs no sandbox, so the names are free).
-Each invocation is answered with a small JSON result. Prints one line per thing
-it sees, flushed, so that a test can tell from its log what ran:
-    WELCOME <tools>
-    INVOKED <tool> <invocation_id> <call_id> <arguments_json>
-    CANCEL <invocation_id> <reason>
+Each invocation is answered with a small JSON result; the log (see
+tests/_rawprovider.py) tells a test what ran.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import sys
-from collections.abc import Iterator
 
-import grpc
-
-from commander._gen.dispatch.v1 import interaction_pb2, tools_pb2, tools_pb2_grpc
+from commander._gen.dispatch.v1 import interaction_pb2, tools_pb2
+from tests._rawprovider import serve
 
 _XY = (
     '{"type":"object","properties":{"x":{"type":"integer"},"y":{"type":"integer"}},'
@@ -42,48 +36,12 @@ TOOLS = [
 ]
 
 
+def _answer(inv: tools_pb2.Invocation) -> str:
+    return json.dumps({"done": inv.tool_name, "args": json.loads(inv.arguments_json or "{}")})
+
+
 def main() -> None:
-    addr = sys.argv[1]
-    outbox: queue.Queue[tools_pb2.ConnectRequest] = queue.Queue()
-    outbox.put(
-        tools_pb2.ConnectRequest(
-            hello=tools_pb2.ProviderHello(provider_id="gui-provider", tools=TOOLS)
-        )
-    )
-
-    def requests() -> Iterator[tools_pb2.ConnectRequest]:
-        while True:
-            yield outbox.get()
-
-    with grpc.insecure_channel(addr) as channel:
-        stub = tools_pb2_grpc.ToolProviderServiceStub(channel)
-        for msg in stub.Connect(requests()):
-            which = msg.WhichOneof("msg")
-            if which == "welcome":
-                print("WELCOME", ",".join(msg.welcome.registered_tools), flush=True)
-            elif which == "invoke":
-                inv = msg.invoke
-                print(
-                    "INVOKED",
-                    inv.tool_name,
-                    inv.invocation_id,
-                    inv.call_id,
-                    inv.arguments_json,
-                    flush=True,
-                )
-                args = json.loads(inv.arguments_json or "{}")
-                outbox.put(
-                    tools_pb2.ConnectRequest(
-                        result=tools_pb2.InvocationResult(
-                            invocation_id=inv.invocation_id,
-                            result_json=json.dumps({"done": inv.tool_name, "args": args}),
-                        )
-                    )
-                )
-            elif which == "cancel":
-                print("CANCEL", msg.cancel.invocation_id, msg.cancel.reason, flush=True)
-            else:
-                print("OTHER", which, flush=True)
+    serve(sys.argv[1], "gui-provider", TOOLS, _answer)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,16 @@
     python -m tests._hanging_provider ADDR
 
 Serves `test.hang` (timeout 30 s) and `test.hang_timeout` (timeout 800 ms).
-Prints one line per thing it sees, flushed, so that a test can tell from its log
-that a call is in flight before it kills the process:
-    WELCOME <tools>
-    INVOKED <tool> <invocation_id> <call_id>
-    CANCEL <invocation_id> <reason>
+Its log (see tests/_rawprovider.py) tells a test that a call is in flight
+before it kills the process.
 """
 
 from __future__ import annotations
 
-import queue
 import sys
-from collections.abc import Iterator
 
-import grpc
-
-from commander._gen.dispatch.v1 import interaction_pb2, tools_pb2, tools_pb2_grpc
+from commander._gen.dispatch.v1 import interaction_pb2
+from tests._rawprovider import serve
 
 TOOLS = [
     interaction_pb2.ToolSpec(
@@ -37,31 +31,7 @@ TOOLS = [
 
 
 def main() -> None:
-    addr = sys.argv[1]
-    outbox: queue.Queue[tools_pb2.ConnectRequest] = queue.Queue()
-    outbox.put(
-        tools_pb2.ConnectRequest(
-            hello=tools_pb2.ProviderHello(provider_id="hang-provider", tools=TOOLS)
-        )
-    )
-
-    def requests() -> Iterator[tools_pb2.ConnectRequest]:
-        while True:
-            yield outbox.get()
-
-    with grpc.insecure_channel(addr) as channel:
-        stub = tools_pb2_grpc.ToolProviderServiceStub(channel)
-        for msg in stub.Connect(requests()):
-            which = msg.WhichOneof("msg")
-            if which == "welcome":
-                print("WELCOME", ",".join(msg.welcome.registered_tools), flush=True)
-            elif which == "invoke":
-                inv = msg.invoke
-                print("INVOKED", inv.tool_name, inv.invocation_id, inv.call_id, flush=True)
-            elif which == "cancel":
-                print("CANCEL", msg.cancel.invocation_id, msg.cancel.reason, flush=True)
-            else:
-                print("OTHER", which, flush=True)
+    serve(sys.argv[1], "hang-provider", TOOLS, lambda _inv: None)
 
 
 if __name__ == "__main__":
