@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 )
@@ -45,6 +46,7 @@ type config struct {
 	httpListen     string // "" disables the HTTP API and the web page
 	httpDefault    bool   // httpListen is the default, not asked for
 	metricsListen  string // "" disables /metrics
+	pprofListen    string // "" disables /debug/pprof
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -92,6 +94,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
+	fs.StringVar(&c.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof profiles (loopback only, for profiling); empty disables")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -180,6 +183,11 @@ func (c *config) validate() error {
 	if c.logFormat != "json" && c.logFormat != "text" {
 		errs = append(errs, errors.New("--log-format must be json or text"))
 	}
+	if c.pprofListen != "" && !isLoopback(c.pprofListen) {
+		// Profiles expose memory contents and cost CPU: never on a
+		// reachable interface.
+		errs = append(errs, fmt.Errorf("--pprof-listen %q: must be a loopback address (127.0.0.1:PORT, [::1]:PORT, localhost:PORT)", c.pprofListen))
+	}
 	return errors.Join(errs...)
 }
 
@@ -198,4 +206,17 @@ func newLogger(c *config, w io.Writer) *slog.Logger {
 		return slog.New(slog.NewTextHandler(w, opts))
 	}
 	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// isLoopback reports whether the host of addr is a loopback name or address.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

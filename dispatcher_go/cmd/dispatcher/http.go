@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
@@ -49,6 +50,18 @@ func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, log *slog.Logge
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.Handler())
 		if err := hs.start("metrics", cfg.metricsListen, mux); err != nil {
+			hs.close()
+			return nil, err
+		}
+	}
+	if cfg.pprofListen != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		if err := hs.start("pprof", cfg.pprofListen, mux); err != nil {
 			hs.close()
 			return nil, err
 		}

@@ -33,6 +33,19 @@ func TestConfigHTTPAndPrometheusEnv(t *testing.T) {
 	}
 }
 
+func TestConfigPprofLoopbackOnly(t *testing.T) {
+	for _, ok := range []string{"127.0.0.1:0", "[::1]:6060", "localhost:6060"} {
+		if c, err := parseConfig([]string{"--pprof-listen", ok}, env(nil), io.Discard); err != nil || c.pprofListen != ok {
+			t.Errorf("%s: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{":6060", "0.0.0.0:6060", "10.1.2.3:6060", "nohost"} {
+		if _, err := parseConfig([]string{"--pprof-listen", bad}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "loopback") {
+			t.Errorf("%s: want a loopback error, got %v", bad, err)
+		}
+	}
+}
+
 // servingAddr finds "<what> serving" addr=HOST:PORT in the text log.
 func servingAddr(t *testing.T, p *proc, what string) string {
 	t.Helper()
