@@ -720,7 +720,11 @@ type ToolCallRequest struct {
 	// Arguments as a JSON object; checked against the tool's JSON Schema.
 	ArgumentsJson string `protobuf:"bytes,2,opt,name=arguments_json,json=argumentsJson,proto3" json:"arguments_json,omitempty"`
 	// Unique within the session; chosen by the commander.
-	CallId        string `protobuf:"bytes,3,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	CallId string `protobuf:"bytes,3,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// W3C Trace Context of the commander's span for this call ("traceparent",
+	// optionally "tracestate"): the dispatcher's span for running the tool is
+	// its child. Empty when the commander does not trace.
+	TraceContext  map[string]string `protobuf:"bytes,4,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -774,6 +778,13 @@ func (x *ToolCallRequest) GetCallId() string {
 		return x.CallId
 	}
 	return ""
+}
+
+func (x *ToolCallRequest) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
 }
 
 // ErrorSignal reports a problem in the planner. It is recorded as an event;
@@ -1765,8 +1776,12 @@ type StartSession struct {
 	// Which planner to run, e.g. "chat".
 	Planner string `protobuf:"bytes,9,opt,name=planner,proto3" json:"planner,omitempty"`
 	// Tools the planner may call through the dispatcher.
-	Tools         []*ToolSpec       `protobuf:"bytes,10,rep,name=tools,proto3" json:"tools,omitempty"`
-	Labels        map[string]string `protobuf:"bytes,11,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Tools  []*ToolSpec       `protobuf:"bytes,10,rep,name=tools,proto3" json:"tools,omitempty"`
+	Labels map[string]string `protobuf:"bytes,11,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// W3C Trace Context of the dispatcher's span for this session
+	// ("traceparent", optionally "tracestate"): the commander's spans for the
+	// session are its children. Empty when there is no trace to continue.
+	TraceContext  map[string]string `protobuf:"bytes,12,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1878,6 +1893,13 @@ func (x *StartSession) GetLabels() map[string]string {
 	return nil
 }
 
+func (x *StartSession) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
+}
+
 // UserInput is a client's message injected into a running session.
 type UserInput struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1968,11 +1990,15 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\x05delta\x18\x02 \x01(\tR\x05delta\"?\n" +
 	"\fContentChunk\x12\x12\n" +
 	"\x04text\x18\x01 \x01(\tR\x04text\x12\x1b\n" +
-	"\tis_finish\x18\x02 \x01(\bR\bisFinish\"n\n" +
+	"\tis_finish\x18\x02 \x01(\bR\bisFinish\"\x84\x02\n" +
 	"\x0fToolCallRequest\x12\x1b\n" +
 	"\ttool_name\x18\x01 \x01(\tR\btoolName\x12%\n" +
 	"\x0earguments_json\x18\x02 \x01(\tR\rargumentsJson\x12\x17\n" +
-	"\acall_id\x18\x03 \x01(\tR\x06callId\";\n" +
+	"\acall_id\x18\x03 \x01(\tR\x06callId\x12S\n" +
+	"\rtrace_context\x18\x04 \x03(\v2..dispatch.v1.ToolCallRequest.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\";\n" +
 	"\vErrorSignal\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\tR\x04code\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xab\x01\n" +
@@ -2041,7 +2067,7 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"timeout_ms\x18\x05 \x01(\x03R\ttimeoutMs\"@\n" +
 	"\x10ConversationTurn\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xc2\x04\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xd5\x05\n" +
 	"\fStartSession\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x121\n" +
@@ -2054,8 +2080,12 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\aplanner\x18\t \x01(\tR\aplanner\x12+\n" +
 	"\x05tools\x18\n" +
 	" \x03(\v2\x15.dispatch.v1.ToolSpecR\x05tools\x12=\n" +
-	"\x06labels\x18\v \x03(\v2%.dispatch.v1.StartSession.LabelsEntryR\x06labels\x1a9\n" +
+	"\x06labels\x18\v \x03(\v2%.dispatch.v1.StartSession.LabelsEntryR\x06labels\x12P\n" +
+	"\rtrace_context\x18\f \x03(\v2+.dispatch.v1.StartSession.TraceContextEntryR\ftraceContext\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
 	"\n" +
@@ -2106,7 +2136,7 @@ func file_dispatch_v1_interaction_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_interaction_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(SessionOutcome)(0),           // 0: dispatch.v1.SessionOutcome
 	(AckKind)(0),                  // 1: dispatch.v1.AckKind
@@ -2134,10 +2164,12 @@ var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(*StartSession)(nil),          // 23: dispatch.v1.StartSession
 	(*UserInput)(nil),             // 24: dispatch.v1.UserInput
 	nil,                           // 25: dispatch.v1.Hello.LabelsEntry
-	nil,                           // 26: dispatch.v1.StartSession.LabelsEntry
-	(*agent.Sandbox)(nil),         // 27: lybic.agent.Sandbox
-	(*agent.CommonConfig)(nil),    // 28: lybic.agent.CommonConfig
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	nil,                           // 26: dispatch.v1.ToolCallRequest.TraceContextEntry
+	nil,                           // 27: dispatch.v1.StartSession.LabelsEntry
+	nil,                           // 28: dispatch.v1.StartSession.TraceContextEntry
+	(*agent.Sandbox)(nil),         // 29: lybic.agent.Sandbox
+	(*agent.CommonConfig)(nil),    // 30: lybic.agent.CommonConfig
+	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
 }
 var file_dispatch_v1_interaction_proto_depIdxs = []int32{
 	6,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
@@ -2152,31 +2184,33 @@ var file_dispatch_v1_interaction_proto_depIdxs = []int32{
 	15, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
 	13, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
 	25, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
-	27, // 12: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
-	0,  // 13: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
-	10, // 14: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
-	17, // 15: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
-	18, // 16: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
-	20, // 17: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
-	23, // 18: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
-	24, // 19: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
-	1,  // 20: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
-	2,  // 21: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
-	3,  // 22: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
-	19, // 23: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
-	28, // 24: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
-	27, // 25: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
-	22, // 26: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
-	29, // 27: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
-	21, // 28: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
-	26, // 29: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
-	4,  // 30: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
-	16, // 31: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
-	31, // [31:32] is the sub-list for method output_type
-	30, // [30:31] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	26, // 12: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
+	29, // 13: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
+	0,  // 14: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
+	10, // 15: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
+	17, // 16: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
+	18, // 17: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
+	20, // 18: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
+	23, // 19: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
+	24, // 20: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
+	1,  // 21: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
+	2,  // 22: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
+	3,  // 23: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
+	19, // 24: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
+	30, // 25: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
+	29, // 26: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
+	22, // 27: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
+	31, // 28: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
+	21, // 29: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
+	27, // 30: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
+	28, // 31: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
+	4,  // 32: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
+	16, // 33: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
+	33, // [33:34] is the sub-list for method output_type
+	32, // [32:33] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_interaction_proto_init() }
@@ -2211,7 +2245,7 @@ func file_dispatch_v1_interaction_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_interaction_proto_rawDesc), len(file_dispatch_v1_interaction_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -412,7 +412,10 @@ type Invocation struct {
 	// The provider should give up after this; the dispatcher will.
 	Deadline *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=deadline,proto3" json:"deadline,omitempty"`
 	// The planner's call_id, for logs.
-	CallId        string `protobuf:"bytes,7,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	CallId string `protobuf:"bytes,7,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
+	// W3C Trace Context of the dispatcher's span for this call; the
+	// provider's span for running the tool is its child.
+	TraceContext  map[string]string `protobuf:"bytes,8,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -494,6 +497,13 @@ func (x *Invocation) GetCallId() string {
 		return x.CallId
 	}
 	return ""
+}
+
+func (x *Invocation) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
+	}
+	return nil
 }
 
 // CancelInvocation tells the provider the result is no longer wanted.
@@ -632,7 +642,7 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\brejected\x18\x04 \x01(\v2\x15.dispatch.v1.RejectedH\x00R\brejectedB\x05\n" +
 	"\x03msg\"4\n" +
 	"\aWelcome\x12)\n" +
-	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\"\xfe\x01\n" +
+	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\"\x8f\x03\n" +
 	"\n" +
 	"Invocation\x12#\n" +
 	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x1b\n" +
@@ -642,7 +652,11 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x05 \x01(\tR\tsessionId\x126\n" +
 	"\bdeadline\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12\x17\n" +
-	"\acall_id\x18\a \x01(\tR\x06callId\"O\n" +
+	"\acall_id\x18\a \x01(\tR\x06callId\x12N\n" +
+	"\rtrace_context\x18\b \x03(\v2).dispatch.v1.Invocation.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"O\n" +
 	"\x10CancelInvocation\x12#\n" +
 	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"G\n" +
@@ -664,7 +678,7 @@ func file_dispatch_v1_tools_proto_rawDescGZIP() []byte {
 	return file_dispatch_v1_tools_proto_rawDescData
 }
 
-var file_dispatch_v1_tools_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_dispatch_v1_tools_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_dispatch_v1_tools_proto_goTypes = []any{
 	(*ConnectRequest)(nil),        // 0: dispatch.v1.ConnectRequest
 	(*ProviderHello)(nil),         // 1: dispatch.v1.ProviderHello
@@ -675,28 +689,30 @@ var file_dispatch_v1_tools_proto_goTypes = []any{
 	(*CancelInvocation)(nil),      // 6: dispatch.v1.CancelInvocation
 	(*Rejected)(nil),              // 7: dispatch.v1.Rejected
 	nil,                           // 8: dispatch.v1.ProviderHello.LabelsEntry
-	(*ToolSpec)(nil),              // 9: dispatch.v1.ToolSpec
-	(*ToolError)(nil),             // 10: dispatch.v1.ToolError
-	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	nil,                           // 9: dispatch.v1.Invocation.TraceContextEntry
+	(*ToolSpec)(nil),              // 10: dispatch.v1.ToolSpec
+	(*ToolError)(nil),             // 11: dispatch.v1.ToolError
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_dispatch_v1_tools_proto_depIdxs = []int32{
 	1,  // 0: dispatch.v1.ConnectRequest.hello:type_name -> dispatch.v1.ProviderHello
 	2,  // 1: dispatch.v1.ConnectRequest.result:type_name -> dispatch.v1.InvocationResult
-	9,  // 2: dispatch.v1.ProviderHello.tools:type_name -> dispatch.v1.ToolSpec
+	10, // 2: dispatch.v1.ProviderHello.tools:type_name -> dispatch.v1.ToolSpec
 	8,  // 3: dispatch.v1.ProviderHello.labels:type_name -> dispatch.v1.ProviderHello.LabelsEntry
-	10, // 4: dispatch.v1.InvocationResult.error:type_name -> dispatch.v1.ToolError
+	11, // 4: dispatch.v1.InvocationResult.error:type_name -> dispatch.v1.ToolError
 	4,  // 5: dispatch.v1.ConnectResponse.welcome:type_name -> dispatch.v1.Welcome
 	5,  // 6: dispatch.v1.ConnectResponse.invoke:type_name -> dispatch.v1.Invocation
 	6,  // 7: dispatch.v1.ConnectResponse.cancel:type_name -> dispatch.v1.CancelInvocation
 	7,  // 8: dispatch.v1.ConnectResponse.rejected:type_name -> dispatch.v1.Rejected
-	11, // 9: dispatch.v1.Invocation.deadline:type_name -> google.protobuf.Timestamp
-	0,  // 10: dispatch.v1.ToolProviderService.Connect:input_type -> dispatch.v1.ConnectRequest
-	3,  // 11: dispatch.v1.ToolProviderService.Connect:output_type -> dispatch.v1.ConnectResponse
-	11, // [11:12] is the sub-list for method output_type
-	10, // [10:11] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	12, // 9: dispatch.v1.Invocation.deadline:type_name -> google.protobuf.Timestamp
+	9,  // 10: dispatch.v1.Invocation.trace_context:type_name -> dispatch.v1.Invocation.TraceContextEntry
+	0,  // 11: dispatch.v1.ToolProviderService.Connect:input_type -> dispatch.v1.ConnectRequest
+	3,  // 12: dispatch.v1.ToolProviderService.Connect:output_type -> dispatch.v1.ConnectResponse
+	12, // [12:13] is the sub-list for method output_type
+	11, // [11:12] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_tools_proto_init() }
@@ -721,7 +737,7 @@ func file_dispatch_v1_tools_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_tools_proto_rawDesc), len(file_dispatch_v1_tools_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
