@@ -12,6 +12,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // httpServers are the HTTP listeners beside gRPC: the HTTP API with the
@@ -31,11 +32,11 @@ func newMetrics(cfg *config) *metrics.Metrics {
 
 // startHTTP starts the HTTP listeners that cfg enables. The gRPC services
 // must be registered (metrics pre-create their per-method series).
-func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, log *slog.Logger) (*httpServers, error) {
+func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
 		h := httpapi.New(srv.Local(), httpapi.Options{ClientToken: cfg.clientToken, Logger: log.With("component", "http")})
-		err := hs.start("http api", cfg.httpListen, h)
+		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h))
 		switch {
 		case err != nil && cfg.httpDefault:
 			// Nobody asked for this address (e.g. several dispatchers on

@@ -29,6 +29,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // version is set at build time: -ldflags "-X main.version=1.2.3".
@@ -52,7 +53,19 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(cfg, stderr)
-	if err := serve(cfg, log); err != nil {
+	tracing, err := telemetry.Setup(context.Background(), "dispatcher", version, getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, "dispatcher:", err)
+		return 2
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := tracing.Shutdown(ctx); err != nil {
+			log.Warn("trace export at shutdown failed", "error", err)
+		}
+	}()
+	if err := serve(cfg, log, tracing); err != nil {
 		log.Error("dispatcher failed", "error", err)
 		return 1
 	}
@@ -72,7 +85,7 @@ func openStore(cfg *config) (store.Store, error) {
 	return nil, nil
 }
 
-func serve(cfg *config, log *slog.Logger) error {
+func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 	st, err := openStore(cfg)
 	if err != nil {
 		return fmt.Errorf("open %s store: %w", cfg.storage, err)
@@ -117,6 +130,7 @@ func serve(cfg *config, log *slog.Logger) error {
 	if m != nil {
 		opts = append(m.ServerOptions(), opts...) // count refused calls too
 	}
+	opts = append(tracing.ServerOptions(), opts...) // trace refused calls too
 	if cfg.tlsCert != "" {
 		creds, err := credentials.NewServerTLSFromFile(cfg.tlsCert, cfg.tlsKey)
 		if err != nil {
@@ -142,7 +156,7 @@ func serve(cfg *config, log *slog.Logger) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(lis) }()
-	hs, err := startHTTP(cfg, srv, m, log)
+	hs, err := startHTTP(cfg, srv, m, tracing, log)
 	if err != nil {
 		gs.Stop()
 		return err
@@ -155,7 +169,7 @@ func serve(cfg *config, log *slog.Logger) error {
 		}
 		defer os.Remove(cfg.addrFile)
 	}
-	log.Info("dispatcher serving", "addr", addr, "version", version, "tls", cfg.tlsCert != "",
+	log.Info("dispatcher serving", "addr", addr, "version", version, "tls", cfg.tlsCert != "", "tracing", tracing.Enabled(),
 		"commander_auth", cfg.commanderToken != "", "client_auth", cfg.clientToken != "")
 
 	select {

@@ -5,6 +5,7 @@ import (
 	"math"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -78,8 +79,9 @@ func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (
 	return task.Mask(a.s.tasks.Configs().SetStageModel(which, llm)), nil
 }
 
-func specFromRun(req *agentpb.RunAgentInstructionRequest) task.Spec {
+func specFromRun(ctx context.Context, req *agentpb.RunAgentInstructionRequest) task.Spec {
 	return task.Spec{
+		Trace:          trace.SpanContextFromContext(ctx),
 		Instruction:    req.GetInstruction(),
 		RunningConfig:  req.GetRunningConfig(),
 		Sandbox:        req.GetSandbox(),
@@ -91,7 +93,7 @@ func specFromRun(req *agentpb.RunAgentInstructionRequest) task.Spec {
 // RunAgentInstruction runs a task and streams it until it ends. A client
 // that goes away cancels its task: nobody else knows its id.
 func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionRequest, stream grpc.ServerStreamingServer[agentpb.TaskStream]) error {
-	t, err := a.s.tasks.Submit(specFromRun(req))
+	t, err := a.s.tasks.Submit(specFromRun(stream.Context(), req))
 	if err != nil {
 		return toStatus(a.s.log, err)
 	}
@@ -111,8 +113,8 @@ func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionReque
 }
 
 // RunAgentInstructionAsync queues a task and returns its id at once.
-func (a *agentService) RunAgentInstructionAsync(_ context.Context, req *agentpb.RunAgentInstructionRequest) (*agentpb.RunAgentInstructionAsyncResponse, error) {
-	t, err := a.s.tasks.Submit(specFromRun(req))
+func (a *agentService) RunAgentInstructionAsync(ctx context.Context, req *agentpb.RunAgentInstructionRequest) (*agentpb.RunAgentInstructionAsyncResponse, error) {
+	t, err := a.s.tasks.Submit(specFromRun(ctx, req))
 	if err != nil {
 		return nil, toStatus(a.s.log, err)
 	}

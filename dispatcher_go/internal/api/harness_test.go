@@ -41,6 +41,12 @@ type harness struct {
 
 func newHarness(t testing.TB, cfg Config) *harness {
 	t.Helper()
+	return newHarnessWith(t, cfg)
+}
+
+// newHarnessWith is newHarness with extra server options (first).
+func newHarnessWith(t testing.TB, cfg Config, extra ...grpc.ServerOption) *harness {
+	t.Helper()
 	if cfg.StopGrace == 0 {
 		cfg.StopGrace = 500 * time.Millisecond
 	}
@@ -49,7 +55,7 @@ func newHarness(t testing.TB, cfg Config) *harness {
 		t.Fatal(err)
 	}
 	lis := bufconn.Listen(1 << 20)
-	gs := grpc.NewServer(s.ServerOptions()...)
+	gs := grpc.NewServer(append(extra, s.ServerOptions()...)...)
 	s.Register(gs)
 	go func() { _ = gs.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///bufnet",

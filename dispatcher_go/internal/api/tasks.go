@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -29,7 +30,7 @@ type taskService struct {
 }
 
 // SubmitTask queues a task.
-func (ts *taskService) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
 	var extra *policy.Policy
 	if src := req.GetPolicyYaml(); src != "" {
 		p, err := policy.Compile([]byte(src))
@@ -51,6 +52,7 @@ func (ts *taskService) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskR
 		RequiredCapabilities: req.GetRequiredCapabilities(),
 		Labels:               req.GetLabels(),
 		TimeoutSeconds:       req.GetTimeoutSeconds(),
+		Trace:                trace.SpanContextFromContext(ctx),
 	})
 	if err != nil {
 		return nil, toStatus(ts.s.log, err)

@@ -24,8 +24,12 @@ import (
 	"time"
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // ExecutorBuiltin is the executor name of tools served by the dispatcher.
@@ -67,6 +71,9 @@ type Call struct {
 	CallID        string
 	ToolName      string
 	ArgumentsJSON string
+	// TraceContext is the caller's W3C Trace Context (the commander's span
+	// for the call); the call's span is its child. Empty: ctx's span.
+	TraceContext map[string]string
 }
 
 // Result is a call's outcome as the session reports it.
@@ -202,8 +209,21 @@ func validToolName(name string) error {
 // Call runs c and always returns a result; failures are in Result.Error.
 func (b *Broker) Call(ctx context.Context, c Call) Result {
 	start := time.Now()
+	ctx, span := telemetry.Tracer().Start(telemetry.Extract(ctx, c.TraceContext), "execute_tool",
+		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(
+			attribute.String("gen_ai.operation.name", "execute_tool"),
+			attribute.String("gen_ai.tool.name", c.ToolName),
+			attribute.String("gen_ai.tool.call.id", c.CallID),
+			attribute.String("task.id", c.TaskID),
+			attribute.String("session.id", c.SessionID)))
 	res := &dispatchv1.ToolCallResult{ToolName: c.ToolName, CallId: c.CallID}
 	done := func(executor string) Result {
+		span.SetAttributes(attribute.String("tool.executor", executor))
+		if e := res.GetError(); e != nil {
+			span.SetAttributes(attribute.String("error.type", e.GetCode().String()))
+			span.SetStatus(codes.Error, e.GetMessage())
+		}
+		span.End()
 		return Result{Result: res, Executor: executor, Duration: time.Since(start)}
 	}
 	fail := func(code dispatchv1.ToolErrorCode, msg, executor string) Result {
@@ -227,6 +247,7 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 			return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), "")
 		}
 	}
+	span.SetName("execute_tool " + c.ToolName) // a known name: bounded
 	executor := ExecutorBuiltin
 	if t.provider != nil {
 		executor = t.provider.id

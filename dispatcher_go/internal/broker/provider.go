@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // errProviderGone fails calls whose provider disconnected.
@@ -251,6 +252,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 		SessionId:     c.SessionID,
 		Deadline:      timestamppb.New(time.Now().Add(timeout)),
 		CallId:        c.CallID,
+		TraceContext:  telemetry.Inject(ctx),
 	}}}
 	select {
 	case p.out <- inv:

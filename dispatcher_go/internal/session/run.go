@@ -11,6 +11,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
@@ -19,6 +22,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // run is one session: one task on one slot. It implements task.Runner.
@@ -28,9 +32,12 @@ type run struct {
 	sessionID string
 	log       *slog.Logger
 	// ctx is cancelled at the stop decision and at the end: it cancels the
-	// session's tool calls.
+	// session's tool calls. It carries span.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// span covers the session from its delivery to a slot to its end; its
+	// context goes to the commander in the start packet.
+	span trace.Span
 
 	stopped   atomic.Bool // the stop is decided (fast check on the packet path)
 	ended     atomic.Bool // finish ran
@@ -61,9 +68,13 @@ type stopInfo struct {
 }
 
 func newRun(sl *slot, t *task.Task) *run {
-	ctx, cancel := context.WithCancel(sl.ctx)
 	id := newSessionID()
+	ctx, span := telemetry.Tracer().Start(trace.ContextWithSpanContext(sl.ctx, t.SpanContext()), "session",
+		trace.WithAttributes(attribute.String("task.id", t.ID()), attribute.String("session.id", id),
+			attribute.String("commander.id", sl.commanderID), attribute.String("slot.id", sl.id)))
+	ctx, cancel := context.WithCancel(ctx)
 	r := &run{
+		span:      span,
 		sl:        sl,
 		t:         t,
 		sessionID: id,
@@ -103,8 +114,18 @@ func (r *run) startPacket() *dispatchv1.DownstreamPacket {
 			Planner:        t.Planner(),
 			Tools:          tools,
 			Labels:         t.Labels(),
+			TraceContext:   telemetry.Inject(r.ctx),
 		}},
 	}
+}
+
+// endSpan ends the session's span with the task's outcome.
+func (r *run) endSpan(status agentpb.TaskStatus, msg string) {
+	r.span.SetAttributes(attribute.String("task.status", status.String()))
+	if status != agentpb.TaskStatus_SUCCESS {
+		r.span.SetStatus(codes.Error, msg)
+	}
+	r.span.End()
 }
 
 // armDeadline stops the session with STOP_CODE_DEADLINE when its time is up.
@@ -165,6 +186,8 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 	r.mu.Unlock()
 	r.stopped.Store(true)
 	r.sl.srv.stats.StopsDecided.Add(1)
+	r.span.AddEvent("stop decided", trace.WithAttributes(attribute.String("stop.code", code.String()),
+		attribute.String("stop.reason", reason), attribute.String("policy.rule_id", ruleID)))
 
 	stop := &dispatchv1.StopSignal{Reason: reason, Code: code, RuleId: ruleID}
 	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
@@ -332,6 +355,7 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest,
 		CallID:        tc.GetCallId(),
 		ToolName:      tc.GetToolName(),
 		ArgumentsJSON: tc.GetArgumentsJson(),
+		TraceContext:  tc.GetTraceContext(),
 	}
 	if d.Action == policy.Hold {
 		r.policyHold(tc, call, d)
@@ -445,6 +469,7 @@ func (r *run) measureStop(ackAt time.Time) {
 		return
 	}
 	latency := ackAt.Sub(info.at)
+	r.span.AddEvent("stopped", trace.WithTimestamp(ackAt), trace.WithAttributes(attribute.Int64("stop.latency_us", latency.Microseconds())))
 	stats := &r.sl.srv.stats
 	stats.StopsAcked.Add(1)
 	stats.StopLatency.Observe(latency)

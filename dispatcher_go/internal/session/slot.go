@@ -88,6 +88,8 @@ func (sl *slot) Deliver(t *task.Task) bool {
 	if err := t.Start(r, sl.commanderID, r.sessionID); err != nil {
 		// The task is no longer pending; the slot stays free. Release
 		// needs the scheduler's lock, which our caller holds.
+		r.cancel()
+		r.span.End()
 		go sl.srv.sched.Release(sl)
 		return true
 	}
@@ -234,6 +236,7 @@ func (sl *slot) finish(r *run, status agentpb.TaskStatus, msg, result string, cl
 	r.cancel()
 	r.disarm()
 	r.t.Finish(status, msg, result)
+	r.endSpan(status, msg)
 	if closeAck {
 		sl.out.pushControl(&dispatchv1.DownstreamPacket{
 			SessionId: r.sessionID,

@@ -8,10 +8,15 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // Limits on client input, so that one request cannot make the dispatcher
@@ -47,6 +52,9 @@ type Spec struct {
 	// Policy is the task's extra policy (compiled by the caller, which
 	// reports its errors), or nil.
 	Policy *policy.Policy
+	// Trace is the submitter's span context (e.g. of the gRPC or HTTP
+	// request): the task's span is its child. Zero: a new trace.
+	Trace trace.SpanContext
 }
 
 // CancelOutcome says truthfully what a cancel did.
@@ -177,6 +185,8 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create event log: %w", err)
 	}
+	_, t.span = telemetry.Tracer().Start(trace.ContextWithSpanContext(context.Background(), spec.Trace), "task",
+		trace.WithAttributes(attribute.String("task.id", t.id), attribute.String("task.planner", planner)))
 	t.log = log
 	t.mu.Lock()
 	_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
@@ -185,6 +195,8 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if err := m.queue.Enqueue(t); err != nil {
 		m.reg.remove(t)
 		m.store.Remove(t.id)
+		t.span.SetStatus(codes.Error, err.Error())
+		t.span.End()
 		return nil, err
 	}
 	if m.persist != nil {

@@ -15,6 +15,9 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -122,6 +125,9 @@ type Task struct {
 	done           chan struct{}
 	onFinish       func(*Task)
 	persist        *persister // nil: nothing is stored
+	// span covers the task from submission to its end (a no-op span when
+	// tracing is off, and for tasks restored from the store).
+	span trace.Span
 
 	mu          sync.Mutex
 	status      agentpb.TaskStatus
@@ -142,6 +148,15 @@ type Task struct {
 
 // ID is the task's id.
 func (t *Task) ID() string { return t.id }
+
+// SpanContext is the trace context of the task's span: the parent of its
+// sessions' spans.
+func (t *Task) SpanContext() trace.SpanContext {
+	if t.span == nil {
+		return trace.SpanContext{}
+	}
+	return t.span.SpanContext()
+}
 
 // Instruction is what the client asked for.
 func (t *Task) Instruction() string { return t.instruction }
@@ -279,6 +294,10 @@ func (t *Task) Start(r Runner, commanderID, sessionID string) error {
 	t.runner = r
 	t.commanderID = commanderID
 	t.sessionID = sessionID
+	if t.span != nil {
+		t.span.AddEvent("started", trace.WithAttributes(
+			attribute.String("commander.id", commanderID), attribute.String("session.id", sessionID)))
+	}
 	// Under mu so that state events are in the same order as the changes.
 	_, err := t.log.Append(t.stateEvent(), eventlog.Control)
 	t.saveLocked()
@@ -309,10 +328,23 @@ func (t *Task) Finish(status agentpb.TaskStatus, message, result string) bool {
 	t.saveLocked()
 	t.mu.Unlock()
 	close(t.done)
+	t.endSpan(status, message)
 	if t.onFinish != nil {
 		t.onFinish(t)
 	}
 	return true
+}
+
+// endSpan ends the task's span with its outcome.
+func (t *Task) endSpan(status agentpb.TaskStatus, message string) {
+	if t.span == nil {
+		return
+	}
+	t.span.SetAttributes(attribute.String("task.status", status.String()))
+	if status != agentpb.TaskStatus_SUCCESS {
+		t.span.SetStatus(codes.Error, message)
+	}
+	t.span.End()
 }
 
 // runnerState returns the runner (nil unless RUNNING) and the status.
