@@ -25,7 +25,13 @@ from commander._chat import (
     LLMSettings,
     ModelTarget,
 )
-from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._cli import (
+    add_connection_flags,
+    env,
+    run_until_signalled,
+    setup_logging,
+    start_tracing,
+)
 from commander._commander import VERSION, Commander, default_commander_id
 from commander._connection import ConnectionConfig
 from commander._planners import PlannerRegistry
@@ -298,11 +304,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     commander = build_commander(args)
+    shutdown_tracing = start_tracing("commander")
     start_metrics(args)
     try:
         anyio.run(_serve, commander)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        shutdown_tracing()
 
 
 async def _serve(commander: Commander) -> None:

@@ -34,6 +34,7 @@ import anyio.to_thread
 import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
+from opentelemetry.trace import StatusCode
 
 from commander import _metrics
 from commander._errors import ModelError, ToolError, tool_error_code_name
@@ -42,6 +43,7 @@ from commander._gen.lybic.agent import agent_pb2
 from commander._planners import PlannerOutput
 from commander._pricing import PriceTable
 from commander._session import SessionContext
+from commander._tracing import end_model_span, model_span
 
 _log = logging.getLogger("commander.chat")
 
@@ -458,11 +460,15 @@ class ChatPlanner:
         metrics = _metrics.current
         started = time.monotonic()
         first_chunk = True
+        # Not made current: this generator yields to its consumer, which must not
+        # run inside the span's context.
+        span = model_span(target.model, _public_url(target.base_url))
         try:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
                 if first_chunk:
                     first_chunk = False
+                    span.add_event("first token")
                     if metrics is not None:
                         metrics.observe_first_token(target.model, time.monotonic() - started)
                 if chunk.usage is not None:
@@ -496,6 +502,7 @@ class ChatPlanner:
             if metrics is not None:
                 metrics.observe_step("chat", time.monotonic() - started)
         except openai.OpenAIError as exc:
+            span.set_status(StatusCode.ERROR, type(exc).__name__)
             raise _model_error(exc, target) from exc
         finally:
             if stream is not None:
@@ -518,6 +525,7 @@ class ChatPlanner:
                     steps=1,
                     model=target.model,
                 )
+            end_model_span(span, turn.usage, completed=completed)
         for draft in turn.tool_calls.values():
             if not draft.id:
                 draft.id = f"call_{uuid.uuid4().hex[:12]}"

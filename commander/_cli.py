@@ -6,16 +6,32 @@ import argparse
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
 
 from commander._logging import LOG_FORMATS, setup_logging
+from commander._tracing import TracingConfigError, setup_tracing
 
-__all__ = ["add_connection_flags", "env", "run_until_signalled", "setup_logging"]
+__all__ = ["add_connection_flags", "env", "run_until_signalled", "setup_logging", "start_tracing"]
 
 _log = logging.getLogger("commander.cli")
+
+
+def start_tracing(service_name: str) -> Callable[[], None]:
+    """Tracing as the OTEL_* environment asks (off by default); returns its flush.
+
+    A setting we cannot honour ends the program with a clear message (exit 2).
+    """
+    from commander._commander import VERSION
+
+    try:
+        return setup_tracing(service_name, VERSION)
+    except TracingConfigError as exc:
+        print(f"{service_name}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def env(name: str, default: str | None = None) -> str | None:

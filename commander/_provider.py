@@ -37,6 +37,7 @@ import anyio.to_thread
 import grpc
 import grpc.aio
 from anyio.abc import TaskGroup
+from opentelemetry.trace import SpanKind, StatusCode
 
 from commander._connection import (
     CallCancelled,
@@ -58,6 +59,7 @@ from commander._errors import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import tools_pb2, tools_pb2_grpc
+from commander._tracing import TRACER, extract
 from commander._writer import StreamWriter
 
 _log = logging.getLogger("commander.provider")
@@ -304,14 +306,33 @@ class ToolProvider:
         if self._idle.is_set():
             self._idle = anyio.Event()
         result: tools_pb2.InvocationResult | None = None
-        try:
-            with scope:
-                async with self._limiter:
-                    result = await self._execute(invocation)
-        finally:
-            self._inflight.pop(iid, None)
-            if not self._inflight:
-                self._idle.set()
+        # A child of the dispatcher's execute_tool span (see commander._tracing).
+        with TRACER.start_as_current_span(
+            f"execute_tool {invocation.tool_name}",
+            context=extract(invocation.trace_context),
+            kind=SpanKind.SERVER,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": invocation.tool_name,
+                "gen_ai.tool.call.id": invocation.call_id,
+                "task.id": invocation.task_id,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                with scope:
+                    async with self._limiter:
+                        result = await self._execute(invocation)
+            finally:
+                self._inflight.pop(iid, None)
+                if not self._inflight:
+                    self._idle.set()
+            if result is None or result.HasField("error"):
+                span.set_status(
+                    StatusCode.ERROR,
+                    result.error.message if result else "no result: deadline or cancel",
+                )
         if iid in self._cancelled:
             self._cancelled.discard(iid)
             _log.info("invocation %s (%s) cancelled", iid, invocation.tool_name)

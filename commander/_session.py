@@ -27,6 +27,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from commander import _metrics
 from commander._connection import MAX_MESSAGE_BYTES, now_us
@@ -39,6 +41,7 @@ from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._logging import session_ids
 from commander._planners import Planner, PlannerOutput, PlannerReturn
+from commander._tracing import TRACER, extract, inject
 from commander._writer import Outgoing
 
 _log = logging.getLogger("commander.session")
@@ -236,6 +239,9 @@ class Session:
         )
         self.outcome = "RUNNING"
         self.ctx = SessionContext(self, packet.start)
+        # The dispatcher's session span: the parent of ours (see commander._tracing).
+        self._trace_parent = extract(packet.start.trace_context)
+        self._span: trace.Span = trace.INVALID_SPAN
 
     # --- called by the slot's reader (never block) ---
 
@@ -249,6 +255,10 @@ class Session:
         if self._terminal_started:
             return
         self._stop = signal
+        self._span.add_event(
+            "stop requested",
+            {"stop.code": ipb.StopCode.Name(signal.code), "stop.reason": signal.reason},
+        )
         self._cancel_planner()
 
     def request_local_stop(self, reason: str) -> None:
@@ -295,9 +305,33 @@ class Session:
     async def call_tool(self, tool_name: str, arguments_json: str) -> str:
         self._calls += 1
         call_id = f"{self._calls}-{uuid.uuid4().hex[:12]}"
+        # The span's context goes with the request: the dispatcher's execute_tool
+        # span is its child.
+        with TRACER.start_as_current_span(
+            f"tool_call {tool_name}",
+            kind=SpanKind.CLIENT,
+            attributes={"gen_ai.tool.name": tool_name, "gen_ai.tool.call.id": call_id},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            result = await self._call_tool(tool_name, arguments_json, call_id)
+            if result.HasField("error"):
+                code = ipb.ToolErrorCode.Name(result.error.code)
+                span.set_attribute("error.type", code)
+                span.set_status(StatusCode.ERROR, result.error.message)
+        if result.HasField("error"):
+            raise tool_error_from_result(result)
+        return result.result_json
+
+    async def _call_tool(
+        self, tool_name: str, arguments_json: str, call_id: str
+    ) -> ipb.ToolCallResult:
         packet = self._packet(
             tool_call=ipb.ToolCallRequest(
-                tool_name=tool_name, arguments_json=arguments_json, call_id=call_id
+                tool_name=tool_name,
+                arguments_json=arguments_json,
+                call_id=call_id,
+                trace_context=inject(),
             )
         )
         if packet.ByteSize() > MAX_MESSAGE_BYTES:
@@ -316,15 +350,35 @@ class Session:
             await event.wait()
         finally:
             del self._pending[call_id]
-        result = box[0]
-        if result.HasField("error"):
-            raise tool_error_from_result(result)
-        return result.result_json
+        return box[0]
 
     # --- the coordinator ---
 
     async def run(self, tg: TaskGroup) -> None:
         """Run the planner to its end or until stopped; send the terminal packet."""
+        # Current while the planner task starts, so that its spans are children.
+        with TRACER.start_as_current_span(
+            "session",
+            context=self._trace_parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "task.id": self.task_id,
+                "session.id": self.session_id,
+                "session.planner": self.ctx.planner,
+                "slot.index": self._slot_index,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            self._span = span
+            try:
+                await self._run(tg)
+            finally:
+                span.set_attribute("session.outcome", self.outcome)
+                if self.outcome not in ("SUCCESS", "STOPPED"):
+                    span.set_status(StatusCode.ERROR, self.outcome)
+
+    async def _run(self, tg: TaskGroup) -> None:
         started = time.monotonic()
         # Every log record of this task (and of the planner task started below,
         # which copies the context) carries the ids.

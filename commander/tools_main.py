@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 import anyio
 
-from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._cli import (
+    add_connection_flags,
+    env,
+    run_until_signalled,
+    setup_logging,
+    start_tracing,
+)
 from commander._connection import ConnectionConfig
 from commander._provider import ToolProvider
 from commander._workspace import workspace_provider
@@ -53,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_level, args.log_format)
     connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
     provider = workspace_provider(args.root, provider_id=args.provider_id)
+    shutdown_tracing = start_tracing("commander-tools")
     try:
         anyio.run(_serve, provider, connection)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

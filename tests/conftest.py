@@ -194,6 +194,7 @@ class Stack:
         listen: str = "127.0.0.1:0",
         client_token: str | None = None,
         commander_token: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Dispatcher:
         exe = _procs.ensure_binary("dispatcher")
         name = self._name("dispatcher")
@@ -219,7 +220,7 @@ class Stack:
             # locked by one dispatcher and would outlive the test); a restart
             # reuses the flags, and so the store.
             argv += ["--data-dir", str(self.workdir / f"{name}.data")]
-        proc = spawn(name, argv, self.workdir)
+        proc = spawn(name, argv, self.workdir, env)
         self.procs.append(proc)
         addr = wait_until(
             lambda: _procs.read_addr_file(addr_file),
@@ -260,6 +261,7 @@ class Stack:
         token: str | None = None,
         commander_id: str | None = None,
         wait_slots: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Starts `python -m commander`; waits until the dispatcher counts wait_slots."""
         addr = dispatcher if isinstance(dispatcher, str) else dispatcher.addr
@@ -285,14 +287,19 @@ class Stack:
         ]
         if token:
             argv += ["--token", token]
-        proc = spawn(name, argv, self.workdir)
+        proc = spawn(name, argv, self.workdir, env)
         self.procs.append(proc)
         if wait_slots is not None and isinstance(dispatcher, Dispatcher):
             dispatcher.wait_slots(wait_slots, timeout=30, procs=[proc])
         return proc
 
     def provider(
-        self, dispatcher: Dispatcher, workspace: Path, *, token: str | None = None
+        self,
+        dispatcher: Dispatcher,
+        workspace: Path,
+        *,
+        token: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Starts the separate tool provider process; waits until its tools are listed."""
         name = self._name("tools")
@@ -308,7 +315,7 @@ class Stack:
         ]
         if token:
             argv += ["--token", token]
-        proc = spawn(name, argv, self.workdir)
+        proc = spawn(name, argv, self.workdir, env)
         self.procs.append(proc)
         wait_until(
             lambda: "workspace.write_file" in dispatcher.tool_names(),

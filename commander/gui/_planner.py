@@ -63,6 +63,7 @@ from commander._chat import (
     _PROVIDER_ENDPOINTS,
     ModelTarget,
     _model_error,
+    _public_url,
     estimate_tokens,
 )
 from commander._errors import ToolError, ToolExecutionError, tool_error_code_name
@@ -71,6 +72,7 @@ from commander._gen.lybic.agent import agent_pb2
 from commander._planners import PlannerOutput
 from commander._pricing import PriceTable
 from commander._session import SessionContext
+from commander._tracing import end_model_span, model_span
 from commander.gui import (
     JSON_ACTION_SCHEMA,
     Action,
@@ -958,6 +960,7 @@ class _Run:
         metrics = _metrics.current
         started = time.monotonic()
         first_chunk = True
+        span = model_span(target.model, _public_url(target.base_url))
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
@@ -965,6 +968,7 @@ class _Run:
                 async for chunk in stream:
                     if first_chunk:
                         first_chunk = False
+                        span.add_event("first token")
                         if metrics is not None:
                             metrics.observe_first_token(target.model, time.monotonic() - started)
                     if chunk.usage is not None:
@@ -1001,6 +1005,9 @@ class _Run:
                     currency=currency,
                     model=target.model,
                 )
+            span.set_attribute("gen_ai.usage.input_tokens", reply.input_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", reply.output_tokens)
+            end_model_span(span, None, completed=completed)
 
 
 def _observe_step(started: float) -> None:
