@@ -96,8 +96,8 @@ logs: ## tail the logs of the background stack
 
 # ---------------------------------------------------------------- tests
 
-.PHONY: test lint test-go test-py test-e2e test-model test-store test-browser check-compose images
-test: setup setup-model lint check-generate check-compose test-go test-store test-py test-e2e test-model ## run every test
+.PHONY: test lint test-go test-py test-e2e test-model test-store test-browser check-compose check-dockerfiles images
+test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-store test-py test-e2e test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -119,6 +119,9 @@ test-browser: ## the web page in a real headless Chromium (also part of test-go)
 
 check-compose: ## docker compose config on docker-compose.yml (no daemon needed; builds the compose plugin once if missing)
 	bash scripts/check_compose.sh
+
+check-dockerfiles: build ## the Dockerfiles' own build steps give make build's binaries and package (no Docker engine needed)
+	bash scripts/check_dockerfiles.sh
 
 images: ## container images (needs a Docker daemon)
 	docker build -t agent-dispatch/dispatcher:dev dispatcher_go
