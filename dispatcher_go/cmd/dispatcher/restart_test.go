@@ -261,10 +261,36 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 	wg.Wait()
 	killCommander()
 
-	p2 := startDispatcher(t, dataEnv)
+	// The second run keeps only 3 finished tasks in memory: the rest of the
+	// previous run's finished tasks are only in the store.
+	p2 := startDispatcher(t, append(append([]string{}, dataEnv...), "DISPATCHER_MAX_TASKS_KEPT=3"))
 	conn2 := dial(t, p2.addr)
 	defer conn2.Close()
 	tc2 := dispatchv1.NewTaskServiceClient(conn2)
+
+	// ListTasks shows the previous run's tasks, newest first, with their
+	// restored states, whether they are in memory or only in the store.
+	newestFirst := make([]string, 0, total)
+	for i := len(ids) - 1; i >= 0; i-- {
+		newestFirst = append(newestFirst, ids[i])
+	}
+	byStatus := func(want func(id string) bool) []string {
+		var out []string
+		for _, id := range newestFirst {
+			if want(id) {
+				out = append(out, id)
+			}
+		}
+		return out
+	}
+	isQueued := func(id string) bool { return !finished[id] && !running[id] }
+	for _, size := range []int32{7, 1000} {
+		assertListed(ctx, t, tc2, nil, size, newestFirst)
+		assertListed(ctx, t, tc2, []agentpb.TaskStatus{agentpb.TaskStatus_SUCCESS}, size, byStatus(func(id string) bool { return finished[id] }))
+		assertListed(ctx, t, tc2, []agentpb.TaskStatus{agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_SUCCESS}, size,
+			byStatus(func(id string) bool { return finished[id] || running[id] }))
+		assertListed(ctx, t, tc2, []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}, size, byStatus(isQueued))
+	}
 
 	// Truthful states, before any commander is connected.
 	for _, id := range ids {
@@ -361,6 +387,10 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 		}
 	}
 
+	// All ended now, most of them evicted from memory: still listed.
+	assertListed(ctx, t, tc2, nil, 9, newestFirst)
+	assertListed(ctx, t, tc2, []agentpb.TaskStatus{agentpb.TaskStatus_SUCCESS}, 9, byStatus(func(id string) bool { return !running[id] }))
+
 	// Credentials: masked when read back, never stored in plain text.
 	ac := agentpb.NewAgentClient(conn2)
 	cfg, err := ac.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: ids[0]})
@@ -369,6 +399,33 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 	}
 	if k := cfg.GetStageModelConfig().GetActionGeneratorModel().GetApiKey(); k != "****1234" && k != "" {
 		t.Errorf("api key read back as %q", k)
+	}
+}
+
+// assertListed pages through ListTasks (statuses, pages of size) and checks
+// that it lists exactly want, in that order.
+func assertListed(ctx context.Context, t *testing.T, tc dispatchv1.TaskServiceClient, statuses []agentpb.TaskStatus, size int32, want []string) {
+	t.Helper()
+	var got []string
+	req := &dispatchv1.ListTasksRequest{Statuses: statuses, PageSize: size}
+	for page := 0; ; page++ {
+		if page > len(want)+1 {
+			t.Fatalf("ListTasks %v: paging does not end", statuses)
+		}
+		resp, err := tc.ListTasks(ctx, req)
+		if err != nil {
+			t.Fatalf("ListTasks %v: %v", statuses, err)
+		}
+		for _, tk := range resp.GetTasks() {
+			got = append(got, tk.GetTaskId())
+		}
+		if resp.GetNextPageToken() == "" {
+			break
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("ListTasks %v in pages of %d: %d tasks %v\nwant %d %v", statuses, size, len(got), got, len(want), want)
 	}
 }
 

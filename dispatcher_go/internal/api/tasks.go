@@ -14,6 +14,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -82,8 +83,10 @@ func (ts *taskService) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest
 	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now())}, nil
 }
 
-// ListTasks lists tasks newest first, filtered by status, paged.
-func (ts *taskService) ListTasks(_ context.Context, req *dispatchv1.ListTasksRequest) (*dispatchv1.ListTasksResponse, error) {
+// ListTasks lists tasks newest first, filtered by status, paged: the tasks
+// in memory and, with a store, the finished ones only stored there (evicted
+// from memory, or from before a restart).
+func (ts *taskService) ListTasks(ctx context.Context, req *dispatchv1.ListTasksRequest) (*dispatchv1.ListTasksResponse, error) {
 	size := int(req.GetPageSize())
 	switch {
 	case size < 0:
@@ -93,41 +96,47 @@ func (ts *taskService) ListTasks(_ context.Context, req *dispatchv1.ListTasksReq
 	case size > maxPageSize:
 		size = maxPageSize
 	}
-	before, err := decodePageToken(req.GetPageToken())
+	after, err := decodePageToken(req.GetPageToken())
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
-	tasks, next := ts.s.tasks.Registry().List(req.GetStatuses(), size, before)
-	now := time.Now()
-	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, len(tasks))}
-	for i, t := range tasks {
-		info := t.Info()
-		resp.Tasks[i] = taskProto(&info, now)
+	infos, next, err := ts.s.tasks.List(ctx, req.GetStatuses(), size, after)
+	if err != nil {
+		return nil, toStatus(ts.s.log, err)
 	}
-	if next != 0 {
-		resp.NextPageToken = encodePageToken(next)
+	now := time.Now()
+	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, len(infos))}
+	for i := range infos {
+		resp.Tasks[i] = taskProto(&infos[i], now)
+	}
+	if next != nil {
+		resp.NextPageToken = encodePageToken(*next)
 	}
 	return resp, nil
 }
 
-// Page tokens are opaque to clients: the creation sequence of the last task
-// of the page, base64url-encoded.
-func encodePageToken(seq uint64) string {
-	var b [8]byte
-	binary.BigEndian.PutUint64(b[:], seq)
-	return base64.RawURLEncoding.EncodeToString(b[:])
+// Page tokens are opaque to clients: the place of the last task of the page
+// (its creation time in Unix microseconds, 8 bytes, then its id),
+// base64url-encoded.
+func encodePageToken(k task.ListKey) string {
+	b := make([]byte, 8, 8+len(k.ID))
+	binary.BigEndian.PutUint64(b, uint64(store.Micros(k.CreatedAt)))
+	return base64.RawURLEncoding.EncodeToString(append(b, k.ID...))
 }
 
-func decodePageToken(s string) (uint64, error) {
+func decodePageToken(s string) (*task.ListKey, error) {
 	if s == "" {
-		return 0, nil
+		return nil, nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(s)
-	if err != nil || len(b) != 8 {
-		return 0, status.Error(codes.InvalidArgument, "invalid page_token")
+	if err != nil || len(b) < 8 || len(b) > 8+maxTokenID {
+		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
-	return binary.BigEndian.Uint64(b), nil
+	return &task.ListKey{CreatedAt: store.FromMicros(int64(binary.BigEndian.Uint64(b))), ID: string(b[8:])}, nil
 }
+
+// maxTokenID bounds the id in a page token.
+const maxTokenID = 256
 
 // CancelTask stops a pending or running task and says what happened.
 func (ts *taskService) CancelTask(ctx context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {

@@ -36,6 +36,24 @@ type TaskRecord struct {
 	Body []byte
 }
 
+// TaskKey is a task's place in the order of ListTasks: newest first by
+// CreatedAt (to the microsecond, as stored), then by ID descending, ids
+// compared byte by byte.
+type TaskKey struct {
+	CreatedAt time.Time
+	ID        string
+}
+
+// KeyOf is r's TaskKey.
+func KeyOf(r TaskRecord) TaskKey { return TaskKey{CreatedAt: r.CreatedAt, ID: r.ID} }
+
+// Before reports whether k comes after o in the newest-first order (k is
+// older, or as old with a smaller id).
+func (k TaskKey) Before(o TaskKey) bool {
+	a, b := Micros(k.CreatedAt), Micros(o.CreatedAt)
+	return a < b || (a == b && k.ID < o.ID)
+}
+
 // Event is one task event as stored: Data is the serialized TaskEvent.
 type Event struct {
 	TaskID string
@@ -61,6 +79,10 @@ type Store interface {
 	// ListTasks returns tasks whose status is in statuses (empty: any),
 	// newest first, at most limit of them (<= 0: all).
 	ListTasks(ctx context.Context, statuses []int32, limit int) ([]TaskRecord, error)
+	// ListTasksBefore is ListTasks continuing after before (nil: from the
+	// newest): only the tasks that come after it in the newest-first order
+	// (see TaskKey), so that a listing can be paged.
+	ListTasksBefore(ctx context.Context, statuses []int32, before *TaskKey, limit int) ([]TaskRecord, error)
 	// ReadEvents returns up to limit events of taskID with seq > afterSeq,
 	// in seq order.
 	ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]Event, error)

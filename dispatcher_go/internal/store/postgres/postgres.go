@@ -159,15 +159,25 @@ func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error
 
 // ListTasks implements store.Store.
 func (s *Store) ListTasks(ctx context.Context, statuses []int32, limit int) ([]store.TaskRecord, error) {
-	q := `SELECT id, status, created_at, ended_at, body FROM tasks
-		WHERE (cardinality($1::int[]) = 0 OR status = ANY($1::int[]))
-		ORDER BY created_at DESC, id DESC`
-	args := []any{statuses}
+	return s.ListTasksBefore(ctx, statuses, nil, limit)
+}
+
+// ListTasksBefore implements store.Store. Ids are compared in the "C"
+// collation (byte by byte, as TaskKey does), whatever the database's.
+func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *store.TaskKey, limit int) ([]store.TaskRecord, error) {
 	if statuses == nil {
-		args[0] = []int32{}
+		statuses = []int32{}
 	}
+	q := `SELECT id, status, created_at, ended_at, body FROM tasks
+		WHERE (cardinality($1::int[]) = 0 OR status = ANY($1::int[]))`
+	args := []any{statuses}
+	if before != nil {
+		q += ` AND (created_at < $2 OR (created_at = $2 AND id COLLATE "C" < $3))`
+		args = append(args, store.Micros(before.CreatedAt), before.ID)
+	}
+	q += ` ORDER BY created_at DESC, id COLLATE "C" DESC`
 	if limit > 0 {
-		q += ` LIMIT $2`
+		q += fmt.Sprintf(` LIMIT $%d`, len(args)+1)
 		args = append(args, limit)
 	}
 	rows, err := s.pool.Query(ctx, q, args...)

@@ -224,13 +224,24 @@ func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error
 
 // ListTasks implements store.Store.
 func (s *Store) ListTasks(ctx context.Context, statuses []int32, limit int) ([]store.TaskRecord, error) {
-	q := `SELECT id, status, created_at, ended_at, body FROM tasks`
-	args := make([]any, 0, len(statuses)+1)
+	return s.ListTasksBefore(ctx, statuses, nil, limit)
+}
+
+// ListTasksBefore implements store.Store. SQLite compares TEXT byte by byte
+// (BINARY collation), as TaskKey does.
+func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *store.TaskKey, limit int) ([]store.TaskRecord, error) {
+	q := `SELECT id, status, created_at, ended_at, body FROM tasks WHERE 1 = 1`
+	args := make([]any, 0, len(statuses)+4)
 	if len(statuses) > 0 {
-		q += ` WHERE status IN (?` + strings.Repeat(`, ?`, len(statuses)-1) + `)`
+		q += ` AND status IN (?` + strings.Repeat(`, ?`, len(statuses)-1) + `)`
 		for _, st := range statuses {
 			args = append(args, st)
 		}
+	}
+	if before != nil {
+		c := store.Micros(before.CreatedAt)
+		q += ` AND (created_at < ? OR (created_at = ? AND id < ?))`
+		args = append(args, c, c, before.ID)
 	}
 	q += ` ORDER BY created_at DESC, id DESC`
 	if limit > 0 {

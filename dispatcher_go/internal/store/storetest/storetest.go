@@ -27,6 +27,7 @@ func Run(t *testing.T, open Open) {
 		{"TaskRoundTripAndUpsert", testTaskRoundTrip},
 		{"GetMissing", testGetMissing},
 		{"ListByStatusNewestFirst", testList},
+		{"ListBeforePagesTheSameOrder", testListBefore},
 		{"EventsInOrderPagedIdempotent", testEvents},
 		{"BatchIsAtomicPerCall", testBatchMixed},
 		{"ConcurrentAppliesKeepEveryEvent", testConcurrent},
@@ -124,6 +125,63 @@ func testList(t *testing.T, s store.Store) {
 	must(t, err)
 	if got := fmt.Sprint(ids(lim)); got != "[t4]" {
 		t.Fatalf("list limit: %s", got)
+	}
+}
+
+// testListBefore pages through tasks with ListTasksBefore: the pages join
+// up to exactly the newest-first order, ties in created_at broken by id
+// (byte order, "B" < "a"), with and without a status filter.
+func testListBefore(t *testing.T, s store.Store) {
+	c := ctx(t)
+	var b store.Batch
+	// Three tasks share each creation time; their ids are not in creation
+	// order. Sub-microsecond differences are not stored.
+	names := []string{"a", "B", "c0", "b", "A", "c"}
+	for i, n := range names {
+		created := t0.Add(time.Duration(i/3) * time.Second).Add(time.Duration(i%3) * 100 * time.Nanosecond)
+		b.Tasks = append(b.Tasks, rec(n, int32(i%2), created, time.Time{}, "{}"))
+	}
+	must(t, s.Apply(c, b))
+	all, err := s.ListTasks(c, nil, 0)
+	must(t, err)
+	if got := fmt.Sprint(ids(all)); got != "[c b A c0 a B]" {
+		t.Fatalf("order: %s", got)
+	}
+	for _, tc := range []struct {
+		statuses []int32
+		want     string
+	}{
+		{nil, "[c b A c0 a B]"},
+		{[]int32{1}, "[c b B]"},
+		{[]int32{0, 1}, "[c b A c0 a B]"},
+	} {
+		for _, size := range []int{1, 2, 4} {
+			var got []string
+			var before *store.TaskKey
+			for range 10 {
+				page, err := s.ListTasksBefore(c, tc.statuses, before, size)
+				must(t, err)
+				got = append(got, ids(page)...)
+				if len(page) < size {
+					break
+				}
+				k := store.KeyOf(page[len(page)-1])
+				before = &k
+			}
+			if fmt.Sprint(got) != tc.want {
+				t.Fatalf("statuses %v, pages of %d: %v, want %s", tc.statuses, size, got, tc.want)
+			}
+		}
+	}
+	// A key of a task that is not stored works as well; all: no limit.
+	rest, err := s.ListTasksBefore(c, nil, &store.TaskKey{CreatedAt: t0.Add(time.Second), ID: "bb"}, 0)
+	must(t, err)
+	if got := fmt.Sprint(ids(rest)); got != "[b A c0 a B]" {
+		t.Fatalf("before a foreign key: %s", got)
+	}
+	if !(store.TaskKey{CreatedAt: t0, ID: "z"}).Before(store.TaskKey{CreatedAt: t0.Add(time.Microsecond), ID: "a"}) ||
+		!(store.TaskKey{CreatedAt: t0, ID: "B"}).Before(store.TaskKey{CreatedAt: t0.Add(time.Nanosecond), ID: "a"}) {
+		t.Fatal("TaskKey.Before disagrees with the stored order")
 	}
 }
 

@@ -1,0 +1,181 @@
+package task
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+
+	"google.golang.org/protobuf/encoding/protojson"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+// ListKey is a task's place in List's order: newest first by creation time
+// (to the microsecond, as stored), then by id descending. A page ends at the
+// key of its last task; the next page starts after it.
+type ListKey = store.TaskKey
+
+// terminalStatuses are the statuses a task can have in the store only: the
+// pending and running ones are always in memory.
+var terminalStatuses = []agentpb.TaskStatus{agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED}
+
+type listed struct {
+	key  ListKey
+	info Info
+}
+
+// List returns up to limit tasks whose status is in statuses (empty: any),
+// newest first, starting after the key after (nil: from the newest). With a
+// store, it lists the tasks in memory and the finished tasks that are only
+// in the store (evicted beyond MaxTasksKept, or from earlier runs) as one
+// sequence; a task in memory is shown as it is there. next is the key to
+// pass for the following page, nil when there is none.
+func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit int, after *ListKey) (infos []Info, next *ListKey, err error) {
+	if limit <= 0 {
+		return nil, nil, fmt.Errorf("%w: limit must be positive", ErrInvalidArgument)
+	}
+	// limit+1 of each source tell whether there is a next page.
+	items := m.reg.listAfter(statuses, after, limit+1)
+	if m.persist != nil {
+		// Stored tasks older than the oldest of a full memory page cannot
+		// make it into the page: the store is read only down to there.
+		var floor *ListKey
+		if len(items) == limit+1 {
+			floor = &items[limit].key
+		}
+		stored, err := m.listStored(ctx, statuses, after, floor, limit+1)
+		if err != nil {
+			return nil, nil, err
+		}
+		seen := make(map[string]bool, len(items))
+		for _, it := range items {
+			seen[it.info.ID] = true
+		}
+		for _, it := range stored {
+			if !seen[it.info.ID] {
+				items = append(items, it)
+			}
+		}
+		slices.SortFunc(items, newestFirst)
+	}
+	if len(items) > limit {
+		items = items[:limit]
+		k := items[limit-1].key
+		next = &k
+	}
+	infos = make([]Info, len(items))
+	for i, it := range items {
+		infos[i] = it.info
+	}
+	return infos, next, nil
+}
+
+// listStored reads, newest first after after, up to n finished tasks that
+// are in the store but not in memory, stopping early once past floor (if
+// set). Rows of tasks in memory are skipped; as they match the same filter,
+// they are at most n down to floor (or all of them are, without one), so the
+// reading stays within a few pages.
+func (m *Manager) listStored(ctx context.Context, statuses []agentpb.TaskStatus, after, floor *ListKey, n int) ([]listed, error) {
+	var want []int32
+	for _, s := range terminalStatuses {
+		if len(statuses) == 0 || slices.Contains(statuses, s) {
+			want = append(want, int32(s))
+		}
+	}
+	if len(want) == 0 {
+		return nil, nil
+	}
+	var out []listed
+	for len(out) < n {
+		recs, err := m.persist.st.ListTasksBefore(ctx, want, after, n)
+		if err != nil {
+			return nil, fmt.Errorf("list stored tasks: %w", err)
+		}
+		for _, rec := range recs {
+			if m.reg.Get(rec.ID) != nil {
+				continue // in memory: listed from there, as it is now
+			}
+			info, err := infoFromRecord(rec)
+			if err != nil {
+				m.log.Warn("stored task unreadable", "task_id", rec.ID, "error", err)
+				continue
+			}
+			out = append(out, listed{key: store.KeyOf(rec), info: info})
+		}
+		if len(recs) < n {
+			break
+		}
+		k := store.KeyOf(recs[len(recs)-1])
+		if floor != nil && k.Before(*floor) {
+			break
+		}
+		after = &k
+	}
+	return out, nil
+}
+
+// infoFromRecord is the snapshot of a stored task, without rebuilding the
+// task (its policy is not compiled, its config not decrypted).
+func infoFromRecord(rec store.TaskRecord) (Info, error) {
+	var b taskBody
+	if err := json.Unmarshal(rec.Body, &b); err != nil {
+		return Info{}, fmt.Errorf("stored body: %w", err)
+	}
+	info := Info{
+		ID: rec.ID, Instruction: b.Instruction, Planner: b.Planner,
+		Status: agentpb.TaskStatus(rec.Status), Message: b.Message, Result: b.Result,
+		CreatedAt: rec.CreatedAt, StartedAt: store.FromMicros(b.StartedAt), EndedAt: rec.EndedAt,
+		CommanderID: b.CommanderID, SessionID: b.SessionID, Labels: b.Labels, Stats: b.Stats,
+		LastSeq: b.LastSeq, PreviousTaskID: b.PreviousTaskID,
+	}
+	for _, raw := range [][]byte{b.UsedSandbox, b.Sandbox} {
+		sb := &agentpb.Sandbox{}
+		if len(raw) > 0 && protojson.Unmarshal(raw, sb) == nil {
+			info.Sandbox = sb
+			break
+		}
+	}
+	return info, nil
+}
+
+// newestFirst orders listed items as List returns them.
+func newestFirst(a, b listed) int {
+	switch {
+	case b.key.Before(a.key):
+		return -1
+	case a.key.Before(b.key):
+		return 1
+	}
+	return 0
+}
+
+// listAfter returns up to n tasks in memory whose status is in statuses
+// (empty: any) and that come after the key after (nil: from the newest),
+// newest first.
+func (r *Registry) listAfter(statuses []agentpb.TaskStatus, after *ListKey, n int) []listed {
+	type cand struct {
+		key ListKey
+		t   *Task
+	}
+	r.mu.RLock()
+	var cands []cand
+	for _, e := range r.byID {
+		k := ListKey{CreatedAt: e.t.createdAt, ID: e.t.id}
+		if after != nil && !k.Before(*after) {
+			continue
+		}
+		if len(statuses) > 0 && !containsStatus(statuses, e.t.Status()) {
+			continue
+		}
+		cands = append(cands, cand{k, e.t})
+	}
+	r.mu.RUnlock()
+	slices.SortFunc(cands, func(a, b cand) int { return newestFirst(listed{key: a.key}, listed{key: b.key}) })
+	out := make([]listed, 0, min(n, len(cands)))
+	for _, c := range cands[:min(n, len(cands))] {
+		out = append(out, listed{key: c.key, info: c.t.Info()})
+	}
+	return out
+}
