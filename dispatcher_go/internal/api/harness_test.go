@@ -31,6 +31,7 @@ type harness struct {
 	t      testing.TB
 	srv    *Server
 	gs     *grpc.Server
+	lis    *bufconn.Listener
 	conn   *grpc.ClientConn
 	agent  agentpb.AgentClient
 	tasks  dispatchv1.TaskServiceClient
@@ -70,13 +71,27 @@ func newHarnessWith(t testing.TB, cfg Config, extra ...grpc.ServerOption) *harne
 		gs.Stop()
 	})
 	return &harness{
-		t: t, srv: s, gs: gs, conn: conn,
+		t: t, srv: s, gs: gs, conn: conn, lis: lis,
 		agent:  agentpb.NewAgentClient(conn),
 		tasks:  dispatchv1.NewTaskServiceClient(conn),
 		chat:   dispatchv1.NewAgentInteractionClient(conn),
 		tools:  dispatchv1.NewToolProviderServiceClient(conn),
 		health: healthpb.NewHealthClient(conn),
 	}
+}
+
+// dial opens another client connection to the harness's server.
+func (h *harness) dial(opts ...grpc.DialOption) *grpc.ClientConn {
+	h.t.Helper()
+	conn, err := grpc.NewClient("passthrough:///bufnet", append([]grpc.DialOption{
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return h.lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	}, opts...)...)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 func ctxT(t *testing.T) context.Context {

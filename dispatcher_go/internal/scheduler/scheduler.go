@@ -87,6 +87,35 @@ func (s *Scheduler) Enqueue(t *task.Task) error {
 	return nil
 }
 
+// Requeue puts back t, a task whose slot died before the commander heard of
+// it. reset, called under the scheduler's lock, moves t back to PENDING (see
+// task.Task.Requeue); if it fails nothing else happens and its error is
+// returned. Otherwise t goes to a matching idle slot at once, or to the head
+// of the queue: it keeps its place as the oldest, and the queue bound does
+// not apply (t was admitted already). Because reset and the insertion happen
+// under one lock, a concurrent Remove (a cancel, the drain) either finds t
+// queued or sees it before it was reset.
+func (s *Scheduler) Requeue(t *task.Task, reset func() error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := reset(); err != nil {
+		return err
+	}
+	for {
+		sl := s.findIdleLocked(t)
+		if sl == nil {
+			break
+		}
+		s.takeLocked(sl)
+		if sl.Deliver(t) {
+			return nil
+		}
+		s.dropLocked(sl)
+	}
+	s.queue = slices.Insert(s.queue, 0, t)
+	return nil
+}
+
 // Remove takes t out of the queue. It implements task.Queue.
 func (s *Scheduler) Remove(t *task.Task) bool {
 	s.mu.Lock()

@@ -223,3 +223,47 @@ func TestConcurrentSubmitAndSlots(t *testing.T) {
 		t.Fatalf("delivered %d + queued %d != 800", total, s.Stats().Queued)
 	}
 }
+
+// A task whose slot died before the commander heard of it goes back to the
+// head of the queue (beyond the bound: it was admitted already), or straight
+// to an idle slot; a failing reset queues nothing.
+func TestRequeueAtTheHead(t *testing.T) {
+	s, m := setup(t, 2)
+	a := newSlot("a", "planner:chat")
+	s.AddSlot(a)
+	t0 := submit(t, m, "chat") // to a
+	t1 := submit(t, m, "chat")
+	t2 := submit(t, m, "chat")
+	s.RemoveSlot(a) // a's stream died with t0's start unsent
+
+	errNo := errors.New("no")
+	if err := s.Requeue(t0, func() error { return errNo }); !errors.Is(err, errNo) {
+		t.Fatalf("failing reset: %v", err)
+	}
+	if s.Stats().Queued != 2 {
+		t.Fatal("a failed requeue queued the task")
+	}
+	resets := 0
+	if err := s.Requeue(t0, func() error { resets++; return nil }); err != nil || resets != 1 {
+		t.Fatalf("requeue: %v (resets %d)", err, resets)
+	}
+	if s.Stats().Queued != 3 {
+		t.Fatalf("stats %+v", s.Stats())
+	}
+	b := newSlot("b", "planner:chat")
+	s.AddSlot(b)
+	s.Release(b)
+	s.Release(b)
+	if got := b.got(); len(got) != 3 || got[0] != t0 || got[1] != t1 || got[2] != t2 {
+		t.Fatalf("order after requeue: %v", got)
+	}
+
+	// An idle slot takes a requeued task at once.
+	s.Release(b)
+	if err := s.Requeue(t1, func() error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.got(); len(got) != 4 || got[3] != t1 || s.Stats().Queued != 0 {
+		t.Fatalf("idle slot: %v, stats %+v", got, s.Stats())
+	}
+}

@@ -41,6 +41,14 @@ type slot struct {
 	toolsMu     sync.Mutex
 	toolsClosed bool
 	tools       sync.WaitGroup
+
+	// startMu orders the sender's taking of a start packet against the end
+	// of the stream, so that closeCurrent knows whether the commander can
+	// have received the start (see takeStart, startReached).
+	startMu      sync.Mutex
+	startSession string        // session whose start the sender took last
+	startDone    chan struct{} // closed when that Send returned
+	startErr     error         // its error
 }
 
 func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *dispatchv1.Hello, id string) *slot {
@@ -109,7 +117,23 @@ func (sl *slot) sendLoop(stream Stream) {
 		if err != nil {
 			return
 		}
-		if err := stream.Send(p); err != nil {
+		var startDone chan struct{}
+		if p.GetStart() != nil {
+			var ok bool
+			if startDone, ok = sl.takeStart(p.GetSessionId()); !ok {
+				// The stream is ending: the start is not handed out, so
+				// closeCurrent can put the task back in the queue.
+				continue
+			}
+		}
+		err = stream.Send(p)
+		if startDone != nil {
+			sl.startMu.Lock()
+			sl.startErr = err
+			sl.startMu.Unlock()
+			close(startDone)
+		}
+		if err != nil {
 			sl.cancel(fmt.Errorf("send: %w", err))
 			return
 		}
@@ -125,6 +149,50 @@ func (sl *slot) sendLoop(stream Stream) {
 		}
 	}
 }
+
+// takeStart records that the sender is about to send the start of session
+// sid; it refuses once the stream is ending (then the start is never sent).
+// done is closed when the Send returned.
+func (sl *slot) takeStart(sid string) (done chan struct{}, ok bool) {
+	sl.startMu.Lock()
+	defer sl.startMu.Unlock()
+	if sl.ctx.Err() != nil {
+		return nil, false
+	}
+	sl.startSession, sl.startDone, sl.startErr = sid, make(chan struct{}), nil
+	return sl.startDone, true
+}
+
+// startReached reports whether the commander may have received r's start.
+// Called once the stream has ended (sl.ctx is done), when the sender can no
+// longer take the start: false means it certainly did not (never taken, or
+// its Send failed). A Send still under way after startSendWait counts as
+// reached: a task must not run twice.
+func (sl *slot) startReached(r *run) bool {
+	if r.startWasSent() {
+		return true
+	}
+	sl.startMu.Lock()
+	taken, done := sl.startSession == r.sessionID, sl.startDone
+	sl.startMu.Unlock()
+	if !taken {
+		return false
+	}
+	t := time.NewTimer(startSendWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		return true
+	}
+	sl.startMu.Lock()
+	defer sl.startMu.Unlock()
+	return sl.startErr == nil
+}
+
+// startSendWait bounds how long closeCurrent waits for a start's Send that
+// is under way when the stream ends (on a dead connection it fails at once).
+const startSendWait = 250 * time.Millisecond
 
 // recvLoop is the stream's only receiver; it handles each packet inline.
 func (sl *slot) recvLoop(stream Stream) error {
@@ -192,10 +260,16 @@ func (sl *slot) waitTools() {
 	sl.tools.Wait()
 }
 
-// closeCurrent ends the running session when the stream is gone.
+// closeCurrent ends the running session when the stream is gone. A task
+// whose start never reached the commander did not run: it goes back to the
+// head of the queue (task.MaxRequeues times at most), unless a stop was
+// decided, a client cancelled it, or the dispatcher is shutting down.
 func (sl *slot) closeCurrent(cause error) {
 	r := sl.cur.Load()
 	if r == nil {
+		return
+	}
+	if !errors.Is(cause, ErrShutdown) && !sl.startReached(r) && sl.requeue(r, cause) {
 		return
 	}
 	st, decided := r.stopState()
@@ -221,6 +295,42 @@ func (sl *slot) closeCurrent(cause error) {
 	}
 }
 
+// requeue ends session r, whose start never reached the commander, and puts
+// its task back in the queue. It reports whether r was dealt with (requeued,
+// or ended CANCELLED for a client's cancel); false leaves r to closeCurrent.
+func (sl *slot) requeue(r *run, cause error) bool {
+	// Claim r under its lock, where a stop is decided: no stop can be
+	// decided after this (Stop sees r ended), none was before.
+	r.mu.Lock()
+	if r.decided || !r.ended.CompareAndSwap(false, true) {
+		r.mu.Unlock()
+		return false
+	}
+	r.mu.Unlock()
+	sl.cur.CompareAndSwap(r, nil)
+	r.cancel()
+	r.disarm() // the deadline of this attempt; the next start arms a new one
+	err := sl.srv.sched.Requeue(r.t, func() error { return r.t.Requeue(r, "") })
+	if err == nil {
+		r.span.AddEvent("requeued")
+		r.span.End()
+		r.log.Warn("commander connection lost before the task started; task requeued", "requeues", r.t.Requeues())
+		return true
+	}
+	status, msg := agentpb.TaskStatus_FAILURE, "commander connection lost before the task started: "+describeEnd(cause)
+	switch reason, cancelled := r.t.CancelRequested(); {
+	case cancelled:
+		status, msg = agentpb.TaskStatus_CANCELLED, reason
+	case errors.Is(err, task.ErrRequeueLimit):
+		msg += fmt.Sprintf(" (not requeued again: requeued %d times already)", task.MaxRequeues)
+	case errors.Is(err, task.ErrClosed):
+		msg += " (not requeued: the dispatcher is shutting down)"
+	}
+	sl.endRun(r, status, msg, "", false)
+	r.log.Warn("session ended with its stream", "status", status.String(), "message", msg)
+	return true
+}
+
 // finish ends session r once: the task gets its terminal status, the slot
 // becomes idle (with ack SESSION_CLOSED when the commander ended the
 // session) and may take the next task. It reports whether this call ended r.
@@ -232,6 +342,12 @@ func (sl *slot) finish(r *run, status agentpb.TaskStatus, msg, result string, cl
 	if closeAck {
 		r.measureStop(ackAt)
 	}
+	sl.endRun(r, status, msg, result, closeAck)
+	return true
+}
+
+// endRun is finish once r is claimed (the caller set r.ended).
+func (sl *slot) endRun(r *run, status agentpb.TaskStatus, msg, result string, closeAck bool) {
 	sl.cur.CompareAndSwap(r, nil)
 	r.cancel()
 	r.disarm()
@@ -247,7 +363,6 @@ func (sl *slot) finish(r *run, status agentpb.TaskStatus, msg, result string, cl
 	if sl.ctx.Err() == nil {
 		sl.srv.sched.Release(sl)
 	}
-	return true
 }
 
 // stopStatus is the task status a stop leads to: the client's cancel is

@@ -180,6 +180,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		onFinish:       m.reg.finishedTask,
 		policy:         spec.Policy,
 		persist:        m.persist,
+		closed:         &m.closed,
 	}
 	log, err := m.store.Create(t.id)
 	if err != nil {
@@ -281,6 +282,10 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	if reason == "" {
 		reason = "cancelled by client"
 	}
+	// First, so that a task whose slot dies right now is not put back in
+	// the queue behind this cancel's back (Requeue refuses it; the slot
+	// ends it CANCELLED instead).
+	t.requestCancel(reason)
 	if m.queue.Remove(t) {
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil

@@ -136,6 +136,7 @@ type taskBody struct {
 	Config         json.RawMessage   `json:"config,omitempty"`
 	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
 	LastSeq        uint64            `json:"lastSeq,omitempty"`
+	Requeues       int               `json:"requeues,omitempty"`
 	// PolicyYAML is the task's own policy: a requeued task must not run
 	// looser than it was submitted.
 	PolicyYAML string `json:"policyYaml,omitempty"`
@@ -153,7 +154,7 @@ func (t *Task) recordLocked() store.TaskRecord {
 		StartedAt: store.Micros(t.startedAt), CommanderID: t.commanderID, SessionID: t.sessionID,
 		PreviousTaskID: t.previousTaskID, Labels: t.labels, Required: t.required,
 		DestroySandbox: t.destroySandbox, TimeoutMS: t.timeout.Milliseconds(), Stats: t.stats,
-		LastSeq: t.log.LastSeq(),
+		LastSeq: t.log.LastSeq(), Requeues: t.requeues,
 	}
 	if t.policy != nil {
 		b.PolicyYAML = string(t.policy.Source())
@@ -201,6 +202,7 @@ func (m *Manager) fromRecord(rec store.TaskRecord) (*Task, *taskBody, error) {
 		status: agentpb.TaskStatus(rec.Status), message: b.Message, result: b.Result,
 		startedAt: store.FromMicros(b.StartedAt), endedAt: rec.EndedAt,
 		commanderID: b.CommanderID, sessionID: b.SessionID, stats: b.Stats,
+		requeues: b.Requeues, closed: &m.closed,
 	}
 	for _, h := range b.History {
 		t.history = append(t.history, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -40,7 +41,21 @@ var (
 	ErrNotPending = errors.New("task is not pending")
 	// ErrClosed means the dispatcher is draining and takes no new tasks.
 	ErrClosed = errors.New("dispatcher is shutting down; no new tasks accepted")
+	// ErrCancelRequested means a client cancelled the task, so it is not
+	// put back in the queue (Requeue).
+	ErrCancelRequested = errors.New("task cancel requested")
+	// ErrRequeueLimit means the task was put back MaxRequeues times already.
+	ErrRequeueLimit = errors.New("task requeued too often")
 )
+
+// MaxRequeues bounds how often a task whose slot died before its start went
+// out is put back in the queue; after that it fails, so that a pattern that
+// kills commanders cannot keep a task circling forever.
+const MaxRequeues = 3
+
+// RequeueMessage is the state message of a task put back in the queue
+// because its commander connection was lost before the start went out.
+const RequeueMessage = "requeued: the commander connection was lost before the task started"
 
 // Runner is what runs a task: a commander session. The task holds it while
 // RUNNING so that cancel and interject reach the session.
@@ -125,6 +140,9 @@ type Task struct {
 	done           chan struct{}
 	onFinish       func(*Task)
 	persist        *persister // nil: nothing is stored
+	// closed is the manager's draining flag (nil: never closed): a task is
+	// not requeued while the dispatcher shuts down.
+	closed *atomic.Bool
 	// span covers the task from submission to its end (a no-op span when
 	// tracing is off, and for tasks restored from the store).
 	span trace.Span
@@ -144,6 +162,10 @@ type Task struct {
 	// outlives the task so that a continuing task may use it.
 	usedSandbox *agentpb.Sandbox
 	sandboxKept bool
+	// requeues counts Requeue calls; cancelReason is set (non-empty) once a
+	// client asked to cancel: such a task is never put back in the queue.
+	requeues     int
+	cancelReason string
 }
 
 // ID is the task's id.
@@ -302,6 +324,69 @@ func (t *Task) Start(r Runner, commanderID, sessionID string) error {
 	_, err := t.log.Append(t.stateEvent(), eventlog.Control)
 	t.saveLocked()
 	return err
+}
+
+// Requeue moves a task that is RUNNING on r back to PENDING: r's slot died
+// before the commander received the start, so the task never ran. The state
+// event (RequeueMessage unless msg is set) tells watchers; the timeout counts
+// again from the next start. It refuses (and changes nothing) when the task
+// is not running on r (ErrNotRunning), a client asked to cancel it
+// (ErrCancelRequested), the dispatcher is draining (ErrClosed), or it was
+// requeued MaxRequeues times (ErrRequeueLimit). The caller puts the task back
+// in the queue in the same step (scheduler.Requeue), so nobody sees it
+// PENDING without it being queued.
+func (t *Task) Requeue(r Runner, msg string) error {
+	if msg == "" {
+		msg = RequeueMessage
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case t.status != agentpb.TaskStatus_RUNNING || t.runner != r:
+		return ErrNotRunning
+	case t.cancelReason != "":
+		return ErrCancelRequested
+	case t.closed != nil && t.closed.Load():
+		return ErrClosed
+	case t.requeues >= MaxRequeues:
+		return ErrRequeueLimit
+	}
+	t.requeues++
+	t.status = agentpb.TaskStatus_PENDING
+	t.message = msg
+	t.startedAt = time.Time{}
+	t.runner = nil
+	t.commanderID, t.sessionID = "", ""
+	if t.span != nil {
+		t.span.AddEvent("requeued", trace.WithAttributes(attribute.Int("task.requeues", t.requeues)))
+	}
+	_, err := t.log.Append(t.stateEvent(), eventlog.Control)
+	t.saveLocked()
+	return err
+}
+
+// Requeues is how often the task was put back in the queue.
+func (t *Task) Requeues() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.requeues
+}
+
+// requestCancel records that a client asked to cancel the task (reason is
+// not empty); from then on Requeue refuses it.
+func (t *Task) requestCancel(reason string) {
+	t.mu.Lock()
+	if t.cancelReason == "" {
+		t.cancelReason = reason
+	}
+	t.mu.Unlock()
+}
+
+// CancelRequested returns the reason of a client's cancel, if one was asked.
+func (t *Task) CancelRequested() (reason string, ok bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.cancelReason, t.cancelReason != ""
 }
 
 // Finish moves the task to a terminal status. Only the first call counts; it

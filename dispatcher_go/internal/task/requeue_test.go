@@ -1,0 +1,180 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+)
+
+// startOn takes tk off the queue and starts it on a new runner, as the
+// scheduler does.
+func startOn(t *testing.T, q *fakeQueue, tk *Task) *fakeRunner {
+	t.Helper()
+	q.take(tk)
+	r := &fakeRunner{t: tk}
+	if err := tk.Start(r, "cmd", "ses"); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func stateTrail(t *testing.T, tk *Task) (statuses []agentpb.TaskStatus, messages []string) {
+	t.Helper()
+	for _, ev := range events(t, tk) {
+		if st := ev.GetState(); st != nil {
+			statuses = append(statuses, st.GetStatus())
+			messages = append(messages, st.GetMessage())
+		}
+	}
+	return statuses, messages
+}
+
+func TestRequeueBackToPendingAndBounded(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range MaxRequeues {
+		r := startOn(t, q, tk)
+		if err := tk.Requeue(&fakeRunner{t: tk}, ""); !errors.Is(err, ErrNotRunning) {
+			t.Fatalf("requeue by another runner: %v", err)
+		}
+		if err := tk.Requeue(r, ""); err != nil {
+			t.Fatalf("requeue %d: %v", i+1, err)
+		}
+		info := tk.Info()
+		if info.Status != agentpb.TaskStatus_PENDING || info.Message != RequeueMessage || !info.StartedAt.IsZero() || info.CommanderID != "" || info.SessionID != "" {
+			t.Fatalf("after requeue %d: %+v", i+1, info)
+		}
+		if r2, _ := tk.runnerState(); r2 != nil {
+			t.Fatal("runner kept after requeue")
+		}
+		if err := tk.Requeue(r, ""); !errors.Is(err, ErrNotRunning) {
+			t.Fatalf("requeue of a pending task: %v", err)
+		}
+		q.Enqueue(tk)
+	}
+	// The limit: the task stays RUNNING for the caller to fail it.
+	r := startOn(t, q, tk)
+	if err := tk.Requeue(r, ""); !errors.Is(err, ErrRequeueLimit) {
+		t.Fatalf("requeue beyond the limit: %v", err)
+	}
+	if tk.Status() != agentpb.TaskStatus_RUNNING || tk.Requeues() != MaxRequeues {
+		t.Fatalf("status %v requeues %d", tk.Status(), tk.Requeues())
+	}
+	tk.Finish(agentpb.TaskStatus_FAILURE, "lost", "")
+	statuses, messages := stateTrail(t, tk)
+	want := []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}
+	for range MaxRequeues {
+		want = append(want, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_PENDING)
+	}
+	want = append(want, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_FAILURE)
+	if len(statuses) != len(want) {
+		t.Fatalf("states %v, want %v", statuses, want)
+	}
+	for i := range want {
+		if statuses[i] != want[i] {
+			t.Fatalf("states %v, want %v", statuses, want)
+		}
+	}
+	if messages[2] != RequeueMessage {
+		t.Fatalf("requeue state message %q", messages[2])
+	}
+}
+
+// A cancel that comes while the slot is dying wins: the task is not put
+// back in the queue.
+func TestRequeueRefusedAfterCancel(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q, tk)
+	// The runner was already claimed by its dying slot: the stop does
+	// nothing, as with a real session.
+	r.stopped = true
+	out, err := m.Cancel(context.Background(), tk.ID(), "no longer needed", false)
+	if err != nil || out.Cancelled {
+		t.Fatalf("cancel %+v %v", out, err)
+	}
+	if err := tk.Requeue(r, ""); !errors.Is(err, ErrCancelRequested) {
+		t.Fatalf("requeue after cancel: %v", err)
+	}
+	if reason, ok := tk.CancelRequested(); !ok || reason != "no longer needed" {
+		t.Fatalf("cancel reason %q %v", reason, ok)
+	}
+	if tk.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("status %v", tk.Status())
+	}
+}
+
+func TestRequeueRefusedWhileDraining(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q, tk)
+	r.onStop = func(r *fakeRunner, reason string, _ dispatchv1.StopCode) {}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	done := make(chan struct{})
+	go func() { m.Shutdown(ctx); close(done) }()
+	deadline := time.Now().Add(time.Second)
+	for !m.Closed() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if err := tk.Requeue(r, ""); !errors.Is(err, ErrClosed) {
+		t.Fatalf("requeue while draining: %v", err)
+	}
+	tk.Finish(agentpb.TaskStatus_FAILURE, "lost", "")
+	<-done
+}
+
+// A requeued task is stored PENDING and is queued again after a restart,
+// with its requeue count.
+func TestRequeuedTaskIsRestoredPending(t *testing.T) {
+	ctx := context.Background()
+	st, err := sqlite.Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	m1, q1, w1 := durableManager(t, st)
+	tk, err := m1.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q1, tk)
+	if err := tk.Requeue(r, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := w1.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := st.GetTask(ctx, tk.ID())
+	if err != nil || agentpb.TaskStatus(rec.Status) != agentpb.TaskStatus_PENDING {
+		t.Fatalf("stored %v %v", agentpb.TaskStatus(rec.Status), err)
+	}
+	w1.Close()
+
+	m2, q2, _ := durableManager(t, st)
+	rep, err := m2.Restore(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := m2.Get(tk.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Requeued != 1 || len(q2.tasks) != 1 || back.Status() != agentpb.TaskStatus_PENDING || back.Requeues() != 1 {
+		t.Fatalf("restored: %+v queued %d status %v requeues %d", rep, len(q2.tasks), back.Status(), back.Requeues())
+	}
+}
