@@ -11,7 +11,10 @@ span (context carried by the invocation).
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -25,6 +28,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from commander._gen.dispatch.v1 import tasks_pb2
 from commander._gen.lybic.agent import agent_pb2
+from tests import _procs
 from tests._client import wait_status
 from tests._procs import wait_until
 from tests.conftest import Stack
@@ -216,3 +220,40 @@ def test_a_stop_is_on_both_session_spans(module_stack: Stack, collector: Collect
     # The cut-short model call is in the trace too.
     chat = [s for s in collector.spans(trace_id) if s.name == "chat scripted"]
     assert len(chat) == 1 and chat[0].parent == c_session.span_id, chat
+
+
+def test_dispatchctl_starts_the_trace(module_stack: Stack, collector: Collector) -> None:
+    """`dispatchctl run` with the OTEL variables is the root of its task's trace."""
+    env = otel_env(collector.endpoint)
+    llm = module_stack.scripted([{"content": "traced from the CLI"}])
+    d = module_stack.dispatcher(env=env)
+    module_stack.commander(d, llm.base_url, slots=1, wait_slots=1, env=env)
+    res = subprocess.run(
+        [str(_procs.ensure_binary("dispatchctl")), "--addr", d.addr, "run", "say it"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env, "NO_COLOR": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    trace_id = re.search(r"trace_id ([0-9a-f]{32})", res.stderr)
+    assert trace_id, res.stderr
+    want = {("dispatchctl", "dispatchctl run"), ("dispatcher", "task"), ("commander", "session")}
+    spans = wait_until(
+        lambda: (
+            (s := collector.spans(trace_id.group(1)))
+            and want <= {(x.service, x.name) for x in s}
+            and s
+        ),
+        20,
+        "the CLI's trace reached the collector",
+        interval=0.1,
+    )
+    root = one(spans, "dispatchctl", "dispatchctl run")
+    assert root.parent == ""
+    submit = [s for s in spans if s.service == "dispatcher" and s.name.endswith("/SubmitTask")]
+    assert len(submit) == 1 and one(spans, "dispatcher", "task").parent == submit[0].span_id
+    # The CLI's own client span sits between its root and the dispatcher's server span.
+    client = [s for s in spans if s.service == "dispatchctl" and s.span_id == submit[0].parent]
+    assert client and client[0].parent == root.span_id, spans

@@ -28,6 +28,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
 // Exit statuses.
@@ -121,6 +123,25 @@ func realMain(ctx context.Context, args []string, e env) int {
 	if !ok {
 		fmt.Fprintf(e.stderr, "dispatchctl: unknown command %q\n\n%s", name, usage)
 		return exitUsage
+	}
+	// Traces as the dispatcher's (OTEL_TRACES_EXPORTER=otlp; off by
+	// default): the command is the root span, so the task's spans in the
+	// dispatcher and the commander join its trace.
+	tracing, err := telemetry.Setup(ctx, "dispatchctl", "", e.getenv)
+	if err != nil {
+		fmt.Fprintln(e.stderr, "dispatchctl:", err)
+		return exitUsage
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = tracing.Shutdown(sctx)
+	}()
+	c.dialOptions = append(c.dialOptions, tracing.DialOptions()...)
+	ctx, span := telemetry.Tracer().Start(ctx, "dispatchctl "+name)
+	defer span.End()
+	if tracing.Enabled() {
+		fmt.Fprintf(e.stderr, "trace_id %s\n", span.SpanContext().TraceID())
 	}
 	defer func() {
 		if c.conn != nil {
