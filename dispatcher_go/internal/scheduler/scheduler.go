@@ -69,16 +69,8 @@ func New(maxQueue int) *Scheduler {
 func (s *Scheduler) Enqueue(t *task.Task) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for {
-		sl := s.findIdleLocked(t)
-		if sl == nil {
-			break
-		}
-		s.takeLocked(sl)
-		if sl.Deliver(t) {
-			return nil
-		}
-		s.dropLocked(sl) // the slot died; try another
+	if s.deliverLocked(t) {
+		return nil
 	}
 	if len(s.queue) >= s.maxQueue {
 		return ErrQueueFull
@@ -101,19 +93,26 @@ func (s *Scheduler) Requeue(t *task.Task, reset func() error) error {
 	if err := reset(); err != nil {
 		return err
 	}
+	if !s.deliverLocked(t) {
+		s.queue = slices.Insert(s.queue, 0, t)
+	}
+	return nil
+}
+
+// deliverLocked starts t on a matching idle slot, if there is one; slots
+// that died meanwhile are dropped and the next one is tried.
+func (s *Scheduler) deliverLocked(t *task.Task) bool {
 	for {
 		sl := s.findIdleLocked(t)
 		if sl == nil {
-			break
+			return false
 		}
 		s.takeLocked(sl)
 		if sl.Deliver(t) {
-			return nil
+			return true
 		}
-		s.dropLocked(sl)
+		s.dropLocked(sl) // the slot died; try another
 	}
-	s.queue = slices.Insert(s.queue, 0, t)
-	return nil
 }
 
 // Remove takes t out of the queue. It implements task.Queue.
