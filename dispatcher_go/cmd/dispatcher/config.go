@@ -9,6 +9,8 @@ import (
 	"net"
 	"strings"
 	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/api"
 )
 
 // config is the dispatcher's command-line configuration. Every flag can
@@ -47,6 +49,7 @@ type config struct {
 	httpDefault    bool   // httpListen is the default, not asked for
 	metricsListen  string // "" disables /metrics
 	pprofListen    string // "" disables /debug/pprof
+	streamWindow   int
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -77,6 +80,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.stopGrace, "stop-grace", 2*time.Second, "time a stopped session has to send stopped before its stream is aborted")
 	fs.DurationVar(&c.toolTimeout, "tool-timeout", 30*time.Second, "default timeout of a tool call")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 4<<20, "largest message the dispatcher accepts")
+	fs.IntVar(&c.streamWindow, "stream-window-bytes", api.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
 	fs.DurationVar(&c.kaTime, "keepalive-time", 5*time.Second, "ping a connection silent for this long")
 	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", 2*time.Second, "close a connection whose ping is not acked within this")
@@ -142,6 +146,9 @@ func (c *config) validate() error {
 	}
 	if c.queueSize <= 0 {
 		errs = append(errs, errors.New("--queue-size must be positive"))
+	}
+	if c.streamWindow != 0 && c.streamWindow < 64<<10 {
+		errs = append(errs, errors.New("--stream-window-bytes must be 0 (dynamic) or at least 65536"))
 	}
 	if c.maxMsgBytes <= 0 {
 		errs = append(errs, errors.New("--max-msg-bytes must be positive"))

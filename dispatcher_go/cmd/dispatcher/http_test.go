@@ -116,3 +116,17 @@ func TestProcessServesHTTPAndMetrics(t *testing.T) {
 		}
 	}
 }
+
+func TestConfigStreamWindow(t *testing.T) {
+	c, err := parseConfig(nil, env(nil), io.Discard)
+	if err != nil || c.streamWindow != 128<<10 || streamWindow(c.streamWindow) != 128<<10 {
+		t.Fatalf("default: %d %v", c.streamWindow, err)
+	}
+	c, err = parseConfig([]string{"--stream-window-bytes", "0"}, env(nil), io.Discard)
+	if err != nil || streamWindow(c.streamWindow) >= 0 {
+		t.Fatalf("0 must mean grpc-go's dynamic window: %d %v", c.streamWindow, err)
+	}
+	if _, err := parseConfig([]string{"--stream-window-bytes", "1000"}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "65536") {
+		t.Fatalf("under 64 KiB: %v", err)
+	}
+}

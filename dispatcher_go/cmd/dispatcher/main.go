@@ -115,6 +115,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		StopGrace:          cfg.stopGrace,
 		ToolTimeout:        cfg.toolTimeout,
 		MaxRecvMsgBytes:    cfg.maxMsgBytes,
+		StreamWindowBytes:  streamWindow(cfg.streamWindow),
 		Keepalive:          api.Keepalive{Time: cfg.kaTime, Timeout: cfg.kaTimeout, MinTime: cfg.kaMinTime},
 		DefaultPlanner:     cfg.defaultPlanner,
 		MaxTasksKept:       cfg.maxTasksKept,
@@ -209,6 +210,14 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		hs.close()
 	}
 	return nil
+}
+
+// streamWindow maps the flag (0: dynamic) to api.Config's (negative: dynamic).
+func streamWindow(flag int) int {
+	if flag == 0 {
+		return -1
+	}
+	return flag
 }
 
 // writeFileAtomic writes via a temporary file and a rename, so that a reader

@@ -46,6 +46,11 @@ type Keepalive struct {
 	MinTime time.Duration
 }
 
+// DefaultStreamWindow is the default fixed HTTP/2 receive window of a
+// stream; the connection's is 8 times it. grpc-go ignores values under
+// 64 KiB.
+const DefaultStreamWindow = 128 << 10
+
 // DefaultKeepalive are the documented defaults: a dead peer is noticed
 // within Time+Timeout = 7 s of silence.
 var DefaultKeepalive = Keepalive{Time: 5 * time.Second, Timeout: 2 * time.Second, MinTime: 5 * time.Second}
@@ -69,6 +74,11 @@ type Config struct {
 	ToolTimeout time.Duration
 	// MaxRecvMsgBytes is grpc's MaxRecvMsgSize.
 	MaxRecvMsgBytes int
+	// StreamWindowBytes fixes each stream's HTTP/2 receive window (0: the
+	// default, DefaultStreamWindow; negative: grpc-go's dynamic BDP window).
+	// It bounds how much of a commander's own output can queue ahead of its
+	// stopped (docs/benchmarks.md, stop-flood).
+	StreamWindowBytes int
 	// Keepalive settings.
 	Keepalive Keepalive
 	// DefaultPlanner runs tasks that name none.
@@ -118,6 +128,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.ToolTimeout <= 0 {
 		c.ToolTimeout = 30 * time.Second
+	}
+	if c.StreamWindowBytes == 0 {
+		c.StreamWindowBytes = DefaultStreamWindow
 	}
 	if c.MaxRecvMsgBytes <= 0 {
 		c.MaxRecvMsgBytes = 4 << 20
@@ -243,7 +256,16 @@ func (s *Server) Scheduler() *scheduler.Scheduler { return s.sched }
 // size limit, keepalive, auth. Callers add transport credentials.
 func (s *Server) ServerOptions() []grpc.ServerOption {
 	ka := s.cfg.Keepalive
-	return []grpc.ServerOption{
+	var window []grpc.ServerOption
+	if w := s.cfg.StreamWindowBytes; w > 0 {
+		// A fixed HTTP/2 receive window (grpc-go then turns BDP estimation
+		// off). With the dynamic one a flooding commander had up to 35 000
+		// packets of its own content ahead of its stopped (stop-flood in
+		// docs/benchmarks.md); 128 KiB a stream bounds that queue and is
+		// still ~2.6 MB/s per stream at a 50 ms round trip.
+		window = []grpc.ServerOption{grpc.InitialWindowSize(int32(min(w, 1<<30))), grpc.InitialConnWindowSize(int32(min(8*w, 1<<30)))}
+	}
+	return append(window,
 		grpc.MaxRecvMsgSize(s.cfg.MaxRecvMsgBytes),
 		// No MaxConnectionIdle/MaxConnectionAge: idle-closing never helps
 		// a long-lived commander, and an age limit would cut its streams.
@@ -251,7 +273,7 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: ka.MinTime, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(s.unaryAuth),
 		grpc.ChainStreamInterceptor(s.streamAuth),
-	}
+	)
 }
 
 // Register registers all services on gs.

@@ -211,3 +211,40 @@ func TestDurableReleasesFinishedLogToStore(t *testing.T) {
 		t.Fatalf("late reader from 0: %v %v", evs, err)
 	}
 }
+
+// fullSink is a sink whose buffer stays full: WaitRoom blocks until closed.
+type fullSink struct {
+	fakeSink
+	room chan struct{}
+}
+
+func (f *fullSink) WaitRoom() { <-f.room }
+
+// TestFenceAndFencedAppendDoNotWaitForRoom: with the sink full, the stop's
+// Fence and every later Fenceable append (refused anyway) return at once, so
+// a stopped session's queued output never waits for the store writer.
+func TestFenceAndFencedAppendDoNotWaitForRoom(t *testing.T) {
+	sink := &fullSink{room: make(chan struct{})}
+	defer close(sink.room)
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		if _, err := l.Fence(&dispatchv1.TaskEvent{}); err != nil {
+			done <- err
+			return
+		}
+		_, err := l.Append(&dispatchv1.TaskEvent{}, Capped|Fenceable)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrFenced) {
+			t.Fatalf("append after the fence: %v, want ErrFenced", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Fence or a fenced Append waited for the sink's room")
+	}
+}

@@ -76,6 +76,12 @@ type memLog struct {
 
 // Append implements Log.
 func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
+	if class&Fenceable != 0 && l.isFenced() {
+		// Refused anyway (checked again under the lock below): no waiting
+		// for the sink's room, so after a stop the session's queued output
+		// drains at parse speed and its stopped is not held up behind it.
+		return 0, ErrFenced
+	}
 	// Size outside the lock: it walks the message and needs no log state.
 	var size int64
 	if class&Capped != 0 && l.limits.MaxBytes > 0 {
@@ -105,7 +111,9 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 
 // Fence implements Log.
 func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
-	l.waitRoom()
+	// No waitRoom: the stop goes out only after its fence, so it must not
+	// queue behind the sink's back-pressure (one event per task over the
+	// bound at most).
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -129,6 +137,13 @@ func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	seq := l.appendLocked(ev)
 	l.sealed = true
 	return seq, nil
+}
+
+// isFenced reports whether Fence was called.
+func (l *memLog) isFenced() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.fenced
 }
 
 // waitRoom applies the sink's back-pressure, outside the lock.
