@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh                 the stated loads, under 10 minutes on 2 cores
 #   BENCH_QUICK=1 scripts/bench.sh   much smaller loads, under 2 minutes
+#   scripts/bench.sh --write-policy FILE   only write the policy scenario's policy file
 #
 # Environment:
 #   BENCH_OUT             where results go (default .run/bench): results.jsonl
@@ -19,7 +20,8 @@
 #                         also record py-spy profiles there (collapsed stacks)
 #
 # Besides loadgen's scenarios: scripts/bench_commander.py (stop/relay with the
-# real commander), scripts/bench_pyceiling.py (issue 7 scenario 6: one
+# real commander), scripts/bench_pystopflood.py (stop-flood with the real
+# commander), scripts/bench_pyceiling.py (issue 7 scenario 6: one
 # commander process vs raw grpc.aio), scripts/bench_rest.py (scenario 7:
 # FastAPI+SSE vs WatchTask). Profiles: scripts/bench_profile.sh.
 # Results and what they mean: docs/benchmarks.md.
@@ -30,6 +32,38 @@
 # Exit status: 0 if every scenario ran and passed its checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# --- policy (issue 3) ---------------------------------------------------------
+# The policy file of the policy scenario: the phrase rule loadgen's poisoned
+# sessions trip (split across two packets), plus ten CEL rules that every
+# packet is evaluated against and that never fire on the bench traffic, so
+# the stop latency is measured with a realistic policy loaded.
+write_bench_policy() {
+  local f=$1 i
+  {
+    echo "version: 1"
+    echo "limits: {max_tool_calls_per_minute: 1000000}"
+    echo "rules:"
+    echo "  - {id: bench-phrase, phrases: [\"launch codes\"], action: stop, reason: forbidden phrase}"
+    for i in 1 2 3; do
+      echo "  - {id: deny-$i, when: 'tool_name == \"shell$i\" && tool_args.cmd.contains(\"rm\")', action: deny}"
+      echo "  - {id: word-$i, when: 'kind == \"content\" && window.contains(\"secret-word-$i\")', action: stop}"
+      echo "  - {id: tenant-$i, when: 'cost > 1000.0 || labels[\"tenant$i\"] == \"blocked\"', action: stop, on_error: ignore}"
+    done
+    echo "tests:"
+    echo "  - name: split phrase"
+    echo "    packets: [{kind: content, text: \"xx launch\"}, {kind: content, text: \" codes xx\"}]"
+    echo "    expect: {action: stop, rule: bench-phrase}"
+  } >"$f"
+}
+
+# `scripts/bench.sh --write-policy FILE` only writes that policy file (for
+# scripts/bench_profile.sh policy) and exits.
+if [ "${1:-}" = --write-policy ] && [ -n "${2:-}" ]; then
+  write_bench_policy "$2"
+  exit 0
+fi
+
 ROOT=$PWD
 BIN=$ROOT/bin
 OUT=${BENCH_OUT:-$ROOT/.run/bench}
@@ -177,30 +211,6 @@ python_driver() {
   stop_pid "$DISPATCHER_PID"
 }
 
-# --- policy (issue 3) ---------------------------------------------------------
-# The policy file of the policy scenario: the phrase rule loadgen's poisoned
-# sessions trip (split across two packets), plus ten CEL rules that every
-# packet is evaluated against and that never fire on the bench traffic, so
-# the stop latency is measured with a realistic policy loaded.
-write_bench_policy() {
-  local f=$1 i
-  {
-    echo "version: 1"
-    echo "limits: {max_tool_calls_per_minute: 1000000}"
-    echo "rules:"
-    echo "  - {id: bench-phrase, phrases: [\"launch codes\"], action: stop, reason: forbidden phrase}"
-    for i in 1 2 3; do
-      echo "  - {id: deny-$i, when: 'tool_name == \"shell$i\" && tool_args.cmd.contains(\"rm\")', action: deny}"
-      echo "  - {id: word-$i, when: 'kind == \"content\" && window.contains(\"secret-word-$i\")', action: stop}"
-      echo "  - {id: tenant-$i, when: 'cost > 1000.0 || labels[\"tenant$i\"] == \"blocked\"', action: stop, on_error: ignore}"
-    done
-    echo "tests:"
-    echo "  - name: split phrase"
-    echo "    packets: [{kind: content, text: \"xx launch\"}, {kind: content, text: \" codes xx\"}]"
-    echo "    expect: {action: stop, rule: bench-phrase}"
-  } >"$f"
-}
-
 # policy_scenario LABEL LOADGEN-ARGS...: the policy scenario against a
 # dispatcher started with the bench policy file.
 policy_scenario() {
@@ -302,6 +312,8 @@ else
   policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16
 fi
 python_commander_stop
+# stop-flood with the real commander: one process, 8 slots flooding, each task cancelled.
+python_driver py-stop-flood bench_pystopflood.py
 # Scenario 6: one real commander process flooding vs raw grpc.aio.
 python_driver python-ceiling bench_pyceiling.py
 # Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.

@@ -15,6 +15,8 @@
 //	stop        N sessions stream; each is cancelled at a random moment.
 //	            CancelTask call → commander gets the stop → dispatcher records
 //	            stopped; and no content reaches a watcher after the stop event.
+//	            Also the stop's legs (decision → commander got stop, commander
+//	            sent stopped → recorded) and the content queued ahead of stopped.
 //	relay       N sessions stream at --rate; commander emit → watcher receives.
 //	throughput  N sessions flood (--rate 0); upstream packets/s the dispatcher
 //	            accepts and events/s its watchers get, per dispatcher CPU-second.

@@ -21,6 +21,13 @@ type stopStats struct {
 	stopRecvToSent       *benchkit.Recorder // commander: stop received → stopped sent
 	cancelToTerminal     *benchkit.Recorder // client CancelTask call → watcher gets CANCELLED
 	cancelRPC            *benchkit.Recorder // CancelTask round trip
+	// The stop's path split in legs (one host, so one clock):
+	decisionToStopRecv *benchkit.Recorder // dispatcher stop event → commander receives stop
+	stoppedSentToRec   *benchkit.Recorder // commander hands stopped to gRPC → dispatcher records it
+	// queuedAhead is, per stopped task, the content packets the commander
+	// had handed to gRPC but the dispatcher never recorded (stored as a
+	// count in a Duration, 1 ns a packet): what `stopped` queued behind.
+	queuedAhead *benchkit.Recorder
 
 	tasks, cancelled, endedOtherwise, notCancelled atomic.Int64
 	contentAfterStop, missingStop, missingStopped  atomic.Int64
@@ -91,6 +98,8 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 		cancelToStopRecv: benchkit.NewRecorder(0), cancelToStoppedEvent: benchkit.NewRecorder(0),
 		decisionToStopped: benchkit.NewRecorder(0), stopRecvToSent: benchkit.NewRecorder(0),
 		cancelToTerminal: benchkit.NewRecorder(0), cancelRPC: benchkit.NewRecorder(0),
+		decisionToStopRecv: benchkit.NewRecorder(0), stoppedSentToRec: benchkit.NewRecorder(0),
+		queuedAhead: benchkit.NewRecorder(0),
 	}
 	began := time.Now()
 	deadline := began.Add(o.duration)
@@ -116,6 +125,8 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res.latency("cancel call → stopped recorded", st.cancelToStoppedEvent.Summary())
 	res.latency("stop decision → stopped recorded", st.decisionToStopped.Summary())
 	res.latency("commander: stop → stopped sent", st.stopRecvToSent.Summary())
+	res.latency("  leg: stop decision → commander got stop", st.decisionToStopRecv.Summary())
+	res.latency("  leg: commander sent stopped → recorded", st.stoppedSentToRec.Summary())
 	res.latency("cancel call → watcher got CANCELLED", st.cancelToTerminal.Summary())
 	res.latency("CancelTask round trip", st.cancelRPC.Summary())
 	res.value("tasks", float64(st.tasks.Load()), "")
@@ -123,6 +134,12 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res.value("stops per second", float64(st.cancelled.Load())/elapsed.Seconds(), "/s")
 	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
 	res.value("REJECTED acks", float64(f.rejected.Load()), "")
+	if q := st.queuedAhead.Summary(); q.N > 0 {
+		// Packets, not time: the recorder holds 1 ns per packet.
+		res.value("content queued ahead of stopped, p50", float64(q.P50), "packets")
+		res.value("content queued ahead of stopped, p90", float64(q.P90), "packets")
+		res.value("content queued ahead of stopped, max", float64(q.Max), "packets")
+	}
 
 	res.check("no content after stop", st.contentAfterStop.Load() == 0,
 		"%d content/thought events reached a watcher after the stop event", st.contentAfterStop.Load())
@@ -163,6 +180,7 @@ func stopOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *st
 		stopAt     time.Time
 		stoppedAt  time.Time
 		terminalAt time.Time
+		recorded   int64 // content events recorded (all before the stop)
 	)
 	fire := func() {
 		defer close(cancelDone)
@@ -180,6 +198,7 @@ func stopOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *st
 			if stopSeq > 0 {
 				st.contentAfterStop.Add(1)
 			}
+			recorded++
 			if timer == nil {
 				timer = time.AfterFunc(delay, fire)
 			}
@@ -233,9 +252,16 @@ func stopOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *st
 	}
 	if tr, ok := f.trace(id); ok && !tr.stopRecv.IsZero() {
 		st.cancelToStopRecv.Add(tr.stopRecv.Sub(tCancel))
+		if stopSeq > 0 {
+			st.decisionToStopRecv.Add(tr.stopRecv.Sub(stopAt))
+		}
 		if !tr.stoppedSent.IsZero() {
 			st.stopRecvToSent.Add(tr.stoppedSent.Sub(tr.stopRecv))
+			if !stoppedAt.IsZero() {
+				st.stoppedSentToRec.Add(stoppedAt.Sub(tr.stoppedSent))
+			}
 		}
+		st.queuedAhead.Add(time.Duration(max(tr.sent-recorded, 0)))
 		st.leaked.Add(tr.leaked)
 	} else {
 		st.stopNotReceived.Add(1)
