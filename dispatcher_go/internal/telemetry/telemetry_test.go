@@ -6,8 +6,15 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/codes"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	grpccodes "google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -43,7 +50,7 @@ func TestSetupOTLP(t *testing.T) {
 	// The exporter connects lazily: no collector is needed to set up.
 	tr, err := Setup(context.Background(), "x", "v", env(map[string]string{
 		"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}))
-	if err != nil || !tr.Enabled() || len(tr.ServerOptions()) != 1 {
+	if err != nil || !tr.Enabled() || len(tr.ServerOptions()) != 2 {
 		t.Fatalf("enabled=%v err=%v", tr.Enabled(), err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -71,5 +78,49 @@ func TestInjectExtractRoundTrip(t *testing.T) {
 	parent := trace.ContextWithSpanContext(context.Background(), sc)
 	if got := trace.SpanContextFromContext(Extract(parent, map[string]string{"traceparent": "garbage"})); got.SpanID() != sc.SpanID() {
 		t.Fatalf("garbage replaced the parent: %v", got)
+	}
+}
+
+type fakeStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (f fakeStream) Context() context.Context { return f.ctx }
+
+func TestInterceptorsSpanClientCallsOnly(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	defer func() { _ = tp.Shutdown(context.Background()) }()
+	unary, stream := ForProvider(tp).interceptors()
+
+	parent := "00-0102030405060708090a0b0c0d0e0f10-0102030405060708-01"
+	in := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", parent))
+	for _, m := range []string{"/dispatch.v1.AgentInteraction/ChatStream", "/dispatch.v1.ToolProviderService/Connect"} {
+		_ = stream(nil, fakeStream{ctx: in}, &grpc.StreamServerInfo{FullMethod: m}, func(_ any, ss grpc.ServerStream) error {
+			if trace.SpanFromContext(ss.Context()).IsRecording() {
+				t.Errorf("%s got a span", m)
+			}
+			return nil
+		})
+	}
+	_ = stream(nil, fakeStream{ctx: in}, &grpc.StreamServerInfo{FullMethod: "/dispatch.v1.TaskService/WatchTask"}, func(_ any, ss grpc.ServerStream) error {
+		return status.Error(grpccodes.NotFound, "no such task")
+	})
+	_, _ = unary(in, nil, &grpc.UnaryServerInfo{FullMethod: "/dispatch.v1.TaskService/SubmitTask"}, func(context.Context, any) (any, error) {
+		return nil, status.Error(grpccodes.Internal, "boom")
+	})
+	spans := rec.Ended()
+	if len(spans) != 2 {
+		t.Fatalf("%d spans, want WatchTask and SubmitTask", len(spans))
+	}
+	for i, want := range []struct {
+		name string
+		code codes.Code
+	}{{"dispatch.v1.TaskService/WatchTask", codes.Unset}, {"dispatch.v1.TaskService/SubmitTask", codes.Error}} {
+		s := spans[i]
+		if s.Name() != want.name || s.Parent().TraceID().String() != "0102030405060708090a0b0c0d0e0f10" || s.Status().Code != want.code {
+			t.Errorf("span %d: %s parent %s status %v", i, s.Name(), s.Parent().TraceID(), s.Status())
+		}
 	}
 }
