@@ -119,6 +119,14 @@ def tool_error_from_result(result: interaction_pb2.ToolCallResult) -> ToolError:
     return cls(message, tool_name=result.tool_name, call_id=result.call_id)
 
 
+def stop_code_name(code: int) -> str:
+    """``STOP_CODE_CLIENT_CANCEL`` for 1; the number itself for codes this build does not know."""
+    try:
+        return interaction_pb2.StopCode.Name(interaction_pb2.StopCode.ValueType(code))
+    except ValueError:
+        return str(code)
+
+
 def tool_error_code_name(code: int) -> str:
     """``TOOL_ERROR_CODE_TIMEOUT`` for 3; the number itself for codes this build does not know."""
     try:

@@ -35,6 +35,8 @@ from commander._connection import MAX_MESSAGE_BYTES, now_us
 from commander._errors import (
     CommanderError,
     InvalidToolArgumentsError,
+    stop_code_name,
+    tool_error_code_name,
     tool_error_from_result,
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
@@ -257,7 +259,7 @@ class Session:
         self._stop = signal
         self._span.add_event(
             "stop requested",
-            {"stop.code": ipb.StopCode.Name(signal.code), "stop.reason": signal.reason},
+            {"stop.code": stop_code_name(signal.code), "stop.reason": signal.reason},
         )
         self._cancel_planner()
 
@@ -316,7 +318,7 @@ class Session:
         ) as span:
             result = await self._call_tool(tool_name, arguments_json, call_id)
             if result.HasField("error"):
-                code = ipb.ToolErrorCode.Name(result.error.code)
+                code = tool_error_code_name(result.error.code)
                 span.set_attribute("error.type", code)
                 span.set_status(StatusCode.ERROR, result.error.message)
         if result.HasField("error"):

@@ -34,7 +34,7 @@ from commander._connection import (
     open_stream,
     reconnect_forever,
 )
-from commander._errors import CommanderError
+from commander._errors import CommanderError, stop_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc
 from commander._planners import Planner
@@ -311,9 +311,7 @@ class Slot:
                     _log.info(
                         "session %s: stop (%s, %s)",
                         packet.session_id,
-                        ipb.StopCode.Name(packet.stop.code)
-                        if packet.stop.code in ipb.StopCode.values()
-                        else packet.stop.code,
+                        stop_code_name(packet.stop.code),
                         packet.stop.reason,
                     )
                     session.request_stop(packet.stop)

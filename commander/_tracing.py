@@ -62,8 +62,11 @@ def setup_tracing(
             f"OTEL_TRACES_EXPORTER={env.get('OTEL_TRACES_EXPORTER')!r}: "
             "only otlp (or none) is supported"
         )
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    # An empty variable counts as unset (templates often set ${VAR:-}).
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
     )
     if protocol != "grpc":
         raise TracingConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -165,3 +166,35 @@ async def test_nothing_of_a_session_is_written_after_its_terminal_packet(
 
 async def _nothing() -> None:
     return None
+
+
+async def test_a_stop_code_this_build_does_not_know_is_still_answered(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    """A newer dispatcher may send a new StopCode: the commander stops all the same."""
+    llm.replies.append(long_reply())
+    async with make_commander():
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start("write a lot")
+        for _ in range(3):
+            await slot.recv_kind("content")
+        await slot.stop(session_id, "a new kind of stop", code=42)
+        packets = await slot.recv_until_terminal(within=3)
+    assert packets[-1].WhichOneof("payload") == "stopped"
+    assert packets[-1].stopped.reason == "a new kind of stop"
+
+
+async def test_a_tool_error_code_this_build_does_not_know_reaches_the_model(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    """An unknown ToolErrorCode is a tool error for the planner, not a crash of the session."""
+    llm.replies += [Reply.tool_call("echo", {"x": 1}, call_id="call_b"), Reply.text("all done")]
+    async with make_commander():
+        slot = await dispatcher.servicer.next_slot()
+        session_id = await slot.start("go", tools=[ECHO_TOOL])
+        call = (await slot.recv_kind("tool_call")).tool_call
+        await slot.tool_result(session_id, call, code=77, message="a new kind of error")
+        packets = await slot.recv_until_terminal()
+    assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_SUCCESS, packets[-1]
+    # The model saw the error as the tool's answer.
+    assert "a new kind of error" in json.dumps(llm.requests[-1]["messages"])
