@@ -129,7 +129,9 @@ func decodePageToken(s string) (*task.ListKey, error) {
 		return nil, nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(s)
-	if err != nil || len(b) < 8 || len(b) > 8+maxTokenID {
+	// A task id is never empty; 8 bytes alone is the token format of
+	// earlier versions (a sequence number), which must not read as 1970.
+	if err != nil || len(b) <= 8 || len(b) > 8+maxTokenID {
 		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
 	return &task.ListKey{CreatedAt: store.FromMicros(int64(binary.BigEndian.Uint64(b))), ID: string(b[8:])}, nil

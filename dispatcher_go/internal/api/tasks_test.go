@@ -1,6 +1,7 @@
 package api
 
 import (
+	"encoding/base64"
 	"errors"
 	"io"
 	"strings"
@@ -127,6 +128,10 @@ func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 		t.Fatalf("filter %v", cancelled)
 	}
 	_, err = h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{PageToken: "!!"})
+	wantCode(t, err, codes.InvalidArgument)
+	// The token of earlier versions (an 8-byte sequence number) is refused,
+	// not read as a place in 1970 that would end the listing.
+	_, err = h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{PageToken: base64.RawURLEncoding.EncodeToString([]byte{0, 0, 0, 0, 0, 0, 0, 9})})
 	wantCode(t, err, codes.InvalidArgument)
 }
 

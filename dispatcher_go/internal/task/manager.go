@@ -285,7 +285,7 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	// First, so that a task whose slot dies right now is not put back in
 	// the queue behind this cancel's back (Requeue refuses it; the slot
 	// ends it CANCELLED instead).
-	t.requestCancel(reason)
+	first := t.requestCancel(reason)
 	if m.queue.Remove(t) {
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil
@@ -316,7 +316,9 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	}
 	info := t.Info()
 	switch {
-	case info.Status == agentpb.TaskStatus_CANCELLED && decided:
+	case info.Status == agentpb.TaskStatus_CANCELLED && (decided || first):
+		// first: this was the first cancel asked, e.g. of a task whose slot
+		// died before its start (the slot ends it CANCELLED, no stop).
 		return CancelOutcome{Cancelled: true, Status: info.Status, Message: "cancelled: " + info.Message}, nil
 	case info.Status == agentpb.TaskStatus_CANCELLED:
 		return CancelOutcome{Status: info.Status, Message: "already being cancelled: " + info.Message}, nil

@@ -373,13 +373,16 @@ func (t *Task) Requeues() int {
 }
 
 // requestCancel records that a client asked to cancel the task (reason is
-// not empty); from then on Requeue refuses it.
-func (t *Task) requestCancel(reason string) {
+// not empty); from then on Requeue refuses it. It reports whether this was
+// the first such request.
+func (t *Task) requestCancel(reason string) bool {
 	t.mu.Lock()
-	if t.cancelReason == "" {
-		t.cancelReason = reason
+	defer t.mu.Unlock()
+	if t.cancelReason != "" {
+		return false
 	}
-	t.mu.Unlock()
+	t.cancelReason = reason
+	return true
 }
 
 // CancelRequested returns the reason of a client's cancel, if one was asked.
