@@ -87,6 +87,14 @@ func (m *Manager) listStored(ctx context.Context, statuses []agentpb.TaskStatus,
 	if len(want) == 0 {
 		return nil, nil
 	}
+	if n := m.evicted.Load(); n != m.listFlushed.Load() {
+		// A task evicted from memory right after it ended may not have its
+		// final record in the store yet: it would be in neither list.
+		if err := m.persist.w.Flush(ctx); err != nil {
+			return nil, fmt.Errorf("list stored tasks: %w", err)
+		}
+		m.listFlushed.Store(n)
+	}
 	var out []listed
 	for len(out) < n {
 		recs, err := m.persist.st.ListTasksBefore(ctx, want, after, n)

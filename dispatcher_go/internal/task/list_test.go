@@ -164,3 +164,45 @@ func TestListReadsTheStoreOnlyForThePage(t *testing.T) {
 		t.Fatalf("%d store reads for one page of 3", n)
 	}
 }
+
+// TestEvictedBeforeItsRecordIsStored: a task evicted from memory right after
+// it ended, while the writer still holds its final record, is found by id
+// and listed, with its final state.
+func TestEvictedBeforeItsRecordIsStored(t *testing.T) {
+	ctx := context.Background()
+	st, err := sqlite.Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	// The writer writes only when flushed: the final record stays pending.
+	w := store.NewWriter(st, store.WriterOptions{Interval: time.Hour})
+	defer w.Close()
+	logs := eventlog.NewDurable(eventlog.Limits{}, w)
+	m := NewManager(logs, NewConfigStore(nil), ManagerOptions{
+		MaxTasksKept: 1,
+		Persistence:  &Persistence{Store: st, Writer: w, Logs: logs},
+	})
+	m.SetQueue(&fakeQueue{})
+	a, err := m.Submit(Spec{Instruction: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Submit(Spec{Instruction: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Finish(agentpb.TaskStatus_SUCCESS, "done", "answer a")
+	b.Finish(agentpb.TaskStatus_SUCCESS, "done", "answer b") // evicts a
+	if m.reg.Get(a.ID()) != nil {
+		t.Fatal("a is still in memory; the test needs it evicted")
+	}
+	got, err := m.Get(a.ID())
+	if err != nil || got.Status() != agentpb.TaskStatus_SUCCESS || got.Info().Result != "answer a" {
+		t.Fatalf("Get after eviction: %v %v", got, err)
+	}
+	infos, _, err := m.List(ctx, []agentpb.TaskStatus{agentpb.TaskStatus_SUCCESS}, 10, nil)
+	if err != nil || len(infos) != 2 {
+		t.Fatalf("List after eviction: %d tasks, %v", len(infos), err)
+	}
+}

@@ -93,6 +93,9 @@ type Manager struct {
 	log     *slog.Logger
 	closed  atomic.Bool
 	persist *persister // nil: in memory only
+	// evicted counts finished tasks dropped from memory; listFlushed is
+	// its value when List last made the store catch up (see List).
+	evicted, listFlushed atomic.Uint64
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the
@@ -108,7 +111,10 @@ func NewManager(store eventlog.Store, configs *ConfigStore, opts ManagerOptions)
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	m := &Manager{opts: opts, store: store, configs: configs, log: opts.Logger}
-	m.reg = NewRegistry(opts.MaxTasksKept, func(t *Task) { store.Remove(t.id) })
+	m.reg = NewRegistry(opts.MaxTasksKept, func(t *Task) {
+		m.evicted.Add(1)
+		store.Remove(t.id)
+	})
 	if p := opts.Persistence; p != nil {
 		// AES with a 32-byte key cannot fail.
 		m.persist, _ = newPersister(p.Store, p.Writer, p.Logs, p.SecretKey)

@@ -254,6 +254,14 @@ func (m *Manager) loadStored(id string) *Task {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	rec, err := m.persist.st.GetTask(ctx, id)
+	if err == nil && !Terminal(agentpb.TaskStatus(rec.Status)) {
+		// Live tasks are always in memory, so this one ended and was
+		// evicted (a small --max-tasks-kept under load) before the writer
+		// stored its final record and events: let it catch up.
+		if err = m.persist.w.Flush(ctx); err == nil {
+			rec, err = m.persist.st.GetTask(ctx, id)
+		}
+	}
 	if err != nil {
 		if !errors.Is(err, store.ErrNotFound) {
 			m.log.Warn("store read failed", "task_id", id, "error", err)
@@ -261,7 +269,7 @@ func (m *Manager) loadStored(id string) *Task {
 		return nil
 	}
 	if !Terminal(agentpb.TaskStatus(rec.Status)) {
-		return nil // live tasks are always in memory
+		return nil
 	}
 	t, b, err := m.fromRecord(rec)
 	if err != nil {
