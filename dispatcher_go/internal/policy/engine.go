@@ -117,8 +117,10 @@ func (e *Engine) LoadFile(path string) (*Policy, error) {
 
 // Watch reloads path when its content changes, polling every interval (a
 // polling watcher works on every file system and with editors that replace
-// files by rename). A file that fails to load is logged with the reason and
-// the policy in force stays. Watch returns when ctx ends.
+// files by rename). A change is read once the file has held still for one
+// interval, so a reload takes one to two intervals. A file that fails to
+// load is logged with the reason and the policy in force stays. Watch
+// returns when ctx ends.
 func (e *Engine) Watch(ctx context.Context, path string, interval time.Duration) {
 	if interval <= 0 {
 		interval = time.Second
@@ -127,8 +129,8 @@ func (e *Engine) Watch(ctx context.Context, path string, interval time.Duration)
 	defer t.Stop()
 	// The first tick reads the file and compares it with what LoadFile
 	// loaded, so a change between LoadFile and Watch is not missed.
-	var lastMod time.Time
-	var lastSize int64 = -1
+	var lastMod, seenMod time.Time
+	var lastSize, seenSize int64 = -1, -1
 	var failedSrc []byte
 	for {
 		select {
@@ -141,6 +143,13 @@ func (e *Engine) Watch(ctx context.Context, path string, interval time.Duration)
 			continue // being replaced, or gone: keep the policy in force
 		}
 		if fi.ModTime().Equal(lastMod) && fi.Size() == lastSize {
+			continue
+		}
+		// Read a change only once it has held still for one interval: a
+		// file being written in place (truncated, then filled) must not be
+		// loaded half written — an empty policy would drop every rule.
+		if !fi.ModTime().Equal(seenMod) || fi.Size() != seenSize {
+			seenMod, seenSize = fi.ModTime(), fi.Size()
 			continue
 		}
 		lastMod, lastSize = fi.ModTime(), fi.Size()

@@ -245,7 +245,7 @@ func TestEngineWatchReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte(v2), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("reload", func() bool { return e.Current() != p1 })
+	waitFor("reload", func() bool { return e.Stats().Reloads.Load() == 1 })
 	d := NewSession(e, nil).Evaluate(context.Background(), Packet{Kind: KindContent, Text: "two"}, State{})
 	if d.RuleID != "r2" || e.Stats().Reloads.Load() != 1 {
 		t.Fatalf("after reload: %v reloads %d", d, e.Stats().Reloads.Load())
