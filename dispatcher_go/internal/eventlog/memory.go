@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/protobuf/proto"
 
@@ -68,7 +69,7 @@ type memLog struct {
 	events       []*dispatchv1.TaskEvent
 	cappedEvents int
 	cappedBytes  int64
-	fenced       bool
+	fenced       atomic.Bool // set under mu; read without it on the append path
 	sealed       bool
 	committed    uint64
 	wake         chan struct{}
@@ -76,7 +77,7 @@ type memLog struct {
 
 // Append implements Log.
 func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
-	if class&Fenceable != 0 && l.isFenced() {
+	if class&Fenceable != 0 && l.fenced.Load() {
 		// Refused anyway (checked again under the lock below): no waiting
 		// for the sink's room, so after a stop the session's queued output
 		// drains at parse speed and its stopped is not held up behind it.
@@ -93,7 +94,7 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 	if l.sealed {
 		return 0, ErrSealed
 	}
-	if class&Fenceable != 0 && l.fenced {
+	if class&Fenceable != 0 && l.fenced.Load() {
 		return 0, ErrFenced
 	}
 	if class&Capped != 0 {
@@ -119,10 +120,10 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 	if l.sealed {
 		return 0, ErrSealed
 	}
-	if l.fenced {
+	if l.fenced.Load() {
 		return 0, ErrFenced
 	}
-	l.fenced = true
+	l.fenced.Store(true)
 	return l.appendLocked(ev), nil
 }
 
@@ -137,13 +138,6 @@ func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	seq := l.appendLocked(ev)
 	l.sealed = true
 	return seq, nil
-}
-
-// isFenced reports whether Fence was called.
-func (l *memLog) isFenced() bool {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return l.fenced
 }
 
 // waitRoom applies the sink's back-pressure, outside the lock.
