@@ -71,8 +71,15 @@ check-generate: generate ## fail if the committed generated code is stale
 	@test -z "$$(git status --porcelain -- dispatcher_go/internal/gen commander/_gen)" || \
 	  { git status --porcelain -- dispatcher_go/internal/gen commander/_gen; echo "untracked generated files"; exit 1; }
 
-lint-proto: setup-tools ## buf lint on proto/
+# The last release point the wire contract must stay compatible with (WIRE_JSON
+# rules in buf.yaml): the last landed submission. Move it forward on a release.
+PROTO_BASELINE ?= e693a4ebe88911baf321dbc0cc23d5dd3bea88ed
+
+lint-proto: setup-tools ## buf lint and buf breaking (against PROTO_BASELINE) on proto/
 	$(BUF) lint
+	@git cat-file -e '$(PROTO_BASELINE)^{commit}' 2>/dev/null || \
+	  { echo "buf breaking: baseline $(PROTO_BASELINE) is not in this clone (shallow?); fetch full history"; exit 1; }
+	$(BUF) breaking --against '.git#ref=$(PROTO_BASELINE)'
 
 # ---------------------------------------------------------------- run
 

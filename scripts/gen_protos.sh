@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the Go and Python code from proto/. Run through `make generate`;
-# CI runs it again and fails on any diff (scripts/check_generated.sh).
+# CI runs it again and fails on any diff (`make check-generate`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
