@@ -19,7 +19,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/taskstore"
 )
 
 // slot is one ChatStream of a scripted commander.
@@ -305,7 +305,7 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 				t.Errorf("finished task %s: %v %q", id, got.GetStatus(), got.GetResult())
 			}
 		case running[id]:
-			if got.GetStatus() != agentpb.TaskStatus_FAILURE || got.GetMessage() != task.RestartFailureMessage {
+			if got.GetStatus() != agentpb.TaskStatus_FAILURE || got.GetMessage() != taskstore.RestartFailureMessage {
 				t.Errorf("running task %s: %v %q", id, got.GetStatus(), got.GetMessage())
 			}
 		default:

@@ -13,6 +13,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -33,7 +34,7 @@ func (a *agentService) GetAgentInfo(context.Context, *agentpb.GetAgentInfoReques
 
 // GetGlobalCommonConfig returns the global config, secrets masked.
 func (a *agentService) GetGlobalCommonConfig(context.Context, *agentpb.GetGlobalCommonConfigRequest) (*agentpb.CommonConfig, error) {
-	return task.Mask(a.s.tasks.Configs().Global()), nil
+	return secret.Mask(a.s.tasks.Configs().Global()), nil
 }
 
 // GetCommonConfig returns the global config or a task's resolved config by id, masked.
@@ -76,7 +77,7 @@ func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
 	}
-	return task.Mask(a.s.tasks.Configs().SetStageModel(which, llm)), nil
+	return secret.Mask(a.s.tasks.Configs().SetStageModel(which, llm)), nil
 }
 
 func specFromRun(ctx context.Context, req *agentpb.RunAgentInstructionRequest) task.Spec {

@@ -3,10 +3,21 @@ package api
 import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
-// observedStore calls fn with every event appended to the logs it creates
-// (metrics). Logs restored from a store at start are not observed.
+// observe wraps logs so that fn sees every event appended to the logs it
+// hands out (metrics): those of new tasks and, if logs can reopen stored
+// logs (task.Reopener), those of tasks queued again after a restart.
+func observe(logs eventlog.Store, fn func(*dispatchv1.TaskEvent)) eventlog.Store {
+	o := observedStore{Store: logs, fn: fn}
+	if r, ok := logs.(task.Reopener); ok {
+		return observedReopener{observedStore: o, r: r}
+	}
+	return o
+}
+
+// observedStore calls fn with every event appended to the logs it creates.
 type observedStore struct {
 	eventlog.Store
 	fn func(*dispatchv1.TaskEvent)
@@ -18,6 +29,26 @@ func (s observedStore) Create(taskID string) (eventlog.Log, error) {
 		return nil, err
 	}
 	return observedLog{Log: l, fn: s.fn}, nil
+}
+
+// observedReopener is an observedStore over a store that reopens stored
+// logs (task.Reopener).
+type observedReopener struct {
+	observedStore
+	r task.Reopener
+}
+
+func (s observedReopener) Restore(taskID string, lastSeq uint64, sealed bool) (eventlog.Log, error) {
+	l, err := s.r.Restore(taskID, lastSeq, sealed)
+	if err != nil {
+		return nil, err
+	}
+	return observedLog{Log: l, fn: s.fn}, nil
+}
+
+// Stored logs are sealed: nothing is appended to them, nothing to observe.
+func (s observedReopener) Stored(taskID string, lastSeq uint64) eventlog.Log {
+	return s.r.Stored(taskID, lastSeq)
 }
 
 // observedLog reports each event once the log accepted it (its seq set).

@@ -30,6 +30,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/session"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/taskstore"
 )
 
 // Keepalive holds the server's HTTP/2 keepalive settings (see
@@ -100,7 +101,7 @@ type Config struct {
 	// restores the previous run's state (task.Manager.Restore). Nil keeps
 	// everything in memory.
 	Store store.Store
-	// SecretKey encrypts stored secrets (see task.Persistence); empty:
+	// SecretKey encrypts stored secrets (see taskstore.Options); empty:
 	// secrets are not stored.
 	SecretKey []byte
 	// Retention removes tasks (and their events) that ended longer ago
@@ -185,16 +186,21 @@ func New(cfg Config) (*Server, error) {
 		}
 	}
 	var logs eventlog.Store = eventlog.NewMemory(cfg.EventLimits)
-	var persist *task.Persistence
+	var persist task.Persistence
 	var writer *store.Writer
 	if cfg.Store != nil {
 		writer = store.NewWriter(cfg.Store, store.WriterOptions{Interval: cfg.EventFlushInterval, Logger: log.With("component", "store")})
-		durable := eventlog.NewDurable(cfg.EventLimits, writer)
-		logs = durable
-		persist = &task.Persistence{Store: cfg.Store, Writer: writer, Logs: durable, SecretKey: cfg.SecretKey}
+		logs = eventlog.NewDurable(cfg.EventLimits, writer)
+		ts, err := taskstore.New(taskstore.Options{Store: cfg.Store, Writer: writer, SecretKey: cfg.SecretKey, Logger: log.With("component", "taskstore")})
+		if err != nil {
+			writer.Close()
+			return nil, err
+		}
+		persist = ts
 	}
 	if cfg.OnEvent != nil {
-		logs = observedStore{Store: logs, fn: cfg.OnEvent}
+		// The same (observed) store serves new and restored tasks.
+		logs = observe(logs, cfg.OnEvent)
 	}
 	mgr := task.NewManager(logs, task.NewConfigStore(cfg.GlobalConfig), task.ManagerOptions{
 		DefaultPlanner: cfg.DefaultPlanner,
@@ -223,7 +229,7 @@ func New(cfg Config) (*Server, error) {
 		go pol.Watch(base, cfg.PolicyFile, cfg.PolicyPoll)
 	}
 	if cfg.Store != nil && cfg.Retention > 0 {
-		go task.RunRetention(base, cfg.Store, cfg.Retention, 0, log.With("component", "retention"))
+		go taskstore.RunRetention(base, cfg.Store, cfg.Retention, 0, log.With("component", "retention"))
 	}
 	return &Server{
 		cfg:        cfg,

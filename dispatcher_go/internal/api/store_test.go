@@ -2,6 +2,8 @@ package api
 
 import (
 	"context"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -154,6 +156,68 @@ func TestStoreRetentionRemovesOldTasks(t *testing.T) {
 	}
 	if n, _ := st.LastSeq(ctx, r.GetTaskId()); n != 0 {
 		t.Fatalf("%d events left", n)
+	}
+}
+
+// eventsSeen collects what an OnEvent observer (metrics) sees, per task.
+type eventsSeen struct {
+	mu   sync.Mutex
+	byID map[string][]*dispatchv1.TaskEvent
+}
+
+func (e *eventsSeen) observe(ev *dispatchv1.TaskEvent) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.byID == nil {
+		e.byID = make(map[string][]*dispatchv1.TaskEvent)
+	}
+	e.byID[ev.GetTaskId()] = append(e.byID[ev.GetTaskId()], ev)
+}
+
+// states are the statuses of the state events seen of task id.
+func (e *eventsSeen) states(id string) []agentpb.TaskStatus {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []agentpb.TaskStatus
+	for _, ev := range e.byID[id] {
+		if s := ev.GetState(); s != nil {
+			out = append(out, s.GetStatus())
+		}
+	}
+	return out
+}
+
+// TestStoreRequeuedTaskIsObserved: a task still queued when the dispatcher
+// stopped is queued again after the restart and observed (metrics) like a
+// new task, from its requeue to its end.
+func TestStoreRequeuedTaskIsObserved(t *testing.T) {
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	st1 := openSQLite(t, dir)
+	h1 := newHarness(t, Config{Store: st1})
+	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "queued across a restart"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := r.GetTaskId()
+	h1.stopNoDrain()
+	st1.Close()
+
+	seen := &eventsSeen{}
+	st2 := openSQLite(t, dir)
+	h2 := newHarness(t, Config{Store: st2, OnEvent: seen.observe})
+	if got := seen.states(id); !slices.Equal(got, []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}) {
+		t.Fatalf("observed states after the restart %v, want the requeue", got)
+	}
+	c := h2.commander(ctx, "planner:chat")
+	playScript(t, c, "done")
+	want := []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_SUCCESS}
+	deadline := time.Now().Add(wait)
+	for !slices.Equal(seen.states(id), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("observed states %v, want %v", seen.states(id), want)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"sync"
 
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -30,7 +29,7 @@ const (
 )
 
 // ConfigStore holds the global CommonConfig. It keeps secrets (commanders
-// need them); everything handed to clients goes through Mask.
+// need them); everything handed to clients goes through secret.Mask.
 type ConfigStore struct {
 	mu     sync.RWMutex
 	global *agentpb.CommonConfig
@@ -128,52 +127,4 @@ func (s *ConfigStore) Resolve(running *agentpb.CommonConfig) *agentpb.CommonConf
 		proto.Merge(c, running)
 	}
 	return c
-}
-
-// Mask returns a copy of m with every string field named apiKey masked (see
-// MaskSecret). It walks the message generically so that a secret added to
-// the schema later is masked without touching this code.
-func Mask[M proto.Message](m M) M {
-	c := proto.Clone(m).(M)
-	maskMessage(c.ProtoReflect())
-	return c
-}
-
-func maskMessage(m protoreflect.Message) {
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		switch {
-		case fd.Kind() == protoreflect.StringKind && !fd.IsList() && !fd.IsMap() && isSecretField(fd):
-			m.Set(fd, protoreflect.ValueOfString(MaskSecret(v.String())))
-		case fd.Kind() == protoreflect.MessageKind && !fd.IsList() && !fd.IsMap():
-			maskMessage(v.Message())
-		case fd.Kind() == protoreflect.MessageKind && fd.IsList():
-			l := v.List()
-			for i := range l.Len() {
-				maskMessage(l.Get(i).Message())
-			}
-		}
-		return true
-	})
-}
-
-func isSecretField(fd protoreflect.FieldDescriptor) bool {
-	switch fd.Name() {
-	case "apiKey", "api_key", "token", "password", "secret":
-		return true
-	}
-	return false
-}
-
-// MaskSecret shows the last four characters of a secret after "****"
-// ("sk-…abcd" → "****abcd"). Secrets shorter than 8 characters are masked
-// entirely: their last four would be half the secret.
-func MaskSecret(s string) string {
-	if s == "" {
-		return ""
-	}
-	r := []rune(s)
-	if len(r) < 8 {
-		return "****"
-	}
-	return "****" + string(r[len(r)-4:])
 }

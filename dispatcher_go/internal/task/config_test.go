@@ -8,42 +8,6 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
 
-func TestMaskSecret(t *testing.T) {
-	for in, want := range map[string]string{
-		"":                "",
-		"short":           "****",
-		"sk-live-abcd":    "****abcd",
-		"sk-1234567890xy": "****90xy",
-	} {
-		if got := MaskSecret(in); got != want {
-			t.Errorf("MaskSecret(%q) = %q, want %q", in, got, want)
-		}
-	}
-}
-
-func TestMaskWalksEveryAPIKey(t *testing.T) {
-	cfg := &agentpb.CommonConfig{
-		AuthorizationInfo: &agentpb.Authorization{OrgID: "org", ApiKey: "sk_live_secret1"},
-		StageModelConfig: &agentpb.StageModelConfig{
-			GroundingModel:       &agentpb.LLMConfig{ModelName: "g", ApiKey: proto.String("sk-ground-9999")},
-			ActionGeneratorModel: &agentpb.LLMConfig{ModelName: "a", ApiKey: proto.String("sk-action-abcd")},
-			EmbeddingModel:       &agentpb.LLMConfig{ModelName: "e"},
-		},
-	}
-	m := Mask(cfg)
-	if m.GetAuthorizationInfo().GetApiKey() != "****ret1" ||
-		m.GetStageModelConfig().GetGroundingModel().GetApiKey() != "****9999" ||
-		m.GetStageModelConfig().GetActionGeneratorModel().GetApiKey() != "****abcd" {
-		t.Fatalf("not masked: %v", m)
-	}
-	if m.GetStageModelConfig().GetEmbeddingModel().ApiKey != nil {
-		t.Fatal("unset key became set")
-	}
-	if cfg.GetAuthorizationInfo().GetApiKey() != "sk_live_secret1" {
-		t.Fatal("Mask modified its input")
-	}
-}
-
 func TestResolveMergesFieldByFieldForOneTaskOnly(t *testing.T) {
 	s := NewConfigStore(&agentpb.CommonConfig{
 		Backend: proto.String("lybic"),

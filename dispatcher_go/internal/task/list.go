@@ -2,11 +2,8 @@ package task
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"slices"
-
-	"google.golang.org/protobuf/encoding/protojson"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -16,10 +13,6 @@ import (
 // (to the microsecond, as stored), then by id descending. A page ends at the
 // key of its last task; the next page starts after it.
 type ListKey = store.TaskKey
-
-// terminalStatuses are the statuses a task can have in the store only: the
-// pending and running ones are always in memory.
-var terminalStatuses = []agentpb.TaskStatus{agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED}
 
 type listed struct {
 	key  ListKey
@@ -45,7 +38,7 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 		if len(items) == limit+1 {
 			floor = &items[limit].key
 		}
-		stored, err := m.listStored(ctx, statuses, after, floor, limit+1)
+		stored, err := m.persist.ListFinished(ctx, statuses, after, floor, limit+1, func(id string) bool { return m.reg.Get(id) != nil })
 		if err != nil {
 			return nil, nil, err
 		}
@@ -53,9 +46,9 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 		for _, it := range items {
 			seen[it.info.ID] = true
 		}
-		for _, it := range stored {
-			if !seen[it.info.ID] {
-				items = append(items, it)
+		for _, info := range stored {
+			if !seen[info.ID] {
+				items = append(items, listed{key: ListKey{CreatedAt: info.CreatedAt, ID: info.ID}, info: info})
 			}
 		}
 		slices.SortFunc(items, newestFirst)
@@ -70,82 +63,6 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 		infos[i] = it.info
 	}
 	return infos, next, nil
-}
-
-// listStored reads, newest first after after, up to n finished tasks that
-// are in the store but not in memory, stopping early once past floor (if
-// set). Rows of tasks in memory are skipped; as they match the same filter,
-// they are at most n down to floor (or all of them are, without one), so the
-// reading stays within a few pages.
-func (m *Manager) listStored(ctx context.Context, statuses []agentpb.TaskStatus, after, floor *ListKey, n int) ([]listed, error) {
-	var want []int32
-	for _, s := range terminalStatuses {
-		if len(statuses) == 0 || slices.Contains(statuses, s) {
-			want = append(want, int32(s))
-		}
-	}
-	if len(want) == 0 {
-		return nil, nil
-	}
-	if n := m.evicted.Load(); n != m.listFlushed.Load() {
-		// A task evicted from memory right after it ended may not have its
-		// final record in the store yet: it would be in neither list.
-		if err := m.persist.w.Flush(ctx); err != nil {
-			return nil, fmt.Errorf("list stored tasks: %w", err)
-		}
-		m.listFlushed.Store(n)
-	}
-	var out []listed
-	for len(out) < n {
-		recs, err := m.persist.st.ListTasksBefore(ctx, want, after, n)
-		if err != nil {
-			return nil, fmt.Errorf("list stored tasks: %w", err)
-		}
-		for _, rec := range recs {
-			if m.reg.Get(rec.ID) != nil {
-				continue // in memory: listed from there, as it is now
-			}
-			info, err := infoFromRecord(rec)
-			if err != nil {
-				m.log.Warn("stored task unreadable", "task_id", rec.ID, "error", err)
-				continue
-			}
-			out = append(out, listed{key: store.KeyOf(rec), info: info})
-		}
-		if len(recs) < n {
-			break
-		}
-		k := store.KeyOf(recs[len(recs)-1])
-		if floor != nil && k.Before(*floor) {
-			break
-		}
-		after = &k
-	}
-	return out, nil
-}
-
-// infoFromRecord is the snapshot of a stored task, without rebuilding the
-// task (its policy is not compiled, its config not decrypted).
-func infoFromRecord(rec store.TaskRecord) (Info, error) {
-	var b taskBody
-	if err := json.Unmarshal(rec.Body, &b); err != nil {
-		return Info{}, fmt.Errorf("stored body: %w", err)
-	}
-	info := Info{
-		ID: rec.ID, Instruction: b.Instruction, Planner: b.Planner,
-		Status: agentpb.TaskStatus(rec.Status), Message: b.Message, Result: b.Result,
-		CreatedAt: rec.CreatedAt, StartedAt: store.FromMicros(b.StartedAt), EndedAt: rec.EndedAt,
-		CommanderID: b.CommanderID, SessionID: b.SessionID, Labels: b.Labels, Stats: b.Stats,
-		LastSeq: b.LastSeq, PreviousTaskID: b.PreviousTaskID,
-	}
-	for _, raw := range [][]byte{b.UsedSandbox, b.Sandbox} {
-		sb := &agentpb.Sandbox{}
-		if len(raw) > 0 && protojson.Unmarshal(raw, sb) == nil {
-			info.Sandbox = sb
-			break
-		}
-	}
-	return info, nil
 }
 
 // newestFirst orders listed items as List returns them.

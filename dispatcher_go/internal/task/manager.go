@@ -16,6 +16,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
@@ -76,9 +77,11 @@ type ManagerOptions struct {
 	StopGrace time.Duration
 	// MaxTasksKept bounds the finished tasks kept in memory.
 	MaxTasksKept int
-	// Persistence, when set, stores tasks, events and the global config
-	// (see Restore); nil keeps everything in memory only.
-	Persistence *Persistence
+	// Persistence, when set, stores tasks and the global config (see
+	// Restore; taskstore.New makes one); nil keeps everything in memory
+	// only. With it, the event-log store given to NewManager must be a
+	// Reopener.
+	Persistence Persistence
 	// Logger receives lifecycle logs; nil discards.
 	Logger *slog.Logger
 }
@@ -92,10 +95,10 @@ type Manager struct {
 	queue   Queue
 	log     *slog.Logger
 	closed  atomic.Bool
-	persist *persister // nil: in memory only
-	// evicted counts finished tasks dropped from memory; listFlushed is
-	// its value when List last made the store catch up (see List).
-	evicted, listFlushed atomic.Uint64
+	persist Persistence // nil: in memory only
+	// reopen is store, if it can reopen the logs of stored tasks (the
+	// tasks Restore and Get bring back from the store log through it).
+	reopen Reopener
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the
@@ -110,16 +113,17 @@ func NewManager(store eventlog.Store, configs *ConfigStore, opts ManagerOptions)
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	m := &Manager{opts: opts, store: store, configs: configs, log: opts.Logger}
+	m := &Manager{opts: opts, store: store, configs: configs, log: opts.Logger, persist: opts.Persistence}
+	m.reopen, _ = store.(Reopener)
 	m.reg = NewRegistry(opts.MaxTasksKept, func(t *Task) {
-		m.evicted.Add(1)
+		if m.persist != nil {
+			m.persist.Evicted()
+		}
 		store.Remove(t.id)
 	})
-	if p := opts.Persistence; p != nil {
-		// AES with a 32-byte key cannot fail.
-		m.persist, _ = newPersister(p.Store, p.Writer, p.Logs, p.SecretKey)
+	if m.persist != nil {
 		configs.mu.Lock()
-		configs.onChange = m.saveGlobal
+		configs.onChange = m.persist.SaveConfig
 		configs.mu.Unlock()
 	}
 	return m
@@ -212,7 +216,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		t.saveLocked()
 		t.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := m.persist.w.Flush(ctx)
+		err := m.persist.Flush(ctx)
 		cancel()
 		if err != nil {
 			m.log.Error("task not stored", "task_id", t.id, "error", err)
@@ -269,10 +273,10 @@ func (m *Manager) Get(id string) (*Task, error) {
 // resolved config of the task with that id.
 func (m *Manager) ConfigByID(id string) (*agentpb.CommonConfig, error) {
 	if id == "" || id == m.configs.GlobalID() || id == GlobalConfigID {
-		return Mask(m.configs.Global()), nil
+		return secret.Mask(m.configs.Global()), nil
 	}
 	if t, _ := m.Get(id); t != nil {
-		return Mask(t.Config()), nil
+		return secret.Mask(t.Config()), nil
 	}
 	return nil, fmt.Errorf("%w: no config with that id", ErrNotFound)
 }

@@ -8,7 +8,6 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
 )
 
 // startOn takes tk off the queue and starts it on a new runner, as the
@@ -136,45 +135,4 @@ func TestRequeueRefusedWhileDraining(t *testing.T) {
 	}
 	tk.Finish(agentpb.TaskStatus_FAILURE, "lost", "")
 	<-done
-}
-
-// A requeued task is stored PENDING and is queued again after a restart,
-// with its requeue count.
-func TestRequeuedTaskIsRestoredPending(t *testing.T) {
-	ctx := context.Background()
-	st, err := sqlite.Open(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	m1, q1, w1 := durableManager(t, st)
-	tk, err := m1.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := startOn(t, q1, tk)
-	if err := tk.Requeue(r, ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := w1.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	rec, err := st.GetTask(ctx, tk.ID())
-	if err != nil || agentpb.TaskStatus(rec.Status) != agentpb.TaskStatus_PENDING {
-		t.Fatalf("stored %v %v", agentpb.TaskStatus(rec.Status), err)
-	}
-	w1.Close()
-
-	m2, q2, _ := durableManager(t, st)
-	rep, err := m2.Restore(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	back, err := m2.Get(tk.ID())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rep.Requeued != 1 || len(q2.tasks) != 1 || back.Status() != agentpb.TaskStatus_PENDING || back.Requeues() != 1 {
-		t.Fatalf("restored: %+v queued %d status %v requeues %d", rep, len(q2.tasks), back.Status(), back.Requeues())
-	}
 }

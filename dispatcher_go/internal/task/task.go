@@ -1,10 +1,14 @@
 // Package task holds the task model: its state machine (PENDING → RUNNING →
 // SUCCESS | FAILURE | CANCELLED), its event log, its statistics, the registry
 // of known tasks, the global config and how a task's config is resolved, and
-// the Manager that submits, cancels and interjects.
+// the Manager that submits, cancels, interjects and lists, the one entry
+// point for task operations of both client APIs.
 //
-// The package does not know how tasks are scheduled or run: a Queue places
-// them and a Runner (a commander session) executes them.
+// The package does not know how tasks are scheduled, run or stored: a Queue
+// places them, a Runner (a commander session) executes them, and a
+// Persistence (package taskstore) keeps them across restarts, so it must not
+// read or write a store, encode a stored record or touch a secret's
+// encryption itself.
 package task
 
 import (
@@ -26,6 +30,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/secret"
 )
 
 // Errors of this package; the API layer maps them to gRPC codes.
@@ -139,7 +144,7 @@ type Task struct {
 	policyErr      error // set when a stored task's policy failed to compile
 	done           chan struct{}
 	onFinish       func(*Task)
-	persist        *persister // nil: nothing is stored
+	persist        Persistence // nil: nothing is stored
 	// closed is the manager's draining flag (nil: never closed): a task is
 	// not requeued while the dispatcher shuts down.
 	closed *atomic.Bool
@@ -272,34 +277,9 @@ func Terminal(s agentpb.TaskStatus) bool {
 // Info returns a snapshot.
 func (t *Task) Info() Info {
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	return Info{
-		ID:             t.id,
-		Instruction:    t.instruction,
-		Planner:        t.planner,
-		Status:         t.status,
-		Message:        t.message,
-		Result:         t.result,
-		CreatedAt:      t.createdAt,
-		StartedAt:      t.startedAt,
-		EndedAt:        t.endedAt,
-		CommanderID:    t.commanderID,
-		SessionID:      t.sessionID,
-		Labels:         t.labels,
-		Sandbox:        t.sandboxLocked(),
-		Stats:          t.stats,
-		LastSeq:        t.log.LastSeq(),
-		PreviousTaskID: t.previousTaskID,
-	}
-}
-
-// sandboxLocked is the sandbox the session reported, else the client's.
-// Caller holds t.mu.
-func (t *Task) sandboxLocked() *agentpb.Sandbox {
-	if t.usedSandbox != nil {
-		return t.usedSandbox
-	}
-	return t.sandbox
+	s := t.snapshotLocked()
+	t.mu.Unlock()
+	return s.Info()
 }
 
 // Start moves a PENDING task to RUNNING on r. It fails with ErrNotPending if
@@ -410,7 +390,7 @@ func (t *Task) Finish(status agentpb.TaskStatus, message, result string) bool {
 	t.runner = nil
 	// The secrets were only needed to start the session.
 	if t.config != nil {
-		t.config = Mask(t.config)
+		t.config = secret.Mask(t.config)
 	}
 	_, _ = t.log.Seal(t.stateEvent())
 	t.saveLocked()

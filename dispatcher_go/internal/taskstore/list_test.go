@@ -1,4 +1,4 @@
-package task
+package taskstore_test
 
 import (
 	"context"
@@ -8,16 +8,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
 // listAll pages through m.List and returns the ids and statuses.
-func listAll(t *testing.T, m *Manager, statuses []agentpb.TaskStatus, size int) (ids []string, st []agentpb.TaskStatus) {
+func listAll(t *testing.T, m *task.Manager, statuses []agentpb.TaskStatus, size int) (ids []string, st []agentpb.TaskStatus) {
 	t.Helper()
-	var after *ListKey
+	var after *task.ListKey
 	for range 100 {
 		infos, next, err := m.List(context.Background(), statuses, size, after)
 		if err != nil {
@@ -43,24 +43,12 @@ func listAll(t *testing.T, m *Manager, statuses []agentpb.TaskStatus, size int) 
 // store, in one newest-first sequence with the tasks in memory.
 func TestListIncludesEvictedTasksFromTheStore(t *testing.T) {
 	ctx := context.Background()
-	st, err := sqlite.Open(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	w := store.NewWriter(st, store.WriterOptions{Interval: time.Millisecond})
-	defer w.Close()
-	logs := eventlog.NewDurable(eventlog.Limits{}, w)
-	q := &fakeQueue{}
-	m := NewManager(logs, NewConfigStore(nil), ManagerOptions{
-		MaxTasksKept: 2,
-		Persistence:  &Persistence{Store: st, Writer: w, Logs: logs},
-	})
-	m.SetQueue(q)
+	st := openSQLite(t)
+	m, q, w := managerOn(t, st, task.ManagerOptions{MaxTasksKept: 2}, store.WriterOptions{})
 
-	var all []*Task
+	var all []*task.Task
 	for i := range 7 {
-		tk, err := m.Submit(Spec{Instruction: fmt.Sprint("task ", i)})
+		tk, err := m.Submit(task.Spec{Instruction: fmt.Sprint("task ", i)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -78,7 +66,7 @@ func TestListIncludesEvictedTasksFromTheStore(t *testing.T) {
 	if err := w.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if n := m.reg.Len(); n != 4 {
+	if n := m.Registry().Len(); n != 4 {
 		t.Fatalf("%d tasks in memory, want 4", n)
 	}
 	var want []string
@@ -134,17 +122,12 @@ func TestListReadsTheStoreOnlyForThePage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sq.Close()
+	t.Cleanup(func() { _ = sq.Close() })
 	st := &countingStore{Store: sq}
-	w := store.NewWriter(st, store.WriterOptions{Interval: time.Millisecond})
-	defer w.Close()
-	logs := eventlog.NewDurable(eventlog.Limits{}, w)
-	q := &fakeQueue{}
-	m := NewManager(logs, NewConfigStore(nil), ManagerOptions{Persistence: &Persistence{Store: st, Writer: w, Logs: logs}})
-	m.SetQueue(q)
+	m, q, w := managerOn(t, st, task.ManagerOptions{}, store.WriterOptions{})
 	var ids []string
 	for range 40 {
-		tk, err := m.Submit(Spec{Instruction: "x"})
+		tk, err := m.Submit(task.Spec{Instruction: "x"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,31 +153,20 @@ func TestListReadsTheStoreOnlyForThePage(t *testing.T) {
 // and listed, with its final state.
 func TestEvictedBeforeItsRecordIsStored(t *testing.T) {
 	ctx := context.Background()
-	st, err := sqlite.Open(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := openSQLite(t)
 	// The writer writes only when flushed: the final record stays pending.
-	w := store.NewWriter(st, store.WriterOptions{Interval: time.Hour})
-	defer w.Close()
-	logs := eventlog.NewDurable(eventlog.Limits{}, w)
-	m := NewManager(logs, NewConfigStore(nil), ManagerOptions{
-		MaxTasksKept: 1,
-		Persistence:  &Persistence{Store: st, Writer: w, Logs: logs},
-	})
-	m.SetQueue(&fakeQueue{})
-	a, err := m.Submit(Spec{Instruction: "a"})
+	m, _, _ := managerOn(t, st, task.ManagerOptions{MaxTasksKept: 1}, store.WriterOptions{Interval: time.Hour})
+	a, err := m.Submit(task.Spec{Instruction: "a"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := m.Submit(Spec{Instruction: "b"})
+	b, err := m.Submit(task.Spec{Instruction: "b"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	a.Finish(agentpb.TaskStatus_SUCCESS, "done", "answer a")
 	b.Finish(agentpb.TaskStatus_SUCCESS, "done", "answer b") // evicts a
-	if m.reg.Get(a.ID()) != nil {
+	if m.Registry().Get(a.ID()) != nil {
 		t.Fatal("a is still in memory; the test needs it evicted")
 	}
 	got, err := m.Get(a.ID())

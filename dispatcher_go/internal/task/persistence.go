@@ -1,0 +1,277 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
+)
+
+// Persistence keeps a Manager's tasks and global config across restarts.
+// taskstore.Store implements it; this package declares it so that the task
+// model does not depend on how tasks are stored (taskstore depends on this
+// package, not the other way round).
+type Persistence interface {
+	// Save queues s to be written behind the events its task appended so
+	// far. It is called under the task's lock, so snapshots are queued in
+	// the order of the changes they show; it must not wait for the disk.
+	Save(s *Snapshot)
+	// SaveConfig stores the global config; it is called on every change,
+	// in order.
+	SaveConfig(c *agentpb.CommonConfig)
+	// Flush returns once everything saved and every event appended so far
+	// is stored.
+	Flush(ctx context.Context) error
+	// Evicted says that a finished task was dropped from memory (so the
+	// store may hold the only copy of its final state).
+	Evicted()
+	// Finished returns the finished task id from the store; ErrNotFound if
+	// the store has no finished task with that id.
+	Finished(ctx context.Context, id string) (Snapshot, error)
+	// ListFinished returns, newest first after after (nil: from the
+	// newest), up to n finished tasks from the store whose status is in
+	// statuses (empty: any) and for which inMemory is false, reading no
+	// further than needed to get past floor (nil: no floor).
+	ListFinished(ctx context.Context, statuses []agentpb.TaskStatus, after, floor *ListKey, n int, inMemory func(id string) bool) ([]Info, error)
+	// Recover reads back what the previous run left (see Manager.Restore),
+	// keeping at most maxKept of the tasks that had finished.
+	Recover(ctx context.Context, maxKept int) (Recovered, error)
+}
+
+// Reopener is an event-log store that can also reopen the logs of tasks
+// kept in a store: eventlog.Durable, and wrappers of it (such as a metrics
+// observer). A Manager with Persistence needs its event-log store to be one,
+// so that tasks brought back from the store log through the same store,
+// wrappers included, as the tasks it creates.
+type Reopener interface {
+	eventlog.Store
+	// Restore opens the log of a task whose events up to lastSeq are
+	// stored; new events continue at lastSeq+1.
+	Restore(taskID string, lastSeq uint64, sealed bool) (eventlog.Log, error)
+	// Stored is the read-only, sealed log of a finished task.
+	Stored(taskID string, lastSeq uint64) eventlog.Log
+}
+
+var _ Reopener = (*eventlog.Durable)(nil)
+
+// errNoReopen means the Manager has Persistence but its event-log store
+// cannot reopen the logs of stored tasks.
+var errNoReopen = errors.New("task: the event-log store cannot reopen stored logs (Persistence needs an eventlog.Durable)")
+
+// Snapshot is a task's durable state: what a Persistence stores, and what a
+// task is rebuilt from when it is read back.
+type Snapshot struct {
+	ID             string
+	Instruction    string
+	Planner        string
+	Status         agentpb.TaskStatus
+	Message        string
+	Result         string
+	CreatedAt      time.Time
+	StartedAt      time.Time
+	EndedAt        time.Time
+	CommanderID    string
+	SessionID      string
+	PreviousTaskID string
+	Labels         map[string]string
+	Required       []string
+	// Sandbox is the client's choice; UsedSandbox is the one the session
+	// reported, and SandboxKept whether it outlives the task.
+	Sandbox        *agentpb.Sandbox
+	DestroySandbox bool
+	UsedSandbox    *agentpb.Sandbox
+	SandboxKept    bool
+	Timeout        time.Duration
+	Stats          Stats
+	History        []*dispatchv1.ConversationTurn
+	// Config is the resolved config: with its secrets while the task may
+	// still run, masked once it ended.
+	Config *agentpb.CommonConfig
+	// LastSeq is the seq of the task's newest event.
+	LastSeq  uint64
+	Requeues int
+	// Policy is the task's own policy. PolicyErr is set instead when a
+	// stored policy no longer compiles: a finished task only shows its
+	// state, a requeued one fails rather than run without it.
+	Policy    *policy.Policy
+	PolicyErr error
+}
+
+// Info is the snapshot as readers see it.
+func (s *Snapshot) Info() Info {
+	sb := s.UsedSandbox
+	if sb == nil {
+		sb = s.Sandbox
+	}
+	return Info{
+		ID:             s.ID,
+		Instruction:    s.Instruction,
+		Planner:        s.Planner,
+		Status:         s.Status,
+		Message:        s.Message,
+		Result:         s.Result,
+		CreatedAt:      s.CreatedAt,
+		StartedAt:      s.StartedAt,
+		EndedAt:        s.EndedAt,
+		CommanderID:    s.CommanderID,
+		SessionID:      s.SessionID,
+		Labels:         s.Labels,
+		Sandbox:        sb,
+		Stats:          s.Stats,
+		LastSeq:        s.LastSeq,
+		PreviousTaskID: s.PreviousTaskID,
+	}
+}
+
+// Recovered is what the previous run left, as Persistence.Recover read it
+// back and judged it.
+type Recovered struct {
+	// Global is the stored global config, or nil.
+	Global *agentpb.CommonConfig
+	// Finished are the tasks to keep in memory as finished, oldest first:
+	// those the store shows finished, and those Recover ended (their final
+	// event and record are already stored).
+	Finished []Snapshot
+	// Pending are the tasks to queue again, oldest first (status PENDING;
+	// their new state is not stored yet).
+	Pending []Snapshot
+	// Report counts the tasks found (Requeued is left to Restore).
+	Report RestoreReport
+}
+
+// RestoreReport says what Restore found.
+type RestoreReport struct {
+	// Loaded is the number of finished tasks loaded into memory.
+	Loaded int
+	// Requeued tasks were PENDING and are queued again.
+	Requeued int
+	// Failed tasks were RUNNING and are now FAILURE
+	// (taskstore.RestartFailureMessage).
+	Failed int
+	// Finished tasks had ended but their record had not caught up with
+	// their terminal event; they take the status the event shows.
+	Finished int
+}
+
+// Restore brings the state of the previous run back after a restart: the
+// Persistence reads it back and judges each task by its last durable event
+// (Recover); here the global config is set, the finished tasks are kept in
+// memory and the pending ones are queued again, each with its log reopened
+// through the Manager's own event-log store. Call it once, after SetQueue
+// and before serving.
+func (m *Manager) Restore(ctx context.Context) (RestoreReport, error) {
+	if m.persist == nil {
+		return RestoreReport{}, nil
+	}
+	if m.reopen == nil {
+		return RestoreReport{}, errNoReopen
+	}
+	got, err := m.persist.Recover(ctx, m.reg.maxKept)
+	rep := got.Report
+	if err != nil {
+		return rep, err
+	}
+	if got.Global != nil {
+		m.configs.set(got.Global)
+	}
+	for _, s := range got.Finished {
+		t := m.rebuild(s, m.reopen.Stored(s.ID, s.LastSeq))
+		m.reg.add(t)
+		m.reg.finishedTask(t)
+	}
+	requeue := make([]*Task, 0, len(got.Pending))
+	for _, s := range got.Pending {
+		log, err := m.reopen.Restore(s.ID, s.LastSeq, false)
+		if err != nil {
+			return rep, err
+		}
+		requeue = append(requeue, m.rebuild(s, log))
+	}
+	for _, t := range requeue {
+		m.reg.add(t)
+		t.mu.Lock()
+		_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
+		t.saveLocked()
+		t.mu.Unlock()
+		if t.policyErr != nil {
+			t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile after the dispatcher restart: "+t.policyErr.Error(), "")
+			continue
+		}
+		if err := m.queue.Enqueue(t); err != nil {
+			t.Finish(agentpb.TaskStatus_FAILURE, "could not be queued again after a dispatcher restart: "+err.Error(), "")
+			continue
+		}
+		rep.Requeued++
+	}
+	if err := m.persist.Flush(ctx); err != nil {
+		return rep, fmt.Errorf("restore: %w", err)
+	}
+	m.log.Info("state restored", "loaded", rep.Loaded, "requeued", rep.Requeued, "failed_running", rep.Failed, "finished", rep.Finished)
+	return rep, nil
+}
+
+// loadStored returns the finished task id from the store (not kept in
+// memory), or nil.
+func (m *Manager) loadStored(id string) *Task {
+	if m.persist == nil || m.reopen == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := m.persist.Finished(ctx, id)
+	if err != nil {
+		if !errors.Is(err, ErrNotFound) {
+			m.log.Warn("stored task not loaded", "task_id", id, "error", err)
+		}
+		return nil
+	}
+	return m.rebuild(s, m.reopen.Stored(id, s.LastSeq))
+}
+
+// rebuild makes a task from its snapshot, with log as its event log.
+func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
+	t := &Task{
+		id: s.ID, instruction: s.Instruction, planner: s.Planner, required: s.Required,
+		labels: s.Labels, sandbox: s.Sandbox, destroySandbox: s.DestroySandbox,
+		previousTaskID: s.PreviousTaskID, history: s.History, timeout: s.Timeout,
+		createdAt: s.CreatedAt, log: log, policy: s.Policy, policyErr: s.PolicyErr,
+		done: make(chan struct{}), onFinish: m.reg.finishedTask, persist: m.persist,
+		closed: &m.closed,
+		status: s.Status, message: s.Message, result: s.Result, config: s.Config,
+		startedAt: s.StartedAt, endedAt: s.EndedAt, commanderID: s.CommanderID,
+		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
+		sandboxKept: s.SandboxKept, requeues: s.Requeues,
+	}
+	if Terminal(t.status) {
+		close(t.done)
+	}
+	return t
+}
+
+// snapshotLocked is t's durable state. Caller holds t.mu.
+func (t *Task) snapshotLocked() Snapshot {
+	return Snapshot{
+		ID: t.id, Instruction: t.instruction, Planner: t.planner, Status: t.status,
+		Message: t.message, Result: t.result, CreatedAt: t.createdAt, StartedAt: t.startedAt,
+		EndedAt: t.endedAt, CommanderID: t.commanderID, SessionID: t.sessionID,
+		PreviousTaskID: t.previousTaskID, Labels: t.labels, Required: t.required,
+		Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
+		SandboxKept: t.sandboxKept, Timeout: t.timeout, Stats: t.stats, History: t.history,
+		Config: t.config, LastSeq: t.log.LastSeq(), Requeues: t.requeues,
+		Policy: t.policy, PolicyErr: t.policyErr,
+	}
+}
+
+// saveLocked queues t's snapshot behind its events. Caller holds t.mu (so
+// snapshots are queued in the order of the changes they show).
+func (t *Task) saveLocked() {
+	if t.persist != nil {
+		s := t.snapshotLocked()
+		t.persist.Save(&s)
+	}
+}
