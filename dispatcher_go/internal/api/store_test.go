@@ -7,6 +7,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -26,7 +27,7 @@ func openSQLite(t *testing.T, dir string) store.Store {
 // stop ends h as a crash would, minus the process: no drain.
 func (h *harness) stopNoDrain() {
 	h.conn.Close()
-	h.srv.Close()
+	h.d.Close()
 	h.gs.Stop()
 }
 
@@ -41,7 +42,7 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	key := []byte("k")
 
 	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, Config{Store: st1, SecretKey: key})
+	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1, SecretKey: key}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +59,7 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	st1.Close()
 
 	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, Config{Store: st2, SecretKey: key})
+	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2, SecretKey: key}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -110,14 +111,14 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 	dir := t.TempDir()
 	ctx := ctxT(t)
 	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, Config{Store: st1})
+	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
 	h1.stopNoDrain()
 	st1.Close()
 	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, Config{Store: st2})
+	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +134,7 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 func TestStoreRetentionRemovesOldTasks(t *testing.T) {
 	ctx := ctxT(t)
 	st := openSQLite(t, t.TempDir())
-	h := newHarness(t, Config{Store: st, Retention: 50 * time.Millisecond})
+	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st, Retention: 50 * time.Millisecond}})
 	c := h.commander(ctx, "planner:chat")
 	r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	if err != nil {
