@@ -12,7 +12,9 @@
 // It must not know any transport: no gRPC service registration, server
 // options, status codes or HTTP handlers (those are api's and httpapi's),
 // and no domain logic (that stays in task, session, scheduler, broker,
-// policy, eventlog and store). Every default lives in config.go.
+// policy, eventlog and store). The health state is kept in grpc-go's
+// health.Server only because that is a plain status map the gRPC transport
+// can serve as is. Every default lives in config.go.
 package dispatcher
 
 import (
