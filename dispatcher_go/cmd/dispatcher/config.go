@@ -10,7 +10,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/store"
 )
 
 // config is the dispatcher's command-line configuration. Every flag can
@@ -18,6 +20,10 @@ import (
 // with - as _ (e.g. --queue-size ↔ DISPATCHER_QUEUE_SIZE). A flag given on
 // the command line wins over the environment. Prefer the environment for
 // tokens: command lines are visible to every user of the host.
+//
+// The defaults of the dispatcher's own settings are internal/dispatcher's
+// (its Default* constants); the flags show them. Only this command's own
+// settings (addresses, store backend, logging) have their defaults here.
 type config struct {
 	listen         string
 	addrFile       string
@@ -76,24 +82,24 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.clientToken, "client-token", "", "bearer token clients must present (empty: no auth)")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (with --tls-key: serve TLS)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file")
-	fs.IntVar(&c.queueSize, "queue-size", 1024, "pending tasks the queue holds before RESOURCE_EXHAUSTED")
-	fs.DurationVar(&c.stopGrace, "stop-grace", 2*time.Second, "time a stopped session has to send stopped before its stream is aborted")
-	fs.DurationVar(&c.toolTimeout, "tool-timeout", 30*time.Second, "default timeout of a tool call")
-	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", 4<<20, "largest message the dispatcher accepts")
-	fs.IntVar(&c.streamWindow, "stream-window-bytes", api.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
-	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long running tasks may finish before they are stopped")
-	fs.DurationVar(&c.kaTime, "keepalive-time", 5*time.Second, "ping a connection silent for this long")
-	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", 2*time.Second, "close a connection whose ping is not acked within this")
-	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", 5*time.Second, "clients may ping at most this often")
-	fs.StringVar(&c.defaultPlanner, "default-planner", "chat", "planner of tasks that name none")
-	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", 10000, "finished tasks kept in memory (oldest evicted)")
+	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds before RESOURCE_EXHAUSTED")
+	fs.DurationVar(&c.stopGrace, "stop-grace", dispatcher.DefaultStopGrace, "time a stopped session has to send stopped before its stream is aborted")
+	fs.DurationVar(&c.toolTimeout, "tool-timeout", dispatcher.DefaultToolTimeout, "default timeout of a tool call")
+	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", dispatcher.DefaultMaxRecvMsgBytes, "largest message the dispatcher accepts")
+	fs.IntVar(&c.streamWindow, "stream-window-bytes", dispatcher.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
+	fs.DurationVar(&c.drainTimeout, "drain-timeout", dispatcher.DefaultDrainTimeout, "on SIGTERM, how long running tasks may finish before they are stopped")
+	fs.DurationVar(&c.kaTime, "keepalive-time", dispatcher.DefaultKeepalive.Time, "ping a connection silent for this long")
+	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", dispatcher.DefaultKeepalive.Timeout, "close a connection whose ping is not acked within this")
+	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", dispatcher.DefaultKeepalive.MinTime, "clients may ping at most this often")
+	fs.StringVar(&c.defaultPlanner, "default-planner", dispatcher.DefaultPlanner, "planner of tasks that name none")
+	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", dispatcher.DefaultMaxTasksKept, "finished tasks kept in memory (oldest evicted)")
 	fs.StringVar(&c.policyFile, "policy-file", "", "YAML policy file (docs/policies.md), reloaded when it changes; empty: no policy")
-	fs.DurationVar(&c.policyPoll, "policy-poll", time.Second, "how often the policy file is checked for changes")
+	fs.DurationVar(&c.policyPoll, "policy-poll", dispatcher.DefaultPolicyPoll, "how often the policy file is checked for changes")
 	fs.StringVar(&c.storage, "storage-backend", "sqlite", "sqlite (a file in --data-dir), postgres (--postgres-dsn) or memory (nothing survives a restart); env also TASK_STORAGE_BACKEND")
 	fs.StringVar(&c.postgresDSN, "postgres-dsn", "", "PostgreSQL connection string for --storage-backend postgres; env also POSTGRES_CONNECTION_STRING")
 	fs.StringVar(&c.dataDir, "data-dir", "./.data", "directory of the embedded (sqlite) store")
-	fs.DurationVar(&c.retention, "retention", 7*24*time.Hour, "remove tasks and their events this long after they ended (0: keep forever)")
-	fs.DurationVar(&c.flushInterval, "event-flush-interval", time.Millisecond, "longest an event waits to be written in a batch (and to reach watchers)")
+	fs.DurationVar(&c.retention, "retention", dispatcher.DefaultRetention, "remove tasks and their events this long after they ended (0: keep forever)")
+	fs.DurationVar(&c.flushInterval, "event-flush-interval", dispatcher.DefaultFlushInterval, "longest an event waits to be written in a batch (and to reach watchers)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")
@@ -196,6 +202,40 @@ func (c *config) validate() error {
 		errs = append(errs, fmt.Errorf("--pprof-listen %q: must be a loopback address (127.0.0.1:PORT, [::1]:PORT, localhost:PORT)", c.pprofListen))
 	}
 	return errors.Join(errs...)
+}
+
+// dispatcherConfig is the dispatcher's configuration from c, with the
+// opened store st (nil: in memory), the logger and the event hook (nil: none).
+func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func(*dispatchv1.TaskEvent)) dispatcher.Config {
+	var secretKey []byte
+	if c.secretKey != "" {
+		secretKey = []byte(c.secretKey)
+	}
+	return dispatcher.Config{
+		Version:  version,
+		LogLevel: c.logLevel,
+		Auth:     dispatcher.Auth{CommanderToken: c.commanderToken, ClientToken: c.clientToken},
+		GRPC: dispatcher.GRPC{
+			MaxRecvMsgBytes:   c.maxMsgBytes,
+			StreamWindowBytes: streamWindow(c.streamWindow),
+			Keepalive:         dispatcher.Keepalive{Time: c.kaTime, Timeout: c.kaTimeout, MinTime: c.kaMinTime},
+		},
+		Limits:  dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
+		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
+		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
+		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Logger:  log,
+		OnEvent: onEvent,
+	}
+}
+
+// streamWindow maps the flag (0: dynamic) to dispatcher.GRPC's (negative:
+// dynamic).
+func streamWindow(flag int) int {
+	if flag == 0 {
+		return -1
+	}
+	return flag
 }
 
 func parseLevel(s string) (slog.Level, error) {

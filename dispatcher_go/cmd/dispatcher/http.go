@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
@@ -32,10 +33,10 @@ func newMetrics(cfg *config) *metrics.Metrics {
 
 // startHTTP starts the HTTP listeners that cfg enables. The gRPC services
 // must be registered (metrics pre-create their per-method series).
-func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
+func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(srv.Local(), httpapi.Options{ClientToken: cfg.clientToken, Logger: log.With("component", "http")})
+		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, Logger: log.With("component", "http")})
 		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h))
 		switch {
 		case err != nil && cfg.httpDefault:
@@ -47,7 +48,7 @@ func startHTTP(cfg *config, srv *api.Server, m *metrics.Metrics, tracing *teleme
 		}
 	}
 	if m != nil {
-		m.Watch(metrics.Sources{Tasks: srv.Tasks(), Scheduler: srv.Scheduler(), Sessions: srv.Sessions(), Policy: srv.Policy()})
+		m.Watch(metrics.Sources{Tasks: d.Tasks(), Scheduler: d.Scheduler(), Sessions: d.Sessions(), Policy: d.Policy()})
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.Handler())
 		if err := hs.start("metrics", cfg.metricsListen, mux); err != nil {

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
@@ -33,7 +34,7 @@ import (
 )
 
 // version is set at build time: -ldflags "-X main.version=1.2.3".
-var version = "dev"
+var version = dispatcher.DefaultVersion
 
 // gracefulStopWait bounds GracefulStop after the drain; Drain has ended
 // every stream, so only in-flight unary calls remain.
@@ -93,40 +94,25 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 	if st != nil {
 		defer st.Close()
 	}
-	var secretKey []byte
-	if cfg.secretKey != "" {
-		secretKey = []byte(cfg.secretKey)
-	}
 	m := newMetrics(cfg)
 	var onEvent func(*dispatchv1.TaskEvent)
 	if m != nil {
 		onEvent = m.ObserveEvent
 	}
-	srv, err := api.New(api.Config{
-		Store:              st,
-		SecretKey:          secretKey,
-		Retention:          cfg.retention,
-		EventFlushInterval: cfg.flushInterval,
-		Version:            version,
-		LogLevel:           cfg.logLevel,
-		CommanderToken:     cfg.commanderToken,
-		ClientToken:        cfg.clientToken,
-		QueueSize:          cfg.queueSize,
-		StopGrace:          cfg.stopGrace,
-		ToolTimeout:        cfg.toolTimeout,
-		MaxRecvMsgBytes:    cfg.maxMsgBytes,
-		StreamWindowBytes:  streamWindow(cfg.streamWindow),
-		Keepalive:          api.Keepalive{Time: cfg.kaTime, Timeout: cfg.kaTimeout, MinTime: cfg.kaMinTime},
-		DefaultPlanner:     cfg.defaultPlanner,
-		MaxTasksKept:       cfg.maxTasksKept,
-		PolicyFile:         cfg.policyFile,
-		PolicyPoll:         cfg.policyPoll,
-		Logger:             log,
-		OnEvent:            onEvent,
-	})
+	d, err := dispatcher.New(cfg.dispatcherConfig(st, log, onEvent))
 	if err != nil {
 		return err
 	}
+	// On a return before the drain the dispatcher is closed, so that what
+	// is pending reaches the store before it closes; after the drain this
+	// is a no-op, and a second signal skips it to stop at once.
+	stopNow := false
+	defer func() {
+		if !stopNow {
+			d.Close()
+		}
+	}()
+	srv := api.New(d)
 	opts := srv.ServerOptions()
 	if m != nil {
 		opts = append(m.ServerOptions(), opts...) // count refused calls too
@@ -157,7 +143,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(lis) }()
-	hs, err := startHTTP(cfg, srv, m, tracing, log)
+	hs, err := startHTTP(cfg, d, srv.Local(), m, tracing, log)
 	if err != nil {
 		gs.Stop()
 		return err
@@ -185,7 +171,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		defer close(drained)
 		ctx, cancel := context.WithTimeout(context.Background(), cfg.drainTimeout)
 		defer cancel()
-		srv.Drain(ctx)
+		d.Drain(ctx)
 		hs.shutdown(gracefulStopWait)
 		stopped := make(chan struct{})
 		go func() {
@@ -206,18 +192,11 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		log.Info("dispatcher stopped")
 	case sig := <-sigs:
 		log.Warn("second signal; stopping now", "signal", sig.String())
+		stopNow = true
 		gs.Stop()
 		hs.close()
 	}
 	return nil
-}
-
-// streamWindow maps the flag (0: dynamic) to api.Config's (negative: dynamic).
-func streamWindow(flag int) int {
-	if flag == 0 {
-		return -1
-	}
-	return flag
 }
 
 // writeFileAtomic writes via a temporary file and a rename, so that a reader

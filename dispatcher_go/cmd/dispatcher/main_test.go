@@ -33,6 +33,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -62,6 +63,41 @@ func TestConfigDefaults(t *testing.T) {
 		c.maxMsgBytes != 4<<20 || c.drainTimeout != 15*time.Second || c.kaTime != 5*time.Second || c.kaTimeout != 2*time.Second ||
 		c.kaMinTime != 5*time.Second || c.defaultPlanner != "chat" || c.maxTasksKept != 10000 || c.logFormat != "json" || c.logLevel != "info" {
 		t.Fatalf("defaults %+v", c)
+	}
+}
+
+// The flags' defaults are the dispatcher's: passing them changes nothing
+// from what the dispatcher would pick for an unset field, and each flag
+// reaches its field.
+func TestDispatcherConfigFromFlags(t *testing.T) {
+	c, err := parseConfig(nil, env(nil), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromFlags := c.dispatcherConfig(nil, nil, nil)
+	d, err := dispatcher.New(dispatcher.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defaults := d.Config()
+	d.Close()
+	if fromFlags.GRPC != defaults.GRPC || fromFlags.Limits.QueueSize != defaults.Limits.QueueSize ||
+		fromFlags.Limits.MaxTasksKept != defaults.Limits.MaxTasksKept || fromFlags.Tasks.DefaultPlanner != defaults.Tasks.DefaultPlanner ||
+		fromFlags.Tasks.StopGrace != defaults.Tasks.StopGrace || fromFlags.Tasks.ToolTimeout != defaults.Tasks.ToolTimeout ||
+		fromFlags.Policy.Poll != defaults.Policy.Poll || fromFlags.Store.FlushInterval != defaults.Store.FlushInterval {
+		t.Fatalf("flag defaults %+v differ from the dispatcher's %+v", fromFlags, defaults)
+	}
+	c, err = parseConfig([]string{"--queue-size", "7", "--stop-grace", "3s", "--default-planner", "gui", "--client-token", "cl",
+		"--keepalive-time", "9s", "--policy-poll", "4s", "--retention", "1h", "--stream-window-bytes", "0"},
+		env(map[string]string{"DISPATCHER_SECRET_KEY": "k"}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := c.dispatcherConfig(nil, nil, nil)
+	if got.Limits.QueueSize != 7 || got.Tasks.StopGrace != 3*time.Second || got.Tasks.DefaultPlanner != "gui" || got.Auth.ClientToken != "cl" ||
+		got.GRPC.Keepalive.Time != 9*time.Second || got.Policy.Poll != 4*time.Second || got.Store.Retention != time.Hour ||
+		got.GRPC.StreamWindowBytes >= 0 || string(got.Store.SecretKey) != "k" || got.Version != version {
+		t.Fatalf("dispatcher config %+v", got)
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -19,7 +20,7 @@ import (
 // Seed 000 "streaming example": RunAgentInstruction streams TaskStream
 // until the task ends.
 func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
-	h := newHarness(t, Config{Version: "1.2.3"})
+	h := newHarness(t, dispatcher.Config{Version: "1.2.3"})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 
@@ -77,7 +78,7 @@ func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
 // Seed 000 "async lifecycle": RunAgentInstructionAsync, then stream and poll
 // concurrently; a late stream on a finished task replays and ends.
 func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	start, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "Create a new text document"})
 	if err != nil || start.GetTaskId() == "" {
@@ -158,7 +159,7 @@ func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 
 // Seed 000 "cancel": truthful success and message.
 func TestCancelTaskIsTruthful(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "long job"})
@@ -209,16 +210,16 @@ func TestCancelTaskIsTruthful(t *testing.T) {
 func waitSlots(t *testing.T, h *harness, n int) {
 	t.Helper()
 	deadline := time.Now().Add(wait)
-	for h.srv.Scheduler().SlotCount() != n {
+	for h.d.Scheduler().SlotCount() != n {
 		if time.Now().After(deadline) {
-			t.Fatalf("slots %d, want %d", h.srv.Scheduler().SlotCount(), n)
+			t.Fatalf("slots %d, want %d", h.d.Scheduler().SlotCount(), n)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
 }
 
 func TestClientGoneCancelsRunAgentInstruction(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	cctx, cancel := context.WithCancel(ctx)
@@ -248,7 +249,7 @@ func TestClientGoneCancelsRunAgentInstruction(t *testing.T) {
 
 // Seed 000 "config updates": set, read back masked, per-task override.
 func TestConfigSetGetMaskAndOverride(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	llm, err := h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "doubao-1-5-ui-tars-250428", ApiKey: proto.String("sk-ground-key-1234")}})
 	if err != nil || llm.GetModelName() != "doubao-1-5-ui-tars-250428" || llm.GetApiKey() != "****1234" {
@@ -314,7 +315,7 @@ func TestConfigSetGetMaskAndOverride(t *testing.T) {
 }
 
 func TestGetAgentInfoCountsRealSlots(t *testing.T) {
-	h := newHarness(t, Config{Version: "9.9.9", LogLevel: "debug"})
+	h := newHarness(t, dispatcher.Config{Version: "9.9.9", LogLevel: "debug"})
 	ctx := ctxT(t)
 	info, _ := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	if info.GetMaxConcurrentTasks() != 0 || info.GetVersion() != "9.9.9" || info.GetLogLevel() != "debug" {
@@ -336,7 +337,7 @@ func TestGetAgentInfoCountsRealSlots(t *testing.T) {
 }
 
 func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "write an essay"})
@@ -389,15 +390,15 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 	if !afterStop {
 		t.Fatal("no stop event")
 	}
-	if h.srv.Sessions().Stats().DroppedAfterStop.Load() < 50 {
-		t.Fatalf("dropped %d", h.srv.Sessions().Stats().DroppedAfterStop.Load())
+	if h.d.Sessions().Stats().DroppedAfterStop.Load() < 50 {
+		t.Fatalf("dropped %d", h.d.Sessions().Stats().DroppedAfterStop.Load())
 	}
 }
 
 // A commander that ignores the stop loses its stream (ABORTED) after the
 // grace; the cancel still reports the truth.
 func TestIgnoredStopAbortsStream(t *testing.T) {
-	h := newHarness(t, Config{StopGrace: 150 * time.Millisecond})
+	h := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 150 * time.Millisecond}})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})

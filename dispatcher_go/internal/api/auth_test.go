@@ -9,6 +9,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -18,7 +19,7 @@ var errSecret = errors.New("dial postgres://admin:sk-very-secret@db")
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func TestAuthSeparateTokens(t *testing.T) {
-	h := newHarness(t, Config{ClientToken: "client-secret", CommanderToken: "commander-secret"})
+	h := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "client-secret", CommanderToken: "commander-secret"}})
 	ctx := ctxT(t)
 
 	_, err := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
@@ -45,7 +46,7 @@ func TestAuthSeparateTokens(t *testing.T) {
 	}
 	wantCode(t, err, codes.Unauthenticated)
 	h.commander(bearer(ctx, "commander-secret"), "planner:chat")
-	if h.srv.Scheduler().SlotCount() != 1 {
+	if h.d.Scheduler().SlotCount() != 1 {
 		t.Fatal("authorised commander not registered")
 	}
 
@@ -82,7 +83,7 @@ func TestAuthSeparateTokens(t *testing.T) {
 }
 
 func TestNoTokenMeansOpen(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	if _, err := h.agent.GetAgentInfo(ctxT(t), &agentpb.GetAgentInfoRequest{}); err != nil {
 		t.Fatal(err)
 	}

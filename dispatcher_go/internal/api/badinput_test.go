@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -16,7 +17,7 @@ import (
 // keeps serving everyone else: a healthy commander runs a whole task after
 // all of them.
 func TestBadInputs(t *testing.T) {
-	h := newHarness(t, Config{MaxRecvMsgBytes: 64 << 10})
+	h := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
 	ctx := ctxT(t)
 	healthy := h.commander(ctx, "planner:chat")
 
@@ -158,7 +159,7 @@ func waitTerminal(t *testing.T, h *harness, id string) *dispatchv1.Task {
 }
 
 func TestQueueFullIsResourceExhausted(t *testing.T) {
-	h := newHarness(t, Config{QueueSize: 2})
+	h := newHarness(t, dispatcher.Config{Limits: dispatcher.Limits{QueueSize: 2}})
 	ctx := ctxT(t)
 	for range 2 {
 		if _, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"}); err != nil {

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -14,7 +15,7 @@ import (
 // receive → event log → fan-out → send. Reports packets/s and the mean
 // relay latency (commander emit → watcher receive).
 func BenchmarkContentRelay(b *testing.B) {
-	h := newHarness(b, Config{})
+	h := newHarness(b, dispatcher.Config{})
 	ctx := b.Context()
 	c := h.commander(ctx, "planner:chat")
 	sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "bench"})

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -15,7 +16,7 @@ import (
 // Drain: NOT_SERVING, no new work, running work gets the drain time, then a
 // SHUTDOWN stop, then every stream ends.
 func TestDrain(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	finisher := h.commander(ctx, "planner:fast")
 	stubborn := h.commander(ctx, "planner:slow")
@@ -32,7 +33,7 @@ func TestDrain(t *testing.T) {
 	go func() {
 		dctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
-		h.srv.Drain(dctx)
+		h.d.Drain(dctx)
 		close(drained)
 	}()
 	deadline := time.Now().Add(wait)

@@ -9,14 +9,12 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
-
-// errShuttingDown ends client streams when the server drains.
-var errShuttingDown = errors.New("dispatcher shutting down")
 
 // errorClasses maps domain sentinels to gRPC codes. The wrapped text of
 // these errors is written for clients by the domain packages (no internal
@@ -38,7 +36,7 @@ var errorClasses = []struct {
 	{broker.ErrProtocol, codes.FailedPrecondition},
 	{broker.ErrToolExists, codes.AlreadyExists},
 	{broker.ErrInvalidTool, codes.InvalidArgument},
-	{errShuttingDown, codes.Unavailable},
+	{dispatcher.ErrShuttingDown, codes.Unavailable},
 }
 
 // toStatus turns an internal error into the gRPC status a caller sees.

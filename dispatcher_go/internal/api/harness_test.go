@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -29,6 +30,7 @@ const wait = 5 * time.Second
 // service on one connection.
 type harness struct {
 	t      testing.TB
+	d      *dispatcher.Dispatcher
 	srv    *Server
 	gs     *grpc.Server
 	lis    *bufconn.Listener
@@ -40,21 +42,22 @@ type harness struct {
 	health healthpb.HealthClient
 }
 
-func newHarness(t testing.TB, cfg Config) *harness {
+func newHarness(t testing.TB, cfg dispatcher.Config) *harness {
 	t.Helper()
 	return newHarnessWith(t, cfg)
 }
 
 // newHarnessWith is newHarness with extra server options (first).
-func newHarnessWith(t testing.TB, cfg Config, extra ...grpc.ServerOption) *harness {
+func newHarnessWith(t testing.TB, cfg dispatcher.Config, extra ...grpc.ServerOption) *harness {
 	t.Helper()
-	if cfg.StopGrace == 0 {
-		cfg.StopGrace = 500 * time.Millisecond
+	if cfg.Tasks.StopGrace == 0 {
+		cfg.Tasks.StopGrace = 500 * time.Millisecond
 	}
-	s, err := New(cfg)
+	d, err := dispatcher.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	s := New(d)
 	lis := bufconn.Listen(1 << 20)
 	gs := grpc.NewServer(append(extra, s.ServerOptions()...)...)
 	s.Register(gs)
@@ -67,11 +70,11 @@ func newHarnessWith(t testing.TB, cfg Config, extra ...grpc.ServerOption) *harne
 	}
 	t.Cleanup(func() {
 		conn.Close()
-		s.Close()
+		d.Close()
 		gs.Stop()
 	})
 	return &harness{
-		t: t, srv: s, gs: gs, conn: conn, lis: lis,
+		t: t, d: d, srv: s, gs: gs, conn: conn, lis: lis,
 		agent:  agentpb.NewAgentClient(conn),
 		tasks:  dispatchv1.NewTaskServiceClient(conn),
 		chat:   dispatchv1.NewAgentInteractionClient(conn),

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -99,11 +100,12 @@ func (p *freezeProxy) close() {
 // numbers are 5 s + 2 s (docs/operations.md); grpc-go's floor for the
 // server ping interval is 1 s, so the test runs with 1 s + 0.5 s.
 func TestKeepaliveDetectsDeadCommander(t *testing.T) {
-	ka := Keepalive{Time: time.Second, Timeout: 500 * time.Millisecond, MinTime: 100 * time.Millisecond}
-	s, err := New(Config{Keepalive: ka})
+	ka := dispatcher.Keepalive{Time: time.Second, Timeout: 500 * time.Millisecond, MinTime: 100 * time.Millisecond}
+	d, err := dispatcher.New(dispatcher.Config{GRPC: dispatcher.GRPC{Keepalive: ka}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	s := New(d)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +114,7 @@ func TestKeepaliveDetectsDeadCommander(t *testing.T) {
 	s.Register(gs)
 	go func() { _ = gs.Serve(lis) }()
 	t.Cleanup(func() {
-		s.Close()
+		d.Close()
 		gs.Stop()
 	})
 	proxy := newFreezeProxy(t, lis.Addr().String())
@@ -173,7 +175,7 @@ func TestKeepaliveDetectsDeadCommander(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if s.Scheduler().SlotCount() != 0 {
+	if d.Scheduler().SlotCount() != 0 {
 		t.Fatal("dead slot still registered")
 	}
 }

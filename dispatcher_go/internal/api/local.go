@@ -3,8 +3,6 @@ package api
 import (
 	"context"
 
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -33,6 +31,5 @@ func (l *Local) Watch(ctx context.Context, id string, afterSeq uint64, fn func(*
 
 // Serving reports whether the dispatcher accepts work (false while it drains).
 func (l *Local) Serving(ctx context.Context) bool {
-	r, err := l.s.health.Check(ctx, &healthpb.HealthCheckRequest{})
-	return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
+	return l.s.d.Serving(ctx)
 }

@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/task"
@@ -25,7 +26,7 @@ import (
 // dispatcher's sender is stuck in Send, B's start waits behind it, and then
 // the commander's stream is cancelled.
 func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 
 	conn := h.dial(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))

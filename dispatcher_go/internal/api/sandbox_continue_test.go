@@ -3,6 +3,7 @@ package api
 import (
 	"testing"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -13,7 +14,7 @@ import (
 // one with its own sandbox keeps its own; a sandbox destroyed at the end of
 // its task (kept=false) is not handed on.
 func TestPreviousTaskContinuesTheSandbox(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 

@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -28,7 +29,7 @@ func openSQLite(t *testing.T, dir string) store.Store {
 // stop ends h as a crash would, minus the process: no drain.
 func (h *harness) stopNoDrain() {
 	h.conn.Close()
-	h.srv.Close()
+	h.d.Close()
 	h.gs.Stop()
 }
 
@@ -43,7 +44,7 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	key := []byte("k")
 
 	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, Config{Store: st1, SecretKey: key})
+	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1, SecretKey: key}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +61,7 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	st1.Close()
 
 	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, Config{Store: st2, SecretKey: key})
+	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2, SecretKey: key}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -112,14 +113,14 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 	dir := t.TempDir()
 	ctx := ctxT(t)
 	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, Config{Store: st1})
+	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
 	h1.stopNoDrain()
 	st1.Close()
 	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, Config{Store: st2})
+	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +136,7 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 func TestStoreRetentionRemovesOldTasks(t *testing.T) {
 	ctx := ctxT(t)
 	st := openSQLite(t, t.TempDir())
-	h := newHarness(t, Config{Store: st, Retention: 50 * time.Millisecond})
+	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st, Retention: 50 * time.Millisecond}})
 	c := h.commander(ctx, "planner:chat")
 	r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	if err != nil {
@@ -194,7 +195,7 @@ func TestStoreRequeuedTaskIsObserved(t *testing.T) {
 	dir := t.TempDir()
 	ctx := ctxT(t)
 	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, Config{Store: st1})
+	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
 	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "queued across a restart"})
 	if err != nil {
 		t.Fatal(err)
@@ -205,7 +206,7 @@ func TestStoreRequeuedTaskIsObserved(t *testing.T) {
 
 	seen := &eventsSeen{}
 	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, Config{Store: st2, OnEvent: seen.observe})
+	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}, OnEvent: seen.observe})
 	if got := seen.states(id); !slices.Equal(got, []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}) {
 		t.Fatalf("observed states after the restart %v, want the requeue", got)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -34,7 +35,7 @@ func watchAll(t *testing.T, h *harness, id string, after uint64) []*dispatchv1.T
 }
 
 func TestSubmitWatchResumeGet(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "add", Labels: map[string]string{"team": "a"}})
@@ -101,7 +102,7 @@ func TestSubmitWatchResumeGet(t *testing.T) {
 }
 
 func TestListTasksNewestFirstFilterPaging(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	var ids []string
 	for range 5 {
@@ -136,7 +137,7 @@ func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 }
 
 func TestInterjectAndCancelNative(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	_, err := h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: sub.GetTaskId(), Text: "hi"})
@@ -176,7 +177,7 @@ func TestInterjectAndCancelNative(t *testing.T) {
 // A tool provider over gRPC: registration, ListTools, a commander's call
 // routed to it and answered by call_id, and unregistration.
 func TestToolProviderEndToEnd(t *testing.T) {
-	h := newHarness(t, Config{})
+	h := newHarness(t, dispatcher.Config{})
 	ctx := ctxT(t)
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {

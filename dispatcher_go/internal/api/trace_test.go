@@ -10,6 +10,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
@@ -28,7 +29,7 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 		otel.SetTracerProvider(prev)
 		_ = tp.Shutdown(context.Background())
 	})
-	h := newHarnessWith(t, Config{}, telemetry.ForProvider(tp).ServerOptions()...)
+	h := newHarnessWith(t, dispatcher.Config{}, telemetry.ForProvider(tp).ServerOptions()...)
 	ctx := ctxT(t)
 
 	prov, err := h.tools.Connect(ctx)

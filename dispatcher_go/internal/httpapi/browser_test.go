@@ -13,7 +13,7 @@ import (
 
 	"github.com/chromedp/chromedp"
 
-	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -93,7 +93,7 @@ func TestWebPageInChromium(t *testing.T) {
 		t.Fatal(err)
 	}
 	const token = "page-token"
-	e := newEnv(t, api.Config{ClientToken: token, PolicyFile: policy}, Options{})
+	e := newEnv(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: token}, Policy: dispatcher.Policy{File: policy}}, Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	cmdr := e.commander("")

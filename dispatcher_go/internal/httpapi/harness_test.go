@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -32,22 +33,23 @@ const wait = 10 * time.Second
 // commanders) and the HTTP API on an httptest server.
 type env struct {
 	t    testing.TB
-	srv  *api.Server
+	d    *dispatcher.Dispatcher
 	gs   *grpc.Server
 	conn *grpc.ClientConn
 	http *httptest.Server
 	url  string
 }
 
-func newEnv(t testing.TB, cfg api.Config, opts Options) *env {
+func newEnv(t testing.TB, cfg dispatcher.Config, opts Options) *env {
 	t.Helper()
-	if cfg.StopGrace == 0 {
-		cfg.StopGrace = 500 * time.Millisecond
+	if cfg.Tasks.StopGrace == 0 {
+		cfg.Tasks.StopGrace = 500 * time.Millisecond
 	}
-	s, err := api.New(cfg)
+	d, err := dispatcher.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	s := api.New(d)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -60,15 +62,15 @@ func newEnv(t testing.TB, cfg api.Config, opts Options) *env {
 		t.Fatal(err)
 	}
 	if opts.ClientToken == "" {
-		opts.ClientToken = cfg.ClientToken
+		opts.ClientToken = cfg.Auth.ClientToken
 	}
 	hs := httptest.NewServer(New(s.Local(), opts))
-	e := &env{t: t, srv: s, gs: gs, conn: conn, http: hs, url: hs.URL}
+	e := &env{t: t, d: d, gs: gs, conn: conn, http: hs, url: hs.URL}
 	t.Cleanup(func() {
 		hs.CloseClientConnections()
 		hs.Close()
 		conn.Close()
-		s.Close()
+		d.Close()
 		gs.Stop()
 	})
 	return e

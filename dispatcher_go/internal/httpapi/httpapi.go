@@ -9,6 +9,10 @@
 // HTTP status in one table (httpStatus). A bad request is always a 4xx with
 // a JSON body {"success": false, "code": "...", "error": "..."}; a 500 means
 // a real internal error.
+//
+// It adapts HTTP only: it must not build components, start goroutines
+// other than per-request ones, or own drain and close (internal/dispatcher
+// does; cmd/dispatcher wires this handler to api.Local).
 package httpapi
 
 import (

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -35,7 +35,7 @@ func (e *env) waitStatus(id, token, want string) map[string]any {
 }
 
 func TestHealthIsOpenAndAPINeedsToken(t *testing.T) {
-	e := newEnv(t, api.Config{ClientToken: "secret"}, Options{})
+	e := newEnv(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "secret"}}, Options{})
 	var h map[string]string
 	if r := e.do("GET", "/api/health", "", "", &h); r.StatusCode != 200 || h["status"] != "ok" {
 		t.Fatalf("health %d %v", r.StatusCode, h)
@@ -75,7 +75,7 @@ func TestHealthIsOpenAndAPINeedsToken(t *testing.T) {
 // TestBadInputIs4xxJSON: bad JSON, wrong types, oversized bodies, unknown
 // ids and endpoints are 4xx with a JSON error, never a 500.
 func TestBadInputIs4xxJSON(t *testing.T) {
-	e := newEnv(t, api.Config{}, Options{MaxBodyBytes: 1024})
+	e := newEnv(t, dispatcher.Config{}, Options{MaxBodyBytes: 1024})
 	big := `{"instruction":"` + strings.Repeat("x", 2000) + `"}`
 	cases := []struct {
 		method, path, body string
@@ -145,7 +145,7 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 // the connection mid-task, resumes with Last-Event-ID, and checks that the
 // union is seq 1..last exactly once each, ending with "event: end".
 func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
-	e := newEnv(t, api.Config{}, Options{})
+	e := newEnv(t, dispatcher.Config{}, Options{})
 	c := e.commander("")
 	ctx := ctxT(t)
 	release := make(chan struct{})
@@ -251,7 +251,7 @@ rules:
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e := newEnv(t, api.Config{PolicyFile: policy}, Options{})
+	e := newEnv(t, dispatcher.Config{Policy: dispatcher.Policy{File: policy}}, Options{})
 	c := e.commander("")
 	ctx := ctxT(t)
 	got := make(chan string, 4)
@@ -326,7 +326,7 @@ rules:
 // TestRunDisconnectCancels: a client of /api/agent/run that goes away
 // cancels its task (nobody else knows its id).
 func TestRunDisconnectCancels(t *testing.T) {
-	e := newEnv(t, api.Config{}, Options{})
+	e := newEnv(t, dispatcher.Config{}, Options{})
 	c := e.commander("")
 	ctx := ctxT(t)
 	go c.serve(ctx, chatScript(time.Hour))
@@ -353,7 +353,7 @@ func TestSeedCurlExamples(t *testing.T) {
 	if err != nil {
 		t.Skip("curl not installed")
 	}
-	e := newEnv(t, api.Config{}, Options{})
+	e := newEnv(t, dispatcher.Config{}, Options{})
 	ctx := ctxT(t)
 	go e.commander("").serve(ctx, chatScript(0))
 	run := func(args ...string) string {
@@ -441,7 +441,7 @@ func TestSeedCurlExamples(t *testing.T) {
 		t.Fatalf("status %v", st)
 	}
 	// The credentials reached the task's config and are masked when read back.
-	cfg, err := e.srv.Tasks().ConfigByID(id)
+	cfg, err := e.d.Tasks().ConfigByID(id)
 	if err != nil || cfg.GetSteps() != 50 || cfg.GetAuthorizationInfo().GetOrgID() != "org-123" ||
 		cfg.GetAuthorizationInfo().GetApiKey() == "sk-lybic-key" || cfg.GetStageModelConfig().GetActionGeneratorModel().GetApiKey() == "ark-api-key" {
 		t.Fatalf("config %v %v", cfg, err)
@@ -496,7 +496,7 @@ func TestSeedCurlExamples(t *testing.T) {
 
 // TestCancelAll cancels every pending and running task.
 func TestCancelAll(t *testing.T) {
-	e := newEnv(t, api.Config{}, Options{})
+	e := newEnv(t, dispatcher.Config{}, Options{})
 	ctx := ctxT(t)
 	go e.commander("").serve(ctx, chatScript(time.Hour))
 	var ids []string
@@ -523,7 +523,7 @@ func TestCancelAll(t *testing.T) {
 // drain turns /api/health to 503, refuses submissions, and the stream
 // gets the task's end.
 func TestHeartbeatAndDrain(t *testing.T) {
-	e := newEnv(t, api.Config{}, Options{Heartbeat: 20 * time.Millisecond})
+	e := newEnv(t, dispatcher.Config{}, Options{Heartbeat: 20 * time.Millisecond})
 	var sub map[string]any
 	e.do("POST", "/api/tasks", "", `{"instruction":"nobody runs me"}`, &sub)
 	id := sub["task_id"].(string)
@@ -573,7 +573,7 @@ func TestHeartbeatAndDrain(t *testing.T) {
 	waitLine(": keepalive")
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
-	e.srv.Drain(ctx)   // the pending task fails; the stream ends
+	e.d.Drain(ctx)     // the pending task fails; the stream ends
 	waitLine("data: ") // the FAILURE state event
 	var h map[string]string
 	if r := e.do("GET", "/api/health", "", "", &h); r.StatusCode != 503 || h["status"] != "draining" {

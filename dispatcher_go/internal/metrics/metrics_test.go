@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
@@ -88,14 +89,15 @@ func TestScrapeAfterTasks(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := metrics.New()
-	srv, err := api.New(api.Config{PolicyFile: policyFile, StopGrace: time.Second, OnEvent: m.ObserveEvent})
+	d, err := dispatcher.New(dispatcher.Config{Policy: dispatcher.Policy{File: policyFile}, Tasks: dispatcher.Tasks{StopGrace: time.Second}, OnEvent: m.ObserveEvent})
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv := api.New(d)
 	gs := grpc.NewServer(append(m.ServerOptions(), srv.ServerOptions()...)...)
 	srv.Register(gs)
 	m.InitializeGRPC(gs)
-	m.Watch(metrics.Sources{Tasks: srv.Tasks(), Scheduler: srv.Scheduler(), Sessions: srv.Sessions(), Policy: srv.Policy()})
+	m.Watch(metrics.Sources{Tasks: d.Tasks(), Scheduler: d.Scheduler(), Sessions: d.Sessions(), Policy: d.Policy()})
 	lis := bufconn.Listen(1 << 20)
 	go func() { _ = gs.Serve(lis) }()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
@@ -110,7 +112,7 @@ func TestScrapeAfterTasks(t *testing.T) {
 		cancel()
 		hs.Close()
 		conn.Close()
-		srv.Close()
+		d.Close()
 		gs.Stop()
 	})
 

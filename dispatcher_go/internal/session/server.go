@@ -63,7 +63,9 @@ type Stream interface {
 // Options configure a Server.
 type Options struct {
 	// StopGrace is how long a stopped session may take to send stopped
-	// before its stream is aborted (default 2 s).
+	// before its stream is aborted. No default is applied here (the
+	// dispatcher's is internal/dispatcher's): 0 is no grace, the stream is
+	// aborted as soon as the stop is sent.
 	StopGrace time.Duration
 	// OutboxSize bounds the downstream packets waiting per slot (default 64).
 	OutboxSize int
@@ -92,9 +94,6 @@ type Server struct {
 
 // NewServer returns a Server.
 func NewServer(sched *scheduler.Scheduler, b *broker.Broker, opts Options) *Server {
-	if opts.StopGrace <= 0 {
-		opts.StopGrace = 2 * time.Second
-	}
 	if opts.OutboxSize <= 0 {
 		opts.OutboxSize = 64
 	}

@@ -38,7 +38,7 @@ func newEnv(t *testing.T, opts Options, limits eventlog.Limits) *env {
 	if opts.StopGrace == 0 {
 		opts.StopGrace = 300 * time.Millisecond
 	}
-	mgr := task.NewManager(eventlog.NewMemory(limits), task.NewConfigStore(nil), task.ManagerOptions{StopGrace: opts.StopGrace})
+	mgr := task.NewManager(eventlog.NewMemory(limits), task.NewConfigStore(nil), task.ManagerOptions{DefaultPlanner: "chat", StopGrace: opts.StopGrace})
 	mgr.SetQueue(sched)
 	srv := NewServer(sched, b, opts)
 	t.Cleanup(srv.Shutdown)

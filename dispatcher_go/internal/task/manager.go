@@ -70,10 +70,14 @@ type CancelOutcome struct {
 
 // ManagerOptions configure a Manager.
 type ManagerOptions struct {
-	// DefaultPlanner is used when a submission names none ("chat").
+	// DefaultPlanner is used when a submission names none. No default is
+	// applied here (the dispatcher's is internal/dispatcher's): empty leaves
+	// such a task without a planner, so no slot takes it and it ends at its
+	// timeout in the queue.
 	DefaultPlanner string
 	// StopGrace is how long a cancel waits for the commander's stopped ack
-	// (the session aborts the stream after the same grace).
+	// (the session aborts the stream after the same grace). No default is
+	// applied here: 0 is no grace, a cancel waits only the fixed margin.
 	StopGrace time.Duration
 	// MaxTasksKept bounds the finished tasks kept in memory.
 	MaxTasksKept int
@@ -104,12 +108,6 @@ type Manager struct {
 // NewManager wires a manager. SetQueue must be called before Submit (the
 // scheduler and the manager refer to each other).
 func NewManager(store eventlog.Store, configs *ConfigStore, opts ManagerOptions) *Manager {
-	if opts.DefaultPlanner == "" {
-		opts.DefaultPlanner = "chat"
-	}
-	if opts.StopGrace <= 0 {
-		opts.StopGrace = 2 * time.Second
-	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}

@@ -1,4 +1,4 @@
-package api
+package dispatcher
 
 import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"

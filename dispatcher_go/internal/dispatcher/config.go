@@ -1,0 +1,221 @@
+package dispatcher
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Defaults. Every default of the dispatcher is written here and nowhere
+// else: New puts them in the zero fields of a Config, and the flags of
+// cmd/dispatcher show them. The components (task.Manager, session.Server)
+// get every value passed explicitly and apply none of these themselves.
+const (
+	// DefaultVersion is the version reported when none is set.
+	DefaultVersion = "dev"
+	// DefaultQueueSize bounds the pending-task queue.
+	DefaultQueueSize = 1024
+	// DefaultMaxTasksKept bounds the finished tasks kept in memory (the
+	// task registry's own bound).
+	DefaultMaxTasksKept = task.DefaultMaxTasksKept
+	// DefaultPlanner runs the tasks that name no planner.
+	DefaultPlanner = "chat"
+	// DefaultStopGrace is how long a stopped session may take to ack
+	// before its stream is aborted (and a cancel gives up waiting).
+	DefaultStopGrace = 2 * time.Second
+	// DefaultToolTimeout is the timeout of a tool call that sets none.
+	DefaultToolTimeout = 30 * time.Second
+	// DefaultMaxRecvMsgBytes is the largest message accepted.
+	DefaultMaxRecvMsgBytes = 4 << 20
+	// DefaultStreamWindow is the fixed HTTP/2 receive window of a stream;
+	// the connection's is 8 times it. grpc-go ignores values under 64 KiB.
+	DefaultStreamWindow = 128 << 10
+	// DefaultPolicyPoll is how often the policy file is checked for changes.
+	DefaultPolicyPoll = time.Second
+	// DefaultFlushInterval is the store writer's batching interval: the
+	// longest an event waits to be written (and to reach watchers).
+	DefaultFlushInterval = time.Millisecond
+
+	// The two below are not applied by New, where zero means something
+	// else; they are cmd/dispatcher's defaults for the matching flags.
+
+	// DefaultRetention is the --retention default (in Config, 0 keeps
+	// finished tasks forever).
+	DefaultRetention = 7 * 24 * time.Hour
+	// DefaultDrainTimeout is the --drain-timeout default: how long running
+	// tasks may finish on SIGTERM before Drain stops them (Drain itself
+	// takes a context).
+	DefaultDrainTimeout = 15 * time.Second
+)
+
+// DefaultKeepalive are the documented keepalive defaults: a dead peer is
+// noticed within Time+Timeout = 7 s of silence (docs/operations.md).
+var DefaultKeepalive = Keepalive{Time: 5 * time.Second, Timeout: 2 * time.Second, MinTime: 5 * time.Second}
+
+// DefaultEventLimits bound each task's event log (eventlog's figures).
+var DefaultEventLimits = eventlog.DefaultLimits
+
+// Config configures a dispatcher. The zero value is a working in-memory
+// dispatcher with the defaults above; a zero field means its default.
+type Config struct {
+	// Version is reported by GetAgentInfo (DefaultVersion).
+	Version string
+	// LogLevel is reported by GetAgentInfo.
+	LogLevel string
+	// Auth holds the bearer tokens the transports require.
+	Auth Auth
+	// GRPC holds the gRPC transport's settings (internal/api turns them
+	// into grpc.ServerOptions).
+	GRPC GRPC
+	// Limits bound the queue and what is kept in memory.
+	Limits Limits
+	// Tasks says how tasks run.
+	Tasks Tasks
+	// Policy is the global policy file.
+	Policy Policy
+	// Store makes the dispatcher durable.
+	Store Store
+	// Logger receives all logs; nil discards.
+	Logger *slog.Logger
+	// OnEvent, when set, is called with every event recorded on a task of
+	// this run (after its seq is set; it must not modify it, and must be
+	// quick: it runs on the recording path). Metrics use it.
+	OnEvent func(*dispatchv1.TaskEvent)
+}
+
+// Auth holds the bearer tokens; an empty one means no auth for its side.
+type Auth struct {
+	// CommanderToken, when set, is required (Bearer) by commanders and
+	// tool providers (AgentInteraction, ToolProviderService).
+	CommanderToken string
+	// ClientToken, when set, is required (Bearer) by clients (Agent,
+	// TaskService, the HTTP API).
+	ClientToken string
+}
+
+// GRPC holds the gRPC server's transport settings.
+type GRPC struct {
+	// MaxRecvMsgBytes is grpc's MaxRecvMsgSize (DefaultMaxRecvMsgBytes).
+	MaxRecvMsgBytes int
+	// StreamWindowBytes fixes each stream's HTTP/2 receive window (0:
+	// DefaultStreamWindow; negative: grpc-go's dynamic BDP window). It
+	// bounds how much of a commander's own output can queue ahead of its
+	// stopped (docs/benchmarks.md, stop-flood).
+	StreamWindowBytes int
+	// Keepalive settings (all zero: DefaultKeepalive).
+	Keepalive Keepalive
+}
+
+// Keepalive holds the server's HTTP/2 keepalive settings (see
+// docs/operations.md for the numbers and what they imply).
+type Keepalive struct {
+	// Time: the server pings a connection silent for this long.
+	Time time.Duration
+	// Timeout: no ping ack within this → the connection is closed, which
+	// fails the tasks of the commander on it.
+	Timeout time.Duration
+	// MinTime: clients may ping at most this often (must be <= the
+	// commanders' keepalive_time_ms, or grpc-go answers with GOAWAY
+	// too_many_pings).
+	MinTime time.Duration
+}
+
+// Limits bound the queue and memory.
+type Limits struct {
+	// QueueSize bounds the pending-task queue (DefaultQueueSize).
+	QueueSize int
+	// MaxTasksKept bounds finished tasks kept in memory
+	// (DefaultMaxTasksKept).
+	MaxTasksKept int
+	// Events bound each task's event log (all zero: DefaultEventLimits).
+	Events eventlog.Limits
+}
+
+// Tasks says how tasks run.
+type Tasks struct {
+	// DefaultPlanner runs tasks that name none (DefaultPlanner).
+	DefaultPlanner string
+	// StopGrace is how long a stopped session may take to ack
+	// (DefaultStopGrace).
+	StopGrace time.Duration
+	// ToolTimeout is the default per-call tool timeout (DefaultToolTimeout).
+	ToolTimeout time.Duration
+	// GlobalConfig is the initial global CommonConfig (nil: empty).
+	GlobalConfig *agentpb.CommonConfig
+}
+
+// Policy is the global policy.
+type Policy struct {
+	// File is the YAML policy file (docs/policies.md); empty means no
+	// global policy. It must load at start; later changes are reloaded (a
+	// bad version is rejected and the one in force stays).
+	File string
+	// Poll is how often File is checked for changes (DefaultPolicyPoll).
+	Poll time.Duration
+}
+
+// Store makes tasks, events and the global config durable.
+type Store struct {
+	// Backend, when set, is the store (the caller opens it and closes it
+	// after Drain or Close); New then restores the previous run's state.
+	// Nil keeps everything in memory, and the fields below are unused.
+	Backend store.Store
+	// SecretKey encrypts stored secrets (see task.Persistence); empty:
+	// secrets are not stored.
+	SecretKey []byte
+	// Retention removes tasks (and their events) that ended longer ago
+	// than this; 0 keeps them forever.
+	Retention time.Duration
+	// FlushInterval is the store writer's batching interval
+	// (DefaultFlushInterval).
+	FlushInterval time.Duration
+}
+
+// withDefaults returns c with every zero field set to its default.
+func (c Config) withDefaults() Config {
+	if c.Version == "" {
+		c.Version = DefaultVersion
+	}
+	if c.GRPC.MaxRecvMsgBytes <= 0 {
+		c.GRPC.MaxRecvMsgBytes = DefaultMaxRecvMsgBytes
+	}
+	if c.GRPC.StreamWindowBytes == 0 {
+		c.GRPC.StreamWindowBytes = DefaultStreamWindow
+	}
+	if c.GRPC.Keepalive == (Keepalive{}) {
+		c.GRPC.Keepalive = DefaultKeepalive
+	}
+	if c.Limits.QueueSize <= 0 {
+		c.Limits.QueueSize = DefaultQueueSize
+	}
+	if c.Limits.MaxTasksKept <= 0 {
+		c.Limits.MaxTasksKept = DefaultMaxTasksKept
+	}
+	if c.Limits.Events == (eventlog.Limits{}) {
+		c.Limits.Events = DefaultEventLimits
+	}
+	if c.Tasks.DefaultPlanner == "" {
+		c.Tasks.DefaultPlanner = DefaultPlanner
+	}
+	if c.Tasks.StopGrace <= 0 {
+		c.Tasks.StopGrace = DefaultStopGrace
+	}
+	if c.Tasks.ToolTimeout <= 0 {
+		c.Tasks.ToolTimeout = DefaultToolTimeout
+	}
+	if c.Policy.Poll <= 0 {
+		c.Policy.Poll = DefaultPolicyPoll
+	}
+	if c.Store.FlushInterval <= 0 {
+		c.Store.FlushInterval = DefaultFlushInterval
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}

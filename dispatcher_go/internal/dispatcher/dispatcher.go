@@ -1,0 +1,257 @@
+// Package dispatcher is the composition root: it builds the dispatcher's
+// components from one Config (broker, scheduler, policy engine, event log
+// store, store writer, task manager, session server, health state), starts
+// their background goroutines (policy reload, retention), restores the
+// previous run from the store, and owns the order of drain and close.
+//
+// It exposes what the transports need (internal/api for gRPC,
+// internal/httpapi for HTTP through api.Local): the task manager, the
+// session server, the broker, the scheduler, the policy engine, the health
+// state, stream contexts that end at shutdown, and Drain.
+//
+// It must not know any transport: no gRPC service registration, server
+// options, status codes or HTTP handlers (those are api's and httpapi's),
+// and no domain logic (that stays in task, session, scheduler, broker,
+// policy, eventlog and store). The health state is kept in grpc-go's
+// health.Server only because that is a plain status map the gRPC transport
+// can serve as is. Every default lives in config.go.
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/scheduler"
+	"github.com/agentdispatch/dispatcher/internal/session"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/taskstore"
+)
+
+// ErrShuttingDown is the cause of a stream context (StreamContext) ended
+// by the dispatcher's drain or close.
+var ErrShuttingDown = errors.New("dispatcher shutting down")
+
+// Dispatcher is a wired, running dispatcher.
+type Dispatcher struct {
+	cfg      Config
+	log      *slog.Logger
+	tasks    *task.Manager
+	sched    *scheduler.Scheduler
+	broker   *broker.Broker
+	sessions *session.Server
+	health   *health.Server
+	policy   *policy.Engine
+	writer   *store.Writer // nil without a store
+
+	// base ends every client stream (watchers, providers) and the
+	// background goroutines (bg) at shutdown.
+	base       context.Context
+	cancelBase context.CancelFunc
+	bg         sync.WaitGroup
+	watchers   Watchers
+}
+
+// Watchers counts the client streams reading a task's log. A transport
+// adds 1 when such a stream starts and -1 when it ends; Drain lets them
+// read their tasks' ends before it cuts the streams.
+type Watchers struct{ n atomic.Int64 }
+
+// Add adds delta to the count.
+func (w *Watchers) Add(delta int64) { w.n.Add(delta) }
+
+// New builds the dispatcher's components from cfg (zero fields take their
+// defaults, see config.go), restores the previous run when cfg.Store has a
+// backend, and starts the background goroutines. The caller must end it
+// with Drain or Close.
+func New(cfg Config) (*Dispatcher, error) {
+	cfg = cfg.withDefaults()
+	log := cfg.Logger
+	b, err := broker.New(broker.Options{DefaultTimeout: cfg.Tasks.ToolTimeout, Logger: log.With("component", "broker")})
+	if err != nil {
+		return nil, err
+	}
+	sched := scheduler.New(cfg.Limits.QueueSize)
+	pol := policy.NewEngine(log.With("component", "policy"))
+	if cfg.Policy.File != "" {
+		if _, err := pol.LoadFile(cfg.Policy.File); err != nil {
+			return nil, err
+		}
+	}
+	var logs eventlog.Store = eventlog.NewMemory(cfg.Limits.Events)
+	var persist task.Persistence
+	var writer *store.Writer
+	if st := cfg.Store.Backend; st != nil {
+		writer = store.NewWriter(st, store.WriterOptions{Interval: cfg.Store.FlushInterval, Logger: log.With("component", "store")})
+		logs = eventlog.NewDurable(cfg.Limits.Events, writer)
+		ts, err := taskstore.New(taskstore.Options{Store: st, Writer: writer, SecretKey: cfg.Store.SecretKey, Logger: log.With("component", "taskstore")})
+		if err != nil {
+			writer.Close()
+			return nil, err
+		}
+		persist = ts
+	}
+	if cfg.OnEvent != nil {
+		// The same (observed) store serves new and restored tasks.
+		logs = observe(logs, cfg.OnEvent)
+	}
+	mgr := task.NewManager(logs, task.NewConfigStore(cfg.Tasks.GlobalConfig), task.ManagerOptions{
+		DefaultPlanner: cfg.Tasks.DefaultPlanner,
+		StopGrace:      cfg.Tasks.StopGrace,
+		MaxTasksKept:   cfg.Limits.MaxTasksKept,
+		Persistence:    persist,
+		Logger:         log.With("component", "task"),
+	})
+	mgr.SetQueue(sched)
+	if persist != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		_, err := mgr.Restore(ctx)
+		cancel()
+		if err != nil {
+			writer.Close()
+			return nil, err
+		}
+	}
+	sessions := session.NewServer(sched, b, session.Options{
+		StopGrace: cfg.Tasks.StopGrace,
+		Policy:    pol,
+		Logger:    log.With("component", "session"),
+	})
+	base, cancel := context.WithCancel(context.Background())
+	d := &Dispatcher{
+		cfg:        cfg,
+		log:        log,
+		tasks:      mgr,
+		sched:      sched,
+		broker:     b,
+		sessions:   sessions,
+		health:     health.NewServer(),
+		policy:     pol,
+		writer:     writer,
+		base:       base,
+		cancelBase: cancel,
+	}
+	if cfg.Policy.File != "" {
+		d.bg.Go(func() { pol.Watch(base, cfg.Policy.File, cfg.Policy.Poll) })
+	}
+	if cfg.Store.Backend != nil && cfg.Store.Retention > 0 {
+		d.bg.Go(func() {
+			taskstore.RunRetention(base, cfg.Store.Backend, cfg.Store.Retention, 0, log.With("component", "retention"))
+		})
+	}
+	return d, nil
+}
+
+// Config is the configuration in force (defaults applied).
+func (d *Dispatcher) Config() Config { return d.cfg }
+
+// Logger is the dispatcher's logger.
+func (d *Dispatcher) Logger() *slog.Logger { return d.log }
+
+// Tasks is the task manager.
+func (d *Dispatcher) Tasks() *task.Manager { return d.tasks }
+
+// Sessions is the session server (commanders' ChatStreams, stop statistics).
+func (d *Dispatcher) Sessions() *session.Server { return d.sessions }
+
+// Broker is the tool broker (tool providers, the tool catalogue).
+func (d *Dispatcher) Broker() *broker.Broker { return d.broker }
+
+// Scheduler is the scheduler.
+func (d *Dispatcher) Scheduler() *scheduler.Scheduler { return d.sched }
+
+// Policy is the policy engine (decision counters, the policy in force).
+func (d *Dispatcher) Policy() *policy.Engine { return d.policy }
+
+// Health is the health state: SERVING until Drain, NOT_SERVING after. The
+// gRPC transport serves it as grpc.health.v1.Health (and sets the status
+// of each of its services); others read it through Serving.
+func (d *Dispatcher) Health() *health.Server { return d.health }
+
+// Serving reports whether the dispatcher accepts work (false while it
+// drains).
+func (d *Dispatcher) Serving(ctx context.Context) bool {
+	r, err := d.health.Check(ctx, &healthpb.HealthCheckRequest{})
+	return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
+}
+
+// Watchers is the count of client streams reading task logs (see Watchers).
+func (d *Dispatcher) Watchers() *Watchers { return &d.watchers }
+
+// StreamContext is ctx ended also by the dispatcher's shutdown (Drain or
+// Close), with cause ErrShuttingDown. Transports run every long-lived
+// client stream (watchers, tool providers) in one.
+func (d *Dispatcher) StreamContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(d.base, func() { cancel(ErrShuttingDown) })
+	return ctx, func() {
+		stop()
+		cancel(nil)
+	}
+}
+
+// Drain prepares a shutdown: health goes NOT_SERVING, no new task is
+// accepted, queued and running tasks may finish until ctx ends, then the
+// rest are stopped (STOP_CODE_SHUTDOWN, up to the stop grace) and every
+// stream is ended so that the transports can stop gracefully. What is
+// pending for the store is written before Drain returns; the caller closes
+// the store afterwards.
+func (d *Dispatcher) Drain(ctx context.Context) {
+	d.health.Shutdown()
+	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()))
+	d.tasks.Shutdown(ctx)
+	d.sessions.Shutdown()
+	d.awaitWatchers(watcherDrainWait)
+	d.stop()
+	st := d.sessions.Stats().StopLatency.Snapshot()
+	d.log.Info("drained", "stops_acked", st.Count, "stop_latency_p50", st.Quantile(0.5), "stop_latency_p99", st.Quantile(0.99))
+}
+
+// watcherDrainWait bounds how long Drain lets watchers read to their
+// tasks' terminal events (with a durable store an event becomes readable
+// one flush after it is recorded).
+const watcherDrainWait = time.Second
+
+// awaitWatchers makes what the tasks recorded durable and readable, then
+// waits up to d for the watchers to read to their tasks' ends (after
+// tasks.Shutdown every task has ended, so each watcher ends by itself).
+func (d *Dispatcher) awaitWatchers(wait time.Duration) {
+	deadline := time.Now().Add(wait)
+	if d.writer != nil {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		_ = d.writer.Flush(ctx)
+		cancel()
+	}
+	for d.watchers.n.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Close releases everything without draining (tests, failed starts):
+// streams end, background goroutines stop, pending store writes are
+// written. Calling it after Drain is harmless.
+func (d *Dispatcher) Close() {
+	d.sessions.Shutdown()
+	d.stop()
+}
+
+// stop ends the stream contexts and the background goroutines, waits for
+// the goroutines, and closes the store writer (which writes what is
+// pending).
+func (d *Dispatcher) stop() {
+	d.cancelBase()
+	d.bg.Wait()
+	if d.writer != nil {
+		d.writer.Close()
+	}
+}
