@@ -2,7 +2,6 @@ package session
 
 import (
 	"fmt"
-	"strings"
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -89,14 +88,10 @@ func (r *run) evaluate(pkt *dispatchv1.UpstreamPacket) policy.Decision {
 	d := r.pol.Evaluate(r.sl.ctx, pp, r.policyState())
 	if d.Action == policy.Stop {
 		r.recordDecision(d, pp.Kind, pkt.GetToolCall(), nil, dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED)
-		code := dispatchv1.StopCode_STOP_CODE_POLICY
-		if strings.HasPrefix(d.RuleID, "limit.") {
-			code = dispatchv1.StopCode_STOP_CODE_BUDGET
-		}
 		// The rule id goes into the reason because the reason becomes the
 		// task's message: a client that only polls status (seed 000) must
 		// still learn which rule ended the task.
-		r.stopWith(fmt.Sprintf("policy rule %s: %s", d.RuleID, d.Reason), code, d.RuleID)
+		r.stopWith(fmt.Sprintf("policy rule %s: %s", d.RuleID, d.Reason), d.StopCode, d.RuleID)
 	}
 	return d
 }
