@@ -67,15 +67,21 @@ func Kinds() []Kind {
 }
 
 // Spec is k's row of the table (the zero row for None and unknown kinds).
-func (k Kind) Spec() *Spec {
+// It is a copy: the table cannot be changed through it.
+func (k Kind) Spec() Spec {
 	if k >= numKinds {
 		k = None
 	}
-	return &table[k]
+	return table[k]
 }
 
-// String is k's name.
-func (k Kind) String() string { return k.Spec().Name }
+// String is k's name ("none" for None).
+func (k Kind) String() string {
+	if n := k.Spec().Name; n != "" {
+		return n
+	}
+	return "none"
+}
 
 // Of is the kind of ev (None for an event without a kind, or with a kind
 // this build does not know).
