@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
@@ -31,42 +32,18 @@ type row struct {
 	sse      string // seed 001 as JSON; "" for none
 }
 
-func ev(kind any) *dispatchv1.TaskEvent {
+// ev is a task event of t1 whose kind is m (the oneof field of m's type).
+func ev(m proto.Message) *dispatchv1.TaskEvent {
 	e := &dispatchv1.TaskEvent{TaskId: "t1", Seq: 7}
-	switch k := kind.(type) {
-	case *dispatchv1.TaskState:
-		e.Kind = &dispatchv1.TaskEvent_State{State: k}
-	case *dispatchv1.ThoughtChain:
-		e.Kind = &dispatchv1.TaskEvent_Thought{Thought: k}
-	case *dispatchv1.ContentChunk:
-		e.Kind = &dispatchv1.TaskEvent_Content{Content: k}
-	case *dispatchv1.ToolCallRequest:
-		e.Kind = &dispatchv1.TaskEvent_ToolCall{ToolCall: k}
-	case *dispatchv1.ToolResultEvent:
-		e.Kind = &dispatchv1.TaskEvent_ToolResult{ToolResult: k}
-	case *dispatchv1.ErrorSignal:
-		e.Kind = &dispatchv1.TaskEvent_Error{Error: k}
-	case *dispatchv1.Usage:
-		e.Kind = &dispatchv1.TaskEvent_Usage{Usage: k}
-	case *dispatchv1.StageChange:
-		e.Kind = &dispatchv1.TaskEvent_Stage{Stage: k}
-	case *dispatchv1.Artifact:
-		e.Kind = &dispatchv1.TaskEvent_Artifact{Artifact: k}
-	case *dispatchv1.FinalResult:
-		e.Kind = &dispatchv1.TaskEvent_Result{Result: k}
-	case *dispatchv1.StopSignal:
-		e.Kind = &dispatchv1.TaskEvent_Stop{Stop: k}
-	case *dispatchv1.Stopped:
-		e.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: k}
-	case *dispatchv1.UserInput:
-		e.Kind = &dispatchv1.TaskEvent_UserInput{UserInput: k}
-	case *dispatchv1.PolicyDecision:
-		e.Kind = &dispatchv1.TaskEvent_Policy{Policy: k}
-	case nil:
-	default:
-		panic("unknown kind")
+	r := e.ProtoReflect()
+	fields := r.Descriptor().Oneofs().ByName("kind").Fields()
+	for i := range fields.Len() {
+		if fd := fields.Get(i); fd.Message().FullName() == m.ProtoReflect().Descriptor().FullName() {
+			r.Set(fd, protoreflect.ValueOfMessage(m.ProtoReflect()))
+			return e
+		}
 	}
-	return e
+	panic("no kind of type " + m.ProtoReflect().Descriptor().FullName())
 }
 
 // rows is the table, as the clients see it today (the projections must not
