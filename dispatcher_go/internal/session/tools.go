@@ -15,7 +15,7 @@ import (
 // Tool calls. A tool call is recorded before anything else happens to it:
 // the append is the check against the stop fence, so a call is either
 // accepted before the stop (then it runs, or is cancelled by the stop, and
-// its result is recorded) or refused DENIED without a trace of it running.
+// its result is recorded) or, after it, answered DENIED and not recorded.
 // An accepted call runs on the broker in its own goroutine (slot.goTool);
 // its result is recorded and sent downstream. A policy can deny a call
 // (policy.go) or hold it (holds.go).
