@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/secret"
@@ -100,7 +101,7 @@ func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionReque
 	}
 	ctx := stream.Context()
 	err = a.s.follow(ctx, t, 0, func(ev *dispatchv1.TaskEvent) error {
-		stage, msg, ok := project(ev)
+		stage, msg, ok := events.Seed000(ev)
 		if !ok {
 			return nil
 		}
@@ -130,7 +131,7 @@ func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest
 		return toStatus(a.s.log, err)
 	}
 	err = a.s.follow(stream.Context(), t, 0, func(ev *dispatchv1.TaskEvent) error {
-		stage, msg, ok := project(ev)
+		stage, msg, ok := events.Seed000(ev)
 		if !ok {
 			return nil
 		}

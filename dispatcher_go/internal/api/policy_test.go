@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -95,7 +96,7 @@ rules:
 	ctx := ctxT(t)
 	c := h.commander(ctx, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "tell me"})
-	events := watchEvents(t, h, id)
+	watched := watchEvents(t, h, id)
 	sid, _ := c.start()
 	chunks := []string{"Sure. The ", "laun", "ch co", "des are 0000", " and more"}
 	for _, ch := range chunks {
@@ -111,7 +112,7 @@ rules:
 		return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
 	})
 
-	evs := events()
+	evs := watched()
 	var texts []string
 	stopAt, policyAt := -1, -1
 	for i, ev := range evs {
@@ -147,7 +148,7 @@ rules:
 		t.Fatalf("terminal %v", last)
 	}
 	// The seed-000 projection shows the decision.
-	stage, msg, ok := project(evs[policyAt])
+	stage, msg, ok := events.Seed000(evs[policyAt])
 	if !ok || stage != "policy" || !strings.Contains(msg, "no-launch-codes") {
 		t.Fatalf("projection %q %q", stage, msg)
 	}

@@ -2,17 +2,16 @@ package httpapi
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -120,114 +119,6 @@ func (h *handler) seedSubmit(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"success": true, "task_id": resp.GetTaskId(), "message": "Task submitted successfully"})
 }
 
-// seedEvent is one SSE event of /api/agent/run, seed 001's
-// {"type": "thinking"|"action"|"result"|"finished", "content"|"output": …}
-// with the dispatcher's extra fields.
-type seedEvent struct {
-	Type    string `json:"type"`
-	Content string `json:"content,omitempty"`
-	Output  string `json:"output,omitempty"`
-	TaskID  string `json:"task_id"`
-	Seq     uint64 `json:"seq"`
-	// Status is set on "status" and "finished": pending, running,
-	// finished, failed, cancelled.
-	Status string `json:"status,omitempty"`
-	// Tool calls and results.
-	Tool   string `json:"tool,omitempty"`
-	CallID string `json:"call_id,omitempty"`
-	// Stage events (e.g. call_user).
-	Stage string `json:"stage,omitempty"`
-	// Artifacts (screenshots): inline data as a data: URL, or a URI.
-	MimeType string `json:"mime_type,omitempty"`
-	URL      string `json:"url,omitempty"`
-	// Usage.
-	InputTokens  int64   `json:"input_tokens,omitempty"`
-	OutputTokens int64   `json:"output_tokens,omitempty"`
-	Cost         float64 `json:"cost,omitempty"`
-}
-
-// seedProjection maps a task event to a seed-001 SSE event; false for
-// events without one. result is the task's result so far (for "finished").
-func seedProjection(ev *dispatchv1.TaskEvent, result string) (seedEvent, bool) {
-	e := seedEvent{TaskID: ev.GetTaskId(), Seq: ev.GetSeq()}
-	switch k := ev.GetKind().(type) {
-	case *dispatchv1.TaskEvent_State:
-		e.Status = seedStatus(k.State.GetStatus())
-		e.Type = "status"
-		e.Content = k.State.GetMessage()
-		switch k.State.GetStatus() {
-		case agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED:
-			e.Type = "finished"
-			e.Output = result
-		}
-	case *dispatchv1.TaskEvent_Thought:
-		e.Type, e.Content, e.Stage = "thinking", k.Thought.GetDelta(), k.Thought.GetStepName()
-	case *dispatchv1.TaskEvent_Content:
-		e.Type, e.Content = "message", k.Content.GetText()
-	case *dispatchv1.TaskEvent_ToolCall:
-		tc := k.ToolCall
-		e.Type, e.Tool, e.CallID = "action", tc.GetToolName(), tc.GetCallId()
-		e.Content = tc.GetToolName() + "(" + tc.GetArgumentsJson() + ")"
-	case *dispatchv1.TaskEvent_ToolResult:
-		res := k.ToolResult.GetResult()
-		e.Type, e.Tool, e.CallID = "observation", res.GetToolName(), res.GetCallId()
-		if er := res.GetError(); er != nil {
-			e.Content = "error: " + strings.TrimPrefix(er.GetCode().String(), "TOOL_ERROR_CODE_") + ": " + er.GetMessage()
-		} else {
-			e.Content = res.GetResultJson()
-		}
-	case *dispatchv1.TaskEvent_Stage:
-		e.Type, e.Stage, e.Content = "stage", k.Stage.GetStage(), k.Stage.GetMessage()
-	case *dispatchv1.TaskEvent_Artifact:
-		a := k.Artifact
-		e.Type, e.Stage, e.Content, e.MimeType = "artifact", a.GetKind(), a.GetDescription(), a.GetMimeType()
-		if a.GetKind() == "screenshot" {
-			e.Type = "screenshot"
-		}
-		e.URL = a.GetUri()
-		if len(a.GetData()) > 0 {
-			e.URL = "data:" + a.GetMimeType() + ";base64," + base64.StdEncoding.EncodeToString(a.GetData())
-		}
-	case *dispatchv1.TaskEvent_Usage:
-		u := k.Usage
-		e.Type, e.InputTokens, e.OutputTokens, e.Cost = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost()
-	case *dispatchv1.TaskEvent_Error:
-		e.Type, e.Content = "error", k.Error.GetMessage()
-	case *dispatchv1.TaskEvent_Stop:
-		e.Type, e.Content = "stop", k.Stop.GetReason()
-	case *dispatchv1.TaskEvent_Policy:
-		pd := k.Policy
-		e.Type, e.CallID, e.Tool = "policy", pd.GetCallId(), pd.GetToolName()
-		e.Content = strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_")) + " by rule " + pd.GetRuleId() + ": " + pd.GetReason()
-	case *dispatchv1.TaskEvent_Result:
-		e.Type, e.Content = "result", k.Result.GetResult()
-	case *dispatchv1.TaskEvent_UserInput:
-		e.Type, e.Content = "user_input", k.UserInput.GetText()
-	default:
-		return e, false
-	}
-	return e, true
-}
-
-// seedStatus names a status as seed 001 does ("finished" for success).
-func seedStatus(s agentpb.TaskStatus) string {
-	switch s {
-	case agentpb.TaskStatus_PENDING:
-		return "pending"
-	case agentpb.TaskStatus_RUNNING:
-		return "running"
-	case agentpb.TaskStatus_SUCCESS:
-		return "finished"
-	case agentpb.TaskStatus_FAILURE:
-		return "failed"
-	case agentpb.TaskStatus_CANCELLED:
-		return "cancelled"
-	case agentpb.TaskStatus_NOT_FOUND:
-		return "not_found"
-	}
-	return "unknown"
-}
-
 // seedRun: POST /api/agent/run — submits and streams the task as SSE
 // (seed 001's data: {"type": …} lines, each with id: <seq>) until it ends.
 // The task id is also in the X-Task-Id header. A client that goes away
@@ -253,7 +144,7 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 		if res := ev.GetResult(); res != nil {
 			result = res.GetResult()
 		}
-		e, ok := seedProjection(ev, result)
+		e, ok := events.Seed001(ev, result)
 		if !ok {
 			return nil
 		}
@@ -285,7 +176,7 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 	t := resp.GetTask()
 	out := map[string]any{
 		"task_id":         t.GetTaskId(),
-		"status":          seedStatus(t.GetStatus()),
+		"status":          events.Seed001Status(t.GetStatus()),
 		"query":           t.GetInstruction(),
 		"finished_output": t.GetResult(),
 		"message":         t.GetMessage(),
@@ -328,7 +219,7 @@ func (h *handler) seedCancel(w http.ResponseWriter, r *http.Request) {
 		}
 		writeJSON(w, http.StatusOK, map[string]any{
 			"success": resp.GetCancelled(), "task_id": body.TaskID,
-			"status": seedStatus(resp.GetStatus()), "message": resp.GetMessage(),
+			"status": events.Seed001Status(resp.GetStatus()), "message": resp.GetMessage(),
 		})
 		return
 	}

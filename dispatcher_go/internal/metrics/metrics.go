@@ -7,13 +7,13 @@
 // slots, stop latency, policy evaluations).
 //
 // Label values are bounded: tool names only for tools that exist (an
-// unknown tool is "(unknown)"), statuses and actions from enums. Rule ids
+// unknown tool is "(unknown)"), event kinds from internal/events, statuses,
+// codes and actions from enums (events.EnumName). Rule ids
 // are not labels: a task's own policy could name any number of them.
 package metrics
 
 import (
 	"net/http"
-	"strings"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
+	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
@@ -105,68 +106,34 @@ func (m *Metrics) Handler() http.Handler {
 // ObserveEvent counts one recorded task event. It is called on the
 // recording path, so it only bumps counters.
 func (m *Metrics) ObserveEvent(ev *dispatchv1.TaskEvent) {
-	switch k := ev.GetKind().(type) {
-	case *dispatchv1.TaskEvent_State:
-		m.events.WithLabelValues("state").Inc()
-		switch s := k.State.GetStatus(); {
+	m.events.WithLabelValues(events.Label(ev)).Inc()
+	switch events.Of(ev) {
+	case events.State:
+		switch s := ev.GetState().GetStatus(); {
 		case task.Terminal(s):
-			m.tasksEnded.WithLabelValues(statusLabel(s)).Inc()
+			m.tasksEnded.WithLabelValues(events.EnumName(s)).Inc()
 		case s == agentpb.TaskStatus_PENDING && ev.GetSeq() == 1:
 			m.submitted.Inc()
 		}
-	case *dispatchv1.TaskEvent_ToolResult:
-		m.events.WithLabelValues("tool_result").Inc()
-		res := k.ToolResult.GetResult()
+	case events.ToolResult:
+		res := ev.GetToolResult().GetResult()
 		outcome, tool := "ok", res.GetToolName()
 		if e := res.GetError(); e != nil {
-			outcome = strings.ToLower(strings.TrimPrefix(e.GetCode().String(), "TOOL_ERROR_CODE_"))
+			outcome = events.EnumName(e.GetCode())
 			if e.GetCode() == dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL {
 				tool = "(unknown)"
 			}
 		}
-		m.toolCalls.WithLabelValues(tool, outcome).Observe(float64(k.ToolResult.GetDurationMs()) / 1000)
-	case *dispatchv1.TaskEvent_Policy:
-		m.events.WithLabelValues("policy").Inc()
-		pd := k.Policy
+		m.toolCalls.WithLabelValues(tool, outcome).Observe(float64(ev.GetToolResult().GetDurationMs()) / 1000)
+	case events.Policy:
+		pd := ev.GetPolicy()
 		outcome := "none"
 		if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
-			outcome = strings.ToLower(strings.TrimPrefix(o.String(), "HOLD_OUTCOME_"))
+			outcome = events.EnumName(o)
 		}
-		m.decisions.WithLabelValues(strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_")), outcome).Inc()
-	default:
-		m.events.WithLabelValues(eventKind(ev)).Inc()
+		m.decisions.WithLabelValues(events.EnumName(pd.GetAction()), outcome).Inc()
 	}
 }
-
-func eventKind(ev *dispatchv1.TaskEvent) string {
-	switch ev.GetKind().(type) {
-	case *dispatchv1.TaskEvent_Thought:
-		return "thought"
-	case *dispatchv1.TaskEvent_Content:
-		return "content"
-	case *dispatchv1.TaskEvent_ToolCall:
-		return "tool_call"
-	case *dispatchv1.TaskEvent_Error:
-		return "error"
-	case *dispatchv1.TaskEvent_Usage:
-		return "usage"
-	case *dispatchv1.TaskEvent_Stage:
-		return "stage"
-	case *dispatchv1.TaskEvent_Artifact:
-		return "artifact"
-	case *dispatchv1.TaskEvent_Result:
-		return "result"
-	case *dispatchv1.TaskEvent_Stop:
-		return "stop"
-	case *dispatchv1.TaskEvent_Stopped:
-		return "stopped"
-	case *dispatchv1.TaskEvent_UserInput:
-		return "user_input"
-	}
-	return "other"
-}
-
-func statusLabel(s agentpb.TaskStatus) string { return strings.ToLower(s.String()) }
 
 // Sources are the components read at scrape time.
 type Sources struct {
@@ -211,7 +178,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			counts[t.Status()]++
 		}
 		for _, s := range []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED} {
-			ch <- prometheus.MustNewConstMetric(descTasks, prometheus.GaugeValue, float64(counts[s]), statusLabel(s))
+			ch <- prometheus.MustNewConstMetric(descTasks, prometheus.GaugeValue, float64(counts[s]), events.EnumName(s))
 		}
 	}
 	if sc := c.src.Scheduler; sc != nil {

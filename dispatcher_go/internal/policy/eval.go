@@ -11,6 +11,8 @@ import (
 
 	"cel.dev/cel-go/common/types"
 	"cel.dev/cel-go/interpreter"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
 // maxCallTimes bounds the tool-call timestamps a session keeps for the
@@ -327,7 +329,7 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 				}
 				for _, ph := range r.phrases {
 					if bytes.Contains(h, ph) {
-						if take(p, Decision{Action: r.action, RuleID: r.id, Reason: r.reason}) {
+						if take(p, r.decision(r.reason)) {
 							return best
 						}
 						break
@@ -353,11 +355,7 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 				hit = true
 			}
 			if hit {
-				d := Decision{Action: r.action, RuleID: r.id, Reason: reason}
-				if r.action == Hold {
-					d.HoldTimeout = r.holdTimeout
-				}
-				if take(p, d) {
+				if take(p, r.decision(reason)) {
 					return best
 				}
 			}
@@ -366,15 +364,33 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 	return best
 }
 
+// decision is the rule's decision, for the given reason. A rule's stop is
+// a policy stop.
+func (r *rule) decision(reason string) Decision {
+	d := Decision{Action: r.action, RuleID: r.id, Reason: reason}
+	switch r.action {
+	case Hold:
+		d.HoldTimeout = r.holdTimeout
+	case Stop:
+		d.StopCode = dispatchv1.StopCode_STOP_CODE_POLICY
+	}
+	return d
+}
+
+// budgetStop is the stop of a spending limit.
+func budgetStop(ruleID, reason string) Decision {
+	return Decision{Action: Stop, RuleID: ruleID, Reason: reason, StopCode: dispatchv1.StopCode_STOP_CODE_BUDGET}
+}
+
 // checkLimits applies the built-in limits.
 func checkLimits(l Limits, pkt *Packet, st *State, lastMin int64) (Decision, bool) {
 	switch {
 	case l.MaxTokens > 0 && st.InputTokens+st.OutputTokens > l.MaxTokens:
-		return Decision{Action: Stop, RuleID: "limit.max_tokens", Reason: fmt.Sprintf("token limit exceeded (%d > %d)", st.InputTokens+st.OutputTokens, l.MaxTokens)}, true
+		return budgetStop("limit.max_tokens", fmt.Sprintf("token limit exceeded (%d > %d)", st.InputTokens+st.OutputTokens, l.MaxTokens)), true
 	case l.MaxCost > 0 && st.Cost > l.MaxCost:
-		return Decision{Action: Stop, RuleID: "limit.max_cost", Reason: fmt.Sprintf("cost limit exceeded (%.4g > %.4g)", st.Cost, l.MaxCost)}, true
+		return budgetStop("limit.max_cost", fmt.Sprintf("cost limit exceeded (%.4g > %.4g)", st.Cost, l.MaxCost)), true
 	case l.MaxSteps > 0 && st.Steps > l.MaxSteps:
-		return Decision{Action: Stop, RuleID: "limit.max_steps", Reason: fmt.Sprintf("step limit exceeded (%d > %d)", st.Steps, l.MaxSteps)}, true
+		return budgetStop("limit.max_steps", fmt.Sprintf("step limit exceeded (%d > %d)", st.Steps, l.MaxSteps)), true
 	case pkt.Kind == KindToolCall && l.MaxToolCallsPerMinute > 0 && lastMin >= l.MaxToolCallsPerMinute:
 		return Decision{Action: Deny, RuleID: "limit.max_tool_calls_per_minute", Reason: fmt.Sprintf("more than %d tool calls per minute", l.MaxToolCallsPerMinute)}, true
 	}

@@ -12,11 +12,18 @@
 // Rules only ever restrict: there is no "allow" rule. The decision for a
 // packet is the most severe one of all rules that match (stop > deny > hold
 // > allow), which is what lets a task add rules of its own (tighten) without
-// any way to loosen the global policy.
+// any way to loosen the global policy. A stop decision carries its stop
+// code (budget for the built-in spending limits, policy for rules).
+//
+// It only decides: it must not act on a decision (stopping, denying,
+// holding and recording are internal/session's), and it sees a packet only
+// as a Packet, never the stream or the event log.
 package policy
 
 import (
 	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
 // Action is a policy decision, ordered by severity.
@@ -116,6 +123,10 @@ type Decision struct {
 	RuleID string
 	// Reason explains the decision in words for people.
 	Reason string
+	// StopCode is the code of the stop a Stop decision makes:
+	// STOP_CODE_BUDGET for the built-in spending limits (tokens, cost,
+	// steps), STOP_CODE_POLICY for rules. Unspecified for other actions.
+	StopCode dispatchv1.StopCode
 	// HoldTimeout is how long a Hold waits before it denies.
 	HoldTimeout time.Duration
 	// PolicyVersion identifies the policy that decided (content hash).

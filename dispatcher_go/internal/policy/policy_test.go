@@ -12,6 +12,15 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// The stop codes a decision carries.
+const (
+	noStop     = dispatchv1.StopCode_STOP_CODE_UNSPECIFIED
+	policyStop = dispatchv1.StopCode_STOP_CODE_POLICY
+	budget     = dispatchv1.StopCode_STOP_CODE_BUDGET
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -108,19 +117,20 @@ rules:
 		st     State
 		action Action
 		rule   string
+		code   dispatchv1.StopCode
 	}{
-		{"allow content", []Packet{{Kind: KindContent, Text: "hello"}}, State{}, Allow, ""},
-		{"phrase in one chunk", []Packet{{Kind: KindContent, Text: "a Forbidden Phrase!"}}, State{}, Stop, "stop-word"},
-		{"phrase split", []Packet{{Kind: KindContent, Text: "forbid"}, {Kind: KindContent, Text: "den phr"}, {Kind: KindContent, Text: "ase"}}, State{}, Stop, "stop-word"},
-		{"phrase across utf-8", []Packet{{Kind: KindContent, Text: "é forbidden "}, {Kind: KindContent, Text: "phrase"}}, State{}, Stop, "stop-word"},
-		{"deny", []Packet{{Kind: KindToolCall, ToolName: "delete", ToolArgsJSON: "{}"}}, State{}, Deny, "deny-del"},
-		{"hold", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{"amount": 12}`}}, State{}, Hold, "hold-pay"},
-		{"small pay", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{"amount": 2}`}}, State{}, Allow, ""},
-		{"bad json fails closed", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{not json`}}, State{}, Hold, "hold-pay"},
-		{"stop beats deny", []Packet{{Kind: KindToolCall, ToolName: "delete"}}, State{Tenant: "blocked"}, Stop, "stop-tenant"},
-		{"tokens", []Packet{{Kind: KindUsage}}, State{InputTokens: 60, OutputTokens: 41}, Stop, "limit.max_tokens"},
-		{"tokens at limit", []Packet{{Kind: KindUsage}}, State{InputTokens: 60, OutputTokens: 40}, Allow, ""},
-		{"cost limit fires", []Packet{{Kind: KindError, Text: "x"}}, State{}, Stop, "loop"},
+		{"allow content", []Packet{{Kind: KindContent, Text: "hello"}}, State{}, Allow, "", noStop},
+		{"phrase in one chunk", []Packet{{Kind: KindContent, Text: "a Forbidden Phrase!"}}, State{}, Stop, "stop-word", policyStop},
+		{"phrase split", []Packet{{Kind: KindContent, Text: "forbid"}, {Kind: KindContent, Text: "den phr"}, {Kind: KindContent, Text: "ase"}}, State{}, Stop, "stop-word", policyStop},
+		{"phrase across utf-8", []Packet{{Kind: KindContent, Text: "é forbidden "}, {Kind: KindContent, Text: "phrase"}}, State{}, Stop, "stop-word", policyStop},
+		{"deny", []Packet{{Kind: KindToolCall, ToolName: "delete", ToolArgsJSON: "{}"}}, State{}, Deny, "deny-del", noStop},
+		{"hold", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{"amount": 12}`}}, State{}, Hold, "hold-pay", noStop},
+		{"small pay", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{"amount": 2}`}}, State{}, Allow, "", noStop},
+		{"bad json fails closed", []Packet{{Kind: KindToolCall, ToolName: "pay", ToolArgsJSON: `{not json`}}, State{}, Hold, "hold-pay", noStop},
+		{"stop beats deny", []Packet{{Kind: KindToolCall, ToolName: "delete"}}, State{Tenant: "blocked"}, Stop, "stop-tenant", policyStop},
+		{"tokens", []Packet{{Kind: KindUsage}}, State{InputTokens: 60, OutputTokens: 41}, Stop, "limit.max_tokens", budget},
+		{"tokens at limit", []Packet{{Kind: KindUsage}}, State{InputTokens: 60, OutputTokens: 40}, Allow, "", noStop},
+		{"cost limit fires", []Packet{{Kind: KindError, Text: "x"}}, State{}, Stop, "loop", policyStop},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -133,8 +143,8 @@ rules:
 					t.Fatalf("packet %d: %v", i, d)
 				}
 			}
-			if d.Action != tc.action || d.RuleID != tc.rule {
-				t.Fatalf("got %s %q (%s), want %s %q", d.Action, d.RuleID, d.Reason, tc.action, tc.rule)
+			if d.Action != tc.action || d.RuleID != tc.rule || d.StopCode != tc.code {
+				t.Fatalf("got %s %q %v (%s), want %s %q %v", d.Action, d.RuleID, d.StopCode, d.Reason, tc.action, tc.rule, tc.code)
 			}
 			if d.Action == Hold && d.HoldTimeout != 3*time.Second {
 				t.Fatalf("hold timeout %v", d.HoldTimeout)
@@ -166,17 +176,18 @@ rules:
 		st     State
 		action Action
 		rule   string
+		code   dispatchv1.StopCode
 	}{
-		{Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny"}, // global deny beats task hold
-		{Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold"},
-		{Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop"},
-		{Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost"}, // global 1.0 still holds
-		{Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps"},
+		{Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny", noStop}, // global deny beats task hold
+		{Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold", noStop},
+		{Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop", policyStop},
+		{Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost", budget}, // global 1.0 still holds
+		{Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps", budget},
 	}
 	for i, c := range cases {
 		d := NewSession(src, extra).Evaluate(context.Background(), c.pkt, c.st)
-		if d.Action != c.action || d.RuleID != c.rule {
-			t.Errorf("case %d: got %s %q, want %s %q", i, d.Action, d.RuleID, c.action, c.rule)
+		if d.Action != c.action || d.RuleID != c.rule || d.StopCode != c.code {
+			t.Errorf("case %d: got %s %q %v, want %s %q %v", i, d.Action, d.RuleID, d.StopCode, c.action, c.rule, c.code)
 		}
 	}
 }

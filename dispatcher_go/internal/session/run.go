@@ -16,8 +16,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/agentdispatch/dispatcher/internal/broker"
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
@@ -25,7 +25,21 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
-// run is one session: one task on one slot. It implements task.Runner.
+// A session's code is split by what it handles, all on the one run value:
+//
+//   - run.go: the run's lifecycle — start, the packets of the commander
+//     (handle), the stop (decision, fence, grace), interjections and the end;
+//   - tools.go: tool calls — recording, refusing, running on the broker and
+//     answering them;
+//   - holds.go: tool calls held by a policy, until a client approves or
+//     rejects them (ResolveHold), their timeout, or the end of the session;
+//   - policy.go: the policy's evaluation of each packet, and its decisions.
+//
+// What the dispatcher calls each kind of event, how the log polices it and
+// how clients see it is in internal/events.
+
+// run is one session: one task on one slot. It implements task.Runner and
+// task.Approver.
 type run struct {
 	sl        *slot
 	t         *task.Task
@@ -48,16 +62,17 @@ type run struct {
 	decided  bool
 	deadline *time.Timer
 	grace    *time.Timer
-	holds    map[string]*hold // tool calls held by a policy, by call_id
+	holds    map[string]*hold // tool calls held by a policy, by call_id (holds.go)
 
 	// pol is the session's policy state (nil: no policy engine).
 	pol   *policy.Session
 	begun time.Time
 
-	// Only the receiving goroutine touches these.
+	// Tool calls (tools.go). Only the receiving goroutine touches calls
+	// and toolCalls.
 	calls     map[string]struct{}
 	toolCalls int64
-	inflight  atomic.Int32
+	inflight  atomic.Int32 // running and held calls
 }
 
 type stopInfo struct {
@@ -223,7 +238,7 @@ func (r *run) Interject(ctx context.Context, text string) (string, uint64, error
 		return "", 0, fmt.Errorf("%w: the task is stopping", task.ErrNotRunning)
 	}
 	ui := &dispatchv1.UserInput{MessageId: "msg-" + newSessionID()[4:], Text: text}
-	seq, err := r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_UserInput{UserInput: ui}}, eventlog.Capped|eventlog.Fenceable)
+	seq, err := r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_UserInput{UserInput: ui}}, events.UserInput.Spec().Class)
 	switch {
 	case errors.Is(err, eventlog.ErrFenced), errors.Is(err, eventlog.ErrSealed):
 		return "", 0, fmt.Errorf("%w: the task is stopping", task.ErrNotRunning)
@@ -251,50 +266,33 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 		// looks at the budget), and recorded below, never fenced.
 		r.t.AddUsage(u)
 	}
+	ev, kind := events.FromUpstream(pkt)
+	if kind == events.None {
+		if sb := pkt.GetSandbox(); sb != nil {
+			// A fact about the world, not planner output: kept even after a
+			// stop, so that a continuing task finds the sandbox
+			// (QueryTaskStatus shows it).
+			r.t.SetSandboxInUse(sb.GetSandbox(), sb.GetKept())
+			return nil
+		}
+		return r.sl.reject(r.sessionID, "unsupported payload")
+	}
 	// The policy decides before the packet is recorded: a stop fences the
 	// log here, so this packet is dropped by the fence below like any
 	// packet after a stop.
-	d := r.evaluate(pkt)
-	ev := &dispatchv1.TaskEvent{EmittedAtUs: pkt.GetTimestamp()}
-	// Planner output: refused once the stop is decided (Fenceable).
-	const output = eventlog.Capped | eventlog.Fenceable
-	switch p := pkt.GetPayload().(type) {
-	case *dispatchv1.UpstreamPacket_Thought:
-		ev.Kind = &dispatchv1.TaskEvent_Thought{Thought: p.Thought}
-		return r.record(ev, output)
-	case *dispatchv1.UpstreamPacket_Content:
-		ev.Kind = &dispatchv1.TaskEvent_Content{Content: p.Content}
-		return r.record(ev, output)
-	case *dispatchv1.UpstreamPacket_Stage:
-		ev.Kind = &dispatchv1.TaskEvent_Stage{Stage: p.Stage}
-		return r.record(ev, output)
-	case *dispatchv1.UpstreamPacket_Artifact:
-		ev.Kind = &dispatchv1.TaskEvent_Artifact{Artifact: p.Artifact}
-		return r.record(ev, output)
-	case *dispatchv1.UpstreamPacket_Error:
-		ev.Kind = &dispatchv1.TaskEvent_Error{Error: p.Error}
-		return r.record(ev, output)
-	case *dispatchv1.UpstreamPacket_Usage:
-		ev.Kind = &dispatchv1.TaskEvent_Usage{Usage: p.Usage}
-		return r.record(ev, eventlog.Capped)
-	case *dispatchv1.UpstreamPacket_ToolCall:
-		ev.Kind = &dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}
-		return r.toolCall(ev, p.ToolCall, d)
-	case *dispatchv1.UpstreamPacket_Result:
-		ev.Kind = &dispatchv1.TaskEvent_Result{Result: p.Result}
-		r.onResult(ev, p.Result)
+	d := r.evaluate(ev)
+	switch kind {
+	case events.ToolCall:
+		return r.toolCall(ev, d)
+	case events.Result:
+		r.onResult(ev)
 		return nil
-	case *dispatchv1.UpstreamPacket_Stopped:
-		ev.Kind = &dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}
-		r.onStopped(ev, p.Stopped)
-		return nil
-	case *dispatchv1.UpstreamPacket_Sandbox:
-		// A fact about the world, not planner output: kept even after a stop,
-		// so that a continuing task finds the sandbox (QueryTaskStatus shows it).
-		r.t.SetSandboxInUse(p.Sandbox.GetSandbox(), p.Sandbox.GetKept())
+	case events.Stopped:
+		r.onStopped(ev)
 		return nil
 	}
-	return r.sl.reject(r.sessionID, "unsupported payload")
+	// Planner output (refused once the stop is decided) and usage (never).
+	return r.record(ev, kind.Spec().Class)
 }
 
 // record appends a planner event and handles refusals.
@@ -315,111 +313,12 @@ func (r *run) record(ev *dispatchv1.TaskEvent, class eventlog.Class) error {
 	}
 }
 
-// toolCall records a tool call and starts it, or refuses it.
-func (r *run) toolCall(ev *dispatchv1.TaskEvent, tc *dispatchv1.ToolCallRequest, d policy.Decision) error {
-	if tc.GetCallId() == "" {
-		return r.sl.reject(r.sessionID, "tool_call without call_id")
-	}
-	if r.stopped.Load() {
-		r.sl.srv.stats.DeniedAfterStop.Add(1)
-		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
-	}
-	if _, dup := r.calls[tc.GetCallId()]; dup {
-		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "duplicate call_id in this session", false)
-	}
-	// The append is the check against the stop fence: a call recorded
-	// before the fence was accepted before the stop (and is cancelled by it).
-	_, err := r.t.Record(ev, eventlog.Capped|eventlog.Fenceable)
-	switch {
-	case errors.Is(err, eventlog.ErrFenced):
-		r.sl.srv.stats.DeniedAfterStop.Add(1)
-		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
-	case errors.Is(err, eventlog.ErrFull):
-		r.Stop("event log limit reached", dispatchv1.StopCode_STOP_CODE_BUDGET)
-		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "event log limit reached; the session is stopped", false)
-	case err != nil:
-		return r.sl.reject(r.sessionID, "session closed")
-	}
-	r.calls[tc.GetCallId()] = struct{}{}
-	r.toolCalls++
-	if d.Action == policy.Deny {
-		return r.policyDeny(tc, d)
-	}
-	if int(r.inflight.Load()) >= r.sl.srv.opts.MaxToolCalls {
-		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED,
-			fmt.Sprintf("too many tool calls in flight (limit %d)", r.sl.srv.opts.MaxToolCalls), true)
-	}
-	call := broker.Call{
-		TaskID:        r.t.ID(),
-		SessionID:     r.sessionID,
-		CallID:        tc.GetCallId(),
-		ToolName:      tc.GetToolName(),
-		ArgumentsJSON: tc.GetArgumentsJson(),
-		TraceContext:  tc.GetTraceContext(),
-	}
-	if d.Action == policy.Hold {
-		r.policyHold(tc, call, d)
-		return nil
-	}
-	r.inflight.Add(1)
-	if !r.sl.goTool(func() {
-		defer r.inflight.Add(-1)
-		r.deliverResult(r.sl.srv.broker.Call(r.ctx, call))
-	}) {
-		r.inflight.Add(-1) // the stream is over; nobody will read a result
-	}
-	return nil
-}
-
-// deny answers a tool call with an error result without running it. logged
-// says whether the call is in the event log (then so is its result).
-func (r *run) deny(tc *dispatchv1.ToolCallRequest, code dispatchv1.ToolErrorCode, msg string, logged bool) error {
-	res := &dispatchv1.ToolCallResult{
-		ToolName: tc.GetToolName(),
-		CallId:   tc.GetCallId(),
-		Error:    &dispatchv1.ToolError{Code: code, Message: msg},
-	}
-	if logged {
-		r.recordResult(broker.Result{Result: res})
-	}
-	return r.sendResult(res)
-}
-
-// deliverResult records a finished call and sends its result downstream.
-func (r *run) deliverResult(res broker.Result) {
-	r.recordResult(res)
-	if r.ended.Load() {
-		return // the session is over; nobody waits for this call
-	}
-	_ = r.sendResult(res.Result)
-}
-
-func (r *run) recordResult(res broker.Result) {
-	// Control: the call was accepted, so its outcome is recorded even
-	// after a stop (cancelled calls show as CANCELLED).
-	_, _ = r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolResult{ToolResult: &dispatchv1.ToolResultEvent{
-		Result:     res.Result,
-		DurationMs: res.Duration.Milliseconds(),
-		Executor:   res.Executor,
-	}}}, eventlog.Control)
-}
-
-func (r *run) sendResult(res *dispatchv1.ToolCallResult) error {
-	err := r.sl.out.push(r.sl.ctx, &dispatchv1.DownstreamPacket{
-		SessionId: r.sessionID,
-		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res},
-	})
-	if err != nil {
-		return context.Cause(r.sl.ctx)
-	}
-	return nil
-}
-
 // onResult ends the session the planner finished. If a stop was decided
 // but the planner finished first, the task keeps the planner's real outcome
 // (and a cancel says truthfully that it came too late).
-func (r *run) onResult(ev *dispatchv1.TaskEvent, res *dispatchv1.FinalResult) {
-	_, _ = r.t.Record(ev, eventlog.Control)
+func (r *run) onResult(ev *dispatchv1.TaskEvent) {
+	res := ev.GetResult()
+	_, _ = r.t.Record(ev, events.Result.Spec().Class)
 	status := agentpb.TaskStatus_FAILURE
 	msg := res.GetMessage()
 	switch res.GetOutcome() {
@@ -439,9 +338,10 @@ func (r *run) onResult(ev *dispatchv1.TaskEvent, res *dispatchv1.FinalResult) {
 }
 
 // onStopped ends a stopped session.
-func (r *run) onStopped(ev *dispatchv1.TaskEvent, st *dispatchv1.Stopped) {
+func (r *run) onStopped(ev *dispatchv1.TaskEvent) {
+	st := ev.GetStopped()
 	r.t.AddUsage(st.GetFinalUsage())
-	_, _ = r.t.Record(ev, eventlog.Control)
+	_, _ = r.t.Record(ev, events.Stopped.Spec().Class)
 	info, decided := r.stopState()
 	if decided {
 		r.end(stopStatus(info.code), info.reason, "")

@@ -1,0 +1,127 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/agentdispatch/dispatcher/internal/broker"
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/events"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/policy"
+)
+
+// Tool calls. A tool call is recorded before anything else happens to it:
+// the append is the check against the stop fence, so a call is either
+// accepted before the stop (then it runs, or is cancelled by the stop, and
+// its result is recorded) or, after it, answered DENIED and not recorded.
+// An accepted call runs on the broker in its own goroutine (slot.goTool);
+// its result is recorded and sent downstream. A policy can deny a call
+// (policy.go) or hold it (holds.go).
+
+// toolCall records a tool call and starts it, or refuses it.
+func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
+	tc := ev.GetToolCall()
+	if tc.GetCallId() == "" {
+		return r.sl.reject(r.sessionID, "tool_call without call_id")
+	}
+	if r.stopped.Load() {
+		r.sl.srv.stats.DeniedAfterStop.Add(1)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
+	}
+	if _, dup := r.calls[tc.GetCallId()]; dup {
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "duplicate call_id in this session", false)
+	}
+	// The append is the check against the stop fence: a call recorded
+	// before the fence was accepted before the stop (and is cancelled by it).
+	_, err := r.t.Record(ev, events.ToolCall.Spec().Class)
+	switch {
+	case errors.Is(err, eventlog.ErrFenced):
+		r.sl.srv.stats.DeniedAfterStop.Add(1)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "the session is stopped", false)
+	case errors.Is(err, eventlog.ErrFull):
+		r.Stop("event log limit reached", dispatchv1.StopCode_STOP_CODE_BUDGET)
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED, "event log limit reached; the session is stopped", false)
+	case err != nil:
+		return r.sl.reject(r.sessionID, "session closed")
+	}
+	r.calls[tc.GetCallId()] = struct{}{}
+	r.toolCalls++
+	if d.Action == policy.Deny {
+		return r.policyDeny(tc, d)
+	}
+	if int(r.inflight.Load()) >= r.sl.srv.opts.MaxToolCalls {
+		return r.deny(tc, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED,
+			fmt.Sprintf("too many tool calls in flight (limit %d)", r.sl.srv.opts.MaxToolCalls), true)
+	}
+	call := broker.Call{
+		TaskID:        r.t.ID(),
+		SessionID:     r.sessionID,
+		CallID:        tc.GetCallId(),
+		ToolName:      tc.GetToolName(),
+		ArgumentsJSON: tc.GetArgumentsJson(),
+		TraceContext:  tc.GetTraceContext(),
+	}
+	if d.Action == policy.Hold {
+		r.policyHold(tc, call, d)
+		return nil
+	}
+	r.inflight.Add(1)
+	if !r.sl.goTool(func() {
+		defer r.inflight.Add(-1)
+		r.deliverResult(r.sl.srv.broker.Call(r.ctx, call))
+	}) {
+		r.inflight.Add(-1) // the stream is over; nobody will read a result
+	}
+	return nil
+}
+
+// deny answers a tool call with an error result without running it. logged
+// says whether the call is in the event log (then so is its result).
+func (r *run) deny(tc *dispatchv1.ToolCallRequest, code dispatchv1.ToolErrorCode, msg string, logged bool) error {
+	res := deniedResult(tc, code, msg)
+	if logged {
+		r.recordResult(broker.Result{Result: res})
+	}
+	return r.sendResult(res)
+}
+
+// deliverResult records a finished call and sends its result downstream.
+func (r *run) deliverResult(res broker.Result) {
+	r.recordResult(res)
+	if r.ended.Load() {
+		return // the session is over; nobody waits for this call
+	}
+	_ = r.sendResult(res.Result)
+}
+
+func (r *run) recordResult(res broker.Result) {
+	// Control: the call was accepted, so its outcome is recorded even
+	// after a stop (cancelled calls show as CANCELLED).
+	_, _ = r.t.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_ToolResult{ToolResult: &dispatchv1.ToolResultEvent{
+		Result:     res.Result,
+		DurationMs: res.Duration.Milliseconds(),
+		Executor:   res.Executor,
+	}}}, events.ToolResult.Spec().Class)
+}
+
+func (r *run) sendResult(res *dispatchv1.ToolCallResult) error {
+	err := r.sl.out.push(r.sl.ctx, &dispatchv1.DownstreamPacket{
+		SessionId: r.sessionID,
+		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res},
+	})
+	if err != nil {
+		return context.Cause(r.sl.ctx)
+	}
+	return nil
+}
+
+// deniedResult is the error result of a call that did not run.
+func deniedResult(tc *dispatchv1.ToolCallRequest, code dispatchv1.ToolErrorCode, msg string) *dispatchv1.ToolCallResult {
+	return &dispatchv1.ToolCallResult{
+		ToolName: tc.GetToolName(),
+		CallId:   tc.GetCallId(),
+		Error:    &dispatchv1.ToolError{Code: code, Message: msg},
+	}
+}
