@@ -11,8 +11,8 @@ import (
 	"time"
 )
 
-// Stats counts decisions; safe for concurrent use. Prometheus export comes
-// in a later issue; until then tests and logs read it.
+// Stats counts decisions; safe for concurrent use. internal/metrics exports
+// it to Prometheus at scrape time.
 type Stats struct {
 	// Evaluations counts packets evaluated.
 	Evaluations atomic.Int64

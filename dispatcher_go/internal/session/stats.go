@@ -7,8 +7,8 @@ import (
 
 // latencyBounds are the upper bounds of the stop-latency histogram buckets,
 // chosen around the expected range (a local commander acks in milliseconds;
-// the grace is 2 s). The last bucket is unbounded. They match what a
-// Prometheus histogram of a later issue will use.
+// the grace is 2 s). The last bucket is unbounded. internal/metrics exports
+// the histogram with these buckets.
 var latencyBounds = []time.Duration{
 	time.Millisecond, 2 * time.Millisecond, 5 * time.Millisecond,
 	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
@@ -76,8 +76,8 @@ func (s HistogramSnapshot) Quantile(q float64) time.Duration {
 	return s.Bounds[len(s.Bounds)-1]
 }
 
-// Stats counts what the sessions did; safe for concurrent use. Metrics
-// export comes in a later issue; until then tests and logs read it.
+// Stats counts what the sessions did; safe for concurrent use. internal/metrics
+// exports it to Prometheus at scrape time.
 type Stats struct {
 	// StopsDecided counts stop decisions (cancel, deadline, budget, shutdown).
 	StopsDecided atomic.Int64
