@@ -126,6 +126,17 @@ func TestChannelHelpers(t *testing.T) {
 			t.Fatal("ok on a closed channel")
 		}
 	})
+	t.Run("Done on close or value", func(t *testing.T) {
+		t.Parallel()
+		closed := make(chan struct{})
+		close(closed)
+		Done(t, closed, Wait)
+		value := make(chan error, 1)
+		value <- nil
+		Done(t, value, Wait)
+		wantFailure(t, run(t, func(tb testing.TB) { Done(tb, make(chan struct{}), 10*time.Millisecond, "the server") }),
+			"nothing received within 10ms: the server")
+	})
 	t.Run("Send delivers", func(t *testing.T) {
 		t.Parallel()
 		ch := make(chan string, 1)

@@ -77,6 +77,13 @@ func RecvOK[T any](t testing.TB, ch <-chan T, timeout time.Duration, msgAndArgs 
 	}
 }
 
+// Done waits until ch yields a value or is closed: the bounded form of a
+// bare `<-done`. The test fails if neither happens within timeout.
+func Done[T any](t testing.TB, ch <-chan T, timeout time.Duration, msgAndArgs ...any) {
+	t.Helper()
+	RecvOK(t, ch, timeout, msgAndArgs...)
+}
+
 // NoRecv fails the test if a value arrives on ch (or ch is closed) within
 // d. It waits the whole of d: keep d short, and use it only to show that
 // something does not happen.
