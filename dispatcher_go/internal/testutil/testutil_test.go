@@ -169,6 +169,36 @@ func TestChannelHelpers(t *testing.T) {
 	})
 }
 
+//go:noinline
+func parkedHere(release <-chan struct{}) { <-release }
+
+//go:noinline
+func callsParkedHere(release <-chan struct{}) { parkedHere(release) }
+
+func TestBlocked(t *testing.T) {
+	t.Parallel()
+	const here = "testutil.parkedHere"
+	release := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		callsParkedHere(release)
+	}()
+	WaitFor(t, Wait, func() bool { return Blocked(here) }, "a goroutine parked in %s", here)
+	if !Blocked("github.com/agentdispatch/dispatcher/internal/testutil.parkedHere") {
+		t.Fatal("not found by its full name")
+	}
+	if Blocked("testutil.callsParkedHere") {
+		t.Fatal("blocked in a caller of the function that waits")
+	}
+	if Blocked("ParkedHere") || Blocked("testutil.parked") {
+		t.Fatal("matched part of a name")
+	}
+	close(release)
+	Done(t, done, Wait)
+	WaitFor(t, Wait, func() bool { return !Blocked(here) }, "the goroutine to leave %s", here)
+}
+
 // TestUpCoversEveryPayload builds a packet for every field of
 // UpstreamPacket's payload oneof, so a new payload kind fails here until Up
 // knows it.
