@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -360,4 +362,47 @@ rules:
 			t.Fatalf("whole text stop=%v, split stop at chunk %d", whole, stoppedAt)
 		}
 	})
+}
+
+// TestCompileConcurrently: policies are compiled concurrently (each
+// SubmitTask compiles its task's rules, a reload compiles the file) and
+// must not race on the shared CEL environment, also when one of them has
+// a mistake (the checker builds its error catalog then) while others have
+// comprehensions (the checker clones its environment then). Run with -race.
+// It uses an environment of its own, so that no earlier test has already
+// made the first mistake.
+func TestCompileConcurrently(t *testing.T) {
+	t.Parallel()
+	env, err := newCELEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const loops, workers = 20, 4
+	started := make(chan struct{}, workers)
+	done := make(chan error, workers)
+	for range workers {
+		go func() {
+			for i := range loops {
+				if _, iss := env.Compile(`[1, 2].all(i, i > 0) && labels.exists(k, k == "x")`); iss.Err() != nil {
+					done <- iss.Err()
+					return
+				}
+				if i == 0 {
+					started <- struct{}{}
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range workers {
+		testutil.Recv(t, started, testutil.Wait, "the comprehensions to be compiling")
+	}
+	if _, iss := env.Compile("no_such_variable == 1"); iss.Err() == nil {
+		t.Error("an undeclared reference compiled")
+	}
+	for range workers {
+		if err := testutil.Recv(t, done, testutil.Wait, "the comprehensions to compile"); err != nil {
+			t.Error(err)
+		}
+	}
 }
