@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -30,12 +29,14 @@ func mustCompile(t testing.TB, src string) *Policy {
 // TestTestdataPolicies compiles every policy under testdata/, which runs its
 // inline test cases (a failing case fails Compile).
 func TestTestdataPolicies(t *testing.T) {
+	t.Parallel()
 	files, _ := filepath.Glob("testdata/*.yaml")
 	if len(files) == 0 {
 		t.Fatal("no testdata policies")
 	}
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {
+			t.Parallel()
 			src, err := os.ReadFile(f)
 			if err != nil {
 				t.Fatal(err)
@@ -48,6 +49,7 @@ func TestTestdataPolicies(t *testing.T) {
 // TestInvalidPolicies: each file under testdata/invalid is rejected with an
 // error that says what is wrong.
 func TestInvalidPolicies(t *testing.T) {
+	t.Parallel()
 	want := map[string]string{
 		"syntax.yaml":       "rule bad: when:",
 		"notbool.yaml":      "must be a bool expression",
@@ -68,6 +70,7 @@ func TestInvalidPolicies(t *testing.T) {
 	for _, f := range files {
 		name := filepath.Base(f)
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			src, _ := os.ReadFile(f)
 			_, err := Compile(src)
 			if !errors.Is(err, ErrInvalid) {
@@ -81,6 +84,7 @@ func TestInvalidPolicies(t *testing.T) {
 }
 
 func TestEvaluateTable(t *testing.T) {
+	t.Parallel()
 	p := mustCompile(t, `
 version: 1
 limits: {max_tokens: 100}
@@ -126,6 +130,7 @@ rules:
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			src := &staticSource{p: p}
 			s := NewSession(src, nil)
 			var d Decision
@@ -151,6 +156,7 @@ rules:
 // TestTaskRulesOnlyTighten: a task's extra policy adds restrictions and
 // tighter limits; its looser limit does not loosen the global one.
 func TestTaskRulesOnlyTighten(t *testing.T) {
+	t.Parallel()
 	global := mustCompile(t, `
 limits: {max_cost: 1.0}
 rules:
@@ -164,26 +170,31 @@ rules:
 `)
 	src := &staticSource{p: global}
 	cases := []struct {
+		name   string
 		pkt    Packet
 		st     State
 		action Action
 		rule   string
 	}{
-		{Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny"}, // global deny beats task hold
-		{Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold"},
-		{Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop"},
-		{Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost"}, // global 1.0 still holds
-		{Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps"},
+		{"global deny beats task hold", Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny"},
+		{"task hold", Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold"},
+		{"task phrase", Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop"},
+		{"global cost limit still holds", Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost"},
+		{"task step limit", Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps"},
 	}
-	for i, c := range cases {
-		d := NewSession(src, extra).Evaluate(context.Background(), c.pkt, c.st)
-		if d.Action != c.action || d.RuleID != c.rule {
-			t.Errorf("case %d: got %s %q, want %s %q", i, d.Action, d.RuleID, c.action, c.rule)
-		}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			d := NewSession(src, extra).Evaluate(context.Background(), c.pkt, c.st)
+			if d.Action != c.action || d.RuleID != c.rule {
+				t.Errorf("got %s %q, want %s %q", d.Action, d.RuleID, c.action, c.rule)
+			}
+		})
 	}
 }
 
 func TestTailIsBounded(t *testing.T) {
+	t.Parallel()
 	p := mustCompile(t, `
 text_window: 16
 rules:
@@ -207,6 +218,7 @@ rules:
 }
 
 func TestEngineWatchReloads(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "policy.yaml")
 	v1 := "rules:\n  - {id: r1, phrases: [one], action: stop}\n"
@@ -219,26 +231,18 @@ func TestEngineWatchReloads(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); e.Watch(ctx, path, 5*time.Millisecond) }()
-	defer func() { cancel(); wg.Wait() }()
+	watched := make(chan struct{})
+	go func() { defer close(watched); e.Watch(ctx, path, 5*time.Millisecond) }()
+	defer func() {
+		cancel()
+		testutil.Done(t, watched, testutil.Wait, "Watch to return when its context ends")
+	}()
 
-	waitFor := func(what string, ok func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for !ok() {
-			if time.Now().After(deadline) {
-				t.Fatal("timed out waiting for " + what)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
 	// A broken file is rejected; the old policy stays.
 	if err := os.WriteFile(path, []byte("rules:\n  - {id: r2, when: 'nope(', action: stop}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("rejection", func() bool { return e.Stats().ReloadFailures.Load() == 1 })
+	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().ReloadFailures.Load() == 1 }, "the broken file's rejection")
 	if e.Current() != p1 {
 		t.Fatal("broken policy replaced the old one")
 	}
@@ -247,7 +251,7 @@ func TestEngineWatchReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte(v2), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("reload", func() bool { return e.Stats().Reloads.Load() == 1 })
+	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().Reloads.Load() == 1 }, "the good file's reload")
 	d := NewSession(e, nil).Evaluate(context.Background(), Packet{Kind: KindContent, Text: "two"}, State{})
 	if d.RuleID != "r2" || e.Stats().Reloads.Load() != 1 {
 		t.Fatalf("after reload: %v reloads %d", d, e.Stats().Reloads.Load())
