@@ -3,7 +3,7 @@
 // harness and a stub commander that speaks ChatStream.
 //
 // It owns only test helpers. It must be imported by _test.go files only
-// (TestOnlyImportedByTests enforces this), and it must not import any
+// (TestTestOnlyImportedByTests enforces this), and it must not import any
 // dispatcher package but the generated protos: a package under test must be
 // able to use it without an import cycle, which is why the gRPC harness takes
 // a registrar (func(*grpc.Server)) instead of building a server itself.
