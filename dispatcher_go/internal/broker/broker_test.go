@@ -12,6 +12,7 @@ import (
 	"go.uber.org/goleak"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -140,15 +141,27 @@ func TestBadCalls(t *testing.T) {
 
 func TestTimeoutAndCancel(t *testing.T) {
 	b := newBroker(t, 30*time.Millisecond)
+	// The sleep tool, told when it runs.
+	running := make(chan struct{})
+	sleepTool := b.tools["sleep"]
+	probe := *sleepTool
+	probe.builtin = func(ctx context.Context, args map[string]any, raw string) (string, error) {
+		close(running)
+		return sleepTool.builtin(ctx, args, raw)
+	}
+	b.mu.Lock()
+	b.tools["sleep"] = &probe
+	b.mu.Unlock()
+
 	// A stop cancels the session's context: a running sleep ends at once
 	// with CANCELLED (sleep declares its own, longer timeout).
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		time.Sleep(20 * time.Millisecond)
-		cancel()
-	}()
+	res := make(chan Result, 1)
 	start := time.Now()
-	r := call(b, ctx, "sleep", `{"ms":5000}`)
+	go func() { res <- call(b, ctx, "sleep", `{"ms":5000}`) }()
+	testutil.Done(t, running, testutil.Wait, "the sleep tool to run")
+	cancel()
+	r := testutil.Recv(t, res, testutil.Wait, "the cancelled sleep's result")
 	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED)
 	if time.Since(start) > time.Second {
 		t.Fatal("cancel did not interrupt sleep")
@@ -217,13 +230,19 @@ func (f *fakeProvider) Recv() (*dispatchv1.ConnectRequest, error) {
 
 func (f *fakeProvider) next(t *testing.T) *dispatchv1.ConnectResponse {
 	t.Helper()
-	select {
-	case m := <-f.toProv:
-		return m
-	case <-time.After(2 * time.Second):
-		t.Fatal("no message from the broker")
-		return nil
-	}
+	return testutil.Recv(t, f.toProv, testutil.Wait, "a message from the broker")
+}
+
+// send hands m to the broker's Recv.
+func (f *fakeProvider) send(t *testing.T, m *dispatchv1.ConnectRequest) {
+	t.Helper()
+	testutil.Send(t, f.toSrv, m, testutil.Wait, "the broker to read the provider's message")
+}
+
+// ended waits for ServeProvider's error.
+func ended(t *testing.T, done <-chan error) error {
+	t.Helper()
+	return testutil.Recv(t, done, testutil.Wait, "ServeProvider to return")
 }
 
 func hello(id string, tools ...*dispatchv1.ToolSpec) *dispatchv1.ConnectRequest {
@@ -245,9 +264,9 @@ func TestProviderRoundTripAndUnregister(t *testing.T) {
 	b := newBroker(t, 2*time.Second)
 	f := newFakeProvider()
 	done := serve(b, f)
-	f.toSrv <- hello("sandbox-1", &dispatchv1.ToolSpec{
+	f.send(t, hello("sandbox-1", &dispatchv1.ToolSpec{
 		Name: "computer.click", ParametersJsonSchema: `{"type":"object","properties":{"x":{"type":"integer"},"y":{"type":"integer"}},"required":["x","y"]}`,
-	})
+	}))
 	w := f.next(t).GetWelcome()
 	if w == nil || len(w.GetRegisteredTools()) != 1 {
 		t.Fatalf("welcome %v", w)
@@ -259,10 +278,10 @@ func TestProviderRoundTripAndUnregister(t *testing.T) {
 	if inv.GetToolName() != "computer.click" || inv.GetCallId() != "c1" || inv.GetTaskId() != "t" || inv.GetDeadline() == nil {
 		t.Fatalf("invoke %v", inv)
 	}
-	f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
+	f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
 		InvocationId: inv.GetInvocationId(), ResultJson: `{"ok":true}`,
-	}}}
-	r := <-res
+	}}})
+	r := testutil.Recv(t, res, testutil.Wait, "the call's result")
 	if r.Result.GetResultJson() != `{"ok":true}` || r.Executor != "sandbox-1" {
 		t.Fatalf("result %v executor %q", r.Result, r.Executor)
 	}
@@ -270,13 +289,13 @@ func TestProviderRoundTripAndUnregister(t *testing.T) {
 	wantError(t, call(b, context.Background(), "computer.click", `{"x":"1"}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS)
 
 	// A result nobody waits for is rejected; the stream goes on.
-	f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{InvocationId: "bogus"}}}
+	f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{InvocationId: "bogus"}}})
 	if rej := f.next(t).GetRejected(); rej.GetInvocationId() != "bogus" {
 		t.Fatalf("rejected %v", rej)
 	}
 
 	close(f.toSrv)
-	if err := <-done; err != nil {
+	if err := ended(t, done); err != nil {
 		t.Fatalf("ServeProvider = %v", err)
 	}
 	wantError(t, call(b, context.Background(), "computer.click", `{"x":1,"y":2}`), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL)
@@ -286,21 +305,21 @@ func TestProviderGoneMidCall(t *testing.T) {
 	b := newBroker(t, 5*time.Second)
 	f := newFakeProvider()
 	done := serve(b, f)
-	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "slow"})
+	f.send(t, hello("p", &dispatchv1.ToolSpec{Name: "slow"}))
 	f.next(t)
 	res := make(chan Result, 1)
 	go func() { res <- call(b, context.Background(), "slow", `{}`) }()
 	f.next(t) // the invoke
 	close(f.toSrv)
-	<-done
-	wantError(t, <-res, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE)
+	ended(t, done)
+	wantError(t, testutil.Recv(t, res, testutil.Wait, "the call's result"), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE)
 }
 
 func TestProviderTimeoutSendsCancel(t *testing.T) {
 	b := newBroker(t, 50*time.Millisecond)
 	f := newFakeProvider()
 	done := serve(b, f)
-	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "slow"})
+	f.send(t, hello("p", &dispatchv1.ToolSpec{Name: "slow"}))
 	f.next(t)
 	r := call(b, context.Background(), "slow", `{}`)
 	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT)
@@ -310,26 +329,26 @@ func TestProviderTimeoutSendsCancel(t *testing.T) {
 		t.Fatalf("cancel %v for %v", c, inv)
 	}
 	close(f.toSrv)
-	<-done
+	ended(t, done)
 }
 
 func TestProviderErrorsAndBadResults(t *testing.T) {
 	b := newBroker(t, 2*time.Second)
 	f := newFakeProvider()
 	done := serve(b, f)
-	f.toSrv <- hello("p", &dispatchv1.ToolSpec{Name: "t1"})
+	f.send(t, hello("p", &dispatchv1.ToolSpec{Name: "t1"}))
 	f.next(t)
 	answer := func(r *dispatchv1.InvocationResult) Result {
 		res := make(chan Result, 1)
 		go func() { res <- call(b, context.Background(), "t1", `{}`) }()
 		r.InvocationId = f.next(t).GetInvoke().GetInvocationId()
-		f.toSrv <- &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: r}}
-		return <-res
+		f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: r}})
+		return testutil.Recv(t, res, testutil.Wait, "the call's result")
 	}
 	wantError(t, answer(&dispatchv1.InvocationResult{ResultJson: "not json"}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
 	wantError(t, answer(&dispatchv1.InvocationResult{Error: &dispatchv1.ToolError{Message: "boom"}}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
 	close(f.toSrv)
-	<-done
+	ended(t, done)
 }
 
 func TestProviderRegistrationRefusals(t *testing.T) {
@@ -347,24 +366,26 @@ func TestProviderRegistrationRefusals(t *testing.T) {
 		"negative timeout": {hello("p5", &dispatchv1.ToolSpec{Name: "f", TimeoutMs: -1}), ErrInvalidTool},
 	}
 	for name, c := range cases {
-		f := newFakeProvider()
-		done := serve(b, f)
-		f.toSrv <- c.first
-		if err := <-done; !errors.Is(err, c.want) {
-			t.Errorf("%s: %v, want %v", name, err, c.want)
-		}
+		t.Run(name, func(t *testing.T) {
+			f := newFakeProvider()
+			done := serve(b, f)
+			f.send(t, c.first)
+			if err := ended(t, done); !errors.Is(err, c.want) {
+				t.Errorf("%v, want %v", err, c.want)
+			}
+		})
 	}
 	// A clash with another provider.
 	f := newFakeProvider()
 	done := serve(b, f)
-	f.toSrv <- hello("first", &dispatchv1.ToolSpec{Name: "shared"})
+	f.send(t, hello("first", &dispatchv1.ToolSpec{Name: "shared"}))
 	f.next(t)
 	g := newFakeProvider()
 	gdone := serve(b, g)
-	g.toSrv <- hello("second", &dispatchv1.ToolSpec{Name: "shared"})
-	if err := <-gdone; !errors.Is(err, ErrToolExists) {
+	g.send(t, hello("second", &dispatchv1.ToolSpec{Name: "shared"}))
+	if err := ended(t, gdone); !errors.Is(err, ErrToolExists) {
 		t.Fatalf("clash: %v", err)
 	}
 	close(f.toSrv)
-	<-done
+	ended(t, done)
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // fakeSink holds persisted events until the test commits them; stored are
@@ -77,15 +78,10 @@ func TestDurableReadersSeeOnlyCommittedEvents(t *testing.T) {
 		evs, _ := l.Read(context.Background(), 0, nil)
 		got <- len(evs)
 	}()
-	time.Sleep(5 * time.Millisecond)
+	waitForReader(t)
 	sink.commitAll()
-	select {
-	case n := <-got:
-		if n != 1 {
-			t.Fatalf("read %d", n)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("reader not woken by commit")
+	if n := testutil.Recv(t, got, testutil.Wait, "the reader to be woken by the commit"); n != 1 {
+		t.Fatalf("read %d", n)
 	}
 	// The terminal event: EOF only once it is committed too.
 	if _, err := l.Seal(content("end")); err != nil {
@@ -239,12 +235,7 @@ func TestFenceAndFencedAppendDoNotWaitForRoom(t *testing.T) {
 		_, err := l.Append(&dispatchv1.TaskEvent{}, Capped|Fenceable)
 		done <- err
 	}()
-	select {
-	case err := <-done:
-		if !errors.Is(err, ErrFenced) {
-			t.Fatalf("append after the fence: %v, want ErrFenced", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Fence or a fenced Append waited for the sink's room")
+	if err := testutil.Recv(t, done, testutil.Wait, "Fence and a fenced Append to return without waiting for the sink's room"); !errors.Is(err, ErrFenced) {
+		t.Fatalf("append after the fence: %v, want ErrFenced", err)
 	}
 }

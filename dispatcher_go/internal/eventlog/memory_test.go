@@ -12,12 +12,22 @@ import (
 	"go.uber.org/goleak"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 func content(text string) *dispatchv1.TaskEvent {
 	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: text}}}
+}
+
+// waitForReader waits until a reader has found nothing new in the log and
+// waits for the next append (or commit). Tests of this package run one at a
+// time, so the reader is the test's own.
+func waitForReader(t *testing.T) {
+	t.Helper()
+	testutil.WaitFor(t, testutil.Wait, func() bool { return testutil.Blocked("eventlog.(*memLog).Read") },
+		"a reader to wait in Read")
 }
 
 func newLog(t *testing.T, limits Limits) Log {
@@ -71,15 +81,10 @@ func TestReadHistoryThenLiveThenEOF(t *testing.T) {
 		evs, _ := l.Read(ctx, 2, nil)
 		got <- evs
 	}()
-	time.Sleep(10 * time.Millisecond)
+	waitForReader(t)
 	_, _ = l.Append(content("c"), Capped)
-	select {
-	case evs := <-got:
-		if len(evs) != 1 || evs[0].GetContent().GetText() != "c" {
-			t.Fatalf("live read: %v", evs)
-		}
-	case <-time.After(2 * time.Second):
-		t.Fatal("reader not woken by append")
+	if evs := testutil.Recv(t, got, testutil.Wait, "the reader to be woken by the append"); len(evs) != 1 || evs[0].GetContent().GetText() != "c" {
+		t.Fatalf("live read: %v", evs)
 	}
 	if _, err := l.Seal(content("end")); err != nil {
 		t.Fatal(err)
@@ -221,7 +226,7 @@ func TestSlowAndManyReaders(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("writer took %s: readers slowed it down", d)
 	}
-	wg.Wait()
+	testutil.Done(t, waitGroupDone(&wg), 4*testutil.Wait, "every reader to reach the end of the log")
 	for r, seqs := range results {
 		if len(seqs) != events {
 			t.Fatalf("reader %d saw %d events, want %d", r, len(seqs), events)
@@ -232,4 +237,14 @@ func TestSlowAndManyReaders(t *testing.T) {
 			}
 		}
 	}
+}
+
+// waitGroupDone is closed when wg is done.
+func waitGroupDone(wg *sync.WaitGroup) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	return done
 }

@@ -165,8 +165,16 @@ func (p *Policy) NumRules() int {
 }
 
 // celEnv declares the variables rules see (docs/policies.md).
-var celEnv = sync.OnceValues(func() (*cel.Env, error) {
-	return cel.NewEnv(
+var celEnv = sync.OnceValues(newCELEnv)
+
+// newCELEnv returns a new CEL environment for rules, ready for concurrent
+// use. Compile may run concurrently (task policies at submit, reloads), and
+// cel-go's type checker, shared by every compilation, fills its error
+// catalog lazily the first time an expression has a mistake while other
+// checks read it without a lock (a data race in cel-go v0.33). One failing
+// check here fills it before anyone else can use the environment.
+func newCELEnv() (*cel.Env, error) {
+	env, err := cel.NewEnv(
 		cel.Variable("kind", cel.StringType),
 		cel.Variable("text", cel.StringType),
 		cel.Variable("window", cel.StringType),
@@ -188,7 +196,12 @@ var celEnv = sync.OnceValues(func() (*cel.Env, error) {
 		cel.Variable("task_id", cel.StringType),
 		ext.Strings(),
 	)
-})
+	if err != nil {
+		return nil, err
+	}
+	_, _ = env.Compile("undeclared_reference_fills_the_checker_catalog")
+	return env, nil
+}
 
 // Compile parses a policy file, compiles its rules and runs its inline
 // tests. Any problem is an error wrapping ErrInvalid that names the rule or

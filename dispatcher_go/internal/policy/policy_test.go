@@ -7,13 +7,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // The stop codes a decision carries.
@@ -37,12 +37,14 @@ func mustCompile(t testing.TB, src string) *Policy {
 // TestTestdataPolicies compiles every policy under testdata/, which runs its
 // inline test cases (a failing case fails Compile).
 func TestTestdataPolicies(t *testing.T) {
+	t.Parallel()
 	files, _ := filepath.Glob("testdata/*.yaml")
 	if len(files) == 0 {
 		t.Fatal("no testdata policies")
 	}
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {
+			t.Parallel()
 			src, err := os.ReadFile(f)
 			if err != nil {
 				t.Fatal(err)
@@ -55,6 +57,7 @@ func TestTestdataPolicies(t *testing.T) {
 // TestInvalidPolicies: each file under testdata/invalid is rejected with an
 // error that says what is wrong.
 func TestInvalidPolicies(t *testing.T) {
+	t.Parallel()
 	want := map[string]string{
 		"syntax.yaml":       "rule bad: when:",
 		"notbool.yaml":      "must be a bool expression",
@@ -75,6 +78,7 @@ func TestInvalidPolicies(t *testing.T) {
 	for _, f := range files {
 		name := filepath.Base(f)
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			src, _ := os.ReadFile(f)
 			_, err := Compile(src)
 			if !errors.Is(err, ErrInvalid) {
@@ -88,6 +92,7 @@ func TestInvalidPolicies(t *testing.T) {
 }
 
 func TestEvaluateTable(t *testing.T) {
+	t.Parallel()
 	p := mustCompile(t, `
 version: 1
 limits: {max_tokens: 100}
@@ -134,6 +139,7 @@ rules:
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			src := &staticSource{p: p}
 			s := NewSession(src, nil)
 			var d Decision
@@ -159,6 +165,7 @@ rules:
 // TestTaskRulesOnlyTighten: a task's extra policy adds restrictions and
 // tighter limits; its looser limit does not loosen the global one.
 func TestTaskRulesOnlyTighten(t *testing.T) {
+	t.Parallel()
 	global := mustCompile(t, `
 limits: {max_cost: 1.0}
 rules:
@@ -172,27 +179,32 @@ rules:
 `)
 	src := &staticSource{p: global}
 	cases := []struct {
+		name   string
 		pkt    Packet
 		st     State
 		action Action
 		rule   string
 		code   dispatchv1.StopCode
 	}{
-		{Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny", noStop}, // global deny beats task hold
-		{Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold", noStop},
-		{Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop", policyStop},
-		{Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost", budget}, // global 1.0 still holds
-		{Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps", budget},
+		{"global deny beats task hold", Packet{Kind: KindToolCall, ToolName: "rm"}, State{}, Deny, "g-deny", noStop},
+		{"task hold", Packet{Kind: KindToolCall, ToolName: "ls"}, State{}, Hold, "t-hold", noStop},
+		{"task phrase", Packet{Kind: KindContent, Text: "oops"}, State{}, Stop, "t-stop", policyStop},
+		{"global cost limit still holds", Packet{Kind: KindUsage}, State{Cost: 1.5}, Stop, "limit.max_cost", budget},
+		{"task step limit", Packet{Kind: KindUsage}, State{Steps: 3}, Stop, "limit.max_steps", budget},
 	}
-	for i, c := range cases {
-		d := NewSession(src, extra).Evaluate(context.Background(), c.pkt, c.st)
-		if d.Action != c.action || d.RuleID != c.rule || d.StopCode != c.code {
-			t.Errorf("case %d: got %s %q %v, want %s %q %v", i, d.Action, d.RuleID, d.StopCode, c.action, c.rule, c.code)
-		}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			d := NewSession(src, extra).Evaluate(context.Background(), c.pkt, c.st)
+			if d.Action != c.action || d.RuleID != c.rule || d.StopCode != c.code {
+				t.Errorf("got %s %q %v, want %s %q %v", d.Action, d.RuleID, d.StopCode, c.action, c.rule, c.code)
+			}
+		})
 	}
 }
 
 func TestTailIsBounded(t *testing.T) {
+	t.Parallel()
 	p := mustCompile(t, `
 text_window: 16
 rules:
@@ -216,6 +228,7 @@ rules:
 }
 
 func TestEngineWatchReloads(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "policy.yaml")
 	v1 := "rules:\n  - {id: r1, phrases: [one], action: stop}\n"
@@ -228,26 +241,18 @@ func TestEngineWatchReloads(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); e.Watch(ctx, path, 5*time.Millisecond) }()
-	defer func() { cancel(); wg.Wait() }()
+	watched := make(chan struct{})
+	go func() { defer close(watched); e.Watch(ctx, path, 5*time.Millisecond) }()
+	defer func() {
+		cancel()
+		testutil.Done(t, watched, testutil.Wait, "Watch to return when its context ends")
+	}()
 
-	waitFor := func(what string, ok func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for !ok() {
-			if time.Now().After(deadline) {
-				t.Fatal("timed out waiting for " + what)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}
 	// A broken file is rejected; the old policy stays.
 	if err := os.WriteFile(path, []byte("rules:\n  - {id: r2, when: 'nope(', action: stop}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("rejection", func() bool { return e.Stats().ReloadFailures.Load() == 1 })
+	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().ReloadFailures.Load() == 1 }, "the broken file's rejection")
 	if e.Current() != p1 {
 		t.Fatal("broken policy replaced the old one")
 	}
@@ -256,7 +261,7 @@ func TestEngineWatchReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte(v2), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("reload", func() bool { return e.Stats().Reloads.Load() == 1 })
+	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().Reloads.Load() == 1 }, "the good file's reload")
 	d := NewSession(e, nil).Evaluate(context.Background(), Packet{Kind: KindContent, Text: "two"}, State{})
 	if d.RuleID != "r2" || e.Stats().Reloads.Load() != 1 {
 		t.Fatalf("after reload: %v reloads %d", d, e.Stats().Reloads.Load())
@@ -371,4 +376,47 @@ rules:
 			t.Fatalf("whole text stop=%v, split stop at chunk %d", whole, stoppedAt)
 		}
 	})
+}
+
+// TestCompileConcurrently: policies are compiled concurrently (each
+// SubmitTask compiles its task's rules, a reload compiles the file) and
+// must not race on the shared CEL environment, also when one of them has
+// a mistake (the checker builds its error catalog then) while others have
+// comprehensions (the checker clones its environment then). Run with -race.
+// It uses an environment of its own, so that no earlier test has already
+// made the first mistake.
+func TestCompileConcurrently(t *testing.T) {
+	t.Parallel()
+	env, err := newCELEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const loops, workers = 20, 4
+	started := make(chan struct{}, workers)
+	done := make(chan error, workers)
+	for range workers {
+		go func() {
+			for i := range loops {
+				if _, iss := env.Compile(`[1, 2].all(i, i > 0) && labels.exists(k, k == "x")`); iss.Err() != nil {
+					done <- iss.Err()
+					return
+				}
+				if i == 0 {
+					started <- struct{}{}
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range workers {
+		testutil.Recv(t, started, testutil.Wait, "the comprehensions to be compiling")
+	}
+	if _, iss := env.Compile("no_such_variable == 1"); iss.Err() == nil {
+		t.Error("an undeclared reference compiled")
+	}
+	for range workers {
+		if err := testutil.Recv(t, done, testutil.Wait, "the comprehensions to compile"); err != nil {
+			t.Error(err)
+		}
+	}
 }
