@@ -301,10 +301,14 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		return CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
 	}
 	if r == nil {
-		// Neither queued nor running: it was never placed (cannot happen
-		// with the scheduler, which starts tasks under its own lock), so
-		// ending it here is the only way to keep it from hanging.
+		// Neither queued nor running: the scheduler is handing it to a slot
+		// (it starts tasks after its lock, see scheduler.Scheduler). Ending
+		// it here makes that start fail (Start and Finish are ordered by
+		// the task's lock; had the start won, r would be set), and the slot
+		// takes the next task. Remove again: had the slot died meanwhile,
+		// the task may have been put back before it ended.
 		ok := t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		m.queue.Remove(t)
 		return CancelOutcome{Cancelled: ok, Status: t.Status(), Message: "cancelled"}, nil
 	}
 	decided := r.Stop(reason, dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL)
@@ -398,6 +402,9 @@ wait:
 		}
 		if r, _ := t.runnerState(); r != nil {
 			r.Stop(reason, dispatchv1.StopCode_STOP_CODE_SHUTDOWN)
+		} else if t.Finish(agentpb.TaskStatus_FAILURE, reason, "") {
+			// Being handed to a slot (see Cancel): its start now fails.
+			m.queue.Remove(t)
 		}
 	}
 	deadline := time.NewTimer(m.opts.StopGrace + 500*time.Millisecond)
