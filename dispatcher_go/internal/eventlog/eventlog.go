@@ -7,8 +7,14 @@
 // runaway task cannot eat the dispatcher's memory; appends past the bound are
 // refused with ErrFull, never silently dropped.
 //
-// Store is the seam for the durable store of a later issue; Memory is the
-// in-memory implementation.
+// Store creates the logs: Memory keeps them in memory only, Durable also
+// writes every event to a Sink (the store's batching writer) and lets
+// readers see an event once it is durable.
+//
+// It must not block a task's lifecycle on the store: only content waits for
+// the sink's room (back-pressure on the commander that produces it), never a
+// Control event, the fence or the seal (see Control). It knows nothing of
+// sessions, scheduling or the wire.
 package eventlog
 
 import (

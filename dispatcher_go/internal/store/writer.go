@@ -23,10 +23,14 @@ var ErrWriterClosed = errors.New("store: writer closed")
 // it never includes the store's own error.
 var ErrUnavailable = errors.New("task store unavailable")
 
+// DefaultMaxPending is the default bound of the items waiting for a write.
+const DefaultMaxPending = 16384
+
 // DefaultStuckAfter is how long a write may take before the Writer counts
-// as unhealthy. A batch is one transaction of at most MaxBatch small rows:
-// embedded SQLite commits one in milliseconds and Postgres in tens of
-// milliseconds, so a second means the disk or the database is stalled, and
+// as unhealthy. A write is one transaction of what was pending: at most
+// about MaxPending (16 384) events plus task records, which SQLite writes
+// in about 50 ms and Postgres in about 100 ms (docs/operations.md, hot
+// path), so a second means the disk or the database is stalled, and
 // clients are better told UNAVAILABLE than left waiting.
 const DefaultStuckAfter = time.Second
 
@@ -40,7 +44,8 @@ type WriterOptions struct {
 	// MaxBatch writes a batch at once when this many items are pending
 	// (default 2048), without waiting for Interval.
 	MaxBatch int
-	// MaxPending bounds the items waiting for a write (default 16384).
+	// MaxPending bounds the items waiting for a write (default
+	// DefaultMaxPending).
 	// Past it, appends wait: the producer is slowed to what the disk can
 	// take instead of memory growing without bound.
 	MaxPending int
@@ -60,7 +65,7 @@ func (o *WriterOptions) applyDefaults() {
 		o.MaxBatch = 2048
 	}
 	if o.MaxPending <= 0 {
-		o.MaxPending = 16384
+		o.MaxPending = DefaultMaxPending
 	}
 	if o.MaxPending < o.MaxBatch {
 		o.MaxPending = o.MaxBatch
@@ -416,7 +421,9 @@ func (w *Writer) run() {
 }
 
 // write applies one batch, retrying until it succeeds or the Writer is
-// closed, then tells each log the highest seq now durable.
+// closed, then tells each log the highest seq now durable. While it is
+// under way for longer than StuckAfter, or its last attempt failed, the
+// Writer is unhealthy.
 func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64) error {
 	if len(events) == 0 && len(tasks) == 0 {
 		return nil
