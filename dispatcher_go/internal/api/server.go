@@ -12,6 +12,7 @@ package api
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -160,6 +161,7 @@ type Server struct {
 	health   *health.Server
 	policy   *policy.Engine
 	writer   *store.Writer // nil without a Store
+	healthMu sync.Mutex    // see syncHealth
 
 	// base ends every client stream (watchers, providers) at shutdown.
 	base       context.Context
@@ -225,7 +227,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store != nil && cfg.Retention > 0 {
 		go task.RunRetention(base, cfg.Store, cfg.Retention, 0, log.With("component", "retention"))
 	}
-	return &Server{
+	s := &Server{
 		cfg:        cfg,
 		log:        log,
 		tasks:      mgr,
@@ -237,7 +239,11 @@ func New(cfg Config) (*Server, error) {
 		writer:     writer,
 		base:       base,
 		cancelBase: cancel,
-	}, nil
+	}
+	if writer != nil {
+		go s.watchStoreHealth(base)
+	}
+	return s, nil
 }
 
 // Tasks is the task manager (for tests and wiring).
@@ -284,14 +290,49 @@ func (s *Server) Register(gs *grpc.Server) {
 	dispatchv1.RegisterToolProviderServiceServer(gs, &toolProviderService{s: s})
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
-	for _, name := range []string{
-		"",
-		agentpb.Agent_ServiceDesc.ServiceName,
-		dispatchv1.TaskService_ServiceDesc.ServiceName,
-		dispatchv1.AgentInteraction_ServiceDesc.ServiceName,
-		dispatchv1.ToolProviderService_ServiceDesc.ServiceName,
-	} {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	s.syncHealth()
+}
+
+// healthNames are the names grpc health answers for ("" is the server).
+var healthNames = []string{
+	"",
+	agentpb.Agent_ServiceDesc.ServiceName,
+	dispatchv1.TaskService_ServiceDesc.ServiceName,
+	dispatchv1.AgentInteraction_ServiceDesc.ServiceName,
+	dispatchv1.ToolProviderService_ServiceDesc.ServiceName,
+}
+
+// syncHealth sets every health status from the store writer: SERVING, or
+// NOT_SERVING while the writer is unhealthy (its last write failed, or a
+// write is stuck: store.Writer.Health). After Drain's health.Shutdown the
+// statuses stay NOT_SERVING. healthMu orders the readings of the writer's
+// health with the updates, so the last update shows the last state.
+func (s *Server) syncHealth() {
+	s.healthMu.Lock()
+	defer s.healthMu.Unlock()
+	st := healthpb.HealthCheckResponse_SERVING
+	if s.writer != nil {
+		if err := s.writer.Health(); err != nil {
+			st = healthpb.HealthCheckResponse_NOT_SERVING
+		}
+	}
+	for _, name := range healthNames {
+		s.health.SetServingStatus(name, st)
+	}
+}
+
+// watchStoreHealth keeps health in step with the store writer until ctx
+// ends: NOT_SERVING while the store does not keep up, SERVING again once it
+// does.
+func (s *Server) watchStoreHealth(ctx context.Context) {
+	for {
+		changed := s.writer.HealthChanged()
+		s.syncHealth()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 

@@ -258,7 +258,7 @@ func (m *Manager) loadStored(id string) *Task {
 		// Live tasks are always in memory, so this one ended and was
 		// evicted (a small --max-tasks-kept under load) before the writer
 		// stored its final record and events: let it catch up.
-		if err = m.persist.w.Flush(ctx); err == nil {
+		if err = m.persist.w.FlushWhileHealthy(ctx); err == nil {
 			rec, err = m.persist.st.GetTask(ctx, id)
 		}
 	}
