@@ -13,6 +13,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -37,6 +38,7 @@ var errorClasses = []struct {
 	{broker.ErrToolExists, codes.AlreadyExists},
 	{broker.ErrInvalidTool, codes.InvalidArgument},
 	{dispatcher.ErrShuttingDown, codes.Unavailable},
+	{store.ErrUnavailable, codes.Unavailable},
 }
 
 // toStatus turns an internal error into the gRPC status a caller sees.

@@ -68,6 +68,15 @@ func New(d *dispatcher.Dispatcher) *Server {
 	}
 }
 
+// healthNames are the names grpc health answers for ("" is the server).
+var healthNames = []string{
+	"",
+	agentpb.Agent_ServiceDesc.ServiceName,
+	dispatchv1.TaskService_ServiceDesc.ServiceName,
+	dispatchv1.AgentInteraction_ServiceDesc.ServiceName,
+	dispatchv1.ToolProviderService_ServiceDesc.ServiceName,
+}
+
 // ServerOptions are the grpc.Server options the dispatcher needs, from its
 // config: message size limit, stream window, keepalive, auth. Callers add
 // transport credentials.
@@ -103,15 +112,7 @@ func (s *Server) Register(gs *grpc.Server) {
 	dispatchv1.RegisterToolProviderServiceServer(gs, &toolProviderService{s: s})
 	healthpb.RegisterHealthServer(gs, s.health)
 	reflection.Register(gs)
-	for _, name := range []string{
-		"",
-		agentpb.Agent_ServiceDesc.ServiceName,
-		dispatchv1.TaskService_ServiceDesc.ServiceName,
-		dispatchv1.AgentInteraction_ServiceDesc.ServiceName,
-		dispatchv1.ToolProviderService_ServiceDesc.ServiceName,
-	} {
-		s.health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
-	}
+	s.d.TrackHealth(healthNames...)
 }
 
 // streamContext is ctx ended also by the dispatcher's shutdown.

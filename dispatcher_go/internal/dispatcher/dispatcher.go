@@ -51,8 +51,12 @@ type Dispatcher struct {
 	broker   *broker.Broker
 	sessions *session.Server
 	health   *health.Server
-	policy   *policy.Engine
-	writer   *store.Writer // nil without a store
+	// healthMu orders status updates; healthNames are the names that
+	// follow the dispatcher's health (TrackHealth).
+	healthMu    sync.Mutex
+	healthNames []string
+	policy      *policy.Engine
+	writer      *store.Writer // nil without a store
 
 	// base ends every client stream (watchers, providers) and the
 	// background goroutines (bg) at shutdown.
@@ -129,17 +133,21 @@ func New(cfg Config) (*Dispatcher, error) {
 	})
 	base, cancel := context.WithCancel(context.Background())
 	d := &Dispatcher{
-		cfg:        cfg,
-		log:        log,
-		tasks:      mgr,
-		sched:      sched,
-		broker:     b,
-		sessions:   sessions,
-		health:     health.NewServer(),
-		policy:     pol,
-		writer:     writer,
-		base:       base,
-		cancelBase: cancel,
+		cfg:         cfg,
+		log:         log,
+		tasks:       mgr,
+		sched:       sched,
+		broker:      b,
+		sessions:    sessions,
+		health:      health.NewServer(),
+		healthNames: []string{""},
+		policy:      pol,
+		writer:      writer,
+		base:        base,
+		cancelBase:  cancel,
+	}
+	if writer != nil {
+		d.bg.Go(func() { d.watchStoreHealth(base) })
 	}
 	if cfg.Policy.File != "" {
 		d.bg.Go(func() { pol.Watch(base, cfg.Policy.File, cfg.Policy.Poll) })
@@ -170,16 +178,21 @@ func (d *Dispatcher) Broker() *broker.Broker { return d.broker }
 // Scheduler is the scheduler.
 func (d *Dispatcher) Scheduler() *scheduler.Scheduler { return d.sched }
 
+// StoreWriter is the store's batching writer (its health, backlog and
+// flush), nil without a store.
+func (d *Dispatcher) StoreWriter() *store.Writer { return d.writer }
+
 // Policy is the policy engine (decision counters, the policy in force).
 func (d *Dispatcher) Policy() *policy.Engine { return d.policy }
 
-// Health is the health state: SERVING until Drain, NOT_SERVING after. The
+// Health is the health state: SERVING, NOT_SERVING while the store writer
+// is unhealthy, and NOT_SERVING for good from Drain on. The
 // gRPC transport serves it as grpc.health.v1.Health (and sets the status
 // of each of its services); others read it through Serving.
 func (d *Dispatcher) Health() *health.Server { return d.health }
 
-// Serving reports whether the dispatcher accepts work (false while it
-// drains).
+// Serving reports whether the dispatcher accepts work (false while its
+// store is unavailable, and once it drains).
 func (d *Dispatcher) Serving(ctx context.Context) bool {
 	r, err := d.health.Check(ctx, &healthpb.HealthCheckRequest{})
 	return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
@@ -197,6 +210,45 @@ func (d *Dispatcher) StreamContext(ctx context.Context) (context.Context, contex
 	return ctx, func() {
 		stop()
 		cancel(nil)
+	}
+}
+
+// TrackHealth makes the health statuses of names (a transport's services;
+// "" is the whole server) follow the dispatcher's: SERVING, or NOT_SERVING
+// while the store writer is unhealthy (see store.Writer.Health) and for good
+// once Drain began.
+func (d *Dispatcher) TrackHealth(names ...string) {
+	d.healthMu.Lock()
+	d.healthNames = append(d.healthNames, names...)
+	d.healthMu.Unlock()
+	d.syncHealth()
+}
+
+// syncHealth sets every tracked status from the store writer. After Drain's
+// health.Shutdown the health server ignores updates, so a drain wins.
+func (d *Dispatcher) syncHealth() {
+	d.healthMu.Lock()
+	defer d.healthMu.Unlock()
+	st := healthpb.HealthCheckResponse_SERVING
+	if d.writer != nil && d.writer.Health() != nil {
+		st = healthpb.HealthCheckResponse_NOT_SERVING
+	}
+	for _, name := range d.healthNames {
+		d.health.SetServingStatus(name, st)
+	}
+}
+
+// watchStoreHealth keeps health in step with the store writer until ctx
+// ends.
+func (d *Dispatcher) watchStoreHealth(ctx context.Context) {
+	for {
+		changed := d.writer.HealthChanged()
+		d.syncHealth()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 

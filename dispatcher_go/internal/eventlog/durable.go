@@ -21,9 +21,12 @@ type Committer interface {
 // Sink persists events for Durable logs (store.Writer implements it).
 type Sink interface {
 	// WaitRoom waits while the sink's bounded buffer is full: the
-	// back-pressure on producers when the disk falls behind. Logs call it
-	// before taking their lock, never under it.
-	WaitRoom()
+	// back-pressure on producers when the disk falls behind. It returns
+	// early when abort is closed (the append would be refused anyway). Logs
+	// call it before taking their lock, never under it, and only for
+	// content (Capped appends): Control events, the fence and the seal never
+	// wait for room (see Control).
+	WaitRoom(abort <-chan struct{})
 	// Persist queues ev (already numbered) of taskID for writing and calls
 	// c.Commit once it is durable. It is called under the log's lock, in
 	// seq order, and must not block (Commit takes that lock).
@@ -38,7 +41,8 @@ type Sink interface {
 // once it is durable, so whatever a watcher was sent survives a crash and a
 // watcher that resumes by seq after a restart neither misses nor repeats
 // an event. The added latency is the sink's flush interval; appends never
-// wait for a disk write (only for buffer room when the disk falls behind).
+// wait for a disk write (only content waits for buffer room when the disk
+// falls behind; see Sink.WaitRoom).
 type Durable struct {
 	limits Limits
 	sink   Sink
@@ -67,19 +71,35 @@ func (d *Durable) Restore(taskID string, lastSeq uint64, sealed bool) (Log, erro
 		return nil, ErrExists
 	}
 	d.logs[taskID] = struct{}{}
-	return &memLog{
+	l := &memLog{
 		limits: d.limits, sink: d.sink, taskID: taskID,
 		base: lastSeq, committed: lastSeq, sealed: sealed,
-		events: make([]*dispatchv1.TaskEvent, 0, 16),
-	}, nil
+		events:   make([]*dispatchv1.TaskEvent, 0, 16),
+		fencedCh: make(chan struct{}),
+		sealedCh: make(chan struct{}),
+	}
+	if sealed {
+		l.fencedCh, l.sealedCh = closedCh, closedCh
+	}
+	return l, nil
 }
 
 // Stored returns a read-only, sealed log of a finished task that is not
 // held in memory: every read goes to the store. It is not registered, so
 // any number of them may exist for one task.
 func (d *Durable) Stored(taskID string, lastSeq uint64) Log {
-	return &memLog{limits: d.limits, sink: d.sink, taskID: taskID, base: lastSeq, committed: lastSeq, sealed: true}
+	return &memLog{
+		limits: d.limits, sink: d.sink, taskID: taskID, base: lastSeq, committed: lastSeq, sealed: true,
+		fencedCh: closedCh, sealedCh: closedCh,
+	}
 }
+
+// closedCh is the abort channel of logs that are sealed from the start.
+var closedCh = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // Remove implements Store.
 func (d *Durable) Remove(taskID string) {

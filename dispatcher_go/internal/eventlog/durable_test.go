@@ -23,7 +23,7 @@ type fakeSink struct {
 	stored []*dispatchv1.TaskEvent
 }
 
-func (f *fakeSink) WaitRoom() {}
+func (f *fakeSink) WaitRoom(<-chan struct{}) {}
 
 func (f *fakeSink) Persist(c Committer, _ string, ev *dispatchv1.TaskEvent) {
 	f.mu.Lock()
@@ -208,13 +208,19 @@ func TestDurableReleasesFinishedLogToStore(t *testing.T) {
 	}
 }
 
-// fullSink is a sink whose buffer stays full: WaitRoom blocks until closed.
+// fullSink is a sink whose buffer stays full: WaitRoom blocks until room is
+// closed (or the caller aborts).
 type fullSink struct {
 	fakeSink
 	room chan struct{}
 }
 
-func (f *fullSink) WaitRoom() { <-f.room }
+func (f *fullSink) WaitRoom(abort <-chan struct{}) {
+	select {
+	case <-f.room:
+	case <-abort:
+	}
+}
 
 // TestFenceAndFencedAppendDoNotWaitForRoom: with the sink full, the stop's
 // Fence and every later Fenceable append (refused anyway) return at once, so

@@ -7,8 +7,14 @@
 // runaway task cannot eat the dispatcher's memory; appends past the bound are
 // refused with ErrFull, never silently dropped.
 //
-// Store is the seam for the durable store of a later issue; Memory is the
-// in-memory implementation.
+// Store creates the logs: Memory keeps them in memory only, Durable also
+// writes every event to a Sink (the store's batching writer) and lets
+// readers see an event once it is durable.
+//
+// It must not block a task's lifecycle on the store: only content waits for
+// the sink's room (back-pressure on the commander that produces it), never a
+// Control event, the fence or the seal (see Control). It knows nothing of
+// sessions, scheduling or the wire.
 package eventlog
 
 import (
@@ -36,8 +42,15 @@ type Class uint8
 
 const (
 	// Control events (state changes, stop, terminal packets, tool results of
-	// accepted calls) are always accepted until the log is sealed. Their
-	// number per task is bounded by the protocol, so they need no cap.
+	// accepted calls, policy decisions) are always accepted until the log is
+	// sealed, and never wait for room in a durable log's sink: a task's start,
+	// stop and end must not queue behind content when the store falls behind
+	// (they are appended under the task's lock). Their number per task is
+	// bounded by the protocol, so they need no cap and their overshoot of
+	// the sink's buffer is bounded too: per task one submission, at most
+	// task.MaxRequeues+1 starts and requeues, one fence, one result or
+	// stopped, one seal, and per recorded tool call (itself Capped, so it
+	// waited for room) one result and at most three policy decisions.
 	Control Class = 0
 	// Capped events count toward Limits and are refused with ErrFull past them.
 	Capped Class = 1 << iota

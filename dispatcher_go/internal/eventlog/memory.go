@@ -64,6 +64,10 @@ type memLog struct {
 	sink   Sink
 	taskID string
 	base   uint64
+	// fencedCh is closed at Fence or Seal, sealedCh at Seal (durable logs
+	// only): they end a content append's wait for room once the append
+	// would be refused anyway.
+	fencedCh, sealedCh chan struct{}
 
 	mu           sync.RWMutex
 	events       []*dispatchv1.TaskEvent
@@ -88,7 +92,17 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 	if class&Capped != 0 && l.limits.MaxBytes > 0 {
 		size = int64(proto.Size(ev))
 	}
-	l.waitRoom()
+	if class != Control {
+		// Content waits for the sink's room; Control events never do (see
+		// Control). The wait ends early once the append would be refused:
+		// at the fence (Fenceable) or the seal, so that a stop or the end
+		// of the task never waits behind this content either.
+		abort := l.sealedCh
+		if class&Fenceable != 0 {
+			abort = l.fencedCh
+		}
+		l.waitRoom(abort)
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -124,12 +138,15 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 		return 0, ErrFenced
 	}
 	l.fenced.Store(true)
+	if l.fencedCh != nil {
+		close(l.fencedCh) // releases Fenceable appends waiting for room
+	}
 	return l.appendLocked(ev), nil
 }
 
-// Seal implements Log.
+// Seal implements Log. Like Fence it never waits for the sink's room: the
+// terminal event is one per task, and it is appended under the task's lock.
 func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
-	l.waitRoom()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -137,13 +154,20 @@ func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	}
 	seq := l.appendLocked(ev)
 	l.sealed = true
+	if l.sealedCh != nil {
+		if !l.fenced.Load() {
+			close(l.fencedCh)
+		}
+		close(l.sealedCh) // releases every append waiting for room
+	}
 	return seq, nil
 }
 
-// waitRoom applies the sink's back-pressure, outside the lock.
-func (l *memLog) waitRoom() {
+// waitRoom applies the sink's back-pressure, outside the lock, until abort
+// is closed.
+func (l *memLog) waitRoom(abort <-chan struct{}) {
 	if l.sink != nil {
-		l.sink.WaitRoom()
+		l.sink.WaitRoom(abort)
 	}
 }
 

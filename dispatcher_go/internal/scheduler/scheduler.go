@@ -6,6 +6,11 @@
 // is full, Enqueue fails with ErrQueueFull (the API answers
 // RESOURCE_EXHAUSTED). Scheduling happens per task and per slot state change,
 // never per streamed packet, so one mutex is enough here.
+//
+// The scheduler only decides which task goes to which slot; it never starts
+// a task under its lock (Slot.Deliver runs after it, see Scheduler), so a
+// slow start cannot stall cancels, submissions or listings. It must not
+// know how a slot runs a task, nor wait for anything.
 package scheduler
 
 import (
@@ -29,11 +34,31 @@ type Slot interface {
 	HasCapability(c string) bool
 	// PlannerCapabilities lists the slot's "planner:…" capabilities.
 	PlannerCapabilities() []string
-	// Deliver starts t on the slot. It is called with the scheduler's lock
-	// held, so it must neither block nor call back into the scheduler. It
-	// returns false when the slot is gone; t is then still PENDING.
-	Deliver(t *task.Task) bool
+	// Deliver starts t on the slot. The scheduler has handed t to the slot
+	// (t is out of the queue, the slot is busy) and calls Deliver after
+	// releasing its lock, so Deliver may call back into the scheduler; it
+	// must still be quick (it runs on the goroutine of whoever freed the
+	// slot or submitted the task) and must not wait for the store or the
+	// network. A Deliver may come after RemoveSlot (the hand-out was
+	// earlier): a slot that is going away must answer SlotGone.
+	Deliver(t *task.Task) Delivery
 }
+
+// Delivery is what Slot.Deliver did with a task.
+type Delivery int
+
+const (
+	// Started: the slot runs the task.
+	Started Delivery = iota
+	// SlotGone: the slot is going away and did not touch the task (still
+	// PENDING). The scheduler drops the slot and places the task again, in
+	// its old place in the queue.
+	SlotGone
+	// TaskGone: the task is no longer PENDING (a cancel or the drain ended
+	// it during the hand-over); the slot is still free. The scheduler
+	// forgets the task and gives the slot the next one it can run.
+	TaskGone
+)
 
 // Stats is a snapshot of the scheduler.
 type Stats struct {
@@ -43,13 +68,49 @@ type Stats struct {
 }
 
 // Scheduler is a bounded queue plus the set of slots. Safe for concurrent use.
+//
+// Hand-over: under its lock the scheduler only decides (which task goes to
+// which slot: the task leaves the queue, the slot turns busy); the start
+// itself (Slot.Deliver, which records the task's state change) runs after
+// the lock is released, so no lock of the scheduler is ever held while a
+// task is started. Between the two the task is in neither the queue nor a
+// running session. What can meet it there:
+//   - Remove (a cancel, the drain) does not find it and returns false. The
+//     caller then sees the task PENDING without a runner and ends it itself
+//     (task.Manager.Cancel and Shutdown do); Task.Start and Task.Finish are
+//     ordered by the task's own lock, so either the start wins (the task
+//     runs and the caller stops it as a running task) or the end wins (the
+//     start fails, Deliver answers TaskGone and the slot takes the next
+//     task).
+//   - The slot's stream ends: Deliver answers SlotGone and the task goes
+//     back to its place in the queue (or to another idle slot). A task that
+//     ended meanwhile is not put back (and a caller that ended it after a
+//     failed Remove removes it again, see task.Manager.Cancel).
+//   - RemoveSlot: the slot is dropped at once; its Deliver answers SlotGone
+//     (its stream's context ended before RemoveSlot was called), or, if it
+//     checked just before, it started the task and its own teardown ends
+//     that session (session.slot orders Deliver against its teardown).
 type Scheduler struct {
 	maxQueue int
 
-	mu    sync.Mutex
-	queue []*task.Task      // FIFO, len <= maxQueue
-	slots map[Slot]bool     // registered slots → idle
-	idle  map[string][]Slot // planner capability → idle slots, longest idle first
+	mu      sync.Mutex
+	queue   []queued          // FIFO by seq, len <= maxQueue (plus tasks given back)
+	nextSeq uint64            // admission order of Enqueue
+	slots   map[Slot]bool     // registered slots → idle
+	idle    map[string][]Slot // planner capability → idle slots, longest idle first
+}
+
+// queued is a task and its place in the line: seq is the order of its
+// admission (Enqueue), 0 for a task put back by Requeue (it goes first).
+type queued struct {
+	t   *task.Task
+	seq uint64
+}
+
+// handout is a decision taken under the lock: start q.t on sl (nil: none).
+type handout struct {
+	q  queued
+	sl Slot
 }
 
 // New returns a scheduler whose queue holds at most maxQueue tasks.
@@ -65,17 +126,26 @@ func New(maxQueue int) *Scheduler {
 }
 
 // Enqueue starts t on a matching idle slot, or queues it. It implements
-// task.Queue.
+// task.Queue. The queue bound applies here, at admission: a task handed to
+// a slot that dies during the hand-over goes back to the queue even if it
+// is full (it was admitted).
 func (s *Scheduler) Enqueue(t *task.Task) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.deliverLocked(t) {
-		return nil
-	}
-	if len(s.queue) >= s.maxQueue {
+	sl := s.findIdleLocked(t)
+	if sl == nil && len(s.queue) >= s.maxQueue {
+		s.mu.Unlock()
 		return ErrQueueFull
 	}
-	s.queue = append(s.queue, t)
+	s.nextSeq++
+	q := queued{t: t, seq: s.nextSeq}
+	if sl == nil {
+		s.queue = append(s.queue, q)
+		s.mu.Unlock()
+		return nil
+	}
+	s.takeLocked(sl)
+	s.mu.Unlock()
+	s.deliver(handout{q, sl})
 	return nil
 }
 
@@ -84,42 +154,29 @@ func (s *Scheduler) Enqueue(t *task.Task) error {
 // task.Task.Requeue); if it fails nothing else happens and its error is
 // returned. Otherwise t goes to a matching idle slot at once, or to the head
 // of the queue: it keeps its place as the oldest, and the queue bound does
-// not apply (t was admitted already). Because reset and the insertion happen
+// not apply (t was admitted already). Because reset and the placement happen
 // under one lock, a concurrent Remove (a cancel, the drain) either finds t
-// queued or sees it before it was reset.
+// queued, or sees it before it was reset, or finds it in a hand-over (see
+// Scheduler).
 func (s *Scheduler) Requeue(t *task.Task, reset func() error) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if err := reset(); err != nil {
+		s.mu.Unlock()
 		return err
 	}
-	if !s.deliverLocked(t) {
-		s.queue = slices.Insert(s.queue, 0, t)
-	}
+	h := s.placeLocked(queued{t: t})
+	s.mu.Unlock()
+	s.deliver(h)
 	return nil
 }
 
-// deliverLocked starts t on a matching idle slot, if there is one; slots
-// that died meanwhile are dropped and the next one is tried.
-func (s *Scheduler) deliverLocked(t *task.Task) bool {
-	for {
-		sl := s.findIdleLocked(t)
-		if sl == nil {
-			return false
-		}
-		s.takeLocked(sl)
-		if sl.Deliver(t) {
-			return true
-		}
-		s.dropLocked(sl) // the slot died; try another
-	}
-}
-
-// Remove takes t out of the queue. It implements task.Queue.
+// Remove takes t out of the queue. It implements task.Queue. It returns
+// false for a task that is not queued: running, ended, or being handed to a
+// slot (see Scheduler).
 func (s *Scheduler) Remove(t *task.Task) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	i := slices.Index(s.queue, t)
+	i := slices.IndexFunc(s.queue, func(q queued) bool { return q.t == t })
 	if i < 0 {
 		return false
 	}
@@ -130,27 +187,32 @@ func (s *Scheduler) Remove(t *task.Task) bool {
 // AddSlot registers an idle slot and gives it a queued task if one matches.
 func (s *Scheduler) AddSlot(sl Slot) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if _, ok := s.slots[sl]; ok {
+		s.mu.Unlock()
 		return
 	}
 	s.slots[sl] = false
-	s.idleLocked(sl)
+	h := s.idleLocked(sl)
+	s.mu.Unlock()
+	s.deliver(h)
 }
 
 // Release marks a registered slot idle again (its session ended) and gives
 // it the oldest queued task it can run.
 func (s *Scheduler) Release(sl Slot) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if idle, ok := s.slots[sl]; !ok || idle {
+		s.mu.Unlock()
 		return
 	}
-	s.idleLocked(sl)
+	h := s.idleLocked(sl)
+	s.mu.Unlock()
+	s.deliver(h)
 }
 
 // RemoveSlot unregisters a slot (its stream ended). After it returns the
-// scheduler never calls the slot's Deliver again.
+// slot is handed no new task; a hand-out decided before may still reach its
+// Deliver (see Slot).
 func (s *Scheduler) RemoveSlot(sl Slot) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -164,7 +226,8 @@ func (s *Scheduler) SlotCount() int {
 	return len(s.slots)
 }
 
-// Stats returns a snapshot.
+// Stats returns a snapshot. Tasks being handed to a slot count as neither
+// queued nor idle.
 func (s *Scheduler) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -177,28 +240,70 @@ func (s *Scheduler) Stats() Stats {
 	return st
 }
 
-// idleLocked gives sl the first queued task it matches, or files it as idle.
-func (s *Scheduler) idleLocked(sl Slot) {
-	for i := 0; i < len(s.queue); i++ {
-		t := s.queue[i]
-		if !matches(sl, t) {
-			continue
-		}
-		s.queue = slices.Delete(s.queue, i, i+1)
-		s.slots[sl] = false
-		if sl.Deliver(t) {
+// deliver carries out h without the lock, and whatever its outcome leads
+// to: a slot that died is dropped and its task placed again, a slot whose
+// task is gone takes the next one. It returns once a slot started a task or
+// nothing is left to hand out. Each round either starts a task, drops a
+// slot or takes a task out of the scheduler, so it ends.
+func (s *Scheduler) deliver(h handout) {
+	for h.sl != nil {
+		switch h.sl.Deliver(h.q.t) {
+		case Started:
 			return
+		case SlotGone:
+			ended := task.Terminal(h.q.t.Status())
+			s.mu.Lock()
+			s.dropLocked(h.sl)
+			if ended {
+				h = handout{} // ended during the hand-over: nothing to put back
+			} else {
+				h = s.placeLocked(h.q)
+			}
+			s.mu.Unlock()
+		default: // TaskGone
+			s.mu.Lock()
+			h = s.idleLocked(h.sl)
+			s.mu.Unlock()
 		}
-		// The slot died while being handed the task: the task keeps its
-		// place at the head of the line.
-		s.queue = slices.Insert(s.queue, i, t)
-		s.dropLocked(sl)
-		return
+	}
+}
+
+// placeLocked hands q to the longest-idle slot that can run it, or puts it
+// in the queue at its place (by seq: a task given back keeps the place it
+// had; one requeued goes first).
+func (s *Scheduler) placeLocked(q queued) handout {
+	if sl := s.findIdleLocked(q.t); sl != nil {
+		s.takeLocked(sl)
+		return handout{q, sl}
+	}
+	i, _ := slices.BinarySearchFunc(s.queue, q.seq, func(e queued, seq uint64) int {
+		if e.seq < seq {
+			return -1
+		}
+		return 1 // before any entry of the same seq: requeued tasks go first
+	})
+	s.queue = slices.Insert(s.queue, i, q)
+	return handout{}
+}
+
+// idleLocked hands sl, a registered slot that is not idle, the first queued
+// task it matches, or files it as idle. A slot removed meanwhile gets
+// nothing.
+func (s *Scheduler) idleLocked(sl Slot) handout {
+	if idle, ok := s.slots[sl]; !ok || idle {
+		return handout{}
+	}
+	for i, q := range s.queue {
+		if matches(sl, q.t) {
+			s.queue = slices.Delete(s.queue, i, i+1)
+			return handout{q, sl}
+		}
 	}
 	s.slots[sl] = true
 	for _, c := range sl.PlannerCapabilities() {
 		s.idle[c] = append(s.idle[c], sl)
 	}
+	return handout{}
 }
 
 // findIdleLocked returns the longest-idle slot that can run t.

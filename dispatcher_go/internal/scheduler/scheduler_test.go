@@ -44,14 +44,14 @@ func (s *fakeSlot) PlannerCapabilities() []string {
 	return out
 }
 
-func (s *fakeSlot) Deliver(t *task.Task) bool {
+func (s *fakeSlot) Deliver(t *task.Task) Delivery {
 	if s.dead {
-		return false
+		return SlotGone
 	}
 	s.mu.Lock()
 	s.tasks = append(s.tasks, t)
 	s.mu.Unlock()
-	return true
+	return Started
 }
 
 func (s *fakeSlot) got() []*task.Task {

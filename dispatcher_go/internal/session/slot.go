@@ -32,9 +32,13 @@ type slot struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	out    *outbox
-	// cur is the running session, nil while idle. Written by Deliver (under
-	// the scheduler's lock) and by finish; read by everyone.
+	// cur is the running session, nil while idle. Written by Deliver and by
+	// finish; read by everyone.
 	cur atomic.Pointer[run]
+	// deliverMu orders Deliver against the end of the stream (closeCurrent):
+	// a Deliver either completes before closeCurrent looks at cur, or sees
+	// the stream's context ended and refuses the task.
+	deliverMu sync.Mutex
 
 	// Tool calls in flight run in their own goroutines; Serve waits for
 	// them once the stream is over. toolsMu orders goTool against that wait.
@@ -86,26 +90,35 @@ func (sl *slot) HasCapability(c string) bool {
 // PlannerCapabilities implements scheduler.Slot.
 func (sl *slot) PlannerCapabilities() []string { return sl.planners }
 
-// Deliver implements scheduler.Slot: it starts t on this slot. It runs under
-// the scheduler's lock, so it only records state and queues the start.
-func (sl *slot) Deliver(t *task.Task) bool {
+// Deliver implements scheduler.Slot: it starts t on this slot. The
+// scheduler calls it outside its lock; it only records state and queues the
+// start (the task's state event is a Control append, which never waits for
+// the store: see eventlog.Control).
+//
+// The stream may be ending concurrently (Serve: cancel, RemoveSlot, close
+// the outbox, closeCurrent). deliverMu makes the two orderly: a Deliver that
+// checks the context before the cancel finishes before closeCurrent reads
+// cur, so the session it starts is ended (or requeued) there; one that
+// comes later answers SlotGone and the scheduler places t again.
+func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
+	sl.deliverMu.Lock()
+	defer sl.deliverMu.Unlock()
 	if sl.ctx.Err() != nil {
-		return false
+		return scheduler.SlotGone
 	}
 	r := newRun(sl, t)
 	if err := t.Start(r, sl.commanderID, r.sessionID); err != nil {
-		// The task is no longer pending; the slot stays free. Release
-		// needs the scheduler's lock, which our caller holds.
+		// The task is no longer pending (cancelled during the hand-over);
+		// the slot stays free and the scheduler gives it the next task.
 		r.cancel()
 		r.span.End()
-		go sl.srv.sched.Release(sl)
-		return true
+		return scheduler.TaskGone
 	}
 	sl.cur.Store(r)
 	sl.out.pushControl(r.startPacket())
 	r.armDeadline()
 	r.log.Debug("session started")
-	return true
+	return scheduler.Started
 }
 
 var _ scheduler.Slot = (*slot)(nil)
@@ -265,7 +278,9 @@ func (sl *slot) waitTools() {
 // head of the queue (task.MaxRequeues times at most), unless a stop was
 // decided, a client cancelled it, or the dispatcher is shutting down.
 func (sl *slot) closeCurrent(cause error) {
+	sl.deliverMu.Lock() // a Deliver under way completes first (see Deliver)
 	r := sl.cur.Load()
+	sl.deliverMu.Unlock()
 	if r == nil {
 		return
 	}

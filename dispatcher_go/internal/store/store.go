@@ -10,7 +10,10 @@
 // bodies, so the two backends cannot drift apart in what they keep.
 //
 // Writes from the hot path go through Writer, which batches them into one
-// transaction per flush so that persistence does not throttle streaming.
+// transaction per flush so that persistence does not throttle streaming,
+// and reports whether the store keeps up (Writer.Health) so that callers
+// can refuse work at once instead of waiting for a store that is stuck.
+// The package must not interpret task bodies or know about tasks' states.
 package store
 
 import (

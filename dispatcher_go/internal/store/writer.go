@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -16,6 +17,23 @@ import (
 // ErrWriterClosed means the Writer was closed before the write was durable.
 var ErrWriterClosed = errors.New("store: writer closed")
 
+// ErrUnavailable means the store does not keep up: its last write failed, or
+// a write has been under way for longer than WriterOptions.StuckAfter (see
+// Writer.Health). The text of errors wrapping it is safe to show to clients:
+// it never includes the store's own error.
+var ErrUnavailable = errors.New("task store unavailable")
+
+// DefaultMaxPending is the default bound of the items waiting for a write.
+const DefaultMaxPending = 16384
+
+// DefaultStuckAfter is how long a write may take before the Writer counts
+// as unhealthy. A write is one transaction of what was pending: at most
+// about MaxPending (16 384) events plus task records, which SQLite writes
+// in about 50 ms and Postgres in about 100 ms (docs/operations.md, hot
+// path), so a second means the disk or the database is stalled, and
+// clients are better told UNAVAILABLE than left waiting.
+const DefaultStuckAfter = time.Second
+
 // WriterOptions tune a Writer. Zero fields take the defaults.
 type WriterOptions struct {
 	// Interval is the longest an event waits before its batch is written
@@ -26,10 +44,15 @@ type WriterOptions struct {
 	// MaxBatch writes a batch at once when this many items are pending
 	// (default 2048), without waiting for Interval.
 	MaxBatch int
-	// MaxPending bounds the items waiting for a write (default 16384).
+	// MaxPending bounds the items waiting for a write (default
+	// DefaultMaxPending).
 	// Past it, appends wait: the producer is slowed to what the disk can
 	// take instead of memory growing without bound.
 	MaxPending int
+	// StuckAfter is how long a write (a batch, with its retries) may be
+	// under way before the Writer reports itself unhealthy (default
+	// DefaultStuckAfter).
+	StuckAfter time.Duration
 	// Logger receives write errors; nil discards.
 	Logger *slog.Logger
 }
@@ -42,10 +65,13 @@ func (o *WriterOptions) applyDefaults() {
 		o.MaxBatch = 2048
 	}
 	if o.MaxPending <= 0 {
-		o.MaxPending = 16384
+		o.MaxPending = DefaultMaxPending
 	}
 	if o.MaxPending < o.MaxBatch {
 		o.MaxPending = o.MaxBatch
+	}
+	if o.StuckAfter <= 0 {
+		o.StuckAfter = DefaultStuckAfter
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -66,18 +92,32 @@ type pendingEvent struct {
 // log is told (Committer.Commit) once the event is durable.
 //
 // A failed write is retried (and logged) until it succeeds or the Writer is
-// closed; meanwhile appends wait once MaxPending is reached.
+// closed; meanwhile content appends wait once MaxPending is reached (task
+// records and Control events do not: their number is bounded by the tasks'
+// protocol, see eventlog.Control). While a write fails or is stuck the
+// Writer is unhealthy (Health); callers that would wait for it
+// (FlushWhileHealthy) give up at once instead.
 type Writer struct {
 	st   Store
 	opts WriterOptions
 
 	mu      sync.Mutex
-	space   *sync.Cond
+	room    chan struct{} // closed when pending items are written; nil unless someone waits
 	events  []pendingEvent
 	tasks   []TaskRecord
 	waiters []chan error
 	first   time.Time // when the oldest pending item arrived
 	closed  bool
+
+	// Health, under mu. writeBegan is when the write under way began (zero
+	// between writes); stuck is set by stuckTimer once it is older than
+	// StuckAfter; writeErr is the error of the last attempt, until one
+	// succeeds. healthCh is closed at the next change of Health.
+	writeBegan time.Time
+	stuck      bool
+	writeErr   error
+	healthCh   chan struct{}
+	stuckTimer *time.Timer
 
 	wake chan struct{}
 	done chan struct{}
@@ -87,9 +127,84 @@ type Writer struct {
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
 	w := &Writer{st: st, opts: opts, wake: make(chan struct{}, 1), done: make(chan struct{})}
-	w.space = sync.NewCond(&w.mu)
+	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
+	w.stuckTimer.Stop()
 	go w.run()
 	return w
+}
+
+// Health is nil while the Writer keeps up with the store, and otherwise an
+// error wrapping ErrUnavailable that says why, in words for clients: the
+// last write failed (it is being retried), or a write has been under way
+// for longer than StuckAfter. It turns nil again once a write succeeds.
+func (w *Writer) Health() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.healthLocked()
+}
+
+func (w *Writer) healthLocked() error {
+	switch {
+	case w.writeErr != nil:
+		return fmt.Errorf("%w: writes are failing (retrying)", ErrUnavailable)
+	case w.stuck:
+		return fmt.Errorf("%w: a write has been under way for more than %s", ErrUnavailable, w.opts.StuckAfter)
+	}
+	return nil
+}
+
+// HealthChanged returns a channel that is closed when Health next changes
+// between nil and non-nil. Take it before reading Health so that no change
+// is missed.
+func (w *Writer) HealthChanged() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.healthChLocked()
+}
+
+func (w *Writer) healthChLocked() chan struct{} {
+	if w.healthCh == nil {
+		w.healthCh = make(chan struct{})
+	}
+	return w.healthCh
+}
+
+// setHealthLocked applies f to the health fields and tells the watchers
+// (HealthChanged) if Health turned from nil to an error or back.
+func (w *Writer) setHealthLocked(f func()) {
+	was := w.healthLocked() != nil
+	f()
+	now := w.healthLocked()
+	if (now != nil) == was {
+		return
+	}
+	if now != nil {
+		w.opts.Logger.Warn("store writer unhealthy", "reason", now.Error(), "pending", w.pendingLocked())
+	} else {
+		w.opts.Logger.Info("store writer healthy again")
+	}
+	if w.healthCh != nil {
+		close(w.healthCh)
+		w.healthCh = nil
+	}
+}
+
+// checkStuck runs on stuckTimer: the write under way is stuck if it began
+// StuckAfter ago (a late timer of an earlier write finds a newer one).
+func (w *Writer) checkStuck() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.writeBegan.IsZero() && time.Since(w.writeBegan) >= w.opts.StuckAfter {
+		w.setHealthLocked(func() { w.stuck = true })
+	}
+}
+
+// Pending is the number of items waiting to be written (not counting the
+// batch being written).
+func (w *Writer) Pending() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.pendingLocked()
 }
 
 // Store is the store written to.
@@ -111,14 +226,32 @@ func (w *Writer) notifyLocked() {
 }
 
 // WaitRoom implements eventlog.Sink: it waits while MaxPending items are
-// waiting to be written. (Producers that passed it together may overshoot
-// the bound by one item each.)
-func (w *Writer) WaitRoom() {
+// waiting to be written, or until abort is closed. (Producers that passed
+// it together may overshoot the bound by one item each.)
+func (w *Writer) WaitRoom(abort <-chan struct{}) {
 	w.mu.Lock()
 	for w.pendingLocked() >= w.opts.MaxPending && !w.closed {
-		w.space.Wait()
+		if w.room == nil {
+			w.room = make(chan struct{})
+		}
+		room := w.room
+		w.mu.Unlock()
+		select {
+		case <-room:
+		case <-abort:
+			return
+		}
+		w.mu.Lock()
 	}
 	w.mu.Unlock()
+}
+
+// roomLocked wakes the producers waiting in WaitRoom.
+func (w *Writer) roomLocked() {
+	if w.room != nil {
+		close(w.room)
+		w.room = nil
+	}
 }
 
 // Persist implements eventlog.Sink. It is called under the log's lock, in
@@ -164,11 +297,31 @@ func (w *Writer) SaveTask(rec TaskRecord) {
 
 // Flush writes everything queued so far now and waits until it is durable.
 func (w *Writer) Flush(ctx context.Context) error {
+	return w.flush(ctx, false)
+}
+
+// FlushWhileHealthy is Flush for callers that must not wait for a store in
+// trouble (a client's request): it returns Health's error at once when the
+// Writer is unhealthy, and as soon as it turns unhealthy while waiting (the
+// queued items are still written once the store recovers).
+func (w *Writer) FlushWhileHealthy(ctx context.Context) error {
+	return w.flush(ctx, true)
+}
+
+func (w *Writer) flush(ctx context.Context, whileHealthy bool) error {
 	ch := make(chan error, 1)
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
 		return ErrWriterClosed
+	}
+	var changed chan struct{} // nil (never ready) unless whileHealthy
+	if whileHealthy {
+		if err := w.healthLocked(); err != nil {
+			w.mu.Unlock()
+			return err
+		}
+		changed = w.healthChLocked()
 	}
 	w.waiters = append(w.waiters, ch)
 	w.mu.Unlock()
@@ -176,11 +329,21 @@ func (w *Writer) Flush(ctx context.Context) error {
 	case w.wake <- struct{}{}:
 	default:
 	}
-	select {
-	case err := <-ch:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
+	for {
+		select {
+		case err := <-ch:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changed:
+			w.mu.Lock()
+			err := w.healthLocked()
+			changed = w.healthChLocked()
+			w.mu.Unlock()
+			if err != nil {
+				return err
+			}
+		}
 	}
 }
 
@@ -194,7 +357,7 @@ func (w *Writer) Close() {
 		return
 	}
 	w.closed = true
-	w.space.Broadcast()
+	w.roomLocked()
 	w.mu.Unlock()
 	select {
 	case w.wake <- struct{}{}:
@@ -229,7 +392,7 @@ func (w *Writer) run() {
 		}
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
 		w.events, w.tasks, w.waiters = nil, nil, nil
-		w.space.Broadcast()
+		w.roomLocked()
 		w.mu.Unlock()
 
 		err := w.write(events, tasks, commits)
@@ -258,7 +421,9 @@ func (w *Writer) run() {
 }
 
 // write applies one batch, retrying until it succeeds or the Writer is
-// closed, then tells each log the highest seq now durable.
+// closed, then tells each log the highest seq now durable. While it is
+// under way for longer than StuckAfter, or its last attempt failed, the
+// Writer is unhealthy.
 func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64) error {
 	if len(events) == 0 && len(tasks) == 0 {
 		return nil
@@ -271,6 +436,10 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 		}
 		b.Events = append(b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data})
 	}
+	w.mu.Lock()
+	w.writeBegan = time.Now()
+	w.mu.Unlock()
+	w.stuckTimer.Reset(w.opts.StuckAfter)
 	backoff := 50 * time.Millisecond
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -281,14 +450,20 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 		}
 		w.opts.Logger.Error("store write failed; retrying", "events", len(b.Events), "tasks", len(b.Tasks), "error", err)
 		w.mu.Lock()
+		w.setHealthLocked(func() { w.writeErr = err })
 		closed := w.closed
 		w.mu.Unlock()
 		if closed {
+			w.stuckTimer.Stop()
 			return err
 		}
 		time.Sleep(backoff)
 		backoff = min(2*backoff, 2*time.Second)
 	}
+	w.stuckTimer.Stop()
+	w.mu.Lock()
+	w.setHealthLocked(func() { w.writeBegan, w.stuck, w.writeErr = time.Time{}, false, nil })
+	w.mu.Unlock()
 	for _, p := range events {
 		if s := p.ev.GetSeq(); s > commits[p.c] {
 			commits[p.c] = s

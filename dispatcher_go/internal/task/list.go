@@ -29,9 +29,17 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 	if limit <= 0 {
 		return nil, nil, fmt.Errorf("%w: limit must be positive", ErrInvalidArgument)
 	}
+	// Tasks that have not ended are all in memory; finished ones may be
+	// only in the store. While the store is unavailable, a listing that can
+	// include finished tasks fails at once (UNAVAILABLE) rather than wait
+	// for the store or silently leave out what only it holds; one of
+	// pending and running tasks only is answered from memory.
+	if err := m.storeHealth(); err != nil && wantsStored(statuses) {
+		return nil, nil, err
+	}
 	// limit+1 of each source tell whether there is a next page.
 	items := m.reg.listAfter(statuses, after, limit+1)
-	if m.persist != nil {
+	if m.persist != nil && wantsStored(statuses) {
 		// Stored tasks older than the oldest of a full memory page cannot
 		// make it into the page: the store is read only down to there.
 		var floor *ListKey
@@ -63,6 +71,12 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 		infos[i] = it.info
 	}
 	return infos, next, nil
+}
+
+// wantsStored reports whether a listing filtered by statuses (empty: any)
+// can include finished tasks, which may be only in the store.
+func wantsStored(statuses []agentpb.TaskStatus) bool {
+	return len(statuses) == 0 || slices.ContainsFunc(statuses, Terminal)
 }
 
 // newestFirst orders listed items as List returns them.

@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/secret"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
 
@@ -144,6 +146,11 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if err := validateSpec(&spec); err != nil {
 		return nil, err
 	}
+	if err := m.storeHealth(); err != nil {
+		// Refused before anything exists: the client retries later
+		// (UNAVAILABLE) instead of waiting for a store that is stuck.
+		return nil, err
+	}
 	planner := spec.Planner
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
@@ -151,7 +158,10 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
 	if spec.PreviousTaskID != "" {
-		prev, _ := m.Get(spec.PreviousTaskID) // from the store if not in memory
+		prev, err := m.Get(spec.PreviousTaskID) // from the store if not in memory
+		if errors.Is(err, store.ErrUnavailable) {
+			return nil, err
+		}
 		if prev == nil {
 			return nil, fmt.Errorf("%w: previous task not found", ErrInvalidArgument)
 		}
@@ -209,15 +219,21 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		return nil, err
 	}
 	if m.persist != nil {
-		// The client gets the id only once the task survives a crash.
+		// The client gets the id only once the task survives a crash, as
+		// long as the store keeps up. If it stalls meanwhile (the writer
+		// turns unhealthy, at most StuckAfter later) the task, already
+		// queued and maybe started, is not taken back: the client gets its
+		// id, and the record is written once the store recovers (the
+		// writer retries). Answering UNAVAILABLE instead would make a
+		// client that retries run the task twice.
 		t.mu.Lock()
 		t.saveLocked()
 		t.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := m.persist.Flush(ctx)
+		err := m.persist.FlushWhileHealthy(ctx)
 		cancel()
 		if err != nil {
-			m.log.Error("task not stored", "task_id", t.id, "error", err)
+			m.log.Error("task not stored yet", "task_id", t.id, "error", err)
 		}
 	}
 	m.log.Debug("task submitted", "task_id", t.id, "planner", planner)
@@ -256,15 +272,35 @@ func validateSpec(s *Spec) error {
 	return nil
 }
 
-// Get returns the task with id or ErrNotFound.
+// Get returns the task with id or ErrNotFound. Every task that has not
+// ended is in memory; a finished one may be only in the store. While the
+// store is unavailable (its writer is unhealthy, see store.Writer.Health) a
+// task not in memory is not looked for there: Get fails at once with an
+// error wrapping store.ErrUnavailable rather than answer NotFound for a
+// task that may well exist, or wait for the store.
 func (m *Manager) Get(id string) (*Task, error) {
 	if t := m.reg.Get(id); t != nil {
 		return t, nil
 	}
+	if err := m.storeHealth(); err != nil {
+		return nil, err
+	}
 	if t := m.loadStored(id); t != nil {
 		return t, nil
 	}
+	if err := m.storeHealth(); err != nil {
+		return nil, err // it turned unhealthy while we looked
+	}
 	return nil, ErrNotFound
+}
+
+// storeHealth is the store writer's health: nil without a store, or while
+// it keeps up; otherwise an error wrapping store.ErrUnavailable.
+func (m *Manager) storeHealth() error {
+	if m.persist == nil {
+		return nil
+	}
+	return m.persist.Health()
 }
 
 // ConfigByID returns the masked config with id: the global config, or the
@@ -303,10 +339,14 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		return CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
 	}
 	if r == nil {
-		// Neither queued nor running: it was never placed (cannot happen
-		// with the scheduler, which starts tasks under its own lock), so
-		// ending it here is the only way to keep it from hanging.
+		// Neither queued nor running: the scheduler is handing it to a slot
+		// (it starts tasks after its lock, see scheduler.Scheduler). Ending
+		// it here makes that start fail (Start and Finish are ordered by
+		// the task's lock; had the start won, r would be set), and the slot
+		// takes the next task. Remove again: had the slot died meanwhile,
+		// the task may have been put back before it ended.
 		ok := t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		m.queue.Remove(t)
 		return CancelOutcome{Cancelled: ok, Status: t.Status(), Message: "cancelled"}, nil
 	}
 	decided := r.Stop(reason, dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL)
@@ -400,6 +440,9 @@ wait:
 		}
 		if r, _ := t.runnerState(); r != nil {
 			r.Stop(reason, dispatchv1.StopCode_STOP_CODE_SHUTDOWN)
+		} else if t.Finish(agentpb.TaskStatus_FAILURE, reason, "") {
+			// Being handed to a slot (see Cancel): its start now fails.
+			m.queue.Remove(t)
 		}
 	}
 	deadline := time.NewTimer(m.opts.StopGrace + 500*time.Millisecond)

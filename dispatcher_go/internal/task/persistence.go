@@ -27,6 +27,13 @@ type Persistence interface {
 	// Flush returns once everything saved and every event appended so far
 	// is stored.
 	Flush(ctx context.Context) error
+	// FlushWhileHealthy is Flush that gives up at once, with an error
+	// wrapping store.ErrUnavailable, while (or as soon as) the store is
+	// unavailable: request paths use it, never waiting for a stuck store.
+	FlushWhileHealthy(ctx context.Context) error
+	// Health is nil while the store keeps up, else an error wrapping
+	// store.ErrUnavailable (see store.Writer.Health).
+	Health() error
 	// Evicted says that a finished task was dropped from memory (so the
 	// store may hold the only copy of its final state).
 	Evicted()

@@ -18,7 +18,7 @@ func (s *Store) Finished(ctx context.Context, id string) (task.Snapshot, error) 
 		// Live tasks are always in memory, so this one ended and was
 		// evicted (a small --max-tasks-kept under load) before the writer
 		// stored its final record and events: let it catch up.
-		if err = s.w.Flush(ctx); err == nil {
+		if err = s.w.FlushWhileHealthy(ctx); err == nil {
 			rec, err = s.st.GetTask(ctx, id)
 		}
 	}
@@ -51,7 +51,7 @@ func (s *Store) ListFinished(ctx context.Context, statuses []agentpb.TaskStatus,
 	if n := s.evicted.Load(); n != s.listFlushed.Load() {
 		// A task evicted from memory right after it ended may not have its
 		// final record in the store yet: it would be in neither list.
-		if err := s.w.Flush(ctx); err != nil {
+		if err := s.w.FlushWhileHealthy(ctx); err != nil {
 			return nil, fmt.Errorf("list stored tasks: %w", err)
 		}
 		s.listFlushed.Store(n)

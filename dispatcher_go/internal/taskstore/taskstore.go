@@ -83,6 +83,14 @@ func (s *Store) Flush(ctx context.Context) error {
 	return s.w.Flush(ctx)
 }
 
+// FlushWhileHealthy implements task.Persistence.
+func (s *Store) FlushWhileHealthy(ctx context.Context) error {
+	return s.w.FlushWhileHealthy(ctx)
+}
+
+// Health implements task.Persistence.
+func (s *Store) Health() error { return s.w.Health() }
+
 // Evicted implements task.Persistence.
 func (s *Store) Evicted() {
 	s.evicted.Add(1)

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
@@ -333,9 +335,13 @@ func (c *Commander) Serve(ctx context.Context, script func(*dispatchv1.StartSess
 	}
 }
 
-// ignoreEnd drops the error that only says ctx ended.
+// ignoreEnd drops the error that only says ctx ended: ctx's own error, or
+// the stream's CANCELED status when the cancel reached the stream first.
 func ignoreEnd(ctx context.Context, err error) error {
-	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+	if ctx.Err() == nil {
+		return err
+	}
+	if errors.Is(err, ctx.Err()) || status.Code(err) == codes.Canceled {
 		return nil
 	}
 	return err

@@ -1,6 +1,8 @@
 // Package storetest is the conformance suite every store.Store must pass.
 // A backend's test calls Run with a function that opens a fresh, empty
-// store for each subtest.
+// store for each subtest. Faulty wraps a store for tests of what happens
+// when it hangs or fails. It is test support: nothing in the dispatcher
+// may import it.
 package storetest
 
 import (

@@ -1,0 +1,270 @@
+package api
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/storetest"
+)
+
+// answerWithin is how fast the API must answer while the store misbehaves.
+const answerWithin = 100 * time.Millisecond
+
+// storeFaultWindow is how long the store misbehaves at most; every check
+// runs inside it, then the store is healed early to keep the test short.
+const storeFaultWindow = 10 * time.Second
+
+// TestBlockedStoreDoesNotBlockTheAPI: a store whose every call hangs.
+func TestBlockedStoreDoesNotBlockTheAPI(t *testing.T) {
+	testStoreFault(t, (*storetest.Faulty).Block)
+}
+
+// TestFailingStoreDoesNotBlockTheAPI: a store whose every call fails.
+func TestFailingStoreDoesNotBlockTheAPI(t *testing.T) {
+	testStoreFault(t, (*storetest.Faulty).Fail)
+}
+
+// testStoreFault: while the store hangs (or fails) for up to 10 s and the
+// store writer's buffer is full (a commander's content waits for room, as
+// back-pressure should make it), Cancel, Submit, ListTasks, GetTask and
+// health each answer within 100 ms: a slot that connects is handed a task
+// and starts it, tasks are cancelled pending and running, health turns
+// NOT_SERVING (for the server and every service), Submit and a listing that
+// needs the store answer UNAVAILABLE, live tasks are listed from memory.
+// Once the store is back, health is SERVING again, tasks are accepted, and
+// what happened meanwhile is stored.
+func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Duration)) {
+	ctx := ctxT(t)
+	f := storetest.NewFaulty(openSQLite(t, t.TempDir()))
+	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: f}})
+	t.Cleanup(f.Heal) // runs before the harness's cleanup closes the writer
+
+	c1 := h.commander(ctx, "planner:chat")
+	flooded := submitTask(t, h, "flood the log")
+	sidA, _ := c1.start()
+	handed := submitTask(t, h, "handed to a slot during the outage") // queued
+	pending := submitTask(t, h, "cancelled while pending")           // queued
+
+	breakStore(f, storeFaultWindow)
+	brokeAt := time.Now()
+	stopFlood := make(chan struct{})
+	floodDone := flood(c1, sidA, stopFlood)
+	waitUntil(t, "the store writer's buffer is full", func() bool {
+		return h.d.StoreWriter().Pending() >= store.DefaultMaxPending
+	})
+
+	// Memory-only operations answer at once, whether or not the writer was
+	// found unhealthy yet.
+	c2 := h.commander(ctx, "planner:chat") // handed a task on connecting
+	sidB, start := c2.start()
+	if start.GetTaskId() != handed {
+		t.Fatalf("new slot started %s, want the queued task %s", start.GetTaskId(), handed)
+	}
+	answerStop(c2, sidB)
+	timed(t, "health check", func(ctx context.Context) error {
+		_, err := h.health.Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	})
+	timed(t, "ListTasks of live tasks", func(ctx context.Context) error {
+		r, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING}})
+		if err == nil && len(r.GetTasks()) != 3 {
+			t.Errorf("live tasks listed: %v, want 3", r.GetTasks())
+		}
+		return err
+	})
+	timed(t, "GetTask", func(ctx context.Context) error {
+		_, err := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: flooded})
+		return err
+	})
+	for _, id := range []string{pending, handed} {
+		timed(t, "CancelTask", func(ctx context.Context) error {
+			r, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: id})
+			if err == nil && (!r.GetCancelled() || r.GetStatus() != agentpb.TaskStatus_CANCELLED) {
+				t.Errorf("cancel %s: %v", id, r)
+			}
+			return err
+		})
+	}
+
+	// The writer is found unhealthy: health says so, and what needs the
+	// store is refused at once instead of waiting for it.
+	waitUntil(t, "health NOT_SERVING", func() bool {
+		return healthStatus(ctx, h, "") == healthpb.HealthCheckResponse_NOT_SERVING
+	})
+	for _, name := range healthNames {
+		timed(t, "health check "+name, func(ctx context.Context) error {
+			if st := healthStatus(ctx, h, name); st != healthpb.HealthCheckResponse_NOT_SERVING {
+				t.Errorf("health of %q: %v while the store is down", name, st)
+			}
+			return nil
+		})
+	}
+	timed(t, "SubmitTask", func(ctx context.Context) error {
+		_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "refused"})
+		wantUnavailable(t, "SubmitTask", err)
+		return nil
+	})
+	timed(t, "ListTasks of all tasks", func(ctx context.Context) error {
+		_, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{})
+		wantUnavailable(t, "ListTasks", err)
+		return nil
+	})
+	timed(t, "GetTask of a task not in memory", func(ctx context.Context) error {
+		_, err := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: "00000000-0000-4000-8000-000000000000"})
+		wantUnavailable(t, "GetTask", err)
+		return nil
+	})
+	timed(t, "ListTasks of live tasks", func(ctx context.Context) error {
+		_, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_RUNNING}})
+		return err
+	})
+	// The flooding task's stop is not held up behind its own content that
+	// waits for room: the stop fences the log, which releases that wait,
+	// so the commander's stopped is read within the stop grace (not within
+	// answerWithin: the content it had in flight, up to its stream window,
+	// is read and dropped first, as in stop-flood of docs/benchmarks.md).
+	close(stopFlood)
+	cancelAt := time.Now()
+	r, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: flooded})
+	t.Logf("cancel of the flooding task: %s", time.Since(cancelAt))
+	if err != nil || r.GetStatus() != agentpb.TaskStatus_CANCELLED || strings.Contains(r.GetMessage(), "did not acknowledge") {
+		t.Fatalf("cancel of the flooding task: %v %v", r, err)
+	}
+	select {
+	case <-floodDone:
+	case <-time.After(wait):
+		t.Fatal("the flooding commander did not finish")
+	}
+	if d := time.Since(brokeAt); d >= storeFaultWindow {
+		t.Fatalf("the checks took %s, longer than the store's outage", d)
+	}
+
+	// The store is back: once the writer has caught up (health may flap
+	// while it writes the backlog), health is SERVING and nothing was lost.
+	f.Heal()
+	if err := h.d.StoreWriter().Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "health SERVING again", func() bool {
+		return healthStatus(ctx, h, "") == healthpb.HealthCheckResponse_SERVING
+	})
+	for _, name := range healthNames {
+		if st := healthStatus(ctx, h, name); st != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("health of %q after recovery: %v", name, st)
+		}
+	}
+	submitTask(t, h, "accepted again")
+	if _, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{}); err != nil {
+		t.Fatalf("ListTasks after recovery: %v", err)
+	}
+	if err := h.d.StoreWriter().Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{flooded, handed, pending} {
+		if rec, err := f.GetTask(ctx, id); err != nil || rec.Status != int32(agentpb.TaskStatus_CANCELLED) {
+			t.Errorf("stored record of %s after recovery: %v %v", id, rec.Status, err)
+		}
+	}
+}
+
+func submitTask(t *testing.T, h *harness, instruction string) string {
+	t.Helper()
+	r, err := h.tasks.SubmitTask(context.Background(), &dispatchv1.SubmitTaskRequest{Instruction: instruction})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.GetTaskId()
+}
+
+// timed runs call with a deadline and reports it if it took longer than
+// answerWithin or failed.
+func timed(t *testing.T, what string, call func(context.Context) error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	start := time.Now()
+	err := call(ctx)
+	d := time.Since(start)
+	t.Logf("%s: %s", what, d)
+	if d > answerWithin {
+		t.Errorf("%s answered after %s, want within %s", what, d, answerWithin)
+	}
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+	}
+}
+
+func wantUnavailable(t *testing.T, what string, err error) {
+	t.Helper()
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "task store unavailable") {
+		t.Errorf("%s while the store is down: %v, want UNAVAILABLE (task store unavailable)", what, err)
+	}
+}
+
+func healthStatus(ctx context.Context, h *harness, service string) healthpb.HealthCheckResponse_ServingStatus {
+	r, err := h.health.Check(ctx, &healthpb.HealthCheckRequest{Service: service})
+	if err != nil {
+		h.t.Fatalf("health check %q: %v", service, err)
+	}
+	return r.GetStatus()
+}
+
+// waitUntil polls cond until it holds, failing the test after a while.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(storeFaultWindow / 2)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// flood sends content for session sid on c until stop is closed, then
+// answers the session's stop with stopped. It is c's only sender and
+// reader meanwhile; the returned channel is closed when it is done.
+func flood(c *gCommander, sid string, stop <-chan struct{}) <-chan struct{} {
+	done := make(chan struct{})
+	chunk := up(sid, &dispatchv1.ContentChunk{Text: "flood"})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				answerStopOn(c, sid)
+				return
+			default:
+			}
+			if c.stream.Send(chunk) != nil {
+				return
+			}
+		}
+	}()
+	return done
+}
+
+// answerStop answers session sid's stop on c with stopped, in the
+// background; it is c's only sender and reader meanwhile.
+func answerStop(c *gCommander, sid string) {
+	go answerStopOn(c, sid)
+}
+
+func answerStopOn(c *gCommander, sid string) {
+	for p := range c.in {
+		if p.GetStop() != nil && p.GetSessionId() == sid {
+			_ = c.stream.Send(up(sid, &dispatchv1.Stopped{Reason: "stopped as asked"}))
+			return
+		}
+	}
+}
