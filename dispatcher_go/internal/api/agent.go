@@ -27,22 +27,22 @@ type agentService struct {
 // GetAgentInfo reports the version and the real number of connected slots.
 func (a *agentService) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
 	return &agentpb.AgentInfo{
-		Version:            a.s.cfg.Version,
-		MaxConcurrentTasks: int32(min(a.s.sched.SlotCount(), math.MaxInt32)),
-		LogLevel:           a.s.cfg.LogLevel,
+		Version:            a.s.d.Config().Version,
+		MaxConcurrentTasks: int32(min(a.s.d.Scheduler().SlotCount(), math.MaxInt32)),
+		LogLevel:           a.s.d.Config().LogLevel,
 	}, nil
 }
 
 // GetGlobalCommonConfig returns the global config, secrets masked.
 func (a *agentService) GetGlobalCommonConfig(context.Context, *agentpb.GetGlobalCommonConfigRequest) (*agentpb.CommonConfig, error) {
-	return secret.Mask(a.s.tasks.Configs().Global()), nil
+	return secret.Mask(a.s.d.Tasks().Configs().Global()), nil
 }
 
 // GetCommonConfig returns the global config or a task's resolved config by id, masked.
 func (a *agentService) GetCommonConfig(_ context.Context, req *agentpb.GetCommonConfigRequest) (*agentpb.CommonConfig, error) {
-	cfg, err := a.s.tasks.ConfigByID(req.GetId())
+	cfg, err := a.s.d.Tasks().ConfigByID(req.GetId())
 	if err != nil {
-		return nil, toStatus(a.s.log, err)
+		return nil, toStatus(a.s.d.Logger(), err)
 	}
 	return cfg, nil
 }
@@ -55,7 +55,7 @@ func (a *agentService) SetGlobalCommonConfig(_ context.Context, req *agentpb.Set
 	if req.GetCommonConfig().GetTaskTimeout() < 0 {
 		return nil, status.Error(codes.InvalidArgument, "taskTimeout must not be negative")
 	}
-	id := a.s.tasks.Configs().SetGlobal(req.GetCommonConfig())
+	id := a.s.d.Tasks().Configs().SetGlobal(req.GetCommonConfig())
 	return &agentpb.SetCommonConfigResponse{Success: true, Id: id}, nil
 }
 
@@ -78,7 +78,7 @@ func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
 	}
-	return secret.Mask(a.s.tasks.Configs().SetStageModel(which, llm)), nil
+	return secret.Mask(a.s.d.Tasks().Configs().SetStageModel(which, llm)), nil
 }
 
 func specFromRun(ctx context.Context, req *agentpb.RunAgentInstructionRequest) task.Spec {
@@ -95,9 +95,9 @@ func specFromRun(ctx context.Context, req *agentpb.RunAgentInstructionRequest) t
 // RunAgentInstruction runs a task and streams it until it ends. A client
 // that goes away cancels its task: nobody else knows its id.
 func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionRequest, stream grpc.ServerStreamingServer[agentpb.TaskStream]) error {
-	t, err := a.s.tasks.Submit(specFromRun(stream.Context(), req))
+	t, err := a.s.d.Tasks().Submit(specFromRun(stream.Context(), req))
 	if err != nil {
-		return toStatus(a.s.log, err)
+		return toStatus(a.s.d.Logger(), err)
 	}
 	ctx := stream.Context()
 	err = a.s.follow(ctx, t, 0, func(ev *dispatchv1.TaskEvent) error {
@@ -109,16 +109,16 @@ func (a *agentService) RunAgentInstruction(req *agentpb.RunAgentInstructionReque
 	})
 	if err != nil && !task.Terminal(t.Status()) {
 		// Do not wait for the stop: the caller is gone.
-		_, _ = a.s.tasks.Cancel(context.WithoutCancel(ctx), t.ID(), "client disconnected", false)
+		_, _ = a.s.d.Tasks().Cancel(context.WithoutCancel(ctx), t.ID(), "client disconnected", false)
 	}
-	return toStatus(a.s.log, err)
+	return toStatus(a.s.d.Logger(), err)
 }
 
 // RunAgentInstructionAsync queues a task and returns its id at once.
 func (a *agentService) RunAgentInstructionAsync(ctx context.Context, req *agentpb.RunAgentInstructionRequest) (*agentpb.RunAgentInstructionAsyncResponse, error) {
-	t, err := a.s.tasks.Submit(specFromRun(ctx, req))
+	t, err := a.s.d.Tasks().Submit(specFromRun(ctx, req))
 	if err != nil {
-		return nil, toStatus(a.s.log, err)
+		return nil, toStatus(a.s.d.Logger(), err)
 	}
 	return &agentpb.RunAgentInstructionAsyncResponse{TaskId: t.ID()}, nil
 }
@@ -126,9 +126,9 @@ func (a *agentService) RunAgentInstructionAsync(ctx context.Context, req *agentp
 // GetAgentTaskStream streams a task's history, then live events, ending
 // when the task ends (at once after the history for a finished task).
 func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest, stream grpc.ServerStreamingServer[agentpb.GetAgentTaskStreamResponse]) error {
-	t, err := a.s.tasks.Get(req.GetTaskId())
+	t, err := a.s.d.Tasks().Get(req.GetTaskId())
 	if err != nil {
-		return toStatus(a.s.log, err)
+		return toStatus(a.s.d.Logger(), err)
 	}
 	err = a.s.follow(stream.Context(), t, 0, func(ev *dispatchv1.TaskEvent) error {
 		stage, msg, ok := events.Seed000(ev)
@@ -139,13 +139,13 @@ func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest
 			TaskId: t.ID(), Stage: stage, Message: msg, Timestamp: ev.GetTime(),
 		}})
 	})
-	return toStatus(a.s.log, err)
+	return toStatus(a.s.d.Logger(), err)
 }
 
 // QueryTaskStatus reports an unknown id as status NOT_FOUND in the response
 // (seed-000 semantics), not as a gRPC error.
 func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTaskStatusRequest) (*agentpb.QueryTaskStatusResponse, error) {
-	t, err := a.s.tasks.Get(req.GetTaskId())
+	t, err := a.s.d.Tasks().Get(req.GetTaskId())
 	if err != nil {
 		return &agentpb.QueryTaskStatusResponse{TaskId: req.GetTaskId(), Status: agentpb.TaskStatus_NOT_FOUND, Message: "task not found"}, nil
 	}
@@ -163,9 +163,9 @@ func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTask
 // CancelTask answers truthfully: success only if this call stopped or
 // dequeued the task; an unknown id is success=false (seed semantics).
 func (a *agentService) CancelTask(ctx context.Context, req *agentpb.CancelTaskRequest) (*agentpb.CancelTaskResponse, error) {
-	out, err := a.s.tasks.Cancel(ctx, req.GetTaskId(), "cancelled by client", true)
+	out, err := a.s.d.Tasks().Cancel(ctx, req.GetTaskId(), "cancelled by client", true)
 	if err != nil {
-		st := toStatus(a.s.log, err)
+		st := toStatus(a.s.d.Logger(), err)
 		if status.Code(st) == codes.NotFound {
 			return &agentpb.CancelTaskResponse{TaskId: req.GetTaskId(), Success: false, Message: "task not found"}, nil
 		}

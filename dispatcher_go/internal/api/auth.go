@@ -48,9 +48,9 @@ func (s *Server) authorize(ctx context.Context, method string) error {
 	var want string
 	switch {
 	case hasAnyPrefix(method, clientServices):
-		want = s.cfg.Auth.ClientToken
+		want = s.d.Config().Auth.ClientToken
 	case hasAnyPrefix(method, commanderServices):
-		want = s.cfg.Auth.CommanderToken
+		want = s.d.Config().Auth.CommanderToken
 	}
 	if want == "" {
 		return nil

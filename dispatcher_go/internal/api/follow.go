@@ -13,8 +13,8 @@ import (
 // live, until the log's terminal event (nil), ctx's end or fn's error. It
 // reads the log by cursor: a slow caller only falls behind in the log.
 func (s *Server) follow(ctx context.Context, t *task.Task, after uint64, fn func(*dispatchv1.TaskEvent) error) error {
-	s.follows.Add(1)
-	defer s.follows.Add(-1)
+	s.d.Watchers().Add(1)
+	defer s.d.Watchers().Add(-1)
 	ctx, cancel := s.streamContext(ctx)
 	defer cancel()
 	buf := make([]*dispatchv1.TaskEvent, 0, 64)

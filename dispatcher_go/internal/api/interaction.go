@@ -14,7 +14,7 @@ type interactionService struct {
 
 // ChatStream runs one commander slot.
 func (is *interactionService) ChatStream(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) error {
-	return toStatus(is.s.log, is.s.sessions.Serve(stream))
+	return toStatus(is.s.d.Logger(), is.s.d.Sessions().Serve(stream))
 }
 
 // toolProviderService is dispatch.v1.ToolProviderService (tool providers).
@@ -27,5 +27,5 @@ type toolProviderService struct {
 func (tp *toolProviderService) Connect(stream grpc.BidiStreamingServer[dispatchv1.ConnectRequest, dispatchv1.ConnectResponse]) error {
 	ctx, cancel := tp.s.streamContext(stream.Context())
 	defer cancel()
-	return toStatus(tp.s.log, tp.s.broker.ServeProvider(ctx, stream))
+	return toStatus(tp.s.d.Logger(), tp.s.d.Broker().ServeProvider(ctx, stream))
 }

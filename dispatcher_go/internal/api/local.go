@@ -22,11 +22,11 @@ func (s *Server) Local() *Local { return &Local{taskService{s: s}} }
 // first, then live, until the task's terminal event (nil), ctx's end or
 // fn's error. An unknown id is codes.NotFound.
 func (l *Local) Watch(ctx context.Context, id string, afterSeq uint64, fn func(*dispatchv1.TaskEvent) error) error {
-	t, err := l.s.tasks.Get(id)
+	t, err := l.s.d.Tasks().Get(id)
 	if err != nil {
-		return toStatus(l.s.log, err)
+		return toStatus(l.s.d.Logger(), err)
 	}
-	return toStatus(l.s.log, l.s.follow(ctx, t, afterSeq, fn))
+	return toStatus(l.s.d.Logger(), l.s.follow(ctx, t, afterSeq, fn))
 }
 
 // Serving reports whether the dispatcher accepts work (false while it drains).

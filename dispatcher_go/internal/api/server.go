@@ -19,54 +19,26 @@ package api
 
 import (
 	"context"
-	"log/slog"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
 
-	"github.com/agentdispatch/dispatcher/internal/broker"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/scheduler"
-	"github.com/agentdispatch/dispatcher/internal/session"
-	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
 // Server is the gRPC adapter of a dispatcher: its services and server
 // options.
 type Server struct {
-	d        *dispatcher.Dispatcher
-	cfg      dispatcher.Config
-	log      *slog.Logger
-	tasks    *task.Manager
-	sched    *scheduler.Scheduler
-	broker   *broker.Broker
-	sessions *session.Server
-	health   *health.Server
-	// follows counts the watchers reading a task log (the dispatcher's
-	// Drain lets them read their tasks' ends before it cuts the streams).
-	follows *dispatcher.Watchers
+	d *dispatcher.Dispatcher
 }
 
 // New returns the gRPC adapter of d. d stays the caller's: it drains and
 // closes it.
-func New(d *dispatcher.Dispatcher) *Server {
-	return &Server{
-		d:        d,
-		cfg:      d.Config(),
-		log:      d.Logger(),
-		tasks:    d.Tasks(),
-		sched:    d.Scheduler(),
-		broker:   d.Broker(),
-		sessions: d.Sessions(),
-		health:   d.Health(),
-		follows:  d.Watchers(),
-	}
-}
+func New(d *dispatcher.Dispatcher) *Server { return &Server{d: d} }
 
 // healthNames are the names grpc health answers for ("" is the server).
 var healthNames = []string{
@@ -81,7 +53,7 @@ var healthNames = []string{
 // config: message size limit, stream window, keepalive, auth. Callers add
 // transport credentials.
 func (s *Server) ServerOptions() []grpc.ServerOption {
-	g := s.cfg.GRPC
+	g := s.d.Config().GRPC
 	ka := g.Keepalive
 	var window []grpc.ServerOption
 	if w := g.StreamWindowBytes; w > 0 {
@@ -110,7 +82,7 @@ func (s *Server) Register(gs *grpc.Server) {
 	dispatchv1.RegisterTaskServiceServer(gs, &taskService{s: s})
 	dispatchv1.RegisterAgentInteractionServer(gs, &interactionService{s: s})
 	dispatchv1.RegisterToolProviderServiceServer(gs, &toolProviderService{s: s})
-	healthpb.RegisterHealthServer(gs, s.health)
+	healthpb.RegisterHealthServer(gs, s.d.Health())
 	reflection.Register(gs)
 	s.d.TrackHealth(healthNames...)
 }

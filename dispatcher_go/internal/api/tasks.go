@@ -38,11 +38,11 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 		if err != nil {
 			// The compile error names the rule or test and what is wrong;
 			// it is about the caller's own text.
-			return nil, toStatus(ts.s.log, fmt.Errorf("%w: policy_yaml: %v", task.ErrInvalidArgument, err))
+			return nil, toStatus(ts.s.d.Logger(), fmt.Errorf("%w: policy_yaml: %v", task.ErrInvalidArgument, err))
 		}
 		extra = p
 	}
-	t, err := ts.s.tasks.Submit(task.Spec{
+	t, err := ts.s.d.Tasks().Submit(task.Spec{
 		Policy:               extra,
 		Instruction:          req.GetInstruction(),
 		RunningConfig:        req.GetRunningConfig(),
@@ -56,28 +56,28 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 		Trace:                trace.SpanContextFromContext(ctx),
 	})
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	return &dispatchv1.SubmitTaskResponse{TaskId: t.ID()}, nil
 }
 
 // WatchTask streams events with seq > after_seq: history, then live, until the end.
 func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
-	t, err := ts.s.tasks.Get(req.GetTaskId())
+	t, err := ts.s.d.Tasks().Get(req.GetTaskId())
 	if err != nil {
-		return toStatus(ts.s.log, err)
+		return toStatus(ts.s.d.Logger(), err)
 	}
 	err = ts.s.follow(stream.Context(), t, req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
 		return stream.Send(&dispatchv1.WatchTaskResponse{Event: ev})
 	})
-	return toStatus(ts.s.log, err)
+	return toStatus(ts.s.d.Logger(), err)
 }
 
 // GetTask returns a task's state, result and statistics.
 func (ts *taskService) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
-	t, err := ts.s.tasks.Get(req.GetTaskId())
+	t, err := ts.s.d.Tasks().Get(req.GetTaskId())
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	info := t.Info()
 	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now())}, nil
@@ -100,9 +100,9 @@ func (ts *taskService) ListTasks(ctx context.Context, req *dispatchv1.ListTasksR
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
-	infos, next, err := ts.s.tasks.List(ctx, req.GetStatuses(), size, after)
+	infos, next, err := ts.s.d.Tasks().List(ctx, req.GetStatuses(), size, after)
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	now := time.Now()
 	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, len(infos))}
@@ -142,33 +142,33 @@ const maxTokenID = 256
 
 // CancelTask stops a pending or running task and says what happened.
 func (ts *taskService) CancelTask(ctx context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
-	out, err := ts.s.tasks.Cancel(ctx, req.GetTaskId(), req.GetReason(), true)
+	out, err := ts.s.d.Tasks().Cancel(ctx, req.GetTaskId(), req.GetReason(), true)
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	return &dispatchv1.CancelTaskResponse{Cancelled: out.Cancelled, Status: out.Status, Message: out.Message}, nil
 }
 
 // Interject delivers a user message to a running task's planner.
 func (ts *taskService) Interject(ctx context.Context, req *dispatchv1.InterjectRequest) (*dispatchv1.InterjectResponse, error) {
-	id, seq, err := ts.s.tasks.Interject(ctx, req.GetTaskId(), req.GetText())
+	id, seq, err := ts.s.d.Tasks().Interject(ctx, req.GetTaskId(), req.GetText())
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	return &dispatchv1.InterjectResponse{MessageId: id, Seq: seq}, nil
 }
 
 // ApproveToolCall resolves a tool call held by a policy.
 func (ts *taskService) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error) {
-	outcome, seq, err := ts.s.tasks.ApproveToolCall(req.GetTaskId(), req.GetCallId(), req.GetApprove(), req.GetReason())
+	outcome, seq, err := ts.s.d.Tasks().ApproveToolCall(req.GetTaskId(), req.GetCallId(), req.GetApprove(), req.GetReason())
 	if err != nil {
-		return nil, toStatus(ts.s.log, err)
+		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
 }
 
 // ListTools lists the tools a planner can call now and their executors.
 func (ts *taskService) ListTools(context.Context, *dispatchv1.ListToolsRequest) (*dispatchv1.ListToolsResponse, error) {
-	specs, execs := ts.s.broker.Tools()
+	specs, execs := ts.s.d.Broker().Tools()
 	return &dispatchv1.ListToolsResponse{Tools: specs, Executors: execs}, nil
 }
