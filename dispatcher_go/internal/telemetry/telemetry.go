@@ -11,6 +11,12 @@
 // OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER and OTEL_BSP_*. When off,
 // nothing is installed on the RPC path and the spans made by the dispatcher's
 // own code are no-ops.
+//
+// It must not sit on the per-message path of a long-lived stream (an
+// otelgrpc stats handler would: the server spans come from interceptors that
+// see only the call). Spans carry ids, names and statuses, never a
+// planner's output (thought, content, tool arguments), an instruction or a
+// credential.
 package telemetry
 
 import (
