@@ -37,12 +37,11 @@ from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import StatusCode
 
 from commander import _metrics
+from commander._context import PlannerOutput, SessionContext
 from commander._errors import ModelError, ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
-from commander._planners import PlannerOutput
 from commander._pricing import PriceTable
-from commander._session import SessionContext
 from commander._tracing import end_model_span, model_span
 
 _log = logging.getLogger("commander.chat")

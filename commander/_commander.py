@@ -23,9 +23,10 @@ from anyio.abc import TaskGroup
 
 from commander._chat import ChatPlanner, LLMSettings
 from commander._connection import ConnectionConfig
+from commander._context import Planner
 from commander._errors import CommanderError
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._planners import Planner, PlannerRegistry
+from commander._planners import PlannerRegistry
 from commander._provider import ToolProvider
 from commander._slot import Slot, SlotSettings
 

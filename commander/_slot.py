@@ -34,10 +34,10 @@ from commander._connection import (
     open_stream,
     reconnect_forever,
 )
+from commander._context import Planner
 from commander._errors import CommanderError, stop_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc
-from commander._planners import Planner
 from commander._session import Session
 from commander._writer import Outgoing, StreamWriter
 

@@ -66,12 +66,11 @@ from commander._chat import (
     _public_url,
     estimate_tokens,
 )
+from commander._context import PlannerOutput, SessionContext
 from commander._errors import ToolError, ToolExecutionError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
-from commander._planners import PlannerOutput
 from commander._pricing import PriceTable
-from commander._session import SessionContext
 from commander._tracing import end_model_span, model_span
 from commander.gui import (
     JSON_ACTION_SCHEMA,

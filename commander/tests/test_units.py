@@ -9,11 +9,11 @@ import pytest
 
 from commander import LLMSettings, PlannerNotFoundError, PlannerRegistry
 from commander._chat import ModelTarget, ThinkSplitter, ToolNames, _model_error, resolve_model
+from commander._context import merge_usage
 from commander._errors import tool_error_from_result
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._provider import schema_from_signature
-from commander._session import merge_usage
 
 
 def split_all(chunks: list[str]) -> list[tuple[bool, str]]:
