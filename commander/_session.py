@@ -49,6 +49,7 @@ from commander._errors import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._logging import session_ids
+from commander._timeouts import CLOSED_TIMEOUT, STOP_CANCEL_TIMEOUT
 from commander._tracing import TRACER, extract, inject
 from commander._writer import Outgoing
 
@@ -89,8 +90,8 @@ class Session:
         send: Send,
         *,
         slot_index: int,
-        cancel_timeout: float = 2.0,
-        closed_timeout: float = 30.0,
+        cancel_timeout: float = STOP_CANCEL_TIMEOUT,
+        closed_timeout: float = CLOSED_TIMEOUT,
     ) -> None:
         self.session_id = packet.session_id
         self.task_id = packet.start.task_id
