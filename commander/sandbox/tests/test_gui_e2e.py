@@ -27,10 +27,10 @@ from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2
 from commander._pricing import ModelPrice, PriceTable
 from commander.gui._planner import GuiPlanner, GuiSettings
-from commander.localsandbox.tests.conftest import LocalServer
 from commander.sandbox import SandboxTools, sandbox_provider
 from commander.sandbox.tests.conftest import DispatcherProc, sandbox_settings
 from commander.tests.fakes import Reply, ScriptedLLM, wait_for
+from localsandbox.tests.harness import LocalServer
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ import pytest
 from lybic import LybicAPIError, LybicClient, Sandbox, dto
 from PIL import Image, ImageChops
 
-from commander.localsandbox.tests.conftest import ORG, LocalServer, alive, xvfb_pids
+from localsandbox.tests.harness import ORG, LocalServer, alive, xvfb_pids
 
 pytestmark = pytest.mark.anyio
 

@@ -1,7 +1,10 @@
-"""Fixtures: a real local sandbox server process, driven through the real lybic SDK.
+"""A real local sandbox server process for tests, driven through the real lybic SDK.
+
+Used by this package's tests and by the commander's sandbox tests, which start
+the server as a process (``python -m localsandbox``) and never import it.
 
 The server needs Xvfb and xdotool (and the tests use xterm as the X
-application). When they are missing the fixture runs
+application). When they are missing the ``x11_tools`` fixture runs
 scripts/install_system_deps.sh once (as root); only if they are still missing
 do the tests that need them skip, saying why.
 """
@@ -15,23 +18,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from lybic import LybicAuth, LybicClient
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install_system_deps.sh"
 TOOLS = ("Xvfb", "xdotool", "xterm")
 ORG = "ORG-local-test"
 API_KEY = "lysk-local-test-key"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def _missing() -> list[str]:
@@ -67,7 +64,7 @@ def x11_tools() -> None:
 
 @dataclass
 class LocalServer:
-    """A running ``python -m commander.localsandbox`` process."""
+    """A running ``python -m localsandbox`` process."""
 
     proc: subprocess.Popen[bytes]
     addr: str
@@ -114,7 +111,7 @@ def start_server(workdir: Path, *extra: str) -> LocalServer:
     argv = [
         sys.executable,
         "-m",
-        "commander.localsandbox",
+        "localsandbox",
         "--listen",
         "127.0.0.1:0",
         "--addr-file",
@@ -148,15 +145,6 @@ def start_server(workdir: Path, *extra: str) -> LocalServer:
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise AssertionError(f"server did not publish its address:\n{server.log()}")
-
-
-@pytest.fixture(scope="session")
-def server(x11_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    srv = start_server(tmp_path_factory.mktemp("localsandbox"), "--process-timeout", "3")
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def xvfb_pids(state_dir: Path) -> list[int]:
