@@ -500,16 +500,20 @@ def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str,
     }
 
 
-async def collect_for(slot: FakeSlot, seconds: float) -> list[ipb.UpstreamPacket]:
-    """Everything the slot receives during ``seconds``."""
-    packets: list[ipb.UpstreamPacket] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            packets.append(await slot.recv(left))
-        except TimeoutError:
-            break
-    return packets
+async def everything_sent(slot: FakeSlot, within: float = WAIT) -> list[ipb.UpstreamPacket]:
+    """Every packet the commander wrote on this stream, once the stream has ended
+    (call it after the commander has shut down: then nothing can come later)."""
+    await asyncio.wait_for(slot.ended.wait(), within)
+    return slot.received
+
+
+def after_terminal(packets: list[ipb.UpstreamPacket], session_id: str) -> list[ipb.UpstreamPacket]:
+    """The packets of ``session_id`` that came after its terminal packet."""
+    mine = [p for p in packets if p.session_id == session_id]
+    for i, packet in enumerate(mine):
+        if packet.WhichOneof("payload") in TERMINAL:
+            return mine[i + 1 :]
+    raise AssertionError(f"session {session_id} sent no terminal packet")
 
 
 async def wait_for(predicate: Callable[[], bool], within: float = WAIT) -> None:
