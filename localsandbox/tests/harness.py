@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
-from lybic import LybicAuth, LybicClient
+from lybic import LybicAuth, LybicClient, Sandbox
+from PIL import Image, ImageChops
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install_system_deps.sh"
@@ -171,3 +173,46 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+# ---------------------------------------------------------------------- the screen
+
+#: Where ``xterm -geometry 80x24+0+0`` draws.
+XTERM_BOX = (0, 0, 480, 300)
+
+
+async def screenshot(s: Sandbox, sid: str) -> Image.Image:
+    _, image, b64 = await s.get_screenshot(sid)
+    assert b64, "the SDK only fills the base64 string for WebP"
+    assert isinstance(image, Image.Image)
+    return image.convert("RGB")
+
+
+def changed_pixels(a: Image.Image, b: Image.Image, box: tuple[int, int, int, int]) -> int:
+    diff = ImageChops.difference(a.crop(box), b.crop(box)).convert("L")
+    return sum(diff.histogram()[33:])
+
+
+async def settled_screenshot(
+    s: Sandbox,
+    sid: str,
+    box: tuple[int, int, int, int] = XTERM_BOX,
+    *,
+    unlike: Image.Image | None = None,
+    within: float = 15.0,
+) -> Image.Image:
+    """A screenshot once ``box`` holds still (two shots in a row alike) and, given
+    ``unlike``, differs from it.
+
+    X clients draw in their own time after an input or a start: this waits for
+    what the test expects to see instead of sleeping for a guessed while.
+    """
+    with anyio.fail_after(within):
+        last = await screenshot(s, sid)
+        while True:
+            await anyio.sleep(0.1)  # polling interval, not a synchronisation
+            shot = await screenshot(s, sid)
+            still = changed_pixels(last, shot, box) == 0
+            if still and (unlike is None or changed_pixels(unlike, shot, box) > 0):
+                return shot
+            last = shot
