@@ -14,6 +14,10 @@ or the outer one gives up while the inner cleanup still has work that counts):
 3. ``CLOSED_TIMEOUT`` (30 s): after its terminal packet, how long a session
    waits for the dispatcher's ``SESSION_CLOSED``.
 
+Cleanup that is not the planner's answer to the stop may outlive step 2: the
+gui planner destroying its sandbox after a stop (bounded at 30 s in
+``commander.gui._planner``) goes on after ``stopped`` has been sent.
+
 Shutting down (``Commander.shutdown``):
 
 1. ``SHUTDOWN_GRACE`` (10 s): a running session may finish by itself; after
@@ -22,6 +26,9 @@ Shutting down (``Commander.shutdown``):
 2. ``DRAIN_EOF_TIMEOUT`` (2 s): an idle slot half-closes its stream and waits
    for the dispatcher's end of stream (the slot's reader leaving); then the
    stream is cancelled.
+
+This module holds numbers only (the defaults of the settings named above) and
+must not import anything of the commander.
 """
 
 from __future__ import annotations
