@@ -12,7 +12,7 @@ from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._timeouts import DRAIN_EOF_TIMEOUT
 from commander.tests.conftest import fast_connection
-from commander.tests.fakes import DispatcherServer, DownAddress, FakeDispatcher
+from commander.tests.fakes import DispatcherServer, DownAddress, FakeDispatcher, FakeSlot
 
 pytestmark = pytest.mark.anyio
 
@@ -119,44 +119,37 @@ async def test_shutdown_is_prompt_while_the_dispatcher_is_down() -> None:
         await down.stop()
 
 
-async def test_shutdown_half_closes_an_idle_slot_and_leaves_on_the_dispatchers_end() -> None:
-    """An idle slot ends its stream cleanly (a half-close, not a cancel) and is gone as
-    soon as the dispatcher ends the stream, not after a fixed pause."""
-    server = DispatcherServer()
+async def idle_shutdown(servicer: FakeDispatcher, slots: int) -> tuple[list[FakeSlot], float]:
+    """Connects a commander with idle slots, shuts it down; (the slots' streams, seconds)."""
+    server = DispatcherServer(servicer)
     await server.start()
-    commander = Commander(fast_connection(server.target), slots=2, planners=planners)
+    commander = Commander(fast_connection(server.target), slots=slots, planners=planners)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(commander.run)
-            slots = [await server.servicer.next_slot() for _ in range(2)]
-            await commander.wait_connected()
-            asked = time.monotonic()
-            with anyio.fail_after(5):
-                await commander.shutdown()
-            took = time.monotonic() - asked
-        assert all(slot.half_closed.is_set() for slot in slots)
-        assert took < DRAIN_EOF_TIMEOUT / 2, took
-    finally:
-        await server.stop()
-
-
-async def test_shutdown_is_bounded_when_the_dispatcher_never_ends_the_stream() -> None:
-    server = DispatcherServer(FakeDispatcher(end_on_half_close=False))
-    await server.start()
-    commander = Commander(fast_connection(server.target), slots=1, planners=planners)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(commander.run)
-            slot = await server.servicer.next_slot()
+            streams = [await server.servicer.next_slot() for _ in range(slots)]
             await commander.wait_connected()
             asked = time.monotonic()
             with anyio.fail_after(DRAIN_EOF_TIMEOUT + 5):
                 await commander.shutdown()
             took = time.monotonic() - asked
-        assert slot.half_closed.is_set()
-        # It waited for the end of stream that never came, then cancelled the stream.
-        assert DRAIN_EOF_TIMEOUT * 0.9 <= took, took
-        with anyio.fail_after(5):
-            await slot.ended.wait()
     finally:
         await server.stop()
+    return streams, took
+
+
+async def test_shutdown_half_closes_an_idle_slot_and_leaves_on_the_dispatchers_end() -> None:
+    """An idle slot ends its stream cleanly (a half-close, not a cancel) and is gone as
+    soon as the dispatcher ends the stream, not after a fixed pause."""
+    slots, took = await idle_shutdown(FakeDispatcher(), 2)
+    assert all(slot.half_closed.is_set() for slot in slots)
+    assert took < DRAIN_EOF_TIMEOUT / 2, took
+
+
+async def test_shutdown_is_bounded_when_the_dispatcher_never_ends_the_stream() -> None:
+    slots, took = await idle_shutdown(FakeDispatcher(end_on_half_close=False), 1)
+    assert slots[0].half_closed.is_set()
+    # It waited for the end of stream that never came, then cancelled the stream.
+    assert DRAIN_EOF_TIMEOUT * 0.9 <= took, took
+    with anyio.fail_after(5):
+        await slots[0].ended.wait()
