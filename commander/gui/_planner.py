@@ -56,22 +56,12 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from commander import _metrics
+from commander import _llm, _metrics
 from commander._context import PlannerOutput, SessionContext
 from commander._errors import ToolError, ToolExecutionError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
-from commander._llm import (
-    DEFAULT_API_KEY,
-    DEFAULT_BASE_URL,
-    ModelClients,
-    ModelTarget,
-    close_model_stream,
-    estimate_tokens,
-    model_error,
-    public_url,
-    target_from,
-)
+from commander._llm import ModelTarget
 from commander._pricing import PriceTable
 from commander._timeouts import MODEL_CLOSE_TIMEOUT
 from commander._tracing import end_model_span, model_span
@@ -208,9 +198,9 @@ def coordinate_space(name: str) -> CoordinateSpace:
 class GuiSettings:
     """The gui planner's defaults (a task's config overrides models, steps and timeout)."""
 
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = _llm.DEFAULT_BASE_URL
     model: str = "ui-tars"
-    api_key: str = dataclasses.field(default=DEFAULT_API_KEY, repr=False)
+    api_key: str = dataclasses.field(default=_llm.DEFAULT_API_KEY, repr=False)
     #: NORMAL mode's grounding model when the task's config names none (None: the
     #: action model's own coordinates are used).
     grounding: ModelTarget | None = None
@@ -280,12 +270,12 @@ def resolve_models(
         )
         for field in order:
             if stages.HasField(field):  # type: ignore[arg-type]
-                action = target_from(getattr(stages, field), default)
+                action = _llm.target_from(getattr(stages, field), default)
                 break
     grounding: ModelTarget | None = None
     if not fast:
         if stages is not None and stages.HasField("groundingModel"):
-            grounding = target_from(stages.groundingModel, action)
+            grounding = _llm.target_from(stages.groundingModel, action)
         else:
             grounding = settings.grounding
     return action, grounding, fast
@@ -389,7 +379,7 @@ class GuiPlanner:
         self._close_tools = close_tools
         #: The HTTP pool of every session's model calls; its clients never retry
         #: (retries are ours, and only before the first token).
-        self.clients = ModelClients(
+        self.clients = _llm.ModelClients(
             read_timeout=self.settings.read_timeout,
             connect_timeout=self.settings.connect_timeout,
         )
@@ -908,7 +898,7 @@ class _Run:
                     "type": "json_schema",
                     "json_schema": {"name": "gui_action", "schema": JSON_ACTION_SCHEMA},
                 }
-        prompt_estimate = estimate_tokens(
+        prompt_estimate = _llm.estimate_tokens(
             json.dumps([m for m in request["messages"] if isinstance(m.get("content"), str)])
         )
         async with contextlib.aclosing(
@@ -940,7 +930,7 @@ class _Run:
         try:
             return await retrying(create)
         except openai.OpenAIError as exc:
-            raise model_error(exc, target) from exc
+            raise _llm.model_error(exc, target) from exc
 
     async def _stream(
         self,
@@ -957,7 +947,7 @@ class _Run:
         metrics = _metrics.current
         started = time.monotonic()
         first_chunk = True
-        span = model_span(target.model, public_url(target.base_url))
+        span = model_span(target.model, _llm.public_url(target.base_url))
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
@@ -980,11 +970,11 @@ class _Run:
                         reply.text += text
                         yield ipb.ThoughtChain(step_name=step_name, delta=text)
             except openai.OpenAIError as exc:
-                raise model_error(exc, target) from exc
+                raise _llm.model_error(exc, target) from exc
             completed = True
         finally:
             if stream is not None:
-                await close_model_stream(stream, self.settings.close_timeout)
+                await _llm.close_model_stream(stream, self.settings.close_timeout)
             if not usage_seen:
                 reply.input_tokens = prompt_estimate
                 reply.output_tokens = reply.pieces
