@@ -108,8 +108,8 @@ test: setup setup-model lint check-generate check-compose check-dockerfiles test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
-	$(VENV)/bin/ruff check commander tests scripts
-	$(VENV)/bin/ruff format --check commander tests scripts
+	$(VENV)/bin/ruff check commander localsandbox tests scripts
+	$(VENV)/bin/ruff format --check commander localsandbox tests scripts
 	$(VENV)/bin/mypy
 
 test-go: ## Go unit tests with the race detector (goleak in each package)
@@ -134,8 +134,8 @@ images: ## container images (needs a Docker daemon)
 	docker build -t agent-dispatch/dispatcher:dev dispatcher_go
 	docker build -f commander/Dockerfile -t agent-dispatch/commander:dev .
 
-test-py: setup-py ## commander unit tests (in-process dispatcher and model doubles, local sandbox)
-	$(VENV)/bin/pytest -q commander
+test-py: setup-py ## commander and local sandbox tests (in-process dispatcher and model doubles, real Xvfb)
+	$(VENV)/bin/pytest -q commander localsandbox
 
 test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model" tests

@@ -8,6 +8,7 @@ from commander._chat import ChatPlanner, LLMSettings
 from commander._commander import VERSION as __version__
 from commander._commander import Commander
 from commander._connection import ConnectionConfig
+from commander._context import Planner, PlannerOutput, SessionContext
 from commander._errors import (
     CommanderError,
     InvalidToolArgumentsError,
@@ -21,10 +22,9 @@ from commander._errors import (
     ToolUnavailableError,
     UnknownToolError,
 )
-from commander._planners import Planner, PlannerOutput, PlannerRegistry
+from commander._planners import PlannerRegistry
 from commander._pricing import ModelPrice, PriceTable
 from commander._provider import ToolProvider
-from commander._session import SessionContext
 from commander._workspace import workspace_provider
 from commander.gui._planner import GuiPlanner, GuiSettings
 from commander.sandbox import SandboxSettings, SandboxTools, sandbox_provider

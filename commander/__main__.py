@@ -17,14 +17,7 @@ import anyio
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from commander import _metrics
-from commander._chat import (
-    DEFAULT_API_KEY,
-    DEFAULT_BASE_URL,
-    DEFAULT_MODEL,
-    ChatPlanner,
-    LLMSettings,
-    ModelTarget,
-)
+from commander._chat import DEFAULT_MODEL, ChatPlanner, LLMSettings
 from commander._cli import (
     add_connection_flags,
     env,
@@ -34,6 +27,7 @@ from commander._cli import (
 )
 from commander._commander import VERSION, Commander, default_commander_id
 from commander._connection import ConnectionConfig
+from commander._llm import DEFAULT_API_KEY, DEFAULT_BASE_URL, ModelTarget
 from commander._planners import PlannerRegistry
 from commander._pricing import PriceTable
 from commander._provider import ToolProvider

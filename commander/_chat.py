@@ -4,7 +4,8 @@ The same code path serves the embedded SmolLM2 (llama-cpp-python's server),
 vLLM, Doubao ARK, DeepSeek, OpenAI...: only the base URL, model name and key
 differ, and those come from the task's config
 (``stageModelConfig.actionGeneratorModel``) with the commander's defaults
-behind them.
+behind them (resolved, like the HTTP pool and error redaction, by
+:mod:`commander._llm`).
 
 Interruption: the planner is an async generator with no task group in it.
 When the session is stopped, the cancellation arrives either inside the model
@@ -21,47 +22,40 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, cast
 
-import anyio
-import anyio.to_thread
 import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import StatusCode
 
 from commander import _metrics
-from commander._errors import ModelError, ToolError, tool_error_code_name
+from commander._context import PlannerOutput, SessionContext
+from commander._errors import ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
-from commander._planners import PlannerOutput
+from commander._llm import (
+    DEFAULT_API_KEY,
+    DEFAULT_BASE_URL,
+    ModelClients,
+    ModelTarget,
+    close_model_stream,
+    estimate_tokens,
+    model_error,
+    public_url,
+    target_from,
+)
 from commander._pricing import PriceTable
-from commander._session import SessionContext
+from commander._timeouts import MODEL_CLOSE_TIMEOUT
 from commander._tracing import end_model_span, model_span
 
 _log = logging.getLogger("commander.chat")
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
 DEFAULT_MODEL = "smollm2"
-DEFAULT_API_KEY = "none"
-
-# Where a provider's OpenAI-compatible API lives, for tasks that name a
-# provider (or a model whose name gives it away, as seed 000 does for doubao,
-# gemini and deepseek) but no apiEndpoint.
-_PROVIDER_ENDPOINTS = {
-    "doubao": "https://ark.cn-beijing.volces.com/api/v3",
-    "ark": "https://ark.cn-beijing.volces.com/api/v3",
-    "deepseek": "https://api.deepseek.com/v1",
-    "gemini": "https://generativelanguage.googleapis.com/v1beta/openai/",
-    "openai": "https://api.openai.com/v1",
-}
-_MODEL_PREFIX_PROVIDERS = ("doubao", "deepseek", "gemini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +80,8 @@ class LLMSettings:
     #: ("computer.", "mobile."): the GUI tools' 25 schemas fill most of a
     #: small model's context (SmolLM2: 4,096 tokens).
     exclude_tool_prefixes: tuple[str, ...] = ()
-    #: Bound on closing the model stream after a stop.
-    close_timeout: float = 2.0
+    #: Bound on closing the model stream after a stop (see commander._timeouts).
+    close_timeout: float = MODEL_CLOSE_TIMEOUT
     #: Per-model prices: the cost and currency of every Usage.
     prices: PriceTable = dataclasses.field(default_factory=PriceTable)
 
@@ -104,37 +98,14 @@ class LLMSettings:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelTarget:
-    """The model a session talks to, resolved from the task config and the defaults."""
-
-    base_url: str
-    model: str
-    api_key: str = dataclasses.field(repr=False)
-
-
 def resolve_model(config: agent_pb2.CommonConfig, defaults: LLMSettings) -> ModelTarget:
     """Task config (``stageModelConfig.actionGeneratorModel``) over the commander's defaults."""
-    base_url, model, api_key = defaults.base_url, defaults.model, defaults.api_key
+    target = ModelTarget(base_url=defaults.base_url, model=defaults.model, api_key=defaults.api_key)
     if config.HasField("stageModelConfig"):
         stages = config.stageModelConfig
         if stages.HasField("actionGeneratorModel"):
-            llm = stages.actionGeneratorModel
-            if llm.modelName:
-                model = llm.modelName
-            if llm.HasField("apiKey") and llm.apiKey:
-                api_key = llm.apiKey
-            if llm.HasField("apiEndpoint") and llm.apiEndpoint:
-                base_url = llm.apiEndpoint
-            else:
-                provider = llm.provider.lower() if llm.HasField("provider") else ""
-                if not provider and llm.modelName:
-                    provider = next(
-                        (p for p in _MODEL_PREFIX_PROVIDERS if llm.modelName.lower().startswith(p)),
-                        "",
-                    )
-                base_url = _PROVIDER_ENDPOINTS.get(provider, base_url)
-    return ModelTarget(base_url=base_url, model=model, api_key=api_key)
+            return target_from(stages.actionGeneratorModel, target)
+    return target
 
 
 class ToolNames:
@@ -213,11 +184,6 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def estimate_tokens(text: str) -> int:
-    """Rough token count (4 characters a token) for servers that report no usage."""
-    return math.ceil(len(text) / 4)
-
-
 def _openai_tools(tools: Sequence[ipb.ToolSpec], names: ToolNames) -> list[dict[str, Any]]:
     result = []
     for spec in tools:
@@ -294,27 +260,9 @@ class ChatPlanner:
         # Request options an endpoint refused (400/422) before streaming: left
         # out from then on. Keyed by base URL.
         self._unsupported: dict[str, set[str]] = {}
-        # One HTTP connection pool for every session and endpoint: building an
-        # HTTP client loads the CA bundle (tens of ms of blocked event loop), far
-        # too slow to do per session.
-        self._http: openai.DefaultAsyncHttpxClient | None = None
-
-    async def _client(self, target: ModelTarget) -> openai.AsyncOpenAI:
-        if self._http is None:
-            http = await anyio.to_thread.run_sync(openai.DefaultAsyncHttpxClient)
-            if self._http is None:
-                self._http = http
-            else:
-                await http.aclose()
-        return openai.AsyncOpenAI(
-            base_url=target.base_url,
-            api_key=target.api_key,
-            # A retry after tokens were streamed would repeat them: never retry here.
-            max_retries=0,
-            timeout=openai.Timeout(
-                self.settings.read_timeout, connect=self.settings.connect_timeout
-            ),
-            http_client=self._http,
+        self._clients = ModelClients(
+            read_timeout=self.settings.read_timeout,
+            connect_timeout=self.settings.connect_timeout,
         )
 
     def _timeout(self, ctx: SessionContext) -> openai.Timeout:
@@ -326,10 +274,8 @@ class ChatPlanner:
         return openai.Timeout(read, connect=self.settings.connect_timeout)
 
     async def aclose(self) -> None:
-        """Close the shared HTTP client (the commander calls this when it stops)."""
-        http, self._http = self._http, None
-        if http is not None:
-            await http.aclose()
+        """Close the shared HTTP pool (the commander calls this when it stops)."""
+        await self._clients.aclose()
 
     async def __call__(self, ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
         target = resolve_model(ctx.config, self.settings)
@@ -341,7 +287,7 @@ class ChatPlanner:
             messages.append({"role": "system", "content": self.settings.system_prompt})
         messages.extend(_history_messages(ctx.history))
         messages.append({"role": "user", "content": ctx.instruction})
-        model = _Model(target, await self._client(target), self._timeout(ctx))
+        model = _Model(target, await self._clients.client(target), self._timeout(ctx))
         answer = ""
         tool_calls_made = 0
         turns = 0
@@ -431,7 +377,7 @@ class ChatPlanner:
                 # optional extras one at a time (older servers reject them).
                 extra = next((k for k in ("stream_options", "tools") if k in request), None)
                 if extra is None:
-                    raise _model_error(exc, target) from exc
+                    raise model_error(exc, target) from exc
                 _log.warning(
                     "%s refused %s (%s); retrying without it",
                     target.base_url,
@@ -440,7 +386,7 @@ class ChatPlanner:
                 )
                 unsupported.add(extra)
             except openai.OpenAIError as exc:
-                raise _model_error(exc, target) from exc
+                raise model_error(exc, target) from exc
 
     async def _stream_turn(
         self,
@@ -462,7 +408,7 @@ class ChatPlanner:
         first_chunk = True
         # Not made current: this generator yields to its consumer, which must not
         # run inside the span's context.
-        span = model_span(target.model, _public_url(target.base_url))
+        span = model_span(target.model, public_url(target.base_url))
         try:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
@@ -503,14 +449,10 @@ class ChatPlanner:
                 metrics.observe_step("chat", time.monotonic() - started)
         except openai.OpenAIError as exc:
             span.set_status(StatusCode.ERROR, type(exc).__name__)
-            raise _model_error(exc, target) from exc
+            raise model_error(exc, target) from exc
         finally:
             if stream is not None:
-                # Closing the response is what stops a self-hosted model: shielded
-                # so that it happens even while we are being cancelled, bounded so
-                # that a stuck server cannot hold the stop up.
-                with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                    await stream.close()
+                await close_model_stream(stream, self.settings.close_timeout)
             if stream is not None and not completed:
                 # Stopped or failed mid-turn: the tokens spent so far still count
                 # (estimated: a stream cut short carries no usage from the server).
@@ -551,31 +493,3 @@ def _split(pieces: list[tuple[bool, str]], turn: _Turn) -> list[PlannerOutput]:
             turn.answer.append(text)
             outputs.append(ipb.ContentChunk(text=text))
     return outputs
-
-
-_KEY_LIKE = re.compile(r"\b(?:sk|ak|pk)-[\w*.\-]{6,}")
-
-
-def _public_url(url: str) -> str:
-    """The URL without user info or query (they may carry credentials)."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _model_error(exc: openai.OpenAIError, target: ModelTarget) -> ModelError:
-    """A client-safe description: it becomes a task event that clients read."""
-    if isinstance(exc, openai.APIStatusError):
-        detail = f"HTTP {exc.status_code}: {exc.message}"
-    elif isinstance(exc, openai.APITimeoutError):
-        detail = "timed out"
-    elif isinstance(exc, openai.APIConnectionError):
-        detail = "connection failed"
-    else:
-        detail = str(exc)
-    if target.api_key:
-        detail = detail.replace(target.api_key, "[redacted]")
-    detail = _KEY_LIKE.sub("[redacted]", detail)
-    return ModelError(f"model {target.model} at {_public_url(target.base_url)}: {detail}")

@@ -23,11 +23,13 @@ from anyio.abc import TaskGroup
 
 from commander._chat import ChatPlanner, LLMSettings
 from commander._connection import ConnectionConfig
+from commander._context import Planner
 from commander._errors import CommanderError
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._planners import Planner, PlannerRegistry
+from commander._planners import PlannerRegistry
 from commander._provider import ToolProvider
 from commander._slot import Slot, SlotSettings
+from commander._timeouts import CLOSED_TIMEOUT, SHUTDOWN_GRACE, STOP_CANCEL_TIMEOUT
 
 _log = logging.getLogger("commander")
 
@@ -65,7 +67,10 @@ class Commander:
         shutdown_grace: on shutdown, how long running sessions may go on before
             they are stopped.
         stop_cancel_timeout: after a stop, how long the planner's cleanup may
-            take before ``stopped`` is sent anyway.
+            take before ``stopped`` is sent anyway (longer than the planners'
+            ``close_timeout``; every bound is listed in ``commander._timeouts``).
+        closed_timeout: after a session's terminal packet, how long to wait for
+            the dispatcher's acknowledgement.
     """
 
     def __init__(
@@ -79,9 +84,9 @@ class Commander:
         llm: LLMSettings | None = None,
         capabilities: Sequence[str] = (),
         tool_providers: Sequence[ToolProvider] = (),
-        shutdown_grace: float = 10.0,
-        stop_cancel_timeout: float = 1.5,
-        closed_timeout: float = 30.0,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+        stop_cancel_timeout: float = STOP_CANCEL_TIMEOUT,
+        closed_timeout: float = CLOSED_TIMEOUT,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")

@@ -1,50 +1,17 @@
-"""Planners and the registry that maps ``StartSession.planner`` names to them.
+"""The registry that maps ``StartSession.planner`` names to planners.
 
-A planner is called once per session with the session's
-:class:`~commander.SessionContext` and returns either
-
-* an async iterator (typically an ``async def`` generator) of upstream
-  payloads — ``ThoughtChain``, ``ContentChunk``, ``Usage``, ``StageChange``,
-  ``Artifact``, ``ErrorSignal`` or a final ``FinalResult`` (a plain ``str`` is
-  shorthand for a ``ContentChunk``), or
-* an awaitable whose return value (a ``str`` answer or a ``FinalResult``) is
-  the session's result.
-
-Tool calls do not go through the iterator: ``await ctx.call_tool(...)``.
+What a planner is (``Planner``, ``PlannerOutput``) lives in
+:mod:`commander._context`; this module only names them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, TypeAlias, overload
+from collections.abc import Callable, Iterator, Mapping
+from typing import overload
 
+from commander._context import Planner
 from commander._errors import PlannerNotFoundError
-from commander._gen.dispatch.v1 import interaction_pb2
-
-if TYPE_CHECKING:
-    from commander._session import SessionContext
-
-#: What a planner may yield.
-PlannerOutput: TypeAlias = (
-    interaction_pb2.ThoughtChain
-    | interaction_pb2.ContentChunk
-    | interaction_pb2.Usage
-    | interaction_pb2.StageChange
-    | interaction_pb2.Artifact
-    | interaction_pb2.SandboxInUse
-    | interaction_pb2.ErrorSignal
-    | interaction_pb2.FinalResult
-    | str
-)
-
-#: What a coroutine planner may return.
-PlannerReturn: TypeAlias = interaction_pb2.FinalResult | str | None
-
-#: A planner (factory): called once per session.
-Planner: TypeAlias = Callable[
-    ["SessionContext"], AsyncIterator[PlannerOutput] | Awaitable[PlannerReturn]
-]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 

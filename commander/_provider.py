@@ -13,9 +13,10 @@
 The runtime dials ``ToolProviderService.Connect``, sends a hello with every
 tool's JSON Schema, serves invocations concurrently (bounded), honours
 ``cancel`` and the invocation deadline, and reconnects with backoff when the
-dispatcher goes away. Functions may be ``async def`` or plain functions (run in
-a worker thread). A :class:`~commander.ToolError` raised by a tool becomes an
-error result with its code; any other exception is ``EXECUTION_FAILED``.
+dispatcher goes away (the stream's lifecycle is :mod:`commander._stream`'s).
+Functions may be ``async def`` or plain functions (run in a worker thread). A
+:class:`~commander.ToolError` raised by a tool becomes an error result with its
+code; any other exception is ``EXECUTION_FAILED``.
 """
 
 from __future__ import annotations
@@ -34,22 +35,9 @@ from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.to_thread
-import grpc
-import grpc.aio
-from anyio.abc import TaskGroup
 from opentelemetry.trace import SpanKind, StatusCode
 
-from commander._connection import (
-    CallCancelled,
-    CallTimer,
-    ConnectFailed,
-    ConnectionConfig,
-    call_op,
-    close_channel,
-    describe_error,
-    open_stream,
-    reconnect_forever,
-)
+from commander._connection import ConnectionConfig, open_stream
 from commander._errors import (
     CommanderError,
     InvalidToolArgumentsError,
@@ -59,12 +47,16 @@ from commander._errors import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import tools_pb2, tools_pb2_grpc
+from commander._stream import ReconnectingStream, Stream, StreamEnded
 from commander._tracing import TRACER, extract
 from commander._writer import StreamWriter
 
 _log = logging.getLogger("commander.provider")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: A provider's stream: requests (hello, results) out, responses (invocations) in.
+ProviderStream = Stream[tools_pb2.ConnectRequest, tools_pb2.ConnectResponse]
 
 _JSON_TYPES: dict[Any, str] = {
     str: "string",
@@ -148,8 +140,6 @@ class ToolProvider:
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._shutdown_grace = shutdown_grace
         self._inflight: dict[str, anyio.CancelScope] = {}
-        self._call: Any = None
-        self._stream_scope: anyio.CancelScope | None = None
         self._idle = anyio.Event()  # set while no invocation runs
         self._idle.set()
         self._cancelled: set[str] = set()
@@ -360,21 +350,22 @@ class ToolProvider:
         if self._running:
             raise CommanderError("ToolProvider.run() is already running")
         self._running = True
+        conn = connection
+        stream = ReconnectingStream[tools_pb2.ConnectRequest, tools_pb2.ConnectResponse](
+            connection,
+            name=f"provider {self._id()}",
+            open_call=lambda channel: open_stream(
+                tools_pb2_grpc.ToolProviderServiceStub(channel).Connect, conn
+            ),
+            receive=tools_pb2.ConnectResponse,
+            handshake=functools.partial(self._handshake, connection),
+            serve=self._read_loop,
+            on_closed=self._on_closed,
+            on_lost=self._report_lost,
+            no_answer="no welcome in time",
+        )
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_drain, tg.cancel_scope)
-                conn = connection
-
-                async def attempt() -> bool:
-                    return await self._attempt(conn)
-
-                await reconnect_forever(
-                    connection,
-                    attempt,
-                    name=f"provider {self._id()}",
-                    should_stop=self._draining.is_set,
-                )
-                tg.cancel_scope.cancel()
+            await stream.run(self._draining, self._drain)
         finally:
             self._done.set()
 
@@ -384,112 +375,43 @@ class ToolProvider:
         if self._running:
             await self._done.wait()
 
-    async def _watch_drain(self, scope: anyio.CancelScope) -> None:
-        await self._draining.wait()
+    async def _drain(self) -> None:
         with anyio.move_on_after(self._shutdown_grace):
             while not self._idle.is_set():
                 await self._idle.wait()
-        self._abort()
-        scope.cancel()
-
-    def _abort(self) -> None:
-        """End the current stream now (``call.cancel()`` ends a pending read; see CallTimer)."""
-        if self._call is not None:
-            self._call.cancel()
-        if self._stream_scope is not None:
-            self._stream_scope.cancel()
 
     def _id(self) -> str:
         return self.provider_id or f"python-{next(iter(self._tools), 'tools')}"
 
-    async def _attempt(self, connection: ConnectionConfig) -> bool:
-        channel = connection.create_channel()
-        healthy = False
-        broken: list[str] = []
-        writer: StreamWriter[tools_pb2.ConnectRequest] | None = None
-        try:
-            stub = tools_pb2_grpc.ToolProviderServiceStub(channel)
-            call = self._call = open_stream(stub.Connect, connection)
-            writer = StreamWriter(
-                lambda message: call_op(call.write(message)),
-                lambda: call_op(call.done_writing()),
-            )
-            async with anyio.create_task_group() as tg:
-                self._stream_scope = tg.cancel_scope
-                tg.start_soon(self._guard, writer.run, broken)
-                try:
-                    hello = tools_pb2.ProviderHello(
-                        provider_id=self._id(), tools=self.specs, labels=self.labels
-                    )
-                    await writer.write(tools_pb2.ConnectRequest(hello=hello))
-                    timer = CallTimer(call, connection.handshake_timeout)
-                    await tg.start(timer.run)
-                    try:
-                        first = await self._read(call)
-                    except Exception:
-                        if timer.expired:
-                            raise TimeoutError from None
-                        raise
-                    finally:
-                        timer.disarm()
-                    if first.WhichOneof("msg") != "welcome":
-                        raise CommanderError(
-                            f"expected welcome, got {first.WhichOneof('msg') or 'nothing'}"
-                        )
-                    healthy = True
-                    self.registered.set()
-                    _log.info(
-                        "provider %s registered %s at %s",
-                        self._id(),
-                        ", ".join(first.welcome.registered_tools),
-                        connection.target,
-                    )
-                    await self._read_loop(call, tg, writer)
-                except Exception as exc:
-                    if not isinstance(
-                        exc, grpc.aio.AioRpcError | CallCancelled | TimeoutError | CommanderError
-                    ):
-                        _log.exception("provider %s: unexpected error", self._id())
-                    broken.append(describe_error(exc, "no welcome in time"))
-                self._abort()
-        finally:
-            self._call = None
-            self._stream_scope = None
-            self.registered = anyio.Event()
-            if writer is not None:
-                writer.close()
-            await close_channel(channel)
-        reason = broken[0] if broken else "stream ended"
-        if not healthy:
-            raise ConnectFailed(reason)
+    async def _handshake(self, connection: ConnectionConfig, stream: ProviderStream) -> None:
+        hello = tools_pb2.ProviderHello(
+            provider_id=self._id(), tools=self.specs, labels=self.labels
+        )
+        await stream.writer.write(tools_pb2.ConnectRequest(hello=hello))
+        first = await stream.read_first()
+        if first.WhichOneof("msg") != "welcome":
+            raise StreamEnded(f"expected welcome, got {first.WhichOneof('msg') or 'nothing'}")
+        self.registered.set()
+        _log.info(
+            "provider %s registered %s at %s",
+            self._id(),
+            ", ".join(first.welcome.registered_tools),
+            connection.target,
+        )
+
+    def _on_closed(self) -> None:
+        self.registered = anyio.Event()
+
+    def _report_lost(self, reason: str) -> None:
         if not self._draining.is_set():
             _log.warning("provider %s: stream lost (%s); reconnecting", self._id(), reason)
-        return True
 
-    async def _guard(self, fn: Callable[[], Any], broken: list[str]) -> None:
-        try:
-            await fn()
-        except Exception as exc:
-            broken.append(f"writer: {describe_error(exc, 'timed out')}")
-            self._abort()
-
-    async def _read(self, call: Any) -> tools_pb2.ConnectResponse:
-        message = await call_op(call.read())
-        if not isinstance(message, tools_pb2.ConnectResponse):  # grpc.aio.EOF
-            raise CommanderError("the dispatcher ended the stream")
-        return message
-
-    async def _read_loop(
-        self,
-        call: Any,
-        tg: TaskGroup,
-        writer: StreamWriter[tools_pb2.ConnectRequest],
-    ) -> None:
+    async def _read_loop(self, stream: ProviderStream) -> None:
         while True:
-            message = await self._read(call)
+            message = await stream.read()
             kind = message.WhichOneof("msg")
             if kind == "invoke":
-                tg.start_soon(self._serve_invocation, message.invoke, writer)
+                stream.tg.start_soon(self._serve_invocation, message.invoke, stream.writer)
             elif kind == "cancel":
                 iid = message.cancel.invocation_id
                 scope = self._inflight.get(iid)

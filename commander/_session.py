@@ -1,5 +1,9 @@
 """One session on a slot: the planner, its tool calls, user input, stop and usage.
 
+This is the runtime behind a :class:`~commander.SessionContext` (which lives in
+:mod:`commander._context`, with the ``Planner`` type); the slot owns the stream
+and drives this module, which must never read or write the gRPC call itself.
+
 The life of a session (see docs/protocol.md):
 
 * the slot's reader hands a ``start`` to :class:`Session`, whose coordinator
@@ -15,23 +19,27 @@ The life of a session (see docs/protocol.md):
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from commander import _metrics
 from commander._connection import MAX_MESSAGE_BYTES, now_us
+from commander._context import (
+    Planner,
+    PlannerOutput,
+    PlannerReturn,
+    SessionContext,
+    merge_usage,
+)
 from commander._errors import (
     CommanderError,
     InvalidToolArgumentsError,
@@ -40,9 +48,8 @@ from commander._errors import (
     tool_error_from_result,
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._gen.lybic.agent import agent_pb2
 from commander._logging import session_ids
-from commander._planners import Planner, PlannerOutput, PlannerReturn
+from commander._timeouts import CLOSED_TIMEOUT, STOP_CANCEL_TIMEOUT
 from commander._tracing import TRACER, extract, inject
 from commander._writer import Outgoing
 
@@ -69,134 +76,8 @@ _OUTCOME_LABELS = {"SUCCESS": "success", "STOPPED": "stopped"}
 _MAX_RESULT_CHARS = 1_000_000
 
 
-def merge_usage(into: ipb.Usage, delta: ipb.Usage) -> None:
-    """Add ``delta`` to ``into`` (model and currency: the latest non-empty one)."""
-    into.input_tokens += delta.input_tokens
-    into.output_tokens += delta.output_tokens
-    into.cost += delta.cost
-    into.steps += delta.steps
-    if delta.currency:
-        into.currency = delta.currency
-    if delta.model:
-        into.model = delta.model
-
-
 def _usage_is_empty(u: ipb.Usage) -> bool:
     return not (u.input_tokens or u.output_tokens or u.cost or u.steps)
-
-
-class SessionContext:
-    """Everything a planner gets to know and do in its session.
-
-    Attributes mirror ``StartSession``: ``task_id``, ``session_id``,
-    ``instruction``, ``config`` (the resolved ``lybic.agent.CommonConfig``,
-    secrets included), ``history``, ``tools``, ``deadline``, ``planner``,
-    ``labels``, ``sandbox``, ``previous_task_id``, ``destroy_sandbox``.
-    """
-
-    def __init__(self, session: Session, start: ipb.StartSession) -> None:
-        self._session = session
-        #: The raw ``StartSession``.
-        self.start = start
-        self.session_id: str = session.session_id
-        self.task_id: str = start.task_id
-        self.instruction: str = start.instruction
-        self.config: agent_pb2.CommonConfig = start.config
-        self.history: tuple[ipb.ConversationTurn, ...] = tuple(start.history)
-        self.tools: tuple[ipb.ToolSpec, ...] = tuple(start.tools)
-        self.planner: str = start.planner
-        self.labels: Mapping[str, str] = dict(start.labels)
-        self.sandbox: agent_pb2.Sandbox | None = (
-            start.sandbox if start.HasField("sandbox") else None
-        )
-        self.previous_task_id: str = start.previous_task_id
-        self.destroy_sandbox: bool = start.destroy_sandbox
-        self.deadline: dt.datetime | None = (
-            start.deadline.ToDatetime(tzinfo=dt.UTC) if start.HasField("deadline") else None
-        )
-        #: Logger that prefixes the task and session ids.
-        self.logger = logging.LoggerAdapter(
-            logging.getLogger("commander.planner"),
-            {"task_id": self.task_id, "session_id": self.session_id},
-        )
-
-    def time_remaining(self) -> float | None:
-        """Seconds until the deadline (may be negative), or None without one."""
-        if self.deadline is None:
-            return None
-        return (self.deadline - dt.datetime.now(dt.UTC)).total_seconds()
-
-    @property
-    def stop_requested(self) -> bool:
-        """True once the session has been told to stop (the planner is being cancelled)."""
-        return self._session.stop_requested
-
-    async def call_tool(self, tool_name: str, /, **arguments: Any) -> Any:
-        """Call a brokered tool and return its decoded JSON result.
-
-        Raises a :class:`~commander.ToolError` subclass when the dispatcher
-        answers with an error (unknown tool, bad arguments, timeout, ...).
-        """
-        try:
-            arguments_json = json.dumps(arguments)
-        except (TypeError, ValueError) as exc:
-            raise InvalidToolArgumentsError(
-                f"arguments are not JSON-serialisable: {exc}", tool_name=tool_name
-            ) from exc
-        result_json = await self.call_tool_json(tool_name, arguments_json)
-        if not result_json:
-            return None
-        try:
-            return json.loads(result_json)
-        except ValueError:
-            return result_json
-
-    async def call_tool_json(self, tool_name: str, arguments_json: str) -> str:
-        """Call a brokered tool with raw JSON arguments; returns the raw JSON result."""
-        return await self._session.call_tool(tool_name, arguments_json)
-
-    @property
-    def user_inputs(self) -> MemoryObjectReceiveStream[ipb.UserInput]:
-        """Interjected user messages, in arrival order (``await ...receive()``, ``async for``)."""
-        return self._session.user_input_receiver
-
-    def drain_user_inputs(self) -> list[ipb.UserInput]:
-        """The user messages that arrived so far and were not yet taken, without waiting."""
-        taken: list[ipb.UserInput] = []
-        while True:
-            try:
-                taken.append(self._session.user_input_receiver.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return taken
-
-    def add_usage(
-        self,
-        usage: ipb.Usage | None = None,
-        *,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
-        cost: float = 0.0,
-        currency: str = "",
-        steps: int = 0,
-        model: str = "",
-    ) -> None:
-        """Record usage that has not been yielded as a ``Usage`` packet.
-
-        It rides on the next yielded ``Usage``, or on the terminal packet
-        (``stopped.final_usage`` after a stop). Safe to call from a planner's
-        cancellation handler: it does not await.
-        """
-        delta = ipb.Usage(
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost=cost,
-            currency=currency,
-            steps=steps,
-            model=model,
-        )
-        if usage is not None:
-            merge_usage(delta, usage)
-        self._session.add_usage(delta)
 
 
 class Session:
@@ -209,8 +90,8 @@ class Session:
         send: Send,
         *,
         slot_index: int,
-        cancel_timeout: float = 2.0,
-        closed_timeout: float = 30.0,
+        cancel_timeout: float = STOP_CANCEL_TIMEOUT,
+        closed_timeout: float = CLOSED_TIMEOUT,
     ) -> None:
         self.session_id = packet.session_id
         self.task_id = packet.start.task_id

@@ -1,12 +1,12 @@
 """One slot: a ChatStream to the dispatcher that runs one session at a time.
 
-Per connection attempt there are exactly two long-lived tasks that touch the
-gRPC call: the reader (this module's read loop, the only ``call.read()``) and
-the writer (:class:`~commander._writer.StreamWriter`, the only
-``call.write()``). Neither is ever cancelled because of a stop — only when the
-whole stream is torn down, and then by ``call.cancel()`` first. Sessions and
-planners run beside them in the same task group and talk to the reader through
-events, to the writer through its rendezvous channel.
+The stream's lifecycle (attempt, handshake, reconnect, abort; its single
+reader and writer) is :mod:`commander._stream`'s; this module adds what is
+particular to a slot: the hello and its ack, the read loop that hands
+downstream packets to the session, and draining on shutdown. Sessions and
+planners run in the stream's task group and talk to the reader through
+events, to the writer through its rendezvous channel; they never touch the
+gRPC call.
 """
 
 from __future__ import annotations
@@ -17,37 +17,25 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import grpc
 import grpc.aio
-from anyio.abc import TaskGroup
 
 from commander import _metrics
-from commander._connection import (
-    CallCancelled,
-    CallTimer,
-    ConnectFailed,
-    ConnectionConfig,
-    call_op,
-    close_channel,
-    describe_error,
-    now_us,
-    open_stream,
-    reconnect_forever,
-)
-from commander._errors import CommanderError, stop_code_name
+from commander._connection import ConnectionConfig, now_us, open_stream
+from commander._context import Planner
+from commander._errors import stop_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc
-from commander._planners import Planner
 from commander._session import Session
+from commander._stream import ReconnectingStream, Stream, StreamEnded
+from commander._timeouts import DRAIN_EOF_TIMEOUT, LOCAL_STOP_SLACK
 from commander._writer import Outgoing, StreamWriter
 
 _log = logging.getLogger("commander.slot")
 
 _TERMINAL = frozenset({"result", "stopped"})
 
-
-class _StreamBroken(Exception):
-    """The ChatStream ended or failed (internal)."""
+#: A slot's stream: upstream packets out, downstream packets in.
+SlotStream = Stream[ipb.UpstreamPacket, ipb.DownstreamPacket]
 
 
 class SlotSettings:
@@ -81,15 +69,24 @@ class Slot:
         self._s = settings
         self._name = f"slot {index}"
         self._session: Session | None = None
-        self._writer: StreamWriter[ipb.UpstreamPacket] | None = None
+        self._abandoned: Session | None = None
         self._ended: collections.deque[str] = collections.deque(maxlen=8)
-        self._stream_scope: anyio.CancelScope | None = None
-        self._call: Any = None
         self.slot_id = ""
-        self._healthy = False
         #: Whether the hello is acknowledged on the current stream.
         self.connected = False
         self._connection_changed = anyio.Event()
+        self._stream = ReconnectingStream[ipb.UpstreamPacket, ipb.DownstreamPacket](
+            settings.connection,
+            name=self._name,
+            open_call=self._open,
+            receive=ipb.DownstreamPacket,
+            handshake=self._handshake,
+            serve=self._read_loop,
+            gate=self._accept,
+            on_closed=self._on_closed,
+            on_lost=self._report_lost,
+            no_answer="no answer to hello in time",
+        )
 
     def _set_connected(self, value: bool) -> None:
         metrics = _metrics.current
@@ -111,120 +108,38 @@ class Slot:
 
     async def run(self) -> None:
         """Serve until the commander drains; reconnect whenever the stream breaks."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_drain, tg.cancel_scope)
-            await reconnect_forever(
-                self._s.connection,
-                self._attempt,
-                name=self._name,
-                should_stop=self._s.draining.is_set,
-            )
-            tg.cancel_scope.cancel()
+        await self._stream.run(self._s.draining, self._drain)
 
-    async def _watch_drain(self, slot_scope: anyio.CancelScope) -> None:
-        """On shutdown: let a running session finish (bounded), then leave."""
-        await self._s.draining.wait()
+    async def _drain(self) -> None:
+        """On shutdown: let a running session finish (bounded), then end the stream cleanly."""
         session = self._session
         if session is not None:
             with anyio.move_on_after(self._s.shutdown_grace):
                 await session.closed.wait()
             if not session.closed.is_set():
                 session.request_local_stop("commander shut down before the session finished")
-                with anyio.move_on_after(self._s.stop_cancel_timeout + 5.0):
+                with anyio.move_on_after(self._s.stop_cancel_timeout + LOCAL_STOP_SLACK):
                     await session.closed.wait()
-        writer = self._writer
-        if writer is not None and self._session is None:
-            # Half-close: the dispatcher sees a clean end of the slot, not a cancel.
-            with anyio.move_on_after(2.0):
-                await writer.half_close()
-                await anyio.sleep(1.0)  # the reader leaves on the dispatcher's EOF
-        self._abort()
-        slot_scope.cancel()
+        stream = self._stream.current
+        if stream is not None and self._session is None:
+            # Half-close: the dispatcher sees a clean end of the slot, not a cancel,
+            # and answers with its end of stream, on which the reader leaves.
+            with anyio.move_on_after(DRAIN_EOF_TIMEOUT):
+                await stream.writer.half_close()
+                await stream.closed.wait()
 
-    # --- one connection attempt ---
+    # --- the stream's parts ---
 
-    async def _attempt(self) -> bool:
-        """One ChatStream: raise ConnectFailed before hello is acked, else return on its end."""
-        if self._s.draining.is_set():
-            return True
-        channel = self._s.connection.create_channel()
-        self._healthy = False
-        broken: list[str] = []
-        writer: StreamWriter[ipb.UpstreamPacket] | None = None
-        try:
-            stub = interaction_pb2_grpc.AgentInteractionStub(channel)
-            call = self._call = open_stream(stub.ChatStream, self._s.connection)
-            writer = StreamWriter(
-                lambda packet: call_op(call.write(packet)),
-                lambda: call_op(call.done_writing()),
-                self._accept,
-            )
-            # Every task in this group handles its own errors (recording why the
-            # stream broke) so that nothing arrives wrapped in an ExceptionGroup.
-            async with anyio.create_task_group() as tg:
-                self._stream_scope = tg.cancel_scope
-                tg.start_soon(self._guard, writer.run, "writer", broken, tg)
-                try:
-                    await self._handshake(call, writer, tg)
-                    await self._read_loop(call, tg, writer)
-                except Exception as exc:
-                    if not isinstance(
-                        exc,
-                        _StreamBroken
-                        | grpc.aio.AioRpcError
-                        | CallCancelled
-                        | TimeoutError
-                        | CommanderError,
-                    ):
-                        _log.exception("%s: unexpected error on the stream", self._name)
-                    broken.append(describe_error(exc, "no answer to hello in time"))
-                self._abort()
-        finally:
-            self._writer = None
-            self._stream_scope = None
-            self._call = None
-            self._set_connected(False)
-            if writer is not None:
-                writer.close()
-            await close_channel(channel)
-            session, self._session = self._session, None
-            if session is not None:
-                session.closed.set()  # abandoned with the stream
-        reason = broken[0] if broken else "stream ended"
-        if not self._healthy:
-            raise ConnectFailed(reason)
-        self._report_lost(reason, session)
-        return True
+    def _open(self, channel: grpc.aio.Channel) -> Any:
+        stub = interaction_pb2_grpc.AgentInteractionStub(channel)
+        return open_stream(stub.ChatStream, self._s.connection)
 
-    def _abort(self) -> None:
-        """End the current stream now: cancel the RPC (which ends any pending read
-        or write, see CallTimer) and the stream's task group."""
-        if self._call is not None:
-            self._call.cancel()
-        if self._stream_scope is not None:
-            self._stream_scope.cancel()
-
-    async def _handshake(
-        self, call: Any, writer: StreamWriter[ipb.UpstreamPacket], tg: TaskGroup
-    ) -> None:
-        await writer.write(self._hello_packet())
-        timer = CallTimer(call, self._s.connection.handshake_timeout)
-        await tg.start(timer.run)
-        try:
-            first = await self._read(call)
-        except Exception:
-            if timer.expired:
-                raise TimeoutError from None
-            raise
-        finally:
-            timer.disarm()
+    async def _handshake(self, stream: SlotStream) -> None:
+        await stream.writer.write(self._hello_packet())
+        first = await stream.read_first()
         if first.WhichOneof("signal") != "ack" or first.ack.kind != ipb.ACK_KIND_HELLO:
-            raise _StreamBroken(
-                f"expected ack HELLO, got {first.WhichOneof('signal') or 'nothing'}"
-            )
-        self._healthy = True
+            raise StreamEnded(f"expected ack HELLO, got {first.WhichOneof('signal') or 'nothing'}")
         self.slot_id = first.ack.slot_id
-        self._writer = writer
         self._set_connected(True)
         _log.info(
             "%s connected to %s (slot_id=%s)",
@@ -233,7 +148,16 @@ class Slot:
             self.slot_id or "-",
         )
 
-    def _report_lost(self, reason: str, session: Session | None) -> None:
+    def _on_closed(self) -> None:
+        """The stream is gone: so is the session on it (abandoned with it)."""
+        self._set_connected(False)
+        session, self._session = self._session, None
+        if session is not None:
+            session.closed.set()
+        self._abandoned = session
+
+    def _report_lost(self, reason: str) -> None:
+        session, self._abandoned = self._abandoned, None
         if session is not None and not session.terminal_sent.is_set():
             _log.warning(
                 "%s: stream lost (%s); session %s of task %s abandoned",
@@ -245,20 +169,6 @@ class Slot:
         elif not self._s.draining.is_set():
             _log.warning("%s: stream lost (%s); reconnecting", self._name, reason)
 
-    async def _guard(
-        self,
-        fn: Callable[[], Any],
-        what: str,
-        broken: list[str],
-        tg: TaskGroup,
-    ) -> None:
-        """Run a stream task; its failure ends the stream (not the commander)."""
-        try:
-            await fn()
-        except Exception as exc:
-            broken.append(f"{what}: {describe_error(exc, 'timed out')}")
-            self._abort()
-
     async def _send_quietly(
         self, writer: StreamWriter[ipb.UpstreamPacket], packet: ipb.UpstreamPacket
     ) -> None:
@@ -266,12 +176,6 @@ class Slot:
             await writer.send(Outgoing(packet))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
-
-    async def _read(self, call: Any) -> ipb.DownstreamPacket:
-        packet = await call_op(call.read())
-        if not isinstance(packet, ipb.DownstreamPacket):  # grpc.aio.EOF
-            raise _StreamBroken("the dispatcher ended the stream")
-        return packet
 
     def _hello_packet(self) -> ipb.UpstreamPacket:
         hello = ipb.Hello()
@@ -295,17 +199,15 @@ class Slot:
 
     # --- the reader ---
 
-    async def _read_loop(
-        self, call: Any, tg: TaskGroup, writer: StreamWriter[ipb.UpstreamPacket]
-    ) -> None:
+    async def _read_loop(self, stream: SlotStream) -> None:
         """Dispatch downstream packets. Never blocks on anything but ``call.read()``."""
         while True:
-            packet = await self._read(call)
+            packet = await stream.read()
             kind = packet.WhichOneof("signal")
             session = self._session
             current = session is not None and packet.session_id == session.session_id
             if kind == "start":
-                self._on_start(packet, tg, writer)
+                self._on_start(packet, stream)
             elif kind == "stop":
                 if session is not None and current:
                     _log.info(
@@ -343,12 +245,7 @@ class Slot:
             else:
                 _log.warning("%s: ignoring a downstream packet with no signal", self._name)
 
-    def _on_start(
-        self,
-        packet: ipb.DownstreamPacket,
-        tg: TaskGroup,
-        writer: StreamWriter[ipb.UpstreamPacket],
-    ) -> None:
+    def _on_start(self, packet: ipb.DownstreamPacket, stream: SlotStream) -> None:
         if self._session is not None:
             # The dispatcher must not start a second session on a busy slot; fail
             # the newcomer rather than lose it silently.
@@ -366,26 +263,26 @@ class Slot:
                     message="commander slot is busy with another session",
                 ),
             )
-            tg.start_soon(self._send_quietly, writer, refusal)
+            stream.tg.start_soon(self._send_quietly, stream.writer, refusal)
             return
         name = packet.start.planner or "chat"
         session = Session(
             packet,
             self._s.resolve_planner(name),
-            writer.send,
+            stream.writer.send,
             slot_index=self.index,
             cancel_timeout=self._s.stop_cancel_timeout,
             closed_timeout=self._s.closed_timeout,
         )
         self._session = session
-        tg.start_soon(self._run_session, session, tg)
+        stream.tg.start_soon(self._run_session, session, stream)
 
-    async def _run_session(self, session: Session, tg: TaskGroup) -> None:
+    async def _run_session(self, session: Session, stream: SlotStream) -> None:
         try:
-            await session.run(tg)
+            await session.run(stream.tg)
         except Exception:
             _log.exception("session %s: coordinator failed", session.session_id)
-            self._abort()
+            self._stream.abort()
         finally:
             if self._session is session:
                 self._session = None

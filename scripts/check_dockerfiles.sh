@@ -41,7 +41,7 @@ mkdir -p "$ctx"
 while read -r src dst; do
   cp -r "$src" "$ctx/$dst"
 done < <(awk '/^COPY / && $0 !~ /--from/ { n = NF; for (i = 2; i < n; i++) print $i, $n }' commander/Dockerfile)
-rm -rf "$ctx"/commander/tests "$ctx"/commander/__pycache__
+rm -rf "$ctx"/commander/tests "$ctx"/commander/__pycache__ "$ctx"/localsandbox/tests "$ctx"/localsandbox/__pycache__
 "$ROOT/.venv/bin/pip" wheel -q --no-deps --no-build-isolation -w "$tmp/wheel" "$ctx" >/dev/null
 whl=$(ls "$tmp"/wheel/*.whl)
 got=$("$ROOT/.venv/bin/python" - "$whl" <<'EOF'
@@ -50,7 +50,7 @@ z = zipfile.ZipFile(sys.argv[1])
 ep = next(n for n in z.namelist() if n.endswith("entry_points.txt"))
 lines = z.read(ep).decode().splitlines()
 print(" ".join(sorted(l.split("=")[0].strip() for l in lines if "=" in l)))
-missing = [m for m in ("commander/_gen/dispatch/v1/interaction_pb2.py", "commander/localsandbox/__init__.py",
+missing = [m for m in ("commander/_gen/dispatch/v1/interaction_pb2.py", "localsandbox/__init__.py",
                        "commander/gui/__init__.py", "commander/sandbox/__init__.py") if m not in z.namelist()]
 if missing:
     sys.exit(f"wheel lacks {missing}")

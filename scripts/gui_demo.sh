@@ -33,7 +33,7 @@ addr() { # addr NAME FILE: wait for the address file a server writes
   echo "$1 did not start; see $RUN/$1.log" >&2; tail -n 20 "$RUN/$1.log" >&2; exit 1
 }
 
-start sandbox "$PY" -m commander.localsandbox --listen 127.0.0.1:0 --addr-file "$RUN/sandbox.addr" \
+start sandbox "$PY" -m localsandbox --listen 127.0.0.1:0 --addr-file "$RUN/sandbox.addr" \
   --org-id "$LYBIC_ORG_ID" --state-dir "$RUN/sandbox-state"
 start dispatcher "$BIN/dispatcher" --listen 127.0.0.1:0 --addr-file "$RUN/dispatcher.addr" --log-format text
 if [ -z "${GUI_LLM_BASE_URL:-}" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the local sandbox (commander/localsandbox) needs:
+# Installs the Debian packages the local sandbox server (localsandbox/) needs:
 #   xvfb     the X server each sandbox runs (one display per sandbox)
 #   xdotool  real mouse and keyboard input through XTEST
 #   xterm    a real X application the tests and the demo type into

@@ -107,7 +107,7 @@ sandbox_up() {
   rm -f "$RUN/sandbox.addr" "$RUN/xterm.txt"
   [ -s "$RUN/sandbox.key" ] || (umask 077; "$PY" -c 'import secrets; print("lysk-" + secrets.token_hex(16))' >"$RUN/sandbox.key")
   LOCALSANDBOX_API_KEY=$(cat "$RUN/sandbox.key") \
-  start sandbox "$PY" -m commander.localsandbox --listen 127.0.0.1:0 --addr-file "$RUN/sandbox.addr" \
+  start sandbox "$PY" -m localsandbox --listen 127.0.0.1:0 --addr-file "$RUN/sandbox.addr" \
     --org-id ORG-local --state-dir "$RUN/sandbox-state"
   wait_for sandbox 30 test -s "$RUN/sandbox.addr"
   LYBIC_API_ENDPOINT="http://$(cat "$RUN/sandbox.addr")" LYBIC_ORG_ID=ORG-local \

@@ -44,10 +44,9 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import anyio
-import anyio.to_thread
 import openai
 from openai.types.chat import ChatCompletionChunk
 from tenacity import (
@@ -57,21 +56,14 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from commander import _metrics
-from commander._chat import (
-    _MODEL_PREFIX_PROVIDERS,
-    _PROVIDER_ENDPOINTS,
-    ModelTarget,
-    _model_error,
-    _public_url,
-    estimate_tokens,
-)
+from commander import _llm, _metrics
+from commander._context import PlannerOutput, SessionContext
 from commander._errors import ToolError, ToolExecutionError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
-from commander._planners import PlannerOutput
+from commander._llm import ModelTarget
 from commander._pricing import PriceTable
-from commander._session import SessionContext
+from commander._timeouts import MODEL_CLOSE_TIMEOUT
 from commander._tracing import end_model_span, model_span
 from commander.gui import (
     JSON_ACTION_SCHEMA,
@@ -206,9 +198,9 @@ def coordinate_space(name: str) -> CoordinateSpace:
 class GuiSettings:
     """The gui planner's defaults (a task's config overrides models, steps and timeout)."""
 
-    base_url: str = "http://127.0.0.1:8080/v1"
+    base_url: str = _llm.DEFAULT_BASE_URL
     model: str = "ui-tars"
-    api_key: str = dataclasses.field(default="none", repr=False)
+    api_key: str = dataclasses.field(default=_llm.DEFAULT_API_KEY, repr=False)
     #: NORMAL mode's grounding model when the task's config names none (None: the
     #: action model's own coordinates are used).
     grounding: ModelTarget | None = None
@@ -240,7 +232,8 @@ class GuiSettings:
     max_parse_errors: int = 3
     #: Pause after the actions of a step, so the screen settles before the next shot.
     settle_seconds: float = 0.3
-    close_timeout: float = 2.0
+    #: Bound on closing the model stream after a stop (see commander._timeouts).
+    close_timeout: float = MODEL_CLOSE_TIMEOUT
     #: Default price table (cost in ExecutionStatistics).
     prices: PriceTable = dataclasses.field(default_factory=PriceTable)
 
@@ -261,20 +254,6 @@ def _is_retryable(exc: openai.OpenAIError) -> bool:
     return False
 
 
-def _target_from(llm: agent_pb2.LLMConfig, fallback: ModelTarget) -> ModelTarget:
-    model = llm.modelName or fallback.model
-    api_key = llm.apiKey if llm.HasField("apiKey") and llm.apiKey else fallback.api_key
-    if llm.HasField("apiEndpoint") and llm.apiEndpoint:
-        base_url = llm.apiEndpoint
-    else:
-        provider = llm.provider.lower() if llm.HasField("provider") else ""
-        if not provider and llm.modelName:
-            lower = llm.modelName.lower()
-            provider = next((p for p in _MODEL_PREFIX_PROVIDERS if lower.startswith(p)), "")
-        base_url = _PROVIDER_ENDPOINTS.get(provider, fallback.base_url)
-    return ModelTarget(base_url=base_url, model=model, api_key=api_key)
-
-
 def resolve_models(
     config: agent_pb2.CommonConfig, settings: GuiSettings
 ) -> tuple[ModelTarget, ModelTarget | None, bool]:
@@ -291,12 +270,12 @@ def resolve_models(
         )
         for field in order:
             if stages.HasField(field):  # type: ignore[arg-type]
-                action = _target_from(getattr(stages, field), default)
+                action = _llm.target_from(getattr(stages, field), default)
                 break
     grounding: ModelTarget | None = None
     if not fast:
         if stages is not None and stages.HasField("groundingModel"):
-            grounding = _target_from(stages.groundingModel, action)
+            grounding = _llm.target_from(stages.groundingModel, action)
         else:
             grounding = settings.grounding
     return action, grounding, fast
@@ -362,54 +341,55 @@ class _Outcome(Exception):
         self.message = message
 
 
+class LocalSandboxes(Protocol):
+    """What the gui planner uses of an in-process sandbox provider's
+    :class:`~commander.sandbox.SandboxTools` (typed here so that this module
+    does not import the sandbox package and its SDK)."""
+
+    async def release(self, sandbox_id: str) -> object: ...
+
+    async def aclose(self) -> None: ...
+
+
 class GuiPlanner:
     """The ``gui`` planner (register it under any name; ``gui`` by default).
 
-    ``local_tools``: the :class:`~commander.sandbox.SandboxTools` of an
-    in-process sandbox provider, if any (closed by :meth:`aclose` when
-    ``close_tools``). After a stop the dispatcher refuses
-    the session's tool calls, so a sandbox to destroy (``destroySandbox``) is
-    then destroyed through it directly; without it the sandbox's own
-    ``maxLifeSeconds`` (the task's timeout) ends it.
+    Every sandbox operation goes through the dispatcher as a brokered
+    ``computer.*`` tool call, with one exception: destroying the sandbox
+    (``destroySandbox``) after a stop. A stop ends the session's right to call
+    tools — the dispatcher refuses every later tool call of the session, so
+    that a stopped agent cannot act — and ``computer.sandbox_release`` is
+    refused too. So after a stop the sandbox is destroyed through
+    ``local_tools``, the :class:`~commander.sandbox.SandboxTools` of an
+    in-process sandbox provider (the code that serves
+    ``computer.sandbox_release``), when there is one; otherwise the sandbox's
+    own ``maxLifeSeconds`` (the task's timeout plus 5 minutes) ends it.
+    ``local_tools`` is closed by :meth:`aclose` when ``close_tools``.
     """
 
     def __init__(
         self,
         settings: GuiSettings | None = None,
         *,
-        local_tools: Any = None,
+        local_tools: LocalSandboxes | None = None,
         close_tools: bool = False,
     ) -> None:
         self.settings = settings or GuiSettings()
         self.local_tools = local_tools
         self._close_tools = close_tools
-        self._http: openai.DefaultAsyncHttpxClient | None = None
+        #: The HTTP pool of every session's model calls; its clients never retry
+        #: (retries are ours, and only before the first token).
+        self.clients = _llm.ModelClients(
+            read_timeout=self.settings.read_timeout,
+            connect_timeout=self.settings.connect_timeout,
+        )
 
     async def aclose(self) -> None:
-        """Close the shared HTTP client (the commander calls this when it stops), and
+        """Close the shared HTTP pool (the commander calls this when it stops), and
         ``local_tools`` when ``close_tools`` (its provider has stopped by then)."""
-        http, self._http = self._http, None
-        if http is not None:
-            await http.aclose()
+        await self.clients.aclose()
         if self._close_tools and self.local_tools is not None:
             await self.local_tools.aclose()
-
-    async def _client(self, target: ModelTarget) -> openai.AsyncOpenAI:
-        if self._http is None:
-            http = await anyio.to_thread.run_sync(openai.DefaultAsyncHttpxClient)
-            if self._http is None:
-                self._http = http
-            else:
-                await http.aclose()
-        return openai.AsyncOpenAI(
-            base_url=target.base_url,
-            api_key=target.api_key,
-            max_retries=0,  # retries are ours, and only before the first token
-            timeout=openai.Timeout(
-                self.settings.read_timeout, connect=self.settings.connect_timeout
-            ),
-            http_client=self._http,
-        )
 
     async def __call__(self, ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
         run = _Run(self, ctx)
@@ -577,20 +557,10 @@ class _Run:
         if not self.release_pending:
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-            if not self.ctx.stop_requested:
-                await self._release_brokered()
-            elif self.planner.local_tools is not None:
-                try:
-                    await self.planner.local_tools.release(self.sandbox_id)
-                    self.release_pending = False
-                except Exception:
-                    _log.warning("could not destroy sandbox %s", self.sandbox_id, exc_info=True)
+            if self.ctx.stop_requested:
+                await self._release_after_stop()
             else:
-                _log.warning(
-                    "sandbox %s not destroyed after the stop (no in-process provider); "
-                    "its maxLifeSeconds ends it",
-                    self.sandbox_id,
-                )
+                await self._release_brokered()
 
     # --- pieces ---
 
@@ -631,6 +601,23 @@ class _Run:
             self.release_pending = False
         except ToolError as exc:
             _log.warning("could not destroy sandbox %s: %s", self.sandbox_id, exc.message)
+
+    async def _release_after_stop(self) -> None:
+        """The one sandbox operation not brokered: the dispatcher refuses the tool
+        calls of a stopped session (see :class:`GuiPlanner`)."""
+        local = self.planner.local_tools
+        if local is None:
+            _log.warning(
+                "sandbox %s not destroyed after the stop (no in-process provider); "
+                "its maxLifeSeconds ends it",
+                self.sandbox_id,
+            )
+            return
+        try:
+            await local.release(self.sandbox_id)
+            self.release_pending = False
+        except Exception:
+            _log.warning("could not destroy sandbox %s", self.sandbox_id, exc_info=True)
 
     def _take_screenshot(self, shot: Any) -> tuple[str, str]:
         if not isinstance(shot, dict) or not isinstance(shot.get("image_base64"), str):
@@ -884,7 +871,7 @@ class _Run:
     ) -> AsyncGenerator[PlannerOutput, None]:
         """One streamed model call (retried only before its first token); text → ``reply``."""
         self._check_deadline()
-        client = await self.planner._client(target)
+        client = await self.planner.clients.client(target)
         if self._described and messages is self.messages:
             keep = max(0, self.settings.history_descriptions)
             old = self._described[: len(self._described) - keep] if keep else self._described
@@ -911,7 +898,7 @@ class _Run:
                     "type": "json_schema",
                     "json_schema": {"name": "gui_action", "schema": JSON_ACTION_SCHEMA},
                 }
-        prompt_estimate = estimate_tokens(
+        prompt_estimate = _llm.estimate_tokens(
             json.dumps([m for m in request["messages"] if isinstance(m.get("content"), str)])
         )
         async with contextlib.aclosing(
@@ -943,7 +930,7 @@ class _Run:
         try:
             return await retrying(create)
         except openai.OpenAIError as exc:
-            raise _model_error(exc, target) from exc
+            raise _llm.model_error(exc, target) from exc
 
     async def _stream(
         self,
@@ -960,7 +947,7 @@ class _Run:
         metrics = _metrics.current
         started = time.monotonic()
         first_chunk = True
-        span = model_span(target.model, _public_url(target.base_url))
+        span = model_span(target.model, _llm.public_url(target.base_url))
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
@@ -983,13 +970,11 @@ class _Run:
                         reply.text += text
                         yield ipb.ThoughtChain(step_name=step_name, delta=text)
             except openai.OpenAIError as exc:
-                raise _model_error(exc, target) from exc
+                raise _llm.model_error(exc, target) from exc
             completed = True
         finally:
             if stream is not None:
-                # Closing the response is what stops a self-hosted model.
-                with anyio.move_on_after(self.settings.close_timeout, shield=True):
-                    await stream.close()
+                await _llm.close_model_stream(stream, self.settings.close_timeout)
             if not usage_seen:
                 reply.input_tokens = prompt_estimate
                 reply.output_tokens = reply.pieces

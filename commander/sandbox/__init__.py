@@ -7,8 +7,8 @@
     await provider.run(ConnectionConfig("127.0.0.1:50051"))
 
 The same code drives the Lybic cloud and the local sandbox server
-(:mod:`commander.localsandbox`). Actions are never retried (the SDK's client
-is built with ``max_retries=0``).
+(:mod:`localsandbox`, a package of its own, reached only over HTTP). Actions
+are never retried (the SDK's client is built with ``max_retries=0``).
 """
 
 from commander.sandbox._provider import TOOL_NAMES, sandbox_provider

@@ -1,7 +1,7 @@
 """The GUI sandbox as ``computer.*`` tools over the unmodified ``lybic`` SDK.
 
 One code path for the Lybic cloud and the local sandbox server
-(:mod:`commander.localsandbox`): only the endpoint differs.
+(:mod:`localsandbox`, reached only over HTTP): only the endpoint differs.
 
 World-changing actions are never retried: the SDK's client is built with
 ``max_retries=0`` (its default retries *every* non-2xx answer and every

@@ -39,6 +39,8 @@ class FakeSlot:
         self._outbox: asyncio.Queue[ipb.DownstreamPacket | None] = asyncio.Queue()
         self.auto_close = auto_close
         self.ended = asyncio.Event()
+        #: Set when the commander half-closed the stream (a clean end, not a cancel).
+        self.half_closed = asyncio.Event()
         self._sessions = 0
 
     async def send(self, packet: ipb.DownstreamPacket) -> None:
@@ -162,11 +164,16 @@ class FakeDispatcher(
 ):
     """Servicer side of the fake: hands every new slot/provider stream to the test."""
 
-    def __init__(self, *, auto_close: bool = True, ack_hello: bool = True) -> None:
+    def __init__(
+        self, *, auto_close: bool = True, ack_hello: bool = True, end_on_half_close: bool = True
+    ) -> None:
         self.slots: asyncio.Queue[FakeSlot] = asyncio.Queue()
         self.providers: asyncio.Queue[FakeProvider] = asyncio.Queue()
         self.auto_close = auto_close
         self.ack_hello = ack_hello
+        #: Whether a slot's stream is ended when the commander half-closes it (as
+        #: the dispatcher does); False models a dispatcher that never answers.
+        self.end_on_half_close = end_on_half_close
         self.streams_opened = 0
 
     async def next_slot(self, within: float = WAIT) -> FakeSlot:
@@ -196,7 +203,9 @@ class FakeDispatcher(
             while True:
                 packet = await context.read()
                 if not isinstance(packet, ipb.UpstreamPacket):
-                    slot.end()
+                    slot.half_closed.set()
+                    if self.end_on_half_close:
+                        slot.end()
                     return
                 slot.received.append(packet)
                 await slot._inbox.put(packet)
@@ -288,6 +297,45 @@ class DispatcherServer:
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None
+
+
+class DownAddress:
+    """An address where no dispatcher answers: it accepts TCP connections and closes
+    them at once, counting them — every connection attempt of a client shows here."""
+
+    def __init__(self) -> None:
+        self.dials: list[float] = []
+        self._dialled = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def wait_for_dials(self, count: int, within: float = WAIT) -> None:
+        """Returns once ``count`` connections have been attempted."""
+        deadline = time.monotonic() + within
+        while len(self.dials) < count:
+            self._dialled.clear()
+            await asyncio.wait_for(self._dialled.wait(), max(0.01, deadline - time.monotonic()))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.dials.append(time.monotonic())
+        self._dialled.set()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
 
 # --- the scripted model server ---
@@ -452,16 +500,20 @@ def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str,
     }
 
 
-async def collect_for(slot: FakeSlot, seconds: float) -> list[ipb.UpstreamPacket]:
-    """Everything the slot receives during ``seconds``."""
-    packets: list[ipb.UpstreamPacket] = []
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            packets.append(await slot.recv(left))
-        except TimeoutError:
-            break
-    return packets
+async def everything_sent(slot: FakeSlot, within: float = WAIT) -> list[ipb.UpstreamPacket]:
+    """Every packet the commander wrote on this stream, once the stream has ended
+    (call it after the commander has shut down: then nothing can come later)."""
+    await asyncio.wait_for(slot.ended.wait(), within)
+    return slot.received
+
+
+def after_terminal(packets: list[ipb.UpstreamPacket], session_id: str) -> list[ipb.UpstreamPacket]:
+    """The packets of ``session_id`` that came after its terminal packet."""
+    mine = [p for p in packets if p.session_id == session_id]
+    for i, packet in enumerate(mine):
+        if packet.WhichOneof("payload") in TERMINAL:
+            return mine[i + 1 :]
+    raise AssertionError(f"session {session_id} sent no terminal packet")
 
 
 async def wait_for(predicate: Callable[[], bool], within: float = WAIT) -> None:

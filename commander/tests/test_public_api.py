@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import commander
 
 EXPECTED = {
@@ -73,3 +77,19 @@ def test_every_exception_shares_the_root() -> None:
 
 def test_version_is_a_string() -> None:
     assert isinstance(commander.__version__, str) and commander.__version__
+
+
+def test_the_commander_does_not_import_the_local_sandbox_server() -> None:
+    """localsandbox is a product of its own, reached over HTTP; no entry point imports it."""
+    entry_points = "commander.__main__, commander.tools_main, commander.sandbox.__main__"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys, {entry_points}\nprint('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    )
+    loaded = set(done.stdout.split())
+    assert "commander.sandbox._tools" in loaded  # the statement did import the commander
+    assert not {m for m in loaded if m.split(".")[0] == "localsandbox"}

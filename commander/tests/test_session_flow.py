@@ -17,7 +17,7 @@ from commander import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander.tests.conftest import fast_connection
-from commander.tests.fakes import DispatcherServer, FakeSlot, collect_for
+from commander.tests.fakes import DispatcherServer, FakeSlot, after_terminal, everything_sent
 
 pytestmark = pytest.mark.anyio
 
@@ -163,13 +163,13 @@ async def test_final_result_ends_the_planner_and_pending_usage_is_flushed(
 ) -> None:
     async with make_commander(planners=planners):
         slot = await dispatcher.servicer.next_slot()
-        await slot.start(planner="final")
+        session_id = await slot.start(planner="final")
         packets = await slot.recv_until_terminal()
         assert kinds(packets) == ["content", "usage", "result"]
         assert packets[1].usage.output_tokens == 7
         assert packets[2].result.outcome == ipb.SESSION_OUTCOME_FAILURE
         assert packets[2].result.message == "gave up"
-        assert await collect_for(slot, 0.2) == []
+    assert after_terminal(await everything_sent(slot), session_id) == []
 
 
 async def test_user_input_reaches_the_planner(

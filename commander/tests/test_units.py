@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import openai
 import pytest
 
-from commander import LLMSettings, PlannerNotFoundError, PlannerRegistry
-from commander._chat import ModelTarget, ThinkSplitter, ToolNames, _model_error, resolve_model
+from commander import Commander, GuiSettings, LLMSettings, PlannerNotFoundError, PlannerRegistry
+from commander._chat import ThinkSplitter, ToolNames, resolve_model
+from commander._context import merge_usage
 from commander._errors import tool_error_from_result
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
+from commander._llm import ModelTarget, model_error
 from commander._provider import schema_from_signature
-from commander._session import merge_usage
 
 
 def split_all(chunks: list[str]) -> list[tuple[bool, str]]:
@@ -162,7 +164,17 @@ def test_model_errors_carry_no_secrets() -> None:
         base_url="https://user:pw@api.example.com/v1?key=abc", model="m", api_key="secret-key-1"
     )
     exc = openai.OpenAIError("Incorrect API key provided: secret-key-1 (sk-proj-abcdef****wxyz)")
-    message = str(_model_error(exc, target))
+    message = str(model_error(exc, target))
     assert "secret-key-1" not in message and "sk-proj" not in message
     assert "user" not in message and "pw@" not in message and "key=abc" not in message
     assert message.startswith("model m at https://api.example.com/v1: Incorrect API key")
+
+
+def test_stop_bounds_nest_inner_first() -> None:
+    """The model stream's close fits inside the planner-cancel wait, which fits inside
+    the dispatcher's --stop-grace (2 s): an outer wait never gives up on an inner
+    cleanup that would still report usage."""
+    stop_cancel = inspect.signature(Commander).parameters["stop_cancel_timeout"].default
+    assert LLMSettings().close_timeout < stop_cancel
+    assert GuiSettings().close_timeout < stop_cancel
+    assert stop_cancel < 2.0

@@ -1,6 +1,6 @@
 """Fixtures: the local sandbox server, the real dispatcher binary, one event loop.
 
-The GUI tests run the whole chain for real: a ``python -m commander.localsandbox``
+The GUI tests run the whole chain for real: a ``python -m localsandbox``
 process (Xvfb + xdotool), the dispatcher binary, and in this process the
 commander (gui planner + sandbox provider) and a scripted OpenAI-compatible model.
 """
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from commander.localsandbox.tests.conftest import (  # noqa: F401 (fixtures)
+from commander.sandbox import SandboxSettings
+from localsandbox.tests.harness import (  # noqa: F401 (fixtures)
     API_KEY,
     ORG,
     LocalServer,
     start_server,
     x11_tools,
 )
-from commander.sandbox import SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -27,10 +27,10 @@ from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2
 from commander._pricing import ModelPrice, PriceTable
 from commander.gui._planner import GuiPlanner, GuiSettings
-from commander.localsandbox.tests.conftest import LocalServer
 from commander.sandbox import SandboxTools, sandbox_provider
 from commander.sandbox.tests.conftest import DispatcherProc, sandbox_settings
 from commander.tests.fakes import Reply, ScriptedLLM, wait_for
+from localsandbox.tests.harness import LocalServer, screenshot, settled_screenshot
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +71,7 @@ async def xterm_sandbox(lybic: LybicClient, tmp_path: Path) -> AsyncIterator[tup
     out = tmp_path / "out.txt"
     out.write_text("")
     try:
+        empty = await screenshot(s, created.id)
         code, _ = await _run(
             s,
             created.id,
@@ -87,7 +88,7 @@ async def xterm_sandbox(lybic: LybicClient, tmp_path: Path) -> AsyncIterator[tup
                 if code == 0 and found.strip():
                     break
                 await anyio.sleep(0.1)
-        await anyio.sleep(0.5)
+        await settled_screenshot(s, created.id, unlike=empty)  # the xterm is drawn
         yield created.id, out
     finally:
         try:
@@ -265,8 +266,6 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
         await llm.streams[1].client_closed.wait()
     assert not llm.streams[1].completed
     assert len(llm.streams) == 2
-    await anyio.sleep(1.0)
-    assert _read(out) == ""  # nothing was typed
     # destroySandbox: destroyed although the task was cancelled.
     with anyio.fail_after(10):
         while True:
@@ -276,6 +275,8 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
                 assert exc.status_code == 404
                 break
             await anyio.sleep(0.1)
+    # Nothing was typed into the xterm in the whole rest of its life.
+    assert _read(out) == ""
     # The tokens streamed before the stop are in the statistics.
     assert task.statistics.steps >= 1
     assert task.statistics.inputTokens >= 1500

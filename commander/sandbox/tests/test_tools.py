@@ -14,9 +14,9 @@ from lybic import LybicClient, Sandbox
 
 from commander._errors import InvalidToolArgumentsError, ToolExecutionError
 from commander.gui import KeyboardType
-from commander.localsandbox.tests.conftest import LocalServer
 from commander.sandbox import TOOL_NAMES, SandboxSettings, SandboxTools, sandbox_provider
 from commander.sandbox.tests.conftest import sandbox_settings
+from localsandbox.tests.harness import LocalServer
 
 pytestmark = pytest.mark.anyio
 

@@ -26,12 +26,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from commander.localsandbox._errors import (
+from localsandbox._errors import (
     BadRequestError,
     SandboxError,
     UnsupportedActionError,
 )
-from commander.localsandbox._sandboxes import PRESET_SHAPES, Sandbox, SandboxManager, Shape
+from localsandbox._sandboxes import PRESET_SHAPES, Sandbox, SandboxManager, Shape
 
 log = logging.getLogger(__name__)
 

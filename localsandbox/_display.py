@@ -23,7 +23,7 @@ from typing import BinaryIO
 import anyio
 import anyio.abc
 
-from commander.localsandbox._errors import DisplayError
+from localsandbox._errors import DisplayError
 
 log = logging.getLogger(__name__)
 

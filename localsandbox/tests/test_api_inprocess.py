@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from commander.localsandbox import SandboxManager, create_app
+from localsandbox import SandboxManager, create_app
 
 pytestmark = pytest.mark.anyio
 

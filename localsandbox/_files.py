@@ -19,7 +19,7 @@ import anyio
 import httpx
 from lybic import dto
 
-from commander.localsandbox._errors import BadRequestError
+from localsandbox._errors import BadRequestError
 
 HOME = "/home/agent"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
-from commander.localsandbox._errors import BadRequestError
+from localsandbox._errors import BadRequestError
 
 _DRAIN_AFTER_EXIT = 0.5
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import anyio
 import uvicorn
 
-from commander.localsandbox._api import create_app
-from commander.localsandbox._errors import SandboxError
-from commander.localsandbox._sandboxes import Limits, SandboxManager
+from localsandbox._api import create_app
+from localsandbox._errors import SandboxError
+from localsandbox._sandboxes import Limits, SandboxManager
 
 log = logging.getLogger(__name__)
 

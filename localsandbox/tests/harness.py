@@ -1,7 +1,10 @@
-"""Fixtures: a real local sandbox server process, driven through the real lybic SDK.
+"""A real local sandbox server process for tests, driven through the real lybic SDK.
+
+Used by this package's tests and by the commander's sandbox tests, which start
+the server as a process (``python -m localsandbox``) and never import it.
 
 The server needs Xvfb and xdotool (and the tests use xterm as the X
-application). When they are missing the fixture runs
+application). When they are missing the ``x11_tools`` fixture runs
 scripts/install_system_deps.sh once (as root); only if they are still missing
 do the tests that need them skip, saying why.
 """
@@ -15,23 +18,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
-from lybic import LybicAuth, LybicClient
+from lybic import LybicAuth, LybicClient, Sandbox
+from PIL import Image, ImageChops
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = ROOT / "scripts" / "install_system_deps.sh"
 TOOLS = ("Xvfb", "xdotool", "xterm")
 ORG = "ORG-local-test"
 API_KEY = "lysk-local-test-key"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
 
 
 def _missing() -> list[str]:
@@ -67,7 +66,7 @@ def x11_tools() -> None:
 
 @dataclass
 class LocalServer:
-    """A running ``python -m commander.localsandbox`` process."""
+    """A running ``python -m localsandbox`` process."""
 
     proc: subprocess.Popen[bytes]
     addr: str
@@ -114,7 +113,7 @@ def start_server(workdir: Path, *extra: str) -> LocalServer:
     argv = [
         sys.executable,
         "-m",
-        "commander.localsandbox",
+        "localsandbox",
         "--listen",
         "127.0.0.1:0",
         "--addr-file",
@@ -150,15 +149,6 @@ def start_server(workdir: Path, *extra: str) -> LocalServer:
     raise AssertionError(f"server did not publish its address:\n{server.log()}")
 
 
-@pytest.fixture(scope="session")
-def server(x11_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    srv = start_server(tmp_path_factory.mktemp("localsandbox"), "--process-timeout", "3")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def xvfb_pids(state_dir: Path) -> list[int]:
     """Xvfb processes started by the server that owns ``state_dir``."""
     pids = []
@@ -183,3 +173,46 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+# ---------------------------------------------------------------------- the screen
+
+#: Where ``xterm -geometry 80x24+0+0`` draws.
+XTERM_BOX = (0, 0, 480, 300)
+
+
+async def screenshot(s: Sandbox, sid: str) -> Image.Image:
+    _, image, b64 = await s.get_screenshot(sid)
+    assert b64, "the SDK only fills the base64 string for WebP"
+    assert isinstance(image, Image.Image)
+    return image.convert("RGB")
+
+
+def changed_pixels(a: Image.Image, b: Image.Image, box: tuple[int, int, int, int]) -> int:
+    diff = ImageChops.difference(a.crop(box), b.crop(box)).convert("L")
+    return sum(diff.histogram()[33:])
+
+
+async def settled_screenshot(
+    s: Sandbox,
+    sid: str,
+    box: tuple[int, int, int, int] = XTERM_BOX,
+    *,
+    unlike: Image.Image | None = None,
+    within: float = 15.0,
+) -> Image.Image:
+    """A screenshot once ``box`` holds still (two shots in a row alike) and, given
+    ``unlike``, differs from it.
+
+    X clients draw in their own time after an input or a start: this waits for
+    what the test expects to see instead of sleeping for a guessed while.
+    """
+    with anyio.fail_after(within):
+        last = await screenshot(s, sid)
+        while True:
+            await anyio.sleep(0.1)  # polling interval, not a synchronisation
+            shot = await screenshot(s, sid)
+            still = changed_pixels(last, shot, box) == 0
+            if still and (unlike is None or changed_pixels(unlike, shot, box) > 0):
+                return shot
+            last = shot

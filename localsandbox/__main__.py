@@ -1,4 +1,4 @@
-"""``python -m commander.localsandbox``: run the local sandbox server."""
+"""``python -m localsandbox``: run the local sandbox server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import anyio
 
-from commander.localsandbox._sandboxes import Limits
-from commander.localsandbox._server import MissingToolsError, ServerConfig, serve
+from localsandbox._sandboxes import Limits
+from localsandbox._server import MissingToolsError, ServerConfig, serve
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -23,7 +23,7 @@ def _listen(value: str) -> tuple[str, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m commander.localsandbox",
+        prog="python -m localsandbox",
         description="A local sandbox server (Xvfb + xdotool) that the lybic SDK can drive.",
     )
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 0), help="HOST:PORT (0: any)")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from commander.localsandbox._errors import BadRequestError
-from commander.localsandbox._files import resolve
+from localsandbox._errors import BadRequestError
+from localsandbox._files import resolve
 
 
 @pytest.fixture

@@ -16,9 +16,17 @@ import anyio
 import httpx
 import pytest
 from lybic import LybicAPIError, LybicClient, Sandbox, dto
-from PIL import Image, ImageChops
+from PIL import Image
 
-from commander.localsandbox.tests.conftest import ORG, LocalServer, alive, xvfb_pids
+from localsandbox.tests.harness import (
+    ORG,
+    LocalServer,
+    alive,
+    changed_pixels,
+    screenshot,
+    settled_screenshot,
+    xvfb_pids,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -57,8 +65,10 @@ def px(v: int) -> Any:
     return dto.PixelLength(value=v)
 
 
-async def start_xterm(s: Sandbox, sid: str, command: str) -> None:
-    """Starts xterm at the top-left running ``command``; returns once its window is mapped."""
+async def start_xterm(s: Sandbox, sid: str, command: str) -> Image.Image:
+    """Starts xterm at the top-left running ``command``; returns the screen once the
+    window is mapped and drawn."""
+    empty = await screenshot(s, sid)
     code, _ = await run(
         s,
         sid,
@@ -73,7 +83,7 @@ async def start_xterm(s: Sandbox, sid: str, command: str) -> None:
             if code == 0 and out.strip():
                 break
             await anyio.sleep(0.1)
-    await anyio.sleep(0.5)  # let it draw its first frame
+    return await settled_screenshot(s, sid, unlike=empty)
 
 
 async def wait_for_file(s: Sandbox, sid: str, path: str, want: str) -> str:
@@ -84,18 +94,6 @@ async def wait_for_file(s: Sandbox, sid: str, path: str, want: str) -> str:
             if text != want:
                 await anyio.sleep(0.1)
     return text
-
-
-async def screenshot(s: Sandbox, sid: str) -> Image.Image:
-    _, image, b64 = await s.get_screenshot(sid)
-    assert b64, "the SDK only fills the base64 string for WebP"
-    assert isinstance(image, Image.Image)
-    return image.convert("RGB")
-
-
-def changed_pixels(a: Image.Image, b: Image.Image, box: tuple[int, int, int, int]) -> int:
-    diff = ImageChops.difference(a.crop(box), b.crop(box)).convert("L")
-    return sum(diff.histogram()[33:])
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -177,8 +175,7 @@ async def test_typing_into_xterm_changes_the_window_and_the_file(
     client: LybicClient, sandbox: str
 ) -> None:
     s = Sandbox(client)
-    await start_xterm(s, sandbox, 'cat > "$HOME/typed.txt"')
-    before = await screenshot(s, sandbox)
+    before = await start_xterm(s, sandbox, 'cat > "$HOME/typed.txt"')
 
     r = await act(s, sandbox, dto.MouseClickAction(x=px(200), y=px(150), button=1))
     assert r.cursorPosition is not None and (r.cursorPosition.x, r.cursorPosition.y) == (200, 150)
@@ -199,7 +196,7 @@ async def test_typing_into_xterm_changes_the_window_and_the_file(
     text = await wait_for_file(s, sandbox, "typed.txt", "hello, local sandbox!\nAb\n")
     assert text == "hello, local sandbox!\nAb\n"
 
-    after = await screenshot(s, sandbox)
+    after = await settled_screenshot(s, sandbox, unlike=before)
     # The typed text is on screen: the xterm's area changed, visibly.
     assert changed_pixels(before, after, (0, 0, 500, 100)) > 100
 
@@ -207,19 +204,18 @@ async def test_typing_into_xterm_changes_the_window_and_the_file(
 async def test_scroll_moves_the_xterm_scrollback(client: LybicClient, sandbox: str) -> None:
     s = Sandbox(client)
     await start_xterm(s, sandbox, "seq 1 400; exec cat")
-    before = await screenshot(s, sandbox)
+    # The output is printed: the screen holds still at the end of it.
+    before = await settled_screenshot(s, sandbox)
     r = await act(
         s, sandbox, dto.MouseScrollAction(x=px(200), y=px(150), stepVertical=-5, stepHorizontal=0)
     )
     assert r.cursorPosition is not None and r.cursorPosition.x == 200
-    await anyio.sleep(0.3)
-    up = await screenshot(s, sandbox)
+    up = await settled_screenshot(s, sandbox, unlike=before)
     assert changed_pixels(before, up, (0, 0, 480, 300)) > 100, "scrolling up showed nothing new"
     await act(
         s, sandbox, dto.MouseScrollAction(x=px(200), y=px(150), stepVertical=5, stepHorizontal=0)
     )
-    await anyio.sleep(0.3)
-    down = await screenshot(s, sandbox)
+    down = await settled_screenshot(s, sandbox, unlike=up)
     assert changed_pixels(before, down, (0, 0, 480, 300)) < changed_pixels(
         before, up, (0, 0, 480, 300)
     )

@@ -32,9 +32,9 @@ import anyio.abc
 import httpx
 from PIL import ImageGrab
 
-from commander.localsandbox import _files, _process, _xinput
-from commander.localsandbox._display import Display, start_display, write_xauthority
-from commander.localsandbox._errors import (
+from localsandbox import _files, _process, _xinput
+from localsandbox._display import Display, start_display, write_xauthority
+from localsandbox._errors import (
     ActionFailedError,
     BadRequestError,
     CapacityError,
@@ -227,7 +227,7 @@ class SandboxManager:
     """Creates, finds and deletes sandboxes under ``state_dir``.
 
     The server process must have ``XAUTHORITY`` pointing at :attr:`xauthority`
-    (see :func:`commander.localsandbox.serve`): the in-process screenshot reads
+    (see :func:`localsandbox.serve`): the in-process screenshot reads
     the cookie from the environment.
     """
 

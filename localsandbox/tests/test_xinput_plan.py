@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from lybic import dto
 
-from commander.localsandbox._api import parse_action
-from commander.localsandbox._errors import BadRequestError, UnsupportedActionError
-from commander.localsandbox._xinput import Plan, plan
+from localsandbox._api import parse_action
+from localsandbox._errors import BadRequestError, UnsupportedActionError
+from localsandbox._xinput import Plan, plan
 
 W, H = 1280, 720
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from commander._errors import CommanderError
 
-
-class SandboxError(CommanderError):
+class SandboxError(Exception):
     """Root of the local sandbox's errors. The message is safe to show to the client."""
 
-    code = "localsandbox_error"
     #: HTTP status the API answers with.
     status: ClassVar[int] = 500
     #: The ``code`` field of the JSON error body (Lybic's error shape).

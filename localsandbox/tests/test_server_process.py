@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from commander.localsandbox.tests.conftest import API_KEY, ORG, alive, start_server, xvfb_pids
+from localsandbox.tests.harness import API_KEY, ORG, alive, start_server, xvfb_pids
 
 
 def test_sigterm_deletes_every_sandbox(x11_tools: None, tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_missing_tools_exit_with_a_clear_message(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "LOCALSANDBOX_API_KEY": "k"}
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "commander.localsandbox", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "localsandbox", "--listen", "127.0.0.1:0"],
         env=env,
         capture_output=True,
         text=True,
@@ -61,7 +61,7 @@ def test_missing_tools_exit_with_a_clear_message(tmp_path: Path) -> None:
 def test_api_key_is_required(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "LOCALSANDBOX_API_KEY"}
     done = subprocess.run(
-        [sys.executable, "-m", "commander.localsandbox"],
+        [sys.executable, "-m", "localsandbox"],
         env=env,
         capture_output=True,
         text=True,
@@ -74,7 +74,7 @@ def test_api_key_is_required(tmp_path: Path) -> None:
 @pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:", ":80"])
 def test_bad_listen_address(listen: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "commander.localsandbox", "--listen", listen, "--api-key", "k"],
+        [sys.executable, "-m", "localsandbox", "--listen", listen, "--api-key", "k"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 from lybic import dto
 
-from commander.localsandbox._errors import (
+from localsandbox._errors import (
     ActionFailedError,
     BadRequestError,
     UnsupportedActionError,
