@@ -18,6 +18,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 // describe renders an error for a person: a gRPC status as "CODE: message".
@@ -452,7 +453,7 @@ func (c *cli) cmdApprove(ctx context.Context, args []string) int {
 	if err != nil {
 		return c.fail(err)
 	}
-	outcome := strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "HOLD_OUTCOME_"))
+	outcome := protoenum.Name(resp.GetOutcome())
 	fmt.Fprintf(c.stdout, "%s: call %s of task %s (event %d)\n", outcome, pos[1], pos[0], resp.GetSeq())
 	return exitOK
 }
