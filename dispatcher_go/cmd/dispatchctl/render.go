@@ -292,11 +292,7 @@ func clip(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + fmt.Sprintf("… (%d bytes)", len(s))
+	return cutRunes(s, n) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 // shorten is clip for prose: it cuts at n bytes and marks the cut with "…".
@@ -304,9 +300,14 @@ func shorten(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
+	return cutRunes(s, n) + "…"
+}
+
+// cutRunes is the first n bytes of s (len(s) > n), less the start of a
+// UTF-8 character the cut would split.
+func cutRunes(s string, n int) string {
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
-	return s[:cut] + "…"
+	return s[:n]
 }
