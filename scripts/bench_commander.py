@@ -12,13 +12,16 @@ and the model server's records this measures:
 and checks that no content reaches the watcher after the stop event and that
 every cancelled model stream was closed by the client. Appends one JSON line
 in loadgen's result shape to $BENCH_RESULTS.
+
+Environment: DISPATCHER_ADDR, DISPATCHER_CLIENT_TOKEN, DISPATCHER_COMMANDER_TOKEN
+(of the dispatcher), SCRIPTED_LLM_URL (the model server's /v1 URL), BENCH_QUICK=1
+(4 slots, 3 rounds instead of 16 and 6).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import random
 import subprocess
@@ -28,52 +31,41 @@ import urllib.request
 from typing import Any
 
 import grpc
+from _benchlib import (
+    ADDR,
+    CLIENT_TOKEN,
+    QUICK,
+    SlotsNotRegistered,
+    arg_parser,
+    check,
+    latency_summary,
+    make_result,
+    md,
+    stop_process,
+    wait_for_slots,
+    write_result,
+)
 
 from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
-from commander._gen.lybic.agent import agent_pb2, agent_pb2_grpc
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 SLOTS = 4 if QUICK else 16
 ROUNDS = 3 if QUICK else 6
-ADDR = os.environ["DISPATCHER_ADDR"]
-LLM = os.environ["SCRIPTED_LLM_URL"]
-CLIENT_TOKEN = os.environ.get("DISPATCHER_CLIENT_TOKEN", "")
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[max(1, math.ceil(p / 100 * len(s))) - 1]
-
-
-def summary(xs: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(xs),
-        "min_ms": round(min(xs), 3) if xs else 0,
-        "mean_ms": round(sum(xs) / len(xs), 3) if xs else 0,
-        "p50_ms": round(pct(xs, 50), 3),
-        "p90_ms": round(pct(xs, 90), 3),
-        "p99_ms": round(pct(xs, 99), 3),
-        "max_ms": round(max(xs), 3) if xs else 0,
-    }
 
 
 def ts_us(ts: Any) -> int:
     return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
-async def one_task(
-    stub: tasks_pb2_grpc.TaskServiceStub, md: list[tuple[str, str]], name: str, out: dict[str, Any]
-) -> None:
+async def one_task(stub: tasks_pb2_grpc.TaskServiceStub, name: str, out: dict[str, Any]) -> None:
+    meta = md(CLIENT_TOKEN)
     resp = await stub.SubmitTask(
-        tasks_pb2.SubmitTaskRequest(instruction=name, planner="chat"), metadata=md
+        tasks_pb2.SubmitTaskRequest(instruction=name, planner="chat"), metadata=meta
     )
     task_id = resp.task_id
     cancel_at: float | None = None
     stop_us = stopped_us = 0
     content_after_stop = 0
-    async for ev in stub.WatchTask(tasks_pb2.WatchTaskRequest(task_id=task_id), metadata=md):
+    async for ev in stub.WatchTask(tasks_pb2.WatchTaskRequest(task_id=task_id), metadata=meta):
         e = ev.event
         now_us = time.time_ns() // 1000
         kind = e.WhichOneof("kind")
@@ -89,7 +81,7 @@ async def one_task(
                     lambda: asyncio.ensure_future(
                         stub.CancelTask(
                             tasks_pb2.CancelTaskRequest(task_id=task_id, reason="bench"),
-                            metadata=md,
+                            metadata=meta,
                         )
                     ),
                 )
@@ -103,44 +95,33 @@ async def one_task(
     out["content_after_stop"] += content_after_stop
 
 
-async def drive(md: list[tuple[str, str]], out: dict[str, Any]) -> bool:
+async def drive(out: dict[str, Any]) -> None:
     """Waits for the commander's slots, then runs ROUNDS rounds of SLOTS tasks."""
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        agent = agent_pb2_grpc.AgentStub(ch)
-        deadline = time.monotonic() + 30
-        while True:
-            info = await agent.GetAgentInfo(agent_pb2.GetAgentInfoRequest(), metadata=md)
-            if info.maxConcurrentTasks >= SLOTS:
-                break
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.1)
+        await wait_for_slots(ch, SLOTS, "commander slots")
         stub = tasks_pb2_grpc.TaskServiceStub(ch)
         for r in range(ROUNDS):
-            await asyncio.gather(*(one_task(stub, md, f"bench-{r}-{i}", out) for i in range(SLOTS)))
-    return True
+            await asyncio.gather(*(one_task(stub, f"bench-{r}-{i}", out) for i in range(SLOTS)))
 
 
 def main() -> int:
-    md = [("authorization", f"Bearer {CLIENT_TOKEN}")] if CLIENT_TOKEN else []
-    env = dict(os.environ, LLM_BASE_URL=LLM, LLM_MODEL="scripted")
+    arg_parser(__doc__).parse_args()
+    llm = os.environ["SCRIPTED_LLM_URL"]
+    env = dict(os.environ, LLM_BASE_URL=llm, LLM_MODEL="scripted")
     if os.environ.get("DISPATCHER_COMMANDER_TOKEN"):
         env["COMMANDER_TOKEN"] = os.environ["DISPATCHER_COMMANDER_TOKEN"]
     cmd = [sys.executable, "-m", "commander", "--dispatcher", ADDR, "--slots", str(SLOTS)]
     proc = subprocess.Popen([*cmd, "--log-level", "WARNING"], env=env)
     out: dict[str, Any] = {"relay": [], "stop_ack": [], "stops": {}, "content_after_stop": 0}
     try:
-        if not asyncio.run(drive(md, out)):
-            print("commander slots did not register", file=sys.stderr)
-            return 1
+        asyncio.run(drive(out))
+    except SlotsNotRegistered as e:
+        print(e, file=sys.stderr)
+        return 1
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
-    with urllib.request.urlopen(LLM.removesuffix("/v1") + "/stats", timeout=5) as f:
+    with urllib.request.urlopen(llm.removesuffix("/v1") + "/stats", timeout=5) as f:
         stats = json.load(f)
     close_ms: list[float] = []
     not_closed = 0
@@ -156,39 +137,37 @@ def main() -> int:
     stops = len(out["stops"])
     tasks = SLOTS * ROUNDS
     checks = [
-        {"name": "every task stopped", "pass": stops == tasks, "detail": f"{stops}/{tasks}"},
-        {
-            "name": "no content after stop",
-            "pass": out["content_after_stop"] == 0,
-            "detail": str(out["content_after_stop"]),
-        },
-        {
-            "name": "model streams closed by client",
-            "pass": not_closed == 0 and bool(close_ms),
-            "detail": f"{len(close_ms)} closed, {not_closed} not",
-        },
+        check("every task stopped", stops == tasks, f"{stops}/{tasks}"),
+        check(
+            "no content after stop",
+            out["content_after_stop"] == 0,
+            str(out["content_after_stop"]),
+        ),
+        check(
+            "model streams closed by client",
+            not_closed == 0 and bool(close_ms),
+            f"{len(close_ms)} closed, {not_closed} not",
+        ),
     ]
-    result = {
-        "scenario": "python-commander-stop",
-        "label": f"py-commander-stop@{SLOTS}",
-        "params": {"slots": SLOTS, "tasks": tasks, "model": "scriptedllm"},
-        "latencies": [
-            {"name": "stop decision -> stopped ack", "summary": summary(out["stop_ack"])},
-            {"name": "stop decision -> model stream closed", "summary": summary(close_ms)},
-            {"name": "commander emit -> client receives", "summary": summary(out["relay"])},
-        ],
-        "checks": checks,
-        "ok": all(c["pass"] for c in checks),
-    }
+    latencies = [
+        {"name": "stop decision -> stopped ack", "summary": latency_summary(out["stop_ack"])},
+        {"name": "stop decision -> model stream closed", "summary": latency_summary(close_ms)},
+        {"name": "commander emit -> client receives", "summary": latency_summary(out["relay"])},
+    ]
+    params = {"slots": SLOTS, "tasks": tasks, "model": "scriptedllm"}
+    result = make_result(
+        "python-commander-stop",
+        f"py-commander-stop@{SLOTS}",
+        params,
+        latencies=latencies,
+        checks=checks,
+    )
     for lat in result["latencies"]:
         print(f"{lat['name']}: {lat['summary']}", file=sys.stderr)
     for c in checks:
         verdict = "ok" if c["pass"] else "FAILED"
         print(f"check {c['name']}: {verdict} ({c['detail']})", file=sys.stderr)
-    if path := os.environ.get("BENCH_RESULTS"):
-        with open(path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0 if result["ok"] else 1
+    return write_result(result)
 
 
 if __name__ == "__main__":

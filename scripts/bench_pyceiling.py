@@ -27,43 +27,46 @@ DISPATCHER_CLIENT_TOKEN, DISPATCHER_PID, BENCH_QUICK set. By hand::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
+import itertools
 import os
-import signal
-import subprocess
 import sys
 import time
 from typing import Any
 
 import grpc
+from _benchlib import (
+    ADDR,
+    CLIENT_TOKEN,
+    QUICK,
+    TERMINAL,
+    arg_parser,
+    check,
+    cpu_seconds,
+    make_result,
+    md,
+    next_start,
+    open_slot,
+    run_commander,
+    spawn_self,
+    start_pyspy,
+    stop_process,
+    stop_pyspy,
+    value,
+    wait_for_slots,
+    write_result,
+    write_session,
+)
 
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._gen.dispatch.v1 import interaction_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 SLOTS = int(os.environ.get("BENCH_PY_SLOTS", "4"))
 PACKET_BYTES = 64
 PACKETS = int(os.environ.get("BENCH_PY_PACKETS", "5000" if QUICK else "10000"))
 TASKS = int(os.environ.get("BENCH_PY_TASKS", str(SLOTS * (2 if QUICK else 5))))
-ADDR = os.environ.get("DISPATCHER_ADDR", "127.0.0.1:50051")
-COMMANDER_TOKEN = os.environ.get("DISPATCHER_COMMANDER_TOKEN", "")
-CLIENT_TOKEN = os.environ.get("DISPATCHER_CLIENT_TOKEN", "")
 TEXT = "x" * PACKET_BYTES
-TERMINAL = {agent_pb2.SUCCESS, agent_pb2.FAILURE, agent_pb2.CANCELLED}
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of pid from /proc/PID/stat, in seconds (USER_HZ = 100)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
-
-
-def md(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def task_size(instruction: str) -> int:
@@ -74,8 +77,8 @@ def task_size(instruction: str) -> int:
 # --- writer: the real commander ------------------------------------------------
 
 
-def run_commander() -> None:
-    from commander import Commander, ConnectionConfig, PlannerRegistry, SessionContext
+def run_flood_commander() -> None:
+    from commander import PlannerRegistry, SessionContext
 
     planners = PlannerRegistry()
 
@@ -87,16 +90,7 @@ def run_commander() -> None:
             yield chunk
         yield ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{n} packets")
 
-    async def main() -> None:
-        commander = Commander(
-            ConnectionConfig(target=ADDR, token=COMMANDER_TOKEN or None),
-            slots=SLOTS,
-            planners=planners,
-            commander_id="bench-py-commander",
-        )
-        await commander.run()
-
-    asyncio.run(main())
+    run_commander(planners, SLOTS, "bench-py-commander")
 
 
 # --- writer: raw grpc.aio ------------------------------------------------------
@@ -107,39 +101,11 @@ async def raw_slot(index: int) -> None:
     async with grpc.aio.insecure_channel(
         ADDR, options=[("grpc.use_local_subchannel_pool", 1)]
     ) as ch:
-        call = interaction_pb2_grpc.AgentInteractionStub(ch).ChatStream(
-            metadata=md(COMMANDER_TOKEN)
-        )
-        hello = ipb.Hello(
-            commander_id="bench-py-raw",
-            version="0",
-            capabilities=["planner:flood"],
-            slot_index=index,
-        )
-        await call.write(ipb.UpstreamPacket(hello=hello))
-        while True:
-            down = await call.read()
-            if down is grpc.aio.EOF:
-                return
-            if down.WhichOneof("signal") != "start":
-                continue
-            sid = down.session_id
-            n = task_size(down.start.instruction)
+        call = await open_slot(ch, "bench-py-raw", ["planner:flood"], slot_index=index)
+        while (down := await next_start(call)) is not None:
             chunk = ipb.ContentChunk(text=TEXT)
-            for _ in range(n):
-                await call.write(
-                    ipb.UpstreamPacket(
-                        session_id=sid, timestamp=time.time_ns() // 1000, content=chunk
-                    )
-                )
-            await call.write(
-                ipb.UpstreamPacket(
-                    session_id=sid,
-                    result=ipb.FinalResult(
-                        outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{n} packets"
-                    ),
-                )
-            )
+            n = task_size(down.start.instruction)
+            await write_session(call, down.session_id, itertools.repeat(chunk, n))
 
 
 def run_raw() -> None:
@@ -155,14 +121,7 @@ def run_raw() -> None:
 async def drive(writer_pid: int, name: str) -> dict[str, Any]:
     cmd = md(CLIENT_TOKEN)
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        agent = agent_pb2_grpc_stub(ch)
-        deadline = time.monotonic() + 30
-        while (
-            await agent.GetAgentInfo(agent_pb2.GetAgentInfoRequest(), metadata=cmd)
-        ).maxConcurrentTasks < SLOTS:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: slots did not register within 30 s")
-            await asyncio.sleep(0.05)
+        await wait_for_slots(ch, SLOTS, f"{name}: slots")
         tasks = tasks_pb2_grpc.TaskServiceStub(ch)
         dpid = int(os.environ.get("DISPATCHER_PID", "0"))
         cpu0 = cpu_seconds(writer_pid)
@@ -216,60 +175,30 @@ async def drive(writer_pid: int, name: str) -> dict[str, Any]:
     }
 
 
-def agent_pb2_grpc_stub(ch: grpc.aio.Channel) -> Any:
-    from commander._gen.lybic.agent import agent_pb2_grpc
-
-    return agent_pb2_grpc.AgentStub(ch)
-
-
-def measure(role: str, pyspy_dir: str | None) -> dict[str, Any]:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role])
-    spy = None
-    spy_bin = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if pyspy_dir and os.path.exists(spy_bin):
-        # Attached to the writer (not its parent), stopped with SIGINT so that
-        # it writes the profile; --nonblocking: the writer is not paused.
-        os.makedirs(pyspy_dir, exist_ok=True)
-        out = os.path.join(pyspy_dir, f"pyspy-{role}")
-        spy = subprocess.Popen(
-            [spy_bin, "record", "--rate", "250", "--nonblocking", "--format", "raw",
-             "-o", out + ".txt", "--pid", str(proc.pid)],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+def measure(role: str) -> dict[str, Any]:
+    proc = spawn_self(__file__, "--role", role)
+    # py-spy (BENCH_PYSPY) is attached to the writer, not to its parent.
+    spy = start_pyspy(proc.pid, role)
     try:
         return asyncio.run(drive(proc.pid, role))
     finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_pyspy(spy)
+        stop_process(proc)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--role", choices=["driver", "commander", "raw"], default="driver")
     ap.add_argument("--only", choices=["commander", "raw"], help="measure one writer")
     args = ap.parse_args()
     if args.role == "commander":
-        run_commander()
+        run_flood_commander()
         return 0
     if args.role == "raw":
         run_raw()
         return 0
-    pyspy_dir = os.environ.get("BENCH_PYSPY") or None
     roles = [args.only] if args.only else ["raw", "commander"]
-    res = {role: measure(role, pyspy_dir) for role in roles}
+    res = {role: measure(role) for role in roles}
     values = []
     for role, r in res.items():
         who = "real commander" if role == "commander" else "raw grpc.aio"
@@ -282,53 +211,36 @@ def main() -> int:
             file=sys.stderr,
         )
         values += [
-            {
-                "name": f"{who}: upstream packets/s",
-                "value": round(r["pps"], 1),
-                "unit": "packets/s",
-            },
-            {
-                "name": f"{who}: writer CPU",
-                "value": round(r["writer_cpu_share"] * 100, 1),
-                "unit": "% of a core",
-            },
-            {
-                "name": f"{who}: writer CPU per packet",
-                "value": round(r["writer_cpu_s"] / max(r["packets"], 1) * 1e6, 2),
-                "unit": "us",
-            },
+            value(f"{who}: upstream packets/s", round(r["pps"], 1), "packets/s"),
+            value(f"{who}: writer CPU", round(r["writer_cpu_share"] * 100, 1), "% of a core"),
+            value(
+                f"{who}: writer CPU per packet",
+                round(r["writer_cpu_s"] / max(r["packets"], 1) * 1e6, 2),
+                "us",
+            ),
         ]
     checks = [
-        {
-            "name": f"{role}: every task SUCCESS",
-            "pass": r["ok_tasks"] == r["tasks"],
-            "detail": f"{r['ok_tasks']}/{r['tasks']}",
-        }
+        check(
+            f"{role}: every task SUCCESS",
+            r["ok_tasks"] == r["tasks"],
+            f"{r['ok_tasks']}/{r['tasks']}",
+        )
         for role, r in res.items()
     ]
     if "raw" in res and "commander" in res and res["raw"]["pps"] > 0:
         ratio = res["commander"]["pps"] / res["raw"]["pps"]
         print(f"commander / raw grpc.aio = {ratio:.2f}", file=sys.stderr)
-        values.append(
-            {"name": "real commander / raw grpc.aio", "value": round(ratio, 3), "unit": "ratio"}
-        )
-    result = {
-        "scenario": "python-ceiling",
-        "label": f"py-ceiling@{SLOTS}",
-        "params": {
-            "slots": SLOTS,
-            "tasks": TASKS,
-            "packets_per_task": PACKETS,
-            "packet_bytes": PACKET_BYTES,
-        },
-        "values": values,
-        "checks": checks,
-        "ok": all(c["pass"] for c in checks),
+        values.append(value("real commander / raw grpc.aio", round(ratio, 3), "ratio"))
+    params = {
+        "slots": SLOTS,
+        "tasks": TASKS,
+        "packets_per_task": PACKETS,
+        "packet_bytes": PACKET_BYTES,
     }
-    if path := os.environ.get("BENCH_RESULTS"):
-        with open(path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0 if result["ok"] else 1
+    result = make_result(
+        "python-ceiling", f"py-ceiling@{SLOTS}", params, values=values, checks=checks
+    )
+    return write_result(result)
 
 
 if __name__ == "__main__":

@@ -20,40 +20,49 @@ BENCH_RESULTS (append one result line in loadgen's --json shape).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import math
 import os
 import random
-import subprocess
 import sys
 import time
 from typing import Any
 
 import grpc
+from _benchlib import (
+    ADDR,
+    CLIENT_TOKEN,
+    QUICK,
+    TERMINAL,
+    arg_parser,
+    check,
+    latency_summary,
+    make_result,
+    md,
+    pct,
+    run_commander,
+    spawn_self,
+    stop_process,
+    value,
+    wait_for_slots,
+    write_result,
+)
 
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2
 
 SLOTS = int(os.environ.get("BENCH_PY_SLOTS", "8"))
-DURATION = float(
-    os.environ.get("BENCH_PY_DURATION", "5" if os.environ.get("BENCH_QUICK") == "1" else "15")
-)
-ADDR = os.environ.get("DISPATCHER_ADDR", "127.0.0.1:50051")
-COMMANDER_TOKEN = os.environ.get("DISPATCHER_COMMANDER_TOKEN", "")
-CLIENT_TOKEN = os.environ.get("DISPATCHER_CLIENT_TOKEN", "")
+DURATION = float(os.environ.get("BENCH_PY_DURATION", "5" if QUICK else "15"))
 TEXT = "x" * 64
-TERMINAL = {agent_pb2.SUCCESS, agent_pb2.FAILURE, agent_pb2.CANCELLED}
+#: The latencies measured: key in the driver's output, name in the result.
+LATENCIES = (
+    ("decision_to_stopped", "stop decision → stopped recorded"),
+    ("cancel_to_stopped", "cancel call → stopped recorded"),
+)
 
 
-def md(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def run_commander() -> None:
-    from commander import Commander, ConnectionConfig, PlannerRegistry, SessionContext
+def run_flood_commander() -> None:
+    from commander import PlannerRegistry, SessionContext
 
     planners = PlannerRegistry()
 
@@ -63,24 +72,7 @@ def run_commander() -> None:
         while True:
             yield chunk
 
-    async def main() -> None:
-        commander = Commander(
-            ConnectionConfig(target=ADDR, token=COMMANDER_TOKEN or None),
-            slots=SLOTS,
-            planners=planners,
-            commander_id="bench-py-stopflood",
-        )
-        await commander.run()
-
-    asyncio.run(main())
-
-
-def pct(xs: list[float], p: float) -> float:
-    """Nearest-rank percentile (as loadgen's)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[max(0, min(len(s) - 1, math.ceil(p * len(s)) - 1))]
+    run_commander(planners, SLOTS, "bench-py-stopflood")
 
 
 async def lane(
@@ -133,21 +125,11 @@ async def lane(
 
 
 async def drive() -> dict[str, list[float]]:
-    meta = md(CLIENT_TOKEN)
     out: dict[str, list[float]] = {
         "decision_to_stopped": [], "cancel_to_stopped": [], "contents": [], "other": [],
     }  # fmt: skip
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        from commander._gen.lybic.agent import agent_pb2_grpc
-
-        agent = agent_pb2_grpc.AgentStub(ch)
-        limit = time.monotonic() + 30
-        while (
-            await agent.GetAgentInfo(agent_pb2.GetAgentInfoRequest(), metadata=meta)
-        ).maxConcurrentTasks < SLOTS:
-            if time.monotonic() > limit:
-                raise RuntimeError("the commander's slots did not register within 30 s")
-            await asyncio.sleep(0.05)
+        await wait_for_slots(ch, SLOTS, "the commander's slots")
         tasks = tasks_pb2_grpc.TaskServiceStub(ch)
         deadline = time.monotonic() + DURATION
         await asyncio.gather(*(lane(tasks, random.Random(i), deadline, out) for i in range(SLOTS)))
@@ -155,28 +137,18 @@ async def drive() -> dict[str, list[float]]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--role", choices=["driver", "commander"], default="driver")
     if ap.parse_args().role == "commander":
-        run_commander()
+        run_flood_commander()
         return 0
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", "commander"])
+    proc = spawn_self(__file__, "--role", "commander")
     try:
         out = asyncio.run(drive())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     values = []
-    for key, name in (
-        ("decision_to_stopped", "stop decision → stopped recorded"),
-        ("cancel_to_stopped", "cancel call → stopped recorded"),
-    ):
+    for key, name in LATENCIES:
         xs = out[key]
         print(
             f"  {name:36s} n={len(xs)} p50={pct(xs, 0.5):.2f}ms p90={pct(xs, 0.9):.2f}ms "
@@ -190,35 +162,22 @@ def main() -> int:
         file=sys.stderr,
     )
     latencies = [
-        {"name": name, "summary": {
-            "n": len(out[key]), "min_ms": round(min(out[key], default=0.0), 3),
-            "mean_ms": round(sum(out[key]) / max(len(out[key]), 1), 3),
-            "p50_ms": round(pct(out[key], 0.5), 3),
-            "p90_ms": round(pct(out[key], 0.9), 3),
-            "p99_ms": round(pct(out[key], 0.99), 3),
-            "max_ms": round(max(out[key], default=0.0), 3)}}
-        for key, name in (("decision_to_stopped", "stop decision → stopped recorded"),
-                          ("cancel_to_stopped", "cancel call → stopped recorded"))
-        if out[key]
-    ]  # fmt: skip
+        {"name": name, "summary": latency_summary(out[key])} for key, name in LATENCIES if out[key]
+    ]
     if c:
-        values.append({"name": "content events recorded per task, p50", "value": pct(c, 0.5),
-                       "unit": "events"})  # fmt: skip
+        values.append(value("content events recorded per task, p50", pct(c, 0.5), "events"))
     ok = not out["other"] and bool(out["decision_to_stopped"])
-    result = {
-        "scenario": "python-stop-flood",
-        "label": f"py-stop-flood@{SLOTS}",
-        "params": {"slots": SLOTS, "duration_s": DURATION, "packet_bytes": len(TEXT)},
-        "latencies": latencies,
-        "values": values,
-        "checks": [{"name": "every task cancelled", "pass": ok,
-                    "detail": f"{len(out['other'])} ended otherwise"}],
-        "ok": ok,
-    }  # fmt: skip
-    if path := os.environ.get("BENCH_RESULTS"):
-        with open(path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0 if ok else 1
+    params = {"slots": SLOTS, "duration_s": DURATION, "packet_bytes": len(TEXT)}
+    checks = [check("every task cancelled", ok, f"{len(out['other'])} ended otherwise")]
+    result = make_result(
+        "python-stop-flood",
+        f"py-stop-flood@{SLOTS}",
+        params,
+        values=values,
+        latencies=latencies,
+        checks=checks,
+    )
+    return write_result(result)
 
 
 if __name__ == "__main__":

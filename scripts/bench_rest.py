@@ -28,35 +28,47 @@ reported as REST / gRPC ratios from one run. Result lines in loadgen's
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import functools
 import json
 import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from _benchlib import (
+    ADDR,
+    CLIENT_TOKEN,
+    QUICK,
+    arg_parser,
+    check,
+    cpu_seconds,
+    make_result,
+    md,
+    next_start,
+    open_slot,
+    spawn_self,
+    start_pyspy,
+    stop_process,
+    stop_pyspy,
+    value,
+    wait_for_slots,
+    write_result,
+    write_session,
+)
 from pydantic import BaseModel
 
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._gen.dispatch.v1 import interaction_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from commander._gen.lybic.agent import agent_pb2, agent_pb2_grpc
+from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 EVENTS = int(os.environ.get("BENCH_REST_EVENTS", "5000" if QUICK else "20000"))
 #: Each measured stream is served this many times and the counts summed: the
 #: CPU clock of /proc ticks in 10 ms.
 REPEAT = int(os.environ.get("BENCH_REST_REPEAT", "3"))
-ADDR = os.environ.get("DISPATCHER_ADDR", "127.0.0.1:50051")
-COMMANDER_TOKEN = os.environ.get("DISPATCHER_COMMANDER_TOKEN", "")
-CLIENT_TOKEN = os.environ.get("DISPATCHER_CLIENT_TOKEN", "")
 WORDS = (
     "the model streams tokens to the client while a planner thinks about the next action".split()
 )
@@ -78,16 +90,6 @@ def synthetic_events(n: int) -> tuple[str, ...]:
             text += rng.choice(WORDS) + " "
         out.append(text[:target])
     return tuple(out)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
-
-
-def md(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 # --- the REST server (seed 001's shape) -----------------------------------------
@@ -151,7 +153,7 @@ class Relay:
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
+        return int(self.server.sockets[0].getsockname()[1])
 
     def reset(self) -> None:
         self.down = self.up = 0
@@ -183,46 +185,38 @@ class Relay:
             self.server.close()
 
 
+class Meter:
+    """Measures a server from now on: its CPU time (pid), the bytes it sent
+    through relay (reset here), the wall time."""
+
+    def __init__(self, pid: int, relay: Relay) -> None:
+        self.pid, self.relay = pid, relay
+        relay.reset()
+        self.cpu0, self.t0 = cpu_seconds(pid), time.monotonic()
+
+    def read(self, events: int) -> dict[str, float]:
+        """What was measured since, for events content events received."""
+        return {
+            "cpu_s": cpu_seconds(self.pid) - self.cpu0,
+            "events": events,
+            "bytes": self.relay.down,
+            "wall_s": time.monotonic() - self.t0,
+        }
+
+
 # --- gRPC side ---------------------------------------------------------------------
 
 
 async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
     """One commander slot offering planner:restbench; writes the events of one task."""
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        call = interaction_pb2_grpc.AgentInteractionStub(ch).ChatStream(
-            metadata=md(COMMANDER_TOKEN)
-        )
-        await call.write(
-            ipb.UpstreamPacket(
-                hello=ipb.Hello(
-                    commander_id="bench-rest", version="0", capabilities=["planner:restbench"]
-                )
-            )
-        )
+        call = await open_slot(ch, "bench-rest", ["planner:restbench"])
         ready.set()
-        while True:
-            down = await call.read()
-            if down is grpc.aio.EOF:
-                return
-            if down.WhichOneof("signal") == "start":
-                break
-        sid = down.session_id
-        for text in texts:
-            await call.write(
-                ipb.UpstreamPacket(
-                    session_id=sid,
-                    timestamp=time.time_ns() // 1000,
-                    content=ipb.ContentChunk(text=text),
-                )
-            )
-        await call.write(
-            ipb.UpstreamPacket(
-                session_id=sid,
-                result=ipb.FinalResult(
-                    outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{len(texts)} events"
-                ),
-            )
-        )
+        down = await next_start(call)
+        if down is None:
+            return
+        chunks = (ipb.ContentChunk(text=text) for text in texts)
+        await write_session(call, down.session_id, chunks, unit="events")
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
@@ -250,43 +244,22 @@ async def grpc_side(texts: tuple[str, ...], dpid: int) -> dict[str, dict[str, fl
     writer = asyncio.create_task(grpc_writer(texts, ready))
     await ready.wait()
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        agent = agent_pb2_grpc.AgentStub(ch)
-        deadline = time.monotonic() + 30
-        while True:
-            info = await agent.GetAgentInfo(
-                agent_pb2.GetAgentInfoRequest(), metadata=md(CLIENT_TOKEN)
-            )
-            if info.maxConcurrentTasks >= 1:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the bench slot did not register within 30 s")
-            await asyncio.sleep(0.05)
+        await wait_for_slots(ch, 1, "the bench slot")
         tasks = tasks_pb2_grpc.TaskServiceStub(ch)
-        cpu0, t0 = cpu_seconds(dpid), time.monotonic()
+        meter = Meter(dpid, relay)
         resp = await tasks.SubmitTask(
             tasks_pb2.SubmitTaskRequest(instruction="rest bench", planner="restbench"),
             metadata=md(CLIENT_TOKEN),
         )
         n = await grpc_watch(rport, resp.task_id)
         await writer
-        out["grpc live"] = {
-            "cpu_s": cpu_seconds(dpid) - cpu0,
-            "events": n,
-            "bytes": relay.down,
-            "wall_s": time.monotonic() - t0,
-        }
+        out["grpc live"] = meter.read(n)
         await asyncio.sleep(0.5)  # let the store settle
-        relay.reset()
-        cpu0, t0 = cpu_seconds(dpid), time.monotonic()
+        meter = Meter(dpid, relay)
         n = 0
         for _ in range(REPEAT):
             n += await grpc_watch(rport, resp.task_id)
-        out["grpc replay"] = {
-            "cpu_s": cpu_seconds(dpid) - cpu0,
-            "events": n,
-            "bytes": relay.down,
-            "wall_s": time.monotonic() - t0,
-        }
+        out["grpc replay"] = meter.read(n)
     await relay.close()
     return out
 
@@ -315,55 +288,23 @@ async def rest_side(spid: int, sport: int) -> dict[str, dict[str, float]]:
     out = {}
     await rest_run(rport, "seed001")  # warm-up: imports, the cached events
     for shape in ("seed001", "full"):
-        relay.reset()
-        cpu0, t0 = cpu_seconds(spid), time.monotonic()
+        meter = Meter(spid, relay)
         n = 0
         for _ in range(REPEAT):
             n += await rest_run(rport, shape)
-        out[f"rest {shape}"] = {
-            "cpu_s": cpu_seconds(spid) - cpu0,
-            "events": n,
-            "bytes": relay.down,
-            "wall_s": time.monotonic() - t0,
-        }
+        out[f"rest {shape}"] = meter.read(n)
     await relay.close()
     return out
-
-
-def start_pyspy(pid: int, name: str) -> subprocess.Popen[bytes] | None:
-    """With BENCH_PYSPY=DIR: py-spy records pid into DIR/pyspy-NAME.txt (collapsed stacks)."""
-    out_dir = os.environ.get("BENCH_PYSPY")
-    spy_bin = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    if not out_dir or not os.path.exists(spy_bin):
-        return None
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"pyspy-{name}.txt")
-    argv = [spy_bin, "record", "--rate", "250", "--nonblocking", "--format", "raw"]
-    return subprocess.Popen([*argv, "-o", out, "--pid", str(pid)], stdout=subprocess.DEVNULL)
-
-
-def stop_pyspy(spy: subprocess.Popen[bytes] | None) -> None:
-    """SIGINT makes py-spy write its profile."""
-    if spy is None:
-        return
-    spy.send_signal(signal.SIGINT)
-    try:
-        spy.wait(30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait()
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = arg_parser(__doc__)
     ap.add_argument("--serve", type=int, help="run the FastAPI server on this port (internal)")
     args = ap.parse_args()
     if args.serve:
@@ -374,7 +315,7 @@ def main() -> int:
     res = asyncio.run(grpc_side(texts, dpid))
 
     sport = free_port()
-    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", str(sport)])
+    server = spawn_self(__file__, "--serve", str(sport))
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -392,12 +333,7 @@ def main() -> int:
         finally:
             stop_pyspy(spy)
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
     values = []
     checks = []
@@ -412,25 +348,11 @@ def main() -> int:
             file=sys.stderr,
         )
         values += [
-            {
-                "name": f"{name}: server CPU per event",
-                "value": round(r["cpu_us_per_event"], 2),
-                "unit": "us",
-            },
-            {
-                "name": f"{name}: bytes per event",
-                "value": round(r["bytes_per_event"], 1),
-                "unit": "B",
-            },
+            value(f"{name}: server CPU per event", round(r["cpu_us_per_event"], 2), "us"),
+            value(f"{name}: bytes per event", round(r["bytes_per_event"], 1), "B"),
         ]
         want = EVENTS if name == "grpc live" else EVENTS * REPEAT
-        checks.append(
-            {
-                "name": f"{name}: all events",
-                "pass": r["events"] == want,
-                "detail": f"{r['events']}/{want}",
-            }
-        )
+        checks.append(check(f"{name}: all events", r["events"] == want, f"{r['events']}/{want}"))
     for rest in ("rest seed001", "rest full"):
         for g in ("grpc live", "grpc replay"):
             cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
@@ -440,31 +362,20 @@ def main() -> int:
                 file=sys.stderr,
             )
             values += [
-                {"name": f"{rest} / {g}: CPU per event", "value": round(cpu, 3), "unit": "ratio"},
-                {
-                    "name": f"{rest} / {g}: bytes per event",
-                    "value": round(size, 3),
-                    "unit": "ratio",
-                },
+                value(f"{rest} / {g}: CPU per event", round(cpu, 3), "ratio"),
+                value(f"{rest} / {g}: bytes per event", round(size, 3), "ratio"),
             ]
-    result = {
-        "scenario": "rest-vs-grpc",
-        "label": f"rest-vs-grpc@{EVENTS}",
-        "params": {
-            "events": EVENTS,
-            "repeat": REPEAT,
-            "text_bytes": "8..56",
-            "clients": 1,
-            "uvicorn": "h11, asyncio loop, 1 worker",
-        },
-        "values": values,
-        "checks": checks,
-        "ok": all(c["pass"] for c in checks),
+    params = {
+        "events": EVENTS,
+        "repeat": REPEAT,
+        "text_bytes": "8..56",
+        "clients": 1,
+        "uvicorn": "h11, asyncio loop, 1 worker",
     }
-    if path := os.environ.get("BENCH_RESULTS"):
-        with open(path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return 0 if result["ok"] else 1
+    result = make_result(
+        "rest-vs-grpc", f"rest-vs-grpc@{EVENTS}", params, values=values, checks=checks
+    )
+    return write_result(result)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -18,6 +19,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 // describe renders an error for a person: a gRPC status as "CODE: message".
@@ -39,6 +41,30 @@ func (c *cli) tasks() (dispatchv1.TaskServiceClient, error) {
 // callCtx bounds one non-streaming call.
 func (c *cli) callCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, c.rpcTimeout)
+}
+
+// call makes one non-streaming TaskService call, rpc (a method expression
+// such as dispatchv1.TaskServiceClient.GetTask), bounded by --rpc-timeout.
+func call[Req, Resp any](ctx context.Context, c *cli, rpc func(dispatchv1.TaskServiceClient, context.Context, Req, ...grpc.CallOption) (Resp, error), req Req) (Resp, error) {
+	tasks, err := c.tasks()
+	if err != nil {
+		var none Resp
+		return none, err
+	}
+	cctx, cancel := c.callCtx(ctx)
+	defer cancel()
+	return rpc(tasks, cctx, req)
+}
+
+// printJSON prints m as one line of JSON.
+func (c *cli) printJSON(m proto.Message) {
+	b, _ := protojson.Marshal(m)
+	fmt.Fprintln(c.stdout, string(b))
+}
+
+// table is a writer that aligns tab-separated columns on c.stdout; Flush it.
+func (c *cli) table() *tabwriter.Writer {
+	return tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
 }
 
 // --- submit and run ---
@@ -108,38 +134,33 @@ func (tf *taskFlags) request(instruction string) (*dispatchv1.SubmitTaskRequest,
 	return req, nil
 }
 
-func (c *cli) submit(ctx context.Context, req *dispatchv1.SubmitTaskRequest) (string, error) {
-	tasks, err := c.tasks()
-	if err != nil {
-		return "", err
+// submit parses a command line of fs (tf's flags and the command's own;
+// one argument, the instruction) and submits the task it describes. When
+// it fails it has said why, and exit is the status to exit with.
+func (c *cli) submit(ctx context.Context, fs *flag.FlagSet, tf *taskFlags, args []string) (id string, exit int, ok bool) {
+	pos, ok := c.parse(fs, args, 1, `"instruction"`)
+	if !ok {
+		return "", exitUsage, false
 	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.SubmitTask(cctx, req)
+	req, err := tf.request(pos[0])
 	if err != nil {
-		return "", err
+		fmt.Fprintf(c.stderr, "dispatchctl %s: %v\n", fs.Name(), err)
+		return "", exitUsage, false
 	}
-	return resp.GetTaskId(), nil
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.SubmitTask, req)
+	if err != nil {
+		return "", c.fail(err), false
+	}
+	return resp.GetTaskId(), exitOK, true
 }
 
 func (c *cli) cmdSubmit(ctx context.Context, args []string) int {
 	var tf taskFlags
-	fs := tf.register(c, "submit")
-	pos, ok := c.parse(fs, args, 1, `"instruction"`)
-	if !ok {
-		return exitUsage
+	id, exit, ok := c.submit(ctx, tf.register(c, "submit"), &tf, args)
+	if ok {
+		fmt.Fprintln(c.stdout, id)
 	}
-	req, err := tf.request(pos[0])
-	if err != nil {
-		fmt.Fprintln(c.stderr, "dispatchctl submit:", err)
-		return exitUsage
-	}
-	id, err := c.submit(ctx, req)
-	if err != nil {
-		return c.fail(err)
-	}
-	fmt.Fprintln(c.stdout, id)
-	return exitOK
+	return exit
 }
 
 func (c *cli) cmdRun(ctx context.Context, args []string) int {
@@ -147,18 +168,9 @@ func (c *cli) cmdRun(ctx context.Context, args []string) int {
 	fs := tf.register(c, "run")
 	cancelAfter := fs.Duration("cancel-after", 0, "cancel the task this long after submitting it")
 	asJSON := fs.Bool("json", false, "print each event as one JSON line instead of rendering it")
-	pos, ok := c.parse(fs, args, 1, `"instruction"`)
+	id, exit, ok := c.submit(ctx, fs, &tf, args)
 	if !ok {
-		return exitUsage
-	}
-	req, err := tf.request(pos[0])
-	if err != nil {
-		fmt.Fprintln(c.stderr, "dispatchctl run:", err)
-		return exitUsage
-	}
-	id, err := c.submit(ctx, req)
-	if err != nil {
-		return c.fail(err)
+		return exit
 	}
 	c.notice("task %s submitted", id)
 	var timer <-chan time.Time
@@ -231,8 +243,7 @@ func (c *cli) follow(ctx context.Context, id string, afterSeq uint64, asJSON boo
 
 	last, err := c.watch(ctx, tasks, id, afterSeq, func(ev *dispatchv1.TaskEvent) {
 		if asJSON {
-			b, _ := protojson.Marshal(ev)
-			fmt.Fprintln(c.stdout, string(b))
+			c.printJSON(ev)
 			return
 		}
 		r.event(ev)
@@ -260,8 +271,7 @@ func (c *cli) follow(ctx context.Context, id string, afterSeq uint64, asJSON boo
 		return c.fail(fmt.Errorf("%w (task is %s)", err, task.GetStatus()))
 	}
 	if asJSON {
-		b, _ := protojson.Marshal(task)
-		fmt.Fprintln(c.stdout, string(b))
+		c.printJSON(task)
 	} else {
 		r.summary(task)
 	}
@@ -358,23 +368,16 @@ func (c *cli) cmdStatus(ctx context.Context, args []string) int {
 	if !ok {
 		return exitUsage
 	}
-	tasks, err := c.tasks()
-	if err != nil {
-		return c.fail(err)
-	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.GetTask(cctx, &dispatchv1.GetTaskRequest{TaskId: pos[0]})
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.GetTask, &dispatchv1.GetTaskRequest{TaskId: pos[0]})
 	if err != nil {
 		return c.fail(err)
 	}
 	t := resp.GetTask()
 	if *asJSON {
-		b, _ := protojson.Marshal(t)
-		fmt.Fprintln(c.stdout, string(b))
+		c.printJSON(t)
 		return exitOK
 	}
-	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	tw := c.table()
 	row := func(k, v string) {
 		if v != "" {
 			fmt.Fprintf(tw, "%s:\t%s\n", k, v)
@@ -412,13 +415,7 @@ func (c *cli) cmdCancel(ctx context.Context, args []string) int {
 	if !ok {
 		return exitUsage
 	}
-	tasks, err := c.tasks()
-	if err != nil {
-		return c.fail(err)
-	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.CancelTask(cctx, &dispatchv1.CancelTaskRequest{TaskId: pos[0], Reason: *reason})
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.CancelTask, &dispatchv1.CancelTaskRequest{TaskId: pos[0], Reason: *reason})
 	if err != nil {
 		return c.fail(err)
 	}
@@ -440,19 +437,13 @@ func (c *cli) cmdApprove(ctx context.Context, args []string) int {
 	if !ok {
 		return exitUsage
 	}
-	tasks, err := c.tasks()
-	if err != nil {
-		return c.fail(err)
-	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.ApproveToolCall(cctx, &dispatchv1.ApproveToolCallRequest{
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.ApproveToolCall, &dispatchv1.ApproveToolCallRequest{
 		TaskId: pos[0], CallId: pos[1], Approve: !*reject, Reason: *reason,
 	})
 	if err != nil {
 		return c.fail(err)
 	}
-	outcome := strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "HOLD_OUTCOME_"))
+	outcome := protoenum.Name(resp.GetOutcome())
 	fmt.Fprintf(c.stdout, "%s: call %s of task %s (event %d)\n", outcome, pos[1], pos[0], resp.GetSeq())
 	return exitOK
 }
@@ -477,17 +468,11 @@ func (c *cli) cmdList(ctx context.Context, args []string) int {
 		}
 		req.Statuses = append(req.Statuses, agentpb.TaskStatus(v))
 	}
-	tasks, err := c.tasks()
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.ListTasks, req)
 	if err != nil {
 		return c.fail(err)
 	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.ListTasks(cctx, req)
-	if err != nil {
-		return c.fail(err)
-	}
-	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	tw := c.table()
 	fmt.Fprintln(tw, "TASK\tSTATUS\tPLANNER\tCREATED\tINSTRUCTION")
 	for _, t := range resp.GetTasks() {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.GetTaskId(), t.GetStatus(), t.GetPlanner(),
@@ -508,17 +493,11 @@ func (c *cli) cmdTools(ctx context.Context, args []string) int {
 	if _, ok := c.parse(fs, args, 0, ""); !ok {
 		return exitUsage
 	}
-	tasks, err := c.tasks()
+	resp, err := call(ctx, c, dispatchv1.TaskServiceClient.ListTools, &dispatchv1.ListToolsRequest{})
 	if err != nil {
 		return c.fail(err)
 	}
-	cctx, cancel := c.callCtx(ctx)
-	defer cancel()
-	resp, err := tasks.ListTools(cctx, &dispatchv1.ListToolsRequest{})
-	if err != nil {
-		return c.fail(err)
-	}
-	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	tw := c.table()
 	fmt.Fprintln(tw, "TOOL\tEXECUTOR\tSIDE EFFECTS\tTIMEOUT\tDESCRIPTION")
 	for i, t := range resp.GetTools() {
 		executor := ""
@@ -560,7 +539,7 @@ func (c *cli) cmdInfo(ctx context.Context, args []string) int {
 	} else {
 		health = "unknown (" + describe(err) + ")"
 	}
-	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	tw := c.table()
 	fmt.Fprintf(tw, "address:\t%s\n", c.addr)
 	fmt.Fprintf(tw, "version:\t%s\n", info.GetVersion())
 	fmt.Fprintf(tw, "slots:\t%d\n", info.GetMaxConcurrentTasks())

@@ -12,6 +12,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 // ANSI styles, used only when stdout is a terminal.
@@ -156,7 +157,7 @@ func (r *renderer) event(ev *dispatchv1.TaskEvent) {
 		res := k.ToolResult.GetResult()
 		where := fmt.Sprintf("%d ms, %s", k.ToolResult.GetDurationMs(), k.ToolResult.GetExecutor())
 		if e := res.GetError(); e != nil {
-			code := strings.TrimPrefix(e.GetCode().String(), "TOOL_ERROR_CODE_")
+			code := strings.ToUpper(protoenum.Name(e.GetCode()))
 			r.line(styleBad, "<- %s failed %s: %s  [call %s, %s]", res.GetToolName(), code, e.GetMessage(), res.GetCallId(), where)
 			return
 		}
@@ -175,10 +176,10 @@ func (r *renderer) event(ev *dispatchv1.TaskEvent) {
 		}
 		r.line(styleDim, "[artifact %s %s %s]%s", a.GetKind(), a.GetMimeType(), where, suffix(" ", a.GetDescription()))
 	case *dispatchv1.TaskEvent_Result:
-		outcome := strings.TrimPrefix(k.Result.GetOutcome().String(), "SESSION_OUTCOME_")
+		outcome := strings.ToUpper(protoenum.Name(k.Result.GetOutcome()))
 		r.line(styleDim, "== result %s%s", outcome, suffix(": ", k.Result.GetMessage()))
 	case *dispatchv1.TaskEvent_Stop:
-		code := strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(k.Stop.GetCode().String(), "STOP_CODE_"), "_", " "))
+		code := strings.ReplaceAll(protoenum.Name(k.Stop.GetCode()), "_", " ")
 		r.line(styleStop, "## stop (%s): %s%s", code, k.Stop.GetReason(), suffix(" rule ", k.Stop.GetRuleId()))
 	case *dispatchv1.TaskEvent_Stopped:
 		r.line(styleStop, "## stopped%s", suffix(": ", k.Stopped.GetReason()))
@@ -212,9 +213,9 @@ func policyLine(taskID string, pd *dispatchv1.PolicyDecision) string {
 	if taskID == "" {
 		taskID = "TASK_ID"
 	}
-	verb := strings.ToLower(strings.TrimPrefix(pd.GetAction().String(), "POLICY_ACTION_"))
+	verb := protoenum.Name(pd.GetAction())
 	if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
-		verb = strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(o.String(), "HOLD_OUTCOME_"), "_", " "))
+		verb = strings.ReplaceAll(protoenum.Name(o), "_", " ")
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "!! policy %s [%s]", verb, pd.GetRuleId())
@@ -291,11 +292,7 @@ func clip(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + fmt.Sprintf("… (%d bytes)", len(s))
+	return cutRunes(s, n) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 // shorten is clip for prose: it cuts at n bytes and marks the cut with "…".
@@ -303,9 +300,14 @@ func shorten(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	cut := n
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
+	return cutRunes(s, n) + "…"
+}
+
+// cutRunes is the first n bytes of s (len(s) > n), less the start of a
+// UTF-8 character the cut would split.
+func cutRunes(s string, n int) string {
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
-	return s[:cut] + "…"
+	return s[:n]
 }

@@ -17,13 +17,13 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/agentdispatch/dispatcher/internal/addrfile"
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -150,7 +150,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 	}
 	addr := lis.Addr().String()
 	if cfg.addrFile != "" {
-		if err := writeFileAtomic(cfg.addrFile, addr+"\n"); err != nil {
+		if err := addrfile.Write(cfg.addrFile, addr); err != nil {
 			gs.Stop()
 			return fmt.Errorf("write --addr-file: %w", err)
 		}
@@ -197,23 +197,4 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		hs.close()
 	}
 	return nil
-}
-
-// writeFileAtomic writes via a temporary file and a rename, so that a reader
-// polling for the file never sees it half written.
-func writeFileAtomic(path, content string) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".addr-*")
-	if err != nil {
-		return err
-	}
-	if _, err := tmp.WriteString(content); err != nil {
-		tmp.Close()
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		os.Remove(tmp.Name())
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -24,14 +25,16 @@ func (p *clientPool) tasks() dispatchv1.TaskServiceClient {
 	return dispatchv1.NewTaskServiceClient(p.conns[i%uint64(len(p.conns))])
 }
 
-// submit queues one bench task.
-func (p *clientPool) submit(ctx context.Context, lane, n int) (string, error) {
+// submit queues one bench task, labelled with the run id and labels.
+func (p *clientPool) submit(ctx context.Context, lane, n int, labels map[string]string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	all := map[string]string{"bench_run": p.runID}
+	maps.Copy(all, labels)
 	resp, err := p.tasks().SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{
 		Instruction: fmt.Sprintf("bench %s lane %d task %d", p.runID, lane, n),
 		Planner:     benchPlanner,
-		Labels:      map[string]string{"bench_run": p.runID},
+		Labels:      all,
 	})
 	if err != nil {
 		return "", fmt.Errorf("SubmitTask: %w", err)

@@ -6,7 +6,6 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,14 +41,11 @@ type policyStats struct {
 	tasks, poisoned, stopped, clean                      atomic.Int64
 	contentAfterStop, phraseSeen, wrongPrefix, wrongRule atomic.Int64
 	notFailed, cleanStopped, missingStopped, noStopRecv  atomic.Int64
-	leaked, gaps                                         atomic.Int64
-	errs                                                 errList
+	leaked                                               atomic.Int64
 }
 
 func runPolicy(ctx context.Context, o *options, e *env) (*result, error) {
-	params := o.baseParams()
-	params["rate"] = o.rate
-	params["packet_bytes"] = o.packetBytes
+	params := o.taskParams()
 	params["phrase_window"] = fmt.Sprintf("%s..%s", o.stopMin, o.stopMax)
 	params["poison"] = o.poison
 	params["phrase"] = o.phrase
@@ -63,51 +59,22 @@ func runPolicy(ctx context.Context, o *options, e *env) (*result, error) {
 	}
 	// Clean tasks end a little after the latest poisoned moment.
 	cleanPackets := int64(rate*(o.stopMax+500*time.Millisecond).Seconds()) + 2
-	f := newFleet(sessionPlan{
+	rg, err := openRig(ctx, o, e, "policy", sessionPlan{
 		rate: rate, packetBytes: o.packetBytes, maxSession: o.stopMax + 30*time.Second,
 		leakAfterStop: o.leakAfterStop, phrase: o.phrase, maxPackets: cleanPackets,
-	})
-	cmdConns, err := dialN(o, e, o.connsFor(o.sessions), o.token, true)
+	}, o.connsFor(o.sessions))
+	defer rg.close()
 	if err != nil {
 		return nil, err
 	}
-	defer closeAll(cmdConns)
-	slotCtx, stopSlots := context.WithCancel(ctx)
-	defer func() { stopSlots(); f.wait() }()
-	if err := f.open(slotCtx, cmdConns, o.sessions); err != nil {
-		return nil, err
-	}
-	cliConns, err := dialN(o, e, o.connsFor(o.sessions), o.clientToken, false)
-	if err != nil {
-		return nil, err
-	}
-	defer closeAll(cliConns)
-	pool := &clientPool{conns: cliConns, runID: fmt.Sprintf("policy-%d", time.Now().UnixNano())}
-
 	st := &policyStats{
 		offendToStopRecv: benchkit.NewRecorder(0), offendToWatcherStop: benchkit.NewRecorder(0),
 		offendToStoppedEvent: benchkit.NewRecorder(0), decisionToStopped: benchkit.NewRecorder(0),
 		stopRecvToStoppedSent: benchkit.NewRecorder(0),
 	}
-	began := time.Now()
-	deadline := began.Add(o.duration)
-	var wg sync.WaitGroup
-	for lane := range o.sessions {
-		rng := rand.New(rand.NewPCG(o.seed, uint64(lane)))
-		wg.Go(func() {
-			for n := 0; time.Now().Before(deadline) && ctx.Err() == nil; n++ {
-				if err := policyOne(ctx, o, pool, f, st, rng, lane, n); err != nil {
-					st.errs.add(err)
-					if ctx.Err() != nil {
-						return
-					}
-					time.Sleep(100 * time.Millisecond)
-				}
-			}
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(began)
+	elapsed := rg.runLanes(ctx, o, func(rng *rand.Rand, lane, n int) error {
+		return policyOne(ctx, o, rg, st, rng, lane, n)
+	})
 
 	res.latency("offending packet sent → commander got stop", st.offendToStopRecv.Summary())
 	res.latency("offending packet sent → watcher got stop", st.offendToWatcherStop.Summary())
@@ -119,9 +86,9 @@ func runPolicy(ctx context.Context, o *options, e *env) (*result, error) {
 	res.value("tasks stopped by the rule", float64(st.stopped.Load()), "")
 	res.value("clean tasks", float64(st.clean.Load()), "")
 	res.value("policy stops per second", float64(st.stopped.Load())/elapsed.Seconds(), "/s")
-	res.value("upstream packets evaluated", float64(f.sent.Load()), "")
+	res.value("upstream packets evaluated", float64(rg.f.sent.Load()), "")
 	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
-	res.value("REJECTED acks", float64(f.rejected.Load()), "")
+	res.value("REJECTED acks", float64(rg.f.rejected.Load()), "")
 
 	res.check("no content after stop", st.contentAfterStop.Load() == 0,
 		"%d content/thought events reached a watcher after the policy decision", st.contentAfterStop.Load())
@@ -135,16 +102,15 @@ func runPolicy(ctx context.Context, o *options, e *env) (*result, error) {
 		"%d tasks without the phrase were stopped or failed", st.cleanStopped.Load())
 	res.check("stopped recorded, stop received", st.missingStopped.Load() == 0 && st.noStopRecv.Load() == 0,
 		"%d without a stopped event, %d whose commander never saw a stop", st.missingStopped.Load(), st.noStopRecv.Load())
-	res.check("events numbered without gaps", st.gaps.Load() == 0, "%d gaps or duplicates", st.gaps.Load())
-	res.check("no errors", st.errs.count() == 0, "%s", st.errs.describe())
-	res.check("no slot lost", f.lost.Load() == 0, "%s", f.describeLost())
+	rg.check(res)
 	res.check("at least one policy stop measured", st.stopped.Load() > 0, "%d", st.stopped.Load())
 	return res, nil
 }
 
 // policyOne submits one task (poisoned or clean), watches it to its end and
 // records what the policy did.
-func policyOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *policyStats, rng *rand.Rand, lane, n int) error {
+func policyOne(ctx context.Context, o *options, rg *rig, st *policyStats, rng *rand.Rand, lane, n int) error {
+	pool, f := rg.pool, rg.f
 	var poisonAt int64
 	if rng.Float64() < o.poison {
 		lo := int64(o.rate * o.stopMin.Seconds())
@@ -154,21 +120,14 @@ func policyOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *
 			poisonAt += rng.Int64N(hi - poisonAt + 1)
 		}
 	}
-	labels := map[string]string{"bench_run": pool.runID}
+	var labels map[string]string
 	if poisonAt > 0 {
-		labels[poisonLabel] = strconv.FormatInt(poisonAt, 10)
+		labels = map[string]string{poisonLabel: strconv.FormatInt(poisonAt, 10)}
 	}
-	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	resp, err := pool.tasks().SubmitTask(sctx, &dispatchv1.SubmitTaskRequest{
-		Instruction: fmt.Sprintf("bench %s lane %d task %d", pool.runID, lane, n),
-		Planner:     benchPlanner,
-		Labels:      labels,
-	})
-	cancel()
+	id, err := pool.submit(ctx, lane, n, labels)
 	if err != nil {
-		return fmt.Errorf("SubmitTask: %w", err)
+		return err
 	}
-	id := resp.GetTaskId()
 	st.tasks.Add(1)
 
 	var (
@@ -210,7 +169,7 @@ func policyOne(ctx context.Context, o *options, pool *clientPool, f *fleet, st *
 			finalMsg = k.State.GetMessage()
 		}
 	})
-	st.gaps.Add(w.gaps)
+	rg.gaps.Add(w.gaps)
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,9 +18,8 @@ import (
 // simulated commanders stream into whichever task they are given. It is the
 // shared body of the relay and throughput scenarios.
 type streamRun struct {
-	o    *options
-	f    *fleet
-	pool *clientPool
+	*rig
+	o *options
 	// measureFrom..measureTo is the window counted (after the warmup).
 	began, measureFrom, measureTo time.Time
 
@@ -29,8 +29,6 @@ type streamRun struct {
 	loggedEst    atomic.Int64       // the same estimated from GetTask, when nobody watches (×1000)
 	tasks, ok    atomic.Int64
 	lostPackets  atomic.Int64
-	gaps         atomic.Int64
-	errs         errList
 	lanes        sync.WaitGroup
 }
 
@@ -38,52 +36,25 @@ type streamRun struct {
 // result after plan.maxPackets packets or at the end of the run (plus a
 // margin, so the window measures steady streaming).
 func startStreamRun(ctx context.Context, o *options, e *env, scenario string, maxPackets int64, tools []string) (*streamRun, func(), error) {
-	r := &streamRun{o: o, e2e: benchkit.NewRecorder(0), in: benchkit.NewRecorder(0), out: benchkit.NewRecorder(0)}
-	var cleanups []func()
-	cleanup := func() {
-		for i := len(cleanups) - 1; i >= 0; i-- {
-			cleanups[i]()
-		}
-	}
-	cmdConns, err := dialN(o, e, o.connsFor(o.sessions), o.token, true)
+	rg, err := openRig(ctx, o, e, scenario, sessionPlan{rate: o.rate, packetBytes: o.packetBytes, maxPackets: maxPackets,
+		maxSession: o.duration + time.Minute, tools: tools}, max(1, o.connsFor(o.sessions*max(o.watchers, 1))))
 	if err != nil {
-		return nil, cleanup, err
+		return nil, rg.close, err
 	}
-	cleanups = append(cleanups, func() { closeAll(cmdConns) })
-	slotCtx, stopSlots := context.WithCancel(ctx)
-	r.f = newFleet(sessionPlan{rate: o.rate, packetBytes: o.packetBytes, maxPackets: maxPackets,
-		maxSession: o.duration + time.Minute, tools: tools})
-	cleanups = append(cleanups, func() { stopSlots(); r.f.wait() })
-	if err := r.f.open(slotCtx, cmdConns, o.sessions); err != nil {
-		return nil, cleanup, err
-	}
-	cliConns, err := dialN(o, e, max(1, o.connsFor(o.sessions*max(o.watchers, 1))), o.clientToken, false)
-	if err != nil {
-		return nil, cleanup, err
-	}
-	cleanups = append(cleanups, func() { closeAll(cliConns) })
-	r.pool = &clientPool{conns: cliConns, runID: fmt.Sprintf("%s-%d", scenario, time.Now().UnixNano())}
-
+	r := &streamRun{rig: rg, o: o, e2e: benchkit.NewRecorder(0), in: benchkit.NewRecorder(0), out: benchkit.NewRecorder(0)}
 	r.began = time.Now()
 	r.measureFrom = r.began.Add(o.warmup)
 	r.measureTo = r.began.Add(o.duration)
 	r.f.plan.endAt = r.measureTo.Add(500 * time.Millisecond)
-	for lane := range o.sessions {
-		r.lanes.Go(func() {
-			for n := 0; time.Now().Before(r.measureTo) && ctx.Err() == nil; n++ {
-				if err := r.runTask(ctx, lane, n); err != nil {
-					r.errs.add(err)
-					time.Sleep(100 * time.Millisecond) // do not spin on a failing dispatcher
-				}
-			}
-		})
-	}
-	return r, cleanup, nil
+	r.startLanes(ctx, o, &r.lanes, r.measureTo, func(_ *rand.Rand, lane, n int) error {
+		return r.runTask(ctx, lane, n)
+	})
+	return r, rg.close, nil
 }
 
 // runTask is one task of a lane, from submission to its end.
 func (r *streamRun) runTask(ctx context.Context, lane, n int) error {
-	id, err := r.pool.submit(ctx, lane, n)
+	id, err := r.pool.submit(ctx, lane, n, nil)
 	if err != nil {
 		return err
 	}
@@ -202,9 +173,7 @@ func (r *streamRun) finish(ctx context.Context, res *result) {
 	if r.o.watchers > 0 {
 		res.check("every packet sent reached the watcher", r.lostPackets.Load() == 0, "%d packets missing", r.lostPackets.Load())
 	}
-	res.check("events numbered without gaps", r.gaps.Load() == 0, "%d gaps or duplicates", r.gaps.Load())
-	res.check("no errors", r.errs.count() == 0, "%s", r.errs.describe())
-	res.check("no slot lost", r.f.lost.Load() == 0, "%s", r.f.describeLost())
+	r.check(res)
 }
 
 // sleepUntil waits for t or ctx.
@@ -220,9 +189,7 @@ func sleepUntil(ctx context.Context, t time.Time) error {
 }
 
 func streamParams(o *options) map[string]any {
-	params := o.baseParams()
-	params["rate"] = o.rate
-	params["packet_bytes"] = o.packetBytes
+	params := o.taskParams()
 	params["watchers"] = o.watchers
 	params["warmup"] = o.warmup.String()
 	return params

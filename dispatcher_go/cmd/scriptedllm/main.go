@@ -23,9 +23,10 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/addrfile"
 )
 
 func main() {
@@ -68,7 +69,7 @@ func run() error {
 	}
 	srv := &http.Server{Handler: newServer(cfg).handler(), ReadHeaderTimeout: 10 * time.Second}
 	if *addrFile != "" {
-		if err := writeFileAtomic(*addrFile, ln.Addr().String()+"\n"); err != nil {
+		if err := addrfile.Write(*addrFile, ln.Addr().String()); err != nil {
 			ln.Close()
 			return err
 		}
@@ -92,23 +93,4 @@ func run() error {
 		_ = srv.Close()
 	}
 	return nil
-}
-
-// writeFileAtomic writes data so that a reader polling the path never sees a
-// partial address.
-func writeFileAtomic(path, data string) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".addr-*")
-	if err != nil {
-		return err
-	}
-	if _, err := tmp.WriteString(data); err != nil {
-		tmp.Close()
-		os.Remove(tmp.Name())
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		os.Remove(tmp.Name())
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -10,8 +10,9 @@
 //   - its seed-000 projection (lybic.agent TaskStream{stage, message});
 //   - its seed-001 projection (one SSE event of /api/agent/run).
 //
-// EnumName is the one way an enum value of the protos becomes a word
-// (TOOL_ERROR_CODE_TIMEOUT → "timeout").
+// Enum values become words through internal/protoenum
+// (TOOL_ERROR_CODE_TIMEOUT → "timeout"), the one way the dispatcher and
+// dispatchctl word them.
 //
 // The packages that record, evaluate, project or count events (session,
 // api, httpapi, metrics) read the vocabulary here instead of naming kinds
@@ -19,12 +20,11 @@
 // the table test fails until every column of a new row is filled.
 //
 // What it must not do: anything but map. Its functions are pure functions
-// of their arguments (the enum-name cache is invisible): no recording,
-// sending, deciding, counting, logging, I/O or goroutines, and no
-// transport (no gRPC, HTTP or JSON encoding: the callers encode). It
-// depends only on the generated protos and on the vocabularies of eventlog
-// (classes) and policy (packet kinds and actions), never on the packages
-// that use it.
+// of their arguments: no recording, sending, deciding, counting, logging,
+// I/O or goroutines, and no transport (no gRPC, HTTP or JSON encoding: the
+// callers encode). It depends only on the generated protos, protoenum and
+// the vocabularies of eventlog (classes) and policy (packet kinds and
+// actions), never on the packages that use it.
 package events
 
 import (

@@ -13,6 +13,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -304,37 +305,12 @@ func TestFromUpstream(t *testing.T) {
 
 func TestPolicyAction(t *testing.T) {
 	for a, want := range map[policy.Action]string{policy.Allow: "allow", policy.Hold: "hold", policy.Deny: "deny", policy.Stop: "stop"} {
-		if got := events.EnumName(events.PolicyAction(a)); got != want || a.String() != want {
+		if got := protoenum.Name(events.PolicyAction(a)); got != want || a.String() != want {
 			t.Errorf("%v: %q", a, got)
 		}
 	}
 	if got := events.PolicyAction(policy.Action(99)); got != dispatchv1.PolicyAction_POLICY_ACTION_UNSPECIFIED {
 		t.Errorf("unknown action: %v", got)
-	}
-}
-
-func TestEnumName(t *testing.T) {
-	for _, c := range []struct {
-		e    protoreflect.Enum
-		want string
-	}{
-		{dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, "timeout"},
-		{dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE, "provider_unavailable"},
-		{dispatchv1.ToolErrorCode(42), "42"},
-		{dispatchv1.HoldOutcome_HOLD_OUTCOME_TIMED_OUT, "timed_out"},
-		{dispatchv1.PolicyAction_POLICY_ACTION_UNSPECIFIED, "unspecified"},
-		{dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL, "client_cancel"},
-		{dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, "success"},
-		{dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED, "session_closed"},
-		{agentpb.TaskStatus_NOT_FOUND, "not_found"},
-		{agentpb.TaskStatus_TASKSTATUSUNDEFINED, "taskstatusundefined"},
-		{agentpb.SandboxOS_LINUX, "linux"},
-	} {
-		for range 2 { // the second call is served by the cache
-			if got := events.EnumName(c.e); got != c.want {
-				t.Errorf("EnumName(%v) = %q, want %q", c.e, got, c.want)
-			}
-		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 // PolicyPacket is what a policy sees of ev; false for kinds that policies
@@ -116,7 +117,7 @@ func callText(tc *dispatchv1.ToolCallRequest) string {
 // "error: TIMEOUT: message".
 func resultText(res *dispatchv1.ToolCallResult) string {
 	if e := res.GetError(); e != nil {
-		return "error: " + strings.ToUpper(EnumName(e.GetCode())) + ": " + e.GetMessage()
+		return "error: " + strings.ToUpper(protoenum.Name(e.GetCode())) + ": " + e.GetMessage()
 	}
 	return res.GetResultJson()
 }
@@ -125,9 +126,9 @@ func resultText(res *dispatchv1.ToolCallResult) string {
 // "hold computer.click (call c1) by rule gui-needs-approval: ..." or
 // "approved computer.click (call c1) by rule gui-needs-approval: ...".
 func policyText(pd *dispatchv1.PolicyDecision) string {
-	verb := EnumName(pd.GetAction())
+	verb := protoenum.Name(pd.GetAction())
 	if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
-		verb = EnumName(o)
+		verb = protoenum.Name(o)
 	}
 	var b strings.Builder
 	b.WriteString(verb)

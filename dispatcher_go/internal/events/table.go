@@ -7,6 +7,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 )
 
 // Spec is one row of the vocabulary: everything the dispatcher says about
@@ -52,7 +53,7 @@ var table = [numKinds]Spec{
 			st := ev.GetState()
 			switch st.GetStatus() {
 			case agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED:
-				return EnumName(st.GetStatus()), st.GetMessage(), true
+				return protoenum.Name(st.GetStatus()), st.GetMessage(), true
 			}
 			return "", "", false // SUCCESS: "final" said it
 		},
@@ -183,7 +184,7 @@ var table = [numKinds]Spec{
 		seed001: func(ev *event, _ string, e *Seed001Event) {
 			pd := ev.GetPolicy()
 			e.Type, e.CallID, e.Tool = "policy", pd.GetCallId(), pd.GetToolName()
-			e.Content = EnumName(pd.GetAction()) + " by rule " + pd.GetRuleId() + ": " + pd.GetReason()
+			e.Content = protoenum.Name(pd.GetAction()) + " by rule " + pd.GetRuleId() + ": " + pd.GetReason()
 		},
 	},
 }

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 
+	"google.golang.org/protobuf/proto"
+
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -34,11 +36,7 @@ func (h *handler) listTasks(w http.ResponseWriter, r *http.Request) {
 		req.PageSize = int32(n)
 	}
 	resp, err := h.b.ListTasks(r.Context(), req)
-	if err != nil {
-		h.writeStatus(w, err)
-		return
-	}
-	writeProto(w, http.StatusOK, resp)
+	h.reply(w, http.StatusOK, resp, err)
 }
 
 // submitTask: POST /api/tasks with a dispatch.v1.SubmitTaskRequest as JSON
@@ -50,79 +48,79 @@ func (h *handler) submitTask(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp, err := h.b.SubmitTask(r.Context(), req)
-	if err != nil {
-		h.writeStatus(w, err)
-		return
-	}
-	writeProto(w, http.StatusCreated, resp)
+	h.reply(w, http.StatusCreated, resp, err)
 }
 
 // getTask: GET /api/tasks/{id} → dispatch.v1.Task as JSON.
 func (h *handler) getTask(w http.ResponseWriter, r *http.Request) {
 	resp, err := h.b.GetTask(r.Context(), &dispatchv1.GetTaskRequest{TaskId: r.PathValue("id")})
-	if err != nil {
-		h.writeStatus(w, err)
-		return
-	}
-	writeProto(w, http.StatusOK, resp.GetTask())
+	h.reply(w, http.StatusOK, resp.GetTask(), err)
 }
 
 // cancelTask: POST /api/tasks/{id}/cancel, body {"reason": …} (optional)
 // → dispatch.v1.CancelTaskResponse.
 func (h *handler) cancelTask(w http.ResponseWriter, r *http.Request) {
-	var body struct {
-		Reason string `json:"reason"`
-	}
-	if err := h.decodeJSON(w, r, &body, true); err != nil {
-		h.writeBad(w, err)
+	body, ok := strictBody[reasonBody](h, w, r)
+	if !ok {
 		return
 	}
 	resp, err := h.b.CancelTask(r.Context(), &dispatchv1.CancelTaskRequest{TaskId: r.PathValue("id"), Reason: body.Reason})
-	if err != nil {
-		h.writeStatus(w, err)
-		return
-	}
-	writeProto(w, http.StatusOK, resp)
+	h.reply(w, http.StatusOK, resp, err)
 }
 
 // interject: POST /api/tasks/{id}/interject, body {"text": …} → {"message_id", "seq"}.
 // It is how a client answers a call_user stage.
 func (h *handler) interject(w http.ResponseWriter, r *http.Request) {
-	var body struct {
+	body, ok := strictBody[struct {
 		Text string `json:"text"`
-	}
-	if err := h.decodeJSON(w, r, &body, true); err != nil {
-		h.writeBad(w, err)
+	}](h, w, r)
+	if !ok {
 		return
 	}
 	resp, err := h.b.Interject(r.Context(), &dispatchv1.InterjectRequest{TaskId: r.PathValue("id"), Text: body.Text})
-	if err != nil {
-		h.writeStatus(w, err)
-		return
-	}
-	writeProto(w, http.StatusOK, resp)
+	h.reply(w, http.StatusOK, resp, err)
 }
 
 // approve: POST /api/tasks/{id}/tool-calls/{call_id}/approve|reject, body
 // {"reason": …} (optional) → {"outcome", "seq"}.
 func (h *handler) approve(yes bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		var body struct {
-			Reason string `json:"reason"`
-		}
-		if err := h.decodeJSON(w, r, &body, true); err != nil {
-			h.writeBad(w, err)
+		body, ok := strictBody[reasonBody](h, w, r)
+		if !ok {
 			return
 		}
 		resp, err := h.b.ApproveToolCall(r.Context(), &dispatchv1.ApproveToolCallRequest{
 			TaskId: r.PathValue("id"), CallId: r.PathValue("call_id"), Approve: yes, Reason: body.Reason,
 		})
-		if err != nil {
-			h.writeStatus(w, err)
-			return
-		}
-		writeProto(w, http.StatusOK, resp)
+		h.reply(w, http.StatusOK, resp, err)
 	}
+}
+
+// reasonBody is the body of cancel, approve and reject: {"reason": …},
+// optional.
+type reasonBody struct {
+	Reason string `json:"reason"`
+}
+
+// strictBody decodes the request's JSON body (unknown fields refused; an
+// empty body is {}) into a T. ok is false when it could not: the 4xx is
+// written.
+func strictBody[T any](h *handler, w http.ResponseWriter, r *http.Request) (body T, ok bool) {
+	if err := h.decodeJSON(w, r, &body, true); err != nil {
+		h.writeBad(w, err)
+		return body, false
+	}
+	return body, true
+}
+
+// reply answers a call to the backend: resp as JSON with code, or err (a
+// gRPC status) as an HTTP error.
+func (h *handler) reply(w http.ResponseWriter, code int, resp proto.Message, err error) {
+	if err != nil {
+		h.writeStatus(w, err)
+		return
+	}
+	writeProto(w, code, resp)
 }
 
 // events: GET /api/tasks/{id}/events — the task's events as SSE, history

@@ -8,8 +8,8 @@
 //
 // Label values are bounded: tool names only for tools that exist (an
 // unknown tool is "(unknown)"), event kinds from internal/events, statuses,
-// codes and actions from enums (events.EnumName). Rule ids
-// are not labels: a task's own policy could name any number of them.
+// codes and actions from enums (protoenum.Name). Rule ids are not labels:
+// a task's own policy could name any number of them.
 package metrics
 
 import (
@@ -25,6 +25,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/protoenum"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
 	"github.com/agentdispatch/dispatcher/internal/task"
@@ -111,7 +112,7 @@ func (m *Metrics) ObserveEvent(ev *dispatchv1.TaskEvent) {
 	case events.State:
 		switch s := ev.GetState().GetStatus(); {
 		case task.Terminal(s):
-			m.tasksEnded.WithLabelValues(events.EnumName(s)).Inc()
+			m.tasksEnded.WithLabelValues(protoenum.Name(s)).Inc()
 		case s == agentpb.TaskStatus_PENDING && ev.GetSeq() == 1:
 			m.submitted.Inc()
 		}
@@ -119,7 +120,7 @@ func (m *Metrics) ObserveEvent(ev *dispatchv1.TaskEvent) {
 		res := ev.GetToolResult().GetResult()
 		outcome, tool := "ok", res.GetToolName()
 		if e := res.GetError(); e != nil {
-			outcome = events.EnumName(e.GetCode())
+			outcome = protoenum.Name(e.GetCode())
 			if e.GetCode() == dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL {
 				tool = "(unknown)"
 			}
@@ -129,9 +130,9 @@ func (m *Metrics) ObserveEvent(ev *dispatchv1.TaskEvent) {
 		pd := ev.GetPolicy()
 		outcome := "none"
 		if o := pd.GetHoldOutcome(); o != dispatchv1.HoldOutcome_HOLD_OUTCOME_UNSPECIFIED {
-			outcome = events.EnumName(o)
+			outcome = protoenum.Name(o)
 		}
-		m.decisions.WithLabelValues(events.EnumName(pd.GetAction()), outcome).Inc()
+		m.decisions.WithLabelValues(protoenum.Name(pd.GetAction()), outcome).Inc()
 	}
 }
 
@@ -178,7 +179,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			counts[t.Status()]++
 		}
 		for _, s := range []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED} {
-			ch <- prometheus.MustNewConstMetric(descTasks, prometheus.GaugeValue, float64(counts[s]), events.EnumName(s))
+			ch <- prometheus.MustNewConstMetric(descTasks, prometheus.GaugeValue, float64(counts[s]), protoenum.Name(s))
 		}
 	}
 	if sc := c.src.Scheduler; sc != nil {

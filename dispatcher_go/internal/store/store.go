@@ -7,7 +7,10 @@
 // queries need (id, status, creation and end time) and an opaque body the
 // task package encodes (secrets already removed or encrypted), an event is
 // (task id, seq, serialized TaskEvent). Implementations do not interpret
-// bodies, so the two backends cannot drift apart in what they keep.
+// bodies, so the two backends cannot drift apart in what they keep. What
+// does not depend on the database (turning rows into records, collecting a
+// result set, reporting a missing row, the migration loop; rows.go) is
+// here once; each backend keeps only its SQL and its driver's calls.
 //
 // Writes from the hot path go through Writer, which batches them into one
 // transaction per flush so that persistence does not throttle streaming,

@@ -73,20 +73,8 @@ var errNoReopen = errors.New("task: the event-log store cannot reopen stored log
 // Snapshot is a task's durable state: what a Persistence stores, and what a
 // task is rebuilt from when it is read back.
 type Snapshot struct {
-	ID             string
-	Instruction    string
-	Planner        string
-	Status         agentpb.TaskStatus
-	Message        string
-	Result         string
-	CreatedAt      time.Time
-	StartedAt      time.Time
-	EndedAt        time.Time
-	CommanderID    string
-	SessionID      string
-	PreviousTaskID string
-	Labels         map[string]string
-	Required       []string
+	Summary
+	Required []string
 	// Sandbox is the client's choice; UsedSandbox is the one the session
 	// reported, and SandboxKept whether it outlives the task.
 	Sandbox        *agentpb.Sandbox
@@ -94,13 +82,10 @@ type Snapshot struct {
 	UsedSandbox    *agentpb.Sandbox
 	SandboxKept    bool
 	Timeout        time.Duration
-	Stats          Stats
 	History        []*dispatchv1.ConversationTurn
 	// Config is the resolved config: with its secrets while the task may
 	// still run, masked once it ended.
-	Config *agentpb.CommonConfig
-	// LastSeq is the seq of the task's newest event.
-	LastSeq  uint64
+	Config   *agentpb.CommonConfig
 	Requeues int
 	// Policy is the task's own policy. PolicyErr is set instead when a
 	// stored policy no longer compiles: a finished task only shows its
@@ -115,24 +100,7 @@ func (s *Snapshot) Info() Info {
 	if sb == nil {
 		sb = s.Sandbox
 	}
-	return Info{
-		ID:             s.ID,
-		Instruction:    s.Instruction,
-		Planner:        s.Planner,
-		Status:         s.Status,
-		Message:        s.Message,
-		Result:         s.Result,
-		CreatedAt:      s.CreatedAt,
-		StartedAt:      s.StartedAt,
-		EndedAt:        s.EndedAt,
-		CommanderID:    s.CommanderID,
-		SessionID:      s.SessionID,
-		Labels:         s.Labels,
-		Sandbox:        sb,
-		Stats:          s.Stats,
-		LastSeq:        s.LastSeq,
-		PreviousTaskID: s.PreviousTaskID,
-	}
+	return Info{Summary: s.Summary, Sandbox: sb}
 }
 
 // Recovered is what the previous run left, as Persistence.Recover read it
@@ -263,14 +231,15 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 // snapshotLocked is t's durable state. Caller holds t.mu.
 func (t *Task) snapshotLocked() Snapshot {
 	return Snapshot{
-		ID: t.id, Instruction: t.instruction, Planner: t.planner, Status: t.status,
-		Message: t.message, Result: t.result, CreatedAt: t.createdAt, StartedAt: t.startedAt,
-		EndedAt: t.endedAt, CommanderID: t.commanderID, SessionID: t.sessionID,
-		PreviousTaskID: t.previousTaskID, Labels: t.labels, Required: t.required,
-		Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
-		SandboxKept: t.sandboxKept, Timeout: t.timeout, Stats: t.stats, History: t.history,
-		Config: t.config, LastSeq: t.log.LastSeq(), Requeues: t.requeues,
-		Policy: t.policy, PolicyErr: t.policyErr,
+		Summary: Summary{
+			ID: t.id, Instruction: t.instruction, Planner: t.planner, Status: t.status,
+			Message: t.message, Result: t.result, CreatedAt: t.createdAt, StartedAt: t.startedAt,
+			EndedAt: t.endedAt, CommanderID: t.commanderID, SessionID: t.sessionID,
+			PreviousTaskID: t.previousTaskID, Labels: t.labels, Stats: t.stats, LastSeq: t.log.LastSeq(),
+		},
+		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
+		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history,
+		Config: t.config, Requeues: t.requeues, Policy: t.policy, PolicyErr: t.policyErr,
 	}
 }
 

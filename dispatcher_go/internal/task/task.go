@@ -91,8 +91,9 @@ type Stats struct {
 	Currency     string
 }
 
-// Info is a consistent snapshot of a task for readers.
-type Info struct {
+// Summary is what a task is at a glance: the fields Info and Snapshot
+// share.
+type Summary struct {
 	ID             string
 	Instruction    string
 	Planner        string
@@ -104,11 +105,19 @@ type Info struct {
 	EndedAt        time.Time
 	CommanderID    string
 	SessionID      string
-	Labels         map[string]string
-	Sandbox        *agentpb.Sandbox
-	Stats          Stats
-	LastSeq        uint64
 	PreviousTaskID string
+	Labels         map[string]string
+	Stats          Stats
+	// LastSeq is the seq of the task's newest event.
+	LastSeq uint64
+}
+
+// Info is a consistent snapshot of a task for readers.
+type Info struct {
+	Summary
+	// Sandbox is the sandbox the task's session reported using, else the
+	// client's choice.
+	Sandbox *agentpb.Sandbox
 }
 
 // Duration is how long the task ran: from start to end, or to now while it

@@ -90,13 +90,16 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 		return task.Snapshot{}, nil, fmt.Errorf("task %s: stored body: %w", rec.ID, err)
 	}
 	snap := task.Snapshot{
-		ID: rec.ID, Instruction: b.Instruction, Planner: b.Planner, Required: b.Required,
-		Labels: b.Labels, DestroySandbox: b.DestroySandbox, PreviousTaskID: b.PreviousTaskID,
-		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, CreatedAt: rec.CreatedAt,
-		Status: agentpb.TaskStatus(rec.Status), Message: b.Message, Result: b.Result,
-		StartedAt: store.FromMicros(b.StartedAt), EndedAt: rec.EndedAt,
-		CommanderID: b.CommanderID, SessionID: b.SessionID, Stats: b.Stats,
-		LastSeq: b.LastSeq, Requeues: b.Requeues,
+		Summary: task.Summary{
+			ID: rec.ID, Instruction: b.Instruction, Planner: b.Planner,
+			Labels: b.Labels, PreviousTaskID: b.PreviousTaskID, CreatedAt: rec.CreatedAt,
+			Status: agentpb.TaskStatus(rec.Status), Message: b.Message, Result: b.Result,
+			StartedAt: store.FromMicros(b.StartedAt), EndedAt: rec.EndedAt,
+			CommanderID: b.CommanderID, SessionID: b.SessionID, Stats: b.Stats,
+			LastSeq: b.LastSeq,
+		},
+		Required: b.Required, DestroySandbox: b.DestroySandbox,
+		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues,
 	}
 	for _, h := range b.History {
 		snap.History = append(snap.History, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})

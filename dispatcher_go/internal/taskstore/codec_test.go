@@ -52,12 +52,12 @@ func TestStoredFormatReadsAndWritesTheSame(t *testing.T) {
 		t.Fatalf("times %v %v %v", info.CreatedAt, info.StartedAt, info.EndedAt)
 	}
 	info.CreatedAt, info.StartedAt, info.EndedAt = time.Time{}, time.Time{}, time.Time{}
-	want := task.Info{
+	want := task.Info{Summary: task.Summary{
 		ID: "task-1", Instruction: "open a terminal", Planner: "chat", Status: agentpb.TaskStatus_SUCCESS,
 		Message: "done", Result: "opened", CommanderID: "cmd-1", SessionID: "ses-1", Labels: map[string]string{"team": "qa"},
-		Sandbox: info.Sandbox, Stats: task.Stats{Steps: 2, InputTokens: 30, OutputTokens: 40, Cost: 0.5, Currency: "USD"},
+		Stats:   task.Stats{Steps: 2, InputTokens: 30, OutputTokens: 40, Cost: 0.5, Currency: "USD"},
 		LastSeq: 3, PreviousTaskID: "prev-1",
-	}
+	}, Sandbox: info.Sandbox}
 	if !reflect.DeepEqual(info, want) || info.Sandbox.GetId() != "SBX-1" {
 		t.Fatalf("read back\n%+v\nwant\n%+v", info, want)
 	}
@@ -78,16 +78,19 @@ func TestStoredFormatReadsAndWritesTheSame(t *testing.T) {
 		t.Fatal(err)
 	}
 	snap := task.Snapshot{
-		ID: "task-1", Instruction: "open a terminal", Planner: "chat", Status: agentpb.TaskStatus_SUCCESS,
-		Message: "done", Result: "opened", CreatedAt: created, StartedAt: time.UnixMicro(1700000001000000), EndedAt: ended,
-		CommanderID: "cmd-1", SessionID: "ses-1", PreviousTaskID: "prev-1", Labels: map[string]string{"team": "qa"},
+		Summary: task.Summary{
+			ID: "task-1", Instruction: "open a terminal", Planner: "chat", Status: agentpb.TaskStatus_SUCCESS,
+			Message: "done", Result: "opened", CreatedAt: created, StartedAt: time.UnixMicro(1700000001000000), EndedAt: ended,
+			CommanderID: "cmd-1", SessionID: "ses-1", PreviousTaskID: "prev-1", Labels: map[string]string{"team": "qa"},
+			Stats:   task.Stats{Steps: 2, InputTokens: 30, OutputTokens: 40, Cost: 0.5, Currency: "USD"},
+			LastSeq: 3,
+		},
 		Required: []string{"gpu"}, Sandbox: &agentpb.Sandbox{ShapeName: "local-1024x768"}, DestroySandbox: true,
 		UsedSandbox: &agentpb.Sandbox{Id: "SBX-1"}, SandboxKept: true, Timeout: time.Minute,
-		Stats:   task.Stats{Steps: 2, InputTokens: 30, OutputTokens: 40, Cost: 0.5, Currency: "USD"},
 		History: []*dispatchv1.ConversationTurn{{Role: "user", Content: "hi"}, {Role: "assistant", Content: "hello"}},
 		Config: &agentpb.CommonConfig{Id: "global", Steps: proto.Int32(5), StageModelConfig: &agentpb.StageModelConfig{
 			ActionGeneratorModel: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("****abcd")}}},
-		LastSeq: 3, Requeues: 1,
+		Requeues: 1,
 	}
 	ts.Save(&snap)
 	if err := ts.Flush(ctx); err != nil {

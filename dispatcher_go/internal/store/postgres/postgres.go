@@ -6,7 +6,6 @@ package postgres
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -82,18 +81,13 @@ func (s *Store) migrate(ctx context.Context) error {
 		if err := tx.QueryRow(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
 			return fmt.Errorf("postgres: migrate: %w", err)
 		}
-		if v > len(migrations) {
-			return fmt.Errorf("postgres: database schema version %d is newer than this dispatcher (%d)", v, len(migrations))
-		}
-		for i := v; i < len(migrations); i++ {
-			if _, err := tx.Exec(ctx, migrations[i]); err != nil {
-				return fmt.Errorf("postgres: migration %d: %w", i+1, err)
-			}
-			if _, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)`, i+1, time.Now().Unix()); err != nil {
-				return fmt.Errorf("postgres: migration %d: %w", i+1, err)
-			}
-		}
-		return nil
+		return store.Migrate("postgres", migrations, v, func(stmt string) error {
+			_, err := tx.Exec(ctx, stmt)
+			return err
+		}, func(version int, appliedAt int64) error {
+			_, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)`, version, appliedAt)
+			return err
+		})
 	})
 }
 
@@ -135,26 +129,10 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	return err
 }
 
-func scanTask(row pgx.Row) (store.TaskRecord, error) {
-	var r store.TaskRecord
-	var created, ended int64
-	if err := row.Scan(&r.ID, &r.Status, &created, &ended, &r.Body); err != nil {
-		return r, err
-	}
-	r.CreatedAt, r.EndedAt = store.FromMicros(created), store.FromMicros(ended)
-	return r, nil
-}
-
 // GetTask implements store.Store.
 func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error) {
-	r, err := scanTask(s.pool.QueryRow(ctx, `SELECT id, status, created_at, ended_at, body FROM tasks WHERE id = $1`, id))
-	if errors.Is(err, pgx.ErrNoRows) {
-		return r, store.ErrNotFound
-	}
-	if err != nil {
-		return r, fmt.Errorf("postgres: get task: %w", err)
-	}
-	return r, nil
+	r, err := store.ScanTask(s.pool.QueryRow(ctx, `SELECT `+store.TaskColumns+` FROM tasks WHERE id = $1`, id))
+	return r, store.ReadError(err, pgx.ErrNoRows, "postgres: get task")
 }
 
 // ListTasks implements store.Store.
@@ -168,7 +146,7 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 	if statuses == nil {
 		statuses = []int32{}
 	}
-	q := `SELECT id, status, created_at, ended_at, body FROM tasks
+	q := `SELECT ` + store.TaskColumns + ` FROM tasks
 		WHERE (cardinality($1::int[]) = 0 OR status = ANY($1::int[]))`
 	args := []any{statuses}
 	if before != nil {
@@ -185,38 +163,17 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 		return nil, fmt.Errorf("postgres: list tasks: %w", err)
 	}
 	defer rows.Close()
-	var out []store.TaskRecord
-	for rows.Next() {
-		r, err := scanTask(rows)
-		if err != nil {
-			return out, fmt.Errorf("postgres: list tasks: %w", err)
-		}
-		out = append(out, r)
-	}
-	return out, rows.Err()
+	return store.Collect(rows, store.ScanTask, "postgres: list tasks")
 }
 
 // ReadEvents implements store.Store.
 func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
-	if limit <= 0 {
-		limit = 64
-	}
-	rows, err := s.pool.Query(ctx, `SELECT seq, data FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`, taskID, int64(afterSeq), limit)
+	rows, err := s.pool.Query(ctx, `SELECT seq, data FROM events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`, taskID, int64(afterSeq), store.EventLimit(limit))
 	if err != nil {
 		return nil, fmt.Errorf("postgres: read events: %w", err)
 	}
 	defer rows.Close()
-	var out []store.Event
-	for rows.Next() {
-		e := store.Event{TaskID: taskID}
-		var seq int64
-		if err := rows.Scan(&seq, &e.Data); err != nil {
-			return out, fmt.Errorf("postgres: read events: %w", err)
-		}
-		e.Seq = uint64(seq)
-		out = append(out, e)
-	}
-	return out, rows.Err()
+	return store.Collect(rows, store.EventScanner(taskID), "postgres: read events")
 }
 
 // LastSeq implements store.Store.
@@ -242,11 +199,8 @@ func (s *Store) PutConfig(ctx context.Context, id string, data []byte) error {
 func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
 	var data []byte
 	err := s.pool.QueryRow(ctx, `SELECT data FROM configs WHERE id = $1`, id).Scan(&data)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, store.ErrNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("postgres: get config: %w", err)
+	if err := store.ReadError(err, pgx.ErrNoRows, "postgres: get config"); err != nil {
+		return nil, err
 	}
 	return data, nil
 }

@@ -7,7 +7,6 @@ package sqlite
 import (
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -145,16 +144,15 @@ func (s *Store) migrate(ctx context.Context) error {
 	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
 		return fmt.Errorf("sqlite: migrate: %w", err)
 	}
-	if v > len(migrations) {
-		return fmt.Errorf("sqlite: database schema version %d is newer than this dispatcher (%d)", v, len(migrations))
-	}
-	for i := v; i < len(migrations); i++ {
-		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
-			return fmt.Errorf("sqlite: migration %d: %w", i+1, err)
-		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`, i+1, time.Now().Unix()); err != nil {
-			return fmt.Errorf("sqlite: migration %d: %w", i+1, err)
-		}
+	err = store.Migrate("sqlite", migrations, v, func(stmt string) error {
+		_, err := tx.ExecContext(ctx, stmt)
+		return err
+	}, func(version int, appliedAt int64) error {
+		_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`, version, appliedAt)
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	return tx.Commit()
 }
@@ -200,26 +198,10 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	return nil
 }
 
-func scanTask(sc interface{ Scan(...any) error }) (store.TaskRecord, error) {
-	var r store.TaskRecord
-	var created, ended int64
-	if err := sc.Scan(&r.ID, &r.Status, &created, &ended, &r.Body); err != nil {
-		return r, err
-	}
-	r.CreatedAt, r.EndedAt = store.FromMicros(created), store.FromMicros(ended)
-	return r, nil
-}
-
 // GetTask implements store.Store.
 func (s *Store) GetTask(ctx context.Context, id string) (store.TaskRecord, error) {
-	r, err := scanTask(s.db.QueryRowContext(ctx, `SELECT id, status, created_at, ended_at, body FROM tasks WHERE id = ?`, id))
-	if errors.Is(err, sql.ErrNoRows) {
-		return r, store.ErrNotFound
-	}
-	if err != nil {
-		return r, fmt.Errorf("sqlite: get task: %w", err)
-	}
-	return r, nil
+	r, err := store.ScanTask(s.db.QueryRowContext(ctx, `SELECT `+store.TaskColumns+` FROM tasks WHERE id = ?`, id))
+	return r, store.ReadError(err, sql.ErrNoRows, "sqlite: get task")
 }
 
 // ListTasks implements store.Store.
@@ -230,7 +212,7 @@ func (s *Store) ListTasks(ctx context.Context, statuses []int32, limit int) ([]s
 // ListTasksBefore implements store.Store. SQLite compares TEXT byte by byte
 // (BINARY collation), as TaskKey does.
 func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *store.TaskKey, limit int) ([]store.TaskRecord, error) {
-	q := `SELECT id, status, created_at, ended_at, body FROM tasks WHERE 1 = 1`
+	q := `SELECT ` + store.TaskColumns + ` FROM tasks WHERE 1 = 1`
 	args := make([]any, 0, len(statuses)+4)
 	if len(statuses) > 0 {
 		q += ` AND status IN (?` + strings.Repeat(`, ?`, len(statuses)-1) + `)`
@@ -253,38 +235,17 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 		return nil, fmt.Errorf("sqlite: list tasks: %w", err)
 	}
 	defer rows.Close()
-	var out []store.TaskRecord
-	for rows.Next() {
-		r, err := scanTask(rows)
-		if err != nil {
-			return out, fmt.Errorf("sqlite: list tasks: %w", err)
-		}
-		out = append(out, r)
-	}
-	return out, rows.Err()
+	return store.Collect(rows, store.ScanTask, "sqlite: list tasks")
 }
 
 // ReadEvents implements store.Store.
 func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
-	if limit <= 0 {
-		limit = 64
-	}
-	rows, err := s.db.QueryContext(ctx, `SELECT seq, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?`, taskID, int64(afterSeq), limit)
+	rows, err := s.db.QueryContext(ctx, `SELECT seq, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?`, taskID, int64(afterSeq), store.EventLimit(limit))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read events: %w", err)
 	}
 	defer rows.Close()
-	var out []store.Event
-	for rows.Next() {
-		e := store.Event{TaskID: taskID}
-		var seq int64
-		if err := rows.Scan(&seq, &e.Data); err != nil {
-			return out, fmt.Errorf("sqlite: read events: %w", err)
-		}
-		e.Seq = uint64(seq)
-		out = append(out, e)
-	}
-	return out, rows.Err()
+	return store.Collect(rows, store.EventScanner(taskID), "sqlite: read events")
 }
 
 // LastSeq implements store.Store.
@@ -310,11 +271,8 @@ func (s *Store) PutConfig(ctx context.Context, id string, data []byte) error {
 func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
 	var data []byte
 	err := s.db.QueryRowContext(ctx, `SELECT data FROM configs WHERE id = ?`, id).Scan(&data)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, store.ErrNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: get config: %w", err)
+	if err := store.ReadError(err, sql.ErrNoRows, "sqlite: get config"); err != nil {
+		return nil, err
 	}
 	return data, nil
 }

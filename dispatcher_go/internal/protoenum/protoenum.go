@@ -1,4 +1,12 @@
-package events
+// Package protoenum turns an enum value of the protos into a word:
+// TOOL_ERROR_CODE_TIMEOUT → "timeout". It is the one place that knows
+// how the protos name enum values, so that the dispatcher (events,
+// metrics) and the CLI (dispatchctl) word them alike.
+//
+// What it must not do: depend on anything but the protobuf runtime (the
+// CLI imports it, and must not pull in the dispatcher's packages), or hold
+// any state beyond its name cache.
+package protoenum
 
 import (
 	"strconv"
@@ -8,17 +16,17 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
-// names caches EnumName by value descriptor (descriptors are never freed,
+// names caches Name by value descriptor (descriptors are never freed,
 // and there are few values), so the recording path does not allocate.
 var names sync.Map // protoreflect.EnumValueDescriptor → string
 
-// EnumName is the word for an enum value: its name without the enum's
-// type prefix, lower-cased (ToolErrorCode TOOL_ERROR_CODE_TIMEOUT →
-// "timeout", HoldOutcome HOLD_OUTCOME_TIMED_OUT → "timed_out"). Values of
-// enums whose names carry no prefix are only lower-cased (TaskStatus
-// NOT_FOUND → "not_found"); a number the enum does not define is its
-// decimal form, as String() has it.
-func EnumName(e protoreflect.Enum) string {
+// Name is the word for an enum value: its name without the enum's type
+// prefix, lower-cased (ToolErrorCode TOOL_ERROR_CODE_TIMEOUT → "timeout",
+// HoldOutcome HOLD_OUTCOME_TIMED_OUT → "timed_out"). Values of enums whose
+// names carry no prefix are only lower-cased (TaskStatus NOT_FOUND →
+// "not_found"); a number the enum does not define is its decimal form, as
+// String() has it.
+func Name(e protoreflect.Enum) string {
 	v := e.Descriptor().Values().ByNumber(e.Number())
 	if v == nil {
 		return strconv.Itoa(int(e.Number()))
