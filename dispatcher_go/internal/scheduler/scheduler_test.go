@@ -11,6 +11,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -78,6 +79,7 @@ func submit(t *testing.T, m *task.Manager, planner string, caps ...string) *task
 }
 
 func TestPendingUntilASlotMatches(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10)
 	tk := submit(t, m, "gui", "os:linux")
 	if st := s.Stats(); st.Queued != 1 {
@@ -102,6 +104,7 @@ func TestPendingUntilASlotMatches(t *testing.T) {
 }
 
 func TestIdleSlotTakesTaskAtOnceAndBusySlotDoesNot(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10)
 	sl := newSlot("a", "planner:chat")
 	s.AddSlot(sl)
@@ -124,6 +127,7 @@ func TestIdleSlotTakesTaskAtOnceAndBusySlotDoesNot(t *testing.T) {
 }
 
 func TestQueueFull(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 2)
 	submit(t, m, "chat")
 	submit(t, m, "chat")
@@ -136,6 +140,7 @@ func TestQueueFull(t *testing.T) {
 }
 
 func TestFIFOAndSkipOfUnmatchable(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10)
 	gui := submit(t, m, "gui")
 	c1 := submit(t, m, "chat")
@@ -152,6 +157,7 @@ func TestFIFOAndSkipOfUnmatchable(t *testing.T) {
 }
 
 func TestDeadSlotIsDroppedAndTaskKept(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10)
 	dead := newSlot("dead", "planner:chat")
 	s.AddSlot(dead)
@@ -171,6 +177,7 @@ func TestDeadSlotIsDroppedAndTaskKept(t *testing.T) {
 }
 
 func TestRemoveSlot(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10)
 	sl := newSlot("a", "planner:chat")
 	s.AddSlot(sl)
@@ -186,6 +193,7 @@ func TestRemoveSlot(t *testing.T) {
 }
 
 func TestConcurrentSubmitAndSlots(t *testing.T) {
+	t.Parallel()
 	s, m := setup(t, 10000)
 	var wg sync.WaitGroup
 	slots := make([]*fakeSlot, 8)
@@ -214,7 +222,7 @@ func TestConcurrentSubmitAndSlots(t *testing.T) {
 			}
 		}()
 	}
-	wg.Wait()
+	testutil.Done(t, waitGroup(&wg), testutil.Wait, "the submitters and releasers to finish")
 	total := 0
 	for _, sl := range slots {
 		total += len(sl.got())
@@ -224,46 +232,65 @@ func TestConcurrentSubmitAndSlots(t *testing.T) {
 	}
 }
 
+// waitGroup is closed once wg's goroutines are done.
+func waitGroup(wg *sync.WaitGroup) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		wg.Wait()
+	}()
+	return done
+}
+
 // A task whose slot died before the commander heard of it goes back to the
 // head of the queue (beyond the bound: it was admitted already), or straight
 // to an idle slot; a failing reset queues nothing.
 func TestRequeueAtTheHead(t *testing.T) {
-	s, m := setup(t, 2)
-	a := newSlot("a", "planner:chat")
-	s.AddSlot(a)
-	t0 := submit(t, m, "chat") // to a
-	t1 := submit(t, m, "chat")
-	t2 := submit(t, m, "chat")
-	s.RemoveSlot(a) // a's stream died with t0's start unsent
+	t.Parallel()
+	t.Run("queued first", func(t *testing.T) {
+		t.Parallel()
+		s, m := setup(t, 2)
+		a := newSlot("a", "planner:chat")
+		s.AddSlot(a)
+		t0 := submit(t, m, "chat") // to a
+		t1 := submit(t, m, "chat")
+		t2 := submit(t, m, "chat")
+		s.RemoveSlot(a) // a's stream died with t0's start unsent
 
-	errNo := errors.New("no")
-	if err := s.Requeue(t0, func() error { return errNo }); !errors.Is(err, errNo) {
-		t.Fatalf("failing reset: %v", err)
-	}
-	if s.Stats().Queued != 2 {
-		t.Fatal("a failed requeue queued the task")
-	}
-	resets := 0
-	if err := s.Requeue(t0, func() error { resets++; return nil }); err != nil || resets != 1 {
-		t.Fatalf("requeue: %v (resets %d)", err, resets)
-	}
-	if s.Stats().Queued != 3 {
-		t.Fatalf("stats %+v", s.Stats())
-	}
-	b := newSlot("b", "planner:chat")
-	s.AddSlot(b)
-	s.Release(b)
-	s.Release(b)
-	if got := b.got(); len(got) != 3 || got[0] != t0 || got[1] != t1 || got[2] != t2 {
-		t.Fatalf("order after requeue: %v", got)
-	}
-
-	// An idle slot takes a requeued task at once.
-	s.Release(b)
-	if err := s.Requeue(t1, func() error { return nil }); err != nil {
-		t.Fatal(err)
-	}
-	if got := b.got(); len(got) != 4 || got[3] != t1 || s.Stats().Queued != 0 {
-		t.Fatalf("idle slot: %v, stats %+v", got, s.Stats())
-	}
+		errNo := errors.New("no")
+		if err := s.Requeue(t0, func() error { return errNo }); !errors.Is(err, errNo) {
+			t.Fatalf("failing reset: %v", err)
+		}
+		if s.Stats().Queued != 2 {
+			t.Fatal("a failed requeue queued the task")
+		}
+		resets := 0
+		if err := s.Requeue(t0, func() error { resets++; return nil }); err != nil || resets != 1 {
+			t.Fatalf("requeue: %v (resets %d)", err, resets)
+		}
+		if s.Stats().Queued != 3 {
+			t.Fatalf("stats %+v", s.Stats())
+		}
+		b := newSlot("b", "planner:chat")
+		s.AddSlot(b)
+		s.Release(b)
+		s.Release(b)
+		if got := b.got(); len(got) != 3 || got[0] != t0 || got[1] != t1 || got[2] != t2 {
+			t.Fatalf("order after requeue: %v", got)
+		}
+	})
+	t.Run("to an idle slot at once", func(t *testing.T) {
+		t.Parallel()
+		s, m := setup(t, 2)
+		b := newSlot("b", "planner:chat")
+		s.AddSlot(b)
+		tk := submit(t, m, "chat") // to b
+		s.Release(b)
+		if err := s.Requeue(tk, func() error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got := b.got(); len(got) != 2 || got[1] != tk || s.Stats().Queued != 0 {
+			t.Fatalf("idle slot: %v, stats %+v", got, s.Stats())
+		}
+	})
 }

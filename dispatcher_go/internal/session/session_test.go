@@ -16,11 +16,10 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-const wait = 3 * time.Second
 
 type env struct {
 	srv   *Server
@@ -45,17 +44,23 @@ func newEnv(t *testing.T, opts Options, limits eventlog.Limits) *env {
 	return &env{srv: srv, sched: sched, mgr: mgr}
 }
 
-// commander is the commander's end of a fake ChatStream. Send blocks until
-// the test reads (like HTTP/2 flow control with a zero window) when
-// unbuffered.
+// commander is the commander's end of a fake ChatStream: the stream Serve
+// is given directly, without gRPC. Send blocks until the test reads (like
+// HTTP/2 flow control with a zero window) when down is unbuffered.
 type commander struct {
 	t      *testing.T
 	ctx    context.Context
 	cancel context.CancelFunc
 	up     chan *dispatchv1.UpstreamPacket
 	down   chan *dispatchv1.DownstreamPacket
-	done   chan error
+	served chan struct{} // closed when Serve returned
+	err    error         // what Serve returned; read after served is closed
 }
+
+// sending is where the dispatcher's sender waits while the fake commander
+// does not read (for testutil.Blocked). Tests of this package run one at a
+// time, so a sender found there is the test's own.
+const sending = "session.(*commander).Send"
 
 func (c *commander) Context() context.Context { return c.ctx }
 
@@ -84,16 +89,15 @@ func (c *commander) Recv() (*dispatchv1.UpstreamPacket, error) {
 func (e *env) open(t *testing.T, downBuf int) *commander {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &commander{t: t, ctx: ctx, cancel: cancel, up: make(chan *dispatchv1.UpstreamPacket), down: make(chan *dispatchv1.DownstreamPacket, downBuf), done: make(chan error, 1)}
+	c := &commander{t: t, ctx: ctx, cancel: cancel, up: make(chan *dispatchv1.UpstreamPacket), down: make(chan *dispatchv1.DownstreamPacket, downBuf), served: make(chan struct{})}
 	go func() {
-		err := e.srv.Serve(c)
+		defer close(c.served)
+		c.err = e.srv.Serve(c)
 		cancel() // grpc ends the RPC when the handler returns
-		c.done <- err
 	}()
 	t.Cleanup(func() {
 		cancel()
-		<-c.done
-		c.done <- nil
+		testutil.Done(t, c.served, testutil.Wait, "Serve to return once its stream is cancelled")
 	})
 	return c
 }
@@ -102,7 +106,7 @@ func (e *env) open(t *testing.T, downBuf int) *commander {
 func (e *env) connect(t *testing.T, caps ...string) *commander {
 	t.Helper()
 	c := e.open(t, 64)
-	c.send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "cmd-1", Capabilities: caps}}})
+	c.send(testutil.Hello("cmd-1", caps...))
 	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO || a.GetSlotId() == "" {
 		t.Fatalf("hello ack: %v", a)
 	}
@@ -111,43 +115,24 @@ func (e *env) connect(t *testing.T, caps ...string) *commander {
 
 func (c *commander) send(p *dispatchv1.UpstreamPacket) {
 	c.t.Helper()
-	select {
-	case c.up <- p:
-	case <-time.After(wait):
-		c.t.Fatal("dispatcher does not read")
-	}
+	testutil.Send(c.t, c.up, p, testutil.Wait, "the dispatcher to read an upstream packet")
 }
 
 func (c *commander) recv() *dispatchv1.DownstreamPacket {
 	c.t.Helper()
-	select {
-	case p := <-c.down:
-		return p
-	case <-time.After(wait):
-		c.t.Fatal("no downstream packet")
-		return nil
-	}
+	return testutil.Recv(c.t, c.down, testutil.Wait, "a downstream packet")
 }
 
 func (c *commander) noPacket(d time.Duration) {
 	c.t.Helper()
-	select {
-	case p := <-c.down:
-		c.t.Fatalf("unexpected packet %v", p)
-	case <-time.After(d):
-	}
+	testutil.NoRecv(c.t, c.down, d, "no downstream packet")
 }
 
+// ended waits for Serve to return and returns its error.
 func (c *commander) ended() error {
 	c.t.Helper()
-	select {
-	case err := <-c.done:
-		c.done <- err
-		return err
-	case <-time.After(wait):
-		c.t.Fatal("stream did not end")
-		return nil
-	}
+	testutil.Done(c.t, c.served, testutil.Wait, "the stream to end")
+	return c.err
 }
 
 func (c *commander) start() (string, *dispatchv1.StartSession) {
@@ -157,32 +142,6 @@ func (c *commander) start() (string, *dispatchv1.StartSession) {
 		c.t.Fatalf("want start, got %v", p)
 	}
 	return p.GetSessionId(), p.GetStart()
-}
-
-func pkt(sid string, payload any) *dispatchv1.UpstreamPacket {
-	p := &dispatchv1.UpstreamPacket{SessionId: sid, Timestamp: time.Now().UnixMicro()}
-	switch v := payload.(type) {
-	case *dispatchv1.ThoughtChain:
-		p.Payload = &dispatchv1.UpstreamPacket_Thought{Thought: v}
-	case *dispatchv1.ContentChunk:
-		p.Payload = &dispatchv1.UpstreamPacket_Content{Content: v}
-	case *dispatchv1.ToolCallRequest:
-		p.Payload = &dispatchv1.UpstreamPacket_ToolCall{ToolCall: v}
-	case *dispatchv1.Usage:
-		p.Payload = &dispatchv1.UpstreamPacket_Usage{Usage: v}
-	case *dispatchv1.FinalResult:
-		p.Payload = &dispatchv1.UpstreamPacket_Result{Result: v}
-	case *dispatchv1.Stopped:
-		p.Payload = &dispatchv1.UpstreamPacket_Stopped{Stopped: v}
-	case *dispatchv1.StageChange:
-		p.Payload = &dispatchv1.UpstreamPacket_Stage{Stage: v}
-	case *dispatchv1.Hello:
-		p.Payload = &dispatchv1.UpstreamPacket_Hello{Hello: v}
-	case nil:
-	default:
-		panic("unknown payload")
-	}
-	return p
 }
 
 func (e *env) submit(t *testing.T, spec task.Spec) *task.Task {
@@ -199,18 +158,18 @@ func (e *env) submit(t *testing.T, spec task.Spec) *task.Task {
 
 func waitDone(t *testing.T, tk *task.Task) task.Info {
 	t.Helper()
-	select {
-	case <-tk.Done():
-	case <-time.After(wait):
-		t.Fatalf("task still %v", tk.Status())
-	}
+	testutil.Done(t, tk.Done(), testutil.Wait, "the task to end (it is %v)", statusOf{tk})
 	return tk.Info()
 }
 
+// statusOf prints a task's status as of when a failure is reported.
+type statusOf struct{ tk *task.Task }
+
+func (s statusOf) String() string { return s.tk.Status().String() }
+
 func allEvents(t *testing.T, tk *task.Task) []*dispatchv1.TaskEvent {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
-	defer cancel()
+	ctx := testutil.Context(t, testutil.Wait)
 	var out []*dispatchv1.TaskEvent
 	var after uint64
 	for {
@@ -244,7 +203,7 @@ func kinds(evs []*dispatchv1.TaskEvent) string {
 func TestHelloMustComeFirst(t *testing.T) {
 	e := newEnv(t, Options{}, eventlog.Limits{})
 	c := e.open(t, 8)
-	c.send(pkt("", &dispatchv1.ContentChunk{Text: "hi"}))
+	c.send(testutil.Up("", &dispatchv1.ContentChunk{Text: "hi"}))
 	if err := c.ended(); !errors.Is(err, ErrProtocol) {
 		t.Fatalf("Serve = %v, want ErrProtocol", err)
 	}
@@ -263,15 +222,15 @@ func TestSessionLifecycle(t *testing.T) {
 	if st.GetTaskId() != tk.ID() || st.GetInstruction() != "do it" || st.GetPlanner() != "chat" || st.GetDeadline() == nil || len(st.GetTools()) != 4 || st.GetLabels()["k"] != "v" {
 		t.Fatalf("start %v", st)
 	}
-	c.send(pkt(sid, &dispatchv1.ThoughtChain{StepName: "Planning", Delta: "hmm"}))
-	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "The answer is "}))
-	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "call-1", ToolName: "calculator", ArgumentsJson: `{"expression":"6*7"}`}))
+	c.send(testutil.Up(sid, &dispatchv1.ThoughtChain{StepName: "Planning", Delta: "hmm"}))
+	c.send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "The answer is "}))
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "call-1", ToolName: "calculator", ArgumentsJson: `{"expression":"6*7"}`}))
 	tr := c.recv()
 	if tr.GetSessionId() != sid || tr.GetToolResult().GetCallId() != "call-1" || !strings.Contains(tr.GetToolResult().GetResultJson(), `"result":42`) {
 		t.Fatalf("tool result %v", tr)
 	}
-	c.send(pkt(sid, &dispatchv1.Usage{InputTokens: 10, OutputTokens: 20, Cost: 0.01, Currency: "USD", Steps: 1}))
-	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "42"}))
+	c.send(testutil.Up(sid, &dispatchv1.Usage{InputTokens: 10, OutputTokens: 20, Cost: 0.01, Currency: "USD", Steps: 1}))
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "42"}))
 	if a := c.recv(); a.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED || a.GetSessionId() != sid {
 		t.Fatalf("close ack %v", a)
 	}
@@ -301,17 +260,17 @@ func TestSessionLifecycle(t *testing.T) {
 func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
 	e := newEnv(t, Options{}, eventlog.Limits{})
 	c := e.connect(t, "planner:chat")
-	c.send(pkt("", nil))
+	c.send(testutil.Up("", nil))
 	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || !strings.Contains(a.GetDetail(), "no payload") {
 		t.Fatalf("no payload: %v", a)
 	}
-	c.send(pkt("ses-unknown", &dispatchv1.ContentChunk{Text: "late"}))
+	c.send(testutil.Up("ses-unknown", &dispatchv1.ContentChunk{Text: "late"}))
 	if a := c.recv(); a.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || a.GetSessionId() != "ses-unknown" {
 		t.Fatalf("unknown session: %v", a)
 	}
 	tk := e.submit(t, task.Spec{})
 	sid, _ := c.start()
-	c.send(pkt("ses-other", &dispatchv1.ContentChunk{Text: "wrong"}))
+	c.send(testutil.Up("ses-other", &dispatchv1.ContentChunk{Text: "wrong"}))
 	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
 		t.Fatalf("wrong session: %v", a)
 	}
@@ -323,16 +282,16 @@ func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
 		{"nope", `{}`, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL},
 		{"echo", `{not json`, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS},
 	} {
-		c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: tc.tool, ToolName: tc.tool, ArgumentsJson: tc.args}))
+		c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: tc.tool, ToolName: tc.tool, ArgumentsJson: tc.args}))
 		if r := c.recv().GetToolResult(); r.GetError().GetCode() != tc.code || r.GetCallId() != tc.tool {
 			t.Fatalf("%s: %v", tc.tool, r)
 		}
 	}
-	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "echo", ToolName: "echo", ArgumentsJson: `{}`}))
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "echo", ToolName: "echo", ArgumentsJson: `{}`}))
 	if r := c.recv().GetToolResult(); r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
 		t.Fatalf("duplicate call_id: %v", r)
 	}
-	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE, Message: "gave up"}))
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE, Message: "gave up"}))
 	c.recv()
 	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "gave up" {
 		t.Fatalf("info %+v", info)
@@ -344,7 +303,7 @@ func TestSecondHelloEndsStreamAndFailsTask(t *testing.T) {
 	c := e.connect(t, "planner:chat")
 	tk := e.submit(t, task.Spec{})
 	c.start()
-	c.send(pkt("", &dispatchv1.Hello{CommanderId: "again"}))
+	c.send(testutil.Hello("again"))
 	if err := c.ended(); !errors.Is(err, ErrProtocol) {
 		t.Fatalf("Serve = %v", err)
 	}
@@ -374,18 +333,16 @@ func TestCommanderLostFailsTaskAtOnce(t *testing.T) {
 func TestStopOvertakesQueueAndFencesOutput(t *testing.T) {
 	e := newEnv(t, Options{StopGrace: 2 * time.Second}, eventlog.Limits{})
 	c := e.open(t, 0) // unbuffered: nothing is sent until the test reads
-	c.send(pkt("", &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}))
+	c.send(testutil.Hello("c", "planner:chat"))
 	c.recv() // hello ack
 	tk := e.submit(t, task.Spec{})
 	sid, _ := c.start()
 	// Three tool results pile up because the commander does not read.
 	for _, id := range []string{"a", "b", "c"} {
-		c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: id, ToolName: "echo", ArgumentsJson: `{}`}))
+		c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: id, ToolName: "echo", ArgumentsJson: `{}`}))
 	}
-	deadline := time.Now().Add(wait)
-	for len(allEventsNow(tk, "tool_result")) < 3 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.WaitFor(t, testutil.Wait, func() bool { return len(allEventsNow(tk, "tool_result")) == 3 },
+		"the results of the three tool calls in the log")
 	out, err := e.mgr.Cancel(context.Background(), tk.ID(), "user pressed stop", false)
 	if err != nil || !out.Cancelled {
 		t.Fatalf("cancel %+v %v", out, err)
@@ -406,9 +363,9 @@ func TestStopOvertakesQueueAndFencesOutput(t *testing.T) {
 		t.Fatal("stop did not overtake the queued tool results")
 	}
 	// Output after the stop decision is dropped; tool calls are denied.
-	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "LEAK"}))
-	c.send(pkt(sid, &dispatchv1.ThoughtChain{Delta: "LEAK"}))
-	c.send(pkt(sid, &dispatchv1.ToolCallRequest{CallId: "late", ToolName: "echo", ArgumentsJson: `{}`}))
+	c.send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "LEAK"}))
+	c.send(testutil.Up(sid, &dispatchv1.ThoughtChain{Delta: "LEAK"}))
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "late", ToolName: "echo", ArgumentsJson: `{}`}))
 	for {
 		p := c.recv()
 		if r := p.GetToolResult(); r.GetCallId() == "late" {
@@ -418,7 +375,7 @@ func TestStopOvertakesQueueAndFencesOutput(t *testing.T) {
 			break
 		}
 	}
-	c.send(pkt(sid, &dispatchv1.Stopped{Reason: "ok", FinalUsage: &dispatchv1.Usage{OutputTokens: 3}}))
+	c.send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok", FinalUsage: &dispatchv1.Usage{OutputTokens: 3}}))
 	for c.recv().GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
 	}
 	info := waitDone(t, tk)
@@ -496,7 +453,7 @@ func TestDeadlineStopsSession(t *testing.T) {
 	if p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_DEADLINE {
 		t.Fatalf("want deadline stop, got %v", p)
 	}
-	c.send(pkt(sid, &dispatchv1.Stopped{Reason: "deadline"}))
+	c.send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "deadline"}))
 	info := waitDone(t, tk)
 	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "deadline") {
 		t.Fatalf("info %+v", info)
@@ -514,8 +471,8 @@ func TestResultAfterStopKeepsTheRealOutcome(t *testing.T) {
 		done <- out
 	}()
 	c.recv() // stop
-	c.send(pkt(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "done anyway"}))
-	out := <-done
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "done anyway"}))
+	out := testutil.Recv(t, done, testutil.Wait, "Cancel to return")
 	if out.Cancelled || out.Status != agentpb.TaskStatus_SUCCESS {
 		t.Fatalf("cancel must say it came too late: %+v", out)
 	}
@@ -524,9 +481,11 @@ func TestResultAfterStopKeepsTheRealOutcome(t *testing.T) {
 func TestStopBeforeStartWasSentWithdrawsIt(t *testing.T) {
 	e := newEnv(t, Options{}, eventlog.Limits{})
 	c := e.open(t, 0)
-	c.send(pkt("", &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}))
+	c.send(testutil.Hello("c", "planner:chat"))
 	// The hello ack sits in Send (nobody reads), so the start stays queued.
-	time.Sleep(20 * time.Millisecond)
+	// The slot is registered before its ack can go out.
+	testutil.WaitFor(t, testutil.Wait, func() bool { return testutil.Blocked(sending) },
+		"the hello ack to wait in the stream's Send")
 	tk := e.submit(t, task.Spec{})
 	if tk.Status() != agentpb.TaskStatus_RUNNING {
 		t.Fatalf("status %v", tk.Status())
@@ -552,16 +511,16 @@ func TestEventLimitStopsWithBudget(t *testing.T) {
 	tk := e.submit(t, task.Spec{})
 	sid, _ := c.start()
 	for range 3 {
-		c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "x"}))
+		c.send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "x"}))
 	}
-	c.send(pkt(sid, &dispatchv1.ContentChunk{Text: "one too many"}))
+	c.send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "one too many"}))
 	var stop, rejected bool
 	for !stop || !rejected {
 		p := c.recv()
 		stop = stop || p.GetStop().GetCode() == dispatchv1.StopCode_STOP_CODE_BUDGET
 		rejected = rejected || p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_REJECTED
 	}
-	c.send(pkt(sid, &dispatchv1.Stopped{}))
+	c.send(testutil.Up(sid, &dispatchv1.Stopped{}))
 	info := waitDone(t, tk)
 	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "event log limit") {
 		t.Fatalf("info %+v", info)
