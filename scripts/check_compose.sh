@@ -25,5 +25,15 @@ else
   compose=("$bin")
 fi
 cd "$ROOT"
+# The file must require the tokens (an empty one would publish an
+# unauthenticated dispatcher): without them, config must fail.
+if env -u DISPATCHER_CLIENT_TOKEN -u DISPATCHER_COMMANDER_TOKEN \
+  "${compose[@]}" --env-file /dev/null config --quiet >/dev/null 2>&1; then
+  echo "check_compose: docker-compose.yml accepts missing DISPATCHER_CLIENT_TOKEN / DISPATCHER_COMMANDER_TOKEN" >&2
+  exit 1
+fi
+# With them (placeholders unless set), the file must be valid.
+export DISPATCHER_CLIENT_TOKEN=${DISPATCHER_CLIENT_TOKEN:-check-compose-client-token}
+export DISPATCHER_COMMANDER_TOKEN=${DISPATCHER_COMMANDER_TOKEN:-check-compose-commander-token}
 "${compose[@]}" config --quiet
 echo "check_compose: docker-compose.yml is valid ($("${compose[@]}" version --short 2>/dev/null || echo plugin))"

@@ -12,6 +12,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
 )
 
@@ -53,6 +54,8 @@ type config struct {
 	logFormat      string
 	httpListen     string // "" disables the HTTP API and the web page
 	httpDefault    bool   // httpListen is the default, not asked for
+	httpHosts      string // --http-allowed-hosts, a comma list
+	insecure       bool   // allow listening beyond loopback without tokens
 	metricsListen  string // "" disables /metrics
 	pprofListen    string // "" disables /debug/pprof
 	streamWindow   int
@@ -103,6 +106,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")
+	fs.StringVar(&c.httpHosts, "http-allowed-hosts", "", "comma list of host[:port] names or *.domain[:port] patterns the HTTP API answers to (Host, and a browser's Origin) besides the loopback names and its own address; e.g. the name of a proxy in front of it")
+	fs.BoolVar(&c.insecure, "insecure", false, "allow --listen or --http-listen beyond loopback without --client-token and --commander-token (anyone who reaches the port can then submit, read and cancel tasks, or register as a commander)")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
 	fs.StringVar(&c.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof profiles (loopback only, for profiling); empty disables")
 	if err := fs.Parse(args); err != nil {
@@ -196,12 +201,76 @@ func (c *config) validate() error {
 	if c.logFormat != "json" && c.logFormat != "text" {
 		errs = append(errs, errors.New("--log-format must be json or text"))
 	}
+	if err := httpapi.ValidateAllowedHosts(c.allowedHosts()); err != nil {
+		errs = append(errs, fmt.Errorf("--http-allowed-hosts: %w", err))
+	}
+	if c.clientToken != "" && c.clientToken == c.commanderToken {
+		// A client could register as a commander and receive every
+		// task's config (keys included), and a commander act as a client.
+		errs = append(errs, errors.New("--client-token and --commander-token must differ: with one token every client can also serve as a commander and receive every task's config"))
+	}
+	if exposed := c.exposed(); len(exposed) > 0 && !c.insecure && (c.clientToken == "" || c.commanderToken == "") {
+		errs = append(errs, fmt.Errorf("%s beyond loopback without %s: anyone who can reach the port could submit, read and cancel tasks or register as a commander and receive every task's config; "+
+			"set both tokens (DISPATCHER_CLIENT_TOKEN, DISPATCHER_COMMANDER_TOKEN), listen on 127.0.0.1, or pass --insecure",
+			strings.Join(exposed, " and "), c.missingTokens()))
+	}
 	if c.pprofListen != "" && !isLoopback(c.pprofListen) {
 		// Profiles expose memory contents and cost CPU: never on a
 		// reachable interface.
 		errs = append(errs, fmt.Errorf("--pprof-listen %q: must be a loopback address (127.0.0.1:PORT, [::1]:PORT, localhost:PORT)", c.pprofListen))
 	}
 	return errors.Join(errs...)
+}
+
+// allowedHosts is --http-allowed-hosts as a list.
+func (c *config) allowedHosts() []string {
+	var hosts []string
+	for _, h := range strings.Split(c.httpHosts, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			hosts = append(hosts, h)
+		}
+	}
+	return hosts
+}
+
+// exposed names the listeners that the tokens guard (gRPC and the HTTP
+// API) and that listen beyond loopback.
+func (c *config) exposed() []string {
+	var out []string
+	if !isLoopback(c.listen) {
+		out = append(out, fmt.Sprintf("--listen %q", c.listen))
+	}
+	if c.httpListen != "" && !isLoopback(c.httpListen) {
+		out = append(out, fmt.Sprintf("--http-listen %q", c.httpListen))
+	}
+	return out
+}
+
+// missingTokens names the token flags that are not set.
+func (c *config) missingTokens() string {
+	var m []string
+	if c.clientToken == "" {
+		m = append(m, "--client-token")
+	}
+	if c.commanderToken == "" {
+		m = append(m, "--commander-token")
+	}
+	return strings.Join(m, " and ")
+}
+
+// warnings are what a valid configuration still deserves to be told about.
+func (c *config) warnings() []string {
+	var w []string
+	if exposed := c.exposed(); len(exposed) > 0 && (c.clientToken == "" || c.commanderToken == "") {
+		w = append(w, fmt.Sprintf("--insecure: %s beyond loopback without %s; anyone who can reach the port can use it", strings.Join(exposed, " and "), c.missingTokens()))
+	}
+	switch {
+	case c.clientToken != "" && c.commanderToken == "":
+		w = append(w, "only the client token is set: commanders and tool providers connect without a token (anyone who reaches the gRPC port can register as a commander and receive every task's config); set --commander-token too")
+	case c.commanderToken != "" && c.clientToken == "":
+		w = append(w, "only the commander token is set: clients connect without a token (anyone who reaches the ports can submit, read and cancel tasks); set --client-token too")
+	}
+	return w
 }
 
 // dispatcherConfig is the dispatcher's configuration from c, with the
@@ -255,7 +324,8 @@ func newLogger(c *config, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
-// isLoopback reports whether the host of addr is a loopback name or address.
+// isLoopback reports whether the host of addr is a loopback name or
+// address (an empty host, ":PORT", is every interface).
 func isLoopback(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {

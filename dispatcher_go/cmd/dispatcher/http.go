@@ -36,8 +36,8 @@ func newMetrics(cfg *config) *metrics.Metrics {
 func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, Logger: log.With("component", "http")})
-		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h))
+		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
+		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:
 			// Nobody asked for this address (e.g. several dispatchers on
@@ -51,7 +51,7 @@ func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metri
 		m.Watch(metrics.Sources{Tasks: d.Tasks(), Scheduler: d.Scheduler(), Sessions: d.Sessions(), Policy: d.Policy()})
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", m.Handler())
-		if err := hs.start("metrics", cfg.metricsListen, mux); err != nil {
+		if err := hs.start("metrics", cfg.metricsListen, mux, 0); err != nil {
 			hs.close()
 			return nil, err
 		}
@@ -63,7 +63,7 @@ func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metri
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		if err := hs.start("pprof", cfg.pprofListen, mux); err != nil {
+		if err := hs.start("pprof", cfg.pprofListen, mux, 0); err != nil {
 			hs.close()
 			return nil, err
 		}
@@ -71,14 +71,22 @@ func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metri
 	return hs, nil
 }
 
-func (hs *httpServers) start(name, addr string, h http.Handler) error {
+// httpReadTimeout bounds the time a request's headers and body take to
+// arrive on the HTTP API (its bodies are at most 1 MiB): a client that
+// stalls gets 408 instead of holding a connection. It does not cut event
+// streams: net/http clears the read deadline once the body is read, and
+// there is no WriteTimeout.
+const httpReadTimeout = 30 * time.Second
+
+// start serves h on addr. readTimeout (0: none) bounds headers and body;
+// headers alone always have 10 s.
+func (hs *httpServers) start(name, addr string, h http.Handler, readTimeout time.Duration) error {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	// No ReadTimeout/WriteTimeout: they would cut event streams (SSE);
-	// bodies are bounded by size, headers by time.
-	s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+	// No WriteTimeout: it would cut event streams (SSE) and long profiles.
+	s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: readTimeout, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(hs.log.Handler(), slog.LevelWarn)}
 	hs.servers = append(hs.servers, s)
 	go func() {

@@ -54,6 +54,9 @@ func run(args []string, getenv func(string) string, stderr io.Writer) int {
 		return 2
 	}
 	log := newLogger(cfg, stderr)
+	for _, w := range cfg.warnings() {
+		log.Warn(w)
+	}
 	tracing, err := telemetry.Setup(context.Background(), "dispatcher", version, getenv)
 	if err != nil {
 		fmt.Fprintln(stderr, "dispatcher:", err)

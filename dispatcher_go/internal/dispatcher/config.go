@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"errors"
 	"log/slog"
 	"time"
 
@@ -96,6 +97,15 @@ type Auth struct {
 	// ClientToken, when set, is required (Bearer) by clients (Agent,
 	// TaskService, the HTTP API).
 	ClientToken string
+}
+
+// validate refuses one token for both sides: every client could then also
+// serve as a commander and receive every task's config.
+func (a Auth) validate() error {
+	if a.ClientToken != "" && a.ClientToken == a.CommanderToken {
+		return errors.New("dispatcher: the client and commander tokens must differ")
+	}
+	return nil
 }
 
 // GRPC holds the gRPC server's transport settings.

@@ -80,6 +80,9 @@ func (w *Watchers) Add(delta int64) { w.n.Add(delta) }
 // with Drain or Close.
 func New(cfg Config) (*Dispatcher, error) {
 	cfg = cfg.withDefaults()
+	if err := cfg.Auth.validate(); err != nil {
+		return nil, err
+	}
 	log := cfg.Logger
 	b, err := broker.New(broker.Options{DefaultTimeout: cfg.Tasks.ToolTimeout, Logger: log.With("component", "broker")})
 	if err != nil {

@@ -10,6 +10,11 @@
 // a JSON body {"success": false, "code": "...", "error": "..."}; a 500 means
 // a real internal error.
 //
+// Only this server's own origin may use it (guard.go): a request whose Host
+// is not one of its names gets 421, a browser request from a page of
+// another origin 403, before any handler runs. Request bodies are bounded
+// in size here and in time by the http.Server's ReadTimeout (the caller's).
+//
 // It adapts HTTP only: it must not build components, start goroutines
 // other than per-request ones, or own drain and close (internal/dispatcher
 // does; cmd/dispatcher wires this handler to api.Local).
@@ -23,6 +28,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -57,21 +63,31 @@ type Options struct {
 	// Heartbeat is the interval of SSE comment lines that keep idle
 	// streams open through proxies (default 15 s).
 	Heartbeat time.Duration
+	// AllowedHosts are the host names (besides the loopback names and the
+	// server's own address, on the port a request arrived on) that
+	// requests may name in Host and browsers in Origin: "host",
+	// "host:port", "*.domain" (any name below domain) or "*.domain:port";
+	// without a port, any port. Other hosts get 421, other origins 403
+	// (see guard.go). Check entries with ValidateAllowedHosts; an invalid
+	// one is logged and ignored.
+	AllowedHosts []string
 	// Logger receives request errors; nil discards.
 	Logger *slog.Logger
 }
 
 // TokenCookie is the cookie a browser may use for the client token on GET
-// requests (the web page sets it).
+// requests (the web page sets it), URL-encoded (%XX) as encodeURIComponent
+// does.
 const TokenCookie = "dispatcher_token"
 
 //go:embed web
 var webFiles embed.FS
 
 type handler struct {
-	b    Backend
-	opts Options
-	log  *slog.Logger
+	b     Backend
+	opts  Options
+	log   *slog.Logger
+	hosts []hostRule // opts.AllowedHosts
 }
 
 // New returns the HTTP handler: the API under /api/ and the web page at /.
@@ -86,6 +102,14 @@ func New(b Backend, opts Options) http.Handler {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	h := &handler{b: b, opts: opts, log: opts.Logger}
+	for _, e := range opts.AllowedHosts {
+		r, err := parseHostRule(e)
+		if err != nil {
+			h.log.Warn("http api: ignoring an allowed host", "error", err)
+			continue
+		}
+		h.hosts = append(h.hosts, r)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/health", h.health)
 
@@ -127,14 +151,17 @@ func New(b Backend, opts Options) http.Handler {
 	sub, _ := fs.Sub(webFiles, "web")
 	files := http.FileServerFS(sub)
 	page := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'")
+		// frame-ancestors (and X-Frame-Options for older browsers): no
+		// other page may frame this one and click its buttons.
+		w.Header().Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
+		w.Header().Set("X-Frame-Options", "DENY")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		files.ServeHTTP(w, r)
 	})
 	mux.Handle("GET /{$}", page)
 	mux.Handle("GET /app.js", page)
 	mux.Handle("GET /style.css", page)
-	return mux
+	return h.guard(mux)
 }
 
 // health is seed 001's {"status": "ok"}; 503 {"status": "draining"} while
@@ -167,7 +194,13 @@ func tokenOK(r *http.Request, want []byte) bool {
 	}
 	if r.Method == http.MethodGet {
 		if c, err := r.Cookie(TokenCookie); err == nil {
-			return subtle.ConstantTimeCompare([]byte(c.Value), want) == 1
+			// The page URL-encodes the token (encodeURIComponent): a cookie
+			// value cannot hold every character a token may have.
+			v, err := url.PathUnescape(c.Value)
+			if err != nil {
+				v = c.Value
+			}
+			return subtle.ConstantTimeCompare([]byte(v), want) == 1
 		}
 	}
 	return false

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -125,6 +126,11 @@ func (h *handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
 			return nil, &badRequest{http.StatusRequestEntityTooLarge, "REQUEST_TOO_LARGE", fmt.Sprintf("request body larger than %d bytes", mbe.Limit)}
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The server's ReadTimeout passed before the body was in.
+			w.Header().Set("Connection", "close")
+			return nil, &badRequest{http.StatusRequestTimeout, "REQUEST_TIMEOUT", "the request body did not arrive in time"}
 		}
 		return nil, &badRequest{http.StatusBadRequest, "BAD_REQUEST", "could not read the request body"}
 	}
