@@ -8,6 +8,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // BenchmarkContentRelay measures one commander streaming content through the
@@ -17,12 +18,12 @@ import (
 func BenchmarkContentRelay(b *testing.B) {
 	h := newHarness(b, dispatcher.Config{})
 	ctx := b.Context()
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(b, ctx, h.conn, "planner:chat")
 	sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "bench"})
 	if err != nil {
 		b.Fatal(err)
 	}
-	sid, _ := c.start()
+	sid, _ := c.Start()
 	watch, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: sub.GetTaskId()})
 	if err != nil {
 		b.Fatal(err)
@@ -50,13 +51,12 @@ func BenchmarkContentRelay(b *testing.B) {
 	b.ResetTimer()
 	start := time.Now()
 	for range b.N {
-		if err := c.stream.Send(&dispatchv1.UpstreamPacket{SessionId: sid, Timestamp: time.Now().UnixMicro(),
-			Payload: &dispatchv1.UpstreamPacket_Content{Content: chunk}}); err != nil {
+		if err := c.Stream().Send(testutil.Up(sid, chunk)); err != nil {
 			b.Fatal(err)
 		}
 	}
-	_ = c.stream.Send(&dispatchv1.UpstreamPacket{SessionId: sid, Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS}}})
-	s := <-done
+	c.Send(testutil.Up(sid, testutil.Success("")))
+	s := testutil.Recv(b, done, testTimeout, "the watcher to see the task end")
 	elapsed := time.Since(start)
 	b.StopTimer()
 	if s.n != b.N {
