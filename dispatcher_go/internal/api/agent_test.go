@@ -28,15 +28,15 @@ func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := inBackground(func() ([]*agentpb.TaskStream, error) { return recvAll(stream, nil) })
+	done := testutil.Async(func() ([]*agentpb.TaskStream, error) { return testutil.RecvAll(stream, nil) })
 	playChat(t, c, "2")
 	r := testutil.Recv(t, done, testutil.Wait, "the end of RunAgentInstruction's stream")
-	if r.err != nil {
-		t.Fatal(r.err)
+	if r.Err != nil {
+		t.Fatal(r.Err)
 	}
 	var stages []string
 	var taskID string
-	for _, ev := range r.v {
+	for _, ev := range r.V {
 		if ev.GetTimestamp() == nil || ev.GetTaskId() == "" {
 			t.Fatalf("event without id or timestamp: %v", ev)
 		}
@@ -65,7 +65,7 @@ func taskStages(ctx context.Context, h *harness, id string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	evs, err := recvAll(s, nil)
+	evs, err := testutil.RecvAll(s, nil)
 	var stages []string
 	for _, ev := range evs {
 		stages = append(stages, ev.GetTaskStream().GetStage())
@@ -90,9 +90,9 @@ func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 	}
 
 	// The stream, the session and the polls run at the same time.
-	streamed := inBackground(func() ([]string, error) { return taskStages(ctx, h, id) })
+	streamed := testutil.Async(func() ([]string, error) { return taskStages(ctx, h, id) })
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
-	played := inBackground(func() (struct{}, error) { return struct{}{}, chat(ctx, c, "done") })
+	played := testutil.Async(func() (struct{}, error) { return struct{}{}, chat(ctx, c, "done") })
 	var final *agentpb.QueryTaskStatusResponse
 	testutil.WaitFor(t, testutil.Wait, func() bool {
 		st, err := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: id})
@@ -102,23 +102,23 @@ func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 		final = st
 		return isTerminal(st.GetStatus())
 	}, "task %s to end", id)
-	if r := testutil.Recv(t, played, testutil.Wait, "the session to close"); r.err != nil {
-		t.Fatal(r.err)
+	if r := testutil.Recv(t, played, testutil.Wait, "the session to close"); r.Err != nil {
+		t.Fatal(r.Err)
 	}
 	if final.GetResult() != "done" || final.GetExecutionStatistics().GetInputTokens() != 100 {
 		t.Fatalf("final %v", final)
 	}
 	live := testutil.Recv(t, streamed, testutil.Wait, "the end of the task stream")
-	if live.err != nil || len(live.v) == 0 || live.v[0] != "pending" || live.v[len(live.v)-1] != "final" {
-		t.Fatalf("streamed %v %v", live.v, live.err)
+	if live.Err != nil || len(live.V) == 0 || live.V[0] != "pending" || live.V[len(live.V)-1] != "final" {
+		t.Fatalf("streamed %v %v", live.V, live.Err)
 	}
 	// Late subscriber: history then the end, no hang.
 	late, err := taskStages(ctx, h, id)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Join(late, ",") != strings.Join(live.v, ",") {
-		t.Fatalf("replay %v != live %v", late, live.v)
+	if strings.Join(late, ",") != strings.Join(live.V, ",") {
+		t.Fatalf("replay %v != live %v", late, live.V)
 	}
 }
 
@@ -132,7 +132,7 @@ func TestCancelTaskIsTruthful(t *testing.T) {
 	sid, _ := c.Start()
 	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "working"}))
 
-	cancelled := inBackground(func() (*agentpb.CancelTaskResponse, error) {
+	cancelled := testutil.Async(func() (*agentpb.CancelTaskResponse, error) {
 		return h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
 	})
 	p := c.RecvUntil(isStop)
@@ -141,7 +141,7 @@ func TestCancelTaskIsTruthful(t *testing.T) {
 	}
 	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "cancelled", FinalUsage: &dispatchv1.Usage{InputTokens: 7}}))
 	cr := testutil.Recv(t, cancelled, testutil.Wait, "CancelTask to return")
-	resp, err := cr.v, cr.err
+	resp, err := cr.V, cr.Err
 	if err != nil || !resp.GetSuccess() || resp.GetTaskId() != start.GetTaskId() {
 		t.Fatalf("cancel %v %v", resp, err)
 	}
@@ -300,8 +300,8 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 	}
 	flowing := make(chan struct{})
 	var once sync.Once
-	watched := inBackground(func() ([]*agentpb.GetAgentTaskStreamResponse, error) {
-		return recvAll(watch, func(ev *agentpb.GetAgentTaskStreamResponse) {
+	watched := testutil.Async(func() ([]*agentpb.GetAgentTaskStreamResponse, error) {
+		return testutil.RecvAll(watch, func(ev *agentpb.GetAgentTaskStreamResponse) {
 			if ev.GetTaskStream().GetStage() == "content" {
 				once.Do(func() { close(flowing) })
 			}
@@ -311,7 +311,7 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 	// The commander streams content without pause and keeps going for a
 	// while after the stop (a misbehaving planner). The client cancels
 	// once the content reaches it.
-	cancelDone := inBackground(func() (*agentpb.CancelTaskResponse, error) {
+	cancelDone := testutil.Async(func() (*agentpb.CancelTaskResponse, error) {
 		select {
 		case <-flowing:
 		case <-ctx.Done():
@@ -334,15 +334,15 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 		c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "AFTER-STOP "}))
 	}
 	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-	if r := testutil.Recv(t, cancelDone, testutil.Wait, "CancelTask to return"); r.err != nil {
-		t.Fatal(r.err)
+	if r := testutil.Recv(t, cancelDone, testutil.Wait, "CancelTask to return"); r.Err != nil {
+		t.Fatal(r.Err)
 	}
 	w := testutil.Recv(t, watched, testutil.Wait, "the end of the task stream")
-	if w.err != nil {
-		t.Fatal(w.err)
+	if w.Err != nil {
+		t.Fatal(w.Err)
 	}
 	var afterStop bool
-	for _, ev := range w.v {
+	for _, ev := range w.V {
 		ts := ev.GetTaskStream()
 		if ts.GetStage() == "stop" {
 			afterStop = true

@@ -65,7 +65,7 @@ func TestDrain(t *testing.T) {
 	wantCode(t, finisher.Ended(), codes.Unavailable)
 	wantCode(t, stubborn.Ended(), codes.Unavailable)
 	// The task ended, so the watch ends.
-	if _, err := recvAll(watch, nil); err != nil {
+	if _, err := testutil.RecvAll(watch, nil); err != nil {
 		t.Fatalf("watch ended with %v, want EOF", err)
 	}
 }

@@ -2,9 +2,7 @@ package api
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"testing"
 	"time"
 
@@ -113,41 +111,39 @@ func playChat(t *testing.T, c *testutil.Commander, answer string) {
 	}
 }
 
-// result is what a call returned.
-type result[T any] struct {
-	v   T
-	err error
-}
-
-// inBackground calls f on a goroutine of its own; the channel yields what it
-// returned. Receive it with testutil.Recv.
-func inBackground[T any](f func() (T, error)) <-chan result[T] {
-	ch := make(chan result[T], 1)
-	go func() {
-		v, err := f()
-		ch <- result[T]{v, err}
-	}()
-	return ch
-}
-
-// recvAll receives from s until the stream ends, passing each message to
-// each (if not nil): all it received, and nil if the stream ended with EOF
-// or else how it ended.
-func recvAll[T any](s grpc.ServerStreamingClient[T], each func(*T)) ([]*T, error) {
-	var out []*T
-	for {
-		m, err := s.Recv()
-		if errors.Is(err, io.EOF) {
-			return out, nil
-		}
-		if err != nil {
-			return out, err
-		}
-		if each != nil {
-			each(m)
-		}
-		out = append(out, m)
+// watchEvents follows the events of task id after seq after to the task's
+// end, in the background; awaitEvents waits for them.
+func watchEvents(t *testing.T, h *harness, id string, after uint64) <-chan testutil.Result[[]*dispatchv1.TaskEvent] {
+	t.Helper()
+	s, err := h.tasks.WatchTask(testutil.Context(t, testTimeout), &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
+	if err != nil {
+		t.Fatal(err)
 	}
+	return testutil.Async(func() ([]*dispatchv1.TaskEvent, error) {
+		rs, err := testutil.RecvAll(s, nil)
+		evs := make([]*dispatchv1.TaskEvent, len(rs))
+		for i, r := range rs {
+			evs[i] = r.GetEvent()
+		}
+		return evs, err
+	})
+}
+
+// awaitEvents waits for the events a watchEvents saw; the watch must end
+// with the task.
+func awaitEvents(t *testing.T, watched <-chan testutil.Result[[]*dispatchv1.TaskEvent]) []*dispatchv1.TaskEvent {
+	t.Helper()
+	r := testutil.Recv(t, watched, 2*testutil.Wait, "the watch to end with the task")
+	if r.Err != nil {
+		t.Fatalf("watch ended with %v after %d events", r.Err, len(r.V))
+	}
+	return r.V
+}
+
+// watchAll is every event of task id after seq after, to the task's end.
+func watchAll(t *testing.T, h *harness, id string, after uint64) []*dispatchv1.TaskEvent {
+	t.Helper()
+	return awaitEvents(t, watchEvents(t, h, id, after))
 }
 
 // isClosed is a RecvUntil condition: the dispatcher's SESSION_CLOSED ack.
@@ -160,38 +156,3 @@ func isStop(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }
 
 // isToolResult is a RecvUntil condition: a tool call's result.
 func isToolResult(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }
-
-// watchEvents follows the events of task id after seq after to the task's
-// end, in the background; awaitEvents waits for them.
-func watchEvents(t *testing.T, h *harness, id string, after uint64) <-chan result[[]*dispatchv1.TaskEvent] {
-	t.Helper()
-	s, err := h.tasks.WatchTask(testutil.Context(t, testTimeout), &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return inBackground(func() ([]*dispatchv1.TaskEvent, error) {
-		rs, err := recvAll(s, nil)
-		evs := make([]*dispatchv1.TaskEvent, len(rs))
-		for i, r := range rs {
-			evs[i] = r.GetEvent()
-		}
-		return evs, err
-	})
-}
-
-// awaitEvents waits for the events a watchEvents saw; the watch must end
-// with the task.
-func awaitEvents(t *testing.T, watched <-chan result[[]*dispatchv1.TaskEvent]) []*dispatchv1.TaskEvent {
-	t.Helper()
-	r := testutil.Recv(t, watched, 2*testutil.Wait, "the watch to end with the task")
-	if r.err != nil {
-		t.Fatalf("watch ended with %v after %d events", r.err, len(r.v))
-	}
-	return r.v
-}
-
-// watchAll is every event of task id after seq after, to the task's end.
-func watchAll(t *testing.T, h *harness, id string, after uint64) []*dispatchv1.TaskEvent {
-	t.Helper()
-	return awaitEvents(t, watchEvents(t, h, id, after))
-}

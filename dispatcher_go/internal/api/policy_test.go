@@ -291,13 +291,13 @@ func TestPolicyHeldCallCancelledByStop(t *testing.T) {
 	sid, _ := c.Start()
 	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{}`}))
 	waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetCallId() == "e1" })
-	cancelled := inBackground(func() (*dispatchv1.CancelTaskResponse, error) {
+	cancelled := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
 		return h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: id})
 	})
 	c.RecvUntil(isStop)
 	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-	if out := testutil.Recv(t, cancelled, testutil.Wait, "CancelTask to return"); out.err != nil || out.v.GetStatus() != agentpb.TaskStatus_CANCELLED {
-		t.Fatalf("cancel %v %v", out.v, out.err)
+	if out := testutil.Recv(t, cancelled, testutil.Wait, "CancelTask to return"); out.Err != nil || out.V.GetStatus() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel %v %v", out.V, out.Err)
 	}
 	p := waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetHoldOutcome() != 0 })
 	if p.GetHoldOutcome() != dispatchv1.HoldOutcome_HOLD_OUTCOME_CANCELLED {
@@ -350,7 +350,7 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	const sessions, chunks = 8, 300
 
 	stopWriting := make(chan struct{})
-	written := inBackground(func() (struct{}, error) {
+	written := testutil.Async(func() (struct{}, error) {
 		for i := 0; ; i++ {
 			select {
 			case <-stopWriting:
@@ -376,7 +376,7 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	// the slot registered for it (a finished slot would take the next one).
 	type started struct {
 		s       *testutil.Session
-		watched <-chan result[[]*dispatchv1.TaskEvent]
+		watched <-chan testutil.Result[[]*dispatchv1.TaskEvent]
 	}
 	var all []started
 	for range sessions {
@@ -421,8 +421,8 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 		}
 	}
 	close(stopWriting)
-	if w := testutil.Recv(t, written, testutil.Wait, "the policy writer to stop"); w.err != nil {
-		t.Fatal(w.err)
+	if w := testutil.Recv(t, written, testutil.Wait, "the policy writer to stop"); w.Err != nil {
+		t.Fatal(w.Err)
 	}
 	st := h.d.Policy().Stats()
 	if st.Reloads.Load() == 0 || st.ReloadFailures.Load() == 0 {

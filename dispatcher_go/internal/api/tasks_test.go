@@ -126,7 +126,7 @@ func TestInterjectAndCancelNative(t *testing.T) {
 	if ui := c.Recv().GetUserInput(); ui.GetText() != "and also Y" || ui.GetMessageId() != ij.GetMessageId() {
 		t.Fatalf("user input %v", ui)
 	}
-	done := inBackground(func() (*dispatchv1.CancelTaskResponse, error) {
+	done := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
 		return h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId(), Reason: "changed my mind"})
 	})
 	stop := c.RecvUntil(isStop).GetStop()
@@ -135,8 +135,8 @@ func TestInterjectAndCancelNative(t *testing.T) {
 	}
 	c.Send(testutil.Up(sid, &dispatchv1.Stopped{}))
 	r := testutil.Recv(t, done, testutil.Wait, "CancelTask to return")
-	if r.err != nil || !r.v.GetCancelled() || r.v.GetStatus() != agentpb.TaskStatus_CANCELLED {
-		t.Fatalf("cancel %v %v", r.v, r.err)
+	if r.Err != nil || !r.V.GetCancelled() || r.V.GetStatus() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel %v %v", r.V, r.Err)
 	}
 	_, err = h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: "nope"})
 	wantCode(t, err, codes.NotFound)

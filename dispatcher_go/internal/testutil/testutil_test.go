@@ -499,3 +499,74 @@ func TestGRPCTeardownOrder(t *testing.T) {
 		t.Fatal("server still listening after the test")
 	}
 }
+
+func TestAsync(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	errBoom := errors.New("boom")
+	r := Async(func() (int, error) {
+		<-release
+		return 7, errBoom
+	})
+	NoRecv(t, r, 10*time.Millisecond, "no result before the call returns")
+	close(release)
+	if got := Recv(t, r, Wait, "the result"); got.V != 7 || !errors.Is(got.Err, errBoom) {
+		t.Fatalf("result %+v", got)
+	}
+}
+
+func TestWaited(t *testing.T) {
+	t.Parallel()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	waited := Waited(&wg)
+	wg.Done()
+	NoRecv(t, waited, 10*time.Millisecond, "not closed while one is left")
+	wg.Done()
+	Done(t, waited, Wait, "Waited to close")
+}
+
+// fakeWatch is a TaskService whose WatchTask sends n events, then ends
+// with end (nil: OK, the client's io.EOF).
+type fakeWatch struct {
+	dispatchv1.UnimplementedTaskServiceServer
+	n   int
+	end error
+}
+
+func (f fakeWatch) WatchTask(_ *dispatchv1.WatchTaskRequest, s grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
+	for i := range f.n {
+		if err := s.Send(&dispatchv1.WatchTaskResponse{Event: &dispatchv1.TaskEvent{Seq: uint64(i + 1)}}); err != nil {
+			return err
+		}
+	}
+	return f.end
+}
+
+func TestRecvAll(t *testing.T) {
+	t.Parallel()
+	for name, tc := range map[string]struct {
+		end  error
+		code codes.Code
+	}{
+		"EOF":   {nil, codes.OK},
+		"error": {status.Error(codes.Unavailable, "cut"), codes.Unavailable},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			g := ServeGRPC(t, func(s *grpc.Server) { dispatchv1.RegisterTaskServiceServer(s, fakeWatch{n: 3, end: tc.end}) })
+			s, err := dispatchv1.NewTaskServiceClient(g.Conn).WatchTask(Context(t, Wait), &dispatchv1.WatchTaskRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var each []uint64
+			got, err := RecvAll(s, func(r *dispatchv1.WatchTaskResponse) { each = append(each, r.GetEvent().GetSeq()) })
+			if status.Code(err) != tc.code || (tc.end == nil && err != nil) {
+				t.Fatalf("RecvAll error %v, want %v", err, tc.code)
+			}
+			if len(got) != 3 || got[2].GetEvent().GetSeq() != 3 || fmt.Sprint(each) != "[1 2 3]" {
+				t.Fatalf("received %v, each saw %v", got, each)
+			}
+		})
+	}
+}
