@@ -8,6 +8,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // startOn takes tk off the queue and starts it on a new runner, as the
@@ -34,6 +35,7 @@ func stateTrail(t *testing.T, tk *Task) (statuses []agentpb.TaskStatus, messages
 }
 
 func TestRequeueBackToPendingAndBounded(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	tk, err := m.Submit(Spec{Instruction: "x"})
 	if err != nil {
@@ -90,6 +92,7 @@ func TestRequeueBackToPendingAndBounded(t *testing.T) {
 // A cancel that comes while the slot is dying wins: the task is not put
 // back in the queue.
 func TestRequeueRefusedAfterCancel(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
 	tk, err := m.Submit(Spec{Instruction: "x"})
 	if err != nil {
@@ -115,6 +118,7 @@ func TestRequeueRefusedAfterCancel(t *testing.T) {
 }
 
 func TestRequeueRefusedWhileDraining(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
 	tk, err := m.Submit(Spec{Instruction: "x"})
 	if err != nil {
@@ -126,13 +130,10 @@ func TestRequeueRefusedWhileDraining(t *testing.T) {
 	cancel()
 	done := make(chan struct{})
 	go func() { m.Shutdown(ctx); close(done) }()
-	deadline := time.Now().Add(time.Second)
-	for !m.Closed() && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	testutil.WaitFor(t, testutil.Wait, m.Closed, "the manager to close")
 	if err := tk.Requeue(r, ""); !errors.Is(err, ErrClosed) {
 		t.Fatalf("requeue while draining: %v", err)
 	}
 	tk.Finish(agentpb.TaskStatus_FAILURE, "lost", "")
-	<-done
+	testutil.Done(t, done, testutil.Wait, "Shutdown to return")
 }
