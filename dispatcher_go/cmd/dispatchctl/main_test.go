@@ -33,8 +33,7 @@ type fakeTasks struct {
 	mu        sync.Mutex
 	submitted *dispatchv1.SubmitTaskRequest
 	token     string
-	events    []*dispatchv1.TaskEvent
-	changed   chan struct{} // closed and replaced when events grow
+	feed      testutil.Feed
 	status    agentpb.TaskStatus
 	// cutOnce makes the first WatchTask fail with UNAVAILABLE after this
 	// many events, to exercise the resume.
@@ -50,24 +49,21 @@ type fakeTasks struct {
 }
 
 func newFake() *fakeTasks {
-	return &fakeTasks{changed: make(chan struct{}), status: agentpb.TaskStatus_PENDING}
+	return &fakeTasks{status: agentpb.TaskStatus_PENDING}
 }
 
-// emit appends events, numbering them.
+// emit appends events to the task's feed.
 func (f *fakeTasks) emit(evs ...*dispatchv1.TaskEvent) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, ev := range evs {
 		ev.TaskId = "t1"
-		ev.Seq = uint64(len(f.events) + 1)
 		ev.Time = timestamppb.Now()
 		if st := ev.GetState(); st != nil {
 			f.status = st.GetStatus()
 		}
-		f.events = append(f.events, ev)
 	}
-	close(f.changed)
-	f.changed = make(chan struct{})
+	f.feed.Append(evs...)
 }
 
 func state(s agentpb.TaskStatus, msg string) *dispatchv1.TaskEvent {
@@ -99,35 +95,20 @@ func (f *fakeTasks) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv
 	cut := f.cutOnce
 	f.cutOnce = 0
 	f.mu.Unlock()
-	next, sent := req.GetAfterSeq(), 0
-	for {
+	sent := 0
+	return f.feed.Follow(stream.Context(), req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
+		if cut > 0 && sent == cut {
+			return status.Error(codes.Unavailable, "connection reset")
+		}
+		if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
+			return err
+		}
 		f.mu.Lock()
-		evs, changed, ended := f.events[next:], f.changed, terminal(f.status)
+		f.sent = ev.GetSeq()
 		f.mu.Unlock()
-		if len(evs) == 0 && ended {
-			return nil // resumed past the terminal event: nothing to send
-		}
-		for _, ev := range evs {
-			if cut > 0 && sent == cut {
-				return status.Error(codes.Unavailable, "connection reset")
-			}
-			if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
-				return err
-			}
-			f.mu.Lock()
-			f.sent = ev.GetSeq()
-			f.mu.Unlock()
-			next, sent = ev.GetSeq(), sent+1
-			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
-				return nil
-			}
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return stream.Context().Err()
-		}
-	}
+		sent++
+		return nil
+	})
 }
 
 // delivered is the seq of the event last sent to a watcher: the client has
@@ -186,10 +167,7 @@ func (f *fakeTasks) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveTo
 		Action: action, RuleId: "gui-needs-approval", CallId: req.GetCallId(), ToolName: "computer.click",
 		HoldOutcome: outcome, Reason: req.GetReason(),
 	}}})
-	f.mu.Lock()
-	seq := uint64(len(f.events))
-	f.mu.Unlock()
-	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
+	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: uint64(f.feed.Len())}, nil
 }
 
 func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
@@ -199,7 +177,7 @@ func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return &dispatchv1.GetTaskResponse{Task: &dispatchv1.Task{
-		TaskId: "t1", Status: f.status, Result: "Hello world", LastSeq: uint64(len(f.events)),
+		TaskId: "t1", Status: f.status, Result: "Hello world", LastSeq: uint64(f.feed.Len()),
 		Statistics: &agentpb.ExecutionStatistics{Steps: 2, DurationSeconds: 3, InputTokens: 10, OutputTokens: 5, TotalTokens: 15},
 	}}, nil
 }

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -569,4 +570,53 @@ func TestRecvAll(t *testing.T) {
 			}
 		})
 	}
+}
+
+func stateEvent(s agentpb.TaskStatus) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: s}}}
+}
+
+func TestFeed(t *testing.T) {
+	t.Parallel()
+	t.Run("follows to the end", func(t *testing.T) {
+		t.Parallel()
+		var f Feed
+		f.Append(stateEvent(agentpb.TaskStatus_PENDING), stateEvent(agentpb.TaskStatus_RUNNING))
+		sent := make(chan uint64, 8)
+		followed := Async(func() (struct{}, error) {
+			return struct{}{}, f.Follow(Context(t, Wait), 1, func(ev *dispatchv1.TaskEvent) error {
+				sent <- ev.GetSeq()
+				return nil
+			})
+		})
+		if seq := Recv(t, sent, Wait, "seq 2"); seq != 2 {
+			t.Fatalf("first sent %d, want 2 (after 1)", seq)
+		}
+		NoRecv(t, followed, 10*time.Millisecond, "Follow waits for more")
+		f.Append(&dispatchv1.TaskEvent{}, stateEvent(agentpb.TaskStatus_SUCCESS), &dispatchv1.TaskEvent{})
+		if r := Recv(t, followed, Wait, "Follow to end at the terminal state"); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		if a, b := Recv(t, sent, Wait), Recv(t, sent, Wait); a != 3 || b != 4 || len(sent) != 0 || f.Len() != 5 {
+			t.Fatalf("sent %d %d (+%d), len %d", a, b, len(sent), f.Len())
+		}
+		// From past the end: at once.
+		if err := f.Follow(Context(t, Wait), 5, func(*dispatchv1.TaskEvent) error { return errors.New("sent") }); err != nil {
+			t.Fatalf("follow past the end: %v", err)
+		}
+	})
+	t.Run("ends with ctx or send", func(t *testing.T) {
+		t.Parallel()
+		var f Feed
+		ctx, cancel := context.WithCancel(Context(t, Wait))
+		cancel()
+		if err := f.Follow(ctx, 0, func(*dispatchv1.TaskEvent) error { return nil }); !errors.Is(err, context.Canceled) {
+			t.Fatalf("empty feed, ended ctx: %v", err)
+		}
+		f.Append(stateEvent(agentpb.TaskStatus_RUNNING))
+		errSend := errors.New("client gone")
+		if err := f.Follow(Context(t, Wait), 0, func(*dispatchv1.TaskEvent) error { return errSend }); !errors.Is(err, errSend) {
+			t.Fatalf("send failed: %v", err)
+		}
+	})
 }
