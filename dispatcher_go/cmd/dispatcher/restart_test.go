@@ -74,6 +74,25 @@ func watch(ctx context.Context, tc dispatchv1.TaskServiceClient, taskID string, 
 	return err == nil, err
 }
 
+// watchEach follows every task of ids from seq from(id), each on a
+// goroutine of wg, and reports each watch's end to ended.
+func watchEach(ctx context.Context, tc dispatchv1.TaskServiceClient, ids []string, wg *sync.WaitGroup,
+	from func(id string) uint64, ended func(id string, ended bool, err error),
+) map[string]*watched {
+	ws := make(map[string]*watched, len(ids))
+	for _, id := range ids {
+		w := &watched{}
+		ws[id] = w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ok, err := watch(ctx, tc, id, from(id), w)
+			ended(id, ok, err)
+		}()
+	}
+	return ws
+}
+
 func dial(t *testing.T, addr string) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -150,18 +169,9 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 		}
 		ids = append(ids, r.GetTaskId())
 	}
-	watchers := make(map[string]*watched, total)
 	wctx, stopWatch := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	for _, id := range ids {
-		w := &watched{}
-		watchers[id] = w
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, _ = watch(wctx, tc1, id, 0, w)
-		}()
-	}
+	watchers := watchEach(wctx, tc1, ids, &wg, func(string) uint64 { return 0 }, func(string, bool, error) {})
 
 	// 5 slots: the first doneNow finish a task and take the next; all end up
 	// streaming one task each.
@@ -264,20 +274,12 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 
 	// Resume every watcher from the last seq it saw, with a commander that
 	// now runs the queued tasks to the end.
-	resumed := make(map[string]*watched, total)
 	errs := make(chan error, total)
-	for _, id := range ids {
-		w := &watched{}
-		resumed[id] = w
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ended, err := watch(ctx, tc2, id, watchers[id].last(), w)
-			if err != nil || !ended {
-				errs <- fmt.Errorf("resumed watch of %s: ended=%v err=%v", id, ended, err)
-			}
-		}()
-	}
+	resumed := watchEach(ctx, tc2, ids, &wg, func(id string) uint64 { return watchers[id].last() }, func(id string, ended bool, err error) {
+		if err != nil || !ended {
+			errs <- fmt.Errorf("resumed watch of %s: ended=%v err=%v", id, ended, err)
+		}
+	})
 	cctx, stopCommander := context.WithCancel(ctx)
 	const commanders = 8
 	served := make(chan error, commanders)

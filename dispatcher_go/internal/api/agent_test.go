@@ -20,8 +20,7 @@ import (
 // until the task ends.
 func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{Version: "1.2.3"})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{Version: "1.2.3"})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	stream, err := h.agent.RunAgentInstruction(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "Open a calculator and compute 1 + 1"})
@@ -77,8 +76,7 @@ func taskStages(ctx context.Context, h *harness, id string) ([]string, error) {
 // concurrently; a late stream on a finished task replays and ends.
 func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	start, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "Create a new text document"})
 	if err != nil || start.GetTaskId() == "" {
 		t.Fatalf("async: %v %v", start, err)
@@ -125,8 +123,7 @@ func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 // Seed 000 "cancel": truthful success and message.
 func TestCancelTaskIsTruthful(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "long job"})
 	sid, _ := c.Start()
@@ -174,8 +171,7 @@ func waitSlots(t *testing.T, h *harness, n int) {
 
 func TestClientGoneCancelsRunAgentInstruction(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	cctx, cancel := context.WithCancel(ctx)
 	stream, err := h.agent.RunAgentInstruction(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
@@ -200,8 +196,7 @@ func TestClientGoneCancelsRunAgentInstruction(t *testing.T) {
 // Seed 000 "config updates": set, read back masked, per-task override.
 func TestConfigSetGetMaskAndOverride(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	llm, err := h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "doubao-1-5-ui-tars-250428", ApiKey: proto.String("sk-ground-key-1234")}})
 	if err != nil || llm.GetModelName() != "doubao-1-5-ui-tars-250428" || llm.GetApiKey() != "****1234" {
 		t.Fatalf("grounding %v %v", llm, err)
@@ -267,8 +262,7 @@ func TestConfigSetGetMaskAndOverride(t *testing.T) {
 
 func TestGetAgentInfoCountsRealSlots(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{Version: "9.9.9", LogLevel: "debug"})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{Version: "9.9.9", LogLevel: "debug"})
 	info, _ := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	if info.GetMaxConcurrentTasks() != 0 || info.GetVersion() != "9.9.9" || info.GetLogLevel() != "debug" {
 		t.Fatalf("info %v", info)
@@ -290,8 +284,7 @@ func TestGetAgentInfoCountsRealSlots(t *testing.T) {
 
 func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "write an essay"})
 	watch, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: start.GetTaskId()})
@@ -363,8 +356,7 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 // grace; the cancel still reports the truth.
 func TestIgnoredStopAbortsStream(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 150 * time.Millisecond}})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 150 * time.Millisecond}})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
 	c.Start()

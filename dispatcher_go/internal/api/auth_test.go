@@ -21,8 +21,7 @@ func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func TestAuthSeparateTokens(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "client-secret", CommanderToken: "commander-secret"}})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "client-secret", CommanderToken: "commander-secret"}})
 
 	_, err := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	wantCode(t, err, codes.Unauthenticated)
@@ -86,8 +85,8 @@ func TestAuthSeparateTokens(t *testing.T) {
 
 func TestNoTokenMeansOpen(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	if _, err := h.agent.GetAgentInfo(testutil.Context(t, testTimeout), &agentpb.GetAgentInfoRequest{}); err != nil {
+	h, ctx := newHarness(t, dispatcher.Config{})
+	if _, err := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{}); err != nil {
 		t.Fatal(err)
 	}
 }

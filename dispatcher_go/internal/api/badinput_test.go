@@ -19,8 +19,7 @@ import (
 // all of them.
 func TestBadInputs(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
 	healthy := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	t.Run("empty instruction", func(t *testing.T) {
@@ -173,8 +172,7 @@ func (l *lastTask) String() string {
 
 func TestQueueFullIsResourceExhausted(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{Limits: dispatcher.Limits{QueueSize: 2}})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{Limits: dispatcher.Limits{QueueSize: 2}})
 	for range 2 {
 		if _, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"}); err != nil {
 			t.Fatal(err)

@@ -17,8 +17,7 @@ import (
 // Drain: NOT_SERVING, no new work, running work gets the drain time, then a
 // SHUTDOWN stop, then every stream ends.
 func TestDrain(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	finisher := testutil.Connect(t, ctx, h.conn, "planner:fast")
 	stubborn := testutil.Connect(t, ctx, h.conn, "planner:slow")
 	fast, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "fast"})

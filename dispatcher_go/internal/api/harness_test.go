@@ -16,6 +16,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
@@ -35,15 +36,18 @@ type harness struct {
 	tasks  dispatchv1.TaskServiceClient
 	tools  dispatchv1.ToolProviderServiceClient
 	health healthpb.HealthClient
+	store  store.Store // of a storeHarness
 }
 
-func newHarness(t testing.TB, cfg dispatcher.Config) *harness {
+// newHarness serves a dispatcher with cfg; ctx, for the test's calls, ends
+// with the test (or after testTimeout).
+func newHarness(t testing.TB, cfg dispatcher.Config) (h *harness, ctx context.Context) {
 	t.Helper()
 	return newHarnessWith(t, cfg)
 }
 
 // newHarnessWith is newHarness with extra server options (first).
-func newHarnessWith(t testing.TB, cfg dispatcher.Config, extra ...grpc.ServerOption) *harness {
+func newHarnessWith(t testing.TB, cfg dispatcher.Config, extra ...grpc.ServerOption) (*harness, context.Context) {
 	t.Helper()
 	if cfg.Tasks.StopGrace == 0 {
 		cfg.Tasks.StopGrace = 500 * time.Millisecond
@@ -61,7 +65,7 @@ func newHarnessWith(t testing.TB, cfg dispatcher.Config, extra ...grpc.ServerOpt
 		tasks:  dispatchv1.NewTaskServiceClient(g.Conn),
 		tools:  dispatchv1.NewToolProviderServiceClient(g.Conn),
 		health: healthpb.NewHealthClient(g.Conn),
-	}
+	}, testutil.Context(t, testTimeout)
 }
 
 func bearer(ctx context.Context, token string) context.Context {

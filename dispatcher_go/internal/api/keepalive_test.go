@@ -105,9 +105,8 @@ func (p *freezeProxy) close(t *testing.T) {
 // server ping interval is 1 s, so the test runs with 1 s + 0.5 s.
 func TestKeepaliveDetectsDeadCommander(t *testing.T) {
 	ka := dispatcher.Keepalive{Time: time.Second, Timeout: 500 * time.Millisecond, MinTime: 100 * time.Millisecond}
-	h := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{Keepalive: ka}})
+	h, ctx := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{Keepalive: ka}})
 	proxy := newFreezeProxy(t, h.g.Listener().Dial)
-	ctx := testutil.Context(t, testTimeout)
 	viaProxy, err := grpc.NewClient(proxy.lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

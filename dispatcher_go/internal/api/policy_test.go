@@ -36,11 +36,13 @@ func writePolicy(t *testing.T, path, src string) {
 	}
 }
 
-func policyHarness(t *testing.T, src string) (*harness, string) {
+// policyHarness is a harness whose policy file, at path, holds src.
+func policyHarness(t *testing.T, src string) (h *harness, ctx context.Context, path string) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "policy.yaml")
+	path = filepath.Join(t.TempDir(), "policy.yaml")
 	writePolicy(t, path, src)
-	return newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond}}), path
+	h, ctx = newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond}})
+	return h, ctx, path
 }
 
 func submit(t *testing.T, h *harness, req *dispatchv1.SubmitTaskRequest) string {
@@ -57,7 +59,7 @@ func submit(t *testing.T, h *harness, req *dispatchv1.SubmitTaskRequest) string 
 // policy decision and the stop with the rule id, then nothing but the end.
 func TestPolicyPhraseStopsMidSentence(t *testing.T) {
 	t.Parallel()
-	h, _ := policyHarness(t, `
+	h, ctx, _ := policyHarness(t, `
 version: 1
 rules:
   - id: no-launch-codes
@@ -65,7 +67,6 @@ rules:
     action: stop
     reason: forbidden phrase
 `)
-	ctx := testutil.Context(t, testTimeout)
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "tell me"})
 	watched := watchEvents(t, h, id, 0)
@@ -129,14 +130,13 @@ rules:
 // DENIED naming the rule; the session goes on and succeeds.
 func TestPolicyDenyGUIActionTaskGoesOn(t *testing.T) {
 	t.Parallel()
-	h, _ := policyHarness(t, `
+	h, ctx, _ := policyHarness(t, `
 rules:
   - id: no-gui-clicks
     when: tool_name.startsWith("computer.") && tool_args.button == "right"
     action: deny
     reason: right clicks are not allowed
 `)
-	ctx := testutil.Context(t, testTimeout)
 	c := testutil.Connect(t, ctx, h.conn, "planner:gui")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "click", Planner: "gui"})
 	watched := watchEvents(t, h, id, 0)
@@ -198,7 +198,7 @@ func waitPolicyEvent(t *testing.T, h *harness, id string, ok func(*dispatchv1.Po
 // session's other calls go on.
 func TestPolicyHoldApproveRejectTimeout(t *testing.T) {
 	t.Parallel()
-	h, _ := policyHarness(t, `
+	h, ctx, _ := policyHarness(t, `
 rules:
   - id: echo-needs-approval
     when: tool_name == "echo"
@@ -209,7 +209,6 @@ rules:
     action: hold
     hold_timeout: 200ms
 `)
-	ctx := testutil.Context(t, testTimeout)
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	watched := watchEvents(t, h, id, 0)
@@ -284,8 +283,7 @@ rules:
 // ends the hold (CANCELLED) and the task.
 func TestPolicyHeldCallCancelledByStop(t *testing.T) {
 	t.Parallel()
-	h, _ := policyHarness(t, "rules:\n  - {id: hold-all, when: 'true', action: hold}\n")
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx, _ := policyHarness(t, "rules:\n  - {id: hold-all, when: 'true', action: hold}\n")
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	sid, _ := c.Start()
@@ -309,8 +307,7 @@ func TestPolicyHeldCallCancelledByStop(t *testing.T) {
 // only; a broken one is INVALID_ARGUMENT with the reason.
 func TestTaskPolicyTightens(t *testing.T) {
 	t.Parallel()
-	h, _ := policyHarness(t, "limits: {max_tokens: 1000}\n")
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx, _ := policyHarness(t, "limits: {max_tokens: 1000}\n")
 	_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: "rules:\n  - {id: a, when: 'nope(', action: stop}\n"})
 	wantCode(t, err, codes.InvalidArgument)
 	if !strings.Contains(err.Error(), "rule a") {
@@ -345,8 +342,7 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	const v1 = "rules:\n  - {id: never1, phrases: [zzz-never-1], action: stop}\n"
 	const v2 = "rules:\n  - {id: never2, phrases: [zzz-never-2], action: stop}\n  - {id: no-echo, when: 'tool_name == \"echo\"', action: deny}\n"
 	const broken = "rules:\n  - {id: x, when: 'tool_name ==', action: stop}\n"
-	h, path := policyHarness(t, v1)
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx, path := policyHarness(t, v1)
 	const sessions, chunks = 8, 300
 
 	stopWriting := make(chan struct{})
@@ -454,21 +450,12 @@ func BenchmarkPolicyStopLatency(b *testing.B) {
 	if err := os.WriteFile(path, []byte("rules:\n  - {id: no-phrase, phrases: [forbidden phrase], action: stop}\n"), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	h := newHarness(b, dispatcher.Config{Policy: dispatcher.Policy{File: path}, Tasks: dispatcher.Tasks{StopGrace: 5 * time.Second}})
+	h, _ := newHarness(b, dispatcher.Config{Policy: dispatcher.Policy{File: path}, Tasks: dispatcher.Tasks{StopGrace: 5 * time.Second}})
 	ctx, cancelLoad := context.WithCancel(b.Context())
 	const load = 4
 	var loadWG sync.WaitGroup
 	for range load {
-		c := testutil.Connect(b, ctx, h.conn, "planner:chat")
-		r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "load"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		sid, _ := c.Start()
-		watch, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: r.GetTaskId()})
-		if err != nil {
-			b.Fatal(err)
-		}
+		c, sid, watch := watchedSession(b, ctx, h, "load")
 		loadWG.Add(2)
 		go func() {
 			defer loadWG.Done()

@@ -25,8 +25,7 @@ import (
 // the commander's stream is cancelled.
 func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 
 	conn := h.g.Dial(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 	sctx, kill := context.WithCancel(ctx)

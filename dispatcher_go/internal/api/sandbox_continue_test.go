@@ -16,8 +16,7 @@ import (
 // its task (kept=false) is not handed on.
 func TestPreviousTaskContinuesTheSandbox(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	run := func(req *dispatchv1.SubmitTaskRequest, report *dispatchv1.SandboxInUse) (string, *dispatchv1.StartSession) {

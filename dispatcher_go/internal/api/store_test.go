@@ -28,11 +28,24 @@ func openSQLite(t *testing.T, dir string) store.Store {
 	return st
 }
 
-// stop ends h as a crash would, minus the process: no drain.
-func (h *harness) stopNoDrain() {
+// storeHarness is a harness with cfg whose store is the SQLite database in
+// dir: crash it, and another storeHarness on dir is the dispatcher after a
+// restart.
+func storeHarness(t *testing.T, dir string, cfg dispatcher.Config) (*harness, context.Context) {
+	t.Helper()
+	cfg.Store.Backend = openSQLite(t, dir)
+	h, ctx := newHarness(t, cfg)
+	h.store = cfg.Store.Backend
+	return h, ctx
+}
+
+// crash ends h as a crash would, minus the process: no drain. Its store is
+// closed.
+func (h *harness) crash() {
 	_ = h.conn.Close()
 	h.d.Close()
 	h.g.Server.Stop()
+	_ = h.store.Close()
 }
 
 // TestStoreContinuationAndConfigAcrossRestart: a task that continues a
@@ -43,11 +56,8 @@ func (h *harness) stopNoDrain() {
 func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	ctx := testutil.Context(t, testTimeout)
 	key := []byte("k")
-
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1, SecretKey: key}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{Store: dispatcher.Store{SecretKey: key}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
@@ -60,11 +70,9 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 	first := r.GetTaskId()
 	waitStatus(t, h1, first, agentpb.TaskStatus_SUCCESS)
 	lastSeq := storeGetTask(t, h1, first).GetLastSeq()
-	h1.stopNoDrain()
-	st1.Close()
+	h1.crash()
 
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2, SecretKey: key}})
+	h2, _ := storeHarness(t, dir, dispatcher.Config{Store: dispatcher.Store{SecretKey: key}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -106,16 +114,12 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	ctx := testutil.Context(t, testTimeout)
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
-	h1.stopNoDrain()
-	st1.Close()
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}})
+	h1.crash()
+	h2, _ := storeHarness(t, dir, dispatcher.Config{})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -130,9 +134,7 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 // retention is gone from the store.
 func TestStoreRetentionRemovesOldTasks(t *testing.T) {
 	t.Parallel()
-	ctx := testutil.Context(t, testTimeout)
-	st := openSQLite(t, t.TempDir())
-	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st, Retention: 50 * time.Millisecond}})
+	h, ctx := storeHarness(t, t.TempDir(), dispatcher.Config{Store: dispatcher.Store{Retention: 50 * time.Millisecond}})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	if err != nil {
@@ -141,10 +143,10 @@ func TestStoreRetentionRemovesOldTasks(t *testing.T) {
 	playChat(t, c, "y")
 	waitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
 	testutil.WaitFor(t, testutil.Wait, func() bool {
-		_, err := st.GetTask(ctx, r.GetTaskId())
+		_, err := h.store.GetTask(ctx, r.GetTaskId())
 		return errors.Is(err, store.ErrNotFound)
 	}, "task removed from the store by retention")
-	if n, _ := st.LastSeq(ctx, r.GetTaskId()); n != 0 {
+	if n, _ := h.store.LastSeq(ctx, r.GetTaskId()); n != 0 {
 		t.Fatalf("%d events left", n)
 	}
 }
@@ -183,20 +185,16 @@ func (e *eventsSeen) states(id string) []agentpb.TaskStatus {
 func TestStoreRequeuedTaskIsObserved(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	ctx := testutil.Context(t, testTimeout)
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{})
 	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "queued across a restart"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := r.GetTaskId()
-	h1.stopNoDrain()
-	st1.Close()
+	h1.crash()
 
 	seen := &eventsSeen{}
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}, OnEvent: seen.observe})
+	h2, _ := storeHarness(t, dir, dispatcher.Config{OnEvent: seen.observe})
 	if got := seen.states(id); !slices.Equal(got, []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}) {
 		t.Fatalf("observed states after the restart %v, want the requeue", got)
 	}

@@ -17,8 +17,7 @@ import (
 
 func TestSubmitWatchResumeGet(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "add", Labels: map[string]string{"team": "a"}})
 	if err != nil {
@@ -75,8 +74,7 @@ func TestSubmitWatchResumeGet(t *testing.T) {
 
 func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	var ids []string
 	for range 5 {
 		r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
@@ -111,8 +109,7 @@ func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 
 func TestInterjectAndCancelNative(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	_, err := h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: sub.GetTaskId(), Text: "hi"})
 	wantCode(t, err, codes.FailedPrecondition)
@@ -146,8 +143,7 @@ func TestInterjectAndCancelNative(t *testing.T) {
 // routed to it and answered by call_id, and unregistration.
 func TestToolProviderEndToEnd(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, dispatcher.Config{})
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {
 		t.Fatal(err)

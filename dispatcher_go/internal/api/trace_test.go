@@ -30,8 +30,7 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 		otel.SetTracerProvider(prev)
 		_ = tp.Shutdown(context.Background())
 	})
-	h := newHarnessWith(t, dispatcher.Config{}, telemetry.ForProvider(tp).ServerOptions()...)
-	ctx := testutil.Context(t, testTimeout)
+	h, ctx := newHarnessWith(t, dispatcher.Config{}, telemetry.ForProvider(tp).ServerOptions()...)
 
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {

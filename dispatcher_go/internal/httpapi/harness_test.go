@@ -43,9 +43,6 @@ type env struct {
 
 func newEnv(t testing.TB, cfg dispatcher.Config, opts Options) *env {
 	t.Helper()
-	if cfg.Tasks.StopGrace == 0 {
-		cfg.Tasks.StopGrace = 500 * time.Millisecond
-	}
 	d, err := dispatcher.New(cfg)
 	if err != nil {
 		t.Fatal(err)

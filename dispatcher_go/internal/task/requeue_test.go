@@ -11,6 +11,16 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
+// submit submits a task to m; it must be accepted.
+func submit(t *testing.T, m *Manager) *Task {
+	t.Helper()
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tk
+}
+
 // startOn takes tk off the queue and starts it on a new runner, as the
 // scheduler does.
 func startOn(t *testing.T, q *fakeQueue, tk *Task) *fakeRunner {
@@ -37,10 +47,7 @@ func stateTrail(t *testing.T, tk *Task) (statuses []agentpb.TaskStatus, messages
 func TestRequeueBackToPendingAndBounded(t *testing.T) {
 	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	for i := range MaxRequeues {
 		r := startOn(t, q, tk)
 		if err := tk.Requeue(&fakeRunner{t: tk}, ""); !errors.Is(err, ErrNotRunning) {
@@ -94,10 +101,7 @@ func TestRequeueBackToPendingAndBounded(t *testing.T) {
 func TestRequeueRefusedAfterCancel(t *testing.T) {
 	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	r := startOn(t, q, tk)
 	// The runner was already claimed by its dying slot: the stop does
 	// nothing, as with a real session.
@@ -120,10 +124,7 @@ func TestRequeueRefusedAfterCancel(t *testing.T) {
 func TestRequeueRefusedWhileDraining(t *testing.T) {
 	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	r := startOn(t, q, tk)
 	r.onStop = func(r *fakeRunner, reason string, _ dispatchv1.StopCode) {}
 	ctx, cancel := context.WithCancel(context.Background())
