@@ -91,12 +91,7 @@ func (p *freezeProxy) close(t *testing.T) {
 		c.Close()
 	}
 	p.mu.Unlock()
-	stopped := make(chan struct{})
-	go func() {
-		p.wg.Wait()
-		close(stopped)
-	}()
-	testutil.Done(t, stopped, testutil.Wait, "the proxy to stop")
+	testutil.Done(t, testutil.Waited(&p.wg), testutil.Wait, "the proxy to stop")
 }
 
 // A commander that goes silent (no FIN/RST) is noticed by the server's

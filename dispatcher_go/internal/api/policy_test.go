@@ -499,7 +499,7 @@ func BenchmarkPolicyStopLatency(b *testing.B) {
 	}
 	b.StopTimer()
 	cancelLoad()
-	loadWG.Wait()
+	testutil.Done(b, testutil.Waited(&loadWG), testutil.Wait, "the load to stop")
 	q := func(d []time.Duration, p float64) float64 {
 		s := append([]time.Duration(nil), d...)
 		slices.Sort(s)
