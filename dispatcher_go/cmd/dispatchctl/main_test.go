@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -15,11 +16,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -32,13 +33,13 @@ type fakeTasks struct {
 	mu        sync.Mutex
 	submitted *dispatchv1.SubmitTaskRequest
 	token     string
-	events    []*dispatchv1.TaskEvent
-	changed   chan struct{} // closed and replaced when events grow
+	feed      testutil.Feed
 	status    agentpb.TaskStatus
 	// cutOnce makes the first WatchTask fail with UNAVAILABLE after this
 	// many events, to exercise the resume.
 	cutOnce int
 	watches []uint64 // after_seq of each WatchTask
+	sent    uint64   // the seq last sent to a watcher
 	// ignoreCancel makes CancelTask accept and then do nothing.
 	ignoreCancel bool
 	// approvals are the ApproveToolCall requests received; held is the
@@ -48,24 +49,21 @@ type fakeTasks struct {
 }
 
 func newFake() *fakeTasks {
-	return &fakeTasks{changed: make(chan struct{}), status: agentpb.TaskStatus_PENDING}
+	return &fakeTasks{status: agentpb.TaskStatus_PENDING}
 }
 
-// emit appends events, numbering them.
+// emit appends events to the task's feed.
 func (f *fakeTasks) emit(evs ...*dispatchv1.TaskEvent) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, ev := range evs {
 		ev.TaskId = "t1"
-		ev.Seq = uint64(len(f.events) + 1)
 		ev.Time = timestamppb.Now()
 		if st := ev.GetState(); st != nil {
 			f.status = st.GetStatus()
 		}
-		f.events = append(f.events, ev)
 	}
-	close(f.changed)
-	f.changed = make(chan struct{})
+	f.feed.Append(evs...)
 }
 
 func state(s agentpb.TaskStatus, msg string) *dispatchv1.TaskEvent {
@@ -97,32 +95,34 @@ func (f *fakeTasks) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv
 	cut := f.cutOnce
 	f.cutOnce = 0
 	f.mu.Unlock()
-	next, sent := req.GetAfterSeq(), 0
-	for {
+	sent := 0
+	return f.feed.Follow(stream.Context(), req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
+		if cut > 0 && sent == cut {
+			return status.Error(codes.Unavailable, "connection reset")
+		}
+		if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
+			return err
+		}
 		f.mu.Lock()
-		evs, changed, ended := f.events[next:], f.changed, terminal(f.status)
+		f.sent = ev.GetSeq()
 		f.mu.Unlock()
-		if len(evs) == 0 && ended {
-			return nil // resumed past the terminal event: nothing to send
-		}
-		for _, ev := range evs {
-			if cut > 0 && sent == cut {
-				return status.Error(codes.Unavailable, "connection reset")
-			}
-			if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
-				return err
-			}
-			next, sent = ev.GetSeq(), sent+1
-			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
-				return nil
-			}
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return stream.Context().Err()
-		}
-	}
+		sent++
+		return nil
+	})
+}
+
+// delivered is the seq of the event last sent to a watcher: the client has
+// what came before, and the fake may go on.
+func (f *fakeTasks) delivered() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sent
+}
+
+// waitDelivered waits until a watcher was sent the event of seq.
+func (f *fakeTasks) waitDelivered(t *testing.T, seq uint64) {
+	t.Helper()
+	testutil.WaitFor(t, testutil.Wait, func() bool { return f.delivered() == seq }, "event %d sent to the watcher", seq)
 }
 
 func (f *fakeTasks) CancelTask(_ context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
@@ -167,10 +167,7 @@ func (f *fakeTasks) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveTo
 		Action: action, RuleId: "gui-needs-approval", CallId: req.GetCallId(), ToolName: "computer.click",
 		HoldOutcome: outcome, Reason: req.GetReason(),
 	}}})
-	f.mu.Lock()
-	seq := uint64(len(f.events))
-	f.mu.Unlock()
-	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
+	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: uint64(f.feed.Len())}, nil
 }
 
 func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
@@ -180,7 +177,7 @@ func (f *fakeTasks) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return &dispatchv1.GetTaskResponse{Task: &dispatchv1.Task{
-		TaskId: "t1", Status: f.status, Result: "Hello world", LastSeq: uint64(len(f.events)),
+		TaskId: "t1", Status: f.status, Result: "Hello world", LastSeq: uint64(f.feed.Len()),
 		Statistics: &agentpb.ExecutionStatistics{Steps: 2, DurationSeconds: 3, InputTokens: 10, OutputTokens: 5, TotalTokens: 15},
 	}}, nil
 }
@@ -197,23 +194,23 @@ func (fakeAgent) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*a
 // harness runs dispatchctl against the fake over an in-memory connection.
 type harness struct {
 	fake       *fakeTasks
-	lis        *bufconn.Listener
+	g          *testutil.GRPC
 	interrupts chan os.Signal
 }
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	h := &harness{fake: newFake(), lis: bufconn.Listen(1 << 20), interrupts: make(chan os.Signal, 2)}
-	srv := grpc.NewServer()
-	dispatchv1.RegisterTaskServiceServer(srv, h.fake)
-	agentpb.RegisterAgentServer(srv, fakeAgent{})
-	go srv.Serve(h.lis)
-	t.Cleanup(srv.Stop)
+	h := &harness{fake: newFake(), interrupts: make(chan os.Signal, 2)}
+	h.g = testutil.ServeGRPC(t, func(s *grpc.Server) {
+		dispatchv1.RegisterTaskServiceServer(s, h.fake)
+		agentpb.RegisterAgentServer(s, fakeAgent{})
+	})
 	return h
 }
 
-// run runs one dispatchctl command; the returned buffers hold its output.
-func (h *harness) run(t *testing.T, args ...string) (code int, stdout, stderr *bytes.Buffer) {
+// start runs one dispatchctl command beside the test; read the buffers,
+// which hold its output, once its exit code came.
+func (h *harness) start(t *testing.T, args ...string) (code <-chan testutil.Result[int], stdout, stderr *bytes.Buffer) {
 	t.Helper()
 	stdout, stderr = &bytes.Buffer{}, &bytes.Buffer{}
 	e := env{
@@ -225,11 +222,26 @@ func (h *harness) run(t *testing.T, args ...string) (code int, stdout, stderr *b
 			return ""
 		},
 		dialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			return h.lis.DialContext(ctx)
+			return h.g.Listener().DialContext(ctx)
 		})},
 	}
-	code = realMain(t.Context(), append([]string{"--addr", "passthrough:///bufnet"}, args...), e)
+	code = testutil.Async(func() (int, error) {
+		return realMain(t.Context(), append([]string{"--addr", "passthrough:///bufnet"}, args...), e), nil
+	})
 	return code, stdout, stderr
+}
+
+// exit waits for a started command's exit code.
+func exit(t *testing.T, code <-chan testutil.Result[int]) int {
+	t.Helper()
+	return testutil.Recv(t, code, testutil.Wait, "dispatchctl to exit").V
+}
+
+// run runs one dispatchctl command; the returned buffers hold its output.
+func (h *harness) run(t *testing.T, args ...string) (code int, stdout, stderr *bytes.Buffer) {
+	t.Helper()
+	done, stdout, stderr := h.start(t, args...)
+	return exit(t, done), stdout, stderr
 }
 
 // script plays a successful task once the client is watching.
@@ -252,14 +264,14 @@ func (f *fakeTasks) playSuccess() {
 }
 
 func TestRunStreamsReadably(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		h.fake.playSuccess()
-	}()
-	code, out, errOut := h.run(t, "run", "--model", "smollm2", "--base-url", "http://127.0.0.1:9/v1",
+	done, out, errOut := h.start(t, "run", "--model", "smollm2", "--base-url", "http://127.0.0.1:9/v1",
 		"--planner", "chat", "--timeout", "90s", "--label", "team=a", "say hello")
-	if code != exitOK {
+	// The task plays out once the client watches it (it got PENDING).
+	h.fake.waitDelivered(t, 1)
+	h.fake.playSuccess()
+	if code := exit(t, done); code != exitOK {
 		t.Fatalf("exit %d, stderr %s", code, errOut)
 	}
 	want := `-- PENDING: queued
@@ -295,15 +307,15 @@ task: t1
 }
 
 func TestRunCtrlCCancelsAndKeepsPrinting(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
-	go func() {
-		time.Sleep(30 * time.Millisecond)
-		h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("partial", false))
-		time.Sleep(30 * time.Millisecond)
-		h.interrupts <- os.Interrupt
-	}()
-	code, out, errOut := h.run(t, "run", "write forever")
-	if code != exitCancelled {
+	done, out, errOut := h.start(t, "run", "write forever")
+	// Ctrl-C once the client is watching and has been sent some content.
+	h.fake.waitDelivered(t, 1)
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("partial", false))
+	h.fake.waitDelivered(t, 3)
+	h.interrupts <- os.Interrupt
+	if code := exit(t, done); code != exitCancelled {
 		t.Fatalf("exit %d, stdout %s stderr %s", code, out, errOut)
 	}
 	for _, want := range []string{"partial\n## stop (client cancel): cancelled from dispatchctl (Ctrl-C)\n", "## stopped: planner cancelled\n", "-- CANCELLED", "status: CANCELLED"} {
@@ -317,6 +329,7 @@ func TestRunCtrlCCancelsAndKeepsPrinting(t *testing.T) {
 }
 
 func TestRunCancelAfter(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""))
 	code, out, _ := h.run(t, "run", "--cancel-after", "30ms", "long task")
@@ -326,6 +339,7 @@ func TestRunCancelAfter(t *testing.T) {
 }
 
 func TestSecondCtrlCQuits(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""))
 	// A commander that ignores the stop: only the second Ctrl-C ends the watch.
@@ -339,15 +353,15 @@ func TestSecondCtrlCQuits(t *testing.T) {
 }
 
 func TestWatchResumesAfterUnavailable(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.cutOnce = 3
 	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("a", false), content("b", false), content("c", false))
-	go func() {
-		time.Sleep(50 * time.Millisecond)
-		h.fake.emit(content("d", true), state(agentpb.TaskStatus_FAILURE, "model error"))
-	}()
-	code, out, errOut := h.run(t, "watch", "t1")
-	if code != exitFailure {
+	done, out, errOut := h.start(t, "watch", "t1")
+	// The rest comes once the resumed watch has caught up.
+	h.fake.waitDelivered(t, 4)
+	h.fake.emit(content("d", true), state(agentpb.TaskStatus_FAILURE, "model error"))
+	if code := exit(t, done); code != exitFailure {
 		t.Fatalf("exit %d, stderr %s", code, errOut)
 	}
 	if !strings.Contains(out.String(), "-- RUNNING\nabcd\n-- FAILURE: model error\n") {
@@ -362,6 +376,7 @@ func TestWatchResumesAfterUnavailable(t *testing.T) {
 }
 
 func TestWatchJSONAndAfterSeq(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("x", false), state(agentpb.TaskStatus_SUCCESS, ""))
 	code, out, _ := h.run(t, "watch", "t1", "--after-seq", "1", "--json")
@@ -372,6 +387,7 @@ func TestWatchJSONAndAfterSeq(t *testing.T) {
 }
 
 func TestOtherCommands(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	if code, out, _ := h.run(t, "submit", "x"); code != exitOK || out.String() != "t1\n" {
 		t.Fatalf("submit: %d %q", code, out)
@@ -400,18 +416,23 @@ func TestOtherCommands(t *testing.T) {
 }
 
 func TestUsageErrors(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	for _, args := range [][]string{
 		{}, {"frobnicate"}, {"run"}, {"run", "a", "b"}, {"watch"}, {"run", "--label", "novalue", "x"},
 		{"list", "--status", "BOGUS"}, {"run", "--bogus-flag", "x"},
 	} {
-		if code, _, _ := h.run(t, args...); code != exitUsage {
-			t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
-		}
+		t.Run(fmt.Sprintf("%q", args), func(t *testing.T) {
+			t.Parallel()
+			if code, _, _ := h.run(t, args...); code != exitUsage {
+				t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
+			}
+		})
 	}
 }
 
 func TestRendererColorAndThoughtBlocks(t *testing.T) {
+	t.Parallel()
 	var b bytes.Buffer
 	r := &renderer{w: &b, color: true}
 	r.event(thought("think"))
@@ -428,6 +449,7 @@ func TestRendererColorAndThoughtBlocks(t *testing.T) {
 }
 
 func TestWatchPastTheEndOfAFinishedTask(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), state(agentpb.TaskStatus_SUCCESS, ""))
 	// The fake, like the dispatcher, ends the stream at once: nothing is
@@ -439,6 +461,7 @@ func TestWatchPastTheEndOfAFinishedTask(t *testing.T) {
 }
 
 func TestRendererShowsKindsItDoesNotKnow(t *testing.T) {
+	t.Parallel()
 	var b bytes.Buffer
 	r := &renderer{w: &b}
 	// An event with no kind, and one whose kind is rendered generically:
@@ -451,6 +474,7 @@ func TestRendererShowsKindsItDoesNotKnow(t *testing.T) {
 }
 
 func TestApprove(t *testing.T) {
+	t.Parallel()
 	h := newHarness(t)
 	h.fake.held = "c7"
 	code, out, errOut := h.run(t, "approve", "t1", "c7", "--reason", "looks fine")
@@ -486,6 +510,7 @@ func policyEvent(pd *dispatchv1.PolicyDecision) *dispatchv1.TaskEvent {
 }
 
 func TestRendererPolicyDecisions(t *testing.T) {
+	t.Parallel()
 	var b bytes.Buffer
 	r := &renderer{w: &b}
 	r.event(content("The launch", false))

@@ -9,9 +9,12 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestConfigHTTPAndPrometheusEnv(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig(nil, env(nil), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -34,15 +37,22 @@ func TestConfigHTTPAndPrometheusEnv(t *testing.T) {
 }
 
 func TestConfigPprofLoopbackOnly(t *testing.T) {
+	t.Parallel()
 	for _, ok := range []string{"127.0.0.1:0", "[::1]:6060", "localhost:6060"} {
-		if c, err := parseConfig([]string{"--pprof-listen", ok}, env(nil), io.Discard); err != nil || c.pprofListen != ok {
-			t.Errorf("%s: %v", ok, err)
-		}
+		t.Run(ok, func(t *testing.T) {
+			t.Parallel()
+			if c, err := parseConfig([]string{"--pprof-listen", ok}, env(nil), io.Discard); err != nil || c.pprofListen != ok {
+				t.Errorf("%s: %v", ok, err)
+			}
+		})
 	}
 	for _, bad := range []string{":6060", "0.0.0.0:6060", "10.1.2.3:6060", "nohost"} {
-		if _, err := parseConfig([]string{"--pprof-listen", bad}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "loopback") {
-			t.Errorf("%s: want a loopback error, got %v", bad, err)
-		}
+		t.Run(bad, func(t *testing.T) {
+			t.Parallel()
+			if _, err := parseConfig([]string{"--pprof-listen", bad}, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "loopback") {
+				t.Errorf("%s: want a loopback error, got %v", bad, err)
+			}
+		})
 	}
 }
 
@@ -50,17 +60,17 @@ func TestConfigPprofLoopbackOnly(t *testing.T) {
 func servingAddr(t *testing.T, p *proc, what string) string {
 	t.Helper()
 	re := regexp.MustCompile(`msg="` + what + ` serving" addr=(\S+)`)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if m := re.FindStringSubmatch(p.stderr.String()); m != nil {
-			_, port, _ := net.SplitHostPort(m[1])
-			return "127.0.0.1:" + port
+	var addr string
+	testutil.WaitFor(t, 10*time.Second, func() bool {
+		m := re.FindStringSubmatch(p.stderr.String())
+		if m == nil {
+			return false
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %q line in\n%s", what, p.stderr.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		_, port, _ := net.SplitHostPort(m[1])
+		addr = "127.0.0.1:" + port
+		return true
+	}, "a %q line in the log:\n%v", what+" serving", p.stderr)
+	return addr
 }
 
 // TestProcessServesHTTPAndMetrics: the real binary serves the HTTP API
@@ -118,6 +128,7 @@ func TestProcessServesHTTPAndMetrics(t *testing.T) {
 }
 
 func TestConfigStreamWindow(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig(nil, env(nil), io.Discard)
 	if err != nil || c.streamWindow != 128<<10 || streamWindow(c.streamWindow) != 128<<10 {
 		t.Fatalf("default: %d %v", c.streamWindow, err)

@@ -34,8 +34,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
-	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // The test binary doubles as the dispatcher: with this variable set it runs
@@ -55,6 +55,7 @@ func env(m map[string]string) func(string) string {
 }
 
 func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig(nil, env(nil), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -70,6 +71,7 @@ func TestConfigDefaults(t *testing.T) {
 // from what the dispatcher would pick for an unset field, and each flag
 // reaches its field.
 func TestDispatcherConfigFromFlags(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig(nil, env(nil), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -102,6 +104,7 @@ func TestDispatcherConfigFromFlags(t *testing.T) {
 }
 
 func TestConfigEnvFallbackAndFlagsWin(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig([]string{"--queue-size", "7"}, env(map[string]string{
 		"DISPATCHER_LISTEN":           "0.0.0.0:0",
 		"DISPATCHER_QUEUE_SIZE":       "99",
@@ -125,6 +128,7 @@ func TestConfigEnvFallbackAndFlagsWin(t *testing.T) {
 }
 
 func TestConfigRejectsBadValues(t *testing.T) {
+	t.Parallel()
 	for name, tc := range map[string]struct {
 		args []string
 		env  map[string]string
@@ -137,9 +141,12 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		"negative grace":   {[]string{"--stop-grace", "-1s"}, nil},
 		"stray argument":   {[]string{"serve"}, nil},
 	} {
-		if _, err := parseConfig(tc.args, env(tc.env), io.Discard); err == nil {
-			t.Errorf("%s: accepted", name)
-		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			if _, err := parseConfig(tc.args, env(tc.env), io.Discard); err == nil {
+				t.Errorf("%v %v accepted", tc.args, tc.env)
+			}
+		})
 	}
 	if _, err := parseConfig([]string{"-h"}, env(nil), io.Discard); !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("-h: %v", err)
@@ -168,7 +175,15 @@ type proc struct {
 	cmd    *exec.Cmd
 	addr   string
 	stderr *syncBuffer
-	exited chan error
+	exited chan error // holds the exit once it came (wait puts it back)
+}
+
+// wait waits for the process to exit and returns how it exited.
+func (p *proc) wait(t *testing.T, timeout time.Duration) error {
+	t.Helper()
+	err := testutil.Recv(t, p.exited, timeout, "the dispatcher to exit; log:\n%v", p.stderr)
+	p.exited <- err
+	return err
 }
 
 // startDispatcher runs the dispatcher as a child process on a free port and
@@ -189,27 +204,23 @@ func startDispatcher(t *testing.T, extraEnv []string, args ...string) *proc {
 	go func() { p.exited <- cmd.Wait() }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
-		<-p.exited
-		p.exited <- nil
+		p.wait(t, testutil.Wait)
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		b, err := os.ReadFile(addrFile)
-		if err == nil && strings.HasSuffix(string(b), "\n") {
-			p.addr = strings.TrimSpace(string(b))
-			return p
-		}
+	testutil.WaitFor(t, 10*time.Second, func() bool {
 		select {
 		case err := <-p.exited:
 			p.exited <- err
 			t.Fatalf("dispatcher exited: %v\n%s", err, p.stderr.String())
 		default:
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no addr file\n%s", p.stderr.String())
+		b, err := os.ReadFile(addrFile)
+		if err != nil || !strings.HasSuffix(string(b), "\n") {
+			return false
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		p.addr = strings.TrimSpace(string(b))
+		return true
+	}, "the addr file; log:\n%v", p.stderr)
+	return p
 }
 
 func TestProcessServesAuthAndDrainsOnSIGTERM(t *testing.T) {
@@ -237,61 +248,36 @@ func TestProcessServesAuthAndDrainsOnSIGTERM(t *testing.T) {
 	}
 
 	// A commander with a running task: SIGTERM lets it finish.
-	kctx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer cmd-tok")
-	stream, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(kctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = stream.Send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}}})
-	if _, err := stream.Recv(); err != nil {
-		t.Fatal(err)
-	}
+	c := testutil.Connect(t, metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer cmd-tok"), conn, "planner:chat")
 	start, err := agent.RunAgentInstructionAsync(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sp, err := stream.Recv()
-	if err != nil || sp.GetStart() == nil {
-		t.Fatalf("start %v %v", sp, err)
-	}
+	sid, _ := c.Start()
 
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	testutil.WaitFor(t, testutil.Wait, func() bool {
 		r, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
-		if err == nil && r.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("health not NOT_SERVING while draining: %v %v", r, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING
+	}, "health NOT_SERVING while draining")
 	if _, err := agent.RunAgentInstructionAsync(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "y"}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("new work while draining: %v", err)
 	}
-	_ = stream.Send(&dispatchv1.UpstreamPacket{SessionId: sp.GetSessionId(), Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{
-		Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "finished during drain",
-	}}})
-	st, err := agent.QueryTaskStatus(cctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
-	for err == nil && st.GetStatus() == agentpb.TaskStatus_RUNNING {
-		time.Sleep(5 * time.Millisecond)
+	c.Send(testutil.Up(sid, testutil.Success("finished during drain")))
+	// The task ends SUCCESS; once it has, the dispatcher may be gone.
+	var st *agentpb.QueryTaskStatusResponse
+	testutil.WaitFor(t, testutil.Wait, func() bool {
 		st, err = agent.QueryTaskStatus(cctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
-	}
+		return err != nil || st.GetStatus() != agentpb.TaskStatus_RUNNING
+	}, "the task to end during the drain")
 	if err == nil && st.GetStatus() != agentpb.TaskStatus_SUCCESS {
 		t.Fatalf("task during drain: %v", st)
 	}
 
-	select {
-	case err := <-p.exited:
-		p.exited <- err
-		if err != nil {
-			t.Fatalf("exit: %v\n%s", err, p.stderr.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("did not exit after SIGTERM\n%s", p.stderr.String())
+	if err := p.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("exit: %v\n%s", err, p.stderr.String())
 	}
 	logs := p.stderr.String()
 	for _, want := range []string{"dispatcher serving", "draining", "dispatcher stopped"} {
@@ -330,12 +316,7 @@ func TestProcessServesTLS(t *testing.T) {
 		t.Fatal("plaintext accepted by a TLS server")
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-p.exited:
-		p.exited <- err
-	case <-time.After(10 * time.Second):
-		t.Fatal("no exit")
-	}
+	p.wait(t, 10*time.Second)
 }
 
 func TestProcessRefusesBadFlags(t *testing.T) {

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -20,69 +19,29 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/taskstore"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
-// slot is one ChatStream of a scripted commander.
-type slot struct {
-	t      *testing.T
-	stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]
+// content is n content chunks "<prefix>-<i> ".
+func content(n int, prefix string) []any {
+	steps := make([]any, n)
+	for i := range n {
+		steps[i] = &dispatchv1.ContentChunk{Text: fmt.Sprintf("%s-%d ", prefix, i)}
+	}
+	return steps
 }
 
-func openSlot(ctx context.Context, t *testing.T, conn *grpc.ClientConn) *slot {
+// stream waits for c's next session and streams n chunks of content on it.
+func stream(ctx context.Context, t *testing.T, c *testutil.Commander, n int) *testutil.Session {
 	t.Helper()
-	st, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(ctx)
+	s, err := c.NextSession(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &slot{t: t, stream: st}
-	s.send("", &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "crash-test", Capabilities: []string{"planner:chat"}}}})
-	if p, err := st.Recv(); err != nil || p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO {
-		t.Fatalf("hello ack %v %v", p, err)
+	if err := s.Play(ctx, content(n, s.Start.GetTaskId())...); err != nil {
+		t.Fatal(err)
 	}
 	return s
-}
-
-func (s *slot) send(sid string, p *dispatchv1.UpstreamPacket) {
-	p.SessionId = sid
-	if err := s.stream.Send(p); err != nil {
-		s.t.Errorf("send: %v", err)
-	}
-}
-
-// start waits for the next StartSession.
-func (s *slot) start() (sid, taskID string) {
-	for {
-		p, err := s.stream.Recv()
-		if err != nil {
-			if s.stream.Context().Err() == nil { // not the test ending the commander
-				s.t.Errorf("recv start: %v", err)
-			}
-			return "", ""
-		}
-		if st := p.GetStart(); st != nil {
-			return p.GetSessionId(), st.GetTaskId()
-		}
-	}
-}
-
-func (s *slot) content(sid string, n int, prefix string) {
-	for i := range n {
-		s.send(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{Content: &dispatchv1.ContentChunk{Text: fmt.Sprintf("%s-%d ", prefix, i)}}})
-	}
-}
-
-func (s *slot) finish(sid, result string) {
-	s.send(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: result}}})
-	for {
-		p, err := s.stream.Recv()
-		if err != nil {
-			s.t.Errorf("recv close ack: %v", err)
-			return
-		}
-		if p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
-			return
-		}
-	}
 }
 
 // watched is what one watcher received.
@@ -107,18 +66,31 @@ func watch(ctx context.Context, tc dispatchv1.TaskServiceClient, taskID string, 
 	if err != nil {
 		return false, err
 	}
-	for {
-		r, err := st.Recv()
-		if errors.Is(err, io.EOF) {
-			return true, nil
-		}
-		if err != nil {
-			return false, err
-		}
+	_, err = testutil.RecvAll(st, func(r *dispatchv1.WatchTaskResponse) {
 		w.mu.Lock()
 		w.events = append(w.events, r.GetEvent())
 		w.mu.Unlock()
+	})
+	return err == nil, err
+}
+
+// watchEach follows every task of ids from seq from(id), each on a
+// goroutine of wg, and reports each watch's end to ended.
+func watchEach(ctx context.Context, tc dispatchv1.TaskServiceClient, ids []string, wg *sync.WaitGroup,
+	from func(id string) uint64, ended func(id string, ended bool, err error),
+) map[string]*watched {
+	ws := make(map[string]*watched, len(ids))
+	for _, id := range ids {
+		w := &watched{}
+		ws[id] = w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ok, err := watch(ctx, tc, id, from(id), w)
+			ended(id, ok, err)
+		}()
 	}
+	return ws
 }
 
 func dial(t *testing.T, addr string) *grpc.ClientConn {
@@ -197,18 +169,9 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 		}
 		ids = append(ids, r.GetTaskId())
 	}
-	watchers := make(map[string]*watched, total)
 	wctx, stopWatch := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	for _, id := range ids {
-		w := &watched{}
-		watchers[id] = w
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_, _ = watch(wctx, tc1, id, 0, w)
-		}()
-	}
+	watchers := watchEach(wctx, tc1, ids, &wg, func(string) uint64 { return 0 }, func(string, bool, error) {})
 
 	// 5 slots: the first doneNow finish a task and take the next; all end up
 	// streaming one task each.
@@ -217,48 +180,42 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 	finished := map[string]bool{}
 	running := map[string]bool{}
 	for i := range slots {
-		s := openSlot(kctx, t, conn1)
-		sid, id := s.start()
-		s.content(sid, chunks, id)
+		c := testutil.Connect(t, kctx, conn1, "planner:chat")
+		s := stream(ctx, t, c, chunks)
 		if i < doneNow {
-			s.finish(sid, "answer of "+id)
-			finished[id] = true
-			sid, id = s.start()
-			s.content(sid, chunks, id)
+			if err := s.Play(ctx, testutil.Success("answer of "+s.Start.GetTaskId())); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Closed(ctx); err != nil {
+				t.Fatal(err)
+			}
+			finished[s.Start.GetTaskId()] = true
+			s = stream(ctx, t, c, chunks)
 		}
-		running[id] = true
+		running[s.Start.GetTaskId()] = true
 	}
 	// Wait until the watchers have seen everything sent: what a watcher has
 	// seen is durable (the log shows only written events).
-	deadline := time.Now().Add(20 * time.Second)
-	for id := range running {
-		for watchers[id].last() < uint64(2+chunks) { // pending, running, chunks
-			if time.Now().After(deadline) {
-				t.Fatalf("watcher of %s saw %d events", id, watchers[id].last())
+	testutil.WaitFor(t, 20*time.Second, func() bool {
+		for id := range running {
+			if watchers[id].last() < uint64(2+chunks) { // pending, running, chunks
+				return false
 			}
-			time.Sleep(5 * time.Millisecond)
 		}
-	}
-	for id := range finished {
-		for watchers[id].last() < uint64(2+chunks+2) { // + result + SUCCESS
-			if time.Now().After(deadline) {
-				t.Fatalf("watcher of finished %s saw %d", id, watchers[id].last())
+		for id := range finished {
+			if watchers[id].last() < uint64(2+chunks+2) { // + result + SUCCESS
+				return false
 			}
-			time.Sleep(5 * time.Millisecond)
 		}
-	}
+		return true
+	}, "the watchers to see every event sent")
 
 	if err := p1.cmd.Process.Signal(os.Kill); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case err := <-p1.exited:
-		p1.exited <- err
-	case <-time.After(10 * time.Second):
-		t.Fatal("not killed")
-	}
+	p1.wait(t, 10*time.Second)
 	stopWatch()
-	wg.Wait()
+	testutil.Done(t, testutil.Waited(&wg), testutil.Wait, "the watchers to stop")
 	killCommander()
 
 	// The second run keeps only 3 finished tasks in memory: the rest of the
@@ -317,40 +274,30 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 
 	// Resume every watcher from the last seq it saw, with a commander that
 	// now runs the queued tasks to the end.
-	resumed := make(map[string]*watched, total)
 	errs := make(chan error, total)
-	for _, id := range ids {
-		w := &watched{}
-		resumed[id] = w
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ended, err := watch(ctx, tc2, id, watchers[id].last(), w)
-			if err != nil || !ended {
-				errs <- fmt.Errorf("resumed watch of %s: ended=%v err=%v", id, ended, err)
-			}
-		}()
-	}
+	resumed := watchEach(ctx, tc2, ids, &wg, func(id string) uint64 { return watchers[id].last() }, func(id string, ended bool, err error) {
+		if err != nil || !ended {
+			errs <- fmt.Errorf("resumed watch of %s: ended=%v err=%v", id, ended, err)
+		}
+	})
 	cctx, stopCommander := context.WithCancel(ctx)
-	var cwg sync.WaitGroup
-	for range 8 {
-		s := openSlot(cctx, t, conn2)
-		cwg.Add(1)
+	const commanders = 8
+	served := make(chan error, commanders)
+	for range commanders {
+		c := testutil.Connect(t, cctx, conn2, "planner:chat")
 		go func() {
-			defer cwg.Done()
-			for cctx.Err() == nil {
-				sid, id := s.start()
-				if sid == "" {
-					return
-				}
-				s.content(sid, 3, id)
-				s.finish(sid, "late answer of "+id)
-			}
+			served <- c.Serve(cctx, func(st *dispatchv1.StartSession) []any {
+				return append(content(3, st.GetTaskId()), testutil.Success("late answer of "+st.GetTaskId()))
+			})
 		}()
 	}
-	wg.Wait()
+	testutil.Done(t, testutil.Waited(&wg), 30*time.Second, "the resumed watches to end")
 	stopCommander()
-	cwg.Wait()
+	for range commanders {
+		if err := testutil.Recv(t, served, testutil.Wait, "the commanders to stop"); err != nil {
+			t.Error(err)
+		}
+	}
 	close(errs)
 	for err := range errs {
 		t.Error(err)
@@ -448,6 +395,7 @@ func assertNoPlainSecret(t *testing.T, dir, secret string) {
 }
 
 func TestConfigStorageSeedEnvAndDefaults(t *testing.T) {
+	t.Parallel()
 	c, err := parseConfig(nil, env(nil), io.Discard)
 	if err != nil || c.storage != "sqlite" || c.dataDir != "./.data" || c.retention != 7*24*time.Hour {
 		t.Fatalf("defaults: %+v %v", c, err)

@@ -13,6 +13,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // toyDispatcher is the smallest dispatcher the load generator can run
@@ -45,9 +46,8 @@ type toySlot struct {
 
 type toyTask struct {
 	id      string
+	feed    testutil.Feed
 	mu      sync.Mutex
-	events  []*dispatchv1.TaskEvent
-	changed chan struct{}
 	status  agentpb.TaskStatus
 	slot    *toySlot
 	stopped bool
@@ -66,7 +66,7 @@ func newToy() *toyDispatcher {
 func (t *toyTask) append(ev *dispatchv1.TaskEvent) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	ev.TaskId, ev.Seq, ev.Time = t.id, uint64(len(t.events)+1), timestamppb.Now()
+	ev.TaskId, ev.Time = t.id, timestamppb.Now()
 	if st := ev.GetState(); st != nil {
 		t.status = st.GetStatus()
 		switch {
@@ -76,9 +76,7 @@ func (t *toyTask) append(ev *dispatchv1.TaskEvent) {
 			t.ended = ev.Time
 		}
 	}
-	t.events = append(t.events, ev)
-	close(t.changed)
-	t.changed = make(chan struct{})
+	t.feed.Append(ev)
 }
 
 func stateEv(s agentpb.TaskStatus) *dispatchv1.TaskEvent {
@@ -98,7 +96,7 @@ func (d *toyDispatcher) task(id string) (*toyTask, error) {
 func (d *toyDispatcher) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
 	d.mu.Lock()
 	d.nextID++
-	t := &toyTask{id: fmt.Sprintf("task-%d", d.nextID), changed: make(chan struct{})}
+	t := &toyTask{id: fmt.Sprintf("task-%d", d.nextID)}
 	d.tasks[t.id] = t
 	d.mu.Unlock()
 	t.append(stateEv(agentpb.TaskStatus_PENDING))
@@ -241,26 +239,9 @@ func (d *toyDispatcher) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispa
 	if err != nil {
 		return err
 	}
-	next := req.GetAfterSeq()
-	for {
-		t.mu.Lock()
-		evs, changed := t.events[next:], t.changed
-		t.mu.Unlock()
-		for _, ev := range evs {
-			if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
-				return err
-			}
-			next = ev.GetSeq()
-			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
-				return nil
-			}
-		}
-		select {
-		case <-changed:
-		case <-stream.Context().Done():
-			return stream.Context().Err()
-		}
-	}
+	return t.feed.Follow(stream.Context(), req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
+		return stream.Send(&dispatchv1.WatchTaskResponse{Event: ev})
+	})
 }
 
 func (d *toyDispatcher) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
@@ -271,7 +252,7 @@ func (d *toyDispatcher) GetTask(_ context.Context, req *dispatchv1.GetTaskReques
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return &dispatchv1.GetTaskResponse{Task: &dispatchv1.Task{TaskId: t.id, Status: t.status,
-		LastSeq: uint64(len(t.events)), StartedAt: t.started, EndedAt: t.ended}}, nil
+		LastSeq: uint64(t.feed.Len()), StartedAt: t.started, EndedAt: t.ended}}, nil
 }
 
 // toyAgent is the seed-000 API of the toy: GetAgentInfo only.

@@ -10,10 +10,10 @@ import (
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/test/bufconn"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -22,16 +22,14 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // and returns its exit status and its parsed --json result.
 func runAgainstToy(t *testing.T, toy *toyDispatcher, args ...string) (int, result, string) {
 	t.Helper()
-	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer()
-	dispatchv1.RegisterTaskServiceServer(srv, toy)
-	dispatchv1.RegisterAgentInteractionServer(srv, toy)
-	agentpb.RegisterAgentServer(srv, toyAgent{d: toy})
-	go srv.Serve(lis)
-	defer srv.Stop()
+	g := testutil.ServeGRPC(t, func(srv *grpc.Server) {
+		dispatchv1.RegisterTaskServiceServer(srv, toy)
+		dispatchv1.RegisterAgentInteractionServer(srv, toy)
+		agentpb.RegisterAgentServer(srv, toyAgent{d: toy})
+	})
 	var stdout, stderr bytes.Buffer
 	e := &env{stdout: &stdout, stderr: &stderr, dialOptions: []grpc.DialOption{
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return g.Listener().DialContext(ctx) }),
 	}}
 	code := realMain(t.Context(), append([]string{"--addr", "127.0.0.1:1", "--json"}, args...), e)
 	var res result

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -124,19 +126,18 @@ func getStats(t *testing.T, ts *httptest.Server) statsDoc {
 // everything can ask before the record says so.
 func settledStats(t *testing.T, ts *httptest.Server) statsDoc {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		doc := getStats(t, ts)
-		if doc.Active == 0 || time.Now().After(deadline) {
-			return doc
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	var doc statsDoc
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		doc = getStats(t, ts)
+		return doc.Active == 0
+	}, "no active stream in /stats")
+	return doc
 }
 
 const userMsg = `"messages":[{"role":"user","content":"hello there"}]`
 
 func TestStreamGeneratedWithUsage(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 5, ReasoningTokens: 2})
 	resp := post(t, t.Context(), ts, `{"model":"m1","stream":true,"stream_options":{"include_usage":true},`+userMsg+`}`)
 	defer resp.Body.Close()
@@ -178,6 +179,7 @@ func TestStreamGeneratedWithUsage(t *testing.T) {
 }
 
 func TestStreamWithoutUsageOption(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 3})
 	resp := post(t, t.Context(), ts, `{"stream":true,`+userMsg+`}`)
 	defer resp.Body.Close()
@@ -193,6 +195,7 @@ func TestStreamWithoutUsageOption(t *testing.T) {
 }
 
 func TestTokenRatePacesTheStream(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 11, TokensPerSec: 100})
 	began := time.Now()
 	resp := post(t, t.Context(), ts, `{"stream":true,`+userMsg+`}`)
@@ -207,6 +210,7 @@ func TestTokenRatePacesTheStream(t *testing.T) {
 }
 
 func TestClientCloseIsRecorded(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 1000, TokensPerSec: 200})
 	ctx, cancel := context.WithCancel(t.Context())
 	resp := post(t, ctx, ts, `{"stream":true,`+userMsg+`}`)
@@ -224,22 +228,15 @@ func TestClientCloseIsRecorded(t *testing.T) {
 	cancel()
 	resp.Body.Close()
 
-	var r streamRecord
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		doc := getStats(t, ts)
-		if doc.ClientClosed == 1 {
-			r = doc.Streams[0]
-			if doc.Active != 0 || doc.Completed != 0 {
-				t.Fatalf("stats %+v", doc)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("close never recorded: %+v", doc)
-		}
-		time.Sleep(10 * time.Millisecond)
+	var doc statsDoc
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		doc = getStats(t, ts)
+		return doc.ClientClosed == 1
+	}, "the client's close recorded in /stats")
+	if doc.Active != 0 || doc.Completed != 0 {
+		t.Fatalf("stats %+v", doc)
 	}
+	r := doc.Streams[0]
 	if r.Outcome != outcomeClientClosed || r.CloseCause == "" || r.Chunks < 4 || r.Chunks > 100 || r.Tokens >= r.PlannedTokens {
 		t.Fatalf("record %+v", r)
 	}
@@ -256,6 +253,7 @@ const script = `[
 ]`
 
 func TestScriptReplaysTurnsAndToolCalls(t *testing.T) {
+	t.Parallel()
 	resps, err := parseScript([]byte(script))
 	if err != nil {
 		t.Fatal(err)
@@ -309,6 +307,7 @@ func TestScriptReplaysTurnsAndToolCalls(t *testing.T) {
 }
 
 func TestNonStreaming(t *testing.T) {
+	t.Parallel()
 	resps, _ := parseScript([]byte(script))
 	_, ts := start(t, config{Script: resps})
 	resp := post(t, t.Context(), ts, `{"model":"x","tools":[{"type":"function"}],`+
@@ -345,6 +344,7 @@ func TestNonStreaming(t *testing.T) {
 }
 
 func TestMaxTokensCapsTheAnswer(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 50, ReasoningTokens: 2})
 	resp := post(t, t.Context(), ts, `{"stream":true,"max_tokens":5,`+userMsg+`}`)
 	defer resp.Body.Close()
@@ -356,6 +356,7 @@ func TestMaxTokensCapsTheAnswer(t *testing.T) {
 }
 
 func TestModelsErrorsAndReset(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Model: "bench-model", Tokens: 1})
 	resp, err := ts.Client().Get(ts.URL + "/v1/models")
 	if err != nil {
@@ -399,6 +400,7 @@ func TestModelsErrorsAndReset(t *testing.T) {
 }
 
 func TestRecordsAreBounded(t *testing.T) {
+	t.Parallel()
 	_, ts := start(t, config{Tokens: 0, MaxRecords: 3})
 	for range 5 {
 		resp := post(t, t.Context(), ts, `{"stream":true,`+userMsg+`}`)
@@ -412,6 +414,7 @@ func TestRecordsAreBounded(t *testing.T) {
 }
 
 func TestParseScript(t *testing.T) {
+	t.Parallel()
 	if r, err := parseScript([]byte(`{"responses":[{"content":"a"}]}`)); err != nil || len(r) != 1 || r[0].Content != "a" {
 		t.Fatalf("object form: %v %v", r, err)
 	}
@@ -427,6 +430,7 @@ func TestParseScript(t *testing.T) {
 }
 
 func TestSplitTokensRoundTrips(t *testing.T) {
+	t.Parallel()
 	for _, s := range []string{"", "one", "Hello world", "  lead\nand  trail  ", "日本語 テキスト"} {
 		toks := splitTokens(s)
 		if strings.Join(toks, "") != s {

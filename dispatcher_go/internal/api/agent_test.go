@@ -2,8 +2,6 @@ package api
 
 import (
 	"context"
-	"errors"
-	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -15,51 +13,35 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // Seed 000 "streaming example": RunAgentInstruction streams TaskStream
 // until the task ends.
 func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{Version: "1.2.3"})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{Version: "1.2.3"})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	stream, err := h.agent.RunAgentInstruction(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "Open a calculator and compute 1 + 1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	type result struct {
-		stages []string
-		taskID string
-		err    error
+	done := testutil.Async(func() ([]*agentpb.TaskStream, error) { return testutil.RecvAll(stream, nil) })
+	playChat(t, c, "2")
+	r := testutil.Recv(t, done, testutil.Wait, "the end of RunAgentInstruction's stream")
+	if r.Err != nil {
+		t.Fatal(r.Err)
 	}
-	done := make(chan result, 1)
-	go func() {
-		var r result
-		for {
-			ev, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			if err != nil {
-				r.err = err
-				break
-			}
-			if ev.GetTimestamp() == nil || ev.GetTaskId() == "" {
-				r.err = errors.New("event without id or timestamp")
-				break
-			}
-			r.taskID = ev.GetTaskId()
-			r.stages = append(r.stages, ev.GetStage()+"="+ev.GetMessage())
+	var stages []string
+	var taskID string
+	for _, ev := range r.V {
+		if ev.GetTimestamp() == nil || ev.GetTaskId() == "" {
+			t.Fatalf("event without id or timestamp: %v", ev)
 		}
-		done <- r
-	}()
-	playScript(t, c, "2")
-	r := <-done
-	if r.err != nil {
-		t.Fatal(r.err)
+		taskID = ev.GetTaskId()
+		stages = append(stages, ev.GetStage()+"="+ev.GetMessage())
 	}
-	stages, taskID := r.stages, r.taskID
 	got := strings.Join(stages, " | ")
 	want := `pending=queued | running=running | thought=I should add | tool_call=calculator({"expression":"1 + 1"}) | tool_result={"expression":"1 + 1","result":2} | content=2 | final=2`
 	if got != want {
@@ -75,11 +57,26 @@ func TestRunAgentInstructionStreamsUntilTheEnd(t *testing.T) {
 	}
 }
 
+// taskStages follows the seed-000 task stream of id to its end and lists
+// its stages.
+func taskStages(ctx context.Context, h *harness, id string) ([]string, error) {
+	s, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: id})
+	if err != nil {
+		return nil, err
+	}
+	evs, err := testutil.RecvAll(s, nil)
+	var stages []string
+	for _, ev := range evs {
+		stages = append(stages, ev.GetTaskStream().GetStage())
+	}
+	return stages, err
+}
+
 // Seed 000 "async lifecycle": RunAgentInstructionAsync, then stream and poll
 // concurrently; a late stream on a finished task replays and ends.
 func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 	start, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "Create a new text document"})
 	if err != nil || start.GetTaskId() == "" {
 		t.Fatalf("async: %v %v", start, err)
@@ -90,98 +87,58 @@ func TestAsyncLifecycleStreamAndPollTogether(t *testing.T) {
 		t.Fatalf("no commander yet: want PENDING, got %v", st.GetStatus())
 	}
 
-	var wg sync.WaitGroup
-	var streamed []string
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		s, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: id})
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		for {
-			ev, err := s.Recv()
-			if err != nil {
-				if !errors.Is(err, io.EOF) {
-					t.Error(err)
-				}
-				return
-			}
-			streamed = append(streamed, ev.GetTaskStream().GetStage())
-		}
-	}()
+	// The stream, the session and the polls run at the same time.
+	streamed := testutil.Async(func() ([]string, error) { return taskStages(ctx, h, id) })
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	played := testutil.Async(func() (struct{}, error) { return struct{}{}, chat(ctx, c, "done") })
 	var final *agentpb.QueryTaskStatusResponse
-	go func() {
-		defer wg.Done()
-		for {
-			st, err := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: id})
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			if st.GetStatus() == agentpb.TaskStatus_SUCCESS || st.GetStatus() == agentpb.TaskStatus_FAILURE || st.GetStatus() == agentpb.TaskStatus_CANCELLED {
-				final = st
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}()
-	c := h.commander(ctx, "planner:chat")
-	playScript(t, c, "done")
-	wg.Wait()
-	if final.GetResult() != "done" || final.GetExecutionStatistics().GetInputTokens() != 100 {
-		t.Fatalf("final %v", final)
-	}
-	if streamed[0] != "pending" || streamed[len(streamed)-1] != "final" {
-		t.Fatalf("streamed %v", streamed)
-	}
-	// Late subscriber: history then the end, no hang.
-	s, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var late []string
-	for {
-		ev, err := s.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		st, err := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: id})
 		if err != nil {
 			t.Fatal(err)
 		}
-		late = append(late, ev.GetTaskStream().GetStage())
+		final = st
+		return isTerminal(st.GetStatus())
+	}, "task %s to end", id)
+	if r := testutil.Recv(t, played, testutil.Wait, "the session to close"); r.Err != nil {
+		t.Fatal(r.Err)
 	}
-	if strings.Join(late, ",") != strings.Join(streamed, ",") {
-		t.Fatalf("replay %v != live %v", late, streamed)
+	if final.GetResult() != "done" || final.GetExecutionStatistics().GetInputTokens() != 100 {
+		t.Fatalf("final %v", final)
+	}
+	live := testutil.Recv(t, streamed, testutil.Wait, "the end of the task stream")
+	if live.Err != nil || len(live.V) == 0 || live.V[0] != "pending" || live.V[len(live.V)-1] != "final" {
+		t.Fatalf("streamed %v %v", live.V, live.Err)
+	}
+	// Late subscriber: history then the end, no hang.
+	late, err := taskStages(ctx, h, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(late, ",") != strings.Join(live.V, ",") {
+		t.Fatalf("replay %v != live %v", late, live.V)
 	}
 }
 
 // Seed 000 "cancel": truthful success and message.
 func TestCancelTaskIsTruthful(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "long job"})
-	sid, _ := c.start()
-	c.send(up(sid, &dispatchv1.ContentChunk{Text: "working"}))
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "working"}))
 
-	type cancelResult struct {
-		resp *agentpb.CancelTaskResponse
-		err  error
-	}
-	cancelled := make(chan cancelResult, 1)
-	go func() {
-		resp, err := h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
-		cancelled <- cancelResult{resp, err}
-	}()
-	p := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil })
+	cancelled := testutil.Async(func() (*agentpb.CancelTaskResponse, error) {
+		return h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
+	})
+	p := c.RecvUntil(isStop)
 	if p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 		t.Errorf("stop %v", p.GetStop())
 	}
-	c.send(up(sid, &dispatchv1.Stopped{Reason: "cancelled", FinalUsage: &dispatchv1.Usage{InputTokens: 7}}))
-	cr := <-cancelled
-	resp, err := cr.resp, cr.err
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "cancelled", FinalUsage: &dispatchv1.Usage{InputTokens: 7}}))
+	cr := testutil.Recv(t, cancelled, testutil.Wait, "CancelTask to return")
+	resp, err := cr.V, cr.Err
 	if err != nil || !resp.GetSuccess() || resp.GetTaskId() != start.GetTaskId() {
 		t.Fatalf("cancel %v %v", resp, err)
 	}
@@ -198,7 +155,7 @@ func TestCancelTaskIsTruthful(t *testing.T) {
 		t.Fatalf("unknown %v %v", unknown, err)
 	}
 	// A pending task is dequeued.
-	c.cancel()
+	c.Cancel()
 	waitSlots(t, h, 0)
 	pending, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
 	resp, _ = h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: pending.GetTaskId()})
@@ -209,48 +166,37 @@ func TestCancelTaskIsTruthful(t *testing.T) {
 
 func waitSlots(t *testing.T, h *harness, n int) {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for h.d.Scheduler().SlotCount() != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("slots %d, want %d", h.d.Scheduler().SlotCount(), n)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	testutil.WaitFor(t, testutil.Wait, func() bool { return h.d.Scheduler().SlotCount() == n }, "%d slots", n)
 }
 
 func TestClientGoneCancelsRunAgentInstruction(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	cctx, cancel := context.WithCancel(ctx)
 	stream, err := h.agent.RunAgentInstruction(cctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid, st := c.start()
+	sid, st := c.Start()
 	if _, err := stream.Recv(); err != nil {
 		t.Fatal(err)
 	}
 	cancel()
-	p := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil })
+	p := c.RecvUntil(isStop)
 	if p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 		t.Fatalf("stop %v", p)
 	}
-	c.send(up(sid, &dispatchv1.Stopped{}))
-	q, _ := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: st.GetTaskId()})
-	for q.GetStatus() == agentpb.TaskStatus_RUNNING {
-		time.Sleep(5 * time.Millisecond)
-		q, _ = h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: st.GetTaskId()})
-	}
-	if q.GetStatus() != agentpb.TaskStatus_CANCELLED {
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{}))
+	if q := waitTerminal(t, h, st.GetTaskId()); q.GetStatus() != agentpb.TaskStatus_CANCELLED {
 		t.Fatalf("status %v", q)
 	}
 }
 
 // Seed 000 "config updates": set, read back masked, per-task override.
 func TestConfigSetGetMaskAndOverride(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 	llm, err := h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "doubao-1-5-ui-tars-250428", ApiKey: proto.String("sk-ground-key-1234")}})
 	if err != nil || llm.GetModelName() != "doubao-1-5-ui-tars-250428" || llm.GetApiKey() != "****1234" {
 		t.Fatalf("grounding %v %v", llm, err)
@@ -287,7 +233,7 @@ func TestConfigSetGetMaskAndOverride(t *testing.T) {
 	wantCode(t, err, codes.NotFound)
 
 	// The override reaches the commander with secrets, for that task only.
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{
 		Instruction: "x",
 		RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(3), StageModelConfig: &agentpb.StageModelConfig{
@@ -297,7 +243,7 @@ func TestConfigSetGetMaskAndOverride(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, ss := c.start()
+	_, ss := c.Start()
 	cfg := ss.GetConfig()
 	if cfg.GetSteps() != 3 || cfg.GetBackend() != "lybic" || cfg.GetAuthorizationInfo().GetApiKey() != "sk_live_abcdefgh" ||
 		cfg.GetStageModelConfig().GetActionGeneratorModel().GetApiKey() != "sk-per-task-9876" ||
@@ -315,20 +261,20 @@ func TestConfigSetGetMaskAndOverride(t *testing.T) {
 }
 
 func TestGetAgentInfoCountsRealSlots(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{Version: "9.9.9", LogLevel: "debug"})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{Version: "9.9.9", LogLevel: "debug"})
 	info, _ := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	if info.GetMaxConcurrentTasks() != 0 || info.GetVersion() != "9.9.9" || info.GetLogLevel() != "debug" {
 		t.Fatalf("info %v", info)
 	}
-	a := h.commander(ctx, "planner:chat")
-	h.commander(ctx, "planner:chat")
-	h.commander(ctx, "planner:gui")
+	a := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	testutil.Connect(t, ctx, h.conn, "planner:chat")
+	testutil.Connect(t, ctx, h.conn, "planner:gui")
 	info, _ = h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	if info.GetMaxConcurrentTasks() != 3 {
 		t.Fatalf("slots %d", info.GetMaxConcurrentTasks())
 	}
-	a.cancel()
+	a.Cancel()
 	waitSlots(t, h, 2)
 	info, _ = h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	if info.GetMaxConcurrentTasks() != 2 {
@@ -337,48 +283,59 @@ func TestGetAgentInfoCountsRealSlots(t *testing.T) {
 }
 
 func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "write an essay"})
 	watch, err := h.agent.GetAgentTaskStream(ctx, &agentpb.GetAgentTaskStreamRequest{TaskId: start.GetTaskId()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid, _ := c.start()
+	flowing := make(chan struct{})
+	var once sync.Once
+	watched := testutil.Async(func() ([]*agentpb.GetAgentTaskStreamResponse, error) {
+		return testutil.RecvAll(watch, func(ev *agentpb.GetAgentTaskStreamResponse) {
+			if ev.GetTaskStream().GetStage() == "content" {
+				once.Do(func() { close(flowing) })
+			}
+		})
+	})
+	sid, _ := c.Start()
 	// The commander streams content without pause and keeps going for a
-	// while after the stop (a misbehaving planner).
-	cancelDone := make(chan error, 1)
-	go func() {
-		time.Sleep(30 * time.Millisecond)
-		_, err := h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
-		cancelDone <- err
-	}()
-	stopSeen := false
-	for !stopSeen {
-		c.send(up(sid, &dispatchv1.ContentChunk{Text: "word "}))
+	// while after the stop (a misbehaving planner). The client cancels
+	// once the content reaches it.
+	cancelDone := testutil.Async(func() (*agentpb.CancelTaskResponse, error) {
 		select {
-		case p := <-c.in:
+		case <-flowing:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
+	})
+	timeout := time.After(testutil.Wait)
+	for stopSeen := false; !stopSeen; {
+		c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "word "}))
+		select {
+		case p := <-c.Packets():
 			stopSeen = p.GetStop() != nil
+		case <-timeout:
+			t.Fatal("no stop while streaming")
 		default:
 		}
 	}
 	for range 50 {
-		c.send(up(sid, &dispatchv1.ContentChunk{Text: "AFTER-STOP "}))
+		c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "AFTER-STOP "}))
 	}
-	c.send(up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-	if err := <-cancelDone; err != nil {
-		t.Fatal(err)
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
+	if r := testutil.Recv(t, cancelDone, testutil.Wait, "CancelTask to return"); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	w := testutil.Recv(t, watched, testutil.Wait, "the end of the task stream")
+	if w.Err != nil {
+		t.Fatal(w.Err)
 	}
 	var afterStop bool
-	for {
-		ev, err := watch.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, ev := range w.V {
 		ts := ev.GetTaskStream()
 		if ts.GetStage() == "stop" {
 			afterStop = true
@@ -398,16 +355,16 @@ func TestStopMidGenerationNoContentReachesClients(t *testing.T) {
 // A commander that ignores the stop loses its stream (ABORTED) after the
 // grace; the cancel still reports the truth.
 func TestIgnoredStopAbortsStream(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 150 * time.Millisecond}})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 150 * time.Millisecond}})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	start, _ := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
-	c.start()
+	c.Start()
 	resp, err := h.agent.CancelTask(ctx, &agentpb.CancelTaskRequest{TaskId: start.GetTaskId()})
 	if err != nil || !resp.GetSuccess() {
 		t.Fatalf("cancel %v %v", resp, err)
 	}
-	wantCode(t, c.ended(), codes.Aborted)
+	wantCode(t, c.Ended(), codes.Aborted)
 	st, _ := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
 	if st.GetStatus() != agentpb.TaskStatus_CANCELLED || !strings.Contains(st.GetMessage(), "did not acknowledge") {
 		t.Fatalf("status %v", st)

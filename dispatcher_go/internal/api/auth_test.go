@@ -12,6 +12,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 var errSecret = errors.New("dial postgres://admin:sk-very-secret@db")
@@ -19,8 +20,8 @@ var errSecret = errors.New("dial postgres://admin:sk-very-secret@db")
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
 
 func TestAuthSeparateTokens(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "client-secret", CommanderToken: "commander-secret"}})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "client-secret", CommanderToken: "commander-secret"}})
 
 	_, err := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{})
 	wantCode(t, err, codes.Unauthenticated)
@@ -38,14 +39,14 @@ func TestAuthSeparateTokens(t *testing.T) {
 	}
 
 	// Commander services want the commander token.
-	c := h.openChat(bearer(ctx, "client-secret"))
-	wantCode(t, c.ended(), codes.Unauthenticated)
+	c := testutil.OpenChat(t, bearer(ctx, "client-secret"), h.conn)
+	wantCode(t, c.Ended(), codes.Unauthenticated)
 	p, err := h.tools.Connect(ctx)
 	if err == nil {
 		_, err = p.Recv()
 	}
 	wantCode(t, err, codes.Unauthenticated)
-	h.commander(bearer(ctx, "commander-secret"), "planner:chat")
+	testutil.Connect(t, bearer(ctx, "commander-secret"), h.conn, "planner:chat")
 	if h.d.Scheduler().SlotCount() != 1 {
 		t.Fatal("authorised commander not registered")
 	}
@@ -83,8 +84,9 @@ func TestAuthSeparateTokens(t *testing.T) {
 }
 
 func TestNoTokenMeansOpen(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	if _, err := h.agent.GetAgentInfo(ctxT(t), &agentpb.GetAgentInfoRequest{}); err != nil {
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	if _, err := h.agent.GetAgentInfo(ctx, &agentpb.GetAgentInfoRequest{}); err != nil {
 		t.Fatal(err)
 	}
 }

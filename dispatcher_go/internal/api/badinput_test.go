@@ -2,24 +2,25 @@ package api
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc/codes"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // Each bad input gets the right status or error packet, and the dispatcher
 // keeps serving everyone else: a healthy commander runs a whole task after
 // all of them.
 func TestBadInputs(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
-	ctx := ctxT(t)
-	healthy := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
+	healthy := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	t.Run("empty instruction", func(t *testing.T) {
 		_, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: ""})
@@ -55,11 +56,11 @@ func TestBadInputs(t *testing.T) {
 	})
 
 	t.Run("message over size limit", func(t *testing.T) {
-		big := h.commander(ctx, "planner:big")
+		big := testutil.Connect(t, ctx, h.conn, "planner:big")
 		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
-		sid, _ := big.start()
-		big.send(up(sid, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 100<<10)}))
-		wantCode(t, big.ended(), codes.ResourceExhausted)
+		sid, _ := big.Start()
+		big.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 100<<10)}))
+		wantCode(t, big.Ended(), codes.ResourceExhausted)
 		got := waitTerminal(t, h, sub.GetTaskId())
 		if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(got.GetMessage(), "commander connection lost: ") {
 			t.Fatalf("task %v", got)
@@ -70,52 +71,52 @@ func TestBadInputs(t *testing.T) {
 	})
 
 	t.Run("packet before hello", func(t *testing.T) {
-		c := h.openChat(ctx)
-		c.send(up("", &dispatchv1.ContentChunk{Text: "hi"}))
-		wantCode(t, c.ended(), codes.FailedPrecondition)
+		c := testutil.OpenChat(t, ctx, h.conn)
+		c.Send(testutil.Up("", &dispatchv1.ContentChunk{Text: "hi"}))
+		wantCode(t, c.Ended(), codes.FailedPrecondition)
 	})
 
 	t.Run("upstream packet with no payload", func(t *testing.T) {
-		c := h.commander(ctx, "planner:other")
-		c.send(&dispatchv1.UpstreamPacket{SessionId: "whatever"})
-		a := c.recv().GetAck()
+		c := testutil.Connect(t, ctx, h.conn, "planner:other")
+		c.Send(testutil.Up("whatever", nil))
+		a := c.Recv().GetAck()
 		if a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || !strings.Contains(a.GetDetail(), "no payload") {
 			t.Fatalf("ack %v", a)
 		}
 	})
 
 	t.Run("content for an unknown session", func(t *testing.T) {
-		c := h.commander(ctx, "planner:other")
-		c.send(up("ses-made-up", &dispatchv1.ContentChunk{Text: "late"}))
-		p := c.recv()
+		c := testutil.Connect(t, ctx, h.conn, "planner:other")
+		c.Send(testutil.Up("ses-made-up", &dispatchv1.ContentChunk{Text: "late"}))
+		p := c.Recv()
 		if p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || p.GetSessionId() != "ses-made-up" {
 			t.Fatalf("ack %v", p)
 		}
-		c.send(up("ses-made-up", &dispatchv1.ToolCallRequest{CallId: "x", ToolName: "echo"}))
-		if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
+		c.Send(testutil.Up("ses-made-up", &dispatchv1.ToolCallRequest{CallId: "x", ToolName: "echo"}))
+		if a := c.Recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
 			t.Fatalf("tool call for unknown session: %v", a)
 		}
 	})
 
 	t.Run("unknown tool and arguments not JSON", func(t *testing.T) {
-		c := h.commander(ctx, "planner:tools")
+		c := testutil.Connect(t, ctx, h.conn, "planner:tools")
 		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "tools"})
-		sid, _ := c.start()
-		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "u", ToolName: "rm_rf", ArgumentsJson: `{}`}))
-		if r := c.recv().GetToolResult(); r.GetCallId() != "u" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL {
+		sid, _ := c.Start()
+		c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "u", ToolName: "rm_rf", ArgumentsJson: `{}`}))
+		if r := c.Recv().GetToolResult(); r.GetCallId() != "u" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL {
 			t.Fatalf("unknown tool %v", r)
 		}
-		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "j", ToolName: "calculator", ArgumentsJson: `{"expression": "1+1"`}))
-		if r := c.recv().GetToolResult(); r.GetCallId() != "j" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS {
+		c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "j", ToolName: "calculator", ArgumentsJson: `{"expression": "1+1"`}))
+		if r := c.Recv().GetToolResult(); r.GetCallId() != "j" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS {
 			t.Fatalf("not JSON %v", r)
 		}
 		// The session goes on.
-		c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "ok", ToolName: "calculator", ArgumentsJson: `{"expression":"2+2"}`}))
-		if r := c.recv().GetToolResult(); r.GetError() != nil {
+		c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "ok", ToolName: "calculator", ArgumentsJson: `{"expression":"2+2"}`}))
+		if r := c.Recv().GetToolResult(); r.GetError() != nil {
 			t.Fatalf("good call after bad ones: %v", r)
 		}
-		c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "4"}))
-		c.recv()
+		c.Send(testutil.Up(sid, testutil.Success("4")))
+		c.Recv()
 		got, _ := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: sub.GetTaskId()})
 		if got.GetTask().GetStatus() != agentpb.TaskStatus_SUCCESS {
 			t.Fatalf("task %v", got.GetTask())
@@ -127,7 +128,7 @@ func TestBadInputs(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		playScript(t, healthy, "yes")
+		playChat(t, healthy, "yes")
 		st, _ := h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: sub.GetTaskId()})
 		if st.GetStatus() != agentpb.TaskStatus_SUCCESS {
 			t.Fatalf("status %v", st)
@@ -142,25 +143,36 @@ func isTerminal(s agentpb.TaskStatus) bool {
 // waitTerminal polls GetTask until the task has ended.
 func waitTerminal(t *testing.T, h *harness, id string) *dispatchv1.Task {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for {
-		got, err := h.tasks.GetTask(ctxT(t), &dispatchv1.GetTaskRequest{TaskId: id})
+	return waitTask(t, h, id, "to end", func(tk *dispatchv1.Task) bool { return isTerminal(tk.GetStatus()) })
+}
+
+// waitTask polls GetTask until ok accepts the task, and returns it; what
+// says what is awaited ("to end").
+func waitTask(t *testing.T, h *harness, id, what string, ok func(*dispatchv1.Task) bool) *dispatchv1.Task {
+	t.Helper()
+	ctx := testutil.Context(t, testTimeout)
+	seen := &lastTask{}
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		r, err := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: id})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if isTerminal(got.GetTask().GetStatus()) {
-			return got.GetTask()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("task still %v", got.GetTask().GetStatus())
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		seen.tk = r.GetTask()
+		return ok(seen.tk)
+	}, "task %s %s; it is %v", id, what, seen)
+	return seen.tk
+}
+
+// lastTask prints the task a wait saw last, when the wait fails.
+type lastTask struct{ tk *dispatchv1.Task }
+
+func (l *lastTask) String() string {
+	return fmt.Sprintf("%v (%s)", l.tk.GetStatus(), l.tk.GetMessage())
 }
 
 func TestQueueFullIsResourceExhausted(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{Limits: dispatcher.Limits{QueueSize: 2}})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{Limits: dispatcher.Limits{QueueSize: 2}})
 	for range 2 {
 		if _, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"}); err != nil {
 			t.Fatal(err)
@@ -173,6 +185,7 @@ func TestQueueFullIsResourceExhausted(t *testing.T) {
 }
 
 func TestUnknownErrorsDoNotLeak(t *testing.T) {
+	t.Parallel()
 	err := toStatus(discard(), context.Canceled)
 	wantCode(t, err, codes.Canceled)
 	err = toStatus(discard(), errSecret)

@@ -11,19 +11,19 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // Drain: NOT_SERVING, no new work, running work gets the drain time, then a
 // SHUTDOWN stop, then every stream ends.
 func TestDrain(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	finisher := h.commander(ctx, "planner:fast")
-	stubborn := h.commander(ctx, "planner:slow")
+	h, ctx := newHarness(t, dispatcher.Config{})
+	finisher := testutil.Connect(t, ctx, h.conn, "planner:fast")
+	stubborn := testutil.Connect(t, ctx, h.conn, "planner:slow")
 	fast, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "fast"})
 	slow, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "slow"})
-	fsid, _ := finisher.start()
-	ssid, _ := stubborn.start()
+	fsid, _ := finisher.Start()
+	ssid, _ := stubborn.Start()
 	watch, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: slow.GetTaskId()})
 	if err != nil {
 		t.Fatal(err)
@@ -36,47 +36,35 @@ func TestDrain(t *testing.T) {
 		h.d.Drain(dctx)
 		close(drained)
 	}()
-	deadline := time.Now().Add(wait)
-	for {
+	testutil.WaitFor(t, testutil.Wait, func() bool {
 		hr, err := h.health.Check(ctx, &healthpb.HealthCheckRequest{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if hr.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("health still SERVING while draining")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return hr.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING
+	}, "health NOT_SERVING while draining")
 	_, err = h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "new work"})
 	wantCode(t, err, codes.Unavailable)
 
 	// One finishes within the drain time.
-	finisher.send(up(fsid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "ok"}))
+	finisher.Send(testutil.Up(fsid, testutil.Success("ok")))
 	// The other is stopped when the time is up, and obeys.
-	stop := stubborn.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
+	stop := stubborn.RecvUntil(isStop).GetStop()
 	if stop.GetCode() != dispatchv1.StopCode_STOP_CODE_SHUTDOWN {
 		t.Fatalf("stop %v", stop)
 	}
-	stubborn.send(up(ssid, &dispatchv1.Stopped{Reason: "shutdown"}))
-	select {
-	case <-drained:
-	case <-time.After(wait):
-		t.Fatal("Drain did not return")
-	}
+	stubborn.Send(testutil.Up(ssid, &dispatchv1.Stopped{Reason: "shutdown"}))
+	testutil.Done(t, drained, testutil.Wait, "Drain to return")
 	if st := waitTerminal(t, h, fast.GetTaskId()); st.GetStatus() != agentpb.TaskStatus_SUCCESS {
 		t.Fatalf("fast %v", st)
 	}
 	if st := waitTerminal(t, h, slow.GetTaskId()); st.GetStatus() != agentpb.TaskStatus_FAILURE || st.GetMessage() != "dispatcher shutting down" {
 		t.Fatalf("slow %v", st)
 	}
-	wantCode(t, finisher.ended(), codes.Unavailable)
-	wantCode(t, stubborn.ended(), codes.Unavailable)
-	for {
-		if _, err := watch.Recv(); err != nil {
-			break // the task ended, so the watch ended (EOF)
-		}
+	wantCode(t, finisher.Ended(), codes.Unavailable)
+	wantCode(t, stubborn.Ended(), codes.Unavailable)
+	// The task ended, so the watch ends.
+	if _, err := testutil.RecvAll(watch, nil); err != nil {
+		t.Fatalf("watch ended with %v, want EOF", err)
 	}
 }

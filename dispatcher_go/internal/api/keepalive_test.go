@@ -1,7 +1,6 @@
 package api
 
 import (
-	"context"
 	"net"
 	"strings"
 	"sync"
@@ -13,8 +12,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
-	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // freezeProxy forwards TCP until frozen; then it holds the connections open
@@ -22,7 +21,7 @@ import (
 // only keepalive can detect (no FIN, no RST).
 type freezeProxy struct {
 	lis    net.Listener
-	target string
+	dial   func() (net.Conn, error) // to the server
 	frozen atomic.Bool
 	done   chan struct{}
 	wg     sync.WaitGroup
@@ -30,16 +29,16 @@ type freezeProxy struct {
 	conns  []net.Conn
 }
 
-func newFreezeProxy(t *testing.T, target string) *freezeProxy {
+func newFreezeProxy(t *testing.T, dial func() (net.Conn, error)) *freezeProxy {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &freezeProxy{lis: lis, target: target, done: make(chan struct{})}
+	p := &freezeProxy{lis: lis, dial: dial, done: make(chan struct{})}
 	p.wg.Add(1)
 	go p.accept()
-	t.Cleanup(p.close)
+	t.Cleanup(func() { p.close(t) })
 	return p
 }
 
@@ -50,7 +49,7 @@ func (p *freezeProxy) accept() {
 		if err != nil {
 			return
 		}
-		s, err := net.Dial("tcp", p.target)
+		s, err := p.dial()
 		if err != nil {
 			c.Close()
 			continue
@@ -84,7 +83,7 @@ func (p *freezeProxy) pipe(dst, src net.Conn) {
 	}
 }
 
-func (p *freezeProxy) close() {
+func (p *freezeProxy) close(t *testing.T) {
 	close(p.done)
 	p.lis.Close()
 	p.mu.Lock()
@@ -92,7 +91,7 @@ func (p *freezeProxy) close() {
 		c.Close()
 	}
 	p.mu.Unlock()
-	p.wg.Wait()
+	testutil.Done(t, testutil.Waited(&p.wg), testutil.Wait, "the proxy to stop")
 }
 
 // A commander that goes silent (no FIN/RST) is noticed by the server's
@@ -101,81 +100,40 @@ func (p *freezeProxy) close() {
 // server ping interval is 1 s, so the test runs with 1 s + 0.5 s.
 func TestKeepaliveDetectsDeadCommander(t *testing.T) {
 	ka := dispatcher.Keepalive{Time: time.Second, Timeout: 500 * time.Millisecond, MinTime: 100 * time.Millisecond}
-	d, err := dispatcher.New(dispatcher.Config{GRPC: dispatcher.GRPC{Keepalive: ka}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := New(d)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(s.ServerOptions()...)
-	s.Register(gs)
-	go func() { _ = gs.Serve(lis) }()
-	t.Cleanup(func() {
-		d.Close()
-		gs.Stop()
-	})
-	proxy := newFreezeProxy(t, lis.Addr().String())
-
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
+	h, ctx := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{Keepalive: ka}})
+	proxy := newFreezeProxy(t, h.g.Listener().Dial)
 	viaProxy, err := grpc.NewClient(proxy.lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer viaProxy.Close()
-	direct, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c := testutil.Connect(t, ctx, viaProxy, "planner:chat")
+	start, err := h.agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer direct.Close()
-
-	cctx, ccancel := context.WithCancel(ctx)
-	defer ccancel()
-	stream, err := dispatchv1.NewAgentInteractionClient(viaProxy).ChatStream(cctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = stream.Send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "doomed", Capabilities: []string{"planner:chat"}}}})
-	if p, err := stream.Recv(); err != nil || p.GetAck() == nil {
-		t.Fatalf("hello ack %v %v", p, err)
-	}
-	agent := agentpb.NewAgentClient(direct)
-	start, err := agent.RunAgentInstructionAsync(ctx, &agentpb.RunAgentInstructionRequest{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p, err := stream.Recv(); err != nil || p.GetStart() == nil {
-		t.Fatalf("start %v %v", p, err)
-	}
+	c.Start()
 
 	proxy.frozen.Store(true)
 	frozenAt := time.Now()
-	for {
-		st, err := agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
+	var st *agentpb.QueryTaskStatusResponse
+	testutil.WaitFor(t, 10*time.Second, func() bool {
+		st, err = h.agent.QueryTaskStatus(ctx, &agentpb.QueryTaskStatusRequest{TaskId: start.GetTaskId()})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if st.GetStatus() == agentpb.TaskStatus_FAILURE {
-			took := time.Since(frozenAt)
-			if !strings.HasPrefix(st.GetMessage(), "commander connection lost: ") {
-				t.Fatalf("message %q", st.GetMessage())
-			}
-			// Time + Timeout = 1.5 s, plus scheduling slack.
-			if took > ka.Time+ka.Timeout+time.Second {
-				t.Fatalf("dead commander noticed after %s", took)
-			}
-			t.Logf("dead commander noticed after %s (Time %s + Timeout %s)", took, ka.Time, ka.Timeout)
-			break
-		}
-		if time.Since(frozenAt) > 10*time.Second {
-			t.Fatalf("task still %v", st.GetStatus())
-		}
-		time.Sleep(20 * time.Millisecond)
+		return st.GetStatus() == agentpb.TaskStatus_FAILURE
+	}, "the task of the dead commander to fail")
+	took := time.Since(frozenAt)
+	if !strings.HasPrefix(st.GetMessage(), "commander connection lost: ") {
+		t.Fatalf("message %q", st.GetMessage())
 	}
-	if d.Scheduler().SlotCount() != 0 {
+	// Time + Timeout = 1.5 s, plus scheduling slack.
+	if took > ka.Time+ka.Timeout+time.Second {
+		t.Fatalf("dead commander noticed after %s", took)
+	}
+	t.Logf("dead commander noticed after %s (Time %s + Timeout %s)", took, ka.Time, ka.Timeout)
+	if h.d.Scheduler().SlotCount() != 0 {
 		t.Fatal("dead slot still registered")
 	}
 }

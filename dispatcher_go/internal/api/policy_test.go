@@ -2,9 +2,7 @@ package api
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -19,62 +17,37 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
+
+// replaceFile replaces path with src at once, as an editor saving it would.
+func replaceFile(path, src string) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(src), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
 
 func writePolicy(t *testing.T, path, src string) {
 	t.Helper()
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(src), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := replaceFile(path, src); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func policyHarness(t *testing.T, src string) (*harness, string) {
+// policyHarness is a harness whose policy file, at path, holds src.
+func policyHarness(t *testing.T, src string) (h *harness, ctx context.Context, path string) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "policy.yaml")
+	path = filepath.Join(t.TempDir(), "policy.yaml")
 	writePolicy(t, path, src)
-	return newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond}}), path
-}
-
-// watchEvents collects a task's events until its end, in the background.
-func watchEvents(t *testing.T, h *harness, id string) func() []*dispatchv1.TaskEvent {
-	t.Helper()
-	s, err := h.tasks.WatchTask(ctxT(t), &dispatchv1.WatchTaskRequest{TaskId: id})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan []*dispatchv1.TaskEvent, 1)
-	go func() {
-		var out []*dispatchv1.TaskEvent
-		for {
-			r, err := s.Recv()
-			if err != nil {
-				if !errors.Is(err, io.EOF) {
-					out = append(out, &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Error{Error: &dispatchv1.ErrorSignal{Code: "watch", Message: err.Error()}}})
-				}
-				done <- out
-				return
-			}
-			out = append(out, r.GetEvent())
-		}
-	}()
-	return func() []*dispatchv1.TaskEvent {
-		select {
-		case evs := <-done:
-			return evs
-		case <-time.After(10 * time.Second):
-			t.Fatal("watch did not end")
-			return nil
-		}
-	}
+	h, ctx = newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond}})
+	return h, ctx, path
 }
 
 func submit(t *testing.T, h *harness, req *dispatchv1.SubmitTaskRequest) string {
 	t.Helper()
-	r, err := h.tasks.SubmitTask(ctxT(t), req)
+	r, err := h.tasks.SubmitTask(testutil.Context(t, testTimeout), req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +58,8 @@ func submit(t *testing.T, h *harness, req *dispatchv1.SubmitTaskRequest) string 
 // chunks; the client sees the chunks before the completing one, then the
 // policy decision and the stop with the rule id, then nothing but the end.
 func TestPolicyPhraseStopsMidSentence(t *testing.T) {
-	h, _ := policyHarness(t, `
+	t.Parallel()
+	h, ctx, _ := policyHarness(t, `
 version: 1
 rules:
   - id: no-launch-codes
@@ -93,26 +67,23 @@ rules:
     action: stop
     reason: forbidden phrase
 `)
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "tell me"})
-	watched := watchEvents(t, h, id)
-	sid, _ := c.start()
+	watched := watchEvents(t, h, id, 0)
+	sid, _ := c.Start()
 	chunks := []string{"Sure. The ", "laun", "ch co", "des are 0000", " and more"}
 	for _, ch := range chunks {
-		c.send(up(sid, &dispatchv1.ContentChunk{Text: ch}))
+		c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: ch}))
 	}
-	stop := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
+	stop := c.RecvUntil(isStop).GetStop()
 	if stop.GetRuleId() != "no-launch-codes" || stop.GetCode() != dispatchv1.StopCode_STOP_CODE_POLICY {
 		t.Fatalf("stop %v", stop)
 	}
-	c.send(up(sid, &dispatchv1.ContentChunk{Text: "late"}))
-	c.send(up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
-	c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool {
-		return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
-	})
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "late"}))
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
+	c.RecvUntil(isClosed)
 
-	evs := watched()
+	evs := awaitEvents(t, watched)
 	var texts []string
 	stopAt, policyAt := -1, -1
 	for i, ev := range evs {
@@ -132,8 +103,6 @@ rules:
 			if ev.GetStop().GetRuleId() != "no-launch-codes" {
 				t.Fatalf("stop event %v", ev.GetStop())
 			}
-		case ev.GetError() != nil:
-			t.Fatalf("watch: %v", ev.GetError())
 		}
 	}
 	if got := strings.Join(texts, "|"); got != "Sure. The |laun|ch co" {
@@ -160,33 +129,31 @@ rules:
 // TestPolicyDenyGUIActionTaskGoesOn: a deny rule refuses a GUI action with
 // DENIED naming the rule; the session goes on and succeeds.
 func TestPolicyDenyGUIActionTaskGoesOn(t *testing.T) {
-	h, _ := policyHarness(t, `
+	t.Parallel()
+	h, ctx, _ := policyHarness(t, `
 rules:
   - id: no-gui-clicks
     when: tool_name.startsWith("computer.") && tool_args.button == "right"
     action: deny
     reason: right clicks are not allowed
 `)
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:gui")
+	c := testutil.Connect(t, ctx, h.conn, "planner:gui")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "click", Planner: "gui"})
-	events := watchEvents(t, h, id)
-	sid, _ := c.start()
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "g1", ToolName: "computer.click", ArgumentsJson: `{"x":10,"y":20,"button":"right"}`}))
-	r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult()
+	watched := watchEvents(t, h, id, 0)
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "g1", ToolName: "computer.click", ArgumentsJson: `{"x":10,"y":20,"button":"right"}`}))
+	r := c.RecvUntil(isToolResult).GetToolResult()
 	if r.GetCallId() != "g1" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED || !strings.Contains(r.GetError().GetMessage(), "no-gui-clicks") {
 		t.Fatalf("result %v", r)
 	}
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"2*3"}`}))
-	if r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult(); r.GetError() != nil {
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"2*3"}`}))
+	if r := c.RecvUntil(isToolResult).GetToolResult(); r.GetError() != nil {
 		t.Fatalf("calculator %v", r)
 	}
-	c.send(up(sid, &dispatchv1.ContentChunk{Text: "done"}))
-	c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "6"}))
-	c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool {
-		return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
-	})
-	evs := events()
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "done"}))
+	c.Send(testutil.Up(sid, testutil.Success("6")))
+	c.RecvUntil(isClosed)
+	evs := awaitEvents(t, watched)
 	var order []string
 	for _, ev := range evs {
 		switch {
@@ -210,8 +177,7 @@ rules:
 // waitPolicyEvent follows a task until a PolicyDecision matching ok.
 func waitPolicyEvent(t *testing.T, h *harness, id string, ok func(*dispatchv1.PolicyDecision) bool) *dispatchv1.PolicyDecision {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(ctxT(t), wait)
-	defer cancel()
+	ctx := testutil.Context(t, testutil.Wait)
 	s, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: id})
 	if err != nil {
 		t.Fatal(err)
@@ -231,7 +197,8 @@ func waitPolicyEvent(t *testing.T, h *harness, id string, ok func(*dispatchv1.Po
 // approval runs the call, a rejection and the timeout deny it, while the
 // session's other calls go on.
 func TestPolicyHoldApproveRejectTimeout(t *testing.T) {
-	h, _ := policyHarness(t, `
+	t.Parallel()
+	h, ctx, _ := policyHarness(t, `
 rules:
   - id: echo-needs-approval
     when: tool_name == "echo"
@@ -242,31 +209,30 @@ rules:
     action: hold
     hold_timeout: 200ms
 `)
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
-	events := watchEvents(t, h, id)
-	sid, _ := c.start()
+	watched := watchEvents(t, h, id, 0)
+	sid, _ := c.Start()
 
 	// Nothing is held yet.
 	_, err := h.tasks.ApproveToolCall(ctx, &dispatchv1.ApproveToolCallRequest{TaskId: id, CallId: "e1", Approve: true})
 	wantCode(t, err, codes.NotFound)
 
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{"v":1}`}))
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{"v":1}`}))
 	hold := waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetCallId() == "e1" })
 	if hold.GetAction() != dispatchv1.PolicyAction_POLICY_ACTION_HOLD || hold.GetRuleId() != "echo-needs-approval" || hold.GetHoldDeadline() == nil {
 		t.Fatalf("hold %v", hold)
 	}
 	// While e1 waits the session goes on: an unheld call is answered.
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"1+1"}`}))
-	if r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult(); r.GetCallId() != "k1" {
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"1+1"}`}))
+	if r := c.RecvUntil(isToolResult).GetToolResult(); r.GetCallId() != "k1" {
 		t.Fatalf("first result %v (the held call must wait)", r)
 	}
 	resp, err := h.tasks.ApproveToolCall(ctx, &dispatchv1.ApproveToolCallRequest{TaskId: id, CallId: "e1", Approve: true, Reason: "looks fine"})
 	if err != nil || resp.GetOutcome() != dispatchv1.HoldOutcome_HOLD_OUTCOME_APPROVED || resp.GetSeq() == 0 {
 		t.Fatalf("approve %v %v", resp, err)
 	}
-	if r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult(); r.GetCallId() != "e1" || r.GetError() != nil || r.GetResultJson() != `{"v":1}` {
+	if r := c.RecvUntil(isToolResult).GetToolResult(); r.GetCallId() != "e1" || r.GetError() != nil || r.GetResultJson() != `{"v":1}` {
 		t.Fatalf("approved result %v", r)
 	}
 	// Twice: the hold is gone.
@@ -274,20 +240,20 @@ rules:
 	wantCode(t, err, codes.NotFound)
 
 	// Rejected.
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "e2", ToolName: "echo", ArgumentsJson: `{}`}))
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "e2", ToolName: "echo", ArgumentsJson: `{}`}))
 	waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetCallId() == "e2" })
 	resp, err = h.tasks.ApproveToolCall(ctx, &dispatchv1.ApproveToolCallRequest{TaskId: id, CallId: "e2", Approve: false, Reason: "no"})
 	if err != nil || resp.GetOutcome() != dispatchv1.HoldOutcome_HOLD_OUTCOME_REJECTED {
 		t.Fatalf("reject %v %v", resp, err)
 	}
-	if r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult(); r.GetCallId() != "e2" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
+	if r := c.RecvUntil(isToolResult).GetToolResult(); r.GetCallId() != "e2" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
 		t.Fatalf("rejected result %v", r)
 	}
 
 	// Nobody answers: the timeout denies.
 	start := time.Now()
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "t1", ToolName: "time_now", ArgumentsJson: `{}`}))
-	r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult()
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "t1", ToolName: "time_now", ArgumentsJson: `{}`}))
+	r := c.RecvUntil(isToolResult).GetToolResult()
 	if r.GetCallId() != "t1" || r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED || !strings.Contains(r.GetError().GetMessage(), "timed out") {
 		t.Fatalf("timeout result %v", r)
 	}
@@ -295,12 +261,10 @@ rules:
 		t.Fatalf("denied after %v, before the hold timeout", el)
 	}
 
-	c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "ok"}))
-	c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool {
-		return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
-	})
+	c.Send(testutil.Up(sid, testutil.Success("ok")))
+	c.RecvUntil(isClosed)
 	var outcomes []string
-	for _, ev := range events() {
+	for _, ev := range awaitEvents(t, watched) {
 		if p := ev.GetPolicy(); p != nil {
 			outcomes = append(outcomes, p.GetCallId()+":"+strings.TrimPrefix(p.GetAction().String(), "POLICY_ACTION_")+":"+strings.TrimPrefix(p.GetHoldOutcome().String(), "HOLD_OUTCOME_"))
 		}
@@ -318,20 +282,20 @@ rules:
 // TestPolicyHeldCallCancelledByStop: a client cancel while a call is held
 // ends the hold (CANCELLED) and the task.
 func TestPolicyHeldCallCancelledByStop(t *testing.T) {
-	h, _ := policyHarness(t, "rules:\n  - {id: hold-all, when: 'true', action: hold}\n")
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx, _ := policyHarness(t, "rules:\n  - {id: hold-all, when: 'true', action: hold}\n")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
-	sid, _ := c.start()
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{}`}))
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{}`}))
 	waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetCallId() == "e1" })
-	go func() {
-		c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil })
-		c.send(up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-	}()
-	out, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: id})
-	if err != nil || out.GetStatus() != agentpb.TaskStatus_CANCELLED {
-		t.Fatalf("cancel %v %v", out, err)
+	cancelled := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
+		return h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: id})
+	})
+	c.RecvUntil(isStop)
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
+	if out := testutil.Recv(t, cancelled, testutil.Wait, "CancelTask to return"); out.Err != nil || out.V.GetStatus() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel %v %v", out.V, out.Err)
 	}
 	p := waitPolicyEvent(t, h, id, func(p *dispatchv1.PolicyDecision) bool { return p.GetHoldOutcome() != 0 })
 	if p.GetHoldOutcome() != dispatchv1.HoldOutcome_HOLD_OUTCOME_CANCELLED {
@@ -342,25 +306,25 @@ func TestPolicyHeldCallCancelledByStop(t *testing.T) {
 // TestTaskPolicyTightens: a task's policy_yaml adds a rule for that task
 // only; a broken one is INVALID_ARGUMENT with the reason.
 func TestTaskPolicyTightens(t *testing.T) {
-	h, _ := policyHarness(t, "limits: {max_tokens: 1000}\n")
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx, _ := policyHarness(t, "limits: {max_tokens: 1000}\n")
 	_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: "rules:\n  - {id: a, when: 'nope(', action: stop}\n"})
 	wantCode(t, err, codes.InvalidArgument)
 	if !strings.Contains(err.Error(), "rule a") {
 		t.Fatalf("error %v does not name the rule", err)
 	}
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: "limits: {max_tokens: 100000, max_steps: 1}\n"})
-	events := watchEvents(t, h, id)
-	sid, _ := c.start()
+	watched := watchEvents(t, h, id, 0)
+	sid, _ := c.Start()
 	// Within the task's looser token limit but over the global one: stopped.
-	c.send(up(sid, &dispatchv1.Usage{InputTokens: 800, OutputTokens: 300, Steps: 1}))
-	stop := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
+	c.Send(testutil.Up(sid, &dispatchv1.Usage{InputTokens: 800, OutputTokens: 300, Steps: 1}))
+	stop := c.RecvUntil(isStop).GetStop()
 	if stop.GetRuleId() != "limit.max_tokens" || stop.GetCode() != dispatchv1.StopCode_STOP_CODE_BUDGET {
 		t.Fatalf("stop %v", stop)
 	}
-	c.send(up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-	evs := events()
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
+	evs := awaitEvents(t, watched)
 	var usage bool
 	for _, ev := range evs {
 		usage = usage || ev.GetUsage() != nil
@@ -374,87 +338,87 @@ func TestTaskPolicyTightens(t *testing.T) {
 // versions) while sessions stream; no stream drops, no event is lost, and a
 // rule added by a reload applies to sessions already running.
 func TestPolicyReloadUnderLoad(t *testing.T) {
+	t.Parallel()
 	const v1 = "rules:\n  - {id: never1, phrases: [zzz-never-1], action: stop}\n"
 	const v2 = "rules:\n  - {id: never2, phrases: [zzz-never-2], action: stop}\n  - {id: no-echo, when: 'tool_name == \"echo\"', action: deny}\n"
 	const broken = "rules:\n  - {id: x, when: 'tool_name ==', action: stop}\n"
-	h, path := policyHarness(t, v1)
-	ctx := ctxT(t)
+	h, ctx, path := policyHarness(t, v1)
 	const sessions, chunks = 8, 300
 
 	stopWriting := make(chan struct{})
-	var writer sync.WaitGroup
-	writer.Add(1)
-	go func() {
-		defer writer.Done()
+	written := testutil.Async(func() (struct{}, error) {
 		for i := 0; ; i++ {
 			select {
 			case <-stopWriting:
-				return
+				return struct{}{}, nil
 			case <-time.After(3 * time.Millisecond):
 			}
+			var err error
 			switch i % 3 {
 			case 0:
-				writePolicy(t, path, v1+fmt.Sprintf("# %d\n", i))
+				err = replaceFile(path, v1+fmt.Sprintf("# %d\n", i))
 			case 1:
-				writePolicy(t, path, broken+fmt.Sprintf("# %d\n", i))
+				err = replaceFile(path, broken+fmt.Sprintf("# %d\n", i))
 			default:
-				writePolicy(t, path, v1+fmt.Sprintf("# again %d\n", i))
+				err = replaceFile(path, v1+fmt.Sprintf("# again %d\n", i))
+			}
+			if err != nil {
+				return struct{}{}, err
 			}
 		}
-	}()
+	})
 
 	// All sessions start before any streams, so that each task lands on
 	// the slot registered for it (a finished slot would take the next one).
 	type started struct {
-		c      *gCommander
-		sid    string
-		events func() []*dispatchv1.TaskEvent
+		s       *testutil.Session
+		watched <-chan testutil.Result[[]*dispatchv1.TaskEvent]
 	}
 	var all []started
 	for range sessions {
-		c := h.commander(ctx, "planner:chat")
+		c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 		id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "stream"})
-		events := watchEvents(t, h, id)
-		sid, _ := c.start()
-		all = append(all, started{c, sid, events})
+		watched := watchEvents(t, h, id, 0)
+		s, err := c.NextSession(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, started{s, watched})
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, sessions)
-	for s, st := range all {
-		c, sid, events := st.c, st.sid, st.events
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range chunks {
-				c.send(up(sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("s%d-c%d ", s, i)}))
-			}
-			c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "ok"}))
-			evs := events()
-			n := 0
-			for i, ev := range evs {
-				if ev.GetSeq() != uint64(i+1) {
-					errs <- fmt.Errorf("session %d: seq %d at %d", s, ev.GetSeq(), i)
-					return
-				}
-				if ct := ev.GetContent(); ct != nil {
-					if ct.GetText() != fmt.Sprintf("s%d-c%d ", s, n) {
-						errs <- fmt.Errorf("session %d: chunk %d is %q", s, n, ct.GetText())
-						return
-					}
-					n++
-				}
-			}
-			if n != chunks || evs[len(evs)-1].GetState().GetStatus() != agentpb.TaskStatus_SUCCESS {
-				errs <- fmt.Errorf("session %d: %d chunks, end %v", s, n, evs[len(evs)-1])
-			}
-		}()
+	played := make(chan error, sessions)
+	for n, st := range all {
+		script := make([]any, 0, chunks+1)
+		for i := range chunks {
+			script = append(script, &dispatchv1.ContentChunk{Text: fmt.Sprintf("s%d-c%d ", n, i)})
+		}
+		go func() { played <- st.s.Play(ctx, append(script, testutil.Success("ok"))...) }()
 	}
-	wg.Wait()
+	for range all {
+		if err := testutil.Recv(t, played, testTimeout, "the sessions to stream"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for n, st := range all {
+		evs := awaitEvents(t, st.watched)
+		chunk := 0
+		for i, ev := range evs {
+			if ev.GetSeq() != uint64(i+1) {
+				t.Fatalf("session %d: seq %d at %d", n, ev.GetSeq(), i)
+			}
+			if ct := ev.GetContent(); ct != nil {
+				if ct.GetText() != fmt.Sprintf("s%d-c%d ", n, chunk) {
+					t.Fatalf("session %d: chunk %d is %q", n, chunk, ct.GetText())
+				}
+				chunk++
+			}
+		}
+		if chunk != chunks || evs[len(evs)-1].GetState().GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Errorf("session %d: %d chunks, end %v", n, chunk, evs[len(evs)-1])
+		}
+	}
 	close(stopWriting)
-	writer.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
+	if w := testutil.Recv(t, written, testutil.Wait, "the policy writer to stop"); w.Err != nil {
+		t.Fatal(w.Err)
 	}
 	st := h.d.Policy().Stats()
 	if st.Reloads.Load() == 0 || st.ReloadFailures.Load() == 0 {
@@ -462,23 +426,17 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	}
 
 	// A reload applies to a session that is already running.
-	c := h.commander(ctx, "planner:late")
+	c := testutil.Connect(t, ctx, h.conn, "planner:late")
 	submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "late"})
-	sid, _ := c.start()
+	sid, _ := c.Start()
 	writePolicy(t, path, v2)
-	deadline := time.Now().Add(wait)
-	for h.d.Policy().Current().NumRules() != 2 {
-		if time.Now().After(deadline) {
-			t.Fatal("v2 not loaded")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{}`}))
-	r := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult()
+	testutil.WaitFor(t, testutil.Wait, func() bool { return h.d.Policy().Current().NumRules() == 2 }, "v2 loaded")
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "e1", ToolName: "echo", ArgumentsJson: `{}`}))
+	r := c.RecvUntil(isToolResult).GetToolResult()
 	if r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
 		t.Fatalf("after reload %v", r)
 	}
-	c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS}))
+	c.Send(testutil.Up(sid, testutil.Success("")))
 }
 
 // BenchmarkPolicyStopLatency measures, in memory, the time from the
@@ -492,21 +450,12 @@ func BenchmarkPolicyStopLatency(b *testing.B) {
 	if err := os.WriteFile(path, []byte("rules:\n  - {id: no-phrase, phrases: [forbidden phrase], action: stop}\n"), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	h := newHarness(b, dispatcher.Config{Policy: dispatcher.Policy{File: path}, Tasks: dispatcher.Tasks{StopGrace: 5 * time.Second}})
+	h, _ := newHarness(b, dispatcher.Config{Policy: dispatcher.Policy{File: path}, Tasks: dispatcher.Tasks{StopGrace: 5 * time.Second}})
 	ctx, cancelLoad := context.WithCancel(b.Context())
 	const load = 4
 	var loadWG sync.WaitGroup
 	for range load {
-		c := h.commander(ctx, "planner:chat")
-		r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "load"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		sid, _ := c.start()
-		watch, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: r.GetTaskId()})
-		if err != nil {
-			b.Fatal(err)
-		}
+		c, sid, watch := watchedSession(b, ctx, h, "load")
 		loadWG.Add(2)
 		go func() {
 			defer loadWG.Done()
@@ -518,41 +467,39 @@ func BenchmarkPolicyStopLatency(b *testing.B) {
 		}()
 		go func() {
 			defer loadWG.Done()
-			chunk := &dispatchv1.UpstreamPacket{SessionId: sid, Payload: &dispatchv1.UpstreamPacket_Content{Content: &dispatchv1.ContentChunk{Text: "token "}}}
+			chunk := testutil.Up(sid, &dispatchv1.ContentChunk{Text: "token "})
 			tick := time.NewTicker(250 * time.Microsecond)
 			defer tick.Stop()
 			for ctx.Err() == nil {
-				if c.stream.Send(chunk) != nil {
+				if c.Stream().Send(chunk) != nil {
 					return
 				}
 				<-tick.C
 			}
 		}()
 	}
-	victim := h.commander(b.Context(), "planner:victim")
+	victim := testutil.Connect(b, b.Context(), h.conn, "planner:victim")
 	var toStop, toClosed []time.Duration
 	b.ResetTimer()
 	for range b.N {
 		if _, err := h.tasks.SubmitTask(b.Context(), &dispatchv1.SubmitTaskRequest{Instruction: "v", Planner: "victim"}); err != nil {
 			b.Fatal(err)
 		}
-		sid, _ := victim.start()
+		sid, _ := victim.Start()
 		for _, ch := range []string{"some ", "text ", "then a forb"} {
-			victim.send(up(sid, &dispatchv1.ContentChunk{Text: ch}))
+			victim.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: ch}))
 		}
 		t0 := time.Now()
-		victim.send(up(sid, &dispatchv1.ContentChunk{Text: "idden phrase"}))
-		victim.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil })
+		victim.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "idden phrase"}))
+		victim.RecvUntil(isStop)
 		toStop = append(toStop, time.Since(t0))
-		victim.send(up(sid, &dispatchv1.Stopped{Reason: "ok"}))
-		victim.recvUntil(func(p *dispatchv1.DownstreamPacket) bool {
-			return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
-		})
+		victim.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
+		victim.RecvUntil(isClosed)
 		toClosed = append(toClosed, time.Since(t0))
 	}
 	b.StopTimer()
 	cancelLoad()
-	loadWG.Wait()
+	testutil.Done(b, testutil.Waited(&loadWG), testutil.Wait, "the load to stop")
 	q := func(d []time.Duration, p float64) float64 {
 		s := append([]time.Duration(nil), d...)
 		slices.Sort(s)

@@ -2,11 +2,8 @@ package api
 
 import (
 	"context"
-	"errors"
-	"io"
 	"strings"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 
@@ -14,6 +11,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // A task delivered to a slot whose stream dies before the start went out
@@ -26,19 +24,17 @@ import (
 // dispatcher's sender is stuck in Send, B's start waits behind it, and then
 // the commander's stream is cancelled.
 func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 
-	conn := h.dial(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	conn := h.g.Dial(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 	sctx, kill := context.WithCancel(ctx)
 	defer kill()
 	stream, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(sctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.Send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{
-		CommanderId: "slow-commander", Capabilities: []string{"planner:chat"},
-	}}}); err != nil {
+	if err := stream.Send(testutil.Hello("slow-commander", "planner:chat")); err != nil {
 		t.Fatal(err)
 	}
 	if p, err := stream.Recv(); err != nil || p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO {
@@ -59,7 +55,7 @@ func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
 	if _, err := h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: subA.GetTaskId(), Text: strings.Repeat("x", 1<<20)}); err != nil {
 		t.Fatal(err)
 	}
-	if err := stream.Send(up(sidA, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "a"})); err != nil {
+	if err := stream.Send(testutil.Up(sidA, testutil.Success("a"))); err != nil {
 		t.Fatal(err)
 	}
 	waitStatus(t, h, subA.GetTaskId(), agentpb.TaskStatus_SUCCESS)
@@ -70,25 +66,7 @@ func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
 		t.Fatal(err)
 	}
 	idB := subB.GetTaskId()
-	watch, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: idB})
-	if err != nil {
-		t.Fatal(err)
-	}
-	live := make(chan []*dispatchv1.TaskEvent, 1)
-	go func() {
-		var evs []*dispatchv1.TaskEvent
-		for {
-			r, err := watch.Recv()
-			if err != nil {
-				if !errors.Is(err, io.EOF) {
-					t.Errorf("watch: %v", err)
-				}
-				live <- evs
-				return
-			}
-			evs = append(evs, r.GetEvent())
-		}
-	}()
+	live := watchEvents(t, h, idB, 0)
 	if tk := waitStatus(t, h, idB, agentpb.TaskStatus_RUNNING); tk.GetCommanderId() != "slow-commander" {
 		t.Fatalf("B runs on %q", tk.GetCommanderId())
 	}
@@ -100,19 +78,14 @@ func TestSlotLostBeforeStartRequeuesTask(t *testing.T) {
 	}
 
 	// The next commander gets B and finishes it.
-	c := h.commander(ctx, "planner:chat")
-	playScript(t, c, "b done")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	playChat(t, c, "b done")
 	tk = waitStatus(t, h, idB, agentpb.TaskStatus_SUCCESS)
 	if tk.GetResult() != "b done" || tk.GetCommanderId() != "test-commander" {
 		t.Fatalf("task B %v", tk)
 	}
 
-	var evs []*dispatchv1.TaskEvent
-	select {
-	case evs = <-live:
-	case <-time.After(wait):
-		t.Fatal("live watch did not end")
-	}
+	evs := awaitEvents(t, live)
 	want := "PENDING RUNNING PENDING RUNNING SUCCESS"
 	if got := states(evs); got != want {
 		t.Fatalf("live watcher saw states %q, want %q", got, want)
@@ -141,18 +114,5 @@ func states(evs []*dispatchv1.TaskEvent) string {
 // waitStatus polls GetTask until the task has status want.
 func waitStatus(t *testing.T, h *harness, id string, want agentpb.TaskStatus) *dispatchv1.Task {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for {
-		r, err := h.tasks.GetTask(ctxT(t), &dispatchv1.GetTaskRequest{TaskId: id})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if r.GetTask().GetStatus() == want {
-			return r.GetTask()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("task %s is %v (%s), want %v", id, r.GetTask().GetStatus(), r.GetTask().GetMessage(), want)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	return waitTask(t, h, id, "to be "+want.String(), func(tk *dispatchv1.Task) bool { return tk.GetStatus() == want })
 }

@@ -6,6 +6,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // TestPreviousTaskContinuesTheSandbox: the sandbox a session reports
@@ -14,9 +15,9 @@ import (
 // one with its own sandbox keeps its own; a sandbox destroyed at the end of
 // its task (kept=false) is not handed on.
 func TestPreviousTaskContinuesTheSandbox(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	run := func(req *dispatchv1.SubmitTaskRequest, report *dispatchv1.SandboxInUse) (string, *dispatchv1.StartSession) {
 		t.Helper()
@@ -24,15 +25,15 @@ func TestPreviousTaskContinuesTheSandbox(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sid, start := c.start()
+		sid, start := c.Start()
 		if report != nil {
-			c.send(up(sid, report))
+			c.Send(testutil.Up(sid, report))
 		}
-		c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "ok"}))
-		if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
+		c.Send(testutil.Up(sid, testutil.Success("ok")))
+		if a := c.Recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
 			t.Fatalf("close ack %v", a)
 		}
-		storeWaitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
+		waitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
 		return r.GetTaskId(), start
 	}
 

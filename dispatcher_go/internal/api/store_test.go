@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/sqlite"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func openSQLite(t *testing.T, dir string) store.Store {
@@ -26,11 +28,24 @@ func openSQLite(t *testing.T, dir string) store.Store {
 	return st
 }
 
-// stop ends h as a crash would, minus the process: no drain.
-func (h *harness) stopNoDrain() {
-	h.conn.Close()
+// storeHarness is a harness with cfg whose store is the SQLite database in
+// dir: crash it, and another storeHarness on dir is the dispatcher after a
+// restart.
+func storeHarness(t *testing.T, dir string, cfg dispatcher.Config) (*harness, context.Context) {
+	t.Helper()
+	cfg.Store.Backend = openSQLite(t, dir)
+	h, ctx := newHarness(t, cfg)
+	h.store = cfg.Store.Backend
+	return h, ctx
+}
+
+// crash ends h as a crash would, minus the process: no drain. Its store is
+// closed.
+func (h *harness) crash() {
+	_ = h.conn.Close()
 	h.d.Close()
-	h.gs.Stop()
+	h.g.Server.Stop()
+	_ = h.store.Close()
 }
 
 // TestStoreContinuationAndConfigAcrossRestart: a task that continues a
@@ -39,29 +54,25 @@ func (h *harness) stopNoDrain() {
 // and masked for clients; finished tasks and their events are served from
 // the store.
 func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
-	ctx := ctxT(t)
 	key := []byte("k")
-
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1, SecretKey: key}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{Store: dispatcher.Store{SecretKey: key}})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
-	c := h1.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h1.conn, "planner:chat")
 	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "what is 1+1?"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	playScript(t, c, "2")
+	playChat(t, c, "2")
 	first := r.GetTaskId()
-	storeWaitStatus(t, h1, first, agentpb.TaskStatus_SUCCESS)
+	waitStatus(t, h1, first, agentpb.TaskStatus_SUCCESS)
 	lastSeq := storeGetTask(t, h1, first).GetLastSeq()
-	h1.stopNoDrain()
-	st1.Close()
+	h1.crash()
 
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2, SecretKey: key}})
+	h2, _ := storeHarness(t, dir, dispatcher.Config{Store: dispatcher.Store{SecretKey: key}})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -74,30 +85,21 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 		t.Fatalf("finished task after restart: %v", got)
 	}
 	// Its events, from the store, to the end.
-	w, err := h2.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: first})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n uint64
-	for {
-		resp, err := w.Recv()
-		if err != nil {
-			break
-		}
-		n++
-		if resp.GetEvent().GetSeq() != n {
-			t.Fatalf("event %d has seq %d", n, resp.GetEvent().GetSeq())
+	evs := watchAll(t, h2, first, 0)
+	for i, ev := range evs {
+		if ev.GetSeq() != uint64(i+1) {
+			t.Fatalf("event %d has seq %d", i+1, ev.GetSeq())
 		}
 	}
-	if n != lastSeq {
-		t.Fatalf("watched %d events, want %d", n, lastSeq)
+	if uint64(len(evs)) != lastSeq {
+		t.Fatalf("watched %d events, want %d", len(evs), lastSeq)
 	}
 
-	c2 := h2.commander(ctx, "planner:chat")
+	c2 := testutil.Connect(t, ctx, h2.conn, "planner:chat")
 	if _, err := h2.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "and times 3?", PreviousTaskId: first}); err != nil {
 		t.Fatal(err)
 	}
-	_, start := c2.start()
+	_, start := c2.Start()
 	hist := start.GetHistory()
 	if len(hist) != 2 || hist[0].GetContent() != "what is 1+1?" || hist[1].GetRole() != "assistant" || hist[1].GetContent() != "2" {
 		t.Fatalf("history after restart: %v", hist)
@@ -110,17 +112,14 @@ func TestStoreContinuationAndConfigAcrossRestart(t *testing.T) {
 // TestStoreWithoutKeyDropsSecrets: without DISPATCHER_SECRET_KEY secrets
 // are not stored at all, so after a restart there is none to hand out.
 func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
-	ctx := ctxT(t)
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{})
 	if _, err := h1.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "gpt", ApiKey: proto.String("sk-global-secret-abcd")}}); err != nil {
 		t.Fatal(err)
 	}
-	h1.stopNoDrain()
-	st1.Close()
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}})
+	h1.crash()
+	h2, _ := storeHarness(t, dir, dispatcher.Config{})
 	g, err := h2.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -134,28 +133,20 @@ func TestStoreWithoutKeyDropsSecrets(t *testing.T) {
 // TestStoreRetentionRemovesOldTasks: a finished task older than the
 // retention is gone from the store.
 func TestStoreRetentionRemovesOldTasks(t *testing.T) {
-	ctx := ctxT(t)
-	st := openSQLite(t, t.TempDir())
-	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st, Retention: 50 * time.Millisecond}})
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := storeHarness(t, t.TempDir(), dispatcher.Config{Store: dispatcher.Store{Retention: 50 * time.Millisecond}})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	playScript(t, c, "y")
-	storeWaitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
-	deadline := time.Now().Add(wait)
-	for {
-		_, err := st.GetTask(ctx, r.GetTaskId())
-		if err == store.ErrNotFound {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("task not removed by retention: %v", err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n, _ := st.LastSeq(ctx, r.GetTaskId()); n != 0 {
+	playChat(t, c, "y")
+	waitStatus(t, h, r.GetTaskId(), agentpb.TaskStatus_SUCCESS)
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		_, err := h.store.GetTask(ctx, r.GetTaskId())
+		return errors.Is(err, store.ErrNotFound)
+	}, "task removed from the store by retention")
+	if n, _ := h.store.LastSeq(ctx, r.GetTaskId()); n != 0 {
 		t.Fatalf("%d events left", n)
 	}
 }
@@ -192,52 +183,32 @@ func (e *eventsSeen) states(id string) []agentpb.TaskStatus {
 // stopped is queued again after the restart and observed (metrics) like a
 // new task, from its requeue to its end.
 func TestStoreRequeuedTaskIsObserved(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
-	ctx := ctxT(t)
-	st1 := openSQLite(t, dir)
-	h1 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st1}})
+	h1, ctx := storeHarness(t, dir, dispatcher.Config{})
 	r, err := h1.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "queued across a restart"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := r.GetTaskId()
-	h1.stopNoDrain()
-	st1.Close()
+	h1.crash()
 
 	seen := &eventsSeen{}
-	st2 := openSQLite(t, dir)
-	h2 := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: st2}, OnEvent: seen.observe})
+	h2, _ := storeHarness(t, dir, dispatcher.Config{OnEvent: seen.observe})
 	if got := seen.states(id); !slices.Equal(got, []agentpb.TaskStatus{agentpb.TaskStatus_PENDING}) {
 		t.Fatalf("observed states after the restart %v, want the requeue", got)
 	}
-	c := h2.commander(ctx, "planner:chat")
-	playScript(t, c, "done")
+	c := testutil.Connect(t, ctx, h2.conn, "planner:chat")
+	playChat(t, c, "done")
 	want := []agentpb.TaskStatus{agentpb.TaskStatus_PENDING, agentpb.TaskStatus_RUNNING, agentpb.TaskStatus_SUCCESS}
-	deadline := time.Now().Add(wait)
-	for !slices.Equal(seen.states(id), want) {
-		if time.Now().After(deadline) {
-			t.Fatalf("observed states %v, want %v", seen.states(id), want)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testutil.WaitFor(t, testutil.Wait, func() bool { return slices.Equal(seen.states(id), want) }, "observed states %v", want)
 }
 
 func storeGetTask(t *testing.T, h *harness, id string) *dispatchv1.Task {
 	t.Helper()
-	r, err := h.tasks.GetTask(context.Background(), &dispatchv1.GetTaskRequest{TaskId: id})
+	r, err := h.tasks.GetTask(testutil.Context(t, testTimeout), &dispatchv1.GetTaskRequest{TaskId: id})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return r.GetTask()
-}
-
-func storeWaitStatus(t *testing.T, h *harness, id string, want agentpb.TaskStatus) {
-	t.Helper()
-	deadline := time.Now().Add(wait)
-	for storeGetTask(t, h, id).GetStatus() != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("task %s: %v, want %v", id, storeGetTask(t, h, id).GetStatus(), want)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }

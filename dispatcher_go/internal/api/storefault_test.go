@@ -15,6 +15,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/storetest"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // answerWithin is how fast the API must answer while the store misbehaves.
@@ -44,14 +45,13 @@ func TestFailingStoreDoesNotBlockTheAPI(t *testing.T) {
 // Once the store is back, health is SERVING again, tasks are accepted, and
 // what happened meanwhile is stored.
 func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Duration)) {
-	ctx := ctxT(t)
 	f := storetest.NewFaulty(openSQLite(t, t.TempDir()))
-	h := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: f}})
+	h, ctx := newHarness(t, dispatcher.Config{Store: dispatcher.Store{Backend: f}})
 	t.Cleanup(f.Heal) // runs before the harness's cleanup closes the writer
 
-	c1 := h.commander(ctx, "planner:chat")
+	c1 := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	flooded := submitTask(t, h, "flood the log")
-	sidA, _ := c1.start()
+	sidA, _ := c1.Start()
 	handed := submitTask(t, h, "handed to a slot during the outage") // queued
 	pending := submitTask(t, h, "cancelled while pending")           // queued
 
@@ -59,14 +59,14 @@ func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Durati
 	brokeAt := time.Now()
 	stopFlood := make(chan struct{})
 	floodDone := flood(c1, sidA, stopFlood)
-	waitUntil(t, "the store writer's buffer is full", func() bool {
+	testutil.WaitFor(t, storeFaultWindow/2, func() bool {
 		return h.d.StoreWriter().Pending() >= store.DefaultMaxPending
-	})
+	}, "the store writer's buffer is full")
 
 	// Memory-only operations answer at once, whether or not the writer was
 	// found unhealthy yet.
-	c2 := h.commander(ctx, "planner:chat") // handed a task on connecting
-	sidB, start := c2.start()
+	c2 := testutil.Connect(t, ctx, h.conn, "planner:chat") // handed a task on connecting
+	sidB, start := c2.Start()
 	if start.GetTaskId() != handed {
 		t.Fatalf("new slot started %s, want the queued task %s", start.GetTaskId(), handed)
 	}
@@ -98,12 +98,12 @@ func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Durati
 
 	// The writer is found unhealthy: health says so, and what needs the
 	// store is refused at once instead of waiting for it.
-	waitUntil(t, "health NOT_SERVING", func() bool {
-		return healthStatus(ctx, h, "") == healthpb.HealthCheckResponse_NOT_SERVING
-	})
+	testutil.WaitFor(t, storeFaultWindow/2, func() bool {
+		return healthStatus(t, ctx, h, "") == healthpb.HealthCheckResponse_NOT_SERVING
+	}, "health NOT_SERVING")
 	for _, name := range healthNames {
 		timed(t, "health check "+name, func(ctx context.Context) error {
-			if st := healthStatus(ctx, h, name); st != healthpb.HealthCheckResponse_NOT_SERVING {
+			if st := healthStatus(t, ctx, h, name); st != healthpb.HealthCheckResponse_NOT_SERVING {
 				t.Errorf("health of %q: %v while the store is down", name, st)
 			}
 			return nil
@@ -142,7 +142,7 @@ func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Durati
 	}
 	select {
 	case <-floodDone:
-	case <-time.After(wait):
+	case <-time.After(testutil.Wait):
 		t.Fatal("the flooding commander did not finish")
 	}
 	if d := time.Since(brokeAt); d >= storeFaultWindow {
@@ -155,11 +155,11 @@ func testStoreFault(t *testing.T, breakStore func(*storetest.Faulty, time.Durati
 	if err := h.d.StoreWriter().Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "health SERVING again", func() bool {
-		return healthStatus(ctx, h, "") == healthpb.HealthCheckResponse_SERVING
-	})
+	testutil.WaitFor(t, storeFaultWindow/2, func() bool {
+		return healthStatus(t, ctx, h, "") == healthpb.HealthCheckResponse_SERVING
+	}, "health SERVING again")
 	for _, name := range healthNames {
-		if st := healthStatus(ctx, h, name); st != healthpb.HealthCheckResponse_SERVING {
+		if st := healthStatus(t, ctx, h, name); st != healthpb.HealthCheckResponse_SERVING {
 			t.Errorf("health of %q after recovery: %v", name, st)
 		}
 	}
@@ -190,7 +190,7 @@ func submitTask(t *testing.T, h *harness, instruction string) string {
 // answerWithin or failed.
 func timed(t *testing.T, what string, call func(context.Context) error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	ctx, cancel := context.WithTimeout(context.Background(), testutil.Wait)
 	defer cancel()
 	start := time.Now()
 	err := call(ctx)
@@ -211,32 +211,21 @@ func wantUnavailable(t *testing.T, what string, err error) {
 	}
 }
 
-func healthStatus(ctx context.Context, h *harness, service string) healthpb.HealthCheckResponse_ServingStatus {
+func healthStatus(t *testing.T, ctx context.Context, h *harness, service string) healthpb.HealthCheckResponse_ServingStatus {
+	t.Helper()
 	r, err := h.health.Check(ctx, &healthpb.HealthCheckRequest{Service: service})
 	if err != nil {
-		h.t.Fatalf("health check %q: %v", service, err)
+		t.Fatalf("health check %q: %v", service, err)
 	}
 	return r.GetStatus()
-}
-
-// waitUntil polls cond until it holds, failing the test after a while.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(storeFaultWindow / 2)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 }
 
 // flood sends content for session sid on c until stop is closed, then
 // answers the session's stop with stopped. It is c's only sender and
 // reader meanwhile; the returned channel is closed when it is done.
-func flood(c *gCommander, sid string, stop <-chan struct{}) <-chan struct{} {
+func flood(c *testutil.Commander, sid string, stop <-chan struct{}) <-chan struct{} {
 	done := make(chan struct{})
-	chunk := up(sid, &dispatchv1.ContentChunk{Text: "flood"})
+	chunk := testutil.Up(sid, &dispatchv1.ContentChunk{Text: "flood"})
 	go func() {
 		defer close(done)
 		for {
@@ -246,7 +235,7 @@ func flood(c *gCommander, sid string, stop <-chan struct{}) <-chan struct{} {
 				return
 			default:
 			}
-			if c.stream.Send(chunk) != nil {
+			if c.Stream().Send(chunk) != nil {
 				return
 			}
 		}
@@ -256,14 +245,14 @@ func flood(c *gCommander, sid string, stop <-chan struct{}) <-chan struct{} {
 
 // answerStop answers session sid's stop on c with stopped, in the
 // background; it is c's only sender and reader meanwhile.
-func answerStop(c *gCommander, sid string) {
+func answerStop(c *testutil.Commander, sid string) {
 	go answerStopOn(c, sid)
 }
 
-func answerStopOn(c *gCommander, sid string) {
-	for p := range c.in {
+func answerStopOn(c *testutil.Commander, sid string) {
+	for p := range c.Packets() {
 		if p.GetStop() != nil && p.GetSessionId() == sid {
-			_ = c.stream.Send(up(sid, &dispatchv1.Stopped{Reason: "stopped as asked"}))
+			_ = c.Stream().Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped as asked"}))
 			return
 		}
 	}

@@ -6,58 +6,29 @@ import (
 	"io"
 	"strings"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc/codes"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
-func watchAll(t *testing.T, h *harness, id string, after uint64) []*dispatchv1.TaskEvent {
-	t.Helper()
-	s, err := h.tasks.WatchTask(ctxT(t), &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []*dispatchv1.TaskEvent
-	for {
-		r, err := s.Recv()
-		if errors.Is(err, io.EOF) {
-			return out
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, r.GetEvent())
-	}
-}
-
 func TestSubmitWatchResumeGet(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "add", Labels: map[string]string{"team": "a"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A live watcher from the start, concurrently with the session.
-	live, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: sub.GetTaskId()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	playScript(t, c, "2")
+	live := watchEvents(t, h, sub.GetTaskId(), 0)
+	playChat(t, c, "2")
 	var liveSeqs []uint64
-	for {
-		r, err := live.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		liveSeqs = append(liveSeqs, r.GetEvent().GetSeq())
+	for _, ev := range awaitEvents(t, live) {
+		liveSeqs = append(liveSeqs, ev.GetSeq())
 	}
 	all := watchAll(t, h, sub.GetTaskId(), 0)
 	if len(all) != len(liveSeqs) {
@@ -102,8 +73,8 @@ func TestSubmitWatchResumeGet(t *testing.T) {
 }
 
 func TestListTasksNewestFirstFilterPaging(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 	var ids []string
 	for range 5 {
 		r, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
@@ -137,38 +108,32 @@ func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 }
 
 func TestInterjectAndCancelNative(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
 	_, err := h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: sub.GetTaskId(), Text: "hi"})
 	wantCode(t, err, codes.FailedPrecondition)
 
-	c := h.commander(ctx, "planner:chat")
-	sid, _ := c.start()
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	sid, _ := c.Start()
 	ij, err := h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: sub.GetTaskId(), Text: "and also Y"})
 	if err != nil || ij.GetMessageId() == "" || ij.GetSeq() == 0 {
 		t.Fatalf("interject %v %v", ij, err)
 	}
-	if ui := c.recv().GetUserInput(); ui.GetText() != "and also Y" || ui.GetMessageId() != ij.GetMessageId() {
+	if ui := c.Recv().GetUserInput(); ui.GetText() != "and also Y" || ui.GetMessageId() != ij.GetMessageId() {
 		t.Fatalf("user input %v", ui)
 	}
-	type res struct {
-		r   *dispatchv1.CancelTaskResponse
-		err error
-	}
-	done := make(chan res, 1)
-	go func() {
-		r, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId(), Reason: "changed my mind"})
-		done <- res{r, err}
-	}()
-	stop := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
+	done := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
+		return h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId(), Reason: "changed my mind"})
+	})
+	stop := c.RecvUntil(isStop).GetStop()
 	if stop.GetReason() != "changed my mind" {
 		t.Fatalf("stop %v", stop)
 	}
-	c.send(up(sid, &dispatchv1.Stopped{}))
-	r := <-done
-	if r.err != nil || !r.r.GetCancelled() || r.r.GetStatus() != agentpb.TaskStatus_CANCELLED {
-		t.Fatalf("cancel %v %v", r.r, r.err)
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{}))
+	r := testutil.Recv(t, done, testutil.Wait, "CancelTask to return")
+	if r.Err != nil || !r.V.GetCancelled() || r.V.GetStatus() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel %v %v", r.V, r.Err)
 	}
 	_, err = h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: "nope"})
 	wantCode(t, err, codes.NotFound)
@@ -177,8 +142,8 @@ func TestInterjectAndCancelNative(t *testing.T) {
 // A tool provider over gRPC: registration, ListTools, a commander's call
 // routed to it and answered by call_id, and unregistration.
 func TestToolProviderEndToEnd(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -205,20 +170,20 @@ func TestToolProviderEndToEnd(t *testing.T) {
 		t.Fatalf("tools %v", tools)
 	}
 
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "look"})
-	sid, st := c.start()
+	sid, st := c.Start()
 	if len(st.GetTools()) != 5 {
 		t.Fatalf("start lists %d tools", len(st.GetTools()))
 	}
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "shot-1", ToolName: "computer.screenshot", ArgumentsJson: `{"scale":0.5}`}))
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "calc-1", ToolName: "calculator", ArgumentsJson: `{"expression":"2*3"}`}))
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "shot-1", ToolName: "computer.screenshot", ArgumentsJson: `{"scale":0.5}`}))
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "calc-1", ToolName: "calculator", ArgumentsJson: `{"expression":"2*3"}`}))
 	inv, err := prov.Recv()
 	if err != nil || inv.GetInvoke().GetCallId() != "shot-1" || inv.GetInvoke().GetTaskId() != sub.GetTaskId() || inv.GetInvoke().GetSessionId() != sid {
 		t.Fatalf("invoke %v %v", inv, err)
 	}
 	// The built-in answers first; the provider's result comes later, by call_id.
-	if r := c.recv().GetToolResult(); r.GetCallId() != "calc-1" {
+	if r := c.Recv().GetToolResult(); r.GetCallId() != "calc-1" {
 		t.Fatalf("first result %v", r)
 	}
 	if err := prov.Send(&dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
@@ -226,11 +191,11 @@ func TestToolProviderEndToEnd(t *testing.T) {
 	}}}); err != nil {
 		t.Fatal(err)
 	}
-	if r := c.recv().GetToolResult(); r.GetCallId() != "shot-1" || r.GetResultJson() != `{"uri":"mem://shot.png"}` {
+	if r := c.Recv().GetToolResult(); r.GetCallId() != "shot-1" || r.GetResultJson() != `{"uri":"mem://shot.png"}` {
 		t.Fatalf("provider result %v", r)
 	}
-	c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS}))
-	c.recv()
+	c.Send(testutil.Up(sid, testutil.Success("")))
+	c.Recv()
 	var executors []string
 	for _, ev := range watchAll(t, h, sub.GetTaskId(), 0) {
 		if tr := ev.GetToolResult(); tr != nil {
@@ -254,15 +219,11 @@ func TestToolProviderEndToEnd(t *testing.T) {
 	if _, err := prov.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("provider stream end: %v", err)
 	}
-	deadline := time.Now().Add(wait)
-	for {
-		tools, _ = h.tasks.ListTools(ctx, &dispatchv1.ListToolsRequest{})
-		if len(tools.GetTools()) == 4 {
-			break
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		tools, err := h.tasks.ListTools(ctx, &dispatchv1.ListToolsRequest{})
+		if err != nil {
+			t.Fatal(err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("provider tools not unregistered")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return len(tools.GetTools()) == 4
+	}, "the provider's tools unregistered")
 }

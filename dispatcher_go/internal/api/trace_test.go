@@ -13,6 +13,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // TestTraceJoinsAcrossHops: one trace from the client's span through the
@@ -29,8 +30,7 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 		otel.SetTracerProvider(prev)
 		_ = tp.Shutdown(context.Background())
 	})
-	h := newHarnessWith(t, dispatcher.Config{}, telemetry.ForProvider(tp).ServerOptions()...)
-	ctx := ctxT(t)
+	h, ctx := newHarnessWith(t, dispatcher.Config{}, telemetry.ForProvider(tp).ServerOptions()...)
 
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {
@@ -42,7 +42,7 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 	if _, err := prov.Recv(); err != nil {
 		t.Fatal(err)
 	}
-	c := h.commander(ctx, "planner:chat")
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 
 	// The client: a span of its own, sent as a traceparent header.
 	cctx, clientSpan := tp.Tracer("client").Start(ctx, "client")
@@ -58,13 +58,13 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 	traceID := clientSpan.SpanContext().TraceID()
 
 	// The commander: its session span continues the start packet's context.
-	sid, st := c.start()
+	sid, st := c.Start()
 	sessCtx := telemetry.Extract(context.Background(), st.GetTraceContext())
 	if got := trace.SpanContextFromContext(sessCtx); got.TraceID() != traceID {
 		t.Fatalf("start trace_context %v: trace %s, want %s", st.GetTraceContext(), got.TraceID(), traceID)
 	}
 	callCtx, callSpan := tp.Tracer("commander").Start(sessCtx, "tool_call remote.echo")
-	c.send(up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "remote.echo", ArgumentsJson: `{}`,
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "remote.echo", ArgumentsJson: `{}`,
 		TraceContext: telemetry.Inject(callCtx)}))
 	inv, err := prov.Recv()
 	if err != nil {
@@ -74,12 +74,12 @@ func TestTraceJoinsAcrossHops(t *testing.T) {
 	_ = prov.Send(&dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
 		InvocationId: inv.GetInvoke().GetInvocationId(), ResultJson: `{}`,
 	}}})
-	if r := c.recv().GetToolResult(); r.GetCallId() != "k1" || r.GetError() != nil {
+	if r := c.Recv().GetToolResult(); r.GetCallId() != "k1" || r.GetError() != nil {
 		t.Fatalf("tool result %v", r)
 	}
 	callSpan.End()
-	c.send(up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS}))
-	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
+	c.Send(testutil.Up(sid, testutil.Success("")))
+	if a := c.Recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
 		t.Fatalf("close ack %v", a)
 	}
 

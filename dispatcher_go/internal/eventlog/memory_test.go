@@ -226,7 +226,7 @@ func TestSlowAndManyReaders(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("writer took %s: readers slowed it down", d)
 	}
-	testutil.Done(t, waitGroupDone(&wg), 4*testutil.Wait, "every reader to reach the end of the log")
+	testutil.Done(t, testutil.Waited(&wg), 4*testutil.Wait, "every reader to reach the end of the log")
 	for r, seqs := range results {
 		if len(seqs) != events {
 			t.Fatalf("reader %d saw %d events, want %d", r, len(seqs), events)
@@ -237,14 +237,4 @@ func TestSlowAndManyReaders(t *testing.T) {
 			}
 		}
 	}
-}
-
-// waitGroupDone is closed when wg is done.
-func waitGroupDone(wg *sync.WaitGroup) <-chan struct{} {
-	done := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(done)
-	}()
-	return done
 }

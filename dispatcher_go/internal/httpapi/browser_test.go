@@ -15,6 +15,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // onePixelPNG is a 1×1 PNG, the "screenshot" of the fake session.
@@ -34,49 +35,65 @@ func chromiumPath(t *testing.T) string {
 	return ""
 }
 
-// browserScript is the fake session the page watches: content chunks every
-// 40 ms until stopped, a call_user question, a tool call that the policy
-// holds, and a screenshot; a user answer and a tool result are echoed as
-// content.
-func browserScript(ctx context.Context, s *session, _ *dispatchv1.StartSession) error {
-	c := s.c
+// browserScript is the stub commander the page watches: on its first
+// session, content chunks every 40 ms until stopped, a call_user question, a
+// tool call that the policy holds, and a screenshot; a user answer and a
+// tool result are echoed as content.
+func browserScript(ctx context.Context, c *testutil.Commander) error {
+	s, err := c.NextSession(ctx)
+	if err != nil {
+		return err
+	}
 	tick := time.NewTicker(40 * time.Millisecond)
 	defer tick.Stop()
 	for i := 0; i < 2000; {
+		var step any
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
-		case p, ok := <-c.in:
-			if !ok {
-				return nil
-			}
+		case p, ok := <-c.Packets():
 			switch {
+			case !ok:
+				return nil
 			case p.GetStop() != nil:
-				c.send(up(s.sid, &dispatchv1.Stopped{Reason: p.GetStop().GetReason()}))
-				return errStopped
+				if err := s.Send(&dispatchv1.Stopped{Reason: p.GetStop().GetReason()}); err != nil {
+					return err
+				}
+				return testutil.ErrStopped
 			case p.GetUserInput() != nil:
-				c.send(up(s.sid, &dispatchv1.ContentChunk{Text: "got: " + p.GetUserInput().GetText()}))
+				step = &dispatchv1.ContentChunk{Text: "got: " + p.GetUserInput().GetText()}
 			case p.GetToolResult() != nil:
-				c.send(up(s.sid, &dispatchv1.ContentChunk{Text: "tool said: " + p.GetToolResult().GetResultJson()}))
+				step = &dispatchv1.ContentChunk{Text: "tool said: " + p.GetToolResult().GetResultJson()}
+			default:
+				continue
 			}
-			continue
 		}
-		i++
-		switch i {
-		case 5:
-			c.send(up(s.sid, &dispatchv1.StageChange{Stage: "call_user", Message: "what is the password?"}))
-		case 8:
-			c.send(up(s.sid, &dispatchv1.ToolCallRequest{CallId: "h1", ToolName: "echo", ArgumentsJson: `{"text":"approved-echo"}`}))
-		case 12:
-			c.send(up(s.sid, &dispatchv1.Artifact{Kind: "screenshot", MimeType: "image/png", Data: onePixelPNG, Description: "the screen"}))
-		default:
-			c.send(up(s.sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}))
+		if step == nil {
+			i++
+			switch i {
+			case 5:
+				step = &dispatchv1.StageChange{Stage: "call_user", Message: "what is the password?"}
+			case 8:
+				step = &dispatchv1.ToolCallRequest{CallId: "h1", ToolName: "echo", ArgumentsJson: `{"text":"approved-echo"}`}
+			case 12:
+				step = &dispatchv1.Artifact{Kind: "screenshot", MimeType: "image/png", Data: onePixelPNG, Description: "the screen"}
+			default:
+				step = &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}
+			}
+		}
+		if err := s.Send(step); err != nil {
+			return err
 		}
 	}
-	c.send(up(s.sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "all chunks sent"}))
-	return nil
+	return s.Send(testutil.Success("all chunks sent"))
 }
+
+// lazy prints as what its function returns when it is printed: a failure
+// message's part that costs something to get.
+type lazy func() string
+
+func (f lazy) String() string { return f() }
 
 // TestWebPageInChromium drives the page in a real headless Chromium:
 // submit, watch events arrive, answer call_user, approve a held tool call,
@@ -96,8 +113,7 @@ func TestWebPageInChromium(t *testing.T) {
 	e := newEnv(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: token}, Policy: dispatcher.Policy{File: policy}}, Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	cmdr := e.commander("")
-	go cmdr.serve(ctx, browserScript)
+	e.commander(t, browserScript)
 
 	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),
 		chromedp.ExecPath(chromium),
@@ -129,20 +145,18 @@ func TestWebPageInChromium(t *testing.T) {
 		}
 		return v
 	}
+	// page is what the page shows, read when a wait fails.
+	page := lazy(func() string {
+		html, _ := chromedp.Run(bctx, chromedp.OuterHTML(chromedp.CSS("#right")))
+		return fmt.Sprintf("%.3000s", html)
+	})
 	// waitJS polls a JavaScript boolean expression.
 	waitJS := func(what, expr string) {
 		t.Helper()
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			if ok, err := chromedp.Run(bctx, chromedp.Evaluate[bool](expr)); err == nil && ok {
-				return
-			}
-			if time.Now().After(deadline) {
-				html, _ := chromedp.Run(bctx, chromedp.OuterHTML(chromedp.CSS("#right")))
-				t.Fatalf("waiting for %s (%s); page: %.3000s", what, expr, html)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		testutil.WaitFor(t, 20*time.Second, func() bool {
+			ok, err := chromedp.Run(bctx, chromedp.Evaluate[bool](expr))
+			return err == nil && ok
+		}, "%s (%s); page: %v", what, expr, page)
 	}
 	maxSeq := `Math.max(0, ...Array.from(document.querySelectorAll("#events [data-seq]")).map(e => +e.dataset.seq))`
 

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -15,26 +14,28 @@ import (
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// wait bounds the waits on the HTTP API (a task reaching a status).
 const wait = 10 * time.Second
 
-// env is a dispatcher serving gRPC on a real loopback listener (for fake
+// testTimeout bounds a whole test's calls (testutil.Context).
+const testTimeout = 30 * time.Second
+
+// env is a dispatcher serving gRPC in memory (testutil.ServeGRPC, for stub
 // commanders) and the HTTP API on an httptest server.
 type env struct {
 	t    testing.TB
 	d    *dispatcher.Dispatcher
-	gs   *grpc.Server
 	conn *grpc.ClientConn
 	http *httptest.Server
 	url  string
@@ -42,237 +43,65 @@ type env struct {
 
 func newEnv(t testing.TB, cfg dispatcher.Config, opts Options) *env {
 	t.Helper()
-	if cfg.Tasks.StopGrace == 0 {
-		cfg.Tasks.StopGrace = 500 * time.Millisecond
-	}
 	d, err := dispatcher.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := api.New(d)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(s.ServerOptions()...)
-	s.Register(gs)
-	go func() { _ = gs.Serve(lis) }()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := testutil.ServeGRPC(t, s.Register, s.ServerOptions()...)
+	g.OnStop(d.Close)
 	if opts.ClientToken == "" {
 		opts.ClientToken = cfg.Auth.ClientToken
 	}
 	hs := httptest.NewServer(New(s.Local(), opts))
-	e := &env{t: t, d: d, gs: gs, conn: conn, http: hs, url: hs.URL}
 	t.Cleanup(func() {
 		hs.CloseClientConnections()
 		hs.Close()
-		conn.Close()
-		d.Close()
-		gs.Stop()
 	})
-	return e
+	return &env{t: t, d: d, conn: g.Conn, http: hs, url: hs.URL}
 }
 
-func ctxT(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	t.Cleanup(cancel)
-	return ctx
-}
-
-// commander is a fake commander slot over real gRPC.
-type commander struct {
-	t      testing.TB
-	stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]
-	in     chan *dispatchv1.DownstreamPacket
-}
-
-func (e *env) commander(token string, caps ...string) *commander {
-	e.t.Helper()
+// commander connects a stub commander (planner:chat) and runs run with it
+// beside the test until the test ends, when ctx is cancelled. If run ended
+// before with an error other than a stop, the test fails.
+func (e *env) commander(t *testing.T, run func(ctx context.Context, c *testutil.Commander) error) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	e.t.Cleanup(cancel)
-	if token != "" {
-		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
-	}
-	stream, err := dispatchv1.NewAgentInteractionClient(e.conn).ChatStream(ctx)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	c := &commander{t: e.t, stream: stream, in: make(chan *dispatchv1.DownstreamPacket, 256)}
-	go func() {
-		defer close(c.in)
-		for {
-			p, err := stream.Recv()
-			if err != nil {
-				return
-			}
-			c.in <- p
-		}
-	}()
-	if len(caps) == 0 {
-		caps = []string{"planner:chat"}
-	}
-	c.send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "fake", Version: "t", Capabilities: caps}}})
-	if p := c.recv(); p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO {
-		e.t.Fatalf("hello ack %v", p)
-	}
-	return c
-}
-
-func (c *commander) send(p *dispatchv1.UpstreamPacket) {
-	if err := c.stream.Send(p); err != nil && !errors.Is(err, io.EOF) {
-		c.t.Errorf("send: %v", err)
-	}
-}
-
-func (c *commander) recv() *dispatchv1.DownstreamPacket {
-	c.t.Helper()
-	select {
-	case p, ok := <-c.in:
-		if !ok {
-			c.t.Fatal("commander stream ended")
-		}
-		return p
-	case <-time.After(wait):
-		c.t.Fatal("no downstream packet")
-		return nil
-	}
-}
-
-func up(sid string, payload any) *dispatchv1.UpstreamPacket {
-	p := &dispatchv1.UpstreamPacket{SessionId: sid, Timestamp: time.Now().UnixMicro()}
-	switch v := payload.(type) {
-	case *dispatchv1.ThoughtChain:
-		p.Payload = &dispatchv1.UpstreamPacket_Thought{Thought: v}
-	case *dispatchv1.ContentChunk:
-		p.Payload = &dispatchv1.UpstreamPacket_Content{Content: v}
-	case *dispatchv1.ToolCallRequest:
-		p.Payload = &dispatchv1.UpstreamPacket_ToolCall{ToolCall: v}
-	case *dispatchv1.Usage:
-		p.Payload = &dispatchv1.UpstreamPacket_Usage{Usage: v}
-	case *dispatchv1.FinalResult:
-		p.Payload = &dispatchv1.UpstreamPacket_Result{Result: v}
-	case *dispatchv1.Stopped:
-		p.Payload = &dispatchv1.UpstreamPacket_Stopped{Stopped: v}
-	case *dispatchv1.StageChange:
-		p.Payload = &dispatchv1.UpstreamPacket_Stage{Stage: v}
-	case *dispatchv1.Artifact:
-		p.Payload = &dispatchv1.UpstreamPacket_Artifact{Artifact: v}
-	default:
-		panic("unknown payload")
-	}
-	return p
-}
-
-var errStopped = errors.New("stopped")
-
-// session is one task on a fake commander slot.
-type session struct {
-	c   *commander
-	sid string
-}
-
-// next waits for a downstream packet of this session; on a stop it answers
-// stopped and returns errStopped.
-func (s *session) next(ctx context.Context) (*dispatchv1.DownstreamPacket, error) {
-	select {
-	case p, ok := <-s.c.in:
-		if !ok {
-			return nil, io.EOF
-		}
-		if p.GetStop() != nil {
-			s.c.send(up(s.sid, &dispatchv1.Stopped{Reason: p.GetStop().GetReason()}))
-			return p, errStopped
-		}
-		return p, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// pause waits d unless a stop comes first.
-func (s *session) pause(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	for {
+	c := testutil.Connect(t, ctx, e.conn, "planner:chat")
+	ran := testutil.Async(func() (struct{}, error) { return struct{}{}, run(ctx, c) })
+	t.Cleanup(func() {
+		defer cancel()
 		select {
-		case <-t.C:
-			return nil
-		case p, ok := <-s.c.in:
-			if !ok {
-				return io.EOF
+		case r := <-ran:
+			if r.Err != nil && !errors.Is(r.Err, testutil.ErrStopped) {
+				t.Errorf("commander: %v", r.Err)
 			}
-			if p.GetStop() != nil {
-				s.c.send(up(s.sid, &dispatchv1.Stopped{Reason: p.GetStop().GetReason()}))
-				return errStopped
-			}
-		case <-ctx.Done():
-			return ctx.Err()
+		default: // still running: whatever the cancel makes it return is expected
+			cancel()
+			testutil.Done(t, ran, testutil.Wait, "the commander to stop")
 		}
-	}
+	})
 }
 
-// serve runs sessions until ctx ends: each start is handed to play; when
-// play returns, the session's closing ack is awaited.
-func (c *commander) serve(ctx context.Context, play func(ctx context.Context, s *session, start *dispatchv1.StartSession) error) {
-	for {
-		var p *dispatchv1.DownstreamPacket
-		select {
-		case <-ctx.Done():
-			return
-		case q, ok := <-c.in:
-			if !ok {
-				return
-			}
-			p = q
-		}
-		if p.GetStart() == nil {
-			continue
-		}
-		s := &session{c: c, sid: p.GetSessionId()}
-		if err := play(ctx, s, p.GetStart()); err != nil && !errors.Is(err, errStopped) {
-			return
-		}
-		for {
-			q, err := s.next(ctx)
-			if err != nil && !errors.Is(err, errStopped) {
-				return
-			}
-			if q.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED {
-				break
-			}
-		}
-	}
+// serve is a commander that plays script on every session.
+func (e *env) serve(t *testing.T, script func(*dispatchv1.StartSession) []any) {
+	t.Helper()
+	e.commander(t, func(ctx context.Context, c *testutil.Commander) error { return c.Serve(ctx, script) })
 }
 
 // chatScript is a typical chat session: a thought, a calculator call, an
 // answer, usage, SUCCESS; gap is the pause between steps.
-func chatScript(gap time.Duration) func(ctx context.Context, s *session, start *dispatchv1.StartSession) error {
-	return func(ctx context.Context, s *session, start *dispatchv1.StartSession) error {
-		c := s.c
-		c.send(up(s.sid, &dispatchv1.ThoughtChain{StepName: "Planning", Delta: "I should compute 123 * 456"}))
-		if err := s.pause(ctx, gap); err != nil {
-			return err
+func chatScript(gap time.Duration) func(*dispatchv1.StartSession) []any {
+	return func(*dispatchv1.StartSession) []any {
+		return []any{
+			&dispatchv1.ThoughtChain{StepName: "Planning", Delta: "I should compute 123 * 456"},
+			testutil.Pause(gap),
+			&dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"123 * 456"}`},
+			testutil.Pause(gap),
+			&dispatchv1.ContentChunk{Text: "Result: 56088", IsFinish: true},
+			&dispatchv1.Usage{InputTokens: 100, OutputTokens: 20, Cost: 0.002, Currency: "USD", Steps: 1},
+			testutil.Success("Calculation completed: 56088"),
 		}
-		c.send(up(s.sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"123 * 456"}`}))
-		for {
-			p, err := s.next(ctx)
-			if err != nil {
-				return err
-			}
-			if p.GetToolResult() != nil {
-				break
-			}
-		}
-		if err := s.pause(ctx, gap); err != nil {
-			return err
-		}
-		c.send(up(s.sid, &dispatchv1.ContentChunk{Text: "Result: 56088", IsFinish: true}))
-		c.send(up(s.sid, &dispatchv1.Usage{InputTokens: 100, OutputTokens: 20, Cost: 0.002, Currency: "USD", Steps: 1}))
-		c.send(up(s.sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "Calculation completed: 56088"}))
-		return nil
 	}
 }
 

@@ -15,26 +15,23 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // waitStatus polls the seed status endpoint until the task has status.
 func (e *env) waitStatus(id, token, want string) map[string]any {
 	e.t.Helper()
-	deadline := time.Now().Add(wait)
-	for {
-		var st map[string]any
+	var st map[string]any
+	testutil.WaitFor(e.t, wait, func() bool {
+		st = nil
 		e.do("GET", "/api/agent/task/status/"+id, token, "", &st)
-		if st["status"] == want {
-			return st
-		}
-		if time.Now().After(deadline) {
-			e.t.Fatalf("task %s: status %v, want %s", id, st["status"], want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return st["status"] == want
+	}, "task %s to be %s", id, want)
+	return st
 }
 
 func TestHealthIsOpenAndAPINeedsToken(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: "secret"}}, Options{})
 	var h map[string]string
 	if r := e.do("GET", "/api/health", "", "", &h); r.StatusCode != 200 || h["status"] != "ok" {
@@ -75,6 +72,7 @@ func TestHealthIsOpenAndAPINeedsToken(t *testing.T) {
 // TestBadInputIs4xxJSON: bad JSON, wrong types, oversized bodies, unknown
 // ids and endpoints are 4xx with a JSON error, never a 500.
 func TestBadInputIs4xxJSON(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{}, Options{MaxBodyBytes: 1024})
 	big := `{"instruction":"` + strings.Repeat("x", 2000) + `"}`
 	cases := []struct {
@@ -145,23 +143,31 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 // the connection mid-task, resumes with Last-Event-ID, and checks that the
 // union is seq 1..last exactly once each, ending with "event: end".
 func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{}, Options{})
-	c := e.commander("")
-	ctx := ctxT(t)
+	ctx := testutil.Context(t, testTimeout)
 	release := make(chan struct{})
-	go c.serve(ctx, func(ctx context.Context, s *session, _ *dispatchv1.StartSession) error {
-		for i := range 10 {
-			s.c.send(up(s.sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}))
+	chunks := func(from, to int) []any {
+		var steps []any
+		for i := from; i < to; i++ {
+			steps = append(steps, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)})
+		}
+		return steps
+	}
+	e.commander(t, func(ctx context.Context, c *testutil.Commander) error {
+		s, err := c.NextSession(ctx)
+		if err != nil {
+			return err
+		}
+		if err := s.Play(ctx, chunks(0, 10)...); err != nil {
+			return err
 		}
 		select {
 		case <-release:
 		case <-ctx.Done():
+			return ctx.Err()
 		}
-		for i := 10; i < 20; i++ {
-			s.c.send(up(s.sid, &dispatchv1.ContentChunk{Text: fmt.Sprintf("chunk %d ", i)}))
-		}
-		s.c.send(up(s.sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "done"}))
-		return nil
+		return s.Play(ctx, append(chunks(10, 20), testutil.Success("done"))...)
 	})
 	var sub map[string]any
 	e.do("POST", "/api/tasks", "", `{"instruction":"stream"}`, &sub)
@@ -242,6 +248,7 @@ func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
 // TestInterjectApproveAndCancelOverHTTP: a held tool call is approved over
 // HTTP, an interjection reaches the planner, and a cancel ends the task.
 func TestInterjectApproveAndCancelOverHTTP(t *testing.T) {
+	t.Parallel()
 	policy := filepath.Join(t.TempDir(), "policy.yaml")
 	if err := os.WriteFile(policy, []byte(`
 rules:
@@ -252,14 +259,20 @@ rules:
 		t.Fatal(err)
 	}
 	e := newEnv(t, dispatcher.Config{Policy: dispatcher.Policy{File: policy}}, Options{})
-	c := e.commander("")
-	ctx := ctxT(t)
 	got := make(chan string, 4)
-	go c.serve(ctx, func(ctx context.Context, s *session, _ *dispatchv1.StartSession) error {
-		s.c.send(up(s.sid, &dispatchv1.ToolCallRequest{CallId: "h1", ToolName: "echo", ArgumentsJson: `{"text":"hi"}`}))
-		s.c.send(up(s.sid, &dispatchv1.StageChange{Stage: "call_user", Message: "what is the password?"}))
+	e.commander(t, func(ctx context.Context, c *testutil.Commander) error {
+		s, err := c.NextSession(ctx)
+		if err != nil {
+			return err
+		}
+		if err := s.Send(&dispatchv1.ToolCallRequest{CallId: "h1", ToolName: "echo", ArgumentsJson: `{"text":"hi"}`}); err != nil {
+			return err
+		}
+		if err := s.Send(&dispatchv1.StageChange{Stage: "call_user", Message: "what is the password?"}); err != nil {
+			return err
+		}
 		for {
-			p, err := s.next(ctx)
+			p, err := s.Next(ctx)
 			if err != nil {
 				return err
 			}
@@ -275,23 +288,20 @@ rules:
 	e.do("POST", "/api/agent/task/submit", "", `{"instruction":"hold me"}`, &sub)
 	id := sub["task_id"].(string)
 	e.waitStatus(id, "", "running")
-	// Approve once the hold is recorded.
-	deadline := time.Now().Add(wait)
-	for {
-		var out map[string]any
+	// Approve once the hold is recorded (until then: 404).
+	var out map[string]any
+	testutil.WaitFor(t, wait, func() bool {
+		out = nil
 		r := e.do("POST", "/api/tasks/"+id+"/tool-calls/h1/approve", "", `{"reason":"fine"}`, &out)
-		if r.StatusCode == 200 {
-			if out["outcome"] != "HOLD_OUTCOME_APPROVED" {
-				t.Fatalf("approve: %v", out)
-			}
-			break
-		}
-		if r.StatusCode != 404 || time.Now().After(deadline) {
+		if r.StatusCode != 200 && r.StatusCode != 404 {
 			t.Fatalf("approve: %d %v", r.StatusCode, out)
 		}
-		time.Sleep(10 * time.Millisecond)
+		return r.StatusCode == 200
+	}, "the held call h1 to be approved")
+	if out["outcome"] != "HOLD_OUTCOME_APPROVED" {
+		t.Fatalf("approve: %v", out)
 	}
-	if g := <-got; !strings.HasPrefix(g, "result:") || !strings.Contains(g, "hi") {
+	if g := testutil.Recv(t, got, wait, "the planner to get the result"); !strings.HasPrefix(g, "result:") || !strings.Contains(g, "hi") {
 		t.Fatalf("planner got %q", g)
 	}
 	// A second approve of the same call: 404 (not held any more).
@@ -302,7 +312,7 @@ rules:
 	if r := e.do("POST", "/api/tasks/"+id+"/interject", "", `{"text":"hunter2"}`, &ij); r.StatusCode != 200 || ij["message_id"] == "" {
 		t.Fatalf("interject %d %v", r.StatusCode, ij)
 	}
-	if g := <-got; g != "user:hunter2" {
+	if g := testutil.Recv(t, got, wait, "the planner to get the user's answer"); g != "user:hunter2" {
 		t.Fatalf("planner got %q", g)
 	}
 	var cr map[string]any
@@ -326,10 +336,10 @@ rules:
 // TestRunDisconnectCancels: a client of /api/agent/run that goes away
 // cancels its task (nobody else knows its id).
 func TestRunDisconnectCancels(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{}, Options{})
-	c := e.commander("")
-	ctx := ctxT(t)
-	go c.serve(ctx, chatScript(time.Hour))
+	ctx := testutil.Context(t, testTimeout)
+	e.serve(t, chatScript(time.Hour))
 	rctx, cancel := context.WithCancel(ctx)
 	req, _ := http.NewRequestWithContext(rctx, "POST", e.url+"/api/agent/run", strings.NewReader(`{"instruction":"x"}`))
 	resp, err := http.DefaultClient.Do(req)
@@ -354,8 +364,8 @@ func TestSeedCurlExamples(t *testing.T) {
 		t.Skip("curl not installed")
 	}
 	e := newEnv(t, dispatcher.Config{}, Options{})
-	ctx := ctxT(t)
-	go e.commander("").serve(ctx, chatScript(0))
+	ctx := testutil.Context(t, testTimeout)
+	e.serve(t, chatScript(0))
 	run := func(args ...string) string {
 		t.Helper()
 		for i, a := range args {
@@ -496,9 +506,9 @@ func TestSeedCurlExamples(t *testing.T) {
 
 // TestCancelAll cancels every pending and running task.
 func TestCancelAll(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{}, Options{})
-	ctx := ctxT(t)
-	go e.commander("").serve(ctx, chatScript(time.Hour))
+	e.serve(t, chatScript(time.Hour))
 	var ids []string
 	for range 3 {
 		var sub map[string]any
@@ -523,6 +533,7 @@ func TestCancelAll(t *testing.T) {
 // drain turns /api/health to 503, refuses submissions, and the stream
 // gets the task's end.
 func TestHeartbeatAndDrain(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, dispatcher.Config{}, Options{Heartbeat: 20 * time.Millisecond})
 	var sub map[string]any
 	e.do("POST", "/api/tasks", "", `{"instruction":"nobody runs me"}`, &sub)

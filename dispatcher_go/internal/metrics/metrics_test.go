@@ -1,9 +1,7 @@
 package metrics_test
 
 import (
-	"context"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -15,14 +13,13 @@ import (
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -75,12 +72,6 @@ func value(text, name string, labels ...string) float64 {
 	return -1
 }
 
-func up(sid string, p *dispatchv1.UpstreamPacket) *dispatchv1.UpstreamPacket {
-	p.SessionId = sid
-	p.Timestamp = time.Now().UnixMicro()
-	return p
-}
-
 // TestScrapeAfterTasks runs a task with a tool call, a denied call and a
 // cancelled task, then finds in /metrics the counters they moved.
 func TestScrapeAfterTasks(t *testing.T) {
@@ -94,47 +85,18 @@ func TestScrapeAfterTasks(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv := api.New(d)
-	gs := grpc.NewServer(append(m.ServerOptions(), srv.ServerOptions()...)...)
-	srv.Register(gs)
-	m.InitializeGRPC(gs)
+	g := testutil.ServeGRPC(t, func(gs *grpc.Server) {
+		srv.Register(gs)
+		m.InitializeGRPC(gs)
+	}, append(m.ServerOptions(), srv.ServerOptions()...)...)
+	g.OnStop(d.Close)
 	m.Watch(metrics.Sources{Tasks: d.Tasks(), Scheduler: d.Scheduler(), Sessions: d.Sessions(), Policy: d.Policy()})
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = gs.Serve(lis) }()
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
 	hs := httptest.NewServer(m.Handler())
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	t.Cleanup(func() {
-		cancel()
-		hs.Close()
-		conn.Close()
-		d.Close()
-		gs.Stop()
-	})
+	t.Cleanup(hs.Close)
+	ctx := testutil.Context(t, 20*time.Second)
 
-	tasks := dispatchv1.NewTaskServiceClient(conn)
-	chat, err := dispatchv1.NewAgentInteractionClient(conn).ChatStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	send := func(p *dispatchv1.UpstreamPacket) {
-		if err := chat.Send(p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	recv := func() *dispatchv1.DownstreamPacket {
-		p, err := chat.Recv()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Hello{Hello: &dispatchv1.Hello{CommanderId: "c", Capabilities: []string{"planner:chat"}}}})
-	recv() // hello ack
+	tasks := dispatchv1.NewTaskServiceClient(g.Conn)
+	c := testutil.Connect(t, ctx, g.Conn, "planner:chat")
 
 	before := scrape(t, hs.URL)
 	if v := value(before, "dispatcher_slots"); v != 1 {
@@ -145,37 +107,34 @@ func TestScrapeAfterTasks(t *testing.T) {
 	if _, err := tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "add"}); err != nil {
 		t.Fatal(err)
 	}
-	start := recv()
-	sid := start.GetSessionId()
-	send(up(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"1+1"}`}}}))
-	recv() // result
-	send(up(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{CallId: "k2", ToolName: "echo", ArgumentsJson: `{"text":"x"}`}}}))
-	if r := recv().GetToolResult(); r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "k1", ToolName: "calculator", ArgumentsJson: `{"expression":"1+1"}`}))
+	c.Recv() // result
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "k2", ToolName: "echo", ArgumentsJson: `{"text":"x"}`}))
+	if r := c.Recv().GetToolResult(); r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
 		t.Fatalf("echo not denied: %v", r)
 	}
-	send(up(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{Content: &dispatchv1.ContentChunk{Text: "2"}}}))
-	send(up(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Result{Result: &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS, Result: "2"}}}))
-	recv() // session closed
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "2"}))
+	c.Send(testutil.Up(sid, testutil.Success("2")))
+	c.Recv() // session closed
 
 	// Task 2: cancelled while running; the commander acks the stop.
 	sub, err := tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "wait"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid = recv().GetSessionId()
-	done := make(chan error, 1)
-	go func() {
-		_, err := tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId()})
-		done <- err
-	}()
-	if recv().GetStop() == nil {
+	sid, _ = c.Start()
+	done := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
+		return tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId()})
+	})
+	if c.Recv().GetStop() == nil {
 		t.Fatal("want stop")
 	}
-	send(up(sid, &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{Reason: "ok"}}}))
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "ok"}))
+	if r := testutil.Recv(t, done, testutil.Wait, "CancelTask to return"); r.Err != nil {
+		t.Fatal(r.Err)
 	}
-	recv() // session closed
+	c.Recv() // session closed
 	if r, err := tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: sub.GetTaskId()}); err != nil || r.GetTask().GetStatus() != agentpb.TaskStatus_CANCELLED {
 		t.Fatalf("task 2: %v %v", r, err)
 	}

@@ -8,7 +8,18 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
+
+// submit submits a task to m; it must be accepted.
+func submit(t *testing.T, m *Manager) *Task {
+	t.Helper()
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tk
+}
 
 // startOn takes tk off the queue and starts it on a new runner, as the
 // scheduler does.
@@ -34,11 +45,9 @@ func stateTrail(t *testing.T, tk *Task) (statuses []agentpb.TaskStatus, messages
 }
 
 func TestRequeueBackToPendingAndBounded(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	for i := range MaxRequeues {
 		r := startOn(t, q, tk)
 		if err := tk.Requeue(&fakeRunner{t: tk}, ""); !errors.Is(err, ErrNotRunning) {
@@ -90,11 +99,9 @@ func TestRequeueBackToPendingAndBounded(t *testing.T) {
 // A cancel that comes while the slot is dying wins: the task is not put
 // back in the queue.
 func TestRequeueRefusedAfterCancel(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	r := startOn(t, q, tk)
 	// The runner was already claimed by its dying slot: the stop does
 	// nothing, as with a real session.
@@ -115,24 +122,19 @@ func TestRequeueRefusedAfterCancel(t *testing.T) {
 }
 
 func TestRequeueRefusedWhileDraining(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 50 * time.Millisecond})
-	tk, err := m.Submit(Spec{Instruction: "x"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tk := submit(t, m)
 	r := startOn(t, q, tk)
 	r.onStop = func(r *fakeRunner, reason string, _ dispatchv1.StopCode) {}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	done := make(chan struct{})
 	go func() { m.Shutdown(ctx); close(done) }()
-	deadline := time.Now().Add(time.Second)
-	for !m.Closed() && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	testutil.WaitFor(t, testutil.Wait, m.Closed, "the manager to close")
 	if err := tk.Requeue(r, ""); !errors.Is(err, ErrClosed) {
 		t.Fatalf("requeue while draining: %v", err)
 	}
 	tk.Finish(agentpb.TaskStatus_FAILURE, "lost", "")
-	<-done
+	testutil.Done(t, done, testutil.Wait, "Shutdown to return")
 }

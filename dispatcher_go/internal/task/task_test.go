@@ -14,6 +14,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -111,6 +112,7 @@ func events(t *testing.T, tk *Task) []*dispatchv1.TaskEvent {
 }
 
 func TestSubmitValidates(t *testing.T) {
+	t.Parallel()
 	m, _ := newManager(t, ManagerOptions{})
 	for name, spec := range map[string]Spec{
 		"empty instruction":  {Instruction: "  "},
@@ -126,6 +128,7 @@ func TestSubmitValidates(t *testing.T) {
 }
 
 func TestSubmitCreatesPendingTaskWithDefaults(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{DefaultPlanner: "chat"})
 	tk, err := m.Submit(Spec{Instruction: "hello"})
 	if err != nil {
@@ -151,6 +154,7 @@ func TestSubmitCreatesPendingTaskWithDefaults(t *testing.T) {
 }
 
 func TestSubmitQueueFullKeepsNothing(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	q.full = true
 	if _, err := m.Submit(Spec{Instruction: "x"}); !errors.Is(err, errFull) {
@@ -162,6 +166,7 @@ func TestSubmitQueueFullKeepsNothing(t *testing.T) {
 }
 
 func TestTimeoutResolution(t *testing.T) {
+	t.Parallel()
 	m, _ := newManager(t, ManagerOptions{})
 	m.Configs().SetGlobal(&agentpb.CommonConfig{TaskTimeout: proto.Int32(100)})
 	a, _ := m.Submit(Spec{Instruction: "x"})
@@ -173,6 +178,7 @@ func TestTimeoutResolution(t *testing.T) {
 }
 
 func TestCancelPendingDequeues(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	tk, _ := m.Submit(Spec{Instruction: "x"})
 	out, err := m.Cancel(context.Background(), tk.ID(), "", true)
@@ -192,26 +198,31 @@ func TestCancelPendingDequeues(t *testing.T) {
 }
 
 func TestCancelRunningWaitsForTheRealOutcome(t *testing.T) {
-	m, q := newManager(t, ManagerOptions{})
+	t.Parallel()
+	// The grace is long: Cancel gives up only if the test is stuck.
+	m, q := newManager(t, ManagerOptions{StopGrace: testutil.Wait})
 
-	// The commander obeys: CANCELLED, cancelled=true.
+	// The commander obeys: CANCELLED, cancelled=true. The task ends only
+	// once Cancel is waiting for it.
 	tk, _ := m.Submit(Spec{Instruction: "x"})
 	q.take(tk)
-	r := &fakeRunner{t: tk, onStop: func(r *fakeRunner, reason string, code dispatchv1.StopCode) {
+	stopped := make(chan string, 1)
+	r := &fakeRunner{t: tk, onStop: func(_ *fakeRunner, reason string, code dispatchv1.StopCode) {
 		if code != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 			t.Errorf("code = %v", code)
 		}
-		go func() {
-			time.Sleep(20 * time.Millisecond)
-			r.t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
-		}()
+		stopped <- reason
 	}}
 	if err := tk.Start(r, "c1", "s1"); err != nil {
 		t.Fatal(err)
 	}
-	out, err := m.Cancel(context.Background(), tk.ID(), "", true)
-	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
-		t.Fatalf("cancel: %+v %v", out, err)
+	cancelled := testutil.Async(func() (CancelOutcome, error) { return m.Cancel(context.Background(), tk.ID(), "", true) })
+	reason := testutil.Recv(t, stopped, testutil.Wait, "the stop")
+	testutil.WaitFor(t, testutil.Wait, func() bool { return testutil.Blocked("task.(*Manager).Cancel") }, "Cancel to wait for the outcome")
+	tk.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+	out := testutil.Recv(t, cancelled, testutil.Wait, "Cancel to return")
+	if out.Err != nil || !out.V.Cancelled || out.V.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel: %+v %v", out.V, out.Err)
 	}
 
 	// The planner finished first: the truth is SUCCESS, cancelled=false.
@@ -221,13 +232,14 @@ func TestCancelRunningWaitsForTheRealOutcome(t *testing.T) {
 		go r.t.Finish(agentpb.TaskStatus_SUCCESS, "done", "42")
 	}}
 	_ = tk2.Start(r2, "c1", "s2")
-	out, _ = m.Cancel(context.Background(), tk2.ID(), "", true)
-	if out.Cancelled || out.Status != agentpb.TaskStatus_SUCCESS {
-		t.Fatalf("cancel after finish: %+v", out)
+	out2, _ := m.Cancel(context.Background(), tk2.ID(), "", true)
+	if out2.Cancelled || out2.Status != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("cancel after finish: %+v", out2)
 	}
 }
 
 func TestInterject(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	tk, _ := m.Submit(Spec{Instruction: "x"})
 	if _, _, err := m.Interject(context.Background(), tk.ID(), "hi"); !errors.Is(err, ErrNotRunning) {
@@ -246,6 +258,7 @@ func TestInterject(t *testing.T) {
 }
 
 func TestStatisticsAndFinish(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	tk, _ := m.Submit(Spec{Instruction: "x"})
 	q.take(tk)
@@ -276,6 +289,7 @@ func TestStatisticsAndFinish(t *testing.T) {
 }
 
 func TestRegistryEvictsOldestFinishedAndLists(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{MaxTasksKept: 2})
 	var ts []*Task
 	for range 4 {
@@ -314,6 +328,7 @@ func TestRegistryEvictsOldestFinishedAndLists(t *testing.T) {
 }
 
 func TestConversationHistoryFromPreviousTask(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{})
 	prev, _ := m.Submit(Spec{Instruction: "what is 2+2"})
 	q.take(prev)
@@ -329,6 +344,7 @@ func TestConversationHistoryFromPreviousTask(t *testing.T) {
 }
 
 func TestShutdownStopsWhatIsLeft(t *testing.T) {
+	t.Parallel()
 	m, q := newManager(t, ManagerOptions{StopGrace: 100 * time.Millisecond})
 	pending, _ := m.Submit(Spec{Instruction: "x"})
 	running, _ := m.Submit(Spec{Instruction: "x"})
@@ -350,6 +366,7 @@ func TestShutdownStopsWhatIsLeft(t *testing.T) {
 }
 
 func TestNewIDIsUUIDShaped(t *testing.T) {
+	t.Parallel()
 	a, b := NewID(), NewID()
 	if len(a) != 36 || a[14] != '4' || a == b {
 		t.Fatalf("ids %q %q", a, b)

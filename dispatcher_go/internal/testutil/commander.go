@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
@@ -202,11 +200,16 @@ func (c *Commander) NextSession(ctx context.Context) (*Session, error) {
 	}
 }
 
-// next is the next downstream packet, or why there is none.
+// next is the next downstream packet, or why there is none: ctx's error
+// once ctx has ended (also when the stream ended with it, as it does when
+// ctx is the stream's), else the stream's end.
 func (c *Commander) next(ctx context.Context) (*dispatchv1.DownstreamPacket, error) {
 	select {
 	case p, ok := <-c.in:
 		if !ok {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
 			return nil, fmt.Errorf("stream ended: %w", c.end)
 		}
 		return p, nil
@@ -335,13 +338,10 @@ func (c *Commander) Serve(ctx context.Context, script func(*dispatchv1.StartSess
 	}
 }
 
-// ignoreEnd drops the error that only says ctx ended: ctx's own error, or
-// the stream's CANCELED status when the cancel reached the stream first.
+// ignoreEnd drops the error of a Serve whose ctx ended: whatever broke
+// then (a send on the stream ctx cancelled) is the end that was asked for.
 func ignoreEnd(ctx context.Context, err error) error {
-	if ctx.Err() == nil {
-		return err
-	}
-	if errors.Is(err, ctx.Err()) || status.Code(err) == codes.Canceled {
+	if ctx.Err() != nil {
 		return nil
 	}
 	return err

@@ -1,6 +1,8 @@
 // Package testutil is the dispatcher's test kit: bounded waits instead of
-// sleeps, the one builder of upstream packets, an in-memory (bufconn) gRPC
-// harness and a stub commander that speaks ChatStream.
+// sleeps (and Async, for a blocking call made beside the test), the one
+// builder of upstream packets, an in-memory (bufconn) gRPC harness, a stub
+// commander that speaks ChatStream, and Feed, the event log of a fake
+// TaskService's task.
 //
 // It owns only test helpers. It must be imported by _test.go files only
 // (TestTestOnlyImportedByTests enforces this), and it must not import any

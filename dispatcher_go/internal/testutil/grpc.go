@@ -2,6 +2,8 @@ package testutil
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -91,3 +93,24 @@ func (g *GRPC) Dial(opts ...grpc.DialOption) *grpc.ClientConn {
 // Listener is the in-memory listener the server serves, for tests that
 // dial it their own way.
 func (g *GRPC) Listener() *bufconn.Listener { return g.lis }
+
+// RecvAll receives from a server stream until it ends, passing each message
+// to each (if not nil) as it comes: all it received, and nil if the stream
+// ended with io.EOF or else how it ended. The stream's context bounds it;
+// run it with Async to read beside the test.
+func RecvAll[T any](s grpc.ServerStreamingClient[T], each func(*T)) ([]*T, error) {
+	var out []*T
+	for {
+		m, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		if each != nil {
+			each(m)
+		}
+		out = append(out, m)
+	}
+}

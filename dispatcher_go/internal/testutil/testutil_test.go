@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -498,4 +499,124 @@ func TestGRPCTeardownOrder(t *testing.T) {
 	if _, err := g.Listener().Dial(); err == nil {
 		t.Fatal("server still listening after the test")
 	}
+}
+
+func TestAsync(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	errBoom := errors.New("boom")
+	r := Async(func() (int, error) {
+		<-release
+		return 7, errBoom
+	})
+	NoRecv(t, r, 10*time.Millisecond, "no result before the call returns")
+	close(release)
+	if got := Recv(t, r, Wait, "the result"); got.V != 7 || !errors.Is(got.Err, errBoom) {
+		t.Fatalf("result %+v", got)
+	}
+}
+
+func TestWaited(t *testing.T) {
+	t.Parallel()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	waited := Waited(&wg)
+	wg.Done()
+	NoRecv(t, waited, 10*time.Millisecond, "not closed while one is left")
+	wg.Done()
+	Done(t, waited, Wait, "Waited to close")
+}
+
+// fakeWatch is a TaskService whose WatchTask sends n events, then ends
+// with end (nil: OK, the client's io.EOF).
+type fakeWatch struct {
+	dispatchv1.UnimplementedTaskServiceServer
+	n   int
+	end error
+}
+
+func (f fakeWatch) WatchTask(_ *dispatchv1.WatchTaskRequest, s grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
+	for i := range f.n {
+		if err := s.Send(&dispatchv1.WatchTaskResponse{Event: &dispatchv1.TaskEvent{Seq: uint64(i + 1)}}); err != nil {
+			return err
+		}
+	}
+	return f.end
+}
+
+func TestRecvAll(t *testing.T) {
+	t.Parallel()
+	for name, tc := range map[string]struct {
+		end  error
+		code codes.Code
+	}{
+		"EOF":   {nil, codes.OK},
+		"error": {status.Error(codes.Unavailable, "cut"), codes.Unavailable},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			g := ServeGRPC(t, func(s *grpc.Server) { dispatchv1.RegisterTaskServiceServer(s, fakeWatch{n: 3, end: tc.end}) })
+			s, err := dispatchv1.NewTaskServiceClient(g.Conn).WatchTask(Context(t, Wait), &dispatchv1.WatchTaskRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var each []uint64
+			got, err := RecvAll(s, func(r *dispatchv1.WatchTaskResponse) { each = append(each, r.GetEvent().GetSeq()) })
+			if status.Code(err) != tc.code || (tc.end == nil && err != nil) {
+				t.Fatalf("RecvAll error %v, want %v", err, tc.code)
+			}
+			if len(got) != 3 || got[2].GetEvent().GetSeq() != 3 || fmt.Sprint(each) != "[1 2 3]" {
+				t.Fatalf("received %v, each saw %v", got, each)
+			}
+		})
+	}
+}
+
+func stateEvent(s agentpb.TaskStatus) *dispatchv1.TaskEvent {
+	return &dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: s}}}
+}
+
+func TestFeed(t *testing.T) {
+	t.Parallel()
+	t.Run("follows to the end", func(t *testing.T) {
+		t.Parallel()
+		var f Feed
+		f.Append(stateEvent(agentpb.TaskStatus_PENDING), stateEvent(agentpb.TaskStatus_RUNNING))
+		sent := make(chan uint64, 8)
+		followed := Async(func() (struct{}, error) {
+			return struct{}{}, f.Follow(Context(t, Wait), 1, func(ev *dispatchv1.TaskEvent) error {
+				sent <- ev.GetSeq()
+				return nil
+			})
+		})
+		if seq := Recv(t, sent, Wait, "seq 2"); seq != 2 {
+			t.Fatalf("first sent %d, want 2 (after 1)", seq)
+		}
+		NoRecv(t, followed, 10*time.Millisecond, "Follow waits for more")
+		f.Append(&dispatchv1.TaskEvent{}, stateEvent(agentpb.TaskStatus_SUCCESS), &dispatchv1.TaskEvent{})
+		if r := Recv(t, followed, Wait, "Follow to end at the terminal state"); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		if a, b := Recv(t, sent, Wait), Recv(t, sent, Wait); a != 3 || b != 4 || len(sent) != 0 || f.Len() != 5 {
+			t.Fatalf("sent %d %d (+%d), len %d", a, b, len(sent), f.Len())
+		}
+		// From past the end: at once.
+		if err := f.Follow(Context(t, Wait), 5, func(*dispatchv1.TaskEvent) error { return errors.New("sent") }); err != nil {
+			t.Fatalf("follow past the end: %v", err)
+		}
+	})
+	t.Run("ends with ctx or send", func(t *testing.T) {
+		t.Parallel()
+		var f Feed
+		ctx, cancel := context.WithCancel(Context(t, Wait))
+		cancel()
+		if err := f.Follow(ctx, 0, func(*dispatchv1.TaskEvent) error { return nil }); !errors.Is(err, context.Canceled) {
+			t.Fatalf("empty feed, ended ctx: %v", err)
+		}
+		f.Append(stateEvent(agentpb.TaskStatus_RUNNING))
+		errSend := errors.New("client gone")
+		if err := f.Follow(Context(t, Wait), 0, func(*dispatchv1.TaskEvent) error { return errSend }); !errors.Is(err, errSend) {
+			t.Fatalf("send failed: %v", err)
+		}
+	})
 }

@@ -3,6 +3,7 @@ package testutil
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 )
@@ -119,4 +120,35 @@ func Context(t testing.TB, timeout time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// Result is what a call returned.
+type Result[T any] struct {
+	V   T
+	Err error
+}
+
+// Async calls f on a goroutine of its own; the channel yields what it
+// returned, once. It is how a test makes a blocking call (a cancel that
+// waits for the stop's outcome, a stream read to its end) while it goes on
+// doing the other side; receive the result with Recv, so that the wait is
+// bounded. f must not call t.Fatal: it does not run on the test's goroutine.
+func Async[T any](f func() (T, error)) <-chan Result[T] {
+	ch := make(chan Result[T], 1)
+	go func() {
+		v, err := f()
+		ch <- Result[T]{v, err}
+	}()
+	return ch
+}
+
+// Waited returns a channel closed when wg.Wait returns: the bounded form
+// of wg.Wait is Done(t, Waited(&wg), timeout, ...).
+func Waited(wg *sync.WaitGroup) <-chan struct{} {
+	ch := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(ch)
+	}()
+	return ch
 }
