@@ -39,33 +39,33 @@ HERE = Point(0, 0, relative=True)
 
 
 @dataclass(frozen=True, slots=True)
-class MouseClick:
+class _Click:
+    """What every kind of click has: where, which button, a key held meanwhile."""
+
+    at: Point
+    button: MouseButton = MouseButton.LEFT
+    hold_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MouseClick(_Click):
     """A single click (``mouse:click``)."""
 
     type: ClassVar[str] = "mouse:click"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class MouseDoubleClick:
+class MouseDoubleClick(_Click):
     """A double click (``mouse:doubleClick``)."""
 
     type: ClassVar[str] = "mouse:doubleClick"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class MouseTripleClick:
+class MouseTripleClick(_Click):
     """A triple click (``mouse:tripleClick``)."""
 
     type: ClassVar[str] = "mouse:tripleClick"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
