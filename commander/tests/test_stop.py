@@ -13,6 +13,7 @@ from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander.tests.fakes import (
     DispatcherServer,
+    FakeSlot,
     Reply,
     ScriptedLLM,
     after_terminal,
@@ -26,6 +27,14 @@ ECHO_TOOL = ipb.ToolSpec(name="echo", description="echo")
 
 def long_reply(words: int = 400, delay: float = 0.02) -> Reply:
     return Reply.text(" ".join(f"w{i}" for i in range(words)), delay=delay)
+
+
+async def serves_the_next_session(slot: FakeSlot, llm: ScriptedLLM) -> None:
+    """The slot is idle again: it runs the next session to its answer."""
+    llm.replies.append(Reply.text("next answer"))
+    await slot.start("next task")
+    packets = await slot.recv_until_terminal()
+    assert packets[-1].result.result == "next answer"
 
 
 async def test_stop_mid_generation_closes_the_model_stream(
@@ -66,11 +75,7 @@ async def test_stop_mid_generation_closes_the_model_stream(
         assert usage.steps == 1
         assert usage.model == "test-model"
 
-        # The slot is idle again and serves the next session.
-        llm.replies.append(Reply.text("fresh start"))
-        await slot.start("again")
-        packets = await slot.recv_until_terminal()
-        assert packets[-1].result.result == "fresh start"
+        await serves_the_next_session(slot, llm)
     # Nothing of the stopped session came after `stopped`, for the stream's whole life.
     assert after_terminal(await everything_sent(slot), session_id) == []
 
@@ -102,10 +107,7 @@ async def test_stop_while_waiting_for_a_tool_result(
 
         # A late answer to the abandoned call is ignored; the slot goes on.
         await slot.tool_result(session_id, call, result_json="{}")
-        llm.replies.append(Reply.text("next"))
-        await slot.start("next task")
-        packets = await slot.recv_until_terminal()
-        assert packets[-1].result.result == "next"
+        await serves_the_next_session(slot, llm)
     assert after_terminal(await everything_sent(slot), session_id) == []
 
 

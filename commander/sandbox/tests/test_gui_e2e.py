@@ -43,16 +43,6 @@ def uitars(thought: str, action: str, **kw: Any) -> Reply:
 
 
 @pytest.fixture
-async def llm() -> AsyncIterator[ScriptedLLM]:
-    server = ScriptedLLM()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def lybic(sandbox_server: LocalServer) -> AsyncIterator[LybicClient]:
     async with sandbox_server.client() as client:
         yield client
