@@ -930,20 +930,14 @@ class _Run:
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         usage_seen = False
         completed = False
-        metrics = _metrics.current
-        started = time.monotonic()
-        first_chunk = True
         span = model_span(target.model, _llm.public_url(target.base_url))
+        first_token = _llm.FirstToken(span, target.model, time.monotonic())
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
             try:
                 async for chunk in stream:
-                    if first_chunk:
-                        first_chunk = False
-                        span.add_event("first token")
-                        if metrics is not None:
-                            metrics.observe_first_token(target.model, time.monotonic() - started)
+                    first_token.chunk()
                     if chunk.usage is not None:
                         reply.input_tokens = chunk.usage.prompt_tokens
                         reply.output_tokens = chunk.usage.completion_tokens
