@@ -9,17 +9,15 @@ Tools: ``workspace.write_file``, ``workspace.read_file``, ``workspace.list_files
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-
-import anyio
 
 from commander._cli import (
     add_connection_flags,
+    add_provider_id_flag,
     env,
+    run_command,
     run_until_signalled,
     setup_logging,
-    start_tracing,
 )
 from commander._connection import ConnectionConfig
 from commander._provider import ToolProvider
@@ -37,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workspace folder the file tools are confined to (env TOOLS_ROOT; "
         "default %(default)s)",
     )
-    parser.add_argument(
-        "--id",
-        dest="provider_id",
-        default=env("TOOLS_PROVIDER_ID", "workspace"),
-        help="provider id sent in the hello (default %(default)s)",
-    )
+    add_provider_id_flag(parser, env_name="TOOLS_PROVIDER_ID", default="workspace")
     return parser
 
 
@@ -59,13 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_level, args.log_format)
     connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
     provider = workspace_provider(args.root, provider_id=args.provider_id)
-    shutdown_tracing = start_tracing("commander-tools")
-    try:
-        anyio.run(_serve, provider, connection)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    finally:
-        shutdown_tracing()
+    run_command("commander-tools", lambda: _serve(provider, connection))
 
 
 if __name__ == "__main__":

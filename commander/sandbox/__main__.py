@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 import anyio
 
-from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander._cli import (
+    add_connection_flags,
+    add_provider_id_flag,
+    run_command,
+    run_until_signalled,
+    setup_logging,
+)
 from commander._connection import ConnectionConfig
 from commander.sandbox._cli import add_sandbox_flags, sandbox_settings_from_args
 from commander.sandbox._provider import sandbox_provider
@@ -29,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_connection_flags(parser)
     add_sandbox_flags(parser)
-    parser.add_argument(
-        "--id",
-        dest="provider_id",
-        default=env("SANDBOX_PROVIDER_ID", "sandbox"),
-        help="provider id sent in the hello (default %(default)s)",
-    )
+    add_provider_id_flag(parser, env_name="SANDBOX_PROVIDER_ID", default="sandbox")
     return parser
 
 
@@ -55,17 +56,15 @@ async def _serve(tools: SandboxTools, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m commander.sandbox``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     settings = sandbox_settings_from_args(args)
     if not settings.configured:
         sys.exit(
             "commander.sandbox: no sandbox API configured: set LYBIC_ORG_ID and LYBIC_API_KEY, "
             "or --sandbox-endpoint for the local sandbox server"
         )
-    try:
-        anyio.run(_serve, SandboxTools(settings), args)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    tools = SandboxTools(settings)
+    run_command("commander-sandbox", lambda: _serve(tools, args))
 
 
 if __name__ == "__main__":
