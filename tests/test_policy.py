@@ -47,7 +47,7 @@ from tests._client import (
     wait_status,
     watch_all,
 )
-from tests._procs import PYTHON, Proc, spawn, wait_until
+from tests._procs import Proc, wait_until
 from tests.conftest import Dispatcher, Stack
 from tests.scripted import ScriptedLLM, tool_call
 
@@ -122,19 +122,6 @@ def write_policy(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def gui_provider(stack: Stack, d: Dispatcher) -> Proc:
-    proc = spawn("gui-provider", [PYTHON, "-m", "tests._gui_provider", d.addr], stack.workdir)
-    stack.procs.append(proc)
-    wait_until(
-        lambda: "computer.click" in d.tool_names() and "WELCOME" in proc.log_text(),
-        30,
-        "gui provider registered",
-        interval=0.1,
-        procs=[proc, d.proc],
-    )
-    return proc
-
-
 @pytest.fixture(scope="module")
 def env(module_stack: Stack) -> SimpleNamespace:
     policy = module_stack.workdir / "policy.yaml"
@@ -153,7 +140,7 @@ def env(module_stack: Stack) -> SimpleNamespace:
         [{"reasoning": THOUGHT, "content": "A harmless answer."}], tokens_per_sec=50
     )
     d = module_stack.dispatcher("--policy-file", str(policy))
-    provider = gui_provider(module_stack, d)
+    provider = module_stack.gui_provider(d)
     module_stack.commander(d, story.base_url, slots=3, wait_slots=3)
     return SimpleNamespace(
         d=d, story=story, gui=gui, thinker=thinker, provider=provider, policy=policy
@@ -306,9 +293,14 @@ def test_phrase_rule_stops_streaming_generation_mid_sentence(env: SimpleNamespac
 
 def test_gui_call_of_another_tenant_runs(env: SimpleNamespace) -> None:
     """Control case: the same GUI script for a tenant no rule names runs unhindered."""
+    unhindered_click(env)
+
+
+def unhindered_click(env: SimpleNamespace) -> None:
+    """Runs the GUI script for tenant "ok" (no rule names it): its computer.click runs
+    on the provider and the task succeeds."""
     d = env.d
     task_id = submit(d, f"Say something [{uuid.uuid4().hex[:8]}]", env.gui, tenant="ok")
-    # The gui script calls computer.click; tenant "ok" matches no rule: it runs.
     events = watch_all(d.tasks, task_id, timeout=30)
     contiguous(events)
     assert policy_events(events) == [], describe(events)
@@ -383,8 +375,13 @@ def test_hold_waits_for_approval_then_runs(env: SimpleNamespace) -> None:
     assert 29 <= wait_s <= 31, f"hold deadline {wait_s:.1f}s after the hold, want 30s"
 
     # The call waits: nothing runs and no result comes while nobody approves.
-    time.sleep(1.0)
-    assert not invoked(env.provider, call_id)
+    # Barrier, not a sleep: a click of another task, submitted after the hold,
+    # runs on the same provider. The dispatcher sends a provider its invocations
+    # on one stream, in order, and the provider logs each as it reads it; so once
+    # the later click is logged, a held call that had been let through would be
+    # logged too.
+    unhindered_click(env)
+    assert not invoked(env.provider, call_id), env.provider.log_text()
     assert not [e for e in watch.values() if kind(e) == "tool_result"], describe(watch.values())
     assert wait_status(d.agent, task_id, [agent_pb2.RUNNING], timeout=1).status == agent_pb2.RUNNING
 
