@@ -42,6 +42,16 @@ def uitars(thought: str, action: str, **kw: Any) -> Reply:
     return Reply.text(f"Thought: {thought}\nAction: {action}", usage=USAGE, **kw)
 
 
+def gui_task(instruction: str, **fields: Any) -> tasks_pb2.SubmitTaskRequest:
+    """A task for the gui planner: at most 10 steps and 2 minutes."""
+    return tasks_pb2.SubmitTaskRequest(
+        instruction=instruction,
+        planner="gui",
+        running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
+        **fields,
+    )
+
+
 @pytest.fixture
 async def lybic(sandbox_server: LocalServer) -> AsyncIterator[LybicClient]:
     async with sandbox_server.client() as client:
@@ -162,11 +172,9 @@ async def test_types_into_xterm_and_succeeds_with_true_statistics(
     async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         submitted = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="Type 'hello from the gui agent' into the terminal",
-                planner="gui",
+            gui_task(
+                "Type 'hello from the gui agent' into the terminal",
                 sandbox=agent_pb2.Sandbox(id=sid),
-                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
             )
         )
         events = await _events(stub, submitted.task_id)
@@ -232,12 +240,10 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
     async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         submitted = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="Type something into the terminal",
-                planner="gui",
+            gui_task(
+                "Type something into the terminal",
                 sandbox=agent_pb2.Sandbox(id=sid),
                 destroy_sandbox=True,
-                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
             )
         )
         await wait_for(lambda: len(llm.streams) >= 2 and llm.streams[1].sent >= 5, 30)
@@ -289,26 +295,11 @@ async def test_previous_task_id_continues_the_sandbox(
         uitars("Type the second line.", "type(content='two\\n')"),
         uitars("Done.", "finished(content='second')"),
     ]
-    config = agent_pb2.CommonConfig(steps=10, taskTimeout=120)
     async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        first = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="type one",
-                planner="gui",
-                sandbox=agent_pb2.Sandbox(id=sid),
-                running_config=config,
-            )
-        )
+        first = await stub.SubmitTask(gui_task("type one", sandbox=agent_pb2.Sandbox(id=sid)))
         await _events(stub, first.task_id)
-        second = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="now type two",
-                planner="gui",
-                previous_task_id=first.task_id,
-                running_config=config,
-            )
-        )
+        second = await stub.SubmitTask(gui_task("now type two", previous_task_id=first.task_id))
         events = await _events(stub, second.task_id)
         task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=second.task_id))).task
     assert task.status == agent_pb2.SUCCESS, task.message
