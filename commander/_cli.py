@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
 
+from commander._connection import ConnectionConfig
 from commander._logging import LOG_FORMATS, setup_logging
+from commander._provider import ToolProvider
 from commander._tracing import TracingConfigError, setup_tracing
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "env",
     "run_command",
     "run_until_signalled",
+    "serve_provider",
     "setup_logging",
     "start_tracing",
 ]
@@ -104,6 +107,31 @@ def run_command(name: str, serve: Callable[[], Coroutine[Any, Any, None]]) -> No
         sys.exit(130)
     finally:
         shutdown_tracing()
+
+
+def serve_provider(
+    command: str,
+    provider: ToolProvider,
+    connection: ConnectionConfig,
+    *,
+    close: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """The life of a tool-provider process: serve ``provider`` over ``connection``
+    until SIGTERM/SIGINT (then its graceful shutdown); ``close`` runs at the end,
+    also when the serving was cancelled."""
+
+    async def run() -> None:
+        try:
+            await provider.run(connection)
+        finally:
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
+
+    async def serve() -> None:
+        await run_until_signalled(run, provider.shutdown, what=command)
+
+    run_command(command, serve)
 
 
 async def run_until_signalled(
