@@ -125,6 +125,13 @@ class Dispatcher:
             procs=[self.proc, *(procs or [])],
         )
 
+    def submit(self, instruction: str, llm: ScriptedLLM | None = None, **labels: str) -> str:
+        """Submits a task (to `llm`'s model, if given; with `labels`); returns its id."""
+        req = tasks_pb2.SubmitTaskRequest(instruction=instruction, labels=labels)
+        if llm is not None:
+            req.running_config.CopyFrom(llm.model_config())
+        return self.tasks.SubmitTask(req, timeout=5).task_id
+
     def tool_names(self) -> set[str]:
         resp = self.tasks.ListTools(tasks_pb2.ListToolsRequest(), timeout=2)
         return {t.name for t in resp.tools}

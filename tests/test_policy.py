@@ -147,17 +147,6 @@ def env(module_stack: Stack) -> SimpleNamespace:
     )
 
 
-def submit(
-    d: Dispatcher, instruction: str, llm: ScriptedLLM | None = None, tenant: str = ""
-) -> str:
-    req = T.SubmitTaskRequest(instruction=instruction)
-    if llm is not None:
-        req.running_config.CopyFrom(llm.model_config())
-    if tenant:
-        req.labels["tenant"] = tenant
-    return d.tasks.SubmitTask(req, timeout=5).task_id
-
-
 def contiguous(events: list[T.TaskEvent]) -> None:
     assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
 
@@ -204,7 +193,7 @@ def content_after(events: list[T.TaskEvent], seq: int) -> str:
 def test_phrase_rule_stops_streaming_generation_mid_sentence(env: SimpleNamespace) -> None:
     d, llm = env.d, env.story
     marker = f"[{uuid.uuid4().hex[:10]}]"
-    task_id = submit(d, f"Tell me a story {marker}")
+    task_id = d.submit(f"Tell me a story {marker}")
     native = start_watch(d.tasks, task_id)
     seed = start_task_stream(d.agent, task_id)
     native.join(30)
@@ -300,7 +289,7 @@ def unhindered_click(env: SimpleNamespace) -> None:
     """Runs the GUI script for tenant "ok" (no rule names it): its computer.click runs
     on the provider and the task succeeds."""
     d = env.d
-    task_id = submit(d, f"Say something [{uuid.uuid4().hex[:8]}]", env.gui, tenant="ok")
+    task_id = d.submit(f"Say something [{uuid.uuid4().hex[:8]}]", env.gui, tenant="ok")
     events = watch_all(d.tasks, task_id, timeout=30)
     contiguous(events)
     assert policy_events(events) == [], describe(events)
@@ -316,7 +305,7 @@ def unhindered_click(env: SimpleNamespace) -> None:
 
 def test_deny_rule_refuses_gui_action_and_task_goes_on(env: SimpleNamespace) -> None:
     d = env.d
-    task_id = submit(d, f"Click it [{uuid.uuid4().hex[:8]}]", env.gui, tenant="deny-gui")
+    task_id = d.submit(f"Click it [{uuid.uuid4().hex[:8]}]", env.gui, tenant="deny-gui")
     events = watch_all(d.tasks, task_id, timeout=30)
     contiguous(events)
     calls = [e for e in events if kind(e) == "tool_call"]
@@ -351,7 +340,7 @@ def test_deny_rule_refuses_gui_action_and_task_goes_on(env: SimpleNamespace) -> 
 
 def _held(d: Dispatcher, tenant: str, llm: ScriptedLLM) -> tuple[str, object, T.TaskEvent]:
     """Submits a GUI task and waits for its click to be held; returns the watch too."""
-    task_id = submit(d, f"Click it [{uuid.uuid4().hex[:8]}]", llm, tenant=tenant)
+    task_id = d.submit(f"Click it [{uuid.uuid4().hex[:8]}]", llm, tenant=tenant)
     watch = start_watch(d.tasks, task_id)
     evs = watch.wait(
         lambda evs: any(
@@ -536,7 +525,7 @@ def test_reload_under_load_drops_no_stream(stack: Stack) -> None:
         return [x for x in d.proc.log_text().splitlines() if "policy reloaded" in x]
 
     marker = uuid.uuid4().hex[:8]
-    ids = [submit(d, f"load {marker} #{i}") for i in range(LOAD_SESSIONS)]
+    ids = [d.submit(f"load {marker} #{i}") for i in range(LOAD_SESSIONS)]
     watches = {t: start_watch(d.tasks, t) for t in ids}
     for w in watches.values():
         w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "streaming")
@@ -580,7 +569,7 @@ def test_reload_under_load_drops_no_stream(stack: Stack) -> None:
 
     # The last good version (step 3) is in force, the broken one was not taken:
     # its phrase rule stops a new task, and the decision names that version.
-    probe = submit(d, f"probe {marker}", probe_llm)
+    probe = d.submit(f"probe {marker}", probe_llm)
     events = watch_all(d.tasks, probe, timeout=30)
     pds = policy_events(events)
     assert len(pds) == 1 and pds[0].rule_id == "reload-v3", describe(events)
@@ -661,7 +650,7 @@ def test_phrase_rule_watches_the_thought_stream_too(env: SimpleNamespace) -> Non
     """The phrase (any case) split over reasoning chunks stops the session on a thought."""
     d = env.d
     marker = f"[{uuid.uuid4().hex[:8]}]"
-    task_id = submit(d, f"Think first {marker}", env.thinker)
+    task_id = d.submit(f"Think first {marker}", env.thinker)
     events = watch_all(d.tasks, task_id, timeout=30)
     contiguous(events)
     pds = policy_events(events)
