@@ -9,11 +9,9 @@ taking work, give running sessions ``--shutdown-grace`` seconds, then stop them.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
-import anyio
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from commander import _metrics
@@ -21,9 +19,9 @@ from commander._chat import DEFAULT_MODEL, ChatPlanner, LLMSettings
 from commander._cli import (
     add_connection_flags,
     env,
+    run_command,
     run_until_signalled,
     setup_logging,
-    start_tracing,
 )
 from commander._commander import VERSION, Commander, default_commander_id
 from commander._connection import ConnectionConfig
@@ -298,18 +296,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     commander = build_commander(args)
-    shutdown_tracing = start_tracing("commander")
     start_metrics(args)
-    try:
-        anyio.run(_serve, commander)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    finally:
-        shutdown_tracing()
 
+    async def serve() -> None:
+        await run_until_signalled(commander.run, commander.shutdown, what="commander")
 
-async def _serve(commander: Commander) -> None:
-    await run_until_signalled(commander.run, commander.shutdown, what="commander")
+    run_command("commander", serve)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from commander._gen.lybic.agent import agent_pb2
 from commander._llm import (
     DEFAULT_API_KEY,
     DEFAULT_BASE_URL,
+    FirstToken,
     ModelClients,
     ModelTarget,
     close_model_stream,
@@ -405,18 +406,14 @@ class ChatPlanner:
         splitter = ThinkSplitter()
         metrics = _metrics.current
         started = time.monotonic()
-        first_chunk = True
         # Not made current: this generator yields to its consumer, which must not
         # run inside the span's context.
         span = model_span(target.model, public_url(target.base_url))
+        first_token = FirstToken(span, target.model, started)
         try:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
-                if first_chunk:
-                    first_chunk = False
-                    span.add_event("first token")
-                    if metrics is not None:
-                        metrics.observe_first_token(target.model, time.monotonic() - started)
+                first_token.chunk()
                 if chunk.usage is not None:
                     turn.usage = chunk.usage
                 if not chunk.choices:

@@ -1,4 +1,5 @@
-"""What the command-line entry points share: env-backed flags, logging, signals."""
+"""What the command-line entry points share: env-backed flags, logging, tracing,
+signals, and running the event loop (:func:`run_command`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,26 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
 
+from commander._connection import ConnectionConfig
 from commander._logging import LOG_FORMATS, setup_logging
+from commander._provider import ToolProvider
 from commander._tracing import TracingConfigError, setup_tracing
 
-__all__ = ["add_connection_flags", "env", "run_until_signalled", "setup_logging", "start_tracing"]
+__all__ = [
+    "add_connection_flags",
+    "add_provider_id_flag",
+    "env",
+    "run_command",
+    "run_until_signalled",
+    "serve_provider",
+    "setup_logging",
+    "start_tracing",
+]
 
 _log = logging.getLogger("commander.cli")
 
@@ -72,6 +84,54 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         help="log lines: text, or json objects with time, level, logger, message and the "
         "task_id/session_id when known (env LOG_FORMAT; default %(default)s)",
     )
+
+
+def add_provider_id_flag(parser: argparse.ArgumentParser, *, env_name: str, default: str) -> None:
+    """``--id``: a tool provider's id (``args.provider_id``), from ``env_name`` by default."""
+    parser.add_argument(
+        "--id",
+        dest="provider_id",
+        default=env(env_name, default),
+        help="provider id sent in the hello (default %(default)s)",
+    )
+
+
+def run_command(name: str, serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``serve()`` on a new event loop until it returns, with tracing as the
+    environment asks (flushed at the end). A Ctrl-C that comes before ``serve``
+    watches the signals exits 130."""
+    shutdown_tracing = start_tracing(name)
+    try:
+        anyio.run(serve)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        shutdown_tracing()
+
+
+def serve_provider(
+    command: str,
+    provider: ToolProvider,
+    connection: ConnectionConfig,
+    *,
+    close: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """The life of a tool-provider process: serve ``provider`` over ``connection``
+    until SIGTERM/SIGINT (then its graceful shutdown); ``close`` runs at the end,
+    also when the serving was cancelled."""
+
+    async def run() -> None:
+        try:
+            await provider.run(connection)
+        finally:
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
+
+    async def serve() -> None:
+        await run_until_signalled(run, provider.shutdown, what=command)
+
+    run_command(command, serve)
 
 
 async def run_until_signalled(

@@ -6,6 +6,7 @@
 * :class:`ModelClients`: one HTTP connection pool per planner for all its
   sessions and endpoints, and ``AsyncOpenAI`` clients on it that never retry;
 * :func:`close_model_stream`: closes a streamed response the way a stop needs;
+* :class:`FirstToken`: records when a streamed response's first chunk came;
 * :func:`model_error` and :func:`public_url`: errors and URLs with no secrets,
   fit for task events that clients read.
 
@@ -17,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 import urllib.parse
 from typing import Protocol
 
 import anyio
 import anyio.to_thread
 import openai
+from opentelemetry import trace
 
+from commander import _metrics
 from commander._errors import ModelError
 from commander._gen.lybic.agent import agent_pb2
 
@@ -124,6 +128,28 @@ async def close_model_stream(stream: _Closable, bound: float) -> None:
     """
     with anyio.move_on_after(bound, shield=True):
         await stream.close()
+
+
+class FirstToken:
+    """Records a streamed model response's first chunk: a ``first token`` event on
+    its span and commander_model_time_to_first_token_seconds, counted from
+    ``started`` (when the request was sent)."""
+
+    def __init__(self, span: trace.Span, model: str, started: float) -> None:
+        self._span = span
+        self._model = model
+        self._started = started
+        self._metrics = _metrics.current
+        self._seen = False
+
+    def chunk(self) -> None:
+        """Call for every chunk; only the first is recorded."""
+        if self._seen:
+            return
+        self._seen = True
+        self._span.add_event("first token")
+        if self._metrics is not None:
+            self._metrics.observe_first_token(self._model, time.monotonic() - self._started)
 
 
 def estimate_tokens(text: str) -> int:

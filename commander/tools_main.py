@@ -9,20 +9,10 @@ Tools: ``workspace.write_file``, ``workspace.read_file``, ``workspace.list_files
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-import anyio
-
-from commander._cli import (
-    add_connection_flags,
-    env,
-    run_until_signalled,
-    setup_logging,
-    start_tracing,
-)
+from commander import _cli
 from commander._connection import ConnectionConfig
-from commander._provider import ToolProvider
 from commander._workspace import workspace_provider
 
 
@@ -30,42 +20,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="commander-tools", description="Serve the workspace tools to the dispatcher."
     )
-    add_connection_flags(parser)
+    _cli.add_connection_flags(parser)
     parser.add_argument(
         "--root",
-        default=env("TOOLS_ROOT", "workspace"),
+        default=_cli.env("TOOLS_ROOT", "workspace"),
         help="the workspace folder the file tools are confined to (env TOOLS_ROOT; "
         "default %(default)s)",
     )
-    parser.add_argument(
-        "--id",
-        dest="provider_id",
-        default=env("TOOLS_PROVIDER_ID", "workspace"),
-        help="provider id sent in the hello (default %(default)s)",
-    )
+    _cli.add_provider_id_flag(parser, env_name="TOOLS_PROVIDER_ID", default="workspace")
     return parser
-
-
-async def _serve(provider: ToolProvider, connection: ConnectionConfig) -> None:
-    async def run() -> None:
-        await provider.run(connection)
-
-    await run_until_signalled(run, provider.shutdown, what="commander-tools")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``commander-tools`` command."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    _cli.setup_logging(args.log_level, args.log_format)
     connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
     provider = workspace_provider(args.root, provider_id=args.provider_id)
-    shutdown_tracing = start_tracing("commander-tools")
-    try:
-        anyio.run(_serve, provider, connection)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    finally:
-        shutdown_tracing()
+    _cli.serve_provider("commander-tools", provider, connection)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from lybic import dto
 from pydantic import BaseModel, ValidationError
@@ -36,6 +36,8 @@ from localsandbox._sandboxes import PRESET_SHAPES, Sandbox, SandboxManager, Shap
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
+
+_Dto = TypeVar("_Dto", bound=BaseModel)
 
 _COMPUTER_ACTIONS: tuple[Any, ...] = (
     dto.MouseClickAction,
@@ -74,6 +76,14 @@ def _validation_message(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err.get("loc", ())) or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
+
+
+def _validated(model: type[_Dto], data: Any) -> _Dto:
+    """``data`` as the SDK's ``model``; a 400 saying what is wrong otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequestError(_validation_message(exc)) from exc
 
 
 class ApiKeyMiddleware:
@@ -185,10 +195,7 @@ def create_app(manager: SandboxManager, *, api_key: str, org_id: str | None = No
         return _json(dto.SandboxListResponseDto.model_validate(items).model_dump(mode="json"))
 
     async def create_sandbox(request: Request) -> Response:
-        try:
-            data = dto.CreateSandboxDto.model_validate(await _body(request))
-        except ValidationError as exc:
-            raise BadRequestError(_validation_message(exc)) from exc
+        data = _validated(dto.CreateSandboxDto, await _body(request))
         sb = await manager.create(
             request.path_params["org"],
             name=data.name,
@@ -220,10 +227,7 @@ def create_app(manager: SandboxManager, *, api_key: str, org_id: str | None = No
         return _json({"status": sandbox_of(request).status()})
 
     async def extend_sandbox(request: Request) -> Response:
-        try:
-            data = dto.ExtendSandboxDto.model_validate(await _body(request))
-        except ValidationError as exc:
-            raise BadRequestError(_validation_message(exc)) from exc
+        data = _validated(dto.ExtendSandboxDto, await _body(request))
         manager.extend(request.path_params["org"], request.path_params["sid"], data.maxLifeSeconds)
         return Response(status_code=204)
 
@@ -238,10 +242,7 @@ def create_app(manager: SandboxManager, *, api_key: str, org_id: str | None = No
             raise BadRequestError("request body must be a JSON object")
         action = parse_action(body.get("action"))
         rest = {k: v for k, v in body.items() if k != "action"}
-        try:
-            options = dto.ExecuteSandboxActionDto.model_validate({**rest, "action": {}})
-        except ValidationError as exc:
-            raise BadRequestError(_validation_message(exc)) from exc
+        options = _validated(dto.ExecuteSandboxActionDto, {**rest, "action": {}})
         await manager.perform(sb, action)
         return await action_response(
             request,
@@ -253,10 +254,7 @@ def create_app(manager: SandboxManager, *, api_key: str, org_id: str | None = No
 
     async def run_process(request: Request) -> Response:
         sb = sandbox_of(request)
-        try:
-            data = dto.SandboxProcessRequestDto.model_validate(await _body(request))
-        except ValidationError as exc:
-            raise BadRequestError(_validation_message(exc)) from exc
+        data = _validated(dto.SandboxProcessRequestDto, await _body(request))
         result = await manager.run_process(
             sb,
             executable=data.executable,
@@ -274,10 +272,7 @@ def create_app(manager: SandboxManager, *, api_key: str, org_id: str | None = No
 
     async def copy_files(request: Request) -> Response:
         sb = sandbox_of(request)
-        try:
-            data = dto.SandboxFileCopyRequestDto.model_validate(await _body(request))
-        except ValidationError as exc:
-            raise BadRequestError(_validation_message(exc)) from exc
+        data = _validated(dto.SandboxFileCopyRequestDto, await _body(request))
         results = await manager.copy_files(sb, list(data.files))
         return _json(dto.SandboxFileCopyResponseDto(results=results))
 

@@ -247,6 +247,17 @@ class RawSlot(_RawStream):
         assert ack.ack.kind == interaction_pb2.ACK_KIND_HELLO, ack
         return ack.ack.slot_id
 
+    def take_task(
+        self, tasks: tasks_pb2_grpc.TaskServiceStub, instruction: str, planner: str
+    ) -> tuple[str, interaction_pb2.DownstreamPacket]:
+        """Submits a task for `planner` (this slot's) and returns its id and the start
+        signal the slot got for it."""
+        task_id = tasks.SubmitTask(
+            tasks_pb2.SubmitTaskRequest(instruction=instruction, planner=planner), timeout=5
+        ).task_id
+        start = self.recv_until(lambda p: p.WhichOneof("signal") == "start", 10)
+        return task_id, start
+
 
 class RawProvider(_RawStream):
     """A hand-driven ToolProviderService.Connect stream: the test plays a provider."""

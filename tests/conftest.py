@@ -125,6 +125,13 @@ class Dispatcher:
             procs=[self.proc, *(procs or [])],
         )
 
+    def submit(self, instruction: str, llm: ScriptedLLM | None = None, **labels: str) -> str:
+        """Submits a task (to `llm`'s model, if given; with `labels`); returns its id."""
+        req = tasks_pb2.SubmitTaskRequest(instruction=instruction, labels=labels)
+        if llm is not None:
+            req.running_config.CopyFrom(llm.model_config())
+        return self.tasks.SubmitTask(req, timeout=5).task_id
+
     def tool_names(self) -> set[str]:
         resp = self.tasks.ListTools(tasks_pb2.ListToolsRequest(), timeout=2)
         return {t.name for t in resp.tools}
@@ -143,6 +150,35 @@ class Stack:
         self._n += 1
         return f"{base}-{self._n}"
 
+    def _listener(
+        self,
+        binary: str,
+        name: str,
+        listen: str,
+        flags: list[str],
+        env: dict[str, str] | None = None,
+    ) -> tuple[Proc, str, list[str]]:
+        """Starts a Go binary that listens on `listen` and writes its address to
+        `--addr-file`; returns the process, the address and the command line."""
+        addr_file = self.workdir / f"{name}.addr"
+        argv = [
+            str(_procs.ensure_binary(binary)),
+            "--listen",
+            listen,
+            "--addr-file",
+            str(addr_file),
+            *flags,
+        ]
+        proc = spawn(name, argv, self.workdir, env)
+        self.procs.append(proc)
+        addr = wait_until(
+            lambda: _procs.read_addr_file(addr_file),
+            20,
+            f"{binary} wrote its address",
+            procs=[proc],
+        )
+        return proc, addr, argv
+
     # -------------------------------------------------------------- scripted model
 
     def scripted(
@@ -154,15 +190,8 @@ class Stack:
         reasoning_tokens: int = 0,
     ) -> ScriptedLLM:
         """Starts a scriptedllm server replaying `script` (see tests/scripted.py)."""
-        exe = _procs.ensure_binary("scriptedllm")
         name = self._name("scriptedllm")
-        addr_file = self.workdir / f"{name}.addr"
-        argv = [
-            str(exe),
-            "--listen",
-            "127.0.0.1:0",
-            "--addr-file",
-            str(addr_file),
+        flags = [
             "--tokens-per-sec",
             str(tokens_per_sec),
             "--tokens",
@@ -173,15 +202,8 @@ class Stack:
         if script is not None:
             script_file = self.workdir / f"{name}.json"
             script_file.write_text(json.dumps(script))
-            argv += ["--script", str(script_file)]
-        proc = spawn(name, argv, self.workdir)
-        self.procs.append(proc)
-        addr = wait_until(
-            lambda: _procs.read_addr_file(addr_file),
-            20,
-            "scriptedllm wrote its address",
-            procs=[proc],
-        )
+            flags += ["--script", str(script_file)]
+        proc, addr, _ = self._listener("scriptedllm", name, "127.0.0.1:0", flags)
         llm = ScriptedLLM(proc, addr)
         wait_until(llm.ready, 10, "scriptedllm answers GET /stats", procs=[proc])
         return llm
@@ -198,36 +220,19 @@ class Stack:
     ) -> Dispatcher:
         exe = _procs.ensure_binary("dispatcher")
         name = self._name("dispatcher")
-        addr_file = self.workdir / f"{name}.addr"
-        argv = [
-            str(exe),
-            "--listen",
-            listen,
-            "--addr-file",
-            str(addr_file),
-            "--log-format",
-            "text",
-            *extra,
-        ]
+        flags = ["--log-format", "text", *extra]
         if client_token:
-            argv += ["--client-token", client_token]
+            flags += ["--client-token", client_token]
         if commander_token:
-            argv += ["--commander-token", commander_token]
+            flags += ["--commander-token", commander_token]
         if _has_flag(str(exe), "--data-dir") and not {"--data-dir", "--storage-backend"} & set(
             extra
         ):
             # Each dispatcher its own embedded store (the default, ./.data, is
             # locked by one dispatcher and would outlive the test); a restart
             # reuses the flags, and so the store.
-            argv += ["--data-dir", str(self.workdir / f"{name}.data")]
-        proc = spawn(name, argv, self.workdir, env)
-        self.procs.append(proc)
-        addr = wait_until(
-            lambda: _procs.read_addr_file(addr_file),
-            20,
-            "dispatcher wrote its address",
-            procs=[proc],
-        )
+            flags += ["--data-dir", str(self.workdir / f"{name}.data")]
+        proc, addr, argv = self._listener("dispatcher", name, listen, flags, env)
         wait_until(
             lambda: _procs.health_status(addr) == _procs.HEALTH_SERVING,
             20,
@@ -328,22 +333,28 @@ class Stack:
 
     def hanging_provider(self, dispatcher: Dispatcher) -> Proc:
         """Starts tests/_hanging_provider.py (tools that never answer); waits for its tools."""
+        return self.raw_provider(dispatcher, "tests._hanging_provider", "test.hang")
+
+    def gui_provider(self, dispatcher: Dispatcher) -> Proc:
+        """Starts tests/_gui_provider.py (computer.click and .type, answered at once)."""
+        return self.raw_provider(dispatcher, "tests._gui_provider", "computer.click")
+
+    def raw_provider(self, dispatcher: Dispatcher, module: str, tool: str) -> Proc:
+        """Starts `python -m <module> ADDR`, a provider built on tests/_rawprovider.py that
+        serves `tool`; waits until the dispatcher lists it and the provider was welcomed."""
         # A previous instance's tools must be gone first, or the name is taken.
         wait_until(
-            lambda: "test.hang" not in dispatcher.tool_names(),
+            lambda: tool not in dispatcher.tool_names(),
             10,
-            "earlier test.hang provider unregistered",
+            f"earlier {tool} provider unregistered",
         )
-        proc = spawn(
-            self._name("hang-provider"),
-            [PYTHON, "-m", "tests._hanging_provider", dispatcher.addr],
-            self.workdir,
-        )
+        name = self._name(module.removeprefix("tests._").replace("_", "-"))
+        proc = spawn(name, [PYTHON, "-m", module, dispatcher.addr], self.workdir)
         self.procs.append(proc)
         wait_until(
-            lambda: "test.hang" in dispatcher.tool_names() and "WELCOME" in proc.log_text(),
+            lambda: tool in dispatcher.tool_names() and "WELCOME" in proc.log_text(),
             30,
-            "hanging provider registered",
+            f"{module} registered",
             interval=0.1,
             procs=[proc, dispatcher.proc],
         )

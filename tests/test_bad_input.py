@@ -188,10 +188,7 @@ def test_no_payload_and_unknown_session_are_rejected_stream_goes_on(env: SimpleN
         )
         _expect_rejected(slot)
         # The stream went on: the slot still takes a task and runs it.
-        task_id = d.tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(instruction="raw task", planner="raw-reject"), timeout=5
-        ).task_id
-        start = slot.recv_until(lambda p: p.WhichOneof("signal") == "start", 10)
+        task_id, start = slot.take_task(d.tasks, "raw task", "raw-reject")
         assert start.start.task_id == task_id and start.session_id
         sid = start.session_id
         # Content for another session while this one runs is rejected too, and
@@ -248,10 +245,7 @@ def test_tool_call_errors_on_a_raw_session(env: SimpleNamespace) -> None:
     slot = RawSlot(d.channel)
     try:
         slot.hello(["planner:raw-tools"])
-        task_id = d.tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(instruction="tools", planner="raw-tools"), timeout=5
-        ).task_id
-        start = slot.recv_until(lambda p: p.WhichOneof("signal") == "start", 10)
+        task_id, start = slot.take_task(d.tasks, "tools", "raw-tools")
         sid = start.session_id
         assert start.start.task_id == task_id
         assert {"calculator", "echo"} <= {t.name for t in start.start.tools}, start.start.tools
@@ -327,34 +321,21 @@ def test_tokens(stack: Stack) -> None:
     try:
         agent = agent_pb2_grpc.AgentStub(ch)
         tasks = tasks_pb2_grpc.TaskServiceStub(ch)
-        info_req = agent_pb2.GetAgentInfoRequest()
+        client_calls = [
+            (agent.GetAgentInfo, agent_pb2.GetAgentInfoRequest()),
+            (tasks.SubmitTask, tasks_pb2.SubmitTaskRequest(instruction="x")),
+            (agent.RunAgentInstruction, agent_pb2.RunAgentInstructionRequest(instruction="x")),
+        ]
         for md in (
             None,
             [("authorization", "Bearer wrong")],
             [("authorization", "client-secret")],  # no Bearer scheme
             [("authorization", "Bearer commander-secret")],  # the other role's token
         ):
-            assert rpc_code(agent.GetAgentInfo, info_req, metadata=md, timeout=5) == (
-                grpc.StatusCode.UNAUTHENTICATED
-            ), md
-            assert (
-                rpc_code(
-                    tasks.SubmitTask,
-                    tasks_pb2.SubmitTaskRequest(instruction="x"),
-                    metadata=md,
-                    timeout=5,
-                )
-                == grpc.StatusCode.UNAUTHENTICATED
-            ), md
-            assert (
-                rpc_code(
-                    agent.RunAgentInstruction,
-                    agent_pb2.RunAgentInstructionRequest(instruction="x"),
-                    metadata=md,
-                    timeout=5,
-                )
-                == grpc.StatusCode.UNAUTHENTICATED
-            ), md
+            for method, request in client_calls:
+                assert rpc_code(method, request, metadata=md, timeout=5) == (
+                    grpc.StatusCode.UNAUTHENTICATED
+                ), (md, request)
         # Health needs no token.
         assert _procs.health_status(d.addr) == _procs.HEALTH_SERVING
 
@@ -431,10 +412,7 @@ def test_provider_protocol(env: SimpleNamespace) -> None:
                 dup.close()
 
         slot.hello(["planner:raw-provider"])
-        task_id = d.tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(instruction="provider", planner="raw-provider"), timeout=5
-        ).task_id
-        start = slot.recv_until(lambda p: p.WhichOneof("signal") == "start", 10)
+        task_id, start = slot.take_task(d.tasks, "provider", "raw-provider")
         sid = start.session_id
         assert "raw.double" in {t.name for t in start.start.tools}
 

@@ -17,7 +17,8 @@ from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
 from commander._gen.lybic.agent import agent_pb2
 from tests import _procs
 from tests._client import describe, kind, start_watch, wait_status
-from tests.conftest import Stack
+from tests._procs import Proc
+from tests.conftest import Dispatcher, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -61,19 +62,27 @@ def test_kill9_commander_mid_task_fails_the_task(stack: Stack) -> None:
     d.wait_slots(0, timeout=10)
 
 
+def _freeze_until_done(
+    cmd: Proc, d: Dispatcher, task_id: str, timeout: float
+) -> tuple[agent_pb2.QueryTaskStatusResponse, float]:
+    """Freezes the commander (SIGSTOP: alive, sockets open, no answers) until its task
+    ends; returns the task's status and the seconds that took. Thawed in any case."""
+    t0 = time.monotonic()
+    cmd.signal(signal.SIGSTOP)
+    try:
+        status = wait_status(d.agent, task_id, timeout=timeout)
+        return status, time.monotonic() - t0
+    finally:
+        cmd.signal(signal.SIGCONT)
+
+
 def test_frozen_commander_is_found_by_keepalive(stack: Stack) -> None:
     # Server pings every 1 s and waits 1 s for the answer: a commander that stops
     # answering (SIGSTOP: the process is alive, its sockets open) is found in about 2 s.
     d, cmd, task_id, _ = _start_generating(
         stack, "--keepalive-time", "1s", "--keepalive-timeout", "1s"
     )
-    t0 = time.monotonic()
-    cmd.signal(signal.SIGSTOP)
-    try:
-        status = wait_status(d.agent, task_id, timeout=20)
-        detected = time.monotonic() - t0
-    finally:
-        cmd.signal(signal.SIGCONT)
+    status, detected = _freeze_until_done(cmd, d, task_id, timeout=20)
     print(
         f"\nSIGSTOP commander (keepalive 1s+1s) → task "
         f"{agent_pb2.TaskStatus.Name(status.status)} in {detected:.3f}s"
@@ -87,13 +96,7 @@ def test_default_keepalive_window(stack: Stack) -> None:
     """With the default keepalive (5 s + 2 s), a frozen commander fails its task in the
     documented window, not never."""
     d, cmd, task_id, _ = _start_generating(stack)
-    t0 = time.monotonic()
-    cmd.signal(signal.SIGSTOP)
-    try:
-        status = wait_status(d.agent, task_id, timeout=30)
-        detected = time.monotonic() - t0
-    finally:
-        cmd.signal(signal.SIGCONT)
+    status, detected = _freeze_until_done(cmd, d, task_id, timeout=30)
     print(f"\nSIGSTOP commander (default keepalive) → FAILURE in {detected:.3f}s")
     assert status.status == agent_pb2.FAILURE, status
     assert detected < 5 + 2 + 3, f"took {detected:.2f}s (keepalive 5s + 2s)"

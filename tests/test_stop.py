@@ -159,10 +159,7 @@ def test_dispatcher_enforces_stop_on_a_disobedient_commander(stack: Stack) -> No
     slot = RawSlot(d.channel)
     try:
         slot.hello(["planner:raw"])
-        task_id = d.tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(instruction="obey?", planner="raw"), timeout=5
-        ).task_id
-        start = slot.recv_until(lambda p: p.WhichOneof("signal") == "start", 10)
+        task_id, start = slot.take_task(d.tasks, "obey?", "raw")
         assert start.start.task_id == task_id
         sid = start.session_id
         assert sid, start

@@ -96,13 +96,7 @@ def pairs(
 
 def test_builtin_and_provider_tools_by_call_id(env: SimpleNamespace) -> None:
     d = env.d
-    task_id = d.tasks.SubmitTask(
-        tasks_pb2.SubmitTaskRequest(
-            instruction=f"compute and write [{uuid.uuid4().hex[:8]}]",
-            running_config=env.happy.model_config(),
-        ),
-        timeout=5,
-    ).task_id
+    task_id = d.submit(f"compute and write [{uuid.uuid4().hex[:8]}]", env.happy)
     events = watch_all(d.tasks, task_id, timeout=30)
     matched = pairs(events)
     assert [c.tool_name for c, _ in matched] == ["calculator", "workspace.write_file"], describe(
@@ -146,13 +140,7 @@ def test_tool_errors_yield_error_results_and_the_session_goes_on(
 ) -> None:
     d = env.d
     hang = stack.hanging_provider(d)
-    task_id = d.tasks.SubmitTask(
-        tasks_pb2.SubmitTaskRequest(
-            instruction=f"misuse the tools [{uuid.uuid4().hex[:8]}]",
-            running_config=env.errors.model_config(),
-        ),
-        timeout=5,
-    ).task_id
+    task_id = d.submit(f"misuse the tools [{uuid.uuid4().hex[:8]}]", env.errors)
 
     # Kill the provider (kill -9) while its `test.hang` call is in flight.
     wait_until(
@@ -225,13 +213,7 @@ def test_stop_cancels_a_pending_tool_call(env: SimpleNamespace, stack: Stack) ->
     d = env.d
     hang = stack.hanging_provider(d)
     for llm, tool in ((env.sleepy, "sleep"), (env.hangy, "test.hang")):
-        task_id = d.tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction=f"wait on {tool} [{uuid.uuid4().hex[:8]}]",
-                running_config=llm.model_config(),
-            ),
-            timeout=5,
-        ).task_id
+        task_id = d.submit(f"wait on {tool} [{uuid.uuid4().hex[:8]}]", llm)
         watch = start_watch(d.tasks, task_id)
         calls = watch.wait(
             lambda evs: any(kind(e) == "tool_call" for e in evs), 20, f"{tool} called"

@@ -39,33 +39,33 @@ HERE = Point(0, 0, relative=True)
 
 
 @dataclass(frozen=True, slots=True)
-class MouseClick:
+class _Click:
+    """What every kind of click has: where, which button, a key held meanwhile."""
+
+    at: Point
+    button: MouseButton = MouseButton.LEFT
+    hold_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MouseClick(_Click):
     """A single click (``mouse:click``)."""
 
     type: ClassVar[str] = "mouse:click"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class MouseDoubleClick:
+class MouseDoubleClick(_Click):
     """A double click (``mouse:doubleClick``)."""
 
     type: ClassVar[str] = "mouse:doubleClick"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class MouseTripleClick:
+class MouseTripleClick(_Click):
     """A triple click (``mouse:tripleClick``)."""
 
     type: ClassVar[str] = "mouse:tripleClick"
-    at: Point
-    button: MouseButton = MouseButton.LEFT
-    hold_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +202,11 @@ def _px(v: int) -> Any:
     return dto.PixelLength(type="px", value=v)
 
 
+def _at(point: Point) -> dict[str, Any]:
+    """The SDK's x, y and relative of one point."""
+    return {"x": _px(point.x), "y": _px(point.y), "relative": point.relative}
+
+
 def to_sdk_action(action: Action) -> BaseModel:
     """The ``lybic`` SDK's DTO for ``action``, with pixel lengths."""
     result: BaseModel
@@ -214,19 +219,13 @@ def to_sdk_action(action: Action) -> BaseModel:
             }[action.type]
             result = cls(
                 type=action.type,
-                x=_px(action.at.x),
-                y=_px(action.at.y),
-                relative=action.at.relative,
+                **_at(action.at),
                 button=int(action.button),
                 holdKey=action.hold_key,
             )
         case MouseMove():
             result = dto.MouseMoveAction(
-                type=action.type,
-                x=_px(action.to.x),
-                y=_px(action.to.y),
-                relative=action.to.relative,
-                holdKey=action.hold_key,
+                type=action.type, **_at(action.to), holdKey=action.hold_key
             )
         case MouseDrag():
             result = dto.MouseDragAction(
@@ -243,9 +242,7 @@ def to_sdk_action(action: Action) -> BaseModel:
         case MouseScroll():
             result = dto.MouseScrollAction(
                 type=action.type,
-                x=_px(action.at.x),
-                y=_px(action.at.y),
-                relative=action.at.relative,
+                **_at(action.at),
                 stepVertical=action.step_vertical,
                 stepHorizontal=action.step_horizontal,
                 holdKey=action.hold_key,

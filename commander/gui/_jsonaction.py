@@ -23,22 +23,7 @@ import json
 import re
 from typing import Any
 
-from commander.gui._actions import (
-    HERE,
-    Action,
-    CallUser,
-    Failed,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseMove,
-    MouseScroll,
-    Point,
-    Wait,
-)
+from commander.gui import _actions as act
 from commander.gui._common import MAX_TEXT, ParsedOutput, check_size
 from commander.gui._coords import CoordinateSpace, ScreenPixels, ScreenSize, to_screen
 from commander.gui._errors import ParseError
@@ -157,43 +142,43 @@ def parse_json_action(
     value = _string(obj, "text", MAX_TEXT)
     space = space or ScreenPixels()
 
-    def point() -> Point:
+    def point() -> act.Point:
         x, y = to_screen(_coordinate(obj, "x"), _coordinate(obj, "y"), screen=screen, space=space)
-        return Point(x, y)
+        return act.Point(x, y)
 
-    result: Action
+    result: act.Action
     if action == "type":
         if not value:
             raise ParseError('"type" needs the text to type in "text"')
-        result = KeyboardType(content=value)
+        result = act.KeyboardType(content=value)
     elif action == "hotkey":
         if not value.strip():
             raise ParseError('"hotkey" needs the keys in "text", e.g. "ctrl c" or "enter"')
-        result = KeyboardHotkey(keys=combo_to_xdotool(split_combo(value[:100])))
+        result = act.KeyboardHotkey(keys=combo_to_xdotool(split_combo(value[:100])))
     elif action == "click":
-        result = MouseClick(at=point())
+        result = act.MouseClick(at=point())
     elif action == "double_click":
-        result = MouseDoubleClick(at=point())
+        result = act.MouseDoubleClick(at=point())
     elif action == "right_click":
-        result = MouseClick(at=point(), button=MouseButton.RIGHT)
+        result = act.MouseClick(at=point(), button=act.MouseButton.RIGHT)
     elif action == "move":
-        result = MouseMove(to=point())
+        result = act.MouseMove(to=point())
     elif action == "scroll":
         step = _DIRECTIONS.get(value.strip().lower() or "down")
         if step is None:
             raise ParseError(f'"scroll" needs "text" up, down, left or right; got {value[:20]!r}')
         has_point = "x" in obj and "y" in obj and (obj["x"], obj["y"]) != (0, 0)
-        result = MouseScroll(
-            at=point() if has_point else HERE,
+        result = act.MouseScroll(
+            at=point() if has_point else act.HERE,
             step_vertical=step[0] * scroll_steps,
             step_horizontal=step[1] * scroll_steps,
         )
     elif action == "wait":
-        result = Wait(duration_ms=wait_ms)
+        result = act.Wait(duration_ms=wait_ms)
     elif action == "finished":
-        result = Finished(message=value or None)
+        result = act.Finished(message=value or None)
     elif action == "failed":
-        result = Failed(message=value or None)
+        result = act.Failed(message=value or None)
     else:
-        result = CallUser()
+        result = act.CallUser()
     return ParsedOutput(thought=thought, actions=(result,), action_text=body)

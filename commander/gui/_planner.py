@@ -67,34 +67,17 @@ from commander._timeouts import MODEL_CLOSE_TIMEOUT
 from commander._tracing import end_model_span, model_span
 from commander.gui import (
     JSON_ACTION_SCHEMA,
-    Action,
-    CallUser,
     CoordinateSpace,
-    Failed,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    MouseTripleClick,
     OutputFormat,
     ParsedOutput,
     ParseError,
-    Point,
     Relative1000,
     ScreenPixels,
-    Screenshot,
     ScreenSize,
     SmartResizedPixels,
-    Wait,
     parse_model_output,
 )
+from commander.gui import _actions as act
 from commander.gui._coords import to_screen
 
 _log = logging.getLogger("commander.gui")
@@ -296,20 +279,20 @@ def resolve_io(settings: GuiSettings, model: str) -> tuple[Observation, OutputFo
     return observation, fmt
 
 
-def _describe_action(action: Action) -> str:
+def _describe_action(action: act.Action) -> str:
     """One line for the model about an action that was performed."""
     match action:
-        case KeyboardType():
+        case act.KeyboardType():
             return f"typed {action.content!r}"
-        case KeyboardHotkey():
+        case act.KeyboardHotkey():
             return f"pressed {action.keys}"
-        case MouseClick() | MouseDoubleClick() | MouseTripleClick():
+        case act.MouseClick() | act.MouseDoubleClick() | act.MouseTripleClick():
             return f"{type(action).__name__} at x={action.at.x} y={action.at.y}"
-        case MouseMove():
+        case act.MouseMove():
             return f"moved the pointer to x={action.to.x} y={action.to.y}"
-        case MouseScroll():
+        case act.MouseScroll():
             return f"scrolled {action.step_vertical:+d} down, {action.step_horizontal:+d} right"
-        case Wait():
+        case act.Wait():
             return f"waited {action.duration_ms} ms"
     return action.type
 
@@ -679,21 +662,21 @@ class _Run:
     ) -> AsyncGenerator[PlannerOutput, None]:
         """Runs the step's actions in order; a failed one stops the rest of the step."""
         for action in parsed.actions:
-            if isinstance(action, Finished):
+            if isinstance(action, act.Finished):
                 answer = action.message or parsed.thought
                 raise _Outcome(
                     ipb.SESSION_OUTCOME_SUCCESS,
                     answer,
                     f"finished in {self.steps_done} steps, model {self.action_model.model}",
                 )
-            if isinstance(action, Failed):
+            if isinstance(action, act.Failed):
                 raise _Outcome(
                     ipb.SESSION_OUTCOME_FAILURE,
                     "",
                     f"the model gave up after {self.steps_done} steps: "
                     f"{action.message or parsed.thought or 'no reason given'}",
                 )
-            if isinstance(action, CallUser):
+            if isinstance(action, act.CallUser):
                 yield ipb.StageChange(
                     stage="call_user",
                     message=parsed.thought or "the agent asks for your help; send a message",
@@ -701,7 +684,7 @@ class _Run:
                 text = await self._wait_for_user()
                 feedback.append(f"The user says: {text}")
                 return
-            if isinstance(action, Screenshot):
+            if isinstance(action, act.Screenshot):
                 continue
             if self.grounding_model is not None and parsed.thought:
                 async with contextlib.aclosing(
@@ -749,7 +732,7 @@ class _Run:
             ) from None
         return message.text
 
-    def _absolute(self, point: Point) -> tuple[int, int]:
+    def _absolute(self, point: act.Point) -> tuple[int, int]:
         if not point.relative:
             return point.x, point.y
         base = self.cursor or (self.screen.width // 2, self.screen.height // 2)
@@ -757,32 +740,33 @@ class _Run:
         y = min(max(0, base[1] + point.y), self.screen.height - 1)
         return x, y
 
-    def _tool_call(self, action: Action) -> tuple[str, dict[str, Any]]:
+    def _tool_call(self, action: act.Action) -> tuple[str, dict[str, Any]]:
         """The ``computer.*`` tool and its arguments for one action."""
         match action:
-            case MouseClick() | MouseDoubleClick() | MouseTripleClick():
+            case act.MouseClick() | act.MouseDoubleClick() | act.MouseTripleClick():
                 x, y = self._absolute(action.at)
                 args: dict[str, Any] = {"x": x, "y": y}
                 if action.hold_key:
                     args["hold_key"] = action.hold_key
-                if isinstance(action, MouseClick) and action.button == MouseButton.RIGHT:
+                if isinstance(action, act.MouseClick) and action.button == act.MouseButton.RIGHT:
                     return "computer.right_click", args
-                if isinstance(action, MouseClick) and action.button == MouseButton.MIDDLE:
+                if isinstance(action, act.MouseClick) and action.button == act.MouseButton.MIDDLE:
                     return "computer.middle_click", args
                 tool = {
-                    MouseClick: "computer.click",
-                    MouseDoubleClick: "computer.double_click",
-                    MouseTripleClick: "computer.triple_click",
+                    act.MouseClick: "computer.click",
+                    act.MouseDoubleClick: "computer.double_click",
+                    act.MouseTripleClick: "computer.triple_click",
                 }[type(action)]
-                if action.button != MouseButton.LEFT:
-                    args["button"] = {MouseButton.RIGHT: "right", MouseButton.MIDDLE: "middle"}.get(
-                        action.button, "left"
-                    )
+                if action.button != act.MouseButton.LEFT:
+                    args["button"] = {
+                        act.MouseButton.RIGHT: "right",
+                        act.MouseButton.MIDDLE: "middle",
+                    }.get(action.button, "left")
                 return tool, args
-            case MouseMove():
+            case act.MouseMove():
                 x, y = self._absolute(action.to)
                 return "computer.move", {"x": x, "y": y}
-            case MouseDrag():
+            case act.MouseDrag():
                 sx, sy = self._absolute(action.start)
                 if action.end.relative:
                     ex = min(max(0, sx + action.end.x), self.screen.width - 1)
@@ -790,7 +774,7 @@ class _Run:
                 else:
                     ex, ey = action.end.x, action.end.y
                 return "computer.drag", {"start_x": sx, "start_y": sy, "end_x": ex, "end_y": ey}
-            case MouseScroll():
+            case act.MouseScroll():
                 x, y = self._absolute(action.at)
                 return "computer.scroll", {
                     "x": x,
@@ -798,29 +782,31 @@ class _Run:
                     "down": action.step_vertical,
                     "right": action.step_horizontal,
                 }
-            case KeyboardType():
+            case act.KeyboardType():
                 return "computer.type", {
                     "text": action.content,
                     "submit_newlines": action.submit_newlines,
                 }
-            case KeyboardHotkey():
+            case act.KeyboardHotkey():
                 args = {"keys": action.keys}
                 if action.duration_ms is not None:
                     args["duration_ms"] = action.duration_ms
                 return "computer.hotkey", args
-            case KeyDown():
+            case act.KeyDown():
                 return "computer.key_down", {"key": action.key}
-            case KeyUp():
+            case act.KeyUp():
                 return "computer.key_up", {"key": action.key}
-            case Wait():
+            case act.Wait():
                 return "computer.wait", {"duration_ms": action.duration_ms}
         raise ParseError(f"the action {action.type} cannot be performed here")
 
     async def _ground(
-        self, action: Action, thought: str, image_b64: str, mime: str
+        self, action: act.Action, thought: str, image_b64: str, mime: str
     ) -> AsyncGenerator[PlannerOutput | _Grounded, None]:
         """NORMAL mode: the grounding model places the point of a one-point action."""
-        if not isinstance(action, MouseClick | MouseDoubleClick | MouseTripleClick | MouseMove):
+        if not isinstance(
+            action, act.MouseClick | act.MouseDoubleClick | act.MouseTripleClick | act.MouseMove
+        ):
             return
         target = self.grounding_model
         assert target is not None
@@ -850,8 +836,8 @@ class _Run:
             )
         except ParseError:
             return
-        point = Point(x, y)
-        if isinstance(action, MouseMove):
+        point = act.Point(x, y)
+        if isinstance(action, act.MouseMove):
             yield _Grounded(dataclasses.replace(action, to=point))
         else:
             yield _Grounded(dataclasses.replace(action, at=point))
@@ -944,20 +930,14 @@ class _Run:
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         usage_seen = False
         completed = False
-        metrics = _metrics.current
-        started = time.monotonic()
-        first_chunk = True
         span = model_span(target.model, _llm.public_url(target.base_url))
+        first_token = _llm.FirstToken(span, target.model, time.monotonic())
         try:
             created = await self._open(client, target, request)
             stream = cast("openai.AsyncStream[ChatCompletionChunk]", created)
             try:
                 async for chunk in stream:
-                    if first_chunk:
-                        first_chunk = False
-                        span.add_event("first token")
-                        if metrics is not None:
-                            metrics.observe_first_token(target.model, time.monotonic() - started)
+                    first_token.chunk()
                     if chunk.usage is not None:
                         reply.input_tokens = chunk.usage.prompt_tokens
                         reply.output_tokens = chunk.usage.completion_tokens
@@ -1004,4 +984,4 @@ def _observe_step(started: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Grounded:
-    action: Action
+    action: act.Action

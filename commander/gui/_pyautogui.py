@@ -18,25 +18,7 @@ import re
 import textwrap
 from collections.abc import Callable
 
-from commander.gui._actions import (
-    HERE,
-    Action,
-    Failed,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    MouseTripleClick,
-    Point,
-    Wait,
-)
+from commander.gui import _actions as act
 from commander.gui._common import (
     MAX_ACTIONS,
     MAX_SCROLL,
@@ -73,14 +55,14 @@ class _Ctx:
         self.screen = screen
         self.space = space
 
-    def point(self, x: Value, y: Value, func: str) -> Point:
+    def point(self, x: Value, y: Value, func: str) -> act.Point:
         """pyautogui's (x, y) convention: both None = where the pointer is; (x, y) tuple."""
         if isinstance(x, tuple) and y is None:
             if len(x) != 2:
                 raise ParseError(f"{func}() needs a point as (x, y)")
             x, y = x
         if x is None and y is None:
-            return HERE
+            return act.HERE
         if isinstance(x, str):
             raise ParseError(
                 f"{func}(): locating an image on screen is not supported; give x and y"
@@ -90,18 +72,18 @@ class _Ctx:
         px, py = to_screen(
             as_number(x, "x"), as_number(y, "y"), screen=self.screen, space=self.space
         )
-        return Point(px, py)
+        return act.Point(px, py)
 
 
-def _button(value: Value, func: str) -> MouseButton:
+def _button(value: Value, func: str) -> act.MouseButton:
     names = {
-        "left": MouseButton.LEFT,
-        "primary": MouseButton.LEFT,
-        "right": MouseButton.RIGHT,
-        "secondary": MouseButton.RIGHT,
-        "middle": MouseButton.MIDDLE,
+        "left": act.MouseButton.LEFT,
+        "primary": act.MouseButton.LEFT,
+        "right": act.MouseButton.RIGHT,
+        "secondary": act.MouseButton.RIGHT,
+        "middle": act.MouseButton.MIDDLE,
     }
-    numbers = {1: MouseButton.LEFT, 2: MouseButton.MIDDLE, 3: MouseButton.RIGHT}
+    numbers = {1: act.MouseButton.LEFT, 2: act.MouseButton.MIDDLE, 3: act.MouseButton.RIGHT}
     if isinstance(value, str) and value.lower() in names:
         return names[value.lower()]
     if isinstance(value, int) and not isinstance(value, bool) and value in numbers:
@@ -117,136 +99,96 @@ def _check_ignored(bound: dict[str, Value], func: str) -> None:
             raise ParseError(f"{func}(): {key} must be a number")
 
 
-def _clicks(n: int, at: Point, button: MouseButton) -> Action:
+def _args(call: Call, params: str, example: str) -> dict[str, Value]:
+    """pyautogui's binding of ``call``'s arguments to ``params`` (its signature, in order);
+    the timing arguments it ignores are checked too."""
+    name = call.func.removeprefix("pyautogui.")
+    bound = bind(call, name, tuple(params.split()), example=example)
+    _check_ignored(bound, name)
+    return bound
+
+
+def _clicks(n: int, at: act.Point, button: act.MouseButton) -> act.Action:
     if n == 1:
-        return MouseClick(at=at, button=button)
+        return act.MouseClick(at=at, button=button)
     if n == 2:
-        return MouseDoubleClick(at=at, button=button)
-    return MouseTripleClick(at=at, button=button)
+        return act.MouseDoubleClick(at=at, button=button)
+    return act.MouseTripleClick(at=at, button=button)
 
 
-def _click(call: Call, ctx: _Ctx) -> list[Action]:
-    params = (
-        "x",
-        "y",
-        "clicks",
-        "interval",
-        "button",
-        "duration",
-        "tween",
-        "logScreenshot",
-        "_pause",
-    )
-    b = bind(call, "click", params, example="pyautogui.click(100, 200)")
-    _check_ignored(b, "click")
+def _click(call: Call, ctx: _Ctx) -> list[act.Action]:
+    params = "x y clicks interval button duration tween logScreenshot _pause"
+    b = _args(call, params, "pyautogui.click(100, 200)")
     clicks = 1 if b.get("clicks") is None else as_int(b["clicks"], "clicks", 1, 3)
-    button = MouseButton.LEFT if b.get("button") is None else _button(b["button"], "click")
+    button = act.MouseButton.LEFT if b.get("button") is None else _button(b["button"], "click")
     return [_clicks(clicks, ctx.point(b.get("x"), b.get("y"), "click"), button)]
 
 
-def _fixed_clicks(n: int, button: MouseButton | None) -> Callable[[Call, _Ctx], list[Action]]:
-    def handler(call: Call, ctx: _Ctx) -> list[Action]:
+def _fixed_clicks(
+    n: int, button: act.MouseButton | None
+) -> Callable[[Call, _Ctx], list[act.Action]]:
+    def handler(call: Call, ctx: _Ctx) -> list[act.Action]:
         name = call.func.removeprefix("pyautogui.")
-        if button is None:
-            params: tuple[str, ...] = (
-                "x",
-                "y",
-                "interval",
-                "button",
-                "duration",
-                "tween",
-                "logScreenshot",
-                "_pause",
-            )
-        else:
-            params = ("x", "y", "interval", "duration", "tween", "logScreenshot", "_pause")
-        b = bind(call, name, params, example=f"pyautogui.{name}(100, 200)")
-        _check_ignored(b, name)
+        button_param = "button" if button is None else ""  # rightClick, middleClick: none
+        params = f"x y interval {button_param} duration tween logScreenshot _pause"
+        b = _args(call, params, f"pyautogui.{name}(100, 200)")
         btn = button or (
-            MouseButton.LEFT if b.get("button") is None else _button(b["button"], name)
+            act.MouseButton.LEFT if b.get("button") is None else _button(b["button"], name)
         )
         return [_clicks(n, ctx.point(b.get("x"), b.get("y"), name), btn)]
 
     return handler
 
 
-def _move_to(call: Call, ctx: _Ctx) -> list[Action]:
-    b = bind(
-        call,
-        "moveTo",
-        ("x", "y", "duration", "tween", "logScreenshot", "_pause"),
-        example="pyautogui.moveTo(100, 200)",
-    )
-    _check_ignored(b, "moveTo")
-    return [MouseMove(to=ctx.point(b.get("x"), b.get("y"), "moveTo"))]
+def _move_to(call: Call, ctx: _Ctx) -> list[act.Action]:
+    b = _args(call, "x y duration tween logScreenshot _pause", "pyautogui.moveTo(100, 200)")
+    return [act.MouseMove(to=ctx.point(b.get("x"), b.get("y"), "moveTo"))]
 
 
-def _move(call: Call, ctx: _Ctx) -> list[Action]:
+def _move(call: Call, ctx: _Ctx) -> list[act.Action]:
     name = call.func.removeprefix("pyautogui.")
-    b = bind(
-        call,
-        name,
-        ("xOffset", "yOffset", "duration", "tween", "logScreenshot", "_pause"),
-        example=f"pyautogui.{name}(10, -20)",
-    )
-    _check_ignored(b, name)
+    params = "xOffset yOffset duration tween logScreenshot _pause"
+    b = _args(call, params, f"pyautogui.{name}(10, -20)")
     dx_raw, dy_raw = b.get("xOffset"), b.get("yOffset")
     if isinstance(dx_raw, tuple) and dy_raw is None and len(dx_raw) == 2:
         dx_raw, dy_raw = dx_raw
     dx = 0 if dx_raw is None else as_number(dx_raw, "xOffset")
     dy = 0 if dy_raw is None else as_number(dy_raw, "yOffset")
     px, py = offset_to_screen(dx, dy, screen=ctx.screen, space=ctx.space)
-    return [MouseMove(to=Point(px, py, relative=True))]
+    return [act.MouseMove(to=act.Point(px, py, relative=True))]
 
 
-def _drag_to(call: Call, ctx: _Ctx) -> list[Action]:
-    b = bind(
-        call,
-        "dragTo",
-        ("x", "y", "duration", "tween", "button", "logScreenshot", "_pause", "mouseDownUp"),
-        example="pyautogui.dragTo(300, 400)",
-    )
-    _check_ignored(b, "dragTo")
+def _drag_to(call: Call, ctx: _Ctx) -> list[act.Action]:
+    params = "x y duration tween button logScreenshot _pause mouseDownUp"
+    b = _args(call, params, "pyautogui.dragTo(300, 400)")
     if b.get("mouseDownUp") is False:
         raise ParseError("dragTo(): mouseDownUp=False is not supported")
     end = ctx.point(b.get("x"), b.get("y"), "dragTo")
     if end.relative:
         raise ParseError("dragTo() needs the x and y to drag to")
-    button = MouseButton.LEFT if b.get("button") is None else _button(b["button"], "dragTo")
-    return [MouseDrag(start=HERE, end=end, button=button)]
+    button = act.MouseButton.LEFT if b.get("button") is None else _button(b["button"], "dragTo")
+    return [act.MouseDrag(start=act.HERE, end=end, button=button)]
 
 
-def _scroll(call: Call, ctx: _Ctx) -> list[Action]:
-    b = bind(
-        call,
-        "scroll",
-        ("clicks", "x", "y", "logScreenshot", "_pause"),
-        example="pyautogui.scroll(-5, x=500, y=400)",
-    )
-    _check_ignored(b, "scroll")
+def _scroll(call: Call, ctx: _Ctx) -> list[act.Action]:
+    b = _args(call, "clicks x y logScreenshot _pause", "pyautogui.scroll(-5, x=500, y=400)")
     if b.get("clicks") is None:
         raise ParseError("scroll() needs clicks: positive scrolls up, negative down")
     clicks = as_int(b["clicks"], "clicks", -MAX_SCROLL, MAX_SCROLL)
     # pyautogui: positive is up. The SDK: positive stepVertical is down.
-    return [MouseScroll(at=ctx.point(b.get("x"), b.get("y"), "scroll"), step_vertical=-clicks)]
+    return [act.MouseScroll(at=ctx.point(b.get("x"), b.get("y"), "scroll"), step_vertical=-clicks)]
 
 
-def _write(call: Call, ctx: _Ctx) -> list[Action]:
+def _write(call: Call, ctx: _Ctx) -> list[act.Action]:
     name = call.func.removeprefix("pyautogui.")
-    b = bind(
-        call,
-        name,
-        ("message", "interval", "logScreenshot", "_pause"),
-        example=f"pyautogui.{name}('hello')",
-    )
-    _check_ignored(b, name)
+    b = _args(call, "message interval logScreenshot _pause", f"pyautogui.{name}('hello')")
     message = b.get("message")
     if isinstance(message, str):
-        return [KeyboardType(content=as_text(message, "message"))]
+        return [act.KeyboardType(content=as_text(message, "message"))]
     if not isinstance(message, tuple):
         raise ParseError(f"{name}() needs a message: a string or a list of keys")
     # A list mixes characters to type and key names to press, in order.
-    out: list[Action] = []
+    out: list[act.Action] = []
     run: list[str] = []
     for item in message:
         item_text = as_text(item, "each item of the message list", limit=40)
@@ -254,22 +196,16 @@ def _write(call: Call, ctx: _Ctx) -> list[Action]:
             run.append(item_text)
             continue
         if run:
-            out.append(KeyboardType(content="".join(run)))
+            out.append(act.KeyboardType(content="".join(run)))
             run = []
-        out.append(KeyboardHotkey(keys=key_to_xdotool(item_text)))
+        out.append(act.KeyboardHotkey(keys=key_to_xdotool(item_text)))
     if run:
-        out.append(KeyboardType(content="".join(run)))
+        out.append(act.KeyboardType(content="".join(run)))
     return out
 
 
-def _press(call: Call, ctx: _Ctx) -> list[Action]:
-    b = bind(
-        call,
-        "press",
-        ("keys", "presses", "interval", "logScreenshot", "_pause"),
-        example="pyautogui.press('enter')",
-    )
-    _check_ignored(b, "press")
+def _press(call: Call, ctx: _Ctx) -> list[act.Action]:
+    b = _args(call, "keys presses interval logScreenshot _pause", "pyautogui.press('enter')")
     raw = b.get("keys")
     keys = list(raw) if isinstance(raw, tuple) else [raw]
     if not keys or raw is None:
@@ -278,10 +214,10 @@ def _press(call: Call, ctx: _Ctx) -> list[Action]:
     syms = [key_to_xdotool(as_text(k, "key", limit=40)) for k in keys]
     if len(syms) * presses > MAX_ACTIONS:
         raise ParseError(f"press() may press at most {MAX_ACTIONS} keys in one call")
-    return [KeyboardHotkey(keys=s) for _ in range(presses) for s in syms]
+    return [act.KeyboardHotkey(keys=s) for _ in range(presses) for s in syms]
 
 
-def _hotkey(call: Call, ctx: _Ctx) -> list[Action]:
+def _hotkey(call: Call, ctx: _Ctx) -> list[act.Action]:
     unknown = set(call.kwargs) - {"interval", "logScreenshot", "_pause"}
     if unknown:
         raise ParseError(f"hotkey() got an unexpected argument {sorted(unknown)[0]!r}")
@@ -290,16 +226,15 @@ def _hotkey(call: Call, ctx: _Ctx) -> list[Action]:
     if len(args) == 1 and isinstance(args[0], tuple):
         args = args[0]
     keys = [as_text(k, "each key", limit=40) for k in args]
-    return [KeyboardHotkey(keys=combo_to_xdotool(keys))]
+    return [act.KeyboardHotkey(keys=combo_to_xdotool(keys))]
 
 
-def _key_down_up(cls: type[KeyDown] | type[KeyUp]) -> Callable[[Call, _Ctx], list[Action]]:
-    def handler(call: Call, ctx: _Ctx) -> list[Action]:
+def _key_down_up(
+    cls: type[act.KeyDown] | type[act.KeyUp],
+) -> Callable[[Call, _Ctx], list[act.Action]]:
+    def handler(call: Call, ctx: _Ctx) -> list[act.Action]:
         name = call.func.removeprefix("pyautogui.")
-        b = bind(
-            call, name, ("key", "logScreenshot", "_pause"), example=f"pyautogui.{name}('shift')"
-        )
-        _check_ignored(b, name)
+        b = _args(call, "key logScreenshot _pause", f"pyautogui.{name}('shift')")
         if b.get("key") is None:
             raise ParseError(f"{name}() needs a key name")
         return [cls(key=key_to_xdotool(as_text(b["key"], "key", limit=40)))]
@@ -307,26 +242,26 @@ def _key_down_up(cls: type[KeyDown] | type[KeyUp]) -> Callable[[Call, _Ctx], lis
     return handler
 
 
-def _sleep(call: Call, ctx: _Ctx) -> list[Action]:
+def _sleep(call: Call, ctx: _Ctx) -> list[act.Action]:
     b = bind(call, "time.sleep", ("secs",), example="time.sleep(1)")
     if b.get("secs") is None:
         raise ParseError("time.sleep() needs the seconds to wait")
     secs = as_number(b["secs"], "seconds")
     if not 0 <= secs <= MAX_WAIT_MS / 1000:
         raise ParseError(f"time.sleep() may wait 0..{MAX_WAIT_MS // 1000} seconds, got {secs!r}")
-    return [Wait(duration_ms=round(secs * 1000))]
+    return [act.Wait(duration_ms=round(secs * 1000))]
 
 
-def _position(call: Call, ctx: _Ctx) -> list[Action]:
+def _position(call: Call, ctx: _Ctx) -> list[act.Action]:
     raise ParseError("position() performs no action; use moveTo, click, … with coordinates")
 
 
-_HANDLERS: dict[str, Callable[[Call, _Ctx], list[Action]]] = {
+_HANDLERS: dict[str, Callable[[Call, _Ctx], list[act.Action]]] = {
     "pyautogui.click": _click,
     "pyautogui.doubleClick": _fixed_clicks(2, None),
     "pyautogui.tripleClick": _fixed_clicks(3, None),
-    "pyautogui.rightClick": _fixed_clicks(1, MouseButton.RIGHT),
-    "pyautogui.middleClick": _fixed_clicks(1, MouseButton.MIDDLE),
+    "pyautogui.rightClick": _fixed_clicks(1, act.MouseButton.RIGHT),
+    "pyautogui.middleClick": _fixed_clicks(1, act.MouseButton.MIDDLE),
     "pyautogui.moveTo": _move_to,
     "pyautogui.move": _move,
     "pyautogui.moveRel": _move,
@@ -336,8 +271,8 @@ _HANDLERS: dict[str, Callable[[Call, _Ctx], list[Action]]] = {
     "pyautogui.typewrite": _write,
     "pyautogui.press": _press,
     "pyautogui.hotkey": _hotkey,
-    "pyautogui.keyDown": _key_down_up(KeyDown),
-    "pyautogui.keyUp": _key_down_up(KeyUp),
+    "pyautogui.keyDown": _key_down_up(act.KeyDown),
+    "pyautogui.keyUp": _key_down_up(act.KeyUp),
     "pyautogui.position": _position,
     "time.sleep": _sleep,
 }
@@ -346,10 +281,10 @@ FUNCTION_NAMES = tuple(
     n.removeprefix("pyautogui.") for n in _HANDLERS if n.startswith("pyautogui.")
 )
 
-_WORDS: dict[str, Callable[[], Action]] = {
-    "WAIT": lambda: Wait(duration_ms=5000),
-    "DONE": lambda: Finished(),
-    "FAIL": lambda: Failed(),
+_WORDS: dict[str, Callable[[], act.Action]] = {
+    "WAIT": lambda: act.Wait(duration_ms=5000),
+    "DONE": lambda: act.Finished(),
+    "FAIL": lambda: act.Failed(),
 }
 
 
@@ -372,7 +307,7 @@ def extract_code(text: str) -> tuple[str, str]:
     return "", stripped
 
 
-def _statement(stmt: ast.stmt, ctx: _Ctx) -> list[Action]:
+def _statement(stmt: ast.stmt, ctx: _Ctx) -> list[act.Action]:
     where = f"line {stmt.lineno}"
     if isinstance(stmt, ast.Import):
         bad = [a.name for a in stmt.names if a.name not in _MODULES or a.asname]
@@ -421,7 +356,7 @@ def parse_pyautogui(
     if not code.strip():
         raise ParseError("no pyautogui code found; write e.g. pyautogui.click(100, 200)")
     tree = parse_module(code)
-    actions: list[Action] = []
+    actions: list[act.Action] = []
     for stmt in tree.body:
         actions.extend(_statement(stmt, ctx))
         if len(actions) > MAX_ACTIONS:

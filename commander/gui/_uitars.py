@@ -19,24 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from commander.gui._actions import (
-    HERE,
-    Action,
-    CallUser,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    Point,
-    Wait,
-)
+from commander.gui import _actions as act
 from commander.gui._common import (
     MAX_ACTIONS,
     MAX_WAIT_MS,
@@ -165,7 +148,7 @@ def split_calls(section: str) -> list[str]:
         i = k
 
 
-def parse_box(value: Value, screen: ScreenSize, space: CoordinateSpace) -> Point:
+def parse_box(value: Value, screen: ScreenSize, space: CoordinateSpace) -> act.Point:
     """A point or box argument to a screen pixel (a box becomes its centre)."""
     numbers: list[float]
     if isinstance(value, tuple):
@@ -188,7 +171,7 @@ def parse_box(value: Value, screen: ScreenSize, space: CoordinateSpace) -> Point
     if len(numbers) != 2:
         raise ParseError(f"a point has 2 numbers and a box 4, got {len(numbers)}; {_COORD_HELP}")
     x, y = to_screen(numbers[0], numbers[1], screen=screen, space=space)
-    return Point(x, y)
+    return act.Point(x, y)
 
 
 class _Context:
@@ -224,9 +207,9 @@ def _need(args: dict[str, Value], key: str, call: Call, example: str) -> Value:
 
 
 def _click(
-    cls: type[MouseClick] | type[MouseDoubleClick], button: MouseButton
-) -> Callable[[Call, _Context], list[Action]]:
-    def handler(call: Call, ctx: _Context) -> list[Action]:
+    cls: type[act.MouseClick] | type[act.MouseDoubleClick], button: act.MouseButton
+) -> Callable[[Call, _Context], list[act.Action]]:
+    def handler(call: Call, ctx: _Context) -> list[act.Action]:
         ex = f"{call.func}(point='<point>x y</point>')"
         args = _args(call, ("start_box",), ex)
         at = parse_box(_need(args, "start_box", call, ex), ctx.screen, ctx.space)
@@ -235,18 +218,18 @@ def _click(
     return handler
 
 
-def _hover(call: Call, ctx: _Context) -> list[Action]:
+def _hover(call: Call, ctx: _Context) -> list[act.Action]:
     ex = f"{call.func}(point='<point>x y</point>')"
     args = _args(call, ("start_box",), ex)
-    return [MouseMove(to=parse_box(_need(args, "start_box", call, ex), ctx.screen, ctx.space))]
+    return [act.MouseMove(to=parse_box(_need(args, "start_box", call, ex), ctx.screen, ctx.space))]
 
 
-def _drag(call: Call, ctx: _Context) -> list[Action]:
+def _drag(call: Call, ctx: _Context) -> list[act.Action]:
     ex = "drag(start_point='<point>x1 y1</point>', end_point='<point>x2 y2</point>')"
     args = _args(call, ("start_box", "end_box"), ex)
     start = parse_box(_need(args, "start_box", call, ex), ctx.screen, ctx.space)
     end = parse_box(_need(args, "end_box", call, ex), ctx.screen, ctx.space)
-    return [MouseDrag(start=start, end=end)]
+    return [act.MouseDrag(start=start, end=end)]
 
 
 def _keys_arg(call: Call, example: str) -> list[str]:
@@ -262,34 +245,34 @@ def _keys_arg(call: Call, example: str) -> list[str]:
     return keys
 
 
-def _hotkey(call: Call, ctx: _Context) -> list[Action]:
+def _hotkey(call: Call, ctx: _Context) -> list[act.Action]:
     keys = _keys_arg(call, "hotkey(key='ctrl c')")
-    return [KeyboardHotkey(keys=combo_to_xdotool(keys))]
+    return [act.KeyboardHotkey(keys=combo_to_xdotool(keys))]
 
 
-def _key_down(call: Call, ctx: _Context) -> list[Action]:
+def _key_down(call: Call, ctx: _Context) -> list[act.Action]:
     # UI-TARS' reference implementations treat press like keydown (hold the key).
     keys = _keys_arg(call, f"{call.func}(key='shift')")
-    return [KeyDown(key=key_to_xdotool(k)) for k in keys]
+    return [act.KeyDown(key=key_to_xdotool(k)) for k in keys]
 
 
-def _key_up(call: Call, ctx: _Context) -> list[Action]:
+def _key_up(call: Call, ctx: _Context) -> list[act.Action]:
     keys = _keys_arg(call, f"{call.func}(key='shift')")
-    return [KeyUp(key=key_to_xdotool(k)) for k in keys]
+    return [act.KeyUp(key=key_to_xdotool(k)) for k in keys]
 
 
-def _type(call: Call, ctx: _Context) -> list[Action]:
+def _type(call: Call, ctx: _Context) -> list[act.Action]:
     ex = "type(content='hello\\n')"
     args = _args(call, ("content",), ex)
     if "content" not in args:
         raise ParseError(f"type() needs 'content'; e.g. {ex}")
-    return [KeyboardType(content=as_text(args["content"], "content"))]
+    return [act.KeyboardType(content=as_text(args["content"], "content"))]
 
 
 _DIRECTIONS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
 
 
-def _scroll(call: Call, ctx: _Context) -> list[Action]:
+def _scroll(call: Call, ctx: _Context) -> list[act.Action]:
     ex = "scroll(point='<point>x y</point>', direction='down')"
     args = _args(call, ("start_box", "direction"), ex)
     direction = as_text(_need(args, "direction", call, ex), "direction", limit=20)
@@ -297,9 +280,9 @@ def _scroll(call: Call, ctx: _Context) -> list[Action]:
     if step is None:
         raise ParseError(f"direction must be one of up, down, left, right; got {direction!r}")
     box = args.get("start_box")
-    at = HERE if box in ("", None) else parse_box(box, ctx.screen, ctx.space)
+    at = act.HERE if box in ("", None) else parse_box(box, ctx.screen, ctx.space)
     return [
-        MouseScroll(
+        act.MouseScroll(
             at=at,
             step_vertical=step[0] * ctx.scroll_steps,
             step_horizontal=step[1] * ctx.scroll_steps,
@@ -307,28 +290,28 @@ def _scroll(call: Call, ctx: _Context) -> list[Action]:
     ]
 
 
-def _wait(call: Call, ctx: _Context) -> list[Action]:
+def _wait(call: Call, ctx: _Context) -> list[act.Action]:
     _args(call, (), "wait()")
-    return [Wait(duration_ms=ctx.wait_ms)]
+    return [act.Wait(duration_ms=ctx.wait_ms)]
 
 
-def _finished(call: Call, ctx: _Context) -> list[Action]:
+def _finished(call: Call, ctx: _Context) -> list[act.Action]:
     ex = "finished(content='the answer')"
     args = _args(call, ("content",), ex)
     content = args.get("content")
-    return [Finished(message=None if content is None else as_text(content, "content"))]
+    return [act.Finished(message=None if content is None else as_text(content, "content"))]
 
 
-def _call_user(call: Call, ctx: _Context) -> list[Action]:
+def _call_user(call: Call, ctx: _Context) -> list[act.Action]:
     _args(call, (), "call_user()")
-    return [CallUser()]
+    return [act.CallUser()]
 
 
-_HANDLERS: dict[str, Callable[[Call, _Context], list[Action]]] = {
-    "click": _click(MouseClick, MouseButton.LEFT),
-    "left_single": _click(MouseClick, MouseButton.LEFT),
-    "left_double": _click(MouseDoubleClick, MouseButton.LEFT),
-    "right_single": _click(MouseClick, MouseButton.RIGHT),
+_HANDLERS: dict[str, Callable[[Call, _Context], list[act.Action]]] = {
+    "click": _click(act.MouseClick, act.MouseButton.LEFT),
+    "left_single": _click(act.MouseClick, act.MouseButton.LEFT),
+    "left_double": _click(act.MouseDoubleClick, act.MouseButton.LEFT),
+    "right_single": _click(act.MouseClick, act.MouseButton.RIGHT),
     "hover": _hover,
     "mouse_move": _hover,
     "drag": _drag,
@@ -375,7 +358,7 @@ def parse_uitars(
             "the 'Action:' line is empty; write an action such as "
             "click(point='<point>100 200</point>')"
         )
-    actions: list[Action] = []
+    actions: list[act.Action] = []
     for src in sources:
         call = parse_call(src)
         handler = _HANDLERS.get(call.func)

@@ -13,9 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import anyio
-
-from commander._cli import add_connection_flags, env, run_until_signalled, setup_logging
+from commander import _cli
 from commander._connection import ConnectionConfig
 from commander.sandbox._cli import add_sandbox_flags, sandbox_settings_from_args
 from commander.sandbox._provider import sandbox_provider
@@ -27,45 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m commander.sandbox",
         description="Serve the computer.* sandbox tools to the dispatcher.",
     )
-    add_connection_flags(parser)
+    _cli.add_connection_flags(parser)
     add_sandbox_flags(parser)
-    parser.add_argument(
-        "--id",
-        dest="provider_id",
-        default=env("SANDBOX_PROVIDER_ID", "sandbox"),
-        help="provider id sent in the hello (default %(default)s)",
-    )
+    _cli.add_provider_id_flag(parser, env_name="SANDBOX_PROVIDER_ID", default="sandbox")
     return parser
-
-
-async def _serve(tools: SandboxTools, args: argparse.Namespace) -> None:
-    connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
-    provider = sandbox_provider(tools, provider_id=args.provider_id)
-
-    async def run() -> None:
-        try:
-            await provider.run(connection)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await tools.aclose()
-
-    await run_until_signalled(run, provider.shutdown, what="commander.sandbox")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m commander.sandbox``."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    _cli.setup_logging(args.log_level, args.log_format)
     settings = sandbox_settings_from_args(args)
     if not settings.configured:
         sys.exit(
             "commander.sandbox: no sandbox API configured: set LYBIC_ORG_ID and LYBIC_API_KEY, "
             "or --sandbox-endpoint for the local sandbox server"
         )
-    try:
-        anyio.run(_serve, SandboxTools(settings), args)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    connection = ConnectionConfig.from_args(args.dispatcher, token=args.token, ca_cert=args.ca_cert)
+    tools = SandboxTools(settings)
+    provider = sandbox_provider(tools, provider_id=args.provider_id)
+    _cli.serve_provider("commander-sandbox", provider, connection, close=tools.aclose)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,14 @@ _ACTION_TIMEOUT_MS = 60_000
 _CREATE_TIMEOUT_MS = 180_000
 
 
+def _action(
+    provider: ToolProvider, name: str, description: str, *, timeout_ms: int = _ACTION_TIMEOUT_MS
+) -> Callable[[F], F]:
+    """Decorator: serve the function as an action tool, marked ``side_effects`` (the
+    dispatcher never retries it blindly), with an action's timeout."""
+    return provider.tool(name, description=description, side_effects=True, timeout_ms=timeout_ms)
+
+
 def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> ToolProvider:
     """A :class:`ToolProvider` serving the ``computer.*`` tools backed by ``tools``.
 
@@ -75,11 +83,11 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     """
     provider = ToolProvider(provider_id, labels={"kind": "sandbox"})
 
-    @provider.tool(
+    @_action(
+        provider,
         "computer.sandbox_acquire",
-        description="Use an existing sandbox (sandbox_id, or the provider's precreated one) or "
+        "Use an existing sandbox (sandbox_id, or the provider's precreated one) or "
         "create one of the given shape; returns its id and screen size.",
-        side_effects=True,
         timeout_ms=_CREATE_TIMEOUT_MS,
     )
     async def sandbox_acquire(
@@ -87,11 +95,8 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     ) -> dict[str, Any]:
         return await tools.acquire(sandbox_id, shape, max_life_seconds)
 
-    @provider.tool(
-        "computer.sandbox_release",
-        description="Destroy a sandbox (the precreated one is kept).",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
+    @_action(
+        provider, "computer.sandbox_release", "Destroy a sandbox (the precreated one is kept)."
     )
     async def sandbox_release(sandbox_id: str) -> dict[str, Any]:
         return await tools.release(sandbox_id)
@@ -129,14 +134,12 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             ) -> dict[str, Any]:
                 return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
 
-            provider.add_tool(
-                click,
-                name=name,
-                description=f"A {kind} click at pixel (x, y); button left, right or middle; "
+            _action(
+                provider,
+                name,
+                f"A {kind} click at pixel (x, y); button left, right or middle; "
                 "hold_key: a key held during the click (e.g. ctrl).",
-                side_effects=True,
-                timeout_ms=_ACTION_TIMEOUT_MS,
-            )
+            )(click)
         else:
             button = fixed_button
 
@@ -145,13 +148,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             ) -> dict[str, Any]:
                 return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
 
-            provider.add_tool(
-                fixed_click,
-                name=name,
-                description=f"A {button} click at pixel (x, y).",
-                side_effects=True,
-                timeout_ms=_ACTION_TIMEOUT_MS,
-            )
+            _action(provider, name, f"A {button} click at pixel (x, y).")(fixed_click)
 
     clicker("single", None)
     clicker("double", None)
@@ -159,71 +156,53 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     clicker("single", "right")
     clicker("single", "middle")
 
-    @provider.tool(
-        "computer.move",
-        description="Move the pointer to pixel (x, y).",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
-    )
+    @_action(provider, "computer.move", "Move the pointer to pixel (x, y).")
     async def move(sandbox_id: str, x: int, y: int) -> dict[str, Any]:
         return await tools.act(sandbox_id, move_action(x, y))
 
-    @provider.tool(
+    @_action(
+        provider,
         "computer.drag",
-        description="Press the left button at (start_x, start_y), move to (end_x, end_y), release.",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
+        "Press the left button at (start_x, start_y), move to (end_x, end_y), release.",
     )
     async def drag(
         sandbox_id: str, start_x: int, start_y: int, end_x: int, end_y: int
     ) -> dict[str, Any]:
         return await tools.act(sandbox_id, drag_action(start_x, start_y, end_x, end_y))
 
-    @provider.tool(
+    @_action(
+        provider,
         "computer.scroll",
-        description="Turn the wheel at (x, y): down > 0 scrolls down (< 0 up), right > 0 "
+        "Turn the wheel at (x, y): down > 0 scrolls down (< 0 up), right > 0 "
         "scrolls right (< 0 left), in wheel clicks.",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def scroll(
         sandbox_id: str, x: int, y: int, down: int = 0, right: int = 0
     ) -> dict[str, Any]:
         return await tools.act(sandbox_id, scroll_action(x, y, down, right))
 
-    @provider.tool(
+    @_action(
+        provider,
         "computer.type",
-        description="Type text; with submit_newlines each newline presses Enter.",
-        side_effects=True,
+        "Type text; with submit_newlines each newline presses Enter.",
         timeout_ms=_TYPE_TIMEOUT_MS,
     )
     async def type_text(sandbox_id: str, text: str, submit_newlines: bool = True) -> dict[str, Any]:
         return await tools.act(sandbox_id, type_action(text, submit_newlines))
 
-    @provider.tool(
+    @_action(
+        provider,
         "computer.hotkey",
-        description="Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4.",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
+        "Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4.",
     )
     async def hotkey(sandbox_id: str, keys: str, duration_ms: int | None = None) -> dict[str, Any]:
         return await tools.act(sandbox_id, hotkey_action(keys, duration_ms))
 
-    @provider.tool(
-        "computer.key_down",
-        description="Hold one key down (xdotool name, e.g. shift).",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
-    )
+    @_action(provider, "computer.key_down", "Hold one key down (xdotool name, e.g. shift).")
     async def key_down(sandbox_id: str, key: str) -> dict[str, Any]:
         return await tools.act(sandbox_id, key_down_action(key))
 
-    @provider.tool(
-        "computer.key_up",
-        description="Release one key (xdotool name).",
-        side_effects=True,
-        timeout_ms=_ACTION_TIMEOUT_MS,
-    )
+    @_action(provider, "computer.key_up", "Release one key (xdotool name).")
     async def key_up(sandbox_id: str, key: str) -> dict[str, Any]:
         return await tools.act(sandbox_id, key_up_action(key))
 
@@ -248,17 +227,7 @@ def _add_mobile_tools(provider: ToolProvider, tools: SandboxTools) -> None:
     """Android sandboxes: the SDK's touch:*, android:* and os:* actions."""
 
     def add(name: str, description: str) -> Callable[[F], F]:
-        def register(fn: F) -> F:
-            provider.add_tool(
-                fn,
-                name=name,
-                description=description + " (Android sandboxes)",
-                side_effects=True,
-                timeout_ms=_ACTION_TIMEOUT_MS,
-            )
-            return fn
-
-        return register
+        return _action(provider, name, description + " (Android sandboxes)")
 
     @add("mobile.tap", "Tap the screen at pixel (x, y).")
     async def tap(sandbox_id: str, x: int, y: int) -> dict[str, Any]:

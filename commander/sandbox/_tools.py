@@ -48,22 +48,7 @@ from tenacity import (
 
 from commander import _metrics
 from commander._errors import InvalidToolArgumentsError, ToolError, ToolExecutionError
-from commander.gui._actions import (
-    Action,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    MouseTripleClick,
-    Point,
-    to_sdk_action,
-)
+from commander.gui import _actions as act
 
 _log = logging.getLogger("commander.sandbox")
 
@@ -166,14 +151,18 @@ def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
     return int(value)
 
 
-def _point(x: Any, y: Any) -> Point:
-    return Point(_int_in(x, "x", 0, _MAX_COORD), _int_in(y, "y", 0, _MAX_COORD))
+def _point(x: Any, y: Any) -> act.Point:
+    return act.Point(_int_in(x, "x", 0, _MAX_COORD), _int_in(y, "y", 0, _MAX_COORD))
 
 
-_BUTTONS = {"left": MouseButton.LEFT, "right": MouseButton.RIGHT, "middle": MouseButton.MIDDLE}
+_BUTTONS = {
+    "left": act.MouseButton.LEFT,
+    "right": act.MouseButton.RIGHT,
+    "middle": act.MouseButton.MIDDLE,
+}
 
 
-def _button(name: str) -> MouseButton:
+def _button(name: str) -> act.MouseButton:
     try:
         return _BUTTONS[name]
     except KeyError:
@@ -338,11 +327,11 @@ class SandboxTools:
 
     # --- actions: one request each, never retried ---
 
-    async def act(self, sandbox_id: str, action: Action | BaseModel) -> dict[str, Any]:
+    async def act(self, sandbox_id: str, action: act.Action | BaseModel) -> dict[str, Any]:
         """Perform one action (a typed action, or any SDK action DTO: touch:*,
         android:*, os:*); the answer carries the pointer position and the action's result."""
         sid = _sandbox_id(sandbox_id)
-        model: BaseModel = action if isinstance(action, BaseModel) else to_sdk_action(action)
+        model: BaseModel = action if isinstance(action, BaseModel) else act.to_sdk_action(action)
         kind = str(getattr(model, "type", ""))
         data = dto.ExecuteSandboxActionDto(
             action=model, includeScreenShot=False, includeCursorPosition=True
@@ -450,35 +439,35 @@ def parse_screen_description(out: str) -> dict[str, Any]:
 # --- tool argument → action builders (shared by the provider and tests) ---
 
 
-def click_action(kind: str, x: Any, y: Any, button: str = "left", hold_key: str = "") -> Action:
+def click_action(kind: str, x: Any, y: Any, button: str = "left", hold_key: str = "") -> act.Action:
     at = _point(x, y)
     btn = _button(button)
     hold = hold_key or None
     if kind == "double":
-        return MouseDoubleClick(at, btn, hold)
+        return act.MouseDoubleClick(at, btn, hold)
     if kind == "triple":
-        return MouseTripleClick(at, btn, hold)
-    return MouseClick(at, btn, hold)
+        return act.MouseTripleClick(at, btn, hold)
+    return act.MouseClick(at, btn, hold)
 
 
-def drag_action(start_x: Any, start_y: Any, end_x: Any, end_y: Any) -> Action:
-    return MouseDrag(_point(start_x, start_y), _point(end_x, end_y))
+def drag_action(start_x: Any, start_y: Any, end_x: Any, end_y: Any) -> act.Action:
+    return act.MouseDrag(_point(start_x, start_y), _point(end_x, end_y))
 
 
-def scroll_action(x: Any, y: Any, down: Any = 0, right: Any = 0) -> Action:
-    return MouseScroll(
+def scroll_action(x: Any, y: Any, down: Any = 0, right: Any = 0) -> act.Action:
+    return act.MouseScroll(
         _point(x, y),
         _int_in(down, "down", -_MAX_SCROLL, _MAX_SCROLL),
         _int_in(right, "right", -_MAX_SCROLL, _MAX_SCROLL),
     )
 
 
-def type_action(text: Any, submit_newlines: bool = True) -> Action:
+def type_action(text: Any, submit_newlines: bool = True) -> act.Action:
     if not isinstance(text, str):
         raise InvalidToolArgumentsError("text must be a string")
     if len(text) > MAX_TYPE_CHARS:
         raise InvalidToolArgumentsError(f"text is longer than {MAX_TYPE_CHARS} characters")
-    return KeyboardType(text, bool(submit_newlines))
+    return act.KeyboardType(text, bool(submit_newlines))
 
 
 def _key(value: Any, name: str) -> str:
@@ -487,21 +476,21 @@ def _key(value: Any, name: str) -> str:
     return value
 
 
-def hotkey_action(keys: Any, duration_ms: Any = None) -> Action:
+def hotkey_action(keys: Any, duration_ms: Any = None) -> act.Action:
     duration = None if duration_ms is None else _int_in(duration_ms, "duration_ms", 1, 10_000)
-    return KeyboardHotkey(_key(keys, "keys"), duration)
+    return act.KeyboardHotkey(_key(keys, "keys"), duration)
 
 
-def key_down_action(key: Any) -> Action:
-    return KeyDown(_key(key, "key"))
+def key_down_action(key: Any) -> act.Action:
+    return act.KeyDown(_key(key, "key"))
 
 
-def key_up_action(key: Any) -> Action:
-    return KeyUp(_key(key, "key"))
+def key_up_action(key: Any) -> act.Action:
+    return act.KeyUp(_key(key, "key"))
 
 
-def move_action(x: Any, y: Any) -> Action:
-    return MouseMove(_point(x, y))
+def move_action(x: Any, y: Any) -> act.Action:
+    return act.MouseMove(_point(x, y))
 
 
 # --- Android sandboxes: touch:*, android:*, os:* ---

@@ -15,8 +15,8 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -26,6 +26,25 @@ from commander._gen.dispatch.v1 import interaction_pb2_grpc, tools_pb2, tools_pb
 
 TERMINAL = ("result", "stopped")
 WAIT = 10.0  # default bound of every wait in the fakes
+
+
+class _Server(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
+@contextlib.asynccontextmanager
+async def running(server: _S) -> AsyncIterator[_S]:
+    """``server`` (a :class:`DispatcherServer` or :class:`ScriptedLLM`) started, and
+    stopped on the way out."""
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 class FakeSlot:
@@ -217,17 +236,9 @@ class FakeDispatcher(
                         )
                     )
 
-        reader = asyncio.create_task(pump_in())
         try:
-            while True:
-                out = await slot._outbox.get()
-                if out is None:
-                    return
-                await context.write(out)
+            await _pump(context, slot._outbox, pump_in)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
             slot.ended.set()
 
     async def Connect(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
@@ -251,17 +262,24 @@ class FakeDispatcher(
                     return
                 await provider._inbox.put(message)
 
-        reader = asyncio.create_task(pump_in())
-        try:
-            while True:
-                out = await provider._outbox.get()
-                if out is None:
-                    return
-                await context.write(out)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        await _pump(context, provider._outbox, pump_in)
+
+
+async def _pump(
+    context: Any, outbox: asyncio.Queue[Any], pump_in: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Writes ``outbox`` to the stream until a None, while ``pump_in`` reads the other way."""
+    reader = asyncio.create_task(pump_in())
+    try:
+        while True:
+            out = await outbox.get()
+            if out is None:
+                return
+            await context.write(out)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
 
 
 class DispatcherServer:
@@ -522,12 +540,3 @@ async def wait_for(predicate: Callable[[], bool], within: float = WAIT) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(server: DispatcherServer) -> AsyncIterator[DispatcherServer]:
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()

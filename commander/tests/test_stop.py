@@ -13,6 +13,7 @@ from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander.tests.fakes import (
     DispatcherServer,
+    FakeSlot,
     Reply,
     ScriptedLLM,
     after_terminal,
@@ -28,16 +29,32 @@ def long_reply(words: int = 400, delay: float = 0.02) -> Reply:
     return Reply.text(" ".join(f"w{i}" for i in range(words)), delay=delay)
 
 
+async def generating(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, chunks: int
+) -> tuple[FakeSlot, str]:
+    """The commander's slot and a session of it that streams a long answer, ``chunks``
+    content packets in."""
+    llm.replies.append(long_reply())
+    slot = await dispatcher.servicer.next_slot()
+    session_id = await slot.start("write a lot")
+    for _ in range(chunks):
+        await slot.recv_kind("content")
+    return slot, session_id
+
+
+async def serves_the_next_session(slot: FakeSlot, llm: ScriptedLLM) -> None:
+    """The slot is idle again: it runs the next session to its answer."""
+    llm.replies.append(Reply.text("next answer"))
+    await slot.start("next task")
+    packets = await slot.recv_until_terminal()
+    assert packets[-1].result.result == "next answer"
+
+
 async def test_stop_mid_generation_closes_the_model_stream(
     dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
 ) -> None:
-    llm.replies.append(long_reply())
     async with make_commander():
-        slot = await dispatcher.servicer.next_slot()
-        session_id = await slot.start("write a lot")
-        for _ in range(5):
-            await slot.recv_kind("content")
-
+        slot, session_id = await generating(dispatcher, llm, chunks=5)
         stop_sent = time.monotonic()
         await slot.stop(session_id, "cancelled by client", code=ipb.STOP_CODE_CLIENT_CANCEL)
         packets = await slot.recv_until_terminal(within=3)
@@ -66,11 +83,7 @@ async def test_stop_mid_generation_closes_the_model_stream(
         assert usage.steps == 1
         assert usage.model == "test-model"
 
-        # The slot is idle again and serves the next session.
-        llm.replies.append(Reply.text("fresh start"))
-        await slot.start("again")
-        packets = await slot.recv_until_terminal()
-        assert packets[-1].result.result == "fresh start"
+        await serves_the_next_session(slot, llm)
     # Nothing of the stopped session came after `stopped`, for the stream's whole life.
     assert after_terminal(await everything_sent(slot), session_id) == []
 
@@ -102,20 +115,15 @@ async def test_stop_while_waiting_for_a_tool_result(
 
         # A late answer to the abandoned call is ignored; the slot goes on.
         await slot.tool_result(session_id, call, result_json="{}")
-        llm.replies.append(Reply.text("next"))
-        await slot.start("next task")
-        packets = await slot.recv_until_terminal()
-        assert packets[-1].result.result == "next"
+        await serves_the_next_session(slot, llm)
     assert after_terminal(await everything_sent(slot), session_id) == []
 
 
 async def test_stop_right_after_start(
     dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
 ) -> None:
-    llm.replies.append(long_reply())
     async with make_commander():
-        slot = await dispatcher.servicer.next_slot()
-        session_id = await slot.start("hi")
+        slot, session_id = await generating(dispatcher, llm, chunks=0)
         await slot.stop(session_id, "changed my mind")
         packets = await slot.recv_until_terminal(within=3)
         assert packets[-1].WhichOneof("payload") == "stopped"
@@ -180,12 +188,8 @@ async def test_a_stop_code_this_build_does_not_know_is_still_answered(
     dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
 ) -> None:
     """A newer dispatcher may send a new StopCode: the commander stops all the same."""
-    llm.replies.append(long_reply())
     async with make_commander():
-        slot = await dispatcher.servicer.next_slot()
-        session_id = await slot.start("write a lot")
-        for _ in range(3):
-            await slot.recv_kind("content")
+        slot, session_id = await generating(dispatcher, llm, chunks=3)
         await slot.stop(session_id, "a new kind of stop", code=42)
         packets = await slot.recv_until_terminal(within=3)
     assert packets[-1].WhichOneof("payload") == "stopped"

@@ -9,63 +9,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from commander.gui import (
-    HERE,
-    Action,
-    CallUser,
-    CoordinateSpace,
-    Failed,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    MouseTripleClick,
-    OutputFormat,
-    Point,
-    Relative1000,
-    ScreenPixels,
-    ScreenSize,
-    SmartResizedPixels,
-    Wait,
-)
+from commander import gui
 
-SCREEN = ScreenSize(1920, 1080)
-REL = Relative1000()
-RESIZED = SmartResizedPixels()
-PIXELS = ScreenPixels()
+SCREEN = gui.ScreenSize(1920, 1080)
+REL = gui.Relative1000()
+RESIZED = gui.SmartResizedPixels()
+PIXELS = gui.ScreenPixels()
 
-L, R, M = MouseButton.LEFT, MouseButton.RIGHT, MouseButton.MIDDLE
+L, R, M = gui.MouseButton.LEFT, gui.MouseButton.RIGHT, gui.MouseButton.MIDDLE
 
 
 @dataclass(frozen=True)
 class Good:
     id: str
-    fmt: OutputFormat
+    fmt: gui.OutputFormat
     text: str
-    actions: tuple[Action, ...]
-    space: CoordinateSpace | None = None
+    actions: tuple[gui.Action, ...]
+    space: gui.CoordinateSpace | None = None
     thought: str | None = None
 
 
 @dataclass(frozen=True)
 class Bad:
     id: str
-    fmt: OutputFormat
+    fmt: gui.OutputFormat
     text: str
     #: Words the error message must contain (case-insensitive).
     says: tuple[str, ...] = field(default_factory=tuple)
-    space: CoordinateSpace | None = None
+    space: gui.CoordinateSpace | None = None
 
 
-def P(x: int, y: int) -> Point:
-    return Point(x, y)
+def P(x: int, y: int) -> gui.Point:
+    return gui.Point(x, y)
 
 
 GOOD: list[Good] = [
@@ -74,220 +49,220 @@ GOOD: list[Good] = [
         "uitars-click-point",
         "ui-tars",
         "Thought: The search box is at the top.\nAction: click(point='<point>500 500</point>')",
-        (MouseClick(P(960, 540), L),),
+        (gui.MouseClick(P(960, 540), L),),
         thought="The search box is at the top.",
     ),
     Good(
         "uitars-click-start-box-tokens",
         "ui-tars",
         "Thought: x\nAction: click(start_box='<|box_start|>(100,200)<|box_end|>')",
-        (MouseClick(P(192, 216), L),),
+        (gui.MouseClick(P(192, 216), L),),
     ),
     Good(
         "uitars-click-box-centre",
         "ui-tars",
         "Action: click(start_box='(100,200,300,400)')",
-        (MouseClick(P(384, 324), L),),
+        (gui.MouseClick(P(384, 324), L),),
     ),
     Good(
         "uitars-click-bbox-tag",
         "ui-tars",
         "Action: click(start_box='<bbox>100 200 300 400</bbox>')",
-        (MouseClick(P(384, 324), L),),
+        (gui.MouseClick(P(384, 324), L),),
     ),
     Good(
         "uitars-click-brackets",
         "ui-tars",
         "Action: click(start_box='[100, 200]')",
-        (MouseClick(P(192, 216), L),),
+        (gui.MouseClick(P(192, 216), L),),
     ),
     Good(
         "uitars-left-single",
         "ui-tars",
         "Action: left_single(point='<point>0 0</point>')",
-        (MouseClick(P(0, 0), L),),
+        (gui.MouseClick(P(0, 0), L),),
     ),
     Good(
         "uitars-edge-is-clamped",
         "ui-tars",
         "Action: click(point='<point>1000 1000</point>')",
-        (MouseClick(P(1919, 1079), L),),
+        (gui.MouseClick(P(1919, 1079), L),),
     ),
     Good(
         "uitars-left-double",
         "ui-tars",
         "Thought: open it\nAction: left_double(point='<point>213 257</point>')",
-        (MouseDoubleClick(P(409, 278), L),),
+        (gui.MouseDoubleClick(P(409, 278), L),),
     ),
     Good(
         "uitars-right-single",
         "ui-tars",
         "Action: right_single(point='<point>250 750</point>')",
-        (MouseClick(P(480, 810), R),),
+        (gui.MouseClick(P(480, 810), R),),
     ),
     Good(
         "uitars-hover",
         "ui-tars",
         "Action: hover(start_box='(500,100)')",
-        (MouseMove(P(960, 108)),),
+        (gui.MouseMove(P(960, 108)),),
     ),
     Good(
         "uitars-mouse-move",
         "ui-tars",
         "Action: mouse_move(point='<point>250 250</point>')",
-        (MouseMove(P(480, 270)),),
+        (gui.MouseMove(P(480, 270)),),
     ),
     Good(
         "uitars-drag-points",
         "ui-tars",
         "Action: drag(start_point='<point>100 100</point>', end_point='<point>200 300</point>')",
-        (MouseDrag(P(192, 108), P(384, 324), L),),
+        (gui.MouseDrag(P(192, 108), P(384, 324), L),),
     ),
     Good(
         "uitars-drag-boxes",
         "ui-tars",
         "Action: drag(start_box='(100,100)', end_box='(200,300)')",
-        (MouseDrag(P(192, 108), P(384, 324), L),),
+        (gui.MouseDrag(P(192, 108), P(384, 324), L),),
     ),
     Good(
         "uitars-select-alias",
         "ui-tars",
         "Action: select(start_box='(100,100)', end_box='(200,300)')",
-        (MouseDrag(P(192, 108), P(384, 324), L),),
+        (gui.MouseDrag(P(192, 108), P(384, 324), L),),
     ),
     Good(
         "uitars-hotkey-space-separated",
         "ui-tars",
         "Action: hotkey(key='ctrl c')",
-        (KeyboardHotkey("ctrl+c"),),
+        (gui.KeyboardHotkey("ctrl+c"),),
     ),
     Good(
         "uitars-hotkey-plus-separated",
         "ui-tars",
         "Action: hotkey(key='ctrl+shift+t')",
-        (KeyboardHotkey("ctrl+shift+t"),),
+        (gui.KeyboardHotkey("ctrl+shift+t"),),
     ),
     Good(
         "uitars-hotkey-single-named",
         "ui-tars",
         "Action: hotkey(key='enter')",
-        (KeyboardHotkey("Return"),),
+        (gui.KeyboardHotkey("Return"),),
     ),
     Good(
         "uitars-hotkey-arrow",
         "ui-tars",
         "Action: hotkey(key='arrowleft')",
-        (KeyboardHotkey("Left"),),
+        (gui.KeyboardHotkey("Left"),),
     ),
     Good(
         "uitars-press-is-keydown",
         "ui-tars",
         "Action: press(key='shift')",
-        (KeyDown("shift"),),
+        (gui.KeyDown("shift"),),
     ),
-    Good("uitars-keydown", "ui-tars", "Action: keydown(key='ctrl')", (KeyDown("ctrl"),)),
-    Good("uitars-keyup", "ui-tars", "Action: keyup(key='ctrl')", (KeyUp("ctrl"),)),
-    Good("uitars-release", "ui-tars", "Action: release(key='alt')", (KeyUp("alt"),)),
+    Good("uitars-keydown", "ui-tars", "Action: keydown(key='ctrl')", (gui.KeyDown("ctrl"),)),
+    Good("uitars-keyup", "ui-tars", "Action: keyup(key='ctrl')", (gui.KeyUp("ctrl"),)),
+    Good("uitars-release", "ui-tars", "Action: release(key='alt')", (gui.KeyUp("alt"),)),
     Good(
         "uitars-type-plain",
         "ui-tars",
         "Action: type(content='hello world')",
-        (KeyboardType("hello world"),),
+        (gui.KeyboardType("hello world"),),
     ),
     Good(
         "uitars-type-submit-newline",
         "ui-tars",
         "Action: type(content='weather in Paris\\n')",
-        (KeyboardType("weather in Paris\n"),),
+        (gui.KeyboardType("weather in Paris\n"),),
     ),
     Good(
         "uitars-type-escaped-quotes",
         "ui-tars",
         "Action: type(content='it\\'s \"quoted\"')",
-        (KeyboardType('it\'s "quoted"'),),
+        (gui.KeyboardType('it\'s "quoted"'),),
     ),
     Good(
         "uitars-type-double-quoted",
         "ui-tars",
         'Action: type(content="it\'s fine")',
-        (KeyboardType("it's fine"),),
+        (gui.KeyboardType("it's fine"),),
     ),
     Good(
         "uitars-type-raw-newline-inside-quotes",
         "ui-tars",
         "Action: type(content='line one\nline two')",
-        (KeyboardType("line one\nline two"),),
+        (gui.KeyboardType("line one\nline two"),),
     ),
     Good(
         "uitars-type-parens-inside-quotes",
         "ui-tars",
         "Action: type(content='f(x) = (a, b)')",
-        (KeyboardType("f(x) = (a, b)"),),
+        (gui.KeyboardType("f(x) = (a, b)"),),
     ),
     Good(
         "uitars-type-unicode",
         "ui-tars",
         "Action: type(content='Grüße, 世界 \\u00e9')",
-        (KeyboardType("Grüße, 世界 é"),),
+        (gui.KeyboardType("Grüße, 世界 é"),),
     ),
     Good(
         "uitars-type-injection-escaped-is-just-text",
         "ui-tars",
         "Action: type(content='\\'); __import__(\\'os\\').system(\\'x\\') #')",
-        (KeyboardType("'); __import__('os').system('x') #"),),
+        (gui.KeyboardType("'); __import__('os').system('x') #"),),
     ),
     Good(
         "uitars-type-empty",
         "ui-tars",
         "Action: type(content='')",
-        (KeyboardType(""),),
+        (gui.KeyboardType(""),),
     ),
     Good(
         "uitars-scroll-down",
         "ui-tars",
         "Action: scroll(point='<point>500 500</point>', direction='down')",
-        (MouseScroll(P(960, 540), 5, 0),),
+        (gui.MouseScroll(P(960, 540), 5, 0),),
     ),
     Good(
         "uitars-scroll-up",
         "ui-tars",
         "Action: scroll(start_box='(500,500)', direction='up')",
-        (MouseScroll(P(960, 540), -5, 0),),
+        (gui.MouseScroll(P(960, 540), -5, 0),),
     ),
     Good(
         "uitars-scroll-right",
         "ui-tars",
         "Action: scroll(point='<point>500 500</point>', direction='right')",
-        (MouseScroll(P(960, 540), 0, 5),),
+        (gui.MouseScroll(P(960, 540), 0, 5),),
     ),
     Good(
         "uitars-scroll-left-no-point",
         "ui-tars",
         "Action: scroll(direction='left')",
-        (MouseScroll(HERE, 0, -5),),
+        (gui.MouseScroll(gui.HERE, 0, -5),),
     ),
-    Good("uitars-wait", "ui-tars", "Thought: loading\nAction: wait()", (Wait(5000),)),
+    Good("uitars-wait", "ui-tars", "Thought: loading\nAction: wait()", (gui.Wait(5000),)),
     Good(
         "uitars-finished",
         "ui-tars",
         "Thought: done\nAction: finished(content='The answer is 42.')",
-        (Finished("The answer is 42."),),
+        (gui.Finished("The answer is 42."),),
     ),
-    Good("uitars-finished-bare", "ui-tars", "Action: finished()", (Finished(None),)),
-    Good("uitars-call-user", "ui-tars", "Action: call_user()", (CallUser(),)),
+    Good("uitars-finished-bare", "ui-tars", "Action: finished()", (gui.Finished(None),)),
+    Good("uitars-call-user", "ui-tars", "Action: call_user()", (gui.CallUser(),)),
     Good(
         "uitars-multiple-actions",
         "ui-tars",
         "Thought: fill the form\nAction: click(point='<point>100 100</point>')\n\n"
         "type(content='abc')\nhotkey(key='enter')",
-        (MouseClick(P(192, 108), L), KeyboardType("abc"), KeyboardHotkey("Return")),
+        (gui.MouseClick(P(192, 108), L), gui.KeyboardType("abc"), gui.KeyboardHotkey("Return")),
     ),
     Good(
         "uitars-reflection-and-summary",
         "ui-tars",
         "Reflection: the last click missed\nAction_Summary: click again\n"
         "Action: click(point='<point>10 10</point>')",
-        (MouseClick(P(19, 11), L),),
+        (gui.MouseClick(P(19, 11), L),),
         thought="",
     ),
     Good(
@@ -295,48 +270,48 @@ GOOD: list[Good] = [
         "ui-tars",
         "Thought: first line\nsecond line\nNext action: click the icon.\n"
         "Action: click(point='<point>10 10</point>')",
-        (MouseClick(P(19, 11), L),),
+        (gui.MouseClick(P(19, 11), L),),
         thought="first line\nsecond line\nNext action: click the icon.",
     ),
     Good(
         "uitars-bare-call-without-header",
         "ui-tars",
         "click(point='<point>500 500</point>')",
-        (MouseClick(P(960, 540), L),),
+        (gui.MouseClick(P(960, 540), L),),
     ),
     Good(
         "uitars-float-coordinates",
         "ui-tars",
         "Action: click(point='<point>500.5 499.5</point>')",
-        (MouseClick(P(961, 539), L),),
+        (gui.MouseClick(P(961, 539), L),),
     ),
     # ------------------------------------------------ UI-TARS-1.5, smart-resized pixels
     Good(
         "uitars15-click-centre",
         "ui-tars",
         "Thought: centre\nAction: click(start_box='<|box_start|>(966,546)<|box_end|>')",
-        (MouseClick(P(960, 540), L),),
+        (gui.MouseClick(P(960, 540), L),),
         space=RESIZED,
     ),
     Good(
         "uitars15-click-far-edge",
         "ui-tars",
         "Action: click(start_box='(1932,1092)')",
-        (MouseClick(P(1919, 1079), L),),
+        (gui.MouseClick(P(1919, 1079), L),),
         space=RESIZED,
     ),
     Good(
         "uitars15-drag",
         "ui-tars",
         "Action: drag(start_box='(0,0)', end_box='(483,273)')",
-        (MouseDrag(P(0, 0), P(480, 270), L),),
+        (gui.MouseDrag(P(0, 0), P(480, 270), L),),
         space=RESIZED,
     ),
     Good(
         "uitars15-scroll",
         "ui-tars",
         "Action: scroll(start_box='(966,546)', direction='down')",
-        (MouseScroll(P(960, 540), 5, 0),),
+        (gui.MouseScroll(P(960, 540), 5, 0),),
         space=RESIZED,
     ),
     # ---------------------------------------------------------------- pyautogui
@@ -344,222 +319,222 @@ GOOD: list[Good] = [
         "pyautogui-click-xy",
         "pyautogui",
         "pyautogui.click(100, 200)",
-        (MouseClick(P(100, 200), L),),
+        (gui.MouseClick(P(100, 200), L),),
     ),
     Good(
         "pyautogui-click-kwargs",
         "pyautogui",
         "pyautogui.click(x=1443, y=343)",
-        (MouseClick(P(1443, 343), L),),
+        (gui.MouseClick(P(1443, 343), L),),
     ),
     Good(
         "pyautogui-click-tuple",
         "pyautogui",
         "pyautogui.click((10, 20))",
-        (MouseClick(P(10, 20), L),),
+        (gui.MouseClick(P(10, 20), L),),
     ),
     Good(
         "pyautogui-click-here",
         "pyautogui",
         "pyautogui.click()",
-        (MouseClick(HERE, L),),
+        (gui.MouseClick(gui.HERE, L),),
     ),
     Good(
         "pyautogui-click-clicks-2",
         "pyautogui",
         "pyautogui.click(100, 200, clicks=2)",
-        (MouseDoubleClick(P(100, 200), L),),
+        (gui.MouseDoubleClick(P(100, 200), L),),
     ),
     Good(
         "pyautogui-click-right-button",
         "pyautogui",
         "pyautogui.click(100, 200, button='right')",
-        (MouseClick(P(100, 200), R),),
+        (gui.MouseClick(P(100, 200), R),),
     ),
     Good(
         "pyautogui-click-sdk-generated-form",
         "pyautogui",
         "```python\n        pyautogui.click(x=10, y=20, clicks=1, interval=0.0, button='left', "
         "duration=0.0, tween=None, logScreenshot=None, _pause=True)\n        ```",
-        (MouseClick(P(10, 20), L),),
+        (gui.MouseClick(P(10, 20), L),),
     ),
     Good(
         "pyautogui-double-click",
         "pyautogui",
         "pyautogui.doubleClick(5, 6)",
-        (MouseDoubleClick(P(5, 6), L),),
+        (gui.MouseDoubleClick(P(5, 6), L),),
     ),
     Good(
         "pyautogui-triple-click",
         "pyautogui",
         "pyautogui.tripleClick(5, 6)",
-        (MouseTripleClick(P(5, 6), L),),
+        (gui.MouseTripleClick(P(5, 6), L),),
     ),
     Good(
         "pyautogui-right-click",
         "pyautogui",
         "pyautogui.rightClick(5, 6)",
-        (MouseClick(P(5, 6), R),),
+        (gui.MouseClick(P(5, 6), R),),
     ),
     Good(
         "pyautogui-middle-click",
         "pyautogui",
         "pyautogui.middleClick(5, 6)",
-        (MouseClick(P(5, 6), M),),
+        (gui.MouseClick(P(5, 6), M),),
     ),
     Good(
         "pyautogui-move-to",
         "pyautogui",
         "pyautogui.moveTo(100, 150)",
-        (MouseMove(P(100, 150)),),
+        (gui.MouseMove(P(100, 150)),),
     ),
     Good(
         "pyautogui-move-relative",
         "pyautogui",
         "pyautogui.move(None, 10)",
-        (MouseMove(Point(0, 10, relative=True)),),
+        (gui.MouseMove(gui.Point(0, 10, relative=True)),),
     ),
     Good(
         "pyautogui-move-negative",
         "pyautogui",
         "pyautogui.move(-30, -40)",
-        (MouseMove(Point(-30, -40, relative=True)),),
+        (gui.MouseMove(gui.Point(-30, -40, relative=True)),),
     ),
     Good(
         "pyautogui-drag-to",
         "pyautogui",
         "pyautogui.dragTo(500, 500, duration=0.5)",
-        (MouseDrag(HERE, P(500, 500), L),),
+        (gui.MouseDrag(gui.HERE, P(500, 500), L),),
     ),
     Good(
         "pyautogui-scroll-up-flips-sign",
         "pyautogui",
         "pyautogui.scroll(100)",
-        (MouseScroll(HERE, -100, 0),),
+        (gui.MouseScroll(gui.HERE, -100, 0),),
     ),
     Good(
         "pyautogui-scroll-down-at-point",
         "pyautogui",
         "pyautogui.scroll(-5, x=300, y=400)",
-        (MouseScroll(P(300, 400), 5, 0),),
+        (gui.MouseScroll(P(300, 400), 5, 0),),
     ),
     Good(
         "pyautogui-write",
         "pyautogui",
         "pyautogui.write('Hello world!')",
-        (KeyboardType("Hello world!"),),
+        (gui.KeyboardType("Hello world!"),),
     ),
     Good(
         "pyautogui-typewrite-string",
         "pyautogui",
         "pyautogui.typewrite(message='x\\ny', interval=0.1)",
-        (KeyboardType("x\ny"),),
+        (gui.KeyboardType("x\ny"),),
     ),
     Good(
         "pyautogui-typewrite-list",
         "pyautogui",
         "pyautogui.typewrite(['a', 'b', 'c', 'left', 'backspace', 'enter', 'f1'])",
         (
-            KeyboardType("abc"),
-            KeyboardHotkey("Left"),
-            KeyboardHotkey("BackSpace"),
-            KeyboardHotkey("Return"),
-            KeyboardHotkey("F1"),
+            gui.KeyboardType("abc"),
+            gui.KeyboardHotkey("Left"),
+            gui.KeyboardHotkey("BackSpace"),
+            gui.KeyboardHotkey("Return"),
+            gui.KeyboardHotkey("F1"),
         ),
     ),
-    Good("pyautogui-press", "pyautogui", "pyautogui.press('esc')", (KeyboardHotkey("Escape"),)),
+    Good("pyautogui-press", "pyautogui", "pyautogui.press('esc')", (gui.KeyboardHotkey("Escape"),)),
     Good(
         "pyautogui-press-list-presses",
         "pyautogui",
         "pyautogui.press(['tab', 'enter'], presses=2)",
         (
-            KeyboardHotkey("Tab"),
-            KeyboardHotkey("Return"),
-            KeyboardHotkey("Tab"),
-            KeyboardHotkey("Return"),
+            gui.KeyboardHotkey("Tab"),
+            gui.KeyboardHotkey("Return"),
+            gui.KeyboardHotkey("Tab"),
+            gui.KeyboardHotkey("Return"),
         ),
     ),
     Good(
         "pyautogui-press-char",
         "pyautogui",
         "pyautogui.press('/')",
-        (KeyboardHotkey("slash"),),
+        (gui.KeyboardHotkey("slash"),),
     ),
     Good(
         "pyautogui-hotkey",
         "pyautogui",
         "pyautogui.hotkey('ctrl', 'c')",
-        (KeyboardHotkey("ctrl+c"),),
+        (gui.KeyboardHotkey("ctrl+c"),),
     ),
     Good(
         "pyautogui-hotkey-list",
         "pyautogui",
         "pyautogui.hotkey(['alt', 'tab'], interval=0.1)",
-        (KeyboardHotkey("alt+Tab"),),
+        (gui.KeyboardHotkey("alt+Tab"),),
     ),
     Good(
         "pyautogui-hotkey-mac-names",
         "pyautogui",
         "pyautogui.hotkey('command', 'option', 'esc')",
-        (KeyboardHotkey("super+alt+Escape"),),
+        (gui.KeyboardHotkey("super+alt+Escape"),),
     ),
-    Good("pyautogui-key-down", "pyautogui", "pyautogui.keyDown('shift')", (KeyDown("shift"),)),
-    Good("pyautogui-key-up", "pyautogui", "pyautogui.keyUp('shift')", (KeyUp("shift"),)),
+    Good("pyautogui-key-down", "pyautogui", "pyautogui.keyDown('shift')", (gui.KeyDown("shift"),)),
+    Good("pyautogui-key-up", "pyautogui", "pyautogui.keyUp('shift')", (gui.KeyUp("shift"),)),
     Good(
         "pyautogui-sleep-and-import",
         "pyautogui",
         "import pyautogui\nimport time\npyautogui.click(1, 2)\ntime.sleep(1.5)",
-        (MouseClick(P(1, 2), L), Wait(1500)),
+        (gui.MouseClick(P(1, 2), L), gui.Wait(1500)),
     ),
     Good(
         "pyautogui-fenced-with-prose",
         "pyautogui",
         "I will open the menu.\n```python\npyautogui.rightClick(10, 10)\n"
         "pyautogui.press('down')\n```\nThen confirm.",
-        (MouseClick(P(10, 10), R), KeyboardHotkey("Down")),
+        (gui.MouseClick(P(10, 10), R), gui.KeyboardHotkey("Down")),
         thought="I will open the menu.\n\nThen confirm.",
     ),
     Good(
         "pyautogui-prose-lines-without-fence",
         "pyautogui",
         "Click the button, then type.\npyautogui.click(10, 10)\npyautogui.write('ok')",
-        (MouseClick(P(10, 10), L), KeyboardType("ok")),
+        (gui.MouseClick(P(10, 10), L), gui.KeyboardType("ok")),
         thought="Click the button, then type.",
     ),
     Good(
         "pyautogui-comments",
         "pyautogui",
         "# open the file menu\npyautogui.hotkey('alt', 'f')  # menu",
-        (KeyboardHotkey("alt+f"),),
+        (gui.KeyboardHotkey("alt+f"),),
     ),
-    Good("pyautogui-osworld-wait", "pyautogui", "WAIT", (Wait(5000),)),
-    Good("pyautogui-osworld-done", "pyautogui", "DONE", (Finished(),)),
-    Good("pyautogui-osworld-fail", "pyautogui", "FAIL", (Failed(),)),
+    Good("pyautogui-osworld-wait", "pyautogui", "WAIT", (gui.Wait(5000),)),
+    Good("pyautogui-osworld-done", "pyautogui", "DONE", (gui.Finished(),)),
+    Good("pyautogui-osworld-fail", "pyautogui", "FAIL", (gui.Failed(),)),
     Good(
         "pyautogui-write-injection-is-just-text",
         "pyautogui",
         "pyautogui.write(\"'); __import__('os').system('touch /tmp/pwned') #\")",
-        (KeyboardType("'); __import__('os').system('touch /tmp/pwned') #"),),
+        (gui.KeyboardType("'); __import__('os').system('touch /tmp/pwned') #"),),
     ),
     Good(
         "pyautogui-relative-1000-space",
         "pyautogui",
         "pyautogui.click(500, 500)",
-        (MouseClick(P(960, 540), L),),
+        (gui.MouseClick(P(960, 540), L),),
         space=REL,
     ),
     Good(
         "pyautogui-resized-space",
         "pyautogui",
         "pyautogui.moveTo(966, 546)",
-        (MouseMove(P(960, 540)),),
+        (gui.MouseMove(P(960, 540)),),
         space=RESIZED,
     ),
     Good(
         "pyautogui-resized-space-relative-move",
         "pyautogui",
         "pyautogui.move(966, 0)",
-        (MouseMove(Point(960, 0, relative=True)),),
+        (gui.MouseMove(gui.Point(960, 0, relative=True)),),
         space=RESIZED,
     ),
 ]
@@ -1043,48 +1018,52 @@ GOOD += [
         "json-type",
         "json",
         _j("type", text="hello from smollm2\n", thought="The xterm has focus."),
-        (KeyboardType("hello from smollm2\n"),),
+        (gui.KeyboardType("hello from smollm2\n"),),
         thought="The xterm has focus.",
     ),
-    Good("json-hotkey-space", "json", _j("hotkey", text="ctrl c"), (KeyboardHotkey("ctrl+c"),)),
+    Good("json-hotkey-space", "json", _j("hotkey", text="ctrl c"), (gui.KeyboardHotkey("ctrl+c"),)),
     Good(
         "json-hotkey-plus",
         "json",
         _j("hotkey", text="ctrl+shift+t"),
-        (KeyboardHotkey("ctrl+shift+t"),),
+        (gui.KeyboardHotkey("ctrl+shift+t"),),
     ),
-    Good("json-hotkey-enter", "json", _j("hotkey", text="enter"), (KeyboardHotkey("Return"),)),
-    Good("json-click", "json", _j("click", 100, 200), (MouseClick(P(100, 200)),)),
-    Good("json-click-float", "json", _j("click", 100.4, 199.6), (MouseClick(P(100, 200)),)),
-    Good("json-click-edge-clamped", "json", _j("click", 1920, 1080), (MouseClick(P(1919, 1079)),)),
+    Good("json-hotkey-enter", "json", _j("hotkey", text="enter"), (gui.KeyboardHotkey("Return"),)),
+    Good("json-click", "json", _j("click", 100, 200), (gui.MouseClick(P(100, 200)),)),
+    Good("json-click-float", "json", _j("click", 100.4, 199.6), (gui.MouseClick(P(100, 200)),)),
+    Good(
+        "json-click-edge-clamped", "json", _j("click", 1920, 1080), (gui.MouseClick(P(1919, 1079)),)
+    ),
     Good(
         "json-click-relative-space",
         "json",
         _j("click", 500, 500),
-        (MouseClick(P(960, 540)),),
+        (gui.MouseClick(P(960, 540)),),
         space=REL,
     ),
-    Good("json-double-click", "json", _j("double_click", 5, 6), (MouseDoubleClick(P(5, 6)),)),
-    Good("json-right-click", "json", _j("right_click", 5, 6), (MouseClick(P(5, 6), R),)),
-    Good("json-move", "json", _j("move", 7, 8), (MouseMove(P(7, 8)),)),
-    Good("json-scroll-here", "json", _j("scroll", text="up"), (MouseScroll(HERE, -5),)),
-    Good("json-scroll-at", "json", _j("scroll", 10, 20, "right"), (MouseScroll(P(10, 20), 0, 5),)),
-    Good("json-wait", "json", _j("wait"), (Wait(2000),)),
-    Good("json-finished", "json", _j("finished", text="done"), (Finished("done"),)),
-    Good("json-finished-empty", "json", _j("finished"), (Finished(None),)),
-    Good("json-failed", "json", _j("failed", text="no terminal"), (Failed("no terminal"),)),
-    Good("json-call-user", "json", _j("call_user"), (CallUser(),)),
+    Good("json-double-click", "json", _j("double_click", 5, 6), (gui.MouseDoubleClick(P(5, 6)),)),
+    Good("json-right-click", "json", _j("right_click", 5, 6), (gui.MouseClick(P(5, 6), R),)),
+    Good("json-move", "json", _j("move", 7, 8), (gui.MouseMove(P(7, 8)),)),
+    Good("json-scroll-here", "json", _j("scroll", text="up"), (gui.MouseScroll(gui.HERE, -5),)),
+    Good(
+        "json-scroll-at", "json", _j("scroll", 10, 20, "right"), (gui.MouseScroll(P(10, 20), 0, 5),)
+    ),
+    Good("json-wait", "json", _j("wait"), (gui.Wait(2000),)),
+    Good("json-finished", "json", _j("finished", text="done"), (gui.Finished("done"),)),
+    Good("json-finished-empty", "json", _j("finished"), (gui.Finished(None),)),
+    Good("json-failed", "json", _j("failed", text="no terminal"), (gui.Failed("no terminal"),)),
+    Good("json-call-user", "json", _j("call_user"), (gui.CallUser(),)),
     Good(
         "json-fenced",
         "json",
         '```json\n{"thought": "x", "action": "wait", "x": 0, "y": 0, "text": ""}\n```',
-        (Wait(2000),),
+        (gui.Wait(2000),),
     ),
     Good(
         "json-optional-keys-missing",
         "json",
         '{"action": "type", "text": "a"}',
-        (KeyboardType("a"),),
+        (gui.KeyboardType("a"),),
         thought="",
     ),
     Good(
@@ -1092,7 +1071,7 @@ GOOD += [
         "json-type-code-is-just-text",
         "json",
         _j("type", text="__import__('os').system('touch /tmp/pwned')"),
-        (KeyboardType("__import__('os').system('touch /tmp/pwned')"),),
+        (gui.KeyboardType("__import__('os').system('touch /tmp/pwned')"),),
     ),
 ]
 

@@ -5,32 +5,11 @@ from __future__ import annotations
 import pytest
 from lybic import dto
 
-from commander.gui import (
-    HERE,
-    Action,
-    CallUser,
-    Failed,
-    Finished,
-    KeyboardHotkey,
-    KeyboardType,
-    KeyDown,
-    KeyUp,
-    MouseButton,
-    MouseClick,
-    MouseDoubleClick,
-    MouseDrag,
-    MouseMove,
-    MouseScroll,
-    MouseTripleClick,
-    Point,
-    Screenshot,
-    Wait,
-    to_sdk_action,
-)
+from commander import gui
 
-CASES: list[tuple[Action, type, dict[str, object]]] = [
+CASES: list[tuple[gui.Action, type, dict[str, object]]] = [
     (
-        MouseClick(Point(10, 20), MouseButton.RIGHT, hold_key="ctrl"),
+        gui.MouseClick(gui.Point(10, 20), gui.MouseButton.RIGHT, hold_key="ctrl"),
         dto.MouseClickAction,
         {
             "type": "mouse:click",
@@ -42,7 +21,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseClick(HERE),
+        gui.MouseClick(gui.HERE),
         dto.MouseClickAction,
         {
             "type": "mouse:click",
@@ -53,7 +32,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseDoubleClick(Point(1, 2)),
+        gui.MouseDoubleClick(gui.Point(1, 2)),
         dto.MouseDoubleClickAction,
         {
             "type": "mouse:doubleClick",
@@ -64,7 +43,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseTripleClick(Point(1, 2), MouseButton.MIDDLE),
+        gui.MouseTripleClick(gui.Point(1, 2), gui.MouseButton.MIDDLE),
         dto.MouseTripleClickAction,
         {
             "type": "mouse:tripleClick",
@@ -75,7 +54,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseMove(Point(-5, 7, relative=True)),
+        gui.MouseMove(gui.Point(-5, 7, relative=True)),
         dto.MouseMoveAction,
         {
             "type": "mouse:move",
@@ -85,7 +64,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseDrag(HERE, Point(30, 40)),
+        gui.MouseDrag(gui.HERE, gui.Point(30, 40)),
         dto.MouseDragAction,
         {
             "type": "mouse:drag",
@@ -99,7 +78,7 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        MouseScroll(Point(3, 4), 5, -2),
+        gui.MouseScroll(gui.Point(3, 4), 5, -2),
         dto.MouseScrollAction,
         {
             "type": "mouse:scroll",
@@ -111,28 +90,30 @@ CASES: list[tuple[Action, type, dict[str, object]]] = [
         },
     ),
     (
-        KeyboardType("hi\n"),
+        gui.KeyboardType("hi\n"),
         dto.KeyboardTypeAction,
         {"type": "keyboard:type", "content": "hi\n", "treatNewLineAsEnter": True},
     ),
     (
-        KeyboardHotkey("ctrl+c", duration_ms=100),
+        gui.KeyboardHotkey("ctrl+c", duration_ms=100),
         dto.KeyboardHotkeyAction,
         {"type": "keyboard:hotkey", "keys": "ctrl+c", "duration": 100},
     ),
-    (KeyDown("shift"), dto.KeyDownAction, {"type": "key:down", "key": "shift"}),
-    (KeyUp("shift"), dto.KeyUpAction, {"type": "key:up", "key": "shift"}),
-    (Screenshot(), dto.ScreenshotAction, {"type": "screenshot"}),
-    (Wait(5000), dto.WaitAction, {"type": "wait", "duration": 5000}),
-    (Finished("ok"), dto.FinishedAction, {"type": "finished", "message": "ok"}),
-    (Failed("no"), dto.FailedAction, {"type": "failed", "message": "no"}),
-    (CallUser(), dto.ClientUserTakeoverAction, {"type": "client:user-takeover"}),
+    (gui.KeyDown("shift"), dto.KeyDownAction, {"type": "key:down", "key": "shift"}),
+    (gui.KeyUp("shift"), dto.KeyUpAction, {"type": "key:up", "key": "shift"}),
+    (gui.Screenshot(), dto.ScreenshotAction, {"type": "screenshot"}),
+    (gui.Wait(5000), dto.WaitAction, {"type": "wait", "duration": 5000}),
+    (gui.Finished("ok"), dto.FinishedAction, {"type": "finished", "message": "ok"}),
+    (gui.Failed("no"), dto.FailedAction, {"type": "failed", "message": "no"}),
+    (gui.CallUser(), dto.ClientUserTakeoverAction, {"type": "client:user-takeover"}),
 ]
 
 
 @pytest.mark.parametrize(("action", "cls", "wire"), CASES, ids=lambda v: getattr(v, "type", None))
-def test_action_maps_onto_its_sdk_dto(action: Action, cls: type, wire: dict[str, object]) -> None:
-    model = to_sdk_action(action)
+def test_action_maps_onto_its_sdk_dto(
+    action: gui.Action, cls: type, wire: dict[str, object]
+) -> None:
+    model = gui.to_sdk_action(action)
     assert type(model) is cls
     assert model.type == action.type  # type: ignore[attr-defined]
     assert model.model_dump(exclude_none=True) == wire

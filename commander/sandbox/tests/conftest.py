@@ -1,4 +1,4 @@
-"""Fixtures: the local sandbox server, the real dispatcher binary, one event loop.
+"""Fixtures: the local sandbox server and the real dispatcher binary.
 
 The GUI tests run the whole chain for real: a ``python -m localsandbox``
 process (Xvfb + xdotool), the dispatcher binary, and in this process the
@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,17 +29,6 @@ from localsandbox.tests.harness import (  # noqa: F401 (fixtures)
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    # grpc.aio binds to one event loop: one loop for the session (as commander/tests).
-    return "asyncio"
-
-
-@pytest.fixture(scope="session", autouse=True)
-async def one_event_loop(anyio_backend: str) -> AsyncIterator[None]:
-    yield
 
 
 @pytest.fixture(scope="session")

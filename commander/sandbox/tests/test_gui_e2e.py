@@ -42,14 +42,14 @@ def uitars(thought: str, action: str, **kw: Any) -> Reply:
     return Reply.text(f"Thought: {thought}\nAction: {action}", usage=USAGE, **kw)
 
 
-@pytest.fixture
-async def llm() -> AsyncIterator[ScriptedLLM]:
-    server = ScriptedLLM()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+def gui_task(instruction: str, **fields: Any) -> tasks_pb2.SubmitTaskRequest:
+    """A task for the gui planner: at most 10 steps and 2 minutes."""
+    return tasks_pb2.SubmitTaskRequest(
+        instruction=instruction,
+        planner="gui",
+        running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
+        **fields,
+    )
 
 
 @pytest.fixture
@@ -99,8 +99,18 @@ async def xterm_sandbox(lybic: LybicClient, tmp_path: Path) -> AsyncIterator[tup
 
 
 @pytest.fixture
+async def tasks(dispatcher_proc: DispatcherProc) -> AsyncIterator[tasks_pb2_grpc.TaskServiceStub]:
+    """The dispatcher's TaskService, as a client calls it."""
+    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
+        yield tasks_pb2_grpc.TaskServiceStub(channel)
+
+
+@pytest.fixture
 async def commander(
-    dispatcher_proc: DispatcherProc, sandbox_server: LocalServer, llm: ScriptedLLM
+    dispatcher_proc: DispatcherProc,
+    sandbox_server: LocalServer,
+    llm: ScriptedLLM,
+    tasks: tasks_pb2_grpc.TaskServiceStub,
 ) -> AsyncIterator[tuple[Commander, SandboxTools]]:
     tools = SandboxTools(sandbox_settings(sandbox_server))
     settings = GuiSettings(
@@ -118,16 +128,23 @@ async def commander(
     )
     async with commander:
         await commander.wait_connected()
-        async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
-            stub = tasks_pb2_grpc.TaskServiceStub(channel)
-            with anyio.fail_after(15):
-                while True:
-                    listed = await stub.ListTools(tasks_pb2.ListToolsRequest())
-                    if "computer.type" in {t.name for t in listed.tools}:
-                        break
-                    await anyio.sleep(0.05)
+        with anyio.fail_after(15):
+            while True:
+                listed = await tasks.ListTools(tasks_pb2.ListToolsRequest())
+                if "computer.type" in {t.name for t in listed.tools}:
+                    break
+                await anyio.sleep(0.05)
         yield commander, tools
     await tools.aclose()
+
+
+async def _finished(
+    tasks: tasks_pb2_grpc.TaskServiceStub, task_id: str
+) -> tuple[list[tasks_pb2.TaskEvent], tasks_pb2.Task]:
+    """The task's events once it has ended, and the task then."""
+    events = await _events(tasks, task_id)
+    task = (await tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id))).task
+    return events, task
 
 
 async def _events(stub: tasks_pb2_grpc.TaskServiceStub, task_id: str) -> list[tasks_pb2.TaskEvent]:
@@ -159,7 +176,7 @@ def _read(path: Path) -> str:
 
 async def test_types_into_xterm_and_succeeds_with_true_statistics(
     commander: tuple[Commander, SandboxTools],
-    dispatcher_proc: DispatcherProc,
+    tasks: tasks_pb2_grpc.TaskServiceStub,
     llm: ScriptedLLM,
     xterm_sandbox: tuple[str, Path],
 ) -> None:
@@ -169,18 +186,13 @@ async def test_types_into_xterm_and_succeeds_with_true_statistics(
         uitars("Type the line.", "type(content='hello from the gui agent\\n')"),
         uitars("The text is in the terminal.", "finished(content='typed the line')"),
     ]
-    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
-        stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        submitted = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="Type 'hello from the gui agent' into the terminal",
-                planner="gui",
-                sandbox=agent_pb2.Sandbox(id=sid),
-                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
-            )
+    submitted = await tasks.SubmitTask(
+        gui_task(
+            "Type 'hello from the gui agent' into the terminal",
+            sandbox=agent_pb2.Sandbox(id=sid),
         )
-        events = await _events(stub, submitted.task_id)
-        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=submitted.task_id))).task
+    )
+    events, task = await _finished(tasks, submitted.task_id)
 
     assert task.status == agent_pb2.SUCCESS, (task.message, [_kind(e) for e in events])
     assert task.result == "typed the line"
@@ -226,7 +238,7 @@ async def test_types_into_xterm_and_succeeds_with_true_statistics(
 
 async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox(
     commander: tuple[Commander, SandboxTools],
-    dispatcher_proc: DispatcherProc,
+    tasks: tasks_pb2_grpc.TaskServiceStub,
     llm: ScriptedLLM,
     lybic: LybicClient,
     xterm_sandbox: tuple[str, Path],
@@ -239,23 +251,18 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
         uitars(f"{slow}.", "type(content='AFTER THE STOP\\n')", delay=0.05),
         uitars("Never asked.", "type(content='NEVER\\n')"),
     ]
-    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
-        stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        submitted = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="Type something into the terminal",
-                planner="gui",
-                sandbox=agent_pb2.Sandbox(id=sid),
-                destroy_sandbox=True,
-                running_config=agent_pb2.CommonConfig(steps=10, taskTimeout=120),
-            )
+    submitted = await tasks.SubmitTask(
+        gui_task(
+            "Type something into the terminal",
+            sandbox=agent_pb2.Sandbox(id=sid),
+            destroy_sandbox=True,
         )
-        await wait_for(lambda: len(llm.streams) >= 2 and llm.streams[1].sent >= 5, 30)
-        await stub.CancelTask(
-            tasks_pb2.CancelTaskRequest(task_id=submitted.task_id, reason="test stop")
-        )
-        events = await _events(stub, submitted.task_id)
-        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=submitted.task_id))).task
+    )
+    await wait_for(lambda: len(llm.streams) >= 2 and llm.streams[1].sent >= 5, 30)
+    await tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=submitted.task_id, reason="test stop")
+    )
+    events, task = await _finished(tasks, submitted.task_id)
 
     assert task.status == agent_pb2.CANCELLED, task.message
     calls = _tool_calls(events)
@@ -284,7 +291,7 @@ async def test_stop_mid_step_executes_no_further_action_and_destroys_the_sandbox
 
 async def test_previous_task_id_continues_the_sandbox(
     commander: tuple[Commander, SandboxTools],
-    dispatcher_proc: DispatcherProc,
+    tasks: tasks_pb2_grpc.TaskServiceStub,
     llm: ScriptedLLM,
     xterm_sandbox: tuple[str, Path],
 ) -> None:
@@ -299,28 +306,10 @@ async def test_previous_task_id_continues_the_sandbox(
         uitars("Type the second line.", "type(content='two\\n')"),
         uitars("Done.", "finished(content='second')"),
     ]
-    config = agent_pb2.CommonConfig(steps=10, taskTimeout=120)
-    async with grpc.aio.insecure_channel(dispatcher_proc.addr) as channel:
-        stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        first = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="type one",
-                planner="gui",
-                sandbox=agent_pb2.Sandbox(id=sid),
-                running_config=config,
-            )
-        )
-        await _events(stub, first.task_id)
-        second = await stub.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(
-                instruction="now type two",
-                planner="gui",
-                previous_task_id=first.task_id,
-                running_config=config,
-            )
-        )
-        events = await _events(stub, second.task_id)
-        task = (await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=second.task_id))).task
+    first = await tasks.SubmitTask(gui_task("type one", sandbox=agent_pb2.Sandbox(id=sid)))
+    await _events(tasks, first.task_id)
+    second = await tasks.SubmitTask(gui_task("now type two", previous_task_id=first.task_id))
+    events, task = await _finished(tasks, second.task_id)
     assert task.status == agent_pb2.SUCCESS, task.message
     assert task.sandbox.id == sid
     acquire = next(e.tool_call for e in events if _kind(e) == "tool_call")
