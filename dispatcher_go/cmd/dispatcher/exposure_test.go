@@ -10,14 +10,13 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -159,26 +158,12 @@ func TestProcessRefusesExposureWithoutTokens(t *testing.T) {
 // TestProcessInsecureExposureStarts: with --insecure the binary listens on
 // every interface without tokens, says so in its log, and serves.
 func TestProcessInsecureExposureStarts(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "--listen", "0.0.0.0:0", "--http-listen", "0.0.0.0:0", "--insecure",
-		"--storage-backend", "memory", "--log-format", "text")
-	cmd.Env = append(os.Environ(), beDispatcher+"=1")
-	var stderr lockedBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	p := startDispatcher(t, nil, "--listen", "0.0.0.0:0", "--http-listen", "0.0.0.0:0", "--insecure", "--storage-backend", "memory")
+	httpAddr := servingAddr(t, p, "http api")
+	if !strings.Contains(p.stderr.String(), "--insecure: --listen") {
+		t.Fatalf("no warning about the insecure exposure:\n%s", p.stderr.String())
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}()
-	httpPort := waitLog(t, &stderr, exited, regexp.MustCompile(`msg="http api serving" addr=\S*:(\d+)`))
-	waitLog(t, &stderr, exited, regexp.MustCompile(`msg="dispatcher serving" addr=\S*:(\d+)`))
-	if !strings.Contains(stderr.String(), "--insecure: --listen") {
-		t.Fatalf("no warning about the insecure exposure:\n%s", stderr.String())
-	}
-	resp, err := http.Get("http://127.0.0.1:" + httpPort + "/api/tasks")
+	resp, err := http.Get("http://" + httpAddr + "/api/tasks")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,24 +176,12 @@ func TestProcessInsecureExposureStarts(t *testing.T) {
 // TestProcessHTTPAllowedHosts: --http-allowed-hosts reaches the HTTP API:
 // the named host is answered (Host and Origin), another is not.
 func TestProcessHTTPAllowedHosts(t *testing.T) {
-	cmd := exec.Command(os.Args[0], "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-		"--http-allowed-hosts", "dispatcher.test", "--storage-backend", "memory", "--log-format", "text")
-	cmd.Env = append(os.Environ(), beDispatcher+"=1")
-	var stderr lockedBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	}()
-	port := waitLog(t, &stderr, exited, regexp.MustCompile(`msg="http api serving" addr=\S*:(\d+)`))
+	p := startDispatcher(t, nil, "--http-listen", "127.0.0.1:0", "--http-allowed-hosts", "dispatcher.test", "--storage-backend", "memory")
+	addr := servingAddr(t, p, "http api")
+	_, port, _ := net.SplitHostPort(addr)
 	do := func(method, path, host, origin string) int {
 		t.Helper()
-		req, _ := http.NewRequest(method, "http://127.0.0.1:"+port+path, strings.NewReader(`{"task_id":"nope"}`))
+		req, _ := http.NewRequest(method, "http://"+addr+path, strings.NewReader(`{"task_id":"nope"}`))
 		req.Host = host
 		if origin != "" {
 			req.Header.Set("Origin", origin)
@@ -266,44 +239,5 @@ func TestHTTPAPIServerTimeouts(t *testing.T) {
 	s := hs.servers[0]
 	if s.ReadTimeout <= 0 || s.ReadTimeout > time.Minute || s.ReadHeaderTimeout <= 0 || s.WriteTimeout != 0 {
 		t.Fatalf("read %v, read header %v, write %v", s.ReadTimeout, s.ReadHeaderTimeout, s.WriteTimeout)
-	}
-}
-
-// lockedBuffer collects a child's stderr safely.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// waitLog waits for re in the log and returns its first group.
-func waitLog(t *testing.T, log *lockedBuffer, exited chan error, re *regexp.Regexp) string {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if m := re.FindStringSubmatch(log.String()); m != nil {
-			return m[1]
-		}
-		select {
-		case err := <-exited:
-			exited <- err
-			t.Fatalf("dispatcher exited: %v\n%s", err, log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s in\n%s", re, log.String())
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }

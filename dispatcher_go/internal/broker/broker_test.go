@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"strings"
 	"testing"
 	"time"
@@ -196,47 +195,24 @@ func TestSchemaCompilation(t *testing.T) {
 
 // fakeProvider is the provider's end of a Connect stream.
 type fakeProvider struct {
-	ctx    context.Context
+	*testutil.ServerStream[*dispatchv1.ConnectRequest, *dispatchv1.ConnectResponse]
 	cancel context.CancelFunc
-	toSrv  chan *dispatchv1.ConnectRequest
-	toProv chan *dispatchv1.ConnectResponse
 }
 
 func newFakeProvider() *fakeProvider {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &fakeProvider{ctx: ctx, cancel: cancel, toSrv: make(chan *dispatchv1.ConnectRequest), toProv: make(chan *dispatchv1.ConnectResponse, 16)}
-}
-
-func (f *fakeProvider) Send(m *dispatchv1.ConnectResponse) error {
-	select {
-	case f.toProv <- m:
-		return nil
-	case <-f.ctx.Done():
-		return f.ctx.Err()
-	}
-}
-
-func (f *fakeProvider) Recv() (*dispatchv1.ConnectRequest, error) {
-	select {
-	case m, ok := <-f.toSrv:
-		if !ok {
-			return nil, io.EOF
-		}
-		return m, nil
-	case <-f.ctx.Done():
-		return nil, f.ctx.Err()
-	}
+	return &fakeProvider{testutil.NewServerStream[*dispatchv1.ConnectRequest, *dispatchv1.ConnectResponse](ctx, 16), cancel}
 }
 
 func (f *fakeProvider) next(t *testing.T) *dispatchv1.ConnectResponse {
 	t.Helper()
-	return testutil.Recv(t, f.toProv, testutil.Wait, "a message from the broker")
+	return testutil.Recv(t, f.Out, testutil.Wait, "a message from the broker")
 }
 
 // send hands m to the broker's Recv.
 func (f *fakeProvider) send(t *testing.T, m *dispatchv1.ConnectRequest) {
 	t.Helper()
-	testutil.Send(t, f.toSrv, m, testutil.Wait, "the broker to read the provider's message")
+	testutil.Send(t, f.In, m, testutil.Wait, "the broker to read the provider's message")
 }
 
 // ended waits for ServeProvider's error.
@@ -253,7 +229,7 @@ func hello(id string, tools ...*dispatchv1.ToolSpec) *dispatchv1.ConnectRequest 
 func serve(b *Broker, f *fakeProvider) chan error {
 	done := make(chan error, 1)
 	go func() {
-		err := b.ServeProvider(f.ctx, f)
+		err := b.ServeProvider(f.Ctx, f)
 		f.cancel() // the RPC is over: what grpc does after the handler returns
 		done <- err
 	}()
@@ -294,7 +270,7 @@ func TestProviderRoundTripAndUnregister(t *testing.T) {
 		t.Fatalf("rejected %v", rej)
 	}
 
-	close(f.toSrv)
+	close(f.In)
 	if err := ended(t, done); err != nil {
 		t.Fatalf("ServeProvider = %v", err)
 	}
@@ -310,7 +286,7 @@ func TestProviderGoneMidCall(t *testing.T) {
 	res := make(chan Result, 1)
 	go func() { res <- call(b, context.Background(), "slow", `{}`) }()
 	f.next(t) // the invoke
-	close(f.toSrv)
+	close(f.In)
 	ended(t, done)
 	wantError(t, testutil.Recv(t, res, testutil.Wait, "the call's result"), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE)
 }
@@ -328,7 +304,7 @@ func TestProviderTimeoutSendsCancel(t *testing.T) {
 	if c.GetInvocationId() != inv.GetInvocationId() || c.GetReason() != "timeout" {
 		t.Fatalf("cancel %v for %v", c, inv)
 	}
-	close(f.toSrv)
+	close(f.In)
 	ended(t, done)
 }
 
@@ -347,7 +323,7 @@ func TestProviderErrorsAndBadResults(t *testing.T) {
 	}
 	wantError(t, answer(&dispatchv1.InvocationResult{ResultJson: "not json"}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
 	wantError(t, answer(&dispatchv1.InvocationResult{Error: &dispatchv1.ToolError{Message: "boom"}}), dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
-	close(f.toSrv)
+	close(f.In)
 	ended(t, done)
 }
 
@@ -386,6 +362,6 @@ func TestProviderRegistrationRefusals(t *testing.T) {
 	if err := ended(t, gdone); !errors.Is(err, ErrToolExists) {
 		t.Fatalf("clash: %v", err)
 	}
-	close(f.toSrv)
+	close(f.In)
 	ended(t, done)
 }

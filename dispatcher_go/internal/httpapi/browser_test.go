@@ -5,9 +5,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
@@ -20,20 +18,6 @@ import (
 
 // onePixelPNG is a 1×1 PNG, the "screenshot" of the fake session.
 var onePixelPNG, _ = base64.StdEncoding.DecodeString("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
-
-// chromiumPath finds Debian's chromium (CHROMIUM env overrides).
-func chromiumPath(t *testing.T) string {
-	if p := os.Getenv("CHROMIUM"); p != "" {
-		return p
-	}
-	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	t.Skip("no chromium on PATH (install Debian's chromium: scripts/install_system_deps.sh); the web page test needs a real browser")
-	return ""
-}
 
 // browserScript is the stub commander the page watches: on its first
 // session, content chunks every 40 ms until stopped, a call_user question, a
@@ -104,7 +88,7 @@ func TestWebPageInChromium(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a browser")
 	}
-	chromium := chromiumPath(t)
+	findChromium(t) // skips without a browser, before anything starts
 	policy := filepath.Join(t.TempDir(), "policy.yaml")
 	if err := os.WriteFile(policy, []byte("rules:\n  - id: echo-needs-approval\n    when: tool_name == \"echo\"\n    action: hold\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -115,21 +99,7 @@ func TestWebPageInChromium(t *testing.T) {
 	defer cancel()
 	e.commander(t, browserScript)
 
-	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),
-		chromedp.ExecPath(chromium),
-		chromedp.Flag("headless", true),
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-sync", true),
-		chromedp.NoFirstRun,
-		chromedp.Flag("disable-dev-shm-usage", true),
-	)
-	actx, acancel := chromedp.NewExecAllocator(ctx, opts...)
-	defer acancel()
-	bctx, bcancel := chromedp.NewContext(actx)
-	defer bcancel()
+	bctx := headless(t, ctx)
 
 	run := func(what string, steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()

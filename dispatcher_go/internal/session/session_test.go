@@ -48,11 +48,9 @@ func newEnv(t *testing.T, opts Options, limits eventlog.Limits) *env {
 // is given directly, without gRPC. Send blocks until the test reads (like
 // HTTP/2 flow control with a zero window) when down is unbuffered.
 type commander struct {
+	*testutil.ServerStream[*dispatchv1.UpstreamPacket, *dispatchv1.DownstreamPacket]
 	t      *testing.T
-	ctx    context.Context
 	cancel context.CancelFunc
-	up     chan *dispatchv1.UpstreamPacket
-	down   chan *dispatchv1.DownstreamPacket
 	served chan struct{} // closed when Serve returned
 	err    error         // what Serve returned; read after served is closed
 }
@@ -60,36 +58,14 @@ type commander struct {
 // sending is where the dispatcher's sender waits while the fake commander
 // does not read (for testutil.Blocked). Tests of this package run one at a
 // time, so a sender found there is the test's own.
-const sending = "session.(*commander).Send"
+const sending = "testutil.(*ServerStream[...]).Send"
 
-func (c *commander) Context() context.Context { return c.ctx }
-
-func (c *commander) Send(p *dispatchv1.DownstreamPacket) error {
-	select {
-	case c.down <- p:
-		return nil
-	case <-c.ctx.Done():
-		return c.ctx.Err()
-	}
-}
-
-func (c *commander) Recv() (*dispatchv1.UpstreamPacket, error) {
-	select {
-	case p, ok := <-c.up:
-		if !ok {
-			return nil, io.EOF
-		}
-		return p, nil
-	case <-c.ctx.Done():
-		return nil, c.ctx.Err()
-	}
-}
 
 // open starts Serve on a new fake stream without sending anything.
 func (e *env) open(t *testing.T, downBuf int) *commander {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &commander{t: t, ctx: ctx, cancel: cancel, up: make(chan *dispatchv1.UpstreamPacket), down: make(chan *dispatchv1.DownstreamPacket, downBuf), served: make(chan struct{})}
+	c := &commander{ServerStream: testutil.NewServerStream[*dispatchv1.UpstreamPacket, *dispatchv1.DownstreamPacket](ctx, downBuf), t: t, cancel: cancel, served: make(chan struct{})}
 	go func() {
 		defer close(c.served)
 		c.err = e.srv.Serve(c)
@@ -115,17 +91,17 @@ func (e *env) connect(t *testing.T, caps ...string) *commander {
 
 func (c *commander) send(p *dispatchv1.UpstreamPacket) {
 	c.t.Helper()
-	testutil.Send(c.t, c.up, p, testutil.Wait, "the dispatcher to read an upstream packet")
+	testutil.Send(c.t, c.In, p, testutil.Wait, "the dispatcher to read an upstream packet")
 }
 
 func (c *commander) recv() *dispatchv1.DownstreamPacket {
 	c.t.Helper()
-	return testutil.Recv(c.t, c.down, testutil.Wait, "a downstream packet")
+	return testutil.Recv(c.t, c.Out, testutil.Wait, "a downstream packet")
 }
 
 func (c *commander) noPacket(d time.Duration) {
 	c.t.Helper()
-	testutil.NoRecv(c.t, c.down, d, "no downstream packet")
+	testutil.NoRecv(c.t, c.Out, d, "no downstream packet")
 }
 
 // ended waits for Serve to return and returns its error.
