@@ -1,4 +1,9 @@
-"""The ``computer.*`` tool provider: :class:`SandboxTools` served through the dispatcher."""
+"""The ``computer.*`` tool provider: :class:`SandboxTools` served through the dispatcher.
+
+Every call names a sandbox; the provider lets it act only on one its task owns
+(:mod:`commander.sandbox._owners`), and the key names it presses are checked
+against the GUI parser's key table (:func:`commander.gui._keys.xdotool_keys`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from typing import Any, TypeVar
 import anyio
 
 from commander._errors import InvalidToolArgumentsError
-from commander._provider import ToolProvider
+from commander._provider import ToolProvider, current_call
 from commander.sandbox._tools import (
     MAX_WAIT_MS,
     SIMPLE_MOBILE_ACTIONS,
     SandboxTools,
+    _sandbox_id,
     click_action,
     close_app_action,
     drag_action,
@@ -67,11 +73,18 @@ _ACTION_TIMEOUT_MS = 60_000
 _CREATE_TIMEOUT_MS = 180_000
 
 
+def _mine(tools: SandboxTools, sandbox_id: Any) -> str:
+    """The call's sandbox id, if its task may act on it (``ToolDeniedError`` if not)."""
+    return tools.owners.check(current_call(), _sandbox_id(sandbox_id))
+
+
 def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> ToolProvider:
     """A :class:`ToolProvider` serving the ``computer.*`` tools backed by ``tools``.
 
     Coordinates are pixels of the sandbox's real screen (``computer.screenshot``
     says its size). Actions are marked ``side_effects``: never retried blindly.
+    A call may act only on a sandbox its task owns (``TOOL_ERROR_CODE_DENIED``
+    otherwise): see :mod:`commander.sandbox._owners`.
     """
     provider = ToolProvider(provider_id, labels={"kind": "sandbox"})
 
@@ -85,7 +98,15 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def sandbox_acquire(
         sandbox_id: str = "", shape: str = "", max_life_seconds: int = 3600
     ) -> dict[str, Any]:
-        return await tools.acquire(sandbox_id, shape, max_life_seconds)
+        call = current_call()
+        if sandbox_id:
+            _mine(tools, sandbox_id)
+        return await tools.acquire(
+            sandbox_id,
+            shape,
+            max_life_seconds,
+            on_created=lambda sid: tools.owners.created(call, sid),
+        )
 
     @provider.tool(
         "computer.sandbox_release",
@@ -94,7 +115,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def sandbox_release(sandbox_id: str) -> dict[str, Any]:
-        return await tools.release(sandbox_id)
+        return await tools.release(_mine(tools, sandbox_id))
 
     @provider.tool(
         "computer.screenshot",
@@ -102,7 +123,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def screenshot(sandbox_id: str) -> dict[str, Any]:
-        return await tools.screenshot(sandbox_id)
+        return await tools.screenshot(_mine(tools, sandbox_id))
 
     @provider.tool(
         "computer.describe_screen",
@@ -112,7 +133,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def describe_screen(sandbox_id: str) -> dict[str, Any]:
-        return await tools.describe_screen(sandbox_id)
+        return await tools.describe_screen(_mine(tools, sandbox_id))
 
     def clicker(kind: str, fixed_button: str | None) -> None:
         name = {
@@ -127,7 +148,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             async def click(
                 sandbox_id: str, x: int, y: int, button: str = "left", hold_key: str = ""
             ) -> dict[str, Any]:
-                return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
+                return await tools.act(
+                    _mine(tools, sandbox_id), click_action(kind, x, y, button, hold_key)
+                )
 
             provider.add_tool(
                 click,
@@ -143,7 +166,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             async def fixed_click(
                 sandbox_id: str, x: int, y: int, hold_key: str = ""
             ) -> dict[str, Any]:
-                return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
+                return await tools.act(
+                    _mine(tools, sandbox_id), click_action(kind, x, y, button, hold_key)
+                )
 
             provider.add_tool(
                 fixed_click,
@@ -166,7 +191,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def move(sandbox_id: str, x: int, y: int) -> dict[str, Any]:
-        return await tools.act(sandbox_id, move_action(x, y))
+        return await tools.act(_mine(tools, sandbox_id), move_action(x, y))
 
     @provider.tool(
         "computer.drag",
@@ -177,7 +202,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def drag(
         sandbox_id: str, start_x: int, start_y: int, end_x: int, end_y: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, drag_action(start_x, start_y, end_x, end_y))
+        return await tools.act(
+            _mine(tools, sandbox_id), drag_action(start_x, start_y, end_x, end_y)
+        )
 
     @provider.tool(
         "computer.scroll",
@@ -189,7 +216,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def scroll(
         sandbox_id: str, x: int, y: int, down: int = 0, right: int = 0
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, scroll_action(x, y, down, right))
+        return await tools.act(_mine(tools, sandbox_id), scroll_action(x, y, down, right))
 
     @provider.tool(
         "computer.type",
@@ -198,7 +225,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_TYPE_TIMEOUT_MS,
     )
     async def type_text(sandbox_id: str, text: str, submit_newlines: bool = True) -> dict[str, Any]:
-        return await tools.act(sandbox_id, type_action(text, submit_newlines))
+        return await tools.act(_mine(tools, sandbox_id), type_action(text, submit_newlines))
 
     @provider.tool(
         "computer.hotkey",
@@ -207,7 +234,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def hotkey(sandbox_id: str, keys: str, duration_ms: int | None = None) -> dict[str, Any]:
-        return await tools.act(sandbox_id, hotkey_action(keys, duration_ms))
+        return await tools.act(_mine(tools, sandbox_id), hotkey_action(keys, duration_ms))
 
     @provider.tool(
         "computer.key_down",
@@ -216,7 +243,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def key_down(sandbox_id: str, key: str) -> dict[str, Any]:
-        return await tools.act(sandbox_id, key_down_action(key))
+        return await tools.act(_mine(tools, sandbox_id), key_down_action(key))
 
     @provider.tool(
         "computer.key_up",
@@ -225,7 +252,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def key_up(sandbox_id: str, key: str) -> dict[str, Any]:
-        return await tools.act(sandbox_id, key_up_action(key))
+        return await tools.act(_mine(tools, sandbox_id), key_up_action(key))
 
     @provider.tool(
         "computer.wait",
@@ -262,31 +289,33 @@ def _add_mobile_tools(provider: ToolProvider, tools: SandboxTools) -> None:
 
     @add("mobile.tap", "Tap the screen at pixel (x, y).")
     async def tap(sandbox_id: str, x: int, y: int) -> dict[str, Any]:
-        return await tools.act(sandbox_id, tap_action(x, y))
+        return await tools.act(_mine(tools, sandbox_id), tap_action(x, y))
 
     @add("mobile.long_press", "Press and hold at (x, y) for duration_ms.")
     async def long_press(
         sandbox_id: str, x: int, y: int, duration_ms: int = 1000
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, long_press_action(x, y, duration_ms))
+        return await tools.act(_mine(tools, sandbox_id), long_press_action(x, y, duration_ms))
 
     @add("mobile.swipe", "Swipe from (x, y) up, down, left or right by distance pixels.")
     async def swipe(
         sandbox_id: str, x: int, y: int, direction: str, distance: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, swipe_action(x, y, direction, distance))
+        return await tools.act(_mine(tools, sandbox_id), swipe_action(x, y, direction, distance))
 
     @add("mobile.drag", "Touch at (start_x, start_y), move to (end_x, end_y), release.")
     async def touch_drag(
         sandbox_id: str, start_x: int, start_y: int, end_x: int, end_y: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, touch_drag_action(start_x, start_y, end_x, end_y))
+        return await tools.act(
+            _mine(tools, sandbox_id), touch_drag_action(start_x, start_y, end_x, end_y)
+        )
 
     for suffix, cls in SIMPLE_MOBILE_ACTIONS.items():
 
         def simple(model: type[Any] = cls) -> Any:
             async def run(sandbox_id: str) -> dict[str, Any]:
-                return await tools.act(sandbox_id, model())
+                return await tools.act(_mine(tools, sandbox_id), model())
 
             return run
 
@@ -294,8 +323,8 @@ def _add_mobile_tools(provider: ToolProvider, tools: SandboxTools) -> None:
 
     @add("mobile.start_app", "Start an app by package_name, or by its name.")
     async def start_app(sandbox_id: str, package_name: str = "", name: str = "") -> dict[str, Any]:
-        return await tools.act(sandbox_id, start_app_action(package_name, name))
+        return await tools.act(_mine(tools, sandbox_id), start_app_action(package_name, name))
 
     @add("mobile.close_app", "Close an app by package_name, or by its name.")
     async def close_app(sandbox_id: str, package_name: str = "", name: str = "") -> dict[str, Any]:
-        return await tools.act(sandbox_id, close_app_action(package_name, name))
+        return await tools.act(_mine(tools, sandbox_id), close_app_action(package_name, name))
