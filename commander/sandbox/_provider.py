@@ -229,7 +229,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
 
     @provider.tool(
         "computer.hotkey",
-        description="Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4.",
+        description="Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4, "
+        "or several separated by spaces (ctrl+a BackSpace); key names as on a keyboard "
+        "(enter, esc, tab, backspace, ctrl, alt, shift, up, pagedown, f5) or one character.",
         side_effects=True,
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
