@@ -16,12 +16,15 @@ tool's JSON Schema, serves invocations concurrently (bounded), honours
 dispatcher goes away (the stream's lifecycle is :mod:`commander._stream`'s).
 Functions may be ``async def`` or plain functions (run in a worker thread). A
 :class:`~commander.ToolError` raised by a tool becomes an error result with its
-code; any other exception is ``EXECUTION_FAILED``.
+code; any other exception is ``EXECUTION_FAILED``. While a tool runs,
+:func:`current_call` says which task the call belongs to (and what the
+dispatcher says that task was given), so a tool can keep tasks apart.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import contextvars
 import dataclasses
 import datetime as dt
 import functools
@@ -107,6 +110,42 @@ def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+@dataclasses.dataclass(frozen=True)
+class CallContext:
+    """Whose call a tool is running: the dispatcher's word, from the invocation.
+
+    A call made with :meth:`ToolProvider.call` and no context belongs to no task
+    (``task_id`` empty) and was given nothing.
+    """
+
+    task_id: str = ""
+    session_id: str = ""
+    call_id: str = ""
+    #: Sandboxes the task was given (``Invocation.sandbox_ids``): the client's
+    #: or the previous task's, and the one its session reported in use.
+    sandbox_ids: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, invocation: tools_pb2.Invocation) -> CallContext:
+        return cls(
+            task_id=invocation.task_id,
+            session_id=invocation.session_id,
+            call_id=invocation.call_id,
+            sandbox_ids=frozenset(s for s in invocation.sandbox_ids if s),
+        )
+
+
+_NO_TASK = CallContext()
+_CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "commander_tool_call", default=None
+)
+
+
+def current_call() -> CallContext:
+    """The context of the tool call running in this task (or worker thread)."""
+    return _CURRENT.get() or _NO_TASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +271,15 @@ class ToolProvider:
 
     # --- execution ---
 
-    async def call(self, tool_name: str, arguments: Mapping[str, Any]) -> Any:
-        """Run a tool here and now (what an invocation does, minus the wire)."""
+    async def call(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any],
+        *,
+        context: CallContext | None = None,
+    ) -> Any:
+        """Run a tool here and now (what an invocation does, minus the wire),
+        as part of ``context``'s task (default: no task)."""
         tool = self._tools.get(tool_name)
         if tool is None:
             raise UnknownToolError(f"no tool named {tool_name!r}", tool_name=tool_name)
@@ -241,13 +287,18 @@ class ToolProvider:
             tool.signature.bind(**arguments)
         except TypeError as exc:
             raise InvalidToolArgumentsError(str(exc), tool_name=tool_name) from exc
-        if inspect.iscoroutinefunction(tool.fn):
-            return await tool.fn(**arguments)
-        run: Callable[[], Any] = functools.partial(tool.fn, **arguments)
-        result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-        if inspect.isawaitable(result):
-            return await result
-        return result
+        token = _CURRENT.set(context or _NO_TASK)
+        try:
+            if inspect.iscoroutinefunction(tool.fn):
+                return await tool.fn(**arguments)
+            # to_thread copies this context: the worker sees the same call.
+            run: Callable[[], Any] = functools.partial(tool.fn, **arguments)
+            result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        finally:
+            _CURRENT.reset(token)
 
     async def _execute(self, invocation: tools_pb2.Invocation) -> tools_pb2.InvocationResult:
         def failed(code: ipb.ToolErrorCode.ValueType, message: str) -> tools_pb2.InvocationResult:
@@ -263,7 +314,9 @@ class ToolProvider:
         if not isinstance(arguments, dict):
             return failed(InvalidToolArgumentsError.error_code, "arguments must be a JSON object")
         try:
-            value = await self.call(invocation.tool_name, arguments)
+            value = await self.call(
+                invocation.tool_name, arguments, context=CallContext.of(invocation)
+            )
         except ToolError as exc:
             return failed(exc.error_code, exc.message)
         except Exception as exc:

@@ -3,14 +3,18 @@
 :func:`plan` is pure: it validates one action against the screen and returns
 the xdotool argument lists that perform it. :func:`perform` runs them, each as
 its own process (never through a shell), holding ``holdKey`` for the duration
-and releasing it even when a step fails. Key names are checked here too — xdotool
-silently ignores names it does not know, so an unchecked typo would be a no-op
-reported as success.
+and releasing it even when a step fails.
+
+Client text reaches xdotool in two places only: key names, each checked by
+:mod:`localsandbox._keys` and passed as one argument that cannot be read as an
+xdotool command (``key a exec …`` would run a program), and typed text, passed
+as one argument after ``--`` to ``type``, which reads every remaining argument
+as text and never chains a command. xdotool also silently ignores key names it
+does not know, so an unchecked typo would be a no-op reported as success.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +27,12 @@ from localsandbox._errors import (
     BadRequestError,
     UnsupportedActionError,
 )
+from localsandbox._keys import argument, combo_argument, key_parts
 
 #: xdotool's wheel buttons: up, down, left, right.
 _WHEEL = {"up": "4", "down": "5", "left": "6", "right": "7"}
 #: SDK button flags → X button numbers.
 _BUTTONS = {1: "1", 2: "3", 4: "2", 8: "8", 16: "9"}
-_KEY_PART = re.compile(r"[A-Za-z0-9_]{1,40}")
 
 TYPE_DELAY_MS = 8
 MAX_TYPE_CHARS = 20_000
@@ -83,26 +87,19 @@ def _move(x: Any, y: Any, relative: bool, width: int, height: int, label: str = 
     return ["mousemove", str(px), str(py)]
 
 
-def key_parts(combo: str, what: str) -> list[str]:
-    """``ctrl+shift+t`` → ``["ctrl", "shift", "t"]``, each a plain key name."""
-    parts = combo.split("+")
-    if not parts or not all(_KEY_PART.fullmatch(p) for p in parts):
-        raise BadRequestError(
-            f"{what}: {combo[:60]!r} is not in xdotool key syntax "
-            "(key names such as ctrl, alt, shift, Return, a, F5 joined by '+')"
-        )
-    return parts
+def _keys_each(combo: str, what: str) -> list[str]:
+    """``ctrl+shift`` → ``["ctrl", "shift"]``: checked keys, each one safe argument."""
+    return [argument([p]) for p in key_parts(combo, what)]
 
 
 def _combos(keys: str, what: str, limit: int = 16) -> list[str]:
+    """A space-separated key sequence → one safe argument per combination."""
     combos = keys.split()
     if not combos:
         raise BadRequestError(f"{what}: no key given")
     if len(combos) > limit:
         raise BadRequestError(f"{what}: at most {limit} key combinations")
-    for c in combos:
-        key_parts(c, what)
-    return combos
+    return [combo_argument(c, what) for c in combos]
 
 
 def _buttons(flags: int) -> list[str]:
@@ -114,7 +111,7 @@ def _buttons(flags: int) -> list[str]:
 def _hold(hold_key: str | None) -> list[str]:
     if not hold_key:
         return []
-    return key_parts(hold_key, "holdKey")
+    return _keys_each(hold_key, "holdKey")
 
 
 def _clicks(action: Any, count: int, width: int, height: int) -> Plan:
@@ -198,9 +195,9 @@ def plan(action: Any, width: int, height: int) -> Plan:
             held += ["keydown", "--", c, "sleep", f"{duration / 1000:.3f}", "keyup", "--", c]
         return Plan(steps=[held], timeout=15.0 + len(combos) * duration / 1000)
     if isinstance(action, dto.KeyDownAction):
-        return Plan(steps=[["keydown", "--", *key_parts(str(action.key), "key")]])
+        return Plan(steps=[["keydown", "--", *_keys_each(str(action.key), "key")]])
     if isinstance(action, dto.KeyUpAction):
-        return Plan(steps=[["keyup", "--", *key_parts(str(action.key), "key")]])
+        return Plan(steps=[["keyup", "--", *_keys_each(str(action.key), "key")]])
     if isinstance(action, dto.WaitAction):
         ms = int(action.duration)
         if not 0 <= ms <= MAX_WAIT_MS:

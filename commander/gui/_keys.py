@@ -4,7 +4,12 @@ The SDK's keyboard actions take keys "in xdotool key syntax" (``ctrl+c``,
 ``Return``, ``KP_0``). Models write pyautogui's names (``enter``, ``pgdn``,
 ``winleft``) or UI-TARS' (``ctrl c``, ``arrowleft``). Only names in this table
 or single printable characters are accepted, so a key string can never smuggle
-an option or a command into the tool that presses it.
+an option or a command into the tool that presses it (xdotool runs
+``key a exec touch f`` as "press a, then run touch").
+
+The same table checks the ``computer.*`` tools' key arguments
+(:func:`xdotool_keys`), whoever calls them: the gui planner, another planner, or
+a model calling the tools directly.
 """
 
 from __future__ import annotations
@@ -21,24 +26,31 @@ _NAMED: dict[str, str] = {
     "control": "ctrl",
     "ctrlleft": "ctrl",
     "ctrlright": "Control_R",
+    "control_l": "Control_L",
     "shift": "shift",
     "shiftleft": "shift",
     "shiftright": "Shift_R",
+    "shift_l": "Shift_L",
     "alt": "alt",
     "altleft": "alt",
     "altright": "Alt_R",
+    "alt_l": "Alt_L",
     "option": "alt",
     "optionleft": "alt",
     "optionright": "Alt_R",
     "win": "super",
     "winleft": "super",
     "winright": "Super_R",
+    "super_l": "Super_L",
+    "meta_l": "Meta_L",
+    "meta_r": "Meta_R",
     "super": "super",
     "meta": "super",
     "cmd": "super",
     "command": "super",
     # editing and navigation
     "enter": "Return",
+    "kp_enter": "KP_Enter",
     "return": "Return",
     "tab": "Tab",
     "space": "space",
@@ -160,6 +172,8 @@ _ALNUM = re.compile(r"[A-Za-z0-9]")
 
 #: Most keys one hotkey may combine.
 MAX_COMBO = 6
+#: Most combinations one key sequence (``ctrl+a BackSpace``) may hold.
+MAX_SEQUENCE = 16
 
 
 def key_to_xdotool(name: str) -> str:
@@ -207,3 +221,24 @@ def split_combo(text: str) -> list[str]:
         else:
             parts.append(token)
     return parts
+
+
+def xdotool_keys(text: str, *, sequence: bool = True) -> str:
+    """A key string in xdotool syntax, checked against this module's table and
+    written in its keysyms: ``ctrl+c``, ``Return``, ``alt+F4``, and with
+    ``sequence`` several combinations separated by spaces (``ctrl+a BackSpace``).
+
+    Names are the ones :func:`key_to_xdotool` knows (so ``enter`` becomes
+    ``Return``); anything else — ``exec``, an option, a path — is a
+    :class:`ParseError`. The result is a fixed point: checking it again gives it back.
+    """
+    if not isinstance(text, str):
+        raise ParseError(f"keys must be a string, got {type(text).__name__}")
+    combos = text.split()
+    if not combos:
+        raise ParseError("no key given")
+    if not sequence and len(combos) > 1:
+        raise ParseError(f"one key combination expected (keys joined by '+'), got {text[:60]!r}")
+    if len(combos) > MAX_SEQUENCE:
+        raise ParseError(f"at most {MAX_SEQUENCE} key combinations, got {len(combos)}")
+    return " ".join(combo_to_xdotool(split_combo(c)) for c in combos)

@@ -1,4 +1,9 @@
-"""The ``computer.*`` tool provider: :class:`SandboxTools` served through the dispatcher."""
+"""The ``computer.*`` tool provider: :class:`SandboxTools` served through the dispatcher.
+
+Every call names a sandbox; the provider lets it act only on one its task owns
+(:mod:`commander.sandbox._owners`), and the key names it presses are checked
+against the GUI parser's key table (:func:`commander.gui._keys.xdotool_keys`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from typing import Any, TypeVar
 import anyio
 
 from commander._errors import InvalidToolArgumentsError
-from commander._provider import ToolProvider
+from commander._provider import ToolProvider, current_call
 from commander.sandbox._tools import (
     MAX_WAIT_MS,
     SIMPLE_MOBILE_ACTIONS,
     SandboxTools,
+    _sandbox_id,
     click_action,
     close_app_action,
     drag_action,
@@ -75,11 +81,18 @@ def _action(
     return provider.tool(name, description=description, side_effects=True, timeout_ms=timeout_ms)
 
 
+def _mine(tools: SandboxTools, sandbox_id: Any) -> str:
+    """The call's sandbox id, if its task may act on it (``ToolDeniedError`` if not)."""
+    return tools.owners.check(current_call(), _sandbox_id(sandbox_id))
+
+
 def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> ToolProvider:
     """A :class:`ToolProvider` serving the ``computer.*`` tools backed by ``tools``.
 
     Coordinates are pixels of the sandbox's real screen (``computer.screenshot``
     says its size). Actions are marked ``side_effects``: never retried blindly.
+    A call may act only on a sandbox its task owns (``TOOL_ERROR_CODE_DENIED``
+    otherwise): see :mod:`commander.sandbox._owners`.
     """
     provider = ToolProvider(provider_id, labels={"kind": "sandbox"})
 
@@ -93,13 +106,21 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def sandbox_acquire(
         sandbox_id: str = "", shape: str = "", max_life_seconds: int = 3600
     ) -> dict[str, Any]:
-        return await tools.acquire(sandbox_id, shape, max_life_seconds)
+        call = current_call()
+        if sandbox_id:
+            _mine(tools, sandbox_id)
+        return await tools.acquire(
+            sandbox_id,
+            shape,
+            max_life_seconds,
+            on_created=lambda sid: tools.owners.created(call, sid),
+        )
 
     @_action(
         provider, "computer.sandbox_release", "Destroy a sandbox (the precreated one is kept)."
     )
     async def sandbox_release(sandbox_id: str) -> dict[str, Any]:
-        return await tools.release(sandbox_id)
+        return await tools.release(_mine(tools, sandbox_id))
 
     @provider.tool(
         "computer.screenshot",
@@ -107,7 +128,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def screenshot(sandbox_id: str) -> dict[str, Any]:
-        return await tools.screenshot(sandbox_id)
+        return await tools.screenshot(_mine(tools, sandbox_id))
 
     @provider.tool(
         "computer.describe_screen",
@@ -117,7 +138,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_ACTION_TIMEOUT_MS,
     )
     async def describe_screen(sandbox_id: str) -> dict[str, Any]:
-        return await tools.describe_screen(sandbox_id)
+        return await tools.describe_screen(_mine(tools, sandbox_id))
 
     def clicker(kind: str, fixed_button: str | None) -> None:
         name = {
@@ -132,7 +153,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             async def click(
                 sandbox_id: str, x: int, y: int, button: str = "left", hold_key: str = ""
             ) -> dict[str, Any]:
-                return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
+                return await tools.act(
+                    _mine(tools, sandbox_id), click_action(kind, x, y, button, hold_key)
+                )
 
             _action(
                 provider,
@@ -146,7 +169,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
             async def fixed_click(
                 sandbox_id: str, x: int, y: int, hold_key: str = ""
             ) -> dict[str, Any]:
-                return await tools.act(sandbox_id, click_action(kind, x, y, button, hold_key))
+                return await tools.act(
+                    _mine(tools, sandbox_id), click_action(kind, x, y, button, hold_key)
+                )
 
             _action(provider, name, f"A {button} click at pixel (x, y).")(fixed_click)
 
@@ -158,7 +183,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
 
     @_action(provider, "computer.move", "Move the pointer to pixel (x, y).")
     async def move(sandbox_id: str, x: int, y: int) -> dict[str, Any]:
-        return await tools.act(sandbox_id, move_action(x, y))
+        return await tools.act(_mine(tools, sandbox_id), move_action(x, y))
 
     @_action(
         provider,
@@ -168,7 +193,9 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def drag(
         sandbox_id: str, start_x: int, start_y: int, end_x: int, end_y: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, drag_action(start_x, start_y, end_x, end_y))
+        return await tools.act(
+            _mine(tools, sandbox_id), drag_action(start_x, start_y, end_x, end_y)
+        )
 
     @_action(
         provider,
@@ -179,7 +206,7 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
     async def scroll(
         sandbox_id: str, x: int, y: int, down: int = 0, right: int = 0
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, scroll_action(x, y, down, right))
+        return await tools.act(_mine(tools, sandbox_id), scroll_action(x, y, down, right))
 
     @_action(
         provider,
@@ -188,23 +215,25 @@ def sandbox_provider(tools: SandboxTools, *, provider_id: str = "sandbox") -> To
         timeout_ms=_TYPE_TIMEOUT_MS,
     )
     async def type_text(sandbox_id: str, text: str, submit_newlines: bool = True) -> dict[str, Any]:
-        return await tools.act(sandbox_id, type_action(text, submit_newlines))
+        return await tools.act(_mine(tools, sandbox_id), type_action(text, submit_newlines))
 
     @_action(
         provider,
         "computer.hotkey",
-        "Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4.",
+        "Press a key combination in xdotool syntax, e.g. ctrl+c, Return, alt+F4, "
+        "or several separated by spaces (ctrl+a BackSpace); key names as on a keyboard "
+        "(enter, esc, tab, backspace, ctrl, alt, shift, up, pagedown, f5) or one character.",
     )
     async def hotkey(sandbox_id: str, keys: str, duration_ms: int | None = None) -> dict[str, Any]:
-        return await tools.act(sandbox_id, hotkey_action(keys, duration_ms))
+        return await tools.act(_mine(tools, sandbox_id), hotkey_action(keys, duration_ms))
 
     @_action(provider, "computer.key_down", "Hold one key down (xdotool name, e.g. shift).")
     async def key_down(sandbox_id: str, key: str) -> dict[str, Any]:
-        return await tools.act(sandbox_id, key_down_action(key))
+        return await tools.act(_mine(tools, sandbox_id), key_down_action(key))
 
     @_action(provider, "computer.key_up", "Release one key (xdotool name).")
     async def key_up(sandbox_id: str, key: str) -> dict[str, Any]:
-        return await tools.act(sandbox_id, key_up_action(key))
+        return await tools.act(_mine(tools, sandbox_id), key_up_action(key))
 
     @provider.tool(
         "computer.wait",
@@ -231,31 +260,33 @@ def _add_mobile_tools(provider: ToolProvider, tools: SandboxTools) -> None:
 
     @add("mobile.tap", "Tap the screen at pixel (x, y).")
     async def tap(sandbox_id: str, x: int, y: int) -> dict[str, Any]:
-        return await tools.act(sandbox_id, tap_action(x, y))
+        return await tools.act(_mine(tools, sandbox_id), tap_action(x, y))
 
     @add("mobile.long_press", "Press and hold at (x, y) for duration_ms.")
     async def long_press(
         sandbox_id: str, x: int, y: int, duration_ms: int = 1000
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, long_press_action(x, y, duration_ms))
+        return await tools.act(_mine(tools, sandbox_id), long_press_action(x, y, duration_ms))
 
     @add("mobile.swipe", "Swipe from (x, y) up, down, left or right by distance pixels.")
     async def swipe(
         sandbox_id: str, x: int, y: int, direction: str, distance: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, swipe_action(x, y, direction, distance))
+        return await tools.act(_mine(tools, sandbox_id), swipe_action(x, y, direction, distance))
 
     @add("mobile.drag", "Touch at (start_x, start_y), move to (end_x, end_y), release.")
     async def touch_drag(
         sandbox_id: str, start_x: int, start_y: int, end_x: int, end_y: int
     ) -> dict[str, Any]:
-        return await tools.act(sandbox_id, touch_drag_action(start_x, start_y, end_x, end_y))
+        return await tools.act(
+            _mine(tools, sandbox_id), touch_drag_action(start_x, start_y, end_x, end_y)
+        )
 
     for suffix, cls in SIMPLE_MOBILE_ACTIONS.items():
 
         def simple(model: type[Any] = cls) -> Any:
             async def run(sandbox_id: str) -> dict[str, Any]:
-                return await tools.act(sandbox_id, model())
+                return await tools.act(_mine(tools, sandbox_id), model())
 
             return run
 
@@ -263,8 +294,8 @@ def _add_mobile_tools(provider: ToolProvider, tools: SandboxTools) -> None:
 
     @add("mobile.start_app", "Start an app by package_name, or by its name.")
     async def start_app(sandbox_id: str, package_name: str = "", name: str = "") -> dict[str, Any]:
-        return await tools.act(sandbox_id, start_app_action(package_name, name))
+        return await tools.act(_mine(tools, sandbox_id), start_app_action(package_name, name))
 
     @add("mobile.close_app", "Close an app by package_name, or by its name.")
     async def close_app(sandbox_id: str, package_name: str = "", name: str = "") -> dict[str, Any]:
-        return await tools.act(sandbox_id, close_app_action(package_name, name))
+        return await tools.act(_mine(tools, sandbox_id), close_app_action(package_name, name))

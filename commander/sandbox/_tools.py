@@ -49,6 +49,9 @@ from tenacity import (
 from commander import _metrics
 from commander._errors import InvalidToolArgumentsError, ToolError, ToolExecutionError
 from commander.gui import _actions as act
+from commander.gui._errors import ParseError
+from commander.gui._keys import xdotool_keys
+from commander.sandbox._owners import SandboxOwners
 
 _log = logging.getLogger("commander.sandbox")
 
@@ -190,6 +193,8 @@ class SandboxTools:
         self._locks: dict[str, anyio.Lock] = {}
         #: Sandboxes this process created (and may destroy).
         self.created: set[str] = set()
+        #: Which task may act on which sandbox (checked by the ``computer.*`` provider).
+        self.owners = SandboxOwners(settings.precreate_sid)
 
     def _lybic(self) -> LybicClient:
         if self._client is None:
@@ -238,9 +243,15 @@ class SandboxTools:
     # --- sandbox life ---
 
     async def acquire(
-        self, sandbox_id: str = "", shape: str = "", max_life_seconds: int = 3600
+        self,
+        sandbox_id: str = "",
+        shape: str = "",
+        max_life_seconds: int = 3600,
+        *,
+        on_created: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
-        """Use ``sandbox_id`` (or the precreated one), or create one of ``shape``."""
+        """Use ``sandbox_id`` (or the precreated one), or create one of ``shape``
+        (``on_created`` is told its id at once, before anything else can fail)."""
         max_life = _int_in(max_life_seconds, "max_life_seconds", 60, 86_400)
         sid = sandbox_id or self.settings.precreate_sid
         created = False
@@ -267,6 +278,8 @@ class SandboxTools:
             sid = made.id
             created = True
             self.created.add(sid)
+            if on_created is not None:
+                on_created(sid)
             _log.info("created sandbox %s (%s)", sid, shape)
         shot = await self.screenshot(sid)
         return {
@@ -289,6 +302,7 @@ class SandboxTools:
         except (LybicInternalError, httpx.HTTPError) as exc:
             raise _tool_error(exc, world_changing=False) from exc
         self.created.discard(sid)
+        self.owners.released(sid)
         self._locks.pop(sid, None)
         _log.info("deleted sandbox %s", sid)
         return {"sandbox_id": sid, "deleted": True}
@@ -332,6 +346,7 @@ class SandboxTools:
         android:*, os:*); the answer carries the pointer position and the action's result."""
         sid = _sandbox_id(sandbox_id)
         model: BaseModel = action if isinstance(action, BaseModel) else act.to_sdk_action(action)
+        _check_keys(model)
         kind = str(getattr(model, "type", ""))
         data = dto.ExecuteSandboxActionDto(
             action=model, includeScreenShot=False, includeCursorPosition=True
@@ -356,6 +371,18 @@ class SandboxTools:
         if answer.actionResult is not None:
             result["result"] = answer.actionResult
         return result
+
+
+#: Key fields of the SDK's actions: (field, whether it holds a space-separated sequence).
+_KEY_FIELDS = (("keys", True), ("key", False), ("holdKey", False))
+
+
+def _check_keys(model: BaseModel) -> None:
+    """Every key name of an action, whoever built it, is one the key table knows."""
+    for field, sequence in _KEY_FIELDS:
+        value = getattr(model, field, None)
+        if value is not None and value != "":
+            _key(value, field, sequence=sequence)
 
 
 #: Lists the screen with xdotool (one process call; window titles are read, never run).
@@ -442,7 +469,7 @@ def parse_screen_description(out: str) -> dict[str, Any]:
 def click_action(kind: str, x: Any, y: Any, button: str = "left", hold_key: str = "") -> act.Action:
     at = _point(x, y)
     btn = _button(button)
-    hold = hold_key or None
+    hold = _key(hold_key, "hold_key") if hold_key else None
     if kind == "double":
         return act.MouseDoubleClick(at, btn, hold)
     if kind == "triple":
@@ -470,15 +497,20 @@ def type_action(text: Any, submit_newlines: bool = True) -> act.Action:
     return act.KeyboardType(text, bool(submit_newlines))
 
 
-def _key(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > 100 or "\n" in value:
+def _key(value: Any, name: str, *, sequence: bool = False) -> str:
+    """A key argument checked against the GUI parser's key table (the one list of
+    key names a tool may press; an xdotool command such as ``exec`` is none)."""
+    if not isinstance(value, str) or not value or len(value) > 100:
         raise InvalidToolArgumentsError(f"{name} must be a key name in xdotool syntax, e.g. ctrl+c")
-    return value
+    try:
+        return xdotool_keys(value, sequence=sequence)
+    except ParseError as exc:
+        raise InvalidToolArgumentsError(f"{name}: {exc}") from None
 
 
 def hotkey_action(keys: Any, duration_ms: Any = None) -> act.Action:
     duration = None if duration_ms is None else _int_in(duration_ms, "duration_ms", 1, 10_000)
-    return act.KeyboardHotkey(_key(keys, "keys"), duration)
+    return act.KeyboardHotkey(_key(keys, "keys", sequence=True), duration)
 
 
 def key_down_action(key: Any) -> act.Action:

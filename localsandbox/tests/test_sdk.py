@@ -6,10 +6,12 @@ Each test creates its own sandbox (a real Xvfb display) and deletes it.
 from __future__ import annotations
 
 import base64
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
@@ -19,7 +21,9 @@ from lybic import LybicAPIError, LybicClient, Sandbox, dto
 from PIL import Image
 
 from localsandbox.tests.harness import (
+    API_KEY,
     ORG,
+    ROOT,
     LocalServer,
     alive,
     changed_pixels,
@@ -283,6 +287,48 @@ async def test_bad_actions_are_rejected_before_anything_happens(
             await s.execute_sandbox_action(sandbox, data={"action": action})
         assert info.value.status_code == 400, (action, info.value)
         assert says in info.value.message
+
+
+async def test_key_names_never_run_a_program(
+    server: LocalServer, client: LybicClient, sandbox: str
+) -> None:
+    """xdotool chains commands: ``key a exec touch f`` presses a, then runs touch.
+    Plain HTTP (any client, not only the SDK) with such a key name in every place
+    a key goes is answered 400 before xdotool runs, and nothing is executed."""
+    marker = f"pwned_{secrets.token_hex(4)}"
+    # The server's working directory (relative paths) and an absolute path.
+    paths = [ROOT / marker, Path("/tmp") / marker]
+    xy = {"x": {"type": "px", "value": 5}, "y": {"type": "px", "value": 5}}
+    actions: list[dict[str, Any]] = [
+        {"type": "keyboard:hotkey", "keys": f"a exec touch {marker}"},
+        {"type": "keyboard:hotkey", "keys": f"a exec touch /tmp/{marker}"},
+        {"type": "keyboard:hotkey", "keys": f"a EXEC touch {marker}", "duration": 10},
+        {"type": "key:down", "key": f"a+exec+touch+{marker}"},
+        {"type": "key:up", "key": f"a+Exec+touch+{marker}"},
+        {"type": "mouse:click", **xy, "button": 1, "holdKey": f"a+exec+touch+{marker}"},
+        {"type": "mouse:move", **xy, "holdKey": f"shift+exec+touch+{marker}"},
+    ]
+    url = f"{server.endpoint}/api/orgs/{ORG}/sandboxes/{sandbox}/actions/execute"
+    try:
+        async with httpx.AsyncClient(headers={"x-api-key": API_KEY}, timeout=30) as http:
+            for action in actions:
+                r = await http.post(url, json={"action": action})
+                assert r.status_code == 400, (action, r.status_code, r.text)
+                assert r.json()["code"] == "BAD_REQUEST"
+                assert "unknown key name 'exec'" in r.json()["message"].lower(), r.text
+        # Typed text is text: xdotool `type` never reads its arguments as commands.
+        s = Sandbox(client)
+        await start_xterm(s, sandbox, 'cat > "$HOME/typed.txt"')
+        await act(s, sandbox, dto.MouseClickAction(x=px(200), y=px(150), button=1))
+        text = f"a exec touch {marker} --file x sleep 1\n"
+        await act(s, sandbox, dto.KeyboardTypeAction(content=text, treatNewLineAsEnter=True))
+        assert await wait_for_file(s, sandbox, "typed.txt", text) == text
+        # Help, the keysym spelled like xdotool's help command, is a key press.
+        await act(s, sandbox, dto.KeyboardHotkeyAction(keys="Help"))
+        assert [p for p in paths if p.exists()] == []
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- processes

@@ -9,6 +9,7 @@ from lybic import dto
 
 from localsandbox._api import parse_action
 from localsandbox._errors import BadRequestError, UnsupportedActionError
+from localsandbox._keys import XDOTOOL_COMMANDS, keysym
 from localsandbox._xinput import Plan, plan
 
 W, H = 1280, 720
@@ -234,6 +235,21 @@ CASES: list[tuple[str, Any, Plan]] = [
             timeout=15.25,
         ),
     ),
+    (
+        "hotkey-help-key-is-not-the-help-command",
+        dto.KeyboardHotkeyAction(keys="Help ctrl+Help"),
+        Plan(steps=[["key", "--", "0xff6a", "ctrl+Help"]]),
+    ),
+    (
+        "hold-help-key",
+        dto.MouseMoveAction(x=px(1), y=px(1), holdKey="shift+Help"),
+        Plan(steps=[["mousemove", "1", "1"]], hold=["shift", "0xff6a"]),
+    ),
+    (
+        "keysyms-aliases-and-keycodes",
+        dto.KeyboardHotkeyAction(keys="Shift_L+KP_Enter XF86AudioMute CONTROL+Tab 38"),
+        Plan(steps=[["key", "--", "Shift_L+KP_Enter", "XF86AudioMute", "CONTROL+Tab", "38"]]),
+    ),
     ("key-down", dto.KeyDownAction(key="shift"), Plan(steps=[["keydown", "--", "shift"]])),
     ("key-up", dto.KeyUpAction(key="shift"), Plan(steps=[["keyup", "--", "shift"]])),
     ("wait", dto.WaitAction(duration=1500), Plan(wait_ms=1500)),
@@ -265,6 +281,12 @@ BAD: list[tuple[str, Any, str]] = [
     ("key-shell-chars", dto.KeyDownAction(key="a;rm -rf /"), "key syntax"),
     ("hold-key-bad", dto.MouseMoveAction(x=px(1), y=px(1), holdKey="ctrl+$(x)"), "key syntax"),
     ("hotkey-empty", dto.KeyboardHotkeyAction(keys="  "), "no key"),
+    # xdotool would run `touch pwned` after pressing a (its command chaining).
+    ("hotkey-chains-exec", dto.KeyboardHotkeyAction(keys="a exec touch pwned"), "'exec'"),
+    ("hold-chains-exec", dto.MouseMoveAction(x=px(1), y=px(1), holdKey="a+exec+sh"), "'exec'"),
+    ("key-down-chains-exec", dto.KeyDownAction(key="a+exec+touch+pwned"), "'exec'"),
+    ("key-up-chains-type", dto.KeyUpAction(key="a+type+x"), "'type'"),
+    ("hotkey-unknown-name", dto.KeyboardHotkeyAction(keys="ctrl+nosuchkey"), "unknown key"),
     ("type-nul", dto.KeyboardTypeAction(content="a\x00b"), "NUL"),
     ("type-huge", dto.KeyboardTypeAction(content="a" * 20_001), "at most"),
     (
@@ -282,6 +304,49 @@ BAD: list[tuple[str, Any, str]] = [
 def test_invalid_actions_are_bad_requests(name: str, action: Any, says: str) -> None:
     with pytest.raises(BadRequestError, match=says.replace("$", r"\$").replace("(", r"\(")):
         plan(action, W, H)
+
+
+def _commands(args: list[str]) -> int:
+    """How many of ``args`` xdotool reads as a command name (it compares without case)."""
+    return sum(a.lower() in XDOTOOL_COMMANDS for a in args)
+
+
+@pytest.mark.parametrize("command", sorted(XDOTOOL_COMMANDS))
+def test_no_xdotool_command_passes_as_a_key(command: str) -> None:
+    """Every xdotool command name, in any case, wherever a key goes, is refused —
+    or (``Help``, a real keysym) pressed through an argument that names no command."""
+    for name in (command, command.upper(), command.capitalize()):
+        # (action, xdotool commands the plan's one step may hold: its own)
+        shapes: list[tuple[Any, int]] = [
+            (dto.KeyboardHotkeyAction(keys=f"a {name}"), 1),
+            (dto.KeyboardHotkeyAction(keys=name), 1),
+            (dto.KeyboardHotkeyAction(keys=f"a {name}", duration=10), 6),
+            (dto.KeyDownAction(key=f"a+{name}"), 1),
+            (dto.KeyUpAction(key=name), 1),
+            (dto.MouseClickAction(x=px(1), y=px(1), button=1, holdKey=f"a+{name}"), 2),
+        ]
+        for action, own in shapes:
+            try:
+                p = plan(action, W, H)
+            except BadRequestError as exc:
+                assert "unknown key name" in exc.args[0]
+                continue
+            assert keysym(name), f"{name!r} is no keysym but was accepted"
+            assert [_commands(step) for step in p.steps] == [own], p
+            assert _commands(p.hold) == 0, p
+
+
+def test_the_help_keysym_is_pressed_by_number() -> None:
+    assert keysym("Help") == 0xFF6A and not keysym("help") and not keysym("exec")
+    p = plan(dto.KeyUpAction(key="Help"), W, H)
+    assert p.steps == [["keyup", "--", "0xff6a"]]
+
+
+def test_typed_text_is_one_argument_after_the_end_of_options() -> None:
+    """type reads every argument after -- as text and never chains a command."""
+    text = "a exec touch pwned --file /etc/passwd sleep 9"
+    p = plan(dto.KeyboardTypeAction(content=text), W, H)
+    assert p.steps == [["type", "--delay", "8", "--", text]]
 
 
 def test_mobile_and_unknown_actions_are_unsupported() -> None:

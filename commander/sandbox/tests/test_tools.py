@@ -13,6 +13,7 @@ import pytest
 from lybic import LybicClient, Sandbox
 
 from commander._errors import InvalidToolArgumentsError, ToolExecutionError
+from commander._provider import CallContext
 from commander.gui import KeyboardType
 from commander.sandbox import TOOL_NAMES, SandboxSettings, SandboxTools, sandbox_provider
 from commander.sandbox.tests.conftest import sandbox_settings
@@ -181,15 +182,21 @@ async def test_android_tools_send_the_sdk_actions() -> None:
     tools._lybic().client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     provider = sandbox_provider(tools)
     sid = {"sandbox_id": "SBX-1"}
-    await provider.call("mobile.tap", {**sid, "x": 5, "y": 6})
-    await provider.call("mobile.long_press", {**sid, "x": 5, "y": 6, "duration_ms": 700})
-    await provider.call("mobile.swipe", {**sid, "x": 5, "y": 6, "direction": "up", "distance": 90})
-    await provider.call("mobile.drag", {**sid, "start_x": 1, "start_y": 2, "end_x": 3, "end_y": 4})
-    await provider.call("mobile.back", sid)
-    await provider.call("mobile.home", sid)
-    await provider.call("mobile.start_app", {**sid, "package_name": "com.x"})
-    await provider.call("mobile.close_app", {**sid, "name": "Clock"})
-    listed = await provider.call("mobile.list_apps", sid)
+    # The task was given SBX-1 (the dispatcher says so in the invocation).
+    given = CallContext(task_id="T1", sandbox_ids=frozenset({"SBX-1"}))
+
+    async def call(name: str, args: dict[str, Any]) -> Any:
+        return await provider.call(name, args, context=given)
+
+    await call("mobile.tap", {**sid, "x": 5, "y": 6})
+    await call("mobile.long_press", {**sid, "x": 5, "y": 6, "duration_ms": 700})
+    await call("mobile.swipe", {**sid, "x": 5, "y": 6, "direction": "up", "distance": 90})
+    await call("mobile.drag", {**sid, "start_x": 1, "start_y": 2, "end_x": 3, "end_y": 4})
+    await call("mobile.back", sid)
+    await call("mobile.home", sid)
+    await call("mobile.start_app", {**sid, "package_name": "com.x"})
+    await call("mobile.close_app", {**sid, "name": "Clock"})
+    listed = await call("mobile.list_apps", sid)
     assert listed["result"] == {"apps": ["a"]}
     actions = [b["action"] for b in bodies]
     assert [a["type"] for a in actions] == [
@@ -208,9 +215,7 @@ async def test_android_tools_send_the_sdk_actions() -> None:
     assert actions[6]["packageName"] == "com.x" and actions[7]["name"] == "Clock"
     assert all(b["includeScreenShot"] is False for b in bodies)
     with pytest.raises(InvalidToolArgumentsError):
-        await provider.call(
-            "mobile.swipe", {**sid, "x": 1, "y": 1, "direction": "in", "distance": 1}
-        )
+        await call("mobile.swipe", {**sid, "x": 1, "y": 1, "direction": "in", "distance": 1})
     await tools.aclose()
 
 

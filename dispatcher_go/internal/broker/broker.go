@@ -74,6 +74,9 @@ type Call struct {
 	// TraceContext is the caller's W3C Trace Context (the commander's span
 	// for the call); the call's span is its child. Empty: ctx's span.
 	TraceContext map[string]string
+	// SandboxIDs are the sandboxes the task was given (Invocation.sandbox_ids):
+	// a sandbox provider lets the call act on these and on its own.
+	SandboxIDs []string
 }
 
 // Result is a call's outcome as the session reports it.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -249,10 +250,19 @@ func TestProviderRoundTripAndUnregister(t *testing.T) {
 	}
 
 	res := make(chan Result, 1)
-	go func() { res <- call(b, context.Background(), "computer.click", `{"x":1,"y":2}`) }()
+	go func() {
+		res <- b.Call(context.Background(), Call{
+			TaskID: "t", SessionID: "s", CallID: "c1", ToolName: "computer.click",
+			ArgumentsJSON: `{"x":1,"y":2}`, SandboxIDs: []string{"SBX-1"},
+		})
+	}()
 	inv := f.next(t).GetInvoke()
 	if inv.GetToolName() != "computer.click" || inv.GetCallId() != "c1" || inv.GetTaskId() != "t" || inv.GetDeadline() == nil {
 		t.Fatalf("invoke %v", inv)
+	}
+	// The provider learns which sandboxes the task was given (it checks them).
+	if !slices.Equal(inv.GetSandboxIds(), []string{"SBX-1"}) {
+		t.Fatalf("invoke sandbox_ids %v", inv.GetSandboxIds())
 	}
 	f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
 		InvocationId: inv.GetInvocationId(), ResultJson: `{"ok":true}`,

@@ -253,6 +253,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 		Deadline:      timestamppb.New(time.Now().Add(timeout)),
 		CallId:        c.CallID,
 		TraceContext:  telemetry.Inject(ctx),
+		SandboxIds:    c.SandboxIDs,
 	}}}
 	select {
 	case p.out <- inv:

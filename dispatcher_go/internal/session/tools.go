@@ -62,6 +62,7 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 		ToolName:      tc.GetToolName(),
 		ArgumentsJSON: tc.GetArgumentsJson(),
 		TraceContext:  tc.GetTraceContext(),
+		SandboxIDs:    r.t.SandboxIDs(),
 	}
 	if d.Action == policy.Hold {
 		r.policyHold(tc, call, d)

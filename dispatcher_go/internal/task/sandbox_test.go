@@ -1,6 +1,7 @@
 package task
 
 import (
+	"slices"
 	"testing"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
@@ -48,5 +49,36 @@ func TestSandboxInUseIsShownKeptForContinuationAndStored(t *testing.T) {
 	after, _ := m.Submit(Spec{Instruction: "again", PreviousTaskID: gone.ID()})
 	if after.Sandbox() != nil {
 		t.Fatalf("a destroyed sandbox was handed on: %v", after.Sandbox())
+	}
+}
+
+func TestSandboxIDsAreWhatTheTaskWasGiven(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	none, _ := m.Submit(Spec{Instruction: "no sandbox yet"})
+	q.take(none)
+	if ids := none.SandboxIDs(); len(ids) != 0 {
+		t.Fatalf("a task given nothing has %v", ids)
+	}
+	none.SetSandboxInUse(&agentpb.Sandbox{Id: "SBX-made"}, true)
+	if ids := none.SandboxIDs(); !slices.Equal(ids, []string{"SBX-made"}) {
+		t.Fatalf("after its session reported one: %v", ids)
+	}
+	none.Finish(agentpb.TaskStatus_SUCCESS, "ok", "")
+
+	// The client's sandbox; the continued one; and both with a report.
+	own, _ := m.Submit(Spec{Instruction: "x", Sandbox: &agentpb.Sandbox{Id: "SBX-own"}})
+	q.take(own)
+	own.SetSandboxInUse(&agentpb.Sandbox{Id: "SBX-own"}, true)
+	if ids := own.SandboxIDs(); !slices.Equal(ids, []string{"SBX-own"}) {
+		t.Fatalf("the client's sandbox, reported: %v", ids)
+	}
+	next, _ := m.Submit(Spec{Instruction: "go on", PreviousTaskID: none.ID()})
+	if ids := next.SandboxIDs(); !slices.Equal(ids, []string{"SBX-made"}) {
+		t.Fatalf("the continued sandbox: %v", ids)
+	}
+	q.take(next)
+	next.SetSandboxInUse(&agentpb.Sandbox{Id: "SBX-other"}, false)
+	if ids := next.SandboxIDs(); !slices.Equal(ids, []string{"SBX-made", "SBX-other"}) {
+		t.Fatalf("continued and reported: %v", ids)
 	}
 }

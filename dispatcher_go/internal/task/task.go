@@ -222,6 +222,22 @@ func (t *Task) SetSandboxInUse(sb *agentpb.Sandbox, kept bool) {
 	t.saveLocked()
 }
 
+// SandboxIDs are the sandboxes the task was given, which its tool calls may
+// act on (besides the ones they create): the client's choice or the sandbox
+// continued from the previous task, and the one its session reported in use.
+func (t *Task) SandboxIDs() []string {
+	var ids []string
+	if id := t.sandbox.GetId(); id != "" {
+		ids = append(ids, id)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if id := t.usedSandbox.GetId(); id != "" && (len(ids) == 0 || ids[0] != id) {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // ContinuedSandbox is the sandbox a task continuing this one runs on: the
 // one the session reported and kept, or nil.
 func (t *Task) ContinuedSandbox() *agentpb.Sandbox {

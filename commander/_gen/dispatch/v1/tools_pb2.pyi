@@ -230,6 +230,7 @@ class Invocation(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     CALL_ID_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SANDBOX_IDS_FIELD_NUMBER: _builtins.int
     invocation_id: _builtins.str
     """Unique per dispatcher; echo it in the InvocationResult."""
     tool_name: _builtins.str
@@ -248,6 +249,15 @@ class Invocation(_message.Message):
         provider's span for running the tool is its child.
         """
 
+    @_builtins.property
+    def sandbox_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sandboxes task_id was given, which a provider cannot know by itself:
+        the one the client named or the task continues (previous_task_id), and
+        the one its session reported in use (SandboxInUse). A sandbox provider
+        lets a call act only on these, on the ones the task created through it,
+        and on its own precreated sandbox.
+        """
+
     def __init__(
         self,
         *,
@@ -259,10 +269,11 @@ class Invocation(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         call_id: _builtins.str = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        sandbox_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "call_id", b"call_id", "deadline", b"deadline", "invocation_id", b"invocation_id", "session_id", b"session_id", "task_id", b"task_id", "tool_name", b"tool_name", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "call_id", b"call_id", "deadline", b"deadline", "invocation_id", b"invocation_id", "sandbox_ids", b"sandbox_ids", "session_id", b"session_id", "task_id", b"task_id", "tool_name", b"tool_name", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -415,7 +415,13 @@ type Invocation struct {
 	CallId string `protobuf:"bytes,7,opt,name=call_id,json=callId,proto3" json:"call_id,omitempty"`
 	// W3C Trace Context of the dispatcher's span for this call; the
 	// provider's span for running the tool is its child.
-	TraceContext  map[string]string `protobuf:"bytes,8,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	TraceContext map[string]string `protobuf:"bytes,8,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The sandboxes task_id was given, which a provider cannot know by itself:
+	// the one the client named or the task continues (previous_task_id), and
+	// the one its session reported in use (SandboxInUse). A sandbox provider
+	// lets a call act only on these, on the ones the task created through it,
+	// and on its own precreated sandbox.
+	SandboxIds    []string `protobuf:"bytes,9,rep,name=sandbox_ids,json=sandboxIds,proto3" json:"sandbox_ids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -502,6 +508,13 @@ func (x *Invocation) GetCallId() string {
 func (x *Invocation) GetTraceContext() map[string]string {
 	if x != nil {
 		return x.TraceContext
+	}
+	return nil
+}
+
+func (x *Invocation) GetSandboxIds() []string {
+	if x != nil {
+		return x.SandboxIds
 	}
 	return nil
 }
@@ -642,7 +655,7 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\brejected\x18\x04 \x01(\v2\x15.dispatch.v1.RejectedH\x00R\brejectedB\x05\n" +
 	"\x03msg\"4\n" +
 	"\aWelcome\x12)\n" +
-	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\"\x8f\x03\n" +
+	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\"\xb0\x03\n" +
 	"\n" +
 	"Invocation\x12#\n" +
 	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x1b\n" +
@@ -653,7 +666,9 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"session_id\x18\x05 \x01(\tR\tsessionId\x126\n" +
 	"\bdeadline\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bdeadline\x12\x17\n" +
 	"\acall_id\x18\a \x01(\tR\x06callId\x12N\n" +
-	"\rtrace_context\x18\b \x03(\v2).dispatch.v1.Invocation.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\rtrace_context\x18\b \x03(\v2).dispatch.v1.Invocation.TraceContextEntryR\ftraceContext\x12\x1f\n" +
+	"\vsandbox_ids\x18\t \x03(\tR\n" +
+	"sandboxIds\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"O\n" +
