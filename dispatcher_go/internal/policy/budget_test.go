@@ -347,3 +347,49 @@ func TestWorstTaskPolicyPacketTime(t *testing.T) {
 		t.Logf("%s: %v a packet (best of 20); %s", tc.name, best, d.Reason)
 	}
 }
+
+// FuzzCompileTask: whatever a client sends as policy_yaml, CompileTask
+// answers quickly without panicking; a policy it accepts is within its
+// estimate budget and decides a packet within the time backstop.
+func FuzzCompileTask(f *testing.F) {
+	for _, name := range []string{"testdata/example.yaml", "testdata/case_sensitive.yaml", "testdata/invalid/syntax.yaml"} {
+		src, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(string(src))
+	}
+	f.Add(rulesOf(2, `[1,2,3].exists(x, [1,2,3].exists(y, text.matches("a+b") && x < y))`))
+	f.Add(rulesOf(1, strings.Repeat("[1].map(x, ", 20)+"1"+strings.Repeat(")", 20)+" == []"))
+	f.Add(rulesOf(1, `text.matches("((a{10}){10}){10}")`))
+	f.Fuzz(func(t *testing.T, src string) {
+		start := time.Now()
+		p, err := CompileTask([]byte(src))
+		if el := time.Since(start); el > 2*time.Second {
+			t.Fatalf("CompileTask took %v", el)
+		}
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error %v does not wrap ErrInvalid", err)
+			}
+			return
+		}
+		if p.Budget() != TaskPacketBudget || p.EstimatedCost() > TaskEstimateBudget {
+			t.Fatalf("accepted with budget %d, estimate %d", p.Budget(), p.EstimatedCost())
+		}
+		s := NewSession(&staticSource{p: mustCompile(t, "")}, p)
+		start = time.Now()
+		for _, pkt := range []Packet{
+			{Kind: KindContent, Text: strings.Repeat("ab ", 2000)},
+			{Kind: KindToolCall, ToolName: "shell", ToolArgsJSON: `{"cmd":"` + strings.Repeat("x", 3000) + `"}`},
+		} {
+			d := s.Evaluate(context.Background(), pkt, State{})
+			if d.Action < Allow || d.Action > Stop || (d.Action != Allow && d.RuleID == "") {
+				t.Fatalf("bad decision %+v", d)
+			}
+		}
+		if el := time.Since(start); el > time.Second {
+			t.Fatalf("two packets took %v", el)
+		}
+	})
+}
