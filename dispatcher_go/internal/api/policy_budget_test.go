@@ -35,7 +35,7 @@ func TestSubmitRefusesCostlyTaskPolicy(t *testing.T) {
 	costly := strings.Repeat(`window.matches("(a|b)+c[0-9]{2,5}x") || `, 30) + "false"
 	cases := []struct {
 		name, src, want string
-		within       time.Duration
+		within          time.Duration
 	}{
 		{"1.3 MB", "cost_limit: 10000000\n" + taskRules(1000, costly), "task policy too large: 1328918 bytes > 16384", 500 * time.Millisecond},
 		{"estimated cost", taskRules(8, `text.lowerAscii().contains("a") && window.lowerAscii().contains("b")`),
