@@ -34,7 +34,7 @@ type taskService struct {
 func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
 	var extra *policy.Policy
 	if src := req.GetPolicyYaml(); src != "" {
-		p, err := policy.Compile([]byte(src))
+		p, err := policy.CompileTask([]byte(src))
 		if err != nil {
 			// The compile error names the rule or test and what is wrong;
 			// it is about the caller's own text.

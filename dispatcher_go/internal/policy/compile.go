@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"cel.dev/cel-go/cel"
+	"cel.dev/cel-go/common/cost"
 	"cel.dev/cel-go/ext"
 	yaml "go.yaml.in/yaml/v3"
 )
@@ -126,6 +127,9 @@ type rule struct {
 	holdTimeout time.Duration
 	on          uint16 // bit per kind index
 	prg         cel.Program
+	costLimit   uint64   // the program's cost limit
+	estimate    uint64   // static cost for a nominal packet (with a budget only)
+	regex       int      // size of its constant patterns (task policies only)
 	phrases     [][]byte // lower-cased unless caseSensitive
 	caseSens    bool
 	failClosed  bool
@@ -147,6 +151,12 @@ type Policy struct {
 	holdTimeout time.Duration
 	numRules    int
 	src         []byte // the YAML it was compiled from, for storing with a task
+	// budget is the most the policy may spend on one packet (CEL cost
+	// units; 0: no budget, the operator's policy), estimate its static
+	// estimate for a nominal packet (budget.go).
+	budget    uint64
+	estimate  uint64
+	timeLimit time.Duration // the backstop of budget (0: none)
 }
 
 // Source returns the YAML the policy was compiled from. Compiling it again
@@ -205,10 +215,13 @@ func newCELEnv() (*cel.Env, error) {
 
 // Compile parses a policy file, compiles its rules and runs its inline
 // tests. Any problem is an error wrapping ErrInvalid that names the rule or
-// test and says what is wrong.
-func Compile(src []byte) (*Policy, error) {
-	if len(src) > maxFileBytes {
-		return nil, fmt.Errorf("%w: larger than %d bytes", ErrInvalid, maxFileBytes)
+// test and says what is wrong. It is for the operator's file; a task's own
+// policy is compiled by CompileTask.
+func Compile(src []byte) (*Policy, error) { return compile(src, operatorBounds) }
+
+func compile(src []byte, b *bounds) (*Policy, error) {
+	if len(src) > b.maxBytes {
+		return nil, fmt.Errorf("%w: %s too large: %d bytes > %d", ErrInvalid, b.name, len(src), b.maxBytes)
 	}
 	var spec fileSpec
 	dec := yaml.NewDecoder(bytes.NewReader(src))
@@ -217,17 +230,26 @@ func Compile(src []byte) (*Policy, error) {
 	if err := dec.Decode(&spec); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	p, err := build(&spec, src)
+	p, err := build(&spec, src, b)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if err := runTests(p, spec.Tests); err != nil {
+	if b.maxTestPackets > 0 {
+		n := 0
+		for _, tc := range spec.Tests {
+			n += max(len(tc.Packets), 1)
+		}
+		if n > b.maxTestPackets {
+			return nil, fmt.Errorf("%w: too many test packets: %d (max %d for a %s)", ErrInvalid, n, b.maxTestPackets, b.name)
+		}
+	}
+	if err := runTests(p, spec.Tests, b.testBudget); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return p, nil
 }
 
-func build(spec *fileSpec, src []byte) (*Policy, error) {
+func build(spec *fileSpec, src []byte, b *bounds) (*Policy, error) {
 	if spec.Version != 0 && spec.Version != 1 {
 		return nil, fmt.Errorf("version %d is not supported (want 1)", spec.Version)
 	}
@@ -238,16 +260,18 @@ func build(spec *fileSpec, src []byte) (*Policy, error) {
 		limits:      spec.Limits,
 		window:      DefaultTextWindow,
 		holdTimeout: DefaultHoldTimeout,
+		budget:      b.packetBudget,
+		timeLimit:   b.timeLimit,
 	}
 	if l := spec.Limits; l.MaxTokens < 0 || l.MaxCost < 0 || l.MaxSteps < 0 || l.MaxToolCallsPerMinute < 0 {
 		return nil, errors.New("limits must not be negative")
 	}
-	costLimit := uint64(DefaultCostLimit)
+	costLimit := b.defaultCostLimit
 	if spec.CostLimit > 0 {
-		costLimit = min(spec.CostLimit, MaxCostLimit)
+		costLimit = min(spec.CostLimit, b.maxCostLimit)
 	}
-	if spec.TextWindow < 0 || spec.TextWindow > MaxTextWindow {
-		return nil, fmt.Errorf("text_window must be between 0 and %d", MaxTextWindow)
+	if spec.TextWindow < 0 || spec.TextWindow > b.maxTextWindow {
+		return nil, fmt.Errorf("text_window must be between 0 and %d", b.maxTextWindow)
 	}
 	if spec.TextWindow > 0 {
 		p.window = spec.TextWindow
@@ -259,17 +283,31 @@ func build(spec *fileSpec, src []byte) (*Policy, error) {
 		}
 		p.holdTimeout = ht
 	}
-	if len(spec.Rules) > maxRules {
-		return nil, fmt.Errorf("too many rules (max %d)", maxRules)
+	if len(spec.Rules) > b.maxRules {
+		return nil, fmt.Errorf("too many rules: %d (max %d for a %s)", len(spec.Rules), b.maxRules, b.name)
 	}
-	env, err := celEnv()
+	// The cheap bounds first: nothing is compiled if they fail.
+	var exprBytes, phrases int
+	for _, rs := range spec.Rules {
+		exprBytes += len(rs.When)
+		phrases += len(rs.Phrases)
+	}
+	if b.maxExprBytes > 0 && exprBytes > b.maxExprBytes {
+		return nil, fmt.Errorf("conditions too long: %d bytes of CEL in all (max %d for a %s)", exprBytes, b.maxExprBytes, b.name)
+	}
+	if b.maxPhrases > 0 && phrases > b.maxPhrases {
+		return nil, fmt.Errorf("too many phrases: %d (max %d for a %s)", phrases, b.maxPhrases, b.name)
+	}
+	env, err := b.env()
 	if err != nil {
 		return nil, fmt.Errorf("CEL environment: %v", err)
 	}
 	p.keep = p.window
 	seen := map[string]bool{}
+	ests := map[string]uint64{}
+	regex := 0
 	for i, rs := range spec.Rules {
-		r, err := buildRule(env, &rs, p, costLimit)
+		r, est, err := buildRule(env, &rs, p, costLimit, b)
 		if err != nil {
 			name := rs.ID
 			if name == "" {
@@ -281,6 +319,13 @@ func build(spec *fileSpec, src []byte) (*Policy, error) {
 			return nil, fmt.Errorf("rule %s: duplicate id", r.id)
 		}
 		seen[r.id] = true
+		if regex = satAdd(regex, r.regex); b.maxRegexProgram > 0 && regex > b.maxRegexProgram {
+			return nil, fmt.Errorf("regular expressions too large: about %d instructions in all (max %d for a %s)", regex, b.maxRegexProgram, b.name)
+		}
+		if p.budget > 0 {
+			ests[r.id] = est
+			p.estimate = cost.SafeAdd(p.estimate, est)
+		}
 		if r.prg != nil {
 			p.rules = append(p.rules, r)
 		} else {
@@ -292,6 +337,9 @@ func build(spec *fileSpec, src []byte) (*Policy, error) {
 		}
 	}
 	p.numRules = len(p.rules) + len(p.text)
+	if err := checkEstimate(p, ests, b); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
@@ -307,7 +355,26 @@ func validID(id string) bool {
 	return true
 }
 
-func buildRule(env *cel.Env, rs *ruleSpec, p *Policy, costLimit uint64) (*rule, error) {
+// buildRule compiles one rule; with a budget (b.packetBudget) it also
+// returns the rule's estimated cost for a nominal packet.
+func buildRule(env *cel.Env, rs *ruleSpec, p *Policy, costLimit uint64, b *bounds) (*rule, uint64, error) {
+	r, err := buildRuleOnly(env, rs, p, costLimit, b)
+	if err != nil || b.packetBudget == 0 {
+		return r, 0, err
+	}
+	if r.prg == nil {
+		// A phrase rule scans the packet (and the end of the stream before
+		// it) for each phrase.
+		est := uint64(TaskRuleCharge)
+		for _, ph := range r.phrases {
+			est += phraseCharge(nominalPacketBytes + len(ph) - 1)
+		}
+		return r, est, nil
+	}
+	return r, r.estimate, nil
+}
+
+func buildRuleOnly(env *cel.Env, rs *ruleSpec, p *Policy, costLimit uint64, b *bounds) (*rule, error) {
 	if !validID(rs.ID) {
 		return nil, errors.New("id must be 1-128 characters of [A-Za-z0-9._-] and not start with \"limit.\"")
 	}
@@ -368,8 +435,8 @@ func buildRule(env *cel.Env, rs *ruleSpec, p *Policy, costLimit uint64) (*rule, 
 	}
 	if len(rs.Phrases) > 0 {
 		for _, ph := range rs.Phrases {
-			if ph == "" || len(ph) > MaxTextWindow {
-				return nil, fmt.Errorf("phrases must be 1 to %d bytes", MaxTextWindow)
+			if ph == "" || len(ph) > b.maxPhraseBytes {
+				return nil, fmt.Errorf("phrases must be 1 to %d bytes", b.maxPhraseBytes)
 			}
 			if !rs.CaseSensitive {
 				ph = strings.ToLower(ph)
@@ -381,22 +448,39 @@ func buildRule(env *cel.Env, rs *ruleSpec, p *Policy, costLimit uint64) (*rule, 
 		}
 		return r, nil
 	}
-	ast, iss := env.Compile(rs.When)
+	ast, iss := env.Parse(rs.When)
+	if iss.Err() != nil {
+		return nil, fmt.Errorf("when: %v", iss.Err())
+	}
+	if b.maxRegexProgram > 0 {
+		// Before anything compiles the patterns (the type checker does,
+		// to check cel.RegexProgramSizeLimit, and so does the program).
+		r.regex = regexSize(ast)
+		if r.regex > b.maxRegexProgram {
+			return nil, fmt.Errorf("when: regular expressions too large: about %d instructions (max %d for a %s)", r.regex, b.maxRegexProgram, b.name)
+		}
+	}
+	ast, iss = env.Check(ast)
 	if iss.Err() != nil {
 		return nil, fmt.Errorf("when: %v", iss.Err())
 	}
 	if ast.OutputType() != cel.BoolType {
 		return nil, fmt.Errorf("when must be a bool expression, not %s", ast.OutputType())
 	}
-	prg, err := env.Program(ast,
-		cel.CostLimit(costLimit),
-		cel.InterruptCheckFrequency(100),
-		cel.EvalOptions(cel.OptOptimize),
-	)
+	opts := b.programOptions(costLimit)
+	if b.packetBudget > 0 {
+		// The static estimate, and the same charges when it runs.
+		est, err := ruleEstimate(env, ast, uint64(p.window)+nominalPacketBytes, costLimit)
+		if err != nil {
+			return nil, fmt.Errorf("when: estimating its cost: %v", err)
+		}
+		r.estimate = est
+	}
+	prg, err := env.Program(ast, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("when: %v", err)
 	}
-	r.prg = prg
+	r.prg, r.costLimit = prg, costLimit
 	if r.reason == "" {
 		r.reason = "policy rule " + r.id
 	}

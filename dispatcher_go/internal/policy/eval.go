@@ -35,6 +35,9 @@ type Session struct {
 	tails   [2][]byte
 	scratch []byte // lower-cased text for phrase matching
 	calls   []time.Time
+	// spent is what policies with a budget spent (CEL cost units) since
+	// the inline tests last reset it.
+	spent uint64
 }
 
 // Source yields the global policy in force; *Engine implements it.
@@ -135,6 +138,13 @@ func (a *activation) ResolveName(name string) (any, bool) {
 }
 
 func (a *activation) Parent() interpreter.Activation { return nil }
+
+// setWindow makes w (a suffix of the stream's tail) the variable window.
+func (a *activation) setWindow(w []byte) {
+	if a.window == nil || len(w) != len(a.window) {
+		a.window, a.winStr = w, nil
+	}
+}
 
 // Evaluate decides about one packet. It also advances the session's state:
 // the text tail keeps the packet's text unless the decision is a stop, and a
@@ -302,10 +312,9 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 	// last (longest phrase - 1) bytes before the packet, and the packet
 	// (older text was searched before, with no match).
 	var hay []byte
+	win := max(global.windowBytes(), extra.windowBytes())
 	if tail != nil {
 		b := *tail
-		win := max(global.windowBytes(), extra.windowBytes())
-		act.window = b[suffixStart(b[:before], win):]
 		reach := max(global.phraseBytes(), extra.phraseBytes()) - 1
 		hay = b[suffixStart(b[:before], max(reach, 0)):]
 	}
@@ -314,10 +323,44 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 		if p == nil {
 			continue
 		}
+		// A policy with a budget (a task's) pays for what its rules cost on
+		// this packet: past the budget, or past its time limit (the
+		// backstop), the evaluation ends with a stop.
+		var spent uint64
+		charge := func(c uint64) bool {
+			spent += c
+			s.spent += c
+			return spent > p.budget
+		}
+		over := func(at string) Decision {
+			return budgetStop(PolicyCostRule, fmt.Sprintf(
+				"task policy over its evaluation budget: cost %d > %d units on a %s packet (at rule %s)",
+				spent, p.budget, pkt.Kind, at))
+		}
+		rctx := ctx
+		var timedOut func() bool
+		if p.budget > 0 && p.timeLimit > 0 && len(p.rules) > 0 {
+			var cancel context.CancelFunc
+			rctx, cancel = context.WithTimeout(ctx, p.timeLimit)
+			defer cancel()
+			timedOut = func() bool { return rctx.Err() != nil && ctx.Err() == nil }
+		}
 		if tail != nil {
+			// A policy with a budget sees the window it asked for (what it
+			// pays for), the others the larger of both.
+			w := win
+			if p.budget > 0 {
+				w = p.window
+			}
+			b := *tail
+			act.setWindow(b[suffixStart(b[:before], w):])
 			for _, r := range p.text {
 				if !r.applies(bit) {
 					continue
+				}
+				if p.budget > 0 && charge(TaskRuleCharge) {
+					take(p, over(r.id))
+					return best
 				}
 				h := hay
 				if !r.caseSens {
@@ -328,6 +371,10 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 					h = lower
 				}
 				for _, ph := range r.phrases {
+					if p.budget > 0 && charge(phraseCharge(min(len(h), len(pkt.Text)+len(ph)-1))) {
+						take(p, over(r.id))
+						return best
+					}
 					if bytes.Contains(h, ph) {
 						if take(p, r.decision(r.reason)) {
 							return best
@@ -341,7 +388,29 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 			if !r.applies(bit) || r.action <= best.Action {
 				continue
 			}
-			out, _, err := r.prg.ContextEval(ctx, act)
+			if p.budget > 0 && charge(TaskRuleCharge) {
+				take(p, over(r.id))
+				return best
+			}
+			out, det, err := r.prg.ContextEval(rctx, act)
+			if timedOut != nil && timedOut() {
+				take(p, budgetStop(PolicyCostRule, fmt.Sprintf(
+					"task policy over its evaluation time limit: more than %s on a %s packet (at rule %s)",
+					p.timeLimit, pkt.Kind, r.id)))
+				return best
+			}
+			if p.budget > 0 {
+				c := r.costLimit // if the tracker's count were missing
+				if det != nil {
+					if ac := det.ActualCost(); ac != nil {
+						c = *ac
+					}
+				}
+				if charge(c) {
+					take(p, over(r.id))
+					return best
+				}
+			}
 			var hit bool
 			reason := r.reason
 			switch {
@@ -349,7 +418,7 @@ func evaluate(ctx context.Context, global, extra *Policy, s *Session, pkt *Packe
 				s.stats.Errors.Add(1)
 				hit = r.failClosed
 				if hit {
-					reason = fmt.Sprintf("%s (evaluation failed: %v)", r.reason, err)
+					reason = fmt.Sprintf("%s (evaluation failed: %s)", r.reason, clip(err.Error(), maxErrorText))
 				}
 			case out == types.True:
 				hit = true
@@ -395,4 +464,21 @@ func checkLimits(l Limits, pkt *Packet, st *State, lastMin int64) (Decision, boo
 		return Decision{Action: Deny, RuleID: "limit.max_tool_calls_per_minute", Reason: fmt.Sprintf("more than %d tool calls per minute", l.MaxToolCallsPerMinute)}, true
 	}
 	return Decision{}, false
+}
+
+// maxErrorText bounds the CEL error quoted in a decision's reason: an error
+// may quote a value (a missing map key) as long as the packet, and the
+// reason is recorded and sent to the commander.
+const maxErrorText = 256
+
+// clip cuts s to at most n bytes at a rune boundary, marking the cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	i := n
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
 }

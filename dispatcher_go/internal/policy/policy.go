@@ -15,6 +15,11 @@
 // any way to loosen the global policy. A stop decision carries its stop
 // code (budget for the built-in spending limits, policy for rules).
 //
+// A task's own policy is a client's text: CompileTask bounds what it may
+// cost to compile and its static cost estimate, and on every packet its
+// rules are charged their actual cost against a budget, past which the
+// decision is a stop (budget.go). The operator's file has no such budget.
+//
 // It only decides: it must not act on a decision (stopping, denying,
 // holding and recording are internal/session's), and it sees a packet only
 // as a Packet, never the stream or the event log.
@@ -119,13 +124,14 @@ type Decision struct {
 	Action Action
 	// RuleID is the rule that decided ("" for allow). Built-in limits are
 	// "limit.max_tokens", "limit.max_cost", "limit.max_steps",
-	// "limit.max_tool_calls_per_minute".
+	// "limit.max_tool_calls_per_minute", and "limit.policy_cost" (a task's
+	// policy over its evaluation budget).
 	RuleID string
 	// Reason explains the decision in words for people.
 	Reason string
 	// StopCode is the code of the stop a Stop decision makes:
 	// STOP_CODE_BUDGET for the built-in spending limits (tokens, cost,
-	// steps), STOP_CODE_POLICY for rules. Unspecified for other actions.
+	// steps, a task policy's evaluation budget), STOP_CODE_POLICY for rules. Unspecified for other actions.
 	StopCode dispatchv1.StopCode
 	// HoldTimeout is how long a Hold waits before it denies.
 	HoldTimeout time.Duration

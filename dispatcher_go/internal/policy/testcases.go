@@ -84,22 +84,31 @@ func (ss *stateSpec) state() State {
 	}
 }
 
-// runTests runs a policy's inline test cases against it.
-func runTests(p *Policy, tests []testSpec) error {
+// runTests runs a policy's inline test cases against it. With a budget
+// (> 0), the tests together may spend at most that much (CEL cost units,
+// counted as for the policy's packet budget); past it they stop with an
+// error.
+func runTests(p *Policy, tests []testSpec, budget uint64) error {
 	var errs []error
+	var spent uint64
 	for i, tc := range tests {
 		name := tc.Name
 		if name == "" {
 			name = fmt.Sprintf("#%d", i+1)
 		}
-		if err := runTest(p, &tc); err != nil {
-			errs = append(errs, fmt.Errorf("test %q: %v", name, err))
+		if err := runTest(p, &tc, &spent, budget); err != nil {
+			errs = append(errs, fmt.Errorf("test %q: %w", name, err))
+			if errors.Is(err, errTestsTooCostly) {
+				break
+			}
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func runTest(p *Policy, tc *testSpec) error {
+var errTestsTooCostly = errors.New("the tests are too expensive")
+
+func runTest(p *Policy, tc *testSpec, spent *uint64, budget uint64) error {
 	want, ok := parseAction(tc.Expect.Action)
 	if !ok {
 		return fmt.Errorf("expect.action %q is not allow, hold, deny or stop", tc.Expect.Action)
@@ -116,6 +125,10 @@ func runTest(p *Policy, tc *testSpec) error {
 			return fmt.Errorf("packet %d: %v", i+1, err)
 		}
 		d := s.Evaluate(ctx, pkt, st)
+		if *spent += s.spent; budget > 0 && *spent > budget {
+			return fmt.Errorf("%w: cost %d > budget %d for all tests", errTestsTooCostly, *spent, budget)
+		}
+		s.spent = 0
 		last := i == len(tc.Packets)-1
 		if !last {
 			if d.Action != Allow {

@@ -131,7 +131,7 @@ func (s *Store) load(rec store.TaskRecord) (task.Snapshot, error) {
 		// A compile error is kept, not fatal here: a finished task only
 		// shows its state, and a requeued one is failed rather than run
 		// without it.
-		snap.Policy, snap.PolicyErr = policy.Compile([]byte(b.PolicyYAML))
+		snap.Policy, snap.PolicyErr = policy.CompileTask([]byte(b.PolicyYAML))
 	}
 	if c := (&agentpb.CommonConfig{}); s.sealer.Open(b.SealedConfig, rec.ID, c) {
 		snap.Config = c
