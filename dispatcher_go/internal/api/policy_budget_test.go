@@ -11,6 +11,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // Issue 12, class 6: a client's policy cannot burn the dispatcher.
@@ -30,8 +31,7 @@ func taskRules(n int, when string) string {
 // quickly — the audit's 1.3 MB, 1000-rule policy used to take seconds to
 // compile on the request goroutine and was then accepted.
 func TestSubmitRefusesCostlyTaskPolicy(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
+	h, ctx := newHarness(t, dispatcher.Config{})
 	costly := strings.Repeat(`window.matches("(a|b)+c[0-9]{2,5}x") || `, 30) + "false"
 	cases := []struct {
 		name, src, want string
@@ -62,28 +62,27 @@ func TestSubmitRefusesCostlyTaskPolicy(t *testing.T) {
 // 64 KiB one: that packet stops the task, with STOP_CODE_BUDGET, rule
 // limit.policy_cost and the cost in the reason, and is not recorded.
 func TestTaskPolicyOverBudgetStopsTask(t *testing.T) {
-	h := newHarness(t, dispatcher.Config{})
-	ctx := ctxT(t)
-	c := h.commander(ctx, "planner:chat")
+	h, ctx := newHarness(t, dispatcher.Config{})
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 	id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: taskRules(1, `text.contains("zzz-never")`)})
-	events := watchEvents(t, h, id)
-	sid, _ := c.start()
-	c.send(up(sid, &dispatchv1.ContentChunk{Text: "an ordinary chunk"}))
+	watched := watchEvents(t, h, id, 0)
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "an ordinary chunk"}))
 	big := strings.Repeat("a", 64<<10)
-	c.send(up(sid, &dispatchv1.ContentChunk{Text: big}))
-	stop := c.recvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: big}))
+	stop := c.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil }).GetStop()
 	if stop.GetRuleId() != "limit.policy_cost" || stop.GetCode() != dispatchv1.StopCode_STOP_CODE_BUDGET ||
 		!strings.Contains(stop.GetReason(), "task policy over its evaluation budget: cost ") ||
 		!strings.Contains(stop.GetReason(), "> 2000 units on a content packet (at rule r0)") {
 		t.Fatalf("stop %v", stop)
 	}
-	c.send(up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
 	tk := waitTerminal(t, h, id)
 	if tk.GetStatus() == agentpb.TaskStatus_SUCCESS || !strings.Contains(tk.GetMessage(), "limit.policy_cost") {
 		t.Fatalf("task %v: %q", tk.GetStatus(), tk.GetMessage())
 	}
 	var ordinary, recordedBig, decision bool
-	for _, ev := range events() {
+	for _, ev := range awaitEvents(t, watched) {
 		ordinary = ordinary || ev.GetContent().GetText() == "an ordinary chunk"
 		recordedBig = recordedBig || ev.GetContent().GetText() == big
 		decision = decision || ev.GetPolicy().GetRuleId() == "limit.policy_cost"

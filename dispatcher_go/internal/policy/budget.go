@@ -85,7 +85,7 @@ const (
 	// the budget an evaluation takes well under a millisecond; the limit is
 	// there for work that CEL's cost model does not count (hashing a long
 	// string as a map key, for instance).
-	TaskPacketTimeLimit = 20 * time.Millisecond
+	TaskPacketTimeLimit = 100 * time.Millisecond
 	// regexCompileCharge is charged for each matches() call (with a unit
 	// per byte of the pattern), for the pattern it may compile.
 	regexCompileCharge = 20

@@ -60,7 +60,6 @@ type commander struct {
 // time, so a sender found there is the test's own.
 const sending = "testutil.(*ServerStream[...]).Send"
 
-
 // open starts Serve on a new fake stream without sending anything.
 func (e *env) open(t *testing.T, downBuf int) *commander {
 	t.Helper()
