@@ -149,6 +149,8 @@ def _endpoint(url: str) -> _Endpoint:
     try:
         host = ipaddress.ip_address(host).compressed
     except ValueError:
+        if "%" in host:  # percent-encoded: an HTTP client may decode it, we would not
+            raise ValueError("an encoded host name") from None
         try:
             host = host.encode("idna").decode("ascii").lower()
         except UnicodeError:

@@ -137,6 +137,7 @@ class Stack:
         self.workdir = workdir
         self.procs: list[Proc] = []
         self.dispatchers: list[Dispatcher] = []
+        self.llms: list[ScriptedLLM] = []
         self._n = 0
 
     def _name(self, base: str) -> str:
@@ -184,6 +185,7 @@ class Stack:
         )
         llm = ScriptedLLM(proc, addr)
         wait_until(llm.ready, 10, "scriptedllm answers GET /stats", procs=[proc])
+        self.llms.append(llm)
         return llm
 
     # -------------------------------------------------------------- dispatcher
@@ -262,8 +264,13 @@ class Stack:
         commander_id: str | None = None,
         wait_slots: int | None = None,
         env: dict[str, str] | None = None,
+        allowed_endpoints: list[str] | None = None,
     ) -> Proc:
-        """Starts `python -m commander`; waits until the dispatcher counts wait_slots."""
+        """Starts `python -m commander`; waits until the dispatcher counts wait_slots.
+
+        Tasks may name as their model endpoint (`ScriptedLLM.model_config`) any
+        scripted server this stack started so far, or only `allowed_endpoints`.
+        """
         addr = dispatcher if isinstance(dispatcher, str) else dispatcher.addr
         name = self._name("commander")
         argv = [
@@ -280,6 +287,12 @@ class Stack:
             model,
             "--llm-api-key",
             "sk-test-not-a-real-key",
+            "--llm-allowed-endpoints",
+            ",".join(
+                allowed_endpoints
+                if allowed_endpoints is not None
+                else [llm.base_url for llm in self.llms]
+            ),
             "--id",
             commander_id or name,
             "--log-level",

@@ -240,6 +240,8 @@ async def test_a_host_name_that_does_not_resolve_is_refused(
         ("ftp://api.example.com/v1", False),
         ("file:///etc/passwd", False),
         ("https:///v1", False),
+        ("https://%61pi.example.com/v1", False),  # an encoded host
+        ("https://api.example.com@evil.net/v1", False),  # user info: the host is evil.net
         ("not a url", False),
         ("https://api.example.com/v1\r\nX: y", False),
     ],
