@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("LLM_ALLOWED_ENDPOINTS", ""),
         metavar="URL,...",
         help="comma-separated URL prefixes a task may name as its model endpoint, besides "
-        "--llm-base-url and --gui-base-url (always allowed); such an endpoint gets the "
-        "task's own key or none. Link-local and cloud metadata addresses are refused "
-        "whatever this says (env LLM_ALLOWED_ENDPOINTS; default: none)",
+        "the planner's own endpoint (--llm-base-url for chat, --gui-base-url for gui), "
+        "always allowed; such an endpoint gets the task's own key or none. Link-local and "
+        "cloud metadata addresses are refused whatever this says (env "
+        "LLM_ALLOWED_ENDPOINTS; default: none)",
     )
     parser.add_argument(
         "--llm-max-turns",
