@@ -25,7 +25,12 @@ from commander._cli import (
 )
 from commander._commander import VERSION, Commander, default_commander_id
 from commander._connection import ConnectionConfig
-from commander._llm import DEFAULT_API_KEY, DEFAULT_BASE_URL, ModelTarget
+from commander._llm import (
+    DEFAULT_API_KEY,
+    DEFAULT_BASE_URL,
+    ModelTarget,
+    parse_allowed_endpoints,
+)
 from commander._planners import PlannerRegistry
 from commander._pricing import PriceTable
 from commander._provider import ToolProvider
@@ -47,6 +52,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _allowed_endpoints(text: str) -> tuple[str, ...]:
+    try:
+        return parse_allowed_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--llm-api-key",
         default=env("LLM_API_KEY", DEFAULT_API_KEY),
-        help="default API key (env LLM_API_KEY; prefer the env var)",
+        help="default API key (env LLM_API_KEY; prefer the env var); sent only to "
+        "--llm-base-url, never to an endpoint a task names",
+    )
+    parser.add_argument(
+        "--llm-allowed-endpoints",
+        type=_allowed_endpoints,
+        default=env("LLM_ALLOWED_ENDPOINTS", ""),
+        metavar="URL,...",
+        help="comma-separated URL prefixes a task may name as its model endpoint, besides "
+        "the planner's own endpoint (--llm-base-url for chat, --gui-base-url for gui), "
+        "always allowed; such an endpoint gets the task's own key or none. Link-local and "
+        "cloud metadata addresses are refused whatever this says (env "
+        "LLM_ALLOWED_ENDPOINTS; default: none)",
     )
     parser.add_argument(
         "--llm-max-turns",
@@ -134,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gui.add_argument(
         "--gui-api-key",
         default=env("GUI_LLM_API_KEY"),
-        help="API key of the GUI model (env GUI_LLM_API_KEY; default: --llm-api-key)",
+        help="API key of the GUI model (env GUI_LLM_API_KEY; default: --llm-api-key); sent "
+        "only to the GUI model's endpoint",
     )
     gui.add_argument(
         "--gui-output-format",
@@ -218,6 +243,7 @@ def build_commander(args: argparse.Namespace) -> Commander:
         base_url=args.llm_base_url,
         model=args.llm_model,
         api_key=args.llm_api_key,
+        allowed_endpoints=args.llm_allowed_endpoints,
         max_turns=args.llm_max_turns,
         use_tools=not args.no_llm_tools,
         exclude_tool_prefixes=tuple(p for p in args.llm_exclude_tools.split(",") if p),
@@ -245,6 +271,7 @@ def build_commander(args: argparse.Namespace) -> Commander:
             if args.gui_grounding_model
             else None
         ),
+        allowed_endpoints=args.llm_allowed_endpoints,
         output_format=args.gui_output_format,
         observation=args.gui_observation,
         response_format=args.gui_response_format,

@@ -5,7 +5,9 @@ vLLM, Doubao ARK, DeepSeek, OpenAI...: only the base URL, model name and key
 differ, and those come from the task's config
 (``stageModelConfig.actionGeneratorModel``) with the commander's defaults
 behind them (resolved, like the HTTP pool and error redaction, by
-:mod:`commander._llm`).
+:mod:`commander._llm`). An endpoint the task names itself must be on
+``allowed_endpoints`` and gets the task's own key or none, never the default
+one; otherwise the session fails before any request.
 
 Interruption: the planner is an async generator with no task group in it.
 When the session is stopped, the cancellation arrives either inside the model
@@ -44,10 +46,13 @@ from commander._llm import (
     FirstToken,
     ModelClients,
     ModelTarget,
+    check_endpoint,
     close_model_stream,
     estimate_tokens,
     model_error,
+    parse_allowed_endpoints,
     public_url,
+    request_headers,
     target_from,
 )
 from commander._pricing import PriceTable
@@ -65,7 +70,11 @@ class LLMSettings:
 
     base_url: str = DEFAULT_BASE_URL
     model: str = DEFAULT_MODEL
+    #: The operator's key: sent only to ``base_url`` (and URLs under it).
     api_key: str = dataclasses.field(default=DEFAULT_API_KEY, repr=False)
+    #: URL prefixes a task may name as its own endpoint besides ``base_url``
+    #: (``--llm-allowed-endpoints``); see :func:`commander._llm.check_endpoint`.
+    allowed_endpoints: tuple[str, ...] = ()
     #: Seconds to wait for the next streamed chunk (and for the first one).
     read_timeout: float = 120.0
     connect_timeout: float = 10.0
@@ -86,6 +95,9 @@ class LLMSettings:
     #: Per-model prices: the cost and currency of every Usage.
     prices: PriceTable = dataclasses.field(default_factory=PriceTable)
 
+    def __post_init__(self) -> None:
+        parse_allowed_endpoints(self.allowed_endpoints)  # ValueError for a bad entry
+
     def usage(self, model: str, input_tokens: int, output_tokens: int) -> ipb.Usage:
         """One model turn's Usage, priced from :attr:`prices` (0 and no currency if unknown)."""
         cost, currency = self.prices.cost(model, input_tokens, output_tokens)
@@ -100,12 +112,16 @@ class LLMSettings:
 
 
 def resolve_model(config: agent_pb2.CommonConfig, defaults: LLMSettings) -> ModelTarget:
-    """Task config (``stageModelConfig.actionGeneratorModel``) over the commander's defaults."""
+    """Task config (``stageModelConfig.actionGeneratorModel``) over the commander's defaults.
+
+    The default key goes only with the default endpoint (see
+    :func:`commander._llm.target_from`).
+    """
     target = ModelTarget(base_url=defaults.base_url, model=defaults.model, api_key=defaults.api_key)
     if config.HasField("stageModelConfig"):
         stages = config.stageModelConfig
         if stages.HasField("actionGeneratorModel"):
-            return target_from(stages.actionGeneratorModel, target)
+            return target_from(stages.actionGeneratorModel, target, operator=(target,))
     return target
 
 
@@ -280,6 +296,12 @@ class ChatPlanner:
 
     async def __call__(self, ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
         target = resolve_model(ctx.config, self.settings)
+        # Before anything is sent: a refusal fails the session with the reason.
+        await check_endpoint(
+            target,
+            self.settings.allowed_endpoints,
+            resolve_timeout=self.settings.connect_timeout,
+        )
         tools = [t for t in ctx.tools if not t.name.startswith(self.settings.exclude_tool_prefixes)]
         names = ToolNames(spec.name for spec in tools)
         offered = _openai_tools(tools, names) if self.settings.use_tools and tools else []
@@ -361,6 +383,7 @@ class ChatPlanner:
                 "messages": messages,
                 "stream": True,
                 "timeout": model.timeout,
+                "extra_headers": request_headers(target),
             }
             if "stream_options" not in unsupported:
                 request["stream_options"] = {"include_usage": True}
@@ -381,7 +404,7 @@ class ChatPlanner:
                     raise model_error(exc, target) from exc
                 _log.warning(
                     "%s refused %s (%s); retrying without it",
-                    target.base_url,
+                    public_url(target.base_url),
                     extra,
                     exc.status_code,
                 )

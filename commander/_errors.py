@@ -35,6 +35,14 @@ class ModelError(CommanderError):
     code = "model_error"
 
 
+class EndpointNotAllowedError(ModelError):
+    """A task named a model endpoint the commander will not call (not on the
+    allowlist, a link-local or metadata address, not an http(s) URL...); raised
+    before any request is sent. The message starts ``model endpoint not allowed:``."""
+
+    code = "model_endpoint_not_allowed"
+
+
 class ToolError(CommanderError):
     """A brokered tool call failed; raised by ``SessionContext.call_tool``.
 

@@ -144,6 +144,7 @@ class Stack:
         self.workdir = workdir
         self.procs: list[Proc] = []
         self.dispatchers: list[Dispatcher] = []
+        self.llms: list[ScriptedLLM] = []
         self._n = 0
 
     def _name(self, base: str) -> str:
@@ -206,6 +207,7 @@ class Stack:
         proc, addr, _ = self._listener("scriptedllm", name, "127.0.0.1:0", flags)
         llm = ScriptedLLM(proc, addr)
         wait_until(llm.ready, 10, "scriptedllm answers GET /stats", procs=[proc])
+        self.llms.append(llm)
         return llm
 
     # -------------------------------------------------------------- dispatcher
@@ -267,8 +269,13 @@ class Stack:
         commander_id: str | None = None,
         wait_slots: int | None = None,
         env: dict[str, str] | None = None,
+        allowed_endpoints: list[str] | None = None,
     ) -> Proc:
-        """Starts `python -m commander`; waits until the dispatcher counts wait_slots."""
+        """Starts `python -m commander`; waits until the dispatcher counts wait_slots.
+
+        Tasks may name as their model endpoint (`ScriptedLLM.model_config`) any
+        scripted server this stack started so far, or only `allowed_endpoints`.
+        """
         addr = dispatcher if isinstance(dispatcher, str) else dispatcher.addr
         name = self._name("commander")
         argv = [
@@ -285,6 +292,12 @@ class Stack:
             model,
             "--llm-api-key",
             "sk-test-not-a-real-key",
+            "--llm-allowed-endpoints",
+            ",".join(
+                allowed_endpoints
+                if allowed_endpoints is not None
+                else [llm.base_url for llm in self.llms]
+            ),
             "--id",
             commander_id or name,
             "--log-level",

@@ -21,6 +21,11 @@ FAST mode: one model does everything. NORMAL mode: the action model decides,
 and a grounding model (``stageModelConfig.groundingModel``) places the point
 of each click, move or scroll from the step's thought.
 
+Endpoints: a model endpoint the task names itself must be on
+``GuiSettings.allowed_endpoints`` and gets the task's own key or none (see
+:func:`commander._llm.target_from`); otherwise the session fails before a
+sandbox is acquired or a request is sent.
+
 Observation: a vision model gets the screenshot; a text-only model
 (``observation="text"``; ``auto`` picks it for the models of
 ``GuiSettings.text_only_models``, e.g. SmolLM2) gets ``computer.describe_screen``
@@ -183,10 +188,15 @@ class GuiSettings:
 
     base_url: str = _llm.DEFAULT_BASE_URL
     model: str = "ui-tars"
+    #: The operator's key (``GUI_LLM_API_KEY``): sent only to ``base_url``.
     api_key: str = dataclasses.field(default=_llm.DEFAULT_API_KEY, repr=False)
     #: NORMAL mode's grounding model when the task's config names none (None: the
-    #: action model's own coordinates are used).
+    #: action model's own coordinates are used). The operator's too: its key goes
+    #: only to its endpoint.
     grounding: ModelTarget | None = None
+    #: URL prefixes a task may name as its own endpoint besides the two above
+    #: (``--llm-allowed-endpoints``); see :func:`commander._llm.check_endpoint`.
+    allowed_endpoints: tuple[str, ...] = ()
     #: "auto": "json" for a text observation, else "ui-tars".
     output_format: FormatSetting = "auto"
     #: What the model is shown: "auto" is "text" for TEXT_ONLY_MODELS, else "screenshot".
@@ -220,6 +230,9 @@ class GuiSettings:
     #: Default price table (cost in ExecutionStatistics).
     prices: PriceTable = dataclasses.field(default_factory=PriceTable)
 
+    def __post_init__(self) -> None:
+        _llm.parse_allowed_endpoints(self.allowed_endpoints)  # ValueError for a bad entry
+
 
 @dataclasses.dataclass
 class _Reply:
@@ -240,8 +253,13 @@ def _is_retryable(exc: openai.OpenAIError) -> bool:
 def resolve_models(
     config: agent_pb2.CommonConfig, settings: GuiSettings
 ) -> tuple[ModelTarget, ModelTarget | None, bool]:
-    """(action model, grounding model or None, fast) from the task config over the defaults."""
+    """(action model, grounding model or None, fast) from the task config over the defaults.
+
+    The operator's keys go only with the operator's endpoints (see
+    :func:`commander._llm.target_from`).
+    """
     default = ModelTarget(settings.base_url, settings.model, settings.api_key)
+    operator = (default,) if settings.grounding is None else (default, settings.grounding)
     fast = config.mode != agent_pb2.NORMAL
     stages = config.stageModelConfig if config.HasField("stageModelConfig") else None
     action = default
@@ -253,12 +271,12 @@ def resolve_models(
         )
         for field in order:
             if stages.HasField(field):  # type: ignore[arg-type]
-                action = _llm.target_from(getattr(stages, field), default)
+                action = _llm.target_from(getattr(stages, field), default, operator)
                 break
     grounding: ModelTarget | None = None
     if not fast:
         if stages is not None and stages.HasField("groundingModel"):
-            grounding = _llm.target_from(stages.groundingModel, action)
+            grounding = _llm.target_from(stages.groundingModel, action, operator)
         else:
             grounding = settings.grounding
     return action, grounding, fast
@@ -430,6 +448,14 @@ class _Run:
     async def steps(self) -> AsyncGenerator[PlannerOutput, None]:
         ctx = self.ctx
         outcome: _Outcome | None = None
+        # Before anything is done: a refused endpoint fails the session with the reason.
+        for target in (self.action_model, self.grounding_model):
+            if target is not None:
+                await _llm.check_endpoint(
+                    target,
+                    self.settings.allowed_endpoints,
+                    resolve_timeout=self.settings.connect_timeout,
+                )
         try:
             yield ipb.StageChange(stage="sandbox", message="acquiring a sandbox")
             await self._acquire()
@@ -870,6 +896,7 @@ class _Run:
             "stream": True,
             "stream_options": {"include_usage": True},
             "timeout": self._timeout(),
+            "extra_headers": _llm.request_headers(target),
         }
         if self.settings.temperature is not None:
             request["temperature"] = self.settings.temperature

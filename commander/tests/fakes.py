@@ -368,6 +368,10 @@ class Reply:
     usage: dict[str, int] | None = None
     finish_reason: str = "stop"
     status: int = 200
+    #: The body of an error reply (``status`` not 200); a JSON error object by default.
+    body: bytes | None = None
+    #: Extra headers of an error reply (e.g. ``location`` for a redirect).
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def text(cls, text: str, *, delay: float = 0.0, **kw: Any) -> Reply:
@@ -405,6 +409,8 @@ class StreamRecord:
 
     request: dict[str, Any]
     total: int
+    #: The request's headers, names in lower case.
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
     sent: int = 0
     completed: bool = False
     client_closed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -459,21 +465,28 @@ class ScriptedLLM:
         request = json.loads(body or b"{}")
         reply = self.replies.pop(0) if self.replies else Reply.text("(no script left)")
         if reply.status != 200:
-            payload = json.dumps({"error": {"message": "scripted failure", "type": "x"}}).encode()
+            payload = reply.body
+            if payload is None:
+                payload = json.dumps(
+                    {"error": {"message": "scripted failure", "type": "x"}}
+                ).encode()
+            extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
             writer.write(
-                f"HTTP/1.1 {reply.status} Error\r\ncontent-type: application/json\r\n"
+                f"HTTP/1.1 {reply.status} Error\r\ncontent-type: application/json\r\n{extra}"
                 f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
                 + payload
             )
             await writer.drain()
-            self.streams.append(StreamRecord(request=request, total=0, completed=True))
+            self.streams.append(
+                StreamRecord(request=request, total=0, completed=True, headers=headers)
+            )
             return
         include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
         chunks = [_chunk({**d}) for d in reply.deltas]
         chunks.append(_chunk({}, finish_reason=reply.finish_reason))
         if include_usage and reply.usage is not None:
             chunks.append({**_chunk({}), "choices": [], "usage": reply.usage})
-        record = StreamRecord(request=request, total=len(chunks))
+        record = StreamRecord(request=request, total=len(chunks), headers=headers)
         self.streams.append(record)
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"

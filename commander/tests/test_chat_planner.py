@@ -104,7 +104,11 @@ async def test_history_config_and_tools_shape_the_request(
         ipb.ConversationTurn(role="user", content="earlier question"),
         ipb.ConversationTurn(role="assistant", content="earlier answer"),
     ]
-    settings = LLMSettings(base_url="http://127.0.0.1:9/v1", exclude_tool_prefixes=("computer.",))
+    settings = LLMSettings(
+        base_url="http://127.0.0.1:9/v1",
+        exclude_tool_prefixes=("computer.",),
+        allowed_endpoints=(llm.base_url,),  # the task names its own endpoint
+    )
     async with make_commander(llm=settings):
         slot = await dispatcher.servicer.next_slot()
         await slot.start(
@@ -208,7 +212,10 @@ async def test_model_errors_fail_the_session_with_a_clear_message(
     dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
 ) -> None:
     llm.replies.append(Reply([], status=500))
-    async with make_commander():
+    allowed = LLMSettings(
+        base_url=llm.base_url, model="test-model", allowed_endpoints=("http://127.0.0.1:9/v1",)
+    )
+    async with make_commander(llm=allowed):
         slot = await dispatcher.servicer.next_slot()
         await slot.start("hi")
         packets = await slot.recv_until_terminal()

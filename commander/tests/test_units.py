@@ -84,7 +84,8 @@ def test_model_resolution() -> None:
 
     doubao = resolve_model(llm_config(modelName="doubao-1-5-ui-tars-250428"), defaults)
     assert doubao.base_url.startswith("https://ark.")
-    assert doubao.api_key == "none"
+    # A provider's endpoint is the client's choice: the default key does not go there.
+    assert doubao.api_key == "" and doubao.task_endpoint
     named = resolve_model(llm_config(modelName="x", provider="DeepSeek"), defaults)
     assert named.base_url == "https://api.deepseek.com/v1"
     unknown = resolve_model(llm_config(modelName="my-model"), defaults)
