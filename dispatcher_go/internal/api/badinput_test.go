@@ -59,14 +59,45 @@ func TestBadInputs(t *testing.T) {
 		big := testutil.Connect(t, ctx, h.conn, "planner:big")
 		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
 		sid, _ := big.Start()
+		// Over the 64 KiB limit, under the transport's 128 KiB ceiling: that
+		// session is stopped with the reason; the stream goes on.
 		big.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 100<<10)}))
-		wantCode(t, big.Ended(), codes.ResourceExhausted)
+		stop := big.RecvUntil(isStop).GetStop()
+		if stop.GetCode() != dispatchv1.StopCode_STOP_CODE_POLICY || !strings.Contains(stop.GetReason(), "exceeds the limit of 65536 bytes") {
+			t.Fatalf("stop %v", stop)
+		}
+		big.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
+		big.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool {
+			return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
+		})
 		got := waitTerminal(t, h, sub.GetTaskId())
+		if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.Contains(got.GetMessage(), "a content packet of ") {
+			t.Fatalf("task %v", got)
+		}
+		// The same stream takes the next task.
+		sub2, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
+		sid2, _ := big.Start()
+		big.Send(testutil.Up(sid2, testutil.Success("ok")))
+		if got := waitTerminal(t, h, sub2.GetTaskId()); got.GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Fatalf("next task on the same stream %v", got)
+		}
+		big.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool {
+			return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
+		})
+		// Over the transport's hard ceiling (twice the limit) the stream ends.
+		sub3, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
+		sid3, _ := big.Start()
+		big.Send(testutil.Up(sid3, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 200<<10)}))
+		wantCode(t, big.Ended(), codes.ResourceExhausted)
+		got = waitTerminal(t, h, sub3.GetTaskId())
 		if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(got.GetMessage(), "commander connection lost: ") {
 			t.Fatalf("task %v", got)
 		}
-		// A client request over the limit is refused the same way.
+		// A client request over the limit is refused by our check, under the
+		// ceiling, and by the transport above it.
 		_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: strings.Repeat("y", 100<<10)})
+		wantCode(t, err, codes.ResourceExhausted)
+		_, err = h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: strings.Repeat("y", 200<<10)})
 		wantCode(t, err, codes.ResourceExhausted)
 	})
 

@@ -19,6 +19,7 @@ package api
 
 import (
 	"context"
+	"math"
 
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -65,13 +66,18 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		window = []grpc.ServerOption{grpc.InitialWindowSize(int32(min(w, 1<<30))), grpc.InitialConnWindowSize(int32(min(8*w, 1<<30)))}
 	}
 	return append(window,
-		grpc.MaxRecvMsgSize(g.MaxRecvMsgBytes),
+		// The transport takes up to twice the announced limit; the limit
+		// itself is enforced per message by the broker (an error result for
+		// that call) and the session (that session stops), so an oversized
+		// message never ends a connection that carries other work
+		// (docs/protocol.md, "Message sizes").
+		grpc.MaxRecvMsgSize(TransportRecvLimit(g.MaxRecvMsgBytes)),
 		// No MaxConnectionIdle/MaxConnectionAge: idle-closing never helps
 		// a long-lived commander, and an age limit would cut its streams.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: ka.Time, Timeout: ka.Timeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: ka.MinTime, PermitWithoutStream: true}),
-		grpc.ChainUnaryInterceptor(s.unaryAuth),
-		grpc.ChainStreamInterceptor(s.streamAuth),
+		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
+		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)
 }
 
@@ -90,4 +96,15 @@ func (s *Server) Register(gs *grpc.Server) {
 // streamContext is ctx ended also by the dispatcher's shutdown.
 func (s *Server) streamContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return s.d.StreamContext(ctx)
+}
+
+// TransportRecvLimit is grpc's MaxRecvMsgSize for an announced per-message
+// limit: twice it, so that a message somewhat over the limit reaches our own
+// check (an error for that call or session) instead of ending the stream.
+// Only a message over this hard ceiling still ends its stream.
+func TransportRecvLimit(limit int) int {
+	if limit > math.MaxInt32/2 {
+		return math.MaxInt32
+	}
+	return 2 * limit
 }

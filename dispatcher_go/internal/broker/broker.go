@@ -60,9 +60,24 @@ type Options struct {
 	// ProviderQueue bounds the messages waiting to be sent to one provider;
 	// callers wait (under their timeout) when it is full.
 	ProviderQueue int
+	// MaxResultBytes is the largest result message (ConnectRequest) a
+	// provider may send, announced in its Welcome; a larger one becomes an
+	// EXECUTION_FAILED error for that call alone (default
+	// DefaultMaxResultBytes). It stays under the commander's 4 MiB receive
+	// limit with room for the ToolCallResult envelope.
+	MaxResultBytes int
 	// Logger receives broker logs; nil discards.
 	Logger *slog.Logger
 }
+
+// DefaultMaxResultBytes is MaxResultBytes's default: 4 MiB less 4 KiB of
+// room for the packet that carries a result on to the commander.
+const DefaultMaxResultBytes = 4<<20 - ResultEnvelopeBytes
+
+// ResultEnvelopeBytes is the room kept between a message limit and the
+// largest result: a result travels on inside a ToolCallResult packet with
+// ids and, as an event, inside a TaskEvent.
+const ResultEnvelopeBytes = 4 << 10
 
 // Call is one tool call of a planner.
 type Call struct {
@@ -122,6 +137,9 @@ func New(opts Options) (*Broker, error) {
 	}
 	if opts.ProviderQueue <= 0 {
 		opts.ProviderQueue = 256
+	}
+	if opts.MaxResultBytes <= 0 {
+		opts.MaxResultBytes = DefaultMaxResultBytes
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)

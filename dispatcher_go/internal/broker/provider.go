@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -65,7 +66,9 @@ func (b *Broker) ServeProvider(ctx context.Context, stream ProviderStream) error
 	for i, t := range tools {
 		names[i] = t.spec.GetName()
 	}
-	p.out <- &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Welcome{Welcome: &dispatchv1.Welcome{RegisteredTools: names}}}
+	p.out <- &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Welcome{Welcome: &dispatchv1.Welcome{
+		RegisteredTools: names, MaxMessageBytes: int64(b.opts.MaxResultBytes),
+	}}}
 	if err := b.register(p, tools); err != nil {
 		return err
 	}
@@ -180,6 +183,12 @@ func (b *Broker) recvLoop(ctx context.Context, p *provider, stream ProviderStrea
 		}
 		switch m := msg.GetMsg().(type) {
 		case *dispatchv1.ConnectRequest_Result:
+			if n := proto.Size(msg); n > b.opts.MaxResultBytes {
+				// Accepted by the transport (up to twice the limit) but
+				// over ours: that call fails, the stream goes on.
+				b.log.Warn("tool result over the limit", "provider_id", p.id, "bytes", n, "limit", b.opts.MaxResultBytes)
+				m.Result = TooLargeResult(m.Result.GetInvocationId(), n, b.opts.MaxResultBytes)
+			}
 			if p.deliver(m.Result) {
 				continue
 			}
@@ -288,6 +297,15 @@ func (p *provider) cancelInvocation(ctx context.Context, id string) {
 	case p.out <- msg:
 	default:
 	}
+}
+
+// TooLargeResult is the error result that replaces a result of n bytes over
+// limit.
+func TooLargeResult(invocationID string, n, limit int) *dispatchv1.InvocationResult {
+	return &dispatchv1.InvocationResult{InvocationId: invocationID, Error: &dispatchv1.ToolError{
+		Code:    dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED,
+		Message: fmt.Sprintf("result of %d bytes exceeds the limit of %d bytes", n, limit),
+	}}
 }
 
 func resultOf(r *dispatchv1.InvocationResult) (string, error) {

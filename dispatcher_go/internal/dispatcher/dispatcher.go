@@ -84,7 +84,10 @@ func New(cfg Config) (*Dispatcher, error) {
 		return nil, err
 	}
 	log := cfg.Logger
-	b, err := broker.New(broker.Options{DefaultTimeout: cfg.Tasks.ToolTimeout, Logger: log.With("component", "broker")})
+	b, err := broker.New(broker.Options{
+		DefaultTimeout: cfg.Tasks.ToolTimeout,
+		MaxResultBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
+		Logger:         log.With("component", "broker")})
 	if err != nil {
 		return nil, err
 	}
@@ -130,9 +133,10 @@ func New(cfg Config) (*Dispatcher, error) {
 		}
 	}
 	sessions := session.NewServer(sched, b, session.Options{
-		StopGrace: cfg.Tasks.StopGrace,
-		Policy:    pol,
-		Logger:    log.With("component", "session"),
+		StopGrace:       cfg.Tasks.StopGrace,
+		Policy:          pol,
+		MaxMessageBytes: cfg.GRPC.MaxRecvMsgBytes,
+		Logger:          log.With("component", "session"),
 	})
 	base, cancel := context.WithCancel(context.Background())
 	d := &Dispatcher{

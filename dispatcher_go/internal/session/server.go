@@ -75,6 +75,13 @@ type Options struct {
 	// Policy evaluates every upstream packet of a running session (nil: no
 	// policy; every packet is allowed).
 	Policy *policy.Engine
+	// MaxMessageBytes is the largest upstream packet a session accepts
+	// (0: no check here). The transport accepts up to twice the limit
+	// (internal/api), so a larger packet reaches this check instead of
+	// ending the stream: its session is stopped with the reason
+	// (STOP_CODE_POLICY, rule limit.max_message_bytes) and the slot's other
+	// traffic goes on.
+	MaxMessageBytes int
 	// Logger receives session logs; nil discards.
 	Logger *slog.Logger
 }

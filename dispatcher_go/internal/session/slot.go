@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
@@ -232,7 +233,30 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 	if r == nil || pkt.GetSessionId() != r.sessionID {
 		return sl.reject(pkt.GetSessionId(), "unknown or closed session")
 	}
+	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
+		if n := proto.Size(pkt); n > limit {
+			// Over our limit but under the transport's: this session
+			// fails with the reason; the stream and the slot go on.
+			reason := fmt.Sprintf("a %s packet of %d bytes exceeds the limit of %d bytes", payloadName(pkt), n, limit)
+			r.log.Warn("oversized packet", "bytes", n, "limit", limit)
+			// The stop carries the reason; the packet is dropped.
+			r.stopWith(reason, dispatchv1.StopCode_STOP_CODE_POLICY, "limit.max_message_bytes")
+			return nil
+		}
+	}
 	return r.handle(pkt)
+}
+
+// payloadName names a packet's payload for messages ("content", "tool_call").
+func payloadName(pkt *dispatchv1.UpstreamPacket) string {
+	if m := pkt.ProtoReflect(); m != nil {
+		if od := m.Descriptor().Oneofs().ByName("payload"); od != nil {
+			if f := m.WhichOneof(od); f != nil {
+				return string(f.Name())
+			}
+		}
+	}
+	return "packet"
 }
 
 // reject answers a refused packet with ack REJECTED; the stream goes on.

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -492,7 +493,18 @@ func (t *Task) stateEvent() *dispatchv1.TaskEvent {
 	return ev
 }
 
-// conversation is the history a task continuing this one starts from.
+// MaxHistoryBytes and MaxHistoryTurns bound the conversation a task
+// continuing another (previous_task_id) carries, so that its start packet
+// stays under the 4 MiB message limit however long the chain grows: the
+// oldest turns are dropped first, and one turn longer than the byte budget
+// keeps only its first MaxHistoryBytes (cut at a character boundary).
+const (
+	MaxHistoryBytes = 1 << 20
+	MaxHistoryTurns = 200
+)
+
+// conversation is the history a task continuing this one starts from,
+// bounded by boundHistory.
 func (t *Task) conversation() []*dispatchv1.ConversationTurn {
 	info := t.Info()
 	h := make([]*dispatchv1.ConversationTurn, 0, len(t.history)+2)
@@ -501,7 +513,43 @@ func (t *Task) conversation() []*dispatchv1.ConversationTurn {
 	if info.Result != "" {
 		h = append(h, &dispatchv1.ConversationTurn{Role: "assistant", Content: info.Result})
 	}
-	return h
+	return boundHistory(h, MaxHistoryBytes, MaxHistoryTurns)
+}
+
+// boundHistory keeps the newest turns of h within maxBytes of content and
+// maxTurns turns, dropping the oldest. When even the newest turn is over
+// maxBytes, it alone is kept, cut to maxBytes at a UTF-8 boundary.
+func boundHistory(h []*dispatchv1.ConversationTurn, maxBytes, maxTurns int) []*dispatchv1.ConversationTurn {
+	size := 0
+	first := len(h)
+	for i := len(h) - 1; i >= 0 && len(h)-i <= maxTurns; i-- {
+		n := len(h[i].GetContent()) + len(h[i].GetRole())
+		if size+n > maxBytes {
+			break
+		}
+		size += n
+		first = i
+	}
+	if first == len(h) && len(h) > 0 {
+		last := h[len(h)-1]
+		return []*dispatchv1.ConversationTurn{{Role: last.GetRole(), Content: cutUTF8(last.GetContent(), maxBytes-len(last.GetRole()))}}
+	}
+	return h[first:]
+}
+
+// cutUTF8 returns at most the first n bytes of s, never splitting a
+// character.
+func cutUTF8(s string, n int) string {
+	if n <= 0 {
+		return ""
+	}
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // NewID returns a random id in UUID v4 form, unguessable so that a task id

@@ -179,6 +179,15 @@ class Welcome(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REGISTERED_TOOLS_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """The largest InvocationResult message (ConnectRequest) the dispatcher
+    accepts as a result, in bytes. A provider answers a call whose result is
+    larger with an error result (TOOL_ERROR_CODE_EXECUTION_FAILED, "result of
+    N bytes exceeds the limit of M"); the dispatcher turns one that arrives
+    anyway into that error for the call alone. 0 (an older dispatcher): 4 MiB
+    minus 4 KiB.
+    """
     @_builtins.property
     def registered_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the tools now routed to this provider."""
@@ -187,10 +196,11 @@ class Welcome(_message.Message):
         self,
         *,
         registered_tools: _abc.Iterable[_builtins.str] | None = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["registered_tools", b"registered_tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_message_bytes", b"max_message_bytes", "registered_tools", b"registered_tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

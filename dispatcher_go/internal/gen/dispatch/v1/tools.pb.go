@@ -359,6 +359,13 @@ type Welcome struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Names of the tools now routed to this provider.
 	RegisteredTools []string `protobuf:"bytes,1,rep,name=registered_tools,json=registeredTools,proto3" json:"registered_tools,omitempty"`
+	// The largest InvocationResult message (ConnectRequest) the dispatcher
+	// accepts as a result, in bytes. A provider answers a call whose result is
+	// larger with an error result (TOOL_ERROR_CODE_EXECUTION_FAILED, "result of
+	// N bytes exceeds the limit of M"); the dispatcher turns one that arrives
+	// anyway into that error for the call alone. 0 (an older dispatcher): 4 MiB
+	// minus 4 KiB.
+	MaxMessageBytes int64 `protobuf:"varint,2,opt,name=max_message_bytes,json=maxMessageBytes,proto3" json:"max_message_bytes,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -398,6 +405,13 @@ func (x *Welcome) GetRegisteredTools() []string {
 		return x.RegisteredTools
 	}
 	return nil
+}
+
+func (x *Welcome) GetMaxMessageBytes() int64 {
+	if x != nil {
+		return x.MaxMessageBytes
+	}
+	return 0
 }
 
 // Invocation asks the provider to run a tool.
@@ -653,9 +667,10 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\x06invoke\x18\x02 \x01(\v2\x17.dispatch.v1.InvocationH\x00R\x06invoke\x127\n" +
 	"\x06cancel\x18\x03 \x01(\v2\x1d.dispatch.v1.CancelInvocationH\x00R\x06cancel\x123\n" +
 	"\brejected\x18\x04 \x01(\v2\x15.dispatch.v1.RejectedH\x00R\brejectedB\x05\n" +
-	"\x03msg\"4\n" +
+	"\x03msg\"`\n" +
 	"\aWelcome\x12)\n" +
-	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\"\xb0\x03\n" +
+	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\x12*\n" +
+	"\x11max_message_bytes\x18\x02 \x01(\x03R\x0fmaxMessageBytes\"\xb0\x03\n" +
 	"\n" +
 	"Invocation\x12#\n" +
 	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x1b\n" +
