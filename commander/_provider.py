@@ -61,6 +61,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: A provider's stream: requests (hello, results) out, responses (invocations) in.
 ProviderStream = Stream[tools_pb2.ConnectRequest, tools_pb2.ConnectResponse]
 
+#: The largest result message when the dispatcher's welcome announces none
+#: (an older dispatcher): its 4 MiB limit less 4 KiB for the envelope the
+#: result travels on in.
+DEFAULT_MAX_RESULT_BYTES = 4 * 1024 * 1024 - 4 * 1024
+
 _JSON_TYPES: dict[Any, str] = {
     str: "string",
     int: "integer",
@@ -187,6 +192,9 @@ class ToolProvider:
         self._running = False
         #: Set while registered with a dispatcher (the welcome arrived).
         self.registered = anyio.Event()
+        #: The largest result message the dispatcher accepts (its welcome's
+        #: ``max_message_bytes``); a larger result is sent as an error.
+        self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
 
     # --- registration ---
 
@@ -385,10 +393,36 @@ class ToolProvider:
                 invocation_id=iid,
                 error=ipb.ToolError(code=ipb.TOOL_ERROR_CODE_TIMEOUT, message="deadline exceeded"),
             )
+        message = self._bounded(tools_pb2.ConnectRequest(result=result), invocation.tool_name)
         try:
-            await writer.write(tools_pb2.ConnectRequest(result=result))
+            await writer.write(message)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
+
+    def _bounded(
+        self, message: tools_pb2.ConnectRequest, tool_name: str
+    ) -> tools_pb2.ConnectRequest:
+        """``message``, or an error result for its call when it is over the
+        dispatcher's limit: one oversized result fails its call, never the stream."""
+        size = message.ByteSize()
+        if size <= self.max_result_bytes:
+            return message
+        _log.warning(
+            "tool %s: result of %d bytes exceeds the limit of %d bytes; sent as an error",
+            tool_name,
+            size,
+            self.max_result_bytes,
+        )
+        return tools_pb2.ConnectRequest(
+            result=tools_pb2.InvocationResult(
+                invocation_id=message.result.invocation_id,
+                error=ipb.ToolError(
+                    code=ToolExecutionError.error_code,
+                    message=f"result of {size} bytes exceeds the limit of "
+                    f"{self.max_result_bytes} bytes",
+                ),
+            )
+        )
 
     # --- connection ---
 
@@ -444,6 +478,7 @@ class ToolProvider:
         first = await stream.read_first()
         if first.WhichOneof("msg") != "welcome":
             raise StreamEnded(f"expected welcome, got {first.WhichOneof('msg') or 'nothing'}")
+        self.max_result_bytes = first.welcome.max_message_bytes or DEFAULT_MAX_RESULT_BYTES
         self.registered.set()
         _log.info(
             "provider %s registered %s at %s",

@@ -74,6 +74,26 @@ USER_INPUT_BACKLOG = 64
 _OUTCOME_LABELS = {"SUCCESS": "success", "STOPPED": "stopped"}
 #: The default result (the answer text) is capped to this many characters.
 _MAX_RESULT_CHARS = 1_000_000
+#: The largest text of one content packet: a longer chunk is split (the
+#: message limit less room for the packet's other fields).
+_CONTENT_PIECE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+
+
+def split_text(text: str, max_bytes: int) -> list[str]:
+    """``text`` in pieces of at most ``max_bytes`` UTF-8 bytes, never splitting a
+    character (lone surrogates are counted as the replacement protobuf sends)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return [text]
+    pieces: list[str] = []
+    start = 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        while end < len(data) and (data[end] & 0xC0) == 0x80:
+            end -= 1  # back to the first byte of a character
+        pieces.append(data[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    return pieces
 
 
 def _usage_is_empty(u: ipb.Usage) -> bool:
@@ -389,6 +409,16 @@ class Session:
                     merge_usage(self._usage, usage)
                 raise
             return
+        if isinstance(item, ipb.ContentChunk) and len(item.text) > _CONTENT_PIECE_BYTES // 4:
+            pieces = split_text(item.text, _CONTENT_PIECE_BYTES)
+            if len(pieces) > 1:
+                # A huge chunk goes out as several, each under the limit;
+                # is_finish stays on the last.
+                for i, piece in enumerate(pieces):
+                    last = i == len(pieces) - 1
+                    chunk = ipb.ContentChunk(text=piece, is_finish=item.is_finish and last)
+                    await self._send(Outgoing(self._packet(content=chunk)))
+                return
         packet = self._packet(**{field: item})
         if packet.ByteSize() > MAX_MESSAGE_BYTES:
             _log.warning(
@@ -443,11 +473,24 @@ class Session:
             if result.outcome == ipb.SESSION_OUTCOME_UNSPECIFIED:
                 result.outcome = ipb.SESSION_OUTCOME_SUCCESS
         else:
-            result = ipb.FinalResult(
-                outcome=ipb.SESSION_OUTCOME_SUCCESS, result="".join(self._answer)
+            # The answer's content already went out in chunks; the result
+            # repeats at most what fits in one packet.
+            answer = "".join(self._answer)
+            pieces = split_text(answer, _CONTENT_PIECE_BYTES)
+            result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=pieces[0])
+        packet = self._packet(result=result)
+        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+            # A planner's own result over the limit fails its session, with
+            # the reason, instead of the slot's stream.
+            message = (
+                f"a result of {packet.ByteSize()} bytes exceeds the "
+                f"{MAX_MESSAGE_BYTES}-byte message limit"
             )
+            _log.warning("session %s: %s", self.session_id, message)
+            result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_FAILURE, message=message)
+            packet = self._packet(result=result)
         self.outcome = ipb.SessionOutcome.Name(result.outcome).removeprefix("SESSION_OUTCOME_")
-        packets.append(self._packet(result=result))
+        packets.append(packet)
         return packets
 
 
