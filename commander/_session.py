@@ -74,6 +74,9 @@ USER_INPUT_BACKLOG = 64
 _OUTCOME_LABELS = {"SUCCESS": "success", "STOPPED": "stopped"}
 #: The default result (the answer text) is capped to this many characters.
 _MAX_RESULT_CHARS = 1_000_000
+#: The largest packet a session writes: the dispatcher's limit less the room it
+#: keeps for the event a packet becomes (docs/protocol.md, "Message sizes").
+_MAX_PACKET_BYTES = MAX_MESSAGE_BYTES - 4 * 1024
 #: The largest text of one content packet: a longer chunk is split (the
 #: message limit less room for the packet's other fields).
 _CONTENT_PIECE_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
@@ -237,7 +240,7 @@ class Session:
                 trace_context=inject(),
             )
         )
-        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+        if packet.ByteSize() > _MAX_PACKET_BYTES:
             raise InvalidToolArgumentsError(
                 f"arguments of {len(arguments_json)} bytes exceed the message size limit",
                 tool_name=tool_name,
@@ -420,7 +423,7 @@ class Session:
                     await self._send(Outgoing(self._packet(content=chunk)))
                 return
         packet = self._packet(**{field: item})
-        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+        if packet.ByteSize() > _MAX_PACKET_BYTES:
             _log.warning(
                 "session %s: dropped a %s of %d bytes (over the message size limit)",
                 self.session_id,
@@ -431,7 +434,7 @@ class Session:
                 error=ipb.ErrorSignal(
                     code="payload_too_large",
                     message=f"a {field} of {packet.ByteSize()} bytes exceeded the "
-                    f"{MAX_MESSAGE_BYTES}-byte message limit and was dropped",
+                    f"{_MAX_PACKET_BYTES}-byte message limit and was dropped",
                 )
             )
         await self._send(Outgoing(packet))
@@ -479,12 +482,12 @@ class Session:
             pieces = split_text(answer, _CONTENT_PIECE_BYTES)
             result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=pieces[0])
         packet = self._packet(result=result)
-        if packet.ByteSize() > MAX_MESSAGE_BYTES:
+        if packet.ByteSize() > _MAX_PACKET_BYTES:
             # A planner's own result over the limit fails its session, with
             # the reason, instead of the slot's stream.
             message = (
                 f"a result of {packet.ByteSize()} bytes exceeds the "
-                f"{MAX_MESSAGE_BYTES}-byte message limit"
+                f"{_MAX_PACKET_BYTES}-byte message limit"
             )
             _log.warning("session %s: %s", self.session_id, message)
             result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_FAILURE, message=message)

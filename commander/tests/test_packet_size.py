@@ -65,7 +65,7 @@ async def test_a_5_mib_result_fails_its_session_only(
         packets = await slot.recv_until_terminal()
         assert all(p.ByteSize() <= MAX_MESSAGE_BYTES for p in packets)
         assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_FAILURE
-        assert "exceeds the 4194304-byte message limit" in packets[-1].result.message
+        assert "exceeds the 4190208-byte message limit" in packets[-1].result.message
         await slot.start(planner="answer")
         packets = await slot.recv_until_terminal()
         assert packets[-1].result.result == "small"

@@ -154,7 +154,7 @@ func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTask
 		TaskId:              info.ID,
 		Status:              info.Status,
 		Message:             info.Message,
-		Result:              info.Result,
+		Result:              cutText(info.Result, maxResultBytes),
 		Sandbox:             info.Sandbox,
 		ExecutionStatistics: statistics(&info, time.Now()),
 	}, nil
@@ -198,10 +198,10 @@ func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
 	}
 	return &dispatchv1.Task{
 		TaskId:      info.ID,
-		Instruction: info.Instruction,
+		Instruction: cutText(info.Instruction, maxInstructionBytes),
 		Status:      info.Status,
 		Message:     info.Message,
-		Result:      info.Result,
+		Result:      cutText(info.Result, maxResultBytes),
 		Statistics:  statistics(info, now),
 		CreatedAt:   ts(info.CreatedAt),
 		StartedAt:   ts(info.StartedAt),

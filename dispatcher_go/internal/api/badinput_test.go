@@ -63,7 +63,7 @@ func TestBadInputs(t *testing.T) {
 		// session is stopped with the reason; the stream goes on.
 		big.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: strings.Repeat("x", 100<<10)}))
 		stop := big.RecvUntil(isStop).GetStop()
-		if stop.GetCode() != dispatchv1.StopCode_STOP_CODE_POLICY || !strings.Contains(stop.GetReason(), "exceeds the limit of 65536 bytes") {
+		if stop.GetCode() != dispatchv1.StopCode_STOP_CODE_POLICY || !strings.Contains(stop.GetReason(), "exceeds the limit of 61440 bytes") {
 			t.Fatalf("stop %v", stop)
 		}
 		big.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped"}))

@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/policy"
@@ -105,9 +106,19 @@ func (ts *taskService) ListTasks(ctx context.Context, req *dispatchv1.ListTasksR
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	now := time.Now()
-	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, len(infos))}
+	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, 0, len(infos))}
+	pageBytes := 0
 	for i := range infos {
-		resp.Tasks[i] = taskProto(&infos[i], now)
+		tp := taskProto(&infos[i], now)
+		n := proto.Size(tp) + 16 // the field's tag and length
+		if i > 0 && pageBytes+n > maxPageBytes {
+			// The page would not fit a default client: it ends here and
+			// the next one starts after the last task listed.
+			next = &task.ListKey{CreatedAt: infos[i-1].CreatedAt, ID: infos[i-1].ID}
+			break
+		}
+		pageBytes += n
+		resp.Tasks = append(resp.Tasks, tp)
 	}
 	if next != nil {
 		resp.NextPageToken = encodePageToken(*next)

@@ -133,9 +133,11 @@ func New(cfg Config) (*Dispatcher, error) {
 		}
 	}
 	sessions := session.NewServer(sched, b, session.Options{
-		StopGrace:       cfg.Tasks.StopGrace,
-		Policy:          pol,
-		MaxMessageBytes: cfg.GRPC.MaxRecvMsgBytes,
+		StopGrace: cfg.Tasks.StopGrace,
+		Policy:    pol,
+		// Room for the event envelope: an event made of a packet still
+		// fits a client's message limit.
+		MaxMessageBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
 		Logger:          log.With("component", "session"),
 	})
 	base, cancel := context.WithCancel(context.Background())

@@ -1,0 +1,68 @@
+package api
+
+import (
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+)
+
+// No response is larger than a default client receives (4 MiB): a ListTasks
+// page of tasks with long instructions ends early and goes on on the next
+// page, and a task's instruction is cut for display (issue 12, class 5).
+// Before, the page was ~6 MB and the client failed with RESOURCE_EXHAUSTED.
+func TestResponsesFitADefaultClient(t *testing.T) {
+	h, ctx := newHarness(t, dispatcher.Config{})
+	long := strings.Repeat("答", 400_000) // 1.2 MB, 3-byte characters
+	ids := map[string]bool{}
+	for range 5 {
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: long, Planner: "nobody"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[sub.GetTaskId()] = true
+	}
+	got, err := h.tasks.GetTask(ctx, &dispatchv1.GetTaskRequest{TaskId: sub0(ids)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in := got.GetTask().GetInstruction(); len(in) > maxInstructionBytes || !utf8.ValidString(in) || !strings.HasPrefix(long, in) {
+		t.Fatalf("instruction of %d bytes", len(in))
+	}
+	seen := map[string]bool{}
+	token := ""
+	pages := 0
+	for {
+		page, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{PageSize: 100, PageToken: token})
+		if err != nil {
+			t.Fatalf("page %d: %v", pages, err)
+		}
+		pages++
+		for _, tk := range page.GetTasks() {
+			if seen[tk.GetTaskId()] {
+				t.Fatalf("task %s listed twice", tk.GetTaskId())
+			}
+			seen[tk.GetTaskId()] = true
+		}
+		if token = page.GetNextPageToken(); token == "" {
+			break
+		}
+	}
+	for id := range ids {
+		if !seen[id] {
+			t.Fatalf("task %s never listed (%d pages)", id, pages)
+		}
+	}
+	if pages < 2 {
+		t.Fatalf("%d pages: the page was not bounded", pages)
+	}
+}
+
+func sub0(ids map[string]bool) string {
+	for id := range ids {
+		return id
+	}
+	return ""
+}
