@@ -5,8 +5,8 @@ import (
 	"testing"
 	"unicode/utf8"
 
-	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
 // No response is larger than a default client receives (4 MiB): a ListTasks
