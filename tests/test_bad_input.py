@@ -221,6 +221,8 @@ def test_no_payload_and_unknown_session_are_rejected_stream_goes_on(env: SimpleN
 
 
 def test_oversized_upstream_packet_ends_only_that_stream(env: SimpleNamespace) -> None:
+    """Over the limit but under the transport's ceiling (twice it): refused
+    alone, the stream goes on; over the ceiling: that stream ends."""
     d = env.d
     slot = RawSlot(d.channel)
     try:
@@ -228,6 +230,12 @@ def test_oversized_upstream_packet_ends_only_that_stream(env: SimpleNamespace) -
         slot.send(
             ipb.UpstreamPacket(
                 session_id="whatever", content=ipb.ContentChunk(text="y" * (5 * 1024 * 1024))
+            )
+        )
+        assert "exceeds the limit of" in _expect_rejected(slot).detail
+        slot.send(
+            ipb.UpstreamPacket(
+                session_id="whatever", content=ipb.ContentChunk(text="y" * (9 * 1024 * 1024))
             )
         )
         assert slot.wait_end(10) == grpc.StatusCode.RESOURCE_EXHAUSTED, slot.details

@@ -230,19 +230,23 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		return fmt.Errorf("%w: second hello on a stream", ErrProtocol)
 	}
 	r := sl.cur.Load()
-	if r == nil || pkt.GetSessionId() != r.sessionID {
-		return sl.reject(pkt.GetSessionId(), "unknown or closed session")
-	}
+	current := r != nil && pkt.GetSessionId() == r.sessionID
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
 		if n := proto.Size(pkt); n > limit {
-			// Over our limit but under the transport's: this session
-			// fails with the reason; the stream and the slot go on.
+			// Over our limit but under the transport's: the packet is
+			// dropped and its session stopped with the reason; the stream
+			// and the slot go on.
 			reason := fmt.Sprintf("a %s packet of %d bytes exceeds the limit of %d bytes", payloadName(pkt), n, limit)
+			if !current {
+				return sl.reject(pkt.GetSessionId(), reason)
+			}
 			r.log.Warn("oversized packet", "bytes", n, "limit", limit)
-			// The stop carries the reason; the packet is dropped.
 			r.stopWith(reason, dispatchv1.StopCode_STOP_CODE_POLICY, "limit.max_message_bytes")
 			return nil
 		}
+	}
+	if !current {
+		return sl.reject(pkt.GetSessionId(), "unknown or closed session")
 	}
 	return r.handle(pkt)
 }
