@@ -286,6 +286,12 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	} else {
 		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, t.timeout)
 	}
+	if err == nil && len(out) > b.opts.MaxResultBytes {
+		// A built-in's result (echo of large arguments) is bounded like a
+		// provider's, so the packet and event it becomes fit the limit.
+		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED,
+			fmt.Sprintf("result of %d bytes exceeds the limit of %d bytes", len(out), b.opts.MaxResultBytes), executor)
+	}
 	if err == nil {
 		res.ResultJson = out
 		return done(executor)

@@ -63,3 +63,17 @@ func TestDefaultMaxResultBytesAnnounced(t *testing.T) {
 	close(f.In)
 	ended(t, done)
 }
+
+// A built-in tool's result is bounded the same way (echo of large arguments).
+func TestOversizedBuiltinResultIsAnError(t *testing.T) {
+	b, err := New(Options{DefaultTimeout: 5 * time.Second, MaxResultBytes: 1 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := call(b, context.Background(), "echo", `{"text":"`+strings.Repeat("y", 2<<10)+`"}`)
+	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED)
+	if !strings.Contains(r.Result.GetError().GetMessage(), "exceeds the limit of 1024 bytes") {
+		t.Fatalf("message %q", r.Result.GetError().GetMessage())
+	}
+	wantJSON(t, call(b, context.Background(), "echo", `{"text":"small"}`))
+}
