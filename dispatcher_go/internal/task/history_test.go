@@ -1,6 +1,7 @@
 package task
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -62,5 +63,29 @@ func TestBoundHistoryCutsAnOversizedTurnAtACharacter(t *testing.T) {
 	}
 	if got := boundHistory(h, 1000, 10); len(got) != 2 {
 		t.Fatalf("within bounds, got %d turns", len(got))
+	}
+}
+
+// The history gets what the instruction and config leave of MaxStartBytes;
+// an instruction over it alone is refused at submit.
+func TestStartBudgetSharedWithTheInstruction(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	prev, err := m.Submit(Spec{Instruction: "first"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q.take(prev)
+	prev.Finish(agentpb.TaskStatus_SUCCESS, "ok", strings.Repeat("a", 900_000))
+	long := strings.Repeat("b", MaxStartBytes-500_000)
+	next, err := m.Submit(Spec{Instruction: long, PreviousTaskID: prev.ID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := &dispatchv1.StartSession{Instruction: next.Instruction(), Config: next.Config(), History: next.History()}
+	if n := proto.Size(start); n > MaxStartBytes+1024 {
+		t.Fatalf("start of %d bytes over %d", n, MaxStartBytes)
+	}
+	if _, err := m.Submit(Spec{Instruction: strings.Repeat("c", MaxStartBytes+1)}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("an instruction over the start budget: %v", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -172,6 +173,13 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		}
 	}
 	cfg := m.configs.Resolve(spec.RunningConfig)
+	// The start packet carries the instruction, the config and the history:
+	// it must fit the commander's 4 MiB message limit whatever the chain.
+	own := len(spec.Instruction) + proto.Size(cfg)
+	if own > MaxStartBytes {
+		return nil, fmt.Errorf("%w: instruction and config of %d bytes exceed the %d bytes a task's start may carry", ErrInvalidArgument, own, MaxStartBytes)
+	}
+	history = boundHistory(history, min(MaxHistoryBytes, MaxStartBytes-own), MaxHistoryTurns)
 	timeout := time.Duration(DefaultTaskTimeout) * time.Second
 	if s := cfg.GetTaskTimeout(); s > 0 {
 		timeout = time.Duration(s) * time.Second

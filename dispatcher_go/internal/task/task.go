@@ -501,6 +501,11 @@ func (t *Task) stateEvent() *dispatchv1.TaskEvent {
 const (
 	MaxHistoryBytes = 1 << 20
 	MaxHistoryTurns = 200
+	// MaxStartBytes bounds instruction + config + history of one task:
+	// an instruction and config over it are refused at submit, and the
+	// history gets at most what they leave. The rest of the 4 MiB start
+	// (tools, labels) has 1 MiB.
+	MaxStartBytes = 3 << 20
 )
 
 // conversation is the history a task continuing this one starts from,
