@@ -33,7 +33,9 @@ import (
 //     answering them;
 //   - holds.go: tool calls held by a policy, until a client approves or
 //     rejects them (ResolveHold), their timeout, or the end of the session;
-//   - policy.go: the policy's evaluation of each packet, and its decisions.
+//   - policy.go: the policy's evaluation of each packet, and its decisions;
+//   - ingest.go: the checks of the numbers a commander sends (usage), which
+//     protobuf does not make (it does check that strings are UTF-8).
 //
 // What the dispatcher calls each kind of event, how the log polices it and
 // how clients see it is in internal/events.
