@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -389,6 +390,14 @@ func stopStatus(code dispatchv1.StopCode) agentpb.TaskStatus {
 	return agentpb.TaskStatus_FAILURE
 }
 
+// undecodable reports whether err is grpc-go's refusal of a received
+// message it cannot decode: a string that is not UTF-8 (protobuf-go checks
+// every string) or malformed protobuf. The stream is over then.
+func undecodable(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Internal && strings.HasPrefix(st.Message(), "grpc: failed to unmarshal")
+}
+
 // describeEnd words why a stream ended, for task messages and logs. It
 // never includes more than the gRPC status text of our own transport.
 func describeEnd(err error) string {
@@ -401,6 +410,11 @@ func describeEnd(err error) string {
 		return err.Error()
 	case errors.Is(err, context.Canceled):
 		return "stream cancelled"
+	case undecodable(err):
+		// grpc-go's words: "grpc: failed to unmarshal the received
+		// message: string field contains invalid UTF-8".
+		_, why, _ := strings.Cut(status.Convert(err).Message(), "message: ")
+		return "the commander sent a packet the dispatcher cannot decode (" + why + "); the stream cannot go on"
 	}
 	if st, ok := status.FromError(err); ok {
 		return st.Code().String() + ": " + st.Message()
