@@ -108,7 +108,14 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 		return scheduler.SlotGone
 	}
 	r := newRun(sl, t)
+	// Once Start returns, a cancel (or the drain, or Fail) sees r and stops
+	// it; r.mu, where a stop is decided, keeps that stop until the start is
+	// queued, so that it withdraws the start (outbox.setStop) instead of
+	// sending a stop for a session the commander has not heard of, ahead
+	// of its start.
+	r.mu.Lock()
 	if err := t.Start(r, sl.commanderID, r.sessionID); err != nil {
+		r.mu.Unlock()
 		// The task is no longer pending (cancelled during the hand-over);
 		// the slot stays free and the scheduler gives it the next task.
 		r.cancel()
@@ -117,6 +124,7 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 	}
 	sl.cur.Store(r)
 	sl.out.pushControl(r.startPacket())
+	r.mu.Unlock()
 	r.armDeadline()
 	r.log.Debug("session started")
 	return scheduler.Started
