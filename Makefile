@@ -121,15 +121,16 @@ test-go: ## Go unit tests with the race detector (goleak in each package)
 # cases (plain `go test` runs them). Minimizing an interesting input is
 # capped too, or a worker may spend a minute on it. The Hypothesis
 # properties run in test-py with bounded examples.
-FUZZTIME ?= 10s
+FUZZTIME ?= 8s
 FUZZ_TARGETS := \
 	./internal/session/:FuzzSessionPackets \
 	./internal/policy/:FuzzCompile \
 	./internal/policy/:FuzzCompileTask \
 	./internal/policy/:FuzzEvaluate \
-	./internal/httpapi/:FuzzHTTPBodies
+	./internal/httpapi/:FuzzHTTPBodies \
+	./internal/httpapi/:FuzzHTTPSubmitReal
 
-test-fuzz: ## Go native fuzz targets, FUZZTIME (10s) each
+test-fuzz: ## Go native fuzz targets, FUZZTIME (8s) each
 	cd dispatcher_go && for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($${t%%:*}) for $(FUZZTIME)"; \
 	  go test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s "$${t%%:*}" || exit 1; done
