@@ -16,6 +16,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
@@ -173,6 +174,10 @@ func FuzzSessionPackets(f *testing.F) {
 		{testutil.Up("", &dispatchv1.Usage{InputTokens: -1, Cost: -3}), testutil.Up("", &dispatchv1.ErrorSignal{Message: "x"})},
 		{testutil.Up("", &dispatchv1.SandboxInUse{}), testutil.Up("", &dispatchv1.Artifact{}), testutil.Up("", &dispatchv1.StageChange{})},
 		{testutil.Up("", &dispatchv1.FinalResult{}), testutil.Up("", &dispatchv1.ContentChunk{Text: "late"})},
+		{testutil.Up("", &dispatchv1.ContentChunk{Text: "the launch "}), testutil.Up("", &dispatchv1.ContentChunk{Text: "codes"})},
+		{testutil.Up("", &dispatchv1.ToolCallRequest{CallId: "g1", ToolName: "computer.click", ArgumentsJson: `{"x":1}`})},
+		{testutil.Up("", &dispatchv1.ToolCallRequest{CallId: "s1", ToolName: "shell", ArgumentsJson: `{"cmd":"rm -rf /"}`})},
+		{testutil.Up("", &dispatchv1.Usage{InputTokens: 300000, Cost: 9})},
 		{testutil.Hello("again")},
 		{testutil.Up("", nil)},
 	}
@@ -187,6 +192,12 @@ func FuzzSessionPackets(f *testing.F) {
 	f.Add(append(append(frame(frameOther, testutil.Up("", testutil.Success("stolen"))),
 		frame(frameOther, testutil.Up("", &dispatchv1.ContentChunk{Text: "injected"}))...),
 		frame(frameAsIs, testutil.Up("ses-guess", &dispatchv1.Stopped{}))...))
+	// A policy with every kind of rule (holds, denies, stops, limits), so
+	// that packets take its paths too.
+	pol := policy.NewEngine(nil)
+	if _, err := pol.LoadFile("../policy/testdata/example.yaml"); err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		frames := decodeFrames(data)
 		if len(frames) == 0 {
@@ -196,7 +207,7 @@ func FuzzSessionPackets(f *testing.F) {
 		ignore := goleak.IgnoreCurrent()
 		t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
 
-		e := newEnv(t, Options{StopGrace: 2 * time.Second, MaxToolCalls: 4}, eventlog.Limits{MaxEvents: 64})
+		e := newEnv(t, Options{StopGrace: 2 * time.Second, MaxToolCalls: 4, Policy: pol}, eventlog.Limits{MaxEvents: 64})
 		fz := e.fuzzPeer(t, "planner:chat")
 		ctl := e.fuzzPeer(t, "planner:gui")
 		tk1 := e.submit(t, task.Spec{})
