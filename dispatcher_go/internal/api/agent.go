@@ -16,6 +16,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // agentService is lybic.agent.Agent, wire-compatible with seed 000.
@@ -154,7 +155,7 @@ func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTask
 		TaskId:              info.ID,
 		Status:              info.Status,
 		Message:             info.Message,
-		Result:              cutText(info.Result, maxResultBytes),
+		Result:              textcut.Prefix(info.Result, maxResultBytes),
 		Sandbox:             info.Sandbox,
 		ExecutionStatistics: statistics(&info, time.Now()),
 	}, nil
@@ -198,10 +199,10 @@ func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
 	}
 	return &dispatchv1.Task{
 		TaskId:      info.ID,
-		Instruction: cutText(info.Instruction, maxInstructionBytes),
+		Instruction: textcut.Prefix(info.Instruction, maxInstructionBytes),
 		Status:      info.Status,
 		Message:     info.Message,
-		Result:      cutText(info.Result, maxResultBytes),
+		Result:      textcut.Prefix(info.Result, maxResultBytes),
 		Statistics:  statistics(info, now),
 		CreatedAt:   ts(info.CreatedAt),
 		StartedAt:   ts(info.StartedAt),

@@ -1,7 +1,5 @@
 package api
 
-import "unicode/utf8"
-
 // Every response fits what a default gRPC client receives (4 MiB): a task's
 // texts are cut for display (the whole answer is in its content events,
 // each one a packet under the message limit), and a ListTasks page ends
@@ -14,15 +12,3 @@ const (
 	// maxPageBytes bounds a ListTasks page (at least one task is listed).
 	maxPageBytes = 3 << 20
 )
-
-// cutText returns at most the first n bytes of s, never splitting a
-// character.
-func cutText(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}

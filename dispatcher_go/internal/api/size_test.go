@@ -7,6 +7,8 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
 // No response is larger than a default client receives (4 MiB): a ListTasks
@@ -57,6 +59,29 @@ func TestResponsesFitADefaultClient(t *testing.T) {
 	}
 	if pages < 2 {
 		t.Fatalf("%d pages: the page was not bounded", pages)
+	}
+}
+
+// An oversized terminal packet ends its session FAILURE with the reason at
+// once (no stopped could follow a stop); the stream takes the next task.
+func TestOversizedResultPacketEndsOnlyItsSession(t *testing.T) {
+	h, ctx := newHarness(t, dispatcher.Config{GRPC: dispatcher.GRPC{MaxRecvMsgBytes: 64 << 10}})
+	c := testutil.Connect(t, ctx, h.conn, "planner:big")
+	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, testutil.Success(strings.Repeat("r", 100<<10))))
+	c.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool {
+		return p.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED
+	})
+	got := waitTerminal(t, h, sub.GetTaskId())
+	if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.Contains(got.GetMessage(), "a result packet of ") {
+		t.Fatalf("task %v", got)
+	}
+	sub2, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
+	sid2, _ := c.Start()
+	c.Send(testutil.Up(sid2, testutil.Success("ok")))
+	if got := waitTerminal(t, h, sub2.GetTaskId()); got.GetStatus() != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("next task on the same stream %v", got)
 	}
 }
 

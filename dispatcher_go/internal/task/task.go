@@ -16,10 +16,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -32,6 +32,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/secret"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // Errors of this package; the API layer maps them to gRPC codes.
@@ -448,20 +449,30 @@ func (t *Task) runnerState() (Runner, agentpb.TaskStatus) {
 	return t.runner, t.status
 }
 
-// AddUsage adds a Usage delta to the statistics.
+// AddUsage adds a Usage delta to the statistics. The session checks the
+// numbers at ingest (finite, not negative); the sums saturate rather than
+// wrap around however many deltas come.
 func (t *Task) AddUsage(u *dispatchv1.Usage) {
 	if u == nil {
 		return
 	}
 	t.mu.Lock()
-	t.stats.InputTokens += u.GetInputTokens()
-	t.stats.OutputTokens += u.GetOutputTokens()
+	t.stats.InputTokens = addSat(t.stats.InputTokens, u.GetInputTokens(), math.MaxInt64)
+	t.stats.OutputTokens = addSat(t.stats.OutputTokens, u.GetOutputTokens(), math.MaxInt64)
 	t.stats.Cost += u.GetCost()
-	t.stats.Steps += u.GetSteps()
+	t.stats.Steps = int32(addSat(int64(t.stats.Steps), int64(u.GetSteps()), math.MaxInt32))
 	if c := u.GetCurrency(); c != "" {
 		t.stats.Currency = c
 	}
 	t.mu.Unlock()
+}
+
+// addSat is a+b for a, b >= 0, at most limit.
+func addSat(a, b, limit int64) int64 {
+	if b > limit-a {
+		return limit
+	}
+	return a + b
 }
 
 // Record stamps ev with the task id and the current time and appends it.
@@ -537,24 +548,9 @@ func boundHistory(h []*dispatchv1.ConversationTurn, maxBytes, maxTurns int) []*d
 	}
 	if first == len(h) && len(h) > 0 {
 		last := h[len(h)-1]
-		return []*dispatchv1.ConversationTurn{{Role: last.GetRole(), Content: cutUTF8(last.GetContent(), maxBytes-len(last.GetRole()))}}
+		return []*dispatchv1.ConversationTurn{{Role: last.GetRole(), Content: textcut.Prefix(last.GetContent(), maxBytes-len(last.GetRole()))}}
 	}
 	return h[first:]
-}
-
-// cutUTF8 returns at most the first n bytes of s, never splitting a
-// character.
-func cutUTF8(s string, n int) string {
-	if n <= 0 {
-		return ""
-	}
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
 }
 
 // NewID returns a random id in UUID v4 form, unguessable so that a task id
