@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from commander.gui._actions import Action
@@ -28,6 +29,8 @@ class ParsedOutput:
     actions: tuple[Action, ...]
     #: The part of the output the actions were read from, for the conversation history.
     action_text: str
+    #: UI-TARS' ``Reflection:`` section (on the previous step), when the model wrote one.
+    reflection: str = ""
 
 
 def check_size(text: str) -> None:
@@ -39,6 +42,46 @@ def check_size(text: str) -> None:
         )
     if "\x00" in text:
         raise ParseError("the output contains a NUL character")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ParseError(
+                f"the output contains an invalid character at {exc.start} (a lone surrogate)"
+            ) from None
+
+
+# Characters that may not be typed or reported: control characters other than
+# \t and \n (C0, DEL, C1) and lone surrogates (not encodable as UTF-8: they
+# would break the protobuf event and the store). A character class, so one
+# linear scan.
+_UNTYPABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# What may not be stored at all: NUL (PostgreSQL text) and lone surrogates.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _refuse(m: re.Match[str], what: str, hint: str) -> ParseError:
+    char = m.group(0)
+    kind = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+    return ParseError(f"{what} contains {kind} ({char!r} at {m.start()}); {hint}")
+
+
+def typed_text(value: Value, what: str, *, limit: int = MAX_TEXT) -> str:
+    """Text to type or report: a string of at most ``limit`` characters, without
+    control characters other than ``\\n`` and ``\\t``, and without lone surrogates."""
+    text = as_text(value, what, limit=limit)
+    m = _UNTYPABLE.search(text)
+    if m is not None:
+        raise _refuse(m, what, "only printable text, \\n and \\t can be typed")
+    return text
+
+
+def storable_text(text: str, what: str) -> str:
+    """Text kept as it is (a thought): refused only if it holds NUL or a lone surrogate."""
+    m = _UNSTORABLE.search(text)
+    if m is not None:
+        raise _refuse(m, what, "write plain text")
+    return text
 
 
 def bind(call: Call, name: str, params: tuple[str, ...], *, example: str) -> dict[str, Value]:

@@ -20,13 +20,12 @@ formats::
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from commander.gui import _actions as act
-from commander.gui._common import MAX_TEXT, ParsedOutput, check_size
+from commander.gui._common import MAX_TEXT, ParsedOutput, check_size, storable_text, typed_text
 from commander.gui._coords import CoordinateSpace, ScreenPixels, ScreenSize, to_screen
-from commander.gui._errors import ParseError
+from commander.gui._errors import ParseError, guarded
 from commander.gui._keys import combo_to_xdotool, split_combo
 
 #: The actions of this format (also the schema's enum).
@@ -62,7 +61,8 @@ JSON_ACTION_SCHEMA: dict[str, Any] = {
     "required": list(_KEYS),
 }
 
-_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n\s*```\s*$", re.S)
+#: Longest integer accepted (digits): json.loads would refuse > 4300 with a ValueError.
+_MAX_INT_DIGITS = 15
 _DIRECTIONS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
 _EXAMPLE = '{"thought": "…", "action": "type", "x": 0, "y": 0, "text": "hello\\n"}'
 
@@ -78,6 +78,36 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> Any:
     raise ParseError(f"{name} is not a number this format accepts")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ParseError(f"integers of more than {_MAX_INT_DIGITS} digits are not accepted")
+    return int(digits)
+
+
+def unfence(body: str) -> str:
+    """The inside of a ```json fenced block that is all of ``body`` (stripped), else ``body``.
+
+    A linear scan with the meaning of the regex
+    ``^\\s*```(?:json)?\\s*\\n(.*?)\\n\\s*```\\s*$`` (re.S), which backtracked with cubic
+    cost on a fence followed by many newlines: an opening fence, optionally ``json``,
+    whitespace holding a newline; a closing fence at the end after whitespace holding a
+    newline; the two newlines distinct.
+    """
+    if not body.startswith("```") or not body.endswith("```") or len(body) < 6:
+        return body
+    start = 7 if body.startswith("```json") else 3
+    inner = body[start:-3]
+    content = inner.strip()
+    if not content:
+        # All whitespace: it needs two newlines, one for each fence.
+        return "" if inner.count("\n") >= 2 else body
+    lead = inner[: len(inner) - len(inner.lstrip())]
+    tail = inner[len(inner.rstrip()) :]
+    if "\n" not in lead or "\n" not in tail:
+        return body
+    return content
 
 
 def _string(obj: dict[str, Any], key: str, limit: int) -> str:
@@ -114,13 +144,23 @@ def parse_json_action(
     text observation gives window geometry in pixels). Raises
     :class:`ParseError`, with a message meant for the model, for anything else.
     """
+    return guarded(
+        _parse, text, screen=screen, space=space, scroll_steps=scroll_steps, wait_ms=wait_ms
+    )
+
+
+def _parse(
+    text: str, *, screen: ScreenSize, space: CoordinateSpace | None, scroll_steps: int, wait_ms: int
+) -> ParsedOutput:
     check_size(text)
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1).strip()
+    body = unfence(text.strip())
     try:
-        obj = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(
+            body,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+        )
     except json.JSONDecodeError as exc:
         raise ParseError(
             f"the answer is not valid JSON ({exc.msg} at character {exc.pos}); "
@@ -138,7 +178,7 @@ def parse_json_action(
     if not isinstance(action, str) or action not in JSON_ACTIONS:
         shown = action[:40] if isinstance(action, str) else type(action).__name__
         raise ParseError(f'"action" must be one of {", ".join(JSON_ACTIONS)}; got {shown!r}')
-    thought = _string(obj, "thought", _MAX_THOUGHT).strip()
+    thought = storable_text(_string(obj, "thought", _MAX_THOUGHT).strip(), '"thought"')
     value = _string(obj, "text", MAX_TEXT)
     space = space or ScreenPixels()
 
@@ -150,7 +190,7 @@ def parse_json_action(
     if action == "type":
         if not value:
             raise ParseError('"type" needs the text to type in "text"')
-        result = act.KeyboardType(content=value)
+        result = act.KeyboardType(content=typed_text(value, '"text"'))
     elif action == "hotkey":
         if not value.strip():
             raise ParseError('"hotkey" needs the keys in "text", e.g. "ctrl c" or "enter"')
@@ -176,9 +216,9 @@ def parse_json_action(
     elif action == "wait":
         result = act.Wait(duration_ms=wait_ms)
     elif action == "finished":
-        result = act.Finished(message=value or None)
+        result = act.Finished(message=typed_text(value, '"text"') or None)
     elif action == "failed":
-        result = act.Failed(message=value or None)
+        result = act.Failed(message=typed_text(value, '"text"') or None)
     else:
         result = act.CallUser()
     return ParsedOutput(thought=thought, actions=(result,), action_text=body)

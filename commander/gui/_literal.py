@@ -18,12 +18,16 @@ from commander.gui._errors import ParseError
 
 Value = str | int | float | bool | None | tuple["Value", ...]
 
-#: Longest source accepted by :func:`parse_call` / :func:`parse_module`.
+#: Longest source accepted by :func:`parse_expression` / :func:`parse_module`.
 MAX_SOURCE = 20_000
 #: Most elements in one tuple or list argument.
 MAX_ELEMENTS = 64
 #: Deepest nesting of tuples/lists.
 MAX_DEPTH = 2
+#: Largest magnitude of an integer literal: nothing on a screen or in a count
+#: comes near it, and a larger one (``0xfff…`` has no digit limit) could not
+#: even be shown in a message (Python refuses ``str()`` of > 4300 digits).
+MAX_INT = 10**15 - 1
 
 _NOT_ALLOWED = {
     ast.JoinedStr: "f-strings are not allowed; write a plain quoted string",
@@ -79,7 +83,9 @@ def literal(node: ast.expr, depth: int = 0) -> Value:
     """The value of a literal node, or :class:`ParseError`."""
     if isinstance(node, ast.Constant):
         v = node.value
-        if isinstance(v, str | int | float | bool) or v is None:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return _bounded(v)
+        if isinstance(v, str | float | bool) or v is None:
             return v
         if isinstance(v, bytes):
             raise ParseError("bytes literals are not allowed; write a plain quoted string")
@@ -91,7 +97,8 @@ def literal(node: ast.expr, depth: int = 0) -> Value:
             and isinstance(operand.value, int | float)
             and not isinstance(operand.value, bool)
         ):
-            return -operand.value if isinstance(node.op, ast.USub) else operand.value
+            value = _bounded(operand.value) if isinstance(operand.value, int) else operand.value
+            return -value if isinstance(node.op, ast.USub) else value
         raise _reject(node)
     if isinstance(node, ast.Tuple | ast.List):
         if depth >= MAX_DEPTH:
@@ -100,6 +107,12 @@ def literal(node: ast.expr, depth: int = 0) -> Value:
             raise ParseError(f"lists of more than {MAX_ELEMENTS} elements are not allowed")
         return tuple(literal(e, depth + 1) for e in node.elts)
     raise _reject(node)
+
+
+def _bounded(value: int) -> int:
+    if -MAX_INT <= value <= MAX_INT:
+        return value
+    raise ParseError("integers of more than 15 digits are not accepted")
 
 
 def _func_name(node: ast.expr, modules: frozenset[str]) -> str:
@@ -121,11 +134,16 @@ def call_from_node(node: ast.expr, modules: frozenset[str] = frozenset()) -> Cal
     if not isinstance(node, ast.Call):
         raise ParseError("expected an action call", fragment=_source_of(node))
     func = _func_name(node.func, modules)
+    if len(node.args) + len(node.keywords) > MAX_ELEMENTS:
+        raise ParseError(f"an action takes at most {MAX_ELEMENTS} arguments")
     args = tuple(literal(a) for a in node.args)
     kwargs: dict[str, Value] = {}
     for kw in node.keywords:
         if kw.arg is None:
             raise ParseError("**kwargs unpacking is not allowed", fragment=_source_of(kw.value))
+        if kw.arg in kwargs:
+            # Python's compiler refuses this (ast.parse does not): never let the last one win.
+            raise ParseError(f"keyword argument repeated: {kw.arg}")
         kwargs[kw.arg] = literal(kw.value)
     return Call(func=func, args=args, kwargs=kwargs, lineno=getattr(node, "lineno", 1))
 
@@ -137,8 +155,8 @@ def _syntax_error(exc: SyntaxError | ValueError, src: str) -> ParseError:
     return ParseError(f"invalid syntax: {exc}")
 
 
-def parse_call(src: str, modules: frozenset[str] = frozenset()) -> Call:
-    """Parses ``src`` as exactly one call expression of literal arguments."""
+def parse_expression(src: str) -> ast.expr:
+    """Parses ``src`` as one expression (syntax only; :func:`call_from_node` whitelists it)."""
     if len(src) > MAX_SOURCE:
         raise ParseError(f"an action may be at most {MAX_SOURCE} characters long")
     try:
@@ -147,7 +165,7 @@ def parse_call(src: str, modules: frozenset[str] = frozenset()) -> Call:
         raise _syntax_error(exc, src) from None
     except (RecursionError, MemoryError):
         raise ParseError("the action is nested too deeply to read") from None
-    return call_from_node(tree.body, modules)
+    return tree.body
 
 
 def parse_module(src: str) -> ast.Module:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import re
-import textwrap
 from collections.abc import Callable
 
 from commander.gui import _actions as act
@@ -29,6 +28,7 @@ from commander.gui._common import (
     as_text,
     bind,
     check_size,
+    typed_text,
 )
 from commander.gui._coords import (
     CoordinateSpace,
@@ -37,12 +37,16 @@ from commander.gui._coords import (
     offset_to_screen,
     to_screen,
 )
-from commander.gui._errors import ParseError
+from commander.gui._errors import ParseError, guarded
 from commander.gui._keys import combo_to_xdotool, key_to_xdotool
-from commander.gui._literal import Call, Value, call_from_node, parse_module
+from commander.gui._literal import MAX_SOURCE, Call, Value, call_from_node, parse_module
 
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\r?\n(.*?)```", re.S | re.I)
-_CODE_LINE = re.compile(r"^\s*(?:pyautogui\.|import\s|time\.sleep\(|(?:WAIT|DONE|FAIL)\s*$)")
+_BACKTICKS = re.compile("`+")
+#: The languages an opening fence may name (matched case-insensitively, longest first).
+_FENCE_LANGS = ("python3", "python", "py")
+# Applied to one line at a time; the possessive \s*+ cannot backtrack, and every
+# alternative starts with a non-space character, so it means what \s* meant.
+_CODE_LINE = re.compile(r"^\s*+(?:pyautogui\.|import\s|time\.sleep\(|(?:WAIT|DONE|FAIL)\s*$)")
 _MODULES = frozenset({"pyautogui", "time"})
 _IGNORED = ("duration", "tween", "logScreenshot", "_pause", "interval")
 
@@ -184,7 +188,7 @@ def _write(call: Call, ctx: _Ctx) -> list[act.Action]:
     b = _args(call, "message interval logScreenshot _pause", f"pyautogui.{name}('hello')")
     message = b.get("message")
     if isinstance(message, str):
-        return [act.KeyboardType(content=as_text(message, "message"))]
+        return [act.KeyboardType(content=typed_text(message, "message"))]
     if not isinstance(message, tuple):
         raise ParseError(f"{name}() needs a message: a string or a list of keys")
     # A list mixes characters to type and key names to press, in order.
@@ -196,11 +200,11 @@ def _write(call: Call, ctx: _Ctx) -> list[act.Action]:
             run.append(item_text)
             continue
         if run:
-            out.append(act.KeyboardType(content="".join(run)))
+            out.append(act.KeyboardType(content=typed_text("".join(run), "message")))
             run = []
         out.append(act.KeyboardHotkey(keys=key_to_xdotool(item_text)))
     if run:
-        out.append(act.KeyboardType(content="".join(run)))
+        out.append(act.KeyboardType(content=typed_text("".join(run), "message")))
     return out
 
 
@@ -288,23 +292,115 @@ _WORDS: dict[str, Callable[[], act.Action]] = {
 }
 
 
-def extract_code(text: str) -> tuple[str, str]:
-    """Returns (thought, code): fenced blocks if any, else the text or its code lines."""
-    blocks = _FENCE.findall(text)
+def _fence_header_end(text: str, i: int) -> int:
+    """Reads an opening fence's header from ``text[i]`` (just after the backticks):
+    blanks, an optional language, blanks, a line break. Returns the index after the
+    line break, or -1 if this is no opening fence."""
+    n = len(text)
+    while i < n and text[i] in " \t":
+        i += 1
+    for lang in _FENCE_LANGS:
+        if text[i : i + len(lang)].lower() == lang:
+            i += len(lang)
+            break
+    while i < n and text[i] in " \t":
+        i += 1
+    if text.startswith("\r\n", i):
+        return i + 2
+    if text.startswith("\n", i):
+        return i + 1
+    return -1
+
+
+def split_fences(text: str) -> tuple[list[str], str]:
+    r"""The fenced code blocks of ``text`` and the text around them, in one linear scan.
+
+    It means what ``findall`` / ``sub`` of the former pattern
+    ``r"```[ \t]*(?:python3?|py)?[ \t]*\r?\n(.*?)```"`` (re.S | re.I) meant, without
+    that pattern's backtracking between its two ``[ \t]*`` (quadratic on a fence
+    followed by many blanks). Each character is looked at a bounded number of times:
+    a header scan covers only blanks and a language name, which hold no backtick, so
+    the next fence found lies beyond it.
+    """
+    blocks: list[str] = []
+    prose: list[str] = []
+    kept = pos = 0
+    while (start := text.find("```", pos)) >= 0:
+        run = _BACKTICKS.match(text, start)
+        run_end = run.end() if run is not None else start
+        if run_end - start > 3:
+            # In a run of backticks only the last three can open a fence (a header
+            # holds no backtick): go there at once rather than one backtick at a time.
+            start = run_end - 3
+        body = _fence_header_end(text, start + 3)
+        if body < 0:
+            pos = start + 1
+            continue
+        end = text.find("```", body)
+        if end < 0:
+            break  # no closing fence anywhere after: no later fence can close either
+        blocks.append(text[body:end])
+        prose.append(text[kept:start])
+        kept = pos = end + 3
+    prose.append(text[kept:])
+    return blocks, "".join(prose)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    i, n = 0, min(len(a), len(b))
+    while i < n and a[i] == b[i]:
+        i += 1
+    return a[:i]
+
+
+def dedent(text: str) -> str:
+    """:func:`textwrap.dedent`, in one linear pass: blank lines (spaces and tabs only)
+    become empty and the longest common leading blanks of the other lines are removed.
+    (``textwrap.dedent`` compiles a regex from that margin: a 64,000-blank indent took
+    over 100 ms, each time the margin differed.)"""
+    lines = text.split("\n")
+    margin: str | None = None
+    for i, line in enumerate(lines):
+        rest = line.lstrip(" \t")
+        if not rest:
+            lines[i] = ""
+            continue
+        indent = line[: len(line) - len(rest)]
+        if margin is None:
+            margin = indent
+        elif not indent.startswith(margin):
+            margin = _common_prefix(margin, indent)
+    if margin:
+        lines = [line[len(margin) :] for line in lines]
+    return "\n".join(lines)
+
+
+def _extract(text: str) -> tuple[str, str, ast.Module | None]:
+    """(thought, code, the code's syntax tree if it was already parsed)."""
+    blocks, prose = split_fences(text)
     if blocks:
-        code = "\n".join(textwrap.dedent(b) for b in blocks)
-        return _FENCE.sub("", text).strip(), code
+        code = "\n".join(dedent(b) for b in blocks)
+        return prose.strip(), code, None
     if "```" in text:
         raise ParseError("unterminated ``` code block")
-    stripped = textwrap.dedent(text).strip()
-    try:
-        ast.parse(stripped, mode="exec")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        lines = text.splitlines()
-        code_lines = [ln.strip() for ln in lines if _CODE_LINE.match(ln)]
-        prose = [ln for ln in lines if not _CODE_LINE.match(ln)]
-        return "\n".join(prose).strip(), "\n".join(code_lines)
-    return "", stripped
+    stripped = dedent(text).strip()
+    if len(stripped) <= MAX_SOURCE:  # longer is no program we would accept as a whole
+        try:
+            tree = ast.parse(stripped, mode="exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            pass
+        else:
+            return "", stripped, tree
+    lines = text.splitlines()
+    code_lines = [ln.strip() for ln in lines if _CODE_LINE.match(ln)]
+    prose_lines = [ln for ln in lines if not _CODE_LINE.match(ln)]
+    return "\n".join(prose_lines).strip(), "\n".join(code_lines), None
+
+
+def extract_code(text: str) -> tuple[str, str]:
+    """Returns (thought, code): fenced blocks if any, else the text or its code lines."""
+    thought, code, _ = _extract(text)
+    return thought, code
 
 
 def _statement(stmt: ast.stmt, ctx: _Ctx) -> list[act.Action]:
@@ -350,12 +446,17 @@ def parse_pyautogui(
     ``SmartResizedPixels()`` or ``Relative1000()``. Raises :class:`ParseError`
     with a message meant for the model.
     """
+    return guarded(_parse, text, screen=screen, space=space)
+
+
+def _parse(text: str, *, screen: ScreenSize, space: CoordinateSpace | None) -> ParsedOutput:
     check_size(text)
     ctx = _Ctx(screen, space or ScreenPixels())
-    thought, code = extract_code(text)
+    thought, code, tree = _extract(text)
     if not code.strip():
         raise ParseError("no pyautogui code found; write e.g. pyautogui.click(100, 200)")
-    tree = parse_module(code)
+    if tree is None:
+        tree = parse_module(code)
     actions: list[act.Action] = []
     for stmt in tree.body:
         actions.extend(_statement(stmt, ctx))

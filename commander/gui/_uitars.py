@@ -9,13 +9,20 @@ The action section holds one call per line::
 A small scanner splits the section into calls (it knows string literals, so a
 ``)`` or a newline inside quotes does not end a call, and it turns raw newlines
 inside quotes into ``\\n`` as UI-TARS' own parser does); each call is then read
-by :mod:`commander.gui._literal`, which accepts literals only. Arguments follow
+by :mod:`commander.gui._literal`, which accepts literals only. UI-TARS often
+leaves an apostrophe unescaped (``type(content='It's a test')``); when the strict
+reading is not valid Python, a second reading takes a quote inside a ``'…'``
+string that is not followed by ``,``, ``)``, ``]``, a quote or the end of a line
+as a literal apostrophe, and is used only if all of it is good; otherwise the
+strict reading's error stands. The scanner is linear, and each call is parsed,
+whitelisted and mapped before the next is read. Arguments follow
 the UI-TARS action space: ``point``/``start_box``, ``start_point``/``end_point``
 or ``start_box``/``end_box``, ``key``, ``content``, ``direction``.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 
@@ -26,14 +33,17 @@ from commander.gui._common import (
     ParsedOutput,
     as_text,
     check_size,
+    typed_text,
 )
 from commander.gui._coords import CoordinateSpace, Relative1000, ScreenSize, to_screen
-from commander.gui._errors import ParseError
+from commander.gui._errors import ParseError, guarded
 from commander.gui._keys import combo_to_xdotool, key_to_xdotool, split_combo
-from commander.gui._literal import Call, Value, parse_call
+from commander.gui._literal import MAX_SOURCE, Call, Value, call_from_node, parse_expression
 
 _HEADER = re.compile(r"^[ \t]*(Thought|Reflection|Action_Summary|Action)[ \t]*:[ \t]*", re.M)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Inside a string: characters copied as they are (one class, so it cannot backtrack).
+_PLAIN = re.compile(r"[^'\"\\\r\n]+")
 _BARE_CALL = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*\(")
 
 _N = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
@@ -51,35 +61,69 @@ _COORD_HELP = (
 _MAX_BOX_TEXT = 200
 
 
-def split_sections(text: str) -> tuple[str, str]:
-    """Returns (thought, action section). The thought may be empty."""
+def split_sections(text: str) -> tuple[str, str, str]:
+    """Returns (thought, reflection, action section); thought and reflection may be empty.
+
+    The thought is the ``Thought:`` section, else the ``Action_Summary:`` one (UI-TARS'
+    reflection format: ``Reflection: …`` / ``Action_Summary: …`` / ``Action: …``).
+    """
     headers = list(_HEADER.finditer(text))
     action_at = next((m for m in headers if m.group(1) == "Action"), None)
     if action_at is None:
         if _BARE_CALL.match(text):
-            return "", text.strip()
+            return "", "", text.strip()
         raise ParseError(
             "no 'Action:' line found; end your answer with a line like "
             "\"Action: click(point='<point>100 200</point>')\""
         )
-    thought = ""
-    for m in headers:
-        if m.group(1) == "Thought" and m.start() < action_at.start():
-            end = next((h.start() for h in headers if h.start() > m.start()), action_at.start())
-            thought = text[m.end() : end].strip()
+    sections: dict[str, str] = {}
+    for m, after in itertools.pairwise(headers):
+        if m is action_at:
             break
-    return thought, text[action_at.end() :].strip()
+        sections.setdefault(m.group(1), text[m.end() : after.start()].strip())
+    thought = sections.get("Thought") or sections.get("Action_Summary", "")
+    return thought, sections.get("Reflection", ""), text[action_at.end() :].strip()
 
 
-def _scan_string(section: str, i: int, out: list[str]) -> int:
-    """Copies the string literal starting at ``section[i]`` into ``out``; returns its end."""
+def _closes(section: str, k: int) -> bool:
+    """Whether the quote at ``section[k]`` can end a string argument: what follows it,
+    after blanks, is ``,``, ``)``, ``]``, a quote (implicit concatenation), a line
+    break or the end."""
+    n = len(section)
+    k += 1
+    while k < n and section[k] in " \t":
+        k += 1
+    return k >= n or section[k] in ",)]'\"\r\n"
+
+
+def _scan_string(
+    section: str, i: int, out: list[str], *, apostrophes: bool = False, stop: int | None = None
+) -> int:
+    """Copies the string literal starting at ``section[i]`` into ``out``; returns its end.
+
+    With ``apostrophes``, a ``'`` inside a ``'…'`` string that cannot end it
+    (:func:`_closes`) is copied escaped, as a literal apostrophe. A string still
+    open at ``stop`` makes its action too long.
+    """
     quote = section[i]
     delim = quote * 3 if section.startswith(quote * 3, i) else quote
     out.append(delim)
     k = i + len(delim)
     n = len(section)
+    tolerant = apostrophes and delim == "'"
+    if stop is not None:
+        n = min(n, stop)
     while k < n:
+        plain = _PLAIN.match(section, k, n)  # a run of ordinary characters, copied at once
+        if plain is not None:
+            out.append(plain.group(0))
+            k = plain.end()
+            continue
         if section.startswith(delim, k):
+            if tolerant and not _closes(section, k):
+                out.append("\\'")
+                k += 1
+                continue
             out.append(delim)
             return k + len(delim)
         c = section[k]
@@ -94,6 +138,8 @@ def _scan_string(section: str, i: int, out: list[str]) -> int:
         else:
             out.append(c)
         k += 1
+    if n < len(section):
+        raise ParseError(f"an action may be at most {MAX_SOURCE} characters long")
     raise ParseError(
         "unterminated string literal: close every quote, and inside text escape quotes as \\' "
         "and newlines as \\n",
@@ -101,8 +147,9 @@ def _scan_string(section: str, i: int, out: list[str]) -> int:
     )
 
 
-def split_calls(section: str) -> list[str]:
-    """Splits an action section into call sources, one call per line."""
+def split_calls(section: str, *, apostrophes: bool = False) -> list[str]:
+    """Splits an action section into call sources, one call per line (linear: each
+    character is looked at once; see :func:`_scan_string` for ``apostrophes``)."""
     calls: list[str] = []
     i, n = 0, len(section)
     while True:
@@ -121,13 +168,18 @@ def split_calls(section: str) -> list[str]:
         if k >= n or section[k] != "(":
             raise ParseError(f"expected '(' after {m.group(0)!r}", fragment=section[i:])
         out = [m.group(0)]
+        # The source grows from here (the name, then section[k:]), never shrinks: past
+        # MAX_SOURCE characters parse_expression would refuse it, so stop reading there.
+        stop = k - len(m.group(0)) + MAX_SOURCE + 1
         depth = 0
         while True:
             if k >= n:
                 raise ParseError("missing ')' at the end of the action", fragment=section[i:])
+            if k >= stop:
+                raise ParseError(f"an action may be at most {MAX_SOURCE} characters long")
             c = section[k]
             if c in "'\"":
-                k = _scan_string(section, k, out)
+                k = _scan_string(section, k, out, apostrophes=apostrophes, stop=stop)
                 continue
             if c in "([{":
                 depth += 1
@@ -266,7 +318,7 @@ def _type(call: Call, ctx: _Context) -> list[act.Action]:
     args = _args(call, ("content",), ex)
     if "content" not in args:
         raise ParseError(f"type() needs 'content'; e.g. {ex}")
-    return [act.KeyboardType(content=as_text(args["content"], "content"))]
+    return [act.KeyboardType(content=typed_text(args["content"], "content"))]
 
 
 _DIRECTIONS = {"down": (1, 0), "up": (-1, 0), "right": (0, 1), "left": (0, -1)}
@@ -299,7 +351,7 @@ def _finished(call: Call, ctx: _Context) -> list[act.Action]:
     ex = "finished(content='the answer')"
     args = _args(call, ("content",), ex)
     content = args.get("content")
-    return [act.Finished(message=None if content is None else as_text(content, "content"))]
+    return [act.Finished(message=None if content is None else typed_text(content, "content"))]
 
 
 def _call_user(call: Call, ctx: _Context) -> list[act.Action]:
@@ -347,26 +399,82 @@ def parse_uitars(
     ``wait()`` waits ``wait_ms``. Raises :class:`ParseError` — with a message
     meant for the model — for anything outside the action space.
     """
-    check_size(text)
     if not 1 <= scroll_steps <= 100 or not 0 <= wait_ms <= MAX_WAIT_MS:
         raise ValueError("scroll_steps must be within 1..100 and wait_ms within 0..60000")
     ctx = _Context(screen, space or Relative1000(), scroll_steps, wait_ms)
-    thought, section = split_sections(text)
-    sources = split_calls(section)
+    return guarded(_parse, text, ctx)
+
+
+class _Unreadable(Exception):
+    """The section is not valid Python as read (carries the error for the model)."""
+
+    def __init__(self, error: ParseError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _split(section: str, *, apostrophes: bool) -> list[str]:
+    try:
+        sources = split_calls(section, apostrophes=apostrophes)
+    except ParseError as exc:
+        raise _Unreadable(exc) from None
     if not sources:
         raise ParseError(
             "the 'Action:' line is empty; write an action such as "
             "click(point='<point>100 200</point>')"
         )
+    return sources
+
+
+def _actions(sources: list[str], ctx: _Context) -> list[act.Action]:
+    """The actions of the calls, call after call: each is parsed, whitelisted and
+    mapped before the next is read, so a bad call ends the work at once. Syntax
+    errors are raised as :class:`_Unreadable`, everything else as :class:`ParseError`."""
     actions: list[act.Action] = []
     for src in sources:
-        call = parse_call(src)
+        try:
+            expr = parse_expression(src)
+        except ParseError as exc:
+            raise _Unreadable(exc) from None
+        call = call_from_node(expr)
         handler = _HANDLERS.get(call.func)
         if handler is None:
             raise ParseError(
                 f"unknown action {call.func[:40]!r}; the actions are: " + ", ".join(ACTION_NAMES)
             )
         actions.extend(handler(call, ctx))
+    return actions
+
+
+def _tolerant(section: str, strict: list[str] | None, ctx: _Context) -> list[act.Action] | None:
+    """The actions of the reading with literal apostrophes, or None if it is no
+    different from the strict one or not wholly good."""
+    if "'" not in section:
+        return None
+    try:
+        sources = _split(section, apostrophes=True)
+        return None if sources == strict else _actions(sources, ctx)
+    except (_Unreadable, ParseError):
+        return None
+
+
+def _parse(text: str, ctx: _Context) -> ParsedOutput:
+    check_size(text)
+    thought, reflection, section = split_sections(text)
+    strict_sources: list[str] | None = None
+    try:
+        strict_sources = _split(section, apostrophes=False)
+        actions = _actions(strict_sources, ctx)
+    except _Unreadable as strict:
+        # UI-TARS leaves apostrophes unescaped: read again taking them literally, and
+        # use that reading only if it differs and is wholly good; otherwise the strict
+        # error stands. (So ast.parse sees at most twice what the section holds.)
+        tolerant = _tolerant(section, strict_sources, ctx)
+        if tolerant is None:
+            raise strict.error from None
+        actions = tolerant
     if len(actions) > MAX_ACTIONS:
         raise ParseError(f"at most {MAX_ACTIONS} actions are accepted in one answer")
-    return ParsedOutput(thought=thought, actions=tuple(actions), action_text=section)
+    return ParsedOutput(
+        thought=thought, actions=tuple(actions), action_text=section, reflection=reflection
+    )

@@ -27,6 +27,7 @@ class Good:
     actions: tuple[gui.Action, ...]
     space: gui.CoordinateSpace | None = None
     thought: str | None = None
+    reflection: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,31 @@ GOOD: list[Good] = [
         (gui.KeyboardType('it\'s "quoted"'),),
     ),
     Good(
+        # UI-TARS leaves apostrophes unescaped; the reference parser re-escapes them.
+        "uitars-type-bare-apostrophe",
+        "ui-tars",
+        "Thought: type it\nAction: type(content='It's a test')",
+        (gui.KeyboardType("It's a test"),),
+    ),
+    Good(
+        "uitars-type-bare-apostrophes-and-quotes",
+        "ui-tars",
+        "Action: type(content='don't say 'maybe' - it's Bob's turn\n')",
+        (gui.KeyboardType("don't say 'maybe' - it's Bob's turn\n"),),
+    ),
+    Good(
+        "uitars-finished-bare-apostrophe",
+        "ui-tars",
+        "Action: finished(content='It's done: the file's saved.')",
+        (gui.Finished("It's done: the file's saved."),),
+    ),
+    Good(
+        "uitars-bare-apostrophe-then-more-actions",
+        "ui-tars",
+        "Action: type(content='I'm here')\nhotkey(key='enter')",
+        (gui.KeyboardType("I'm here"), gui.KeyboardHotkey("Return")),
+    ),
+    Good(
         "uitars-type-double-quoted",
         "ui-tars",
         'Action: type(content="it\'s fine")',
@@ -263,7 +289,25 @@ GOOD: list[Good] = [
         "Reflection: the last click missed\nAction_Summary: click again\n"
         "Action: click(point='<point>10 10</point>')",
         (gui.MouseClick(P(19, 11), L),),
-        thought="",
+        # The reference parser's thought for this format is the Action_Summary.
+        thought="click again",
+        reflection="the last click missed",
+    ),
+    Good(
+        "uitars-action-summary-only",
+        "ui-tars",
+        "Action_Summary: open the file menu\nAction: click(point='<point>10 10</point>')",
+        (gui.MouseClick(P(19, 11), L),),
+        thought="open the file menu",
+        reflection="",
+    ),
+    Good(
+        "uitars-thought-wins-over-summary",
+        "ui-tars",
+        "Thought: the menu is at the top\nAction_Summary: click it\n"
+        "Action: click(point='<point>10 10</point>')",
+        (gui.MouseClick(P(19, 11), L),),
+        thought="the menu is at the top",
     ),
     Good(
         "uitars-thought-multiline",
@@ -559,9 +603,17 @@ BAD: list[Bad] = [
         ("unterminated string",),
     ),
     Bad(
-        "uitars-unescaped-quote",
+        # An apostrophe before a comma is ambiguous (the end of the string, or text?):
+        # the tolerant reading does not guess, and the strict reading's error stands.
+        "uitars-unescaped-quote-ambiguous",
         "ui-tars",
-        "Action: type(content='it's broken')",
+        "Action: type(content='the users', 'files')",
+        ("positional argument follows keyword argument",),
+    ),
+    Bad(
+        "uitars-unescaped-quote-unterminated",
+        "ui-tars",
+        "Action: type(content='one', two')",
         ("unterminated string", "\\'"),
     ),
     Bad(
@@ -686,7 +738,9 @@ BAD: list[Bad] = [
         "coord-pyautogui-huge-literal",
         "pyautogui",
         "pyautogui.moveTo(" + "9" * 400 + ", 10)",
-        ("outside the screen",),
+        # Refused as a literal (was "outside the screen"): an integer too large to
+        # print in a message (> 4300 digits, or 0xfff…) must not crash the parser.
+        ("more than 15 digits",),
     ),
     Bad(
         "coord-pyautogui-bool",

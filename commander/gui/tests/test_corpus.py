@@ -15,6 +15,8 @@ def test_good_output_parses_to_its_actions(case: Good) -> None:
     assert out.actions == case.actions
     if case.thought is not None:
         assert out.thought == case.thought
+    if case.reflection is not None:
+        assert out.reflection == case.reflection
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
