@@ -44,6 +44,7 @@ import binascii
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import json
 import logging
 import re
@@ -89,6 +90,10 @@ _log = logging.getLogger("commander.gui")
 
 DEFAULT_STEPS = 50
 DEFAULT_TASK_TIMEOUT = 3600
+#: Model outputs parsed at once, over all sessions of a planner. Parsing is linear in
+#: the output (at most 64,000 characters) but CPU-bound: it runs in a worker thread,
+#: never on the event loop, and this bounds the cores it can take.
+PARSE_CONCURRENCY = 2
 
 #: The UI-TARS computer-use prompt (ByteDance UI-TARS, ``COMPUTER_USE``).
 UITARS_PROMPT = r"""You are a GUI agent. You are given a task and your action history, with screenshots. You need to perform the next action to complete the task.
@@ -384,6 +389,26 @@ class GuiPlanner:
             read_timeout=self.settings.read_timeout,
             connect_timeout=self.settings.connect_timeout,
         )
+        # Made on first use: a limiter belongs to the running event loop.
+        self._parse_limiter: anyio.CapacityLimiter | None = None
+
+    async def parse(
+        self,
+        text: str,
+        *,
+        output_format: OutputFormat,
+        screen: ScreenSize,
+        space: CoordinateSpace,
+    ) -> ParsedOutput:
+        """:func:`~commander.gui.parse_model_output` in a worker thread (at most
+        :data:`PARSE_CONCURRENCY` at once), so the event loop never waits on it. Not
+        abandoned on cancellation: it ends within its bounded time anyway."""
+        if self._parse_limiter is None:
+            self._parse_limiter = anyio.CapacityLimiter(PARSE_CONCURRENCY)
+        parse = functools.partial(
+            parse_model_output, text, output_format=output_format, screen=screen, space=space
+        )
+        return await anyio.to_thread.run_sync(parse, limiter=self._parse_limiter)
 
     async def aclose(self) -> None:
         """Close the shared HTTP pool (the commander calls this when it stops), and
@@ -520,7 +545,7 @@ class _Run:
                 yield self._usage(self.action_model, reply, steps=1)
                 self.messages.append({"role": "assistant", "content": reply.text})
                 try:
-                    parsed = parse_model_output(
+                    parsed = await self.planner.parse(
                         reply.text,
                         output_format=self.output_format,
                         screen=self.screen,

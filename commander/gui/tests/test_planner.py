@@ -20,6 +20,7 @@ from commander import Commander, ConnectionConfig
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._pricing import ModelPrice, PriceTable
+from commander.gui import parse_model_output
 from commander.gui._planner import GuiPlanner, GuiSettings, resolve_models
 from commander.tests.fakes import DispatcherServer, FakeSlot, Reply, ScriptedLLM
 
@@ -470,3 +471,88 @@ async def test_the_sandbox_in_use_is_reported_and_kept_unless_destroyed(
     reported = [p.sandbox for p in packets if p.HasField("sandbox")]
     assert len(reported) == 1
     assert reported[0].sandbox.id == "SBX-new" and reported[0].kept is True
+
+
+async def test_the_model_output_is_parsed_off_the_event_loop(
+    make: Any, llm: ScriptedLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 12: parsing is CPU work; on the event loop it stalled every session.
+    import asyncio
+
+    from commander.gui import _planner
+
+    on_the_loop: list[bool] = []
+    real = parse_model_output
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_the_loop.append(True)
+        except RuntimeError:
+            on_the_loop.append(False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_planner, "parse_model_output", spy)
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make()
+    sid = await slot.start("x", planner="gui")
+    assert result_of(await drive(slot, sid, FakeSandbox())).outcome == ipb.SESSION_OUTCOME_SUCCESS
+    assert on_the_loop == [False]
+
+
+async def test_parses_run_at_most_parse_concurrency_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import anyio
+    import anyio.from_thread
+
+    from commander.gui import Relative1000, ScreenSize, _planner
+
+    limit = _planner.PARSE_CONCURRENCY
+    release = threading.Event()
+    lock = threading.Lock()
+    inside = [0, 0]  # now, most at once
+    full = anyio.Event()
+    real = parse_model_output
+
+    def blocked(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            inside[0] += 1
+            inside[1] = max(inside[1], inside[0])
+            if inside[0] == limit:
+                anyio.from_thread.run_sync(full.set)
+        release.wait(10)
+        with lock:
+            inside[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_planner, "parse_model_output", blocked)
+    planner = GuiPlanner(GuiSettings())
+    results: list[Any] = []
+
+    async def parse() -> None:
+        results.append(
+            await planner.parse(
+                "Action: wait()",
+                output_format="ui-tars",
+                screen=ScreenSize(100, 100),
+                space=Relative1000(),
+            )
+        )
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(limit + 3):
+                tg.start_soon(parse)
+            with anyio.fail_after(10):
+                await full.wait()
+            assert planner._parse_limiter is not None
+            assert planner._parse_limiter.statistics().tasks_waiting == 3
+            release.set()
+    finally:
+        release.set()
+        await planner.aclose()
+    assert len(results) == limit + 3
+    assert inside[1] == limit
