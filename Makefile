@@ -140,7 +140,7 @@ test-py: setup-py ## commander and local sandbox tests (in-process dispatcher an
 test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model and not faults" tests
 
-test-faults: build ## fault injection with real processes: black-holed and slow commander link (bin/faultproxy), PostgreSQL killed, SQLite disk full, provider frozen (docs/reliability.md)
+test-faults: build ## fault injection with real processes: black-holed, reset and slow commander link (bin/faultproxy), PostgreSQL killed, SQLite disk full, provider frozen (docs/reliability.md)
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -rs -s -m faults tests/test_faults.py
 
 test-model: build setup-model ## end to end with the real local model (SmolLM2 via llama-cpp-python)

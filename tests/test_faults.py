@@ -6,7 +6,7 @@ figures in docs/reliability.md come from these lines.
   (toxiproxy as a library, cmd/faultproxy), whose HTTP API adds and removes
   toxics while the link is in use: a black hole (toxiproxy `timeout` toxic
   with timeout 0 in both directions: the connection stays open, nothing is
-  forwarded), latency, a bandwidth cap.
+  forwarded), a reset (`reset_peer`), latency, a bandwidth cap.
 - PostgreSQL is a real server (scripts/postgres.sh, its own state directory:
   killing it must not disturb another suite's cluster), killed (`pg_ctl -m
   immediate`) and restarted on the same port and data.
@@ -166,6 +166,43 @@ def test_blackholed_commander_link_is_detected_and_the_task_fails_truthfully(
         f"blackhole: task FAILURE after {detect:.2f}s (keepalive 1s+1s); "
         f"commander slot back {back:.2f}s after the link healed; "
         f"{sum(kind(e) == 'content' for e in events)} content events kept"
+    )
+
+
+def test_reset_commander_link_ends_the_task_at_once(stack: Stack) -> None:
+    """The proxy resets the connection (TCP RST, toxiproxy `reset_peer`)."""
+    llm = stack.scripted(tokens_per_sec=20, tokens=5000)
+    short = stack.scripted(tokens=5)
+    d = stack.dispatcher()
+    proxy = start_proxy(stack, d.addr)
+    stack.commander(proxy.addr, llm.base_url, slots=1)
+    d.wait_slots(1)
+
+    task_id = d.submit(f"a long story [{uuid.uuid4().hex[:8]}]", llm)
+    watch = start_watch(d.tasks, task_id)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flows")
+
+    proxy.add("reset", "reset_peer", "upstream", timeout=0)
+    t0 = time.monotonic()
+    final = wait_status(d.agent, task_id, timeout=15)
+    detect = time.monotonic() - t0
+    watch.join(10)
+    events = watch.values()
+    assert final.status == agent_pb2.FAILURE, final
+    assert "commander connection lost" in final.message, final.message
+    seqs_ok(events)
+    assert events[-1].state.status == agent_pb2.FAILURE, describe(events[-3:])
+    assert detect < 2.0, f"reset noticed after {detect:.2f}s"
+
+    proxy.clear()
+    t1 = time.monotonic()
+    d.wait_slots(1, timeout=30)
+    back = time.monotonic() - t1
+    again = d.submit(f"after the reset [{uuid.uuid4().hex[:8]}]", short)
+    assert wait_status(d.agent, again, timeout=30).status == agent_pb2.SUCCESS
+    report(
+        f"reset: task FAILURE {detect:.2f}s after the reset; slot back {back:.2f}s "
+        f"after the link healed"
     )
 
 
