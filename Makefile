@@ -103,8 +103,8 @@ logs: ## tail the logs of the background stack
 
 # ---------------------------------------------------------------- tests
 
-.PHONY: test lint test-go test-py test-e2e test-faults test-model test-store test-browser check-compose check-dockerfiles images
-test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-store test-py test-e2e test-faults test-model ## run every test
+.PHONY: test lint test-go test-fuzz test-py test-e2e test-faults test-model test-store test-browser check-compose check-dockerfiles images
+test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-fuzz test-store test-py test-e2e test-faults test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -114,6 +114,26 @@ lint: setup lint-proto ## go vet, ruff, mypy
 
 test-go: ## Go unit tests with the race detector (goleak in each package)
 	cd dispatcher_go && go test -race -count=1 ./...
+
+# Time-boxed fuzzing: `go test -fuzz` takes one package and one target at a
+# time. FUZZTIME each (plus a build per package); inputs that fail are
+# written to the package's testdata/fuzz/<Target>/ and kept as regression
+# cases (plain `go test` runs them). Minimizing an interesting input is
+# capped too, or a worker may spend a minute on it. The Hypothesis
+# properties run in test-py with bounded examples.
+FUZZTIME ?= 8s
+FUZZ_TARGETS := \
+	./internal/session/:FuzzSessionPackets \
+	./internal/policy/:FuzzCompile \
+	./internal/policy/:FuzzCompileTask \
+	./internal/policy/:FuzzEvaluate \
+	./internal/httpapi/:FuzzHTTPBodies \
+	./internal/httpapi/:FuzzHTTPSubmitReal
+
+test-fuzz: ## Go native fuzz targets, FUZZTIME (8s) each
+	cd dispatcher_go && for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t#*:} ($${t%%:*}) for $(FUZZTIME)"; \
+	  go test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s "$${t%%:*}" || exit 1; done
 
 test-store: ## store conformance (SQLite + a real PostgreSQL), restart and kill -9 tests on Postgres
 	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop' EXIT && \

@@ -56,6 +56,7 @@ from commander._llm import (
     target_from,
 )
 from commander._pricing import PriceTable
+from commander._text import valid_text
 from commander._timeouts import MODEL_CLOSE_TIMEOUT
 from commander._tracing import end_model_span, model_span
 
@@ -446,10 +447,11 @@ class ChatPlanner:
                 reasoning = extra.get("reasoning_content") or extra.get("reasoning")
                 if isinstance(reasoning, str) and reasoning:
                     turn.chunks += 1
-                    yield ipb.ThoughtChain(step_name="Reasoning", delta=reasoning)
+                    yield ipb.ThoughtChain(step_name="Reasoning", delta=valid_text(reasoning))
                 if delta.content:
                     turn.chunks += 1
-                    for output in _split(splitter.feed(delta.content), turn):
+                    # JSON-decoded: a "\ud83d" escape is a lone surrogate here.
+                    for output in _split(splitter.feed(valid_text(delta.content)), turn):
                         yield output
                 for tc in delta.tool_calls or ():
                     turn.chunks += 1

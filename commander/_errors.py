@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from commander._gen.dispatch.v1 import interaction_pb2
+from commander._text import valid_text
 
 _ToolErrorCode = interaction_pb2.ToolErrorCode
 
@@ -58,6 +59,9 @@ class ToolError(CommanderError):
     )
 
     def __init__(self, message: str, *, tool_name: str = "", call_id: str = "") -> None:
+        # Often built from an API's error body or a file name: it goes into a
+        # protobuf message (a ToolError, an ErrorSignal), which must be UTF-8.
+        message = valid_text(message)
         super().__init__(message)
         self.message = message
         self.tool_name = tool_name

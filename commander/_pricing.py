@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -109,6 +110,10 @@ def parse_prices(path: Path) -> dict[str, ModelPrice]:
             raise CommanderError(
                 f"price table {path}: model {name!r} needs numeric 'input' and 'output'"
             ) from exc
+        if not (math.isfinite(price.input) and math.isfinite(price.output)):
+            # inf or nan would make every cost of the model inf or nan, which the
+            # dispatcher refuses (and a max_cost could not be enforced).
+            raise CommanderError(f"price table {path}: model {name!r} has a non-finite price")
         if price.input < 0 or price.output < 0:
             raise CommanderError(f"price table {path}: model {name!r} has a negative price")
         prices[str(name)] = price

@@ -51,6 +51,7 @@ from commander._errors import (
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import tools_pb2, tools_pb2_grpc
 from commander._stream import ReconnectingStream, Stream, StreamEnded
+from commander._text import valid_text
 from commander._tracing import TRACER, extract
 from commander._writer import StreamWriter
 
@@ -302,9 +303,11 @@ class ToolProvider:
 
     async def _execute(self, invocation: tools_pb2.Invocation) -> tools_pb2.InvocationResult:
         def failed(code: ipb.ToolErrorCode.ValueType, message: str) -> tools_pb2.InvocationResult:
+            # valid_text: a message built from a surrogate-escaped file name or an
+            # API's error body would make the result impossible to build or send.
             return tools_pb2.InvocationResult(
                 invocation_id=invocation.invocation_id,
-                error=ipb.ToolError(code=code, message=message),
+                error=ipb.ToolError(code=code, message=valid_text(message)),
             )
 
         try:

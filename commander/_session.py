@@ -49,6 +49,7 @@ from commander._errors import (
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._logging import session_ids
+from commander._text import valid_text
 from commander._timeouts import CLOSED_TIMEOUT, STOP_CANCEL_TIMEOUT
 from commander._tracing import TRACER, extract, inject
 from commander._writer import Outgoing
@@ -209,6 +210,8 @@ class Session:
     async def _call_tool(
         self, tool_name: str, arguments_json: str, call_id: str
     ) -> ipb.ToolCallResult:
+        # A model's tool call, JSON-decoded, may hold lone surrogates.
+        tool_name, arguments_json = valid_text(tool_name), valid_text(arguments_json)
         packet = self._packet(
             tool_call=ipb.ToolCallRequest(
                 tool_name=tool_name,
@@ -364,13 +367,15 @@ class Session:
         if isinstance(value, ipb.FinalResult):
             self._final = value
         elif isinstance(value, str):
-            self._final = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=value)
+            self._final = ipb.FinalResult(
+                outcome=ipb.SESSION_OUTCOME_SUCCESS, result=valid_text(value)
+            )
         elif value is not None:
             raise TypeError(f"planner returned {type(value).__name__}")
 
     async def _emit(self, item: PlannerOutput) -> None:
         if isinstance(item, str):
-            item = ipb.ContentChunk(text=item)
+            item = ipb.ContentChunk(text=valid_text(item))
         field = _FIELD_BY_TYPE.get(type(item))
         if field is None:
             raise TypeError(f"planner yielded {type(item).__name__}, which is not an output")
@@ -453,8 +458,9 @@ class Session:
 
 def _describe_failure(exc: BaseException) -> tuple[str, str]:
     """ErrorSignal code and message for a planner's exception."""
+    # valid_text: an exception's text may hold a file name's escaped bytes.
     if isinstance(exc, CommanderError):
-        return exc.code, str(exc) or type(exc).__name__
-    text = str(exc)
+        return exc.code, valid_text(str(exc)) or type(exc).__name__
+    text = valid_text(str(exc))
     message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return "planner_error", message

@@ -41,7 +41,10 @@ class Workspace:
         if candidate.is_absolute() or candidate.drive:
             raise InvalidToolArgumentsError(f"absolute paths are not allowed: {relative!r}")
         # resolve() follows symlinks, so a link that points outside is caught too.
-        full = (self.root / candidate).resolve(strict=False)
+        try:
+            full = (self.root / candidate).resolve(strict=False)
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before 3.13)
+            raise InvalidToolArgumentsError(f"path cannot be resolved: {relative!r}") from exc
         if full != self.root and self.root not in full.parents:
             raise InvalidToolArgumentsError(f"path escapes the workspace: {relative!r}")
         return full

@@ -6,13 +6,13 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"google.golang.org/protobuf/encoding/protojson"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/protoenum"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // ANSI styles, used only when stdout is a terminal.
@@ -292,7 +292,7 @@ func clip(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	return cutRunes(s, n) + fmt.Sprintf("… (%d bytes)", len(s))
+	return textcut.Prefix(s, n) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 // shorten is clip for prose: it cuts at n bytes and marks the cut with "…".
@@ -300,14 +300,5 @@ func shorten(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	return cutRunes(s, n) + "…"
-}
-
-// cutRunes is the first n bytes of s (len(s) > n), less the start of a
-// UTF-8 character the cut would split.
-func cutRunes(s string, n int) string {
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
+	return textcut.Prefix(s, n) + textcut.Mark
 }

@@ -10,11 +10,13 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 
 	"github.com/agentdispatch/dispatcher/internal/benchkit"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // benchCapability is what the simulated commanders offer and the simulated
@@ -59,13 +61,17 @@ type sessionPlan struct {
 // content packet (0-based) to complete the forbidden phrase.
 const poisonLabel = "bench_poison_at"
 
-// splitPhrase cuts the phrase in two non-empty halves (at a space if any).
+// splitPhrase cuts the phrase in two halves (at a space if any), never
+// inside a character: each half is sent as a content packet, which must be
+// UTF-8. Both are non-empty unless the phrase is one character.
 func splitPhrase(phrase string) (string, string) {
-	cut := len(phrase) / 2
-	if i := strings.LastIndex(phrase[:max(cut, 1)], " "); i > 0 {
+	cut := len(textcut.Prefix(phrase, len(phrase)/2))
+	if i := strings.LastIndex(phrase[:cut], " "); i > 0 {
 		cut = i
 	}
-	cut = min(max(cut, 1), len(phrase)-1)
+	if cut == 0 {
+		_, cut = utf8.DecodeRuneInString(phrase)
+	}
 	return phrase[:cut], phrase[cut:]
 }
 

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // config is what the model server does for a request the script does not
@@ -180,9 +182,7 @@ func (s *server) plan(req *chatRequest) (plan, int, string) {
 		p.reasoning = p.reasoning[:min(len(p.reasoning), limit)]
 		p.content = p.content[:min(len(p.content), limit-len(p.reasoning))]
 	}
-	if len(lastUser) > 200 {
-		lastUser = lastUser[:200]
-	}
+	lastUser = textcut.Prefix(lastUser, 200)
 	return p, turn, lastUser
 }
 

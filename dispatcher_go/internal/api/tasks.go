@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
@@ -131,7 +132,9 @@ func decodePageToken(s string) (*task.ListKey, error) {
 	b, err := base64.RawURLEncoding.DecodeString(s)
 	// A task id is never empty; 8 bytes alone is the token format of
 	// earlier versions (a sequence number), which must not read as 1970.
-	if err != nil || len(b) <= 8 || len(b) > 8+maxTokenID {
+	// The id goes into a store query: PostgreSQL refuses a text parameter
+	// that is not UTF-8 (task ids always are).
+	if err != nil || len(b) <= 8 || len(b) > 8+maxTokenID || !utf8.Valid(b[8:]) {
 		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
 	return &task.ListKey{CreatedAt: store.FromMicros(int64(binary.BigEndian.Uint64(b))), ID: string(b[8:])}, nil

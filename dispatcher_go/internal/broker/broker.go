@@ -30,6 +30,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // ExecutorBuiltin is the executor name of tools served by the dispatcher.
@@ -189,7 +190,9 @@ func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
 	}
 	timeout := b.opts.DefaultTimeout
 	if ms := spec.GetTimeoutMs(); ms > 0 {
-		timeout = min(time.Duration(ms)*time.Millisecond, maxToolTimeout)
+		// Compared in milliseconds: a huge timeout_ms would overflow a
+		// Duration (and time every call out at once).
+		timeout = time.Duration(min(ms, maxToolTimeout.Milliseconds())) * time.Millisecond
 	} else if ms < 0 {
 		return nil, fmt.Errorf("%w: tool %q: negative timeout_ms", ErrInvalidTool, name)
 	}
@@ -308,10 +311,10 @@ func execFailed(format string, a ...any) error {
 	return &toolError{code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, msg: fmt.Sprintf(format, a...)}
 }
 
-// truncate bounds texts that go back to planners and clients.
+// truncate bounds texts that go back to planners and clients, on a
+// character boundary: the text is sent to the commander and stored, and
+// protobuf refuses a string that is not UTF-8 (a cut through a Chinese file
+// name tore the commander's stream down).
 func truncate(s string) string {
-	if len(s) <= maxErrorText {
-		return s
-	}
-	return s[:maxErrorText] + "…"
+	return textcut.Shorten(s, maxErrorText)
 }

@@ -98,8 +98,19 @@ func New(cfg Config) (*Dispatcher, error) {
 	var logs eventlog.Store = eventlog.NewMemory(cfg.Limits.Events)
 	var persist task.Persistence
 	var writer *store.Writer
+	// The task manager, once built: the store writer fails a task whose
+	// record the store refused (a record is never retried for ever).
+	var tasks atomic.Pointer[task.Manager]
 	if st := cfg.Store.Backend; st != nil {
-		writer = store.NewWriter(st, store.WriterOptions{Interval: cfg.Store.FlushInterval, Logger: log.With("component", "store")})
+		writer = store.NewWriter(st, store.WriterOptions{
+			Interval: cfg.Store.FlushInterval,
+			Logger:   log.With("component", "store"),
+			OnRejected: func(taskID, reason string) {
+				if m := tasks.Load(); m != nil {
+					m.Fail(taskID, "the dispatcher could not store the task: "+reason)
+				}
+			},
+		})
 		logs = eventlog.NewDurable(cfg.Limits.Events, writer)
 		ts, err := taskstore.New(taskstore.Options{Store: st, Writer: writer, SecretKey: cfg.Store.SecretKey, Logger: log.With("component", "taskstore")})
 		if err != nil {
@@ -120,6 +131,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		Logger:         log.With("component", "task"),
 	})
 	mgr.SetQueue(sched)
+	tasks.Store(mgr)
 	if persist != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		_, err := mgr.Restore(ctx)

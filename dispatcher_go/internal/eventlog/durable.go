@@ -16,6 +16,11 @@ var ErrTrimmed = errors.New("event log: earlier events are no longer stored")
 type Committer interface {
 	// Commit says that every event up to seq is durable.
 	Commit(seq uint64)
+	// Replace says that the store keeps ev in place of event seq, which it
+	// could not store (ev says why): readers get ev from then on. It is
+	// called before the Commit that covers seq, so no reader saw the
+	// event it replaces.
+	Replace(seq uint64, ev *dispatchv1.TaskEvent)
 }
 
 // Sink persists events for Durable logs (store.Writer implements it).

@@ -208,6 +208,17 @@ func (l *memLog) Commit(seq uint64) {
 	}
 }
 
+// Replace implements Committer. Only an event not committed yet (that no
+// reader can hold) is replaced; the log then serves ev at seq.
+func (l *memLog) Replace(seq uint64, ev *dispatchv1.TaskEvent) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if seq > l.committed && seq > l.base && seq <= l.base+uint64(len(l.events)) {
+		ev.Seq = seq
+		l.events[seq-l.base-1] = ev
+	}
+}
+
 // LastSeq implements Log.
 func (l *memLog) LastSeq() uint64 {
 	l.mu.RLock()

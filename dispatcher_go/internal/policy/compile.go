@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -262,6 +263,11 @@ func build(spec *fileSpec, src []byte, b *bounds) (*Policy, error) {
 		holdTimeout: DefaultHoldTimeout,
 		budget:      b.packetBudget,
 		timeLimit:   b.timeLimit,
+	}
+	if c := spec.Limits.MaxCost; math.IsNaN(c) || math.IsInf(c, 0) {
+		// NaN compares false with every cost and Inf is never reached:
+		// either would be no limit at all.
+		return nil, errors.New("max_cost must be a finite number")
 	}
 	if l := spec.Limits; l.MaxTokens < 0 || l.MaxCost < 0 || l.MaxSteps < 0 || l.MaxToolCallsPerMinute < 0 {
 		return nil, errors.New("limits must not be negative")

@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
+	"math/bits"
 	"slices"
 	"time"
 	"unicode/utf8"
@@ -107,7 +109,7 @@ func (a *activation) ResolveName(name string) (any, bool) {
 		}
 		return a.args, true
 	case "tokens":
-		return a.st.InputTokens + a.st.OutputTokens, true
+		return a.st.tokens(), true
 	case "input_tokens":
 		return a.st.InputTokens, true
 	case "output_tokens":
@@ -451,12 +453,26 @@ func budgetStop(ruleID, reason string) Decision {
 	return Decision{Action: Stop, RuleID: ruleID, Reason: reason, StopCode: dispatchv1.StopCode_STOP_CODE_BUDGET}
 }
 
-// checkLimits applies the built-in limits.
+// tokens is input plus output tokens, at most math.MaxInt64 (a sum that
+// overflowed would read as negative, under every limit).
+func (st *State) tokens() int64 {
+	sum, carry := bits.Add64(uint64(max(st.InputTokens, 0)), uint64(max(st.OutputTokens, 0)), 0)
+	if carry != 0 || sum > math.MaxInt64 {
+		return math.MaxInt64
+	}
+	return int64(sum)
+}
+
+// checkLimits applies the built-in limits. Spending that cannot be
+// compared with a limit counts as over it: a cost of NaN (false in every
+// comparison) and a token sum that overflows stop the session rather than
+// slip past the limit.
 func checkLimits(l Limits, pkt *Packet, st *State, lastMin int64) (Decision, bool) {
+	tokens := st.tokens()
 	switch {
-	case l.MaxTokens > 0 && st.InputTokens+st.OutputTokens > l.MaxTokens:
-		return budgetStop("limit.max_tokens", fmt.Sprintf("token limit exceeded (%d > %d)", st.InputTokens+st.OutputTokens, l.MaxTokens)), true
-	case l.MaxCost > 0 && st.Cost > l.MaxCost:
+	case l.MaxTokens > 0 && tokens > l.MaxTokens:
+		return budgetStop("limit.max_tokens", fmt.Sprintf("token limit exceeded (%d > %d)", tokens, l.MaxTokens)), true
+	case l.MaxCost > 0 && !(st.Cost <= l.MaxCost):
 		return budgetStop("limit.max_cost", fmt.Sprintf("cost limit exceeded (%.4g > %.4g)", st.Cost, l.MaxCost)), true
 	case l.MaxSteps > 0 && st.Steps > l.MaxSteps:
 		return budgetStop("limit.max_steps", fmt.Sprintf("step limit exceeded (%d > %d)", st.Steps, l.MaxSteps)), true

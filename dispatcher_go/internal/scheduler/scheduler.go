@@ -251,10 +251,12 @@ func (s *Scheduler) deliver(h handout) {
 		case Started:
 			return
 		case SlotGone:
-			ended := task.Terminal(h.q.t.Status())
 			s.mu.Lock()
 			s.dropLocked(h.sl)
-			if ended {
+			// Looked at under the lock: a caller that ends the task after a
+			// failed Remove removes it again (task.Manager.Cancel), and that
+			// Remove must come after this placement to find the task.
+			if task.Terminal(h.q.t.Status()) {
 				h = handout{} // ended during the hand-over: nothing to put back
 			} else {
 				h = s.placeLocked(h.q)

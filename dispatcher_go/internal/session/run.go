@@ -33,7 +33,9 @@ import (
 //     answering them;
 //   - holds.go: tool calls held by a policy, until a client approves or
 //     rejects them (ResolveHold), their timeout, or the end of the session;
-//   - policy.go: the policy's evaluation of each packet, and its decisions.
+//   - policy.go: the policy's evaluation of each packet, and its decisions;
+//   - ingest.go: the checks of the numbers a commander sends (usage), which
+//     protobuf does not make (it does check that strings are UTF-8).
 //
 // What the dispatcher calls each kind of event, how the log polices it and
 // how clients see it is in internal/events.
@@ -262,6 +264,9 @@ func (r *run) Interject(ctx context.Context, text string) (string, uint64, error
 // handle processes one packet of this session (receiving goroutine only).
 func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 	if u := pkt.GetUsage(); u != nil {
+		if err := checkUsage(u); err != nil {
+			return r.refuseUsage(err)
+		}
 		// Spending is real even after a stop: counted (before the policy
 		// looks at the budget), and recorded below, never fenced.
 		r.t.AddUsage(u)
@@ -293,6 +298,18 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 	}
 	// Planner output (refused once the stop is decided) and usage (never).
 	return r.record(ev, kind.Spec().Class)
+}
+
+// refuseUsage answers a usage the dispatcher cannot count (checkUsage):
+// the packet is refused (ack REJECTED saying why; nothing is counted or
+// recorded) and the session is stopped, since its spending can no longer
+// be accounted for: a budget it may be under could not be enforced. The
+// task ends FAILURE with the reason once the commander acknowledges.
+func (r *run) refuseUsage(err error) error {
+	reason := "the commander reported an invalid usage (" + err.Error() + "): the session's spending can no longer be accounted for"
+	r.log.Warn("usage refused", "error", err)
+	r.Stop(reason, dispatchv1.StopCode_STOP_CODE_BUDGET)
+	return r.sl.reject(r.sessionID, "usage refused: "+err.Error())
 }
 
 // record appends a planner event and handles refusals.
@@ -337,21 +354,32 @@ func (r *run) onResult(ev *dispatchv1.TaskEvent) {
 	r.end(status, msg, res.GetResult())
 }
 
-// onStopped ends a stopped session.
+// onStopped ends a stopped session. A final usage the dispatcher cannot
+// count (checkUsage) is neither counted nor recorded, and the task's
+// message says so: the packet is terminal, so it cannot be refused.
 func (r *run) onStopped(ev *dispatchv1.TaskEvent) {
 	st := ev.GetStopped()
-	r.t.AddUsage(st.GetFinalUsage())
+	var refused string
+	if u := st.GetFinalUsage(); u != nil {
+		if err := checkUsage(u); err != nil {
+			r.log.Warn("final usage refused", "error", err)
+			refused = " (the commander's final usage was refused: " + err.Error() + ")"
+			st.FinalUsage = nil // the packet is ours to change until recorded
+		} else {
+			r.t.AddUsage(u)
+		}
+	}
 	_, _ = r.t.Record(ev, events.Stopped.Spec().Class)
 	info, decided := r.stopState()
 	if decided {
-		r.end(stopStatus(info.code), info.reason, "")
+		r.end(stopStatus(info.code), info.reason+refused, "")
 		return
 	}
 	reason := st.GetReason()
 	if reason == "" {
 		reason = "no reason given"
 	}
-	r.end(agentpb.TaskStatus_FAILURE, "the planner stopped on its own: "+reason, "")
+	r.end(agentpb.TaskStatus_FAILURE, "the planner stopped on its own: "+reason+refused, "")
 }
 
 // end finishes the session after its terminal packet.

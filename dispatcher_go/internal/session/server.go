@@ -156,6 +156,21 @@ func (s *Server) Serve(stream Stream) error {
 	case err = <-recvDone:
 	case <-ctx.Done():
 		err = context.Cause(ctx)
+		if errors.Is(err, context.Canceled) {
+			// The transport ended the stream. When it did so because a
+			// packet could not be decoded (protobuf refuses a string that
+			// is not UTF-8), Recv returns that error at once: it says why
+			// the session ends, where "cancelled" would not.
+			t := time.NewTimer(senderExitWait)
+			select {
+			case rerr := <-recvDone:
+				if undecodable(rerr) {
+					err = rerr
+				}
+			case <-t.C:
+			}
+			t.Stop()
+		}
 	}
 	cancel(err)
 	s.sched.RemoveSlot(sl)

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -107,7 +108,14 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 		return scheduler.SlotGone
 	}
 	r := newRun(sl, t)
+	// Once Start returns, a cancel (or the drain, or Fail) sees r and stops
+	// it; r.mu, where a stop is decided, keeps that stop until the start is
+	// queued, so that it withdraws the start (outbox.setStop) instead of
+	// sending a stop for a session the commander has not heard of, ahead
+	// of its start.
+	r.mu.Lock()
 	if err := t.Start(r, sl.commanderID, r.sessionID); err != nil {
+		r.mu.Unlock()
 		// The task is no longer pending (cancelled during the hand-over);
 		// the slot stays free and the scheduler gives it the next task.
 		r.cancel()
@@ -116,6 +124,7 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 	}
 	sl.cur.Store(r)
 	sl.out.pushControl(r.startPacket())
+	r.mu.Unlock()
 	r.armDeadline()
 	r.log.Debug("session started")
 	return scheduler.Started
@@ -389,6 +398,14 @@ func stopStatus(code dispatchv1.StopCode) agentpb.TaskStatus {
 	return agentpb.TaskStatus_FAILURE
 }
 
+// undecodable reports whether err is grpc-go's refusal of a received
+// message it cannot decode: a string that is not UTF-8 (protobuf-go checks
+// every string) or malformed protobuf. The stream is over then.
+func undecodable(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Internal && strings.HasPrefix(st.Message(), "grpc: failed to unmarshal")
+}
+
 // describeEnd words why a stream ended, for task messages and logs. It
 // never includes more than the gRPC status text of our own transport.
 func describeEnd(err error) string {
@@ -401,6 +418,11 @@ func describeEnd(err error) string {
 		return err.Error()
 	case errors.Is(err, context.Canceled):
 		return "stream cancelled"
+	case undecodable(err):
+		// grpc-go's words: "grpc: failed to unmarshal the received
+		// message: string field contains invalid UTF-8".
+		_, why, _ := strings.Cut(status.Convert(err).Message(), "message: ")
+		return "the commander sent a packet the dispatcher cannot decode (" + why + "); the stream cannot go on"
 	}
 	if st, ok := status.FromError(err); ok {
 		return st.Code().String() + ": " + st.Message()

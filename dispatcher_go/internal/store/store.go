@@ -28,6 +28,23 @@ import (
 // ErrNotFound means no row has the given id.
 var ErrNotFound = errors.New("store: not found")
 
+// ErrRejected marks an Apply error caused by a record, not by the store:
+// the database refused the data of a row (a constraint such as NOT NULL, a
+// value it cannot hold). Writing the same batch again would fail again,
+// while other records would be written; Writer sets the record aside (see
+// WriterOptions.OnRejected). Any other Apply error counts as the store's
+// (disk, connection, lock) and is retried.
+var ErrRejected = errors.New("store: record refused")
+
+// Rejected marks err as caused by a record (errors.Is(err, ErrRejected)),
+// keeping err in the chain.
+func Rejected(err error) error { return rejectedError{err} }
+
+type rejectedError struct{ err error }
+
+func (e rejectedError) Error() string   { return e.err.Error() }
+func (e rejectedError) Unwrap() []error { return []error{ErrRejected, e.err} }
+
 // TaskRecord is a task as stored.
 type TaskRecord struct {
 	// ID is the task id (primary key).
@@ -38,7 +55,8 @@ type TaskRecord struct {
 	// what retention looks at.
 	CreatedAt time.Time
 	EndedAt   time.Time
-	// Body is the rest of the task, encoded by the task package.
+	// Body is the rest of the task, encoded by the task package. nil
+	// means it could not be encoded: Writer sets such a record aside.
 	Body []byte
 }
 
@@ -78,7 +96,9 @@ type Batch struct {
 // Store is the durable state. Implementations are safe for concurrent use.
 type Store interface {
 	// Apply writes b atomically. Events are idempotent by (task id, seq):
-	// writing an event again is a no-op. Tasks are upserted by id.
+	// writing an event again is a no-op. Tasks are upserted by id. An error
+	// caused by the data of a record rather than by the store wraps
+	// ErrRejected (see Rejected).
 	Apply(ctx context.Context, b Batch) error
 	// GetTask returns the task with id, or ErrNotFound.
 	GetTask(ctx context.Context, id string) (TaskRecord, error)

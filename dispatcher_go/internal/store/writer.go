@@ -8,8 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
@@ -53,6 +51,17 @@ type WriterOptions struct {
 	// under way before the Writer reports itself unhealthy (default
 	// DefaultStuckAfter).
 	StuckAfter time.Duration
+	// OnRejected is told of each task with a record set aside in a write:
+	// one the store refused (ErrRejected) or that could not be encoded (an
+	// event protobuf refuses, a task record without a body). reason says
+	// why in words for clients (never the store's error text, which is
+	// logged). The record is never retried: an event is stored as an error
+	// event with code EventNotStored at its seq instead (readers get that
+	// too), a task record is not stored; everything else of the write is.
+	// The composition root fails the task with the reason. It runs on the
+	// Writer's goroutine, outside its lock: it may append events and save
+	// records, but must not wait for the Writer (Flush). nil: only logged.
+	OnRejected func(taskID, reason string)
 	// Logger receives write errors; nil discards.
 	Logger *slog.Logger
 }
@@ -97,6 +106,12 @@ type pendingEvent struct {
 // protocol, see eventlog.Control). While a write fails or is stuck the
 // Writer is unhealthy (Health); callers that would wait for it
 // (FlushWhileHealthy) give up at once instead.
+//
+// A write that fails because of a record rather than the store (an error
+// wrapping ErrRejected, or a record that cannot be encoded) is not retried
+// as it is: the record is found (the batch is split), set aside and its
+// task reported (WriterOptions.OnRejected); every other record is written,
+// and the Writer stays healthy. One bad record never holds up the others.
 type Writer struct {
 	st   Store
 	opts WriterOptions
@@ -267,19 +282,27 @@ func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.Tas
 	w.mu.Unlock()
 }
 
-// ReadStored implements eventlog.Sink.
+// ReadStored implements eventlog.Sink. A stored event that cannot be
+// decoded is read as an error event with code EventUndecodable at its seq,
+// a seq the store does not hold (before one it holds) as one with code
+// EventMissing: the reader learns of the gap, and reads on past it.
 func (w *Writer) ReadStored(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]*dispatchv1.TaskEvent, error) {
+	limit = EventLimit(limit)
 	rows, err := w.st.ReadEvents(ctx, taskID, afterSeq, limit)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*dispatchv1.TaskEvent, 0, len(rows))
+	next := afterSeq + 1
 	for _, r := range rows {
-		ev := &dispatchv1.TaskEvent{}
-		if err := proto.Unmarshal(r.Data, ev); err != nil {
-			return out, err
+		for ; next < r.Seq && len(out) < limit; next++ {
+			out = append(out, missing(taskID, next))
 		}
-		out = append(out, ev)
+		if len(out) >= limit {
+			break
+		}
+		out = append(out, decodeStored(taskID, r))
+		next = r.Seq + 1
 	}
 	return out, nil
 }
@@ -423,47 +446,26 @@ func (w *Writer) run() {
 // write applies one batch, retrying until it succeeds or the Writer is
 // closed, then tells each log the highest seq now durable. While it is
 // under way for longer than StuckAfter, or its last attempt failed, the
-// Writer is unhealthy.
+// Writer is unhealthy. Records that cannot be stored are set aside (see
+// applyIsolating) and their tasks reported once the rest is durable.
 func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64) error {
 	if len(events) == 0 && len(tasks) == 0 {
 		return nil
 	}
-	b := Batch{Events: make([]Event, 0, len(events)), Tasks: tasks}
-	for _, p := range events {
-		data, err := proto.Marshal(p.ev)
-		if err != nil {
-			w.opts.Logger.Error("event not serializable; stored empty", "task_id", p.taskID, "seq", p.ev.GetSeq(), "error", err)
-		}
-		b.Events = append(b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data})
-	}
+	j := newJob(events, tasks, w.opts.Logger.Error)
 	w.mu.Lock()
 	w.writeBegan = time.Now()
 	w.mu.Unlock()
 	w.stuckTimer.Reset(w.opts.StuckAfter)
-	backoff := 50 * time.Millisecond
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err := w.st.Apply(ctx, b)
-		cancel()
-		if err == nil {
-			break
-		}
-		w.opts.Logger.Error("store write failed; retrying", "events", len(b.Events), "tasks", len(b.Tasks), "error", err)
-		w.mu.Lock()
-		w.setHealthLocked(func() { w.writeErr = err })
-		closed := w.closed
-		w.mu.Unlock()
-		if closed {
-			w.stuckTimer.Stop()
-			return err
-		}
-		time.Sleep(backoff)
-		backoff = min(2*backoff, 2*time.Second)
-	}
+	err := w.applyIsolating(j, 0, j.size())
 	w.stuckTimer.Stop()
+	if err != nil {
+		return err
+	}
 	w.mu.Lock()
 	w.setHealthLocked(func() { w.writeBegan, w.stuck, w.writeErr = time.Time{}, false, nil })
 	w.mu.Unlock()
+	j.replaceAll()
 	for _, p := range events {
 		if s := p.ev.GetSeq(); s > commits[p.c] {
 			commits[p.c] = s
@@ -473,5 +475,32 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 		c.Commit(s)
 		delete(commits, c)
 	}
+	w.notify(j)
 	return nil
+}
+
+// apply writes b, retrying while the store fails (the Writer is unhealthy
+// meanwhile, see Health). It returns nil; an error wrapping ErrRejected,
+// at once, when the store refused a record of b (retrying would not help);
+// or the store's error once the Writer is closed.
+func (w *Writer) apply(b Batch) error {
+	backoff := 50 * time.Millisecond
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := w.st.Apply(ctx, b)
+		cancel()
+		if err == nil || errors.Is(err, ErrRejected) {
+			return err
+		}
+		w.opts.Logger.Error("store write failed; retrying", "events", len(b.Events), "tasks", len(b.Tasks), "error", err)
+		w.mu.Lock()
+		w.setHealthLocked(func() { w.writeErr = err })
+		closed := w.closed
+		w.mu.Unlock()
+		if closed {
+			return err
+		}
+		time.Sleep(backoff)
+		backoff = min(2*backoff, 2*time.Second)
+	}
 }

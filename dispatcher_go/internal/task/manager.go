@@ -379,6 +379,35 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	}
 }
 
+// Fail ends task id FAILURE with reason, whatever it is doing, because the
+// dispatcher cannot keep it: the store refused one of its records (see
+// store.WriterOptions.OnRejected, which the composition root wires here).
+// A queued task leaves the queue; a running one is stopped (the stop says
+// why, with STOP_CODE_UNSPECIFIED) and ends FAILURE once the commander
+// acknowledges or the grace runs out. A task that already ended, or is no
+// longer in memory, is left as it is. It never waits.
+func (m *Manager) Fail(id, reason string) {
+	t := m.reg.Get(id)
+	if t == nil {
+		return
+	}
+	if m.queue.Remove(t) {
+		t.Finish(agentpb.TaskStatus_FAILURE, reason, "")
+		return
+	}
+	r, st := t.runnerState()
+	switch {
+	case Terminal(st):
+	case r == nil:
+		// Being handed to a slot (see Cancel): its start now fails.
+		if t.Finish(agentpb.TaskStatus_FAILURE, reason, "") {
+			m.queue.Remove(t)
+		}
+	default:
+		r.Stop(reason, dispatchv1.StopCode_STOP_CODE_UNSPECIFIED)
+	}
+}
+
 // Interject delivers text to the running task's planner.
 func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint64, error) {
 	if strings.TrimSpace(text) == "" {

@@ -16,6 +16,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -447,20 +448,30 @@ func (t *Task) runnerState() (Runner, agentpb.TaskStatus) {
 	return t.runner, t.status
 }
 
-// AddUsage adds a Usage delta to the statistics.
+// AddUsage adds a Usage delta to the statistics. The session checks the
+// numbers at ingest (finite, not negative); the sums saturate rather than
+// wrap around however many deltas come.
 func (t *Task) AddUsage(u *dispatchv1.Usage) {
 	if u == nil {
 		return
 	}
 	t.mu.Lock()
-	t.stats.InputTokens += u.GetInputTokens()
-	t.stats.OutputTokens += u.GetOutputTokens()
+	t.stats.InputTokens = addSat(t.stats.InputTokens, u.GetInputTokens(), math.MaxInt64)
+	t.stats.OutputTokens = addSat(t.stats.OutputTokens, u.GetOutputTokens(), math.MaxInt64)
 	t.stats.Cost += u.GetCost()
-	t.stats.Steps += u.GetSteps()
+	t.stats.Steps = int32(addSat(int64(t.stats.Steps), int64(u.GetSteps()), math.MaxInt32))
 	if c := u.GetCurrency(); c != "" {
 		t.stats.Currency = c
 	}
 	t.mu.Unlock()
+}
+
+// addSat is a+b for a, b >= 0, at most limit.
+func addSat(a, b, limit int64) int64 {
+	if b > limit-a {
+		return limit
+	}
+	return a + b
 }
 
 // Record stamps ev with the task id and the current time and appends it.

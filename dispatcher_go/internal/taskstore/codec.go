@@ -3,6 +3,7 @@ package taskstore
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -78,7 +79,21 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 			b.SealedConfig = s.sealer.Seal(snap.Config, snap.ID)
 		}
 	}
-	data, _ := json.Marshal(&b)
+	if c := b.Stats.Cost; math.IsNaN(c) || math.IsInf(c, 0) {
+		// JSON has no NaN or Inf: the record could not be encoded at all.
+		// The session refuses such a usage at ingest, so this is a bug
+		// elsewhere; the cost is stored as unknown rather than the task
+		// not at all.
+		s.log.Error("task cost is not a finite number; stored as 0", "task_id", snap.ID, "cost", c)
+		b.Stats.Cost = 0
+	}
+	data, err := json.Marshal(&b)
+	if err != nil {
+		// A nil body: the store writer sets the record aside and the task
+		// is failed (store.WriterOptions.OnRejected).
+		s.log.Error("task record not encodable", "task_id", snap.ID, "error", err)
+		data = nil
+	}
 	return store.TaskRecord{ID: snap.ID, Status: int32(snap.Status), CreatedAt: snap.CreatedAt, EndedAt: snap.EndedAt, Body: data}
 }
 

@@ -6,10 +6,13 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -109,7 +112,7 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			if _, err := tx.Exec(ctx, `INSERT INTO events (task_id, seq, data)
 				SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING`,
 				taskIDs, seqs, data); err != nil {
-				return fmt.Errorf("postgres: apply events: %w", err)
+				return applyError("postgres: apply events", err)
 			}
 		}
 		if len(b.Tasks) > 0 {
@@ -121,11 +124,24 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 					t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body)
 			}
 			if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
-				return fmt.Errorf("postgres: apply tasks: %w", err)
+				return applyError("postgres: apply tasks", err)
 			}
 		}
 		return nil
 	})
+	return err
+}
+
+// applyError is err under what, marked store.Rejected when PostgreSQL
+// refused a record's data rather than failed: SQLSTATE class 22 (data
+// exception, e.g. a text that is not UTF-8), 23 (integrity constraint,
+// e.g. NOT NULL) or 54000 (a value over a limit).
+func applyError(what string, err error) error {
+	err = fmt.Errorf("%s: %w", what, err)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && (strings.HasPrefix(pe.Code, "22") || strings.HasPrefix(pe.Code, "23") || pe.Code == "54000") {
+		return store.Rejected(err)
+	}
 	return err
 }
 

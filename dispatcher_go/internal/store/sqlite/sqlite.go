@@ -7,6 +7,7 @@ package sqlite
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -15,7 +16,8 @@ import (
 	"sync"
 	"time"
 
-	_ "modernc.org/sqlite" // driver "sqlite"
+	sqlitedrv "modernc.org/sqlite" // driver "sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
 )
@@ -180,7 +182,7 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			args = append(args, e.TaskID, int64(e.Seq), e.Data)
 		}
 		if _, err := tx.StmtContext(ctx, s.inserts[n]).ExecContext(ctx, args...); err != nil {
-			return fmt.Errorf("sqlite: apply events: %w", err)
+			return applyError("sqlite: apply events", err)
 		}
 		evs = evs[n:]
 	}
@@ -189,13 +191,28 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
 			ended_at = excluded.ended_at, body = excluded.body`,
 			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body); err != nil {
-			return fmt.Errorf("sqlite: apply task: %w", err)
+			return applyError("sqlite: apply task", err)
 		}
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("sqlite: commit: %w", err)
 	}
 	return nil
+}
+
+// applyError is err under what, marked store.Rejected when SQLite refused
+// a record's data (a constraint, a value too big or of the wrong type)
+// rather than failed (disk full, I/O error, busy).
+func applyError(what string, err error) error {
+	err = fmt.Errorf("%s: %w", what, err)
+	var se *sqlitedrv.Error
+	if errors.As(err, &se) {
+		switch se.Code() & 0xff { // the primary result code
+		case sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH:
+			return store.Rejected(err)
+		}
+	}
+	return err
 }
 
 // GetTask implements store.Store.

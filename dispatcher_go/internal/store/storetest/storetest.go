@@ -32,6 +32,7 @@ func Run(t *testing.T, open Open) {
 		{"ListBeforePagesTheSameOrder", testListBefore},
 		{"EventsInOrderPagedIdempotent", testEvents},
 		{"BatchIsAtomicPerCall", testBatchMixed},
+		{"RefusedRecordIsRejectedNotAFailure", testRejected},
 		{"ConcurrentAppliesKeepEveryEvent", testConcurrent},
 		{"Configs", testConfigs},
 		{"RetentionRemovesOldFinishedTasksAndEvents", testRetention},
@@ -260,6 +261,32 @@ func testBatchMixed(t *testing.T, s store.Store) {
 	if n, _ := s.LastSeq(c, "big"); n != 5000 {
 		t.Fatalf("big batch LastSeq %d", n)
 	}
+}
+
+// testRejected: a record the database refuses (NOT NULL: a body or event
+// data that could not be encoded) fails the batch with an error wrapping
+// store.ErrRejected, so that the Writer sets the record aside instead of
+// retrying for ever; nothing of the batch is written; the store goes on.
+func testRejected(t *testing.T, s store.Store) {
+	c := ctx(t)
+	for name, b := range map[string]store.Batch{
+		"task without body": {Events: evs("r1", 1, 2), Tasks: []store.TaskRecord{{ID: "r1", Status: 1, CreatedAt: t0}}},
+		"event without data": {Events: append(evs("r2", 1, 1), store.Event{TaskID: "r2", Seq: 2}),
+			Tasks: []store.TaskRecord{rec("r2", 1, t0, time.Time{}, "{}")}},
+	} {
+		err := s.Apply(c, b)
+		if !errors.Is(err, store.ErrRejected) {
+			t.Fatalf("%s: Apply = %v, want an error wrapping ErrRejected", name, err)
+		}
+		id := b.Tasks[0].ID
+		if n, _ := s.LastSeq(c, id); n != 0 {
+			t.Fatalf("%s: %d events of the refused batch were written", name, n)
+		}
+		if _, err := s.GetTask(c, id); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("%s: the refused batch's task: %v", name, err)
+		}
+	}
+	must(t, s.Apply(c, store.Batch{Events: evs("r3", 1, 2), Tasks: []store.TaskRecord{rec("r3", 1, t0, time.Time{}, "{}")}}))
 }
 
 func testConcurrent(t *testing.T, s store.Store) {
