@@ -19,7 +19,7 @@ PROTOC_GEN_GO_VERSION      := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 BUF_VERSION                := 1.75.0
 
-GO_CMDS := dispatcher dispatchctl scriptedllm loadgen
+GO_CMDS := dispatcher dispatchctl scriptedllm loadgen faultproxy
 INSTRUCTION ?= In two short sentences, explain what a dispatcher does in an agent system.
 DEMO_GUI_INSTRUCTION ?= Type 'hello from SmolLM2' into the terminal.
 
@@ -103,8 +103,8 @@ logs: ## tail the logs of the background stack
 
 # ---------------------------------------------------------------- tests
 
-.PHONY: test lint test-go test-fuzz test-py test-e2e test-model test-store test-browser check-compose check-dockerfiles images
-test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-fuzz test-store test-py test-e2e test-model ## run every test
+.PHONY: test lint test-go test-fuzz test-py test-e2e test-faults test-model test-store test-browser check-compose check-dockerfiles images
+test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-fuzz test-store test-py test-e2e test-faults test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -158,7 +158,10 @@ test-py: setup-py ## commander and local sandbox tests (in-process dispatcher an
 	$(VENV)/bin/pytest -q commander localsandbox
 
 test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
-	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model" tests
+	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model and not faults" tests
+
+test-faults: build ## fault injection with real processes: black-holed, reset and slow commander link (bin/faultproxy), PostgreSQL killed, SQLite disk full, provider frozen (docs/reliability.md)
+	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -rs -s -m faults tests/test_faults.py
 
 test-model: build setup-model ## end to end with the real local model (SmolLM2 via llama-cpp-python)
 	scripts/stack.sh model-test

@@ -6,6 +6,13 @@
 #                                dir, print its connection string (stdout, one line)
 #   scripts/postgres.sh dsn      print the connection string of the running cluster
 #   scripts/postgres.sh stop     stop the cluster and remove its directory
+#   scripts/postgres.sh kill     stop the server at once (immediate mode: no
+#                                checkpoint, clients cut off), keeping its data
+#   scripts/postgres.sh restart  start the killed server again, same port and data
+#
+# PG_SYNCHRONOUS_COMMIT=on makes a commit wait for its WAL write: the fault
+# tests kill the server and need every acknowledged commit to survive (with
+# the default, off, the last few hundred ms of commits are lost on a kill).
 #
 # Idempotent: start while running prints the same DSN; stop when stopped is a
 # no-op. The server runs as an unprivileged user (postgres refuses root):
@@ -62,6 +69,25 @@ running() {
 	as_user "$(pg_bindir)/pg_ctl" -D "$STATE_DIR/data" status >/dev/null 2>&1
 }
 
+pg_start() {
+	local bin=$1 port=$2
+	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
+		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR -c fsync=off -c synchronous_commit=${PG_SYNCHRONOUS_COMMIT:-off} -c full_page_writes=off -c max_connections=200" \
+		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }
+}
+
+# For fault tests: the server goes away like a crash, its data stays.
+kill_server() {
+	[[ -d "$STATE_DIR/data" ]] || { log "no cluster in $STATE_DIR"; exit 1; }
+	as_user "$(pg_bindir)/pg_ctl" -D "$STATE_DIR/data" -m immediate -w stop >&2
+}
+
+restart_server() {
+	[[ -f "$STATE_DIR/port" && -d "$STATE_DIR/data" ]] || { log "no cluster in $STATE_DIR"; exit 1; }
+	if running; then return; fi
+	pg_start "$(pg_bindir)" "$(cat "$STATE_DIR/port")"
+}
+
 start() {
 	install_pg
 	local bin user port
@@ -83,9 +109,7 @@ start() {
 	echo "$port" >"$STATE_DIR/port"
 	echo "$user" >"$STATE_DIR/user"
 	# Throwaway cluster: fsync off makes tests fast; never use for real data.
-	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
-		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }
+	pg_start "$bin" "$port"
 	as_user "$bin/createdb" -h 127.0.0.1 -p "$port" -U "$user" "$DB_NAME"
 	log "started on 127.0.0.1:$port (state in $STATE_DIR)"
 	dsn
@@ -103,6 +127,8 @@ stop() {
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+kill) kill_server ;;
+restart) restart_server ;;
 dsn) running && dsn || { log "not running"; exit 1; } ;;
-*) echo "usage: $0 start|stop|dsn" >&2; exit 2 ;;
+*) echo "usage: $0 start|stop|kill|restart|dsn" >&2; exit 2 ;;
 esac
