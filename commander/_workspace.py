@@ -8,8 +8,10 @@ out are refused with ``INVALID_ARGUMENTS`` before anything is touched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,25 @@ DEFAULT_READ_BYTES = 64 * 1024
 MAX_READ_BYTES = 1024 * 1024
 #: Most entries ``workspace.list_files`` returns.
 MAX_LIST_ENTRIES = 1000
+
+
+#: OS errors that say the path the caller gave is wrong (INVALID_ARGUMENTS);
+#: any other is the tool failing (EXECUTION_FAILED).
+_PATH_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EEXIST}
+)
+
+
+def _fs(path: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a file operation; an ``OSError`` becomes the tool's error, naming the
+    path as the caller gave it: never the host's absolute path, which the
+    ``OSError``'s own text carries."""
+    try:
+        return call()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        kind = InvalidToolArgumentsError if exc.errno in _PATH_ERRNOS else ToolExecutionError
+        raise kind(f"{path[:200]!r}: {reason}") from None
 
 
 class Workspace:
@@ -124,21 +145,21 @@ def workspace_provider(root: str | Path, *, provider_id: str = "workspace") -> T
         side_effects=True,
     )
     def write_file(path: str, content: str, append: bool = False) -> dict[str, Any]:
-        return ws.write_file(path, content, append)
+        return _fs(path, lambda: ws.write_file(path, content, append))
 
     @provider.tool(
         "workspace.read_file",
         description="Read a text file from the workspace (at most max_bytes bytes).",
     )
     def read_file(path: str, max_bytes: int = DEFAULT_READ_BYTES) -> dict[str, Any]:
-        return ws.read_file(path, max_bytes)
+        return _fs(path, lambda: ws.read_file(path, max_bytes))
 
     @provider.tool(
         "workspace.list_files",
         description="List the files in a workspace folder (recursive=true for all below it).",
     )
     def list_files(path: str = ".", recursive: bool = False) -> dict[str, Any]:
-        return ws.list_files(path, recursive)
+        return _fs(path, lambda: ws.list_files(path, recursive))
 
     @provider.tool("text.sha256", description="SHA-256 of a UTF-8 text, hex encoded.")
     async def sha256(text: str) -> dict[str, str]:

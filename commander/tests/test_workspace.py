@@ -98,3 +98,26 @@ def test_specs_mark_side_effects(tmp_path: Path) -> None:
     schema = json.loads(specs["workspace.write_file"].parameters_json_schema)
     assert schema["required"] == ["path", "content"]
     assert schema["properties"]["append"] == {"type": "boolean"}
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments"),
+    [
+        ("workspace.write_file", {"path": "a" * 5000, "content": "x"}),
+        ("workspace.write_file", {"path": "a/" * 3000 + "f", "content": "x"}),
+        ("workspace.read_file", {"path": "b" * 5000}),
+        ("workspace.list_files", {"path": "c" * 5000}),
+    ],
+)
+async def test_os_errors_are_the_tools_error_without_the_host_path(
+    tmp_path: Path, tool: str, arguments: dict[str, object]
+) -> None:
+    """An OS limit on a path inside the root (a name too long) is the tool's
+    INVALID_ARGUMENTS naming the path as given, never the host's absolute path
+    (the OSError's own text), which would tell the model where the workspace is."""
+    root = tmp_path / "ws"
+    tools = workspace_provider(root)
+    with pytest.raises(InvalidToolArgumentsError) as caught:
+        await tools.call(tool, arguments)
+    message = str(caught.value)
+    assert str(root) not in message and str(tmp_path) not in message, message
