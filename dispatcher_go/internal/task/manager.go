@@ -277,6 +277,10 @@ func validateSpec(s *Spec) error {
 	if s.RunningConfig.GetTaskTimeout() < 0 {
 		return fmt.Errorf("%w: taskTimeout must not be negative", ErrInvalidArgument)
 	}
+	if rc := s.RunningConfig; rc != nil && rc.Steps != nil && rc.GetSteps() <= 0 {
+		// The seed-001 API refuses max_steps <= 0; every API refuses it alike.
+		return fmt.Errorf("%w: steps must be positive", ErrInvalidArgument)
+	}
 	return nil
 }
 

@@ -120,6 +120,8 @@ func TestSubmitValidates(t *testing.T) {
 		"empty capability":   {Instruction: "x", RequiredCapabilities: []string{""}},
 		"unknown previous":   {Instruction: "x", PreviousTaskID: "nope"},
 		"negative cfg limit": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{TaskTimeout: proto.Int32(-5)}},
+		"negative steps":     {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(-5)}},
+		"zero steps":         {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
 	} {
 		if _, err := m.Submit(spec); !errors.Is(err, ErrInvalidArgument) {
 			t.Errorf("%s: err = %v, want ErrInvalidArgument", name, err)
