@@ -40,3 +40,10 @@ async def dispatcher() -> AsyncIterator[DispatcherServer]:
 async def llm() -> AsyncIterator[ScriptedLLM]:
     async with running(ScriptedLLM()) as server:
         yield server
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[ScriptedLLM]:
+    """A second scripted model server: an endpoint a task names, not the operator's."""
+    async with running(ScriptedLLM()) as server:
+        yield server

@@ -9,7 +9,7 @@ none. Every refusal ends the task FAILURE with the reason, before any request.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -25,17 +25,6 @@ from commander.tests.fakes import DispatcherServer, Reply, ScriptedLLM
 pytestmark = pytest.mark.anyio
 
 OPERATOR_KEY = "sk-operator-secret-123456"
-
-
-@pytest.fixture
-async def other() -> AsyncIterator[ScriptedLLM]:
-    """A second model server: an endpoint the client names, not the operator's."""
-    server = ScriptedLLM()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def naming(endpoint: str, *, key: str | None = None, model: str = "task-model") -> Any:

@@ -28,16 +28,6 @@ Start = Callable[..., Awaitable[FakeSlot]]
 
 
 @pytest.fixture
-async def other() -> AsyncIterator[ScriptedLLM]:
-    server = ScriptedLLM()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def start(dispatcher: DispatcherServer, llm: ScriptedLLM) -> AsyncIterator[Start]:
     commanders: list[Commander] = []
 

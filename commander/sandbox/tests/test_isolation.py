@@ -293,16 +293,6 @@ def test_owners_forget_the_oldest_tasks_first() -> None:
 # ---------------------------------------------------------------- through the dispatcher
 
 
-@pytest.fixture
-async def llm() -> AsyncIterator[ScriptedLLM]:
-    server = ScriptedLLM()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def _run_task(
     stub: tasks_pb2_grpc.TaskServiceStub, request: tasks_pb2.SubmitTaskRequest
 ) -> list[tasks_pb2.TaskEvent]:
