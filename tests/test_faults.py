@@ -125,6 +125,18 @@ def health(d: Dispatcher) -> int:
 # ------------------------------------------------------------------ 1. black hole
 
 
+def heal_and_run(d: Any, proxy: FaultProxy, model: Any, what: str) -> float:
+    """Clear the proxy's faults; wait until the commander's slot is back and a
+    new task runs to SUCCESS through it. Returns how long the slot took."""
+    proxy.clear()
+    t1 = time.monotonic()
+    d.wait_slots(1, timeout=30)
+    back = time.monotonic() - t1
+    again = d.submit(f"{what} [{uuid.uuid4().hex[:8]}]", model)
+    assert wait_status(d.agent, again, timeout=30).status == agent_pb2.SUCCESS
+    return back
+
+
 def test_blackholed_commander_link_is_detected_and_the_task_fails_truthfully(
     stack: Stack,
 ) -> None:
@@ -156,12 +168,7 @@ def test_blackholed_commander_link_is_detected_and_the_task_fails_truthfully(
     assert detect < 4.5, f"black hole detected after {detect:.2f}s"
 
     # The link heals: the commander reconnects and takes new work.
-    proxy.clear()
-    t1 = time.monotonic()
-    d.wait_slots(1, timeout=30)
-    back = time.monotonic() - t1
-    again = d.submit(f"after the black hole [{uuid.uuid4().hex[:8]}]", short)
-    assert wait_status(d.agent, again, timeout=30).status == agent_pb2.SUCCESS
+    back = heal_and_run(d, proxy, short, "after the black hole")
     report(
         f"blackhole: task FAILURE after {detect:.2f}s (keepalive 1s+1s); "
         f"commander slot back {back:.2f}s after the link healed; "
@@ -194,12 +201,7 @@ def test_reset_commander_link_ends_the_task_at_once(stack: Stack) -> None:
     assert events[-1].state.status == agent_pb2.FAILURE, describe(events[-3:])
     assert detect < 2.0, f"reset noticed after {detect:.2f}s"
 
-    proxy.clear()
-    t1 = time.monotonic()
-    d.wait_slots(1, timeout=30)
-    back = time.monotonic() - t1
-    again = d.submit(f"after the reset [{uuid.uuid4().hex[:8]}]", short)
-    assert wait_status(d.agent, again, timeout=30).status == agent_pb2.SUCCESS
+    back = heal_and_run(d, proxy, short, "after the reset")
     report(
         f"reset: task FAILURE {detect:.2f}s after the reset; slot back {back:.2f}s "
         f"after the link healed"
