@@ -7,18 +7,17 @@ refused one fails the session before a sandbox is acquired or a request sent.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from commander import Commander, ConnectionConfig
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._llm import ModelTarget
-from commander.gui._planner import GuiPlanner, GuiSettings, resolve_models
+from commander.gui._planner import GuiSettings, resolve_models
 from commander.gui.tests.test_planner import USAGE, FakeSandbox, drive, uitars
-from commander.tests.fakes import DispatcherServer, FakeSlot, Reply, ScriptedLLM
+from commander.tests.fakes import FakeSlot, Reply, ScriptedLLM
 
 pytestmark = pytest.mark.anyio
 
@@ -28,27 +27,14 @@ Start = Callable[..., Awaitable[FakeSlot]]
 
 
 @pytest.fixture
-async def start(dispatcher: DispatcherServer, llm: ScriptedLLM) -> AsyncIterator[Start]:
-    commanders: list[Commander] = []
+def start(make: Start) -> Start:
+    """A GUI slot (conftest's ``make``) whose operator key is OPERATOR_KEY."""
 
-    async def make(**settings: Any) -> FakeSlot:
-        settings.setdefault("base_url", llm.base_url)
+    async def with_key(**settings: Any) -> FakeSlot:
         settings.setdefault("api_key", OPERATOR_KEY)
-        settings.setdefault("model", "ui-tars-test")
-        settings.setdefault("settle_seconds", 0)
-        commander = Commander(
-            ConnectionConfig(target=dispatcher.target, reconnect_initial=0.05),
-            slots=1,
-            planners={"gui": GuiPlanner(GuiSettings(**settings))},
-            shutdown_grace=0.5,
-        )
-        await commander.__aenter__()
-        commanders.append(commander)
-        return await dispatcher.servicer.next_slot()
+        return await make(**settings)
 
-    yield make
-    for commander in commanders:
-        await commander.__aexit__(None, None, None)
+    return with_key
 
 
 def config(

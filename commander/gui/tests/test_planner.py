@@ -9,20 +9,18 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from commander import Commander, ConnectionConfig
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._pricing import ModelPrice, PriceTable
 from commander.gui import parse_model_output
 from commander.gui._planner import GuiPlanner, GuiSettings, resolve_models
-from commander.tests.fakes import DispatcherServer, FakeSlot, Reply, ScriptedLLM
+from commander.tests.fakes import FakeSlot, Reply, ScriptedLLM
 
 pytestmark = pytest.mark.anyio
 
@@ -90,29 +88,6 @@ async def drive(
             await slot.user_input(session_id, user_reply)
         elif kind in ("result", "stopped"):
             return packets
-
-
-@pytest.fixture
-async def make(dispatcher: DispatcherServer, llm: ScriptedLLM) -> AsyncIterator[Any]:
-    commanders: list[Commander] = []
-
-    async def start(**settings: Any) -> FakeSlot:
-        settings.setdefault("base_url", llm.base_url)
-        settings.setdefault("model", "ui-tars-test")
-        settings.setdefault("settle_seconds", 0)
-        commander = Commander(
-            ConnectionConfig(target=dispatcher.target, reconnect_initial=0.05),
-            slots=1,
-            planners={"gui": GuiPlanner(GuiSettings(**settings))},
-            shutdown_grace=0.5,
-        )
-        await commander.__aenter__()
-        commanders.append(commander)
-        return await dispatcher.servicer.next_slot()
-
-    yield start
-    for commander in commanders:
-        await commander.__aexit__(None, None, None)
 
 
 def result_of(packets: list[ipb.UpstreamPacket]) -> ipb.FinalResult:
