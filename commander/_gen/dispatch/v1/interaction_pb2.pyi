@@ -249,6 +249,7 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SLOT_INDEX_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     commander_id: _builtins.str
     """Stable id of the commander process (several slots share it)."""
     version: _builtins.str
@@ -263,6 +264,14 @@ class Hello(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels (tenant, region, ...), matched by scheduling rules."""
 
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tenants whose tasks this slot takes (the dispatcher's tenants file
+        names them). Empty: every tenant's. A commander that authenticates
+        with a tenant's own commander token serves that tenant only, whatever
+        it names here.
+        """
+
     def __init__(
         self,
         *,
@@ -271,10 +280,11 @@ class Hello(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         slot_index: _builtins.int = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "commander_id", b"commander_id", "labels", b"labels", "slot_index", b"slot_index", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "commander_id", b"commander_id", "labels", b"labels", "slot_index", b"slot_index", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -577,6 +577,7 @@ class Task(_message.Message):
     COMMANDER_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     instruction: _builtins.str
     status: _agent_pb2.TaskStatus.ValueType
@@ -586,6 +587,10 @@ class Task(_message.Message):
     """The seq of the newest event."""
     planner: _builtins.str
     commander_id: _builtins.str
+    tenant: _builtins.str
+    """The tenant the task belongs to (the one whose token submitted it).
+    Shown to admins only; empty for others and in the one-tenant case.
+    """
     @_builtins.property
     def statistics(self) -> _agent_pb2.ExecutionStatistics: ...
     @_builtins.property
@@ -615,10 +620,11 @@ class Task(_message.Message):
         commander_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         sandbox: _agent_pb2.Sandbox | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "created_at", b"created_at", "ended_at", b"ended_at", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015

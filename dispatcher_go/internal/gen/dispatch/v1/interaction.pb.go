@@ -533,7 +533,12 @@ type Hello struct {
 	// Free-form labels (tenant, region, ...), matched by scheduling rules.
 	Labels map[string]string `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Index of this slot within the commander, for logs and metrics.
-	SlotIndex     int32 `protobuf:"varint,5,opt,name=slot_index,json=slotIndex,proto3" json:"slot_index,omitempty"`
+	SlotIndex int32 `protobuf:"varint,5,opt,name=slot_index,json=slotIndex,proto3" json:"slot_index,omitempty"`
+	// Tenants whose tasks this slot takes (the dispatcher's tenants file
+	// names them). Empty: every tenant's. A commander that authenticates
+	// with a tenant's own commander token serves that tenant only, whatever
+	// it names here.
+	Tenants       []string `protobuf:"bytes,6,rep,name=tenants,proto3" json:"tenants,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -601,6 +606,13 @@ func (x *Hello) GetSlotIndex() int32 {
 		return x.SlotIndex
 	}
 	return 0
+}
+
+func (x *Hello) GetTenants() []string {
+	if x != nil {
+		return x.Tenants
+	}
+	return nil
 }
 
 // ThoughtChain is a piece of the model's reasoning (chain of thought).
@@ -1974,14 +1986,15 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\x06result\x18\v \x01(\v2\x18.dispatch.v1.FinalResultH\x00R\x06result\x120\n" +
 	"\astopped\x18\f \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x125\n" +
 	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandboxB\t\n" +
-	"\apayload\"\xfa\x01\n" +
+	"\apayload\"\x94\x02\n" +
 	"\x05Hello\x12!\n" +
 	"\fcommander_id\x18\x01 \x01(\tR\vcommanderId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\"\n" +
 	"\fcapabilities\x18\x03 \x03(\tR\fcapabilities\x126\n" +
 	"\x06labels\x18\x04 \x03(\v2\x1e.dispatch.v1.Hello.LabelsEntryR\x06labels\x12\x1d\n" +
 	"\n" +
-	"slot_index\x18\x05 \x01(\x05R\tslotIndex\x1a9\n" +
+	"slot_index\x18\x05 \x01(\x05R\tslotIndex\x12\x18\n" +
+	"\atenants\x18\x06 \x03(\tR\atenants\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"A\n" +

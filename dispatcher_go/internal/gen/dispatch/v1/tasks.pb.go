@@ -1187,11 +1187,14 @@ type Task struct {
 	StartedAt   *timestamppb.Timestamp     `protobuf:"bytes,8,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	EndedAt     *timestamppb.Timestamp     `protobuf:"bytes,9,opt,name=ended_at,json=endedAt,proto3" json:"ended_at,omitempty"`
 	// The seq of the newest event.
-	LastSeq       uint64            `protobuf:"varint,10,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
-	Planner       string            `protobuf:"bytes,11,opt,name=planner,proto3" json:"planner,omitempty"`
-	CommanderId   string            `protobuf:"bytes,12,opt,name=commander_id,json=commanderId,proto3" json:"commander_id,omitempty"`
-	Labels        map[string]string `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Sandbox       *agent.Sandbox    `protobuf:"bytes,14,opt,name=sandbox,proto3,oneof" json:"sandbox,omitempty"`
+	LastSeq     uint64            `protobuf:"varint,10,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	Planner     string            `protobuf:"bytes,11,opt,name=planner,proto3" json:"planner,omitempty"`
+	CommanderId string            `protobuf:"bytes,12,opt,name=commander_id,json=commanderId,proto3" json:"commander_id,omitempty"`
+	Labels      map[string]string `protobuf:"bytes,13,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Sandbox     *agent.Sandbox    `protobuf:"bytes,14,opt,name=sandbox,proto3,oneof" json:"sandbox,omitempty"`
+	// The tenant the task belongs to (the one whose token submitted it).
+	// Shown to admins only; empty for others and in the one-tenant case.
+	Tenant        string `protobuf:"bytes,15,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1322,6 +1325,13 @@ func (x *Task) GetSandbox() *agent.Sandbox {
 		return x.Sandbox
 	}
 	return nil
+}
+
+func (x *Task) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
 }
 
 // ListTasksRequest filters and pages the task list.
@@ -1837,7 +1847,7 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"8\n" +
 	"\x0fGetTaskResponse\x12%\n" +
-	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\x9e\x05\n" +
+	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\xb6\x05\n" +
 	"\x04Task\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x12/\n" +
@@ -1857,7 +1867,8 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\aplanner\x18\v \x01(\tR\aplanner\x12!\n" +
 	"\fcommander_id\x18\f \x01(\tR\vcommanderId\x125\n" +
 	"\x06labels\x18\r \x03(\v2\x1d.dispatch.v1.Task.LabelsEntryR\x06labels\x123\n" +
-	"\asandbox\x18\x0e \x01(\v2\x14.lybic.agent.SandboxH\x00R\asandbox\x88\x01\x01\x1a9\n" +
+	"\asandbox\x18\x0e \x01(\v2\x14.lybic.agent.SandboxH\x00R\asandbox\x88\x01\x01\x12\x16\n" +
+	"\x06tenant\x18\x0f \x01(\tR\x06tenant\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
