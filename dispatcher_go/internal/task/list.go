@@ -7,6 +7,7 @@ import (
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // ListKey is a task's place in List's order: newest first by creation time
@@ -25,6 +26,10 @@ type listed struct {
 // in the store (evicted beyond MaxTasksKept, or from earlier runs) as one
 // sequence; a task in memory is shown as it is there. next is the key to
 // pass for the following page, nil when there is none.
+//
+// Only the tasks the caller in ctx sees are listed (tenant.FromContext: its
+// own tenant's, every tenant's for an admin; without a caller, the default
+// tenant's).
 func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit int, after *ListKey) (infos []Info, next *ListKey, err error) {
 	if limit <= 0 {
 		return nil, nil, fmt.Errorf("%w: limit must be positive", ErrInvalidArgument)
@@ -37,8 +42,9 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 	if err := m.storeHealth(); err != nil && wantsStored(statuses) {
 		return nil, nil, err
 	}
+	caller := tenant.FromContext(ctx)
 	// limit+1 of each source tell whether there is a next page.
-	items := m.reg.listAfter(statuses, after, limit+1)
+	items := m.reg.listAfter(statuses, caller, after, limit+1)
 	if m.persist != nil && wantsStored(statuses) {
 		// Stored tasks older than the oldest of a full memory page cannot
 		// make it into the page: the store is read only down to there.
@@ -46,7 +52,7 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 		if len(items) == limit+1 {
 			floor = &items[limit].key
 		}
-		stored, err := m.persist.ListFinished(ctx, statuses, after, floor, limit+1, func(id string) bool { return m.reg.Get(id) != nil })
+		stored, err := m.listStored(ctx, caller, statuses, after, floor, limit+1)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -73,6 +79,35 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 	return infos, next, nil
 }
 
+// listStored reads up to n finished tasks that caller sees and that are
+// only in the store, after the key after and down to floor (see
+// Persistence.ListFinished). Another tenant's tasks are skipped, and the
+// store is read on past them until n are found or it has no more.
+func (m *Manager) listStored(ctx context.Context, caller tenant.Caller, statuses []agentpb.TaskStatus, after, floor *ListKey, n int) ([]Info, error) {
+	inMemory := func(id string) bool { return m.reg.Get(id) != nil }
+	var out []Info
+	for len(out) < n {
+		batch, err := m.persist.ListFinished(ctx, statuses, after, floor, n, inMemory)
+		if err != nil {
+			return nil, err
+		}
+		for _, info := range batch {
+			if caller.Sees(info.Tenant) {
+				out = append(out, info)
+			}
+		}
+		if len(batch) < n {
+			break // the store has no more (or the floor was reached)
+		}
+		last := ListKey{CreatedAt: batch[len(batch)-1].CreatedAt, ID: batch[len(batch)-1].ID}
+		if floor != nil && last.Before(*floor) {
+			break
+		}
+		after = &last
+	}
+	return out, nil
+}
+
 // wantsStored reports whether a listing filtered by statuses (empty: any)
 // can include finished tasks, which may be only in the store.
 func wantsStored(statuses []agentpb.TaskStatus) bool {
@@ -93,7 +128,7 @@ func newestFirst(a, b listed) int {
 // listAfter returns up to n tasks in memory whose status is in statuses
 // (empty: any) and that come after the key after (nil: from the newest),
 // newest first.
-func (r *Registry) listAfter(statuses []agentpb.TaskStatus, after *ListKey, n int) []listed {
+func (r *Registry) listAfter(statuses []agentpb.TaskStatus, caller tenant.Caller, after *ListKey, n int) []listed {
 	type cand struct {
 		key ListKey
 		t   *Task
@@ -102,7 +137,7 @@ func (r *Registry) listAfter(statuses []agentpb.TaskStatus, after *ListKey, n in
 	var cands []cand
 	for _, e := range r.byID {
 		k := ListKey{CreatedAt: e.t.createdAt, ID: e.t.id}
-		if after != nil && !k.Before(*after) {
+		if after != nil && !k.Before(*after) || !caller.Sees(e.t.tenant) {
 			continue
 		}
 		if len(statuses) > 0 && !containsStatus(statuses, e.t.Status()) {

@@ -21,6 +21,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Limits on client input, so that one request cannot make the dispatcher
@@ -59,6 +60,11 @@ type Spec struct {
 	// Trace is the submitter's span context (e.g. of the gRPC or HTTP
 	// request): the task's span is its child. Zero: a new trace.
 	Trace trace.SpanContext
+	// Caller is who submits: the task belongs to its tenant, and it may
+	// continue (PreviousTaskID) only a task it sees. An admin's
+	// continuation belongs to the continued task's tenant. The zero value
+	// is the default tenant.
+	Caller tenant.Caller
 }
 
 // CancelOutcome says truthfully what a cancel did.
@@ -158,14 +164,19 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	}
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
+	owner := spec.Caller.Tenant
 	if spec.PreviousTaskID != "" {
 		prev, err := m.Get(spec.PreviousTaskID) // from the store if not in memory
 		if errors.Is(err, store.ErrUnavailable) {
 			return nil, err
 		}
-		if prev == nil {
-			return nil, fmt.Errorf("%w: previous task not found", ErrInvalidArgument)
+		// Another tenant's task is answered as one that does not exist:
+		// its conversation and sandbox stay its own, and the answer does
+		// not tell that it exists.
+		if prev == nil || !spec.Caller.Sees(prev.tenant) {
+			return nil, fmt.Errorf("%w: previous task %q", ErrNotFound, spec.PreviousTaskID)
 		}
+		owner = prev.tenant
 		history = prev.conversation()
 		if sandbox == nil {
 			// The sandbox continues too: the one the previous session kept.
@@ -196,6 +207,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		sandbox:        sandbox,
 		destroySandbox: spec.DestroySandbox,
 		previousTaskID: spec.PreviousTaskID,
+		tenant:         owner,
 		history:        history,
 		timeout:        timeout,
 		createdAt:      time.Now(),
@@ -244,7 +256,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 			m.log.Error("task not stored yet", "task_id", t.id, "error", err)
 		}
 	}
-	m.log.Debug("task submitted", "task_id", t.id, "planner", planner)
+	m.log.Debug("task submitted", "task_id", t.id, "planner", planner, "tenant", owner)
 	return t, nil
 }
 
@@ -306,6 +318,20 @@ func (m *Manager) Get(id string) (*Task, error) {
 	return nil, ErrNotFound
 }
 
+// GetAs is Get for caller: a task of another tenant is ErrNotFound, as one
+// that does not exist (never a permission error, which would tell that it
+// exists).
+func (m *Manager) GetAs(caller tenant.Caller, id string) (*Task, error) {
+	t, err := m.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	if !caller.Sees(t.tenant) {
+		return nil, ErrNotFound
+	}
+	return t, nil
+}
+
 // storeHealth is the store writer's health: nil without a store, or while
 // it keeps up; otherwise an error wrapping store.ErrUnavailable.
 func (m *Manager) storeHealth() error {
@@ -325,6 +351,17 @@ func (m *Manager) ConfigByID(id string) (*agentpb.CommonConfig, error) {
 		return secret.Mask(t.Config()), nil
 	}
 	return nil, fmt.Errorf("%w: no config with that id", ErrNotFound)
+}
+
+// ConfigByIDAs is ConfigByID for caller: the config of a task it does
+// not see is ErrNotFound.
+func (m *Manager) ConfigByIDAs(caller tenant.Caller, id string) (*agentpb.CommonConfig, error) {
+	if id != "" && id != m.configs.GlobalID() && id != GlobalConfigID {
+		if t, _ := m.Get(id); t != nil && !caller.Sees(t.tenant) {
+			return nil, fmt.Errorf("%w: no config with that id", ErrNotFound)
+		}
+	}
+	return m.ConfigByID(id)
 }
 
 // Cancel stops a pending task (dequeued → CANCELLED) or a running one (stop

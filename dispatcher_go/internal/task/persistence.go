@@ -213,7 +213,7 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 	t := &Task{
 		id: s.ID, instruction: s.Instruction, planner: s.Planner, required: s.Required,
 		labels: s.Labels, sandbox: s.Sandbox, destroySandbox: s.DestroySandbox,
-		previousTaskID: s.PreviousTaskID, history: s.History, timeout: s.Timeout,
+		previousTaskID: s.PreviousTaskID, tenant: s.Tenant, history: s.History, timeout: s.Timeout,
 		createdAt: s.CreatedAt, log: log, policy: s.Policy, policyErr: s.PolicyErr,
 		done: make(chan struct{}), onFinish: m.reg.finishedTask, persist: m.persist,
 		closed: &m.closed,
@@ -235,7 +235,7 @@ func (t *Task) snapshotLocked() Snapshot {
 			ID: t.id, Instruction: t.instruction, Planner: t.planner, Status: t.status,
 			Message: t.message, Result: t.result, CreatedAt: t.createdAt, StartedAt: t.startedAt,
 			EndedAt: t.endedAt, CommanderID: t.commanderID, SessionID: t.sessionID,
-			PreviousTaskID: t.previousTaskID, Labels: t.labels, Stats: t.stats, LastSeq: t.log.LastSeq(),
+			PreviousTaskID: t.previousTaskID, Tenant: t.tenant, Labels: t.labels, Stats: t.stats, LastSeq: t.log.LastSeq(),
 		},
 		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
 		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history,

@@ -108,8 +108,10 @@ type Summary struct {
 	CommanderID    string
 	SessionID      string
 	PreviousTaskID string
-	Labels         map[string]string
-	Stats          Stats
+	// Tenant owns the task ("" is the default tenant, see internal/tenant).
+	Tenant string
+	Labels map[string]string
+	Stats  Stats
 	// LastSeq is the seq of the task's newest event.
 	LastSeq uint64
 }
@@ -146,6 +148,7 @@ type Task struct {
 	sandbox        *agentpb.Sandbox
 	destroySandbox bool
 	previousTaskID string
+	tenant         string // who owns the task; never changes
 	history        []*dispatchv1.ConversationTurn
 	timeout        time.Duration
 	createdAt      time.Time
@@ -201,6 +204,11 @@ func (t *Task) Instruction() string { return t.instruction }
 
 // Planner is the planner the task needs ("chat", ...).
 func (t *Task) Planner() string { return t.planner }
+
+// Tenant is the tenant that owns the task ("" is the default tenant). It
+// never changes: the scheduler places the task only on a slot that serves
+// it, and only its tenant (or an admin) sees it.
+func (t *Task) Tenant() string { return t.tenant }
 
 // RequiredCapabilities are the capabilities a slot needs besides the planner.
 func (t *Task) RequiredCapabilities() []string { return t.required }

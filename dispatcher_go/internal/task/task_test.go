@@ -118,7 +118,6 @@ func TestSubmitValidates(t *testing.T) {
 		"empty instruction":  {Instruction: "  "},
 		"negative timeout":   {Instruction: "x", TimeoutSeconds: -1},
 		"empty capability":   {Instruction: "x", RequiredCapabilities: []string{""}},
-		"unknown previous":   {Instruction: "x", PreviousTaskID: "nope"},
 		"negative cfg limit": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{TaskTimeout: proto.Int32(-5)}},
 		"negative steps":     {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(-5)}},
 		"zero steps":         {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
@@ -126,6 +125,10 @@ func TestSubmitValidates(t *testing.T) {
 		if _, err := m.Submit(spec); !errors.Is(err, ErrInvalidArgument) {
 			t.Errorf("%s: err = %v, want ErrInvalidArgument", name, err)
 		}
+	}
+	// An unknown previous task is not found (as another tenant's is).
+	if _, err := m.Submit(Spec{Instruction: "x", PreviousTaskID: "nope"}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("unknown previous: err = %v, want ErrNotFound", err)
 	}
 }
 

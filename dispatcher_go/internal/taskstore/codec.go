@@ -27,6 +27,7 @@ type body struct {
 	CommanderID    string            `json:"commanderId,omitempty"`
 	SessionID      string            `json:"sessionId,omitempty"`
 	PreviousTaskID string            `json:"previousTaskId,omitempty"`
+	Tenant         string            `json:"tenant,omitempty"` // absent: the default tenant
 	Labels         map[string]string `json:"labels,omitempty"`
 	Required       []string          `json:"required,omitempty"`
 	Sandbox        json.RawMessage   `json:"sandbox,omitempty"`
@@ -55,7 +56,7 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 	b := body{
 		Instruction: snap.Instruction, Planner: snap.Planner, Message: snap.Message, Result: snap.Result,
 		StartedAt: store.Micros(snap.StartedAt), CommanderID: snap.CommanderID, SessionID: snap.SessionID,
-		PreviousTaskID: snap.PreviousTaskID, Labels: snap.Labels, Required: snap.Required,
+		PreviousTaskID: snap.PreviousTaskID, Tenant: snap.Tenant, Labels: snap.Labels, Required: snap.Required,
 		DestroySandbox: snap.DestroySandbox, TimeoutMS: snap.Timeout.Milliseconds(), Stats: snap.Stats,
 		LastSeq: snap.LastSeq, Requeues: snap.Requeues,
 	}
@@ -107,7 +108,7 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 	snap := task.Snapshot{
 		Summary: task.Summary{
 			ID: rec.ID, Instruction: b.Instruction, Planner: b.Planner,
-			Labels: b.Labels, PreviousTaskID: b.PreviousTaskID, CreatedAt: rec.CreatedAt,
+			Labels: b.Labels, PreviousTaskID: b.PreviousTaskID, Tenant: b.Tenant, CreatedAt: rec.CreatedAt,
 			Status: agentpb.TaskStatus(rec.Status), Message: b.Message, Result: b.Result,
 			StartedAt: store.FromMicros(b.StartedAt), EndedAt: rec.EndedAt,
 			CommanderID: b.CommanderID, SessionID: b.SessionID, Stats: b.Stats,
