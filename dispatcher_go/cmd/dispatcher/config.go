@@ -14,6 +14,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // config is the dispatcher's command-line configuration. Every flag can
@@ -30,6 +31,12 @@ type config struct {
 	addrFile       string
 	commanderToken string
 	clientToken    string
+	adminToken     string
+	tenantsFile    string
+	tenantsPoll    time.Duration
+	// fileCommanders: the tenants file holds commander tokens (read by
+	// validate), so commanders need a token even without --commander-token.
+	fileCommanders bool
 	tlsCert        string
 	tlsKey         string
 	queueSize      int
@@ -82,7 +89,10 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:50051", "address to listen on (port 0 picks a free port)")
 	fs.StringVar(&c.addrFile, "addr-file", "", "write the actual listen address to this file once serving")
 	fs.StringVar(&c.commanderToken, "commander-token", "", "bearer token commanders and tool providers must present (empty: no auth)")
-	fs.StringVar(&c.clientToken, "client-token", "", "bearer token clients must present (empty: no auth)")
+	fs.StringVar(&c.clientToken, "client-token", "", "bearer token clients must present (empty: no auth); with --tenants-file, the default tenant's token")
+	fs.StringVar(&c.adminToken, "admin-token", "", "client token that sees and acts on every tenant's tasks")
+	fs.StringVar(&c.tenantsFile, "tenants-file", "", "YAML or JSON file of tenants and the sha256 hashes of their client (and commander) tokens (docs/operations.md), reloaded when it changes; empty: one tenant")
+	fs.DurationVar(&c.tenantsPoll, "tenants-poll", dispatcher.DefaultPolicyPoll, "how often the tenants file is checked for changes")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (with --tls-key: serve TLS)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file")
 	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds before RESOURCE_EXHAUSTED")
@@ -170,7 +180,7 @@ func (c *config) validate() error {
 	for name, d := range map[string]time.Duration{
 		"--stop-grace": c.stopGrace, "--tool-timeout": c.toolTimeout, "--drain-timeout": c.drainTimeout,
 		"--keepalive-time": c.kaTime, "--keepalive-timeout": c.kaTimeout, "--keepalive-min-time": c.kaMinTime,
-		"--policy-poll": c.policyPoll,
+		"--policy-poll": c.policyPoll, "--tenants-poll": c.tenantsPoll,
 	} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be positive", name))
@@ -204,12 +214,24 @@ func (c *config) validate() error {
 	if err := httpapi.ValidateAllowedHosts(c.allowedHosts()); err != nil {
 		errs = append(errs, fmt.Errorf("--http-allowed-hosts: %w", err))
 	}
+	if c.tenantsFile != "" {
+		// Read here too, so that a bad file stops the start with the
+		// other configuration errors (the dispatcher reads it again).
+		if d, err := tenant.LoadFile(c.tenantsFile); err != nil {
+			errs = append(errs, fmt.Errorf("--tenants-file: %w", err))
+		} else {
+			c.fileCommanders = d.CommanderTokens() > 0
+		}
+	}
+	if c.adminToken != "" && (c.adminToken == c.commanderToken || c.adminToken == c.clientToken) {
+		errs = append(errs, errors.New("--admin-token must differ from --client-token and --commander-token"))
+	}
 	if c.clientToken != "" && c.clientToken == c.commanderToken {
 		// A client could register as a commander and receive every
 		// task's config (keys included), and a commander act as a client.
 		errs = append(errs, errors.New("--client-token and --commander-token must differ: with one token every client can also serve as a commander and receive every task's config"))
 	}
-	if exposed := c.exposed(); len(exposed) > 0 && !c.insecure && (c.clientToken == "" || c.commanderToken == "") {
+	if exposed := c.exposed(); len(exposed) > 0 && !c.insecure && (!c.clientAuth() || !c.commanderAuth()) {
 		errs = append(errs, fmt.Errorf("%s beyond loopback without %s: anyone who can reach the port could submit, read and cancel tasks or register as a commander and receive every task's config; "+
 			"set both tokens (DISPATCHER_CLIENT_TOKEN, DISPATCHER_COMMANDER_TOKEN), listen on 127.0.0.1, or pass --insecure",
 			strings.Join(exposed, " and "), c.missingTokens()))
@@ -246,13 +268,22 @@ func (c *config) exposed() []string {
 	return out
 }
 
+// clientAuth: clients need a token (a client or admin token, or tenants).
+func (c *config) clientAuth() bool {
+	return c.clientToken != "" || c.adminToken != "" || c.tenantsFile != ""
+}
+
+// commanderAuth: commanders need a token (the shared one, or tenants'
+// commander tokens in the tenants file).
+func (c *config) commanderAuth() bool { return c.commanderToken != "" || c.fileCommanders }
+
 // missingTokens names the token flags that are not set.
 func (c *config) missingTokens() string {
 	var m []string
-	if c.clientToken == "" {
+	if !c.clientAuth() {
 		m = append(m, "--client-token")
 	}
-	if c.commanderToken == "" {
+	if !c.commanderAuth() {
 		m = append(m, "--commander-token")
 	}
 	return strings.Join(m, " and ")
@@ -261,13 +292,13 @@ func (c *config) missingTokens() string {
 // warnings are what a valid configuration still deserves to be told about.
 func (c *config) warnings() []string {
 	var w []string
-	if exposed := c.exposed(); len(exposed) > 0 && (c.clientToken == "" || c.commanderToken == "") {
+	if exposed := c.exposed(); len(exposed) > 0 && (!c.clientAuth() || !c.commanderAuth()) {
 		w = append(w, fmt.Sprintf("--insecure: %s beyond loopback without %s; anyone who can reach the port can use it", strings.Join(exposed, " and "), c.missingTokens()))
 	}
 	switch {
-	case c.clientToken != "" && c.commanderToken == "":
+	case c.clientAuth() && !c.commanderAuth():
 		w = append(w, "only the client token is set: commanders and tool providers connect without a token (anyone who reaches the gRPC port can register as a commander and receive every task's config); set --commander-token too")
-	case c.commanderToken != "" && c.clientToken == "":
+	case c.commanderAuth() && !c.clientAuth():
 		w = append(w, "only the commander token is set: clients connect without a token (anyone who reaches the ports can submit, read and cancel tasks); set --client-token too")
 	}
 	return w
@@ -283,7 +314,10 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 	return dispatcher.Config{
 		Version:  version,
 		LogLevel: c.logLevel,
-		Auth:     dispatcher.Auth{CommanderToken: c.commanderToken, ClientToken: c.clientToken},
+		Auth: dispatcher.Auth{
+			CommanderToken: c.commanderToken, ClientToken: c.clientToken, AdminToken: c.adminToken,
+			TenantsFile: c.tenantsFile, TenantsPoll: c.tenantsPoll,
+		},
 		GRPC: dispatcher.GRPC{
 			MaxRecvMsgBytes:   c.maxMsgBytes,
 			StreamWindowBytes: streamWindow(c.streamWindow),

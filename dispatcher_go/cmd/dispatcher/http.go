@@ -36,7 +36,7 @@ func newMetrics(cfg *config) *metrics.Metrics {
 func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
+		h := httpapi.New(local, httpapi.Options{Auth: d.Auth(), AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
 		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:

@@ -160,7 +160,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 		defer os.Remove(cfg.addrFile)
 	}
 	log.Info("dispatcher serving", "addr", addr, "version", version, "tls", cfg.tlsCert != "", "tracing", tracing.Enabled(),
-		"commander_auth", cfg.commanderToken != "", "client_auth", cfg.clientToken != "")
+		"commander_auth", cfg.commanderAuth(), "client_auth", cfg.clientAuth(), "tenants_file", cfg.tenantsFile)
 
 	select {
 	case err := <-serveErr:

@@ -16,6 +16,7 @@ import (
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
@@ -40,8 +41,8 @@ func (a *agentService) GetGlobalCommonConfig(context.Context, *agentpb.GetGlobal
 }
 
 // GetCommonConfig returns the global config or a task's resolved config by id, masked.
-func (a *agentService) GetCommonConfig(_ context.Context, req *agentpb.GetCommonConfigRequest) (*agentpb.CommonConfig, error) {
-	cfg, err := a.s.d.Tasks().ConfigByID(req.GetId())
+func (a *agentService) GetCommonConfig(ctx context.Context, req *agentpb.GetCommonConfigRequest) (*agentpb.CommonConfig, error) {
+	cfg, err := a.s.d.Tasks().ConfigByIDAs(tenant.FromContext(ctx), req.GetId())
 	if err != nil {
 		return nil, toStatus(a.s.d.Logger(), err)
 	}
@@ -49,7 +50,10 @@ func (a *agentService) GetCommonConfig(_ context.Context, req *agentpb.GetCommon
 }
 
 // SetGlobalCommonConfig replaces the global config.
-func (a *agentService) SetGlobalCommonConfig(_ context.Context, req *agentpb.SetGlobalCommonConfigRequest) (*agentpb.SetCommonConfigResponse, error) {
+func (a *agentService) SetGlobalCommonConfig(ctx context.Context, req *agentpb.SetGlobalCommonConfigRequest) (*agentpb.SetCommonConfigResponse, error) {
+	if err := mayConfigure(ctx); err != nil {
+		return nil, err
+	}
 	if req.GetCommonConfig() == nil {
 		return nil, status.Error(codes.InvalidArgument, "commonConfig is required")
 	}
@@ -61,21 +65,34 @@ func (a *agentService) SetGlobalCommonConfig(_ context.Context, req *agentpb.Set
 }
 
 // SetGlobalCommonLLMConfig sets stageModelConfig.actionGeneratorModel.
-func (a *agentService) SetGlobalCommonLLMConfig(_ context.Context, req *agentpb.SetGlobalCommonLLMConfigRequest) (*agentpb.LLMConfig, error) {
-	return a.setModel(task.ActionGeneratorModel, req.GetLlmConfig())
+func (a *agentService) SetGlobalCommonLLMConfig(ctx context.Context, req *agentpb.SetGlobalCommonLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(ctx, task.ActionGeneratorModel, req.GetLlmConfig())
 }
 
 // SetGlobalGroundingLLMConfig sets stageModelConfig.groundingModel.
-func (a *agentService) SetGlobalGroundingLLMConfig(_ context.Context, req *agentpb.SetGlobalGroundingLLMConfigRequest) (*agentpb.LLMConfig, error) {
-	return a.setModel(task.GroundingModel, req.GetLlmConfig())
+func (a *agentService) SetGlobalGroundingLLMConfig(ctx context.Context, req *agentpb.SetGlobalGroundingLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(ctx, task.GroundingModel, req.GetLlmConfig())
 }
 
 // SetGlobalEmbeddingLLMConfig sets stageModelConfig.embeddingModel.
-func (a *agentService) SetGlobalEmbeddingLLMConfig(_ context.Context, req *agentpb.SetGlobalEmbeddingLLMConfigRequest) (*agentpb.LLMConfig, error) {
-	return a.setModel(task.EmbeddingModel, req.GetLlmConfig())
+func (a *agentService) SetGlobalEmbeddingLLMConfig(ctx context.Context, req *agentpb.SetGlobalEmbeddingLLMConfigRequest) (*agentpb.LLMConfig, error) {
+	return a.setModel(ctx, task.EmbeddingModel, req.GetLlmConfig())
 }
 
-func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (*agentpb.LLMConfig, error) {
+// mayConfigure refuses a named tenant the global config: it applies to
+// every tenant's tasks (another tenant's model endpoint would receive their
+// prompts). Admins and the default tenant (the one-tenant case) may.
+func mayConfigure(ctx context.Context) error {
+	if c := tenant.FromContext(ctx); !c.Admin && c.Tenant != "" {
+		return status.Error(codes.PermissionDenied, "the global config applies to every tenant: only an admin token may change it")
+	}
+	return nil
+}
+
+func (a *agentService) setModel(ctx context.Context, which task.StageModel, llm *agentpb.LLMConfig) (*agentpb.LLMConfig, error) {
+	if err := mayConfigure(ctx); err != nil {
+		return nil, err
+	}
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
 	}
@@ -84,6 +101,7 @@ func (a *agentService) setModel(which task.StageModel, llm *agentpb.LLMConfig) (
 
 func specFromRun(ctx context.Context, req *agentpb.RunAgentInstructionRequest) task.Spec {
 	return task.Spec{
+		Caller:         tenant.FromContext(ctx),
 		Trace:          trace.SpanContextFromContext(ctx),
 		Instruction:    req.GetInstruction(),
 		RunningConfig:  req.GetRunningConfig(),
@@ -127,7 +145,7 @@ func (a *agentService) RunAgentInstructionAsync(ctx context.Context, req *agentp
 // GetAgentTaskStream streams a task's history, then live events, ending
 // when the task ends (at once after the history for a finished task).
 func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest, stream grpc.ServerStreamingServer[agentpb.GetAgentTaskStreamResponse]) error {
-	t, err := a.s.d.Tasks().Get(req.GetTaskId())
+	t, err := a.s.d.Tasks().GetAs(tenant.FromContext(stream.Context()), req.GetTaskId())
 	if err != nil {
 		return toStatus(a.s.d.Logger(), err)
 	}
@@ -145,8 +163,8 @@ func (a *agentService) GetAgentTaskStream(req *agentpb.GetAgentTaskStreamRequest
 
 // QueryTaskStatus reports an unknown id as status NOT_FOUND in the response
 // (seed-000 semantics), not as a gRPC error.
-func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTaskStatusRequest) (*agentpb.QueryTaskStatusResponse, error) {
-	t, err := a.s.d.Tasks().Get(req.GetTaskId())
+func (a *agentService) QueryTaskStatus(ctx context.Context, req *agentpb.QueryTaskStatusRequest) (*agentpb.QueryTaskStatusResponse, error) {
+	t, err := a.s.d.Tasks().GetAs(tenant.FromContext(ctx), req.GetTaskId())
 	if err != nil {
 		return &agentpb.QueryTaskStatusResponse{TaskId: req.GetTaskId(), Status: agentpb.TaskStatus_NOT_FOUND, Message: "task not found"}, nil
 	}
@@ -164,7 +182,7 @@ func (a *agentService) QueryTaskStatus(_ context.Context, req *agentpb.QueryTask
 // CancelTask answers truthfully: success only if this call stopped or
 // dequeued the task; an unknown id is success=false (seed semantics).
 func (a *agentService) CancelTask(ctx context.Context, req *agentpb.CancelTaskRequest) (*agentpb.CancelTaskResponse, error) {
-	out, err := a.s.d.Tasks().Cancel(ctx, req.GetTaskId(), "cancelled by client", true)
+	out, err := a.s.cancel(ctx, req.GetTaskId(), "cancelled by client")
 	if err != nil {
 		st := toStatus(a.s.d.Logger(), err)
 		if status.Code(st) == codes.NotFound {
@@ -189,8 +207,9 @@ func statistics(info *task.Info, now time.Time) *agentpb.ExecutionStatistics {
 	}
 }
 
-// taskProto renders a task for the native API.
-func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
+// taskProto renders a task for the native API; its tenant only for an
+// admin caller.
+func taskProto(info *task.Info, now time.Time, caller tenant.Caller) *dispatchv1.Task {
 	ts := func(t time.Time) *timestamppb.Timestamp {
 		if t.IsZero() {
 			return nil
@@ -212,5 +231,13 @@ func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
 		CommanderId: info.CommanderID,
 		Labels:      info.Labels,
 		Sandbox:     info.Sandbox,
+		Tenant:      tenantFor(caller, info.Tenant),
 	}
+}
+
+func tenantFor(caller tenant.Caller, owner string) string {
+	if caller.Admin {
+		return owner
+	}
+	return ""
 }

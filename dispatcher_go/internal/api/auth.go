@@ -2,7 +2,6 @@ package api
 
 import (
 	"context"
-	"crypto/subtle"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -12,6 +11,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Method prefixes of the services each token guards. Health and reflection
@@ -29,45 +29,70 @@ var (
 
 var errUnauthenticated = status.Error(codes.Unauthenticated, "missing or invalid bearer token")
 
+// toolProviderService is the prefix of ToolProviderService's methods: a
+// tool provider serves every tenant's tasks, so a tenant's own commander
+// token does not admit one.
+var toolProviderMethods = "/" + dispatchv1.ToolProviderService_ServiceDesc.ServiceName + "/"
+
 func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if err := s.authorize(ctx, info.FullMethod); err != nil {
+	ctx, err := s.authorize(ctx, info.FullMethod)
+	if err != nil {
 		return nil, err
 	}
 	return handler(ctx, req)
 }
 
 func (s *Server) streamAuth(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if err := s.authorize(ss.Context(), info.FullMethod); err != nil {
+	ctx, err := s.authorize(ss.Context(), info.FullMethod)
+	if err != nil {
 		return err
 	}
-	return handler(srv, ss)
+	return handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
 }
 
-// authorize checks the bearer token the method's service requires.
-func (s *Server) authorize(ctx context.Context, method string) error {
-	var want string
+// authedStream is a server stream whose context carries who called.
+type authedStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (a *authedStream) Context() context.Context { return a.ctx }
+
+// authorize checks the bearer token the method's service requires and
+// returns ctx carrying who presented it: a client's tenant
+// (tenant.WithCaller), a commander's (tenant.WithCommander). A client
+// service's context always carries a caller, so the handlers scope every
+// task operation to it.
+func (s *Server) authorize(ctx context.Context, method string) (context.Context, error) {
+	auth := s.d.Auth()
 	switch {
 	case hasAnyPrefix(method, clientServices):
-		want = s.d.Config().Auth.ClientToken
+		c, ok := auth.Client(bearerToken(ctx))
+		if !ok {
+			return nil, errUnauthenticated
+		}
+		return tenant.WithCaller(ctx, c), nil
 	case hasAnyPrefix(method, commanderServices):
-		want = s.d.Config().Auth.CommanderToken
+		c, ok := auth.Commander(bearerToken(ctx))
+		if !ok || (c.Restricted && strings.HasPrefix(method, toolProviderMethods)) {
+			return nil, errUnauthenticated
+		}
+		return tenant.WithCommander(ctx, c), nil
 	}
-	if want == "" {
-		return nil
-	}
+	return ctx, nil
+}
+
+// bearerToken is the request's bearer token ("" without one). The token is
+// compared in constant time by internal/tenant.
+func bearerToken(ctx context.Context) string {
 	md, _ := metadata.FromIncomingContext(ctx)
 	for _, v := range md.Get("authorization") {
 		scheme, token, ok := strings.Cut(v, " ")
-		if !ok || !strings.EqualFold(scheme, "Bearer") {
-			continue
-		}
-		// Constant time: the comparison must not tell how much of a guess
-		// was right.
-		if subtle.ConstantTimeCompare([]byte(strings.TrimSpace(token)), []byte(want)) == 1 {
-			return nil
+		if ok && strings.EqualFold(scheme, "Bearer") {
+			return strings.TrimSpace(token)
 		}
 	}
-	return errUnauthenticated
+	return ""
 }
 
 func hasAnyPrefix(s string, prefixes []string) bool {

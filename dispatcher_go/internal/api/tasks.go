@@ -18,6 +18,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Paging of ListTasks.
@@ -45,6 +46,7 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 		extra = p
 	}
 	t, err := ts.s.d.Tasks().Submit(task.Spec{
+		Caller:               tenant.FromContext(ctx),
 		Policy:               extra,
 		Instruction:          req.GetInstruction(),
 		RunningConfig:        req.GetRunningConfig(),
@@ -65,7 +67,7 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 
 // WatchTask streams events with seq > after_seq: history, then live, until the end.
 func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
-	t, err := ts.s.d.Tasks().Get(req.GetTaskId())
+	t, err := ts.s.d.Tasks().GetAs(tenant.FromContext(stream.Context()), req.GetTaskId())
 	if err != nil {
 		return toStatus(ts.s.d.Logger(), err)
 	}
@@ -76,13 +78,14 @@ func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.S
 }
 
 // GetTask returns a task's state, result and statistics.
-func (ts *taskService) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
-	t, err := ts.s.d.Tasks().Get(req.GetTaskId())
+func (ts *taskService) GetTask(ctx context.Context, req *dispatchv1.GetTaskRequest) (*dispatchv1.GetTaskResponse, error) {
+	caller := tenant.FromContext(ctx)
+	t, err := ts.s.d.Tasks().GetAs(caller, req.GetTaskId())
 	if err != nil {
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	info := t.Info()
-	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now())}, nil
+	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now(), caller)}, nil
 }
 
 // ListTasks lists tasks newest first, filtered by status, paged: the tasks
@@ -110,7 +113,7 @@ func (ts *taskService) ListTasks(ctx context.Context, req *dispatchv1.ListTasksR
 	resp := &dispatchv1.ListTasksResponse{Tasks: make([]*dispatchv1.Task, 0, len(infos))}
 	pageBytes := 0
 	for i := range infos {
-		tp := taskProto(&infos[i], now)
+		tp := taskProto(&infos[i], now, tenant.FromContext(ctx))
 		n := proto.Size(tp) + 16 // the field's tag and length
 		if i > 0 && pageBytes+n > maxPageBytes {
 			// The page would not fit a default client: it ends here and
@@ -156,7 +159,7 @@ const maxTokenID = 256
 
 // CancelTask stops a pending or running task and says what happened.
 func (ts *taskService) CancelTask(ctx context.Context, req *dispatchv1.CancelTaskRequest) (*dispatchv1.CancelTaskResponse, error) {
-	out, err := ts.s.d.Tasks().Cancel(ctx, req.GetTaskId(), req.GetReason(), true)
+	out, err := ts.s.cancel(ctx, req.GetTaskId(), req.GetReason())
 	if err != nil {
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
@@ -165,6 +168,9 @@ func (ts *taskService) CancelTask(ctx context.Context, req *dispatchv1.CancelTas
 
 // Interject delivers a user message to a running task's planner.
 func (ts *taskService) Interject(ctx context.Context, req *dispatchv1.InterjectRequest) (*dispatchv1.InterjectResponse, error) {
+	if err := ts.s.visible(ctx, req.GetTaskId()); err != nil {
+		return nil, toStatus(ts.s.d.Logger(), err)
+	}
 	id, seq, err := ts.s.d.Tasks().Interject(ctx, req.GetTaskId(), req.GetText())
 	if err != nil {
 		return nil, toStatus(ts.s.d.Logger(), err)
@@ -173,12 +179,32 @@ func (ts *taskService) Interject(ctx context.Context, req *dispatchv1.InterjectR
 }
 
 // ApproveToolCall resolves a tool call held by a policy.
-func (ts *taskService) ApproveToolCall(_ context.Context, req *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error) {
+func (ts *taskService) ApproveToolCall(ctx context.Context, req *dispatchv1.ApproveToolCallRequest) (*dispatchv1.ApproveToolCallResponse, error) {
+	if err := ts.s.visible(ctx, req.GetTaskId()); err != nil {
+		return nil, toStatus(ts.s.d.Logger(), err)
+	}
 	outcome, seq, err := ts.s.d.Tasks().ApproveToolCall(req.GetTaskId(), req.GetCallId(), req.GetApprove(), req.GetReason())
 	if err != nil {
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	return &dispatchv1.ApproveToolCallResponse{Outcome: outcome, Seq: seq}, nil
+}
+
+// visible is nil if the caller in ctx sees task id, else the error to
+// answer (task.ErrNotFound for another tenant's task, as for none). A
+// task's tenant never changes, so the check holds for the operation that
+// follows it.
+func (s *Server) visible(ctx context.Context, id string) error {
+	_, err := s.d.Tasks().GetAs(tenant.FromContext(ctx), id)
+	return err
+}
+
+// cancel is Manager.Cancel for the caller in ctx, waiting for the outcome.
+func (s *Server) cancel(ctx context.Context, id, reason string) (task.CancelOutcome, error) {
+	if err := s.visible(ctx, id); err != nil {
+		return task.CancelOutcome{}, err
+	}
+	return s.d.Tasks().Cancel(ctx, id, reason, true)
 }
 
 // ListTools lists the tools a planner can call now and their executors.

@@ -95,8 +95,19 @@ type Auth struct {
 	// tool providers (AgentInteraction, ToolProviderService).
 	CommanderToken string
 	// ClientToken, when set, is required (Bearer) by clients (Agent,
-	// TaskService, the HTTP API).
+	// TaskService, the HTTP API). It is the default tenant's token: the
+	// one-tenant case.
 	ClientToken string
+	// AdminToken, when set, is a client token that sees and acts on every
+	// tenant's tasks.
+	AdminToken string
+	// TenantsFile maps tenants to the SHA-256 hashes of their client (and
+	// optionally commander) tokens (internal/tenant has the format); it is
+	// reloaded when it changes. "" none.
+	TenantsFile string
+	// TenantsPoll is how often TenantsFile is checked for changes
+	// (DefaultPolicyPoll).
+	TenantsPoll time.Duration
 }
 
 // validate refuses one token for both sides: every client could then also
@@ -104,6 +115,9 @@ type Auth struct {
 func (a Auth) validate() error {
 	if a.ClientToken != "" && a.ClientToken == a.CommanderToken {
 		return errors.New("dispatcher: the client and commander tokens must differ")
+	}
+	if a.AdminToken != "" && (a.AdminToken == a.CommanderToken || a.AdminToken == a.ClientToken) {
+		return errors.New("dispatcher: the admin token must differ from the client and commander tokens")
 	}
 	return nil
 }
@@ -220,6 +234,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Policy.Poll <= 0 {
 		c.Policy.Poll = DefaultPolicyPoll
+	}
+	if c.Auth.TenantsPoll <= 0 {
+		c.Auth.TenantsPoll = DefaultPolicyPoll
 	}
 	if c.Store.FlushInterval <= 0 {
 		c.Store.FlushInterval = DefaultFlushInterval

@@ -20,6 +20,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -36,6 +37,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/taskstore"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // ErrShuttingDown is the cause of a stream context (StreamContext) ended
@@ -56,6 +58,7 @@ type Dispatcher struct {
 	healthMu    sync.Mutex
 	healthNames []string
 	policy      *policy.Engine
+	auth        *tenant.Auth
 	writer      *store.Writer // nil without a store
 
 	// base ends every client stream (watchers, providers) and the
@@ -84,6 +87,13 @@ func New(cfg Config) (*Dispatcher, error) {
 		return nil, err
 	}
 	log := cfg.Logger
+	auth, err := tenant.New(tenant.Options{
+		ClientToken: cfg.Auth.ClientToken, CommanderToken: cfg.Auth.CommanderToken, AdminToken: cfg.Auth.AdminToken,
+		File: cfg.Auth.TenantsFile, Poll: cfg.Auth.TenantsPoll, Logger: log.With("component", "tenants"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: %w", err)
+	}
 	b, err := broker.New(broker.Options{
 		DefaultTimeout: cfg.Tasks.ToolTimeout,
 		MaxResultBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
@@ -163,6 +173,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		health:      health.NewServer(),
 		healthNames: []string{""},
 		policy:      pol,
+		auth:        auth,
 		writer:      writer,
 		base:        base,
 		cancelBase:  cancel,
@@ -172,6 +183,9 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	if cfg.Policy.File != "" {
 		d.bg.Go(func() { pol.Watch(base, cfg.Policy.File, cfg.Policy.Poll) })
+	}
+	if cfg.Auth.TenantsFile != "" {
+		d.bg.Go(func() { auth.Watch(base) })
 	}
 	if cfg.Store.Backend != nil && cfg.Store.Retention > 0 {
 		d.bg.Go(func() {
@@ -183,6 +197,10 @@ func New(cfg Config) (*Dispatcher, error) {
 
 // Config is the configuration in force (defaults applied).
 func (d *Dispatcher) Config() Config { return d.cfg }
+
+// Auth says who a bearer token is: a client's tenant, a commander's
+// (internal/tenant). Both transports ask it.
+func (d *Dispatcher) Auth() *tenant.Auth { return d.auth }
 
 // Logger is the dispatcher's logger.
 func (d *Dispatcher) Logger() *slog.Logger { return d.log }

@@ -22,7 +22,6 @@ package httpapi
 
 import (
 	"context"
-	"crypto/subtle"
 	"embed"
 	"errors"
 	"io/fs"
@@ -33,6 +32,7 @@ import (
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Backend is the native client API the handlers call (api.Local). Its
@@ -58,6 +58,11 @@ type Options struct {
 	// instead, because a browser's EventSource cannot set headers; requests
 	// that change anything always need the header (no CSRF through the cookie).
 	ClientToken string
+	// Auth, when set, replaces ClientToken: it says which tenant a token
+	// acts for (the dispatcher's tenant.Auth, with the tenants file). Every
+	// handler then answers only what that caller sees (the caller goes to
+	// the backend in the request's context, tenant.WithCaller).
+	Auth Authenticator
 	// MaxBodyBytes bounds a request body (default 1 MiB); larger → 413.
 	MaxBodyBytes int64
 	// Heartbeat is the interval of SSE comment lines that keep idle
@@ -73,6 +78,14 @@ type Options struct {
 	AllowedHosts []string
 	// Logger receives request errors; nil discards.
 	Logger *slog.Logger
+}
+
+// Authenticator says who a client token is (tenant.Auth implements it).
+type Authenticator interface {
+	// ClientAuth reports whether clients must present a token.
+	ClientAuth() bool
+	// Client is the caller a token acts for; false for an unknown token.
+	Client(token string) (tenant.Caller, bool)
 }
 
 // TokenCookie is the cookie a browser may use for the client token on GET
@@ -100,6 +113,15 @@ func New(b Backend, opts Options) http.Handler {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Auth == nil {
+		// One token, or none: the one-tenant case. tenant.New fails only
+		// for tokens that must differ, and there is one.
+		a, err := tenant.New(tenant.Options{ClientToken: opts.ClientToken})
+		if err != nil {
+			panic(err)
+		}
+		opts.Auth = a
 	}
 	h := &handler{b: b, opts: opts, log: opts.Logger}
 	for _, e := range opts.AllowedHosts {
@@ -174,12 +196,14 @@ func (h *handler) health(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// auth checks the client token (see Options.ClientToken).
+// auth checks the client token (see Options.ClientToken and Auth) and
+// hands the request on with its caller in the context.
 func (h *handler) auth(next http.HandlerFunc) http.Handler {
-	want := []byte(h.opts.ClientToken)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if len(want) == 0 || tokenOK(r, want) {
-			next(w, r)
+		tok, _ := requestToken(r)
+		// The token is compared in constant time (internal/tenant).
+		if c, ok := h.opts.Auth.Client(tok); ok {
+			next(w, r.WithContext(tenant.WithCaller(r.Context(), c)))
 			return
 		}
 		w.Header().Set("WWW-Authenticate", `Bearer realm="dispatcher"`)
@@ -187,10 +211,11 @@ func (h *handler) auth(next http.HandlerFunc) http.Handler {
 	})
 }
 
-func tokenOK(r *http.Request, want []byte) bool {
-	// Constant time: the comparison must not tell how much of a guess was right.
+// requestToken is the request's bearer token: the Authorization header, or
+// on a GET the cookie TokenCookie.
+func requestToken(r *http.Request) (string, bool) {
 	if scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
-		return subtle.ConstantTimeCompare([]byte(strings.TrimSpace(tok)), want) == 1
+		return strings.TrimSpace(tok), true
 	}
 	if r.Method == http.MethodGet {
 		if c, err := r.Cookie(TokenCookie); err == nil {
@@ -200,10 +225,10 @@ func tokenOK(r *http.Request, want []byte) bool {
 			if err != nil {
 				v = c.Value
 			}
-			return subtle.ConstantTimeCompare([]byte(v), want) == 1
+			return v, true
 		}
 	}
-	return false
+	return "", false
 }
 
 // errClientGone ends a stream whose client went away; it wraps

@@ -89,7 +89,7 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"POST", "/api/agent/task/submit", `{"instruction": ""}`, 400},
 		{"POST", "/api/agent/task/submit", `{"instruction": "x", "max_steps": -1}`, 400},
 		{"POST", "/api/agent/task/submit", `{"instruction": "x", "continue_context": true}`, 400},
-		{"POST", "/api/agent/task/submit", `{"instruction": "x", "continue_context": true, "task_id": "nope"}`, 400},
+		{"POST", "/api/agent/task/submit", `{"instruction": "x", "continue_context": true, "task_id": "nope"}`, 404}, // as another tenant's task (issue 12 class 7)
 		{"POST", "/api/agent/task/submit", big, 413},
 		{"POST", "/api/agent/run", `{"instruction": 1}`, 400},
 		{"POST", "/api/agent/run", big, 413},

@@ -199,8 +199,8 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 }
 
 // seedCancel: POST /api/agent/cancel {"task_id": …} cancels one task;
-// without task_id it cancels every pending and running task (the client
-// token is the only identity there is, so "the caller's tasks" are all).
+// without task_id it cancels every pending and running task of the caller
+// (its tenant's; an admin's: every tenant's; ListTasks lists only those).
 func (h *handler) seedCancel(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		TaskID         string     `json:"task_id"`

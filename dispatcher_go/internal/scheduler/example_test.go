@@ -23,6 +23,8 @@ type slot struct {
 
 func (s *slot) HasCapability(c string) bool { return slices.Contains(s.caps, c) }
 
+func (s *slot) ServesTenant(string) bool { return true }
+
 func (s *slot) PlannerCapabilities() []string {
 	var out []string
 	for _, c := range s.caps {

@@ -1,7 +1,9 @@
 // Package scheduler matches pending tasks with idle commander slots.
 //
 // A task needs an idle slot whose hello capabilities contain
-// "planner:<planner>" and every one of the task's required capabilities.
+// "planner:<planner>" and every one of the task's required capabilities,
+// and that serves the task's tenant (a slot that names no tenant serves
+// every tenant).
 // While none is free the task waits in a bounded FIFO queue; when the queue
 // is full, Enqueue fails with ErrQueueFull (the API answers
 // RESOURCE_EXHAUSTED). Scheduling happens per task and per slot state change,
@@ -34,6 +36,9 @@ type Slot interface {
 	HasCapability(c string) bool
 	// PlannerCapabilities lists the slot's "planner:…" capabilities.
 	PlannerCapabilities() []string
+	// ServesTenant reports whether the slot may run a task of tenant ("" is
+	// the default tenant). The answer must not change after AddSlot.
+	ServesTenant(tenant string) bool
 	// Deliver starts t on the slot. The scheduler has handed t to the slot
 	// (t is out of the queue, the slot is busy) and calls Deliver after
 	// releasing its lock, so Deliver may call back into the scheduler; it
@@ -347,7 +352,7 @@ func (s *Scheduler) unidleLocked(sl Slot) {
 }
 
 func matches(sl Slot, t *task.Task) bool {
-	if !sl.HasCapability(PlannerCapability(t.Planner())) {
+	if !sl.HasCapability(PlannerCapability(t.Planner())) || !sl.ServesTenant(t.Tenant()) {
 		return false
 	}
 	for _, c := range t.RequiredCapabilities() {

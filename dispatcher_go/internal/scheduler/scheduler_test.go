@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -18,11 +19,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // fakeSlot records deliveries; dead makes Deliver fail.
 type fakeSlot struct {
-	name  string
-	caps  map[string]bool
-	dead  bool
-	mu    sync.Mutex
-	tasks []*task.Task
+	name    string
+	caps    map[string]bool
+	tenants []string // empty: every tenant
+	dead    bool
+	mu      sync.Mutex
+	tasks   []*task.Task
 }
 
 func newSlot(name string, caps ...string) *fakeSlot {
@@ -34,6 +36,10 @@ func newSlot(name string, caps ...string) *fakeSlot {
 }
 
 func (s *fakeSlot) HasCapability(c string) bool { return s.caps[c] }
+
+func (s *fakeSlot) ServesTenant(t string) bool {
+	return len(s.tenants) == 0 || slices.Contains(s.tenants, t)
+}
 
 func (s *fakeSlot) PlannerCapabilities() []string {
 	var out []string

@@ -28,6 +28,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Errors that end a ChatStream; the API layer maps them to gRPC codes.
@@ -140,7 +141,12 @@ func (s *Server) Serve(stream Stream) error {
 	if err := validHello(hello); err != nil {
 		return err
 	}
+	tenants, err := servedTenants(tenant.CommanderFromContext(ctx), hello.GetTenants())
+	if err != nil {
+		return err
+	}
 	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
+	sl.tenants = tenants
 	sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
 		Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,
 	}}})
@@ -149,7 +155,7 @@ func (s *Server) Serve(stream Stream) error {
 	// is counted in GetAgentInfo and may get a start right after it.
 	s.stats.Slots.Add(1)
 	s.sched.AddSlot(sl)
-	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities())
+	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities(), "tenants", tenants)
 
 	senderDone := make(chan struct{})
 	go func() {
@@ -210,5 +216,29 @@ func validHello(h *dispatchv1.Hello) error {
 			return fmt.Errorf("%w: capability empty or too long", ErrProtocol)
 		}
 	}
+	if len(h.GetTenants()) > maxCapabilities {
+		return fmt.Errorf("%w: too many tenants (max %d)", ErrProtocol, maxCapabilities)
+	}
+	for _, t := range h.GetTenants() {
+		if !tenant.ValidName(t) {
+			return fmt.Errorf("%w: tenant %q is not a tenant name", ErrProtocol, t)
+		}
+	}
 	return nil
+}
+
+// servedTenants are the tenants a slot serves (nil: every tenant): those
+// its hello names, unless the commander authenticated with one tenant's own
+// commander token — then that tenant only, and a hello naming another is
+// refused (the commander is misconfigured; it must not guess).
+func servedTenants(c tenant.Commander, named []string) ([]string, error) {
+	if !c.Restricted {
+		return named, nil
+	}
+	for _, t := range named {
+		if t != c.Tenant {
+			return nil, fmt.Errorf("%w: this commander's token serves tenant %q only, its hello names %q", ErrProtocol, c.Tenant, t)
+		}
+	}
+	return []string{c.Tenant}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,6 +29,7 @@ type slot struct {
 	commanderID string
 	caps        map[string]struct{}
 	planners    []string
+	tenants     []string // served tenants; empty: every tenant
 	log         *slog.Logger
 
 	// ctx ends with the stream; cancel ends the stream with a cause.
@@ -87,6 +89,11 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 func (sl *slot) HasCapability(c string) bool {
 	_, ok := sl.caps[c]
 	return ok
+}
+
+// ServesTenant implements scheduler.Slot.
+func (sl *slot) ServesTenant(t string) bool {
+	return len(sl.tenants) == 0 || slices.Contains(sl.tenants, t)
 }
 
 // PlannerCapabilities implements scheduler.Slot.

@@ -125,6 +125,9 @@ func LoadFile(path string) (*Directory, error) {
 	return Parse(src)
 }
 
+// CommanderTokens is the number of commander tokens in the file.
+func (d *Directory) CommanderTokens() int { return len(d.commanders) }
+
 // Tenants is the number of tenants in the file.
 func (d *Directory) Tenants() int { return d.tenants }
 
