@@ -350,7 +350,9 @@ async function loadTasks() {
       const s = t.statistics || {};
       const tr = el("tr");
       tr.dataset.task = t.task_id;
-      tr.append(el("td", "status " + st, st), el("td", "instr", t.instruction),
+      // An admin's listing names each task's tenant (others get none).
+      const owner = t.tenant ? "[" + t.tenant + "] " : "";
+      tr.append(el("td", "status " + st, st), el("td", "instr", owner + t.instruction),
         el("td", "", s.steps || 0), el("td", "", Number(s.totalTokens || s.total_tokens || 0)),
         el("td", "", s.cost ? s.cost.toFixed(4) : "0"), el("td", "", (s.durationSeconds || s.duration_seconds || 0) + " s"));
       tr.title = t.task_id + (t.message ? " — " + t.message : "");
