@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="label sent in the hello; repeatable",
     )
     parser.add_argument(
+        "--tenant",
+        dest="tenants",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=(
+            "take only this tenant's tasks (a name of the dispatcher's tenants file); "
+            "repeatable (env COMMANDER_TENANTS, comma-separated); none: every tenant's"
+        ),
+    )
+    parser.add_argument(
         "--llm-base-url",
         default=env("LLM_BASE_URL", DEFAULT_BASE_URL),
         help="default OpenAI-compatible endpoint (env LLM_BASE_URL; default %(default)s)",
@@ -290,10 +301,17 @@ def build_commander(args: argparse.Namespace) -> Commander:
         slots=args.slots,
         commander_id=args.commander_id,
         labels=dict(args.labels),
+        tenants=tenants_from_args(args),
         planners=planners,
         tool_providers=providers,
         shutdown_grace=args.shutdown_grace,
     )
+
+
+def tenants_from_args(args: argparse.Namespace) -> list[str]:
+    """The tenants the commander serves: the ``--tenant`` flags, else ``COMMANDER_TENANTS``."""
+    names: list[str] = args.tenants or (env("COMMANDER_TENANTS") or "").split(",")
+    return [n.strip() for n in names if n.strip()]
 
 
 def metrics_port(args: argparse.Namespace) -> int | None:

@@ -59,6 +59,10 @@ class Commander:
         slots: how many sessions may run at once (one ChatStream each).
         commander_id: sent in the hello; defaults to ``<host>-<pid>``.
         labels: free-form labels sent in the hello, for scheduling rules.
+        tenants: the tenants whose tasks this commander takes (names of the
+            dispatcher's tenants file); empty: every tenant's. A commander
+            that connects with a tenant's own commander token serves that
+            tenant only, and must name no other here.
         planners: planner registry (or mapping); defaults to the ``chat``
             planner configured with ``llm``.
         llm: defaults of the chat planner (used when ``planners`` is None).
@@ -80,6 +84,7 @@ class Commander:
         slots: int = 4,
         commander_id: str | None = None,
         labels: Mapping[str, str] | None = None,
+        tenants: Sequence[str] = (),
         planners: PlannerRegistry | Mapping[str, Planner] | None = None,
         llm: LLMSettings | None = None,
         capabilities: Sequence[str] = (),
@@ -108,6 +113,7 @@ class Commander:
             version=VERSION,
             capabilities=list(dict.fromkeys(capability_list)),
             labels=dict(labels or {}),
+            tenants=list(dict.fromkeys(tenants)),
         )
         self._draining = anyio.Event()
         self._done = anyio.Event()

@@ -66,6 +66,19 @@ def test_flags_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert (tmp_path / "ws").is_dir()
 
 
+def test_tenants_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def tenants(*argv: str) -> list[str]:
+        return list(build_commander(build_parser().parse_args(list(argv))).hello.tenants)
+
+    monkeypatch.delenv("COMMANDER_TENANTS", raising=False)
+    assert tenants() == []
+    monkeypatch.setenv("COMMANDER_TENANTS", "team-a, team-b,")
+    assert tenants() == ["team-a", "team-b"]
+    # Flags win over the environment; a name given twice is sent once.
+    flags = ("--tenant", "team-c", "--tenant", "team-c", "--tenant", "ops")
+    assert tenants(*flags) == ["team-c", "ops"]
+
+
 def test_bad_flags_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMANDER_SLOTS", "many")
     with pytest.raises(SystemExit):

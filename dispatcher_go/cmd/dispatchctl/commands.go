@@ -387,6 +387,7 @@ func (c *cli) cmdStatus(ctx context.Context, args []string) int {
 	row("status", t.GetStatus().String())
 	row("message", t.GetMessage())
 	row("instruction", shorten(t.GetInstruction(), 200))
+	row("tenant", t.GetTenant()) // shown to an admin's token only
 	row("planner", t.GetPlanner())
 	row("commander", t.GetCommanderId())
 	row("created", stamp(t.GetCreatedAt().AsTime(), t.GetCreatedAt() != nil))
@@ -475,8 +476,12 @@ func (c *cli) cmdList(ctx context.Context, args []string) int {
 	tw := c.table()
 	fmt.Fprintln(tw, "TASK\tSTATUS\tPLANNER\tCREATED\tINSTRUCTION")
 	for _, t := range resp.GetTasks() {
+		instr := oneLine(shorten(t.GetInstruction(), 60))
+		if tn := t.GetTenant(); tn != "" { // an admin's listing names each task's tenant
+			instr = "[" + tn + "] " + instr
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", t.GetTaskId(), t.GetStatus(), t.GetPlanner(),
-			stamp(t.GetCreatedAt().AsTime(), t.GetCreatedAt() != nil), oneLine(shorten(t.GetInstruction(), 60)))
+			stamp(t.GetCreatedAt().AsTime(), t.GetCreatedAt() != nil), instr)
 	}
 	tw.Flush()
 	if tok := resp.GetNextPageToken(); tok != "" {
