@@ -11,7 +11,9 @@
 // errors to gRPC codes. It is the only place that knows gRPC codes: domain
 // packages return wrapped sentinel errors and toStatus (errors.go) maps
 // them, never passing internal text or secrets to a caller. Auth (auth.go)
-// is a pair of interceptors.
+// is a pair of interceptors that put who called (a client's tenant, a
+// commander's; internal/tenant) in the request's context: every client
+// call answers only the caller's tasks, another tenant's being NOT_FOUND.
 //
 // It must not build components, start goroutines other than per-request
 // ones, or own drain and close: those are internal/dispatcher's.

@@ -10,6 +10,10 @@
 // a JSON body {"success": false, "code": "...", "error": "..."}; a 500 means
 // a real internal error.
 //
+// The client token says which tenant a request acts for (Options.Auth); the
+// caller goes to the backend in the request's context, which answers only
+// that tenant's tasks (another tenant's task is a 404, as a missing one).
+//
 // Only this server's own origin may use it (guard.go): a request whose Host
 // is not one of its names gets 421, a browser request from a page of
 // another origin 403, before any handler runs. Request bodies are bounded
