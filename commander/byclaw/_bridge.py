@@ -54,10 +54,10 @@ from commander.byclaw import _protocol as proto
 _log = logging.getLogger("commander.byclaw")
 
 # Deletes a command from a control stream only if no consumer holds it
-# (XPENDING empty): then no worker has read it, and none will.
+# (XPENDING empty, or no group at all): then no worker has read it, and none will.
 _DEL_IF_UNDELIVERED = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p > 0 then return 0 end
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(p) == 'table' and p.err == nil and #p > 0 then return 0 end
 return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 

@@ -1,4 +1,4 @@
-# Seed 003 (/work/shared/seeds/003_*.txt, "快速上手 / 1. 创建一个简单的 Agent Worker"):
+# Seed 003 (/work/shared/seeds/003_*.txt, "🚀 快速上手 / 1. 创建一个简单的 Agent Worker"):
 # the quick-start worker, copied verbatim (only the indentation, lost in the seed's
 # text, restored). Do not edit: the byclaw tests show that this unmodified file,
 # run by byclaw-gateway-sdk 0.1.1 from PyPI in .venv-byclaw, serves our tasks.
