@@ -194,6 +194,9 @@ class _TaskRun:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        # The SDK expires a data stream 7 days after each write; a worker that
+        # never writes must not leave our empty stream for ever.
+        await self.r.expire(self.data, proto.SESSION_TTL)
         self.entry_id = str(await self.r.xadd(self.ctrl, payload))  # type: ignore[arg-type]
         self.submitted_at = time.monotonic()
         self.next_check = self.submitted_at + self.s.probe_interval

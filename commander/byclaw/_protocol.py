@@ -39,6 +39,8 @@ DEFAULT_WORKER_GROUP = "agent_engines"
 BRIDGE_GROUP = "agentdispatch_bridge"
 
 ACTIVE_WORKERS = "byai_gateway:registry:active_workers"
+#: The SDK's TTL of session keys (``RedisKeys.DEFAULT_SESSION_TTL``).
+SESSION_TTL = 7 * 24 * 3600
 
 # contentType values (byclaw_gateway_sdk.core.protocol.content_type)
 CT_TEXT = "1002"
