@@ -387,3 +387,81 @@ def test_task_no_worker_takes_ends_failure(
     assert time.monotonic() - t0 < 10
     r = redis.Redis.from_url(url, decode_responses=True)
     assert r.xlen("byai_gateway:ctrl:capability:ghost_agent") == 0
+
+
+_SDK_VERDICTS = """
+import asyncio, json, sys
+from byclaw_gateway_sdk.worker._message_processing import parse_message_data
+from byclaw_gateway_sdk.core.protocol.commands import command_from_dict
+
+async def verdict(fields):
+    try:
+        command_from_dict(await parse_message_data(fields))
+        return True
+    except Exception:
+        return False
+
+cases = json.load(open(sys.argv[1]))
+print(json.dumps([asyncio.run(verdict(f)) for f in cases]))
+"""
+
+
+def test_janitor_verdicts_agree_with_the_sdk(byclaw_python: Path, tmp_path: Path) -> None:
+    """What the janitor calls malformed is exactly what the SDK's worker cannot parse."""
+    from commander.byclaw import _protocol as proto
+
+    header = {"message_id": "m", "session_id": "s", "trace_id": "t"}
+    cases: list[dict[str, str]] = [
+        proto.ask_agent_payload(
+            capability="c", message_id="m", session_id="s", content="hi", extra_payload={}
+        ),
+        proto.cancel_task_payload(message_id="m", session_id="s", capability="c", worker_id="w"),
+        proto.probe_payload("w"),
+        {"nodata": "x"},
+        {"data": "{not json"},
+        {"data": "[]"},
+        {"data": json.dumps({"action_type": "NOPE", "header": header})},
+        {"data": json.dumps({"action_type": "ASK_AGENT", "header": {"message_id": "m"}})},
+        {"data": json.dumps({"action_type": "ASK_AGENT", "header": header, "body": {}})},
+        {
+            "data": json.dumps(
+                {"action_type": "ASK_AGENT", "header": header, "body": {"content": " "}}
+            )
+        },
+        {
+            "data": json.dumps(
+                {"action_type": "ASK_AGENT", "header": header, "body": {"content": []}}
+            )
+        },
+        {
+            "data": json.dumps(
+                {"action_type": "ASK_AGENT", "header": header, "body": {"content": [{"a": 1}]}}
+            )
+        },
+        {"data": json.dumps({"action_type": "RESUME", "header": header, "body": {}})},
+        {"data": json.dumps({"action_type": "RESUME", "header": header, "body": {"status": "OK"}})},
+        {"data": json.dumps({"action_type": "CANCEL_TASK", "header": header, "body": {}})},
+        {
+            "data": json.dumps(
+                {
+                    "action_type": "CANCEL_TASK",
+                    "header": header,
+                    "body": {"target_message_id": "m", "cancel_mode": "brutal"},
+                }
+            )
+        },
+    ]
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    out = subprocess.run(
+        [str(byclaw_python), "-c", _SDK_VERDICTS, str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # the SDK writes gateway-sdk.log to the working directory
+    ).stdout
+    sdk_ok = json.loads(out.strip().splitlines()[-1])
+    ours_ok = [proto.command_problem(f) is None for f in cases]
+    assert ours_ok == sdk_ok, list(zip(cases, ours_ok, sdk_ok, strict=True))
+    assert sdk_ok[:3] == [True, True, True] and not all(sdk_ok[3:])

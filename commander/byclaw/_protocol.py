@@ -179,13 +179,24 @@ class MalformedEntryError(ValueError):
     """A stream entry that is not what the SDK writes."""
 
 
+def _has_content(value: object) -> bool:
+    """The SDK's ``_has_content``: a non-blank string, a non-empty list, or any other value."""
+    if isinstance(value, str):
+        return value.strip() != ""
+    if isinstance(value, list):
+        return len(value) > 0
+    return value is not None
+
+
 def command_problem(fields: dict[str, str]) -> str | None:
     """Why the SDK's worker would fail to parse this control entry, or None if it parses.
 
-    Mirrors ``parse_message_data`` + ``command_from_dict``: a missing ``data``
-    field, bad JSON, an unknown ``action_type``, a header without
-    ``message_id`` / ``session_id`` / ``trace_id``, an ``ASK_AGENT`` without
-    content. Such entries the worker logs and leaves pending forever.
+    Mirrors ``parse_message_data`` + ``command_from_dict`` and the commands'
+    ``__post_init__`` checks: a missing ``data`` field, bad JSON, an unknown
+    ``action_type``, a header without ``message_id`` / ``session_id`` /
+    ``trace_id``, an ``ASK_AGENT`` without content, a ``RESUME`` without status
+    or content, a ``CANCEL_TASK`` without target or with an unknown mode. Such
+    entries the worker logs and leaves pending for ever.
     """
     raw = fields.get("data")
     if raw is None:
@@ -201,18 +212,21 @@ def command_problem(fields: dict[str, str]) -> str | None:
         return f"unknown action_type {action!r}"
     header = data.get("header")
     if not isinstance(header, dict) or not all(
-        isinstance(header.get(k), str) for k in ("message_id", "session_id", "trace_id")
+        k in header for k in ("message_id", "session_id", "trace_id")
     ):
         return "header lacks message_id/session_id/trace_id"
     body = data.get("body", {})
     if not isinstance(body, dict):
         return "body is not an object"
-    if action == "ASK_AGENT":
-        content = body.get("content", "")
-        if not content or (isinstance(content, str) and not content.strip()):
-            return "ASK_AGENT without content"
-    if action == "CANCEL_TASK" and not body.get("target_message_id"):
-        return "CANCEL_TASK without target_message_id"
+    if action == "ASK_AGENT" and not _has_content(body.get("content", "")):
+        return "ASK_AGENT without content"
+    if action == "RESUME" and not body.get("status") and not _has_content(body.get("content", "")):
+        return "RESUME without status or content"
+    if action == "CANCEL_TASK":
+        if not body.get("target_message_id"):
+            return "CANCEL_TASK without target_message_id"
+        if body.get("cancel_mode", "graceful") not in ("graceful", "force"):
+            return "CANCEL_TASK with an unknown cancel_mode"
     return None
 
 
