@@ -375,18 +375,30 @@ def test_task_no_worker_takes_ends_failure(
     url = with_db(redis_url, 2)
     d = stack.dispatcher("--default-planner", "ghost_agent")
     start_bridge(
-        stack, d, url, "byclaw-bridge-ghost", "--capability", "ghost_agent", "--queue-timeout", "2"
+        stack, d, url, "byclaw-bridge-ghost", "--capability", "ghost_agent", "--queue-timeout", "3"
     )
     t0 = time.monotonic()
     task_id, _seen = stream_task(d, "anyone there?")
     status = wait_status(d.agent, task_id)
     assert status.status == agent_pb2.FAILURE, status
-    assert "no byclaw worker with capability 'ghost_agent' took the task within 2 s" in (
+    assert "no byclaw worker with capability 'ghost_agent' took the task within 3 s" in (
         status.message
     ), status.message
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 12
     r = redis.Redis.from_url(url, decode_responses=True)
-    assert r.xlen("byai_gateway:ctrl:capability:ghost_agent") == 0
+    ctrl = "byai_gateway:ctrl:capability:ghost_agent"
+    assert r.xlen(ctrl) == 0
+
+    # Stopped while still queued on Redis: CANCELLED, and the command withdrawn
+    # (a worker that comes later must not run a cancelled task).
+    task_id = d.agent.RunAgentInstructionAsync(
+        agent_pb2.RunAgentInstructionRequest(instruction="anyone?"), timeout=5
+    ).taskId
+    wait_status(d.agent, task_id, statuses=[agent_pb2.RUNNING])
+    wait_until(lambda: r.xlen(ctrl) == 1, 5, "the command is on the capability stream")
+    assert d.agent.CancelTask(agent_pb2.CancelTaskRequest(taskId=task_id), timeout=10).success
+    assert wait_status(d.agent, task_id).status == agent_pb2.CANCELLED
+    wait_until(lambda: r.xlen(ctrl) == 0, 5, "the cancelled command withdrawn")
 
 
 _SDK_VERDICTS = """
