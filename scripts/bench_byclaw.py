@@ -154,19 +154,19 @@ async def run_byclaw(port: int, worker_pid: int, redis_pid: int) -> dict[str, An
                 for entry_id, fields in entries:
                     now_ns = time.time_ns()
                     last = entry_id
-                    ev = proto.parse_data_entry(fields)
-                    if ev.kind == "chunk":
-                        texts.append(ev.content)
-                        t_ns = json.loads(fields["data"])["metadata"].get("t_ns")
-                        if t_ns:
+                    # One JSON decode per entry, as a minimal backend would.
+                    msg = json.loads(fields["data"])
+                    body = msg["data"]
+                    content = body["choices"][0]["delta"]["content"] or ""
+                    if body["contentType"] == proto.CT_TEXT:
+                        texts.append(content)
+                        if t_ns := msg["metadata"].get("t_ns"):
                             lat.append((now_ns - int(t_ns)) / 1e6)
-                    elif ev.kind == "state" and ev.content in (
-                        proto.STATE_COMPLETED,
-                        proto.STATE_CANCELLED,
+                    elif body["contentType"] == proto.CT_THINK_TITLE and (
+                        content in (proto.STATE_COMPLETED, proto.STATE_CANCELLED)
+                        or content.startswith(proto.STATE_FAILED)
                     ):
-                        done = ev.content
-                    elif ev.kind == "state" and ev.content.startswith(proto.STATE_FAILED):
-                        done = ev.content
+                        done = content
         cpu1 = [cpu_seconds(p) for p in pids]
     finally:
         await client.aclose()
