@@ -32,6 +32,7 @@ venv): the format lives in :mod:`commander.byclaw._protocol`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -160,16 +161,18 @@ class _TaskRun:
                 if failure is not None:
                     cls, detail = failure
                     if not self.worker:
-                        self.worker = await self._holder()
+                        with contextlib.suppress(RedisError):
+                            self.worker = await self._holder()
                     raise cls(f"byclaw worker {self.worker or '?'} {detail}")
                 if not self.terminal and time.monotonic() >= self.next_check:
                     self.next_check = time.monotonic() + self.s.probe_interval
                     await self._check_liveness()
         finally:
-            if not self.terminal and self.entry_id:
-                # Stopped (or failed on our side): the worker must stop too.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.s.cancel_timeout):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.s.cancel_timeout):
+                if not self.terminal and self.entry_id:
+                    # Stopped (or failed on our side): the worker must stop too.
                     await self._cancel_remote()
+                await self._drop_probe()
 
     # -------------------------------------------------------------- submit
 
@@ -375,6 +378,16 @@ class _TaskRun:
 
     # -------------------------------------------------------------- stop
 
+    async def _drop_probe(self) -> None:
+        """A probe still out when the task ends is removed (the stream stays small)."""
+        if self.probe is None or not self.worker:
+            return
+        probe_id, self.probe = self.probe[0], None
+        try:
+            await self.r.xdel(proto.worker_ctrl_stream(self.worker), probe_id)
+        except RedisError as exc:
+            self.log.debug("byclaw: dropping probe %s: %s", probe_id, exc)
+
     async def _cancel_remote(self) -> None:
         try:
             if not self.worker:
@@ -404,8 +417,6 @@ class _TaskRun:
                     reason="stopped by agentdispatch",
                 ),
             )
-            if self.probe is not None:
-                await self.r.xdel(proto.worker_ctrl_stream(self.worker), self.probe[0])
             self.log.info("byclaw: stop: CANCEL_TASK sent to worker %s", self.worker)
         except RedisError as exc:
             self.log.warning("byclaw: stop: could not cancel %s: %s", self.message_id, exc)
