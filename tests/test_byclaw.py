@@ -33,7 +33,7 @@ import redis
 
 from commander._gen.dispatch.v1 import tasks_pb2
 from commander._gen.lybic.agent import agent_pb2
-from tests._client import wait_status
+from tests._client import describe, kind, wait_status, watch_all
 from tests._procs import PYTHON, ROOT, Proc, spawn, wait_until
 from tests.conftest import Dispatcher, Stack
 
@@ -42,6 +42,9 @@ pytestmark = pytest.mark.e2e
 FIRST_CHUNK = "正在处理您的请求...\n"
 SEED_BUG = "'AskAgentCommand' object has no attribute 'data'"
 STREAMING_TEXT = "这是一段流式输出的示例文本。"
+REPORT_URL = (
+    "https://files.example.invalid/report.pdf"  # tests/byclaw_workers.py (SDK-only imports)
+)
 
 # The bridge's defaults (ByclawSettings): a lost worker is reported within
 # worker_timeout + 2 x probe_interval (docs/operations.md).
@@ -157,10 +160,15 @@ def env(module_stack: Stack, byclaw_python: Path, redis_url: str) -> SimpleNames
     streaming, _ = start_worker(
         module_stack, byclaw_python, url, "tests.byclaw_seed_streaming.StreamingAgent", "w-stream"
     )
+    every, _ = start_worker(
+        module_stack, byclaw_python, url, "tests.byclaw_workers.EveryKind", "w-every"
+    )
     # Seed-000 clients name no planner: the deployment's default is the worker's.
     d = module_stack.dispatcher("--default-planner", "weather_agent")
     bridge = start_bridge(module_stack, d, url, "byclaw-bridge")
-    return SimpleNamespace(d=d, r=r, bridge=bridge, assistant=assistant, streaming=streaming)
+    return SimpleNamespace(
+        d=d, r=r, bridge=bridge, assistant=assistant, streaming=streaming, every=every
+    )
 
 
 # ------------------------------------------------------------------ helpers
@@ -280,6 +288,29 @@ def test_streaming_example_succeeds_token_by_token(env: SimpleNamespace) -> None
     contents = [ts.message for ts in seen if ts.stage == "content"]
     assert contents == list(STREAMING_TEXT), contents
     assert stages(seen)[-1] == "final"
+
+
+def test_every_output_kind_becomes_our_event(env: SimpleNamespace) -> None:
+    """emit_chunk → content, emit_state → stage, emit_artifact → artifact, a reasoning
+    chunk → thought; the SDK's COMPLETED → SUCCESS with the streamed text."""
+    req = tasks_pb2.SubmitTaskRequest(instruction="hello", planner="every_kind")
+    task_id = env.d.tasks.SubmitTask(req, timeout=5).task_id
+    events = watch_all(env.d.tasks, task_id)
+    out = [
+        (kind(ev), ev.content.text or ev.stage.message or ev.artifact.uri or ev.thought.delta)
+        for ev in events
+        if kind(ev) in ("content", "stage", "artifact", "thought")
+    ]
+    assert out == [
+        ("content", "part one, "),
+        ("stage", "working"),
+        ("artifact", REPORT_URL),
+        ("thought", "weighing the options"),
+        ("content", "part two: hello"),
+    ], describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events)
+    status = wait_status(env.d.agent, task_id)
+    assert status.result == "part one, part two: hello"
 
 
 def test_malformed_data_entry_is_acked_and_skipped(env: SimpleNamespace) -> None:

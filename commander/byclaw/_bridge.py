@@ -256,7 +256,7 @@ class _TaskRun:
             outputs.append(ipb.ThoughtChain(step_name="reasoning", delta=ev.content))
         elif ev.kind == "artifact":
             for url in ev.urls:
-                outputs.append(ipb.Artifact(kind="file", uri=url, description=ev.content_type))
+                outputs.append(ipb.Artifact(kind="file", uri=url, description=url))
         elif ev.kind == "state":
             state = ev.content
             if state == proto.STATE_COMPLETED:
