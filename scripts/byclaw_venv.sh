@@ -7,10 +7,13 @@
 #   scripts/byclaw_venv.sh [DIR]     create or refresh DIR (default .venv-byclaw)
 #
 # Idempotent: DIR/.deps records what was installed; a second run with the same
-# pins does nothing and needs no network. Offline: with the wheels in pip's
-# cache (or PIP_FIND_LINKS / PIP_NO_INDEX set to a wheelhouse) no index is
-# contacted. The interpreter: $BYCLAW_PYTHON, else python3.13 / python3.12 on
-# PATH, else a pyenv 3.12+ (the machine image has /root/.pyenv/versions/3.12.1).
+# pins does nothing and needs no network. Offline: the pinned wheels (pure
+# Python) are kept in a wheelhouse, $BYCLAW_WHEELS (default .cache/byclaw-wheels),
+# downloaded from PyPI the first time; the venv is always installed from it
+# with --no-index, so it can be re-created without a network (copy the
+# wheelhouse to an offline machine). The interpreter: $BYCLAW_PYTHON, else
+# python3.13 / python3.12 on PATH, else a pyenv 3.12+ (the machine image has
+# /root/.pyenv/versions/3.12.1).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -49,7 +52,14 @@ if [[ ! -x "$DIR/bin/python" ]]; then
 	log "creating $DIR with $py"
 	"$py" -m venv "$DIR"
 fi
-"$DIR/bin/python" -m pip install -q --disable-pip-version-check "${PINS[@]}"
+WHEELS="${BYCLAW_WHEELS:-$ROOT/.cache/byclaw-wheels}"
+pip_q=(-q --disable-pip-version-check)
+if ! "$DIR/bin/python" -m pip install "${pip_q[@]}" --no-index --find-links "$WHEELS" "${PINS[@]}" 2>/dev/null; then
+	log "fetching ${PINS[*]} from PyPI into $WHEELS"
+	mkdir -p "$WHEELS"
+	"$DIR/bin/python" -m pip download "${pip_q[@]}" --only-binary=:all: -d "$WHEELS" "${PINS[@]}"
+	"$DIR/bin/python" -m pip install "${pip_q[@]}" --no-index --find-links "$WHEELS" "${PINS[@]}"
+fi
 "$DIR/bin/python" -c 'import byclaw_gateway_sdk'
 echo "$want" >"$DIR/.deps"
 log "ready: $DIR ($want)"
