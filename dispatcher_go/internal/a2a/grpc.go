@@ -3,8 +3,8 @@ package a2a
 import (
 	"context"
 
-	a2apb "github.com/a2aproject/a2a-go/v2/a2apb/v1"
 	a2agrpc "github.com/a2aproject/a2a-go/v2/a2agrpc/v1"
+	a2apb "github.com/a2aproject/a2a-go/v2/a2apb/v1"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
