@@ -15,6 +15,7 @@ commander batches chunks is timing, not protocol).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ import pytest
 from a2a.client import ClientConfig, ClientFactory
 from a2a.client.card_resolver import A2ACardResolver
 from a2a.client.client import Client, ClientCallContext
+from a2a.client.errors import A2AClientError
+from a2a.types import a2a_pb2_grpc
 from a2a.types.a2a_pb2 import (
     AgentCard,
     CancelTaskRequest,
@@ -44,6 +47,7 @@ from a2a.types.a2a_pb2 import (
     TaskState,
 )
 from a2a.utils.errors import (
+    A2AError,
     InvalidParamsError,
     PushNotificationNotSupportedError,
     TaskNotCancelableError,
@@ -407,6 +411,32 @@ async def test_input_required_round_trip(env: SimpleNamespace, binding: str) -> 
     assert artifact_text(done.task, "answer-2") == STORY
 
 
+async def input_required_stream(base: str, binding: str) -> list[list[StreamResponse]]:
+    """The INPUT_REQUIRED round trip over streams: the first ends at the
+    question, the answer's stream runs to the end."""
+    async with client_for(base, binding) as client:
+        first = await collect(client.send_message(user_msg("Click it", labels={"tenant": "hold"})))
+        t = first[0].task
+        second = await collect(
+            client.send_message(user_msg("approve", task_id=t.id, context_id=t.context_id))
+        )
+    return [first, second]
+
+
+async def test_input_required_streams_same_events_on_both_bindings(env: SimpleNamespace) -> None:
+    per_binding = {b: await input_required_stream(env.base, b) for b in BINDINGS}
+    for binding, (first, second) in per_binding.items():
+        last = first[-1].status_update.status
+        assert last.state == TaskState.TASK_STATE_INPUT_REQUIRED, (binding, normalise(first))
+        assert "computer.click" in last.message.parts[0].text
+        assert kind(second[0]) == "task" and second[0].task.id == first[0].task.id
+        assert second[0].task.status.state == TaskState.TASK_STATE_WORKING  # the answer's state
+        assert second[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+        assert ("artifact", "answer-2", STORY, False, True) in normalise(second)
+    j, g = per_binding["JSONRPC"], per_binding["GRPC"]
+    assert [normalise(x) for x in j] == [normalise(x) for x in g]
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -420,6 +450,10 @@ async def test_error_codes(env: SimpleNamespace, binding: str) -> None:
         with pytest.raises(TaskNotFoundError):
             await collect(client.send_message(user_msg("hi", task_id="no-such-task")))
         (done,) = await collect(client.send_message(user_msg("Tell me a story")))
+        with pytest.raises(InvalidParamsError):  # contextId is not the task's
+            await collect(
+                client.send_message(user_msg("more", task_id=done.task.id, context_id="other"))
+            )
         with pytest.raises(TaskNotCancelableError):
             await client.cancel_task(CancelTaskRequest(id=done.task.id))
         with pytest.raises(UnsupportedOperationError):
@@ -438,3 +472,94 @@ async def test_error_codes(env: SimpleNamespace, binding: str) -> None:
             await collect(streaming.subscribe(SubscribeToTaskRequest(id=done.task.id)))
         with pytest.raises(TaskNotFoundError):
             await collect(streaming.subscribe(SubscribeToTaskRequest(id="no-such-task")))
+
+
+async def jsonrpc(base: str, body: Any, version: str = "1.0") -> dict[str, Any]:
+    headers = {"A2A-Version": version} if version else {}
+    async with httpx.AsyncClient(timeout=10) as hc:
+        raw = body if isinstance(body, str) else json.dumps(body)
+        r = await hc.post(base + "/a2a", content=raw, headers=headers)
+    out: dict[str, Any] = r.json()
+    return out
+
+
+async def test_jsonrpc_error_codes(env: SimpleNamespace) -> None:
+    call = {"jsonrpc": "2.0", "id": 7, "method": "GetTask", "params": {"id": "no-such-task"}}
+    codes = {
+        "parse error": (await jsonrpc(env.base, "{not json"))["error"]["code"],
+        "invalid request": (await jsonrpc(env.base, {**call, "jsonrpc": "1.0"}))["error"]["code"],
+        "method not found": (await jsonrpc(env.base, {**call, "method": "tasks/get"}))["error"][
+            "code"
+        ],
+        "invalid params": (await jsonrpc(env.base, {**call, "params": {"id": 5}}))["error"]["code"],
+        "task not found": (await jsonrpc(env.base, call))["error"]["code"],
+        "version not supported": (await jsonrpc(env.base, call, version="0.3"))["error"]["code"],
+        "push not supported": (
+            await jsonrpc(
+                env.base,
+                {**call, "method": "ListTaskPushNotificationConfigs", "params": {"taskId": "x"}},
+            )
+        )["error"]["code"],
+    }
+    assert codes == {
+        "parse error": -32700,
+        "invalid request": -32600,
+        "method not found": -32601,
+        "invalid params": -32602,
+        "task not found": -32001,
+        "version not supported": -32009,
+        "push not supported": -32003,
+    }
+    ok = await jsonrpc(env.base, {**call, "method": "ListTasks", "params": {}})
+    assert ok["result"]["nextPageToken"] == "" or ok["result"]["nextPageToken"]
+
+
+async def test_grpc_status_codes(env: SimpleNamespace) -> None:
+    async with grpc.aio.insecure_channel(env.d.addr) as ch:
+        stub = a2a_pb2_grpc.A2AServiceStub(ch)  # type: ignore[no-untyped-call]
+        cases = {
+            "task not found": (GetTaskRequest(id="no-such-task"), "1.0"),
+            "version not supported": (GetTaskRequest(id="no-such-task"), "0.3"),
+        }
+        got = {}
+        for name, (req, version) in cases.items():
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetTask(req, metadata=(("a2a-version", version),))
+            got[name] = err.value.code()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateTaskPushNotificationConfig(
+                TaskPushNotificationConfig(task_id="x", url="http://127.0.0.1:9/hook")
+            )
+        got["push not supported"] = err.value.code()
+    assert got == {
+        "task not found": grpc.StatusCode.NOT_FOUND,
+        "version not supported": grpc.StatusCode.FAILED_PRECONDITION,
+        "push not supported": grpc.StatusCode.FAILED_PRECONDITION,
+    }
+
+
+# ------------------------------------------------------------------ auth
+
+
+@pytest.fixture(scope="module")
+def guarded(module_stack: Stack) -> SimpleNamespace:
+    d = module_stack.dispatcher("--http-listen", "127.0.0.1:0", client_token=TOKEN)
+    return SimpleNamespace(d=d, base=f"http://{http_addr(d.proc)}")
+
+
+TOKEN = "a2a-client-token"
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+async def test_bearer_token_as_on_the_http_api(guarded: SimpleNamespace, binding: str) -> None:
+    async with httpx.AsyncClient() as hc:
+        card = await A2ACardResolver(hc, guarded.base).get_agent_card()  # the card is public
+    (scheme,) = card.security_schemes.values()
+    assert scheme.http_auth_security_scheme.scheme == "Bearer"
+    assert list(card.security_requirements[0].schemes) == list(card.security_schemes)
+    async with client_for(guarded.base, binding) as client:
+        with pytest.raises(A2AError if binding == "GRPC" else A2AClientError):
+            await client.get_task(GetTaskRequest(id="no-such-task"))
+        with_token = ClientCallContext(service_parameters={"Authorization": f"Bearer {TOKEN}"})
+        with pytest.raises(TaskNotFoundError):  # authenticated: the call ran
+            await client.get_task(GetTaskRequest(id="no-such-task"), context=with_token)

@@ -472,9 +472,10 @@ func (h *handler) SendStreamingMessage(ctx context.Context, req *a2a.SendMessage
 			yield(nil, err)
 			return
 		}
-		// A new task's stream starts with it as submitted: the same events
-		// whenever the client's stream started.
-		snapAt := uint64(0)
+		// A new task's stream starts with it as submitted, an answer's with
+		// the task as the answer left it: the same events whenever the
+		// client's stream started.
+		snapAt := after
 		if req.Message.TaskID == "" {
 			snapAt = 1
 		}
