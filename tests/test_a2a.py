@@ -523,7 +523,11 @@ async def test_jsonrpc_error_codes(env: SimpleNamespace) -> None:
         ],
         "invalid params": (await jsonrpc(env.base, {**call, "params": {"id": 5}}))["error"]["code"],
         "task not found": (await jsonrpc(env.base, call))["error"]["code"],
-        "version not supported": (await jsonrpc(env.base, call, version="0.3"))["error"]["code"],
+        "version not supported": (await jsonrpc(env.base, call, version="2.0"))["error"]["code"],
+        # No A2A-Version is 0.3 (the spec): the 0.3 method names are served then.
+        "0.3 without a version": (
+            await jsonrpc(env.base, {**call, "method": "tasks/get"}, version="")
+        )["error"]["code"],
         "extended card not declared": (
             await jsonrpc(env.base, {**call, "method": "GetExtendedAgentCard", "params": {}})
         )["error"]["code"],
@@ -541,6 +545,7 @@ async def test_jsonrpc_error_codes(env: SimpleNamespace) -> None:
         "invalid params": -32602,
         "task not found": -32001,
         "version not supported": -32009,
+        "0.3 without a version": -32001,
         "extended card not declared": -32004,
         "push not supported": -32003,
     }

@@ -39,11 +39,12 @@ const (
 // that api does not log it as an internal error).
 var errReplayed = status.Error(codes.Aborted, "a2a: replay done")
 
-// checkVersion refuses a request for a protocol version other than 1.x.
-// An absent A2A-Version is served as 1.0 (the spec reads it as 0.3,
-// whose JSON-RPC methods this server does not serve: such a call gets
-// MethodNotFound, docs/a2a.md).
+// checkVersion refuses a request for a protocol version other than 1.x
+// (or 0.3 on the JSON-RPC 0.3 binding, which an absent A2A-Version selects).
 func checkVersion(ctx context.Context) error {
+	if legacy, _ := ctx.Value(legacyKey{}).(bool); legacy {
+		return nil
+	}
 	cc, ok := a2asrv.CallContextFrom(ctx)
 	if !ok {
 		return nil

@@ -34,6 +34,7 @@ import (
 	"strings"
 
 	"github.com/a2aproject/a2a-go/v2/a2a"
+	"github.com/a2aproject/a2a-go/v2/a2acompat/a2av0"
 	a2agrpc "github.com/a2aproject/a2a-go/v2/a2agrpc/v1"
 	a2apb "github.com/a2aproject/a2a-go/v2/a2apb/v1"
 	"github.com/a2aproject/a2a-go/v2/a2asrv"
@@ -81,7 +82,8 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	h    *handler
-	rpc  http.Handler
+	rpc  http.Handler // A2A 1.x
+	rpc0 http.Handler // A2A 0.3 (a2a-go's compat binding)
 }
 
 // ResumeExtension is the URI of our resume-from-seq extension.
@@ -105,6 +107,7 @@ func New(b Backend, opts Options) *Server {
 	s := &Server{b: b, opts: opts, log: opts.Logger}
 	s.h = &handler{b: b, log: opts.Logger}
 	s.rpc = a2asrv.NewJSONRPCHandler(s.h)
+	s.rpc0 = a2av0.NewJSONRPCHandler(s.h)
 	return s
 }
 
@@ -129,8 +132,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(`{"jsonrpc":"2.0","id":null,"error":{"code":-31401,"message":"missing or invalid bearer token"}}`))
 		return
 	}
+	// The spec reads an absent A2A-Version as 0.3: such requests (and 0.3
+	// ones) get a2a-go's 0.3 JSON-RPC binding over the same handler.
+	if v := strings.TrimSpace(r.Header.Get(a2a.SvcParamVersion)); v == "" || v == "0.3" {
+		s.rpc0.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), legacyKey{}, true)))
+		return
+	}
 	s.rpc.ServeHTTP(w, r)
 }
+
+// legacyKey marks a request served by the 0.3 binding.
+type legacyKey struct{}
 
 func bearerOK(header, want string) bool {
 	scheme, tok, ok := strings.Cut(header, " ")
