@@ -209,3 +209,21 @@ func TestFixCodeUsesTheSpecTable(t *testing.T) {
 		t.Fatal("NotFound changed")
 	}
 }
+
+func TestSnapshotKeepsTheNewestFiles(t *testing.T) {
+	p := newProjector(task())
+	var kinds []any
+	for range 5 {
+		kinds = append(kinds, &dispatchv1.Artifact{Kind: "screenshot", MimeType: "image/png", Data: []byte{1}})
+	}
+	kinds = append(kinds, &dispatchv1.ContentChunk{Text: "done", IsFinish: true})
+	feed(p, kinds...)
+	snap := p.snapshot(nil, true)
+	var ids []string
+	for _, a := range snap.Artifacts {
+		ids = append(ids, string(a.ID))
+	}
+	if strings.Join(ids, ",") != "screenshot-3,screenshot-4,screenshot-5,answer-1" {
+		t.Fatalf("artifacts: %v", ids)
+	}
+}

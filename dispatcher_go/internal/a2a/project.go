@@ -269,11 +269,24 @@ func (p *projector) snapshot(historyLength *int, artifacts bool) *a2a.Task {
 		Metadata: map[string]any{SeqKey: p.seq},
 	}
 	if artifacts && len(p.arts) > 0 {
-		t.Artifacts = make([]*a2a.Artifact, len(p.arts))
+		// Only the newest files: a GUI task's screenshots would make a
+		// snapshot larger than a client takes (each was streamed already).
+		files := 0
+		keep := make([]bool, len(p.arts))
+		for i := len(p.arts) - 1; i >= 0; i-- {
+			if isFile(p.arts[i]) {
+				if files++; files > snapshotFiles {
+					continue
+				}
+			}
+			keep[i] = true
+		}
 		for i, a := range p.arts {
-			cp := *a
-			cp.Parts = append(a2a.ContentParts(nil), a.Parts...)
-			t.Artifacts[i] = &cp
+			if keep[i] {
+				cp := *a
+				cp.Parts = append(a2a.ContentParts(nil), a.Parts...)
+				t.Artifacts = append(t.Artifacts, &cp)
+			}
 		}
 	}
 	h := p.history
@@ -287,6 +300,19 @@ func (p *projector) snapshot(historyLength *int, artifacts bool) *a2a.Task {
 		t.History = append([]*a2a.Message(nil), h...)
 	}
 	return t
+}
+
+// snapshotFiles is how many file artifacts (the newest) a Task snapshot holds.
+const snapshotFiles = 3
+
+func isFile(a *a2a.Artifact) bool {
+	for _, part := range a.Parts {
+		switch part.Content.(type) {
+		case a2a.Raw, a2a.URL:
+			return true
+		}
+	}
+	return false
 }
 
 func extension(mime string) string {
