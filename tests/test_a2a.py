@@ -270,6 +270,7 @@ async def test_blocking_send_returns_the_finished_task(env: SimpleNamespace, bin
 
 @pytest.mark.parametrize("binding", BINDINGS)
 async def test_cancel_mid_stream_no_content_after_it(env: SimpleNamespace, binding: str) -> None:
+    marker = uuid.uuid4().hex[:8]
     events: list[StreamResponse] = []
     cancelled: list[Task] = []
     async with client_for(env.base, binding) as client:
@@ -282,7 +283,7 @@ async def test_cancel_mid_stream_no_content_after_it(env: SimpleNamespace, bindi
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_when_streaming)
-                async for ev in client.send_message(user_msg("Tell me a story")):
+                async for ev in client.send_message(user_msg(f"Tell me a story [{marker}]")):
                     events.append(ev)
                     if (
                         kind(ev) == "artifact_update"
@@ -308,6 +309,14 @@ async def test_cancel_mid_stream_no_content_after_it(env: SimpleNamespace, bindi
         # Idempotent: a second cancel returns the cancelled task.
         again = await client.cancel_task(CancelTaskRequest(id=task_id))
         assert again.status.state == TaskState.TASK_STATE_CANCELED
+    # Stopped mid-generation: the model's stream of the story was closed.
+    recs = env.llm.wait_streams(
+        marker,
+        lambda rs: any(r.get("outcome") == "client_closed" for r in rs),
+        10,
+        "the story's model stream closed by the commander",
+    )
+    assert [r.get("outcome") for r in recs] == ["completed", "client_closed"], recs
 
 
 # ------------------------------------------------------------------ subscribe
