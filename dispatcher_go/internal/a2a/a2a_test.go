@@ -227,3 +227,19 @@ func TestSnapshotKeepsTheNewestFiles(t *testing.T) {
 		t.Fatalf("artifacts: %v", ids)
 	}
 }
+
+func TestBodyIsBounded(t *testing.T) {
+	s := New(nil, Options{})
+	big := `{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":{"messageId":"m","role":"ROLE_USER","parts":[{"text":"` +
+		strings.Repeat("x", maxBodyBytes) + `"}]}}}`
+	req := httptest.NewRequest(http.MethodPost, "http://127.0.0.1/a2a", strings.NewReader(big))
+	req.Header.Set("A2A-Version", "1.0")
+	rec := httptest.NewRecorder()
+	s.ServeHTTP(rec, req)
+	var resp struct {
+		Error struct{ Code int } `json:"error"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &resp); err != nil || resp.Error.Code == 0 {
+		t.Fatalf("an oversized body must be refused: %s", rec.Body.String()[:min(200, rec.Body.Len())])
+	}
+}

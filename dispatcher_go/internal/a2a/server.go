@@ -132,6 +132,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(`{"jsonrpc":"2.0","id":null,"error":{"code":-31401,"message":"missing or invalid bearer token"}}`))
 		return
 	}
+	// Bodies are bounded as on the HTTP API (an instruction is text).
+	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	// The spec reads an absent A2A-Version as 0.3: such requests (and 0.3
 	// ones) get a2a-go's 0.3 JSON-RPC binding over the same handler.
 	if v := strings.TrimSpace(r.Header.Get(a2a.SvcParamVersion)); v == "" || v == "0.3" {
@@ -140,6 +142,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.rpc.ServeHTTP(w, r)
 }
+
+// maxBodyBytes bounds a JSON-RPC request body (the HTTP API's default).
+const maxBodyBytes = 1 << 20
 
 // legacyKey marks a request served by the 0.3 binding.
 type legacyKey struct{}
