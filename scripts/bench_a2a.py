@@ -200,7 +200,7 @@ async def main() -> int:
             file=sys.stderr,
         )
         values.append(value(f"{r['way']} server CPU per event", round(per_event, 1), "us"))
-        latencies.append({"name": f"{r['way']} relay", **summary})
+        latencies.append({"name": f"{r['way']} relay", "summary": summary})
         checks.append(check(f"{r['way']} got every event", n == EVENTS, f"{n}/{EVENTS}"))
     write_result(
         make_result(
