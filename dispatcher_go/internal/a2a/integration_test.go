@@ -140,3 +140,39 @@ func TestStreamGetAndCancelOverGRPC(t *testing.T) {
 		t.Fatalf("second cancel %+v %v", again, err)
 	}
 }
+
+func TestCallUserIsInputRequiredAndAnsweredByAMessage(t *testing.T) {
+	ctx, g, tr := stack(t)
+	c := testutil.Connect(t, ctx, g.Conn, "planner:gui")
+	sent := testutil.Async(func() (a2a.SendMessageResult, error) {
+		return tr.SendMessage(ctx, v1, &a2a.SendMessageRequest{Message: text("log in"), Metadata: map[string]any{"planner": "gui"}})
+	})
+	sid, start := c.Start()
+	if start.GetPlanner() != "gui" {
+		t.Fatalf("planner %q", start.GetPlanner())
+	}
+	c.Send(testutil.Up(sid, &dispatchv1.StageChange{Stage: "call_user", Message: "password?"}))
+	r := testutil.Recv(t, sent, testutil.Wait, "SendMessage to return at INPUT_REQUIRED")
+	asked, ok := r.V.(*a2a.Task)
+	if r.Err != nil || !ok || asked.Status.State != a2a.TaskStateInputRequired || asked.Status.Message.Parts[0].Text() != "password?" {
+		t.Fatalf("blocking send: %+v %v", r.V, r.Err)
+	}
+
+	answer := a2a.NewMessageForTask(a2a.MessageRoleUser, asked, a2a.NewTextPart("hunter2"))
+	answered := testutil.Async(func() (a2a.SendMessageResult, error) {
+		return tr.SendMessage(ctx, v1, &a2a.SendMessageRequest{Message: answer})
+	})
+	in := c.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetUserInput() != nil })
+	if in.GetUserInput().GetText() != "hunter2" {
+		t.Fatalf("user input %v", in)
+	}
+	c.Send(testutil.Up(sid, testutil.Success("logged in")))
+	r = testutil.Recv(t, answered, testutil.Wait, "the answer's SendMessage to return")
+	done, ok := r.V.(*a2a.Task)
+	if r.Err != nil || !ok || done.Status.State != a2a.TaskStateCompleted || done.Artifacts[0].Parts[0].Text() != "logged in" {
+		t.Fatalf("after the answer: %+v %v", r.V, r.Err)
+	}
+	if len(done.History) != 2 || done.History[1].Parts[0].Text() != "hunter2" {
+		t.Fatalf("history %+v", done.History)
+	}
+}
