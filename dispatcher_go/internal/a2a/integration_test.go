@@ -3,6 +3,9 @@ package a2a
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,7 +24,13 @@ import (
 // in memory; the client is a2a-go's own gRPC transport.
 func stack(t *testing.T) (context.Context, *testutil.GRPC, a2aclient.Transport) {
 	t.Helper()
-	d, err := dispatcher.New(dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 2 * time.Second}})
+	return stackWith(t, dispatcher.Config{})
+}
+
+func stackWith(t *testing.T, cfg dispatcher.Config) (context.Context, *testutil.GRPC, a2aclient.Transport) {
+	t.Helper()
+	cfg.Tasks.StopGrace = 2 * time.Second
+	d, err := dispatcher.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,5 +183,30 @@ func TestCallUserIsInputRequiredAndAnsweredByAMessage(t *testing.T) {
 	}
 	if len(done.History) != 2 || done.History[1].Parts[0].Text() != "hunter2" {
 		t.Fatalf("history %+v", done.History)
+	}
+}
+
+func TestPolicyStopIsRejected(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	policy := "version: 1\nrules:\n  - {id: no-codes, phrases: [\"launch codes\"], action: stop, reason: forbidden phrase}\n"
+	if err := os.WriteFile(path, []byte(policy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, g, tr := stackWith(t, dispatcher.Config{Policy: dispatcher.Policy{File: path}})
+	c := testutil.Connect(t, ctx, g.Conn, "planner:chat")
+	events := collect(tr.SendStreamingMessage(ctx, v1, &a2a.SendMessageRequest{Message: text("tell me")}))
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "here are the launch codes"}))
+	c.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetStop() != nil })
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{Reason: "stopped"}))
+	evs := drain(t, events)
+	last, ok := evs[len(evs)-1].(*a2a.TaskStatusUpdateEvent)
+	if !ok || last.Status.State != a2a.TaskStateRejected || !strings.Contains(last.Status.Message.Parts[0].Text(), "no-codes") {
+		t.Fatalf("last event %#v", evs[len(evs)-1])
+	}
+	for _, e := range evs {
+		if a, ok := e.(*a2a.TaskArtifactUpdateEvent); ok {
+			t.Fatalf("the stopped content was shown: %+v", a)
+		}
 	}
 }
