@@ -15,6 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from commander import _metrics
+from commander._a2a import A2APlanner, A2ASettings, parse_agents
 from commander._chat import DEFAULT_MODEL, ChatPlanner, LLMSettings
 from commander._cli import (
     add_connection_flags,
@@ -153,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("COMMANDER_PRICES"),
         metavar="FILE",
         help="JSON or TOML per-model price table, over the built-in one (env COMMANDER_PRICES)",
+    )
+    remote = parser.add_argument_group("a2a planner (planner name 'a2a')")
+    remote.add_argument(
+        "--a2a-agents",
+        default=env("A2A_AGENTS", ""),
+        metavar="URL,...",
+        help="base URLs of the remote A2A agents a task may name in its label 'a2a_agent' "
+        "(the first is the default); the 'a2a' planner is offered only when set (env A2A_AGENTS)",
+    )
+    remote.add_argument(
+        "--a2a-token",
+        default=env("A2A_TOKEN", ""),
+        help="bearer token sent to the remote A2A agents (env A2A_TOKEN; prefer the env var)",
     )
     gui = parser.add_argument_group("gui planner (planner name 'gui')")
     gui.add_argument(
@@ -296,6 +310,10 @@ def build_commander(args: argparse.Namespace) -> Commander:
             "gui": GuiPlanner(gui, local_tools=sandbox_tools, close_tools=True),
         }
     )
+    if agents := parse_agents(args.a2a_agents):
+        planners.register(
+            "a2a", A2APlanner(A2ASettings(allowed_agents=agents, token=args.a2a_token))
+        )
     return Commander(
         connection,
         slots=args.slots,

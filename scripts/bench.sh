@@ -319,6 +319,7 @@ python_driver python-ceiling bench_pyceiling.py
 # Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.
 python_driver rest-vs-grpc bench_rest.py
 python_driver byclaw-peer bench_byclaw.py
+[[ -z "$ONLY" || a2a-vs-watch == *"$ONLY"* ]] && { log "scenario a2a-vs-watch: scripts/bench_a2a.py (A2A streaming vs WatchTask; its own dispatcher)"; BENCH_DISPATCHER=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_a2a.py" 2> >(tee "$OUT/a2a-vs-watch.txt" >&2) || FAILED+=(a2a-vs-watch); }
 policy_eval
 
 # --- the table ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import (
 	"net/http/pprof"
 	"time"
 
+	"github.com/agentdispatch/dispatcher/internal/a2a"
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
@@ -33,10 +34,15 @@ func newMetrics(cfg *config) *metrics.Metrics {
 
 // startHTTP starts the HTTP listeners that cfg enables. The gRPC services
 // must be registered (metrics pre-create their per-method series).
-func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
+// a2aSrv (optional) serves A2A on the HTTP API's port.
+func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger, a2aSrv ...*a2a.Server) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(local, httpapi.Options{Auth: d.Auth(), AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
+		opts := httpapi.Options{Auth: d.Auth(), AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")}
+		if len(a2aSrv) > 0 && a2aSrv[0] != nil {
+			opts.A2A = a2aSrv[0]
+		}
+		h := httpapi.New(local, opts)
 		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:
@@ -69,6 +75,15 @@ func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metri
 		}
 	}
 	return hs, nil
+}
+
+// newA2A is the A2A front end over the native API (internal/a2a); grpcAddr
+// is the gRPC listener's address, which its card names.
+func newA2A(cfg *config, d *dispatcher.Dispatcher, local *api.Local, grpcAddr string, log *slog.Logger) *a2a.Server {
+	return a2a.New(local, a2a.Options{
+		ClientToken: cfg.clientToken, Version: version, GRPCAddr: grpcAddr,
+		Planners: d.Scheduler().Planners, DefaultPlanner: cfg.defaultPlanner, Logger: log.With("component", "a2a"),
+	})
 }
 
 // httpReadTimeout bounds the time a request's headers and body take to

@@ -138,6 +138,9 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 	if err != nil {
 		return err
 	}
+	// A2A: its gRPC binding on this server, its card naming this port.
+	a2aSrv := newA2A(cfg, d, srv.Local(), lis.Addr().String(), log)
+	a2aSrv.RegisterGRPC(gs)
 	// Signals are caught from here on, before the address is published, so
 	// a test that signals right after reading the address is handled.
 	sigs := make(chan os.Signal, 2)
@@ -146,7 +149,7 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- gs.Serve(lis) }()
-	hs, err := startHTTP(cfg, d, srv.Local(), m, tracing, log)
+	hs, err := startHTTP(cfg, d, srv.Local(), m, tracing, log, a2aSrv)
 	if err != nil {
 		gs.Stop()
 		return err

@@ -20,6 +20,7 @@ var (
 	clientServices = []string{
 		"/" + agentpb.Agent_ServiceDesc.ServiceName + "/",
 		"/" + dispatchv1.TaskService_ServiceDesc.ServiceName + "/",
+		"/lf.a2a.v1.A2AService/", // internal/a2a's gRPC binding
 	}
 	commanderServices = []string{
 		"/" + dispatchv1.AgentInteraction_ServiceDesc.ServiceName + "/",

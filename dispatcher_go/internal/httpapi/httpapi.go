@@ -82,6 +82,9 @@ type Options struct {
 	AllowedHosts []string
 	// Logger receives request errors; nil discards.
 	Logger *slog.Logger
+	// A2A, when set, serves /a2a and /.well-known/agent-card.json
+	// (internal/a2a; it checks the client token itself).
+	A2A http.Handler
 }
 
 // Authenticator says who a client token is (tenant.Auth implements it).
@@ -172,6 +175,11 @@ func New(b Backend, opts Options) http.Handler {
 		}
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such endpoint: "+r.Method+" "+r.URL.Path)
 	})
+
+	if opts.A2A != nil {
+		mux.Handle("/a2a", opts.A2A)
+		mux.Handle("GET /.well-known/agent-card.json", opts.A2A)
+	}
 
 	// The web page: static files, no data in them (no token needed).
 	sub, _ := fs.Sub(webFiles, "web")

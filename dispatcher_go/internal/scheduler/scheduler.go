@@ -231,6 +231,25 @@ func (s *Scheduler) SlotCount() int {
 	return len(s.slots)
 }
 
+// Planners lists the distinct planner capabilities of the connected slots
+// ("planner:chat", ...), sorted: what the A2A agent card offers as skills.
+func (s *Scheduler) Planners() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seen := map[string]bool{}
+	var out []string
+	for sl := range s.slots {
+		for _, p := range sl.PlannerCapabilities() {
+			if !seen[p] {
+				seen[p] = true
+				out = append(out, p)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // Stats returns a snapshot. Tasks being handed to a slot count as neither
 // queued nor idle.
 func (s *Scheduler) Stats() Stats {
