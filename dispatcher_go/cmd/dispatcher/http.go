@@ -81,7 +81,7 @@ func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metri
 // is the gRPC listener's address, which its card names.
 func newA2A(cfg *config, d *dispatcher.Dispatcher, local *api.Local, grpcAddr string, log *slog.Logger) *a2a.Server {
 	return a2a.New(local, a2a.Options{
-		ClientToken: cfg.clientToken, Version: version, GRPCAddr: grpcAddr,
+		ClientToken: cfg.clientToken, Auth: d.Auth(), Version: version, GRPCAddr: grpcAddr,
 		Planners: d.Scheduler().Planners, DefaultPlanner: cfg.defaultPlanner, Logger: log.With("component", "a2a"),
 	})
 }

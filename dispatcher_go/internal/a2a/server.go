@@ -41,6 +41,7 @@ import (
 	"google.golang.org/grpc"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Backend is the native client API (api.Local). Its errors are gRPC statuses.
@@ -61,6 +62,11 @@ type Options struct {
 	// scheme. The gRPC binding is guarded by api's interceptors with the
 	// same token.
 	ClientToken string
+	// Auth, when set, replaces ClientToken: it says which tenant a bearer
+	// token acts for (the dispatcher's tenant.Auth, with the tenants
+	// file), and the request runs as that caller (tenant.WithCaller), so
+	// a tenant sees only its own tasks here as on every other API.
+	Auth Authenticator
 	// Version is the dispatcher's version, the card's version.
 	Version string
 	// GRPCAddr is the address the gRPC port listens on (host:port); the
@@ -125,7 +131,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.serveCard(w, r)
 		return
 	}
-	if want := s.opts.ClientToken; want != "" && !bearerOK(r.Header.Get("Authorization"), want) {
+	ctx, ok := s.authenticate(r)
+	if !ok {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="dispatcher"`)
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusUnauthorized)
@@ -133,6 +140,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Bodies are bounded as on the HTTP API (an instruction is text).
+	r = r.WithContext(ctx)
 	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	// The spec reads an absent A2A-Version as 0.3: such requests (and 0.3
 	// ones) get a2a-go's 0.3 JSON-RPC binding over the same handler.
@@ -146,8 +154,43 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // maxBodyBytes bounds a JSON-RPC request body (the HTTP API's default).
 const maxBodyBytes = 1 << 20
 
+// Authenticator says who a client token is (tenant.Auth implements it).
+type Authenticator interface {
+	// ClientAuth reports whether clients must present a token.
+	ClientAuth() bool
+	// Client is the caller a token acts for; false for an unknown token.
+	Client(token string) (tenant.Caller, bool)
+}
+
 // legacyKey marks a request served by the 0.3 binding.
 type legacyKey struct{}
+
+// authenticate checks the request's bearer token and returns the context
+// the request runs in (with its caller when Auth is set).
+func (s *Server) authenticate(r *http.Request) (context.Context, bool) {
+	ctx := r.Context()
+	if s.opts.Auth == nil {
+		want := s.opts.ClientToken
+		return ctx, want == "" || bearerOK(r.Header.Get("Authorization"), want)
+	}
+	tok := ""
+	if scheme, t, ok := strings.Cut(r.Header.Get("Authorization"), " "); ok && strings.EqualFold(scheme, "Bearer") {
+		tok = strings.TrimSpace(t)
+	}
+	c, ok := s.opts.Auth.Client(tok)
+	if !ok {
+		return ctx, false
+	}
+	return tenant.WithCaller(ctx, c), true
+}
+
+// tokens reports whether clients must present a bearer token.
+func (s *Server) tokens() bool {
+	if s.opts.Auth != nil {
+		return s.opts.Auth.ClientAuth()
+	}
+	return s.opts.ClientToken != ""
+}
 
 func bearerOK(header, want string) bool {
 	scheme, tok, ok := strings.Cut(header, " ")
@@ -192,9 +235,9 @@ func (s *Server) Card(scheme, host string) *a2a.AgentCard {
 		DefaultOutputModes: []string{"text/plain", "image/png"},
 		Skills:             s.skills(),
 	}
-	if s.opts.ClientToken != "" {
+	if s.tokens() {
 		card.SecuritySchemes = a2a.NamedSecuritySchemes{
-			"bearer": a2a.HTTPAuthSecurityScheme{Scheme: "Bearer", Description: "the dispatcher's client token (--client-token)"},
+			"bearer": a2a.HTTPAuthSecurityScheme{Scheme: "Bearer", Description: "a client token of the dispatcher (--client-token, or a tenant's token)"},
 		}
 		card.SecurityRequirements = a2a.SecurityRequirementsOptions{{"bearer": a2a.SecuritySchemeScopes{}}}
 	}
