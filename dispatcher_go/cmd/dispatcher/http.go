@@ -12,6 +12,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
+	"github.com/agentdispatch/dispatcher/internal/mcp"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
@@ -36,7 +37,8 @@ func newMetrics(cfg *config) *metrics.Metrics {
 func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
+		mcpServer := mcp.NewServer(mcp.ServerOptions{Backend: local, Tools: d.Broker(), Policy: d.Policy(), Version: version, Logger: log.With("component", "mcp")})
+		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), MCP: mcpServer, Logger: log.With("component", "http")})
 		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:

@@ -18,6 +18,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -30,6 +31,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/mcp"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
@@ -172,6 +174,14 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	if cfg.Policy.File != "" {
 		d.bg.Go(func() { pol.Watch(base, cfg.Policy.File, cfg.Policy.Poll) })
+	}
+	if f := cfg.MCP.ServersFile; f != "" {
+		if _, err := mcp.LoadConfig(f); err != nil {
+			d.Close()
+			return nil, err
+		}
+		m := mcp.NewManager(mcp.Options{Registry: b, Version: cfg.Version, Logger: log.With("component", "mcp")})
+		d.bg.Go(func() { m.Run(base, f, cmp.Or(cfg.MCP.Poll, DefaultPolicyPoll)) })
 	}
 	if cfg.Store.Backend != nil && cfg.Store.Retention > 0 {
 		d.bg.Go(func() {
