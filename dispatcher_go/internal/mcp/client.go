@@ -400,21 +400,26 @@ func (s *server) call(ctx context.Context, c broker.Call) (string, error) {
 			// The SDK sent notifications/cancelled (or closed the
 			// request's stream); the broker reports CANCELLED or TIMEOUT.
 			return "", ctx.Err()
-		case errors.Is(err, sdk.ErrConnectionClosed):
-			return "", broker.Failure(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE,
-				fmt.Sprintf("mcp server %q went away", s.name))
 		case errors.As(err, &werr) && werr.Code == jsonrpc.CodeInvalidParams:
 			return "", broker.Failure(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, werr.Message)
+		case errors.As(err, &werr):
+			return "", fmt.Errorf("mcp server %q: %s", s.name, werr.Message)
 		}
-		return "", fmt.Errorf("mcp server %q: %w", s.name, err)
+		// Not an answer of the server: its process or connection is gone
+		// (the session ends and the server is started again).
+		return "", broker.Failure(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE,
+			fmt.Sprintf("mcp server %q went away: %v", s.name, err))
 	}
 	if res.IsError {
 		return "", broker.Failure(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, contentText(res.Content))
 	}
-	out, err := json.Marshal(struct {
-		Content           []sdk.Content `json:"content"`
-		StructuredContent any           `json:"structuredContent,omitempty"`
-	}{res.Content, res.StructuredContent})
+	// The structured result when there is one (the text content then
+	// repeats it, per the specification), else the content parts.
+	var v any = res.StructuredContent
+	if v == nil {
+		v = map[string]any{"content": res.Content}
+	}
+	out, err := json.Marshal(v)
 	if err != nil {
 		return "", fmt.Errorf("encode the result of mcp server %q: %w", s.name, err)
 	}

@@ -71,7 +71,10 @@ func NewServer(opts ServerOptions) http.Handler {
 	if opts.Policy != nil {
 		h.pol = policy.NewSession(opts.Policy, nil)
 	}
-	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{Logger: opts.Logger})
+	// The SDK logs every stateless request's session at info: keep its
+	// warnings and errors only.
+	sdkLog := slog.New(warnOnly{opts.Logger.Handler()})
+	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{Logger: sdkLog})
 	h.srv.AddTool(&sdk.Tool{
 		Name: RunTaskTool,
 		Description: "Runs an instruction as a task on the dispatcher's agents and returns its result. " +
@@ -86,7 +89,7 @@ func NewServer(opts ServerOptions) http.Handler {
 		// The HTTP API's guard checks Host and Origin for every path.
 		DisableLocalhostProtection:   true,
 		PropagateRequestCancellation: true,
-		Logger:                       opts.Logger,
+		Logger:                       sdkLog,
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// The request's context rides along so that a handler ends when
@@ -347,3 +350,17 @@ func (h *mcpServer) brokered(name string) sdk.ToolHandler {
 		return r, nil
 	}
 }
+
+// warnOnly passes on records at warn level and above.
+type warnOnly struct{ slog.Handler }
+
+// Enabled is false below warn.
+func (w warnOnly) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= slog.LevelWarn && w.Handler.Enabled(ctx, l)
+}
+
+// WithAttrs keeps the filter.
+func (w warnOnly) WithAttrs(as []slog.Attr) slog.Handler { return warnOnly{w.Handler.WithAttrs(as)} }
+
+// WithGroup keeps the filter.
+func (w warnOnly) WithGroup(name string) slog.Handler { return warnOnly{w.Handler.WithGroup(name)} }
