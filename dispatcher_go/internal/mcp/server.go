@@ -173,6 +173,12 @@ func (h *mcpServer) runTask(ctx context.Context, req *sdk.CallToolRequest) (*sdk
 	}
 	taskID := sub.GetTaskId()
 	token := req.Params.GetProgressToken()
+	if token != nil {
+		// First the task's id, so that a client can follow or cancel the
+		// task by other means too; then one notification per event, its
+		// progress the event's seq.
+		_ = req.Session.NotifyProgress(ctx, &sdk.ProgressNotificationParams{ProgressToken: token, Progress: 0, Message: "task " + taskID})
+	}
 	var content strings.Builder
 	err = h.opts.Backend.Watch(ctx, taskID, 0, func(ev *dispatchv1.TaskEvent) error {
 		if c := ev.GetContent(); c != nil && content.Len() < 1<<20 {
@@ -241,6 +247,9 @@ func describe(ev *dispatchv1.TaskEvent) string {
 			s += ": " + m
 		}
 	case *dispatchv1.TaskEvent_Content:
+		if k.Content.GetText() == "" {
+			return ""
+		}
 		s = "content: " + k.Content.GetText()
 	case *dispatchv1.TaskEvent_ToolCall:
 		s = "tool call " + k.ToolCall.GetToolName()

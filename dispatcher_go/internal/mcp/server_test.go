@@ -169,6 +169,7 @@ func TestRunTaskProgressAndResult(t *testing.T) {
 		}
 		res <- r
 	}()
+	testutil.Recv(t, got, testutil.Wait, "progress 0")
 	f.events <- &dispatchv1.TaskEvent{Seq: 1, Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_RUNNING}}}
 	testutil.Recv(t, got, testutil.Wait, "progress 1")
 	f.events <- &dispatchv1.TaskEvent{Seq: 2, Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: "the answer"}}}
@@ -186,7 +187,7 @@ func TestRunTaskProgressAndResult(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(progress) != 2 || progress[0] != "status running" || progress[1] != "content: the answer" {
+	if !slices.Equal(progress, []string{"task t1", "status running", "content: the answer"}) {
 		t.Errorf("progress %q", progress)
 	}
 	f.mu.Lock()
