@@ -318,6 +318,7 @@ python_driver py-stop-flood bench_pystopflood.py
 python_driver python-ceiling bench_pyceiling.py
 # Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.
 python_driver rest-vs-grpc bench_rest.py
+if [ -z "$ONLY" ] || [[ mcp-vs-provider == *"$ONLY"* ]]; then log "scenario mcp-vs-provider: scripts/bench_mcp.py (issue 15: its own dispatcher with --mcp-servers)"; DISPATCH_BIN=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_mcp.py" 2> >(tee "$OUT/mcp-vs-provider.txt" >&2) || FAILED+=(mcp-vs-provider); fi
 policy_eval
 
 # --- the table ---------------------------------------------------------------

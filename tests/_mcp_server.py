@@ -2,7 +2,8 @@
 
     python -m tests._mcp_server        (the dispatcher starts it: --mcp-servers)
 
-Tools: `fast` answers at once; `slow` waits `seconds` (default 30) unless it
+Tools: `fast` answers at once; `sha256` hashes its text (no log: for
+scripts/bench_mcp.py); `slow` waits `seconds` (default 30) unless it
 is cancelled. The server appends what it sees to the file named by
 MCP_TEST_LOG, one line each, so that a test can read what happened on the
 server's side:
@@ -16,6 +17,7 @@ server's side:
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import anyio
@@ -40,6 +42,13 @@ async def record(line: str) -> None:
 async def fast(text: str) -> dict[str, object]:
     await record(f"FAST {os.getpid()} {text}")
     return {"echo": text, "pid": os.getpid()}
+
+
+@server.tool(
+    description="SHA-256 of a UTF-8 text, hex encoded (what text.sha256 does; for the bench)."
+)
+async def sha256(text: str) -> dict[str, str]:
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 @server.tool(description="Waits `seconds` (default 30), then answers; a cancel ends it.")
