@@ -222,6 +222,7 @@ type server struct {
 	restarts int
 	lastErr  string
 	relist   chan struct{} // tools/list_changed
+	broken   chan struct{} // a call saw the transport fail: start again
 }
 
 func newServer(m *Manager, name string, cfg ServerConfig) *server {
@@ -231,6 +232,7 @@ func newServer(m *Manager, name string, cfg ServerConfig) *server {
 		log: m.log.With("mcp_server", name),
 		ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		relist: make(chan struct{}, 1),
+		broken: make(chan struct{}, 1),
 	}
 }
 
@@ -301,6 +303,10 @@ func (s *server) session() error {
 	s.mu.Lock()
 	s.cs = cs
 	s.lastErr = ""
+	select {
+	case <-s.broken: // about the session before
+	default:
+	}
 	s.mu.Unlock()
 	s.log.Info("mcp server connected", "tools", s.tools)
 	defer func() {
@@ -321,6 +327,12 @@ func (s *server) session() error {
 				err = errors.New("the session ended")
 			}
 			return err
+		case <-s.broken:
+			// An HTTP server that lost our session, say: a new session
+			// (a stdio server's end shows in ended first).
+			_ = cs.Close()
+			<-ended
+			return errors.New("a call failed on the transport")
 		case <-s.relist:
 			if err := s.publish(cs); err != nil {
 				s.log.Warn("mcp tools/list after list_changed failed", "error", err)
@@ -407,6 +419,14 @@ func (s *server) call(ctx context.Context, c broker.Call) (string, error) {
 		}
 		// Not an answer of the server: its process or connection is gone
 		// (the session ends and the server is started again).
+		s.mu.Lock()
+		if s.cs == cs {
+			select {
+			case s.broken <- struct{}{}:
+			default:
+			}
+		}
+		s.mu.Unlock()
 		return "", broker.Failure(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE,
 			fmt.Sprintf("mcp server %q went away: %v", s.name, err))
 	}
