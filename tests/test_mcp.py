@@ -90,6 +90,15 @@ def env(module_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Simple
     kill = module_stack.scripted(
         [{"tool_calls": [tool_call("mcp.t.slow", {"tag": "kill-1"})]}, {"content": WENT_ON}]
     )
+    denied = module_stack.scripted(
+        [{"tool_calls": [tool_call("mcp.t.slow", {"tag": "denied-1"})]}, {"content": WENT_ON}]
+    )
+    policy = work / "policy.yaml"
+    policy.write_text(
+        "version: 1\nrules:\n"
+        "  - {id: no-denied-tags, action: deny, reason: tag refused,\n"
+        '     when: \'tool_name == "mcp.t.slow" && tool_args.tag.startsWith("denied")\'}\n'
+    )
     # The commander's own model (run_task names none): 200 tokens at 40/s.
     default = module_stack.scripted(tokens_per_sec=40, tokens=200)
     http_port = free_port()
@@ -100,6 +109,8 @@ def env(module_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Simple
         f"127.0.0.1:{http_port}",
         "--storage-backend",
         "memory",
+        "--policy-file",
+        str(policy),
         client_token=TOKEN,
     )
     wait_until(
@@ -115,6 +126,7 @@ def env(module_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Simple
         fast=fast,
         stop=stop,
         kill=kill,
+        denied=denied,
         url=f"http://127.0.0.1:{http_port}/mcp",
     )
 
@@ -151,6 +163,16 @@ def test_tools_listed_with_their_schemas(env: SimpleNamespace) -> None:
     assert schema["type"] == "object" and "tag" in schema["properties"], schema
     assert "tag" in schema.get("required", []), schema
     assert spec.timeout_ms == 60_000
+
+
+def test_policy_denies_an_mcp_tool_call(env: SimpleNamespace) -> None:
+    d = env.d
+    task_id = d.submit(f"a denied call [{uuid.uuid4().hex[:8]}]", env.denied)
+    events = watch_all(d.tasks, task_id, timeout=30)
+    (res,) = tool_results(events)
+    assert code(res) == "DENIED" and "tag refused" in res.result.error.message, describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events)
+    assert not env.log.has("SLOW_BEGIN", "denied-1"), "a denied call reached the MCP server"
 
 
 def test_stop_mid_call_reaches_the_mcp_server(env: SimpleNamespace) -> None:
@@ -231,6 +253,9 @@ def test_mcp_client_lists_and_calls_tools(env: SimpleNamespace) -> None:
             assert r.structured_content["echo"] == "round trip", r
             r = await c.call_tool("calculator", {"nope": 1})
             assert r.is_error, r
+            # The policy applies to MCP clients' calls as to planners'.
+            r = await c.call_tool("mcp.t.slow", {"tag": "denied-2"})
+            assert r.is_error and "no-denied-tags" in str(r.content), r
 
     anyio.run(main)
 
