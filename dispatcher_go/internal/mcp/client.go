@@ -401,10 +401,28 @@ func (s *server) call(ctx context.Context, c broker.Call) (string, error) {
 	if args == "" {
 		args = "{}"
 	}
-	res, err := cs.CallTool(ctx, &sdk.CallToolParams{
-		Name:      strings.TrimPrefix(c.ToolName, s.id+"."),
-		Arguments: json.RawMessage(args),
-	})
+	// The SDK returns when ctx ends, except while a write to a server
+	// that stopped reading blocks: the caller must not wait for that.
+	type answer struct {
+		res *sdk.CallToolResult
+		err error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		res, err := cs.CallTool(ctx, &sdk.CallToolParams{
+			Name:      strings.TrimPrefix(c.ToolName, s.id+"."),
+			Arguments: json.RawMessage(args),
+		})
+		ch <- answer{res, err}
+	}()
+	var res *sdk.CallToolResult
+	var err error
+	select {
+	case a := <-ch:
+		res, err = a.res, a.err
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 	if err != nil {
 		var werr *jsonrpc.Error
 		switch {
