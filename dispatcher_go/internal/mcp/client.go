@@ -91,20 +91,27 @@ func NewManager(opts Options) *Manager {
 }
 
 // Apply makes cfg the servers in force: servers no longer listed or whose
-// entry changed are stopped (their tools removed), new and changed ones
-// started. Unchanged servers keep running.
+// entry changed are stopped (their tools removed), then new and changed
+// ones started. Unchanged servers keep running.
 func (m *Manager) Apply(cfg Config) {
 	m.mu.Lock()
-	if m.closed {
-		m.mu.Unlock()
-		return
-	}
 	var stop []*server
 	for name, s := range m.servers {
 		if c, ok := cfg.Servers[name]; !ok || c.Disabled || !c.equal(s.cfg) {
 			stop = append(stop, s)
 			delete(m.servers, name)
 		}
+	}
+	m.mu.Unlock()
+	// Stopped first: a changed server's old instance removes the tools of
+	// its id, which must not be the new instance's.
+	for _, s := range stop {
+		s.close()
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return
 	}
 	for _, name := range slices.Sorted(maps.Keys(cfg.Servers)) {
 		c := cfg.Servers[name]
@@ -114,10 +121,6 @@ func (m *Manager) Apply(cfg Config) {
 		s := newServer(m, name, c)
 		m.servers[name] = s
 		go s.run()
-	}
-	m.mu.Unlock()
-	for _, s := range stop {
-		s.close()
 	}
 }
 

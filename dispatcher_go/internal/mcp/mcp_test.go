@@ -275,10 +275,12 @@ func TestReload(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "servers.json")
 	log := filepath.Join(dir, "log")
+	generation := "1"
 	write := func(names ...string) {
 		servers := map[string]ServerConfig{}
 		for _, n := range names {
 			servers[n] = stdioConfig(t, log, 0)
+			servers[n].Env["GENERATION"] = generation
 		}
 		type wire struct {
 			Command string            `json:"command"`
@@ -305,6 +307,26 @@ func TestReload(t *testing.T) {
 
 	write("two")
 	testutil.WaitFor(t, 20*time.Second, func() bool { return hasTool(b, "mcp.two.fast") && !hasTool(b, "mcp.one.fast") }, "two in, one out")
+
+	// A changed entry: the server is started again (another process) and
+	// its tools stay listed.
+	pid := func() int {
+		var out struct{ PID int }
+		if r := call(context.Background(), b, "mcp.two.fast", `{"text":"pid"}`); code(r) == "OK" {
+			_ = json.Unmarshal([]byte(r.GetResultJson()), &out)
+		}
+		return out.PID
+	}
+	first := pid()
+	if first == 0 {
+		t.Fatal("server two does not answer")
+	}
+	generation = "2"
+	write("two")
+	testutil.WaitFor(t, 20*time.Second, func() bool { p := pid(); return p != 0 && p != first }, "two restarted")
+	if !hasTool(b, "mcp.two.fast") {
+		t.Error("a changed server's tools were removed")
+	}
 
 	if err := os.WriteFile(file, []byte(`{"mcpServers": {"bad name": {}}}`), 0o600); err != nil {
 		t.Fatal(err)
