@@ -232,11 +232,13 @@ def test_killed_server_fails_calls_then_restarts(env: SimpleNamespace) -> None:
 # ------------------------------------------------------------------ /mcp
 
 
-def client(env: SimpleNamespace, token: str = TOKEN) -> Client:
+def client(env: SimpleNamespace, token: str = TOKEN, mode: str = "auto") -> Client:
+    """An MCP client of /mcp; mode "auto" negotiates 2026-07-28, "legacy" the
+    initialize handshake (2025-11-25)."""
     http = httpx2.AsyncClient(
         headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=120)
     )
-    return Client(streamable_http_client(env.url, http_client=http))
+    return Client(streamable_http_client(env.url, http_client=http), mode=mode)
 
 
 def test_mcp_client_lists_and_calls_tools(env: SimpleNamespace) -> None:
@@ -306,7 +308,8 @@ def test_run_task_with_progress(env: SimpleNamespace) -> None:
     assert f"[{marker}]" in got.task.instruction
 
 
-def test_run_task_cancelled_by_closing(env: SimpleNamespace) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_run_task_cancelled_by_closing(env: SimpleNamespace, mode: str) -> None:
     marker = uuid.uuid4().hex[:8]
     task_ids: list[str] = []
     given_up: list[float] = []
@@ -320,7 +323,9 @@ def test_run_task_cancelled_by_closing(env: SimpleNamespace) -> None:
             content.set()
 
     async def main() -> None:
-        async with client(env) as c:
+        async with client(env, mode=mode) as c:
+            want = "2026-07-28" if mode == "auto" else "2025-11-25"
+            assert c.protocol_version == want, c.protocol_version
             async with anyio.create_task_group() as tg:
 
                 async def call() -> None:
@@ -347,6 +352,6 @@ def test_run_task_cancelled_by_closing(env: SimpleNamespace) -> None:
 
     wait_until(lambda: status() == agent_pb2.CANCELLED, 10, "the task cancelled", procs=[d.proc])
     took = time.monotonic() - given_up[0]
-    print(f"\nMCP client gave up run_task → task CANCELLED within {took * 1000:.0f} ms")
+    print(f"\nMCP client ({mode}) gave up run_task → task CANCELLED within {took * 1000:.0f} ms")
     events = watch_all(d.tasks, task_id, timeout=10)
     assert "stop" in [kind(e) for e in events], describe(events)
