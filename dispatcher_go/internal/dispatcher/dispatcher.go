@@ -1,7 +1,8 @@
 // Package dispatcher is the composition root: it builds the dispatcher's
 // components from one Config (broker, scheduler, policy engine, event log
 // store, store writer, task manager, session server, health state), starts
-// their background goroutines (policy reload, retention), restores the
+// their background goroutines (policy reload, retention, the MCP servers of
+// --mcp-servers as tool providers), restores the
 // previous run from the store, and owns the order of drain and close.
 //
 // It exposes what the transports need (internal/api for gRPC,
