@@ -320,6 +320,7 @@ python_driver python-ceiling bench_pyceiling.py
 python_driver rest-vs-grpc bench_rest.py
 python_driver byclaw-peer bench_byclaw.py
 [[ -z "$ONLY" || a2a-vs-watch == *"$ONLY"* ]] && { log "scenario a2a-vs-watch: scripts/bench_a2a.py (A2A streaming vs WatchTask; its own dispatcher)"; BENCH_DISPATCHER=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_a2a.py" 2> >(tee "$OUT/a2a-vs-watch.txt" >&2) || FAILED+=(a2a-vs-watch); }
+if [ -z "$ONLY" ] || [[ mcp-vs-provider == *"$ONLY"* ]]; then log "scenario mcp-vs-provider: scripts/bench_mcp.py (issue 15: its own dispatcher with --mcp-servers)"; DISPATCH_BIN=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_mcp.py" 2> >(tee "$OUT/mcp-vs-provider.txt" >&2) || FAILED+=(mcp-vs-provider); fi
 policy_eval
 
 # --- the table ---------------------------------------------------------------

@@ -51,6 +51,7 @@ type config struct {
 	maxTasksKept   int
 	policyFile     string
 	policyPoll     time.Duration
+	mcpServers     string
 	storage        string
 	postgresDSN    string
 	dataDir        string
@@ -107,6 +108,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.defaultPlanner, "default-planner", dispatcher.DefaultPlanner, "planner of tasks that name none")
 	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", dispatcher.DefaultMaxTasksKept, "finished tasks kept in memory (oldest evicted)")
 	fs.StringVar(&c.policyFile, "policy-file", "", "YAML policy file (docs/policies.md), reloaded when it changes; empty: no policy")
+	fs.StringVar(&c.mcpServers, "mcp-servers", "", "MCP servers file (YAML or JSON, docs/mcp.md): their tools are served as mcp.<server>.<tool>; reloaded when it changes (checked every --policy-poll); empty: none")
 	fs.DurationVar(&c.policyPoll, "policy-poll", dispatcher.DefaultPolicyPoll, "how often the policy file is checked for changes")
 	fs.StringVar(&c.storage, "storage-backend", "sqlite", "sqlite (a file in --data-dir), postgres (--postgres-dsn) or memory (nothing survives a restart); env also TASK_STORAGE_BACKEND")
 	fs.StringVar(&c.postgresDSN, "postgres-dsn", "", "PostgreSQL connection string for --storage-backend postgres; env also POSTGRES_CONNECTION_STRING")
@@ -326,6 +328,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		Limits:  dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
 		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
 		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
+		MCP:     dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
 		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
 		Logger:  log,
 		OnEvent: onEvent,

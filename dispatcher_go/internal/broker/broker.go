@@ -1,6 +1,7 @@
 // Package broker routes planners' tool calls to their executors: tools built
-// into the dispatcher, or tools declared by provider processes over
-// ToolProviderService.Connect.
+// into the dispatcher, tools declared by provider processes over
+// ToolProviderService.Connect, or tools of local providers in the
+// dispatcher's process (SetLocalTools: the MCP servers of internal/mcp).
 //
 // Every call is checked before it runs: the tool must exist (else
 // UNKNOWN_TOOL), the arguments must be a JSON object that passes the tool's
@@ -114,6 +115,7 @@ type tool struct {
 	timeout  time.Duration
 	builtin  builtinFunc
 	provider *provider
+	local    *localProvider // local.go
 }
 
 // Broker is the tool registry and router. Safe for concurrent use.
@@ -188,10 +190,7 @@ func (b *Broker) rebuildLocked() {
 	for i, n := range names {
 		t := b.tools[n]
 		specs[i] = t.spec
-		execs[i] = ExecutorBuiltin
-		if t.provider != nil {
-			execs[i] = t.provider.id
-		}
+		execs[i] = t.executor()
 	}
 	b.specs, b.executors = specs, execs
 }
@@ -272,10 +271,7 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 		}
 	}
 	span.SetName("execute_tool " + c.ToolName) // a known name: bounded
-	executor := ExecutorBuiltin
-	if t.provider != nil {
-		executor = t.provider.id
-	}
+	executor := t.executor()
 	// A stop that came first wins: the call must not start.
 	if ctx.Err() != nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
@@ -284,9 +280,12 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	defer cancel()
 
 	var out string
-	if t.builtin != nil {
+	switch {
+	case t.builtin != nil:
 		out, err = t.builtin(cctx, args.(map[string]any), c.ArgumentsJSON)
-	} else {
+	case t.local != nil:
+		out, err = t.local.run(cctx, c)
+	default:
 		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, t.timeout)
 	}
 	if err == nil && len(out) > b.opts.MaxResultBytes {

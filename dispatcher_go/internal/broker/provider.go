@@ -144,11 +144,7 @@ func (b *Broker) register(p *provider, tools []*tool) error {
 	}
 	for _, t := range tools {
 		if old, ok := b.tools[t.spec.GetName()]; ok {
-			by := ExecutorBuiltin
-			if old.provider != nil {
-				by = old.provider.id
-			}
-			return fmt.Errorf("%w: tool %q is served by %s", ErrToolExists, t.spec.GetName(), by)
+			return fmt.Errorf("%w: tool %q is served by %s", ErrToolExists, t.spec.GetName(), old.executor())
 		}
 	}
 	b.providers[p.id] = p

@@ -81,6 +81,8 @@ type Config struct {
 	Policy Policy
 	// Store makes the dispatcher durable.
 	Store Store
+	// MCP lists the MCP servers whose tools the broker serves.
+	MCP MCP
 	// Logger receives all logs; nil discards.
 	Logger *slog.Logger
 	// OnEvent, when set, is called with every event recorded on a task of
@@ -180,6 +182,16 @@ type Policy struct {
 	// bad version is rejected and the one in force stays).
 	File string
 	// Poll is how often File is checked for changes (DefaultPolicyPoll).
+	Poll time.Duration
+}
+
+// MCP configures the MCP servers that are tool providers (internal/mcp).
+type MCP struct {
+	// ServersFile is the MCP servers file (internal/mcp.Config); empty:
+	// none. It must load at start; later changes are reloaded (a bad
+	// version is logged and the servers in force stay).
+	ServersFile string
+	// Poll is how often ServersFile is checked (DefaultPolicyPoll).
 	Poll time.Duration
 }
 

@@ -1,7 +1,8 @@
 // Package dispatcher is the composition root: it builds the dispatcher's
 // components from one Config (broker, scheduler, policy engine, event log
 // store, store writer, task manager, session server, health state), starts
-// their background goroutines (policy reload, retention), restores the
+// their background goroutines (policy reload, retention, the MCP servers of
+// --mcp-servers as tool providers), restores the
 // previous run from the store, and owns the order of drain and close.
 //
 // It exposes what the transports need (internal/api for gRPC,
@@ -18,6 +19,7 @@
 package dispatcher
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -31,6 +33,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/mcp"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
@@ -186,6 +189,14 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	if cfg.Auth.TenantsFile != "" {
 		d.bg.Go(func() { auth.Watch(base) })
+	}
+	if f := cfg.MCP.ServersFile; f != "" {
+		if _, err := mcp.LoadConfig(f); err != nil {
+			d.Close()
+			return nil, err
+		}
+		m := mcp.NewManager(mcp.Options{Registry: b, Version: cfg.Version, Logger: log.With("component", "mcp")})
+		d.bg.Go(func() { m.Run(base, f, cmp.Or(cfg.MCP.Poll, DefaultPolicyPoll)) })
 	}
 	if cfg.Store.Backend != nil && cfg.Store.Retention > 0 {
 		d.bg.Go(func() {

@@ -80,6 +80,8 @@ type Options struct {
 	// (see guard.go). Check entries with ValidateAllowedHosts; an invalid
 	// one is logged and ignored.
 	AllowedHosts []string
+	// MCP, when set, serves /mcp (internal/mcp), behind the client token.
+	MCP http.Handler
 	// Logger receives request errors; nil discards.
 	Logger *slog.Logger
 	// A2A, when set, serves /a2a and /.well-known/agent-card.json
@@ -158,6 +160,9 @@ func New(b Backend, opts Options) http.Handler {
 	mux.Handle("POST /api/tasks/{id}/interject", h.auth(h.interject))
 	mux.Handle("POST /api/tasks/{id}/tool-calls/{call_id}/approve", h.auth(h.approve(true)))
 	mux.Handle("POST /api/tasks/{id}/tool-calls/{call_id}/reject", h.auth(h.approve(false)))
+	if opts.MCP != nil {
+		mux.Handle("/mcp", h.auth(opts.MCP.ServeHTTP))
+	}
 	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		// Nothing else matched: a known path with another method is a 405.
 		var allow []string
