@@ -182,6 +182,11 @@ type Task struct {
 	// client asked to cancel: such a task is never put back in the queue.
 	requeues     int
 	cancelReason string
+	// attempt counts the task's starts and re-attaches (handover.go);
+	// upstreamSeq is the highest upstream seq its log held when it was
+	// restored (a re-attaching session resends what comes after it).
+	attempt     int64
+	upstreamSeq uint64
 }
 
 // ID is the task's id.
@@ -321,6 +326,8 @@ func (t *Task) Start(r Runner, commanderID, sessionID string) error {
 	t.message = "running"
 	t.startedAt = time.Now()
 	t.runner = r
+	t.attempt++
+	t.upstreamSeq = 0
 	t.commanderID = commanderID
 	t.sessionID = sessionID
 	if t.span != nil {

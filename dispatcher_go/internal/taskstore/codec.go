@@ -40,6 +40,7 @@ type body struct {
 	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
 	LastSeq        uint64            `json:"lastSeq,omitempty"`
 	Requeues       int               `json:"requeues,omitempty"`
+	Attempt        int64             `json:"attempt,omitempty"`
 	// PolicyYAML is the task's own policy: a requeued task must not run
 	// looser than it was submitted.
 	PolicyYAML string `json:"policyYaml,omitempty"`
@@ -57,7 +58,7 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 		StartedAt: store.Micros(snap.StartedAt), CommanderID: snap.CommanderID, SessionID: snap.SessionID,
 		PreviousTaskID: snap.PreviousTaskID, Labels: snap.Labels, Required: snap.Required,
 		DestroySandbox: snap.DestroySandbox, TimeoutMS: snap.Timeout.Milliseconds(), Stats: snap.Stats,
-		LastSeq: snap.LastSeq, Requeues: snap.Requeues,
+		LastSeq: snap.LastSeq, Requeues: snap.Requeues, Attempt: snap.Attempt,
 	}
 	if snap.Policy != nil {
 		b.PolicyYAML = string(snap.Policy.Source())
@@ -114,7 +115,7 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 			LastSeq: b.LastSeq,
 		},
 		Required: b.Required, DestroySandbox: b.DestroySandbox,
-		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues,
+		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues, Attempt: b.Attempt,
 	}
 	for _, h := range b.History {
 		snap.History = append(snap.History, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})
