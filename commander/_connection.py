@@ -91,6 +91,12 @@ class ConnectionConfig:
         return cls(target=target, token=token or None, root_certificates=root)
 
     @property
+    def targets(self) -> tuple[str, ...]:
+        """The dispatcher addresses (``target`` split at commas)."""
+        found = tuple(t.strip() for t in self.target.split(",") if t.strip())
+        return found or (DEFAULT_TARGET,)
+
+    @property
     def secure(self) -> bool:
         """Whether the channel uses TLS."""
         return self.tls or self.root_certificates is not None
@@ -101,8 +107,10 @@ class ConnectionConfig:
             return ()
         return (("authorization", f"Bearer {self.token}"),)
 
-    def create_channel(self) -> grpc.aio.Channel:
-        """A fresh channel with its own connection (see the module doc)."""
+    def create_channel(self, target: str | None = None) -> grpc.aio.Channel:
+        """A fresh channel with its own connection (see the module doc) to ``target``
+        (default: the first of :attr:`targets`)."""
+        target = target or self.targets[0]
         options = [
             *KEEPALIVE_OPTIONS,
             ("grpc.use_local_subchannel_pool", 1),
@@ -111,8 +119,8 @@ class ConnectionConfig:
         ]
         if self.secure:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
-            return grpc.aio.secure_channel(self.target, credentials, options=options)
-        return grpc.aio.insecure_channel(self.target, options=options)
+            return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
 
 class ConnectFailed(Exception):

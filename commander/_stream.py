@@ -150,7 +150,17 @@ class ReconnectingStream(Generic[Up, Down]):
         self._no_answer = no_answer
         self._stream: Stream[Up, Down] | None = None
         self._healthy: Stream[Up, Down] | None = None
+        # Which of the connection's addresses the next attempt dials: the
+        # next one after each attempt (a dispatcher that is gone, or drains,
+        # is left for the next; one name may also resolve to several).
+        self._target_index = 0
         self._draining = anyio.Event()
+
+    @property
+    def target(self) -> str:
+        """The address the current (or next) attempt dials."""
+        targets = self.connection.targets
+        return targets[self._target_index % len(targets)]
 
     @property
     def current(self) -> Stream[Up, Down] | None:
@@ -196,7 +206,7 @@ class ReconnectingStream(Generic[Up, Down]):
         """One stream: :class:`ConnectFailed` if it never got healthy, else ``True`` at its end."""
         if self._draining.is_set():
             return True  # no new stream while shutting down
-        channel = self.connection.create_channel()
+        channel = self.connection.create_channel(self.target)
         broken: list[str] = []
         healthy = False
         writer: StreamWriter[Up] | None = None
@@ -235,6 +245,7 @@ class ReconnectingStream(Generic[Up, Down]):
             await close_channel(channel)
             if stream is not None:
                 stream.closed.set()
+            self._target_index += 1
         reason = broken[0] if broken else "stream ended"
         if not healthy:
             raise ConnectFailed(reason)
