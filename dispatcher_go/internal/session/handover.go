@@ -228,7 +228,7 @@ func (sl *slot) detach(r *run) bool {
 	sl.srv.untrack(r)
 	r.cancel()
 	r.disarm()
-	if !r.t.Detach(r) {
+	if !r.t.Detach(r, r.upSeq.Load()) {
 		return false
 	}
 	r.span.AddEvent("detached")

@@ -23,8 +23,8 @@ var errOutboxClosed = errors.New("slot closed")
 // at most a few per session), so that the scheduler, which must not block,
 // can always hand a task over.
 type outbox struct {
-	mu     sync.Mutex
-	stop   *dispatchv1.DownstreamPacket
+	mu   sync.Mutex
+	stop *dispatchv1.DownstreamPacket
 	// ack holds the newest cumulative ack of each session (handover.go):
 	// a newer one replaces an older one of the same session.
 	acks   []*dispatchv1.DownstreamPacket

@@ -96,15 +96,17 @@ func (t *Task) Attempt() int64 {
 // Detach lets go of the task's session r without ending the task: r's
 // commander moves to another dispatcher (this one drains) and will
 // re-attach the session there. The task stays RUNNING, with a waiter as its
-// runner (no window: the next run's Restore sets one). False if the task is
-// not running on r.
-func (t *Task) Detach(r Runner) bool {
+// runner (no window: the next run's Restore sets one). upstreamSeq is the
+// highest upstream seq r handled, what a re-attach here would start from.
+// False if the task is not running on r.
+func (t *Task) Detach(r Runner, upstreamSeq uint64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.status != agentpb.TaskStatus_RUNNING || t.runner != r {
 		return false
 	}
 	t.runner = &waiter{t: t}
+	t.upstreamSeq = upstreamSeq
 	if t.span != nil {
 		t.span.AddEvent("session detached for a hand-over")
 	}
