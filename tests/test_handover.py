@@ -115,7 +115,7 @@ def assert_exactly_once_in_order(events: list[tasks_pb2.TaskEvent]) -> None:
     assert ups == sorted(ups) and len(ups) == len(set(ups)), "upstream seqs repeated or reordered"
 
 
-def restart(stack: Stack, d: Dispatcher, how: str) -> tuple[Dispatcher, float]:  # noqa: D401
+def restart(stack: Stack, d: Dispatcher, how: str) -> tuple[Dispatcher, float]:
     """Stops d (SIGTERM and waits for it to exit, or kill -9) and starts a new
     dispatcher on the same address and store. Returns it and the wall time of the kill."""
     d.close_channel()
@@ -192,7 +192,7 @@ def test_handover_time_over_several_tasks(stack: Stack) -> None:
         times.append(_handover_seconds(events, t_kill)[0])
     times.sort()
     p50 = statistics.median(times)
-    p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
     print(f"\nkill -9 hand-over over {n} tasks: p50 {p50:.3f}s p99 {p99:.3f}s ({times})")
 
 

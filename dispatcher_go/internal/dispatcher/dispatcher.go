@@ -313,7 +313,18 @@ func (d *Dispatcher) Drain(ctx context.Context) {
 	}
 	d.tasks.Shutdown(ctx)
 	d.sessions.Shutdown()
-	d.awaitWatchers(watcherDrainWait)
+	if d.tasks.HandsOver() {
+		// The tasks handed over do not end here: their watchers follow
+		// them on the next run (resuming by seq); there is nothing to wait
+		// for once what was recorded is durable.
+		if d.writer != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), watcherDrainWait)
+			_ = d.writer.Flush(ctx)
+			cancel()
+		}
+	} else {
+		d.awaitWatchers(watcherDrainWait)
+	}
 	d.stop()
 	st := d.sessions.Stats().StopLatency.Snapshot()
 	d.log.Info("drained", "stops_acked", st.Count, "stop_latency_p50", st.Quantile(0.5), "stop_latency_p99", st.Quantile(0.99))
