@@ -281,3 +281,29 @@ def test_non_idempotent_tool_call_in_flight_gets_a_retryable_error(stack: Stack)
         "planner saw the retryable error",
     )
     assert "went on without it" in "".join(e.content.text for e in events if kind(e) == "content")
+
+
+def test_idempotent_tool_call_in_flight_is_issued_again(stack: Stack) -> None:
+    """A call of a tool declared idempotent (the built-in sleep) is in flight when the
+    dispatcher dies: after the re-attach the commander issues it again under a new
+    call id, the new dispatcher runs it, and the session goes on to SUCCESS."""
+    llm = stack.scripted(
+        [{"tool_calls": [tool_call("sleep", {"ms": 1500})]}, {"content": "slept well"}]
+    )
+    d = stack.dispatcher()
+    stack.commander(d, llm.base_url, slots=1, wait_slots=1)
+    task_id = d.submit("sleep a little")
+    watch = ResumingWatcher(d.addr, task_id).start()
+    watch.wait(lambda evs: any(kind(e) == "tool_call" for e in evs), 30, "tool call in flight")
+    d2, _ = restart(stack, d, "kill9")
+    status = wait_status(d2.agent, task_id, timeout=60)
+    assert status.status == agent_pb2.SUCCESS, status
+    events = watch.join(15)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    calls = [e.tool_call for e in events if kind(e) == "tool_call"]
+    assert [c.tool_name for c in calls] == ["sleep", "sleep"], describe(events)
+    assert calls[0].call_id != calls[1].call_id
+    results = [e.tool_result.result for e in events if kind(e) == "tool_result"]
+    assert [r.call_id for r in results] == [calls[1].call_id], describe(events)
+    assert not results[0].HasField("error"), results[0]
+    assert "slept well" in "".join(e.content.text for e in events if kind(e) == "content")
