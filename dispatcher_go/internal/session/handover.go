@@ -209,8 +209,15 @@ func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error)
 	// The task's timeout still counts from its start.
 	r.armDeadlineAt(info.StartedAt.Add(info.Task.Timeout()))
 	r.log.Info("session re-attached", "attempt", info.Attempt, "upstream_seq", info.UpstreamSeq,
-		"commander_attempt", ra.GetAttempt(), "commander_acked_seq", ra.GetAckedSeq())
+		"commander_attempt", ra.GetAttempt(), "commander_acked_seq", ra.GetAckedSeq(), "stop_decided", info.Stop != nil)
 	return r, info, nil
+}
+
+// restop stops again a re-attached session whose stop was decided before
+// the hand-over (the commander may never have had it). Called once the
+// hello's ack is out, so the stop follows it.
+func (r *run) restop(st *dispatchv1.StopSignal) {
+	r.stopWith(st.GetReason(), st.GetCode(), st.GetRuleId())
 }
 
 // detach lets go of r, whose stream ended after a move: the task stays

@@ -182,3 +182,51 @@ func TestReattachRefused(t *testing.T) {
 		t.Fatalf("start %v", st)
 	}
 }
+
+// TestReattachedSessionIsStoppedAgain: a stop decided before the hand-over
+// (kept with the task) goes to the re-attached session right after the
+// hello's ack; its stopped ends the task as the stop decided.
+func TestReattachedSessionIsStoppedAgain(t *testing.T) {
+	e := handOverEnv(t)
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	c.send(upSeq(sid, 1, &dispatchv1.ContentChunk{Text: "a"}))
+	c.recvRecorded(sid, 1)
+	drained := testutil.Async(func() (struct{}, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), testutil.Wait)
+		defer cancel()
+		e.srv.Drain(ctx, "test drain")
+		return struct{}{}, nil
+	})
+	for c.recv().GetMove() == nil { // acks until the move
+	}
+	close(c.In)
+	testutil.Recv(t, drained, testutil.Wait, "the drain")
+	// As a crash right after a cancel's decision would leave it.
+	stop := &dispatchv1.StopSignal{Reason: "cancelled by client", Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
+	if _, err := tk.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}}); err != nil {
+		t.Fatal(err)
+	}
+
+	b, err := broker.New(broker.Options{DefaultTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := NewServer(scheduler.New(4), b, Options{HandOver: true, Reattacher: e.mgr, StopGrace: time.Second})
+	t.Cleanup(next.Shutdown)
+	c2 := (&env{srv: next, mgr: e.mgr}).open(t, 64)
+	hello := testutil.Hello("cmd-1", "planner:chat")
+	hello.GetHello().Reattach = &dispatchv1.Reattach{TaskId: tk.ID(), SessionId: sid, AckedSeq: 1}
+	c2.send(hello)
+	if p := c2.recv(); p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_HELLO || p.GetSessionId() != sid {
+		t.Fatalf("first packet %v", p)
+	}
+	if p := c2.recv(); p.GetStop().GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || p.GetSessionId() != sid {
+		t.Fatalf("want the stop again, got %v", p)
+	}
+	c2.send(upSeq(sid, 2, &dispatchv1.Stopped{Reason: "ok"}))
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("status %v %q", info.Status, info.Message)
+	}
+}

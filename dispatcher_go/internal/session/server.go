@@ -184,6 +184,9 @@ func (s *Server) Serve(stream Stream) error {
 			return err
 		}
 		resumed = r
+		if r != nil && info.Stop != nil {
+			r.restop(info.Stop)
+		}
 	} else {
 		sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
 			Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,

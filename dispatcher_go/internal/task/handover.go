@@ -66,14 +66,23 @@ func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
 	return "", 0, ErrHandOver
 }
 
-// expire ends the task if it still waits (the window ran out).
+// expire ends the task if it still waits (the window ran out). A stop
+// decided before the hand-over decides the outcome (a client's cancel is
+// CANCELLED).
 func (w *waiter) expire(window time.Duration) {
 	w.t.mu.Lock()
 	waiting := w.t.runner == w && !w.claiming
+	stop := w.t.stop
 	w.t.mu.Unlock()
-	if waiting {
-		w.t.Finish(agentpb.TaskStatus_FAILURE, fmt.Sprintf(HandOverExpiredMessage, window), "")
+	if !waiting {
+		return
 	}
+	msg := fmt.Sprintf(HandOverExpiredMessage, window)
+	if stop != nil {
+		w.Stop(stop.GetReason()+" ("+msg+")", stop.GetCode())
+		return
+	}
+	w.t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
 }
 
 // HandingOver reports whether the task's session is between two streams
@@ -139,6 +148,9 @@ type Reattached struct {
 	UpstreamSeq uint64
 	// StartedAt is when the task started (its timeout counts from there).
 	StartedAt time.Time
+	// Stop is the stop decided before the hand-over, if any: the new
+	// runner must stop the session again (the commander may not have had it).
+	Stop *dispatchv1.StopSignal
 }
 
 // Reattach gives task taskID, RUNNING and waiting for its session
@@ -198,7 +210,7 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	ev.GetState().Message = fmt.Sprintf("running: session re-attached (attempt %d)", attempt)
 	_, _ = t.log.Append(ev, eventlog.Control)
 	t.saveLocked()
-	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt}, nil
+	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil
 }
 
 // claim asks the Claimer for t's next attempt (without one: the attempt

@@ -98,6 +98,8 @@ type Snapshot struct {
 	// upstream seq its log holds (not stored in the record: read from the
 	// log).
 	UpstreamSeq uint64
+	// Stop is the stop decided for the task's running session, if any.
+	Stop *dispatchv1.StopSignal
 }
 
 // Info is the snapshot as readers see it.
@@ -246,7 +248,7 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		status: s.Status, message: s.Message, result: s.Result, config: s.Config,
 		startedAt: s.StartedAt, endedAt: s.EndedAt, commanderID: s.CommanderID,
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
-		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq,
+		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
 	}
 	if Terminal(t.status) {
 		close(t.done)
@@ -266,7 +268,7 @@ func (t *Task) snapshotLocked() Snapshot {
 		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
 		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history,
 		Config: t.config, Requeues: t.requeues, Policy: t.policy, PolicyErr: t.policyErr,
-		Attempt: t.attempt,
+		Attempt: t.attempt, Stop: t.stop,
 	}
 }
 

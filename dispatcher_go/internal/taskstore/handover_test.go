@@ -134,3 +134,54 @@ func TestRestoredTaskFailsAfterTheWindow(t *testing.T) {
 		t.Fatalf("stored: %v %v", rec.Status, err)
 	}
 }
+
+// TestStopDecidedBeforeARestartIsCarriedOver: a cancel decided just before
+// the crash is kept with the task: the re-attach hands it to the new runner
+// (which stops the session again), and with nobody re-attaching the task
+// ends as the stop decided (CANCELLED), not as a lost session.
+func TestStopDecidedBeforeARestartIsCarriedOver(t *testing.T) {
+	ctx := context.Background()
+	for _, reattach := range []bool{true, false} {
+		st := openSQLite(t)
+		m1, w1 := keepingManager(t, st, time.Minute)
+		tk, err := m1.Submit(task.Spec{Instruction: "long"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tk.Start(runner{}, "cmd", "ses"); err != nil {
+			t.Fatal(err)
+		}
+		stop := &dispatchv1.StopSignal{Reason: "cancelled by client", Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
+		if _, err := tk.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := w1.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		w1.Close()
+
+		m2, _ := keepingManager(t, st, 50*time.Millisecond)
+		if _, err := m2.Restore(ctx); err != nil {
+			t.Fatal(err)
+		}
+		tk2, _ := m2.Get(tk.ID())
+		if reattach {
+			got, err := m2.Reattach(ctx, tk.ID(), "ses", "cmd", func(*task.Task) task.Runner { return runner{} })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || got.Stop.GetReason() != "cancelled by client" {
+				t.Fatalf("re-attached with stop %v", got.Stop)
+			}
+			continue
+		}
+		select {
+		case <-tk2.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatal("still RUNNING after the window")
+		}
+		if i := tk2.Info(); i.Status != agentpb.TaskStatus_CANCELLED || !strings.HasPrefix(i.Message, "cancelled by client") {
+			t.Fatalf("after the window: %v %q", i.Status, i.Message)
+		}
+	}
+}
