@@ -133,6 +133,7 @@ async def reconnect_forever(
     *,
     name: str,
     should_stop: Callable[[], bool],
+    urgent: Callable[[], bool] | None = None,
 ) -> None:
     """Run ``attempt`` again and again until ``should_stop()``.
 
@@ -142,7 +143,9 @@ async def reconnect_forever(
     stream that had been healthy ended: the backoff starts over, so a
     dispatcher restart after a week of uptime is noticed within
     ``reconnect_initial`` (jittered, so that all commanders do not reconnect in
-    the same instant), not after the maximum delay.
+    the same instant), not after the maximum delay. While ``urgent()`` is true
+    (a session waits to re-attach) the delay stays at most ``reconnect_initial``
+    plus jitter: a dispatcher back after a restart is found within it.
     """
 
     def log_retry(state: RetryCallState) -> None:
@@ -156,11 +159,19 @@ async def reconnect_forever(
             delay,
         )
 
+    backoff = wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
+    jitter = wait_random(0, config.reconnect_initial)
+
+    def wait(state: RetryCallState) -> float:
+        delay = backoff(state)
+        if urgent is not None and urgent():
+            delay = min(delay, config.reconnect_initial)
+        return delay + jitter(state)
+
     while not should_stop():
         retrying = AsyncRetrying(
             # initial * 2**n, capped, plus up to `initial` of jitter.
-            wait=wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
-            + wait_random(0, config.reconnect_initial),
+            wait=wait,
             retry=retry_if_exception_type(ConnectFailed),
             sleep=anyio.sleep,
             before_sleep=log_retry,

@@ -105,6 +105,8 @@ class Slot:
             on_closed=self._on_closed,
             on_lost=self._report_lost,
             no_answer="no answer to hello in time",
+            # A session waiting to re-attach: look for a dispatcher often.
+            urgent=lambda: self._session is not None,
         )
 
     def _set_connected(self, value: bool) -> None:
