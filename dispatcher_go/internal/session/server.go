@@ -13,6 +13,13 @@
 // stop decision fences the task's event log, so no thought or content of the
 // session is recorded (or reaches any client) after it, and tool calls
 // arriving after it are refused with DENIED.
+//
+// With Options.HandOver a session outlives its stream (handover.go): its
+// packets are numbered and acknowledged once durable, a hello may re-attach
+// a task that waits for its session, and a drain tells commanders to move
+// instead of stopping their sessions. It must not decide which dispatcher
+// owns a task (a task.Claimer does) nor keep a task RUNNING by itself (the
+// task's hand-over window ends it).
 package session
 
 import (
