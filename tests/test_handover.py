@@ -11,6 +11,7 @@ with -s to see them.
 from __future__ import annotations
 
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -308,3 +309,26 @@ def test_idempotent_tool_call_in_flight_is_issued_again(stack: Stack) -> None:
     assert [r.call_id for r in results] == [calls[1].call_id], describe(events)
     assert not results[0].HasField("error"), results[0]
     assert "slept well" in "".join(e.content.text for e in events if kind(e) == "content")
+
+
+def test_commander_with_several_addresses_reattaches_to_the_one_that_answers(
+    stack: Stack,
+) -> None:
+    """The commander is given two addresses, the first with nobody listening: it finds
+    the dispatcher, and after the dispatcher's kill -9 and restart re-attaches its
+    session through the list (the dead address is tried and skipped)."""
+    llm = stack.scripted(tokens_per_sec=150, tokens=400)
+    d = stack.dispatcher()
+    with socket.socket() as s:  # a port nobody listens on (closed right away)
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    stack.commander(f"{dead},{d.addr}", llm.base_url, slots=1)
+    d.wait_slots(1, timeout=30)
+    task_id, watch = _streaming_task(stack, d, llm.base_url)
+    d2, t_kill = restart(stack, d, "kill9")
+    assert wait_status(d2.agent, task_id, timeout=60).status == agent_pb2.SUCCESS
+    events = watch.join(30)
+    assert_exactly_once_in_order(events)
+    print(
+        f"\ntwo addresses, kill -9: re-attached {_handover_seconds(events, t_kill)[0]:.3f}s after"
+    )
