@@ -207,6 +207,11 @@ func (m *Manager) Restore(ctx context.Context) (RestoreReport, error) {
 		}
 		t := m.rebuild(s, log)
 		m.reg.add(t)
+		if t.policyErr != nil {
+			// Its session must not go on looser than it was submitted.
+			t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile after the dispatcher restart: "+t.policyErr.Error(), "")
+			continue
+		}
 		t.waitForReattach(m.opts.HandOverWindow)
 		rep.Waiting++
 	}
