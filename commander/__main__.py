@@ -35,6 +35,7 @@ from commander._llm import (
 from commander._planners import PlannerRegistry
 from commander._pricing import PriceTable
 from commander._provider import ToolProvider
+from commander._timeouts import HANDOVER_BUFFER, HANDOVER_TIMEOUT
 from commander._workspace import workspace_provider
 from commander.gui._planner import GuiPlanner, GuiSettings
 from commander.sandbox import SandboxSettings, SandboxTools, sandbox_provider
@@ -255,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("COMMANDER_SHUTDOWN_GRACE", "10"),
         help="seconds running sessions may go on after SIGTERM (default %(default)s)",
     )
+    parser.add_argument(
+        "--handover-timeout",
+        type=float,
+        default=env("COMMANDER_HANDOVER_TIMEOUT", str(HANDOVER_TIMEOUT)),
+        help="seconds a running session goes on without a dispatcher, waiting to re-attach "
+        "to a restarted or another one, before it is abandoned; 0: sessions end with their "
+        "stream (env COMMANDER_HANDOVER_TIMEOUT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--handover-buffer",
+        type=_positive_int,
+        default=env("COMMANDER_HANDOVER_BUFFER", str(HANDOVER_BUFFER)),
+        help="packets a session keeps until the dispatcher has recorded them; the planner "
+        "waits when they are full, and a session away from its dispatcher that fills them is "
+        "abandoned (env COMMANDER_HANDOVER_BUFFER; default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser
 
@@ -323,6 +340,8 @@ def build_commander(args: argparse.Namespace) -> Commander:
         planners=planners,
         tool_providers=providers,
         shutdown_grace=args.shutdown_grace,
+        handover_timeout=max(0.0, args.handover_timeout),
+        handover_buffer=args.handover_buffer,
     )
 
 

@@ -52,11 +52,31 @@ def env(name: str, default: str | None = None) -> str | None:
     return value if value else default
 
 
+class _Addresses(argparse.Action):
+    """``--dispatcher``: repeatable; the values (each maybe a comma list) are joined
+    with commas, replacing the default on first use."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, "_dispatcher_given", False)
+        previous = getattr(namespace, self.dest, "") if given else ""
+        setattr(namespace, self.dest, ",".join(v for v in (previous, str(values)) if v))
+        namespace._dispatcher_given = True
+
+
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dispatcher",
+        action=_Addresses,
         default=env("DISPATCHER_ADDR", "127.0.0.1:50051"),
-        help="dispatcher address host:port (env DISPATCHER_ADDR; default %(default)s)",
+        help="dispatcher address host:port; several: repeat the flag or separate with "
+        "commas (a lost stream reconnects to the next), or one name resolving to several "
+        "(dns:///name:port) (env DISPATCHER_ADDR; default %(default)s)",
     )
     parser.add_argument(
         "--token",

@@ -29,7 +29,13 @@ from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._planners import PlannerRegistry
 from commander._provider import ToolProvider
 from commander._slot import Slot, SlotSettings
-from commander._timeouts import CLOSED_TIMEOUT, SHUTDOWN_GRACE, STOP_CANCEL_TIMEOUT
+from commander._timeouts import (
+    CLOSED_TIMEOUT,
+    HANDOVER_BUFFER,
+    HANDOVER_TIMEOUT,
+    SHUTDOWN_GRACE,
+    STOP_CANCEL_TIMEOUT,
+)
 
 _log = logging.getLogger("commander")
 
@@ -75,6 +81,11 @@ class Commander:
             ``close_timeout``; every bound is listed in ``commander._timeouts``).
         closed_timeout: after a session's terminal packet, how long to wait for
             the dispatcher's acknowledgement.
+        handover_timeout: how long a running session goes on without a
+            dispatcher, waiting to re-attach, before it is abandoned (0: a
+            session ends with its stream, no hand-over).
+        handover_buffer: how many of a session's packets are kept until the
+            dispatcher has recorded them (docs/protocol.md, "Session hand-over").
     """
 
     def __init__(
@@ -92,6 +103,8 @@ class Commander:
         shutdown_grace: float = SHUTDOWN_GRACE,
         stop_cancel_timeout: float = STOP_CANCEL_TIMEOUT,
         closed_timeout: float = CLOSED_TIMEOUT,
+        handover_timeout: float = HANDOVER_TIMEOUT,
+        handover_buffer: int = HANDOVER_BUFFER,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -126,6 +139,8 @@ class Commander:
             shutdown_grace=shutdown_grace,
             stop_cancel_timeout=stop_cancel_timeout,
             closed_timeout=closed_timeout,
+            handover_buffer=handover_buffer,
+            handover_timeout=handover_timeout,
         )
         self.slots = tuple(Slot(i, settings) for i in range(slots))
         self._bg: TaskGroup | None = None

@@ -91,6 +91,12 @@ class ConnectionConfig:
         return cls(target=target, token=token or None, root_certificates=root)
 
     @property
+    def targets(self) -> tuple[str, ...]:
+        """The dispatcher addresses (``target`` split at commas)."""
+        found = tuple(t.strip() for t in self.target.split(",") if t.strip())
+        return found or (DEFAULT_TARGET,)
+
+    @property
     def secure(self) -> bool:
         """Whether the channel uses TLS."""
         return self.tls or self.root_certificates is not None
@@ -101,8 +107,10 @@ class ConnectionConfig:
             return ()
         return (("authorization", f"Bearer {self.token}"),)
 
-    def create_channel(self) -> grpc.aio.Channel:
-        """A fresh channel with its own connection (see the module doc)."""
+    def create_channel(self, target: str | None = None) -> grpc.aio.Channel:
+        """A fresh channel with its own connection (see the module doc) to ``target``
+        (default: the first of :attr:`targets`)."""
+        target = target or self.targets[0]
         options = [
             *KEEPALIVE_OPTIONS,
             ("grpc.use_local_subchannel_pool", 1),
@@ -111,8 +119,8 @@ class ConnectionConfig:
         ]
         if self.secure:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
-            return grpc.aio.secure_channel(self.target, credentials, options=options)
-        return grpc.aio.insecure_channel(self.target, options=options)
+            return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
 
 class ConnectFailed(Exception):
@@ -125,6 +133,7 @@ async def reconnect_forever(
     *,
     name: str,
     should_stop: Callable[[], bool],
+    urgent: Callable[[], bool] | None = None,
 ) -> None:
     """Run ``attempt`` again and again until ``should_stop()``.
 
@@ -134,7 +143,9 @@ async def reconnect_forever(
     stream that had been healthy ended: the backoff starts over, so a
     dispatcher restart after a week of uptime is noticed within
     ``reconnect_initial`` (jittered, so that all commanders do not reconnect in
-    the same instant), not after the maximum delay.
+    the same instant), not after the maximum delay. While ``urgent()`` is true
+    (a session waits to re-attach) the delay stays at most ``reconnect_initial``
+    plus jitter: a dispatcher back after a restart is found within it.
     """
 
     def log_retry(state: RetryCallState) -> None:
@@ -148,11 +159,19 @@ async def reconnect_forever(
             delay,
         )
 
+    backoff = wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
+    jitter = wait_random(0, config.reconnect_initial)
+
+    def wait(state: RetryCallState) -> float:
+        delay = backoff(state)
+        if urgent is not None and urgent():
+            delay = min(delay, config.reconnect_initial)
+        return delay + jitter(state)
+
     while not should_stop():
         retrying = AsyncRetrying(
             # initial * 2**n, capped, plus up to `initial` of jitter.
-            wait=wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
-            + wait_random(0, config.reconnect_initial),
+            wait=wait,
             retry=retry_if_exception_type(ConnectFailed),
             sleep=anyio.sleep,
             before_sleep=log_retry,

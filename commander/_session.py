@@ -48,6 +48,7 @@ from commander._errors import (
     tool_error_from_result,
 )
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._handover import SessionAbandoned
 from commander._logging import session_ids
 from commander._text import valid_text
 from commander._timeouts import CLOSED_TIMEOUT, STOP_CANCEL_TIMEOUT
@@ -100,6 +101,12 @@ def split_text(text: str, max_bytes: int) -> list[str]:
     return pieces
 
 
+#: Resolves a tool call to be issued again (after a hand-over, idempotent tools).
+_REISSUE = ipb.ToolCallResult(call_id="\x00reissue")
+#: ErrorSignal code of a tool call lost in a hand-over.
+LOST_IN_HAND_OVER = "tool_call_lost_in_hand_over"
+
+
 def _usage_is_empty(u: ipb.Usage) -> bool:
     return not (u.input_tokens or u.output_tokens or u.cost or u.steps)
 
@@ -125,7 +132,19 @@ class Session:
         self._cancel_timeout = cancel_timeout
         self._closed_timeout = closed_timeout
         self._calls = 0
-        self._pending: dict[str, tuple[anyio.Event, list[ipb.ToolCallResult]]] = {}
+        # call_id → (event, result box, the tool_call packet: its seq once written)
+        self._pending: dict[
+            str, tuple[anyio.Event, list[ipb.ToolCallResult], ipb.UpstreamPacket]
+        ] = {}
+        #: The task's attempt number (start.attempt, then each re-attach's).
+        self.attempt = packet.start.attempt
+        # Tools declared idempotent: a call of one lost in a hand-over is issued again.
+        self._idempotent = frozenset(t.name for t in packet.start.tools if t.idempotent)
+        # Set while the session is attached to a dispatcher's stream.
+        self._attached = anyio.Event()
+        self._attached.set()
+        #: Why the session was abandoned (its dispatcher did not take it back).
+        self.abandoned: str | None = None
         self._usage = ipb.Usage()  # recorded, not yet written
         self._answer: list[str] = []
         self._answer_chars = 0
@@ -180,12 +199,71 @@ class Session:
             self._planner_scope.cancel()
         self._wake.set()
 
+    # --- hand-over (called by the slot) ---
+
+    def detached(self) -> None:
+        """The stream is lost: the session goes on; tool calls wait for the re-attach."""
+        if self._attached.is_set():
+            self._attached = anyio.Event()
+
+    def reattached(self, recorded: int, attempt: int) -> None:
+        """Re-attached to a dispatcher that recorded our packets up to ``recorded``.
+
+        A tool call recorded before the hand-over ran (or was cut short) on the
+        dispatcher that is gone: it is issued again if its tool is idempotent,
+        else the planner gets a retryable error (``PROVIDER_UNAVAILABLE``). A
+        call recorded after it is the new dispatcher's to run.
+        """
+        self.attempt = attempt
+        for call_id, (event, box, packet) in list(self._pending.items()):
+            if box or not 0 < packet.seq <= recorded:
+                continue
+            tool = packet.tool_call.tool_name
+            if tool in self._idempotent:
+                box.append(_REISSUE)
+            else:
+                box.append(
+                    ipb.ToolCallResult(
+                        tool_name=tool,
+                        call_id=call_id,
+                        error=ipb.ToolError(
+                            code=ipb.TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE,
+                            message=(
+                                "the call was in flight when its session was handed over to "
+                                "another dispatcher; it may or may not have run, and its tool is "
+                                "not declared idempotent, so it was not issued again: retry it "
+                                "if that is safe"
+                            ),
+                        ),
+                    )
+                )
+            event.set()
+        self._attached.set()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the session is attached to a dispatcher's stream."""
+        return self._attached.is_set()
+
+    async def wait_attached(self) -> None:
+        """Wait until the session is attached again (or abandoned)."""
+        await self._attached.wait()
+
+    def abandon(self, reason: str) -> None:
+        """Give the session up: the planner is cancelled, nothing more is sent."""
+        if self.abandoned is not None:
+            return
+        self.abandoned = reason
+        self._attached.set()
+        self._cancel_planner()
+        self.closed.set()
+
     def deliver_tool_result(self, result: ipb.ToolCallResult) -> bool:
         """Wake the tool call waiting for ``result.call_id``; False if none waits."""
         waiter = self._pending.get(result.call_id)
         if waiter is None:
             return False
-        event, box = waiter
+        event, box, _ = waiter
         if not box:
             box.append(result)
             event.set()
@@ -233,6 +311,38 @@ class Session:
     async def _call_tool(
         self, tool_name: str, arguments_json: str, call_id: str
     ) -> ipb.ToolCallResult:
+        while True:
+            result = await self._call_tool_once(tool_name, arguments_json, call_id)
+            if result is not _REISSUE:
+                if result.error.message.startswith("the call was in flight when its session"):
+                    # Watchers learn that the call was lost, not only the planner.
+                    await self._send(
+                        Outgoing(
+                            self._packet(
+                                error=ipb.ErrorSignal(
+                                    code=LOST_IN_HAND_OVER,
+                                    message=f"tool call {call_id} ({tool_name}): "
+                                    + result.error.message,
+                                )
+                            )
+                        )
+                    )
+                return result
+            # Lost in a hand-over, idempotent: the same call again, under a new id.
+            await self._attached.wait()
+            self._calls += 1
+            previous, call_id = call_id, f"{self._calls}-{uuid.uuid4().hex[:12]}"
+            _log.info(
+                "session %s: tool call %s (%s) issued again as %s after the hand-over",
+                self.session_id,
+                previous,
+                tool_name,
+                call_id,
+            )
+
+    async def _call_tool_once(
+        self, tool_name: str, arguments_json: str, call_id: str
+    ) -> ipb.ToolCallResult:
         # A model's tool call, JSON-decoded, may hold lone surrogates.
         tool_name, arguments_json = valid_text(tool_name), valid_text(arguments_json)
         packet = self._packet(
@@ -253,7 +363,7 @@ class Session:
         box: list[ipb.ToolCallResult] = []
         # Registered before the request goes out, so a fast answer is never missed;
         # removed in any case, so a stop abandons the wait and a late answer is ignored.
-        self._pending[call_id] = (event, box)
+        self._pending[call_id] = (event, box, packet)
         try:
             await self._send(Outgoing(packet))
             await event.wait()
@@ -315,9 +425,23 @@ class Session:
                         self._cancel_timeout,
                     )
             self._terminal_started = True
-            for packet in self._terminal_packets():
-                await self._send(Outgoing(packet))
-            self.terminal_sent.set()
+            if self.abandoned is None:
+                try:
+                    for packet in self._terminal_packets():
+                        await self._send(Outgoing(packet))
+                    self.terminal_sent.set()
+                except SessionAbandoned:
+                    pass
+            if self.abandoned is not None:
+                self.outcome = "ABANDONED"
+                _log.warning(
+                    "session %s of task %s abandoned: %s; its task ends FAILURE on the "
+                    "dispatcher once its hand-over window has passed",
+                    self.session_id,
+                    self.task_id,
+                    self.abandoned,
+                )
+                return
             with anyio.move_on_after(self._closed_timeout):
                 await self.closed.wait()
             if not self.closed.is_set():

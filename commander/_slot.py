@@ -4,20 +4,31 @@ The stream's lifecycle (attempt, handshake, reconnect, abort; its single
 reader and writer) is :mod:`commander._stream`'s; this module adds what is
 particular to a slot: the hello and its ack, the read loop that hands
 downstream packets to the session, and draining on shutdown. Sessions and
-planners run in the stream's task group and talk to the reader through
-events, to the writer through its rendezvous channel; they never touch the
-gRPC call.
+planners talk to the reader through events, to the writer through the
+session's :class:`~commander._handover.Upstream`; they never touch the gRPC
+call.
+
+Session hand-over (docs/protocol.md): a session runs in the slot's own task
+group, not the stream's, so it outlives its stream. When the stream is lost
+(or the dispatcher says ``move``) the session goes on, its packets wait in
+its Upstream, and the next stream's hello re-attaches it (``hello.reattach``);
+the dispatcher's answer says which packets it recorded, and the rest are
+written again. No re-attach within ``handover_timeout`` abandons the session.
+With ``handover_timeout`` 0 a session ends with its stream, as before.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import grpc.aio
+from anyio.abc import TaskGroup
 
 from commander import _metrics
 from commander._connection import ConnectionConfig, now_us, open_stream
@@ -25,6 +36,7 @@ from commander._context import Planner
 from commander._errors import stop_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc
+from commander._handover import Upstream
 from commander._session import Session
 from commander._stream import ReconnectingStream, Stream, StreamEnded
 from commander._timeouts import DRAIN_EOF_TIMEOUT, LOCAL_STOP_SLACK
@@ -51,7 +63,11 @@ class SlotSettings:
         shutdown_grace: float,
         stop_cancel_timeout: float,
         closed_timeout: float,
+        handover_buffer: int = 4096,
+        handover_timeout: float = 60.0,
     ) -> None:
+        self.handover_buffer = handover_buffer
+        self.handover_timeout = handover_timeout
         self.connection = connection
         self.hello = hello
         self.resolve_planner = resolve_planner
@@ -69,8 +85,11 @@ class Slot:
         self._s = settings
         self._name = f"slot {index}"
         self._session: Session | None = None
+        self._upstream: Upstream | None = None
         self._abandoned: Session | None = None
-        self._ended: collections.deque[str] = collections.deque(maxlen=8)
+        # Sessions whose terminal packet was written: session id → its seq.
+        self._ended: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._tg: anyio.abc.TaskGroup | None = None
         self.slot_id = ""
         #: Whether the hello is acknowledged on the current stream.
         self.connected = False
@@ -86,6 +105,8 @@ class Slot:
             on_closed=self._on_closed,
             on_lost=self._report_lost,
             no_answer="no answer to hello in time",
+            # A session waiting to re-attach: look for a dispatcher often.
+            urgent=lambda: self._session is not None,
         )
 
     def _set_connected(self, value: bool) -> None:
@@ -106,9 +127,18 @@ class Slot:
         """Whether a session runs on this slot."""
         return self._session is not None
 
+    @property
+    def handover(self) -> bool:
+        """Whether sessions outlive their stream (see the module doc)."""
+        return self._s.handover_timeout > 0
+
     async def run(self) -> None:
         """Serve until the commander drains; reconnect whenever the stream breaks."""
-        await self._stream.run(self._s.draining, self._drain)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self._stream.run(self._s.draining, self._drain)
+            # A session left without a stream at shutdown ends with the slot.
+            tg.cancel_scope.cancel()
 
     async def _drain(self) -> None:
         """On shutdown: let a running session finish (bounded), then end the stream cleanly."""
@@ -135,28 +165,102 @@ class Slot:
         return open_stream(stub.ChatStream, self._s.connection)
 
     async def _handshake(self, stream: SlotStream) -> None:
-        await stream.writer.write(self._hello_packet())
+        session, upstream = self._session, self._upstream
+        await stream.writer.write(self._hello_packet(session, upstream))
         first = await stream.read_first()
         if first.WhichOneof("signal") != "ack" or first.ack.kind != ipb.ACK_KIND_HELLO:
             raise StreamEnded(f"expected ack HELLO, got {first.WhichOneof('signal') or 'nothing'}")
         self.slot_id = first.ack.slot_id
+        if session is not None and upstream is not None:
+            if first.session_id == session.session_id:
+                stream.tg.start_soon(self._resume, session, upstream, stream, first.ack)
+            else:
+                self._give_up(session, upstream, first.ack.detail or "re-attach refused")
         self._set_connected(True)
         _log.info(
-            "%s connected to %s (slot_id=%s)",
+            "%s connected to %s (slot_id=%s%s)",
             self._name,
-            self._s.connection.target,
+            self._stream.target,
             self.slot_id or "-",
+            f", re-attaching session {session.session_id}" if session is not None else "",
         )
 
+    async def _resume(
+        self, session: Session, upstream: Upstream, stream: SlotStream, ack: ipb.Ack
+    ) -> None:
+        """The dispatcher took the session back: resend what it lacks, then go on."""
+        away = time.monotonic() - (upstream.detached_at or time.monotonic())
+        before = upstream.pending
+        resent = await upstream.attach(stream.writer.send, ack.upstream_seq)
+        if not upstream.attached:
+            return  # the new stream broke meanwhile; the next one tries again
+        session.reattached(ack.upstream_seq, ack.attempt)
+        _log.info(
+            "session %s of task %s re-attached after %.3fs (attempt %d): the dispatcher had "
+            "recorded up to seq %d; %d of %d kept packets written again",
+            session.session_id,
+            session.task_id,
+            away,
+            ack.attempt,
+            ack.upstream_seq,
+            resent,
+            before,
+        )
+
+    def _give_up(self, session: Session, upstream: Upstream, why: str) -> None:
+        """No dispatcher takes the session back: end it here (nothing more is sent)."""
+        if self._session is session:
+            self._session, self._upstream = None, None
+        if session.terminal_sent.is_set():
+            # Its end went out before the hand-over; the dispatcher says what came of it.
+            _log.info("session %s had ended: %s", session.session_id, why)
+            session.closed.set()
+            return
+        upstream.abandon(why)
+
     def _on_closed(self) -> None:
-        """The stream is gone: so is the session on it (abandoned with it)."""
+        """The stream is gone: the session goes on and waits to re-attach (or, without
+        hand-over, is abandoned with it)."""
         self._set_connected(False)
-        session, self._session = self._session, None
+        session = self._session
+        if session is not None and self.handover and self._upstream is not None:
+            if not session.closed.is_set():
+                first = session.attached  # not yet waiting to re-attach
+                self._upstream.detach()
+                session.detached()
+                if first and self._tg is not None:
+                    self._tg.start_soon(self._watch_detached, session, self._upstream)
+                return
+        self._session, self._upstream = None, None
         if session is not None:
             session.closed.set()
         self._abandoned = session
 
+    async def _watch_detached(self, session: Session, upstream: Upstream) -> None:
+        """Abandon the session if no dispatcher takes it back in time."""
+        with anyio.move_on_after(self._s.handover_timeout):
+            await session.wait_attached()
+            return
+        if not upstream.attached and not session.closed.is_set():
+            self._give_up(
+                session,
+                upstream,
+                f"no dispatcher took the session back within {self._s.handover_timeout:g}s "
+                "(--handover-timeout)",
+            )
+
     def _report_lost(self, reason: str) -> None:
+        if self._session is not None and self._upstream is not None:
+            _log.warning(
+                "%s: stream lost (%s); session %s of task %s goes on and re-attaches "
+                "(%d packets not yet recorded)",
+                self._name,
+                reason,
+                self._session.session_id,
+                self._session.task_id,
+                self._upstream.pending,
+            )
+            return
         session, self._abandoned = self._abandoned, None
         if session is not None and not session.terminal_sent.is_set():
             _log.warning(
@@ -177,15 +281,28 @@ class Slot:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
-    def _hello_packet(self) -> ipb.UpstreamPacket:
+    def _hello_packet(
+        self, session: Session | None = None, upstream: Upstream | None = None
+    ) -> ipb.UpstreamPacket:
         hello = ipb.Hello()
         hello.CopyFrom(self._s.hello)
         hello.slot_index = self.index
+        if session is not None and upstream is not None:
+            hello.reattach.CopyFrom(
+                ipb.Reattach(
+                    task_id=session.task_id,
+                    session_id=session.session_id,
+                    attempt=session.attempt,
+                    acked_seq=upstream.acked,
+                )
+            )
         return ipb.UpstreamPacket(timestamp=now_us(), hello=hello)
 
     def _accept(self, packet: ipb.UpstreamPacket) -> bool:
-        """Writer gate: nothing of a session is written after its terminal packet."""
-        if packet.session_id in self._ended:
+        """Writer gate: nothing of a session is written after its terminal packet
+        (a packet resent after a hand-over, numbered up to the terminal one, is)."""
+        ended = self._ended.get(packet.session_id)
+        if ended is not None and not (0 < packet.seq <= ended):
             _log.debug(
                 "%s: dropped %s of session %s after its terminal packet",
                 self._name,
@@ -193,8 +310,10 @@ class Slot:
                 packet.session_id,
             )
             return False
-        if packet.WhichOneof("payload") in _TERMINAL:
-            self._ended.append(packet.session_id)
+        if packet.WhichOneof("payload") in _TERMINAL and ended is None:
+            self._ended[packet.session_id] = packet.seq
+            while len(self._ended) > 8:
+                self._ended.popitem(last=False)
         return True
 
     # --- the reader ---
@@ -242,6 +361,8 @@ class Slot:
                     _log.debug("%s: user_input for unknown session", self._name)
             elif kind == "ack":
                 self._on_ack(packet)
+            elif kind == "move":
+                self._on_move(packet, stream)
             else:
                 _log.warning("%s: ignoring a downstream packet with no signal", self._name)
 
@@ -266,34 +387,62 @@ class Slot:
             stream.tg.start_soon(self._send_quietly, stream.writer, refusal)
             return
         name = packet.start.planner or "chat"
+        upstream = Upstream(packet.session_id, limit=self._s.handover_buffer)
         session = Session(
             packet,
             self._s.resolve_planner(name),
-            stream.writer.send,
+            upstream.send,
             slot_index=self.index,
             cancel_timeout=self._s.stop_cancel_timeout,
             closed_timeout=self._s.closed_timeout,
         )
-        self._session = session
-        stream.tg.start_soon(self._run_session, session, stream)
+        upstream.on_abandon(session.abandon)
+        self._session, self._upstream = session, upstream
+        # The session runs in the slot's task group: it outlives this stream
+        # (hand-over); without hand-over, _on_closed ends it with the stream.
+        tg = self._tg if self.handover and self._tg is not None else stream.tg
+        upstream.attach_new(stream.writer.send)
+        tg.start_soon(self._run_session, session, upstream, tg)
 
-    async def _run_session(self, session: Session, stream: SlotStream) -> None:
+    async def _run_session(self, session: Session, upstream: Upstream, tg: TaskGroup) -> None:
         try:
-            await session.run(stream.tg)
+            await session.run(tg)
         except Exception:
             _log.exception("session %s: coordinator failed", session.session_id)
             self._stream.abort()
         finally:
             if self._session is session:
-                self._session = None
+                self._session, self._upstream = None, None
+
+    def _on_move(self, packet: ipb.DownstreamPacket, stream: SlotStream) -> None:
+        """The dispatcher drains: leave it (half-close) and re-attach elsewhere."""
+        _log.info(
+            "%s: the dispatcher asks us to move (%s)%s",
+            self._name,
+            packet.move.reason or "-",
+            f"; session {self._session.session_id} will re-attach" if self._session else "",
+        )
+        if self._upstream is not None and self.handover:
+            self._upstream.detach()  # nothing more of the session on this stream
+        stream.tg.start_soon(self._leave, stream)
+
+    async def _leave(self, stream: SlotStream) -> None:
+        try:
+            await stream.writer.half_close()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
 
     def _on_ack(self, packet: ipb.DownstreamPacket) -> None:
         ack = packet.ack
         session = self._session
-        if ack.kind == ipb.ACK_KIND_SESSION_CLOSED:
+        if ack.kind == ipb.ACK_KIND_RECORDED:
+            upstream = self._upstream
+            if upstream is not None and packet.session_id == upstream.session_id:
+                upstream.on_ack(ack.upstream_seq)
+        elif ack.kind == ipb.ACK_KIND_SESSION_CLOSED:
             if session is not None and packet.session_id == session.session_id:
                 session.closed.set()
-                self._session = None
+                self._session, self._upstream = None, None
             else:
                 _log.debug("%s: SESSION_CLOSED for %s", self._name, packet.session_id)
         elif ack.kind == ipb.ACK_KIND_REJECTED:

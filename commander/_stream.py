@@ -122,6 +122,8 @@ class ReconnectingStream(Generic[Up, Down]):
         on_lost: called with the reason when a healthy stream has ended and
             the attempt returned (not when it was cancelled).
         no_answer: the reason logged when the handshake times out.
+        urgent: while it returns true, reconnect attempts keep the shortest
+            backoff (see :func:`~commander._connection.reconnect_forever`).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class ReconnectingStream(Generic[Up, Down]):
         on_closed: Callable[[], None] | None = None,
         on_lost: Callable[[str], None] | None = None,
         no_answer: str = "no answer to the hello in time",
+        urgent: Callable[[], bool] | None = None,
     ) -> None:
         self.connection = connection
         self.name = name
@@ -148,9 +151,20 @@ class ReconnectingStream(Generic[Up, Down]):
         self._on_closed = on_closed
         self._on_lost = on_lost
         self._no_answer = no_answer
+        self._urgent = urgent
         self._stream: Stream[Up, Down] | None = None
         self._healthy: Stream[Up, Down] | None = None
+        # Which of the connection's addresses the next attempt dials: the
+        # next one after each attempt (a dispatcher that is gone, or drains,
+        # is left for the next; one name may also resolve to several).
+        self._target_index = 0
         self._draining = anyio.Event()
+
+    @property
+    def target(self) -> str:
+        """The address the current (or next) attempt dials."""
+        targets = self.connection.targets
+        return targets[self._target_index % len(targets)]
 
     @property
     def current(self) -> Stream[Up, Down] | None:
@@ -169,7 +183,11 @@ class ReconnectingStream(Generic[Up, Down]):
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_drain, draining, drain, tg.cancel_scope)
             await reconnect_forever(
-                self.connection, self._attempt, name=self.name, should_stop=draining.is_set
+                self.connection,
+                self._attempt,
+                name=self.name,
+                should_stop=draining.is_set,
+                urgent=self._urgent,
             )
             tg.cancel_scope.cancel()
 
@@ -196,7 +214,7 @@ class ReconnectingStream(Generic[Up, Down]):
         """One stream: :class:`ConnectFailed` if it never got healthy, else ``True`` at its end."""
         if self._draining.is_set():
             return True  # no new stream while shutting down
-        channel = self.connection.create_channel()
+        channel = self.connection.create_channel(self.target)
         broken: list[str] = []
         healthy = False
         writer: StreamWriter[Up] | None = None
@@ -235,6 +253,7 @@ class ReconnectingStream(Generic[Up, Down]):
             await close_channel(channel)
             if stream is not None:
                 stream.closed.set()
+            self._target_index += 1
         reason = broken[0] if broken else "stream ended"
         if not healthy:
             raise ConnectFailed(reason)

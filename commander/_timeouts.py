@@ -27,6 +27,17 @@ Shutting down (``Commander.shutdown``):
    for the dispatcher's end of stream (the slot's reader leaving); then the
    stream is cancelled.
 
+Session hand-over (``Commander(handover_timeout=, handover_buffer=)``, the
+``--handover-timeout`` and ``--handover-buffer`` flags):
+
+* ``HANDOVER_TIMEOUT`` (60 s): how long a running session goes on without a
+  dispatcher, waiting to re-attach, before it is abandoned. Longer than the
+  dispatcher's ``--handover-window`` (15 s) plus a restart, so that the
+  dispatcher, not the commander, decides when the task has waited too long;
+* ``HANDOVER_BUFFER`` (4096 packets): the session's packets kept until the
+  dispatcher acknowledges them; while attached, a full buffer makes the
+  planner wait for acks; while away, it abandons the session.
+
 This module holds numbers only (the defaults of the settings named above) and
 must not import anything of the commander.
 """
@@ -45,3 +56,7 @@ SHUTDOWN_GRACE = 10.0
 LOCAL_STOP_SLACK = 5.0
 #: On shutdown, how long an idle slot waits for the dispatcher's end of stream.
 DRAIN_EOF_TIMEOUT = 2.0
+#: How long a session may go on without a dispatcher before it is abandoned (0: no hand-over).
+HANDOVER_TIMEOUT = 60.0
+#: Packets a session keeps until they are recorded.
+HANDOVER_BUFFER = 4096

@@ -104,10 +104,14 @@ def test_default_keepalive_window(stack: Stack) -> None:
 
 def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -> None:
     """kill -9 the dispatcher and start a new one on the same address: commanders
-    (one of them busy) and the tool provider come back by themselves."""
+    (one of them busy) and the tool provider come back by themselves.
+
+    Without session hand-over (--handover-window 0; with it the busy session
+    continues, see tests/test_handover.py): the new dispatcher refuses the
+    re-attach and the orphaned session's planner is cancelled."""
     llm = stack.scripted([{"content": "back again"}])
     slow = stack.scripted(tokens_per_sec=50, tokens=1000)
-    d = stack.dispatcher()
+    d = stack.dispatcher("--handover-window", "0")
     a = stack.commander(d, llm.base_url, slots=2)
     b = stack.commander(d, llm.base_url, slots=1)
     d.wait_slots(3, procs=[a, b])
@@ -159,9 +163,13 @@ def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -
 
 def test_sigterm_drains_with_a_deadline(stack: Stack) -> None:
     """SIGTERM: health NOT_SERVING, new tasks refused, the running task is stopped at
-    the drain deadline and its watchers see it end, then the process exits."""
+    the drain deadline and its watchers see it end, then the process exits.
+
+    That is the drain without session hand-over (--handover-window 0); with it
+    (the default with a store) the commander is told to move and the task goes
+    on after the restart (tests/test_handover.py)."""
     llm = stack.scripted(tokens_per_sec=50, tokens=1000)
-    d = stack.dispatcher("--drain-timeout", "2s")
+    d = stack.dispatcher("--drain-timeout", "2s", "--handover-window", "0")
     cmd = stack.commander(d, llm.base_url, slots=1, wait_slots=1)
     running = d.tasks.SubmitTask(
         tasks_pb2.SubmitTaskRequest(instruction="long one"), timeout=5

@@ -94,3 +94,31 @@ def test_tools_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOOLS_ROOT", "/tmp/x")
     args = build_tools_parser().parse_args(["--dispatcher", "h:1"])
     assert args.root == "/tmp/x" and args.dispatcher == "h:1"
+
+
+def test_several_dispatchers_and_hand_over_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPATCHER_ADDR", raising=False)
+    args = build_parser().parse_args(
+        [
+            "--dispatcher",
+            "a:1,b:2",
+            "--dispatcher",
+            "c:3",
+            "--handover-timeout",
+            "5",
+            "--handover-buffer",
+            "10",
+        ]
+    )
+    commander = build_commander(args)
+    assert commander.connection.targets == ("a:1", "b:2", "c:3")
+    slot = commander.slots[0]
+    assert slot.handover and slot._s.handover_timeout == 5 and slot._s.handover_buffer == 10
+    # The default: one address, hand-over on.
+    args = build_parser().parse_args([])
+    commander = build_commander(args)
+    assert commander.connection.targets == ("127.0.0.1:50051",)
+    assert commander.slots[0].handover
+    # 0 turns the hand-over off: sessions end with their stream.
+    args = build_parser().parse_args(["--handover-timeout", "0"])
+    assert not build_commander(args).slots[0].handover

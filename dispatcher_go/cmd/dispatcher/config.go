@@ -44,6 +44,7 @@ type config struct {
 	toolTimeout    time.Duration
 	maxMsgBytes    int
 	drainTimeout   time.Duration
+	handOverWindow time.Duration
 	kaTime         time.Duration
 	kaTimeout      time.Duration
 	kaMinTime      time.Duration
@@ -102,6 +103,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", dispatcher.DefaultMaxRecvMsgBytes, "message limit, checked per message (an oversized result fails its call, a packet its session); the transport accepts up to twice it")
 	fs.IntVar(&c.streamWindow, "stream-window-bytes", dispatcher.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", dispatcher.DefaultDrainTimeout, "on SIGTERM, how long running tasks may finish before they are stopped")
+	fs.DurationVar(&c.handOverWindow, "handover-window", dispatcher.DefaultHandOverWindow,
+		"with a store: after a restart, how long a task that was running waits for its commander to re-attach its session before it fails; on SIGTERM commanders are told to move instead of their tasks being stopped (0: no hand-over)")
 	fs.DurationVar(&c.kaTime, "keepalive-time", dispatcher.DefaultKeepalive.Time, "ping a connection silent for this long")
 	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", dispatcher.DefaultKeepalive.Timeout, "close a connection whose ping is not acked within this")
 	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", dispatcher.DefaultKeepalive.MinTime, "clients may ping at most this often")
@@ -325,8 +328,9 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 			StreamWindowBytes: streamWindow(c.streamWindow),
 			Keepalive:         dispatcher.Keepalive{Time: c.kaTime, Timeout: c.kaTimeout, MinTime: c.kaMinTime},
 		},
-		Limits:  dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
-		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
+		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
+		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
+			HandOverWindow: handOverWindow(c.handOverWindow)},
 		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		MCP:     dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
 		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
@@ -373,4 +377,13 @@ func isLoopback(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// handOverWindow is the flag's value as dispatcher.Tasks wants it: 0 (the
+// flag's "no hand-over") is negative there, where 0 means the default.
+func handOverWindow(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }

@@ -148,6 +148,10 @@ func kill9Restart(t *testing.T, dataEnv []string) {
 		chunks  = 20
 		doneNow = 2
 	)
+	// The commanders here are scripted connections that never re-attach:
+	// this pins the restart without session hand-over (the running tasks
+	// are FAILURE at once). The hand-over is tests/test_handover.py's.
+	dataEnv = append(append([]string{}, dataEnv...), "DISPATCHER_HANDOVER_WINDOW=0")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 

@@ -29,7 +29,7 @@ type builtinTool struct {
 }
 
 func (b *Broker) builtins() []builtinTool {
-	return []builtinTool{
+	tools := []builtinTool{
 		{
 			spec: &dispatchv1.ToolSpec{
 				Name:        "calculator",
@@ -66,6 +66,12 @@ func (b *Broker) builtins() []builtinTool {
 			run: echo,
 		},
 	}
+	// Built-ins change nothing but time: a call lost in a session hand-over
+	// is issued again (docs/protocol.md, "Session hand-over").
+	for _, bt := range tools {
+		bt.spec.Idempotent = true
+	}
+	return tools
 }
 
 func jsonResult(v any) (string, error) {

@@ -48,6 +48,11 @@ const (
 	// DefaultRetention is the --retention default (in Config, 0 keeps
 	// finished tasks forever).
 	DefaultRetention = 7 * 24 * time.Hour
+	// DefaultHandOverWindow is how long, after a restart, a task that was
+	// RUNNING waits for its session to re-attach before it ends FAILURE
+	// (with a store only; docs/protocol.md, "Session hand-over").
+	DefaultHandOverWindow = 15 * time.Second
+
 	// DefaultDrainTimeout is the --drain-timeout default: how long running
 	// tasks may finish on SIGTERM before Drain stops them (Drain itself
 	// takes a context).
@@ -173,6 +178,15 @@ type Tasks struct {
 	ToolTimeout time.Duration
 	// GlobalConfig is the initial global CommonConfig (nil: empty).
 	GlobalConfig *agentpb.CommonConfig
+	// HandOverWindow (with a store) is how long after a restart a task
+	// that was RUNNING waits for its session to re-attach
+	// (DefaultHandOverWindow; negative: no hand-over — such tasks are
+	// FAILURE at the restart, and a drain stops running tasks instead of
+	// telling their commanders to move).
+	HandOverWindow time.Duration
+	// Claimer takes a task when its session re-attaches (nil: the store's
+	// single-node claim, see taskstore.Store.Claim).
+	Claimer task.Claimer
 }
 
 // Policy is the global policy.
@@ -240,6 +254,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Tasks.StopGrace <= 0 {
 		c.Tasks.StopGrace = DefaultStopGrace
+	}
+	if c.Tasks.HandOverWindow == 0 {
+		c.Tasks.HandOverWindow = DefaultHandOverWindow
 	}
 	if c.Tasks.ToolTimeout <= 0 {
 		c.Tasks.ToolTimeout = DefaultToolTimeout

@@ -113,6 +113,10 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	var logs eventlog.Store = eventlog.NewMemory(cfg.Limits.Events)
 	var persist task.Persistence
+	// Sessions survive a restart only when their tasks do (a store).
+	handOver := cfg.Store.Backend != nil && cfg.Tasks.HandOverWindow > 0
+	var window time.Duration
+	claimer := cfg.Tasks.Claimer
 	var writer *store.Writer
 	// The task manager, once built: the store writer fails a task whose
 	// record the store refused (a record is never retried for ever).
@@ -128,12 +132,19 @@ func New(cfg Config) (*Dispatcher, error) {
 			},
 		})
 		logs = eventlog.NewDurable(cfg.Limits.Events, writer)
-		ts, err := taskstore.New(taskstore.Options{Store: st, Writer: writer, SecretKey: cfg.Store.SecretKey, Logger: log.With("component", "taskstore")})
+		ts, err := taskstore.New(taskstore.Options{Store: st, Writer: writer, SecretKey: cfg.Store.SecretKey,
+			KeepRunning: handOver, Logger: log.With("component", "taskstore")})
 		if err != nil {
 			writer.Close()
 			return nil, err
 		}
 		persist = ts
+		if handOver {
+			window = cfg.Tasks.HandOverWindow
+			if claimer == nil {
+				claimer = ts
+			}
+		}
 	}
 	if cfg.OnEvent != nil {
 		// The same (observed) store serves new and restored tasks.
@@ -144,6 +155,8 @@ func New(cfg Config) (*Dispatcher, error) {
 		StopGrace:      cfg.Tasks.StopGrace,
 		MaxTasksKept:   cfg.Limits.MaxTasksKept,
 		Persistence:    persist,
+		HandOverWindow: window,
+		Claimer:        claimer,
 		Logger:         log.With("component", "task"),
 	})
 	mgr.SetQueue(sched)
@@ -157,9 +170,16 @@ func New(cfg Config) (*Dispatcher, error) {
 			return nil, err
 		}
 	}
+	var flush func(context.Context) error
+	if writer != nil {
+		flush = writer.Flush
+	}
 	sessions := session.NewServer(sched, b, session.Options{
-		StopGrace: cfg.Tasks.StopGrace,
-		Policy:    pol,
+		StopGrace:  cfg.Tasks.StopGrace,
+		Policy:     pol,
+		HandOver:   handOver,
+		Reattacher: mgr,
+		Flush:      flush,
 		// Room for the event envelope: an event made of a packet still
 		// fits a client's message limit.
 		MaxMessageBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
@@ -308,12 +328,32 @@ func (d *Dispatcher) watchStoreHealth(ctx context.Context) {
 // stream is ended so that the transports can stop gracefully. What is
 // pending for the store is written before Drain returns; the caller closes
 // the store afterwards.
+//
+// With hand-over (a store and Tasks.HandOverWindow), Drain hands the work
+// to the next run instead: commanders are told to move (their sessions
+// detach, their tasks stay RUNNING), queued tasks stay PENDING; only
+// sessions that did not move by ctx's end are stopped.
 func (d *Dispatcher) Drain(ctx context.Context) {
 	d.health.Shutdown()
-	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()))
+	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()), "hand_over", d.tasks.HandsOver())
+	if d.tasks.HandsOver() {
+		d.tasks.Close()
+		d.sessions.Drain(ctx, "dispatcher draining: reconnect and re-attach")
+	}
 	d.tasks.Shutdown(ctx)
 	d.sessions.Shutdown()
-	d.awaitWatchers(watcherDrainWait)
+	if d.tasks.HandsOver() {
+		// The tasks handed over do not end here: their watchers follow
+		// them on the next run (resuming by seq); there is nothing to wait
+		// for once what was recorded is durable.
+		if d.writer != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), watcherDrainWait)
+			_ = d.writer.Flush(ctx)
+			cancel()
+		}
+	} else {
+		d.awaitWatchers(watcherDrainWait)
+	}
 	d.stop()
 	st := d.sessions.Stats().StopLatency.Snapshot()
 	d.log.Info("drained", "stops_acked", st.Count, "stop_latency_p50", st.Quantile(0.5), "stop_latency_p99", st.Quantile(0.99))

@@ -202,6 +202,17 @@ func (s *Scheduler) AddSlot(sl Slot) {
 	s.deliver(h)
 }
 
+// AddBusySlot registers a slot that already runs a task: a session
+// re-attached after a hand-over (internal/session). It turns idle with
+// Release, when that session ends.
+func (s *Scheduler) AddBusySlot(sl Slot) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.slots[sl]; !ok {
+		s.slots[sl] = false
+	}
+}
+
 // Release marks a registered slot idle again (its session ended) and gives
 // it the oldest queued task it can run.
 func (s *Scheduler) Release(sl Slot) {

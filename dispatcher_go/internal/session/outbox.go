@@ -23,8 +23,11 @@ var errOutboxClosed = errors.New("slot closed")
 // at most a few per session), so that the scheduler, which must not block,
 // can always hand a task over.
 type outbox struct {
-	mu     sync.Mutex
-	stop   *dispatchv1.DownstreamPacket
+	mu   sync.Mutex
+	stop *dispatchv1.DownstreamPacket
+	// ack holds the newest cumulative ack of each session (handover.go):
+	// a newer one replaces an older one of the same session.
+	acks   []*dispatchv1.DownstreamPacket
 	ring   []*dispatchv1.DownstreamPacket
 	head   int
 	n      int
@@ -125,12 +128,43 @@ func (o *outbox) setStop(p *dispatchv1.DownstreamPacket) (withdrawn bool) {
 	return false
 }
 
-// next returns the packet to send: the stop lane first, then FIFO order.
+// setAck queues p, a cumulative ack, in the ack lane: it replaces a
+// queued ack of the same session (the newer one says more), so the lane
+// holds at most one per session however slowly the commander reads.
+func (o *outbox) setAck(p *dispatchv1.DownstreamPacket) {
+	o.mu.Lock()
+	if o.closed {
+		o.mu.Unlock()
+		return
+	}
+	replaced := false
+	for i, q := range o.acks {
+		if q.GetSessionId() == p.GetSessionId() {
+			o.acks[i], replaced = p, true
+			break
+		}
+	}
+	if !replaced {
+		o.acks = append(o.acks, p)
+	}
+	o.mu.Unlock()
+	o.signal()
+}
+
+// next returns the packet to send: the stop lane first, then the acks,
+// then FIFO order.
 func (o *outbox) next(ctx context.Context) (*dispatchv1.DownstreamPacket, error) {
 	for {
 		o.mu.Lock()
 		if p := o.stop; p != nil {
 			o.stop = nil
+			o.mu.Unlock()
+			return p, nil
+		}
+		if len(o.acks) > 0 {
+			p := o.acks[0]
+			o.acks[0] = nil
+			o.acks = o.acks[1:]
 			o.mu.Unlock()
 			return p, nil
 		}

@@ -55,6 +55,11 @@ type run struct {
 	// context goes to the commander in the start packet.
 	span trace.Span
 
+	// upSeq is the highest upstream seq handled (receiving goroutine, and
+	// reattach before it runs); ackedSeq the highest acknowledged (acker).
+	upSeq    atomic.Uint64
+	ackedSeq atomic.Uint64
+
 	stopped   atomic.Bool // the stop is decided (fast check on the packet path)
 	ended     atomic.Bool // finish ran
 	startSent atomic.Bool // the start packet went out
@@ -84,8 +89,10 @@ type stopInfo struct {
 	sentAt time.Time
 }
 
-func newRun(sl *slot, t *task.Task) *run {
-	id := newSessionID()
+func newRun(sl *slot, t *task.Task) *run { return newRunWithID(sl, t, newSessionID()) }
+
+// newRunWithID is newRun for session id (a re-attached session keeps its id).
+func newRunWithID(sl *slot, t *task.Task, id string) *run {
 	ctx, span := telemetry.Tracer().Start(trace.ContextWithSpanContext(sl.ctx, t.SpanContext()), "session",
 		trace.WithAttributes(attribute.String("task.id", t.ID()), attribute.String("session.id", id),
 			attribute.String("commander.id", sl.commanderID), attribute.String("slot.id", sl.id)))
@@ -132,6 +139,7 @@ func (r *run) startPacket() *dispatchv1.DownstreamPacket {
 			Tools:          tools,
 			Labels:         t.Labels(),
 			TraceContext:   telemetry.Inject(r.ctx),
+			Attempt:        t.Attempt(),
 		}},
 	}
 }
@@ -146,10 +154,14 @@ func (r *run) endSpan(status agentpb.TaskStatus, msg string) {
 }
 
 // armDeadline stops the session with STOP_CODE_DEADLINE when its time is up.
-func (r *run) armDeadline() {
+func (r *run) armDeadline() { r.armDeadlineAt(time.Now().Add(r.t.Timeout())) }
+
+// armDeadlineAt is armDeadline with the end given (a re-attached session
+// keeps its task's).
+func (r *run) armDeadlineAt(at time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.deadline = time.AfterFunc(r.t.Timeout(), func() {
+	r.deadline = time.AfterFunc(time.Until(at), func() {
 		r.Stop(fmt.Sprintf("deadline exceeded (%s)", r.t.Timeout()), dispatchv1.StopCode_STOP_CODE_DEADLINE)
 	})
 }
@@ -272,6 +284,9 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 		r.t.AddUsage(u)
 	}
 	ev, kind := events.FromUpstream(pkt)
+	if ev != nil {
+		ev.UpstreamSeq = pkt.GetSeq()
+	}
 	if kind == events.None {
 		if sb := pkt.GetSandbox(); sb != nil {
 			// A fact about the world, not planner output: kept even after a

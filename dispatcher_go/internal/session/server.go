@@ -13,6 +13,13 @@
 // stop decision fences the task's event log, so no thought or content of the
 // session is recorded (or reaches any client) after it, and tool calls
 // arriving after it are refused with DENIED.
+//
+// With Options.HandOver a session outlives its stream (handover.go): its
+// packets are numbered and acknowledged once durable, a hello may re-attach
+// a task that waits for its session, and a drain tells commanders to move
+// instead of stopping their sessions. It must not decide which dispatcher
+// owns a task (a task.Claimer does) nor keep a task RUNNING by itself (the
+// task's hand-over window ends it).
 package session
 
 import (
@@ -21,6 +28,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -83,6 +91,19 @@ type Options struct {
 	// (STOP_CODE_POLICY, rule limit.max_message_bytes) and the slot's other
 	// traffic goes on.
 	MaxMessageBytes int
+	// HandOver lets sessions survive their stream (handover.go): a hello
+	// may re-attach a task waiting for its session (Reattacher), and after
+	// Drain's move a session whose stream ends is detached, not ended.
+	HandOver bool
+	// Reattacher finds the task a re-attaching session continues (the
+	// task manager).
+	Reattacher Reattacher
+	// Flush makes what the sessions recorded durable; the acker calls it
+	// before it acknowledges upstream packets (nil: nothing to wait for).
+	Flush func(context.Context) error
+	// AckInterval is how often upstream packets are acknowledged
+	// (DefaultAckInterval).
+	AckInterval time.Duration
 	// Logger receives session logs; nil discards.
 	Logger *slog.Logger
 }
@@ -98,6 +119,16 @@ type Server struct {
 	base       context.Context
 	cancelBase context.CancelFunc
 	slotSeq    atomic.Uint64
+
+	// draining: Drain began; no new stream, no new start.
+	draining atomic.Bool
+	slotsMu  sync.Mutex
+	slots    map[*slot]struct{}
+
+	// The acker (handover.go): the running sessions it acknowledges.
+	ackMu   sync.Mutex
+	runs    map[*run]struct{}
+	ackerOn bool
 }
 
 // NewServer returns a Server.
@@ -130,6 +161,9 @@ func (s *Server) Serve(stream Stream) error {
 	stopOnShutdown := context.AfterFunc(s.base, func() { cancel(ErrShutdown) })
 	defer stopOnShutdown()
 
+	if s.draining.Load() {
+		return ErrShutdown
+	}
 	first, err := stream.Recv()
 	if err != nil {
 		return err
@@ -147,15 +181,41 @@ func (s *Server) Serve(stream Stream) error {
 	}
 	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
 	sl.tenants = tenants
-	sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
-		Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,
-	}}})
+	var resumed *run
+	if ra := hello.GetReattach(); ra != nil {
+		// The ack goes out here, before the sender starts: it must be the
+		// commander's first packet, ahead of a stop decided for the session
+		// right after it re-attached (the stop lane goes first).
+		r, info, rerr := sl.reattach(ra)
+		if rerr != nil {
+			sl.log.Info("re-attach refused", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
+		}
+		if err := stream.Send(reattachAck(sl.id, r, info, rerr)); err != nil {
+			if r != nil {
+				sl.closeCurrent(err)
+			}
+			return err
+		}
+		resumed = r
+		if r != nil && info.Stop != nil {
+			r.restop(info.Stop)
+		}
+	} else {
+		sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
+			Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,
+		}}})
+	}
 
 	// Registered before the ack can go out: a commander that has its ack
 	// is counted in GetAgentInfo and may get a start right after it.
 	s.stats.Slots.Add(1)
-	s.sched.AddSlot(sl)
-	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities(), "tenants", tenants)
+	s.addSlot(sl)
+	if resumed != nil {
+		s.sched.AddBusySlot(sl)
+	} else {
+		s.sched.AddSlot(sl)
+	}
+	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities(), "tenants", tenants, "reattached", resumed != nil)
 
 	senderDone := make(chan struct{})
 	go func() {
@@ -187,6 +247,7 @@ func (s *Server) Serve(stream Stream) error {
 	}
 	cancel(err)
 	s.sched.RemoveSlot(sl)
+	s.removeSlot(sl)
 	s.stats.Slots.Add(-1)
 	sl.out.close()
 	sl.closeCurrent(err)
@@ -202,6 +263,27 @@ func (s *Server) Serve(stream Stream) error {
 		return nil
 	}
 	return err
+}
+
+func (s *Server) addSlot(sl *slot) {
+	s.slotsMu.Lock()
+	if s.slots == nil {
+		s.slots = make(map[*slot]struct{})
+	}
+	s.slots[sl] = struct{}{}
+	moving := s.draining.Load()
+	s.slotsMu.Unlock()
+	if moving && s.opts.HandOver {
+		// Connected while Drain sent its moves: this one moves too.
+		sl.moving.Store(true)
+		sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Move{Move: &dispatchv1.Move{Reason: "dispatcher draining"}}})
+	}
+}
+
+func (s *Server) removeSlot(sl *slot) {
+	s.slotsMu.Lock()
+	delete(s.slots, sl)
+	s.slotsMu.Unlock()
 }
 
 func validHello(h *dispatchv1.Hello) error {

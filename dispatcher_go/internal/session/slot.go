@@ -36,6 +36,9 @@ type slot struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	out    *outbox
+	// moving: Drain told the commander to move; a session whose stream
+	// ends from now on is detached (handover.go).
+	moving atomic.Bool
 	// cur is the running session, nil while idle. Written by Deliver and by
 	// finish; read by everyone.
 	cur atomic.Pointer[run]
@@ -112,7 +115,9 @@ func (sl *slot) PlannerCapabilities() []string { return sl.planners }
 func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 	sl.deliverMu.Lock()
 	defer sl.deliverMu.Unlock()
-	if sl.ctx.Err() != nil {
+	if sl.ctx.Err() != nil || sl.srv.draining.Load() {
+		// A draining dispatcher starts nothing: the task stays queued
+		// (and, handed over, is queued again by the next run).
 		return scheduler.SlotGone
 	}
 	r := newRun(sl, t)
@@ -133,6 +138,7 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 	sl.cur.Store(r)
 	sl.out.pushControl(r.startPacket())
 	r.mu.Unlock()
+	sl.srv.track(r)
 	r.armDeadline()
 	r.log.Debug("session started")
 	return scheduler.Started
@@ -247,6 +253,15 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 	}
 	r := sl.cur.Load()
 	current := r != nil && pkt.GetSessionId() == r.sessionID
+	seq := pkt.GetSeq()
+	if current && seq > 0 {
+		if seq <= r.upSeq.Load() {
+			// Resent after a hand-over, and recorded already: dropped.
+			sl.srv.stats.Resent.Add(1)
+			return nil
+		}
+		defer r.upSeq.Store(seq)
+	}
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
 		if n := proto.Size(pkt); n > limit {
 			// Over our limit but under the transport's: the packet is
@@ -335,6 +350,9 @@ func (sl *slot) closeCurrent(cause error) {
 	if r == nil {
 		return
 	}
+	if sl.moving.Load() && sl.srv.opts.HandOver && sl.startReached(r) && sl.detach(r) {
+		return
+	}
 	if !errors.Is(cause, ErrShutdown) && !sl.startReached(r) && sl.requeue(r, cause) {
 		return
 	}
@@ -374,6 +392,7 @@ func (sl *slot) requeue(r *run, cause error) bool {
 	}
 	r.mu.Unlock()
 	sl.cur.CompareAndSwap(r, nil)
+	sl.srv.untrack(r)
 	r.cancel()
 	r.disarm() // the deadline of this attempt; the next start arms a new one
 	err := sl.srv.sched.Requeue(r.t, func() error { return r.t.Requeue(r, "") })
@@ -415,6 +434,7 @@ func (sl *slot) finish(r *run, status agentpb.TaskStatus, msg, result string, cl
 // endRun is finish once r is claimed (the caller set r.ended).
 func (sl *slot) endRun(r *run, status agentpb.TaskStatus, msg, result string, closeAck bool) {
 	sl.cur.CompareAndSwap(r, nil)
+	sl.srv.untrack(r)
 	r.cancel()
 	r.disarm()
 	r.t.Finish(status, msg, result)

@@ -94,4 +94,11 @@ type Stats struct {
 	StopLatency Histogram
 	// Slots is the number of connected slots.
 	Slots atomic.Int64
+	// Resent counts upstream packets dropped because their seq was
+	// recorded already (resent after a hand-over).
+	Resent atomic.Int64
+	// AcksSent counts cumulative acks (ACK_KIND_RECORDED) queued.
+	AcksSent atomic.Int64
+	// Detached counts sessions detached by a drain for a hand-over.
+	Detached atomic.Int64
 }

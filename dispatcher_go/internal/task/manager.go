@@ -95,6 +95,17 @@ type ManagerOptions struct {
 	// only. With it, the event-log store given to NewManager must be a
 	// Reopener.
 	Persistence Persistence
+	// HandOverWindow, with Persistence, is how long a task that was
+	// RUNNING when the dispatcher stopped waits after Restore for its
+	// session to re-attach (Reattach) before it ends FAILURE
+	// (HandOverExpiredMessage). It also makes Shutdown hand tasks over
+	// rather than end them: pending tasks and sessions that detached are
+	// left for the next run. 0: no hand-over (such tasks are FAILURE at
+	// Restore; Shutdown ends everything).
+	HandOverWindow time.Duration
+	// Claimer takes a task when its session re-attaches (nil: the attempt
+	// after the one in memory).
+	Claimer Claimer
 	// Logger receives lifecycle logs; nil discards.
 	Logger *slog.Logger
 }
@@ -491,27 +502,43 @@ func (m *Manager) ApproveToolCall(id, callID string, approve bool, reason string
 	return a.ResolveHold(callID, approve, reason)
 }
 
+// HandsOver reports whether Shutdown hands tasks over to the next run
+// (HandOverWindow with Persistence) instead of ending them.
+func (m *Manager) HandsOver() bool { return m.persist != nil && m.opts.HandOverWindow > 0 }
+
+// Close refuses new tasks (and re-attaches) from now on; Shutdown does too.
+func (m *Manager) Close() { m.closed.Store(true) }
+
 // Shutdown refuses new tasks, lets queued and running ones finish until ctx
 // ends, then stops what is left (STOP_CODE_SHUTDOWN) and waits up to the
 // stop grace for it. Pending tasks still queued at that point fail.
+//
+// When it hands over (HandsOver), pending tasks and tasks whose sessions
+// detached (Task.Detach) are left as they are, stored PENDING and RUNNING
+// for the next run to queue again and to wait for; only sessions still
+// attached (commanders that did not move) are waited for and stopped.
 func (m *Manager) Shutdown(ctx context.Context) {
 	m.closed.Store(true)
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
+	active := m.reg.Active
+	if m.HandsOver() {
+		active = m.attached
+	}
 wait:
-	for len(m.reg.Active()) > 0 {
+	for len(active()) > 0 {
 		select {
 		case <-ctx.Done():
 			break wait
 		case <-tick.C:
 		}
 	}
-	active := m.reg.Active()
-	if len(active) == 0 {
+	left := active()
+	if len(left) == 0 {
 		return
 	}
 	const reason = "dispatcher shutting down"
-	for _, t := range active {
+	for _, t := range left {
 		if m.queue.Remove(t) {
 			t.Finish(agentpb.TaskStatus_FAILURE, reason, "")
 			continue
@@ -525,7 +552,7 @@ wait:
 	}
 	deadline := time.NewTimer(m.opts.StopGrace + 500*time.Millisecond)
 	defer deadline.Stop()
-	for _, t := range active {
+	for _, t := range left {
 		select {
 		case <-t.Done():
 		case <-deadline.C:
@@ -533,6 +560,19 @@ wait:
 			return
 		}
 	}
+}
+
+// attached are the tasks running on a session that is attached here.
+func (m *Manager) attached() []*Task {
+	var out []*Task
+	for _, t := range m.reg.Active() {
+		if r, st := t.runnerState(); st == agentpb.TaskStatus_RUNNING && r != nil {
+			if _, waiting := r.(*waiter); !waiting {
+				out = append(out, t)
+			}
+		}
+	}
+	return out
 }
 
 // Closed reports whether Shutdown has begun.

@@ -92,6 +92,14 @@ type Snapshot struct {
 	// state, a requeued one fails rather than run without it.
 	Policy    *policy.Policy
 	PolicyErr error
+	// Attempt is the task's attempt number (see Task.Attempt).
+	Attempt int64
+	// UpstreamSeq is, for a RUNNING task read back by Recover, the highest
+	// upstream seq its log holds (not stored in the record: read from the
+	// log).
+	UpstreamSeq uint64
+	// Stop is the stop decided for the task's running session, if any.
+	Stop *dispatchv1.StopSignal
 }
 
 // Info is the snapshot as readers see it.
@@ -115,6 +123,12 @@ type Recovered struct {
 	// Pending are the tasks to queue again, oldest first (status PENDING;
 	// their new state is not stored yet).
 	Pending []Snapshot
+	// Running are the tasks that were RUNNING, whose sessions may
+	// re-attach (only when the Persistence was asked to keep them, see
+	// taskstore.Options.KeepRunning; otherwise they are in Finished,
+	// FAILURE). Restore makes each wait for its session for the hand-over
+	// window.
+	Running []Snapshot
 	// Report counts the tasks found (Requeued is left to Restore).
 	Report RestoreReport
 }
@@ -128,6 +142,9 @@ type RestoreReport struct {
 	// Failed tasks were RUNNING and are now FAILURE
 	// (taskstore.RestartFailureMessage).
 	Failed int
+	// Waiting tasks were RUNNING and wait for their sessions to re-attach
+	// (ManagerOptions.HandOverWindow).
+	Waiting int
 	// Finished tasks had ended but their record had not caught up with
 	// their terminal event; they take the status the event shows.
 	Finished int
@@ -183,10 +200,26 @@ func (m *Manager) Restore(ctx context.Context) (RestoreReport, error) {
 		}
 		rep.Requeued++
 	}
+	for _, s := range got.Running {
+		log, err := m.reopen.Restore(s.ID, s.LastSeq, false)
+		if err != nil {
+			return rep, err
+		}
+		t := m.rebuild(s, log)
+		m.reg.add(t)
+		if t.policyErr != nil {
+			// Its session must not go on looser than it was submitted.
+			t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile after the dispatcher restart: "+t.policyErr.Error(), "")
+			continue
+		}
+		t.waitForReattach(m.opts.HandOverWindow)
+		rep.Waiting++
+	}
 	if err := m.persist.Flush(ctx); err != nil {
 		return rep, fmt.Errorf("restore: %w", err)
 	}
-	m.log.Info("state restored", "loaded", rep.Loaded, "requeued", rep.Requeued, "failed_running", rep.Failed, "finished", rep.Finished)
+	m.log.Info("state restored", "loaded", rep.Loaded, "requeued", rep.Requeued, "failed_running", rep.Failed, "finished", rep.Finished,
+		"waiting_for_reattach", rep.Waiting, "handover_window", m.opts.HandOverWindow)
 	return rep, nil
 }
 
@@ -220,7 +253,7 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		status: s.Status, message: s.Message, result: s.Result, config: s.Config,
 		startedAt: s.StartedAt, endedAt: s.EndedAt, commanderID: s.CommanderID,
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
-		sandboxKept: s.SandboxKept, requeues: s.Requeues,
+		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
 	}
 	if Terminal(t.status) {
 		close(t.done)
@@ -240,6 +273,7 @@ func (t *Task) snapshotLocked() Snapshot {
 		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
 		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history,
 		Config: t.config, Requeues: t.requeues, Policy: t.policy, PolicyErr: t.policyErr,
+		Attempt: t.attempt, Stop: t.stop,
 	}
 }
 

@@ -185,6 +185,13 @@ type Task struct {
 	// client asked to cancel: such a task is never put back in the queue.
 	requeues     int
 	cancelReason string
+	// attempt counts the task's starts and re-attaches (handover.go);
+	// upstreamSeq is the highest upstream seq its log held when it was
+	// restored (a re-attaching session resends what comes after it).
+	attempt     int64
+	upstreamSeq uint64
+	// stop is the stop decided for the running session, if any (Fence).
+	stop *dispatchv1.StopSignal
 }
 
 // ID is the task's id.
@@ -329,6 +336,9 @@ func (t *Task) Start(r Runner, commanderID, sessionID string) error {
 	t.message = "running"
 	t.startedAt = time.Now()
 	t.runner = r
+	t.attempt++
+	t.upstreamSeq = 0
+	t.stop = nil
 	t.commanderID = commanderID
 	t.sessionID = sessionID
 	if t.span != nil {
@@ -491,9 +501,18 @@ func (t *Task) Record(ev *dispatchv1.TaskEvent, class eventlog.Class) (uint64, e
 
 // Fence records ev (a stop) and refuses all later Fenceable events: from
 // here on no planner output of this task reaches any reader.
+// A stop is also kept on the task (and stored with it), so that a session
+// re-attaching after a restart is stopped again (handover.go).
 func (t *Task) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 	t.stamp(ev)
-	return t.log.Fence(ev)
+	seq, err := t.log.Fence(ev)
+	if st := ev.GetStop(); st != nil {
+		t.mu.Lock()
+		t.stop = proto.Clone(st).(*dispatchv1.StopSignal)
+		t.saveLocked()
+		t.mu.Unlock()
+	}
+	return seq, err
 }
 
 func (t *Task) stamp(ev *dispatchv1.TaskEvent) {

@@ -41,9 +41,19 @@ type body struct {
 	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
 	LastSeq        uint64            `json:"lastSeq,omitempty"`
 	Requeues       int               `json:"requeues,omitempty"`
+	Attempt        int64             `json:"attempt,omitempty"`
+	// Stop is the stop decided for the running session: a session that
+	// re-attaches after a restart is stopped again.
+	Stop *stopBody `json:"stop,omitempty"`
 	// PolicyYAML is the task's own policy: a requeued task must not run
 	// looser than it was submitted.
 	PolicyYAML string `json:"policyYaml,omitempty"`
+}
+
+type stopBody struct {
+	Reason string `json:"reason,omitempty"`
+	Code   int32  `json:"code,omitempty"`
+	RuleID string `json:"ruleId,omitempty"`
 }
 
 type turn struct {
@@ -58,10 +68,13 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 		StartedAt: store.Micros(snap.StartedAt), CommanderID: snap.CommanderID, SessionID: snap.SessionID,
 		PreviousTaskID: snap.PreviousTaskID, Tenant: snap.Tenant, Labels: snap.Labels, Required: snap.Required,
 		DestroySandbox: snap.DestroySandbox, TimeoutMS: snap.Timeout.Milliseconds(), Stats: snap.Stats,
-		LastSeq: snap.LastSeq, Requeues: snap.Requeues,
+		LastSeq: snap.LastSeq, Requeues: snap.Requeues, Attempt: snap.Attempt,
 	}
 	if snap.Policy != nil {
 		b.PolicyYAML = string(snap.Policy.Source())
+	}
+	if st := snap.Stop; st != nil && !task.Terminal(snap.Status) {
+		b.Stop = &stopBody{Reason: st.GetReason(), Code: int32(st.GetCode()), RuleID: st.GetRuleId()}
 	}
 	for _, h := range snap.History {
 		b.History = append(b.History, turn{Role: h.GetRole(), Content: h.GetContent()})
@@ -115,10 +128,13 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 			LastSeq: b.LastSeq,
 		},
 		Required: b.Required, DestroySandbox: b.DestroySandbox,
-		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues,
+		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues, Attempt: b.Attempt,
 	}
 	for _, h := range b.History {
 		snap.History = append(snap.History, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})
+	}
+	if st := b.Stop; st != nil {
+		snap.Stop = &dispatchv1.StopSignal{Reason: st.Reason, Code: dispatchv1.StopCode(st.Code), RuleId: st.RuleID}
 	}
 	if len(b.Sandbox) > 0 {
 		sb := &agentpb.Sandbox{}

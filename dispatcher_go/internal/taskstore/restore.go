@@ -2,6 +2,7 @@ package taskstore
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -96,6 +97,18 @@ func (s *Store) Recover(ctx context.Context, maxKept int) (task.Recovered, error
 			snap.Status, snap.Message, snap.StartedAt, snap.CommanderID, snap.SessionID = agentpb.TaskStatus_PENDING, RequeuedMessage, time.Time{}, "", ""
 			snap.LastSeq = last
 			out.Pending = append(out.Pending, snap)
+		case s.keep:
+			// Its session may still run in its commander, which
+			// re-attaches it (task.Manager.Reattach). Its last event
+			// shows it ran, even if its record lagged behind.
+			snap.Status, snap.LastSeq = agentpb.TaskStatus_RUNNING, last
+			if snap.StartedAt.IsZero() {
+				snap.StartedAt = time.Now()
+			}
+			if snap.UpstreamSeq, err = s.upstreamSeq(ctx, snap.ID, last); err != nil {
+				return out, err
+			}
+			out.Running = append(out.Running, snap)
 		default:
 			snap.Status, snap.Message, snap.EndedAt = agentpb.TaskStatus_FAILURE, RestartFailureMessage, time.Now()
 			snap.LastSeq = last + 1
@@ -123,6 +136,48 @@ func (s *Store) lastEvent(ctx context.Context, taskID string) (uint64, *dispatch
 	}
 	return last, evs[0], nil
 }
+
+// upstreamScanPage is how many events upstreamSeq reads at a time.
+const upstreamScanPage = 64
+
+// upstreamSeq is the highest upstream seq among taskID's stored events up
+// to last: that of the newest event that has one (a session's seqs grow
+// with its events; the dispatcher's own events have none), 0 if none has.
+func (s *Store) upstreamSeq(ctx context.Context, taskID string, last uint64) (uint64, error) {
+	for hi := last; hi > 0; {
+		lo := uint64(0)
+		if hi > upstreamScanPage {
+			lo = hi - upstreamScanPage
+		}
+		evs, err := s.w.ReadStored(ctx, taskID, lo, int(hi-lo))
+		if err != nil {
+			return 0, fmt.Errorf("restore task %s: %w", taskID, err)
+		}
+		for i := len(evs) - 1; i >= 0; i-- {
+			if u := evs[i].GetUpstreamSeq(); u > 0 {
+				return u, nil
+			}
+		}
+		hi = lo
+	}
+	return 0, nil
+}
+
+// Claim implements task.Claimer on one node: the attempt after the one in
+// the task's stored record (the Manager stores the new one with the task).
+func (s *Store) Claim(ctx context.Context, taskID string) (int64, error) {
+	rec, err := s.st.GetTask(ctx, taskID)
+	if err != nil {
+		return 0, fmt.Errorf("claim task %s: %w", taskID, err)
+	}
+	var b body
+	if err := json.Unmarshal(rec.Body, &b); err != nil {
+		return 0, fmt.Errorf("claim task %s: stored body: %w", taskID, err)
+	}
+	return b.Attempt + 1, nil
+}
+
+var _ task.Claimer = (*Store)(nil)
 
 // finish writes snap, which Recover ended (and ev, its terminal event, if
 // not stored yet), synchronously. Its config keeps no secret from here on.

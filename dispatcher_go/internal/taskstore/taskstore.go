@@ -41,6 +41,10 @@ type Options struct {
 	// secrets that pending and running tasks and the global config need
 	// after a restart; without it they are not stored at all.
 	SecretKey []byte
+	// KeepRunning makes Recover hand back the tasks that were RUNNING
+	// (task.Recovered.Running), for their sessions to re-attach, instead of
+	// ending them FAILURE (RestartFailureMessage).
+	KeepRunning bool
 	// Logger receives what could not be read or written; nil discards.
 	Logger *slog.Logger
 }
@@ -54,6 +58,7 @@ type Store struct {
 	w      *store.Writer
 	sealer *secret.Sealer // nil: secrets are dropped, not kept
 	log    *slog.Logger
+	keep   bool // Options.KeepRunning
 	// evicted counts finished tasks dropped from memory; listFlushed is
 	// its value when ListFinished last made the store catch up.
 	evicted, listFlushed atomic.Uint64
@@ -70,7 +75,7 @@ func New(opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Store{st: opts.Store, w: opts.Writer, sealer: sealer, log: opts.Logger}, nil
+	return &Store{st: opts.Store, w: opts.Writer, sealer: sealer, log: opts.Logger, keep: opts.KeepRunning}, nil
 }
 
 // Save implements task.Persistence: the record is queued on the Writer.

@@ -18,6 +18,14 @@ Life of a stream (see docs/protocol.md for the full state machine):
      result (it finished) or stopped (it obeyed a stop).
   5. The dispatcher answers ack{kind: ACK_KIND_SESSION_CLOSED}; the slot is
      idle again and may receive the next start.
+Hand-over (docs/protocol.md, "Session hand-over"): every upstream packet of a
+session carries seq 1, 2, 3...; the dispatcher acknowledges, batched, the
+highest seq it has durably recorded (ack{ACK_KIND_RECORDED, upstream_seq}).
+A commander that lost its dispatcher keeps the session running, buffers
+what was not acknowledged, reconnects and sends hello{reattach}; the
+dispatcher answers ack{ACK_KIND_HELLO, session_id, upstream_seq, attempt}
+and the commander resends exactly the packets after upstream_seq. A
+draining dispatcher sends move: reconnect (elsewhere) and re-attach.
 A stop goes ahead of every other queued downstream packet. After a stop the
 dispatcher drops further thought/content of the session and refuses its tool
 calls itself. No stopped within the grace period ends the RPC (ABORTED).
@@ -74,6 +82,11 @@ class _AckKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AckKind.Value
     """An upstream packet was refused (no payload, unknown session, ...); the
     stream and any running session go on. detail says why.
     """
+    ACK_KIND_RECORDED: _AckKind.ValueType  # 4
+    """Cumulative: every upstream packet of session_id with seq <= upstream_seq
+    is durably recorded (the commander may forget them). Batched: at most one
+    per session per ack interval, never one per packet.
+    """
 
 class AckKind(_AckKind, metaclass=_AckKindEnumTypeWrapper):
     """AckKind says what an Ack acknowledges."""
@@ -86,6 +99,11 @@ ACK_KIND_SESSION_CLOSED: AckKind.ValueType  # 2
 ACK_KIND_REJECTED: AckKind.ValueType  # 3
 """An upstream packet was refused (no payload, unknown session, ...); the
 stream and any running session go on. detail says why.
+"""
+ACK_KIND_RECORDED: AckKind.ValueType  # 4
+"""Cumulative: every upstream packet of session_id with seq <= upstream_seq
+is durably recorded (the commander may forget them). Batched: at most one
+per session per ack interval, never one per packet.
 """
 Global___AckKind: _TypeAlias = AckKind  # noqa: Y015
 
@@ -163,11 +181,19 @@ class UpstreamPacket(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session the packet belongs to; empty only on hello."""
     timestamp: _builtins.int
     """When the commander emitted the packet, Unix time in microseconds. Used for
     relay-latency measurement; never trusted for ordering.
+    """
+    seq: _builtins.int
+    """The packet's number within its session: 1, 2, 3... in the order the
+    commander writes them, the same number when it resends a packet after a
+    hand-over. 0: not numbered (hello; commanders older than the hand-over).
+    The dispatcher drops a numbered packet whose seq it has already
+    recorded, so a resent packet is recorded once.
     """
     @_builtins.property
     def thought(self) -> Global___ThoughtChain: ...
@@ -207,10 +233,11 @@ class UpstreamPacket(_message.Message):
         result: Global___FinalResult | None = ...,
         stopped: Global___Stopped | None = ...,
         sandbox: Global___SandboxInUse | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "seq", b"seq", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["thought", "content", "tool_call", "error", "hello", "usage", "stage", "artifact", "result", "stopped", "sandbox"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -250,6 +277,7 @@ class Hello(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SLOT_INDEX_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    REATTACH_FIELD_NUMBER: _builtins.int
     commander_id: _builtins.str
     """Stable id of the commander process (several slots share it)."""
     version: _builtins.str
@@ -272,6 +300,16 @@ class Hello(_message.Message):
         it names here.
         """
 
+    @_builtins.property
+    def reattach(self) -> Global___Reattach:
+        """Set when the slot re-attaches a session that was running when the
+        commander lost its dispatcher: the slot is not idle, it continues that
+        session. The answer is ack{ACK_KIND_HELLO} with session_id set to it
+        (re-attached, see Ack) or empty (refused: the task ended, or is not
+        waiting for this session; detail says why, and the commander ends the
+        session's planner).
+        """
+
     def __init__(
         self,
         *,
@@ -281,14 +319,49 @@ class Hello(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         slot_index: _builtins.int = ...,
         tenants: _abc.Iterable[_builtins.str] | None = ...,
+        reattach: Global___Reattach | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reattach", b"reattach"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "commander_id", b"commander_id", "labels", b"labels", "slot_index", b"slot_index", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "commander_id", b"commander_id", "labels", b"labels", "reattach", b"reattach", "slot_index", b"slot_index", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Reattach(_message.Message):
+    """Reattach names a running session that continues on a new stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    session_id: _builtins.str
+    attempt: _builtins.int
+    """The attempt the commander last heard of (start.attempt or the last
+    re-attach's ack.attempt); for logs, the dispatcher does not fence on it.
+    """
+    acked_seq: _builtins.int
+    """The highest upstream seq the commander saw acknowledged."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        acked_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "attempt", b"attempt", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reattach: _TypeAlias = Reattach  # noqa: Y015
 
 @_typing.final
 class ThoughtChain(_message.Message):
@@ -627,9 +700,12 @@ class DownstreamPacket(_message.Message):
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     USER_INPUT_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The session the packet is about; empty for the hello ack."""
+    """The session the packet is about; empty for the hello ack (unless it
+    answers a re-attach) and for move.
+    """
     @_builtins.property
     def ack(self) -> Global___Ack: ...
     @_builtins.property
@@ -640,6 +716,8 @@ class DownstreamPacket(_message.Message):
     def start(self) -> Global___StartSession: ...
     @_builtins.property
     def user_input(self) -> Global___UserInput: ...
+    @_builtins.property
+    def move(self) -> Global___Move: ...
     def __init__(
         self,
         *,
@@ -648,17 +726,43 @@ class DownstreamPacket(_message.Message):
         tool_result: Global___ToolCallResult | None = ...,
         start: Global___StartSession | None = ...,
         user_input: Global___UserInput | None = ...,
+        move: Global___Move | None = ...,
         session_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "signal", b"signal", "start", b"start", "stop", b"stop", "tool_result", b"tool_result", "user_input", b"user_input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "move", b"move", "signal", b"signal", "start", b"start", "stop", b"stop", "tool_result", b"tool_result", "user_input", b"user_input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "session_id", b"session_id", "signal", b"signal", "start", b"start", "stop", b"stop", "tool_result", b"tool_result", "user_input", b"user_input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "move", b"move", "session_id", b"session_id", "signal", b"signal", "start", b"start", "stop", b"stop", "tool_result", b"tool_result", "user_input", b"user_input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_signal: _TypeAlias = _typing.Literal["ack", "stop", "tool_result", "start", "user_input"]  # noqa: Y015
+    _WhichOneofReturnType_signal: _TypeAlias = _typing.Literal["ack", "stop", "tool_result", "start", "user_input", "move"]  # noqa: Y015
     _WhichOneofArgType_signal: _TypeAlias = _typing.Literal["signal", b"signal"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_signal) -> _WhichOneofReturnType_signal | None: ...
 
 Global___DownstreamPacket: _TypeAlias = DownstreamPacket  # noqa: Y015
+
+@_typing.final
+class Move(_message.Message):
+    """Move tells a commander to leave this dispatcher (it drains): stop writing
+    on this stream, half-close it, reconnect (to another address first, if it
+    has several) and re-attach its session there. The dispatcher keeps the
+    session's task RUNNING for the next one to take over.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Move: _TypeAlias = Move  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -669,20 +773,32 @@ class Ack(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     SLOT_ID_FIELD_NUMBER: _builtins.int
+    UPSTREAM_SEQ_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     kind: Global___AckKind.ValueType
     detail: _builtins.str
     slot_id: _builtins.str
     """For ACK_KIND_HELLO: the id the dispatcher gave this slot."""
+    upstream_seq: _builtins.int
+    """For ACK_KIND_RECORDED, and ACK_KIND_HELLO answering a re-attach: the
+    highest upstream seq of the session durably recorded.
+    """
+    attempt: _builtins.int
+    """For ACK_KIND_HELLO answering a re-attach: the task's attempt number now
+    (the re-attach took the task with the attempt after the last one).
+    """
     def __init__(
         self,
         *,
         kind: Global___AckKind.ValueType = ...,
         detail: _builtins.str = ...,
         slot_id: _builtins.str = ...,
+        upstream_seq: _builtins.int = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "slot_id", b"slot_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detail", b"detail", "kind", b"kind", "slot_id", b"slot_id", "upstream_seq", b"upstream_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -784,6 +900,7 @@ class ToolSpec(_message.Message):
     PARAMETERS_JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     SIDE_EFFECTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "calculator", "computer.click"."""
     description: _builtins.str
@@ -793,6 +910,11 @@ class ToolSpec(_message.Message):
     """True when calling it changes the world (never retried blindly)."""
     timeout_ms: _builtins.int
     """Per-call timeout in milliseconds; 0 means the dispatcher's default."""
+    idempotent: _builtins.bool
+    """True when running the call twice is the same as running it once. A call
+    of such a tool in flight when its session is handed over to another
+    dispatcher is issued again; any other gets a retryable error result.
+    """
     def __init__(
         self,
         *,
@@ -801,10 +923,11 @@ class ToolSpec(_message.Message):
         parameters_json_schema: _builtins.str = ...,
         side_effects: _builtins.bool = ...,
         timeout_ms: _builtins.int = ...,
+        idempotent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json_schema", b"parameters_json_schema", "side_effects", b"side_effects", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "idempotent", b"idempotent", "name", b"name", "parameters_json_schema", b"parameters_json_schema", "side_effects", b"side_effects", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -893,12 +1016,17 @@ class StartSession(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     instruction: _builtins.str
     destroy_sandbox: _builtins.bool
     previous_task_id: _builtins.str
     planner: _builtins.str
     """Which planner to run, e.g. "chat"."""
+    attempt: _builtins.int
+    """The task's attempt number: 1 for its first start, higher after each
+    requeue or re-attach (a fencing token; see Reattach).
+    """
     @_builtins.property
     def config(self) -> _agent_pb2.CommonConfig:
         """The resolved config: the global config with the task's runningConfig
@@ -943,10 +1071,11 @@ class StartSession(_message.Message):
         tools: _abc.Iterable[Global___ToolSpec] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "config", b"config", "deadline", b"deadline", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "config", b"config", "deadline", b"deadline", "destroy_sandbox", b"destroy_sandbox", "history", b"history", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "previous_task_id", b"previous_task_id", "sandbox", b"sandbox", "task_id", b"task_id", "tools", b"tools", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "attempt", b"attempt", "config", b"config", "deadline", b"deadline", "destroy_sandbox", b"destroy_sandbox", "history", b"history", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "previous_task_id", b"previous_task_id", "sandbox", b"sandbox", "task_id", b"task_id", "tools", b"tools", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015

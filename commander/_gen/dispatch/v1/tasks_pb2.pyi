@@ -311,11 +311,18 @@ class TaskEvent(_message.Message):
     STOPPED_FIELD_NUMBER: _builtins.int
     USER_INPUT_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    UPSTREAM_SEQ_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     seq: _builtins.int
     """1, 2, 3, ... per task, no gaps."""
     emitted_at_us: _builtins.int
     """The commander's emit time (UpstreamPacket.timestamp), if any."""
+    upstream_seq: _builtins.int
+    """For an event recording a commander's packet: the packet's seq within its
+    session (UpstreamPacket.seq); 0 for events the dispatcher made. After a
+    restart the dispatcher reads the highest of a running task back from its
+    log, so a re-attaching commander resends only what was not recorded.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -367,10 +374,11 @@ class TaskEvent(_message.Message):
         stopped: _interaction_pb2.Stopped | None = ...,
         user_input: _interaction_pb2.UserInput | None = ...,
         policy: Global___PolicyDecision | None = ...,
+        upstream_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "kind", b"kind", "policy", b"policy", "result", b"result", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "emitted_at_us", b"emitted_at_us", "error", b"error", "kind", b"kind", "policy", b"policy", "result", b"result", "seq", b"seq", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "task_id", b"task_id", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "emitted_at_us", b"emitted_at_us", "error", b"error", "kind", b"kind", "policy", b"policy", "result", b"result", "seq", b"seq", "stage", b"stage", "state", b"state", "stop", b"stop", "stopped", b"stopped", "task_id", b"task_id", "thought", b"thought", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "upstream_seq", b"upstream_seq", "usage", b"usage", "user_input", b"user_input"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["state", "thought", "content", "tool_call", "tool_result", "error", "usage", "stage", "artifact", "result", "stop", "stopped", "user_input", "policy"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

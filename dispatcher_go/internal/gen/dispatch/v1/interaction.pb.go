@@ -15,6 +15,14 @@
 //      result (it finished) or stopped (it obeyed a stop).
 //   5. The dispatcher answers ack{kind: ACK_KIND_SESSION_CLOSED}; the slot is
 //      idle again and may receive the next start.
+// Hand-over (docs/protocol.md, "Session hand-over"): every upstream packet of a
+// session carries seq 1, 2, 3...; the dispatcher acknowledges, batched, the
+// highest seq it has durably recorded (ack{ACK_KIND_RECORDED, upstream_seq}).
+// A commander that lost its dispatcher keeps the session running, buffers
+// what was not acknowledged, reconnects and sends hello{reattach}; the
+// dispatcher answers ack{ACK_KIND_HELLO, session_id, upstream_seq, attempt}
+// and the commander resends exactly the packets after upstream_seq. A
+// draining dispatcher sends move: reconnect (elsewhere) and re-attach.
 // A stop goes ahead of every other queued downstream packet. After a stop the
 // dispatcher drops further thought/content of the session and refuses its tool
 // calls itself. No stopped within the grace period ends the RPC (ABORTED).
@@ -106,6 +114,10 @@ const (
 	// An upstream packet was refused (no payload, unknown session, ...); the
 	// stream and any running session go on. detail says why.
 	AckKind_ACK_KIND_REJECTED AckKind = 3
+	// Cumulative: every upstream packet of session_id with seq <= upstream_seq
+	// is durably recorded (the commander may forget them). Batched: at most one
+	// per session per ack interval, never one per packet.
+	AckKind_ACK_KIND_RECORDED AckKind = 4
 )
 
 // Enum value maps for AckKind.
@@ -115,12 +127,14 @@ var (
 		1: "ACK_KIND_HELLO",
 		2: "ACK_KIND_SESSION_CLOSED",
 		3: "ACK_KIND_REJECTED",
+		4: "ACK_KIND_RECORDED",
 	}
 	AckKind_value = map[string]int32{
 		"ACK_KIND_UNSPECIFIED":    0,
 		"ACK_KIND_HELLO":          1,
 		"ACK_KIND_SESSION_CLOSED": 2,
 		"ACK_KIND_REJECTED":       3,
+		"ACK_KIND_RECORDED":       4,
 	}
 )
 
@@ -296,7 +310,13 @@ type UpstreamPacket struct {
 	//	*UpstreamPacket_Result
 	//	*UpstreamPacket_Stopped
 	//	*UpstreamPacket_Sandbox
-	Payload       isUpstreamPacket_Payload `protobuf_oneof:"payload"`
+	Payload isUpstreamPacket_Payload `protobuf_oneof:"payload"`
+	// The packet's number within its session: 1, 2, 3... in the order the
+	// commander writes them, the same number when it resends a packet after a
+	// hand-over. 0: not numbered (hello; commanders older than the hand-over).
+	// The dispatcher drops a numbered packet whose seq it has already
+	// recorded, so a resent packet is recorded once.
+	Seq           uint64 `protobuf:"varint,14,opt,name=seq,proto3" json:"seq,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -451,6 +471,13 @@ func (x *UpstreamPacket) GetSandbox() *SandboxInUse {
 	return nil
 }
 
+func (x *UpstreamPacket) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 type isUpstreamPacket_Payload interface {
 	isUpstreamPacket_Payload()
 }
@@ -538,7 +565,14 @@ type Hello struct {
 	// names them). Empty: every tenant's. A commander that authenticates
 	// with a tenant's own commander token serves that tenant only, whatever
 	// it names here.
-	Tenants       []string `protobuf:"bytes,6,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	Tenants []string `protobuf:"bytes,6,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	// Set when the slot re-attaches a session that was running when the
+	// commander lost its dispatcher: the slot is not idle, it continues that
+	// session. The answer is ack{ACK_KIND_HELLO} with session_id set to it
+	// (re-attached, see Ack) or empty (refused: the task ended, or is not
+	// waiting for this session; detail says why, and the commander ends the
+	// session's planner).
+	Reattach      *Reattach `protobuf:"bytes,7,opt,name=reattach,proto3" json:"reattach,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -615,6 +649,85 @@ func (x *Hello) GetTenants() []string {
 	return nil
 }
 
+func (x *Hello) GetReattach() *Reattach {
+	if x != nil {
+		return x.Reattach
+	}
+	return nil
+}
+
+// Reattach names a running session that continues on a new stream.
+type Reattach struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	TaskId    string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
+	SessionId string                 `protobuf:"bytes,2,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The attempt the commander last heard of (start.attempt or the last
+	// re-attach's ack.attempt); for logs, the dispatcher does not fence on it.
+	Attempt int64 `protobuf:"varint,3,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// The highest upstream seq the commander saw acknowledged.
+	AckedSeq      uint64 `protobuf:"varint,4,opt,name=acked_seq,json=ackedSeq,proto3" json:"acked_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Reattach) Reset() {
+	*x = Reattach{}
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Reattach) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Reattach) ProtoMessage() {}
+
+func (x *Reattach) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Reattach.ProtoReflect.Descriptor instead.
+func (*Reattach) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Reattach) GetTaskId() string {
+	if x != nil {
+		return x.TaskId
+	}
+	return ""
+}
+
+func (x *Reattach) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *Reattach) GetAttempt() int64 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+func (x *Reattach) GetAckedSeq() uint64 {
+	if x != nil {
+		return x.AckedSeq
+	}
+	return 0
+}
+
 // ThoughtChain is a piece of the model's reasoning (chain of thought).
 type ThoughtChain struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -628,7 +741,7 @@ type ThoughtChain struct {
 
 func (x *ThoughtChain) Reset() {
 	*x = ThoughtChain{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -640,7 +753,7 @@ func (x *ThoughtChain) String() string {
 func (*ThoughtChain) ProtoMessage() {}
 
 func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -653,7 +766,7 @@ func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThoughtChain.ProtoReflect.Descriptor instead.
 func (*ThoughtChain) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ThoughtChain) GetStepName() string {
@@ -682,7 +795,7 @@ type ContentChunk struct {
 
 func (x *ContentChunk) Reset() {
 	*x = ContentChunk{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +807,7 @@ func (x *ContentChunk) String() string {
 func (*ContentChunk) ProtoMessage() {}
 
 func (x *ContentChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +820,7 @@ func (x *ContentChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContentChunk.ProtoReflect.Descriptor instead.
 func (*ContentChunk) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ContentChunk) GetText() string {
@@ -743,7 +856,7 @@ type ToolCallRequest struct {
 
 func (x *ToolCallRequest) Reset() {
 	*x = ToolCallRequest{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -755,7 +868,7 @@ func (x *ToolCallRequest) String() string {
 func (*ToolCallRequest) ProtoMessage() {}
 
 func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -768,7 +881,7 @@ func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallRequest.ProtoReflect.Descriptor instead.
 func (*ToolCallRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ToolCallRequest) GetToolName() string {
@@ -811,7 +924,7 @@ type ErrorSignal struct {
 
 func (x *ErrorSignal) Reset() {
 	*x = ErrorSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -823,7 +936,7 @@ func (x *ErrorSignal) String() string {
 func (*ErrorSignal) ProtoMessage() {}
 
 func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -836,7 +949,7 @@ func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorSignal.ProtoReflect.Descriptor instead.
 func (*ErrorSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ErrorSignal) GetCode() string {
@@ -870,7 +983,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +995,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1008,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -951,7 +1064,7 @@ type StageChange struct {
 
 func (x *StageChange) Reset() {
 	*x = StageChange{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1076,7 @@ func (x *StageChange) String() string {
 func (*StageChange) ProtoMessage() {}
 
 func (x *StageChange) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1089,7 @@ func (x *StageChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageChange.ProtoReflect.Descriptor instead.
 func (*StageChange) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StageChange) GetStage() string {
@@ -1009,7 +1122,7 @@ type Artifact struct {
 
 func (x *Artifact) Reset() {
 	*x = Artifact{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1021,7 +1134,7 @@ func (x *Artifact) String() string {
 func (*Artifact) ProtoMessage() {}
 
 func (x *Artifact) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1034,7 +1147,7 @@ func (x *Artifact) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Artifact.ProtoReflect.Descriptor instead.
 func (*Artifact) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Artifact) GetKind() string {
@@ -1088,7 +1201,7 @@ type SandboxInUse struct {
 
 func (x *SandboxInUse) Reset() {
 	*x = SandboxInUse{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1213,7 @@ func (x *SandboxInUse) String() string {
 func (*SandboxInUse) ProtoMessage() {}
 
 func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1226,7 @@ func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SandboxInUse.ProtoReflect.Descriptor instead.
 func (*SandboxInUse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SandboxInUse) GetSandbox() *agent.Sandbox {
@@ -1144,7 +1257,7 @@ type FinalResult struct {
 
 func (x *FinalResult) Reset() {
 	*x = FinalResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1156,7 +1269,7 @@ func (x *FinalResult) String() string {
 func (*FinalResult) ProtoMessage() {}
 
 func (x *FinalResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1169,7 +1282,7 @@ func (x *FinalResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinalResult.ProtoReflect.Descriptor instead.
 func (*FinalResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FinalResult) GetOutcome() SessionOutcome {
@@ -1205,7 +1318,7 @@ type Stopped struct {
 
 func (x *Stopped) Reset() {
 	*x = Stopped{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1217,7 +1330,7 @@ func (x *Stopped) String() string {
 func (*Stopped) ProtoMessage() {}
 
 func (x *Stopped) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1230,7 +1343,7 @@ func (x *Stopped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stopped.ProtoReflect.Descriptor instead.
 func (*Stopped) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Stopped) GetReason() string {
@@ -1257,8 +1370,10 @@ type DownstreamPacket struct {
 	//	*DownstreamPacket_ToolResult
 	//	*DownstreamPacket_Start
 	//	*DownstreamPacket_UserInput
+	//	*DownstreamPacket_Move
 	Signal isDownstreamPacket_Signal `protobuf_oneof:"signal"`
-	// The session the packet is about; empty for the hello ack.
+	// The session the packet is about; empty for the hello ack (unless it
+	// answers a re-attach) and for move.
 	SessionId     string `protobuf:"bytes,4,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1266,7 +1381,7 @@ type DownstreamPacket struct {
 
 func (x *DownstreamPacket) Reset() {
 	*x = DownstreamPacket{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1278,7 +1393,7 @@ func (x *DownstreamPacket) String() string {
 func (*DownstreamPacket) ProtoMessage() {}
 
 func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1291,7 +1406,7 @@ func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownstreamPacket.ProtoReflect.Descriptor instead.
 func (*DownstreamPacket) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DownstreamPacket) GetSignal() isDownstreamPacket_Signal {
@@ -1346,6 +1461,15 @@ func (x *DownstreamPacket) GetUserInput() *UserInput {
 	return nil
 }
 
+func (x *DownstreamPacket) GetMove() *Move {
+	if x != nil {
+		if x, ok := x.Signal.(*DownstreamPacket_Move); ok {
+			return x.Move
+		}
+	}
+	return nil
+}
+
 func (x *DownstreamPacket) GetSessionId() string {
 	if x != nil {
 		return x.SessionId
@@ -1377,6 +1501,10 @@ type DownstreamPacket_UserInput struct {
 	UserInput *UserInput `protobuf:"bytes,6,opt,name=user_input,json=userInput,proto3,oneof"`
 }
 
+type DownstreamPacket_Move struct {
+	Move *Move `protobuf:"bytes,7,opt,name=move,proto3,oneof"`
+}
+
 func (*DownstreamPacket_Ack) isDownstreamPacket_Signal() {}
 
 func (*DownstreamPacket_Stop) isDownstreamPacket_Signal() {}
@@ -1387,20 +1515,76 @@ func (*DownstreamPacket_Start) isDownstreamPacket_Signal() {}
 
 func (*DownstreamPacket_UserInput) isDownstreamPacket_Signal() {}
 
+func (*DownstreamPacket_Move) isDownstreamPacket_Signal() {}
+
+// Move tells a commander to leave this dispatcher (it drains): stop writing
+// on this stream, half-close it, reconnect (to another address first, if it
+// has several) and re-attach its session there. The dispatcher keeps the
+// session's task RUNNING for the next one to take over.
+type Move struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Reason        string                 `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Move) Reset() {
+	*x = Move{}
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Move) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Move) ProtoMessage() {}
+
+func (x *Move) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Move.ProtoReflect.Descriptor instead.
+func (*Move) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *Move) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // Ack acknowledges or refuses an upstream packet.
 type Ack struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Kind   AckKind                `protobuf:"varint,1,opt,name=kind,proto3,enum=dispatch.v1.AckKind" json:"kind,omitempty"`
 	Detail string                 `protobuf:"bytes,2,opt,name=detail,proto3" json:"detail,omitempty"`
 	// For ACK_KIND_HELLO: the id the dispatcher gave this slot.
-	SlotId        string `protobuf:"bytes,3,opt,name=slot_id,json=slotId,proto3" json:"slot_id,omitempty"`
+	SlotId string `protobuf:"bytes,3,opt,name=slot_id,json=slotId,proto3" json:"slot_id,omitempty"`
+	// For ACK_KIND_RECORDED, and ACK_KIND_HELLO answering a re-attach: the
+	// highest upstream seq of the session durably recorded.
+	UpstreamSeq uint64 `protobuf:"varint,4,opt,name=upstream_seq,json=upstreamSeq,proto3" json:"upstream_seq,omitempty"`
+	// For ACK_KIND_HELLO answering a re-attach: the task's attempt number now
+	// (the re-attach took the task with the attempt after the last one).
+	Attempt       int64 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1412,7 +1596,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1425,7 +1609,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Ack) GetKind() AckKind {
@@ -1449,6 +1633,20 @@ func (x *Ack) GetSlotId() string {
 	return ""
 }
 
+func (x *Ack) GetUpstreamSeq() uint64 {
+	if x != nil {
+		return x.UpstreamSeq
+	}
+	return 0
+}
+
+func (x *Ack) GetAttempt() int64 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
 // StopSignal tells the commander to stop the session now.
 type StopSignal struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1463,7 +1661,7 @@ type StopSignal struct {
 
 func (x *StopSignal) Reset() {
 	*x = StopSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1475,7 +1673,7 @@ func (x *StopSignal) String() string {
 func (*StopSignal) ProtoMessage() {}
 
 func (x *StopSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1488,7 +1686,7 @@ func (x *StopSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSignal.ProtoReflect.Descriptor instead.
 func (*StopSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StopSignal) GetReason() string {
@@ -1523,7 +1721,7 @@ type ToolError struct {
 
 func (x *ToolError) Reset() {
 	*x = ToolError{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1535,7 +1733,7 @@ func (x *ToolError) String() string {
 func (*ToolError) ProtoMessage() {}
 
 func (x *ToolError) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1548,7 +1746,7 @@ func (x *ToolError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolError.ProtoReflect.Descriptor instead.
 func (*ToolError) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ToolError) GetCode() ToolErrorCode {
@@ -1579,7 +1777,7 @@ type ToolCallResult struct {
 
 func (x *ToolCallResult) Reset() {
 	*x = ToolCallResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1591,7 +1789,7 @@ func (x *ToolCallResult) String() string {
 func (*ToolCallResult) ProtoMessage() {}
 
 func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1604,7 +1802,7 @@ func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallResult.ProtoReflect.Descriptor instead.
 func (*ToolCallResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ToolCallResult) GetToolName() string {
@@ -1646,14 +1844,18 @@ type ToolSpec struct {
 	// True when calling it changes the world (never retried blindly).
 	SideEffects bool `protobuf:"varint,4,opt,name=side_effects,json=sideEffects,proto3" json:"side_effects,omitempty"`
 	// Per-call timeout in milliseconds; 0 means the dispatcher's default.
-	TimeoutMs     int64 `protobuf:"varint,5,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	TimeoutMs int64 `protobuf:"varint,5,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// True when running the call twice is the same as running it once. A call
+	// of such a tool in flight when its session is handed over to another
+	// dispatcher is issued again; any other gets a retryable error result.
+	Idempotent    bool `protobuf:"varint,6,opt,name=idempotent,proto3" json:"idempotent,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ToolSpec) Reset() {
 	*x = ToolSpec{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1867,7 @@ func (x *ToolSpec) String() string {
 func (*ToolSpec) ProtoMessage() {}
 
 func (x *ToolSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1880,7 @@ func (x *ToolSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolSpec.ProtoReflect.Descriptor instead.
 func (*ToolSpec) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolSpec) GetName() string {
@@ -1716,6 +1918,13 @@ func (x *ToolSpec) GetTimeoutMs() int64 {
 	return 0
 }
 
+func (x *ToolSpec) GetIdempotent() bool {
+	if x != nil {
+		return x.Idempotent
+	}
+	return false
+}
+
 // ConversationTurn is one message of a previous task, for continuation.
 type ConversationTurn struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1728,7 +1937,7 @@ type ConversationTurn struct {
 
 func (x *ConversationTurn) Reset() {
 	*x = ConversationTurn{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +1949,7 @@ func (x *ConversationTurn) String() string {
 func (*ConversationTurn) ProtoMessage() {}
 
 func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +1962,7 @@ func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConversationTurn.ProtoReflect.Descriptor instead.
 func (*ConversationTurn) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ConversationTurn) GetRole() string {
@@ -1793,14 +2002,17 @@ type StartSession struct {
 	// W3C Trace Context of the dispatcher's span for this session
 	// ("traceparent", optionally "tracestate"): the commander's spans for the
 	// session are its children. Empty when there is no trace to continue.
-	TraceContext  map[string]string `protobuf:"bytes,12,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	TraceContext map[string]string `protobuf:"bytes,12,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The task's attempt number: 1 for its first start, higher after each
+	// requeue or re-attach (a fencing token; see Reattach).
+	Attempt       int64 `protobuf:"varint,13,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartSession) Reset() {
 	*x = StartSession{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1812,7 +2024,7 @@ func (x *StartSession) String() string {
 func (*StartSession) ProtoMessage() {}
 
 func (x *StartSession) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1825,7 +2037,7 @@ func (x *StartSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSession.ProtoReflect.Descriptor instead.
 func (*StartSession) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StartSession) GetTaskId() string {
@@ -1912,6 +2124,13 @@ func (x *StartSession) GetTraceContext() map[string]string {
 	return nil
 }
 
+func (x *StartSession) GetAttempt() int64 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
 // UserInput is a client's message injected into a running session.
 type UserInput struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1923,7 +2142,7 @@ type UserInput struct {
 
 func (x *UserInput) Reset() {
 	*x = UserInput{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1935,7 +2154,7 @@ func (x *UserInput) String() string {
 func (*UserInput) ProtoMessage() {}
 
 func (x *UserInput) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1948,7 +2167,7 @@ func (x *UserInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserInput.ProtoReflect.Descriptor instead.
 func (*UserInput) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UserInput) GetMessageId() string {
@@ -1969,7 +2188,7 @@ var File_dispatch_v1_interaction_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\n" +
-	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\x91\x05\n" +
+	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xa3\x05\n" +
 	"\x0eUpstreamPacket\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1c\n" +
@@ -1985,8 +2204,9 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	" \x01(\v2\x15.dispatch.v1.ArtifactH\x00R\bartifact\x122\n" +
 	"\x06result\x18\v \x01(\v2\x18.dispatch.v1.FinalResultH\x00R\x06result\x120\n" +
 	"\astopped\x18\f \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x125\n" +
-	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandboxB\t\n" +
-	"\apayload\"\x94\x02\n" +
+	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandbox\x12\x10\n" +
+	"\x03seq\x18\x0e \x01(\x04R\x03seqB\t\n" +
+	"\apayload\"\xc7\x02\n" +
 	"\x05Hello\x12!\n" +
 	"\fcommander_id\x18\x01 \x01(\tR\vcommanderId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\"\n" +
@@ -1994,10 +2214,17 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\x06labels\x18\x04 \x03(\v2\x1e.dispatch.v1.Hello.LabelsEntryR\x06labels\x12\x1d\n" +
 	"\n" +
 	"slot_index\x18\x05 \x01(\x05R\tslotIndex\x12\x18\n" +
-	"\atenants\x18\x06 \x03(\tR\atenants\x1a9\n" +
+	"\atenants\x18\x06 \x03(\tR\atenants\x121\n" +
+	"\breattach\x18\a \x01(\v2\x15.dispatch.v1.ReattachR\breattach\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"A\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"y\n" +
+	"\bReattach\x12\x17\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x02 \x01(\tR\tsessionId\x12\x18\n" +
+	"\aattempt\x18\x03 \x01(\x03R\aattempt\x12\x1b\n" +
+	"\tacked_seq\x18\x04 \x01(\x04R\backedSeq\"A\n" +
 	"\fThoughtChain\x12\x1b\n" +
 	"\tstep_name\x18\x01 \x01(\tR\bstepName\x12\x14\n" +
 	"\x05delta\x18\x02 \x01(\tR\x05delta\"?\n" +
@@ -2041,7 +2268,7 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\aStopped\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x123\n" +
 	"\vfinal_usage\x18\x02 \x01(\v2\x12.dispatch.v1.UsageR\n" +
-	"finalUsage\"\xbc\x02\n" +
+	"finalUsage\"\xe5\x02\n" +
 	"\x10DownstreamPacket\x12$\n" +
 	"\x03ack\x18\x01 \x01(\v2\x10.dispatch.v1.AckH\x00R\x03ack\x12-\n" +
 	"\x04stop\x18\x02 \x01(\v2\x17.dispatch.v1.StopSignalH\x00R\x04stop\x12>\n" +
@@ -2049,14 +2276,19 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"toolResult\x121\n" +
 	"\x05start\x18\x05 \x01(\v2\x19.dispatch.v1.StartSessionH\x00R\x05start\x127\n" +
 	"\n" +
-	"user_input\x18\x06 \x01(\v2\x16.dispatch.v1.UserInputH\x00R\tuserInput\x12\x1d\n" +
+	"user_input\x18\x06 \x01(\v2\x16.dispatch.v1.UserInputH\x00R\tuserInput\x12'\n" +
+	"\x04move\x18\a \x01(\v2\x11.dispatch.v1.MoveH\x00R\x04move\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x04 \x01(\tR\tsessionIdB\b\n" +
-	"\x06signal\"`\n" +
+	"\x06signal\"\x1e\n" +
+	"\x04Move\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x9d\x01\n" +
 	"\x03Ack\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.dispatch.v1.AckKindR\x04kind\x12\x16\n" +
 	"\x06detail\x18\x02 \x01(\tR\x06detail\x12\x17\n" +
-	"\aslot_id\x18\x03 \x01(\tR\x06slotId\"h\n" +
+	"\aslot_id\x18\x03 \x01(\tR\x06slotId\x12!\n" +
+	"\fupstream_seq\x18\x04 \x01(\x04R\vupstreamSeq\x12\x18\n" +
+	"\aattempt\x18\x05 \x01(\x03R\aattempt\"h\n" +
 	"\n" +
 	"StopSignal\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12)\n" +
@@ -2070,17 +2302,20 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\vresult_json\x18\x02 \x01(\tR\n" +
 	"resultJson\x12\x17\n" +
 	"\acall_id\x18\x03 \x01(\tR\x06callId\x12,\n" +
-	"\x05error\x18\x04 \x01(\v2\x16.dispatch.v1.ToolErrorR\x05error\"\xb8\x01\n" +
+	"\x05error\x18\x04 \x01(\v2\x16.dispatch.v1.ToolErrorR\x05error\"\xd8\x01\n" +
 	"\bToolSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x124\n" +
 	"\x16parameters_json_schema\x18\x03 \x01(\tR\x14parametersJsonSchema\x12!\n" +
 	"\fside_effects\x18\x04 \x01(\bR\vsideEffects\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x05 \x01(\x03R\ttimeoutMs\"@\n" +
+	"timeout_ms\x18\x05 \x01(\x03R\ttimeoutMs\x12\x1e\n" +
+	"\n" +
+	"idempotent\x18\x06 \x01(\bR\n" +
+	"idempotent\"@\n" +
 	"\x10ConversationTurn\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xd5\x05\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xef\x05\n" +
 	"\fStartSession\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x121\n" +
@@ -2094,7 +2329,8 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\x05tools\x18\n" +
 	" \x03(\v2\x15.dispatch.v1.ToolSpecR\x05tools\x12=\n" +
 	"\x06labels\x18\v \x03(\v2%.dispatch.v1.StartSession.LabelsEntryR\x06labels\x12P\n" +
-	"\rtrace_context\x18\f \x03(\v2+.dispatch.v1.StartSession.TraceContextEntryR\ftraceContext\x1a9\n" +
+	"\rtrace_context\x18\f \x03(\v2+.dispatch.v1.StartSession.TraceContextEntryR\ftraceContext\x12\x18\n" +
+	"\aattempt\x18\r \x01(\x03R\aattempt\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a?\n" +
@@ -2110,12 +2346,13 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\x0eSessionOutcome\x12\x1f\n" +
 	"\x1bSESSION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17SESSION_OUTCOME_SUCCESS\x10\x01\x12\x1b\n" +
-	"\x17SESSION_OUTCOME_FAILURE\x10\x02*k\n" +
+	"\x17SESSION_OUTCOME_FAILURE\x10\x02*\x82\x01\n" +
 	"\aAckKind\x12\x18\n" +
 	"\x14ACK_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eACK_KIND_HELLO\x10\x01\x12\x1b\n" +
 	"\x17ACK_KIND_SESSION_CLOSED\x10\x02\x12\x15\n" +
-	"\x11ACK_KIND_REJECTED\x10\x03*\x9e\x01\n" +
+	"\x11ACK_KIND_REJECTED\x10\x03\x12\x15\n" +
+	"\x11ACK_KIND_RECORDED\x10\x04*\x9e\x01\n" +
 	"\bStopCode\x12\x19\n" +
 	"\x15STOP_CODE_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17STOP_CODE_CLIENT_CANCEL\x10\x01\x12\x14\n" +
@@ -2149,7 +2386,7 @@ func file_dispatch_v1_interaction_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_interaction_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(SessionOutcome)(0),           // 0: dispatch.v1.SessionOutcome
 	(AckKind)(0),                  // 1: dispatch.v1.AckKind
@@ -2157,73 +2394,77 @@ var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(ToolErrorCode)(0),            // 3: dispatch.v1.ToolErrorCode
 	(*UpstreamPacket)(nil),        // 4: dispatch.v1.UpstreamPacket
 	(*Hello)(nil),                 // 5: dispatch.v1.Hello
-	(*ThoughtChain)(nil),          // 6: dispatch.v1.ThoughtChain
-	(*ContentChunk)(nil),          // 7: dispatch.v1.ContentChunk
-	(*ToolCallRequest)(nil),       // 8: dispatch.v1.ToolCallRequest
-	(*ErrorSignal)(nil),           // 9: dispatch.v1.ErrorSignal
-	(*Usage)(nil),                 // 10: dispatch.v1.Usage
-	(*StageChange)(nil),           // 11: dispatch.v1.StageChange
-	(*Artifact)(nil),              // 12: dispatch.v1.Artifact
-	(*SandboxInUse)(nil),          // 13: dispatch.v1.SandboxInUse
-	(*FinalResult)(nil),           // 14: dispatch.v1.FinalResult
-	(*Stopped)(nil),               // 15: dispatch.v1.Stopped
-	(*DownstreamPacket)(nil),      // 16: dispatch.v1.DownstreamPacket
-	(*Ack)(nil),                   // 17: dispatch.v1.Ack
-	(*StopSignal)(nil),            // 18: dispatch.v1.StopSignal
-	(*ToolError)(nil),             // 19: dispatch.v1.ToolError
-	(*ToolCallResult)(nil),        // 20: dispatch.v1.ToolCallResult
-	(*ToolSpec)(nil),              // 21: dispatch.v1.ToolSpec
-	(*ConversationTurn)(nil),      // 22: dispatch.v1.ConversationTurn
-	(*StartSession)(nil),          // 23: dispatch.v1.StartSession
-	(*UserInput)(nil),             // 24: dispatch.v1.UserInput
-	nil,                           // 25: dispatch.v1.Hello.LabelsEntry
-	nil,                           // 26: dispatch.v1.ToolCallRequest.TraceContextEntry
-	nil,                           // 27: dispatch.v1.StartSession.LabelsEntry
-	nil,                           // 28: dispatch.v1.StartSession.TraceContextEntry
-	(*agent.Sandbox)(nil),         // 29: lybic.agent.Sandbox
-	(*agent.CommonConfig)(nil),    // 30: lybic.agent.CommonConfig
-	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
+	(*Reattach)(nil),              // 6: dispatch.v1.Reattach
+	(*ThoughtChain)(nil),          // 7: dispatch.v1.ThoughtChain
+	(*ContentChunk)(nil),          // 8: dispatch.v1.ContentChunk
+	(*ToolCallRequest)(nil),       // 9: dispatch.v1.ToolCallRequest
+	(*ErrorSignal)(nil),           // 10: dispatch.v1.ErrorSignal
+	(*Usage)(nil),                 // 11: dispatch.v1.Usage
+	(*StageChange)(nil),           // 12: dispatch.v1.StageChange
+	(*Artifact)(nil),              // 13: dispatch.v1.Artifact
+	(*SandboxInUse)(nil),          // 14: dispatch.v1.SandboxInUse
+	(*FinalResult)(nil),           // 15: dispatch.v1.FinalResult
+	(*Stopped)(nil),               // 16: dispatch.v1.Stopped
+	(*DownstreamPacket)(nil),      // 17: dispatch.v1.DownstreamPacket
+	(*Move)(nil),                  // 18: dispatch.v1.Move
+	(*Ack)(nil),                   // 19: dispatch.v1.Ack
+	(*StopSignal)(nil),            // 20: dispatch.v1.StopSignal
+	(*ToolError)(nil),             // 21: dispatch.v1.ToolError
+	(*ToolCallResult)(nil),        // 22: dispatch.v1.ToolCallResult
+	(*ToolSpec)(nil),              // 23: dispatch.v1.ToolSpec
+	(*ConversationTurn)(nil),      // 24: dispatch.v1.ConversationTurn
+	(*StartSession)(nil),          // 25: dispatch.v1.StartSession
+	(*UserInput)(nil),             // 26: dispatch.v1.UserInput
+	nil,                           // 27: dispatch.v1.Hello.LabelsEntry
+	nil,                           // 28: dispatch.v1.ToolCallRequest.TraceContextEntry
+	nil,                           // 29: dispatch.v1.StartSession.LabelsEntry
+	nil,                           // 30: dispatch.v1.StartSession.TraceContextEntry
+	(*agent.Sandbox)(nil),         // 31: lybic.agent.Sandbox
+	(*agent.CommonConfig)(nil),    // 32: lybic.agent.CommonConfig
+	(*timestamppb.Timestamp)(nil), // 33: google.protobuf.Timestamp
 }
 var file_dispatch_v1_interaction_proto_depIdxs = []int32{
-	6,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
-	7,  // 1: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
-	8,  // 2: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
-	9,  // 3: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
+	7,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
+	8,  // 1: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
+	9,  // 2: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
+	10, // 3: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
 	5,  // 4: dispatch.v1.UpstreamPacket.hello:type_name -> dispatch.v1.Hello
-	10, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
-	11, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
-	12, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
-	14, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
-	15, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
-	13, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
-	25, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
-	26, // 12: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
-	29, // 13: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
-	0,  // 14: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
-	10, // 15: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
-	17, // 16: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
-	18, // 17: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
-	20, // 18: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
-	23, // 19: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
-	24, // 20: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
-	1,  // 21: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
-	2,  // 22: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
-	3,  // 23: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
-	19, // 24: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
-	30, // 25: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
-	29, // 26: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
-	22, // 27: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
-	31, // 28: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
-	21, // 29: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
-	27, // 30: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
-	28, // 31: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
-	4,  // 32: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
-	16, // 33: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
-	33, // [33:34] is the sub-list for method output_type
-	32, // [32:33] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	11, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
+	12, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
+	13, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
+	15, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
+	16, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
+	14, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
+	27, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
+	6,  // 12: dispatch.v1.Hello.reattach:type_name -> dispatch.v1.Reattach
+	28, // 13: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
+	31, // 14: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
+	0,  // 15: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
+	11, // 16: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
+	19, // 17: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
+	20, // 18: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
+	22, // 19: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
+	25, // 20: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
+	26, // 21: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
+	18, // 22: dispatch.v1.DownstreamPacket.move:type_name -> dispatch.v1.Move
+	1,  // 23: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
+	2,  // 24: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
+	3,  // 25: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
+	21, // 26: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
+	32, // 27: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
+	31, // 28: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
+	24, // 29: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
+	33, // 30: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
+	23, // 31: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
+	29, // 32: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
+	30, // 33: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
+	4,  // 34: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
+	17, // 35: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
+	35, // [35:36] is the sub-list for method output_type
+	34, // [34:35] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_interaction_proto_init() }
@@ -2244,21 +2485,22 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*UpstreamPacket_Stopped)(nil),
 		(*UpstreamPacket_Sandbox)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[12].OneofWrappers = []any{
+	file_dispatch_v1_interaction_proto_msgTypes[13].OneofWrappers = []any{
 		(*DownstreamPacket_Ack)(nil),
 		(*DownstreamPacket_Stop)(nil),
 		(*DownstreamPacket_ToolResult)(nil),
 		(*DownstreamPacket_Start)(nil),
 		(*DownstreamPacket_UserInput)(nil),
+		(*DownstreamPacket_Move)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[19].OneofWrappers = []any{}
+	file_dispatch_v1_interaction_proto_msgTypes[21].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_interaction_proto_rawDesc), len(file_dispatch_v1_interaction_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

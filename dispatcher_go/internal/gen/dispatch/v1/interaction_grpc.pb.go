@@ -15,6 +15,14 @@
 //      result (it finished) or stopped (it obeyed a stop).
 //   5. The dispatcher answers ack{kind: ACK_KIND_SESSION_CLOSED}; the slot is
 //      idle again and may receive the next start.
+// Hand-over (docs/protocol.md, "Session hand-over"): every upstream packet of a
+// session carries seq 1, 2, 3...; the dispatcher acknowledges, batched, the
+// highest seq it has durably recorded (ack{ACK_KIND_RECORDED, upstream_seq}).
+// A commander that lost its dispatcher keeps the session running, buffers
+// what was not acknowledged, reconnects and sends hello{reattach}; the
+// dispatcher answers ack{ACK_KIND_HELLO, session_id, upstream_seq, attempt}
+// and the commander resends exactly the packets after upstream_seq. A
+// draining dispatcher sends move: reconnect (elsewhere) and re-attach.
 // A stop goes ahead of every other queued downstream packet. After a stop the
 // dispatcher drops further thought/content of the session and refuses its tool
 // calls itself. No stopped within the grace period ends the RPC (ABORTED).

@@ -555,7 +555,12 @@ type TaskEvent struct {
 	//	*TaskEvent_Stopped
 	//	*TaskEvent_UserInput
 	//	*TaskEvent_Policy
-	Kind          isTaskEvent_Kind `protobuf_oneof:"kind"`
+	Kind isTaskEvent_Kind `protobuf_oneof:"kind"`
+	// For an event recording a commander's packet: the packet's seq within its
+	// session (UpstreamPacket.seq); 0 for events the dispatcher made. After a
+	// restart the dispatcher reads the highest of a running task back from its
+	// log, so a re-attaching commander resends only what was not recorded.
+	UpstreamSeq   uint64 `protobuf:"varint,30,opt,name=upstream_seq,json=upstreamSeq,proto3" json:"upstream_seq,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -749,6 +754,13 @@ func (x *TaskEvent) GetPolicy() *PolicyDecision {
 		}
 	}
 	return nil
+}
+
+func (x *TaskEvent) GetUpstreamSeq() uint64 {
+	if x != nil {
+		return x.UpstreamSeq
+	}
+	return 0
 }
 
 type isTaskEvent_Kind interface {
@@ -1801,7 +1813,7 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x06result\x18\x01 \x01(\v2\x1b.dispatch.v1.ToolCallResultR\x06result\x12\x1f\n" +
 	"\vduration_ms\x18\x02 \x01(\x03R\n" +
 	"durationMs\x12\x1a\n" +
-	"\bexecutor\x18\x03 \x01(\tR\bexecutor\"\xf8\x06\n" +
+	"\bexecutor\x18\x03 \x01(\tR\bexecutor\"\x9b\a\n" +
 	"\tTaskEvent\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12.\n" +
@@ -1823,7 +1835,8 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\astopped\x18\x15 \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x127\n" +
 	"\n" +
 	"user_input\x18\x16 \x01(\v2\x16.dispatch.v1.UserInputH\x00R\tuserInput\x125\n" +
-	"\x06policy\x18\x17 \x01(\v2\x1b.dispatch.v1.PolicyDecisionH\x00R\x06policyB\x06\n" +
+	"\x06policy\x18\x17 \x01(\v2\x1b.dispatch.v1.PolicyDecisionH\x00R\x06policy\x12!\n" +
+	"\fupstream_seq\x18\x1e \x01(\x04R\vupstreamSeqB\x06\n" +
 	"\x04kind\"\xf0\x02\n" +
 	"\x0ePolicyDecision\x121\n" +
 	"\x06action\x18\x01 \x01(\x0e2\x19.dispatch.v1.PolicyActionR\x06action\x12\x17\n" +

@@ -1,0 +1,259 @@
+package session
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Session hand-over (docs/protocol.md, "Session hand-over"): a running
+// session survives its dispatcher.
+//
+//   - Every upstream packet of a session carries a seq. The receiving
+//     goroutine drops a packet whose seq it has handled already (a resend)
+//     and records the seq in the packet's event (TaskEvent.upstream_seq), so
+//     that a restarted dispatcher reads the highest back from the log.
+//   - The acker (one goroutine per Server, running while sessions run)
+//     makes what the sessions handled durable (Options.Flush) every
+//     AckInterval and then tells each session that handled more since the
+//     last time the highest seq: ack{ACK_KIND_RECORDED}. One ack per session
+//     per interval at most, in the outbox's ack lane (newest wins).
+//   - A hello with reattach takes over a task that waits for its session
+//     (task.Manager.Reattach): the slot is busy with that session from the
+//     start, and the hello's ack says up to which seq it was recorded.
+//   - Drain sends move on every stream; a session whose stream then ends is
+//     detached (task.Task.Detach), not ended: the task stays RUNNING for the
+//     next dispatcher.
+
+// DefaultAckInterval is the acker's period when Options.AckInterval is 0.
+const DefaultAckInterval = 20 * time.Millisecond
+
+// ackFlushTimeout bounds one flush of the acker; a store that does not
+// make it in time gets no acks (the commander keeps the packets).
+const ackFlushTimeout = 5 * time.Second
+
+// Reattacher gives a task waiting for its session to the session's new
+// run. task.Manager implements it.
+type Reattacher interface {
+	Reattach(ctx context.Context, taskID, sessionID, commanderID string, newRunner func(*task.Task) task.Runner) (task.Reattached, error)
+}
+
+// track registers r with the acker, starting it if it is not running.
+func (s *Server) track(r *run) {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	if s.runs == nil {
+		s.runs = make(map[*run]struct{})
+	}
+	s.runs[r] = struct{}{}
+	if !s.ackerOn {
+		s.ackerOn = true
+		go s.ackLoop()
+	}
+}
+
+// untrack removes r from the acker.
+func (s *Server) untrack(r *run) {
+	s.ackMu.Lock()
+	delete(s.runs, r)
+	s.ackMu.Unlock()
+}
+
+// ackLoop acknowledges what the sessions handled, once durable, until no
+// session runs (it is started again by the next track).
+func (s *Server) ackLoop() {
+	interval := s.opts.AckInterval
+	if interval <= 0 {
+		interval = DefaultAckInterval
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	var due []*run
+	for {
+		select {
+		case <-tick.C:
+		case <-s.base.Done():
+			s.ackMu.Lock()
+			s.ackerOn = false
+			s.ackMu.Unlock()
+			return
+		}
+		due = due[:0]
+		s.ackMu.Lock()
+		if len(s.runs) == 0 {
+			s.ackerOn = false
+			s.ackMu.Unlock()
+			return
+		}
+		for r := range s.runs {
+			if r.upSeq.Load() > r.ackedSeq.Load() {
+				due = append(due, r)
+			}
+		}
+		s.ackMu.Unlock()
+		if len(due) == 0 {
+			continue
+		}
+		// What is handled now is in the store's queue (events are appended
+		// before the seq is set); the flush makes it durable.
+		seqs := make([]uint64, len(due))
+		for i, r := range due {
+			seqs[i] = r.upSeq.Load()
+		}
+		if f := s.opts.Flush; f != nil {
+			ctx, cancel := context.WithTimeout(s.base, ackFlushTimeout)
+			err := f(ctx)
+			cancel()
+			if err != nil {
+				s.log.Warn("acks held back: the store did not flush", "error", err)
+				continue
+			}
+		}
+		for i, r := range due {
+			r.ackedSeq.Store(seqs[i])
+			r.sl.out.setAck(&dispatchv1.DownstreamPacket{
+				SessionId: r.sessionID,
+				Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
+					Kind: dispatchv1.AckKind_ACK_KIND_RECORDED, UpstreamSeq: seqs[i],
+				}},
+			})
+		}
+		s.stats.AcksSent.Add(int64(len(due)))
+	}
+}
+
+// Drain tells every commander to move (downstream move) and waits, until
+// ctx ends, for the sessions to leave: a session whose stream ends after
+// the move is detached, its task left RUNNING for the next dispatcher
+// (closeCurrent). From now on new streams are refused (ErrShutdown) and no
+// task is started on a slot. Without Options.HandOver it does nothing.
+func (s *Server) Drain(ctx context.Context, reason string) {
+	if !s.opts.HandOver {
+		return
+	}
+	s.slotsMu.Lock()
+	s.draining.Store(true)
+	slots := make([]*slot, 0, len(s.slots))
+	for sl := range s.slots {
+		slots = append(slots, sl)
+	}
+	s.slotsMu.Unlock()
+	move := &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Move{Move: &dispatchv1.Move{Reason: reason}}}
+	for _, sl := range slots {
+		sl.moving.Store(true)
+		sl.out.pushControl(move)
+	}
+	s.log.Info("draining: commanders told to move", "slots", len(slots))
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for s.busySlots() > 0 {
+		select {
+		case <-ctx.Done():
+			s.log.Warn("draining: sessions still attached", "count", s.busySlots())
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// busySlots counts the slots that run a session.
+func (s *Server) busySlots() int {
+	s.slotsMu.Lock()
+	defer s.slotsMu.Unlock()
+	n := 0
+	for sl := range s.slots {
+		if sl.cur.Load() != nil {
+			n++
+		}
+	}
+	return n
+}
+
+// reattach takes over the task of ra on sl (called by Serve before the
+// slot is registered): the run continues the session from the seq the
+// task's log holds. A refusal says why, for the hello's ack.
+func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error) {
+	ta := sl.srv.opts.Reattacher
+	if ta == nil || !sl.srv.opts.HandOver {
+		return nil, task.Reattached{}, errors.New("this dispatcher does not take sessions over")
+	}
+	if ra.GetTaskId() == "" || ra.GetSessionId() == "" || len(ra.GetTaskId()) > maxHelloField || len(ra.GetSessionId()) > maxHelloField {
+		return nil, task.Reattached{}, errors.New("reattach needs a task_id and a session_id")
+	}
+	ctx, cancel := context.WithTimeout(sl.ctx, 10*time.Second)
+	defer cancel()
+	var r *run
+	info, err := ta.Reattach(ctx, ra.GetTaskId(), ra.GetSessionId(), sl.commanderID, func(t *task.Task) task.Runner {
+		// Under the task's lock: nothing here calls back into t.
+		r = newRunWithID(sl, t, ra.GetSessionId())
+		r.startSent.Store(true)
+		sl.cur.Store(r)
+		return r
+	})
+	if err != nil {
+		if r != nil {
+			sl.cur.CompareAndSwap(r, nil)
+			r.cancel()
+			r.span.End()
+		}
+		return nil, task.Reattached{}, err
+	}
+	// No packet of the session is handled before Serve starts the receiver.
+	r.upSeq.Store(info.UpstreamSeq)
+	r.ackedSeq.Store(info.UpstreamSeq)
+	sl.srv.track(r)
+	// The task's timeout still counts from its start.
+	r.armDeadlineAt(info.StartedAt.Add(info.Task.Timeout()))
+	r.log.Info("session re-attached", "attempt", info.Attempt, "upstream_seq", info.UpstreamSeq,
+		"commander_attempt", ra.GetAttempt(), "commander_acked_seq", ra.GetAckedSeq(), "stop_decided", info.Stop != nil)
+	return r, info, nil
+}
+
+// restop stops again a re-attached session whose stop was decided before
+// the hand-over (the commander may never have had it). Called once the
+// hello's ack is out, so the stop follows it.
+func (r *run) restop(st *dispatchv1.StopSignal) {
+	r.stopWith(st.GetReason(), st.GetCode(), st.GetRuleId())
+}
+
+// detach lets go of r, whose stream ended after a move: the task stays
+// RUNNING (task.Task.Detach) for the dispatcher the commander moves to. It
+// reports whether r was detached (false: r ended, or a stop was decided,
+// which then ends it as usual).
+func (sl *slot) detach(r *run) bool {
+	r.mu.Lock()
+	if r.decided || !r.ended.CompareAndSwap(false, true) {
+		r.mu.Unlock()
+		return false
+	}
+	r.mu.Unlock()
+	sl.cur.CompareAndSwap(r, nil)
+	sl.srv.untrack(r)
+	r.cancel()
+	r.disarm()
+	if !r.t.Detach(r, r.upSeq.Load()) {
+		return false
+	}
+	r.span.AddEvent("detached")
+	r.span.End()
+	sl.srv.stats.Detached.Add(1)
+	r.log.Info("session detached: its commander moves to another dispatcher", "upstream_seq", r.upSeq.Load())
+	return true
+}
+
+// reattachAck is the hello's ack answering a re-attach.
+func reattachAck(slotID string, r *run, info task.Reattached, err error) *dispatchv1.DownstreamPacket {
+	ack := &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: slotID}
+	p := &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: ack}}
+	if err != nil {
+		ack.Detail = fmt.Sprintf("re-attach refused: %v", err)
+		return p
+	}
+	p.SessionId = r.sessionID
+	ack.UpstreamSeq, ack.Attempt = info.UpstreamSeq, info.Attempt
+	return p
+}

@@ -1,0 +1,227 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// Session hand-over (docs/protocol.md, "Session hand-over"). A RUNNING task
+// whose session is between two dispatchers has a waiter as its Runner: the
+// task stays RUNNING, its session goes on in the commander, and the first
+// re-attach of that session (Manager.Reattach) gives the task its new
+// Runner. Nobody re-attaching within the hand-over window ends it FAILURE
+// (HandOverExpiredMessage): a task is never RUNNING forever.
+//
+// A waiter comes from two places: Restore, for the tasks the previous run
+// left RUNNING, and Detach, for a session whose commander moved away from
+// a draining dispatcher (the task is then left RUNNING in the store for the
+// next run).
+
+// HandOverExpiredMessage is the message (with the window) of a task whose
+// session did not re-attach after a dispatcher restart.
+const HandOverExpiredMessage = "dispatcher restarted while the task was running; its session did not re-attach within %s"
+
+// Claimer takes a task for this dispatcher when its session re-attaches: it
+// returns the task's new attempt number, higher than any before, the fencing
+// token of the session from now on. taskstore.Store is the single-node
+// implementation (the attempt is kept in the task's record); a fleet
+// implements it with a lease.
+type Claimer interface {
+	Claim(ctx context.Context, taskID string) (attempt int64, err error)
+}
+
+// ErrHandOver means the task's session is being handed over: it has no
+// session to talk to right now (an interjection or approval is refused;
+// the client may retry once the session has re-attached).
+var ErrHandOver = fmt.Errorf("%w: its session is being handed over to this dispatcher; retry shortly", ErrNotRunning)
+
+// waiter is the Runner of a RUNNING task between two sessions' streams.
+type waiter struct {
+	t        *Task
+	timer    *time.Timer // the hand-over window; nil: none (a draining dispatcher)
+	claiming bool        // a re-attach is claiming the task (guarded by t.mu)
+}
+
+// Stop implements Runner: there is no session to stop, so the task ends
+// here, as the stop decided (a client's cancel is CANCELLED).
+func (w *waiter) Stop(reason string, code dispatchv1.StopCode) bool {
+	status := agentpb.TaskStatus_FAILURE
+	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
+		status = agentpb.TaskStatus_CANCELLED
+	}
+	return w.t.Finish(status, reason+" (while its session was being handed over)", "")
+}
+
+// Interject implements Runner.
+func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
+	return "", 0, ErrHandOver
+}
+
+// expire ends the task if it still waits (the window ran out). A stop
+// decided before the hand-over decides the outcome (a client's cancel is
+// CANCELLED).
+func (w *waiter) expire(window time.Duration) {
+	w.t.mu.Lock()
+	waiting := w.t.runner == w && !w.claiming
+	stop := w.t.stop
+	w.t.mu.Unlock()
+	if !waiting {
+		return
+	}
+	msg := fmt.Sprintf(HandOverExpiredMessage, window)
+	if stop != nil {
+		w.Stop(stop.GetReason()+" ("+msg+")", stop.GetCode())
+		return
+	}
+	w.t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
+}
+
+// HandingOver reports whether the task's session is between two streams
+// (see waiter).
+func (t *Task) HandingOver() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	_, ok := t.runner.(*waiter)
+	return ok
+}
+
+// Attempt is the task's attempt number: 1 at its first start, one more at
+// each later start or re-attach.
+func (t *Task) Attempt() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.attempt
+}
+
+// Detach lets go of the task's session r without ending the task: r's
+// commander moves to another dispatcher (this one drains) and will
+// re-attach the session there. The task stays RUNNING, with a waiter as its
+// runner (no window: the next run's Restore sets one). upstreamSeq is the
+// highest upstream seq r handled, what a re-attach here would start from.
+// False if the task is not running on r.
+func (t *Task) Detach(r Runner, upstreamSeq uint64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status != agentpb.TaskStatus_RUNNING || t.runner != r {
+		return false
+	}
+	t.runner = &waiter{t: t}
+	t.upstreamSeq = upstreamSeq
+	if t.span != nil {
+		t.span.AddEvent("session detached for a hand-over")
+	}
+	t.saveLocked()
+	return true
+}
+
+// waitForReattach makes t, RUNNING, wait window for its session to
+// re-attach (0: it ends FAILURE at once).
+func (t *Task) waitForReattach(window time.Duration) {
+	w := &waiter{t: t}
+	t.mu.Lock()
+	t.runner = w
+	if window > 0 {
+		w.timer = time.AfterFunc(window, func() { w.expire(window) })
+	}
+	t.mu.Unlock()
+	if window <= 0 {
+		w.expire(0)
+	}
+}
+
+// Reattached is what Reattach gives the session that took a task over.
+type Reattached struct {
+	Task *Task
+	// Attempt is the task's attempt number now (the claim's).
+	Attempt int64
+	// UpstreamSeq is the highest upstream seq of the session recorded in
+	// the task's log: the commander resends what comes after it.
+	UpstreamSeq uint64
+	// StartedAt is when the task started (its timeout counts from there).
+	StartedAt time.Time
+	// Stop is the stop decided before the hand-over, if any: the new
+	// runner must stop the session again (the commander may not have had it).
+	Stop *dispatchv1.StopSignal
+}
+
+// Reattach gives task taskID, RUNNING and waiting for its session
+// sessionID to re-attach, to the runner newRunner makes for it (called once,
+// under the task's lock: it must not call back into the task), that
+// session's new runner on a slot of commanderID. The task is claimed first (Claimer: attempt + 1). It fails
+// with ErrNotFound (no such task) or ErrNotRunning (the task ended, runs,
+// or waits for another session) with words for the commander's log.
+func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID string, newRunner func(*Task) Runner) (Reattached, error) {
+	if m.closed.Load() {
+		return Reattached{}, ErrClosed
+	}
+	t := m.reg.Get(taskID)
+	if t == nil {
+		return Reattached{}, ErrNotFound
+	}
+	t.mu.Lock()
+	w, waiting := t.runner.(*waiter)
+	switch {
+	case Terminal(t.status):
+		t.mu.Unlock()
+		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+	case t.sessionID != sessionID:
+		t.mu.Unlock()
+		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+	case !waiting || w.claiming:
+		t.mu.Unlock()
+		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
+	}
+	w.claiming = true
+	t.mu.Unlock()
+
+	attempt, err := m.claim(ctx, t)
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	w.claiming = false
+	if err != nil {
+		return Reattached{}, fmt.Errorf("claim the task: %w", err)
+	}
+	if t.runner != w || Terminal(t.status) {
+		// Ended (a cancel, the window) while the claim ran.
+		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+	}
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	t.runner = newRunner(t)
+	t.attempt = attempt
+	t.commanderID = commanderID
+	t.message = "running"
+	if t.span != nil {
+		t.span.AddEvent("session re-attached", trace.WithAttributes(attribute.Int64("task.attempt", attempt)))
+	}
+	// Watchers learn of the hand-over; the event is the task's first after it.
+	ev := t.stateEvent()
+	ev.GetState().Message = fmt.Sprintf("running: session re-attached (attempt %d)", attempt)
+	_, _ = t.log.Append(ev, eventlog.Control)
+	t.saveLocked()
+	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil
+}
+
+// claim asks the Claimer for t's next attempt (without one: the attempt
+// after the one in memory).
+func (m *Manager) claim(ctx context.Context, t *Task) (int64, error) {
+	if m.opts.Claimer == nil {
+		return t.Attempt() + 1, nil
+	}
+	attempt, err := m.opts.Claimer.Claim(ctx, t.id)
+	if err == nil && attempt <= 0 {
+		err = errors.New("the claimer returned no attempt")
+	}
+	return attempt, err
+}

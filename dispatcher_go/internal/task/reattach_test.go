@@ -1,0 +1,154 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// fixedClaimer answers every claim with attempt (or err).
+type fixedClaimer struct {
+	attempt int64
+	err     error
+	claims  int
+}
+
+func (c *fixedClaimer) Claim(context.Context, string) (int64, error) {
+	c.claims++
+	return c.attempt, c.err
+}
+
+// detached starts a task on a fake runner and detaches its session, as a
+// drain does: RUNNING, waiting for the session to re-attach.
+func detached(t *testing.T, m *Manager, q *fakeQueue) (*Task, *fakeRunner) {
+	t.Helper()
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q, tk)
+	if !tk.Detach(r, 7) {
+		t.Fatal("Detach refused a running task")
+	}
+	if tk.Status() != agentpb.TaskStatus_RUNNING || !tk.HandingOver() {
+		t.Fatalf("detached task: %v handing over %v", tk.Status(), tk.HandingOver())
+	}
+	return tk, r
+}
+
+// TestReattachTakesTheWaitingTask: the session that re-attaches gets the
+// task with the claimed attempt and the upstream seq it left off at; the
+// watchers see a RUNNING state event saying so; a second re-attach, another
+// session's, or one after the task ended is refused.
+func TestReattachTakesTheWaitingTask(t *testing.T) {
+	cl := &fixedClaimer{attempt: 5}
+	m, q := newManager(t, ManagerOptions{Claimer: cl})
+	tk, _ := detached(t, m, q)
+	if _, err := m.Reattach(context.Background(), tk.ID(), "other-session", "c2", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("re-attach of another session: %v", err)
+	}
+	r2 := &fakeRunner{t: tk}
+	got, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return r2 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Task != tk || got.Attempt != 5 || got.UpstreamSeq != 7 || tk.Attempt() != 5 || cl.claims != 1 {
+		t.Fatalf("reattached %+v, attempt %d, claims %d", got, tk.Attempt(), cl.claims)
+	}
+	if tk.HandingOver() || tk.Info().CommanderID != "c2" {
+		t.Fatalf("after re-attach: handing over %v, commander %q", tk.HandingOver(), tk.Info().CommanderID)
+	}
+	_, msgs := stateTrail(t, tk)
+	if last := msgs[len(msgs)-1]; !strings.Contains(last, "re-attached (attempt 5)") {
+		t.Fatalf("state messages %q", msgs)
+	}
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c3", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("second re-attach: %v", err)
+	}
+	// A cancel now reaches the new runner (a session to stop).
+	if out, err := m.Cancel(context.Background(), tk.ID(), "", false); err != nil || !out.Cancelled || !r2.stopped {
+		t.Fatalf("cancel after re-attach: %+v %v stopped=%v", out, err, r2.stopped)
+	}
+}
+
+// TestReattachFailsWhenTheClaimFails: the task keeps waiting.
+func TestReattachFailsWhenTheClaimFails(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{Claimer: &fixedClaimer{err: errors.New("lease held by replica 2")}})
+	tk, _ := detached(t, m, q)
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return nil }); err == nil || !strings.Contains(err.Error(), "lease held") {
+		t.Fatalf("re-attach with a failing claim: %v", err)
+	}
+	if !tk.HandingOver() || tk.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatal("the task no longer waits after a failed claim")
+	}
+}
+
+// TestHandOverWindowExpires: nobody re-attaches within the window: FAILURE
+// with the reason, never RUNNING for ever; a late re-attach is refused.
+func TestHandOverWindowExpires(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	tk, _ := detached(t, m, q)
+	tk.waitForReattach(30 * time.Millisecond)
+	select {
+	case <-tk.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("task still RUNNING after its hand-over window")
+	}
+	info := tk.Info()
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "did not re-attach within 30ms") {
+		t.Fatalf("after the window: %v %q", info.Status, info.Message)
+	}
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("late re-attach: %v", err)
+	}
+}
+
+// TestCancelWhileHandingOver: there is no session to stop, so the cancel
+// ends the task at once, and says so.
+func TestCancelWhileHandingOver(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	tk, _ := detached(t, m, q)
+	out, err := m.Cancel(context.Background(), tk.ID(), "", true)
+	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	if msg := tk.Info().Message; !strings.Contains(msg, "handed over") {
+		t.Fatalf("message %q", msg)
+	}
+	if _, _, err := m.Interject(context.Background(), tk.ID(), "hi"); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("interject after the end: %v", err)
+	}
+}
+
+// TestShutdownLeavesHandedOverTasks: a manager that hands over (a store and
+// a window) leaves waiting and pending tasks as they are.
+func TestShutdownLeavesHandedOverTasks(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{HandOverWindow: time.Second})
+	m.persist = nopPersistence{}
+	tk, _ := detached(t, m, q)
+	pending, err := m.Submit(Spec{Instruction: "queued"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	begun := time.Now()
+	m.Shutdown(ctx)
+	if waited := time.Since(begun); waited > time.Second {
+		t.Fatalf("Shutdown waited %s for tasks it hands over", waited)
+	}
+	if tk.Status() != agentpb.TaskStatus_RUNNING || pending.Status() != agentpb.TaskStatus_PENDING {
+		t.Fatalf("after shutdown: detached %v, pending %v", tk.Status(), pending.Status())
+	}
+}
+
+// nopPersistence stores nothing (only HandsOver looks at it here).
+type nopPersistence struct{ Persistence }
+
+func (nopPersistence) Save(*Snapshot)                          {}
+func (nopPersistence) Health() error                           { return nil }
+func (nopPersistence) FlushWhileHealthy(context.Context) error { return nil }
