@@ -39,7 +39,7 @@ const ackFlushTimeout = 5 * time.Second
 // Reattacher gives a task waiting for its session to the session's new
 // run. task.Manager implements it.
 type Reattacher interface {
-	Reattach(ctx context.Context, taskID, sessionID, commanderID string, newRunner func(*task.Task) task.Runner) (task.Reattached, error)
+	Reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*task.Task) task.Runner) (task.Reattached, error)
 }
 
 // track registers r with the acker, starting it if it is not running.
@@ -187,7 +187,7 @@ func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error)
 	ctx, cancel := context.WithTimeout(sl.ctx, 10*time.Second)
 	defer cancel()
 	var r *run
-	info, err := ta.Reattach(ctx, ra.GetTaskId(), ra.GetSessionId(), sl.commanderID, func(t *task.Task) task.Runner {
+	info, err := ta.Reattach(ctx, ra.GetTaskId(), ra.GetSessionId(), sl.commanderID, sl.ServesTenant, func(t *task.Task) task.Runner {
 		// Under the task's lock: nothing here calls back into t.
 		r = newRunWithID(sl, t, ra.GetSessionId())
 		r.startSent.Store(true)

@@ -159,7 +159,7 @@ type Reattached struct {
 // session's new runner on a slot of commanderID. The task is claimed first (Claimer: attempt + 1). It fails
 // with ErrNotFound (no such task) or ErrNotRunning (the task ended, runs,
 // or waits for another session) with words for the commander's log.
-func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID string, newRunner func(*Task) Runner) (Reattached, error) {
+func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*Task) Runner) (Reattached, error) {
 	if m.closed.Load() {
 		return Reattached{}, ErrClosed
 	}
@@ -176,6 +176,11 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+	case serves != nil && !serves(t.tenant):
+		// A commander may carry on only the tasks it may be given: the same
+		// answer as an unknown task, so another tenant's tasks stay unseen.
+		t.mu.Unlock()
+		return Reattached{}, ErrNotFound
 	case !waiting || w.claiming:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)

@@ -48,11 +48,17 @@ func TestReattachTakesTheWaitingTask(t *testing.T) {
 	cl := &fixedClaimer{attempt: 5}
 	m, q := newManager(t, ManagerOptions{Claimer: cl})
 	tk, _ := detached(t, m, q)
-	if _, err := m.Reattach(context.Background(), tk.ID(), "other-session", "c2", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+	if _, err := m.Reattach(context.Background(), tk.ID(), "other-session", "c2", nil, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
 		t.Fatalf("re-attach of another session: %v", err)
 	}
+	// A commander that does not serve the task's tenant is answered as for
+	// an unknown task, and claims nothing.
+	notMine := func(string) bool { return false }
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", notMine, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotFound) || cl.claims != 0 {
+		t.Fatalf("re-attach by a commander of another tenant: %v (claims %d)", err, cl.claims)
+	}
 	r2 := &fakeRunner{t: tk}
-	got, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return r2 })
+	got, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", nil, func(*Task) Runner { return r2 })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +72,7 @@ func TestReattachTakesTheWaitingTask(t *testing.T) {
 	if last := msgs[len(msgs)-1]; !strings.Contains(last, "re-attached (attempt 5)") {
 		t.Fatalf("state messages %q", msgs)
 	}
-	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c3", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c3", nil, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
 		t.Fatalf("second re-attach: %v", err)
 	}
 	// A cancel now reaches the new runner (a session to stop).
@@ -79,7 +85,7 @@ func TestReattachTakesTheWaitingTask(t *testing.T) {
 func TestReattachFailsWhenTheClaimFails(t *testing.T) {
 	m, q := newManager(t, ManagerOptions{Claimer: &fixedClaimer{err: errors.New("lease held by replica 2")}})
 	tk, _ := detached(t, m, q)
-	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return nil }); err == nil || !strings.Contains(err.Error(), "lease held") {
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", nil, func(*Task) Runner { return nil }); err == nil || !strings.Contains(err.Error(), "lease held") {
 		t.Fatalf("re-attach with a failing claim: %v", err)
 	}
 	if !tk.HandingOver() || tk.Status() != agentpb.TaskStatus_RUNNING {
@@ -102,7 +108,7 @@ func TestHandOverWindowExpires(t *testing.T) {
 	if info.Status != agentpb.TaskStatus_FAILURE || !strings.Contains(info.Message, "did not re-attach within 30ms") {
 		t.Fatalf("after the window: %v %q", info.Status, info.Message)
 	}
-	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", nil, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotRunning) {
 		t.Fatalf("late re-attach: %v", err)
 	}
 }

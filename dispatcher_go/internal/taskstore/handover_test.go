@@ -79,7 +79,7 @@ func TestRunningTaskWaitsForItsSessionAfterARestart(t *testing.T) {
 	if tk2.Status() != agentpb.TaskStatus_RUNNING || !tk2.HandingOver() || tk2.Attempt() != 1 {
 		t.Fatalf("restored: %v handing over %v attempt %d", tk2.Status(), tk2.HandingOver(), tk2.Attempt())
 	}
-	got, err := m2.Reattach(ctx, tk.ID(), "ses", "cmd", func(*task.Task) task.Runner { return runner{} })
+	got, err := m2.Reattach(ctx, tk.ID(), "ses", "cmd", nil, func(*task.Task) task.Runner { return runner{} })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +166,7 @@ func TestStopDecidedBeforeARestartIsCarriedOver(t *testing.T) {
 		}
 		tk2, _ := m2.Get(tk.ID())
 		if reattach {
-			got, err := m2.Reattach(ctx, tk.ID(), "ses", "cmd", func(*task.Task) task.Runner { return runner{} })
+			got, err := m2.Reattach(ctx, tk.ID(), "ses", "cmd", nil, func(*task.Task) task.Runner { return runner{} })
 			if err != nil {
 				t.Fatal(err)
 			}
