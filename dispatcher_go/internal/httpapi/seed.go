@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -135,6 +136,7 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := resp.GetTaskId()
+	all := allEvents(r)
 	w.Header().Set("X-Task-Id", id)
 	s := startSSE(w)
 	stop := h.heartbeat(s)
@@ -145,8 +147,11 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 			result = res.GetResult()
 		}
 		e, ok := events.Seed001(ev, result)
-		if !ok {
+		if !ok || (!all && !seedTypes[e.Type]) {
 			return nil
+		}
+		if res := ev.GetResult(); res != nil && !all && res.GetOutcome() != dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS {
+			return nil // not a result: the "error" or "cancelled" that follows says why
 		}
 		b, err := json.Marshal(e)
 		if err != nil {
@@ -161,7 +166,34 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 		cancel()
 		return
 	}
-	h.endStream(ctx, s, err)
+	switch {
+	case all:
+		h.endStream(ctx, s, err)
+	case err != nil:
+		// The dispatcher ended the stream (shutdown): a seed client reads
+		// only data lines with a type.
+		b, _ := json.Marshal(events.Seed001Event{Type: "error", TaskID: id, Content: "stream ended: " + err.Error()})
+		_ = s.send("", "", b)
+	}
+	// Seed mode: the terminal event ("finished", "error", "cancelled") was
+	// the last line; the stream just ends, as the seed's server does.
+}
+
+// seedTypes are the event types a seed-001 client is sent by default:
+// the seed's own (thinking, action, observation, result, and the terminal
+// finished / error / cancelled) plus the streamed answer (message) and
+// screenshots. The dispatcher's other types (status, usage, policy, stage,
+// stop, user_input) and the closing "event: end" come only with
+// ?events=all or the header X-Dispatcher-Events: all.
+var seedTypes = map[string]bool{
+	"thinking": true, "action": true, "observation": true, "result": true, "message": true,
+	"screenshot": true, "artifact": true, "error": true, "finished": true, "cancelled": true,
+}
+
+// allEvents: the client asked for every event type and the closing
+// "event: end" (?events=all, or X-Dispatcher-Events: all).
+func allEvents(r *http.Request) bool {
+	return r.URL.Query().Get("events") == "all" || strings.EqualFold(r.Header.Get("X-Dispatcher-Events"), "all")
 }
 
 // seedStatus: GET /api/agent/task/status/{id} → seed 001's
