@@ -16,6 +16,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
@@ -55,6 +56,7 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 		RequiredCapabilities: req.GetRequiredCapabilities(),
 		Labels:               req.GetLabels(),
 		TimeoutSeconds:       req.GetTimeoutSeconds(),
+		UserSystemPrompt:     req.GetUserSystemPrompt(),
 		Trace:                trace.SpanContextFromContext(ctx),
 	})
 	if err != nil {
@@ -82,7 +84,9 @@ func (ts *taskService) GetTask(_ context.Context, req *dispatchv1.GetTaskRequest
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	info := t.Info()
-	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now())}, nil
+	tp := taskProto(&info, time.Now())
+	tp.Conversation, tp.UserSystemPrompt = conversation(t), t.UserSystemPrompt()
+	return &dispatchv1.GetTaskResponse{Task: tp}, nil
 }
 
 // ListTasks lists tasks newest first, filtered by status, paged: the tasks
@@ -185,4 +189,20 @@ func (ts *taskService) ApproveToolCall(_ context.Context, req *dispatchv1.Approv
 func (ts *taskService) ListTools(context.Context, *dispatchv1.ListToolsRequest) (*dispatchv1.ListToolsResponse, error) {
 	specs, execs := ts.s.d.Broker().Tools()
 	return &dispatchv1.ListToolsResponse{Tools: specs, Executors: execs}, nil
+}
+
+// conversation is the conversation t ran with, for GetTask (seed 001's
+// llm_context): secrets of its config (while it still holds them) and
+// anything shaped like a key are masked.
+func conversation(t *task.Task) []*dispatchv1.ConversationTurn {
+	var known []string
+	if cfg := t.Config(); cfg != nil {
+		known = secret.Values(cfg)
+	}
+	turns := t.Conversation()
+	out := make([]*dispatchv1.ConversationTurn, len(turns))
+	for i, c := range turns {
+		out[i] = &dispatchv1.ConversationTurn{Role: c.GetRole(), Content: secret.RedactText(c.GetContent(), known...)}
+	}
+	return out
 }

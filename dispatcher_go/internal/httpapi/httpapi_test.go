@@ -706,3 +706,47 @@ func TestSeedRunEndsAsTheSeedSays(t *testing.T) {
 		}
 	}
 }
+
+// TestSeedUserSystemPromptAndLLMContext: user_system_prompt reaches the
+// commander's StartSession; llm_context is the conversation the task ran
+// with (secrets masked), and a continued task's includes the turns it
+// continued from.
+func TestSeedUserSystemPromptAndLLMContext(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, dispatcher.Config{}, Options{})
+	starts := make(chan *dispatchv1.StartSession, 4)
+	e.serve(t, func(s *dispatchv1.StartSession) []any {
+		starts <- s
+		return []any{testutil.Success("answer to " + s.GetInstruction())}
+	})
+	var sub map[string]any
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"first, my key is sk-abcdefghijklmnop","user_system_prompt":"Answer in French.","ark_apikey":"ark-secret-1234567"}`, &sub); r.StatusCode != 200 {
+		t.Fatalf("submit with user_system_prompt: %d %v", r.StatusCode, sub)
+	}
+	first := sub["task_id"].(string)
+	if s := testutil.Recv(t, starts, wait, "the start"); s.GetUserSystemPrompt() != "Answer in French." {
+		t.Fatalf("StartSession.user_system_prompt = %q", s.GetUserSystemPrompt())
+	}
+	st := e.waitStatus(first, "", "finished")
+	b, _ := json.Marshal(st["llm_context"])
+	want := `{"messages":[{"content":"first, my key is ****mnop","role":"user"},{"content":"answer to first, my key is ****mnop","role":"assistant"}],"user_system_prompt":"Answer in French."}`
+	if string(b) != want {
+		t.Fatalf("llm_context\n %s\nwant\n %s", b, want)
+	}
+	e.do("POST", "/api/agent/task/submit", "", `{"instruction":"second","continue_context":true,"task_id":"`+first+`"}`, &sub)
+	second := sub["task_id"].(string)
+	if s := testutil.Recv(t, starts, wait, "the second start"); len(s.GetHistory()) != 2 || s.GetUserSystemPrompt() != "" {
+		t.Fatalf("continued start: %v", s)
+	}
+	st = e.waitStatus(second, "", "finished")
+	b, _ = json.Marshal(st["llm_context"])
+	want = `{"messages":[{"content":"first, my key is ****mnop","role":"user"},{"content":"answer to first, my key is ****mnop","role":"assistant"},{"content":"second","role":"user"},{"content":"answer to second","role":"assistant"}]}`
+	if string(b) != want {
+		t.Fatalf("continued llm_context\n %s\nwant\n %s", b, want)
+	}
+	var eb errorBody
+	big := strings.Repeat("p", 64<<10+1)
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"x","user_system_prompt":"`+big+`"}`, &eb); r.StatusCode != 400 {
+		t.Fatalf("oversized user_system_prompt: %d %+v", r.StatusCode, eb)
+	}
+}

@@ -42,19 +42,18 @@ type runRequest struct {
 	TimeoutSeconds int32             `json:"timeout_seconds"`
 }
 
-// submitRequest maps a seed-001 request onto the native one: credentials
+// submitRequest maps a seed-001 request onto the native one:
+// user_system_prompt is added to the planner's system prompt; credentials
 // go into the task's running config (stored masked, see docs/operations.md),
 // ark_apikey is the action generator model's key, max_steps the config's
 // steps, continue_context+task_id the previous task.
 func (rr *runRequest) submitRequest() (*dispatchv1.SubmitTaskRequest, error) {
-	if rr.UserSystemPrompt != "" {
-		return nil, status.Error(codes.InvalidArgument, "user_system_prompt is not supported: planners keep their own system prompt")
-	}
 	req := &dispatchv1.SubmitTaskRequest{
-		Instruction:    rr.Instruction,
-		Planner:        rr.Planner,
-		Labels:         rr.Labels,
-		TimeoutSeconds: rr.TimeoutSeconds,
+		Instruction:      rr.Instruction,
+		Planner:          rr.Planner,
+		Labels:           rr.Labels,
+		TimeoutSeconds:   rr.TimeoutSeconds,
+		UserSystemPrompt: rr.UserSystemPrompt,
 	}
 	if rr.SandboxID != "" {
 		req.Sandbox = &agentpb.Sandbox{Id: rr.SandboxID}
@@ -212,10 +211,13 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 		"query":           t.GetInstruction(),
 		"finished_output": t.GetResult(),
 		"message":         t.GetMessage(),
-		"llm_context":     nil, // the conversation is kept by the dispatcher; continue with continue_context
+		"llm_context":     llmContext(t),
 		"sandbox_info":    nil,
 		"planner":         t.GetPlanner(),
 		"last_seq":        t.GetLastSeq(),
+	}
+	if t.GetStatus() == agentpb.TaskStatus_FAILURE {
+		out["error_message"] = t.GetMessage() // the seed server's name for why
 	}
 	if sb := t.GetSandbox(); sb != nil {
 		out["sandbox_info"] = map[string]any{"sandbox_id": sb.GetId()}
@@ -228,6 +230,25 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// llmContext is seed 001's llm_context: the conversation the task ran with
+// (the turns it continued from, its instruction, its result; secrets
+// masked by the API layer) as {"messages": [{"role", "content"}],
+// "user_system_prompt"}; null when there is none.
+func llmContext(t *dispatchv1.Task) any {
+	if len(t.GetConversation()) == 0 {
+		return nil
+	}
+	msgs := make([]map[string]string, 0, len(t.GetConversation()))
+	for _, c := range t.GetConversation() {
+		msgs = append(msgs, map[string]string{"role": c.GetRole(), "content": c.GetContent()})
+	}
+	out := map[string]any{"messages": msgs}
+	if p := t.GetUserSystemPrompt(); p != "" {
+		out["user_system_prompt"] = p
+	}
+	return out
 }
 
 // seedCancel: POST /api/agent/cancel {"task_id": …} cancels one task;

@@ -132,6 +132,8 @@ func (r *run) startPacket() *dispatchv1.DownstreamPacket {
 			Tools:          tools,
 			Labels:         t.Labels(),
 			TraceContext:   telemetry.Inject(r.ctx),
+
+			UserSystemPrompt: t.UserSystemPrompt(),
 		}},
 	}
 }

@@ -53,6 +53,9 @@ type Spec struct {
 	RequiredCapabilities []string
 	Labels               map[string]string
 	TimeoutSeconds       int32
+	// UserSystemPrompt is added to the planner's own system prompt (seed
+	// 001's user_system_prompt); empty: the planner's prompt alone.
+	UserSystemPrompt string
 	// Policy is the task's extra policy (compiled by the caller, which
 	// reports its errors), or nil.
 	Policy *policy.Policy
@@ -175,7 +178,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	cfg := m.configs.Resolve(spec.RunningConfig)
 	// The start packet carries the instruction, the config and the history:
 	// it must fit the commander's 4 MiB message limit whatever the chain.
-	own := len(spec.Instruction) + proto.Size(cfg)
+	own := len(spec.Instruction) + len(spec.UserSystemPrompt) + proto.Size(cfg)
 	if own > MaxStartBytes {
 		return nil, fmt.Errorf("%w: instruction and config of %d bytes exceed the %d bytes a task's start may carry", ErrInvalidArgument, own, MaxStartBytes)
 	}
@@ -196,6 +199,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		sandbox:        sandbox,
 		destroySandbox: spec.DestroySandbox,
 		previousTaskID: spec.PreviousTaskID,
+		userPrompt:     spec.UserSystemPrompt,
 		history:        history,
 		timeout:        timeout,
 		createdAt:      time.Now(),
@@ -254,6 +258,9 @@ func validateSpec(s *Spec) error {
 	}
 	if s.TimeoutSeconds < 0 || s.TimeoutSeconds > maxTimeoutSecond {
 		return fmt.Errorf("%w: timeout_seconds must be between 0 and %d", ErrInvalidArgument, maxTimeoutSecond)
+	}
+	if len(s.UserSystemPrompt) > MaxUserSystemPromptBytes {
+		return fmt.Errorf("%w: user_system_prompt of %d bytes is over the %d bytes allowed", ErrInvalidArgument, len(s.UserSystemPrompt), MaxUserSystemPromptBytes)
 	}
 	if len(s.Planner) > maxShortField || len(s.PreviousTaskID) > maxShortField {
 		return fmt.Errorf("%w: planner or previous task id too long", ErrInvalidArgument)

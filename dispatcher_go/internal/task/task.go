@@ -146,6 +146,7 @@ type Task struct {
 	sandbox        *agentpb.Sandbox
 	destroySandbox bool
 	previousTaskID string
+	userPrompt     string
 	history        []*dispatchv1.ConversationTurn
 	timeout        time.Duration
 	createdAt      time.Time
@@ -259,6 +260,14 @@ func (t *Task) PreviousTaskID() string { return t.previousTaskID }
 
 // History is the conversation to continue from.
 func (t *Task) History() []*dispatchv1.ConversationTurn { return t.history }
+
+// UserSystemPrompt is the client's addition to the planner's system prompt.
+func (t *Task) UserSystemPrompt() string { return t.userPrompt }
+
+// Conversation is the conversation the task ran with: the turns it
+// continued from, its instruction and (once there is one) its result —
+// what a task continuing this one starts from.
+func (t *Task) Conversation() []*dispatchv1.ConversationTurn { return t.conversation() }
 
 // Timeout is the task's wall-clock budget once it starts.
 func (t *Task) Timeout() time.Duration { return t.timeout }
@@ -517,6 +526,8 @@ const (
 	// history gets at most what they leave. The rest of the 4 MiB start
 	// (tools, labels) has 1 MiB.
 	MaxStartBytes = 3 << 20
+	// MaxUserSystemPromptBytes bounds a task's user_system_prompt.
+	MaxUserSystemPromptBytes = 64 << 10
 )
 
 // conversation is the history a task continuing this one starts from,

@@ -36,10 +36,12 @@ type body struct {
 	TimeoutMS      int64             `json:"timeoutMs,omitempty"`
 	Stats          task.Stats        `json:"stats"`
 	History        []turn            `json:"history,omitempty"`
-	Config         json.RawMessage   `json:"config,omitempty"`
-	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
-	LastSeq        uint64            `json:"lastSeq,omitempty"`
-	Requeues       int               `json:"requeues,omitempty"`
+	// UserSystemPrompt is the client's addition to the planner's prompt.
+	UserSystemPrompt string          `json:"userSystemPrompt,omitempty"`
+	Config           json.RawMessage `json:"config,omitempty"`
+	SealedConfig     []byte          `json:"sealedConfig,omitempty"`
+	LastSeq          uint64          `json:"lastSeq,omitempty"`
+	Requeues         int             `json:"requeues,omitempty"`
 	// PolicyYAML is the task's own policy: a requeued task must not run
 	// looser than it was submitted.
 	PolicyYAML string `json:"policyYaml,omitempty"`
@@ -57,7 +59,7 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 		StartedAt: store.Micros(snap.StartedAt), CommanderID: snap.CommanderID, SessionID: snap.SessionID,
 		PreviousTaskID: snap.PreviousTaskID, Labels: snap.Labels, Required: snap.Required,
 		DestroySandbox: snap.DestroySandbox, TimeoutMS: snap.Timeout.Milliseconds(), Stats: snap.Stats,
-		LastSeq: snap.LastSeq, Requeues: snap.Requeues,
+		LastSeq: snap.LastSeq, Requeues: snap.Requeues, UserSystemPrompt: snap.UserSystemPrompt,
 	}
 	if snap.Policy != nil {
 		b.PolicyYAML = string(snap.Policy.Source())
@@ -115,6 +117,7 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 		},
 		Required: b.Required, DestroySandbox: b.DestroySandbox,
 		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues,
+		UserSystemPrompt: b.UserSystemPrompt,
 	}
 	for _, h := range b.History {
 		snap.History = append(snap.History, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})
