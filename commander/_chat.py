@@ -307,8 +307,9 @@ class ChatPlanner:
         names = ToolNames(spec.name for spec in tools)
         offered = _openai_tools(tools, names) if self.settings.use_tools and tools else []
         messages: list[dict[str, Any]] = []
-        if self.settings.system_prompt:
-            messages.append({"role": "system", "content": self.settings.system_prompt})
+        system = ctx.system_prompt(self.settings.system_prompt)
+        if system:
+            messages.append({"role": "system", "content": system})
         messages.extend(_history_messages(ctx.history))
         messages.append({"role": "user", "content": ctx.instruction})
         model = _Model(target, await self._clients.client(target), self._timeout(ctx))

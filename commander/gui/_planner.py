@@ -682,6 +682,11 @@ class _Run:
 
     def _start_conversation(self) -> None:
         ctx = self.ctx
+        # The GUI prompt is the first user turn (as UI-TARS is trained);
+        # the client's user_system_prompt is the system message.
+        system = ctx.system_prompt(None)
+        if system:
+            self.messages.append({"role": "system", "content": system})
         for turn in ctx.history:
             role = turn.role if turn.role in ("user", "assistant") else "user"
             self.messages.append({"role": role, "content": turn.content})

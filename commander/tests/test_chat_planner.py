@@ -306,3 +306,26 @@ async def test_usage_is_priced_from_the_price_table(
     # The built-in table: a local model is free, in a known currency.
     assert LLMSettings().usage("smollm2", 10, 5).currency == "USD"
     assert LLMSettings().usage("smollm2", 10, 5).cost == 0.0
+
+
+async def test_user_system_prompt_is_appended_to_the_system_prompt(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    llm.replies.append(Reply.text("ok"))
+    llm.replies.append(Reply.text("ok"))
+    settings = LLMSettings(
+        base_url=llm.base_url, allowed_endpoints=(llm.base_url,), system_prompt="Be brief."
+    )
+    async with make_commander(llm=settings):
+        slot = await dispatcher.servicer.next_slot()
+        await slot.start("hi", user_system_prompt="Answer in French.")
+        packets = await slot.recv_until_terminal()
+        assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+        await slot.start("again")
+        packets = await slot.recv_until_terminal()
+    assert llm.requests[0]["messages"] == [
+        {"role": "system", "content": "Be brief.\n\nAnswer in French."},
+        {"role": "user", "content": "hi"},
+    ]
+    # Only the task that asked for it gets it.
+    assert llm.requests[1]["messages"][0] == {"role": "system", "content": "Be brief."}

@@ -531,3 +531,14 @@ async def test_parses_run_at_most_parse_concurrency_at_once(
         await planner.aclose()
     assert len(results) == limit + 3
     assert inside[1] == limit
+
+
+async def test_user_system_prompt_is_the_system_message(make: Any, llm: ScriptedLLM) -> None:
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make()
+    sid = await slot.start("do it", planner="gui", user_system_prompt="Never close windows.")
+    result = result_of(await drive(slot, sid, FakeSandbox()))
+    assert result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+    messages = llm.requests[0]["messages"]
+    assert messages[0] == {"role": "system", "content": "Never close windows."}
+    assert messages[1]["role"] == "user" and "do it" in str(messages[1]["content"])
