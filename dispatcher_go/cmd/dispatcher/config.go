@@ -59,13 +59,21 @@ type config struct {
 	metricsListen  string // "" disables /metrics
 	pprofListen    string // "" disables /debug/pprof
 	streamWindow   int
+	// The sandbox API behind seed 001's POST /api/sandbox/create.
+	sandboxEndpoint string
+	sandboxOrg      string
+	sandboxShape    string
+	sandboxKey      string // DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY only: never a flag
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
 // DISPATCHER_ name.
 var seedEnv = map[string]string{
-	"storage-backend": "TASK_STORAGE_BACKEND",
-	"postgres-dsn":    "POSTGRES_CONNECTION_STRING",
+	"storage-backend":  "TASK_STORAGE_BACKEND",
+	"postgres-dsn":     "POSTGRES_CONNECTION_STRING",
+	"sandbox-endpoint": "LYBIC_API_ENDPOINT",
+	"sandbox-org":      "LYBIC_ORG_ID",
+	"sandbox-shape":    "LYBIC_SANDBOX_SHAPE",
 }
 
 // envName is the environment variable of a flag.
@@ -110,6 +118,9 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.BoolVar(&c.insecure, "insecure", false, "allow --listen or --http-listen beyond loopback without --client-token and --commander-token (anyone who reaches the port can then submit, read and cancel tasks, or register as a commander)")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
 	fs.StringVar(&c.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof profiles (loopback only, for profiling); empty disables")
+	fs.StringVar(&c.sandboxEndpoint, "sandbox-endpoint", "", "Lybic sandbox API of POST /api/sandbox/create: the cloud (default https://api.lybic.cn) or the local sandbox server's http://HOST:PORT; env also LYBIC_API_ENDPOINT. The API key comes from DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY")
+	fs.StringVar(&c.sandboxOrg, "sandbox-org", "", "Lybic organisation of sandboxes created for requests without credentials; env also LYBIC_ORG_ID")
+	fs.StringVar(&c.sandboxShape, "sandbox-shape", "", "shape of sandboxes whose request names none, and of those naming a shape the endpoint does not offer (e.g. local-1280x720 on the local sandbox server); env also LYBIC_SANDBOX_SHAPE")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -137,6 +148,10 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 		return nil, err
 	}
 	c.secretKey = getenv("DISPATCHER_SECRET_KEY")
+	c.sandboxKey = getenv("DISPATCHER_SANDBOX_API_KEY")
+	if c.sandboxKey == "" {
+		c.sandboxKey = getenv("LYBIC_API_KEY")
+	}
 	c.httpDefault = !given["http-listen"] && getenv(envName("http-listen")) == ""
 	if c.metricsListen == "" && strings.EqualFold(getenv("ENABLE_PROMETHEUS"), "true") {
 		// Seed 000: ENABLE_PROMETHEUS=true, PROMETHEUS_PORT=8000, metrics

@@ -12,6 +12,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
 )
@@ -36,8 +37,12 @@ func newMetrics(cfg *config) *metrics.Metrics {
 func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
-		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http")})
-		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
+		sandboxes, err := lybicsandbox.New(lybicsandbox.Config{Endpoint: cfg.sandboxEndpoint, OrgID: cfg.sandboxOrg, APIKey: cfg.sandboxKey, Shape: cfg.sandboxShape})
+		if err != nil {
+			return nil, err
+		}
+		h := httpapi.New(local, httpapi.Options{ClientToken: cfg.clientToken, AllowedHosts: cfg.allowedHosts(), Logger: log.With("component", "http"), Sandboxes: sandboxes})
+		err = hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:
 			// Nobody asked for this address (e.g. several dispatchers on

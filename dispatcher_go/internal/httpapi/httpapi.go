@@ -33,6 +33,7 @@ import (
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 )
 
 // Backend is the native client API the handlers call (api.Local). Its
@@ -73,6 +74,17 @@ type Options struct {
 	AllowedHosts []string
 	// Logger receives request errors; nil discards.
 	Logger *slog.Logger
+	// Sandboxes serves seed 001's POST /api/sandbox/create (the configured
+	// Lybic endpoint); nil: that endpoint answers 501.
+	Sandboxes Sandboxes
+}
+
+// Sandboxes creates sandboxes on the configured Lybic sandbox API
+// (*lybicsandbox.Client).
+type Sandboxes interface {
+	Create(ctx context.Context, r lybicsandbox.Request) (*lybicsandbox.Created, error)
+	// Endpoint is the API's URL: the only api_endpoint a request may name.
+	Endpoint() string
 }
 
 // TokenCookie is the cookie a browser may use for the client token on GET

@@ -3,6 +3,7 @@ package httpapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 )
 
 // lybicAuth is seed 001's LybicAuthentication object.
@@ -319,10 +321,14 @@ func (h *handler) seedCancel(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// seedSandboxCreate: POST /api/sandbox/create is not served by the
-// dispatcher: sandboxes belong to the sandbox tool provider (the
-// commander's computer.* tools create their own on first use, or use the
-// task's sandbox_id). 501 with a JSON error, after the body is checked.
+// seedSandboxCreate: POST /api/sandbox/create creates a sandbox on the
+// configured Lybic sandbox API (Options.Sandboxes: the Lybic cloud, or the
+// local sandbox server) with seed 001's CreateSandboxRequest: name, shape
+// (default beijing-2c-4g-cpu, or the dispatcher's --sandbox-shape),
+// maxLifeSeconds (1..86400, default 3600), projectId, and authentication
+// {api_key, org_id} replacing the configured credentials. api_endpoint may
+// only name the configured endpoint: the dispatcher does not call URLs its
+// clients choose. Answers the seed server's fields.
 func (h *handler) seedSandboxCreate(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Name           string     `json:"name"`
@@ -335,6 +341,48 @@ func (h *handler) seedSandboxCreate(w http.ResponseWriter, r *http.Request) {
 		h.writeBad(w, err)
 		return
 	}
-	writeError(w, http.StatusNotImplemented, "UNIMPLEMENTED",
-		"sandbox creation is not served by the dispatcher: submit the task without sandbox_id and the GUI sandbox provider creates one, or pass the id of an existing sandbox")
+	sbx := h.opts.Sandboxes
+	if sbx == nil {
+		writeError(w, http.StatusNotImplemented, "UNIMPLEMENTED", "this dispatcher has no sandbox API configured (--sandbox-endpoint)")
+		return
+	}
+	req := lybicsandbox.Request{Name: body.Name, Shape: body.Shape, ProjectID: body.ProjectID, MaxLifeSeconds: lybicsandbox.DefaultLifeSeconds}
+	if m := body.MaxLifeSeconds; m != nil {
+		if *m < 1 || *m > lybicsandbox.MaxLifeSeconds {
+			writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "maxLifeSeconds must be between 1 and "+strconv.Itoa(lybicsandbox.MaxLifeSeconds))
+			return
+		}
+		req.MaxLifeSeconds = *m
+	}
+	if len(body.Name) > 256 || len(body.Shape) > 256 || len(body.ProjectID) > 256 {
+		writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "name, shape and projectId are at most 256 bytes")
+		return
+	}
+	if a := body.Authentication; a != nil {
+		if a.APIEndpoint != "" && strings.TrimRight(a.APIEndpoint, "/") != sbx.Endpoint() {
+			writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "authentication.api_endpoint must be this dispatcher's sandbox endpoint ("+sbx.Endpoint()+") or absent")
+			return
+		}
+		req.OrgID, req.APIKey = a.OrgID, a.APIKey
+	}
+	sb, err := sbx.Create(r.Context(), req)
+	if err != nil {
+		var se *lybicsandbox.Error
+		if errors.As(err, &se) {
+			writeError(w, se.Status, se.Code, se.Message)
+			return
+		}
+		h.log.Error("sandbox create", "error", err)
+		writeError(w, http.StatusInternalServerError, "INTERNAL", "internal error")
+		return
+	}
+	msg := "Sandbox " + sb.ID + " created successfully"
+	if sb.Requested != "" {
+		msg += " (shape " + sb.Requested + " is not offered by " + sbx.Endpoint() + "; it has shape " + sb.Shape + ")"
+	}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"success": true, "sandbox_id": sb.ID, "name": sb.Name, "shape": sb.Shape, "os": sb.OS,
+		"hardware_accelerated_encoding": sb.HardwareAcceleratedEncoding, "virtualization": sb.Virtualization,
+		"architecture": sb.Architecture, "expires_at": sb.ExpiresAt, "message": msg,
+	})
 }
