@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, cast
 
+import anyio
 import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
@@ -37,7 +38,7 @@ from opentelemetry.trace import StatusCode
 
 from commander import _metrics
 from commander._context import PlannerOutput, SessionContext
-from commander._errors import ToolError, tool_error_code_name
+from commander._errors import ModelError, ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._llm import (
@@ -238,6 +239,11 @@ def _history_messages(history: Iterable[ipb.ConversationTurn]) -> list[dict[str,
     return messages
 
 
+#: How long an endpoint's model list is trusted, and how long reading it may take.
+_MODELS_TTL = 60.0
+_MODELS_TIMEOUT = 5.0
+
+
 @dataclasses.dataclass(frozen=True)
 class _Model:
     """What a session's requests go to."""
@@ -262,6 +268,9 @@ class _Turn:
     tool_calls: dict[int, _ToolCallDraft] = dataclasses.field(default_factory=dict)
     chunks: int = 0  # streamed pieces: the output-token estimate
     usage: CompletionUsage | None = None  # the server's, when it sent one
+    received: int = 0  # chunks of any kind the server sent
+    finish_reason: str | None = None
+    model: str = ""  # the model the server's chunks name
 
 
 class ChatPlanner:
@@ -278,6 +287,9 @@ class ChatPlanner:
         # Request options an endpoint refused (400/422) before streaming: left
         # out from then on. Keyed by base URL.
         self._unsupported: dict[str, set[str]] = {}
+        # The models an endpoint lists (GET /models), with when they were
+        # read: a single-model server (llama-cpp-python) answers to any name.
+        self._listed: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._clients = ModelClients(
             read_timeout=self.settings.read_timeout,
             connect_timeout=self.settings.connect_timeout,
@@ -356,10 +368,12 @@ class ChatPlanner:
                 tool_calls_made += 1
                 content = await self._run_tool(ctx, names.to_tool(call.name), call.arguments)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+        ran = turn.model or target.model
+        named = ran if ran == target.model else f"{ran} (requested {target.model})"
         yield ipb.FinalResult(
             outcome=ipb.SESSION_OUTCOME_SUCCESS,
             result=answer,
-            message=f"{turns} model turn(s), {tool_calls_made} tool call(s), model {target.model}",
+            message=f"{turns} model turn(s), {tool_calls_made} tool call(s), model {named}",
         )
 
     async def _run_tool(self, ctx: SessionContext, tool: str, arguments: str) -> str:
@@ -370,6 +384,63 @@ class ChatPlanner:
             ctx.logger.info("tool %s failed: %s", tool, exc.message)
             code = tool_error_code_name(exc.error_code).removeprefix("TOOL_ERROR_CODE_")
             return json.dumps({"error": {"code": code, "message": exc.message}})
+
+    async def _model_that_ran(self, model: _Model, reported: str) -> str:
+        """The model that answered: the one the server's chunks name when it is
+        not the requested one (e.g. a dated version); else, when the endpoint
+        lists exactly one model under another name, that one (a single-model
+        server such as llama-cpp-python echoes any requested name); else the
+        requested name."""
+        requested = model.target.model
+        if reported and reported != requested:
+            return reported
+        base = model.target.base_url
+        now = time.monotonic()
+        listed = self._listed.get(base)
+        if listed is None or now - listed[0] > _MODELS_TTL:
+            names: tuple[str, ...] = ()
+            try:
+                with anyio.fail_after(_MODELS_TIMEOUT):
+                    page = await model.client.models.list(
+                        timeout=_MODELS_TIMEOUT, extra_headers=request_headers(model.target)
+                    )
+                names = tuple(m.id for m in page.data)
+            except (openai.OpenAIError, TimeoutError):
+                pass  # no list: the requested name is all there is to say
+            listed = self._listed[base] = (now, names)
+        names = listed[1]
+        if len(names) == 1 and names[0] != requested:
+            return names[0]
+        return requested
+
+    async def _why_empty(
+        self, model: _Model, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelError:
+        """Why a model stream ended without a chunk: the same request, not
+        streamed and for one token, gets the server's reason (e.g. HTTP 400
+        "maximum context length is 4096 tokens. However, you requested 20031
+        tokens"); without one, the failure says what was seen."""
+        target = model.target
+        request: dict[str, Any] = {
+            "model": target.model,
+            "messages": messages,
+            "max_tokens": 1,
+            "stream": False,
+            "timeout": model.timeout,
+            "extra_headers": request_headers(target),
+        }
+        if tools and "tools" not in self._unsupported.get(target.base_url, set()):
+            request["tools"] = tools
+        try:
+            await model.client.chat.completions.create(**request)
+        except openai.APIStatusError as exc:
+            return model_error(exc, target)
+        except openai.OpenAIError:
+            pass
+        return ModelError(
+            f"model {target.model} at {public_url(target.base_url)}: the server ended its "
+            "stream without any chunk (no answer, no finish_reason)"
+        )
 
     async def _open_stream(
         self,
@@ -427,6 +498,7 @@ class ChatPlanner:
             estimate_tokens(json.dumps(tools)) if tools else 0
         )
         completed = False
+        refused = False  # the server took nothing: no tokens were spent
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         splitter = ThinkSplitter()
         metrics = _metrics.current
@@ -439,10 +511,15 @@ class ChatPlanner:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
                 first_token.chunk()
+                turn.received += 1
+                if not turn.model and isinstance(chunk.model, str):
+                    turn.model = chunk.model
                 if chunk.usage is not None:
                     turn.usage = chunk.usage
                 if not chunk.choices:
                     continue
+                if chunk.choices[0].finish_reason:
+                    turn.finish_reason = chunk.choices[0].finish_reason
                 delta = chunk.choices[0].delta
                 extra = delta.model_extra or {}
                 reasoning = extra.get("reasoning_content") or extra.get("reasoning")
@@ -467,6 +544,17 @@ class ChatPlanner:
                             draft.arguments += tc.function.arguments
             for output in _split(splitter.flush(), turn):
                 yield output
+            if turn.received == 0:
+                # Not an empty answer: the server ended the stream without a
+                # single chunk (llama-cpp-python does so, with 200, for a
+                # prompt over its context window). Never an empty success.
+                refused = True
+                raise await self._why_empty(model, messages, tools)
+            if turn.finish_reason == "length" and not turn.answer and not turn.tool_calls:
+                raise ModelError(
+                    f"model {target.model} at {public_url(target.base_url)}: it reached its "
+                    "length limit (finish_reason=length) before any answer"
+                )
             completed = True
             if metrics is not None:
                 metrics.observe_step("chat", time.monotonic() - started)
@@ -476,7 +564,7 @@ class ChatPlanner:
         finally:
             if stream is not None:
                 await close_model_stream(stream, self.settings.close_timeout)
-            if stream is not None and not completed:
+            if stream is not None and not completed and not refused:
                 # Stopped or failed mid-turn: the tokens spent so far still count
                 # (estimated: a stream cut short carries no usage from the server).
                 cost, currency = self.settings.prices.cost(
@@ -497,14 +585,13 @@ class ChatPlanner:
         if turn.answer:
             # The answer of this turn is complete (an empty last chunk, as in seed 004).
             yield ipb.ContentChunk(text="", is_finish=True)
+        ran = turn.model = await self._model_that_ran(model, turn.model)
         if turn.usage is not None:
-            yield self.settings.usage(
-                target.model, turn.usage.prompt_tokens, turn.usage.completion_tokens
-            )
+            yield self.settings.usage(ran, turn.usage.prompt_tokens, turn.usage.completion_tokens)
         else:
             # The server sent no usage (no stream_options support): estimated,
             # output tokens = streamed pieces (servers stream about one token each).
-            yield self.settings.usage(target.model, prompt_estimate, turn.chunks)
+            yield self.settings.usage(ran, prompt_estimate, turn.chunks)
 
 
 def _split(pieces: list[tuple[bool, str]], turn: _Turn) -> list[PlannerOutput]:

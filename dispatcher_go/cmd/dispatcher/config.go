@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -41,6 +42,8 @@ type config struct {
 	kaTimeout      time.Duration
 	kaMinTime      time.Duration
 	defaultPlanner string
+	planners       string        // --planners, a comma list ("": any)
+	queueTimeout   time.Duration // 0: never
 	maxTasksKept   int
 	policyFile     string
 	policyPoll     time.Duration
@@ -103,6 +106,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", dispatcher.DefaultKeepalive.Timeout, "close a connection whose ping is not acked within this")
 	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", dispatcher.DefaultKeepalive.MinTime, "clients may ping at most this often")
 	fs.StringVar(&c.defaultPlanner, "default-planner", dispatcher.DefaultPlanner, "planner of tasks that name none")
+	fs.StringVar(&c.planners, "planners", "", "comma list of the planners this deployment's commanders serve (e.g. chat,gui): a task naming another is refused at submit; empty: any name (commanders may bring their own)")
+	fs.DurationVar(&c.queueTimeout, "queue-timeout", dispatcher.DefaultQueueTimeout, "a pending task that no connected commander can run (its planner or capabilities) for this long ends FAILURE with that reason; 0: it waits forever")
 	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", dispatcher.DefaultMaxTasksKept, "finished tasks kept in memory (oldest evicted)")
 	fs.StringVar(&c.policyFile, "policy-file", "", "YAML policy file (docs/policies.md), reloaded when it changes; empty: no policy")
 	fs.DurationVar(&c.policyPoll, "policy-poll", dispatcher.DefaultPolicyPoll, "how often the policy file is checked for changes")
@@ -210,6 +215,9 @@ func (c *config) validate() error {
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))
 	}
+	if ps := c.plannerList(); len(ps) > 0 && !slices.Contains(ps, c.defaultPlanner) {
+		errs = append(errs, fmt.Errorf("--default-planner %q is not one of --planners %s", c.defaultPlanner, c.planners))
+	}
 	if _, err := parseLevel(c.logLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -305,7 +313,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 			Keepalive:         dispatcher.Keepalive{Time: c.kaTime, Timeout: c.kaTimeout, MinTime: c.kaMinTime},
 		},
 		Limits:  dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
-		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
+		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout, Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
 		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
 		Logger:  log,
@@ -351,4 +359,24 @@ func isLoopback(addr string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
+}
+
+// plannerList is --planners as a list (nil: any planner).
+func (c *config) plannerList() []string {
+	var out []string
+	for _, p := range strings.Split(c.planners, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// queueTimeoutValue is --queue-timeout for dispatcher.Tasks: 0 there means
+// the default, so "never" is negative.
+func (c *config) queueTimeoutValue() time.Duration {
+	if c.queueTimeout <= 0 {
+		return -1
+	}
+	return c.queueTimeout
 }

@@ -69,7 +69,8 @@ type Seed001Event struct {
 	// Artifacts (screenshots): inline data as a data: URL, or a URI.
 	MimeType string `json:"mime_type,omitempty"`
 	URL      string `json:"url,omitempty"`
-	// Usage.
+	// Usage; Model is the model the tokens were spent on.
+	Model        string  `json:"model,omitempty"`
 	InputTokens  int64   `json:"input_tokens,omitempty"`
 	OutputTokens int64   `json:"output_tokens,omitempty"`
 	Cost         float64 `json:"cost,omitempty"`

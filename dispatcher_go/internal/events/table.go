@@ -123,7 +123,7 @@ var table = [numKinds]Spec{
 		Name: "usage", Upstream: true, Class: eventlog.Capped, PolicyKind: policy.KindUsage,
 		seed001: func(ev *event, _ string, e *Seed001Event) {
 			u := ev.GetUsage()
-			e.Type, e.InputTokens, e.OutputTokens, e.Cost = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost()
+			e.Type, e.InputTokens, e.OutputTokens, e.Cost, e.Model = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost(), u.GetModel()
 		},
 	},
 	Stage: {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -81,6 +82,10 @@ type ManagerOptions struct {
 	// such a task without a planner, so no slot takes it and it ends at its
 	// timeout in the queue.
 	DefaultPlanner string
+	// Planners, when set, are the only planners a task may name: any other
+	// is refused at submit (no commander of this deployment serves it).
+	// Empty: any name (commanders may bring planners of their own).
+	Planners []string
 	// StopGrace is how long a cancel waits for the commander's stopped ack
 	// (the session aborts the stream after the same grace). No default is
 	// applied here: 0 is no grace, a cancel waits only the fixed margin.
@@ -158,6 +163,9 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	planner := spec.Planner
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
+	}
+	if len(m.opts.Planners) > 0 && !slices.Contains(m.opts.Planners, planner) {
+		return nil, fmt.Errorf("%w: no commander of this deployment serves planner %q (its planners: %s)", ErrInvalidArgument, planner, strings.Join(m.opts.Planners, ", "))
 	}
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
