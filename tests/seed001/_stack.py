@@ -112,3 +112,20 @@ def gui_commander(
         procs=[proc, d.proc],
     )
     return proc
+
+
+def scripted_with_context(
+    stack: Stack, script: list[dict[str, object]], context_tokens: int
+) -> ScriptedLLM:
+    """A scriptedllm with a context window (--context-tokens), answering a longer
+    prompt as llama-cpp-python does (an empty 200 stream; 400 not streamed)."""
+    name = stack._name("scriptedllm-ctx")
+    script_file = stack.workdir / f"{name}.json"
+    script_file.write_text(json.dumps(script))
+    flags = ["--tokens-per-sec", "0", "--script", str(script_file)]
+    flags += ["--context-tokens", str(context_tokens)]
+    proc, addr, _ = stack._listener("scriptedllm", name, "127.0.0.1:0", flags)
+    llm = ScriptedLLM(proc, addr)
+    wait_until(llm.ready, 10, "scriptedllm answers GET /stats", procs=[proc])
+    stack.llms.append(llm)
+    return llm
