@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"time"
 	"unicode/utf8"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // Paging of ListTasks.
@@ -200,9 +202,19 @@ func conversation(t *task.Task) []*dispatchv1.ConversationTurn {
 		known = secret.Values(cfg)
 	}
 	turns := t.Conversation()
-	out := make([]*dispatchv1.ConversationTurn, len(turns))
-	for i, c := range turns {
-		out[i] = &dispatchv1.ConversationTurn{Role: c.GetRole(), Content: secret.RedactText(c.GetContent(), known...)}
+	// The newest turns within maxConversationBytes (each cut at a character
+	// boundary): with the instruction and the result GetTask carries, the
+	// answer stays under the message limit.
+	var out []*dispatchv1.ConversationTurn
+	room := maxConversationBytes
+	for i := len(turns) - 1; i >= 0 && room > 0; i-- {
+		c := textcut.Prefix(secret.RedactText(turns[i].GetContent(), known...), room)
+		room -= len(c)
+		out = append(out, &dispatchv1.ConversationTurn{Role: turns[i].GetRole(), Content: c})
 	}
+	slices.Reverse(out)
 	return out
 }
+
+// maxConversationBytes bounds Task.conversation in GetTask.
+const maxConversationBytes = 512 << 10

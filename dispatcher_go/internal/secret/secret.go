@@ -4,7 +4,9 @@
 // (Mask), emptying them for disk (Strip), and sealing a whole message with
 // AES-256-GCM (Sealer) so that the secrets a restart needs are stored
 // encrypted. One walk over a message's fields (secretFields) serves Mask and
-// Strip, so a secret added to the schema is handled by both or by neither.
+// Strip (and Values), so a secret added to the schema is handled by all or
+// by none. RedactText masks secrets in free text a client reads (a task's
+// conversation): known values, and anything shaped like a key.
 //
 // It must not decide where a message goes (callers choose: clients get
 // Mask, disk gets Strip and Seal), keep any state besides a Sealer's key, or
