@@ -49,6 +49,7 @@ from commander._llm import (
     ModelTarget,
     check_endpoint,
     close_model_stream,
+    empty_stream_error,
     estimate_tokens,
     model_error,
     parse_allowed_endpoints,
@@ -416,31 +417,17 @@ class ChatPlanner:
     async def _why_empty(
         self, model: _Model, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> ModelError:
-        """Why a model stream ended without a chunk: the same request, not
-        streamed and for one token, gets the server's reason (e.g. HTTP 400
-        "maximum context length is 4096 tokens. However, you requested 20031
-        tokens"); without one, the failure says what was seen."""
+        """Why a model stream ended without a chunk (see empty_stream_error)."""
         target = model.target
         request: dict[str, Any] = {
             "model": target.model,
             "messages": messages,
-            "max_tokens": 1,
-            "stream": False,
             "timeout": model.timeout,
             "extra_headers": request_headers(target),
         }
         if tools and "tools" not in self._unsupported.get(target.base_url, set()):
             request["tools"] = tools
-        try:
-            await model.client.chat.completions.create(**request)
-        except openai.APIStatusError as exc:
-            return model_error(exc, target)
-        except openai.OpenAIError:
-            pass
-        return ModelError(
-            f"model {target.model} at {public_url(target.base_url)}: the server ended its "
-            "stream without any chunk (no answer, no finish_reason)"
-        )
+        return await empty_stream_error(model.client, target, request)
 
     async def _open_stream(
         self,

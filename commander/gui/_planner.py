@@ -987,6 +987,7 @@ class _Run:
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         usage_seen = False
         completed = False
+        received = 0
         span = model_span(target.model, _llm.public_url(target.base_url))
         first_token = _llm.FirstToken(span, target.model, time.monotonic())
         try:
@@ -995,6 +996,7 @@ class _Run:
             try:
                 async for chunk in stream:
                     first_token.chunk()
+                    received += 1
                     if chunk.usage is not None:
                         reply.input_tokens = chunk.usage.prompt_tokens
                         reply.output_tokens = chunk.usage.completion_tokens
@@ -1008,6 +1010,10 @@ class _Run:
                         yield ipb.ThoughtChain(step_name=step_name, delta=text)
             except openai.OpenAIError as exc:
                 raise _llm.model_error(exc, target) from exc
+            if received == 0:
+                # Not an empty reply to parse: the server took nothing (see
+                # _llm.empty_stream_error); it fails the task with the reason.
+                raise await _llm.empty_stream_error(client, target, request)
             completed = True
         finally:
             if stream is not None:
