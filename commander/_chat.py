@@ -534,16 +534,17 @@ class ChatPlanner:
             if turn.received == 0:
                 # Not an empty answer: the server ended the stream without a
                 # single chunk (llama-cpp-python does so, with 200, for a
-                # prompt over its context window). Never an empty success.
+                # prompt over its context window). Never an empty success:
+                # the reason is asked for once the stream is closed (below).
                 refused = True
-                raise await self._why_empty(model, messages, tools)
-            if turn.finish_reason == "length" and not turn.answer and not turn.tool_calls:
+            elif turn.finish_reason == "length" and not turn.answer and not turn.tool_calls:
                 raise ModelError(
                     f"model {target.model} at {public_url(target.base_url)}: it reached its "
                     "length limit (finish_reason=length) before any answer"
                 )
-            completed = True
-            if metrics is not None:
+            else:
+                completed = True
+            if metrics is not None and completed:
                 metrics.observe_step("chat", time.monotonic() - started)
         except openai.OpenAIError as exc:
             span.set_status(StatusCode.ERROR, type(exc).__name__)
@@ -566,6 +567,8 @@ class ChatPlanner:
                     model=target.model,
                 )
             end_model_span(span, turn.usage, completed=completed)
+        if refused:
+            raise await self._why_empty(model, messages, tools)
         for draft in turn.tool_calls.values():
             if not draft.id:
                 draft.id = f"call_{uuid.uuid4().hex[:12]}"

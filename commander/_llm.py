@@ -471,12 +471,20 @@ async def empty_stream_error(
     probe = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
     probe.update(stream=False, max_tokens=1)
     probe.pop("max_completion_tokens", None)
-    try:
-        await client.chat.completions.create(**probe)
-    except openai.APIStatusError as exc:
-        return model_error(exc, target)
-    except openai.OpenAIError:
-        pass
+    # Twice on a connection error: llama-cpp-python drops the connection its
+    # empty stream came on, and the pool may hand that one out again.
+    for _ in range(2):
+        try:
+            await client.chat.completions.create(**probe)
+        except openai.APIStatusError as exc:
+            return model_error(exc, target)
+        except openai.APITimeoutError:
+            break
+        except openai.APIConnectionError:
+            continue
+        except openai.OpenAIError:
+            pass
+        break
     model = _bounded(target.model, _MODEL_CHARS)
     url = _bounded(public_url(target.base_url), _URL_CHARS)
     return ModelError(

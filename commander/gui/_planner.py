@@ -1010,11 +1010,7 @@ class _Run:
                         yield ipb.ThoughtChain(step_name=step_name, delta=text)
             except openai.OpenAIError as exc:
                 raise _llm.model_error(exc, target) from exc
-            if received == 0:
-                # Not an empty reply to parse: the server took nothing (see
-                # _llm.empty_stream_error); it fails the task with the reason.
-                raise await _llm.empty_stream_error(client, target, request)
-            completed = True
+            completed = received > 0
         finally:
             if stream is not None:
                 await _llm.close_model_stream(stream, self.settings.close_timeout)
@@ -1036,6 +1032,11 @@ class _Run:
             span.set_attribute("gen_ai.usage.input_tokens", reply.input_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", reply.output_tokens)
             end_model_span(span, None, completed=completed)
+        if received == 0:
+            # Not an empty reply to parse: the server took nothing (see
+            # _llm.empty_stream_error); once the stream is closed, the reason
+            # fails the task.
+            raise await _llm.empty_stream_error(client, target, request)
 
 
 def _observe_step(started: float) -> None:
