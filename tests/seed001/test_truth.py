@@ -150,6 +150,7 @@ def test_b_model_that_ran_on_taskservice(env: SimpleNamespace) -> None:
     assert usages and all(u.model == "scripted" for u in usages), usages
     task = env.d.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=sub.task_id), timeout=5).task
     assert task.status == agent_pb2.SUCCESS and task.message.endswith(RAN), task.message
+    assert list(task.models) == ["scripted"], task.models
 
 
 def test_b_model_that_ran_on_seed001(env: SimpleNamespace) -> None:
@@ -159,6 +160,7 @@ def test_b_model_that_ran_on_seed001(env: SimpleNamespace) -> None:
     assert events[-1]["type"] == "finished" and events[-1]["content"].endswith(RAN), events[-1]
     st = seed_status(env.base, events[-1]["task_id"])
     assert st["status"] == "finished" and st["message"].endswith(RAN), st
+    assert st["statistics"]["models"] == ["scripted"], st["statistics"]
 
 
 # ------------------------------------------------------------------ (c) nobody serves it

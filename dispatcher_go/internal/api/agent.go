@@ -212,5 +212,6 @@ func taskProto(info *task.Info, now time.Time) *dispatchv1.Task {
 		CommanderId: info.CommanderID,
 		Labels:      info.Labels,
 		Sandbox:     info.Sandbox,
+		Models:      info.Stats.ModelList(),
 	}
 }

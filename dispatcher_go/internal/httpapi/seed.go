@@ -229,6 +229,7 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 			"steps": st.GetSteps(), "duration_seconds": st.GetDurationSeconds(),
 			"input_tokens": st.GetInputTokens(), "output_tokens": st.GetOutputTokens(),
 			"total_tokens": st.GetTotalTokens(), "cost": st.GetCost(), "currency": st.GetCurrencySymbol(),
+			"models": t.GetModels(), // the models that ran
 		}
 	}
 	writeJSON(w, http.StatusOK, out)

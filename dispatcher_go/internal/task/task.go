@@ -17,6 +17,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"math"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,7 +93,26 @@ type Stats struct {
 	OutputTokens int64
 	Cost         float64
 	Currency     string
+	// Models are the models the tokens were spent on, as the commander's
+	// usage names them (the model that ran, not the one configured), in
+	// order of first use, joined by ", "; at most maxStatsModels. (A string
+	// keeps Stats comparable.)
+	Models string `json:",omitempty"`
 }
+
+// ModelList is Models as a list.
+func (s Stats) ModelList() []string {
+	if s.Models == "" {
+		return nil
+	}
+	return strings.Split(s.Models, ", ")
+}
+
+// maxStatsModels and maxModelName bound Stats.Models.
+const (
+	maxStatsModels = 8
+	maxModelName   = 128
+)
 
 // Summary is what a task is at a glance: the fields Info and Snapshot
 // share.
@@ -472,6 +493,11 @@ func (t *Task) AddUsage(u *dispatchv1.Usage) {
 	t.stats.Steps = int32(addSat(int64(t.stats.Steps), int64(u.GetSteps()), math.MaxInt32))
 	if c := u.GetCurrency(); c != "" {
 		t.stats.Currency = c
+	}
+	if m := strings.ReplaceAll(textcut.Prefix(u.GetModel(), maxModelName), ", ", " "); m != "" {
+		if ms := t.stats.ModelList(); !slices.Contains(ms, m) && len(ms) < maxStatsModels {
+			t.stats.Models = strings.Join(append(ms, m), ", ")
+		}
 	}
 	t.mu.Unlock()
 }

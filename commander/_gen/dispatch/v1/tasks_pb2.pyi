@@ -585,6 +585,7 @@ class Task(_message.Message):
     SANDBOX_FIELD_NUMBER: _builtins.int
     CONVERSATION_FIELD_NUMBER: _builtins.int
     USER_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     instruction: _builtins.str
     status: _agent_pb2.TaskStatus.ValueType
@@ -615,6 +616,13 @@ class Task(_message.Message):
         the task's config that appear in it are masked.
         """
 
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models the task's tokens were spent on, as the commander reported
+        them (the model that ran, not only the configured name), in order of
+        first use.
+        """
+
     def __init__(
         self,
         *,
@@ -634,10 +642,11 @@ class Task(_message.Message):
         sandbox: _agent_pb2.Sandbox | None = ...,
         conversation: _abc.Iterable[_interaction_pb2.ConversationTurn] | None = ...,
         user_system_prompt: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "created_at", b"created_at", "ended_at", b"ended_at", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "conversation", b"conversation", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id", "user_system_prompt", b"user_system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "conversation", b"conversation", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "models", b"models", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id", "user_system_prompt", b"user_system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015

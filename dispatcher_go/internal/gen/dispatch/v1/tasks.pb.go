@@ -1208,8 +1208,12 @@ type Task struct {
 	Conversation []*ConversationTurn `protobuf:"bytes,20,rep,name=conversation,proto3" json:"conversation,omitempty"`
 	// The task's addition to the planner's system prompt, if any.
 	UserSystemPrompt string `protobuf:"bytes,21,opt,name=user_system_prompt,json=userSystemPrompt,proto3" json:"user_system_prompt,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The models the task's tokens were spent on, as the commander reported
+	// them (the model that ran, not only the configured name), in order of
+	// first use.
+	Models        []string `protobuf:"bytes,22,rep,name=models,proto3" json:"models,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Task) Reset() {
@@ -1352,6 +1356,13 @@ func (x *Task) GetUserSystemPrompt() string {
 		return x.UserSystemPrompt
 	}
 	return ""
+}
+
+func (x *Task) GetModels() []string {
+	if x != nil {
+		return x.Models
+	}
+	return nil
 }
 
 // ListTasksRequest filters and pages the task list.
@@ -1868,7 +1879,7 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"8\n" +
 	"\x0fGetTaskResponse\x12%\n" +
-	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\x8f\x06\n" +
+	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\xa7\x06\n" +
 	"\x04Task\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x12/\n" +
@@ -1890,7 +1901,8 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x06labels\x18\r \x03(\v2\x1d.dispatch.v1.Task.LabelsEntryR\x06labels\x123\n" +
 	"\asandbox\x18\x0e \x01(\v2\x14.lybic.agent.SandboxH\x00R\asandbox\x88\x01\x01\x12A\n" +
 	"\fconversation\x18\x14 \x03(\v2\x1d.dispatch.v1.ConversationTurnR\fconversation\x12,\n" +
-	"\x12user_system_prompt\x18\x15 \x01(\tR\x10userSystemPrompt\x1a9\n" +
+	"\x12user_system_prompt\x18\x15 \x01(\tR\x10userSystemPrompt\x12\x16\n" +
+	"\x06models\x18\x16 \x03(\tR\x06models\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
