@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, cast
 
+import anyio
 import openai
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
@@ -37,7 +38,7 @@ from opentelemetry.trace import StatusCode
 
 from commander import _metrics
 from commander._context import PlannerOutput, SessionContext
-from commander._errors import ToolError, tool_error_code_name
+from commander._errors import ModelError, ToolError, tool_error_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.lybic.agent import agent_pb2
 from commander._llm import (
@@ -48,6 +49,7 @@ from commander._llm import (
     ModelTarget,
     check_endpoint,
     close_model_stream,
+    empty_stream_error,
     estimate_tokens,
     model_error,
     parse_allowed_endpoints,
@@ -238,6 +240,11 @@ def _history_messages(history: Iterable[ipb.ConversationTurn]) -> list[dict[str,
     return messages
 
 
+#: How long an endpoint's model list is trusted, and how long reading it may take.
+_MODELS_TTL = 60.0
+_MODELS_TIMEOUT = 5.0
+
+
 @dataclasses.dataclass(frozen=True)
 class _Model:
     """What a session's requests go to."""
@@ -262,6 +269,9 @@ class _Turn:
     tool_calls: dict[int, _ToolCallDraft] = dataclasses.field(default_factory=dict)
     chunks: int = 0  # streamed pieces: the output-token estimate
     usage: CompletionUsage | None = None  # the server's, when it sent one
+    received: int = 0  # chunks of any kind the server sent
+    finish_reason: str | None = None
+    model: str = ""  # the model the server's chunks name
 
 
 class ChatPlanner:
@@ -278,6 +288,9 @@ class ChatPlanner:
         # Request options an endpoint refused (400/422) before streaming: left
         # out from then on. Keyed by base URL.
         self._unsupported: dict[str, set[str]] = {}
+        # The models an endpoint lists (GET /models), with when they were
+        # read: a single-model server (llama-cpp-python) answers to any name.
+        self._listed: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._clients = ModelClients(
             read_timeout=self.settings.read_timeout,
             connect_timeout=self.settings.connect_timeout,
@@ -307,8 +320,9 @@ class ChatPlanner:
         names = ToolNames(spec.name for spec in tools)
         offered = _openai_tools(tools, names) if self.settings.use_tools and tools else []
         messages: list[dict[str, Any]] = []
-        if self.settings.system_prompt:
-            messages.append({"role": "system", "content": self.settings.system_prompt})
+        system = ctx.system_prompt(self.settings.system_prompt)
+        if system:
+            messages.append({"role": "system", "content": system})
         messages.extend(_history_messages(ctx.history))
         messages.append({"role": "user", "content": ctx.instruction})
         model = _Model(target, await self._clients.client(target), self._timeout(ctx))
@@ -355,10 +369,12 @@ class ChatPlanner:
                 tool_calls_made += 1
                 content = await self._run_tool(ctx, names.to_tool(call.name), call.arguments)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
+        ran = turn.model or target.model
+        named = ran if ran == target.model else f"{ran} (requested {target.model})"
         yield ipb.FinalResult(
             outcome=ipb.SESSION_OUTCOME_SUCCESS,
             result=answer,
-            message=f"{turns} model turn(s), {tool_calls_made} tool call(s), model {target.model}",
+            message=f"{turns} model turn(s), {tool_calls_made} tool call(s), model {named}",
         )
 
     async def _run_tool(self, ctx: SessionContext, tool: str, arguments: str) -> str:
@@ -369,6 +385,49 @@ class ChatPlanner:
             ctx.logger.info("tool %s failed: %s", tool, exc.message)
             code = tool_error_code_name(exc.error_code).removeprefix("TOOL_ERROR_CODE_")
             return json.dumps({"error": {"code": code, "message": exc.message}})
+
+    async def _model_that_ran(self, model: _Model, reported: str) -> str:
+        """The model that answered: the one the server's chunks name when it is
+        not the requested one (e.g. a dated version); else, when the endpoint
+        lists exactly one model under another name, that one (a single-model
+        server such as llama-cpp-python echoes any requested name); else the
+        requested name."""
+        requested = model.target.model
+        if reported and reported != requested:
+            return reported
+        base = model.target.base_url
+        now = time.monotonic()
+        listed = self._listed.get(base)
+        if listed is None or now - listed[0] > _MODELS_TTL:
+            names: tuple[str, ...] = ()
+            try:
+                with anyio.fail_after(_MODELS_TIMEOUT):
+                    page = await model.client.models.list(
+                        timeout=_MODELS_TIMEOUT, extra_headers=request_headers(model.target)
+                    )
+                names = tuple(m.id for m in page.data)
+            except (openai.OpenAIError, TimeoutError):
+                pass  # no list: the requested name is all there is to say
+            listed = self._listed[base] = (now, names)
+        names = listed[1]
+        if len(names) == 1 and names[0] != requested:
+            return names[0]
+        return requested
+
+    async def _why_empty(
+        self, model: _Model, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> ModelError:
+        """Why a model stream ended without a chunk (see empty_stream_error)."""
+        target = model.target
+        request: dict[str, Any] = {
+            "model": target.model,
+            "messages": messages,
+            "timeout": model.timeout,
+            "extra_headers": request_headers(target),
+        }
+        if tools and "tools" not in self._unsupported.get(target.base_url, set()):
+            request["tools"] = tools
+        return await empty_stream_error(model.client, target, request)
 
     async def _open_stream(
         self,
@@ -426,6 +485,7 @@ class ChatPlanner:
             estimate_tokens(json.dumps(tools)) if tools else 0
         )
         completed = False
+        refused = False  # the server took nothing: no tokens were spent
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         splitter = ThinkSplitter()
         metrics = _metrics.current
@@ -438,10 +498,15 @@ class ChatPlanner:
             stream = await self._open_stream(model, messages, tools)
             async for chunk in stream:
                 first_token.chunk()
+                turn.received += 1
+                if not turn.model and isinstance(chunk.model, str):
+                    turn.model = chunk.model
                 if chunk.usage is not None:
                     turn.usage = chunk.usage
                 if not chunk.choices:
                     continue
+                if chunk.choices[0].finish_reason:
+                    turn.finish_reason = chunk.choices[0].finish_reason
                 delta = chunk.choices[0].delta
                 extra = delta.model_extra or {}
                 reasoning = extra.get("reasoning_content") or extra.get("reasoning")
@@ -466,8 +531,20 @@ class ChatPlanner:
                             draft.arguments += tc.function.arguments
             for output in _split(splitter.flush(), turn):
                 yield output
-            completed = True
-            if metrics is not None:
+            if turn.received == 0:
+                # Not an empty answer: the server ended the stream without a
+                # single chunk (llama-cpp-python does so, with 200, for a
+                # prompt over its context window). Never an empty success:
+                # the reason is asked for once the stream is closed (below).
+                refused = True
+            elif turn.finish_reason == "length" and not turn.answer and not turn.tool_calls:
+                raise ModelError(
+                    f"model {target.model} at {public_url(target.base_url)}: it reached its "
+                    "length limit (finish_reason=length) before any answer"
+                )
+            else:
+                completed = True
+            if metrics is not None and completed:
                 metrics.observe_step("chat", time.monotonic() - started)
         except openai.OpenAIError as exc:
             span.set_status(StatusCode.ERROR, type(exc).__name__)
@@ -475,7 +552,7 @@ class ChatPlanner:
         finally:
             if stream is not None:
                 await close_model_stream(stream, self.settings.close_timeout)
-            if stream is not None and not completed:
+            if stream is not None and not completed and not refused:
                 # Stopped or failed mid-turn: the tokens spent so far still count
                 # (estimated: a stream cut short carries no usage from the server).
                 cost, currency = self.settings.prices.cost(
@@ -490,20 +567,21 @@ class ChatPlanner:
                     model=target.model,
                 )
             end_model_span(span, turn.usage, completed=completed)
+        if refused:
+            raise await self._why_empty(model, messages, tools)
         for draft in turn.tool_calls.values():
             if not draft.id:
                 draft.id = f"call_{uuid.uuid4().hex[:12]}"
         if turn.answer:
             # The answer of this turn is complete (an empty last chunk, as in seed 004).
             yield ipb.ContentChunk(text="", is_finish=True)
+        ran = turn.model = await self._model_that_ran(model, turn.model)
         if turn.usage is not None:
-            yield self.settings.usage(
-                target.model, turn.usage.prompt_tokens, turn.usage.completion_tokens
-            )
+            yield self.settings.usage(ran, turn.usage.prompt_tokens, turn.usage.completion_tokens)
         else:
             # The server sent no usage (no stream_options support): estimated,
             # output tokens = streamed pieces (servers stream about one token each).
-            yield self.settings.usage(target.model, prompt_estimate, turn.chunks)
+            yield self.settings.usage(ran, prompt_estimate, turn.chunks)
 
 
 def _split(pieces: list[tuple[bool, str]], turn: _Turn) -> list[PlannerOutput]:

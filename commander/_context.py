@@ -90,7 +90,9 @@ class SessionContext:
     Attributes mirror ``StartSession``: ``task_id``, ``session_id``,
     ``instruction``, ``config`` (the resolved ``lybic.agent.CommonConfig``,
     secrets included), ``history``, ``tools``, ``deadline``, ``planner``,
-    ``labels``, ``sandbox``, ``previous_task_id``, ``destroy_sandbox``.
+    ``labels``, ``sandbox``, ``previous_task_id``, ``destroy_sandbox``,
+    ``user_system_prompt`` (the client's addition to the planner's system
+    prompt; see :meth:`system_prompt`).
     """
 
     def __init__(self, session: SessionRuntime, start: ipb.StartSession) -> None:
@@ -110,6 +112,7 @@ class SessionContext:
         )
         self.previous_task_id: str = start.previous_task_id
         self.destroy_sandbox: bool = start.destroy_sandbox
+        self.user_system_prompt: str = start.user_system_prompt
         self.deadline: dt.datetime | None = (
             start.deadline.ToDatetime(tzinfo=dt.UTC) if start.HasField("deadline") else None
         )
@@ -118,6 +121,12 @@ class SessionContext:
             logging.getLogger("commander.planner"),
             {"task_id": self.task_id, "session_id": self.session_id},
         )
+
+    def system_prompt(self, own: str | None) -> str | None:
+        """The system prompt a planner sends: its ``own`` with the client's
+        ``user_system_prompt`` (seed 001) appended; None when both are empty."""
+        parts = [p for p in (own, self.user_system_prompt) if p]
+        return "\n\n".join(parts) if parts else None
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline (may be negative), or None without one."""

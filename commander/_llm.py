@@ -34,7 +34,7 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -456,3 +456,38 @@ def model_error(exc: openai.OpenAIError, target: ModelTarget) -> ModelError:
     model = _bounded(target.model, _MODEL_CHARS)
     url = _bounded(public_url(target.base_url), _URL_CHARS)
     return ModelError(f"model {model} at {url}: {_bounded(detail, _DETAIL_CHARS)}")
+
+
+async def empty_stream_error(
+    client: openai.AsyncOpenAI, target: ModelTarget, request: dict[str, Any]
+) -> ModelError:
+    """Why a model stream ended without a single chunk, as a failure to report.
+
+    llama-cpp-python answers a prompt over its context window with a 200 event
+    stream that ends at once; the same request, not streamed and for one token,
+    gets its reason (HTTP 400 "maximum context length is 4096 tokens. However,
+    you requested 20031 tokens"). Without a reason, the failure says what was
+    seen. Never an empty success."""
+    probe = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
+    probe.update(stream=False, max_tokens=1)
+    probe.pop("max_completion_tokens", None)
+    # Twice on a connection error: llama-cpp-python drops the connection its
+    # empty stream came on, and the pool may hand that one out again.
+    for _ in range(2):
+        try:
+            await client.chat.completions.create(**probe)
+        except openai.APIStatusError as exc:
+            return model_error(exc, target)
+        except openai.APITimeoutError:
+            break
+        except openai.APIConnectionError:
+            continue
+        except openai.OpenAIError:
+            pass
+        break
+    model = _bounded(target.model, _MODEL_CHARS)
+    url = _bounded(public_url(target.base_url), _URL_CHARS)
+    return ModelError(
+        f"model {model} at {url}: the server ended its stream without any chunk "
+        "(no answer, no finish_reason)"
+    )

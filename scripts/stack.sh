@@ -81,11 +81,13 @@ up() {
   model_up
   local host=${DISPATCHER_LISTEN%:*} port=${DISPATCHER_LISTEN##*:}
   port_free "$host" "$port" || { log "$DISPATCHER_LISTEN is taken; set DISPATCHER_LISTEN"; exit 1; }
-  log "dispatcher on $DISPATCHER_LISTEN"
-  rm -f "$RUN/dispatcher.addr"
-  start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --data-dir "$RUN/data" --log-format text
-  wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
   sandbox_up
+  log "dispatcher on $DISPATCHER_LISTEN (POST /api/sandbox/create: the local sandbox server)"
+  rm -f "$RUN/dispatcher.addr"
+  DISPATCHER_SANDBOX_API_KEY=$(cat "$RUN/sandbox.key") \
+  start dispatcher "$BIN/dispatcher" --listen "$DISPATCHER_LISTEN" --addr-file "$RUN/dispatcher.addr" --data-dir "$RUN/data" --log-format text \
+    --sandbox-endpoint "http://$(cat "$RUN/sandbox.addr")" --sandbox-org ORG-local --sandbox-shape local-1280x720
+  wait_for dispatcher 30 test -s "$RUN/dispatcher.addr"
   log "tool provider (workspace tools in $RUN/workspace)"
   mkdir -p "$RUN/workspace"
   start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "$DISPATCHER_LISTEN" --root "$RUN/workspace"

@@ -682,6 +682,11 @@ class _Run:
 
     def _start_conversation(self) -> None:
         ctx = self.ctx
+        # The GUI prompt is the first user turn (as UI-TARS is trained);
+        # the client's user_system_prompt is the system message.
+        system = ctx.system_prompt(None)
+        if system:
+            self.messages.append({"role": "system", "content": system})
         for turn in ctx.history:
             role = turn.role if turn.role in ("user", "assistant") else "user"
             self.messages.append({"role": role, "content": turn.content})
@@ -982,6 +987,7 @@ class _Run:
         stream: openai.AsyncStream[ChatCompletionChunk] | None = None
         usage_seen = False
         completed = False
+        received = 0
         span = model_span(target.model, _llm.public_url(target.base_url))
         first_token = _llm.FirstToken(span, target.model, time.monotonic())
         try:
@@ -990,6 +996,7 @@ class _Run:
             try:
                 async for chunk in stream:
                     first_token.chunk()
+                    received += 1
                     if chunk.usage is not None:
                         reply.input_tokens = chunk.usage.prompt_tokens
                         reply.output_tokens = chunk.usage.completion_tokens
@@ -1003,7 +1010,7 @@ class _Run:
                         yield ipb.ThoughtChain(step_name=step_name, delta=text)
             except openai.OpenAIError as exc:
                 raise _llm.model_error(exc, target) from exc
-            completed = True
+            completed = received > 0
         finally:
             if stream is not None:
                 await _llm.close_model_stream(stream, self.settings.close_timeout)
@@ -1025,6 +1032,11 @@ class _Run:
             span.set_attribute("gen_ai.usage.input_tokens", reply.input_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", reply.output_tokens)
             end_model_span(span, None, completed=completed)
+        if received == 0:
+            # Not an empty reply to parse: the server took nothing (see
+            # _llm.empty_stream_error); once the stream is closed, the reason
+            # fails the task.
+            raise await _llm.empty_stream_error(client, target, request)
 
 
 def _observe_step(started: float) -> None:

@@ -372,6 +372,9 @@ class Reply:
     body: bytes | None = None
     #: Extra headers of an error reply (e.g. ``location`` for a redirect).
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: A 200 event stream that ends without any chunk or [DONE] (what
+    #: llama-cpp-python sends for a prompt over its context window).
+    empty: bool = False
 
     @classmethod
     def text(cls, text: str, *, delay: float = 0.0, **kw: Any) -> Reply:
@@ -426,6 +429,8 @@ class ScriptedLLM:
         self.stream_started = asyncio.Event()
         self._server: asyncio.Server | None = None
         self.port = 0
+        #: What GET /models lists (none by default).
+        self.models: list[str] = []
 
     @property
     def base_url(self) -> str:
@@ -462,6 +467,17 @@ class ScriptedLLM:
                 key, _, value = line.partition(":")
                 headers[key.strip().lower()] = value.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
+        if head.startswith(b"GET ") and head.split(b" ", 2)[1].endswith(b"/models"):
+            listed = json.dumps(
+                {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
+            ).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(listed)}\r\nconnection: close\r\n\r\n".encode()
+                + listed
+            )
+            await writer.drain()
+            return
         request = json.loads(body or b"{}")
         reply = self.replies.pop(0) if self.replies else Reply.text("(no script left)")
         if reply.status != 200:
@@ -481,11 +497,22 @@ class ScriptedLLM:
                 StreamRecord(request=request, total=0, completed=True, headers=headers)
             )
             return
+        if reply.empty:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+            )
+            await writer.drain()
+            self.streams.append(
+                StreamRecord(request=request, total=0, completed=True, headers=headers)
+            )
+            return
         include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        chunks = [_chunk({**d}) for d in reply.deltas]
-        chunks.append(_chunk({}, finish_reason=reply.finish_reason))
+        # Chunks name the requested model, as llama-cpp-python and scriptedllm do.
+        name = str(request.get("model") or "scripted")
+        chunks = [_chunk({**d}, model=name) for d in reply.deltas]
+        chunks.append(_chunk({}, finish_reason=reply.finish_reason, model=name))
         if include_usage and reply.usage is not None:
-            chunks.append({**_chunk({}), "choices": [], "usage": reply.usage})
+            chunks.append({**_chunk({}, model=name), "choices": [], "usage": reply.usage})
         record = StreamRecord(request=request, total=len(chunks), headers=headers)
         self.streams.append(record)
         writer.write(
@@ -521,12 +548,14 @@ class ScriptedLLM:
                 await watcher
 
 
-def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+def _chunk(
+    delta: dict[str, Any], finish_reason: str | None = None, model: str = "scripted"
+) -> dict[str, Any]:
     return {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 1,
-        "model": "scripted",
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
 

@@ -306,3 +306,92 @@ async def test_usage_is_priced_from_the_price_table(
     # The built-in table: a local model is free, in a known currency.
     assert LLMSettings().usage("smollm2", 10, 5).currency == "USD"
     assert LLMSettings().usage("smollm2", 10, 5).cost == 0.0
+
+
+async def test_user_system_prompt_is_appended_to_the_system_prompt(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    llm.replies.append(Reply.text("ok"))
+    llm.replies.append(Reply.text("ok"))
+    settings = LLMSettings(
+        base_url=llm.base_url, allowed_endpoints=(llm.base_url,), system_prompt="Be brief."
+    )
+    async with make_commander(llm=settings):
+        slot = await dispatcher.servicer.next_slot()
+        await slot.start("hi", user_system_prompt="Answer in French.")
+        packets = await slot.recv_until_terminal()
+        assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+        await slot.start("again")
+        packets = await slot.recv_until_terminal()
+    assert llm.requests[0]["messages"] == [
+        {"role": "system", "content": "Be brief.\n\nAnswer in French."},
+        {"role": "user", "content": "hi"},
+    ]
+    # Only the task that asked for it gets it.
+    assert llm.requests[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+async def test_a_stream_without_any_chunk_is_a_failure_with_the_servers_reason(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    """llama-cpp-python answers a prompt over its context window with an empty 200
+    stream; the planner fails with the reason the server gives for the same request
+    not streamed, never an empty success."""
+    reason = (
+        "This model's maximum context length is 4096 tokens. However, you requested "
+        "20031 tokens (20031 in the messages, None in the completion)."
+    )
+    llm.replies.append(Reply([], empty=True))
+    llm.replies.append(
+        Reply(
+            [],
+            status=400,
+            body=json.dumps(
+                {"error": {"message": reason, "code": "context_length_exceeded"}}
+            ).encode(),
+        )
+    )
+    llm.replies.append(Reply([], empty=True))
+    llm.replies.append(Reply.text("one token"))  # the probe fits: no reason known
+    llm.replies.append(Reply([], finish_reason="length"))
+    settings = LLMSettings(base_url=llm.base_url, allowed_endpoints=(llm.base_url,))
+    async with make_commander(llm=settings):
+        slot = await dispatcher.servicer.next_slot()
+        await slot.start("word " * 100)
+        first = await slot.recv_until_terminal()
+        await slot.start("again")
+        second = await slot.recv_until_terminal()
+        await slot.start("third")
+        third = await slot.recv_until_terminal()
+    result = first[-1].result
+    assert result.outcome == ipb.SESSION_OUTCOME_FAILURE, first
+    assert "maximum context length is 4096 tokens" in result.message, result
+    assert not [p for p in first if p.HasField("content")]
+    # The probe asked for one token, not streamed.
+    assert llm.requests[1]["stream"] is False and llm.requests[1]["max_tokens"] == 1
+    assert second[-1].result.outcome == ipb.SESSION_OUTCOME_FAILURE
+    assert "without any chunk" in second[-1].result.message, second[-1]
+    assert third[-1].result.outcome == ipb.SESSION_OUTCOME_FAILURE
+    assert "finish_reason=length" in third[-1].result.message, third[-1]
+
+
+async def test_the_model_that_ran_is_named_not_only_the_requested_one(
+    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+) -> None:
+    """A single-model server (llama-cpp-python) answers to any requested name and
+    echoes it in its chunks: the usage and the result name the model it lists."""
+    llm.models = ["smollm2"]
+    llm.replies.append(Reply.text("ok", usage={"prompt_tokens": 3, "completion_tokens": 1}))
+    settings = LLMSettings(
+        base_url=llm.base_url, allowed_endpoints=(llm.base_url,), model="claude-sonnet-4-20250514"
+    )
+    async with make_commander(llm=settings):
+        slot = await dispatcher.servicer.next_slot()
+        await slot.start("hi")
+        packets = await slot.recv_until_terminal()
+    assert llm.requests[0]["model"] == "claude-sonnet-4-20250514"
+    (usage,) = [p.usage for p in packets if p.HasField("usage")]
+    assert usage.model == "smollm2", usage
+    result = packets[-1].result
+    assert result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+    assert result.message.endswith("model smollm2 (requested claude-sonnet-4-20250514)"), result

@@ -531,3 +531,32 @@ async def test_parses_run_at_most_parse_concurrency_at_once(
         await planner.aclose()
     assert len(results) == limit + 3
     assert inside[1] == limit
+
+
+async def test_user_system_prompt_is_the_system_message(make: Any, llm: ScriptedLLM) -> None:
+    llm.replies = [uitars("finished(content='ok')")]
+    slot = await make()
+    sid = await slot.start("do it", planner="gui", user_system_prompt="Never close windows.")
+    result = result_of(await drive(slot, sid, FakeSandbox()))
+    assert result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+    messages = llm.requests[0]["messages"]
+    assert messages[0] == {"role": "system", "content": "Never close windows."}
+    assert messages[1]["role"] == "user" and "do it" in str(messages[1]["content"])
+
+
+async def test_a_stream_without_any_chunk_fails_with_the_servers_reason(
+    make: Any, llm: ScriptedLLM
+) -> None:
+    """Not an empty reply to parse (and retry): the server took nothing; the
+    task fails with the reason the same request gets when not streamed."""
+    reason = "This model's maximum context length is 4096 tokens. However, you requested 9000."
+    llm.replies = [
+        Reply([], empty=True),
+        Reply([], status=400, body=json.dumps({"error": {"message": reason}}).encode()),
+    ]
+    slot = await make()
+    sid = await slot.start("do it", planner="gui")
+    result = result_of(await drive(slot, sid, FakeSandbox()))
+    assert result.outcome == ipb.SESSION_OUTCOME_FAILURE
+    assert "maximum context length is 4096 tokens" in result.message, result
+    assert len(llm.requests) == 2 and llm.requests[1]["stream"] is False

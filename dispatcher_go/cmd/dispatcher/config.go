@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -49,6 +50,8 @@ type config struct {
 	kaTimeout      time.Duration
 	kaMinTime      time.Duration
 	defaultPlanner string
+	planners       string        // --planners, a comma list ("": any)
+	queueTimeout   time.Duration // 0: never
 	maxTasksKept   int
 	policyFile     string
 	policyPoll     time.Duration
@@ -68,13 +71,21 @@ type config struct {
 	metricsListen  string // "" disables /metrics
 	pprofListen    string // "" disables /debug/pprof
 	streamWindow   int
+	// The sandbox API behind seed 001's POST /api/sandbox/create.
+	sandboxEndpoint string
+	sandboxOrg      string
+	sandboxShape    string
+	sandboxKey      string // DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY only: never a flag
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
 // DISPATCHER_ name.
 var seedEnv = map[string]string{
-	"storage-backend": "TASK_STORAGE_BACKEND",
-	"postgres-dsn":    "POSTGRES_CONNECTION_STRING",
+	"storage-backend":  "TASK_STORAGE_BACKEND",
+	"postgres-dsn":     "POSTGRES_CONNECTION_STRING",
+	"sandbox-endpoint": "LYBIC_API_ENDPOINT",
+	"sandbox-org":      "LYBIC_ORG_ID",
+	"sandbox-shape":    "LYBIC_SANDBOX_SHAPE",
 }
 
 // envName is the environment variable of a flag.
@@ -109,6 +120,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", dispatcher.DefaultKeepalive.Timeout, "close a connection whose ping is not acked within this")
 	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", dispatcher.DefaultKeepalive.MinTime, "clients may ping at most this often")
 	fs.StringVar(&c.defaultPlanner, "default-planner", dispatcher.DefaultPlanner, "planner of tasks that name none")
+	fs.StringVar(&c.planners, "planners", "", "comma list of the planners this deployment's commanders serve (e.g. chat,gui): a task naming another is refused at submit; empty: any name (commanders may bring their own)")
+	fs.DurationVar(&c.queueTimeout, "queue-timeout", dispatcher.DefaultQueueTimeout, "a pending task that no connected commander can run (its planner or capabilities) for this long ends FAILURE with that reason; 0: it waits forever")
 	fs.IntVar(&c.maxTasksKept, "max-tasks-kept", dispatcher.DefaultMaxTasksKept, "finished tasks kept in memory (oldest evicted)")
 	fs.StringVar(&c.policyFile, "policy-file", "", "YAML policy file (docs/policies.md), reloaded when it changes; empty: no policy")
 	fs.StringVar(&c.mcpServers, "mcp-servers", "", "MCP servers file (YAML or JSON, docs/mcp.md): their tools are served as mcp.<server>.<tool>; reloaded when it changes (checked every --policy-poll); empty: none")
@@ -125,6 +138,9 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.BoolVar(&c.insecure, "insecure", false, "allow --listen or --http-listen beyond loopback without --client-token and --commander-token (anyone who reaches the port can then submit, read and cancel tasks, or register as a commander)")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
 	fs.StringVar(&c.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof profiles (loopback only, for profiling); empty disables")
+	fs.StringVar(&c.sandboxEndpoint, "sandbox-endpoint", "", "Lybic sandbox API of POST /api/sandbox/create: the cloud (default https://api.lybic.cn) or the local sandbox server's http://HOST:PORT; env also LYBIC_API_ENDPOINT. The API key comes from DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY")
+	fs.StringVar(&c.sandboxOrg, "sandbox-org", "", "Lybic organisation of sandboxes created for requests without credentials; env also LYBIC_ORG_ID")
+	fs.StringVar(&c.sandboxShape, "sandbox-shape", "", "shape of sandboxes whose request names none, and of those naming a shape the endpoint does not offer (e.g. local-1280x720 on the local sandbox server); env also LYBIC_SANDBOX_SHAPE")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -152,6 +168,10 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 		return nil, err
 	}
 	c.secretKey = getenv("DISPATCHER_SECRET_KEY")
+	c.sandboxKey = getenv("DISPATCHER_SANDBOX_API_KEY")
+	if c.sandboxKey == "" {
+		c.sandboxKey = getenv("LYBIC_API_KEY")
+	}
 	c.httpDefault = !given["http-listen"] && getenv(envName("http-listen")) == ""
 	if c.metricsListen == "" && strings.EqualFold(getenv("ENABLE_PROMETHEUS"), "true") {
 		// Seed 000: ENABLE_PROMETHEUS=true, PROMETHEUS_PORT=8000, metrics
@@ -209,6 +229,9 @@ func (c *config) validate() error {
 	}
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))
+	}
+	if ps := c.plannerList(); len(ps) > 0 && !slices.Contains(ps, c.defaultPlanner) {
+		errs = append(errs, fmt.Errorf("--default-planner %q is not one of --planners %s", c.defaultPlanner, c.planners))
 	}
 	if _, err := parseLevel(c.logLevel); err != nil {
 		errs = append(errs, err)
@@ -330,7 +353,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		},
 		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
 		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
-			HandOverWindow: handOverWindow(c.handOverWindow)},
+			HandOverWindow: handOverWindow(c.handOverWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
 		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		MCP:     dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
 		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
@@ -386,4 +409,24 @@ func handOverWindow(d time.Duration) time.Duration {
 		return -1
 	}
 	return d
+}
+
+// plannerList is --planners as a list (nil: any planner).
+func (c *config) plannerList() []string {
+	var out []string
+	for _, p := range strings.Split(c.planners, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// queueTimeoutValue is --queue-timeout for dispatcher.Tasks: 0 there means
+// the default, so "never" is negative.
+func (c *config) queueTimeoutValue() time.Duration {
+	if c.queueTimeout <= 0 {
+		return -1
+	}
+	return c.queueTimeout
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/api"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 	"github.com/agentdispatch/dispatcher/internal/mcp"
 	"github.com/agentdispatch/dispatcher/internal/metrics"
 	"github.com/agentdispatch/dispatcher/internal/telemetry"
@@ -39,13 +40,17 @@ func newMetrics(cfg *config) *metrics.Metrics {
 func startHTTP(cfg *config, d *dispatcher.Dispatcher, local *api.Local, m *metrics.Metrics, tracing *telemetry.Tracing, log *slog.Logger, a2aSrv ...*a2a.Server) (*httpServers, error) {
 	hs := &httpServers{log: log}
 	if cfg.httpListen != "" {
+		sandboxes, err := lybicsandbox.New(lybicsandbox.Config{Endpoint: cfg.sandboxEndpoint, OrgID: cfg.sandboxOrg, APIKey: cfg.sandboxKey, Shape: cfg.sandboxShape})
+		if err != nil {
+			return nil, err
+		}
 		mcpServer := mcp.NewServer(mcp.ServerOptions{Backend: local, Tools: d.Broker(), Policy: d.Policy(), Version: version, Logger: log.With("component", "mcp")})
-		opts := httpapi.Options{Auth: d.Auth(), AllowedHosts: cfg.allowedHosts(), MCP: mcpServer, Logger: log.With("component", "http")}
+		opts := httpapi.Options{Auth: d.Auth(), AllowedHosts: cfg.allowedHosts(), MCP: mcpServer, Sandboxes: sandboxes, Logger: log.With("component", "http")}
 		if len(a2aSrv) > 0 && a2aSrv[0] != nil {
 			opts.A2A = a2aSrv[0]
 		}
 		h := httpapi.New(local, opts)
-		err := hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
+		err = hs.start("http api", cfg.httpListen, tracing.HTTPHandler(h), httpReadTimeout)
 		switch {
 		case err != nil && cfg.httpDefault:
 			// Nobody asked for this address (e.g. several dispatchers on

@@ -48,6 +48,7 @@ func run() error {
 	flag.IntVar(&cfg.Tokens, "tokens", 64, "content tokens of a generated (unscripted) response")
 	flag.IntVar(&cfg.ReasoningTokens, "reasoning-tokens", 0, "reasoning_content tokens before the content of a generated response")
 	flag.DurationVar(&cfg.FirstTokenDelay, "first-token-delay", 0, "wait before the first token")
+	flag.IntVar(&cfg.ContextTokens, "context-tokens", 0, "context window in tokens (4 bytes each); a longer prompt is answered as llama-cpp-python does (empty stream / 400); 0: none")
 	flag.IntVar(&cfg.MaxRecords, "max-records", 10000, "stream records kept for /stats (oldest dropped)")
 	flag.Parse()
 	if flag.NArg() > 0 {

@@ -31,6 +31,11 @@ type config struct {
 	Script []Response
 	// MaxRecords bounds /stats: the oldest records are dropped past it.
 	MaxRecords int
+	// ContextTokens, when positive, is the model's context window, answered
+	// as llama-cpp-python's server does: a request whose messages hold more
+	// tokens (4 bytes a token) gets, streamed, a 200 event stream that ends
+	// at once with no chunk; not streamed, 400 context_length_exceeded.
+	ContextTokens int
 }
 
 // Outcomes of a stream, as /stats reports them.
@@ -203,6 +208,26 @@ func (s *server) chatCompletions(w http.ResponseWriter, r *http.Request) {
 	if len(req.Messages) == 0 {
 		writeError(w, http.StatusBadRequest, "messages must not be empty")
 		return
+	}
+	if n := s.cfg.ContextTokens; n > 0 {
+		prompt := 0
+		for _, m := range req.Messages {
+			prompt += len(messageText(m.Content))
+		}
+		if prompt = (prompt + 3) / 4; prompt > n {
+			if req.Stream {
+				w.Header().Set("Content-Type", "text/event-stream")
+				w.WriteHeader(http.StatusOK)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusBadRequest)
+			_ = json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{
+				"message": fmt.Sprintf("This model's maximum context length is %d tokens. However, you requested %d tokens (%d in the messages, None in the completion). Please reduce the length of the messages or completion.", n, prompt, prompt),
+				"type":    "invalid_request_error", "param": "messages", "code": "context_length_exceeded",
+			}})
+			return
+		}
 	}
 	p, turn, lastUser := s.plan(&req)
 	model := req.Model

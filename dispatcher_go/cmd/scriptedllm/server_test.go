@@ -441,3 +441,28 @@ func TestSplitTokensRoundTrips(t *testing.T) {
 		t.Errorf("splitTokens(a b c) = %q", got)
 	}
 }
+
+// TestContextWindowAnswersAsLlamaCpp: a prompt over --context-tokens gets
+// an empty 200 stream (streamed) or 400 context_length_exceeded.
+func TestContextWindowAnswersAsLlamaCpp(t *testing.T) {
+	_, ts := start(t, config{Model: "m", Tokens: 2, ContextTokens: 10})
+	long := `{"model":"x","messages":[{"role":"user","content":"` + strings.Repeat("word ", 20) + `"}]`
+	resp := post(t, t.Context(), ts, long+`,"stream":true}`)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || len(b) != 0 {
+		t.Fatalf("streamed: %d %q", resp.StatusCode, b)
+	}
+	resp = post(t, t.Context(), ts, long+`}`)
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !strings.Contains(string(b), "maximum context length is 10 tokens") || !strings.Contains(string(b), "context_length_exceeded") {
+		t.Fatalf("not streamed: %d %s", resp.StatusCode, b)
+	}
+	resp = post(t, t.Context(), ts, `{"model":"x","messages":[{"role":"user","content":"hi"}],"stream":true}`)
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), "[DONE]") {
+		t.Fatalf("short prompt: %d %s", resp.StatusCode, b)
+	}
+}

@@ -232,6 +232,7 @@ func taskProto(info *task.Info, now time.Time, caller tenant.Caller) *dispatchv1
 		Labels:      info.Labels,
 		Sandbox:     info.Sandbox,
 		Tenant:      tenantFor(caller, info.Tenant),
+		Models:      info.Stats.ModelList(),
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"time"
 	"unicode/utf8"
 
@@ -16,9 +17,11 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/policy"
+	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
+	"github.com/agentdispatch/dispatcher/internal/textcut"
 )
 
 // Paging of ListTasks.
@@ -57,6 +60,7 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 		RequiredCapabilities: req.GetRequiredCapabilities(),
 		Labels:               req.GetLabels(),
 		TimeoutSeconds:       req.GetTimeoutSeconds(),
+		UserSystemPrompt:     req.GetUserSystemPrompt(),
 		Trace:                trace.SpanContextFromContext(ctx),
 	})
 	if err != nil {
@@ -85,7 +89,9 @@ func (ts *taskService) GetTask(ctx context.Context, req *dispatchv1.GetTaskReque
 		return nil, toStatus(ts.s.d.Logger(), err)
 	}
 	info := t.Info()
-	return &dispatchv1.GetTaskResponse{Task: taskProto(&info, time.Now(), caller)}, nil
+	tp := taskProto(&info, time.Now(), caller)
+	tp.Conversation, tp.UserSystemPrompt = conversation(t), t.UserSystemPrompt()
+	return &dispatchv1.GetTaskResponse{Task: tp}, nil
 }
 
 // ListTasks lists tasks newest first, filtered by status, paged: the tasks
@@ -212,3 +218,29 @@ func (ts *taskService) ListTools(context.Context, *dispatchv1.ListToolsRequest) 
 	specs, execs := ts.s.d.Broker().Tools()
 	return &dispatchv1.ListToolsResponse{Tools: specs, Executors: execs}, nil
 }
+
+// conversation is the conversation t ran with, for GetTask (seed 001's
+// llm_context): secrets of its config (while it still holds them) and
+// anything shaped like a key are masked.
+func conversation(t *task.Task) []*dispatchv1.ConversationTurn {
+	var known []string
+	if cfg := t.Config(); cfg != nil {
+		known = secret.Values(cfg)
+	}
+	turns := t.Conversation()
+	// The newest turns within maxConversationBytes (each cut at a character
+	// boundary): with the instruction and the result GetTask carries, the
+	// answer stays under the message limit.
+	var out []*dispatchv1.ConversationTurn
+	room := maxConversationBytes
+	for i := len(turns) - 1; i >= 0 && room > 0; i-- {
+		c := textcut.Prefix(secret.RedactText(turns[i].GetContent(), known...), room)
+		room -= len(c)
+		out = append(out, &dispatchv1.ConversationTurn{Role: turns[i].GetRole(), Content: c})
+	}
+	slices.Reverse(out)
+	return out
+}
+
+// maxConversationBytes bounds Task.conversation in GetTask.
+const maxConversationBytes = 512 << 10

@@ -29,6 +29,10 @@ const (
 	// DefaultStopGrace is how long a stopped session may take to ack
 	// before its stream is aborted (and a cancel gives up waiting).
 	DefaultStopGrace = 2 * time.Second
+	// DefaultQueueTimeout is how long a pending task may wait while no
+	// connected commander can run it (its planner or capabilities) before
+	// it ends FAILURE with that reason.
+	DefaultQueueTimeout = 5 * time.Minute
 	// DefaultToolTimeout is the timeout of a tool call that sets none.
 	DefaultToolTimeout = 30 * time.Second
 	// DefaultMaxRecvMsgBytes is the largest message accepted.
@@ -171,6 +175,12 @@ type Limits struct {
 type Tasks struct {
 	// DefaultPlanner runs tasks that name none (DefaultPlanner).
 	DefaultPlanner string
+	// Planners, when set, are the only planner names tasks may use; others
+	// are refused at submit (INVALID_ARGUMENT). Empty: any name.
+	Planners []string
+	// QueueTimeout ends FAILURE a pending task that no connected commander
+	// could run for this long (DefaultQueueTimeout; negative: never).
+	QueueTimeout time.Duration
 	// StopGrace is how long a stopped session may take to ack
 	// (DefaultStopGrace).
 	StopGrace time.Duration
@@ -251,6 +261,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Tasks.DefaultPlanner == "" {
 		c.Tasks.DefaultPlanner = DefaultPlanner
+	}
+	if c.Tasks.QueueTimeout == 0 {
+		c.Tasks.QueueTimeout = DefaultQueueTimeout
 	}
 	if c.Tasks.StopGrace <= 0 {
 		c.Tasks.StopGrace = DefaultStopGrace

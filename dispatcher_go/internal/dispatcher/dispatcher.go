@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -152,6 +153,7 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	mgr := task.NewManager(logs, task.NewConfigStore(cfg.Tasks.GlobalConfig), task.ManagerOptions{
 		DefaultPlanner: cfg.Tasks.DefaultPlanner,
+		Planners:       cfg.Tasks.Planners,
 		StopGrace:      cfg.Tasks.StopGrace,
 		MaxTasksKept:   cfg.Limits.MaxTasksKept,
 		Persistence:    persist,
@@ -218,12 +220,40 @@ func New(cfg Config) (*Dispatcher, error) {
 		m := mcp.NewManager(mcp.Options{Registry: b, Version: cfg.Version, Logger: log.With("component", "mcp")})
 		d.bg.Go(func() { m.Run(base, f, cmp.Or(cfg.MCP.Poll, DefaultPolicyPoll)) })
 	}
+	if cfg.Tasks.QueueTimeout > 0 {
+		d.bg.Go(func() { d.failUnserved(base, cfg.Tasks.QueueTimeout) })
+	}
 	if cfg.Store.Backend != nil && cfg.Store.Retention > 0 {
 		d.bg.Go(func() {
 			taskstore.RunRetention(base, cfg.Store.Backend, cfg.Store.Retention, 0, log.With("component", "retention"))
 		})
 	}
 	return d, nil
+}
+
+// failUnserved ends FAILURE, with the reason, the pending tasks that no
+// connected commander could run for wait (the queue timeout): a task is
+// never pending forever for a planner or capability nobody serves.
+func (d *Dispatcher) failUnserved(ctx context.Context, wait time.Duration) {
+	tick := min(max(wait/4, 10*time.Millisecond), 5*time.Second)
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			for _, tk := range d.sched.TakeUnserved(now, wait) {
+				need := scheduler.PlannerCapability(tk.Planner())
+				if caps := tk.RequiredCapabilities(); len(caps) > 0 {
+					need += " with " + strings.Join(caps, ", ")
+				}
+				reason := fmt.Sprintf("no connected commander serves %s: pending for %s (the queue timeout, --queue-timeout)", need, wait)
+				d.log.Warn("pending task failed: no commander serves it", "task_id", tk.ID(), "need", need, "waited", wait)
+				d.tasks.Fail(tk.ID(), reason)
+			}
+		}
+	}
 }
 
 // Config is the configuration in force (defaults applied).

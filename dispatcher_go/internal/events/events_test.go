@@ -62,10 +62,10 @@ func rows() []row {
 			sse: `{"type":"finished","content":"completed","output":"the answer","task_id":"t1","seq":7,"status":"finished"}`},
 		{kind: events.State, ev: ev(&dispatchv1.TaskState{Status: agentpb.TaskStatus_FAILURE, Message: "boom"}),
 			name: "state", class: eventlog.Control, stage: "failure", message: "boom",
-			sse: `{"type":"finished","content":"boom","output":"the answer","task_id":"t1","seq":7,"status":"failed"}`},
+			sse: `{"type":"error","content":"boom","task_id":"t1","seq":7,"status":"error"}`},
 		{kind: events.State, ev: ev(&dispatchv1.TaskState{Status: agentpb.TaskStatus_CANCELLED, Message: "by client"}),
 			name: "state", class: eventlog.Control, stage: "cancelled", message: "by client",
-			sse: `{"type":"finished","content":"by client","output":"the answer","task_id":"t1","seq":7,"status":"cancelled"}`},
+			sse: `{"type":"cancelled","content":"by client","task_id":"t1","seq":7,"status":"cancelled"}`},
 		{kind: events.State, ev: ev(&dispatchv1.TaskState{Status: agentpb.TaskStatus_NOT_FOUND}),
 			name: "state", class: eventlog.Control, stage: "-",
 			sse: `{"type":"status","task_id":"t1","seq":7,"status":"not_found"}`},
@@ -317,7 +317,7 @@ func TestPolicyAction(t *testing.T) {
 func TestSeed001Status(t *testing.T) {
 	for s, want := range map[agentpb.TaskStatus]string{
 		agentpb.TaskStatus_PENDING: "pending", agentpb.TaskStatus_RUNNING: "running", agentpb.TaskStatus_SUCCESS: "finished",
-		agentpb.TaskStatus_FAILURE: "failed", agentpb.TaskStatus_CANCELLED: "cancelled", agentpb.TaskStatus_NOT_FOUND: "not_found",
+		agentpb.TaskStatus_FAILURE: "error", agentpb.TaskStatus_CANCELLED: "cancelled", agentpb.TaskStatus_NOT_FOUND: "not_found",
 		agentpb.TaskStatus_TASKSTATUSUNDEFINED: "unknown",
 	} {
 		if got := events.Seed001Status(s); got != want {

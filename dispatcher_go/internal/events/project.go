@@ -58,8 +58,8 @@ type Seed001Event struct {
 	Output  string `json:"output,omitempty"`
 	TaskID  string `json:"task_id"`
 	Seq     uint64 `json:"seq"`
-	// Status is set on "status" and "finished": pending, running,
-	// finished, failed, cancelled.
+	// Status is set on "status" and on the terminal event ("finished",
+	// "error", "cancelled"): pending, running, finished, error, cancelled.
 	Status string `json:"status,omitempty"`
 	// Tool calls and results.
 	Tool   string `json:"tool,omitempty"`
@@ -69,7 +69,8 @@ type Seed001Event struct {
 	// Artifacts (screenshots): inline data as a data: URL, or a URI.
 	MimeType string `json:"mime_type,omitempty"`
 	URL      string `json:"url,omitempty"`
-	// Usage.
+	// Usage; Model is the model the tokens were spent on.
+	Model        string  `json:"model,omitempty"`
 	InputTokens  int64   `json:"input_tokens,omitempty"`
 	OutputTokens int64   `json:"output_tokens,omitempty"`
 	Cost         float64 `json:"cost,omitempty"`
@@ -89,7 +90,7 @@ func Seed001(ev *dispatchv1.TaskEvent, result string) (Seed001Event, bool) {
 }
 
 // Seed001Status names a task status as seed 001 does ("finished" for
-// success, "failed" for failure).
+// success, "error" for failure: the names its poll loops end on).
 func Seed001Status(s agentpb.TaskStatus) string {
 	switch s {
 	case agentpb.TaskStatus_PENDING:
@@ -99,7 +100,7 @@ func Seed001Status(s agentpb.TaskStatus) string {
 	case agentpb.TaskStatus_SUCCESS:
 		return "finished"
 	case agentpb.TaskStatus_FAILURE:
-		return "failed"
+		return "error"
 	case agentpb.TaskStatus_CANCELLED:
 		return "cancelled"
 	case agentpb.TaskStatus_NOT_FOUND:

@@ -60,9 +60,15 @@ var table = [numKinds]Spec{
 		seed001: func(ev *event, result string, e *Seed001Event) {
 			st := ev.GetState()
 			e.Type, e.Status, e.Content = "status", Seed001Status(st.GetStatus()), st.GetMessage()
+			// The terminal event is named as seed 001's clients end on
+			// it: "finished" (with the output), "error", "cancelled".
 			switch st.GetStatus() {
-			case agentpb.TaskStatus_SUCCESS, agentpb.TaskStatus_FAILURE, agentpb.TaskStatus_CANCELLED:
+			case agentpb.TaskStatus_SUCCESS:
 				e.Type, e.Output = "finished", result
+			case agentpb.TaskStatus_FAILURE:
+				e.Type = "error"
+			case agentpb.TaskStatus_CANCELLED:
+				e.Type = "cancelled"
 			}
 		},
 	},
@@ -117,7 +123,7 @@ var table = [numKinds]Spec{
 		Name: "usage", Upstream: true, Class: eventlog.Capped, PolicyKind: policy.KindUsage,
 		seed001: func(ev *event, _ string, e *Seed001Event) {
 			u := ev.GetUsage()
-			e.Type, e.InputTokens, e.OutputTokens, e.Cost = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost()
+			e.Type, e.InputTokens, e.OutputTokens, e.Cost, e.Model = "usage", u.GetInputTokens(), u.GetOutputTokens(), u.GetCost(), u.GetModel()
 		},
 	},
 	Stage: {

@@ -36,6 +36,7 @@ import (
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
@@ -87,6 +88,9 @@ type Options struct {
 	// A2A, when set, serves /a2a and /.well-known/agent-card.json
 	// (internal/a2a; it checks the client token itself).
 	A2A http.Handler
+	// Sandboxes serves seed 001's POST /api/sandbox/create (the configured
+	// Lybic endpoint); nil: that endpoint answers 501.
+	Sandboxes Sandboxes
 }
 
 // Authenticator says who a client token is (tenant.Auth implements it).
@@ -95,6 +99,14 @@ type Authenticator interface {
 	ClientAuth() bool
 	// Client is the caller a token acts for; false for an unknown token.
 	Client(token string) (tenant.Caller, bool)
+}
+
+// Sandboxes creates sandboxes on the configured Lybic sandbox API
+// (*lybicsandbox.Client).
+type Sandboxes interface {
+	Create(ctx context.Context, r lybicsandbox.Request) (*lybicsandbox.Created, error)
+	// Endpoint is the API's URL: the only api_endpoint a request may name.
+	Endpoint() string
 }
 
 // TokenCookie is the cookie a browser may use for the client token on GET

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -416,7 +417,7 @@ func TestSeedCurlExamples(t *testing.T) {
 		}
 		return true
 	})
-	want := []string{"status", "status", "thinking", "action", "observation", "message", "usage", "result", "finished"}
+	want := []string{"thinking", "action", "observation", "message", "result", "finished"}
 	if strings.Join(types, ",") != strings.Join(want, ",") {
 		t.Fatalf("run event types %v, want %v\n%s", types, want, out)
 	}
@@ -593,5 +594,159 @@ func TestHeartbeatAndDrain(t *testing.T) {
 	var eb errorBody
 	if r := e.do("POST", "/api/tasks", "", `{"instruction":"late"}`, &eb); r.StatusCode != 503 {
 		t.Fatalf("submit while draining: %d %+v", r.StatusCode, eb)
+	}
+}
+
+// runSSE posts body to /api/agent/run (path may carry a query) and returns
+// the raw stream and its data events decoded.
+func (e *env) runSSE(ctx context.Context, path, header, body string) (string, []map[string]any) {
+	e.t.Helper()
+	req, _ := http.NewRequestWithContext(ctx, "POST", e.url+path, strings.NewReader(body))
+	if header != "" {
+		k, v, _ := strings.Cut(header, ": ")
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var raw strings.Builder
+	var evs []map[string]any
+	_ = readSSE(io.TeeReader(resp.Body, &raw), func(ev sseEvent) bool {
+		if ev.Event != "" {
+			return true // event: end (asked for with events=all)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(ev.Data), &m); err != nil {
+			e.t.Fatalf("data %q: %v", ev.Data, err)
+		}
+		evs = append(evs, m)
+		return true
+	})
+	return raw.String(), evs
+}
+
+// TestSeedRunEndsAsTheSeedSays: every data line of /api/agent/run has a
+// "type"; a failed task ends with "error" (status "error", also in the
+// status endpoint), a cancelled one with "cancelled" — never "finished"
+// without output — and no "event: end" follows unless asked for
+// (?events=all or X-Dispatcher-Events: all, which also bring the
+// dispatcher's status and usage events).
+func TestSeedRunEndsAsTheSeedSays(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, dispatcher.Config{}, Options{})
+	ctx := testutil.Context(t, testTimeout)
+	e.serve(t, func(s *dispatchv1.StartSession) []any {
+		switch {
+		case strings.Contains(s.GetInstruction(), "fail"):
+			return []any{
+				&dispatchv1.ThoughtChain{Delta: "trying"},
+				&dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE, Message: "model refused the request"},
+			}
+		case strings.Contains(s.GetInstruction(), "long"):
+			return chatScript(time.Hour)(s)
+		}
+		return chatScript(0)(s)
+	})
+	lastType := func(evs []map[string]any) string {
+		if len(evs) == 0 {
+			return ""
+		}
+		return fmt.Sprint(evs[len(evs)-1]["type"])
+	}
+	for _, q := range []struct{ path, header string }{{"/api/agent/run", ""}, {"/api/agent/run?events=all", ""}, {"/api/agent/run", "X-Dispatcher-Events: all"}} {
+		all := q.path != "/api/agent/run" || q.header != ""
+		raw, evs := e.runSSE(ctx, q.path, q.header, `{"instruction":"please fail"}`)
+		for _, m := range evs {
+			if _, ok := m["type"]; !ok {
+				t.Fatalf("%s %s: an event without type: %v\n%s", q.path, q.header, m, raw)
+			}
+		}
+		last := evs[len(evs)-1]
+		if lastType(evs) != "error" || last["status"] != "error" || last["content"] != "model refused the request" {
+			t.Fatalf("%s %s: failed run ends with %v\n%s", q.path, q.header, last, raw)
+		}
+		hasEnd, hasStatus := strings.Contains(raw, "event: end"), strings.Contains(raw, `"type":"status"`)
+		if hasEnd != all || hasStatus != all {
+			t.Fatalf("%s %s: event: end %v, status events %v, want %v\n%s", q.path, q.header, hasEnd, hasStatus, all, raw)
+		}
+		id := fmt.Sprint(last["task_id"])
+		if st := e.waitStatus(id, "", "error"); !strings.Contains(fmt.Sprint(st["message"]), "model refused") {
+			t.Fatalf("status %v", st)
+		}
+	}
+
+	// Cancelled while streaming: the stream ends with "cancelled".
+	got := make(chan []map[string]any, 1)
+	go func() {
+		_, evs := e.runSSE(ctx, "/api/agent/run", "", `{"instruction":"long"}`)
+		got <- evs
+	}()
+	var id string
+	testutil.WaitFor(t, wait, func() bool {
+		var list struct {
+			Tasks []map[string]any `json:"tasks"`
+		}
+		e.do("GET", "/api/tasks?status=RUNNING", "", "", &list)
+		if len(list.Tasks) == 1 {
+			id = fmt.Sprint(list.Tasks[0]["task_id"])
+		}
+		return id != ""
+	}, "the long task to run")
+	var c map[string]any
+	e.do("POST", "/api/agent/cancel", "", `{"task_id":"`+id+`"}`, &c)
+	evs := testutil.Recv(t, got, wait, "the stream to end")
+	if lastType(evs) != "cancelled" || evs[len(evs)-1]["status"] != "cancelled" {
+		t.Fatalf("cancelled run ends with %v", evs[len(evs)-1])
+	}
+	for _, m := range evs {
+		if m["type"] == "finished" {
+			t.Fatalf("a cancelled run said finished: %v", evs)
+		}
+	}
+}
+
+// TestSeedUserSystemPromptAndLLMContext: user_system_prompt reaches the
+// commander's StartSession; llm_context is the conversation the task ran
+// with (secrets masked), and a continued task's includes the turns it
+// continued from.
+func TestSeedUserSystemPromptAndLLMContext(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, dispatcher.Config{}, Options{})
+	starts := make(chan *dispatchv1.StartSession, 4)
+	e.serve(t, func(s *dispatchv1.StartSession) []any {
+		starts <- s
+		return []any{testutil.Success("answer to " + s.GetInstruction())}
+	})
+	var sub map[string]any
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"first, my key is sk-abcdefghijklmnop","user_system_prompt":"Answer in French.","ark_apikey":"ark-secret-1234567"}`, &sub); r.StatusCode != 200 {
+		t.Fatalf("submit with user_system_prompt: %d %v", r.StatusCode, sub)
+	}
+	first := sub["task_id"].(string)
+	if s := testutil.Recv(t, starts, wait, "the start"); s.GetUserSystemPrompt() != "Answer in French." {
+		t.Fatalf("StartSession.user_system_prompt = %q", s.GetUserSystemPrompt())
+	}
+	st := e.waitStatus(first, "", "finished")
+	b, _ := json.Marshal(st["llm_context"])
+	want := `{"messages":[{"content":"first, my key is ****mnop","role":"user"},{"content":"answer to first, my key is ****mnop","role":"assistant"}],"user_system_prompt":"Answer in French."}`
+	if string(b) != want {
+		t.Fatalf("llm_context\n %s\nwant\n %s", b, want)
+	}
+	e.do("POST", "/api/agent/task/submit", "", `{"instruction":"second","continue_context":true,"task_id":"`+first+`"}`, &sub)
+	second := sub["task_id"].(string)
+	if s := testutil.Recv(t, starts, wait, "the second start"); len(s.GetHistory()) != 2 || s.GetUserSystemPrompt() != "" {
+		t.Fatalf("continued start: %v", s)
+	}
+	st = e.waitStatus(second, "", "finished")
+	b, _ = json.Marshal(st["llm_context"])
+	want = `{"messages":[{"content":"first, my key is ****mnop","role":"user"},{"content":"answer to first, my key is ****mnop","role":"assistant"},{"content":"second","role":"user"},{"content":"answer to second","role":"assistant"}]}`
+	if string(b) != want {
+		t.Fatalf("continued llm_context\n %s\nwant\n %s", b, want)
+	}
+	var eb errorBody
+	big := strings.Repeat("p", 64<<10+1)
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"x","user_system_prompt":"`+big+`"}`, &eb); r.StatusCode != 400 {
+		t.Fatalf("oversized user_system_prompt: %d %+v", r.StatusCode, eb)
 	}
 }

@@ -468,7 +468,7 @@ func TestEventStreamOutlivesServerReadTimeout(t *testing.T) {
 	s := guardServer(t, f, Options{}, func(hs *http.Server) { hs.ReadTimeout = readTimeout; hs.ReadHeaderTimeout = readTimeout })
 	for _, tc := range []struct{ method, path, body string }{
 		{"GET", "/api/tasks/t-1/events", ""},
-		{"POST", "/api/agent/run", `{"instruction":"x"}`},
+		{"POST", "/api/agent/run?events=all", `{"instruction":"x"}`}, // events=all: the stream closes with event: end
 	} {
 		code, body := call(t, s, tc.method, tc.path, "", tc.body, nil)
 		if code != 200 || !strings.Contains(body, `"seq":"3"`) && !strings.Contains(body, "id: 3\n") || !strings.Contains(body, "event: end") {

@@ -3,8 +3,10 @@ package httpapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/events"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/lybicsandbox"
 )
 
 // lybicAuth is seed 001's LybicAuthentication object.
@@ -41,19 +44,18 @@ type runRequest struct {
 	TimeoutSeconds int32             `json:"timeout_seconds"`
 }
 
-// submitRequest maps a seed-001 request onto the native one: credentials
+// submitRequest maps a seed-001 request onto the native one:
+// user_system_prompt is added to the planner's system prompt; credentials
 // go into the task's running config (stored masked, see docs/operations.md),
 // ark_apikey is the action generator model's key, max_steps the config's
 // steps, continue_context+task_id the previous task.
 func (rr *runRequest) submitRequest() (*dispatchv1.SubmitTaskRequest, error) {
-	if rr.UserSystemPrompt != "" {
-		return nil, status.Error(codes.InvalidArgument, "user_system_prompt is not supported: planners keep their own system prompt")
-	}
 	req := &dispatchv1.SubmitTaskRequest{
-		Instruction:    rr.Instruction,
-		Planner:        rr.Planner,
-		Labels:         rr.Labels,
-		TimeoutSeconds: rr.TimeoutSeconds,
+		Instruction:      rr.Instruction,
+		Planner:          rr.Planner,
+		Labels:           rr.Labels,
+		TimeoutSeconds:   rr.TimeoutSeconds,
+		UserSystemPrompt: rr.UserSystemPrompt,
 	}
 	if rr.SandboxID != "" {
 		req.Sandbox = &agentpb.Sandbox{Id: rr.SandboxID}
@@ -135,6 +137,7 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := resp.GetTaskId()
+	all := allEvents(r)
 	w.Header().Set("X-Task-Id", id)
 	s := startSSE(w)
 	stop := h.heartbeat(s)
@@ -145,8 +148,11 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 			result = res.GetResult()
 		}
 		e, ok := events.Seed001(ev, result)
-		if !ok {
+		if !ok || (!all && !seedTypes[e.Type]) {
 			return nil
+		}
+		if res := ev.GetResult(); res != nil && !all && res.GetOutcome() != dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS {
+			return nil // not a result: the "error" or "cancelled" that follows says why
 		}
 		b, err := json.Marshal(e)
 		if err != nil {
@@ -161,7 +167,34 @@ func (h *handler) seedRun(w http.ResponseWriter, r *http.Request) {
 		cancel()
 		return
 	}
-	h.endStream(ctx, s, err)
+	switch {
+	case all:
+		h.endStream(ctx, s, err)
+	case err != nil:
+		// The dispatcher ended the stream (shutdown): a seed client reads
+		// only data lines with a type.
+		b, _ := json.Marshal(events.Seed001Event{Type: "error", TaskID: id, Content: "stream ended: " + err.Error()})
+		_ = s.send("", "", b)
+	}
+	// Seed mode: the terminal event ("finished", "error", "cancelled") was
+	// the last line; the stream just ends, as the seed's server does.
+}
+
+// seedTypes are the event types a seed-001 client is sent by default:
+// the seed's own (thinking, action, observation, result, and the terminal
+// finished / error / cancelled) plus the streamed answer (message) and
+// screenshots. The dispatcher's other types (status, usage, policy, stage,
+// stop, user_input) and the closing "event: end" come only with
+// ?events=all or the header X-Dispatcher-Events: all.
+var seedTypes = map[string]bool{
+	"thinking": true, "action": true, "observation": true, "result": true, "message": true,
+	"screenshot": true, "artifact": true, "error": true, "finished": true, "cancelled": true,
+}
+
+// allEvents: the client asked for every event type and the closing
+// "event: end" (?events=all, or X-Dispatcher-Events: all).
+func allEvents(r *http.Request) bool {
+	return r.URL.Query().Get("events") == "all" || strings.EqualFold(r.Header.Get("X-Dispatcher-Events"), "all")
 }
 
 // seedStatus: GET /api/agent/task/status/{id} → seed 001's
@@ -180,10 +213,13 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 		"query":           t.GetInstruction(),
 		"finished_output": t.GetResult(),
 		"message":         t.GetMessage(),
-		"llm_context":     nil, // the conversation is kept by the dispatcher; continue with continue_context
+		"llm_context":     llmContext(t),
 		"sandbox_info":    nil,
 		"planner":         t.GetPlanner(),
 		"last_seq":        t.GetLastSeq(),
+	}
+	if t.GetStatus() == agentpb.TaskStatus_FAILURE {
+		out["error_message"] = t.GetMessage() // the seed server's name for why
 	}
 	if sb := t.GetSandbox(); sb != nil {
 		out["sandbox_info"] = map[string]any{"sandbox_id": sb.GetId()}
@@ -193,9 +229,29 @@ func (h *handler) seedStatus(w http.ResponseWriter, r *http.Request) {
 			"steps": st.GetSteps(), "duration_seconds": st.GetDurationSeconds(),
 			"input_tokens": st.GetInputTokens(), "output_tokens": st.GetOutputTokens(),
 			"total_tokens": st.GetTotalTokens(), "cost": st.GetCost(), "currency": st.GetCurrencySymbol(),
+			"models": t.GetModels(), // the models that ran
 		}
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// llmContext is seed 001's llm_context: the conversation the task ran with
+// (the turns it continued from, its instruction, its result; secrets
+// masked by the API layer) as {"messages": [{"role", "content"}],
+// "user_system_prompt"}; null when there is none.
+func llmContext(t *dispatchv1.Task) any {
+	if len(t.GetConversation()) == 0 {
+		return nil
+	}
+	msgs := make([]map[string]string, 0, len(t.GetConversation()))
+	for _, c := range t.GetConversation() {
+		msgs = append(msgs, map[string]string{"role": c.GetRole(), "content": c.GetContent()})
+	}
+	out := map[string]any{"messages": msgs}
+	if p := t.GetUserSystemPrompt(); p != "" {
+		out["user_system_prompt"] = p
+	}
+	return out
 }
 
 // seedCancel: POST /api/agent/cancel {"task_id": …} cancels one task;
@@ -266,10 +322,14 @@ func (h *handler) seedCancel(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
-// seedSandboxCreate: POST /api/sandbox/create is not served by the
-// dispatcher: sandboxes belong to the sandbox tool provider (the
-// commander's computer.* tools create their own on first use, or use the
-// task's sandbox_id). 501 with a JSON error, after the body is checked.
+// seedSandboxCreate: POST /api/sandbox/create creates a sandbox on the
+// configured Lybic sandbox API (Options.Sandboxes: the Lybic cloud, or the
+// local sandbox server) with seed 001's CreateSandboxRequest: name, shape
+// (default beijing-2c-4g-cpu, or the dispatcher's --sandbox-shape),
+// maxLifeSeconds (1..86400, default 3600), projectId, and authentication
+// {api_key, org_id} replacing the configured credentials. api_endpoint may
+// only name the configured endpoint: the dispatcher does not call URLs its
+// clients choose. Answers the seed server's fields.
 func (h *handler) seedSandboxCreate(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Name           string     `json:"name"`
@@ -282,6 +342,48 @@ func (h *handler) seedSandboxCreate(w http.ResponseWriter, r *http.Request) {
 		h.writeBad(w, err)
 		return
 	}
-	writeError(w, http.StatusNotImplemented, "UNIMPLEMENTED",
-		"sandbox creation is not served by the dispatcher: submit the task without sandbox_id and the GUI sandbox provider creates one, or pass the id of an existing sandbox")
+	sbx := h.opts.Sandboxes
+	if sbx == nil {
+		writeError(w, http.StatusNotImplemented, "UNIMPLEMENTED", "this dispatcher has no sandbox API configured (--sandbox-endpoint)")
+		return
+	}
+	req := lybicsandbox.Request{Name: body.Name, Shape: body.Shape, ProjectID: body.ProjectID, MaxLifeSeconds: lybicsandbox.DefaultLifeSeconds}
+	if m := body.MaxLifeSeconds; m != nil {
+		if *m < 1 || *m > lybicsandbox.MaxLifeSeconds {
+			writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "maxLifeSeconds must be between 1 and "+strconv.Itoa(lybicsandbox.MaxLifeSeconds))
+			return
+		}
+		req.MaxLifeSeconds = *m
+	}
+	if len(body.Name) > 256 || len(body.Shape) > 256 || len(body.ProjectID) > 256 {
+		writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "name, shape and projectId are at most 256 bytes")
+		return
+	}
+	if a := body.Authentication; a != nil {
+		if a.APIEndpoint != "" && strings.TrimRight(a.APIEndpoint, "/") != sbx.Endpoint() {
+			writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "authentication.api_endpoint must be this dispatcher's sandbox endpoint ("+sbx.Endpoint()+") or absent")
+			return
+		}
+		req.OrgID, req.APIKey = a.OrgID, a.APIKey
+	}
+	sb, err := sbx.Create(r.Context(), req)
+	if err != nil {
+		var se *lybicsandbox.Error
+		if errors.As(err, &se) {
+			writeError(w, se.Status, se.Code, se.Message)
+			return
+		}
+		h.log.Error("sandbox create", "error", err)
+		writeError(w, http.StatusInternalServerError, "INTERNAL", "internal error")
+		return
+	}
+	msg := "Sandbox " + sb.ID + " created successfully"
+	if sb.Requested != "" {
+		msg += " (shape " + sb.Requested + " is not offered by " + sbx.Endpoint() + "; it has shape " + sb.Shape + ")"
+	}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"success": true, "sandbox_id": sb.ID, "name": sb.Name, "shape": sb.Shape, "os": sb.OS,
+		"hardware_accelerated_encoding": sb.HardwareAcceleratedEncoding, "virtualization": sb.Virtualization,
+		"architecture": sb.Architecture, "expires_at": sb.ExpiresAt, "message": msg,
+	})
 }

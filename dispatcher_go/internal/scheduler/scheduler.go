@@ -19,6 +19,7 @@ import (
 	"errors"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
@@ -110,6 +111,8 @@ type Scheduler struct {
 type queued struct {
 	t   *task.Task
 	seq uint64
+	// since is when the task joined the queue (Enqueue, Requeue).
+	since time.Time
 }
 
 // handout is a decision taken under the lock: start q.t on sl (nil: none).
@@ -142,7 +145,7 @@ func (s *Scheduler) Enqueue(t *task.Task) error {
 		return ErrQueueFull
 	}
 	s.nextSeq++
-	q := queued{t: t, seq: s.nextSeq}
+	q := queued{t: t, seq: s.nextSeq, since: time.Now()}
 	if sl == nil {
 		s.queue = append(s.queue, q)
 		s.mu.Unlock()
@@ -169,7 +172,7 @@ func (s *Scheduler) Requeue(t *task.Task, reset func() error) error {
 		s.mu.Unlock()
 		return err
 	}
-	h := s.placeLocked(queued{t: t})
+	h := s.placeLocked(queued{t: t, since: time.Now()})
 	s.mu.Unlock()
 	s.deliver(h)
 	return nil
@@ -187,6 +190,30 @@ func (s *Scheduler) Remove(t *task.Task) bool {
 	}
 	s.queue = slices.Delete(s.queue, i, i+1)
 	return true
+}
+
+// TakeUnserved takes out of the queue, and returns, the tasks that have
+// waited at least wait and that no connected slot, idle or busy, can run:
+// only a commander that is not there could ever start them. The caller
+// ends them (the queue timeout); a slot connecting meanwhile can no longer
+// be handed one, as they are out of the queue.
+func (s *Scheduler) TakeUnserved(now time.Time, wait time.Duration) []*task.Task {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []*task.Task
+	s.queue = slices.DeleteFunc(s.queue, func(q queued) bool {
+		if now.Sub(q.since) < wait {
+			return false
+		}
+		for sl := range s.slots {
+			if matches(sl, q.t) {
+				return false
+			}
+		}
+		out = append(out, q.t)
+		return true
+	})
+	return out
 }
 
 // AddSlot registers an idle slot and gives it a queued task if one matches.

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 
@@ -299,4 +300,37 @@ func TestRequeueAtTheHead(t *testing.T) {
 			t.Fatalf("idle slot: %v, stats %+v", got, s.Stats())
 		}
 	})
+}
+
+// TestTakeUnserved: only tasks that waited long enough and that no slot,
+// idle or busy, could run are taken out; a busy matching slot keeps its
+// tasks waiting, and taken tasks are no longer handed to a slot.
+func TestTakeUnserved(t *testing.T) {
+	t.Parallel()
+	s, m := setup(t, 10)
+	busy := newSlot("chat", "planner:chat")
+	s.AddSlot(busy)
+	running := submit(t, m, "chat") // takes the only chat slot
+	waiting := submit(t, m, "chat") // waits for it
+	gui := submit(t, m, "gui")
+	capped := submit(t, m, "chat", "os:windows")
+	if got := busy.got(); len(got) != 1 || got[0] != running {
+		t.Fatalf("busy slot got %v", got)
+	}
+	now := time.Now()
+	if got := s.TakeUnserved(now, time.Minute); len(got) != 0 {
+		t.Fatalf("taken before the wait: %v", got)
+	}
+	got := s.TakeUnserved(now.Add(time.Minute), time.Minute)
+	if len(got) != 2 || got[0] != gui || got[1] != capped {
+		t.Fatalf("taken %v, want the gui and the windows task", got)
+	}
+	if st := s.Stats(); st.Queued != 1 {
+		t.Fatalf("stats %+v: the waiting chat task must stay", st)
+	}
+	s.AddSlot(newSlot("gui", "planner:gui"))
+	if gui.Status() != agentpb.TaskStatus_PENDING {
+		t.Fatalf("a taken task was started: %v", gui.Status())
+	}
+	_ = waiting
 }

@@ -4,7 +4,9 @@
 // (Mask), emptying them for disk (Strip), and sealing a whole message with
 // AES-256-GCM (Sealer) so that the secrets a restart needs are stored
 // encrypted. One walk over a message's fields (secretFields) serves Mask and
-// Strip, so a secret added to the schema is handled by both or by neither.
+// Strip (and Values), so a secret added to the schema is handled by all or
+// by none. RedactText masks secrets in free text a client reads (a task's
+// conversation): known values, and anything shaped like a key.
 //
 // It must not decide where a message goes (callers choose: clients get
 // Mask, disk gets Strip and Seal), keep any state besides a Sealer's key, or
@@ -16,6 +18,8 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
+	"regexp"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -140,4 +144,34 @@ func (s *Sealer) Open(sealed []byte, aad string, m proto.Message) bool {
 		return false
 	}
 	return proto.Unmarshal(plain, m) == nil
+}
+
+// keyShaped matches text that looks like an API key or a bearer token:
+// "sk-…", "sk_live_…", "lysk-…", "ark-…" with at least 8 more characters,
+// and "Bearer <token>".
+var keyShaped = regexp.MustCompile(`\b(?:sk|lysk|ark|pk|rk|key)[-_][A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._~+/\-]+=*`)
+
+// Values returns the set secret string fields of m (and of the messages
+// nested in it), e.g. to redact them from text with RedactText.
+func Values(m proto.Message) []string {
+	var out []string
+	secretFields(m.ProtoReflect(), func(_ protoreflect.Message, _ protoreflect.FieldDescriptor, v protoreflect.Value) {
+		if s := v.String(); len(s) >= 4 && !strings.HasPrefix(s, "****") {
+			out = append(out, s)
+		}
+	})
+	return out
+}
+
+// RedactText masks secrets in free text that a client will read (e.g. a
+// task's conversation): every occurrence of a known secret value, and
+// anything shaped like an API key or a bearer token, becomes its
+// MaskString form.
+func RedactText(s string, known ...string) string {
+	for _, k := range known {
+		if k != "" {
+			s = strings.ReplaceAll(s, k, MaskString(k))
+		}
+	}
+	return keyShaped.ReplaceAllStringFunc(s, MaskString)
 }

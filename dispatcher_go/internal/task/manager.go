@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -54,6 +55,9 @@ type Spec struct {
 	RequiredCapabilities []string
 	Labels               map[string]string
 	TimeoutSeconds       int32
+	// UserSystemPrompt is added to the planner's own system prompt (seed
+	// 001's user_system_prompt); empty: the planner's prompt alone.
+	UserSystemPrompt string
 	// Policy is the task's extra policy (compiled by the caller, which
 	// reports its errors), or nil.
 	Policy *policy.Policy
@@ -84,6 +88,10 @@ type ManagerOptions struct {
 	// such a task without a planner, so no slot takes it and it ends at its
 	// timeout in the queue.
 	DefaultPlanner string
+	// Planners, when set, are the only planners a task may name: any other
+	// is refused at submit (no commander of this deployment serves it).
+	// Empty: any name (commanders may bring planners of their own).
+	Planners []string
 	// StopGrace is how long a cancel waits for the commander's stopped ack
 	// (the session aborts the stream after the same grace). No default is
 	// applied here: 0 is no grace, a cancel waits only the fixed margin.
@@ -173,6 +181,9 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
 	}
+	if len(m.opts.Planners) > 0 && !slices.Contains(m.opts.Planners, planner) {
+		return nil, fmt.Errorf("%w: no commander of this deployment serves planner %q (its planners: %s)", ErrInvalidArgument, planner, strings.Join(m.opts.Planners, ", "))
+	}
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
 	owner := spec.Caller.Tenant
@@ -197,7 +208,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	cfg := m.configs.Resolve(spec.RunningConfig)
 	// The start packet carries the instruction, the config and the history:
 	// it must fit the commander's 4 MiB message limit whatever the chain.
-	own := len(spec.Instruction) + proto.Size(cfg)
+	own := len(spec.Instruction) + len(spec.UserSystemPrompt) + proto.Size(cfg)
 	if own > MaxStartBytes {
 		return nil, fmt.Errorf("%w: instruction and config of %d bytes exceed the %d bytes a task's start may carry", ErrInvalidArgument, own, MaxStartBytes)
 	}
@@ -219,6 +230,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		destroySandbox: spec.DestroySandbox,
 		previousTaskID: spec.PreviousTaskID,
 		tenant:         owner,
+		userPrompt:     spec.UserSystemPrompt,
 		history:        history,
 		timeout:        timeout,
 		createdAt:      time.Now(),
@@ -277,6 +289,9 @@ func validateSpec(s *Spec) error {
 	}
 	if s.TimeoutSeconds < 0 || s.TimeoutSeconds > maxTimeoutSecond {
 		return fmt.Errorf("%w: timeout_seconds must be between 0 and %d", ErrInvalidArgument, maxTimeoutSecond)
+	}
+	if len(s.UserSystemPrompt) > MaxUserSystemPromptBytes {
+		return fmt.Errorf("%w: user_system_prompt of %d bytes is over the %d bytes allowed", ErrInvalidArgument, len(s.UserSystemPrompt), MaxUserSystemPromptBytes)
 	}
 	if len(s.Planner) > maxShortField || len(s.PreviousTaskID) > maxShortField {
 		return fmt.Errorf("%w: planner or previous task id too long", ErrInvalidArgument)

@@ -83,6 +83,8 @@ type Snapshot struct {
 	SandboxKept    bool
 	Timeout        time.Duration
 	History        []*dispatchv1.ConversationTurn
+	// UserSystemPrompt is the task's addition to the planner's prompt.
+	UserSystemPrompt string
 	// Config is the resolved config: with its secrets while the task may
 	// still run, masked once it ended.
 	Config   *agentpb.CommonConfig
@@ -246,7 +248,7 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 	t := &Task{
 		id: s.ID, instruction: s.Instruction, planner: s.Planner, required: s.Required,
 		labels: s.Labels, sandbox: s.Sandbox, destroySandbox: s.DestroySandbox,
-		previousTaskID: s.PreviousTaskID, tenant: s.Tenant, history: s.History, timeout: s.Timeout,
+		previousTaskID: s.PreviousTaskID, tenant: s.Tenant, history: s.History, timeout: s.Timeout, userPrompt: s.UserSystemPrompt,
 		createdAt: s.CreatedAt, log: log, policy: s.Policy, policyErr: s.PolicyErr,
 		done: make(chan struct{}), onFinish: m.reg.finishedTask, persist: m.persist,
 		closed: &m.closed,
@@ -271,7 +273,7 @@ func (t *Task) snapshotLocked() Snapshot {
 			PreviousTaskID: t.previousTaskID, Tenant: t.tenant, Labels: t.labels, Stats: t.stats, LastSeq: t.log.LastSeq(),
 		},
 		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
-		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history,
+		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history, UserSystemPrompt: t.userPrompt,
 		Config: t.config, Requeues: t.requeues, Policy: t.policy, PolicyErr: t.policyErr,
 		Attempt: t.attempt, Stop: t.stop,
 	}

@@ -17,6 +17,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"math"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -91,7 +93,26 @@ type Stats struct {
 	OutputTokens int64
 	Cost         float64
 	Currency     string
+	// Models are the models the tokens were spent on, as the commander's
+	// usage names them (the model that ran, not the one configured), in
+	// order of first use, joined by ", "; at most maxStatsModels. (A string
+	// keeps Stats comparable.)
+	Models string `json:",omitempty"`
 }
+
+// ModelList is Models as a list.
+func (s Stats) ModelList() []string {
+	if s.Models == "" {
+		return nil
+	}
+	return strings.Split(s.Models, ", ")
+}
+
+// maxStatsModels and maxModelName bound Stats.Models.
+const (
+	maxStatsModels = 8
+	maxModelName   = 128
+)
 
 // Summary is what a task is at a glance: the fields Info and Snapshot
 // share.
@@ -149,6 +170,7 @@ type Task struct {
 	destroySandbox bool
 	previousTaskID string
 	tenant         string // who owns the task; never changes
+	userPrompt     string
 	history        []*dispatchv1.ConversationTurn
 	timeout        time.Duration
 	createdAt      time.Time
@@ -274,6 +296,14 @@ func (t *Task) PreviousTaskID() string { return t.previousTaskID }
 
 // History is the conversation to continue from.
 func (t *Task) History() []*dispatchv1.ConversationTurn { return t.history }
+
+// UserSystemPrompt is the client's addition to the planner's system prompt.
+func (t *Task) UserSystemPrompt() string { return t.userPrompt }
+
+// Conversation is the conversation the task ran with: the turns it
+// continued from, its instruction and (once there is one) its result —
+// what a task continuing this one starts from.
+func (t *Task) Conversation() []*dispatchv1.ConversationTurn { return t.conversation() }
 
 // Timeout is the task's wall-clock budget once it starts.
 func (t *Task) Timeout() time.Duration { return t.timeout }
@@ -482,6 +512,11 @@ func (t *Task) AddUsage(u *dispatchv1.Usage) {
 	if c := u.GetCurrency(); c != "" {
 		t.stats.Currency = c
 	}
+	if m := strings.ReplaceAll(textcut.Prefix(u.GetModel(), maxModelName), ", ", " "); m != "" {
+		if ms := t.stats.ModelList(); !slices.Contains(ms, m) && len(ms) < maxStatsModels {
+			t.stats.Models = strings.Join(append(ms, m), ", ")
+		}
+	}
 	t.mu.Unlock()
 }
 
@@ -544,6 +579,8 @@ const (
 	// history gets at most what they leave. The rest of the 4 MiB start
 	// (tools, labels) has 1 MiB.
 	MaxStartBytes = 3 << 20
+	// MaxUserSystemPromptBytes bounds a task's user_system_prompt.
+	MaxUserSystemPromptBytes = 64 << 10
 )
 
 // conversation is the history a task continuing this one starts from,

@@ -3,7 +3,9 @@ package task
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -269,7 +271,7 @@ func TestStatisticsAndFinish(t *testing.T) {
 	q.take(tk)
 	_ = tk.Start(&fakeRunner{t: tk}, "c", "s")
 	tk.AddUsage(&dispatchv1.Usage{InputTokens: 10, OutputTokens: 5, Cost: 0.5, Currency: "USD", Steps: 1})
-	tk.AddUsage(&dispatchv1.Usage{InputTokens: 1, OutputTokens: 1, Cost: 0.25, Steps: 2})
+	tk.AddUsage(&dispatchv1.Usage{InputTokens: 1, OutputTokens: 1, Cost: 0.25, Steps: 2, Model: "smollm2"})
 	if !tk.Finish(agentpb.TaskStatus_SUCCESS, "ok", "the answer") {
 		t.Fatal("Finish refused")
 	}
@@ -277,7 +279,7 @@ func TestStatisticsAndFinish(t *testing.T) {
 		t.Fatal("second Finish must not count")
 	}
 	info := tk.Info()
-	want := Stats{Steps: 3, InputTokens: 11, OutputTokens: 6, Cost: 0.75, Currency: "USD"}
+	want := Stats{Steps: 3, InputTokens: 11, OutputTokens: 6, Cost: 0.75, Currency: "USD", Models: "smollm2"}
 	if info.Stats != want || info.Result != "the answer" || info.Status != agentpb.TaskStatus_SUCCESS {
 		t.Fatalf("info %+v", info)
 	}
@@ -375,5 +377,24 @@ func TestNewIDIsUUIDShaped(t *testing.T) {
 	a, b := NewID(), NewID()
 	if len(a) != 36 || a[14] != '4' || a == b {
 		t.Fatalf("ids %q %q", a, b)
+	}
+}
+
+// TestStatsModels: the models usage names, each once, in order, bounded.
+func TestStatsModels(t *testing.T) {
+	t.Parallel()
+	m, _ := newManager(t, ManagerOptions{})
+	tk, _ := m.Submit(Spec{Instruction: "x"})
+	for _, name := range []string{"smollm2", "", "ui-tars", "smollm2", "a, b"} {
+		tk.AddUsage(&dispatchv1.Usage{Model: name})
+	}
+	if got := tk.Info().Stats.ModelList(); strings.Join(got, "|") != "smollm2|ui-tars|a b" {
+		t.Fatalf("models %q", got)
+	}
+	for i := range 20 {
+		tk.AddUsage(&dispatchv1.Usage{Model: fmt.Sprint("m", i)})
+	}
+	if got := tk.Info().Stats.ModelList(); len(got) != maxStatsModels {
+		t.Fatalf("models not bounded: %q", got)
 	}
 }

@@ -37,11 +37,13 @@ type body struct {
 	TimeoutMS      int64             `json:"timeoutMs,omitempty"`
 	Stats          task.Stats        `json:"stats"`
 	History        []turn            `json:"history,omitempty"`
-	Config         json.RawMessage   `json:"config,omitempty"`
-	SealedConfig   []byte            `json:"sealedConfig,omitempty"`
-	LastSeq        uint64            `json:"lastSeq,omitempty"`
-	Requeues       int               `json:"requeues,omitempty"`
-	Attempt        int64             `json:"attempt,omitempty"`
+	// UserSystemPrompt is the client's addition to the planner's prompt.
+	UserSystemPrompt string          `json:"userSystemPrompt,omitempty"`
+	Config           json.RawMessage `json:"config,omitempty"`
+	SealedConfig     []byte          `json:"sealedConfig,omitempty"`
+	LastSeq          uint64          `json:"lastSeq,omitempty"`
+	Requeues         int             `json:"requeues,omitempty"`
+	Attempt          int64           `json:"attempt,omitempty"`
 	// Stop is the stop decided for the running session: a session that
 	// re-attaches after a restart is stopped again.
 	Stop *stopBody `json:"stop,omitempty"`
@@ -68,7 +70,7 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 		StartedAt: store.Micros(snap.StartedAt), CommanderID: snap.CommanderID, SessionID: snap.SessionID,
 		PreviousTaskID: snap.PreviousTaskID, Tenant: snap.Tenant, Labels: snap.Labels, Required: snap.Required,
 		DestroySandbox: snap.DestroySandbox, TimeoutMS: snap.Timeout.Milliseconds(), Stats: snap.Stats,
-		LastSeq: snap.LastSeq, Requeues: snap.Requeues, Attempt: snap.Attempt,
+		LastSeq: snap.LastSeq, Requeues: snap.Requeues, Attempt: snap.Attempt, UserSystemPrompt: snap.UserSystemPrompt,
 	}
 	if snap.Policy != nil {
 		b.PolicyYAML = string(snap.Policy.Source())
@@ -129,6 +131,7 @@ func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 		},
 		Required: b.Required, DestroySandbox: b.DestroySandbox,
 		Timeout: time.Duration(b.TimeoutMS) * time.Millisecond, Requeues: b.Requeues, Attempt: b.Attempt,
+		UserSystemPrompt: b.UserSystemPrompt,
 	}
 	for _, h := range b.History {
 		snap.History = append(snap.History, &dispatchv1.ConversationTurn{Role: h.Role, Content: h.Content})

@@ -1017,6 +1017,7 @@ class StartSession(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    USER_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     instruction: _builtins.str
     destroy_sandbox: _builtins.bool
@@ -1026,6 +1027,10 @@ class StartSession(_message.Message):
     attempt: _builtins.int
     """The task's attempt number: 1 for its first start, higher after each
     requeue or re-attach (a fencing token; see Reattach).
+    """
+    user_system_prompt: _builtins.str
+    """The client's addition to the planner's system prompt (seed 001's
+    user_system_prompt); the planner appends it to its own prompt.
     """
     @_builtins.property
     def config(self) -> _agent_pb2.CommonConfig:
@@ -1072,10 +1077,11 @@ class StartSession(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         attempt: _builtins.int = ...,
+        user_system_prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "config", b"config", "deadline", b"deadline", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "attempt", b"attempt", "config", b"config", "deadline", b"deadline", "destroy_sandbox", b"destroy_sandbox", "history", b"history", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "previous_task_id", b"previous_task_id", "sandbox", b"sandbox", "task_id", b"task_id", "tools", b"tools", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "attempt", b"attempt", "config", b"config", "deadline", b"deadline", "destroy_sandbox", b"destroy_sandbox", "history", b"history", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "previous_task_id", b"previous_task_id", "sandbox", b"sandbox", "task_id", b"task_id", "tools", b"tools", "trace_context", b"trace_context", "user_system_prompt", b"user_system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015

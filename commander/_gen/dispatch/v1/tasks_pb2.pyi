@@ -115,6 +115,7 @@ class SubmitTaskRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     POLICY_YAML_FIELD_NUMBER: _builtins.int
+    USER_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     instruction: _builtins.str
     destroy_sandbox: _builtins.bool
     previous_task_id: _builtins.str
@@ -128,6 +129,10 @@ class SubmitTaskRequest(_message.Message):
     stop, deny or hold, its limits apply on top of the global ones, and
     nothing in it can allow what the global policy forbids. A policy that
     does not compile or fails its own tests is INVALID_ARGUMENT.
+    """
+    user_system_prompt: _builtins.str
+    """Added to the planner's own system prompt for this task (seed 001's
+    user_system_prompt); empty: the planner's prompt alone.
     """
     @_builtins.property
     def running_config(self) -> _agent_pb2.CommonConfig:
@@ -154,10 +159,11 @@ class SubmitTaskRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout_seconds: _builtins.int = ...,
         policy_yaml: _builtins.str = ...,
+        user_system_prompt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "running_config", b"running_config", "sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "destroy_sandbox", b"destroy_sandbox", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "policy_yaml", b"policy_yaml", "previous_task_id", b"previous_task_id", "required_capabilities", b"required_capabilities", "running_config", b"running_config", "sandbox", b"sandbox", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "destroy_sandbox", b"destroy_sandbox", "instruction", b"instruction", "labels", b"labels", "planner", b"planner", "policy_yaml", b"policy_yaml", "previous_task_id", b"previous_task_id", "required_capabilities", b"required_capabilities", "running_config", b"running_config", "sandbox", b"sandbox", "timeout_seconds", b"timeout_seconds", "user_system_prompt", b"user_system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015
@@ -586,6 +592,9 @@ class Task(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    USER_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     instruction: _builtins.str
     status: _agent_pb2.TaskStatus.ValueType
@@ -599,6 +608,8 @@ class Task(_message.Message):
     """The tenant the task belongs to (the one whose token submitted it).
     Shown to admins only; empty for others and in the one-tenant case.
     """
+    user_system_prompt: _builtins.str
+    """The task's addition to the planner's system prompt, if any."""
     @_builtins.property
     def statistics(self) -> _agent_pb2.ExecutionStatistics: ...
     @_builtins.property
@@ -611,6 +622,20 @@ class Task(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def sandbox(self) -> _agent_pb2.Sandbox: ...
+    @_builtins.property
+    def conversation(self) -> _containers.RepeatedCompositeFieldContainer[_interaction_pb2.ConversationTurn]:
+        """The conversation the task ran with: the turns it continued from, its
+        instruction and its result (GetTask only; not in lists). Secrets of
+        the task's config that appear in it are masked.
+        """
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models the task's tokens were spent on, as the commander reported
+        them (the model that ran, not only the configured name), in order of
+        first use.
+        """
+
     def __init__(
         self,
         *,
@@ -629,10 +654,13 @@ class Task(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         sandbox: _agent_pb2.Sandbox | None = ...,
         tenant: _builtins.str = ...,
+        conversation: _abc.Iterable[_interaction_pb2.ConversationTurn] | None = ...,
+        user_system_prompt: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "created_at", b"created_at", "ended_at", b"ended_at", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox", "commander_id", b"commander_id", "conversation", b"conversation", "created_at", b"created_at", "ended_at", b"ended_at", "instruction", b"instruction", "labels", b"labels", "last_seq", b"last_seq", "message", b"message", "models", b"models", "planner", b"planner", "result", b"result", "sandbox", b"sandbox", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "task_id", b"task_id", "tenant", b"tenant", "user_system_prompt", b"user_system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__sandbox: _TypeAlias = _typing.Literal["sandbox"]  # noqa: Y015
     _WhichOneofArgType__sandbox: _TypeAlias = _typing.Literal["_sandbox", b"_sandbox"]  # noqa: Y015

@@ -2005,9 +2005,12 @@ type StartSession struct {
 	TraceContext map[string]string `protobuf:"bytes,12,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// The task's attempt number: 1 for its first start, higher after each
 	// requeue or re-attach (a fencing token; see Reattach).
-	Attempt       int64 `protobuf:"varint,13,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Attempt int64 `protobuf:"varint,13,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// The client's addition to the planner's system prompt (seed 001's
+	// user_system_prompt); the planner appends it to its own prompt.
+	UserSystemPrompt string `protobuf:"bytes,14,opt,name=user_system_prompt,json=userSystemPrompt,proto3" json:"user_system_prompt,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StartSession) Reset() {
@@ -2129,6 +2132,13 @@ func (x *StartSession) GetAttempt() int64 {
 		return x.Attempt
 	}
 	return 0
+}
+
+func (x *StartSession) GetUserSystemPrompt() string {
+	if x != nil {
+		return x.UserSystemPrompt
+	}
+	return ""
 }
 
 // UserInput is a client's message injected into a running session.
@@ -2315,7 +2325,7 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"idempotent\"@\n" +
 	"\x10ConversationTurn\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12\x18\n" +
-	"\acontent\x18\x02 \x01(\tR\acontent\"\xef\x05\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\x9d\x06\n" +
 	"\fStartSession\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x121\n" +
@@ -2330,7 +2340,8 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	" \x03(\v2\x15.dispatch.v1.ToolSpecR\x05tools\x12=\n" +
 	"\x06labels\x18\v \x03(\v2%.dispatch.v1.StartSession.LabelsEntryR\x06labels\x12P\n" +
 	"\rtrace_context\x18\f \x03(\v2+.dispatch.v1.StartSession.TraceContextEntryR\ftraceContext\x12\x18\n" +
-	"\aattempt\x18\r \x01(\x03R\aattempt\x1a9\n" +
+	"\aattempt\x18\r \x01(\x03R\aattempt\x12,\n" +
+	"\x12user_system_prompt\x18\x0e \x01(\tR\x10userSystemPrompt\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a?\n" +

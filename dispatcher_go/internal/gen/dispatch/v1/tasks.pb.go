@@ -165,9 +165,12 @@ type SubmitTaskRequest struct {
 	// stop, deny or hold, its limits apply on top of the global ones, and
 	// nothing in it can allow what the global policy forbids. A policy that
 	// does not compile or fails its own tests is INVALID_ARGUMENT.
-	PolicyYaml    string `protobuf:"bytes,10,opt,name=policy_yaml,json=policyYaml,proto3" json:"policy_yaml,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PolicyYaml string `protobuf:"bytes,10,opt,name=policy_yaml,json=policyYaml,proto3" json:"policy_yaml,omitempty"`
+	// Added to the planner's own system prompt for this task (seed 001's
+	// user_system_prompt); empty: the planner's prompt alone.
+	UserSystemPrompt string `protobuf:"bytes,11,opt,name=user_system_prompt,json=userSystemPrompt,proto3" json:"user_system_prompt,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *SubmitTaskRequest) Reset() {
@@ -266,6 +269,13 @@ func (x *SubmitTaskRequest) GetTimeoutSeconds() int32 {
 func (x *SubmitTaskRequest) GetPolicyYaml() string {
 	if x != nil {
 		return x.PolicyYaml
+	}
+	return ""
+}
+
+func (x *SubmitTaskRequest) GetUserSystemPrompt() string {
+	if x != nil {
+		return x.UserSystemPrompt
 	}
 	return ""
 }
@@ -1206,7 +1216,17 @@ type Task struct {
 	Sandbox     *agent.Sandbox    `protobuf:"bytes,14,opt,name=sandbox,proto3,oneof" json:"sandbox,omitempty"`
 	// The tenant the task belongs to (the one whose token submitted it).
 	// Shown to admins only; empty for others and in the one-tenant case.
-	Tenant        string `protobuf:"bytes,15,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Tenant string `protobuf:"bytes,15,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// The conversation the task ran with: the turns it continued from, its
+	// instruction and its result (GetTask only; not in lists). Secrets of
+	// the task's config that appear in it are masked.
+	Conversation []*ConversationTurn `protobuf:"bytes,20,rep,name=conversation,proto3" json:"conversation,omitempty"`
+	// The task's addition to the planner's system prompt, if any.
+	UserSystemPrompt string `protobuf:"bytes,21,opt,name=user_system_prompt,json=userSystemPrompt,proto3" json:"user_system_prompt,omitempty"`
+	// The models the task's tokens were spent on, as the commander reported
+	// them (the model that ran, not only the configured name), in order of
+	// first use.
+	Models        []string `protobuf:"bytes,22,rep,name=models,proto3" json:"models,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1344,6 +1364,27 @@ func (x *Task) GetTenant() string {
 		return x.Tenant
 	}
 	return ""
+}
+
+func (x *Task) GetConversation() []*ConversationTurn {
+	if x != nil {
+		return x.Conversation
+	}
+	return nil
+}
+
+func (x *Task) GetUserSystemPrompt() string {
+	if x != nil {
+		return x.UserSystemPrompt
+	}
+	return ""
+}
+
+func (x *Task) GetModels() []string {
+	if x != nil {
+		return x.Models
+	}
+	return nil
 }
 
 // ListTasksRequest filters and pages the task list.
@@ -1780,7 +1821,7 @@ var File_dispatch_v1_tasks_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\n" +
-	"\x17dispatch/v1/tasks.proto\x12\vdispatch.v1\x1a\x1ddispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xa3\x04\n" +
+	"\x17dispatch/v1/tasks.proto\x12\vdispatch.v1\x1a\x1ddispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xd1\x04\n" +
 	"\x11SubmitTaskRequest\x12 \n" +
 	"\vinstruction\x18\x01 \x01(\tR\vinstruction\x12@\n" +
 	"\x0erunning_config\x18\x02 \x01(\v2\x19.lybic.agent.CommonConfigR\rrunningConfig\x123\n" +
@@ -1793,7 +1834,8 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x0ftimeout_seconds\x18\t \x01(\x05R\x0etimeoutSeconds\x12\x1f\n" +
 	"\vpolicy_yaml\x18\n" +
 	" \x01(\tR\n" +
-	"policyYaml\x1a9\n" +
+	"policyYaml\x12,\n" +
+	"\x12user_system_prompt\x18\v \x01(\tR\x10userSystemPrompt\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
@@ -1860,7 +1902,7 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"8\n" +
 	"\x0fGetTaskResponse\x12%\n" +
-	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\xb6\x05\n" +
+	"\x04task\x18\x01 \x01(\v2\x11.dispatch.v1.TaskR\x04task\"\xbf\x06\n" +
 	"\x04Task\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12 \n" +
 	"\vinstruction\x18\x02 \x01(\tR\vinstruction\x12/\n" +
@@ -1881,7 +1923,10 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\fcommander_id\x18\f \x01(\tR\vcommanderId\x125\n" +
 	"\x06labels\x18\r \x03(\v2\x1d.dispatch.v1.Task.LabelsEntryR\x06labels\x123\n" +
 	"\asandbox\x18\x0e \x01(\v2\x14.lybic.agent.SandboxH\x00R\asandbox\x88\x01\x01\x12\x16\n" +
-	"\x06tenant\x18\x0f \x01(\tR\x06tenant\x1a9\n" +
+	"\x06tenant\x18\x0f \x01(\tR\x06tenant\x12A\n" +
+	"\fconversation\x18\x14 \x03(\v2\x1d.dispatch.v1.ConversationTurnR\fconversation\x12,\n" +
+	"\x12user_system_prompt\x18\x15 \x01(\tR\x10userSystemPrompt\x12\x16\n" +
+	"\x06models\x18\x16 \x03(\tR\x06models\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\n" +
@@ -1994,7 +2039,8 @@ var file_dispatch_v1_tasks_proto_goTypes = []any{
 	(*Stopped)(nil),                   // 39: dispatch.v1.Stopped
 	(*UserInput)(nil),                 // 40: dispatch.v1.UserInput
 	(*agent.ExecutionStatistics)(nil), // 41: lybic.agent.ExecutionStatistics
-	(*ToolSpec)(nil),                  // 42: dispatch.v1.ToolSpec
+	(*ConversationTurn)(nil),          // 42: dispatch.v1.ConversationTurn
+	(*ToolSpec)(nil),                  // 43: dispatch.v1.ToolSpec
 }
 var file_dispatch_v1_tasks_proto_depIdxs = []int32{
 	25, // 0: dispatch.v1.SubmitTaskRequest.running_config:type_name -> lybic.agent.CommonConfig
@@ -2030,31 +2076,32 @@ var file_dispatch_v1_tasks_proto_depIdxs = []int32{
 	29, // 30: dispatch.v1.Task.ended_at:type_name -> google.protobuf.Timestamp
 	24, // 31: dispatch.v1.Task.labels:type_name -> dispatch.v1.Task.LabelsEntry
 	26, // 32: dispatch.v1.Task.sandbox:type_name -> lybic.agent.Sandbox
-	27, // 33: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
-	14, // 34: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
-	27, // 35: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
-	42, // 36: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
-	2,  // 37: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
-	4,  // 38: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
-	12, // 39: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
-	15, // 40: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
-	17, // 41: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
-	19, // 42: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
-	21, // 43: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
-	10, // 44: dispatch.v1.TaskService.ApproveToolCall:input_type -> dispatch.v1.ApproveToolCallRequest
-	3,  // 45: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
-	5,  // 46: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
-	13, // 47: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
-	16, // 48: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
-	18, // 49: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
-	20, // 50: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
-	22, // 51: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
-	11, // 52: dispatch.v1.TaskService.ApproveToolCall:output_type -> dispatch.v1.ApproveToolCallResponse
-	45, // [45:53] is the sub-list for method output_type
-	37, // [37:45] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	42, // 33: dispatch.v1.Task.conversation:type_name -> dispatch.v1.ConversationTurn
+	27, // 34: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
+	14, // 35: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
+	27, // 36: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
+	43, // 37: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
+	2,  // 38: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
+	4,  // 39: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
+	12, // 40: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
+	15, // 41: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
+	17, // 42: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
+	19, // 43: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
+	21, // 44: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
+	10, // 45: dispatch.v1.TaskService.ApproveToolCall:input_type -> dispatch.v1.ApproveToolCallRequest
+	3,  // 46: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
+	5,  // 47: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
+	13, // 48: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
+	16, // 49: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
+	18, // 50: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
+	20, // 51: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
+	22, // 52: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
+	11, // 53: dispatch.v1.TaskService.ApproveToolCall:output_type -> dispatch.v1.ApproveToolCallResponse
+	46, // [46:54] is the sub-list for method output_type
+	38, // [38:46] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_tasks_proto_init() }
