@@ -152,6 +152,12 @@ func (e *Engine) Watch(ctx context.Context, path string, interval time.Duration)
 			seenMod, seenSize = fi.ModTime(), fi.Size()
 			continue
 		}
+		if fi.Size() == 0 {
+			// Truncated and not yet refilled (a writer stalled for longer
+			// than an interval): an empty file would drop every rule. To
+			// drop them on purpose, write "rules: []".
+			continue
+		}
 		lastMod, lastSize = fi.ModTime(), fi.Size()
 		src, err := os.ReadFile(path)
 		if err != nil {

@@ -261,11 +261,14 @@ func TestEngineWatchReloads(t *testing.T) {
 	if err := os.WriteFile(path, []byte(v2), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().Reloads.Load() == 1 }, "the good file's reload")
-	d := NewSession(e, nil).Evaluate(context.Background(), Packet{Kind: KindContent, Text: "two"}, State{})
-	if d.RuleID != "r2" || e.Stats().Reloads.Load() != 1 {
-		t.Fatalf("after reload: %v reloads %d", d, e.Stats().Reloads.Load())
-	}
+	testutil.WaitFor(t, testutil.Wait, func() bool { return e.Stats().Reloads.Load() >= 1 }, "the good file's reload")
+	// os.WriteFile truncates, then writes: on a loaded machine the watcher
+	// may see the file part-written first (held still for one 5 ms
+	// interval) and load that, then the whole file. What must hold is that
+	// the good file ends up in force.
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		return NewSession(e, nil).Evaluate(context.Background(), Packet{Kind: KindContent, Text: "two"}, State{}).RuleID == "r2"
+	}, "the good file's rule in force")
 }
 
 // FuzzEvaluate: no packet, however odd, makes evaluation panic or hang
