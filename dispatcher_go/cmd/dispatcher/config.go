@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	"github.com/agentdispatch/dispatcher/internal/fleet"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -59,6 +60,11 @@ type config struct {
 	metricsListen  string // "" disables /metrics
 	pprofListen    string // "" disables /debug/pprof
 	streamWindow   int
+	fleetRedis     string // "" : single node
+	replicaID      string
+	fleetLease     time.Duration
+	fleetGrace     time.Duration
+	fleetReclaim   time.Duration
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -110,6 +116,11 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.BoolVar(&c.insecure, "insecure", false, "allow --listen or --http-listen beyond loopback without --client-token and --commander-token (anyone who reaches the port can then submit, read and cancel tasks, or register as a commander)")
 	fs.StringVar(&c.metricsListen, "metrics-listen", "", "address of the Prometheus /metrics endpoint; empty disables, unless ENABLE_PROMETHEUS=true (then :PROMETHEUS_PORT, default 8000)")
 	fs.StringVar(&c.pprofListen, "pprof-listen", "", "address of Go's /debug/pprof profiles (loopback only, for profiling); empty disables")
+	fs.StringVar(&c.fleetRedis, "fleet-redis", "", "Redis URL (redis://host:port/db): join a fleet of replicas sharing the postgres store and this bus (docs/operations.md, the fleet); empty: a single node")
+	fs.StringVar(&c.replicaID, "replica-id", "", "this replica's id in the fleet (default: host name plus random digits)")
+	fs.DurationVar(&c.fleetLease, "fleet-lease", fleet.DefaultLease, "fleet: a task lease's length (renewed every third of it)")
+	fs.DurationVar(&c.fleetGrace, "fleet-grace", fleet.DefaultGrace, "fleet: how long past its expiry a lease is left for a hand-over before another replica ends the task (a dead replica's tasks end within lease + grace + 1s)")
+	fs.DurationVar(&c.fleetReclaim, "fleet-reclaim-idle", fleet.DefaultReclaimIdle, "fleet: how long a bus entry read by a replica may stay unacknowledged before another reclaims it")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -188,6 +199,12 @@ func (c *config) validate() error {
 	case "memory":
 	default:
 		errs = append(errs, fmt.Errorf("--storage-backend: %q is not sqlite, postgres or memory", c.storage))
+	}
+	if c.fleetRedis != "" && c.storage != "postgres" {
+		errs = append(errs, errors.New("--fleet-redis needs --storage-backend postgres: the fleet's truth is PostgreSQL"))
+	}
+	if c.fleetLease <= 0 || c.fleetGrace < 0 || c.fleetReclaim <= 0 {
+		errs = append(errs, errors.New("--fleet-lease and --fleet-reclaim-idle must be positive, --fleet-grace not negative"))
 	}
 	if c.retention < 0 || c.flushInterval <= 0 {
 		errs = append(errs, errors.New("--retention must not be negative and --event-flush-interval must be positive"))
@@ -289,10 +306,12 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 			StreamWindowBytes: streamWindow(c.streamWindow),
 			Keepalive:         dispatcher.Keepalive{Time: c.kaTime, Timeout: c.kaTimeout, MinTime: c.kaMinTime},
 		},
-		Limits:  dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
-		Tasks:   dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
-		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
-		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
+		Tasks:  dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout},
+		Policy: dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
+		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Fleet: dispatcher.Fleet{RedisURL: c.fleetRedis, ReplicaID: c.replicaID, Lease: c.fleetLease,
+			Grace: c.fleetGrace, ReclaimIdle: c.fleetReclaim},
 		Logger:  log,
 		OnEvent: onEvent,
 	}
