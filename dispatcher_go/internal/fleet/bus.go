@@ -3,8 +3,8 @@ package fleet
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
@@ -175,4 +175,11 @@ func summaries(ctx context.Context, rdb *redis.Client) (map[string]summary, erro
 	return out, nil
 }
 
-var errNoEntry = errors.New("fleet: no such entry")
+// redisLogger sends go-redis's own messages (dial failures while Redis is
+// down, at every retry) to the fleet's logger at debug level instead of
+// stderr: the fleet logs the outage once (pingLoop).
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(_ context.Context, format string, v ...any) {
+	l.log.Debug("redis client", "message", fmt.Sprintf(format, v...))
+}

@@ -159,6 +159,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	if err != nil {
 		return nil, err
 	}
+	redis.SetLogger(redisLogger{opts.Logger.With("component", "fleet")})
 	rdb, err := newRedis(opts.RedisURL)
 	if err != nil {
 		return nil, err

@@ -1,0 +1,368 @@
+"""The fleet: three real dispatcher replicas on one real PostgreSQL and one real
+Redis, real commander processes, the scripted model.
+
+Each replica is started with --fleet-redis and the postgres store; the lease
+is shortened (2 s, grace 1 s) so that the takeover tests run in seconds. Every
+wait is a condition polled up to a deadline (tests/_procs.py wait_until).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
+from commander._gen.lybic.agent import agent_pb2
+from tests import _procs
+from tests._client import describe, kind, start_task_stream, start_watch, wait_status
+from tests._procs import ROOT, wait_until
+from tests.conftest import Dispatcher, Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fleet]
+
+LEASE = 2.0
+GRACE = 1.0
+# A dead replica's running task ends within lease + grace + one sweep (1 s),
+# plus the renewal period it may have just done (lease/3): the window.
+WINDOW = LEASE + GRACE + 1.0 + LEASE / 3
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[SimpleNamespace]:
+    """PostgreSQL and Redis of this module's own (scripts/postgres.sh, scripts/redis.sh)."""
+    if os.geteuid() != 0 and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("PostgreSQL is not installed and we are not root")
+    parent = Path(tempfile.mkdtemp(prefix="fleet-"))
+    parent.chmod(0o755)
+    env = {
+        **os.environ,
+        "PG_STATE_DIR": str(parent / "pg"),
+        "PG_SYNCHRONOUS_COMMIT": "on",
+        "REDIS_STATE_DIR": str(parent / "redis"),
+    }
+
+    def run(script: str, cmd: str) -> str:
+        return subprocess.run(
+            [str(ROOT / "scripts" / script), cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
+
+    dsn = run("postgres.sh", "start")
+    url = run("redis.sh", "start")
+    try:
+        yield SimpleNamespace(dsn=dsn, redis=url, run=run, env=env)
+    finally:
+        subprocess.run(
+            [str(ROOT / "scripts" / "redis.sh"), "stop"], env=env, check=False, timeout=60
+        )
+        subprocess.run(
+            [str(ROOT / "scripts" / "postgres.sh"), "stop"], env=env, check=False, timeout=60
+        )
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _redis_cli(engines: SimpleNamespace, *args: str) -> str:
+    port = engines.redis.rsplit(":", 1)[1].split("/")[0]
+    return subprocess.run(
+        ["redis-cli", "-p", port, *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
+def _replica(stack: Stack, engines: SimpleNamespace, n: int, http_port: int) -> Dispatcher:
+    return stack.dispatcher(
+        "--storage-backend",
+        "postgres",
+        "--postgres-dsn",
+        engines.dsn,
+        "--fleet-redis",
+        engines.redis,
+        "--replica-id",
+        f"r{n}-{uuid.uuid4().hex[:4]}",
+        "--fleet-lease",
+        f"{LEASE}s",
+        "--fleet-grace",
+        f"{GRACE}s",
+        "--fleet-reclaim-idle",
+        "2s",
+        "--http-listen",
+        f"127.0.0.1:{http_port}",
+        "--log-level",
+        "debug",
+    )
+
+
+@pytest.fixture
+def fleet(stack: Stack, engines: SimpleNamespace) -> SimpleNamespace:
+    ports = [_free_port() for _ in range(3)]
+    ds = [_replica(stack, engines, i + 1, ports[i]) for i in range(3)]
+    return SimpleNamespace(d=ds, http=[f"http://127.0.0.1:{p}" for p in ports], e=engines)
+
+
+def _submit(d: Dispatcher, instruction: str, llm_cfg: agent_pb2.CommonConfig, **labels: str) -> str:
+    req = tasks_pb2.SubmitTaskRequest(instruction=instruction, labels=labels)
+    req.running_config.CopyFrom(llm_cfg)
+    return str(d.tasks.SubmitTask(req, timeout=10).task_id)
+
+
+def _http(method: str, url: str, body: object | None = None) -> dict[str, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]
+
+
+def _check_stopped_story(events: list[tasks_pb2.TaskEvent]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    kinds = [kind(e) for e in events]
+    assert kinds.count("stop") == 1, describe(events)
+    stop_i = kinds.index("stop")
+    assert events[stop_i].stop.code == interaction_pb2.STOP_CODE_CLIENT_CANCEL
+    assert not [k for k in kinds[stop_i + 1 :] if k == "content"], describe(events[stop_i:])
+    assert "stopped" in kinds[stop_i:], describe(events)
+    assert sum(k == "content" for k in kinds[:stop_i]) >= 5
+    last = events[-1]
+    assert kind(last) == "state" and last.state.status == agent_pb2.CANCELLED, describe(events)
+
+
+def test_submit_on_1_watch_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    for d in fleet.d:  # every replica shows the fleet's slots
+        d.wait_slots(1, timeout=20)
+    instruction = f"long story [{uuid.uuid4().hex[:8]}]"
+    task_id = _submit(d1, instruction, llm.model_config())
+    native = start_watch(d2.tasks, task_id)
+    seed = start_task_stream(d2.agent, task_id)
+    native.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 10, 20, "content on r2")
+    t0 = time.monotonic()
+    resp = d3.tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=task_id, reason="test: stop from r3"), timeout=10
+    )
+    assert resp.cancelled, resp
+    assert resp.status == agent_pb2.CANCELLED, resp
+    native.join(15)
+    seed.join(15)
+    assert native.error is None and seed.error is None, (native.error, seed.error)
+    _check_stopped_story(native.values())
+    stages = [t.stage for t in seed.values()]
+    assert stages.count("stop") == 1 and stages[-1] == "cancelled", stages[-5:]
+    recs = llm.wait_streams(instruction, lambda r: r and r[0]["outcome"] != "active", 5, "closed")
+    assert recs[0]["outcome"] == "client_closed" and recs[0]["tokens"] < 2000, recs
+    for d in fleet.d:  # every replica tells the same truth
+        assert wait_status(d.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
+    # Resume by seq on another replica: exactly the rest.
+    events = native.values()
+    mid = len(events) // 2
+    again = start_watch(d3.tasks, task_id, after_seq=mid)
+    again.join(10)
+    assert [e.seq for e in again.values()] == [e.seq for e in events[mid:]]
+    print(f"\nfleet cancel r3 → CANCELLED seen on r2 in {time.monotonic() - t0:.2f}s")
+
+
+def test_http_submit_cancel_any_replica(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d2, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    req = tasks_pb2.SubmitTaskRequest(instruction=f"http story [{uuid.uuid4().hex[:8]}]")
+    req.running_config.CopyFrom(llm.model_config())
+    cfg = json_format.MessageToDict(req)
+    sub = _http("POST", f"{fleet.http[0]}/api/tasks", cfg)
+    task_id = str(sub.get("task_id") or sub.get("taskId"))
+    watch = start_watch(fleet.d[1].tasks, task_id)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content")
+    _http("POST", f"{fleet.http[2]}/api/tasks/{task_id}/cancel", {"reason": "http stop"})
+    watch.join(15)
+    events = watch.values()
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.CANCELLED
+    got = _http("GET", f"{fleet.http[1]}/api/tasks/{task_id}")
+    status = got.get("task", got).get("status")  # type: ignore[union-attr]
+    assert status in ("CANCELLED", agent_pb2.CANCELLED), got
+
+
+def test_duplicate_submit_runs_once(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens=5)
+    stack.commander(d2, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    rid = uuid.uuid4().hex
+    marker = f"once [{rid[:8]}]"
+    a = _submit(d1, marker, llm.model_config(), client_request_id=rid)
+    b = _submit(d2, marker, llm.model_config(), client_request_id=rid)
+    assert a == b
+    assert wait_status(d1.agent, a, timeout=20).status == agent_pb2.SUCCESS
+    assert len(llm.streams(marker)) == 1
+
+
+def test_poison_entries_are_acked(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, _, _ = fleet.d
+    llm = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    # Make sure the queue stream and its group exist (a first real task).
+    first = _submit(d1, "warm up", llm.model_config())
+    assert wait_status(d1.agent, first, timeout=20).status == agent_pb2.SUCCESS
+    key = "fleet:q:planner:chat"
+    ids = [
+        _redis_cli(fleet.e, "XADD", key, "*", "garbage", "not a task entry"),
+        _redis_cli(fleet.e, "XADD", key, "*", "task", "no-such-task-" + uuid.uuid4().hex),
+    ]
+
+    def acked() -> bool:
+        pending = _redis_cli(fleet.e, "XPENDING", key, "dispatchers", "-", "+", "1000")
+        delivered = _redis_cli(fleet.e, "XINFO", "GROUPS", key)
+        logs = "".join(d.proc.log_text() for d in fleet.d)
+        return (
+            all(i not in pending for i in ids)
+            and all(i in logs for i in ids)
+            and "last-delivered-id" in delivered
+        )
+
+    wait_until(
+        acked,
+        15,
+        "poison entries acked and logged",
+        procs=[d.proc for d in fleet.d],
+    )
+    # Acknowledged, so not pending: XAUTOCLAIM never hands them out again.
+    after = _submit(d1, "after the poison", llm.model_config())
+    assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
+
+
+def test_stale_owner_is_fenced(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens_per_sec=20, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"stale [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    d1.proc.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        st = wait_status(d2.agent, task_id, timeout=WINDOW + 10)
+        took = time.monotonic() - t0
+        assert st.status == agent_pb2.FAILURE, st
+    finally:
+        d1.proc.signal(signal.SIGCONT)
+    w.join(10)
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.FAILURE
+    # The stale owner wakes up, tries to write, is fenced and drops its session.
+    wait_until(
+        lambda: "task fenced" in d1.proc.log_text(), 15, "stale owner fenced", procs=[d1.proc]
+    )
+    wait_until(
+        lambda: (
+            d1.agent.QueryTaskStatus(
+                agent_pb2.QueryTaskStatusRequest(taskId=task_id), timeout=5
+            ).status
+            == agent_pb2.FAILURE
+        ),
+        15,
+        "stale owner shows the truth",
+    )
+    # Nothing the stale owner recorded after the takeover reached the store.
+    full = start_watch(d2.tasks, task_id)
+    full.join(10)
+    assert [e.seq for e in full.values()] == [e.seq for e in events]
+    print(f"\nstale owner: FAILURE {took:.2f}s after SIGSTOP (window {WINDOW:.1f}s), then fenced")
+
+
+def test_kill9_replica_and_commander(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=20, tokens=2000)
+    short = stack.scripted(tokens=5)
+    c1 = stack.commander(d1, llm.base_url, slots=1)
+    d3.wait_slots(1, timeout=20)
+    running = _submit(d3, f"doomed [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    wait_status(d3.agent, running, statuses=[agent_pb2.RUNNING], timeout=20)
+    queued = [_submit(d3, f"queued {i}", short.model_config()) for i in range(2)]
+    t0 = time.monotonic()
+    d1.proc.kill9()
+    c1.kill9()
+    st = wait_status(d3.agent, running, timeout=WINDOW + 10)
+    took = time.monotonic() - t0
+    assert st.status == agent_pb2.FAILURE, st
+    assert took <= WINDOW + 1.5, f"FAILURE after {took:.2f}s, window {WINDOW:.1f}s"
+    for q in queued:  # still waiting: nobody can run them yet
+        assert wait_status(d3.agent, q, statuses=[agent_pb2.PENDING], timeout=2)
+    stack.commander(d2, short.base_url, slots=1)
+    for q in queued:
+        assert wait_status(d3.agent, q, timeout=30).status == agent_pb2.SUCCESS
+    print(f"\nkill -9 replica+commander: FAILURE after {took:.2f}s (window {WINDOW:.1f}s)")
+
+
+def test_redis_killed_and_restarted_mid_run(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=40, tokens=200)
+    short = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"through the outage [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    pending = _submit(d3, "waits for the slot", short.model_config())
+    fleet.e.run("redis.sh", "kill")
+    try:
+        wait_until(
+            lambda: _health(d3) == "NOT_SERVING", 10, "NOT_SERVING without Redis", interval=0.1
+        )
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _submit(d3, "refused", short.model_config())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "Redis" in (err.value.details() or "")
+        assert time.monotonic() - t < 3
+        # Reads still work (PostgreSQL).
+        assert wait_status(d3.agent, task_id, statuses=[agent_pb2.RUNNING], timeout=5)
+    finally:
+        fleet.e.run("redis.sh", "restart")
+    wait_until(lambda: _health(d3) == "SERVING", 15, "SERVING again", interval=0.1)
+    w.join(30)
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events[-3:])
+    # The pending task's bus entry was lost with Redis: rebuilt from PostgreSQL.
+    assert wait_status(d2.agent, pending, timeout=30).status == agent_pb2.SUCCESS
+    again = _submit(d2, "after the outage", short.model_config())
+    assert wait_status(d1.agent, again, timeout=30).status == agent_pb2.SUCCESS
+
+
+def _health(d: Dispatcher) -> str:
+    try:
+        st = _procs.health_status(d.addr, timeout=2)
+    except grpc.RpcError:
+        return "ERROR"
+    return "SERVING" if st == _procs.HEALTH_SERVING else "NOT_SERVING"
