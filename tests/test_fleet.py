@@ -95,7 +95,14 @@ def _redis_cli(engines: SimpleNamespace, *args: str) -> str:
     ).stdout.strip()
 
 
-def _replica(stack: Stack, engines: SimpleNamespace, n: int, http_port: int) -> Dispatcher:
+def _replica(
+    stack: Stack,
+    engines: SimpleNamespace,
+    n: int,
+    http_port: int,
+    lease: float = LEASE,
+    grace: float = GRACE,
+) -> Dispatcher:
     return stack.dispatcher(
         "--storage-backend",
         "postgres",
@@ -106,9 +113,9 @@ def _replica(stack: Stack, engines: SimpleNamespace, n: int, http_port: int) -> 
         "--replica-id",
         f"r{n}-{uuid.uuid4().hex[:4]}",
         "--fleet-lease",
-        f"{LEASE}s",
+        f"{lease}s",
         "--fleet-grace",
-        f"{GRACE}s",
+        f"{grace}s",
         "--fleet-reclaim-idle",
         "2s",
         "--http-listen",
@@ -369,3 +376,34 @@ def _health(d: Dispatcher) -> str:
     except grpc.RpcError:
         return "ERROR"
     return "SERVING" if st == _procs.HEALTH_SERVING else "NOT_SERVING"
+
+
+def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> None:
+    # Leases longer than the outage: a restart of PostgreSQL must not look
+    # like a dead replica.
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=240)
+    short = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"through the db restart [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    engines.run("postgres.sh", "kill")
+    try:
+        wait_until(lambda: _health(d2) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
+        with pytest.raises(grpc.RpcError) as err:
+            _submit(d2, "refused", short.model_config())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    finally:
+        engines.run("postgres.sh", "restart")
+    wait_until(lambda: _health(d2) == "SERVING", 30, "SERVING again", interval=0.1)
+    w.join(60)
+    assert w.error is None, w.error
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events[-3:])
+    # What the watcher saw is what the store has, from any replica.
+    again = start_watch(d1.tasks, task_id)
+    again.join(10)
+    assert [(e.seq, kind(e)) for e in again.values()] == [(e.seq, kind(e)) for e in events]
