@@ -391,13 +391,17 @@ def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> N
     w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
     engines.run("postgres.sh", "kill")
     try:
-        wait_until(lambda: _health(d2) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
+        # The replica whose writes fail (the task's owner) says so at once;
+        # a submit anywhere is refused with UNAVAILABLE, not left hanging.
+        wait_until(lambda: _health(d1) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
+        t = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             _submit(d2, "refused", short.model_config())
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert time.monotonic() - t < 5
     finally:
         engines.run("postgres.sh", "restart")
-    wait_until(lambda: _health(d2) == "SERVING", 30, "SERVING again", interval=0.1)
+    wait_until(lambda: _health(d1) == "SERVING", 30, "SERVING again", interval=0.1)
     w.join(60)
     assert w.error is None, w.error
     events = w.values()
