@@ -411,3 +411,21 @@ def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> N
     again = start_watch(d1.tasks, task_id)
     again.join(10)
     assert [(e.seq, kind(e)) for e in again.values()] == [(e.seq, kind(e)) for e in events]
+
+
+def test_global_config_follows_across_replicas(fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    cfg = agent_pb2.CommonConfig(taskTimeout=1234, steps=7)
+    d1.agent.SetGlobalCommonConfig(
+        agent_pb2.SetGlobalCommonConfigRequest(commonConfig=cfg), timeout=5
+    )
+
+    def timeout_of(d: Dispatcher) -> int:
+        got = d.agent.GetGlobalCommonConfig(agent_pb2.GetGlobalCommonConfigRequest(), timeout=5)
+        return int(got.taskTimeout)
+
+    wait_until(
+        lambda: timeout_of(d2) == 1234 and timeout_of(d3) == 1234,
+        10,
+        "the global config reached every replica",
+    )

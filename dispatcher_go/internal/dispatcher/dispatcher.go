@@ -344,7 +344,9 @@ func (d *Dispatcher) watchFleetHealth(ctx context.Context) {
 func (d *Dispatcher) Drain(ctx context.Context) {
 	d.health.Shutdown()
 	if d.fleet != nil {
-		d.fleet.Drain()
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		d.fleet.Drain(gctx)
+		cancel()
 	}
 	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()))
 	d.tasks.Shutdown(ctx)

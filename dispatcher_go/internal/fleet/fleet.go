@@ -28,6 +28,7 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -125,6 +126,10 @@ type Fleet struct {
 	epochMu sync.Mutex
 	epoch   string
 
+	// globalDoc is the stored global config document last taken (only
+	// the reconcile goroutine and Start touch it).
+	globalDoc []byte
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -215,14 +220,33 @@ func (f *Fleet) Release(ctx context.Context, taskID string, attempt int64) error
 func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *taskstore.Store, w *store.Writer) {
 	f.mgr, f.sched, f.ts, f.writer = mgr, sched, ts, w
 	sched.SetOnIdle(f.kick)
+	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
+	f.syncGlobal(ctx)
+	cancel()
 	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop} {
 		f.wg.Go(func() { loop(f.ctx) })
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
 }
 
-// Drain stops taking tasks from the bus (the replica is going away).
-func (f *Fleet) Drain() { f.draining.Store(true) }
+// Drain stops taking tasks from the bus (the replica is going away) and
+// puts the tasks it took but has not started back on the bus, for the
+// other replicas.
+func (f *Fleet) Drain(ctx context.Context) {
+	f.draining.Store(true)
+	n := 0
+	for id, a := range f.fenced.ownedTasks() {
+		t := f.mgr.Registry().Get(id)
+		if t == nil || t.Status() != agentpb.TaskStatus_PENDING || !f.sched.Remove(t) {
+			continue
+		}
+		f.giveBack(ctx, id, a, queueName(t.Planner(), t.RequiredCapabilities()))
+		n++
+	}
+	if n > 0 {
+		f.log.Info("draining: queued tasks handed back to the fleet", "tasks", n)
+	}
+}
 
 // Close stops the background work and closes the Redis client.
 func (f *Fleet) Close() {
@@ -735,6 +759,7 @@ func (f *Fleet) reconcile(ctx context.Context) {
 		}
 	}
 	_ = f.leases.CloseEnded(ctx)
+	f.syncGlobal(ctx)
 	held := f.fenced.ownedTasks()
 	if len(held) > 0 {
 		ids := make([]string, 0, len(held))
@@ -743,6 +768,17 @@ func (f *Fleet) reconcile(ctx context.Context) {
 		}
 		f.runCommands(ctx, ids)
 	}
+}
+
+// syncGlobal takes the global config another replica stored, when the
+// stored document changed since last taken.
+func (f *Fleet) syncGlobal(ctx context.Context) {
+	c, doc, err := f.ts.Global(ctx)
+	if err != nil || c == nil || bytes.Equal(doc, f.globalDoc) {
+		return
+	}
+	f.globalDoc = doc
+	f.mgr.Configs().Replace(c)
 }
 
 // checkEpoch rebuilds the bus from PostgreSQL when Redis lost its data

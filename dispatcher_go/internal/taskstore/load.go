@@ -118,3 +118,16 @@ func (s *Store) ListAll(ctx context.Context, statuses []agentpb.TaskStatus, afte
 	}
 	return out, nil
 }
+
+// Global reads the stored global config and its raw document (nil, nil:
+// none stored): a fleet replica follows the config another replica set.
+func (s *Store) Global(ctx context.Context) (*agentpb.CommonConfig, []byte, error) {
+	data, err := s.st.GetConfig(ctx, task.GlobalConfigID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil, nil
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.decodeConfig(data), data, nil
+}
