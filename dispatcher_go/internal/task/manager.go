@@ -294,13 +294,14 @@ func (m *Manager) submitFleet(t *Task) (*Task, error) {
 		drop()
 		return nil, err
 	}
+	// The log's name is freed first: a replica (this one too) may adopt
+	// the task as soon as it is placed. t keeps its log for what follows.
+	drop()
 	if err := m.fleet.Place(ctx, t); err != nil {
 		t.Finish(agentpb.TaskStatus_FAILURE, "not submitted: "+err.Error(), "")
 		_ = m.persist.Flush(ctx)
-		drop()
 		return nil, err
 	}
-	drop()
 	m.log.Debug("task submitted to the fleet", "task_id", t.id, "planner", t.planner)
 	return t, nil
 }
