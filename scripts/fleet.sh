@@ -6,7 +6,8 @@
 #   scripts/fleet.sh up     start in the background (pids and logs in .run/fleet/)
 #   scripts/fleet.sh down   stop what `up` started (PostgreSQL and Redis too)
 #
-# Replica N (1..3): gRPC 127.0.0.1:5005N, HTTP 127.0.0.1:808(7+N), pid in
+# Replica N (1..3): gRPC 127.0.0.1:5005N, HTTP 127.0.0.1:808(7+N) (bases
+# FLEET_GRPC_PORT=50051, FLEET_HTTP_PORT=8088), pid in
 # .run/fleet/dispatcher-N.pid, id replica-N. Each commander is given every
 # replica's address when it takes several (comma list), else one replica
 # each. Everything listens on loopback only. MODEL_PORT (8080).
@@ -17,6 +18,8 @@ RUN=$ROOT/.run/fleet
 PY=$ROOT/.venv/bin/python
 BIN=$ROOT/bin
 MODEL_PORT=${MODEL_PORT:-8080}
+FLEET_GRPC_PORT=${FLEET_GRPC_PORT:-50051}
+FLEET_HTTP_PORT=${FLEET_HTTP_PORT:-8088}
 COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
 export PG_STATE_DIR=${PG_STATE_DIR:-/tmp/agentdispatch-fleet-pg}
 export REDIS_STATE_DIR=${REDIS_STATE_DIR:-/tmp/agentdispatch-fleet-redis}
@@ -72,8 +75,9 @@ up() {
   wait_for model 120 "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$MODEL_PORT/v1/models', timeout=2)"
   local addrs=()
   for n in 1 2 3; do
-    local grpc=127.0.0.1:5005$n http=127.0.0.1:$((8087 + n))
-    port_free 127.0.0.1 "5005$n" || { log "$grpc is taken"; exit 1; }
+    local grpc=127.0.0.1:$((FLEET_GRPC_PORT + n - 1)) http=127.0.0.1:$((FLEET_HTTP_PORT + n - 1))
+    port_free 127.0.0.1 "${grpc##*:}" || { log "$grpc is taken; set FLEET_GRPC_PORT"; exit 1; }
+    port_free 127.0.0.1 "${http##*:}" || { log "$http is taken; set FLEET_HTTP_PORT"; exit 1; }
     log "dispatcher replica-$n: gRPC $grpc, HTTP $http"
     rm -f "$RUN/dispatcher-$n.addr"
     start "dispatcher-$n" "$BIN/dispatcher" --listen "$grpc" --http-listen "$http" \
@@ -88,7 +92,8 @@ up() {
   mkdir -p "$RUN/workspace"
   start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "${addrs[0]}" --root "$RUN/workspace"
   local several=0
-  "$ROOT/.venv/bin/commander" --help 2>/dev/null | grep -qi "comma\|several" && several=1
+  # Only if the --dispatcher option itself says it takes several addresses.
+  "$ROOT/.venv/bin/commander" --help 2>/dev/null | grep -A3 -- "--dispatcher DISPATCHER$" | grep -qiwE "several|comma" && several=1
   for c in 1 2; do
     local target=$all
     [ $several = 1 ] || target=${addrs[$((c - 1))]}
@@ -98,7 +103,7 @@ up() {
       --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2
   done
   wait_for commander-2 60 "$BIN/dispatchctl" --addr "${addrs[0]}" info --min-slots $((2 * COMMANDER_SLOTS))
-  log "fleet is up: gRPC ${addrs[*]}, HTTP 127.0.0.1:8088 8089 8090 (logs: $RUN/*.log)"
+  log "fleet is up: gRPC ${addrs[*]}, HTTP ports $FLEET_HTTP_PORT-$((FLEET_HTTP_PORT + 2)) (logs: $RUN/*.log)"
 }
 
 down() {
