@@ -735,6 +735,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 func (f *Fleet) reconcileLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	lastGC := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -743,6 +744,12 @@ func (f *Fleet) reconcileLoop(ctx context.Context) {
 		}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		f.reconcile(cctx)
+		if time.Since(lastGC) > time.Minute {
+			lastGC = time.Now()
+			if err := f.leases.GC(cctx); err != nil {
+				f.log.Debug("fleet gc failed", "error", err)
+			}
+		}
 		cancel()
 	}
 }

@@ -251,6 +251,9 @@ func TestCommandsRunOnceAndRequestIDsDedupe(t *testing.T) {
 	if r, ok, err := l.Result(ctx, id); err != nil || !ok || r.Seq != 7 {
 		t.Fatalf("result %v %v %v", r, ok, err)
 	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if got, err := l.Reserve(ctx, "req-1", "a"); err != nil || got != "" {
 		t.Fatalf("first reserve: %q %v", got, err)
 	}

@@ -362,3 +362,15 @@ func (l *Leases) CloseEnded(ctx context.Context) error {
 		FROM tasks t WHERE c.task_id = t.id AND NOT c.done AND t.status = ANY($1)`, terminalCodes)
 	return err
 }
+
+// GC removes what the fleet no longer needs: leases and commands of tasks
+// retention removed, commands done for an hour, request ids older than a
+// day.
+func (l *Leases) GC(ctx context.Context) error {
+	_, err := l.pool.Exec(ctx, `
+		DELETE FROM fleet_leases f WHERE released AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = f.task_id);
+		DELETE FROM fleet_commands c WHERE (done AND created_at < clock_timestamp() - interval '1 hour')
+			OR NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = c.task_id);
+		DELETE FROM fleet_requests WHERE created_at < clock_timestamp() - interval '1 day';`)
+	return err
+}
