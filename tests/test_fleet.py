@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -148,6 +149,13 @@ def _http(method: str, url: str, body: object | None = None) -> dict[str, object
         return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]
 
 
+def _read_sse(url: str, out: list[str]) -> None:
+    """Reads an SSE stream's lines into out until it closes."""
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        for raw in resp:
+            out.append(raw.decode().rstrip("\n"))
+
+
 def _check_stopped_story(events: list[tasks_pb2.TaskEvent]) -> None:
     assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
     kinds = [kind(e) for e in events]
@@ -193,6 +201,8 @@ def test_submit_on_1_watch_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace
     assert recs[0]["outcome"] == "client_closed" and recs[0]["tokens"] < 2000, recs
     for d in fleet.d:  # every replica tells the same truth
         assert wait_status(d.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
+        listed = d.tasks.ListTasks(tasks_pb2.ListTasksRequest(page_size=50), timeout=5).tasks
+        assert [t.status for t in listed if t.task_id == task_id] == [agent_pb2.CANCELLED]
     # Resume by seq on another replica: exactly the rest.
     events = native.values()
     mid = len(events) // 2
@@ -231,11 +241,22 @@ def test_http_submit_cancel_any_replica(stack: Stack, fleet: SimpleNamespace) ->
     sub = _http("POST", f"{fleet.http[0]}/api/tasks", cfg)
     task_id = str(sub.get("task_id") or sub.get("taskId"))
     watch = start_watch(fleet.d[1].tasks, task_id)
+    sse: list[str] = []
+    reader = threading.Thread(
+        target=_read_sse, args=(f"{fleet.http[1]}/api/tasks/{task_id}/events", sse), daemon=True
+    )
+    reader.start()
     watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content")
     _http("POST", f"{fleet.http[2]}/api/tasks/{task_id}/cancel", {"reason": "http stop"})
     watch.join(15)
+    reader.join(15)
     events = watch.values()
     assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.CANCELLED
+    # The SSE stream on replica 2 (which does not run the task): the same
+    # events, numbered without a gap, then its end.
+    ids = [int(line[4:]) for line in sse if line.startswith("id: ")]
+    assert ids == [e.seq for e in events], (ids, [e.seq for e in events])
+    assert "event: end" in sse, sse[-3:]
     got = _http("GET", f"{fleet.http[1]}/api/tasks/{task_id}")
     body = got.get("task", got)
     status = body.get("status") if isinstance(body, dict) else None
