@@ -655,7 +655,9 @@ func (f *Fleet) onFenced(id string) {
 // lost drops the local session of task id whose lease (attempt; 0: any)
 // this replica no longer holds. Whatever it records now is refused.
 func (f *Fleet) lost(id string, attempt int64, reason string) {
-	f.fenced.disown(id, attempt)
+	if !f.fenced.disown(id, attempt) {
+		return // released meanwhile (the task ended), or dropped already
+	}
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
 		return
 	}
