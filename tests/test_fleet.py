@@ -181,6 +181,16 @@ def test_submit_on_1_watch_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace
     seed = start_task_stream(d2.agent, task_id)
     local = start_watch(d1.tasks, task_id)  # on the replica that runs it
     native.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 10, 20, "content on r2")
+    # Interject on r3: a command row for r1, which delivers it and answers.
+    said = d3.tasks.Interject(
+        tasks_pb2.InterjectRequest(task_id=task_id, text="also mention the sea"), timeout=10
+    )
+    assert said.seq > 0 and said.message_id, said
+    native.wait(
+        lambda evs: any(e.seq == said.seq and kind(e) == "user_input" for e in evs),
+        10,
+        "the interjection recorded by r1, seen on r2",
+    )
     t0 = time.monotonic()
     resp = d3.tasks.CancelTask(
         tasks_pb2.CancelTaskRequest(task_id=task_id, reason="test: stop from r3"), timeout=10
