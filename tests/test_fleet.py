@@ -31,7 +31,15 @@ from google.protobuf import json_format
 from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
 from commander._gen.lybic.agent import agent_pb2
 from tests import _procs
-from tests._client import describe, kind, start_task_stream, start_watch, wait_status
+from tests._client import (
+    _pump,
+    _Stream,
+    describe,
+    kind,
+    start_task_stream,
+    start_watch,
+    wait_status,
+)
 from tests._procs import ROOT, wait_until
 from tests.conftest import Dispatcher, Stack
 
@@ -499,3 +507,25 @@ def test_entry_of_a_dead_reader_is_reclaimed(stack: Stack, fleet: SimpleNamespac
     stack.commander(d1, short.base_url, slots=1)
     assert wait_status(d2.agent, task_id, timeout=30).status == agent_pb2.SUCCESS
     assert "reclaimed a bus entry" in "".join(d.proc.log_text() for d in fleet.d)
+
+
+def test_seed000_run_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace) -> None:
+    """Seed 000 end to end: a streaming RunAgentInstruction on a replica that
+    does not run the task, a CancelTask on a third."""
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    req = agent_pb2.RunAgentInstructionRequest(instruction=f"seed run [{uuid.uuid4().hex[:8]}]")
+    req.runningConfig.CopyFrom(llm.model_config())
+    run = _Stream()
+    call = d2.agent.RunAgentInstruction(req, timeout=60)
+    threading.Thread(target=_pump, args=(call, run, lambda r: r), daemon=True).start()
+    items = run.wait(lambda ts: sum(t.stage == "content" for t in ts) >= 5, 20, "content")
+    task_id = items[0].taskId
+    resp = d3.agent.CancelTask(agent_pb2.CancelTaskRequest(taskId=task_id), timeout=10)
+    run.join(15)
+    assert run.error is None, run.error
+    stages = [t.stage for t in run.values()]
+    assert stages.count("stop") == 1 and stages[-1] == "cancelled", stages[-5:]
+    assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED, resp

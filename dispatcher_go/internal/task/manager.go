@@ -303,6 +303,11 @@ func (m *Manager) submitFleet(t *Task) (*Task, error) {
 		return nil, err
 	}
 	m.log.Debug("task submitted to the fleet", "task_id", t.id, "planner", t.planner)
+	// The caller may follow the task (a streaming submit): it gets the
+	// fleet's view, whose log follows whichever replica runs it.
+	if v, err := m.fleet.Lookup(ctx, t.id); err == nil {
+		return v, nil
+	}
 	return t, nil
 }
 
