@@ -529,3 +529,19 @@ def test_seed000_run_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace) -> N
     stages = [t.stage for t in run.values()]
     assert stages.count("stop") == 1 and stages[-1] == "cancelled", stages[-5:]
     assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED, resp
+
+
+def test_cancel_of_a_queued_task_on_another_replica(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    short = stack.scripted(tokens=5)
+    marker = f"never runs [{uuid.uuid4().hex[:8]}]"
+    task_id = _submit(d1, marker, short.model_config())  # no slot anywhere: queued
+    resp = d2.tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_id), timeout=10)
+    assert resp.cancelled and resp.status == agent_pb2.CANCELLED, resp
+    assert "pending" in resp.message, resp
+    # A slot appears: the bus entry is found taken, the task never runs.
+    stack.commander(d1, short.base_url, slots=1)
+    after = _submit(d1, "runs", short.model_config())
+    assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
+    assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
+    assert short.streams(marker) == []

@@ -85,30 +85,20 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 // dead replica) and ends it with status: ok false if another replica
 // holds it.
 func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStatus, reason string) (bool, error) {
-	attempt, err := f.Claim(ctx, id)
-	if err != nil {
+	t, attempt, err := f.Take(ctx, id)
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) {
 		return false, nil
 	}
-	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
-		return false, unavailable("read the task", err)
-	}
-	last, err := f.pg.LastSeq(ctx, id)
-	if err != nil {
-		_ = f.Release(ctx, id, attempt)
-		return false, unavailable("read the task", err)
-	}
-	t, err := f.mgr.Adopt(snap, last, false)
-	if err != nil {
-		_ = f.Release(ctx, id, attempt)
 		return false, err
 	}
 	t.Finish(status, reason, "")
 	if err := f.writer.Flush(ctx); err != nil {
 		return true, nil // stored once the store is back; the lease expires
 	}
-	_ = f.Release(ctx, id, attempt)
+	if f.fenced.disown(id, attempt) {
+		_ = f.leases.Release(ctx, id, attempt)
+	}
 	return true, nil
 }
 
@@ -227,4 +217,35 @@ func (f *Fleet) Approve(ctx context.Context, id, callID string, approve bool, re
 	}
 	r, err := f.await(ctx, cid)
 	return dispatchv1.HoldOutcome(r.Outcome), r.Seq, err
+}
+
+// Take claims task id for this replica (Claim) and makes it local without
+// queueing it: the session hand-over re-attaches a running session to the
+// returned task (its log continues after the last stored event, its writes
+// carry the new attempt). The lease is released once the task ends.
+func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) {
+	attempt, err := f.Claim(ctx, id)
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) {
+		return nil, 0, err
+	}
+	if err != nil {
+		return nil, 0, unavailable("claim the task", err)
+	}
+	snap, err := f.ts.Load(ctx, id)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, unavailable("read the task", err)
+	}
+	last, err := f.pg.LastSeq(ctx, id)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, unavailable("read the task", err)
+	}
+	t, err := f.mgr.Adopt(snap, last, false)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, err
+	}
+	f.watchOwned(t, attempt)
+	return t, attempt, nil
 }
