@@ -47,9 +47,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.fleet]
 
 LEASE = 2.0
 GRACE = 1.0
-# A dead replica's running task ends within lease + grace + one sweep (1 s),
-# plus the renewal period it may have just done (lease/3): the window.
-WINDOW = LEASE + GRACE + 1.0 + LEASE / 3
+# A dead replica's running task ends within lease + grace + one sweep (1 s)
+# of its death (its last renewal came before it): the documented window.
+WINDOW = LEASE + GRACE + 1.0
 
 
 def _free_port() -> int:
@@ -386,7 +386,8 @@ def test_kill9_replica_and_commander(stack: Stack, fleet: SimpleNamespace) -> No
     st = wait_status(d3.agent, running, timeout=WINDOW + 10)
     took = time.monotonic() - t0
     assert st.status == agent_pb2.FAILURE, st
-    assert took <= WINDOW + 1.5, f"FAILURE after {took:.2f}s, window {WINDOW:.1f}s"
+    # + 1 s: storing the end, and this client's polling, on a loaded machine.
+    assert took <= WINDOW + 1.0, f"FAILURE after {took:.2f}s, window {WINDOW:.1f}s"
     for q in queued:  # still waiting: nobody can run them yet
         assert wait_status(d3.agent, q, statuses=[agent_pb2.PENDING], timeout=2)
     stack.commander(d2, short.base_url, slots=1)
