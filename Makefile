@@ -94,7 +94,7 @@ lint-proto: setup-tools ## buf lint and buf breaking (against PROTO_BASELINE) on
 
 # ---------------------------------------------------------------- run
 
-.PHONY: demo up down logs
+.PHONY: demo up down logs up-fleet down-fleet
 demo: setup setup-model ## set up and run the main job end to end on the embedded defaults
 	scripts/stack.sh demo "$(INSTRUCTION)" "$(DEMO_GUI_INSTRUCTION)"
 
@@ -109,13 +109,26 @@ up: setup setup-model ## start dispatcher, model, commander, tool provider in th
 down: ## stop what `make up` started
 	scripts/stack.sh down
 
+up-fleet: setup setup-model ## a fleet on this machine: PostgreSQL, Redis, 3 dispatcher replicas (gRPC :50051-3, HTTP :8088-90), model, 2 commanders, tool provider
+	scripts/fleet.sh up
+
+down-fleet: ## stop what `make up-fleet` started
+	scripts/fleet.sh down
+
 logs: ## tail the logs of the background stack
 	tail -n 50 -f $(RUN)/*.log
 
 # ---------------------------------------------------------------- tests
 
+.PHONY: test-fleet
+test-fleet: build ## the fleet: Go tests of internal/fleet on a real PostgreSQL and Redis, then three replicas cross-process (tests/test_fleet.py)
+	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop; $(CURDIR)/scripts/redis.sh stop' EXIT && \
+	REDIS=$$(scripts/redis.sh start) && \
+	(cd dispatcher_go && POSTGRES_TEST_DSN=$$DSN REDIS_TEST_URL=$$REDIS go test -race -count=1 ./internal/fleet/) && \
+	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -rs -s -m fleet tests/test_fleet.py
+
 .PHONY: test lint test-go test-fuzz test-py test-e2e test-faults test-model test-store test-browser check-compose check-dockerfiles images
-test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-fuzz test-store test-py test-e2e test-faults test-model ## run every test
+test: setup setup-model lint check-generate check-compose check-dockerfiles test-go test-fuzz test-store test-fleet test-py test-e2e test-faults test-model ## run every test
 
 lint: setup lint-proto ## go vet, ruff, mypy
 	cd dispatcher_go && go vet ./...
@@ -169,7 +182,7 @@ test-py: setup-py ## commander and local sandbox tests (in-process dispatcher an
 	$(VENV)/bin/pytest -q commander localsandbox
 
 test-e2e: build setup-byclaw ## cross-process tests: real dispatcher binary, real commander processes
-	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model and not faults" tests
+	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -m "e2e and not model and not faults and not fleet" tests
 
 test-faults: build ## fault injection with real processes: black-holed, reset and slow commander link (bin/faultproxy), PostgreSQL killed, SQLite disk full, provider frozen (docs/reliability.md)
 	DISPATCH_BIN_DIR=$(BIN) $(VENV)/bin/pytest -q -rs -s -m faults tests/test_faults.py

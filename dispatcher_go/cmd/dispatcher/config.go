@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	"github.com/agentdispatch/dispatcher/internal/fleet"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -76,6 +77,11 @@ type config struct {
 	sandboxOrg      string
 	sandboxShape    string
 	sandboxKey      string // DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY only: never a flag
+	fleetRedis      string // "" : single node
+	replicaID       string
+	fleetLease      time.Duration
+	fleetGrace      time.Duration
+	fleetReclaim    time.Duration
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -141,6 +147,11 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.sandboxEndpoint, "sandbox-endpoint", "", "Lybic sandbox API of POST /api/sandbox/create: the cloud (default https://api.lybic.cn) or the local sandbox server's http://HOST:PORT; env also LYBIC_API_ENDPOINT. The API key comes from DISPATCHER_SANDBOX_API_KEY or LYBIC_API_KEY")
 	fs.StringVar(&c.sandboxOrg, "sandbox-org", "", "Lybic organisation of sandboxes created for requests without credentials; env also LYBIC_ORG_ID")
 	fs.StringVar(&c.sandboxShape, "sandbox-shape", "", "shape of sandboxes whose request names none, and of those naming a shape the endpoint does not offer (e.g. local-1280x720 on the local sandbox server); env also LYBIC_SANDBOX_SHAPE")
+	fs.StringVar(&c.fleetRedis, "fleet-redis", "", "Redis URL (redis://host:port/db): join a fleet of replicas sharing the postgres store and this bus (docs/operations.md, the fleet); empty: a single node")
+	fs.StringVar(&c.replicaID, "replica-id", "", "this replica's id in the fleet (default: host name plus random digits)")
+	fs.DurationVar(&c.fleetLease, "fleet-lease", fleet.DefaultLease, "fleet: a task lease's length (renewed every third of it)")
+	fs.DurationVar(&c.fleetGrace, "fleet-grace", fleet.DefaultGrace, "fleet: how long past its expiry a lease is left for a hand-over before another replica ends the task (a dead replica's tasks end within lease + grace + 1s)")
+	fs.DurationVar(&c.fleetReclaim, "fleet-reclaim-idle", fleet.DefaultReclaimIdle, "fleet: how long a bus entry read by a replica may stay unacknowledged before another reclaims it")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -223,6 +234,12 @@ func (c *config) validate() error {
 	case "memory":
 	default:
 		errs = append(errs, fmt.Errorf("--storage-backend: %q is not sqlite, postgres or memory", c.storage))
+	}
+	if c.fleetRedis != "" && c.storage != "postgres" {
+		errs = append(errs, errors.New("--fleet-redis needs --storage-backend postgres: the fleet's truth is PostgreSQL"))
+	}
+	if c.fleetLease <= 0 || c.fleetGrace < 0 || c.fleetReclaim <= 0 {
+		errs = append(errs, errors.New("--fleet-lease and --fleet-reclaim-idle must be positive, --fleet-grace not negative"))
 	}
 	if c.retention < 0 || c.flushInterval <= 0 {
 		errs = append(errs, errors.New("--retention must not be negative and --event-flush-interval must be positive"))
@@ -354,9 +371,11 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
 		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
 			HandOverWindow: handOverWindow(c.handOverWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
-		Policy:  dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
-		MCP:     dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
-		Store:   dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Policy: dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
+		MCP:    dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
+		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Fleet: dispatcher.Fleet{RedisURL: c.fleetRedis, ReplicaID: c.replicaID, Lease: c.fleetLease,
+			Grace: c.fleetGrace, ReclaimIdle: c.fleetReclaim},
 		Logger:  log,
 		OnEvent: onEvent,
 	}

@@ -34,6 +34,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	"github.com/agentdispatch/dispatcher/internal/fleet"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
@@ -127,6 +128,27 @@ func TestConfigEnvFallbackAndFlagsWin(t *testing.T) {
 	}
 }
 
+func TestFleetFlags(t *testing.T) {
+	t.Parallel()
+	c, err := parseConfig([]string{"--storage-backend", "postgres", "--postgres-dsn", "postgres://x"}, env(map[string]string{
+		"DISPATCHER_FLEET_REDIS": "redis://127.0.0.1:6379/0",
+		"DISPATCHER_REPLICA_ID":  "r7",
+	}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := c.dispatcherConfig(nil, nil, nil).Fleet
+	if got.RedisURL != "redis://127.0.0.1:6379/0" || got.ReplicaID != "r7" || got.Lease != fleet.DefaultLease ||
+		got.Grace != fleet.DefaultGrace || got.ReclaimIdle != fleet.DefaultReclaimIdle {
+		t.Fatalf("fleet config %+v", got)
+	}
+	// The single node: no fleet unless asked.
+	c, err = parseConfig(nil, env(nil), io.Discard)
+	if err != nil || c.dispatcherConfig(nil, nil, nil).Fleet.RedisURL != "" {
+		t.Fatalf("default config joins a fleet: %v", err)
+	}
+}
+
 func TestConfigRejectsBadValues(t *testing.T) {
 	t.Parallel()
 	for name, tc := range map[string]struct {
@@ -140,6 +162,8 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		"log level":        {[]string{"--log-level", "loud"}, nil},
 		"negative grace":   {[]string{"--stop-grace", "-1s"}, nil},
 		"stray argument":   {[]string{"serve"}, nil},
+		"fleet on sqlite":  {[]string{"--fleet-redis", "redis://127.0.0.1:6379/0"}, nil},
+		"fleet lease":      {[]string{"--storage-backend", "postgres", "--postgres-dsn", "x", "--fleet-redis", "redis://r", "--fleet-lease", "0s"}, nil},
 	} {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()

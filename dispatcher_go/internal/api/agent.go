@@ -30,7 +30,7 @@ type agentService struct {
 func (a *agentService) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
 	return &agentpb.AgentInfo{
 		Version:            a.s.d.Config().Version,
-		MaxConcurrentTasks: int32(min(a.s.d.Scheduler().SlotCount(), math.MaxInt32)),
+		MaxConcurrentTasks: int32(min(a.s.d.SlotCount(), math.MaxInt32)),
 		LogLevel:           a.s.d.Config().LogLevel,
 	}, nil
 }

@@ -92,6 +92,9 @@ type Config struct {
 	Store Store
 	// MCP lists the MCP servers whose tools the broker serves.
 	MCP MCP
+	// Fleet, with a RedisURL, makes the dispatcher one replica of a fleet
+	// (package fleet); it needs the PostgreSQL store.
+	Fleet Fleet
 	// Logger receives all logs; nil discards.
 	Logger *slog.Logger
 	// OnEvent, when set, is called with every event recorded on a task of
@@ -234,6 +237,22 @@ type Store struct {
 	// FlushInterval is the store writer's batching interval
 	// (DefaultFlushInterval).
 	FlushInterval time.Duration
+}
+
+// Fleet joins the dispatcher to a fleet of replicas sharing PostgreSQL (the
+// store) and Redis (the bus). Zero durations take fleet's defaults.
+type Fleet struct {
+	// RedisURL is the bus; empty: single node (the default).
+	RedisURL string
+	// ReplicaID names this replica (default: hostname plus random digits).
+	ReplicaID string
+	// Lease is a task lease's length (fleet.DefaultLease); Grace how long
+	// past its expiry it is left for a hand-over before another replica
+	// takes the task over (fleet.DefaultGrace); ReclaimIdle how long a bus
+	// entry may stay unacknowledged (fleet.DefaultReclaimIdle).
+	Lease       time.Duration
+	Grace       time.Duration
+	ReclaimIdle time.Duration
 }
 
 // withDefaults returns c with every zero field set to its default.

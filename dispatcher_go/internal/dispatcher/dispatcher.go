@@ -34,11 +34,13 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/broker"
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	"github.com/agentdispatch/dispatcher/internal/fleet"
 	"github.com/agentdispatch/dispatcher/internal/mcp"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/session"
 	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/taskstore"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
@@ -64,6 +66,7 @@ type Dispatcher struct {
 	policy      *policy.Engine
 	auth        *tenant.Auth
 	writer      *store.Writer // nil without a store
+	fleet       *fleet.Fleet  // nil: single node
 
 	// base ends every client stream (watchers, providers) and the
 	// background goroutines (bg) at shutdown.
@@ -122,6 +125,25 @@ func New(cfg Config) (*Dispatcher, error) {
 	// The task manager, once built: the store writer fails a task whose
 	// record the store refused (a record is never retried for ever).
 	var tasks atomic.Pointer[task.Manager]
+	var fl *fleet.Fleet
+	if cfg.Fleet.RedisURL != "" {
+		pg, ok := cfg.Store.Backend.(*postgres.Store)
+		if !ok {
+			return nil, errors.New("dispatcher: a fleet (--fleet-redis) needs the postgres store backend")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		fl, err = fleet.New(ctx, pg, fleet.Options{
+			RedisURL: cfg.Fleet.RedisURL, ReplicaID: cfg.Fleet.ReplicaID, Lease: cfg.Fleet.Lease,
+			Grace: cfg.Fleet.Grace, ReclaimIdle: cfg.Fleet.ReclaimIdle, StopGrace: cfg.Tasks.StopGrace,
+			Logger: log.With("component", "fleet"),
+		})
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		// Every write goes through the fence.
+		cfg.Store.Backend = fl.Store()
+	}
 	if st := cfg.Store.Backend; st != nil {
 		writer = store.NewWriter(st, store.WriterOptions{
 			Interval: cfg.Store.FlushInterval,
@@ -163,7 +185,12 @@ func New(cfg Config) (*Dispatcher, error) {
 	})
 	mgr.SetQueue(sched)
 	tasks.Store(mgr)
-	if persist != nil {
+	if fl != nil {
+		// No restore: the other replicas' tasks are theirs; a dead
+		// replica's are taken over by the fleet (lease expiry).
+		mgr.SetFleet(fl)
+		fl.Start(mgr, sched, persist.(*taskstore.Store), writer)
+	} else if persist != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		_, err := mgr.Restore(ctx)
 		cancel()
@@ -200,11 +227,15 @@ func New(cfg Config) (*Dispatcher, error) {
 		policy:      pol,
 		auth:        auth,
 		writer:      writer,
+		fleet:       fl,
 		base:        base,
 		cancelBase:  cancel,
 	}
 	if writer != nil {
 		d.bg.Go(func() { d.watchStoreHealth(base) })
+	}
+	if fl != nil {
+		d.bg.Go(func() { d.watchFleetHealth(base) })
 	}
 	if cfg.Policy.File != "" {
 		d.bg.Go(func() { pol.Watch(base, cfg.Policy.File, cfg.Policy.Poll) })
@@ -282,6 +313,18 @@ func (d *Dispatcher) Scheduler() *scheduler.Scheduler { return d.sched }
 // flush), nil without a store.
 func (d *Dispatcher) StoreWriter() *store.Writer { return d.writer }
 
+// Fleet is the replica's part of the fleet, nil for a single node.
+func (d *Dispatcher) Fleet() *fleet.Fleet { return d.fleet }
+
+// SlotCount is the number of commander slots: of the whole fleet for a
+// replica, else of this dispatcher.
+func (d *Dispatcher) SlotCount() int {
+	if d.fleet != nil {
+		return d.fleet.SlotCount()
+	}
+	return d.sched.SlotCount()
+}
+
 // Policy is the policy engine (decision counters, the policy in force).
 func (d *Dispatcher) Policy() *policy.Engine { return d.policy }
 
@@ -333,6 +376,10 @@ func (d *Dispatcher) syncHealth() {
 	if d.writer != nil && d.writer.Health() != nil {
 		st = healthpb.HealthCheckResponse_NOT_SERVING
 	}
+	if d.fleet != nil && d.fleet.Health() != nil {
+		// New work needs the bus; running tasks go on.
+		st = healthpb.HealthCheckResponse_NOT_SERVING
+	}
 	for _, name := range d.healthNames {
 		d.health.SetServingStatus(name, st)
 	}
@@ -352,6 +399,21 @@ func (d *Dispatcher) watchStoreHealth(ctx context.Context) {
 	}
 }
 
+// watchFleetHealth keeps health in step with the fleet's bus until ctx
+// ends (the bus is checked every 500 ms; this looks as often).
+func (d *Dispatcher) watchFleetHealth(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			d.syncHealth()
+		}
+	}
+}
+
 // Drain prepares a shutdown: health goes NOT_SERVING, no new task is
 // accepted, queued and running tasks may finish until ctx ends, then the
 // rest are stopped (STOP_CODE_SHUTDOWN, up to the stop grace) and every
@@ -365,6 +427,11 @@ func (d *Dispatcher) watchStoreHealth(ctx context.Context) {
 // sessions that did not move by ctx's end are stopped.
 func (d *Dispatcher) Drain(ctx context.Context) {
 	d.health.Shutdown()
+	if d.fleet != nil {
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		d.fleet.Drain(gctx)
+		cancel()
+	}
 	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()), "hand_over", d.tasks.HandsOver())
 	if d.tasks.HandsOver() {
 		d.tasks.Close()
@@ -423,6 +490,9 @@ func (d *Dispatcher) Close() {
 func (d *Dispatcher) stop() {
 	d.cancelBase()
 	d.bg.Wait()
+	if d.fleet != nil {
+		d.fleet.Close()
+	}
 	if d.writer != nil {
 		d.writer.Close()
 	}

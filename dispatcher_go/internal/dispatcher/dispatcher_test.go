@@ -206,3 +206,10 @@ func TestCloseStopsBackgroundWork(t *testing.T) {
 		t.Fatalf("restored %d tasks, want 1", len(infos))
 	}
 }
+
+func TestFleetNeedsThePostgresStore(t *testing.T) {
+	if d, err := New(Config{Fleet: Fleet{RedisURL: "redis://127.0.0.1:1/0"}}); err == nil {
+		d.Close()
+		t.Fatal("a fleet without the postgres store was accepted")
+	}
+}

@@ -104,6 +104,48 @@ type Scheduler struct {
 	nextSeq uint64            // admission order of Enqueue
 	slots   map[Slot]bool     // registered slots → idle
 	idle    map[string][]Slot // planner capability → idle slots, longest idle first
+	// onIdle, when set, is called (outside the lock) after a slot turned
+	// idle: a fleet replica then reads the bus for work (see SetOnIdle).
+	onIdle func()
+}
+
+// SetOnIdle sets f, called without the scheduler's lock each time a slot
+// registers or turns idle with no queued task for it. f must be quick (it
+// runs on the goroutine that freed the slot).
+func (s *Scheduler) SetOnIdle(f func()) {
+	s.mu.Lock()
+	s.onIdle = f
+	s.mu.Unlock()
+}
+
+// CanRun reports whether an idle slot could start a task of planner that
+// requires the capabilities required now.
+func (s *Scheduler) CanRun(planner string, required []string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sl := range s.idle[PlannerCapability(planner)] {
+		ok := true
+		for _, c := range required {
+			if !sl.HasCapability(c) {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+// notifyIdle calls the onIdle hook, if any, outside the lock.
+func (s *Scheduler) notifyIdle() {
+	s.mu.Lock()
+	f := s.onIdle
+	s.mu.Unlock()
+	if f != nil {
+		f()
+	}
 }
 
 // queued is a task and its place in the line: seq is the order of its
@@ -227,6 +269,9 @@ func (s *Scheduler) AddSlot(sl Slot) {
 	h := s.idleLocked(sl)
 	s.mu.Unlock()
 	s.deliver(h)
+	if h.sl == nil {
+		s.notifyIdle()
+	}
 }
 
 // AddBusySlot registers a slot that already runs a task: a session
@@ -251,6 +296,9 @@ func (s *Scheduler) Release(sl Slot) {
 	h := s.idleLocked(sl)
 	s.mu.Unlock()
 	s.deliver(h)
+	if h.sl == nil {
+		s.notifyIdle()
+	}
 }
 
 // RemoveSlot unregisters a slot (its stream ended). After it returns the

@@ -128,3 +128,7 @@ func (s *ConfigStore) Resolve(running *agentpb.CommonConfig) *agentpb.CommonConf
 	}
 	return c
 }
+
+// Replace replaces the global config without persisting it: a fleet
+// replica takes the config another replica stored.
+func (s *ConfigStore) Replace(c *agentpb.CommonConfig) { s.set(c) }

@@ -34,6 +34,9 @@ func (m *Manager) List(ctx context.Context, statuses []agentpb.TaskStatus, limit
 	if limit <= 0 {
 		return nil, nil, fmt.Errorf("%w: limit must be positive", ErrInvalidArgument)
 	}
+	if m.fleet != nil {
+		return m.fleet.List(ctx, statuses, limit, after, m.reg.Get)
+	}
 	// Tasks that have not ended are all in memory; finished ones may be
 	// only in the store. While the store is unavailable, a listing that can
 	// include finished tasks fails at once (UNAVAILABLE) rather than wait

@@ -131,6 +131,9 @@ type Manager struct {
 	// reopen is store, if it can reopen the logs of stored tasks (the
 	// tasks Restore and Get bring back from the store log through it).
 	reopen Reopener
+	// fleet, when set, makes this manager one replica of a fleet (see
+	// Fleet); nil: single node.
+	fleet Fleet
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the
@@ -177,6 +180,23 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		// (UNAVAILABLE) instead of waiting for a store that is stuck.
 		return nil, err
 	}
+	newID := NewID()
+	if m.fleet != nil {
+		if err := m.fleet.Health(); err != nil {
+			return nil, err
+		}
+		if rid := spec.Labels[RequestIDLabel]; rid != "" {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			existing, err := m.fleet.Reserve(ctx, rid, newID)
+			cancel()
+			if err != nil {
+				return nil, err
+			}
+			if existing != "" {
+				return m.Get(existing) // a duplicate: the first submission's task
+			}
+		}
+	}
 	planner := spec.Planner
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
@@ -221,7 +241,7 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		timeout = time.Duration(spec.TimeoutSeconds) * time.Second
 	}
 	t := &Task{
-		id:             NewID(),
+		id:             newID,
 		instruction:    spec.Instruction,
 		planner:        planner,
 		required:       spec.RequiredCapabilities,
@@ -253,6 +273,9 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	t.mu.Lock()
 	_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
 	t.mu.Unlock()
+	if m.fleet != nil {
+		return m.submitFleet(t)
+	}
 	m.reg.add(t)
 	if err := m.queue.Enqueue(t); err != nil {
 		m.reg.remove(t)
@@ -280,6 +303,46 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		}
 	}
 	m.log.Debug("task submitted", "task_id", t.id, "planner", planner, "tenant", owner)
+	return t, nil
+}
+
+// submitFleet stores t and hands it to the fleet's bus: the replica that
+// claims it runs it, this one keeps nothing of it. The client gets the id
+// only once the task is stored and placed.
+func (m *Manager) submitFleet(t *Task) (*Task, error) {
+	t.onFinish = nil
+	defer t.span.End()
+	drop := func() { m.store.Remove(t.id) }
+	if m.persist == nil {
+		drop()
+		return nil, errors.New("task: a fleet needs a store")
+	}
+	t.mu.Lock()
+	t.saveLocked()
+	t.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := m.persist.FlushWhileHealthy(ctx); err != nil {
+		// Not stored for sure: the task must not run behind the client's
+		// back, so it is ended (its record says so once the store is back).
+		t.Finish(agentpb.TaskStatus_FAILURE, "not submitted: "+err.Error(), "")
+		drop()
+		return nil, err
+	}
+	// The log's name is freed first: a replica (this one too) may adopt
+	// the task as soon as it is placed. t keeps its log for what follows.
+	drop()
+	if err := m.fleet.Place(ctx, t); err != nil {
+		t.Finish(agentpb.TaskStatus_FAILURE, "not submitted: "+err.Error(), "")
+		_ = m.persist.Flush(ctx)
+		return nil, err
+	}
+	m.log.Debug("task submitted to the fleet", "task_id", t.id, "planner", t.planner)
+	// The caller may follow the task (a streaming submit): it gets the
+	// fleet's view, whose log follows whichever replica runs it.
+	if v, err := m.fleet.Lookup(ctx, t.id); err == nil {
+		return v, nil
+	}
 	return t, nil
 }
 
@@ -331,6 +394,11 @@ func validateSpec(s *Spec) error {
 func (m *Manager) Get(id string) (*Task, error) {
 	if t := m.reg.Get(id); t != nil {
 		return t, nil
+	}
+	if m.fleet != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return m.fleet.Lookup(ctx, id)
 	}
 	if err := m.storeHealth(); err != nil {
 		return nil, err
@@ -400,6 +468,9 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	}
 	if reason == "" {
 		reason = "cancelled by client"
+	}
+	if t.view {
+		return m.fleet.Cancel(ctx, id, reason, wait)
 	}
 	// First, so that a task whose slot dies right now is not put back in
 	// the queue behind this cancel's back (Requeue refuses it; the slot
@@ -492,6 +563,9 @@ func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint6
 	if err != nil {
 		return "", 0, err
 	}
+	if t.view {
+		return m.fleet.Interject(ctx, id, text)
+	}
 	r, st := t.runnerState()
 	if r == nil {
 		return "", 0, fmt.Errorf("%w: task is %s", ErrNotRunning, st)
@@ -508,6 +582,11 @@ func (m *Manager) ApproveToolCall(id, callID string, approve bool, reason string
 	t, err := m.Get(id)
 	if err != nil {
 		return 0, 0, err
+	}
+	if t.view {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		return m.fleet.Approve(ctx, id, callID, approve, reason)
 	}
 	r, st := t.runnerState()
 	a, ok := r.(Approver)

@@ -187,6 +187,8 @@ type Task struct {
 	// span covers the task from submission to its end (a no-op span when
 	// tracing is off, and for tasks restored from the store).
 	span trace.Span
+	// view: a read-only copy of a task another fleet replica runs.
+	view bool
 
 	mu          sync.Mutex
 	status      agentpb.TaskStatus

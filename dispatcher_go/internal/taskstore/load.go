@@ -84,3 +84,50 @@ func (s *Store) ListFinished(ctx context.Context, statuses []agentpb.TaskStatus,
 	}
 	return out, nil
 }
+
+// Load reads task id as stored, whatever its status (a fleet replica
+// reads the tasks other replicas run, and adopts the ones it claims). It
+// does not flush the writer: the caller knows whose writes it waits for.
+func (s *Store) Load(ctx context.Context, id string) (task.Snapshot, error) {
+	rec, err := s.st.GetTask(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return task.Snapshot{}, task.ErrNotFound
+	}
+	if err != nil {
+		return task.Snapshot{}, fmt.Errorf("store read failed: %w", err)
+	}
+	return s.load(rec)
+}
+
+// ListAll lists up to n stored tasks whose status is in statuses (empty:
+// any), newest first after after (nil: from the newest): a fleet's
+// listing, where every task is in the shared store.
+func (s *Store) ListAll(ctx context.Context, statuses []agentpb.TaskStatus, after *task.ListKey, n int) ([]task.Info, error) {
+	recs, err := s.st.ListTasksBefore(ctx, statusCodes(statuses), after, n)
+	if err != nil {
+		return nil, fmt.Errorf("list stored tasks: %w", err)
+	}
+	out := make([]task.Info, 0, len(recs))
+	for _, rec := range recs {
+		snap, _, err := decode(rec)
+		if err != nil {
+			s.log.Warn("stored task unreadable", "task_id", rec.ID, "error", err)
+			continue
+		}
+		out = append(out, snap.Info())
+	}
+	return out, nil
+}
+
+// Global reads the stored global config and its raw document (nil, nil:
+// none stored): a fleet replica follows the config another replica set.
+func (s *Store) Global(ctx context.Context) (*agentpb.CommonConfig, []byte, error) {
+	data, err := s.st.GetConfig(ctx, task.GlobalConfigID)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil, nil
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	return s.decodeConfig(data), data, nil
+}

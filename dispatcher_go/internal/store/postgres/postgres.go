@@ -244,3 +244,7 @@ func (s *Store) Close() error {
 	s.pool.Close()
 	return nil
 }
+
+// Pool is the store's connection pool, for a fleet (package fleet) that
+// keeps its leases and commands in the same database.
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }

@@ -1,0 +1,920 @@
+// Package fleet makes a dispatcher one replica of a fleet: many replicas,
+// all equal (no leader, no election, no gossip), sharing PostgreSQL as the
+// truth and Redis Streams as the bus.
+//
+// What lives where:
+//   - PostgreSQL (the store's tables plus fleet_*): tasks, events, configs;
+//     who runs a task (fleet_leases: owner replica, lease expiry, attempt
+//     number = the fencing token); the tasks nobody runs yet (fleet_queue);
+//     the commands (cancel, interject, approve) for a task's owner
+//     (fleet_commands); client request ids (fleet_requests).
+//   - Redis: a stream per capability set carrying the pending tasks, read
+//     by a consumer group (a replica reads only while it has an idle slot
+//     that matches); a stream per running task carrying its durable events
+//     for watchers on other replicas; a channel that wakes a task's owner
+//     when a command arrives; each replica's slot summary, with a TTL.
+//     Redis may lose everything: the bus is rebuilt from PostgreSQL.
+//
+// Every write of a task goes through the fenced store (fencedStore): a
+// replica writes a task only while it holds its lease with the attempt it
+// claimed; a replica that lost the lease (paused, cut off) is refused and
+// drops the session. Leases are renewed in the background; a lease expired
+// for longer than the grace is taken over by another replica, which ends
+// the task FAILURE (or puts a task that had not started back on the bus).
+//
+// The package must not know any transport, must not run a session itself
+// (the session and task packages do), and must never make Redis the only
+// copy of anything: an event, a task or a command is in PostgreSQL first.
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/scheduler"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
+	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/taskstore"
+)
+
+// Defaults (cmd/dispatcher's flags show them; docs/operations.md explains
+// them).
+const (
+	// DefaultLease is how long a lease lasts without renewal (renewed every
+	// third of it).
+	DefaultLease = 10 * time.Second
+	// DefaultGrace is how long past its expiry a lease is left alone
+	// before another replica takes the task over (room for a session
+	// hand-over). A dead replica's running tasks end FAILURE within
+	// DefaultLease + DefaultGrace + one sweep (1 s).
+	DefaultGrace = 5 * time.Second
+	// DefaultReclaimIdle is how long a bus entry read by a replica may stay
+	// unacknowledged before another replica reclaims it (XAUTOCLAIM).
+	DefaultReclaimIdle = 10 * time.Second
+	// DefaultRequeueAfter is how long a task may wait in the queue table
+	// before its bus entry is written again (in case it was lost).
+	DefaultRequeueAfter = 30 * time.Second
+)
+
+// Options configure a Fleet.
+type Options struct {
+	// RedisURL is the bus (redis://host:port/db).
+	RedisURL string
+	// ReplicaID names this replica (default: hostname-random).
+	ReplicaID string
+	// Lease, Grace, ReclaimIdle, RequeueAfter: see the defaults.
+	Lease        time.Duration
+	Grace        time.Duration
+	ReclaimIdle  time.Duration
+	RequeueAfter time.Duration
+	// StopGrace is how long a cancel sent to another replica waits for the
+	// task's end.
+	StopGrace time.Duration
+	// Logger receives the fleet's logs; nil discards.
+	Logger *slog.Logger
+}
+
+// NewReplicaID is a replica id: the host name and 6 random hex digits.
+func NewReplicaID() string {
+	h, _ := os.Hostname()
+	if h == "" {
+		h = "dispatcher"
+	}
+	var b [3]byte
+	_, _ = rand.Read(b[:])
+	return h + "-" + hex.EncodeToString(b[:])
+}
+
+// Fleet is one replica's part of the fleet. It implements task.Fleet.
+type Fleet struct {
+	opts   Options
+	id     string
+	log    *slog.Logger
+	pg     *postgres.Store
+	leases *Leases
+	fenced *fencedStore
+	rdb    *redis.Client
+	busOK  atomic.Bool
+
+	// Set by Start.
+	mgr    *task.Manager
+	sched  *scheduler.Scheduler
+	ts     *taskstore.Store
+	writer *store.Writer
+
+	idle     chan struct{}
+	pub      chan []store.Event
+	draining atomic.Bool
+	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
+	fencedN  atomic.Int64
+
+	epochMu sync.Mutex
+	epoch   string
+
+	// globalDoc is the stored global config document last taken (only
+	// the reconcile goroutine and Start touch it).
+	globalDoc []byte
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+var _ task.Fleet = (*Fleet)(nil)
+
+// New joins the fleet over pg (the replica's PostgreSQL store) and the
+// Redis at opts.RedisURL. Redis may be down: the replica then starts
+// unhealthy for new work. Call Start once the task manager exists, and
+// Close after the dispatcher stopped.
+func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) {
+	if opts.ReplicaID == "" {
+		opts.ReplicaID = NewReplicaID()
+	}
+	if opts.Lease <= 0 {
+		opts.Lease = DefaultLease
+	}
+	if opts.Grace <= 0 {
+		opts.Grace = DefaultGrace
+	}
+	if opts.ReclaimIdle <= 0 {
+		opts.ReclaimIdle = DefaultReclaimIdle
+	}
+	if opts.RequeueAfter <= 0 {
+		opts.RequeueAfter = DefaultRequeueAfter
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	leases, err := NewLeases(ctx, pg.Pool(), opts.Lease)
+	if err != nil {
+		return nil, err
+	}
+	redis.SetLogger(redisLogger{opts.Logger.With("component", "fleet")})
+	rdb, err := newRedis(opts.RedisURL)
+	if err != nil {
+		return nil, err
+	}
+	f := &Fleet{
+		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
+		pg: pg, leases: leases, rdb: rdb,
+		idle: make(chan struct{}, 1),
+		pub:  make(chan []store.Event, 4096),
+	}
+	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
+		onFenced: f.onFenced, onWritten: f.onWritten}
+	pctx, cancel := context.WithTimeout(ctx, opTimeout)
+	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
+	cancel()
+	f.ctx, f.cancel = context.WithCancel(context.Background())
+	return f, nil
+}
+
+// Store is the fenced store every write of this replica must go through.
+func (f *Fleet) Store() store.Store { return f.fenced }
+
+// ReplicaID is this replica's id.
+func (f *Fleet) ReplicaID() string { return f.id }
+
+// Leases is the lease table (Claim, Release) for the session hand-over.
+func (f *Fleet) Leases() *Leases { return f.leases }
+
+// Fenced is how many times a write of this replica was refused by the
+// fence (a lease it had lost).
+func (f *Fleet) Fenced() int64 { return f.fencedN.Load() }
+
+// Claim takes taskID's lease for this replica (see Leases.Claim) and makes
+// the fenced store accept its writes with the new attempt.
+func (f *Fleet) Claim(ctx context.Context, taskID string) (int64, error) {
+	a, err := f.leases.Claim(ctx, taskID, f.id)
+	if err == nil {
+		f.dropped.Delete(taskID)
+		f.fenced.own(taskID, a)
+	}
+	return a, err
+}
+
+// Release gives up taskID's lease taken with attempt (see Leases.Release).
+func (f *Fleet) Release(ctx context.Context, taskID string, attempt int64) error {
+	f.fenced.disown(taskID, attempt)
+	return f.leases.Release(ctx, taskID, attempt)
+}
+
+// Start runs the replica's background work: the bus reader, lease renewal
+// and takeover, reconcile, the command listener, the events publisher and
+// the Redis health check.
+func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *taskstore.Store, w *store.Writer) {
+	f.mgr, f.sched, f.ts, f.writer = mgr, sched, ts, w
+	sched.SetOnIdle(f.kick)
+	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
+	f.syncGlobal(ctx)
+	cancel()
+	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop} {
+		f.wg.Go(func() { loop(f.ctx) })
+	}
+	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
+}
+
+// Drain stops taking tasks from the bus (the replica is going away) and
+// puts the tasks it took but has not started back on the bus, for the
+// other replicas.
+func (f *Fleet) Drain(ctx context.Context) {
+	f.draining.Store(true)
+	n := 0
+	for id, a := range f.fenced.ownedTasks() {
+		t := f.mgr.Registry().Get(id)
+		if t == nil || t.Status() != agentpb.TaskStatus_PENDING || !f.sched.Remove(t) {
+			continue
+		}
+		f.giveBack(ctx, id, a, queueName(t.Planner(), t.RequiredCapabilities()))
+		n++
+	}
+	if n > 0 {
+		f.log.Info("draining: queued tasks handed back to the fleet", "tasks", n)
+	}
+}
+
+// Close stops the background work and closes the Redis client.
+func (f *Fleet) Close() {
+	f.cancel()
+	f.wg.Wait()
+	_ = f.rdb.Close()
+}
+
+// kick wakes the bus reader (a slot turned idle, or a task was placed).
+func (f *Fleet) kick() {
+	select {
+	case f.idle <- struct{}{}:
+	default:
+	}
+}
+
+func (f *Fleet) busUp() bool { return f.busOK.Load() }
+
+// Health implements task.Fleet: new work needs the bus.
+func (f *Fleet) Health() error {
+	if f.busUp() {
+		return nil
+	}
+	return errBusDown(errors.New("no answer to PING"))
+}
+
+// SlotCount is the number of slots of the whole fleet (each replica's
+// summary in Redis), or this replica's alone while Redis is down.
+func (f *Fleet) SlotCount() int {
+	local := f.sched.SlotCount()
+	if !f.busUp() {
+		return local
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	sums, err := summaries(ctx, f.rdb)
+	if err != nil {
+		return local
+	}
+	n := local
+	for id, s := range sums {
+		if id != f.id {
+			n += s.Slots
+		}
+	}
+	return n
+}
+
+// ---------------------------------------------------------------- loops
+
+// pingLoop keeps busOK: a PING every 500 ms, bounded.
+func (f *Fleet) pingLoop(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		err := f.rdb.Ping(pctx).Err()
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		up := err == nil
+		if was := f.busOK.Swap(up); was != up {
+			if up {
+				f.log.Info("fleet bus (Redis) reachable again")
+				f.kick()
+			} else {
+				f.log.Warn("fleet bus (Redis) unreachable: new tasks are refused, running ones go on", "error", err)
+			}
+		}
+	}
+}
+
+// onWritten hands events just stored to the publisher (dropped when it is
+// behind: watchers fill gaps from PostgreSQL).
+func (f *Fleet) onWritten(evs []store.Event) {
+	select {
+	case f.pub <- evs:
+	default:
+	}
+}
+
+// publishLoop appends stored events to their tasks' streams.
+func (f *Fleet) publishLoop(ctx context.Context) {
+	for {
+		var evs []store.Event
+		select {
+		case <-ctx.Done():
+			return
+		case evs = <-f.pub:
+		}
+	more:
+		for len(evs) < 4096 {
+			select {
+			case more := <-f.pub:
+				evs = append(evs, more...)
+			default:
+				break more
+			}
+		}
+		if !f.busUp() {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, opTimeout)
+		p := f.rdb.Pipeline()
+		tasks := map[string]bool{}
+		for _, e := range evs {
+			key := eventsPrefix + e.TaskID
+			p.XAdd(pctx, &redis.XAddArgs{Stream: key, MaxLen: eventsMaxLen, Approx: true, ID: eventID(e.Seq), Values: []any{"e", e.Data}})
+			tasks[key] = true
+		}
+		for key := range tasks {
+			p.Expire(pctx, key, eventsTTL)
+		}
+		_, _ = p.Exec(pctx) // an id already there (a write retried) is refused: fine
+		cancel()
+	}
+}
+
+// pullLoop reads the queue streams this replica has an idle slot for and
+// takes their tasks.
+func (f *Fleet) pullLoop(ctx context.Context) {
+	groups := map[string]bool{}
+	var names []string
+	var namesAt time.Time
+	for ctx.Err() == nil {
+		if f.draining.Load() || !f.busUp() {
+			f.waitKick(ctx, 250*time.Millisecond)
+			continue
+		}
+		if time.Since(namesAt) > time.Second {
+			cctx, cancel := context.WithTimeout(ctx, opTimeout)
+			n, err := f.rdb.SMembers(cctx, queuesKey).Result()
+			cancel()
+			if err == nil {
+				names, namesAt = n, time.Now()
+			}
+		}
+		var keys []string
+		for _, name := range names {
+			if p, req, ok := parseQueue(name); ok && f.sched.CanRun(p, req) {
+				keys = append(keys, queuePrefix+name)
+			}
+		}
+		if len(keys) == 0 {
+			f.waitKick(ctx, 250*time.Millisecond)
+			namesAt = time.Time{} // a new queue may have appeared
+			continue
+		}
+		streams := make([]string, 0, 2*len(keys))
+		for _, k := range keys {
+			if !groups[k] {
+				cctx, cancel := context.WithTimeout(ctx, opTimeout)
+				if err := ensureGroup(cctx, f.rdb, k); err == nil {
+					groups[k] = true
+				}
+				cancel()
+			}
+			streams = append(streams, k)
+		}
+		for range keys {
+			streams = append(streams, ">")
+		}
+		cctx, cancel := context.WithTimeout(ctx, tailBlock+opTimeout)
+		res, err := f.rdb.XReadGroup(cctx, &redis.XReadGroupArgs{Group: group, Consumer: f.id, Streams: streams, Count: 1, Block: tailBlock}).Result()
+		cancel()
+		switch {
+		case errors.Is(err, redis.Nil):
+			continue
+		case err != nil:
+			if isNoGroup(err) {
+				clear(groups)
+			} else if ctx.Err() == nil {
+				f.log.Debug("bus read failed", "error", err)
+				sleepCtx(ctx, 250*time.Millisecond)
+			}
+			continue
+		}
+		for _, st := range res {
+			for _, m := range st.Messages {
+				f.take(ctx, st.Stream, m)
+			}
+		}
+	}
+}
+
+// waitKick waits for a kick, d, or ctx's end.
+func (f *Fleet) waitKick(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-f.idle:
+	case <-t.C:
+	}
+}
+
+// ack acknowledges a bus entry.
+func (f *Fleet) ack(ctx context.Context, key, id string) {
+	cctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	if err := f.rdb.XAck(cctx, key, group, id).Err(); err != nil {
+		f.log.Debug("bus ack failed (the entry will be reclaimed and found taken)", "stream", key, "id", id, "error", err)
+	}
+}
+
+// take handles one bus entry: claim the task in PostgreSQL, adopt it (the
+// local scheduler starts it on the idle slot), then acknowledge. An entry
+// that cannot be decoded or names no task is poison: acknowledged and
+// logged, never delivered again. One whose task another replica already
+// took, or that ended, is a duplicate: acknowledged. One that could not be
+// claimed because PostgreSQL failed stays pending and is reclaimed later.
+func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
+	id, _ := m.Values["task"].(string)
+	_, _, ok := parseQueue(strings.TrimPrefix(key, queuePrefix))
+	if id == "" || !ok || len(id) > 256 {
+		f.log.Warn("poison bus entry acknowledged and dropped: not a task entry", "stream", key, "id", m.ID, "values", fmt.Sprint(m.Values))
+		f.ack(ctx, key, m.ID)
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	attempt, err := f.Claim(cctx, id)
+	switch {
+	case errors.Is(err, task.ErrNotFound):
+		f.log.Warn("poison bus entry acknowledged and dropped: no such task", "stream", key, "id", m.ID, "task_id", id)
+		f.ack(ctx, key, m.ID)
+		return
+	case errors.Is(err, ErrTaskEnded), errors.Is(err, ErrLeaseHeld):
+		f.log.Debug("bus entry of a task already taken", "task_id", id, "reason", err)
+		f.ack(ctx, key, m.ID)
+		return
+	case err != nil:
+		f.log.Warn("claim failed; the entry stays pending and is reclaimed later", "task_id", id, "error", err)
+		return
+	}
+	if err := f.adopt(cctx, id, attempt, true); err != nil {
+		f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
+		f.giveBack(cctx, id, attempt, strings.TrimPrefix(key, queuePrefix))
+	}
+	f.ack(ctx, key, m.ID)
+}
+
+// adopt loads a task this replica claimed and makes it local: queued on
+// its scheduler (run) or left for the caller to end.
+func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) error {
+	snap, err := f.ts.Load(ctx, id)
+	if err != nil {
+		return err
+	}
+	last, err := f.pg.LastSeq(ctx, id)
+	if err != nil {
+		return err
+	}
+	if run && snap.Status != agentpb.TaskStatus_PENDING {
+		return fmt.Errorf("task is %s, not pending", snap.Status)
+	}
+	t, err := f.mgr.Adopt(snap, last, run)
+	if err != nil {
+		return err
+	}
+	f.watchOwned(t, attempt)
+	return nil
+}
+
+// giveBack releases a claimed task and puts it back in the queue.
+func (f *Fleet) giveBack(ctx context.Context, id string, attempt int64, queue string) {
+	f.mgr.Forget(id)
+	_ = f.Release(ctx, id, attempt)
+	f.requeue(ctx, id, queue)
+}
+
+// requeue puts task id in queue: the row first, then the bus entry (the
+// reconcile writes the entry again if this one is lost).
+func (f *Fleet) requeue(ctx context.Context, id, queue string) {
+	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
+		f.log.Warn("requeue failed", "task_id", id, "error", err)
+		return
+	}
+	if err := f.xadd(ctx, id, queue); err != nil {
+		f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
+	}
+}
+
+// xadd writes task id's entry on queue's stream.
+func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
+	cctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	_, err := f.rdb.TxPipelined(cctx, func(p redis.Pipeliner) error {
+		p.XAdd(cctx, &redis.XAddArgs{Stream: queuePrefix + queue, MaxLen: queueMaxLen, Approx: true, Values: []any{"task", id}})
+		p.SAdd(cctx, queuesKey, queue)
+		return nil
+	})
+	return err
+}
+
+// watchOwned releases t's lease once it ended and its end is stored.
+func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
+	f.wg.Go(func() {
+		select {
+		case <-t.Done():
+		case <-f.ctx.Done():
+			return
+		}
+		ctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
+		defer cancel()
+		if err := f.writer.Flush(ctx); err != nil {
+			return // the lease expires; the sweeper finds the task ended
+		}
+		if f.fenced.disown(t.ID(), attempt) {
+			if err := f.leases.Release(ctx, t.ID(), attempt); err != nil {
+				f.log.Debug("lease release failed; it expires", "task_id", t.ID(), "error", err)
+			}
+		}
+	})
+}
+
+// reclaimLoop takes over bus entries another replica read but never
+// acknowledged (it died between the read and the claim).
+func (f *Fleet) reclaimLoop(ctx context.Context) {
+	t := time.NewTicker(max(f.opts.ReclaimIdle/4, 500*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if f.draining.Load() || !f.busUp() {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, opTimeout)
+		names, err := f.rdb.SMembers(cctx, queuesKey).Result()
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, name := range names {
+			p, req, ok := parseQueue(name)
+			if !ok || !f.sched.CanRun(p, req) {
+				continue
+			}
+			cctx, cancel := context.WithTimeout(ctx, opTimeout)
+			msgs, _, err := f.rdb.XAutoClaim(cctx, &redis.XAutoClaimArgs{Stream: queuePrefix + name, Group: group, Consumer: f.id,
+				MinIdle: f.opts.ReclaimIdle, Start: "0-0", Count: 8}).Result()
+			cancel()
+			if err != nil {
+				continue
+			}
+			for _, m := range msgs {
+				f.log.Info("reclaimed a bus entry left unacknowledged", "stream", name, "id", m.ID)
+				f.take(ctx, queuePrefix+name, m)
+			}
+		}
+	}
+}
+
+// renewLoop renews this replica's leases every third of the lease, and
+// drops the sessions of those it lost.
+func (f *Fleet) renewLoop(ctx context.Context) {
+	t := time.NewTicker(f.opts.Lease / 3)
+	defer t.Stop()
+	lastOK := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		held := f.fenced.ownedTasks()
+		cctx, cancel := context.WithTimeout(ctx, f.opts.Lease/3)
+		got, err := f.leases.Renew(cctx, f.id)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			f.log.Warn("lease renewal failed", "error", err)
+			if time.Since(lastOK) > f.opts.Lease {
+				for id, a := range held {
+					f.lost(id, a, "this dispatcher replica could not renew the task's lease for longer than the lease")
+				}
+			}
+			continue
+		}
+		lastOK = time.Now()
+		for id, a := range held {
+			if got[id] != a {
+				f.lost(id, a, "this dispatcher replica lost the task's lease; another replica took the task over")
+			}
+		}
+	}
+}
+
+// onFenced is the fenced store's report of a refused write.
+func (f *Fleet) onFenced(id string) {
+	f.fencedN.Add(1)
+	f.lost(id, 0, "this dispatcher replica lost the task's lease (fenced write); another replica took the task over")
+}
+
+// lost drops the local session of task id whose lease (attempt; 0: any)
+// this replica no longer holds. Whatever it records now is refused.
+func (f *Fleet) lost(id string, attempt int64, reason string) {
+	if !f.fenced.disown(id, attempt) {
+		return // released meanwhile (the task ended), or dropped already
+	}
+	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
+		return
+	}
+	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
+	go f.mgr.Drop(id, reason)
+}
+
+// sweepLoop takes over the tasks whose owner stopped renewing their lease
+// for longer than the grace: a running one ends FAILURE, one that had not
+// started goes back to the queue.
+func (f *Fleet) sweepLoop(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if f.draining.Load() {
+			continue
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		rows, err := f.leases.Expired(cctx, f.id, f.opts.Grace, 32)
+		if err == nil {
+			for _, r := range rows {
+				f.takeOver(cctx, r)
+			}
+		}
+		cancel()
+	}
+}
+
+// takeOver ends or requeues the task of an expired lease (see sweepLoop).
+func (f *Fleet) takeOver(ctx context.Context, r lease) {
+	attempt, err := f.leases.claim(ctx, r.TaskID, f.id, f.opts.Grace)
+	if errors.Is(err, ErrTaskEnded) {
+		_ = f.leases.markReleased(ctx, r.TaskID)
+		return
+	}
+	if err != nil {
+		return
+	}
+	f.dropped.Delete(r.TaskID)
+	f.fenced.own(r.TaskID, attempt)
+	snap, err := f.ts.Load(ctx, r.TaskID)
+	if err != nil {
+		_ = f.Release(ctx, r.TaskID, attempt)
+		return
+	}
+	if snap.Status == agentpb.TaskStatus_PENDING {
+		f.log.Info("task of a replica that stopped renewing its lease goes back to the queue", "task_id", r.TaskID, "owner", r.Owner)
+		f.giveBack(ctx, r.TaskID, attempt, queueName(snap.Planner, snap.Required))
+		return
+	}
+	last, err := f.pg.LastSeq(ctx, r.TaskID)
+	if err != nil {
+		_ = f.Release(ctx, r.TaskID, attempt)
+		return
+	}
+	t, err := f.mgr.Adopt(snap, last, false)
+	if err != nil {
+		_ = f.Release(ctx, r.TaskID, attempt)
+		return
+	}
+	f.watchOwned(t, attempt)
+	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
+		r.Owner, f.opts.Lease+f.opts.Grace)
+	f.log.Warn("task of a dead replica ended", "task_id", r.TaskID, "owner", r.Owner, "attempt", attempt)
+	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
+}
+
+// reconcileLoop, every second: publishes the slot summary, rebuilds the
+// bus if Redis lost its data, writes again the bus entries of tasks
+// waiting too long, closes the commands of ended tasks and carries out the
+// commands of this replica's tasks that a lost message did not announce.
+func (f *Fleet) reconcileLoop(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	lastGC := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		f.reconcile(cctx)
+		if time.Since(lastGC) > time.Minute {
+			lastGC = time.Now()
+			if err := f.leases.GC(cctx); err != nil {
+				f.log.Debug("fleet gc failed", "error", err)
+			}
+		}
+		cancel()
+	}
+}
+
+func (f *Fleet) reconcile(ctx context.Context) {
+	if f.busUp() {
+		st := f.sched.Stats()
+		_ = publishSummary(ctx, f.rdb, f.id, summary{Slots: st.Slots, Idle: st.Idle, Queued: st.Queued, Owned: len(f.fenced.ownedTasks())}, 3*time.Second)
+		f.checkEpoch(ctx)
+		if qs, err := f.leases.Queued(ctx, f.opts.RequeueAfter, 256); err == nil {
+			for _, q := range qs {
+				_ = f.xadd(ctx, q.TaskID, q.Queue)
+			}
+		}
+	}
+	_ = f.leases.CloseEnded(ctx)
+	f.syncGlobal(ctx)
+	held := f.fenced.ownedTasks()
+	if len(held) > 0 {
+		ids := make([]string, 0, len(held))
+		for id := range held {
+			ids = append(ids, id)
+		}
+		f.runCommands(ctx, ids)
+	}
+}
+
+// syncGlobal takes the global config another replica stored, when the
+// stored document changed since last taken.
+func (f *Fleet) syncGlobal(ctx context.Context) {
+	c, doc, err := f.ts.Global(ctx)
+	if err != nil || c == nil || bytes.Equal(doc, f.globalDoc) {
+		return
+	}
+	f.globalDoc = doc
+	f.mgr.Configs().Replace(c)
+}
+
+// checkEpoch rebuilds the bus from PostgreSQL when Redis lost its data
+// (the epoch key is gone): every queued task's entry is written again.
+func (f *Fleet) checkEpoch(ctx context.Context) {
+	v, err := f.rdb.Get(ctx, epochKey).Result()
+	if err == nil {
+		f.epochMu.Lock()
+		f.epoch = v
+		f.epochMu.Unlock()
+		return
+	}
+	if !errors.Is(err, redis.Nil) {
+		return
+	}
+	nv := NewReplicaID()
+	set, err := f.rdb.SetNX(ctx, epochKey, nv, 0).Result()
+	if err != nil || !set {
+		return
+	}
+	f.epochMu.Lock()
+	first := f.epoch == ""
+	f.epoch = nv
+	f.epochMu.Unlock()
+	qs, err := f.leases.Queued(ctx, 0, 100_000)
+	if err != nil {
+		return
+	}
+	for _, q := range qs {
+		_ = f.xadd(ctx, q.TaskID, q.Queue)
+	}
+	if !first || len(qs) > 0 {
+		f.log.Warn("fleet bus rebuilt from PostgreSQL (Redis had lost its data)", "requeued", len(qs))
+	}
+}
+
+// listenLoop carries out a command as soon as the channel announces it
+// for a task of this replica (the reconcile catches any lost message).
+func (f *Fleet) listenLoop(ctx context.Context) {
+	ps := f.rdb.Subscribe(ctx, cmdChannel)
+	defer ps.Close()
+	ch := ps.Channel(redis.WithChannelHealthCheckInterval(5 * time.Second))
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m, ok := <-ch:
+			if !ok {
+				return
+			}
+			if f.fenced.attempt(m.Payload) == 0 {
+				continue
+			}
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			f.runCommands(cctx, []string{m.Payload})
+			cancel()
+		}
+	}
+}
+
+// runCommands carries out the open commands of the given tasks that this
+// replica holds, each at most once.
+func (f *Fleet) runCommands(ctx context.Context, ids []string) {
+	cmds, err := f.leases.OpenCommands(ctx, ids)
+	if err != nil {
+		return
+	}
+	for _, c := range cmds {
+		if f.fenced.attempt(c.TaskID) == 0 {
+			continue
+		}
+		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {
+			continue
+		}
+		res := f.exec(ctx, c)
+		_ = f.leases.SetResult(ctx, c.ID, res)
+	}
+}
+
+// exec carries out one command on the local task.
+func (f *Fleet) exec(ctx context.Context, c command) cmdResult {
+	var res cmdResult
+	var err error
+	switch c.Kind {
+	case "cancel":
+		_, err = f.mgr.Cancel(ctx, c.TaskID, c.Args.Reason, false)
+	case "interject":
+		res.MessageID, res.Seq, err = f.mgr.Interject(ctx, c.TaskID, c.Args.Text)
+	case "approve":
+		var oc dispatchv1.HoldOutcome
+		oc, res.Seq, err = f.mgr.ApproveToolCall(c.TaskID, c.Args.CallID, c.Args.Approve, c.Args.Reason)
+		res.Outcome = int32(oc)
+	default:
+		err = fmt.Errorf("%w: unknown command %q", task.ErrInvalidArgument, c.Kind)
+	}
+	if err != nil {
+		res.Err, res.ErrKind = err.Error(), errKind(err)
+	}
+	return res
+}
+
+// errKind names err's class for the replica that sent the command.
+func errKind(err error) string {
+	switch {
+	case errors.Is(err, task.ErrNotRunning):
+		return "not_running"
+	case errors.Is(err, task.ErrNotFound):
+		return "not_found"
+	case errors.Is(err, task.ErrInvalidArgument):
+		return "invalid"
+	case errors.Is(err, store.ErrUnavailable):
+		return "unavailable"
+	}
+	return "internal"
+}
+
+// kindErr is the inverse of errKind.
+func kindErr(kind, msg string) error {
+	switch kind {
+	case "not_running":
+		return fmt.Errorf("%w: %s", task.ErrNotRunning, msg)
+	case "not_found":
+		return fmt.Errorf("%w: %s", task.ErrNotFound, msg)
+	case "invalid":
+		return fmt.Errorf("%w: %s", task.ErrInvalidArgument, msg)
+	case "unavailable":
+		return fmt.Errorf("%w: %s", store.ErrUnavailable, msg)
+	}
+	return errors.New(msg)
+}

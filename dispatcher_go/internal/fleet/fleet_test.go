@@ -1,0 +1,282 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
+	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// These tests need a real PostgreSQL: `make test-fleet` starts one
+// (scripts/postgres.sh) and sets POSTGRES_TEST_DSN. Without it (a plain
+// `go test ./...`) they are skipped; the cross-process fleet tests
+// (tests/test_fleet.py) cover Redis.
+func dsn(t testing.TB) string {
+	d := os.Getenv("POSTGRES_TEST_DSN")
+	if d == "" {
+		t.Skip("POSTGRES_TEST_DSN is not set: `make test-fleet` starts a server")
+	}
+	return d
+}
+
+var schemaSeq atomic.Int64
+
+// openStore opens the postgres store in a schema of the test's own.
+func openStore(t *testing.T) *postgres.Store {
+	base := dsn(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	schema := fmt.Sprintf("fleettest_%d_%d", os.Getpid(), schemaSeq.Add(1))
+	if _, err := conn.Exec(ctx, `DROP SCHEMA IF EXISTS `+schema+` CASCADE; CREATE SCHEMA `+schema); err != nil {
+		t.Fatal(err)
+	}
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	st, err := postgres.Open(ctx, base+sep+"search_path="+schema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		st.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if c, err := pgx.Connect(ctx, base); err == nil {
+			_, _ = c.Exec(ctx, `DROP SCHEMA IF EXISTS `+schema+` CASCADE`)
+			c.Close(ctx)
+		}
+	})
+	return st
+}
+
+func putTask(t *testing.T, st store.Store, id string, status agentpb.TaskStatus) {
+	t.Helper()
+	err := st.Apply(context.Background(), store.Batch{Tasks: []store.TaskRecord{{ID: id, Status: int32(status), CreatedAt: time.Now(), Body: []byte("{}")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestClaimTakesTheLeaseWithTheNextAttempt(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	l, err := NewLeases(ctx, st.Pool(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
+	if err := l.Enqueue(ctx, "t1", "planner:chat"); err != nil {
+		t.Fatal(err)
+	}
+	a, err := l.Claim(ctx, "t1", "r1")
+	if err != nil || a != 1 {
+		t.Fatalf("first claim: attempt %d, %v", a, err)
+	}
+	if qs, _ := l.Queued(ctx, 0, 10); len(qs) != 0 {
+		t.Fatalf("a claimed task is still queued: %v", qs)
+	}
+	if _, err := l.Claim(ctx, "t1", "r2"); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("claim of a live lease: %v, want ErrLeaseHeld", err)
+	}
+	if err := l.Release(ctx, "t1", 1); err != nil {
+		t.Fatal(err)
+	}
+	a, err = l.Claim(ctx, "t1", "r2")
+	if err != nil || a != 2 {
+		t.Fatalf("claim after release: attempt %d, %v", a, err)
+	}
+	// A stale release (attempt 1) leaves attempt 2's lease alone.
+	if err := l.Release(ctx, "t1", 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Claim(ctx, "t1", "r3"); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("a stale release freed the lease: %v", err)
+	}
+	putTask(t, st, "done", agentpb.TaskStatus_SUCCESS)
+	if _, err := l.Claim(ctx, "done", "r1"); !errors.Is(err, ErrTaskEnded) {
+		t.Fatalf("claim of an ended task: %v", err)
+	}
+	if _, err := l.Claim(ctx, "nope", "r1"); !errors.Is(err, task.ErrNotFound) {
+		t.Fatalf("claim of an unknown task: %v", err)
+	}
+}
+
+func TestExpiredLeaseIsTakenOverAfterTheGrace(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	l, err := NewLeases(ctx, st.Pool(), 200*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putTask(t, st, "t1", agentpb.TaskStatus_RUNNING)
+	if _, err := l.Claim(ctx, "t1", "dead"); err != nil {
+		t.Fatal(err)
+	}
+	grace := 300 * time.Millisecond
+	if _, err := l.claim(ctx, "t1", "r2", grace); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("taken before expiry: %v", err)
+	}
+	start := time.Now()
+	testutil.WaitFor(t, 5*time.Second, func() bool {
+		rows, err := l.Expired(ctx, "r2", grace, 10)
+		return err == nil && len(rows) == 1 && rows[0].TaskID == "t1" && rows[0].Owner == "dead"
+	}, "the lease shows as expired past the grace")
+	if el := time.Since(start); el < 400*time.Millisecond {
+		t.Fatalf("expired after %s, before lease+grace", el)
+	}
+	a, err := l.claim(ctx, "t1", "r2", grace)
+	if err != nil || a != 2 {
+		t.Fatalf("takeover: attempt %d, %v", a, err)
+	}
+	// The dead replica renews nothing now.
+	got, err := l.Renew(ctx, "dead")
+	if err != nil || len(got) != 0 {
+		t.Fatalf("dead replica renewed %v (%v)", got, err)
+	}
+}
+
+func TestFencedWritesOfALostLeaseAreRefused(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	l, err := NewLeases(ctx, st.Pool(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var fenced []string
+	mk := func(replica string) *fencedStore {
+		return &fencedStore{Store: st, pool: st.Pool(), replica: replica, owned: map[string]int64{},
+			onFenced: func(id string) { mu.Lock(); fenced = append(fenced, replica+":"+id); mu.Unlock() }}
+	}
+	r1, r2 := mk("r1"), mk("r2")
+	// A new task (no lease yet) may be written by its submitter.
+	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("a")}},
+		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_PENDING), CreatedAt: time.Now(), Body: []byte("{}")}}}); err != nil {
+		t.Fatal(err)
+	}
+	a1, err := l.Claim(ctx, "t1", "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1.own("t1", a1)
+	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 2, Data: []byte("b")}}}); err != nil {
+		t.Fatal(err)
+	}
+	// r1 loses the lease (released by a drain, here): r2 takes it.
+	if err := l.Release(ctx, "t1", a1); err != nil {
+		t.Fatal(err)
+	}
+	a2, err := l.Claim(ctx, "t1", "r2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2.own("t1", a2)
+	// r1, stale, still holds attempt 1 in memory: its writes are refused.
+	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("stale")}},
+		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_FAILURE), CreatedAt: time.Now(), Body: []byte("{}")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r2.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("new")}}}); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := st.ReadEvents(ctx, "t1", 0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range evs {
+		got = append(got, string(e.Data))
+	}
+	if strings.Join(got, ",") != "a,b,new" {
+		t.Fatalf("stored events %v, want a,b,new (the stale owner's write fenced)", got)
+	}
+	rec, err := st.GetTask(ctx, "t1")
+	if err != nil || agentpb.TaskStatus(rec.Status) != agentpb.TaskStatus_PENDING {
+		t.Fatalf("the stale owner's record reached the store: %v %v", rec.Status, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(fenced) != 1 || fenced[0] != "r1:t1" {
+		t.Fatalf("fenced reports %v, want [r1:t1]", fenced)
+	}
+}
+
+func TestCommandsRunOnceAndRequestIDsDedupe(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	l, err := NewLeases(ctx, st.Pool(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putTask(t, st, "t1", agentpb.TaskStatus_RUNNING)
+	id, err := l.AddCommand(ctx, "t1", "cancel", cmdArgs{Reason: "r"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmds, err := l.OpenCommands(ctx, []string{"t1"})
+	if err != nil || len(cmds) != 1 || cmds[0].Args.Reason != "r" {
+		t.Fatalf("open commands %v %v", cmds, err)
+	}
+	if ok, _ := l.TakeCommand(ctx, id); !ok {
+		t.Fatal("first take refused")
+	}
+	if ok, _ := l.TakeCommand(ctx, id); ok {
+		t.Fatal("a command was taken twice")
+	}
+	if err := l.SetResult(ctx, id, cmdResult{Seq: 7}); err != nil {
+		t.Fatal(err)
+	}
+	if r, ok, err := l.Result(ctx, id); err != nil || !ok || r.Seq != 7 {
+		t.Fatalf("result %v %v %v", r, ok, err)
+	}
+	if err := l.GC(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := l.Reserve(ctx, "req-1", "a"); err != nil || got != "" {
+		t.Fatalf("first reserve: %q %v", got, err)
+	}
+	if got, err := l.Reserve(ctx, "req-1", "b"); err != nil || got != "a" {
+		t.Fatalf("duplicate reserve: %q %v, want a", got, err)
+	}
+}
+
+func TestQueueNames(t *testing.T) {
+	n := queueName("chat", []string{"gpu", "browser", "gpu"})
+	if n != "planner:chat|browser|gpu" {
+		t.Fatalf("queue name %q", n)
+	}
+	p, req, ok := parseQueue(n)
+	if !ok || p != "chat" || strings.Join(req, ",") != "browser,gpu" {
+		t.Fatalf("parse %q: %q %v %v", n, p, req, ok)
+	}
+	for _, bad := range []string{"", "chat", "planner:", "gpu|planner:chat"} {
+		if _, _, ok := parseQueue(bad); ok {
+			t.Fatalf("parsed %q", bad)
+		}
+	}
+	if s, ok := seqOf(eventID(42)); !ok || s != 42 {
+		t.Fatalf("seq of %q: %d", eventID(42), s)
+	}
+}

@@ -1,0 +1,376 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Errors of Claim.
+var (
+	// ErrLeaseHeld means another replica holds a live lease on the task.
+	ErrLeaseHeld = errors.New("fleet: the task's lease is held by another replica")
+	// ErrTaskEnded means the task is terminal: nobody claims it again.
+	ErrTaskEnded = errors.New("fleet: the task has ended")
+)
+
+// schemaLock is the pg_advisory_xact_lock key of the fleet's schema
+// ("fleet!!!").
+const schemaLock = 0x666c656574212121
+
+// schema is the fleet's tables, beside the store's (tasks, events,
+// configs). Each statement is idempotent.
+const schema = `
+CREATE TABLE IF NOT EXISTS fleet_leases (
+	task_id TEXT PRIMARY KEY,
+	owner TEXT NOT NULL,
+	attempt BIGINT NOT NULL,
+	expires_at TIMESTAMPTZ NOT NULL,
+	released BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
+CREATE TABLE IF NOT EXISTS fleet_queue (
+	task_id TEXT PRIMARY KEY,
+	queue TEXT NOT NULL,
+	placed_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS fleet_commands (
+	id BIGSERIAL PRIMARY KEY,
+	task_id TEXT NOT NULL,
+	kind TEXT NOT NULL,
+	args JSONB NOT NULL,
+	created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+	done BOOLEAN NOT NULL DEFAULT false,
+	result JSONB
+);
+CREATE INDEX IF NOT EXISTS fleet_commands_open ON fleet_commands (task_id) WHERE NOT done;
+CREATE TABLE IF NOT EXISTS fleet_requests (
+	request_id TEXT PRIMARY KEY,
+	task_id TEXT NOT NULL,
+	created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);`
+
+// Leases is the fleet's state in PostgreSQL: who runs a task (owner
+// replica, lease expiry, attempt number as the fencing token), the queue of
+// tasks nobody runs yet (what the bus is rebuilt from), the commands sent to
+// a task's owner, and the client request ids seen. Times are PostgreSQL's
+// clock (clock_timestamp()), so replicas' clocks never disagree on expiry.
+type Leases struct {
+	pool *pgxpool.Pool
+	ttl  time.Duration
+}
+
+// NewLeases creates the fleet's tables if needed. ttl is the lease length.
+func NewLeases(ctx context.Context, pool *pgxpool.Pool, ttl time.Duration) (*Leases, error) {
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLock)); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, schema)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("fleet: schema: %w", err)
+	}
+	return &Leases{pool: pool, ttl: ttl}, nil
+}
+
+func micros(d time.Duration) int64 { return d.Microseconds() }
+
+var terminalCodes = []int32{int32(agentpb.TaskStatus_SUCCESS), int32(agentpb.TaskStatus_FAILURE), int32(agentpb.TaskStatus_CANCELLED)}
+
+// Claim takes the lease of taskID for replica with the next attempt
+// number, when nobody holds it: no lease yet, released (the owner finished
+// with it or handed it over), or expired. It fails with ErrLeaseHeld when a
+// live lease is held, ErrTaskEnded for a terminal task and task.ErrNotFound
+// for an unknown one. A claimed task leaves the fleet's queue. The attempt
+// is the fencing token: every write of the new owner is checked against it
+// (see fencedStore), so the previous owner can no longer write.
+//
+// The session hand-over (a commander re-attaching a running session to
+// another replica) calls it too, and then writes with the new attempt.
+func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, error) {
+	return l.claim(ctx, taskID, replica, 0)
+}
+
+// claim is Claim where an expired lease counts as free only once it
+// expired more than grace ago.
+func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
+	var attempt int64
+	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+		var status int32
+		err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return task.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if task.Terminal(agentpb.TaskStatus(status)) {
+			return ErrTaskEnded
+		}
+		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+				expires_at = excluded.expires_at, released = false
+			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
+			RETURNING attempt`, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return ErrLeaseHeld
+		}
+		if err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
+		return err
+	})
+	return attempt, err
+}
+
+// Release gives up the lease of taskID taken with attempt (the owner
+// finished with the task, or hands it over: the next Claim succeeds at
+// once). It is a no-op if the lease moved on.
+func (l *Leases) Release(ctx context.Context, taskID string, attempt int64) error {
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_leases SET released = true WHERE task_id = $1 AND attempt = $2`, taskID, attempt)
+	return err
+}
+
+// Renew extends every unreleased lease replica holds and returns them
+// (task id → attempt).
+func (l *Leases) Renew(ctx context.Context, replica string) (map[string]int64, error) {
+	rows, err := l.pool.Query(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp() + $2 * interval '1 microsecond'
+		WHERE owner = $1 AND NOT released RETURNING task_id, attempt`, replica, micros(l.ttl))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var id string
+		var a int64
+		if err := rows.Scan(&id, &a); err != nil {
+			return nil, err
+		}
+		out[id] = a
+	}
+	return out, rows.Err()
+}
+
+// lease is a lease row.
+type lease struct {
+	TaskID   string
+	Owner    string
+	Attempt  int64
+	Released bool
+	Expired  bool
+}
+
+// Expired lists up to n unreleased leases that expired more than grace
+// ago, held by replicas other than self.
+func (l *Leases) Expired(ctx context.Context, self string, grace time.Duration, n int) ([]lease, error) {
+	rows, err := l.pool.Query(ctx, `SELECT task_id, owner, attempt FROM fleet_leases
+		WHERE NOT released AND owner <> $1 AND expires_at < clock_timestamp() - $2 * interval '1 microsecond'
+		ORDER BY expires_at LIMIT $3`, self, micros(grace), n)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []lease
+	for rows.Next() {
+		var r lease
+		if err := rows.Scan(&r.TaskID, &r.Owner, &r.Attempt); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// Lease returns taskID's lease row (ok false: none).
+func (l *Leases) Lease(ctx context.Context, taskID string) (lease, bool, error) {
+	r := lease{TaskID: taskID}
+	err := l.pool.QueryRow(ctx, `SELECT owner, attempt, released, expires_at < clock_timestamp() FROM fleet_leases WHERE task_id = $1`, taskID).
+		Scan(&r.Owner, &r.Attempt, &r.Released, &r.Expired)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return r, false, nil
+	}
+	return r, err == nil, err
+}
+
+// markReleased releases an ended task's lease whatever its attempt (the
+// sweeper found its owner gone after the end was stored).
+func (l *Leases) markReleased(ctx context.Context, taskID string) error {
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_leases SET released = true WHERE task_id = $1`, taskID)
+	return err
+}
+
+// Status is taskID's stored status.
+func (l *Leases) Status(ctx context.Context, taskID string) (agentpb.TaskStatus, error) {
+	var st int32
+	err := l.pool.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&st)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, task.ErrNotFound
+	}
+	return agentpb.TaskStatus(st), err
+}
+
+// Enqueue records that taskID waits in queue (the bus is rebuilt from
+// these rows).
+func (l *Leases) Enqueue(ctx context.Context, taskID, queue string) error {
+	_, err := l.pool.Exec(ctx, `INSERT INTO fleet_queue (task_id, queue) VALUES ($1, $2)
+		ON CONFLICT (task_id) DO UPDATE SET queue = excluded.queue, placed_at = clock_timestamp()`, taskID, queue)
+	return err
+}
+
+// Dequeue removes taskID from the queue rows.
+func (l *Leases) Dequeue(ctx context.Context, taskID string) error {
+	_, err := l.pool.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
+	return err
+}
+
+// queued is a queue row.
+type queued struct{ TaskID, Queue string }
+
+// Queued lists the queue rows placed longer than olderThan ago (0: all),
+// and marks them placed now (the caller puts them on the bus again).
+func (l *Leases) Queued(ctx context.Context, olderThan time.Duration, n int) ([]queued, error) {
+	rows, err := l.pool.Query(ctx, `UPDATE fleet_queue SET placed_at = clock_timestamp()
+		WHERE task_id IN (SELECT task_id FROM fleet_queue WHERE placed_at <= clock_timestamp() - $1 * interval '1 microsecond'
+			ORDER BY placed_at LIMIT $2)
+		RETURNING task_id, queue`, micros(olderThan), n)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []queued
+	for rows.Next() {
+		var q queued
+		if err := rows.Scan(&q.TaskID, &q.Queue); err != nil {
+			return nil, err
+		}
+		out = append(out, q)
+	}
+	return out, rows.Err()
+}
+
+// Reserve maps requestID to taskID unless it maps to a task already, whose
+// id it then returns.
+func (l *Leases) Reserve(ctx context.Context, requestID, taskID string) (string, error) {
+	var got string
+	err := l.pool.QueryRow(ctx, `INSERT INTO fleet_requests (request_id, task_id) VALUES ($1, $2)
+		ON CONFLICT (request_id) DO UPDATE SET request_id = excluded.request_id RETURNING task_id`, requestID, taskID).Scan(&got)
+	if err != nil {
+		return "", err
+	}
+	if got == taskID {
+		return "", nil
+	}
+	return got, nil
+}
+
+// command is a request for a task's owner (cancel, interject, approve).
+type command struct {
+	ID     int64
+	TaskID string
+	Kind   string
+	Args   cmdArgs
+}
+
+// cmdArgs are a command's arguments.
+type cmdArgs struct {
+	Reason  string `json:"reason,omitempty"`
+	Text    string `json:"text,omitempty"`
+	CallID  string `json:"call_id,omitempty"`
+	Approve bool   `json:"approve,omitempty"`
+}
+
+// cmdResult is what the owner answered.
+type cmdResult struct {
+	Err       string `json:"err,omitempty"`
+	ErrKind   string `json:"err_kind,omitempty"`
+	MessageID string `json:"message_id,omitempty"`
+	Seq       uint64 `json:"seq,omitempty"`
+	Outcome   int32  `json:"outcome,omitempty"`
+}
+
+// AddCommand stores a command for taskID's owner and returns its id.
+func (l *Leases) AddCommand(ctx context.Context, taskID, kind string, args cmdArgs) (int64, error) {
+	b, _ := json.Marshal(args)
+	var id int64
+	err := l.pool.QueryRow(ctx, `INSERT INTO fleet_commands (task_id, kind, args) VALUES ($1, $2, $3) RETURNING id`, taskID, kind, b).Scan(&id)
+	return id, err
+}
+
+// OpenCommands lists the commands not done yet of the given tasks, oldest
+// first.
+func (l *Leases) OpenCommands(ctx context.Context, taskIDs []string) ([]command, error) {
+	rows, err := l.pool.Query(ctx, `SELECT id, task_id, kind, args FROM fleet_commands WHERE NOT done AND task_id = ANY($1) ORDER BY id`, taskIDs)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []command
+	for rows.Next() {
+		var c command
+		var b []byte
+		if err := rows.Scan(&c.ID, &c.TaskID, &c.Kind, &b); err != nil {
+			return nil, err
+		}
+		_ = json.Unmarshal(b, &c.Args)
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// TakeCommand marks command id done before it is carried out (so it runs
+// at most once); false if somebody took it already.
+func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
+	tag, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = true WHERE id = $1 AND NOT done`, id)
+	return tag.RowsAffected() == 1, err
+}
+
+// SetResult stores what command id did.
+func (l *Leases) SetResult(ctx context.Context, id int64, r cmdResult) error {
+	b, _ := json.Marshal(r)
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET result = $2 WHERE id = $1`, id, b)
+	return err
+}
+
+// Result returns command id's result once there is one (ok false: not yet).
+func (l *Leases) Result(ctx context.Context, id int64) (cmdResult, bool, error) {
+	var b []byte
+	err := l.pool.QueryRow(ctx, `SELECT result FROM fleet_commands WHERE id = $1`, id).Scan(&b)
+	if err != nil || b == nil {
+		return cmdResult{}, false, err
+	}
+	var r cmdResult
+	return r, true, json.Unmarshal(b, &r)
+}
+
+// CloseEnded marks done the open commands of tasks that ended (nobody will
+// carry them out).
+func (l *Leases) CloseEnded(ctx context.Context) error {
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = '{"err":"the task ended","err_kind":"not_running"}'
+		FROM tasks t WHERE c.task_id = t.id AND NOT c.done AND t.status = ANY($1)`, terminalCodes)
+	return err
+}
+
+// GC removes what the fleet no longer needs: leases and commands of tasks
+// retention removed, commands done for an hour, request ids older than a
+// day.
+func (l *Leases) GC(ctx context.Context) error {
+	_, err := l.pool.Exec(ctx, `
+		DELETE FROM fleet_leases f WHERE released AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = f.task_id);
+		DELETE FROM fleet_commands c WHERE (done AND created_at < clock_timestamp() - interval '1 hour')
+			OR NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = c.task_id);
+		DELETE FROM fleet_requests WHERE created_at < clock_timestamp() - interval '1 day';`)
+	return err
+}

@@ -1,0 +1,251 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE).
+func unavailable(what string, err error) error {
+	if errors.Is(err, task.ErrNotFound) || errors.Is(err, context.Canceled) {
+		return err
+	}
+	return fmt.Errorf("%w: %s: the fleet's database did not answer", store.ErrUnavailable, what)
+}
+
+// Reserve implements task.Fleet.
+func (f *Fleet) Reserve(ctx context.Context, requestID, taskID string) (string, error) {
+	got, err := f.leases.Reserve(ctx, requestID, taskID)
+	if err != nil {
+		return "", unavailable("client request id", err)
+	}
+	return got, nil
+}
+
+// Place implements task.Fleet: the queue row, then the bus entry. The
+// submitting replica's own idle slot competes for it like any other.
+func (f *Fleet) Place(ctx context.Context, t *task.Task) error {
+	if err := f.Health(); err != nil {
+		return err
+	}
+	q := queueName(t.Planner(), t.RequiredCapabilities())
+	if err := f.leases.Enqueue(ctx, t.ID(), q); err != nil {
+		return unavailable("queue the task", err)
+	}
+	if err := f.xadd(ctx, t.ID(), q); err != nil {
+		_ = f.leases.Dequeue(ctx, t.ID())
+		return errBusDown(err)
+	}
+	f.kick()
+	return nil
+}
+
+// Lookup implements task.Fleet.
+func (f *Fleet) Lookup(ctx context.Context, id string) (*task.Task, error) {
+	snap, err := f.ts.Load(ctx, id)
+	if err != nil {
+		return nil, unavailable("read the task", err)
+	}
+	last, err := f.pg.LastSeq(ctx, id)
+	if err != nil {
+		return nil, unavailable("read the task", err)
+	}
+	snap.LastSeq = last
+	return task.NewView(snap, &remoteLog{f: f, taskID: id, lastSeq: last}), nil
+}
+
+// List implements task.Fleet: every task is in PostgreSQL; the ones this
+// replica runs are shown as it has them now.
+func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit int, after *task.ListKey, local func(string) *task.Task) ([]task.Info, *task.ListKey, error) {
+	infos, err := f.ts.ListAll(ctx, statuses, after, limit+1)
+	if err != nil {
+		return nil, nil, unavailable("list tasks", err)
+	}
+	for i := range infos {
+		if t := local(infos[i].ID); t != nil && !t.IsView() {
+			infos[i] = t.Info()
+		}
+	}
+	var next *task.ListKey
+	if len(infos) > limit {
+		infos = infos[:limit]
+		next = &task.ListKey{CreatedAt: infos[limit-1].CreatedAt, ID: infos[limit-1].ID}
+	}
+	return infos, next, nil
+}
+
+// takeFree claims a task nobody holds (pending on the bus, or left by a
+// dead replica) and ends it with status: ok false if another replica
+// holds it.
+func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStatus, reason string) (bool, error) {
+	t, attempt, err := f.Take(ctx, id)
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	t.Finish(status, reason, "")
+	if err := f.writer.Flush(ctx); err != nil {
+		return true, nil // stored once the store is back; the lease expires
+	}
+	if f.fenced.disown(id, attempt) {
+		_ = f.leases.Release(ctx, id, attempt)
+	}
+	return true, nil
+}
+
+// command stores a command for id's owner and wakes it.
+func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int64, error) {
+	cid, err := f.leases.AddCommand(ctx, id, kind, args)
+	if err != nil {
+		return 0, unavailable("send the command", err)
+	}
+	if f.busUp() {
+		cctx, cancel := context.WithTimeout(ctx, opTimeout)
+		_ = f.rdb.Publish(cctx, cmdChannel, id).Err()
+		cancel()
+	}
+	return cid, nil
+}
+
+// Cancel implements task.Fleet.
+func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
+	st, err := f.leases.Status(ctx, id)
+	if err != nil {
+		return task.CancelOutcome{}, unavailable("read the task", err)
+	}
+	if task.Terminal(st) {
+		return task.CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
+	}
+	// Nobody runs it (still on the bus, or its replica is gone): end it here.
+	if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
+		return task.CancelOutcome{}, err
+	} else if ok {
+		msg := "cancelled"
+		if st == agentpb.TaskStatus_PENDING {
+			msg = "cancelled while pending"
+		}
+		return task.CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: msg}, nil
+	}
+	if _, err := f.command(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
+		return task.CancelOutcome{}, err
+	}
+	if !wait {
+		return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent to the replica running the task"}, nil
+	}
+	deadline := time.Now().Add(f.opts.StopGrace + time.Second)
+	for time.Now().Before(deadline) {
+		if s, err := f.leases.Status(ctx, id); err == nil {
+			st = s
+			if task.Terminal(st) {
+				break
+			}
+		}
+		if !sleepCtx(ctx, 20*time.Millisecond) {
+			break
+		}
+	}
+	switch {
+	case st == agentpb.TaskStatus_CANCELLED:
+		return task.CancelOutcome{Cancelled: true, Status: st, Message: "cancelled"}, nil
+	case task.Terminal(st):
+		return task.CancelOutcome{Status: st, Message: "task ended (" + st.String() + ") before the stop took effect"}, nil
+	}
+	return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent; the commander has not acknowledged it yet"}, nil
+}
+
+// await waits for command cid's result (up to 10 s or ctx).
+func (f *Fleet) await(ctx context.Context, cid int64) (cmdResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for {
+		r, ok, err := f.leases.Result(ctx, cid)
+		if err == nil && ok {
+			if r.Err != "" {
+				return r, kindErr(r.ErrKind, r.Err)
+			}
+			return r, nil
+		}
+		if !sleepCtx(ctx, 10*time.Millisecond) {
+			return r, fmt.Errorf("%w: the replica running the task did not answer in time", store.ErrUnavailable)
+		}
+	}
+}
+
+// running checks that id is running (the only state the owner-side
+// commands apply to).
+func (f *Fleet) running(ctx context.Context, id string) error {
+	st, err := f.leases.Status(ctx, id)
+	if err != nil {
+		return unavailable("read the task", err)
+	}
+	if st != agentpb.TaskStatus_RUNNING {
+		return fmt.Errorf("%w: task is %s", task.ErrNotRunning, st)
+	}
+	return nil
+}
+
+// Interject implements task.Fleet: the owner delivers it and answers.
+func (f *Fleet) Interject(ctx context.Context, id, text string) (string, uint64, error) {
+	if err := f.running(ctx, id); err != nil {
+		return "", 0, err
+	}
+	cid, err := f.command(ctx, id, "interject", cmdArgs{Text: text})
+	if err != nil {
+		return "", 0, err
+	}
+	r, err := f.await(ctx, cid)
+	return r.MessageID, r.Seq, err
+}
+
+// Approve implements task.Fleet.
+func (f *Fleet) Approve(ctx context.Context, id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error) {
+	if err := f.running(ctx, id); err != nil {
+		return 0, 0, err
+	}
+	cid, err := f.command(ctx, id, "approve", cmdArgs{CallID: callID, Approve: approve, Reason: reason})
+	if err != nil {
+		return 0, 0, err
+	}
+	r, err := f.await(ctx, cid)
+	return dispatchv1.HoldOutcome(r.Outcome), r.Seq, err
+}
+
+// Take claims task id for this replica (Claim) and makes it local without
+// queueing it: the session hand-over re-attaches a running session to the
+// returned task (its log continues after the last stored event, its writes
+// carry the new attempt). The lease is released once the task ends.
+func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) {
+	attempt, err := f.Claim(ctx, id)
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) {
+		return nil, 0, err
+	}
+	if err != nil {
+		return nil, 0, unavailable("claim the task", err)
+	}
+	snap, err := f.ts.Load(ctx, id)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, unavailable("read the task", err)
+	}
+	last, err := f.pg.LastSeq(ctx, id)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, unavailable("read the task", err)
+	}
+	t, err := f.mgr.Adopt(snap, last, false)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return nil, 0, err
+	}
+	f.watchOwned(t, attempt)
+	return t, attempt, nil
+}

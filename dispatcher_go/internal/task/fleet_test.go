@@ -1,0 +1,194 @@
+package task
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
+)
+
+// nowSink makes every event durable at once.
+type nowSink struct{}
+
+func (nowSink) WaitRoom(<-chan struct{}) {}
+func (nowSink) Persist(c eventlog.Committer, _ string, ev *dispatchv1.TaskEvent) {
+	go c.Commit(ev.GetSeq()) // Commit takes the log's lock, held by the caller
+}
+func (nowSink) ReadStored(context.Context, string, uint64, int) ([]*dispatchv1.TaskEvent, error) {
+	return nil, nil
+}
+
+// memPersist keeps the last snapshot of each task.
+type memPersist struct {
+	mu    sync.Mutex
+	saved map[string]Snapshot
+}
+
+func (p *memPersist) Save(s *Snapshot) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.saved[s.ID] = *s
+}
+func (p *memPersist) last(id string) Snapshot {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.saved[id]
+}
+func (p *memPersist) SaveConfig(*agentpb.CommonConfig)        {}
+func (p *memPersist) Flush(context.Context) error             { return nil }
+func (p *memPersist) FlushWhileHealthy(context.Context) error { return nil }
+func (p *memPersist) Health() error                           { return nil }
+func (p *memPersist) Evicted()                                {}
+func (p *memPersist) Finished(context.Context, string) (Snapshot, error) {
+	return Snapshot{}, ErrNotFound
+}
+func (p *memPersist) ListFinished(context.Context, []agentpb.TaskStatus, *ListKey, *ListKey, int, func(string) bool) ([]Info, error) {
+	return nil, nil
+}
+func (p *memPersist) Recover(context.Context, int) (Recovered, error) { return Recovered{}, nil }
+
+// fakeFleet records what the Manager asks of it.
+type fakeFleet struct {
+	p         *memPersist
+	mu        sync.Mutex
+	placed    []string
+	cancelled []string
+	health    error
+	placeErr  error
+	requests  map[string]string
+}
+
+func (f *fakeFleet) Health() error { return f.health }
+func (f *fakeFleet) Reserve(_ context.Context, rid, id string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if got, ok := f.requests[rid]; ok {
+		return got, nil
+	}
+	f.requests[rid] = id
+	return "", nil
+}
+func (f *fakeFleet) Place(_ context.Context, t *Task) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.placeErr != nil {
+		return f.placeErr
+	}
+	f.placed = append(f.placed, t.ID())
+	return nil
+}
+func (f *fakeFleet) Lookup(_ context.Context, id string) (*Task, error) {
+	s := f.p.last(id)
+	if s.ID == "" {
+		return nil, ErrNotFound
+	}
+	return NewView(s, nil), nil
+}
+func (f *fakeFleet) List(context.Context, []agentpb.TaskStatus, int, *ListKey, func(string) *Task) ([]Info, *ListKey, error) {
+	return nil, nil, nil
+}
+func (f *fakeFleet) Cancel(_ context.Context, id, _ string, _ bool) (CancelOutcome, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cancelled = append(f.cancelled, id)
+	return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED}, nil
+}
+func (f *fakeFleet) Interject(context.Context, string, string) (string, uint64, error) {
+	return "remote", 9, nil
+}
+func (f *fakeFleet) Approve(context.Context, string, string, bool, string) (dispatchv1.HoldOutcome, uint64, error) {
+	return dispatchv1.HoldOutcome_HOLD_OUTCOME_APPROVED, 10, nil
+}
+
+func newFleetManager(t *testing.T) (*Manager, *fakeQueue, *fakeFleet, *memPersist) {
+	t.Helper()
+	p := &memPersist{saved: map[string]Snapshot{}}
+	q := &fakeQueue{}
+	m := NewManager(eventlog.NewDurable(eventlog.Limits{}, nowSink{}), NewConfigStore(nil),
+		ManagerOptions{DefaultPlanner: "chat", StopGrace: 100 * time.Millisecond, Persistence: p})
+	m.SetQueue(q)
+	f := &fakeFleet{p: p, requests: map[string]string{}}
+	m.SetFleet(f)
+	return m, q, f, p
+}
+
+func TestFleetSubmitPlacesAndKeepsNothing(t *testing.T) {
+	m, q, f, p := newFleetManager(t)
+	tk, err := m.Submit(Spec{Instruction: "hi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.placed) != 1 || f.placed[0] != tk.ID() || len(q.tasks) != 0 || m.Registry().Get(tk.ID()) != nil {
+		t.Fatalf("placed %v, local queue %d, in registry %v", f.placed, len(q.tasks), m.Registry().Get(tk.ID()) != nil)
+	}
+	if s := p.last(tk.ID()); s.Status != agentpb.TaskStatus_PENDING {
+		t.Fatalf("stored status %s before the placement", s.Status)
+	}
+	got, err := m.Get(tk.ID())
+	if err != nil || !got.IsView() {
+		t.Fatalf("Get of a placed task: %v, view %v", err, got != nil && got.IsView())
+	}
+	if out, err := m.Cancel(context.Background(), tk.ID(), "", true); err != nil || !out.Cancelled || len(f.cancelled) != 1 {
+		t.Fatalf("cancel of a view: %+v %v (fleet cancels %v)", out, err, f.cancelled)
+	}
+	if id, seq, err := m.Interject(context.Background(), tk.ID(), "more"); err != nil || id != "remote" || seq != 9 {
+		t.Fatalf("interject of a view: %q %d %v", id, seq, err)
+	}
+	// The same client request id twice: the first task, placed once.
+	a, err := m.Submit(Spec{Instruction: "once", Labels: map[string]string{RequestIDLabel: "r1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := m.Submit(Spec{Instruction: "once", Labels: map[string]string{RequestIDLabel: "r1"}})
+	if err != nil || b.ID() != a.ID() || len(f.placed) != 2 {
+		t.Fatalf("duplicate submit: %v, ids %s %s, placed %d", err, a.ID(), b.ID(), len(f.placed))
+	}
+}
+
+func TestFleetSubmitRefusedOrNotPlaced(t *testing.T) {
+	m, _, f, p := newFleetManager(t)
+	f.health = errors.New("bus down")
+	if _, err := m.Submit(Spec{Instruction: "hi"}); err == nil || len(p.saved) != 0 {
+		t.Fatalf("submit while the fleet is unhealthy: %v, stored %d", err, len(p.saved))
+	}
+	f.health = nil
+	f.placeErr = errors.New("redis gone")
+	if _, err := m.Submit(Spec{Instruction: "hi"}); err == nil {
+		t.Fatal("submit succeeded though the task was not placed")
+	}
+	for id, s := range p.saved {
+		if s.Status != agentpb.TaskStatus_FAILURE {
+			t.Fatalf("task %s not placed is stored %s, want FAILURE (it must never run)", id, s.Status)
+		}
+	}
+}
+
+func TestFleetAdoptRunsAndDropEnds(t *testing.T) {
+	m, q, _, p := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
+	tk, err := m.Adopt(s, 4, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(q.tasks) != 1 || m.Registry().Get(s.ID) != tk || tk.Log().LastSeq() != 4 {
+		t.Fatalf("adopted: queued %d, registered %v, last seq %d", len(q.tasks), m.Registry().Get(s.ID) == tk, tk.Log().LastSeq())
+	}
+	m.Drop(s.ID, "lease lost")
+	if tk.Status() != agentpb.TaskStatus_FAILURE || len(q.tasks) != 0 {
+		t.Fatalf("dropped: %s, queued %d", tk.Status(), len(q.tasks))
+	}
+	testutil.WaitFor(t, 2*time.Second, func() bool { return m.Registry().Get(s.ID) == nil }, "dropped task forgotten")
+	if p.last(s.ID).Status != agentpb.TaskStatus_FAILURE {
+		t.Fatal("the local end was not saved (the fenced store refuses it, not the manager)")
+	}
+	// Adopting again (a later attempt) replaces any copy.
+	if _, err := m.Adopt(s, 6, false); err != nil {
+		t.Fatal(err)
+	}
+}

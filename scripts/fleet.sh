@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Starts and stops a fleet on one machine: PostgreSQL (scripts/postgres.sh),
+# Redis (scripts/redis.sh), three dispatcher replicas, the local model
+# (SmolLM2 behind llama-cpp-python), two commanders and the tool provider.
+#
+#   scripts/fleet.sh up     start in the background (pids and logs in .run/fleet/)
+#   scripts/fleet.sh down   stop what `up` started (PostgreSQL and Redis too)
+#
+# Replica N (1..3): gRPC 127.0.0.1:5005N, HTTP 127.0.0.1:808(7+N) (bases
+# FLEET_GRPC_PORT=50051, FLEET_HTTP_PORT=8088), pid in
+# .run/fleet/dispatcher-N.pid, id replica-N. Each commander is given every
+# replica's address when it takes several (comma list), else one replica
+# each. Everything listens on loopback only. MODEL_PORT (8080).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=$ROOT/.run/fleet
+PY=$ROOT/.venv/bin/python
+BIN=$ROOT/bin
+MODEL_PORT=${MODEL_PORT:-8080}
+FLEET_GRPC_PORT=${FLEET_GRPC_PORT:-50051}
+FLEET_HTTP_PORT=${FLEET_HTTP_PORT:-8088}
+COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
+export PG_STATE_DIR=${PG_STATE_DIR:-/tmp/agentdispatch-fleet-pg}
+export REDIS_STATE_DIR=${REDIS_STATE_DIR:-/tmp/agentdispatch-fleet-redis}
+mkdir -p "$RUN"
+
+log() { printf '\033[2m[fleet]\033[0m %s\n' "$*" >&2; }
+
+# start NAME CMD...: run CMD in the background, log to $RUN/NAME.log, pid in $RUN/NAME.pid
+start() {
+  local name=$1; shift
+  "$@" >"$RUN/$name.log" 2>&1 &
+  echo $! >"$RUN/$name.pid"
+}
+
+stop_one() {
+  local pidf=$RUN/$1.pid
+  [ -f "$pidf" ] || return 0
+  local pid; pid=$(cat "$pidf")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidf"
+}
+
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
+      log "$name exited; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      log "$name not ready after ${secs}s; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
+    fi
+    sleep 0.2
+  done
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+up() {
+  local dsn redis
+  dsn=$(scripts/postgres.sh start)
+  redis=$(scripts/redis.sh start)
+  log "PostgreSQL $dsn, Redis $redis"
+  local model; model=$("$PY" "$ROOT/scripts/model_path.py")
+  port_free 127.0.0.1 "$MODEL_PORT" || { log "port $MODEL_PORT is taken; set MODEL_PORT"; exit 1; }
+  log "model server: SmolLM2 on 127.0.0.1:$MODEL_PORT"
+  start model "$PY" -m llama_cpp.server --model "$model" --model_alias smollm2 \
+    --host 127.0.0.1 --port "$MODEL_PORT" --n_ctx 4096 --n_threads "$(nproc)"
+  wait_for model 120 "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$MODEL_PORT/v1/models', timeout=2)"
+  local addrs=()
+  for n in 1 2 3; do
+    local grpc=127.0.0.1:$((FLEET_GRPC_PORT + n - 1)) http=127.0.0.1:$((FLEET_HTTP_PORT + n - 1))
+    port_free 127.0.0.1 "${grpc##*:}" || { log "$grpc is taken; set FLEET_GRPC_PORT"; exit 1; }
+    port_free 127.0.0.1 "${http##*:}" || { log "$http is taken; set FLEET_HTTP_PORT"; exit 1; }
+    log "dispatcher replica-$n: gRPC $grpc, HTTP $http"
+    rm -f "$RUN/dispatcher-$n.addr"
+    start "dispatcher-$n" "$BIN/dispatcher" --listen "$grpc" --http-listen "$http" \
+      --addr-file "$RUN/dispatcher-$n.addr" --log-format text \
+      --storage-backend postgres --postgres-dsn "$dsn" \
+      --fleet-redis "$redis" --replica-id "replica-$n"
+    wait_for "dispatcher-$n" 30 test -s "$RUN/dispatcher-$n.addr"
+    addrs+=("$grpc")
+  done
+  local all; all=$(IFS=,; echo "${addrs[*]}")
+  log "tool provider (workspace tools in $RUN/workspace) on replica-1"
+  mkdir -p "$RUN/workspace"
+  start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "${addrs[0]}" --root "$RUN/workspace"
+  local several=0
+  # Only if the --dispatcher option itself says it takes several addresses.
+  "$ROOT/.venv/bin/commander" --help 2>/dev/null | grep -A3 -- "--dispatcher DISPATCHER$" | grep -qiwE "several|comma" && several=1
+  for c in 1 2; do
+    local target=$all
+    [ $several = 1 ] || target=${addrs[$((c - 1))]}
+    log "commander-$c ($COMMANDER_SLOTS slots) → $target"
+    start "commander-$c" "$ROOT/.venv/bin/commander" --dispatcher "$target" --slots "$COMMANDER_SLOTS" \
+      --id "fleet-commander-$c" --llm-exclude-tools "computer.,mobile." \
+      --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2
+  done
+  wait_for commander-2 60 "$BIN/dispatchctl" --addr "${addrs[0]}" info --min-slots $((2 * COMMANDER_SLOTS))
+  log "fleet is up: gRPC ${addrs[*]}, HTTP ports $FLEET_HTTP_PORT-$((FLEET_HTTP_PORT + 2)) (logs: $RUN/*.log)"
+}
+
+down() {
+  for n in commander-1 commander-2 tools dispatcher-1 dispatcher-2 dispatcher-3 model; do stop_one "$n"; done
+  scripts/redis.sh stop >/dev/null 2>&1 || true
+  scripts/postgres.sh stop >/dev/null 2>&1 || true
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down; log "fleet stopped" ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

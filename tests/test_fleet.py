@@ -1,0 +1,548 @@
+"""The fleet: three real dispatcher replicas on one real PostgreSQL and one real
+Redis, real commander processes, the scripted model.
+
+Each replica is started with --fleet-redis and the postgres store; the lease
+is shortened (2 s, grace 1 s) so that the takeover tests run in seconds. Every
+wait is a condition polled up to a deadline (tests/_procs.py wait_until).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
+from commander._gen.lybic.agent import agent_pb2
+from tests import _procs
+from tests._client import (
+    _pump,
+    _Stream,
+    describe,
+    kind,
+    start_task_stream,
+    start_watch,
+    wait_status,
+)
+from tests._procs import ROOT, wait_until
+from tests.conftest import Dispatcher, Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fleet]
+
+LEASE = 2.0
+GRACE = 1.0
+# A dead replica's running task ends within lease + grace + one sweep (1 s)
+# of its death (its last renewal came before it): the documented window.
+WINDOW = LEASE + GRACE + 1.0
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[SimpleNamespace]:
+    """PostgreSQL and Redis of this module's own (scripts/postgres.sh, scripts/redis.sh)."""
+    if os.geteuid() != 0 and not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.skip("PostgreSQL is not installed and we are not root")
+    parent = Path(tempfile.mkdtemp(prefix="fleet-"))
+    parent.chmod(0o755)
+    env = {
+        **os.environ,
+        "PG_STATE_DIR": str(parent / "pg"),
+        "PG_SYNCHRONOUS_COMMIT": "on",
+        "REDIS_STATE_DIR": str(parent / "redis"),
+    }
+
+    def run(script: str, cmd: str) -> str:
+        return subprocess.run(
+            [str(ROOT / "scripts" / script), cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
+
+    dsn = run("postgres.sh", "start")
+    url = run("redis.sh", "start")
+    try:
+        yield SimpleNamespace(dsn=dsn, redis=url, run=run, env=env)
+    finally:
+        subprocess.run(
+            [str(ROOT / "scripts" / "redis.sh"), "stop"], env=env, check=False, timeout=60
+        )
+        subprocess.run(
+            [str(ROOT / "scripts" / "postgres.sh"), "stop"], env=env, check=False, timeout=60
+        )
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _redis_cli(engines: SimpleNamespace, *args: str) -> str:
+    port = engines.redis.rsplit(":", 1)[1].split("/")[0]
+    return subprocess.run(
+        ["redis-cli", "-p", port, *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+
+
+def _replica(
+    stack: Stack,
+    engines: SimpleNamespace,
+    n: int,
+    http_port: int,
+    lease: float = LEASE,
+    grace: float = GRACE,
+) -> Dispatcher:
+    return stack.dispatcher(
+        "--storage-backend",
+        "postgres",
+        "--postgres-dsn",
+        engines.dsn,
+        "--fleet-redis",
+        engines.redis,
+        "--replica-id",
+        f"r{n}-{uuid.uuid4().hex[:4]}",
+        "--fleet-lease",
+        f"{lease}s",
+        "--fleet-grace",
+        f"{grace}s",
+        "--fleet-reclaim-idle",
+        "2s",
+        "--http-listen",
+        f"127.0.0.1:{http_port}",
+        "--log-level",
+        "debug",
+    )
+
+
+@pytest.fixture
+def fleet(stack: Stack, engines: SimpleNamespace) -> SimpleNamespace:
+    ports = [_free_port() for _ in range(3)]
+    ds = [_replica(stack, engines, i + 1, ports[i]) for i in range(3)]
+    return SimpleNamespace(d=ds, http=[f"http://127.0.0.1:{p}" for p in ports], e=engines)
+
+
+def _submit(d: Dispatcher, instruction: str, llm_cfg: agent_pb2.CommonConfig, **labels: str) -> str:
+    req = tasks_pb2.SubmitTaskRequest(instruction=instruction, labels=labels)
+    req.running_config.CopyFrom(llm_cfg)
+    return str(d.tasks.SubmitTask(req, timeout=10).task_id)
+
+
+def _http(method: str, url: str, body: object | None = None) -> dict[str, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")  # type: ignore[no-any-return]
+
+
+def _read_sse(url: str, out: list[str]) -> None:
+    """Reads an SSE stream's lines into out until it closes."""
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        for raw in resp:
+            out.append(raw.decode().rstrip("\n"))
+
+
+def _check_stopped_story(events: list[tasks_pb2.TaskEvent]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    kinds = [kind(e) for e in events]
+    assert kinds.count("stop") == 1, describe(events)
+    stop_i = kinds.index("stop")
+    assert events[stop_i].stop.code == interaction_pb2.STOP_CODE_CLIENT_CANCEL
+    assert not [k for k in kinds[stop_i + 1 :] if k == "content"], describe(events[stop_i:])
+    assert "stopped" in kinds[stop_i:], describe(events)
+    assert sum(k == "content" for k in kinds[:stop_i]) >= 5
+    last = events[-1]
+    assert kind(last) == "state" and last.state.status == agent_pb2.CANCELLED, describe(events)
+
+
+def test_submit_on_1_watch_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    for d in fleet.d:  # every replica shows the fleet's slots
+        d.wait_slots(1, timeout=20)
+    instruction = f"long story [{uuid.uuid4().hex[:8]}]"
+    task_id = _submit(d1, instruction, llm.model_config())
+    native = start_watch(d2.tasks, task_id)
+    seed = start_task_stream(d2.agent, task_id)
+    local = start_watch(d1.tasks, task_id)  # on the replica that runs it
+    native.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 10, 20, "content on r2")
+    # Interject on r3: a command row for r1, which delivers it and answers.
+    said = d3.tasks.Interject(
+        tasks_pb2.InterjectRequest(task_id=task_id, text="also mention the sea"), timeout=10
+    )
+    assert said.seq > 0 and said.message_id, said
+    native.wait(
+        lambda evs: any(e.seq == said.seq and kind(e) == "user_input" for e in evs),
+        10,
+        "the interjection recorded by r1, seen on r2",
+    )
+    t0 = time.monotonic()
+    resp = d3.tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=task_id, reason="test: stop from r3"), timeout=10
+    )
+    assert resp.cancelled, resp
+    assert resp.status == agent_pb2.CANCELLED, resp
+    native.join(15)
+    seed.join(15)
+    local.join(15)
+    assert native.error is None and seed.error is None, (native.error, seed.error)
+    _check_stopped_story(native.values())
+    assert [e.seq for e in local.values()] == [e.seq for e in native.values()]
+    stages = [t.stage for t in seed.values()]
+    assert stages.count("stop") == 1 and stages[-1] == "cancelled", stages[-5:]
+    recs = llm.wait_streams(
+        instruction, lambda r: bool(r) and r[0]["outcome"] != "active", 5, "closed"
+    )
+    assert recs[0]["outcome"] == "client_closed" and recs[0]["tokens"] < 2000, recs
+    for d in fleet.d:  # every replica tells the same truth
+        assert wait_status(d.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
+        listed = d.tasks.ListTasks(tasks_pb2.ListTasksRequest(page_size=50), timeout=5).tasks
+        assert [t.status for t in listed if t.task_id == task_id] == [agent_pb2.CANCELLED]
+    # Resume by seq on another replica: exactly the rest.
+    events = native.values()
+    mid = len(events) // 2
+    again = start_watch(d3.tasks, task_id, after_seq=mid)
+    again.join(10)
+    assert [e.seq for e in again.values()] == [e.seq for e in events[mid:]]
+    took = time.monotonic() - t0
+    print(
+        f"\nfleet cancel on r3 → CANCELLED seen on r2 in {took:.2f}s; event recorded → "
+        f"watcher: same replica {_lag(local)}, other replica {_lag(native)}"
+    )
+
+
+def _lag(stream: Any) -> str:
+    """p50/p99 of (received - recorded) over a watcher's content events (one clock)."""
+    offset = time.time() - time.monotonic()
+    lags = sorted(
+        (mono + offset) - ev.time.ToNanoseconds() / 1e9
+        for mono, ev in stream.snapshot()
+        if kind(ev) == "content"
+    )
+    if not lags:
+        return "n/a"
+    p50, p99 = lags[len(lags) // 2], lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+    return f"p50 {p50 * 1000:.1f} ms / p99 {p99 * 1000:.1f} ms ({len(lags)} events)"
+
+
+def test_http_submit_cancel_any_replica(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d2, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    req = tasks_pb2.SubmitTaskRequest(instruction=f"http story [{uuid.uuid4().hex[:8]}]")
+    req.running_config.CopyFrom(llm.model_config())
+    cfg = json_format.MessageToDict(req)
+    sub = _http("POST", f"{fleet.http[0]}/api/tasks", cfg)
+    task_id = str(sub.get("task_id") or sub.get("taskId"))
+    watch = start_watch(fleet.d[1].tasks, task_id)
+    sse: list[str] = []
+    reader = threading.Thread(
+        target=_read_sse, args=(f"{fleet.http[1]}/api/tasks/{task_id}/events", sse), daemon=True
+    )
+    reader.start()
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content")
+    _http("POST", f"{fleet.http[2]}/api/tasks/{task_id}/cancel", {"reason": "http stop"})
+    watch.join(15)
+    reader.join(15)
+    events = watch.values()
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.CANCELLED
+    # The SSE stream on replica 2 (which does not run the task): the same
+    # events, numbered without a gap, then its end.
+    ids = [int(line[4:]) for line in sse if line.startswith("id: ")]
+    assert ids == [e.seq for e in events], (ids, [e.seq for e in events])
+    assert "event: end" in sse, sse[-3:]
+    got = _http("GET", f"{fleet.http[1]}/api/tasks/{task_id}")
+    body = got.get("task", got)
+    status = body.get("status") if isinstance(body, dict) else None
+    assert status in ("CANCELLED", agent_pb2.CANCELLED), got
+
+
+def test_duplicate_submit_runs_once(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens=5)
+    stack.commander(d2, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    rid = uuid.uuid4().hex
+    marker = f"once [{rid[:8]}]"
+    a = _submit(d1, marker, llm.model_config(), client_request_id=rid)
+    b = _submit(d2, marker, llm.model_config(), client_request_id=rid)
+    assert a == b
+    assert wait_status(d1.agent, a, timeout=20).status == agent_pb2.SUCCESS
+    assert len(llm.streams(marker)) == 1
+
+
+def test_poison_entries_are_acked(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, _, _ = fleet.d
+    llm = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=20)
+    # Make sure the queue stream and its group exist (a first real task).
+    first = _submit(d1, "warm up", llm.model_config())
+    assert wait_status(d1.agent, first, timeout=20).status == agent_pb2.SUCCESS
+    key = "fleet:q:planner:chat"
+    ids = [
+        _redis_cli(fleet.e, "XADD", key, "*", "garbage", "not a task entry"),
+        _redis_cli(fleet.e, "XADD", key, "*", "task", "no-such-task-" + uuid.uuid4().hex),
+    ]
+
+    def acked() -> bool:
+        pending = _redis_cli(fleet.e, "XPENDING", key, "dispatchers", "-", "+", "1000")
+        delivered = _redis_cli(fleet.e, "XINFO", "GROUPS", key)
+        logs = "".join(d.proc.log_text() for d in fleet.d)
+        return (
+            all(i not in pending for i in ids)
+            and all(i in logs for i in ids)
+            and "last-delivered-id" in delivered
+        )
+
+    wait_until(
+        acked,
+        15,
+        "poison entries acked and logged",
+        procs=[d.proc for d in fleet.d],
+    )
+    # Acknowledged, so not pending: XAUTOCLAIM never hands them out again.
+    after = _submit(d1, "after the poison", llm.model_config())
+    assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
+
+
+def test_stale_owner_is_fenced(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens_per_sec=20, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"stale [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    d1.proc.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        st = wait_status(d2.agent, task_id, timeout=WINDOW + 10)
+        took = time.monotonic() - t0
+        assert st.status == agent_pb2.FAILURE, st
+    finally:
+        d1.proc.signal(signal.SIGCONT)
+    w.join(10)
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.FAILURE
+    # The stale owner wakes up, tries to write, is fenced and drops its session.
+    wait_until(
+        lambda: "task fenced" in d1.proc.log_text(), 15, "stale owner fenced", procs=[d1.proc]
+    )
+    wait_until(
+        lambda: (
+            d1.agent.QueryTaskStatus(
+                agent_pb2.QueryTaskStatusRequest(taskId=task_id), timeout=5
+            ).status
+            == agent_pb2.FAILURE
+        ),
+        15,
+        "stale owner shows the truth",
+    )
+    # Nothing the stale owner recorded after the takeover reached the store.
+    full = start_watch(d2.tasks, task_id)
+    full.join(10)
+    assert [e.seq for e in full.values()] == [e.seq for e in events]
+    print(f"\nstale owner: FAILURE {took:.2f}s after SIGSTOP (window {WINDOW:.1f}s), then fenced")
+
+
+def test_kill9_replica_and_commander(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=20, tokens=2000)
+    short = stack.scripted(tokens=5)
+    c1 = stack.commander(d1, llm.base_url, slots=1)
+    d3.wait_slots(1, timeout=20)
+    running = _submit(d3, f"doomed [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    wait_status(d3.agent, running, statuses=[agent_pb2.RUNNING], timeout=20)
+    queued = [_submit(d3, f"queued {i}", short.model_config()) for i in range(2)]
+    t0 = time.monotonic()
+    d1.proc.kill9()
+    c1.kill9()
+    st = wait_status(d3.agent, running, timeout=WINDOW + 10)
+    took = time.monotonic() - t0
+    assert st.status == agent_pb2.FAILURE, st
+    # + 1 s: storing the end, and this client's polling, on a loaded machine.
+    assert took <= WINDOW + 1.0, f"FAILURE after {took:.2f}s, window {WINDOW:.1f}s"
+    for q in queued:  # still waiting: nobody can run them yet
+        assert wait_status(d3.agent, q, statuses=[agent_pb2.PENDING], timeout=2)
+    stack.commander(d2, short.base_url, slots=1)
+    for q in queued:
+        assert wait_status(d3.agent, q, timeout=30).status == agent_pb2.SUCCESS
+    print(f"\nkill -9 replica+commander: FAILURE after {took:.2f}s (window {WINDOW:.1f}s)")
+
+
+def test_redis_killed_and_restarted_mid_run(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=40, tokens=200)
+    short = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"through the outage [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    pending = _submit(d3, "waits for the slot", short.model_config())
+    fleet.e.run("redis.sh", "kill")
+    try:
+        wait_until(
+            lambda: _health(d3) == "NOT_SERVING", 10, "NOT_SERVING without Redis", interval=0.1
+        )
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _submit(d3, "refused", short.model_config())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "Redis" in (err.value.details() or "")
+        assert time.monotonic() - t < 3
+        # Reads still work (PostgreSQL).
+        assert wait_status(d3.agent, task_id, statuses=[agent_pb2.RUNNING], timeout=5)
+    finally:
+        fleet.e.run("redis.sh", "restart")
+    wait_until(lambda: _health(d3) == "SERVING", 15, "SERVING again", interval=0.1)
+    w.join(30)
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events[-3:])
+    # The pending task's bus entry was lost with Redis: rebuilt from PostgreSQL.
+    assert wait_status(d2.agent, pending, timeout=30).status == agent_pb2.SUCCESS
+    again = _submit(d2, "after the outage", short.model_config())
+    assert wait_status(d1.agent, again, timeout=30).status == agent_pb2.SUCCESS
+
+
+def _health(d: Dispatcher) -> str:
+    try:
+        st = _procs.health_status(d.addr, timeout=2)
+    except grpc.RpcError:
+        return "ERROR"
+    return "SERVING" if st == _procs.HEALTH_SERVING else "NOT_SERVING"
+
+
+def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> None:
+    # Leases longer than the outage: a restart of PostgreSQL must not look
+    # like a dead replica.
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=240)
+    short = stack.scripted(tokens=5)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    task_id = _submit(d2, f"through the db restart [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = start_watch(d2.tasks, task_id)
+    w.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 3, 20, "content")
+    engines.run("postgres.sh", "kill")
+    try:
+        # The replica whose writes fail (the task's owner) says so at once;
+        # a submit anywhere is refused with UNAVAILABLE, not left hanging.
+        wait_until(lambda: _health(d1) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _submit(d2, "refused", short.model_config())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert time.monotonic() - t < 5
+    finally:
+        engines.run("postgres.sh", "restart")
+    wait_until(lambda: _health(d1) == "SERVING", 30, "SERVING again", interval=0.1)
+    w.join(60)
+    assert w.error is None, w.error
+    events = w.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert events[-1].state.status == agent_pb2.SUCCESS, describe(events[-3:])
+    # What the watcher saw is what the store has, from any replica.
+    again = start_watch(d1.tasks, task_id)
+    again.join(10)
+    assert [(e.seq, kind(e)) for e in again.values()] == [(e.seq, kind(e)) for e in events]
+
+
+def test_global_config_follows_across_replicas(fleet: SimpleNamespace) -> None:
+    d1, d2, d3 = fleet.d
+    cfg = agent_pb2.CommonConfig(taskTimeout=1234, steps=7)
+    d1.agent.SetGlobalCommonConfig(
+        agent_pb2.SetGlobalCommonConfigRequest(commonConfig=cfg), timeout=5
+    )
+
+    def timeout_of(d: Dispatcher) -> int:
+        got = d.agent.GetGlobalCommonConfig(agent_pb2.GetGlobalCommonConfigRequest(), timeout=5)
+        return int(got.taskTimeout)
+
+    wait_until(
+        lambda: timeout_of(d2) == 1234 and timeout_of(d3) == 1234,
+        10,
+        "the global config reached every replica",
+    )
+
+
+def test_entry_of_a_dead_reader_is_reclaimed(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    short = stack.scripted(tokens=5)
+    # No slot anywhere: the entry waits on the bus, undelivered.
+    task_id = _submit(d2, f"reclaimed [{uuid.uuid4().hex[:8]}]", short.model_config())
+    key = "fleet:q:planner:chat"
+    _redis_cli(fleet.e, "XGROUP", "CREATE", key, "dispatchers", "0", "MKSTREAM")
+    # A reader that dies right after reading: delivered, never acknowledged.
+    got = _redis_cli(
+        fleet.e, "XREADGROUP", "GROUP", "dispatchers", "ghost", "COUNT", "100", "STREAMS", key, ">"
+    )
+    assert task_id in got, got
+    stack.commander(d1, short.base_url, slots=1)
+    assert wait_status(d2.agent, task_id, timeout=30).status == agent_pb2.SUCCESS
+    assert "reclaimed a bus entry" in "".join(d.proc.log_text() for d in fleet.d)
+
+
+def test_seed000_run_on_2_cancel_on_3(stack: Stack, fleet: SimpleNamespace) -> None:
+    """Seed 000 end to end: a streaming RunAgentInstruction on a replica that
+    does not run the task, a CancelTask on a third."""
+    d1, d2, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=20)
+    req = agent_pb2.RunAgentInstructionRequest(instruction=f"seed run [{uuid.uuid4().hex[:8]}]")
+    req.runningConfig.CopyFrom(llm.model_config())
+    run = _Stream()
+    call = d2.agent.RunAgentInstruction(req, timeout=60)
+    threading.Thread(target=_pump, args=(call, run, lambda r: r), daemon=True).start()
+    items = run.wait(lambda ts: sum(t.stage == "content" for t in ts) >= 5, 20, "content")
+    task_id = items[0].taskId
+    resp = d3.agent.CancelTask(agent_pb2.CancelTaskRequest(taskId=task_id), timeout=10)
+    run.join(15)
+    assert run.error is None, run.error
+    stages = [t.stage for t in run.values()]
+    assert stages.count("stop") == 1 and stages[-1] == "cancelled", stages[-5:]
+    assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED, resp
+
+
+def test_cancel_of_a_queued_task_on_another_replica(stack: Stack, fleet: SimpleNamespace) -> None:
+    d1, d2, _ = fleet.d
+    short = stack.scripted(tokens=5)
+    marker = f"never runs [{uuid.uuid4().hex[:8]}]"
+    task_id = _submit(d1, marker, short.model_config())  # no slot anywhere: queued
+    resp = d2.tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_id), timeout=10)
+    assert resp.cancelled and resp.status == agent_pb2.CANCELLED, resp
+    assert "pending" in resp.message, resp
+    # A slot appears: the bus entry is found taken, the task never runs.
+    stack.commander(d1, short.base_url, slots=1)
+    after = _submit(d1, "runs", short.model_config())
+    assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
+    assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
+    assert short.streams(marker) == []
