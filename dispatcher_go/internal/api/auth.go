@@ -15,7 +15,8 @@ import (
 )
 
 // Method prefixes of the services each token guards. Health and reflection
-// are not listed: they are open, for probes and tooling.
+// (openServices) are open, for probes and tooling; any other method is
+// refused while auth is configured.
 var (
 	clientServices = []string{
 		"/" + agentpb.Agent_ServiceDesc.ServiceName + "/",
@@ -78,8 +79,20 @@ func (s *Server) authorize(ctx context.Context, method string) (context.Context,
 			return nil, errUnauthenticated
 		}
 		return tenant.WithCommander(ctx, c), nil
+	case hasAnyPrefix(method, openServices) || !auth.ClientAuth() && !auth.CommanderAuth():
+		return ctx, nil
 	}
-	return ctx, nil
+	// A method of no service above (a path grpc would not route, a
+	// service registered later and not listed): never served without a
+	// token.
+	return nil, errUnauthenticated
+}
+
+// openServices need no token: probes and tooling.
+var openServices = []string{
+	"/grpc.health.v1.Health/",
+	"/grpc.reflection.v1.ServerReflection/",
+	"/grpc.reflection.v1alpha.ServerReflection/",
 }
 
 // bearerToken is the request's bearer token ("" without one). The token is

@@ -231,6 +231,25 @@ func (s *Scheduler) SlotCount() int {
 	return len(s.slots)
 }
 
+// SlotsServing is the number of connected slots that may run a task of
+// tenant (those serving it or every tenant); all counts every slot (an
+// admin's GetAgentInfo). A tenant so learns nothing of the slots that serve
+// only other tenants.
+func (s *Scheduler) SlotsServing(tenant string, all bool) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if all {
+		return len(s.slots)
+	}
+	n := 0
+	for sl := range s.slots {
+		if sl.ServesTenant(tenant) {
+			n++
+		}
+	}
+	return n
+}
+
 // Stats returns a snapshot. Tasks being handed to a slot count as neither
 // queued nor idle.
 func (s *Scheduler) Stats() Stats {

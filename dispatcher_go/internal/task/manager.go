@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -162,9 +163,24 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
 	}
+	owner := spec.Caller.Tenant
+	if id := spec.Sandbox.GetId(); id != "" {
+		users := m.reg.sandboxTenants(id)
+		switch {
+		case !spec.Caller.Admin && slices.ContainsFunc(users, func(u string) bool { return u != owner }):
+			// Another tenant's task was given this sandbox or reported it
+			// in use: a task may drive the sandbox it is given, so this one
+			// would drive theirs. Answered as a previous task that does not
+			// exist (NotFound).
+			return nil, fmt.Errorf("%w: sandbox %q", ErrNotFound, id)
+		case spec.Caller.Admin && len(users) == 1:
+			// An admin's task on a tenant's sandbox is that tenant's (as a
+			// continuation is), so that the sandbox stays theirs to use.
+			owner = users[0]
+		}
+	}
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
-	owner := spec.Caller.Tenant
 	if spec.PreviousTaskID != "" {
 		prev, err := m.Get(spec.PreviousTaskID) // from the store if not in memory
 		if errors.Is(err, store.ErrUnavailable) {

@@ -105,6 +105,10 @@ func (a *Auth) ClientAuth() bool {
 	return a.hasClient || a.hasAdmin || a.file != ""
 }
 
+// HasTenants reports whether a tenants file is in use: the default tenant
+// (the plain client token) is then one tenant among others.
+func (a *Auth) HasTenants() bool { return a.file != "" }
+
 // CommanderAuth reports whether commanders must present a token.
 func (a *Auth) CommanderAuth() bool {
 	if a.hasCommander {

@@ -1,0 +1,125 @@
+package api
+
+import (
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
+)
+
+// TestAgentInfoCountsTheCallersSlots: GetAgentInfo's maxConcurrentTasks is
+// the number of slots that may run the caller's tasks (its tenant's own and
+// those serving every tenant), so that a tenant learns nothing of another
+// tenant's commanders; an admin counts every slot.
+func TestAgentInfoCountsTheCallersSlots(t *testing.T) {
+	t.Parallel()
+	h, ctx := tenantHarness(t)
+	cmdA := testutil.OpenChat(t, bearer(ctx, tokCmdA), h.conn)
+	cmdA.Hello(&dispatchv1.Hello{CommanderId: "cmd-a", Capabilities: []string{"planner:chat"}})
+	for i := range 2 {
+		cmdB := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+		cmdB.Hello(&dispatchv1.Hello{CommanderId: "cmd-b" + string(rune('0'+i)), Capabilities: []string{"planner:chat"}, Tenants: []string{"team-b"}})
+	}
+	open := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+	open.Hello(&dispatchv1.Hello{CommanderId: "any", Capabilities: []string{"planner:chat"}})
+	testutil.WaitFor(t, testutil.Wait, func() bool { return h.d.Scheduler().SlotCount() == 4 }, "4 slots")
+
+	for name, want := range map[string]int32{tokA: 2, tokB: 3, tokOps: 4, tokAdmin: 4} {
+		info, err := h.agent.GetAgentInfo(bearer(ctx, name), &agentpb.GetAgentInfoRequest{})
+		if err != nil || info.GetMaxConcurrentTasks() != want {
+			t.Errorf("%s: maxConcurrentTasks %d (%v), want %d", name, info.GetMaxConcurrentTasks(), err, want)
+		}
+	}
+}
+
+// TestForeignSandboxIsNotFound: a client may not name, as its task's
+// sandbox, a sandbox that another tenant's task was given or reported in
+// use: the commander's sandbox tools would let the task drive it (it is
+// "given"). It is answered as a previous task that does not exist. The
+// owner, and an admin, may name it.
+func TestForeignSandboxIsNotFound(t *testing.T) {
+	t.Parallel()
+	h, ctx := tenantHarness(t)
+	ctxA, ctxB, ctxAdmin := bearer(ctx, tokA), bearer(ctx, tokB), bearer(ctx, tokAdmin)
+	cmdB := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+	cmdB.Hello(&dispatchv1.Hello{CommanderId: "cmd-b", Capabilities: []string{"planner:chat"}, Tenants: []string{"team-b"}})
+
+	submitAs(t, h, ctxB, &dispatchv1.SubmitTaskRequest{Instruction: "b's", Sandbox: &agentpb.Sandbox{Id: "SBX-given-to-b"}})
+	sid, _ := cmdB.Start()
+	cmdB.Send(testutil.Up(sid, &dispatchv1.SandboxInUse{Sandbox: &agentpb.Sandbox{Id: "SBX-made-by-b"}, Kept: true}))
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		tasks := listIDs(t, h, ctxB)
+		for _, tk := range tasks {
+			if tk.GetSandbox().GetId() == "SBX-made-by-b" {
+				return true
+			}
+		}
+		return false
+	}, "b's sandbox in use")
+
+	for _, sb := range []string{"SBX-given-to-b", "SBX-made-by-b"} {
+		_, err := h.tasks.SubmitTask(ctxA, &dispatchv1.SubmitTaskRequest{Instruction: "drive it", Sandbox: &agentpb.Sandbox{Id: sb}})
+		wantCode(t, err, codes.NotFound)
+		_, err = h.agent.RunAgentInstructionAsync(ctxA, &agentpb.RunAgentInstructionRequest{Instruction: "drive it", Sandbox: &agentpb.Sandbox{Id: sb}})
+		wantCode(t, err, codes.NotFound)
+		// An admin may; its task on b's sandbox is b's (as a continuation
+		// of b's task is), so that b still may too.
+		id := submitAs(t, h, ctxAdmin, &dispatchv1.SubmitTaskRequest{Instruction: "admin's", Sandbox: &agentpb.Sandbox{Id: sb}})
+		if tk, err := h.tasks.GetTask(ctxB, &dispatchv1.GetTaskRequest{TaskId: id}); err != nil {
+			t.Fatalf("the admin's task on b's sandbox is not b's: %v %v", tk, err)
+		}
+		submitAs(t, h, ctxB, &dispatchv1.SubmitTaskRequest{Instruction: "again", Sandbox: &agentpb.Sandbox{Id: sb}})
+	}
+	// A sandbox no task of another tenant has is the client's to name.
+	if _, err := h.tasks.SubmitTask(ctxA, &dispatchv1.SubmitTaskRequest{Instruction: "mine", Sandbox: &agentpb.Sandbox{Id: "SBX-a"}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDefaultTenantMayNotConfigureOthers: with a tenants file, the plain
+// client token is one tenant among others (the default one): the global
+// config, which every tenant's tasks run with, is an admin's alone.
+func TestDefaultTenantMayNotConfigureOthers(t *testing.T) {
+	t.Parallel()
+	const tokDefault = "the-default-tenants-token"
+	h, ctx := newHarness(t, dispatcher.Config{
+		Auth: dispatcher.Auth{ClientToken: tokDefault, AdminToken: tokAdmin, CommanderToken: tokCmdShare, TenantsFile: tenantsFile(t)},
+	})
+	ctxDef := bearer(ctx, tokDefault)
+	_, err := h.agent.SetGlobalCommonConfig(ctxDef, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}})
+	wantCode(t, err, codes.PermissionDenied)
+	_, err = h.agent.SetGlobalGroundingLLMConfig(ctxDef, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "x"}})
+	wantCode(t, err, codes.PermissionDenied)
+	if _, err := h.agent.SetGlobalCommonConfig(bearer(ctx, tokAdmin), &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Without a tenants file the client token is the only tenant: it may.
+	h1, ctx1 := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{ClientToken: tokDefault, CommanderToken: tokCmdShare}})
+	if _, err := h1.agent.SetGlobalCommonConfig(bearer(ctx1, tokDefault), &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestUnknownMethodsNeedAToken: a method of no service the interceptor
+// knows is refused without a token rather than let through (only health
+// and reflection are open), so that a service added later, or a path that
+// routes oddly, is never served without auth.
+func TestUnknownMethodsNeedAToken(t *testing.T) {
+	t.Parallel()
+	h, ctx := tenantHarness(t)
+	for _, m := range []string{"/some.New/Method", "lybic.agent.Agent/GetAgentInfo", "//lybic.agent.Agent/GetAgentInfo"} {
+		if _, err := New(h.d).authorize(ctx, m); err == nil {
+			t.Errorf("%s: let through without a token", m)
+		}
+	}
+	for _, m := range []string{"/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"} {
+		if _, err := New(h.d).authorize(ctx, m); err != nil {
+			t.Errorf("%s: %v", m, err)
+		}
+	}
+}
