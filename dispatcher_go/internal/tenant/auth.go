@@ -40,6 +40,10 @@ type Auth struct {
 	poll                     time.Duration
 	log                      *slog.Logger
 	dir                      atomic.Pointer[Directory]
+	// fileCommanders: a tenants file loaded so far held commander tokens.
+	// Commanders then need a token for good: a reload that drops them must
+	// not let any commander in, unrestricted.
+	fileCommanders atomic.Bool
 
 	mu      sync.Mutex // serialises loads
 	lastSrc []byte
@@ -74,7 +78,7 @@ func New(o Options) (*Auth, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", o.File, err)
 		}
-		a.dir.Store(d)
+		a.install(d)
 		a.lastSrc = src
 		a.log.Info("tenants loaded", "file", o.File, "tenants", d.Tenants())
 	}
@@ -109,13 +113,11 @@ func (a *Auth) ClientAuth() bool {
 // (the plain client token) is then one tenant among others.
 func (a *Auth) HasTenants() bool { return a.file != "" }
 
-// CommanderAuth reports whether commanders must present a token.
+// CommanderAuth reports whether commanders must present a token: with the
+// shared token, or once a tenants file held commander tokens (for good,
+// whatever a later reload holds).
 func (a *Auth) CommanderAuth() bool {
-	if a.hasCommander {
-		return true
-	}
-	d := a.dir.Load()
-	return d != nil && len(d.commanders) > 0
+	return a.hasCommander || a.fileCommanders.Load()
 }
 
 // Client is the caller a client token acts for; ok is false for a token
@@ -193,9 +195,17 @@ func (a *Auth) load(src []byte) (changed bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	a.dir.Store(d)
+	a.install(d)
 	a.lastSrc = src
 	return true, nil
+}
+
+// install puts d in force.
+func (a *Auth) install(d *Directory) {
+	if len(d.commanders) > 0 {
+		a.fileCommanders.Store(true)
+	}
+	a.dir.Store(d)
 }
 
 // Watch reloads the tenants file when it changes, polling every Poll (as
