@@ -343,6 +343,11 @@ func (m *Manager) GetAs(caller tenant.Caller, id string) (*Task, error) {
 		return nil, err
 	}
 	if !caller.Sees(t.tenant) {
+		// Answered as an id not in memory: while the store is unavailable
+		// that is UNAVAILABLE, so NOT_FOUND would tell that it exists.
+		if err := m.storeHealth(); err != nil {
+			return nil, err
+		}
 		return nil, ErrNotFound
 	}
 	return t, nil
