@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -44,11 +45,47 @@ func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerI
 }
 
 func (s *Server) streamAuth(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	auth := s.d.Auth()
+	changed := auth.Changed()
 	ctx, err := s.authorize(ss.Context(), info.FullMethod)
 	if err != nil {
 		return err
 	}
-	return handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	if auth.HasTenants() {
+		// A stream outlives a reload of the tenants file: it ends when its
+		// token stops meaning what it meant (revoked, or moved to another
+		// tenant), as its next call would be refused.
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		go s.endIfRevoked(ctx, cancel, ss.Context(), info.FullMethod, changed)
+	}
+	err = handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	if errors.Is(context.Cause(ctx), errRevoked) {
+		return errRevoked
+	}
+	return err
+}
+
+var errRevoked = status.Error(codes.Unauthenticated, "the bearer token was revoked (the tenants file changed)")
+
+// endIfRevoked ends ctx (a stream's, authorized from incoming) with
+// errRevoked once a reload of the tenants file makes its token mean
+// something else; it returns when ctx ends.
+func (s *Server) endIfRevoked(ctx context.Context, cancel context.CancelCauseFunc, incoming context.Context, method string, changed <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		changed = s.d.Auth().Changed()
+		now, err := s.authorize(incoming, method)
+		if err != nil || tenant.FromContext(now) != tenant.FromContext(ctx) || tenant.CommanderFromContext(now) != tenant.CommanderFromContext(ctx) {
+			cancel(errRevoked)
+			return
+		}
+	}
 }
 
 // authedStream is a server stream whose context carries who called.

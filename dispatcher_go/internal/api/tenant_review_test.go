@@ -1,6 +1,7 @@
 package api
 
 import (
+	"os"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -8,6 +9,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
@@ -120,6 +122,73 @@ func TestUnknownMethodsNeedAToken(t *testing.T) {
 	for _, m := range []string{"/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"} {
 		if _, err := New(h.d).authorize(ctx, m); err != nil {
 			t.Errorf("%s: %v", m, err)
+		}
+	}
+}
+
+// TestRevokedTokenEndsItsStreams: a token that a tenants file reload takes
+// away (or gives to another tenant) ends the streams it opened — a client's
+// watch, a tenant commander's ChatStream — with UNAUTHENTICATED, not only
+// its new calls; a stream whose token still means the same goes on.
+func TestRevokedTokenEndsItsStreams(t *testing.T) {
+	t.Parallel()
+	path := tenantsFile(t)
+	h, ctx := newHarness(t, dispatcher.Config{Auth: dispatcher.Auth{AdminToken: tokAdmin, CommanderToken: tokCmdShare, TenantsFile: path}})
+	ctxA, ctxB := bearer(ctx, tokA), bearer(ctx, tokB)
+	// a's task runs on a shared commander (its token stays), so that it
+	// does not end when team-a's own, idle commander is cut off.
+	cmdS := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+	cmdS.Hello(&dispatchv1.Hello{CommanderId: "cmd-s", Capabilities: []string{"planner:chat"}, Tenants: []string{"team-a"}})
+	cmdB := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+	cmdB.Hello(&dispatchv1.Hello{CommanderId: "cmd-b", Capabilities: []string{"planner:chat"}, Tenants: []string{"team-b"}})
+	idA := submitAs(t, h, ctxA, &dispatchv1.SubmitTaskRequest{Instruction: "a's"})
+	cmdS.Start()
+	idB := submitAs(t, h, ctxB, &dispatchv1.SubmitTaskRequest{Instruction: "b's"})
+	sidB, _ := cmdB.Start()
+	cmdA := testutil.OpenChat(t, bearer(ctx, tokCmdA), h.conn)
+	cmdA.Hello(&dispatchv1.Hello{CommanderId: "cmd-a", Capabilities: []string{"planner:chat"}})
+	watchA, err := h.tasks.WatchTask(ctxA, &dispatchv1.WatchTaskRequest{TaskId: idA})
+	if err != nil {
+		t.Fatal(err)
+	}
+	watchB, err := h.tasks.WatchTask(ctxB, &dispatchv1.WatchTaskRequest{TaskId: idB})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []dispatchv1.TaskService_WatchTaskClient{watchA, watchB} {
+		if _, err := w.Recv(); err != nil { // the history's first event: the stream is up
+			t.Fatal(err)
+		}
+	}
+
+	// team-a's tokens leave the file; team-b's stay.
+	src := "tenants:\n  - name: team-b\n    tokens: [\"" + tenant.HashToken(tokB).String() + "\"]\n"
+	if err := os.WriteFile(path, []byte(src), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.d.Auth().Reload(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err := watchA.Recv()
+		if err != nil {
+			wantCode(t, err, codes.Unauthenticated)
+			break
+		}
+	}
+	wantCode(t, cmdA.Ended(), codes.Unauthenticated)
+	_, err = h.tasks.GetTask(ctxA, &dispatchv1.GetTaskRequest{TaskId: idA})
+	wantCode(t, err, codes.Unauthenticated)
+
+	// team-b's watch and commander go on to the end of its task.
+	cmdB.Send(testutil.Up(sidB, testutil.Success("done")))
+	for {
+		r, err := watchB.Recv()
+		if err != nil {
+			t.Fatalf("team-b's watch ended before its task: %v", err)
+		}
+		if r.GetEvent().GetState().GetStatus() == agentpb.TaskStatus_SUCCESS {
+			break
 		}
 	}
 }

@@ -44,6 +44,9 @@ type Auth struct {
 	// Commanders then need a token for good: a reload that drops them must
 	// not let any commander in, unrestricted.
 	fileCommanders atomic.Bool
+	// changed is closed (and replaced) when a reload puts a new file in
+	// force (Changed).
+	changed atomic.Pointer[chan struct{}]
 
 	mu      sync.Mutex // serialises loads
 	lastSrc []byte
@@ -60,6 +63,8 @@ func New(o Options) (*Auth, error) {
 		o.Poll = time.Second
 	}
 	a := &Auth{file: o.File, poll: o.Poll, log: o.Logger}
+	ch := make(chan struct{})
+	a.changed.Store(&ch)
 	a.client, a.hasClient = HashToken(o.ClientToken), o.ClientToken != ""
 	a.commander, a.hasCommander = HashToken(o.CommanderToken), o.CommanderToken != ""
 	a.admin, a.hasAdmin = HashToken(o.AdminToken), o.AdminToken != ""
@@ -200,13 +205,23 @@ func (a *Auth) load(src []byte) (changed bool, err error) {
 	return true, nil
 }
 
-// install puts d in force.
+// install puts d in force and tells Changed's waiters. Called by one
+// goroutine at a time (New, or under mu).
 func (a *Auth) install(d *Directory) {
 	if len(d.commanders) > 0 {
 		a.fileCommanders.Store(true)
 	}
 	a.dir.Store(d)
+	ch := make(chan struct{})
+	close(*a.changed.Swap(&ch))
 }
+
+// Changed is a channel closed once a reload puts a new tenants file in
+// force: a long-lived stream asks again who its token is then, and ends if
+// it is no longer the same (a token taken away, or moved to another
+// tenant). Take it before the check it guards, so that no reload in
+// between goes unnoticed.
+func (a *Auth) Changed() <-chan struct{} { return *a.changed.Load() }
 
 // Watch reloads the tenants file when it changes, polling every Poll (as
 // the policy file: a change is read once the file has held still for one
