@@ -192,3 +192,33 @@ func TestRevokedTokenEndsItsStreams(t *testing.T) {
 		}
 	}
 }
+
+// TestInvocationNamesTheTenant: a tool provider serves every tenant's
+// tasks; the invocation says whose task calls (Invocation.tenant), so that
+// a provider that keeps anything across tasks (the workspace's files)
+// keeps each tenant's apart.
+func TestInvocationNamesTheTenant(t *testing.T) {
+	t.Parallel()
+	h, ctx := tenantHarness(t)
+	prov, err := h.tools.Connect(bearer(ctx, tokCmdShare))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := prov.Send(&dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Hello{Hello: &dispatchv1.ProviderHello{
+		ProviderId: "ws", Tools: []*dispatchv1.ToolSpec{{Name: "ws.read", ParametersJsonSchema: `{"type":"object"}`}},
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	if w, err := prov.Recv(); err != nil || w.GetWelcome() == nil {
+		t.Fatalf("welcome %v %v", w, err)
+	}
+	cmdA := testutil.OpenChat(t, bearer(ctx, tokCmdA), h.conn)
+	cmdA.Hello(&dispatchv1.Hello{CommanderId: "cmd-a", Capabilities: []string{"planner:chat"}})
+	submitAs(t, h, bearer(ctx, tokA), &dispatchv1.SubmitTaskRequest{Instruction: "a's"})
+	sid, _ := cmdA.Start()
+	cmdA.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "r1", ToolName: "ws.read", ArgumentsJson: `{}`}))
+	inv, err := prov.Recv()
+	if err != nil || inv.GetInvoke().GetTenant() != "team-a" {
+		t.Fatalf("invocation %v %v, want tenant team-a", inv, err)
+	}
+}
