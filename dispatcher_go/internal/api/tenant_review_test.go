@@ -222,3 +222,38 @@ func TestInvocationNamesTheTenant(t *testing.T) {
 		t.Fatalf("invocation %v %v, want tenant team-a", inv, err)
 	}
 }
+
+// TestCommanderCannotClaimAnotherTenantsSandbox: a tenant's own commander
+// reports the sandbox its session uses (SandboxInUse); the dispatcher then
+// names it to the sandbox provider as one the task may act on. A report of
+// a sandbox another tenant's task has is refused (ack REJECTED) and not
+// recorded, so that a tenant's commander cannot hand its tasks the other
+// tenant's desktop.
+func TestCommanderCannotClaimAnotherTenantsSandbox(t *testing.T) {
+	t.Parallel()
+	h, ctx := tenantHarness(t)
+	ctxA, ctxB := bearer(ctx, tokA), bearer(ctx, tokB)
+	cmdB := testutil.OpenChat(t, bearer(ctx, tokCmdShare), h.conn)
+	cmdB.Hello(&dispatchv1.Hello{CommanderId: "cmd-b", Capabilities: []string{"planner:chat"}, Tenants: []string{"team-b"}})
+	submitAs(t, h, ctxB, &dispatchv1.SubmitTaskRequest{Instruction: "b's", Sandbox: &agentpb.Sandbox{Id: "SBX-b"}})
+	cmdB.Start()
+
+	cmdA := testutil.OpenChat(t, bearer(ctx, tokCmdA), h.conn)
+	cmdA.Hello(&dispatchv1.Hello{CommanderId: "cmd-a", Capabilities: []string{"planner:chat"}})
+	idA := submitAs(t, h, ctxA, &dispatchv1.SubmitTaskRequest{Instruction: "a's"})
+	sid, _ := cmdA.Start()
+	cmdA.Send(testutil.Up(sid, &dispatchv1.SandboxInUse{Sandbox: &agentpb.Sandbox{Id: "SBX-b"}, Kept: true}))
+	ack := cmdA.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetAck() != nil }).GetAck()
+	if ack.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED {
+		t.Fatalf("claim of b's sandbox: %v, want REJECTED", ack)
+	}
+	if tk, err := h.tasks.GetTask(ctxA, &dispatchv1.GetTaskRequest{TaskId: idA}); err != nil || tk.GetTask().GetSandbox() != nil {
+		t.Fatalf("a's task after the claim: %v %v", tk, err)
+	}
+	// Its own, new sandbox is recorded.
+	cmdA.Send(testutil.Up(sid, &dispatchv1.SandboxInUse{Sandbox: &agentpb.Sandbox{Id: "SBX-a"}, Kept: true}))
+	testutil.WaitFor(t, testutil.Wait, func() bool {
+		tk, err := h.tasks.GetTask(ctxA, &dispatchv1.GetTaskRequest{TaskId: idA})
+		return err == nil && tk.GetTask().GetSandbox().GetId() == "SBX-a"
+	}, "a's own sandbox recorded")
+}

@@ -215,26 +215,27 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		timeout = time.Duration(spec.TimeoutSeconds) * time.Second
 	}
 	t := &Task{
-		id:             NewID(),
-		instruction:    spec.Instruction,
-		planner:        planner,
-		required:       spec.RequiredCapabilities,
-		labels:         spec.Labels,
-		sandbox:        sandbox,
-		destroySandbox: spec.DestroySandbox,
-		previousTaskID: spec.PreviousTaskID,
-		tenant:         owner,
-		history:        history,
-		timeout:        timeout,
-		createdAt:      time.Now(),
-		done:           make(chan struct{}),
-		status:         agentpb.TaskStatus_PENDING,
-		message:        "queued",
-		config:         cfg,
-		onFinish:       m.reg.finishedTask,
-		policy:         spec.Policy,
-		persist:        m.persist,
-		closed:         &m.closed,
+		id:              NewID(),
+		instruction:     spec.Instruction,
+		planner:         planner,
+		required:        spec.RequiredCapabilities,
+		labels:          spec.Labels,
+		sandbox:         sandbox,
+		destroySandbox:  spec.DestroySandbox,
+		previousTaskID:  spec.PreviousTaskID,
+		tenant:          owner,
+		history:         history,
+		timeout:         timeout,
+		createdAt:       time.Now(),
+		done:            make(chan struct{}),
+		status:          agentpb.TaskStatus_PENDING,
+		message:         "queued",
+		config:          cfg,
+		onFinish:        m.reg.finishedTask,
+		sandboxOfOthers: m.sandboxOfOthers,
+		policy:          spec.Policy,
+		persist:         m.persist,
+		closed:          &m.closed,
 	}
 	log, err := m.store.Create(t.id)
 	if err != nil {
@@ -274,6 +275,12 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	}
 	m.log.Debug("task submitted", "task_id", t.id, "planner", planner, "tenant", owner)
 	return t, nil
+}
+
+// sandboxOfOthers reports whether a task in memory of a tenant other than
+// tenant was given sandbox id or reported it in use.
+func (m *Manager) sandboxOfOthers(id, tenant string) bool {
+	return slices.ContainsFunc(m.reg.sandboxTenants(id), func(u string) bool { return u != tenant })
 }
 
 func validateSpec(s *Spec) error {
