@@ -255,3 +255,42 @@ def test_the_workspace_keeps_tenants_apart(stack: Stack, tmp_path: Path) -> None
     assert len(written) == 1 and not written[0].HasField("error"), written
     assert not (workspace / "s.txt").exists()
     assert (tmp_path / "ws.tenant-team-a" / "s.txt").read_text() == "a's"
+
+
+def test_a_revoked_token_ends_its_streams(stack: Stack, tmp_path: Path) -> None:
+    """Taking a token out of the tenants file (no restart) refuses its next call
+    and ends the watch it has open; the other tenant's watch goes on."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f"  - name: team-a\n    tokens: ['{sha256(TOKEN_A)}']\n"
+        f"  - name: team-b\n    tokens: ['{sha256(TOKEN_B)}']\n"
+    )
+    d = stack.dispatcher(
+        "--admin-token",
+        ADMIN,
+        "--tenants-file",
+        str(tenants),
+        "--tenants-poll",
+        "50ms",
+        commander_token=SHARED_COMMANDER,
+    )
+    a, b = Client(d, TOKEN_A), Client(d, TOKEN_B)
+    cfg = agent_pb2.CommonConfig()
+    # No commander: both tasks stay pending, so both watches stay open.
+    watch_a = a.tasks.WatchTask(tasks_pb2.WatchTaskRequest(task_id=a.submit("a", cfg)), timeout=30)
+    task_b = b.submit("b", cfg)
+    watch_b = b.tasks.WatchTask(tasks_pb2.WatchTaskRequest(task_id=task_b), timeout=30)
+    next(watch_a)
+    next(watch_b)
+
+    tenants.write_text(f"tenants:\n  - name: team-b\n    tokens: ['{sha256(TOKEN_B)}']\n")
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in watch_a:
+            pass
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+    assert code_of(a.listed) == grpc.StatusCode.UNAUTHENTICATED
+
+    b.tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_b), timeout=10)
+    statuses = [r.event.state.status for r in watch_b if r.event.HasField("state")]
+    assert statuses[-1] == agent_pb2.CANCELLED, statuses
