@@ -132,6 +132,10 @@ class CallContext:
     #: Sandboxes the task was given (``Invocation.sandbox_ids``): the client's
     #: or the previous task's, and the one its session reported in use.
     sandbox_ids: frozenset[str] = frozenset()
+    #: The tenant the task belongs to (``Invocation.tenant``; "" the default
+    #: tenant). A provider serves every tenant: what it keeps across tasks (files)
+    #: it keeps apart by this.
+    tenant: str = ""
 
     @classmethod
     def of(cls, invocation: tools_pb2.Invocation) -> CallContext:
@@ -140,6 +144,7 @@ class CallContext:
             session_id=invocation.session_id,
             call_id=invocation.call_id,
             sandbox_ids=frozenset(s for s in invocation.sandbox_ids if s),
+            tenant=invocation.tenant,
         )
 
 

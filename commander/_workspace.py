@@ -4,6 +4,11 @@ Tools: ``workspace.write_file``, ``workspace.read_file``,
 ``workspace.list_files`` and ``text.sha256``. Every path is relative to the
 workspace root; absolute paths, ``..`` that climbs out, and symlinks that lead
 out are refused with ``INVALID_ARGUMENTS`` before anything is touched.
+
+Each tenant has its own workspace (the provider serves every tenant's tasks,
+``Invocation.tenant`` says whose a call is): the default tenant's is the root
+itself, tenant ``NAME``'s the sibling folder ``<root>.tenant-NAME``, which no
+path of another tenant's can reach.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from commander._errors import InvalidToolArgumentsError, ToolExecutionError
-from commander._provider import ToolProvider
+from commander._provider import ToolProvider, current_call
 
 #: Largest file ``workspace.write_file`` writes (the message size limit is 4 MiB).
 MAX_WRITE_BYTES = 1024 * 1024
@@ -26,6 +32,9 @@ MAX_READ_BYTES = 1024 * 1024
 #: Most entries ``workspace.list_files`` returns.
 MAX_LIST_ENTRIES = 1000
 
+
+#: What a tenant's name may be (the dispatcher's rule): it names a folder.
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 #: OS errors that say the path the caller gave is wrong (INVALID_ARGUMENTS);
 #: any other is the tool failing (EXECUTION_FAILED).
@@ -135,7 +144,20 @@ class Workspace:
 
 def workspace_provider(root: str | Path, *, provider_id: str = "workspace") -> ToolProvider:
     """A :class:`ToolProvider` serving the workspace tools on ``root`` plus ``text.sha256``."""
-    ws = Workspace(root)
+    default = Workspace(root)
+    spaces: dict[str, Workspace] = {"": default}
+
+    def workspace() -> Workspace:
+        """The workspace of the tenant whose task calls."""
+        tenant = current_call().tenant
+        space = spaces.get(tenant)
+        if space is None:
+            if not _TENANT_NAME.fullmatch(tenant):
+                raise ToolExecutionError(f"{tenant[:80]!r} is not a tenant name")
+            space = Workspace(default.root.parent / f"{default.root.name}.tenant-{tenant}")
+            spaces[tenant] = space
+        return space
+
     provider = ToolProvider(provider_id, labels={"kind": "workspace"})
 
     @provider.tool(
@@ -145,6 +167,7 @@ def workspace_provider(root: str | Path, *, provider_id: str = "workspace") -> T
         side_effects=True,
     )
     def write_file(path: str, content: str, append: bool = False) -> dict[str, Any]:
+        ws = workspace()
         return _fs(path, lambda: ws.write_file(path, content, append))
 
     @provider.tool(
@@ -152,6 +175,7 @@ def workspace_provider(root: str | Path, *, provider_id: str = "workspace") -> T
         description="Read a text file from the workspace (at most max_bytes bytes).",
     )
     def read_file(path: str, max_bytes: int = DEFAULT_READ_BYTES) -> dict[str, Any]:
+        ws = workspace()
         return _fs(path, lambda: ws.read_file(path, max_bytes))
 
     @provider.tool(
@@ -159,6 +183,7 @@ def workspace_provider(root: str | Path, *, provider_id: str = "workspace") -> T
         description="List the files in a workspace folder (recursive=true for all below it).",
     )
     def list_files(path: str = ".", recursive: bool = False) -> dict[str, Any]:
+        ws = workspace()
         return _fs(path, lambda: ws.list_files(path, recursive))
 
     @provider.tool("text.sha256", description="SHA-256 of a UTF-8 text, hex encoded.")

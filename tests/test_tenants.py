@@ -26,9 +26,10 @@ import pytest
 from commander._gen.dispatch.v1 import tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2, agent_pb2_grpc
 from tests import _procs
-from tests._client import wait_status
+from tests._client import wait_status, watch_all
 from tests._procs import wait_until
 from tests.conftest import Dispatcher, Stack, _AuthInterceptor
+from tests.scripted import tool_call
 
 pytestmark = pytest.mark.e2e
 
@@ -210,3 +211,86 @@ def test_two_tenants_two_commanders_stay_apart(stack: Stack, tmp_path: Path) -> 
     assert set(b2.listed()) >= set(b_ids) and foreign not in b2.listed()
     get = tasks_pb2.GetTaskRequest(task_id=foreign)
     assert code_of(b2.tasks.GetTask, get, timeout=5) == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_workspace_keeps_tenants_apart(stack: Stack, tmp_path: Path) -> None:
+    """One workspace provider serves every tenant's tasks: a file team-a's task
+    writes is not there for team-b's, which reads and lists its own folder only."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f"  - name: team-a\n    tokens: ['{sha256(TOKEN_A)}']\n"
+        f"  - name: team-b\n    tokens: ['{sha256(TOKEN_B)}']\n"
+    )
+    # The scripted model answers by the turn of the conversation: one each.
+    writer = stack.scripted(
+        [
+            {
+                "tool_calls": [
+                    tool_call("workspace.write_file", {"path": "s.txt", "content": "a's"})
+                ]
+            },
+            {"content": "written"},
+        ]
+    )
+    reader = stack.scripted(
+        [{"tool_calls": [tool_call("workspace.read_file", {"path": "s.txt"})]}, {"content": "read"}]
+    )
+    d = stack.dispatcher(
+        "--admin-token", ADMIN, "--tenants-file", str(tenants), commander_token=SHARED_COMMANDER
+    )
+    d.client_token = ADMIN
+    workspace = tmp_path / "ws"
+    stack.provider(d, workspace, token=SHARED_COMMANDER)
+    stack.commander(d, writer.base_url, slots=1, token=SHARED_COMMANDER, wait_slots=1)
+    a, b, admin = Client(d, TOKEN_A), Client(d, TOKEN_B), Client(d, ADMIN)
+    wrote = a.submit("write it", writer.model_config())
+    assert wait_status(admin.agent, wrote, timeout=60).status == agent_pb2.SUCCESS
+    read = b.submit("read it", reader.model_config())
+    assert wait_status(admin.agent, read, timeout=60).status == agent_pb2.SUCCESS
+
+    results = [e.tool_result.result for e in watch_all(b.tasks, read) if e.HasField("tool_result")]
+    assert len(results) == 1 and "no such file" in results[0].error.message, results
+    written = [e.tool_result.result for e in watch_all(a.tasks, wrote) if e.HasField("tool_result")]
+    assert len(written) == 1 and not written[0].HasField("error"), written
+    assert not (workspace / "s.txt").exists()
+    assert (tmp_path / "ws.tenant-team-a" / "s.txt").read_text() == "a's"
+
+
+def test_a_revoked_token_ends_its_streams(stack: Stack, tmp_path: Path) -> None:
+    """Taking a token out of the tenants file (no restart) refuses its next call
+    and ends the watch it has open; the other tenant's watch goes on."""
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f"  - name: team-a\n    tokens: ['{sha256(TOKEN_A)}']\n"
+        f"  - name: team-b\n    tokens: ['{sha256(TOKEN_B)}']\n"
+    )
+    d = stack.dispatcher(
+        "--admin-token",
+        ADMIN,
+        "--tenants-file",
+        str(tenants),
+        "--tenants-poll",
+        "50ms",
+        commander_token=SHARED_COMMANDER,
+    )
+    a, b = Client(d, TOKEN_A), Client(d, TOKEN_B)
+    cfg = agent_pb2.CommonConfig()
+    # No commander: both tasks stay pending, so both watches stay open.
+    watch_a = a.tasks.WatchTask(tasks_pb2.WatchTaskRequest(task_id=a.submit("a", cfg)), timeout=30)
+    task_b = b.submit("b", cfg)
+    watch_b = b.tasks.WatchTask(tasks_pb2.WatchTaskRequest(task_id=task_b), timeout=30)
+    next(watch_a)
+    next(watch_b)
+
+    tenants.write_text(f"tenants:\n  - name: team-b\n    tokens: ['{sha256(TOKEN_B)}']\n")
+    with pytest.raises(grpc.RpcError) as ended:
+        for _ in watch_a:
+            pass
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+    assert code_of(a.listed) == grpc.StatusCode.UNAUTHENTICATED
+
+    b.tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_b), timeout=10)
+    statuses = [r.event.state.status for r in watch_b if r.event.HasField("state")]
+    assert statuses[-1] == agent_pb2.CANCELLED, statuses

@@ -10,7 +10,8 @@ destroy it. So a call may act only on
   the client's ``sandbox.id``, the sandbox continued from ``previous_task_id``,
   the one its session reported in use), and
 * the provider's precreated sandbox (``LYBIC_PRECREATE_SID``), which every task
-  of this provider uses by design.
+  of the default tenant uses by design. A named tenant's task (``Invocation.tenant``)
+  may not: one desktop for every task would be shared across tenants.
 
 Anything else is refused with ``TOOL_ERROR_CODE_DENIED`` before the sandbox API
 is asked anything.
@@ -41,7 +42,9 @@ class SandboxOwners:
         """Whether ``call``'s task may act on ``sandbox_id``."""
         if not sandbox_id:
             return False
-        if sandbox_id == self.precreate_sid or sandbox_id in call.sandbox_ids:
+        if sandbox_id == self.precreate_sid and not call.tenant:
+            return True
+        if sandbox_id in call.sandbox_ids:
             return True
         return sandbox_id in self._created.get(call.task_id, ())
 

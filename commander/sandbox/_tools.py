@@ -48,6 +48,7 @@ from tenacity import (
 
 from commander import _metrics
 from commander._errors import InvalidToolArgumentsError, ToolError, ToolExecutionError
+from commander._provider import current_call
 from commander.gui import _actions as act
 from commander.gui._errors import ParseError
 from commander.gui._keys import xdotool_keys
@@ -250,10 +251,13 @@ class SandboxTools:
         *,
         on_created: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
-        """Use ``sandbox_id`` (or the precreated one), or create one of ``shape``
-        (``on_created`` is told its id at once, before anything else can fail)."""
+        """Use ``sandbox_id`` (or the precreated one, for the default tenant's
+        tasks only: with tenants it would be shared by all), or create one of
+        ``shape`` (``on_created`` is told its id at once, before anything else
+        can fail)."""
         max_life = _int_in(max_life_seconds, "max_life_seconds", 60, 86_400)
-        sid = sandbox_id or self.settings.precreate_sid
+        precreated = "" if current_call().tenant else self.settings.precreate_sid
+        sid = sandbox_id or precreated
         created = False
         if sid:
             got = await self._read(lambda: self._sandbox().get(sid))

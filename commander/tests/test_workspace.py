@@ -121,3 +121,45 @@ async def test_os_errors_are_the_tools_error_without_the_host_path(
         await tools.call(tool, arguments)
     message = str(caught.value)
     assert str(root) not in message and str(tmp_path) not in message, message
+
+
+async def test_each_tenant_has_its_own_workspace(tmp_path: Path) -> None:
+    """One provider serves every tenant's tasks: a file one tenant's task writes
+    is not there for another tenant's (nor for the default tenant's, whose
+    workspace is the root itself, as without tenants)."""
+    from commander._provider import CallContext
+
+    tools = workspace_provider(tmp_path / "ws")
+    a = CallContext(task_id="t-a", tenant="team-a")
+    b = CallContext(task_id="t-b", tenant="team-b")
+    default = CallContext(task_id="t-0")
+    await tools.call("workspace.write_file", {"path": "secret.txt", "content": "a's"}, context=a)
+    assert (await tools.call("workspace.read_file", {"path": "secret.txt"}, context=a))[
+        "content"
+    ] == "a's"
+    for other in (b, default):
+        with pytest.raises(ToolExecutionError, match="no such file"):
+            await tools.call("workspace.read_file", {"path": "secret.txt"}, context=other)
+        listing = await tools.call(
+            "workspace.list_files", {"path": ".", "recursive": True}, context=other
+        )
+        assert listing["entries"] == []
+    await tools.call("workspace.write_file", {"path": "d.txt", "content": "0"}, context=default)
+    assert (tmp_path / "ws" / "d.txt").read_text("utf-8") == "0"
+    assert not (tmp_path / "ws" / "secret.txt").exists()
+
+
+async def test_a_tenant_name_that_is_no_name_is_refused(tmp_path: Path) -> None:
+    from commander._provider import CallContext
+
+    tools = workspace_provider(tmp_path / "ws")
+    for name in ("..", "../x", "a/b", ".hidden", "x" * 65):
+        with pytest.raises(ToolExecutionError):
+            await tools.call(
+                "workspace.list_files", {}, context=CallContext(task_id="t", tenant=name)
+            )
+    assert _names(tmp_path) == ["ws"]
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())

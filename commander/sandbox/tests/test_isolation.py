@@ -275,6 +275,45 @@ async def test_the_precreated_sandbox_is_every_tasks(sandbox_server: LocalServer
             await Sandbox(client).delete(made.id)
 
 
+async def test_the_precreated_sandbox_is_the_default_tenants_only(
+    sandbox_server: LocalServer,
+) -> None:
+    """With tenants, one precreated desktop for every task would be shared by all
+    tenants: a named tenant's task creates its own and may not touch it."""
+    async with sandbox_server.client() as client:
+        made = await Sandbox(client).create(name="pre", shape="local-1024x768")
+        settings = sandbox_settings(sandbox_server)
+        tools = SandboxTools(
+            SandboxSettings(
+                endpoint=settings.endpoint,
+                org_id=settings.org_id,
+                api_key=settings.api_key,
+                precreate_sid=made.id,
+            )
+        )
+        provider = sandbox_provider(tools)
+        team_a = CallContext(task_id="T-team-a", tenant="team-a")
+        own = ""
+        try:
+            got = await provider.call("computer.sandbox_acquire", {}, context=team_a)
+            own = got["sandbox_id"]
+            assert own != made.id and got["created"] is True
+            with pytest.raises(ToolDeniedError):
+                await provider.call("computer.screenshot", {"sandbox_id": made.id}, context=team_a)
+            with pytest.raises(ToolDeniedError):
+                await provider.call(
+                    "computer.sandbox_acquire", {"sandbox_id": made.id}, context=team_a
+                )
+            # The default tenant's tasks (no tenants file) still use it.
+            got = await provider.call("computer.sandbox_acquire", {}, context=TASK_A)
+            assert got["sandbox_id"] == made.id
+        finally:
+            await tools.aclose()
+            await Sandbox(client).delete(made.id)
+            if own and own != made.id:
+                await Sandbox(client).delete(own)
+
+
 def test_owners_forget_the_oldest_tasks_first() -> None:
     owners = SandboxOwners(max_tasks=2)
     calls = [CallContext(task_id=f"t{i}") for i in range(3)]

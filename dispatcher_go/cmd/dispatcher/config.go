@@ -114,7 +114,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.tenantsPoll, "tenants-poll", dispatcher.DefaultPolicyPoll, "how often the tenants file is checked for changes")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (with --tls-key: serve TLS)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file")
-	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds before RESOURCE_EXHAUSTED")
+	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds (of each tenant) before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.stopGrace, "stop-grace", dispatcher.DefaultStopGrace, "time a stopped session has to send stopped before its stream is aborted")
 	fs.DurationVar(&c.toolTimeout, "tool-timeout", dispatcher.DefaultToolTimeout, "default timeout of a tool call")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", dispatcher.DefaultMaxRecvMsgBytes, "message limit, checked per message (an oversized result fails its call, a packet its session); the transport accepts up to twice it")

@@ -26,11 +26,14 @@ type agentService struct {
 	s *Server
 }
 
-// GetAgentInfo reports the version and the real number of connected slots.
-func (a *agentService) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
+// GetAgentInfo reports the version and the real number of connected slots
+// that may run the caller's tasks (its tenant's and those serving every
+// tenant; an admin's: all).
+func (a *agentService) GetAgentInfo(ctx context.Context, _ *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
+	c := tenant.FromContext(ctx)
 	return &agentpb.AgentInfo{
 		Version:            a.s.d.Config().Version,
-		MaxConcurrentTasks: int32(min(a.s.d.SlotCount(), math.MaxInt32)),
+		MaxConcurrentTasks: int32(min(a.s.d.Scheduler().SlotsServing(c.Tenant, c.Admin), math.MaxInt32)),
 		LogLevel:           a.s.d.Config().LogLevel,
 	}, nil
 }
@@ -51,7 +54,7 @@ func (a *agentService) GetCommonConfig(ctx context.Context, req *agentpb.GetComm
 
 // SetGlobalCommonConfig replaces the global config.
 func (a *agentService) SetGlobalCommonConfig(ctx context.Context, req *agentpb.SetGlobalCommonConfigRequest) (*agentpb.SetCommonConfigResponse, error) {
-	if err := mayConfigure(ctx); err != nil {
+	if err := a.mayConfigure(ctx); err != nil {
 		return nil, err
 	}
 	if req.GetCommonConfig() == nil {
@@ -79,18 +82,20 @@ func (a *agentService) SetGlobalEmbeddingLLMConfig(ctx context.Context, req *age
 	return a.setModel(ctx, task.EmbeddingModel, req.GetLlmConfig())
 }
 
-// mayConfigure refuses a named tenant the global config: it applies to
-// every tenant's tasks (another tenant's model endpoint would receive their
-// prompts). Admins and the default tenant (the one-tenant case) may.
-func mayConfigure(ctx context.Context) error {
-	if c := tenant.FromContext(ctx); !c.Admin && c.Tenant != "" {
+// mayConfigure refuses a non-admin the global config when there are
+// tenants: it applies to every tenant's tasks (another tenant's model
+// endpoint would receive their prompts). Admins may; without a tenants file
+// so may the default tenant (the one-tenant case). With one, the default
+// tenant (the plain --client-token) is one tenant among others.
+func (a *agentService) mayConfigure(ctx context.Context) error {
+	if c := tenant.FromContext(ctx); !c.Admin && (c.Tenant != "" || a.s.d.Auth().HasTenants()) {
 		return status.Error(codes.PermissionDenied, "the global config applies to every tenant: only an admin token may change it")
 	}
 	return nil
 }
 
 func (a *agentService) setModel(ctx context.Context, which task.StageModel, llm *agentpb.LLMConfig) (*agentpb.LLMConfig, error) {
-	if err := mayConfigure(ctx); err != nil {
+	if err := a.mayConfigure(ctx); err != nil {
 		return nil, err
 	}
 	if llm == nil {

@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"strings"
 
 	"google.golang.org/grpc"
@@ -15,7 +16,8 @@ import (
 )
 
 // Method prefixes of the services each token guards. Health and reflection
-// are not listed: they are open, for probes and tooling.
+// (openServices) are open, for probes and tooling; any other method is
+// refused while auth is configured.
 var (
 	clientServices = []string{
 		"/" + agentpb.Agent_ServiceDesc.ServiceName + "/",
@@ -44,11 +46,47 @@ func (s *Server) unaryAuth(ctx context.Context, req any, info *grpc.UnaryServerI
 }
 
 func (s *Server) streamAuth(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	auth := s.d.Auth()
+	changed := auth.Changed()
 	ctx, err := s.authorize(ss.Context(), info.FullMethod)
 	if err != nil {
 		return err
 	}
-	return handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	if auth.HasTenants() {
+		// A stream outlives a reload of the tenants file: it ends when its
+		// token stops meaning what it meant (revoked, or moved to another
+		// tenant), as its next call would be refused.
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		go s.endIfRevoked(ctx, cancel, ss.Context(), info.FullMethod, changed)
+	}
+	err = handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	if errors.Is(context.Cause(ctx), errRevoked) {
+		return errRevoked
+	}
+	return err
+}
+
+var errRevoked = status.Error(codes.Unauthenticated, "the bearer token was revoked (the tenants file changed)")
+
+// endIfRevoked ends ctx (a stream's, authorized from incoming) with
+// errRevoked once a reload of the tenants file makes its token mean
+// something else; it returns when ctx ends.
+func (s *Server) endIfRevoked(ctx context.Context, cancel context.CancelCauseFunc, incoming context.Context, method string, changed <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		changed = s.d.Auth().Changed()
+		now, err := s.authorize(incoming, method)
+		if err != nil || tenant.FromContext(now) != tenant.FromContext(ctx) || tenant.CommanderFromContext(now) != tenant.CommanderFromContext(ctx) {
+			cancel(errRevoked)
+			return
+		}
+	}
 }
 
 // authedStream is a server stream whose context carries who called.
@@ -79,8 +117,20 @@ func (s *Server) authorize(ctx context.Context, method string) (context.Context,
 			return nil, errUnauthenticated
 		}
 		return tenant.WithCommander(ctx, c), nil
+	case hasAnyPrefix(method, openServices) || !auth.ClientAuth() && !auth.CommanderAuth():
+		return ctx, nil
 	}
-	return ctx, nil
+	// A method of no service above (a path grpc would not route, a
+	// service registered later and not listed): never served without a
+	// token.
+	return nil, errUnauthenticated
+}
+
+// openServices need no token: probes and tooling.
+var openServices = []string{
+	"/grpc.health.v1.Health/",
+	"/grpc.reflection.v1.ServerReflection/",
+	"/grpc.reflection.v1alpha.ServerReflection/",
 }
 
 // bearerToken is the request's bearer token ("" without one). The token is

@@ -94,6 +94,9 @@ type Call struct {
 	// SandboxIDs are the sandboxes the task was given (Invocation.sandbox_ids):
 	// a sandbox provider lets the call act on these and on its own.
 	SandboxIDs []string
+	// Tenant owns the task (Invocation.tenant; "" the default tenant): a
+	// provider that keeps anything across tasks keeps tenants apart by it.
+	Tenant string
 }
 
 // Result is a call's outcome as the session reports it.

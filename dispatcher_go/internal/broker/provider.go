@@ -259,6 +259,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 		CallId:        c.CallID,
 		TraceContext:  telemetry.Inject(ctx),
 		SandboxIds:    c.SandboxIDs,
+		Tenant:        c.Tenant,
 	}}}
 	select {
 	case p.out <- inv:

@@ -230,14 +230,53 @@ func (h *handler) health(w http.ResponseWriter, r *http.Request) {
 func (h *handler) auth(next http.HandlerFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tok, _ := requestToken(r)
+		reload, _ := h.opts.Auth.(reloadable)
+		var changed <-chan struct{}
+		if reload != nil {
+			changed = reload.Changed()
+		}
 		// The token is compared in constant time (internal/tenant).
 		if c, ok := h.opts.Auth.Client(tok); ok {
-			next(w, r.WithContext(tenant.WithCaller(r.Context(), c)))
+			ctx := tenant.WithCaller(r.Context(), c)
+			if reload != nil && reload.HasTenants() {
+				// A request (an event stream) outlives a reload of the
+				// tenants file: it ends when its token stops meaning what
+				// it meant, as its next request would be refused.
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithCancel(ctx)
+				defer cancel()
+				go h.endIfRevoked(ctx, cancel, reload, tok, c, changed)
+			}
+			next(w, r.WithContext(ctx))
 			return
 		}
 		w.Header().Set("WWW-Authenticate", `Bearer realm="dispatcher"`)
 		writeError(w, http.StatusUnauthorized, "UNAUTHENTICATED", "missing or invalid bearer token")
 	})
+}
+
+// reloadable is an Authenticator whose tokens can change under a request
+// (tenant.Auth with a tenants file).
+type reloadable interface {
+	HasTenants() bool
+	Changed() <-chan struct{}
+}
+
+// endIfRevoked cancels ctx, a request's, once a reload makes tok mean
+// something other than c; it returns when ctx ends.
+func (h *handler) endIfRevoked(ctx context.Context, cancel context.CancelFunc, reload reloadable, tok string, c tenant.Caller, changed <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		changed = reload.Changed()
+		if now, ok := h.opts.Auth.Client(tok); !ok || now != c {
+			cancel()
+			return
+		}
+	}
 }
 
 // requestToken is the request's bearer token: the Authorization header, or

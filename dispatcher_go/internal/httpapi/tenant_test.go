@@ -26,6 +26,13 @@ const (
 // connected: every task stays PENDING, so each can be acted on.
 func tenantEnv(t *testing.T) *env {
 	t.Helper()
+	e, _ := tenantEnvAt(t)
+	return e
+}
+
+// tenantEnvAt is tenantEnv that also says where its tenants file is.
+func tenantEnvAt(t *testing.T) (*env, string) {
+	t.Helper()
 	src := "tenants:\n" +
 		"  - {name: team-a, tokens: [\"" + tenant.HashToken(tokA).String() + "\"]}\n" +
 		"  - {name: team-b, tokens: [\"" + tenant.HashToken(tokB).String() + "\"]}\n"
@@ -47,7 +54,7 @@ func tenantEnv(t *testing.T) *env {
 		hs.Close()
 	})
 	e.http, e.url = hs, hs.URL
-	return e
+	return e, path
 }
 
 type submitted struct {

@@ -4,9 +4,10 @@
 // "planner:<planner>" and every one of the task's required capabilities,
 // and that serves the task's tenant (a slot that names no tenant serves
 // every tenant).
-// While none is free the task waits in a bounded FIFO queue; when the queue
-// is full, Enqueue fails with ErrQueueFull (the API answers
-// RESOURCE_EXHAUSTED). Scheduling happens per task and per slot state change,
+// While none is free the task waits in a bounded FIFO queue; when its
+// tenant's share of the queue is full (the bound applies to each tenant, so
+// that one tenant's waiting tasks never refuse another's), Enqueue fails
+// with ErrQueueFull (the API answers RESOURCE_EXHAUSTED). Scheduling happens per task and per slot state change,
 // never per streamed packet, so one mutex is enough here.
 //
 // The scheduler only decides which task goes to which slot; it never starts
@@ -24,7 +25,8 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
-// ErrQueueFull means the bounded task queue has no room.
+// ErrQueueFull means the bounded task queue has no room for another task of
+// the task's tenant.
 var ErrQueueFull = errors.New("task queue is full")
 
 // PlannerCapability is the capability a slot declares to run planner p.
@@ -99,11 +101,14 @@ type Stats struct {
 type Scheduler struct {
 	maxQueue int
 
-	mu      sync.Mutex
-	queue   []queued          // FIFO by seq, len <= maxQueue (plus tasks given back)
-	nextSeq uint64            // admission order of Enqueue
-	slots   map[Slot]bool     // registered slots → idle
-	idle    map[string][]Slot // planner capability → idle slots, longest idle first
+	mu    sync.Mutex
+	queue []queued // FIFO by seq, maxQueue per tenant (plus tasks given back)
+	// perTenant counts the queued tasks of each tenant: the bound applies
+	// to each, so that one tenant's waiting tasks never refuse another's.
+	perTenant map[string]int
+	nextSeq   uint64            // admission order of Enqueue
+	slots     map[Slot]bool     // registered slots → idle
+	idle      map[string][]Slot // planner capability → idle slots, longest idle first
 	// onIdle, when set, is called (outside the lock) after a slot turned
 	// idle: a fleet replica then reads the bus for work (see SetOnIdle).
 	onIdle func()
@@ -163,15 +168,17 @@ type handout struct {
 	sl Slot
 }
 
-// New returns a scheduler whose queue holds at most maxQueue tasks.
+// New returns a scheduler whose queue holds at most maxQueue tasks of each
+// tenant.
 func New(maxQueue int) *Scheduler {
 	if maxQueue <= 0 {
 		maxQueue = 1024
 	}
 	return &Scheduler{
-		maxQueue: maxQueue,
-		slots:    make(map[Slot]bool),
-		idle:     make(map[string][]Slot),
+		maxQueue:  maxQueue,
+		slots:     make(map[Slot]bool),
+		perTenant: make(map[string]int),
+		idle:      make(map[string][]Slot),
 	}
 }
 
@@ -182,7 +189,7 @@ func New(maxQueue int) *Scheduler {
 func (s *Scheduler) Enqueue(t *task.Task) error {
 	s.mu.Lock()
 	sl := s.findIdleLocked(t)
-	if sl == nil && len(s.queue) >= s.maxQueue {
+	if sl == nil && s.perTenant[t.Tenant()] >= s.maxQueue {
 		s.mu.Unlock()
 		return ErrQueueFull
 	}
@@ -190,6 +197,7 @@ func (s *Scheduler) Enqueue(t *task.Task) error {
 	q := queued{t: t, seq: s.nextSeq, since: time.Now()}
 	if sl == nil {
 		s.queue = append(s.queue, q)
+		s.perTenant[t.Tenant()]++
 		s.mu.Unlock()
 		return nil
 	}
@@ -231,6 +239,7 @@ func (s *Scheduler) Remove(t *task.Task) bool {
 		return false
 	}
 	s.queue = slices.Delete(s.queue, i, i+1)
+	s.unqueuedLocked(t)
 	return true
 }
 
@@ -336,6 +345,25 @@ func (s *Scheduler) Planners() []string {
 	return out
 }
 
+// SlotsServing is the number of connected slots that may run a task of
+// tenant (those serving it or every tenant); all counts every slot (an
+// admin's GetAgentInfo). A tenant so learns nothing of the slots that serve
+// only other tenants.
+func (s *Scheduler) SlotsServing(tenant string, all bool) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if all {
+		return len(s.slots)
+	}
+	n := 0
+	for sl := range s.slots {
+		if sl.ServesTenant(tenant) {
+			n++
+		}
+	}
+	return n
+}
+
 // Stats returns a snapshot. Tasks being handed to a slot count as neither
 // queued nor idle.
 func (s *Scheduler) Stats() Stats {
@@ -395,7 +423,18 @@ func (s *Scheduler) placeLocked(q queued) handout {
 		return 1 // before any entry of the same seq: requeued tasks go first
 	})
 	s.queue = slices.Insert(s.queue, i, q)
+	s.perTenant[q.t.Tenant()]++
 	return handout{}
+}
+
+// unqueuedLocked counts t, just taken out of the queue, out of its
+// tenant's share.
+func (s *Scheduler) unqueuedLocked(t *task.Task) {
+	if n := s.perTenant[t.Tenant()]; n > 1 {
+		s.perTenant[t.Tenant()] = n - 1
+	} else {
+		delete(s.perTenant, t.Tenant())
+	}
 }
 
 // idleLocked hands sl, a registered slot that is not idle, the first queued
@@ -408,6 +447,7 @@ func (s *Scheduler) idleLocked(sl Slot) handout {
 	for i, q := range s.queue {
 		if matches(sl, q.t) {
 			s.queue = slices.Delete(s.queue, i, i+1)
+			s.unqueuedLocked(q.t)
 			return handout{q, sl}
 		}
 	}

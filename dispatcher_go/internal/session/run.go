@@ -293,7 +293,9 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 			// A fact about the world, not planner output: kept even after a
 			// stop, so that a continuing task finds the sandbox
 			// (QueryTaskStatus shows it).
-			r.t.SetSandboxInUse(sb.GetSandbox(), sb.GetKept())
+			if err := r.t.SetSandboxInUse(sb.GetSandbox(), sb.GetKept()); err != nil {
+				return r.sl.reject(r.sessionID, err.Error())
+			}
 			return nil
 		}
 		return r.sl.reject(r.sessionID, "unsupported payload")

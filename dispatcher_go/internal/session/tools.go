@@ -63,6 +63,7 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 		ArgumentsJSON: tc.GetArgumentsJson(),
 		TraceContext:  tc.GetTraceContext(),
 		SandboxIDs:    r.t.SandboxIDs(),
+		Tenant:        r.t.Tenant(),
 	}
 	if d.Action == policy.Hold {
 		r.policyHold(tc, call, d)

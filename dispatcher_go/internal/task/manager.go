@@ -204,9 +204,24 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 	if len(m.opts.Planners) > 0 && !slices.Contains(m.opts.Planners, planner) {
 		return nil, fmt.Errorf("%w: no commander of this deployment serves planner %q (its planners: %s)", ErrInvalidArgument, planner, strings.Join(m.opts.Planners, ", "))
 	}
+	owner := spec.Caller.Tenant
+	if id := spec.Sandbox.GetId(); id != "" {
+		users := m.reg.sandboxTenants(id)
+		switch {
+		case !spec.Caller.Admin && slices.ContainsFunc(users, func(u string) bool { return u != owner }):
+			// Another tenant's task was given this sandbox or reported it
+			// in use: a task may drive the sandbox it is given, so this one
+			// would drive theirs. Answered as a previous task that does not
+			// exist (NotFound).
+			return nil, fmt.Errorf("%w: sandbox %q", ErrNotFound, id)
+		case spec.Caller.Admin && len(users) == 1:
+			// An admin's task on a tenant's sandbox is that tenant's (as a
+			// continuation is), so that the sandbox stays theirs to use.
+			owner = users[0]
+		}
+	}
 	var history []*dispatchv1.ConversationTurn
 	sandbox := spec.Sandbox
-	owner := spec.Caller.Tenant
 	if spec.PreviousTaskID != "" {
 		prev, err := m.Get(spec.PreviousTaskID) // from the store if not in memory
 		if errors.Is(err, store.ErrUnavailable) {
@@ -241,27 +256,28 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 		timeout = time.Duration(spec.TimeoutSeconds) * time.Second
 	}
 	t := &Task{
-		id:             newID,
-		instruction:    spec.Instruction,
-		planner:        planner,
-		required:       spec.RequiredCapabilities,
-		labels:         spec.Labels,
-		sandbox:        sandbox,
-		destroySandbox: spec.DestroySandbox,
-		previousTaskID: spec.PreviousTaskID,
-		tenant:         owner,
-		userPrompt:     spec.UserSystemPrompt,
-		history:        history,
-		timeout:        timeout,
-		createdAt:      time.Now(),
-		done:           make(chan struct{}),
-		status:         agentpb.TaskStatus_PENDING,
-		message:        "queued",
-		config:         cfg,
-		onFinish:       m.reg.finishedTask,
-		policy:         spec.Policy,
-		persist:        m.persist,
-		closed:         &m.closed,
+		id:              newID,
+		instruction:     spec.Instruction,
+		planner:         planner,
+		required:        spec.RequiredCapabilities,
+		labels:          spec.Labels,
+		sandbox:         sandbox,
+		destroySandbox:  spec.DestroySandbox,
+		previousTaskID:  spec.PreviousTaskID,
+		tenant:          owner,
+		userPrompt:      spec.UserSystemPrompt,
+		sandboxOfOthers: m.sandboxOfOthers,
+		history:         history,
+		timeout:         timeout,
+		createdAt:       time.Now(),
+		done:            make(chan struct{}),
+		status:          agentpb.TaskStatus_PENDING,
+		message:         "queued",
+		config:          cfg,
+		onFinish:        m.reg.finishedTask,
+		policy:          spec.Policy,
+		persist:         m.persist,
+		closed:          &m.closed,
 	}
 	log, err := m.store.Create(t.id)
 	if err != nil {
@@ -346,6 +362,12 @@ func (m *Manager) submitFleet(t *Task) (*Task, error) {
 	return t, nil
 }
 
+// sandboxOfOthers reports whether a task in memory of a tenant other than
+// tenant was given sandbox id or reported it in use.
+func (m *Manager) sandboxOfOthers(id, tenant string) bool {
+	return slices.ContainsFunc(m.reg.sandboxTenants(id), func(u string) bool { return u != tenant })
+}
+
 func validateSpec(s *Spec) error {
 	if strings.TrimSpace(s.Instruction) == "" {
 		return fmt.Errorf("%w: instruction is empty", ErrInvalidArgument)
@@ -421,6 +443,11 @@ func (m *Manager) GetAs(caller tenant.Caller, id string) (*Task, error) {
 		return nil, err
 	}
 	if !caller.Sees(t.tenant) {
+		// Answered as an id not in memory: while the store is unavailable
+		// that is UNAVAILABLE, so NOT_FOUND would tell that it exists.
+		if err := m.storeHealth(); err != nil {
+			return nil, err
+		}
 		return nil, ErrNotFound
 	}
 	return t, nil

@@ -2,6 +2,7 @@ package task
 
 import (
 	"container/list"
+	"slices"
 	"sync"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
@@ -55,6 +56,20 @@ func (r *Registry) add(t *Task) {
 	e.orderEl = r.order.PushBack(t)
 	r.byID[t.id] = e
 	r.mu.Unlock()
+}
+
+// sandboxTenants are the tenants of the tasks in memory that were given
+// sandbox id or reported it in use (Task.SandboxIDs), each once.
+func (r *Registry) sandboxTenants(id string) []string {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []string
+	for _, e := range r.byID {
+		if !slices.Contains(out, e.t.tenant) && slices.Contains(e.t.SandboxIDs(), id) {
+			out = append(out, e.t.tenant)
+		}
+	}
+	return out
 }
 
 // remove forgets t entirely (a submission that the queue refused).

@@ -16,6 +16,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
 	"slices"
 	"strings"
@@ -180,7 +181,10 @@ type Task struct {
 	policyErr      error // set when a stored task's policy failed to compile
 	done           chan struct{}
 	onFinish       func(*Task)
-	persist        Persistence // nil: nothing is stored
+	// sandboxOfOthers reports whether a task of a tenant other than
+	// tenant has sandbox id (the Manager's registry); nil: none checked.
+	sandboxOfOthers func(id, tenant string) bool
+	persist         Persistence // nil: nothing is stored
 	// closed is the manager's draining flag (nil: never closed): a task is
 	// not requeued while the dispatcher shuts down.
 	closed *atomic.Bool
@@ -251,17 +255,26 @@ func (t *Task) Labels() map[string]string { return t.labels }
 func (t *Task) Sandbox() *agentpb.Sandbox { return t.sandbox }
 
 // SetSandboxInUse records the sandbox the session acquired (an empty id is
-// ignored); kept says it is not destroyed at the end of the task.
-func (t *Task) SetSandboxInUse(sb *agentpb.Sandbox, kept bool) {
+// ignored); kept says it is not destroyed at the end of the task. A sandbox
+// that another tenant's task has (given or reported) is refused with
+// ErrForeignSandbox and not recorded: the task would be allowed to act on it.
+func (t *Task) SetSandboxInUse(sb *agentpb.Sandbox, kept bool) error {
 	if sb.GetId() == "" {
-		return
+		return nil
+	}
+	if t.sandboxOfOthers != nil && t.sandboxOfOthers(sb.GetId(), t.tenant) {
+		return fmt.Errorf("%w: %q", ErrForeignSandbox, sb.GetId())
 	}
 	sb = proto.Clone(sb).(*agentpb.Sandbox)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.usedSandbox, t.sandboxKept = sb, kept
 	t.saveLocked()
+	return nil
 }
+
+// ErrForeignSandbox: a session reported a sandbox of another tenant's task.
+var ErrForeignSandbox = errors.New("the sandbox is another tenant's")
 
 // SandboxIDs are the sandboxes the task was given, which its tool calls may
 // act on (besides the ones they create): the client's choice or the sandbox

@@ -40,6 +40,13 @@ type Auth struct {
 	poll                     time.Duration
 	log                      *slog.Logger
 	dir                      atomic.Pointer[Directory]
+	// fileCommanders: a tenants file loaded so far held commander tokens.
+	// Commanders then need a token for good: a reload that drops them must
+	// not let any commander in, unrestricted.
+	fileCommanders atomic.Bool
+	// changed is closed (and replaced) when a reload puts a new file in
+	// force (Changed).
+	changed atomic.Pointer[chan struct{}]
 
 	mu      sync.Mutex // serialises loads
 	lastSrc []byte
@@ -56,6 +63,8 @@ func New(o Options) (*Auth, error) {
 		o.Poll = time.Second
 	}
 	a := &Auth{file: o.File, poll: o.Poll, log: o.Logger}
+	ch := make(chan struct{})
+	a.changed.Store(&ch)
 	a.client, a.hasClient = HashToken(o.ClientToken), o.ClientToken != ""
 	a.commander, a.hasCommander = HashToken(o.CommanderToken), o.CommanderToken != ""
 	a.admin, a.hasAdmin = HashToken(o.AdminToken), o.AdminToken != ""
@@ -74,7 +83,7 @@ func New(o Options) (*Auth, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", o.File, err)
 		}
-		a.dir.Store(d)
+		a.install(d)
 		a.lastSrc = src
 		a.log.Info("tenants loaded", "file", o.File, "tenants", d.Tenants())
 	}
@@ -105,13 +114,15 @@ func (a *Auth) ClientAuth() bool {
 	return a.hasClient || a.hasAdmin || a.file != ""
 }
 
-// CommanderAuth reports whether commanders must present a token.
+// HasTenants reports whether a tenants file is in use: the default tenant
+// (the plain client token) is then one tenant among others.
+func (a *Auth) HasTenants() bool { return a.file != "" }
+
+// CommanderAuth reports whether commanders must present a token: with the
+// shared token, or once a tenants file held commander tokens (for good,
+// whatever a later reload holds).
 func (a *Auth) CommanderAuth() bool {
-	if a.hasCommander {
-		return true
-	}
-	d := a.dir.Load()
-	return d != nil && len(d.commanders) > 0
+	return a.hasCommander || a.fileCommanders.Load()
 }
 
 // Client is the caller a client token acts for; ok is false for a token
@@ -189,10 +200,28 @@ func (a *Auth) load(src []byte) (changed bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	a.dir.Store(d)
+	a.install(d)
 	a.lastSrc = src
 	return true, nil
 }
+
+// install puts d in force and tells Changed's waiters. Called by one
+// goroutine at a time (New, or under mu).
+func (a *Auth) install(d *Directory) {
+	if len(d.commanders) > 0 {
+		a.fileCommanders.Store(true)
+	}
+	a.dir.Store(d)
+	ch := make(chan struct{})
+	close(*a.changed.Swap(&ch))
+}
+
+// Changed is a channel closed once a reload puts a new tenants file in
+// force: a long-lived stream asks again who its token is then, and ends if
+// it is no longer the same (a token taken away, or moved to another
+// tenant). Take it before the check it guards, so that no reload in
+// between goes unnoticed.
+func (a *Auth) Changed() <-chan struct{} { return *a.changed.Load() }
 
 // Watch reloads the tenants file when it changes, polling every Poll (as
 // the policy file: a change is read once the file has held still for one

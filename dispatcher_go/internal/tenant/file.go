@@ -42,6 +42,9 @@ const maxFileBytes = 4 << 20
 // logs and matched against commanders' hellos.
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
+// emptyTokenHash is the SHA-256 of "", never a token of the file.
+var emptyTokenHash = HashToken("")
+
 // ValidName reports whether s may name a tenant.
 func ValidName(s string) bool { return namePattern.MatchString(s) }
 
@@ -85,6 +88,9 @@ func Parse(src []byte) (*Directory, error) {
 			h, ok := ParseHash(s)
 			if !ok {
 				return fmt.Errorf("tenant %q: %s[%d] is not \"sha256:<64 hex digits>\"", e.Name, field, i)
+			}
+			if h == emptyTokenHash {
+				return fmt.Errorf("tenant %q: %s[%d] is the hash of the empty token (was $TOKEN unset when it was hashed?): every request without a token would be this tenant's", e.Name, field, i)
 			}
 			if other, dup := seen[h]; dup {
 				return fmt.Errorf("tenant %q: %s[%d] is already a token of tenant %q", e.Name, field, i, other)

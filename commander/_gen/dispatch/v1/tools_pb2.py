@@ -26,7 +26,7 @@ from commander._gen.dispatch.v1 import interaction_pb2 as dispatch_dot_v1_dot_in
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64ispatch/v1/tools.proto\x12\x0b\x64ispatch.v1\x1a\x1d\x64ispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.dispatch.v1.ProviderHelloH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.dispatch.v1.InvocationResultH\x00\x42\x05\n\x03msg\"\xb1\x01\n\rProviderHello\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.dispatch.v1.ToolSpec\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.dispatch.v1.ProviderHello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x10InvocationResult\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.ToolError\"\xc8\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.WelcomeH\x00\x12)\n\x06invoke\x18\x02 \x01(\x0b\x32\x17.dispatch.v1.InvocationH\x00\x12/\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1d.dispatch.v1.CancelInvocationH\x00\x12)\n\x08rejected\x18\x04 \x01(\x0b\x32\x15.dispatch.v1.RejectedH\x00\x42\x05\n\x03msg\">\n\x07Welcome\x12\x18\n\x10registered_tools\x18\x01 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\"\xbe\x02\n\nInvocation\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\t\x12@\n\rtrace_context\x18\x08 \x03(\x0b\x32).dispatch.v1.Invocation.TraceContextEntry\x12\x13\n\x0bsandbox_ids\x18\t \x03(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10\x43\x61ncelInvocation\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x08Rejected\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2_\n\x13ToolProviderService\x12H\n\x07\x43onnect\x12\x1b.dispatch.v1.ConnectRequest\x1a\x1c.dispatch.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64ispatch/v1/tools.proto\x12\x0b\x64ispatch.v1\x1a\x1d\x64ispatch/v1/interaction.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.dispatch.v1.ProviderHelloH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.dispatch.v1.InvocationResultH\x00\x42\x05\n\x03msg\"\xb1\x01\n\rProviderHello\x12\x13\n\x0bprovider_id\x18\x01 \x01(\t\x12$\n\x05tools\x18\x02 \x03(\x0b\x32\x15.dispatch.v1.ToolSpec\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.dispatch.v1.ProviderHello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x10InvocationResult\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.dispatch.v1.ToolError\"\xc8\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.dispatch.v1.WelcomeH\x00\x12)\n\x06invoke\x18\x02 \x01(\x0b\x32\x17.dispatch.v1.InvocationH\x00\x12/\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1d.dispatch.v1.CancelInvocationH\x00\x12)\n\x08rejected\x18\x04 \x01(\x0b\x32\x15.dispatch.v1.RejectedH\x00\x42\x05\n\x03msg\">\n\x07Welcome\x12\x18\n\x10registered_tools\x18\x01 \x03(\t\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x03\"\xce\x02\n\nInvocation\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\t\x12@\n\rtrace_context\x18\x08 \x03(\x0b\x32).dispatch.v1.Invocation.TraceContextEntry\x12\x13\n\x0bsandbox_ids\x18\t \x03(\t\x12\x0e\n\x06tenant\x18\n \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x10\x43\x61ncelInvocation\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"1\n\x08Rejected\x12\x15\n\rinvocation_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2_\n\x13ToolProviderService\x12H\n\x07\x43onnect\x12\x1b.dispatch.v1.ConnectRequest\x1a\x1c.dispatch.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,13 +50,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=709
   _globals['_WELCOME']._serialized_end=771
   _globals['_INVOCATION']._serialized_start=774
-  _globals['_INVOCATION']._serialized_end=1092
-  _globals['_INVOCATION_TRACECONTEXTENTRY']._serialized_start=1041
-  _globals['_INVOCATION_TRACECONTEXTENTRY']._serialized_end=1092
-  _globals['_CANCELINVOCATION']._serialized_start=1094
-  _globals['_CANCELINVOCATION']._serialized_end=1151
-  _globals['_REJECTED']._serialized_start=1153
-  _globals['_REJECTED']._serialized_end=1202
-  _globals['_TOOLPROVIDERSERVICE']._serialized_start=1204
-  _globals['_TOOLPROVIDERSERVICE']._serialized_end=1299
+  _globals['_INVOCATION']._serialized_end=1108
+  _globals['_INVOCATION_TRACECONTEXTENTRY']._serialized_start=1057
+  _globals['_INVOCATION_TRACECONTEXTENTRY']._serialized_end=1108
+  _globals['_CANCELINVOCATION']._serialized_start=1110
+  _globals['_CANCELINVOCATION']._serialized_end=1167
+  _globals['_REJECTED']._serialized_start=1169
+  _globals['_REJECTED']._serialized_end=1218
+  _globals['_TOOLPROVIDERSERVICE']._serialized_start=1220
+  _globals['_TOOLPROVIDERSERVICE']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)

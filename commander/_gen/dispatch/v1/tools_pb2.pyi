@@ -241,6 +241,7 @@ class Invocation(_message.Message):
     CALL_ID_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     SANDBOX_IDS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     invocation_id: _builtins.str
     """Unique per dispatcher; echo it in the InvocationResult."""
     tool_name: _builtins.str
@@ -249,6 +250,12 @@ class Invocation(_message.Message):
     session_id: _builtins.str
     call_id: _builtins.str
     """The planner's call_id, for logs."""
+    tenant: _builtins.str
+    """The tenant task_id belongs to ("" the default tenant, the one-tenant
+    case; see the dispatcher's tenants file). A provider serves every
+    tenant's tasks: one that keeps anything across tasks (files, a
+    workspace, a cache) keeps each tenant's apart by this.
+    """
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """The provider should give up after this; the dispatcher will."""
@@ -280,10 +287,11 @@ class Invocation(_message.Message):
         call_id: _builtins.str = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         sandbox_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "call_id", b"call_id", "deadline", b"deadline", "invocation_id", b"invocation_id", "sandbox_ids", b"sandbox_ids", "session_id", b"session_id", "task_id", b"task_id", "tool_name", b"tool_name", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "call_id", b"call_id", "deadline", b"deadline", "invocation_id", b"invocation_id", "sandbox_ids", b"sandbox_ids", "session_id", b"session_id", "task_id", b"task_id", "tenant", b"tenant", "tool_name", b"tool_name", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

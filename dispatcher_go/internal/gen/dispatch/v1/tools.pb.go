@@ -435,7 +435,12 @@ type Invocation struct {
 	// the one its session reported in use (SandboxInUse). A sandbox provider
 	// lets a call act only on these, on the ones the task created through it,
 	// and on its own precreated sandbox.
-	SandboxIds    []string `protobuf:"bytes,9,rep,name=sandbox_ids,json=sandboxIds,proto3" json:"sandbox_ids,omitempty"`
+	SandboxIds []string `protobuf:"bytes,9,rep,name=sandbox_ids,json=sandboxIds,proto3" json:"sandbox_ids,omitempty"`
+	// The tenant task_id belongs to ("" the default tenant, the one-tenant
+	// case; see the dispatcher's tenants file). A provider serves every
+	// tenant's tasks: one that keeps anything across tasks (files, a
+	// workspace, a cache) keeps each tenant's apart by this.
+	Tenant        string `protobuf:"bytes,10,opt,name=tenant,proto3" json:"tenant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -531,6 +536,13 @@ func (x *Invocation) GetSandboxIds() []string {
 		return x.SandboxIds
 	}
 	return nil
+}
+
+func (x *Invocation) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
 }
 
 // CancelInvocation tells the provider the result is no longer wanted.
@@ -670,7 +682,7 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\x03msg\"`\n" +
 	"\aWelcome\x12)\n" +
 	"\x10registered_tools\x18\x01 \x03(\tR\x0fregisteredTools\x12*\n" +
-	"\x11max_message_bytes\x18\x02 \x01(\x03R\x0fmaxMessageBytes\"\xb0\x03\n" +
+	"\x11max_message_bytes\x18\x02 \x01(\x03R\x0fmaxMessageBytes\"\xc8\x03\n" +
 	"\n" +
 	"Invocation\x12#\n" +
 	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x1b\n" +
@@ -683,7 +695,9 @@ const file_dispatch_v1_tools_proto_rawDesc = "" +
 	"\acall_id\x18\a \x01(\tR\x06callId\x12N\n" +
 	"\rtrace_context\x18\b \x03(\v2).dispatch.v1.Invocation.TraceContextEntryR\ftraceContext\x12\x1f\n" +
 	"\vsandbox_ids\x18\t \x03(\tR\n" +
-	"sandboxIds\x1a?\n" +
+	"sandboxIds\x12\x16\n" +
+	"\x06tenant\x18\n" +
+	" \x01(\tR\x06tenant\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"O\n" +
