@@ -307,9 +307,10 @@ def test_example4_context_continuation(env: SimpleNamespace) -> None:
     assert messages[0]["content"] == "Open notepad"
     assert messages[1]["content"] == status(env.base, first)["finished_output"]
     assert messages[2]["content"] == 'Type "Hello, World!" in the notepad'
-    # As written: "$TASK_ID" is no task; the answer says so (400), no stream.
+    # As written: "$TASK_ID" is no task; the answer says so (404, as for
+    # another tenant's task), no stream.
     objs = json_objects(bash(seed.EXAMPLE4.replace("sleep 10", "true"), env.base))
-    assert objs[-1]["code"] == "INVALID_ARGUMENT" and "previous task" in objs[-1]["error"], objs
+    assert objs[-1]["code"] == "NOT_FOUND" and "previous task" in objs[-1]["error"], objs
 
 
 def test_cancelling_tasks_block(env: SimpleNamespace) -> None:
