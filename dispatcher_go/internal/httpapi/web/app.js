@@ -73,7 +73,11 @@ function kindOf(ev) {
   return "unknown";
 }
 
+// statusName is a task status as the page shows it: the enum's own name
+// (FAILURE stays FAILURE: never renamed to anything that reads as success).
 function statusName(s) { return String(s || "").replace("TASK_STATUS_", ""); }
+
+const TERMINAL = ["SUCCESS", "FAILURE", "CANCELLED"];
 
 function describe(ev, k) {
   const v = ev[k] || {};
@@ -87,10 +91,10 @@ function describe(ev, k) {
       const out = r.error ? "error " + r.error.code + ": " + r.error.message : (r.result_json || "");
       return r.tool_name + " #" + r.call_id + " → " + short(out, 2000) + (v.duration_ms ? "  (" + v.duration_ms + " ms)" : "");
     }
-    case "usage": return "tokens in " + (v.input_tokens || 0) + " out " + (v.output_tokens || 0) + (v.cost ? " cost " + v.cost + " " + (v.currency || "") : "");
+    case "usage": return "tokens in " + (v.input_tokens || 0) + " out " + (v.output_tokens || 0) + (v.cost ? " cost " + v.cost + " " + (v.currency || "") : "") + (v.model ? " model " + v.model : "");
     case "stage": return v.stage + (v.message ? ": " + v.message : "");
     case "artifact": return (v.kind || "artifact") + (v.description ? ": " + v.description : "");
-    case "result": return String(v.outcome || "").replace("SESSION_OUTCOME_", "") + ": " + (v.result || "");
+    case "result": return String(v.outcome || "").replace("SESSION_OUTCOME_", "") + ": " + (v.result || "") + (v.message ? " — " + v.message : "");
     case "stop": return "stop: " + (v.reason || "") + (v.rule_id ? " [" + v.rule_id + "]" : "");
     case "stopped": return "stopped" + (v.reason ? ": " + v.reason : "");
     case "user_input": return "you: " + (v.text || "");
@@ -171,7 +175,7 @@ function applyEvent(ev) {
   if (k === "state") {
     const st = statusName(ev.state.status);
     setStatus(st, ev.state.message);
-    if (["SUCCESS", "FAILURE", "CANCELLED"].includes(st)) {
+    if (TERMINAL.includes(st)) {
       view.ended = true;
       $("#reply").hidden = true;
       document.querySelectorAll(".hold").forEach((e) => e.remove());
@@ -217,6 +221,7 @@ function showTask(id, restored) {
   $("#task-id").textContent = id;
   setStatus("", "");
   $("#stats").textContent = "";
+  $("#task-models").textContent = "";
   if (restored) {
     for (const ev of restored.events || []) {
       view.lastSeq = Number(ev.seq);
@@ -279,8 +284,14 @@ async function refreshTask() {
   try {
     const t = await api("GET", "/api/tasks/" + encodeURIComponent(id));
     if (id !== view.taskId) return;
-    setStatus(statusName(t.status), t.message);
+    const st = statusName(t.status);
+    // A reply sent before the task's end event arrived must not take back
+    // the end it showed (e.g. RUNNING over FAILURE).
+    if (TERMINAL.includes(st) || !TERMINAL.includes($("#status").textContent)) setStatus(st, t.message);
     $("#stats").textContent = statsText(t.statistics) + (t.result ? "  result: " + short(t.result, 200) : "");
+    // The models that ran, as the commander reported them (not the
+    // configured name).
+    $("#task-models").textContent = (t.models || []).length ? "models: " + t.models.join(", ") : "";
   } catch (e) {
     $("#task-msg").textContent = e.message;
   }
