@@ -61,7 +61,8 @@ func truthScript(start *dispatchv1.StartSession) []any {
 // --planners is refused at submit with the reason, and a task nobody
 // serves shows FAILURE with the queue timeout's reason. A failed task is
 // shown FAILURE everywhere the page shows a status (its head, its events,
-// the list, after a reload, reopened from the list), never as a success.
+// the list, after a reload, reopened from the list, when a stale
+// task-status reply arrives after the end), never as a success.
 func TestWebPageTellsTheTruth(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a browser")
@@ -113,6 +114,20 @@ func TestWebPageTellsTheTruth(t *testing.T) {
 		p.waitJS("the error event", `Array.from(document.querySelectorAll("#events .ev.error")).some(r => r.textContent.includes(`+jsString(contextReason)+`))`)
 		p.waitJS("the result event", `Array.from(document.querySelectorAll("#events .ev.result")).some(r => r.textContent.includes("FAILURE") && r.textContent.includes(`+jsString(contextReason)+`))`)
 		p.waitJS("no content shown", `!document.querySelector("#events .ev.content")`)
+		// A task-status reply sent before the end, arriving after it
+		// (RUNNING), does not take the end back.
+		var started bool
+		p.eval(`(() => {
+			const real = api;
+			api = async () => ({task_id: `+jsString(tooLarge)+`, status: "RUNNING", message: "stale"});
+			window.__stale = false;
+			refreshTask().finally(() => { api = real; window.__stale = true; });
+			return true;
+		})()`, &started)
+		p.waitJS("the stale reply handled", `window.__stale === true`)
+		if again := p.showsEnded(tooLarge, "FAILURE"); again != msg {
+			t.Fatalf("the message became %q", again)
+		}
 	})
 
 	t.Run("b: the model that ran", func(t *testing.T) {

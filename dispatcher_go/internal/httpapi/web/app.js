@@ -285,9 +285,10 @@ async function refreshTask() {
     const t = await api("GET", "/api/tasks/" + encodeURIComponent(id));
     if (id !== view.taskId) return;
     const st = statusName(t.status);
-    // A reply sent before the task's end event arrived must not take back
-    // the end it showed (e.g. RUNNING over FAILURE).
-    if (TERMINAL.includes(st) || !TERMINAL.includes($("#status").textContent)) setStatus(st, t.message);
+    // A reply sent before the task's end event arrived is stale: it must
+    // not take back the end the page shows (e.g. RUNNING over FAILURE).
+    if (!TERMINAL.includes(st) && TERMINAL.includes($("#status").textContent)) return;
+    setStatus(st, t.message);
     $("#stats").textContent = statsText(t.statistics) + (t.result ? "  result: " + short(t.result, 200) : "");
     // The models that ran, as the commander reported them (not the
     // configured name).
