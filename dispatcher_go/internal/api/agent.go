@@ -33,7 +33,7 @@ func (a *agentService) GetAgentInfo(ctx context.Context, _ *agentpb.GetAgentInfo
 	c := tenant.FromContext(ctx)
 	return &agentpb.AgentInfo{
 		Version:            a.s.d.Config().Version,
-		MaxConcurrentTasks: int32(min(a.s.d.Scheduler().SlotsServing(c.Tenant, c.Admin), math.MaxInt32)),
+		MaxConcurrentTasks: int32(min(a.s.d.SlotsServing(c.Tenant, c.Admin), math.MaxInt32)),
 		LogLevel:           a.s.d.Config().LogLevel,
 	}, nil
 }

@@ -316,6 +316,15 @@ func (d *Dispatcher) StoreWriter() *store.Writer { return d.writer }
 // Fleet is the replica's part of the fleet, nil for a single node.
 func (d *Dispatcher) Fleet() *fleet.Fleet { return d.fleet }
 
+// SlotsServing is the number of slots (of the whole fleet, in a fleet)
+// that may run a task of tenant; all counts every slot (an admin's view).
+func (d *Dispatcher) SlotsServing(tenant string, all bool) int {
+	if d.fleet != nil {
+		return d.fleet.SlotsServing(tenant, all)
+	}
+	return d.sched.SlotsServing(tenant, all)
+}
+
 // SlotCount is the number of commander slots: of the whole fleet for a
 // replica, else of this dispatcher.
 func (d *Dispatcher) SlotCount() int {

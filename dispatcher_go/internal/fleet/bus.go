@@ -97,6 +97,19 @@ type summary struct {
 	Idle   int `json:"idle"`
 	Queued int `json:"queued"`
 	Owned  int `json:"owned"`
+	// Open counts the slots serving every tenant, Tenants the others by
+	// tenant (scheduler.TenantSlots); absent in an older replica's
+	// summary, whose slots then all count as open.
+	Open    *int           `json:"open,omitempty"`
+	Tenants map[string]int `json:"tenants,omitempty"`
+}
+
+// serving is how many of the summary's slots may run a task of tenant.
+func (s summary) serving(tenant string) int {
+	if s.Open == nil {
+		return s.Slots
+	}
+	return *s.Open + s.Tenants[tenant]
 }
 
 // opTimeout bounds every Redis call (besides the blocking reads, which

@@ -273,6 +273,31 @@ func (f *Fleet) Health() error {
 	return errBusDown(errors.New("no answer to PING"))
 }
 
+// SlotsServing is SlotCount for a caller: the slots of the whole fleet
+// that may run a task of tenant (all: every slot, an admin's view).
+func (f *Fleet) SlotsServing(tenant string, all bool) int {
+	if all {
+		return f.SlotCount()
+	}
+	local := f.sched.SlotsServing(tenant, false)
+	if !f.busUp() {
+		return local
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	sums, err := summaries(ctx, f.rdb)
+	if err != nil {
+		return local
+	}
+	n := local
+	for id, s := range sums {
+		if id != f.id {
+			n += s.serving(tenant)
+		}
+	}
+	return n
+}
+
 // SlotCount is the number of slots of the whole fleet (each replica's
 // summary in Redis), or this replica's alone while Redis is down.
 func (f *Fleet) SlotCount() int {
@@ -759,7 +784,9 @@ func (f *Fleet) reconcileLoop(ctx context.Context) {
 func (f *Fleet) reconcile(ctx context.Context) {
 	if f.busUp() {
 		st := f.sched.Stats()
-		_ = publishSummary(ctx, f.rdb, f.id, summary{Slots: st.Slots, Idle: st.Idle, Queued: st.Queued, Owned: len(f.fenced.ownedTasks())}, 3*time.Second)
+		open, per := f.sched.TenantSlots()
+		_ = publishSummary(ctx, f.rdb, f.id, summary{Slots: st.Slots, Idle: st.Idle, Queued: st.Queued, Owned: len(f.fenced.ownedTasks()),
+			Open: &open, Tenants: per}, 3*time.Second)
 		f.checkEpoch(ctx)
 		if qs, err := f.leases.Queued(ctx, f.opts.RequeueAfter, 256); err == nil {
 			for _, q := range qs {

@@ -345,6 +345,28 @@ func (s *Scheduler) Planners() []string {
 	return out
 }
 
+// TenantSlots counts the connected slots by the tenants they serve: open
+// serve every tenant, per[name] serve name among others (a slot serving
+// two tenants counts for each). A slot that does not list its tenants
+// (no Tenants method) counts as open. What a fleet replica publishes so
+// that GetAgentInfo on any replica counts the caller's slots fleet-wide.
+func (s *Scheduler) TenantSlots() (open int, per map[string]int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	per = map[string]int{}
+	for sl := range s.slots {
+		tl, ok := sl.(interface{ Tenants() []string })
+		if !ok || len(tl.Tenants()) == 0 {
+			open++
+			continue
+		}
+		for _, t := range tl.Tenants() {
+			per[t]++
+		}
+	}
+	return open, per
+}
+
 // SlotsServing is the number of connected slots that may run a task of
 // tenant (those serving it or every tenant); all counts every slot (an
 // admin's GetAgentInfo). A tenant so learns nothing of the slots that serve

@@ -51,3 +51,26 @@ func TestQueueBoundIsPerTenant(t *testing.T) {
 		t.Fatalf("queued %d, want 5", st.Queued)
 	}
 }
+
+func (s *fakeSlot) Tenants() []string { return s.tenants }
+
+// TestTenantSlotsCountsByTenant: what a fleet replica publishes for
+// GetAgentInfo — open slots once, a slot serving two tenants for each.
+func TestTenantSlotsCountsByTenant(t *testing.T) {
+	t.Parallel()
+	s, _ := setup(t, 2)
+	a := newSlot("a", "planner:chat")
+	a.tenants = []string{"team-a"}
+	ab := newSlot("ab", "planner:chat")
+	ab.tenants = []string{"team-a", "team-b"}
+	s.AddSlot(a)
+	s.AddSlot(ab)
+	s.AddSlot(newSlot("open", "planner:chat"))
+	open, per := s.TenantSlots()
+	if open != 1 || per["team-a"] != 2 || per["team-b"] != 1 || len(per) != 2 {
+		t.Fatalf("open %d, per tenant %v", open, per)
+	}
+	if got := s.SlotsServing("team-b", false); got != open+per["team-b"] {
+		t.Fatalf("SlotsServing(team-b) %d, want %d", got, open+per["team-b"])
+	}
+}

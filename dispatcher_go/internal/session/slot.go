@@ -94,6 +94,9 @@ func (sl *slot) HasCapability(c string) bool {
 	return ok
 }
 
+// Tenants lists the tenants the slot serves (empty: every tenant).
+func (sl *slot) Tenants() []string { return sl.tenants }
+
 // ServesTenant implements scheduler.Slot.
 func (sl *slot) ServesTenant(t string) bool {
 	return len(sl.tenants) == 0 || slices.Contains(sl.tenants, t)
