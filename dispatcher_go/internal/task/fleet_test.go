@@ -105,6 +105,12 @@ func (f *fakeFleet) Interject(context.Context, string, string) (string, uint64, 
 func (f *fakeFleet) Approve(context.Context, string, string, bool, string) (dispatchv1.HoldOutcome, uint64, error) {
 	return dispatchv1.HoldOutcome_HOLD_OUTCOME_APPROVED, 10, nil
 }
+func (f *fakeFleet) TakeSession(context.Context, string, string, func(string) bool) error {
+	return ErrNotFound
+}
+func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, error) {
+	return 0, ErrNotFound
+}
 
 func newFleetManager(t *testing.T) (*Manager, *fakeQueue, *fakeFleet, *memPersist) {
 	t.Helper()
