@@ -759,3 +759,47 @@ def test_rolling_restart_fails_no_task(stack: Stack, fleet: SimpleNamespace) -> 
         f"{took:.1f}s; SIGTERM → re-attached elsewhere {_pcts(handover)}; watcher reconnects "
         f"{sum(w.reconnects for w in watchers)}"
     )
+
+
+def test_paused_owner_is_fenced_after_its_session_moved(
+    stack: Stack, engines: SimpleNamespace
+) -> None:
+    """A replica paused (SIGSTOP) while it runs a session, and the commander's link to
+    it cut (its proxy killed): the commander (given both addresses) re-attaches the
+    session to the other replica, which takes the task over at once (the lease, 20 s
+    here, has not expired). Resumed, the old owner finds its stream gone and fails the
+    session, but it is fenced: nothing it records reaches the store, the task ends
+    SUCCESS with 1..N exactly once, and no replica fails it."""
+    from tests.test_faults import start_proxy
+
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=800)
+    proxy = start_proxy(stack, d1.addr)
+    stack.commander(f"{proxy.addr},{d2.addr}", llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=30)
+    task_id = _submit(d2, f"paused owner [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    d1.close_channel()
+    t0 = time.time()
+    d1.proc.signal(signal.SIGSTOP)
+    try:
+        proxy.proc.kill9()  # the link cut: the commander moves, r1 cannot notice
+        w.wait(lambda evs: bool(_reattaches(evs)), 30, "the session re-attached to r2")
+        moved = _reattaches(w.events)[0].time.ToNanoseconds() / 1e9 - t0
+    finally:
+        d1.proc.signal(signal.SIGCONT)
+    wait_until(
+        lambda: "task fenced" in d1.proc.log_text(), 20, "the old owner fenced", procs=[d1.proc]
+    )
+    st = wait_status(d2.agent, task_id, timeout=90)
+    assert st.status == agent_pb2.SUCCESS, st
+    events = w.join(30)
+    _exactly_once_in_order(events)
+    # What any replica reads from the store now: exactly what the watcher saw.
+    for d in (d1, d2):
+        full = start_watch(d.tasks, task_id)
+        full.join(15)
+        assert [(e.seq, kind(e)) for e in full.values()] == [(e.seq, kind(e)) for e in events]
+    assert "task of a dead replica ended" not in d1.proc.log_text() + d2.proc.log_text()
+    print(f"\npaused owner, link cut: session re-attached to r2 {moved:.2f}s after; r1 fenced")
