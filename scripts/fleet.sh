@@ -87,16 +87,15 @@ up() {
     wait_for "dispatcher-$n" 30 test -s "$RUN/dispatcher-$n.addr"
     addrs+=("$grpc")
   done
-  local all; all=$(IFS=,; echo "${addrs[*]}")
   log "tool provider (workspace tools in $RUN/workspace) on replica-1"
   mkdir -p "$RUN/workspace"
   start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "${addrs[0]}" --root "$RUN/workspace"
-  local several=0
-  # Only if the --dispatcher option itself says it takes several addresses.
-  "$ROOT/.venv/bin/commander" --help 2>/dev/null | grep -A3 -- "--dispatcher DISPATCHER$" | grep -qiwE "several|comma" && several=1
   for c in 1 2; do
-    local target=$all
-    [ $several = 1 ] || target=${addrs[$((c - 1))]}
+    # Every commander gets all three addresses (a lost stream, a move from a
+    # draining replica, re-attaches its sessions to the next), each
+    # starting at its own replica so that the slots spread.
+    local target; target=$(IFS=,; echo "${addrs[*]:$((c - 1))},${addrs[*]:0:$((c - 1))}")
+    target=${target%,}
     log "commander-$c ($COMMANDER_SLOTS slots) → $target"
     start "commander-$c" "$ROOT/.venv/bin/commander" --dispatcher "$target" --slots "$COMMANDER_SLOTS" \
       --id "fleet-commander-$c" --llm-exclude-tools "computer.,mobile." \

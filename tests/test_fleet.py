@@ -28,7 +28,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2
+from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2, tasks_pb2_grpc
 from commander._gen.lybic.agent import agent_pb2
 from tests import _procs
 from tests._client import (
@@ -546,3 +546,260 @@ def test_cancel_of_a_queued_task_on_another_replica(stack: Stack, fleet: SimpleN
     assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
     assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
     assert short.streams(marker) == []
+
+
+# ---------------------------------------------------------------- hand-over across replicas
+
+TERMINAL = (agent_pb2.SUCCESS, agent_pb2.FAILURE, agent_pb2.CANCELLED)
+
+
+class FleetWatcher:
+    """WatchTask that, whenever its stream breaks, reconnects to the next replica of
+    addrs and resumes after the last seq it saw, until the task's terminal event."""
+
+    def __init__(self, addrs: list[str], task_id: str, first: int = 0) -> None:
+        self.addrs, self.task_id, self.i = addrs, task_id, first
+        self.events: list[tasks_pb2.TaskEvent] = []
+        self.received_at: list[float] = []
+        self.reconnects = 0
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline:
+                addr = self.addrs[self.i % len(self.addrs)]
+                with grpc.insecure_channel(addr) as ch:
+                    stub = tasks_pb2_grpc.TaskServiceStub(ch)
+                    after = self.events[-1].seq if self.events else 0
+                    req = tasks_pb2.WatchTaskRequest(task_id=self.task_id, after_seq=after)
+                    try:
+                        for resp in stub.WatchTask(req, timeout=120):
+                            self.events.append(resp.event)
+                            self.received_at.append(time.time())
+                            ev = resp.event
+                            if kind(ev) == "state" and ev.state.status in TERMINAL:
+                                return
+                    except grpc.RpcError:
+                        pass
+                self.reconnects += 1
+                self.i += 1
+                time.sleep(0.05)
+            raise _procs.Timeout("watcher: no terminal event within 300s")
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self, pred: Any, timeout: float, what: str) -> None:
+        wait_until(lambda: pred(list(self.events)), timeout, what, interval=0.05)
+
+    def join(self, timeout: float) -> list[tasks_pb2.TaskEvent]:
+        if not self.done.wait(timeout):
+            raise _procs.Timeout(f"watcher of {self.task_id} did not end within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return list(self.events)
+
+
+def _contents(events: list[tasks_pb2.TaskEvent]) -> int:
+    return sum(kind(e) == "content" for e in events)
+
+
+def _exactly_once_in_order(events: list[tasks_pb2.TaskEvent]) -> None:
+    """1..N exactly once, ends SUCCESS, the content spells the result exactly, and
+    the upstream seqs of the recorded packets only grow."""
+    seqs = [e.seq for e in events]
+    assert seqs == list(range(1, len(events) + 1)), f"seqs not 1..N exactly once: {seqs}"
+    last = events[-1]
+    assert kind(last) == "state" and last.state.status == agent_pb2.SUCCESS, describe(events[-5:])
+    result = [e for e in events if kind(e) == "result"]
+    assert len(result) == 1, describe(events)
+    text = "".join(e.content.text for e in events if kind(e) == "content")
+    assert text == result[0].result.result, (len(text), len(result[0].result.result))
+    ups = [e.upstream_seq for e in events if e.upstream_seq]
+    assert ups == sorted(ups) and len(ups) == len(set(ups)), "upstream seqs repeated or reordered"
+
+
+def _reattaches(events: list[tasks_pb2.TaskEvent]) -> list[tasks_pb2.TaskEvent]:
+    return [e for e in events if kind(e) == "state" and "re-attached" in e.state.message]
+
+
+def _pcts(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    xs = sorted(xs)
+    p50 = xs[len(xs) // 2]
+    p99 = xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+    return f"p50 {p50:.3f}s p99 {p99:.3f}s max {xs[-1]:.3f}s over {len(xs)}"
+
+
+def test_kill9_replica_sessions_continue_on_other_replicas(
+    stack: Stack, fleet: SimpleNamespace
+) -> None:
+    """kill -9 of the replica running N streaming sessions: their commander (given all
+    three addresses) re-attaches each to another replica, which takes the task over at
+    once (not after the lease): every task ends SUCCESS and every watcher (reconnecting
+    to other replicas, resuming by seq) sees 1..N exactly once, content complete."""
+    d1, d2, d3 = fleet.d
+    n = 6
+    llm = stack.scripted(tokens_per_sec=60, tokens=600)
+    addrs = [d.addr for d in fleet.d]
+    cmd = stack.commander(",".join(addrs), llm.base_url, slots=n)
+    d2.wait_slots(n, timeout=30)  # the commander's slots are on d1 (its first address)
+    ids = [
+        _submit(d2, f"kill9 hand-over {i} [{uuid.uuid4().hex[:8]}]", llm.model_config())
+        for i in range(n)
+    ]
+    watchers = [FleetWatcher(addrs, t, first=i) for i, t in enumerate(ids)]
+    for w in watchers:
+        w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    d1.close_channel()
+    t_kill = time.time()
+    d1.proc.kill9()
+    back: list[float] = []
+    content_back: list[float] = []
+    for t, w in zip(ids, watchers, strict=True):
+        st = wait_status(d3.agent, t, timeout=90)
+        assert st.status == agent_pb2.SUCCESS, (t, st)
+        events = w.join(60)
+        _exactly_once_in_order(events)
+        re = _reattaches(events)
+        assert re, f"no re-attach event: {describe(events)}"
+        at = re[0].time.ToNanoseconds() / 1e9
+        back.append(at - t_kill)
+        first = next(e for e in events[events.index(re[0]) :] if kind(e) == "content")
+        content_back.append(first.time.ToNanoseconds() / 1e9 - t_kill)
+    assert cmd.alive()
+    assert all(r["outcome"] == "completed" for r in llm.streams()), llm.streams()
+    # Taken over at once: not after the dead replica's lease (+ grace) ran out.
+    assert sorted(back)[len(back) // 2] < LEASE + GRACE, back
+    print(
+        f"\nfleet kill -9 of a replica, {n} streaming sessions: kill → first event recorded "
+        f"again (the re-attach) {_pcts(back)}; → first content again {_pcts(content_back)}"
+    )
+
+
+def _restart_replica(stack: Stack, d: Dispatcher) -> tuple[Dispatcher, float, float]:
+    """SIGTERM d, wait for it to exit, start it again (same address and flags, a new
+    replica id). Returns the new replica, the wall times of the SIGTERM and of the exit."""
+    d.close_channel()
+    t_term = time.time()
+    d.proc.signal(signal.SIGTERM)
+    assert d.proc.popen.wait(timeout=60) == 0
+    t_exit = time.time()
+    extra = d.argv[d.argv.index("--addr-file") + 2 :]
+    i = extra.index("--replica-id")
+    extra[i + 1] = extra[i + 1].split("-")[0] + "-" + uuid.uuid4().hex[:4]
+    return stack.dispatcher(*extra, listen=d.addr), t_term, t_exit
+
+
+def test_rolling_restart_fails_no_task(stack: Stack, fleet: SimpleNamespace) -> None:
+    """Rolling restart: N tasks streaming continuously on two commanders (each given all
+    three addresses); SIGTERM, restart and wait, for each replica in turn → 0 tasks
+    failed, and every watcher (reconnecting to other replicas, resuming by seq) saw
+    1..N exactly once. FLEET_ROLLING_TASKS sets N."""
+    n = int(os.environ.get("FLEET_ROLLING_TASKS", "100"))
+    d = list(fleet.d)
+    addrs = [x.addr for x in d]
+    llm = stack.scripted(tokens_per_sec=8, tokens=320)
+    half = n // 2
+    stack.commander(",".join(addrs), llm.base_url, slots=half)
+    stack.commander(",".join(addrs[1:] + addrs[:1]), llm.base_url, slots=n - half)
+    d[2].wait_slots(n, timeout=60)
+    ids = [
+        _submit(d[i % 3], f"rolling {i} [{uuid.uuid4().hex[:8]}]", llm.model_config())
+        for i in range(n)
+    ]
+    watchers = [FleetWatcher(addrs, t, first=i) for i, t in enumerate(ids)]
+    for w in watchers:
+        w.wait(lambda evs: _contents(evs) >= 2, 60, "content flowing")
+    t0 = time.monotonic()
+    rounds: list[tuple[float, float]] = []
+    for k in range(3):
+        d[k], t_term, _ = _restart_replica(stack, d[k])
+        # Wait: every commander's slots are back in the fleet and every task
+        # records again after the restart.
+        d[k].wait_slots(n, timeout=60)
+        t_up = time.time()
+        for w in watchers:
+            w.wait(
+                lambda evs, t_up=t_up: (
+                    bool(evs)
+                    and (
+                        evs[-1].time.ToNanoseconds() / 1e9 > t_up
+                        or (kind(evs[-1]) == "state" and evs[-1].state.status in TERMINAL)
+                    )
+                ),
+                60,
+                f"events after the restart of replica {k + 1}",
+            )
+        rounds.append((t_term, time.time()))
+    took = time.monotonic() - t0
+    failed = []
+    for t in ids:
+        st = wait_status(d[0].agent, t, timeout=120)
+        if st.status != agent_pb2.SUCCESS:
+            failed.append((t, st.status, st.message))
+    assert not failed, f"{len(failed)} tasks not SUCCESS: {failed[:5]}"
+    handover: list[float] = []
+    for w in watchers:
+        events = w.join(60)
+        _exactly_once_in_order(events)
+        for e in _reattaches(events):
+            at = e.time.ToNanoseconds() / 1e9
+            for t_term, t_end in rounds:
+                if t_term <= at <= t_end:
+                    handover.append(at - t_term)
+    assert handover, "no session was handed over"
+    print(
+        f"\nfleet rolling restart of 3 replicas, {n} tasks streaming: 0 failed; restarts took "
+        f"{took:.1f}s; SIGTERM → re-attached elsewhere {_pcts(handover)}; watcher reconnects "
+        f"{sum(w.reconnects for w in watchers)}"
+    )
+
+
+def test_paused_owner_is_fenced_after_its_session_moved(
+    stack: Stack, engines: SimpleNamespace
+) -> None:
+    """A replica paused (SIGSTOP) while it runs a session, and the commander's link to
+    it cut (its proxy killed): the commander (given both addresses) re-attaches the
+    session to the other replica, which takes the task over at once (the lease, 20 s
+    here, has not expired). Resumed, the old owner finds its stream gone and fails the
+    session, but it is fenced: nothing it records reaches the store, the task ends
+    SUCCESS with 1..N exactly once, and no replica fails it."""
+    from tests.test_faults import start_proxy
+
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=800)
+    proxy = start_proxy(stack, d1.addr)
+    stack.commander(f"{proxy.addr},{d2.addr}", llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=30)
+    task_id = _submit(d2, f"paused owner [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    d1.close_channel()
+    t0 = time.time()
+    d1.proc.signal(signal.SIGSTOP)
+    try:
+        proxy.proc.kill9()  # the link cut: the commander moves, r1 cannot notice
+        w.wait(lambda evs: bool(_reattaches(evs)), 30, "the session re-attached to r2")
+        moved = _reattaches(w.events)[0].time.ToNanoseconds() / 1e9 - t0
+    finally:
+        d1.proc.signal(signal.SIGCONT)
+    wait_until(
+        lambda: "task fenced" in d1.proc.log_text(), 20, "the old owner fenced", procs=[d1.proc]
+    )
+    st = wait_status(d2.agent, task_id, timeout=90)
+    assert st.status == agent_pb2.SUCCESS, st
+    events = w.join(30)
+    _exactly_once_in_order(events)
+    # What any replica reads from the store now: exactly what the watcher saw.
+    for d in (d1, d2):
+        full = start_watch(d.tasks, task_id)
+        full.join(15)
+        assert [(e.seq, kind(e)) for e in full.values()] == [(e.seq, kind(e)) for e in events]
+    assert "task of a dead replica ended" not in d1.proc.log_text() + d2.proc.log_text()
+    print(f"\npaused owner, link cut: session re-attached to r2 {moved:.2f}s after; r1 fenced")

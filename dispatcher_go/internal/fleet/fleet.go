@@ -21,6 +21,8 @@
 // drops the session. Leases are renewed in the background; a lease expired
 // for longer than the grace is taken over by another replica, which ends
 // the task FAILURE (or puts a task that had not started back on the bus).
+// A session re-attaching to any replica takes its task over at once
+// (TakeSession: the lease with the next attempt, whoever held it).
 //
 // The package must not know any transport, must not run a session itself
 // (the session and task packages do), and must never make Redis the only

@@ -280,3 +280,69 @@ func TestQueueNames(t *testing.T) {
 		t.Fatalf("seq of %q: %d", eventID(42), s)
 	}
 }
+
+func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	l, err := NewLeases(ctx, st.Pool(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := []byte(`{"instruction":"x","planner":"chat","sessionId":"ses-1"}`)
+	if err := st.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: body}}}); err != nil {
+		t.Fatal(err)
+	}
+	var fenced atomic.Int64
+	old := &fencedStore{Store: st, pool: st.Pool(), replica: "r1", owned: map[string]int64{},
+		onFenced: func(string) { fenced.Add(1) }}
+	a1, err := l.Claim(ctx, "t1", "r1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.own("t1", a1)
+	// A live lease (a minute left): a plain Claim is refused, the session's is not.
+	if _, err := l.Claim(ctx, "t1", "r2"); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("plain claim of a live lease: %v", err)
+	}
+	if _, err := l.ClaimForSession(ctx, "t1", "r2", "ses-other"); !errors.Is(err, ErrNotSession) {
+		t.Fatalf("claim for another session: %v, want ErrNotSession", err)
+	}
+	a2, err := l.ClaimForSession(ctx, "t1", "r2", "ses-1")
+	if err != nil || a2 != a1+1 {
+		t.Fatalf("claim for the session: attempt %d, %v; want %d", a2, err, a1+1)
+	}
+	// The old owner's next write is refused; its renewal no longer holds it.
+	if err := old.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("stale")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if evs, _ := st.ReadEvents(ctx, "t1", 0, 10); len(evs) != 0 || fenced.Load() != 1 {
+		t.Fatalf("stale write stored (%d events) or not fenced (%d)", len(evs), fenced.Load())
+	}
+	if got, err := l.Renew(ctx, "r1"); err != nil || len(got) != 0 {
+		t.Fatalf("old owner renewed %v (%v)", got, err)
+	}
+	if got, err := l.Renew(ctx, "r2"); err != nil || got["t1"] != a2 {
+		t.Fatalf("new owner renewed %v (%v)", got, err)
+	}
+	// The new lease is live: the sweeper (a claim past the grace) leaves it.
+	if _, err := l.claim(ctx, "t1", "r3", time.Second); !errors.Is(err, ErrLeaseHeld) {
+		t.Fatalf("sweeper claim of the re-attached task: %v", err)
+	}
+	// Not running, ended, unknown.
+	pend := []byte(`{"sessionId":"ses-p"}`)
+	if err := st.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{
+		{ID: "p", Status: int32(agentpb.TaskStatus_PENDING), CreatedAt: time.Now(), Body: pend},
+		{ID: "d", Status: int32(agentpb.TaskStatus_SUCCESS), CreatedAt: time.Now(), Body: pend},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.ClaimForSession(ctx, "p", "r2", "ses-p"); !errors.Is(err, ErrNotSession) {
+		t.Fatalf("claim of a pending task: %v", err)
+	}
+	if _, err := l.ClaimForSession(ctx, "d", "r2", "ses-p"); !errors.Is(err, ErrTaskEnded) {
+		t.Fatalf("claim of an ended task: %v", err)
+	}
+	if _, err := l.ClaimForSession(ctx, "nope", "r2", "ses-p"); !errors.Is(err, task.ErrNotFound) {
+		t.Fatalf("claim of an unknown task: %v", err)
+	}
+}

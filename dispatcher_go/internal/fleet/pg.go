@@ -135,6 +135,67 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 	return attempt, err
 }
 
+// ErrNotSession means a re-attach named a session the task does not run
+// (it is not RUNNING, or its stored session id is another).
+var ErrNotSession = errors.New("fleet: the task is not running that session")
+
+// ClaimForSession takes the lease of taskID for replica with the next
+// attempt number for a session re-attaching here: the task must be RUNNING
+// with sessionID as its stored session. Unlike Claim it takes the lease
+// whoever holds it and whether or not it expired: the session's commander
+// left the old owner (crashed, draining, cut off), and the new attempt
+// fences that owner's later writes. It fails with ErrNotSession,
+// ErrTaskEnded or task.ErrNotFound. The lease row is locked while the
+// task is read and the lease moves, so a write of the old owner is either
+// before the claim (and seen by it) or refused.
+func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID string) (int64, error) {
+	var attempt int64
+	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+		// The lease row first (the fenced store's order: lease, then
+		// task): a write of the old owner waits for this claim, or this
+		// claim for the write.
+		var one int
+		err := tx.QueryRow(ctx, `SELECT 1 FROM fleet_leases WHERE task_id = $1 FOR UPDATE`, taskID).Scan(&one)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		var status int32
+		var body []byte
+		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1`, taskID).Scan(&status, &body)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return task.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		st := agentpb.TaskStatus(status)
+		if task.Terminal(st) {
+			return ErrTaskEnded
+		}
+		if st != agentpb.TaskStatus_RUNNING || storedSession(body) != sessionID {
+			return ErrNotSession
+		}
+		return tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+				expires_at = excluded.expires_at, released = false
+			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+	})
+	return attempt, err
+}
+
+// storedSession is the session id in a task record's body (the
+// taskstore's JSON; "" when it has none or cannot be read).
+func storedSession(body []byte) string {
+	var b struct {
+		SessionID string `json:"sessionId"`
+	}
+	if json.Unmarshal(body, &b) != nil {
+		return ""
+	}
+	return b.SessionID
+}
+
 // Release gives up the lease of taskID taken with attempt (the owner
 // finished with the task, or hands it over: the next Claim succeeds at
 // once). It is a no-op if the lease moved on.

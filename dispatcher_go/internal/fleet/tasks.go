@@ -249,3 +249,97 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	f.watchOwned(t, attempt)
 	return t, attempt, nil
 }
+
+// TakeSession implements task.Fleet: a session re-attaching to this
+// replica takes its task over from whichever replica ran it (see
+// Leases.ClaimForSession), at once, without waiting for that replica's
+// lease to expire. The task is loaded from PostgreSQL after the claim
+// (nothing of the old owner is written after it) with the highest upstream
+// seq of its stored events, and waits here for the session
+// (task.Manager.AdoptWaiting).
+func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves func(string) bool) error {
+	snap, err := f.ts.Load(ctx, id)
+	if err != nil {
+		return unavailable("read the task", err)
+	}
+	switch {
+	case serves != nil && !serves(snap.Tenant):
+		return task.ErrNotFound // as Manager.Reattach: another tenant's task stays unseen
+	case task.Terminal(snap.Status):
+		return fmt.Errorf("%w: the task ended %s: %s", task.ErrNotRunning, snap.Status, snap.Message)
+	case snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID:
+		return fmt.Errorf("%w: the task's session is not %s", task.ErrNotRunning, sessionID)
+	}
+	attempt, err := f.ClaimSession(ctx, id, sessionID)
+	if err != nil {
+		return err
+	}
+	release := func(err error) error {
+		_ = f.Release(ctx, id, attempt)
+		return unavailable("read the task", err)
+	}
+	if snap, err = f.ts.Load(ctx, id); err != nil {
+		return release(err)
+	}
+	last, err := f.pg.LastSeq(ctx, id)
+	if err != nil {
+		return release(err)
+	}
+	if snap.UpstreamSeq, err = f.upstreamSeq(ctx, id, last); err != nil {
+		return release(err)
+	}
+	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
+	if err != nil {
+		_ = f.Release(ctx, id, attempt)
+		return err
+	}
+	f.watchOwned(t, attempt)
+	f.log.Info("task taken over for its re-attaching session", "task_id", id, "attempt", attempt, "last_seq", last, "upstream_seq", snap.UpstreamSeq)
+	return nil
+}
+
+// ClaimSession implements task.Fleet: the lease of task id for session
+// sessionID re-attaching here (Leases.ClaimForSession), and the fenced
+// store's permission to write with it.
+func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, error) {
+	attempt, err := f.leases.ClaimForSession(ctx, id, f.id, sessionID)
+	switch {
+	case errors.Is(err, task.ErrNotFound):
+		return 0, err
+	case errors.Is(err, ErrTaskEnded), errors.Is(err, ErrNotSession):
+		return 0, fmt.Errorf("%w: %v", task.ErrNotRunning, err)
+	case err != nil:
+		return 0, unavailable("claim the task", err)
+	}
+	f.dropped.Delete(id)
+	f.fenced.own(id, attempt)
+	return attempt, nil
+}
+
+// upstreamScanPage is how many events upstreamSeq reads at a time.
+const upstreamScanPage = 64
+
+// upstreamSeq is the highest upstream seq among task id's stored events up
+// to last (that of the newest event that has one), 0 if none has: what the
+// session's commander resends after (as a single node's restore reads it).
+func (f *Fleet) upstreamSeq(ctx context.Context, id string, last uint64) (uint64, error) {
+	for hi := last; hi > 0; {
+		lo := uint64(0)
+		if hi > upstreamScanPage {
+			lo = hi - upstreamScanPage
+		}
+		evs, err := f.writer.ReadStored(ctx, id, lo, int(hi-lo))
+		if err != nil {
+			return 0, err
+		}
+		for i := len(evs) - 1; i >= 0; i-- {
+			if evs[i].GetSeq() <= hi {
+				if u := evs[i].GetUpstreamSeq(); u > 0 {
+					return u, nil
+				}
+			}
+		}
+		hi = lo
+	}
+	return 0, nil
+}

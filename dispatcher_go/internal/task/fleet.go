@@ -44,6 +44,17 @@ type Fleet interface {
 	Cancel(ctx context.Context, id, reason string, wait bool) (CancelOutcome, error)
 	Interject(ctx context.Context, id, text string) (string, uint64, error)
 	Approve(ctx context.Context, id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error)
+	// TakeSession takes task id over for its session sessionID, which
+	// re-attaches to this replica (the replica that ran it died, drains or
+	// lost the commander): the task must be RUNNING with that session and
+	// of a tenant serves accepts (else ErrNotFound, nothing claimed). It
+	// claims the task's lease with the next attempt whoever held it (the
+	// old owner's writes are fenced from then on) and loads the task here
+	// waiting for the session (Manager.AdoptWaiting).
+	TakeSession(ctx context.Context, id, sessionID string, serves func(tenant string) bool) error
+	// ClaimSession is TakeSession's claim alone, for a task this replica
+	// holds waiting for its session: the new attempt.
+	ClaimSession(ctx context.Context, id, sessionID string) (int64, error)
 }
 
 // SetFleet makes m a fleet replica (call once, before serving, like
@@ -124,10 +135,20 @@ func (m *Manager) Forget(id string) {
 // Drop stops the session of task id on this replica without ending the
 // task for anyone else: the replica lost the task's lease (its writes are
 // fenced), so whatever it records is refused by the store. The local copy
-// ends FAILURE with reason and is forgotten.
+// ends FAILURE with reason and is forgotten; one that waited for its
+// session to re-attach (that session went to the replica that took the
+// lease) is forgotten without ending.
 func (m *Manager) Drop(id, reason string) {
 	t := m.reg.Get(id)
 	if t == nil {
+		return
+	}
+	if t.abandon() {
+		// It waited for its session, which re-attached to another
+		// replica: that replica runs it now; this copy ends nothing and
+		// records nothing.
+		m.reg.remove(t)
+		m.store.Remove(id)
 		return
 	}
 	if m.queue.Remove(t) {

@@ -62,6 +62,7 @@ type fakeFleet struct {
 	health    error
 	placeErr  error
 	requests  map[string]string
+	take      func(ctx context.Context, id, sessionID string, serves func(string) bool) error
 }
 
 func (f *fakeFleet) Health() error { return f.health }
@@ -104,6 +105,15 @@ func (f *fakeFleet) Interject(context.Context, string, string) (string, uint64, 
 }
 func (f *fakeFleet) Approve(context.Context, string, string, bool, string) (dispatchv1.HoldOutcome, uint64, error) {
 	return dispatchv1.HoldOutcome_HOLD_OUTCOME_APPROVED, 10, nil
+}
+func (f *fakeFleet) TakeSession(ctx context.Context, id, sessionID string, serves func(string) bool) error {
+	if f.take != nil {
+		return f.take(ctx, id, sessionID, serves)
+	}
+	return ErrNotFound
+}
+func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, error) {
+	return 0, ErrNotFound
 }
 
 func newFleetManager(t *testing.T) (*Manager, *fakeQueue, *fakeFleet, *memPersist) {
@@ -190,5 +200,58 @@ func TestFleetAdoptRunsAndDropEnds(t *testing.T) {
 	// Adopting again (a later attempt) replaces any copy.
 	if _, err := m.Adopt(s, 6, false); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestFleetReattachTakesAnotherReplicasTaskOver(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	id := NewID()
+	var served []string
+	f.take = func(_ context.Context, tid, ses string, serves func(string) bool) error {
+		if !serves("acme") {
+			return ErrNotFound
+		}
+		served = append(served, tid+"/"+ses)
+		s := Snapshot{Summary: Summary{ID: tid, Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+			CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: ses, Tenant: "acme"}, UpstreamSeq: 7}
+		_, err := m.AdoptWaiting(s, 9, 5)
+		return err
+	}
+	mk := func(tk *Task) Runner { return &fakeRunner{t: tk} }
+	// Another tenant's commander: as unknown, nothing taken.
+	if _, err := m.Reattach(context.Background(), id, "ses-1", "c2", func(string) bool { return false }, mk); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("other tenant: %v, want ErrNotFound", err)
+	}
+	r, err := m.Reattach(context.Background(), id, "ses-1", "c2", func(tn string) bool { return tn == "acme" }, mk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Attempt != 5 || r.UpstreamSeq != 7 || r.Task.Attempt() != 5 || len(served) != 1 {
+		t.Fatalf("re-attached: attempt %d (task %d), upstream seq %d, takes %v", r.Attempt, r.Task.Attempt(), r.UpstreamSeq, served)
+	}
+	if r.Task.HandingOver() || r.Task.Status() != agentpb.TaskStatus_RUNNING || r.Task.Log().LastSeq() != 10 {
+		t.Fatalf("after the re-attach: handing over %v, %s, last seq %d", r.Task.HandingOver(), r.Task.Status(), r.Task.Log().LastSeq())
+	}
+	// A second re-attach of the same session finds it attached here.
+	if _, err := m.Reattach(context.Background(), id, "ses-1", "c3", nil, mk); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("second re-attach: %v", err)
+	}
+}
+
+func TestFleetDropOfAWaitingTaskEndsNothing(t *testing.T) {
+	m, _, _, p := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
+	tk, err := m.AdoptWaiting(s, 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Its session re-attached to another replica, which took the lease.
+	m.Drop(s.ID, "lease lost")
+	if m.Registry().Get(s.ID) != nil || tk.Status() != agentpb.TaskStatus_RUNNING || tk.Log().LastSeq() != 3 {
+		t.Fatalf("dropped waiter: registered %v, %s, last seq %d", m.Registry().Get(s.ID) != nil, tk.Status(), tk.Log().LastSeq())
+	}
+	if got := p.last(s.ID).Status; got == agentpb.TaskStatus_FAILURE {
+		t.Fatal("the dropped waiter recorded a FAILURE")
 	}
 }

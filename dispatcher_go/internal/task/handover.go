@@ -49,6 +49,12 @@ type waiter struct {
 	t        *Task
 	timer    *time.Timer // the hand-over window; nil: none (a draining dispatcher)
 	claiming bool        // a re-attach is claiming the task (guarded by t.mu)
+	// claimed is the attempt a fleet already claimed for the re-attach
+	// that loaded the task here (Fleet.TakeSession); 0: claim it.
+	claimed int64
+	// gone: the task moved to another replica; the waiter does nothing
+	// more (guarded by t.mu).
+	gone bool
 }
 
 // Stop implements Runner: there is no session to stop, so the task ends
@@ -71,7 +77,7 @@ func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
 // CANCELLED).
 func (w *waiter) expire(window time.Duration) {
 	w.t.mu.Lock()
-	waiting := w.t.runner == w && !w.claiming
+	waiting := w.t.runner == w && !w.claiming && !w.gone
 	stop := w.t.stop
 	w.t.mu.Unlock()
 	if !waiting {
@@ -138,6 +144,59 @@ func (t *Task) waitForReattach(window time.Duration) {
 	}
 }
 
+// AdoptWaiting makes this replica hold a task another replica ran, for
+// its session re-attaching here: s is its stored state (UpstreamSeq the
+// highest upstream seq of its stored events), lastSeq its newest stored
+// event, attempt the lease a fleet just claimed for the session. The task
+// waits for the session (its runner is a waiter that already holds the
+// claim, ending it FAILURE if nobody re-attaches within the hand-over
+// window); Reattach then gives it its runner. A copy held already is
+// replaced.
+func (m *Manager) AdoptWaiting(s Snapshot, lastSeq uint64, attempt int64) (*Task, error) {
+	t, err := m.Adopt(s, lastSeq, false)
+	if err != nil {
+		return nil, err
+	}
+	w := &waiter{t: t, claimed: attempt}
+	window := m.opts.HandOverWindow
+	t.mu.Lock()
+	t.runner = w
+	if window > 0 {
+		w.timer = time.AfterFunc(window, func() { w.expire(window) })
+	}
+	t.mu.Unlock()
+	return t, nil
+}
+
+// abandon forgets the hand-over t waits for without ending t: the task
+// moved to another replica (whose session took it over), so this copy
+// records nothing more. False if t does not wait.
+func (t *Task) abandon() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	w, ok := t.runner.(*waiter)
+	if !ok {
+		return false
+	}
+	w.gone = true
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	return true
+}
+
+// waitsFor reports whether t is RUNNING and waiting for session
+// sessionID to re-attach (nil t: false).
+func (t *Task) waitsFor(sessionID string) bool {
+	if t == nil {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	w, ok := t.runner.(*waiter)
+	return ok && !w.gone && t.sessionID == sessionID && t.status == agentpb.TaskStatus_RUNNING
+}
+
 // Reattached is what Reattach gives the session that took a task over.
 type Reattached struct {
 	Task *Task
@@ -164,6 +223,14 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 		return Reattached{}, ErrClosed
 	}
 	t := m.reg.Get(taskID)
+	if m.fleet != nil && (t == nil || Terminal(t.Status())) {
+		// In a fleet the task may be another replica's (dead, draining or
+		// cut off from the commander): take it over for the session.
+		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
+			return Reattached{}, err
+		}
+		t = m.reg.Get(taskID)
+	}
 	if t == nil {
 		return Reattached{}, ErrNotFound
 	}
@@ -181,14 +248,14 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 		// answer as an unknown task, so another tenant's tasks stay unseen.
 		t.mu.Unlock()
 		return Reattached{}, ErrNotFound
-	case !waiting || w.claiming:
+	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
 	}
 	w.claiming = true
 	t.mu.Unlock()
 
-	attempt, err := m.claim(ctx, t)
+	attempt, err := m.claim(ctx, t, w, sessionID)
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -219,8 +286,15 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 }
 
 // claim asks the Claimer for t's next attempt (without one: the attempt
-// after the one in memory).
-func (m *Manager) claim(ctx context.Context, t *Task) (int64, error) {
+// after the one in memory). In a fleet the fleet claims the lease for the
+// session (unless it did already, loading the task: w.claimed).
+func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID string) (int64, error) {
+	if w.claimed > 0 {
+		return w.claimed, nil
+	}
+	if m.fleet != nil {
+		return m.fleet.ClaimSession(ctx, t.id, sessionID)
+	}
 	if m.opts.Claimer == nil {
 		return t.Attempt() + 1, nil
 	}
