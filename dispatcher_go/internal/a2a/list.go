@@ -81,7 +81,7 @@ func (h *handler) ListTasks(ctx context.Context, req *a2a.ListTasksRequest) (*a2
 	// failed or rejected) needs the task's events.
 	exact := req.Status == a2a.TaskStateWorking || req.Status == a2a.TaskStateInputRequired ||
 		req.Status == a2a.TaskStateFailed || req.Status == a2a.TaskStateRejected
-	out := &a2a.ListTasksResponse{Tasks: []*a2a.Task{}, PageSize: size}
+	out := &a2a.ListTasksResponse{Tasks: []*a2a.Task{}}
 	var last candidate
 	more := false
 	for _, c := range cands {
@@ -113,6 +113,9 @@ func (h *handler) ListTasks(ctx context.Context, req *a2a.ListTasksRequest) (*a2
 	if more {
 		out.NextPageToken = encodeListToken(last)
 	}
+	// "The page size used for this response": the tasks it holds, as the
+	// A2A TCK reads it (0 for an empty list), not the size asked for.
+	out.PageSize = len(out.Tasks)
 	return out, nil
 }
 

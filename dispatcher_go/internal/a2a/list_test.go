@@ -43,8 +43,13 @@ func TestListTasksOrderedByLastUpdate(t *testing.T) {
 	if !all.Tasks[0].Status.Timestamp.After(*all.Tasks[1].Status.Timestamp) {
 		t.Fatalf("timestamps not descending: %v, %v", all.Tasks[0].Status.Timestamp, all.Tasks[1].Status.Timestamp)
 	}
-	if all.TotalSize != 2 || all.NextPageToken != "" {
-		t.Fatalf("totalSize %d, nextPageToken %q", all.TotalSize, all.NextPageToken)
+	if all.TotalSize != 2 || all.NextPageToken != "" || all.PageSize != 2 {
+		t.Fatalf("totalSize %d, pageSize %d, nextPageToken %q", all.TotalSize, all.PageSize, all.NextPageToken)
+	}
+	// An empty list has pageSize 0 (the page's size, as the A2A TCK reads it).
+	none, err := tr.ListTasks(ctx, v1, &a2a.ListTasksRequest{ContextID: "no-such-context"})
+	if err != nil || len(none.Tasks) != 0 || none.PageSize != 0 || none.TotalSize != 0 {
+		t.Fatalf("empty list: %+v %v", none, err)
 	}
 
 	// Paged one at a time: the same order, totalSize of all matches.
