@@ -6,6 +6,11 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	a2apb "github.com/a2aproject/a2a-go/v2/a2apb/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // rpcCode posts body to /a2a (url may add a query) with headers and
@@ -58,5 +63,26 @@ func TestVersionAsRequestParameter(t *testing.T) {
 	body := `{"jsonrpc":"2.0","id":1,"method":"GetTask","params":{"id":"x"}}`
 	if code := rpcCode(t, s, "http://127.0.0.1/a2a?A2A-Version=2.0", body, nil); code != -32009 {
 		t.Fatalf("?A2A-Version=2.0: code %d, want -32009 (VersionNotSupported)", code)
+	}
+}
+
+// The gRPC binding refuses what the JSON-RPC one does, although a2a-go's
+// conversion reads a negative history_length as unset and cannot see a
+// page_size of 0: found by the A2A TCK on gRPC (tasks_list).
+func TestGRPCRefusesBadListParams(t *testing.T) {
+	ctx, g, _ := stack(t)
+	c := a2apb.NewA2AServiceClient(g.Conn)
+	ctx = metadata.AppendToOutgoingContext(ctx, "a2a-version", "1.0")
+	neg, zero := int32(-1), int32(0)
+	for name, req := range map[string]*a2apb.ListTasksRequest{
+		"history_length -1": {HistoryLength: &neg},
+		"page_size 0":       {PageSize: &zero},
+	} {
+		if _, err := c.ListTasks(ctx, req); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("ListTasks %s: %v, want InvalidArgument", name, err)
+		}
+	}
+	if _, err := c.GetTask(ctx, &a2apb.GetTaskRequest{Id: "x", HistoryLength: &neg}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("GetTask history_length -1: %v, want InvalidArgument", err)
 	}
 }

@@ -56,12 +56,28 @@ func (g grpcService) SendStreamingMessage(r *a2apb.SendMessageRequest, s grpc.Se
 	return fixCode(g.Handler.SendStreamingMessage(r, s))
 }
 
+// errNegativeHistory: the SDK's conversion drops a negative
+// history_length (reads it as unset); the JSON-RPC binding refuses it, and
+// so does this one.
+var errNegativeHistory = status.Error(codes.InvalidArgument, "history_length must not be negative")
+
 func (g grpcService) GetTask(ctx context.Context, r *a2apb.GetTaskRequest) (*a2apb.Task, error) {
+	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
+		return nil, errNegativeHistory
+	}
 	resp, err := g.Handler.GetTask(ctx, r)
 	return resp, fixCode(err)
 }
 
 func (g grpcService) ListTasks(ctx context.Context, r *a2apb.ListTasksRequest) (*a2apb.ListTasksResponse, error) {
+	// The SDK's request type cannot tell a page_size of 0 (below the
+	// minimum of 1) from an absent one; the proto field says which.
+	if r.PageSize != nil && r.GetPageSize() == 0 {
+		return nil, status.Error(codes.InvalidArgument, "page_size must be 1..100")
+	}
+	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
+		return nil, errNegativeHistory
+	}
 	resp, err := g.Handler.ListTasks(ctx, r)
 	return resp, fixCode(err)
 }
