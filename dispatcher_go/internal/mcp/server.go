@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/modelcontextprotocol/go-sdk/jsonrpc"
 	sdk "github.com/modelcontextprotocol/go-sdk/mcp"
 	"google.golang.org/grpc/status"
 
@@ -75,8 +74,19 @@ func NewServer(opts ServerOptions) http.Handler {
 	// The SDK logs every stateless request's session at info: keep its
 	// warnings and errors only.
 	sdkLog := slog.New(warnOnly{opts.Logger.Handler()})
-	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{Logger: sdkLog})
-	h.srv.AddReceivingMiddleware(undeclared)
+	// Prompts and resources: none, but the SDK answers their methods (with
+	// empty lists), and a server that answers them must declare them (the
+	// MCP conformance suite, 2026-07-28: sep-2575-server-declares-prompts-in-discover).
+	// Their lists never change.
+	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{
+		Logger: sdkLog,
+		Capabilities: &sdk.ServerCapabilities{
+			Logging:   &sdk.LoggingCapabilities{},
+			Tools:     &sdk.ToolCapabilities{ListChanged: true},
+			Prompts:   &sdk.PromptCapabilities{},
+			Resources: &sdk.ResourceCapabilities{},
+		},
+	})
 	h.srv.AddTool(&sdk.Tool{
 		Name: RunTaskTool,
 		Description: "Runs an instruction as a task on the dispatcher's agents and returns its result. " +
@@ -101,27 +111,6 @@ func NewServer(opts ServerOptions) http.Handler {
 }
 
 type requestKey struct{}
-
-// undeclaredMethods belong to capabilities we do not declare (we serve
-// tools and logging only). The SDK answers their lists with empty ones;
-// the spec has a server declare what it handles (a server that answers
-// prompts/list must declare prompts, the MCP conformance suite's
-// sep-2575-server-declares-prompts-in-discover), so they are "method not
-// found", as completion/complete already is.
-var undeclaredMethods = map[string]bool{
-	"prompts/list": true, "prompts/get": true,
-	"resources/list": true, "resources/read": true, "resources/templates/list": true,
-	"resources/subscribe": true, "resources/unsubscribe": true,
-}
-
-func undeclared(next sdk.MethodHandler) sdk.MethodHandler {
-	return func(ctx context.Context, method string, req sdk.Request) (sdk.Result, error) {
-		if undeclaredMethods[method] {
-			return nil, &jsonrpc.Error{Code: jsonrpc.CodeMethodNotFound, Message: "method not found: " + method}
-		}
-		return next(ctx, method, req)
-	}
-}
 
 // requestContext is ctx ended also by the end of the HTTP request that
 // carried the call (the client closed the stream).
