@@ -70,11 +70,9 @@ func (g grpcService) GetTask(ctx context.Context, r *a2apb.GetTaskRequest) (*a2a
 }
 
 func (g grpcService) ListTasks(ctx context.Context, r *a2apb.ListTasksRequest) (*a2apb.ListTasksResponse, error) {
-	// The SDK's request type cannot tell a page_size of 0 (below the
-	// minimum of 1) from an absent one; the proto field says which.
-	if r.PageSize != nil && r.GetPageSize() == 0 {
-		return nil, status.Error(codes.InvalidArgument, "page_size must be 1..100")
-	}
+	// A page_size of 0 (below the minimum of 1) stays "unset" here,
+	// unlike on JSON-RPC: a2a-go's own gRPC client always sends the field,
+	// 0 for a request that leaves it unset.
 	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
 		return nil, errNegativeHistory
 	}
