@@ -142,7 +142,7 @@ func (h *handler) window(ctx context.Context, statuses []agentpb.TaskStatus, con
 		live = slices.DeleteFunc(slices.Clone(live), func(s agentpb.TaskStatus) bool { return !slices.Contains(statuses, s) })
 	}
 	scans := [][]agentpb.TaskStatus{statuses}
-	if len(live) > 0 {
+	if len(live) > 0 && !slices.Equal(live, statuses) {
 		scans = append(scans, live)
 	}
 	for _, st := range scans {
