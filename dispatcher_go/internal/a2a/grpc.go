@@ -56,12 +56,26 @@ func (g grpcService) SendStreamingMessage(r *a2apb.SendMessageRequest, s grpc.Se
 	return fixCode(g.Handler.SendStreamingMessage(r, s))
 }
 
+// errNegativeHistory: the SDK's conversion drops a negative
+// history_length (reads it as unset); the JSON-RPC binding refuses it, and
+// so does this one.
+var errNegativeHistory = status.Error(codes.InvalidArgument, "history_length must not be negative")
+
 func (g grpcService) GetTask(ctx context.Context, r *a2apb.GetTaskRequest) (*a2apb.Task, error) {
+	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
+		return nil, errNegativeHistory
+	}
 	resp, err := g.Handler.GetTask(ctx, r)
 	return resp, fixCode(err)
 }
 
 func (g grpcService) ListTasks(ctx context.Context, r *a2apb.ListTasksRequest) (*a2apb.ListTasksResponse, error) {
+	// A page_size of 0 (below the minimum of 1) stays "unset" here,
+	// unlike on JSON-RPC: a2a-go's own gRPC client always sends the field,
+	// 0 for a request that leaves it unset.
+	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
+		return nil, errNegativeHistory
+	}
 	resp, err := g.Handler.ListTasks(ctx, r)
 	return resp, fixCode(err)
 }

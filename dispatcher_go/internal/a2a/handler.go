@@ -2,7 +2,6 @@ package a2a
 
 import (
 	"context"
-	"fmt"
 	"iter"
 	"log/slog"
 	"slices"
@@ -181,57 +180,6 @@ func ourStatuses(s a2a.TaskState) ([]agentpb.TaskStatus, error) {
 		return []agentpb.TaskStatus{agentpb.TaskStatus_NOT_FOUND}, nil // never: we do not ask for auth
 	}
 	return nil, a2a.NewError(a2a.ErrInvalidParams, "unknown status "+string(s))
-}
-
-// ListTasks implements a2asrv.RequestHandler: our list (newest created
-// first), each task replayed for its A2A state, filtered by contextId,
-// status and statusTimestampAfter within the page.
-func (h *handler) ListTasks(ctx context.Context, req *a2a.ListTasksRequest) (*a2a.ListTasksResponse, error) {
-	if err := checkVersion(ctx); err != nil {
-		return nil, err
-	}
-	size := req.PageSize
-	switch {
-	case size < 0 || size > maxPageSize:
-		return nil, a2a.NewError(a2a.ErrInvalidParams, fmt.Sprintf("pageSize must be 1..%d", maxPageSize))
-	case size == 0:
-		size = defaultPageSize
-	}
-	if req.HistoryLength != nil && *req.HistoryLength < 0 {
-		return nil, a2a.NewError(a2a.ErrInvalidParams, "historyLength must not be negative")
-	}
-	statuses, err := ourStatuses(req.Status)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := h.b.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: statuses, PageSize: int32(size), PageToken: req.PageToken})
-	if err != nil {
-		return nil, toA2A(err)
-	}
-	hl := req.HistoryLength
-	if hl == nil {
-		zero := 0
-		hl = &zero
-	}
-	out := &a2a.ListTasksResponse{Tasks: []*a2a.Task{}, PageSize: size, NextPageToken: resp.GetNextPageToken()}
-	for _, t := range resp.GetTasks() {
-		if req.ContextID != "" && contextOf(t) != req.ContextID {
-			continue
-		}
-		p, err := h.follow(ctx, t, 0, nil, func(*projector) bool { return false }, nil)
-		if err != nil {
-			return nil, err
-		}
-		if req.Status != a2a.TaskStateUnspecified && p.state != req.Status {
-			continue
-		}
-		if req.StatusTimestampAfter != nil && !p.at.After(*req.StatusTimestampAfter) {
-			continue
-		}
-		out.Tasks = append(out.Tasks, p.snapshot(hl, req.IncludeArtifacts))
-	}
-	out.TotalSize = len(out.Tasks)
-	return out, nil
 }
 
 // CancelTask implements a2asrv.RequestHandler: our CancelTask, which

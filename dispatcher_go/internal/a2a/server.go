@@ -144,8 +144,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes)
 	// The spec reads an absent A2A-Version as 0.3: such requests (and 0.3
 	// ones) get a2a-go's 0.3 JSON-RPC binding over the same handler.
+	// A client may name the version as a request parameter instead of
+	// the header (spec §3.6.1); the header wins.
+	if r.Header.Get(a2a.SvcParamVersion) == "" {
+		if q := r.URL.Query().Get(a2a.SvcParamVersion); q != "" {
+			r.Header.Set(a2a.SvcParamVersion, q)
+		}
+	}
 	if v := strings.TrimSpace(r.Header.Get(a2a.SvcParamVersion)); v == "" || v == "0.3" {
 		s.rpc0.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), legacyKey{}, true)))
+		return
+	}
+	if checkParams(w, r) {
 		return
 	}
 	s.rpc.ServeHTTP(w, r)

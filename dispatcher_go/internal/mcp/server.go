@@ -74,7 +74,19 @@ func NewServer(opts ServerOptions) http.Handler {
 	// The SDK logs every stateless request's session at info: keep its
 	// warnings and errors only.
 	sdkLog := slog.New(warnOnly{opts.Logger.Handler()})
-	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{Logger: sdkLog})
+	// Prompts and resources: none, but the SDK answers their methods (with
+	// empty lists), and a server that answers them must declare them (the
+	// MCP conformance suite, 2026-07-28: sep-2575-server-declares-prompts-in-discover).
+	// Their lists never change.
+	h.srv = sdk.NewServer(&sdk.Implementation{Name: "agentdispatch", Version: opts.Version}, &sdk.ServerOptions{
+		Logger: sdkLog,
+		Capabilities: &sdk.ServerCapabilities{
+			Logging:   &sdk.LoggingCapabilities{},
+			Tools:     &sdk.ToolCapabilities{ListChanged: true},
+			Prompts:   &sdk.PromptCapabilities{},
+			Resources: &sdk.ResourceCapabilities{},
+		},
+	})
 	h.srv.AddTool(&sdk.Tool{
 		Name: RunTaskTool,
 		Description: "Runs an instruction as a task on the dispatcher's agents and returns its result. " +

@@ -1,0 +1,87 @@
+package a2a
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	a2apb "github.com/a2aproject/a2a-go/v2/a2apb/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// rpcCode posts body to /a2a (url may add a query) with headers and
+// returns the JSON-RPC error code of the answer (0: none).
+func rpcCode(t *testing.T, s *Server, url, body string, headers map[string]string) int {
+	t.Helper()
+	req := httptest.NewRequest(http.MethodPost, url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	s.ServeHTTP(rec, req)
+	var resp struct {
+		Error struct{ Code int } `json:"error"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &resp); err != nil {
+		t.Fatalf("answer is not JSON: %q", rec.Body.String())
+	}
+	return resp.Error.Code
+}
+
+// Params that are JSON but not what the method takes are InvalidParams
+// (-32602), not ParseError (-32700, for a body that is not JSON): found by
+// the A2A TCK (tasks_list: an invalid statusTimestampAfter; pageSize 0,
+// below the minimum of 1).
+func TestBadParamsAreInvalidParams(t *testing.T) {
+	s := New(nil, Options{})
+	v1h := map[string]string{"A2A-Version": "1.0"}
+	for name, params := range map[string]string{
+		"timestamp":  `{"statusTimestampAfter":"-1"}`,
+		"pageSize 0": `{"pageSize":0}`,
+	} {
+		body := `{"jsonrpc":"2.0","id":"1","method":"ListTasks","params":` + params + `}`
+		if code := rpcCode(t, s, "http://127.0.0.1/a2a", body, v1h); code != -32602 {
+			t.Errorf("%s: code %d, want -32602", name, code)
+		}
+	}
+	// A body that is not JSON stays a parse error.
+	if code := rpcCode(t, s, "http://127.0.0.1/a2a", `{"jsonrpc":"2.0","method":"ListTasks","params":{`, v1h); code != -32700 {
+		t.Errorf("malformed JSON: code %d, want -32700", code)
+	}
+}
+
+// The version may come as a request parameter instead of the header
+// (spec §3.6.1): ?A2A-Version=2.0 is refused as unsupported rather than
+// served by the 0.3 binding (where GetTask is no method).
+func TestVersionAsRequestParameter(t *testing.T) {
+	s := New(nil, Options{})
+	body := `{"jsonrpc":"2.0","id":1,"method":"GetTask","params":{"id":"x"}}`
+	if code := rpcCode(t, s, "http://127.0.0.1/a2a?A2A-Version=2.0", body, nil); code != -32009 {
+		t.Fatalf("?A2A-Version=2.0: code %d, want -32009 (VersionNotSupported)", code)
+	}
+}
+
+// The gRPC binding refuses a negative history_length as the JSON-RPC one
+// does, although a2a-go's conversion reads it as unset: found by the A2A
+// TCK on gRPC (tasks_list). A page_size of 0 is "unset" (a2a-go's client
+// sends 0 for a request without one).
+func TestGRPCRefusesBadListParams(t *testing.T) {
+	ctx, g, _ := stack(t)
+	c := a2apb.NewA2AServiceClient(g.Conn)
+	ctx = metadata.AppendToOutgoingContext(ctx, "a2a-version", "1.0")
+	neg, zero := int32(-1), int32(0)
+	if _, err := c.ListTasks(ctx, &a2apb.ListTasksRequest{HistoryLength: &neg}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ListTasks history_length -1: %v, want InvalidArgument", err)
+	}
+	if _, err := c.ListTasks(ctx, &a2apb.ListTasksRequest{PageSize: &zero}); err != nil {
+		t.Errorf("ListTasks page_size 0 (a2a-go's client's unset): %v", err)
+	}
+	if _, err := c.GetTask(ctx, &a2apb.GetTaskRequest{Id: "x", HistoryLength: &neg}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("GetTask history_length -1: %v, want InvalidArgument", err)
+	}
+}
