@@ -41,7 +41,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -196,6 +198,7 @@ class Replica:
         self.n, self.eng = n, eng
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
+        self.pprof = f"127.0.0.1:{free_port()}"
         self.start()
 
     def start(self) -> None:
@@ -221,6 +224,8 @@ class Replica:
             self.eng.redis,
             "--replica-id",
             f"r{self.n}-{uuid.uuid4().hex[:4]}",
+            "--pprof-listen",
+            self.pprof,
         ]
         if COMMANDER_TOKEN:
             argv += ["--commander-token", COMMANDER_TOKEN]
@@ -462,7 +467,7 @@ def loadgen(addr: str, sessions: int, label: str, pid: int) -> subprocess.Popen[
 
 
 def flood(
-    targets: list[tuple[str, int]], label: str, groups: dict[str, list[int]]
+    targets: list[tuple[str, int]], label: str, groups: dict[str, list[int]], pprof: str = ""
 ) -> dict[str, Any]:
     """One loadgen per target at once (FLOOD_SESSIONS split over them); the events
     logged per second summed, and the CPU seconds of each group of processes
@@ -476,9 +481,16 @@ def flood(
     time.sleep(2)
     a = {k: cpu_of(v) for k, v in groups.items()}
     ma, t_a = machine_busy(), time.monotonic()
+    prof = None
+    if pprof:  # a CPU profile of one replica over the window
+        url = f"http://{pprof}/debug/pprof/profile?seconds={FLOOD_SECONDS - 3}"
+        prof = threading.Thread(target=fetch, args=(url, OUT / f"{label}-r1.pprof"), daemon=True)
+        prof.start()
     time.sleep(FLOOD_SECONDS - 2)
     b = {k: cpu_of(v) for k, v in groups.items()}
     mb, t_b = machine_busy(), time.monotonic()
+    if prof is not None:
+        prof.join(30)
     results = []
     for p in procs:
         stdout, _ = p.communicate(timeout=180)
@@ -495,11 +507,15 @@ def flood(
         return float(next((v["value"] for v in r.get("values", []) if v["name"] == name), 0.0))
 
     logged = sum(val(r, "events logged by the dispatcher") for r in results)
+    server = sum(
+        v for k, v in split.items() if k not in ("loadgen", "other processes on the machine")
+    )
     delivered = sum(val(r, "events delivered to watchers") for r in results)
     return {
         "logged": logged,
         "delivered": delivered,
         "split": split,
+        "per_server_cpu_s": logged / server if server > 0 else 0.0,
         "machine_cores": (mb[1] - ma[1]) / wall,
         "runs": len(results),
         "want": len(targets),
@@ -509,10 +525,46 @@ def flood(
 # --- main ------------------------------------------------------------------------------
 
 
+def fetch(url: str, dest: Path) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            dest.write_bytes(resp.read())
+    except OSError as exc:
+        log(f"pprof {url}: {exc}")
+
+
+def pprof_top(path: Path) -> list[str]:
+    """Where a replica's CPU goes: of its profile (go tool pprof -top -cum), the
+    Duration line and the cumulative share of the dispatcher's own functions,
+    the store's pgx transactions, Redis and the garbage collector."""
+    if not path.exists():
+        return []
+    argv = ["go", "tool", "pprof", "-top", "-cum", "-nodecount", "150"]
+    got = subprocess.run(
+        [*argv, str(BIN / "dispatcher"), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    prefix = "github.com/agentdispatch/dispatcher/internal/"
+    keep = (prefix, "gcBgMarkWorker", "pgx/v5.BeginFunc", "go-redis", "runtime.mallocgc")
+    out = []
+    for line in got.stdout.splitlines():
+        if line.startswith("Duration:"):
+            out.append(line)
+            continue
+        cols = line.split(None, 5)
+        if len(cols) == 6 and cols[3].endswith("ms") and any(k in cols[5] for k in keep):
+            out.append(f"{cols[4]:>7} cum  {cols[5].replace(prefix, '')}")
+    return out[:26]
+
+
 def report_split(name: str, f: dict[str, Any]) -> str:
     parts = ", ".join(f"{k} {v * 100:.0f}%" for k, v in f["split"].items())
     return (
-        f"{name}: {f['logged']:.0f} events logged/s, {f['delivered']:.0f} delivered/s; "
+        f"{name}: {f['logged']:.0f} events logged/s, {f['delivered']:.0f} delivered/s, "
+        f"{f['per_server_cpu_s']:.0f} per server CPU-second; "
         f"CPU (% of one core): {parts}"
     )
 
@@ -613,7 +665,11 @@ def main() -> int:
             [(r.addr, r.proc.pid) for r in reps],
             "fleet-flood-fleet",
             {f"replica r{r.n}": [r.proc.pid] for r in reps} | eng.pids(),
+            pprof=reps[0].pprof,
         )
+        res["pprof"] = pprof_top(OUT / "fleet-flood-fleet-r1.pprof")
+        for line in res["pprof"]:
+            log(f"pprof r1: {line}")
         log(report_split("fleet of three", res["flood fleet"]))
         llm_addr_file = OUT / "fleet-scriptedllm.addr"
         llm_addr_file.unlink(missing_ok=True)
@@ -688,6 +744,9 @@ def emit(res: dict[str, Any], took: float) -> int:
     ):
         f = res[key]
         values.append(value(f"{name}: events logged", round(f["logged"]), "/s"))
+        values.append(
+            value(f"{name}: events per server CPU-second", round(f["per_server_cpu_s"]), "")
+        )
         for proc, share in f["split"].items():
             values.append(value(f"{name}: CPU {proc}", round(share * 100), "% of one core"))
     base = res["flood sqlite"]["logged"]
@@ -747,6 +806,7 @@ def emit(res: dict[str, Any], took: float) -> int:
         report_split("flood single node PostgreSQL", res["flood postgres"]),
         report_split("flood fleet of three", res["flood fleet"]),
     ]
+    notes += [f"pprof r1 (fleet flood): {line}" for line in res.get("pprof", [])]
     result["notes"] = notes
     for lat in latencies:
         s = lat["summary"]
