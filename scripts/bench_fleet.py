@@ -21,9 +21,10 @@ scripts/redis.sh with its own REDIS_STATE_DIR, so it never meets another run):
    is started again; then the same with SIGTERM of the replica that now holds
    the sessions. Watchers (on the replicas not killed) resume by seq.
 4. events/s under flood (bin/loadgen --scenario throughput, 64-byte packets,
-   one watcher per task): the SQLite single node, a postgres single node, and
-   the three replicas at once (one loadgen per replica, a third of the sessions
-   each); with the CPU time per process (from /proc) over the window.
+   one watcher per task): the SQLite single node and a postgres single node
+   first; the three replicas at once last (r2 started again, no commander),
+   one loadgen per replica with a third of the sessions each; with the CPU
+   time per process (from /proc) over the window and a CPU profile of r1.
 
 Result lines in loadgen's ``--json`` shape go to $BENCH_RESULTS; logs beside it.
 BENCH_QUICK=1: 16 sessions, shorter phases.
@@ -242,6 +243,24 @@ class Replica:
 
 # --- parts 1 and 2: relay and cancel ---------------------------------------------------
 
+#: SubmitTask calls refused with UNAVAILABLE and retried (a replica that finds its
+#: bus unreachable refuses new tasks until it is back).
+SUBMIT_RETRIES = [0]
+
+
+async def submit(stub: tasks_pb2_grpc.TaskServiceStub, instruction: str) -> str:
+    """SubmitTask (planner chat); UNAVAILABLE is retried for up to 15 s, counted."""
+    req = tasks_pb2.SubmitTaskRequest(instruction=instruction, planner="chat")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return str((await stub.SubmitTask(req, metadata=META)).task_id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            SUBMIT_RETRIES[0] += 1
+            await asyncio.sleep(0.2)
+
 
 async def watch(
     stub: tasks_pb2_grpc.TaskServiceStub,
@@ -285,8 +304,7 @@ async def relay_and_cancel(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[
         n = 0
         while time.monotonic() < end:
             n += 1
-            req = tasks_pb2.SubmitTaskRequest(instruction=f"fleet relay {i}.{n}", planner="chat")
-            tid = (await stubs[0].SubmitTask(req, metadata=META)).task_id
+            tid = await submit(stubs[0], f"fleet relay {i}.{n}")
             out["tasks"] += 1
             first = asyncio.Event()
             stopped: dict[str, Any] = {}
@@ -384,8 +402,7 @@ async def one_handover(
     stub = tasks_pb2_grpc.TaskServiceStub(submit_ch)
     ids = []
     for i in range(SESSIONS):
-        req = tasks_pb2.SubmitTaskRequest(instruction=f"fleet {how} {i}", planner="chat")
-        ids.append((await stub.SubmitTask(req, metadata=META)).task_id)
+        ids.append(await submit(stub, f"fleet {how} {i}"))
     ws = [FleetWatch(watch_chs[i % 2 :] + watch_chs[: i % 2], t) for i, t in enumerate(ids)]
     flowing = await wait_cond(lambda: all(w.contents() >= 3 for w in ws), 60)
     t_kill_us = time.time_ns() // 1000
@@ -660,17 +677,6 @@ def main() -> int:
         log(report_split("single node, PostgreSQL", res["flood postgres"]))
         stop_process(pg_single)
         reps = [Replica(n, eng) for n in (1, 2, 3)]
-        log("flood: the fleet, three replicas")
-        res["flood fleet"] = flood(
-            [(r.addr, r.proc.pid) for r in reps],
-            "fleet-flood-fleet",
-            {f"replica r{r.n}": [r.proc.pid] for r in reps} | eng.pids(),
-            pprof=reps[0].pprof,
-        )
-        res["pprof"] = pprof_top(OUT / "fleet-flood-fleet-r1.pprof")
-        for line in res["pprof"]:
-            log(f"pprof r1: {line}")
-        log(report_split("fleet of three", res["flood fleet"]))
         llm_addr_file = OUT / "fleet-scriptedllm.addr"
         llm_addr_file.unlink(missing_ok=True)
         with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
@@ -695,6 +701,21 @@ def main() -> int:
             res.update(asyncio.run(live_parts(reps)))
         finally:
             stop_process(commander)
+        stop_process(llm)
+        # The flood last: three replicas again (r2 was stopped by the SIGTERM
+        # round), no commander, nothing else running.
+        reps[1].start()
+        log("flood: the fleet, three replicas")
+        res["flood fleet"] = flood(
+            [(r.addr, r.proc.pid) for r in reps],
+            "fleet-flood-fleet",
+            {f"replica r{r.n}": [r.proc.pid] for r in reps} | eng.pids(),
+            pprof=reps[0].pprof,
+        )
+        res["pprof"] = pprof_top(OUT / "fleet-flood-fleet-r1.pprof")
+        for line in res["pprof"]:
+            log(f"pprof r1: {line}")
+        log(report_split("fleet of three", res["flood fleet"]))
     finally:
         if llm is not None:
             stop_process(llm)
@@ -760,6 +781,7 @@ def emit(res: dict[str, Any], took: float) -> int:
         values.append(
             value("fleet / single node PostgreSQL, events logged", round(fleet / pg, 3), "ratio")
         )
+    values.append(value("SubmitTask refused UNAVAILABLE and retried", SUBMIT_RETRIES[0], ""))
     values.append(value("kill -9: sessions moved", k9["moved"], ""))
     values.append(value("SIGTERM: sessions moved", term["moved"], ""))
     checks = [
