@@ -575,7 +575,7 @@ def pprof_top(path: Path) -> list[str]:
             out.append(line)
             continue
         cols = line.split(None, 5)
-        if len(cols) == 6 and cols[3].endswith("ms") and any(k in cols[5] for k in keep):
+        if len(cols) == 6 and cols[3].endswith("s") and any(k in cols[5] for k in keep):
             out.append(f"{cols[4]:>7} cum  {cols[5].replace(prefix, '')}")
     return out[:26]
 
