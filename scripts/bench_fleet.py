@@ -568,14 +568,18 @@ def pprof_top(path: Path) -> list[str]:
         timeout=120,
     )
     prefix = "github.com/agentdispatch/dispatcher/internal/"
-    keep = (prefix, "gcBgMarkWorker", "pgx/v5.BeginFunc", "go-redis", "runtime.mallocgc")
+    keep = ("gcBgMarkWorker", "pgx/v5.BeginFunc", "go-redis", "runtime.mallocgc")
     out = []
     for line in got.stdout.splitlines():
         if line.startswith("Duration:"):
             out.append(line)
             continue
         cols = line.split(None, 5)
-        if len(cols) == 6 and cols[3].endswith("s") and any(k in cols[5] for k in keep):
+        if (
+            len(cols) == 6
+            and cols[3].endswith("s")
+            and (cols[5].startswith(prefix) or any(k in cols[5] for k in keep))
+        ):
             out.append(f"{cols[4]:>7} cum  {cols[5].replace(prefix, '')}")
     return out[:26]
 
