@@ -318,6 +318,7 @@ python_driver py-stop-flood bench_pystopflood.py
 python_driver python-ceiling bench_pyceiling.py
 # Scenario 7: the same events via FastAPI+JSON+SSE vs WatchTask.
 python_driver rest-vs-grpc bench_rest.py
+python_driver fleet bench_fleet.py # issue 13: 3 replicas + PostgreSQL + Redis vs this single node
 python_driver byclaw-peer bench_byclaw.py
 [[ -z "$ONLY" || a2a-vs-watch == *"$ONLY"* ]] && { log "scenario a2a-vs-watch: scripts/bench_a2a.py (A2A streaming vs WatchTask; its own dispatcher)"; BENCH_DISPATCHER=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_a2a.py" 2> >(tee "$OUT/a2a-vs-watch.txt" >&2) || FAILED+=(a2a-vs-watch); }
 if [ -z "$ONLY" ] || [[ mcp-vs-provider == *"$ONLY"* ]]; then log "scenario mcp-vs-provider: scripts/bench_mcp.py (issue 15: its own dispatcher with --mcp-servers)"; DISPATCH_BIN=$DISPATCHER BENCH_QUICK=$QUICK BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_mcp.py" 2> >(tee "$OUT/mcp-vs-provider.txt" >&2) || FAILED+=(mcp-vs-provider); fi
