@@ -116,8 +116,9 @@ func (s summary) serving(tenant string) int {
 // block for their own bound plus this).
 const opTimeout = time.Second
 
-// newRedis is a client whose every call is bounded.
-func newRedis(url string) (*redis.Client, error) {
+// newRedis is a client whose every call is bounded; poolSize > 0 sets its
+// connection pool's size (0: go-redis's default, 10 per CPU).
+func newRedis(url string, poolSize int) (*redis.Client, error) {
 	o, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("fleet: --fleet-redis: %w", err)
@@ -128,6 +129,9 @@ func newRedis(url string) (*redis.Client, error) {
 	o.PoolTimeout = opTimeout
 	o.MaxRetries = 1
 	o.ContextTimeoutEnabled = true
+	if poolSize > 0 {
+		o.PoolSize = poolSize
+	}
 	return redis.NewClient(o), nil
 }
 

@@ -111,7 +111,14 @@ type Fleet struct {
 	leases *Leases
 	fenced *fencedStore
 	rdb    *redis.Client
-	busOK  atomic.Bool
+	// tails is the client of the remote watchers' blocking reads (one
+	// connection each while it waits, up to tailPool): kept apart from rdb
+	// so that many watchers never starve the bus, the health ping or the
+	// publisher of connections.
+	tails *redis.Client
+	busOK atomic.Bool
+	// pingFails counts consecutive failed health pings (pingLoop).
+	pingFails int
 
 	// Set by Start.
 	mgr    *task.Manager
@@ -167,13 +174,17 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		return nil, err
 	}
 	redis.SetLogger(redisLogger{opts.Logger.With("component", "fleet")})
-	rdb, err := newRedis(opts.RedisURL)
+	rdb, err := newRedis(opts.RedisURL, 0)
+	if err != nil {
+		return nil, err
+	}
+	tails, err := newRedis(opts.RedisURL, tailPool)
 	if err != nil {
 		return nil, err
 	}
 	f := &Fleet{
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
-		pg: pg, leases: leases, rdb: rdb,
+		pg: pg, leases: leases, rdb: rdb, tails: tails,
 		idle: make(chan struct{}, 1),
 		pub:  make(chan []store.Event, 4096),
 	}
@@ -255,6 +266,7 @@ func (f *Fleet) Close() {
 	f.cancel()
 	f.wg.Wait()
 	_ = f.rdb.Close()
+	_ = f.tails.Close()
 }
 
 // kick wakes the bus reader (a slot turned idle, or a task was placed).
@@ -340,7 +352,14 @@ func (f *Fleet) pingLoop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		up := err == nil
+		// Down only after pingDownAfter failures in a row: one ping lost
+		// on a loaded machine must not refuse new work.
+		if err != nil {
+			f.pingFails++
+		} else {
+			f.pingFails = 0
+		}
+		up := err == nil || f.pingFails < pingDownAfter
 		if was := f.busOK.Swap(up); was != up {
 			if up {
 				f.log.Info("fleet bus (Redis) reachable again")

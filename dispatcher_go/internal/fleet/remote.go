@@ -22,6 +22,15 @@ var errView = errors.New("fleet: a view of a task another replica runs records n
 // PostgreSQL again (also its poll interval while Redis is down).
 const tailBlock = 500 * time.Millisecond
 
+// tailPool bounds the Redis connections a replica's remote watchers hold
+// while they wait (one each): past it a watcher waits for the pool up to
+// opTimeout, then reads PostgreSQL and tries again (slower, never lost).
+const tailPool = 1024
+
+// pingDownAfter is how many health pings in a row (every 500 ms, 500 ms
+// each) must fail before the bus counts as down.
+const pingDownAfter = 2
+
 // remoteLog is the log of a task run by another replica, for its watchers
 // here: events come from the task's Redis stream (the live tail, XREAD
 // BLOCK) and from PostgreSQL (history, and any gap: an entry trimmed, lost
@@ -120,7 +129,7 @@ func (l *remoteLog) tail(ctx context.Context, after uint64, limit int, block tim
 	}
 	cctx, cancel := context.WithTimeout(ctx, block+opTimeout)
 	defer cancel()
-	res, err := l.f.rdb.XRead(cctx, args).Result()
+	res, err := l.f.tails.XRead(cctx, args).Result()
 	if err != nil {
 		if !errors.Is(err, redis.Nil) && ctx.Err() == nil && block > 0 {
 			sleepCtx(ctx, block/4)
