@@ -353,8 +353,13 @@ func (sl *slot) closeCurrent(cause error) {
 	if r == nil {
 		return
 	}
-	if sl.moving.Load() && sl.srv.opts.HandOver && sl.startReached(r) && sl.detach(r) {
-		return
+	if sl.srv.opts.HandOver && sl.startReached(r) {
+		if sl.moving.Load() && sl.detach(r) {
+			return
+		}
+		if w := sl.srv.opts.LinkLossWindow; w > 0 && linkLost(cause) && sl.detachLinkLost(r, w, describeEnd(cause)) {
+			return
+		}
 	}
 	if !errors.Is(cause, ErrShutdown) && !sl.startReached(r) && sl.requeue(r, cause) {
 		return
