@@ -142,6 +142,45 @@ def test_default_keepalive_window(stack: Stack) -> None:
     )
 
 
+def test_frozen_dispatcher_is_found_by_the_commanders_keepalive(stack: Stack) -> None:
+    """The dispatcher freezes (SIGSTOP: its sockets stay open, nothing answers). The
+    commander's own keepalive (a ping every 10 s, 5 s for the answer,
+    commander/_connection.py KEEPALIVE_OPTIONS) finds the stream dead, and the
+    session goes on and waits to re-attach. Thawed, the dispatcher sees that stream
+    end (link loss: the session waits --link-loss-window), the commander re-attaches
+    it, and the task ends SUCCESS with its events 1..N exactly once."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=1000)
+    d = stack.dispatcher()
+    cmd = stack.commander(d, llm.base_url, slots=1, wait_slots=1)
+    task_id = d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction=f"generate [{uuid.uuid4().hex[:8]}]"), timeout=5
+    ).task_id
+    watch = start_watch(d.tasks, task_id, timeout=120)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flowing")
+    t0 = time.monotonic()
+    d.proc.signal(signal.SIGSTOP)
+    try:
+        _procs.wait_until(
+            lambda: "stream lost" in cmd.log_text(), 10 + 5 + 5, "the commander finds it dead"
+        )
+        found = time.monotonic() - t0
+    finally:
+        d.proc.signal(signal.SIGCONT)
+    status = wait_status(d.agent, task_id, timeout=60)
+    watch.join(30)
+    events = watch.values()
+    print(
+        f"\nSIGSTOP dispatcher: the commander found its stream dead {found:.2f}s after "
+        f"(keepalive 10s+5s); task {agent_pb2.TaskStatus.Name(status.status)} after the thaw"
+    )
+    assert status.status == agent_pb2.SUCCESS, status
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert any(
+        kind(e) == "state" and "re-attached (attempt 2)" in e.state.message for e in events
+    ), describe(events)
+    assert found < 10 + 5 + 3, f"the commander took {found:.2f}s"
+
+
 def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -> None:
     """kill -9 the dispatcher and start a new one on the same address: commanders
     (one of them busy) and the tool provider come back by themselves.

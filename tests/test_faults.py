@@ -260,6 +260,60 @@ def test_reset_commander_link_the_session_reattaches_and_the_task_succeeds(
     )
 
 
+def test_blackholed_link_heals_within_the_window_and_the_session_reattaches(
+    stack: Stack,
+) -> None:
+    """The link is black-holed; the dispatcher finds it dead by keepalive (1 s + 1 s)
+    and keeps the session waiting (--link-loss-window 30s); the link heals 1 s later.
+    The commander finds its stream dead (the dispatcher's close reaching it once the
+    link heals, or its own keepalive: 10 s + 5 s), reconnects, re-attaches the session
+    and resends what was lost in the black hole: SUCCESS, 1..N exactly once."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=600)
+    d = stack.dispatcher(
+        "--keepalive-time", "1s", "--keepalive-timeout", "1s", "--link-loss-window", "30s"
+    )
+    proxy = start_proxy(stack, d.addr)
+    cmd = stack.commander(proxy.addr, llm.base_url, slots=1)
+    d.wait_slots(1)
+
+    task_id = d.submit(f"a long story [{uuid.uuid4().hex[:8]}]", llm)
+    watch = start_watch(d.tasks, task_id, timeout=120)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flows")
+
+    proxy.both("blackhole", "timeout", timeout=0)
+    t0 = time.monotonic()
+    wait_until(
+        lambda: "commander link lost" in d.proc.log_text(), 10, "the dispatcher finds the link dead"
+    )
+    found = time.monotonic() - t0
+    running = d.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), timeout=5).task
+    assert running.status == agent_pb2.RUNNING, running
+    # Heal after the dispatcher let go (wait_until polls: no sleep to synchronise).
+    wait_until(lambda: time.monotonic() - t0 >= found + 1.0, 5, "1 s after", interval=0.05)
+    proxy.clear()
+    t1 = time.monotonic()
+    watch.wait(
+        lambda evs: any(
+            kind(e) == "state" and "re-attached (attempt 2)" in e.state.message for e in evs
+        ),
+        30,
+        "the session re-attached",
+    )
+    reattached = time.monotonic() - t1
+    final = wait_status(d.agent, task_id, timeout=60)
+    watch.join(30)
+    events = watch.values()
+    assert final.status == agent_pb2.SUCCESS, final
+    assert_exactly_once_in_order(events)
+    assert cmd.alive()
+    assert [r["outcome"] for r in llm.streams()] == ["completed"], llm.streams()
+    report(
+        f"blackhole + heal: dispatcher found the link dead {found:.2f}s after the fault "
+        f"(keepalive 1s+1s); the session re-attached {reattached:.2f}s after the link healed; "
+        f"SUCCESS with {len(events)} events 1..N exactly once"
+    )
+
+
 # ------------------------------------------------------------------ 2. slow link
 
 TEXT = " ".join(f"w{i:04d}" for i in range(1500))  # 1500 tokens, 9 KB
