@@ -302,7 +302,8 @@ func (s *Server) supersede(nsl *slot, ra *dispatchv1.Reattach) {
 		}
 	}
 	s.slotsMu.Unlock()
-	if old == nil || !nsl.ServesTenant(r.t.Tenant()) || !old.startReached(r) {
+	// A session whose start never went out is not the commander's to re-attach.
+	if old == nil || !nsl.ServesTenant(r.t.Tenant()) || !r.startWasSent() {
 		return
 	}
 	if old.detachLinkLost(r, w, errSuperseded.Error()) {
