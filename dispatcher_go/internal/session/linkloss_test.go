@@ -3,9 +3,14 @@ package session
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -158,5 +163,28 @@ func TestReattachSupersedesAStaleStream(t *testing.T) {
 	}
 	if got := contentOf(t, tk); got != "ab" {
 		t.Fatalf("content %q", got)
+	}
+}
+
+// TestLinkLostTellsTheLinkFromTheDispatchersOwnEnds: only an end the
+// dispatcher did not decide keeps the session for a re-attach.
+func TestLinkLostTellsTheLinkFromTheDispatchersOwnEnds(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		lost bool
+	}{
+		{io.EOF, true},
+		{context.Canceled, true},
+		{status.Error(codes.Unavailable, "transport is closing"), true},
+		{fmt.Errorf("send: %w", status.Error(codes.Unavailable, "broken pipe")), true},
+		{fmt.Errorf("%w: second hello on a stream", ErrProtocol), false},
+		{ErrShutdown, false},
+		{ErrStopNotAcknowledged, false},
+		{errSuperseded, false},
+		{status.Error(codes.Internal, "grpc: failed to unmarshal the received message: string field contains invalid UTF-8"), false},
+	} {
+		if got := linkLost(c.err); got != c.lost {
+			t.Errorf("linkLost(%v) = %v, want %v", c.err, got, c.lost)
+		}
 	}
 }
