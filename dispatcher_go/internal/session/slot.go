@@ -353,7 +353,8 @@ func (sl *slot) closeCurrent(cause error) {
 	if r == nil {
 		return
 	}
-	if sl.srv.opts.HandOver && sl.startReached(r) {
+	reached := sl.startReached(r)
+	if sl.srv.opts.HandOver && reached {
 		if sl.moving.Load() && sl.detach(r) {
 			return
 		}
@@ -361,7 +362,7 @@ func (sl *slot) closeCurrent(cause error) {
 			return
 		}
 	}
-	if !errors.Is(cause, ErrShutdown) && !sl.startReached(r) && sl.requeue(r, cause) {
+	if !errors.Is(cause, ErrShutdown) && !reached && sl.requeue(r, cause) {
 		return
 	}
 	st, decided := r.stopState()
