@@ -41,7 +41,10 @@ def _start_generating(stack: Stack, *dispatcher_flags: str):  # type: ignore[no-
 
 
 def test_kill9_commander_mid_task_fails_the_task(stack: Stack) -> None:
-    d, cmd, task_id, watch = _start_generating(stack)
+    """Without a link-loss window (--link-loss-window 0) the task fails as soon as the
+    dispatcher sees the dead commander's stream end. (With the window, the default
+    with a store, it waits for a re-attach first: the next test.)"""
+    d, cmd, task_id, watch = _start_generating(stack, "--link-loss-window", "0")
     t0 = time.monotonic()
     cmd.kill9()
     status = wait_status(d.agent, task_id, timeout=15)
@@ -62,6 +65,35 @@ def test_kill9_commander_mid_task_fails_the_task(stack: Stack) -> None:
     d.wait_slots(0, timeout=10)
 
 
+def test_kill9_commander_fails_the_task_after_the_link_loss_window(stack: Stack) -> None:
+    """With hand-over (a store) a session whose commander's stream ends waits
+    --link-loss-window for the commander to re-attach it (a cut link heals; a dead
+    commander never comes back): the task stays RUNNING meanwhile, then ends FAILURE
+    with the reason, never RUNNING forever."""
+    d, cmd, task_id, watch = _start_generating(stack, "--link-loss-window", "2s")
+    t0 = time.monotonic()
+    cmd.kill9()
+    _procs.wait_until(
+        lambda: "commander link lost" in d.proc.log_text(), KILL_DETECT_LIMIT, "link loss noticed"
+    )
+    running = d.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), timeout=5).task
+    assert running.status == agent_pb2.RUNNING, running
+    status = wait_status(d.agent, task_id, timeout=15)
+    waited = time.monotonic() - t0
+    print(
+        f"\nkill -9 commander (--link-loss-window 2s) → task "
+        f"{agent_pb2.TaskStatus.Name(status.status)} in {waited:.3f}s: {status.message}"
+    )
+    assert status.status == agent_pb2.FAILURE, status
+    assert status.message == "commander link lost; session did not re-attach within 2s", status
+    assert 2 <= waited < 2 + KILL_DETECT_LIMIT, f"FAILURE {waited:.2f}s after the kill"
+    watch.join(10)
+    events = watch.values()
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert kind(events[-1]) == "state" and events[-1].state.status == agent_pb2.FAILURE
+    d.wait_slots(0, timeout=10)
+
+
 def _freeze_until_done(
     cmd: Proc, d: Dispatcher, task_id: str, timeout: float
 ) -> tuple[agent_pb2.QueryTaskStatusResponse, float]:
@@ -79,8 +111,10 @@ def _freeze_until_done(
 def test_frozen_commander_is_found_by_keepalive(stack: Stack) -> None:
     # Server pings every 1 s and waits 1 s for the answer: a commander that stops
     # answering (SIGSTOP: the process is alive, its sockets open) is found in about 2 s.
+    # --link-loss-window 0: the task fails when the link is found dead (with the
+    # window it would wait that long for the commander to re-attach first).
     d, cmd, task_id, _ = _start_generating(
-        stack, "--keepalive-time", "1s", "--keepalive-timeout", "1s"
+        stack, "--keepalive-time", "1s", "--keepalive-timeout", "1s", "--link-loss-window", "0"
     )
     status, detected = _freeze_until_done(cmd, d, task_id, timeout=20)
     print(
@@ -93,13 +127,58 @@ def test_frozen_commander_is_found_by_keepalive(stack: Stack) -> None:
 
 
 def test_default_keepalive_window(stack: Stack) -> None:
-    """With the default keepalive (5 s + 2 s), a frozen commander fails its task in the
-    documented window, not never."""
+    """With the defaults (keepalive 5 s + 2 s, then --link-loss-window 10 s for the
+    frozen commander to re-attach its session, which it cannot), a frozen commander
+    fails its task in the documented window, not never."""
     d, cmd, task_id, _ = _start_generating(stack)
-    status, detected = _freeze_until_done(cmd, d, task_id, timeout=30)
-    print(f"\nSIGSTOP commander (default keepalive) → FAILURE in {detected:.3f}s")
+    status, detected = _freeze_until_done(cmd, d, task_id, timeout=40)
+    print(
+        f"\nSIGSTOP commander (default keepalive and link-loss window) → FAILURE in {detected:.3f}s"
+    )
     assert status.status == agent_pb2.FAILURE, status
-    assert detected < 5 + 2 + 3, f"took {detected:.2f}s (keepalive 5s + 2s)"
+    assert status.message == "commander link lost; session did not re-attach within 10s", status
+    assert 5 + 10 <= detected < 5 + 2 + 10 + 3, (
+        f"took {detected:.2f}s (keepalive 5s + 2s, window 10s)"
+    )
+
+
+def test_frozen_dispatcher_is_found_by_the_commanders_keepalive(stack: Stack) -> None:
+    """The dispatcher freezes (SIGSTOP: its sockets stay open, nothing answers). The
+    commander's own keepalive (a ping every 10 s, 5 s for the answer,
+    commander/_connection.py KEEPALIVE_OPTIONS) finds the stream dead, and the
+    session goes on and waits to re-attach. Thawed, the dispatcher sees that stream
+    end (link loss: the session waits --link-loss-window), the commander re-attaches
+    it, and the task ends SUCCESS with its events 1..N exactly once."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=1000)
+    d = stack.dispatcher()
+    cmd = stack.commander(d, llm.base_url, slots=1, wait_slots=1)
+    task_id = d.tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction=f"generate [{uuid.uuid4().hex[:8]}]"), timeout=5
+    ).task_id
+    watch = start_watch(d.tasks, task_id, timeout=120)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flowing")
+    t0 = time.monotonic()
+    d.proc.signal(signal.SIGSTOP)
+    try:
+        _procs.wait_until(
+            lambda: "stream lost" in cmd.log_text(), 10 + 5 + 5, "the commander finds it dead"
+        )
+        found = time.monotonic() - t0
+    finally:
+        d.proc.signal(signal.SIGCONT)
+    status = wait_status(d.agent, task_id, timeout=60)
+    watch.join(30)
+    events = watch.values()
+    print(
+        f"\nSIGSTOP dispatcher: the commander found its stream dead {found:.2f}s after "
+        f"(keepalive 10s+5s); task {agent_pb2.TaskStatus.Name(status.status)} after the thaw"
+    )
+    assert status.status == agent_pb2.SUCCESS, status
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
+    assert any(
+        kind(e) == "state" and "re-attached (attempt 2)" in e.state.message for e in events
+    ), describe(events)
+    assert found < 10 + 5 + 3, f"the commander took {found:.2f}s"
 
 
 def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -> None:

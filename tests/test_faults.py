@@ -43,6 +43,7 @@ from tests._client import describe, kind, start_watch, status_name, wait_status,
 from tests._procs import Proc, spawn, wait_until
 from tests.conftest import Dispatcher, Stack
 from tests.scripted import ScriptedLLM, tool_call
+from tests.test_handover import assert_exactly_once_in_order
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -140,10 +141,15 @@ def heal_and_run(d: Any, proxy: FaultProxy, model: Any, what: str) -> float:
 def test_blackholed_commander_link_is_detected_and_the_task_fails_truthfully(
     stack: Stack,
 ) -> None:
-    """Keepalive shortened to Time 1 s + Timeout 1 s (default 5 s + 2 s)."""
+    """Keepalive shortened to Time 1 s + Timeout 1 s (default 5 s + 2 s).
+    --link-loss-window 0: the task fails when the link is found dead (with the
+    window, the default with a store, it first waits that long for the commander to
+    re-attach the session)."""
     llm = stack.scripted(tokens_per_sec=20, tokens=5000)
     short = stack.scripted(tokens=5)
-    d = stack.dispatcher("--keepalive-time", "1s", "--keepalive-timeout", "1s")
+    d = stack.dispatcher(
+        "--keepalive-time", "1s", "--keepalive-timeout", "1s", "--link-loss-window", "0"
+    )
     proxy = start_proxy(stack, d.addr)
     stack.commander(proxy.addr, llm.base_url, slots=1)
     d.wait_slots(1)
@@ -177,10 +183,12 @@ def test_blackholed_commander_link_is_detected_and_the_task_fails_truthfully(
 
 
 def test_reset_commander_link_ends_the_task_at_once(stack: Stack) -> None:
-    """The proxy resets the connection (TCP RST, toxiproxy `reset_peer`)."""
+    """The proxy resets the connection (TCP RST, toxiproxy `reset_peer`), with
+    --link-loss-window 0: the task fails with its stream. (With the window, the
+    default with a store, the session re-attaches: the next test.)"""
     llm = stack.scripted(tokens_per_sec=20, tokens=5000)
     short = stack.scripted(tokens=5)
-    d = stack.dispatcher()
+    d = stack.dispatcher("--link-loss-window", "0")
     proxy = start_proxy(stack, d.addr)
     stack.commander(proxy.addr, llm.base_url, slots=1)
     d.wait_slots(1)
@@ -205,6 +213,104 @@ def test_reset_commander_link_ends_the_task_at_once(stack: Stack) -> None:
     report(
         f"reset: task FAILURE {detect:.2f}s after the reset; slot back {back:.2f}s "
         f"after the link healed"
+    )
+
+
+def test_reset_commander_link_the_session_reattaches_and_the_task_succeeds(
+    stack: Stack,
+) -> None:
+    """The proxy resets the connection mid-stream (TCP RST, `reset_peer`) and the link
+    heals right after. With hand-over (a store; --link-loss-window, default 10 s) the
+    dispatcher keeps the session waiting instead of failing it; the commander, whose
+    planner goes on, reconnects, re-attaches the session and resends what was not
+    recorded: the task ends SUCCESS and its watcher sees 1..N exactly once, the content
+    complete and in order."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=400)
+    d = stack.dispatcher()
+    proxy = start_proxy(stack, d.addr)
+    cmd = stack.commander(proxy.addr, llm.base_url, slots=1)
+    d.wait_slots(1)
+
+    task_id = d.submit(f"a long story [{uuid.uuid4().hex[:8]}]", llm)
+    watch = start_watch(d.tasks, task_id, timeout=120)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flows")
+
+    proxy.add("reset", "reset_peer", "upstream", timeout=0)
+    t0 = time.monotonic()
+    wait_until(lambda: "stream lost" in cmd.log_text(), 10, "the commander sees the reset")
+    lost = time.monotonic() - t0
+    running = d.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), timeout=5).task
+    assert running.status == agent_pb2.RUNNING, running
+    proxy.clear()
+    final = wait_status(d.agent, task_id, timeout=60)
+    watch.join(30)
+    events = watch.values()
+    assert final.status == agent_pb2.SUCCESS, final
+    assert_exactly_once_in_order(events)
+    reattached = [
+        e for e in events if kind(e) == "state" and "re-attached (attempt 2)" in e.state.message
+    ]
+    assert len(reattached) == 1, describe(events)
+    assert cmd.alive()
+    # The planner went on through the cut: one model stream, completed.
+    assert [r["outcome"] for r in llm.streams()] == ["completed"], llm.streams()
+    report(
+        f"reset + heal: commander saw the reset after {lost:.2f}s; the session re-attached "
+        f"and the task ended SUCCESS with {len(events)} events 1..N exactly once"
+    )
+
+
+def test_blackholed_link_heals_within_the_window_and_the_session_reattaches(
+    stack: Stack,
+) -> None:
+    """The link is black-holed; the dispatcher finds it dead by keepalive (1 s + 1 s)
+    and keeps the session waiting (--link-loss-window 30s); the link heals 1 s later.
+    The commander finds its stream dead (the dispatcher's close reaching it once the
+    link heals, or its own keepalive: 10 s + 5 s), reconnects, re-attaches the session
+    and resends what was lost in the black hole: SUCCESS, 1..N exactly once."""
+    llm = stack.scripted(tokens_per_sec=50, tokens=600)
+    d = stack.dispatcher(
+        "--keepalive-time", "1s", "--keepalive-timeout", "1s", "--link-loss-window", "30s"
+    )
+    proxy = start_proxy(stack, d.addr)
+    cmd = stack.commander(proxy.addr, llm.base_url, slots=1)
+    d.wait_slots(1)
+
+    task_id = d.submit(f"a long story [{uuid.uuid4().hex[:8]}]", llm)
+    watch = start_watch(d.tasks, task_id, timeout=120)
+    watch.wait(lambda evs: sum(kind(e) == "content" for e in evs) >= 5, 20, "content flows")
+
+    proxy.both("blackhole", "timeout", timeout=0)
+    t0 = time.monotonic()
+    wait_until(
+        lambda: "commander link lost" in d.proc.log_text(), 10, "the dispatcher finds the link dead"
+    )
+    found = time.monotonic() - t0
+    running = d.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id), timeout=5).task
+    assert running.status == agent_pb2.RUNNING, running
+    # Heal after the dispatcher let go (wait_until polls: no sleep to synchronise).
+    wait_until(lambda: time.monotonic() - t0 >= found + 1.0, 5, "1 s after", interval=0.05)
+    proxy.clear()
+    t1 = time.monotonic()
+    watch.wait(
+        lambda evs: any(
+            kind(e) == "state" and "re-attached (attempt 2)" in e.state.message for e in evs
+        ),
+        30,
+        "the session re-attached",
+    )
+    reattached = time.monotonic() - t1
+    final = wait_status(d.agent, task_id, timeout=60)
+    watch.join(30)
+    events = watch.values()
+    assert final.status == agent_pb2.SUCCESS, final
+    assert_exactly_once_in_order(events)
+    assert cmd.alive()
+    assert [r["outcome"] for r in llm.streams()] == ["completed"], llm.streams()
+    report(
+        f"blackhole + heal: dispatcher found the link dead {found:.2f}s after the fault "
+        f"(keepalive 1s+1s); the session re-attached {reattached:.2f}s after the link healed; "
+        f"SUCCESS with {len(events)} events 1..N exactly once"
     )
 
 

@@ -803,3 +803,38 @@ def test_paused_owner_is_fenced_after_its_session_moved(
         assert [(e.seq, kind(e)) for e in full.values()] == [(e.seq, kind(e)) for e in events]
     assert "task of a dead replica ended" not in d1.proc.log_text() + d2.proc.log_text()
     print(f"\npaused owner, link cut: session re-attached to r2 {moved:.2f}s after; r1 fenced")
+
+
+def test_cut_commander_link_session_moves_to_another_replica(
+    stack: Stack, engines: SimpleNamespace
+) -> None:
+    """The commander's link to the replica running its session is reset (its proxy
+    resets every connection) while that replica stays up: the replica does not fail
+    the task but detaches the session (--link-loss-window); the commander, given both
+    addresses, re-attaches it to the other replica, which takes the task over (next
+    lease attempt); the first replica, losing the lease, forgets its waiting copy.
+    The task ends SUCCESS with 1..N exactly once, and no replica fails it."""
+    from tests.test_faults import start_proxy
+
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=600)
+    proxy = start_proxy(stack, d1.addr)
+    stack.commander(f"{proxy.addr},{d2.addr}", llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=30)
+    task_id = _submit(d1, f"link cut [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    t0 = time.time()
+    proxy.add("reset", "reset_peer", "upstream", timeout=0)
+    w.wait(lambda evs: bool(_reattaches(evs)), 30, "the session re-attached to r2")
+    moved = _reattaches(w.events)[0].time.ToNanoseconds() / 1e9 - t0
+    assert "commander link lost" in d1.proc.log_text(), d1.proc.tail()
+    st = wait_status(d2.agent, task_id, timeout=90)
+    assert st.status == agent_pb2.SUCCESS, st
+    events = w.join(30)
+    _exactly_once_in_order(events)
+    for d in (d1, d2):
+        full = start_watch(d.tasks, task_id)
+        full.join(15)
+        assert [(e.seq, kind(e)) for e in full.values()] == [(e.seq, kind(e)) for e in events]
+    print(f"\nlink to r1 reset: session re-attached to r2 {moved:.2f}s after; SUCCESS")

@@ -47,6 +47,7 @@ type config struct {
 	maxMsgBytes    int
 	drainTimeout   time.Duration
 	handOverWindow time.Duration
+	linkLossWindow time.Duration
 	kaTime         time.Duration
 	kaTimeout      time.Duration
 	kaMinTime      time.Duration
@@ -122,6 +123,8 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", dispatcher.DefaultDrainTimeout, "on SIGTERM, how long running tasks may finish before they are stopped")
 	fs.DurationVar(&c.handOverWindow, "handover-window", dispatcher.DefaultHandOverWindow,
 		"with a store: after a restart, how long a task that was running waits for its commander to re-attach its session before it fails; on SIGTERM commanders are told to move instead of their tasks being stopped (0: no hand-over)")
+	fs.DurationVar(&c.linkLossWindow, "link-loss-window", dispatcher.DefaultLinkLossWindow,
+		"with hand-over: how long a running session whose commander's stream broke (network cut, reset, keepalive, a commander that died) waits for the commander to re-attach it before its task fails (0: it fails with the stream)")
 	fs.DurationVar(&c.kaTime, "keepalive-time", dispatcher.DefaultKeepalive.Time, "ping a connection silent for this long")
 	fs.DurationVar(&c.kaTimeout, "keepalive-timeout", dispatcher.DefaultKeepalive.Timeout, "close a connection whose ping is not acked within this")
 	fs.DurationVar(&c.kaMinTime, "keepalive-min-time", dispatcher.DefaultKeepalive.MinTime, "clients may ping at most this often")
@@ -370,7 +373,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		},
 		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
 		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
-			HandOverWindow: handOverWindow(c.handOverWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
+			HandOverWindow: handOverWindow(c.handOverWindow), LinkLossWindow: handOverWindow(c.linkLossWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
 		Policy: dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		MCP:    dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
 		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},

@@ -56,6 +56,12 @@ const (
 	// RUNNING waits for its session to re-attach before it ends FAILURE
 	// (with a store only; docs/protocol.md, "Session hand-over").
 	DefaultHandOverWindow = 15 * time.Second
+	// DefaultLinkLossWindow is how long a running session whose
+	// commander's stream broke (network cut, reset, keepalive, a dead
+	// commander) waits for the commander to re-attach it before its task
+	// ends FAILURE (with hand-over only). Shorter than the restart window:
+	// it is also how much later a task of a commander that died fails.
+	DefaultLinkLossWindow = 10 * time.Second
 
 	// DefaultDrainTimeout is the --drain-timeout default: how long running
 	// tasks may finish on SIGTERM before Drain stops them (Drain itself
@@ -197,6 +203,11 @@ type Tasks struct {
 	// FAILURE at the restart, and a drain stops running tasks instead of
 	// telling their commanders to move).
 	HandOverWindow time.Duration
+	// LinkLossWindow (with hand-over) is how long a running session whose
+	// commander's stream broke waits for the commander to re-attach it
+	// (DefaultLinkLossWindow; negative: none — the task ends FAILURE with
+	// the stream, "commander connection lost: …").
+	LinkLossWindow time.Duration
 	// Claimer takes a task when its session re-attaches (nil: the store's
 	// single-node claim, see taskstore.Store.Claim).
 	Claimer task.Claimer
@@ -289,6 +300,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Tasks.HandOverWindow == 0 {
 		c.Tasks.HandOverWindow = DefaultHandOverWindow
+	}
+	if c.Tasks.LinkLossWindow == 0 {
+		c.Tasks.LinkLossWindow = DefaultLinkLossWindow
 	}
 	if c.Tasks.ToolTimeout <= 0 {
 		c.Tasks.ToolTimeout = DefaultToolTimeout

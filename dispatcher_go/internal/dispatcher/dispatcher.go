@@ -208,7 +208,9 @@ func New(cfg Config) (*Dispatcher, error) {
 		Policy:     pol,
 		HandOver:   handOver,
 		Reattacher: mgr,
-		Flush:      flush,
+		// Only with hand-over: a store keeps the waiting task's events.
+		LinkLossWindow: linkLossWindow(handOver, cfg.Tasks.LinkLossWindow),
+		Flush:          flush,
 		// Room for the event envelope: an event made of a packet still
 		// fits a client's message limit.
 		MaxMessageBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
@@ -505,4 +507,13 @@ func (d *Dispatcher) stop() {
 	if d.writer != nil {
 		d.writer.Close()
 	}
+}
+
+// linkLossWindow is how long a session whose stream broke waits to be
+// re-attached: Tasks.LinkLossWindow with hand-over, else 0 (none).
+func linkLossWindow(handOver bool, w time.Duration) time.Duration {
+	if !handOver || w < 0 {
+		return 0
+	}
+	return w
 }

@@ -28,6 +28,13 @@ import (
 //   - Drain sends move on every stream; a session whose stream then ends is
 //     detached (task.Task.Detach), not ended: the task stays RUNNING for the
 //     next dispatcher.
+//   - With a LinkLossWindow, a session whose stream breaks without the
+//     session ending (transport error, reset, keepalive, the commander's
+//     EOF) is detached too (task.Task.DetachLinkLost): the task waits the
+//     window for the commander to re-attach it, here or on another replica,
+//     then ends FAILURE. A re-attach that finds the session still attached
+//     here to an older stream of the same commander ends that stream
+//     (supersede): the commander would not re-attach over a live one.
 
 // DefaultAckInterval is the acker's period when Options.AckInterval is 0.
 const DefaultAckInterval = 20 * time.Millisecond
@@ -184,6 +191,7 @@ func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error)
 	if ra.GetTaskId() == "" || ra.GetSessionId() == "" || len(ra.GetTaskId()) > maxHelloField || len(ra.GetSessionId()) > maxHelloField {
 		return nil, task.Reattached{}, errors.New("reattach needs a task_id and a session_id")
 	}
+	sl.srv.supersede(sl, ra)
 	ctx, cancel := context.WithTimeout(sl.ctx, 10*time.Second)
 	defer cancel()
 	var r *run
@@ -220,11 +228,44 @@ func (r *run) restop(st *dispatchv1.StopSignal) {
 	r.stopWith(st.GetReason(), st.GetCode(), st.GetRuleId())
 }
 
-// detach lets go of r, whose stream ended after a move: the task stays
-// RUNNING (task.Task.Detach) for the dispatcher the commander moves to. It
-// reports whether r was detached (false: r ended, or a stop was decided,
-// which then ends it as usual).
-func (sl *slot) detach(r *run) bool {
+// errSuperseded ends a stream whose session the commander re-attached on a
+// new stream (supersede): the old one is dead on the commander's side.
+var errSuperseded = errors.New("the commander re-attached its session on a new stream")
+
+// linkLost reports whether a stream that ended with cause lost its link
+// (transport error, reset, keepalive, the commander's EOF) rather than
+// being ended by the dispatcher for a reason of its own.
+func linkLost(cause error) bool {
+	switch {
+	case errors.Is(cause, ErrShutdown), errors.Is(cause, ErrProtocol),
+		errors.Is(cause, ErrStopNotAcknowledged), errors.Is(cause, errSuperseded), undecodable(cause):
+		return false
+	}
+	return true
+}
+
+// detachLinkLost lets go of r, whose stream broke while its session ran:
+// the task waits window for the commander to re-attach the session
+// (task.Task.DetachLinkLost). False as for detach (r ended, or a stop was
+// decided: it then ends as usual).
+func (sl *slot) detachLinkLost(r *run, window time.Duration, why string) bool {
+	if !sl.release(r) {
+		return false
+	}
+	if !r.t.DetachLinkLost(r, r.upSeq.Load(), window) {
+		return false
+	}
+	r.span.AddEvent("detached: commander link lost")
+	r.span.End()
+	sl.srv.stats.Detached.Add(1)
+	r.log.Warn("commander link lost: the session waits for its commander to re-attach it",
+		"reason", why, "window", window, "upstream_seq", r.upSeq.Load())
+	return true
+}
+
+// release claims r for a detach: r ends here without its task ending. False
+// if r ended already or a stop was decided for it.
+func (sl *slot) release(r *run) bool {
 	r.mu.Lock()
 	if r.decided || !r.ended.CompareAndSwap(false, true) {
 		r.mu.Unlock()
@@ -235,6 +276,49 @@ func (sl *slot) detach(r *run) bool {
 	sl.srv.untrack(r)
 	r.cancel()
 	r.disarm()
+	return true
+}
+
+// supersede lets go of session ra still attached here on another stream
+// of the same commander (the re-attaching slot nsl's): the commander
+// re-attaching it proves that stream dead, though this dispatcher has not
+// seen it end yet (a black-holed link before keepalive, a reset whose
+// reconnect was faster). The session is detached as for a lost link and
+// the old stream ended, so that the re-attach finds the task waiting.
+// Only with a LinkLossWindow.
+func (s *Server) supersede(nsl *slot, ra *dispatchv1.Reattach) {
+	w := s.opts.LinkLossWindow
+	if w <= 0 {
+		return
+	}
+	s.slotsMu.Lock()
+	var old *slot
+	var r *run
+	for sl := range s.slots {
+		if cur := sl.cur.Load(); sl != nsl && cur != nil && cur.sessionID == ra.GetSessionId() &&
+			cur.t.ID() == ra.GetTaskId() && sl.commanderID == nsl.commanderID {
+			old, r = sl, cur
+			break
+		}
+	}
+	s.slotsMu.Unlock()
+	// A session whose start never went out is not the commander's to re-attach.
+	if old == nil || !nsl.ServesTenant(r.t.Tenant()) || !r.startWasSent() {
+		return
+	}
+	if old.detachLinkLost(r, w, errSuperseded.Error()) {
+		old.cancel(errSuperseded)
+	}
+}
+
+// detach lets go of r, whose stream ended after a move: the task stays
+// RUNNING (task.Task.Detach) for the dispatcher the commander moves to. It
+// reports whether r was detached (false: r ended, or a stop was decided,
+// which then ends it as usual).
+func (sl *slot) detach(r *run) bool {
+	if !sl.release(r) {
+		return false
+	}
 	if !r.t.Detach(r, r.upSeq.Load()) {
 		return false
 	}

@@ -95,6 +95,13 @@ type Options struct {
 	// may re-attach a task waiting for its session (Reattacher), and after
 	// Drain's move a session whose stream ends is detached, not ended.
 	HandOver bool
+	// LinkLossWindow (with HandOver) is how long a session whose stream
+	// broke without the session ending (a network cut, a reset, a link
+	// found dead by keepalive, a commander that died) waits for its
+	// commander to re-attach it before its task ends FAILURE
+	// (task.LinkLostExpiredMessage). 0: such a session ends with its
+	// stream, FAILURE "commander connection lost: …".
+	LinkLossWindow time.Duration
 	// Reattacher finds the task a re-attaching session continues (the
 	// task manager).
 	Reattacher Reattacher

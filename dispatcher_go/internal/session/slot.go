@@ -353,10 +353,16 @@ func (sl *slot) closeCurrent(cause error) {
 	if r == nil {
 		return
 	}
-	if sl.moving.Load() && sl.srv.opts.HandOver && sl.startReached(r) && sl.detach(r) {
-		return
+	reached := sl.startReached(r)
+	if sl.srv.opts.HandOver && reached {
+		if sl.moving.Load() && sl.detach(r) {
+			return
+		}
+		if w := sl.srv.opts.LinkLossWindow; w > 0 && linkLost(cause) && sl.detachLinkLost(r, w, describeEnd(cause)) {
+			return
+		}
 	}
-	if !errors.Is(cause, ErrShutdown) && !sl.startReached(r) && sl.requeue(r, cause) {
+	if !errors.Is(cause, ErrShutdown) && !reached && sl.requeue(r, cause) {
 		return
 	}
 	st, decided := r.stopState()

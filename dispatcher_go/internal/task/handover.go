@@ -30,6 +30,11 @@ import (
 // session did not re-attach after a dispatcher restart.
 const HandOverExpiredMessage = "dispatcher restarted while the task was running; its session did not re-attach within %s"
 
+// LinkLostExpiredMessage is the message (with the window) of a task whose
+// commander's stream broke (Task.DetachLinkLost) and whose session did not
+// re-attach: a commander that died, or one cut off for too long.
+const LinkLostExpiredMessage = "commander link lost; session did not re-attach within %s"
+
 // Claimer takes a task for this dispatcher when its session re-attaches: it
 // returns the task's new attempt number, higher than any before, the fencing
 // token of the session from now on. taskstore.Store is the single-node
@@ -55,6 +60,9 @@ type waiter struct {
 	// gone: the task moved to another replica; the waiter does nothing
 	// more (guarded by t.mu).
 	gone bool
+	// expired is the message format (with the window) the task ends with
+	// when the window runs out; "": HandOverExpiredMessage.
+	expired string
 }
 
 // Stop implements Runner: there is no session to stop, so the task ends
@@ -83,7 +91,11 @@ func (w *waiter) expire(window time.Duration) {
 	if !waiting {
 		return
 	}
-	msg := fmt.Sprintf(HandOverExpiredMessage, window)
+	format := HandOverExpiredMessage
+	if w.expired != "" {
+		format = w.expired
+	}
+	msg := fmt.Sprintf(format, window)
 	if stop != nil {
 		w.Stop(stop.GetReason()+" ("+msg+")", stop.GetCode())
 		return
@@ -124,6 +136,34 @@ func (t *Task) Detach(r Runner, upstreamSeq uint64) bool {
 	t.upstreamSeq = upstreamSeq
 	if t.span != nil {
 		t.span.AddEvent("session detached for a hand-over")
+	}
+	t.saveLocked()
+	return true
+}
+
+// DetachLinkLost lets go of the task's session r whose stream broke
+// without the session ending (a network cut, a reset connection, a link
+// found dead by keepalive, a commander that died): the task stays RUNNING,
+// its runner a waiter, for window, so that the commander, if it lives,
+// re-attaches the session (here or, in a fleet, on another replica) and it
+// goes on with no event lost or repeated. Nobody re-attaching within window
+// ends it FAILURE (LinkLostExpiredMessage). upstreamSeq is as for Detach.
+// False if the task is not running on r (or window is not positive).
+func (t *Task) DetachLinkLost(r Runner, upstreamSeq uint64, window time.Duration) bool {
+	if window <= 0 {
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status != agentpb.TaskStatus_RUNNING || t.runner != r {
+		return false
+	}
+	w := &waiter{t: t, expired: LinkLostExpiredMessage}
+	w.timer = time.AfterFunc(window, func() { w.expire(window) })
+	t.runner = w
+	t.upstreamSeq = upstreamSeq
+	if t.span != nil {
+		t.span.AddEvent("session detached: commander link lost")
 	}
 	t.saveLocked()
 	return true

@@ -158,3 +158,91 @@ type nopPersistence struct{ Persistence }
 func (nopPersistence) Save(*Snapshot)                          {}
 func (nopPersistence) Health() error                           { return nil }
 func (nopPersistence) FlushWhileHealthy(context.Context) error { return nil }
+
+// TestLinkLostSessionReattachesWithinTheWindow: a session whose stream
+// broke waits for its commander (RUNNING, interjections refused as during
+// any hand-over); its re-attach continues it from the seq it left off at,
+// and the window's timer no longer ends it.
+func TestLinkLostSessionReattachesWithinTheWindow(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q, tk)
+	if tk.DetachLinkLost(&fakeRunner{t: tk}, 3, time.Second) {
+		t.Fatal("DetachLinkLost let go of a runner the task does not run on")
+	}
+	if tk.DetachLinkLost(r, 3, 0) {
+		t.Fatal("DetachLinkLost without a window")
+	}
+	window := 100 * time.Millisecond
+	if !tk.DetachLinkLost(r, 3, window) {
+		t.Fatal("DetachLinkLost refused a running task")
+	}
+	if tk.Status() != agentpb.TaskStatus_RUNNING || !tk.HandingOver() {
+		t.Fatalf("after the link loss: %v handing over %v", tk.Status(), tk.HandingOver())
+	}
+	if _, _, err := m.Interject(context.Background(), tk.ID(), "hi"); !errors.Is(err, ErrHandOver) {
+		t.Fatalf("interject while the link is lost: %v", err)
+	}
+	r2 := &fakeRunner{t: tk}
+	got, err := m.Reattach(context.Background(), tk.ID(), "ses", "c", nil, func(*Task) Runner { return r2 })
+	if err != nil || got.UpstreamSeq != 3 || got.Attempt != 2 {
+		t.Fatalf("re-attach: %+v %v", got, err)
+	}
+	// Past the window the task still runs on its new runner.
+	deadline := time.After(5 * window)
+	for tk.Status() == agentpb.TaskStatus_RUNNING {
+		select {
+		case <-deadline:
+			if tk.HandingOver() {
+				t.Fatal("re-attached task waits again")
+			}
+			return
+		case <-tk.Done():
+		}
+	}
+	t.Fatalf("re-attached task ended %v: %q", tk.Status(), tk.Info().Message)
+}
+
+// TestLinkLostWindowExpires: the commander never comes back (it died):
+// FAILURE after the window, saying the link was lost; a stop while waiting
+// ends the task at once instead.
+func TestLinkLostWindowExpires(t *testing.T) {
+	m, q := newManager(t, ManagerOptions{})
+	tk, err := m.Submit(Spec{Instruction: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startOn(t, q, tk)
+	begun := time.Now()
+	if !tk.DetachLinkLost(r, 0, 50*time.Millisecond) {
+		t.Fatal("DetachLinkLost refused a running task")
+	}
+	select {
+	case <-tk.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("task still RUNNING after its link-loss window")
+	}
+	info := tk.Info()
+	if info.Status != agentpb.TaskStatus_FAILURE || info.Message != "commander link lost; session did not re-attach within 50ms" {
+		t.Fatalf("after the window: %v %q", info.Status, info.Message)
+	}
+	if waited := time.Since(begun); waited < 50*time.Millisecond {
+		t.Fatalf("ended %s after the link loss, before the window", waited)
+	}
+
+	tk2, err := m.Submit(Spec{Instruction: "y"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2 := startOn(t, q, tk2)
+	if !tk2.DetachLinkLost(r2, 0, time.Hour) {
+		t.Fatal("DetachLinkLost refused a running task")
+	}
+	out, err := m.Cancel(context.Background(), tk2.ID(), "", false)
+	if err != nil || !out.Cancelled || tk2.Status() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel while the link is lost: %+v %v %v", out, err, tk2.Status())
+	}
+}
