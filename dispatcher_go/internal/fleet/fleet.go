@@ -293,42 +293,31 @@ func (f *Fleet) SlotsServing(tenant string, all bool) int {
 	if all {
 		return f.SlotCount()
 	}
-	local := f.sched.SlotsServing(tenant, false)
-	if !f.busUp() {
-		return local
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	defer cancel()
-	sums, err := summaries(ctx, f.rdb)
-	if err != nil {
-		return local
-	}
-	n := local
-	for id, s := range sums {
-		if id != f.id {
-			n += s.serving(tenant)
-		}
-	}
-	return n
+	return f.sched.SlotsServing(tenant, false) + f.remoteSlots(func(s summary) int { return s.serving(tenant) })
 }
 
 // SlotCount is the number of slots of the whole fleet (each replica's
 // summary in Redis), or this replica's alone while Redis is down.
 func (f *Fleet) SlotCount() int {
-	local := f.sched.SlotCount()
+	return f.sched.SlotCount() + f.remoteSlots(func(s summary) int { return s.Slots })
+}
+
+// remoteSlots sums count over the other replicas' summaries in Redis (0
+// while Redis is down or does not answer within 300 ms).
+func (f *Fleet) remoteSlots(count func(summary) int) int {
 	if !f.busUp() {
-		return local
+		return 0
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	sums, err := summaries(ctx, f.rdb)
 	if err != nil {
-		return local
+		return 0
 	}
-	n := local
+	n := 0
 	for id, s := range sums {
 		if id != f.id {
-			n += s.Slots
+			n += count(s)
 		}
 	}
 	return n
