@@ -34,33 +34,8 @@ start() {
   echo $! >"$RUN/$name.pid"
 }
 
-stop_one() {
-  local pidf=$RUN/$1.pid
-  [ -f "$pidf" ] || return 0
-  local pid; pid=$(cat "$pidf")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidf"
-}
-
-wait_for() {
-  local name=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
-      log "$name exited; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-      log "$name not ready after ${secs}s; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
-    fi
-    sleep 0.2
-  done
-}
-
-port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+# stop_one, wait_for, port_free
+. "$ROOT/scripts/_proclib.sh"
 
 up() {
   local dsn redis
@@ -106,7 +81,7 @@ up() {
 }
 
 down() {
-  for n in commander-1 commander-2 tools dispatcher-1 dispatcher-2 dispatcher-3 model; do stop_one "$n"; done
+  for n in commander-1 commander-2 tools dispatcher-1 dispatcher-2 dispatcher-3 model; do stop_one "$n" 100; done
   scripts/redis.sh stop >/dev/null 2>&1 || true
   scripts/postgres.sh stop >/dev/null 2>&1 || true
 }

@@ -39,34 +39,8 @@ start() {
   echo $! >"$RUN/$name.pid"
 }
 
-stop_one() {
-  local name=$1 pidf=$RUN/$1.pid
-  [ -f "$pidf" ] || return 0
-  local pid; pid=$(cat "$pidf")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidf"
-}
-
-# wait_for NAME SECONDS CMD...: poll CMD until it succeeds; fail with the log tail.
-wait_for() {
-  local name=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
-      log "$name exited; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-      log "$name not ready after ${secs}s; last lines of $RUN/$name.log:"; tail -n 30 "$RUN/$name.log" >&2; return 1
-    fi
-    sleep 0.2
-  done
-}
-
-port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+# stop_one, wait_for, port_free
+. "$ROOT/scripts/_proclib.sh"
 
 model_up() {
   local model; model=$("$PY" "$ROOT/scripts/model_path.py")
