@@ -278,7 +278,9 @@ START=$SECONDS
 # relay:      N sessions at a steady rate, one watcher each; *-memory: the
 #             same against --storage-backend memory (no store on the path).
 # throughput: N sessions flooding 64-byte packets over N/2 connections, one
-#             watcher each; throughput-ingest: the same with no watcher.
+#             watcher each; throughput-memory: the same against
+#             --storage-backend memory; throughput-ingest: the same with no
+#             watcher.
 # idle:       N idle slots (hello, KeepAlive 10 s) held open; RSS per slot.
 # tools:      N sessions each calling a tool 20 times a second, alternating
 #             the built-in echo and bench_echo served by loadgen as a provider.
@@ -294,17 +296,19 @@ if [ "$QUICK" = 1 ]; then
   scenario relay      --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
   memory_scenario relay-memory --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
   scenario throughput --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
+  memory_scenario throughput-memory --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
   scenario idle       --scenario idle --sessions 500 --duration 3s --streams-per-conn 50
   scenario tools      --scenario tools --sessions 10 --duration 5s --rate 20
   policy_scenario policy --sessions 10 --duration 5s --rate 50 --packet-bytes 16 --stop-min 100ms --stop-max 1s
 else
   scenario stop        --scenario stop --sessions 50 --duration 30s --rate 50 --packet-bytes 16
   scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
-  scenario relay-10    --scenario relay --sessions 10 --duration 20s --rate 50 --packet-bytes 32
+  scenario relay-64    --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32
   scenario relay-200   --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
-  memory_scenario relay-10-memory  --scenario relay --sessions 10 --duration 20s --rate 50 --packet-bytes 32
+  memory_scenario relay-64-memory  --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32
   memory_scenario relay-200-memory --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
   scenario throughput  --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
+  memory_scenario throughput-memory --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
   scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
   scenario idle        --scenario idle --sessions 10000 --duration 20s --streams-per-conn 100
   scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
