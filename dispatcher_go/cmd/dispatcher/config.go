@@ -139,7 +139,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.postgresDSN, "postgres-dsn", "", "PostgreSQL connection string for --storage-backend postgres; env also POSTGRES_CONNECTION_STRING")
 	fs.StringVar(&c.dataDir, "data-dir", "./.data", "directory of the embedded (sqlite) store")
 	fs.DurationVar(&c.retention, "retention", dispatcher.DefaultRetention, "remove tasks and their events this long after they ended (0: keep forever)")
-	fs.DurationVar(&c.flushInterval, "event-flush-interval", dispatcher.DefaultFlushInterval, "longest an event waits to be written in a batch (and to reach watchers)")
+	fs.DurationVar(&c.flushInterval, "event-flush-interval", dispatcher.DefaultFlushInterval, "how long an event waits for others before its batch is written (adds to a watcher's latency); 0: a write starts as soon as the previous one ended")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")
@@ -244,8 +244,8 @@ func (c *config) validate() error {
 	if c.fleetLease <= 0 || c.fleetGrace < 0 || c.fleetReclaim <= 0 {
 		errs = append(errs, errors.New("--fleet-lease and --fleet-reclaim-idle must be positive, --fleet-grace not negative"))
 	}
-	if c.retention < 0 || c.flushInterval <= 0 {
-		errs = append(errs, errors.New("--retention must not be negative and --event-flush-interval must be positive"))
+	if c.retention < 0 || c.flushInterval < 0 {
+		errs = append(errs, errors.New("--retention and --event-flush-interval must not be negative"))
 	}
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))

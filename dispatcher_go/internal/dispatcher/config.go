@@ -42,9 +42,10 @@ const (
 	DefaultStreamWindow = 128 << 10
 	// DefaultPolicyPoll is how often the policy file is checked for changes.
 	DefaultPolicyPoll = time.Second
-	// DefaultFlushInterval is the store writer's batching interval: the
-	// longest an event waits to be written (and to reach watchers).
-	DefaultFlushInterval = time.Millisecond
+	// DefaultFlushInterval is the store writer's batching interval: how
+	// long an event waits for others before its write starts. 0: none, a
+	// write starts once the previous one ended (store.WriterOptions).
+	DefaultFlushInterval time.Duration = 0
 
 	// The two below are not applied by New, where zero means something
 	// else; they are cmd/dispatcher's defaults for the matching flags.

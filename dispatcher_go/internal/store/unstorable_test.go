@@ -166,15 +166,20 @@ func TestCorruptStoredEventIsReported(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx := context.Background()
+	// One write per event, so that each is a run of its own in the
+	// database (sqlite/runs.go) and can be spoiled alone.
 	for _, text := range []string{"one", "two", "three", "four"} {
 		if _, err := l.Append(content(text), eventlog.Capped); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Flush(ctx); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if _, err := l.Seal(content("end")); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
 	if err := w.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -184,11 +189,15 @@ func TestCorruptStoredEventIsReported(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if _, err := db.ExecContext(ctx, `UPDATE events SET data = ? WHERE task_id = 't' AND seq = 2`, []byte{0xff, 0xff, 0xff, 0xff}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.ExecContext(ctx, `DELETE FROM events WHERE task_id = 't' AND seq = 4`); err != nil {
-		t.Fatal(err)
+	for q, arg := range map[string]any{
+		`UPDATE event_runs SET data = ? WHERE task_id = 't' AND first_seq = 2 AND last_seq = 2`: []byte{0xff, 0xff, 0xff, 0xff},
+		`DELETE FROM event_runs WHERE task_id = 't' AND first_seq = 4 AND last_seq = ?`:         4,
+	} {
+		if res, err := db.ExecContext(ctx, q, arg); err != nil {
+			t.Fatal(err)
+		} else if n, _ := res.RowsAffected(); n != 1 {
+			t.Fatalf("%s: %d rows", q, n)
+		}
 	}
 
 	evs := readAll(t, logs.Stored("t", 5))

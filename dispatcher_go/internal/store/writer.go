@@ -34,13 +34,18 @@ const DefaultStuckAfter = time.Second
 
 // WriterOptions tune a Writer. Zero fields take the defaults.
 type WriterOptions struct {
-	// Interval is the longest an event waits before its batch is written
-	// (default 1 ms; throughput hardly depends on it, since under load
-	// batches fill to MaxBatch first). Readers of a durable log see an event once it is
-	// written, so this is also the added latency of a live watcher.
+	// Interval is how long the first pending item waits for others to
+	// join its batch before the write starts. The default, 0, waits for
+	// nothing: a write starts as soon as something is pending and the
+	// previous write has ended, so an idle Writer adds one write of
+	// latency and under load batches grow by themselves (everything that
+	// arrived during a write goes into the next one). Readers of a durable
+	// log see an event once it is written, so Interval adds to a live
+	// watcher's latency; tests use a long one to hold items pending.
 	Interval time.Duration
-	// MaxBatch writes a batch at once when this many items are pending
-	// (default 2048), without waiting for Interval.
+	// MaxBatch ends the Interval wait at once when this many items are
+	// pending (default 2048). It does not cap a batch: a write takes
+	// everything pending (at most about MaxPending items).
 	MaxBatch int
 	// MaxPending bounds the items waiting for a write (default
 	// DefaultMaxPending).
@@ -67,8 +72,8 @@ type WriterOptions struct {
 }
 
 func (o *WriterOptions) applyDefaults() {
-	if o.Interval <= 0 {
-		o.Interval = time.Millisecond
+	if o.Interval < 0 {
+		o.Interval = 0
 	}
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = 2048
@@ -94,8 +99,10 @@ type pendingEvent struct {
 }
 
 // Writer batches event and task writes into one Store.Apply per flush: a
-// flush happens Interval after the first pending item, or at once when
-// MaxBatch items are pending or somebody calls Flush. It implements
+// flush takes everything pending and starts as soon as the previous one
+// ended (group commit: one write in flight, the next batch gathers
+// meanwhile), or Interval after the first pending item if Interval is set
+// (at once when MaxBatch items are pending or somebody calls Flush). It implements
 // eventlog.Sink: appending an event costs a mutex and a slice append, the
 // serialization and the disk write happen on the Writer's goroutine, and the
 // log is told (Committer.Commit) once the event is durable.
@@ -229,7 +236,7 @@ func (w *Writer) pendingLocked() int { return len(w.events) + len(w.tasks) }
 
 func (w *Writer) notifyLocked() {
 	n := w.pendingLocked()
-	if n == 1 {
+	if n == 1 && w.opts.Interval > 0 {
 		w.first = time.Now()
 	}
 	if n == 1 || n >= w.opts.MaxBatch {
@@ -399,7 +406,7 @@ func (w *Writer) run() {
 		w.mu.Lock()
 		// Wait out the interval unless the batch is full, a flush was
 		// asked for, or we are closing.
-		for w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
+		for w.opts.Interval > 0 && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
 			wait := w.opts.Interval - time.Since(w.first)
 			if wait <= 0 {
 				break

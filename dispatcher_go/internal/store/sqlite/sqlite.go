@@ -13,7 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	sqlitedrv "modernc.org/sqlite" // driver "sqlite"
@@ -49,37 +49,61 @@ var migrations = []string{
 		data BLOB NOT NULL,
 		updated_at INTEGER NOT NULL
 	);`,
+	// Events as runs (runs.go): one row per run of consecutive events of
+	// a task instead of one per event.
+	`CREATE TABLE event_runs (
+		task_id TEXT NOT NULL,
+		first_seq INTEGER NOT NULL,
+		last_seq INTEGER NOT NULL,
+		data BLOB NOT NULL,
+		PRIMARY KEY (task_id, first_seq, last_seq)
+	) WITHOUT ROWID;
+	INSERT INTO event_runs (task_id, first_seq, last_seq, data) SELECT task_id, seq, seq, data FROM events;
+	DROP TABLE events;`,
 }
 
-// eventChunk is how many events one INSERT writes (3 parameters each, well
+// runChunk is how many runs one INSERT writes (4 parameters each, well
 // under SQLite's 32766).
-const eventChunk = 500
+const runChunk = 500
 
-var eventInserts sync.Map // n → query text
-
-func eventInsert(n int) string {
-	if q, ok := eventInserts.Load(n); ok {
-		return q.(string)
-	}
-	q := `INSERT INTO events (task_id, seq, data) VALUES (?, ?, ?)` + strings.Repeat(`, (?, ?, ?)`, n-1) + ` ON CONFLICT DO NOTHING`
-	eventInserts.Store(n, q)
-	return q
+func runInsert(n int) string {
+	return `INSERT INTO event_runs (task_id, first_seq, last_seq, data) VALUES (?, ?, ?, ?)` +
+		strings.Repeat(`, (?, ?, ?, ?)`, n-1) + ` ON CONFLICT DO NOTHING`
 }
 
 // Store is the SQLite store.
 type Store struct {
 	db   *sql.DB
 	lock *os.File // the data dir's lock (Open only)
-	// inserts holds the multi-row event INSERT prepared once per size in
+	// inserts holds the multi-row INSERT of runs prepared once per size in
 	// chunkSizes: parsing a 500-row statement on every write was 7% of the
 	// dispatcher's CPU under load (perf, docs/benchmarks.md).
 	inserts map[int]*sql.Stmt
+
+	// The background checkpointer (see checkpointLoop): Apply kicks it
+	// after each commit; walFull asks Apply to finish a checkpoint itself.
+	ckptKick, ckptStop, ckptDone chan struct{}
+	walFull                      atomic.Bool
 }
+
+// checkpointEvery is the least time between two background checkpoints:
+// pages written many times meanwhile (the last leaf of a busy task) are
+// copied into the database once. It is also about the most a power loss
+// can take back (see the package doc).
+const checkpointEvery = 100 * time.Millisecond
+
+// walRestartFrames bounds the WAL: once a background checkpoint finds it
+// holding this many frames (pages, 32 MiB at 4 KiB), the next Apply first
+// checkpoints the few frames the background one could not, so that its
+// write starts the WAL over. Under a steady stream of writes the WAL never
+// empties by itself: the background checkpoint always trails the writer by
+// the writes made while it ran.
+const walRestartFrames = 8192
 
 // chunkSizes are the row counts of the prepared event INSERTs, largest
 // first: a batch is written as full chunks, then smaller ones, so a few
 // statements serve every batch size.
-var chunkSizes = [...]int{eventChunk, 64, 8, 1}
+var chunkSizes = [...]int{runChunk, 64, 8, 1}
 
 var _ store.Store = (*Store)(nil)
 
@@ -106,7 +130,11 @@ func Open(ctx context.Context, dir string) (*Store, error) {
 // OpenFile opens the database file path and migrates it.
 func OpenFile(ctx context.Context, path string) (*Store, error) {
 	q := url.Values{}
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	// wal_autocheckpoint(0): no connection checkpoints at commit; the
+	// background checkpointer does (checkpointLoop). cache_size: 8 MiB of
+	// pages per connection instead of 2 MiB, so the B-tree pages a batch
+	// touches stay cached between writes.
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "wal_autocheckpoint(0)", "cache_size(-8192)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
 	}
 	q.Set("_txlock", "immediate")
@@ -117,13 +145,15 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// One writer at a time is SQLite's model; a few connections let
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes))}
+	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
+		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
 	}
+	go s.checkpointLoop()
 	for _, n := range chunkSizes {
-		st, err := db.PrepareContext(ctx, eventInsert(n))
+		st, err := db.PrepareContext(ctx, runInsert(n))
 		if err != nil {
 			s.Close()
 			return nil, fmt.Errorf("sqlite: prepare: %w", err)
@@ -131,6 +161,52 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 		s.inserts[n] = st
 	}
 	return s, nil
+}
+
+// checkpointLoop copies the WAL into the database file, off the writer's
+// path: a checkpoint fsyncs the WAL and the database (synchronous=NORMAL
+// syncs nowhere else), and at SQLite's default, in the commit that crosses
+// 1000 pages, it stalled that commit and every watcher waiting for it. A
+// PASSIVE checkpoint runs beside the writer (it never blocks it), once
+// kicked by a commit and at most every checkpointEvery.
+func (s *Store) checkpointLoop() {
+	defer close(s.ckptDone)
+	pause := time.NewTimer(checkpointEvery)
+	pause.Stop()
+	for {
+		select {
+		case <-s.ckptKick:
+		case <-s.ckptStop:
+			return
+		}
+		if frames, err := s.checkpoint(context.Background()); err == nil && frames >= walRestartFrames {
+			s.walFull.Store(true)
+		}
+		pause.Reset(checkpointEvery)
+		select {
+		case <-pause.C:
+		case <-s.ckptStop:
+			pause.Stop()
+			return
+		}
+	}
+}
+
+// checkpoint runs a PASSIVE checkpoint and returns how many frames the
+// WAL holds. An error (another checkpoint under way, a busy database) is
+// not reported: the next one does the work.
+func (s *Store) checkpoint(ctx context.Context) (int, error) {
+	var busy, frames, done int
+	err := s.db.QueryRowContext(ctx, `PRAGMA wal_checkpoint(PASSIVE)`).Scan(&busy, &frames, &done)
+	return frames, err
+}
+
+// kickCheckpoint tells the checkpointer that something was committed.
+func (s *Store) kickCheckpoint() {
+	select {
+	case s.ckptKick <- struct{}{}:
+	default:
+	}
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -161,30 +237,37 @@ func (s *Store) migrate(ctx context.Context) error {
 
 // Apply implements store.Store.
 func (s *Store) Apply(ctx context.Context, b store.Batch) error {
+	if s.walFull.Swap(false) {
+		// The background checkpoint copied all but the last few frames:
+		// copy those too, so that this write starts the WAL over.
+		_, _ = s.checkpoint(ctx)
+	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("sqlite: apply: %w", err)
 	}
 	defer tx.Rollback()
-	// Multi-row INSERTs: one statement per chunk of events instead of one
-	// per event (the per-statement cost dominates small rows).
-	args := make([]any, 0, 3*min(len(b.Events), eventChunk))
-	for evs := b.Events; len(evs) > 0; {
+	// One row per run of a task's events (runs.go), multi-row INSERTs:
+	// one statement per chunk of runs (the per-statement and per-row costs
+	// dominate small rows).
+	runs := groupRuns(b.Events)
+	args := make([]any, 0, 4*min(len(runs), runChunk))
+	for len(runs) > 0 {
 		n := chunkSizes[len(chunkSizes)-1]
 		for _, c := range chunkSizes {
-			if c <= len(evs) {
+			if c <= len(runs) {
 				n = c
 				break
 			}
 		}
 		args = args[:0]
-		for _, e := range evs[:n] {
-			args = append(args, e.TaskID, int64(e.Seq), e.Data)
+		for _, r := range runs[:n] {
+			args = append(args, r.taskID, int64(r.first), int64(r.last), r.data)
 		}
 		if _, err := tx.StmtContext(ctx, s.inserts[n]).ExecContext(ctx, args...); err != nil {
 			return applyError("sqlite: apply events", err)
 		}
-		evs = evs[n:]
+		runs = runs[n:]
 	}
 	for _, t := range b.Tasks {
 		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES (?, ?, ?, ?, ?)
@@ -197,6 +280,7 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("sqlite: commit: %w", err)
 	}
+	s.kickCheckpoint()
 	return nil
 }
 
@@ -257,18 +341,43 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 
 // ReadEvents implements store.Store.
 func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT seq, data FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?`, taskID, int64(afterSeq), store.EventLimit(limit))
+	// The run holding afterSeq+1 starts at most maxRunEvents-1 before it.
+	limit = store.EventLimit(limit)
+	from := int64(afterSeq) - maxRunEvents
+	rows, err := s.db.QueryContext(ctx, `SELECT first_seq, last_seq, data FROM event_runs
+		WHERE task_id = ? AND first_seq > ? AND last_seq > ? ORDER BY first_seq, last_seq`, taskID, from, int64(afterSeq))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read events: %w", err)
 	}
 	defer rows.Close()
-	return store.Collect(rows, store.EventScanner(taskID), "sqlite: read events")
+	var out []store.Event
+	next := afterSeq // the last seq taken: a seq in two runs is taken once
+	for len(out) < limit && rows.Next() {
+		var first, last int64
+		var data []byte
+		if err := rows.Scan(&first, &last, &data); err != nil {
+			return out, fmt.Errorf("sqlite: read events: %w", err)
+		}
+		if uint64(last) <= next {
+			continue
+		}
+		out = unpack(out, taskID, uint64(first), uint64(last), data, next, limit)
+		next = out[len(out)-1].Seq
+	}
+	if err := rows.Err(); err != nil {
+		return out, fmt.Errorf("sqlite: read events: %w", err)
+	}
+	return out, nil
 }
 
 // LastSeq implements store.Store.
 func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
 	var seq int64
-	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id = ?`, taskID).Scan(&seq); err != nil {
+	// The run holding the last seq starts at most maxRunEvents-1 before
+	// the last run starts.
+	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM event_runs WHERE task_id = ?1
+		AND first_seq > (SELECT COALESCE(MAX(first_seq), 0) FROM event_runs WHERE task_id = ?1) - ?2`,
+		taskID, maxRunEvents).Scan(&seq); err != nil {
 		return 0, fmt.Errorf("sqlite: last seq: %w", err)
 	}
 	return uint64(seq), nil
@@ -302,7 +411,7 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 	}
 	defer tx.Rollback()
 	c := store.Micros(cutoff)
-	if _, err := tx.ExecContext(ctx, `DELETE FROM events WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < ?)`, c); err != nil {
+	if _, err := tx.ExecContext(ctx, `DELETE FROM event_runs WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < ?)`, c); err != nil {
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
 	}
 	res, err := tx.ExecContext(ctx, `DELETE FROM tasks WHERE ended_at > 0 AND ended_at < ?`, c)
@@ -315,6 +424,8 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 
 // Close implements store.Store.
 func (s *Store) Close() error {
+	close(s.ckptStop)
+	<-s.ckptDone
 	for _, st := range s.inserts {
 		st.Close()
 	}

@@ -1,0 +1,105 @@
+package sqlite
+
+import (
+	"encoding/binary"
+
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+// Events are stored as runs: one row of event_runs holds consecutive
+// events of one task from one write, (task_id, first_seq, last_seq, data).
+// A row per event made SQLite's per-row work (the B-tree seek and insert,
+// binding three values) the largest part of the dispatcher's CPU under a
+// flood (perf, docs/benchmarks.md); a run of up to maxRunEvents events
+// costs one row. A run of one event holds the serialized event as it is
+// (what migration 2 copied from the old events table); a longer one holds
+// each event as its length (uvarint) followed by its bytes.
+//
+// A seq may be in more than one run (a batch written again with other
+// boundaries: Store.Apply's "writing an event again is a no-op"); readers
+// take each seq from the first run that holds it, in (first_seq,
+// last_seq) order.
+
+// maxRunEvents bounds the events of one run, so that the run holding a
+// given seq starts at most maxRunEvents-1 before it (reads seek there).
+const maxRunEvents = 256
+
+// maxRunBytes ends a run once its data reaches this size, so that a read
+// of a few events never decodes megabytes of others.
+const maxRunBytes = 64 << 10
+
+// run is one row of event_runs.
+type run struct {
+	taskID      string
+	first, last uint64
+	data        []byte
+	multi       bool // data is length-prefixed (more than one event)
+}
+
+// groupRuns turns events (each task's in seq order, tasks interleaved)
+// into runs, in the order of their first events. An event without data
+// gets a run of its own whose data is nil: the database refuses it (NOT
+// NULL), as it refused such an event before.
+func groupRuns(events []store.Event) []run {
+	runs := make([]run, 0, 8)
+	cur := make(map[string]int, 8) // task → index of its open run
+	for _, e := range events {
+		i, ok := cur[e.TaskID]
+		if ok {
+			r := &runs[i]
+			if e.Data != nil && r.data != nil && e.Seq == r.last+1 &&
+				r.last-r.first+1 < maxRunEvents && len(r.data) < maxRunBytes {
+				r.add(e)
+				continue
+			}
+		}
+		runs = append(runs, run{taskID: e.TaskID, first: e.Seq, last: e.Seq, data: e.Data})
+		if e.Data != nil {
+			cur[e.TaskID] = len(runs) - 1
+		} else {
+			delete(cur, e.TaskID)
+		}
+	}
+	return runs
+}
+
+// add appends e (the next seq) to r.
+func (r *run) add(e store.Event) {
+	if !r.multi {
+		// Turn the single event's raw bytes into the framed form.
+		one := r.data
+		r.data = make([]byte, 0, 2*(len(one)+binary.MaxVarintLen32))
+		r.data = binary.AppendUvarint(r.data, uint64(len(one)))
+		r.data = append(r.data, one...)
+		r.multi = true
+	}
+	r.data = binary.AppendUvarint(r.data, uint64(len(e.Data)))
+	r.data = append(r.data, e.Data...)
+	r.last = e.Seq
+}
+
+// unpack appends the events of the run (first, last, data) of taskID to
+// out: those with seq > after, at most limit events in out. A run whose
+// data does not split into last-first+1 events (corrupted in the
+// database) gives events without data for the seqs it cannot split, which
+// the Writer reads as undecodable.
+func unpack(out []store.Event, taskID string, first, last uint64, data []byte, after uint64, limit int) []store.Event {
+	if first == last {
+		if first > after && len(out) < limit {
+			out = append(out, store.Event{TaskID: taskID, Seq: first, Data: data})
+		}
+		return out
+	}
+	for seq := first; seq <= last && len(out) < limit; seq++ {
+		var ev []byte
+		if n, k := binary.Uvarint(data); k > 0 && n <= uint64(len(data)-k) {
+			ev, data = data[k:k+int(n)], data[k+int(n):]
+		} else {
+			data = nil // corrupt from here on
+		}
+		if seq > after {
+			out = append(out, store.Event{TaskID: taskID, Seq: seq, Data: ev})
+		}
+	}
+	return out
+}

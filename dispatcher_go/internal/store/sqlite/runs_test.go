@@ -1,0 +1,122 @@
+package sqlite
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"path/filepath"
+	"testing"
+
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+func ev(task string, seq uint64) store.Event {
+	return store.Event{TaskID: task, Seq: seq, Data: []byte(fmt.Sprintf("%s-%d", task, seq))}
+}
+
+// TestGroupRuns: each task's consecutive events become one run, cut at a
+// gap, at maxRunEvents, and around an event without data.
+func TestGroupRuns(t *testing.T) {
+	var in []store.Event
+	for s := uint64(1); s <= maxRunEvents+2; s++ {
+		in = append(in, ev("a", s), ev("b", s))
+	}
+	in = append(in, ev("a", maxRunEvents+4), store.Event{TaskID: "b", Seq: maxRunEvents + 3}, ev("b", maxRunEvents+4))
+	type span struct {
+		task        string
+		first, last uint64
+	}
+	var got []span
+	for _, r := range groupRuns(in) {
+		got = append(got, span{r.taskID, r.first, r.last})
+	}
+	want := []span{{"a", 1, maxRunEvents}, {"b", 1, maxRunEvents}, {"a", maxRunEvents + 1, maxRunEvents + 2},
+		{"b", maxRunEvents + 1, maxRunEvents + 2}, {"a", maxRunEvents + 4, maxRunEvents + 4},
+		{"b", maxRunEvents + 3, maxRunEvents + 3}, {"b", maxRunEvents + 4, maxRunEvents + 4}}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("runs %v, want %v", got, want)
+	}
+}
+
+// TestCorruptRun: a run whose data does not split into its events is read
+// as events without data (the Writer reads them as undecodable), and the
+// runs around it as stored.
+func TestCorruptRun(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, b := range [][]store.Event{{ev("t", 1)}, {ev("t", 2), ev("t", 3), ev("t", 4)}, {ev("t", 5), ev("t", 6)}} {
+		if err := s.Apply(ctx, store.Batch{Events: b}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Spoil the middle run: its second event's length runs past the end.
+	res, err := s.db.ExecContext(ctx, `UPDATE event_runs SET data = x'01410f41' WHERE task_id = 't' AND first_seq = 2`)
+	if n, _ := res.RowsAffected(); err != nil || n != 1 {
+		t.Fatalf("spoil: %v %d", err, n)
+	}
+	got, err := s.ReadEvents(ctx, "t", 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"t-1", "A", "", "", "t-5", "t-6"}
+	if len(got) != len(want) {
+		t.Fatalf("read %d events: %+v", len(got), got)
+	}
+	for i, e := range got {
+		if e.Seq != uint64(i+1) || string(e.Data) != want[i] {
+			t.Fatalf("event %d: %+v, want seq %d data %q", i, e, i+1, want[i])
+		}
+	}
+	// A read starting inside the spoiled run.
+	if got, _ := s.ReadEvents(ctx, "t", 3, 1); len(got) != 1 || got[0].Seq != 4 || got[0].Data != nil {
+		t.Fatalf("after 3: %+v", got)
+	}
+	if n, _ := s.LastSeq(ctx, "t"); n != 6 {
+		t.Fatalf("LastSeq %d", n)
+	}
+}
+
+// TestMigrateEventsToRuns: a database of version 1 (one row per event)
+// keeps its events through migration 2.
+func TestMigrateEventsToRuns(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), FileName)
+	db, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{
+		`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`,
+		migrations[0],
+		`INSERT INTO schema_migrations VALUES (1, 0)`,
+		`INSERT INTO events VALUES ('old', 1, 'old-1'), ('old', 2, 'old-2'), ('old', 3, 'old-3')`,
+	} {
+		if _, err := db.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	s, err := OpenFile(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("old", 4), ev("old", 5)}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ReadEvents(ctx, "old", 1, 10)
+	if err != nil || len(got) != 4 {
+		t.Fatalf("read %+v %v", got, err)
+	}
+	for i, e := range got {
+		if want := fmt.Sprintf("old-%d", i+2); e.Seq != uint64(i+2) || !bytes.Equal(e.Data, []byte(want)) {
+			t.Fatalf("event %+v, want %s", e, want)
+		}
+	}
+}
