@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -110,19 +111,23 @@ func BenchmarkStreamingThroughput(b *testing.B) {
 	ctx := context.Background()
 	limits := eventlog.Limits{}
 	for range b.N {
+		cpu0 := cpuTime()
 		mem := streamOnce(b, eventlog.NewMemory(limits), tasks, perTask)
 		b.ReportMetric(mem, "memory_events/s")
+		b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/1e3/float64(tasks*(perTask+1)), "memory_cpu_us/event")
 
 		sq, err := sqlite.Open(ctx, b.TempDir())
 		if err != nil {
 			b.Fatal(err)
 		}
 		w := store.NewWriter(sq, store.WriterOptions{Interval: benchInterval})
+		cpu0 = cpuTime()
 		lite := streamOnce(b, eventlog.NewDurable(limits, w), tasks, perTask)
 		w.Close()
 		sq.Close()
 		b.ReportMetric(lite, "sqlite_events/s")
 		b.ReportMetric(lite/mem, "sqlite/memory")
+		b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/1e3/float64(tasks*(perTask+1)), "sqlite_cpu_us/event")
 
 		if dsn := pgBenchDSN(b); dsn != "" {
 			pg, err := postgres.Open(ctx, dsn)
@@ -137,6 +142,15 @@ func BenchmarkStreamingThroughput(b *testing.B) {
 			b.ReportMetric(p/mem, "postgres/memory")
 		}
 	}
+}
+
+// cpuTime is the CPU time (user + system) this process has used: the
+// cost per event, which the machine's other load hardly changes (unlike
+// the rates).
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 var benchInterval = func() time.Duration {

@@ -90,8 +90,9 @@ type job struct {
 // rejections of their task.
 func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args ...any)) *job {
 	j := &job{events: events, b: Batch{Events: make([]Event, 0, len(events)), Tasks: make([]TaskRecord, 0, len(tasks))}}
+	var arena []byte
 	for i, p := range events {
-		data, err := proto.Marshal(p.ev)
+		data, err := marshalInto(&arena, p.ev)
 		if err != nil {
 			seq := p.ev.GetSeq()
 			log("event not encodable; a placeholder is stored instead", "task_id", p.taskID, "seq", seq, "error", err)
@@ -112,6 +113,28 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 		j.b.Tasks = append(j.b.Tasks, t)
 	}
 	return j
+}
+
+// arenaSize is the size of the buffers newJob encodes events into: one
+// allocation for a few hundred events instead of one each (garbage
+// collection was a tenth of the dispatcher's CPU under a flood).
+const arenaSize = 32 << 10
+
+// marshalInto encodes ev at the end of *arena (its free capacity), or in
+// a buffer of its own when it does not fit, and then starts a new arena.
+// The bytes returned are never written again.
+func marshalInto(arena *[]byte, ev *dispatchv1.TaskEvent) ([]byte, error) {
+	a := *arena
+	data, err := proto.MarshalOptions{}.MarshalAppend(a[len(a):len(a):cap(a)], ev)
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > 0 && len(a) < cap(a) && &data[0] == &a[:len(a)+1][len(a)] {
+		*arena = a[:len(a)+len(data)] // encoded in place
+	} else {
+		*arena = make([]byte, 0, arenaSize)
+	}
+	return data[:len(data):len(data)], nil
 }
 
 func (j *job) replace(i int, ph *dispatchv1.TaskEvent) {

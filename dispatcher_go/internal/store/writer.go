@@ -126,6 +126,7 @@ type Writer struct {
 	mu      sync.Mutex
 	room    chan struct{} // closed when pending items are written; nil unless someone waits
 	events  []pendingEvent
+	spare   []pendingEvent // the previous batch's slice, emptied, for the next one
 	tasks   []TaskRecord
 	waiters []chan error
 	first   time.Time // when the oldest pending item arrived
@@ -421,13 +422,21 @@ func (w *Writer) run() {
 			w.mu.Lock()
 		}
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
-		w.events, w.tasks, w.waiters = nil, nil, nil
+		w.events, w.spare, w.tasks, w.waiters = w.spare, nil, nil, nil
 		w.roomLocked()
 		w.mu.Unlock()
 
 		err := w.write(events, tasks, commits)
 		for _, ch := range waiters {
 			ch <- err
+		}
+		if cap(events) <= 2*w.opts.MaxPending {
+			// Reused for the batch after next: no regrowing the slice
+			// for every batch. (Cleared: it must not keep events alive.)
+			clear(events)
+			w.mu.Lock()
+			w.spare = events[:0]
+			w.mu.Unlock()
 		}
 		if closed {
 			w.mu.Lock()

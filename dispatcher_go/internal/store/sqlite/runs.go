@@ -33,49 +33,66 @@ type run struct {
 	taskID      string
 	first, last uint64
 	data        []byte
-	multi       bool // data is length-prefixed (more than one event)
+	n           int // events
+	size        int // bytes of data once framed (n > 1)
 }
 
 // groupRuns turns events (each task's in seq order, tasks interleaved)
-// into runs, in the order of their first events. An event without data
-// gets a run of its own whose data is nil: the database refuses it (NOT
-// NULL), as it refused such an event before.
+// into runs, in the order of their first events. The data of all runs of
+// more than one event shares one allocation; a run of one event holds
+// that event's bytes. An event without data gets a run of its own whose
+// data is nil: the database refuses it (NOT NULL), as it refused such an
+// event before.
 func groupRuns(events []store.Event) []run {
 	runs := make([]run, 0, 8)
-	cur := make(map[string]int, 8) // task → index of its open run
-	for _, e := range events {
-		i, ok := cur[e.TaskID]
-		if ok {
-			r := &runs[i]
-			if e.Data != nil && r.data != nil && e.Seq == r.last+1 &&
-				r.last-r.first+1 < maxRunEvents && len(r.data) < maxRunBytes {
-				r.add(e)
+	of := make([]int32, len(events)) // event → its run
+	cur := make(map[string]int32, 8) // task → its open run
+	for k, e := range events {
+		framed := uvarintLen(len(e.Data)) + len(e.Data)
+		if i, ok := cur[e.TaskID]; ok && e.Data != nil {
+			if r := &runs[i]; e.Seq == r.last+1 && r.n < maxRunEvents && r.size < maxRunBytes {
+				r.last, r.n, r.size = e.Seq, r.n+1, r.size+framed
+				of[k] = i
 				continue
 			}
 		}
-		runs = append(runs, run{taskID: e.TaskID, first: e.Seq, last: e.Seq, data: e.Data})
+		of[k] = int32(len(runs))
+		runs = append(runs, run{taskID: e.TaskID, first: e.Seq, last: e.Seq, n: 1, size: framed})
 		if e.Data != nil {
-			cur[e.TaskID] = len(runs) - 1
+			cur[e.TaskID] = of[k]
 		} else {
 			delete(cur, e.TaskID)
 		}
 	}
+	total := 0
+	for _, r := range runs {
+		if r.n > 1 {
+			total += r.size
+		}
+	}
+	buf := make([]byte, 0, total)
+	for k, e := range events {
+		r := &runs[of[k]]
+		if r.n == 1 {
+			r.data = e.Data
+			continue
+		}
+		if r.data == nil {
+			r.data, buf = buf[len(buf):len(buf):len(buf)+r.size], buf[:len(buf)+r.size]
+		}
+		r.data = binary.AppendUvarint(r.data, uint64(len(e.Data)))
+		r.data = append(r.data, e.Data...)
+	}
 	return runs
 }
 
-// add appends e (the next seq) to r.
-func (r *run) add(e store.Event) {
-	if !r.multi {
-		// Turn the single event's raw bytes into the framed form.
-		one := r.data
-		r.data = make([]byte, 0, 2*(len(one)+binary.MaxVarintLen32))
-		r.data = binary.AppendUvarint(r.data, uint64(len(one)))
-		r.data = append(r.data, one...)
-		r.multi = true
+// uvarintLen is the length of n as a uvarint.
+func uvarintLen(n int) int {
+	l := 1
+	for ; n >= 0x80; n >>= 7 {
+		l++
 	}
-	r.data = binary.AppendUvarint(r.data, uint64(len(e.Data)))
-	r.data = append(r.data, e.Data...)
-	r.last = e.Seq
+	return l
 }
 
 // unpack appends the events of the run (first, last, data) of taskID to

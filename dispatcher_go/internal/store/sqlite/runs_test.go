@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"fmt"
 	"path/filepath"
+	"sort"
 	"testing"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -36,6 +37,21 @@ func TestGroupRuns(t *testing.T) {
 		{"b", maxRunEvents + 3, maxRunEvents + 3}, {"b", maxRunEvents + 4, maxRunEvents + 4}}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("runs %v, want %v", got, want)
+	}
+	// Each run's data gives back its events.
+	var back []store.Event
+	for _, r := range groupRuns(in) {
+		back = unpack(back, r.taskID, r.first, r.last, r.data, 0, len(in))
+	}
+	sort.SliceStable(in, func(i, j int) bool { return in[i].TaskID < in[j].TaskID })
+	sort.SliceStable(back, func(i, j int) bool { return back[i].TaskID < back[j].TaskID })
+	if len(back) != len(in) {
+		t.Fatalf("unpacked %d events of %d", len(back), len(in))
+	}
+	for i := range in {
+		if back[i].TaskID != in[i].TaskID || back[i].Seq != in[i].Seq || !bytes.Equal(back[i].Data, in[i].Data) {
+			t.Fatalf("unpacked %+v, want %+v", back[i], in[i])
+		}
 	}
 }
 

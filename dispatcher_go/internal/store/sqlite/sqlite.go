@@ -1,7 +1,28 @@
 // Package sqlite is the embedded store: one SQLite file in the data
-// directory, through a pure-Go driver (no cgo, no server). WAL mode with
-// synchronous=NORMAL: a commit survives a process crash (kill -9); a power
-// loss may lose the last commits but never corrupts the file.
+// directory, through a pure-Go driver (no cgo, no server).
+//
+// Durability settings, and what they risk:
+//   - journal_mode=WAL, synchronous=NORMAL: a commit is a write() of its
+//     pages to the WAL file, with no fsync. It survives a crash of the
+//     process (kill -9, a panic, the OOM killer): the data is in the
+//     kernel's page cache and the WAL is replayed at the next open. A
+//     power loss or a kernel crash may take back the commits since the
+//     last checkpoint (at most about checkpointEvery, 100 ms, of writes,
+//     plus whatever the kernel had not written out), never corrupting the
+//     file. So "durable" (what a watcher is shown) means "survives the
+//     dispatcher's death", not "survives the machine's". synchronous=FULL
+//     would close that window at one fsync per commit (a few ms on most
+//     disks), which is the relay latency the store writer was made to
+//     avoid; synchronous=OFF was not chosen: in WAL mode it skips the
+//     checkpoint's fsyncs too, and a power loss can then corrupt the file.
+//   - wal_autocheckpoint=0 and a background checkpointer (checkpointLoop):
+//     the WAL is copied into the database, with its two fsyncs, on its own
+//     connection beside the writer instead of inside the commit that
+//     crossed SQLite's 1000-page mark (which stalled every watcher waiting
+//     for that commit). The WAL is bounded by walRestartFrames (32 MiB).
+//
+// Events are stored as runs, one row per run of a task's consecutive
+// events (runs.go). The package must not interpret event or task bodies.
 package sqlite
 
 import (
