@@ -48,17 +48,70 @@ type Sink interface {
 // an event. The added latency is the sink's flush interval; appends never
 // wait for a disk write (only content waits for buffer room when the disk
 // falls behind; see Sink.WaitRoom).
+//
+// A finished task's log keeps its events in memory after the last one is
+// durable while it is among the most recently finished logs that fit in
+// RetainBytes together; then it lets them go and readers still behind read
+// the store. So the watchers of a task that just ended (a few events, or
+// seconds, behind) read its tail from memory, not from the store, and the
+// memory of finished tasks stays bounded.
 type Durable struct {
 	limits Limits
 	sink   Sink
+	// retainBytes bounds the events of finished logs kept in memory
+	// (RetainBytes; tests change it).
+	retainBytes int64
 
 	mu   sync.Mutex
 	logs map[string]struct{}
+
+	// retained are the finished logs still holding their events, oldest
+	// first, and their estimated bytes (memLog.heldBytes).
+	retainMu      sync.Mutex
+	retained      []retainedLog
+	retainedBytes int64
 }
+
+type retainedLog struct {
+	l     *memLog
+	bytes int64
+}
+
+// RetainBytes bounds the events of finished tasks that a Durable store
+// keeps in memory for their late readers (see Durable): 16 MiB, the
+// tails of a few hundred ordinary tasks.
+const RetainBytes = 16 << 20
 
 // NewDurable returns a Store whose logs obey limits and persist to sink.
 func NewDurable(limits Limits, sink Sink) *Durable {
-	return &Durable{limits: limits, sink: sink, logs: make(map[string]struct{})}
+	return &Durable{limits: limits, sink: sink, retainBytes: RetainBytes, logs: make(map[string]struct{})}
+}
+
+// retain keeps l (finished, every event durable, bytes held) among the
+// retained logs and lets the oldest go past retainBytes. It is called
+// without l's lock (it takes the locks of the logs it lets go).
+func (d *Durable) retain(l *memLog, bytes int64) {
+	d.retainMu.Lock()
+	d.retained = append(d.retained, retainedLog{l, bytes})
+	d.retainedBytes += bytes
+	n := 0
+	for n < len(d.retained) && d.retainedBytes > d.retainBytes {
+		d.retainedBytes -= d.retained[n].bytes
+		n++
+	}
+	gone := make([]*memLog, n)
+	for i := range n {
+		gone[i] = d.retained[i].l
+		d.retained[i] = retainedLog{}
+	}
+	d.retained = d.retained[n:]
+	if len(d.retained) == 0 {
+		d.retained = nil // let the backing array go
+	}
+	d.retainMu.Unlock()
+	for _, g := range gone {
+		g.release()
+	}
 }
 
 // Create implements Store.
@@ -77,7 +130,7 @@ func (d *Durable) Restore(taskID string, lastSeq uint64, sealed bool) (Log, erro
 	}
 	d.logs[taskID] = struct{}{}
 	l := &memLog{
-		limits: d.limits, sink: d.sink, taskID: taskID,
+		limits: d.limits, sink: d.sink, owner: d, taskID: taskID,
 		base: lastSeq, committed: lastSeq, sealed: sealed,
 		events:   make([]*dispatchv1.TaskEvent, 0, 16),
 		fencedCh: make(chan struct{}),

@@ -152,12 +152,15 @@ func TestDurableRestoreContinuesSeqAndReadsOlderFromStore(t *testing.T) {
 	}
 }
 
-// A finished task's events are dropped from memory once all are durable, so
-// memory does not grow with the logs of finished tasks; readers, including
-// one that was half-way through, get the rest from the store.
+// A finished task's events are dropped from memory once all are durable
+// (here at once: no memory for finished logs), so memory does not grow
+// with the logs of finished tasks; readers, including one that was
+// half-way through, get the rest from the store.
 func TestDurableReleasesFinishedLogToStore(t *testing.T) {
 	sink := &fakeSink{}
-	l, err := NewDurable(Limits{}, sink).Create("t")
+	d := NewDurable(Limits{}, sink)
+	d.retainBytes = 0
+	l, err := d.Create("t")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,5 +246,78 @@ func TestFenceAndFencedAppendDoNotWaitForRoom(t *testing.T) {
 	}()
 	if err := testutil.Recv(t, done, testutil.Wait, "Fence and a fenced Append to return without waiting for the sink's room"); !errors.Is(err, ErrFenced) {
 		t.Fatalf("append after the fence: %v, want ErrFenced", err)
+	}
+}
+
+// countingSink counts the reads that go to the store.
+type countingSink struct {
+	fakeSink
+	reads int
+}
+
+func (c *countingSink) ReadStored(ctx context.Context, task string, after uint64, limit int) ([]*dispatchv1.TaskEvent, error) {
+	c.mu.Lock()
+	c.reads++
+	c.mu.Unlock()
+	return c.fakeSink.ReadStored(ctx, task, after, limit)
+}
+
+// TestDurableKeepsFinishedTailInMemory: the watchers of a task that just
+// ended read its events from memory, not from the store, as long as the
+// finished logs held fit in the Durable's bound; past it the oldest lets
+// its events go and is read from the store.
+func TestDurableKeepsFinishedTailInMemory(t *testing.T) {
+	sink := &countingSink{}
+	d := NewDurable(Limits{}, sink)
+	d.retainBytes = 64 * 15 // one log of 11 events (64 bytes each, estimated), not two
+	fill := func(id string) Log {
+		l, err := d.Create(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 10 {
+			if _, err := l.Append(content(string(rune('a'+i))), Capped); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := l.Seal(content("end")); err != nil {
+			t.Fatal(err)
+		}
+		sink.commitAll()
+		return l
+	}
+	readAll := func(l Log) int {
+		var n int
+		var after uint64
+		for {
+			evs, err := l.Read(context.Background(), after, nil)
+			n += len(evs)
+			if len(evs) > 0 {
+				after = evs[len(evs)-1].GetSeq()
+			}
+			if errors.Is(err, io.EOF) {
+				return n
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	a := fill("a")
+	if n := readAll(a); n != 11 || sink.reads != 0 {
+		t.Fatalf("finished log a: read %d events, %d from the store", n, sink.reads)
+	}
+	b := fill("b") // a no longer fits beside b: a lets go
+	if n := readAll(b); n != 11 || sink.reads != 0 {
+		t.Fatalf("finished log b: read %d events, %d from the store", n, sink.reads)
+	}
+	a.(*memLog).mu.RLock()
+	held := len(a.(*memLog).events)
+	a.(*memLog).mu.RUnlock()
+	if held != 0 {
+		t.Fatalf("the older finished log still holds %d events", held)
+	}
+	if n := readAll(a); n != 11 || sink.reads == 0 {
+		t.Fatalf("released log a: read %d events, %d from the store", n, sink.reads)
 	}
 }

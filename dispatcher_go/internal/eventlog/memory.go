@@ -62,6 +62,7 @@ type memLog struct {
 	// see events up to committed (what the sink reported durable), and the
 	// first base events live only in the store.
 	sink   Sink
+	owner  *Durable // keeps the events once the log is finished (nil: none)
 	taskID string
 	base   uint64
 	// fencedCh is closed at Fence or Seal, sealedCh at Seal (durable logs
@@ -75,6 +76,7 @@ type memLog struct {
 	cappedBytes  int64
 	fenced       atomic.Bool // set under mu; read without it on the append path
 	sealed       bool
+	retained     bool // handed to owner.retain (finished, all durable)
 	committed    uint64
 	wake         chan struct{}
 }
@@ -191,20 +193,48 @@ func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent) uint64 {
 // Commit implements Committer: events up to seq are durable and may be read.
 func (l *memLog) Commit(seq uint64) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if seq <= l.committed {
+		l.mu.Unlock()
 		return
 	}
 	l.committed = min(seq, l.base+uint64(len(l.events)))
-	if l.sink != nil && l.sealed && l.committed == l.base+uint64(len(l.events)) {
-		// Every event of the finished task is in the store: let it go, so
-		// that the memory of finished tasks does not grow with their logs.
-		// Readers still behind read the rest from the store (see Read).
-		l.base, l.events = l.committed, nil
+	var retain int64 = -1
+	if l.sink != nil && l.sealed && l.committed == l.base+uint64(len(l.events)) && !l.retained {
+		// Every event of the finished task is in the store: the owner
+		// keeps them a while for late readers, within its bound, then
+		// lets them go (release), so that the memory of finished tasks
+		// does not grow with their logs.
+		l.retained = true
+		retain = l.heldBytesLocked()
 	}
 	if l.wake != nil {
 		close(l.wake)
 		l.wake = nil
+	}
+	l.mu.Unlock()
+	if retain >= 0 {
+		if l.owner != nil {
+			l.owner.retain(l, retain) // outside l.mu: it may release others
+		} else {
+			l.release()
+		}
+	}
+}
+
+// heldBytesLocked estimates the memory of the events held: their wire
+// size where it was measured (Capped events under a byte limit), plus 64
+// bytes an event.
+func (l *memLog) heldBytesLocked() int64 {
+	return l.cappedBytes + 64*int64(len(l.events))
+}
+
+// release lets the events of a finished log go once every one is
+// durable: readers still behind read the rest from the store (see Read).
+func (l *memLog) release() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sealed && l.committed == l.base+uint64(len(l.events)) {
+		l.base, l.events = l.committed, nil
 	}
 }
 
