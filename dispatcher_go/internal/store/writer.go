@@ -34,14 +34,17 @@ const DefaultStuckAfter = time.Second
 
 // WriterOptions tune a Writer. Zero fields take the defaults.
 type WriterOptions struct {
-	// Interval is how long the first pending item waits for others to
-	// join its batch before the write starts. The default, 0, waits for
-	// nothing: a write starts as soon as something is pending and the
-	// previous write has ended, so an idle Writer adds one write of
-	// latency and under load batches grow by themselves (everything that
-	// arrived during a write goes into the next one). Readers of a durable
-	// log see an event once it is written, so Interval adds to a live
-	// watcher's latency; tests use a long one to hold items pending.
+	// Interval is the least time from the start of one write to the start
+	// of the next. The default, 0, waits for nothing: a write starts as
+	// soon as something is pending and the previous write has ended, so an
+	// idle Writer adds one write of latency and under load batches grow by
+	// themselves (everything that arrived during a write goes into the
+	// next one). A positive Interval caps the writes per second (each has
+	// a fixed cost) at up to Interval of added latency; a write that
+	// starts Interval after the previous one still starts at once. Readers
+	// of a durable log see an event once it is written. (The first write
+	// counts from NewWriter: tests use a long Interval to hold items
+	// pending until Flush.)
 	Interval time.Duration
 	// MaxBatch ends the Interval wait at once when this many items are
 	// pending (default 2048). It does not cap a batch: a write takes
@@ -101,8 +104,8 @@ type pendingEvent struct {
 // Writer batches event and task writes into one Store.Apply per flush: a
 // flush takes everything pending and starts as soon as the previous one
 // ended (group commit: one write in flight, the next batch gathers
-// meanwhile), or Interval after the first pending item if Interval is set
-// (at once when MaxBatch items are pending or somebody calls Flush). It implements
+// meanwhile), but not before Interval after the previous one started (at
+// once when MaxBatch items are pending or somebody calls Flush). It implements
 // eventlog.Sink: appending an event costs a mutex and a slice append, the
 // serialization and the disk write happen on the Writer's goroutine, and the
 // log is told (Committer.Commit) once the event is durable.
@@ -129,7 +132,7 @@ type Writer struct {
 	spare   []pendingEvent // the previous batch's slice, emptied, for the next one
 	tasks   []TaskRecord
 	waiters []chan error
-	first   time.Time // when the oldest pending item arrived
+	started time.Time // when the last write started (NewWriter: creation)
 	closed  bool
 
 	// Health, under mu. writeBegan is when the write under way began (zero
@@ -149,7 +152,7 @@ type Writer struct {
 // NewWriter starts a Writer on st. Close stops it.
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
-	w := &Writer{st: st, opts: opts, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	w := &Writer{st: st, opts: opts, started: time.Now(), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
 	go w.run()
@@ -237,9 +240,6 @@ func (w *Writer) pendingLocked() int { return len(w.events) + len(w.tasks) }
 
 func (w *Writer) notifyLocked() {
 	n := w.pendingLocked()
-	if n == 1 && w.opts.Interval > 0 {
-		w.first = time.Now()
-	}
 	if n == 1 || n >= w.opts.MaxBatch {
 		select {
 		case w.wake <- struct{}{}:
@@ -408,7 +408,7 @@ func (w *Writer) run() {
 		// Wait out the interval unless the batch is full, a flush was
 		// asked for, or we are closing.
 		for w.opts.Interval > 0 && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
-			wait := w.opts.Interval - time.Since(w.first)
+			wait := w.opts.Interval - time.Since(w.started)
 			if wait <= 0 {
 				break
 			}
@@ -420,6 +420,9 @@ func (w *Writer) run() {
 				timer.Stop()
 			}
 			w.mu.Lock()
+		}
+		if w.opts.Interval > 0 {
+			w.started = time.Now()
 		}
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
 		w.events, w.spare, w.tasks, w.waiters = w.spare, nil, nil, nil
