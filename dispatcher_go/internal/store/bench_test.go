@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -157,3 +158,102 @@ var benchInterval = func() time.Duration {
 	d, _ := time.ParseDuration(os.Getenv("BENCH_FLUSH_INTERVAL"))
 	return d
 }()
+
+// BenchmarkRelayLatency measures what the durable store adds to a watcher's
+// latency at relay rates, without the network: tasks each appending
+// content at a steady rate to a durable log on SQLite, one watcher each;
+// it reports append → watcher read p50/p99 (ms) beside the same with the
+// in-memory log, and the CPU per event. BENCH_FLUSH_INTERVAL sets the
+// Writer's Interval (the dispatcher's default is 500µs).
+//
+//	go test -run '^$' -bench RelayLatency -benchtime 1x ./internal/store/
+func BenchmarkRelayLatency(b *testing.B) {
+	for _, c := range []struct{ tasks, rate int }{{64, 50}, {200, 20}} {
+		b.Run(fmt.Sprintf("tasks=%d", c.tasks), func(b *testing.B) {
+			for range b.N {
+				mem := relayOnce(b, eventlog.NewMemory(eventlog.Limits{}), c.tasks, c.rate)
+				sq, err := sqlite.Open(context.Background(), b.TempDir())
+				if err != nil {
+					b.Fatal(err)
+				}
+				w := store.NewWriter(sq, store.WriterOptions{Interval: benchInterval})
+				cpu0 := cpuTime()
+				lite := relayOnce(b, eventlog.NewDurable(eventlog.Limits{}, w), c.tasks, c.rate)
+				cpu := cpuTime() - cpu0
+				w.Close()
+				sq.Close()
+				b.ReportMetric(pct(mem, 50), "memory_p50_ms")
+				b.ReportMetric(pct(mem, 99), "memory_p99_ms")
+				b.ReportMetric(pct(lite, 50), "sqlite_p50_ms")
+				b.ReportMetric(pct(lite, 99), "sqlite_p99_ms")
+				b.ReportMetric(float64(cpu.Microseconds())/float64(len(lite)), "sqlite_cpu_us/event")
+			}
+		})
+	}
+}
+
+// relayOnce streams for 5 s and returns every append → read latency.
+func relayOnce(tb testing.TB, logs eventlog.Store, tasks, rate int) []time.Duration {
+	const dur = 5 * time.Second
+	n := int(dur.Seconds()) * rate
+	run := fmt.Sprint(time.Now().UnixNano())
+	lats := make([][]time.Duration, tasks)
+	var wg sync.WaitGroup
+	for i := range tasks {
+		l, err := logs.Create(fmt.Sprintf("relay-%s-%d", run, i))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		sent := make([]time.Time, n+2)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			tick := time.NewTicker(time.Second / time.Duration(rate))
+			defer tick.Stop()
+			for j := range n {
+				<-tick.C
+				sent[j+1] = time.Now()
+				if _, err := l.Append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: "a token"}}}, eventlog.Capped); err != nil {
+					tb.Error(err)
+					return
+				}
+			}
+			sent[n+1] = time.Now()
+			_, _ = l.Seal(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{}}})
+		}()
+		go func() {
+			defer wg.Done()
+			var after uint64
+			for {
+				evs, err := l.Read(context.Background(), after, nil)
+				now := time.Now()
+				for _, ev := range evs {
+					lats[i] = append(lats[i], now.Sub(sent[ev.GetSeq()]))
+					after = ev.GetSeq()
+				}
+				if err != nil {
+					if !errors.Is(err, io.EOF) {
+						tb.Error(err)
+					}
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	return all
+}
+
+// pct is the p-th percentile of d in ms.
+func pct(d []time.Duration, p int) float64 {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return float64(s[min(len(s)-1, len(s)*p/100)].Microseconds()) / 1e3
+}
