@@ -34,6 +34,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -104,6 +105,7 @@ type Store struct {
 	// The background checkpointer (see checkpointLoop): Apply kicks it
 	// after each commit; walFull asks Apply to finish a checkpoint itself.
 	ckptKick, ckptStop, ckptDone chan struct{}
+	stopOnce                     sync.Once
 	walFull                      atomic.Bool
 }
 
@@ -445,7 +447,7 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 
 // Close implements store.Store.
 func (s *Store) Close() error {
-	close(s.ckptStop)
+	s.stopOnce.Do(func() { close(s.ckptStop) }) // Close may be called twice
 	<-s.ckptDone
 	for _, st := range s.inserts {
 		st.Close()

@@ -66,3 +66,14 @@ func TestDataDirIsExclusive(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestCloseTwice: a second Close (a test's cleanup after the owner's)
+// returns instead of panicking.
+func TestCloseTwice(t *testing.T) {
+	s, err := Open(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Close()
+	_ = s.Close()
+}
