@@ -40,8 +40,9 @@ type WriterOptions struct {
 	// idle Writer adds one write of latency and under load batches grow by
 	// themselves (everything that arrived during a write goes into the
 	// next one). A positive Interval caps the writes per second (each has
-	// a fixed cost) at up to Interval of added latency; a write that
-	// starts Interval after the previous one still starts at once. Readers
+	// a fixed cost) at up to Interval of added latency; an item that
+	// arrives Interval or more after the last write started is written at
+	// once. Readers
 	// of a durable log see an event once it is written. (The first write
 	// counts from NewWriter: tests use a long Interval to hold items
 	// pending until Flush.)
