@@ -5,8 +5,10 @@ and a terminal event. It is served to one client
 
 - ``grpc live``: a grpc.aio writer (a commander slot, in this process) sends the
   events as ``UpstreamPacket{content}`` to the dispatcher, one client watches
-  the task with ``WatchTask``; the dispatcher's CPU covers ingest, the event
-  log, the store and the fan-out — everything the server does per event;
+  the task with ``WatchTask`` (``max_batch`` $BENCH_REST_WATCH_BATCH, default
+  256: several events per response when it is behind; 0: one per response);
+  the dispatcher's CPU covers ingest, the event log, the store and the
+  fan-out — everything the server does per event;
 - ``grpc replay``: the same finished task watched again from seq 0 (REPEAT
   times): the cost
   of serving the events alone;
@@ -373,6 +375,7 @@ def main() -> int:
         "repeat": REPEAT,
         "text_bytes": "8..56",
         "clients": 1,
+        "watch_batch": WATCH_BATCH,
         "uvicorn": "h11, asyncio loop, 1 worker",
     }
     result = make_result(
