@@ -5,8 +5,10 @@ and a terminal event. It is served to one client
 
 - ``grpc live``: a grpc.aio writer (a commander slot, in this process) sends the
   events as ``UpstreamPacket{content}`` to the dispatcher, one client watches
-  the task with ``WatchTask``; the dispatcher's CPU covers ingest, the event
-  log, the store and the fan-out — everything the server does per event;
+  the task with ``WatchTask`` (``max_batch`` $BENCH_REST_WATCH_BATCH, default
+  256: several events per response when it is behind; 0: one per response);
+  the dispatcher's CPU covers ingest, the event log, the store and the
+  fan-out — everything the server does per event;
 - ``grpc replay``: the same finished task watched again from seq 0 (REPEAT
   times): the cost
   of serving the events alone;
@@ -69,6 +71,8 @@ EVENTS = int(os.environ.get("BENCH_REST_EVENTS", "5000" if QUICK else "20000"))
 #: Each measured stream is served this many times and the counts summed: the
 #: CPU clock of /proc ticks in 10 ms.
 REPEAT = int(os.environ.get("BENCH_REST_REPEAT", "3"))
+#: WatchTaskRequest.max_batch of the gRPC watcher (0: one event per response).
+WATCH_BATCH = int(os.environ.get("BENCH_REST_WATCH_BATCH", "256"))
 WORDS = (
     "the model streams tokens to the client while a planner thinks about the next action".split()
 )
@@ -223,15 +227,16 @@ async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
 
 
 async def grpc_watch(port: int, task_id: str) -> int:
-    """Watches task_id through the relay; returns the content events received."""
+    """Watches task_id through the relay (several events per response when
+    the watcher is behind: max_batch); returns the content events received."""
     n = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = tasks_pb2_grpc.TaskServiceStub(ch)
-        async for resp in stub.WatchTask(
-            tasks_pb2.WatchTaskRequest(task_id=task_id), metadata=md(CLIENT_TOKEN)
-        ):
-            if resp.event.WhichOneof("kind") == "content":
-                n += 1
+        req = tasks_pb2.WatchTaskRequest(task_id=task_id, max_batch=WATCH_BATCH)
+        async for resp in stub.WatchTask(req, metadata=md(CLIENT_TOKEN)):
+            for ev in resp.events if len(resp.events) else (resp.event,):
+                if ev.WhichOneof("kind") == "content":
+                    n += 1
     return n
 
 
@@ -370,6 +375,7 @@ def main() -> int:
         "repeat": REPEAT,
         "text_bytes": "8..56",
         "clients": 1,
+        "watch_batch": WATCH_BATCH,
         "uvicorn": "h11, asyncio loop, 1 worker",
     }
     result = make_result(

@@ -2,7 +2,8 @@
 
 - many watchers of one task see the same numbered events;
 - a watcher that does not read at all neither slows the session nor loses
-  events: it later reads every event, in order, with no gap;
+  events: it later reads every event, in order, with no gap; one that asked
+  for batches (max_batch) gets the same events, several per response;
 - a client's message interjected into a running task reaches the planner (the
   model is asked again with it) and is an event of the task;
 - a task's deadline (timeout_seconds, or the seed's runningConfig.taskTimeout)
@@ -58,6 +59,11 @@ def test_many_watchers_and_a_stalled_one(env: SimpleNamespace) -> None:
     stalled = tasks_pb2_grpc.TaskServiceStub(stalled_ch).WatchTask(
         tasks_pb2.WatchTaskRequest(task_id=task_id), timeout=60
     )
+    # The same with max_batch: the backlog comes several events per response.
+    batched_ch = grpc.insecure_channel(d.addr, options=[("grpc.http2.bdp_probe", 0)])
+    batched = tasks_pb2_grpc.TaskServiceStub(batched_ch).WatchTask(
+        tasks_pb2.WatchTaskRequest(task_id=task_id, max_batch=64), timeout=60
+    )
     watchers = [start_watch(d.tasks, task_id) for _ in range(10)]
     t0 = time.monotonic()
     status = wait_status(d.agent, task_id, timeout=30)
@@ -75,7 +81,13 @@ def test_many_watchers_and_a_stalled_one(env: SimpleNamespace) -> None:
     late = [r.event for r in stalled]
     stalled_ch.close()
     assert _wire(late) == _wire(reference), "the stalled watcher lost or reordered events"
-    print(f"\n{len(reference)} events to 11 watchers (one stalled) in {took:.2f}s")
+    responses = list(batched)
+    batched_ch.close()
+    assert all(not r.HasField("event") and 1 <= len(r.events) <= 64 for r in responses)
+    assert max(len(r.events) for r in responses) > 1, "a watcher behind got no batch"
+    flat = [e for r in responses for e in r.events]
+    assert _wire(flat) == _wire(reference), "the batched watcher lost or reordered events"
+    print(f"\n{len(reference)} events to 12 watchers (two stalled) in {took:.2f}s")
     assert took < 20
 
 

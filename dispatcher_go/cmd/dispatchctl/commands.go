@@ -310,14 +310,20 @@ func terminal(s agentpb.TaskStatus) bool {
 	return s == agentpb.TaskStatus_SUCCESS || s == agentpb.TaskStatus_FAILURE || s == agentpb.TaskStatus_CANCELLED
 }
 
+// watchBatch is WatchTaskRequest.max_batch of watch: a watcher that is
+// behind (a long history, a fast task) gets up to this many events per
+// response.
+const watchBatch = 256
+
 // watch reads WatchTask until the terminal state event, resuming after the
 // last seen seq when the connection drops (a few times, with backoff). It
 // returns the terminal status.
 func (c *cli) watch(ctx context.Context, tasks dispatchv1.TaskServiceClient, id string, after uint64, each func(*dispatchv1.TaskEvent), notice func(string, ...any)) (agentpb.TaskStatus, error) {
 	const maxRetries = 5
 	retries := 0
+	var one [1]*dispatchv1.TaskEvent
 	for {
-		stream, err := tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
+		stream, err := tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after, MaxBatch: watchBatch})
 		if err == nil {
 			for {
 				var resp *dispatchv1.WatchTaskResponse
@@ -325,15 +331,21 @@ func (c *cli) watch(ctx context.Context, tasks dispatchv1.TaskServiceClient, id 
 				if err != nil {
 					break
 				}
-				ev := resp.GetEvent()
-				if ev.GetSeq() <= after && after > 0 {
-					continue // never show an event twice across a resume
+				evs := resp.GetEvents()
+				if ev := resp.GetEvent(); ev != nil || len(evs) == 0 {
+					one[0] = ev // a dispatcher older than max_batch
+					evs = one[:]
 				}
-				after = ev.GetSeq()
-				retries = 0
-				each(ev)
-				if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
-					return st.GetStatus(), nil
+				for _, ev := range evs {
+					if ev.GetSeq() <= after && after > 0 {
+						continue // never show an event twice across a resume
+					}
+					after = ev.GetSeq()
+					retries = 0
+					each(ev)
+					if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
+						return st.GetStatus(), nil
+					}
 				}
 			}
 		}

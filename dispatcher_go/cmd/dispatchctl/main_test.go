@@ -39,7 +39,13 @@ type fakeTasks struct {
 	// many events, to exercise the resume.
 	cutOnce int
 	watches []uint64 // after_seq of each WatchTask
-	sent    uint64   // the seq last sent to a watcher
+	batches []uint32 // max_batch of each WatchTask
+	// legacyWatch answers as a dispatcher older than max_batch does: one
+	// event per response in event. Otherwise a watch that asks for
+	// batches gets its events in events (one per response: the feed
+	// hands them over one by one).
+	legacyWatch bool
+	sent        uint64 // the seq last sent to a watcher
 	// ignoreCancel makes CancelTask accept and then do nothing.
 	ignoreCancel bool
 	// approvals are the ApproveToolCall requests received; held is the
@@ -92,6 +98,8 @@ func (f *fakeTasks) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv
 	}
 	f.mu.Lock()
 	f.watches = append(f.watches, req.GetAfterSeq())
+	f.batches = append(f.batches, req.GetMaxBatch())
+	batched := req.GetMaxBatch() > 0 && !f.legacyWatch
 	cut := f.cutOnce
 	f.cutOnce = 0
 	f.mu.Unlock()
@@ -100,7 +108,11 @@ func (f *fakeTasks) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispatchv
 		if cut > 0 && sent == cut {
 			return status.Error(codes.Unavailable, "connection reset")
 		}
-		if err := stream.Send(&dispatchv1.WatchTaskResponse{Event: ev}); err != nil {
+		resp := &dispatchv1.WatchTaskResponse{Event: ev}
+		if batched {
+			resp = &dispatchv1.WatchTaskResponse{Events: []*dispatchv1.TaskEvent{ev}}
+		}
+		if err := stream.Send(resp); err != nil {
 			return err
 		}
 		f.mu.Lock()
@@ -370,8 +382,23 @@ func TestWatchResumesAfterUnavailable(t *testing.T) {
 	if len(h.fake.watches) != 2 || h.fake.watches[1] != 3 {
 		t.Fatalf("watches after_seq %v, want [0 3]", h.fake.watches)
 	}
+	if fmt.Sprint(h.fake.batches) != fmt.Sprint([]uint32{watchBatch, watchBatch}) {
+		t.Fatalf("watches max_batch %v, want %d", h.fake.batches, watchBatch)
+	}
 	if !strings.Contains(errOut.String(), "resuming after seq 3") {
 		t.Fatalf("stderr %q", errOut)
+	}
+}
+
+// A dispatcher older than max_batch answers in event: watch reads that too.
+func TestWatchAnOlderDispatcher(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t)
+	h.fake.legacyWatch = true
+	h.fake.emit(state(agentpb.TaskStatus_RUNNING, ""), content("a", false), content("b", true), state(agentpb.TaskStatus_SUCCESS, ""))
+	code, out, errOut := h.run(t, "watch", "t1")
+	if code != exitOK || !strings.Contains(out.String(), "-- RUNNING\nab\n-- SUCCESS") {
+		t.Fatalf("exit %d, stdout:\n%s\nstderr %s", code, out, errOut)
 	}
 }
 

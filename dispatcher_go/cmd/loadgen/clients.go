@@ -18,6 +18,8 @@ type clientPool struct {
 	conns []*grpc.ClientConn
 	next  atomic.Uint64
 	runID string
+	// watchBatch is WatchTaskRequest.max_batch of the pool's watchers.
+	watchBatch uint32
 }
 
 func (p *clientPool) tasks() dispatchv1.TaskServiceClient {
@@ -52,35 +54,45 @@ type watched struct {
 }
 
 // watch reads a task's events until its terminal state, calling each for
-// every event with the moment it was received.
-func watch(ctx context.Context, tc dispatchv1.TaskServiceClient, id string, each func(ev *dispatchv1.TaskEvent, at time.Time)) (watched, error) {
+// every event with the moment it was received (the events of one response
+// share it). maxBatch is WatchTaskRequest.max_batch.
+func watch(ctx context.Context, tc dispatchv1.TaskServiceClient, id string, maxBatch uint32, each func(ev *dispatchv1.TaskEvent, at time.Time)) (watched, error) {
 	var w watched
-	stream, err := tc.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: id})
+	stream, err := tc.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: id, MaxBatch: maxBatch})
 	if err != nil {
 		return w, fmt.Errorf("WatchTask: %w", err)
 	}
-	var last uint64
+	var (
+		last uint64
+		one  [1]*dispatchv1.TaskEvent
+	)
 	for {
 		resp, err := stream.Recv()
 		if err != nil {
 			return w, fmt.Errorf("WatchTask %s after seq %d: %w", id, last, err)
 		}
 		at := time.Now()
-		ev := resp.GetEvent()
-		if ev.GetSeq() != last+1 {
-			w.gaps++
+		evs := resp.GetEvents()
+		if ev := resp.GetEvent(); ev != nil || len(evs) == 0 {
+			one[0] = ev // one event per response (max_batch 0, or an older dispatcher)
+			evs = one[:]
 		}
-		last = ev.GetSeq()
-		w.events++
-		if ev.GetContent() != nil {
-			w.contents++
-		}
-		if each != nil {
-			each(ev, at)
-		}
-		if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
-			w.status = st.GetStatus()
-			return w, nil
+		for _, ev := range evs {
+			if ev.GetSeq() != last+1 {
+				w.gaps++
+			}
+			last = ev.GetSeq()
+			w.events++
+			if ev.GetContent() != nil {
+				w.contents++
+			}
+			if each != nil {
+				each(ev, at)
+			}
+			if st := ev.GetState(); st != nil && terminal(st.GetStatus()) {
+				w.status = st.GetStatus()
+				return w, nil
+			}
 		}
 	}
 }

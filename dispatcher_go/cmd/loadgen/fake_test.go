@@ -240,6 +240,10 @@ func (d *toyDispatcher) WatchTask(req *dispatchv1.WatchTaskRequest, stream dispa
 		return err
 	}
 	return t.feed.Follow(stream.Context(), req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
+		if req.GetMaxBatch() > 0 {
+			// A batch of one: the feed hands the events over one by one.
+			return stream.Send(&dispatchv1.WatchTaskResponse{Events: []*dispatchv1.TaskEvent{ev}})
+		}
 		return stream.Send(&dispatchv1.WatchTaskResponse{Event: ev})
 	})
 }

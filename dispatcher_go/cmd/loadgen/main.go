@@ -71,6 +71,7 @@ type options struct {
 	dispatcherPID  int
 	streamsPerConn int
 	watchers       int
+	watchBatch     int
 	seed           uint64
 	stopMin        time.Duration
 	stopMax        time.Duration
@@ -175,6 +176,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.dispatcherPID, "dispatcher-pid", 0, "pid of the dispatcher, to read its RSS and CPU time from /proc")
 	fs.IntVar(&o.streamsPerConn, "streams-per-conn", 16, "ChatStreams (and watchers) per gRPC connection, like slots per commander process")
 	fs.IntVar(&o.watchers, "watchers", 1, "relay/throughput: WatchTask subscribers per task")
+	fs.IntVar(&o.watchBatch, "watch-batch", 256, "WatchTaskRequest.max_batch of every watcher: up to this many events per response when it is behind (0 = one event per response)")
 	fs.Uint64Var(&o.seed, "seed", 1, "seed of the random stop moments")
 	fs.DurationVar(&o.stopMin, "stop-min", 200*time.Millisecond, "stop: earliest cancel after the first content event (policy: earliest phrase)")
 	fs.DurationVar(&o.stopMax, "stop-max", 2*time.Second, "stop: latest cancel after the first content event (policy: latest phrase)")
@@ -217,6 +219,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("--streams-per-conn must be at least 1")
 	case o.watchers < 0 || o.watchers > 100:
 		return nil, errors.New("--watchers must be in 0..100")
+	case o.watchBatch < 0 || o.watchBatch > 1<<16:
+		return nil, errors.New("--watch-batch must be in 0..65536")
 	case o.stopMin < 0 || o.stopMax < o.stopMin:
 		return nil, errors.New("need 0 <= --stop-min <= --stop-max")
 	case o.leakAfterStop < 0 || o.leakAfterStop > 1000:
@@ -325,7 +329,7 @@ func (o *options) connsFor(n int) int { return (n + o.streamsPerConn - 1) / o.st
 func (o *options) baseParams() map[string]any {
 	return map[string]any{
 		"sessions": o.sessions, "duration": o.duration.String(), "addr": o.addr,
-		"streams_per_conn": o.streamsPerConn,
+		"streams_per_conn": o.streamsPerConn, "watch_batch": o.watchBatch,
 	}
 }
 

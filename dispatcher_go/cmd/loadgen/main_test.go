@@ -158,9 +158,11 @@ func TestRelayScenarioAgainstToy(t *testing.T) {
 	}
 }
 
+// With --watch-batch 0 the watchers read one event per response (event),
+// as from a dispatcher older than max_batch; the other scenarios read events.
 func TestThroughputScenarioAgainstToy(t *testing.T) {
 	code, res, log := runAgainstToy(t, newToy(), "--scenario", "throughput", "--sessions", "2", "--duration", "500ms",
-		"--warmup", "100ms", "--packet-bytes", "64")
+		"--warmup", "100ms", "--packet-bytes", "64", "--watch-batch", "0")
 	if code != 0 || !res.OK {
 		t.Fatalf("exit %d\n%s", code, log)
 	}
@@ -185,6 +187,7 @@ func TestFlags(t *testing.T) {
 		{"--scenario", "nope"}, {"--addr", "10.0.0.1:50051"}, {"--addr", "example.com:1"},
 		{"--sessions", "0"}, {"--warmup", "20s", "--duration", "10s"}, {"extra"},
 		{"--scenario", "policy", "--rate", "0"}, {"--scenario", "policy", "--phrase", "xX"}, {"--poison", "1.5"},
+		{"--watch-batch", "-1"},
 	} {
 		var stderr bytes.Buffer
 		if code := realMain(t.Context(), args, &env{stdout: &stderr, stderr: &stderr}); code != 2 {

@@ -141,7 +141,7 @@ func policyOne(ctx context.Context, o *options, rg *rig, st *policyStats, rng *r
 		finalMsg        string
 		policyDecisions int
 	)
-	w, err := watch(ctx, pool.tasks(), id, func(ev *dispatchv1.TaskEvent, at time.Time) {
+	w, err := watch(ctx, pool.tasks(), id, pool.watchBatch, func(ev *dispatchv1.TaskEvent, at time.Time) {
 		switch k := ev.GetKind().(type) {
 		case *dispatchv1.TaskEvent_Content:
 			if decision != nil || stop != nil {

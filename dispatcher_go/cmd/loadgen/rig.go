@@ -43,7 +43,7 @@ func openRig(ctx context.Context, o *options, e *env, scenario string, plan sess
 		return r, err
 	}
 	r.cleanups = append(r.cleanups, func() { closeAll(cliConns) })
-	r.pool = &clientPool{conns: cliConns, runID: fmt.Sprintf("%s-%d", scenario, time.Now().UnixNano())}
+	r.pool = &clientPool{conns: cliConns, runID: fmt.Sprintf("%s-%d", scenario, time.Now().UnixNano()), watchBatch: uint32(o.watchBatch)}
 	return r, nil
 }
 

@@ -127,7 +127,7 @@ func stopOne(ctx context.Context, o *options, rg *rig, st *stopStats, rng *rand.
 			st.cancelRPC.Add(time.Since(tCancel))
 		}
 	}
-	w, err := watch(ctx, tc, id, func(ev *dispatchv1.TaskEvent, at time.Time) {
+	w, err := watch(ctx, tc, id, pool.watchBatch, func(ev *dispatchv1.TaskEvent, at time.Time) {
 		switch ev.GetKind().(type) {
 		case *dispatchv1.TaskEvent_Content, *dispatchv1.TaskEvent_Thought:
 			if stopSeq > 0 {

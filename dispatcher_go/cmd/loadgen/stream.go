@@ -91,7 +91,7 @@ func (r *streamRun) runTask(ctx context.Context, lane, n int) error {
 // watchOne is one watcher of one task; the first watcher of each task also
 // counts what the dispatcher logged in the window.
 func (r *streamRun) watchOne(ctx context.Context, id string, first bool) (watched, error) {
-	w, err := watch(ctx, r.pool.tasks(), id, func(ev *dispatchv1.TaskEvent, at time.Time) {
+	w, err := watch(ctx, r.pool.tasks(), id, r.pool.watchBatch, func(ev *dispatchv1.TaskEvent, at time.Time) {
 		recorded := ev.GetTime().AsTime()
 		if first && !recorded.Before(r.measureFrom) && recorded.Before(r.measureTo) {
 			r.logged.Add(1)

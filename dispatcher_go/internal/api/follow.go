@@ -5,26 +5,56 @@ import (
 	"errors"
 	"io"
 
+	"google.golang.org/protobuf/proto"
+
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// Bounds of a WatchTask batch (WatchTaskRequest.max_batch): a batch holds
+// at most maxWatchBatch events and, unless it is a single event (which is
+// sent as it is, as without batching), at most maxWatchBatchBytes, so that
+// every response fits what a default gRPC client receives (see bounds.go).
+const (
+	maxWatchBatch      = 256
+	maxWatchBatchBytes = 1 << 20
+	// followChunk is how many events follow reads from the log at once
+	// when the caller takes them one by one.
+	followChunk = 64
 )
 
 // follow calls fn for each event of t with seq > after, history first, then
 // live, until the log's terminal event (nil), ctx's end or fn's error. It
 // reads the log by cursor: a slow caller only falls behind in the log.
 func (s *Server) follow(ctx context.Context, t *task.Task, after uint64, fn func(*dispatchv1.TaskEvent) error) error {
-	s.d.Watchers().Add(1)
-	defer s.d.Watchers().Add(-1)
-	ctx, cancel := s.streamContext(ctx)
-	defer cancel()
-	buf := make([]*dispatchv1.TaskEvent, 0, 64)
-	for {
-		evs, err := t.Log().Read(ctx, after, buf)
+	return s.followBatches(ctx, t, after, followChunk, func(evs []*dispatchv1.TaskEvent) error {
 		for _, ev := range evs {
 			if err := fn(ev); err != nil {
 				return err
 			}
-			after = ev.GetSeq()
+		}
+		return nil
+	})
+}
+
+// followBatches is follow handing over the events in runs of 1..limit
+// consecutive events: whatever the log holds past the last run when fn
+// returns (so a caller that keeps up gets one event per call, one that is
+// behind gets several). It never waits to fill a run. fn must not keep the
+// slice after it returns.
+func (s *Server) followBatches(ctx context.Context, t *task.Task, after uint64, limit int, fn func([]*dispatchv1.TaskEvent) error) error {
+	s.d.Watchers().Add(1)
+	defer s.d.Watchers().Add(-1)
+	ctx, cancel := s.streamContext(ctx)
+	defer cancel()
+	buf := make([]*dispatchv1.TaskEvent, 0, max(limit, 1))
+	for {
+		evs, err := t.Log().Read(ctx, after, buf)
+		if len(evs) > 0 {
+			if err := fn(evs); err != nil {
+				return err
+			}
+			after = evs[len(evs)-1].GetSeq()
 		}
 		switch {
 		case errors.Is(err, io.EOF):
@@ -36,4 +66,25 @@ func (s *Server) follow(ctx context.Context, t *task.Task, after uint64, fn func
 			return err
 		}
 	}
+}
+
+// sendBatches sends evs as WatchTaskResponse.events, split where a response
+// would exceed maxWatchBatchBytes (an event over it goes alone). The
+// sizes are walked only when there is more than one event.
+func sendBatches(evs []*dispatchv1.TaskEvent, send func(*dispatchv1.WatchTaskResponse) error) error {
+	if len(evs) == 1 {
+		return send(&dispatchv1.WatchTaskResponse{Events: evs})
+	}
+	start, bytes := 0, 0
+	for i, ev := range evs {
+		n := proto.Size(ev) + 8 // the field's tag and length
+		if i > start && bytes+n > maxWatchBatchBytes {
+			if err := send(&dispatchv1.WatchTaskResponse{Events: evs[start:i]}); err != nil {
+				return err
+			}
+			start, bytes = i, 0
+		}
+		bytes += n
+	}
+	return send(&dispatchv1.WatchTaskResponse{Events: evs[start:]})
 }

@@ -69,10 +69,18 @@ func (ts *taskService) SubmitTask(ctx context.Context, req *dispatchv1.SubmitTas
 	return &dispatchv1.SubmitTaskResponse{TaskId: t.ID()}, nil
 }
 
-// WatchTask streams events with seq > after_seq: history, then live, until the end.
+// WatchTask streams events with seq > after_seq: history, then live, until
+// the end; one per response in event, or with max_batch, as many as are
+// ready (up to max_batch) per response in events.
 func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.ServerStreamingServer[dispatchv1.WatchTaskResponse]) error {
 	t, err := ts.s.d.Tasks().GetAs(tenant.FromContext(stream.Context()), req.GetTaskId())
 	if err != nil {
+		return toStatus(ts.s.d.Logger(), err)
+	}
+	if n := req.GetMaxBatch(); n > 0 {
+		err = ts.s.followBatches(stream.Context(), t, req.GetAfterSeq(), int(min(n, maxWatchBatch)), func(evs []*dispatchv1.TaskEvent) error {
+			return sendBatches(evs, stream.Send)
+		})
 		return toStatus(ts.s.d.Logger(), err)
 	}
 	err = ts.s.follow(stream.Context(), t, req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {

@@ -330,7 +330,15 @@ type WatchTaskRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	TaskId string                 `protobuf:"bytes,1,opt,name=task_id,json=taskId,proto3" json:"task_id,omitempty"`
 	// Only events with seq > after_seq are sent; 0 means from the start.
-	AfterSeq      uint64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	AfterSeq uint64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	// 0: one event per response, in `event` (as before this field existed).
+	// N > 0: each response carries 1..N consecutive events in `events`, as
+	// many as are ready when the previous response went out (a watcher that
+	// is behind gets several per message; a lone event is never held back to
+	// fill a batch). The dispatcher may send fewer than N (it caps a batch's
+	// count and bytes). A dispatcher older than this field ignores it and
+	// sends `event`: a client reads `event` if set, else `events`.
+	MaxBatch      uint32 `protobuf:"varint,3,opt,name=max_batch,json=maxBatch,proto3" json:"max_batch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -379,10 +387,19 @@ func (x *WatchTaskRequest) GetAfterSeq() uint64 {
 	return 0
 }
 
-// WatchTaskResponse carries one event.
+func (x *WatchTaskRequest) GetMaxBatch() uint32 {
+	if x != nil {
+		return x.MaxBatch
+	}
+	return 0
+}
+
+// WatchTaskResponse carries one event (`event`) or, when the request set
+// max_batch, one or more consecutive events (`events`); never both.
 type WatchTaskResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Event         *TaskEvent             `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	Events        []*TaskEvent           `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -420,6 +437,13 @@ func (*WatchTaskResponse) Descriptor() ([]byte, []int) {
 func (x *WatchTaskResponse) GetEvent() *TaskEvent {
 	if x != nil {
 		return x.Event
+	}
+	return nil
+}
+
+func (x *WatchTaskResponse) GetEvents() []*TaskEvent {
+	if x != nil {
+		return x.Events
 	}
 	return nil
 }
@@ -1842,12 +1866,14 @@ const file_dispatch_v1_tasks_proto_rawDesc = "" +
 	"\n" +
 	"\b_sandbox\"-\n" +
 	"\x12SubmitTaskResponse\x12\x17\n" +
-	"\atask_id\x18\x01 \x01(\tR\x06taskId\"H\n" +
+	"\atask_id\x18\x01 \x01(\tR\x06taskId\"e\n" +
 	"\x10WatchTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n" +
-	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\"A\n" +
+	"\tafter_seq\x18\x02 \x01(\x04R\bafterSeq\x12\x1b\n" +
+	"\tmax_batch\x18\x03 \x01(\rR\bmaxBatch\"q\n" +
 	"\x11WatchTaskResponse\x12,\n" +
-	"\x05event\x18\x01 \x01(\v2\x16.dispatch.v1.TaskEventR\x05event\"V\n" +
+	"\x05event\x18\x01 \x01(\v2\x16.dispatch.v1.TaskEventR\x05event\x12.\n" +
+	"\x06events\x18\x02 \x03(\v2\x16.dispatch.v1.TaskEventR\x06events\"V\n" +
 	"\tTaskState\x12/\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x17.lybic.agent.TaskStatusR\x06status\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\x83\x01\n" +
@@ -2047,61 +2073,62 @@ var file_dispatch_v1_tasks_proto_depIdxs = []int32{
 	26, // 1: dispatch.v1.SubmitTaskRequest.sandbox:type_name -> lybic.agent.Sandbox
 	23, // 2: dispatch.v1.SubmitTaskRequest.labels:type_name -> dispatch.v1.SubmitTaskRequest.LabelsEntry
 	8,  // 3: dispatch.v1.WatchTaskResponse.event:type_name -> dispatch.v1.TaskEvent
-	27, // 4: dispatch.v1.TaskState.status:type_name -> lybic.agent.TaskStatus
-	28, // 5: dispatch.v1.ToolResultEvent.result:type_name -> dispatch.v1.ToolCallResult
-	29, // 6: dispatch.v1.TaskEvent.time:type_name -> google.protobuf.Timestamp
-	6,  // 7: dispatch.v1.TaskEvent.state:type_name -> dispatch.v1.TaskState
-	30, // 8: dispatch.v1.TaskEvent.thought:type_name -> dispatch.v1.ThoughtChain
-	31, // 9: dispatch.v1.TaskEvent.content:type_name -> dispatch.v1.ContentChunk
-	32, // 10: dispatch.v1.TaskEvent.tool_call:type_name -> dispatch.v1.ToolCallRequest
-	7,  // 11: dispatch.v1.TaskEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
-	33, // 12: dispatch.v1.TaskEvent.error:type_name -> dispatch.v1.ErrorSignal
-	34, // 13: dispatch.v1.TaskEvent.usage:type_name -> dispatch.v1.Usage
-	35, // 14: dispatch.v1.TaskEvent.stage:type_name -> dispatch.v1.StageChange
-	36, // 15: dispatch.v1.TaskEvent.artifact:type_name -> dispatch.v1.Artifact
-	37, // 16: dispatch.v1.TaskEvent.result:type_name -> dispatch.v1.FinalResult
-	38, // 17: dispatch.v1.TaskEvent.stop:type_name -> dispatch.v1.StopSignal
-	39, // 18: dispatch.v1.TaskEvent.stopped:type_name -> dispatch.v1.Stopped
-	40, // 19: dispatch.v1.TaskEvent.user_input:type_name -> dispatch.v1.UserInput
-	9,  // 20: dispatch.v1.TaskEvent.policy:type_name -> dispatch.v1.PolicyDecision
-	0,  // 21: dispatch.v1.PolicyDecision.action:type_name -> dispatch.v1.PolicyAction
-	29, // 22: dispatch.v1.PolicyDecision.hold_deadline:type_name -> google.protobuf.Timestamp
-	1,  // 23: dispatch.v1.PolicyDecision.hold_outcome:type_name -> dispatch.v1.HoldOutcome
-	1,  // 24: dispatch.v1.ApproveToolCallResponse.outcome:type_name -> dispatch.v1.HoldOutcome
-	14, // 25: dispatch.v1.GetTaskResponse.task:type_name -> dispatch.v1.Task
-	27, // 26: dispatch.v1.Task.status:type_name -> lybic.agent.TaskStatus
-	41, // 27: dispatch.v1.Task.statistics:type_name -> lybic.agent.ExecutionStatistics
-	29, // 28: dispatch.v1.Task.created_at:type_name -> google.protobuf.Timestamp
-	29, // 29: dispatch.v1.Task.started_at:type_name -> google.protobuf.Timestamp
-	29, // 30: dispatch.v1.Task.ended_at:type_name -> google.protobuf.Timestamp
-	24, // 31: dispatch.v1.Task.labels:type_name -> dispatch.v1.Task.LabelsEntry
-	26, // 32: dispatch.v1.Task.sandbox:type_name -> lybic.agent.Sandbox
-	42, // 33: dispatch.v1.Task.conversation:type_name -> dispatch.v1.ConversationTurn
-	27, // 34: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
-	14, // 35: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
-	27, // 36: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
-	43, // 37: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
-	2,  // 38: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
-	4,  // 39: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
-	12, // 40: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
-	15, // 41: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
-	17, // 42: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
-	19, // 43: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
-	21, // 44: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
-	10, // 45: dispatch.v1.TaskService.ApproveToolCall:input_type -> dispatch.v1.ApproveToolCallRequest
-	3,  // 46: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
-	5,  // 47: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
-	13, // 48: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
-	16, // 49: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
-	18, // 50: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
-	20, // 51: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
-	22, // 52: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
-	11, // 53: dispatch.v1.TaskService.ApproveToolCall:output_type -> dispatch.v1.ApproveToolCallResponse
-	46, // [46:54] is the sub-list for method output_type
-	38, // [38:46] is the sub-list for method input_type
-	38, // [38:38] is the sub-list for extension type_name
-	38, // [38:38] is the sub-list for extension extendee
-	0,  // [0:38] is the sub-list for field type_name
+	8,  // 4: dispatch.v1.WatchTaskResponse.events:type_name -> dispatch.v1.TaskEvent
+	27, // 5: dispatch.v1.TaskState.status:type_name -> lybic.agent.TaskStatus
+	28, // 6: dispatch.v1.ToolResultEvent.result:type_name -> dispatch.v1.ToolCallResult
+	29, // 7: dispatch.v1.TaskEvent.time:type_name -> google.protobuf.Timestamp
+	6,  // 8: dispatch.v1.TaskEvent.state:type_name -> dispatch.v1.TaskState
+	30, // 9: dispatch.v1.TaskEvent.thought:type_name -> dispatch.v1.ThoughtChain
+	31, // 10: dispatch.v1.TaskEvent.content:type_name -> dispatch.v1.ContentChunk
+	32, // 11: dispatch.v1.TaskEvent.tool_call:type_name -> dispatch.v1.ToolCallRequest
+	7,  // 12: dispatch.v1.TaskEvent.tool_result:type_name -> dispatch.v1.ToolResultEvent
+	33, // 13: dispatch.v1.TaskEvent.error:type_name -> dispatch.v1.ErrorSignal
+	34, // 14: dispatch.v1.TaskEvent.usage:type_name -> dispatch.v1.Usage
+	35, // 15: dispatch.v1.TaskEvent.stage:type_name -> dispatch.v1.StageChange
+	36, // 16: dispatch.v1.TaskEvent.artifact:type_name -> dispatch.v1.Artifact
+	37, // 17: dispatch.v1.TaskEvent.result:type_name -> dispatch.v1.FinalResult
+	38, // 18: dispatch.v1.TaskEvent.stop:type_name -> dispatch.v1.StopSignal
+	39, // 19: dispatch.v1.TaskEvent.stopped:type_name -> dispatch.v1.Stopped
+	40, // 20: dispatch.v1.TaskEvent.user_input:type_name -> dispatch.v1.UserInput
+	9,  // 21: dispatch.v1.TaskEvent.policy:type_name -> dispatch.v1.PolicyDecision
+	0,  // 22: dispatch.v1.PolicyDecision.action:type_name -> dispatch.v1.PolicyAction
+	29, // 23: dispatch.v1.PolicyDecision.hold_deadline:type_name -> google.protobuf.Timestamp
+	1,  // 24: dispatch.v1.PolicyDecision.hold_outcome:type_name -> dispatch.v1.HoldOutcome
+	1,  // 25: dispatch.v1.ApproveToolCallResponse.outcome:type_name -> dispatch.v1.HoldOutcome
+	14, // 26: dispatch.v1.GetTaskResponse.task:type_name -> dispatch.v1.Task
+	27, // 27: dispatch.v1.Task.status:type_name -> lybic.agent.TaskStatus
+	41, // 28: dispatch.v1.Task.statistics:type_name -> lybic.agent.ExecutionStatistics
+	29, // 29: dispatch.v1.Task.created_at:type_name -> google.protobuf.Timestamp
+	29, // 30: dispatch.v1.Task.started_at:type_name -> google.protobuf.Timestamp
+	29, // 31: dispatch.v1.Task.ended_at:type_name -> google.protobuf.Timestamp
+	24, // 32: dispatch.v1.Task.labels:type_name -> dispatch.v1.Task.LabelsEntry
+	26, // 33: dispatch.v1.Task.sandbox:type_name -> lybic.agent.Sandbox
+	42, // 34: dispatch.v1.Task.conversation:type_name -> dispatch.v1.ConversationTurn
+	27, // 35: dispatch.v1.ListTasksRequest.statuses:type_name -> lybic.agent.TaskStatus
+	14, // 36: dispatch.v1.ListTasksResponse.tasks:type_name -> dispatch.v1.Task
+	27, // 37: dispatch.v1.CancelTaskResponse.status:type_name -> lybic.agent.TaskStatus
+	43, // 38: dispatch.v1.ListToolsResponse.tools:type_name -> dispatch.v1.ToolSpec
+	2,  // 39: dispatch.v1.TaskService.SubmitTask:input_type -> dispatch.v1.SubmitTaskRequest
+	4,  // 40: dispatch.v1.TaskService.WatchTask:input_type -> dispatch.v1.WatchTaskRequest
+	12, // 41: dispatch.v1.TaskService.GetTask:input_type -> dispatch.v1.GetTaskRequest
+	15, // 42: dispatch.v1.TaskService.ListTasks:input_type -> dispatch.v1.ListTasksRequest
+	17, // 43: dispatch.v1.TaskService.CancelTask:input_type -> dispatch.v1.CancelTaskRequest
+	19, // 44: dispatch.v1.TaskService.Interject:input_type -> dispatch.v1.InterjectRequest
+	21, // 45: dispatch.v1.TaskService.ListTools:input_type -> dispatch.v1.ListToolsRequest
+	10, // 46: dispatch.v1.TaskService.ApproveToolCall:input_type -> dispatch.v1.ApproveToolCallRequest
+	3,  // 47: dispatch.v1.TaskService.SubmitTask:output_type -> dispatch.v1.SubmitTaskResponse
+	5,  // 48: dispatch.v1.TaskService.WatchTask:output_type -> dispatch.v1.WatchTaskResponse
+	13, // 49: dispatch.v1.TaskService.GetTask:output_type -> dispatch.v1.GetTaskResponse
+	16, // 50: dispatch.v1.TaskService.ListTasks:output_type -> dispatch.v1.ListTasksResponse
+	18, // 51: dispatch.v1.TaskService.CancelTask:output_type -> dispatch.v1.CancelTaskResponse
+	20, // 52: dispatch.v1.TaskService.Interject:output_type -> dispatch.v1.InterjectResponse
+	22, // 53: dispatch.v1.TaskService.ListTools:output_type -> dispatch.v1.ListToolsResponse
+	11, // 54: dispatch.v1.TaskService.ApproveToolCall:output_type -> dispatch.v1.ApproveToolCallResponse
+	47, // [47:55] is the sub-list for method output_type
+	39, // [39:47] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_tasks_proto_init() }
