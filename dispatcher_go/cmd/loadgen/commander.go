@@ -46,6 +46,11 @@ type sessionPlan struct {
 	// after it received a stop and before it sends stopped, as a careless
 	// planner would: the dispatcher must drop them.
 	leakAfterStop int
+	// stopLane numbers the session's packets (seq 1, 2...) and sends
+	// stopped on the stop lane (AgentInteraction.Stopped), so that it does
+	// not queue behind the content written before the stop; on the stream
+	// if the lane refuses it.
+	stopLane bool
 	// tools, when set, makes each step a brokered tool call instead of a
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
@@ -111,7 +116,10 @@ type fleet struct {
 	lost     atomic.Int64 // slots whose stream ended before the fleet was closed
 	lostErr  atomic.Value // string: the first reason a slot was lost
 	closing  atomic.Bool
-	wg       sync.WaitGroup
+	// Stop-lane calls the dispatcher refused (plan.stopLane), and why the first was.
+	laneRefused  atomic.Int64
+	laneErrFirst atomic.Value // string
+	wg           sync.WaitGroup
 
 	// Tool calls (plan.tools): round trip per tool, counted from
 	// measureFrom on; errors by code.
@@ -262,7 +270,7 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 			_ = stream.CloseSend()
 			return
 		}
-		if err := f.session(ctx, stream, start, down); err != nil {
+		if err := f.session(ctx, stream, dispatchv1.NewAgentInteractionClient(conn), start, down); err != nil {
 			lose(err)
 			return
 		}
@@ -315,16 +323,42 @@ func (f *fleet) receive(ctx context.Context, stream grpc.BidiStreamingClient[dis
 
 var errStreamEnded = errors.New("stream ended")
 
+// laneStopTimeout bounds a stop-lane call; the stream takes the stopped after it.
+const laneStopTimeout = 2 * time.Second
+
+// laneStopped sends stopped on the stop lane; false if the dispatcher did
+// not take it there (then it goes on the stream, where the dispatcher
+// drops it by its seq if the lane call did reach it after all).
+func (f *fleet) laneStopped(ctx context.Context, lane dispatchv1.AgentInteractionClient, stopped *dispatchv1.UpstreamPacket) bool {
+	cctx, cancel := context.WithTimeout(ctx, laneStopTimeout)
+	defer cancel()
+	_, err := lane.Stopped(cctx, &dispatchv1.StoppedRequest{Packets: []*dispatchv1.UpstreamPacket{stopped}})
+	if err != nil {
+		f.laneRefused.Add(1)
+		f.laneErrFirst.CompareAndSwap(nil, err.Error())
+		return false
+	}
+	return true
+}
+
 // session plays one task: content packets at the plan's rate until the plan
 // ends it (usage + result) or a stop arrives (leaked packets + stopped), then
 // waits for the SESSION_CLOSED ack.
-func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], lane dispatchv1.AgentInteractionClient, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
-	send := func(p *dispatchv1.UpstreamPacket) error {
+	var seq uint64 // the session's upstream seq (plan.stopLane)
+	number := func(p *dispatchv1.UpstreamPacket) {
 		p.SessionId = sid
 		p.Timestamp = time.Now().UnixMicro()
+		if f.plan.stopLane {
+			seq++
+			p.Seq = seq
+		}
+	}
+	send := func(p *dispatchv1.UpstreamPacket) error {
+		number(p)
 		return stream.Send(p)
 	}
 	var n int64 // content packets of this session
@@ -485,12 +519,18 @@ emit:
 		tr.stoppedSent = time.Now()
 		sent := tr.sent
 		tr.mu.Unlock()
-		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
+		stopped := &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
 			Reason:     "bench planner cancelled: " + stop.GetReason(),
 			FinalUsage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"},
-		}}})
-		if err != nil {
-			return err
+		}}}
+		number(stopped)
+		// The lane: this planner sent no usage before its stopped, so the
+		// stopped is all it carries. Refused (an older dispatcher, the
+		// session not attached there): the stream, as before.
+		if !f.plan.stopLane || !f.laneStopped(ctx, lane, stopped) {
+			if err := stream.Send(stopped); err != nil {
+				return err
+			}
 		}
 	} else {
 		tr.mu.Lock()

@@ -60,6 +60,13 @@ type slot struct {
 	startSession string        // session whose start the sender took last
 	startDone    chan struct{} // closed when that Send returned
 	startErr     error         // its error
+
+	// handleMu serialises the handling of upstream packets: the receiving
+	// goroutine's and the stop lane's (lane.go). laneEnded (under it)
+	// remembers the sessions the lane ended.
+	handleMu  sync.Mutex
+	laneEnded [laneMemory]laneEnd
+	laneNext  int
 }
 
 func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *dispatchv1.Hello, id string) *slot {
@@ -240,7 +247,10 @@ func (sl *slot) recvLoop(stream Stream) error {
 		if err != nil {
 			return err
 		}
-		if err := sl.handle(pkt); err != nil {
+		sl.handleMu.Lock()
+		err = sl.handle(pkt)
+		sl.handleMu.Unlock()
+		if err != nil {
 			return err
 		}
 	}
@@ -264,6 +274,14 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 			return nil
 		}
 		defer r.upSeq.Store(seq)
+	}
+	if current && r.stopped.Load() && fencedOutput(pkt) {
+		// Fenced by the stop: dropped before any work (lane.go).
+		sl.srv.stats.DroppedAfterStop.Add(1)
+		return nil
+	}
+	if !current && sl.laneDropped(pkt) {
+		return nil
 	}
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
 		if n := proto.Size(pkt); n > limit {
