@@ -224,6 +224,11 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 	down := make(chan *dispatchv1.DownstreamPacket, 16)
 	recvErr := make(chan error, 1)
 	go f.receive(ctx, stream, down, recvErr)
+	var w *slotWriter
+	if f.plan.stopLane {
+		w = startWriter(ctx, stream)
+		defer func() { cancel(); <-w.done }()
+	}
 
 	defer func() {
 		if !f.closing.Load() && ctx.Err() == nil {
@@ -267,10 +272,13 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 			}
 			start = pkt
 		case <-ctx.Done():
+			if w != nil {
+				<-w.done // it leaves with ctx; then nobody sends
+			}
 			_ = stream.CloseSend()
 			return
 		}
-		if err := f.session(ctx, stream, dispatchv1.NewAgentInteractionClient(conn), start, down); err != nil {
+		if err := f.session(ctx, stream, w, dispatchv1.NewAgentInteractionClient(conn), start, down); err != nil {
 			lose(err)
 			return
 		}
@@ -323,6 +331,38 @@ func (f *fleet) receive(ctx context.Context, stream grpc.BidiStreamingClient[dis
 
 var errStreamEnded = errors.New("stream ended")
 
+// errStopFirst: the stop arrived before a content packet was handed over.
+var errStopFirst = errors.New("stop received first")
+
+// slotWriter is the one sender of a slot's stream when the plan uses the
+// stop lane: the session hands packets over (one may wait in in) and can
+// take a stop while the writer waits on flow control.
+type slotWriter struct {
+	in   chan *dispatchv1.UpstreamPacket
+	done chan struct{} // closed when the writer left (Send failed, or ctx ended)
+	err  error         // why, set before done is closed
+}
+
+func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) *slotWriter {
+	w := &slotWriter{in: make(chan *dispatchv1.UpstreamPacket, 1), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		for {
+			select {
+			case p := <-w.in:
+				if err := stream.Send(p); err != nil {
+					w.err = err
+					return
+				}
+			case <-ctx.Done():
+				w.err = ctx.Err()
+				return
+			}
+		}
+	}()
+	return w
+}
+
 // laneStopTimeout bounds a stop-lane call; the stream takes the stopped after it.
 const laneStopTimeout = 2 * time.Second
 
@@ -344,7 +384,7 @@ func (f *fleet) laneStopped(ctx context.Context, lane dispatchv1.AgentInteractio
 // session plays one task: content packets at the plan's rate until the plan
 // ends it (usage + result) or a stop arrives (leaked packets + stopped), then
 // waits for the SESSION_CLOSED ack.
-func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], lane dispatchv1.AgentInteractionClient, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, lane dispatchv1.AgentInteractionClient, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
@@ -357,9 +397,42 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			p.Seq = seq
 		}
 	}
+	var stop *dispatchv1.StopSignal
+	// send writes p on the stream. With a writer (plan.stopLane) it hands p
+	// over while watching for the stop, as a commander whose planner is
+	// cancelled by the stop even while it waits on flow control: a stop
+	// arriving first sets stop and p is not sent (nor numbered).
+	handOver := func(p *dispatchv1.UpstreamPacket, watch bool) error {
+		if w == nil {
+			return stream.Send(p)
+		}
+		watching := down
+		if !watch {
+			watching = nil
+		}
+		for {
+			select {
+			case w.in <- p:
+				return nil
+			case pkt, ok := <-watching:
+				if !ok {
+					return errStreamEnded
+				}
+				if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
+					stop = s
+					seq--
+					return errStopFirst
+				}
+			case <-w.done:
+				return w.err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
 	send := func(p *dispatchv1.UpstreamPacket) error {
 		number(p)
-		return stream.Send(p)
+		return handOver(p, false)
 	}
 	var n int64 // content packets of this session
 	var poisonAt int64
@@ -373,7 +446,18 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			tr.mu.Unlock()
 		}
 	}
-	content := func() error {
+	// counted records a content packet handed to gRPC.
+	counted := func() {
+		n++
+		f.sent.Add(1)
+		tr.mu.Lock()
+		tr.sent++
+		if !tr.stopRecv.IsZero() {
+			tr.leaked++
+		}
+		tr.mu.Unlock()
+	}
+	contentPacket := func() *dispatchv1.UpstreamPacket {
 		text := f.payload
 		switch {
 		case poisonAt == 0:
@@ -385,17 +469,17 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			tr.offendSent = time.Now()
 			tr.mu.Unlock()
 		}
-		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
-			Content: &dispatchv1.ContentChunk{Text: text}}})
+		return &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
+			Content: &dispatchv1.ContentChunk{Text: text}}}
+	}
+	// content sends the next content packet; errStopFirst: a stop came
+	// first (plan.stopLane) and it was not sent.
+	content := func() error {
+		p := contentPacket()
+		number(p)
+		err := handOver(p, true)
 		if err == nil {
-			n++
-			f.sent.Add(1)
-			tr.mu.Lock()
-			tr.sent++
-			if !tr.stopRecv.IsZero() {
-				tr.leaked++
-			}
-			tr.mu.Unlock()
+			counted()
 		}
 		return err
 	}
@@ -414,7 +498,6 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 	tick := time.NewTimer(0)
 	defer tick.Stop()
 	next := began
-	var stop *dispatchv1.StopSignal
 	var calls int64
 	args := fmt.Sprintf(`{"text":%q}`, f.payload)
 	// toolCall sends one tool_call and waits for its tool_result; a stop or
@@ -489,7 +572,9 @@ emit:
 				break emit
 			}
 			n++ // a call counts as a step towards maxPackets
-		} else if err := content(); err != nil {
+		} else if err := content(); errors.Is(err, errStopFirst) {
+			break emit
+		} else if err != nil {
 			return err
 		}
 		if f.plan.maxPackets > 0 && n >= f.plan.maxPackets && poisonAt == 0 {
@@ -510,14 +595,36 @@ emit:
 	}
 
 	if stop != nil {
-		for range f.plan.leakAfterStop {
-			if err := content(); err != nil {
+		// The leaked packets are numbered before the stopped, as if written
+		// before it; with the lane they are handed to the writer after the
+		// lane call, so that the stopped does not wait for the writer
+		// (blocked on flow control) either, and the dispatcher drops them
+		// by their seq.
+		leaks := make([]*dispatchv1.UpstreamPacket, f.plan.leakAfterStop)
+		for i := range leaks {
+			leaks[i] = contentPacket()
+			number(leaks[i])
+		}
+		writeLeaks := func() error {
+			for _, p := range leaks {
+				if err := handOver(p, false); err != nil {
+					return err
+				}
+				counted()
+			}
+			return nil
+		}
+		if !f.plan.stopLane {
+			if err := writeLeaks(); err != nil {
 				return err
 			}
 		}
 		tr.mu.Lock()
 		tr.stoppedSent = time.Now()
 		sent := tr.sent
+		if f.plan.stopLane {
+			sent += int64(len(leaks)) // counted once handed over, below
+		}
 		tr.mu.Unlock()
 		stopped := &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
 			Reason:     "bench planner cancelled: " + stop.GetReason(),
@@ -526,9 +633,16 @@ emit:
 		number(stopped)
 		// The lane: this planner sent no usage before its stopped, so the
 		// stopped is all it carries. Refused (an older dispatcher, the
-		// session not attached there): the stream, as before.
-		if !f.plan.stopLane || !f.laneStopped(ctx, lane, stopped) {
-			if err := stream.Send(stopped); err != nil {
+		// session not attached there): the stream, after the leaks, as
+		// before.
+		onLane := f.plan.stopLane && f.laneStopped(ctx, lane, stopped)
+		if f.plan.stopLane {
+			if err := writeLeaks(); err != nil {
+				return err
+			}
+		}
+		if !onLane {
+			if err := handOver(stopped, false); err != nil {
 				return err
 			}
 		}
