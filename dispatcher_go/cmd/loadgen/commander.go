@@ -51,6 +51,11 @@ type sessionPlan struct {
 	// not queue behind the content written before the stop; on the stream
 	// if the lane refuses it.
 	stopLane bool
+	// credit (an experiment, --credit) numbers the packets too and lets at
+	// most this many content packets wait unacknowledged (ack RECORDED):
+	// a commander-side window that bounds what a stopped written on the
+	// stream queues behind. 0: no window.
+	credit int
 	// tools, when set, makes each step a brokered tool call instead of a
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
@@ -225,7 +230,7 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 	recvErr := make(chan error, 1)
 	go f.receive(ctx, stream, down, recvErr)
 	var w *slotWriter
-	if f.plan.stopLane {
+	if f.plan.stopLane || f.plan.credit > 0 {
 		w = startWriter(ctx, stream)
 		defer func() { cancel(); <-w.done }()
 	}
@@ -388,16 +393,21 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
-	var seq uint64 // the session's upstream seq (plan.stopLane)
+	var seq, acked uint64 // the session's upstream seq, and the highest acknowledged (numbered plans)
 	number := func(p *dispatchv1.UpstreamPacket) {
 		p.SessionId = sid
 		p.Timestamp = time.Now().UnixMicro()
-		if f.plan.stopLane {
+		if w != nil {
 			seq++
 			p.Seq = seq
 		}
 	}
 	var stop *dispatchv1.StopSignal
+	noteAck := func(pkt *dispatchv1.DownstreamPacket) {
+		if a := pkt.GetAck(); a.GetKind() == dispatchv1.AckKind_ACK_KIND_RECORDED && pkt.GetSessionId() == sid {
+			acked = max(acked, a.GetUpstreamSeq())
+		}
+	}
 	// send writes p on the stream. With a writer (plan.stopLane) it hands p
 	// over while watching for the stop, as a commander whose planner is
 	// cancelled by the stop even while it waits on flow control: a stop
@@ -418,6 +428,7 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 				if !ok {
 					return errStreamEnded
 				}
+				noteAck(pkt)
 				if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
 					stop = s
 					seq--
@@ -475,6 +486,22 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 	// content sends the next content packet; errStopFirst: a stop came
 	// first (plan.stopLane) and it was not sent.
 	content := func() error {
+		// The credit window (plan.credit): wait for acks, or the stop.
+		for f.plan.credit > 0 && seq-acked >= uint64(f.plan.credit) {
+			select {
+			case pkt, ok := <-down:
+				if !ok {
+					return errStreamEnded
+				}
+				noteAck(pkt)
+				if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
+					stop = s
+					return errStopFirst
+				}
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
 		p := contentPacket()
 		number(p)
 		err := handOver(p, true)
@@ -552,6 +579,7 @@ emit:
 			if !ok {
 				return errStreamEnded
 			}
+			noteAck(pkt)
 			if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
 				stop = s
 				break emit

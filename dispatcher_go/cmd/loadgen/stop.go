@@ -39,10 +39,13 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	params["stop_window"] = fmt.Sprintf("%s..%s", o.stopMin, o.stopMax)
 	params["leak_after_stop"] = o.leakAfterStop
 	params["stop_lane"] = o.stopLane
+	if o.credit > 0 {
+		params["credit"] = o.credit
+	}
 	res := newResult("stop", params)
 
 	rg, err := openRig(ctx, o, e, "stop", sessionPlan{rate: o.rate, packetBytes: o.packetBytes,
-		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, stopLane: o.stopLane}, o.connsFor(o.sessions))
+		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, stopLane: o.stopLane, credit: o.credit}, o.connsFor(o.sessions))
 	defer rg.close()
 	if err != nil {
 		return nil, err
@@ -69,6 +72,7 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res.value("tasks", float64(st.tasks.Load()), "")
 	res.value("tasks cancelled", float64(st.cancelled.Load()), "")
 	res.value("stops per second", float64(st.cancelled.Load())/elapsed.Seconds(), "/s")
+	res.value("content packets sent by commanders", float64(rg.f.sent.Load())/elapsed.Seconds(), "/s")
 	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
 	res.value("REJECTED acks", float64(rg.f.rejected.Load()), "")
 	if o.stopLane {
