@@ -72,10 +72,6 @@ class Upstream:
     def last_seq(self) -> int:
         return self._seq
 
-    def kept(self) -> list[ipb.UpstreamPacket]:
-        """The packets the dispatcher has not acknowledged yet, in seq order."""
-        return list(self._unacked)
-
     def on_abandon(self, callback: Callable[[str], None]) -> None:
         self._on_abandon = callback
 

@@ -123,14 +123,11 @@ class Session:
         slot_index: int,
         cancel_timeout: float = STOP_CANCEL_TIMEOUT,
         closed_timeout: float = CLOSED_TIMEOUT,
-        stop_lane: Callable[[ipb.UpstreamPacket], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = packet.session_id
         self.task_id = packet.start.task_id
         self._planner = planner
         self._send = send
-        # Sends a written stopped again on the stop lane (the slot's; never raises).
-        self._stop_lane = stop_lane
         self._slot_index = slot_index
         self._cancel_timeout = cancel_timeout
         self._closed_timeout = closed_timeout
@@ -433,10 +430,6 @@ class Session:
                     for packet in self._terminal_packets():
                         await self._send(Outgoing(packet))
                     self.terminal_sent.set()
-                    if packet.HasField("stopped") and self._stop_lane is not None:
-                        # The stream's copy may wait behind the content written
-                        # before the stop; the lane's does not (docs/protocol.md).
-                        await self._stop_lane(packet)
                 except SessionAbandoned:
                     pass
             if self.abandoned is not None:

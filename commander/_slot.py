@@ -27,7 +27,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import grpc
 import grpc.aio
 from anyio.abc import TaskGroup
 
@@ -46,14 +45,6 @@ from commander._writer import Outgoing, StreamWriter
 _log = logging.getLogger("commander.slot")
 
 _TERMINAL = frozenset({"result", "stopped"})
-
-#: What a stopped carries on the stop lane besides itself: the unacknowledged
-#: packets a stop does not fence (docs/protocol.md, "The stop lane").
-_LANE_KINDS = frozenset({"usage", "sandbox"})
-
-#: How long a stop-lane call may take; the stream's copy of the stopped is
-#: already written, so a lane that does not answer costs nothing but this.
-LANE_TIMEOUT = 2.0
 
 #: A slot's stream: upstream packets out, downstream packets in.
 SlotStream = Stream[ipb.UpstreamPacket, ipb.DownstreamPacket]
@@ -99,10 +90,6 @@ class Slot:
         # Sessions whose terminal packet was written: session id → its seq.
         self._ended: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._tg: anyio.abc.TaskGroup | None = None
-        # The stop lane: a unary call on the current stream's channel; off once a
-        # dispatcher answers UNIMPLEMENTED (older than the lane).
-        self._lane: interaction_pb2_grpc.AgentInteractionStub | None = None
-        self._lane_supported = True
         self.slot_id = ""
         #: Whether the hello is acknowledged on the current stream.
         self.connected = False
@@ -175,7 +162,6 @@ class Slot:
 
     def _open(self, channel: grpc.aio.Channel) -> Any:
         stub = interaction_pb2_grpc.AgentInteractionStub(channel)
-        self._lane = stub
         return open_stream(stub.ChatStream, self._s.connection)
 
     async def _handshake(self, stream: SlotStream) -> None:
@@ -409,7 +395,6 @@ class Slot:
             slot_index=self.index,
             cancel_timeout=self._s.stop_cancel_timeout,
             closed_timeout=self._s.closed_timeout,
-            stop_lane=lambda stopped: self._stop_lane(upstream, stopped),
         )
         upstream.on_abandon(session.abandon)
         self._session, self._upstream = session, upstream
@@ -428,41 +413,6 @@ class Slot:
         finally:
             if self._session is session:
                 self._session, self._upstream = None, None
-
-    async def _stop_lane(self, upstream: Upstream, stopped: ipb.UpstreamPacket) -> None:
-        """Send a written ``stopped`` again on the stop lane (``AgentInteraction.Stopped``).
-
-        The stream's copy may wait behind the content written before the stop
-        (fenced by the stop, so the dispatcher drops it); the lane's does not.
-        The dispatcher handles whichever copy comes first and drops the other by
-        its seq, so this is best effort: any failure leaves the stream's copy.
-        """
-        lane = self._lane
-        if lane is None or not self._lane_supported or not upstream.attached:
-            return
-        if not 0 < stopped.seq or stopped.seq <= upstream.acked:
-            return  # unnumbered, or recorded already
-        packets = [
-            p
-            for p in upstream.kept()
-            if p.seq < stopped.seq and p.WhichOneof("payload") in _LANE_KINDS
-        ]
-        packets.append(stopped)
-        try:
-            with anyio.move_on_after(LANE_TIMEOUT):
-                await lane.Stopped(
-                    ipb.StoppedRequest(packets=packets),
-                    metadata=self._s.connection.metadata(),
-                    timeout=LANE_TIMEOUT,
-                )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._lane_supported = False
-            _log.debug(
-                "session %s: stop lane: %s (the stream's stopped stands)",
-                stopped.session_id,
-                exc.code().name,
-            )
 
     def _on_move(self, packet: ipb.DownstreamPacket, stream: SlotStream) -> None:
         """The dispatcher drains: leave it (half-close) and re-attach elsewhere."""

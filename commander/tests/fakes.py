@@ -194,16 +194,6 @@ class FakeDispatcher(
         #: the dispatcher does); False models a dispatcher that never answers.
         self.end_on_half_close = end_on_half_close
         self.streams_opened = 0
-        #: The stop lane's requests (AgentInteraction.Stopped); None: the lane is
-        #: not implemented (UNIMPLEMENTED, as a dispatcher older than it).
-        self.stop_lane: asyncio.Queue[ipb.StoppedRequest] | None = None
-
-    async def Stopped(self, request: ipb.StoppedRequest, context: Any) -> ipb.StoppedResponse:
-        if self.stop_lane is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no stop lane")
-        else:
-            await self.stop_lane.put(request)
-        return ipb.StoppedResponse()
 
     async def next_slot(self, within: float = WAIT) -> FakeSlot:
         return await asyncio.wait_for(self.slots.get(), within)

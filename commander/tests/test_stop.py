@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -117,31 +116,6 @@ async def test_stop_while_waiting_for_a_tool_result(
         # A late answer to the abandoned call is ignored; the slot goes on.
         await slot.tool_result(session_id, call, result_json="{}")
         await serves_the_next_session(slot, llm)
-    assert after_terminal(await everything_sent(slot), session_id) == []
-
-
-async def test_stopped_also_takes_the_stop_lane(
-    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
-) -> None:
-    """The stopped goes on the stream and on the stop lane, with the usage the
-    dispatcher has not acknowledged: the same packets, the same seqs."""
-    lane: asyncio.Queue[ipb.StoppedRequest] = asyncio.Queue()
-    dispatcher.servicer.stop_lane = lane
-    llm.replies.append(Reply.tool_call("echo", {"x": 1}))
-    async with make_commander():
-        slot = await dispatcher.servicer.next_slot()
-        session_id = await slot.start("use a tool", tools=[ECHO_TOOL])
-        usage = await slot.recv_kind("usage")
-        await slot.recv_kind("tool_call")
-        await slot.stop(session_id, "policy says no", code=ipb.STOP_CODE_POLICY)
-        packets = await slot.recv_until_terminal(within=3)
-        request = await asyncio.wait_for(lane.get(), 3)
-        sent = [p.WhichOneof("payload") for p in request.packets]
-        assert sent == ["usage", "stopped"]
-        assert request.packets[0] == usage and request.packets[-1] == packets[-1]
-        assert 0 < usage.seq < packets[-1].seq
-        await serves_the_next_session(slot, llm)
-    assert lane.empty()  # once per stop
     assert after_terminal(await everything_sent(slot), session_id) == []
 
 

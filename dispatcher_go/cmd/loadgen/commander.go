@@ -46,15 +46,15 @@ type sessionPlan struct {
 	// after it received a stop and before it sends stopped, as a careless
 	// planner would: the dispatcher must drop them.
 	leakAfterStop int
-	// stopLane numbers the session's packets (seq 1, 2...) and sends
-	// stopped on the stop lane (AgentInteraction.Stopped), so that it does
-	// not queue behind the content written before the stop; on the stream
-	// if the lane refuses it.
-	stopLane bool
-	// credit (an experiment, --credit) numbers the packets too and lets at
-	// most this many content packets wait unacknowledged (ack RECORDED):
-	// a commander-side window that bounds what a stopped written on the
-	// stream queues behind. 0: no window.
+	// credit (stop scenario, --credit) is the commander's credit window:
+	// the session's packets are numbered (seq 1, 2...) and at most this
+	// many may wait unacknowledged (ack RECORDED) before the next content
+	// packet is written; control (stopped, result, usage) never waits for
+	// credit. So a stopped queues behind at most this many packets of
+	// content on the stream. A writer goroutine sends, so that the session
+	// sees the stop while a write waits on flow control, as a commander
+	// whose planner the stop cancels. 0: no window, no numbering, one
+	// goroutine (as before).
 	credit int
 	// tools, when set, makes each step a brokered tool call instead of a
 	// content packet: the planner sends tool_call and waits for its
@@ -121,10 +121,7 @@ type fleet struct {
 	lost     atomic.Int64 // slots whose stream ended before the fleet was closed
 	lostErr  atomic.Value // string: the first reason a slot was lost
 	closing  atomic.Bool
-	// Stop-lane calls the dispatcher refused (plan.stopLane), and why the first was.
-	laneRefused  atomic.Int64
-	laneErrFirst atomic.Value // string
-	wg           sync.WaitGroup
+	wg       sync.WaitGroup
 
 	// Tool calls (plan.tools): round trip per tool, counted from
 	// measureFrom on; errors by code.
@@ -230,7 +227,7 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 	recvErr := make(chan error, 1)
 	go f.receive(ctx, stream, down, recvErr)
 	var w *slotWriter
-	if f.plan.stopLane || f.plan.credit > 0 {
+	if f.plan.credit > 0 {
 		w = startWriter(ctx, stream)
 		defer func() { cancel(); <-w.done }()
 	}
@@ -283,7 +280,7 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 			_ = stream.CloseSend()
 			return
 		}
-		if err := f.session(ctx, stream, w, dispatchv1.NewAgentInteractionClient(conn), start, down); err != nil {
+		if err := f.session(ctx, stream, w, start, down); err != nil {
 			lose(err)
 			return
 		}
@@ -339,8 +336,8 @@ var errStreamEnded = errors.New("stream ended")
 // errStopFirst: the stop arrived before a content packet was handed over.
 var errStopFirst = errors.New("stop received first")
 
-// slotWriter is the one sender of a slot's stream when the plan uses the
-// stop lane: the session hands packets over (one may wait in in) and can
+// slotWriter is the one sender of a slot's stream when the plan has a
+// credit window: the session hands packets over (one may wait in in) and can
 // take a stop while the writer waits on flow control.
 type slotWriter struct {
 	in   chan *dispatchv1.UpstreamPacket
@@ -368,28 +365,10 @@ func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1
 	return w
 }
 
-// laneStopTimeout bounds a stop-lane call; the stream takes the stopped after it.
-const laneStopTimeout = 2 * time.Second
-
-// laneStopped sends stopped on the stop lane; false if the dispatcher did
-// not take it there (then it goes on the stream, where the dispatcher
-// drops it by its seq if the lane call did reach it after all).
-func (f *fleet) laneStopped(ctx context.Context, lane dispatchv1.AgentInteractionClient, stopped *dispatchv1.UpstreamPacket) bool {
-	cctx, cancel := context.WithTimeout(ctx, laneStopTimeout)
-	defer cancel()
-	_, err := lane.Stopped(cctx, &dispatchv1.StoppedRequest{Packets: []*dispatchv1.UpstreamPacket{stopped}})
-	if err != nil {
-		f.laneRefused.Add(1)
-		f.laneErrFirst.CompareAndSwap(nil, err.Error())
-		return false
-	}
-	return true
-}
-
 // session plays one task: content packets at the plan's rate until the plan
 // ends it (usage + result) or a stop arrives (leaked packets + stopped), then
 // waits for the SESSION_CLOSED ack.
-func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, lane dispatchv1.AgentInteractionClient, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
@@ -408,8 +387,8 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			acked = max(acked, a.GetUpstreamSeq())
 		}
 	}
-	// send writes p on the stream. With a writer (plan.stopLane) it hands p
-	// over while watching for the stop, as a commander whose planner is
+	// handOver writes p on the stream. With a writer (plan.credit) it hands
+	// p over, watching (watch) for the stop, as a commander whose planner is
 	// cancelled by the stop even while it waits on flow control: a stop
 	// arriving first sets stop and p is not sent (nor numbered).
 	handOver := func(p *dispatchv1.UpstreamPacket, watch bool) error {
@@ -484,7 +463,7 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			Content: &dispatchv1.ContentChunk{Text: text}}}
 	}
 	// content sends the next content packet; errStopFirst: a stop came
-	// first (plan.stopLane) and it was not sent.
+	// first (plan.credit) and it was not sent.
 	content := func() error {
 		// The credit window (plan.credit): wait for acks, or the stop.
 		for f.plan.credit > 0 && seq-acked >= uint64(f.plan.credit) {
@@ -623,56 +602,25 @@ emit:
 	}
 
 	if stop != nil {
-		// The leaked packets are numbered before the stopped, as if written
-		// before it; with the lane they are handed to the writer after the
-		// lane call, so that the stopped does not wait for the writer
-		// (blocked on flow control) either, and the dispatcher drops them
-		// by their seq.
-		leaks := make([]*dispatchv1.UpstreamPacket, f.plan.leakAfterStop)
-		for i := range leaks {
-			leaks[i] = contentPacket()
-			number(leaks[i])
-		}
-		writeLeaks := func() error {
-			for _, p := range leaks {
-				if err := handOver(p, false); err != nil {
-					return err
-				}
-				counted()
-			}
-			return nil
-		}
-		if !f.plan.stopLane {
-			if err := writeLeaks(); err != nil {
+		for range f.plan.leakAfterStop {
+			// Careless: past the stop and the credit window.
+			p := contentPacket()
+			number(p)
+			if err := handOver(p, false); err != nil {
 				return err
 			}
+			counted()
 		}
 		tr.mu.Lock()
 		tr.stoppedSent = time.Now()
 		sent := tr.sent
-		if f.plan.stopLane {
-			sent += int64(len(leaks)) // counted once handed over, below
-		}
 		tr.mu.Unlock()
-		stopped := &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
+		// Control: never waits for credit.
+		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
 			Reason:     "bench planner cancelled: " + stop.GetReason(),
 			FinalUsage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"},
-		}}}
-		number(stopped)
-		// The lane: this planner sent no usage before its stopped, so the
-		// stopped is all it carries. Refused (an older dispatcher, the
-		// session not attached there): the stream, after the leaks, as
-		// before.
-		onLane := f.plan.stopLane && f.laneStopped(ctx, lane, stopped)
-		if f.plan.stopLane {
-			if err := writeLeaks(); err != nil {
-				return err
-			}
-		}
-		if !onLane {
-			if err := handOver(stopped, false); err != nil {
-				return err
-			}
+		}}}); err != nil {
+			return err
 		}
 	} else {
 		tr.mu.Lock()

@@ -38,14 +38,11 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	params := o.taskParams()
 	params["stop_window"] = fmt.Sprintf("%s..%s", o.stopMin, o.stopMax)
 	params["leak_after_stop"] = o.leakAfterStop
-	params["stop_lane"] = o.stopLane
-	if o.credit > 0 {
-		params["credit"] = o.credit
-	}
+	params["credit"] = o.credit
 	res := newResult("stop", params)
 
 	rg, err := openRig(ctx, o, e, "stop", sessionPlan{rate: o.rate, packetBytes: o.packetBytes,
-		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, stopLane: o.stopLane, credit: o.credit}, o.connsFor(o.sessions))
+		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, credit: o.credit}, o.connsFor(o.sessions))
 	defer rg.close()
 	if err != nil {
 		return nil, err
@@ -75,12 +72,6 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res.value("content packets sent by commanders", float64(rg.f.sent.Load())/elapsed.Seconds(), "/s")
 	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
 	res.value("REJECTED acks", float64(rg.f.rejected.Load()), "")
-	if o.stopLane {
-		res.value("stop-lane calls refused (stopped sent on the stream)", float64(rg.f.laneRefused.Load()), "")
-		if why, ok := rg.f.laneErrFirst.Load().(string); ok {
-			res.note("first stop-lane refusal: %s", why)
-		}
-	}
 	if q := st.queuedAhead.Summary(); q.N > 0 {
 		// Packets, not time: the recorder holds 1 ns per packet.
 		res.value("content queued ahead of stopped, p50", float64(q.P50), "packets")

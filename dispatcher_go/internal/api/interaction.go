@@ -1,12 +1,9 @@
 package api
 
 import (
-	"context"
-
 	"google.golang.org/grpc"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
-	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // interactionService is dispatch.v1.AgentInteraction (commanders).
@@ -18,15 +15,6 @@ type interactionService struct {
 // ChatStream runs one commander slot.
 func (is *interactionService) ChatStream(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) error {
 	return toStatus(is.s.d.Logger(), is.s.d.Sessions().Serve(stream))
-}
-
-// Stopped is the stop lane: a stopped session's last packets beside its
-// stream (session/lane.go).
-func (is *interactionService) Stopped(ctx context.Context, req *dispatchv1.StoppedRequest) (*dispatchv1.StoppedResponse, error) {
-	if err := is.s.d.Sessions().Stopped(ctx, tenant.CommanderFromContext(ctx), req); err != nil {
-		return nil, toStatus(is.s.d.Logger(), err)
-	}
-	return &dispatchv1.StoppedResponse{}, nil
 }
 
 // toolProviderService is dispatch.v1.ToolProviderService (tool providers).

@@ -57,10 +57,6 @@ func (s *Server) track(r *run) {
 		s.runs = make(map[*run]struct{})
 	}
 	s.runs[r] = struct{}{}
-	if s.bySession == nil {
-		s.bySession = make(map[string]*run)
-	}
-	s.bySession[r.sessionID] = r
 	if !s.ackerOn {
 		s.ackerOn = true
 		go s.ackLoop()
@@ -71,9 +67,6 @@ func (s *Server) track(r *run) {
 func (s *Server) untrack(r *run) {
 	s.ackMu.Lock()
 	delete(s.runs, r)
-	if s.bySession[r.sessionID] == r {
-		delete(s.bySession, r.sessionID)
-	}
 	s.ackMu.Unlock()
 }
 

@@ -136,9 +136,6 @@ type Server struct {
 	ackMu   sync.Mutex
 	runs    map[*run]struct{}
 	ackerOn bool
-
-	// bySession finds a running session for the stop lane (lane.go).
-	bySession map[string]*run
 }
 
 // NewServer returns a Server.

@@ -60,13 +60,6 @@ type slot struct {
 	startSession string        // session whose start the sender took last
 	startDone    chan struct{} // closed when that Send returned
 	startErr     error         // its error
-
-	// handleMu serialises the handling of upstream packets: the receiving
-	// goroutine's and the stop lane's (lane.go). laneEnded (under it)
-	// remembers the sessions the lane ended.
-	handleMu  sync.Mutex
-	laneEnded [laneMemory]laneEnd
-	laneNext  int
 }
 
 func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *dispatchv1.Hello, id string) *slot {
@@ -247,10 +240,7 @@ func (sl *slot) recvLoop(stream Stream) error {
 		if err != nil {
 			return err
 		}
-		sl.handleMu.Lock()
-		err = sl.handle(pkt)
-		sl.handleMu.Unlock()
-		if err != nil {
+		if err := sl.handle(pkt); err != nil {
 			return err
 		}
 	}
@@ -276,11 +266,8 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		defer r.upSeq.Store(seq)
 	}
 	if current && r.stopped.Load() && fencedOutput(pkt) {
-		// Fenced by the stop: dropped before any work (lane.go).
+		// Fenced by the stop: dropped before any work (fenced.go).
 		sl.srv.stats.DroppedAfterStop.Add(1)
-		return nil
-	}
-	if !current && sl.laneDropped(pkt) {
 		return nil
 	}
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {

@@ -101,10 +101,4 @@ type Stats struct {
 	AcksSent atomic.Int64
 	// Detached counts sessions detached by a drain for a hand-over.
 	Detached atomic.Int64
-	// LaneStops counts sessions whose stopped came on the stop lane
-	// (AgentInteraction.Stopped, lane.go).
-	LaneStops atomic.Int64
-	// DroppedAfterLane counts packets of a session the lane ended that
-	// arrived later on its stream, dropped unread.
-	DroppedAfterLane atomic.Int64
 }

@@ -160,53 +160,6 @@ TOOL_ERROR_CODE_CANCELLED: ToolErrorCode.ValueType  # 7
 Global___ToolErrorCode: _TypeAlias = ToolErrorCode  # noqa: Y015
 
 @_typing.final
-class StoppedRequest(_message.Message):
-    """StoppedRequest carries a stopped session's last packets on the stop lane."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PACKETS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def packets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpstreamPacket]:
-        """The session's packets, all numbered (seq > 0) and in seq order, with
-        the session_id: first the ones written on the stream and not yet
-        acknowledged (ack RECORDED) that a stop does not fence, usage and
-        sandbox (any other kind is refused: INVALID_ARGUMENT), then its
-        stopped. The dispatcher handles those whose seq it has not handled yet,
-        so that nothing counted is lost nor counted twice.
-        """
-
-    def __init__(
-        self,
-        *,
-        packets: _abc.Iterable[Global___UpstreamPacket] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["packets", b"packets"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StoppedRequest: _TypeAlias = StoppedRequest  # noqa: Y015
-
-@_typing.final
-class StoppedResponse(_message.Message):
-    """StoppedResponse answers a StoppedRequest that ended its session."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StoppedResponse: _TypeAlias = StoppedResponse  # noqa: Y015
-
-@_typing.final
 class UpstreamPacket(_message.Message):
     """--- upstream: commander -> dispatcher ---
 

@@ -40,11 +40,6 @@ class AgentInteractionStub:
                 request_serializer=dispatch_dot_v1_dot_interaction__pb2.UpstreamPacket.SerializeToString,
                 response_deserializer=dispatch_dot_v1_dot_interaction__pb2.DownstreamPacket.FromString,
                 _registered_method=True)
-        self.Stopped = channel.unary_unary(
-                '/dispatch.v1.AgentInteraction/Stopped',
-                request_serializer=dispatch_dot_v1_dot_interaction__pb2.StoppedRequest.SerializeToString,
-                response_deserializer=dispatch_dot_v1_dot_interaction__pb2.StoppedResponse.FromString,
-                _registered_method=True)
 
 
 class AgentInteractionServicer:
@@ -59,21 +54,6 @@ class AgentInteractionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Stopped(self, request, context):
-        """Stopped is the upstream stop lane: a session's stopped, sent beside its
-        ChatStream so that it does not queue behind the session's content in
-        the stream's flow-control window (that content is fenced by the stop
-        and dropped anyway). The dispatcher handles the request's packets as if
-        they came on the session's stream, ends the session (ack
-        SESSION_CLOSED on the stream) and drops the copies arriving later on
-        the stream by their seq. NOT_FOUND: the session is not attached here
-        (ended, or handed over): send stopped on the stream as usual.
-        FAILED_PRECONDITION: no stop was decided for the session.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_AgentInteractionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,11 +61,6 @@ def add_AgentInteractionServicer_to_server(servicer, server):
                     servicer.ChatStream,
                     request_deserializer=dispatch_dot_v1_dot_interaction__pb2.UpstreamPacket.FromString,
                     response_serializer=dispatch_dot_v1_dot_interaction__pb2.DownstreamPacket.SerializeToString,
-            ),
-            'Stopped': grpc.unary_unary_rpc_method_handler(
-                    servicer.Stopped,
-                    request_deserializer=dispatch_dot_v1_dot_interaction__pb2.StoppedRequest.FromString,
-                    response_serializer=dispatch_dot_v1_dot_interaction__pb2.StoppedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,33 +91,6 @@ class AgentInteraction:
             '/dispatch.v1.AgentInteraction/ChatStream',
             dispatch_dot_v1_dot_interaction__pb2.UpstreamPacket.SerializeToString,
             dispatch_dot_v1_dot_interaction__pb2.DownstreamPacket.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Stopped(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dispatch.v1.AgentInteraction/Stopped',
-            dispatch_dot_v1_dot_interaction__pb2.StoppedRequest.SerializeToString,
-            dispatch_dot_v1_dot_interaction__pb2.StoppedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,17 +65,6 @@ class AgentInteractionStub:
     """ChatStream carries one slot: a hello, then any number of sessions, one at
     a time. Upstream is paced by HTTP/2 flow control; downstream has a stop lane.
     """
-    Stopped: _grpc.UnaryUnaryMultiCallable[_interaction_pb2.StoppedRequest, _interaction_pb2.StoppedResponse]
-    """Stopped is the upstream stop lane: a session's stopped, sent beside its
-    ChatStream so that it does not queue behind the session's content in
-    the stream's flow-control window (that content is fenced by the stop
-    and dropped anyway). The dispatcher handles the request's packets as if
-    they came on the session's stream, ends the session (ack
-    SESSION_CLOSED on the stream) and drops the copies arriving later on
-    the stream by their seq. NOT_FOUND: the session is not attached here
-    (ended, or handed over): send stopped on the stream as usual.
-    FAILED_PRECONDITION: no stop was decided for the session.
-    """
 
 @_typing.type_check_only
 class AgentInteractionAsyncStub(AgentInteractionStub):
@@ -85,17 +74,6 @@ class AgentInteractionAsyncStub(AgentInteractionStub):
     ChatStream: _aio.StreamStreamMultiCallable[_interaction_pb2.UpstreamPacket, _interaction_pb2.DownstreamPacket]  # type: ignore[assignment]
     """ChatStream carries one slot: a hello, then any number of sessions, one at
     a time. Upstream is paced by HTTP/2 flow control; downstream has a stop lane.
-    """
-    Stopped: _aio.UnaryUnaryMultiCallable[_interaction_pb2.StoppedRequest, _interaction_pb2.StoppedResponse]  # type: ignore[assignment]
-    """Stopped is the upstream stop lane: a session's stopped, sent beside its
-    ChatStream so that it does not queue behind the session's content in
-    the stream's flow-control window (that content is fenced by the stop
-    and dropped anyway). The dispatcher handles the request's packets as if
-    they came on the session's stream, ends the session (ack
-    SESSION_CLOSED on the stream) and drops the copies arriving later on
-    the stream by their seq. NOT_FOUND: the session is not attached here
-    (ended, or handed over): send stopped on the stream as usual.
-    FAILED_PRECONDITION: no stop was decided for the session.
     """
 
 class AgentInteractionServicer(metaclass=_abc_1.ABCMeta):
@@ -109,23 +87,6 @@ class AgentInteractionServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_interaction_pb2.DownstreamPacket], _abc.AsyncIterator[_interaction_pb2.DownstreamPacket]]:
         """ChatStream carries one slot: a hello, then any number of sessions, one at
         a time. Upstream is paced by HTTP/2 flow control; downstream has a stop lane.
-        """
-
-    @_abc_1.abstractmethod
-    def Stopped(
-        self,
-        request: _interaction_pb2.StoppedRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_interaction_pb2.StoppedResponse, _abc.Awaitable[_interaction_pb2.StoppedResponse]]:
-        """Stopped is the upstream stop lane: a session's stopped, sent beside its
-        ChatStream so that it does not queue behind the session's content in
-        the stream's flow-control window (that content is fenced by the stop
-        and dropped anyway). The dispatcher handles the request's packets as if
-        they came on the session's stream, ends the session (ack
-        SESSION_CLOSED on the stream) and drops the copies arriving later on
-        the stream by their seq. NOT_FOUND: the session is not attached here
-        (ended, or handed over): send stopped on the stream as usual.
-        FAILED_PRECONDITION: no stop was decided for the session.
         """
 
 def add_AgentInteractionServicer_to_server(servicer: AgentInteractionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -289,94 +289,6 @@ func (ToolErrorCode) EnumDescriptor() ([]byte, []int) {
 	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
 }
 
-// StoppedRequest carries a stopped session's last packets on the stop lane.
-type StoppedRequest struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	// The session's packets, all numbered (seq > 0) and in seq order, with
-	// the session_id: first the ones written on the stream and not yet
-	// acknowledged (ack RECORDED) that a stop does not fence, usage and
-	// sandbox (any other kind is refused: INVALID_ARGUMENT), then its
-	// stopped. The dispatcher handles those whose seq it has not handled yet,
-	// so that nothing counted is lost nor counted twice.
-	Packets       []*UpstreamPacket `protobuf:"bytes,1,rep,name=packets,proto3" json:"packets,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *StoppedRequest) Reset() {
-	*x = StoppedRequest{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[0]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *StoppedRequest) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*StoppedRequest) ProtoMessage() {}
-
-func (x *StoppedRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[0]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use StoppedRequest.ProtoReflect.Descriptor instead.
-func (*StoppedRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{0}
-}
-
-func (x *StoppedRequest) GetPackets() []*UpstreamPacket {
-	if x != nil {
-		return x.Packets
-	}
-	return nil
-}
-
-// StoppedResponse answers a StoppedRequest that ended its session.
-type StoppedResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
-}
-
-func (x *StoppedResponse) Reset() {
-	*x = StoppedResponse{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
-	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-	ms.StoreMessageInfo(mi)
-}
-
-func (x *StoppedResponse) String() string {
-	return protoimpl.X.MessageStringOf(x)
-}
-
-func (*StoppedResponse) ProtoMessage() {}
-
-func (x *StoppedResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
-	if x != nil {
-		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
-		if ms.LoadMessageInfo() == nil {
-			ms.StoreMessageInfo(mi)
-		}
-		return ms
-	}
-	return mi.MessageOf(x)
-}
-
-// Deprecated: Use StoppedResponse.ProtoReflect.Descriptor instead.
-func (*StoppedResponse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{1}
-}
-
 // UpstreamPacket is everything a commander says on a slot.
 type UpstreamPacket struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -411,7 +323,7 @@ type UpstreamPacket struct {
 
 func (x *UpstreamPacket) Reset() {
 	*x = UpstreamPacket{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -423,7 +335,7 @@ func (x *UpstreamPacket) String() string {
 func (*UpstreamPacket) ProtoMessage() {}
 
 func (x *UpstreamPacket) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -436,7 +348,7 @@ func (x *UpstreamPacket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpstreamPacket.ProtoReflect.Descriptor instead.
 func (*UpstreamPacket) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *UpstreamPacket) GetSessionId() string {
@@ -667,7 +579,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -679,7 +591,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -692,7 +604,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *Hello) GetCommanderId() string {
@@ -760,7 +672,7 @@ type Reattach struct {
 
 func (x *Reattach) Reset() {
 	*x = Reattach{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +684,7 @@ func (x *Reattach) String() string {
 func (*Reattach) ProtoMessage() {}
 
 func (x *Reattach) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +697,7 @@ func (x *Reattach) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reattach.ProtoReflect.Descriptor instead.
 func (*Reattach) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Reattach) GetTaskId() string {
@@ -829,7 +741,7 @@ type ThoughtChain struct {
 
 func (x *ThoughtChain) Reset() {
 	*x = ThoughtChain{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -841,7 +753,7 @@ func (x *ThoughtChain) String() string {
 func (*ThoughtChain) ProtoMessage() {}
 
 func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -854,7 +766,7 @@ func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThoughtChain.ProtoReflect.Descriptor instead.
 func (*ThoughtChain) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ThoughtChain) GetStepName() string {
@@ -883,7 +795,7 @@ type ContentChunk struct {
 
 func (x *ContentChunk) Reset() {
 	*x = ContentChunk{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -895,7 +807,7 @@ func (x *ContentChunk) String() string {
 func (*ContentChunk) ProtoMessage() {}
 
 func (x *ContentChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -908,7 +820,7 @@ func (x *ContentChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContentChunk.ProtoReflect.Descriptor instead.
 func (*ContentChunk) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ContentChunk) GetText() string {
@@ -944,7 +856,7 @@ type ToolCallRequest struct {
 
 func (x *ToolCallRequest) Reset() {
 	*x = ToolCallRequest{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -956,7 +868,7 @@ func (x *ToolCallRequest) String() string {
 func (*ToolCallRequest) ProtoMessage() {}
 
 func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -969,7 +881,7 @@ func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallRequest.ProtoReflect.Descriptor instead.
 func (*ToolCallRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ToolCallRequest) GetToolName() string {
@@ -1012,7 +924,7 @@ type ErrorSignal struct {
 
 func (x *ErrorSignal) Reset() {
 	*x = ErrorSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +936,7 @@ func (x *ErrorSignal) String() string {
 func (*ErrorSignal) ProtoMessage() {}
 
 func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +949,7 @@ func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorSignal.ProtoReflect.Descriptor instead.
 func (*ErrorSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ErrorSignal) GetCode() string {
@@ -1071,7 +983,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1083,7 +995,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1096,7 +1008,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1152,7 +1064,7 @@ type StageChange struct {
 
 func (x *StageChange) Reset() {
 	*x = StageChange{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1164,7 +1076,7 @@ func (x *StageChange) String() string {
 func (*StageChange) ProtoMessage() {}
 
 func (x *StageChange) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1177,7 +1089,7 @@ func (x *StageChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageChange.ProtoReflect.Descriptor instead.
 func (*StageChange) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StageChange) GetStage() string {
@@ -1210,7 +1122,7 @@ type Artifact struct {
 
 func (x *Artifact) Reset() {
 	*x = Artifact{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1134,7 @@ func (x *Artifact) String() string {
 func (*Artifact) ProtoMessage() {}
 
 func (x *Artifact) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1147,7 @@ func (x *Artifact) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Artifact.ProtoReflect.Descriptor instead.
 func (*Artifact) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Artifact) GetKind() string {
@@ -1289,7 +1201,7 @@ type SandboxInUse struct {
 
 func (x *SandboxInUse) Reset() {
 	*x = SandboxInUse{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1301,7 +1213,7 @@ func (x *SandboxInUse) String() string {
 func (*SandboxInUse) ProtoMessage() {}
 
 func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1314,7 +1226,7 @@ func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SandboxInUse.ProtoReflect.Descriptor instead.
 func (*SandboxInUse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SandboxInUse) GetSandbox() *agent.Sandbox {
@@ -1345,7 +1257,7 @@ type FinalResult struct {
 
 func (x *FinalResult) Reset() {
 	*x = FinalResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1357,7 +1269,7 @@ func (x *FinalResult) String() string {
 func (*FinalResult) ProtoMessage() {}
 
 func (x *FinalResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1370,7 +1282,7 @@ func (x *FinalResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinalResult.ProtoReflect.Descriptor instead.
 func (*FinalResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FinalResult) GetOutcome() SessionOutcome {
@@ -1406,7 +1318,7 @@ type Stopped struct {
 
 func (x *Stopped) Reset() {
 	*x = Stopped{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1418,7 +1330,7 @@ func (x *Stopped) String() string {
 func (*Stopped) ProtoMessage() {}
 
 func (x *Stopped) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1431,7 +1343,7 @@ func (x *Stopped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stopped.ProtoReflect.Descriptor instead.
 func (*Stopped) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Stopped) GetReason() string {
@@ -1469,7 +1381,7 @@ type DownstreamPacket struct {
 
 func (x *DownstreamPacket) Reset() {
 	*x = DownstreamPacket{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1481,7 +1393,7 @@ func (x *DownstreamPacket) String() string {
 func (*DownstreamPacket) ProtoMessage() {}
 
 func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1494,7 +1406,7 @@ func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownstreamPacket.ProtoReflect.Descriptor instead.
 func (*DownstreamPacket) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DownstreamPacket) GetSignal() isDownstreamPacket_Signal {
@@ -1618,7 +1530,7 @@ type Move struct {
 
 func (x *Move) Reset() {
 	*x = Move{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1542,7 @@ func (x *Move) String() string {
 func (*Move) ProtoMessage() {}
 
 func (x *Move) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1555,7 @@ func (x *Move) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Move.ProtoReflect.Descriptor instead.
 func (*Move) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Move) GetReason() string {
@@ -1672,7 +1584,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1596,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1609,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Ack) GetKind() AckKind {
@@ -1749,7 +1661,7 @@ type StopSignal struct {
 
 func (x *StopSignal) Reset() {
 	*x = StopSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1761,7 +1673,7 @@ func (x *StopSignal) String() string {
 func (*StopSignal) ProtoMessage() {}
 
 func (x *StopSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1774,7 +1686,7 @@ func (x *StopSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSignal.ProtoReflect.Descriptor instead.
 func (*StopSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StopSignal) GetReason() string {
@@ -1809,7 +1721,7 @@ type ToolError struct {
 
 func (x *ToolError) Reset() {
 	*x = ToolError{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1733,7 @@ func (x *ToolError) String() string {
 func (*ToolError) ProtoMessage() {}
 
 func (x *ToolError) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1746,7 @@ func (x *ToolError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolError.ProtoReflect.Descriptor instead.
 func (*ToolError) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ToolError) GetCode() ToolErrorCode {
@@ -1865,7 +1777,7 @@ type ToolCallResult struct {
 
 func (x *ToolCallResult) Reset() {
 	*x = ToolCallResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +1789,7 @@ func (x *ToolCallResult) String() string {
 func (*ToolCallResult) ProtoMessage() {}
 
 func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +1802,7 @@ func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallResult.ProtoReflect.Descriptor instead.
 func (*ToolCallResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ToolCallResult) GetToolName() string {
@@ -1943,7 +1855,7 @@ type ToolSpec struct {
 
 func (x *ToolSpec) Reset() {
 	*x = ToolSpec{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1955,7 +1867,7 @@ func (x *ToolSpec) String() string {
 func (*ToolSpec) ProtoMessage() {}
 
 func (x *ToolSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1968,7 +1880,7 @@ func (x *ToolSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolSpec.ProtoReflect.Descriptor instead.
 func (*ToolSpec) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{21}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolSpec) GetName() string {
@@ -2025,7 +1937,7 @@ type ConversationTurn struct {
 
 func (x *ConversationTurn) Reset() {
 	*x = ConversationTurn{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2037,7 +1949,7 @@ func (x *ConversationTurn) String() string {
 func (*ConversationTurn) ProtoMessage() {}
 
 func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2050,7 +1962,7 @@ func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConversationTurn.ProtoReflect.Descriptor instead.
 func (*ConversationTurn) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{22}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ConversationTurn) GetRole() string {
@@ -2103,7 +2015,7 @@ type StartSession struct {
 
 func (x *StartSession) Reset() {
 	*x = StartSession{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[23]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2115,7 +2027,7 @@ func (x *StartSession) String() string {
 func (*StartSession) ProtoMessage() {}
 
 func (x *StartSession) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[23]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2128,7 +2040,7 @@ func (x *StartSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSession.ProtoReflect.Descriptor instead.
 func (*StartSession) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{23}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StartSession) GetTaskId() string {
@@ -2240,7 +2152,7 @@ type UserInput struct {
 
 func (x *UserInput) Reset() {
 	*x = UserInput{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[24]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2252,7 +2164,7 @@ func (x *UserInput) String() string {
 func (*UserInput) ProtoMessage() {}
 
 func (x *UserInput) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[24]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2265,7 +2177,7 @@ func (x *UserInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserInput.ProtoReflect.Descriptor instead.
 func (*UserInput) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{24}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UserInput) GetMessageId() string {
@@ -2286,10 +2198,7 @@ var File_dispatch_v1_interaction_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\n" +
-	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"G\n" +
-	"\x0eStoppedRequest\x125\n" +
-	"\apackets\x18\x01 \x03(\v2\x1b.dispatch.v1.UpstreamPacketR\apackets\"\x11\n" +
-	"\x0fStoppedResponse\"\xa3\x05\n" +
+	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xa3\x05\n" +
 	"\x0eUpstreamPacket\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1c\n" +
@@ -2470,11 +2379,10 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"$TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE\x10\x04\x12$\n" +
 	" TOOL_ERROR_CODE_EXECUTION_FAILED\x10\x05\x12\x1a\n" +
 	"\x16TOOL_ERROR_CODE_DENIED\x10\x06\x12\x1d\n" +
-	"\x19TOOL_ERROR_CODE_CANCELLED\x10\a2\xa6\x01\n" +
+	"\x19TOOL_ERROR_CODE_CANCELLED\x10\a2`\n" +
 	"\x10AgentInteraction\x12L\n" +
 	"\n" +
-	"ChatStream\x12\x1b.dispatch.v1.UpstreamPacket\x1a\x1d.dispatch.v1.DownstreamPacket(\x010\x01\x12D\n" +
-	"\aStopped\x12\x1b.dispatch.v1.StoppedRequest\x1a\x1c.dispatch.v1.StoppedResponseb\x06proto3"
+	"ChatStream\x12\x1b.dispatch.v1.UpstreamPacket\x1a\x1d.dispatch.v1.DownstreamPacket(\x010\x01b\x06proto3"
 
 var (
 	file_dispatch_v1_interaction_proto_rawDescOnce sync.Once
@@ -2489,90 +2397,85 @@ func file_dispatch_v1_interaction_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_interaction_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(SessionOutcome)(0),           // 0: dispatch.v1.SessionOutcome
 	(AckKind)(0),                  // 1: dispatch.v1.AckKind
 	(StopCode)(0),                 // 2: dispatch.v1.StopCode
 	(ToolErrorCode)(0),            // 3: dispatch.v1.ToolErrorCode
-	(*StoppedRequest)(nil),        // 4: dispatch.v1.StoppedRequest
-	(*StoppedResponse)(nil),       // 5: dispatch.v1.StoppedResponse
-	(*UpstreamPacket)(nil),        // 6: dispatch.v1.UpstreamPacket
-	(*Hello)(nil),                 // 7: dispatch.v1.Hello
-	(*Reattach)(nil),              // 8: dispatch.v1.Reattach
-	(*ThoughtChain)(nil),          // 9: dispatch.v1.ThoughtChain
-	(*ContentChunk)(nil),          // 10: dispatch.v1.ContentChunk
-	(*ToolCallRequest)(nil),       // 11: dispatch.v1.ToolCallRequest
-	(*ErrorSignal)(nil),           // 12: dispatch.v1.ErrorSignal
-	(*Usage)(nil),                 // 13: dispatch.v1.Usage
-	(*StageChange)(nil),           // 14: dispatch.v1.StageChange
-	(*Artifact)(nil),              // 15: dispatch.v1.Artifact
-	(*SandboxInUse)(nil),          // 16: dispatch.v1.SandboxInUse
-	(*FinalResult)(nil),           // 17: dispatch.v1.FinalResult
-	(*Stopped)(nil),               // 18: dispatch.v1.Stopped
-	(*DownstreamPacket)(nil),      // 19: dispatch.v1.DownstreamPacket
-	(*Move)(nil),                  // 20: dispatch.v1.Move
-	(*Ack)(nil),                   // 21: dispatch.v1.Ack
-	(*StopSignal)(nil),            // 22: dispatch.v1.StopSignal
-	(*ToolError)(nil),             // 23: dispatch.v1.ToolError
-	(*ToolCallResult)(nil),        // 24: dispatch.v1.ToolCallResult
-	(*ToolSpec)(nil),              // 25: dispatch.v1.ToolSpec
-	(*ConversationTurn)(nil),      // 26: dispatch.v1.ConversationTurn
-	(*StartSession)(nil),          // 27: dispatch.v1.StartSession
-	(*UserInput)(nil),             // 28: dispatch.v1.UserInput
-	nil,                           // 29: dispatch.v1.Hello.LabelsEntry
-	nil,                           // 30: dispatch.v1.ToolCallRequest.TraceContextEntry
-	nil,                           // 31: dispatch.v1.StartSession.LabelsEntry
-	nil,                           // 32: dispatch.v1.StartSession.TraceContextEntry
-	(*agent.Sandbox)(nil),         // 33: lybic.agent.Sandbox
-	(*agent.CommonConfig)(nil),    // 34: lybic.agent.CommonConfig
-	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*UpstreamPacket)(nil),        // 4: dispatch.v1.UpstreamPacket
+	(*Hello)(nil),                 // 5: dispatch.v1.Hello
+	(*Reattach)(nil),              // 6: dispatch.v1.Reattach
+	(*ThoughtChain)(nil),          // 7: dispatch.v1.ThoughtChain
+	(*ContentChunk)(nil),          // 8: dispatch.v1.ContentChunk
+	(*ToolCallRequest)(nil),       // 9: dispatch.v1.ToolCallRequest
+	(*ErrorSignal)(nil),           // 10: dispatch.v1.ErrorSignal
+	(*Usage)(nil),                 // 11: dispatch.v1.Usage
+	(*StageChange)(nil),           // 12: dispatch.v1.StageChange
+	(*Artifact)(nil),              // 13: dispatch.v1.Artifact
+	(*SandboxInUse)(nil),          // 14: dispatch.v1.SandboxInUse
+	(*FinalResult)(nil),           // 15: dispatch.v1.FinalResult
+	(*Stopped)(nil),               // 16: dispatch.v1.Stopped
+	(*DownstreamPacket)(nil),      // 17: dispatch.v1.DownstreamPacket
+	(*Move)(nil),                  // 18: dispatch.v1.Move
+	(*Ack)(nil),                   // 19: dispatch.v1.Ack
+	(*StopSignal)(nil),            // 20: dispatch.v1.StopSignal
+	(*ToolError)(nil),             // 21: dispatch.v1.ToolError
+	(*ToolCallResult)(nil),        // 22: dispatch.v1.ToolCallResult
+	(*ToolSpec)(nil),              // 23: dispatch.v1.ToolSpec
+	(*ConversationTurn)(nil),      // 24: dispatch.v1.ConversationTurn
+	(*StartSession)(nil),          // 25: dispatch.v1.StartSession
+	(*UserInput)(nil),             // 26: dispatch.v1.UserInput
+	nil,                           // 27: dispatch.v1.Hello.LabelsEntry
+	nil,                           // 28: dispatch.v1.ToolCallRequest.TraceContextEntry
+	nil,                           // 29: dispatch.v1.StartSession.LabelsEntry
+	nil,                           // 30: dispatch.v1.StartSession.TraceContextEntry
+	(*agent.Sandbox)(nil),         // 31: lybic.agent.Sandbox
+	(*agent.CommonConfig)(nil),    // 32: lybic.agent.CommonConfig
+	(*timestamppb.Timestamp)(nil), // 33: google.protobuf.Timestamp
 }
 var file_dispatch_v1_interaction_proto_depIdxs = []int32{
-	6,  // 0: dispatch.v1.StoppedRequest.packets:type_name -> dispatch.v1.UpstreamPacket
-	9,  // 1: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
-	10, // 2: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
-	11, // 3: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
-	12, // 4: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
-	7,  // 5: dispatch.v1.UpstreamPacket.hello:type_name -> dispatch.v1.Hello
-	13, // 6: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
-	14, // 7: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
-	15, // 8: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
-	17, // 9: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
-	18, // 10: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
-	16, // 11: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
-	29, // 12: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
-	8,  // 13: dispatch.v1.Hello.reattach:type_name -> dispatch.v1.Reattach
-	30, // 14: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
-	33, // 15: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
-	0,  // 16: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
-	13, // 17: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
-	21, // 18: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
-	22, // 19: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
-	24, // 20: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
-	27, // 21: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
-	28, // 22: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
-	20, // 23: dispatch.v1.DownstreamPacket.move:type_name -> dispatch.v1.Move
-	1,  // 24: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
-	2,  // 25: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
-	3,  // 26: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
-	23, // 27: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
-	34, // 28: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
-	33, // 29: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
-	26, // 30: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
-	35, // 31: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
-	25, // 32: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
-	31, // 33: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
-	32, // 34: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
-	6,  // 35: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
-	4,  // 36: dispatch.v1.AgentInteraction.Stopped:input_type -> dispatch.v1.StoppedRequest
-	19, // 37: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
-	5,  // 38: dispatch.v1.AgentInteraction.Stopped:output_type -> dispatch.v1.StoppedResponse
-	37, // [37:39] is the sub-list for method output_type
-	35, // [35:37] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	7,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
+	8,  // 1: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
+	9,  // 2: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
+	10, // 3: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
+	5,  // 4: dispatch.v1.UpstreamPacket.hello:type_name -> dispatch.v1.Hello
+	11, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
+	12, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
+	13, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
+	15, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
+	16, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
+	14, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
+	27, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
+	6,  // 12: dispatch.v1.Hello.reattach:type_name -> dispatch.v1.Reattach
+	28, // 13: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
+	31, // 14: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
+	0,  // 15: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
+	11, // 16: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
+	19, // 17: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
+	20, // 18: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
+	22, // 19: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
+	25, // 20: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
+	26, // 21: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
+	18, // 22: dispatch.v1.DownstreamPacket.move:type_name -> dispatch.v1.Move
+	1,  // 23: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
+	2,  // 24: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
+	3,  // 25: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
+	21, // 26: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
+	32, // 27: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
+	31, // 28: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
+	24, // 29: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
+	33, // 30: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
+	23, // 31: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
+	29, // 32: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
+	30, // 33: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
+	4,  // 34: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
+	17, // 35: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
+	35, // [35:36] is the sub-list for method output_type
+	34, // [34:35] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_interaction_proto_init() }
@@ -2580,7 +2483,7 @@ func file_dispatch_v1_interaction_proto_init() {
 	if File_dispatch_v1_interaction_proto != nil {
 		return
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[2].OneofWrappers = []any{
+	file_dispatch_v1_interaction_proto_msgTypes[0].OneofWrappers = []any{
 		(*UpstreamPacket_Thought)(nil),
 		(*UpstreamPacket_Content)(nil),
 		(*UpstreamPacket_ToolCall)(nil),
@@ -2593,7 +2496,7 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*UpstreamPacket_Stopped)(nil),
 		(*UpstreamPacket_Sandbox)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[15].OneofWrappers = []any{
+	file_dispatch_v1_interaction_proto_msgTypes[13].OneofWrappers = []any{
 		(*DownstreamPacket_Ack)(nil),
 		(*DownstreamPacket_Stop)(nil),
 		(*DownstreamPacket_ToolResult)(nil),
@@ -2601,14 +2504,14 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*DownstreamPacket_UserInput)(nil),
 		(*DownstreamPacket_Move)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[23].OneofWrappers = []any{}
+	file_dispatch_v1_interaction_proto_msgTypes[21].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_interaction_proto_rawDesc), len(file_dispatch_v1_interaction_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   29,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

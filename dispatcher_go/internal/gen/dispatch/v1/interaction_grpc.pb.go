@@ -49,7 +49,6 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	AgentInteraction_ChatStream_FullMethodName = "/dispatch.v1.AgentInteraction/ChatStream"
-	AgentInteraction_Stopped_FullMethodName    = "/dispatch.v1.AgentInteraction/Stopped"
 )
 
 // AgentInteractionClient is the client API for AgentInteraction service.
@@ -61,16 +60,6 @@ type AgentInteractionClient interface {
 	// ChatStream carries one slot: a hello, then any number of sessions, one at
 	// a time. Upstream is paced by HTTP/2 flow control; downstream has a stop lane.
 	ChatStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[UpstreamPacket, DownstreamPacket], error)
-	// Stopped is the upstream stop lane: a session's stopped, sent beside its
-	// ChatStream so that it does not queue behind the session's content in
-	// the stream's flow-control window (that content is fenced by the stop
-	// and dropped anyway). The dispatcher handles the request's packets as if
-	// they came on the session's stream, ends the session (ack
-	// SESSION_CLOSED on the stream) and drops the copies arriving later on
-	// the stream by their seq. NOT_FOUND: the session is not attached here
-	// (ended, or handed over): send stopped on the stream as usual.
-	// FAILED_PRECONDITION: no stop was decided for the session.
-	Stopped(ctx context.Context, in *StoppedRequest, opts ...grpc.CallOption) (*StoppedResponse, error)
 }
 
 type agentInteractionClient struct {
@@ -94,16 +83,6 @@ func (c *agentInteractionClient) ChatStream(ctx context.Context, opts ...grpc.Ca
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AgentInteraction_ChatStreamClient = grpc.BidiStreamingClient[UpstreamPacket, DownstreamPacket]
 
-func (c *agentInteractionClient) Stopped(ctx context.Context, in *StoppedRequest, opts ...grpc.CallOption) (*StoppedResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(StoppedResponse)
-	err := c.cc.Invoke(ctx, AgentInteraction_Stopped_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
 // AgentInteractionServer is the server API for AgentInteraction service.
 // All implementations must embed UnimplementedAgentInteractionServer
 // for forward compatibility.
@@ -113,16 +92,6 @@ type AgentInteractionServer interface {
 	// ChatStream carries one slot: a hello, then any number of sessions, one at
 	// a time. Upstream is paced by HTTP/2 flow control; downstream has a stop lane.
 	ChatStream(grpc.BidiStreamingServer[UpstreamPacket, DownstreamPacket]) error
-	// Stopped is the upstream stop lane: a session's stopped, sent beside its
-	// ChatStream so that it does not queue behind the session's content in
-	// the stream's flow-control window (that content is fenced by the stop
-	// and dropped anyway). The dispatcher handles the request's packets as if
-	// they came on the session's stream, ends the session (ack
-	// SESSION_CLOSED on the stream) and drops the copies arriving later on
-	// the stream by their seq. NOT_FOUND: the session is not attached here
-	// (ended, or handed over): send stopped on the stream as usual.
-	// FAILED_PRECONDITION: no stop was decided for the session.
-	Stopped(context.Context, *StoppedRequest) (*StoppedResponse, error)
 	mustEmbedUnimplementedAgentInteractionServer()
 }
 
@@ -135,9 +104,6 @@ type UnimplementedAgentInteractionServer struct{}
 
 func (UnimplementedAgentInteractionServer) ChatStream(grpc.BidiStreamingServer[UpstreamPacket, DownstreamPacket]) error {
 	return status.Error(codes.Unimplemented, "method ChatStream not implemented")
-}
-func (UnimplementedAgentInteractionServer) Stopped(context.Context, *StoppedRequest) (*StoppedResponse, error) {
-	return nil, status.Error(codes.Unimplemented, "method Stopped not implemented")
 }
 func (UnimplementedAgentInteractionServer) mustEmbedUnimplementedAgentInteractionServer() {}
 func (UnimplementedAgentInteractionServer) testEmbeddedByValue()                          {}
@@ -167,36 +133,13 @@ func _AgentInteraction_ChatStream_Handler(srv interface{}, stream grpc.ServerStr
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type AgentInteraction_ChatStreamServer = grpc.BidiStreamingServer[UpstreamPacket, DownstreamPacket]
 
-func _AgentInteraction_Stopped_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(StoppedRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(AgentInteractionServer).Stopped(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: AgentInteraction_Stopped_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(AgentInteractionServer).Stopped(ctx, req.(*StoppedRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
 // AgentInteraction_ServiceDesc is the grpc.ServiceDesc for AgentInteraction service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var AgentInteraction_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "dispatch.v1.AgentInteraction",
 	HandlerType: (*AgentInteractionServer)(nil),
-	Methods: []grpc.MethodDesc{
-		{
-			MethodName: "Stopped",
-			Handler:    _AgentInteraction_Stopped_Handler,
-		},
-	},
+	Methods:     []grpc.MethodDesc{},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "ChatStream",
