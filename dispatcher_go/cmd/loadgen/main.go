@@ -182,7 +182,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.phrase, "phrase", "launch codes", "policy: the forbidden phrase of the dispatcher's policy file")
 	fs.StringVar(&o.policyRule, "policy-rule", "bench-phrase", "policy: the id of the rule that forbids --phrase")
 	fs.Float64Var(&o.poison, "poison", 0.5, "policy: share of the tasks that emit the phrase (0..1)")
-	fs.IntVar(&o.credit, "credit", 64, "stop: the commanders' credit window, content packets written and not yet acknowledged (the stopped queues behind at most that many); 0 = none: flood the stream's flow-control window, as older loadgens")
+	fs.IntVar(&o.credit, "credit", 0, "stop: the commanders' credit window: number the packets and keep at most this many content packets unacknowledged, so that a stopped queues behind at most that many (stop-flood: 64); 0 = none: a flood fills the stream's flow-control window, as before")
 	fs.IntVar(&o.leakAfterStop, "leak-after-stop", 3, "stop: content packets each planner still sends after the stop (the dispatcher must drop them)")
 	fs.Int64Var(&o.taskPackets, "task-packets", -1, "relay/throughput/tools: a session ends after this many packets (tools: calls) and its lane submits the next task; 0 = no limit (default: relay 0, throughput and tools 20000)")
 	fs.DurationVar(&o.keepalive, "keepalive", 10*time.Second, "commander connections' KeepAlive ping interval (0 = off)")
