@@ -273,8 +273,9 @@ START=$SECONDS
 # --- the loads ---------------------------------------------------------------
 # stop:       N sessions streaming token-sized packets; each task cancelled
 #             0.2–2 s after its first content; lanes resubmit until the end.
-#             stop-flood: the same while every session floods (the worst case:
-#             the stop and the stopped ack queue behind a full HTTP/2 window).
+#             stop-flood: the same while every session floods, each commander
+#             keeping at most 64 content packets unacknowledged (--credit;
+#             with --credit 0 the stopped queues behind a full HTTP/2 window).
 # relay:      N sessions at a steady rate, one watcher each; *-memory: the
 #             same against --storage-backend memory (no store on the path).
 # throughput: N sessions flooding 64-byte packets over N/2 connections, one
@@ -292,7 +293,7 @@ START=$SECONDS
 if [ "$QUICK" = 1 ]; then
   log "BENCH_QUICK=1: small loads"
   scenario stop       --scenario stop --sessions 10 --duration 6s --rate 50 --packet-bytes 16
-  scenario stop-flood --scenario stop --sessions 4 --duration 4s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
+  scenario stop-flood --scenario stop --sessions 4 --duration 4s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms --credit 64
   scenario relay      --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
   memory_scenario relay-memory --scenario relay --sessions 20 --duration 6s --rate 50 --packet-bytes 32
   scenario throughput --scenario throughput --sessions 4 --duration 6s --packet-bytes 64 --streams-per-conn 2
@@ -302,7 +303,7 @@ if [ "$QUICK" = 1 ]; then
   policy_scenario policy --sessions 10 --duration 5s --rate 50 --packet-bytes 16 --stop-min 100ms --stop-max 1s
 else
   scenario stop        --scenario stop --sessions 50 --duration 30s --rate 50 --packet-bytes 16
-  scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms
+  scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms --credit 64
   scenario relay-64    --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32
   scenario relay-200   --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
   memory_scenario relay-64-memory  --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32

@@ -46,6 +46,16 @@ type sessionPlan struct {
 	// after it received a stop and before it sends stopped, as a careless
 	// planner would: the dispatcher must drop them.
 	leakAfterStop int
+	// credit (stop scenario, --credit) is the commander's credit window:
+	// the session's packets are numbered (seq 1, 2...) and at most this
+	// many may wait unacknowledged (ack RECORDED) before the next content
+	// packet is written; control (stopped, result, usage) never waits for
+	// credit. So a stopped queues behind at most this many packets of
+	// content on the stream. A writer goroutine sends, so that the session
+	// sees the stop while a write waits on flow control, as a commander
+	// whose planner the stop cancels. 0: no window, no numbering, one
+	// goroutine (as before).
+	credit int
 	// tools, when set, makes each step a brokered tool call instead of a
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
@@ -216,6 +226,11 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 	down := make(chan *dispatchv1.DownstreamPacket, 16)
 	recvErr := make(chan error, 1)
 	go f.receive(ctx, stream, down, recvErr)
+	var w *slotWriter
+	if f.plan.credit > 0 {
+		w = startWriter(ctx, stream)
+		defer func() { cancel(); <-w.done }()
+	}
 
 	defer func() {
 		if !f.closing.Load() && ctx.Err() == nil {
@@ -259,10 +274,13 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 			}
 			start = pkt
 		case <-ctx.Done():
+			if w != nil {
+				<-w.done // it leaves with ctx; then nobody sends
+			}
 			_ = stream.CloseSend()
 			return
 		}
-		if err := f.session(ctx, stream, start, down); err != nil {
+		if err := f.session(ctx, stream, w, start, down); err != nil {
 			lose(err)
 			return
 		}
@@ -315,17 +333,96 @@ func (f *fleet) receive(ctx context.Context, stream grpc.BidiStreamingClient[dis
 
 var errStreamEnded = errors.New("stream ended")
 
+// errStopFirst: the stop arrived before a content packet was handed over.
+var errStopFirst = errors.New("stop received first")
+
+// slotWriter is the one sender of a slot's stream when the plan has a
+// credit window: the session hands packets over (one may wait in in) and can
+// take a stop while the writer waits on flow control.
+type slotWriter struct {
+	in   chan *dispatchv1.UpstreamPacket
+	done chan struct{} // closed when the writer left (Send failed, or ctx ended)
+	err  error         // why, set before done is closed
+}
+
+func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) *slotWriter {
+	w := &slotWriter{in: make(chan *dispatchv1.UpstreamPacket, 1), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		for {
+			select {
+			case p := <-w.in:
+				if err := stream.Send(p); err != nil {
+					w.err = err
+					return
+				}
+			case <-ctx.Done():
+				w.err = ctx.Err()
+				return
+			}
+		}
+	}()
+	return w
+}
+
 // session plays one task: content packets at the plan's rate until the plan
 // ends it (usage + result) or a stop arrives (leaked packets + stopped), then
 // waits for the SESSION_CLOSED ack.
-func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
-	send := func(p *dispatchv1.UpstreamPacket) error {
+	var seq, acked uint64 // the session's upstream seq, and the highest acknowledged (numbered plans)
+	number := func(p *dispatchv1.UpstreamPacket) {
 		p.SessionId = sid
 		p.Timestamp = time.Now().UnixMicro()
-		return stream.Send(p)
+		if w != nil {
+			seq++
+			p.Seq = seq
+		}
+	}
+	var stop *dispatchv1.StopSignal
+	noteAck := func(pkt *dispatchv1.DownstreamPacket) {
+		if a := pkt.GetAck(); a.GetKind() == dispatchv1.AckKind_ACK_KIND_RECORDED && pkt.GetSessionId() == sid {
+			acked = max(acked, a.GetUpstreamSeq())
+		}
+	}
+	// handOver writes p on the stream. With a writer (plan.credit) it hands
+	// p over, watching (watch) for the stop, as a commander whose planner is
+	// cancelled by the stop even while it waits on flow control: a stop
+	// arriving first sets stop and p is not sent (nor numbered).
+	handOver := func(p *dispatchv1.UpstreamPacket, watch bool) error {
+		if w == nil {
+			return stream.Send(p)
+		}
+		watching := down
+		if !watch {
+			watching = nil
+		}
+		for {
+			select {
+			case w.in <- p:
+				return nil
+			case pkt, ok := <-watching:
+				if !ok {
+					return errStreamEnded
+				}
+				noteAck(pkt)
+				if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
+					stop = s
+					seq--
+					return errStopFirst
+				}
+			case <-w.done:
+				return w.err
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	send := func(p *dispatchv1.UpstreamPacket) error {
+		number(p)
+		return handOver(p, false)
 	}
 	var n int64 // content packets of this session
 	var poisonAt int64
@@ -339,7 +436,18 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			tr.mu.Unlock()
 		}
 	}
-	content := func() error {
+	// counted records a content packet handed to gRPC.
+	counted := func() {
+		n++
+		f.sent.Add(1)
+		tr.mu.Lock()
+		tr.sent++
+		if !tr.stopRecv.IsZero() {
+			tr.leaked++
+		}
+		tr.mu.Unlock()
+	}
+	contentPacket := func() *dispatchv1.UpstreamPacket {
 		text := f.payload
 		switch {
 		case poisonAt == 0:
@@ -351,17 +459,33 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			tr.offendSent = time.Now()
 			tr.mu.Unlock()
 		}
-		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
-			Content: &dispatchv1.ContentChunk{Text: text}}})
-		if err == nil {
-			n++
-			f.sent.Add(1)
-			tr.mu.Lock()
-			tr.sent++
-			if !tr.stopRecv.IsZero() {
-				tr.leaked++
+		return &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Content{
+			Content: &dispatchv1.ContentChunk{Text: text}}}
+	}
+	// content sends the next content packet; errStopFirst: a stop came
+	// first (plan.credit) and it was not sent.
+	content := func() error {
+		// The credit window (plan.credit): wait for acks, or the stop.
+		for f.plan.credit > 0 && seq-acked >= uint64(f.plan.credit) {
+			select {
+			case pkt, ok := <-down:
+				if !ok {
+					return errStreamEnded
+				}
+				noteAck(pkt)
+				if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
+					stop = s
+					return errStopFirst
+				}
+			case <-ctx.Done():
+				return ctx.Err()
 			}
-			tr.mu.Unlock()
+		}
+		p := contentPacket()
+		number(p)
+		err := handOver(p, true)
+		if err == nil {
+			counted()
 		}
 		return err
 	}
@@ -380,7 +504,6 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 	tick := time.NewTimer(0)
 	defer tick.Stop()
 	next := began
-	var stop *dispatchv1.StopSignal
 	var calls int64
 	args := fmt.Sprintf(`{"text":%q}`, f.payload)
 	// toolCall sends one tool_call and waits for its tool_result; a stop or
@@ -435,6 +558,7 @@ emit:
 			if !ok {
 				return errStreamEnded
 			}
+			noteAck(pkt)
 			if s := pkt.GetStop(); s != nil && pkt.GetSessionId() == sid {
 				stop = s
 				break emit
@@ -455,7 +579,9 @@ emit:
 				break emit
 			}
 			n++ // a call counts as a step towards maxPackets
-		} else if err := content(); err != nil {
+		} else if err := content(); errors.Is(err, errStopFirst) {
+			break emit
+		} else if err != nil {
 			return err
 		}
 		if f.plan.maxPackets > 0 && n >= f.plan.maxPackets && poisonAt == 0 {
@@ -477,19 +603,23 @@ emit:
 
 	if stop != nil {
 		for range f.plan.leakAfterStop {
-			if err := content(); err != nil {
+			// Careless: past the stop and the credit window.
+			p := contentPacket()
+			number(p)
+			if err := handOver(p, false); err != nil {
 				return err
 			}
+			counted()
 		}
 		tr.mu.Lock()
 		tr.stoppedSent = time.Now()
 		sent := tr.sent
 		tr.mu.Unlock()
-		err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
+		// Control: never waits for credit.
+		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Stopped{Stopped: &dispatchv1.Stopped{
 			Reason:     "bench planner cancelled: " + stop.GetReason(),
 			FinalUsage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"},
-		}}})
-		if err != nil {
+		}}}); err != nil {
 			return err
 		}
 	} else {

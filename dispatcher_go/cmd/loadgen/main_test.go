@@ -85,6 +85,32 @@ func TestStopScenarioAgainstToy(t *testing.T) {
 	}
 }
 
+// TestStopScenarioWithCreditAgainstToy: with a credit window the packets
+// are numbered and a session that has used its credit waits (the toy
+// never acknowledges) until its stop, which it then answers at once; the
+// deliberate leaks and the stopped still go out, past the window.
+func TestStopScenarioWithCreditAgainstToy(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "stop", "--sessions", "4", "--duration", "600ms",
+		"--stop-min", "20ms", "--stop-max", "80ms", "--rate", "400", "--credit", "4")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	n := val(res, "tasks cancelled")
+	if n < 4 {
+		t.Fatalf("too few stops: %v\n%s", n, log)
+	}
+	// 4 packets of credit (the toy acknowledges none), then 3 leaks.
+	if got := val(res, "content packets sent by commanders"); got <= 0 {
+		t.Fatalf("content rate %v", got)
+	}
+	if got := val(res, "content sent after stop (must be dropped)"); got != 3*n {
+		t.Fatalf("leaked %v packets, want exactly %v (nothing past the credit but the deliberate ones)", got, 3*n)
+	}
+	if q := val(res, "content queued ahead of stopped, max"); q > 4+3 {
+		t.Fatalf("%v packets queued ahead of a stopped, credit 4 + 3 leaks", q)
+	}
+}
+
 func TestStopScenarioCatchesContentAfterStop(t *testing.T) {
 	toy := newToy()
 	toy.leakAfterStop = true

@@ -38,10 +38,11 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	params := o.taskParams()
 	params["stop_window"] = fmt.Sprintf("%s..%s", o.stopMin, o.stopMax)
 	params["leak_after_stop"] = o.leakAfterStop
+	params["credit"] = o.credit
 	res := newResult("stop", params)
 
 	rg, err := openRig(ctx, o, e, "stop", sessionPlan{rate: o.rate, packetBytes: o.packetBytes,
-		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop}, o.connsFor(o.sessions))
+		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, credit: o.credit}, o.connsFor(o.sessions))
 	defer rg.close()
 	if err != nil {
 		return nil, err
@@ -68,6 +69,7 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res.value("tasks", float64(st.tasks.Load()), "")
 	res.value("tasks cancelled", float64(st.cancelled.Load()), "")
 	res.value("stops per second", float64(st.cancelled.Load())/elapsed.Seconds(), "/s")
+	res.value("content packets sent by commanders", float64(rg.f.sent.Load())/elapsed.Seconds(), "/s")
 	res.value("content sent after stop (must be dropped)", float64(st.leaked.Load()), "packets")
 	res.value("REJECTED acks", float64(rg.f.rejected.Load()), "")
 	if q := st.queuedAhead.Summary(); q.N > 0 {

@@ -265,6 +265,11 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		}
 		defer r.upSeq.Store(seq)
 	}
+	if current && r.stopped.Load() && fencedOutput(pkt) {
+		// Fenced by the stop: dropped before any work (fenced.go).
+		sl.srv.stats.DroppedAfterStop.Add(1)
+		return nil
+	}
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
 		if n := proto.Size(pkt); n > limit {
 			// Over our limit but under the transport's: the packet is
