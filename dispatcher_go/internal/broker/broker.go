@@ -109,14 +109,24 @@ type Result struct {
 	Duration time.Duration
 }
 
-// builtinFunc runs a built-in tool. args passed the tool's schema.
+// builtinFunc runs a built-in tool. args passed the tool's schema; it is
+// nil for a tool whose schema accepts any object (tool.anyObject: the
+// arguments are checked, not decoded), which then reads raw if anything.
 type builtinFunc func(ctx context.Context, args map[string]any, raw string) (string, error)
 
 type tool struct {
-	spec     *dispatchv1.ToolSpec
-	schema   *jsonschema.Schema // nil: any object
-	timeout  time.Duration
-	builtin  builtinFunc
+	spec    *dispatchv1.ToolSpec
+	schema  *jsonschema.Schema // nil: any object
+	timeout time.Duration
+	// anyObject: the schema accepts every JSON object (none, or
+	// {"type":"object"} with annotations only), so a call's arguments are
+	// only checked to be one (json.Valid), never decoded.
+	anyObject bool
+	builtin   builtinFunc
+	// instant: a built-in that does a small, bounded amount of work and
+	// never waits (echo, time_now), so that a caller may run it on its own
+	// goroutine (Instant).
+	instant  bool
 	provider *provider
 	local    *localProvider // local.go
 }
@@ -166,7 +176,7 @@ func New(opts Options) (*Broker, error) {
 		if err != nil {
 			return nil, fmt.Errorf("built-in tool %s: %w", bt.spec.GetName(), err)
 		}
-		t.builtin = bt.run
+		t.builtin, t.instant = bt.run, bt.instant
 		b.tools[t.spec.GetName()] = t
 	}
 	b.rebuildLocked()
@@ -204,7 +214,7 @@ func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
 	if err := validToolName(name); err != nil {
 		return nil, err
 	}
-	sch, err := compileSchema(spec.GetParametersJsonSchema())
+	sch, anyObject, err := compileSchema(spec.GetParametersJsonSchema())
 	if err != nil {
 		return nil, fmt.Errorf("%w: tool %q: schema: %s", ErrInvalidTool, name, truncate(err.Error()))
 	}
@@ -216,7 +226,7 @@ func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
 	} else if ms < 0 {
 		return nil, fmt.Errorf("%w: tool %q: negative timeout_ms", ErrInvalidTool, name)
 	}
-	return &tool{spec: spec, schema: sch, timeout: timeout}, nil
+	return &tool{spec: spec, schema: sch, anyObject: anyObject, timeout: timeout}, nil
 }
 
 func validToolName(name string) error {
@@ -264,11 +274,19 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	if t == nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, "unknown tool", "")
 	}
-	args, err := parseArguments(c.ArgumentsJSON)
+	var args map[string]any
+	var err error
+	if t.anyObject {
+		// Nothing to validate but that the arguments are an object:
+		// checked without decoding them (a provider gets the text anyway).
+		err = checkObject(c.ArgumentsJSON)
+	} else {
+		args, err = parseArguments(c.ArgumentsJSON)
+	}
 	if err != nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, err.Error(), "")
 	}
-	if t.schema != nil {
+	if t.schema != nil && !t.anyObject {
 		if err := t.schema.Validate(args); err != nil {
 			return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), "")
 		}
@@ -285,7 +303,7 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	var out string
 	switch {
 	case t.builtin != nil:
-		out, err = t.builtin(cctx, args.(map[string]any), c.ArgumentsJSON)
+		out, err = t.builtin(cctx, args, c.ArgumentsJSON)
 	case t.local != nil:
 		out, err = t.local.run(cctx, c)
 	default:
@@ -314,6 +332,18 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	default:
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, err.Error(), executor)
 	}
+}
+
+// Instant reports whether name is a built-in tool that does a small,
+// bounded amount of work and never waits (echo, time_now): a session may
+// run its calls on the goroutine that received them, without a goroutine
+// of their own. Built-ins are never replaced (a provider cannot declare
+// their names), so the answer holds for the call that follows.
+func (b *Broker) Instant(name string) bool {
+	b.mu.RLock()
+	t := b.tools[name]
+	b.mu.RUnlock()
+	return t != nil && t.instant
 }
 
 func (b *Broker) newInvocationID() string {
