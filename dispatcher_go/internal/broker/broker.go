@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -297,8 +298,13 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	if ctx.Err() != nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
 	}
-	cctx, cancel := context.WithTimeout(ctx, t.timeout)
-	defer cancel()
+	cctx := ctx
+	if !t.instant {
+		// An instant built-in never waits, so a timeout could not fire.
+		var cancel context.CancelFunc
+		cctx, cancel = context.WithTimeout(ctx, t.timeout)
+		defer cancel()
+	}
 
 	var out string
 	switch {
@@ -347,7 +353,7 @@ func (b *Broker) Instant(name string) bool {
 }
 
 func (b *Broker) newInvocationID() string {
-	return fmt.Sprintf("inv-%d", b.nextInvocation.Add(1))
+	return "inv-" + strconv.FormatUint(b.nextInvocation.Add(1), 10)
 }
 
 // toolError is a failure with a specific code, returned by executors.
