@@ -125,7 +125,7 @@ type tool struct {
 	anyObject bool
 	builtin   builtinFunc
 	// instant: a built-in that does a small, bounded amount of work and
-	// never waits (echo, time_now), so that a caller may run it on its own
+	// never waits (echo), so that a caller may run it on its own
 	// goroutine (Instant).
 	instant  bool
 	provider *provider
@@ -341,7 +341,7 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 }
 
 // Instant reports whether name is a built-in tool that does a small,
-// bounded amount of work and never waits (echo, time_now): a session may
+// bounded amount of work and never waits (echo): a session may
 // run its calls on the goroutine that received them, without a goroutine
 // of their own. Built-ins are never replaced (a provider cannot declare
 // their names), so the answer holds for the call that follows.

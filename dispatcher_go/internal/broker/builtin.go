@@ -47,8 +47,8 @@ func (b *Broker) builtins() []builtinTool {
 				Description:          "Returns the current time in an IANA time zone (default UTC).",
 				ParametersJsonSchema: `{"type":"object","properties":{"timezone":{"type":"string","maxLength":64,"description":"IANA name, e.g. Europe/Paris"}},"additionalProperties":false}`,
 			},
-			run:     timeNow,
-			instant: true,
+			// Not instant: time.LoadLocation may read a zone file.
+			run: timeNow,
 		},
 		{
 			spec: &dispatchv1.ToolSpec{

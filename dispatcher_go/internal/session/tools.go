@@ -17,7 +17,7 @@ import (
 // accepted before the stop (then it runs, or is cancelled by the stop, and
 // its result is recorded) or, after it, answered DENIED and not recorded.
 // An accepted call runs on the broker in its own goroutine (slot.goTool),
-// except an instant built-in (broker.Instant: echo, time_now), which runs
+// except an instant built-in (broker.Instant: echo), which runs
 // on the receiving goroutine: a goroutine of its own would cost more than
 // the call and add a hand-off to its round trip. Its result is recorded and
 // sent downstream. A policy can deny a call (policy.go) or hold it
