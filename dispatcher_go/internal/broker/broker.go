@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -109,14 +110,24 @@ type Result struct {
 	Duration time.Duration
 }
 
-// builtinFunc runs a built-in tool. args passed the tool's schema.
+// builtinFunc runs a built-in tool. args passed the tool's schema; it is
+// nil for a tool whose schema accepts any object (tool.anyObject: the
+// arguments are checked, not decoded), which then reads raw if anything.
 type builtinFunc func(ctx context.Context, args map[string]any, raw string) (string, error)
 
 type tool struct {
-	spec     *dispatchv1.ToolSpec
-	schema   *jsonschema.Schema // nil: any object
-	timeout  time.Duration
-	builtin  builtinFunc
+	spec    *dispatchv1.ToolSpec
+	schema  *jsonschema.Schema // nil: any object
+	timeout time.Duration
+	// anyObject: the schema accepts every JSON object (none, or
+	// {"type":"object"} with annotations only), so a call's arguments are
+	// only checked to be one (json.Valid), never decoded.
+	anyObject bool
+	builtin   builtinFunc
+	// instant: a built-in that does a small, bounded amount of work and
+	// never waits (echo), so that a caller may run it on its own
+	// goroutine (Instant).
+	instant  bool
 	provider *provider
 	local    *localProvider // local.go
 }
@@ -166,7 +177,7 @@ func New(opts Options) (*Broker, error) {
 		if err != nil {
 			return nil, fmt.Errorf("built-in tool %s: %w", bt.spec.GetName(), err)
 		}
-		t.builtin = bt.run
+		t.builtin, t.instant = bt.run, bt.instant
 		b.tools[t.spec.GetName()] = t
 	}
 	b.rebuildLocked()
@@ -204,7 +215,7 @@ func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
 	if err := validToolName(name); err != nil {
 		return nil, err
 	}
-	sch, err := compileSchema(spec.GetParametersJsonSchema())
+	sch, anyObject, err := compileSchema(spec.GetParametersJsonSchema())
 	if err != nil {
 		return nil, fmt.Errorf("%w: tool %q: schema: %s", ErrInvalidTool, name, truncate(err.Error()))
 	}
@@ -216,7 +227,7 @@ func (b *Broker) compileTool(spec *dispatchv1.ToolSpec) (*tool, error) {
 	} else if ms < 0 {
 		return nil, fmt.Errorf("%w: tool %q: negative timeout_ms", ErrInvalidTool, name)
 	}
-	return &tool{spec: spec, schema: sch, timeout: timeout}, nil
+	return &tool{spec: spec, schema: sch, anyObject: anyObject, timeout: timeout}, nil
 }
 
 func validToolName(name string) error {
@@ -264,11 +275,19 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	if t == nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, "unknown tool", "")
 	}
-	args, err := parseArguments(c.ArgumentsJSON)
+	var args map[string]any
+	var err error
+	if t.anyObject {
+		// Nothing to validate but that the arguments are an object:
+		// checked without decoding them (a provider gets the text anyway).
+		err = checkObject(c.ArgumentsJSON)
+	} else {
+		args, err = parseArguments(c.ArgumentsJSON)
+	}
 	if err != nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, err.Error(), "")
 	}
-	if t.schema != nil {
+	if t.schema != nil && !t.anyObject {
 		if err := t.schema.Validate(args); err != nil {
 			return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), "")
 		}
@@ -279,13 +298,18 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	if ctx.Err() != nil {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
 	}
-	cctx, cancel := context.WithTimeout(ctx, t.timeout)
-	defer cancel()
+	cctx := ctx
+	if !t.instant {
+		// An instant built-in never waits, so a timeout could not fire.
+		var cancel context.CancelFunc
+		cctx, cancel = context.WithTimeout(ctx, t.timeout)
+		defer cancel()
+	}
 
 	var out string
 	switch {
 	case t.builtin != nil:
-		out, err = t.builtin(cctx, args.(map[string]any), c.ArgumentsJSON)
+		out, err = t.builtin(cctx, args, c.ArgumentsJSON)
 	case t.local != nil:
 		out, err = t.local.run(cctx, c)
 	default:
@@ -316,8 +340,20 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	}
 }
 
+// Instant reports whether name is a built-in tool that does a small,
+// bounded amount of work and never waits (echo): a session may
+// run its calls on the goroutine that received them, without a goroutine
+// of their own. Built-ins are never replaced (a provider cannot declare
+// their names), so the answer holds for the call that follows.
+func (b *Broker) Instant(name string) bool {
+	b.mu.RLock()
+	t := b.tools[name]
+	b.mu.RUnlock()
+	return t != nil && t.instant
+}
+
 func (b *Broker) newInvocationID() string {
-	return fmt.Sprintf("inv-%d", b.nextInvocation.Add(1))
+	return "inv-" + strconv.FormatUint(b.nextInvocation.Add(1), 10)
 }
 
 // toolError is a failure with a specific code, returned by executors.

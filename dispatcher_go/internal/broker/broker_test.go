@@ -178,7 +178,7 @@ func TestSchemaCompilation(t *testing.T) {
 		"remote ref":    `{"$ref":"https://example.com/s.json"}`,
 		"not an object": `[1]`,
 	} {
-		if _, err := compileSchema(src); err == nil {
+		if _, _, err := compileSchema(src); err == nil {
 			t.Errorf("%s: compiled", name)
 		}
 	}
@@ -188,8 +188,46 @@ func TestSchemaCompilation(t *testing.T) {
 		"internal": `{"$defs":{"n":{"type":"number"}},"type":"object","properties":{"x":{"$ref":"#/$defs/n"}}}`,
 		"true":     `true`,
 	} {
-		if _, err := compileSchema(src); err != nil {
+		if _, _, err := compileSchema(src); err != nil {
 			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// A schema that accepts any object lets calls skip decoding their
+// arguments; anything that constrains them does not.
+func TestSchemaAnyObject(t *testing.T) {
+	for src, want := range map[string]bool{
+		``:                  true,
+		`{"type":"object"}`: true,
+		`{"type":"object","description":"d","title":"t","$comment":"c"}`: true,
+		`true`:                false,
+		`{}`:                  true, // anything; arguments are objects anyway
+		`{"description":"d"}`: true,
+		`{"type":"array"}`:    false,
+		`{"type":["object"]}`: false,
+		`{"type":"object","properties":{"x":{"type":"integer"}}}`: false,
+		`{"type":"object","additionalProperties":false}`:          false,
+		`{"type":"object","maxProperties":1}`:                     false,
+	} {
+		_, got, err := compileSchema(src)
+		if err != nil || got != want {
+			t.Errorf("%q: anyObject %v (err %v), want %v", src, got, err, want)
+		}
+	}
+}
+
+// checkObject gives the verdict and message of parseArguments on every
+// input, without decoding.
+func TestCheckObjectAgreesWithParse(t *testing.T) {
+	for _, raw := range []string{
+		``, `  `, "\u00a0", `{}`, ` {"a":1} `, "\n\t{\"a\":[1,2,{\"b\":null}]}\r\n", `{"a":1,"a":2}`,
+		`[]`, `1`, `"s"`, `null`, `true`, `{`, `{} {}`, `{}x`, `{"a":}`, `{'a':1}`, `{"a":1e999}`,
+	} {
+		_, perr := parseArguments(raw)
+		cerr := checkObject(raw)
+		if (perr == nil) != (cerr == nil) || perr != nil && perr.Error() != cerr.Error() {
+			t.Errorf("%q: parseArguments %v, checkObject %v", raw, perr, cerr)
 		}
 	}
 }

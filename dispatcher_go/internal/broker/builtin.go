@@ -26,6 +26,8 @@ const (
 type builtinTool struct {
 	spec *dispatchv1.ToolSpec
 	run  builtinFunc
+	// instant: small, bounded work and no waiting (see Broker.Instant).
+	instant bool
 }
 
 func (b *Broker) builtins() []builtinTool {
@@ -45,6 +47,7 @@ func (b *Broker) builtins() []builtinTool {
 				Description:          "Returns the current time in an IANA time zone (default UTC).",
 				ParametersJsonSchema: `{"type":"object","properties":{"timezone":{"type":"string","maxLength":64,"description":"IANA name, e.g. Europe/Paris"}},"additionalProperties":false}`,
 			},
+			// Not instant: time.LoadLocation may read a zone file.
 			run: timeNow,
 		},
 		{
@@ -63,7 +66,8 @@ func (b *Broker) builtins() []builtinTool {
 				Description:          "Returns its arguments unchanged.",
 				ParametersJsonSchema: `{"type":"object"}`,
 			},
-			run: echo,
+			run:     echo,
+			instant: true,
 		},
 	}
 	// Built-ins change nothing but time: a call lost in a session hand-over

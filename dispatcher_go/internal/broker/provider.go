@@ -243,10 +243,13 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 	p.mu.Lock()
 	p.pending[id] = ch
 	p.mu.Unlock()
+	delivered := false // deliver removed the entry: no second lock
 	defer func() {
-		p.mu.Lock()
-		delete(p.pending, id)
-		p.mu.Unlock()
+		if !delivered {
+			p.mu.Lock()
+			delete(p.pending, id)
+			p.mu.Unlock()
+		}
 	}()
 
 	inv := &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Invoke{Invoke: &dispatchv1.Invocation{
@@ -270,6 +273,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 	}
 	select {
 	case r := <-ch:
+		delivered = true
 		return resultOf(r)
 	case <-ctx.Done():
 		p.cancelInvocation(ctx, id)

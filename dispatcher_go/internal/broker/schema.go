@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -22,18 +23,21 @@ func (noLoader) Load(url string) (any, error) {
 }
 
 // compileSchema compiles a tool's argument schema (JSON Schema 2020-12 unless
-// it says otherwise). An empty schema accepts any object.
-func compileSchema(src string) (*jsonschema.Schema, error) {
+// it says otherwise). An empty schema accepts any object. anyObject reports
+// a schema that accepts every object (empty, or {"type":"object"} with
+// annotations only): arguments need no decoding to be validated.
+func compileSchema(src string) (sch *jsonschema.Schema, anyObject bool, err error) {
 	if strings.TrimSpace(src) == "" {
-		return nil, nil
+		return nil, true, nil
 	}
 	doc, err := jsonschema.UnmarshalJSON(strings.NewReader(src))
 	if err != nil {
-		return nil, fmt.Errorf("not JSON: %w", err)
+		return nil, false, fmt.Errorf("not JSON: %w", err)
 	}
-	if _, ok := doc.(map[string]any); !ok {
+	m, ok := doc.(map[string]any)
+	if !ok {
 		if _, isBool := doc.(bool); !isBool {
-			return nil, errors.New("a schema must be an object or a boolean")
+			return nil, false, errors.New("a schema must be an object or a boolean")
 		}
 	}
 	// A compiler per schema: Compiler is not safe for concurrent use and
@@ -42,14 +46,52 @@ func compileSchema(src string) (*jsonschema.Schema, error) {
 	c.DefaultDraft(jsonschema.Draft2020)
 	c.UseLoader(noLoader{})
 	if err := c.AddResource(schemaURL, doc); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return c.Compile(schemaURL)
+	sch, err = c.Compile(schemaURL)
+	return sch, err == nil && acceptsAnyObject(m), err
+}
+
+// acceptsAnyObject reports whether schema m (nil: a boolean schema) holds
+// nothing but "type":"object" and keywords that only annotate: with the
+// object check every call gets, it accepts every object.
+func acceptsAnyObject(m map[string]any) bool {
+	if m == nil {
+		return false
+	}
+	for k, v := range m {
+		switch k {
+		case "type":
+			if v != "object" {
+				return false
+			}
+		case "title", "description", "$comment", "$schema", "examples":
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// checkObject is parseArguments for a tool whose schema accepts any
+// object: the same verdicts (and messages), without decoding.
+func checkObject(raw string) error {
+	if strings.TrimSpace(raw) == "" {
+		return nil // no arguments mean {}
+	}
+	if !json.Valid([]byte(raw)) {
+		return errors.New("arguments are not valid JSON")
+	}
+	// Valid JSON: only JSON whitespace can come before the value.
+	if strings.TrimLeft(raw, " \t\r\n")[0] != '{' {
+		return errors.New("arguments must be a JSON object")
+	}
+	return nil
 }
 
 // parseArguments decodes a call's arguments, which must be a JSON object.
 // Empty arguments mean {} (a call of a tool without parameters).
-func parseArguments(raw string) (any, error) {
+func parseArguments(raw string) (map[string]any, error) {
 	if strings.TrimSpace(raw) == "" {
 		return map[string]any{}, nil
 	}
@@ -57,10 +99,11 @@ func parseArguments(raw string) (any, error) {
 	if err != nil {
 		return nil, errors.New("arguments are not valid JSON")
 	}
-	if _, ok := v.(map[string]any); !ok {
+	m, ok := v.(map[string]any)
+	if !ok {
 		return nil, errors.New("arguments must be a JSON object")
 	}
-	return v, nil
+	return m, nil
 }
 
 // schemaError renders a validation error on one line.

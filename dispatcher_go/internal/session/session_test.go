@@ -273,6 +273,47 @@ func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
 	}
 }
 
+// Instant built-ins run on the receiving goroutine, other calls on their
+// own: an echo sent behind a long sleep is answered while the sleep runs,
+// and the log keeps each call before its result.
+func TestInstantCallDoesNotWaitBehindARunningCall(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "slow", ToolName: "sleep", ArgumentsJson: `{"ms":60000}`}))
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "fast", ToolName: "echo", ArgumentsJson: ` {"a":[1]} `}))
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "now", ToolName: "time_now", ArgumentsJson: `{"timezone":"Europe/Paris"}`}))
+	if r := c.recv().GetToolResult(); r.GetCallId() != "fast" || r.GetResultJson() != ` {"a":[1]} ` || r.GetError() != nil {
+		t.Fatalf("first result %v, want the echo's", r)
+	}
+	if r := c.recv().GetToolResult(); r.GetCallId() != "now" || !strings.Contains(r.GetResultJson(), `"timezone":"Europe/Paris"`) {
+		t.Fatalf("second result %v, want time_now's", r)
+	}
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_SUCCESS}))
+	for p := c.recv(); p.GetAck().GetKind() != dispatchv1.AckKind_ACK_KIND_SESSION_CLOSED; p = c.recv() {
+		if r := p.GetToolResult(); r.GetCallId() != "slow" {
+			t.Fatalf("unexpected packet %v", p)
+		}
+	}
+	waitDone(t, tk)
+	var order []string
+	for _, ev := range allEvents(t, tk) {
+		switch {
+		case ev.GetToolCall() != nil:
+			order = append(order, "call:"+ev.GetToolCall().GetCallId())
+		case ev.GetToolResult() != nil:
+			order = append(order, "result:"+ev.GetToolResult().GetResult().GetCallId())
+		}
+	}
+	// The sleep, cancelled by the end of the session, may have recorded
+	// its result before the log was sealed.
+	got := strings.TrimSuffix(strings.Join(order, " "), " result:slow")
+	if got != "call:slow call:fast result:fast call:now result:now" {
+		t.Fatalf("log order: %s", got)
+	}
+}
+
 func TestSecondHelloEndsStreamAndFailsTask(t *testing.T) {
 	e := newEnv(t, Options{}, eventlog.Limits{})
 	c := e.connect(t, "planner:chat")

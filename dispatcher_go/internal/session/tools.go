@@ -16,9 +16,20 @@ import (
 // the append is the check against the stop fence, so a call is either
 // accepted before the stop (then it runs, or is cancelled by the stop, and
 // its result is recorded) or, after it, answered DENIED and not recorded.
-// An accepted call runs on the broker in its own goroutine (slot.goTool);
-// its result is recorded and sent downstream. A policy can deny a call
-// (policy.go) or hold it (holds.go).
+// An accepted call runs on the broker in its own goroutine (slot.goTool),
+// except an instant built-in (broker.Instant: echo), which runs
+// on the receiving goroutine: a goroutine of its own would cost more than
+// the call and add a hand-off to its round trip. Its result is recorded and
+// sent downstream. A policy can deny a call (policy.go) or hold it
+// (holds.go).
+//
+// Neither the call nor its result waits for the store: appends are
+// in-memory (eventlog.Log.Append never waits for a commit), so the call
+// runs and its result goes to the commander while both events are still
+// being written. The log still has the call before the result (appended in
+// that order), watchers see both only once durable, and a store that fails
+// is handled by the log and the store (the acker then holds back acks, so
+// the commander keeps its packets), not by the tool path.
 
 // toolCall records a tool call and starts it, or refuses it.
 func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
@@ -70,9 +81,15 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 		return nil
 	}
 	r.inflight.Add(1)
+	b := r.sl.srv.broker
+	if b.Instant(call.ToolName) {
+		r.deliverResult(b.Call(r.ctx, call))
+		r.inflight.Add(-1)
+		return nil
+	}
 	if !r.sl.goTool(func() {
 		defer r.inflight.Add(-1)
-		r.deliverResult(r.sl.srv.broker.Call(r.ctx, call))
+		r.deliverResult(b.Call(r.ctx, call))
 	}) {
 		r.inflight.Add(-1) // the stream is over; nobody will read a result
 	}
