@@ -51,9 +51,11 @@ var (
 	ErrShutdown = errors.New("dispatcher shutting down")
 )
 
-// senderExitWait bounds how long Serve waits for the sender goroutine. It
-// leaves at once unless blocked in Send on a commander that stopped reading;
-// that Send returns only when the RPC ends, i.e. when Serve returns.
+// senderExitWait bounds how long Serve waits for a sender goroutine still
+// running. It leaves at once unless blocked in Send on a commander that
+// stopped reading; without WithAbort that Send returns only when the RPC
+// ends, i.e. when Serve returns. It also bounds how long recvAside waits
+// for the receive loop's own error.
 const senderExitWait = 250 * time.Millisecond
 
 // Limits on a hello.
@@ -158,22 +160,59 @@ func (s *Server) Stats() *Stats { return &s.stats }
 
 // Shutdown ends every stream (UNAVAILABLE). Running sessions should have
 // been stopped before (task.Manager.Shutdown); any left fail.
-func (s *Server) Shutdown() { s.cancelBase() }
+func (s *Server) Shutdown() {
+	s.cancelBase()
+	s.slotsMu.Lock()
+	for sl := range s.slots {
+		sl.cancel(ErrShutdown)
+	}
+	s.slotsMu.Unlock()
+}
+
+// WithAbort returns ctx, a ChatStream's context as the transport made it,
+// carrying abort, the cancel of ctx: the transport's reads and writes of
+// the stream wait on ctx, so that abort ends a blocked Recv or Send as the
+// end of the RPC would. With it, Serve takes ctx as the slot's own context
+// (abort as its cancel) and receives in the RPC's goroutine: an idle slot
+// then costs that goroutine only. Without it Serve needs a context and a
+// goroutine more, to return when the slot ends from the dispatcher's side.
+// The API layer sets it (internal/api: grpc's tap handle).
+func WithAbort(ctx context.Context, abort context.CancelCauseFunc) context.Context {
+	return context.WithValue(ctx, abortKey{}, abort)
+}
+
+type abortKey struct{}
+
+func abortFrom(ctx context.Context) context.CancelCauseFunc {
+	f, _ := ctx.Value(abortKey{}).(context.CancelCauseFunc)
+	return f
+}
 
 // Serve runs one ChatStream until it ends. It returns nil when the commander
 // closed the stream, or the error that ended it.
+//
+// Goroutines: the caller's receives (when the stream carries WithAbort's
+// abort; else a second one does), and a sender runs only while packets wait
+// in the outbox (outbox.go). Stops, deadlines and the rest reach the stream
+// through the outbox; the end of the slot from the dispatcher's side (a
+// cancel with a cause: shutdown, stop not acknowledged, a failed Send)
+// aborts the stream's reads.
 func (s *Server) Serve(stream Stream) error {
-	ctx, cancel := context.WithCancelCause(stream.Context())
+	// The slot's context: the stream's when it can be aborted (any end of
+	// it, a cancel with a cause included, ends a Recv or Send under way).
+	ctx, cancel := stream.Context(), abortFrom(stream.Context())
+	inline := cancel != nil
+	if !inline {
+		ctx, cancel = context.WithCancelCause(ctx)
+	}
 	defer cancel(nil)
-	stopOnShutdown := context.AfterFunc(s.base, func() { cancel(ErrShutdown) })
-	defer stopOnShutdown()
 
-	if s.draining.Load() {
+	if s.draining.Load() || s.base.Err() != nil {
 		return ErrShutdown
 	}
 	first, err := stream.Recv()
 	if err != nil {
-		return err
+		return endCause(ctx, err)
 	}
 	hello := first.GetHello()
 	if hello == nil {
@@ -190,9 +229,9 @@ func (s *Server) Serve(stream Stream) error {
 	sl.tenants = tenants
 	var resumed *run
 	if ra := hello.GetReattach(); ra != nil {
-		// The ack goes out here, before the sender starts: it must be the
-		// commander's first packet, ahead of a stop decided for the session
-		// right after it re-attached (the stop lane goes first).
+		// The ack goes out here, before the outbox starts a sender: it must
+		// be the commander's first packet, ahead of a stop decided for the
+		// session right after it re-attached (the stop lane goes first).
 		r, info, rerr := sl.reattach(ra)
 		if rerr != nil {
 			sl.log.Info("re-attach refused", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
@@ -222,35 +261,18 @@ func (s *Server) Serve(stream Stream) error {
 	} else {
 		s.sched.AddSlot(sl)
 	}
-	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities(), "tenants", tenants, "reattached", resumed != nil)
+	// Written by a goroutine of its own: slog's JSON encoding takes ~4.7 KiB
+	// of stack, which on top of grpc's ~2.4 KiB under Serve would double
+	// this goroutine's stack to 16 KiB for the whole life of the slot (a
+	// stack shrinks only to four times what it uses; idle, ~6 KiB).
+	version, caps, reattached := hello.GetVersion(), hello.GetCapabilities(), resumed != nil
+	go sl.log.Info("commander slot connected", "version", version, "capabilities", caps, "tenants", tenants, "reattached", reattached)
 
-	senderDone := make(chan struct{})
-	go func() {
-		defer close(senderDone)
-		sl.sendLoop(stream)
-	}()
-	recvDone := make(chan error, 1)
-	go func() { recvDone <- sl.recvLoop(stream) }()
-
-	select {
-	case err = <-recvDone:
-	case <-ctx.Done():
-		err = context.Cause(ctx)
-		if errors.Is(err, context.Canceled) {
-			// The transport ended the stream. When it did so because a
-			// packet could not be decoded (protobuf refuses a string that
-			// is not UTF-8), Recv returns that error at once: it says why
-			// the session ends, where "cancelled" would not.
-			t := time.NewTimer(senderExitWait)
-			select {
-			case rerr := <-recvDone:
-				if undecodable(rerr) {
-					err = rerr
-				}
-			case <-t.C:
-			}
-			t.Stop()
-		}
+	sl.out.release(func() { sl.sendLoop(stream) })
+	if inline {
+		err = endCause(ctx, sl.recvLoop(stream))
+	} else {
+		err = sl.recvAside(ctx, stream)
 	}
 	cancel(err)
 	s.sched.RemoveSlot(sl)
@@ -259,17 +281,60 @@ func (s *Server) Serve(stream Stream) error {
 	sl.out.close()
 	sl.closeCurrent(err)
 	sl.waitTools()
-	t := time.NewTimer(senderExitWait)
-	select {
-	case <-senderDone:
-	case <-t.C:
+	if gone := sl.out.senderGone(); gone != nil {
+		t := time.NewTimer(senderExitWait)
+		select {
+		case <-gone:
+		case <-t.C:
+		}
+		t.Stop()
 	}
-	t.Stop()
 	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
 	if errors.Is(err, io.EOF) {
 		return nil
 	}
 	return err
+}
+
+// endCause is why a stream whose receive loop returned rerr ended: the
+// cause ctx (the slot's) ended with, if it did — except that when the
+// transport ended the stream (context.Canceled) because a packet could not
+// be decoded (protobuf refuses a string that is not UTF-8), Recv's error
+// says why the session ends, where "cancelled" would not.
+func endCause(ctx context.Context, rerr error) error {
+	if ctx.Err() == nil {
+		return rerr
+	}
+	if cause := context.Cause(ctx); !errors.Is(cause, context.Canceled) || !undecodable(rerr) {
+		return cause
+	}
+	return rerr
+}
+
+// recvAside runs the receive loop in a goroutine of its own, for a stream
+// without WithAbort's abort: Serve then waits for it or for the end of ctx,
+// whichever comes first (the loop ends when the RPC ends, after Serve).
+func (sl *slot) recvAside(ctx context.Context, stream Stream) error {
+	recvDone := make(chan error, 1)
+	go func() { recvDone <- sl.recvLoop(stream) }()
+	select {
+	case err := <-recvDone:
+		return endCause(ctx, err)
+	case <-ctx.Done():
+	}
+	if !errors.Is(context.Cause(ctx), context.Canceled) {
+		return context.Cause(ctx)
+	}
+	// The transport ended the stream: Recv returns at once, maybe with
+	// the reason (see endCause).
+	t := time.NewTimer(senderExitWait)
+	defer t.Stop()
+	select {
+	case rerr := <-recvDone:
+		return endCause(ctx, rerr)
+	case <-t.C:
+		return context.Cause(ctx)
+	}
 }
 
 func (s *Server) addSlot(sl *slot) {
@@ -278,6 +343,10 @@ func (s *Server) addSlot(sl *slot) {
 		s.slots = make(map[*slot]struct{})
 	}
 	s.slots[sl] = struct{}{}
+	if s.base.Err() != nil {
+		// Shutdown has cancelled the slots it found; not this one.
+		sl.cancel(ErrShutdown)
+	}
 	moving := s.draining.Load()
 	s.slotsMu.Unlock()
 	if moving && s.opts.HandOver {

@@ -149,11 +149,13 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 
 var _ scheduler.Slot = (*slot)(nil)
 
-// sendLoop is the stream's only sender.
+// sendLoop is the stream's only sender while it runs: the outbox starts it
+// when a packet is queued and none runs, and it returns once the outbox is
+// empty (outbox.take) or a Send failed. An idle slot has no sender.
 func (sl *slot) sendLoop(stream Stream) {
 	for {
-		p, err := sl.out.next(sl.ctx)
-		if err != nil {
+		p, ok := sl.out.take()
+		if !ok {
 			return
 		}
 		var startDone chan struct{}
@@ -165,7 +167,7 @@ func (sl *slot) sendLoop(stream Stream) {
 				continue
 			}
 		}
-		err = stream.Send(p)
+		err := stream.Send(p)
 		if startDone != nil {
 			sl.startMu.Lock()
 			sl.startErr = err
@@ -173,6 +175,7 @@ func (sl *slot) sendLoop(stream Stream) {
 			close(startDone)
 		}
 		if err != nil {
+			sl.out.sendFailed()
 			sl.cancel(fmt.Errorf("send: %w", err))
 			return
 		}
