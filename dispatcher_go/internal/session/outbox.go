@@ -21,7 +21,7 @@ var errOutboxClosed = errors.New("slot closed")
 // happen under mu, so there is never more than one sender, and a packet
 // queued is always either taken by the running sender or starts a new one.
 // An idle slot has no sender, no ring and no channel (docs/benchmarks.md,
-// idle slots).
+// idle slots). The outbox is part of its slot (outbox{limit: n}).
 //
 // Bounded: push waits while the ring holds limit packets, so a commander that
 // does not read its stream slows its own slot down (HTTP/2 flow control
@@ -58,10 +58,6 @@ const (
 	ringMin   = 8
 	ringSpare = 8
 )
-
-func newOutbox(limit int) *outbox {
-	return &outbox{limit: limit}
-}
 
 // release lets packets start sender goroutines running sender, starting one
 // now if packets are queued. Until then the handler may send on the stream

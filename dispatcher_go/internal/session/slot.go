@@ -27,7 +27,10 @@ type slot struct {
 	srv         *Server
 	id          string
 	commanderID string
-	caps        map[string]struct{}
+	// caps are the hello's capabilities (duplicates and all); capSet
+	// indexes them when there are many (nil up to capScan).
+	caps        []string
+	capSet      map[string]struct{}
 	planners    []string
 	tenants     []string // served tenants; empty: every tenant
 	log         *slog.Logger
@@ -35,7 +38,7 @@ type slot struct {
 	// ctx ends with the stream; cancel ends the stream with a cause.
 	ctx    context.Context
 	cancel context.CancelCauseFunc
-	out    *outbox
+	out    outbox
 	// moving: Drain told the commander to move; a session whose stream
 	// ends from now on is detached (handover.go).
 	moving atomic.Bool
@@ -67,20 +70,22 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 		srv:         s,
 		id:          id,
 		commanderID: h.GetCommanderId(),
-		caps:        make(map[string]struct{}, len(h.GetCapabilities())),
+		caps:        h.GetCapabilities(),
 		ctx:         ctx,
 		cancel:      cancel,
-		out:         newOutbox(s.opts.OutboxSize),
+		out:         outbox{limit: s.opts.OutboxSize},
 	}
 	if sl.commanderID == "" {
 		sl.commanderID = "unnamed"
 	}
-	for _, c := range h.GetCapabilities() {
-		if _, dup := sl.caps[c]; dup {
-			continue
+	if len(sl.caps) > capScan {
+		sl.capSet = make(map[string]struct{}, len(sl.caps))
+	}
+	for i, c := range sl.caps {
+		if sl.capSet != nil {
+			sl.capSet[c] = struct{}{}
 		}
-		sl.caps[c] = struct{}{}
-		if strings.HasPrefix(c, "planner:") {
+		if strings.HasPrefix(c, "planner:") && !slices.Contains(sl.caps[:i], c) {
 			sl.planners = append(sl.planners, c)
 		}
 	}
@@ -90,9 +95,17 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 
 // HasCapability implements scheduler.Slot.
 func (sl *slot) HasCapability(c string) bool {
-	_, ok := sl.caps[c]
+	if sl.capSet == nil {
+		return slices.Contains(sl.caps, c)
+	}
+	_, ok := sl.capSet[c]
 	return ok
 }
+
+// capScan is how many capabilities HasCapability scans; a slot with more
+// gets a map (most hellos name a handful: a map each would cost an idle
+// slot ~200 bytes).
+const capScan = 16
 
 // Tenants lists the tenants the slot serves (empty: every tenant).
 func (sl *slot) Tenants() []string { return sl.tenants }
