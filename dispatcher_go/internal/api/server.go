@@ -27,12 +27,10 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
-	"google.golang.org/grpc/tap"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/session"
 )
 
 // Server is the gRPC adapter of a dispatcher: its services and server
@@ -82,29 +80,11 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: ka.MinTime, PermitWithoutStream: true}),
 		// A ChatStream's transport reads and writes wait on the context
 		// made here: its cancel lets the session end the stream from its
-		// side while receiving in the RPC's own goroutine (one goroutine
-		// per idle slot instead of three; session.WithAbort).
-		grpc.InTapHandle(chatStreamAbort),
+		// side while receiving in the RPC's own goroutine (chatstream.go).
+		grpc.InTapHandle(chatStreamTap),
 		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
 		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)
-}
-
-// chatStreamMethod is the full name of AgentInteraction.ChatStream.
-var chatStreamMethod = "/" + dispatchv1.AgentInteraction_ServiceDesc.ServiceName + "/ChatStream"
-
-// chatStreamAbort is the server's tap handle: it gives each ChatStream a
-// context of its own whose cancel (session.WithAbort) ends the stream's
-// Recv and Send as the end of the RPC would: the transport's reads and
-// writes of a stream wait on the context a tap handle returns. Other RPCs
-// pass untouched.
-// grpc runs it on the connection's reader goroutine: it must stay cheap.
-func chatStreamAbort(ctx context.Context, info *tap.Info) (context.Context, error) {
-	if info.FullMethodName != chatStreamMethod {
-		return ctx, nil
-	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	return session.WithAbort(ctx, cancel), nil
 }
 
 // Register registers all services on gs and marks each SERVING in the

@@ -169,22 +169,22 @@ func (s *Server) Shutdown() {
 	s.slotsMu.Unlock()
 }
 
-// WithAbort returns ctx, a ChatStream's context as the transport made it,
-// carrying abort, the cancel of ctx: the transport's reads and writes of
-// the stream wait on ctx, so that abort ends a blocked Recv or Send as the
-// end of the RPC would. With it, Serve takes ctx as the slot's own context
-// (abort as its cancel) and receives in the RPC's goroutine: an idle slot
-// then costs that goroutine only. Without it Serve needs a context and a
-// goroutine more, to return when the slot ends from the dispatcher's side.
-// The API layer sets it (internal/api: grpc's tap handle).
-func WithAbort(ctx context.Context, abort context.CancelCauseFunc) context.Context {
+// WithAbort returns ctx, a ChatStream's context, carrying abort: a function
+// that ends the stream with the gRPC status of cause, ending a Recv or Send
+// blocked on it (a stream's end as the end of its RPC would be, but from
+// outside the RPC's goroutine). With it, Serve receives in the RPC's own
+// goroutine and an idle slot costs that goroutine only; without it Serve
+// needs a second goroutine, to return when the slot ends from the
+// dispatcher's side while the first waits in Recv. The API layer sets it
+// (internal/api, chatstream.go).
+func WithAbort(ctx context.Context, abort func(cause error)) context.Context {
 	return context.WithValue(ctx, abortKey{}, abort)
 }
 
 type abortKey struct{}
 
-func abortFrom(ctx context.Context) context.CancelCauseFunc {
-	f, _ := ctx.Value(abortKey{}).(context.CancelCauseFunc)
+func abortFrom(ctx context.Context) func(error) {
+	f, _ := ctx.Value(abortKey{}).(func(error))
 	return f
 }
 
@@ -194,25 +194,21 @@ func abortFrom(ctx context.Context) context.CancelCauseFunc {
 // Goroutines: the caller's receives (when the stream carries WithAbort's
 // abort; else a second one does), and a sender runs only while packets wait
 // in the outbox (outbox.go). Stops, deadlines and the rest reach the stream
-// through the outbox; the end of the slot from the dispatcher's side (a
-// cancel with a cause: shutdown, stop not acknowledged, a failed Send)
-// aborts the stream's reads.
+// through the outbox. When the slot ends from the dispatcher's side (a
+// cancel with a cause: shutdown, stop not acknowledged, a failed Send, a
+// revoked token) it is ended, then its stream aborted with that cause, by
+// the goroutine context.AfterFunc starts (endAside).
 func (s *Server) Serve(stream Stream) error {
-	// The slot's context: the stream's when it can be aborted (any end of
-	// it, a cancel with a cause included, ends a Recv or Send under way).
-	ctx, cancel := stream.Context(), abortFrom(stream.Context())
-	inline := cancel != nil
-	if !inline {
-		ctx, cancel = context.WithCancelCause(ctx)
-	}
+	ctx, cancel := context.WithCancelCause(stream.Context())
 	defer cancel(nil)
+	abort := abortFrom(stream.Context())
 
 	if s.draining.Load() || s.base.Err() != nil {
 		return ErrShutdown
 	}
 	first, err := stream.Recv()
 	if err != nil {
-		return endCause(ctx, err)
+		return err
 	}
 	hello := first.GetHello()
 	if hello == nil {
@@ -269,12 +265,66 @@ func (s *Server) Serve(stream Stream) error {
 	go sl.log.Info("commander slot connected", "version", version, "capabilities", caps, "tenants", tenants, "reattached", reattached)
 
 	sl.out.release(func() { sl.sendLoop(stream) })
-	if inline {
-		err = endCause(ctx, sl.recvLoop(stream))
-	} else {
+	if abort == nil {
 		err = sl.recvAside(ctx, stream)
+		s.endSlot(sl, err)
+	} else {
+		stopEnd := context.AfterFunc(ctx, func() { sl.endAside(abort) })
+		rerr := sl.recvLoop(stream)
+		stopEnd()
+		if sl.claimEnd() {
+			// The receive side ended the stream (the commander closed it
+			// or broke the protocol, the transport ended it).
+			err = endCause(ctx, rerr)
+			s.endSlot(sl, err)
+		} else {
+			err = context.Cause(ctx) // endAside ended the slot
+		}
 	}
-	cancel(err)
+	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// endAside runs when the slot's context ends while Serve's goroutine
+// receives. For the dispatcher's own causes it ends the slot, then aborts
+// the stream with the cause — in that order, as when Serve returns: a
+// commander told why its stream ended finds its session already dealt with
+// (detached for a hand-over, requeued, ended). When the transport ended the
+// stream (context.Canceled) Recv returns by itself and Serve ends the slot,
+// with Recv's error at hand (endCause).
+func (sl *slot) endAside(abort func(error)) {
+	cause := context.Cause(sl.ctx)
+	if errors.Is(cause, context.Canceled) {
+		return
+	}
+	sl.endMu.Lock()
+	defer sl.endMu.Unlock()
+	if sl.endClaimed {
+		return
+	}
+	sl.endClaimed = true
+	sl.srv.endSlot(sl, cause)
+	abort(cause)
+}
+
+// claimEnd reports whether the caller ends the slot (endAside did not);
+// once endAside holds the claim it returns only when endAside is done.
+func (sl *slot) claimEnd() bool {
+	sl.endMu.Lock()
+	defer sl.endMu.Unlock()
+	mine := !sl.endClaimed
+	sl.endClaimed = true
+	return mine
+}
+
+// endSlot ends slot sl for err: it takes no new task, its running session
+// is ended (or detached, or requeued: closeCurrent), its tool calls and its
+// sender are waited for.
+func (s *Server) endSlot(sl *slot, err error) {
+	sl.cancel(err)
 	s.sched.RemoveSlot(sl)
 	s.removeSlot(sl)
 	s.stats.Slots.Add(-1)
@@ -289,11 +339,6 @@ func (s *Server) Serve(stream Stream) error {
 		}
 		t.Stop()
 	}
-	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
-	if errors.Is(err, io.EOF) {
-		return nil
-	}
-	return err
 }
 
 // endCause is why a stream whose receive loop returned rerr ended: the

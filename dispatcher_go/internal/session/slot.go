@@ -29,11 +29,11 @@ type slot struct {
 	commanderID string
 	// caps are the hello's capabilities (duplicates and all); capSet
 	// indexes them when there are many (nil up to capScan).
-	caps        []string
-	capSet      map[string]struct{}
-	planners    []string
-	tenants     []string // served tenants; empty: every tenant
-	log         *slog.Logger
+	caps     []string
+	capSet   map[string]struct{}
+	planners []string
+	tenants  []string // served tenants; empty: every tenant
+	log      *slog.Logger
 
 	// ctx ends with the stream; cancel ends the stream with a cause.
 	ctx    context.Context
@@ -55,6 +55,11 @@ type slot struct {
 	toolsMu     sync.Mutex
 	toolsClosed bool
 	tools       sync.WaitGroup
+
+	// endMu orders Serve's end of the slot against endAside's (server.go):
+	// whichever claims it first ends the slot; the other waits for that.
+	endMu      sync.Mutex
+	endClaimed bool
 
 	// startMu orders the sender's taking of a start packet against the end
 	// of the stream, so that closeCurrent knows whether the commander can
