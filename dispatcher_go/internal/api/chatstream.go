@@ -57,14 +57,26 @@ func (a abortable) Context() context.Context { return a.ctx }
 // of its own.
 func (s *Server) withAbort(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) session.Stream {
 	ctx := stream.Context()
-	cancel, _ := ctx.Value(tapCancelKey{}).(context.CancelCauseFunc)
-	sw, _ := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
-	if cancel == nil || sw == nil {
+	if !canAbort(ctx) {
 		return stream
 	}
-	log := s.d.Logger()
-	return abortable{stream, session.WithAbort(ctx, func(cause error) {
-		_ = sw.WriteStatus(status.Convert(toStatus(log, cause)))
-		cancel(cause)
-	})}
+	return abortable{stream, session.WithAbort(ctx, func(cause error) { s.abortStream(ctx, cause) })}
+}
+
+func canAbort(ctx context.Context) bool {
+	_, ok := ctx.Value(tapCancelKey{}).(context.CancelCauseFunc)
+	_, sw := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
+	return ok && sw
+}
+
+// abortStream ends the ChatStream whose context is ctx with the status of
+// cause (see above); a no-op for other streams.
+func (s *Server) abortStream(ctx context.Context, cause error) {
+	cancel, ok := ctx.Value(tapCancelKey{}).(context.CancelCauseFunc)
+	sw, sok := grpc.ServerTransportStreamFromContext(ctx).(statusWriter)
+	if !ok || !sok {
+		return
+	}
+	_ = sw.WriteStatus(status.Convert(toStatus(s.d.Logger(), cause)))
+	cancel(cause)
 }

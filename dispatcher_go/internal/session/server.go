@@ -197,7 +197,7 @@ func abortFrom(ctx context.Context) func(error) {
 // through the outbox. When the slot ends from the dispatcher's side (a
 // cancel with a cause: shutdown, stop not acknowledged, a failed Send, a
 // revoked token) it is ended, then its stream aborted with that cause, by
-// the goroutine context.AfterFunc starts (endAside).
+// a goroutine of its own (cancelAndAbort, endAside).
 func (s *Server) Serve(stream Stream) error {
 	ctx, cancel := context.WithCancelCause(stream.Context())
 	defer cancel(nil)
@@ -223,6 +223,9 @@ func (s *Server) Serve(stream Stream) error {
 	}
 	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
 	sl.tenants = tenants
+	if abort != nil {
+		sl.abort, sl.cancel = abort, sl.cancelAndAbort
+	}
 	var resumed *run
 	if ra := hello.GetReattach(); ra != nil {
 		// The ack goes out here, before the outbox starts a sender: it must
@@ -269,9 +272,7 @@ func (s *Server) Serve(stream Stream) error {
 		err = sl.recvAside(ctx, stream)
 		s.endSlot(sl, err)
 	} else {
-		stopEnd := context.AfterFunc(ctx, func() { sl.endAside(abort) })
 		rerr := sl.recvLoop(stream)
-		stopEnd()
 		if sl.claimEnd() {
 			// The receive side ended the stream (the commander closed it
 			// or broke the protocol, the transport ended it).
@@ -288,14 +289,24 @@ func (s *Server) Serve(stream Stream) error {
 	return err
 }
 
-// endAside runs when the slot's context ends while Serve's goroutine
-// receives. For the dispatcher's own causes it ends the slot, then aborts
-// the stream with the cause — in that order, as when Serve returns: a
-// commander told why its stream ended finds its session already dealt with
-// (detached for a hand-over, requeued, ended). When the transport ended the
-// stream (context.Canceled) Recv returns by itself and Serve ends the slot,
-// with Recv's error at hand (endCause).
-func (sl *slot) endAside(abort func(error)) {
+// cancelAndAbort is the cancel of a slot whose stream has an abort: it
+// cancels the slot's context and, for the dispatcher's own causes, has
+// endAside end the slot and its stream (Serve's goroutine waits in Recv).
+func (sl *slot) cancelAndAbort(cause error) {
+	sl.cancelCtx(cause)
+	if cause != nil && !errors.Is(cause, context.Canceled) {
+		go sl.endAside()
+	}
+}
+
+// endAside ends the slot, then aborts its stream with the cause its context
+// ended with — in that order, as when Serve returns: a commander told why
+// its stream ended finds its session already dealt with (detached for a
+// hand-over, requeued, ended). When the transport ended the stream
+// (context.Canceled) Recv returns by itself and Serve ends the slot, with
+// Recv's error at hand (endCause). A revoked token is internal/api's to
+// abort (the slot's context ends from above then).
+func (sl *slot) endAside() {
 	cause := context.Cause(sl.ctx)
 	if errors.Is(cause, context.Canceled) {
 		return
@@ -307,7 +318,7 @@ func (sl *slot) endAside(abort func(error)) {
 	}
 	sl.endClaimed = true
 	sl.srv.endSlot(sl, cause)
-	abort(cause)
+	sl.abort(cause)
 }
 
 // claimEnd reports whether the caller ends the slot (endAside did not);
@@ -324,7 +335,7 @@ func (sl *slot) claimEnd() bool {
 // is ended (or detached, or requeued: closeCurrent), its tool calls and its
 // sender are waited for.
 func (s *Server) endSlot(sl *slot, err error) {
-	sl.cancel(err)
+	sl.cancelCtx(err)
 	s.sched.RemoveSlot(sl)
 	s.removeSlot(sl)
 	s.stats.Slots.Add(-1)

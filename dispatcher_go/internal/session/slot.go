@@ -35,10 +35,13 @@ type slot struct {
 	tenants  []string // served tenants; empty: every tenant
 	log      *slog.Logger
 
-	// ctx ends with the stream; cancel ends the stream with a cause.
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	out    outbox
+	// ctx ends with the stream; cancel ends the stream with a cause
+	// (cancelCtx, and with an abort cancelAndAbort: server.go).
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	cancelCtx context.CancelCauseFunc
+	abort     func(error) // WithAbort's; nil: Serve receives aside
+	out       outbox
 	// moving: Drain told the commander to move; a session whose stream
 	// ends from now on is detached (handover.go).
 	moving atomic.Bool
@@ -78,6 +81,7 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 		caps:        h.GetCapabilities(),
 		ctx:         ctx,
 		cancel:      cancel,
+		cancelCtx:   cancel,
 		out:         outbox{limit: s.opts.OutboxSize},
 	}
 	if sl.commanderID == "" {
