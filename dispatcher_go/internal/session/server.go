@@ -2,12 +2,14 @@
 // hello, then any number of sessions one after the other, each running one
 // task (docs/protocol.md is the spec).
 //
-// Per stream there is exactly one receiving goroutine (it handles each
-// upstream packet inline, so upstream is paced by HTTP/2 flow control) and
-// exactly one sending goroutine (it drains the slot's outbox, stop lane
-// first). Stops, deadlines, cancels and interjections come from other
-// goroutines and meet the stream only through the outbox and a few atomics:
-// no global lock sits on the per-packet path.
+// Per stream there is exactly one receiver — the RPC's own goroutine when
+// the stream can be aborted (WithAbort), else one of its own; it handles
+// each upstream packet inline, so upstream is paced by HTTP/2 flow control —
+// and at most one sender, a goroutine that exists only while packets wait
+// in the slot's outbox (it drains it, stop lane first, and ends). An idle
+// slot is one goroutine. Stops, deadlines, cancels and interjections come
+// from other goroutines and meet the stream only through the outbox and a
+// few atomics: no global lock sits on the per-packet path.
 //
 // The stop guarantee is enforced here, not trusted to the commander: the
 // stop decision fences the task's event log, so no thought or content of the
@@ -252,7 +254,10 @@ func (s *Server) Serve(stream Stream) error {
 	}
 
 	// Registered before the ack can go out: a commander that has its ack
-	// is counted in GetAgentInfo and may get a start right after it.
+	// is counted in GetAgentInfo and may get a start right after it. An
+	// end decided meanwhile (Shutdown finds the slot in s.slots) waits in
+	// endAside until the slot is registered everywhere it unregisters it.
+	sl.endMu.Lock()
 	s.stats.Slots.Add(1)
 	s.addSlot(sl)
 	if resumed != nil {
@@ -260,6 +265,7 @@ func (s *Server) Serve(stream Stream) error {
 	} else {
 		s.sched.AddSlot(sl)
 	}
+	sl.endMu.Unlock()
 	// Written by a goroutine of its own: slog's JSON encoding takes ~4.7 KiB
 	// of stack, which on top of grpc's ~2.4 KiB under Serve would double
 	// this goroutine's stack to 16 KiB for the whole life of the slot (a
