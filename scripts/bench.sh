@@ -311,7 +311,7 @@ else
   scenario throughput  --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
   memory_scenario throughput-memory --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2
   scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
-  scenario idle        --scenario idle --sessions 10000 --duration 20s --streams-per-conn 100
+  scenario idle        --scenario idle --sessions 20000 --duration 15s --streams-per-conn 100
   scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
   policy_scenario policy-50 --sessions 50 --duration 20s --rate 50 --packet-bytes 16
   policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16

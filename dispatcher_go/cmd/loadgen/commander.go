@@ -169,23 +169,42 @@ func (f *fleet) trace(taskID string) (sessionTrace, bool) {
 // hello acknowledged (or ctx ends).
 func (f *fleet) open(ctx context.Context, conns []*grpc.ClientConn, n int) error {
 	ready := make(chan error, n)
-	for i := range n {
-		conn := conns[i%len(conns)]
-		f.wg.Go(func() { f.runSlot(ctx, conn, i, ready) })
-	}
 	var firstErr error
-	for range n {
+	acked := 0
+	wait := func() error {
 		select {
 		case err := <-ready:
+			acked++
 			if err != nil && firstErr == nil {
 				firstErr = err
 			}
+			return nil
 		case <-ctx.Done():
 			return fmt.Errorf("opening %d slots: %w", n, ctx.Err())
 		}
 	}
+	for i := range n {
+		// At most maxOpening hellos in flight: 20 000 at once starve this
+		// process's transport goroutines on a small machine until the
+		// dispatcher's keepalive (2 s) gives up on their connections.
+		for i-acked >= maxOpening {
+			if err := wait(); err != nil {
+				return err
+			}
+		}
+		conn := conns[i%len(conns)]
+		f.wg.Go(func() { f.runSlot(ctx, conn, i, ready) })
+	}
+	for acked < n {
+		if err := wait(); err != nil {
+			return err
+		}
+	}
 	return firstErr
 }
+
+// maxOpening bounds the slots fleet.open opens at once.
+const maxOpening = 1000
 
 // wait marks the fleet as shutting down and waits for its slots; the caller
 // cancels the slots' context first.

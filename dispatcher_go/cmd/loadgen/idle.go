@@ -30,7 +30,11 @@ func runIdle(ctx context.Context, o *options, e *env) (*result, error) {
 	}
 	defer closeAll(conns)
 	f := newFleet(sessionPlan{rate: 1, packetBytes: 1, maxSession: time.Second})
-	slotCtx, stopSlots := context.WithCancel(ctx)
+	// The slots' streams carry no deadline, like a commander's: the run's
+	// (--timeout) would cost the dispatcher a timer and a context per
+	// stream, which real slots do not. The run's end still cancels them.
+	slotCtx, stopSlots := context.WithCancel(context.WithoutCancel(ctx))
+	defer context.AfterFunc(ctx, stopSlots)()
 	defer func() { stopSlots(); f.wait() }()
 	began := time.Now()
 	if err := f.open(slotCtx, conns, o.sessions); err != nil {

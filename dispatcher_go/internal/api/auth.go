@@ -84,6 +84,7 @@ func (s *Server) endIfRevoked(ctx context.Context, cancel context.CancelCauseFun
 		now, err := s.authorize(incoming, method)
 		if err != nil || tenant.FromContext(now) != tenant.FromContext(ctx) || tenant.CommanderFromContext(now) != tenant.CommanderFromContext(ctx) {
 			cancel(errRevoked)
+			s.abortStream(incoming, errRevoked) // a ChatStream waits in Recv (chatstream.go)
 			return
 		}
 	}

@@ -14,7 +14,7 @@ type interactionService struct {
 
 // ChatStream runs one commander slot.
 func (is *interactionService) ChatStream(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) error {
-	return toStatus(is.s.d.Logger(), is.s.d.Sessions().Serve(stream))
+	return toStatus(is.s.d.Logger(), is.s.d.Sessions().Serve(is.s.withAbort(stream)))
 }
 
 // toolProviderService is dispatch.v1.ToolProviderService (tool providers).

@@ -78,6 +78,10 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		// a long-lived commander, and an age limit would cut its streams.
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: ka.Time, Timeout: ka.Timeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: ka.MinTime, PermitWithoutStream: true}),
+		// A ChatStream's transport reads and writes wait on the context
+		// made here: its cancel lets the session end the stream from its
+		// side while receiving in the RPC's own goroutine (chatstream.go).
+		grpc.InTapHandle(chatStreamTap),
 		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
 		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)

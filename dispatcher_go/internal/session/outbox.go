@@ -11,9 +11,17 @@ import (
 // errOutboxClosed is returned by push once the slot has ended.
 var errOutboxClosed = errors.New("slot closed")
 
-// outbox holds the downstream packets of one slot until its single sender
-// goroutine writes them. It has two lanes: a one-packet stop lane that the
-// sender always empties first, and a bounded FIFO ring for everything else.
+// outbox holds the downstream packets of one slot until its sender writes
+// them. It has two lanes: a one-packet stop lane that the sender always
+// empties first, and a bounded FIFO ring for everything else.
+//
+// The sender is a goroutine that exists only while there is something to
+// send: the first packet queued starts it (once the slot has released the
+// outbox, see release), and it ends when it finds the outbox empty. Both
+// happen under mu, so there is never more than one sender, and a packet
+// queued is always either taken by the running sender or starts a new one.
+// An idle slot has no sender, no ring and no channel (docs/benchmarks.md,
+// idle slots). The outbox is part of its slot (outbox{limit: n}).
 //
 // Bounded: push waits while the ring holds limit packets, so a commander that
 // does not read its stream slows its own slot down (HTTP/2 flow control
@@ -27,22 +35,39 @@ type outbox struct {
 	stop *dispatchv1.DownstreamPacket
 	// ack holds the newest cumulative ack of each session (handover.go):
 	// a newer one replaces an older one of the same session.
-	acks   []*dispatchv1.DownstreamPacket
+	acks []*dispatchv1.DownstreamPacket
+	// ring is allocated by the first packet and grows (doubling, from
+	// ringMin) up to limit+ringSpare under push.
 	ring   []*dispatchv1.DownstreamPacket
 	head   int
 	n      int
 	limit  int
 	closed bool
 	space  chan struct{} // closed when the ring drains below limit; nil unless someone waits
-	ready  chan struct{} // capacity 1: wakes the sender
+
+	// The sender (see the type comment).
+	sender     func() // what a new sender goroutine runs; nil until release
+	sending    bool   // a sender goroutine runs
+	dead       bool   // a Send failed: the stream is broken, no new sender
+	senderDone chan struct{}
 }
 
-func newOutbox(limit int) *outbox {
-	return &outbox{
-		limit: limit,
-		ring:  make([]*dispatchv1.DownstreamPacket, limit+8),
-		ready: make(chan struct{}, 1),
-	}
+// ringMin is the ring's first size; ringSpare the room pushControl has
+// beyond limit before the ring must grow.
+const (
+	ringMin   = 8
+	ringSpare = 8
+)
+
+// release lets packets start sender goroutines running sender, starting one
+// now if packets are queued. Until then the handler may send on the stream
+// itself (the re-attach ack goes out before anything queued).
+func (o *outbox) release(sender func()) {
+	o.mu.Lock()
+	o.sender = sender
+	start := o.wakeLocked()
+	o.mu.Unlock()
+	o.start(start)
 }
 
 // push queues p, waiting while the ring is full. It fails when ctx ends or
@@ -56,8 +81,9 @@ func (o *outbox) push(ctx context.Context, p *dispatchv1.DownstreamPacket) error
 		}
 		if o.n < o.limit {
 			o.enqueueLocked(p)
+			start := o.wakeLocked()
 			o.mu.Unlock()
-			o.signal()
+			o.start(start)
 			return nil
 		}
 		if o.space == nil {
@@ -80,21 +106,27 @@ func (o *outbox) pushControl(p *dispatchv1.DownstreamPacket) {
 		o.mu.Unlock()
 		return
 	}
+	o.enqueueLocked(p)
+	start := o.wakeLocked()
+	o.mu.Unlock()
+	o.start(start)
+}
+
+// enqueueLocked appends p to the ring, growing it when full: up to
+// limit+ringSpare under push, beyond only if pushControl's protocol bound
+// is broken (rather than lose a start or an ack).
+func (o *outbox) enqueueLocked(p *dispatchv1.DownstreamPacket) {
 	if o.n == len(o.ring) {
-		// Only reachable if the protocol bound is broken; grow rather than
-		// lose a start or an ack.
-		grown := make([]*dispatchv1.DownstreamPacket, 2*len(o.ring))
+		size := max(ringMin, 2*len(o.ring))
+		if len(o.ring) < o.limit+ringSpare {
+			size = min(size, o.limit+ringSpare)
+		}
+		grown := make([]*dispatchv1.DownstreamPacket, size)
 		for i := range o.n {
 			grown[i] = o.ring[(o.head+i)%len(o.ring)]
 		}
 		o.ring, o.head = grown, 0
 	}
-	o.enqueueLocked(p)
-	o.mu.Unlock()
-	o.signal()
-}
-
-func (o *outbox) enqueueLocked(p *dispatchv1.DownstreamPacket) {
 	o.ring[(o.head+o.n)%len(o.ring)] = p
 	o.n++
 }
@@ -123,8 +155,9 @@ func (o *outbox) setStop(p *dispatchv1.DownstreamPacket) (withdrawn bool) {
 	// (one stop per session, and a session ends before the next starts),
 	// so replacing it loses nothing.
 	o.stop = p
+	start := o.wakeLocked()
 	o.mu.Unlock()
-	o.signal()
+	o.start(start)
 	return false
 }
 
@@ -147,51 +180,98 @@ func (o *outbox) setAck(p *dispatchv1.DownstreamPacket) {
 	if !replaced {
 		o.acks = append(o.acks, p)
 	}
+	start := o.wakeLocked()
 	o.mu.Unlock()
-	o.signal()
+	o.start(start)
 }
 
-// next returns the packet to send: the stop lane first, then the acks,
-// then FIFO order.
-func (o *outbox) next(ctx context.Context) (*dispatchv1.DownstreamPacket, error) {
-	for {
-		o.mu.Lock()
-		if p := o.stop; p != nil {
-			o.stop = nil
-			o.mu.Unlock()
-			return p, nil
+// take returns the packet the sender sends next: the stop lane first, then
+// the acks, then FIFO order. When there is none it reports false and the
+// calling sender must return: it is no longer the sender (the next packet
+// queued starts a new one).
+func (o *outbox) take() (*dispatchv1.DownstreamPacket, bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if p := o.stop; p != nil {
+		o.stop = nil
+		return p, true
+	}
+	if len(o.acks) > 0 {
+		p := o.acks[0]
+		o.acks[0] = nil
+		o.acks = o.acks[1:]
+		if len(o.acks) == 0 {
+			o.acks = nil // the drained backing array goes (idle slots keep nothing)
 		}
-		if len(o.acks) > 0 {
-			p := o.acks[0]
-			o.acks[0] = nil
-			o.acks = o.acks[1:]
-			o.mu.Unlock()
-			return p, nil
+		return p, true
+	}
+	if o.n > 0 {
+		p := o.ring[o.head]
+		o.ring[o.head] = nil
+		o.head = (o.head + 1) % len(o.ring)
+		o.n--
+		if o.space != nil && o.n < o.limit {
+			close(o.space)
+			o.space = nil
 		}
-		if o.n > 0 {
-			p := o.ring[o.head]
-			o.ring[o.head] = nil
-			o.head = (o.head + 1) % len(o.ring)
-			o.n--
-			if o.space != nil && o.n < o.limit {
-				close(o.space)
-				o.space = nil
-			}
-			o.mu.Unlock()
-			return p, nil
-		}
-		o.mu.Unlock()
-		// A signal sent after the check above is kept in ready's buffer,
-		// so no wake-up is lost.
-		select {
-		case <-o.ready:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+		return p, true
+	}
+	o.senderExitLocked()
+	return nil, false
+}
+
+// sendFailed is called by the sender instead of take when a Send failed:
+// it returns, and no new sender starts (the stream is broken; Serve ends it).
+func (o *outbox) sendFailed() {
+	o.mu.Lock()
+	o.dead = true
+	o.senderExitLocked()
+	o.mu.Unlock()
+}
+
+func (o *outbox) senderExitLocked() {
+	o.sending = false
+	if o.senderDone != nil {
+		close(o.senderDone)
+		o.senderDone = nil
 	}
 }
 
-// close refuses further pushes and releases producers waiting for space.
+// wakeLocked reports whether a sender must be started for what was just
+// queued (and records that one runs).
+func (o *outbox) wakeLocked() bool {
+	if o.sending || o.sender == nil || o.dead || o.closed {
+		return false
+	}
+	if o.stop == nil && len(o.acks) == 0 && o.n == 0 {
+		return false
+	}
+	o.sending = true
+	return true
+}
+
+func (o *outbox) start(ok bool) {
+	if ok {
+		go o.sender()
+	}
+}
+
+// senderGone returns a channel closed once no sender runs (nil: none runs
+// now). After close no new sender starts, so what it returns then stays true.
+func (o *outbox) senderGone() <-chan struct{} {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if !o.sending {
+		return nil
+	}
+	if o.senderDone == nil {
+		o.senderDone = make(chan struct{})
+	}
+	return o.senderDone
+}
+
+// close refuses further pushes (and new senders: a running one still
+// empties the queue) and releases producers waiting for space.
 func (o *outbox) close() {
 	o.mu.Lock()
 	o.closed = true
@@ -200,11 +280,4 @@ func (o *outbox) close() {
 		o.space = nil
 	}
 	o.mu.Unlock()
-}
-
-func (o *outbox) signal() {
-	select {
-	case o.ready <- struct{}{}:
-	default:
-	}
 }

@@ -2,12 +2,14 @@
 // hello, then any number of sessions one after the other, each running one
 // task (docs/protocol.md is the spec).
 //
-// Per stream there is exactly one receiving goroutine (it handles each
-// upstream packet inline, so upstream is paced by HTTP/2 flow control) and
-// exactly one sending goroutine (it drains the slot's outbox, stop lane
-// first). Stops, deadlines, cancels and interjections come from other
-// goroutines and meet the stream only through the outbox and a few atomics:
-// no global lock sits on the per-packet path.
+// Per stream there is exactly one receiver — the RPC's own goroutine when
+// the stream can be aborted (WithAbort), else one of its own; it handles
+// each upstream packet inline, so upstream is paced by HTTP/2 flow control —
+// and at most one sender, a goroutine that exists only while packets wait
+// in the slot's outbox (it drains it, stop lane first, and ends). An idle
+// slot is one goroutine. Stops, deadlines, cancels and interjections come
+// from other goroutines and meet the stream only through the outbox and a
+// few atomics: no global lock sits on the per-packet path.
 //
 // The stop guarantee is enforced here, not trusted to the commander: the
 // stop decision fences the task's event log, so no thought or content of the
@@ -51,9 +53,11 @@ var (
 	ErrShutdown = errors.New("dispatcher shutting down")
 )
 
-// senderExitWait bounds how long Serve waits for the sender goroutine. It
-// leaves at once unless blocked in Send on a commander that stopped reading;
-// that Send returns only when the RPC ends, i.e. when Serve returns.
+// senderExitWait bounds how long Serve waits for a sender goroutine still
+// running. It leaves at once unless blocked in Send on a commander that
+// stopped reading; without WithAbort that Send returns only when the RPC
+// ends, i.e. when Serve returns. It also bounds how long recvAside waits
+// for the receive loop's own error.
 const senderExitWait = 250 * time.Millisecond
 
 // Limits on a hello.
@@ -158,17 +162,50 @@ func (s *Server) Stats() *Stats { return &s.stats }
 
 // Shutdown ends every stream (UNAVAILABLE). Running sessions should have
 // been stopped before (task.Manager.Shutdown); any left fail.
-func (s *Server) Shutdown() { s.cancelBase() }
+func (s *Server) Shutdown() {
+	s.cancelBase()
+	s.slotsMu.Lock()
+	for sl := range s.slots {
+		sl.cancel(ErrShutdown)
+	}
+	s.slotsMu.Unlock()
+}
+
+// WithAbort returns ctx, a ChatStream's context, carrying abort: a function
+// that ends the stream with the gRPC status of cause, ending a Recv or Send
+// blocked on it (a stream's end as the end of its RPC would be, but from
+// outside the RPC's goroutine). With it, Serve receives in the RPC's own
+// goroutine and an idle slot costs that goroutine only; without it Serve
+// needs a second goroutine, to return when the slot ends from the
+// dispatcher's side while the first waits in Recv. The API layer sets it
+// (internal/api, chatstream.go).
+func WithAbort(ctx context.Context, abort func(cause error)) context.Context {
+	return context.WithValue(ctx, abortKey{}, abort)
+}
+
+type abortKey struct{}
+
+func abortFrom(ctx context.Context) func(error) {
+	f, _ := ctx.Value(abortKey{}).(func(error))
+	return f
+}
 
 // Serve runs one ChatStream until it ends. It returns nil when the commander
 // closed the stream, or the error that ended it.
+//
+// Goroutines: the caller's receives (when the stream carries WithAbort's
+// abort; else a second one does), and a sender runs only while packets wait
+// in the outbox (outbox.go). Stops, deadlines and the rest reach the stream
+// through the outbox. When the slot ends from the dispatcher's side (a
+// cancel with a cause: shutdown, stop not acknowledged, a failed Send, a
+// revoked token) it is ended, then its stream aborted with that cause, by
+// a goroutine of its own (cancelAndAbort, endAside).
 func (s *Server) Serve(stream Stream) error {
 	ctx, cancel := context.WithCancelCause(stream.Context())
 	defer cancel(nil)
-	stopOnShutdown := context.AfterFunc(s.base, func() { cancel(ErrShutdown) })
-	defer stopOnShutdown()
+	abort := abortFrom(stream.Context())
 
-	if s.draining.Load() {
+	if s.draining.Load() || s.base.Err() != nil {
 		return ErrShutdown
 	}
 	first, err := stream.Recv()
@@ -188,11 +225,14 @@ func (s *Server) Serve(stream Stream) error {
 	}
 	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
 	sl.tenants = tenants
+	if abort != nil {
+		sl.abort, sl.cancel = abort, sl.cancelAndAbort
+	}
 	var resumed *run
 	if ra := hello.GetReattach(); ra != nil {
-		// The ack goes out here, before the sender starts: it must be the
-		// commander's first packet, ahead of a stop decided for the session
-		// right after it re-attached (the stop lane goes first).
+		// The ack goes out here, before the outbox starts a sender: it must
+		// be the commander's first packet, ahead of a stop decided for the
+		// session right after it re-attached (the stop lane goes first).
 		r, info, rerr := sl.reattach(ra)
 		if rerr != nil {
 			sl.log.Info("re-attach refused", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
@@ -214,7 +254,10 @@ func (s *Server) Serve(stream Stream) error {
 	}
 
 	// Registered before the ack can go out: a commander that has its ack
-	// is counted in GetAgentInfo and may get a start right after it.
+	// is counted in GetAgentInfo and may get a start right after it. An
+	// end decided meanwhile (Shutdown finds the slot in s.slots) waits in
+	// endAside until the slot is registered everywhere it unregisters it.
+	sl.endMu.Lock()
 	s.stats.Slots.Add(1)
 	s.addSlot(sl)
 	if resumed != nil {
@@ -222,54 +265,138 @@ func (s *Server) Serve(stream Stream) error {
 	} else {
 		s.sched.AddSlot(sl)
 	}
-	sl.log.Info("commander slot connected", "version", hello.GetVersion(), "capabilities", hello.GetCapabilities(), "tenants", tenants, "reattached", resumed != nil)
+	sl.endMu.Unlock()
+	// Written by a goroutine of its own: slog's JSON encoding takes ~4.7 KiB
+	// of stack, which on top of grpc's ~2.4 KiB under Serve would double
+	// this goroutine's stack to 16 KiB for the whole life of the slot (a
+	// stack shrinks only to four times what it uses; idle, ~6 KiB).
+	version, caps, reattached := hello.GetVersion(), hello.GetCapabilities(), resumed != nil
+	go sl.log.Info("commander slot connected", "version", version, "capabilities", caps, "tenants", tenants, "reattached", reattached)
 
-	senderDone := make(chan struct{})
-	go func() {
-		defer close(senderDone)
-		sl.sendLoop(stream)
-	}()
-	recvDone := make(chan error, 1)
-	go func() { recvDone <- sl.recvLoop(stream) }()
-
-	select {
-	case err = <-recvDone:
-	case <-ctx.Done():
-		err = context.Cause(ctx)
-		if errors.Is(err, context.Canceled) {
-			// The transport ended the stream. When it did so because a
-			// packet could not be decoded (protobuf refuses a string that
-			// is not UTF-8), Recv returns that error at once: it says why
-			// the session ends, where "cancelled" would not.
-			t := time.NewTimer(senderExitWait)
-			select {
-			case rerr := <-recvDone:
-				if undecodable(rerr) {
-					err = rerr
-				}
-			case <-t.C:
-			}
-			t.Stop()
+	sl.out.release(func() { sl.sendLoop(stream) })
+	if abort == nil {
+		err = sl.recvAside(ctx, stream)
+		s.endSlot(sl, err)
+	} else {
+		rerr := sl.recvLoop(stream)
+		if sl.claimEnd() {
+			// The receive side ended the stream (the commander closed it
+			// or broke the protocol, the transport ended it).
+			err = endCause(ctx, rerr)
+			s.endSlot(sl, err)
+		} else {
+			err = context.Cause(ctx) // endAside ended the slot
 		}
 	}
-	cancel(err)
+	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// cancelAndAbort is the cancel of a slot whose stream has an abort: it
+// cancels the slot's context and, for the dispatcher's own causes, has
+// endAside end the slot and its stream (Serve's goroutine waits in Recv).
+func (sl *slot) cancelAndAbort(cause error) {
+	sl.cancelCtx(cause)
+	if cause != nil && !errors.Is(cause, context.Canceled) {
+		go sl.endAside()
+	}
+}
+
+// endAside ends the slot, then aborts its stream with the cause its context
+// ended with — in that order, as when Serve returns: a commander told why
+// its stream ended finds its session already dealt with (detached for a
+// hand-over, requeued, ended). When the transport ended the stream
+// (context.Canceled) Recv returns by itself and Serve ends the slot, with
+// Recv's error at hand (endCause). A revoked token is internal/api's to
+// abort (the slot's context ends from above then).
+func (sl *slot) endAside() {
+	cause := context.Cause(sl.ctx)
+	if errors.Is(cause, context.Canceled) {
+		return
+	}
+	sl.endMu.Lock()
+	defer sl.endMu.Unlock()
+	if sl.endClaimed {
+		return
+	}
+	sl.endClaimed = true
+	sl.srv.endSlot(sl, cause)
+	sl.abort(cause)
+}
+
+// claimEnd reports whether the caller ends the slot (endAside did not);
+// once endAside holds the claim it returns only when endAside is done.
+func (sl *slot) claimEnd() bool {
+	sl.endMu.Lock()
+	defer sl.endMu.Unlock()
+	mine := !sl.endClaimed
+	sl.endClaimed = true
+	return mine
+}
+
+// endSlot ends slot sl for err: it takes no new task, its running session
+// is ended (or detached, or requeued: closeCurrent), its tool calls and its
+// sender are waited for.
+func (s *Server) endSlot(sl *slot, err error) {
+	sl.cancelCtx(err)
 	s.sched.RemoveSlot(sl)
 	s.removeSlot(sl)
 	s.stats.Slots.Add(-1)
 	sl.out.close()
 	sl.closeCurrent(err)
 	sl.waitTools()
-	t := time.NewTimer(senderExitWait)
+	if gone := sl.out.senderGone(); gone != nil {
+		t := time.NewTimer(senderExitWait)
+		select {
+		case <-gone:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// endCause is why a stream whose receive loop returned rerr ended: the
+// cause ctx (the slot's) ended with, if it did — except that when the
+// transport ended the stream (context.Canceled) because a packet could not
+// be decoded (protobuf refuses a string that is not UTF-8), Recv's error
+// says why the session ends, where "cancelled" would not.
+func endCause(ctx context.Context, rerr error) error {
+	if ctx.Err() == nil {
+		return rerr
+	}
+	if cause := context.Cause(ctx); !errors.Is(cause, context.Canceled) || !undecodable(rerr) {
+		return cause
+	}
+	return rerr
+}
+
+// recvAside runs the receive loop in a goroutine of its own, for a stream
+// without WithAbort's abort: Serve then waits for it or for the end of ctx,
+// whichever comes first (the loop ends when the RPC ends, after Serve).
+func (sl *slot) recvAside(ctx context.Context, stream Stream) error {
+	recvDone := make(chan error, 1)
+	go func() { recvDone <- sl.recvLoop(stream) }()
 	select {
-	case <-senderDone:
+	case err := <-recvDone:
+		return endCause(ctx, err)
+	case <-ctx.Done():
+	}
+	if !errors.Is(context.Cause(ctx), context.Canceled) {
+		return context.Cause(ctx)
+	}
+	// The transport ended the stream: Recv returns at once, maybe with
+	// the reason (see endCause).
+	t := time.NewTimer(senderExitWait)
+	defer t.Stop()
+	select {
+	case rerr := <-recvDone:
+		return endCause(ctx, rerr)
 	case <-t.C:
+		return context.Cause(ctx)
 	}
-	t.Stop()
-	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
-	if errors.Is(err, io.EOF) {
-		return nil
-	}
-	return err
 }
 
 func (s *Server) addSlot(sl *slot) {
@@ -278,6 +405,10 @@ func (s *Server) addSlot(sl *slot) {
 		s.slots = make(map[*slot]struct{})
 	}
 	s.slots[sl] = struct{}{}
+	if s.base.Err() != nil {
+		// Shutdown has cancelled the slots it found; not this one.
+		sl.cancel(ErrShutdown)
+	}
 	moving := s.draining.Load()
 	s.slotsMu.Unlock()
 	if moving && s.opts.HandOver {

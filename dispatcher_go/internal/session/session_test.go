@@ -64,7 +64,11 @@ const sending = "testutil.(*ServerStream[...]).Send"
 func (e *env) open(t *testing.T, downBuf int) *commander {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &commander{ServerStream: testutil.NewServerStream[*dispatchv1.UpstreamPacket, *dispatchv1.DownstreamPacket](ctx, downBuf), t: t, cancel: cancel, served: make(chan struct{})}
+	// Like internal/api's tap handle: the session may end the fake
+	// stream's Recv and Send (the fallback without it: TestServeWithoutAbort).
+	sctx, abort := context.WithCancelCause(ctx)
+	sctx = WithAbort(sctx, abort)
+	c := &commander{ServerStream: testutil.NewServerStream[*dispatchv1.UpstreamPacket, *dispatchv1.DownstreamPacket](sctx, downBuf), t: t, cancel: cancel, served: make(chan struct{})}
 	go func() {
 		defer close(c.served)
 		c.err = e.srv.Serve(c)

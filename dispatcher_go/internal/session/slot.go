@@ -27,15 +27,21 @@ type slot struct {
 	srv         *Server
 	id          string
 	commanderID string
-	caps        map[string]struct{}
-	planners    []string
-	tenants     []string // served tenants; empty: every tenant
-	log         *slog.Logger
+	// caps are the hello's capabilities (duplicates and all); capSet
+	// indexes them when there are many (nil up to capScan).
+	caps     []string
+	capSet   map[string]struct{}
+	planners []string
+	tenants  []string // served tenants; empty: every tenant
+	log      *slog.Logger
 
-	// ctx ends with the stream; cancel ends the stream with a cause.
-	ctx    context.Context
-	cancel context.CancelCauseFunc
-	out    *outbox
+	// ctx ends with the stream; cancel ends the stream with a cause
+	// (cancelCtx, and with an abort cancelAndAbort: server.go).
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	cancelCtx context.CancelCauseFunc
+	abort     func(error) // WithAbort's; nil: Serve receives aside
+	out       outbox
 	// moving: Drain told the commander to move; a session whose stream
 	// ends from now on is detached (handover.go).
 	moving atomic.Bool
@@ -53,6 +59,11 @@ type slot struct {
 	toolsClosed bool
 	tools       sync.WaitGroup
 
+	// endMu orders Serve's end of the slot against endAside's (server.go):
+	// whichever claims it first ends the slot; the other waits for that.
+	endMu      sync.Mutex
+	endClaimed bool
+
 	// startMu orders the sender's taking of a start packet against the end
 	// of the stream, so that closeCurrent knows whether the commander can
 	// have received the start (see takeStart, startReached).
@@ -67,20 +78,23 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 		srv:         s,
 		id:          id,
 		commanderID: h.GetCommanderId(),
-		caps:        make(map[string]struct{}, len(h.GetCapabilities())),
+		caps:        h.GetCapabilities(),
 		ctx:         ctx,
 		cancel:      cancel,
-		out:         newOutbox(s.opts.OutboxSize),
+		cancelCtx:   cancel,
+		out:         outbox{limit: s.opts.OutboxSize},
 	}
 	if sl.commanderID == "" {
 		sl.commanderID = "unnamed"
 	}
-	for _, c := range h.GetCapabilities() {
-		if _, dup := sl.caps[c]; dup {
-			continue
+	if len(sl.caps) > capScan {
+		sl.capSet = make(map[string]struct{}, len(sl.caps))
+	}
+	for i, c := range sl.caps {
+		if sl.capSet != nil {
+			sl.capSet[c] = struct{}{}
 		}
-		sl.caps[c] = struct{}{}
-		if strings.HasPrefix(c, "planner:") {
+		if strings.HasPrefix(c, "planner:") && !slices.Contains(sl.caps[:i], c) {
 			sl.planners = append(sl.planners, c)
 		}
 	}
@@ -90,9 +104,17 @@ func newSlot(s *Server, ctx context.Context, cancel context.CancelCauseFunc, h *
 
 // HasCapability implements scheduler.Slot.
 func (sl *slot) HasCapability(c string) bool {
-	_, ok := sl.caps[c]
+	if sl.capSet == nil {
+		return slices.Contains(sl.caps, c)
+	}
+	_, ok := sl.capSet[c]
 	return ok
 }
+
+// capScan is how many capabilities HasCapability scans; a slot with more
+// gets a map (most hellos name a handful: a map each would cost an idle
+// slot ~200 bytes).
+const capScan = 16
 
 // Tenants lists the tenants the slot serves (empty: every tenant).
 func (sl *slot) Tenants() []string { return sl.tenants }
@@ -149,11 +171,13 @@ func (sl *slot) Deliver(t *task.Task) scheduler.Delivery {
 
 var _ scheduler.Slot = (*slot)(nil)
 
-// sendLoop is the stream's only sender.
+// sendLoop is the stream's only sender while it runs: the outbox starts it
+// when a packet is queued and none runs, and it returns once the outbox is
+// empty (outbox.take) or a Send failed. An idle slot has no sender.
 func (sl *slot) sendLoop(stream Stream) {
 	for {
-		p, err := sl.out.next(sl.ctx)
-		if err != nil {
+		p, ok := sl.out.take()
+		if !ok {
 			return
 		}
 		var startDone chan struct{}
@@ -165,7 +189,7 @@ func (sl *slot) sendLoop(stream Stream) {
 				continue
 			}
 		}
-		err = stream.Send(p)
+		err := stream.Send(p)
 		if startDone != nil {
 			sl.startMu.Lock()
 			sl.startErr = err
@@ -173,6 +197,7 @@ func (sl *slot) sendLoop(stream Stream) {
 			close(startDone)
 		}
 		if err != nil {
+			sl.out.sendFailed()
 			sl.cancel(fmt.Errorf("send: %w", err))
 			return
 		}
