@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -31,6 +32,7 @@ type fencedStore struct {
 	// onWritten is told of the events written (after the commit): they go
 	// to the bus for watchers on other replicas.
 	onWritten func([]store.Event)
+	legs      *legStats
 
 	mu    sync.Mutex
 	owned map[string]int64 // task id → attempt this replica holds
@@ -132,6 +134,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	}
 	fenced := map[string]bool{}
 	var written []store.Event
+	began := time.Now()
 	err := func() error {
 		br := s.pool.SendBatch(ctx, &pb)
 		defer br.Close()
@@ -196,6 +199,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	if err != nil {
 		return err
 	}
+	s.legs.add(legApply, time.Since(began))
 	for id := range fenced {
 		if s.onFenced != nil {
 			s.onFenced(id)

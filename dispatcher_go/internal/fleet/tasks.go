@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -102,42 +103,63 @@ func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStat
 	return true, nil
 }
 
-// command stores a command for id's owner and wakes it.
+// command stores a command for id's owner and wakes it: the row first
+// (the truth: the owner's reconcile carries out any command a lost
+// message did not announce), then the command itself on the channel, so
+// the owner acts on it without reading it back from PostgreSQL.
 func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int64, error) {
 	cid, err := f.leases.AddCommand(ctx, id, kind, args)
 	if err != nil {
 		return 0, unavailable("send the command", err)
 	}
 	if f.busUp() {
+		b, _ := json.Marshal(cmdMessage{ID: cid, TaskID: id, Kind: kind, Args: args})
 		cctx, cancel := context.WithTimeout(ctx, opTimeout)
-		_ = f.rdb.Publish(cctx, cmdChannel, id).Err()
+		_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
 		cancel()
 	}
 	return cid, nil
 }
 
+// cmdMessage is a command announced on cmdChannel (its row's copy).
+type cmdMessage struct {
+	ID     int64   `json:"id"`
+	TaskID string  `json:"task"`
+	Kind   string  `json:"kind"`
+	Args   cmdArgs `json:"args"`
+	// Result, on the receiving replica only: what a cancel carried out at
+	// once did, for its row.
+	Result *cmdResult `json:"-"`
+}
+
 // Cancel implements task.Fleet.
 func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
-	st, err := f.leases.Status(ctx, id)
+	began := time.Now()
+	st, owner, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
 	if task.Terminal(st) {
 		return task.CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
 	}
-	// Nobody runs it (still on the bus, or its replica is gone): end it here.
-	if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
-		return task.CancelOutcome{}, err
-	} else if ok {
-		msg := "cancelled"
-		if st == agentpb.TaskStatus_PENDING {
-			msg = "cancelled while pending"
+	// Nobody runs it (still on the bus, or its replica is gone): end it
+	// here. A task with a live lease goes straight to its owner (a claim
+	// would only fail, after waiting for the owner's write in progress).
+	if owner == "" {
+		if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
+			return task.CancelOutcome{}, err
+		} else if ok {
+			msg := "cancelled"
+			if st == agentpb.TaskStatus_PENDING {
+				msg = "cancelled while pending"
+			}
+			return task.CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: msg}, nil
 		}
-		return task.CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: msg}, nil
 	}
 	if _, err := f.command(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
 		return task.CancelOutcome{}, err
 	}
+	f.legs.add(legCancel, time.Since(began))
 	if !wait {
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent to the replica running the task"}, nil
 	}
