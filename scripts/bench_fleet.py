@@ -88,6 +88,10 @@ DISPATCHER_BIN = os.environ.get("BENCH_FLEET_DISPATCHER", str(BIN / "dispatcher"
 #: BENCH_FLEET_RELAY_ONLY=1: only part 1+2 (relay + cancel), for A/B runs of the
 #: latency goals (~1 min); no single-node baseline is needed.
 RELAY_ONLY = os.environ.get("BENCH_FLEET_RELAY_ONLY", "") == "1"
+#: With RELAY_ONLY: BENCH_FLEET_SINGLE=1 runs the same phase against one
+#: dispatcher on PostgreSQL without Redis (submit, both watchers and the cancel
+#: on it): the floor the fleet's cross-replica hops add to.
+SINGLE = os.environ.get("BENCH_FLEET_SINGLE", "") == "1"
 #: Per-leg latencies of the relay phase (ms), from the events' own times: the
 #: commander's emitted_at_us, the event time r1 stamps when it records it, and
 #: the watcher's receive time. One machine, one clock.
@@ -211,8 +215,8 @@ def cpu_of(pids: list[int]) -> float:
 
 
 class Replica:
-    def __init__(self, n: int, eng: Engines, port: int | None = None) -> None:
-        self.n, self.eng = n, eng
+    def __init__(self, n: int, eng: Engines, port: int | None = None, fleet: bool = True) -> None:
+        self.n, self.eng, self.fleet = n, eng, fleet
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.pprof = f"127.0.0.1:{free_port()}"
@@ -237,13 +241,16 @@ class Replica:
             "postgres",
             "--postgres-dsn",
             self.eng.dsn,
-            "--fleet-redis",
-            self.eng.redis,
-            "--replica-id",
-            f"r{self.n}-{uuid.uuid4().hex[:4]}",
             "--pprof-listen",
             self.pprof,
         ]
+        if self.fleet:
+            argv += [
+                "--fleet-redis",
+                self.eng.redis,
+                "--replica-id",
+                f"r{self.n}-{uuid.uuid4().hex[:4]}",
+            ]
         if COMMANDER_TOKEN:
             argv += ["--commander-token", COMMANDER_TOKEN]
         if CLIENT_TOKEN:
@@ -688,7 +695,11 @@ def relay_only() -> int:
     reps: list[Replica] = []
     llm: subprocess.Popen[bytes] | None = None
     try:
-        reps = [Replica(n, eng) for n in (1, 2, 3)]
+        if SINGLE:
+            one = Replica(1, eng, fleet=False)
+            reps = [one, one, one]
+        else:
+            reps = [Replica(n, eng) for n in (1, 2, 3)]
         llm_addr_file = OUT / "fleet-scriptedllm.addr"
         llm_addr_file.unlink(missing_ok=True)
         with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
@@ -708,7 +719,7 @@ def relay_only() -> int:
                 stderr=subprocess.STDOUT,
             )
         llm_url = f"http://{wait_addr(llm_addr_file, llm, 'scriptedllm')}/v1"
-        commander = start_commander(reps, llm_url)
+        commander = start_commander(reps[:1] if SINGLE else reps, llm_url)
 
         async def run() -> dict[str, Any]:
             chans = [grpc.aio.insecure_channel(r.addr) for r in reps]

@@ -880,9 +880,10 @@ func (f *Fleet) checkEpoch(ctx context.Context) {
 
 // listenLoop carries out a command as soon as the channel announces it
 // for a task of this replica (the reconcile catches any lost message). A
-// cancel is carried out at once, before its row is taken (a second stop
-// of a task is a no-op, so the reconcile running it too is harmless); the
-// row's bookkeeping then goes to cmdBookLoop. Other commands are taken
+// cancel is carried out at once, before its row is taken, even before the
+// row is written (Fleet.Cancel announces it first; a second stop of a task
+// is a no-op, so the row's announcement or the reconcile running it again
+// is harmless); the row's bookkeeping then goes to cmdBookLoop. Other commands are taken
 // first (at most once), by their id, without listing the open ones.
 func (f *Fleet) listenLoop(ctx context.Context) {
 	ps := f.rdb.Subscribe(ctx, cmdChannel)
@@ -899,7 +900,7 @@ func (f *Fleet) listenLoop(ctx context.Context) {
 				return
 			}
 			var c cmdMessage
-			if !strings.HasPrefix(m.Payload, "{") || json.Unmarshal([]byte(m.Payload), &c) != nil || c.ID == 0 {
+			if !strings.HasPrefix(m.Payload, "{") || json.Unmarshal([]byte(m.Payload), &c) != nil || (c.ID == 0 && c.Kind != "cancel") {
 				// A bare task id (an older replica's announcement).
 				if f.fenced.attempt(m.Payload) == 0 {
 					continue
@@ -918,6 +919,9 @@ func (f *Fleet) listenLoop(ctx context.Context) {
 				res := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
 				cancel()
 				f.legs.add(legCommand, time.Since(got))
+				if c.ID == 0 {
+					continue // announced before its row: the row's own message follows
+				}
 				c.Result = &res
 			}
 			select {

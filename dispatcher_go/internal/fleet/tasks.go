@@ -112,18 +112,26 @@ func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int
 	if err != nil {
 		return 0, unavailable("send the command", err)
 	}
-	if f.busUp() {
-		b, _ := json.Marshal(cmdMessage{ID: cid, TaskID: id, Kind: kind, Args: args})
-		cctx, cancel := context.WithTimeout(ctx, opTimeout)
-		_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
-		cancel()
-	}
+	f.announce(ctx, cmdMessage{ID: cid, TaskID: id, Kind: kind, Args: args})
 	return cid, nil
 }
 
-// cmdMessage is a command announced on cmdChannel (its row's copy).
+// announce publishes m on the command channel (nothing while Redis is
+// down: the owner's reconcile finds the row).
+func (f *Fleet) announce(ctx context.Context, m cmdMessage) {
+	if !f.busUp() {
+		return
+	}
+	b, _ := json.Marshal(m)
+	cctx, cancel := context.WithTimeout(ctx, opTimeout)
+	_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
+	cancel()
+}
+
+// cmdMessage is a command announced on cmdChannel: its row's copy, or (ID
+// 0, a cancel only) the cancel announced before its row is written.
 type cmdMessage struct {
-	ID     int64   `json:"id"`
+	ID     int64   `json:"id,omitempty"`
 	TaskID string  `json:"task"`
 	Kind   string  `json:"kind"`
 	Args   cmdArgs `json:"args"`
@@ -135,6 +143,13 @@ type cmdMessage struct {
 // Cancel implements task.Fleet.
 func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
 	began := time.Now()
+	// Announced first, before anything is read or written: the replica
+	// running the task stops its session on this message at once (a stop
+	// is idempotent). The durable row follows below (f.command) and stays
+	// the truth: a lost message is made up for by its announcement, or by
+	// the owner's reconcile. The price: if PostgreSQL then fails, the
+	// client is told UNAVAILABLE although the stop may have landed.
+	f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
 	st, owner, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
