@@ -65,6 +65,28 @@ func (l *remoteLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.Ta
 		if end := l.endSeq.Load(); end != 0 && after >= end {
 			return dst, io.EOF
 		}
+		// The task runs here now (this replica took it from the bus after
+		// the view was made: a watch right after a submit): its own log,
+		// without the bus, while this replica holds its lease. A batch read
+		// after the lease was lost is dropped (a fenced write's events are
+		// in the local log only, and the fence disowns before they show).
+		if t := l.local(); t != nil {
+			cctx, cancel := context.WithTimeout(ctx, tailBlock)
+			evs, err := t.Log().Read(cctx, after, dst)
+			cancel()
+			if l.local() != nil {
+				switch {
+				case len(evs) > 0:
+					return l.seen(evs), nil
+				case errors.Is(err, io.EOF):
+					return evs, io.EOF
+				case ctx.Err() != nil:
+					return evs[:0], ctx.Err()
+				}
+				continue
+			}
+			dst = dst[:0]
+		}
 		// The tail the hub holds: contiguous entries are served as they are.
 		if evs := hub.get(l.taskID, after, limit); len(evs) > 0 {
 			return l.seen(append(dst, evs...)), nil
@@ -131,6 +153,17 @@ func (l *remoteLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.Ta
 		}
 		l.live.Store(false)
 	}
+}
+
+// local is the task when this replica runs it and holds its lease.
+func (l *remoteLog) local() *task.Task {
+	if l.f.mgr == nil || l.f.fenced.attempt(l.taskID) == 0 {
+		return nil
+	}
+	if t := l.f.mgr.Registry().Get(l.taskID); t != nil && !t.IsView() {
+		return t
+	}
+	return nil
 }
 
 // seen notes a terminal event among evs.
