@@ -11,6 +11,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
@@ -135,6 +138,13 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	fenced := map[string]bool{}
 	var written []store.Event
 	began := time.Now()
+	if s.legs != nil && len(b.Events) > 0 {
+		// The batch's first event: how long it waited before this write.
+		ev := &dispatchv1.TaskEvent{}
+		if proto.Unmarshal(b.Events[0].Data, ev) == nil && ev.GetTime() != nil {
+			s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
+		}
+	}
 	err := func() error {
 		br := s.pool.SendBatch(ctx, &pb)
 		defer br.Close()

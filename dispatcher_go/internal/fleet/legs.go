@@ -17,11 +17,12 @@ const legStatsEnv = "DISPATCHER_FLEET_LEG_STATS"
 
 // The legs timed.
 const (
-	legApply   = "pg_apply"        // the fenced write: one batch to PostgreSQL and its commit
-	legPublish = "publish"         // a stored batch handed to the publisher → its XADDs answered
-	legHub     = "recorded_to_hub" // an event's time (stamped by the replica that recorded it) → decoded by this replica's tail hub
-	legCancel  = "cancel_to_sent"  // Fleet.Cancel called (on a replica not running the task) → command row written and published
-	legCommand = "cmd_recv_to_ok"  // a command received on the channel → carried out (a cancel: the stop sent to the session)
+	legQueued  = "recorded_to_write" // a write's first event: its time (stamped when recorded) → the fenced write begins (the session's and the store writer's queues)
+	legApply   = "pg_apply"          // the fenced write: one batch to PostgreSQL and its commit
+	legPublish = "publish"           // a stored batch handed to the publisher → its XADDs answered
+	legHub     = "recorded_to_hub"   // an event's time (stamped by the replica that recorded it) → decoded by this replica's tail hub
+	legCancel  = "cancel_to_sent"    // Fleet.Cancel called (on a replica not running the task) → command row written and published
+	legCommand = "cmd_recv_to_ok"    // a command received on the channel → carried out (a cancel: the stop sent to the session)
 )
 
 // legSamples bounds each leg's samples between two reports.
