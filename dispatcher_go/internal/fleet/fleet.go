@@ -407,7 +407,13 @@ func (f *Fleet) publishLoop(ctx context.Context) {
 			continue
 		}
 		pctx, cancel := context.WithTimeout(ctx, opTimeout)
-		p := f.rdb.Pipeline()
+		// MULTI/EXEC: Redis serves a blocked XREAD after the command that
+		// made its key ready, so in a plain pipeline the tail hubs would be
+		// answered after the first XADD and read the rest of the batch one
+		// round trip later; inside a transaction they get the whole batch
+		// in one answer. (An XADD refused in it, an id already there from a
+		// retried write, does not undo the others.)
+		p := f.rdb.TxPipeline()
 		tasks := map[string]bool{}
 		for _, e := range evs {
 			key := eventsPrefix + e.TaskID
