@@ -11,8 +11,10 @@
 //   - Redis: a stream per capability set carrying the pending tasks, read
 //     by a consumer group (a replica reads only while it has an idle slot
 //     that matches); a stream per running task carrying its durable events
-//     for watchers on other replicas; a channel that wakes a task's owner
-//     when a command arrives; each replica's slot summary, with a TTL.
+//     for watchers on other replicas (each replica reads them with one
+//     blocking XREAD, its tail hub, woken by a wake stream of its own); a
+//     channel that carries each command to the task's owner; each
+//     replica's slot summary, with a TTL.
 //     Redis may lose everything: the bus is rebuilt from PostgreSQL.
 //
 // Every write of a task goes through the fenced store (fencedStore): a
