@@ -157,13 +157,6 @@ type cmdMessage struct {
 // Cancel implements task.Fleet.
 func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
 	began := time.Now()
-	// Announced first, before anything is read or written: the replica
-	// running the task stops its session on this message at once (a stop
-	// is idempotent). The durable row follows below (f.command) and stays
-	// the truth: a lost message is made up for by its announcement, or by
-	// the owner's reconcile. The price: if PostgreSQL then fails, the
-	// client is told UNAVAILABLE although the stop may have landed.
-	f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
 	st, owner, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
@@ -171,9 +164,21 @@ func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.
 	if task.Terminal(st) {
 		return task.CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
 	}
+	// A task with a live lease goes straight to its owner (a claim would
+	// only fail, after waiting for the owner's write in progress), and is
+	// announced before its row is written: the owner stops the session on
+	// this message at once (a second stop is a no-op). The row follows
+	// (f.command) and stays the truth: a lost message is made up for by
+	// its own announcement, or by the owner's reconcile. The price: if
+	// PostgreSQL then fails, the client is told UNAVAILABLE although the
+	// stop may have landed. (Read first, announced after: announced
+	// before the read, the stop could end the task before the read and
+	// this cancel would answer "already finished".)
+	if owner != "" {
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
+	}
 	// Nobody runs it (still on the bus, or its replica is gone): end it
-	// here. A task with a live lease goes straight to its owner (a claim
-	// would only fail, after waiting for the owner's write in progress).
+	// here.
 	if owner == "" {
 		if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
 			return task.CancelOutcome{}, err
