@@ -77,12 +77,29 @@ SESSIONS = int(os.environ.get("BENCH_FLEET_SESSIONS", "16" if QUICK else "64"))
 #: the one Python commander: at 10/s (640/s) it and this driver saturated the two
 #: shared cores and the latencies measured the machine, not the fleet.
 RATE = float(os.environ.get("BENCH_FLEET_RATE", "2.5"))
-RELAY_SECONDS = 10.0 if QUICK else 30.0
+RELAY_SECONDS = float(os.environ.get("BENCH_FLEET_RELAY_SECONDS", "10" if QUICK else "30"))
 WARMUP = 3.0
 FLOOD_SECONDS = 6 if QUICK else 15
 FLOOD_SESSIONS = 6
 TERMINAL = (agent_pb2.SUCCESS, agent_pb2.FAILURE, agent_pb2.CANCELLED)
 OUT = Path(os.environ.get("BENCH_RESULTS", "/tmp/x")).parent
+#: The replicas' binary (default bin/dispatcher): to compare two builds (A/B).
+DISPATCHER_BIN = os.environ.get("BENCH_FLEET_DISPATCHER", str(BIN / "dispatcher"))
+#: BENCH_FLEET_RELAY_ONLY=1: only part 1+2 (relay + cancel), for A/B runs of the
+#: latency goals (~1 min); no single-node baseline is needed.
+RELAY_ONLY = os.environ.get("BENCH_FLEET_RELAY_ONLY", "") == "1"
+#: With RELAY_ONLY: BENCH_FLEET_SINGLE=1 runs the same phase against one
+#: dispatcher on PostgreSQL without Redis (submit, both watchers and the cancel
+#: on it): the floor the fleet's cross-replica hops add to.
+SINGLE = os.environ.get("BENCH_FLEET_SINGLE", "") == "1"
+#: Per-leg latencies of the relay phase (ms), from the events' own times: the
+#: commander's emitted_at_us, the event time r1 stamps when it records it, and
+#: the watcher's receive time. One machine, one clock.
+LEGS: dict[str, list[float]] = {
+    "emit → recorded (commander → r1)": [],
+    "recorded → watcher, same replica": [],
+    "recorded → watcher, other replica": [],
+}
 META = md(CLIENT_TOKEN)
 
 
@@ -198,8 +215,8 @@ def cpu_of(pids: list[int]) -> float:
 
 
 class Replica:
-    def __init__(self, n: int, eng: Engines, port: int | None = None) -> None:
-        self.n, self.eng = n, eng
+    def __init__(self, n: int, eng: Engines, port: int | None = None, fleet: bool = True) -> None:
+        self.n, self.eng, self.fleet = n, eng, fleet
         self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.pprof = f"127.0.0.1:{free_port()}"
@@ -209,7 +226,7 @@ class Replica:
         addr_file = OUT / f"fleet-r{self.n}.addr"
         addr_file.unlink(missing_ok=True)
         argv = [
-            str(BIN / "dispatcher"),
+            DISPATCHER_BIN,
             "--listen",
             self.addr,
             "--addr-file",
@@ -224,13 +241,16 @@ class Replica:
             "postgres",
             "--postgres-dsn",
             self.eng.dsn,
-            "--fleet-redis",
-            self.eng.redis,
-            "--replica-id",
-            f"r{self.n}-{uuid.uuid4().hex[:4]}",
             "--pprof-listen",
             self.pprof,
         ]
+        if self.fleet:
+            argv += [
+                "--fleet-redis",
+                self.eng.redis,
+                "--replica-id",
+                f"r{self.n}-{uuid.uuid4().hex[:4]}",
+            ]
         if COMMANDER_TOKEN:
             argv += ["--commander-token", COMMANDER_TOKEN]
         if CLIENT_TOKEN:
@@ -272,6 +292,7 @@ async def watch(
     since: float,
     first_content: asyncio.Event | None = None,
     stopped: dict[str, Any] | None = None,
+    leg: str = "",
 ) -> None:
     async for resp in stub.WatchTask(tasks_pb2.WatchTaskRequest(task_id=tid), metadata=META):
         now_us = time.time_ns() // 1000
@@ -282,6 +303,13 @@ async def watch(
                 first_content.set()
             if e.emitted_at_us and now_us / 1e6 >= since:
                 relay.append((now_us - e.emitted_at_us) / 1000)
+                rec_us = ts_us(e.time)
+                if leg:
+                    LEGS[leg].append((now_us - rec_us) / 1000)
+                if first_content is not None:  # once per event: the other-replica watcher
+                    LEGS["emit → recorded (commander → r1)"].append(
+                        (rec_us - e.emitted_at_us) / 1000
+                    )
         elif k == "stopped" and stopped is not None:
             stopped["recv_us"] = now_us
             stopped["recorded_us"] = ts_us(e.time)
@@ -295,6 +323,7 @@ async def relay_and_cancel(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[
         "other": [],
         "recorded": [],
         "seen": [],
+        "rec_to_seen": [],
         "tasks": 0,
         "no_stopped": 0,
         "errors": 0,
@@ -311,8 +340,20 @@ async def relay_and_cancel(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[
             out["tasks"] += 1
             first = asyncio.Event()
             stopped: dict[str, Any] = {}
-            w_same = asyncio.create_task(watch(stubs[0], tid, out["same"], since))
-            w_other = asyncio.create_task(watch(stubs[1], tid, out["other"], since, first, stopped))
+            w_same = asyncio.create_task(
+                watch(stubs[0], tid, out["same"], since, leg="recorded → watcher, same replica")
+            )
+            w_other = asyncio.create_task(
+                watch(
+                    stubs[1],
+                    tid,
+                    out["other"],
+                    since,
+                    first,
+                    stopped,
+                    leg="recorded → watcher, other replica",
+                )
+            )
             try:
                 await asyncio.wait_for(first.wait(), 30)
                 left = end - time.monotonic()
@@ -325,6 +366,7 @@ async def relay_and_cancel(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[
                 if stopped:
                     out["recorded"].append((stopped["recorded_us"] - t0_us) / 1000)
                     out["seen"].append((stopped["recv_us"] - t0_us) / 1000)
+                    out["rec_to_seen"].append((stopped["recv_us"] - stopped["recorded_us"]) / 1000)
                 else:
                     out["no_stopped"] += 1
             except (TimeoutError, grpc.aio.AioRpcError) as exc:
@@ -646,8 +688,101 @@ async def live_parts(reps: list[Replica], pids: dict[str, list[int]]) -> dict[st
     return res
 
 
+def relay_only() -> int:
+    """BENCH_FLEET_RELAY_ONLY=1: PostgreSQL, Redis, three replicas, the model and
+    one commander; the relay + cancel phase alone, with its legs."""
+    eng = Engines()
+    reps: list[Replica] = []
+    llm: subprocess.Popen[bytes] | None = None
+    try:
+        if SINGLE:
+            one = Replica(1, eng, fleet=False)
+            reps = [one, one, one]
+        else:
+            reps = [Replica(n, eng) for n in (1, 2, 3)]
+        llm_addr_file = OUT / "fleet-scriptedllm.addr"
+        llm_addr_file.unlink(missing_ok=True)
+        with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
+            llm = subprocess.Popen(
+                [
+                    str(BIN / "scriptedllm"),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--addr-file",
+                    str(llm_addr_file),
+                    "--tokens-per-sec",
+                    str(RATE),
+                    "--tokens",
+                    "100000",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        llm_url = f"http://{wait_addr(llm_addr_file, llm, 'scriptedllm')}/v1"
+        commander = start_commander(reps[:1] if SINGLE else reps, llm_url)
+
+        async def run() -> dict[str, Any]:
+            chans = [grpc.aio.insecure_channel(r.addr) for r in reps]
+            try:
+                await wait_for_slots(chans[1], SESSIONS, "the commander's slots")
+                stubs = [tasks_pb2_grpc.TaskServiceStub(c) for c in chans]
+                log(f"relay + cancel: {SESSIONS} sessions, {RELAY_SECONDS:.0f} s, {DISPATCHER_BIN}")
+                return await relay_and_cancel(stubs)
+            finally:
+                for c in chans:
+                    await c.close()
+
+        try:
+            rel = asyncio.run(run())
+        finally:
+            stop_process(commander)
+    finally:
+        if llm is not None:
+            stop_process(llm)
+        for r in reps:
+            r.stop()
+        eng.close()
+    rows = {
+        "emit → watcher, same replica (r1)": rel["same"],
+        "emit → watcher, other replica (r2)": rel["other"],
+        **LEGS,
+        "CancelTask on r3 → stopped recorded (r1)": rel["recorded"],
+        "CancelTask on r3 → stopped seen on r2": rel["seen"],
+        "stopped recorded (r1) → seen on r2": rel["rec_to_seen"],
+    }
+    latencies: list[dict[str, Any]] = [
+        {"name": k, "summary": latency_summary(v)} for k, v in rows.items()
+    ]
+    for lat in latencies:
+        s = lat["summary"]
+        print(
+            f"{lat['name']}: n {s['n']} p50 {s['p50_ms']} p90 {s['p90_ms']} "
+            f"p99 {s['p99_ms']} max {s['max_ms']} ms",
+            file=sys.stderr,
+        )
+    ok = rel["no_stopped"] == 0 and rel["errors"] == 0 and rel["tasks"] > 0
+    print(
+        f"check every relay task stopped: {'ok' if ok else 'FAILED'} ({rel['tasks']} tasks, "
+        f"{rel['no_stopped']} without stopped, {rel['errors']} errors; "
+        f"{SUBMIT_RETRIES[0]} submits retried)",
+        file=sys.stderr,
+    )
+    checks = [check("every relay task stopped", ok, f"{rel['tasks']} tasks")]
+    params = {
+        "sessions": SESSIONS,
+        "model_tokens_per_s": RATE,
+        "replicas": 3,
+        "binary": DISPATCHER_BIN,
+    }
+    return write_result(
+        make_result("fleet", f"fleet-relay@{SESSIONS}", params, latencies=latencies, checks=checks)
+    )
+
+
 def main() -> int:
     arg_parser(__doc__).parse_args()
+    if RELAY_ONLY:
+        return relay_only()
     t0 = time.monotonic()
     single_pid = int(os.environ["DISPATCHER_PID"])
     res: dict[str, Any] = {}
@@ -666,7 +801,7 @@ def main() -> int:
         addr_file = OUT / "fleet-pg-single.addr"
         addr_file.unlink(missing_ok=True)
         argv = [
-            str(BIN / "dispatcher"),
+            DISPATCHER_BIN,
             "--listen",
             "127.0.0.1:0",
             "--addr-file",

@@ -6,10 +6,14 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
@@ -31,6 +35,7 @@ type fencedStore struct {
 	// onWritten is told of the events written (after the commit): they go
 	// to the bus for watchers on other replicas.
 	onWritten func([]store.Event)
+	legs      *legStats
 
 	mu    sync.Mutex
 	owned map[string]int64 // task id → attempt this replica holds
@@ -76,7 +81,17 @@ func (s *fencedStore) ownedTasks() map[string]int64 {
 	return out
 }
 
-// Apply implements store.Store with the fence (see fencedStore).
+// Apply implements store.Store with the fence (see fencedStore), in one
+// round trip to PostgreSQL: the statements go out as one pipelined batch,
+// which PostgreSQL runs as one implicit transaction (all or nothing, locks
+// held to its end). The first locks the lease rows of the batch's tasks
+// (FOR SHARE: a concurrent Claim waits for this write, or this write sees
+// the Claim); each write then carries the fence as a condition (no lease
+// row, or this replica's with the attempt it claimed), so nothing waits
+// for a decision made in Go. The events inserted come back (RETURNING) and
+// only they go to the bus; the lease rows read tell which tasks were
+// fenced. Before, this was BEGIN, the lease read, the event insert, the
+// task upserts and COMMIT: five round trips, each a wait on a busy machine.
 func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	if len(b.Events) == 0 && len(b.Tasks) == 0 {
 		return nil
@@ -96,11 +111,44 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 		}
 	}
 	owned := s.ownedTasks()
-	var fenced map[string]bool
+	var pb pgx.Batch
+	pb.Queue(`SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, ids)
+	if len(b.Events) > 0 {
+		taskIDs := make([]string, len(b.Events))
+		seqs := make([]int64, len(b.Events))
+		data := make([][]byte, len(b.Events))
+		attempts := make([]int64, len(b.Events))
+		for i, e := range b.Events {
+			taskIDs[i], seqs[i], data[i], attempts[i] = e.TaskID, int64(e.Seq), e.Data, owned[e.TaskID]
+		}
+		pb.Queue(`INSERT INTO events (task_id, seq, data)
+			SELECT e.task_id, e.seq, e.data FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bigint[]) AS e(task_id, seq, data, attempt)
+			WHERE NOT EXISTS (SELECT 1 FROM fleet_leases l WHERE l.task_id = e.task_id AND (l.owner <> $5 OR l.attempt <> e.attempt))
+			ON CONFLICT DO NOTHING RETURNING task_id, seq`,
+			taskIDs, seqs, data, attempts, s.replica)
+	}
+	for _, t := range b.Tasks {
+		pb.Queue(`INSERT INTO tasks (id, status, created_at, ended_at, body)
+			SELECT $1, $2, $3, $4, $5
+			WHERE NOT EXISTS (SELECT 1 FROM fleet_leases l WHERE l.task_id = $1 AND (l.owner <> $6 OR l.attempt <> $7))
+			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
+			ended_at = excluded.ended_at, body = excluded.body`,
+			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body, s.replica, owned[t.ID])
+	}
+	fenced := map[string]bool{}
 	var written []store.Event
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		fenced = map[string]bool{}
-		rows, err := tx.Query(ctx, `SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, ids)
+	began := time.Now()
+	if s.legs != nil && len(b.Events) > 0 {
+		// The batch's first event: how long it waited before this write.
+		ev := &dispatchv1.TaskEvent{}
+		if proto.Unmarshal(b.Events[0].Data, ev) == nil && ev.GetTime() != nil {
+			s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
+		}
+	}
+	err := func() error {
+		br := s.pool.SendBatch(ctx, &pb)
+		defer br.Close()
+		rows, err := br.Query()
 		if err != nil {
 			return fmt.Errorf("fleet: read leases: %w", err)
 		}
@@ -119,44 +167,49 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 		if err := rows.Err(); err != nil {
 			return fmt.Errorf("fleet: read leases: %w", err)
 		}
-		written = written[:0]
-		var taskIDs []string
-		var seqs []int64
-		var data [][]byte
-		for _, e := range b.Events {
-			if fenced[e.TaskID] {
-				continue
-			}
-			written = append(written, e)
-			taskIDs, seqs, data = append(taskIDs, e.TaskID), append(seqs, int64(e.Seq)), append(data, e.Data)
-		}
-		if len(taskIDs) > 0 {
-			if _, err := tx.Exec(ctx, `INSERT INTO events (task_id, seq, data)
-				SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING`,
-				taskIDs, seqs, data); err != nil {
+		if len(b.Events) > 0 {
+			rows, err := br.Query()
+			if err != nil {
 				return applyError("fleet: apply events", err)
 			}
-		}
-		var pb pgx.Batch
-		for _, t := range b.Tasks {
-			if fenced[t.ID] {
-				continue
+			type key struct {
+				id  string
+				seq int64
 			}
-			pb.Queue(`INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES ($1, $2, $3, $4, $5)
-				ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
-				ended_at = excluded.ended_at, body = excluded.body`,
-				t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body)
+			in := map[key]bool{}
+			for rows.Next() {
+				var k key
+				if err := rows.Scan(&k.id, &k.seq); err != nil {
+					rows.Close()
+					return applyError("fleet: apply events", err)
+				}
+				in[k] = true
+			}
+			rows.Close()
+			if err := rows.Err(); err != nil {
+				return applyError("fleet: apply events", err)
+			}
+			for _, e := range b.Events {
+				if in[key{e.TaskID, int64(e.Seq)}] {
+					written = append(written, e)
+				}
+			}
 		}
-		if pb.Len() > 0 {
-			if err := tx.SendBatch(ctx, &pb).Close(); err != nil {
+		for range b.Tasks {
+			if _, err := br.Exec(); err != nil {
 				return applyError("fleet: apply tasks", err)
 			}
 		}
+		// Close reads the end of the implicit transaction: its commit.
+		if err := br.Close(); err != nil {
+			return applyError("fleet: apply", err)
+		}
 		return nil
-	})
+	}()
 	if err != nil {
 		return err
 	}
+	s.legs.add(legApply, time.Since(began))
 	for id := range fenced {
 		if s.onFenced != nil {
 			s.onFenced(id)

@@ -11,8 +11,10 @@
 //   - Redis: a stream per capability set carrying the pending tasks, read
 //     by a consumer group (a replica reads only while it has an idle slot
 //     that matches); a stream per running task carrying its durable events
-//     for watchers on other replicas; a channel that wakes a task's owner
-//     when a command arrives; each replica's slot summary, with a TTL.
+//     for watchers on other replicas (each replica reads them with one
+//     blocking XREAD, its tail hub, woken by a wake stream of its own); a
+//     channel that carries each command to the task's owner; each
+//     replica's slot summary, with a TTL.
 //     Redis may lose everything: the bus is rebuilt from PostgreSQL.
 //
 // Every write of a task goes through the fenced store (fencedStore): a
@@ -34,6 +36,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -111,11 +114,11 @@ type Fleet struct {
 	leases *Leases
 	fenced *fencedStore
 	rdb    *redis.Client
-	// tails is the client of the remote watchers' blocking reads (one
-	// connection each while it waits, up to tailPool): kept apart from rdb
-	// so that many watchers never starve the bus, the health ping or the
-	// publisher of connections.
+	// tails is the tail hub's client (its one blocking read): kept apart
+	// from rdb so that it never takes a connection the bus, the health
+	// ping or the publisher needs.
 	tails *redis.Client
+	hub   *tailHub
 	busOK atomic.Bool
 	// pingFails counts consecutive failed health pings (pingLoop).
 	pingFails int
@@ -127,7 +130,8 @@ type Fleet struct {
 	writer *store.Writer
 
 	idle     chan struct{}
-	pub      chan []store.Event
+	pub      chan pubBatch
+	legs     *legStats // nil unless DISPATCHER_FLEET_LEG_STATS=1
 	draining atomic.Bool
 	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
 	fencedN  atomic.Int64
@@ -186,10 +190,12 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
 		pg: pg, leases: leases, rdb: rdb, tails: tails,
 		idle: make(chan struct{}, 1),
-		pub:  make(chan []store.Event, 4096),
+		pub:  make(chan pubBatch, 4096),
+		legs: newLegStats(),
 	}
+	f.hub = newTailHub(f, tails)
 	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
-		onFenced: f.onFenced, onWritten: f.onWritten}
+		onFenced: f.onFenced, onWritten: f.onWritten, legs: f.legs}
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
 	cancel()
@@ -236,8 +242,11 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
 	f.syncGlobal(ctx)
 	cancel()
-	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop} {
+	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
 		f.wg.Go(func() { loop(f.ctx) })
+	}
+	if f.legs != nil {
+		f.wg.Go(func() { f.legs.run(f.ctx, f.log) })
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
 }
@@ -360,11 +369,18 @@ func (f *Fleet) pingLoop(ctx context.Context) {
 	}
 }
 
+// pubBatch is a batch of stored events for the publisher.
+type pubBatch struct {
+	evs []store.Event
+	at  time.Time // when it was handed over (for the leg timings)
+}
+
 // onWritten hands events just stored to the publisher (dropped when it is
-// behind: watchers fill gaps from PostgreSQL).
+// behind: watchers fill gaps from PostgreSQL). The channel holds up to 4 096
+// batches, each one store write's events.
 func (f *Fleet) onWritten(evs []store.Event) {
 	select {
-	case f.pub <- evs:
+	case f.pub <- pubBatch{evs: evs, at: time.Now()}:
 	default:
 	}
 }
@@ -373,16 +389,18 @@ func (f *Fleet) onWritten(evs []store.Event) {
 func (f *Fleet) publishLoop(ctx context.Context) {
 	for {
 		var evs []store.Event
+		var at time.Time
 		select {
 		case <-ctx.Done():
 			return
-		case evs = <-f.pub:
+		case b := <-f.pub:
+			evs, at = b.evs, b.at
 		}
 	more:
 		for len(evs) < 4096 {
 			select {
 			case more := <-f.pub:
-				evs = append(evs, more...)
+				evs = append(evs, more.evs...)
 			default:
 				break more
 			}
@@ -391,7 +409,13 @@ func (f *Fleet) publishLoop(ctx context.Context) {
 			continue
 		}
 		pctx, cancel := context.WithTimeout(ctx, opTimeout)
-		p := f.rdb.Pipeline()
+		// MULTI/EXEC: Redis serves a blocked XREAD after the command that
+		// made its key ready, so in a plain pipeline the tail hubs would be
+		// answered after the first XADD and read the rest of the batch one
+		// round trip later; inside a transaction they get the whole batch
+		// in one answer. (An XADD refused in it, an id already there from a
+		// retried write, does not undo the others.)
+		p := f.rdb.TxPipeline()
 		tasks := map[string]bool{}
 		for _, e := range evs {
 			key := eventsPrefix + e.TaskID
@@ -403,6 +427,7 @@ func (f *Fleet) publishLoop(ctx context.Context) {
 		}
 		_, _ = p.Exec(pctx) // an id already there (a write retried) is refused: fine
 		cancel()
+		f.legs.add(legPublish, time.Since(at))
 	}
 }
 
@@ -862,11 +887,18 @@ func (f *Fleet) checkEpoch(ctx context.Context) {
 }
 
 // listenLoop carries out a command as soon as the channel announces it
-// for a task of this replica (the reconcile catches any lost message).
+// for a task of this replica (the reconcile catches any lost message). A
+// cancel is carried out at once, before its row is taken, even before the
+// row is written (Fleet.Cancel announces it first; a second stop of a task
+// is a no-op, so the row's announcement or the reconcile running it again
+// is harmless); the row's bookkeeping then goes to cmdBookLoop. Other commands are taken
+// first (at most once), by their id, without listing the open ones.
 func (f *Fleet) listenLoop(ctx context.Context) {
 	ps := f.rdb.Subscribe(ctx, cmdChannel)
 	defer ps.Close()
 	ch := ps.Channel(redis.WithChannelHealthCheckInterval(5 * time.Second))
+	book := make(chan cmdMessage, cmdBookQueue)
+	f.wg.Go(func() { f.cmdBookLoop(ctx, book) })
 	for {
 		select {
 		case <-ctx.Done():
@@ -875,13 +907,66 @@ func (f *Fleet) listenLoop(ctx context.Context) {
 			if !ok {
 				return
 			}
-			if f.fenced.attempt(m.Payload) == 0 {
+			var c cmdMessage
+			if !strings.HasPrefix(m.Payload, "{") || json.Unmarshal([]byte(m.Payload), &c) != nil || (c.ID == 0 && c.Kind != "cancel") {
+				// A bare task id (an older replica's announcement).
+				if f.fenced.attempt(m.Payload) == 0 {
+					continue
+				}
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				f.runCommands(cctx, []string{m.Payload})
+				cancel()
 				continue
 			}
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			f.runCommands(cctx, []string{m.Payload})
-			cancel()
+			if f.fenced.attempt(c.TaskID) == 0 {
+				continue
+			}
+			if c.Kind == "cancel" {
+				got := time.Now()
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				res := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
+				cancel()
+				f.legs.add(legCommand, time.Since(got))
+				if c.ID == 0 {
+					continue // announced before its row: the row's own message follows
+				}
+				c.Result = &res
+			}
+			select {
+			case book <- c:
+			default:
+				// Full: the reconcile takes the row within a second.
+			}
 		}
+	}
+}
+
+// cmdBookQueue bounds the commands waiting for cmdBookLoop.
+const cmdBookQueue = 256
+
+// cmdBookLoop takes the rows of announced commands: a cancel already
+// carried out gets its result stored; another command is taken (at most
+// once), carried out and its result stored.
+func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
+	for {
+		var c cmdMessage
+		select {
+		case <-ctx.Done():
+			return
+		case c = <-book:
+		}
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
+			res := c.Result
+			if res == nil && f.fenced.attempt(c.TaskID) != 0 {
+				r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
+				res = &r
+			}
+			if res != nil {
+				_ = f.leases.SetResult(cctx, c.ID, *res)
+			}
+		}
+		cancel()
 	}
 }
 

@@ -223,6 +223,47 @@ func TestFencedWritesOfALostLeaseAreRefused(t *testing.T) {
 	}
 }
 
+// The fenced write is one pipelined batch: PostgreSQL must run it as one
+// transaction, so a record it refuses leaves nothing of the batch stored
+// (the writer then splits the batch and sets the record aside).
+func TestFencedBatchIsAllOrNothing(t *testing.T) {
+	st := openStore(t)
+	ctx := context.Background()
+	if _, err := NewLeases(ctx, st.Pool(), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	var written []store.Event
+	fs := &fencedStore{Store: st, pool: st.Pool(), replica: "r1", owned: map[string]int64{},
+		onWritten: func(evs []store.Event) { written = append(written, evs...) }}
+	// body NULL violates NOT NULL: the whole batch is refused.
+	err := fs.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("a")}},
+		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: nil}}})
+	if !errors.Is(err, store.ErrRejected) {
+		t.Fatalf("apply of a refused record: %v, want ErrRejected", err)
+	}
+	if evs, err := st.ReadEvents(ctx, "t1", 0, 10); err != nil || len(evs) != 0 {
+		t.Fatalf("the event of a refused batch was stored: %d events, %v", len(evs), err)
+	}
+	if len(written) != 0 {
+		t.Fatalf("a refused batch was published: %v", written)
+	}
+	// The same batch, valid: stored, and published once; written again
+	// (a retried write) it is stored once and not published again.
+	b := store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("a")}, {TaskID: "t1", Seq: 2, Data: []byte("b")}},
+		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}")}}}
+	for range 2 {
+		if err := fs.Apply(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if evs, err := st.ReadEvents(ctx, "t1", 0, 10); err != nil || len(evs) != 2 {
+		t.Fatalf("stored %d events, %v; want 2", len(evs), err)
+	}
+	if len(written) != 2 || written[0].Seq != 1 || written[1].Seq != 2 {
+		t.Fatalf("published %v, want seqs 1 and 2 once", written)
+	}
+}
+
 func TestCommandsRunOnceAndRequestIDsDedupe(t *testing.T) {
 	st := openStore(t)
 	ctx := context.Background()

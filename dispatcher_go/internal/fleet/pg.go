@@ -283,6 +283,24 @@ func (l *Leases) Status(ctx context.Context, taskID string) (agentpb.TaskStatus,
 	return agentpb.TaskStatus(st), err
 }
 
+// Holder is taskID's stored status and, when a live lease is held on it
+// (not released, not expired), its owner ("" otherwise): one query, so a
+// cancel sent to another replica need not try to claim the task first.
+func (l *Leases) Holder(ctx context.Context, taskID string) (agentpb.TaskStatus, string, error) {
+	var st int32
+	var owner *string
+	err := l.pool.QueryRow(ctx, `SELECT t.status, l.owner FROM tasks t
+		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
+		WHERE t.id = $1`, taskID).Scan(&st, &owner)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, "", task.ErrNotFound
+	}
+	if err != nil || owner == nil {
+		return agentpb.TaskStatus(st), "", err
+	}
+	return agentpb.TaskStatus(st), *owner, nil
+}
+
 // Enqueue records that taskID waits in queue (the bus is rebuilt from
 // these rows).
 func (l *Leases) Enqueue(ctx context.Context, taskID, queue string) error {

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -47,13 +48,27 @@ func (f *Fleet) Place(ctx context.Context, t *task.Task) error {
 	return nil
 }
 
-// Lookup implements task.Fleet.
+// Lookup implements task.Fleet. The task and its last seq are read at
+// once (two pooled connections): a lookup is on the path of every watch
+// and cancel of a task another replica runs (the API looks the task up
+// for the caller's tenant, then the manager again), and each round trip
+// to PostgreSQL is a wait on a busy machine.
 func (f *Fleet) Lookup(ctx context.Context, id string) (*task.Task, error) {
+	type lastSeq struct {
+		seq uint64
+		err error
+	}
+	lastCh := make(chan lastSeq, 1)
+	go func() {
+		n, err := f.pg.LastSeq(ctx, id)
+		lastCh <- lastSeq{n, err}
+	}()
 	snap, err := f.ts.Load(ctx, id)
+	ls := <-lastCh
 	if err != nil {
 		return nil, unavailable("read the task", err)
 	}
-	last, err := f.pg.LastSeq(ctx, id)
+	last, err := ls.seq, ls.err
 	if err != nil {
 		return nil, unavailable("read the task", err)
 	}
@@ -102,42 +117,83 @@ func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStat
 	return true, nil
 }
 
-// command stores a command for id's owner and wakes it.
+// command stores a command for id's owner and wakes it: the row first
+// (the truth: the owner's reconcile carries out any command a lost
+// message did not announce), then the command itself on the channel, so
+// the owner acts on it without reading it back from PostgreSQL.
 func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int64, error) {
 	cid, err := f.leases.AddCommand(ctx, id, kind, args)
 	if err != nil {
 		return 0, unavailable("send the command", err)
 	}
-	if f.busUp() {
-		cctx, cancel := context.WithTimeout(ctx, opTimeout)
-		_ = f.rdb.Publish(cctx, cmdChannel, id).Err()
-		cancel()
-	}
+	f.announce(ctx, cmdMessage{ID: cid, TaskID: id, Kind: kind, Args: args})
 	return cid, nil
+}
+
+// announce publishes m on the command channel (nothing while Redis is
+// down: the owner's reconcile finds the row).
+func (f *Fleet) announce(ctx context.Context, m cmdMessage) {
+	if !f.busUp() {
+		return
+	}
+	b, _ := json.Marshal(m)
+	cctx, cancel := context.WithTimeout(ctx, opTimeout)
+	_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
+	cancel()
+}
+
+// cmdMessage is a command announced on cmdChannel: its row's copy, or (ID
+// 0, a cancel only) the cancel announced before its row is written.
+type cmdMessage struct {
+	ID     int64   `json:"id,omitempty"`
+	TaskID string  `json:"task"`
+	Kind   string  `json:"kind"`
+	Args   cmdArgs `json:"args"`
+	// Result, on the receiving replica only: what a cancel carried out at
+	// once did, for its row.
+	Result *cmdResult `json:"-"`
 }
 
 // Cancel implements task.Fleet.
 func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
-	st, err := f.leases.Status(ctx, id)
+	began := time.Now()
+	st, owner, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
 	if task.Terminal(st) {
 		return task.CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
 	}
-	// Nobody runs it (still on the bus, or its replica is gone): end it here.
-	if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
-		return task.CancelOutcome{}, err
-	} else if ok {
-		msg := "cancelled"
-		if st == agentpb.TaskStatus_PENDING {
-			msg = "cancelled while pending"
+	// A task with a live lease goes straight to its owner (a claim would
+	// only fail, after waiting for the owner's write in progress), and is
+	// announced before its row is written: the owner stops the session on
+	// this message at once (a second stop is a no-op). The row follows
+	// (f.command) and stays the truth: a lost message is made up for by
+	// its own announcement, or by the owner's reconcile. The price: if
+	// PostgreSQL then fails, the client is told UNAVAILABLE although the
+	// stop may have landed. (Read first, announced after: announced
+	// before the read, the stop could end the task before the read and
+	// this cancel would answer "already finished".)
+	if owner != "" {
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
+	}
+	// Nobody runs it (still on the bus, or its replica is gone): end it
+	// here.
+	if owner == "" {
+		if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
+			return task.CancelOutcome{}, err
+		} else if ok {
+			msg := "cancelled"
+			if st == agentpb.TaskStatus_PENDING {
+				msg = "cancelled while pending"
+			}
+			return task.CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: msg}, nil
 		}
-		return task.CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: msg}, nil
 	}
 	if _, err := f.command(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
 		return task.CancelOutcome{}, err
 	}
+	f.legs.add(legCancel, time.Since(began))
 	if !wait {
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent to the replica running the task"}, nil
 	}
