@@ -38,6 +38,18 @@ class SessionAbandoned(CommanderError):
     code = "session_abandoned"
 
 
+#: Content chunks are folded into one packet up to this many characters of text
+#: (at most 4 bytes each: far below the message size limit).
+COALESCE_CHARS = 4 * 1024
+
+
+def _merge_content(into: ipb.UpstreamPacket, packet: ipb.UpstreamPacket) -> bool:
+    """Append ``packet``'s chunk to ``into``'s (``into`` keeps its seq and timestamp)."""
+    into.content.text += packet.content.text
+    into.content.is_finish = packet.content.is_finish
+    return True
+
+
 class Upstream:
     """One session's upstream packets, numbered and kept until recorded (internal)."""
 
@@ -56,6 +68,10 @@ class Upstream:
         #: When the current stream was lost (monotonic), None while attached.
         self.detached_at: float | None = None
         self._on_abandon: Callable[[str], None] | None = None
+        #: Characters of text in the last kept packet, if more content may be
+        #: folded into it (-1 when not: not content, an answer's end, or kept
+        #: while away).
+        self._tail_chars = -1
 
     # --- state ---
 
@@ -90,7 +106,12 @@ class Upstream:
         """
         packet = out.message
         assert packet is not None
-        async with self._lock:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # no task switch when nobody holds it
+        except anyio.WouldBlock:
+            await lock.acquire()
+        try:
             while len(self._unacked) >= self.limit:
                 if self.abandoned is not None:
                     break
@@ -103,14 +124,31 @@ class Upstream:
                 await self._changed.wait()  # an ack frees room
             if self.abandoned is not None:
                 raise SessionAbandoned(f"session abandoned: {self.abandoned}")
+            previous = self._unacked[-1] if self._unacked else None
             self._seq += 1
             packet.seq = self._seq
             self._unacked.append(packet)
             writer = self._writer
             if writer is None:
+                self._tail_chars = -1  # a re-attach resends it as it is
                 out.taken = True  # kept: it goes out after the re-attach
                 return
-            inner = Outgoing(packet)
+            chars = -1  # the text's length, for content
+            more = False  # whether more content may follow it in one packet
+            if packet.HasField("content"):
+                chars = len(packet.content.text)
+                more = not packet.content.is_finish
+            if (
+                previous is not None
+                and chars >= 0
+                and self._tail_chars >= 0
+                and self._tail_chars + chars <= COALESCE_CHARS
+            ):
+                # Consecutive content: folded into the previous packet if that
+                # one still waits for the writer (it keeps its seq).
+                inner = Outgoing(packet, previous, _merge_content)
+            else:
+                inner = Outgoing(packet)
             try:
                 await writer(inner)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -123,8 +161,23 @@ class Upstream:
                     self._seq -= 1
                     raise
                 out.taken = True
+                self._taken(inner, chars, more)
                 raise
             out.taken = True
+            self._taken(inner, chars, more)
+        finally:
+            lock.release()
+
+    def _taken(self, inner: Outgoing[ipb.UpstreamPacket], chars: int, more: bool) -> None:
+        """Bookkeeping once the writer took ``inner`` (see ``send``)."""
+        if inner.merged:
+            # It went out inside the packet before it: no seq of its own.
+            assert inner.message is not None
+            inner.message.seq = 0
+            self._unacked.pop()
+            self._seq -= 1
+            chars += self._tail_chars
+        self._tail_chars = chars if more else -1
 
     # --- the slot's side ---
 

@@ -523,6 +523,17 @@ class Session:
     async def _emit(self, item: PlannerOutput) -> None:
         if isinstance(item, str):
             item = ipb.ContentChunk(text=valid_text(item))
+        if type(item) is ipb.ContentChunk:
+            text = item.text
+            if len(text) <= _CONTENT_PIECE_BYTES // 4:
+                # The common case, kept short: at most 4 bytes a character, such
+                # a chunk's packet is under the limit without measuring it.
+                self._remember_answer(text)
+                packet = ipb.UpstreamPacket(
+                    session_id=self.session_id, timestamp=now_us(), content=item
+                )
+                await self._send(Outgoing(packet))
+                return
         field = _FIELD_BY_TYPE.get(type(item))
         if field is None:
             raise TypeError(f"planner yielded {type(item).__name__}, which is not an output")
