@@ -9,7 +9,13 @@ re-attached the session on a new stream, exactly the packets the new
 dispatcher has not recorded are written again, in order, before any new one.
 
 Packets of one session reach the stream's writer in ``seq`` order: numbering
-and handing over happen under one lock. This module knows packets only as
+and handing over happen under one lock. A content chunk handed over while the
+session's previous packet, content too, still waits in the writer's queue is
+folded into that packet (:data:`COALESCE_CHARS` at most, never past an
+answer's ``is_finish``) and gets no seq of its own: the folded packet is the
+one kept here, so what is resent after a hand-over is exactly what was
+numbered. A lone chunk is never held back: it is written as soon as the
+writer is free. This module knows packets only as
 ``UpstreamPacket`` and the writer only as its ``send``; it must not touch the
 gRPC call or the session's planner.
 """
@@ -100,8 +106,10 @@ class Upstream:
     async def send(self, out: Outgoing[ipb.UpstreamPacket]) -> None:
         """Number ``out``'s packet, keep it, and write it if attached.
 
-        Returns once the packet is kept (and, attached, taken by the writer):
-        from then on it reaches a dispatcher unless the session is abandoned.
+        Returns once the packet is kept (and, attached, queued for the writer,
+        or folded into the packet before it, which is kept): from then on it
+        reaches a dispatcher unless the session is abandoned. Waits while
+        ``limit`` packets are unrecorded, or while the writer's queue is full.
         Raises :class:`SessionAbandoned` when the session cannot go on.
         """
         packet = out.message

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -521,6 +522,11 @@ class Session:
             raise TypeError(f"planner returned {type(value).__name__}")
 
     async def _emit(self, item: PlannerOutput) -> None:
+        scope = self._planner_scope
+        if scope is not None and scope.cancel_called:
+            # Stopped: the hand-over to the writer does not switch tasks (nor
+            # see the cancellation) while its queue has room; end here.
+            await anyio.lowlevel.checkpoint()
         if isinstance(item, str):
             item = ipb.ContentChunk(text=valid_text(item))
         if type(item) is ipb.ContentChunk:
