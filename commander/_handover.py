@@ -151,9 +151,11 @@ class Upstream:
                 and chars >= 0
                 and self._tail_chars >= 0
                 and self._tail_chars + chars <= COALESCE_CHARS
+                and previous.seq > self.acked
             ):
                 # Consecutive content: folded into the previous packet if that
-                # one still waits for the writer (it keeps its seq).
+                # one still waits for the writer (it keeps its seq; never one
+                # the dispatcher has acknowledged, which it would not take again).
                 inner = Outgoing(packet, previous, _merge_content)
             else:
                 inner = Outgoing(packet)
