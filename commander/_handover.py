@@ -15,7 +15,18 @@ folded into that packet (:data:`COALESCE_CHARS` at most, never past an
 answer's ``is_finish``) and gets no seq of its own: the folded packet is the
 one kept here, so what is resent after a hand-over is exactly what was
 numbered. A lone chunk is never held back: it is written as soon as the
-writer is free. This module knows packets only as
+writer is free.
+
+The credit window (``window``, ``--content-window``): a content packet that
+needs a seq of its own waits while ``window`` packets of the session are
+unacknowledged on the stream (it may still fold into the session's packet
+waiting in the writer's queue, which needs no credit). Other packets
+(``stopped``, ``result``, ``usage``, tool calls, errors) never wait for credit
+and, numbered under the same lock, never overtake content. So a ``stopped``
+queues behind at most ``window`` packets (≤ :data:`COALESCE_CHARS` each) of
+the session instead of the stream's whole HTTP/2 window. Memory: at most
+``limit`` packets kept per session, attached at most ``window`` + the
+control packets. This module knows packets only as
 ``UpstreamPacket`` and the writer only as its ``send``; it must not touch the
 gRPC call or the session's planner.
 """
@@ -59,9 +70,13 @@ def _merge_content(into: ipb.UpstreamPacket, packet: ipb.UpstreamPacket) -> bool
 class Upstream:
     """One session's upstream packets, numbered and kept until recorded (internal)."""
 
-    def __init__(self, session_id: str, *, limit: int) -> None:
+    def __init__(self, session_id: str, *, limit: int, window: int = 0) -> None:
         self.session_id = session_id
         self.limit = max(1, limit)
+        #: The credit window (``--content-window``): a content packet that needs a
+        #: seq of its own waits while this many of the session's packets are
+        #: unacknowledged on the stream; 0: no window (only ``limit``).
+        self.window = max(0, window)
         self._seq = 0
         self._unacked: collections.deque[ipb.UpstreamPacket] = collections.deque()
         #: The highest seq the dispatcher acknowledged.
@@ -120,16 +135,21 @@ class Upstream:
         except anyio.WouldBlock:
             await lock.acquire()
         try:
-            while len(self._unacked) >= self.limit:
-                if self.abandoned is not None:
+            is_content = packet.HasField("content")
+            while self.abandoned is None:
+                waiting = len(self._unacked)
+                if waiting >= self.limit:
+                    if self._writer is None:
+                        self.abandon(
+                            f"{waiting} packets wait unrecorded while the dispatcher "
+                            f"is away, the limit is {self.limit} (--handover-buffer)"
+                        )
+                        break
+                elif not (is_content and 0 < self.window <= waiting and self._writer is not None):
                     break
-                if self._writer is None:
-                    self.abandon(
-                        f"{len(self._unacked)} packets wait unrecorded while the dispatcher "
-                        f"is away, the limit is {self.limit} (--handover-buffer)"
-                    )
-                    break
-                await self._changed.wait()  # an ack frees room
+                elif await self._fold_without_credit(out, packet, self._writer):
+                    return
+                await self._changed.wait()  # an ack frees room (or credit)
             if self.abandoned is not None:
                 raise SessionAbandoned(f"session abandoned: {self.abandoned}")
             previous = self._unacked[-1] if self._unacked else None
@@ -178,14 +198,50 @@ class Upstream:
         finally:
             lock.release()
 
-    def _taken(self, inner: Outgoing[ipb.UpstreamPacket], chars: int, more: bool) -> None:
-        """Bookkeeping once the writer took ``inner`` (see ``send``)."""
+    async def _fold_without_credit(
+        self, out: Outgoing[ipb.UpstreamPacket], packet: ipb.UpstreamPacket, writer: WriterSend
+    ) -> bool:
+        """Fold content into the session's packet still waiting for the writer (no credit
+        needed: it gets no seq); False when there is none, or it is full."""
+        if self._tail_chars < 0 or not self._unacked:
+            return False
+        chars = len(packet.content.text)
+        if self._tail_chars + chars > COALESCE_CHARS:
+            return False
+        previous = self._unacked[-1]
+        inner = Outgoing(packet, previous, _merge_content, fold_only=True)
+        try:
+            await writer(inner)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False  # the stream is gone: the caller sees the detach
+        except BaseException:
+            if inner.merged:
+                out.taken = True
+                self._taken(inner, chars, not packet.content.is_finish, numbered=False)
+            raise
+        if not inner.merged:
+            return False
+        out.taken = True
+        self._taken(inner, chars, not packet.content.is_finish, numbered=False)
+        return True
+
+    def _taken(
+        self,
+        inner: Outgoing[ipb.UpstreamPacket],
+        chars: int,
+        more: bool,
+        *,
+        numbered: bool = True,
+    ) -> None:
+        """Bookkeeping once the writer took ``inner`` (see ``send``); ``numbered``:
+        it was given a seq and kept (undone if it was folded)."""
         if inner.merged:
             # It went out inside the packet before it: no seq of its own.
             assert inner.message is not None
             inner.message.seq = 0
-            self._unacked.pop()
-            self._seq -= 1
+            if numbered:
+                self._unacked.pop()
+                self._seq -= 1
             chars += self._tail_chars
         self._tail_chars = chars if more else -1
 

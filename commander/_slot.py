@@ -65,8 +65,10 @@ class SlotSettings:
         closed_timeout: float,
         handover_buffer: int = 4096,
         handover_timeout: float = 60.0,
+        content_window: int = 0,
     ) -> None:
         self.handover_buffer = handover_buffer
+        self.content_window = content_window
         self.handover_timeout = handover_timeout
         self.connection = connection
         self.hello = hello
@@ -387,7 +389,9 @@ class Slot:
             stream.tg.start_soon(self._send_quietly, stream.writer, refusal)
             return
         name = packet.start.planner or "chat"
-        upstream = Upstream(packet.session_id, limit=self._s.handover_buffer)
+        upstream = Upstream(
+            packet.session_id, limit=self._s.handover_buffer, window=self._s.content_window
+        )
         session = Session(
             packet,
             self._s.resolve_planner(name),

@@ -50,22 +50,27 @@ class Outgoing(Generic[T]):
     one instead of queueing it: if ``into`` is the message waiting at the tail
     of the queue (not yet being written) and ``merge(into, message)`` agrees
     (it changes ``into`` in place and returns True), the writer sets
-    ``merged`` and ``message`` itself is never written.
+    ``merged`` and ``message`` itself is never written. With ``fold_only``
+    a message that cannot be folded is not queued either: ``send`` returns
+    with neither ``merged`` nor ``taken`` set (nothing was handed over).
     """
 
-    __slots__ = ("into", "merge", "merged", "message", "taken")
+    __slots__ = ("fold_only", "into", "merge", "merged", "message", "taken")
 
     def __init__(
         self,
         message: T | None,
         into: T | None = None,
         merge: Callable[[T, T], bool] | None = None,
+        *,
+        fold_only: bool = False,
     ) -> None:
         self.message = message
         self.taken = False
         self.merged = False
         self.into = into
         self.merge = merge
+        self.fold_only = fold_only
 
 
 class StreamWriter(Generic[T]):
@@ -97,6 +102,8 @@ class StreamWriter(Generic[T]):
     def send_nowait(self, out: Outgoing[T]) -> bool:
         """Queue (or fold) ``out`` if there is room; False (not taken) if the queue is full.
 
+        An ``out.fold_only`` message that cannot be folded: True, not taken.
+
         Raises :class:`anyio.ClosedResourceError` once the writer is closed.
         """
         if self._closed:
@@ -112,6 +119,8 @@ class StreamWriter(Generic[T]):
             and out.merge(into, out.message)
         ):
             out.merged = True
+        elif out.fold_only:
+            return True
         elif len(queue) < QUEUE_LIMIT:
             queue.append(out)
             if len(queue) == 1:
@@ -122,7 +131,8 @@ class StreamWriter(Generic[T]):
         return True
 
     async def send(self, out: Outgoing[T]) -> None:
-        """Hand ``out`` to the writer; returns once it is queued (``out.taken``).
+        """Hand ``out`` to the writer; returns once it is queued (``out.taken``),
+        or, ``out.fold_only``, once it was folded or found that it cannot be.
 
         Without a task switch while there is room, except every
         :data:`YIELD_EVERY` messages (a checkpoint before ``out`` is taken);
