@@ -1,0 +1,116 @@
+"""The credit window (``Upstream(window=)``, ``--content-window``): content that
+needs a seq of its own waits for the dispatcher's acks, control never does."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander._handover import Upstream
+from commander._writer import Outgoing
+from commander.tests.test_writer import Call, Packet, content, running, shown
+
+pytestmark = pytest.mark.anyio
+
+
+def stopped() -> Outgoing[Packet]:
+    return Outgoing(Packet(session_id="s", stopped=ipb.Stopped(reason="stop")))
+
+
+async def test_a_stopped_is_written_while_content_waits_for_credit() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=2)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        await up.send(content("a"))
+        await call.until(lambda: len(call.written) == 1)
+        await up.send(content("b"))
+        await call.until(lambda: len(call.written) == 2)
+        # Two packets unacknowledged: the next content chunk waits for credit
+        # (the planner's task, which the stop cancels).
+        waiting = content("c")
+        planner = anyio.CancelScope()
+
+        async def plan() -> None:
+            with planner:
+                await up.send(waiting)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(plan)
+            with anyio.fail_after(2):
+                while not up._lock.locked():  # the planner's send holds it
+                    await anyio.lowlevel.checkpoint()
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not waiting.taken and len(call.written) == 2
+            planner.cancel()  # the stop
+        assert not waiting.taken and up.last_seq == 2
+        # No ack came, yet the stopped goes out at once, right after "b".
+        out = stopped()
+        await up.send(out)
+        assert out.taken
+        await call.until(lambda: len(call.written) == 3)
+    assert shown(call.written) == [(1, "a"), (2, "b"), (3, "stopped")]
+
+
+async def test_content_resumes_on_ack_and_folds_while_it_waits() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=2)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        call.hold()  # the stream is slow: packets wait in the writer's queue
+        await up.send(content("a"))
+        await call.until(lambda: call.writing is not None)
+        await up.send(content("b"))
+        # No credit left, but "c" and "d" fold into "b", still queued: no wait.
+        for text in "cd":
+            out = content(text)
+            await up.send(out)
+            assert out.taken
+        assert up.last_seq == 2
+        call.release()
+        await call.until(lambda: len(call.written) == 2)
+        waiting = content("e")  # "bcd" is on the wire: "e" needs a seq, and credit
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(up.send, waiting)
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not waiting.taken and up.last_seq == 2
+            up.on_ack(1)  # one packet recorded: credit for one more
+        assert waiting.taken
+        await call.until(lambda: len(call.written) == 3)
+    assert shown(call.written) == [(1, "a"), (2, "bcd"), (3, "e")]
+
+
+async def test_window_zero_writes_without_waiting_for_acks() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=0)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        for i in range(20):
+            await up.send(content(str(i % 10)))
+            await call.until(lambda: len(call.written) == i + 1)
+    assert up.pending == 20 and [seq for seq, _ in shown(call.written)] == list(range(1, 21))
+
+
+async def test_content_waiting_for_credit_while_away_is_kept_up_to_the_buffer() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=1)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        await up.send(content("a"))
+        await call.until(lambda: len(call.written) == 1)
+        waiting = content("b")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(up.send, waiting)
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not waiting.taken
+            up.detach()  # the stream is lost: kept for the re-attach, no credit needed
+        assert waiting.taken and up.pending == 2
+    resent = Call()
+    async with running(resent) as writer:
+        assert await up.attach(writer.send, 0) == 2
+        await resent.until(lambda: len(resent.written) == 2)
+    assert shown(resent.written) == [(1, "a"), (2, "b")]
