@@ -19,12 +19,14 @@ writer is free.
 
 The credit window (``window``, ``--content-window``): a content packet that
 needs a seq of its own waits while ``window`` packets of the session are
-unacknowledged on the stream (it may still fold into the session's packet
+unacknowledged on the stream, once the dispatcher has acknowledged anything
+(one that never does gets no window) (it may still fold into the session's packet
 waiting in the writer's queue, which needs no credit). Other packets
 (``stopped``, ``result``, ``usage``, tool calls, errors) never wait for credit
 and, numbered under the same lock, never overtake content. So a ``stopped``
-queues behind at most ``window`` packets (≤ :data:`COALESCE_CHARS` each) of
-the session instead of the stream's whole HTTP/2 window. Memory: at most
+queues behind at most ``window`` packets and about :data:`WINDOW_CHARS`
+characters of the session's content instead of the stream's whole HTTP/2
+window. Memory: at most
 ``limit`` packets kept per session, attached at most ``window`` + the
 control packets. This module knows packets only as
 ``UpstreamPacket`` and the writer only as its ``send``; it must not touch the
@@ -60,6 +62,13 @@ class SessionAbandoned(CommanderError):
 COALESCE_CHARS = 4 * 1024
 
 
+#: With a credit window, content also waits while this many characters of the
+#: session's content are unacknowledged: folded packets are up to
+#: COALESCE_CHARS each, so a window of packets alone would let a flood put
+#: far more bytes ahead of a ``stopped`` than a window of small packets.
+WINDOW_CHARS = 16 * 1024
+
+
 def _merge_content(into: ipb.UpstreamPacket, packet: ipb.UpstreamPacket) -> bool:
     """Append ``packet``'s chunk to ``into``'s (``into`` keeps its seq and timestamp)."""
     into.content.text += packet.content.text
@@ -77,6 +86,10 @@ class Upstream:
         #: seq of its own waits while this many of the session's packets are
         #: unacknowledged on the stream; 0: no window (only ``limit``).
         self.window = max(0, window)
+        #: Characters of content text in the unacknowledged packets (for WINDOW_CHARS).
+        self._content_chars = 0
+        #: Whether the dispatcher ever acknowledged (a window needs acks to open again).
+        self._acks_seen = False
         self._seq = 0
         self._unacked: collections.deque[ipb.UpstreamPacket] = collections.deque()
         #: The highest seq the dispatcher acknowledged.
@@ -145,7 +158,13 @@ class Upstream:
                             f"is away, the limit is {self.limit} (--handover-buffer)"
                         )
                         break
-                elif not (is_content and 0 < self.window <= waiting and self._writer is not None):
+                elif not (
+                    is_content
+                    and self.window > 0
+                    and self._acks_seen
+                    and (waiting >= self.window or self._content_chars >= WINDOW_CHARS)
+                    and self._writer is not None
+                ):
                     break
                 elif await self._fold_without_credit(out, packet, self._writer):
                     return
@@ -156,6 +175,8 @@ class Upstream:
             self._seq += 1
             packet.seq = self._seq
             self._unacked.append(packet)
+            if is_content:
+                self._content_chars += len(packet.content.text)
             writer = self._writer
             if writer is None:
                 self._tail_chars = -1  # a re-attach resends it as it is
@@ -189,6 +210,8 @@ class Upstream:
                     # so that no later packet overtakes it.
                     self._unacked.pop()
                     self._seq -= 1
+                    if is_content:
+                        self._content_chars -= len(packet.content.text)
                     raise
                 out.taken = True
                 self._taken(inner, chars, more)
@@ -242,6 +265,8 @@ class Upstream:
             if numbered:
                 self._unacked.pop()
                 self._seq -= 1
+            else:
+                self._content_chars += chars
             chars += self._tail_chars
         self._tail_chars = chars if more else -1
 
@@ -249,11 +274,14 @@ class Upstream:
 
     def on_ack(self, upstream_seq: int) -> None:
         """The dispatcher recorded every packet up to ``upstream_seq`` (cumulative)."""
+        self._acks_seen = True
         if upstream_seq <= self.acked:
             return
         self.acked = upstream_seq
         while self._unacked and self._unacked[0].seq <= upstream_seq:
-            self._unacked.popleft()
+            done = self._unacked.popleft()
+            if done.HasField("content"):
+                self._content_chars -= len(done.content.text)
         self._notify()
 
     def detach(self) -> None:

@@ -3,11 +3,13 @@ needs a seq of its own waits for the dispatcher's acks, control never does."""
 
 from __future__ import annotations
 
+import functools
+
 import anyio
 import pytest
 
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._handover import Upstream
+from commander._handover import WINDOW_CHARS, Upstream
 from commander._writer import Outgoing
 from commander.tests.test_writer import Call, Packet, content, running, shown
 
@@ -23,6 +25,7 @@ async def test_a_stopped_is_written_while_content_waits_for_credit() -> None:
     up = Upstream("s", limit=100, window=2)
     async with running(call) as writer:
         up.attach_new(writer.send)
+        up.on_ack(0)  # the dispatcher acknowledges (nothing yet)
         await up.send(content("a"))
         await call.until(lambda: len(call.written) == 1)
         await up.send(content("b"))
@@ -59,6 +62,7 @@ async def test_content_resumes_on_ack_and_folds_while_it_waits() -> None:
     up = Upstream("s", limit=100, window=2)
     async with running(call) as writer:
         up.attach_new(writer.send)
+        up.on_ack(0)  # the dispatcher acknowledges (nothing yet)
         call.hold()  # the stream is slow: packets wait in the writer's queue
         await up.send(content("a"))
         await call.until(lambda: call.writing is not None)
@@ -88,9 +92,10 @@ async def test_window_zero_writes_without_waiting_for_acks() -> None:
     up = Upstream("s", limit=100, window=0)
     async with running(call) as writer:
         up.attach_new(writer.send)
+        up.on_ack(0)  # the dispatcher acknowledges (nothing yet)
         for i in range(20):
             await up.send(content(str(i % 10)))
-            await call.until(lambda: len(call.written) == i + 1)
+            await call.until(functools.partial(lambda n: len(call.written) == n, i + 1))
     assert up.pending == 20 and [seq for seq, _ in shown(call.written)] == list(range(1, 21))
 
 
@@ -99,6 +104,7 @@ async def test_content_waiting_for_credit_while_away_is_kept_up_to_the_buffer() 
     up = Upstream("s", limit=100, window=1)
     async with running(call) as writer:
         up.attach_new(writer.send)
+        up.on_ack(0)  # the dispatcher acknowledges (nothing yet)
         await up.send(content("a"))
         await call.until(lambda: len(call.written) == 1)
         waiting = content("b")
@@ -114,3 +120,34 @@ async def test_content_waiting_for_credit_while_away_is_kept_up_to_the_buffer() 
         assert await up.attach(writer.send, 0) == 2
         await resent.until(lambda: len(resent.written) == 2)
     assert shown(resent.written) == [(1, "a"), (2, "b")]
+
+
+async def test_content_also_waits_while_window_chars_of_it_are_unacknowledged() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=64)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        up.on_ack(0)  # the dispatcher acknowledges (nothing yet)
+        await up.send(content("x" * WINDOW_CHARS))
+        await call.until(lambda: len(call.written) == 1)
+        waiting = content("y")  # one packet of 64 out, but its characters fill the window
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(up.send, waiting)
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not waiting.taken
+            up.on_ack(1)
+        assert waiting.taken
+        await call.until(lambda: len(call.written) == 2)
+    assert shown(call.written)[1] == (2, "y")
+
+
+async def test_a_dispatcher_that_never_acknowledges_gets_no_window() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=2)
+    async with running(call) as writer:
+        up.attach_new(writer.send)
+        for text in "abc":
+            await up.send(content(text))
+            await call.until(functools.partial(lambda n: len(call.written) == n, up.last_seq))
+    assert shown(call.written) == [(1, "a"), (2, "b"), (3, "c")]
