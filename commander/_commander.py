@@ -88,9 +88,10 @@ class Commander:
         handover_buffer: how many of a session's packets are kept until the
             dispatcher has recorded them (docs/protocol.md, "Session hand-over").
         content_window: the credit window: a session's content waits (folding
-            into its packet still queued) while this many of its packets are
-            unacknowledged, so that ``stopped`` queues behind at most that
-            many; control never waits for credit (0: no window).
+            into its packet still queued) while this many of its packets, or
+            16 Ki characters of its content, are unacknowledged, so that
+            ``stopped`` queues behind at most that; control never waits for
+            credit (0: no window).
     """
 
     def __init__(

@@ -38,9 +38,10 @@ Session hand-over (``Commander(handover_timeout=, handover_buffer=)``, the
   dispatcher acknowledges them; while attached, a full buffer makes the
   planner wait for acks; while away, it abandons the session;
 * ``CONTENT_WINDOW`` (64 packets, ``--content-window``): the credit window: a
-  content packet is written only while fewer of the session's packets await
-  the dispatcher's ack, so that a ``stopped`` (never waiting for credit)
-  queues behind at most that many (0: no window).
+  content packet is written only while fewer of the session's packets (and
+  fewer than ``commander._handover.WINDOW_CHARS`` characters of its content)
+  await the dispatcher's ack, so that a ``stopped`` (never waiting for
+  credit) queues behind at most that much (0: no window).
 
 This module holds numbers only (the defaults of the settings named above) and
 must not import anything of the commander.
