@@ -18,16 +18,17 @@ numbered. A lone chunk is never held back: it is written as soon as the
 writer is free.
 
 The credit window (``window``, ``--content-window``): a content packet that
-needs a seq of its own waits while ``window`` packets of the session are
-unacknowledged on the stream, once the dispatcher has acknowledged anything
-(one that never does gets no window) (it may still fold into the session's packet
-waiting in the writer's queue, which needs no credit). Other packets
-(``stopped``, ``result``, ``usage``, tool calls, errors) never wait for credit
-and, numbered under the same lock, never overtake content. So a ``stopped``
-queues behind at most ``window`` packets and about :data:`WINDOW_CHARS`
-characters of the session's content instead of the stream's whole HTTP/2
-window. Memory: at most
-``limit`` packets kept per session, attached at most ``window`` + the
+needs a seq of its own waits while ``window`` packets, or
+:data:`WINDOW_CHARS` characters of content, of the session are
+unacknowledged on the stream; meanwhile it may still fold into the session's
+packet waiting in the writer's queue (that needs no credit). Only once the
+dispatcher has acknowledged anything: one that never does gets no window.
+Other packets (``stopped``, ``result``, ``usage``, tool calls, errors) never
+wait for credit and, numbered under the same lock, never overtake content.
+So a ``stopped`` queues behind at most that much of the session's content
+instead of the stream's whole HTTP/2 window. Memory: at most ``limit``
+packets kept per session; attached, at most ``window`` packets and
+:data:`WINDOW_CHARS` + :data:`COALESCE_CHARS` characters of content, plus
 control packets. This module knows packets only as
 ``UpstreamPacket`` and the writer only as its ``send``; it must not touch the
 gRPC call or the session's planner.
