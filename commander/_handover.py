@@ -91,6 +91,13 @@ class Upstream:
         self._content_chars = 0
         #: Whether the dispatcher ever acknowledged (a window needs acks to open again).
         self._acks_seen = False
+        #: The writer's non-blocking hand-over (``StreamWriter.send_nowait``), if
+        #: given: then content without credit is *held* instead of waiting.
+        self._nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None
+        #: The content packet numbered and kept but not yet handed to the writer
+        #: (no credit): later chunks fold into it; handed over on an ack, or
+        #: ahead of the next packet that does not wait for credit.
+        self._held: ipb.UpstreamPacket | None = None
         self._seq = 0
         self._unacked: collections.deque[ipb.UpstreamPacket] = collections.deque()
         #: The highest seq the dispatcher acknowledged.
@@ -150,6 +157,7 @@ class Upstream:
             await lock.acquire()
         try:
             is_content = packet.HasField("content")
+            hold = False
             while self.abandoned is None:
                 waiting = len(self._unacked)
                 if waiting >= self.limit:
@@ -159,19 +167,51 @@ class Upstream:
                             f"is away, the limit is {self.limit} (--handover-buffer)"
                         )
                         break
-                elif not (
-                    is_content
-                    and self.window > 0
-                    and self._acks_seen
-                    and (waiting >= self.window or self._content_chars >= WINDOW_CHARS)
-                    and self._writer is not None
-                ):
+                elif not (is_content and self._no_credit()):
                     break
-                elif await self._fold_without_credit(out, packet, self._writer):
+                elif self._nowait is not None:
+                    held = self._held
+                    if held is None:
+                        hold = True
+                        break
+                    chars = len(packet.content.text)
+                    if self._tail_chars >= 0 and self._tail_chars + chars <= COALESCE_CHARS:
+                        _merge_content(held, packet)
+                        self._content_chars += chars
+                        more = not packet.content.is_finish
+                        self._tail_chars = self._tail_chars + chars if more else -1
+                        out.taken = True
+                        return
+                elif self._writer is not None and await self._fold_without_credit(
+                    out, packet, self._writer
+                ):
                     return
                 await self._changed.wait()  # an ack frees room (or credit)
             if self.abandoned is not None:
                 raise SessionAbandoned(f"session abandoned: {self.abandoned}")
+            if hold:
+                self._seq += 1
+                packet.seq = self._seq
+                self._unacked.append(packet)
+                self._content_chars += len(packet.content.text)
+                self._held = packet
+                more = not packet.content.is_finish
+                self._tail_chars = len(packet.content.text) if more else -1
+                out.taken = True
+                return
+            held = self._held
+            if held is not None and self._writer is not None:
+                # The held content goes first (credit or not): nothing overtakes it.
+                first = Outgoing(held)
+                try:
+                    await self._writer(first)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # the stream is gone: kept for the re-attach
+                except BaseException:
+                    if first.taken:
+                        self._held = None
+                    raise
+                self._held = None
             previous = self._unacked[-1] if self._unacked else None
             self._seq += 1
             packet.seq = self._seq
@@ -221,6 +261,32 @@ class Upstream:
             self._taken(inner, chars, more)
         finally:
             lock.release()
+
+    def _no_credit(self) -> bool:
+        """Whether content that needs a seq of its own must wait (the held packet,
+        not handed over yet, does not count)."""
+        if self.window <= 0 or not self._acks_seen or self._writer is None:
+            return False
+        waiting, chars = len(self._unacked), self._content_chars
+        held = self._held
+        if held is not None:
+            waiting -= 1
+            chars -= len(held.content.text)
+        return waiting >= self.window or chars >= WINDOW_CHARS
+
+    def _release_held(self) -> None:
+        """Hand the held packet to the writer if there is credit (never while a
+        producer holds the lock: it hands it over itself, in order)."""
+        held, nowait = self._held, self._nowait
+        if held is None or nowait is None or self._lock.locked() or self._no_credit():
+            return
+        out = Outgoing(held)
+        try:
+            nowait(out)
+        except anyio.ClosedResourceError:
+            return
+        if out.taken:
+            self._held = None
 
     async def _fold_without_credit(
         self, out: Outgoing[ipb.UpstreamPacket], packet: ipb.UpstreamPacket, writer: WriterSend
@@ -283,6 +349,7 @@ class Upstream:
             done = self._unacked.popleft()
             if done.HasField("content"):
                 self._content_chars -= len(done.content.text)
+        self._release_held()
         self._notify()
 
     def detach(self) -> None:
@@ -290,13 +357,26 @@ class Upstream:
         if self._writer is not None:
             self._writer = None
             self.detached_at = time.monotonic()
+        self._nowait, self._held = None, None  # a held packet is kept: resent on re-attach
+        self._tail_chars = -1
         self._notify()
 
-    def attach_new(self, writer: WriterSend) -> None:
-        """Start on the stream that started the session (nothing is kept yet)."""
+    def attach_new(
+        self,
+        writer: WriterSend,
+        nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+    ) -> None:
+        """Start on the stream that started the session (nothing is kept yet);
+        ``nowait``: the writer's ``send_nowait`` (content without credit is held)."""
         self._writer = writer
+        self._nowait = nowait
 
-    async def attach(self, writer: WriterSend, recorded: int) -> int:
+    async def attach(
+        self,
+        writer: WriterSend,
+        recorded: int,
+        nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+    ) -> int:
         """Continue on a new stream whose dispatcher recorded up to ``recorded``.
 
         Writes the packets after it, in order, before any new packet; returns
@@ -313,6 +393,8 @@ class Upstream:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return resent
             self._writer = writer
+            self._nowait, self._held = nowait, None
+            self._tail_chars = -1
             self.detached_at = None
             self._notify()
             return resent
@@ -323,6 +405,7 @@ class Upstream:
             return
         self.abandoned = reason
         self._writer = None
+        self._nowait, self._held = None, None
         self._notify()
         if self._on_abandon is not None:
             self._on_abandon(reason)

@@ -151,3 +151,52 @@ async def test_a_dispatcher_that_never_acknowledges_gets_no_window() -> None:
             await up.send(content(text))
             await call.until(functools.partial(lambda n: len(call.written) == n, up.last_seq))
     assert shown(call.written) == [(1, "a"), (2, "b"), (3, "c")]
+
+
+async def test_content_without_credit_is_held_folded_and_released_on_ack() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=2)
+    async with running(call) as writer:
+        up.attach_new(writer.send, writer.send_nowait)
+        up.on_ack(0)
+        for text in "ab":
+            await up.send(content(text))
+            await call.until(functools.partial(lambda n: len(call.written) == n, up.last_seq))
+        # No credit: the planner does not wait; its chunks fold into one held packet.
+        for text in "cde":
+            out = content(text)
+            await up.send(out)
+            assert out.taken
+        assert up.last_seq == 3
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        assert len(call.written) == 2  # held, not written
+        up.on_ack(1)  # credit for one: the held packet goes out
+        await call.until(lambda: len(call.written) == 3)
+        # Held again ("f", no credit); the stopped does not wait, but never
+        # overtakes it: the held packet goes first.
+        await up.send(content("f"))
+        out = stopped()
+        await up.send(out)
+        assert out.taken
+        await call.until(lambda: len(call.written) == 5)
+    assert shown(call.written) == [(1, "a"), (2, "b"), (3, "cde"), (4, "f"), (5, "stopped")]
+
+
+async def test_a_held_packet_is_resent_after_a_detach() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=1)
+    async with running(call) as writer:
+        up.attach_new(writer.send, writer.send_nowait)
+        up.on_ack(0)
+        await up.send(content("a"))
+        await call.until(lambda: len(call.written) == 1)
+        await up.send(content("b"))  # held
+        await up.send(content("c"))  # folded into it
+        up.detach()
+    resent = Call()
+    async with running(resent) as writer:
+        assert await up.attach(writer.send, 1, writer.send_nowait) == 1
+        await resent.until(lambda: len(resent.written) == 1)
+    assert shown(call.written) == [(1, "a")]
+    assert shown(resent.written) == [(2, "bc")]
