@@ -20,11 +20,15 @@ writer is free.
 The credit window (``window``, ``--content-window``): a content packet that
 needs a seq of its own waits while ``window`` packets, or
 :data:`WINDOW_CHARS` characters of content, of the session are
-unacknowledged on the stream; meanwhile it may still fold into the session's
-packet waiting in the writer's queue (that needs no credit). Only once the
+unacknowledged on the stream. It does not make the planner wait: it is
+numbered, kept and *held* (not handed to the writer), later chunks fold into
+it, and the ack that gives credit hands it over (``StreamWriter.send_nowait``);
+only when the held packet is full does the planner wait. (Without a
+``nowait``, e.g. in tests, the planner waits instead, folding only into a
+packet still in the writer's queue.) Only once the
 dispatcher has acknowledged anything: one that never does gets no window.
 Other packets (``stopped``, ``result``, ``usage``, tool calls, errors) never
-wait for credit and, numbered under the same lock, never overtake content.
+wait for credit and, numbered under the same lock, never overtake content (a held packet is handed over first).
 So a ``stopped`` queues behind at most that much of the session's content
 instead of the stream's whole HTTP/2 window. Memory: at most ``limit``
 packets kept per session; attached, at most ``window`` packets and
