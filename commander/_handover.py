@@ -28,11 +28,12 @@ only when the held packet is full does the planner wait. (Without a
 packet still in the writer's queue.) Only once the
 dispatcher has acknowledged anything: one that never does gets no window.
 Other packets (``stopped``, ``result``, ``usage``, tool calls, errors) never
-wait for credit and, numbered under the same lock, never overtake content (a held packet is handed over first).
-So a ``stopped`` queues behind at most that much of the session's content
-instead of the stream's whole HTTP/2 window. Memory: at most ``limit``
-packets kept per session; attached, at most ``window`` packets and
-:data:`WINDOW_CHARS` + :data:`COALESCE_CHARS` characters of content, plus
+wait for credit and, numbered under the same lock, never overtake content
+(a held packet is handed over first). So a ``stopped`` queues behind at most
+that much of the session's content, plus the held packet, instead of the
+stream's whole HTTP/2 window. Memory: at most ``limit`` packets kept per
+session; attached, at most ``window`` + 1 (held) content packets and
+:data:`WINDOW_CHARS` + twice :data:`COALESCE_CHARS` characters of content, plus
 control packets. This module knows packets only as
 ``UpstreamPacket`` and the writer only as its ``send``; it must not touch the
 gRPC call or the session's planner.
