@@ -44,11 +44,13 @@ const (
 	DefaultPolicyPoll = time.Second
 	// DefaultFlushInterval is the least time between the starts of two
 	// store writes (store.WriterOptions.Interval): an idle writer writes
-	// an event at once, a busy one at most 2000 times a second. 0 (a write
+	// an event at once, a busy one at most 500 times a second. 0 (a write
 	// as soon as the previous one ended) cost 35-95 % more dispatcher CPU
 	// per event at 200 sessions × 20 events/s, each write having a fixed
-	// cost (notes in docs/benchmarks.md).
-	DefaultFlushInterval = 500 * time.Microsecond
+	// cost; 500 µs and 1 ms doubled the stop scenario's decision → stopped
+	// p99 (1.0 → 1.9-2.2 ms) against 2 ms, for the same relay p99
+	// (docs/benchmarks.md, issue 16).
+	DefaultFlushInterval = 2 * time.Millisecond
 
 	// The two below are not applied by New, where zero means something
 	// else; they are cmd/dispatcher's defaults for the matching flags.
