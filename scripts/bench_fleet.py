@@ -635,6 +635,29 @@ def report_split(name: str, f: dict[str, Any]) -> str:
     )
 
 
+def start_scriptedllm() -> subprocess.Popen[bytes]:
+    """The scripted model at RATE tokens/s; its address goes to
+    OUT/fleet-scriptedllm.addr (wait_addr reads it)."""
+    addr_file = OUT / "fleet-scriptedllm.addr"
+    addr_file.unlink(missing_ok=True)
+    with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
+        return subprocess.Popen(
+            [
+                str(BIN / "scriptedllm"),
+                "--listen",
+                "127.0.0.1:0",
+                "--addr-file",
+                str(addr_file),
+                "--tokens-per-sec",
+                str(RATE),
+                "--tokens",
+                "100000",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def start_commander(reps: list[Replica], llm_url: str) -> subprocess.Popen[bytes]:
     """The real commander, SESSIONS slots, given every replica's address (r1 first)."""
     env = dict(os.environ, LLM_BASE_URL=llm_url, LLM_MODEL="scripted")
@@ -700,25 +723,8 @@ def relay_only() -> int:
             reps = [one, one, one]
         else:
             reps = [Replica(n, eng) for n in (1, 2, 3)]
-        llm_addr_file = OUT / "fleet-scriptedllm.addr"
-        llm_addr_file.unlink(missing_ok=True)
-        with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
-            llm = subprocess.Popen(
-                [
-                    str(BIN / "scriptedllm"),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--addr-file",
-                    str(llm_addr_file),
-                    "--tokens-per-sec",
-                    str(RATE),
-                    "--tokens",
-                    "100000",
-                ],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        llm_url = f"http://{wait_addr(llm_addr_file, llm, 'scriptedllm')}/v1"
+        llm = start_scriptedllm()
+        llm_url = f"http://{wait_addr(OUT / 'fleet-scriptedllm.addr', llm, 'scriptedllm')}/v1"
         commander = start_commander(reps[:1] if SINGLE else reps, llm_url)
 
         async def run() -> dict[str, Any]:
@@ -833,25 +839,8 @@ def main() -> int:
         log(report_split("single node, PostgreSQL", res["flood postgres"]))
         stop_process(pg_single)
         reps = [Replica(n, eng) for n in (1, 2, 3)]
-        llm_addr_file = OUT / "fleet-scriptedllm.addr"
-        llm_addr_file.unlink(missing_ok=True)
-        with open(OUT / "fleet-scriptedllm.log", "wb") as logf:
-            llm = subprocess.Popen(
-                [
-                    str(BIN / "scriptedllm"),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--addr-file",
-                    str(llm_addr_file),
-                    "--tokens-per-sec",
-                    str(RATE),
-                    "--tokens",
-                    "100000",
-                ],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        llm_url = f"http://{wait_addr(llm_addr_file, llm, 'scriptedllm')}/v1"
+        llm = start_scriptedllm()
+        llm_url = f"http://{wait_addr(OUT / 'fleet-scriptedllm.addr', llm, 'scriptedllm')}/v1"
         commander = start_commander(reps, llm_url)
         try:
             pids = {"commander": [commander.pid], "scriptedllm": [llm.pid], **eng.pids()}
