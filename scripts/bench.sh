@@ -284,7 +284,11 @@ START=$SECONDS
 #             watcher.
 # idle:       N idle slots (hello, KeepAlive 10 s) held open; RSS per slot.
 # tools:      N sessions each calling a tool 20 times a second, alternating
-#             the built-in echo and bench_echo served by loadgen as a provider.
+#             the built-in echo and bench_echo served by loadgen as a provider;
+#             each session's calls are a Poisson process of its own (real
+#             commanders are not phase-locked). tools-burst: the same with
+#             every session on one 50 ms grid (--arrivals burst, the pacing
+#             before: ~50 calls in the same millisecond).
 # policy:     N sessions streaming 50 packets/s against a dispatcher with a
 #             policy file (a phrase rule + 9 CEL rules); half the tasks emit
 #             the forbidden phrase split across two packets 0.2–2 s in:
@@ -313,6 +317,7 @@ else
   scenario throughput-ingest --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2 --watchers 0
   scenario idle        --scenario idle --sessions 20000 --duration 15s --streams-per-conn 100
   scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
+  scenario tools-burst --scenario tools --sessions 50 --duration 15s --rate 20 --arrivals burst
   policy_scenario policy-50 --sessions 50 --duration 20s --rate 50 --packet-bytes 16
   policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16
 fi

@@ -60,6 +60,10 @@ type sessionPlan struct {
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
 	tools []string
+	// arrivals is how paced sessions' steps are placed in time (see
+	// pacing.go); "" is arrivalsBurst. seed seeds arrivalsPoisson.
+	arrivals string
+	seed     uint64
 	// phrase (policy scenario) is the forbidden phrase a task labelled
 	// poisonLabel=K emits split across two content packets: the first half
 	// at the end of packet K-1, the second half (which completes it) at the
@@ -122,6 +126,9 @@ type fleet struct {
 	lostErr  atomic.Value // string: the first reason a slot was lost
 	closing  atomic.Bool
 	wg       sync.WaitGroup
+	// epoch and slots place the slots' grids (arrivalsSpread); set by open.
+	epoch time.Time
+	slots int
 
 	// Tool calls (plan.tools): round trip per tool, counted from
 	// measureFrom on; errors by code.
@@ -131,6 +138,9 @@ type fleet struct {
 	toolCalls    atomic.Int64
 	toolErrors   atomic.Int64
 	toolErrFirst atomic.Value // string
+	// toolStarts counts the calls sent in each millisecond of
+	// [toolFrom, toolTo): how bursty the arrivals were.
+	toolStarts []atomic.Int32
 }
 
 func newFleet(plan sessionPlan) *fleet {
@@ -142,6 +152,9 @@ func newFleet(plan sessionPlan) *fleet {
 	}
 	for _, t := range plan.tools {
 		f.toolRTT[t] = benchkit.NewRecorder(0)
+	}
+	if len(plan.tools) > 0 {
+		f.toolStarts = make([]atomic.Int32, min(plan.maxSession/time.Millisecond, 1<<22))
 	}
 	return f
 }
@@ -168,6 +181,7 @@ func (f *fleet) trace(taskID string) (sessionTrace, bool) {
 // open starts n slots spread over conns and waits until every one has its
 // hello acknowledged (or ctx ends).
 func (f *fleet) open(ctx context.Context, conns []*grpc.ClientConn, n int) error {
+	f.epoch, f.slots = time.Now(), n
 	ready := make(chan error, n)
 	var firstErr error
 	acked := 0
@@ -299,7 +313,7 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 			_ = stream.CloseSend()
 			return
 		}
-		if err := f.session(ctx, stream, w, start, down); err != nil {
+		if err := f.session(ctx, stream, w, start, down, idx); err != nil {
 			lose(err)
 			return
 		}
@@ -386,8 +400,8 @@ func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1
 
 // session plays one task: content packets at the plan's rate until the plan
 // ends it (usage + result) or a stop arrives (leaked packets + stopped), then
-// waits for the SESSION_CLOSED ack.
-func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket) error {
+// waits for the SESSION_CLOSED ack. slot is the slot's index (pacing).
+func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], w *slotWriter, start *dispatchv1.DownstreamPacket, down <-chan *dispatchv1.DownstreamPacket, slot int) error {
 	sid := start.GetSessionId()
 	v, _ := f.traces.Load(start.GetStart().GetTaskId())
 	tr := v.(*sessionTrace)
@@ -520,9 +534,9 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 	if f.plan.rate > 0 {
 		interval = time.Duration(float64(time.Second) / f.plan.rate)
 	}
-	tick := time.NewTimer(0)
+	pace := newPacer(f.plan.arrivals, interval, began, f.epoch, slot, f.slots, f.plan.seed)
+	tick := time.NewTimer(time.Until(pace.first()))
 	defer tick.Stop()
-	next := began
 	var calls int64
 	args := fmt.Sprintf(`{"text":%q}`, f.payload)
 	// toolCall sends one tool_call and waits for its tool_result; a stop or
@@ -554,6 +568,9 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 					continue
 				}
 				if at := sentAt.UnixMicro(); at >= f.toolFrom.Load() && at < f.toolTo.Load() {
+					if ms := (at - f.toolFrom.Load()) / 1000; ms < int64(len(f.toolStarts)) {
+						f.toolStarts[ms].Add(1)
+					}
 					f.toolCalls.Add(1)
 					f.toolRTT[tool].Add(time.Since(sentAt))
 				}
@@ -610,14 +627,7 @@ emit:
 			tick.Reset(0)
 			continue
 		}
-		// An absolute schedule, so pacing does not drift; after a stall
-		// (flow control) it restarts from now instead of bursting.
-		next = next.Add(interval)
-		wait := time.Until(next)
-		if wait < -interval {
-			next, wait = time.Now(), 0
-		}
-		tick.Reset(max(wait, 0))
+		tick.Reset(pace.advance(time.Now()))
 	}
 
 	if stop != nil {

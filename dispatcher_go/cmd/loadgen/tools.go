@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -79,6 +81,9 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 	params := streamParams(o)
 	params["tools"] = "echo (builtin), " + remoteTool + " (provider)"
 	params["task_packets"] = o.taskPackets
+	if o.rate > 0 {
+		params["arrivals"] = o.arrivals
+	}
 	res := newResult("tools", params)
 
 	provConns, err := dialN(o, e, 1, o.token, true)
@@ -109,6 +114,10 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 	res.latency("tool round trip: echo (builtin)", r.f.toolRTT["echo"].Summary())
 	res.latency("tool round trip: "+remoteTool+" (provider)", r.f.toolRTT[remoteTool].Summary())
 	res.value("tool calls", float64(calls)/window, "/s")
+	if p50, p99 := sameMillisecond(r.f.toolStarts, int(window*1000)); calls > 0 {
+		res.value("calls sent in the same ms as a call, p50", p50, "")
+		res.value("calls sent in the same ms as a call, p99", p99, "")
+	}
 	errs := r.f.toolErrors.Load()
 	first, _ := r.f.toolErrFirst.Load().(string)
 	res.check("no tool errors", errs == 0, "%d errors %s", errs, first)
@@ -123,4 +132,36 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 		res.note("tool provider did not end within 5s")
 	}
 	return res, nil
+}
+
+// sameMillisecond says how bursty the calls were: for a call sent in the
+// window, how many calls (itself included) were sent in the same
+// millisecond; p50 and p99 over the calls. starts counts the calls sent in
+// each millisecond; only the first ms of them are the window's.
+func sameMillisecond(starts []atomic.Int32, ms int) (p50, p99 float64) {
+	var byCount []int64 // byCount[c]: calls sent in a millisecond with c calls
+	var total int64
+	for i := range min(ms, len(starts)) {
+		c := int(starts[i].Load())
+		if c == 0 {
+			continue
+		}
+		for len(byCount) <= c {
+			byCount = append(byCount, 0)
+		}
+		byCount[c] += int64(c)
+		total += int64(c)
+	}
+	quantile := func(q float64) float64 {
+		need := int64(math.Ceil(q * float64(total)))
+		var seen int64
+		for c, n := range byCount {
+			seen += n
+			if n > 0 && seen >= need {
+				return float64(c)
+			}
+		}
+		return 0
+	}
+	return quantile(0.5), quantile(0.99)
 }
