@@ -299,8 +299,9 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
 	}
 	cctx := ctx
-	if !t.instant {
-		// An instant built-in never waits, so a timeout could not fire.
+	if !t.instant && t.provider == nil {
+		// An instant built-in never waits, so a timeout could not fire;
+		// a provider keeps its calls' deadlines itself (expireLoop).
 		var cancel context.CancelFunc
 		cctx, cancel = context.WithTimeout(ctx, t.timeout)
 		defer cancel()

@@ -356,6 +356,51 @@ func TestProviderTimeoutSendsCancel(t *testing.T) {
 	ended(t, done)
 }
 
+// Deadlines are kept per provider, not per call: a call with a shorter
+// timeout than one already waiting still times out at its own deadline,
+// the other keeps waiting, and a result after the deadline is rejected.
+func TestProviderDeadlinesOfDifferentTimeouts(t *testing.T) {
+	b := newBroker(t, 10*time.Second)
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.send(t, hello("p", &dispatchv1.ToolSpec{Name: "long"}, &dispatchv1.ToolSpec{Name: "short", TimeoutMs: 50}))
+	f.next(t)
+	long := make(chan Result, 1)
+	go func() { long <- call(b, context.Background(), "long", `{}`) }()
+	longInv := f.next(t).GetInvoke()
+	began := time.Now()
+	r := call(b, context.Background(), "short", `{}`)
+	wantError(t, r, dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT)
+	if took := time.Since(began); took > 5*time.Second {
+		t.Fatalf("the 50 ms call timed out after %v: it waited for the 10 s call's deadline", took)
+	}
+	if msg := r.Result.GetError().GetMessage(); msg != "no result within 50ms" {
+		t.Fatalf("message %q", msg)
+	}
+	shortInv := f.next(t).GetInvoke()
+	if c := f.next(t).GetCancel(); c.GetInvocationId() != shortInv.GetInvocationId() || c.GetReason() != "timeout" {
+		t.Fatalf("cancel %v for %v", c, shortInv)
+	}
+	// Its late result is refused; the long call is still waiting and gets its own.
+	f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
+		InvocationId: shortInv.GetInvocationId(), ResultJson: `1`}}})
+	if rej := f.next(t).GetRejected(); rej.GetInvocationId() != shortInv.GetInvocationId() {
+		t.Fatalf("late result: got %v, want it rejected", rej)
+	}
+	select {
+	case r := <-long:
+		t.Fatalf("the long call ended early: %v", r.Result)
+	default:
+	}
+	f.send(t, &dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Result{Result: &dispatchv1.InvocationResult{
+		InvocationId: longInv.GetInvocationId(), ResultJson: `2`}}})
+	if r := testutil.Recv(t, long, testutil.Wait, "the long call's result"); r.Result.GetResultJson() != "2" || r.Result.GetError() != nil {
+		t.Fatalf("long call: %v", r.Result)
+	}
+	close(f.In)
+	ended(t, done)
+}
+
 func TestProviderErrorsAndBadResults(t *testing.T) {
 	b := newBroker(t, 2*time.Second)
 	f := newFakeProvider()

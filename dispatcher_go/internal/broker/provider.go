@@ -40,7 +40,22 @@ type provider struct {
 	done chan struct{}
 
 	mu      sync.Mutex
-	pending map[string]chan *dispatchv1.InvocationResult
+	pending map[string]*pendingCall
+	// wakeAt is when expireLoop next looks for calls past their deadline
+	// (zero: no call waits); invoke moves it earlier through rearm.
+	wakeAt time.Time
+	rearm  chan struct{} // capacity 1
+}
+
+// pendingCall is an invocation waiting for its result. Its deadline is
+// kept by the provider's expireLoop, not by a timer of its own: a
+// context.WithTimeout per call (a timer, a context, its registration with
+// the caller's context) was the largest part of the broker's CPU per
+// provider call in the tools scenario.
+type pendingCall struct {
+	ch       chan *dispatchv1.InvocationResult // buffered 1; one sender: whoever removes the entry
+	deadline time.Time
+	timeout  time.Duration
 }
 
 // ServeProvider runs one Connect stream until it ends: hello → welcome →
@@ -82,6 +97,11 @@ func (b *Broker) ServeProvider(ctx context.Context, stream ProviderStream) error
 	}()
 	recvDone := make(chan error, 1)
 	go func() { recvDone <- b.recvLoop(ctx, p, stream) }()
+	expireDone := make(chan struct{})
+	go func() {
+		defer close(expireDone)
+		p.expireLoop(ctx)
+	}()
 
 	var result error
 	select {
@@ -95,6 +115,7 @@ func (b *Broker) ServeProvider(ctx context.Context, stream ProviderStream) error
 	cancel(result)
 	b.unregister(p)
 	close(p.done)
+	<-expireDone // it leaves with ctx and never blocks
 	t := time.NewTimer(senderExitWait)
 	select {
 	case <-senderDone:
@@ -116,7 +137,8 @@ func (b *Broker) newProvider(h *dispatchv1.ProviderHello) (*provider, []*tool, e
 		id:      h.GetProviderId(),
 		out:     make(chan *dispatchv1.ConnectResponse, b.opts.ProviderQueue),
 		done:    make(chan struct{}),
-		pending: make(map[string]chan *dispatchv1.InvocationResult),
+		pending: make(map[string]*pendingCall),
+		rearm:   make(chan struct{}, 1),
 	}
 	tools := make([]*tool, 0, len(h.GetTools()))
 	seen := make(map[string]bool, len(h.GetTools()))
@@ -225,24 +247,87 @@ func (p *provider) sendLoop(ctx context.Context, stream ProviderStream, cancel c
 // deliver hands a result to its waiting call; false if none waits.
 func (p *provider) deliver(r *dispatchv1.InvocationResult) bool {
 	p.mu.Lock()
-	ch, ok := p.pending[r.GetInvocationId()]
+	pc, ok := p.pending[r.GetInvocationId()]
 	if ok {
 		delete(p.pending, r.GetInvocationId())
 	}
 	p.mu.Unlock()
 	if ok {
-		ch <- r // buffered 1, and only one deliver can find it
+		pc.ch <- r // buffered 1, and only the one who removed the entry sends
 	}
 	return ok
 }
 
-// invoke sends an invocation and waits for its result, ctx or the provider's
-// end. On ctx's end the provider is told to cancel.
-func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.Duration) (string, error) {
-	ch := make(chan *dispatchv1.InvocationResult, 1)
+// expireLoop fails the calls whose deadline passed with TIMEOUT (and tells
+// the provider to cancel them), until ctx ends. It sleeps until the
+// earliest deadline: under a steady load that is one wake-up per timeout
+// period, not a timer per call.
+func (p *provider) expireLoop(ctx context.Context) {
+	t := time.NewTimer(time.Hour)
+	t.Stop() // Go 1.23 timers: Stop and Reset need no draining
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			p.expire(time.Now())
+		case <-p.rearm:
+		}
+		p.mu.Lock()
+		next := p.wakeAt
+		p.mu.Unlock()
+		t.Stop()
+		if !next.IsZero() {
+			t.Reset(time.Until(next))
+		}
+	}
+}
+
+// expire fails the pending calls whose deadline is not after now and sets
+// wakeAt to the earliest deadline left.
+func (p *provider) expire(now time.Time) {
+	var late []string
 	p.mu.Lock()
-	p.pending[id] = ch
+	var next time.Time
+	for id, pc := range p.pending {
+		if !pc.deadline.After(now) {
+			delete(p.pending, id)
+			pc.ch <- &dispatchv1.InvocationResult{InvocationId: id, Error: &dispatchv1.ToolError{
+				Code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, Message: fmt.Sprintf("no result within %s", pc.timeout)}}
+			late = append(late, id)
+			continue
+		}
+		if next.IsZero() || pc.deadline.Before(next) {
+			next = pc.deadline
+		}
+	}
+	p.wakeAt = next
 	p.mu.Unlock()
+	for _, id := range late {
+		p.cancelInvocation(id, "timeout")
+	}
+}
+
+// invoke sends an invocation and waits for its result, its deadline
+// (timeout from now: a TIMEOUT error, see expireLoop), ctx or the
+// provider's end. On ctx's end the provider is told to cancel.
+func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.Duration) (string, error) {
+	deadline := time.Now().Add(timeout)
+	pc := &pendingCall{ch: make(chan *dispatchv1.InvocationResult, 1), deadline: deadline, timeout: timeout}
+	p.mu.Lock()
+	p.pending[id] = pc
+	rearm := p.wakeAt.IsZero() || deadline.Before(p.wakeAt)
+	if rearm {
+		p.wakeAt = deadline
+	}
+	p.mu.Unlock()
+	if rearm {
+		select {
+		case p.rearm <- struct{}{}:
+		default: // one is pending already; expireLoop reads wakeAt after it
+		}
+	}
 	delivered := false // deliver removed the entry: no second lock
 	defer func() {
 		if !delivered {
@@ -258,7 +343,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 		ArgumentsJson: c.ArgumentsJSON,
 		TaskId:        c.TaskID,
 		SessionId:     c.SessionID,
-		Deadline:      timestamppb.New(time.Now().Add(timeout)),
+		Deadline:      timestamppb.New(deadline),
 		CallId:        c.CallID,
 		TraceContext:  telemetry.Inject(ctx),
 		SandboxIds:    c.SandboxIDs,
@@ -266,17 +351,24 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 	}}}
 	select {
 	case p.out <- inv:
+	case r := <-pc.ch: // its deadline passed while the queue was full: never sent
+		delivered = true
+		return resultOf(r)
 	case <-ctx.Done():
 		return "", ctx.Err() // never sent: nothing to cancel
 	case <-p.done:
 		return "", errProviderGone
 	}
 	select {
-	case r := <-ch:
+	case r := <-pc.ch:
 		delivered = true
 		return resultOf(r)
 	case <-ctx.Done():
-		p.cancelInvocation(ctx, id)
+		reason := "cancelled"
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			reason = "timeout"
+		}
+		p.cancelInvocation(id, reason)
 		return "", ctx.Err()
 	case <-p.done:
 		return "", errProviderGone
@@ -286,11 +378,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 // cancelInvocation tells the provider to give up an invocation. Best effort: when the
 // provider's queue is full the cancel is not queued (the late result will be
 // rejected as unknown), because a caller must not wait on a stuck provider.
-func (p *provider) cancelInvocation(ctx context.Context, id string) {
-	reason := "cancelled"
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		reason = "timeout"
-	}
+func (p *provider) cancelInvocation(id, reason string) {
 	msg := &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Cancel{Cancel: &dispatchv1.CancelInvocation{
 		InvocationId: id, Reason: reason,
 	}}}
