@@ -32,6 +32,43 @@ func BenchmarkCallEcho(b *testing.B) {
 // once (loadgen's bench_echo), through the broker's queue, its sender, the
 // stream and its receiver.
 func BenchmarkCallProvider(b *testing.B) {
+	br, stop := benchProvider(b)
+	defer stop()
+	ctx := context.Background()
+	c := Call{TaskID: "t", SessionID: "s", CallID: "c1", ToolName: "bench_echo", ArgumentsJSON: benchArgs}
+	b.ReportAllocs()
+	for b.Loop() {
+		if r := br.Call(ctx, c); r.Result.GetError() != nil {
+			b.Fatal(r.Result.GetError())
+		}
+	}
+	b.StopTimer()
+}
+
+// BenchmarkGoProvider is BenchmarkCallProvider started with Go, as a
+// session starts a provider call: no goroutine waits for it.
+func BenchmarkGoProvider(b *testing.B) {
+	br, stop := benchProvider(b)
+	defer stop()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel() // a cancellable context, as a session's
+	c := Call{TaskID: "t", SessionID: "s", CallID: "c1", ToolName: "bench_echo", ArgumentsJSON: benchArgs}
+	res := make(chan Result, 1)
+	done := func(r Result) { res <- r }
+	b.ReportAllocs()
+	for b.Loop() {
+		if !br.Go(ctx, c, done) {
+			b.Fatal("Go refused")
+		}
+		if r := <-res; r.Result.GetError() != nil {
+			b.Fatal(r.Result.GetError())
+		}
+	}
+	b.StopTimer()
+}
+
+// benchProvider serves bench_echo from a provider that answers at once.
+func benchProvider(b *testing.B) (*Broker, func()) {
 	br, err := New(Options{DefaultTimeout: time.Minute})
 	if err != nil {
 		b.Fatal(err)
@@ -60,15 +97,8 @@ func BenchmarkCallProvider(b *testing.B) {
 			}
 		}
 	}()
-	ctx := context.Background()
-	c := Call{TaskID: "t", SessionID: "s", CallID: "c1", ToolName: "bench_echo", ArgumentsJSON: benchArgs}
-	b.ReportAllocs()
-	for b.Loop() {
-		if r := br.Call(ctx, c); r.Result.GetError() != nil {
-			b.Fatal(r.Result.GetError())
-		}
+	return br, func() {
+		f.cancel()
+		<-done
 	}
-	b.StopTimer()
-	f.cancel()
-	<-done
 }

@@ -245,59 +245,14 @@ func validToolName(name string) error {
 
 // Call runs c and always returns a result; failures are in Result.Error.
 func (b *Broker) Call(ctx context.Context, c Call) Result {
-	start := time.Now()
-	ctx, span := telemetry.Tracer().Start(telemetry.Extract(ctx, c.TraceContext), "execute_tool",
-		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(
-			attribute.String("gen_ai.operation.name", "execute_tool"),
-			attribute.String("gen_ai.tool.name", c.ToolName),
-			attribute.String("gen_ai.tool.call.id", c.CallID),
-			attribute.String("task.id", c.TaskID),
-			attribute.String("session.id", c.SessionID)))
-	res := &dispatchv1.ToolCallResult{ToolName: c.ToolName, CallId: c.CallID}
-	done := func(executor string) Result {
-		span.SetAttributes(attribute.String("tool.executor", executor))
-		if e := res.GetError(); e != nil {
-			span.SetAttributes(attribute.String("error.type", e.GetCode().String()))
-			span.SetStatus(codes.Error, e.GetMessage())
-		}
-		span.End()
-		return Result{Result: res, Executor: executor, Duration: time.Since(start)}
-	}
-	fail := func(code dispatchv1.ToolErrorCode, msg, executor string) Result {
-		res.ResultJson = ""
-		res.Error = &dispatchv1.ToolError{Code: code, Message: truncate(msg)}
-		return done(executor)
-	}
-
 	b.mu.RLock()
 	t := b.tools[c.ToolName]
 	b.mu.RUnlock()
-	if t == nil {
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, "unknown tool", "")
+	var s running // on the stack
+	if early, ok := b.begin(ctx, &s, c, t); !ok {
+		return early
 	}
-	var args map[string]any
-	var err error
-	if t.anyObject {
-		// Nothing to validate but that the arguments are an object:
-		// checked without decoding them (a provider gets the text anyway).
-		err = checkObject(c.ArgumentsJSON)
-	} else {
-		args, err = parseArguments(c.ArgumentsJSON)
-	}
-	if err != nil {
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, err.Error(), "")
-	}
-	if t.schema != nil && !t.anyObject {
-		if err := t.schema.Validate(args); err != nil {
-			return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), "")
-		}
-	}
-	span.SetName("execute_tool " + c.ToolName) // a known name: bounded
-	executor := t.executor()
-	// A stop that came first wins: the call must not start.
-	if ctx.Err() != nil {
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
-	}
+	ctx = s.ctx
 	cctx := ctx
 	if !t.instant && t.provider == nil {
 		// An instant built-in never waits, so a timeout could not fire;
@@ -306,38 +261,149 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 		cctx, cancel = context.WithTimeout(ctx, t.timeout)
 		defer cancel()
 	}
-
 	var out string
+	var err error
 	switch {
 	case t.builtin != nil:
-		out, err = t.builtin(cctx, args, c.ArgumentsJSON)
+		out, err = t.builtin(cctx, s.args, c.ArgumentsJSON)
 	case t.local != nil:
 		out, err = t.local.run(cctx, c)
 	default:
 		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, t.timeout)
 	}
-	if err == nil && len(out) > b.opts.MaxResultBytes {
+	return s.finish(ctx, cctx, out, err)
+}
+
+// maxGoArguments bounds the arguments of a call Go starts: Go checks them
+// on its caller's goroutine (a session's receive loop).
+const maxGoArguments = 64 << 10
+
+// Go starts c, a call of a provider's tool, without a goroutine waiting
+// for it, and calls done once with its result: on the goroutine that
+// completes it (the provider stream's receiver, its deadline keeper, the
+// one that ends ctx, or Go's caller when the call fails its checks or
+// the provider is gone). done must not block. Go reports false, and does
+// nothing, for any other call (a built-in, a local tool, a tool that does
+// not exist, or arguments over maxGoArguments): the caller runs Call.
+//
+// A call that only waits for a provider needs no goroutine: Go saves the
+// tool goroutine's start and its wake-up when the result comes, two of
+// the hand-offs on a provider call's round trip.
+func (b *Broker) Go(ctx context.Context, c Call, done func(Result)) bool {
+	b.mu.RLock()
+	t := b.tools[c.ToolName]
+	b.mu.RUnlock()
+	if t == nil || t.provider == nil || len(c.ArgumentsJSON) > maxGoArguments {
+		return false
+	}
+	s := new(running)
+	if early, ok := b.begin(ctx, s, c, t); !ok {
+		done(early)
+		return true
+	}
+	t.provider.start(s.ctx, b.newInvocationID(), c, t.timeout, func(out string, err error) {
+		done(s.finish(s.ctx, s.ctx, out, err))
+	})
+	return true
+}
+
+// running is a call that passed its checks, until finish.
+type running struct {
+	b     *Broker
+	t     *tool
+	ctx   context.Context // the caller's, with the call's span
+	args  map[string]any  // decoded arguments; nil for any-object schemas
+	start time.Time
+	span  trace.Span
+	res   *dispatchv1.ToolCallResult
+}
+
+// begin starts c's span and checks c against t, its tool (nil: none);
+// ok false means c is answered already (unknown tool, invalid arguments,
+// ctx done) with early.
+func (b *Broker) begin(ctx context.Context, s *running, c Call, t *tool) (early Result, ok bool) {
+	s.b, s.start = b, time.Now()
+	ctx, s.span = telemetry.Tracer().Start(telemetry.Extract(ctx, c.TraceContext), "execute_tool",
+		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(
+			attribute.String("gen_ai.operation.name", "execute_tool"),
+			attribute.String("gen_ai.tool.name", c.ToolName),
+			attribute.String("gen_ai.tool.call.id", c.CallID),
+			attribute.String("task.id", c.TaskID),
+			attribute.String("session.id", c.SessionID)))
+	s.ctx = ctx
+	s.res = &dispatchv1.ToolCallResult{ToolName: c.ToolName, CallId: c.CallID}
+	if t == nil {
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_UNKNOWN_TOOL, "unknown tool", ""), false
+	}
+	var err error
+	if t.anyObject {
+		// Nothing to validate but that the arguments are an object:
+		// checked without decoding them (a provider gets the text anyway).
+		err = checkObject(c.ArgumentsJSON)
+	} else {
+		s.args, err = parseArguments(c.ArgumentsJSON)
+	}
+	if err != nil {
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, err.Error(), ""), false
+	}
+	if t.schema != nil && !t.anyObject {
+		if err := t.schema.Validate(s.args); err != nil {
+			return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_INVALID_ARGUMENTS, "arguments do not match the tool's schema: "+schemaError(err), ""), false
+		}
+	}
+	s.span.SetName("execute_tool " + c.ToolName) // a known name: bounded
+	s.t = t
+	// A stop that came first wins: the call must not start.
+	if ctx.Err() != nil {
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", t.executor()), false
+	}
+	return Result{}, true
+}
+
+// done ends the call's span and returns its result.
+func (s *running) done(executor string) Result {
+	s.span.SetAttributes(attribute.String("tool.executor", executor))
+	if e := s.res.GetError(); e != nil {
+		s.span.SetAttributes(attribute.String("error.type", e.GetCode().String()))
+		s.span.SetStatus(codes.Error, e.GetMessage())
+	}
+	s.span.End()
+	return Result{Result: s.res, Executor: executor, Duration: time.Since(s.start)}
+}
+
+func (s *running) fail(code dispatchv1.ToolErrorCode, msg, executor string) Result {
+	s.res.ResultJson = ""
+	s.res.Error = &dispatchv1.ToolError{Code: code, Message: truncate(msg)}
+	return s.done(executor)
+}
+
+// finish turns an executor's outcome into the call's result. ctx is the
+// caller's context, cctx the one the executor ran under (with its timeout).
+func (s *running) finish(ctx, cctx context.Context, out string, err error) Result {
+	t := s.t
+	executor := t.executor()
+	if err == nil && len(out) > s.b.opts.MaxResultBytes {
 		// A built-in's result (echo of large arguments) is bounded like a
 		// provider's, so the packet and event it becomes fit the limit.
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED,
-			fmt.Sprintf("result of %d bytes exceeds the limit of %d bytes", len(out), b.opts.MaxResultBytes), executor)
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED,
+			fmt.Sprintf("result of %d bytes exceeds the limit of %d bytes", len(out), s.b.opts.MaxResultBytes), executor)
 	}
 	if err == nil {
-		res.ResultJson = out
-		return done(executor)
+		s.res.ResultJson = out
+		return s.done(executor)
 	}
 	var te *toolError
 	switch {
 	case errors.As(err, &te):
-		return fail(te.code, te.msg, executor)
+		return s.fail(te.code, te.msg, executor)
 	case ctx.Err() != nil:
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", executor)
 	case errors.Is(err, context.DeadlineExceeded) || cctx.Err() != nil:
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, fmt.Sprintf("no result within %s", t.timeout), executor)
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, fmt.Sprintf("no result within %s", t.timeout), executor)
 	case errors.Is(err, errProviderGone):
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE, "tool provider disconnected", executor)
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_PROVIDER_UNAVAILABLE, "tool provider disconnected", executor)
 	default:
-		return fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, err.Error(), executor)
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_EXECUTION_FAILED, err.Error(), executor)
 	}
 }
 

@@ -45,6 +45,9 @@ type provider struct {
 	// (zero: no call waits); invoke moves it earlier through rearm.
 	wakeAt time.Time
 	rearm  chan struct{} // capacity 1
+	// closed is set (under mu) once the stream is over and the calls
+	// started by Go have been failed: start fails at once after it.
+	closed bool
 }
 
 // pendingCall is an invocation waiting for its result. Its deadline is
@@ -52,10 +55,34 @@ type provider struct {
 // context.WithTimeout per call (a timer, a context, its registration with
 // the caller's context) was the largest part of the broker's CPU per
 // provider call in the tools scenario.
+//
+// A call waits in one of two ways: invoke's goroutine on ch, or, for a
+// call started by Broker.Go, nobody: finish is called instead, once, by
+// whoever removes the entry (see complete).
 type pendingCall struct {
-	ch       chan *dispatchv1.InvocationResult // buffered 1; one sender: whoever removes the entry
+	ch       chan *dispatchv1.InvocationResult // invoke: buffered 1; one sender: whoever removes the entry
+	finish   func(out string, err error)       // start: called once, by whoever removes the entry
+	stop     func() bool                       // start: unregisters its context.AfterFunc
 	deadline time.Time
 	timeout  time.Duration
+}
+
+// complete hands r to the call; the caller removed pc from pending, and
+// does not hold p.mu when pc is a started one (finish runs the session's
+// recording).
+func (pc *pendingCall) complete(r *dispatchv1.InvocationResult) {
+	if pc.ch != nil {
+		pc.ch <- r // buffered 1, and only the one who removed the entry sends
+		return
+	}
+	pc.stop()
+	pc.finish(resultOf(r))
+}
+
+// timeoutResult is what a call gets when its deadline passes.
+func timeoutResult(id string, timeout time.Duration) *dispatchv1.InvocationResult {
+	return &dispatchv1.InvocationResult{InvocationId: id, Error: &dispatchv1.ToolError{
+		Code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, Message: fmt.Sprintf("no result within %s", timeout)}}
 }
 
 // ServeProvider runs one Connect stream until it ends: hello → welcome →
@@ -116,6 +143,7 @@ func (b *Broker) ServeProvider(ctx context.Context, stream ProviderStream) error
 	b.unregister(p)
 	close(p.done)
 	<-expireDone // it leaves with ctx and never blocks
+	p.failStarted()
 	t := time.NewTimer(senderExitWait)
 	select {
 	case <-senderDone:
@@ -253,9 +281,42 @@ func (p *provider) deliver(r *dispatchv1.InvocationResult) bool {
 	}
 	p.mu.Unlock()
 	if ok {
-		pc.ch <- r // buffered 1, and only the one who removed the entry sends
+		pc.complete(r)
 	}
 	return ok
+}
+
+// remove takes id's entry out of pending; nil if it is not there (the call
+// was completed already).
+func (p *provider) remove(id string) *pendingCall {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pc, ok := p.pending[id]
+	if !ok {
+		return nil
+	}
+	delete(p.pending, id)
+	return pc
+}
+
+// failStarted fails the calls started by Broker.Go that still wait, once
+// the stream is over (invoke's callers see p.done), and makes start fail
+// from now on.
+func (p *provider) failStarted() {
+	var gone []*pendingCall
+	p.mu.Lock()
+	p.closed = true
+	for id, pc := range p.pending {
+		if pc.finish != nil {
+			delete(p.pending, id)
+			gone = append(gone, pc)
+		}
+	}
+	p.mu.Unlock()
+	for _, pc := range gone {
+		pc.stop()
+		pc.finish("", errProviderGone)
+	}
 }
 
 // expireLoop fails the calls whose deadline passed with TIMEOUT (and tells
@@ -288,13 +349,17 @@ func (p *provider) expireLoop(ctx context.Context) {
 // wakeAt to the earliest deadline left.
 func (p *provider) expire(now time.Time) {
 	var late []string
+	var started []*pendingCall // completed outside the lock
 	p.mu.Lock()
 	var next time.Time
 	for id, pc := range p.pending {
 		if !pc.deadline.After(now) {
 			delete(p.pending, id)
-			pc.ch <- &dispatchv1.InvocationResult{InvocationId: id, Error: &dispatchv1.ToolError{
-				Code: dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, Message: fmt.Sprintf("no result within %s", pc.timeout)}}
+			if pc.ch != nil {
+				pc.complete(timeoutResult(id, pc.timeout))
+			} else {
+				started = append(started, pc)
+			}
 			late = append(late, id)
 			continue
 		}
@@ -307,6 +372,76 @@ func (p *provider) expire(now time.Time) {
 	for _, id := range late {
 		p.cancelInvocation(id, "timeout")
 	}
+	for _, pc := range started {
+		pc.complete(timeoutResult("", pc.timeout))
+	}
+}
+
+// track adds pc to pending as id and moves expireLoop's wake-up earlier if
+// pc's deadline is the earliest; false if the stream is over.
+func (p *provider) track(id string, pc *pendingCall, register func()) bool {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return false
+	}
+	p.pending[id] = pc
+	if register != nil {
+		register()
+	}
+	rearm := p.wakeAt.IsZero() || pc.deadline.Before(p.wakeAt)
+	if rearm {
+		p.wakeAt = pc.deadline
+	}
+	p.mu.Unlock()
+	if rearm {
+		select {
+		case p.rearm <- struct{}{}:
+		default: // one is pending already; expireLoop reads wakeAt after it
+		}
+	}
+	return true
+}
+
+// start is invoke without a waiting goroutine (Broker.Go): it queues the
+// invocation and returns; finish gets the outcome, once, from whoever
+// completes the call: the receiver (a result), expireLoop (TIMEOUT), ctx's
+// end (the provider is told to cancel), or the stream's end
+// (errProviderGone; also at once if it is over already). When the queue is
+// full a goroutine waits for room, as invoke would.
+func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Duration, finish func(string, error)) {
+	deadline := time.Now().Add(timeout)
+	pc := &pendingCall{finish: finish, deadline: deadline, timeout: timeout}
+	inv := invocation(ctx, id, c, deadline)
+	ok := p.track(id, pc, func() {
+		// Under p.mu, so that pc.stop is set before anyone can remove pc.
+		pc.stop = context.AfterFunc(ctx, func() {
+			if p.remove(id) != nil {
+				p.cancelInvocation(id, "cancelled")
+				finish("", ctx.Err())
+			}
+		})
+	})
+	if !ok {
+		finish("", errProviderGone)
+		return
+	}
+	select {
+	case p.out <- inv:
+		return
+	default:
+	}
+	go func() {
+		// Rare (a provider that does not keep up): a timer of its own.
+		t := time.NewTimer(time.Until(deadline))
+		defer t.Stop()
+		select {
+		case p.out <- inv:
+		case <-t.C: // expireLoop completes the call
+		case <-ctx.Done(): // the AfterFunc completes it
+		case <-p.done: // failStarted completes it
+		}
+	}()
 }
 
 // invoke sends an invocation and waits for its result, its deadline
@@ -315,18 +450,8 @@ func (p *provider) expire(now time.Time) {
 func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	pc := &pendingCall{ch: make(chan *dispatchv1.InvocationResult, 1), deadline: deadline, timeout: timeout}
-	p.mu.Lock()
-	p.pending[id] = pc
-	rearm := p.wakeAt.IsZero() || deadline.Before(p.wakeAt)
-	if rearm {
-		p.wakeAt = deadline
-	}
-	p.mu.Unlock()
-	if rearm {
-		select {
-		case p.rearm <- struct{}{}:
-		default: // one is pending already; expireLoop reads wakeAt after it
-		}
+	if !p.track(id, pc, nil) {
+		return "", errProviderGone
 	}
 	delivered := false // deliver removed the entry: no second lock
 	defer func() {
@@ -337,18 +462,7 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 		}
 	}()
 
-	inv := &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Invoke{Invoke: &dispatchv1.Invocation{
-		InvocationId:  id,
-		ToolName:      c.ToolName,
-		ArgumentsJson: c.ArgumentsJSON,
-		TaskId:        c.TaskID,
-		SessionId:     c.SessionID,
-		Deadline:      timestamppb.New(deadline),
-		CallId:        c.CallID,
-		TraceContext:  telemetry.Inject(ctx),
-		SandboxIds:    c.SandboxIDs,
-		Tenant:        c.Tenant,
-	}}}
+	inv := invocation(ctx, id, c, deadline)
 	select {
 	case p.out <- inv:
 	case r := <-pc.ch: // its deadline passed while the queue was full: never sent
@@ -373,6 +487,22 @@ func (p *provider) invoke(ctx context.Context, id string, c Call, timeout time.D
 	case <-p.done:
 		return "", errProviderGone
 	}
+}
+
+// invocation is the message that asks the provider to run c.
+func invocation(ctx context.Context, id string, c Call, deadline time.Time) *dispatchv1.ConnectResponse {
+	return &dispatchv1.ConnectResponse{Msg: &dispatchv1.ConnectResponse_Invoke{Invoke: &dispatchv1.Invocation{
+		InvocationId:  id,
+		ToolName:      c.ToolName,
+		ArgumentsJson: c.ArgumentsJSON,
+		TaskId:        c.TaskID,
+		SessionId:     c.SessionID,
+		Deadline:      timestamppb.New(deadline),
+		CallId:        c.CallID,
+		TraceContext:  telemetry.Inject(ctx),
+		SandboxIds:    c.SandboxIDs,
+		Tenant:        c.Tenant,
+	}}}
 }
 
 // cancelInvocation tells the provider to give up an invocation. Best effort: when the

@@ -8,8 +8,12 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
-// errOutboxClosed is returned by push once the slot has ended.
-var errOutboxClosed = errors.New("slot closed")
+// errOutboxClosed is returned by push once the slot has ended;
+// errOutboxFull by tryPush when the ring is full.
+var (
+	errOutboxClosed = errors.New("slot closed")
+	errOutboxFull   = errors.New("outbox full")
+)
 
 // outbox holds the downstream packets of one slot until its sender writes
 // them. It has two lanes: a one-packet stop lane that the sender always
@@ -97,6 +101,24 @@ func (o *outbox) push(ctx context.Context, p *dispatchv1.DownstreamPacket) error
 			return ctx.Err()
 		}
 	}
+}
+
+// tryPush queues p if the ring has room; it never waits (errOutboxFull).
+func (o *outbox) tryPush(p *dispatchv1.DownstreamPacket) error {
+	o.mu.Lock()
+	switch {
+	case o.closed:
+		o.mu.Unlock()
+		return errOutboxClosed
+	case o.n >= o.limit:
+		o.mu.Unlock()
+		return errOutboxFull
+	}
+	o.enqueueLocked(p)
+	start := o.wakeLocked()
+	o.mu.Unlock()
+	o.start(start)
+	return nil
 }
 
 // pushControl queues p without waiting (see the type comment).

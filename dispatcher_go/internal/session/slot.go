@@ -350,16 +350,26 @@ func (sl *slot) reject(sessionID, detail string) error {
 
 // goTool runs f in a tracked goroutine; false once the slot has closed.
 func (sl *slot) goTool(f func()) bool {
+	if !sl.addTool() {
+		return false
+	}
+	go func() {
+		defer sl.tools.Done()
+		f()
+	}()
+	return true
+}
+
+// addTool tracks a tool call that has no goroutine of its own (broker.Go):
+// waitTools waits for its sl.tools.Done as for a goroutine's. False once
+// the slot has closed.
+func (sl *slot) addTool() bool {
 	sl.toolsMu.Lock()
 	defer sl.toolsMu.Unlock()
 	if sl.toolsClosed {
 		return false
 	}
 	sl.tools.Add(1)
-	go func() {
-		defer sl.tools.Done()
-		f()
-	}()
 	return true
 }
 

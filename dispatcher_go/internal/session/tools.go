@@ -19,7 +19,12 @@ import (
 // An accepted call runs on the broker in its own goroutine (slot.goTool),
 // except an instant built-in (broker.Instant: echo), which runs
 // on the receiving goroutine: a goroutine of its own would cost more than
-// the call and add a hand-off to its round trip. Its result is recorded and
+// the call and add a hand-off to its round trip; and a provider's tool,
+// which the broker starts without a goroutine waiting for it (broker.Go):
+// its result is recorded and pushed by the broker goroutine that completes
+// it (finishStarted), which must not block, so a full outbox is waited for
+// by a goroutine of its own. Either way the slot tracks the call (its
+// tools WaitGroup) until its result is pushed. The result is recorded and
 // sent downstream. A policy can deny a call (policy.go) or hold it
 // (holds.go).
 //
@@ -87,6 +92,12 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 		r.inflight.Add(-1)
 		return nil
 	}
+	if r.sl.addTool() {
+		if b.Go(r.ctx, call, r.finishStarted) {
+			return nil
+		}
+		r.sl.tools.Done() // not a provider's tool: it gets a goroutine
+	}
 	if !r.sl.goTool(func() {
 		defer r.inflight.Add(-1)
 		r.deliverResult(b.Call(r.ctx, call))
@@ -113,6 +124,33 @@ func (r *run) deliverResult(res broker.Result) {
 		return // the session is over; nobody waits for this call
 	}
 	_ = r.sendResult(res.Result)
+}
+
+// finishStarted is deliverResult for a call started with broker.Go: it
+// runs on the broker goroutine that completed the call and must not block,
+// so when the outbox is full a goroutine waits for room. It ends the
+// call's tracking (addTool) once the result is pushed.
+func (r *run) finishStarted(res broker.Result) {
+	r.recordResult(res)
+	if r.ended.Load() {
+		r.inflight.Add(-1)
+		r.sl.tools.Done()
+		return // the session is over; nobody waits for this call
+	}
+	p := &dispatchv1.DownstreamPacket{
+		SessionId: r.sessionID,
+		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res.Result},
+	}
+	if err := r.sl.out.tryPush(p); !errors.Is(err, errOutboxFull) {
+		r.inflight.Add(-1)
+		r.sl.tools.Done()
+		return
+	}
+	go func() {
+		defer r.sl.tools.Done()
+		defer r.inflight.Add(-1)
+		_ = r.sl.out.push(r.sl.ctx, p) // fails only when the slot ends
+	}()
 }
 
 func (r *run) recordResult(res broker.Result) {

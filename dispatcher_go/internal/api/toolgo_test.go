@@ -1,0 +1,85 @@
+package api
+
+import (
+	"testing"
+
+	"github.com/agentdispatch/dispatcher/internal/dispatcher"
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
+)
+
+// A provider call in flight has no goroutine waiting for it (broker.Go):
+// a stop still cancels it — the provider is told, the commander gets
+// CANCELLED, the log has the result — and the end of the commander's
+// stream does too.
+func TestProviderCallInFlightIsCancelled(t *testing.T) {
+	t.Parallel()
+	h, ctx := newHarness(t, dispatcher.Config{})
+	prov, err := h.tools.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := prov.Send(&dispatchv1.ConnectRequest{Msg: &dispatchv1.ConnectRequest_Hello{Hello: &dispatchv1.ProviderHello{
+		ProviderId: "never", Tools: []*dispatchv1.ToolSpec{{Name: "never.answers"}},
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	if w, err := prov.Recv(); err != nil || w.GetWelcome() == nil {
+		t.Fatalf("welcome %v %v", w, err)
+	}
+	nextCancel := func(invocationID string) {
+		t.Helper()
+		m, err := prov.Recv()
+		if err != nil || m.GetCancel().GetInvocationId() != invocationID || m.GetCancel().GetReason() != "cancelled" {
+			t.Fatalf("want the cancel of %s, got %v %v", invocationID, m, err)
+		}
+	}
+
+	// A stop.
+	c := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x"})
+	sid, _ := c.Start()
+	c.Send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: "n1", ToolName: "never.answers", ArgumentsJson: `{}`}))
+	inv, err := prov.Recv()
+	if err != nil || inv.GetInvoke().GetCallId() != "n1" {
+		t.Fatalf("invoke %v %v", inv, err)
+	}
+	done := testutil.Async(func() (*dispatchv1.CancelTaskResponse, error) {
+		return h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId()})
+	})
+	c.RecvUntil(isStop)
+	if r := c.RecvUntil(func(p *dispatchv1.DownstreamPacket) bool { return p.GetToolResult() != nil }).GetToolResult(); r.GetCallId() != "n1" ||
+		r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED {
+		t.Fatalf("result %v", r)
+	}
+	nextCancel(inv.GetInvoke().GetInvocationId())
+	c.Send(testutil.Up(sid, &dispatchv1.Stopped{}))
+	if r := testutil.Recv(t, done, testutil.Wait, "CancelTask to return"); r.Err != nil || !r.V.GetCancelled() {
+		t.Fatalf("cancel %v %v", r.V, r.Err)
+	}
+	var results []string
+	for _, ev := range watchAll(t, h, sub.GetTaskId(), 0) {
+		if tr := ev.GetToolResult(); tr != nil {
+			results = append(results, tr.GetResult().GetCallId()+"@"+tr.GetExecutor()+":"+tr.GetResult().GetError().GetCode().String())
+		}
+	}
+	if len(results) != 1 || results[0] != "n1@never:TOOL_ERROR_CODE_CANCELLED" {
+		t.Fatalf("tool results in the log: %v", results)
+	}
+
+	// The commander's stream ends mid-call (c leaves, so that c2 gets the task).
+	c.Close()
+	c2 := testutil.Connect(t, ctx, h.conn, "planner:chat")
+	if _, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "y"}); err != nil {
+		t.Fatal(err)
+	}
+	sid2, _ := c2.Start()
+	c2.Send(testutil.Up(sid2, &dispatchv1.ToolCallRequest{CallId: "n2", ToolName: "never.answers", ArgumentsJson: `{}`}))
+	inv, err = prov.Recv()
+	if err != nil || inv.GetInvoke().GetCallId() != "n2" {
+		t.Fatalf("invoke %v %v", inv, err)
+	}
+	c2.Cancel()
+	nextCancel(inv.GetInvoke().GetInvocationId())
+	_ = prov.CloseSend()
+}
