@@ -12,6 +12,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	"github.com/agentdispatch/dispatcher/internal/benchkit"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -105,15 +106,31 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 	}
 	r.f.toolFrom.Store(r.measureFrom.UnixMicro())
 	r.f.toolTo.Store(r.measureTo.UnixMicro())
+	// The dispatcher's CPU time over the window, per call.
+	cpuAt := func() time.Duration {
+		if o.dispatcherPID == 0 {
+			return 0
+		}
+		d, _ := benchkit.CPUTime(o.dispatcherPID)
+		return d
+	}
+	if err := sleepUntil(ctx, r.measureFrom); err != nil {
+		return nil, err
+	}
+	cpuFrom := cpuAt()
 	if err := sleepUntil(ctx, r.measureTo); err != nil {
 		return nil, err
 	}
+	cpuUsed := cpuAt() - cpuFrom
 	window := r.measureTo.Sub(r.measureFrom).Seconds()
 	r.finish(ctx, res)
 	calls := r.f.toolCalls.Load()
 	res.latency("tool round trip: echo (builtin)", r.f.toolRTT["echo"].Summary())
 	res.latency("tool round trip: "+remoteTool+" (provider)", r.f.toolRTT[remoteTool].Summary())
 	res.value("tool calls", float64(calls)/window, "/s")
+	if o.dispatcherPID > 0 && calls > 0 {
+		res.value("dispatcher CPU per call", float64(cpuUsed.Microseconds())/float64(calls), "µs")
+	}
 	if p50, p99 := sameMillisecond(r.f.toolStarts, int(window*1000)); calls > 0 {
 		res.value("calls sent in the same ms as a call, p50", p50, "")
 		res.value("calls sent in the same ms as a call, p99", p99, "")
