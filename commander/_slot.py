@@ -65,8 +65,10 @@ class SlotSettings:
         closed_timeout: float,
         handover_buffer: int = 4096,
         handover_timeout: float = 60.0,
+        content_window: int = 0,
     ) -> None:
         self.handover_buffer = handover_buffer
+        self.content_window = content_window
         self.handover_timeout = handover_timeout
         self.connection = connection
         self.hello = hello
@@ -191,7 +193,9 @@ class Slot:
         """The dispatcher took the session back: resend what it lacks, then go on."""
         away = time.monotonic() - (upstream.detached_at or time.monotonic())
         before = upstream.pending
-        resent = await upstream.attach(stream.writer.send, ack.upstream_seq)
+        resent = await upstream.attach(
+            stream.writer.send, ack.upstream_seq, stream.writer.send_nowait
+        )
         if not upstream.attached:
             return  # the new stream broke meanwhile; the next one tries again
         session.reattached(ack.upstream_seq, ack.attempt)
@@ -387,7 +391,9 @@ class Slot:
             stream.tg.start_soon(self._send_quietly, stream.writer, refusal)
             return
         name = packet.start.planner or "chat"
-        upstream = Upstream(packet.session_id, limit=self._s.handover_buffer)
+        upstream = Upstream(
+            packet.session_id, limit=self._s.handover_buffer, window=self._s.content_window
+        )
         session = Session(
             packet,
             self._s.resolve_planner(name),
@@ -401,7 +407,7 @@ class Slot:
         # The session runs in the slot's task group: it outlives this stream
         # (hand-over); without hand-over, _on_closed ends it with the stream.
         tg = self._tg if self.handover and self._tg is not None else stream.tg
-        upstream.attach_new(stream.writer.send)
+        upstream.attach_new(stream.writer.send, stream.writer.send_nowait)
         tg.start_soon(self._run_session, session, upstream, tg)
 
     async def _run_session(self, session: Session, upstream: Upstream, tg: TaskGroup) -> None:
