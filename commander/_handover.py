@@ -72,7 +72,11 @@ COALESCE_CHARS = 4 * 1024
 #: session's content are unacknowledged: folded packets are up to
 #: COALESCE_CHARS each, so a window of packets alone would let a flood put
 #: far more bytes ahead of a ``stopped`` than a window of small packets.
-WINDOW_CHARS = 16 * 1024
+#: With the dispatcher's 20 ms acks this is also a session's pace in a flood
+#: (about WINDOW_CHARS + COALESCE_CHARS per ack round): 16 Ki let 8 flooding
+#: sessions double the stop's decision → ``stopped``; 4 Ki kept it below main's
+#: but capped one commander's 4 flooding sessions at ~0.6× raw grpc.aio.
+WINDOW_CHARS = 8 * 1024
 
 
 def _merge_content(into: ipb.UpstreamPacket, packet: ipb.UpstreamPacket) -> bool:

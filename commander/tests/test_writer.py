@@ -277,3 +277,28 @@ async def test_half_close_follows_what_was_queued_and_nothing_goes_after_it() ->
         await call.until(lambda: call.half_closed)
         await anyio.wait_all_tasks_blocked()
     assert [p.thought.delta for p in call.written] == ["0", "1"]
+
+
+async def test_discard_drops_waiting_messages_only_and_frees_room() -> None:
+    call = Call()
+    async with running(call) as writer:
+        call.hold()
+        await writer.write(Packet(session_id="s", content=ipb.ContentChunk(text="a")))
+        await call.until(lambda: call.writing is not None)
+        kept = Packet(session_id="s", stopped=ipb.Stopped(reason="x"))
+        for i in range(QUEUE_LIMIT - 1):
+            await writer.write(Packet(session_id="s", content=ipb.ContentChunk(text=f"q{i}")))
+        await writer.write(kept)
+        late = Outgoing(Packet(session_id="s", content=ipb.ContentChunk(text="late")))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.send, late)  # the queue is full: it waits for room
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not late.taken
+            dropped = writer.discard(lambda p: p.HasField("content"))
+            assert dropped == QUEUE_LIMIT - 1
+        assert late.taken  # room at once, without a write completing
+        call.release()
+        await call.until(lambda: len(call.written) == 3)
+    # "a" was being written: it goes out; the queued chunks do not.
+    assert shown(call.written) == [(0, "a"), (0, "stopped"), (0, "late")]
