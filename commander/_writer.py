@@ -37,8 +37,9 @@ QUEUE_LIMIT = 4
 _LOW_WATER = QUEUE_LIMIT // 2
 #: A producer that never had to wait yields to the event loop after this many messages.
 #: Small: a flooding planner's turn is one slice of the loop, and the slot's
-#: reader (a stop) waits for the loop's turns; 4 still keeps
-#: scripts/bench_pyceiling.py well above raw grpc.aio.
+#: reader (a stop) waits for the loop's turns. 4 costs a flood little
+#: (scripts/bench_pyceiling.py: ~2x raw grpc.aio with a 16 Ki credit window;
+#: the credit window, not this, is what paces a flood).
 YIELD_EVERY = 4
 
 
