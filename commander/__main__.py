@@ -35,7 +35,7 @@ from commander._llm import (
 from commander._planners import PlannerRegistry
 from commander._pricing import PriceTable
 from commander._provider import ToolProvider
-from commander._timeouts import HANDOVER_BUFFER, HANDOVER_TIMEOUT
+from commander._timeouts import CONTENT_WINDOW, HANDOVER_BUFFER, HANDOVER_TIMEOUT
 from commander._workspace import workspace_provider
 from commander.gui._planner import GuiPlanner, GuiSettings
 from commander.sandbox import SandboxSettings, SandboxTools, sandbox_provider
@@ -53,6 +53,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
     return value
 
 
@@ -272,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
         "waits when they are full, and a session away from its dispatcher that fills them is "
         "abandoned (env COMMANDER_HANDOVER_BUFFER; default %(default)s)",
     )
+    parser.add_argument(
+        "--content-window",
+        type=_non_negative_int,
+        default=env("COMMANDER_CONTENT_WINDOW", str(CONTENT_WINDOW)),
+        help="credit window: a session's content waits while this many of its packets (or "
+        "8 Ki characters of its content) are unacknowledged by the dispatcher, so that a "
+        "stop's `stopped` (control never waits) queues behind at most that; 0: off "
+        "(env COMMANDER_CONTENT_WINDOW; default %(default)s)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser
 
@@ -342,6 +358,7 @@ def build_commander(args: argparse.Namespace) -> Commander:
         shutdown_grace=args.shutdown_grace,
         handover_timeout=max(0.0, args.handover_timeout),
         handover_buffer=args.handover_buffer,
+        content_window=args.content_window,
     )
 
 

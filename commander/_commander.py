@@ -31,6 +31,7 @@ from commander._provider import ToolProvider
 from commander._slot import Slot, SlotSettings
 from commander._timeouts import (
     CLOSED_TIMEOUT,
+    CONTENT_WINDOW,
     HANDOVER_BUFFER,
     HANDOVER_TIMEOUT,
     SHUTDOWN_GRACE,
@@ -86,6 +87,11 @@ class Commander:
             session ends with its stream, no hand-over).
         handover_buffer: how many of a session's packets are kept until the
             dispatcher has recorded them (docs/protocol.md, "Session hand-over").
+        content_window: the credit window: a session's content waits (folding
+            into its packet still queued) while this many of its packets, or
+            8 Ki characters of its content, are unacknowledged, so that
+            ``stopped`` queues behind at most that; control never waits for
+            credit (0: no window).
     """
 
     def __init__(
@@ -105,7 +111,10 @@ class Commander:
         closed_timeout: float = CLOSED_TIMEOUT,
         handover_timeout: float = HANDOVER_TIMEOUT,
         handover_buffer: int = HANDOVER_BUFFER,
+        content_window: int = CONTENT_WINDOW,
     ) -> None:
+        if content_window < 0:
+            raise ValueError("content_window must be at least 0")
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if connection is None:
@@ -141,6 +150,7 @@ class Commander:
             closed_timeout=closed_timeout,
             handover_buffer=handover_buffer,
             handover_timeout=handover_timeout,
+            content_window=content_window,
         )
         self.slots = tuple(Slot(i, settings) for i in range(slots))
         self._bg: TaskGroup | None = None

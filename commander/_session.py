@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
@@ -521,8 +522,24 @@ class Session:
             raise TypeError(f"planner returned {type(value).__name__}")
 
     async def _emit(self, item: PlannerOutput) -> None:
+        scope = self._planner_scope
+        if scope is not None and scope.cancel_called:
+            # Stopped: the hand-over to the writer does not switch tasks (nor
+            # see the cancellation) while its queue has room; end here.
+            await anyio.lowlevel.checkpoint()
         if isinstance(item, str):
             item = ipb.ContentChunk(text=valid_text(item))
+        if type(item) is ipb.ContentChunk:
+            text = item.text
+            if len(text) <= _CONTENT_PIECE_BYTES // 4:
+                # The common case, kept short: at most 4 bytes a character, such
+                # a chunk's packet is under the limit without measuring it.
+                self._remember_answer(text)
+                packet = ipb.UpstreamPacket(
+                    session_id=self.session_id, timestamp=now_us(), content=item
+                )
+                await self._send(Outgoing(packet))
+                return
         field = _FIELD_BY_TYPE.get(type(item))
         if field is None:
             raise TypeError(f"planner yielded {type(item).__name__}, which is not an output")

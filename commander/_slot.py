@@ -45,6 +45,11 @@ from commander._writer import Outgoing, StreamWriter
 _log = logging.getLogger("commander.slot")
 
 _TERMINAL = frozenset({"result", "stopped"})
+#: Planner output the dispatcher's stop fences: once it has decided a stop it
+#: drops these (dispatcher_go internal/session/fenced.go), so whatever of them
+#: the slot has not written yet when the stop arrives is dropped here instead
+#: of being written ahead of the ``stopped``. Tool calls and usage go on.
+_FENCED = frozenset({"content", "thought", "stage", "artifact", "error"})
 
 #: A slot's stream: upstream packets out, downstream packets in.
 SlotStream = Stream[ipb.UpstreamPacket, ipb.DownstreamPacket]
@@ -65,8 +70,10 @@ class SlotSettings:
         closed_timeout: float,
         handover_buffer: int = 4096,
         handover_timeout: float = 60.0,
+        content_window: int = 0,
     ) -> None:
         self.handover_buffer = handover_buffer
+        self.content_window = content_window
         self.handover_timeout = handover_timeout
         self.connection = connection
         self.hello = hello
@@ -89,6 +96,8 @@ class Slot:
         self._abandoned: Session | None = None
         # Sessions whose terminal packet was written: session id → its seq.
         self._ended: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Sessions the dispatcher stopped: their fenced output is not written.
+        self._fenced: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tg: anyio.abc.TaskGroup | None = None
         self.slot_id = ""
         #: Whether the hello is acknowledged on the current stream.
@@ -191,7 +200,9 @@ class Slot:
         """The dispatcher took the session back: resend what it lacks, then go on."""
         away = time.monotonic() - (upstream.detached_at or time.monotonic())
         before = upstream.pending
-        resent = await upstream.attach(stream.writer.send, ack.upstream_seq)
+        resent = await upstream.attach(
+            stream.writer.send, ack.upstream_seq, stream.writer.send_nowait
+        )
         if not upstream.attached:
             return  # the new stream broke meanwhile; the next one tries again
         session.reattached(ack.upstream_seq, ack.attempt)
@@ -301,6 +312,8 @@ class Slot:
     def _accept(self, packet: ipb.UpstreamPacket) -> bool:
         """Writer gate: nothing of a session is written after its terminal packet
         (a packet resent after a hand-over, numbered up to the terminal one, is)."""
+        if packet.session_id in self._fenced and packet.WhichOneof("payload") in _FENCED:
+            return False  # the dispatcher stopped the session: it would drop this
         ended = self._ended.get(packet.session_id)
         if ended is not None and not (0 < packet.seq <= ended):
             _log.debug(
@@ -315,6 +328,24 @@ class Slot:
             while len(self._ended) > 8:
                 self._ended.popitem(last=False)
         return True
+
+    def _fence(self, session_id: str, stream: SlotStream) -> None:
+        """The dispatcher stopped the session: from now on its fenced output is
+        not written (the gate), and what of it waits in the writer's queue is
+        dropped at once, so the ``stopped`` waits only for the write under way.
+
+        The dispatcher decided the stop before we read it, so it drops every
+        such packet we have not written yet anyway (a dropped packet's seq is
+        acknowledged with the ``stopped``'s; the dispatcher allows the gap).
+        """
+        self._fenced[session_id] = None
+        while len(self._fenced) > 8:
+            self._fenced.popitem(last=False)
+
+        def fenced(packet: ipb.UpstreamPacket) -> bool:
+            return packet.session_id == session_id and packet.WhichOneof("payload") in _FENCED
+
+        stream.writer.discard(fenced)
 
     # --- the reader ---
 
@@ -335,6 +366,7 @@ class Slot:
                         stop_code_name(packet.stop.code),
                         packet.stop.reason,
                     )
+                    self._fence(packet.session_id, stream)
                     session.request_stop(packet.stop)
                 else:
                     _log.debug("%s: stop for unknown session %s", self._name, packet.session_id)
@@ -387,7 +419,9 @@ class Slot:
             stream.tg.start_soon(self._send_quietly, stream.writer, refusal)
             return
         name = packet.start.planner or "chat"
-        upstream = Upstream(packet.session_id, limit=self._s.handover_buffer)
+        upstream = Upstream(
+            packet.session_id, limit=self._s.handover_buffer, window=self._s.content_window
+        )
         session = Session(
             packet,
             self._s.resolve_planner(name),
@@ -401,7 +435,7 @@ class Slot:
         # The session runs in the slot's task group: it outlives this stream
         # (hand-over); without hand-over, _on_closed ends it with the stream.
         tg = self._tg if self.handover and self._tg is not None else stream.tg
-        upstream.attach_new(stream.writer.send)
+        upstream.attach_new(stream.writer.send, stream.writer.send_nowait)
         tg.start_soon(self._run_session, session, upstream, tg)
 
     async def _run_session(self, session: Session, upstream: Upstream, tg: TaskGroup) -> None:

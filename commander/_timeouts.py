@@ -36,7 +36,12 @@ Session hand-over (``Commander(handover_timeout=, handover_buffer=)``, the
   dispatcher, not the commander, decides when the task has waited too long;
 * ``HANDOVER_BUFFER`` (4096 packets): the session's packets kept until the
   dispatcher acknowledges them; while attached, a full buffer makes the
-  planner wait for acks; while away, it abandons the session.
+  planner wait for acks; while away, it abandons the session;
+* ``CONTENT_WINDOW`` (64 packets, ``--content-window``): the credit window: a
+  content packet is written only while fewer of the session's packets (and
+  fewer than ``commander._handover.WINDOW_CHARS`` characters of its content)
+  await the dispatcher's ack, so that a ``stopped`` (never waiting for
+  credit) queues behind at most that much (0: no window).
 
 This module holds numbers only (the defaults of the settings named above) and
 must not import anything of the commander.
@@ -60,3 +65,5 @@ DRAIN_EOF_TIMEOUT = 2.0
 HANDOVER_TIMEOUT = 60.0
 #: Packets a session keeps until they are recorded.
 HANDOVER_BUFFER = 4096
+#: Unacknowledged packets of a session after which its content waits for credit (0: off).
+CONTENT_WINDOW = 64

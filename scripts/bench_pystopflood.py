@@ -58,6 +58,10 @@ TEXT = "x" * 64
 LATENCIES = (
     ("decision_to_stopped", "stop decision → stopped recorded"),
     ("cancel_to_stopped", "cancel call → stopped recorded"),
+    # The stopped event's emitted_at_us is the commander's packet timestamp
+    # (when it made the packet): the two legs of decision → stopped recorded.
+    ("decision_to_made", "  leg: stop decision → commander made stopped"),
+    ("made_to_stopped", "  leg: commander made stopped → recorded"),
 )
 
 
@@ -97,20 +101,24 @@ async def lane(
             at.append(time.time())
             await tasks.CancelTask(tasks_pb2.CancelTaskRequest(task_id=tid), metadata=meta)
 
-        stop_t = stopped_t = 0.0
-        contents = 0
+        stop_t = stopped_t = made_t = 0.0
+        contents = chars = 0
+        first_t = 0.0
         status = 0
         async for resp in tasks.WatchTask(tasks_pb2.WatchTaskRequest(task_id=tid), metadata=meta):
             ev = resp.event
             kind = ev.WhichOneof("kind")
             if kind == "content":
                 contents += 1
+                chars += len(ev.content.text)
                 if cancel_task is None:
+                    first_t = time.time()
                     cancel_task = asyncio.create_task(cancel())
             elif kind == "stop" and not stop_t:
                 stop_t = ev.time.ToNanoseconds() / 1e9
             elif kind == "stopped":
                 stopped_t = ev.time.ToNanoseconds() / 1e9
+                made_t = ev.emitted_at_us / 1e6
             elif kind == "state" and ev.state.status in TERMINAL:
                 status = ev.state.status
                 break
@@ -119,14 +127,21 @@ async def lane(
         if status == agent_pb2.CANCELLED and stop_t and stopped_t:
             out["decision_to_stopped"].append((stopped_t - stop_t) * 1000)
             out["cancel_to_stopped"].append((stopped_t - cancel_at[0]) * 1000)
+            if made_t:
+                out["decision_to_made"].append((made_t - stop_t) * 1000)
+                out["made_to_stopped"].append((stopped_t - made_t) * 1000)
             out["contents"].append(float(contents))
+            if cancel_at[0] > first_t:
+                # Content characters recorded per second from the first to the cancel call.
+                out["rate"].append(chars / (cancel_at[0] - first_t))
         else:
             out["other"].append(float(status))
 
 
 async def drive() -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
-        "decision_to_stopped": [], "cancel_to_stopped": [], "contents": [], "other": [],
+        "decision_to_stopped": [], "cancel_to_stopped": [], "decision_to_made": [],
+        "made_to_stopped": [], "contents": [], "rate": [], "other": [],
     }  # fmt: skip
     async with grpc.aio.insecure_channel(ADDR) as ch:
         await wait_for_slots(ch, SLOTS, "the commander's slots")
@@ -155,10 +170,11 @@ def main() -> int:
             f"p99={pct(xs, 0.99):.2f}ms max={max(xs, default=float('nan')):.2f}ms",
             file=sys.stderr,
         )
-    c = out["contents"]
+    c, rate = out["contents"], out["rate"]
     print(
         f"  content events recorded per task    p50={pct(c, 0.5):.0f} "
-        f"(tasks cancelled {len(c)}, ended otherwise {len(out['other'])})",
+        f"(tasks cancelled {len(c)}, ended otherwise {len(out['other'])}); "
+        f"content characters per second per task p50={pct(rate, 0.5):.0f}",
         file=sys.stderr,
     )
     latencies = [
@@ -166,6 +182,10 @@ def main() -> int:
     ]
     if c:
         values.append(value("content events recorded per task, p50", pct(c, 0.5), "events"))
+    if rate:
+        values.append(
+            value("content characters per second per task, p50", round(pct(rate, 0.5)), "chars/s")
+        )
     ok = not out["other"] and bool(out["decision_to_stopped"])
     params = {"slots": SLOTS, "duration_s": DURATION, "packet_bytes": len(TEXT)}
     checks = [check("every task cancelled", ok, f"{len(out['other'])} ended otherwise")]

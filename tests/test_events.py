@@ -73,8 +73,10 @@ def test_many_watchers_and_a_stalled_one(env: SimpleNamespace) -> None:
         w.join(30)
         assert w.error is None, w.error
     reference = watchers[0].values()
-    n_content = sum(kind(e) == "content" for e in reference)
-    assert n_content >= 3000, n_content
+    # The model's 3000 tokens, whole (the commander folds chunks that wait
+    # for its writer together, so there may be fewer content events).
+    text = "".join(e.content.text for e in reference if kind(e) == "content")
+    assert len(text.split()) >= 3000, len(text.split())
     assert [e.seq for e in reference] == list(range(1, len(reference) + 1))
     for w in watchers[1:]:
         assert _wire(w.values()) == _wire(reference)

@@ -122,3 +122,12 @@ def test_several_dispatchers_and_hand_over_flags(monkeypatch: pytest.MonkeyPatch
     # 0 turns the hand-over off: sessions end with their stream.
     args = build_parser().parse_args(["--handover-timeout", "0"])
     assert not build_commander(args).slots[0].handover
+
+
+def test_content_window_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMMANDER_CONTENT_WINDOW", raising=False)
+    assert build_commander(build_parser().parse_args([])).slots[0]._s.content_window == 64
+    args = build_parser().parse_args(["--content-window", "0"])
+    assert build_commander(args).slots[0]._s.content_window == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--content-window", "-1"])
