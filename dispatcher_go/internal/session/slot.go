@@ -258,8 +258,29 @@ func (sl *slot) startReached(r *run) bool {
 // is under way when the stream ends (on a dead connection it fails at once).
 const startSendWait = 250 * time.Millisecond
 
+// msgReceiver is a Stream that can receive into a given message (grpc's
+// streams can: RecvMsg).
+type msgReceiver interface {
+	RecvMsg(m any) error
+}
+
 // recvLoop is the stream's only receiver; it handles each packet inline.
+// With RecvMsg it receives every packet into the same UpstreamPacket:
+// unmarshalling resets it first, which drops its references to the last
+// packet's payload without touching it (an event keeps that payload), and
+// nothing keeps the packet itself past handle.
 func (sl *slot) recvLoop(stream Stream) error {
+	if rs, ok := stream.(msgReceiver); ok {
+		pkt := new(dispatchv1.UpstreamPacket)
+		for {
+			if err := rs.RecvMsg(pkt); err != nil {
+				return err
+			}
+			if err := sl.handle(pkt); err != nil {
+				return err
+			}
+		}
+	}
 	for {
 		pkt, err := stream.Recv()
 		if err != nil {
