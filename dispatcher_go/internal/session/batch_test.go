@@ -15,7 +15,7 @@ import (
 
 // batch wraps pkts in one UpstreamBatch message.
 func batch(pkts ...*dispatchv1.UpstreamPacket) *dispatchv1.UpstreamPacket {
-	return &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Batch{Batch: &dispatchv1.UpstreamBatch{Packets: pkts}}}
+	return testutil.Up("", &dispatchv1.UpstreamBatch{Packets: pkts})
 }
 
 // numbered is p with upstream seq n.
