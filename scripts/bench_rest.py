@@ -51,7 +51,6 @@ from _benchlib import (
     cpu_seconds,
     make_result,
     md,
-    next_start,
     open_slot,
     spawn_self,
     start_pyspy,
@@ -73,6 +72,15 @@ EVENTS = int(os.environ.get("BENCH_REST_EVENTS", "5000" if QUICK else "20000"))
 REPEAT = int(os.environ.get("BENCH_REST_REPEAT", "3"))
 #: WatchTaskRequest.max_batch of the gRPC watcher (0: one event per response).
 WATCH_BATCH = int(os.environ.get("BENCH_REST_WATCH_BATCH", "256"))
+#: Most content packets the gRPC writer sends in one UpstreamBatch message,
+#: capped by what the dispatcher's hello ack announces (max_upstream_batch);
+#: 0 or 1: one packet per message. The bench's planner is faster than the
+#: stream, so a writer that sends what is waiting sends full batches.
+UP_BATCH = int(os.environ.get("BENCH_REST_UP_BATCH", "0"))
+#: With UP_BATCH: the planner's rate in events/s (0: as fast as the stream
+#: takes them). The writer then sends, every millisecond or so, the events
+#: that became due meanwhile: a batch holds what was waiting.
+UP_RATE = float(os.environ.get("BENCH_REST_UP_RATE", "0"))
 WORDS = (
     "the model streams tokens to the client while a planner thinks about the next action".split()
 )
@@ -216,14 +224,50 @@ async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
     async with grpc.aio.insecure_channel(ADDR) as ch:
         call = await open_slot(ch, "bench-rest", ["planner:restbench"])
         ready.set()
-        down = await next_start(call)
-        if down is None:
-            return
-        chunks = (ipb.ContentChunk(text=text) for text in texts)
-        await write_session(call, down.session_id, chunks, unit="events")
+        announced = 0
+        while True:
+            down = await call.read()
+            if down is grpc.aio.EOF:
+                return
+            if down.WhichOneof("signal") == "start":
+                break
+            if down.ack.kind == ipb.ACK_KIND_HELLO:
+                announced = down.ack.max_upstream_batch
+        batch = min(UP_BATCH, announced)
+        if batch > 1:
+            await write_batched(call, down.session_id, texts, batch)
+        else:
+            chunks = (ipb.ContentChunk(text=text) for text in texts)
+            await write_session(call, down.session_id, chunks, unit="events")
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
+
+
+async def write_batched(call: Any, sid: str, texts: tuple[str, ...], batch: int) -> None:
+    """write_session with up to batch content packets per UpstreamBatch message
+    (those due by now when paced at UP_RATE; a lone one goes alone)."""
+    t0, i = time.monotonic(), 0
+    while i < len(texts):
+        n = batch
+        if UP_RATE > 0:
+            due = int((time.monotonic() - t0) * UP_RATE) + 1
+            if due <= i:
+                await asyncio.sleep(0.001)
+                continue
+            n = min(batch, due - i)
+        now = time.time_ns() // 1000
+        packets = [
+            ipb.UpstreamPacket(session_id=sid, timestamp=now, content=ipb.ContentChunk(text=text))
+            for text in texts[i : i + n]
+        ]
+        i += len(packets)
+        if len(packets) == 1:
+            await call.write(packets[0])
+        else:
+            await call.write(ipb.UpstreamPacket(batch=ipb.UpstreamBatch(packets=packets)))
+    result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{len(texts)} events")
+    await call.write(ipb.UpstreamPacket(session_id=sid, result=result))
 
 
 async def grpc_watch(port: int, task_id: str) -> int:
@@ -376,6 +420,8 @@ def main() -> int:
         "text_bytes": "8..56",
         "clients": 1,
         "watch_batch": WATCH_BATCH,
+        "up_batch": UP_BATCH,
+        "up_rate": UP_RATE,
         "uvicorn": "h11, asyncio loop, 1 worker",
     }
     result = make_result(

@@ -258,7 +258,8 @@ func TestKindsAreTheOneof(t *testing.T) {
 }
 
 // Every upstream payload either records the event of the same name, with
-// the payload and the packet's timestamp, or (hello, sandbox) none.
+// the payload and the packet's timestamp, or (hello, sandbox, and batch,
+// whose packets the session handles one by one) none.
 func TestFromUpstream(t *testing.T) {
 	fields := (&dispatchv1.UpstreamPacket{}).ProtoReflect().Descriptor().Oneofs().ByName("payload").Fields()
 	upstream := 0
@@ -269,7 +270,7 @@ func TestFromUpstream(t *testing.T) {
 		r.Set(fd, r.NewField(fd))
 		ev, k := events.FromUpstream(pkt)
 		switch fd.Name() {
-		case "hello", "sandbox":
+		case "hello", "sandbox", "batch":
 			if ev != nil || k != events.None {
 				t.Errorf("%s records %v", fd.Name(), k)
 			}

@@ -184,6 +184,32 @@ func (s *Session) Evaluate(ctx context.Context, pkt Packet, st State) Decision {
 	return d
 }
 
+// Skip is Evaluate's shortcut for a packet that no policy in force can act
+// on: every policy in force (the global one, re-read here, and the task's)
+// has no rules and no limits, and kind is not a tool call (whose time
+// counts toward a per-minute limit a reload may bring). It then only
+// advances the state as Evaluate would with an Allow (a text packet's
+// text goes into the tail, for the window of rules a reload brings),
+// counts the evaluation and reports true; the caller need not build the
+// Packet and State. False: nothing was done, call Evaluate.
+func (s *Session) Skip(kind, text string) bool {
+	global := s.src.Current()
+	if kind == KindToolCall || !global.inert() || !s.extra.inert() {
+		return false
+	}
+	s.stats.Evaluations.Add(1)
+	if kind == KindContent || kind == KindThought {
+		tail := &s.tails[tailIndex(kind)]
+		*tail = compact(append(*tail, text...), max(global.keepBytes(), s.extra.keepBytes()))
+	}
+	return true
+}
+
+// inert reports whether p can only allow (nil, or no rules and no limits).
+func (p *Policy) inert() bool {
+	return p == nil || (p.numRules == 0 && len(p.rules) == 0 && len(p.text) == 0 && p.limits == Limits{})
+}
+
 func (p *Policy) windowBytes() int {
 	if p == nil {
 		return 0

@@ -423,3 +423,60 @@ func TestCompileConcurrently(t *testing.T) {
 		}
 	}
 }
+
+// TestSkipIsEvaluateWithoutRules: with no rules and no limits in force,
+// Skip advances a session exactly as Evaluate's Allow would (the text tail,
+// so that a phrase split across a reload is still caught) and counts the
+// evaluation; with rules, limits or a tool call it does nothing.
+func TestSkipIsEvaluateWithoutRules(t *testing.T) {
+	t.Parallel()
+	e := NewEngine(nil)
+	skipped, evaluated := NewSession(e, nil), NewSession(e, nil)
+	for i := range 500 {
+		kind := KindContent
+		if i%3 == 0 {
+			kind = KindThought
+		}
+		text := strings.Repeat("ab", i%40)
+		if !skipped.Skip(kind, text) {
+			t.Fatalf("packet %d: Skip refused under the empty policy", i)
+		}
+		if d := evaluated.Evaluate(context.Background(), Packet{Kind: kind, Text: text}, State{}); d.Action != Allow {
+			t.Fatalf("packet %d: %v", i, d)
+		}
+	}
+	if got, want := e.Stats().Evaluations.Load(), int64(1000); got != want {
+		t.Fatalf("evaluations %d, want %d", got, want)
+	}
+	for i := range skipped.tails {
+		if string(skipped.tails[i]) != string(evaluated.tails[i]) {
+			t.Fatalf("tail %d: %q after Skip, %q after Evaluate", i, skipped.tails[i], evaluated.tails[i])
+		}
+	}
+	if skipped.Skip(KindToolCall, "") {
+		t.Fatal("Skip took a tool call")
+	}
+
+	// The first half of a phrase skipped, the reload, the second half.
+	if !skipped.Skip(KindContent, "xx launch") {
+		t.Fatal("Skip refused")
+	}
+	if _, err := e.Load([]byte("version: 1\nrules:\n  - {id: p, phrases: [\"launch codes\"], action: stop}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if skipped.Skip(KindContent, " codes") {
+		t.Fatal("Skip took a packet under a policy with rules")
+	}
+	if d := skipped.Evaluate(context.Background(), Packet{Kind: KindContent, Text: " codes"}, State{}); d.Action != Stop || d.RuleID != "p" {
+		t.Fatalf("phrase split across the reload: %v", d)
+	}
+
+	limits := NewSession(NewEngine(nil), mustCompile(t, "version: 1\nlimits: {max_steps: 3}\n"))
+	if limits.Skip(KindContent, "x") {
+		t.Fatal("Skip took a packet under a task policy with limits")
+	}
+	rules := NewSession(NewEngine(nil), mustCompile(t, "version: 1\nrules:\n  - {id: w, when: 'kind == \"content\"', action: stop}\n"))
+	if rules.Skip(KindContent, "x") {
+		t.Fatal("Skip took a packet under a task policy with rules")
+	}
+}

@@ -331,7 +331,7 @@ func (sl *slot) detach(r *run) bool {
 
 // reattachAck is the hello's ack answering a re-attach.
 func reattachAck(slotID string, r *run, info task.Reattached, err error) *dispatchv1.DownstreamPacket {
-	ack := &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: slotID}
+	ack := &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: slotID, MaxUpstreamBatch: MaxUpstreamBatch}
 	p := &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: ack}}
 	if err != nil {
 		ack.Detail = fmt.Sprintf("re-attach refused: %v", err)

@@ -44,10 +44,18 @@ func (r *run) evaluate(ev *dispatchv1.TaskEvent) policy.Decision {
 	if r.pol == nil || r.stopped.Load() {
 		return policy.Decision{}
 	}
-	pp, ok := events.PolicyPacket(ev)
-	if !ok {
+	kind := events.Of(ev).Spec().PolicyKind
+	if kind == "" {
+		return policy.Decision{} // a kind policies do not see
+	}
+	// With no rules and no limits in force (the default) the policy only
+	// keeps the text: building its view of the packet and the session's
+	// state would cost several allocations per packet, a large part of a
+	// content packet's ingest under a flood.
+	if r.pol.Skip(kind, policyText(ev)) {
 		return policy.Decision{}
 	}
+	pp, _ := events.PolicyPacket(ev)
 	// The slot's context, not the run's: the run's is cancelled by a stop
 	// decided concurrently, which must not turn into evaluation errors.
 	d := r.pol.Evaluate(r.sl.ctx, pp, r.policyState())
@@ -59,6 +67,18 @@ func (r *run) evaluate(ev *dispatchv1.TaskEvent) policy.Decision {
 		r.stopWith(fmt.Sprintf("policy rule %s: %s", d.RuleID, d.Reason), d.StopCode, d.RuleID)
 	}
 	return d
+}
+
+// policyText is the text of a content or thought event ("" for others):
+// what policy.Session.Skip keeps (events.PolicyPacket's Text for these).
+func policyText(ev *dispatchv1.TaskEvent) string {
+	switch k := ev.GetKind().(type) {
+	case *dispatchv1.TaskEvent_Content:
+		return k.Content.GetText()
+	case *dispatchv1.TaskEvent_Thought:
+		return k.Thought.GetDelta()
+	}
+	return ""
 }
 
 // recordDecision appends a PolicyDecision event (Control class: see

@@ -249,7 +249,7 @@ func (s *Server) Serve(stream Stream) error {
 		}
 	} else {
 		sl.out.pushControl(&dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{
-			Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id,
+			Kind: dispatchv1.AckKind_ACK_KIND_HELLO, SlotId: sl.id, MaxUpstreamBatch: MaxUpstreamBatch,
 		}}})
 	}
 

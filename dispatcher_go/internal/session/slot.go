@@ -258,8 +258,29 @@ func (sl *slot) startReached(r *run) bool {
 // is under way when the stream ends (on a dead connection it fails at once).
 const startSendWait = 250 * time.Millisecond
 
+// msgReceiver is a Stream that can receive into a given message (grpc's
+// streams can: RecvMsg).
+type msgReceiver interface {
+	RecvMsg(m any) error
+}
+
 // recvLoop is the stream's only receiver; it handles each packet inline.
+// With RecvMsg it receives every packet into the same UpstreamPacket:
+// unmarshalling resets it first, which drops its references to the last
+// packet's payload without touching it (an event keeps that payload), and
+// nothing keeps the packet itself past handle.
 func (sl *slot) recvLoop(stream Stream) error {
+	if rs, ok := stream.(msgReceiver); ok {
+		pkt := new(dispatchv1.UpstreamPacket)
+		for {
+			if err := rs.RecvMsg(pkt); err != nil {
+				return err
+			}
+			if err := sl.handle(pkt); err != nil {
+				return err
+			}
+		}
+	}
 	for {
 		pkt, err := stream.Recv()
 		if err != nil {
@@ -278,6 +299,8 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		return sl.reject(pkt.GetSessionId(), "packet has no payload")
 	case *dispatchv1.UpstreamPacket_Hello:
 		return fmt.Errorf("%w: second hello on a stream", ErrProtocol)
+	case *dispatchv1.UpstreamPacket_Batch:
+		return sl.handleBatch(pkt.GetBatch())
 	}
 	r := sl.cur.Load()
 	current := r != nil && pkt.GetSessionId() == r.sessionID
@@ -320,6 +343,39 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		return sl.reject(pkt.GetSessionId(), "unknown or closed session")
 	}
 	return r.handle(pkt)
+}
+
+// MaxUpstreamBatch is the most packets an UpstreamBatch may carry; the
+// hello's ack announces it (Ack.max_upstream_batch). A batch is handled on
+// the receiving goroutine like that many packets in a row (a few µs each):
+// it holds up only the packets behind it on the same stream.
+const MaxUpstreamBatch = 256
+
+// handleBatch handles the packets of a batch in order, each as if it had
+// come alone (numbering, fence, size limit, policy: handle). A batch that
+// is too long, or holds a hello or a batch, breaks the protocol: the
+// stream ends, as for a second hello. Once the slot has ended (its context
+// is done) the rest of the batch is not handled, as a Recv would have
+// failed.
+func (sl *slot) handleBatch(b *dispatchv1.UpstreamBatch) error {
+	pkts := b.GetPackets()
+	if len(pkts) > MaxUpstreamBatch {
+		return fmt.Errorf("%w: a batch of %d packets (at most %d)", ErrProtocol, len(pkts), MaxUpstreamBatch)
+	}
+	for _, p := range pkts {
+		switch p.GetPayload().(type) {
+		case *dispatchv1.UpstreamPacket_Hello, *dispatchv1.UpstreamPacket_Batch:
+			return fmt.Errorf("%w: a %s packet inside a batch", ErrProtocol, payloadName(p))
+		}
+		if sl.ctx.Err() != nil {
+			return context.Cause(sl.ctx)
+		}
+		if err := sl.handle(p); err != nil {
+			return err
+		}
+	}
+	sl.srv.stats.UpstreamBatches.Add(1)
+	return nil
 }
 
 // payloadName names a packet's payload for messages ("content", "tool_call").

@@ -101,4 +101,7 @@ type Stats struct {
 	AcksSent atomic.Int64
 	// Detached counts sessions detached by a drain for a hand-over.
 	Detached atomic.Int64
+	// UpstreamBatches counts UpstreamBatch messages handled (their packets
+	// are handled as packets).
+	UpstreamBatches atomic.Int64
 }

@@ -37,6 +37,8 @@ func Up(sid string, payload any) *dispatchv1.UpstreamPacket {
 		p.Payload = &dispatchv1.UpstreamPacket_Stopped{Stopped: v}
 	case *dispatchv1.SandboxInUse:
 		p.Payload = &dispatchv1.UpstreamPacket_Sandbox{Sandbox: v}
+	case *dispatchv1.UpstreamBatch:
+		p.Payload = &dispatchv1.UpstreamPacket_Batch{Batch: v}
 	case nil:
 	default:
 		panic(fmt.Sprintf("testutil.Up: %T is not an upstream payload", payload))

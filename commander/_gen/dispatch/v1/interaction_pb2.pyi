@@ -181,6 +181,7 @@ class UpstreamPacket(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     STOPPED_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session the packet belongs to; empty only on hello."""
@@ -217,6 +218,12 @@ class UpstreamPacket(_message.Message):
     def stopped(self) -> Global___Stopped: ...
     @_builtins.property
     def sandbox(self) -> Global___SandboxInUse: ...
+    @_builtins.property
+    def batch(self) -> Global___UpstreamBatch:
+        """Several packets in one message (see UpstreamBatch); only to a
+        dispatcher whose hello ack announced max_upstream_batch.
+        """
+
     def __init__(
         self,
         *,
@@ -233,17 +240,51 @@ class UpstreamPacket(_message.Message):
         result: Global___FinalResult | None = ...,
         stopped: Global___Stopped | None = ...,
         sandbox: Global___SandboxInUse | None = ...,
+        batch: Global___UpstreamBatch | None = ...,
         seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "batch", b"batch", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "seq", b"seq", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "batch", b"batch", "content", b"content", "error", b"error", "hello", b"hello", "payload", b"payload", "result", b"result", "sandbox", b"sandbox", "seq", b"seq", "session_id", b"session_id", "stage", b"stage", "stopped", b"stopped", "thought", b"thought", "timestamp", b"timestamp", "tool_call", b"tool_call", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["thought", "content", "tool_call", "error", "hello", "usage", "stage", "artifact", "result", "stopped", "sandbox"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["thought", "content", "tool_call", "error", "hello", "usage", "stage", "artifact", "result", "stopped", "sandbox", "batch"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___UpstreamPacket: _TypeAlias = UpstreamPacket  # noqa: Y015
+
+@_typing.final
+class UpstreamBatch(_message.Message):
+    """UpstreamBatch carries several packets of the stream in one message, in
+    the order they were written: the dispatcher handles each exactly as if it
+    had come alone (numbering, the fence of a stop, size limits, policy). It
+    lets a commander whose writer finds several packets waiting send them
+    with one message (one HTTP/2 frame and one wake-up of the dispatcher's
+    receiver instead of one each); a lone packet is sent alone, never held
+    back to fill a batch. A commander sends batches only to a dispatcher
+    whose hello ack announced max_upstream_batch > 0, with at most that many
+    packets (and within the message size limit). A packet in a batch is
+    never a hello or a batch; the batch's own session_id, timestamp and seq
+    are not used (each packet carries its own).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def packets(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpstreamPacket]: ...
+    def __init__(
+        self,
+        *,
+        packets: _abc.Iterable[Global___UpstreamPacket] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["packets", b"packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpstreamBatch: _TypeAlias = UpstreamBatch  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -775,6 +816,7 @@ class Ack(_message.Message):
     SLOT_ID_FIELD_NUMBER: _builtins.int
     UPSTREAM_SEQ_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    MAX_UPSTREAM_BATCH_FIELD_NUMBER: _builtins.int
     kind: Global___AckKind.ValueType
     detail: _builtins.str
     slot_id: _builtins.str
@@ -787,6 +829,10 @@ class Ack(_message.Message):
     """For ACK_KIND_HELLO answering a re-attach: the task's attempt number now
     (the re-attach took the task with the attempt after the last one).
     """
+    max_upstream_batch: _builtins.int
+    """For ACK_KIND_HELLO: the most packets the dispatcher takes in one
+    UpstreamBatch; 0 (dispatchers before it): send no batches.
+    """
     def __init__(
         self,
         *,
@@ -795,10 +841,11 @@ class Ack(_message.Message):
         slot_id: _builtins.str = ...,
         upstream_seq: _builtins.int = ...,
         attempt: _builtins.int = ...,
+        max_upstream_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detail", b"detail", "kind", b"kind", "slot_id", b"slot_id", "upstream_seq", b"upstream_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "detail", b"detail", "kind", b"kind", "max_upstream_batch", b"max_upstream_batch", "slot_id", b"slot_id", "upstream_seq", b"upstream_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

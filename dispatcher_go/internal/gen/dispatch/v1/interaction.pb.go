@@ -310,6 +310,7 @@ type UpstreamPacket struct {
 	//	*UpstreamPacket_Result
 	//	*UpstreamPacket_Stopped
 	//	*UpstreamPacket_Sandbox
+	//	*UpstreamPacket_Batch
 	Payload isUpstreamPacket_Payload `protobuf_oneof:"payload"`
 	// The packet's number within its session: 1, 2, 3... in the order the
 	// commander writes them, the same number when it resends a packet after a
@@ -471,6 +472,15 @@ func (x *UpstreamPacket) GetSandbox() *SandboxInUse {
 	return nil
 }
 
+func (x *UpstreamPacket) GetBatch() *UpstreamBatch {
+	if x != nil {
+		if x, ok := x.Payload.(*UpstreamPacket_Batch); ok {
+			return x.Batch
+		}
+	}
+	return nil
+}
+
 func (x *UpstreamPacket) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
@@ -526,6 +536,12 @@ type UpstreamPacket_Sandbox struct {
 	Sandbox *SandboxInUse `protobuf:"bytes,13,opt,name=sandbox,proto3,oneof"`
 }
 
+type UpstreamPacket_Batch struct {
+	// Several packets in one message (see UpstreamBatch); only to a
+	// dispatcher whose hello ack announced max_upstream_batch.
+	Batch *UpstreamBatch `protobuf:"bytes,15,opt,name=batch,proto3,oneof"`
+}
+
 func (*UpstreamPacket_Thought) isUpstreamPacket_Payload() {}
 
 func (*UpstreamPacket_Content) isUpstreamPacket_Payload() {}
@@ -547,6 +563,63 @@ func (*UpstreamPacket_Result) isUpstreamPacket_Payload() {}
 func (*UpstreamPacket_Stopped) isUpstreamPacket_Payload() {}
 
 func (*UpstreamPacket_Sandbox) isUpstreamPacket_Payload() {}
+
+func (*UpstreamPacket_Batch) isUpstreamPacket_Payload() {}
+
+// UpstreamBatch carries several packets of the stream in one message, in
+// the order they were written: the dispatcher handles each exactly as if it
+// had come alone (numbering, the fence of a stop, size limits, policy). It
+// lets a commander whose writer finds several packets waiting send them
+// with one message (one HTTP/2 frame and one wake-up of the dispatcher's
+// receiver instead of one each); a lone packet is sent alone, never held
+// back to fill a batch. A commander sends batches only to a dispatcher
+// whose hello ack announced max_upstream_batch > 0, with at most that many
+// packets (and within the message size limit). A packet in a batch is
+// never a hello or a batch; the batch's own session_id, timestamp and seq
+// are not used (each packet carries its own).
+type UpstreamBatch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Packets       []*UpstreamPacket      `protobuf:"bytes,1,rep,name=packets,proto3" json:"packets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpstreamBatch) Reset() {
+	*x = UpstreamBatch{}
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpstreamBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpstreamBatch) ProtoMessage() {}
+
+func (x *UpstreamBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpstreamBatch.ProtoReflect.Descriptor instead.
+func (*UpstreamBatch) Descriptor() ([]byte, []int) {
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *UpstreamBatch) GetPackets() []*UpstreamPacket {
+	if x != nil {
+		return x.Packets
+	}
+	return nil
+}
 
 // Hello registers the stream as one slot of a commander.
 type Hello struct {
@@ -579,7 +652,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -591,7 +664,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[1]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -604,7 +677,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{1}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Hello) GetCommanderId() string {
@@ -672,7 +745,7 @@ type Reattach struct {
 
 func (x *Reattach) Reset() {
 	*x = Reattach{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +757,7 @@ func (x *Reattach) String() string {
 func (*Reattach) ProtoMessage() {}
 
 func (x *Reattach) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[2]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +770,7 @@ func (x *Reattach) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Reattach.ProtoReflect.Descriptor instead.
 func (*Reattach) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{2}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Reattach) GetTaskId() string {
@@ -741,7 +814,7 @@ type ThoughtChain struct {
 
 func (x *ThoughtChain) Reset() {
 	*x = ThoughtChain{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -753,7 +826,7 @@ func (x *ThoughtChain) String() string {
 func (*ThoughtChain) ProtoMessage() {}
 
 func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[3]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -766,7 +839,7 @@ func (x *ThoughtChain) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ThoughtChain.ProtoReflect.Descriptor instead.
 func (*ThoughtChain) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{3}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ThoughtChain) GetStepName() string {
@@ -795,7 +868,7 @@ type ContentChunk struct {
 
 func (x *ContentChunk) Reset() {
 	*x = ContentChunk{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -807,7 +880,7 @@ func (x *ContentChunk) String() string {
 func (*ContentChunk) ProtoMessage() {}
 
 func (x *ContentChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[4]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -820,7 +893,7 @@ func (x *ContentChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContentChunk.ProtoReflect.Descriptor instead.
 func (*ContentChunk) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{4}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ContentChunk) GetText() string {
@@ -856,7 +929,7 @@ type ToolCallRequest struct {
 
 func (x *ToolCallRequest) Reset() {
 	*x = ToolCallRequest{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +941,7 @@ func (x *ToolCallRequest) String() string {
 func (*ToolCallRequest) ProtoMessage() {}
 
 func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[5]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +954,7 @@ func (x *ToolCallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallRequest.ProtoReflect.Descriptor instead.
 func (*ToolCallRequest) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{5}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ToolCallRequest) GetToolName() string {
@@ -924,7 +997,7 @@ type ErrorSignal struct {
 
 func (x *ErrorSignal) Reset() {
 	*x = ErrorSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1009,7 @@ func (x *ErrorSignal) String() string {
 func (*ErrorSignal) ProtoMessage() {}
 
 func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[6]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1022,7 @@ func (x *ErrorSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorSignal.ProtoReflect.Descriptor instead.
 func (*ErrorSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{6}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ErrorSignal) GetCode() string {
@@ -983,7 +1056,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1068,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[7]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1081,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{7}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Usage) GetInputTokens() int64 {
@@ -1064,7 +1137,7 @@ type StageChange struct {
 
 func (x *StageChange) Reset() {
 	*x = StageChange{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1076,7 +1149,7 @@ func (x *StageChange) String() string {
 func (*StageChange) ProtoMessage() {}
 
 func (x *StageChange) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[8]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1089,7 +1162,7 @@ func (x *StageChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageChange.ProtoReflect.Descriptor instead.
 func (*StageChange) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{8}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StageChange) GetStage() string {
@@ -1122,7 +1195,7 @@ type Artifact struct {
 
 func (x *Artifact) Reset() {
 	*x = Artifact{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1207,7 @@ func (x *Artifact) String() string {
 func (*Artifact) ProtoMessage() {}
 
 func (x *Artifact) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[9]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1220,7 @@ func (x *Artifact) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Artifact.ProtoReflect.Descriptor instead.
 func (*Artifact) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{9}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Artifact) GetKind() string {
@@ -1201,7 +1274,7 @@ type SandboxInUse struct {
 
 func (x *SandboxInUse) Reset() {
 	*x = SandboxInUse{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1286,7 @@ func (x *SandboxInUse) String() string {
 func (*SandboxInUse) ProtoMessage() {}
 
 func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[10]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1299,7 @@ func (x *SandboxInUse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SandboxInUse.ProtoReflect.Descriptor instead.
 func (*SandboxInUse) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{10}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SandboxInUse) GetSandbox() *agent.Sandbox {
@@ -1257,7 +1330,7 @@ type FinalResult struct {
 
 func (x *FinalResult) Reset() {
 	*x = FinalResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1269,7 +1342,7 @@ func (x *FinalResult) String() string {
 func (*FinalResult) ProtoMessage() {}
 
 func (x *FinalResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[11]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1282,7 +1355,7 @@ func (x *FinalResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinalResult.ProtoReflect.Descriptor instead.
 func (*FinalResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{11}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *FinalResult) GetOutcome() SessionOutcome {
@@ -1318,7 +1391,7 @@ type Stopped struct {
 
 func (x *Stopped) Reset() {
 	*x = Stopped{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1330,7 +1403,7 @@ func (x *Stopped) String() string {
 func (*Stopped) ProtoMessage() {}
 
 func (x *Stopped) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[12]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1343,7 +1416,7 @@ func (x *Stopped) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Stopped.ProtoReflect.Descriptor instead.
 func (*Stopped) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{12}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Stopped) GetReason() string {
@@ -1381,7 +1454,7 @@ type DownstreamPacket struct {
 
 func (x *DownstreamPacket) Reset() {
 	*x = DownstreamPacket{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1466,7 @@ func (x *DownstreamPacket) String() string {
 func (*DownstreamPacket) ProtoMessage() {}
 
 func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[13]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1479,7 @@ func (x *DownstreamPacket) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownstreamPacket.ProtoReflect.Descriptor instead.
 func (*DownstreamPacket) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{13}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DownstreamPacket) GetSignal() isDownstreamPacket_Signal {
@@ -1530,7 +1603,7 @@ type Move struct {
 
 func (x *Move) Reset() {
 	*x = Move{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1615,7 @@ func (x *Move) String() string {
 func (*Move) ProtoMessage() {}
 
 func (x *Move) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[14]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1628,7 @@ func (x *Move) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Move.ProtoReflect.Descriptor instead.
 func (*Move) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{14}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Move) GetReason() string {
@@ -1577,14 +1650,17 @@ type Ack struct {
 	UpstreamSeq uint64 `protobuf:"varint,4,opt,name=upstream_seq,json=upstreamSeq,proto3" json:"upstream_seq,omitempty"`
 	// For ACK_KIND_HELLO answering a re-attach: the task's attempt number now
 	// (the re-attach took the task with the attempt after the last one).
-	Attempt       int64 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Attempt int64 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// For ACK_KIND_HELLO: the most packets the dispatcher takes in one
+	// UpstreamBatch; 0 (dispatchers before it): send no batches.
+	MaxUpstreamBatch uint32 `protobuf:"varint,6,opt,name=max_upstream_batch,json=maxUpstreamBatch,proto3" json:"max_upstream_batch,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1596,7 +1672,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[15]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1609,7 +1685,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{15}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Ack) GetKind() AckKind {
@@ -1647,6 +1723,13 @@ func (x *Ack) GetAttempt() int64 {
 	return 0
 }
 
+func (x *Ack) GetMaxUpstreamBatch() uint32 {
+	if x != nil {
+		return x.MaxUpstreamBatch
+	}
+	return 0
+}
+
 // StopSignal tells the commander to stop the session now.
 type StopSignal struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1661,7 +1744,7 @@ type StopSignal struct {
 
 func (x *StopSignal) Reset() {
 	*x = StopSignal{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1673,7 +1756,7 @@ func (x *StopSignal) String() string {
 func (*StopSignal) ProtoMessage() {}
 
 func (x *StopSignal) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[16]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1686,7 +1769,7 @@ func (x *StopSignal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopSignal.ProtoReflect.Descriptor instead.
 func (*StopSignal) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{16}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StopSignal) GetReason() string {
@@ -1721,7 +1804,7 @@ type ToolError struct {
 
 func (x *ToolError) Reset() {
 	*x = ToolError{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1733,7 +1816,7 @@ func (x *ToolError) String() string {
 func (*ToolError) ProtoMessage() {}
 
 func (x *ToolError) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[17]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1746,7 +1829,7 @@ func (x *ToolError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolError.ProtoReflect.Descriptor instead.
 func (*ToolError) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{17}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ToolError) GetCode() ToolErrorCode {
@@ -1777,7 +1860,7 @@ type ToolCallResult struct {
 
 func (x *ToolCallResult) Reset() {
 	*x = ToolCallResult{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +1872,7 @@ func (x *ToolCallResult) String() string {
 func (*ToolCallResult) ProtoMessage() {}
 
 func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[18]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +1885,7 @@ func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallResult.ProtoReflect.Descriptor instead.
 func (*ToolCallResult) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{18}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolCallResult) GetToolName() string {
@@ -1855,7 +1938,7 @@ type ToolSpec struct {
 
 func (x *ToolSpec) Reset() {
 	*x = ToolSpec{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1867,7 +1950,7 @@ func (x *ToolSpec) String() string {
 func (*ToolSpec) ProtoMessage() {}
 
 func (x *ToolSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[19]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1880,7 +1963,7 @@ func (x *ToolSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolSpec.ProtoReflect.Descriptor instead.
 func (*ToolSpec) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{19}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ToolSpec) GetName() string {
@@ -1937,7 +2020,7 @@ type ConversationTurn struct {
 
 func (x *ConversationTurn) Reset() {
 	*x = ConversationTurn{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1949,7 +2032,7 @@ func (x *ConversationTurn) String() string {
 func (*ConversationTurn) ProtoMessage() {}
 
 func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[20]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1962,7 +2045,7 @@ func (x *ConversationTurn) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConversationTurn.ProtoReflect.Descriptor instead.
 func (*ConversationTurn) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{20}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ConversationTurn) GetRole() string {
@@ -2015,7 +2098,7 @@ type StartSession struct {
 
 func (x *StartSession) Reset() {
 	*x = StartSession{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2027,7 +2110,7 @@ func (x *StartSession) String() string {
 func (*StartSession) ProtoMessage() {}
 
 func (x *StartSession) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[21]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2040,7 +2123,7 @@ func (x *StartSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartSession.ProtoReflect.Descriptor instead.
 func (*StartSession) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{21}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StartSession) GetTaskId() string {
@@ -2152,7 +2235,7 @@ type UserInput struct {
 
 func (x *UserInput) Reset() {
 	*x = UserInput{}
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2164,7 +2247,7 @@ func (x *UserInput) String() string {
 func (*UserInput) ProtoMessage() {}
 
 func (x *UserInput) ProtoReflect() protoreflect.Message {
-	mi := &file_dispatch_v1_interaction_proto_msgTypes[22]
+	mi := &file_dispatch_v1_interaction_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2177,7 +2260,7 @@ func (x *UserInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserInput.ProtoReflect.Descriptor instead.
 func (*UserInput) Descriptor() ([]byte, []int) {
-	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{22}
+	return file_dispatch_v1_interaction_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *UserInput) GetMessageId() string {
@@ -2198,7 +2281,7 @@ var File_dispatch_v1_interaction_proto protoreflect.FileDescriptor
 
 const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"\n" +
-	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xa3\x05\n" +
+	"\x1ddispatch/v1/interaction.proto\x12\vdispatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17lybic/agent/agent.proto\"\xd7\x05\n" +
 	"\x0eUpstreamPacket\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1c\n" +
@@ -2214,9 +2297,12 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	" \x01(\v2\x15.dispatch.v1.ArtifactH\x00R\bartifact\x122\n" +
 	"\x06result\x18\v \x01(\v2\x18.dispatch.v1.FinalResultH\x00R\x06result\x120\n" +
 	"\astopped\x18\f \x01(\v2\x14.dispatch.v1.StoppedH\x00R\astopped\x125\n" +
-	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandbox\x12\x10\n" +
+	"\asandbox\x18\r \x01(\v2\x19.dispatch.v1.SandboxInUseH\x00R\asandbox\x122\n" +
+	"\x05batch\x18\x0f \x01(\v2\x1a.dispatch.v1.UpstreamBatchH\x00R\x05batch\x12\x10\n" +
 	"\x03seq\x18\x0e \x01(\x04R\x03seqB\t\n" +
-	"\apayload\"\xc7\x02\n" +
+	"\apayload\"F\n" +
+	"\rUpstreamBatch\x125\n" +
+	"\apackets\x18\x01 \x03(\v2\x1b.dispatch.v1.UpstreamPacketR\apackets\"\xc7\x02\n" +
 	"\x05Hello\x12!\n" +
 	"\fcommander_id\x18\x01 \x01(\tR\vcommanderId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\"\n" +
@@ -2292,13 +2378,14 @@ const file_dispatch_v1_interaction_proto_rawDesc = "" +
 	"session_id\x18\x04 \x01(\tR\tsessionIdB\b\n" +
 	"\x06signal\"\x1e\n" +
 	"\x04Move\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x9d\x01\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\xcb\x01\n" +
 	"\x03Ack\x12(\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x14.dispatch.v1.AckKindR\x04kind\x12\x16\n" +
 	"\x06detail\x18\x02 \x01(\tR\x06detail\x12\x17\n" +
 	"\aslot_id\x18\x03 \x01(\tR\x06slotId\x12!\n" +
 	"\fupstream_seq\x18\x04 \x01(\x04R\vupstreamSeq\x12\x18\n" +
-	"\aattempt\x18\x05 \x01(\x03R\aattempt\"h\n" +
+	"\aattempt\x18\x05 \x01(\x03R\aattempt\x12,\n" +
+	"\x12max_upstream_batch\x18\x06 \x01(\rR\x10maxUpstreamBatch\"h\n" +
 	"\n" +
 	"StopSignal\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\x12)\n" +
@@ -2397,85 +2484,88 @@ func file_dispatch_v1_interaction_proto_rawDescGZIP() []byte {
 }
 
 var file_dispatch_v1_interaction_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_dispatch_v1_interaction_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_dispatch_v1_interaction_proto_goTypes = []any{
 	(SessionOutcome)(0),           // 0: dispatch.v1.SessionOutcome
 	(AckKind)(0),                  // 1: dispatch.v1.AckKind
 	(StopCode)(0),                 // 2: dispatch.v1.StopCode
 	(ToolErrorCode)(0),            // 3: dispatch.v1.ToolErrorCode
 	(*UpstreamPacket)(nil),        // 4: dispatch.v1.UpstreamPacket
-	(*Hello)(nil),                 // 5: dispatch.v1.Hello
-	(*Reattach)(nil),              // 6: dispatch.v1.Reattach
-	(*ThoughtChain)(nil),          // 7: dispatch.v1.ThoughtChain
-	(*ContentChunk)(nil),          // 8: dispatch.v1.ContentChunk
-	(*ToolCallRequest)(nil),       // 9: dispatch.v1.ToolCallRequest
-	(*ErrorSignal)(nil),           // 10: dispatch.v1.ErrorSignal
-	(*Usage)(nil),                 // 11: dispatch.v1.Usage
-	(*StageChange)(nil),           // 12: dispatch.v1.StageChange
-	(*Artifact)(nil),              // 13: dispatch.v1.Artifact
-	(*SandboxInUse)(nil),          // 14: dispatch.v1.SandboxInUse
-	(*FinalResult)(nil),           // 15: dispatch.v1.FinalResult
-	(*Stopped)(nil),               // 16: dispatch.v1.Stopped
-	(*DownstreamPacket)(nil),      // 17: dispatch.v1.DownstreamPacket
-	(*Move)(nil),                  // 18: dispatch.v1.Move
-	(*Ack)(nil),                   // 19: dispatch.v1.Ack
-	(*StopSignal)(nil),            // 20: dispatch.v1.StopSignal
-	(*ToolError)(nil),             // 21: dispatch.v1.ToolError
-	(*ToolCallResult)(nil),        // 22: dispatch.v1.ToolCallResult
-	(*ToolSpec)(nil),              // 23: dispatch.v1.ToolSpec
-	(*ConversationTurn)(nil),      // 24: dispatch.v1.ConversationTurn
-	(*StartSession)(nil),          // 25: dispatch.v1.StartSession
-	(*UserInput)(nil),             // 26: dispatch.v1.UserInput
-	nil,                           // 27: dispatch.v1.Hello.LabelsEntry
-	nil,                           // 28: dispatch.v1.ToolCallRequest.TraceContextEntry
-	nil,                           // 29: dispatch.v1.StartSession.LabelsEntry
-	nil,                           // 30: dispatch.v1.StartSession.TraceContextEntry
-	(*agent.Sandbox)(nil),         // 31: lybic.agent.Sandbox
-	(*agent.CommonConfig)(nil),    // 32: lybic.agent.CommonConfig
-	(*timestamppb.Timestamp)(nil), // 33: google.protobuf.Timestamp
+	(*UpstreamBatch)(nil),         // 5: dispatch.v1.UpstreamBatch
+	(*Hello)(nil),                 // 6: dispatch.v1.Hello
+	(*Reattach)(nil),              // 7: dispatch.v1.Reattach
+	(*ThoughtChain)(nil),          // 8: dispatch.v1.ThoughtChain
+	(*ContentChunk)(nil),          // 9: dispatch.v1.ContentChunk
+	(*ToolCallRequest)(nil),       // 10: dispatch.v1.ToolCallRequest
+	(*ErrorSignal)(nil),           // 11: dispatch.v1.ErrorSignal
+	(*Usage)(nil),                 // 12: dispatch.v1.Usage
+	(*StageChange)(nil),           // 13: dispatch.v1.StageChange
+	(*Artifact)(nil),              // 14: dispatch.v1.Artifact
+	(*SandboxInUse)(nil),          // 15: dispatch.v1.SandboxInUse
+	(*FinalResult)(nil),           // 16: dispatch.v1.FinalResult
+	(*Stopped)(nil),               // 17: dispatch.v1.Stopped
+	(*DownstreamPacket)(nil),      // 18: dispatch.v1.DownstreamPacket
+	(*Move)(nil),                  // 19: dispatch.v1.Move
+	(*Ack)(nil),                   // 20: dispatch.v1.Ack
+	(*StopSignal)(nil),            // 21: dispatch.v1.StopSignal
+	(*ToolError)(nil),             // 22: dispatch.v1.ToolError
+	(*ToolCallResult)(nil),        // 23: dispatch.v1.ToolCallResult
+	(*ToolSpec)(nil),              // 24: dispatch.v1.ToolSpec
+	(*ConversationTurn)(nil),      // 25: dispatch.v1.ConversationTurn
+	(*StartSession)(nil),          // 26: dispatch.v1.StartSession
+	(*UserInput)(nil),             // 27: dispatch.v1.UserInput
+	nil,                           // 28: dispatch.v1.Hello.LabelsEntry
+	nil,                           // 29: dispatch.v1.ToolCallRequest.TraceContextEntry
+	nil,                           // 30: dispatch.v1.StartSession.LabelsEntry
+	nil,                           // 31: dispatch.v1.StartSession.TraceContextEntry
+	(*agent.Sandbox)(nil),         // 32: lybic.agent.Sandbox
+	(*agent.CommonConfig)(nil),    // 33: lybic.agent.CommonConfig
+	(*timestamppb.Timestamp)(nil), // 34: google.protobuf.Timestamp
 }
 var file_dispatch_v1_interaction_proto_depIdxs = []int32{
-	7,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
-	8,  // 1: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
-	9,  // 2: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
-	10, // 3: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
-	5,  // 4: dispatch.v1.UpstreamPacket.hello:type_name -> dispatch.v1.Hello
-	11, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
-	12, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
-	13, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
-	15, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
-	16, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
-	14, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
-	27, // 11: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
-	6,  // 12: dispatch.v1.Hello.reattach:type_name -> dispatch.v1.Reattach
-	28, // 13: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
-	31, // 14: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
-	0,  // 15: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
-	11, // 16: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
-	19, // 17: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
-	20, // 18: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
-	22, // 19: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
-	25, // 20: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
-	26, // 21: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
-	18, // 22: dispatch.v1.DownstreamPacket.move:type_name -> dispatch.v1.Move
-	1,  // 23: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
-	2,  // 24: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
-	3,  // 25: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
-	21, // 26: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
-	32, // 27: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
-	31, // 28: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
-	24, // 29: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
-	33, // 30: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
-	23, // 31: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
-	29, // 32: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
-	30, // 33: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
-	4,  // 34: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
-	17, // 35: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
-	35, // [35:36] is the sub-list for method output_type
-	34, // [34:35] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	8,  // 0: dispatch.v1.UpstreamPacket.thought:type_name -> dispatch.v1.ThoughtChain
+	9,  // 1: dispatch.v1.UpstreamPacket.content:type_name -> dispatch.v1.ContentChunk
+	10, // 2: dispatch.v1.UpstreamPacket.tool_call:type_name -> dispatch.v1.ToolCallRequest
+	11, // 3: dispatch.v1.UpstreamPacket.error:type_name -> dispatch.v1.ErrorSignal
+	6,  // 4: dispatch.v1.UpstreamPacket.hello:type_name -> dispatch.v1.Hello
+	12, // 5: dispatch.v1.UpstreamPacket.usage:type_name -> dispatch.v1.Usage
+	13, // 6: dispatch.v1.UpstreamPacket.stage:type_name -> dispatch.v1.StageChange
+	14, // 7: dispatch.v1.UpstreamPacket.artifact:type_name -> dispatch.v1.Artifact
+	16, // 8: dispatch.v1.UpstreamPacket.result:type_name -> dispatch.v1.FinalResult
+	17, // 9: dispatch.v1.UpstreamPacket.stopped:type_name -> dispatch.v1.Stopped
+	15, // 10: dispatch.v1.UpstreamPacket.sandbox:type_name -> dispatch.v1.SandboxInUse
+	5,  // 11: dispatch.v1.UpstreamPacket.batch:type_name -> dispatch.v1.UpstreamBatch
+	4,  // 12: dispatch.v1.UpstreamBatch.packets:type_name -> dispatch.v1.UpstreamPacket
+	28, // 13: dispatch.v1.Hello.labels:type_name -> dispatch.v1.Hello.LabelsEntry
+	7,  // 14: dispatch.v1.Hello.reattach:type_name -> dispatch.v1.Reattach
+	29, // 15: dispatch.v1.ToolCallRequest.trace_context:type_name -> dispatch.v1.ToolCallRequest.TraceContextEntry
+	32, // 16: dispatch.v1.SandboxInUse.sandbox:type_name -> lybic.agent.Sandbox
+	0,  // 17: dispatch.v1.FinalResult.outcome:type_name -> dispatch.v1.SessionOutcome
+	12, // 18: dispatch.v1.Stopped.final_usage:type_name -> dispatch.v1.Usage
+	20, // 19: dispatch.v1.DownstreamPacket.ack:type_name -> dispatch.v1.Ack
+	21, // 20: dispatch.v1.DownstreamPacket.stop:type_name -> dispatch.v1.StopSignal
+	23, // 21: dispatch.v1.DownstreamPacket.tool_result:type_name -> dispatch.v1.ToolCallResult
+	26, // 22: dispatch.v1.DownstreamPacket.start:type_name -> dispatch.v1.StartSession
+	27, // 23: dispatch.v1.DownstreamPacket.user_input:type_name -> dispatch.v1.UserInput
+	19, // 24: dispatch.v1.DownstreamPacket.move:type_name -> dispatch.v1.Move
+	1,  // 25: dispatch.v1.Ack.kind:type_name -> dispatch.v1.AckKind
+	2,  // 26: dispatch.v1.StopSignal.code:type_name -> dispatch.v1.StopCode
+	3,  // 27: dispatch.v1.ToolError.code:type_name -> dispatch.v1.ToolErrorCode
+	22, // 28: dispatch.v1.ToolCallResult.error:type_name -> dispatch.v1.ToolError
+	33, // 29: dispatch.v1.StartSession.config:type_name -> lybic.agent.CommonConfig
+	32, // 30: dispatch.v1.StartSession.sandbox:type_name -> lybic.agent.Sandbox
+	25, // 31: dispatch.v1.StartSession.history:type_name -> dispatch.v1.ConversationTurn
+	34, // 32: dispatch.v1.StartSession.deadline:type_name -> google.protobuf.Timestamp
+	24, // 33: dispatch.v1.StartSession.tools:type_name -> dispatch.v1.ToolSpec
+	30, // 34: dispatch.v1.StartSession.labels:type_name -> dispatch.v1.StartSession.LabelsEntry
+	31, // 35: dispatch.v1.StartSession.trace_context:type_name -> dispatch.v1.StartSession.TraceContextEntry
+	4,  // 36: dispatch.v1.AgentInteraction.ChatStream:input_type -> dispatch.v1.UpstreamPacket
+	18, // 37: dispatch.v1.AgentInteraction.ChatStream:output_type -> dispatch.v1.DownstreamPacket
+	37, // [37:38] is the sub-list for method output_type
+	36, // [36:37] is the sub-list for method input_type
+	36, // [36:36] is the sub-list for extension type_name
+	36, // [36:36] is the sub-list for extension extendee
+	0,  // [0:36] is the sub-list for field type_name
 }
 
 func init() { file_dispatch_v1_interaction_proto_init() }
@@ -2495,8 +2585,9 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*UpstreamPacket_Result)(nil),
 		(*UpstreamPacket_Stopped)(nil),
 		(*UpstreamPacket_Sandbox)(nil),
+		(*UpstreamPacket_Batch)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[13].OneofWrappers = []any{
+	file_dispatch_v1_interaction_proto_msgTypes[14].OneofWrappers = []any{
 		(*DownstreamPacket_Ack)(nil),
 		(*DownstreamPacket_Stop)(nil),
 		(*DownstreamPacket_ToolResult)(nil),
@@ -2504,14 +2595,14 @@ func file_dispatch_v1_interaction_proto_init() {
 		(*DownstreamPacket_UserInput)(nil),
 		(*DownstreamPacket_Move)(nil),
 	}
-	file_dispatch_v1_interaction_proto_msgTypes[21].OneofWrappers = []any{}
+	file_dispatch_v1_interaction_proto_msgTypes[22].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_dispatch_v1_interaction_proto_rawDesc), len(file_dispatch_v1_interaction_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
