@@ -426,17 +426,31 @@ func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Du
 		finish("", errProviderGone)
 		return
 	}
+	// sent re-sends the cancel when ctx ended while inv was being queued:
+	// the AfterFunc's cancel may have gone out before inv, and a provider
+	// ignores a cancel of an id it does not know yet, so it would run a
+	// stopped call. A second cancel is harmless.
+	sent := func() {
+		if ctx.Err() != nil {
+			p.cancelInvocation(id, "cancelled")
+		}
+	}
 	select {
 	case p.out <- inv:
+		sent()
 		return
 	default:
 	}
 	go func() {
 		// Rare (a provider that does not keep up): a timer of its own.
+		if ctx.Err() != nil {
+			return // the AfterFunc completes it; never send a stopped call
+		}
 		t := time.NewTimer(time.Until(deadline))
 		defer t.Stop()
 		select {
 		case p.out <- inv:
+			sent()
 		case <-t.C: // expireLoop completes the call
 		case <-ctx.Done(): // the AfterFunc completes it
 		case <-p.done: // failStarted completes it
