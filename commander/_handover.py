@@ -75,7 +75,7 @@ COALESCE_CHARS = 4 * 1024
 #: With the dispatcher's 20 ms acks this is also a session's pace in a flood
 #: (about WINDOW_CHARS + COALESCE_CHARS per ack round): 16 Ki let 8 flooding
 #: sessions double the stop's decision → ``stopped``; 4 Ki kept it below main's
-#: but capped one commander's 4 flooding sessions at ~0.6× raw grpc.aio.
+#: but capped one commander's 4 flooding sessions at ~0.6x raw grpc.aio.
 WINDOW_CHARS = 8 * 1024
 
 
