@@ -721,6 +721,10 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
 		return
 	}
+	// Disowned now, before the refused records are reported done to the
+	// copy's log (onFenced runs inside the store write): its watchers here
+	// never see them; they follow the fleet's view from here on.
+	f.mgr.Disown(id)
 	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
 	go f.mgr.Drop(id, reason)
 }

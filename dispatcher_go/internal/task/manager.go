@@ -414,7 +414,7 @@ func validateSpec(s *Spec) error {
 // error wrapping store.ErrUnavailable rather than answer NotFound for a
 // task that may well exist, or wait for the store.
 func (m *Manager) Get(id string) (*Task, error) {
-	if t := m.reg.Get(id); t != nil {
+	if t := m.reg.Get(id); t != nil && !t.disowned() {
 		return t, nil
 	}
 	if m.fleet != nil {
