@@ -733,7 +733,25 @@ def relay_only() -> int:
                 await wait_for_slots(chans[1], SESSIONS, "the commander's slots")
                 stubs = [tasks_pb2_grpc.TaskServiceStub(c) for c in chans]
                 log(f"relay + cancel: {SESSIONS} sessions, {RELAY_SECONDS:.0f} s, {DISPATCHER_BIN}")
-                return await relay_and_cancel(stubs)
+                groups = {
+                    **eng.pids(),
+                    **{f"replica r{r.n}": [r.proc.pid] for r in reps[: 1 if SINGLE else 3]},
+                    "commander": [commander.pid],
+                    "this driver (watchers)": [os.getpid()],
+                }
+                a = {k: cpu_of(v) for k, v in groups.items()}
+                ma, t_a = machine_busy(), time.monotonic()
+                out = await relay_and_cancel(stubs)
+                wall = time.monotonic() - t_a
+                split = {k: (cpu_of(v) - a[k]) / wall for k, v in groups.items()}
+                split["other processes on the machine"] = max(
+                    0.0, (machine_busy()[0] - ma[0]) / wall - sum(split.values())
+                )
+                log(
+                    "relay phase CPU (% of one core): "
+                    + ", ".join(f"{k} {v * 100:.0f}%" for k, v in split.items())
+                )
+                return out
             finally:
                 for c in chans:
                     await c.close()
