@@ -41,6 +41,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -417,9 +418,17 @@ func (f *Fleet) publishLoop(ctx context.Context) {
 		// retried write, does not undo the others.)
 		p := f.rdb.TxPipeline()
 		tasks := map[string]bool{}
+		var sent string
+		if f.legs != nil {
+			sent = strconv.FormatInt(time.Now().UnixMicro(), 10)
+		}
 		for _, e := range evs {
 			key := eventsPrefix + e.TaskID
-			p.XAdd(pctx, &redis.XAddArgs{Stream: key, MaxLen: eventsMaxLen, Approx: true, ID: eventID(e.Seq), Values: []any{"e", e.Data}})
+			vals := []any{"e", e.Data}
+			if sent != "" {
+				vals = append(vals, "t", sent)
+			}
+			p.XAdd(pctx, &redis.XAddArgs{Stream: key, MaxLen: eventsMaxLen, Approx: true, ID: eventID(e.Seq), Values: vals})
 			tasks[key] = true
 		}
 		for key := range tasks {

@@ -21,6 +21,9 @@ const (
 	legApply   = "pg_apply"          // the fenced write: one batch to PostgreSQL and its commit
 	legPublish = "publish"           // a stored batch handed to the publisher → its XADDs answered
 	legHub     = "recorded_to_hub"   // an event's time (stamped by the replica that recorded it) → decoded by this replica's tail hub
+	legXread   = "xadd_to_hub_read"  // the publisher sent the XADDs (its clock, in the entry's "t" field while leg stats are on) → this replica's hub XREAD returned them
+	legReader  = "hub_to_reader"     // the hub delivered an event → a watcher's Read returns it
+	legToXadd  = "recorded_to_xadd"  // an event's time → the publisher (on the replica that recorded it) sent its XADD (timed by the hub that reads it, from the entry's "t")
 	legCancel  = "cancel_to_sent"    // Fleet.Cancel called (on a replica not running the task) → command row written and published
 	legCommand = "cmd_recv_to_ok"    // a command received on the channel → carried out (a cancel: the stop sent to the session)
 )

@@ -55,7 +55,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	if len(evs) != 0 || ch == nil {
 		t.Fatalf("wait on a new task: %v events, channel %v", len(evs), ch)
 	}
-	h.deliver("t1", entries(t, 1, 2))
+	h.deliver("t1", entries(t, 1, 2), time.Now())
 	select {
 	case <-ch:
 	default:
@@ -73,7 +73,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	}
 	// 3 and 4 never arrive: 5 starts a new run; a reader at 2 gets nothing
 	// (PostgreSQL fills the gap), a reader at 4 gets 5.
-	h.deliver("t1", entries(t, 5))
+	h.deliver("t1", entries(t, 5), time.Now())
 	if got := h.get("t1", 2, 64); len(got) != 0 {
 		t.Fatalf("get across a gap: %v", seqsOf(got))
 	}
@@ -81,7 +81,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 		t.Fatalf("get after 4: %v", got)
 	}
 	// A duplicate or older entry changes nothing.
-	h.deliver("t1", entries(t, 5, 3))
+	h.deliver("t1", entries(t, 5, 3), time.Now())
 	if got := seqsOf(h.get("t1", 4, 64)); !same(got, []uint64{5}) {
 		t.Fatalf("after a duplicate: %v", got)
 	}
@@ -90,7 +90,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	for s := uint64(6); s < 6+3*hubKeep; s++ {
 		many = append(many, s)
 	}
-	h.deliver("t1", entries(t, many...))
+	h.deliver("t1", entries(t, many...), time.Now())
 	h.mu.Lock()
 	n, last := len(h.tasks["t1"].evs), h.tasks["t1"].last
 	h.mu.Unlock()
