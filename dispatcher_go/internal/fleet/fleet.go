@@ -47,6 +47,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -195,7 +196,13 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs: newLegStats(),
 	}
 	f.hub = newTailHub(f, tails)
-	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
+	wcfg := pg.Pool().Config()
+	wcfg.MaxConns, wcfg.MinConns = writePool, 1
+	writes, err := pgxpool.NewWithConfig(ctx, wcfg)
+	if err != nil {
+		return nil, fmt.Errorf("fleet: the writes' PostgreSQL pool: %w", err)
+	}
+	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), writes: writes, replica: f.id, owned: map[string]int64{},
 		onFenced: f.onFenced, onWritten: f.onWritten, legs: f.legs}
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
@@ -247,7 +254,9 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 		f.wg.Go(func() { loop(f.ctx) })
 	}
 	if f.legs != nil {
-		f.wg.Go(func() { f.legs.run(f.ctx, f.log) })
+		f.wg.Go(func() {
+			f.legs.run(f.ctx, f.log, map[string]*pgxpool.Pool{"store": f.pg.Pool(), "writes": f.fenced.writes})
+		})
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
 }
@@ -277,6 +286,7 @@ func (f *Fleet) Close() {
 	f.wg.Wait()
 	_ = f.rdb.Close()
 	_ = f.tails.Close()
+	f.fenced.closeWrites()
 }
 
 // kick wakes the bus reader (a slot turned idle, or a task was placed).
