@@ -114,3 +114,23 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 		t.Fatalf("an idle task is still read: %v", got)
 	}
 }
+
+// A task that runs on this replica now is released from the hub at once
+// (its watchers here read its own log), unless a Read waits on it.
+func TestTailHubReleasesATaskRunHere(t *testing.T) {
+	h := newTailHub(&Fleet{id: "r1"}, nil)
+	_, _, done := h.wait("t1", 0, 64)
+	h.release("t1")
+	if len(h.snapshot("0-0")) != 4 {
+		t.Fatal("a task with a Read waiting on it was released")
+	}
+	done()
+	h.release("t1")
+	if got := h.snapshot("0-0"); len(got) != 2 {
+		t.Fatalf("released task still read: streams %v", got)
+	}
+	h.deliver("t1", entries(t, 1), time.Now()) // an answer in flight: dropped
+	if evs := h.get("t1", 0, 64); len(evs) != 0 {
+		t.Fatalf("a released task got events: %v", seqsOf(evs))
+	}
+}
