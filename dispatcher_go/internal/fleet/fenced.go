@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -20,11 +19,6 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 )
 
-// writePool is the size of the fenced writes' own PostgreSQL pool: the
-// Writer applies one batch at a time; a spare for a write being retried
-// while the first connection is being given up.
-const writePool = 2
-
 // fencedStore is the PostgreSQL store with every write fenced: in the
 // transaction that writes a batch, the lease rows of the batch's tasks are
 // read (FOR SHARE, so a concurrent Claim waits for the write or the write
@@ -35,17 +29,9 @@ const writePool = 2
 // drops their session. Reads go to the store as they are.
 type fencedStore struct {
 	*postgres.Store
-	pool *pgxpool.Pool // the store's: reads, and writes once writes is closed
-	// writes is the fenced writes' own pool (nil: they use pool): the
-	// store's pool (4 connections by default on a small machine) is shared
-	// by every lookup, claim, command and lease query of the replica, and
-	// a write waiting there for a connection holds back every watcher of
-	// every task. Closed by Fleet.Close; the Writer's last writes after it
-	// go to pool.
-	writes       *pgxpool.Pool
-	writesClosed atomic.Bool
-	replica      string
-	onFenced     func(taskID string)
+	pool     *pgxpool.Pool
+	replica  string
+	onFenced func(taskID string)
 	// onWritten is told of the events written (after the commit): they go
 	// to the bus for watchers on other replicas.
 	onWritten func([]store.Event)
@@ -93,21 +79,6 @@ func (s *fencedStore) ownedTasks() map[string]int64 {
 		out[k] = v
 	}
 	return out
-}
-
-// writePool is the pool the fenced writes use now.
-func (s *fencedStore) writePool() *pgxpool.Pool {
-	if s.writes == nil || s.writesClosed.Load() {
-		return s.pool
-	}
-	return s.writes
-}
-
-// closeWrites closes the writes' own pool; later writes use the store's.
-func (s *fencedStore) closeWrites() {
-	if s.writes != nil && !s.writesClosed.Swap(true) {
-		s.writes.Close() // waits for a write in flight
-	}
 }
 
 // Apply implements store.Store with the fence (see fencedStore), in one
@@ -167,21 +138,8 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	fenced := map[string]bool{}
 	var written []store.Event
 	began := time.Now()
-	if s.legs != nil && len(b.Events) > 0 {
-		// The batch's first event: how long it waited before this write;
-		// and every event's wait.
-		for i, e := range b.Events {
-			ev := &dispatchv1.TaskEvent{}
-			if proto.Unmarshal(e.Data, ev) == nil && ev.GetTime() != nil {
-				if i == 0 {
-					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
-				}
-				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
-			}
-		}
-	}
 	err := func() error {
-		br := s.writePool().SendBatch(ctx, &pb)
+		br := s.pool.SendBatch(ctx, &pb)
 		defer br.Close()
 		rows, err := br.Query()
 		if err != nil {
@@ -245,9 +203,6 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 		return err
 	}
 	s.legs.add(legApply, time.Since(began))
-	if s.legs != nil {
-		s.legs.add(legBatchEvents, time.Duration(len(b.Events))*time.Millisecond)
-	}
 	for id := range fenced {
 		if s.onFenced != nil {
 			s.onFenced(id)
@@ -255,6 +210,20 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	}
 	if len(written) > 0 && s.onWritten != nil {
 		s.onWritten(written)
+	}
+	if s.legs != nil && len(b.Events) > 0 {
+		// How long the batch's first event, and every event, waited
+		// before this write (decoded after it: off the write's path).
+		for i, e := range b.Events {
+			ev := &dispatchv1.TaskEvent{}
+			if proto.Unmarshal(e.Data, ev) == nil && ev.GetTime() != nil {
+				if i == 0 {
+					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
+				}
+				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
+			}
+		}
+		s.legs.add(legBatchEvents, time.Duration(len(b.Events))*time.Millisecond)
 	}
 	return nil
 }

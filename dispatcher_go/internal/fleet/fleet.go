@@ -196,13 +196,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs: newLegStats(),
 	}
 	f.hub = newTailHub(f, tails)
-	wcfg := pg.Pool().Config()
-	wcfg.MaxConns, wcfg.MinConns = writePool, 1
-	writes, err := pgxpool.NewWithConfig(ctx, wcfg)
-	if err != nil {
-		return nil, fmt.Errorf("fleet: the writes' PostgreSQL pool: %w", err)
-	}
-	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), writes: writes, replica: f.id, owned: map[string]int64{},
+	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
 		onFenced: f.onFenced, onWritten: f.onWritten, legs: f.legs}
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
@@ -255,7 +249,7 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	}
 	if f.legs != nil {
 		f.wg.Go(func() {
-			f.legs.run(f.ctx, f.log, map[string]*pgxpool.Pool{"store": f.pg.Pool(), "writes": f.fenced.writes})
+			f.legs.run(f.ctx, f.log, map[string]*pgxpool.Pool{"store": f.pg.Pool()})
 		})
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
@@ -286,7 +280,6 @@ func (f *Fleet) Close() {
 	f.wg.Wait()
 	_ = f.rdb.Close()
 	_ = f.tails.Close()
-	f.fenced.closeWrites()
 }
 
 // kick wakes the bus reader (a slot turned idle, or a task was placed).
