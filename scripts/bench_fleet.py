@@ -92,6 +92,12 @@ RELAY_ONLY = os.environ.get("BENCH_FLEET_RELAY_ONLY", "") == "1"
 #: dispatcher on PostgreSQL without Redis (submit, both watchers and the cancel
 #: on it): the floor the fleet's cross-replica hops add to.
 SINGLE = os.environ.get("BENCH_FLEET_SINGLE", "") == "1"
+#: PostgreSQL with a deployment's durability (scripts/postgres.sh PG_DURABLE=1:
+#: fsync, synchronous_commit and full_page_writes on): a watcher is only ever
+#: sent an event that is on disk, so the latencies measured are a fleet's.
+#: BENCH_FLEET_PG_DURABLE=0: the test cluster's settings (fsync off), to see
+#: what the disk costs.
+PG_DURABLE = os.environ.get("BENCH_FLEET_PG_DURABLE", "1")
 #: Per-leg latencies of the relay phase (ms), from the events' own times: the
 #: commander's emitted_at_us, the event time r1 stamps when it records it, and
 #: the watcher's receive time. One machine, one clock.
@@ -140,6 +146,7 @@ class Engines:
             **os.environ,
             "PG_STATE_DIR": str(self.dir / "pg"),
             "REDIS_STATE_DIR": str(self.dir / "redis"),
+            "PG_DURABLE": PG_DURABLE,
         }
         self.dsn = self._run("postgres.sh", "start")
         self.redis = self._run("redis.sh", "start")
@@ -732,8 +739,29 @@ def relay_only() -> int:
             try:
                 await wait_for_slots(chans[1], SESSIONS, "the commander's slots")
                 stubs = [tasks_pb2_grpc.TaskServiceStub(c) for c in chans]
-                log(f"relay + cancel: {SESSIONS} sessions, {RELAY_SECONDS:.0f} s, {DISPATCHER_BIN}")
-                return await relay_and_cancel(stubs)
+                log(
+                    f"relay + cancel: {SESSIONS} sessions, {RELAY_SECONDS:.0f} s, "
+                    f"{DISPATCHER_BIN}, PostgreSQL durable: {PG_DURABLE == '1'}"
+                )
+                groups = {
+                    **eng.pids(),
+                    **{f"replica r{r.n}": [r.proc.pid] for r in reps[: 1 if SINGLE else 3]},
+                    "commander": [commander.pid],
+                    "this driver (watchers)": [os.getpid()],
+                }
+                a = {k: cpu_of(v) for k, v in groups.items()}
+                ma, t_a = machine_busy(), time.monotonic()
+                out = await relay_and_cancel(stubs)
+                wall = time.monotonic() - t_a
+                split = {k: (cpu_of(v) - a[k]) / wall for k, v in groups.items()}
+                split["other processes on the machine"] = max(
+                    0.0, (machine_busy()[0] - ma[0]) / wall - sum(split.values())
+                )
+                log(
+                    "relay phase CPU (% of one core): "
+                    + ", ".join(f"{k} {v * 100:.0f}%" for k, v in split.items())
+                )
+                return out
             finally:
                 for c in chans:
                     await c.close()
@@ -779,6 +807,7 @@ def relay_only() -> int:
         "model_tokens_per_s": RATE,
         "replicas": 3,
         "binary": DISPATCHER_BIN,
+        "postgres_durable": PG_DURABLE == "1",
     }
     return write_result(
         make_result("fleet", f"fleet-relay@{SESSIONS}", params, latencies=latencies, checks=checks)

@@ -14,6 +14,19 @@
 # tests kill the server and need every acknowledged commit to survive (with
 # the default, off, the last few hundred ms of commits are lost on a kill).
 #
+# PG_DURABLE=1 runs the cluster with a real deployment's durability:
+# fsync=on, synchronous_commit=on, full_page_writes=on, so a commit is on
+# disk before it is acknowledged and an event a watcher was sent survives a
+# crash of PostgreSQL or of the machine. The fleet's latency benchmark
+# (scripts/bench_fleet.py) uses it: figures measured with fsync off are not
+# a fleet's. Settings it adds that change speed only, never what a commit
+# guarantees: wal_level=minimal and max_wal_senders=0 (less WAL written;
+# no replica or archive reads it here), checkpoint_timeout=30min and
+# max_wal_size=4GB (no checkpoint, with its burst of writes and of
+# full-page images in the WAL, during a run: crash recovery may take
+# longer, it loses nothing), commit_delay=0 (the default: no wait for
+# group commit).
+#
 # Idempotent: start while running prints the same DSN; stop when stopped is a
 # no-op. The server runs as an unprivileged user (postgres refuses root):
 # when run as root, as the "postgres" system user via runuser. State lives in
@@ -70,9 +83,14 @@ running() {
 }
 
 pg_start() {
-	local bin=$1 port=$2
+	local bin=$1 port=$2 opts
+	if [[ "${PG_DURABLE:-}" == 1 ]]; then
+		opts="-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c wal_level=minimal -c max_wal_senders=0 -c checkpoint_timeout=30min -c max_wal_size=4GB -c commit_delay=0"
+	else
+		opts="-c fsync=off -c synchronous_commit=${PG_SYNCHRONOUS_COMMIT:-off} -c full_page_writes=off"
+	fi
 	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
-		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR -c fsync=off -c synchronous_commit=${PG_SYNCHRONOUS_COMMIT:-off} -c full_page_writes=off -c max_connections=200" \
+		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR $opts -c max_connections=200" \
 		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }
 }
 

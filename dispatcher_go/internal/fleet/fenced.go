@@ -138,13 +138,6 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	fenced := map[string]bool{}
 	var written []store.Event
 	began := time.Now()
-	if s.legs != nil && len(b.Events) > 0 {
-		// The batch's first event: how long it waited before this write.
-		ev := &dispatchv1.TaskEvent{}
-		if proto.Unmarshal(b.Events[0].Data, ev) == nil && ev.GetTime() != nil {
-			s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
-		}
-	}
 	err := func() error {
 		br := s.pool.SendBatch(ctx, &pb)
 		defer br.Close()
@@ -217,6 +210,20 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	}
 	if len(written) > 0 && s.onWritten != nil {
 		s.onWritten(written)
+	}
+	if s.legs != nil && len(b.Events) > 0 {
+		// How long the batch's first event, and every event, waited
+		// before this write (decoded after it: off the write's path).
+		for i, e := range b.Events {
+			ev := &dispatchv1.TaskEvent{}
+			if proto.Unmarshal(e.Data, ev) == nil && ev.GetTime() != nil {
+				if i == 0 {
+					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
+				}
+				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
+			}
+		}
+		s.legs.add(legBatchEvents, time.Duration(len(b.Events))*time.Millisecond)
 	}
 	return nil
 }

@@ -41,11 +41,13 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -246,7 +248,9 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 		f.wg.Go(func() { loop(f.ctx) })
 	}
 	if f.legs != nil {
-		f.wg.Go(func() { f.legs.run(f.ctx, f.log) })
+		f.wg.Go(func() {
+			f.legs.run(f.ctx, f.log, map[string]*pgxpool.Pool{"store": f.pg.Pool()})
+		})
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
 }
@@ -417,9 +421,17 @@ func (f *Fleet) publishLoop(ctx context.Context) {
 		// retried write, does not undo the others.)
 		p := f.rdb.TxPipeline()
 		tasks := map[string]bool{}
+		var sent string
+		if f.legs != nil {
+			sent = strconv.FormatInt(time.Now().UnixMicro(), 10)
+		}
 		for _, e := range evs {
 			key := eventsPrefix + e.TaskID
-			p.XAdd(pctx, &redis.XAddArgs{Stream: key, MaxLen: eventsMaxLen, Approx: true, ID: eventID(e.Seq), Values: []any{"e", e.Data}})
+			vals := []any{"e", e.Data}
+			if sent != "" {
+				vals = append(vals, "t", sent)
+			}
+			p.XAdd(pctx, &redis.XAddArgs{Stream: key, MaxLen: eventsMaxLen, Approx: true, ID: eventID(e.Seq), Values: vals})
 			tasks[key] = true
 		}
 		for key := range tasks {
@@ -721,6 +733,10 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
 		return
 	}
+	// Disowned now, before the refused records are reported done to the
+	// copy's log (onFenced runs inside the store write): its watchers here
+	// never see them; they follow the fleet's view from here on.
+	f.mgr.Disown(id)
 	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
 	go f.mgr.Drop(id, reason)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -283,22 +284,24 @@ func (l *Leases) Status(ctx context.Context, taskID string) (agentpb.TaskStatus,
 	return agentpb.TaskStatus(st), err
 }
 
-// Holder is taskID's stored status and, when a live lease is held on it
-// (not released, not expired), its owner ("" otherwise): one query, so a
-// cancel sent to another replica need not try to claim the task first.
-func (l *Leases) Holder(ctx context.Context, taskID string) (agentpb.TaskStatus, string, error) {
+// Holder is taskID's stored status, when it ended (zero while it has
+// not) and, when a live lease is held on it (not released, not expired),
+// its owner ("" otherwise): one query, so a cancel sent to another replica
+// need not try to claim the task first.
+func (l *Leases) Holder(ctx context.Context, taskID string) (agentpb.TaskStatus, time.Time, string, error) {
 	var st int32
+	var ended int64
 	var owner *string
-	err := l.pool.QueryRow(ctx, `SELECT t.status, l.owner FROM tasks t
+	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner FROM tasks t
 		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
-		WHERE t.id = $1`, taskID).Scan(&st, &owner)
+		WHERE t.id = $1`, taskID).Scan(&st, &ended, &owner)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, "", task.ErrNotFound
+		return 0, time.Time{}, "", task.ErrNotFound
 	}
 	if err != nil || owner == nil {
-		return agentpb.TaskStatus(st), "", err
+		return agentpb.TaskStatus(st), store.FromMicros(ended), "", err
 	}
-	return agentpb.TaskStatus(st), *owner, nil
+	return agentpb.TaskStatus(st), store.FromMicros(ended), *owner, nil
 }
 
 // Enqueue records that taskID waits in queue (the bus is rebuilt from

@@ -44,6 +44,8 @@ type remoteLog struct {
 	// first (it does after tailBlock without news or on a gap, so an
 	// entry lost on the bus costs at most that).
 	live atomic.Bool
+	// released: the hub was told the task runs here (tailHub.release).
+	released atomic.Bool
 }
 
 func (l *remoteLog) Append(*dispatchv1.TaskEvent, eventlog.Class) (uint64, error) {
@@ -71,6 +73,9 @@ func (l *remoteLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.Ta
 		// after the lease was lost is dropped (a fenced write's events are
 		// in the local log only, and the fence disowns before they show).
 		if t := l.local(); t != nil {
+			if !l.released.Swap(true) {
+				hub.release(l.taskID)
+			}
 			cctx, cancel := context.WithTimeout(ctx, tailBlock)
 			evs, err := t.Log().Read(cctx, after, dst)
 			cancel()
@@ -147,6 +152,9 @@ func (l *remoteLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.Ta
 		// not continue after `after`) or not woken: PostgreSQL next.
 		if woke {
 			if evs := hub.get(l.taskID, after, limit); len(evs) > 0 {
+				if l.f.legs != nil {
+					l.f.legs.add(legReader, hub.since(l.taskID))
+				}
 				l.live.Store(true)
 				return l.seen(append(dst, evs...)), nil
 			}

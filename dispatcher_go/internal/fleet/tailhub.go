@@ -3,6 +3,8 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -57,6 +59,7 @@ type tailHub struct {
 }
 
 type hubTask struct {
+	at     time.Time               // when the last events were delivered (leg stats)
 	last   uint64                  // seq of the last entry read (the XREAD position)
 	evs    []*dispatchv1.TaskEvent // contiguous, ending at last; at most hubKeep
 	notify chan struct{}           // closed when events arrive
@@ -130,6 +133,18 @@ func (h *tailHub) wait(id string, after uint64, limit int) (evs []*dispatchv1.Ta
 	}
 }
 
+// release forgets task id unless a Read waits on it now: the task runs on
+// this replica now, and its watchers here read its own log (remoteLog).
+// Kept, the hub would read and decode every event this replica itself
+// publishes for the task's whole life (shorter than hubLinger for most).
+func (h *tailHub) release(id string) {
+	h.mu.Lock()
+	if t := h.tasks[id]; t != nil && t.users == 0 {
+		delete(h.tasks, id)
+	}
+	h.mu.Unlock()
+}
+
 // wake makes the hub's blocked XREAD return, so it reads again with the
 // tasks watched now.
 func (h *tailHub) wake() {
@@ -165,13 +180,20 @@ func (h *tailHub) snapshot(wakeID string) []string {
 }
 
 // deliver adds the entries read for task id and wakes its waiters.
-func (h *tailHub) deliver(id string, msgs []redis.XMessage) {
+func (h *tailHub) deliver(id string, msgs []redis.XMessage, read time.Time) {
 	evs := make([]*dispatchv1.TaskEvent, 0, len(msgs))
 	var seqs []uint64
 	for _, m := range msgs {
 		seq, ok := seqOf(m.ID)
 		if !ok {
 			continue
+		}
+		var sent time.Time
+		if h.f.legs != nil {
+			if us, err := strconv.ParseInt(fmt.Sprint(m.Values["t"]), 10, 64); err == nil {
+				sent = time.UnixMicro(us)
+				h.f.legs.add(legXread, read.Sub(sent))
+			}
 		}
 		raw, _ := m.Values["e"].(string)
 		ev := &dispatchv1.TaskEvent{}
@@ -181,6 +203,9 @@ func (h *tailHub) deliver(id string, msgs []redis.XMessage) {
 		ev.Seq = seq
 		if h.f.legs != nil && ev.GetTime() != nil {
 			h.f.legs.add(legHub, time.Since(ev.GetTime().AsTime()))
+			if !sent.IsZero() {
+				h.f.legs.add(legToXadd, sent.Sub(ev.GetTime().AsTime()))
+			}
 		}
 		evs = append(evs, ev)
 		seqs = append(seqs, seq)
@@ -205,8 +230,20 @@ func (h *tailHub) deliver(id string, msgs []redis.XMessage) {
 		t.evs = append(t.evs, ev)
 		t.last = seq
 	}
+	t.at = time.Now()
 	close(t.notify)
 	t.notify = make(chan struct{})
+}
+
+// since is how long ago the hub last delivered events of task id (leg
+// stats; 0 when it holds none).
+func (h *tailHub) since(id string) time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if t := h.tasks[id]; t != nil && !t.at.IsZero() {
+		return time.Since(t.at)
+	}
+	return 0
 }
 
 // run is the hub's reader loop.
@@ -233,6 +270,7 @@ func (h *tailHub) run(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, tailBlock+opTimeout)
 		res, err := h.rdb.XRead(cctx, &redis.XReadArgs{Streams: streams, Count: hubCount, Block: tailBlock}).Result()
 		cancel()
+		read := time.Now()
 		switch {
 		case errors.Is(err, redis.Nil):
 			continue
@@ -252,7 +290,7 @@ func (h *tailHub) run(ctx context.Context) {
 				continue
 			}
 			if id, ok := strings.CutPrefix(st.Stream, eventsPrefix); ok && len(st.Messages) > 0 {
-				h.deliver(id, st.Messages)
+				h.deliver(id, st.Messages, read)
 			}
 		}
 	}

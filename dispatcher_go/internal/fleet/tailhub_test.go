@@ -55,7 +55,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	if len(evs) != 0 || ch == nil {
 		t.Fatalf("wait on a new task: %v events, channel %v", len(evs), ch)
 	}
-	h.deliver("t1", entries(t, 1, 2))
+	h.deliver("t1", entries(t, 1, 2), time.Now())
 	select {
 	case <-ch:
 	default:
@@ -73,7 +73,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	}
 	// 3 and 4 never arrive: 5 starts a new run; a reader at 2 gets nothing
 	// (PostgreSQL fills the gap), a reader at 4 gets 5.
-	h.deliver("t1", entries(t, 5))
+	h.deliver("t1", entries(t, 5), time.Now())
 	if got := h.get("t1", 2, 64); len(got) != 0 {
 		t.Fatalf("get across a gap: %v", seqsOf(got))
 	}
@@ -81,7 +81,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 		t.Fatalf("get after 4: %v", got)
 	}
 	// A duplicate or older entry changes nothing.
-	h.deliver("t1", entries(t, 5, 3))
+	h.deliver("t1", entries(t, 5, 3), time.Now())
 	if got := seqsOf(h.get("t1", 4, 64)); !same(got, []uint64{5}) {
 		t.Fatalf("after a duplicate: %v", got)
 	}
@@ -90,7 +90,7 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	for s := uint64(6); s < 6+3*hubKeep; s++ {
 		many = append(many, s)
 	}
-	h.deliver("t1", entries(t, many...))
+	h.deliver("t1", entries(t, many...), time.Now())
 	h.mu.Lock()
 	n, last := len(h.tasks["t1"].evs), h.tasks["t1"].last
 	h.mu.Unlock()
@@ -112,5 +112,25 @@ func TestTailHubDeliversContiguousRunsOnly(t *testing.T) {
 	h.mu.Unlock()
 	if got := h.snapshot("0-0"); len(got) != 2 {
 		t.Fatalf("an idle task is still read: %v", got)
+	}
+}
+
+// A task that runs on this replica now is released from the hub at once
+// (its watchers here read its own log), unless a Read waits on it.
+func TestTailHubReleasesATaskRunHere(t *testing.T) {
+	h := newTailHub(&Fleet{id: "r1"}, nil)
+	_, _, done := h.wait("t1", 0, 64)
+	h.release("t1")
+	if len(h.snapshot("0-0")) != 4 {
+		t.Fatal("a task with a Read waiting on it was released")
+	}
+	done()
+	h.release("t1")
+	if got := h.snapshot("0-0"); len(got) != 2 {
+		t.Fatalf("released task still read: streams %v", got)
+	}
+	h.deliver("t1", entries(t, 1), time.Now()) // an answer in flight: dropped
+	if evs := h.get("t1", 0, 64); len(evs) != 0 {
+		t.Fatalf("a released task got events: %v", seqsOf(evs))
 	}
 }

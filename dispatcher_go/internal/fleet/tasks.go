@@ -154,28 +154,37 @@ type cmdMessage struct {
 	Result *cmdResult `json:"-"`
 }
 
+// cancelSkew is how much earlier than a cancel began a task may have
+// ended CANCELLED and still count as stopped by it (or by a cancel sent at
+// the same time): the end time is the owner's clock.
+const cancelSkew = time.Second
+
 // Cancel implements task.Fleet.
+//
+// The cancel is announced first, before anything is read: the owner (the
+// only replica that acts on it, whoever it is) stops the session on this
+// message at once (a second stop is a no-op), so the stop does not wait
+// for any PostgreSQL round trip here. The row follows (f.command) and
+// stays the truth: a lost message is made up for by its own announcement,
+// or by the owner's reconcile. The price: if PostgreSQL then fails, the
+// client is told UNAVAILABLE although the stop may have landed. Because
+// the stop may land before the status read below, a task found CANCELLED
+// that ended after this cancel began (less cancelSkew, the owner's clock)
+// counts as cancelled by it, not as "already finished" (so a second
+// CancelTask a moment after the first may be told "cancelled" too).
 func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
 	began := time.Now()
-	st, owner, err := f.leases.Holder(ctx, id)
+	f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
+	st, ended, owner, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
+	if st == agentpb.TaskStatus_CANCELLED && !ended.Before(began.Add(-cancelSkew)) {
+		f.legs.add(legCancel, time.Since(began))
+		return task.CancelOutcome{Cancelled: true, Status: st, Message: "cancelled"}, nil
+	}
 	if task.Terminal(st) {
 		return task.CancelOutcome{Status: st, Message: "task already finished: " + st.String()}, nil
-	}
-	// A task with a live lease goes straight to its owner (a claim would
-	// only fail, after waiting for the owner's write in progress), and is
-	// announced before its row is written: the owner stops the session on
-	// this message at once (a second stop is a no-op). The row follows
-	// (f.command) and stays the truth: a lost message is made up for by
-	// its own announcement, or by the owner's reconcile. The price: if
-	// PostgreSQL then fails, the client is told UNAVAILABLE although the
-	// stop may have landed. (Read first, announced after: announced
-	// before the read, the stop could end the task before the read and
-	// this cancel would answer "already finished".)
-	if owner != "" {
-		f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
 	}
 	// Nobody runs it (still on the bus, or its replica is gone): end it
 	// here.

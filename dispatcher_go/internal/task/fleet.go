@@ -2,6 +2,8 @@ package task
 
 import (
 	"context"
+	"fmt"
+	"sync"
 
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -132,16 +134,36 @@ func (m *Manager) Forget(id string) {
 	}
 }
 
+// Disown marks task id as no longer this replica's: it lost the task's
+// lease, so from now on whatever its copy here records is refused by the
+// store. The copy's readers (watchers here) are moved to the fleet's view
+// of the task (the truth, which another replica writes now) and Get
+// answers with that view. Call it before the refused records are
+// reported durable to the copy's log (the fleet calls it from inside the
+// store write that found the fence, before that write returns): a
+// watcher here then never sees a record the store refused, such as the
+// FAILURE that Drop ends the copy with. It is cheap and does not block.
+func (m *Manager) Disown(id string) {
+	if t := m.reg.Get(id); t != nil && t.lease != nil {
+		t.lease.lose()
+	}
+}
+
 // Drop stops the session of task id on this replica without ending the
 // task for anyone else: the replica lost the task's lease (its writes are
 // fenced), so whatever it records is refused by the store. The local copy
 // ends FAILURE with reason and is forgotten; one that waited for its
 // session to re-attach (that session went to the replica that took the
-// lease) is forgotten without ending.
+// lease) is forgotten without ending. Either way the copy is disowned
+// first (see Disown): its watchers here follow the fleet's view of the
+// task, never the copy's local end.
 func (m *Manager) Drop(id, reason string) {
 	t := m.reg.Get(id)
 	if t == nil {
 		return
+	}
+	if t.lease != nil {
+		t.lease.lose()
 	}
 	if t.abandon() {
 		// It waited for its session, which re-attached to another
@@ -164,3 +186,73 @@ func (m *Manager) Drop(id, reason string) {
 		m.store.Remove(id)
 	}()
 }
+
+// leaseLog is the log readers get (Task.Log) of a task a fleet replica
+// runs: the task's own log while the replica holds the task's lease, the
+// fleet's view of the task (Fleet.Lookup) once it lost it (Manager.Disown).
+// A stale owner (paused past its lease, cut off from PostgreSQL) goes on
+// recording into its copy until it finds out; the store refuses those
+// records, but the copy's log is told they are done and would show them,
+// and Drop then ends the copy FAILURE: without the move, a watcher here
+// saw a FAILURE the task never had while it went on elsewhere. A Read
+// that returns after the loss is dropped and done again on the view from
+// the same seq (what it held before the loss was durable: the loss is
+// marked before the refused records are reported done), so the watcher
+// misses and repeats nothing. Appends go to the task's own log (the
+// embedded Log; the Task appends to it directly).
+type leaseLog struct {
+	eventlog.Log
+	id    string
+	fleet Fleet
+	// lost is cancelled by lose.
+	lost context.Context
+	lose context.CancelFunc
+
+	mu   sync.Mutex
+	view eventlog.Log // the fleet's view, looked up once after the loss
+}
+
+func newLeaseLog(id string, own eventlog.Log, f Fleet) *leaseLog {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &leaseLog{Log: own, id: id, fleet: f, lost: ctx, lose: cancel}
+}
+
+// Read implements eventlog.Log.
+func (l *leaseLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error) {
+	if l.lost.Err() == nil {
+		// A reader waiting in the own log is woken by the loss.
+		rctx, cancel := context.WithCancel(ctx)
+		stop := context.AfterFunc(l.lost, cancel)
+		evs, err := l.Log.Read(rctx, after, dst)
+		stop()
+		cancel()
+		if l.lost.Err() == nil {
+			return evs, err
+		}
+		dst = evs[:0] // read after the loss: it may hold refused records
+	}
+	v, err := l.viewLog(ctx)
+	if err != nil {
+		return dst[:0], err
+	}
+	return v.Read(ctx, after, dst)
+}
+
+// viewLog is the fleet's view of the task, looked up once.
+func (l *leaseLog) viewLog(ctx context.Context) (eventlog.Log, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.view != nil {
+		return l.view, nil
+	}
+	v, err := l.fleet.Lookup(ctx, l.id)
+	if err != nil {
+		return nil, fmt.Errorf("task %s: this dispatcher replica lost its lease and could not read the task from the fleet (watch it again): %w", l.id, err)
+	}
+	l.view = v.Log()
+	return l.view, nil
+}
+
+// disowned reports whether t is the copy of a task this fleet replica no
+// longer holds the lease of (Manager.Disown).
+func (t *Task) disowned() bool { return t.lease != nil && t.lease.lost.Err() != nil }

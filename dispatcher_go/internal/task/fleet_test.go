@@ -3,6 +3,7 @@ package task
 import (
 	"context"
 	"errors"
+	"io"
 	"sync"
 	"testing"
 	"time"
@@ -63,6 +64,9 @@ type fakeFleet struct {
 	placeErr  error
 	requests  map[string]string
 	take      func(ctx context.Context, id, sessionID string, serves func(string) bool) error
+	// viewLog, when set, is the log of every view Lookup returns (the
+	// events the replica running the task stored).
+	viewLog eventlog.Log
 }
 
 func (f *fakeFleet) Health() error { return f.health }
@@ -85,6 +89,9 @@ func (f *fakeFleet) Place(_ context.Context, t *Task) error {
 	return nil
 }
 func (f *fakeFleet) Lookup(_ context.Context, id string) (*Task, error) {
+	if f.viewLog != nil {
+		return NewView(Snapshot{Summary: Summary{ID: id, Status: agentpb.TaskStatus_RUNNING}}, f.viewLog), nil
+	}
 	s := f.p.last(id)
 	if s.ID == "" {
 		return nil, ErrNotFound
@@ -253,5 +260,136 @@ func TestFleetDropOfAWaitingTaskEndsNothing(t *testing.T) {
 	}
 	if got := p.last(s.ID).Status; got == agentpb.TaskStatus_FAILURE {
 		t.Fatal("the dropped waiter recorded a FAILURE")
+	}
+}
+
+// A replica that lost a task's lease (a stale owner: paused past its
+// lease, the task moved on to another replica) ends its copy FAILURE
+// (Drop); the store refuses that end, and a watcher of the copy here must
+// not see it either: it follows the fleet's view (the truth) from the seq
+// it had, without a gap or a repeat.
+func TestFleetDroppedCopyWatchersFollowTheView(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
+	tk, err := m.Adopt(s, 0, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	content := func(text string) *dispatchv1.TaskEvent {
+		return &dispatchv1.TaskEvent{TaskId: s.ID, Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: text}}}
+	}
+	// The truth: the copy's first event, then what the new owner stored.
+	truth, err := eventlog.NewMemory(eventlog.Limits{}).Create(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range []*dispatchv1.TaskEvent{content("here"), content("elsewhere")} {
+		if _, err := truth.Append(ev, eventlog.Control); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := truth.Seal(&dispatchv1.TaskEvent{TaskId: s.ID, Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_CANCELLED}}}); err != nil {
+		t.Fatal(err)
+	}
+	f.viewLog = truth
+	if _, err := tk.log.Append(content("here"), eventlog.Control); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	var got []*dispatchv1.TaskEvent
+	done := make(chan error, 1)
+	go func() {
+		var after uint64
+		for {
+			evs, err := tk.Log().Read(ctx, after, make([]*dispatchv1.TaskEvent, 0, 8))
+			mu.Lock()
+			got = append(got, evs...)
+			mu.Unlock()
+			if len(evs) > 0 {
+				after = evs[len(evs)-1].GetSeq()
+			}
+			if err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	testutil.WaitFor(t, 2*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) == 1
+	}, "the watcher read the copy's first event")
+
+	m.Drop(s.ID, "lease lost")
+	if tk.Status() != agentpb.TaskStatus_FAILURE {
+		t.Fatalf("the copy: %s, want FAILURE (its end is refused by the store)", tk.Status())
+	}
+	if err := <-done; !errors.Is(err, io.EOF) {
+		t.Fatalf("watcher ended with %v, want io.EOF", err)
+	}
+	var seqs []uint64
+	var last *dispatchv1.TaskState
+	for _, ev := range got {
+		seqs = append(seqs, ev.GetSeq())
+		if st := ev.GetState(); st != nil {
+			last = st
+			if st.GetStatus() == agentpb.TaskStatus_FAILURE {
+				t.Fatalf("the watcher of the dropped copy saw its local FAILURE (%q), which the task never had", st.GetMessage())
+			}
+		}
+	}
+	if len(seqs) != 3 || seqs[0] != 1 || seqs[1] != 2 || seqs[2] != 3 || last.GetStatus() != agentpb.TaskStatus_CANCELLED || got[1].GetContent().GetText() != "elsewhere" {
+		t.Fatalf("watcher saw seqs %v ending %v, want 1 2 3 ending CANCELLED from the view", seqs, last)
+	}
+	// A new reader here is given the view too.
+	if v, err := m.Get(s.ID); err != nil || !v.IsView() {
+		t.Fatalf("Get of the dropped copy: %v, view %v", err, v != nil && v.IsView())
+	}
+}
+
+// A copy that waited for its session records nothing when dropped: a
+// watcher waiting on it for the next event is woken by the loss and
+// follows the view.
+func TestFleetDroppedWaiterWakesItsWatchers(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
+	tk, err := m.AdoptWaiting(s, 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	truth, err := eventlog.NewMemory(eventlog.Limits{}).Create(s.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 4 {
+		if _, err := truth.Append(&dispatchv1.TaskEvent{TaskId: s.ID, Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: "x"}}}, eventlog.Control); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.viewLog = truth
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	type res struct {
+		evs []*dispatchv1.TaskEvent
+		err error
+	}
+	got := make(chan res, 1)
+	go func() {
+		evs, err := tk.Log().Read(ctx, 3, nil)
+		got <- res{evs, err}
+	}()
+	m.Drop(s.ID, "lease lost")
+	r := <-got
+	if r.err != nil || len(r.evs) != 1 || r.evs[0].GetSeq() != 4 {
+		t.Fatalf("waiting watcher after the drop: %d events (first seq %d), %v; want seq 4 from the view", len(r.evs), func() uint64 {
+			if len(r.evs) > 0 {
+				return r.evs[0].GetSeq()
+			}
+			return 0
+		}(), r.err)
 	}
 }

@@ -414,7 +414,7 @@ func validateSpec(s *Spec) error {
 // error wrapping store.ErrUnavailable rather than answer NotFound for a
 // task that may well exist, or wait for the store.
 func (m *Manager) Get(id string) (*Task, error) {
-	if t := m.reg.Get(id); t != nil {
+	if t := m.reg.Get(id); t != nil && !t.disowned() {
 		return t, nil
 	}
 	if m.fleet != nil {
@@ -489,12 +489,20 @@ func (m *Manager) ConfigByIDAs(caller tenant.Caller, id string) (*agentpb.Common
 // sent; with wait, it waits up to the stop grace for the task to end so the
 // outcome it reports is the real one).
 func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (CancelOutcome, error) {
+	if reason == "" {
+		reason = "cancelled by client"
+	}
+	if m.fleet != nil {
+		if t := m.reg.Get(id); t == nil || t.disowned() {
+			// Not run here: the fleet reads the task and sends the stop
+			// in one go (a Lookup first would put one more database round
+			// trip before the stop; ErrNotFound comes from the fleet).
+			return m.fleet.Cancel(ctx, id, reason, wait)
+		}
+	}
 	t, err := m.Get(id)
 	if err != nil {
 		return CancelOutcome{}, err
-	}
-	if reason == "" {
-		reason = "cancelled by client"
 	}
 	if t.view {
 		return m.fleet.Cancel(ctx, id, reason, wait)

@@ -258,6 +258,9 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
 		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
 	}
+	if m.fleet != nil {
+		t.lease = newLeaseLog(t.id, log, m.fleet)
+	}
 	if Terminal(t.status) {
 		close(t.done)
 	}

@@ -193,6 +193,10 @@ type Task struct {
 	span trace.Span
 	// view: a read-only copy of a task another fleet replica runs.
 	view bool
+	// lease is what Log returns on a fleet replica running the task (nil
+	// otherwise): its readers are moved to the fleet's view once the
+	// replica lost the task's lease.
+	lease *leaseLog
 
 	mu          sync.Mutex
 	status      agentpb.TaskStatus
@@ -323,8 +327,15 @@ func (t *Task) Conversation() []*dispatchv1.ConversationTurn { return t.conversa
 // Timeout is the task's wall-clock budget once it starts.
 func (t *Task) Timeout() time.Duration { return t.timeout }
 
-// Log is the task's event log.
-func (t *Task) Log() eventlog.Log { return t.log }
+// Log is the task's event log, for its readers. On a fleet replica that
+// runs the task it is the task's own log until the replica loses the
+// task's lease (Manager.Disown), then the fleet's view of it (leaseLog).
+func (t *Task) Log() eventlog.Log {
+	if t.lease != nil {
+		return t.lease
+	}
+	return t.log
+}
 
 // Policy is the task's own extra policy (it only tightens the global one),
 // or nil.
