@@ -1,0 +1,113 @@
+package sqlite
+
+import (
+	"context"
+	"fmt"
+	"testing"
+
+	"github.com/agentdispatch/dispatcher/internal/store"
+)
+
+// TestJournalReads: events read the same from the journal, from event_runs
+// and from both (a fold between two writes), a batch written twice is
+// read once, and the journal is empty after a fold.
+func TestJournalReads(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.fold(ctx); err != nil { // the background fold has no say below
+		t.Fatal(err)
+	}
+	s.lastFold = s.lastFold.AddDate(100, 0, 0)
+	apply := func(evs ...store.Event) {
+		t.Helper()
+		if err := s.Apply(ctx, store.Batch{Events: evs}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(stage string) {
+		t.Helper()
+		got, err := s.ReadEvents(ctx, "a", 0, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 6 {
+			t.Fatalf("%s: read %d events: %+v", stage, len(got), got)
+		}
+		for i, e := range got {
+			if want := fmt.Sprintf("a-%d", i+1); e.Seq != uint64(i+1) || string(e.Data) != want {
+				t.Fatalf("%s: event %d is %d %q, want %q", stage, i, e.Seq, e.Data, want)
+			}
+		}
+		if got, _ := s.ReadEvents(ctx, "a", 2, 3); len(got) != 3 || got[0].Seq != 3 || got[2].Seq != 5 {
+			t.Fatalf("%s: after 2, limit 3: %+v", stage, got)
+		}
+		if n, err := s.LastSeq(ctx, "a"); err != nil || n != 6 {
+			t.Fatalf("%s: LastSeq %d %v", stage, n, err)
+		}
+		if got, _ := s.ReadEvents(ctx, "b", 0, 100); len(got) != 2 || got[1].Seq != 2 {
+			t.Fatalf("%s: task b: %+v", stage, got)
+		}
+	}
+	apply(ev("a", 1), ev("b", 1), ev("a", 2), ev("a", 3))
+	apply(ev("a", 1), ev("b", 1), ev("a", 2), ev("a", 3)) // again: a no-op for readers
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	apply(ev("a", 4), ev("b", 2))
+	apply(ev("a", 5), ev("a", 6))
+	check("runs and journal")
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	check("runs")
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_journal`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("journal rows after a fold: %d %v", n, err)
+	}
+	if got := s.journaled.Load(); got != 0 {
+		t.Fatalf("journaled %d after a fold", got)
+	}
+}
+
+// TestJournalOnly: events still in the journal only (nothing folded) read
+// as from event_runs, also after a reopen, which folds them.
+func TestJournalOnly(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.lastFold = s.lastFold.AddDate(3000, 0, 0) // no background fold
+	for i := range 3 {
+		if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("t", uint64(2*i+1)), ev("t", uint64(2*i+2))}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read := func(s *Store) {
+		t.Helper()
+		got, err := s.ReadEvents(ctx, "t", 1, 100)
+		if err != nil || len(got) != 5 || got[0].Seq != 2 || string(got[4].Data) != "t-6" {
+			t.Fatalf("read: %+v %v", got, err)
+		}
+	}
+	read(s)
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_runs`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("event_runs rows before a fold: %d %v", n, err)
+	}
+	s.Close() // folds
+	s, err = Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	read(s)
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_runs`).Scan(&n); err != nil || n != 3 {
+		t.Fatalf("event_runs rows after a reopen: %d %v", n, err)
+	}
+}
