@@ -48,6 +48,9 @@ func TestRestoreWithACorruptLastEvent(t *testing.T) {
 	}
 	w1.Close() // the process ends here, without draining
 	last := tk.Log().LastSeq()
+	if err := st.Fold(ctx); err != nil { // the events out of the journal (sqlite/journal.go)
+		t.Fatal(err)
+	}
 
 	db, err := sql.Open("sqlite", filepath.Join(dir, sqlite.FileName))
 	if err != nil {

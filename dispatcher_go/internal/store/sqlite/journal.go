@@ -26,6 +26,12 @@ import (
 // B-tree) cost ~0.05 and ~0.07 ms (BenchmarkJournalSmall). The fold then
 // touches each task's leaf once per fold instead of once per write.
 //
+// Runs of directRunEvents or more (a flood: few tasks, many events per
+// write) still go straight into event_runs: a page or so per run either
+// way, and the journal would only add a copy. A task with events in the
+// journal keeps to the journal until the fold (Store.inJournal), so that
+// its events in the journal are always newer than those in event_runs.
+//
 // What it risks: nothing of durability (the journal row is committed in
 // the same transaction as before, and survives like any row); reads of
 // the store (ReadEvents, LastSeq) also scan the journal, at most about a
@@ -36,13 +42,21 @@ import (
 // uvarint(len(task id)) task id uvarint(first) uvarint(last)
 // uvarint(len(data)) data, data as in event_runs.
 
+// directRunEvents is the least events of a run that Apply writes straight
+// into event_runs (a page or so per run either way; see Apply).
+const directRunEvents = 8
+
 // foldEvery is the least time between two folds (checkpointLoop). A fold
 // holds the write lock for about one leaf write per task it moves events
 // of (~15 µs each): once a second, few writes wait behind it.
 const foldEvery = time.Second
 
-// foldMaxEvents starts a fold before foldEvery when the journal holds this
-// many events (a flood), and bounds the events one fold transaction moves.
+// foldSoonEvents starts a fold before foldEvery when the journal holds
+// this many events (a flood that went into the journal: its tasks keep
+// to the journal until the fold, see Apply).
+const foldSoonEvents = 8192
+
+// foldMaxEvents bounds the events one fold transaction moves.
 const foldMaxEvents = 1 << 16
 
 // journalRowBytes ends a journal row past this size (a row of SQLite
@@ -235,6 +249,11 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	}
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
+	}
+	for id, row := range s.inJournal {
+		if row <= lastID {
+			delete(s.inJournal, id)
+		}
 	}
 	s.journaled.Add(-int64(events))
 	return n, nil

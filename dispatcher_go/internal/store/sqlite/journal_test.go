@@ -111,3 +111,72 @@ func TestJournalOnly(t *testing.T) {
 		t.Fatalf("event_runs rows after a reopen: %d %v", n, err)
 	}
 }
+
+// TestJournalDirectRuns: a long run goes straight into event_runs, but
+// not while its task has events in the journal; reads see every event
+// once, in order, before and after the fold.
+func TestJournalDirectRuns(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.lastFold = s.lastFold.AddDate(3000, 0, 0) // no background fold
+	seq := uint64(0)
+	write := func(n int) {
+		t.Helper()
+		evs := make([]store.Event, n)
+		for i := range evs {
+			seq++
+			evs[i] = ev("x", seq)
+		}
+		if err := s.Apply(ctx, store.Batch{Events: evs}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	count := func(table string) int {
+		t.Helper()
+		var n int
+		if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM `+table).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	write(directRunEvents) // straight into event_runs
+	if r, j := count("event_runs"), count("event_journal"); r != 1 || j != 0 {
+		t.Fatalf("after a long run: %d runs, %d journal rows", r, j)
+	}
+	write(1)               // journal
+	write(directRunEvents) // journal too: x has events there
+	if r, j := count("event_runs"), count("event_journal"); r != 1 || j != 2 {
+		t.Fatalf("after a short and a long run: %d runs, %d journal rows", r, j)
+	}
+	check := func(stage string) {
+		t.Helper()
+		got, err := s.ReadEvents(ctx, "x", 0, 1000)
+		if err != nil || len(got) != int(seq) {
+			t.Fatalf("%s: read %d of %d events: %v", stage, len(got), seq, err)
+		}
+		for i, e := range got {
+			if e.Seq != uint64(i+1) {
+				t.Fatalf("%s: event %d has seq %d", stage, i, e.Seq)
+			}
+		}
+		if n, err := s.LastSeq(ctx, "x"); err != nil || n != seq {
+			t.Fatalf("%s: LastSeq %d %v", stage, n, err)
+		}
+	}
+	check("before the fold")
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.inJournal) != 0 {
+		t.Fatalf("inJournal after the fold: %v", s.inJournal)
+	}
+	write(directRunEvents) // straight again
+	if r, j := count("event_runs"), count("event_journal"); r != 4 || j != 0 {
+		t.Fatalf("after the fold and a long run: %d runs, %d journal rows", r, j)
+	}
+	check("after the fold")
+}

@@ -136,6 +136,12 @@ type Store struct {
 	insJournal *sql.Stmt
 	journaled  atomic.Int64
 	lastFold   time.Time
+	// inJournal maps each task with events in the journal to the id of
+	// the last journal row holding some (under writeMu): a run of such a
+	// task goes into the journal too, never straight into event_runs
+	// (see Apply). Its size is bounded by the tasks written to since the
+	// last fold.
+	inJournal map[string]int64
 }
 
 // checkpointEvery is the least time between two background checkpoints:
@@ -198,7 +204,7 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// One writer at a time is SQLite's model; a few connections let
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
+	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)), inJournal: make(map[string]int64),
 		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
@@ -216,6 +222,12 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	if s.insJournal, err = db.PrepareContext(ctx, `INSERT INTO event_journal (data) VALUES (?)`); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("sqlite: prepare: %w", err)
+	}
+	// What the journal holds from before (a crash) is folded now: which
+	// tasks it holds events of is not known otherwise (inJournal).
+	if err := s.fold(ctx); err != nil {
+		s.Close()
+		return nil, err
 	}
 	return s, nil
 }
@@ -236,7 +248,7 @@ func (s *Store) checkpointLoop() {
 		case <-s.ckptStop:
 			return
 		}
-		if time.Since(s.lastFold) >= foldEvery || s.journaled.Load() >= foldMaxEvents {
+		if time.Since(s.lastFold) >= foldEvery || s.journaled.Load() >= foldSoonEvents {
 			s.lastFold = time.Now()
 			_ = s.fold(context.Background()) // an error: the next fold does the work
 		}
@@ -318,11 +330,34 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 		return fmt.Errorf("sqlite: apply: %w", err)
 	}
 	defer tx.Rollback()
-	if len(b.Events) > 0 {
+	// Long runs (a flood: few tasks, many events each) go straight into
+	// event_runs, where they cost a page or so per run anyway; short ones
+	// (relay rates: a run per task per write, of an event or two) into
+	// the journal, one row per write. A task with events in the journal
+	// keeps to the journal until they are folded, so that a task's events
+	// in the journal are always newer than its events in event_runs,
+	// which readers rely on (ReadEvents).
+	var direct, journal []run
+	for _, r := range groupRuns(b.Events) {
+		if _, in := s.inJournal[r.taskID]; r.n >= directRunEvents && !in {
+			direct = append(direct, r)
+		} else {
+			journal = append(journal, r)
+		}
+	}
+	if err := s.insertRuns(ctx, tx, direct); err != nil {
+		return applyError("sqlite: apply events", err)
+	}
+	var lastRow int64
+	if len(journal) > 0 {
 		ins := tx.StmtContext(ctx, s.insJournal)
-		for rows := journalRows(groupRuns(b.Events)); len(rows) > 0; rows = rows[1:] {
-			if _, err := ins.ExecContext(ctx, rows[0]); err != nil {
+		for rows := journalRows(journal); len(rows) > 0; rows = rows[1:] {
+			res, err := ins.ExecContext(ctx, rows[0])
+			if err != nil {
 				return applyError("sqlite: apply events", err)
+			}
+			if lastRow, err = res.LastInsertId(); err != nil {
+				return fmt.Errorf("sqlite: apply events: %w", err)
 			}
 		}
 	}
@@ -337,7 +372,12 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("sqlite: commit: %w", err)
 	}
-	s.journaled.Add(int64(len(b.Events)))
+	n := 0
+	for _, r := range journal {
+		s.inJournal[r.taskID] = lastRow
+		n += r.n
+	}
+	s.journaled.Add(int64(n))
 	s.kickCheckpoint()
 	return nil
 }
