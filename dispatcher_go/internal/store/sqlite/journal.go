@@ -2,6 +2,7 @@ package sqlite
 
 import (
 	"context"
+	"database/sql"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -28,9 +29,9 @@ import (
 //
 // Runs of directRunEvents or more (a flood: few tasks, many events per
 // write) still go straight into event_runs: a page or so per run either
-// way, and the journal would only add a copy. A task with events in the
-// journal keeps to the journal until the fold (Store.inJournal), so that
-// its events in the journal are always newer than those in event_runs.
+// way, and the journal would only add a copy. So a task's events may be
+// in either table, in any order; readers read both in one snapshot (a
+// read transaction) and merge them by seq.
 //
 // What it risks: nothing of durability (the journal row is committed in
 // the same transaction as before, and survives like any row); reads of
@@ -52,8 +53,7 @@ const directRunEvents = 8
 const foldEvery = time.Second
 
 // foldSoonEvents starts a fold before foldEvery when the journal holds
-// this many events (a flood that went into the journal: its tasks keep
-// to the journal until the fold, see Apply).
+// this many events, so that reads scan a bounded journal.
 const foldSoonEvents = 8192
 
 // foldMaxEvents bounds the events one fold transaction moves.
@@ -127,8 +127,8 @@ func eachRun(data []byte, fn func(taskID []byte, first, last uint64, data []byte
 
 // journalOf is every event of taskID with seq > after held in the
 // journal, in write order.
-func (s *Store) journalOf(ctx context.Context, taskID string, after uint64) ([]store.Event, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT data FROM event_journal ORDER BY id`)
+func (s *Store) journalOf(ctx context.Context, tx *sql.Tx, taskID string, after uint64) ([]store.Event, error) {
+	rows, err := tx.QueryContext(ctx, `SELECT data FROM event_journal ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read journal: %w", err)
 	}
@@ -249,11 +249,6 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	}
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
-	}
-	for id, row := range s.inJournal {
-		if row <= lastID {
-			delete(s.inJournal, id)
-		}
 	}
 	s.journaled.Add(-int64(events))
 	return n, nil

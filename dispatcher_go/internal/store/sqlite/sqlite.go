@@ -136,12 +136,6 @@ type Store struct {
 	insJournal *sql.Stmt
 	journaled  atomic.Int64
 	lastFold   time.Time
-	// inJournal maps each task with events in the journal to the id of
-	// the last journal row holding some (under writeMu): a run of such a
-	// task goes into the journal too, never straight into event_runs
-	// (see Apply). Its size is bounded by the tasks written to since the
-	// last fold.
-	inJournal map[string]int64
 }
 
 // checkpointEvery is the least time between two background checkpoints:
@@ -204,7 +198,7 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// One writer at a time is SQLite's model; a few connections let
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
-	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)), inJournal: make(map[string]int64),
+	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
 		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
@@ -223,8 +217,8 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("sqlite: prepare: %w", err)
 	}
-	// What the journal holds from before (a crash) is folded now: which
-	// tasks it holds events of is not known otherwise (inJournal).
+	// What the journal holds from before (a crash) is folded now, so
+	// that restoring tasks reads event_runs alone.
 	if err := s.fold(ctx); err != nil {
 		s.Close()
 		return nil, err
@@ -333,13 +327,11 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	// Long runs (a flood: few tasks, many events each) go straight into
 	// event_runs, where they cost a page or so per run anyway; short ones
 	// (relay rates: a run per task per write, of an event or two) into
-	// the journal, one row per write. A task with events in the journal
-	// keeps to the journal until they are folded, so that a task's events
-	// in the journal are always newer than its events in event_runs,
-	// which readers rely on (ReadEvents).
+	// the journal, one row per write. Readers merge both in one snapshot
+	// (ReadEvents), so a task's events may be in either, in any order.
 	var direct, journal []run
 	for _, r := range groupRuns(b.Events) {
-		if _, in := s.inJournal[r.taskID]; r.n >= directRunEvents && !in {
+		if r.n >= directRunEvents {
 			direct = append(direct, r)
 		} else {
 			journal = append(journal, r)
@@ -348,16 +340,11 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	if err := s.insertRuns(ctx, tx, direct); err != nil {
 		return applyError("sqlite: apply events", err)
 	}
-	var lastRow int64
 	if len(journal) > 0 {
 		ins := tx.StmtContext(ctx, s.insJournal)
 		for rows := journalRows(journal); len(rows) > 0; rows = rows[1:] {
-			res, err := ins.ExecContext(ctx, rows[0])
-			if err != nil {
+			if _, err := ins.ExecContext(ctx, rows[0]); err != nil {
 				return applyError("sqlite: apply events", err)
-			}
-			if lastRow, err = res.LastInsertId(); err != nil {
-				return fmt.Errorf("sqlite: apply events: %w", err)
 			}
 		}
 	}
@@ -374,7 +361,6 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 	}
 	n := 0
 	for _, r := range journal {
-		s.inJournal[r.taskID] = lastRow
 		n += r.n
 	}
 	s.journaled.Add(int64(n))
@@ -465,14 +451,18 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 // ReadEvents implements store.Store.
 func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
 	limit = store.EventLimit(limit)
-	// The journal first, then the runs: the fold only moves events from
-	// the journal into the runs, so an event not in the journal when it
-	// was read is in the runs when they are read.
-	journal, err := s.journalOf(ctx, taskID, afterSeq)
+	// The journal and the runs in one snapshot (a read transaction): a
+	// fold between two reads would otherwise move events out of sight.
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true}) // BEGIN DEFERRED
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: read events: %w", err)
+	}
+	defer tx.Rollback()
+	journal, err := s.journalOf(ctx, tx, taskID, afterSeq)
 	if err != nil {
 		return nil, err
 	}
-	out, err := s.readRuns(ctx, taskID, afterSeq, limit)
+	out, err := s.readRuns(ctx, tx, taskID, afterSeq, limit)
 	if err != nil || len(journal) == 0 {
 		return out, err
 	}
@@ -480,10 +470,10 @@ func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, 
 }
 
 // readRuns is ReadEvents of event_runs alone.
-func (s *Store) readRuns(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
+func (s *Store) readRuns(ctx context.Context, tx *sql.Tx, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
 	// The run holding afterSeq+1 starts at most maxRunEvents-1 before it.
 	from := int64(afterSeq) - maxRunEvents
-	rows, err := s.db.QueryContext(ctx, `SELECT first_seq, last_seq, data FROM event_runs
+	rows, err := tx.QueryContext(ctx, `SELECT first_seq, last_seq, data FROM event_runs
 		WHERE task_id = ? AND first_seq > ? AND last_seq > ? ORDER BY first_seq, last_seq`, taskID, from, int64(afterSeq))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read events: %w", err)
@@ -511,8 +501,13 @@ func (s *Store) readRuns(ctx context.Context, taskID string, afterSeq uint64, li
 
 // LastSeq implements store.Store.
 func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
-	// The journal first (see ReadEvents).
-	journal, err := s.journalOf(ctx, taskID, 0)
+	// One snapshot (see ReadEvents).
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: last seq: %w", err)
+	}
+	defer tx.Rollback()
+	journal, err := s.journalOf(ctx, tx, taskID, 0)
 	if err != nil {
 		return 0, err
 	}
@@ -523,7 +518,7 @@ func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
 	var seq int64
 	// The run holding the last seq starts at most maxRunEvents-1 before
 	// the last run starts.
-	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM event_runs WHERE task_id = ?1
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM event_runs WHERE task_id = ?1
 		AND first_seq > (SELECT COALESCE(MAX(first_seq), 0) FROM event_runs WHERE task_id = ?1) - ?2`,
 		taskID, maxRunEvents).Scan(&seq); err != nil {
 		return 0, fmt.Errorf("sqlite: last seq: %w", err)
