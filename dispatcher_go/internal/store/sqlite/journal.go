@@ -196,8 +196,10 @@ func (s *Store) fold(ctx context.Context) error {
 
 // foldOnce moves the oldest journal rows, up to about foldMaxEvents
 // events, into event_runs in one transaction and returns how many rows.
-// Each run keeps its boundaries (a run per task per write, as when Apply
-// wrote event_runs itself): the fold only copies rows.
+// A task's consecutive events from several writes become one run
+// (groupRuns): at relay rates a second of writes holds dozens of one-event
+// runs per task, and inserting them one by one held the write lock (and
+// every write behind it) for tens of milliseconds once a second.
 func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
@@ -210,11 +212,11 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
 	}
-	var runs []run
+	var events []store.Event
 	var lastID int64
-	n, events := 0, 0
+	n := 0
 	ids := make(map[string]string) // interned task ids
-	for events < foldMaxEvents && rows.Next() {
+	for len(events) < foldMaxEvents && rows.Next() {
 		var data []byte
 		if err := rows.Scan(&lastID, &data); err != nil {
 			rows.Close()
@@ -229,8 +231,7 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 				taskID = string(id)
 				ids[taskID] = taskID
 			}
-			runs = append(runs, run{taskID: taskID, first: first, last: last, data: d})
-			events += int(last - first + 1)
+			events = unpack(events, taskID, first, last, d, 0, int(^uint(0)>>1))
 		})
 	}
 	if err := rows.Err(); err != nil {
@@ -241,7 +242,7 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	if n == 0 {
 		return 0, nil
 	}
-	if err := s.insertRuns(ctx, tx, runs); err != nil {
+	if err := s.insertRuns(ctx, tx, groupRuns(events)); err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
 	}
 	if _, err := tx.ExecContext(ctx, `DELETE FROM event_journal WHERE id <= ?`, lastID); err != nil {
@@ -250,6 +251,6 @@ func (s *Store) foldOnce(ctx context.Context) (int, error) {
 	if err := tx.Commit(); err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
 	}
-	s.journaled.Add(-int64(events))
+	s.journaled.Add(-int64(len(events)))
 	return n, nil
 }
