@@ -1,6 +1,7 @@
 package sqlite
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"testing"
@@ -178,4 +179,44 @@ func TestJournalDirectRuns(t *testing.T) {
 		t.Fatalf("after the fold and a long run: %d runs, %d journal rows", r, j)
 	}
 	check("after the fold")
+}
+
+// TestJournalCorruptRow: a journal row spoiled in the database gives what
+// decodes, the fold moves that and empties the journal (it does not fail
+// for ever), and the rest reads as missing.
+func TestJournalCorruptRow(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.lastFold = s.lastFold.AddDate(3000, 0, 0) // no background fold
+	if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("t", 1), ev("u", 1), ev("t", 2), ev("t", 3)}}); err != nil {
+		t.Fatal(err)
+	}
+	// The row: t's run 1..3 (framed), then u's. Spoil the length of t's
+	// second event: t keeps event 1, its others have no data.
+	var data []byte
+	if err := s.db.QueryRowContext(ctx, `SELECT data FROM event_journal`).Scan(&data); err != nil {
+		t.Fatal(err)
+	}
+	i := bytes.Index(data, []byte("t-1")) + len("t-1")
+	data[i] = 0x7f
+	if _, err := s.db.ExecContext(ctx, `UPDATE event_journal SET data = ?`, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_journal`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("journal rows after the fold: %d %v", n, err)
+	}
+	if got, err := s.ReadEvents(ctx, "t", 0, 10); err != nil || len(got) != 1 || string(got[0].Data) != "t-1" {
+		t.Fatalf("t: %+v %v", got, err)
+	}
+	if got, err := s.ReadEvents(ctx, "u", 0, 10); err != nil || len(got) != 1 || string(got[0].Data) != "u-1" {
+		t.Fatalf("u: %+v %v", got, err)
+	}
 }
