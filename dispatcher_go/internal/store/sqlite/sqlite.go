@@ -244,7 +244,7 @@ func (s *Store) checkpointLoop() {
 		}
 		if time.Since(s.lastFold) >= foldEvery || s.journaled.Load() >= foldSoonEvents {
 			s.lastFold = time.Now()
-			_ = s.fold(context.Background()) // an error: the next fold does the work
+			_ = s.foldPaced(context.Background(), s.ckptStop) // an error: the next fold does the work
 		}
 		if frames, err := s.checkpoint(context.Background()); err == nil && frames >= walRestartFrames {
 			s.walFull.Store(true)
