@@ -5,6 +5,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -79,6 +80,7 @@ type memLog struct {
 	retained     bool // handed to owner.retain (finished, all durable)
 	committed    uint64
 	wake         chan struct{}
+	committedAt  time.Duration // since traceBase, of the last Commit (trace only)
 }
 
 // Append implements Log.
@@ -198,6 +200,9 @@ func (l *memLog) Commit(seq uint64) {
 		return
 	}
 	l.committed = min(seq, l.base+uint64(len(l.events)))
+	if traceWakes.Load() {
+		l.committedAt = time.Since(traceBase)
+	}
 	var retain int64 = -1
 	if l.sink != nil && l.sealed && l.committed == l.base+uint64(len(l.events)) && !l.retained {
 		// Every event of the finished task is in the store: the owner
@@ -263,6 +268,7 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 		limit = defaultBatch
 	}
 	dst = dst[:0]
+	waited := false
 	for {
 		l.mu.RLock()
 		if base := l.base; afterSeq < base {
@@ -273,6 +279,9 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 		if n := l.committed; afterSeq < n {
 			end := min(n, afterSeq+uint64(limit))
 			dst = append(dst, l.events[afterSeq-l.base:end-l.base]...)
+			if waited && l.sink != nil && traceWakes.Load() {
+				traceWake(l.committedAt)
+			}
 			l.mu.RUnlock()
 			return dst, nil
 		}
@@ -285,6 +294,7 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 		if w == nil {
 			continue // something arrived between the two locks
 		}
+		waited = true
 		select {
 		case <-w:
 		case <-ctx.Done():

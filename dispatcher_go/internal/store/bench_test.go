@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -256,4 +257,64 @@ func pct(d []time.Duration, p int) float64 {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return float64(s[min(len(s)-1, len(s)*p/100)].Microseconds()) / 1e3
+}
+
+// BenchmarkRelayPacing compares the Writer's pacing in one process, the
+// variants alternating for BENCH_ROUNDS rounds (default 3) so that the
+// machine's load falls on both alike: 64 tasks × 50 events/s (in step, as
+// loadgen's sessions are) on SQLite, Interval BENCH_FLUSH_INTERVAL (default
+// 2ms), Burst 1 (a fixed least gap between two writes' starts) against the
+// default Burst. It reports each variant's median over the rounds of the
+// append → read p50/p99 and the CPU per event.
+//
+//	go test -run '^$' -bench RelayPacing -benchtime 1x ./internal/store/
+func BenchmarkRelayPacing(b *testing.B) {
+	rounds := 3
+	if n, err := strconv.Atoi(os.Getenv("BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	interval := benchInterval
+	if interval == 0 {
+		interval = 2 * time.Millisecond
+	}
+	tasks, rate := 64, 50
+	if n, err := strconv.Atoi(os.Getenv("BENCH_TASKS")); err == nil && n > 0 {
+		tasks, rate = n, 4000/n
+	}
+	variants := []struct {
+		name  string
+		burst int
+	}{{"burst1", 1}, {"burstdefault", 0}}
+	for range b.N {
+		res := make([][3][]float64, len(variants)) // p50, p99, cpu per round
+		for r := range rounds {
+			for vi, v := range variants {
+				sq, err := sqlite.Open(context.Background(), b.TempDir())
+				if err != nil {
+					b.Fatal(err)
+				}
+				w := store.NewWriter(sq, store.WriterOptions{Interval: interval, Burst: v.burst})
+				cpu0 := cpuTime()
+				lats := relayOnce(b, eventlog.NewDurable(eventlog.Limits{}, w), tasks, rate)
+				cpu := cpuTime() - cpu0
+				w.Close()
+				sq.Close()
+				res[vi][0] = append(res[vi][0], pct(lats, 50))
+				res[vi][1] = append(res[vi][1], pct(lats, 99))
+				res[vi][2] = append(res[vi][2], float64(cpu.Microseconds())/float64(len(lats)))
+				b.Logf("round %d %s: p50 %.3f p99 %.3f ms, %.1f µs CPU/event", r, v.name, pct(lats, 50), pct(lats, 99), res[vi][2][r])
+			}
+		}
+		for vi, v := range variants {
+			b.ReportMetric(median(res[vi][0]), v.name+"_p50_ms")
+			b.ReportMetric(median(res[vi][1]), v.name+"_p99_ms")
+			b.ReportMetric(median(res[vi][2]), v.name+"_cpu_us/event")
+		}
+	}
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }

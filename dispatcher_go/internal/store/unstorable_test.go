@@ -160,7 +160,7 @@ func TestRecordWithoutBodyDoesNotBlockOtherTasks(t *testing.T) {
 // events after it are read as before; so is an event missing from the store.
 func TestCorruptStoredEventIsReported(t *testing.T) {
 	dir := t.TempDir()
-	w, _ := sqliteWriter(t, dir, store.WriterOptions{})
+	w, st := sqliteWriter(t, dir, store.WriterOptions{})
 	logs := eventlog.NewDurable(eventlog.Limits{}, w)
 	l, err := logs.Create("t")
 	if err != nil {
@@ -176,11 +176,17 @@ func TestCorruptStoredEventIsReported(t *testing.T) {
 		if err := w.Flush(ctx); err != nil {
 			t.Fatal(err)
 		}
+		if err := st.Fold(ctx); err != nil { // a run per event (sqlite/journal.go)
+			t.Fatal(err)
+		}
 	}
 	if _, err := l.Seal(content("end")); err != nil {
 		t.Fatal(err)
 	}
 	if err := w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Fold(ctx); err != nil {
 		t.Fatal(err)
 	}
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"time"
 
@@ -24,6 +25,45 @@ var ErrUnavailable = errors.New("task store unavailable")
 // DefaultMaxPending is the default bound of the items waiting for a write.
 const DefaultMaxPending = 16384
 
+// writeBurst is the default WriterOptions.Burst: how many writes may start back to back (each as soon as
+// the previous one ended) before Interval paces them: Interval caps the
+// average rate of writes, not the gap between two. Many tasks' events
+// often arrive together (sessions streaming in step; a burst after a
+// stall): with a fixed least gap the first of them was written at once and
+// the others waited out Interval behind it, whereas now they go in the
+// next write. Under a steady stream the bucket is empty and writes start
+// every Interval, as before (same writes per second, same CPU).
+const writeBurst = 4
+
+// pacer paces the writes: a token bucket (as GCRA) of burst writes
+// refilled one per interval. tat is the bucket's theoretical arrival time:
+// a write may start once now >= tat - (burst-1)*interval, and each start
+// moves tat to max(tat, now) + interval.
+type pacer struct {
+	interval time.Duration
+	burst    int
+	tat      time.Time
+}
+
+// newPacer starts with tat = created + burst*interval: the first write
+// waits interval (tests hold items pending until Flush with a long one).
+func newPacer(created time.Time, interval time.Duration, burst int) pacer {
+	return pacer{interval: interval, burst: burst, tat: created.Add(time.Duration(burst) * interval)}
+}
+
+// wait is how long a write must wait at now (<= 0: none).
+func (p *pacer) wait(now time.Time) time.Duration {
+	return p.tat.Sub(now) - time.Duration(p.burst-1)*p.interval
+}
+
+// start records a write started at now.
+func (p *pacer) start(now time.Time) {
+	if p.tat.Before(now) {
+		p.tat = now
+	}
+	p.tat = p.tat.Add(p.interval)
+}
+
 // DefaultStuckAfter is how long a write may take before the Writer counts
 // as unhealthy. A write is one transaction of what was pending: at most
 // about MaxPending (16 384) events plus task records, which SQLite writes
@@ -34,19 +74,23 @@ const DefaultStuckAfter = time.Second
 
 // WriterOptions tune a Writer. Zero fields take the defaults.
 type WriterOptions struct {
-	// Interval is the least time from the start of one write to the start
-	// of the next. The default, 0, waits for nothing: a write starts as
-	// soon as something is pending and the previous write has ended, so an
-	// idle Writer adds one write of latency and under load batches grow by
-	// themselves (everything that arrived during a write goes into the
-	// next one). A positive Interval caps the writes per second (each has
-	// a fixed cost) at up to Interval of added latency; an item that
-	// arrives Interval or more after the last write started is written at
-	// once. Readers
-	// of a durable log see an event once it is written. (The first write
-	// counts from NewWriter: tests use a long Interval to hold items
-	// pending until Flush.)
+	// Interval paces the writes: at most one per Interval on average,
+	// with up to Burst of them back to back (see Burst). The default, 0,
+	// waits for nothing: a write starts as soon as something is pending
+	// and the previous write has ended, so an idle Writer adds one write
+	// of latency and under load batches grow by themselves (everything
+	// that arrived during a write goes into the next one). A positive
+	// Interval caps the writes per second (each has a fixed cost) at up to
+	// Interval of added latency once the burst is used up; an item that
+	// arrives when the burst is not used up is written at once (after the
+	// write under way). Readers of a durable log see an event once it is
+	// written. (The first write counts from NewWriter: tests use a long
+	// Interval to hold items pending until Flush.)
 	Interval time.Duration
+	// Burst is how many writes may start back to back, each as soon as the
+	// previous one ended, before Interval paces them (default writeBurst;
+	// 1: every write waits Interval after the previous one started).
+	Burst int
 	// MaxBatch ends the Interval wait at once when this many items are
 	// pending (default 2048). It does not cap a batch: a write takes
 	// everything pending (at most about MaxPending items).
@@ -79,6 +123,9 @@ func (o *WriterOptions) applyDefaults() {
 	if o.Interval < 0 {
 		o.Interval = 0
 	}
+	if o.Burst <= 0 {
+		o.Burst = writeBurst
+	}
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = 2048
 	}
@@ -100,13 +147,15 @@ type pendingEvent struct {
 	c      eventlog.Committer
 	taskID string
 	ev     *dispatchv1.TaskEvent
+	at     time.Duration // since traceBase, when queued (trace only)
 }
 
 // Writer batches event and task writes into one Store.Apply per flush: a
 // flush takes everything pending and starts as soon as the previous one
 // ended (group commit: one write in flight, the next batch gathers
-// meanwhile), but not before Interval after the previous one started (at
-// once when MaxBatch items are pending or somebody calls Flush). It implements
+// meanwhile), paced by Interval: at most Burst writes back to back, then
+// one per Interval (at once when MaxBatch items are pending or somebody
+// calls Flush). It implements
 // eventlog.Sink: appending an event costs a mutex and a slice append, the
 // serialization and the disk write happen on the Writer's goroutine, and the
 // log is told (Committer.Commit) once the event is durable.
@@ -133,7 +182,7 @@ type Writer struct {
 	spare   []pendingEvent // the previous batch's slice, emptied, for the next one
 	tasks   []TaskRecord
 	waiters []chan error
-	started time.Time // when the last write started (NewWriter: creation)
+	pace    pacer // when the next write may start (under mu)
 	closed  bool
 
 	// Health, under mu. writeBegan is when the write under way began (zero
@@ -153,7 +202,7 @@ type Writer struct {
 // NewWriter starts a Writer on st. Close stops it.
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
-	w := &Writer{st: st, opts: opts, started: time.Now(), wake: make(chan struct{}, 1), done: make(chan struct{})}
+	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
 	go w.run()
@@ -286,7 +335,11 @@ func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.Tas
 		w.mu.Unlock()
 		return // shutting down: the event stays in memory only
 	}
-	w.events = append(w.events, pendingEvent{c: c, taskID: taskID, ev: ev})
+	p := pendingEvent{c: c, taskID: taskID, ev: ev}
+	if trace != nil {
+		p.at = time.Since(traceBase)
+	}
+	w.events = append(w.events, p)
 	w.notifyLocked()
 	w.mu.Unlock()
 }
@@ -400,16 +453,24 @@ func (w *Writer) Close() {
 
 func (w *Writer) run() {
 	defer close(w.done)
+	if trace != nil {
+		runtime.LockOSThread() // threadStat measures this goroutine
+		defer runtime.UnlockOSThread()
+	}
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	commits := make(map[eventlog.Committer]uint64)
 	for {
 		<-w.wake
+		var sleepStart time.Time
+		if trace != nil {
+			sleepStart = time.Now()
+		}
 		w.mu.Lock()
 		// Wait out the interval unless the batch is full, a flush was
 		// asked for, or we are closing.
 		for w.opts.Interval > 0 && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
-			wait := w.opts.Interval - time.Since(w.started)
+			wait := w.pace.wait(time.Now())
 			if wait <= 0 {
 				break
 			}
@@ -423,14 +484,18 @@ func (w *Writer) run() {
 			w.mu.Lock()
 		}
 		if w.opts.Interval > 0 {
-			w.started = time.Now()
+			w.pace.start(time.Now())
 		}
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
 		w.events, w.spare, w.tasks, w.waiters = w.spare, nil, nil, nil
 		w.roomLocked()
 		w.mu.Unlock()
 
-		err := w.write(events, tasks, commits)
+		var slept time.Duration
+		if trace != nil {
+			slept = time.Since(sleepStart)
+		}
+		err := w.write(events, tasks, commits, slept)
 		for _, ch := range waiters {
 			ch <- err
 		}
@@ -468,16 +533,35 @@ func (w *Writer) run() {
 // under way for longer than StuckAfter, or its last attempt failed, the
 // Writer is unhealthy. Records that cannot be stored are set aside (see
 // applyIsolating) and their tasks reported once the rest is durable.
-func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64) error {
+func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64, slept time.Duration) error {
 	if len(events) == 0 && len(tasks) == 0 {
 		return nil
+	}
+	var taken time.Duration
+	if trace != nil {
+		taken = time.Since(traceBase)
 	}
 	j := newJob(events, tasks, w.opts.Logger.Error)
 	w.mu.Lock()
 	w.writeBegan = time.Now()
 	w.mu.Unlock()
 	w.stuckTimer.Reset(w.opts.StuckAfter)
+	var cpu0, runq0 time.Duration
+	var a0 time.Time
+	if trace != nil {
+		cpu0, runq0 = threadStat()
+		a0 = time.Now()
+	}
 	err := w.applyIsolating(j, 0, j.size())
+	if trace != nil {
+		cpu1, runq1 := threadStat()
+		wall := time.Since(a0)
+		trace.mu.Lock()
+		trace.add(&trace.applyCPU, cpu1-cpu0)
+		trace.add(&trace.applyRunq, runq1-runq0)
+		trace.add(&trace.applyBlocked, wall-(cpu1-cpu0)-(runq1-runq0))
+		trace.mu.Unlock()
+	}
 	w.stuckTimer.Stop()
 	if err != nil {
 		return err
@@ -486,6 +570,11 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 	w.setHealthLocked(func() { w.writeBegan, w.stuck, w.writeErr = time.Time{}, false, nil })
 	w.mu.Unlock()
 	j.replaceAll()
+	var applied time.Duration
+	if trace != nil {
+		applied = time.Since(traceBase)
+		w.traceWrite(events, taken, applied, slept)
+	}
 	for _, p := range events {
 		if s := p.ev.GetSeq(); s > commits[p.c] {
 			commits[p.c] = s
@@ -494,9 +583,31 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 	for c, s := range commits {
 		c.Commit(s)
 		delete(commits, c)
+		if trace != nil {
+			d := time.Since(traceBase) - applied
+			trace.mu.Lock()
+			trace.add(&trace.tell, d)
+			trace.mu.Unlock()
+		}
 	}
 	w.notify(j)
 	return nil
+}
+
+// traceWrite records a write's legs (see trace.go).
+func (w *Writer) traceWrite(events []pendingEvent, taken, applied time.Duration, slept time.Duration) {
+	trace.mu.Lock()
+	defer trace.mu.Unlock()
+	trace.writes++
+	trace.add(&trace.apply, applied-taken)
+	trace.add(&trace.slept, slept)
+	if len(trace.sizes) < traceMax {
+		trace.sizes = append(trace.sizes, len(events))
+	}
+	for _, p := range events {
+		trace.add(&trace.queued, taken-p.at)
+		trace.add(&trace.write, applied-taken)
+	}
 }
 
 // apply writes b, retrying while the store fails (the Writer is unhealthy

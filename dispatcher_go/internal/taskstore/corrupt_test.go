@@ -40,6 +40,9 @@ func TestRestoreWithACorruptLastEvent(t *testing.T) {
 	if err := w1.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if err := st.Fold(ctx); err != nil { // out of the journal (sqlite/journal.go) before the last
+		t.Fatal(err)
+	}
 	if _, err := tk.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: "half"}}}, eventlog.Capped); err != nil {
 		t.Fatal(err)
 	}
@@ -48,6 +51,9 @@ func TestRestoreWithACorruptLastEvent(t *testing.T) {
 	}
 	w1.Close() // the process ends here, without draining
 	last := tk.Log().LastSeq()
+	if err := st.Fold(ctx); err != nil { // the last event out of the journal
+		t.Fatal(err)
+	}
 
 	db, err := sql.Open("sqlite", filepath.Join(dir, sqlite.FileName))
 	if err != nil {

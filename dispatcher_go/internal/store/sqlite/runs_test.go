@@ -70,6 +70,9 @@ func TestCorruptRun(t *testing.T) {
 		if err := s.Apply(ctx, store.Batch{Events: b}); err != nil {
 			t.Fatal(err)
 		}
+		if err := s.fold(ctx); err != nil { // a run per write
+			t.Fatal(err)
+		}
 	}
 	// Spoil the middle run: its second event's length runs past the end.
 	res, err := s.db.ExecContext(ctx, `UPDATE event_runs SET data = x'01410f41' WHERE task_id = 't' AND first_seq = 2`)

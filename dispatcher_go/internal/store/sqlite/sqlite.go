@@ -20,9 +20,21 @@
 //     connection beside the writer instead of inside the commit that
 //     crossed SQLite's 1000-page mark (which stalled every watcher waiting
 //     for that commit). The WAL is bounded by walRestartFrames (32 MiB).
+//   - temp_store=MEMORY: a statement's journal (SQLite keeps one for each
+//     multi-row INSERT inside a transaction, so that a failing statement
+//     can be undone alone) stays in memory instead of spilling past 64 KiB
+//     into a temporary file: a write touching 64 tasks' pages wrote ~280
+//     extra 4-byte and 4 KiB pwrites into that file (strace), ~25 % of the
+//     write's CPU (BenchmarkApplySmall). It holds nothing durable: the
+//     journal only serves a rollback of the statement, never recovery. Its
+//     memory is the original of each page one statement changes (at most
+//     runChunk runs' pages, a few MiB), freed at the statement's end.
 //
 // Events are stored as runs, one row per run of a task's consecutive
-// events (runs.go). The package must not interpret event or task bodies.
+// events (runs.go). A write puts its events into the journal first, one
+// row per write in write order, and a fold moves them into the runs about
+// once a second (journal.go): a write then costs a page or two instead of
+// a page per task. The package must not interpret event or task bodies.
 package sqlite
 
 import (
@@ -82,6 +94,12 @@ var migrations = []string{
 	) WITHOUT ROWID;
 	INSERT INTO event_runs (task_id, first_seq, last_seq, data) SELECT task_id, seq, seq, data FROM events;
 	DROP TABLE events;`,
+	// The write-ordered journal (journal.go): a write's events as one row,
+	// folded into event_runs later.
+	`CREATE TABLE event_journal (
+		id INTEGER PRIMARY KEY,
+		data BLOB NOT NULL
+	);`,
 }
 
 // runChunk is how many runs one INSERT writes (4 parameters each, well
@@ -107,6 +125,17 @@ type Store struct {
 	ckptKick, ckptStop, ckptDone chan struct{}
 	stopOnce                     sync.Once
 	walFull                      atomic.Bool
+
+	// The journal (journal.go). writeMu serializes the write
+	// transactions of Apply and of the fold, so that Apply waits on a Go
+	// mutex for the (short) fold instead of in SQLite's busy handler,
+	// which sleeps in steps of milliseconds. journaled counts the events
+	// written to the journal and not folded yet; lastFold is when the
+	// fold last ran (checkpointLoop's goroutine only).
+	writeMu    sync.Mutex
+	insJournal *sql.Stmt
+	journaled  atomic.Int64
+	lastFold   time.Time
 }
 
 // checkpointEvery is the least time between two background checkpoints:
@@ -156,8 +185,9 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// wal_autocheckpoint(0): no connection checkpoints at commit; the
 	// background checkpointer does (checkpointLoop). cache_size: 8 MiB of
 	// pages per connection instead of 2 MiB, so the B-tree pages a batch
-	// touches stay cached between writes.
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "wal_autocheckpoint(0)", "cache_size(-8192)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	// touches stay cached between writes. temp_store(MEMORY): see the
+	// package doc.
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "wal_autocheckpoint(0)", "cache_size(-8192)", "temp_store(MEMORY)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
 	}
 	q.Set("_txlock", "immediate")
@@ -183,6 +213,16 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 		}
 		s.inserts[n] = st
 	}
+	if s.insJournal, err = db.PrepareContext(ctx, `INSERT INTO event_journal (data) VALUES (?)`); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("sqlite: prepare: %w", err)
+	}
+	// What the journal holds from before (a crash) is folded now, so
+	// that restoring tasks reads event_runs alone.
+	if err := s.fold(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -201,6 +241,10 @@ func (s *Store) checkpointLoop() {
 		case <-s.ckptKick:
 		case <-s.ckptStop:
 			return
+		}
+		if time.Since(s.lastFold) >= foldEvery || s.journaled.Load() >= foldSoonEvents {
+			s.lastFold = time.Now()
+			_ = s.foldPaced(context.Background(), s.ckptStop) // an error: the next fold does the work
 		}
 		if frames, err := s.checkpoint(context.Background()); err == nil && frames >= walRestartFrames {
 			s.walFull.Store(true)
@@ -258,8 +302,18 @@ func (s *Store) migrate(ctx context.Context) error {
 	return tx.Commit()
 }
 
-// Apply implements store.Store.
+// Apply implements store.Store. The events go into the journal, one row
+// (journal.go); the fold moves them into event_runs later.
 func (s *Store) Apply(ctx context.Context, b store.Batch) error {
+	for _, e := range b.Events {
+		if e.Data == nil {
+			// What the NOT NULL column of event_runs refused before
+			// the journal: a record the store cannot hold.
+			return store.Rejected(fmt.Errorf("sqlite: apply events: event %d of task %s has no data", e.Seq, e.TaskID))
+		}
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	if s.walFull.Swap(false) {
 		// The background checkpoint copied all but the last few frames:
 		// copy those too, so that this write starts the WAL over.
@@ -270,10 +324,54 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 		return fmt.Errorf("sqlite: apply: %w", err)
 	}
 	defer tx.Rollback()
-	// One row per run of a task's events (runs.go), multi-row INSERTs:
-	// one statement per chunk of runs (the per-statement and per-row costs
-	// dominate small rows).
-	runs := groupRuns(b.Events)
+	// Long runs (a flood: few tasks, many events each) go straight into
+	// event_runs, where they cost a page or so per run anyway; short ones
+	// (relay rates: a run per task per write, of an event or two) into
+	// the journal, one row per write. Readers merge both in one snapshot
+	// (ReadEvents), so a task's events may be in either, in any order.
+	var direct, journal []run
+	for _, r := range groupRuns(b.Events) {
+		if r.n >= directRunEvents {
+			direct = append(direct, r)
+		} else {
+			journal = append(journal, r)
+		}
+	}
+	if err := s.insertRuns(ctx, tx, direct); err != nil {
+		return applyError("sqlite: apply events", err)
+	}
+	if len(journal) > 0 {
+		ins := tx.StmtContext(ctx, s.insJournal)
+		for rows := journalRows(journal); len(rows) > 0; rows = rows[1:] {
+			if _, err := ins.ExecContext(ctx, rows[0]); err != nil {
+				return applyError("sqlite: apply events", err)
+			}
+		}
+	}
+	for _, t := range b.Tasks {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES (?, ?, ?, ?, ?)
+			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
+			ended_at = excluded.ended_at, body = excluded.body`,
+			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body); err != nil {
+			return applyError("sqlite: apply task", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("sqlite: commit: %w", err)
+	}
+	n := 0
+	for _, r := range journal {
+		n += r.n
+	}
+	s.journaled.Add(int64(n))
+	s.kickCheckpoint()
+	return nil
+}
+
+// insertRuns writes runs into event_runs in tx: multi-row INSERTs, one
+// statement per chunk of runs (the per-statement and per-row costs
+// dominate small rows).
+func (s *Store) insertRuns(ctx context.Context, tx *sql.Tx, runs []run) error {
 	args := make([]any, 0, 4*min(len(runs), runChunk))
 	for len(runs) > 0 {
 		n := chunkSizes[len(chunkSizes)-1]
@@ -288,22 +386,10 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			args = append(args, r.taskID, int64(r.first), int64(r.last), r.data)
 		}
 		if _, err := tx.StmtContext(ctx, s.inserts[n]).ExecContext(ctx, args...); err != nil {
-			return applyError("sqlite: apply events", err)
+			return err
 		}
 		runs = runs[n:]
 	}
-	for _, t := range b.Tasks {
-		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES (?, ?, ?, ?, ?)
-			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
-			ended_at = excluded.ended_at, body = excluded.body`,
-			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body); err != nil {
-			return applyError("sqlite: apply task", err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("sqlite: commit: %w", err)
-	}
-	s.kickCheckpoint()
 	return nil
 }
 
@@ -364,10 +450,30 @@ func (s *Store) ListTasksBefore(ctx context.Context, statuses []int32, before *s
 
 // ReadEvents implements store.Store.
 func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
-	// The run holding afterSeq+1 starts at most maxRunEvents-1 before it.
 	limit = store.EventLimit(limit)
+	// The journal and the runs in one snapshot (a read transaction): a
+	// fold between two reads would otherwise move events out of sight.
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true}) // BEGIN DEFERRED
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: read events: %w", err)
+	}
+	defer tx.Rollback()
+	journal, err := s.journalOf(ctx, tx, taskID, afterSeq)
+	if err != nil {
+		return nil, err
+	}
+	out, err := s.readRuns(ctx, tx, taskID, afterSeq, limit)
+	if err != nil || len(journal) == 0 {
+		return out, err
+	}
+	return mergeEvents(out, journal, limit), nil
+}
+
+// readRuns is ReadEvents of event_runs alone.
+func (s *Store) readRuns(ctx context.Context, tx *sql.Tx, taskID string, afterSeq uint64, limit int) ([]store.Event, error) {
+	// The run holding afterSeq+1 starts at most maxRunEvents-1 before it.
 	from := int64(afterSeq) - maxRunEvents
-	rows, err := s.db.QueryContext(ctx, `SELECT first_seq, last_seq, data FROM event_runs
+	rows, err := tx.QueryContext(ctx, `SELECT first_seq, last_seq, data FROM event_runs
 		WHERE task_id = ? AND first_seq > ? AND last_seq > ? ORDER BY first_seq, last_seq`, taskID, from, int64(afterSeq))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: read events: %w", err)
@@ -395,15 +501,29 @@ func (s *Store) ReadEvents(ctx context.Context, taskID string, afterSeq uint64, 
 
 // LastSeq implements store.Store.
 func (s *Store) LastSeq(ctx context.Context, taskID string) (uint64, error) {
+	// One snapshot (see ReadEvents).
+	tx, err := s.db.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: last seq: %w", err)
+	}
+	defer tx.Rollback()
+	journal, err := s.journalOf(ctx, tx, taskID, 0)
+	if err != nil {
+		return 0, err
+	}
+	var last uint64
+	for _, e := range journal {
+		last = max(last, e.Seq)
+	}
 	var seq int64
 	// The run holding the last seq starts at most maxRunEvents-1 before
 	// the last run starts.
-	if err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM event_runs WHERE task_id = ?1
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(last_seq), 0) FROM event_runs WHERE task_id = ?1
 		AND first_seq > (SELECT COALESCE(MAX(first_seq), 0) FROM event_runs WHERE task_id = ?1) - ?2`,
 		taskID, maxRunEvents).Scan(&seq); err != nil {
 		return 0, fmt.Errorf("sqlite: last seq: %w", err)
 	}
-	return uint64(seq), nil
+	return max(last, uint64(seq)), nil
 }
 
 // PutConfig implements store.Store.
@@ -428,6 +548,13 @@ func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
 
 // DeleteEndedBefore implements store.Store.
 func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error) {
+	// Events still in the journal are folded first: none of an ended
+	// task's may come back into event_runs after its runs were deleted.
+	if err := s.fold(ctx); err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
@@ -449,6 +576,10 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 func (s *Store) Close() error {
 	s.stopOnce.Do(func() { close(s.ckptStop) }) // Close may be called twice
 	<-s.ckptDone
+	if s.insJournal != nil {
+		_ = s.fold(context.Background()) // tidy; the next Open folds otherwise
+		s.insJournal.Close()
+	}
 	for _, st := range s.inserts {
 		st.Close()
 	}
