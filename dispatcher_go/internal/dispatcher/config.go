@@ -42,15 +42,17 @@ const (
 	DefaultStreamWindow = 128 << 10
 	// DefaultPolicyPoll is how often the policy file is checked for changes.
 	DefaultPolicyPoll = time.Second
-	// DefaultFlushInterval is the least time between the starts of two
-	// store writes (store.WriterOptions.Interval): an idle writer writes
-	// an event at once, a busy one at most 500 times a second. 0 (a write
-	// as soon as the previous one ended) cost 35-95 % more dispatcher CPU
-	// per event at 200 sessions × 20 events/s, each write having a fixed
-	// cost; 500 µs and 1 ms doubled the stop scenario's decision → stopped
-	// p99 (1.0 → 1.9-2.2 ms) against 2 ms, for the same relay p99
-	// (docs/benchmarks.md, issue 16).
-	DefaultFlushInterval = 2 * time.Millisecond
+	// DefaultFlushInterval paces the store writes
+	// (store.WriterOptions.Interval): up to store's burst of writes back to
+	// back, then one per interval on average; an idle writer writes an
+	// event at once. 0 (a write as soon as the previous one ended) cost
+	// 35-95 % more dispatcher CPU per event at 200 sessions × 20 events/s,
+	// each write having a fixed cost. With the write journal (a write of
+	// short runs ~25 µs of CPU), 1 ms against 2 ms in interleaved runs:
+	// one streaming session's relay p50 0.48-0.54 vs 1.63 ms (byclaw-peer),
+	// relay-64 p99 3.8-4.2 vs 4.9-6.3 ms, the stop scenario's decision →
+	// stopped p99 1.8-1.9 vs 1.4-1.5 ms (docs/benchmarks.md, issue 16).
+	DefaultFlushInterval = time.Millisecond
 
 	// The two below are not applied by New, where zero means something
 	// else; they are cmd/dispatcher's defaults for the matching flags.
