@@ -373,10 +373,10 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		},
 		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
 		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
-			HandOverWindow: handOverWindow(c.handOverWindow), LinkLossWindow: handOverWindow(c.linkLossWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
+			HandOverWindow: offIfZero(c.handOverWindow), LinkLossWindow: offIfZero(c.linkLossWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
 		Policy: dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		MCP:    dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
-		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: c.flushInterval},
+		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: offIfZero(c.flushInterval)},
 		Fleet: dispatcher.Fleet{RedisURL: c.fleetRedis, ReplicaID: c.replicaID, Lease: c.fleetLease,
 			Grace: c.fleetGrace, ReclaimIdle: c.fleetReclaim},
 		Logger:  log,
@@ -424,9 +424,10 @@ func isLoopback(addr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// handOverWindow is the flag's value as dispatcher.Tasks wants it: 0 (the
-// flag's "no hand-over") is negative there, where 0 means the default.
-func handOverWindow(d time.Duration) time.Duration {
+// offIfZero is a duration flag's value as dispatcher.Config wants it: 0
+// (the flag's "none": no hand-over, no write pacing) is negative there,
+// where 0 means the default.
+func offIfZero(d time.Duration) time.Duration {
 	if d <= 0 {
 		return -1
 	}

@@ -91,7 +91,8 @@ func TestDispatcherConfigFromFlags(t *testing.T) {
 		t.Fatalf("flag defaults %+v differ from the dispatcher's %+v", fromFlags, defaults)
 	}
 	c, err = parseConfig([]string{"--queue-size", "7", "--stop-grace", "3s", "--default-planner", "gui", "--client-token", "cl",
-		"--keepalive-time", "9s", "--policy-poll", "4s", "--retention", "1h", "--stream-window-bytes", "0"},
+		"--keepalive-time", "9s", "--policy-poll", "4s", "--retention", "1h", "--stream-window-bytes", "0",
+		"--event-flush-interval", "0"},
 		env(map[string]string{"DISPATCHER_SECRET_KEY": "k"}), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -99,7 +100,8 @@ func TestDispatcherConfigFromFlags(t *testing.T) {
 	got := c.dispatcherConfig(nil, nil, nil)
 	if got.Limits.QueueSize != 7 || got.Tasks.StopGrace != 3*time.Second || got.Tasks.DefaultPlanner != "gui" || got.Auth.ClientToken != "cl" ||
 		got.GRPC.Keepalive.Time != 9*time.Second || got.Policy.Poll != 4*time.Second || got.Store.Retention != time.Hour ||
-		got.GRPC.StreamWindowBytes >= 0 || string(got.Store.SecretKey) != "k" || got.Version != version {
+		got.GRPC.StreamWindowBytes >= 0 || string(got.Store.SecretKey) != "k" || got.Version != version ||
+		got.Store.FlushInterval >= 0 { // the flag's 0 is "no pacing", not the default
 		t.Fatalf("dispatcher config %+v", got)
 	}
 }

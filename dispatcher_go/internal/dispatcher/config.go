@@ -253,8 +253,9 @@ type Store struct {
 	// Retention removes tasks (and their events) that ended longer ago
 	// than this; 0 keeps them forever.
 	Retention time.Duration
-	// FlushInterval is the store writer's batching interval
-	// (DefaultFlushInterval).
+	// FlushInterval paces the store writer (DefaultFlushInterval;
+	// negative: no pacing, a write starts as soon as the previous one
+	// ended — the --event-flush-interval flag's 0).
 	FlushInterval time.Duration
 }
 
@@ -321,7 +322,7 @@ func (c Config) withDefaults() Config {
 	if c.Auth.TenantsPoll <= 0 {
 		c.Auth.TenantsPoll = DefaultPolicyPoll
 	}
-	if c.Store.FlushInterval <= 0 {
+	if c.Store.FlushInterval == 0 {
 		c.Store.FlushInterval = DefaultFlushInterval
 	}
 	if c.Logger == nil {

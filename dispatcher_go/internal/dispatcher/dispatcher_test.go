@@ -31,6 +31,15 @@ func newDispatcher(t *testing.T, cfg Config) *Dispatcher {
 	return d
 }
 
+// A negative FlushInterval (the --event-flush-interval flag's 0) is kept:
+// no pacing, not the default.
+func TestNegativeFlushIntervalMeansNoPacing(t *testing.T) {
+	d := newDispatcher(t, Config{Store: Store{FlushInterval: -1}})
+	if got := d.Config().Store.FlushInterval; got >= 0 {
+		t.Fatalf("FlushInterval %v: want it negative (no pacing)", got)
+	}
+}
+
 // The zero Config is a working dispatcher with the documented defaults,
 // and the components run with them.
 func TestZeroConfigTakesDefaults(t *testing.T) {
