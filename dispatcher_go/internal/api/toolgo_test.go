@@ -2,6 +2,7 @@ package api
 
 import (
 	"testing"
+	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -14,7 +15,10 @@ import (
 // stream does too.
 func TestProviderCallInFlightIsCancelled(t *testing.T) {
 	t.Parallel()
-	h, ctx := newHarness(t, dispatcher.Config{})
+	// The commander acknowledges the stop itself once it has the CANCELLED
+	// result; a grace longer than the harness's 500 ms keeps a loaded -race
+	// run from ending the stream first.
+	h, ctx := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{StopGrace: 10 * time.Second}})
 	prov, err := h.tools.Connect(ctx)
 	if err != nil {
 		t.Fatal(err)
