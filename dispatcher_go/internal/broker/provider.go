@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -65,7 +66,16 @@ type pendingCall struct {
 	stop     func() bool                       // start: unregisters its context.AfterFunc
 	deadline time.Time
 	timeout  time.Duration
+	// order (start): invokeQueued once the invocation is queued,
+	// cancelWanted if its context ended before that — whichever comes
+	// second sends the cancel, so it always follows the invocation, once.
+	order atomic.Int32
 }
+
+const (
+	invokeQueued int32 = 1
+	cancelWanted int32 = 2
+)
 
 // complete hands r to the call; the caller removed pc from pending, and
 // does not hold p.mu when pc is a started one (finish runs the session's
@@ -417,7 +427,9 @@ func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Du
 		// Under p.mu, so that pc.stop is set before anyone can remove pc.
 		pc.stop = context.AfterFunc(ctx, func() {
 			if p.remove(id) != nil {
-				p.cancelInvocation(id, "cancelled")
+				if !pc.order.CompareAndSwap(0, cancelWanted) {
+					p.cancelInvocation(id, "cancelled") // the invocation is out
+				}
 				finish("", ctx.Err())
 			}
 		})
@@ -426,12 +438,11 @@ func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Du
 		finish("", errProviderGone)
 		return
 	}
-	// sent re-sends the cancel when ctx ended while inv was being queued:
-	// the AfterFunc's cancel may have gone out before inv, and a provider
-	// ignores a cancel of an id it does not know yet, so it would run a
-	// stopped call. A second cancel is harmless.
+	// sent sends the cancel the AfterFunc left for after inv (a provider
+	// ignores a cancel of an id it does not know yet, so a cancel before
+	// the invocation would let it run a stopped call).
 	sent := func() {
-		if ctx.Err() != nil {
+		if !pc.order.CompareAndSwap(0, invokeQueued) {
 			p.cancelInvocation(id, "cancelled")
 		}
 	}
