@@ -332,6 +332,7 @@ func (f *fleet) receive(ctx context.Context, stream grpc.BidiStreamingClient[dis
 			return
 		}
 		now := time.Now()
+		toolTrace.received(pkt, now)
 		switch {
 		case pkt.GetStart() != nil:
 			cur = &sessionTrace{taskID: pkt.GetStart().GetTaskId(), sessionID: pkt.GetSessionId(), started: now}
@@ -573,6 +574,7 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 					}
 					f.toolCalls.Add(1)
 					f.toolRTT[tool].Add(time.Since(sentAt))
+					toolTrace.call(pkt, sid, tool, sentAt)
 				}
 				if e := res.GetError(); e != nil {
 					f.toolErrors.Add(1)

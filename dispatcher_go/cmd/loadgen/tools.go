@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"math"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -181,4 +183,61 @@ func sameMillisecond(starts []atomic.Int32, ms int) (p50, p99 float64) {
 		return 0
 	}
 	return quantile(0.5), quantile(0.99)
+}
+
+// The commander's side of the tool trace (the dispatcher's is
+// DISPATCHER_TOOL_TRACE, internal/session/tooltrace.go), for benchmarks
+// only: with LOADGEN_TOOL_TRACE=FILE every measured call appends
+//
+//	session call tool sent received got
+//
+// in Unix nanoseconds: the call handed to Send, its result returned by Recv
+// (the receiving goroutine), and taken by the session's goroutine.
+var toolTrace = func() *toolTracer {
+	path := os.Getenv("LOADGEN_TOOL_TRACE")
+	if path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "tool trace: %v\n", err)
+		return nil
+	}
+	t := &toolTracer{w: bufio.NewWriter(f)}
+	go func() {
+		for range time.Tick(time.Second) {
+			t.mu.Lock()
+			_ = t.w.Flush()
+			t.mu.Unlock()
+		}
+	}()
+	return t
+}()
+
+type toolTracer struct {
+	mu   sync.Mutex
+	w    *bufio.Writer
+	recv sync.Map // *DownstreamPacket → Unix ns of its Recv
+}
+
+// received notes when the receiving goroutine got p.
+func (t *toolTracer) received(p *dispatchv1.DownstreamPacket, at time.Time) {
+	if t != nil && p.GetToolResult() != nil {
+		t.recv.Store(p, at.UnixNano())
+	}
+}
+
+// call writes one call's line.
+func (t *toolTracer) call(p *dispatchv1.DownstreamPacket, sid, tool string, sent time.Time) {
+	if t == nil {
+		return
+	}
+	got := time.Now().UnixNano()
+	var recv int64
+	if v, ok := t.recv.LoadAndDelete(p); ok {
+		recv = v.(int64)
+	}
+	t.mu.Lock()
+	fmt.Fprintf(t.w, "%s %s %s %d %d %d\n", sid, p.GetToolResult().GetCallId(), tool, sent.UnixNano(), recv, got)
+	t.mu.Unlock()
 }

@@ -236,6 +236,7 @@ func (o *outbox) take() (*dispatchv1.DownstreamPacket, bool) {
 			close(o.space)
 			o.space = nil
 		}
+		toolTrace.took(p)
 		return p, true
 	}
 	o.senderExitLocked()

@@ -190,6 +190,7 @@ func (sl *slot) sendLoop(stream Stream) {
 			}
 		}
 		err := stream.Send(p)
+		toolTrace.sent(p)
 		if startDone != nil {
 			sl.startMu.Lock()
 			sl.startErr = err

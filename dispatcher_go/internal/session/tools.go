@@ -38,6 +38,7 @@ import (
 
 // toolCall records a tool call and starts it, or refuses it.
 func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
+	lg := toolLegs{emitted: ev.GetEmittedAtUs(), received: toolStamp()}
 	tc := ev.GetToolCall()
 	if tc.GetCallId() == "" {
 		return r.sl.reject(r.sessionID, "tool_call without call_id")
@@ -88,12 +89,23 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 	r.inflight.Add(1)
 	b := r.sl.srv.broker
 	if b.Instant(call.ToolName) {
-		r.deliverResult(b.Call(r.ctx, call))
+		res := b.Call(r.ctx, call)
+		lg.dispatched = toolStamp()
+		lg.resulted = lg.dispatched
+		r.deliverResultLegs(res, lg)
 		r.inflight.Add(-1)
 		return nil
 	}
 	if r.sl.addTool() {
-		if b.Go(r.ctx, call, r.finishStarted) {
+		done := r.finishStarted
+		if toolTrace != nil {
+			lg.dispatched = toolStamp()
+			done = func(res broker.Result) {
+				lg.resulted = toolStamp()
+				r.finishStartedLegs(res, lg)
+			}
+		}
+		if b.Go(r.ctx, call, done) {
 			return nil
 		}
 		r.sl.tools.Done() // not a provider's tool: it gets a goroutine
@@ -118,19 +130,26 @@ func (r *run) deny(tc *dispatchv1.ToolCallRequest, code dispatchv1.ToolErrorCode
 }
 
 // deliverResult records a finished call and sends its result downstream.
-func (r *run) deliverResult(res broker.Result) {
+func (r *run) deliverResult(res broker.Result) { r.deliverResultLegs(res, toolLegs{}) }
+
+// toolLegs are a call's trace timestamps (tooltrace.go); zero when off.
+type toolLegs struct{ emitted, received, dispatched, resulted int64 }
+
+func (r *run) deliverResultLegs(res broker.Result, lg toolLegs) {
 	r.recordResult(res)
 	if r.ended.Load() {
 		return // the session is over; nobody waits for this call
 	}
-	_ = r.sendResult(res.Result)
+	_ = r.sendResultLegs(res.Result, lg)
 }
 
 // finishStarted is deliverResult for a call started with broker.Go: it
 // runs on the broker goroutine that completed the call and must not block,
 // so when the outbox is full a goroutine waits for room. It ends the
 // call's tracking (addTool) once the result is pushed.
-func (r *run) finishStarted(res broker.Result) {
+func (r *run) finishStarted(res broker.Result) { r.finishStartedLegs(res, toolLegs{}) }
+
+func (r *run) finishStartedLegs(res broker.Result, lg toolLegs) {
 	r.recordResult(res)
 	if r.ended.Load() {
 		r.inflight.Add(-1)
@@ -141,6 +160,7 @@ func (r *run) finishStarted(res broker.Result) {
 		SessionId: r.sessionID,
 		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res.Result},
 	}
+	toolTrace.pushing(p, lg.emitted, lg.received, lg.dispatched, lg.resulted)
 	if err := r.sl.out.tryPush(p); !errors.Is(err, errOutboxFull) {
 		r.inflight.Add(-1)
 		r.sl.tools.Done()
@@ -164,11 +184,18 @@ func (r *run) recordResult(res broker.Result) {
 }
 
 func (r *run) sendResult(res *dispatchv1.ToolCallResult) error {
-	err := r.sl.out.push(r.sl.ctx, &dispatchv1.DownstreamPacket{
+	return r.sendResultLegs(res, toolLegs{})
+}
+
+func (r *run) sendResultLegs(res *dispatchv1.ToolCallResult, lg toolLegs) error {
+	p := &dispatchv1.DownstreamPacket{
 		SessionId: r.sessionID,
 		Signal:    &dispatchv1.DownstreamPacket_ToolResult{ToolResult: res},
-	})
-	if err != nil {
+	}
+	if lg.received != 0 {
+		toolTrace.pushing(p, lg.emitted, lg.received, lg.dispatched, lg.resulted)
+	}
+	if err := r.sl.out.push(r.sl.ctx, p); err != nil {
 		return context.Cause(r.sl.ctx)
 	}
 	return nil
