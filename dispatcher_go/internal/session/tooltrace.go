@@ -21,9 +21,10 @@ import (
 // are Unix nanoseconds on the dispatcher: received (toolCall entered),
 // dispatched (the call ran, for an instant built-in, or was queued to its
 // provider), resulted (the result was in), pushed (into the outbox), taken
-// (by the sender), sent (Send returned). cmd/loadgen's --tool-trace writes
-// the commander's side of the same calls. Off, it costs a nil test per
-// call, per take and per Send.
+// (by the sender), sent (Send returned). cmd/loadgen's LOADGEN_TOOL_TRACE writes
+// the commander's side of the same calls. The first line is "# start NS",
+// the process's start. Off, it costs a nil test per call, per take and per
+// Send.
 var toolTrace = func() *toolTracer {
 	path := os.Getenv("DISPATCHER_TOOL_TRACE")
 	if path == "" {
@@ -35,6 +36,9 @@ var toolTrace = func() *toolTracer {
 		return nil
 	}
 	t := &toolTracer{w: bufio.NewWriter(f), recs: make(map[*dispatchv1.DownstreamPacket]*toolRec)}
+	// The process's start, near enough (package init), to place
+	// GODEBUG=gctrace=1's "@seconds" lines on the same clock.
+	fmt.Fprintf(t.w, "# start %d\n", time.Now().UnixNano())
 	go func() {
 		for range time.Tick(time.Second) {
 			t.mu.Lock()
