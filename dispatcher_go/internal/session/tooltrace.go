@@ -22,7 +22,8 @@ import (
 // dispatched (the call ran, for an instant built-in, or was queued to its
 // provider), resulted (the result was in), pushed (into the outbox), taken
 // (by the sender), sent (Send returned). cmd/loadgen's LOADGEN_TOOL_TRACE writes
-// the commander's side of the same calls. The first line is "# start NS",
+// the commander's side of the same calls; scripts/tool_legs.py joins the
+// two and prints the legs. The first line is "# start NS",
 // the process's start. Off, it costs a nil test per call, per take and per
 // Send.
 var toolTrace = func() *toolTracer {
