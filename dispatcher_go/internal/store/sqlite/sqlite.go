@@ -8,8 +8,9 @@
 //     kernel's page cache and the WAL is replayed at the next open. A
 //     power loss or a kernel crash may take back the commits since the
 //     last checkpoint (at most about checkpointEvery, 100 ms, of writes,
-//     plus whatever the kernel had not written out), never corrupting the
-//     file. So "durable" (what a watcher is shown) means "survives the
+//     plus up to quietMax, 20 ms, while it waits for a pause in the
+//     writes, plus whatever the kernel had not written out), never
+//     corrupting the file. So "durable" (what a watcher is shown) means "survives the
 //     dispatcher's death", not "survives the machine's". synchronous=FULL
 //     would close that window at one fsync per commit (a few ms on most
 //     disks), which is the relay latency the store writer was made to
@@ -241,7 +242,8 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 // syncs nowhere else), and at SQLite's default, in the commit that crosses
 // 1000 pages, it stalled that commit and every watcher waiting for it. A
 // PASSIVE checkpoint runs beside the writer (it never blocks it), once
-// kicked by a commit and at most every checkpointEvery.
+// kicked by a commit, at most every checkpointEvery, in a pause of the
+// writes if one comes within quietMax (waitQuiet), as does the fold.
 func (s *Store) checkpointLoop() {
 	defer close(s.ckptDone)
 	pause := time.NewTimer(checkpointEvery)
