@@ -71,47 +71,6 @@ const (
 	foldPause       = time.Millisecond
 )
 
-// Quiet: the fold's chunks and the background checkpoint start once no
-// write has committed for quietFor, or after waiting quietMax (a steady
-// stream of writes never pauses). Sessions that emit in step (loadgen's
-// relay: 64 sessions every 20 ms, 200 every 50 ms) make bursts of writes
-// a millisecond or so apart with quiet spells between them, and the
-// checkpointer was kicked by a burst's first commit: a fold chunk (~1 ms
-// of the write lock at 64 tasks, ~3 ms at 200) then held up the rest of
-// the burst. BenchmarkFoldBursts (200 tasks, loaded machine): writes that
-// found the lock taken 1.0–4.1 % → 0.1–0.9 %. quietFor is two of the
-// Writer's default Interval (once its tokens are spent, the writes of a
-// burst are an Interval apart). A checkpoint, and so what a power loss
-// can take back (see the package doc), may come up to quietMax later.
-const (
-	quietFor = 2 * time.Millisecond
-	quietMax = 20 * time.Millisecond
-)
-
-// waitQuiet waits until no Apply committed for quietFor, at most quietMax,
-// using timer (stopped, drained). It returns false if stop was closed.
-func (s *Store) waitQuiet(timer *time.Timer, stop <-chan struct{}) bool {
-	if s.noQuiet {
-		return true
-	}
-	deadline := time.Now().Add(quietMax)
-	for {
-		now := time.Now()
-		quiet := time.Since(s.epoch) - time.Duration(s.lastWrite.Load())
-		left := deadline.Sub(now)
-		if quiet >= quietFor || left <= 0 {
-			return true
-		}
-		timer.Reset(min(quietFor-quiet, left))
-		select {
-		case <-timer.C:
-		case <-stop:
-			timer.Stop()
-			return false
-		}
-	}
-}
-
 // journalRowBytes ends a journal row past this size (a row of SQLite
 // holds at most 1e9 bytes); a write then takes several rows.
 const journalRowBytes = 16 << 20
@@ -248,10 +207,9 @@ func (s *Store) fold(ctx context.Context) error {
 }
 
 // foldPaced is the background fold: chunks of foldChunkEvents with a
-// pause between them, each chunk started in a quiet spell of the writes
-// (waitQuiet; no pause and no waiting while the journal holds
-// foldSoonEvents or more: then it must catch up), until the journal is
-// empty or stop is closed. The caller waited for the first chunk.
+// pause between them (none while the journal holds foldSoonEvents or
+// more: then it must catch up), until the journal is empty or stop is
+// closed.
 func (s *Store) foldPaced(ctx context.Context, stop <-chan struct{}) error {
 	pause := time.NewTimer(0)
 	<-pause.C
@@ -268,9 +226,6 @@ func (s *Store) foldPaced(ctx context.Context, stop <-chan struct{}) error {
 		select {
 		case <-pause.C:
 		case <-stop:
-			return nil
-		}
-		if !s.waitQuiet(pause, stop) {
 			return nil
 		}
 	}

@@ -8,9 +8,8 @@
 //     kernel's page cache and the WAL is replayed at the next open. A
 //     power loss or a kernel crash may take back the commits since the
 //     last checkpoint (at most about checkpointEvery, 100 ms, of writes,
-//     plus up to quietMax, 20 ms, while it waits for a pause in the
-//     writes, plus whatever the kernel had not written out), never
-//     corrupting the file. So "durable" (what a watcher is shown) means "survives the
+//     plus whatever the kernel had not written out), never corrupting the
+//     file. So "durable" (what a watcher is shown) means "survives the
 //     dispatcher's death", not "survives the machine's". synchronous=FULL
 //     would close that window at one fsync per commit (a few ms on most
 //     disks), which is the relay latency the store writer was made to
@@ -137,16 +136,6 @@ type Store struct {
 	insJournal *sql.Stmt
 	journaled  atomic.Int64
 	lastFold   time.Time
-	// lastWrite is when the last Apply committed (since epoch, ns): the
-	// fold and the background checkpoint wait for a pause in the writes
-	// (waitQuiet).
-	epoch     time.Time
-	lastWrite atomic.Int64
-	// writeWaits counts the Applies that found writeMu taken (by the
-	// fold: the Writer makes one write at a time); noQuiet turns waitQuiet
-	// off (benchmarks compare).
-	writeWaits atomic.Int64
-	noQuiet    bool
 }
 
 // checkpointEvery is the least time between two background checkpoints:
@@ -210,7 +199,7 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
 	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
-		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{}), epoch: time.Now()}
+		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -242,8 +231,7 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 // syncs nowhere else), and at SQLite's default, in the commit that crosses
 // 1000 pages, it stalled that commit and every watcher waiting for it. A
 // PASSIVE checkpoint runs beside the writer (it never blocks it), once
-// kicked by a commit, at most every checkpointEvery, in a pause of the
-// writes if one comes within quietMax (waitQuiet), as does the fold.
+// kicked by a commit and at most every checkpointEvery.
 func (s *Store) checkpointLoop() {
 	defer close(s.ckptDone)
 	pause := time.NewTimer(checkpointEvery)
@@ -252,13 +240,6 @@ func (s *Store) checkpointLoop() {
 		select {
 		case <-s.ckptKick:
 		case <-s.ckptStop:
-			return
-		}
-		// A commit just kicked us: at relay rates that is the middle of
-		// a burst of writes (sessions emit in step), and the fold's lock
-		// or the checkpoint's CPU and fsyncs would land on the burst's
-		// later writes. Wait for the burst to end (bounded).
-		if !s.waitQuiet(pause, s.ckptStop) {
 			return
 		}
 		if time.Since(s.lastFold) >= foldEvery || s.journaled.Load() >= foldSoonEvents {
@@ -331,10 +312,7 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			return store.Rejected(fmt.Errorf("sqlite: apply events: event %d of task %s has no data", e.Seq, e.TaskID))
 		}
 	}
-	if !s.writeMu.TryLock() {
-		s.writeWaits.Add(1)
-		s.writeMu.Lock()
-	}
+	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	if s.walFull.Swap(false) {
 		// The background checkpoint copied all but the last few frames:
@@ -386,7 +364,6 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 		n += r.n
 	}
 	s.journaled.Add(int64(n))
-	s.lastWrite.Store(int64(time.Since(s.epoch)))
 	s.kickCheckpoint()
 	return nil
 }
