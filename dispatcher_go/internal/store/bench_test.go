@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -262,10 +263,13 @@ func pct(d []time.Duration, p int) float64 {
 // BenchmarkRelayPacing compares the Writer's pacing in one process, the
 // variants alternating for BENCH_ROUNDS rounds (default 3) so that the
 // machine's load falls on both alike: 64 tasks × 50 events/s (in step, as
-// loadgen's sessions are) on SQLite, Interval BENCH_FLUSH_INTERVAL (default
-// 2ms), Burst 1 (a fixed least gap between two writes' starts) against the
-// default Burst. It reports each variant's median over the rounds of the
-// append → read p50/p99 and the CPU per event.
+// loadgen's sessions are; BENCH_TASKS n: n tasks sharing 4 000 events/s)
+// on SQLite. The variants: BENCH_PACING, a comma-separated list of
+// interval/burst (e.g. "1ms/4,2ms/16"); by default Interval
+// BENCH_FLUSH_INTERVAL (default 2ms) with Burst 1 (a fixed least gap
+// between two writes' starts) against the default Burst. It reports each
+// variant's median over the rounds of the append → read p50/p99, the CPU
+// per event and the writes per second.
 //
 //	go test -run '^$' -bench RelayPacing -benchtime 1x ./internal/store/
 func BenchmarkRelayPacing(b *testing.B) {
@@ -281,36 +285,67 @@ func BenchmarkRelayPacing(b *testing.B) {
 	if n, err := strconv.Atoi(os.Getenv("BENCH_TASKS")); err == nil && n > 0 {
 		tasks, rate = n, 4000/n
 	}
-	variants := []struct {
-		name  string
-		burst int
-	}{{"burst1", 1}, {"burstdefault", 0}}
+	type variant struct {
+		name     string
+		interval time.Duration
+		burst    int
+	}
+	variants := []variant{{"burst1", interval, 1}, {"burstdefault", interval, 0}}
+	if spec := os.Getenv("BENCH_PACING"); spec != "" {
+		variants = nil
+		for _, v := range strings.Split(spec, ",") {
+			iv, bs, _ := strings.Cut(v, "/")
+			d, err := time.ParseDuration(iv)
+			if err != nil {
+				b.Fatalf("BENCH_PACING %q: %v", v, err)
+			}
+			n, err := strconv.Atoi(bs)
+			if err != nil {
+				b.Fatalf("BENCH_PACING %q: %v", v, err)
+			}
+			variants = append(variants, variant{strings.ReplaceAll(v, "/", "_b"), d, n})
+		}
+	}
 	for range b.N {
-		res := make([][3][]float64, len(variants)) // p50, p99, cpu per round
+		res := make([][4][]float64, len(variants)) // p50, p99, cpu, writes/s per round
 		for r := range rounds {
 			for vi, v := range variants {
 				sq, err := sqlite.Open(context.Background(), b.TempDir())
 				if err != nil {
 					b.Fatal(err)
 				}
-				w := store.NewWriter(sq, store.WriterOptions{Interval: interval, Burst: v.burst})
-				cpu0 := cpuTime()
+				cs := &countingStore{Store: sq}
+				w := store.NewWriter(cs, store.WriterOptions{Interval: v.interval, Burst: v.burst})
+				cpu0, t0 := cpuTime(), time.Now()
 				lats := relayOnce(b, eventlog.NewDurable(eventlog.Limits{}, w), tasks, rate)
-				cpu := cpuTime() - cpu0
+				cpu, wall := cpuTime()-cpu0, time.Since(t0)
 				w.Close()
 				sq.Close()
 				res[vi][0] = append(res[vi][0], pct(lats, 50))
 				res[vi][1] = append(res[vi][1], pct(lats, 99))
 				res[vi][2] = append(res[vi][2], float64(cpu.Microseconds())/float64(len(lats)))
-				b.Logf("round %d %s: p50 %.3f p99 %.3f ms, %.1f µs CPU/event", r, v.name, pct(lats, 50), pct(lats, 99), res[vi][2][r])
+				res[vi][3] = append(res[vi][3], float64(cs.applies.Load())/wall.Seconds())
+				b.Logf("round %d %s: p50 %.3f p99 %.3f ms, %.1f µs CPU/event, %.0f writes/s", r, v.name, pct(lats, 50), pct(lats, 99), res[vi][2][r], res[vi][3][r])
 			}
 		}
 		for vi, v := range variants {
 			b.ReportMetric(median(res[vi][0]), v.name+"_p50_ms")
 			b.ReportMetric(median(res[vi][1]), v.name+"_p99_ms")
 			b.ReportMetric(median(res[vi][2]), v.name+"_cpu_us/event")
+			b.ReportMetric(median(res[vi][3]), v.name+"_writes/s")
 		}
 	}
+}
+
+// countingStore counts the writes (Apply calls) of a Store.
+type countingStore struct {
+	store.Store
+	applies atomic.Int64
+}
+
+func (s *countingStore) Apply(ctx context.Context, b store.Batch) error {
+	s.applies.Add(1)
+	return s.Store.Apply(ctx, b)
 }
 
 func median(v []float64) float64 {

@@ -459,7 +459,7 @@ func (w *Writer) run() {
 	}
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
-	commits := make(map[eventlog.Committer]uint64)
+	commits := newTells()
 	for {
 		<-w.wake
 		var sleepStart time.Time
@@ -533,7 +533,7 @@ func (w *Writer) run() {
 // under way for longer than StuckAfter, or its last attempt failed, the
 // Writer is unhealthy. Records that cannot be stored are set aside (see
 // applyIsolating) and their tasks reported once the rest is durable.
-func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[eventlog.Committer]uint64, slept time.Duration) error {
+func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits *tells, slept time.Duration) error {
 	if len(events) == 0 && len(tasks) == 0 {
 		return nil
 	}
@@ -576,13 +576,10 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 		w.traceWrite(events, taken, applied, slept)
 	}
 	for _, p := range events {
-		if s := p.ev.GetSeq(); s > commits[p.c] {
-			commits[p.c] = s
-		}
+		commits.add(p.c, p.ev.GetSeq())
 	}
-	for c, s := range commits {
-		c.Commit(s)
-		delete(commits, c)
+	for _, t := range commits.list {
+		t.c.Commit(t.seq)
 		if trace != nil {
 			d := time.Since(traceBase) - applied
 			trace.mu.Lock()
@@ -590,8 +587,46 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits map[ev
 			trace.mu.Unlock()
 		}
 	}
+	commits.reset()
 	w.notify(j)
 	return nil
+}
+
+// tells gathers the Commit calls of one write: the highest seq of each log,
+// in the order of the log's first event in the batch (the order the events
+// were persisted). Commit wakes the log's readers, so after a write of many
+// tasks' events the watchers run about in the order their events arrived
+// and the event that waited longest is sent first. (A map's order is
+// random: the oldest event of a 200-task write could be told last, behind
+// 199 watchers' sends.)
+type tells struct {
+	at   map[eventlog.Committer]int // index in list
+	list []tell
+}
+
+type tell struct {
+	c   eventlog.Committer
+	seq uint64
+}
+
+func newTells() *tells { return &tells{at: make(map[eventlog.Committer]int)} }
+
+// add notes that c's events up to seq are in the write.
+func (t *tells) add(c eventlog.Committer, seq uint64) {
+	if i, ok := t.at[c]; ok {
+		t.list[i].seq = max(t.list[i].seq, seq)
+		return
+	}
+	t.at[c] = len(t.list)
+	t.list = append(t.list, tell{c, seq})
+}
+
+// reset empties t for the next write (keeping list's array, cleared so
+// that it does not keep logs alive).
+func (t *tells) reset() {
+	clear(t.at)
+	clear(t.list)
+	t.list = t.list[:0]
 }
 
 // traceWrite records a write's legs (see trace.go).
