@@ -193,7 +193,7 @@ class StreamWriter(Generic[T]):
         await self.send(Outgoing(None))
 
     def discard(self, drop: Callable[[T], bool]) -> int:
-        """Remove the waiting messages (not the one being written) for which
+        """Remove the waiting messages (not those being written) for which
         ``drop`` is true; returns how many. Their producers saw them ``taken``
         (as for a message whose write failed)."""
         queue = self._queue
