@@ -55,6 +55,15 @@ _FENCED = frozenset({"content", "thought", "stage", "artifact", "error"})
 SlotStream = Stream[ipb.UpstreamPacket, ipb.DownstreamPacket]
 
 
+def _batch(packets: list[ipb.UpstreamPacket]) -> ipb.UpstreamPacket:
+    """Several waiting packets as one message (copies: the kept ones stay as they are)."""
+    return ipb.UpstreamPacket(batch=ipb.UpstreamBatch(packets=packets))
+
+
+def _size(packet: ipb.UpstreamPacket) -> int:
+    return packet.ByteSize()
+
+
 class SlotSettings:
     """What every slot of a commander shares (internal)."""
 
@@ -180,6 +189,10 @@ class Slot:
         if first.WhichOneof("signal") != "ack" or first.ack.kind != ipb.ACK_KIND_HELLO:
             raise StreamEnded(f"expected ack HELLO, got {first.WhichOneof('signal') or 'nothing'}")
         self.slot_id = first.ack.slot_id
+        if first.ack.max_upstream_batch > 1:
+            # This dispatcher takes UpstreamBatch: what waits for the writer goes
+            # out as one message (a resend after a re-attach too).
+            stream.writer.enable_batches(first.ack.max_upstream_batch, _batch, _size)
         if session is not None and upstream is not None:
             if first.session_id == session.session_id:
                 stream.tg.start_soon(self._resume, session, upstream, stream, first.ack)

@@ -18,6 +18,15 @@ writer, the slot's reader, other slots).
 A message may be folded into the one waiting at the tail of the queue
 (:attr:`Outgoing.into`, e.g. consecutive content chunks of one session): only
 while that one is still waiting, so a lone message is never held back.
+
+Batches (:meth:`StreamWriter.enable_batches`, a slot's stream to a dispatcher
+whose hello ack announced ``max_upstream_batch``): when the writer finds
+several messages waiting it writes them as one message (one ``call.write``,
+one HTTP/2 message, one wake-up of the dispatcher's receiver), in queue order,
+at most the announced number and about :data:`BATCH_BYTES`. It never waits to
+fill a batch: a lone message is written alone, at once. The order on the wire
+is the queue's, so nothing overtakes anything (a ``stopped`` behind content
+rides in the same message instead of waiting for that content's write).
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ _LOW_WATER = QUEUE_LIMIT // 2
 #: (scripts/bench_pyceiling.py: ~2x raw grpc.aio with a 16 Ki credit window;
 #: the credit window, not this, is what paces a flood).
 YIELD_EVERY = 4
+#: A batch stops before the message that would take it past this many bytes
+#: (a message larger than this is written alone, unwrapped): far below any
+#: dispatcher's message size limit, a few HTTP/2 frames.
+BATCH_BYTES = 32 * 1024
 
 
 class Outgoing(Generic[T]):
@@ -102,6 +115,24 @@ class StreamWriter(Generic[T]):
         self._closed = False
         self._half_closed = False
         self._since_yield = 0
+        # Batches (enable_batches): most messages per batch (<= 1: none), how
+        # to wrap several messages in one, and a message's size in bytes.
+        self._batch_limit = 0
+        self._make_batch: Callable[[list[T]], T] | None = None
+        self._size: Callable[[T], int] | None = None
+        #: Batches written, and the messages in them (for tests and benches).
+        self.batches = 0
+        self.batched = 0
+
+    def enable_batches(
+        self, limit: int, make_batch: Callable[[list[T]], T], size: Callable[[T], int]
+    ) -> None:
+        """From now on write up to ``limit`` waiting messages as one,
+        ``make_batch(messages)``; ``size(message)`` is its size in bytes (a batch
+        stays within about :data:`BATCH_BYTES`). ``limit`` <= 1: no batches."""
+        self._batch_limit = limit
+        self._make_batch = make_batch
+        self._size = size
 
     def send_nowait(self, out: Outgoing[T]) -> bool:
         """Queue (or fold) ``out`` if there is room; False (not taken) if the queue is full.
@@ -162,7 +193,7 @@ class StreamWriter(Generic[T]):
         await self.send(Outgoing(None))
 
     def discard(self, drop: Callable[[T], bool]) -> int:
-        """Remove the waiting messages (not the one being written) for which
+        """Remove the waiting messages (not those being written) for which
         ``drop`` is true; returns how many. Their producers saw them ``taken``
         (as for a message whose write failed)."""
         queue = self._queue
@@ -208,4 +239,37 @@ class StreamWriter(Generic[T]):
                 continue
             if self._accept is not None and not self._accept(out.message):
                 continue
-            await self._write(out.message)
+            message = out.message
+            if queue and self._batch_limit > 1 and queue[0].message is not None:
+                message = self._take_batch(message)
+                if len(queue) <= _LOW_WATER and not self._room.is_set():
+                    self._room.set()
+            await self._write(message)
+
+    def _take_batch(self, first: T) -> T:
+        """``first`` and the messages waiting behind it, as one batch if there
+        are any (up to the limit, within BATCH_BYTES, up to a half-close)."""
+        size, make_batch, accept = self._size, self._make_batch, self._accept
+        assert size is not None and make_batch is not None
+        total = size(first)
+        if total >= BATCH_BYTES:
+            return first
+        queue = self._queue
+        batch = [first]
+        while queue and len(batch) < self._batch_limit:
+            message = queue[0].message
+            if message is None:
+                break  # the half-close: after what came before it
+            n = size(message)
+            if total + n > BATCH_BYTES:
+                break
+            queue.popleft()
+            if accept is not None and not accept(message):
+                continue
+            batch.append(message)
+            total += n
+        if len(batch) == 1:
+            return first
+        self.batches += 1
+        self.batched += len(batch)
+        return make_batch(batch)

@@ -6,7 +6,8 @@ directory is ``sys.path[0]`` and they ``import _benchlib`` from there.
 
 Here: the dispatcher's address and tokens from the environment, call
 metadata, /proc CPU time, nearest-rank percentiles and loadgen's latency
-summary, waiting for commander slots, a raw grpc.aio commander slot, a
+summary, waiting for commander slots, a raw grpc.aio commander slot (one
+packet per message, or batched when waiting as the commander's writer does), a
 ``commander.Commander`` with given planners, child processes and py-spy,
 and the result line in loadgen's ``--json`` shape, appended to
 $BENCH_RESULTS.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -143,6 +145,89 @@ async def write_session(
     result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{n} {unit}")
     await call.write(ipb.UpstreamPacket(session_id=sid, result=result))
     return n
+
+
+async def hello_ack(call: Any) -> int:
+    """Reads the answer to open_slot's hello; returns its max_upstream_batch
+    (0: the dispatcher takes no UpstreamBatch)."""
+    down = await call.read()
+    if down is grpc.aio.EOF or down.WhichOneof("signal") != "ack":
+        raise RuntimeError(f"expected the hello's ack, got {down!r}")
+    return int(down.ack.max_upstream_batch)
+
+
+async def write_session_batched(
+    call: Any,
+    sid: str,
+    chunks: Iterable[ipb.ContentChunk],
+    batch: int,
+    *,
+    yield_every: int = 1,
+    rate: float = 0.0,
+    unit: str = "packets",
+) -> dict[str, int]:
+    """write_session the way the commander's writer sends: a planner task hands
+    each content packet over (yielding to the loop every ``yield_every``, at
+    ``rate`` packets/s if > 0, at most ``batch`` ahead of the writer), and the
+    writer sends what it finds waiting as one UpstreamBatch (at most ``batch``),
+    a lone packet alone, never waiting to fill one. Returns the content packets
+    (``packets``), the messages written and how many were batches."""
+    batch = max(batch, 1)
+    queue: collections.deque[ipb.UpstreamPacket] = collections.deque()
+    wake, room = asyncio.Event(), asyncio.Event()
+    room.set()
+    finished = False
+    count = 0
+
+    async def planner() -> None:
+        try:
+            await plan()
+        finally:
+            wake.set()  # the end, or the planner's error, wakes the writer
+
+    async def plan() -> None:
+        nonlocal finished, count
+        t0 = time.monotonic()
+        for i, chunk in enumerate(chunks):
+            if rate > 0 and (ahead := i / rate - (time.monotonic() - t0)) > 0:
+                await asyncio.sleep(ahead)
+            while len(queue) >= batch:
+                room.clear()
+                await room.wait()
+            now = time.time_ns() // 1000
+            queue.append(ipb.UpstreamPacket(session_id=sid, timestamp=now, content=chunk))
+            wake.set()
+            count += 1
+            if count % yield_every == 0:
+                await asyncio.sleep(0)  # a real planner awaits its model between tokens
+        result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{count} {unit}")
+        queue.append(ipb.UpstreamPacket(session_id=sid, result=result))
+        finished = True
+
+    task = asyncio.create_task(planner())
+    messages = batches = 0
+    try:
+        while True:
+            if not queue:
+                if finished:
+                    break
+                if task.done():
+                    task.result()  # the planner failed: raise its error
+                wake.clear()
+                await wake.wait()
+                continue
+            n = min(len(queue), batch)
+            packets = [queue.popleft() for _ in range(n)]
+            room.set()
+            messages += 1
+            if n == 1:
+                await call.write(packets[0])
+            else:
+                batches += 1
+                await call.write(ipb.UpstreamPacket(batch=ipb.UpstreamBatch(packets=packets)))
+    finally:
+        task.cancel()
+    return {"packets": count, "messages": messages, "batches": batches}
 
 
 # --- the real commander -------------------------------------------------------------

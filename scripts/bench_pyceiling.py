@@ -8,7 +8,18 @@ same dispatcher, measured the same way:
   as fast as the commander takes them;
 - ``raw``: a minimal grpc.aio bidi client per slot (hello, wait for start,
   write ``UpstreamPacket{content}`` in a loop, then the result) — the floor
-  any Python commander pays for grpc.aio itself.
+  any Python commander pays for grpc.aio itself, one packet per message;
+- ``raw-batched``: the same, sending the way the commander's writer does
+  since it batches: a planner task hands the packets over (yielding to the
+  loop every 4, as the commander's hand-over does), the writer sends what it
+  finds waiting as one ``UpstreamBatch`` (at most the hello ack's
+  ``max_upstream_batch``), a lone packet alone.
+
+The commander also folds consecutive waiting chunks into one packet (one
+event); neither raw writer does, so each of their chunks is an event of its
+own at the dispatcher. The ratio row is commander / raw-batched (both send
+what waits as one message); commander / raw (one packet per message, the
+figure of the rounds before) is printed beside it.
 
 The driver submits TASKS tasks of PACKETS content packets each (planner
 ``flood``; a task is many packets but far below the dispatcher's per-task log
@@ -43,6 +54,7 @@ from _benchlib import (
     arg_parser,
     check,
     cpu_seconds,
+    hello_ack,
     make_result,
     md,
     next_start,
@@ -56,6 +68,7 @@ from _benchlib import (
     wait_for_slots,
     write_result,
     write_session,
+    write_session_batched,
 )
 
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
@@ -67,6 +80,14 @@ PACKET_BYTES = 64
 PACKETS = int(os.environ.get("BENCH_PY_PACKETS", "5000" if QUICK else "10000"))
 TASKS = int(os.environ.get("BENCH_PY_TASKS", str(SLOTS * (2 if QUICK else 5))))
 TEXT = "x" * PACKET_BYTES
+
+
+#: How each writer is named in the result rows.
+WHO = {
+    "commander": "real commander",
+    "raw-batched": "raw grpc.aio, batched when waiting",
+    "raw": "raw grpc.aio, one packet per message",
+}
 
 
 def task_size(instruction: str) -> int:
@@ -96,21 +117,32 @@ def run_flood_commander() -> None:
 # --- writer: raw grpc.aio ------------------------------------------------------
 
 
-async def raw_slot(index: int) -> None:
+#: The commander's hand-over yields to the loop every this many packets
+#: (commander._writer.YIELD_EVERY); raw-batched's planner does the same.
+RAW_YIELD_EVERY = 4
+
+
+async def raw_slot(index: int, batched: bool) -> None:
     # Like the commander: one channel (one HTTP/2 connection) per stream.
     async with grpc.aio.insecure_channel(
         ADDR, options=[("grpc.use_local_subchannel_pool", 1)]
     ) as ch:
         call = await open_slot(ch, "bench-py-raw", ["planner:flood"], slot_index=index)
+        announced = await hello_ack(call)
         while (down := await next_start(call)) is not None:
             chunk = ipb.ContentChunk(text=TEXT)
-            n = task_size(down.start.instruction)
-            await write_session(call, down.session_id, itertools.repeat(chunk, n))
+            chunks = itertools.repeat(chunk, task_size(down.start.instruction))
+            if batched:
+                await write_session_batched(
+                    call, down.session_id, chunks, announced, yield_every=RAW_YIELD_EVERY
+                )
+            else:
+                await write_session(call, down.session_id, chunks)
 
 
-def run_raw() -> None:
+def run_raw(batched: bool) -> None:
     async def main() -> None:
-        await asyncio.gather(*(raw_slot(i) for i in range(SLOTS)))
+        await asyncio.gather(*(raw_slot(i, batched) for i in range(SLOTS)))
 
     asyncio.run(main())
 
@@ -188,20 +220,24 @@ def measure(role: str) -> dict[str, Any]:
 
 def main() -> int:
     ap = arg_parser(__doc__)
-    ap.add_argument("--role", choices=["driver", "commander", "raw"], default="driver")
-    ap.add_argument("--only", choices=["commander", "raw"], help="measure one writer")
+    ap.add_argument(
+        "--role", choices=["driver", "commander", "raw", "raw-batched"], default="driver"
+    )
+    ap.add_argument(
+        "--only", choices=["commander", "raw", "raw-batched"], help="measure one writer"
+    )
     args = ap.parse_args()
     if args.role == "commander":
         run_flood_commander()
         return 0
-    if args.role == "raw":
-        run_raw()
+    if args.role in ("raw", "raw-batched"):
+        run_raw(args.role == "raw-batched")
         return 0
-    roles = [args.only] if args.only else ["raw", "commander"]
+    roles = [args.only] if args.only else ["raw", "raw-batched", "commander"]
     res = {role: measure(role) for role in roles}
     values = []
     for role, r in res.items():
-        who = "real commander" if role == "commander" else "raw grpc.aio"
+        who = WHO[role]
         print(
             f"{who}: {r['pps']:.0f} packets/s ({r['packets']} packets in {r['span_s']:.2f} s, "
             f"writer CPU {r['writer_cpu_share']:.0%} of a core, "
@@ -227,10 +263,11 @@ def main() -> int:
         )
         for role, r in res.items()
     ]
-    if "raw" in res and "commander" in res and res["raw"]["pps"] > 0:
-        ratio = res["commander"]["pps"] / res["raw"]["pps"]
-        print(f"commander / raw grpc.aio = {ratio:.2f}", file=sys.stderr)
-        values.append(value("real commander / raw grpc.aio", round(ratio, 3), "ratio"))
+    for raw in ("raw-batched", "raw"):
+        if raw in res and "commander" in res and res[raw]["pps"] > 0:
+            ratio = res["commander"]["pps"] / res[raw]["pps"]
+            print(f"real commander / {WHO[raw]} = {ratio:.2f}", file=sys.stderr)
+            values.append(value(f"real commander / {WHO[raw]}", round(ratio, 3), "ratio"))
     params = {
         "slots": SLOTS,
         "tasks": TASKS,

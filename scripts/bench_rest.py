@@ -3,12 +3,22 @@
 The stream: EVENTS content events of token-sized text (8-56 bytes, fixed seed)
 and a terminal event. It is served to one client
 
-- ``grpc live``: a grpc.aio writer (a commander slot, in this process) sends the
-  events as ``UpstreamPacket{content}`` to the dispatcher, one client watches
-  the task with ``WatchTask`` (``max_batch`` $BENCH_REST_WATCH_BATCH, default
-  256: several events per response when it is behind; 0: one per response);
-  the dispatcher's CPU covers ingest, the event log, the store and the
-  fan-out — everything the server does per event;
+- ``grpc live, batched when waiting``: a grpc.aio writer (a commander slot, in
+  this process) sends the events as ``UpstreamPacket{content}`` to the
+  dispatcher the way the commander's writer does: a planner task hands the
+  events over (yielding to the loop every $BENCH_REST_UP_YIELD, default 4, as
+  the commander's hand-over does), the writer task sends what it finds waiting as one
+  ``UpstreamBatch`` message (at most what the hello ack announces,
+  ``max_upstream_batch``, and $BENCH_REST_UP_BATCH), a lone event alone,
+  never waiting to fill a batch. One client watches the task with
+  ``WatchTask`` (``max_batch`` $BENCH_REST_WATCH_BATCH, default 256: several
+  events per response when it is behind; 0: one per response); the
+  dispatcher's CPU covers ingest, the event log, the store and the fan-out —
+  everything the server does per event;
+- ``grpc live, one packet per message``: the same with the writer of the
+  rounds before, one ``UpstreamPacket`` per ``call.write`` in a loop (no
+  planner task): kept so that nothing is hidden (the issue's row measured
+  this, at ~9 k events/s);
 - ``grpc replay``: the same finished task watched again from seq 0 (REPEAT
   times): the cost
   of serving the events alone;
@@ -24,8 +34,10 @@ ticks) from the request to the last byte, / content events. Bytes per event:
 every byte the server sent to the client, counted by a TCP relay in this
 process between client and server (HTTP/2 frames incl. headers, or HTTP/1.1
 response incl. headers; not TCP/IP headers), / content events. Both are
-reported as REST / gRPC ratios from one run. Result lines in loadgen's
-``--json`` shape go to $BENCH_RESULTS.
+reported as REST / gRPC ratios from one run, with each side's events per
+second (a batching writer is no longer the limit, so its live phase runs
+faster than the other's). Result lines in loadgen's ``--json`` shape go to
+$BENCH_RESULTS.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from _benchlib import (
     wait_for_slots,
     write_result,
     write_session,
+    write_session_batched,
 )
 from pydantic import BaseModel
 
@@ -72,15 +85,23 @@ EVENTS = int(os.environ.get("BENCH_REST_EVENTS", "5000" if QUICK else "20000"))
 REPEAT = int(os.environ.get("BENCH_REST_REPEAT", "3"))
 #: WatchTaskRequest.max_batch of the gRPC watcher (0: one event per response).
 WATCH_BATCH = int(os.environ.get("BENCH_REST_WATCH_BATCH", "256"))
-#: Most content packets the gRPC writer sends in one UpstreamBatch message,
-#: capped by what the dispatcher's hello ack announces (max_upstream_batch);
-#: 0 or 1: one packet per message. The bench's planner is faster than the
-#: stream, so a writer that sends what is waiting sends full batches.
-UP_BATCH = int(os.environ.get("BENCH_REST_UP_BATCH", "0"))
-#: With UP_BATCH: the planner's rate in events/s (0: as fast as the stream
-#: takes them). The writer then sends, every millisecond or so, the events
-#: that became due meanwhile: a batch holds what was waiting.
+#: Most content packets the batching gRPC writer sends in one UpstreamBatch
+#: message, capped by what the dispatcher's hello ack announces
+#: (max_upstream_batch); 0 or 1: one packet per message. Its planner hands
+#: over at most this many events ahead of the writer (the commander's queue
+#: holds 4 packets of up to 4 Ki characters, more text than 256 events).
+UP_BATCH = int(os.environ.get("BENCH_REST_UP_BATCH", "256"))
+#: The batching writer's planner rate in events/s (0: as fast as it goes).
 UP_RATE = float(os.environ.get("BENCH_REST_UP_RATE", "0"))
+#: The batching writer's planner yields to the event loop every this many
+#: events (the commander's hand-over: commander._writer.YIELD_EVERY = 4; 1:
+#: between every two, as the REST server's planner does). The writer runs in
+#: those turns: the fewer, the more events wait for it.
+UP_YIELD = int(os.environ.get("BENCH_REST_UP_YIELD", "4"))
+#: The live rows: the writer sends what waits as one batch (the headline), and
+#: one packet per message (as in the rounds before).
+LIVE = "grpc live, batched when waiting"
+LIVE_ONE = "grpc live, one packet per message"
 WORDS = (
     "the model streams tokens to the client while a planner thinks about the next action".split()
 )
@@ -219,8 +240,12 @@ class Meter:
 # --- gRPC side ---------------------------------------------------------------------
 
 
-async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
-    """One commander slot offering planner:restbench; writes the events of one task."""
+async def grpc_writer(
+    texts: tuple[str, ...], ready: asyncio.Event, batch: int, stats: dict[str, float]
+) -> None:
+    """One commander slot offering planner:restbench; writes the events of one
+    task: batched when waiting (up to ``batch`` and the hello ack's
+    max_upstream_batch), or with ``batch`` <= 1 one packet per message."""
     async with grpc.aio.insecure_channel(ADDR) as ch:
         call = await open_slot(ch, "bench-rest", ["planner:restbench"])
         ready.set()
@@ -233,41 +258,26 @@ async def grpc_writer(texts: tuple[str, ...], ready: asyncio.Event) -> None:
                 break
             if down.ack.kind == ipb.ACK_KIND_HELLO:
                 announced = down.ack.max_upstream_batch
-        batch = min(UP_BATCH, announced)
+        stats["announced"] = announced
+        chunks = (ipb.ContentChunk(text=text) for text in texts)
         if batch > 1:
-            await write_batched(call, down.session_id, texts, batch)
+            # The commander's way: what waits goes as one batch, a lone one alone.
+            sent = await write_session_batched(
+                call,
+                down.session_id,
+                chunks,
+                min(batch, announced),
+                yield_every=UP_YIELD,
+                rate=UP_RATE,
+                unit="events",
+            )
+            stats["messages"], stats["batches"] = sent["messages"], sent["batches"]
         else:
-            chunks = (ipb.ContentChunk(text=text) for text in texts)
-            await write_session(call, down.session_id, chunks, unit="events")
+            n = await write_session(call, down.session_id, chunks, unit="events")
+            stats["messages"] = n + 1
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
-
-
-async def write_batched(call: Any, sid: str, texts: tuple[str, ...], batch: int) -> None:
-    """write_session with up to batch content packets per UpstreamBatch message
-    (those due by now when paced at UP_RATE; a lone one goes alone)."""
-    t0, i = time.monotonic(), 0
-    while i < len(texts):
-        n = batch
-        if UP_RATE > 0:
-            due = int((time.monotonic() - t0) * UP_RATE) + 1
-            if due <= i:
-                await asyncio.sleep(0.001)
-                continue
-            n = min(batch, due - i)
-        now = time.time_ns() // 1000
-        packets = [
-            ipb.UpstreamPacket(session_id=sid, timestamp=now, content=ipb.ContentChunk(text=text))
-            for text in texts[i : i + n]
-        ]
-        i += len(packets)
-        if len(packets) == 1:
-            await call.write(packets[0])
-        else:
-            await call.write(ipb.UpstreamPacket(batch=ipb.UpstreamBatch(packets=packets)))
-    result = ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result=f"{len(texts)} events")
-    await call.write(ipb.UpstreamPacket(session_id=sid, result=result))
 
 
 async def grpc_watch(port: int, task_id: str) -> int:
@@ -284,30 +294,43 @@ async def grpc_watch(port: int, task_id: str) -> int:
     return n
 
 
+async def grpc_live(
+    tasks: Any, relay: Relay, rport: int, texts: tuple[str, ...], dpid: int, batch: int
+) -> tuple[dict[str, float], str]:
+    """One live run: a fresh writer slot, a task, its watcher; (measure, task id)."""
+    ready = asyncio.Event()
+    stats: dict[str, float] = {}
+    writer = asyncio.create_task(grpc_writer(texts, ready, batch, stats))
+    await ready.wait()
+    async with grpc.aio.insecure_channel(ADDR) as ch:
+        await wait_for_slots(ch, 1, "the bench slot")
+    meter = Meter(dpid, relay)
+    resp = await tasks.SubmitTask(
+        tasks_pb2.SubmitTaskRequest(instruction="rest bench", planner="restbench"),
+        metadata=md(CLIENT_TOKEN),
+    )
+    n = await grpc_watch(rport, resp.task_id)
+    await writer
+    out = meter.read(n)
+    out.update(stats)
+    return out, resp.task_id
+
+
 async def grpc_side(texts: tuple[str, ...], dpid: int) -> dict[str, dict[str, float]]:
     host, port = ADDR.rsplit(":", 1)
     relay = Relay(host, int(port))
     rport = await relay.start()
     out: dict[str, dict[str, float]] = {}
-    ready = asyncio.Event()
-    writer = asyncio.create_task(grpc_writer(texts, ready))
-    await ready.wait()
     async with grpc.aio.insecure_channel(ADDR) as ch:
-        await wait_for_slots(ch, 1, "the bench slot")
         tasks = tasks_pb2_grpc.TaskServiceStub(ch)
-        meter = Meter(dpid, relay)
-        resp = await tasks.SubmitTask(
-            tasks_pb2.SubmitTaskRequest(instruction="rest bench", planner="restbench"),
-            metadata=md(CLIENT_TOKEN),
-        )
-        n = await grpc_watch(rport, resp.task_id)
-        await writer
-        out["grpc live"] = meter.read(n)
+        out[LIVE], task_id = await grpc_live(tasks, relay, rport, texts, dpid, UP_BATCH)
         await asyncio.sleep(0.5)  # let the store settle
+        out[LIVE_ONE], _ = await grpc_live(tasks, relay, rport, texts, dpid, 0)
+        await asyncio.sleep(0.5)
         meter = Meter(dpid, relay)
         n = 0
         for _ in range(REPEAT):
-            n += await grpc_watch(rport, resp.task_id)
+            n += await grpc_watch(rport, task_id)
         out["grpc replay"] = meter.read(n)
     await relay.close()
     return out
@@ -390,20 +413,37 @@ def main() -> int:
         ev = max(r["events"], 1)
         r["cpu_us_per_event"] = r["cpu_s"] / ev * 1e6
         r["bytes_per_event"] = r["bytes"] / ev
+        r["events_per_s"] = r["events"] / max(r["wall_s"], 1e-9)
+        upstream = ""
+        if "messages" in r:
+            r["packets_per_message"] = (EVENTS + 1) / max(r["messages"], 1)
+            upstream = (
+                f", upstream {r['packets_per_message']:.1f} packets per message "
+                f"({r.get('batches', 0):.0f} batches; announced {r['announced']:.0f})"
+            )
         print(
-            f"{name}: {r['events']} events in {r['wall_s']:.2f} s, "
+            f"{name}: {r['events']} events in {r['wall_s']:.2f} s = {r['events_per_s']:.0f}/s, "
             f"server CPU {r['cpu_s']:.2f} s = {r['cpu_us_per_event']:.1f} us/event, "
-            f"{r['bytes']} bytes = {r['bytes_per_event']:.1f} B/event",
+            f"{r['bytes']} bytes = {r['bytes_per_event']:.1f} B/event{upstream}",
             file=sys.stderr,
         )
         values += [
             value(f"{name}: server CPU per event", round(r["cpu_us_per_event"], 2), "us"),
             value(f"{name}: bytes per event", round(r["bytes_per_event"], 1), "B"),
+            value(f"{name}: events/s", round(r["events_per_s"]), "events/s"),
         ]
-        want = EVENTS if name == "grpc live" else EVENTS * REPEAT
+        if "messages" in r:
+            values.append(
+                value(
+                    f"{name}: upstream packets per message",
+                    round(r["packets_per_message"], 2),
+                    "packets",
+                )
+            )
+        want = EVENTS if name in (LIVE, LIVE_ONE) else EVENTS * REPEAT
         checks.append(check(f"{name}: all events", r["events"] == want, f"{r['events']}/{want}"))
     for rest in ("rest seed001", "rest full"):
-        for g in ("grpc live", "grpc replay"):
+        for g in (LIVE, LIVE_ONE, "grpc replay"):
             cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
             size = res[rest]["bytes_per_event"] / max(res[g]["bytes_per_event"], 1e-9)
             print(
@@ -422,6 +462,7 @@ def main() -> int:
         "watch_batch": WATCH_BATCH,
         "up_batch": UP_BATCH,
         "up_rate": UP_RATE,
+        "up_yield_every": UP_YIELD,
         "uvicorn": "h11, asyncio loop, 1 worker",
     }
     result = make_result(

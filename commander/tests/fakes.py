@@ -57,6 +57,8 @@ class FakeSlot:
         self._inbox: asyncio.Queue[ipb.UpstreamPacket] = asyncio.Queue()
         self._outbox: asyncio.Queue[ipb.DownstreamPacket | None] = asyncio.Queue()
         self.auto_close = auto_close
+        #: UpstreamBatch messages received (their packets are in ``received``).
+        self.batches: list[int] = []
         self.ended = asyncio.Event()
         #: Set when the commander half-closed the stream (a clean end, not a cancel).
         self.half_closed = asyncio.Event()
@@ -184,7 +186,12 @@ class FakeDispatcher(
     """Servicer side of the fake: hands every new slot/provider stream to the test."""
 
     def __init__(
-        self, *, auto_close: bool = True, ack_hello: bool = True, end_on_half_close: bool = True
+        self,
+        *,
+        auto_close: bool = True,
+        ack_hello: bool = True,
+        end_on_half_close: bool = True,
+        max_upstream_batch: int = 0,
     ) -> None:
         self.slots: asyncio.Queue[FakeSlot] = asyncio.Queue()
         self.providers: asyncio.Queue[FakeProvider] = asyncio.Queue()
@@ -193,6 +200,9 @@ class FakeDispatcher(
         #: Whether a slot's stream is ended when the commander half-closes it (as
         #: the dispatcher does); False models a dispatcher that never answers.
         self.end_on_half_close = end_on_half_close
+        #: Announced in the hello ack (0: like a dispatcher without batches);
+        #: a batch's packets are handled (``received``, the inbox) one by one.
+        self.max_upstream_batch = max_upstream_batch
         self.streams_opened = 0
 
     async def next_slot(self, within: float = WAIT) -> FakeSlot:
@@ -214,7 +224,13 @@ class FakeDispatcher(
         slot.received.append(first)
         if self.ack_hello:
             await context.write(
-                ipb.DownstreamPacket(ack=ipb.Ack(kind=ipb.ACK_KIND_HELLO, slot_id="slot-x"))
+                ipb.DownstreamPacket(
+                    ack=ipb.Ack(
+                        kind=ipb.ACK_KIND_HELLO,
+                        slot_id="slot-x",
+                        max_upstream_batch=self.max_upstream_batch,
+                    )
+                )
             )
         await self.slots.put(slot)
 
@@ -226,15 +242,22 @@ class FakeDispatcher(
                     if self.end_on_half_close:
                         slot.end()
                     return
-                slot.received.append(packet)
-                await slot._inbox.put(packet)
-                if slot.auto_close and packet.WhichOneof("payload") in TERMINAL:
-                    await slot.send(
-                        ipb.DownstreamPacket(
-                            session_id=packet.session_id,
-                            ack=ipb.Ack(kind=ipb.ACK_KIND_SESSION_CLOSED),
+                if packet.WhichOneof("payload") == "batch":
+                    assert 0 < len(packet.batch.packets) <= self.max_upstream_batch
+                    slot.batches.append(len(packet.batch.packets))
+                    packets = list(packet.batch.packets)
+                else:
+                    packets = [packet]
+                for packet in packets:
+                    slot.received.append(packet)
+                    await slot._inbox.put(packet)
+                    if slot.auto_close and packet.WhichOneof("payload") in TERMINAL:
+                        await slot.send(
+                            ipb.DownstreamPacket(
+                                session_id=packet.session_id,
+                                ack=ipb.Ack(kind=ipb.ACK_KIND_SESSION_CLOSED),
+                            )
                         )
-                    )
 
         try:
             await _pump(context, slot._outbox, pump_in)

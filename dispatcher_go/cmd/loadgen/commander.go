@@ -56,6 +56,12 @@ type sessionPlan struct {
 	// whose planner the stop cancels. 0: no window, no numbering, one
 	// goroutine (as before).
 	credit int
+	// upBatch (--up-batch) > 1: a writer goroutine sends the session's
+	// packets, and those it finds waiting (handed over while it was
+	// sending) go as one UpstreamBatch of at most upBatch and what the
+	// dispatcher's hello ack announces; a lone packet alone, never held
+	// back. The packets are numbered as with credit. 0 or 1: as before.
+	upBatch int
 	// tools, when set, makes each step a brokered tool call instead of a
 	// content packet: the planner sends tool_call and waits for its
 	// tool_result, cycling through these tool names.
@@ -260,10 +266,12 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 	recvErr := make(chan error, 1)
 	go f.receive(ctx, stream, down, recvErr)
 	var w *slotWriter
-	if f.plan.credit > 0 {
-		w = startWriter(ctx, stream)
-		defer func() { cancel(); <-w.done }()
-	}
+	defer func() {
+		if w != nil {
+			cancel()
+			<-w.done
+		}
+	}()
 
 	defer func() {
 		if !f.closing.Load() && ctx.Err() == nil {
@@ -285,7 +293,13 @@ func (f *fleet) runSlot(ctx context.Context, conn *grpc.ClientConn, idx int, rea
 				signal(fmt.Errorf("slot %d: stream ended before the hello ack: %w", idx, err))
 				return
 			}
-			if pkt.GetAck().GetKind() == dispatchv1.AckKind_ACK_KIND_HELLO {
+			if ack := pkt.GetAck(); ack.GetKind() == dispatchv1.AckKind_ACK_KIND_HELLO {
+				// The writer starts once the ack says how many packets a batch may hold.
+				if batch := min(f.plan.upBatch, int(ack.GetMaxUpstreamBatch())); batch > 1 {
+					w = startWriter(ctx, stream, batch)
+				} else if f.plan.credit > 0 {
+					w = startWriter(ctx, stream, 1)
+				}
 				signal(nil)
 			}
 		case <-ctx.Done():
@@ -371,21 +385,40 @@ var errStreamEnded = errors.New("stream ended")
 var errStopFirst = errors.New("stop received first")
 
 // slotWriter is the one sender of a slot's stream when the plan has a
-// credit window: the session hands packets over (one may wait in in) and can
-// take a stop while the writer waits on flow control.
+// credit window or upstream batches: the session hands packets over (up to
+// batch may wait in in) and can take a stop while the writer waits on flow
+// control.
 type slotWriter struct {
 	in   chan *dispatchv1.UpstreamPacket
 	done chan struct{} // closed when the writer left (Send failed, or ctx ended)
 	err  error         // why, set before done is closed
 }
 
-func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) *slotWriter {
-	w := &slotWriter{in: make(chan *dispatchv1.UpstreamPacket, 1), done: make(chan struct{})}
+// startWriter starts a slot's writer; batch > 1: the packets waiting in in
+// behind the one it takes go with it as one UpstreamBatch (at most batch).
+func startWriter(ctx context.Context, stream grpc.BidiStreamingClient[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket], batch int) *slotWriter {
+	w := &slotWriter{in: make(chan *dispatchv1.UpstreamPacket, max(batch, 1)), done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
+		var pkts []*dispatchv1.UpstreamPacket
 		for {
 			select {
 			case p := <-w.in:
+				pkts = append(pkts[:0], p)
+			waiting:
+				for len(pkts) < batch {
+					select {
+					case q := <-w.in:
+						pkts = append(pkts, q)
+					default:
+						break waiting
+					}
+				}
+				if len(pkts) > 1 {
+					p = &dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Batch{
+						Batch: &dispatchv1.UpstreamBatch{Packets: pkts}}}
+					pkts = nil // the message keeps its slice until Send returns; a new one next time
+				}
 				if err := stream.Send(p); err != nil {
 					w.err = err
 					return

@@ -30,6 +30,11 @@ type toyDispatcher struct {
 	// with leakPhrase the toy records that chunk anyway, as a buggy one would.
 	phrase     string
 	leakPhrase bool
+	// maxUpBatch is announced in the hello ack (Ack.max_upstream_batch);
+	// upBatches counts the UpstreamBatch messages received (a longer one
+	// than announced ends the stream).
+	maxUpBatch uint32
+	upBatches  atomic.Int64
 	idle       chan *toySlot
 	slots      atomic.Int32
 	mu         sync.Mutex
@@ -66,6 +71,22 @@ func newToy() *toyDispatcher {
 func (t *toyTask) append(ev *dispatchv1.TaskEvent) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.appendLocked(ev)
+}
+
+// appendContent appends a content event unless the task was stopped (and
+// leak is off), checked under the lock the stop is recorded under: content
+// the stop fenced never lands after the stop event.
+func (t *toyTask) appendContent(ev *dispatchv1.TaskEvent, leak bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.stopped && !leak {
+		return
+	}
+	t.appendLocked(ev)
+}
+
+func (t *toyTask) appendLocked(ev *dispatchv1.TaskEvent) {
 	ev.TaskId, ev.Time = t.id, timestamppb.Now()
 	if st := ev.GetState(); st != nil {
 		t.status = st.GetStatus()
@@ -135,12 +156,29 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 			}
 		}
 	}()
-	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO}}}
+	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, MaxUpstreamBatch: d.maxUpBatch}}}
 	d.slots.Add(1)
 	defer d.slots.Add(-1)
 	d.idle <- s
+	var batch []*dispatchv1.UpstreamPacket // the rest of an UpstreamBatch, handled one by one
+	recv := func() (*dispatchv1.UpstreamPacket, error) {
+		for len(batch) == 0 {
+			p, err := stream.Recv()
+			if err != nil || p.GetBatch() == nil {
+				return p, err
+			}
+			if n := len(p.GetBatch().GetPackets()); n > int(d.maxUpBatch) {
+				return nil, fmt.Errorf("a batch of %d packets, %d announced", n, d.maxUpBatch)
+			}
+			d.upBatches.Add(1)
+			batch = p.GetBatch().GetPackets()
+		}
+		p := batch[0]
+		batch = batch[1:]
+		return p, nil
+	}
 	for {
-		p, err := stream.Recv()
+		p, err := recv()
 		if err != nil {
 			return err
 		}
@@ -168,11 +206,15 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 			if stopped && !d.leakAfterStop {
 				continue
 			}
-			if d.phrase != "" && !stopped && d.policyCheck(t, sid, p.GetContent().GetText()) && !d.leakPhrase {
-				continue
+			leak := d.leakAfterStop
+			if d.phrase != "" && !stopped && d.policyCheck(t, sid, p.GetContent().GetText()) {
+				if !d.leakPhrase {
+					continue
+				}
+				leak = true // recorded although its own policy stop came first
 			}
 			ev.Kind = &dispatchv1.TaskEvent_Content{Content: p.GetContent()}
-			t.append(ev)
+			t.appendContent(ev, leak)
 		case p.GetUsage() != nil:
 			ev.Kind = &dispatchv1.TaskEvent_Usage{Usage: p.GetUsage()}
 			t.append(ev)
@@ -228,8 +270,8 @@ func (d *toyDispatcher) CancelTask(_ context.Context, req *dispatchv1.CancelTask
 	}
 	t.stopped = true
 	slot := t.slot
+	t.appendLocked(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason(), Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}})
 	t.mu.Unlock()
-	t.append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason(), Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}})
 	slot.out <- &dispatchv1.DownstreamPacket{SessionId: t.id + "-s", Signal: &dispatchv1.DownstreamPacket_Stop{Stop: &dispatchv1.StopSignal{Reason: req.GetReason()}}}
 	return &dispatchv1.CancelTaskResponse{Cancelled: true, Status: agentpb.TaskStatus_RUNNING}, nil
 }

@@ -79,6 +79,7 @@ type options struct {
 	stopMax        time.Duration
 	leakAfterStop  int
 	credit         int
+	upBatch        int
 	taskPackets    int64
 	keepalive      time.Duration
 	timeout        time.Duration
@@ -189,6 +190,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.policyRule, "policy-rule", "bench-phrase", "policy: the id of the rule that forbids --phrase")
 	fs.Float64Var(&o.poison, "poison", 0.5, "policy: share of the tasks that emit the phrase (0..1)")
 	fs.IntVar(&o.credit, "credit", 0, "stop: the commanders' credit window: number the packets and keep at most this many content packets unacknowledged, so that a stopped queues behind at most that many (stop-flood: 64); 0 = none: a flood fills the stream's flow-control window, as before")
+	fs.IntVar(&o.upBatch, "up-batch", 0, "stop/relay/throughput/tools: the commanders send the packets they find waiting (handed over while a Send was under way) as one UpstreamBatch of at most this many (and what the dispatcher's hello ack announces), a lone packet alone; 0 = one packet per message, as before")
 	fs.IntVar(&o.leakAfterStop, "leak-after-stop", 3, "stop: content packets each planner still sends after the stop (the dispatcher must drop them)")
 	fs.Int64Var(&o.taskPackets, "task-packets", -1, "relay/throughput/tools: a session ends after this many packets (tools: calls) and its lane submits the next task; 0 = no limit (default: relay 0, throughput and tools 20000)")
 	fs.DurationVar(&o.keepalive, "keepalive", 10*time.Second, "commander connections' KeepAlive ping interval (0 = off)")
@@ -231,6 +233,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("need 0 <= --stop-min <= --stop-max")
 	case o.credit < 0:
 		return nil, errors.New("--credit must be >= 0")
+	case o.upBatch < 0:
+		return nil, errors.New("--up-batch must be >= 0")
 	case o.leakAfterStop < 0 || o.leakAfterStop > 1000:
 		return nil, errors.New("--leak-after-stop must be in 0..1000")
 	case o.poison < 0 || o.poison > 1:

@@ -197,6 +197,47 @@ func TestThroughputScenarioAgainstToy(t *testing.T) {
 	}
 }
 
+// TestUpBatchAgainstToy: with --up-batch a flooding session's waiting
+// packets reach a dispatcher that announces batches as UpstreamBatch
+// messages of at most what it announced (the toy ends the stream on a
+// longer one), and every event is still logged; a dispatcher that announces
+// none gets no batch.
+func TestUpBatchAgainstToy(t *testing.T) {
+	for _, announced := range []uint32{8, 0} {
+		toy := newToy()
+		toy.maxUpBatch = announced
+		code, res, log := runAgainstToy(t, toy, "--scenario", "throughput", "--sessions", "2", "--duration", "500ms",
+			"--warmup", "100ms", "--packet-bytes", "64", "--up-batch", "64")
+		if code != 0 || !res.OK {
+			t.Fatalf("announced %d: exit %d\n%s", announced, code, log)
+		}
+		if v := val(res, "events logged by the dispatcher"); v < 100 {
+			t.Fatalf("announced %d: accepted %v/s\n%s", announced, v, log)
+		}
+		if got := toy.upBatches.Load(); (got > 0) != (announced > 0) {
+			t.Fatalf("announced %d: %d batches received", announced, got)
+		}
+	}
+}
+
+// TestStopScenarioWithUpBatchAgainstToy: the stop scenario's checks hold
+// with batches (the stopped and the deliberate leaks may ride in one).
+func TestStopScenarioWithUpBatchAgainstToy(t *testing.T) {
+	toy := newToy()
+	toy.maxUpBatch = 16
+	code, res, log := runAgainstToy(t, toy, "--scenario", "stop", "--sessions", "4", "--duration", "600ms",
+		"--stop-min", "20ms", "--stop-max", "80ms", "--rate", "0", "--up-batch", "16")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	if n := val(res, "tasks cancelled"); n < 4 {
+		t.Fatalf("too few stops: %v\n%s", n, log)
+	}
+	if toy.upBatches.Load() == 0 {
+		t.Fatalf("no batch in a flood\n%s", log)
+	}
+}
+
 func TestIdleScenarioAgainstToy(t *testing.T) {
 	if testing.Short() {
 		t.Skip("holds slots for 2s")

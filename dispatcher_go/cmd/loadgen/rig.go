@@ -100,6 +100,9 @@ func (o *options) taskParams() map[string]any {
 	params := o.baseParams()
 	params["rate"] = o.rate
 	params["packet_bytes"] = o.packetBytes
+	if o.upBatch > 0 {
+		params["up_batch"] = o.upBatch
+	}
 	return params
 }
 

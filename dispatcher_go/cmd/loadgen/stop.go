@@ -42,7 +42,7 @@ func runStop(ctx context.Context, o *options, e *env) (*result, error) {
 	res := newResult("stop", params)
 
 	rg, err := openRig(ctx, o, e, "stop", sessionPlan{rate: o.rate, packetBytes: o.packetBytes,
-		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, credit: o.credit}, o.connsFor(o.sessions))
+		maxSession: o.stopMax + 30*time.Second, leakAfterStop: o.leakAfterStop, credit: o.credit, upBatch: o.upBatch}, o.connsFor(o.sessions))
 	defer rg.close()
 	if err != nil {
 		return nil, err

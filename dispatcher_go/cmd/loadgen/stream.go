@@ -37,7 +37,7 @@ type streamRun struct {
 // margin, so the window measures steady streaming).
 func startStreamRun(ctx context.Context, o *options, e *env, scenario string, maxPackets int64, tools []string) (*streamRun, func(), error) {
 	rg, err := openRig(ctx, o, e, scenario, sessionPlan{rate: o.rate, packetBytes: o.packetBytes, maxPackets: maxPackets,
-		maxSession: o.duration + time.Minute, tools: tools, arrivals: o.arrivals, seed: o.seed}, max(1, o.connsFor(o.sessions*max(o.watchers, 1))))
+		maxSession: o.duration + time.Minute, tools: tools, arrivals: o.arrivals, seed: o.seed, upBatch: o.upBatch}, max(1, o.connsFor(o.sessions*max(o.watchers, 1))))
 	if err != nil {
 		return nil, rg.close, err
 	}
