@@ -152,6 +152,7 @@ type pendingEvent struct {
 	taskID string
 	ev     *dispatchv1.TaskEvent
 	at     time.Duration // since traceBase, when queued (trace only)
+	n      uint64        // its number in the queue (flights only)
 }
 
 // Writer batches event and task writes into one Store.Apply per flush: a
@@ -342,7 +343,7 @@ func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.Tas
 		w.mu.Unlock()
 		return // shutting down: the event stays in memory only
 	}
-	p := pendingEvent{c: c, taskID: taskID, ev: ev}
+	p := pendingEvent{c: c, taskID: taskID, ev: ev, n: w.numberLocked()}
 	if trace != nil {
 		p.at = time.Since(traceBase)
 	}
@@ -384,6 +385,7 @@ func (w *Writer) SaveTask(rec TaskRecord) {
 		return
 	}
 	w.tasks = append(w.tasks, rec)
+	w.queuedTaskLocked()
 	w.notifyLocked()
 }
 

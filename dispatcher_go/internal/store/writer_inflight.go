@@ -45,15 +45,82 @@ func inFlight(st Store, asked int) int {
 // commit in any order (they did not depend on each other before either:
 // one write held them all, committed at once).
 //
-// Flush and Close do not run beside flights: they wait for the writes
-// under way to end, then write everything pending in one write, as with
-// InFlight 1. Health counts from the oldest write under way.
+// Flush does not stop the flights (the bench's task churn flushes tens of
+// times a second: draining every write under way for each made the
+// writes one at a time again): each record is numbered as queued, and a
+// flush waiter is answered once every record numbered up to the last one
+// queued when the Writer took the flush (a little more than Flush needs)
+// is written: none pending, none in a write under way (lowWaterLocked).
+// Close waits for the writes under way to end, then writes everything
+// pending in one write, as with InFlight 1. Health counts from the oldest
+// write under way.
 type flights struct {
 	flying  int                 // writes under way on their own goroutines
 	busy    map[string]int      // task id → records of it in writes under way
 	landed  chan struct{}       // closed when flying drops to 0; nil unless someone waits
 	underOn map[int64]time.Time // began (key: a write's number) of each write under way, for Health
 	nextID  int64
+
+	queued  uint64           // records numbered so far (InFlight > 1)
+	taskN   []uint64         // the numbers of Writer.tasks, in order (InFlight > 1)
+	lowest  map[int64]uint64 // flight → the lowest record number it writes
+	flushes []flushWaiter    // Flush waiters taken by the flights
+	nextF   int64
+}
+
+type flushWaiter struct {
+	ch   chan error
+	upto uint64
+}
+
+// numberLocked numbers a record being queued (0 with InFlight 1).
+func (w *Writer) numberLocked() uint64 {
+	if w.opts.InFlight <= 1 {
+		return 0
+	}
+	w.queued++
+	return w.queued
+}
+
+// queuedTaskLocked numbers the task record just queued (Writer.tasks).
+func (w *Writer) queuedTaskLocked() {
+	if w.opts.InFlight > 1 {
+		w.taskN = append(w.taskN, w.numberLocked())
+	}
+}
+
+// lowWaterLocked is the lowest record number not written yet (queued+1
+// when all are).
+func (w *Writer) lowWaterLocked() uint64 {
+	low := w.queued + 1
+	if len(w.events) > 0 {
+		low = min(low, w.events[0].n)
+	}
+	if len(w.taskN) > 0 {
+		low = min(low, w.taskN[0])
+	}
+	for _, n := range w.lowest {
+		low = min(low, n)
+	}
+	return low
+}
+
+// answerFlushesLocked answers the flush waiters whose records are written.
+func (w *Writer) answerFlushesLocked() {
+	if len(w.flushes) == 0 {
+		return
+	}
+	low := w.lowWaterLocked()
+	kept := w.flushes[:0]
+	for _, f := range w.flushes {
+		if f.upto < low {
+			f.ch <- nil
+		} else {
+			kept = append(kept, f)
+		}
+	}
+	clear(w.flushes[len(kept):])
+	w.flushes = kept
 }
 
 // slotFreeLocked: a write under way and room for another (a new record
@@ -64,7 +131,7 @@ func (w *Writer) slotFreeLocked() bool {
 
 // concurrentLocked: the next write may run beside others.
 func (w *Writer) concurrentLocked() bool {
-	return w.opts.InFlight > 1 && len(w.waiters) == 0 && !w.closed
+	return w.opts.InFlight > 1 && !w.closed
 }
 
 // flyBlockedLocked: no write can start now: every slot is taken, or every
@@ -98,13 +165,19 @@ func (w *Writer) launchLocked(slept time.Duration) bool {
 	if !w.concurrentLocked() {
 		return false
 	}
+	for _, ch := range w.waiters {
+		w.flushes = append(w.flushes, flushWaiter{ch: ch, upto: w.queued})
+	}
+	clear(w.waiters)
+	w.waiters = w.waiters[:0]
 	var events []pendingEvent
 	var tasks []TaskRecord
+	var taskN []uint64
 	if w.flying == 0 {
 		// Nothing held: all of it (the slices are not reused, as a
 		// write of its own goroutine ends when it ends).
-		events, tasks = w.events, w.tasks
-		w.events, w.tasks = nil, nil
+		events, tasks, taskN = w.events, w.tasks, w.taskN
+		w.events, w.tasks, w.taskN = nil, nil, nil
 	} else {
 		kept := w.events[:0]
 		for _, p := range w.events {
@@ -116,20 +189,34 @@ func (w *Writer) launchLocked(slept time.Duration) bool {
 		}
 		clear(w.events[len(kept):])
 		w.events = kept
-		keptT := w.tasks[:0]
-		for _, t := range w.tasks {
+		keptT, keptN := w.tasks[:0], w.taskN[:0]
+		for i, t := range w.tasks {
 			if w.busy[t.ID] > 0 {
-				keptT = append(keptT, t)
+				keptT, keptN = append(keptT, t), append(keptN, w.taskN[i])
 			} else {
-				tasks = append(tasks, t)
+				tasks, taskN = append(tasks, t), append(taskN, w.taskN[i])
 			}
 		}
 		clear(w.tasks[len(keptT):])
-		w.tasks = keptT
+		w.tasks, w.taskN = keptT, keptN
 	}
 	if len(events) == 0 && len(tasks) == 0 {
+		w.answerFlushesLocked()
 		return true // nothing free: a write ending wakes the Writer
 	}
+	low := w.queued + 1
+	if len(events) > 0 {
+		low = events[0].n
+	}
+	if len(taskN) > 0 {
+		low = min(low, taskN[0])
+	}
+	w.nextF++
+	id := w.nextF
+	if w.lowest == nil {
+		w.lowest = map[int64]uint64{}
+	}
+	w.lowest[id] = low
 	if w.busy == nil {
 		w.busy = map[string]int{}
 	}
@@ -141,12 +228,12 @@ func (w *Writer) launchLocked(slept time.Duration) bool {
 	}
 	w.flying++
 	w.roomLocked()
-	go w.fly(events, tasks, slept)
+	go w.fly(id, events, tasks, slept)
 	return true
 }
 
 // fly is one write beside others (launchLocked).
-func (w *Writer) fly(events []pendingEvent, tasks []TaskRecord, slept time.Duration) {
+func (w *Writer) fly(id int64, events []pendingEvent, tasks []TaskRecord, slept time.Duration) {
 	if trace != nil {
 		runtime.LockOSThread() // threadStat measures this goroutine
 		defer runtime.UnlockOSThread()
@@ -162,6 +249,8 @@ func (w *Writer) fly(events []pendingEvent, tasks []TaskRecord, slept time.Durat
 		w.unbusyLocked(t.ID)
 	}
 	w.flying--
+	delete(w.lowest, id)
+	w.answerFlushesLocked()
 	if w.flying == 0 && w.landed != nil {
 		close(w.landed)
 		w.landed = nil
@@ -182,8 +271,15 @@ func (w *Writer) unbusyLocked(id string) {
 }
 
 // landLocked waits (releasing mu meanwhile) until no write is under way
-// beside the Writer's own.
+// beside the Writer's own (Close); the flush waiters the flights took are
+// then answered with the Writer's last write.
 func (w *Writer) landLocked() {
+	defer func() {
+		for _, f := range w.flushes {
+			w.waiters = append(w.waiters, f.ch)
+		}
+		w.flushes, w.taskN = nil, nil
+	}()
 	for w.flying > 0 {
 		if w.landed == nil {
 			w.landed = make(chan struct{})
