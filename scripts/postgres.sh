@@ -27,6 +27,9 @@
 # longer, it loses nothing), commit_delay=0 (the default: no wait for
 # group commit).
 #
+# PG_EXTRA_OPTS adds server settings ("-c name=value ..."), to compare
+# settings in a benchmark (later ones win).
+#
 # Idempotent: start while running prints the same DSN; stop when stopped is a
 # no-op. The server runs as an unprivileged user (postgres refuses root):
 # when run as root, as the "postgres" system user via runuser. State lives in
@@ -89,6 +92,7 @@ pg_start() {
 	else
 		opts="-c fsync=off -c synchronous_commit=${PG_SYNCHRONOUS_COMMIT:-off} -c full_page_writes=off"
 	fi
+	opts="$opts ${PG_EXTRA_OPTS:-}"
 	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
 		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR $opts -c max_connections=200" \
 		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }

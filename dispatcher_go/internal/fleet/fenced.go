@@ -81,6 +81,29 @@ func (s *fencedStore) ownedTasks() map[string]int64 {
 	return out
 }
 
+// lastSeqSlot, put in a context under lastSeqKey, asks GetTask for the
+// task's last stored seq too, read in the same statement (Fleet.Lookup).
+type lastSeqSlot struct {
+	seq uint64
+	ok  bool
+}
+
+type lastSeqKey struct{}
+
+// GetTask implements store.Store; with a lastSeqSlot in ctx it fills it in
+// the same round trip.
+func (s *fencedStore) GetTask(ctx context.Context, id string) (store.TaskRecord, error) {
+	slot, _ := ctx.Value(lastSeqKey{}).(*lastSeqSlot)
+	if slot == nil {
+		return s.Store.GetTask(ctx, id)
+	}
+	rec, last, err := s.Store.GetTaskAndLastSeq(ctx, id)
+	if err == nil {
+		slot.seq, slot.ok = last, true
+	}
+	return rec, err
+}
+
 // Apply implements store.Store with the fence (see fencedStore), in one
 // round trip to PostgreSQL: the statements go out as one pipelined batch,
 // which PostgreSQL runs as one implicit transaction (all or nothing, locks

@@ -117,6 +117,10 @@ type WriterOptions struct {
 	OnRejected func(taskID, reason string)
 	// Logger receives write errors; nil discards.
 	Logger *slog.Logger
+	// InFlight is how many writes may be under way at once (see
+	// writer_inflight.go). 0: what the store asks for (ConcurrentStore),
+	// else 1: one write at a time.
+	InFlight int
 }
 
 func (o *WriterOptions) applyDefaults() {
@@ -148,11 +152,13 @@ type pendingEvent struct {
 	taskID string
 	ev     *dispatchv1.TaskEvent
 	at     time.Duration // since traceBase, when queued (trace only)
+	n      uint64        // its number in the queue (flights only)
 }
 
 // Writer batches event and task writes into one Store.Apply per flush: a
 // flush takes everything pending and starts as soon as the previous one
-// ended (group commit: one write in flight, the next batch gathers
+// ended (group commit: one write in flight — or InFlight, see
+// writer_inflight.go — the next batch gathers
 // meanwhile), paced by Interval: at most Burst writes back to back, then
 // one per Interval (at once when MaxBatch items are pending or somebody
 // calls Flush). It implements
@@ -184,6 +190,7 @@ type Writer struct {
 	waiters []chan error
 	pace    pacer // when the next write may start (under mu)
 	closed  bool
+	flights // more than one write under way (writer_inflight.go)
 
 	// Health, under mu. writeBegan is when the write under way began (zero
 	// between writes); stuck is set by stuckTimer once it is older than
@@ -202,6 +209,7 @@ type Writer struct {
 // NewWriter starts a Writer on st. Close stops it.
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
+	opts.InFlight = inFlight(st, opts.InFlight)
 	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
@@ -290,7 +298,7 @@ func (w *Writer) pendingLocked() int { return len(w.events) + len(w.tasks) }
 
 func (w *Writer) notifyLocked() {
 	n := w.pendingLocked()
-	if n == 1 || n >= w.opts.MaxBatch {
+	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
 		case w.wake <- struct{}{}:
 		default:
@@ -335,7 +343,7 @@ func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.Tas
 		w.mu.Unlock()
 		return // shutting down: the event stays in memory only
 	}
-	p := pendingEvent{c: c, taskID: taskID, ev: ev}
+	p := pendingEvent{c: c, taskID: taskID, ev: ev, n: w.numberLocked()}
 	if trace != nil {
 		p.at = time.Since(traceBase)
 	}
@@ -377,6 +385,7 @@ func (w *Writer) SaveTask(rec TaskRecord) {
 		return
 	}
 	w.tasks = append(w.tasks, rec)
+	w.queuedTaskLocked()
 	w.notifyLocked()
 }
 
@@ -467,6 +476,10 @@ func (w *Writer) run() {
 			sleepStart = time.Now()
 		}
 		w.mu.Lock()
+		if w.flyBlockedLocked() {
+			w.mu.Unlock()
+			continue // the write under way that holds it up wakes us
+		}
 		// Wait out the interval unless the batch is full, a flush was
 		// asked for, or we are closing.
 		for w.opts.Interval > 0 && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
@@ -486,15 +499,20 @@ func (w *Writer) run() {
 		if w.opts.Interval > 0 {
 			w.pace.start(time.Now())
 		}
+		var slept time.Duration
+		if trace != nil {
+			slept = time.Since(sleepStart)
+		}
+		if w.launchLocked(slept) {
+			w.mu.Unlock()
+			continue
+		}
+		w.landLocked() // a flush or Close: the writes under way end first
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
 		w.events, w.spare, w.tasks, w.waiters = w.spare, nil, nil, nil
 		w.roomLocked()
 		w.mu.Unlock()
 
-		var slept time.Duration
-		if trace != nil {
-			slept = time.Since(sleepStart)
-		}
 		err := w.write(events, tasks, commits, slept)
 		for _, ch := range waiters {
 			ch <- err
@@ -543,9 +561,8 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits *tells
 	}
 	j := newJob(events, tasks, w.opts.Logger.Error)
 	w.mu.Lock()
-	w.writeBegan = time.Now()
+	began := w.beganLocked()
 	w.mu.Unlock()
-	w.stuckTimer.Reset(w.opts.StuckAfter)
 	var cpu0, runq0 time.Duration
 	var a0 time.Time
 	if trace != nil {
@@ -562,13 +579,12 @@ func (w *Writer) write(events []pendingEvent, tasks []TaskRecord, commits *tells
 		trace.add(&trace.applyBlocked, wall-(cpu1-cpu0)-(runq1-runq0))
 		trace.mu.Unlock()
 	}
-	w.stuckTimer.Stop()
+	w.mu.Lock()
+	w.endedLocked(began, err == nil)
+	w.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	w.mu.Lock()
-	w.setHealthLocked(func() { w.writeBegan, w.stuck, w.writeErr = time.Time{}, false, nil })
-	w.mu.Unlock()
 	j.replaceAll()
 	var applied time.Duration
 	if trace != nil {
