@@ -3,8 +3,6 @@ package store
 import (
 	"runtime"
 	"time"
-
-	"github.com/agentdispatch/dispatcher/internal/eventlog"
 )
 
 // ConcurrentStore is a Store that gains from more than one write under way
@@ -240,7 +238,7 @@ func (w *Writer) fly(id int64, events []pendingEvent, tasks []TaskRecord, slept 
 	}
 	// An error only once the Writer is closed (write retries until then);
 	// Close's own write reports it.
-	_ = w.write(events, tasks, make(map[eventlog.Committer]uint64), slept)
+	_ = w.write(events, tasks, newTells(), slept)
 	w.mu.Lock()
 	for _, p := range events {
 		w.unbusyLocked(p.taskID)
