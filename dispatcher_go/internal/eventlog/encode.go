@@ -138,6 +138,68 @@ func (a *arena) take(n int) []byte {
 	return b
 }
 
+// A log keeps the encodings of its newest events only, at most rawWindow
+// of them: readers that keep up (the live watchers the bytes are for) find
+// them, one further behind encodes what it sends itself. So the bytes a
+// log holds beside its events are bounded (about rawWindow events' wire
+// size), and the garbage collector scans a ring, not a slice as long as
+// the task's log. The ring starts at rawFirst entries and doubles as the
+// log grows.
+const (
+	rawFirst  = 64
+	rawWindow = 4096
+)
+
+// rawRing holds the encodings of the newest events of a log, by seq.
+type rawRing struct {
+	b     [][]byte // b[(seq-1) & (len(b)-1)]; len(b) is a power of two
+	n     int      // how many of the newest seqs up to last b holds
+	last  uint64   // the newest seq put
+	bytes int64    // the bytes held
+}
+
+// put holds data (nil: none) for seq, which is last+1 (or the first).
+func (r *rawRing) put(seq uint64, data []byte) {
+	if r.n == len(r.b) && len(r.b) < rawWindow {
+		r.grow()
+	}
+	i := (seq - 1) & uint64(len(r.b)-1)
+	if r.n == len(r.b) {
+		r.bytes -= int64(len(r.b[i])) // the oldest goes
+	} else {
+		r.n++
+	}
+	r.b[i] = data
+	r.bytes += int64(len(data))
+	r.last = seq
+}
+
+// grow doubles the ring, keeping what it holds.
+func (r *rawRing) grow() {
+	b := make([][]byte, max(2*len(r.b), rawFirst))
+	for k := range r.n {
+		s := r.last - uint64(k)
+		b[(s-1)&uint64(len(b)-1)] = r.b[(s-1)&uint64(len(r.b)-1)]
+	}
+	r.b = b
+}
+
+// get is the encoding held for seq, or nil.
+func (r *rawRing) get(seq uint64) []byte {
+	if seq == 0 || seq > r.last || r.last-seq >= uint64(r.n) {
+		return nil
+	}
+	return r.b[(seq-1)&uint64(len(r.b)-1)]
+}
+
+// clear lets the encoding of seq go, if held.
+func (r *rawRing) clear(seq uint64) {
+	if d := r.get(seq); d != nil {
+		r.bytes -= int64(len(d))
+		r.b[(seq-1)&uint64(len(r.b)-1)] = nil
+	}
+}
+
 // Encoder is a Log that keeps its events' encodings (as memory and durable
 // logs do while they hold the events).
 type Encoder interface {

@@ -3,6 +3,7 @@ package eventlog
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -130,8 +131,8 @@ func TestDurableEncodedSharedWithSinkUntilRetained(t *testing.T) {
 	if r := EncodedOf(l, evs, nil); r[0] != nil || r[1] != nil || r[2] != nil {
 		t.Fatal("a retained log still hands out bytes")
 	}
-	if ml := l.(*memLog); ml.raw != nil || ml.rawBytes != 0 {
-		t.Fatalf("retained log holds %d encodings, %d bytes", len(ml.raw), ml.rawBytes)
+	if ml := l.(*memLog); ml.raw.b != nil || ml.raw.bytes != 0 {
+		t.Fatalf("retained log holds %d encodings, %d bytes", ml.raw.n, ml.raw.bytes)
 	}
 }
 
@@ -227,5 +228,60 @@ func TestArenaEncodingsStayIntact(t *testing.T) {
 			}
 		}
 		after = evs[len(evs)-1].GetSeq()
+	}
+}
+
+// The ring holds the encodings of the newest rawWindow seqs, through its
+// growth, starting at any seq (a restored log), with its byte count.
+func TestRawRingKeepsTheNewest(t *testing.T) {
+	for _, first := range []uint64{1, 1000} {
+		var r rawRing
+		last := first + 3*rawWindow
+		for s := first; s <= last; s++ {
+			r.put(s, []byte(fmt.Sprint(s)))
+			if s%997 == 0 || s == last {
+				var want int64
+				for q := first; q <= s; q++ {
+					got := r.get(q)
+					if s-q < rawWindow {
+						if string(got) != fmt.Sprint(q) {
+							t.Fatalf("first %d, after %d: seq %d holds %q", first, s, q, got)
+						}
+						want += int64(len(got))
+					} else if got != nil {
+						t.Fatalf("first %d, after %d: seq %d (out of the window) holds %q", first, s, q, got)
+					}
+				}
+				if r.get(s+1) != nil || r.bytes != want {
+					t.Fatalf("after %d: bytes %d, want %d", s, r.bytes, want)
+				}
+			}
+		}
+		r.clear(last)
+		if r.get(last) != nil || r.get(last-1) == nil {
+			t.Fatal("clear")
+		}
+	}
+}
+
+// A reader far behind a log gets no bytes for the events out of the
+// window (it encodes them itself), and the log keeps at most the window's.
+func TestEncodedOnlyForTheNewestEvents(t *testing.T) {
+	l := newLog(t, Limits{})
+	const n = rawWindow + 1000
+	for range n {
+		if _, err := l.Append(content("z"), Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evs, _ := l.Read(context.Background(), 0, make([]*dispatchv1.TaskEvent, 0, n))
+	raws := EncodedOf(l, evs, nil)
+	for i, r := range raws {
+		if (r != nil) != (i >= n-rawWindow) {
+			t.Fatalf("event %d: bytes %v", i+1, r != nil)
+		}
+	}
+	if ml := l.(*memLog); len(ml.raw.b) != rawWindow {
+		t.Fatalf("ring of %d", len(ml.raw.b))
 	}
 }

@@ -73,10 +73,9 @@ type memLog struct {
 
 	mu     sync.RWMutex
 	events []*dispatchv1.TaskEvent
-	// raw[i] is events[i] encoded (encode.go; nil: not encoded), until
-	// the log lets the bytes go (rawOff, see dropRawLocked).
-	raw          [][]byte
-	rawBytes     int64 // the bytes in raw
+	// raw holds the newest events' encodings (encode.go), until the log
+	// lets them go (rawOff, see dropRawLocked).
+	raw          rawRing
 	rawOff       bool
 	arena        arena // space for the encodings (its own lock)
 	cappedEvents int
@@ -201,8 +200,7 @@ func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent, u unnumbered) uint64 {
 	data := u.number(seq)
 	l.events = append(l.events, ev)
 	if !l.rawOff {
-		l.raw = append(l.raw, data)
-		l.rawBytes += int64(len(data))
+		l.raw.put(seq, data)
 	}
 	if l.sink != nil {
 		// Readers are woken by Commit once the event is durable.
@@ -260,15 +258,15 @@ func (l *memLog) Commit(seq uint64) {
 // size where it was measured (Capped events under a byte limit), plus 64
 // bytes an event, plus their encodings while they are kept.
 func (l *memLog) heldBytesLocked() int64 {
-	return l.cappedBytes + l.rawBytes + 64*int64(len(l.events))
+	return l.cappedBytes + l.raw.bytes + 64*int64(len(l.events))
 }
 
 // dropRawLocked lets the events' encodings go for good: the log no longer
 // keeps any (readers encode what they send themselves). Logs do so once
-// their task finished, so the bytes live only as long as the task runs
-// (within the task's Limits, about its events' wire size again).
+// their task finished: the bytes (at most rawWindow events', see rawRing)
+// are held only while the task runs.
 func (l *memLog) dropRawLocked() {
-	l.raw, l.rawBytes, l.rawOff = nil, 0, true
+	l.raw, l.rawOff = rawRing{}, true
 }
 
 // release lets the events of a finished log go once every one is
@@ -291,11 +289,7 @@ func (l *memLog) Replace(seq uint64, ev *dispatchv1.TaskEvent) {
 		ev.Seq = seq
 		i := seq - l.base - 1
 		l.events[i] = ev
-		if i < uint64(len(l.raw)) {
-			// The readers encode the placeholder themselves (rare).
-			l.rawBytes -= int64(len(l.raw[i]))
-			l.raw[i] = nil
-		}
+		l.raw.clear(seq) // the readers encode the placeholder themselves (rare)
 	}
 }
 
@@ -313,8 +307,8 @@ func (l *memLog) Encoded(evs []*dispatchv1.TaskEvent, dst [][]byte) [][]byte {
 	l.mu.RLock()
 	for _, ev := range evs {
 		var data []byte
-		if s := ev.GetSeq(); s > l.base && s-l.base <= uint64(len(l.raw)) && l.events[s-l.base-1] == ev {
-			data = l.raw[s-l.base-1]
+		if s := ev.GetSeq(); s > l.base && s-l.base <= uint64(len(l.events)) && l.events[s-l.base-1] == ev {
+			data = l.raw.get(s)
 		}
 		dst = append(dst, data)
 	}
