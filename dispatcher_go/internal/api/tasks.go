@@ -77,15 +77,12 @@ func (ts *taskService) WatchTask(req *dispatchv1.WatchTaskRequest, stream grpc.S
 	if err != nil {
 		return toStatus(ts.s.d.Logger(), err)
 	}
+	w := watchSender{log: t.Log(), send: stream.Send}
 	if n := req.GetMaxBatch(); n > 0 {
-		err = ts.s.followBatches(stream.Context(), t, req.GetAfterSeq(), int(min(n, maxWatchBatch)), func(evs []*dispatchv1.TaskEvent) error {
-			return sendBatches(evs, stream.Send)
-		})
+		err = ts.s.followBatches(stream.Context(), t, req.GetAfterSeq(), int(min(n, maxWatchBatch)), w.batches)
 		return toStatus(ts.s.d.Logger(), err)
 	}
-	err = ts.s.follow(stream.Context(), t, req.GetAfterSeq(), func(ev *dispatchv1.TaskEvent) error {
-		return stream.Send(&dispatchv1.WatchTaskResponse{Event: ev})
-	})
+	err = ts.s.followBatches(stream.Context(), t, req.GetAfterSeq(), followChunk, w.oneByOne)
 	return toStatus(ts.s.d.Logger(), err)
 }
 

@@ -80,3 +80,8 @@ func (l observedLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	}
 	return seq, err
 }
+
+// Encoded implements eventlog.Encoder: the wrapped log's encodings.
+func (l observedLog) Encoded(evs []*dispatchv1.TaskEvent, dst [][]byte) [][]byte {
+	return eventlog.EncodedOf(l.Log, evs, dst)
+}

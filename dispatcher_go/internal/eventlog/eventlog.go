@@ -11,6 +11,10 @@
 // writes every event to a Sink (the store's batching writer) and lets
 // readers see an event once it is durable.
 //
+// Each event is encoded (protobuf) once, when it is appended: a log keeps
+// the bytes of its newest events for the Sink to store and for readers
+// that send events on as protobuf (Encoder, encode.go).
+//
 // It must not block a task's lifecycle on the store: only content waits for
 // the sink's room (back-pressure on the commander that produces it), never a
 // Control event, the fence or the seal (see Control). It knows nothing of

@@ -71,8 +71,13 @@ type memLog struct {
 	// would be refused anyway.
 	fencedCh, sealedCh chan struct{}
 
-	mu           sync.RWMutex
-	events       []*dispatchv1.TaskEvent
+	mu     sync.RWMutex
+	events []*dispatchv1.TaskEvent
+	// raw holds the newest events' encodings (encode.go), until the log
+	// lets them go (rawOff, see dropRawLocked).
+	raw          rawRing
+	rawOff       bool
+	arena        arena // space for the encodings (its own lock)
 	cappedEvents int
 	cappedBytes  int64
 	fenced       atomic.Bool // set under mu; read without it on the append path
@@ -91,10 +96,16 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 		// drains at parse speed and its stopped is not held up behind it.
 		return 0, ErrFenced
 	}
-	// Size outside the lock: it walks the message and needs no log state.
+	// Encoded (and so sized) outside the lock: it walks the message and
+	// needs no log state. The size is the event's without its seq.
+	u := encodeUnnumbered(ev, &l.arena)
 	var size int64
 	if class&Capped != 0 && l.limits.MaxBytes > 0 {
-		size = int64(proto.Size(ev))
+		if u.buf != nil {
+			size = int64(u.size())
+		} else {
+			size = int64(proto.Size(ev))
+		}
 	}
 	if class != Control {
 		// Content waits for the sink's room; Control events never do (see
@@ -125,7 +136,7 @@ func (l *memLog) Append(ev *dispatchv1.TaskEvent, class Class) (uint64, error) {
 		l.cappedEvents++
 		l.cappedBytes += size
 	}
-	return l.appendLocked(ev), nil
+	return l.appendLocked(ev, u), nil
 }
 
 // Fence implements Log.
@@ -133,6 +144,7 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 	// No waitRoom: the stop goes out only after its fence, so it must not
 	// queue behind the sink's back-pressure (one event per task over the
 	// bound at most).
+	u := encodeUnnumbered(ev, &l.arena)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
@@ -145,19 +157,26 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 	if l.fencedCh != nil {
 		close(l.fencedCh) // releases Fenceable appends waiting for room
 	}
-	return l.appendLocked(ev), nil
+	return l.appendLocked(ev, u), nil
 }
 
 // Seal implements Log. Like Fence it never waits for the sink's room: the
 // terminal event is one per task, and it is appended under the task's lock.
 func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
+	u := encodeUnnumbered(ev, &l.arena)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed {
 		return 0, ErrSealed
 	}
-	seq := l.appendLocked(ev)
+	seq := l.appendLocked(ev, u)
 	l.sealed = true
+	if l.sink == nil {
+		// Finished: the readers still to come are behind (they encode the
+		// events themselves); the bytes are not kept for as long as the
+		// events (which is as long as the task is kept).
+		l.dropRawLocked()
+	}
 	if l.sealedCh != nil {
 		if !l.fenced.Load() {
 			close(l.fencedCh)
@@ -175,13 +194,21 @@ func (l *memLog) waitRoom(abort <-chan struct{}) {
 	}
 }
 
-func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent) uint64 {
+func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent, u unnumbered) uint64 {
 	seq := l.base + uint64(len(l.events)) + 1
 	ev.Seq = seq
+	data := u.number(seq)
 	l.events = append(l.events, ev)
+	if !l.rawOff {
+		l.raw.put(seq, data)
+	}
 	if l.sink != nil {
 		// Readers are woken by Commit once the event is durable.
-		l.sink.Persist(l, l.taskID, ev)
+		if s, ok := l.sink.(EncodedSink); ok {
+			s.PersistEncoded(l, l.taskID, ev, data)
+		} else {
+			l.sink.Persist(l, l.taskID, ev)
+		}
 		return seq
 	}
 	l.committed = seq
@@ -210,6 +237,7 @@ func (l *memLog) Commit(seq uint64) {
 		// lets them go (release), so that the memory of finished tasks
 		// does not grow with their logs.
 		l.retained = true
+		l.dropRawLocked() // late readers encode the events themselves
 		retain = l.heldBytesLocked()
 	}
 	if l.wake != nil {
@@ -228,9 +256,17 @@ func (l *memLog) Commit(seq uint64) {
 
 // heldBytesLocked estimates the memory of the events held: their wire
 // size where it was measured (Capped events under a byte limit), plus 64
-// bytes an event.
+// bytes an event, plus their encodings while they are kept.
 func (l *memLog) heldBytesLocked() int64 {
-	return l.cappedBytes + 64*int64(len(l.events))
+	return l.cappedBytes + l.raw.bytes + 64*int64(len(l.events))
+}
+
+// dropRawLocked lets the events' encodings go for good: the log no longer
+// keeps any (readers encode what they send themselves). Logs do so once
+// their task finished: the bytes (at most rawWindow events', see rawRing)
+// are held only while the task runs.
+func (l *memLog) dropRawLocked() {
+	l.raw, l.rawOff = rawRing{}, true
 }
 
 // release lets the events of a finished log go once every one is
@@ -240,6 +276,7 @@ func (l *memLog) release() {
 	defer l.mu.Unlock()
 	if l.sealed && l.committed == l.base+uint64(len(l.events)) {
 		l.base, l.events = l.committed, nil
+		l.dropRawLocked()
 	}
 }
 
@@ -250,7 +287,9 @@ func (l *memLog) Replace(seq uint64, ev *dispatchv1.TaskEvent) {
 	defer l.mu.Unlock()
 	if seq > l.committed && seq > l.base && seq <= l.base+uint64(len(l.events)) {
 		ev.Seq = seq
-		l.events[seq-l.base-1] = ev
+		i := seq - l.base - 1
+		l.events[i] = ev
+		l.raw.clear(seq) // the readers encode the placeholder themselves (rare)
 	}
 }
 
@@ -259,6 +298,22 @@ func (l *memLog) LastSeq() uint64 {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	return l.base + uint64(len(l.events))
+}
+
+// Encoded implements Encoder. An event is matched by its seq and pointer:
+// only the events this log holds and gave out have bytes here.
+func (l *memLog) Encoded(evs []*dispatchv1.TaskEvent, dst [][]byte) [][]byte {
+	dst = dst[:0]
+	l.mu.RLock()
+	for _, ev := range evs {
+		var data []byte
+		if s := ev.GetSeq(); s > l.base && s-l.base <= uint64(len(l.events)) && l.events[s-l.base-1] == ev {
+			data = l.raw.get(s)
+		}
+		dst = append(dst, data)
+	}
+	l.mu.RUnlock()
+	return dst
 }
 
 // Read implements Log.

@@ -123,32 +123,60 @@ func Of(ev *dispatchv1.TaskEvent) Kind {
 // its kind: the payload moves into the event unchanged, and the event's
 // emitted_at_us is the packet's timestamp. It is (nil, None) for payloads
 // that record no event (hello, sandbox_in_use) and for unknown ones.
+//
+// The event and its kind's oneof wrapper are one allocation (withKind):
+// they live exactly as long as each other, and this runs once per packet.
 func FromUpstream(pkt *dispatchv1.UpstreamPacket) (*dispatchv1.TaskEvent, Kind) {
-	ev := &dispatchv1.TaskEvent{EmittedAtUs: pkt.GetTimestamp()}
+	var ev *dispatchv1.TaskEvent
 	var k Kind
 	switch p := pkt.GetPayload().(type) {
 	case *dispatchv1.UpstreamPacket_Thought:
-		ev.Kind, k = &dispatchv1.TaskEvent_Thought{Thought: p.Thought}, Thought
+		b := &withKind[dispatchv1.TaskEvent_Thought]{k: dispatchv1.TaskEvent_Thought{Thought: p.Thought}}
+		ev, k = &b.ev, Thought
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Content:
-		ev.Kind, k = &dispatchv1.TaskEvent_Content{Content: p.Content}, Content
+		b := &withKind[dispatchv1.TaskEvent_Content]{k: dispatchv1.TaskEvent_Content{Content: p.Content}}
+		ev, k = &b.ev, Content
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_ToolCall:
-		ev.Kind, k = &dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}, ToolCall
+		b := &withKind[dispatchv1.TaskEvent_ToolCall]{k: dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}}
+		ev, k = &b.ev, ToolCall
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Error:
-		ev.Kind, k = &dispatchv1.TaskEvent_Error{Error: p.Error}, Error
+		b := &withKind[dispatchv1.TaskEvent_Error]{k: dispatchv1.TaskEvent_Error{Error: p.Error}}
+		ev, k = &b.ev, Error
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Usage:
-		ev.Kind, k = &dispatchv1.TaskEvent_Usage{Usage: p.Usage}, Usage
+		b := &withKind[dispatchv1.TaskEvent_Usage]{k: dispatchv1.TaskEvent_Usage{Usage: p.Usage}}
+		ev, k = &b.ev, Usage
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Stage:
-		ev.Kind, k = &dispatchv1.TaskEvent_Stage{Stage: p.Stage}, Stage
+		b := &withKind[dispatchv1.TaskEvent_Stage]{k: dispatchv1.TaskEvent_Stage{Stage: p.Stage}}
+		ev, k = &b.ev, Stage
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Artifact:
-		ev.Kind, k = &dispatchv1.TaskEvent_Artifact{Artifact: p.Artifact}, Artifact
+		b := &withKind[dispatchv1.TaskEvent_Artifact]{k: dispatchv1.TaskEvent_Artifact{Artifact: p.Artifact}}
+		ev, k = &b.ev, Artifact
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Result:
-		ev.Kind, k = &dispatchv1.TaskEvent_Result{Result: p.Result}, Result
+		b := &withKind[dispatchv1.TaskEvent_Result]{k: dispatchv1.TaskEvent_Result{Result: p.Result}}
+		ev, k = &b.ev, Result
+		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Stopped:
-		ev.Kind, k = &dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}, Stopped
+		b := &withKind[dispatchv1.TaskEvent_Stopped]{k: dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}}
+		ev, k = &b.ev, Stopped
+		ev.Kind = &b.k
 	default:
 		return nil, None
 	}
+	ev.EmittedAtUs = pkt.GetTimestamp()
 	return ev, k
+}
+
+// withKind is a task event and its kind's oneof wrapper in one allocation.
+type withKind[K any] struct {
+	ev dispatchv1.TaskEvent
+	k  K
 }
 
 // Label is ev's metric label: its kind's name, "other" for None.

@@ -326,3 +326,16 @@ func TestSeed001Status(t *testing.T) {
 		}
 	}
 }
+
+// FromUpstream makes each event in one allocation (the event and its
+// kind's oneof wrapper together): it runs once per packet of every flood.
+func TestFromUpstreamAllocatesOnce(t *testing.T) {
+	pkt := &dispatchv1.UpstreamPacket{Timestamp: 7, Payload: &dispatchv1.UpstreamPacket_Content{Content: &dispatchv1.ContentChunk{Text: "x"}}}
+	var ev *dispatchv1.TaskEvent
+	if n := testing.AllocsPerRun(100, func() { ev, _ = events.FromUpstream(pkt) }); n != 1 {
+		t.Fatalf("%v allocations per event, want 1", n)
+	}
+	if ev.GetContent() != pkt.GetContent() || ev.GetEmittedAtUs() != 7 {
+		t.Fatalf("event %v", ev)
+	}
+}

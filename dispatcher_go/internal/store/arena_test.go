@@ -58,3 +58,17 @@ func TestNewJobSmallBatchAllocatesLittle(t *testing.T) {
 		t.Fatalf("%d bytes allocated per 3-event job, want under 4 KiB (arenaSize is %d)", per, arenaSize)
 	}
 }
+
+// An event the log encoded (PersistEncoded) is stored with those bytes,
+// as they are, not encoded again; the others are encoded here.
+func TestNewJobStoresTheLogsBytes(t *testing.T) {
+	a, b := contentEvent(1, "encoded by the log"), contentEvent(2, "not")
+	a.data, _ = proto.Marshal(a.ev)
+	j := newJob([]pendingEvent{a, b}, nil, func(string, ...any) {})
+	if len(j.b.Events) != 2 || &j.b.Events[0].Data[0] != &a.data[0] || len(j.b.Events[0].Data) != len(a.data) {
+		t.Fatal("the log's bytes were not stored as they are")
+	}
+	if want, _ := proto.Marshal(b.ev); string(j.b.Events[1].Data) != string(want) {
+		t.Fatal("an event without bytes was not encoded")
+	}
+}

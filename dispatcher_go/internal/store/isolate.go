@@ -93,6 +93,11 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 	var arena []byte
 	perEvent := arenaPerEvent
 	for i, p := range events {
+		if p.data != nil {
+			// Encoded once by the log, shared with its readers.
+			j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: p.data})
+			continue
+		}
 		if cap(arena)-len(arena) < perEvent {
 			// Sized to what is left of the batch: a commit of a few events
 			// (the writer's usual batch at moderate rates) does not take a

@@ -151,6 +151,7 @@ type pendingEvent struct {
 	c      eventlog.Committer
 	taskID string
 	ev     *dispatchv1.TaskEvent
+	data   []byte        // ev encoded by the log (nil: newJob encodes it)
 	at     time.Duration // since traceBase, when queued (trace only)
 	n      uint64        // its number in the queue (flights only)
 }
@@ -338,12 +339,18 @@ func (w *Writer) roomLocked() {
 // Persist implements eventlog.Sink. It is called under the log's lock, in
 // seq order, and never waits for room (WaitRoom did).
 func (w *Writer) Persist(c eventlog.Committer, taskID string, ev *dispatchv1.TaskEvent) {
+	w.PersistEncoded(c, taskID, ev, nil)
+}
+
+// PersistEncoded implements eventlog.EncodedSink: Persist with the bytes
+// the log encoded ev into (stored as they are; nil: encoded here).
+func (w *Writer) PersistEncoded(c eventlog.Committer, taskID string, ev *dispatchv1.TaskEvent, data []byte) {
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
 		return // shutting down: the event stays in memory only
 	}
-	p := pendingEvent{c: c, taskID: taskID, ev: ev, n: w.numberLocked()}
+	p := pendingEvent{c: c, taskID: taskID, ev: ev, data: data, n: w.numberLocked()}
 	if trace != nil {
 		p.at = time.Since(traceBase)
 	}

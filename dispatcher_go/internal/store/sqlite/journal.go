@@ -239,7 +239,7 @@ func (s *Store) foldPaced(ctx context.Context, stop <-chan struct{}) error {
 func (s *Store) foldOnce(ctx context.Context, maxEvents int) (int, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
-	tx, err := s.db.BeginTx(ctx, nil)
+	tx, err := s.wconn.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: fold: %w", err)
 	}
