@@ -98,6 +98,28 @@ type Call struct {
 	// Tenant owns the task (Invocation.tenant; "" the default tenant): a
 	// provider that keeps anything across tasks keeps tenants apart by it.
 	Tenant string
+	// Recorded, when set, is the log that recorded the call as its event
+	// Seq: a call of a tool not declared idempotent (ToolSpec.idempotent)
+	// is invoked only once that event is durable, so that a dispatcher
+	// that dies first never leaves a call that ran unrecorded (its
+	// commander would resend it and the next dispatcher run it again;
+	// docs/protocol.md, "Tool calls in flight"). A stop, or the call's
+	// deadline (counted from its arrival), that comes first ends the call
+	// without invoking it. Idempotent tools (every built-in) never wait.
+	Recorded Recorder
+	Seq      uint64
+}
+
+// Recorder tells when a recorded event is durable (eventlog.Log).
+type Recorder interface {
+	// WhenDurable calls f, once, when event seq is durable: at once if it
+	// is, else on the goroutine that commits it (f must not block).
+	WhenDurable(seq uint64, f func())
+}
+
+// holdsBack reports whether c, a call of t, waits for its record.
+func (c *Call) holdsBack(t *tool) bool {
+	return c.Recorded != nil && !t.spec.GetIdempotent()
 }
 
 // Result is a call's outcome as the session reports it.
@@ -253,12 +275,19 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 		return early
 	}
 	ctx = s.ctx
+	timeout := t.timeout
+	if c.holdsBack(t) {
+		if early, ok := s.awaitRecord(ctx, c); !ok {
+			return early
+		}
+		timeout -= time.Since(s.start) // the deadline counts from the call's arrival
+	}
 	cctx := ctx
 	if !t.instant && t.provider == nil {
 		// An instant built-in never waits, so a timeout could not fire;
 		// a provider keeps its calls' deadlines itself (expireLoop).
 		var cancel context.CancelFunc
-		cctx, cancel = context.WithTimeout(ctx, t.timeout)
+		cctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
 	var out string
@@ -269,9 +298,33 @@ func (b *Broker) Call(ctx context.Context, c Call) Result {
 	case t.local != nil:
 		out, err = t.local.run(cctx, c)
 	default:
-		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, t.timeout)
+		out, err = t.provider.invoke(cctx, b.newInvocationID(), c, timeout)
 	}
 	return s.finish(ctx, cctx, out, err)
+}
+
+// awaitRecord waits until c's event is durable (Call.Recorded); ok false
+// means the call ended first, with early: CANCELLED on ctx's end, TIMEOUT
+// at its deadline.
+func (s *running) awaitRecord(ctx context.Context, c Call) (early Result, ok bool) {
+	ready := make(chan struct{})
+	var once sync.Once
+	c.Recorded.WhenDurable(c.Seq, func() { once.Do(func() { close(ready) }) })
+	select {
+	case <-ready:
+		return Result{}, true
+	default:
+	}
+	t := time.NewTimer(s.t.timeout - time.Since(s.start))
+	defer t.Stop()
+	select {
+	case <-ready:
+		return Result{}, true
+	case <-ctx.Done():
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_CANCELLED, "session stopped", s.t.executor()), false
+	case <-t.C:
+		return s.fail(dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_TIMEOUT, fmt.Sprintf("no result within %s", s.t.timeout), s.t.executor()), false
+	}
 }
 
 // maxGoArguments bounds the arguments of a call Go starts: Go checks them
@@ -285,6 +338,9 @@ const maxGoArguments = 64 << 10
 // the provider is gone). done must not block. Go reports false, and does
 // nothing, for any other call (a built-in, a local tool, a tool that does
 // not exist, or arguments over maxGoArguments): the caller runs Call.
+// A call that waits for its record (Call.Recorded) is started at once, its
+// deadline running, but its invocation is queued only once the record is
+// durable, on the goroutine that reports it.
 //
 // A call that only waits for a provider needs no goroutine: Go saves the
 // tool goroutine's start and its wake-up when the result comes, two of
@@ -301,7 +357,12 @@ func (b *Broker) Go(ctx context.Context, c Call, done func(Result)) bool {
 		done(early)
 		return true
 	}
-	t.provider.start(s.ctx, b.newInvocationID(), c, t.timeout, func(out string, err error) {
+	var hold func(release func())
+	if c.holdsBack(t) {
+		rec, seq := c.Recorded, c.Seq
+		hold = func(release func()) { rec.WhenDurable(seq, release) }
+	}
+	t.provider.start(s.ctx, b.newInvocationID(), c, t.timeout, hold, func(out string, err error) {
 		done(s.finish(s.ctx, s.ctx, out, err))
 	})
 	return true

@@ -419,7 +419,13 @@ func (p *provider) track(id string, pc *pendingCall, register func()) bool {
 // end (the provider is told to cancel), or the stream's end
 // (errProviderGone; also at once if it is over already). When the queue is
 // full a goroutine waits for room, as invoke would.
-func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Duration, finish func(string, error)) {
+//
+// hold, when set, holds the invocation back (Call.Recorded): start calls
+// it with the function that queues the invocation, to be called once (on
+// any goroutine; it does not block). Meanwhile the call is pending like
+// any other — its deadline runs, a stop completes it CANCELLED — and one
+// completed before the release is never invoked.
+func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Duration, hold func(release func()), finish func(string, error)) {
 	deadline := time.Now().Add(timeout)
 	pc := &pendingCall{finish: finish, deadline: deadline, timeout: timeout}
 	inv := invocation(ctx, id, c, deadline)
@@ -438,6 +444,31 @@ func (p *provider) start(ctx context.Context, id string, c Call, timeout time.Du
 		finish("", errProviderGone)
 		return
 	}
+	if hold != nil {
+		hold(func() {
+			// A stop cancels ctx before its AfterFunc completes the call,
+			// so a stop that came first is seen here: never invoked.
+			if ctx.Err() != nil || !p.isPending(id) {
+				return // completed (stopped, timed out, provider gone)
+			}
+			p.queue(ctx, id, pc, inv, deadline)
+		})
+		return
+	}
+	p.queue(ctx, id, pc, inv, deadline)
+}
+
+// isPending reports whether call id still waits for its result.
+func (p *provider) isPending(id string) bool {
+	p.mu.Lock()
+	_, ok := p.pending[id]
+	p.mu.Unlock()
+	return ok
+}
+
+// queue queues inv, the invocation of pc (start), without blocking: when
+// the queue is full a goroutine waits for room until the call's deadline.
+func (p *provider) queue(ctx context.Context, id string, pc *pendingCall, inv *dispatchv1.ConnectResponse, deadline time.Time) {
 	// sent sends the cancel the AfterFunc left for after inv (a provider
 	// ignores a cancel of an id it does not know yet, so a cancel before
 	// the invocation would let it run a stopped call).

@@ -321,3 +321,53 @@ func TestDurableKeepsFinishedTailInMemory(t *testing.T) {
 		t.Fatalf("released log a: read %d events, %d from the store", n, sink.reads)
 	}
 }
+
+// WhenDurable calls back once the event is committed — after the commit,
+// in any order of registration — and at once for an event already
+// committed, or in a Memory log, where every event is.
+func TestWhenDurable(t *testing.T) {
+	sink := &fakeSink{}
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []uint64
+	for range 3 {
+		if _, err := l.Append(&dispatchv1.TaskEvent{}, Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.WhenDurable(3, func() { got = append(got, 3) })
+	l.WhenDurable(1, func() { got = append(got, 1) })
+	if len(got) != 0 {
+		t.Fatalf("called before the commit: %v", got)
+	}
+	sink.mu.Lock()
+	first := sink.pending[0]
+	sink.pending = sink.pending[1:]
+	sink.mu.Unlock()
+	first.c.Commit(first.ev.GetSeq())
+	if len(got) != 1 || got[0] != 1 {
+		t.Fatalf("after committing 1: %v", got)
+	}
+	sink.commitAll()
+	if len(got) != 2 || got[1] != 3 {
+		t.Fatalf("after committing all: %v", got)
+	}
+	sink.commitAll() // nothing left to call
+	l.WhenDurable(2, func() { got = append(got, 2) })
+	if len(got) != 3 || got[2] != 2 {
+		t.Fatalf("committed already: %v", got)
+	}
+
+	m, err := NewMemory(Limits{}).Create("m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq, _ := m.Append(&dispatchv1.TaskEvent{}, Capped)
+	called := false
+	m.WhenDurable(seq, func() { called = true })
+	if !called {
+		t.Fatal("a Memory log did not call back at once")
+	}
+}

@@ -97,6 +97,12 @@ type Log interface {
 	// no capacity), appended to dst[:0]. It returns io.EOF when the log is
 	// sealed and holds nothing after afterSeq, and ctx.Err() when ctx ends.
 	Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error)
+	// WhenDurable calls f once event seq is durable: at once, on the
+	// caller's goroutine, if it is already (always in a Memory log), else
+	// on the goroutine that reports the commit (the store's writer), after
+	// the commit, so f must not block. f is called at most once, and never
+	// if the event never becomes durable.
+	WhenDurable(seq uint64, f func())
 }
 
 // Store creates and removes task logs.

@@ -86,6 +86,15 @@ type memLog struct {
 	committed    uint64
 	wake         chan struct{}
 	committedAt  time.Duration // since traceBase, of the last Commit (trace only)
+	// whenDurable are the WhenDurable callbacks of events not committed
+	// yet (durable logs only): one per tool call that waits for its record
+	// (a Capped event, so bounded by Limits).
+	whenDurable []durableFunc
+}
+
+type durableFunc struct {
+	seq uint64
+	f   func()
 }
 
 // Append implements Log.
@@ -244,7 +253,23 @@ func (l *memLog) Commit(seq uint64) {
 		close(l.wake)
 		l.wake = nil
 	}
+	var due []durableFunc
+	if len(l.whenDurable) > 0 {
+		keep := l.whenDurable[:0]
+		for _, w := range l.whenDurable {
+			if w.seq <= l.committed {
+				due = append(due, w)
+			} else {
+				keep = append(keep, w)
+			}
+		}
+		clear(l.whenDurable[len(keep):])
+		l.whenDurable = keep
+	}
 	l.mu.Unlock()
+	for _, w := range due {
+		w.f()
+	}
 	if retain >= 0 {
 		if l.owner != nil {
 			l.owner.retain(l, retain) // outside l.mu: it may release others
@@ -252,6 +277,18 @@ func (l *memLog) Commit(seq uint64) {
 			l.release()
 		}
 	}
+}
+
+// WhenDurable implements Log.
+func (l *memLog) WhenDurable(seq uint64, f func()) {
+	l.mu.Lock()
+	if seq <= l.committed {
+		l.mu.Unlock()
+		f()
+		return
+	}
+	l.whenDurable = append(l.whenDurable, durableFunc{seq, f})
+	l.mu.Unlock()
 }
 
 // heldBytesLocked estimates the memory of the events held: their wire

@@ -55,6 +55,9 @@ func (l *remoteLog) Fence(*dispatchv1.TaskEvent) (uint64, error) { return 0, err
 func (l *remoteLog) Seal(*dispatchv1.TaskEvent) (uint64, error)  { return 0, errView }
 func (l *remoteLog) LastSeq() uint64                             { return l.lastSeq }
 
+// WhenDurable implements eventlog.Log: what a view reads is stored already.
+func (l *remoteLog) WhenDurable(_ uint64, f func()) { f() }
+
 // Read implements eventlog.Log.
 func (l *remoteLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error) {
 	limit := cap(dst)

@@ -28,13 +28,20 @@ import (
 // sent downstream. A policy can deny a call (policy.go) or hold it
 // (holds.go).
 //
-// Neither the call nor its result waits for the store: appends are
-// in-memory (eventlog.Log.Append never waits for a commit), so the call
-// runs and its result goes to the commander while both events are still
-// being written. The log still has the call before the result (appended in
-// that order), watchers see both only once durable, and a store that fails
-// is handled by the log and the store (the acker then holds back acks, so
-// the commander keeps its packets), not by the tool path.
+// The append never waits for a commit (eventlog.Log.Append is in-memory),
+// but a call of a tool not declared idempotent is invoked only once its
+// event is durable (broker.Call.Recorded: the log's WhenDurable, told by
+// the store's writer after the commit): a dispatcher that died before that
+// would leave a call that ran unrecorded, which its commander resends after
+// re-attaching and the next dispatcher runs again. That costs such a call
+// the store's flush interval plus a commit; a stop or the call's deadline
+// (counted from its arrival) that comes first ends it uninvoked. Calls of
+// idempotent tools (every built-in) run at once, and no result waits for
+// the store: it goes to the commander while being written. The log still
+// has the call before the result (appended in that order), watchers see
+// both only once durable, and a store that fails is handled by the log and
+// the store (the acker then holds back acks, so the commander keeps its
+// packets; held-back calls time out uninvoked).
 
 // toolCall records a tool call and starts it, or refuses it.
 func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
@@ -52,7 +59,7 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 	}
 	// The append is the check against the stop fence: a call recorded
 	// before the fence was accepted before the stop (and is cancelled by it).
-	_, err := r.t.Record(ev, events.ToolCall.Spec().Class)
+	seq, err := r.t.Record(ev, events.ToolCall.Spec().Class)
 	switch {
 	case errors.Is(err, eventlog.ErrFenced):
 		r.sl.srv.stats.DeniedAfterStop.Add(1)
@@ -81,6 +88,9 @@ func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 		TraceContext:  tc.GetTraceContext(),
 		SandboxIDs:    r.t.SandboxIDs(),
 		Tenant:        r.t.Tenant(),
+		// A tool not declared idempotent runs once this record is durable.
+		Recorded: r.t.Log(),
+		Seq:      seq,
 	}
 	if d.Action == policy.Hold {
 		r.policyHold(tc, call, d)
