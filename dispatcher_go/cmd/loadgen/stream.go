@@ -196,7 +196,11 @@ func streamParams(o *options) map[string]any {
 }
 
 func runRelay(ctx context.Context, o *options, e *env) (*result, error) {
-	res := newResult("relay", streamParams(o))
+	params := streamParams(o)
+	if o.rate > 0 {
+		params["arrivals"] = o.arrivals
+	}
+	res := newResult("relay", params)
 	if o.watchers == 0 {
 		return nil, fmt.Errorf("relay needs --watchers >= 1")
 	}
