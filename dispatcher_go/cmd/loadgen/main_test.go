@@ -185,6 +185,9 @@ func TestRelayScenarioAgainstToy(t *testing.T) {
 	if a := res.Params["arrivals"]; a != arrivalsPoisson {
 		t.Fatalf("arrivals param %v, want the relay default %s", a, arrivalsPoisson)
 	}
+	if v := val(res, "loadgen CPU per packet"); v <= 0 {
+		t.Fatalf("loadgen CPU per packet %v\n%s", v, log)
+	}
 }
 
 // --arrivals burst: the old in-step pacing still streams and says so.
