@@ -276,8 +276,12 @@ START=$SECONDS
 #             stop-flood: the same while every session floods, each commander
 #             keeping at most 64 content packets unacknowledged (--credit;
 #             with --credit 0 the stopped queues behind a full HTTP/2 window).
-# relay:      N sessions at a steady rate, one watcher each; *-memory: the
-#             same against --storage-backend memory (no store on the path).
+# relay:      N sessions at a steady rate, one watcher each; each session's
+#             emits are a Poisson process of its own (like tools).
+#             *-memory: the same against --storage-backend memory (no store
+#             on the path). *-burst: every session on one grid (--arrivals
+#             burst, the pacing before: all N emit in the same millisecond;
+#             the worst case).
 # throughput: N sessions flooding 64-byte packets over N/2 connections, one
 #             watcher each; throughput-memory: the same against
 #             --storage-backend memory; throughput-ingest: the same with no
@@ -310,6 +314,8 @@ else
   scenario stop-flood  --scenario stop --sessions 8 --duration 15s --rate 0 --packet-bytes 64 --stop-min 100ms --stop-max 400ms --credit 64
   scenario relay-64    --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32
   scenario relay-200   --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
+  scenario relay-64-burst  --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32 --arrivals burst
+  scenario relay-200-burst --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32 --arrivals burst
   memory_scenario relay-64-memory  --scenario relay --sessions 64 --duration 20s --rate 50 --packet-bytes 32
   memory_scenario relay-200-memory --scenario relay --sessions 200 --duration 20s --rate 20 --packet-bytes 32
   scenario throughput  --scenario throughput --sessions 8 --duration 20s --packet-bytes 64 --streams-per-conn 2

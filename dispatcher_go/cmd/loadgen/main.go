@@ -18,6 +18,8 @@
 //	            Also the stop's legs (decision → commander got stop, commander
 //	            sent stopped → recorded) and the content queued ahead of stopped.
 //	relay       N sessions stream at --rate; commander emit → watcher receives.
+//	            (--arrivals as for tools: Poisson by default, burst = the
+//	            old pacing where every session emits in the same millisecond).
 //	throughput  N sessions flood (--rate 0); upstream packets/s the dispatcher
 //	            accepts and events/s its watchers get, per dispatcher CPU-second.
 //	idle        N idle slots (hello only, with KeepAlive); dispatcher RSS per slot.
@@ -182,8 +184,8 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.streamsPerConn, "streams-per-conn", 16, "ChatStreams (and watchers) per gRPC connection, like slots per commander process")
 	fs.IntVar(&o.watchers, "watchers", 1, "relay/throughput: WatchTask subscribers per task")
 	fs.IntVar(&o.watchBatch, "watch-batch", 256, "WatchTaskRequest.max_batch of every watcher: up to this many events per response when it is behind (0 = one event per response)")
-	fs.Uint64Var(&o.seed, "seed", 1, "seed of the random stop moments (tools: of the Poisson arrivals)")
-	fs.StringVar(&o.arrivals, "arrivals", "", "tools, paced (--rate > 0): when each session calls: poisson (default; exponential gaps, mean 1/rate, each session its own), spread (each slot its own fixed phase, evenly over the period) or burst (every session on the same grid from its task's start: all sessions call in the same millisecond, the pacing before December 2026)")
+	fs.Uint64Var(&o.seed, "seed", 1, "seed of the random stop moments (tools, relay: of the Poisson arrivals)")
+	fs.StringVar(&o.arrivals, "arrivals", "", "tools and relay, paced (--rate > 0): when each session calls (relay: emits): poisson (default; exponential gaps, mean 1/rate, each session its own), spread (each slot its own fixed phase, evenly over the period) or burst (every session on the same grid from its task's start: all sessions call in the same millisecond, the pacing before December 2026)")
 	fs.DurationVar(&o.stopMin, "stop-min", 200*time.Millisecond, "stop: earliest cancel after the first content event (policy: earliest phrase)")
 	fs.DurationVar(&o.stopMax, "stop-max", 2*time.Second, "stop: latest cancel after the first content event (policy: latest phrase)")
 	fs.StringVar(&o.phrase, "phrase", "launch codes", "policy: the forbidden phrase of the dispatcher's policy file")
@@ -245,10 +247,10 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, errors.New("the policy scenario needs --rate > 0")
 	case o.scenario == "policy" && strings.Trim(strings.ToLower(o.phrase), "x") == "":
 		return nil, errors.New("--phrase must not be made of the filler text")
-	case o.arrivals != "" && o.scenario != "tools":
-		return nil, errors.New("--arrivals applies to the tools scenario only")
+	case o.arrivals != "" && o.scenario != "tools" && o.scenario != "relay":
+		return nil, errors.New("--arrivals applies to the tools and relay scenarios only")
 	}
-	if o.scenario == "tools" && o.arrivals == "" {
+	if (o.scenario == "tools" || o.scenario == "relay") && o.arrivals == "" {
 		o.arrivals = arrivalsPoisson
 	}
 	if err := checkArrivals(o.arrivals); o.arrivals != "" && err != nil {

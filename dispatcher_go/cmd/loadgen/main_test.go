@@ -182,6 +182,27 @@ func TestRelayScenarioAgainstToy(t *testing.T) {
 	if s := lat(res, "emit → watcher receives"); s == nil || s["n"].(float64) < 200 {
 		t.Fatalf("samples: %v\n%s", s, log)
 	}
+	if a := res.Params["arrivals"]; a != arrivalsPoisson {
+		t.Fatalf("arrivals param %v, want the relay default %s", a, arrivalsPoisson)
+	}
+	if v := val(res, "loadgen CPU per packet"); v <= 0 {
+		t.Fatalf("loadgen CPU per packet %v\n%s", v, log)
+	}
+}
+
+// --arrivals burst: the old in-step pacing still streams and says so.
+func TestRelayScenarioBurstArrivalsAgainstToy(t *testing.T) {
+	code, res, log := runAgainstToy(t, newToy(), "--scenario", "relay", "--sessions", "3", "--duration", "700ms",
+		"--warmup", "100ms", "--rate", "100", "--arrivals", "burst")
+	if code != 0 || !res.OK {
+		t.Fatalf("exit %d\n%s", code, log)
+	}
+	if s := lat(res, "emit → watcher receives"); s == nil || s["n"].(float64) < 100 {
+		t.Fatalf("samples: %v\n%s", s, log)
+	}
+	if a := res.Params["arrivals"]; a != arrivalsBurst {
+		t.Fatalf("arrivals param %v, want %s", a, arrivalsBurst)
+	}
 }
 
 // With --watch-batch 0 the watchers read one event per response (event),

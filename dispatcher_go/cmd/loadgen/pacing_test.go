@@ -126,11 +126,29 @@ func TestArrivalsFlag(t *testing.T) {
 	if _, err := parseFlags([]string{"--scenario", "tools", "--arrivals", "lumpy"}, io.Discard); err == nil {
 		t.Fatal("an unknown --arrivals was accepted")
 	}
-	if _, err := parseFlags([]string{"--scenario", "relay", "--arrivals", "spread"}, io.Discard); err == nil {
-		t.Fatal("--arrivals was accepted for relay")
-	}
+	// relay: Poisson by default too (real sessions are not phase-locked);
+	// burst keeps the old in-step pacing.
 	o, err = parseFlags([]string{"--scenario", "relay"}, io.Discard)
-	if err != nil || o.arrivals != "" {
-		t.Fatalf("relay keeps its pacing: %v %q", err, o.arrivals)
+	if err != nil || o.arrivals != arrivalsPoisson {
+		t.Fatalf("relay default: %v %q", err, o.arrivals)
+	}
+	for _, mode := range []string{arrivalsBurst, arrivalsSpread, arrivalsPoisson} {
+		o, err = parseFlags([]string{"--scenario", "relay", "--arrivals", mode}, io.Discard)
+		if err != nil || o.arrivals != mode {
+			t.Fatalf("relay %s: %v %q", mode, err, o.arrivals)
+		}
+	}
+	if _, err := parseFlags([]string{"--scenario", "relay", "--arrivals", "lumpy"}, io.Discard); err == nil {
+		t.Fatal("an unknown --arrivals was accepted for relay")
+	}
+	// Other scenarios keep their pacing and refuse the option.
+	for _, sc := range []string{"stop", "policy", "throughput"} {
+		if _, err := parseFlags([]string{"--scenario", sc, "--arrivals", "spread"}, io.Discard); err == nil {
+			t.Fatalf("--arrivals was accepted for %s", sc)
+		}
+		o, err = parseFlags([]string{"--scenario", sc}, io.Discard)
+		if err != nil || o.arrivals != "" {
+			t.Fatalf("%s keeps its pacing: %v %q", sc, err, o.arrivals)
+		}
 	}
 }

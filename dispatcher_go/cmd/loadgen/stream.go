@@ -196,7 +196,11 @@ func streamParams(o *options) map[string]any {
 }
 
 func runRelay(ctx context.Context, o *options, e *env) (*result, error) {
-	res := newResult("relay", streamParams(o))
+	params := streamParams(o)
+	if o.rate > 0 {
+		params["arrivals"] = o.arrivals
+	}
+	res := newResult("relay", params)
 	if o.watchers == 0 {
 		return nil, fmt.Errorf("relay needs --watchers >= 1")
 	}
@@ -209,12 +213,32 @@ func runRelay(ctx context.Context, o *options, e *env) (*result, error) {
 		return nil, err
 	}
 	sentFrom := r.f.sent.Load()
+	var dcpuFrom, cpuFrom time.Duration
+	if o.dispatcherPID > 0 {
+		dcpuFrom, _ = benchkit.CPUTime(o.dispatcherPID)
+	}
+	cpuFrom, _ = benchkit.CPUTime(0)
 	if err := sleepUntil(ctx, r.measureTo); err != nil {
 		return nil, err
 	}
 	sentTo := r.f.sent.Load()
+	var dcpu time.Duration
+	if o.dispatcherPID > 0 {
+		dcpuTo, _ := benchkit.CPUTime(o.dispatcherPID)
+		dcpu = dcpuTo - dcpuFrom
+	}
+	cpuTo, _ := benchkit.CPUTime(0)
 	window := r.measureTo.Sub(r.measureFrom).Seconds()
 	r.finish(ctx, res)
+	// CPU per packet sent in the window (both processes): the relay's cost,
+	// comparable between runs that could not all send the offered rate.
+	if sent := float64(sentTo - sentFrom); sent > 0 {
+		if o.dispatcherPID > 0 {
+			res.value("dispatcher CPU", 100*dcpu.Seconds()/window, "% of one core")
+			res.value("dispatcher CPU per packet", dcpu.Seconds()*1e6/sent, "µs")
+		}
+		res.value("loadgen CPU per packet", (cpuTo-cpuFrom).Seconds()*1e6/sent, "µs")
+	}
 	res.latency("emit → watcher receives", r.e2e.Summary())
 	res.latency("emit → dispatcher records", r.in.Summary())
 	res.latency("recorded → watcher receives", r.out.Summary())
