@@ -292,7 +292,11 @@ START=$SECONDS
 #             each session's calls are a Poisson process of its own (real
 #             commanders are not phase-locked). tools-burst: the same with
 #             every session on one 50 ms grid (--arrivals burst, the pacing
-#             before: ~50 calls in the same millisecond).
+#             before: ~50 calls in the same millisecond). bench_echo is
+#             declared idempotent (it only echoes), so it is invoked at once;
+#             tools-durable: the same, Poisson, with bench_echo declared not
+#             idempotent, so each provider call waits until its tool_call
+#             event is durable (what a tool that acts on the world pays).
 # policy:     N sessions streaming 50 packets/s against a dispatcher with a
 #             policy file (a phrase rule + 9 CEL rules); half the tasks emit
 #             the forbidden phrase split across two packets 0.2–2 s in:
@@ -324,6 +328,7 @@ else
   scenario idle        --scenario idle --sessions 20000 --duration 15s --streams-per-conn 100
   scenario tools       --scenario tools --sessions 50 --duration 15s --rate 20
   scenario tools-burst --scenario tools --sessions 50 --duration 15s --rate 20 --arrivals burst
+  scenario tools-durable --scenario tools --sessions 50 --duration 10s --rate 20 --provider-idempotent=false
   policy_scenario policy-50 --sessions 50 --duration 20s --rate 50 --packet-bytes 16
   policy_scenario policy-200 --sessions 200 --duration 20s --rate 20 --packet-bytes 16
 fi

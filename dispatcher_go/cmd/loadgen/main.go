@@ -82,15 +82,19 @@ type options struct {
 	leakAfterStop  int
 	credit         int
 	upBatch        int
-	taskPackets    int64
-	keepalive      time.Duration
-	timeout        time.Duration
-	cpuProfile     string
-	label          string
-	phrase         string
-	policyRule     string
-	poison         float64
-	arrivals       string
+	// providerIdempotent declares the provider's bench_echo idempotent
+	// (tools): then the dispatcher invokes it at once; else only once the
+	// call's event is durable.
+	providerIdempotent bool
+	taskPackets        int64
+	keepalive          time.Duration
+	timeout            time.Duration
+	cpuProfile         string
+	label              string
+	phrase             string
+	policyRule         string
+	poison             float64
+	arrivals           string
 }
 
 // scenarios maps --scenario to its run function and its default --rate.
@@ -192,6 +196,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.policyRule, "policy-rule", "bench-phrase", "policy: the id of the rule that forbids --phrase")
 	fs.Float64Var(&o.poison, "poison", 0.5, "policy: share of the tasks that emit the phrase (0..1)")
 	fs.IntVar(&o.credit, "credit", 0, "stop: the commanders' credit window: number the packets and keep at most this many content packets unacknowledged, so that a stopped queues behind at most that many (stop-flood: 64); 0 = none: a flood fills the stream's flow-control window, as before")
+	fs.BoolVar(&o.providerIdempotent, "provider-idempotent", true, "tools: declare the provider's bench_echo idempotent (it only echoes), so the dispatcher invokes it at once; false: as a tool that acts on the world, invoked only once its tool_call event is durable (adds about the store's flush interval plus a commit)")
 	fs.IntVar(&o.upBatch, "up-batch", 0, "stop/relay/throughput/tools: the commanders send the packets they find waiting (handed over while a Send was under way) as one UpstreamBatch of at most this many (and what the dispatcher's hello ack announces), a lone packet alone; 0 = one packet per message, as before")
 	fs.IntVar(&o.leakAfterStop, "leak-after-stop", 3, "stop: content packets each planner still sends after the stop (the dispatcher must drop them)")
 	fs.Int64Var(&o.taskPackets, "task-packets", -1, "relay/throughput/tools: a session ends after this many packets (tools: calls) and its lane submits the next task; 0 = no limit (default: relay 0, throughput and tools 20000)")

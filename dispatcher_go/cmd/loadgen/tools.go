@@ -30,7 +30,7 @@ type provider struct {
 }
 
 // startProvider registers remoteTool and serves it until ctx ends.
-func startProvider(ctx context.Context, conn *grpc.ClientConn) (*provider, error) {
+func startProvider(ctx context.Context, conn *grpc.ClientConn, idempotent bool) (*provider, error) {
 	stream, err := dispatchv1.NewToolProviderServiceClient(conn).Connect(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("tool provider: Connect: %w", err)
@@ -40,6 +40,7 @@ func startProvider(ctx context.Context, conn *grpc.ClientConn) (*provider, error
 		Tools: []*dispatchv1.ToolSpec{{
 			Name: remoteTool, Description: "loadgen: returns its arguments at once",
 			ParametersJsonSchema: `{"type":"object"}`,
+			Idempotent:           idempotent,
 		}},
 	}}})
 	if err != nil {
@@ -84,6 +85,7 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 	params := streamParams(o)
 	params["tools"] = "echo (builtin), " + remoteTool + " (provider)"
 	params["task_packets"] = o.taskPackets
+	params["provider_idempotent"] = o.providerIdempotent
 	if o.rate > 0 {
 		params["arrivals"] = o.arrivals
 	}
@@ -96,7 +98,7 @@ func runTools(ctx context.Context, o *options, e *env) (*result, error) {
 	defer closeAll(provConns)
 	provCtx, stopProvider := context.WithCancel(ctx)
 	defer stopProvider()
-	prov, err := startProvider(provCtx, provConns[0])
+	prov, err := startProvider(provCtx, provConns[0], o.providerIdempotent)
 	if err != nil {
 		return nil, err
 	}
