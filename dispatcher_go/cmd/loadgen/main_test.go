@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -311,16 +312,34 @@ func TestReport(t *testing.T) {
 	}
 }
 
+// TestThroughputRotatesTasksWithoutWatchers: a lane whose task nobody
+// watches still notices it ended and submits the next. To rotate, each lane
+// must send --task-packets packets within the 600 ms run: 50 rather than
+// 500, which failed 1 run in 10 at load 20 with -race (1 100-1 300 packets
+// streamed in all). Even 50 do not fit when the machine starves the test's
+// process for most of the run (1 run in ~200 there: no packet counted in
+// the window), so a run that fell short is repeated: lanes that do not
+// rotate fall short every time.
 func TestThroughputRotatesTasksWithoutWatchers(t *testing.T) {
-	code, res, log := runAgainstToy(t, newToy(), "--scenario", "throughput", "--sessions", "2", "--duration", "600ms",
-		"--warmup", "100ms", "--watchers", "0", "--task-packets", "500")
-	if code != 0 || !res.OK {
-		t.Fatalf("exit %d\n%s", code, log)
-	}
-	if n := val(res, "tasks"); n < 4 {
-		t.Fatalf("only %v tasks: sessions did not rotate\n%s", n, log)
-	}
-	if v := val(res, "events logged by the dispatcher"); v < 100 {
-		t.Fatalf("logged %v/s\n%s", v, log)
+	const attempts = 3
+	for attempt := 1; ; attempt++ {
+		code, res, log := runAgainstToy(t, newToy(), "--scenario", "throughput", "--sessions", "2", "--duration", "600ms",
+			"--warmup", "100ms", "--watchers", "0", "--task-packets", "50")
+		if code != 0 || !res.OK {
+			t.Fatalf("exit %d\n%s", code, log)
+		}
+		var short string
+		if n := val(res, "tasks"); n < 4 {
+			short = fmt.Sprintf("only %v tasks: sessions did not rotate", n)
+		} else if v := val(res, "events logged by the dispatcher"); v < 100 {
+			short = fmt.Sprintf("logged %v/s", v)
+		}
+		if short == "" {
+			return
+		}
+		if attempt == attempts {
+			t.Fatalf("%s (in each of %d runs)\n%s", short, attempts, log)
+		}
+		t.Logf("run %d: %s; running again\n%s", attempt, short, log)
 	}
 }
