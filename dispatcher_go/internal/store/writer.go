@@ -297,7 +297,10 @@ func (w *Writer) Store() Store { return w.st }
 
 func (w *Writer) pendingLocked() int { return len(w.events) + len(w.tasks) }
 
-func (w *Writer) notifyLocked() {
+func (w *Writer) notifyLocked(taskID string) {
+	if w.heldLocked(taskID) {
+		return // the write under way that holds it up wakes the Writer when it ends
+	}
 	n := w.pendingLocked()
 	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
@@ -355,7 +358,7 @@ func (w *Writer) PersistEncoded(c eventlog.Committer, taskID string, ev *dispatc
 		p.at = time.Since(traceBase)
 	}
 	w.events = append(w.events, p)
-	w.notifyLocked()
+	w.notifyLocked(taskID)
 	w.mu.Unlock()
 }
 
@@ -393,7 +396,7 @@ func (w *Writer) SaveTask(rec TaskRecord) {
 	}
 	w.tasks = append(w.tasks, rec)
 	w.queuedTaskLocked()
-	w.notifyLocked()
+	w.notifyLocked(rec.ID)
 }
 
 // Flush writes everything queued so far now and waits until it is durable.
@@ -521,6 +524,11 @@ func (w *Writer) run() {
 		w.mu.Unlock()
 
 		err := w.write(events, tasks, commits, slept)
+		if err == nil {
+			w.mu.Lock()
+			err = w.flyErr // a write beside this one failed at Close
+			w.mu.Unlock()
+		}
 		for _, ch := range waiters {
 			ch <- err
 		}
@@ -674,6 +682,14 @@ func (w *Writer) traceWrite(events []pendingEvent, taken, applied time.Duration,
 // or the store's error once the Writer is closed.
 func (w *Writer) apply(b Batch) error {
 	backoff := 50 * time.Millisecond
+	failing := false // counted in w.failing
+	defer func() {
+		if failing {
+			w.mu.Lock()
+			w.failing--
+			w.mu.Unlock()
+		}
+	}()
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		err := w.st.Apply(ctx, b)
@@ -683,6 +699,10 @@ func (w *Writer) apply(b Batch) error {
 		}
 		w.opts.Logger.Error("store write failed; retrying", "events", len(b.Events), "tasks", len(b.Tasks), "error", err)
 		w.mu.Lock()
+		if !failing {
+			failing = true
+			w.failing++
+		}
 		w.setHealthLocked(func() { w.writeErr = err })
 		closed := w.closed
 		w.mu.Unlock()

@@ -64,6 +64,14 @@ type flights struct {
 	lowest  map[int64]uint64 // flight → the lowest record number it writes
 	flushes []flushWaiter    // Flush waiters taken by the flights
 	nextF   int64
+
+	// flyErr is the error of a write under way that failed (only once the
+	// Writer is closed: writes retry until then); the flush waiters
+	// answered after it get it, never nil for records it lost.
+	flyErr error
+	// failing counts the writes retrying a failed Apply (any InFlight): a
+	// write that succeeds meanwhile leaves Health failing.
+	failing int
 }
 
 type flushWaiter struct {
@@ -112,13 +120,21 @@ func (w *Writer) answerFlushesLocked() {
 	kept := w.flushes[:0]
 	for _, f := range w.flushes {
 		if f.upto < low {
-			f.ch <- nil
+			f.ch <- w.flyErr
 		} else {
 			kept = append(kept, f)
 		}
 	}
 	clear(w.flushes[len(kept):])
 	w.flushes = kept
+}
+
+// heldLocked: a new record of taskID cannot start a write now — every
+// slot is taken, or a write under way holds the task — and the write
+// under way wakes the Writer when it ends (waking it now would only make
+// it scan the pending records again, for every record a busy task adds).
+func (w *Writer) heldLocked(taskID string) bool {
+	return w.concurrentLocked() && w.flying > 0 && (w.flying >= w.opts.InFlight || w.busy[taskID] > 0)
 }
 
 // slotFreeLocked: a write under way and room for another (a new record
@@ -236,10 +252,13 @@ func (w *Writer) fly(id int64, events []pendingEvent, tasks []TaskRecord, slept 
 		runtime.LockOSThread() // threadStat measures this goroutine
 		defer runtime.UnlockOSThread()
 	}
-	// An error only once the Writer is closed (write retries until then);
-	// Close's own write reports it.
-	_ = w.write(events, tasks, newTells(), slept)
+	// An error only once the Writer is closed (write retries until then):
+	// the flush waiters answered after it, and Close's write, report it.
+	err := w.write(events, tasks, newTells(), slept)
 	w.mu.Lock()
+	if err != nil && w.flyErr == nil {
+		w.flyErr = err
+	}
 	for _, p := range events {
 		w.unbusyLocked(p.taskID)
 	}
@@ -325,5 +344,10 @@ func (w *Writer) endedLocked(id int64, ok bool) {
 		return // unhealthy while it failed; writeBegan stays as it was
 	}
 	stuck := !oldest.IsZero() && time.Since(oldest) >= w.opts.StuckAfter
-	w.setHealthLocked(func() { w.writeBegan, w.stuck, w.writeErr = oldest, stuck, nil })
+	w.setHealthLocked(func() {
+		w.writeBegan, w.stuck = oldest, stuck
+		if w.failing == 0 {
+			w.writeErr = nil // else another write still fails and retries
+		}
+	})
 }

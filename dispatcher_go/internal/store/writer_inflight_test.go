@@ -31,7 +31,8 @@ type flightStore struct {
 	under   int
 	errs    []string
 	hold    map[string]chan struct{}
-	entered chan string // told of each held write's task when it waits
+	entered chan string     // told of each held write's task when it waits
+	fail    map[string]bool // writes holding these tasks fail
 }
 
 func newFlightStore(t *testing.T, jitter bool) *flightStore {
@@ -79,7 +80,17 @@ func (s *flightStore) Apply(ctx context.Context, b store.Batch) error {
 	if s.jitter {
 		time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
 	}
-	err := s.Store.Apply(ctx, b)
+	s.mu.Lock()
+	var err error
+	for id := range ids {
+		if s.fail[id] {
+			err = errors.New("flightStore: the disk is gone")
+		}
+	}
+	s.mu.Unlock()
+	if err == nil {
+		err = s.Store.Apply(ctx, b)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err == nil {
@@ -305,4 +316,92 @@ func TestWriterInFlightHealthFollowsTheOldestWrite(t *testing.T) {
 		t.Fatalf("a's reader got %v", got)
 	}
 	st.check(t)
+}
+
+func (s *flightStore) setFail(id string, fail bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fail == nil {
+		s.fail = map[string]bool{}
+	}
+	s.fail[id] = fail
+}
+
+// TestWriterInFlightHealthStaysFailingWhileAWriteRetries: one write under
+// way keeps failing (and retrying) while another task's write succeeds
+// beside it: Health stays failing until the failing write itself succeeds
+// (a success of another write used to clear the error).
+func TestWriterInFlightHealthStaysFailingWhileAWriteRetries(t *testing.T) {
+	st := newFlightStore(t, false)
+	st.setFail("a", true)
+	w := store.NewWriter(st, store.WriterOptions{InFlight: 2, StuckAfter: time.Hour})
+	defer w.Close()
+	logs := eventlog.NewDurable(eventlog.Limits{}, w)
+	a, err := logs.Create("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := logs.Create("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := w.HealthChanged()
+	if _, err := a.Append(content("a1"), eventlog.Capped); err != nil {
+		t.Fatal(err)
+	}
+	changedWithin(t, changed, "to unhealthy")
+	if _, err := b.Append(content("b1"), eventlog.Capped); err != nil {
+		t.Fatal(err)
+	}
+	if got := readWithin(t, b, 0, 1, 5*time.Second); len(got) != 1 {
+		t.Fatalf("b's reader got %v while a's write failed", got)
+	}
+	if err := w.Health(); err == nil {
+		t.Fatal("Health nil while a's write still fails and retries")
+	}
+	changed = w.HealthChanged()
+	st.setFail("a", false)
+	changedWithin(t, changed, "back to healthy")
+	if got := readWithin(t, a, 0, 1, 5*time.Second); len(got) != 1 {
+		t.Fatalf("a's reader got %v", got)
+	}
+	if err := w.Health(); err != nil {
+		t.Fatalf("Health after a's write succeeded: %v", err)
+	}
+	st.check(t)
+}
+
+// TestWriterInFlightFlushFailsWhenAWriteIsLostAtClose: the write a Flush
+// waits for fails for good (the Writer closes while its store is down):
+// the Flush gets an error, never nil for events that were not stored. (The
+// long Interval holds a1 until the Flush, so the write under way carries
+// the Flush's waiter.)
+func TestWriterInFlightFlushFailsWhenAWriteIsLostAtClose(t *testing.T) {
+	st := newFlightStore(t, false)
+	st.setFail("a", true)
+	w := store.NewWriter(st, store.WriterOptions{InFlight: 2, StuckAfter: time.Hour, Interval: time.Hour})
+	logs := eventlog.NewDurable(eventlog.Limits{}, w)
+	a, err := logs.Create("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := w.HealthChanged()
+	if _, err := a.Append(content("a1"), eventlog.Capped); err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- w.Flush(context.Background()) }()
+	changedWithin(t, changed, "to unhealthy") // a1's write, the Flush's, fails and retries
+	w.Close()
+	select {
+	case err := <-flushed:
+		if err == nil {
+			t.Fatal("Flush returned nil though a1's write was lost at Close")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Flush did not return after Close")
+	}
+	if n, err := st.Store.LastSeq(context.Background(), "a"); err != nil || n != 0 {
+		t.Fatalf("a's last stored seq %d (%v), want 0 (the store was down)", n, err)
+	}
 }
