@@ -128,7 +128,7 @@ func (a *arena) take(n int) []byte {
 	}
 	a.mu.Lock()
 	if cap(a.free) < n {
-		size := max(a.next, arenaFirst)
+		size := max(a.next, arenaFirst, n) // n may exceed a young arena's chunk
 		a.next = min(2*size, arenaChunk)
 		a.free = make([]byte, 0, size)
 	}

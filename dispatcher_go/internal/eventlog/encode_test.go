@@ -285,3 +285,34 @@ func TestEncodedOnlyForTheNewestEvents(t *testing.T) {
 		t.Fatalf("ring of %d", len(ml.raw.b))
 	}
 }
+
+// An arena hands out any size up to arenaAlone from its first chunks too,
+// which are smaller than that: a young log's first event of a few KiB (a
+// folded content chunk) crashed the dispatcher with "slice bounds out of
+// range" before.
+func TestArenaTakesAnySizeFromYoungChunks(t *testing.T) {
+	for _, first := range []int{1, arenaFirst - 1, arenaFirst, arenaFirst + 1, 2*arenaFirst + 80, arenaAlone} {
+		for _, second := range []int{1, arenaFirst + 1, 3*arenaFirst + 1, arenaAlone} {
+			a := &arena{}
+			x, y := a.take(first), a.take(second)
+			if len(x) != first || cap(x) != first || len(y) != second || cap(y) != second {
+				t.Fatalf("take(%d), take(%d): len/cap %d/%d, %d/%d", first, second, len(x), cap(x), len(y), cap(y))
+			}
+		}
+	}
+	l := newLog(t, Limits{})
+	for _, n := range []int{2100, 3000, arenaAlone - 64, 10, 4000} {
+		if _, err := l.Append(content(strings.Repeat("z", n)), Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evs, err := l.Read(context.Background(), 0, nil)
+	if err != nil || len(evs) != 5 {
+		t.Fatalf("read %d events, %v", len(evs), err)
+	}
+	for i, raw := range EncodedOf(l, evs, nil) {
+		if want, _ := proto.Marshal(evs[i]); !bytes.Equal(raw, want) {
+			t.Fatalf("event %d: bytes differ from proto.Marshal", evs[i].GetSeq())
+		}
+	}
+}
