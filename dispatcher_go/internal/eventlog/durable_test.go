@@ -371,3 +371,27 @@ func TestWhenDurable(t *testing.T) {
 		t.Fatal("a Memory log did not call back at once")
 	}
 }
+
+// An event the store did not keep (a placeholder replaced it before the
+// commit) never calls its WhenDurable callbacks: a tool call held for it
+// is not invoked. Others of the same commit still are.
+func TestWhenDurableNotForAReplacedEvent(t *testing.T) {
+	sink := &fakeSink{}
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := l.Append(&dispatchv1.TaskEvent{}, Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []uint64
+	l.WhenDurable(1, func() { got = append(got, 1) })
+	l.WhenDurable(2, func() { got = append(got, 2) })
+	l.(Committer).Replace(1, &dispatchv1.TaskEvent{})
+	sink.commitAll()
+	if len(got) != 1 || got[0] != 2 {
+		t.Fatalf("called back %v, want only [2] (1 was replaced)", got)
+	}
+}

@@ -101,7 +101,8 @@ type Log interface {
 	// caller's goroutine, if it is already (always in a Memory log), else
 	// on the goroutine that reports the commit (the store's writer), after
 	// the commit, so f must not block. f is called at most once, and never
-	// if the event never becomes durable.
+	// if the event never becomes durable — nor if the store did not keep
+	// it (a placeholder replaced it, Committer.Replace).
 	WhenDurable(seq uint64, f func())
 }
 

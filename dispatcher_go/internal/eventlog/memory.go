@@ -327,6 +327,17 @@ func (l *memLog) Replace(seq uint64, ev *dispatchv1.TaskEvent) {
 		i := seq - l.base - 1
 		l.events[i] = ev
 		l.raw.clear(seq) // the readers encode the placeholder themselves (rare)
+		// The event waited for is not what the store keeps: its WhenDurable
+		// callbacks never run (a held tool call is not invoked; its
+		// deadline, a stop or the task's end finishes it).
+		keep := l.whenDurable[:0]
+		for _, w := range l.whenDurable {
+			if w.seq != seq {
+				keep = append(keep, w)
+			}
+		}
+		clear(l.whenDurable[len(keep):])
+		l.whenDurable = keep
 	}
 }
 

@@ -238,6 +238,20 @@ func (l *leaseLog) Read(ctx context.Context, after uint64, dst []*dispatchv1.Tas
 	return v.Read(ctx, after, dst)
 }
 
+// WhenDurable implements eventlog.Log: f runs once event seq is durable —
+// never once the lease is lost. The loss is marked before the fenced
+// store's refused records are reported done (Commit), so a call held for
+// its tool_call event's durability (a tool that is not idempotent) is not
+// invoked on a copy whose record the store refused: the replica that took
+// the task over records and runs it.
+func (l *leaseLog) WhenDurable(seq uint64, f func()) {
+	l.Log.WhenDurable(seq, func() {
+		if l.lost.Err() == nil {
+			f()
+		}
+	})
+}
+
 // viewLog is the fleet's view of the task, looked up once.
 func (l *leaseLog) viewLog(ctx context.Context) (eventlog.Log, error) {
 	l.mu.Lock()

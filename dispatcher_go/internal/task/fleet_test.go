@@ -393,3 +393,73 @@ func TestFleetDroppedWaiterWakesItsWatchers(t *testing.T) {
 		}(), r.err)
 	}
 }
+
+// heldSink keeps what is persisted until commit says it is durable.
+type heldSink struct {
+	mu      sync.Mutex
+	pending []heldEvent
+}
+
+type heldEvent struct {
+	c   eventlog.Committer
+	seq uint64
+}
+
+func (*heldSink) WaitRoom(<-chan struct{}) {}
+func (s *heldSink) Persist(c eventlog.Committer, _ string, ev *dispatchv1.TaskEvent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pending = append(s.pending, heldEvent{c, ev.GetSeq()})
+}
+func (*heldSink) ReadStored(context.Context, string, uint64, int) ([]*dispatchv1.TaskEvent, error) {
+	return nil, nil
+}
+
+// commit reports every persisted event up to seq durable.
+func (s *heldSink) commit(seq uint64) {
+	s.mu.Lock()
+	var due []heldEvent
+	kept := s.pending[:0]
+	for _, p := range s.pending {
+		if p.seq <= seq {
+			due = append(due, p)
+		} else {
+			kept = append(kept, p)
+		}
+	}
+	s.pending = kept
+	s.mu.Unlock()
+	for _, p := range due {
+		p.c.Commit(p.seq)
+	}
+}
+
+// A copy that lost its lease never runs a WhenDurable callback: the
+// fenced store reports the refused records done, and a tool call held for
+// its tool_call event would otherwise be invoked on the stale copy while
+// the replica that took the task over runs it too.
+func TestLeaseLogWhenDurableNotAfterTheLoss(t *testing.T) {
+	sink := &heldSink{}
+	own, err := eventlog.NewDurable(eventlog.Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := newLeaseLog("t", own, &fakeFleet{})
+	for range 2 {
+		if _, err := own.Append(&dispatchv1.TaskEvent{TaskId: "t"}, eventlog.Capped); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []uint64
+	l.WhenDurable(1, func() { got = append(got, 1) })
+	l.WhenDurable(2, func() { got = append(got, 2) })
+	sink.commit(1)
+	if len(got) != 1 || got[0] != 1 {
+		t.Fatalf("after committing 1 with the lease held: %v, want [1]", got)
+	}
+	l.lose() // the loss is marked before the refused records are reported done
+	sink.commit(2)
+	if len(got) != 1 {
+		t.Fatalf("after the loss: %v, want [1] (2's callback must not run)", got)
+	}
+}
