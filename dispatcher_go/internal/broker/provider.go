@@ -67,7 +67,8 @@ type pendingCall struct {
 	deadline time.Time
 	timeout  time.Duration
 	// order (start): invokeQueued once the invocation is queued,
-	// cancelWanted if its context ended before that — whichever comes
+	// cancelWanted if its context ended or its deadline passed before that
+	// (then it is never queued, unless queue had passed its check) — whichever comes
 	// second sends the cancel, so it always follows the invocation, once.
 	order atomic.Int32
 }
@@ -358,7 +359,7 @@ func (p *provider) expireLoop(ctx context.Context) {
 // expire fails the pending calls whose deadline is not after now and sets
 // wakeAt to the earliest deadline left.
 func (p *provider) expire(now time.Time) {
-	var late []string
+	var late []string          // told to cancel
 	var started []*pendingCall // completed outside the lock
 	p.mu.Lock()
 	var next time.Time
@@ -369,6 +370,12 @@ func (p *provider) expire(now time.Time) {
 				pc.complete(timeoutResult(id, pc.timeout))
 			} else {
 				started = append(started, pc)
+				if pc.order.CompareAndSwap(0, cancelWanted) {
+					// Not queued yet (held for durability, or waiting for
+					// room): never queued now, or, if queue passed its
+					// check already, the cancel follows the invocation.
+					continue
+				}
 			}
 			late = append(late, id)
 			continue
@@ -477,6 +484,9 @@ func (p *provider) queue(ctx context.Context, id string, pc *pendingCall, inv *d
 			p.cancelInvocation(id, "cancelled")
 		}
 	}
+	if pc.order.Load() == cancelWanted {
+		return // stopped or timed out before it was queued: never sent
+	}
 	select {
 	case p.out <- inv:
 		sent()
@@ -485,8 +495,8 @@ func (p *provider) queue(ctx context.Context, id string, pc *pendingCall, inv *d
 	}
 	go func() {
 		// Rare (a provider that does not keep up): a timer of its own.
-		if ctx.Err() != nil {
-			return // the AfterFunc completes it; never send a stopped call
+		if ctx.Err() != nil || pc.order.Load() == cancelWanted {
+			return // the AfterFunc or expire completes it; never send it
 		}
 		t := time.NewTimer(time.Until(deadline))
 		defer t.Stop()
