@@ -58,8 +58,12 @@ def test_adversarial_input_at_the_size_cap_parses_in_bounded_linear_time(family:
     big_seconds, _ = cpu_seconds_to_parse(big, family.fmt)
     small_seconds, _ = cpu_seconds_to_parse(small, family.fmt)
     assert big_seconds < AT_CAP_CPU, f"{family.id}: {big_seconds * 1000:.1f} ms"
-    # Linear: 16 times the input, about 16 times the time (quadratic would be 256).
-    assert big_seconds < 64 * small_seconds + 0.05, (
+    # Linear: 16 times the input, about 16 times the time (quadratic would be
+    # 256). The slack covers families whose small input is rejected at once
+    # (~0 ms) while the big one takes tens of ms of thread CPU on a loaded
+    # CI machine (57 ms seen against 50 ms of slack); a quadratic blow-up at
+    # the cap is seconds (the reported 63k spaces: 20 s).
+    assert big_seconds < 64 * small_seconds + 0.1, (
         f"{family.id}: {big_seconds * 1000:.1f} ms at {len(big)} chars, "
         f"{small_seconds * 1000:.1f} ms at {len(small)}"
     )
