@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -196,29 +195,14 @@ func sameMillisecond(starts []atomic.Int32, ms int) (p50, p99 float64) {
 // in Unix nanoseconds: the call handed to Send, its result returned by Recv
 // (the receiving goroutine), and taken by the session's goroutine.
 var toolTrace = func() *toolTracer {
-	path := os.Getenv("LOADGEN_TOOL_TRACE")
-	if path == "" {
-		return nil
+	if f := benchkit.OpenTrace("LOADGEN_TOOL_TRACE"); f != nil {
+		return &toolTracer{f: f}
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "tool trace: %v\n", err)
-		return nil
-	}
-	t := &toolTracer{w: bufio.NewWriter(f)}
-	go func() {
-		for range time.Tick(time.Second) {
-			t.mu.Lock()
-			_ = t.w.Flush()
-			t.mu.Unlock()
-		}
-	}()
-	return t
+	return nil
 }()
 
 type toolTracer struct {
-	mu   sync.Mutex
-	w    *bufio.Writer
+	f    *benchkit.TraceFile
 	recv sync.Map // *DownstreamPacket → Unix ns of its Recv
 }
 
@@ -239,7 +223,5 @@ func (t *toolTracer) call(p *dispatchv1.DownstreamPacket, sid, tool string, sent
 	if v, ok := t.recv.LoadAndDelete(p); ok {
 		recv = v.(int64)
 	}
-	t.mu.Lock()
-	fmt.Fprintf(t.w, "%s %s %s %d %d %d\n", sid, p.GetToolResult().GetCallId(), tool, sent.UnixNano(), recv, got)
-	t.mu.Unlock()
+	t.f.Printf("%s %s %s %d %d %d\n", sid, p.GetToolResult().GetCallId(), tool, sent.UnixNano(), recv, got)
 }

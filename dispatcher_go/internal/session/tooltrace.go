@@ -1,12 +1,10 @@
 package session
 
 import (
-	"bufio"
-	"fmt"
-	"os"
 	"sync"
 	"time"
 
+	"github.com/agentdispatch/dispatcher/internal/benchkit"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -27,32 +25,19 @@ import (
 // the process's start. Off, it costs a nil test per call, per take and per
 // Send.
 var toolTrace = func() *toolTracer {
-	path := os.Getenv("DISPATCHER_TOOL_TRACE")
-	if path == "" {
+	f := benchkit.OpenTrace("DISPATCHER_TOOL_TRACE")
+	if f == nil {
 		return nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "tool trace: %v\n", err)
-		return nil
-	}
-	t := &toolTracer{w: bufio.NewWriter(f), recs: make(map[*dispatchv1.DownstreamPacket]*toolRec)}
 	// The process's start, near enough (package init), to place
 	// GODEBUG=gctrace=1's "@seconds" lines on the same clock.
-	fmt.Fprintf(t.w, "# start %d\n", time.Now().UnixNano())
-	go func() {
-		for range time.Tick(time.Second) {
-			t.mu.Lock()
-			_ = t.w.Flush()
-			t.mu.Unlock()
-		}
-	}()
-	return t
+	f.Printf("# start %d\n", time.Now().UnixNano())
+	return &toolTracer{f: f, recs: make(map[*dispatchv1.DownstreamPacket]*toolRec)}
 }()
 
 type toolTracer struct {
-	mu   sync.Mutex
-	w    *bufio.Writer
+	f    *benchkit.TraceFile
+	mu   sync.Mutex // recs
 	recs map[*dispatchv1.DownstreamPacket]*toolRec
 }
 
@@ -104,10 +89,11 @@ func (t *toolTracer) sent(p *dispatchv1.DownstreamPacket) {
 	}
 	now := time.Now().UnixNano()
 	t.mu.Lock()
-	if rec := t.recs[p]; rec != nil {
-		delete(t.recs, p)
-		fmt.Fprintf(t.w, "%s %s %d %d %d %d %d %d %d\n", rec.session, rec.call, rec.emitted,
+	rec := t.recs[p]
+	delete(t.recs, p)
+	t.mu.Unlock()
+	if rec != nil {
+		t.f.Printf("%s %s %d %d %d %d %d %d %d\n", rec.session, rec.call, rec.emitted,
 			rec.received, rec.dispatched, rec.resulted, rec.pushed, rec.taken, now)
 	}
-	t.mu.Unlock()
 }
