@@ -100,6 +100,19 @@ var migrations = []string{
 		id INTEGER PRIMARY KEY,
 		data BLOB NOT NULL
 	);`,
+	// event_runs as a rowid table with its key in an index (runs.go):
+	// the WITHOUT ROWID table kept each run's data in its key B-tree.
+	`CREATE TABLE event_runs_v4 (
+		task_id TEXT NOT NULL,
+		first_seq INTEGER NOT NULL,
+		last_seq INTEGER NOT NULL,
+		data BLOB NOT NULL
+	);
+	INSERT INTO event_runs_v4 (task_id, first_seq, last_seq, data)
+		SELECT task_id, first_seq, last_seq, data FROM event_runs ORDER BY task_id, first_seq, last_seq;
+	DROP TABLE event_runs;
+	ALTER TABLE event_runs_v4 RENAME TO event_runs;
+	CREATE UNIQUE INDEX event_runs_key ON event_runs (task_id, first_seq, last_seq);`,
 }
 
 // runChunk is how many runs one INSERT writes (4 parameters each, well
