@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"testing"
@@ -24,11 +25,13 @@ func benchEnv(name string, def int) int {
 // (default 200) whose events (60 bytes each) arrive in writes of
 // BENCH_PER_WRITE events of different tasks (default 4: ~4 000 events/s
 // at ~1 000 writes/s), folded the way the checkpointer does (a chunk of
-// foldChunkEvents events), into a store that already holds
-// BENCH_HISTORY_S seconds of such a relay (default 60, at 20 events per
-// task per second). It reports the CPU per write, and the wall time
-// (p50, p99, max) and CPU of one fold chunk: the time every write behind
-// it waits. Run it with -benchtime 1x: b.N is not used.
+// BENCH_CHUNK events, default foldChunkEvents), into a store that
+// already holds BENCH_HISTORY_S seconds of such a relay (default 60, at
+// 20 events per task per second): a write every millisecond for 5 s
+// beside a goroutine folding a chunk whenever one is journaled. It
+// reports the process CPU per event and the wall time of the writes
+// (what a fold holding the write lock adds to them) and of a fold.
+// Run it with -benchtime 1x: b.N is not used.
 func BenchmarkFoldRelay(b *testing.B) {
 	ctx := context.Background()
 	tasks := benchEnv("BENCH_TASKS", 200)
@@ -63,40 +66,87 @@ func BenchmarkFoldRelay(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	var folds []time.Duration
-	var foldCPU, writeCPU time.Duration
-	writes := 0
-	journaled := 0
-	for range 5 {
-		for range 20 * tasks / per {
-			c0 := threadCPU()
-			if err := s.Apply(ctx, mk()); err != nil {
-				b.Fatal(err)
+	// 5 s of writes, one every millisecond, beside a folder that folds a
+	// chunk whenever one is journaled.
+	chunk := benchEnv("BENCH_CHUNK", foldChunkEvents)
+	s.lastFold = time.Now().AddDate(100, 0, 0) // no background fold: this one folds
+	waits0, waited0 := s.lockWaits.Load(), s.lockWaited.Load()
+	var folds, applies []time.Duration
+	stop := make(chan struct{})
+	folded := make(chan struct{})
+	var foldCPU time.Duration
+	foldedEvents := 0
+	go func() {
+		defer close(folded)
+		runtime.LockOSThread() // foldCPU: this thread's CPU time
+		defer runtime.UnlockOSThread()
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
 			}
-			writeCPU += threadCPU() - c0
-			writes++
-			journaled += per
-			if journaled >= foldChunkEvents {
-				journaled = 0
-				c0 := threadCPU()
-				t0 := time.Now()
-				if _, err := s.foldOnce(ctx, foldChunkEvents); err != nil {
-					b.Fatal(err)
-				}
-				folds = append(folds, time.Since(t0))
-				foldCPU += threadCPU() - c0
+			if s.journaled.Load() < int64(chunk) {
+				continue
 			}
+			t0, c0, j0 := time.Now(), threadSchedCPU(), s.journaled.Load()
+			if _, err := s.foldOnce(ctx, chunk); err != nil {
+				b.Error(err)
+				return
+			}
+			folds = append(folds, time.Since(t0))
+			foldCPU += threadSchedCPU() - c0
+			foldedEvents += int(j0 - s.journaled.Load())
 		}
+	}()
+	c0 := threadCPU()
+	tick := time.NewTicker(time.Millisecond)
+	events := 0
+	for range 5000 {
+		<-tick.C
+		bt := mk()
+		t0 := time.Now()
+		if err := s.Apply(ctx, bt); err != nil {
+			b.Fatal(err)
+		}
+		applies = append(applies, time.Since(t0))
+		events += per
 	}
-	slices.Sort(folds)
-	q := func(f float64) float64 {
-		return float64(folds[min(len(folds)-1, int(f*float64(len(folds))))].Microseconds())
+	tick.Stop()
+	close(stop)
+	<-folded
+	cpu := threadCPU() - c0
+	q := func(d []time.Duration, f float64) float64 {
+		if len(d) == 0 {
+			return 0
+		}
+		d = slices.Clone(d)
+		slices.Sort(d)
+		return float64(d[min(len(d)-1, int(f*float64(len(d))))].Microseconds())
 	}
-	b.ReportMetric(float64(writeCPU.Microseconds())/float64(writes), "write_cpu_us")
-	b.ReportMetric(q(.5), "fold_p50_us")
-	b.ReportMetric(q(.99), "fold_p99_us")
-	b.ReportMetric(q(1), "fold_max_us")
-	b.ReportMetric(float64(foldCPU.Microseconds())/float64(len(folds)), "fold_cpu_us")
+	b.ReportMetric(float64(cpu.Nanoseconds())/float64(events), "cpu_ns/event")
+	b.ReportMetric(q(applies, .5), "apply_p50_us")
+	b.ReportMetric(q(applies, .99), "apply_p99_us")
+	b.ReportMetric(q(applies, .999), "apply_p999_us")
+	b.ReportMetric(q(folds, .5), "fold_p50_us")
+	waits, waited := s.lockWaits.Load()-waits0, s.lockWaited.Load()-waited0
+	b.ReportMetric(100*float64(waits)/float64(len(applies)), "waited_%")
+	b.ReportMetric(float64(waited)/1e3/float64(len(applies)), "wait_us/write")
+	b.ReportMetric(float64(len(folds)), "folds")
+	b.ReportMetric(float64(foldCPU.Nanoseconds())/float64(max(1, foldedEvents)), "fold_cpu_ns/event")
+}
+
+// threadSchedCPU is the calling thread's CPU time.
+func threadSchedCPU() time.Duration {
+	b, err := os.ReadFile("/proc/thread-self/schedstat")
+	if err != nil {
+		return 0
+	}
+	var c int64
+	fmt.Sscan(string(b), &c)
+	return time.Duration(c)
 }
 
 // BenchmarkApplyFlood is a flood's write: BENCH_TASKS tasks (default 8)

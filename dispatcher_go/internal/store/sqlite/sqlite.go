@@ -146,6 +146,19 @@ type Store struct {
 	// written to the journal and not folded yet; lastFold is when the
 	// fold last ran (checkpointLoop's goroutine only).
 	writeMu sync.Mutex
+	// applyWaiting counts the Applies waiting for writeMu: the fold
+	// gives the lock up to them between two pieces (foldOnce), and waits
+	// (at most foldHandoff) for the Apply to say on applyIn that it took
+	// it. foldMu serializes the folds.
+	applyWaiting atomic.Int32
+	applyIn      chan struct{}
+	foldHandoff  time.Duration
+	foldMu       sync.Mutex
+	// lockWaits counts the Applies that found writeMu taken, lockWaited
+	// their wait in ns (benchmarks read them).
+	lockWaits, lockWaited atomic.Int64
+	// foldPieceHook, if set (tests), runs after each piece of a fold.
+	foldPieceHook func()
 	// wconn is the connection of the writes under writeMu (Apply, the
 	// fold, retention): one connection, so that its page cache stays
 	// valid between writes. Taken from the pool, a write often got
@@ -220,7 +233,8 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
 	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
-		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
+		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{}),
+		applyIn: make(chan struct{}, 1), foldHandoff: foldHandoff}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -337,7 +351,18 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			return store.Rejected(fmt.Errorf("sqlite: apply events: event %d of task %s has no data", e.Seq, e.TaskID))
 		}
 	}
-	s.writeMu.Lock()
+	if !s.writeMu.TryLock() {
+		t0 := time.Now()
+		s.applyWaiting.Add(1)
+		s.writeMu.Lock()
+		s.applyWaiting.Add(-1)
+		select {
+		case s.applyIn <- struct{}{}: // to a fold that gave the lock up
+		default:
+		}
+		s.lockWaits.Add(1)
+		s.lockWaited.Add(int64(time.Since(t0)))
+	}
 	defer s.writeMu.Unlock()
 	if s.walFull.Swap(false) {
 		// The background checkpoint copied all but the last few frames:
