@@ -270,7 +270,12 @@ func (s *Store) foldPaced(ctx context.Context, stop <-chan struct{}) error {
 func (s *Store) foldOnce(ctx context.Context, maxEvents int) (int, error) {
 	s.foldMu.Lock()
 	defer s.foldMu.Unlock()
-	events, ids, err := s.journalHead(ctx, maxEvents)
+	return s.foldOnceLocked(ctx, maxEvents)
+}
+
+// foldOnceLocked is foldOnce with foldMu held.
+func (s *Store) foldOnceLocked(ctx context.Context, maxEvents int) (int, error) {
+	events, ids, err := s.journalHead(ctx, s.db, maxEvents)
 	if err != nil || len(ids) == 0 {
 		return 0, err
 	}
@@ -358,9 +363,11 @@ func (s *Store) foldOnce(ctx context.Context, maxEvents int) (int, error) {
 }
 
 // journalHead reads the oldest journal rows, up to about maxEvents
-// events: their events and their ids, in order.
-func (s *Store) journalHead(ctx context.Context, maxEvents int) ([]store.Event, []int64, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, data FROM event_journal ORDER BY id`)
+// events, through q: their events and their ids, in order.
+func (s *Store) journalHead(ctx context.Context, q interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}, maxEvents int) ([]store.Event, []int64, error) {
+	rows, err := q.QueryContext(ctx, `SELECT id, data FROM event_journal ORDER BY id`)
 	if err != nil {
 		return nil, nil, fmt.Errorf("sqlite: fold: %w", err)
 	}
@@ -390,4 +397,25 @@ func (s *Store) journalHead(ctx context.Context, maxEvents int) ([]store.Event, 
 		return nil, nil, fmt.Errorf("sqlite: fold: %w", err)
 	}
 	return events, ids, nil
+}
+
+// foldRest moves every row of the journal into event_runs in tx, in one
+// piece (the caller holds foldMu and writeMu, and has just folded: this
+// is what Applies journaled since, a few writes' worth), and returns how
+// many events it moved; the caller subtracts them from journaled once tx
+// is committed.
+func (s *Store) foldRest(ctx context.Context, tx *sql.Tx) (int, error) {
+	events, ids, err := s.journalHead(ctx, tx, int(^uint(0)>>1))
+	if err != nil || len(ids) == 0 {
+		return 0, err
+	}
+	moved := len(events)
+	events = slices.DeleteFunc(events, func(e store.Event) bool { return e.Data == nil })
+	if err := s.insertRuns(ctx, tx, groupRuns(events)); err != nil {
+		return 0, fmt.Errorf("sqlite: fold: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM event_journal WHERE id <= ?`, ids[len(ids)-1]); err != nil {
+		return 0, fmt.Errorf("sqlite: fold: %w", err)
+	}
+	return moved, nil
 }

@@ -396,3 +396,41 @@ func TestFoldCutShort(t *testing.T) {
 		checkEvents(t, s, id, 3)
 	}
 }
+
+// TestRetentionFoldsWhatCameMeanwhile: events an Apply journals between
+// retention's fold and its delete are deleted with their ended task, not
+// left in the journal (nor folded back into event_runs after the delete).
+func TestRetentionFoldsWhatCameMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ended := store.TaskRecord{ID: "old", Status: 3, CreatedAt: time.UnixMicro(1), EndedAt: time.UnixMicro(10), Body: []byte{0}}
+	if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("old", 1), ev("keep", 1)}, Tasks: []store.TaskRecord{ended}}); err != nil {
+		t.Fatal(err)
+	}
+	s.retentionHook = func() {
+		if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("old", 2), ev("keep", 2)}}); err != nil {
+			t.Error(err)
+		}
+	}
+	if n, err := s.DeleteEndedBefore(ctx, time.UnixMicro(11)); err != nil || n != 1 {
+		t.Fatalf("retention: %d %v", n, err)
+	}
+	s.retentionHook = nil
+	if last, err := s.LastSeq(ctx, "old"); err != nil || last != 0 {
+		t.Fatalf("the removed task's LastSeq %d %v", last, err)
+	}
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if last, err := s.LastSeq(ctx, "old"); err != nil || last != 0 {
+		t.Fatalf("the removed task's LastSeq after a fold %d %v", last, err)
+	}
+	checkEvents(t, s, "keep", 2)
+	if got := s.journaled.Load(); got != 0 {
+		t.Fatalf("journaled %d", got)
+	}
+}

@@ -157,8 +157,9 @@ type Store struct {
 	// lockWaits counts the Applies that found writeMu taken, lockWaited
 	// their wait in ns (benchmarks read them).
 	lockWaits, lockWaited atomic.Int64
-	// foldPieceHook, if set (tests), runs after each piece of a fold.
-	foldPieceHook func()
+	// foldPieceHook, if set (tests), runs after each piece of a fold;
+	// retentionHook between DeleteEndedBefore's fold and its delete.
+	foldPieceHook, retentionHook func()
 	// wconn is the connection of the writes under writeMu (Apply, the
 	// fold, retention): one connection, so that its page cache stays
 	// valid between writes. Taken from the pool, a write often got
@@ -600,8 +601,23 @@ func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
 func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error) {
 	// Events still in the journal are folded first: none of an ended
 	// task's may come back into event_runs after its runs were deleted.
-	if err := s.fold(ctx); err != nil {
-		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	// foldMu is held throughout, so that no fold that read journal rows
+	// before the delete inserts their runs after it; what Applies
+	// journaled meanwhile is folded in the delete's own transaction,
+	// under the write lock, so none is left behind it either.
+	s.foldMu.Lock()
+	defer s.foldMu.Unlock()
+	for {
+		n, err := s.foldOnceLocked(ctx, foldMaxEvents)
+		if err != nil {
+			return 0, fmt.Errorf("sqlite: retention: %w", err)
+		}
+		if n == 0 {
+			break
+		}
+	}
+	if s.retentionHook != nil {
+		s.retentionHook()
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
@@ -610,6 +626,10 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
 	}
 	defer tx.Rollback()
+	moved, err := s.foldRest(ctx, tx)
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
 	c := store.Micros(cutoff)
 	if _, err := tx.ExecContext(ctx, `DELETE FROM event_runs WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < ?)`, c); err != nil {
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
@@ -619,7 +639,11 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
 	}
 	n, _ := res.RowsAffected()
-	return n, tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	s.journaled.Add(-int64(moved))
+	return n, nil
 }
 
 // Close implements store.Store.
