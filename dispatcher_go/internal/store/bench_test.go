@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"strconv"
@@ -194,6 +195,11 @@ func BenchmarkRelayLatency(b *testing.B) {
 	}
 }
 
+// poissonArrivals (BENCH_ARRIVALS=poisson): relayOnce's tasks append as
+// Poisson processes of their own (as loadgen's relay sessions do by
+// default) instead of all in step on one ticker grid.
+var poissonArrivals = os.Getenv("BENCH_ARRIVALS") == "poisson"
+
 // relayOnce streams for 5 s and returns every append → read latency.
 func relayOnce(tb testing.TB, logs eventlog.Store, tasks, rate int) []time.Duration {
 	const dur = 5 * time.Second
@@ -212,8 +218,15 @@ func relayOnce(tb testing.TB, logs eventlog.Store, tasks, rate int) []time.Durat
 			defer wg.Done()
 			tick := time.NewTicker(time.Second / time.Duration(rate))
 			defer tick.Stop()
+			next := time.Now()
 			for j := range n {
-				<-tick.C
+				if poissonArrivals {
+					// Each task's appends a Poisson process of its own.
+					next = next.Add(time.Duration(rand.ExpFloat64() * float64(time.Second) / float64(rate)))
+					time.Sleep(time.Until(next))
+				} else {
+					<-tick.C
+				}
 				sent[j+1] = time.Now()
 				if _, err := l.Append(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Content{Content: &dispatchv1.ContentChunk{Text: "a token"}}}, eventlog.Capped); err != nil {
 					tb.Error(err)

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"runtime"
 	"testing"
+	"time"
 
 	"github.com/agentdispatch/dispatcher/internal/store"
 )
@@ -22,7 +24,7 @@ func TestJournalReads(t *testing.T) {
 	if err := s.fold(ctx); err != nil { // the background fold has no say below
 		t.Fatal(err)
 	}
-	s.lastFold = s.lastFold.AddDate(100, 0, 0)
+	s.lastFold = time.Now().AddDate(100, 0, 0) // no background fold (year 101 was in the past)
 	apply := func(evs ...store.Event) {
 		t.Helper()
 		if err := s.Apply(ctx, store.Batch{Events: evs}); err != nil {
@@ -218,5 +220,217 @@ func TestJournalCorruptRow(t *testing.T) {
 	}
 	if got, err := s.ReadEvents(ctx, "u", 0, 10); err != nil || len(got) != 1 || string(got[0].Data) != "u-1" {
 		t.Fatalf("u: %+v %v", got, err)
+	}
+}
+
+// journalMany writes events 1..perTask of tasks t000..t(tasks-1) in
+// writes of 4 events of different tasks (all journaled) and returns the
+// task ids.
+func journalMany(t *testing.T, s *Store, tasks, perTask int) []string {
+	t.Helper()
+	ids := make([]string, tasks)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("t%03d", i)
+	}
+	var batch []store.Event
+	for seq := 1; seq <= perTask; seq++ {
+		for _, id := range ids {
+			batch = append(batch, ev(id, uint64(seq)))
+			if len(batch) == 4 {
+				if err := s.Apply(context.Background(), store.Batch{Events: batch}); err != nil {
+					t.Fatal(err)
+				}
+				batch = nil
+			}
+		}
+	}
+	if len(batch) > 0 {
+		if err := s.Apply(context.Background(), store.Batch{Events: batch}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ids
+}
+
+// checkEvents fails unless task id reads exactly events 1..n.
+func checkEvents(t *testing.T, s *Store, id string, n int) {
+	t.Helper()
+	got, err := s.ReadEvents(context.Background(), id, 0, 10*n+10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != n {
+		t.Fatalf("task %s: read %d events, want %d: %+v", id, len(got), n, got)
+	}
+	for i, e := range got {
+		if want := fmt.Sprintf("%s-%d", id, i+1); e.Seq != uint64(i+1) || string(e.Data) != want {
+			t.Fatalf("task %s: event %d is %d %q, want %q", id, i, e.Seq, e.Data, want)
+		}
+	}
+	if last, err := s.LastSeq(context.Background(), id); err != nil || last != uint64(n) {
+		t.Fatalf("task %s: LastSeq %d %v, want %d", id, last, err, n)
+	}
+}
+
+// TestFoldLetsWritesIn: a fold gives the write lock up between two pieces
+// to an Apply waiting for it (the Apply commits before the fold's next
+// piece), and the events of both come out once each.
+func TestFoldLetsWritesIn(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.fold(ctx); err != nil { // the background fold has no say below
+		t.Fatal(err)
+	}
+	s.lastFold = time.Now().AddDate(100, 0, 0) // (before any Apply kicks the checkpointer)
+	s.foldHandoff = time.Minute                // however slow the machine, the Apply gets in
+	ids := journalMany(t, s, 40, 8)            // 40 runs: 5 pieces, then 80 rows: 2 pieces of deletes
+	late := 0
+	var prev chan struct{}
+	s.foldPieceHook = func() {
+		// The previous piece's Apply got in before this piece.
+		if prev != nil {
+			select {
+			case <-prev:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("the Apply waiting after piece %d did not get the write lock before the next piece", late)
+			}
+		}
+		late++
+		done := make(chan struct{})
+		prev = done
+		go func(seq uint64) {
+			defer close(done)
+			if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("late", seq)}}); err != nil {
+				t.Error(err)
+			}
+		}(uint64(late))
+		deadline := time.Now().Add(10 * time.Second)
+		for s.applyWaiting.Load() == 0 {
+			if time.Now().After(deadline) {
+				t.Fatal("the Apply did not wait for the write lock")
+			}
+			runtime.Gosched()
+		}
+	}
+	if _, err := s.foldOnce(ctx, foldMaxEvents); err != nil {
+		t.Fatal(err)
+	}
+	s.foldPieceHook = nil
+	<-prev
+	if late < 6 {
+		t.Fatalf("%d pieces, want at least 6", late)
+	}
+	for _, id := range ids {
+		checkEvents(t, s, id, 8)
+	}
+	checkEvents(t, s, "late", late)
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_journal`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("journal rows after the folds: %d %v", n, err)
+	}
+	if got := s.journaled.Load(); got != 0 {
+		t.Fatalf("journaled %d after the folds", got)
+	}
+	checkEvents(t, s, "late", late)
+}
+
+// TestFoldCutShort: a fold that fails after some of its pieces were
+// committed (as a crash would leave it) leaves those events in both
+// tables: they read once, and the next fold (here at a reopen) moves the
+// rest.
+func TestFoldCutShort(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s, err := Open(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.lastFold = time.Now().AddDate(100, 0, 0) // (before any Apply kicks the checkpointer)
+	ids := journalMany(t, s, 40, 3)
+	// A waiting Apply makes the fold commit after each piece; the third
+	// piece's statements then fail (cancelled).
+	fctx, cancel := context.WithCancel(ctx)
+	pieces := 0
+	s.applyWaiting.Add(1) // as if an Apply waited: each piece commits
+	s.foldPieceHook = func() {
+		if pieces++; pieces == 3 { // the first two pieces are committed
+			cancel()
+		}
+	}
+	if _, err := s.foldOnce(fctx, foldMaxEvents); err == nil {
+		t.Fatal("the cancelled fold did not fail")
+	}
+	s.applyWaiting.Add(-1)
+	s.foldPieceHook = nil
+	var runs, rows int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_runs`).Scan(&runs); err != nil || runs != 2*foldPieceRuns {
+		t.Fatalf("runs committed by the cut fold: %d %v, want %d", runs, err, 2*foldPieceRuns)
+	}
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_journal`).Scan(&rows); err != nil || rows != 30 {
+		t.Fatalf("journal rows after the cut fold: %d %v, want all 30", rows, err)
+	}
+	for _, id := range ids {
+		checkEvents(t, s, id, 3)
+	}
+	if err := s.Close(); err != nil { // folds; a crash would leave it to Open
+		t.Fatal(err)
+	}
+	if s, err = Open(ctx, dir); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM event_journal`).Scan(&rows); err != nil || rows != 0 {
+		t.Fatalf("journal rows after a reopen: %d %v", rows, err)
+	}
+	for _, id := range ids {
+		checkEvents(t, s, id, 3)
+	}
+}
+
+// TestRetentionFoldsWhatCameMeanwhile: events an Apply journals between
+// retention's fold and its delete are deleted with their ended task, not
+// left in the journal (nor folded back into event_runs after the delete).
+func TestRetentionFoldsWhatCameMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ended := store.TaskRecord{ID: "old", Status: 3, CreatedAt: time.UnixMicro(1), EndedAt: time.UnixMicro(10), Body: []byte{0}}
+	if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("old", 1), ev("keep", 1)}, Tasks: []store.TaskRecord{ended}}); err != nil {
+		t.Fatal(err)
+	}
+	s.retentionHook = func() {
+		if err := s.Apply(ctx, store.Batch{Events: []store.Event{ev("old", 2), ev("keep", 2)}}); err != nil {
+			t.Error(err)
+		}
+	}
+	if n, err := s.DeleteEndedBefore(ctx, time.UnixMicro(11)); err != nil || n != 1 {
+		t.Fatalf("retention: %d %v", n, err)
+	}
+	s.retentionHook = nil
+	if last, err := s.LastSeq(ctx, "old"); err != nil || last != 0 {
+		t.Fatalf("the removed task's LastSeq %d %v", last, err)
+	}
+	if err := s.fold(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if last, err := s.LastSeq(ctx, "old"); err != nil || last != 0 {
+		t.Fatalf("the removed task's LastSeq after a fold %d %v", last, err)
+	}
+	checkEvents(t, s, "keep", 2)
+	if got := s.journaled.Load(); got != 0 {
+		t.Fatalf("journaled %d", got)
 	}
 }

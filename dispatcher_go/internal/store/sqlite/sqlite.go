@@ -100,6 +100,19 @@ var migrations = []string{
 		id INTEGER PRIMARY KEY,
 		data BLOB NOT NULL
 	);`,
+	// event_runs as a rowid table with its key in an index (runs.go):
+	// the WITHOUT ROWID table kept each run's data in its key B-tree.
+	`CREATE TABLE event_runs_v4 (
+		task_id TEXT NOT NULL,
+		first_seq INTEGER NOT NULL,
+		last_seq INTEGER NOT NULL,
+		data BLOB NOT NULL
+	);
+	INSERT INTO event_runs_v4 (task_id, first_seq, last_seq, data)
+		SELECT task_id, first_seq, last_seq, data FROM event_runs ORDER BY task_id, first_seq, last_seq;
+	DROP TABLE event_runs;
+	ALTER TABLE event_runs_v4 RENAME TO event_runs;
+	CREATE UNIQUE INDEX event_runs_key ON event_runs (task_id, first_seq, last_seq);`,
 }
 
 // runChunk is how many runs one INSERT writes (4 parameters each, well
@@ -133,6 +146,20 @@ type Store struct {
 	// written to the journal and not folded yet; lastFold is when the
 	// fold last ran (checkpointLoop's goroutine only).
 	writeMu sync.Mutex
+	// applyWaiting counts the Applies waiting for writeMu: the fold
+	// gives the lock up to them between two pieces (foldOnce), and waits
+	// (at most foldHandoff) for the Apply to say on applyIn that it took
+	// it. foldMu serializes the folds.
+	applyWaiting atomic.Int32
+	applyIn      chan struct{}
+	foldHandoff  time.Duration
+	foldMu       sync.Mutex
+	// lockWaits counts the Applies that found writeMu taken, lockWaited
+	// their wait in ns (benchmarks read them).
+	lockWaits, lockWaited atomic.Int64
+	// foldPieceHook, if set (tests), runs after each piece of a fold;
+	// retentionHook between DeleteEndedBefore's fold and its delete.
+	foldPieceHook, retentionHook func()
 	// wconn is the connection of the writes under writeMu (Apply, the
 	// fold, retention): one connection, so that its page cache stays
 	// valid between writes. Taken from the pool, a write often got
@@ -207,7 +234,8 @@ func OpenFile(ctx context.Context, path string) (*Store, error) {
 	// readers run beside it (WAL).
 	db.SetMaxOpenConns(4)
 	s := &Store{db: db, inserts: make(map[int]*sql.Stmt, len(chunkSizes)),
-		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{})}
+		ckptKick: make(chan struct{}, 1), ckptStop: make(chan struct{}), ckptDone: make(chan struct{}),
+		applyIn: make(chan struct{}, 1), foldHandoff: foldHandoff}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -324,7 +352,18 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			return store.Rejected(fmt.Errorf("sqlite: apply events: event %d of task %s has no data", e.Seq, e.TaskID))
 		}
 	}
-	s.writeMu.Lock()
+	if !s.writeMu.TryLock() {
+		t0 := time.Now()
+		s.applyWaiting.Add(1)
+		s.writeMu.Lock()
+		s.applyWaiting.Add(-1)
+		select {
+		case s.applyIn <- struct{}{}: // to a fold that gave the lock up
+		default:
+		}
+		s.lockWaits.Add(1)
+		s.lockWaited.Add(int64(time.Since(t0)))
+	}
 	defer s.writeMu.Unlock()
 	if s.walFull.Swap(false) {
 		// The background checkpoint copied all but the last few frames:
@@ -562,8 +601,23 @@ func (s *Store) GetConfig(ctx context.Context, id string) ([]byte, error) {
 func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64, error) {
 	// Events still in the journal are folded first: none of an ended
 	// task's may come back into event_runs after its runs were deleted.
-	if err := s.fold(ctx); err != nil {
-		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	// foldMu is held throughout, so that no fold that read journal rows
+	// before the delete inserts their runs after it; what Applies
+	// journaled meanwhile is folded in the delete's own transaction,
+	// under the write lock, so none is left behind it either.
+	s.foldMu.Lock()
+	defer s.foldMu.Unlock()
+	for {
+		n, err := s.foldOnceLocked(ctx, foldMaxEvents)
+		if err != nil {
+			return 0, fmt.Errorf("sqlite: retention: %w", err)
+		}
+		if n == 0 {
+			break
+		}
+	}
+	if s.retentionHook != nil {
+		s.retentionHook()
 	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
@@ -572,6 +626,10 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
 	}
 	defer tx.Rollback()
+	moved, err := s.foldRest(ctx, tx)
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
 	c := store.Micros(cutoff)
 	if _, err := tx.ExecContext(ctx, `DELETE FROM event_runs WHERE task_id IN (SELECT id FROM tasks WHERE ended_at > 0 AND ended_at < ?)`, c); err != nil {
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
@@ -581,7 +639,11 @@ func (s *Store) DeleteEndedBefore(ctx context.Context, cutoff time.Time) (int64,
 		return 0, fmt.Errorf("sqlite: retention: %w", err)
 	}
 	n, _ := res.RowsAffected()
-	return n, tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("sqlite: retention: %w", err)
+	}
+	s.journaled.Add(-int64(moved))
+	return n, nil
 }
 
 // Close implements store.Store.
