@@ -244,6 +244,9 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
 				}
 				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
+				if ev.GetStopped() != nil {
+					s.legs.stopped(e.TaskID, ev.GetTime().AsTime())
+				}
 			}
 		}
 		s.legs.add(legBatchEvents, time.Duration(len(b.Events))*time.Millisecond)
