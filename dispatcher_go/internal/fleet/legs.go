@@ -34,6 +34,7 @@ const (
 	legAnnounce    = "cancel_to_announced"         // Fleet.Cancel called (on a replica not running the task) → its announcement's PUBLISH answered
 	legCmdWire     = "announce_to_recv"            // a command's PUBLISH sent (the sender's clock, in the message while leg stats are on) → received by the owner's listener
 	legStopAck     = "stop_to_stopped"             // the owner handed an announced cancel's stop to the session → the commander's stopped recorded (its event time)
+	legStoppedDone = "stopped_to_stored"           // a stopped event's time (recorded) → its fenced write committed (then it is published to the other replicas' watchers)
 )
 
 // legMarks bounds the stops legStats remembers (stop_to_stopped).
