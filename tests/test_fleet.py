@@ -8,6 +8,7 @@ wait is a condition polled up to a deadline (tests/_procs.py wait_until).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import pytest
 from google.protobuf import json_format
 
 from commander._gen.dispatch.v1 import interaction_pb2, tasks_pb2, tasks_pb2_grpc
-from commander._gen.lybic.agent import agent_pb2
+from commander._gen.lybic.agent import agent_pb2, agent_pb2_grpc
 from tests import _procs
 from tests._client import (
     _pump,
@@ -41,7 +42,7 @@ from tests._client import (
     wait_status,
 )
 from tests._procs import ROOT, wait_until
-from tests.conftest import Dispatcher, Stack
+from tests.conftest import Dispatcher, Stack, _AuthInterceptor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fleet]
 
@@ -110,8 +111,10 @@ def _replica(
     engines: SimpleNamespace,
     n: int,
     http_port: int,
+    *extra: str,
     lease: float = LEASE,
     grace: float = GRACE,
+    commander_token: str | None = None,
 ) -> Dispatcher:
     return stack.dispatcher(
         "--storage-backend",
@@ -132,6 +135,8 @@ def _replica(
         f"127.0.0.1:{http_port}",
         "--log-level",
         "debug",
+        *extra,
+        commander_token=commander_token,
     )
 
 
@@ -546,6 +551,79 @@ def test_cancel_of_a_queued_task_on_another_replica(stack: Stack, fleet: SimpleN
     assert wait_status(d1.agent, after, timeout=20).status == agent_pb2.SUCCESS
     assert wait_status(d1.agent, task_id, timeout=5).status == agent_pb2.CANCELLED
     assert short.streams(marker) == []
+
+
+def test_cancel_of_another_tenants_task_on_another_replica_is_refused(
+    stack: Stack, engines: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A cancel is announced to the replica running the task before the one
+    that received it has read the task (no database round trip before the
+    stop): the owner checks the caller's tenant itself. Team b's cancel on r3
+    of team a's task on r1 is NOT_FOUND (as a task that does not exist) on both
+    APIs, and the task keeps streaming; team a's own cancel on r3 stops it."""
+    token_a, token_b, admin = "client-token-of-team-a", "client-token-of-team-b", "admin-token"
+    commander = "the-shared-commander-token"
+
+    def sha(tok: str) -> str:
+        return "sha256:" + hashlib.sha256(tok.encode()).hexdigest()
+
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        "tenants:\n"
+        f"  - name: team-a\n    tokens: ['{sha(token_a)}']\n"
+        f"  - name: team-b\n    tokens: ['{sha(token_b)}']\n"
+    )
+    ports = [_free_port() for _ in range(3)]
+    d1, d2, d3 = (
+        _replica(
+            stack,
+            engines,
+            i + 1,
+            ports[i],
+            "--admin-token",
+            admin,
+            "--tenants-file",
+            str(tenants),
+            commander_token=commander,
+        )
+        for i in range(3)
+    )
+    for d in (d1, d2, d3):
+        d.client_token = admin  # the fixture's own calls (slots, watch) as the admin
+    llm = stack.scripted(tokens_per_sec=50, tokens=2000)
+    stack.commander(d1, llm.base_url, slots=1, token=commander)
+    d1.wait_slots(1, timeout=20)
+
+    def stubs(d: Dispatcher, token: str) -> tuple[Any, Any]:
+        ch = grpc.intercept_channel(grpc.insecure_channel(d.addr), _AuthInterceptor(token))
+        return tasks_pb2_grpc.TaskServiceStub(ch), agent_pb2_grpc.AgentStub(ch)
+
+    a1, _ = stubs(d1, token_a)
+    a3, _ = stubs(d3, token_a)
+    b3, b3_agent = stubs(d3, token_b)
+    req = tasks_pb2.SubmitTaskRequest(instruction=f"long story [{uuid.uuid4().hex[:8]}]")
+    req.running_config.CopyFrom(llm.model_config())
+    task_id = a1.SubmitTask(req, timeout=10).task_id
+    watch = start_watch(d2.tasks, task_id)
+    watch.wait(lambda evs: _contents(evs) >= 5, 20, "content on r2")
+    with pytest.raises(grpc.RpcError) as info:
+        b3.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_id, reason="b"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
+    seed = b3_agent.CancelTask(agent_pb2.CancelTaskRequest(taskId=task_id), timeout=10)
+    assert not seed.success and "not found" in seed.message, seed
+    # Had either stop landed, no content would follow it (the session drops
+    # what comes after the stop).
+    seen = _contents(watch.values())
+    watch.wait(lambda evs: _contents(evs) >= seen + 10, 20, "content after team b's cancels")
+    events = watch.values()
+    assert "stop" not in [kind(e) for e in events], describe(events)
+    st = d3.agent.QueryTaskStatus(agent_pb2.QueryTaskStatusRequest(taskId=task_id), timeout=5)
+    assert st.status == agent_pb2.RUNNING, st
+    resp = a3.CancelTask(tasks_pb2.CancelTaskRequest(task_id=task_id, reason="a"), timeout=10)
+    assert resp.cancelled and resp.status == agent_pb2.CANCELLED, resp
+    watch.join(15)
+    assert watch.error is None, watch.error
+    _check_stopped_story(watch.values())
 
 
 # ---------------------------------------------------------------- hand-over across replicas

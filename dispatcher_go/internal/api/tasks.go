@@ -210,12 +210,12 @@ func (s *Server) visible(ctx context.Context, id string) error {
 	return err
 }
 
-// cancel is Manager.Cancel for the caller in ctx, waiting for the outcome.
+// cancel is Manager.CancelAs for the caller in ctx, waiting for the
+// outcome (a task the caller does not see is ErrNotFound; in a fleet the
+// check of a task another replica runs comes after the stop's
+// announcement, and that replica checks the caller too).
 func (s *Server) cancel(ctx context.Context, id, reason string) (task.CancelOutcome, error) {
-	if err := s.visible(ctx, id); err != nil {
-		return task.CancelOutcome{}, err
-	}
-	return s.d.Tasks().Cancel(ctx, id, reason, true)
+	return s.d.Tasks().CancelAs(ctx, tenant.FromContext(ctx), id, reason, true)
 }
 
 // ListTools lists the tools a planner can call now and their executors.

@@ -225,7 +225,8 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	if err != nil {
 		return err
 	}
-	s.legs.add(legApply, time.Since(began))
+	applied := time.Now()
+	s.legs.add(legApply, applied.Sub(began))
 	for id := range fenced {
 		if s.onFenced != nil {
 			s.onFenced(id)
@@ -244,6 +245,10 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
 				}
 				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
+				if ev.GetStopped() != nil {
+					s.legs.stopped(e.TaskID, ev.GetTime().AsTime())
+					s.legs.add(legStoppedDone, applied.Sub(ev.GetTime().AsTime()))
+				}
 			}
 		}
 		s.legs.add(legBatchEvents, time.Duration(len(b.Events))*time.Millisecond)

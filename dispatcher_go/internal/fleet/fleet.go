@@ -57,6 +57,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/taskstore"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // Defaults (cmd/dispatcher's flags show them; docs/operations.md explains
@@ -136,6 +137,7 @@ type Fleet struct {
 	legs     *legStats // nil unless DISPATCHER_FLEET_LEG_STATS=1
 	draining atomic.Bool
 	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
+	ends     endWaiters
 	fencedN  atomic.Int64
 
 	epochMu sync.Mutex
@@ -634,6 +636,9 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 			return // the lease expires; the sweeper finds the task ended
 		}
 		if f.fenced.disown(t.ID(), attempt) {
+			// Its end is stored (and this replica held the lease until
+			// then): a cancel waiting for it on any replica returns now.
+			f.announce(ctx, cmdMessage{TaskID: t.ID(), Kind: kindEnded, Status: int32(t.Status())})
 			if err := f.leases.Release(ctx, t.ID(), attempt); err != nil {
 				f.log.Debug("lease release failed; it expires", "task_id", t.ID(), "error", err)
 			}
@@ -903,12 +908,8 @@ func (f *Fleet) checkEpoch(ctx context.Context) {
 }
 
 // listenLoop carries out a command as soon as the channel announces it
-// for a task of this replica (the reconcile catches any lost message). A
-// cancel is carried out at once, before its row is taken, even before the
-// row is written (Fleet.Cancel announces it first; a second stop of a task
-// is a no-op, so the row's announcement or the reconcile running it again
-// is harmless); the row's bookkeeping then goes to cmdBookLoop. Other commands are taken
-// first (at most once), by their id, without listing the open ones.
+// for a task of this replica (the reconcile catches any lost message), and
+// wakes the cancels waiting here for a task's end (kindEnded).
 func (f *Fleet) listenLoop(ctx context.Context) {
 	ps := f.rdb.Subscribe(ctx, cmdChannel)
 	defer ps.Close()
@@ -923,38 +924,74 @@ func (f *Fleet) listenLoop(ctx context.Context) {
 			if !ok {
 				return
 			}
-			var c cmdMessage
-			if !strings.HasPrefix(m.Payload, "{") || json.Unmarshal([]byte(m.Payload), &c) != nil || (c.ID == 0 && c.Kind != "cancel") {
-				// A bare task id (an older replica's announcement).
-				if f.fenced.attempt(m.Payload) == 0 {
-					continue
-				}
-				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				f.runCommands(cctx, []string{m.Payload})
-				cancel()
-				continue
-			}
-			if f.fenced.attempt(c.TaskID) == 0 {
-				continue
-			}
-			if c.Kind == "cancel" {
-				got := time.Now()
-				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				res := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
-				cancel()
-				f.legs.add(legCommand, time.Since(got))
-				if c.ID == 0 {
-					continue // announced before its row: the row's own message follows
-				}
-				c.Result = &res
-			}
-			select {
-			case book <- c:
-			default:
-				// Full: the reconcile takes the row within a second.
-			}
+			f.onMessage(ctx, m.Payload, book)
 		}
 	}
+}
+
+// onMessage handles one message of the command channel. A cancel is
+// carried out at once, before its row is taken, even before the row is
+// written (Fleet.Cancel announces it first; a second stop of a task is a
+// no-op, so the row's announcement or the reconcile running it again is
+// harmless); the row's bookkeeping then goes to book (cmdBookLoop). A
+// cancel announced before its caller was checked (kindCancelFor) stops
+// the task only if the caller sees it; else it is dropped, and no row
+// follows (the sender writes one only for a caller it checked). Other
+// commands are taken first (at most once), by their id, without listing
+// the open ones.
+func (f *Fleet) onMessage(ctx context.Context, payload string, book chan<- cmdMessage) {
+	var c cmdMessage
+	if !strings.HasPrefix(payload, "{") || json.Unmarshal([]byte(payload), &c) != nil ||
+		(c.ID == 0 && c.Kind != "cancel" && c.Kind != kindCancelFor && c.Kind != kindEnded) {
+		// A bare task id (an older replica's announcement).
+		if f.fenced.attempt(payload) == 0 {
+			return
+		}
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		f.runCommands(cctx, []string{payload})
+		cancel()
+		return
+	}
+	if c.Kind == kindEnded {
+		f.ends.notify(c.TaskID, agentpb.TaskStatus(c.Status))
+		return
+	}
+	if f.fenced.attempt(c.TaskID) == 0 {
+		return
+	}
+	if c.Kind == kindCancelFor {
+		if c.ID != 0 || c.Caller == nil || !f.sees(c.Caller.caller(), c.TaskID) {
+			return
+		}
+		c.Kind = "cancel"
+	}
+	if c.Kind == "cancel" {
+		got := time.Now()
+		if c.Sent != 0 {
+			f.legs.add(legCmdWire, got.Sub(time.UnixMicro(c.Sent)))
+		}
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		res := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
+		cancel()
+		f.legs.add(legCommand, time.Since(got))
+		f.legs.stopHanded(c.TaskID)
+		if c.ID == 0 {
+			return // announced before its row: the row's own message follows
+		}
+		c.Result = &res
+	}
+	select {
+	case book <- c:
+	default:
+		// Full: the reconcile takes the row within a second.
+	}
+}
+
+// sees reports whether caller sees task id, which this replica runs (its
+// tenant, in memory; false if it is not here).
+func (f *Fleet) sees(caller tenant.Caller, id string) bool {
+	t := f.mgr.Registry().Get(id)
+	return t != nil && !t.IsView() && caller.Sees(t.Tenant())
 }
 
 // cmdBookQueue bounds the commands waiting for cmdBookLoop.

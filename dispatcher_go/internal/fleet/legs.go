@@ -30,7 +30,15 @@ const (
 	legToXadd      = "recorded_to_xadd"            // an event's time → the publisher (on the replica that recorded it) sent its XADD (timed by the hub that reads it, from the entry's "t")
 	legCancel      = "cancel_to_sent"              // Fleet.Cancel called (on a replica not running the task) → command row written and published
 	legCommand     = "cmd_recv_to_ok"              // a command received on the channel → carried out (a cancel: the stop sent to the session)
+	legLookup      = "lookup"                      // Fleet.Lookup: a task another replica runs read from PostgreSQL (the API's tenant check before a cancel, a watch)
+	legAnnounce    = "cancel_to_announced"         // Fleet.Cancel called (on a replica not running the task) → its announcement's PUBLISH answered
+	legCmdWire     = "announce_to_recv"            // a command's PUBLISH sent (the sender's clock, in the message while leg stats are on) → received by the owner's listener
+	legStopAck     = "stop_to_stopped"             // the owner handed an announced cancel's stop to the session → the commander's stopped recorded (its event time)
+	legStoppedDone = "stopped_to_stored"           // a stopped event's time (recorded) → its fenced write committed (then it is published to the other replicas' watchers)
 )
+
+// legMarks bounds the stops legStats remembers (stop_to_stopped).
+const legMarks = 4096
 
 // legSamples bounds each leg's samples between two reports.
 const legSamples = 8192
@@ -39,13 +47,43 @@ const legSamples = 8192
 type legStats struct {
 	mu   sync.Mutex
 	legs map[string][]time.Duration
+	// stops: task id → when its stop was handed to the session.
+	stops map[string]time.Time
 }
 
 func newLegStats() *legStats {
 	if os.Getenv(legStatsEnv) != "1" {
 		return nil
 	}
-	return &legStats{legs: map[string][]time.Duration{}}
+	return &legStats{legs: map[string][]time.Duration{}, stops: map[string]time.Time{}}
+}
+
+// stopHanded notes when task id's stop was handed to its session (the
+// first time only).
+func (s *legStats) stopHanded(id string) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	if _, ok := s.stops[id]; !ok && len(s.stops) < legMarks {
+		s.stops[id] = time.Now()
+	}
+	s.mu.Unlock()
+}
+
+// stopped records stop_to_stopped for task id's stopped event recorded at
+// at, if its stop was noted.
+func (s *legStats) stopped(id string, at time.Time) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	t, ok := s.stops[id]
+	delete(s.stops, id)
+	if xs := s.legs[legStopAck]; ok && len(xs) < legSamples {
+		s.legs[legStopAck] = append(xs, at.Sub(t))
+	}
+	s.mu.Unlock()
 }
 
 // add records one sample of leg (no-op when off or full).
@@ -94,6 +132,11 @@ func (s *legStats) run(ctx context.Context, log *slog.Logger, pools map[string]*
 		s.mu.Lock()
 		legs := s.legs
 		s.legs = map[string][]time.Duration{}
+		for id, t := range s.stops {
+			if time.Since(t) > time.Minute {
+				delete(s.stops, id) // a stop whose stopped never came
+			}
+		}
 		s.mu.Unlock()
 		for leg, xs := range legs {
 			slices.Sort(xs)

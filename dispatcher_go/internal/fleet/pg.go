@@ -284,24 +284,45 @@ func (l *Leases) Status(ctx context.Context, taskID string) (agentpb.TaskStatus,
 	return agentpb.TaskStatus(st), err
 }
 
-// Holder is taskID's stored status, when it ended (zero while it has
-// not) and, when a live lease is held on it (not released, not expired),
-// its owner ("" otherwise): one query, so a cancel sent to another replica
-// need not try to claim the task first.
-func (l *Leases) Holder(ctx context.Context, taskID string) (agentpb.TaskStatus, time.Time, string, error) {
+// holder is what Holder reads of a task.
+type holder struct {
+	Status agentpb.TaskStatus
+	// Ended is when it ended (zero while it has not).
+	Ended time.Time
+	// Owner holds a live lease on it (not released, not expired); "" none.
+	Owner string
+	// Tenant owns the task ("" the default tenant).
+	Tenant string
+}
+
+// Holder is taskID's stored status, end, owner and tenant: one query, so a
+// cancel sent to another replica need not look the task up for the
+// caller's tenant first, nor try to claim it.
+//
+// The tenant is read from the task's stored body, the JSON of package
+// taskstore (its "tenant" field, absent for the default tenant):
+// TestHolderReadsTheTenantTaskstoreStored pins the two together.
+func (l *Leases) Holder(ctx context.Context, taskID string) (holder, error) {
 	var st int32
 	var ended int64
-	var owner *string
-	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner FROM tasks t
+	var owner, tenant *string
+	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner, convert_from(t.body, 'UTF8')::json ->> 'tenant' FROM tasks t
 		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
-		WHERE t.id = $1`, taskID).Scan(&st, &ended, &owner)
+		WHERE t.id = $1`, taskID).Scan(&st, &ended, &owner, &tenant)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, time.Time{}, "", task.ErrNotFound
+		return holder{}, task.ErrNotFound
 	}
-	if err != nil || owner == nil {
-		return agentpb.TaskStatus(st), store.FromMicros(ended), "", err
+	if err != nil {
+		return holder{}, err
 	}
-	return agentpb.TaskStatus(st), store.FromMicros(ended), *owner, nil
+	h := holder{Status: agentpb.TaskStatus(st), Ended: store.FromMicros(ended)}
+	if owner != nil {
+		h.Owner = *owner
+	}
+	if tenant != nil {
+		h.Tenant = *tenant
+	}
+	return h, nil
 }
 
 // Enqueue records that taskID waits in queue (the bus is rebuilt from

@@ -5,12 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE).
@@ -56,6 +59,9 @@ func (f *Fleet) Place(ctx context.Context, t *task.Task) error {
 func (f *Fleet) Lookup(ctx context.Context, id string) (*task.Task, error) {
 	// The fenced store's GetTask fills the slot (one round trip and one
 	// backend wake-up; before, two queries on two pooled connections).
+	if f.legs != nil {
+		defer func(began time.Time) { f.legs.add(legLookup, time.Since(began)) }(time.Now())
+	}
 	slot := &lastSeqSlot{}
 	snap, err := f.ts.Load(context.WithValue(ctx, lastSeqKey{}, slot), id)
 	if err != nil {
@@ -131,50 +137,115 @@ func (f *Fleet) announce(ctx context.Context, m cmdMessage) {
 	if !f.busUp() {
 		return
 	}
+	if f.legs != nil {
+		m.Sent = time.Now().UnixMicro()
+	}
 	b, _ := json.Marshal(m)
 	cctx, cancel := context.WithTimeout(ctx, opTimeout)
 	_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
 	cancel()
 }
 
+// The kinds of cmdChannel messages besides the commands' own
+// ("cancel", "interject", "approve"), which copy a row (or, a cancel with
+// ID 0, announce one before it is written, its caller checked).
+const (
+	// kindCancelFor announces a cancel before its caller was checked (ID
+	// 0, Caller set): the owner carries it out only if the caller sees the
+	// task. A replica that does not know this kind ignores it and acts on
+	// the row's own announcement.
+	kindCancelFor = "cancel_for"
+	// kindEnded tells that a task ended and its end is stored (Status):
+	// it wakes the cancels waiting for that (Fleet.Cancel with wait).
+	kindEnded = "ended"
+)
+
 // cmdMessage is a command announced on cmdChannel: its row's copy, or (ID
-// 0, a cancel only) the cancel announced before its row is written.
+// 0, a cancel only) the cancel announced before its row is written; or
+// (kindEnded) a task's end.
 type cmdMessage struct {
 	ID     int64   `json:"id,omitempty"`
 	TaskID string  `json:"task"`
 	Kind   string  `json:"kind"`
 	Args   cmdArgs `json:"args"`
+	// Caller, of a kindCancelFor, is the client the cancel is for.
+	Caller *cmdCaller `json:"caller,omitempty"`
+	// Status, of a kindEnded, is the task's end.
+	Status int32 `json:"status,omitempty"`
+	// Sent is when it was published (µs, the sender's clock), only while
+	// leg stats are on.
+	Sent int64 `json:"t,omitempty"`
 	// Result, on the receiving replica only: what a cancel carried out at
 	// once did, for its row.
 	Result *cmdResult `json:"-"`
 }
+
+// cmdCaller is a tenant.Caller on the bus.
+type cmdCaller struct {
+	Tenant string `json:"tenant,omitempty"`
+	Admin  bool   `json:"admin,omitempty"`
+}
+
+func (c cmdCaller) caller() tenant.Caller { return tenant.Caller{Tenant: c.Tenant, Admin: c.Admin} }
 
 // cancelSkew is how much earlier than a cancel began a task may have
 // ended CANCELLED and still count as stopped by it (or by a cancel sent at
 // the same time): the end time is the owner's clock.
 const cancelSkew = time.Second
 
+// cancelPoll is how often a cancel waiting for the task's end reads its
+// status while the bus is up: the end's announcement (kindEnded) wakes it
+// at once; the read only makes up for a lost message. While the bus is
+// down it reads every cancelPollDown.
+const (
+	cancelPoll     = 250 * time.Millisecond
+	cancelPollDown = 20 * time.Millisecond
+)
+
 // Cancel implements task.Fleet.
 //
 // The cancel is announced first, before anything is read: the owner (the
 // only replica that acts on it, whoever it is) stops the session on this
 // message at once (a second stop is a no-op), so the stop does not wait
-// for any PostgreSQL round trip here. The row follows (f.command) and
-// stays the truth: a lost message is made up for by its own announcement,
-// or by the owner's reconcile. The price: if PostgreSQL then fails, the
-// client is told UNAVAILABLE although the stop may have landed. Because
-// the stop may land before the status read below, a task found CANCELLED
-// that ended after this cancel began (less cancelSkew, the owner's clock)
-// counts as cancelled by it, not as "already finished" (so a second
-// CancelTask a moment after the first may be told "cancelled" too).
-func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.CancelOutcome, error) {
+// for any PostgreSQL round trip here. With a caller, the announcement
+// carries it and the owner stops the task only if the caller sees it (the
+// owner has the task, and its tenant, in memory); the one read here
+// (Holder) then answers ErrNotFound for a task of another tenant, as a
+// look-up would have, and nothing durable is written for it. The row
+// follows (f.command) and stays the truth: a lost message is made up for
+// by its own announcement, or by the owner's reconcile. The price: if
+// PostgreSQL then fails, the client is told UNAVAILABLE although the stop
+// may have landed. Because the stop may land before the status read
+// below, a task found CANCELLED that ended after this cancel began (less
+// cancelSkew, the owner's clock) counts as cancelled by it, not as
+// "already finished" (so a second CancelTask a moment after the first may
+// be told "cancelled" too).
+func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (task.CancelOutcome, error) {
 	began := time.Now()
-	f.announce(ctx, cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}})
-	st, ended, owner, err := f.leases.Holder(ctx, id)
+	var ended <-chan agentpb.TaskStatus
+	if wait {
+		// Before anything is read: an end announced from now on is seen.
+		ch := f.ends.add(id)
+		defer f.ends.remove(id, ch)
+		ended = ch
+	}
+	m := cmdMessage{TaskID: id, Kind: "cancel", Args: cmdArgs{Reason: reason}}
+	if caller != nil {
+		m.Kind, m.Caller = kindCancelFor, &cmdCaller{Tenant: caller.Tenant, Admin: caller.Admin}
+	}
+	f.announce(ctx, m)
+	f.legs.add(legAnnounce, time.Since(began))
+	h, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
-	if st == agentpb.TaskStatus_CANCELLED && !ended.Before(began.Add(-cancelSkew)) {
+	if caller != nil && !caller.Sees(h.Tenant) {
+		// As Manager.GetAs answers: another tenant's task is one that does
+		// not exist. The owner did not stop it (it checks the caller).
+		return task.CancelOutcome{}, task.ErrNotFound
+	}
+	st := h.Status
+	if st == agentpb.TaskStatus_CANCELLED && !h.Ended.Before(began.Add(-cancelSkew)) {
 		f.legs.add(legCancel, time.Since(began))
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "cancelled"}, nil
 	}
@@ -183,7 +254,7 @@ func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.
 	}
 	// Nobody runs it (still on the bus, or its replica is gone): end it
 	// here.
-	if owner == "" {
+	if h.Owner == "" {
 		if ok, err := f.takeFree(ctx, id, agentpb.TaskStatus_CANCELLED, reason); err != nil {
 			return task.CancelOutcome{}, err
 		} else if ok {
@@ -201,18 +272,7 @@ func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.
 	if !wait {
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent to the replica running the task"}, nil
 	}
-	deadline := time.Now().Add(f.opts.StopGrace + time.Second)
-	for time.Now().Before(deadline) {
-		if s, err := f.leases.Status(ctx, id); err == nil {
-			st = s
-			if task.Terminal(st) {
-				break
-			}
-		}
-		if !sleepCtx(ctx, 20*time.Millisecond) {
-			break
-		}
-	}
+	st = f.awaitEnd(ctx, id, st, ended)
 	switch {
 	case st == agentpb.TaskStatus_CANCELLED:
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "cancelled"}, nil
@@ -220,6 +280,80 @@ func (f *Fleet) Cancel(ctx context.Context, id, reason string, wait bool) (task.
 		return task.CancelOutcome{Status: st, Message: "task ended (" + st.String() + ") before the stop took effect"}, nil
 	}
 	return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent; the commander has not acknowledged it yet"}, nil
+}
+
+// awaitEnd waits up to the stop grace (and a second) for task id to end,
+// woken by the end's announcement on ended, reading its status now and
+// then in case that message is lost: its last status (st if none read).
+func (f *Fleet) awaitEnd(ctx context.Context, id string, st agentpb.TaskStatus, ended <-chan agentpb.TaskStatus) agentpb.TaskStatus {
+	deadline := time.NewTimer(f.opts.StopGrace + time.Second)
+	defer deadline.Stop()
+	for !task.Terminal(st) {
+		every := cancelPoll
+		if !f.busUp() {
+			every = cancelPollDown
+		}
+		poll := time.NewTimer(every)
+		select {
+		case s := <-ended:
+			st = s
+		case <-poll.C:
+			if s, err := f.leases.Status(ctx, id); err == nil {
+				st = s
+			}
+		case <-deadline.C:
+			poll.Stop()
+			return st
+		case <-ctx.Done():
+			poll.Stop()
+			return st
+		}
+		poll.Stop()
+	}
+	return st
+}
+
+// endWaiters are the cancels waiting for tasks to end (Fleet.Cancel with
+// wait), woken by kindEnded messages.
+type endWaiters struct {
+	mu sync.Mutex
+	m  map[string][]chan agentpb.TaskStatus
+}
+
+// add registers a waiter for task id's end.
+func (e *endWaiters) add(id string) chan agentpb.TaskStatus {
+	ch := make(chan agentpb.TaskStatus, 1)
+	e.mu.Lock()
+	if e.m == nil {
+		e.m = map[string][]chan agentpb.TaskStatus{}
+	}
+	e.m[id] = append(e.m[id], ch)
+	e.mu.Unlock()
+	return ch
+}
+
+// remove unregisters ch (a waiter of task id).
+func (e *endWaiters) remove(id string, ch chan agentpb.TaskStatus) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ws := slices.DeleteFunc(e.m[id], func(w chan agentpb.TaskStatus) bool { return w == ch })
+	if len(ws) == 0 {
+		delete(e.m, id)
+	} else {
+		e.m[id] = ws
+	}
+}
+
+// notify tells task id's waiters that it ended with st.
+func (e *endWaiters) notify(id string, st agentpb.TaskStatus) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, ch := range e.m[id] {
+		select {
+		case ch <- st:
+		default: // told already
+		}
+	}
 }
 
 // await waits for command cid's result (up to 10 s or ctx).

@@ -8,6 +8,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // RequestIDLabel is the label a client sets to make a submission
@@ -43,7 +44,13 @@ type Fleet interface {
 	// Cancel, Interject and Approve act on a task this replica does not
 	// run: a durable command for its owner (or, for a task nobody runs,
 	// the caller takes it and ends it).
-	Cancel(ctx context.Context, id, reason string, wait bool) (CancelOutcome, error)
+	//
+	// Cancel's caller, when not nil, is the client the cancel is for: a
+	// task it does not see is ErrNotFound, and is not stopped (the fleet
+	// may announce the stop before it has read the task, so the replica
+	// running it checks the caller too). nil: a cancel the dispatcher
+	// itself decided, or whose caller was checked already.
+	Cancel(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (CancelOutcome, error)
 	Interject(ctx context.Context, id, text string) (string, uint64, error)
 	Approve(ctx context.Context, id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error)
 	// TakeSession takes task id over for its session sessionID, which

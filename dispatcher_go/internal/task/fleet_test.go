@@ -11,6 +11,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
@@ -60,6 +61,7 @@ type fakeFleet struct {
 	mu        sync.Mutex
 	placed    []string
 	cancelled []string
+	callers   []*tenant.Caller // each Cancel's caller, in order
 	health    error
 	placeErr  error
 	requests  map[string]string
@@ -101,10 +103,11 @@ func (f *fakeFleet) Lookup(_ context.Context, id string) (*Task, error) {
 func (f *fakeFleet) List(context.Context, []agentpb.TaskStatus, int, *ListKey, func(string) *Task) ([]Info, *ListKey, error) {
 	return nil, nil, nil
 }
-func (f *fakeFleet) Cancel(_ context.Context, id, _ string, _ bool) (CancelOutcome, error) {
+func (f *fakeFleet) Cancel(_ context.Context, caller *tenant.Caller, id, _ string, _ bool) (CancelOutcome, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.cancelled = append(f.cancelled, id)
+	f.callers = append(f.callers, caller)
 	return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED}, nil
 }
 func (f *fakeFleet) Interject(context.Context, string, string) (string, uint64, error) {
@@ -165,6 +168,37 @@ func TestFleetSubmitPlacesAndKeepsNothing(t *testing.T) {
 	b, err := m.Submit(Spec{Instruction: "once", Labels: map[string]string{RequestIDLabel: "r1"}})
 	if err != nil || b.ID() != a.ID() || len(f.placed) != 2 {
 		t.Fatalf("duplicate submit: %v, ids %s %s, placed %d", err, a.ID(), b.ID(), len(f.placed))
+	}
+}
+
+// CancelAs of a task another replica runs goes to the fleet with the
+// caller, for the fleet to check (no look-up before the stop); of a task
+// run here, the caller is checked here: another tenant's task is
+// ErrNotFound and keeps running.
+func TestFleetCancelAsChecksTheCaller(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	remote, err := m.Submit(Spec{Instruction: "there", Caller: tenant.Caller{Tenant: "acme"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := tenant.Caller{Tenant: "globex"}
+	if _, err := m.CancelAs(context.Background(), other, remote.ID(), "", false); err != nil || len(f.callers) != 1 || f.callers[0] == nil || *f.callers[0] != other {
+		t.Fatalf("CancelAs of a remote task: %v, the fleet was given callers %v", err, f.callers)
+	}
+	if _, err := m.Cancel(context.Background(), remote.ID(), "", false); err != nil || len(f.callers) != 2 || f.callers[1] != nil {
+		t.Fatalf("Cancel of a remote task: %v, callers %v (want nil: no caller to check)", err, f.callers)
+	}
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "here", Planner: "chat", Tenant: "acme", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
+	local, err := m.Adopt(s, 0, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.CancelAs(context.Background(), other, local.ID(), "", false); !errors.Is(err, ErrNotFound) || local.Status() != agentpb.TaskStatus_PENDING || len(f.callers) != 2 {
+		t.Fatalf("another tenant's CancelAs of a local task: %v, status %s, fleet cancels %d", err, local.Status(), len(f.callers))
+	}
+	out, err := m.CancelAs(context.Background(), tenant.Caller{Tenant: "acme"}, local.ID(), "", false)
+	if err != nil || !out.Cancelled || local.Status() != agentpb.TaskStatus_CANCELLED || len(f.callers) != 2 {
+		t.Fatalf("its tenant's CancelAs of a local task: %+v %v, status %s", out, err, local.Status())
 	}
 }
 

@@ -485,6 +485,32 @@ func (m *Manager) ConfigByIDAs(caller tenant.Caller, id string) (*agentpb.Common
 	return m.ConfigByID(id)
 }
 
+// CancelAs is Cancel for caller: a task of another tenant is ErrNotFound,
+// as GetAs answers, and is left alone. In a fleet, a task this replica
+// does not run is checked by the fleet, after the stop is announced (the
+// replica running the task checks the caller itself before it stops it),
+// so no database round trip comes before the stop.
+func (m *Manager) CancelAs(ctx context.Context, caller tenant.Caller, id, reason string, wait bool) (CancelOutcome, error) {
+	if m.fleet != nil {
+		if t := m.reg.Get(id); t == nil || t.disowned() || t.view {
+			return m.cancelRemote(ctx, &caller, id, reason, wait)
+		}
+	}
+	if _, err := m.GetAs(caller, id); err != nil {
+		return CancelOutcome{}, err
+	}
+	return m.Cancel(ctx, id, reason, wait)
+}
+
+// cancelRemote hands the cancel of a task this replica does not run to
+// the fleet.
+func (m *Manager) cancelRemote(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (CancelOutcome, error) {
+	if reason == "" {
+		reason = "cancelled by client"
+	}
+	return m.fleet.Cancel(ctx, caller, id, reason, wait)
+}
+
 // Cancel stops a pending task (dequeued → CANCELLED) or a running one (stop
 // sent; with wait, it waits up to the stop grace for the task to end so the
 // outcome it reports is the real one).
@@ -497,7 +523,7 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 			// Not run here: the fleet reads the task and sends the stop
 			// in one go (a Lookup first would put one more database round
 			// trip before the stop; ErrNotFound comes from the fleet).
-			return m.fleet.Cancel(ctx, id, reason, wait)
+			return m.cancelRemote(ctx, nil, id, reason, wait)
 		}
 	}
 	t, err := m.Get(id)
@@ -505,7 +531,7 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		return CancelOutcome{}, err
 	}
 	if t.view {
-		return m.fleet.Cancel(ctx, id, reason, wait)
+		return m.cancelRemote(ctx, nil, id, reason, wait)
 	}
 	// First, so that a task whose slot dies right now is not put back in
 	// the queue behind this cancel's back (Requeue refuses it; the slot
