@@ -82,6 +82,9 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		// made here: its cancel lets the session end the stream from its
 		// side while receiving in the RPC's own goroutine (chatstream.go).
 		grpc.InTapHandle(chatStreamTap),
+		// grpc's proto codec, with a commander's streamed packets decoded
+		// by hand (upcodec.go).
+		grpc.ForceServerCodecV2(serverCodec{}),
 		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
 		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)
