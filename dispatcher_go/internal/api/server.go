@@ -7,7 +7,8 @@
 //
 // It owns the gRPC adaptation only: the services over a
 // dispatcher.Dispatcher, the grpc.ServerOptions made from its config
-// (message size, window, keepalive, auth interceptors), and the mapping of
+// (message size, window, keepalive, auth interceptors, the codec that
+// decodes commanders' streamed packets by hand), and the mapping of
 // errors to gRPC codes. It is the only place that knows gRPC codes: domain
 // packages return wrapped sentinel errors and toStatus (errors.go) maps
 // them, never passing internal text or secrets to a caller. Auth (auth.go)
