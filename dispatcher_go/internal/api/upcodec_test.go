@@ -31,7 +31,10 @@ func randomUpstream(r *rand.Rand, batch bool) *dispatchv1.UpstreamPacket {
 		case 2:
 			return strings.Repeat("x", 120+r.IntN(20))
 		case 3:
-			return strings.Repeat("y", 20_000)
+			if r.IntN(16) == 0 {
+				return strings.Repeat("y", 1<<14) // a 3-byte length, rarely (slow under -race)
+			}
+			return strings.Repeat("y", 300)
 		case 4:
 			return "s1"
 		}
@@ -55,7 +58,7 @@ func randomUpstream(r *rand.Rand, batch bool) *dispatchv1.UpstreamPacket {
 	switch k := r.IntN(5); {
 	case k == 0 && batch:
 		b := &dispatchv1.UpstreamBatch{}
-		for range r.IntN(20) {
+		for range r.IntN(8) {
 			b.Packets = append(b.Packets, randomUpstream(r, false))
 		}
 		p.Payload = &dispatchv1.UpstreamPacket_Batch{Batch: b}
@@ -91,7 +94,7 @@ func checkDecode(t *testing.T, b []byte, pkt *dispatchv1.UpstreamPacket) bool {
 func TestHandDecodingIsProtoUnmarshal(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	pkt := &dispatchv1.UpstreamPacket{}
-	for i := range 3000 {
+	for i := range 1000 {
 		p := randomUpstream(r, true)
 		b, err := proto.Marshal(p)
 		if err != nil {
@@ -146,7 +149,7 @@ func TestHandDecoderLeavesTheRestToProtobuf(t *testing.T) {
 	// Random damage to good packets: whatever the hand decoder takes must
 	// be protobuf's message (checkDecode); some of it is still good.
 	took, left := 0, 0
-	for range 20_000 {
+	for range 4000 {
 		b, _ := proto.Marshal(randomUpstream(r, true))
 		switch r.IntN(4) {
 		case 0:

@@ -26,7 +26,10 @@ func randomStreamed(r *rand.Rand) *dispatchv1.TaskEvent {
 		case 2:
 			return strings.Repeat("x", 120+r.IntN(20)) // a 2-byte length
 		case 3:
-			return strings.Repeat("y", 20_000) // a 3-byte length
+			if r.IntN(16) == 0 {
+				return strings.Repeat("y", 1<<14) // a 3-byte length, rarely (slow under -race)
+			}
+			return strings.Repeat("y", 300)
 		}
 		return "tok"
 	}
@@ -65,7 +68,7 @@ func randomStreamed(r *rand.Rand) *dispatchv1.TaskEvent {
 func TestHandEncodingIsProtoMarshal(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
 	seqs := []uint64{1, 127, 128, 1 << 35, math.MaxUint64}
-	for i := range 3000 {
+	for i := range 1000 {
 		ev := randomStreamed(r)
 		s, ok := asStreamed(ev)
 		if !ok {
