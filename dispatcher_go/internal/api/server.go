@@ -7,7 +7,8 @@
 //
 // It owns the gRPC adaptation only: the services over a
 // dispatcher.Dispatcher, the grpc.ServerOptions made from its config
-// (message size, window, keepalive, auth interceptors), and the mapping of
+// (message size, window, keepalive, auth interceptors, the codec that
+// decodes commanders' streamed packets by hand), and the mapping of
 // errors to gRPC codes. It is the only place that knows gRPC codes: domain
 // packages return wrapped sentinel errors and toStatus (errors.go) maps
 // them, never passing internal text or secrets to a caller. Auth (auth.go)
@@ -82,6 +83,9 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		// made here: its cancel lets the session end the stream from its
 		// side while receiving in the RPC's own goroutine (chatstream.go).
 		grpc.InTapHandle(chatStreamTap),
+		// grpc's proto codec, with a commander's streamed packets decoded
+		// by hand (upcodec.go).
+		grpc.ForceServerCodecV2(serverCodec{}),
 		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
 		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)

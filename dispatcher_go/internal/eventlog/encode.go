@@ -53,11 +53,22 @@ func encodeUnnumbered(ev *dispatchv1.TaskEvent, a *arena) unnumbered {
 	if ev.GetSeq() != 0 {
 		return unnumbered{}
 	}
-	n := proto.Size(ev)
-	buf, err := cached.MarshalAppend(a.take(seqRoom + n)[:seqRoom], ev)
-	if err != nil || len(buf) != seqRoom+n {
-		return unnumbered{}
+	var buf []byte
+	if s, ok := asStreamed(ev); ok {
+		// Content and thought: by hand (fastenc.go).
+		buf = s.appendTo(a.take(seqRoom + s.size)[:seqRoom])
+		if len(buf) != seqRoom+s.size {
+			panic("eventlog: hand-encoded event of unexpected size")
+		}
+	} else {
+		n := proto.Size(ev)
+		var err error
+		buf, err = cached.MarshalAppend(a.take(seqRoom + n)[:seqRoom], ev)
+		if err != nil || len(buf) != seqRoom+n {
+			return unnumbered{}
+		}
 	}
+	n := len(buf) - seqRoom
 	at := seqRoom
 	if id := ev.GetTaskId(); id != "" {
 		// The task id's field comes first: its tag, length and bytes.

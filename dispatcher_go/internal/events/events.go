@@ -28,6 +28,10 @@
 package events
 
 import (
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -127,56 +131,70 @@ func Of(ev *dispatchv1.TaskEvent) Kind {
 // The event and its kind's oneof wrapper are one allocation (withKind):
 // they live exactly as long as each other, and this runs once per packet.
 func FromUpstream(pkt *dispatchv1.UpstreamPacket) (*dispatchv1.TaskEvent, Kind) {
+	return FromUpstreamAt(pkt, time.Time{})
+}
+
+// FromUpstreamAt is FromUpstream with the event's time set to at (none if
+// at is zero), in the same allocation: the time the task would give the
+// event when recording it, taken by the caller just before.
+func FromUpstreamAt(pkt *dispatchv1.UpstreamPacket, at time.Time) (*dispatchv1.TaskEvent, Kind) {
 	var ev *dispatchv1.TaskEvent
+	var ts *timestamppb.Timestamp
 	var k Kind
 	switch p := pkt.GetPayload().(type) {
 	case *dispatchv1.UpstreamPacket_Thought:
 		b := &withKind[dispatchv1.TaskEvent_Thought]{k: dispatchv1.TaskEvent_Thought{Thought: p.Thought}}
-		ev, k = &b.ev, Thought
+		ev, k, ts = &b.ev, Thought, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Content:
 		b := &withKind[dispatchv1.TaskEvent_Content]{k: dispatchv1.TaskEvent_Content{Content: p.Content}}
-		ev, k = &b.ev, Content
+		ev, k, ts = &b.ev, Content, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_ToolCall:
 		b := &withKind[dispatchv1.TaskEvent_ToolCall]{k: dispatchv1.TaskEvent_ToolCall{ToolCall: p.ToolCall}}
-		ev, k = &b.ev, ToolCall
+		ev, k, ts = &b.ev, ToolCall, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Error:
 		b := &withKind[dispatchv1.TaskEvent_Error]{k: dispatchv1.TaskEvent_Error{Error: p.Error}}
-		ev, k = &b.ev, Error
+		ev, k, ts = &b.ev, Error, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Usage:
 		b := &withKind[dispatchv1.TaskEvent_Usage]{k: dispatchv1.TaskEvent_Usage{Usage: p.Usage}}
-		ev, k = &b.ev, Usage
+		ev, k, ts = &b.ev, Usage, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Stage:
 		b := &withKind[dispatchv1.TaskEvent_Stage]{k: dispatchv1.TaskEvent_Stage{Stage: p.Stage}}
-		ev, k = &b.ev, Stage
+		ev, k, ts = &b.ev, Stage, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Artifact:
 		b := &withKind[dispatchv1.TaskEvent_Artifact]{k: dispatchv1.TaskEvent_Artifact{Artifact: p.Artifact}}
-		ev, k = &b.ev, Artifact
+		ev, k, ts = &b.ev, Artifact, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Result:
 		b := &withKind[dispatchv1.TaskEvent_Result]{k: dispatchv1.TaskEvent_Result{Result: p.Result}}
-		ev, k = &b.ev, Result
+		ev, k, ts = &b.ev, Result, &b.ts
 		ev.Kind = &b.k
 	case *dispatchv1.UpstreamPacket_Stopped:
 		b := &withKind[dispatchv1.TaskEvent_Stopped]{k: dispatchv1.TaskEvent_Stopped{Stopped: p.Stopped}}
-		ev, k = &b.ev, Stopped
+		ev, k, ts = &b.ev, Stopped, &b.ts
 		ev.Kind = &b.k
 	default:
 		return nil, None
 	}
 	ev.EmittedAtUs = pkt.GetTimestamp()
+	if !at.IsZero() {
+		ts.Seconds, ts.Nanos = at.Unix(), int32(at.Nanosecond())
+		ev.Time = ts
+	}
 	return ev, k
 }
 
-// withKind is a task event and its kind's oneof wrapper in one allocation.
+// withKind is a task event, its kind's oneof wrapper and its time in one
+// allocation.
 type withKind[K any] struct {
 	ev dispatchv1.TaskEvent
 	k  K
+	ts timestamppb.Timestamp
 }
 
 // Label is ev's metric label: its kind's name, "other" for None.

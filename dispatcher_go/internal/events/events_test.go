@@ -3,6 +3,7 @@ package events_test
 import (
 	"encoding/json"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
@@ -337,5 +338,25 @@ func TestFromUpstreamAllocatesOnce(t *testing.T) {
 	}
 	if ev.GetContent() != pkt.GetContent() || ev.GetEmittedAtUs() != 7 {
 		t.Fatalf("event %v", ev)
+	}
+}
+
+// FromUpstreamAt stamps the event with the time given, in the same one
+// allocation; a zero time leaves the event without one (the task stamps it).
+func TestFromUpstreamAtStampsInTheSameAllocation(t *testing.T) {
+	pkt := &dispatchv1.UpstreamPacket{Timestamp: 7, Payload: &dispatchv1.UpstreamPacket_Thought{Thought: &dispatchv1.ThoughtChain{Delta: "x"}}}
+	at := time.Date(2026, 12, 6, 12, 0, 0, 123456789, time.UTC)
+	var ev *dispatchv1.TaskEvent
+	if n := testing.AllocsPerRun(100, func() { ev, _ = events.FromUpstreamAt(pkt, at) }); n != 1 {
+		t.Fatalf("%v allocations per event, want 1", n)
+	}
+	if !ev.GetTime().AsTime().Equal(at) || ev.GetThought() != pkt.GetThought() || ev.GetEmittedAtUs() != 7 {
+		t.Fatalf("event %v", ev)
+	}
+	if ev, _ := events.FromUpstreamAt(pkt, time.Time{}); ev.GetTime() != nil {
+		t.Fatalf("zero time stamped: %v", ev.GetTime())
+	}
+	if ev, _ := events.FromUpstream(pkt); ev.GetTime() != nil {
+		t.Fatalf("FromUpstream stamped: %v", ev.GetTime())
 	}
 }

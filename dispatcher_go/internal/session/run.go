@@ -284,7 +284,9 @@ func (r *run) handle(pkt *dispatchv1.UpstreamPacket) error {
 		// looks at the budget), and recorded below, never fenced.
 		r.t.AddUsage(u)
 	}
-	ev, kind := events.FromUpstream(pkt)
+	// Stamped here, in the event's own allocation: the time the task
+	// would give it when recording it a few µs later (Task.Record keeps it).
+	ev, kind := events.FromUpstreamAt(pkt, time.Now())
 	if ev != nil {
 		ev.UpstreamSeq = pkt.GetSeq()
 	}

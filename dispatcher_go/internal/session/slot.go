@@ -14,7 +14,6 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
@@ -320,7 +319,7 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 		return nil
 	}
 	if limit := sl.srv.opts.MaxMessageBytes; limit > 0 {
-		if n := proto.Size(pkt); n > limit {
+		if n := packetSize(pkt); n > limit {
 			// Over our limit but under the transport's: the packet is
 			// dropped and its session stopped with the reason; the stream
 			// and the slot go on.

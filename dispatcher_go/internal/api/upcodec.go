@@ -1,0 +1,290 @@
+package api
+
+import (
+	"unicode/utf8"
+	"unsafe"
+
+	"google.golang.org/grpc/encoding"
+	grpcproto "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+)
+
+// serverCodec is grpc's proto codec, except that it decodes the streamed
+// shapes of a commander's UpstreamPacket (content and thought, alone or in
+// a batch) by hand: protobuf's reflective unmarshal of a packet (its oneof
+// wrapper and payload made through reflect, two strings) was ~20 % of the
+// dispatcher's CPU under a flood, the largest single cost of an event.
+// The result is the message proto.Unmarshal would give; anything else
+// (another payload, an unknown or repeated field, a wrong wire type, a
+// string that is not UTF-8, bytes that do not parse) goes to
+// proto.Unmarshal as before, errors included.
+type serverCodec struct{}
+
+// protoCodec is grpc's own proto codec, which serverCodec defers to.
+var protoCodec = encoding.GetCodecV2(grpcproto.Name)
+
+func (serverCodec) Name() string { return grpcproto.Name }
+
+func (serverCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec.Marshal(v) }
+
+func (serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	pkt, ok := v.(*dispatchv1.UpstreamPacket)
+	if !ok {
+		return protoCodec.Unmarshal(data, v)
+	}
+	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
+	defer buf.Free()
+	b := buf.ReadOnlyData()
+	if decodeUpstream(b, pkt) {
+		return nil
+	}
+	return proto.Unmarshal(b, pkt)
+}
+
+// Field numbers of UpstreamPacket that decodeUpstream takes.
+const (
+	upSessionID = 1
+	upTimestamp = 2
+	upThought   = 3
+	upContent   = 4
+	upSeq       = 14
+	upBatch     = 15
+)
+
+// decodeUpstream sets pkt to the packet b encodes, as proto.Unmarshal
+// would, and reports true, if b is of a shape it decodes: the fields
+// session_id, timestamp and seq, and a content, thought or (at the top)
+// batch payload of such packets, each field at most once, nothing else.
+// Otherwise it reports false, with pkt reset and partly set (the caller
+// unmarshals it, which resets it again). The previous packet's payload is
+// not touched (an event may hold it); its session id string is reused
+// when the new one is the same (no allocation per packet).
+func decodeUpstream(b []byte, pkt *dispatchv1.UpstreamPacket) bool {
+	prevID := pkt.GetSessionId()
+	pkt.Reset()
+	return parseUpstream(b, pkt, prevID, true)
+}
+
+// parseUpstream parses a packet into p, which is reset (see
+// decodeUpstream); prevID is a session id to reuse when it is the
+// packet's, batch whether a batch may be its payload.
+func parseUpstream(b []byte, p *dispatchv1.UpstreamPacket, prevID string, batch bool) bool {
+	var seen uint32 // a bit per field number taken
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 || num >= 32 || seen&(1<<num) != 0 {
+			return false
+		}
+		seen |= 1 << num
+		b = b[n:]
+		switch typ {
+		case protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return false
+			}
+			b = b[n:]
+			switch num {
+			case upTimestamp:
+				p.Timestamp = int64(v)
+			case upSeq:
+				p.Seq = v
+			default:
+				return false
+			}
+		case protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return false
+			}
+			b = b[n:]
+			var ok bool
+			switch {
+			case num == upSessionID:
+				p.SessionId, ok = internString(v, prevID)
+			case p.Payload != nil:
+				ok = false // a second payload: the last would win
+			case num == upContent:
+				ok = parseContent(v, p)
+			case num == upThought:
+				ok = parseThought(v, p)
+			case num == upBatch && batch:
+				ok = parseBatch(v, p, prevID)
+			}
+			if !ok {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// internString is v as a string, prev itself when they are equal; false
+// if v is not UTF-8 (protobuf refuses such a string field).
+func internString(v []byte, prev string) (string, bool) {
+	if string(v) == prev {
+		return prev, true
+	}
+	if !utf8.Valid(v) {
+		return "", false
+	}
+	return string(v), true
+}
+
+// contentBox is a content payload's oneof wrapper, message and text in one
+// allocation: they are made together, and the event keeps the message,
+// which keeps the text. A is the text's room, a byte array sized so that
+// the box fills a size class of Go's allocator; a text longer than the
+// largest room gets a string of its own. One object per content packet
+// instead of three (wrapper, message, string) also means one object, not
+// two, per content event for the garbage collector to mark while the log
+// holds it.
+type contentBox[A any] struct {
+	w    dispatchv1.UpstreamPacket_Content
+	c    dispatchv1.ContentChunk
+	room A
+}
+
+// newContent is the payload of a content packet with text and finish;
+// text is copied.
+func newContent[A any](text []byte, finish bool) *dispatchv1.UpstreamPacket_Content {
+	box := new(contentBox[A])
+	box.w.Content = &box.c
+	box.c.IsFinish = finish
+	room := unsafe.Slice((*byte)(unsafe.Pointer(&box.room)), unsafe.Sizeof(box.room))
+	if len(text) <= len(room) {
+		// The string is the room's bytes, never written again.
+		box.c.Text = unsafe.String(unsafe.SliceData(room), copy(room, text))
+	} else {
+		box.c.Text = string(text)
+	}
+	return &box.w
+}
+
+// parseContent parses a ContentChunk: text (1), is_finish (2). The rooms
+// make boxes of 112, 144, 208 and 352 bytes (one without room is 80).
+func parseContent(b []byte, p *dispatchv1.UpstreamPacket) bool {
+	text, _, finish, ok := parsePair(b, false)
+	if !ok {
+		return false
+	}
+	f := protowire.DecodeBool(finish)
+	switch n := len(text); {
+	case n == 0:
+		p.Payload = newContent[struct{}](nil, f)
+	case n <= 40:
+		p.Payload = newContent[[40]byte](text, f)
+	case n <= 72:
+		p.Payload = newContent[[72]byte](text, f)
+	case n <= 136:
+		p.Payload = newContent[[136]byte](text, f)
+	default:
+		p.Payload = newContent[[280]byte](text, f)
+	}
+	return true
+}
+
+// thoughtBox is a thought payload's oneof wrapper and message in one
+// allocation.
+type thoughtBox struct {
+	w dispatchv1.UpstreamPacket_Thought
+	c dispatchv1.ThoughtChain
+}
+
+// parseThought parses a ThoughtChain: step_name (1), delta (2).
+func parseThought(b []byte, p *dispatchv1.UpstreamPacket) bool {
+	step, delta, _, ok := parsePair(b, true)
+	if !ok {
+		return false
+	}
+	box := &thoughtBox{}
+	box.c.StepName, box.c.Delta = string(step), string(delta)
+	box.w.Thought = &box.c
+	p.Payload = &box.w
+	return true
+}
+
+// parsePair parses a message of a string field 1 and a field 2 that is a
+// string (str2) or a varint: each at most once, nothing else. The strings
+// are returned as the bytes of b they are in, checked to be UTF-8.
+func parsePair(b []byte, str2 bool) (s1, s2 []byte, v2 uint64, ok bool) {
+	var saw1, saw2 bool
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return nil, nil, 0, false
+		}
+		b = b[n:]
+		switch {
+		case num == 1 && typ == protowire.BytesType && !saw1:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 || !utf8.Valid(v) {
+				return nil, nil, 0, false
+			}
+			b, saw1, s1 = b[n:], true, v
+		case num == 2 && typ == protowire.BytesType && str2 && !saw2:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 || !utf8.Valid(v) {
+				return nil, nil, 0, false
+			}
+			b, saw2, s2 = b[n:], true, v
+		case num == 2 && typ == protowire.VarintType && !str2 && !saw2:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return nil, nil, 0, false
+			}
+			b, saw2, v2 = b[n:], true, v
+		default:
+			return nil, nil, 0, false
+		}
+	}
+	return s1, s2, v2, true
+}
+
+// batchBox is a batch payload's wrapper and message in one allocation.
+type batchBox struct {
+	w dispatchv1.UpstreamPacket_Batch
+	b dispatchv1.UpstreamBatch
+}
+
+// parseBatch parses an UpstreamBatch: packets (1), each of the shape
+// parseUpstream takes (but no batch). The packets are made in one array.
+func parseBatch(b []byte, p *dispatchv1.UpstreamPacket, prevID string) bool {
+	count := 0
+	for rest := b; len(rest) > 0; count++ {
+		num, typ, n := protowire.ConsumeTag(rest)
+		if n < 0 || num != 1 || typ != protowire.BytesType {
+			return false
+		}
+		n2 := protowire.ConsumeFieldValue(num, typ, rest[n:])
+		if n2 < 0 {
+			return false
+		}
+		rest = rest[n+n2:]
+	}
+	box := &batchBox{}
+	box.w.Batch = &box.b
+	if count > 0 {
+		arr := make([]dispatchv1.UpstreamPacket, count)
+		box.b.Packets = make([]*dispatchv1.UpstreamPacket, count)
+		for i := range count {
+			_, _, n := protowire.ConsumeTag(b)
+			v, n2 := protowire.ConsumeBytes(b[n:])
+			b = b[n+n2:]
+			q := &arr[i]
+			if !parseUpstream(v, q, prevID, false) {
+				return false
+			}
+			prevID = q.SessionId
+			box.b.Packets[i] = q
+		}
+	}
+	p.Payload = &box.w
+	return true
+}
