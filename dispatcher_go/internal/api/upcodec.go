@@ -184,8 +184,11 @@ func parseContent(b []byte, p *dispatchv1.UpstreamPacket) bool {
 		p.Payload = newContent[[72]byte](text, f)
 	case n <= 136:
 		p.Payload = newContent[[136]byte](text, f)
-	default:
+	case n <= 280:
 		p.Payload = newContent[[280]byte](text, f)
+	default:
+		// Its own string: a room it does not fit would be carried empty.
+		p.Payload = newContent[struct{}](text, f)
 	}
 	return true
 }

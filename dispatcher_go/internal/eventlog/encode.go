@@ -58,9 +58,10 @@ func encodeUnnumbered(ev *dispatchv1.TaskEvent, a *arena) unnumbered {
 		// Content and thought: by hand (fastenc.go).
 		buf = s.appendTo(a.take(seqRoom + s.size)[:seqRoom])
 		if len(buf) != seqRoom+s.size {
-			panic("eventlog: hand-encoded event of unexpected size")
+			buf = nil // cannot happen (fuzzed against proto.Size): protobuf's encoding below, never a panic in Append
 		}
-	} else {
+	}
+	if buf == nil {
 		n := proto.Size(ev)
 		var err error
 		buf, err = cached.MarshalAppend(a.take(seqRoom + n)[:seqRoom], ev)
