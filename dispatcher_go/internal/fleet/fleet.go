@@ -132,8 +132,8 @@ type Fleet struct {
 	writer *store.Writer
 
 	idle     chan struct{}
-	pub      []chan pubBatch // one per publish lane (laneOf)
-	legs     *legStats       // nil unless DISPATCHER_FLEET_LEG_STATS=1
+	pub      chan pubBatch
+	legs     *legStats // nil unless DISPATCHER_FLEET_LEG_STATS=1
 	draining atomic.Bool
 	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
 	fencedN  atomic.Int64
@@ -192,11 +192,8 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
 		pg: pg, leases: leases, rdb: rdb, tails: tails,
 		idle: make(chan struct{}, 1),
-		pub:  make([]chan pubBatch, publishLanes),
+		pub:  make(chan pubBatch, 4096),
 		legs: newLegStats(),
-	}
-	for i := range f.pub {
-		f.pub[i] = make(chan pubBatch, 4096/publishLanes)
 	}
 	f.hub = newTailHub(f, tails)
 	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
@@ -247,10 +244,7 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
 	f.syncGlobal(ctx)
 	cancel()
-	for _, ch := range f.pub {
-		f.wg.Go(func() { f.publishLoop(f.ctx, ch) })
-	}
-	for _, loop := range []func(context.Context){f.pingLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
+	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
 		f.wg.Go(func() { loop(f.ctx) })
 	}
 	if f.legs != nil {
@@ -385,81 +379,31 @@ type pubBatch struct {
 	at  time.Time // when it was handed over (for the leg timings)
 }
 
-// publishLanes is how many publishers append stored events to the tasks'
-// streams, each with its own MULTI/EXEC under way. With one, every event
-// stored while a MULTI/EXEC was under way waited for its answer (a round
-// trip to Redis, tens of ms at p99 on a busy machine) before its own was
-// sent. A task's events always go to the same lane (laneOf), so they are
-// appended in seq order (a stream's entry ids only grow: an XADD with a
-// lower id than the last is refused).
-const publishLanes = 4
-
-// laneOf is the publish lane of taskID (FNV-1a).
-func laneOf(taskID string) int {
-	h := uint32(2166136261)
-	for i := 0; i < len(taskID); i++ {
-		h ^= uint32(taskID[i])
-		h *= 16777619
-	}
-	return int(h % publishLanes)
-}
-
-// onWritten hands events just stored to the publishers (dropped when one
-// is behind: watchers fill gaps from PostgreSQL). Each lane's channel holds
-// up to 1 024 batches, each one store write's events of the lane's tasks.
-// A task's writes are told here in seq order (the Writer never has two
-// writes of a task under way), so its events reach its lane in order.
+// onWritten hands events just stored to the publisher (dropped when it is
+// behind: watchers fill gaps from PostgreSQL). The channel holds up to 4 096
+// batches, each one store write's events.
 func (f *Fleet) onWritten(evs []store.Event) {
-	if len(evs) == 0 {
-		return
-	}
-	now := time.Now()
-	first := laneOf(evs[0].TaskID)
-	one := true
-	for _, e := range evs[1:] {
-		if laneOf(e.TaskID) != first {
-			one = false
-			break
-		}
-	}
-	if one {
-		select {
-		case f.pub[first] <- pubBatch{evs: evs, at: now}:
-		default:
-		}
-		return
-	}
-	var parts [publishLanes][]store.Event
-	for _, e := range evs {
-		i := laneOf(e.TaskID)
-		parts[i] = append(parts[i], e)
-	}
-	for i, part := range parts {
-		if len(part) > 0 {
-			select {
-			case f.pub[i] <- pubBatch{evs: part, at: now}:
-			default:
-			}
-		}
+	select {
+	case f.pub <- pubBatch{evs: evs, at: time.Now()}:
+	default:
 	}
 }
 
-// publishLoop appends the stored events of one lane to their tasks'
-// streams.
-func (f *Fleet) publishLoop(ctx context.Context, pub <-chan pubBatch) {
+// publishLoop appends stored events to their tasks' streams.
+func (f *Fleet) publishLoop(ctx context.Context) {
 	for {
 		var evs []store.Event
 		var at time.Time
 		select {
 		case <-ctx.Done():
 			return
-		case b := <-pub:
+		case b := <-f.pub:
 			evs, at = b.evs, b.at
 		}
 	more:
 		for len(evs) < 4096 {
 			select {
-			case more := <-pub:
+			case more := <-f.pub:
 				evs = append(evs, more.evs...)
 			default:
 				break more

@@ -1,7 +1,6 @@
 package fleet
 
 import (
-	"fmt"
 	"testing"
 	"time"
 
@@ -10,7 +9,6 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/store"
 )
 
 // entries are stream entries of events seqs (as the publisher writes them).
@@ -200,59 +198,5 @@ func TestTailHubStopsReadingAnEndedTask(t *testing.T) {
 		if k == eventsPrefix+"t1" && args[len(args)/2+1+i] != eventID(3) {
 			t.Fatalf("t1 read from %s, want %s", args[len(args)/2+1+i], eventID(3))
 		}
-	}
-}
-
-// The publisher's lanes: a task's events always go to one lane, in the
-// order they were stored (a stream refuses an id lower than its last), and
-// a write's events of tasks of different lanes are split, none lost.
-func TestPublishLanesKeepEachTasksOrder(t *testing.T) {
-	f := &Fleet{pub: make([]chan pubBatch, publishLanes)}
-	for i := range f.pub {
-		f.pub[i] = make(chan pubBatch, 1024)
-	}
-	const tasks, writes = 40, 30
-	for w := 1; w <= writes; w++ {
-		var evs []store.Event
-		for i := range tasks {
-			if (i+w)%3 == 0 {
-				continue // not every task in every write
-			}
-			evs = append(evs, store.Event{TaskID: fmt.Sprintf("task-%d", i), Seq: uint64(w)})
-		}
-		f.onWritten(evs)
-	}
-	lane := map[string]int{}
-	last := map[string]uint64{}
-	n := 0
-	for i, ch := range f.pub {
-		for len(ch) > 0 {
-			for _, e := range (<-ch).evs {
-				if l, ok := lane[e.TaskID]; ok && l != i {
-					t.Fatalf("%s in lanes %d and %d", e.TaskID, l, i)
-				}
-				lane[e.TaskID] = i
-				if e.Seq <= last[e.TaskID] {
-					t.Fatalf("%s: seq %d after %d", e.TaskID, e.Seq, last[e.TaskID])
-				}
-				last[e.TaskID] = e.Seq
-				n++
-			}
-		}
-	}
-	want := 0
-	for w := 1; w <= writes; w++ {
-		for i := range tasks {
-			if (i+w)%3 != 0 {
-				want++
-			}
-		}
-	}
-	used := map[int]bool{}
-	for _, l := range lane {
-		used[l] = true
-	}
-	if n != want || len(used) < 2 {
-		t.Fatalf("%d events handed over, want %d; lanes used %d", n, want, len(used))
 	}
 }
