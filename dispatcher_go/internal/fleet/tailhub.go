@@ -13,7 +13,6 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
-	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
 // Bounds of the tail hub.
@@ -47,10 +46,7 @@ const wakePrefix = "fleet:wake:"
 // It keeps, per task, the latest hubKeep events, contiguous (a gap in the
 // stream starts the run again: watchers fill it from PostgreSQL), and a
 // channel closed when events arrive. Memory is bounded by hubTasks ×
-// hubKeep events; a task nobody waited on for hubLinger is forgotten, and
-// one whose terminal event was read leaves the XREAD at once (a busy
-// fleet ends tasks every few ms; each lingered in every XREAD for
-// hubLinger, most of its keys).
+// hubKeep events; a task nobody waited on for hubLinger is forgotten.
 // Redis down or slow: watchers wait tailBlock at most, then read
 // PostgreSQL, as before.
 type tailHub struct {
@@ -69,10 +65,6 @@ type hubTask struct {
 	notify chan struct{}           // closed when events arrive
 	users  int                     // Reads waiting now
 	idle   time.Time               // when users last fell to 0
-	// ended: the task's terminal event was read, nothing follows it: the
-	// stream is no longer in the XREAD (kept for watchers behind until
-	// hubLinger), unless a Read waits past the end.
-	ended bool
 }
 
 func newTailHub(f *Fleet, rdb *redis.Client) *tailHub {
@@ -125,11 +117,6 @@ func (h *tailHub) wait(id string, after uint64, limit int) (evs []*dispatchv1.Ta
 		// The watcher is past what the hub read (it read PostgreSQL):
 		// read on from there.
 		t.last, t.evs = after, t.evs[:0]
-	}
-	if t.ended {
-		// Waiting past the terminal event (a watcher stops at it; this
-		// one did not see it as the end): read the stream again.
-		t.ended, added = false, true
 	}
 	t.users++
 	ch = t.notify
@@ -184,9 +171,6 @@ func (h *tailHub) snapshot(wakeID string) []string {
 	for id, t := range h.tasks {
 		if t.users == 0 && now.Sub(t.idle) > hubLinger {
 			delete(h.tasks, id)
-			continue
-		}
-		if t.ended {
 			continue
 		}
 		keys = append(keys, eventsPrefix+id)
@@ -245,9 +229,6 @@ func (h *tailHub) deliver(id string, msgs []redis.XMessage, read time.Time) {
 		}
 		t.evs = append(t.evs, ev)
 		t.last = seq
-		if st := ev.GetState(); st != nil && task.Terminal(st.GetStatus()) {
-			t.ended = true
-		}
 	}
 	t.at = time.Now()
 	close(t.notify)

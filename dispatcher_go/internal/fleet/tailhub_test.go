@@ -8,7 +8,6 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
-	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
 
 // entries are stream entries of events seqs (as the publisher writes them).
@@ -133,70 +132,5 @@ func TestTailHubReleasesATaskRunHere(t *testing.T) {
 	h.deliver("t1", entries(t, 1), time.Now()) // an answer in flight: dropped
 	if evs := h.get("t1", 0, 64); len(evs) != 0 {
 		t.Fatalf("a released task got events: %v", seqsOf(evs))
-	}
-}
-
-// streamsRead is the task streams in an XREAD's arguments (snapshot).
-func streamsRead(args []string) []string {
-	return args[1 : len(args)/2]
-}
-
-// A task whose terminal event was read leaves the XREAD at once (nothing
-// follows it), while the hub still serves its events to watchers behind;
-// a Read waiting past the end puts it back. Other tasks are not affected.
-func TestTailHubStopsReadingAnEndedTask(t *testing.T) {
-	h := newTailHub(&Fleet{id: "r1"}, nil)
-	_, _, done1 := h.wait("t1", 0, 64)
-	done1()
-	_, _, done2 := h.wait("t2", 0, 64)
-	done2()
-	if got := streamsRead(h.snapshot("0-0")); len(got) != 2 {
-		t.Fatalf("streams read: %v", got)
-	}
-	end, err := proto.Marshal(&dispatchv1.TaskEvent{Seq: 3, Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_CANCELLED}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A non-terminal state event does not end the task.
-	running, err := proto.Marshal(&dispatchv1.TaskEvent{Seq: 2, Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_RUNNING}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	msgs := append(entries(t, 1),
-		redis.XMessage{ID: eventID(2), Values: map[string]any{"e": string(running)}})
-	h.deliver("t1", msgs, time.Now())
-	if got := streamsRead(h.snapshot("0-0")); len(got) != 2 {
-		t.Fatalf("a running task left the XREAD: %v", got)
-	}
-	h.deliver("t1", []redis.XMessage{{ID: eventID(3), Values: map[string]any{"e": string(end)}}}, time.Now())
-	if got := streamsRead(h.snapshot("0-0")); len(got) != 1 || got[0] != eventsPrefix+"t2" {
-		t.Fatalf("streams read after t1's end: %v, want only t2's", got)
-	}
-	if got := seqsOf(h.get("t1", 0, 64)); !same(got, []uint64{1, 2, 3}) {
-		t.Fatalf("an ended task's events for a watcher behind: %v", got)
-	}
-	evs, ch, done := h.wait("t1", 1, 64)
-	done()
-	if got := seqsOf(evs); !same(got, []uint64{2, 3}) || ch != nil {
-		t.Fatalf("wait behind the end: %v (channel %v)", got, ch)
-	}
-	if got := streamsRead(h.snapshot("0-0")); len(got) != 1 {
-		t.Fatalf("a wait served from the hub put the ended task back: %v", got)
-	}
-	// Waiting past the end: read again, from the end.
-	_, ch, done = h.wait("t1", 3, 64)
-	defer done()
-	if ch == nil {
-		t.Fatal("no channel for a wait past the end")
-	}
-	args := h.snapshot("0-0")
-	got := streamsRead(args)
-	if len(got) != 2 {
-		t.Fatalf("a wait past the end did not put the task back in the XREAD: %v", got)
-	}
-	for i, k := range got {
-		if k == eventsPrefix+"t1" && args[len(args)/2+1+i] != eventID(3) {
-			t.Fatalf("t1 read from %s, want %s", args[len(args)/2+1+i], eventID(3))
-		}
 	}
 }
