@@ -108,7 +108,7 @@ func (s *fencedStore) GetTask(ctx context.Context, id string) (store.TaskRecord,
 // round trip to PostgreSQL: the statements go out as one pipelined batch,
 // which PostgreSQL runs as one implicit transaction (all or nothing, locks
 // held to its end). The first locks the lease rows of the batch's tasks
-// (ownerLock: a concurrent Claim waits for this write, or this write sees
+// (FOR SHARE: a concurrent Claim waits for this write, or this write sees
 // the Claim); each write then carries the fence as a condition (no lease
 // row, or this replica's with the attempt it claimed), so nothing waits
 // for a decision made in Go. The events inserted come back (RETURNING) and
@@ -135,7 +135,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	}
 	owned := s.ownedTasks()
 	var pb pgx.Batch
-	pb.Queue(`SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) `+ownerLock, ids)
+	pb.Queue(`SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, ids)
 	if len(b.Events) > 0 {
 		taskIDs := make([]string, len(b.Events))
 		seqs := make([]int64, len(b.Events))

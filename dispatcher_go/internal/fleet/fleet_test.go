@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -386,114 +385,5 @@ func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
 	}
 	if _, err := l.ClaimForSession(ctx, "nope", "r2", "ses-p"); !errors.Is(err, task.ErrNotFound) {
 		t.Fatalf("claim of an unknown task: %v", err)
-	}
-}
-
-// The fence's row locks: a write of the owner does not wait for a renewal
-// (or release) of its lease under way, and a claim moving the lease waits
-// for the owner's write under way. Before, the writes locked the lease
-// rows FOR SHARE and every renewal of a replica's leases stalled its
-// writes for a commit or more.
-func TestFencedWritesDoNotWaitForRenewalsAndClaimsWaitForWrites(t *testing.T) {
-	st := openStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	l, err := NewLeases(ctx, st.Pool(), time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	putTask(t, st, "t1", agentpb.TaskStatus_RUNNING)
-	a, err := l.Claim(ctx, "t1", "r1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	fs := &fencedStore{Store: st, pool: st.Pool(), replica: "r1", owned: map[string]int64{}}
-	fs.own("t1", a)
-
-	// A renewal of r1's leases under way (not committed): r1's write goes
-	// through at once.
-	renew, err := st.Pool().Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = renew.Rollback(context.Background()) }()
-	if _, err := renew.Exec(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp() + interval '1 minute' WHERE owner = 'r1' AND NOT released`); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
-	err = fs.Apply(wctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("e1")}}})
-	wcancel()
-	if err != nil {
-		t.Fatalf("a write waited for the renewal under way: %v", err)
-	}
-	if err := renew.Rollback(ctx); err != nil {
-		t.Fatal(err)
-	}
-
-	// A write under way (its lease row locked as the fenced store locks
-	// it): the release goes through, a claim by r2 waits for the write.
-	w, err := st.Pool().Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = w.Rollback(context.Background()) }()
-	if _, err := w.Exec(ctx, `SELECT task_id FROM fleet_leases WHERE task_id = ANY($1) `+ownerLock, []string{"t1"}); err != nil {
-		t.Fatal(err)
-	}
-	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
-	err = l.Release(rctx, "t1", a)
-	rcancel()
-	if err != nil {
-		t.Fatalf("a release waited for the write under way: %v", err)
-	}
-	type claimed struct {
-		a   int64
-		err error
-	}
-	done := make(chan claimed, 1)
-	go func() {
-		a, err := l.Claim(ctx, "t1", "r2")
-		done <- claimed{a, err}
-	}()
-	// The claim must be seen waiting for a row lock while the write is
-	// under way (and not have finished).
-	waiting := false
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
-		select {
-		case c := <-done:
-			t.Fatalf("the claim did not wait for the write under way: attempt %d, %v", c.a, c.err)
-		default:
-		}
-		var n int
-		if err := st.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-			WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE '%fleet_leases%FOR UPDATE%'`).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		if n > 0 {
-			waiting = true
-			break
-		}
-		runtime.Gosched()
-	}
-	if !waiting {
-		t.Fatal("the claim was never seen waiting for the write's row lock")
-	}
-	if err := w.Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
-	c := <-done
-	if c.err != nil || c.a != a+1 {
-		t.Fatalf("claim after the write: attempt %d, %v; want %d", c.a, c.err, a+1)
-	}
-	// r1's next write is refused by the fence.
-	if err := fs.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 2, Data: []byte("e2")}}}); err != nil {
-		t.Fatal(err)
-	}
-	evs, err := st.ReadEvents(ctx, "t1", 0, 10)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(evs) != 1 {
-		t.Fatalf("events stored: %d, want 1 (the fenced owner's second refused)", len(evs))
 	}
 }

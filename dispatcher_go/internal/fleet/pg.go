@@ -88,17 +88,6 @@ func micros(d time.Duration) int64 { return d.Microseconds() }
 
 var terminalCodes = []int32{int32(agentpb.TaskStatus_SUCCESS), int32(agentpb.TaskStatus_FAILURE), int32(agentpb.TaskStatus_CANCELLED)}
 
-// ownerLock is the row lock the fenced store's writes take on their
-// tasks' lease rows: FOR KEY SHARE. It conflicts only with FOR UPDATE (and
-// deletes), which every statement moving a lease to another owner or
-// attempt takes first (claim, ClaimForSession): a write and a claim of
-// the same task never overlap, so a write of the old owner is either
-// committed before the claim reads the row, or sees the new owner and is
-// refused. Renewals and releases (expires_at, released: no key column,
-// FOR NO KEY UPDATE) do not conflict with it, so they neither wait for
-// the writes under way nor make the next writes wait for their commit.
-const ownerLock = "FOR KEY SHARE"
-
 // Claim takes the lease of taskID for replica with the next attempt
 // number, when nobody holds it: no lease yet, released (the owner finished
 // with it or handed it over), or expired. It fails with ErrLeaseHeld when a
@@ -128,16 +117,6 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 		}
 		if task.Terminal(agentpb.TaskStatus(status)) {
 			return ErrTaskEnded
-		}
-		// The lease row FOR UPDATE before it moves: the fenced store's
-		// writes lock it FOR KEY SHARE, which the upsert's own row lock
-		// (an update of no key column) does not wait for; this lock does,
-		// so a write of the old owner is either before the claim (and
-		// seen by it) or refused. See ownerLock.
-		var one int
-		err = tx.QueryRow(ctx, `SELECT 1 FROM fleet_leases WHERE task_id = $1 FOR UPDATE`, taskID).Scan(&one)
-		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return err
 		}
 		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
@@ -227,12 +206,7 @@ func (l *Leases) Release(ctx context.Context, taskID string, attempt int64) erro
 }
 
 // Renew extends every unreleased lease replica holds and returns them
-// (task id → attempt). It changes no owner or attempt, so it neither waits
-// for the fenced store's writes nor holds them up (see ownerLock): with
-// FOR SHARE there, each renewal (every third of the lease, all of a
-// replica's leases in one transaction) waited for the writes under way,
-// then every write of those tasks waited for its commit — 20-115 ms
-// stalls of the replica's relay every few seconds on a busy machine.
+// (task id → attempt).
 func (l *Leases) Renew(ctx context.Context, replica string) (map[string]int64, error) {
 	rows, err := l.pool.Query(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp() + $2 * interval '1 microsecond'
 		WHERE owner = $1 AND NOT released RETURNING task_id, attempt`, replica, micros(l.ttl))
