@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -385,5 +386,73 @@ func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
 	}
 	if _, err := l.ClaimForSession(ctx, "nope", "r2", "ses-p"); !errors.Is(err, task.ErrNotFound) {
 		t.Fatalf("claim of an unknown task: %v", err)
+	}
+}
+
+// A renewal does not wait for a write under way before renewing the other
+// leases (it skips the row the write holds, then renews that one alone),
+// and still renews every lease.
+func TestRenewDoesNotHoldLeasesBehindAWriteUnderWay(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l, err := NewLeases(ctx, st.Pool(), time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	att := map[string]int64{}
+	for _, id := range []string{"t1", "t2", "t3"} {
+		putTask(t, st, id, agentpb.TaskStatus_RUNNING)
+		a, err := l.Claim(ctx, id, "r1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		att[id] = a
+	}
+	expires := func(id string) time.Time {
+		var at time.Time
+		if err := st.Pool().QueryRow(ctx, `SELECT expires_at FROM fleet_leases WHERE task_id = $1`, id).Scan(&at); err != nil {
+			t.Fatal(err)
+		}
+		return at
+	}
+	before := expires("t2")
+	// A write of t1 under way: its lease row locked as the fenced store does.
+	w, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = w.Rollback(context.Background()) }()
+	if _, err := w.Exec(ctx, `SELECT task_id FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, []string{"t1"}); err != nil {
+		t.Fatal(err)
+	}
+	type renewed struct {
+		got map[string]int64
+		err error
+	}
+	done := make(chan renewed, 1)
+	go func() {
+		got, err := l.Renew(ctx, "r1")
+		done <- renewed{got, err}
+	}()
+	moved := false
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline) && !moved; {
+		moved = expires("t2").After(before) && expires("t3").After(before)
+		runtime.Gosched()
+	}
+	if !moved {
+		t.Fatal("the other leases were not renewed while a write of t1 was under way")
+	}
+	if err := w.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	for id, a := range att {
+		if r.got[id] != a {
+			t.Fatalf("renewed %v, want every lease %v", r.got, att)
+		}
 	}
 }
