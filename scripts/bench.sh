@@ -177,7 +177,10 @@ python_commander_stop() {
   PIDS+=("$llm_pid")
   wait_file "$OUT/scriptedllm.addr" 10 "$llm_pid" scriptedllm || { FAILED+=("$label (scriptedllm)"); return 0; }
   start_dispatcher "dispatcher-$label" || { FAILED+=("$label (dispatcher)"); stop_pid "$llm_pid"; return 0; }
-  if ! DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
+  # BENCH_FLEET_DISPATCHER: the fleet driver's replicas run the binary under
+  # test too (it defaulted to bin/dispatcher, which BENCH_DISPATCHER skips building).
+  if ! BENCH_FLEET_DISPATCHER=${BENCH_FLEET_DISPATCHER:-$DISPATCHER} \
+    DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
     DISPATCHER_CLIENT_TOKEN=$CLIENT_TOKEN DISPATCHER_PID=$DISPATCHER_PID \
     SCRIPTED_LLM_URL="http://$(head -n 1 "$OUT/scriptedllm.addr")/v1" BENCH_QUICK=$QUICK \
     BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_commander.py" \
@@ -199,7 +202,10 @@ python_driver() {
   fi
   log "scenario $label: .venv/bin/python scripts/$script"
   start_dispatcher "dispatcher-$label" || { FAILED+=("$label (dispatcher)"); return 0; }
-  if ! DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
+  # BENCH_FLEET_DISPATCHER: the fleet driver's replicas run the binary under
+  # test too (it defaulted to bin/dispatcher, which BENCH_DISPATCHER skips building).
+  if ! BENCH_FLEET_DISPATCHER=${BENCH_FLEET_DISPATCHER:-$DISPATCHER} \
+    DISPATCHER_ADDR=$DISPATCHER_ADDR DISPATCHER_COMMANDER_TOKEN=$COMMANDER_TOKEN \
     DISPATCHER_CLIENT_TOKEN=$CLIENT_TOKEN DISPATCHER_PID=$DISPATCHER_PID BENCH_QUICK=$QUICK \
     BENCH_RESULTS=$RESULTS "$ROOT/.venv/bin/python" "$ROOT/scripts/$script" \
     2> >(tee "$OUT/$label.txt" >&2); then
