@@ -348,6 +348,31 @@ func TestCommanderLostFailsTaskAtOnce(t *testing.T) {
 	}
 }
 
+// A connection lost in the instant after the start's Send returned (the
+// commander has it; the run has not noted it yet) fails the task as one
+// that started — it may be running — not as "lost before the task
+// started" (TestCommanderLostFailsTaskAtOnce failed so under load).
+func TestCommanderLostJustAfterTheStartWasSent(t *testing.T) {
+	release := make(chan struct{})
+	afterStartSend = func() {
+		select {
+		case <-release:
+		case <-time.After(testutil.Wait):
+		}
+	}
+	t.Cleanup(func() { afterStartSend = nil })
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	c.start()
+	c.cancel() // the connection breaks while the sender is held after the start's Send
+	info := waitDone(t, tk)
+	close(release)
+	if info.Status != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(info.Message, "commander connection lost: ") {
+		t.Fatalf("info %+v", info)
+	}
+}
+
 // The stop overtakes queued packets; after it, planner output is dropped and
 // tool calls are refused by the dispatcher itself.
 func TestStopOvertakesQueueAndFencesOutput(t *testing.T) {

@@ -203,6 +203,9 @@ func (sl *slot) sendLoop(stream Stream) {
 		}
 		switch p.GetSignal().(type) {
 		case *dispatchv1.DownstreamPacket_Start:
+			if afterStartSend != nil {
+				afterStartSend()
+			}
 			if r := sl.cur.Load(); r != nil && r.sessionID == p.GetSessionId() {
 				r.startSent.Store(true)
 			}
@@ -213,6 +216,11 @@ func (sl *slot) sendLoop(stream Stream) {
 		}
 	}
 }
+
+// afterStartSend, when set (tests only), runs between a start's Send
+// returning and the run noting it: the window in which the commander has
+// the start although startWasSent is still false.
+var afterStartSend func()
 
 // takeStart records that the sender is about to send the start of session
 // sid; it refuses once the stream is ending (then the start is never sent).
@@ -472,7 +480,10 @@ func (sl *slot) closeCurrent(cause error) {
 	case decided:
 		status = stopStatus(st.code)
 		msg = st.reason + " (commander connection lost before it acknowledged the stop)"
-	case !r.startWasSent():
+	case !reached:
+		// Not r.startWasSent(): the sender sets that just after the start's
+		// Send returns, and the commander may already have it (the task
+		// ran) — reached waited for that Send.
 		status = agentpb.TaskStatus_FAILURE
 		msg = "commander connection lost before the task started: " + describeEnd(cause)
 	default:
