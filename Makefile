@@ -155,9 +155,7 @@ FUZZ_TARGETS := \
 	./internal/httpapi/:FuzzHTTPSubmitReal
 
 test-fuzz: ## Go native fuzz targets, FUZZTIME (8s) each
-	cd dispatcher_go && for t in $(FUZZ_TARGETS); do \
-	  echo "fuzz $${t#*:} ($${t%%:*}) for $(FUZZTIME)"; \
-	  go test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s "$${t%%:*}" || exit 1; done
+	cd dispatcher_go && ../scripts/fuzz.sh $(FUZZTIME) $(FUZZ_TARGETS)
 
 test-store: ## store conformance (SQLite + a real PostgreSQL), restart and kill -9 tests on Postgres
 	@DSN=$$(scripts/postgres.sh start) && trap '$(CURDIR)/scripts/postgres.sh stop' EXIT && \
