@@ -156,9 +156,11 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 			}
 		}
 	}()
-	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, MaxUpstreamBatch: d.maxUpBatch}}}
+	// The slot counts before its hello is acked, as in the dispatcher: a
+	// client that saw the ack must see the slot in GetAgentInfo.
 	d.slots.Add(1)
 	defer d.slots.Add(-1)
+	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, MaxUpstreamBatch: d.maxUpBatch}}}
 	d.idle <- s
 	var batch []*dispatchv1.UpstreamPacket // the rest of an UpstreamBatch, handled one by one
 	recv := func() (*dispatchv1.UpstreamPacket, error) {

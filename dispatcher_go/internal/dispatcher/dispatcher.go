@@ -437,6 +437,9 @@ func (d *Dispatcher) watchFleetHealth(ctx context.Context) {
 // detach, their tasks stay RUNNING), queued tasks stay PENDING; only
 // sessions that did not move by ctx's end are stopped.
 func (d *Dispatcher) Drain(ctx context.Context) {
+	// New work is refused before health says NOT_SERVING, so a client
+	// that saw NOT_SERVING is never handed a task that drain then fails.
+	d.tasks.Close()
 	d.health.Shutdown()
 	if d.fleet != nil {
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -445,7 +448,6 @@ func (d *Dispatcher) Drain(ctx context.Context) {
 	}
 	d.log.Info("draining", "active_tasks", len(d.tasks.Registry().Active()), "hand_over", d.tasks.HandsOver())
 	if d.tasks.HandsOver() {
-		d.tasks.Close()
 		d.sessions.Drain(ctx, "dispatcher draining: reconnect and re-attach")
 	}
 	d.tasks.Shutdown(ctx)
