@@ -107,6 +107,28 @@ func TestBadInputs(t *testing.T) {
 		wantCode(t, c.Ended(), codes.FailedPrecondition)
 	})
 
+	t.Run("batch of more packets than announced", func(t *testing.T) {
+		// 60 000 empty packets, 120 KB: under the transport's ceiling
+		// (128 KiB here), refused before a packet is made for each; the
+		// stream ends, its task fails, the others go on (below).
+		c := testutil.Connect(t, ctx, h.conn, "planner:long")
+		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "long"})
+		c.Start()
+		b := &dispatchv1.UpstreamBatch{Packets: make([]*dispatchv1.UpstreamPacket, 60_000)}
+		for i := range b.Packets {
+			b.Packets[i] = &dispatchv1.UpstreamPacket{}
+		}
+		c.Send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_Batch{Batch: b}})
+		err := c.Ended()
+		wantCode(t, err, codes.FailedPrecondition)
+		if !strings.Contains(err.Error(), "a batch of more than 256 packets") {
+			t.Fatalf("ended with %v", err)
+		}
+		if got := waitTerminal(t, h, sub.GetTaskId()); got.GetStatus() != agentpb.TaskStatus_FAILURE {
+			t.Fatalf("task %v", got)
+		}
+	})
+
 	t.Run("upstream packet with no payload", func(t *testing.T) {
 		c := testutil.Connect(t, ctx, h.conn, "planner:other")
 		c.Send(testutil.Up("whatever", nil))

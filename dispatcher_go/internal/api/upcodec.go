@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/session"
 )
 
 // serverCodec is grpc's proto codec, except that it decodes the streamed
@@ -21,7 +22,11 @@ import (
 // The result is the message proto.Unmarshal would give; anything else
 // (another payload, an unknown or repeated field, a wrong wire type, a
 // string that is not UTF-8, bytes that do not parse) goes to
-// proto.Unmarshal as before, errors included.
+// proto.Unmarshal as before, errors included. A packet whose batches hold
+// more than session.MaxUpstreamBatch packets in all is not decoded by
+// either: it becomes session.TooLongBatch(), which ends its stream with
+// FAILED_PRECONDITION (an 8 MiB message of empty packets would otherwise
+// be ~4 million packets, ~400 MB, before the session could count them).
 type serverCodec struct{}
 
 // protoCodec is grpc's own proto codec, which serverCodec defers to.
@@ -42,7 +47,63 @@ func (serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	if decodeUpstream(b, pkt) {
 		return nil
 	}
+	if batchedOver(b, session.MaxUpstreamBatch) {
+		pkt.Reset()
+		pkt.Payload = session.TooLongBatch()
+		return nil
+	}
 	return proto.Unmarshal(b, pkt)
+}
+
+// batchedOver reports whether the UpstreamPacket b encodes holds more than
+// limit packets in its batches, nested ones counted (protobuf merges a
+// repeated batch field into one batch). It reads only tags and lengths;
+// bytes that do not parse count as far as they parse (proto.Unmarshal then
+// refuses them). Its recursion is at most limit+1 deep: each level holds a
+// packet.
+func batchedOver(b []byte, limit int) bool {
+	n := 0
+	return countBatched(b, limit, &n)
+}
+
+// countBatched adds to *n the packets in the batches of the packet b
+// encodes (and of theirs), and reports whether *n went over limit.
+func countBatched(b []byte, limit int, n *int) bool {
+	for len(b) > 0 {
+		num, typ, tl := protowire.ConsumeTag(b)
+		if tl < 0 {
+			return false
+		}
+		vl := protowire.ConsumeFieldValue(num, typ, b[tl:])
+		if vl < 0 {
+			return false
+		}
+		if num == upBatch && typ == protowire.BytesType {
+			batch, _ := protowire.ConsumeBytes(b[tl:])
+			for len(batch) > 0 {
+				pnum, ptyp, ptl := protowire.ConsumeTag(batch)
+				if ptl < 0 {
+					return false
+				}
+				pvl := protowire.ConsumeFieldValue(pnum, ptyp, batch[ptl:])
+				if pvl < 0 {
+					return false
+				}
+				if pnum == 1 && ptyp == protowire.BytesType {
+					if *n++; *n > limit {
+						return true
+					}
+					inner, _ := protowire.ConsumeBytes(batch[ptl:])
+					if countBatched(inner, limit, n) {
+						return true
+					}
+				}
+				batch = batch[ptl+pvl:]
+			}
+		}
+		b = b[tl+vl:]
+	}
+	return false
 }
 
 // Field numbers of UpstreamPacket that decodeUpstream takes.
@@ -261,6 +322,9 @@ type batchBox struct {
 func parseBatch(b []byte, p *dispatchv1.UpstreamPacket, prevID string) bool {
 	count := 0
 	for rest := b; len(rest) > 0; count++ {
+		if count == session.MaxUpstreamBatch {
+			return false // too long: Unmarshal's batchedOver refuses it
+		}
 		num, typ, n := protowire.ConsumeTag(rest)
 		if n < 0 || num != 1 || typ != protowire.BytesType {
 			return false

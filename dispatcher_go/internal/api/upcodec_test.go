@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"math"
 	"math/rand/v2"
+	"runtime"
 	"strings"
 	"testing"
 	"unsafe"
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/session"
 )
 
 // randomUpstream is a packet of a shape decodeUpstream takes: content or
@@ -281,4 +283,73 @@ func BenchmarkDecodeContent(b *testing.B) {
 			_ = proto.Unmarshal(data, pkt)
 		}
 	})
+}
+
+// emptyPackets is the bytes of n empty packets inside an UpstreamBatch (a
+// packet field 1 of length 0 each).
+func emptyPackets(n int) []byte { return bytes.Repeat([]byte{0x0a, 0}, n) }
+
+// batchField is the bytes of an UpstreamPacket's batch field holding body.
+func batchField(body []byte) []byte {
+	b := protowire.AppendTag(nil, upBatch, protowire.BytesType)
+	return protowire.AppendBytes(b, body)
+}
+
+// TestCodecRefusesTooLongBatches: a batch of more than MaxUpstreamBatch
+// packets, nested ones counted, decodes to session.TooLongBatch() on both
+// the hand and the protobuf path, without a packet made for each: 4 Mi
+// empty packets (an 8 MiB message) made ~384 MB of packets before.
+func TestCodecRefusesTooLongBatches(t *testing.T) {
+	toolCall, _ := proto.Marshal(&dispatchv1.UpstreamPacket{SessionId: "s", Payload: &dispatchv1.UpstreamPacket_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{CallId: "c"}}})
+	withToolCall := func(n int) []byte { // protobuf's path: a tool call in the batch
+		b := protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), toolCall)
+		return append(b, emptyPackets(n-1)...)
+	}
+	nested := func(n int) []byte { // one packet holding a batch of n-1
+		b := protowire.AppendTag(nil, 1, protowire.BytesType)
+		return protowire.AppendBytes(b, batchField(emptyPackets(n-1)))
+	}
+	max := session.MaxUpstreamBatch
+	for _, c := range []struct {
+		name string
+		b    []byte
+		long bool
+	}{
+		{"hand, 4 Mi empty", batchField(emptyPackets(4 << 20)), true},
+		{"hand, max+1", batchField(emptyPackets(max + 1)), true},
+		{"hand, max", batchField(emptyPackets(max)), false},
+		{"protobuf, tool call and max", batchField(withToolCall(max)), false},
+		{"protobuf, tool call and more", batchField(withToolCall(max + 1)), true},
+		{"protobuf, 1 Mi with a tool call", batchField(withToolCall(1 << 20)), true},
+		{"protobuf, two batch fields", append(batchField(emptyPackets(max/2+1)), batchField(emptyPackets(max/2))...), true},
+		{"protobuf, two batch fields of max in all", append(batchField(emptyPackets(max/2)), batchField(emptyPackets(max/2))...), false},
+		{"protobuf, nested", batchField(nested(max + 1)), true},
+		{"protobuf, nested within max", batchField(nested(max)), false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pkt := &dispatchv1.UpstreamPacket{}
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			err := serverCodec{}.Unmarshal(mem.BufferSlice{mem.SliceBuffer(c.b)}, pkt)
+			runtime.ReadMemStats(&after)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pkts := pkt.GetBatch().GetPackets()
+			tooLong := len(pkts) > 0 && &pkts[0] == &session.TooLongBatch().Batch.Packets[0]
+			if tooLong != c.long {
+				t.Fatalf("decoded as too long: %v, want %v (%d packets)", tooLong, c.long, len(pkts))
+			}
+			if !c.long {
+				want := &dispatchv1.UpstreamPacket{}
+				if err := proto.Unmarshal(c.b, want); err != nil || !proto.Equal(want, pkt) {
+					t.Fatalf("not protobuf's message (%v)", err)
+				}
+				return
+			}
+			if n := after.TotalAlloc - before.TotalAlloc; n > 64<<10 {
+				t.Fatalf("refusing it allocated %d bytes", n)
+			}
+		})
+	}
 }

@@ -136,6 +136,9 @@ func TestBatchProtocolErrors(t *testing.T) {
 			return batch(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "before"}), batch(testutil.Up(sid, &dispatchv1.ContentChunk{Text: "x"})))
 		},
 		"too long": func(string) *dispatchv1.UpstreamPacket { return batch(long...) },
+		"too long, refused by the receiver": func(string) *dispatchv1.UpstreamPacket {
+			return &dispatchv1.UpstreamPacket{Payload: TooLongBatch()}
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			e := newEnv(t, Options{}, eventlog.Limits{})
@@ -148,7 +151,7 @@ func TestBatchProtocolErrors(t *testing.T) {
 			}
 			waitDone(t, tk)
 			got := kinds(allEvents(t, tk))
-			if want := name != "too long"; strings.Contains(got, "content") != want {
+			if want := !strings.HasPrefix(name, "too long"); strings.Contains(got, "content") != want {
 				t.Fatalf("events %s: the packet before the offending one handled: want %v", got, want)
 			}
 		})

@@ -359,6 +359,28 @@ func (sl *slot) handle(pkt *dispatchv1.UpstreamPacket) error {
 // it holds up only the packets behind it on the same stream.
 const MaxUpstreamBatch = 256
 
+// tooLongPackets is the packets of TooLongBatch: MaxUpstreamBatch+1
+// pointers to one empty packet, never handled (handleBatch refuses the
+// batch by its length first) and never written.
+var tooLongPackets = func() []*dispatchv1.UpstreamPacket {
+	empty := &dispatchv1.UpstreamPacket{}
+	pkts := make([]*dispatchv1.UpstreamPacket, MaxUpstreamBatch+1)
+	for i := range pkts {
+		pkts[i] = empty
+	}
+	return pkts
+}()
+
+// TooLongBatch is the payload a receiver decodes a batch of more than
+// MaxUpstreamBatch packets (nested batches counted) to, instead of its
+// packets: handleBatch refuses it as it refuses any batch too long (the
+// stream ends, FAILED_PRECONDITION), without the receiver having made a
+// packet for each. A message at the transport's limit (8 MiB) holds
+// millions of empty packets, ~100 bytes of memory each once decoded.
+func TooLongBatch() *dispatchv1.UpstreamPacket_Batch {
+	return &dispatchv1.UpstreamPacket_Batch{Batch: &dispatchv1.UpstreamBatch{Packets: tooLongPackets}}
+}
+
 // handleBatch handles the packets of a batch in order, each as if it had
 // come alone (numbering, fence, size limit, policy: handle). A batch that
 // is too long, or holds a hello or a batch, breaks the protocol: the
@@ -367,6 +389,9 @@ const MaxUpstreamBatch = 256
 // failed.
 func (sl *slot) handleBatch(b *dispatchv1.UpstreamBatch) error {
 	pkts := b.GetPackets()
+	if len(pkts) > 0 && &pkts[0] == &tooLongPackets[0] {
+		return fmt.Errorf("%w: a batch of more than %d packets", ErrProtocol, MaxUpstreamBatch)
+	}
 	if len(pkts) > MaxUpstreamBatch {
 		return fmt.Errorf("%w: a batch of %d packets (at most %d)", ErrProtocol, len(pkts), MaxUpstreamBatch)
 	}
