@@ -1,9 +1,12 @@
 package mcp
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -104,6 +107,9 @@ func NewServer(opts ServerOptions) http.Handler {
 		Logger:                       sdkLog,
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && !boundBatch(w, r) {
+			return
+		}
 		// The request's context rides along so that a handler ends when
 		// its HTTP request does, whatever the protocol version.
 		sh.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestKey{}, r.Context())))
@@ -111,6 +117,51 @@ func NewServer(opts ServerOptions) http.Handler {
 }
 
 type requestKey struct{}
+
+// MaxBatch is the most JSON-RPC messages one POST may carry (a batch: only
+// protocol 2025-03-26 and before; the SDK refuses batches of later ones).
+// The SDK answers every message of a batch and keeps the answers until the
+// client reads them: a 4 MiB batch of tools/list made ~130 MB of answers
+// and minutes of CPU, held by a client that does not read.
+const MaxBatch = 32
+
+// maxBody bounds a POST's body: the SDK's own default
+// (sdk.DefaultMaxRequestBodyBytes), read here first to count the batch.
+const maxBody = sdk.DefaultMaxRequestBodyBytes
+
+// boundBatch reads r's body (at most maxBody) and puts it back; a body over
+// maxBody, or a batch of more than MaxBatch messages, is answered here
+// with a JSON-RPC error (HTTP 413 or 400) and false.
+func boundBatch(w http.ResponseWriter, r *http.Request) bool {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			writeRPCError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", maxBody))
+		} else {
+			writeRPCError(w, http.StatusBadRequest, "the request body could not be read")
+		}
+		return false
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	if t := bytes.TrimLeft(body, " \t\r\n"); len(t) > 0 && t[0] == '[' {
+		var msgs []json.RawMessage
+		if json.Unmarshal(body, &msgs) == nil && len(msgs) > MaxBatch {
+			writeRPCError(w, http.StatusBadRequest, fmt.Sprintf("a JSON-RPC batch of %d messages: at most %d", len(msgs), MaxBatch))
+			return false
+		}
+	}
+	return true
+}
+
+// writeRPCError answers with a JSON-RPC "invalid request" error (-32600)
+// of no id, with HTTP status code.
+func writeRPCError(w http.ResponseWriter, code int, msg string) {
+	b, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": nil, "error": map[string]any{"code": -32600, "message": msg}})
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_, _ = w.Write(append(b, '\n'))
+}
 
 // requestContext is ctx ended also by the end of the HTTP request that
 // carried the call (the client closed the stream).
