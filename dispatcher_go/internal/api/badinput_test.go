@@ -6,7 +6,9 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -129,6 +131,25 @@ func TestBadInputs(t *testing.T) {
 		}
 	})
 
+	t.Run("requests that do not decode are INVALID_ARGUMENT", func(t *testing.T) {
+		// Raw bytes: a string that is not UTF-8, and bytes that are not
+		// protobuf. grpc-go answered INTERNAL.
+		for _, b := range [][]byte{{0x0a, 2, 0xff, 0xfe}, {0xff, 0xff, 0xff}} {
+			err := h.conn.Invoke(ctx, "/dispatch.v1.TaskService/GetTask", b, new(dispatchv1.GetTaskResponse), grpc.ForceCodec(bytesCodec{}))
+			wantCode(t, err, codes.InvalidArgument)
+			err = h.conn.Invoke(ctx, "/lybic.agent.Agent/RunAgentInstructionAsync", b, new(agentpb.RunAgentInstructionAsyncResponse), grpc.ForceCodec(bytesCodec{}))
+			wantCode(t, err, codes.InvalidArgument)
+			w, err := h.conn.NewStream(ctx, &dispatchv1.TaskService_ServiceDesc.Streams[0], "/dispatch.v1.TaskService/WatchTask", grpc.ForceCodec(bytesCodec{}))
+			if err == nil {
+				_ = w.SendMsg(b)
+				_ = w.CloseSend()
+				err = w.RecvMsg(new(dispatchv1.WatchTaskResponse))
+			}
+			wantCode(t, err, codes.InvalidArgument)
+		}
+		// A commander's packet: TestInvalidUTF8FromCommanderEndsOnlyItsSession.
+	})
+
 	t.Run("upstream packet with no payload", func(t *testing.T) {
 		c := testutil.Connect(t, ctx, h.conn, "planner:other")
 		c.Send(testutil.Up("whatever", nil))
@@ -247,3 +268,15 @@ func TestUnknownErrorsDoNotLeak(t *testing.T) {
 		t.Fatal("internal text leaked")
 	}
 }
+
+// bytesCodec sends pre-encoded bytes as they are and decodes replies as
+// protobuf (named "proto", so the server decodes with its own codec).
+type bytesCodec struct{}
+
+func (bytesCodec) Marshal(v any) ([]byte, error) { return v.([]byte), nil }
+
+func (bytesCodec) Unmarshal(data []byte, v any) error {
+	return proto.Unmarshal(data, v.(proto.Message))
+}
+
+func (bytesCodec) Name() string { return "proto" }

@@ -18,7 +18,9 @@ import (
 	"unicode/utf8"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/agentdispatch/dispatcher/internal/api"
@@ -384,6 +386,16 @@ func TestInvalidUTF8FromCommanderEndsOnlyItsSession(t *testing.T) {
 	got := e.ended(t, ctx, id)
 	if got.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.Contains(got.GetMessage(), "UTF-8") {
 		t.Fatalf("task: %v %q, want FAILURE saying the commander sent invalid UTF-8", got.GetStatus(), got.GetMessage())
+	}
+	// The commander's mistake: its stream ends INVALID_ARGUMENT (grpc-go's
+	// INTERNAL before decodeerr.go).
+	for {
+		if err := stream.RecvMsg(&dispatchv1.DownstreamPacket{}); err != nil {
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "invalid UTF-8") {
+				t.Fatalf("the bad stream ended with %v", err)
+			}
+			break
+		}
 	}
 	// The bad stream is over; a good commander still gets and runs tasks.
 	good := testutil.Connect(t, ctx, e.g.Conn, "planner:chat")

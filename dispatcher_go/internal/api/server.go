@@ -86,8 +86,10 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		// grpc's proto codec, with a commander's streamed packets decoded
 		// by hand (upcodec.go).
 		grpc.ForceServerCodecV2(serverCodec{}),
-		grpc.ChainUnaryInterceptor(s.unaryAuth, s.unarySize),
-		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
+		// unaryDecode and streamDecode first: a request that did not
+		// decode is INVALID_ARGUMENT (decodeerr.go).
+		grpc.ChainUnaryInterceptor(unaryDecode, s.unaryAuth, s.unarySize),
+		grpc.ChainStreamInterceptor(streamDecode, s.streamAuth, s.streamSize),
 	)
 }
 

@@ -36,7 +36,17 @@ func (serverCodec) Name() string { return grpcproto.Name }
 
 func (serverCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec.Marshal(v) }
 
-func (serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
+// Unmarshal decodes data into v. A failure is noted for the interceptors
+// (decodeerr.go), which answer INVALID_ARGUMENT, and not returned: grpc-go
+// would make it INTERNAL.
+func (c serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	if err := c.unmarshal(data, v); err != nil {
+		noteDecodeFailure(v, err)
+	}
+	return nil
+}
+
+func (serverCodec) unmarshal(data mem.BufferSlice, v any) error {
 	pkt, ok := v.(*dispatchv1.UpstreamPacket)
 	if !ok {
 		return protoCodec.Unmarshal(data, v)

@@ -9,7 +9,9 @@ import (
 	"testing"
 	"unsafe"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -239,9 +241,19 @@ func TestServerCodec(t *testing.T) {
 	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(hb)}, out); err != nil || !proto.Equal(hello, out) {
 		t.Fatalf("hello: %v, %v", err, out)
 	}
-	// Bytes protobuf refuses: its error.
-	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 5, 'a'})}, out); err == nil {
+	// Bytes protobuf refuses: its error, noted for the interceptors
+	// (decodeerr.go) as INVALID_ARGUMENT, not returned.
+	if err := c.unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 5, 'a'})}, out); err == nil {
 		t.Fatal("a cut packet decoded")
+	}
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 5, 'a'})}, out); err != nil {
+		t.Fatalf("Unmarshal returned %v", err)
+	}
+	if err := decodeFailure(out); status.Code(err) != codes.InvalidArgument || !strings.HasPrefix(status.Convert(err).Message(), "grpc: failed to unmarshal the received message: ") {
+		t.Fatalf("decode failure %v", err)
+	}
+	if err := decodeFailure(out); err != nil {
+		t.Fatalf("the failure was not forgotten: %v", err)
 	}
 	// Another message type.
 	ack := &dispatchv1.WatchTaskRequest{TaskId: "x"}

@@ -601,12 +601,15 @@ func stopStatus(code dispatchv1.StopCode) agentpb.TaskStatus {
 	return agentpb.TaskStatus_FAILURE
 }
 
-// undecodable reports whether err is grpc-go's refusal of a received
-// message it cannot decode: a string that is not UTF-8 (protobuf-go checks
-// every string) or malformed protobuf. The stream is over then.
+// undecodable reports whether err is the refusal of a received message
+// that does not decode: a string that is not UTF-8 (protobuf-go checks
+// every string) or malformed protobuf. grpc-go's is INTERNAL; the api
+// package's server makes it INVALID_ARGUMENT with grpc-go's words. The
+// stream is over then.
 func undecodable(err error) bool {
 	st, ok := status.FromError(err)
-	return ok && st.Code() == codes.Internal && strings.HasPrefix(st.Message(), "grpc: failed to unmarshal")
+	return ok && (st.Code() == codes.Internal || st.Code() == codes.InvalidArgument) &&
+		strings.HasPrefix(st.Message(), "grpc: failed to unmarshal")
 }
 
 // describeEnd words why a stream ended, for task messages and logs. It
