@@ -1,6 +1,7 @@
 package api
 
 import (
+	"fmt"
 	"unicode/utf8"
 	"unsafe"
 
@@ -9,6 +10,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/session"
@@ -49,6 +51,15 @@ func (c serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
 func (serverCodec) unmarshal(data mem.BufferSlice, v any) error {
 	pkt, ok := v.(*dispatchv1.UpstreamPacket)
 	if !ok {
+		if m, ok := v.(proto.Message); ok {
+			buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
+			defer buf.Free()
+			b := buf.ReadOnlyData()
+			if err := messageBudget(b, m); err != nil {
+				return err
+			}
+			return proto.Unmarshal(b, m)
+		}
 		return protoCodec.Unmarshal(data, v)
 	}
 	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
@@ -62,7 +73,57 @@ func (serverCodec) unmarshal(data mem.BufferSlice, v any) error {
 		pkt.Payload = session.TooLongBatch()
 		return nil
 	}
+	if err := messageBudget(b, pkt); err != nil {
+		return err
+	}
 	return proto.Unmarshal(b, pkt)
+}
+
+// MaxMessagesPerRequest is the most embedded messages (repeated ones and
+// map entries counted each) a received message may hold. Every one is an
+// allocation of ~50-150 bytes made from as few as 2 bytes on the wire: an
+// 8 MiB provider hello of 4 million empty tool specs decoded to ~570 MB.
+// The largest legitimate request holds a few thousand (a provider hello
+// of 1024 tools, a batch of 256 packets).
+const MaxMessagesPerRequest = 1 << 14
+
+// messageBudget is an error if b, an encoding of m's type, holds more
+// than MaxMessagesPerRequest embedded messages; it reads only tags and
+// lengths (bytes that do not parse are left to proto.Unmarshal).
+func messageBudget(b []byte, m proto.Message) error {
+	left := MaxMessagesPerRequest
+	if !withinBudget(b, m.ProtoReflect().Descriptor(), &left) {
+		return fmt.Errorf("more than %d embedded messages (a request holds at most %d)", MaxMessagesPerRequest, MaxMessagesPerRequest)
+	}
+	return nil
+}
+
+// withinBudget counts the embedded messages of b (a message of type md)
+// against *left, and reports false once it went below zero. Its recursion
+// is at most MaxMessagesPerRequest deep: each level is a message.
+func withinBudget(b []byte, md protoreflect.MessageDescriptor, left *int) bool {
+	for len(b) > 0 {
+		num, typ, tl := protowire.ConsumeTag(b)
+		if tl < 0 {
+			return true
+		}
+		vl := protowire.ConsumeFieldValue(num, typ, b[tl:])
+		if vl < 0 {
+			return true
+		}
+		if fd := md.Fields().ByNumber(num); fd != nil && typ == protowire.BytesType &&
+			(fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind) {
+			if *left--; *left < 0 {
+				return false
+			}
+			inner, _ := protowire.ConsumeBytes(b[tl:])
+			if !withinBudget(inner, fd.Message(), left) {
+				return false
+			}
+		}
+		b = b[tl+vl:]
+	}
+	return true
 }
 
 // batchedOver reports whether the UpstreamPacket b encodes holds more than

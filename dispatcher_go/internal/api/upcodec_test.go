@@ -2,6 +2,7 @@ package api
 
 import (
 	"bytes"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"runtime"
@@ -360,6 +361,63 @@ func TestCodecRefusesTooLongBatches(t *testing.T) {
 				return
 			}
 			if n := after.TotalAlloc - before.TotalAlloc; n > 64<<10 {
+				t.Fatalf("refusing it allocated %d bytes", n)
+			}
+		})
+	}
+}
+
+// TestCodecBoundsEmbeddedMessages: a message holding more than
+// MaxMessagesPerRequest embedded messages is refused before protobuf makes
+// them (an 8 MiB provider hello of 4 Mi empty tool specs decoded to ~570
+// MB), as INVALID_ARGUMENT; one within the budget decodes as before.
+func TestCodecBoundsEmbeddedMessages(t *testing.T) {
+	specs := func(n int) []byte {
+		hello := protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), []byte("p"))
+		hello = append(hello, bytes.Repeat([]byte{0x12, 0}, n)...) // tools (2): empty specs
+		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), hello)
+	}
+	labels := func(n int) []byte { // SubmitTaskRequest.labels (8): distinct map entries
+		var b []byte
+		for i := range n {
+			entry := protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), fmt.Appendf(nil, "%d", i))
+			b = protowire.AppendBytes(protowire.AppendTag(b, 8, protowire.BytesType), entry)
+		}
+		return b
+	}
+	for _, c := range []struct {
+		name string
+		msg  proto.Message
+		b    []byte
+		over bool
+	}{
+		{"4 Mi tool specs", &dispatchv1.ConnectRequest{}, specs(4 << 20), true},
+		{"budget+1 tool specs", &dispatchv1.ConnectRequest{}, specs(MaxMessagesPerRequest), true}, // the hello counts too
+		{"1024 tool specs", &dispatchv1.ConnectRequest{}, specs(1024), false},
+		{"budget+1 labels", &dispatchv1.SubmitTaskRequest{}, labels(MaxMessagesPerRequest + 1), true},
+		{"64 labels", &dispatchv1.SubmitTaskRequest{}, labels(64), false},
+		{"a packet with budget+1 labels in its hello", &dispatchv1.UpstreamPacket{},
+			protowire.AppendBytes(protowire.AppendTag(nil, 7, protowire.BytesType), bytes.ReplaceAll(labels(MaxMessagesPerRequest+1), []byte{0x42}, []byte{0x22})), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			err := serverCodec{}.unmarshal(mem.BufferSlice{mem.SliceBuffer(c.b)}, c.msg)
+			runtime.ReadMemStats(&after)
+			if (err != nil) != c.over {
+				t.Fatalf("err %v, want refused: %v", err, c.over)
+			}
+			if !c.over {
+				want := c.msg.ProtoReflect().New().Interface()
+				if perr := proto.Unmarshal(c.b, want); perr != nil || !proto.Equal(want, c.msg) {
+					t.Fatalf("not protobuf's message (%v)", perr)
+				}
+				return
+			}
+			if !strings.Contains(err.Error(), "embedded messages") {
+				t.Fatalf("err %v", err)
+			}
+			if n := after.TotalAlloc - before.TotalAlloc; n > 1<<20 {
 				t.Fatalf("refusing it allocated %d bytes", n)
 			}
 		})
