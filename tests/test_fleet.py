@@ -401,6 +401,32 @@ def test_kill9_replica_and_commander(stack: Stack, fleet: SimpleNamespace) -> No
     print(f"\nkill -9 replica+commander: FAILURE after {took:.2f}s (window {WINDOW:.1f}s)")
 
 
+def test_kill9_replica_and_commander_restarted_with_the_same_id(
+    stack: Stack, fleet: SimpleNamespace
+) -> None:
+    """kill -9 of a replica and its commander, the replica restarted at once with the
+    same --replica-id (as `make up-fleet`'s replica-N): its running task still ends
+    FAILURE within the documented window. The new process renewed every lease row of
+    its id, the dead process's too, and the task stayed RUNNING forever."""
+    d1, _, d3 = fleet.d
+    llm = stack.scripted(tokens_per_sec=20, tokens=2000)
+    c1 = stack.commander(d1, llm.base_url, slots=1)
+    d3.wait_slots(1, timeout=20)
+    running = _submit(d3, f"doomed, same id [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    wait_status(d3.agent, running, statuses=[agent_pb2.RUNNING], timeout=20)
+    t0 = time.monotonic()
+    d1.close_channel()
+    d1.proc.kill9()
+    c1.kill9()
+    again = stack.dispatcher(*d1.argv[d1.argv.index("--addr-file") + 2 :], listen=d1.addr)
+    st = wait_status(d3.agent, running, timeout=WINDOW + 10)
+    took = time.monotonic() - t0
+    assert st.status == agent_pb2.FAILURE, st
+    assert took <= WINDOW + 1.0, f"FAILURE after {took:.2f}s, window {WINDOW:.1f}s"
+    assert wait_status(again.agent, running, timeout=5).status == agent_pb2.FAILURE
+    print(f"\nkill -9 replica+commander, restarted with its id: FAILURE after {took:.2f}s")
+
+
 def test_redis_killed_and_restarted_mid_run(stack: Stack, fleet: SimpleNamespace) -> None:
     d1, d2, d3 = fleet.d
     llm = stack.scripted(tokens_per_sec=40, tokens=200)

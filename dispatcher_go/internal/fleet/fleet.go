@@ -40,7 +40,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -700,7 +702,7 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 		}
 		held := f.fenced.ownedTasks()
 		cctx, cancel := context.WithTimeout(ctx, f.opts.Lease/3)
-		got, err := f.leases.Renew(cctx, f.id)
+		got, err := f.leases.Renew(cctx, f.id, slices.Collect(maps.Keys(held)))
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
@@ -762,7 +764,8 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 			continue
 		}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		rows, err := f.leases.Expired(cctx, f.id, f.opts.Grace, 32)
+		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
+		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
 		if err == nil {
 			for _, r := range rows {
 				f.takeOver(cctx, r)

@@ -141,7 +141,7 @@ func TestExpiredLeaseIsTakenOverAfterTheGrace(t *testing.T) {
 	}
 	start := time.Now()
 	testutil.WaitFor(t, 5*time.Second, func() bool {
-		rows, err := l.Expired(ctx, "r2", grace, 10)
+		rows, err := l.Expired(ctx, "r2", nil, grace, 10)
 		return err == nil && len(rows) == 1 && rows[0].TaskID == "t1" && rows[0].Owner == "dead"
 	}, "the lease shows as expired past the grace")
 	if el := time.Since(start); el < 400*time.Millisecond {
@@ -152,7 +152,7 @@ func TestExpiredLeaseIsTakenOverAfterTheGrace(t *testing.T) {
 		t.Fatalf("takeover: attempt %d, %v", a, err)
 	}
 	// The dead replica renews nothing now.
-	got, err := l.Renew(ctx, "dead")
+	got, err := l.Renew(ctx, "dead", []string{"t1"})
 	if err != nil || len(got) != 0 {
 		t.Fatalf("dead replica renewed %v (%v)", got, err)
 	}
@@ -360,10 +360,10 @@ func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
 	if evs, _ := st.ReadEvents(ctx, "t1", 0, 10); len(evs) != 0 || fenced.Load() != 1 {
 		t.Fatalf("stale write stored (%d events) or not fenced (%d)", len(evs), fenced.Load())
 	}
-	if got, err := l.Renew(ctx, "r1"); err != nil || len(got) != 0 {
+	if got, err := l.Renew(ctx, "r1", []string{"t1"}); err != nil || len(got) != 0 {
 		t.Fatalf("old owner renewed %v (%v)", got, err)
 	}
-	if got, err := l.Renew(ctx, "r2"); err != nil || got["t1"] != a2 {
+	if got, err := l.Renew(ctx, "r2", []string{"t1"}); err != nil || got["t1"] != a2 {
 		t.Fatalf("new owner renewed %v (%v)", got, err)
 	}
 	// The new lease is live: the sweeper (a claim past the grace) leaves it.
@@ -432,7 +432,7 @@ func TestRenewDoesNotHoldLeasesBehindAWriteUnderWay(t *testing.T) {
 	}
 	done := make(chan renewed, 1)
 	go func() {
-		got, err := l.Renew(ctx, "r1")
+		got, err := l.Renew(ctx, "r1", []string{"t1", "t2", "t3"})
 		done <- renewed{got, err}
 	}()
 	moved := false
@@ -454,5 +454,56 @@ func TestRenewDoesNotHoldLeasesBehindAWriteUnderWay(t *testing.T) {
 		if r.got[id] != a {
 			t.Fatalf("renewed %v, want every lease %v", r.got, att)
 		}
+	}
+}
+
+// A lease row of this replica's for a task it does not run (a session it
+// dropped after PostgreSQL was down for a whole lease; a task of an
+// earlier process with the same --replica-id, restarted after a kill -9)
+// must expire and be swept: renewing every row the replica id owns kept
+// such a task RUNNING forever (the chaos run saw 30 tasks stuck after a
+// PostgreSQL restart until their replica was killed).
+func TestRenewLeavesLeasesThisReplicaDoesNotRunToExpire(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l, err := NewLeases(ctx, st.Pool(), 200*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	att := map[string]int64{}
+	for _, id := range []string{"runs", "dropped"} {
+		putTask(t, st, id, agentpb.TaskStatus_RUNNING)
+		a, err := l.Claim(ctx, id, "r1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		att[id] = a
+	}
+	grace := 100 * time.Millisecond
+	held := []string{"runs"}
+	var swept []lease
+	testutil.WaitFor(t, 10*time.Second, func() bool {
+		got, err := l.Renew(ctx, "r1", held)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := got["dropped"]; ok || got["runs"] != att["runs"] {
+			t.Fatalf("renewed %v, want only the lease of the task r1 runs", got)
+		}
+		swept, err = l.Expired(ctx, "r1", held, grace, 10)
+		return err == nil && len(swept) > 0
+	}, "the lease of the task r1 does not run expires")
+	if len(swept) != 1 || swept[0].TaskID != "dropped" || swept[0].Owner != "r1" {
+		t.Fatalf("expired %+v, want only r1's row of the task it does not run", swept)
+	}
+	// r1 sweeps it like another replica's (the next attempt fences r1's old copy).
+	a, err := l.claim(ctx, "dropped", "r1", grace)
+	if err != nil || a != att["dropped"]+1 {
+		t.Fatalf("sweep claim: attempt %d, %v", a, err)
+	}
+	// Another replica sees neither the swept row nor the row r1 renews.
+	if rows, err := l.Expired(ctx, "r2", nil, grace, 10); err != nil || len(rows) != 0 {
+		t.Fatalf("r2 sees expired %+v (%v)", rows, err)
 	}
 }

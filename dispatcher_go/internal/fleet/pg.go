@@ -205,8 +205,14 @@ func (l *Leases) Release(ctx context.Context, taskID string, attempt int64) erro
 	return err
 }
 
-// Renew extends every unreleased lease replica holds and returns them
-// (task id → attempt). The rows a write of the task holds now (the fenced
+// Renew extends the unreleased leases replica holds of the tasks held (the
+// ones it runs, fencedStore.ownedTasks) and returns them (task id →
+// attempt). A lease row of replica's that is not in held is left to
+// expire: a session this replica dropped (its lease could not be renewed
+// for a whole lease, PostgreSQL down) or a task of an earlier process with
+// the same --replica-id (restarted after a kill -9) runs nowhere here, and
+// renewing its row kept the task RUNNING forever, out of every sweeper's
+// reach. The rows a write of the task holds now (the fenced
 // store's FOR SHARE) are skipped by the statement over all of them and
 // renewed one at a time after it: renewing every lease in one statement
 // that waited for those writes made it hold the rows it had already
@@ -215,8 +221,11 @@ func (l *Leases) Release(ctx context.Context, taskID string, attempt int64) erro
 // relay every third of the lease on a busy machine, seen with
 // log_lock_waits in the fleet benchmark). Now a write waits at most for
 // one renewal's commit, and only its own row's renewal waits for it.
-func (l *Leases) Renew(ctx context.Context, replica string) (map[string]int64, error) {
+func (l *Leases) Renew(ctx context.Context, replica string, held []string) (map[string]int64, error) {
 	out := map[string]int64{}
+	if len(held) == 0 {
+		return out, nil
+	}
 	scan := func(rows pgx.Rows) error {
 		defer rows.Close()
 		for rows.Next() {
@@ -230,8 +239,8 @@ func (l *Leases) Renew(ctx context.Context, replica string) (map[string]int64, e
 		return rows.Err()
 	}
 	rows, err := l.pool.Query(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp() + $2 * interval '1 microsecond'
-		WHERE task_id IN (SELECT task_id FROM fleet_leases WHERE owner = $1 AND NOT released FOR NO KEY UPDATE SKIP LOCKED)
-		AND owner = $1 AND NOT released RETURNING task_id, attempt`, replica, micros(l.ttl))
+		WHERE task_id IN (SELECT task_id FROM fleet_leases WHERE owner = $1 AND NOT released AND task_id = ANY($3) FOR NO KEY UPDATE SKIP LOCKED)
+		AND owner = $1 AND NOT released RETURNING task_id, attempt`, replica, micros(l.ttl), held)
 	if err == nil {
 		err = scan(rows)
 	}
@@ -239,7 +248,7 @@ func (l *Leases) Renew(ctx context.Context, replica string) (map[string]int64, e
 		return nil, err
 	}
 	var skipped []string
-	rows, err = l.pool.Query(ctx, `SELECT task_id FROM fleet_leases WHERE owner = $1 AND NOT released`, replica)
+	rows, err = l.pool.Query(ctx, `SELECT task_id FROM fleet_leases WHERE owner = $1 AND NOT released AND task_id = ANY($2)`, replica, held)
 	if err == nil {
 		for rows.Next() {
 			var id string
@@ -281,11 +290,16 @@ type lease struct {
 }
 
 // Expired lists up to n unreleased leases that expired more than grace
-// ago, held by replicas other than self.
-func (l *Leases) Expired(ctx context.Context, self string, grace time.Duration, n int) ([]lease, error) {
+// ago, except those self holds of the tasks held (the ones it runs): a
+// row of self's that it does not run (a session it dropped, a task of an
+// earlier process with the same replica id) is swept as another's.
+func (l *Leases) Expired(ctx context.Context, self string, held []string, grace time.Duration, n int) ([]lease, error) {
+	if held == nil {
+		held = []string{}
+	}
 	rows, err := l.pool.Query(ctx, `SELECT task_id, owner, attempt FROM fleet_leases
-		WHERE NOT released AND owner <> $1 AND expires_at < clock_timestamp() - $2 * interval '1 microsecond'
-		ORDER BY expires_at LIMIT $3`, self, micros(grace), n)
+		WHERE NOT released AND (owner <> $1 OR NOT task_id = ANY($4)) AND expires_at < clock_timestamp() - $2 * interval '1 microsecond'
+		ORDER BY expires_at LIMIT $3`, self, micros(grace), n, held)
 	if err != nil {
 		return nil, err
 	}
