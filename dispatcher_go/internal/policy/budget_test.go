@@ -327,7 +327,10 @@ func TestWorstTaskPolicyCompileTime(t *testing.T) {
 	}
 	t.Logf("worst accepted task policy: %d bytes, %d rules, %d test packets, estimate %d: compiles in %v (best of 5)",
 		len(src), p.NumRules(), tests, p.EstimatedCost(), best)
-	if best > time.Second {
+	// 40-65 ms under -race; the best of 5 took 1.2-2.4 s at load ~30 on 2
+	// cores. The bound is what a policy that compiles for seconds (the
+	// audit's 1.3 MB one: 45 s under -race) cannot meet.
+	if best > 5*time.Second {
 		t.Fatalf("compile took %v", best)
 	}
 }
