@@ -136,10 +136,13 @@ func TestStopScenarioCatchesContentAfterStop(t *testing.T) {
 	}
 }
 
+// With --seed 1 the first task of lanes 0-3 is poisoned and lane 4's is
+// clean (each lane draws from a source of its own), so the checks below
+// hold even when the machine is so slow that each lane runs one task only.
 func TestPolicyScenarioAgainstToy(t *testing.T) {
 	toy := newToy()
 	toy.phrase = "launch codes"
-	code, res, log := runAgainstToy(t, toy, "--scenario", "policy", "--sessions", "4", "--duration", "600ms",
+	code, res, log := runAgainstToy(t, toy, "--scenario", "policy", "--sessions", "5", "--seed", "1", "--duration", "600ms",
 		"--stop-min", "20ms", "--stop-max", "80ms", "--rate", "200", "--poison", "0.7")
 	if code != 0 || !res.OK {
 		t.Fatalf("exit %d\n%s", code, log)
@@ -184,15 +187,27 @@ func TestRelayScenarioAgainstToy(t *testing.T) {
 	if code != 0 || !res.OK {
 		t.Fatalf("exit %d\n%s", code, log)
 	}
-	// 3 sessions × 100/s × 0.6 s × 2 watchers: about 360 samples.
-	if s := lat(res, "emit → watcher receives"); s == nil || s["n"].(float64) < 200 {
-		t.Fatalf("samples: %v\n%s", s, log)
-	}
+	wantRelaySamples(t, res, log, 2)
 	if a := res.Params["arrivals"]; a != arrivalsPoisson {
 		t.Fatalf("arrivals param %v, want the relay default %s", a, arrivalsPoisson)
 	}
 	if v := val(res, "loadgen CPU per packet"); v <= 0 {
 		t.Fatalf("loadgen CPU per packet %v\n%s", v, log)
+	}
+}
+
+// wantRelaySamples: the relay measured the packets its sessions sent in
+// the 0.6 s window, each once per watcher (fewer near the window's end: a
+// packet sent then arrives after it, the more so the slower the machine).
+// The rate the sessions reach is not the test's: a -race build on a busy
+// machine sent 75 of the offered 300 packets/s (the test wanted 200 of
+// about 360 samples, and got 55).
+func wantRelaySamples(t *testing.T, res result, log string, watchers int) {
+	t.Helper()
+	s := lat(res, "emit → watcher receives")
+	sent := val(res, "content packets sent by commanders") * 0.6
+	if s == nil || sent < 10 || s["n"].(float64) < sent*float64(watchers)/3 {
+		t.Fatalf("samples: %v for %.0f packets sent, %d watchers\n%s", s, sent, watchers, log)
 	}
 }
 
@@ -203,9 +218,7 @@ func TestRelayScenarioBurstArrivalsAgainstToy(t *testing.T) {
 	if code != 0 || !res.OK {
 		t.Fatalf("exit %d\n%s", code, log)
 	}
-	if s := lat(res, "emit → watcher receives"); s == nil || s["n"].(float64) < 100 {
-		t.Fatalf("samples: %v\n%s", s, log)
-	}
+	wantRelaySamples(t, res, log, 1)
 	if a := res.Params["arrivals"]; a != arrivalsBurst {
 		t.Fatalf("arrivals param %v, want %s", a, arrivalsBurst)
 	}

@@ -37,22 +37,36 @@ func TestSubmitRefusesCostlyTaskPolicy(t *testing.T) {
 		name, src, want string
 		within          time.Duration
 	}{
-		{"1.3 MB", "cost_limit: 10000000\n" + taskRules(1000, costly), "task policy too large: 1328918 bytes > 16384", 500 * time.Millisecond},
+		{"1.3 MB", "cost_limit: 10000000\n" + taskRules(1000, costly), "task policy too large: 1328918 bytes > 16384", testutil.Wait},
 		{"estimated cost", taskRules(8, `text.lowerAscii().contains("a") && window.lowerAscii().contains("b")`),
 			"policy too expensive: estimated cost 16080 per packet > budget 8000", 2 * time.Second},
 		{"rules", taskRules(40, `kind == "x"`), "too many rules: 40 (max 32 for a task policy)", 2 * time.Second},
 	}
+	// The 1.3 MB refusal moves 1.3 MB through gRPC: 40-200 ms under -race,
+	// but 650 ms-1.1 s at load 16 on 2 cores, so its bound is what the
+	// compile it guards against cannot meet (that policy compiled, 1000
+	// rules, took 45 s under -race at that load). A refusal that compiles
+	// is slow every time; a loaded machine stalls the test's process now
+	// and then, so a slow refusal is asked again, as timed does.
 	for _, tc := range cases {
-		start := time.Now()
-		_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: tc.src})
-		took := time.Since(start)
-		t.Logf("%s: %v in %v", tc.name, err, took)
-		wantCode(t, err, codes.InvalidArgument)
-		if !strings.Contains(err.Error(), "policy_yaml") || !strings.Contains(err.Error(), tc.want) {
-			t.Fatalf("%s: error %v, want %q", tc.name, err, tc.want)
+		var slow []time.Duration
+		for range timedAttempts {
+			start := time.Now()
+			_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", PolicyYaml: tc.src})
+			took := time.Since(start)
+			t.Logf("%s: %v in %v", tc.name, err, took)
+			wantCode(t, err, codes.InvalidArgument)
+			if !strings.Contains(err.Error(), "policy_yaml") || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%s: error %v, want %q", tc.name, err, tc.want)
+			}
+			if took <= tc.within {
+				slow = nil
+				break
+			}
+			slow = append(slow, took)
 		}
-		if took > tc.within {
-			t.Fatalf("%s: refused after %v", tc.name, took)
+		if slow != nil {
+			t.Fatalf("%s: refused after %v, want within %v", tc.name, slow, tc.within)
 		}
 	}
 }

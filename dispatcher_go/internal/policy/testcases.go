@@ -89,6 +89,16 @@ func (ss *stateSpec) state() State {
 // counted as for the policy's packet budget); past it they stop with an
 // error.
 func runTests(p *Policy, tests []testSpec, budget uint64) error {
+	// What the tests decide must not depend on how busy the machine is:
+	// they run without the wall-clock backstop (timeLimit), bounded by the
+	// budget alone. With it, a process stalled for 100 ms on a test packet
+	// (a loaded machine, a container's CPU quota) refused a policy that
+	// compiles elsewhere, and a restart under load failed a requeued task
+	// whose stored policy then "does not compile". Packets of a running
+	// task keep the backstop.
+	untimed := *p
+	untimed.timeLimit = 0
+	p = &untimed
 	var errs []error
 	var spent uint64
 	for i, tc := range tests {

@@ -102,7 +102,10 @@ func TestCancelWhileDeliveringWithdrawsTheStart(t *testing.T) {
 	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_CANCELLED {
 		t.Fatalf("task %+v", info)
 	}
-	var got []*dispatchv1.DownstreamPacket
+	// The hello ack is queued before AddSlot, but its sender may not have
+	// run yet on a loaded machine: wait for it, then for the rest (a start
+	// and a stop, if any, follow at once).
+	got := []*dispatchv1.DownstreamPacket{testutil.Recv(t, c.Out, testutil.Wait, "the hello ack")}
 	for {
 		select {
 		case p := <-c.Out:
