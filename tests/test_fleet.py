@@ -487,6 +487,8 @@ def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> N
         # The replica whose writes fail (the task's owner) says so at once;
         # a submit anywhere is refused with UNAVAILABLE, not left hanging.
         wait_until(lambda: _health(d1) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
+        # So does a replica with nothing to write (its own ping tells it).
+        wait_until(lambda: _health(d2) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL (idle replica)")
         t = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             _submit(d2, "refused", short.model_config())
@@ -495,6 +497,7 @@ def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> N
     finally:
         engines.run("postgres.sh", "restart")
     wait_until(lambda: _health(d1) == "SERVING", 30, "SERVING again", interval=0.1)
+    wait_until(lambda: _health(d2) == "SERVING", 30, "SERVING again (idle replica)", interval=0.1)
     w.join(60)
     assert w.error is None, w.error
     events = w.values()

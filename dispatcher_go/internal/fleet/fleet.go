@@ -49,6 +49,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
@@ -127,6 +128,12 @@ type Fleet struct {
 	busOK atomic.Bool
 	// pingFails counts consecutive failed health pings (pingLoop).
 	pingFails int
+	// dbOK is whether PostgreSQL answers pingLoop's pings (on dbConn, a
+	// connection of its own: a pool busy with writes is not a database
+	// down); dbFails counts its consecutive failures.
+	dbOK    atomic.Bool
+	dbFails int
+	dbConn  *pgx.Conn
 
 	// Set by Start.
 	mgr    *task.Manager
@@ -205,6 +212,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
 	cancel()
+	f.dbOK.Store(true) // NewLeases just used it
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	return f, nil
 }
@@ -296,12 +304,17 @@ func (f *Fleet) kick() {
 
 func (f *Fleet) busUp() bool { return f.busOK.Load() }
 
-// Health implements task.Fleet: new work needs the bus.
+// Health implements task.Fleet: new work needs the bus and PostgreSQL.
+// A replica with nothing to write learns PostgreSQL is down from its own
+// ping, not only from a failed write, so every replica says so.
 func (f *Fleet) Health() error {
-	if f.busUp() {
-		return nil
+	if !f.busUp() {
+		return errBusDown(errors.New("no answer to PING"))
 	}
-	return errBusDown(errors.New("no answer to PING"))
+	if !f.dbOK.Load() {
+		return fmt.Errorf("%w: the fleet's database (PostgreSQL) is unreachable, so no new task is accepted until it is back", store.ErrUnavailable)
+	}
+	return nil
 }
 
 // SlotsServing is SlotCount for a caller: the slots of the whole fleet
@@ -342,16 +355,25 @@ func (f *Fleet) remoteSlots(count func(summary) int) int {
 
 // ---------------------------------------------------------------- loops
 
-// pingLoop keeps busOK: a PING every 500 ms, bounded.
+// pingLoop keeps busOK and dbOK: a PING to Redis and one to PostgreSQL
+// every 500 ms, each bounded.
 func (f *Fleet) pingLoop(ctx context.Context) {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
+	defer func() {
+		if f.dbConn != nil {
+			cctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+			_ = f.dbConn.Close(cctx)
+			cancel()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		f.pingDB(ctx)
 		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 		err := f.rdb.Ping(pctx).Err()
 		cancel()
@@ -373,6 +395,41 @@ func (f *Fleet) pingLoop(ctx context.Context) {
 			} else {
 				f.log.Warn("fleet bus (Redis) unreachable: new tasks are refused, running ones go on", "error", err)
 			}
+		}
+	}
+}
+
+// pingDB pings PostgreSQL on pingLoop's own connection (opened again
+// after a failure) and keeps dbOK: down after pingDownAfter failures in a
+// row, up at the first answer.
+func (f *Fleet) pingDB(ctx context.Context) {
+	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	var err error
+	if f.dbConn == nil {
+		f.dbConn, err = pgx.ConnectConfig(pctx, f.pg.Pool().Config().ConnConfig.Copy())
+	}
+	if err == nil {
+		err = f.dbConn.Ping(pctx)
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		if f.dbConn != nil {
+			_ = f.dbConn.Close(pctx)
+			f.dbConn = nil
+		}
+		f.dbFails++
+	} else {
+		f.dbFails = 0
+	}
+	up := err == nil || f.dbFails < pingDownAfter
+	if was := f.dbOK.Swap(up); was != up {
+		if up {
+			f.log.Info("fleet database (PostgreSQL) reachable again")
+		} else {
+			f.log.Warn("fleet database (PostgreSQL) unreachable: new tasks are refused", "error", err)
 		}
 	}
 }
