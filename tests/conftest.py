@@ -328,7 +328,7 @@ class Stack:
             "commander.tools_main",
             "--dispatcher",
             dispatcher.addr,
-            _tools_root_flag(),
+            "--root",
             str(workspace),
         ]
         if token:
@@ -395,20 +395,6 @@ def _has_flag(exe: str, flag: str) -> bool:
         [exe, "--help"], capture_output=True, text=True, timeout=30, check=False, cwd=_procs.ROOT
     )
     return f"  {flag[1:]} " in res.stdout + res.stderr or f"  {flag} " in res.stdout + res.stderr
-
-
-@functools.cache
-def _tools_root_flag() -> str:
-    """The tool provider's workspace flag (--workspace, or --root in earlier versions)."""
-    res = subprocess.run(
-        [PYTHON, "-m", "commander.tools_main", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=_procs.ROOT,
-    )
-    return "--workspace" if "--workspace" in res.stdout else "--root"
 
 
 @pytest.fixture(scope="session")
