@@ -38,12 +38,12 @@ func (serverCodec) Name() string { return grpcproto.Name }
 
 func (serverCodec) Marshal(v any) (mem.BufferSlice, error) { return protoCodec.Marshal(v) }
 
-// Unmarshal decodes data into v. A failure is noted for the interceptors
-// (decodeerr.go), which answer INVALID_ARGUMENT, and not returned: grpc-go
-// would make it INTERNAL.
+// Unmarshal decodes data into v. A failure is marked on v for the
+// interceptors (decodeerr.go), which answer INVALID_ARGUMENT, and not
+// returned: grpc-go would make it INTERNAL.
 func (c serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	if err := c.unmarshal(data, v); err != nil {
-		noteDecodeFailure(v, err)
+	if err := c.unmarshal(data, v); err != nil && !noteDecodeFailure(v, err) {
+		return err
 	}
 	return nil
 }
@@ -80,7 +80,8 @@ func (serverCodec) unmarshal(data mem.BufferSlice, v any) error {
 }
 
 // MaxMessagesPerRequest is the most embedded messages (repeated ones and
-// map entries counted each) a received message may hold. Every one is an
+// map entries counted each) and elements of repeated string and bytes
+// fields a received message may hold. Every one is an
 // allocation of ~50-150 bytes made from as few as 2 bytes on the wire: an
 // 8 MiB provider hello of 4 million empty tool specs decoded to ~570 MB.
 // The largest legitimate request holds a few thousand (a provider hello
@@ -91,9 +92,12 @@ const MaxMessagesPerRequest = 1 << 14
 // than MaxMessagesPerRequest embedded messages; it reads only tags and
 // lengths (bytes that do not parse are left to proto.Unmarshal).
 func messageBudget(b []byte, m proto.Message) error {
+	if len(b) < 2*(MaxMessagesPerRequest+1) {
+		return nil // each counted element takes at least 2 bytes: within budget
+	}
 	left := MaxMessagesPerRequest
 	if !withinBudget(b, m.ProtoReflect().Descriptor(), &left) {
-		return fmt.Errorf("more than %d embedded messages (a request holds at most %d)", MaxMessagesPerRequest, MaxMessagesPerRequest)
+		return fmt.Errorf("more than %d embedded messages and repeated strings (a request holds at most %d)", MaxMessagesPerRequest, MaxMessagesPerRequest)
 	}
 	return nil
 }
@@ -111,14 +115,22 @@ func withinBudget(b []byte, md protoreflect.MessageDescriptor, left *int) bool {
 		if vl < 0 {
 			return true
 		}
-		if fd := md.Fields().ByNumber(num); fd != nil && typ == protowire.BytesType &&
-			(fd.Kind() == protoreflect.MessageKind || fd.Kind() == protoreflect.GroupKind) {
-			if *left--; *left < 0 {
-				return false
-			}
-			inner, _ := protowire.ConsumeBytes(b[tl:])
-			if !withinBudget(inner, fd.Message(), left) {
-				return false
+		if fd := md.Fields().ByNumber(num); fd != nil && typ == protowire.BytesType {
+			switch k := fd.Kind(); {
+			case k == protoreflect.MessageKind || k == protoreflect.GroupKind:
+				if *left--; *left < 0 {
+					return false
+				}
+				inner, _ := protowire.ConsumeBytes(b[tl:])
+				if !withinBudget(inner, fd.Message(), left) {
+					return false
+				}
+			case fd.IsList() && (k == protoreflect.StringKind || k == protoreflect.BytesKind):
+				// An empty string is 2 bytes on the wire and a 16-byte
+				// header (plus the slice's growth) once decoded.
+				if *left--; *left < 0 {
+					return false
+				}
 			}
 		}
 		b = b[tl+vl:]
@@ -133,6 +145,9 @@ func withinBudget(b []byte, md protoreflect.MessageDescriptor, left *int) bool {
 // refuses them). Its recursion is at most limit+1 deep: each level holds a
 // packet.
 func batchedOver(b []byte, limit int) bool {
+	if len(b) <= 2*limit+2 {
+		return false // each packet takes at least 2 bytes: within limit
+	}
 	n := 0
 	return countBatched(b, limit, &n)
 }

@@ -396,6 +396,11 @@ func TestCodecBoundsEmbeddedMessages(t *testing.T) {
 		{"1024 tool specs", &dispatchv1.ConnectRequest{}, specs(1024), false},
 		{"budget+1 labels", &dispatchv1.SubmitTaskRequest{}, labels(MaxMessagesPerRequest + 1), true},
 		{"64 labels", &dispatchv1.SubmitTaskRequest{}, labels(64), false},
+		// SubmitTaskRequest.required_capabilities (7): empty strings, 2
+		// bytes each on the wire, 16 bytes each decoded.
+		{"4 Mi empty capabilities", &dispatchv1.SubmitTaskRequest{}, bytes.Repeat([]byte{0x3a, 0}, 4<<20), true},
+		{"budget+1 capabilities", &dispatchv1.SubmitTaskRequest{}, bytes.Repeat([]byte{0x3a, 0}, MaxMessagesPerRequest+1), true},
+		{"budget capabilities", &dispatchv1.SubmitTaskRequest{}, bytes.Repeat([]byte{0x3a, 0}, MaxMessagesPerRequest), false},
 		{"a packet with budget+1 labels in its hello", &dispatchv1.UpstreamPacket{},
 			protowire.AppendBytes(protowire.AppendTag(nil, 7, protowire.BytesType), bytes.ReplaceAll(labels(MaxMessagesPerRequest+1), []byte{0x42}, []byte{0x22})), true},
 	} {
