@@ -834,6 +834,20 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 
 // takeOver ends or requeues the task of an expired lease (see sweepLoop).
 func (f *Fleet) takeOver(ctx context.Context, r lease) {
+	if r.Owner == f.id {
+		// A row of this replica's own: a session it dropped (or one of an
+		// earlier process with its id). The fence checks a write against
+		// the attempt this replica holds when the write runs, so the
+		// dropped copy must be gone and its last records written (and
+		// refused) before this replica holds the task again; else they
+		// would pass with the new attempt.
+		if t := f.mgr.Registry().Get(r.TaskID); t != nil && !t.IsView() {
+			return // still being dropped: the next sweep
+		}
+		if err := f.writer.Flush(ctx); err != nil {
+			return
+		}
+	}
 	attempt, err := f.leases.claim(ctx, r.TaskID, f.id, f.opts.Grace)
 	if errors.Is(err, ErrTaskEnded) {
 		_ = f.leases.markReleased(ctx, r.TaskID)
