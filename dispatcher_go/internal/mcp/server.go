@@ -144,14 +144,37 @@ func boundBatch(w http.ResponseWriter, r *http.Request) bool {
 		return false
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
-	if t := bytes.TrimLeft(body, " \t\r\n"); len(t) > 0 && t[0] == '[' {
-		var msgs []json.RawMessage
-		if json.Unmarshal(body, &msgs) == nil && len(msgs) > MaxBatch {
-			writeRPCError(w, http.StatusBadRequest, fmt.Sprintf("a JSON-RPC batch of %d messages: at most %d", len(msgs), MaxBatch))
+	if batchOver(body, MaxBatch) {
+		writeRPCError(w, http.StatusBadRequest, fmt.Sprintf("a JSON-RPC batch of more than %d messages", MaxBatch))
+		return false
+	}
+	return true
+}
+
+// batchOver reports whether body is a JSON array of more than limit
+// elements. It decodes one element at a time into the same buffer and
+// stops at limit+1, so counting a 4 MiB array of zeros allocates nothing
+// like the 2 Mi elements it holds; a body that is not an array, or does not
+// parse, is left to the SDK.
+func batchOver(body []byte, limit int) bool {
+	if t := bytes.TrimLeft(body, " \t\r\n"); len(t) == 0 || t[0] != '[' {
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if _, err := dec.Token(); err != nil {
+		return false
+	}
+	var msg json.RawMessage
+	for n := 0; dec.More(); n++ {
+		if n == limit {
+			return true
+		}
+		msg = msg[:0]
+		if err := dec.Decode(&msg); err != nil {
 			return false
 		}
 	}
-	return true
+	return false
 }
 
 // writeRPCError answers with a JSON-RPC "invalid request" error (-32600)
