@@ -689,11 +689,27 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 		case <-f.ctx.Done():
 			return
 		}
+		// Its end must be stored before the lease goes: the writer retries
+		// a store that is down, and this waits for it as long as it takes
+		// (the lease is renewed meanwhile, so nobody ends the task again).
+		for {
+			fctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
+			err := f.writer.Flush(fctx)
+			cancel()
+			if err == nil {
+				break
+			}
+			if errors.Is(err, store.ErrWriterClosed) {
+				return // shutting down: the lease expires
+			}
+			select {
+			case <-f.ctx.Done():
+				return
+			case <-time.After(time.Second):
+			}
+		}
 		ctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
 		defer cancel()
-		if err := f.writer.Flush(ctx); err != nil {
-			return // the lease expires; the sweeper finds the task ended
-		}
 		if f.fenced.disown(t.ID(), attempt) {
 			// Its end is stored (and this replica held the lease until
 			// then): a cancel waiting for it on any replica returns now.
