@@ -116,6 +116,12 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"GET", "/api/agent/run", "", 405},
 		{"DELETE", "/api/tasks", "", 405},
 		{"GET", "/api/nothing", "", 404},
+		// Outside /api/ too (was net/http's text/plain "404 page not found").
+		{"GET", "/nope", "", 404},
+		{"GET", "/favicon.ico", "", 404},
+		{"GET", "/app.js/x", "", 404},
+		{"POST", "/", "", 405},
+		{"DELETE", "/style.css", "", 405},
 	}
 	for _, c := range cases {
 		var eb errorBody
