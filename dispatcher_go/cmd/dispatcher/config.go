@@ -16,6 +16,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
@@ -251,6 +252,11 @@ func (c *config) validate() error {
 	}
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))
+	}
+	for _, p := range append(c.plannerList(), c.defaultPlanner) {
+		if p != "" && !task.ValidPlannerName(p) {
+			errs = append(errs, fmt.Errorf("planner %q (--default-planner, --planners) is not a planner name: 1-64 letters, digits, '.', '_', '-', starting with a letter or digit", p))
+		}
 	}
 	if ps := c.plannerList(); len(ps) > 0 && !slices.Contains(ps, c.defaultPlanner) {
 		errs = append(errs, fmt.Errorf("--default-planner %q is not one of --planners %s", c.defaultPlanner, c.planners))

@@ -58,6 +58,18 @@ func TestBadInputs(t *testing.T) {
 		wantCode(t, err, codes.NotFound)
 	})
 
+	t.Run("bad planner name", func(t *testing.T) {
+		// Such a task was accepted and waited for a planner no commander
+		// can declare, until --queue-timeout.
+		for _, p := range []string{"a\x00b", "a b", "chat\n", "-x", "planner:chat", strings.Repeat("p", 65)} {
+			_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: p})
+			wantCode(t, err, codes.InvalidArgument)
+			if !strings.Contains(status.Convert(err).Message(), "not a planner name") {
+				t.Fatalf("planner %q: %v", p, err)
+			}
+		}
+	})
+
 	t.Run("unknown status filter", func(t *testing.T) {
 		// A status TaskStatus does not define matched nothing: OK and an
 		// empty page, as if no task had it.

@@ -96,6 +96,7 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"POST", "/api/agent/run", big, 413},
 		{"POST", "/api/tasks", `{"instruction": "x", "bogus": 1}`, 400},
 		{"POST", "/api/tasks", `{"instruction": "x", "timeout_seconds": "soon"}`, 400},
+		{"POST", "/api/tasks", `{"instruction": "x", "planner": "a\u0000b"}`, 400},
 		{"POST", "/api/tasks", `{"instruction": "x", "policy_yaml": "rules: [oops"}`, 400},
 		{"GET", "/api/agent/task/status/nope", "", 404},
 		{"POST", "/api/agent/cancel", `{"task_id": "nope"}`, 404},
