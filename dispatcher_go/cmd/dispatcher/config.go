@@ -16,6 +16,7 @@ import (
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/httpapi"
 	"github.com/agentdispatch/dispatcher/internal/store"
+	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
@@ -44,6 +45,7 @@ type config struct {
 	queueSize      int
 	stopGrace      time.Duration
 	toolTimeout    time.Duration
+	helloTimeout   time.Duration // 0: never
 	maxMsgBytes    int
 	drainTimeout   time.Duration
 	handOverWindow time.Duration
@@ -118,6 +120,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds (of each tenant) before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.stopGrace, "stop-grace", dispatcher.DefaultStopGrace, "time a stopped session has to send stopped before its stream is aborted")
 	fs.DurationVar(&c.toolTimeout, "tool-timeout", dispatcher.DefaultToolTimeout, "default timeout of a tool call")
+	fs.DurationVar(&c.helloTimeout, "hello-timeout", dispatcher.DefaultHelloTimeout, "a commander's ChatStream that sent no hello this long after it opened is ended (DEADLINE_EXCEEDED); 0: never")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", dispatcher.DefaultMaxRecvMsgBytes, "message limit, checked per message (an oversized result fails its call, a packet its session); the transport accepts up to twice it")
 	fs.IntVar(&c.streamWindow, "stream-window-bytes", dispatcher.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", dispatcher.DefaultDrainTimeout, "on SIGTERM, how long running tasks may finish before they are stopped")
@@ -250,6 +253,11 @@ func (c *config) validate() error {
 	if c.defaultPlanner == "" {
 		errs = append(errs, errors.New("--default-planner must not be empty"))
 	}
+	for _, p := range append(c.plannerList(), c.defaultPlanner) {
+		if p != "" && !task.ValidPlannerName(p) {
+			errs = append(errs, fmt.Errorf("planner %q (--default-planner, --planners) is not a planner name: 1-64 letters, digits, '.', '_', '-', starting with a letter or digit", p))
+		}
+	}
 	if ps := c.plannerList(); len(ps) > 0 && !slices.Contains(ps, c.defaultPlanner) {
 		errs = append(errs, fmt.Errorf("--default-planner %q is not one of --planners %s", c.defaultPlanner, c.planners))
 	}
@@ -372,7 +380,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 			Keepalive:         dispatcher.Keepalive{Time: c.kaTime, Timeout: c.kaTimeout, MinTime: c.kaMinTime},
 		},
 		Limits: dispatcher.Limits{QueueSize: c.queueSize, MaxTasksKept: c.maxTasksKept},
-		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout,
+		Tasks: dispatcher.Tasks{DefaultPlanner: c.defaultPlanner, StopGrace: c.stopGrace, ToolTimeout: c.toolTimeout, HelloTimeout: offIfZero(c.helloTimeout),
 			HandOverWindow: offIfZero(c.handOverWindow), LinkLossWindow: offIfZero(c.linkLossWindow), Planners: c.plannerList(), QueueTimeout: c.queueTimeoutValue()},
 		Policy: dispatcher.Policy{File: c.policyFile, Poll: c.policyPoll},
 		MCP:    dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},

@@ -3,6 +3,7 @@ package main
 import (
 	"io"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -40,5 +41,10 @@ func TestConfigSandboxAndQueue(t *testing.T) {
 	}
 	if _, err := parseConfig([]string{"--planners", "gui", "--default-planner", "chat"}, env(nil), io.Discard); err == nil {
 		t.Fatal("a default planner outside --planners was accepted")
+	}
+	for _, args := range [][]string{{"--planners", "chat,a b"}, {"--default-planner", "-x"}} {
+		if _, err := parseConfig(args, env(nil), io.Discard); err == nil || !strings.Contains(err.Error(), "not a planner name") {
+			t.Fatalf("%q: %v, want refused as not a planner name", args, err)
+		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
@@ -55,6 +56,33 @@ func TestBadInputs(t *testing.T) {
 		wantCode(t, err, codes.NotFound)
 		_, err = h.tasks.Interject(ctx, &dispatchv1.InterjectRequest{TaskId: "no-such-task", Text: "x"})
 		wantCode(t, err, codes.NotFound)
+	})
+
+	t.Run("bad planner name", func(t *testing.T) {
+		// Such a task was accepted and waited for a planner no commander
+		// can declare, until --queue-timeout.
+		for _, p := range []string{"a\x00b", "a b", "chat\n", "-x", "planner:chat", strings.Repeat("p", 65)} {
+			_, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: p})
+			wantCode(t, err, codes.InvalidArgument)
+			if !strings.Contains(status.Convert(err).Message(), "not a planner name") {
+				t.Fatalf("planner %q: %v", p, err)
+			}
+		}
+	})
+
+	t.Run("unknown status filter", func(t *testing.T) {
+		// A status TaskStatus does not define matched nothing: OK and an
+		// empty page, as if no task had it.
+		for _, bad := range []agentpb.TaskStatus{99, -1} {
+			_, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_RUNNING, bad}})
+			wantCode(t, err, codes.InvalidArgument)
+			if want := fmt.Sprintf("unknown status %d", bad); !strings.Contains(status.Convert(err).Message(), want) {
+				t.Fatalf("ListTasks with status %d: %v, want the message to name it", bad, err)
+			}
+		}
+		if _, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_RUNNING}}); err != nil {
+			t.Fatal(err)
+		}
 	})
 
 	t.Run("message over size limit", func(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/secret"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -111,6 +112,13 @@ func (ts *taskService) ListTasks(ctx context.Context, req *dispatchv1.ListTasksR
 		size = defaultPageSize
 	case size > maxPageSize:
 		size = maxPageSize
+	}
+	for _, st := range req.GetStatuses() {
+		// A value TaskStatus does not define matches no task: say so
+		// rather than answer an empty page.
+		if _, ok := agentpb.TaskStatus_name[int32(st)]; !ok {
+			return nil, status.Errorf(codes.InvalidArgument, "unknown status %d in statuses", int32(st))
+		}
 	}
 	after, err := decodePageToken(req.GetPageToken())
 	if err != nil {

@@ -35,6 +35,11 @@ const (
 	DefaultQueueTimeout = 5 * time.Minute
 	// DefaultToolTimeout is the timeout of a tool call that sets none.
 	DefaultToolTimeout = 30 * time.Second
+	// DefaultHelloTimeout is how long a commander's ChatStream may stay
+	// open without its hello before it is ended (DEADLINE_EXCEEDED). A
+	// commander sends its hello as soon as the stream opens; the margin is
+	// for a commander process starting under load.
+	DefaultHelloTimeout = 30 * time.Second
 	// DefaultMaxRecvMsgBytes is the largest message accepted.
 	DefaultMaxRecvMsgBytes = 4 << 20
 	// DefaultStreamWindow is the fixed HTTP/2 receive window of a stream;
@@ -203,6 +208,9 @@ type Tasks struct {
 	StopGrace time.Duration
 	// ToolTimeout is the default per-call tool timeout (DefaultToolTimeout).
 	ToolTimeout time.Duration
+	// HelloTimeout ends a ChatStream that sent no hello this long after it
+	// opened (DefaultHelloTimeout; negative: never).
+	HelloTimeout time.Duration
 	// GlobalConfig is the initial global CommonConfig (nil: empty).
 	GlobalConfig *agentpb.CommonConfig
 	// HandOverWindow (with a store) is how long after a restart a task
@@ -315,6 +323,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Tasks.ToolTimeout <= 0 {
 		c.Tasks.ToolTimeout = DefaultToolTimeout
+	}
+	if c.Tasks.HelloTimeout == 0 {
+		c.Tasks.HelloTimeout = DefaultHelloTimeout
 	}
 	if c.Policy.Poll <= 0 {
 		c.Policy.Poll = DefaultPolicyPoll

@@ -204,10 +204,12 @@ func New(cfg Config) (*Dispatcher, error) {
 		flush = writer.Flush
 	}
 	sessions := session.NewServer(sched, b, session.Options{
-		StopGrace:  cfg.Tasks.StopGrace,
-		Policy:     pol,
-		HandOver:   handOver,
-		Reattacher: mgr,
+		StopGrace: cfg.Tasks.StopGrace,
+		// Negative (never) is 0 for the session server.
+		HelloTimeout: max(cfg.Tasks.HelloTimeout, 0),
+		Policy:       pol,
+		HandOver:     handOver,
+		Reattacher:   mgr,
 		// Only with hand-over: a store keeps the waiting task's events.
 		LinkLossWindow: linkLossWindow(handOver, cfg.Tasks.LinkLossWindow),
 		Flush:          flush,

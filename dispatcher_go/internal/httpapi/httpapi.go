@@ -175,13 +175,15 @@ func New(b Backend, opts Options) http.Handler {
 	if opts.MCP != nil {
 		mux.Handle("/mcp", h.auth(opts.MCP.ServeHTTP))
 	}
-	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
-		// Nothing else matched: a known path with another method is a 405.
+	// Nothing else matched, under /api/ or anywhere else: a JSON error like
+	// every other (a known path with another method is a 405), not
+	// net/http's text/plain "404 page not found".
+	unmatched := func(w http.ResponseWriter, r *http.Request) {
 		var allow []string
 		for _, m := range []string{http.MethodGet, http.MethodPost} {
 			probe := r.Clone(r.Context())
 			probe.Method = m
-			if _, p := mux.Handler(probe); p != "/api/" && p != "" {
+			if _, p := mux.Handler(probe); p != "/api/" && p != "/" && p != "" {
 				allow = append(allow, m)
 			}
 		}
@@ -191,7 +193,9 @@ func New(b Backend, opts Options) http.Handler {
 			return
 		}
 		writeError(w, http.StatusNotFound, "NOT_FOUND", "no such endpoint: "+r.Method+" "+r.URL.Path)
-	})
+	}
+	mux.HandleFunc("/api/", unmatched)
+	mux.HandleFunc("/", unmatched)
 
 	if opts.A2A != nil {
 		mux.Handle("/a2a", opts.A2A)

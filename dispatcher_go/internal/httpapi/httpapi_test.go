@@ -96,6 +96,7 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"POST", "/api/agent/run", big, 413},
 		{"POST", "/api/tasks", `{"instruction": "x", "bogus": 1}`, 400},
 		{"POST", "/api/tasks", `{"instruction": "x", "timeout_seconds": "soon"}`, 400},
+		{"POST", "/api/tasks", `{"instruction": "x", "planner": "a\u0000b"}`, 400},
 		{"POST", "/api/tasks", `{"instruction": "x", "policy_yaml": "rules: [oops"}`, 400},
 		{"GET", "/api/agent/task/status/nope", "", 404},
 		{"POST", "/api/agent/cancel", `{"task_id": "nope"}`, 404},
@@ -116,6 +117,12 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"GET", "/api/agent/run", "", 405},
 		{"DELETE", "/api/tasks", "", 405},
 		{"GET", "/api/nothing", "", 404},
+		// Outside /api/ too (was net/http's text/plain "404 page not found").
+		{"GET", "/nope", "", 404},
+		{"GET", "/favicon.ico", "", 404},
+		{"GET", "/app.js/x", "", 404},
+		{"POST", "/", "", 405},
+		{"DELETE", "/style.css", "", 405},
 	}
 	for _, c := range cases {
 		var eb errorBody

@@ -107,12 +107,19 @@ func NewServer(opts ServerOptions) http.Handler {
 		Logger:                       sdkLog,
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPost && !boundBatch(w, r) {
-			return
+		var body []byte
+		if r.Method == http.MethodPost {
+			var ok bool
+			if body, ok = boundBatch(w, r); !ok || !checkBody(w, body) {
+				return
+			}
 		}
+		// The SDK's text/plain errors leave as JSON-RPC errors (rpcerror.go).
+		ew := &rpcErrorWriter{ResponseWriter: w}
 		// The request's context rides along so that a handler ends when
 		// its HTTP request does, whatever the protocol version.
-		sh.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestKey{}, r.Context())))
+		sh.ServeHTTP(ew, r.WithContext(context.WithValue(r.Context(), requestKey{}, r.Context())))
+		ew.finish(requestID(body))
 	})
 }
 
@@ -129,10 +136,10 @@ const MaxBatch = 32
 // (sdk.DefaultMaxRequestBodyBytes), read here first to count the batch.
 const maxBody = sdk.DefaultMaxRequestBodyBytes
 
-// boundBatch reads r's body (at most maxBody) and puts it back; a body over
-// maxBody, or a batch of more than MaxBatch messages, is answered here
-// with a JSON-RPC error (HTTP 413 or 400) and false.
-func boundBatch(w http.ResponseWriter, r *http.Request) bool {
+// boundBatch reads r's body (at most maxBody), puts it back and returns it;
+// a body over maxBody, or a batch of more than MaxBatch messages, is
+// answered here with a JSON-RPC error (HTTP 413 or 400) and false.
+func boundBatch(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -141,14 +148,14 @@ func boundBatch(w http.ResponseWriter, r *http.Request) bool {
 		} else {
 			writeRPCError(w, http.StatusBadRequest, "the request body could not be read")
 		}
-		return false
+		return nil, false
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	if batchOver(body, MaxBatch) {
 		writeRPCError(w, http.StatusBadRequest, fmt.Sprintf("a JSON-RPC batch of more than %d messages", MaxBatch))
-		return false
+		return nil, false
 	}
-	return true
+	return body, true
 }
 
 // batchOver reports whether body is a JSON array of more than limit

@@ -51,6 +51,9 @@ var (
 	ErrStopNotAcknowledged = errors.New("stop not acknowledged within the grace period")
 	// ErrShutdown means the dispatcher is shutting down: UNAVAILABLE.
 	ErrShutdown = errors.New("dispatcher shutting down")
+	// ErrHelloTimeout means the commander sent no hello within
+	// Options.HelloTimeout of opening its stream: DEADLINE_EXCEEDED.
+	ErrHelloTimeout = errors.New("no hello received within the hello timeout")
 )
 
 // senderExitWait bounds how long Serve waits for a sender goroutine still
@@ -115,6 +118,12 @@ type Options struct {
 	// AckInterval is how often upstream packets are acknowledged
 	// (DefaultAckInterval).
 	AckInterval time.Duration
+	// HelloTimeout ends a stream whose first packet (the hello) has not
+	// arrived this long after it opened, with ErrHelloTimeout (0: no
+	// limit; the dispatcher's default is internal/dispatcher's
+	// DefaultHelloTimeout). Without it a stream that never says hello is
+	// held until its client closes it.
+	HelloTimeout time.Duration
 	// Logger receives session logs; nil discards.
 	Logger *slog.Logger
 }
@@ -208,7 +217,7 @@ func (s *Server) Serve(stream Stream) error {
 	if s.draining.Load() || s.base.Err() != nil {
 		return ErrShutdown
 	}
-	first, err := stream.Recv()
+	first, err := s.recvHello(ctx, stream, abort)
 	if err != nil {
 		return err
 	}
@@ -422,6 +431,46 @@ func (s *Server) removeSlot(sl *slot) {
 	s.slotsMu.Lock()
 	delete(s.slots, sl)
 	s.slotsMu.Unlock()
+}
+
+// recvHello receives a stream's first packet, within Options.HelloTimeout.
+// With abort, a timer aborts the stream (its Recv returns); without, the
+// receive runs in a goroutine of its own, left to end with the RPC when the
+// timeout comes first (Serve then returns, which ends the RPC).
+func (s *Server) recvHello(ctx context.Context, stream Stream, abort func(error)) (*dispatchv1.UpstreamPacket, error) {
+	d := s.opts.HelloTimeout
+	if d <= 0 {
+		return stream.Recv()
+	}
+	timeoutErr := fmt.Errorf("%w (%s)", ErrHelloTimeout, d)
+	if abort != nil {
+		t := time.AfterFunc(d, func() { abort(timeoutErr) })
+		first, err := stream.Recv()
+		if !t.Stop() {
+			// The timer fired: the stream is aborted, whatever Recv got.
+			return nil, timeoutErr
+		}
+		return first, err
+	}
+	type received struct {
+		p   *dispatchv1.UpstreamPacket
+		err error
+	}
+	got := make(chan received, 1)
+	go func() {
+		p, err := stream.Recv()
+		got <- received{p, err}
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case r := <-got:
+		return r.p, r.err
+	case <-t.C:
+		return nil, timeoutErr
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
 }
 
 func validHello(h *dispatchv1.Hello) error {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -33,6 +34,15 @@ const (
 	maxShortField    = 256 // planner, capability, label key/value, ids
 	maxTimeoutSecond = 7 * 24 * 3600
 )
+
+// plannerName is what may name a planner: the names the commander can
+// register (commander/_planners.py _NAME), 1-64 characters of letters,
+// digits, '.', '_' and '-', starting with a letter or digit. A task naming
+// anything else could never be served.
+var plannerName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidPlannerName reports whether s may name a planner (plannerName).
+func ValidPlannerName(s string) bool { return plannerName.MatchString(s) }
 
 // Queue places pending tasks on slots. The scheduler implements it.
 type Queue interface {
@@ -380,6 +390,9 @@ func validateSpec(s *Spec) error {
 	}
 	if len(s.Planner) > maxShortField || len(s.PreviousTaskID) > maxShortField {
 		return fmt.Errorf("%w: planner or previous task id too long", ErrInvalidArgument)
+	}
+	if s.Planner != "" && !ValidPlannerName(s.Planner) {
+		return fmt.Errorf("%w: planner %q is not a planner name (1-64 letters, digits, '.', '_', '-', starting with a letter or digit)", ErrInvalidArgument, s.Planner)
 	}
 	if len(s.RequiredCapabilities) > maxCapabilities {
 		return fmt.Errorf("%w: too many required capabilities (max %d)", ErrInvalidArgument, maxCapabilities)

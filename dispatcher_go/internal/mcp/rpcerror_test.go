@@ -1,0 +1,65 @@
+package mcp
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// What the SDK refused with net/http's text/plain error — a body that is
+// not JSON, a message that is not JSON-RPC, an id of 10^400, a method it
+// does not serve — is a JSON-RPC error (-32700, -32600, -32601) with the
+// request's id where there is one; requests that are fine are answered as
+// before.
+func TestBadRequestsAreJSONRPCErrors(t *testing.T) {
+	hs := httptest.NewServer(NewServer(ServerOptions{Backend: newFakeTasks(), Tools: newBroker(t)}))
+	t.Cleanup(hs.Close)
+	do := func(method, body string) (int, string, string) {
+		req, _ := http.NewRequest(method, hs.URL, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept", "application/json, text/event-stream")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header.Get("Content-Type"), string(b)
+	}
+	for _, c := range []struct {
+		name, method, body string
+		status             int
+		code               int
+		id                 any
+	}{
+		{"not JSON", "POST", `{"jsonrpc":"2.0","id":1,`, 400, -32700, nil},
+		{"empty body", "POST", ``, 400, -32700, nil},
+		{"not JSON-RPC", "POST", `{"hello":"world"}`, 400, -32600, nil},
+		{"huge id", "POST", `{"jsonrpc":"2.0","id":1` + strings.Repeat("0", 400) + `,"method":"tools/list"}`, 400, -32600, nil},
+		{"empty batch", "POST", `[]`, 400, -32600, nil},
+		{"unknown method", "POST", `{"jsonrpc":"2.0","id":7,"method":"no/such"}`, 400, -32601, float64(7)},
+		{"unknown method, string id", "POST", `{"jsonrpc":"2.0","id":"a","method":"no/such"}`, 400, -32601, "a"},
+		{"GET without a session", "GET", ``, 0, -32600, nil},
+	} {
+		status, ct, got := do(c.method, c.body)
+		var e struct {
+			JSONRPC string `json:"jsonrpc"`
+			ID      any    `json:"id"`
+			Error   struct {
+				Code    int    `json:"code"`
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		if (c.status != 0 && status != c.status) || status < 400 || ct != "application/json" || json.Unmarshal([]byte(got), &e) != nil ||
+			e.JSONRPC != "2.0" || e.Error.Code != c.code || e.Error.Message == "" || e.ID != c.id {
+			t.Errorf("%s: %d %s %.200q, want %d with JSON-RPC error %d, id %v", c.name, status, ct, got, c.status, c.code, c.id)
+		}
+	}
+	status, _, got := do("POST", `{"jsonrpc":"2.0","id":1,"method":"tools/list"}`)
+	if status != http.StatusOK || !strings.Contains(got, `"tools":[`) {
+		t.Fatalf("tools/list: %d %.200q", status, got)
+	}
+}
