@@ -50,6 +50,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 
@@ -128,7 +129,7 @@ type Fleet struct {
 	busOK atomic.Bool
 	// pingFails counts consecutive failed health pings (pingLoop).
 	pingFails int
-	// dbOK is whether PostgreSQL answers pingLoop's pings (on dbConn, a
+	// dbOK is whether PostgreSQL answers dbPingLoop's pings (on dbConn, a
 	// connection of its own: a pool busy with writes is not a database
 	// down); dbFails counts its consecutive failures.
 	dbOK    atomic.Bool
@@ -256,7 +257,7 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
 	f.syncGlobal(ctx)
 	cancel()
-	for _, loop := range []func(context.Context){f.pingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
+	for _, loop := range []func(context.Context){f.pingLoop, f.dbPingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
 		f.wg.Go(func() { loop(f.ctx) })
 	}
 	if f.legs != nil {
@@ -355,25 +356,16 @@ func (f *Fleet) remoteSlots(count func(summary) int) int {
 
 // ---------------------------------------------------------------- loops
 
-// pingLoop keeps busOK and dbOK: a PING to Redis and one to PostgreSQL
-// every 500 ms, each bounded.
+// pingLoop keeps busOK: a PING to Redis every 500 ms, bounded.
 func (f *Fleet) pingLoop(ctx context.Context) {
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
-	defer func() {
-		if f.dbConn != nil {
-			cctx, cancel := context.WithTimeout(context.Background(), opTimeout)
-			_ = f.dbConn.Close(cctx)
-			cancel()
-		}
-	}()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		f.pingDB(ctx)
 		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 		err := f.rdb.Ping(pctx).Err()
 		cancel()
@@ -399,25 +391,58 @@ func (f *Fleet) pingLoop(ctx context.Context) {
 	}
 }
 
-// pingDB pings PostgreSQL on pingLoop's own connection (opened again
-// after a failure) and keeps dbOK: down after pingDownAfter failures in a
-// row, up at the first answer.
+// dbPingLoop keeps dbOK: a ping to PostgreSQL every 500 ms on a
+// connection of its own (a pool busy with writes is not a database down),
+// apart from pingLoop so that a slow database does not slow Redis's check.
+func (f *Fleet) dbPingLoop(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	defer func() {
+		if f.dbConn != nil {
+			cctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+			_ = f.dbConn.Close(cctx)
+			cancel()
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		f.pingDB(ctx)
+	}
+}
+
+// pingDB pings PostgreSQL on dbPingLoop's connection (opened again after a
+// failure, within opTimeout; the ping itself within 500 ms): down after
+// pingDownAfter failures in a row, up at the first answer. A server that
+// answers but refuses the connection (too many clients) is up: the pool's
+// connections work.
 func (f *Fleet) pingDB(ctx context.Context) {
-	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
-	defer cancel()
 	var err error
 	if f.dbConn == nil {
-		f.dbConn, err = pgx.ConnectConfig(pctx, f.pg.Pool().Config().ConnConfig.Copy())
+		cctx, cancel := context.WithTimeout(ctx, opTimeout)
+		f.dbConn, err = pgx.ConnectConfig(cctx, f.pg.Pool().Config().ConnConfig.Copy())
+		cancel()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "53300" { // too_many_connections
+			err = nil
+		}
 	}
-	if err == nil {
+	if err == nil && f.dbConn != nil {
+		pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 		err = f.dbConn.Ping(pctx)
+		cancel()
 	}
 	if ctx.Err() != nil {
 		return
 	}
 	if err != nil {
 		if f.dbConn != nil {
-			_ = f.dbConn.Close(pctx)
+			cctx, cancel := context.WithTimeout(ctx, opTimeout)
+			_ = f.dbConn.Close(cctx)
+			cancel()
 			f.dbConn = nil
 		}
 		f.dbFails++
@@ -858,7 +883,14 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		// refused) before this replica holds the task again; else they
 		// would pass with the new attempt.
 		if t := f.mgr.Registry().Get(r.TaskID); t != nil && !t.IsView() {
-			return // still being dropped: the next sweep
+			select {
+			case <-t.Done():
+				// Ended (its end stored or refused): nothing more of it
+				// comes once the writer is flushed. A kept ended copy
+				// must not hold the row: the claim finds the task ended.
+			default:
+				return // still being dropped: the next sweep
+			}
 		}
 		if err := f.writer.Flush(ctx); err != nil {
 			return

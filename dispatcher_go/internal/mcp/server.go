@@ -119,7 +119,9 @@ func NewServer(opts ServerOptions) http.Handler {
 		// The request's context rides along so that a handler ends when
 		// its HTTP request does, whatever the protocol version.
 		sh.ServeHTTP(ew, r.WithContext(context.WithValue(r.Context(), requestKey{}, r.Context())))
-		ew.finish(requestID(body))
+		if ew.status != 0 { // the body is decoded again only for an error's id
+			ew.finish(requestID(body))
+		}
 	})
 }
 
