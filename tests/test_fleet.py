@@ -488,7 +488,11 @@ def test_postgres_restarted_mid_run(stack: Stack, engines: SimpleNamespace) -> N
         # a submit anywhere is refused with UNAVAILABLE, not left hanging.
         wait_until(lambda: _health(d1) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL")
         # So does a replica with nothing to write (its own ping tells it).
-        wait_until(lambda: _health(d2) == "NOT_SERVING", 15, "NOT_SERVING without PostgreSQL (idle replica)")
+        wait_until(
+            lambda: _health(d2) == "NOT_SERVING",
+            15,
+            "NOT_SERVING without PostgreSQL (idle replica)",
+        )
         t = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             _submit(d2, "refused", short.model_config())
