@@ -148,6 +148,9 @@ type Fleet struct {
 	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
 	ends     endWaiters
 	fencedN  atomic.Int64
+	// hooks are tests' look into takeOver's requeue (nil in production;
+	// set before Start).
+	hooks requeueHooks
 
 	epochMu sync.Mutex
 	epoch   string
@@ -904,6 +907,13 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
 }
 
+// requeueHooks, when set, are called by requeueUnstarted with the task's
+// id: beforeWrite before the PENDING record is written, stored once it is
+// stored under this replica's attempt (before the task is queued).
+type requeueHooks struct {
+	beforeWrite, stored func(id string)
+}
+
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
 // in the fleet's queue by takeOver (see requeueUnstarted).
 const RequeueTakenOverMessage = "requeued: its dispatcher replica stopped before the commander sent anything, and no session re-attached"
@@ -950,6 +960,9 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 		// As a single node shutting down does not requeue.
 		return false, " (not requeued: this dispatcher replica is draining)"
 	}
+	if f.hooks.beforeWrite != nil {
+		f.hooks.beforeWrite(id)
+	}
 	switch err := t.Requeue(nil, RequeueTakenOverMessage); {
 	case errors.Is(err, task.ErrCancelRequested):
 		reason, _ := t.CancelRequested()
@@ -979,6 +992,9 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 		// Fenced: a re-attaching session claimed the task first.
 		f.log.Info("task of a dead replica was re-attached before its requeue", "task_id", id)
 		return true, ""
+	}
+	if f.hooks.stored != nil {
+		f.hooks.stored(id)
 	}
 	f.log.Warn("task of a dead replica requeued: its commander sent nothing and no session re-attached",
 		"task_id", id, "owner", r.Owner, "attempt", attempt, "requeues", t.Requeues())

@@ -104,6 +104,11 @@ const (
 
 func startReplica(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot) *replica {
 	t.Helper()
+	return startReplicaHooked(t, pg, url, id, slot, requeueHooks{})
+}
+
+func startReplicaHooked(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot, hooks requeueHooks) *replica {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	f, err := New(ctx, pg, Options{RedisURL: url, ReplicaID: id, Lease: testLease, Grace: testGrace,
@@ -111,6 +116,7 @@ func startReplica(t *testing.T, pg *postgres.Store, url, id string, slot *testSl
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.hooks = hooks
 	w := store.NewWriter(f.Store(), store.WriterOptions{})
 	ts, err := taskstore.New(taskstore.Options{Store: f.Store(), Writer: w, KeepRunning: true})
 	if err != nil {
@@ -329,4 +335,105 @@ func testLogger(id string) *slog.Logger {
 		return nil
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("replica", id)
+}
+
+// raceTask is deadReplicaTask with a live replica whose takeOver lets a
+// late re-attach of the task's session (ClaimForSession, as a replica
+// "other" would on the commander's hello) run at hook: the task ends
+// SUCCESS on the live replica either way (the re-attached lease is never
+// renewed, so it is swept again), and the events of the whole run are
+// returned, checked 1..N.
+func raceTask(t *testing.T, pick func(*requeueHooks, func(string))) (*replica, []*dispatchv1.TaskEvent, chan error) {
+	t.Helper()
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	claimed := make(chan error, 1)
+	var once atomic.Bool
+	lctx, lcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer lcancel()
+	leases, err := NewLeases(lctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hooks requeueHooks
+	pick(&hooks, func(tid string) {
+		if tid != id || once.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := leases.ClaimForSession(ctx, id, "other", "session-1")
+		claimed <- err
+	})
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs, err := watch(ctx, live, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, ev := range evs {
+		if ev.GetSeq() != uint64(i+1) {
+			t.Fatalf("event %d has seq %d: an event lost, duplicated or reordered", i, ev.GetSeq())
+		}
+	}
+	if st := evs[len(evs)-1].GetState(); st.GetStatus() != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("ended %s, want SUCCESS", st.GetStatus())
+	}
+	return live, evs, claimed
+}
+
+// requeuesSeen counts the requeue state events in evs.
+func requeuesSeen(evs []*dispatchv1.TaskEvent) int {
+	n := 0
+	for _, ev := range evs {
+		if st := ev.GetState(); st.GetStatus() == agentpb.TaskStatus_PENDING && st.GetMessage() == RequeueTakenOverMessage {
+			n++
+		}
+	}
+	return n
+}
+
+// A re-attach that claims the task after the sweeper's claim but before
+// its PENDING record is stored wins: the requeue's write is fenced (the
+// attempt moved), nothing of it is stored and the task is not queued.
+// (Here the re-attached session never shows up, so the task is swept and
+// requeued later: one requeue in all, not two.)
+func TestReattachBeforeTheRequeueIsWrittenWins(t *testing.T) {
+	live, evs, claimed := raceTask(t, func(h *requeueHooks, f func(string)) { h.beforeWrite = f })
+	select {
+	case err := <-claimed:
+		if err != nil {
+			t.Fatalf("the re-attach before the requeue's write was refused: %v", err)
+		}
+	default:
+		t.Fatal("the hook did not run")
+	}
+	if live.f.Fenced() == 0 {
+		t.Fatal("the requeue's write was not fenced")
+	}
+	if n := requeuesSeen(evs); n != 1 {
+		t.Fatalf("%d requeue events, want 1 (the fenced one is not stored)", n)
+	}
+}
+
+// A re-attach after the PENDING record is stored is refused (the task's
+// session is no longer RUNNING): the requeue wins, once.
+func TestReattachAfterTheRequeueIsStoredIsRefused(t *testing.T) {
+	live, evs, claimed := raceTask(t, func(h *requeueHooks, f func(string)) { h.stored = f })
+	select {
+	case err := <-claimed:
+		if !errors.Is(err, ErrNotSession) {
+			t.Fatalf("the re-attach after the requeue: %v, want ErrNotSession", err)
+		}
+	default:
+		t.Fatal("the hook did not run")
+	}
+	if live.f.Fenced() != 0 {
+		t.Fatalf("%d writes fenced, want none", live.f.Fenced())
+	}
+	if n := requeuesSeen(evs); n != 1 {
+		t.Fatalf("%d requeue events, want 1", n)
+	}
 }
