@@ -437,3 +437,30 @@ func TestReattachAfterTheRequeueIsStoredIsRefused(t *testing.T) {
 		t.Fatalf("%d requeue events, want 1", n)
 	}
 }
+
+// A cancel asked while the dead replica still seemed to hold the task (a
+// command row for its owner) is honoured by the takeover: CANCELLED with
+// its reason, not requeued.
+func TestDeadReplicasUnstartedTaskWithACancelAskedIsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+		t.Fatal(err)
+	}
+	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
+	waitFor(t, "the task to end", 20*time.Second, func() bool {
+		st, _ := storedStatus(t, live, id)
+		return task.Terminal(st)
+	})
+	st, msg := storedStatus(t, live, id)
+	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
+		t.Fatalf("status %s %q, started %d times on the live replica; want CANCELLED, never started", st, msg, live.slot.started.Load())
+	}
+}
