@@ -883,7 +883,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if snap.Status == agentpb.TaskStatus_RUNNING && snap.UsedSandbox == nil {
 		up, err := f.upstreamSeq(ctx, r.TaskID, last)
 		if err != nil {
-			_ = f.Release(ctx, r.TaskID, attempt)
+			// Not released: a released lease is never swept again, and
+			// the task is RUNNING. It expires; the next sweep retries.
+			f.fenced.disown(r.TaskID, attempt)
 			return
 		}
 		unstarted = up == 0
