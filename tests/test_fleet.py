@@ -384,6 +384,10 @@ def test_kill9_replica_and_commander(stack: Stack, fleet: SimpleNamespace) -> No
     d3.wait_slots(1, timeout=20)
     running = _submit(d3, f"doomed [{uuid.uuid4().hex[:8]}]", llm.model_config())
     wait_status(d3.agent, running, statuses=[agent_pb2.RUNNING], timeout=20)
+    # Content recorded: the task ran. (One whose session recorded nothing is
+    # requeued instead: its commander may never have got the start.)
+    w = start_watch(d3.tasks, running)
+    w.wait(lambda evs: any(kind(e) == "content" for e in evs), 20, "content")
     queued = [_submit(d3, f"queued {i}", short.model_config()) for i in range(2)]
     t0 = time.monotonic()
     d1.proc.kill9()
@@ -414,6 +418,8 @@ def test_kill9_replica_and_commander_restarted_with_the_same_id(
     d3.wait_slots(1, timeout=20)
     running = _submit(d3, f"doomed, same id [{uuid.uuid4().hex[:8]}]", llm.model_config())
     wait_status(d3.agent, running, statuses=[agent_pb2.RUNNING], timeout=20)
+    w = start_watch(d3.tasks, running)  # content recorded: the task ran (not requeued)
+    w.wait(lambda evs: any(kind(e) == "content" for e in evs), 20, "content")
     t0 = time.monotonic()
     d1.close_channel()
     d1.proc.kill9()

@@ -149,6 +149,9 @@ type Fleet struct {
 	dropped  sync.Map // task id → struct{}: sessions dropped after a fence
 	ends     endWaiters
 	fencedN  atomic.Int64
+	// hooks are tests' look into takeOver's requeue (nil in production;
+	// set before Start).
+	hooks requeueHooks
 
 	epochMu sync.Mutex
 	epoch   string
@@ -921,16 +924,132 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		_ = f.Release(ctx, r.TaskID, attempt)
 		return
 	}
+	// Nothing of the session recorded: no event carries an upstream seq
+	// (the commander's packets are numbered from 1) and no sandbox was
+	// reported. The commander may never have received the start.
+	unstarted := false
+	if snap.Status == agentpb.TaskStatus_RUNNING && snap.UsedSandbox == nil {
+		up, err := f.upstreamSeq(ctx, r.TaskID, last)
+		if err != nil {
+			// Not released: a released lease is never swept again, and
+			// the task is RUNNING. It expires; the next sweep retries.
+			f.fenced.disown(r.TaskID, attempt)
+			return
+		}
+		unstarted = up == 0
+	}
 	t, err := f.mgr.Adopt(snap, last, false)
 	if err != nil {
 		_ = f.Release(ctx, r.TaskID, attempt)
 		return
 	}
-	f.watchOwned(t, attempt)
 	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
 		r.Owner, f.opts.Lease+f.opts.Grace)
+	if unstarted {
+		done, why := f.requeueUnstarted(ctx, r, t, attempt, queueName(snap.Planner, snap.Required))
+		if done {
+			return
+		}
+		msg += why
+	}
+	f.watchOwned(t, attempt)
 	f.log.Warn("task of a dead replica ended", "task_id", r.TaskID, "owner", r.Owner, "attempt", attempt)
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
+}
+
+// requeueHooks, when set, are called by requeueUnstarted with the task's
+// id: beforeWrite before the PENDING record is written, stored once it is
+// stored under this replica's attempt (before the task is queued).
+type requeueHooks struct {
+	beforeWrite, stored func(id string)
+}
+
+// RequeueTakenOverMessage is the state message of a RUNNING task put back
+// in the fleet's queue by takeOver (see requeueUnstarted).
+const RequeueTakenOverMessage = "requeued: its dispatcher replica stopped before the commander sent anything, and no session re-attached"
+
+// requeueUnstarted puts t, the RUNNING task of an expired lease taken over
+// with attempt whose session recorded nothing upstream and that nobody
+// re-attached, back in the fleet's queue as PENDING, as a single node
+// requeues a task whose start never reached its commander (Task.Requeue:
+// a state event tells watchers, the requeue counts against
+// task.MaxRequeues). It reports whether t was dealt with: requeued, ended
+// CANCELLED for a cancel asked meanwhile, or dropped because a re-attach
+// won the lease; false leaves t to end FAILURE (why is added to its
+// message): requeued too often, or this replica drains or shuts down.
+//
+// A late re-attach (Leases.ClaimForSession) and this requeue are decided
+// by the lease row: the claim locks it FOR UPDATE and needs the task
+// RUNNING; the requeue's write locks it FOR SHARE and needs attempt. If the
+// PENDING record commits first, the claim reads PENDING and is refused
+// (ErrNotSession); if the claim commits first, the write is fenced (the
+// attempt moved) and nothing of it is stored: the session goes on there and
+// this replica drops its copy without queueing it.
+func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, attempt int64, queue string) (done bool, why string) {
+	id := r.TaskID
+	if cmds, err := f.leases.OpenCommands(ctx, []string{id}); err == nil {
+		for _, c := range cmds {
+			if c.Kind != "cancel" {
+				continue
+			}
+			if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {
+				continue
+			}
+			reason := c.Args.Reason
+			if reason == "" {
+				reason = "cancelled"
+			}
+			f.watchOwned(t, attempt)
+			f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", id, "owner", r.Owner)
+			t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+			_ = f.leases.SetResult(ctx, c.ID, cmdResult{})
+			return true, ""
+		}
+	}
+	if f.draining.Load() {
+		// As a single node shutting down does not requeue.
+		return false, " (not requeued: this dispatcher replica is draining)"
+	}
+	if f.hooks.beforeWrite != nil {
+		f.hooks.beforeWrite(id)
+	}
+	switch err := t.Requeue(nil, RequeueTakenOverMessage); {
+	case errors.Is(err, task.ErrCancelRequested):
+		reason, _ := t.CancelRequested()
+		f.watchOwned(t, attempt)
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		return true, ""
+	case errors.Is(err, task.ErrRequeueLimit):
+		f.log.Warn("task of a dead replica not requeued: requeued too often", "task_id", id, "requeues", t.Requeues())
+		return false, fmt.Sprintf(" (not requeued again: requeued %d times already)", task.MaxRequeues)
+	case errors.Is(err, task.ErrClosed):
+		return false, " (not requeued: the dispatcher is shutting down)"
+	case err != nil && t.Status() != agentpb.TaskStatus_PENDING:
+		return false, ""
+	}
+	// The PENDING record must be stored under this attempt before the task
+	// is queued: another replica loads it from PostgreSQL.
+	if err := f.writer.Flush(ctx); err != nil {
+		// Unknown whether it was stored: drop the copy and let the lease
+		// expire; the next sweep finds the task PENDING (and queues it) or
+		// still RUNNING (and requeues it).
+		f.fenced.disown(id, attempt)
+		f.mgr.Forget(id)
+		f.log.Warn("requeue of a dead replica's task not stored; left for the next sweep", "task_id", id, "error", err)
+		return true, ""
+	}
+	if f.fenced.attempt(id) != attempt {
+		// Fenced: a re-attaching session claimed the task first.
+		f.log.Info("task of a dead replica was re-attached before its requeue", "task_id", id)
+		return true, ""
+	}
+	if f.hooks.stored != nil {
+		f.hooks.stored(id)
+	}
+	f.log.Warn("task of a dead replica requeued: its commander sent nothing and no session re-attached",
+		"task_id", id, "owner", r.Owner, "attempt", attempt, "requeues", t.Requeues())
+	f.giveBack(ctx, id, attempt, queue)
+	return true, ""
 }
 
 // reconcileLoop, every second: publishes the slot summary, rebuilds the
