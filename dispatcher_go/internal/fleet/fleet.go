@@ -1275,6 +1275,13 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 		if f.fenced.attempt(c.TaskID) == 0 {
 			continue
 		}
+		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() {
+			// Owned but not here yet (a takeover between its claim and
+			// its adoption): the command waits for the next round, else
+			// a cancel would be answered "not found" and lost while the
+			// takeover requeues the task.
+			continue
+		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {
 			continue
 		}
