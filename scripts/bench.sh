@@ -16,6 +16,14 @@
 #   BENCH_DISPATCHER_ARGS extra flags for every dispatcher (e.g. a store)
 #   BENCH_DISPATCHER      a dispatcher binary to measure instead of building
 #                         bin/dispatcher (e.g. to compare two builds)
+#   BENCH_PRIO            a command prefix for the dispatcher and loadgen of
+#                         loadgen's scenarios, e.g. "chrt -r 1" (root): on a
+#                         machine shared with other work it keeps their run-queue
+#                         waits out of the latencies, for A/B pairs. Not a quiet
+#                         machine: a CPU-bound goroutine (the GC's idle mark
+#                         workers, a spinning thread) then holds its CPU against
+#                         the other process for up to the round-robin slice, so
+#                         GC pauses weigh more; compare runs made the same way.
 #   BENCH_PYSPY           a directory: the Python drivers of scenarios 6 and 7
 #                         also record py-spy profiles there (collapsed stacks)
 #
@@ -71,6 +79,7 @@ QUICK=${BENCH_QUICK:-0}
 ONLY=${BENCH_ONLY:-}
 DISPATCHER=${BENCH_DISPATCHER:-$BIN/dispatcher}
 read -r -a DISPATCHER_ARGS <<<"${BENCH_DISPATCHER_ARGS:-}"
+read -r -a PRIO <<<"${BENCH_PRIO:-}"
 COMMANDER_TOKEN=bench-commander-$$
 CLIENT_TOKEN=bench-client-$$
 
@@ -121,7 +130,7 @@ start_dispatcher() {
   local name=$1
   rm -f "$OUT/$name.addr"
   rm -rf "$OUT/$name.data" # each scenario starts from an empty store
-  "$DISPATCHER" --listen 127.0.0.1:0 --addr-file "$OUT/$name.addr" --data-dir "$OUT/$name.data" \
+  ${PRIO[@]+"${PRIO[@]}"} "$DISPATCHER" --listen 127.0.0.1:0 --addr-file "$OUT/$name.addr" --data-dir "$OUT/$name.data" \
     --commander-token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
     --queue-size 100000 "${DISPATCHER_ARGS[@]}" "${SCENARIO_DISPATCHER_ARGS[@]}" >"$OUT/$name.log" 2>&1 &
   DISPATCHER_PID=$!
@@ -139,7 +148,7 @@ scenario() {
   if ! start_dispatcher "dispatcher-$label"; then
     FAILED+=("$label (dispatcher did not start)"); return 0
   fi
-  if ! "$BIN/loadgen" --addr "$DISPATCHER_ADDR" --token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
+  if ! ${PRIO[@]+"${PRIO[@]}"} "$BIN/loadgen" --addr "$DISPATCHER_ADDR" --token "$COMMANDER_TOKEN" --client-token "$CLIENT_TOKEN" \
     --dispatcher-pid "$DISPATCHER_PID" --label "$label" --json "$@" >>"$RESULTS" 2> >(tee "$OUT/$label.txt" >&2); then
     FAILED+=("$label")
   fi
