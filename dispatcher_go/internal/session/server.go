@@ -312,7 +312,7 @@ func (s *Server) openSlot(ctx context.Context, cancel context.CancelCauseFunc, a
 	// Written by a goroutine of its own: slog's JSON encoding takes ~4.7 KiB
 	// of stack, which on top of grpc's ~2.4 KiB under Serve would double
 	// this goroutine's stack to 16 KiB for the whole life of the slot (a
-	// stack shrinks only to four times what it uses; idle, ~6 KiB).
+	// stack shrinks only to four times what it uses; idle, ~3.5 KiB).
 	version, caps, reattached := hello.GetVersion(), hello.GetCapabilities(), resumed != nil
 	go sl.log.Info("commander slot connected", "version", version, "capabilities", caps, "tenants", tenants, "reattached", reattached)
 
