@@ -909,9 +909,20 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	}
 	f.dropped.Delete(r.TaskID)
 	f.fenced.own(r.TaskID, attempt)
+	if f.hooks.claimed != nil {
+		f.hooks.claimed(r.TaskID)
+	}
+	// From here a failure leaves the lease to expire, never released: a
+	// released lease is never swept again, and the task may be RUNNING
+	// (it would stay so for good) or PENDING without a queue row (the
+	// claim removed it). The next sweep retries.
+	leave := func(what string, err error) {
+		f.fenced.disown(r.TaskID, attempt)
+		f.log.Warn("takeover of a task failed; its lease is left to expire and the next sweep retries", "task_id", r.TaskID, "step", what, "error", err)
+	}
 	snap, err := f.ts.Load(ctx, r.TaskID)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("read the task", err)
 		return
 	}
 	if snap.Status == agentpb.TaskStatus_PENDING {
@@ -921,7 +932,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	}
 	last, err := f.pg.LastSeq(ctx, r.TaskID)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("read the task's last event", err)
 		return
 	}
 	// Nothing of the session recorded: no event carries an upstream seq
@@ -931,16 +942,14 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if snap.Status == agentpb.TaskStatus_RUNNING && snap.UsedSandbox == nil {
 		up, err := f.upstreamSeq(ctx, r.TaskID, last)
 		if err != nil {
-			// Not released: a released lease is never swept again, and
-			// the task is RUNNING. It expires; the next sweep retries.
-			f.fenced.disown(r.TaskID, attempt)
+			leave("read the task's events", err)
 			return
 		}
 		unstarted = up == 0
 	}
 	t, err := f.mgr.Adopt(snap, last, false)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("adopt the task", err)
 		return
 	}
 	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
@@ -957,11 +966,13 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
 }
 
-// requeueHooks, when set, are called by requeueUnstarted with the task's
-// id: beforeWrite before the PENDING record is written, stored once it is
-// stored under this replica's attempt (before the task is queued).
+// requeueHooks, when set, are called with the task's id: claimed by
+// takeOver once it claimed an expired lease (before it reads the task);
+// by requeueUnstarted, beforeWrite before the PENDING record is written,
+// stored once it is stored under this replica's attempt (before the task
+// is queued).
 type requeueHooks struct {
-	beforeWrite, stored func(id string)
+	claimed, beforeWrite, stored func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

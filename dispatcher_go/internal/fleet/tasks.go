@@ -425,19 +425,23 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	if err != nil {
 		return nil, 0, unavailable("claim the task", err)
 	}
+	// A failure from here leaves the lease to expire, not released: the
+	// task may be RUNNING (a dead replica's: a released lease is never
+	// swept, it would stay RUNNING for good) or PENDING with its queue row
+	// gone (the claim took it); the sweep deals with it once it expired.
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	t, err := f.mgr.Adopt(snap, last, false)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, err
 	}
 	f.watchOwned(t, attempt)
@@ -468,8 +472,11 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if err != nil {
 		return err
 	}
+	// A failure from here leaves the lease to expire, not released (a
+	// released lease is never swept: the task would stay RUNNING for
+	// good); the sweep takes the task over then.
 	release := func(err error) error {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return unavailable("read the task", err)
 	}
 	if snap, err = f.ts.Load(ctx, id); err != nil {
@@ -484,7 +491,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return err
 	}
 	f.watchOwned(t, attempt)
