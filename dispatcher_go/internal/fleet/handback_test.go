@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync/atomic"
@@ -287,5 +288,39 @@ func TestTakeOverThatCannotReadTheTaskLeavesTheLeaseToExpire(t *testing.T) {
 	msg := endsWith(t, live, id, agentpb.TaskStatus_FAILURE, 0, 30*time.Second)
 	if !renamed.Load() || !strings.Contains(msg, "stopped renewing the task's lease") {
 		t.Fatalf("renamed %v, message %q; want the takeover's FAILURE after the rename", renamed.Load(), msg)
+	}
+}
+
+// A session re-attaching after its task was requeued (its replica died
+// before the commander sent anything, nobody re-attached within the lease
+// and the grace) is refused with a reason that says so: the commander ends
+// its planner (docs/protocol.md), and the task runs once, in a new session.
+func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	other := startBystander(t, pg, url, "other")
+	refused := make(chan error, 1)
+	var once atomic.Bool
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || once.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		refused <- other.f.TakeSession(ctx, id, "session-1", nil)
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	endsWith(t, live, id, agentpb.TaskStatus_SUCCESS, 1, 20*time.Second)
+	err := <-refused
+	if !errors.Is(err, task.ErrNotRunning) || !strings.Contains(err.Error(), "requeued") {
+		t.Fatalf("late re-attach: %v; want ErrNotRunning saying the task was requeued", err)
+	}
+	// Once it ran again in a new session, the old one is still refused.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err = other.f.TakeSession(ctx, id, "session-1", nil)
+	if !errors.Is(err, task.ErrNotRunning) {
+		t.Fatalf("re-attach after the end: %v; want ErrNotRunning", err)
 	}
 }
