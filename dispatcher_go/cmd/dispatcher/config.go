@@ -120,7 +120,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.IntVar(&c.queueSize, "queue-size", dispatcher.DefaultQueueSize, "pending tasks the queue holds (of each tenant) before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.stopGrace, "stop-grace", dispatcher.DefaultStopGrace, "time a stopped session has to send stopped before its stream is aborted")
 	fs.DurationVar(&c.toolTimeout, "tool-timeout", dispatcher.DefaultToolTimeout, "default timeout of a tool call")
-	fs.DurationVar(&c.helloTimeout, "hello-timeout", dispatcher.DefaultHelloTimeout, "a commander's ChatStream that sent no hello this long after it opened is ended (DEADLINE_EXCEEDED); 0: never")
+	fs.DurationVar(&c.helloTimeout, "hello-timeout", dispatcher.DefaultHelloTimeout, "a commander's ChatStream, or a tool provider's Connect stream, that sent no hello this long after it opened is ended (DEADLINE_EXCEEDED); 0: never")
 	fs.IntVar(&c.maxMsgBytes, "max-msg-bytes", dispatcher.DefaultMaxRecvMsgBytes, "message limit, checked per message (an oversized result fails its call, a packet its session); the transport accepts up to twice it")
 	fs.IntVar(&c.streamWindow, "stream-window-bytes", dispatcher.DefaultStreamWindow, "fixed HTTP/2 receive window per stream (connection: 8x); bounds a commander's output queued ahead of its stopped. 0: grpc-go's dynamic (BDP) window")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", dispatcher.DefaultDrainTimeout, "on SIGTERM, how long running tasks may finish before they are stopped")

@@ -175,7 +175,26 @@ func TestBadInputs(t *testing.T) {
 			}
 			wantCode(t, err, codes.InvalidArgument)
 		}
-		// A commander's packet: TestInvalidUTF8FromCommanderEndsOnlyItsSession.
+		// The commander services' streams check in their own receives
+		// (chatStream, connectStream), no interceptor: a hello that does
+		// not decode, on ChatStream and on a provider's Connect. A
+		// commander's later packet: TestInvalidUTF8FromCommanderEndsOnlyItsSession.
+		for _, m := range []struct {
+			desc *grpc.StreamDesc
+			name string
+		}{
+			{&dispatchv1.AgentInteraction_ServiceDesc.Streams[0], "/dispatch.v1.AgentInteraction/ChatStream"},
+			{&dispatchv1.ToolProviderService_ServiceDesc.Streams[0], "/dispatch.v1.ToolProviderService/Connect"},
+		} {
+			s, err := h.conn.NewStream(ctx, m.desc, m.name, grpc.ForceCodec(bytesCodec{}))
+			if err == nil {
+				_ = s.SendMsg([]byte{0x0a, 2, 0xff, 0xfe})
+				err = s.RecvMsg(new(dispatchv1.DownstreamPacket))
+			}
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "failed to unmarshal") {
+				t.Fatalf("%s: error %v, want INVALID_ARGUMENT failed to unmarshal", m.name, err)
+			}
+		}
 	})
 
 	t.Run("upstream packet with no payload", func(t *testing.T) {

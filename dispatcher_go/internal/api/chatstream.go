@@ -43,24 +43,47 @@ type statusWriter interface {
 	WriteStatus(*status.Status) error
 }
 
-// abortable is a ChatStream with session.WithAbort's abort in its context.
-type abortable struct {
+// chatStream is a ChatStream as the session sees it: a packet that did not
+// decode fails its receive with INVALID_ARGUMENT (decodeerr.go), and its
+// context carries session.WithAbort's abort when the stream can be aborted.
+// The check is made here, in the receive the session makes anyway, rather
+// than by a stream interceptor of its own: each interceptor and wrapper is
+// a few hundred bytes more under the hello's decode, the deepest point of
+// an idle slot's life, and crossing 8 KiB there doubles the goroutine's
+// stack to 16 KiB for as long as the slot lives (docs/benchmarks.md, idle
+// slots).
+type chatStream struct {
 	grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]
 	ctx context.Context
 }
 
-func (a abortable) Context() context.Context { return a.ctx }
+func (c *chatStream) Context() context.Context { return c.ctx }
 
-// withAbort returns stream with an abort in its context, or stream itself
-// when it cannot be aborted (no tap context, or a grpc whose transport
+func (c *chatStream) Recv() (*dispatchv1.UpstreamPacket, error) {
+	p := new(dispatchv1.UpstreamPacket)
+	if err := c.RecvMsg(p); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func (c *chatStream) RecvMsg(m any) error {
+	if err := c.BidiStreamingServer.RecvMsg(m); err != nil {
+		return err
+	}
+	return decodeFailure(m)
+}
+
+// withAbort returns stream as a chatStream, with an abort in its context
+// unless it cannot be aborted (no tap context, or a grpc whose transport
 // stream does not write a status): the session then receives in a goroutine
 // of its own.
 func (s *Server) withAbort(stream grpc.BidiStreamingServer[dispatchv1.UpstreamPacket, dispatchv1.DownstreamPacket]) session.Stream {
 	ctx := stream.Context()
 	if !canAbort(ctx) {
-		return stream
+		return &chatStream{stream, ctx}
 	}
-	return abortable{stream, session.WithAbort(ctx, func(cause error) { s.abortStream(ctx, cause) })}
+	return &chatStream{stream, session.WithAbort(ctx, func(cause error) { s.abortStream(ctx, cause) })}
 }
 
 func canAbort(ctx context.Context) bool {

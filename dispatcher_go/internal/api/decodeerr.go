@@ -17,8 +17,11 @@ import (
 // words a codec's error as INTERNAL whatever it is, and for a unary call
 // before any interceptor runs, so the codec does not fail: it empties the
 // message it was decoding into and marks it with the error, and the first
-// interceptor, which every received message passes right after its decode,
-// turns the mark into the status. The message text stays grpc-go's ("grpc:
+// place each received message passes right after its decode turns the mark
+// into the status: the first unary interceptor (unaryDecode), a client
+// stream's RecvMsg (sizedStream, size.go) and, for the commander services,
+// which streamSize leaves unwrapped, their streams' receives (chatStream,
+// connectStream). The message text stays grpc-go's ("grpc:
 // failed to unmarshal the received message: …"), which the session's
 // undecodable recognises.
 //
@@ -26,7 +29,7 @@ import (
 // field number 0: no decode can produce that (protobuf refuses field 0,
 // and the hand decoder keeps no unknown fields), and it goes away with the
 // message when grpc-go fails the call after the decode (a second request
-// message on a unary call, a cancel) and no interceptor sees it.
+// message on a unary call, a cancel) and nothing looks at it.
 
 // decodeMark is the start of a mark: field 0, length-delimited.
 var decodeMark = protowire.AppendTag(nil, 0, protowire.BytesType)
@@ -70,21 +73,4 @@ func unaryDecode(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler 
 		return nil, err
 	}
 	return handler(ctx, req)
-}
-
-// streamDecode is the first stream interceptor: a received message that
-// did not decode fails its RecvMsg with INVALID_ARGUMENT.
-func streamDecode(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	return handler(srv, decodedStream{ss})
-}
-
-// decodedStream turns a decode failure of a received message into its
-// RecvMsg's error.
-type decodedStream struct{ grpc.ServerStream }
-
-func (s decodedStream) RecvMsg(m any) error {
-	if err := s.ServerStream.RecvMsg(m); err != nil {
-		return err
-	}
-	return decodeFailure(m)
 }

@@ -35,6 +35,7 @@ var errorClasses = []struct {
 	{session.ErrStopNotAcknowledged, codes.Aborted},
 	{session.ErrShutdown, codes.Unavailable},
 	{session.ErrHelloTimeout, codes.DeadlineExceeded},
+	{broker.ErrHelloTimeout, codes.DeadlineExceeded},
 	{broker.ErrProtocol, codes.FailedPrecondition},
 	{broker.ErrToolExists, codes.AlreadyExists},
 	{broker.ErrInvalidTool, codes.InvalidArgument},

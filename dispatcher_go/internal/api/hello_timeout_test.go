@@ -30,3 +30,18 @@ func TestChatStreamWithoutHelloEnds(t *testing.T) {
 	}
 	playChat(t, c, "hi")
 }
+
+// A tool provider's Connect stream takes the same hello timeout: one that
+// sends nothing ends DEADLINE_EXCEEDED naming the hello (it was held until
+// the client closed it).
+func TestConnectWithoutHelloEnds(t *testing.T) {
+	h, ctx := newHarness(t, dispatcher.Config{Tasks: dispatcher.Tasks{HelloTimeout: time.Second}})
+	silent, err := h.tools.Connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = silent.Recv()
+	if status.Code(err) != codes.DeadlineExceeded || !strings.Contains(status.Convert(err).Message(), "no hello") {
+		t.Fatalf("silent provider stream ended with %v, want DEADLINE_EXCEEDED naming the hello", err)
+	}
+}

@@ -27,5 +27,23 @@ type toolProviderService struct {
 func (tp *toolProviderService) Connect(stream grpc.BidiStreamingServer[dispatchv1.ConnectRequest, dispatchv1.ConnectResponse]) error {
 	ctx, cancel := tp.s.streamContext(stream.Context())
 	defer cancel()
-	return toStatus(tp.s.d.Logger(), tp.s.d.Broker().ServeProvider(ctx, stream))
+	return toStatus(tp.s.d.Logger(), tp.s.d.Broker().ServeProvider(ctx, connectStream{stream}))
+}
+
+// connectStream is a provider's Connect stream as the broker sees it: a
+// message that did not decode fails its Recv with INVALID_ARGUMENT
+// (decodeerr.go; see chatStream for why not an interceptor).
+type connectStream struct {
+	grpc.BidiStreamingServer[dispatchv1.ConnectRequest, dispatchv1.ConnectResponse]
+}
+
+func (c connectStream) Recv() (*dispatchv1.ConnectRequest, error) {
+	m := new(dispatchv1.ConnectRequest)
+	if err := c.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	if err := decodeFailure(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }

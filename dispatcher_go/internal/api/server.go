@@ -86,10 +86,10 @@ func (s *Server) ServerOptions() []grpc.ServerOption {
 		// grpc's proto codec, with a commander's streamed packets decoded
 		// by hand (upcodec.go).
 		grpc.ForceServerCodecV2(serverCodec{}),
-		// unaryDecode and streamDecode first: a request that did not
-		// decode is INVALID_ARGUMENT (decodeerr.go).
+		// unaryDecode first: a request that did not decode is
+		// INVALID_ARGUMENT (decodeerr.go; streams check in their RecvMsg).
 		grpc.ChainUnaryInterceptor(unaryDecode, s.unaryAuth, s.unarySize),
-		grpc.ChainStreamInterceptor(streamDecode, s.streamAuth, s.streamSize),
+		grpc.ChainStreamInterceptor(s.streamAuth, s.streamSize),
 	)
 }
 

@@ -16,6 +16,12 @@ import (
 // it stops its session); every other request over it is refused here with
 // RESOURCE_EXHAUSTED, as the transport refused it before.
 
+// sizeLimit is not inlined: Config returns the dispatcher's whole
+// configuration by value, ~450 bytes that would otherwise be in the frame
+// of every interceptor that calls it, streamSize's included, which stays
+// on an idle ChatStream's stack (see chatStream).
+//
+//go:noinline
 func (s *Server) sizeLimit() int { return s.d.Config().GRPC.MaxRecvMsgBytes }
 
 // tooLarge is the error for a request of n bytes over limit, or nil.
@@ -44,7 +50,8 @@ func (s *Server) streamSize(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	return handler(srv, &sizedStream{ServerStream: ss, limit: s.sizeLimit()})
 }
 
-// sizedStream refuses a received message over limit.
+// sizedStream refuses a received message that did not decode
+// (INVALID_ARGUMENT, decodeerr.go) or is over limit.
 type sizedStream struct {
 	grpc.ServerStream
 	limit int
@@ -52,6 +59,9 @@ type sizedStream struct {
 
 func (s *sizedStream) RecvMsg(m any) error {
 	if err := s.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if err := decodeFailure(m); err != nil {
 		return err
 	}
 	return tooLarge(m, s.limit)

@@ -46,6 +46,9 @@ var (
 	ErrInvalidTool = errors.New("invalid tool spec")
 	// ErrProtocol means a provider broke the Connect protocol.
 	ErrProtocol = errors.New("tool provider protocol violation")
+	// ErrHelloTimeout means a provider sent no hello within
+	// Options.HelloTimeout of opening its stream.
+	ErrHelloTimeout = errors.New("no hello received within the hello timeout")
 )
 
 // Limits on declared tools.
@@ -69,6 +72,11 @@ type Options struct {
 	// DefaultMaxResultBytes). It stays under the commander's 4 MiB receive
 	// limit with room for the ToolCallResult envelope.
 	MaxResultBytes int
+	// HelloTimeout ends a Connect stream that sent no hello this long
+	// after it opened, with ErrHelloTimeout (0: never), as a commander's
+	// ChatStream is ended: until its hello a stream holds goroutines and
+	// is no provider anyone can see.
+	HelloTimeout time.Duration
 	// Logger receives broker logs; nil discards.
 	Logger *slog.Logger
 }

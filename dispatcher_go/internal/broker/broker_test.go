@@ -458,3 +458,34 @@ func TestProviderRegistrationRefusals(t *testing.T) {
 	close(f.In)
 	ended(t, done)
 }
+
+// A provider stream that sends no hello within Options.HelloTimeout ends
+// with ErrHelloTimeout (it was held, with its goroutines, until the
+// provider closed it); a provider that says hello at once is served. The
+// timeout leaves the hello sent at once ample time under -race.
+func TestProviderWithoutHelloEnds(t *testing.T) {
+	b, err := New(Options{HelloTimeout: 250 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent := newFakeProvider()
+	if err := ended(t, serve(b, silent)); !errors.Is(err, ErrHelloTimeout) {
+		t.Fatalf("ServeProvider = %v, want %v", err, ErrHelloTimeout)
+	}
+
+	f := newFakeProvider()
+	done := serve(b, f)
+	f.send(t, hello("prompt", &dispatchv1.ToolSpec{Name: "prompt.tool"}))
+	if w := f.next(t).GetWelcome(); w == nil {
+		t.Fatal("no welcome")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("a provider that said hello ended: %v", err)
+	case <-time.After(500 * time.Millisecond): // past the hello timeout: still served
+	}
+	f.cancel()
+	if err := ended(t, done); err != nil && !errors.Is(err, context.Canceled) {
+		t.Fatalf("ServeProvider = %v", err)
+	}
+}

@@ -90,6 +90,37 @@ func (pc *pendingCall) complete(r *dispatchv1.InvocationResult) {
 	pc.finish(resultOf(r))
 }
 
+// recvHello receives a stream's first message within Options.HelloTimeout.
+// The receive runs in a goroutine of its own when there is a timeout: a
+// provider stream cannot be aborted from outside its RPC, so when the
+// timeout comes first ServeProvider returns, which ends the RPC, and with
+// it that receive.
+func (b *Broker) recvHello(ctx context.Context, stream ProviderStream) (*dispatchv1.ConnectRequest, error) {
+	d := b.opts.HelloTimeout
+	if d <= 0 {
+		return stream.Recv()
+	}
+	type received struct {
+		m   *dispatchv1.ConnectRequest
+		err error
+	}
+	got := make(chan received, 1)
+	go func() {
+		m, err := stream.Recv()
+		got <- received{m, err}
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case r := <-got:
+		return r.m, r.err
+	case <-t.C:
+		return nil, fmt.Errorf("%w (%s)", ErrHelloTimeout, d)
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
 // timeoutResult is what a call gets when its deadline passes.
 func timeoutResult(id string, timeout time.Duration) *dispatchv1.InvocationResult {
 	return &dispatchv1.InvocationResult{InvocationId: id, Error: &dispatchv1.ToolError{
@@ -99,9 +130,10 @@ func timeoutResult(id string, timeout time.Duration) *dispatchv1.InvocationResul
 // ServeProvider runs one Connect stream until it ends: hello → welcome →
 // invocations and results. It returns nil when the provider closed the
 // stream, ErrProtocol / ErrInvalidTool / ErrToolExists for a bad
-// registration, or the stream's or ctx's error.
+// registration, ErrHelloTimeout for a stream that sent no hello in time,
+// or the stream's or ctx's error.
 func (b *Broker) ServeProvider(ctx context.Context, stream ProviderStream) error {
-	first, err := stream.Recv()
+	first, err := b.recvHello(ctx, stream)
 	if err != nil {
 		return err
 	}

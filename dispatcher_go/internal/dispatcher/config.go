@@ -35,10 +35,10 @@ const (
 	DefaultQueueTimeout = 5 * time.Minute
 	// DefaultToolTimeout is the timeout of a tool call that sets none.
 	DefaultToolTimeout = 30 * time.Second
-	// DefaultHelloTimeout is how long a commander's ChatStream may stay
-	// open without its hello before it is ended (DEADLINE_EXCEEDED). A
-	// commander sends its hello as soon as the stream opens; the margin is
-	// for a commander process starting under load.
+	// DefaultHelloTimeout is how long a commander's ChatStream, or a tool
+	// provider's Connect stream, may stay open without its hello before it
+	// is ended (DEADLINE_EXCEEDED). Both send their hello as soon as the
+	// stream opens; the margin is for a process starting under load.
 	DefaultHelloTimeout = 30 * time.Second
 	// DefaultMaxRecvMsgBytes is the largest message accepted.
 	DefaultMaxRecvMsgBytes = 4 << 20
@@ -208,8 +208,9 @@ type Tasks struct {
 	StopGrace time.Duration
 	// ToolTimeout is the default per-call tool timeout (DefaultToolTimeout).
 	ToolTimeout time.Duration
-	// HelloTimeout ends a ChatStream that sent no hello this long after it
-	// opened (DefaultHelloTimeout; negative: never).
+	// HelloTimeout ends a ChatStream, and a tool provider's Connect
+	// stream, that sent no hello this long after it opened
+	// (DefaultHelloTimeout; negative: never).
 	HelloTimeout time.Duration
 	// GlobalConfig is the initial global CommonConfig (nil: empty).
 	GlobalConfig *agentpb.CommonConfig

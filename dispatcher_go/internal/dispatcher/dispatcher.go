@@ -104,7 +104,10 @@ func New(cfg Config) (*Dispatcher, error) {
 	b, err := broker.New(broker.Options{
 		DefaultTimeout: cfg.Tasks.ToolTimeout,
 		MaxResultBytes: cfg.GRPC.MaxRecvMsgBytes - broker.ResultEnvelopeBytes,
-		Logger:         log.With("component", "broker")})
+		// The commanders' hello timeout: a provider connects with a
+		// commander token, and says hello as soon as it connects.
+		HelloTimeout: max(cfg.Tasks.HelloTimeout, 0),
+		Logger:       log.With("component", "broker")})
 	if err != nil {
 		return nil, err
 	}

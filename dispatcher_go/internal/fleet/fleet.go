@@ -282,7 +282,7 @@ func (f *Fleet) Drain(ctx context.Context) {
 		if t == nil || t.Status() != agentpb.TaskStatus_PENDING || !f.sched.Remove(t) {
 			continue
 		}
-		f.giveBack(ctx, id, a, queueName(t.Planner(), t.RequiredCapabilities()))
+		f.giveBack(ctx, t, id, a, queueName(t.Planner(), t.RequiredCapabilities()))
 		n++
 	}
 	if n > 0 {
@@ -635,13 +635,20 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	attempt, err := f.Claim(cctx, id)
+	attempt, cmd, err := f.leases.ClaimQueued(cctx, id, f.id)
 	switch {
 	case errors.Is(err, task.ErrNotFound):
 		f.log.Warn("poison bus entry acknowledged and dropped: no such task", "stream", key, "id", m.ID, "task_id", id)
 		f.ack(ctx, key, m.ID)
 		return
-	case errors.Is(err, ErrTaskEnded), errors.Is(err, ErrLeaseHeld):
+	case errors.Is(err, ErrTaskEnded):
+		// Its queue row, if one is left (a task ended while it was being
+		// handed back), would put the entry on the bus again for good.
+		_ = f.leases.Dequeue(cctx, id)
+		f.log.Debug("bus entry of a task that ended", "task_id", id)
+		f.ack(ctx, key, m.ID)
+		return
+	case errors.Is(err, ErrLeaseHeld), errors.Is(err, ErrNotPending):
 		f.log.Debug("bus entry of a task already taken", "task_id", id, "reason", err)
 		f.ack(ctx, key, m.ID)
 		return
@@ -649,11 +656,47 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 		f.log.Warn("claim failed; the entry stays pending and is reclaimed later", "task_id", id, "error", err)
 		return
 	}
-	if err := f.adopt(cctx, id, attempt, true); err != nil {
+	f.dropped.Delete(id)
+	f.fenced.own(id, attempt)
+	if cmd != nil {
+		f.cancelQueued(cctx, id, attempt, *cmd, strings.TrimPrefix(key, queuePrefix))
+	} else if err := f.adopt(cctx, id, attempt, true); err != nil {
 		f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
-		f.giveBack(cctx, id, attempt, strings.TrimPrefix(key, queuePrefix))
+		f.giveBack(cctx, nil, id, attempt, strings.TrimPrefix(key, queuePrefix))
 	}
 	f.ack(ctx, key, m.ID)
+}
+
+// cancelQueued ends CANCELLED a task claimed from the bus for which a
+// cancel is asked and not done (cmd): a cancel that came while the task
+// was being handed back to the queue, whose owner could no longer carry
+// it out. The task is not run.
+func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd command, queue string) {
+	if ok, err := f.leases.TakeCommand(ctx, cmd.ID); err != nil || !ok {
+		// Taken by someone else meanwhile (or not known): run it as usual;
+		// the reconcile carries out any cancel still open.
+		if err := f.adopt(ctx, id, attempt, true); err != nil {
+			f.giveBack(ctx, nil, id, attempt, queue)
+		}
+		return
+	}
+	reason := cmd.Args.Reason
+	if reason == "" {
+		reason = "cancelled by client"
+	}
+	if err := f.adopt(ctx, id, attempt, false); err != nil {
+		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue", "task_id", id, "error", err)
+		// The cancel must not be lost: its row is open again.
+		_ = f.leases.reopenCommand(ctx, cmd.ID)
+		f.giveBack(ctx, nil, id, attempt, queue)
+		return
+	}
+	t := f.mgr.Registry().Get(id)
+	if t != nil {
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+	}
+	f.log.Info("queued task cancelled: a cancel was asked while it was handed back to the queue", "task_id", id)
+	_ = f.leases.SetResult(ctx, cmd.ID, cmdResult{})
 }
 
 // adopt loads a task this replica claimed and makes it local: queued on
@@ -678,23 +721,85 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 	return nil
 }
 
-// giveBack releases a claimed task and puts it back in the queue.
-func (f *Fleet) giveBack(ctx context.Context, id string, attempt int64, queue string) {
-	f.mgr.Forget(id)
-	_ = f.Release(ctx, id, attempt)
-	f.requeue(ctx, id, queue)
-}
-
-// requeue puts task id in queue: the row first, then the bus entry (the
-// reconcile writes the entry again if this one is lost).
-func (f *Fleet) requeue(ctx context.Context, id, queue string) {
-	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
-		f.log.Warn("requeue failed", "task_id", id, "error", err)
+// giveBack puts a claimed PENDING task back in the queue and releases it:
+// the queue row first, then the release, then the bus entry (the
+// reconcile writes the entry again if this one is lost, from the row). A
+// row that cannot be written leaves the lease unreleased, to expire: the
+// sweep then finds the task PENDING and gives it back again (a released
+// lease without a row would leave it PENDING for good).
+//
+// t is the local copy the caller holds of the task (nil: none, or one
+// that is not the task's current state): a cancel that reaches it
+// meanwhile (Manager.Cancel on it: in memory only, and the copy's writes
+// are refused once the lease goes) is not lost. One asked before the copy
+// is forgotten keeps the task here, ended CANCELLED; one asked on the
+// copy after (a caller that looked it up before) is sent again through
+// the fleet, which ends the task (or leaves the command for its next
+// owner: ClaimQueued finds it). Manager.Cancel looks the copy up again
+// after recording the cancel, so either it or this sees the other.
+func (f *Fleet) giveBack(ctx context.Context, t *task.Task, id string, attempt int64, queue string) {
+	if t != nil && f.keepCancelled(t, attempt) {
 		return
 	}
-	if err := f.xadd(ctx, id, queue); err != nil {
-		f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
+	f.mgr.Forget(id)
+	f.fenced.disown(id, attempt)
+	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
+		f.log.Warn("queue row not written; the task's lease is left to expire and the task queued again then", "task_id", id, "error", err)
+	} else {
+		if err := f.leases.Release(ctx, id, attempt); err != nil {
+			f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
+		}
+		if err := f.xadd(ctx, id, queue); err != nil {
+			f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
+		}
 	}
+	if t != nil {
+		f.cancelForgotten(ctx, t)
+	}
+}
+
+// cancelForgotten sends through the fleet a cancel that reached t, a copy
+// this replica just forgot (its records are refused now), if one did:
+// the caller's Manager.Cancel may still be ending the copy, so this waits
+// a little for that end and for the writer (whose records of the copy
+// are refused), that nothing of the copy is written once this replica
+// holds the task again (as takeFree does for the cancel).
+func (f *Fleet) cancelForgotten(ctx context.Context, t *task.Task) {
+	reason, ok := t.CancelRequested()
+	if !ok {
+		return
+	}
+	select {
+	case <-t.Done():
+	case <-time.After(time.Second): // the cancel went through the fleet itself
+	case <-ctx.Done():
+	}
+	_ = f.writer.Flush(ctx)
+	f.log.Info("a cancel reached a task handed back to the queue; sent through the fleet", "task_id", t.ID())
+	if _, err := f.Cancel(ctx, nil, t.ID(), reason, false); err != nil {
+		f.log.Warn("cancel of a task handed back to the queue not sent", "task_id", t.ID(), "error", err)
+	}
+}
+
+// keepCancelled ends t CANCELLED here, and keeps its lease until its end
+// is stored, when a cancel was asked for it (it then goes back to no
+// queue); false if none was.
+func (f *Fleet) keepCancelled(t *task.Task, attempt int64) bool {
+	reason, ok := t.CancelRequested()
+	if !ok {
+		return false
+	}
+	f.watchOwned(t, attempt)
+	// The cancel's Manager.Cancel ends the copy itself (the copy is still
+	// registered, so it does not go through the fleet): its caller is
+	// told "cancelled". Ended here only if that does not come.
+	select {
+	case <-t.Done():
+	case <-time.After(time.Second):
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+	}
+	f.log.Info("task not handed back to the queue: cancelled", "task_id", t.ID())
+	return true
 }
 
 // xadd writes task id's entry on queue's stream.
@@ -909,19 +1014,30 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	}
 	f.dropped.Delete(r.TaskID)
 	f.fenced.own(r.TaskID, attempt)
+	if f.hooks.claimed != nil {
+		f.hooks.claimed(r.TaskID)
+	}
+	// From here a failure leaves the lease to expire, never released: a
+	// released lease is never swept again, and the task may be RUNNING
+	// (it would stay so for good) or PENDING without a queue row (the
+	// claim removed it). The next sweep retries.
+	leave := func(what string, err error) {
+		f.fenced.disown(r.TaskID, attempt)
+		f.log.Warn("takeover of a task failed; its lease is left to expire and the next sweep retries", "task_id", r.TaskID, "step", what, "error", err)
+	}
 	snap, err := f.ts.Load(ctx, r.TaskID)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("read the task", err)
 		return
 	}
 	if snap.Status == agentpb.TaskStatus_PENDING {
 		f.log.Info("task of a replica that stopped renewing its lease goes back to the queue", "task_id", r.TaskID, "owner", r.Owner)
-		f.giveBack(ctx, r.TaskID, attempt, queueName(snap.Planner, snap.Required))
+		f.giveBack(ctx, nil, r.TaskID, attempt, queueName(snap.Planner, snap.Required))
 		return
 	}
 	last, err := f.pg.LastSeq(ctx, r.TaskID)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("read the task's last event", err)
 		return
 	}
 	// Nothing of the session recorded: no event carries an upstream seq
@@ -931,16 +1047,14 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if snap.Status == agentpb.TaskStatus_RUNNING && snap.UsedSandbox == nil {
 		up, err := f.upstreamSeq(ctx, r.TaskID, last)
 		if err != nil {
-			// Not released: a released lease is never swept again, and
-			// the task is RUNNING. It expires; the next sweep retries.
-			f.fenced.disown(r.TaskID, attempt)
+			leave("read the task's events", err)
 			return
 		}
 		unstarted = up == 0
 	}
 	t, err := f.mgr.Adopt(snap, last, false)
 	if err != nil {
-		_ = f.Release(ctx, r.TaskID, attempt)
+		leave("adopt the task", err)
 		return
 	}
 	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
@@ -957,11 +1071,13 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
 }
 
-// requeueHooks, when set, are called by requeueUnstarted with the task's
-// id: beforeWrite before the PENDING record is written, stored once it is
-// stored under this replica's attempt (before the task is queued).
+// requeueHooks, when set, are called with the task's id: claimed by
+// takeOver once it claimed an expired lease (before it reads the task);
+// by requeueUnstarted, beforeWrite before the PENDING record is written,
+// stored once it is stored under this replica's attempt (before the task
+// is queued).
 type requeueHooks struct {
-	beforeWrite, stored func(id string)
+	claimed, beforeWrite, stored func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
@@ -1036,6 +1152,9 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 		f.fenced.disown(id, attempt)
 		f.mgr.Forget(id)
 		f.log.Warn("requeue of a dead replica's task not stored; left for the next sweep", "task_id", id, "error", err)
+		// A cancel that reached the copy (whose end is refused now) is
+		// left for the task's next owner.
+		f.cancelForgotten(ctx, t)
 		return true, ""
 	}
 	if f.fenced.attempt(id) != attempt {
@@ -1048,7 +1167,7 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 	}
 	f.log.Warn("task of a dead replica requeued: its commander sent nothing and no session re-attached",
 		"task_id", id, "owner", r.Owner, "attempt", attempt, "requeues", t.Requeues())
-	f.giveBack(ctx, id, attempt, queue)
+	f.giveBack(ctx, t, id, attempt, queue)
 	return true, ""
 }
 

@@ -136,6 +136,66 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 	return attempt, err
 }
 
+// ErrNotPending means the bus's claim (ClaimQueued) found the task not
+// PENDING: its entry is stale (the task was taken from another entry and
+// runs, or ran, elsewhere).
+var ErrNotPending = errors.New("fleet: the task is not pending")
+
+// ClaimQueued is Claim for a bus entry: the task must be PENDING (else
+// ErrNotPending, nothing claimed: a RUNNING task whose lease expired is
+// the sweeper's to take over, after the grace, not a task to run again).
+// It returns too the oldest cancel asked for the task and not done yet
+// (nil: none), which the claimer must carry out instead of running it.
+func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64, *command, error) {
+	var attempt int64
+	var cancel *command
+	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+		cancel = nil
+		var status int32
+		err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return task.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		switch st := agentpb.TaskStatus(status); {
+		case task.Terminal(st):
+			return ErrTaskEnded
+		case st != agentpb.TaskStatus_PENDING:
+			return ErrNotPending
+		}
+		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+				expires_at = excluded.expires_at, released = false
+			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp()
+			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return ErrLeaseHeld
+		}
+		if err != nil {
+			return err
+		}
+		// The queue row goes in the same round trip as the cancel is read.
+		var c command
+		var b []byte
+		err = tx.QueryRow(ctx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1)
+			SELECT id, task_id, kind, args FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel' ORDER BY id LIMIT 1`,
+			taskID).Scan(&c.ID, &c.TaskID, &c.Kind, &b)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		_ = json.Unmarshal(b, &c.Args)
+		cancel = &c
+		return nil
+	})
+	return attempt, cancel, err
+}
+
 // ErrNotSession means a re-attach named a session the task does not run
 // (it is not RUNNING, or its stored session id is another).
 var ErrNotSession = errors.New("fleet: the task is not running that session")
@@ -497,6 +557,13 @@ func (l *Leases) OpenCommands(ctx context.Context, taskIDs []string) ([]command,
 func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 	tag, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = true WHERE id = $1 AND NOT done`, id)
 	return tag.RowsAffected() == 1, err
+}
+
+// reopenCommand marks command id not done again (taken, but its taker
+// could not carry it out).
+func (l *Leases) reopenCommand(ctx context.Context, id int64) error {
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = false WHERE id = $1 AND result IS NULL`, id)
+	return err
 }
 
 // SetResult stores what command id did.

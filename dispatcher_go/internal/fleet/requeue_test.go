@@ -57,14 +57,26 @@ func (testRunner) Interject(context.Context, string) (string, uint64, error) {
 // finish, records one upstream packet (seq 1) and ends it SUCCESS; with
 // upstream alone, records the packet and leaves it running; else leaves it
 // running with nothing recorded (its commander never got the start).
+//
+// planner is the planner it serves ("" is "chat").
 type testSlot struct {
 	finish, upstream bool
+	planner          string
 	started          atomic.Int32
 }
 
-func (s *testSlot) HasCapability(c string) bool { return c == scheduler.PlannerCapability("chat") }
+func (s *testSlot) plannerName() string {
+	if s.planner == "" {
+		return "chat"
+	}
+	return s.planner
+}
+
+func (s *testSlot) HasCapability(c string) bool {
+	return c == scheduler.PlannerCapability(s.plannerName())
+}
 func (s *testSlot) PlannerCapabilities() []string {
-	return []string{scheduler.PlannerCapability("chat")}
+	return []string{scheduler.PlannerCapability(s.plannerName())}
 }
 func (s *testSlot) ServesTenant(string) bool { return true }
 func (s *testSlot) Deliver(t *task.Task) scheduler.Delivery {

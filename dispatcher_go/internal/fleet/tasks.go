@@ -425,19 +425,23 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	if err != nil {
 		return nil, 0, unavailable("claim the task", err)
 	}
+	// A failure from here leaves the lease to expire, not released: the
+	// task may be RUNNING (a dead replica's: a released lease is never
+	// swept, it would stay RUNNING for good) or PENDING with its queue row
+	// gone (the claim took it); the sweep deals with it once it expired.
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	t, err := f.mgr.Adopt(snap, last, false)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return nil, 0, err
 	}
 	f.watchOwned(t, attempt)
@@ -461,6 +465,8 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 		return task.ErrNotFound // as Manager.Reattach: another tenant's task stays unseen
 	case task.Terminal(snap.Status):
 		return fmt.Errorf("%w: the task ended %s: %s", task.ErrNotRunning, snap.Status, snap.Message)
+	case (snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID) && snap.Requeues > 0:
+		return fmt.Errorf("%w: %s", task.ErrNotRunning, requeuedRefusal(snap, sessionID))
 	case snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID:
 		return fmt.Errorf("%w: the task's session is not %s", task.ErrNotRunning, sessionID)
 	}
@@ -468,8 +474,11 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if err != nil {
 		return err
 	}
+	// A failure from here leaves the lease to expire, not released (a
+	// released lease is never swept: the task would stay RUNNING for
+	// good); the sweep takes the task over then.
 	release := func(err error) error {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return unavailable("read the task", err)
 	}
 	if snap, err = f.ts.Load(ctx, id); err != nil {
@@ -484,12 +493,23 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
-		_ = f.Release(ctx, id, attempt)
+		f.fenced.disown(id, attempt)
 		return err
 	}
 	f.watchOwned(t, attempt)
 	f.log.Info("task taken over for its re-attaching session", "task_id", id, "attempt", attempt, "last_seq", last, "upstream_seq", snap.UpstreamSeq)
 	return nil
+}
+
+// requeuedRefusal says why session sessionID of a task that was put back
+// in the queue (snap: now PENDING, or running in a new session) may not
+// re-attach: the commander ends its planner on it.
+func requeuedRefusal(snap task.Snapshot, sessionID string) string {
+	now := "it waits in the queue"
+	if snap.Status == agentpb.TaskStatus_RUNNING {
+		now = "it runs in session " + snap.SessionID
+	}
+	return fmt.Sprintf("the task was requeued (%d time(s)) and session %s no longer runs it; %s", snap.Requeues, sessionID, now)
 }
 
 // ClaimSession implements task.Fleet: the lease of task id for session

@@ -221,16 +221,50 @@ func (s *Server) Serve(stream Stream) error {
 	if err != nil {
 		return err
 	}
+	sl, err := s.openSlot(ctx, cancel, abort, stream, first)
+	if err != nil {
+		return err
+	}
+	sl.out.release(func() { sl.sendLoop(stream) })
+	if abort == nil {
+		err = sl.recvAside(ctx, stream)
+		s.endSlot(sl, err)
+	} else {
+		rerr := sl.recvLoop(stream)
+		if sl.claimEnd() {
+			// The receive side ended the stream (the commander closed it
+			// or broke the protocol, the transport ended it).
+			err = endCause(ctx, rerr)
+			s.endSlot(sl, err)
+		} else {
+			err = context.Cause(ctx) // endAside ended the slot
+		}
+	}
+	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// openSlot makes the slot of a stream whose first packet is first, acks
+// its hello (or re-attach) and registers it. It is a function of its own,
+// not part of Serve, for the stack: its frame (hello, re-attach, log
+// arguments) is gone before Serve waits in the slot's receive loop, which
+// an idle slot does for its whole life, and the hello's decode happened
+// before it. Serve's frame stays small; 8 KiB of stack fit an idle slot
+// with room to spare (see internal/api's chatStream).
+func (s *Server) openSlot(ctx context.Context, cancel context.CancelCauseFunc, abort func(error), stream Stream, first *dispatchv1.UpstreamPacket) (*slot, error) {
 	hello := first.GetHello()
 	if hello == nil {
-		return fmt.Errorf("%w: the first packet must be hello", ErrProtocol)
+		return nil, fmt.Errorf("%w: the first packet must be hello", ErrProtocol)
 	}
 	if err := validHello(hello); err != nil {
-		return err
+		return nil, err
 	}
 	tenants, err := servedTenants(tenant.CommanderFromContext(ctx), hello.GetTenants())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sl := newSlot(s, ctx, cancel, hello, fmt.Sprintf("slot-%d", s.slotSeq.Add(1)))
 	sl.tenants = tenants
@@ -250,7 +284,7 @@ func (s *Server) Serve(stream Stream) error {
 			if r != nil {
 				sl.closeCurrent(err)
 			}
-			return err
+			return nil, err
 		}
 		resumed = r
 		if r != nil && info.Stop != nil {
@@ -278,30 +312,11 @@ func (s *Server) Serve(stream Stream) error {
 	// Written by a goroutine of its own: slog's JSON encoding takes ~4.7 KiB
 	// of stack, which on top of grpc's ~2.4 KiB under Serve would double
 	// this goroutine's stack to 16 KiB for the whole life of the slot (a
-	// stack shrinks only to four times what it uses; idle, ~6 KiB).
+	// stack shrinks only to four times what it uses; idle, ~3.5 KiB).
 	version, caps, reattached := hello.GetVersion(), hello.GetCapabilities(), resumed != nil
 	go sl.log.Info("commander slot connected", "version", version, "capabilities", caps, "tenants", tenants, "reattached", reattached)
 
-	sl.out.release(func() { sl.sendLoop(stream) })
-	if abort == nil {
-		err = sl.recvAside(ctx, stream)
-		s.endSlot(sl, err)
-	} else {
-		rerr := sl.recvLoop(stream)
-		if sl.claimEnd() {
-			// The receive side ended the stream (the commander closed it
-			// or broke the protocol, the transport ended it).
-			err = endCause(ctx, rerr)
-			s.endSlot(sl, err)
-		} else {
-			err = context.Cause(ctx) // endAside ended the slot
-		}
-	}
-	sl.log.Info("commander slot disconnected", "reason", describeEnd(err))
-	if errors.Is(err, io.EOF) {
-		return nil
-	}
-	return err
+	return sl, nil
 }
 
 // cancelAndAbort is the cancel of a slot whose stream has an abort: it
@@ -442,16 +457,28 @@ func (s *Server) recvHello(ctx context.Context, stream Stream, abort func(error)
 	if d <= 0 {
 		return stream.Recv()
 	}
-	timeoutErr := fmt.Errorf("%w (%s)", ErrHelloTimeout, d)
-	if abort != nil {
-		t := time.AfterFunc(d, func() { abort(timeoutErr) })
-		first, err := stream.Recv()
-		if !t.Stop() {
-			// The timer fired: the stream is aborted, whatever Recv got.
-			return nil, timeoutErr
-		}
-		return first, err
+	if abort == nil {
+		return recvHelloAside(ctx, stream, d)
 	}
+	// The hello is decoded under this frame: it stays small (see openSlot).
+	t := time.AfterFunc(d, func() { abort(helloTimeout(d)) })
+	first, err := stream.Recv()
+	if !t.Stop() {
+		// The timer fired: the stream is aborted, whatever Recv got.
+		return nil, helloTimeout(d)
+	}
+	return first, err
+}
+
+// helloTimeout is the error of a stream that sent no hello within d.
+func helloTimeout(d time.Duration) error {
+	return fmt.Errorf("%w (%s)", ErrHelloTimeout, d)
+}
+
+// recvHelloAside is recvHello for a stream without an abort: the receive
+// runs in a goroutine of its own, left to end with the RPC when the
+// timeout comes first.
+func recvHelloAside(ctx context.Context, stream Stream, d time.Duration) (*dispatchv1.UpstreamPacket, error) {
 	type received struct {
 		p   *dispatchv1.UpstreamPacket
 		err error
@@ -467,7 +494,7 @@ func (s *Server) recvHello(ctx context.Context, stream Stream, abort func(error)
 	case r := <-got:
 		return r.p, r.err
 	case <-t.C:
-		return nil, timeoutErr
+		return nil, helloTimeout(d)
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}

@@ -280,6 +280,14 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	case Terminal(t.status):
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+	case t.sessionID != sessionID && t.requeues > 0:
+		st, cur, n := t.status, t.sessionID, t.requeues
+		t.mu.Unlock()
+		now := "it waits in the queue"
+		if st == agentpb.TaskStatus_RUNNING {
+			now = "it runs in session " + cur
+		}
+		return Reattached{}, fmt.Errorf("%w: the task was requeued (%d time(s)) and session %s no longer runs it; %s", ErrNotRunning, n, sessionID, now)
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)

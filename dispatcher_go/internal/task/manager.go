@@ -550,6 +550,14 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	// the queue behind this cancel's back (Requeue refuses it; the slot
 	// ends it CANCELLED instead).
 	first := t.requestCancel(reason)
+	if m.fleet != nil && m.reg.Get(id) != t {
+		// The fleet took this copy away meanwhile (handed the task back
+		// to its queue, or dropped it): what it records now is refused,
+		// so the cancel goes through the fleet. The fleet, forgetting a
+		// copy, looks for a cancel recorded on it after (Fleet.giveBack):
+		// either it sees this one or this sees the copy gone.
+		return m.cancelRemote(ctx, nil, id, reason, wait)
+	}
 	if m.queue.Remove(t) {
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil

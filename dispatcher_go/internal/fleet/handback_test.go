@@ -1,0 +1,326 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// The hand-back of a task to the fleet's queue (giveBack, the requeue of a
+// dead replica's unstarted task) and the bus's claim: no task may stay
+// PENDING or RUNNING for good, run twice, or run after a client's cancel.
+
+// endsWith waits for task id to end (stored) and checks its status and
+// how often live's slot started it.
+func endsWith(t *testing.T, live *replica, id string, want agentpb.TaskStatus, starts int32, d time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		st, msg := storedStatus(t, live, id)
+		if task.Terminal(st) {
+			if st != want || live.slot.started.Load() != starts {
+				t.Fatalf("ended %s %q, started %d times on the live replica; want %s, %d starts", st, msg, live.slot.started.Load(), want, starts)
+			}
+			return msg
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("task still %s %q after %s (started %d times on the live replica); want %s", st, msg, d, live.slot.started.Load(), want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// startBystander starts a replica whose slot serves another planner and
+// that never sweeps (it is marked draining: no takeover, no pull), so that
+// the takeover under test is the hooked replica's; it still sends cancels
+// and takes sessions over.
+func startBystander(t *testing.T, pg *postgres.Store, url, id string) *replica {
+	t.Helper()
+	r := startReplica(t, pg, url, id, &testSlot{planner: "other"})
+	r.f.draining.Store(true)
+	return r
+}
+
+// A client's cancel on the replica that is requeueing a dead replica's
+// unstarted task, after the takeover looked for cancels and stored the
+// task PENDING but before the task is back in the queue: the task ends
+// CANCELLED and never runs again. (The cancel ended the local copy
+// CANCELLED, whose record the release then fenced: the task went back to
+// the queue and ran.)
+func TestCancelWhileTheRequeueHandsTheTaskBackEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	var live atomic.Pointer[replica]
+	var out atomic.Pointer[task.CancelOutcome]
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || out.Load() != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
+		if err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+		out.Store(&o)
+	}}
+	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
+	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if o := out.Load(); o == nil || !o.Cancelled {
+		t.Fatalf("cancel outcome %+v, want cancelled", o)
+	}
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
+}
+
+// The same cancel sent from another replica (a command for the task's
+// owner, announced on the bus): CANCELLED, never run again.
+func TestCancelFromAnotherReplicaWhileTheRequeueHandsTheTaskBackEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	front := startBystander(t, pg, url, "front")
+	var sent atomic.Bool
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || sent.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		// The owner's command listener acts on it while the requeue goes
+		// on: on the local copy, or once it is forgotten.
+		if _, err := front.f.Cancel(ctx, nil, id, "stopped by the test", false); err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	endsWith(t, live, id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if !sent.Load() {
+		t.Fatal("the hook did not run")
+	}
+}
+
+// failQueueRowOnce makes PostgreSQL refuse the next queue row written for
+// task id, once (a real error of the statement, as when the database
+// fails at that moment): a trigger counts with a sequence, which a failed
+// transaction does not roll back.
+func failQueueRowOnce(t *testing.T, pg *postgres.Store, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+		CREATE SEQUENCE queue_fail_once;
+		CREATE FUNCTION queue_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF nextval('queue_fail_once') = 1 THEN
+				RAISE EXCEPTION 'the test refuses this queue row';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER queue_fail_once BEFORE INSERT OR UPDATE ON fleet_queue
+			FOR EACH ROW WHEN (NEW.task_id = '%s') EXECUTE FUNCTION queue_fail_once();`, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// queueRowFailures is how often failQueueRowOnce's trigger ran.
+func queueRowFailures(t *testing.T, pg *postgres.Store) int64 {
+	t.Helper()
+	var n int64
+	var called bool
+	err := pg.Pool().QueryRow(context.Background(), `SELECT last_value, is_called FROM queue_fail_once`).Scan(&n, &called)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !called {
+		return 0
+	}
+	return n
+}
+
+// A requeue whose queue row PostgreSQL refuses (the task is stored PENDING
+// but not queued) is not left PENDING for good: the lease is not released
+// then, so it expires, is swept again and the task queued; it runs.
+func TestRequeueWhoseQueueRowFailsIsQueuedLater(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	failQueueRowOnce(t, pg, id)
+	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
+	endsWith(t, live, id, agentpb.TaskStatus_SUCCESS, 1, 20*time.Second)
+	if n := queueRowFailures(t, pg); n < 1 {
+		t.Fatalf("the queue row was never refused (%d)", n)
+	}
+}
+
+// A requeue whose bus entry Redis refuses (the queue row is stored) is
+// written again by the reconcile (after --fleet-requeue-after, 1 s here):
+// the task runs.
+func TestRequeueWhoseBusEntryFailsIsWrittenAgain(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opt)
+	defer rdb.Close()
+	key := queuePrefix + queueName("chat", nil)
+	var broke atomic.Bool
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || broke.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		// The stream is a string now: the requeue's XADD fails
+		// (WRONGTYPE); it is a stream again 300 ms later.
+		if err := rdb.Del(ctx, key).Err(); err != nil {
+			t.Error(err)
+		}
+		if err := rdb.Set(ctx, key, "not a stream", 0).Err(); err != nil {
+			t.Error(err)
+		}
+		time.AfterFunc(300*time.Millisecond, func() { rdb.Del(context.Background(), key) })
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	endsWith(t, live, id, agentpb.TaskStatus_SUCCESS, 1, 20*time.Second)
+	if !broke.Load() {
+		t.Fatal("the hook did not run")
+	}
+}
+
+// A stale bus entry of a task that is RUNNING (an entry written again by
+// the reconcile while the task waited, read after its replica died and its
+// lease expired) is not a task to run: the entry is dropped and the task
+// is taken over by the sweep as usual (FAILURE: it had started). The bus's
+// claim used to take it, find it not PENDING and hand it back released,
+// for ever: RUNNING for good, never swept, its entry going round.
+func TestStaleBusEntryOfADeadReplicasRunningTaskIsNotRunAgain(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the dead replica's lease to expire", 10*time.Second, func() bool {
+		l, ok, err := leases.Lease(ctx, id)
+		return err == nil && ok && l.Expired
+	})
+	opt, err := redis.ParseURL(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opt)
+	defer rdb.Close()
+	q := queueName("chat", nil)
+	if err := ensureGroup(ctx, rdb, queuePrefix+q); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.XAdd(ctx, &redis.XAddArgs{Stream: queuePrefix + q, Values: []any{"task", id}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.SAdd(ctx, queuesKey, q).Err(); err != nil {
+		t.Fatal(err)
+	}
+	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
+	msg := endsWith(t, live, id, agentpb.TaskStatus_FAILURE, 0, 20*time.Second)
+	if !strings.Contains(msg, "stopped renewing the task's lease") {
+		t.Fatalf("message %q, want the takeover's", msg)
+	}
+}
+
+// A takeover that claimed an expired lease and then cannot read the task
+// (PostgreSQL answers with an error: here the tasks table is renamed away
+// for a second) does not release the lease — a released lease is never
+// swept again, and the task stayed RUNNING for good — but leaves it to
+// expire: the next sweep takes the task over.
+func TestTakeOverThatCannotReadTheTaskLeavesTheLeaseToExpire(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, true)
+	var renamed atomic.Bool
+	back := make(chan error, 1)
+	hooks := requeueHooks{claimed: func(tid string) {
+		if tid != id || renamed.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := pg.Pool().Exec(ctx, `ALTER TABLE tasks RENAME TO tasks_away`); err != nil {
+			t.Error(err)
+			back <- err
+			return
+		}
+		time.AfterFunc(time.Second, func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := pg.Pool().Exec(ctx, `ALTER TABLE tasks_away RENAME TO tasks`)
+			back <- err
+		})
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	select {
+	case err := <-back:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the hook did not run")
+	}
+	msg := endsWith(t, live, id, agentpb.TaskStatus_FAILURE, 0, 30*time.Second)
+	if !renamed.Load() || !strings.Contains(msg, "stopped renewing the task's lease") {
+		t.Fatalf("renamed %v, message %q; want the takeover's FAILURE after the rename", renamed.Load(), msg)
+	}
+}
+
+// A session re-attaching after its task was requeued (its replica died
+// before the commander sent anything, nobody re-attached within the lease
+// and the grace) is refused with a reason that says so: the commander ends
+// its planner (docs/protocol.md), and the task runs once, in a new session.
+func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	other := startBystander(t, pg, url, "other")
+	refused := make(chan error, 1)
+	var once atomic.Bool
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || once.Swap(true) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		refused <- other.f.TakeSession(ctx, id, "session-1", nil)
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	endsWith(t, live, id, agentpb.TaskStatus_SUCCESS, 1, 20*time.Second)
+	err := <-refused
+	if !errors.Is(err, task.ErrNotRunning) || !strings.Contains(err.Error(), "requeued") {
+		t.Fatalf("late re-attach: %v; want ErrNotRunning saying the task was requeued", err)
+	}
+	// Once it ran again in a new session, the old one is still refused.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err = other.f.TakeSession(ctx, id, "session-1", nil)
+	if !errors.Is(err, task.ErrNotRunning) {
+		t.Fatalf("re-attach after the end: %v; want ErrNotRunning", err)
+	}
+}
