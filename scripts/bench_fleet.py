@@ -107,6 +107,12 @@ LEGS: dict[str, list[float]] = {
     "recorded → watcher, other replica": [],
 }
 META = md(CLIENT_TOKEN)
+#: BENCH_FLEET_DUMP=PATH (with RELAY_ONLY): every relay sample of the measured
+#: window, raw, to PATH as JSON lines [leg, emitted_at_us, recorded_us,
+#: received_us, task_id, seq] (scripts/fleet_tail.py reads them: are the slow
+#: events of one task or of all at once, and do they follow a fleet period).
+DUMP_PATH = os.environ.get("BENCH_FLEET_DUMP", "")
+DUMP: list[tuple[str, int, int, int, str, int]] = []
 
 
 def log(msg: str) -> None:
@@ -311,6 +317,8 @@ async def watch(
             if e.emitted_at_us and now_us / 1e6 >= since:
                 relay.append((now_us - e.emitted_at_us) / 1000)
                 rec_us = ts_us(e.time)
+                if DUMP_PATH:
+                    DUMP.append((leg, e.emitted_at_us, rec_us, now_us, tid, e.seq))
                 if leg:
                     LEGS[leg].append((now_us - rec_us) / 1000)
                 if first_content is not None:  # once per event: the other-replica watcher
@@ -776,6 +784,10 @@ def relay_only() -> int:
         for r in reps:
             r.stop()
         eng.close()
+    if DUMP_PATH:
+        with open(DUMP_PATH, "w") as f:
+            for row in DUMP:
+                f.write(json.dumps(row) + "\n")
     rows = {
         "emit → watcher, same replica (r1)": rel["same"],
         "emit → watcher, other replica (r2)": rel["other"],

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
 
 // entries are stream entries of events seqs (as the publisher writes them).
@@ -132,5 +133,38 @@ func TestTailHubReleasesATaskRunHere(t *testing.T) {
 	h.deliver("t1", entries(t, 1), time.Now()) // an answer in flight: dropped
 	if evs := h.get("t1", 0, 64); len(evs) != 0 {
 		t.Fatalf("a released task got events: %v", seqsOf(evs))
+	}
+}
+
+// A task whose terminal event the hub delivered is read no more (nothing
+// follows it in its stream): while a Read waits it stays for get, out of
+// the XREAD; once nobody waits it is forgotten at once, not after
+// hubLinger. A running task nobody waits on still lingers.
+func TestTailHubStopsReadingAnEndedTask(t *testing.T) {
+	h := newTailHub(&Fleet{id: "r1"}, nil)
+	_, _, doneLive := h.wait("live", 0, 64)
+	doneLive()
+	_, _, done := h.wait("t1", 0, 64)
+	end, err := proto.Marshal(&dispatchv1.TaskEvent{Seq: 3, Kind: &dispatchv1.TaskEvent_State{
+		State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_CANCELLED}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.deliver("t1", append(entries(t, 1, 2), redis.XMessage{ID: eventID(3), Values: map[string]any{"e": string(end)}}), time.Now())
+	// wake stream + "live" (lingering): 2 keys and 2 ids.
+	if got := h.snapshot("0-0"); len(got) != 4 || got[1] != eventsPrefix+"live" {
+		t.Fatalf("with a Read waiting on the ended task: streams %v", got)
+	}
+	if got := seqsOf(h.get("t1", 1, 64)); !same(got, []uint64{2, 3}) {
+		t.Fatalf("get of an ended task: %v", got)
+	}
+	done()
+	h.snapshot("0-0")
+	h.mu.Lock()
+	_, kept := h.tasks["t1"]
+	_, live := h.tasks["live"]
+	h.mu.Unlock()
+	if kept || !live {
+		t.Fatalf("after its last Read: ended task kept %v, running task kept %v", kept, live)
 	}
 }
