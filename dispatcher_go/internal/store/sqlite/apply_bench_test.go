@@ -3,6 +3,7 @@ package sqlite
 import (
 	"context"
 	"fmt"
+	"runtime/metrics"
 	"syscall"
 	"testing"
 	"time"
@@ -132,4 +133,67 @@ func BenchmarkJournalSmall(b *testing.B) {
 			b.ReportMetric(float64((threadCPU()-cpu0).Microseconds())/float64(b.N), "cpu_us/write")
 		})
 	}
+}
+
+// BenchmarkApplyWriterContext is BenchmarkApplySmall's write of n events
+// under the context the store Writer passes (one with a timeout, so it can
+// end), beside context.Background(): what the context costs a write (the
+// driver starts a goroutine per statement run under one that can end). It
+// reports the process CPU and the goroutines started per write.
+func BenchmarkApplyWriterContext(b *testing.B) {
+	for _, n := range []int{16, 64} {
+		for _, withTimeout := range []bool{false, true} {
+			b.Run(fmt.Sprintf("events=%d/timeout=%v", n, withTimeout), func(b *testing.B) {
+				s, err := Open(context.Background(), b.TempDir())
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer s.Close()
+				data := make([]byte, 40)
+				seq := uint64(0)
+				mk := func() store.Batch {
+					evs := make([]store.Event, n)
+					for i := range evs {
+						seq++
+						evs[i] = store.Event{TaskID: "task-0123456789abcdef", Seq: seq, Data: data}
+					}
+					return store.Batch{Events: evs}
+				}
+				apply := func(bt store.Batch) error {
+					ctx := context.Background()
+					if withTimeout {
+						var cancel context.CancelFunc
+						ctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+						defer cancel()
+					}
+					return s.Apply(ctx, bt)
+				}
+				for range 500 {
+					if err := apply(mk()); err != nil {
+						b.Fatal(err)
+					}
+				}
+				batches := make([]store.Batch, b.N)
+				for i := range batches {
+					batches[i] = mk()
+				}
+				b.ResetTimer()
+				g0, cpu0 := goroutinesCreated(), threadCPU()
+				for i := range b.N {
+					if err := apply(batches[i]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64((threadCPU()-cpu0).Microseconds())/float64(b.N), "cpu_us/write")
+				b.ReportMetric(float64(goroutinesCreated()-g0)/float64(b.N), "goroutines/write")
+			})
+		}
+	}
+}
+
+// goroutinesCreated is the runtime's count of goroutines started so far.
+func goroutinesCreated() uint64 {
+	s := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
 }

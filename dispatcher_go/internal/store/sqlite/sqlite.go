@@ -344,7 +344,18 @@ func (s *Store) migrate(ctx context.Context) error {
 
 // Apply implements store.Store. The events go into the journal, one row
 // (journal.go); the fold moves them into event_runs later.
+//
+// ctx's cancellation is not passed to SQLite's statements: modernc's driver
+// starts a goroutine for each statement run under a context that can end
+// (to interrupt it), three a write (BEGIN, INSERT, COMMIT), and their
+// start and wake-up were a measurable part of a write's CPU at one write a
+// millisecond (rest-vs-grpc's live phase). Nothing is lost: the statements
+// are short inserts into a database only this process writes, a wait for
+// its lock ends at busy_timeout (10 s, then an error the Writer retries),
+// and an interrupt cannot end a write stalled in the kernel anyway; the
+// Writer reports a write under way too long (StuckAfter) either way.
 func (s *Store) Apply(ctx context.Context, b store.Batch) error {
+	ctx = context.WithoutCancel(ctx)
 	for _, e := range b.Events {
 		if e.Data == nil {
 			// What the NOT NULL column of event_runs refused before
