@@ -42,8 +42,17 @@ func (c connectStream) Recv() (*dispatchv1.ConnectRequest, error) {
 	if err := c.RecvMsg(m); err != nil {
 		return nil, err
 	}
-	if err := decodeFailure(m); err != nil {
-		return nil, err
-	}
 	return m, nil
+}
+
+// RecvMsg is checked too, so a caller that receives through it (as the
+// session does on ChatStream) cannot bypass the decode check.
+func (c connectStream) RecvMsg(m any) error {
+	if err := c.BidiStreamingServer.RecvMsg(m); err != nil {
+		return err
+	}
+	if pm, ok := m.(*dispatchv1.ConnectRequest); ok {
+		return decodeFailure(pm)
+	}
+	return nil
 }

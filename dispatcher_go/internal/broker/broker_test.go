@@ -473,8 +473,14 @@ func TestProviderWithoutHelloEnds(t *testing.T) {
 		t.Fatalf("ServeProvider = %v, want %v", err, ErrHelloTimeout)
 	}
 
+	// A longer timeout here: the hello below must win against it even on
+	// a slow runner under -race.
+	b2, err := New(Options{HelloTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
 	f := newFakeProvider()
-	done := serve(b, f)
+	done := serve(b2, f)
 	f.send(t, hello("prompt", &dispatchv1.ToolSpec{Name: "prompt.tool"}))
 	if w := f.next(t).GetWelcome(); w == nil {
 		t.Fatal("no welcome")
@@ -482,7 +488,7 @@ func TestProviderWithoutHelloEnds(t *testing.T) {
 	select {
 	case err := <-done:
 		t.Fatalf("a provider that said hello ended: %v", err)
-	case <-time.After(500 * time.Millisecond): // past the hello timeout: still served
+	case <-time.After(1500 * time.Millisecond): // past the hello timeout: still served
 	}
 	f.cancel()
 	if err := ended(t, done); err != nil && !errors.Is(err, context.Canceled) {
