@@ -545,11 +545,17 @@ class ScriptedLLM:
         await writer.drain()
         self.stream_started.set()
 
-        async def watch_close() -> None:
-            # The client sends nothing after its request: EOF means it hung up.
-            await reader.read(1)
-            record.closed_at = time.monotonic()
+        def hung_up() -> None:
+            if record.closed_at is None:
+                record.closed_at = time.monotonic()
             record.client_closed.set()
+
+        async def watch_close() -> None:
+            # The client sends nothing after its request: EOF means it hung up,
+            # and so does a reset (a socket closed with our chunks unread in it).
+            with contextlib.suppress(ConnectionError):
+                await reader.read(1)
+            hung_up()
 
         watcher = asyncio.create_task(watch_close())
         try:
@@ -564,6 +570,11 @@ class ScriptedLLM:
             writer.write(b"data: [DONE]\n\n")
             await writer.drain()
             record.completed = True
+        except ConnectionError:
+            # The client's reset can fail a write before the watcher has run:
+            # that is its hang-up too (the watcher, cancelled below, never
+            # recorded it, and test_stop waited for it in vain).
+            hung_up()
         finally:
             if not record.client_closed.is_set():
                 watcher.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -12,6 +12,7 @@ import pytest
 from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander.tests.fakes import (
+    WAIT,
     DispatcherServer,
     FakeSlot,
     Reply,
@@ -51,30 +52,35 @@ async def serves_the_next_session(slot: FakeSlot, llm: ScriptedLLM) -> None:
 
 
 async def test_stop_mid_generation_closes_the_model_stream(
-    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+    dispatcher: DispatcherServer,
+    llm: ScriptedLLM,
+    make_commander: Callable[..., Commander],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # No wall-clock bound on the answer or the close: at load ~30 on 2 cores
+    # `stopped` took 1.07 s (it was asserted < 1 s). That the planner's cleanup
+    # (the close, then its tokens) ran before `stopped` is what is checked: the
+    # session did not give up on it, and `final_usage` has its tokens.
+    caplog.set_level(logging.WARNING, logger="commander.session")
     async with make_commander():
         slot, session_id = await generating(dispatcher, llm, chunks=5)
-        stop_sent = time.monotonic()
         await slot.stop(session_id, "cancelled by client", code=ipb.STOP_CODE_CLIENT_CANCEL)
-        packets = await slot.recv_until_terminal(within=3)
-        stop_answered = time.monotonic() - stop_sent
+        packets = await slot.recv_until_terminal()
 
         stopped = packets[-1]
         assert stopped.WhichOneof("payload") == "stopped"
         assert stopped.session_id == session_id
         assert stopped.stopped.reason == "cancelled by client"
-        assert stop_answered < 1.0
+        assert not [r for r in caplog.records if "abandoning it" in r.getMessage()]
         # Everything before `stopped` is what was in flight.
         assert {p.WhichOneof("payload") for p in packets[:-1]} <= {"content"}
 
         # The model server saw its HTTP stream closed, long before the script's end.
         record = llm.streams[0]
-        with anyio.fail_after(2):
+        with anyio.fail_after(WAIT):
             await record.client_closed.wait()
         assert not record.completed
         assert record.sent < record.total // 2
-        assert record.closed_at is not None and record.closed_at - stop_sent < 1.0
 
         # The tokens streamed so far were not reported yet: they ride on `stopped`.
         usage = stopped.stopped.final_usage
@@ -89,8 +95,12 @@ async def test_stop_mid_generation_closes_the_model_stream(
 
 
 async def test_stop_while_waiting_for_a_tool_result(
-    dispatcher: DispatcherServer, llm: ScriptedLLM, make_commander: Callable[..., Commander]
+    dispatcher: DispatcherServer,
+    llm: ScriptedLLM,
+    make_commander: Callable[..., Commander],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="commander.session")
     llm.replies.append(Reply.tool_call("echo", {"x": 1}))
     async with make_commander():
         slot = await dispatcher.servicer.next_slot()
@@ -105,10 +115,11 @@ async def test_stop_while_waiting_for_a_tool_result(
         assert [p.WhichOneof("payload") for p in before_call] == ["usage", "tool_call"]
         call = before_call[-1].tool_call
 
-        stop_sent = time.monotonic()
         await slot.stop(session_id, "policy says no", code=ipb.STOP_CODE_POLICY)
-        packets = await slot.recv_until_terminal(within=3)
-        assert time.monotonic() - stop_sent < 1.0
+        packets = await slot.recv_until_terminal()
+        # Answered once the cancelled planner ended, not given up on after
+        # STOP_CANCEL_TIMEOUT (a wall-clock bound here failed under load).
+        assert not [r for r in caplog.records if "abandoning it" in r.getMessage()]
         assert [p.WhichOneof("payload") for p in packets] == ["stopped"]
         assert packets[0].stopped.reason == "policy says no"
         assert packets[0].stopped.final_usage.output_tokens == 0  # all reported already
@@ -134,6 +145,7 @@ async def test_stopped_is_sent_in_bounded_time_even_if_cleanup_hangs(
     dispatcher: DispatcherServer, make_commander: Callable[..., Commander]
 ) -> None:
     planners = PlannerRegistry()
+    release = anyio.Event()
     finished = anyio.Event()
 
     @planners.register("stubborn")
@@ -144,20 +156,21 @@ async def test_stopped_is_sent_in_bounded_time_even_if_cleanup_hangs(
         finally:
             ctx.add_usage(output_tokens=3)
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(0.8)  # a cleanup that takes too long
+                await release.wait()  # a cleanup that hangs until the test has `stopped`
             finished.set()
 
     async with make_commander(planners=planners, stop_cancel_timeout=0.2):
         slot = await dispatcher.servicer.next_slot()
         session_id = await slot.start(planner="stubborn")
         assert (await slot.recv()).content.text == "working"
-        stop_sent = time.monotonic()
         await slot.stop(session_id)
-        packet = await slot.recv(within=3)
+        # `stopped` comes while the cleanup still hangs (no wall-clock bound: a
+        # cleanup of 0.8 s and `stopped` asserted within 0.75 s raced under load).
+        packet = await slot.recv()
         assert packet.WhichOneof("payload") == "stopped"
-        assert time.monotonic() - stop_sent < 0.75
         assert not finished.is_set()
-        with anyio.fail_after(3):
+        release.set()
+        with anyio.fail_after(WAIT):
             await finished.wait()
     # Whatever the late cleanup did, nothing of the session was sent after `stopped`.
     assert after_terminal(await everything_sent(slot), session_id) == []

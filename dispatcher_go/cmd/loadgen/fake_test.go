@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,6 +41,9 @@ type toyDispatcher struct {
 	mu         sync.Mutex
 	tasks      map[string]*toyTask
 	nextID     int
+	// lastHello is when the toy last acked a hello, firstSubmit when the
+	// first SubmitTask came: a run's start lies between (see checkLogged).
+	lastHello, firstSubmit time.Time
 }
 
 type toySlot struct {
@@ -115,7 +119,11 @@ func (d *toyDispatcher) task(id string) (*toyTask, error) {
 }
 
 func (d *toyDispatcher) SubmitTask(_ context.Context, req *dispatchv1.SubmitTaskRequest) (*dispatchv1.SubmitTaskResponse, error) {
+	now := time.Now()
 	d.mu.Lock()
+	if d.nextID == 0 {
+		d.firstSubmit = now
+	}
 	d.nextID++
 	t := &toyTask{id: fmt.Sprintf("task-%d", d.nextID)}
 	d.tasks[t.id] = t
@@ -160,6 +168,9 @@ func (d *toyDispatcher) ChatStream(stream dispatchv1.AgentInteraction_ChatStream
 	// client that saw the ack must see the slot in GetAgentInfo.
 	d.slots.Add(1)
 	defer d.slots.Add(-1)
+	d.mu.Lock()
+	d.lastHello = time.Now()
+	d.mu.Unlock()
 	s.out <- &dispatchv1.DownstreamPacket{Signal: &dispatchv1.DownstreamPacket_Ack{Ack: &dispatchv1.Ack{Kind: dispatchv1.AckKind_ACK_KIND_HELLO, MaxUpstreamBatch: d.maxUpBatch}}}
 	d.idle <- s
 	var batch []*dispatchv1.UpstreamPacket // the rest of an UpstreamBatch, handled one by one
@@ -311,4 +322,34 @@ type toyAgent struct {
 
 func (a toyAgent) GetAgentInfo(context.Context, *agentpb.GetAgentInfoRequest) (*agentpb.AgentInfo, error) {
 	return &agentpb.AgentInfo{Version: "toy", MaxConcurrentTasks: a.d.slots.Load()}, nil
+}
+
+// events is every event the toy logged, of every task, once the tasks have
+// ended (call it after the run).
+func (d *toyDispatcher) events(ctx context.Context) ([]*dispatchv1.TaskEvent, error) {
+	d.mu.Lock()
+	tasks := make([]*toyTask, 0, len(d.tasks))
+	for _, t := range d.tasks {
+		tasks = append(tasks, t)
+	}
+	d.mu.Unlock()
+	var all []*dispatchv1.TaskEvent
+	for _, t := range tasks {
+		if err := t.feed.Follow(ctx, 0, func(ev *dispatchv1.TaskEvent) error {
+			all = append(all, ev)
+			return nil
+		}); err != nil {
+			return nil, fmt.Errorf("task %s: %w", t.id, err)
+		}
+	}
+	return all, nil
+}
+
+// runStart is when a loadgen run against the toy can have started its
+// clock: after it opened its slots (the last hello acked) and before its
+// first task was submitted.
+func (d *toyDispatcher) runStart() (earliest, latest time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.lastHello, d.firstSubmit
 }

@@ -25,6 +25,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // testTimeout bounds a whole test's calls (testutil.Context).
 const testTimeout = 20 * time.Second
 
+// heavyTimeout bounds the calls of a test that moves much more than most
+// (megabytes through gRPC, thousands of packets), all of it under -race: at
+// load ~30 on 2 cores such a test took more than testTimeout with nothing
+// wrong but the machine. It is a hang guard, not a speed limit.
+const heavyTimeout = 3 * testTimeout
+
 // harness is a dispatcher served in memory (testutil.ServeGRPC) with
 // clients of every service on one connection. Commanders are
 // testutil.Commanders on conn.
@@ -119,7 +125,13 @@ func playChat(t *testing.T, c *testutil.Commander, answer string) {
 // end, in the background; awaitEvents waits for them.
 func watchEvents(t *testing.T, h *harness, id string, after uint64) <-chan testutil.Result[[]*dispatchv1.TaskEvent] {
 	t.Helper()
-	s, err := h.tasks.WatchTask(testutil.Context(t, testTimeout), &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
+	return watchEventsWithin(t, h, id, after, testTimeout)
+}
+
+// watchEventsWithin is watchEvents whose watch ends after timeout.
+func watchEventsWithin(t *testing.T, h *harness, id string, after uint64, timeout time.Duration) <-chan testutil.Result[[]*dispatchv1.TaskEvent] {
+	t.Helper()
+	s, err := h.tasks.WatchTask(testutil.Context(t, timeout), &dispatchv1.WatchTaskRequest{TaskId: id, AfterSeq: after})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +149,13 @@ func watchEvents(t *testing.T, h *harness, id string, after uint64) <-chan testu
 // with the task.
 func awaitEvents(t *testing.T, watched <-chan testutil.Result[[]*dispatchv1.TaskEvent]) []*dispatchv1.TaskEvent {
 	t.Helper()
-	r := testutil.Recv(t, watched, 2*testutil.Wait, "the watch to end with the task")
+	return awaitEventsWithin(t, watched, 2*testutil.Wait)
+}
+
+// awaitEventsWithin is awaitEvents waiting at most timeout.
+func awaitEventsWithin(t *testing.T, watched <-chan testutil.Result[[]*dispatchv1.TaskEvent], timeout time.Duration) []*dispatchv1.TaskEvent {
+	t.Helper()
+	r := testutil.Recv(t, watched, timeout, "the watch to end with the task")
 	if r.Err != nil {
 		t.Fatalf("watch ended with %v after %d events", r.Err, len(r.V))
 	}

@@ -36,12 +36,17 @@ func writePolicy(t *testing.T, path, src string) {
 	}
 }
 
-// policyHarness is a harness whose policy file, at path, holds src.
+// policyHarness is a harness whose policy file, at path, holds src. Its
+// tests answer every stop themselves, so the stop grace is a hang guard, not
+// the harness's 500 ms: at load ~30 on 2 cores (-race) that ran out before
+// the test's commander had read the stop, and the stream ended ABORTED
+// (TestPolicyPhraseStopsMidSentence).
 func policyHarness(t *testing.T, src string) (h *harness, ctx context.Context, path string) {
 	t.Helper()
 	path = filepath.Join(t.TempDir(), "policy.yaml")
 	writePolicy(t, path, src)
-	h, ctx = newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond}})
+	h, ctx = newHarness(t, dispatcher.Config{Policy: dispatcher.Policy{File: path, Poll: 5 * time.Millisecond},
+		Tasks: dispatcher.Tasks{StopGrace: testTimeout}})
 	return h, ctx, path
 }
 
@@ -342,7 +347,8 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	const v1 = "rules:\n  - {id: never1, phrases: [zzz-never-1], action: stop}\n"
 	const v2 = "rules:\n  - {id: never2, phrases: [zzz-never-2], action: stop}\n  - {id: no-echo, when: 'tool_name == \"echo\"', action: deny}\n"
 	const broken = "rules:\n  - {id: x, when: 'tool_name ==', action: stop}\n"
-	h, ctx, path := policyHarness(t, v1)
+	h, _, path := policyHarness(t, v1)
+	ctx := testutil.Context(t, heavyTimeout) // 2 400 chunks relayed and checked
 	const sessions, chunks = 8, 300
 
 	stopWriting := make(chan struct{})
@@ -378,7 +384,7 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 	for range sessions {
 		c := testutil.Connect(t, ctx, h.conn, "planner:chat")
 		id := submit(t, h, &dispatchv1.SubmitTaskRequest{Instruction: "stream"})
-		watched := watchEvents(t, h, id, 0)
+		watched := watchEventsWithin(t, h, id, 0, heavyTimeout)
 		s, err := c.NextSession(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -394,12 +400,12 @@ func TestPolicyReloadUnderLoad(t *testing.T) {
 		go func() { played <- st.s.Play(ctx, append(script, testutil.Success("ok"))...) }()
 	}
 	for range all {
-		if err := testutil.Recv(t, played, testTimeout, "the sessions to stream"); err != nil {
+		if err := testutil.Recv(t, played, heavyTimeout, "the sessions to stream"); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for n, st := range all {
-		evs := awaitEvents(t, st.watched)
+		evs := awaitEventsWithin(t, st.watched, heavyTimeout)
 		chunk := 0
 		for i, ev := range evs {
 			if ev.GetSeq() != uint64(i+1) {
