@@ -729,32 +729,33 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 // lease without a row would leave it PENDING for good).
 //
 // t is the local copy the caller holds of the task (nil: none, or one
-// that is not the task's current state): a cancel that reaches it
-// meanwhile (Manager.Cancel on it: in memory only, and the copy's writes
-// are refused once the lease goes) is not lost. One asked before the copy
-// is forgotten keeps the task here, ended CANCELLED; one asked on the
-// copy after (a caller that looked it up before) is sent again through
-// the fleet, which ends the task (or leaves the command for its next
-// owner: ClaimQueued finds it). Manager.Cancel looks the copy up again
-// after recording the cancel, so either it or this sees the other.
+// that is not the task's current state). A cancel that reaches it is not
+// lost: the copy's cancel and its hand-back are decided under its lock
+// (Task.HandBack). A cancel asked before keeps the task here, ended
+// CANCELLED while the lease is still held; one asked after is not
+// recorded on the copy but goes through the fleet (Manager.Cancel): a
+// durable command that the task's next owner carries out (ClaimQueued
+// finds it), or the end of the task if nobody holds it.
 func (f *Fleet) giveBack(ctx context.Context, t *task.Task, id string, attempt int64, queue string) {
-	if t != nil && f.keepCancelled(t, attempt) {
+	if t != nil && f.keepCancelled(ctx, t, attempt) {
 		return
 	}
-	f.mgr.Forget(id)
+	if t != nil && f.hooks.handBack != nil {
+		f.hooks.handBack(id)
+	}
+	// Disowned before it is forgotten: a command announced meanwhile
+	// finds the task not held here, or its copy handed back.
 	f.fenced.disown(id, attempt)
+	f.mgr.Forget(id)
 	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
 		f.log.Warn("queue row not written; the task's lease is left to expire and the task queued again then", "task_id", id, "error", err)
-	} else {
-		if err := f.leases.Release(ctx, id, attempt); err != nil {
-			f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
-		}
-		if err := f.xadd(ctx, id, queue); err != nil {
-			f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
-		}
+		return
 	}
-	if t != nil {
-		f.cancelForgotten(ctx, t)
+	if err := f.leases.Release(ctx, id, attempt); err != nil {
+		f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
+	}
+	if err := f.xadd(ctx, id, queue); err != nil {
+		f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
 	}
 }
 
@@ -782,22 +783,26 @@ func (f *Fleet) cancelForgotten(ctx context.Context, t *task.Task) {
 }
 
 // keepCancelled ends t CANCELLED here, and keeps its lease until its end
-// is stored, when a cancel was asked for it (it then goes back to no
-// queue); false if none was.
-func (f *Fleet) keepCancelled(t *task.Task, attempt int64) bool {
-	reason, ok := t.CancelRequested()
-	if !ok {
+// is stored, when a cancel was asked for it before its hand-back (it then
+// goes back to no queue); false if none was, and t is marked handed back
+// (Task.HandBack: a cancel from now on goes through the fleet).
+func (f *Fleet) keepCancelled(ctx context.Context, t *task.Task, attempt int64) bool {
+	reason, cancelled := t.HandBack()
+	if !cancelled {
 		return false
 	}
 	f.watchOwned(t, attempt)
 	// The cancel's Manager.Cancel ends the copy itself (the copy is still
 	// registered, so it does not go through the fleet): its caller is
 	// told "cancelled". Ended here only if that does not come.
+	timer := time.NewTimer(time.Second)
+	defer timer.Stop()
 	select {
 	case <-t.Done():
-	case <-time.After(time.Second):
-		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+	case <-timer.C:
+	case <-ctx.Done():
 	}
+	t.Finish(agentpb.TaskStatus_CANCELLED, reason, "") // a no-op if it ended
 	f.log.Info("task not handed back to the queue: cancelled", "task_id", t.ID())
 	return true
 }
@@ -1078,6 +1083,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 // is queued).
 type requeueHooks struct {
 	claimed, beforeWrite, stored func(id string)
+	// handBack is called by giveBack once it decided to hand a local
+	// copy back to the queue (no cancel was asked), before it forgets it.
+	handBack func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
@@ -1319,6 +1327,13 @@ func (f *Fleet) onMessage(ctx context.Context, payload string, book chan<- cmdMe
 	if f.fenced.attempt(c.TaskID) == 0 {
 		return
 	}
+	if t := f.mgr.Registry().Get(c.TaskID); t != nil && t.HandedBack() {
+		// Being handed back to the queue: the command's row waits for the
+		// task's next owner (a cancel carried out on this copy would be
+		// sent through the fleet again, to this replica while it holds
+		// the lease).
+		return
+	}
 	if c.Kind == kindCancelFor {
 		if c.ID != 0 || c.Caller == nil || !f.sees(c.Caller.caller(), c.TaskID) {
 			return
@@ -1394,11 +1409,13 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 		if f.fenced.attempt(c.TaskID) == 0 {
 			continue
 		}
-		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() {
+		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() || t.HandedBack() {
 			// Owned but not here yet (a takeover between its claim and
-			// its adoption): the command waits for the next round, else
-			// a cancel would be answered "not found" and lost while the
-			// takeover requeues the task.
+			// its adoption), or being handed back to the queue: the
+			// command waits for the next round or the next owner, else a
+			// cancel would be answered "not found" and lost while the
+			// takeover requeues the task (or sent through the fleet again
+			// by the handed-back copy, for ever while it is owned here).
 			continue
 		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {

@@ -324,3 +324,38 @@ func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
 		t.Fatalf("re-attach after the end: %v; want ErrNotRunning", err)
 	}
 }
+
+// A client's cancel on the replica handing a task back to the queue, after
+// the hand-back decided that no cancel was asked and before the copy is
+// forgotten: the cancel goes through the fleet (a durable command for the
+// task's next owner) and the task ends CANCELLED, never run. (Manager.Cancel
+// ended the copy here, whose record the release then fenced, and told the
+// client "cancelled"; the task went back to the queue without a cancel row
+// and ran to SUCCESS.)
+func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	var live atomic.Pointer[replica]
+	var out atomic.Pointer[task.CancelOutcome]
+	hooks := requeueHooks{handBack: func(tid string) {
+		if tid != id || out.Load() != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
+		if err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+		out.Store(&o)
+	}}
+	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
+	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if o := out.Load(); o == nil || !o.Cancelled {
+		t.Fatalf("cancel outcome %+v, want cancelled (the hook did not run if nil)", o)
+	}
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
+}
