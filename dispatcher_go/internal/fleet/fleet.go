@@ -661,10 +661,25 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	if cmd != nil {
 		f.cancelQueued(cctx, id, attempt, *cmd, strings.TrimPrefix(key, queuePrefix))
 	} else if err := f.adopt(cctx, id, attempt, true); err != nil {
-		f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
-		f.giveBack(cctx, nil, id, attempt, strings.TrimPrefix(key, queuePrefix))
+		f.adoptFailed(cctx, id, attempt, strings.TrimPrefix(key, queuePrefix), err)
 	}
 	f.ack(ctx, key, m.ID)
+}
+
+// adoptFailed deals with a task claimed from the bus that could not be
+// adopted to run (err): one found not PENDING (it runs or ran elsewhere)
+// is disowned and its lease left to expire — the sweep takes it over —
+// never handed back, which would queue it and release its lease (a
+// RUNNING task with a released lease is never swept: RUNNING for good).
+// Another failure hands it back to the queue.
+func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue string, err error) {
+	if errors.Is(err, ErrNotPending) {
+		f.fenced.disown(id, attempt)
+		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
+		return
+	}
+	f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
+	f.giveBack(ctx, nil, id, attempt, queue)
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -676,7 +691,7 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 		// Taken by someone else meanwhile (or not known): run it as usual;
 		// the reconcile carries out any cancel still open.
 		if err := f.adopt(ctx, id, attempt, true); err != nil {
-			f.giveBack(ctx, nil, id, attempt, queue)
+			f.adoptFailed(ctx, id, attempt, queue, err)
 		}
 		return
 	}
@@ -711,7 +726,7 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 		return err
 	}
 	if run && snap.Status != agentpb.TaskStatus_PENDING {
-		return fmt.Errorf("task is %s, not pending", snap.Status)
+		return fmt.Errorf("%w: it is %s", ErrNotPending, snap.Status)
 	}
 	t, err := f.mgr.Adopt(snap, last, run)
 	if err != nil {
