@@ -245,12 +245,6 @@ func (f *Fleet) Claim(ctx context.Context, taskID string) (int64, error) {
 	return a, err
 }
 
-// Release gives up taskID's lease taken with attempt (see Leases.Release).
-func (f *Fleet) Release(ctx context.Context, taskID string, attempt int64) error {
-	f.fenced.disown(taskID, attempt)
-	return f.leases.Release(ctx, taskID, attempt)
-}
-
 // Start runs the replica's background work: the bus reader, lease renewal
 // and takeover, reconcile, the command listener, the events publisher and
 // the Redis health check.
@@ -687,7 +681,16 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 // was being handed back to the queue, whose owner could no longer carry
 // it out. The task is not run.
 func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd command, queue string) {
-	if ok, err := f.leases.TakeCommand(ctx, cmd.ID); err != nil || !ok {
+	ok, err := f.leases.TakeCommand(ctx, cmd.ID)
+	if err != nil {
+		// Unknown whether the cancel is ours to carry out: not run; the
+		// lease is left to expire and the sweep gives the task back to
+		// the queue, whose next claim finds the cancel again.
+		f.fenced.disown(id, attempt)
+		f.log.Warn("taking the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "error", err)
+		return
+	}
+	if !ok {
 		// Taken by someone else meanwhile (or not known): run it as usual;
 		// the reconcile carries out any cancel still open.
 		if err := f.adopt(ctx, id, attempt, true); err != nil {
@@ -701,8 +704,15 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
 		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue", "task_id", id, "error", err)
-		// The cancel must not be lost: its row is open again.
-		_ = f.leases.reopenCommand(ctx, cmd.ID)
+		// The cancel must not be lost: its row is open again, then the
+		// task goes back to the queue (whose next claim finds it). Not
+		// reopened: the lease is left to expire rather than the task
+		// handed back at once without its cancel.
+		if err := f.leases.reopenCommand(ctx, cmd.ID); err != nil {
+			f.fenced.disown(id, attempt)
+			f.log.Warn("reopening the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "command", cmd.ID, "error", err)
+			return
+		}
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
 	}
