@@ -245,12 +245,6 @@ func (f *Fleet) Claim(ctx context.Context, taskID string) (int64, error) {
 	return a, err
 }
 
-// Release gives up taskID's lease taken with attempt (see Leases.Release).
-func (f *Fleet) Release(ctx context.Context, taskID string, attempt int64) error {
-	f.fenced.disown(taskID, attempt)
-	return f.leases.Release(ctx, taskID, attempt)
-}
-
 // Start runs the replica's background work: the bus reader, lease renewal
 // and takeover, reconcile, the command listener, the events publisher and
 // the Redis health check.
@@ -661,10 +655,25 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	if cmd != nil {
 		f.cancelQueued(cctx, id, attempt, *cmd, strings.TrimPrefix(key, queuePrefix))
 	} else if err := f.adopt(cctx, id, attempt, true); err != nil {
-		f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
-		f.giveBack(cctx, nil, id, attempt, strings.TrimPrefix(key, queuePrefix))
+		f.adoptFailed(cctx, id, attempt, strings.TrimPrefix(key, queuePrefix), err)
 	}
 	f.ack(ctx, key, m.ID)
+}
+
+// adoptFailed deals with a task claimed from the bus that could not be
+// adopted to run (err): one found not PENDING (it runs or ran elsewhere)
+// is disowned and its lease left to expire — the sweep takes it over —
+// never handed back, which would queue it and release its lease (a
+// RUNNING task with a released lease is never swept: RUNNING for good).
+// Another failure hands it back to the queue.
+func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue string, err error) {
+	if errors.Is(err, ErrNotPending) {
+		f.fenced.disown(id, attempt)
+		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
+		return
+	}
+	f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
+	f.giveBack(ctx, nil, id, attempt, queue)
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -672,11 +681,20 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 // was being handed back to the queue, whose owner could no longer carry
 // it out. The task is not run.
 func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd command, queue string) {
-	if ok, err := f.leases.TakeCommand(ctx, cmd.ID); err != nil || !ok {
+	ok, err := f.leases.TakeCommand(ctx, cmd.ID)
+	if err != nil {
+		// Unknown whether the cancel is ours to carry out: not run; the
+		// lease is left to expire and the sweep gives the task back to
+		// the queue, whose next claim finds the cancel again.
+		f.fenced.disown(id, attempt)
+		f.log.Warn("taking the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "error", err)
+		return
+	}
+	if !ok {
 		// Taken by someone else meanwhile (or not known): run it as usual;
 		// the reconcile carries out any cancel still open.
 		if err := f.adopt(ctx, id, attempt, true); err != nil {
-			f.giveBack(ctx, nil, id, attempt, queue)
+			f.adoptFailed(ctx, id, attempt, queue, err)
 		}
 		return
 	}
@@ -686,8 +704,15 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
 		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue", "task_id", id, "error", err)
-		// The cancel must not be lost: its row is open again.
-		_ = f.leases.reopenCommand(ctx, cmd.ID)
+		// The cancel must not be lost: its row is open again, then the
+		// task goes back to the queue (whose next claim finds it). Not
+		// reopened: the lease is left to expire rather than the task
+		// handed back at once without its cancel.
+		if err := f.leases.reopenCommand(ctx, cmd.ID); err != nil {
+			f.fenced.disown(id, attempt)
+			f.log.Warn("reopening the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "command", cmd.ID, "error", err)
+			return
+		}
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
 	}
@@ -711,7 +736,7 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 		return err
 	}
 	if run && snap.Status != agentpb.TaskStatus_PENDING {
-		return fmt.Errorf("task is %s, not pending", snap.Status)
+		return fmt.Errorf("%w: it is %s", ErrNotPending, snap.Status)
 	}
 	t, err := f.mgr.Adopt(snap, last, run)
 	if err != nil {
@@ -729,32 +754,33 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 // lease without a row would leave it PENDING for good).
 //
 // t is the local copy the caller holds of the task (nil: none, or one
-// that is not the task's current state): a cancel that reaches it
-// meanwhile (Manager.Cancel on it: in memory only, and the copy's writes
-// are refused once the lease goes) is not lost. One asked before the copy
-// is forgotten keeps the task here, ended CANCELLED; one asked on the
-// copy after (a caller that looked it up before) is sent again through
-// the fleet, which ends the task (or leaves the command for its next
-// owner: ClaimQueued finds it). Manager.Cancel looks the copy up again
-// after recording the cancel, so either it or this sees the other.
+// that is not the task's current state). A cancel that reaches it is not
+// lost: the copy's cancel and its hand-back are decided under its lock
+// (Task.HandBack). A cancel asked before keeps the task here, ended
+// CANCELLED while the lease is still held; one asked after is not
+// recorded on the copy but goes through the fleet (Manager.Cancel): a
+// durable command that the task's next owner carries out (ClaimQueued
+// finds it), or the end of the task if nobody holds it.
 func (f *Fleet) giveBack(ctx context.Context, t *task.Task, id string, attempt int64, queue string) {
-	if t != nil && f.keepCancelled(t, attempt) {
+	if t != nil && f.keepCancelled(ctx, t, attempt) {
 		return
 	}
-	f.mgr.Forget(id)
+	if t != nil && f.hooks.handBack != nil {
+		f.hooks.handBack(id)
+	}
+	// Disowned before it is forgotten: a command announced meanwhile
+	// finds the task not held here, or its copy handed back.
 	f.fenced.disown(id, attempt)
+	f.mgr.Forget(id)
 	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
 		f.log.Warn("queue row not written; the task's lease is left to expire and the task queued again then", "task_id", id, "error", err)
-	} else {
-		if err := f.leases.Release(ctx, id, attempt); err != nil {
-			f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
-		}
-		if err := f.xadd(ctx, id, queue); err != nil {
-			f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
-		}
+		return
 	}
-	if t != nil {
-		f.cancelForgotten(ctx, t)
+	if err := f.leases.Release(ctx, id, attempt); err != nil {
+		f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
+	}
+	if err := f.xadd(ctx, id, queue); err != nil {
+		f.log.Debug("bus entry not written; the reconcile will", "task_id", id, "error", err)
 	}
 }
 
@@ -782,22 +808,26 @@ func (f *Fleet) cancelForgotten(ctx context.Context, t *task.Task) {
 }
 
 // keepCancelled ends t CANCELLED here, and keeps its lease until its end
-// is stored, when a cancel was asked for it (it then goes back to no
-// queue); false if none was.
-func (f *Fleet) keepCancelled(t *task.Task, attempt int64) bool {
-	reason, ok := t.CancelRequested()
-	if !ok {
+// is stored, when a cancel was asked for it before its hand-back (it then
+// goes back to no queue); false if none was, and t is marked handed back
+// (Task.HandBack: a cancel from now on goes through the fleet).
+func (f *Fleet) keepCancelled(ctx context.Context, t *task.Task, attempt int64) bool {
+	reason, cancelled := t.HandBack()
+	if !cancelled {
 		return false
 	}
 	f.watchOwned(t, attempt)
 	// The cancel's Manager.Cancel ends the copy itself (the copy is still
 	// registered, so it does not go through the fleet): its caller is
 	// told "cancelled". Ended here only if that does not come.
+	timer := time.NewTimer(time.Second)
+	defer timer.Stop()
 	select {
 	case <-t.Done():
-	case <-time.After(time.Second):
-		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+	case <-timer.C:
+	case <-ctx.Done():
 	}
+	t.Finish(agentpb.TaskStatus_CANCELLED, reason, "") // a no-op if it ended
 	f.log.Info("task not handed back to the queue: cancelled", "task_id", t.ID())
 	return true
 }
@@ -1078,6 +1108,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 // is queued).
 type requeueHooks struct {
 	claimed, beforeWrite, stored func(id string)
+	// handBack is called by giveBack once it decided to hand a local
+	// copy back to the queue (no cancel was asked), before it forgets it.
+	handBack func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
@@ -1319,6 +1352,13 @@ func (f *Fleet) onMessage(ctx context.Context, payload string, book chan<- cmdMe
 	if f.fenced.attempt(c.TaskID) == 0 {
 		return
 	}
+	if t := f.mgr.Registry().Get(c.TaskID); t != nil && t.HandedBack() {
+		// Being handed back to the queue: the command's row waits for the
+		// task's next owner (a cancel carried out on this copy would be
+		// sent through the fleet again, to this replica while it holds
+		// the lease).
+		return
+	}
 	if c.Kind == kindCancelFor {
 		if c.ID != 0 || c.Caller == nil || !f.sees(c.Caller.caller(), c.TaskID) {
 			return
@@ -1394,11 +1434,13 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 		if f.fenced.attempt(c.TaskID) == 0 {
 			continue
 		}
-		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() {
+		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() || t.HandedBack() {
 			// Owned but not here yet (a takeover between its claim and
-			// its adoption): the command waits for the next round, else
-			// a cancel would be answered "not found" and lost while the
-			// takeover requeues the task.
+			// its adoption), or being handed back to the queue: the
+			// command waits for the next round or the next owner, else a
+			// cancel would be answered "not found" and lost while the
+			// takeover requeues the task (or sent through the fleet again
+			// by the handed-back copy, for ever while it is owned here).
 			continue
 		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {

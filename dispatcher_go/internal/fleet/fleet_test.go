@@ -507,3 +507,94 @@ func TestRenewLeavesLeasesThisReplicaDoesNotRunToExpire(t *testing.T) {
 		t.Fatalf("r2 sees expired %+v (%v)", rows, err)
 	}
 }
+
+// The bus's claim of a PENDING task (ClaimQueued) and a write of the
+// task's owner whose lease expired but that is alive (it starts the task:
+// RUNNING) are ordered by the lease row: either the claim wins and the
+// owner's write is fenced (the task stays PENDING, the claimer's), or the
+// write wins and the claim is refused (ErrNotPending, the owner's lease
+// untouched). Never both: the claim read the status before it took the
+// lease, without a lock, so a RUNNING record committed between them was
+// claimed as a PENDING task (the claimer's adopt then failed, and its
+// hand-back released the lease of a RUNNING task: RUNNING for good).
+func TestClaimQueuedAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l, err := NewLeases(ctx, st.Pool(), 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
+	a1, err := l.Claim(ctx, "t1", "owner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner := &fencedStore{Store: st, pool: st.Pool(), replica: "owner", owned: map[string]int64{"t1": a1}, onFenced: func(string) {}}
+	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
+		ls, ok, err := l.Lease(ctx, "t1")
+		return err == nil && ok && ls.Expired
+	})
+	written := make(chan error, 1)
+	var stepped atomic.Bool
+	l.claimQueuedStep = func(ctx context.Context, tx pgx.Tx) {
+		if stepped.Swap(true) {
+			return
+		}
+		var pid int
+		if err := tx.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+			t.Error(err)
+			return
+		}
+		// The owner starts the task now: its write goes through unless it
+		// waits for this claim (then it is decided once the claim ends).
+		go func() {
+			written <- owner.Apply(context.Background(), store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}")}}})
+		}()
+		for {
+			var blocked bool
+			if err := st.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, pid).Scan(&blocked); err != nil {
+				t.Error(err)
+				return
+			}
+			if blocked {
+				return
+			}
+			select {
+			case err := <-written:
+				written <- err
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	a2, _, claimErr := l.ClaimQueued(ctx, "t1", "claimer")
+	if !stepped.Load() {
+		t.Fatalf("the claim's step hook did not run (claim: %v)", claimErr)
+	}
+	select {
+	case err := <-written:
+		if err != nil {
+			t.Fatalf("owner's write: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the owner's write did not end")
+	}
+	rec, err := st.GetTask(ctx, "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, _, err := l.Lease(ctx, "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := agentpb.TaskStatus(rec.Status)
+	switch {
+	case claimErr == nil && status == agentpb.TaskStatus_PENDING && ls.Owner == "claimer" && ls.Attempt == a2:
+		// The claim won; the owner's write was fenced.
+	case errors.Is(claimErr, ErrNotPending) && status == agentpb.TaskStatus_RUNNING && ls.Owner == "owner" && ls.Attempt == a1:
+		// The write won; nothing was claimed.
+	default:
+		t.Fatalf("claim: attempt %d, %v; task %s; lease %s/%d — a claimed RUNNING task or a lost write", a2, claimErr, status, ls.Owner, ls.Attempt)
+	}
+}

@@ -324,3 +324,90 @@ func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
 		t.Fatalf("re-attach after the end: %v; want ErrNotRunning", err)
 	}
 }
+
+// A client's cancel on the replica handing a task back to the queue, after
+// the hand-back decided that no cancel was asked and before the copy is
+// forgotten: the cancel goes through the fleet (a durable command for the
+// task's next owner) and the task ends CANCELLED, never run. (Manager.Cancel
+// ended the copy here, whose record the release then fenced, and told the
+// client "cancelled"; the task went back to the queue without a cancel row
+// and ran to SUCCESS.)
+func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	var live atomic.Pointer[replica]
+	var out atomic.Pointer[task.CancelOutcome]
+	hooks := requeueHooks{handBack: func(tid string) {
+		if tid != id || out.Load() != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
+		if err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+		out.Store(&o)
+	}}
+	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
+	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if o := out.Load(); o == nil || !o.Cancelled {
+		t.Fatalf("cancel outcome %+v, want cancelled (the hook did not run if nil)", o)
+	}
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
+}
+
+// A cancel left for a task handed back to the queue, whose take by the
+// bus's claimer fails (a PostgreSQL error of that statement, once): the
+// task is not run — unknown whether the cancel was taken — but its lease
+// is left to expire; the sweep queues it again and the next claim carries
+// the cancel out. (The claimer ran the task: SUCCESS, the cancel lost.)
+func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+		CREATE SEQUENCE take_fail_once;
+		CREATE FUNCTION take_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF nextval('take_fail_once') = 1 THEN
+				RAISE EXCEPTION 'the test refuses this take';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER take_fail_once BEFORE UPDATE ON fleet_commands
+			FOR EACH ROW WHEN (NEW.task_id = '%s' AND NEW.done AND NOT OLD.done) EXECUTE FUNCTION take_fail_once();`, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var added atomic.Bool
+	hooks := requeueHooks{handBack: func(tid string) {
+		if tid != id || added.Swap(true) {
+			return
+		}
+		// A cancel for the task's next owner (as Manager.Cancel sends one
+		// that reaches the copy now), without its announcement.
+		if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+			t.Error(err)
+		}
+	}}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	msg := endsWith(t, live, id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
+	var n int64
+	var called bool
+	if err := pg.Pool().QueryRow(ctx, `SELECT last_value, is_called FROM take_fail_once`).Scan(&n, &called); err != nil || !called {
+		t.Fatalf("the take was never refused (%v)", err)
+	}
+}

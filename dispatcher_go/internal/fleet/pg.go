@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS fleet_requests (
 type Leases struct {
 	pool *pgxpool.Pool
 	ttl  time.Duration
+	// claimQueuedStep, when set (tests), is called inside ClaimQueued's
+	// transaction after its first statement.
+	claimQueuedStep func(ctx context.Context, tx pgx.Tx)
 }
 
 // NewLeases creates the fleet's tables if needed. ttl is the lease length.
@@ -146,13 +149,36 @@ var ErrNotPending = errors.New("fleet: the task is not pending")
 // the sweeper's to take over, after the grace, not a task to run again).
 // It returns too the oldest cancel asked for the task and not done yet
 // (nil: none), which the claimer must carry out instead of running it.
+//
+// The lease is taken first, then the status read, in one transaction: a
+// write of the task's owner (its lease expired, but it is alive) holds
+// the lease row FOR SHARE (fencedStore), so the take waits for that write
+// and then reads what it committed (RUNNING: refused, rolled back), or the
+// write waits for the claim and is fenced. Read before the take, a RUNNING
+// record committed in between was claimed as a PENDING task.
 func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64, *command, error) {
 	var attempt int64
 	var cancel *command
 	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
 		cancel = nil
+		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+				expires_at = excluded.expires_at, released = false
+			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp()
+			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return ErrLeaseHeld
+		}
+		if err != nil {
+			return err
+		}
+		if l.claimQueuedStep != nil {
+			l.claimQueuedStep(ctx, tx)
+		}
+		// Any refusal below rolls the take back.
 		var status int32
-		err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+		err = tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return task.ErrNotFound
 		}
@@ -164,18 +190,6 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 			return ErrTaskEnded
 		case st != agentpb.TaskStatus_PENDING:
 			return ErrNotPending
-		}
-		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp()
-			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return ErrLeaseHeld
-		}
-		if err != nil {
-			return err
 		}
 		// The queue row goes in the same round trip as the cancel is read.
 		var c command

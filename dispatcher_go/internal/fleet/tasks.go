@@ -466,7 +466,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	case task.Terminal(snap.Status):
 		return fmt.Errorf("%w: the task ended %s: %s", task.ErrNotRunning, snap.Status, snap.Message)
 	case (snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID) && snap.Requeues > 0:
-		return fmt.Errorf("%w: %s", task.ErrNotRunning, requeuedRefusal(snap, sessionID))
+		return fmt.Errorf("%w: %s", task.ErrNotRunning, task.RequeuedRefusal(snap.Requeues, sessionID, snap.Status == agentpb.TaskStatus_RUNNING))
 	case snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID:
 		return fmt.Errorf("%w: the task's session is not %s", task.ErrNotRunning, sessionID)
 	}
@@ -499,17 +499,6 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	f.watchOwned(t, attempt)
 	f.log.Info("task taken over for its re-attaching session", "task_id", id, "attempt", attempt, "last_seq", last, "upstream_seq", snap.UpstreamSeq)
 	return nil
-}
-
-// requeuedRefusal says why session sessionID of a task that was put back
-// in the queue (snap: now PENDING, or running in a new session) may not
-// re-attach: the commander ends its planner on it.
-func requeuedRefusal(snap task.Snapshot, sessionID string) string {
-	now := "it waits in the queue"
-	if snap.Status == agentpb.TaskStatus_RUNNING {
-		now = "it runs in session " + snap.SessionID
-	}
-	return fmt.Sprintf("the task was requeued (%d time(s)) and session %s no longer runs it; %s", snap.Requeues, sessionID, now)
 }
 
 // ClaimSession implements task.Fleet: the lease of task id for session

@@ -252,6 +252,19 @@ type Reattached struct {
 	Stop *dispatchv1.StopSignal
 }
 
+// RequeuedRefusal says why session sessionID of a task that was put back
+// in the queue requeues times may not re-attach (running: the task runs
+// again, in another session; else it waits in the queue): the commander
+// ends its planner on it. It names no other session: the one the task
+// runs in now is what a claim for that session needs.
+func RequeuedRefusal(requeues int, sessionID string, running bool) string {
+	now := "it waits in the queue"
+	if running {
+		now = "it runs again, in another session"
+	}
+	return fmt.Sprintf("the task was requeued (%d time(s)) and session %s no longer runs it; %s", requeues, sessionID, now)
+}
+
 // Reattach gives task taskID, RUNNING and waiting for its session
 // sessionID to re-attach, to the runner newRunner makes for it (called once,
 // under the task's lock: it must not call back into the task), that
@@ -277,25 +290,22 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	t.mu.Lock()
 	w, waiting := t.runner.(*waiter)
 	switch {
+	case serves != nil && !serves(t.tenant):
+		// A commander may carry on only the tasks it may be given: the same
+		// answer as an unknown task, so another tenant's tasks stay unseen
+		// (first: nothing of the task's state may tell that it exists).
+		t.mu.Unlock()
+		return Reattached{}, ErrNotFound
 	case Terminal(t.status):
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
 	case t.sessionID != sessionID && t.requeues > 0:
-		st, cur, n := t.status, t.sessionID, t.requeues
+		st, n := t.status, t.requeues
 		t.mu.Unlock()
-		now := "it waits in the queue"
-		if st == agentpb.TaskStatus_RUNNING {
-			now = "it runs in session " + cur
-		}
-		return Reattached{}, fmt.Errorf("%w: the task was requeued (%d time(s)) and session %s no longer runs it; %s", ErrNotRunning, n, sessionID, now)
+		return Reattached{}, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
-	case serves != nil && !serves(t.tenant):
-		// A commander may carry on only the tasks it may be given: the same
-		// answer as an unknown task, so another tenant's tasks stay unseen.
-		t.mu.Unlock()
-		return Reattached{}, ErrNotFound
 	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
 		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)

@@ -549,13 +549,14 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 	// First, so that a task whose slot dies right now is not put back in
 	// the queue behind this cancel's back (Requeue refuses it; the slot
 	// ends it CANCELLED instead).
-	first := t.requestCancel(reason)
-	if m.fleet != nil && m.reg.Get(id) != t {
-		// The fleet took this copy away meanwhile (handed the task back
-		// to its queue, or dropped it): what it records now is refused,
-		// so the cancel goes through the fleet. The fleet, forgetting a
-		// copy, looks for a cancel recorded on it after (Fleet.giveBack):
-		// either it sees this one or this sees the copy gone.
+	first, handedBack := t.requestCancel(reason)
+	if m.fleet != nil && (handedBack || m.reg.Get(id) != t) {
+		// The fleet hands this copy back to its queue (Task.HandBack
+		// decided before this cancel was recorded), or took it away
+		// meanwhile (dropped it): what it records is refused, so the
+		// cancel goes through the fleet, durably. The fleet, forgetting a
+		// copy otherwise, looks for a cancel recorded on it after: either
+		// it sees this one or this sees the copy gone.
 		return m.cancelRemote(ctx, nil, id, reason, wait)
 	}
 	if m.queue.Remove(t) {

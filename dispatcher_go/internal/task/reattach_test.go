@@ -246,3 +246,36 @@ func TestLinkLostWindowExpires(t *testing.T) {
 		t.Fatalf("cancel while the link is lost: %+v %v %v", out, err, tk2.Status())
 	}
 }
+
+// TestReattachOfAnotherTenantsRequeuedTaskIsNotFound: a commander that
+// does not serve the tenant of a task that was requeued and runs again in
+// a new session is answered as for an unknown task — not told that it was
+// requeued, nor the session it runs in now (what a claim for that session
+// needs) — and a refusal to one that serves it names no session but its
+// own.
+func TestReattachOfAnotherTenantsRequeuedTaskIsNotFound(t *testing.T) {
+	cl := &fixedClaimer{attempt: 5}
+	m, q := newManager(t, ManagerOptions{Claimer: cl})
+	tk := submit(t, m)
+	r := startOn(t, q, tk)
+	if err := tk.Requeue(r, ""); err != nil {
+		t.Fatal(err)
+	}
+	q.take(tk)
+	if err := tk.Start(&fakeRunner{t: tk}, "cmd", "ses-new"); err != nil {
+		t.Fatal(err)
+	}
+	notMine := func(string) bool { return false }
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", notMine, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotFound) || cl.claims != 0 {
+		t.Fatalf("re-attach by a commander of another tenant: %v (claims %d); want ErrNotFound", err, cl.claims)
+	}
+	_, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", nil, func(*Task) Runner { return nil })
+	if !errors.Is(err, ErrNotRunning) || !strings.Contains(err.Error(), "requeued") || strings.Contains(err.Error(), "ses-new") {
+		t.Fatalf("re-attach of the requeued session: %v; want ErrNotRunning saying requeued, without the new session's id", err)
+	}
+	// An ended task of another tenant is not found either.
+	tk.Finish(agentpb.TaskStatus_SUCCESS, "done", "")
+	if _, err := m.Reattach(context.Background(), tk.ID(), "ses", "c2", notMine, func(*Task) Runner { return nil }); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("re-attach of another tenant's ended task: %v; want ErrNotFound", err)
+	}
+}

@@ -217,6 +217,10 @@ type Task struct {
 	// client asked to cancel: such a task is never put back in the queue.
 	requeues     int
 	cancelReason string
+	// handedBack is set once the fleet hands this copy back to its queue
+	// (HandBack): a cancel from then on is not recorded here but goes
+	// through the fleet.
+	handedBack bool
 	// attempt counts the task's starts and re-attaches (handover.go);
 	// upstreamSeq is the highest upstream seq its log held when it was
 	// restored (a re-attaching session resends what comes after it).
@@ -455,15 +459,44 @@ func (t *Task) Requeues() int {
 
 // requestCancel records that a client asked to cancel the task (reason is
 // not empty); from then on Requeue refuses it. It reports whether this was
-// the first such request.
-func (t *Task) requestCancel(reason string) bool {
+// the first such request; handedBack, with nothing recorded, if the fleet
+// is handing this copy back to its queue (HandBack): the cancel must go
+// through the fleet.
+func (t *Task) requestCancel(reason string) (first, handedBack bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.handedBack {
+		return false, true
+	}
+	if t.cancelReason != "" {
+		return false, false
+	}
+	t.cancelReason = reason
+	return true, false
+}
+
+// HandedBack reports whether the fleet is handing this copy back to its
+// queue (HandBack marked it).
+func (t *Task) HandedBack() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.handedBack
+}
+
+// HandBack decides, under the task's lock, between a client's cancel and
+// the fleet's hand-back of this copy to its queue: cancelled with the
+// cancel's reason if one was asked already (the copy is to end CANCELLED,
+// not handed back); else the copy is marked handed back, and a cancel
+// asked on it from now on goes through the fleet (Manager.Cancel), which
+// records it durably for the task's next owner.
+func (t *Task) HandBack() (reason string, cancelled bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.cancelReason != "" {
-		return false
+		return t.cancelReason, true
 	}
-	t.cancelReason = reason
-	return true
+	t.handedBack = true
+	return "", false
 }
 
 // CancelRequested returns the reason of a client's cancel, if one was asked.
