@@ -680,39 +680,23 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 // cancel is asked and not done (cmd): a cancel that came while the task
 // was being handed back to the queue, whose owner could no longer carry
 // it out. The task is not run.
+//
+// The cancel's row is not taken first: it is closed once the task's end
+// is stored (closeCancel). Until then this replica holds the lease, so no
+// other replica acts on the row (no claim, no sweep), and a failure
+// leaves the row open for the task's next owner: a task that cannot be
+// adopted goes back to the queue with it, whose next claim finds it; if
+// this replica dies, or the end is not stored, the lease expires and the
+// sweep queues the PENDING task again. (Taken first, a row whose taker
+// failed afterwards stayed done with no result, and the next claim,
+// finding no cancel, ran the task.)
 func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd command, queue string) {
-	ok, err := f.leases.TakeCommand(ctx, cmd.ID)
-	if err != nil {
-		// Unknown whether the cancel is ours to carry out: not run; the
-		// lease is left to expire and the sweep gives the task back to
-		// the queue, whose next claim finds the cancel again.
-		f.fenced.disown(id, attempt)
-		f.log.Warn("taking the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "error", err)
-		return
-	}
-	if !ok {
-		// Taken by someone else meanwhile (or not known): run it as usual;
-		// the reconcile carries out any cancel still open.
-		if err := f.adopt(ctx, id, attempt, true); err != nil {
-			f.adoptFailed(ctx, id, attempt, queue, err)
-		}
-		return
-	}
 	reason := cmd.Args.Reason
 	if reason == "" {
 		reason = "cancelled by client"
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
-		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue", "task_id", id, "error", err)
-		// The cancel must not be lost: its row is open again, then the
-		// task goes back to the queue (whose next claim finds it). Not
-		// reopened: the lease is left to expire rather than the task
-		// handed back at once without its cancel.
-		if err := f.leases.reopenCommand(ctx, cmd.ID); err != nil {
-			f.fenced.disown(id, attempt)
-			f.log.Warn("reopening the cancel of a claimed task failed; its lease is left to expire", "task_id", id, "command", cmd.ID, "error", err)
-			return
-		}
+		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue with its cancel", "task_id", id, "error", err)
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
 	}
@@ -721,12 +705,33 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 	}
 	f.log.Info("queued task cancelled: a cancel was asked while it was handed back to the queue", "task_id", id)
-	_ = f.leases.SetResult(ctx, cmd.ID, cmdResult{})
+	f.closeCancel(ctx, id, cmd.ID)
+}
+
+// closeCancel marks done the cancel (command cid) that ended task id here,
+// with its result, once the task's end is stored: never before (a row
+// closed while the task is still stored PENDING is a cancel lost if this
+// replica dies then). If the end is not stored yet (the writer's flush
+// fails; watchOwned goes on storing it) or the close fails, the reconcile
+// closes the row once the task is stored ended (Leases.CloseEnded).
+func (f *Fleet) closeCancel(ctx context.Context, id string, cid int64) {
+	if err := f.writer.Flush(ctx); err != nil {
+		f.log.Debug("a cancelled task's end is not stored yet; the reconcile closes its cancel", "task_id", id, "command", cid, "error", err)
+		return
+	}
+	if err := f.leases.closeIfEnded(ctx, cid, cmdResult{}); err != nil {
+		f.log.Debug("closing a carried out cancel failed; the reconcile closes it", "task_id", id, "command", cid, "error", err)
+	}
 }
 
 // adopt loads a task this replica claimed and makes it local: queued on
 // its scheduler (run) or left for the caller to end.
 func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) error {
+	if f.hooks.adopt != nil {
+		if err := f.hooks.adopt(id); err != nil {
+			return err
+		}
+	}
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
 		return err
@@ -1111,6 +1116,9 @@ type requeueHooks struct {
 	// handBack is called by giveBack once it decided to hand a local
 	// copy back to the queue (no cancel was asked), before it forgets it.
 	handBack func(id string)
+	// adopt is called by adopt before it loads a task claimed from the
+	// bus: an error it returns fails the adoption.
+	adopt func(id string) error
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
@@ -1141,9 +1149,9 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 			if c.Kind != "cancel" {
 				continue
 			}
-			if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {
-				continue
-			}
+			// Not taken first (as cancelQueued): the row stays open
+			// until the task's end is stored, for the next sweep if this
+			// replica dies before.
 			reason := c.Args.Reason
 			if reason == "" {
 				reason = "cancelled"
@@ -1151,7 +1159,7 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 			f.watchOwned(t, attempt)
 			f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", id, "owner", r.Owner)
 			t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
-			_ = f.leases.SetResult(ctx, c.ID, cmdResult{})
+			f.closeCancel(ctx, id, c.ID)
 			return true, ""
 		}
 	}

@@ -360,11 +360,13 @@ func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
 	}
 }
 
-// A cancel left for a task handed back to the queue, whose take by the
-// bus's claimer fails (a PostgreSQL error of that statement, once): the
-// task is not run — unknown whether the cancel was taken — but its lease
-// is left to expire; the sweep queues it again and the next claim carries
-// the cancel out. (The claimer ran the task: SUCCESS, the cancel lost.)
+// A cancel left for a task handed back to the queue, whose row's first
+// marking done fails (a PostgreSQL error of that statement, once: the
+// claimer's close once the task's end is stored, or an earlier claimer's
+// take): the task is not run, ends CANCELLED, and its cancel's row is
+// closed later (the reconcile closes the commands of ended tasks). (A
+// claimer that took the row first ran the task: SUCCESS, the cancel
+// lost.)
 func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
 	pg := openStore(t)
 	url := redisURL(t)
@@ -410,4 +412,69 @@ func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
 	if err := pg.Pool().QueryRow(ctx, `SELECT last_value, is_called FROM take_fail_once`).Scan(&n, &called); err != nil || !called {
 		t.Fatalf("the take was never refused (%v)", err)
 	}
+	waitFor(t, "the cancel's row to be closed", 10*time.Second, func() bool {
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND (NOT done OR result IS NULL)`, id).Scan(&n)
+		return err == nil && n == 0
+	})
+}
+
+// A cancel left for a task handed back to the queue, whose claimer cannot
+// adopt the task to end it (here: once) — and, with the claimer that took
+// the cancel's row first, could not open the row again either (PostgreSQL
+// refuses that here) — is not lost: the task is not run and ends
+// CANCELLED, and the cancel's row is closed with a result. (The claimer
+// took the row (done), left the lease to expire; the sweep queued the task
+// again and the next claim, finding no cancel not done, ran it: SUCCESS.)
+func TestQueuedCancelWhoseAdoptionFailsIsNotLost(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+		CREATE FUNCTION refuse_reopen() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			RAISE EXCEPTION 'the test refuses to open a command again';
+		END $$;
+		CREATE TRIGGER refuse_reopen BEFORE UPDATE ON fleet_commands
+			FOR EACH ROW WHEN (NEW.task_id = '%s' AND OLD.done AND NOT NEW.done) EXECUTE FUNCTION refuse_reopen();`, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var added, failed atomic.Bool
+	hooks := requeueHooks{
+		handBack: func(tid string) {
+			if tid != id || added.Swap(true) {
+				return
+			}
+			// A cancel for the task's next owner, without its announcement.
+			if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+				t.Error(err)
+			}
+		},
+		adopt: func(tid string) error {
+			if tid != id || !added.Load() || failed.Swap(true) {
+				return nil
+			}
+			return errors.New("the test fails this adoption")
+		},
+	}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	msg := endsWith(t, live, id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	if !failed.Load() {
+		t.Fatal("the adoption was never failed")
+	}
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
+	waitFor(t, "the cancel's row to be closed", 10*time.Second, func() bool {
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND (NOT done OR result IS NULL)`, id).Scan(&n)
+		return err == nil && n == 0
+	})
 }

@@ -573,10 +573,14 @@ func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 	return tag.RowsAffected() == 1, err
 }
 
-// reopenCommand marks command id not done again (taken, but its taker
-// could not carry it out).
-func (l *Leases) reopenCommand(ctx context.Context, id int64) error {
-	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = false WHERE id = $1 AND result IS NULL`, id)
+// closeIfEnded marks command id done with result r if its task is
+// stored ended (nothing otherwise). For a command carried out by ending
+// its task, not taken before (TakeCommand): the row stays open until the
+// end is stored.
+func (l *Leases) closeIfEnded(ctx context.Context, id int64, r cmdResult) error {
+	b, _ := json.Marshal(r)
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = $2
+		FROM tasks t WHERE c.id = $1 AND NOT c.done AND t.id = c.task_id AND t.status = ANY($3)`, id, b, terminalCodes)
 	return err
 }
 
