@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
@@ -596,5 +597,80 @@ func TestClaimQueuedAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
 		// The write won; nothing was claimed.
 	default:
 		t.Fatalf("claim: attempt %d, %v; task %s; lease %s/%d — a claimed RUNNING task or a lost write", a2, claimErr, status, ls.Owner, ls.Attempt)
+	}
+}
+
+// The bus's claim reads the task's status after it took the lease and
+// needs that read to see the write it waited for (the owner's, which
+// holds the lease row FOR SHARE): READ COMMITTED, whatever the server's
+// default. Under an operator's default_transaction_isolation = 'repeatable
+// read' the read saw the snapshot from before the wait: a RUNNING task
+// was claimed as PENDING.
+func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var schema string
+	if err := st.Pool().QueryRow(ctx, `SELECT current_schema()`).Scan(&schema); err != nil {
+		t.Fatal(err)
+	}
+	base := dsn(t)
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	pool, err := pgxpool.New(ctx, base+sep+"search_path="+schema+"&default_transaction_isolation=repeatable%20read")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	var iso string
+	if err := pool.QueryRow(ctx, `SHOW default_transaction_isolation`).Scan(&iso); err != nil || iso != "repeatable read" {
+		t.Fatalf("default isolation %q (%v), want repeatable read", iso, err)
+	}
+	l, err := NewLeases(ctx, pool, 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
+	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
+		ls, ok, err := l.Lease(ctx, "t1")
+		return err == nil && ok && ls.Expired
+	})
+	// The owner's write, in the fenced store's order (the lease row FOR
+	// SHARE, then the task), held open until the claim waits for it.
+	tx, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	var pid int
+	if err := tx.QueryRow(ctx, `SELECT pg_backend_pid() FROM fleet_leases WHERE task_id = 't1' FOR SHARE`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $1 WHERE id = 't1'`, int32(agentpb.TaskStatus_RUNNING)); err != nil {
+		t.Fatal(err)
+	}
+	claimed := make(chan error, 1)
+	go func() {
+		_, _, err := l.ClaimQueued(ctx, "t1", "claimer")
+		claimed <- err
+	}()
+	waitFor(t, "the claim to wait for the owner's write", 10*time.Second, func() bool {
+		var blocked bool
+		err := st.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, pid).Scan(&blocked)
+		return err == nil && blocked
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-claimed; !errors.Is(err, ErrNotPending) {
+		t.Fatalf("claim of a task stored RUNNING before it: %v, want ErrNotPending", err)
+	}
+	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
+		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
 	}
 }

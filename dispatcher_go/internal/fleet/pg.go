@@ -139,6 +139,14 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 	return attempt, err
 }
 
+// readCommitted begins the claims that read a row after waiting for its
+// lock (ClaimQueued, ClaimForSession): each statement must see what the
+// transaction it waited for committed, whatever the server's
+// default_transaction_isolation (under REPEATABLE READ the read after the
+// wait saw the snapshot from before it: a RUNNING task claimed as
+// PENDING).
+var readCommitted = pgx.TxOptions{IsoLevel: pgx.ReadCommitted}
+
 // ErrNotPending means the bus's claim (ClaimQueued) found the task not
 // PENDING: its entry is stale (the task was taken from another entry and
 // runs, or ran, elsewhere).
@@ -159,7 +167,7 @@ var ErrNotPending = errors.New("fleet: the task is not pending")
 func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64, *command, error) {
 	var attempt int64
 	var cancel *command
-	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		cancel = nil
 		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
@@ -225,7 +233,7 @@ var ErrNotSession = errors.New("fleet: the task is not running that session")
 // before the claim (and seen by it) or refused.
 func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID string) (int64, error) {
 	var attempt int64
-	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		// The lease row first (the fenced store's order: lease, then
 		// task): a write of the old owner waits for this claim, or this
 		// claim for the write.
