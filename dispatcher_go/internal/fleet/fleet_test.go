@@ -600,16 +600,10 @@ func TestClaimQueuedAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
 	}
 }
 
-// The bus's claim reads the task's status after it took the lease and
-// needs that read to see the write it waited for (the owner's, which
-// holds the lease row FOR SHARE): READ COMMITTED, whatever the server's
-// default. Under an operator's default_transaction_isolation = 'repeatable
-// read' the read saw the snapshot from before the wait: a RUNNING task
-// was claimed as PENDING.
-func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
-	st := openStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+// repeatableReadLeases is Leases on a pool of st's schema whose sessions
+// default to REPEATABLE READ (an operator's default_transaction_isolation).
+func repeatableReadLeases(t *testing.T, ctx context.Context, st *postgres.Store) *Leases {
+	t.Helper()
 	var schema string
 	if err := st.Pool().QueryRow(ctx, `SELECT current_schema()`).Scan(&schema); err != nil {
 		t.Fatal(err)
@@ -623,7 +617,7 @@ func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pool.Close()
+	t.Cleanup(pool.Close)
 	var iso string
 	if err := pool.QueryRow(ctx, `SHOW default_transaction_isolation`).Scan(&iso); err != nil || iso != "repeatable read" {
 		t.Fatalf("default isolation %q (%v), want repeatable read", iso, err)
@@ -632,16 +626,15 @@ func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
-	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
-		ls, ok, err := l.Lease(ctx, "t1")
-		return err == nil && ok && ls.Expired
-	})
-	// The owner's write, in the fenced store's order (the lease row FOR
-	// SHARE, then the task), held open until the claim waits for it.
+	return l
+}
+
+// claimAfterOwnersWrite runs claim while the owner's write of task t1's
+// status (in the fenced store's order: the lease row FOR SHARE, then the
+// task) is under way, commits the write once the claim waits for it, and
+// returns the claim's error.
+func claimAfterOwnersWrite(t *testing.T, ctx context.Context, st *postgres.Store, status agentpb.TaskStatus, claim func() error) error {
+	t.Helper()
 	tx, err := st.Pool().Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -651,14 +644,11 @@ func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
 	if err := tx.QueryRow(ctx, `SELECT pg_backend_pid() FROM fleet_leases WHERE task_id = 't1' FOR SHARE`).Scan(&pid); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $1 WHERE id = 't1'`, int32(agentpb.TaskStatus_RUNNING)); err != nil {
+	if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $1 WHERE id = 't1'`, int32(status)); err != nil {
 		t.Fatal(err)
 	}
 	claimed := make(chan error, 1)
-	go func() {
-		_, _, err := l.ClaimQueued(ctx, "t1", "claimer")
-		claimed <- err
-	}()
+	go func() { claimed <- claim() }()
 	waitFor(t, "the claim to wait for the owner's write", 10*time.Second, func() bool {
 		var blocked bool
 		err := st.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, pid).Scan(&blocked)
@@ -667,10 +657,111 @@ func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-claimed; !errors.Is(err, ErrNotPending) {
+	return <-claimed
+}
+
+// The bus's claim reads the task's status after it took the lease and
+// needs that read to see the write it waited for (the owner's, which
+// holds the lease row FOR SHARE): READ COMMITTED, whatever the server's
+// default. Under an operator's default_transaction_isolation = 'repeatable
+// read' the read saw the snapshot from before the wait: a RUNNING task
+// was claimed as PENDING.
+func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l := repeatableReadLeases(t, ctx, st)
+	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
+	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
+		ls, ok, err := l.Lease(ctx, "t1")
+		return err == nil && ok && ls.Expired
+	})
+	err := claimAfterOwnersWrite(t, ctx, st, agentpb.TaskStatus_RUNNING, func() error {
+		_, _, err := l.ClaimQueued(ctx, "t1", "claimer")
+		return err
+	})
+	if !errors.Is(err, ErrNotPending) {
 		t.Fatalf("claim of a task stored RUNNING before it: %v, want ErrNotPending", err)
 	}
 	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
 		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
+	}
+}
+
+// The same for a session's claim (it locks the lease row, then reads the
+// task): a task its owner stored PENDING (requeued) while the claim
+// waited is not claimed for the session it ran.
+func TestClaimForSessionReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l := repeatableReadLeases(t, ctx, st)
+	body := []byte(`{"sessionId":"ses-1"}`)
+	if err := st.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: body}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
+		t.Fatal(err)
+	}
+	err := claimAfterOwnersWrite(t, ctx, st, agentpb.TaskStatus_PENDING, func() error {
+		_, err := l.ClaimForSession(ctx, "t1", "r2", "ses-1")
+		return err
+	})
+	if !errors.Is(err, ErrNotSession) {
+		t.Fatalf("session claim of a task stored PENDING before it: %v, want ErrNotSession", err)
+	}
+	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
+		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
+	}
+}
+
+// The fenced store's write is one pipelined implicit transaction (no
+// isolation level of its own): under a REPEATABLE READ default a claim it
+// waited for either fences it or fails it (a serialization failure, which
+// the writer retries); it never lands past the claim.
+func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l := repeatableReadLeases(t, ctx, st)
+	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
+	a1, err := l.Claim(ctx, "t1", "owner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner := &fencedStore{Store: st, pool: l.pool, replica: "owner", owned: map[string]int64{"t1": a1}, onFenced: func(string) {}}
+	// The claim, held open until the owner's write waits for it.
+	tx, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	var pid int
+	if err := tx.QueryRow(ctx, `UPDATE fleet_leases SET owner = 'claimer', attempt = attempt + 1 WHERE task_id = 't1' RETURNING pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	written := make(chan error, 1)
+	go func() {
+		written <- owner.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}")}}})
+	}()
+	waitFor(t, "the owner's write to wait for the claim", 10*time.Second, func() bool {
+		var blocked bool
+		err := st.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))`, pid).Scan(&blocked)
+		return err == nil && blocked
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	err = <-written
+	t.Logf("owner's write: %v", err)
+	rec, gerr := st.GetTask(ctx, "t1")
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	if agentpb.TaskStatus(rec.Status) != agentpb.TaskStatus_PENDING {
+		t.Fatalf("the owner's write landed past the claim: %s (write: %v)", agentpb.TaskStatus(rec.Status), err)
 	}
 }
