@@ -63,26 +63,10 @@ func TestCancelWhileTheRequeueHandsTheTaskBackEndsCancelled(t *testing.T) {
 	id := deadReplicaTask(t, pg, url, false)
 	var live atomic.Pointer[replica]
 	var out atomic.Pointer[task.CancelOutcome]
-	hooks := requeueHooks{stored: func(tid string) {
-		if tid != id || out.Load() != nil {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
-		if err != nil {
-			t.Errorf("cancel: %v", err)
-		}
-		out.Store(&o)
-	}}
+	hooks := requeueHooks{stored: cancelInHook(t, id, &live, &out)}
 	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
 	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
-	if o := out.Load(); o == nil || !o.Cancelled {
-		t.Fatalf("cancel outcome %+v, want cancelled", o)
-	}
-	if msg != "stopped by the test" {
-		t.Fatalf("message %q, want the cancel's reason", msg)
-	}
+	wantCancelledInHook(t, msg, &out)
 }
 
 // The same cancel sent from another replica (a command for the task's
@@ -338,26 +322,10 @@ func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
 	id := deadReplicaTask(t, pg, url, false)
 	var live atomic.Pointer[replica]
 	var out atomic.Pointer[task.CancelOutcome]
-	hooks := requeueHooks{handBack: func(tid string) {
-		if tid != id || out.Load() != nil {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
-		if err != nil {
-			t.Errorf("cancel: %v", err)
-		}
-		out.Store(&o)
-	}}
+	hooks := requeueHooks{handBack: cancelInHook(t, id, &live, &out)}
 	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
 	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
-	if o := out.Load(); o == nil || !o.Cancelled {
-		t.Fatalf("cancel outcome %+v, want cancelled (the hook did not run if nil)", o)
-	}
-	if msg != "stopped by the test" {
-		t.Fatalf("message %q, want the cancel's reason", msg)
-	}
+	wantCancelledInHook(t, msg, &out)
 }
 
 // A cancel left for a task handed back to the queue, whose row's first
@@ -477,4 +445,33 @@ func TestQueuedCancelWhoseAdoptionFailsIsNotLost(t *testing.T) {
 		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND (NOT done OR result IS NULL)`, id).Scan(&n)
 		return err == nil && n == 0
 	})
+}
+
+// cancelInHook is a requeue hook that cancels task id on the live replica
+// once, synchronously, as a client would, and keeps the outcome in out.
+func cancelInHook(t *testing.T, id string, live *atomic.Pointer[replica], out *atomic.Pointer[task.CancelOutcome]) func(string) {
+	return func(tid string) {
+		if tid != id || out.Load() != nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		o, err := live.Load().mgr.Cancel(ctx, id, "stopped by the test", false)
+		if err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+		out.Store(&o)
+	}
+}
+
+// wantCancelledInHook checks the client was told "cancelled" by the
+// cancel of cancelInHook and the task ended with its reason.
+func wantCancelledInHook(t *testing.T, msg string, out *atomic.Pointer[task.CancelOutcome]) {
+	t.Helper()
+	if o := out.Load(); o == nil || !o.Cancelled {
+		t.Fatalf("cancel outcome %+v, want cancelled (the hook did not run if nil)", o)
+	}
+	if msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
 }
