@@ -337,6 +337,7 @@ def median_run(runs: list[dict[str, float]]) -> tuple[dict[str, float], str]:
 
     mid = dict(sorted(runs, key=cpu)[(len(runs) - 1) // 2])
     mid["runs"] = len(runs)
+    mid["fewest_events"] = min(r["events"] for r in runs)  # checked: every run got all
     words = ", ".join(
         f"{cpu(r):.1f} us at {r['events'] / max(r['wall_s'], 1e-9):.0f}/s"
         f" ({(EVENTS + 1) / max(r['messages'], 1):.1f} packets/message)"
@@ -485,7 +486,8 @@ def main() -> int:
                 )
             )
         want = EVENTS if name in (LIVE, LIVE_ONE) else EVENTS * REPEAT
-        checks.append(check(f"{name}: all events", r["events"] == want, f"{r['events']}/{want}"))
+        got = int(r.get("fewest_events", r["events"]))  # the batched live row: its worst run
+        checks.append(check(f"{name}: all events", got == want, f"{got}/{want}"))
     for rest in ("rest seed001", "rest full"):
         for g in (LIVE, LIVE_ONE, "grpc replay"):
             cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
