@@ -38,13 +38,14 @@ reported as REST / gRPC ratios from one run, with each side's events per
 second (a batching writer is no longer the limit, so its live phase runs
 faster than the other's). The batched live row is run $BENCH_REST_LIVE_RUNS
 times (default 3, a fresh task each) and the run of median CPU per event is
-reported, with every run's figures printed: the dispatcher's cost is mostly
-per upstream message (a wake-up of the transport's reader and of the
-session's receive loop each), so its CPU per event follows how many packets
-the writer finds waiting per message, which moves with the machine's load;
-the CPU per upstream message is reported too. $BENCH_REST_UP_RATE pins the
-planner's rate (the issue's row: ~9 000 events/s). Result lines in
-loadgen's ``--json`` shape go to $BENCH_RESULTS.
+reported, with every run's rate and packets per message printed: much of
+the dispatcher's cost is per unit of time or per message (the store's
+commit every millisecond, the wake-ups of the transport's reader and of the
+session's receive loop), not per event, so an unpinned run's CPU per event
+follows the rate it reaches, which moves with the machine's load. To compare
+builds, pin the planner's rate with $BENCH_REST_UP_RATE (9000: the issue's
+row, ~9 000 events/s from one stream). Result lines in loadgen's ``--json``
+shape go to $BENCH_RESULTS.
 """
 
 from __future__ import annotations
@@ -106,9 +107,8 @@ UP_RATE = float(os.environ.get("BENCH_REST_UP_RATE", "0"))
 #: those turns: the fewer, the more events wait for it.
 UP_YIELD = int(os.environ.get("BENCH_REST_UP_YIELD", "4"))
 #: The batched live row is run this many times (a fresh task each) and the
-#: run of median CPU per event is reported: its CPU per event follows how
-#: many packets the Python writer finds waiting per message (the dispatcher's
-#: cost is mostly per message), which moves from run to run with the load.
+#: run of median CPU per event is reported: unpinned, its CPU per event
+#: follows the rate the run reaches (see above), which moves with the load.
 LIVE_RUNS = int(os.environ.get("BENCH_REST_LIVE_RUNS", "3"))
 #: The live rows: the writer sends what waits as one batch (the headline), and
 #: one packet per message (as in the rounds before).
