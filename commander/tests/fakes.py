@@ -25,7 +25,11 @@ from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc, tools_pb2, tools_pb2_grpc
 
 TERMINAL = ("result", "stopped")
-WAIT = 10.0  # default bound of every wait in the fakes
+# Default bound of every wait in the fakes: a hang guard, never a timing
+# claim (every wait is for something that must happen). 30 s, not 10: the
+# first test of a fresh process also pays the imports and the first
+# connection, and at a very low CPU share that took over 10 s (1 run in 25).
+WAIT = 30.0
 
 
 class _Server(Protocol):
