@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -244,10 +245,12 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 				if i == 0 {
 					s.legs.add(legQueued, began.Sub(ev.GetTime().AsTime()))
 				}
-				s.legs.add(legQueuedEv, began.Sub(ev.GetTime().AsTime()))
+				key := e.TaskID + ":" + strconv.FormatUint(e.Seq, 10)
+				s.legs.addID(legQueuedEv, key, began.Sub(ev.GetTime().AsTime()))
+				s.legs.addID(legStored, key, applied.Sub(ev.GetTime().AsTime()))
 				if ev.GetStopped() != nil {
 					s.legs.stopped(e.TaskID, ev.GetTime().AsTime())
-					s.legs.add(legStoppedDone, applied.Sub(ev.GetTime().AsTime()))
+					s.legs.addID(legStoppedDone, e.TaskID, applied.Sub(ev.GetTime().AsTime()))
 				}
 			}
 		}

@@ -211,6 +211,10 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs: newLegStats(),
 	}
 	f.hub = newTailHub(f, tails)
+	if f.legs != nil {
+		rdb.AddHook(dialTimer{f.legs, "bus"})
+		tails.AddHook(dialTimer{f.legs, "tails"})
+	}
 	f.fenced = &fencedStore{Store: pg, pool: pg.Pool(), replica: f.id, owned: map[string]int64{},
 		onFenced: f.onFenced, onWritten: f.onWritten, legs: f.legs}
 	pctx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -259,7 +263,7 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	}
 	if f.legs != nil {
 		f.wg.Go(func() {
-			f.legs.run(f.ctx, f.log, map[string]*pgxpool.Pool{"store": f.pg.Pool()})
+			f.legs.run(f.ctx, f.log, f.id, map[string]*pgxpool.Pool{"store": f.pg.Pool()})
 		})
 	}
 	f.log.Info("joined the fleet", "lease", f.opts.Lease, "grace", f.opts.Grace, "bus_up", f.busUp())
@@ -1376,12 +1380,12 @@ func (f *Fleet) onMessage(ctx context.Context, payload string, book chan<- cmdMe
 	if c.Kind == "cancel" {
 		got := time.Now()
 		if c.Sent != 0 {
-			f.legs.add(legCmdWire, got.Sub(time.UnixMicro(c.Sent)))
+			f.legs.addID(legCmdWire, c.TaskID, got.Sub(time.UnixMicro(c.Sent)))
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		res := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
 		cancel()
-		f.legs.add(legCommand, time.Since(got))
+		f.legs.addID(legCommand, c.TaskID, time.Since(got))
 		f.legs.stopHanded(c.TaskID)
 		if c.ID == 0 {
 			return // announced before its row: the row's own message follows

@@ -204,7 +204,7 @@ func (h *tailHub) deliver(id string, msgs []redis.XMessage, read time.Time) {
 		if h.f.legs != nil {
 			if us, err := strconv.ParseInt(fmt.Sprint(m.Values["t"]), 10, 64); err == nil {
 				sent = time.UnixMicro(us)
-				h.f.legs.add(legXread, read.Sub(sent))
+				h.f.legs.addID(legXread, id+":"+strconv.FormatUint(seq, 10), read.Sub(sent))
 			}
 		}
 		raw, _ := m.Values["e"].(string)
@@ -214,9 +214,9 @@ func (h *tailHub) deliver(id string, msgs []redis.XMessage, read time.Time) {
 		}
 		ev.Seq = seq
 		if h.f.legs != nil && ev.GetTime() != nil {
-			h.f.legs.add(legHub, time.Since(ev.GetTime().AsTime()))
+			h.f.legs.addID(legHub, id+":"+strconv.FormatUint(seq, 10), time.Since(ev.GetTime().AsTime()))
 			if !sent.IsZero() {
-				h.f.legs.add(legToXadd, sent.Sub(ev.GetTime().AsTime()))
+				h.f.legs.addID(legToXadd, id+":"+strconv.FormatUint(seq, 10), sent.Sub(ev.GetTime().AsTime()))
 			}
 		}
 		evs = append(evs, ev)

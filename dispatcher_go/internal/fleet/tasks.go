@@ -60,7 +60,7 @@ func (f *Fleet) Lookup(ctx context.Context, id string) (*task.Task, error) {
 	// The fenced store's GetTask fills the slot (one round trip and one
 	// backend wake-up; before, two queries on two pooled connections).
 	if f.legs != nil {
-		defer func(began time.Time) { f.legs.add(legLookup, time.Since(began)) }(time.Now())
+		defer func(began time.Time) { f.legs.addID(legLookup, id, time.Since(began)) }(time.Now())
 	}
 	slot := &lastSeqSlot{}
 	snap, err := f.ts.Load(context.WithValue(ctx, lastSeqKey{}, slot), id)
@@ -234,7 +234,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 		m.Kind, m.Caller = kindCancelFor, &cmdCaller{Tenant: caller.Tenant, Admin: caller.Admin}
 	}
 	f.announce(ctx, m)
-	f.legs.add(legAnnounce, time.Since(began))
+	f.legs.addID(legAnnounce, id, time.Since(began))
 	h, err := f.leases.Holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
@@ -246,7 +246,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 	}
 	st := h.Status
 	if st == agentpb.TaskStatus_CANCELLED && !h.Ended.Before(began.Add(-cancelSkew)) {
-		f.legs.add(legCancel, time.Since(began))
+		f.legs.addID(legCancel, id, time.Since(began))
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "cancelled"}, nil
 	}
 	if task.Terminal(st) {
@@ -268,7 +268,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 	if _, err := f.command(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
 		return task.CancelOutcome{}, err
 	}
-	f.legs.add(legCancel, time.Since(began))
+	f.legs.addID(legCancel, id, time.Since(began))
 	if !wait {
 		return task.CancelOutcome{Cancelled: true, Status: st, Message: "stop sent to the replica running the task"}, nil
 	}
