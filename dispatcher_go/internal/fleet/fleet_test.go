@@ -765,3 +765,35 @@ func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing
 		t.Fatalf("the owner's write landed past the claim: %s (write: %v)", agentpb.TaskStatus(rec.Status), err)
 	}
 }
+
+// The sweep's claim (takeOver) of an expired lease whose owner, alive,
+// stores the task's end while the claim waits for its write: the claim
+// takes the lease, then reads the status, in one READ COMMITTED
+// transaction (here under a REPEATABLE READ default), so it sees the end
+// and claims nothing; the owner keeps its lease and releases it. (Read
+// before the take, the status was RUNNING: the ended task was claimed and
+// the sweep adopted it again.)
+func TestSweepClaimAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
+	st := openStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	l := repeatableReadLeases(t, ctx, st)
+	putTask(t, st, "t1", agentpb.TaskStatus_RUNNING)
+	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
+		ls, ok, err := l.Lease(ctx, "t1")
+		return err == nil && ok && ls.Expired
+	})
+	err := claimAfterOwnersWrite(t, ctx, st, agentpb.TaskStatus_SUCCESS, func() error {
+		_, err := l.claim(ctx, "t1", "sweeper", 0)
+		return err
+	})
+	if !errors.Is(err, ErrTaskEnded) {
+		t.Fatalf("sweep claim of a task stored SUCCESS while it waited: %v, want ErrTaskEnded", err)
+	}
+	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
+		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
+	}
+}

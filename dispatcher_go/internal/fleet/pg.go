@@ -106,12 +106,33 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 }
 
 // claim is Claim where an expired lease counts as free only once it
-// expired more than grace ago.
+// expired more than grace ago (the sweep's takeover).
+//
+// The lease is taken first, then the status read, in one READ COMMITTED
+// transaction, as ClaimQueued does: a write of the owner (its lease
+// expired, but it is alive) holds the lease row FOR SHARE, so the take
+// waits for that write and then reads what it committed (an end: refused,
+// rolled back), or the write waits for the claim and is fenced. Read
+// before the take (as it was), the status was the one from before the
+// owner's write: a task the owner stored ended while the claim waited was
+// claimed and adopted again by the sweep.
 func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
 	var attempt int64
-	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+				expires_at = excluded.expires_at, released = false
+			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
+			RETURNING attempt`, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		held := errors.Is(err, pgx.ErrNoRows)
+		if err != nil && !held {
+			return err
+		}
+		// Any refusal below rolls the take back. A task that does not
+		// exist or ended says so even when its lease is held.
 		var status int32
-		err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+		err = tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return task.ErrNotFound
 		}
@@ -121,17 +142,8 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 		if task.Terminal(agentpb.TaskStatus(status)) {
 			return ErrTaskEnded
 		}
-		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
-			RETURNING attempt`, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
-		if errors.Is(err, pgx.ErrNoRows) {
+		if held {
 			return ErrLeaseHeld
-		}
-		if err != nil {
-			return err
 		}
 		_, err = tx.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
 		return err
