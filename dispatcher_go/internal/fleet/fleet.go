@@ -816,12 +816,28 @@ func (f *Fleet) cancelForgotten(ctx context.Context, t *task.Task) {
 // is stored, when a cancel was asked for it before its hand-back (it then
 // goes back to no queue); false if none was, and t is marked handed back
 // (Task.HandBack: a cancel from now on goes through the fleet).
+//
+// The cancel is written as a durable command too (left open: the
+// reconcile closes it once the task's end is stored, Leases.CloseEnded):
+// if this replica stops before the end is stored (a drain closes its
+// store writer, PostgreSQL refusing the write meanwhile; a kill), its
+// lease expires and the task's next owner carries the cancel out
+// (ClaimQueued, requeueUnstarted) instead of queueing and running a task
+// stored PENDING.
 func (f *Fleet) keepCancelled(ctx context.Context, t *task.Task, attempt int64) bool {
 	reason, cancelled := t.HandBack()
 	if !cancelled {
 		return false
 	}
 	f.watchOwned(t, attempt)
+	// Not bounded by ctx's cancel: a drain stopping the fleet meanwhile
+	// (Close waits for this) is when the row matters.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	_, err := f.leases.AddCommand(cctx, t.ID(), "cancel", cmdArgs{Reason: reason})
+	cancel()
+	if err != nil {
+		f.log.Warn("the cancel of a task kept here is not written as a command; its end must be stored before this replica stops", "task_id", t.ID(), "error", err)
+	}
 	// The cancel's Manager.Cancel ends the copy itself (the copy is still
 	// registered, so it does not go through the fleet): its caller is
 	// told "cancelled". Ended here only if that does not come.
@@ -1442,13 +1458,20 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 		if f.fenced.attempt(c.TaskID) == 0 {
 			continue
 		}
-		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() || t.HandedBack() {
+		t := f.mgr.Registry().Get(c.TaskID)
+		if t == nil || t.IsView() || t.HandedBack() {
 			// Owned but not here yet (a takeover between its claim and
 			// its adoption), or being handed back to the queue: the
 			// command waits for the next round or the next owner, else a
 			// cancel would be answered "not found" and lost while the
 			// takeover requeues the task (or sent through the fleet again
 			// by the handed-back copy, for ever while it is owned here).
+			continue
+		}
+		if c.Kind == "cancel" && task.Terminal(t.Status()) {
+			// Ended here, its end maybe not stored yet: the row stays
+			// open until it is (CloseEnded), for the task's next owner if
+			// this replica stops first (see keepCancelled).
 			continue
 		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {

@@ -1,0 +1,91 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// refuseTaskWrites makes PostgreSQL refuse every write of task id's record
+// and events (a real error of the statement, which the store writer
+// retries, as when the database fails then) until the returned func is
+// called.
+func refuseTaskWrites(t *testing.T, pg *postgres.Store, id string) (allow func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+		CREATE FUNCTION refuse_task_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			RAISE EXCEPTION 'the test refuses this write';
+		END $$;
+		CREATE TRIGGER refuse_task_record BEFORE INSERT OR UPDATE ON tasks
+			FOR EACH ROW WHEN (NEW.id = '%[1]s') EXECUTE FUNCTION refuse_task_writes();
+		CREATE TRIGGER refuse_task_events BEFORE INSERT ON events
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION refuse_task_writes();`, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := pg.Pool().Exec(ctx, `DROP TRIGGER refuse_task_record ON tasks; DROP TRIGGER refuse_task_events ON events`); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// A task cancelled on the replica handing it back to the queue is kept
+// there, ended CANCELLED (keepCancelled); that replica then drains
+// (SIGTERM: its fleet stops, then its store writer closes) before the end
+// could be stored (PostgreSQL refused the task's writes until then). The
+// task ends CANCELLED with the cancel's reason and is never run elsewhere:
+// the kept cancel is a durable command, which the task's next owner
+// carries out. (The end was lost with the writer, and the lease, never
+// released, expired: another replica's sweep found the task PENDING, queued
+// it and ran it to SUCCESS.)
+func TestDrainThatClosesItsWriterBeforeAKeptCancelIsStoredEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	id := deadReplicaTask(t, pg, url, false)
+	var live atomic.Pointer[replica]
+	var out atomic.Pointer[task.CancelOutcome]
+	cancelLocally := cancelInHook(t, id, &live, &out)
+	refused := make(chan func(), 1)
+	hooks := requeueHooks{stored: func(tid string) {
+		if tid != id || out.Load() != nil {
+			return
+		}
+		refused <- refuseTaskWrites(t, pg, id)
+		cancelLocally(tid)
+	}}
+	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
+	var allow func()
+	select {
+	case allow = <-refused:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the hook did not run")
+	}
+	l := live.Load()
+	waitFor(t, "the kept copy to end CANCELLED here", 10*time.Second, func() bool {
+		c := l.mgr.Registry().Get(id)
+		return c != nil && !c.IsView() && c.Status() == agentpb.TaskStatus_CANCELLED
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l.f.Drain(ctx)
+	l.kill() // the drain's end: the fleet stops, then the writer closes
+	allow()
+	if st, _ := storedStatus(t, l, id); task.Terminal(st) {
+		t.Fatalf("the end was stored (%s): the test needs it lost with the writer", st)
+	}
+	other := startReplica(t, pg, url, "other", &testSlot{finish: true})
+	msg := endsWith(t, other, id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	wantCancelledInHook(t, msg, &out)
+}
