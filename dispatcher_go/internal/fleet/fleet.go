@@ -81,7 +81,19 @@ const (
 	// DefaultRequeueAfter is how long a task may wait in the queue table
 	// before its bus entry is written again (in case it was lost).
 	DefaultRequeueAfter = 30 * time.Second
+	// DefaultMaxReadFailures is how many claims of a task (by any
+	// replica: takeovers, adoptions from the bus) may fail to read it
+	// before the next one ends it FAILURE (UnreadableMessage) without
+	// reading it: each failed takeover leaves the lease to expire and the
+	// next sweep retries, so a task whose record or events cannot be read
+	// at all (a corrupt body, an event that does not decode) was claimed
+	// every lease + grace for good, RUNNING for good.
+	DefaultMaxReadFailures = 5
 )
+
+// UnreadableMessage begins the message of a task ended FAILURE because
+// the replicas that claimed it could not read it (DefaultMaxReadFailures).
+const UnreadableMessage = "the dispatcher replicas that took the task over could not read it"
 
 // Options configure a Fleet.
 type Options struct {
@@ -94,6 +106,8 @@ type Options struct {
 	Grace        time.Duration
 	ReclaimIdle  time.Duration
 	RequeueAfter time.Duration
+	// MaxReadFailures: see DefaultMaxReadFailures.
+	MaxReadFailures int
 	// StopGrace is how long a cancel sent to another replica waits for the
 	// task's end.
 	StopGrace time.Duration
@@ -186,6 +200,9 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	}
 	if opts.RequeueAfter <= 0 {
 		opts.RequeueAfter = DefaultRequeueAfter
+	}
+	if opts.MaxReadFailures <= 0 {
+		opts.MaxReadFailures = DefaultMaxReadFailures
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -672,8 +689,37 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
 		return
 	}
+	if f.failUnreadable(ctx, id, attempt, "load the task", err) {
+		f.fenced.disown(id, attempt)
+		return
+	}
 	f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
 	f.giveBack(ctx, nil, id, attempt, queue)
+}
+
+// failUnreadable counts a claim of task id (this replica's, with attempt)
+// after which the task could not be read (what, err), and once
+// MaxReadFailures such claims failed, by any replica, ends the task
+// FAILURE without reading it (Leases.failUnread) and releases its lease.
+// It reports whether it ended it; false leaves the caller's way (the
+// lease to expire and the next sweep to retry, or the queue).
+func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, what string, err error) bool {
+	n, cerr := f.leases.readFailed(ctx, id, f.id, attempt)
+	if cerr != nil || n < f.opts.MaxReadFailures {
+		return false
+	}
+	msg := fmt.Sprintf("%s (%d times; the last could not %s: %v)", UnreadableMessage, n, what, err)
+	ev, ferr := f.leases.failUnread(ctx, id, f.id, attempt, msg)
+	if ferr != nil {
+		f.log.Warn("ending an unreadable task failed; the next sweep retries", "task_id", id, "failures", n, "error", ferr)
+		return false
+	}
+	f.log.Warn("task ended FAILURE: it could not be read", "task_id", id, "failures", n, "step", what, "error", err)
+	if ev != nil {
+		f.onWritten([]store.Event{*ev})
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_FAILURE)})
+	}
+	return true
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -1074,6 +1120,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	// claim removed it). The next sweep retries.
 	leave := func(what string, err error) {
 		f.fenced.disown(r.TaskID, attempt)
+		if f.failUnreadable(ctx, r.TaskID, attempt, what, err) {
+			return
+		}
 		f.log.Warn("takeover of a task failed; its lease is left to expire and the next sweep retries", "task_id", r.TaskID, "step", what, "error", err)
 	}
 	snap, err := f.ts.Load(ctx, r.TaskID)

@@ -9,7 +9,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS fleet_leases (
 	released BOOLEAN NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
+ALTER TABLE fleet_leases ADD COLUMN IF NOT EXISTS read_failures INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS fleet_queue (
 	task_id TEXT PRIMARY KEY,
 	queue TEXT NOT NULL,
@@ -418,6 +422,86 @@ func (l *Leases) Lease(ctx context.Context, taskID string) (lease, bool, error) 
 		return r, false, nil
 	}
 	return r, err == nil, err
+}
+
+// readFailed counts a claim of taskID by replica (with attempt) after
+// which the task could not be read (a takeover, or an adoption from the
+// bus, that failed to load it) and returns how many there were, by any
+// replica (0: the lease moved on meanwhile; nothing counted).
+func (l *Leases) readFailed(ctx context.Context, taskID, replica string, attempt int64) (int, error) {
+	var n int
+	err := l.pool.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
+		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
+		taskID, replica, attempt).Scan(&n)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	return n, err
+}
+
+// failUnread ends taskID FAILURE with msg without loading it (it could not
+// be read, see readFailed), under the lease replica holds with attempt: in
+// one transaction the lease row is locked and checked, the task's stored
+// status and end time set (and its message, when its body is a JSON
+// object), a terminal state event appended after its last stored one, and
+// the lease released. It returns the event stored; nil if the task had
+// ended already or the lease moved on (nothing written, the lease left as
+// it is unless the task had ended).
+func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt int64, msg string) (*store.Event, error) {
+	var out *store.Event
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		out = nil
+		var one int
+		err := tx.QueryRow(ctx, `SELECT 1 FROM fleet_leases WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released FOR UPDATE`,
+			taskID, replica, attempt).Scan(&one)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var status int32
+		var body []byte
+		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&status, &body)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return task.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if !task.Terminal(agentpb.TaskStatus(status)) {
+			var fields map[string]json.RawMessage
+			if json.Unmarshal(body, &fields) == nil && fields != nil {
+				fields["message"], _ = json.Marshal(msg)
+				body, _ = json.Marshal(fields)
+			}
+			var last int64
+			if err := tx.QueryRow(ctx, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id = $1`, taskID).Scan(&last); err != nil {
+				return err
+			}
+			now := time.Now()
+			ev := &dispatchv1.TaskEvent{TaskId: taskID, Seq: uint64(last) + 1, Time: timestamppb.New(now),
+				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_FAILURE, Message: msg}}}
+			data, err := proto.Marshal(ev)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO events (task_id, seq, data) VALUES ($1, $2, $3)`, taskID, last+1, data); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $2, ended_at = $3, body = $4 WHERE id = $1`,
+				taskID, int32(agentpb.TaskStatus_FAILURE), store.Micros(now), body); err != nil {
+				return err
+			}
+			out = &store.Event{TaskID: taskID, Seq: uint64(last) + 1, Data: data}
+		}
+		_, err = tx.Exec(ctx, `UPDATE fleet_leases SET released = true WHERE task_id = $1`, taskID)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // markReleased releases an ended task's lease whatever its attempt (the
