@@ -109,6 +109,16 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 	return l.claim(ctx, taskID, replica, 0)
 }
 
+// takeFreeLease takes task $1's lease for replica $2 for $3 µs with the
+// next attempt when it is free: no row, released, or expired more than $4
+// µs ago (RETURNING attempt; no row: held).
+const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+	VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+	ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+		expires_at = excluded.expires_at, released = false
+	WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
+	RETURNING attempt`
+
 // claim is Claim where an expired lease counts as free only once it
 // expired more than grace ago (the sweep's takeover).
 //
@@ -123,28 +133,15 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
 	var attempt int64
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
-		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
-			RETURNING attempt`, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
 		held := errors.Is(err, pgx.ErrNoRows)
 		if err != nil && !held {
 			return err
 		}
 		// Any refusal below rolls the take back. A task that does not
 		// exist or ended says so even when its lease is held.
-		var status int32
-		err = tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return task.ErrNotFound
-		}
-		if err != nil {
+		if _, err := claimable(ctx, tx, taskID); err != nil {
 			return err
-		}
-		if task.Terminal(agentpb.TaskStatus(status)) {
-			return ErrTaskEnded
 		}
 		if held {
 			return ErrLeaseHeld
@@ -153,6 +150,23 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 		return err
 	})
 	return attempt, err
+}
+
+// claimable reads taskID's status in a claim's transaction: an error
+// (task.ErrNotFound, ErrTaskEnded, or the read's) refuses the claim.
+func claimable(ctx context.Context, tx pgx.Tx, taskID string) (agentpb.TaskStatus, error) {
+	var status int32
+	err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, task.ErrNotFound
+	}
+	if err != nil {
+		return 0, err
+	}
+	if st := agentpb.TaskStatus(status); task.Terminal(st) {
+		return st, ErrTaskEnded
+	}
+	return agentpb.TaskStatus(status), nil
 }
 
 // readCommitted begins the claims that read a row after waiting for its
@@ -185,12 +199,7 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		cancel = nil
-		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp()
-			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrLeaseHeld
 		}
@@ -201,18 +210,11 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 			l.claimQueuedStep(ctx, tx)
 		}
 		// Any refusal below rolls the take back.
-		var status int32
-		err = tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return task.ErrNotFound
-		}
+		st, err := claimable(ctx, tx, taskID)
 		if err != nil {
 			return err
 		}
-		switch st := agentpb.TaskStatus(status); {
-		case task.Terminal(st):
-			return ErrTaskEnded
-		case st != agentpb.TaskStatus_PENDING:
+		if st != agentpb.TaskStatus_PENDING {
 			return ErrNotPending
 		}
 		// The queue row goes in the same round trip as the cancel is read.
