@@ -1,26 +1,21 @@
 package fleet
 
 import (
-	"context"
-	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
-	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
-// refuseTaskWrites makes PostgreSQL refuse every write of task id's record
-// and events (a real error of the statement, which the store writer
+// refuseTaskWrites makes PostgreSQL refuse every write of d's task's
+// record and events (a real error of the statement, which the store writer
 // retries, as when the database fails then) until the returned func is
 // called.
-func refuseTaskWrites(t *testing.T, pg *postgres.Store, id string) (allow func()) {
+func refuseTaskWrites(t *testing.T, d *deadTask) (allow func()) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+	d.exec(t, `
 		CREATE FUNCTION refuse_task_writes() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 			RAISE EXCEPTION 'the test refuses this write';
@@ -28,16 +23,9 @@ func refuseTaskWrites(t *testing.T, pg *postgres.Store, id string) (allow func()
 		CREATE TRIGGER refuse_task_record BEFORE INSERT OR UPDATE ON tasks
 			FOR EACH ROW WHEN (NEW.id = '%[1]s') EXECUTE FUNCTION refuse_task_writes();
 		CREATE TRIGGER refuse_task_events BEFORE INSERT ON events
-			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION refuse_task_writes();`, id))
-	if err != nil {
-		t.Fatal(err)
-	}
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION refuse_task_writes();`)
 	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if _, err := pg.Pool().Exec(ctx, `DROP TRIGGER refuse_task_record ON tasks; DROP TRIGGER refuse_task_events ON events`); err != nil {
-			t.Error(err)
-		}
+		d.exec(t, `DROP TRIGGER refuse_task_record ON tasks; DROP TRIGGER refuse_task_events ON events`)
 	}
 }
 
@@ -51,9 +39,8 @@ func refuseTaskWrites(t *testing.T, pg *postgres.Store, id string) (allow func()
 // released, expired: another replica's sweep found the task PENDING, queued
 // it and ran it to SUCCESS.)
 func TestDrainThatClosesItsWriterBeforeAKeptCancelIsStoredEndsCancelled(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 	var live atomic.Pointer[replica]
 	var out atomic.Pointer[task.CancelOutcome]
 	cancelLocally := cancelInHook(t, id, &live, &out)
@@ -62,7 +49,7 @@ func TestDrainThatClosesItsWriterBeforeAKeptCancelIsStoredEndsCancelled(t *testi
 		if tid != id || out.Load() != nil {
 			return
 		}
-		refused <- refuseTaskWrites(t, pg, id)
+		refused <- refuseTaskWrites(t, d)
 		cancelLocally(tid)
 	}}
 	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
@@ -77,9 +64,7 @@ func TestDrainThatClosesItsWriterBeforeAKeptCancelIsStoredEndsCancelled(t *testi
 		c := l.mgr.Registry().Get(id)
 		return c != nil && !c.IsView() && c.Status() == agentpb.TaskStatus_CANCELLED
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	l.f.Drain(ctx)
+	l.f.Drain(d.ctx)
 	l.kill() // the drain's end: the fleet stops, then the writer closes
 	allow()
 	if st, _ := storedStatus(t, l, id); task.Terminal(st) {

@@ -1,7 +1,6 @@
 package fleet
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -18,14 +17,9 @@ import (
 // more. (Each takeover left the lease to expire and the next sweep tried
 // again: claimed every lease + grace with a warning, RUNNING for good.)
 func TestUnreadableTaskEndsFailureAfterTheMaxReadFailures(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	if _, err := pg.Pool().Exec(ctx, `UPDATE tasks SET body = convert_to('{"instruction": 5}', 'UTF8') WHERE id = $1`, id); err != nil {
-		t.Fatal(err)
-	}
+	d := newDeadTask(t, false)
+	pg, url, id, ctx := d.pg, d.url, d.id, d.ctx
+	d.exec(t, `UPDATE tasks SET body = convert_to('{"instruction": 5}', 'UTF8') WHERE id = '%[1]s'`)
 	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
 	var status agentpb.TaskStatus
 	waitFor(t, "the unreadable task to end", 45*time.Second, func() bool {
