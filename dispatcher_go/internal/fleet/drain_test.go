@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"context"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -73,4 +74,52 @@ func TestDrainThatClosesItsWriterBeforeAKeptCancelIsStoredEndsCancelled(t *testi
 	other := startReplica(t, pg, url, "other", &testSlot{finish: true})
 	msg := endsWith(t, other, id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
 	wantCancelledInHook(t, msg, &out)
+}
+
+// A task queued on a replica (claimed from the bus, waiting for a slot)
+// that a client cancels there while PostgreSQL refuses the task's writes;
+// the replica then drains (its fleet stops, then its store writer closes)
+// with the CANCELLED end not stored. The task ends CANCELLED with the
+// cancel's reason, never run elsewhere: the stopping replica writes the
+// cancel as a durable command for the task's next owner. (The end was lost
+// with the writer; the lease expired and another replica's sweep found
+// the task PENDING, queued it and ran it to SUCCESS.)
+func TestDrainThatClosesItsWriterBeforeALocalCancelIsStoredEndsCancelled(t *testing.T) {
+	pg := openStore(t)
+	url := redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// Its slot serves another planner: the task waits in its queue.
+	live := startBystander(t, pg, url, "live")
+	tk, err := live.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &deadTask{pg: pg, url: url, id: tk.ID(), ctx: ctx, leases: live.f.leases}
+	if err := live.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	attempt, cmd, err := live.f.leases.ClaimQueued(ctx, d.id, live.f.id)
+	if err != nil || cmd != nil {
+		t.Fatalf("claim: %v (cancel %v)", err, cmd)
+	}
+	live.f.fenced.own(d.id, attempt)
+	if err := live.f.adopt(ctx, d.id, attempt, true); err != nil {
+		t.Fatal(err)
+	}
+	allow := refuseTaskWrites(t, d)
+	out, err := live.mgr.Cancel(ctx, d.id, "stopped by the test", false)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	live.f.Drain(ctx)
+	live.kill() // the drain's end: the fleet stops, then the writer closes
+	allow()
+	if st, _ := storedStatus(t, live, d.id); st != agentpb.TaskStatus_PENDING {
+		t.Fatalf("stored %s: the test needs the end lost with the writer", st)
+	}
+	other := startReplica(t, pg, url, "other", &testSlot{finish: true})
+	if msg := endsWith(t, other, d.id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second); msg != "stopped by the test" {
+		t.Fatalf("message %q, want the cancel's reason", msg)
+	}
 }

@@ -917,6 +917,7 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 		select {
 		case <-t.Done():
 		case <-f.ctx.Done():
+			f.keepCancelOpen(t, attempt)
 			return
 		}
 		// Its end must be stored before the lease goes: the writer retries
@@ -930,10 +931,12 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 				break
 			}
 			if errors.Is(err, store.ErrWriterClosed) {
+				f.keepCancelOpen(t, attempt)
 				return // shutting down: the lease expires
 			}
 			select {
 			case <-f.ctx.Done():
+				f.keepCancelOpen(t, attempt)
 				return
 			case <-time.After(time.Second):
 			}
@@ -949,6 +952,34 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 			}
 		}
 	})
+}
+
+// keepCancelOpen writes a cancel asked of t (a task this replica holds
+// with attempt, cancelled here or ended CANCELLED here) as a durable
+// command when this replica stops before t's end is known to be stored (a
+// drain: its fleet stops, then its store writer closes, and PostgreSQL may
+// refuse the end meanwhile): the lease expires and the task's next owner
+// ends it CANCELLED (ClaimQueued, takeOver's cancelAsked, a re-attached
+// session's commands) instead of queueing a task stored PENDING again or
+// ending it FAILURE. The row stays open until the end is stored
+// (CloseEnded). Nothing for a task without a cancel, or no longer held.
+func (f *Fleet) keepCancelOpen(t *task.Task, attempt int64) {
+	if f.fenced.attempt(t.ID()) != attempt {
+		return
+	}
+	reason, ok := t.CancelRequested()
+	if !ok {
+		info := t.Info()
+		if info.Status != agentpb.TaskStatus_CANCELLED {
+			return
+		}
+		reason = info.Message
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := f.leases.AddCommand(ctx, t.ID(), "cancel", cmdArgs{Reason: reason}); err != nil {
+		f.log.Warn("a cancel asked here is not written as a command before this replica stops", "task_id", t.ID(), "error", err)
+	}
 }
 
 // reclaimLoop takes over bus entries another replica read but never
@@ -1157,6 +1188,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		leave("adopt the task", err)
 		return
 	}
+	if f.cancelAsked(ctx, r, t, attempt) {
+		return
+	}
 	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
 		r.Owner, f.opts.Lease+f.opts.Grace)
 	if unstarted {
@@ -1169,6 +1203,34 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	f.watchOwned(t, attempt)
 	f.log.Warn("task of a dead replica ended", "task_id", r.TaskID, "owner", r.Owner, "attempt", attempt)
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
+}
+
+// cancelAsked ends t, the RUNNING task of an expired lease taken over with
+// attempt, CANCELLED when a cancel not done is open for it (asked of its
+// dead owner, or kept by a replica that stopped before the task's end was
+// stored: see keepCancelled, keepCancelOpen), and reports whether it did.
+// The row is not taken first (as cancelQueued): it stays open until the
+// task's end is stored, for the next sweep if this replica dies before.
+func (f *Fleet) cancelAsked(ctx context.Context, r lease, t *task.Task, attempt int64) bool {
+	cmds, err := f.leases.OpenCommands(ctx, []string{r.TaskID})
+	if err != nil {
+		return false
+	}
+	for _, c := range cmds {
+		if c.Kind != "cancel" {
+			continue
+		}
+		reason := c.Args.Reason
+		if reason == "" {
+			reason = "cancelled"
+		}
+		f.watchOwned(t, attempt)
+		f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", r.TaskID, "owner", r.Owner)
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		f.closeCancel(ctx, r.TaskID, c.ID)
+		return true
+	}
+	return false
 }
 
 // requeueHooks, when set, are called with the task's id: claimed by
@@ -1209,25 +1271,6 @@ const RequeueTakenOverMessage = "requeued: its dispatcher replica stopped before
 // this replica drops its copy without queueing it.
 func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, attempt int64, queue string) (done bool, why string) {
 	id := r.TaskID
-	if cmds, err := f.leases.OpenCommands(ctx, []string{id}); err == nil {
-		for _, c := range cmds {
-			if c.Kind != "cancel" {
-				continue
-			}
-			// Not taken first (as cancelQueued): the row stays open
-			// until the task's end is stored, for the next sweep if this
-			// replica dies before.
-			reason := c.Args.Reason
-			if reason == "" {
-				reason = "cancelled"
-			}
-			f.watchOwned(t, attempt)
-			f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", id, "owner", r.Owner)
-			t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
-			f.closeCancel(ctx, id, c.ID)
-			return true, ""
-		}
-	}
 	if f.draining.Load() {
 		// As a single node shutting down does not requeue.
 		return false, " (not requeued: this dispatcher replica is draining)"

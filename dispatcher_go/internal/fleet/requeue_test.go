@@ -476,16 +476,22 @@ func TestReattachAfterTheRequeueIsStoredIsRefused(t *testing.T) {
 }
 
 // A cancel asked while the dead replica still seemed to hold the task (a
-// command row for its owner) is honoured by the takeover: CANCELLED with
-// its reason, not requeued.
-func TestDeadReplicasUnstartedTaskWithACancelAskedIsCancelled(t *testing.T) {
-	d := newDeadTask(t, false)
-	if _, err := d.leases.AddCommand(d.ctx, d.id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
-		t.Fatal(err)
-	}
-	live := startReplica(t, d.pg, d.url, "live", &testSlot{finish: true})
-	st, msg := d.ended(t, live, 20*time.Second)
-	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
-		t.Fatalf("status %s %q, started %d times on the live replica; want CANCELLED, never started", st, msg, live.slot.started.Load())
+// command row for its owner, or one a replica that stopped before the
+// task's end was stored left open) is honoured by the takeover: CANCELLED
+// with its reason, not requeued (unstarted) nor FAILURE (started: it ended
+// FAILURE before, the cancel lost).
+func TestDeadReplicasTaskWithACancelAskedIsCancelled(t *testing.T) {
+	for name, upstream := range map[string]bool{"unstarted": false, "started": true} {
+		t.Run(name, func(t *testing.T) {
+			d := newDeadTask(t, upstream)
+			if _, err := d.leases.AddCommand(d.ctx, d.id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+				t.Fatal(err)
+			}
+			live := startReplica(t, d.pg, d.url, "live", &testSlot{finish: true})
+			st, msg := d.ended(t, live, 20*time.Second)
+			if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
+				t.Fatalf("status %s %q, started %d times on the live replica; want CANCELLED, never started", st, msg, live.slot.started.Load())
+			}
+		})
 	}
 }
