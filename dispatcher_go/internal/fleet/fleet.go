@@ -1514,8 +1514,12 @@ func (f *Fleet) sees(caller tenant.Caller, id string) bool {
 const cmdBookQueue = 256
 
 // cmdBookLoop takes the rows of announced commands: a cancel already
-// carried out gets its result stored; another command is taken (at most
-// once), carried out and its result stored.
+// carried out gets its result stored, its row left open until the task's
+// end is stored (Leases.CloseEnded): if this replica stops before (killed,
+// its store refusing the end), the task's next owner finds the cancel and
+// carries it out (ClaimQueued, takeOver's cancelAsked, TakeSession).
+// Another command is taken (at most once), carried out and its result
+// stored.
 func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 	for {
 		var c cmdMessage
@@ -1525,7 +1529,11 @@ func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 		case c = <-book:
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
+		if c.Kind == "cancel" {
+			if c.Result != nil {
+				_ = f.leases.SetResult(cctx, c.ID, *c.Result)
+			}
+		} else if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
 			res := c.Result
 			if res == nil && f.fenced.attempt(c.TaskID) != 0 {
 				r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
@@ -1540,7 +1548,9 @@ func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 }
 
 // runCommands carries out the open commands of the given tasks that this
-// replica holds, each at most once.
+// replica holds: interject and approve at most once (taken first); a
+// cancel until the task is being stopped here, its row left open until
+// the task's end is stored (see cmdBookLoop).
 func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 	cmds, err := f.leases.OpenCommands(ctx, ids)
 	if err != nil {
@@ -1560,10 +1570,14 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 			// by the handed-back copy, for ever while it is owned here).
 			continue
 		}
-		if c.Kind == "cancel" && task.Terminal(t.Status()) {
-			// Ended here, its end maybe not stored yet: the row stays
-			// open until it is (CloseEnded), for the task's next owner if
-			// this replica stops first (see keepCancelled).
+		if c.Kind == "cancel" {
+			// Never taken: the row stays open until the task's end is
+			// stored (CloseEnded), for the task's next owner if this
+			// replica stops first. Carried out unless the task ended here
+			// (its end maybe not stored yet) or a cancel is under way.
+			if _, asked := t.CancelRequested(); !asked && !task.Terminal(t.Status()) {
+				_ = f.leases.SetResult(ctx, c.ID, f.exec(ctx, c))
+			}
 			continue
 		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {

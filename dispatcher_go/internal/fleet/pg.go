@@ -218,20 +218,8 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 			return ErrNotPending
 		}
 		// The queue row goes in the same round trip as the cancel is read.
-		var c command
-		var b []byte
-		err = tx.QueryRow(ctx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1)
-			SELECT id, task_id, kind, args FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel' ORDER BY id LIMIT 1`,
-			taskID).Scan(&c.ID, &c.TaskID, &c.Kind, &b)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		_ = json.Unmarshal(b, &c.Args)
-		cancel = &c
-		return nil
+		cancel, err = openCancel(ctx, tx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1) `, taskID)
+		return err
 	})
 	return attempt, cancel, err
 }
@@ -250,8 +238,20 @@ var ErrNotSession = errors.New("fleet: the task is not running that session")
 // task is read and the lease moves, so a write of the old owner is either
 // before the claim (and seen by it) or refused.
 func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID string) (int64, error) {
+	attempt, _, err := l.claimSession(ctx, taskID, replica, sessionID)
+	return attempt, err
+}
+
+// claimSession is ClaimForSession that returns too the oldest cancel asked
+// for the task and not done yet (nil: none), read in the same transaction:
+// a cancel whose owner stopped before the task's end was stored (killed,
+// or its store refusing the end), which the session's new owner must carry
+// out (Fleet.TakeSession: the re-attached session is stopped with it).
+func (l *Leases) claimSession(ctx context.Context, taskID, replica, sessionID string) (int64, *command, error) {
 	var attempt int64
+	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		cancel = nil
 		// The lease row first (the fenced store's order: lease, then
 		// task): a write of the old owner waits for this claim, or this
 		// claim for the write.
@@ -276,13 +276,35 @@ func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID
 		if st != agentpb.TaskStatus_RUNNING || storedSession(body) != sessionID {
 			return ErrNotSession
 		}
-		return tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
 			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
 				expires_at = excluded.expires_at, released = false
 			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		if err != nil {
+			return err
+		}
+		cancel, err = openCancel(ctx, tx, "", taskID)
+		return err
 	})
-	return attempt, err
+	return attempt, cancel, err
+}
+
+// openCancel is the oldest cancel asked for taskID and not done yet (nil:
+// none); with, if not empty, a WITH clause of the same statement (on $1).
+func openCancel(ctx context.Context, tx pgx.Tx, with, taskID string) (*command, error) {
+	var c command
+	var b []byte
+	err := tx.QueryRow(ctx, with+`SELECT id, task_id, kind, args FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel' ORDER BY id LIMIT 1`,
+		taskID).Scan(&c.ID, &c.TaskID, &c.Kind, &b)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	_ = json.Unmarshal(b, &c.Args)
+	return &c, nil
 }
 
 // storedSession is the session id in a task record's body (the
@@ -673,7 +695,10 @@ func (l *Leases) OpenCommands(ctx context.Context, taskIDs []string) ([]command,
 }
 
 // TakeCommand marks command id done before it is carried out (so it runs
-// at most once); false if somebody took it already.
+// at most once); false if somebody took it already. For interject and
+// approve only: a cancel's row is never taken, it stays open until the
+// task's end is stored (closeIfEnded, CloseEnded), so that the task's next
+// owner carries it out if this one stops before that.
 func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 	tag, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = true WHERE id = $1 AND NOT done`, id)
 	return tag.RowsAffected() == 1, err
@@ -709,9 +734,10 @@ func (l *Leases) Result(ctx context.Context, id int64) (cmdResult, bool, error) 
 }
 
 // CloseEnded marks done the open commands of tasks that ended (nobody will
-// carry them out).
+// carry them out), and the cancels carried out (their result stored, the
+// row left open until then) whose task's end is stored now.
 func (l *Leases) CloseEnded(ctx context.Context) error {
-	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = '{"err":"the task ended","err_kind":"not_running"}'
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = COALESCE(c.result, '{"err":"the task ended","err_kind":"not_running"}')
 		FROM tasks t WHERE c.task_id = t.id AND NOT c.done AND t.status = ANY($1)`, terminalCodes)
 	return err
 }

@@ -61,8 +61,28 @@ func (testRunner) Interject(context.Context, string) (string, uint64, error) {
 // planner is the planner it serves ("" is "chat").
 type testSlot struct {
 	finish, upstream bool
-	planner          string
-	started          atomic.Int32
+	// stops: its sessions' commander acknowledges a stop at once
+	// (stopRunner).
+	stops   bool
+	planner string
+	started atomic.Int32
+}
+
+// stopRunner is a session whose commander acknowledges a stop at once: the
+// task ends with the stop's reason, CANCELLED for a client's cancel (as the
+// session's stopStatus), else FAILURE.
+type stopRunner struct{ t *task.Task }
+
+func (r stopRunner) Stop(reason string, code dispatchv1.StopCode) bool {
+	st := agentpb.TaskStatus_FAILURE
+	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
+		st = agentpb.TaskStatus_CANCELLED
+	}
+	return r.t.Finish(st, reason, "")
+}
+
+func (stopRunner) Interject(context.Context, string) (string, uint64, error) {
+	return "", 0, task.ErrNotRunning
 }
 
 func (s *testSlot) plannerName() string {
@@ -80,7 +100,11 @@ func (s *testSlot) PlannerCapabilities() []string {
 }
 func (s *testSlot) ServesTenant(string) bool { return true }
 func (s *testSlot) Deliver(t *task.Task) scheduler.Delivery {
-	if err := t.Start(testRunner{}, "commander", fmt.Sprintf("session-%d", s.started.Add(1))); err != nil {
+	var r task.Runner = testRunner{}
+	if s.stops {
+		r = stopRunner{t: t}
+	}
+	if err := t.Start(r, "commander", fmt.Sprintf("session-%d", s.started.Add(1))); err != nil {
 		return scheduler.TaskGone
 	}
 	if s.finish || s.upstream {
