@@ -973,3 +973,126 @@ def test_cut_commander_link_session_moves_to_another_replica(
         full.join(15)
         assert [(e.seq, kind(e)) for e in full.values()] == [(e.seq, kind(e)) for e in events]
     print(f"\nlink to r1 reset: session re-attached to r2 {moved:.2f}s after; SUCCESS")
+
+
+def _psql(engines: SimpleNamespace, sql: str) -> str:
+    """Runs sql on the fleet's PostgreSQL (the psql of scripts/postgres.sh's install);
+    returns what it printed (unaligned, tuples only)."""
+    found = shutil.which("psql") or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None
+    )
+    if found is None:
+        pytest.skip("psql is not installed")
+    return subprocess.run(
+        [found, engines.dsn, "-v", "ON_ERROR_STOP=1", "-qtAc", sql],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+
+
+def _refuse_task_writes(engines: SimpleNamespace, task_id: str, on: bool) -> None:
+    """Makes PostgreSQL refuse (on) every write of the task's record and events, as a
+    store failing then would (the dispatcher's writer retries), or accept them again."""
+    if not on:
+        _psql(
+            engines,
+            "DROP TRIGGER refuse_task_record ON tasks; DROP TRIGGER refuse_task_events ON events",
+        )
+        return
+    _psql(
+        engines,
+        f"""
+        CREATE OR REPLACE FUNCTION refuse_task_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the test refuses this write'; END $$;
+        CREATE TRIGGER refuse_task_record BEFORE INSERT OR UPDATE ON tasks
+            FOR EACH ROW WHEN (NEW.id = '{task_id}') EXECUTE FUNCTION refuse_task_writes();
+        CREATE TRIGGER refuse_task_events BEFORE INSERT ON events
+            FOR EACH ROW WHEN (NEW.task_id = '{task_id}') EXECUTE FUNCTION refuse_task_writes();
+        """,
+    )
+
+
+def test_cancel_carried_out_by_an_owner_killed_before_the_end_is_stored(
+    stack: Stack, fleet: SimpleNamespace
+) -> None:
+    """A cancel sent from r2 that the task's owner r1 carries out (its commander stops
+    the planner) while PostgreSQL refuses the task's writes; r1 is killed (kill -9)
+    before the end is stored. The cancel's row was left open (never marked done before
+    the end is stored), so r2's sweep ends the task CANCELLED with the cancel's reason
+    (before: the row was done, and the sweep ended the task FAILURE)."""
+    d1, d2, _ = fleet.d
+    llm = stack.scripted(tokens_per_sec=40, tokens=800)
+    stack.commander(d1, llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=30)
+    instruction = f"cancel, owner killed [{uuid.uuid4().hex[:8]}]"
+    task_id = _submit(d2, instruction, llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    _refuse_task_writes(fleet.e, task_id, True)
+    reason = "test: cancelled, then its owner died"
+    resp = d2.tasks.CancelTask(
+        tasks_pb2.CancelTaskRequest(task_id=task_id, reason=reason), timeout=10
+    )
+    assert resp.cancelled, resp
+    # r1 carried it out: the command's result stored, the commander stopped the planner.
+    wait_until(
+        lambda: (
+            _psql(
+                fleet.e,
+                f"SELECT count(*) FROM fleet_commands WHERE task_id = '{task_id}' "
+                "AND kind = 'cancel' AND result IS NOT NULL",
+            )
+            == "1"
+        ),
+        10,
+        "r1 to carry the cancel out",
+    )
+    llm.wait_streams(instruction, lambda r: bool(r) and r[0]["outcome"] != "active", 10, "closed")
+    d1.close_channel()
+    d1.proc.kill9()
+    _refuse_task_writes(fleet.e, task_id, False)
+    st = wait_status(d2.agent, task_id, timeout=WINDOW + 15)
+    assert st.status == agent_pb2.CANCELLED and reason in st.message, st
+
+
+def test_open_cancel_stops_the_session_reattached_after_its_owner_died(
+    stack: Stack, engines: SimpleNamespace
+) -> None:
+    """A cancel that the task's owner carried out but whose end it never stored (killed
+    with kill -9 first) leaves its fleet_commands row open: the commander re-attaches the
+    session to the other replica, which takes the task over with the cancel as the
+    session's stop: the stop follows the re-attach at once (no content in between) with
+    the cancel's reason, and the task ends CANCELLED (before: the new owner's reconcile
+    found the row up to 1 s later, the session running meanwhile). The open row is
+    written here while the owner is paused (SIGSTOP: it cannot carry it out), then the
+    owner is killed."""
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=800)
+    stack.commander(f"{d1.addr},{d2.addr}", llm.base_url, slots=1)
+    d2.wait_slots(1, timeout=30)  # the commander's slot is on d1 (its first address)
+    task_id = _submit(d2, f"open cancel [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    d1.close_channel()
+    d1.proc.signal(signal.SIGSTOP)
+    reason = "cancelled before its owner died"
+    try:
+        _psql(
+            engines,
+            "INSERT INTO fleet_commands (task_id, kind, args) "
+            f"""VALUES ('{task_id}', 'cancel', '{{"reason": "{reason}"}}')""",
+        )
+    finally:
+        d1.proc.kill9()
+    st = wait_status(d2.agent, task_id, timeout=60)
+    assert st.status == agent_pb2.CANCELLED and reason in st.message, st
+    events = w.join(30)
+    re = _reattaches(events)
+    assert re, describe(events)
+    after = events[events.index(re[0]) + 1 :]
+    assert after and kind(after[0]) == "stop", describe(after[:5])
+    assert after[0].stop.code == interaction_pb2.STOP_CODE_CLIENT_CANCEL, describe(after[:1])
+    assert after[0].stop.reason == reason, describe(after[:1])
+    assert not [e for e in after if kind(e) == "content"], describe(after)

@@ -85,6 +85,7 @@ type config struct {
 	fleetLease      time.Duration
 	fleetGrace      time.Duration
 	fleetReclaim    time.Duration
+	fleetReadFails  int
 }
 
 // seedEnv are the seed-000 variable names a flag also reads, after its
@@ -158,6 +159,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.fleetLease, "fleet-lease", fleet.DefaultLease, "fleet: a task lease's length (renewed every third of it)")
 	fs.DurationVar(&c.fleetGrace, "fleet-grace", fleet.DefaultGrace, "fleet: how long past its expiry a lease is left for a hand-over before another replica ends the task (a dead replica's tasks end within lease + grace + 1s)")
 	fs.DurationVar(&c.fleetReclaim, "fleet-reclaim-idle", fleet.DefaultReclaimIdle, "fleet: how long a bus entry read by a replica may stay unacknowledged before another reclaims it")
+	fs.IntVar(&c.fleetReadFails, "fleet-max-read-failures", fleet.DefaultMaxReadFailures, "fleet: how many claims of a task (takeovers, adoptions from the bus, by any replica) may fail to read it before the next ends it FAILURE unread")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -244,8 +246,8 @@ func (c *config) validate() error {
 	if c.fleetRedis != "" && c.storage != "postgres" {
 		errs = append(errs, errors.New("--fleet-redis needs --storage-backend postgres: the fleet's truth is PostgreSQL"))
 	}
-	if c.fleetLease <= 0 || c.fleetGrace < 0 || c.fleetReclaim <= 0 {
-		errs = append(errs, errors.New("--fleet-lease and --fleet-reclaim-idle must be positive, --fleet-grace not negative"))
+	if c.fleetLease <= 0 || c.fleetGrace < 0 || c.fleetReclaim <= 0 || c.fleetReadFails <= 0 {
+		errs = append(errs, errors.New("--fleet-lease, --fleet-reclaim-idle and --fleet-max-read-failures must be positive, --fleet-grace not negative"))
 	}
 	if c.retention < 0 || c.flushInterval < 0 {
 		errs = append(errs, errors.New("--retention and --event-flush-interval must not be negative"))
@@ -386,7 +388,7 @@ func (c *config) dispatcherConfig(st store.Store, log *slog.Logger, onEvent func
 		MCP:    dispatcher.MCP{ServersFile: c.mcpServers, Poll: c.policyPoll},
 		Store:  dispatcher.Store{Backend: st, SecretKey: secretKey, Retention: c.retention, FlushInterval: offIfZero(c.flushInterval)},
 		Fleet: dispatcher.Fleet{RedisURL: c.fleetRedis, ReplicaID: c.replicaID, Lease: c.fleetLease,
-			Grace: c.fleetGrace, ReclaimIdle: c.fleetReclaim},
+			Grace: c.fleetGrace, ReclaimIdle: c.fleetReclaim, MaxReadFailures: c.fleetReadFails},
 		Logger:  log,
 		OnEvent: onEvent,
 	}

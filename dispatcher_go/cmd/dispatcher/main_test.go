@@ -141,7 +141,7 @@ func TestFleetFlags(t *testing.T) {
 	}
 	got := c.dispatcherConfig(nil, nil, nil).Fleet
 	if got.RedisURL != "redis://127.0.0.1:6379/0" || got.ReplicaID != "r7" || got.Lease != fleet.DefaultLease ||
-		got.Grace != fleet.DefaultGrace || got.ReclaimIdle != fleet.DefaultReclaimIdle {
+		got.Grace != fleet.DefaultGrace || got.ReclaimIdle != fleet.DefaultReclaimIdle || got.MaxReadFailures != fleet.DefaultMaxReadFailures {
 		t.Fatalf("fleet config %+v", got)
 	}
 	// The single node: no fleet unless asked.
@@ -166,6 +166,7 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		"stray argument":   {[]string{"serve"}, nil},
 		"fleet on sqlite":  {[]string{"--fleet-redis", "redis://127.0.0.1:6379/0"}, nil},
 		"fleet lease":      {[]string{"--storage-backend", "postgres", "--postgres-dsn", "x", "--fleet-redis", "redis://r", "--fleet-lease", "0s"}, nil},
+		"fleet read fails": {[]string{"--storage-backend", "postgres", "--postgres-dsn", "x", "--fleet-redis", "redis://r", "--fleet-max-read-failures", "0"}, nil},
 	} {
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()

@@ -278,10 +278,13 @@ type Fleet struct {
 	// Lease is a task lease's length (fleet.DefaultLease); Grace how long
 	// past its expiry it is left for a hand-over before another replica
 	// takes the task over (fleet.DefaultGrace); ReclaimIdle how long a bus
-	// entry may stay unacknowledged (fleet.DefaultReclaimIdle).
-	Lease       time.Duration
-	Grace       time.Duration
-	ReclaimIdle time.Duration
+	// entry may stay unacknowledged (fleet.DefaultReclaimIdle);
+	// MaxReadFailures how many claims of a task may fail to read it before
+	// the next ends it FAILURE (fleet.DefaultMaxReadFailures).
+	Lease           time.Duration
+	Grace           time.Duration
+	ReclaimIdle     time.Duration
+	MaxReadFailures int
 }
 
 // withDefaults returns c with every zero field set to its default.

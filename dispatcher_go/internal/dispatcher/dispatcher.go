@@ -137,7 +137,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		fl, err = fleet.New(ctx, pg, fleet.Options{
 			RedisURL: cfg.Fleet.RedisURL, ReplicaID: cfg.Fleet.ReplicaID, Lease: cfg.Fleet.Lease,
-			Grace: cfg.Fleet.Grace, ReclaimIdle: cfg.Fleet.ReclaimIdle, StopGrace: cfg.Tasks.StopGrace,
+			Grace: cfg.Fleet.Grace, ReclaimIdle: cfg.Fleet.ReclaimIdle, MaxReadFailures: cfg.Fleet.MaxReadFailures, StopGrace: cfg.Tasks.StopGrace,
 			Logger: log.With("component", "fleet"),
 		})
 		cancel()

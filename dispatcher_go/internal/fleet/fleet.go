@@ -81,7 +81,19 @@ const (
 	// DefaultRequeueAfter is how long a task may wait in the queue table
 	// before its bus entry is written again (in case it was lost).
 	DefaultRequeueAfter = 30 * time.Second
+	// DefaultMaxReadFailures is how many claims of a task (by any
+	// replica: takeovers, adoptions from the bus) may fail to read it
+	// before the next one ends it FAILURE (UnreadableMessage) without
+	// reading it: each failed takeover leaves the lease to expire and the
+	// next sweep retries, so a task whose record or events cannot be read
+	// at all (a corrupt body, an event that does not decode) was claimed
+	// every lease + grace for good, RUNNING for good.
+	DefaultMaxReadFailures = 5
 )
+
+// UnreadableMessage begins the message of a task ended FAILURE because
+// the replicas that claimed it could not read it (DefaultMaxReadFailures).
+const UnreadableMessage = "the dispatcher replicas that took the task over could not read it"
 
 // Options configure a Fleet.
 type Options struct {
@@ -94,6 +106,8 @@ type Options struct {
 	Grace        time.Duration
 	ReclaimIdle  time.Duration
 	RequeueAfter time.Duration
+	// MaxReadFailures: see DefaultMaxReadFailures.
+	MaxReadFailures int
 	// StopGrace is how long a cancel sent to another replica waits for the
 	// task's end.
 	StopGrace time.Duration
@@ -186,6 +200,9 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	}
 	if opts.RequeueAfter <= 0 {
 		opts.RequeueAfter = DefaultRequeueAfter
+	}
+	if opts.MaxReadFailures <= 0 {
+		opts.MaxReadFailures = DefaultMaxReadFailures
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -676,8 +693,37 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
 		return
 	}
+	if f.failUnreadable(ctx, id, attempt, "load the task", err) {
+		f.fenced.disown(id, attempt)
+		return
+	}
 	f.log.Warn("adopting a claimed task failed; it goes back to the queue", "task_id", id, "error", err)
 	f.giveBack(ctx, nil, id, attempt, queue)
+}
+
+// failUnreadable counts a claim of task id (this replica's, with attempt)
+// after which the task could not be read (what, err), and once
+// MaxReadFailures such claims failed, by any replica, ends the task
+// FAILURE without reading it (Leases.failUnread) and releases its lease.
+// It reports whether it ended it; false leaves the caller's way (the
+// lease to expire and the next sweep to retry, or the queue).
+func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, what string, err error) bool {
+	n, cerr := f.leases.readFailed(ctx, id, f.id, attempt)
+	if cerr != nil || n < f.opts.MaxReadFailures {
+		return false
+	}
+	msg := fmt.Sprintf("%s (%d times; the last could not %s: %v)", UnreadableMessage, n, what, err)
+	ev, ferr := f.leases.failUnread(ctx, id, f.id, attempt, msg)
+	if ferr != nil {
+		f.log.Warn("ending an unreadable task failed; the next sweep retries", "task_id", id, "failures", n, "error", ferr)
+		return false
+	}
+	f.log.Warn("task ended FAILURE: it could not be read", "task_id", id, "failures", n, "step", what, "error", err)
+	if ev != nil {
+		f.onWritten([]store.Event{*ev})
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_FAILURE)})
+	}
+	return true
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -820,12 +866,28 @@ func (f *Fleet) cancelForgotten(ctx context.Context, t *task.Task) {
 // is stored, when a cancel was asked for it before its hand-back (it then
 // goes back to no queue); false if none was, and t is marked handed back
 // (Task.HandBack: a cancel from now on goes through the fleet).
+//
+// The cancel is written as a durable command too (left open: the
+// reconcile closes it once the task's end is stored, Leases.CloseEnded):
+// if this replica stops before the end is stored (a drain closes its
+// store writer, PostgreSQL refusing the write meanwhile; a kill), its
+// lease expires and the task's next owner carries the cancel out
+// (ClaimQueued, requeueUnstarted) instead of queueing and running a task
+// stored PENDING.
 func (f *Fleet) keepCancelled(ctx context.Context, t *task.Task, attempt int64) bool {
 	reason, cancelled := t.HandBack()
 	if !cancelled {
 		return false
 	}
 	f.watchOwned(t, attempt)
+	// Not bounded by ctx's cancel: a drain stopping the fleet meanwhile
+	// (Close waits for this) is when the row matters.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	_, err := f.leases.AddCommand(cctx, t.ID(), "cancel", cmdArgs{Reason: reason})
+	cancel()
+	if err != nil {
+		f.log.Warn("the cancel of a task kept here is not written as a command; its end must be stored before this replica stops", "task_id", t.ID(), "error", err)
+	}
 	// The cancel's Manager.Cancel ends the copy itself (the copy is still
 	// registered, so it does not go through the fleet): its caller is
 	// told "cancelled". Ended here only if that does not come.
@@ -859,6 +921,7 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 		select {
 		case <-t.Done():
 		case <-f.ctx.Done():
+			f.keepCancelOpen(t, attempt)
 			return
 		}
 		// Its end must be stored before the lease goes: the writer retries
@@ -872,10 +935,12 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 				break
 			}
 			if errors.Is(err, store.ErrWriterClosed) {
+				f.keepCancelOpen(t, attempt)
 				return // shutting down: the lease expires
 			}
 			select {
 			case <-f.ctx.Done():
+				f.keepCancelOpen(t, attempt)
 				return
 			case <-time.After(time.Second):
 			}
@@ -891,6 +956,34 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 			}
 		}
 	})
+}
+
+// keepCancelOpen writes a cancel asked of t (a task this replica holds
+// with attempt, cancelled here or ended CANCELLED here) as a durable
+// command when this replica stops before t's end is known to be stored (a
+// drain: its fleet stops, then its store writer closes, and PostgreSQL may
+// refuse the end meanwhile): the lease expires and the task's next owner
+// ends it CANCELLED (ClaimQueued, takeOver's cancelAsked, a re-attached
+// session's commands) instead of queueing a task stored PENDING again or
+// ending it FAILURE. The row stays open until the end is stored
+// (CloseEnded). Nothing for a task without a cancel, or no longer held.
+func (f *Fleet) keepCancelOpen(t *task.Task, attempt int64) {
+	if f.fenced.attempt(t.ID()) != attempt {
+		return
+	}
+	reason, ok := t.CancelRequested()
+	if !ok {
+		info := t.Info()
+		if info.Status != agentpb.TaskStatus_CANCELLED {
+			return
+		}
+		reason = info.Message
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := f.leases.AddCommand(ctx, t.ID(), "cancel", cmdArgs{Reason: reason}); err != nil {
+		f.log.Warn("a cancel asked here is not written as a command before this replica stops", "task_id", t.ID(), "error", err)
+	}
 }
 
 // reclaimLoop takes over bus entries another replica read but never
@@ -1062,6 +1155,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	// claim removed it). The next sweep retries.
 	leave := func(what string, err error) {
 		f.fenced.disown(r.TaskID, attempt)
+		if f.failUnreadable(ctx, r.TaskID, attempt, what, err) {
+			return
+		}
 		f.log.Warn("takeover of a task failed; its lease is left to expire and the next sweep retries", "task_id", r.TaskID, "step", what, "error", err)
 	}
 	snap, err := f.ts.Load(ctx, r.TaskID)
@@ -1096,6 +1192,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		leave("adopt the task", err)
 		return
 	}
+	if f.cancelAsked(ctx, r, t, attempt) {
+		return
+	}
 	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
 		r.Owner, f.opts.Lease+f.opts.Grace)
 	if unstarted {
@@ -1108,6 +1207,34 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	f.watchOwned(t, attempt)
 	f.log.Warn("task of a dead replica ended", "task_id", r.TaskID, "owner", r.Owner, "attempt", attempt)
 	t.Finish(agentpb.TaskStatus_FAILURE, msg, "")
+}
+
+// cancelAsked ends t, the RUNNING task of an expired lease taken over with
+// attempt, CANCELLED when a cancel not done is open for it (asked of its
+// dead owner, or kept by a replica that stopped before the task's end was
+// stored: see keepCancelled, keepCancelOpen), and reports whether it did.
+// The row is not taken first (as cancelQueued): it stays open until the
+// task's end is stored, for the next sweep if this replica dies before.
+func (f *Fleet) cancelAsked(ctx context.Context, r lease, t *task.Task, attempt int64) bool {
+	cmds, err := f.leases.OpenCommands(ctx, []string{r.TaskID})
+	if err != nil {
+		return false
+	}
+	for _, c := range cmds {
+		if c.Kind != "cancel" {
+			continue
+		}
+		reason := c.Args.Reason
+		if reason == "" {
+			reason = "cancelled"
+		}
+		f.watchOwned(t, attempt)
+		f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", r.TaskID, "owner", r.Owner)
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		f.closeCancel(ctx, r.TaskID, c.ID)
+		return true
+	}
+	return false
 }
 
 // requeueHooks, when set, are called with the task's id: claimed by
@@ -1148,25 +1275,6 @@ const RequeueTakenOverMessage = "requeued: its dispatcher replica stopped before
 // this replica drops its copy without queueing it.
 func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, attempt int64, queue string) (done bool, why string) {
 	id := r.TaskID
-	if cmds, err := f.leases.OpenCommands(ctx, []string{id}); err == nil {
-		for _, c := range cmds {
-			if c.Kind != "cancel" {
-				continue
-			}
-			// Not taken first (as cancelQueued): the row stays open
-			// until the task's end is stored, for the next sweep if this
-			// replica dies before.
-			reason := c.Args.Reason
-			if reason == "" {
-				reason = "cancelled"
-			}
-			f.watchOwned(t, attempt)
-			f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", id, "owner", r.Owner)
-			t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
-			f.closeCancel(ctx, id, c.ID)
-			return true, ""
-		}
-	}
 	if f.draining.Load() {
 		// As a single node shutting down does not requeue.
 		return false, " (not requeued: this dispatcher replica is draining)"
@@ -1410,8 +1518,12 @@ func (f *Fleet) sees(caller tenant.Caller, id string) bool {
 const cmdBookQueue = 256
 
 // cmdBookLoop takes the rows of announced commands: a cancel already
-// carried out gets its result stored; another command is taken (at most
-// once), carried out and its result stored.
+// carried out gets its result stored, its row left open until the task's
+// end is stored (Leases.CloseEnded): if this replica stops before (killed,
+// its store refusing the end), the task's next owner finds the cancel and
+// carries it out (ClaimQueued, takeOver's cancelAsked, TakeSession).
+// Another command is taken (at most once), carried out and its result
+// stored.
 func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 	for {
 		var c cmdMessage
@@ -1421,7 +1533,11 @@ func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 		case c = <-book:
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
+		if c.Kind == "cancel" {
+			if c.Result != nil {
+				_ = f.leases.SetResult(cctx, c.ID, *c.Result)
+			}
+		} else if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
 			res := c.Result
 			if res == nil && f.fenced.attempt(c.TaskID) != 0 {
 				r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
@@ -1436,7 +1552,9 @@ func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 }
 
 // runCommands carries out the open commands of the given tasks that this
-// replica holds, each at most once.
+// replica holds: interject and approve at most once (taken first); a
+// cancel until the task is being stopped here, its row left open until
+// the task's end is stored (see cmdBookLoop).
 func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 	cmds, err := f.leases.OpenCommands(ctx, ids)
 	if err != nil {
@@ -1446,13 +1564,24 @@ func (f *Fleet) runCommands(ctx context.Context, ids []string) {
 		if f.fenced.attempt(c.TaskID) == 0 {
 			continue
 		}
-		if t := f.mgr.Registry().Get(c.TaskID); t == nil || t.IsView() || t.HandedBack() {
+		t := f.mgr.Registry().Get(c.TaskID)
+		if t == nil || t.IsView() || t.HandedBack() {
 			// Owned but not here yet (a takeover between its claim and
 			// its adoption), or being handed back to the queue: the
 			// command waits for the next round or the next owner, else a
 			// cancel would be answered "not found" and lost while the
 			// takeover requeues the task (or sent through the fleet again
 			// by the handed-back copy, for ever while it is owned here).
+			continue
+		}
+		if c.Kind == "cancel" {
+			// Never taken: the row stays open until the task's end is
+			// stored (CloseEnded), for the task's next owner if this
+			// replica stops first. Carried out unless the task ended here
+			// (its end maybe not stored yet) or a cancel is under way.
+			if _, asked := t.CancelRequested(); !asked && !task.Terminal(t.Status()) {
+				_ = f.leases.SetResult(ctx, c.ID, f.exec(ctx, c))
+			}
 			continue
 		}
 		if ok, err := f.leases.TakeCommand(ctx, c.ID); err != nil || !ok {

@@ -660,6 +660,51 @@ func claimAfterOwnersWrite(t *testing.T, ctx context.Context, st *postgres.Store
 	return <-claimed
 }
 
+// ownedTask is the set-up of the claim tests under a REPEATABLE READ
+// default: a store of the test's own (st), a context that ends with the
+// test (ctx), Leases on a pool whose sessions default to REPEATABLE READ
+// (l, see repeatableReadLeases) and task t1, stored with status and body
+// and claimed by "owner" (with attempt).
+type ownedTask struct {
+	st      *postgres.Store
+	ctx     context.Context
+	l       *Leases
+	attempt int64
+}
+
+// ownedUnderRepeatableRead sets an ownedTask up; with expired it returns
+// once the owner's lease expired.
+func ownedUnderRepeatableRead(t *testing.T, status agentpb.TaskStatus, body string, expired bool) ownedTask {
+	t.Helper()
+	o := ownedTask{st: openStore(t)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	o.ctx = ctx
+	o.l = repeatableReadLeases(t, ctx, o.st)
+	if err := o.st.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(status), CreatedAt: time.Now(), Body: []byte(body)}}}); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if o.attempt, err = o.l.Claim(ctx, "t1", "owner"); err != nil {
+		t.Fatal(err)
+	}
+	if expired {
+		waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
+			ls, ok, err := o.l.Lease(ctx, "t1")
+			return err == nil && ok && ls.Expired
+		})
+	}
+	return o
+}
+
+// wantOwnersLease checks that t1's lease is still the owner's.
+func (o ownedTask) wantOwnersLease(t *testing.T) {
+	t.Helper()
+	if ls, _, err := o.l.Lease(o.ctx, "t1"); err != nil || ls.Owner != "owner" {
+		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
+	}
+}
+
 // The bus's claim reads the task's status after it took the lease and
 // needs that read to see the write it waited for (the owner's, which
 // holds the lease row FOR SHARE): READ COMMITTED, whatever the server's
@@ -667,55 +712,30 @@ func claimAfterOwnersWrite(t *testing.T, ctx context.Context, st *postgres.Store
 // read' the read saw the snapshot from before the wait: a RUNNING task
 // was claimed as PENDING.
 func TestClaimQueuedReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
-	st := openStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	l := repeatableReadLeases(t, ctx, st)
-	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
-	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
-		ls, ok, err := l.Lease(ctx, "t1")
-		return err == nil && ok && ls.Expired
-	})
-	err := claimAfterOwnersWrite(t, ctx, st, agentpb.TaskStatus_RUNNING, func() error {
-		_, _, err := l.ClaimQueued(ctx, "t1", "claimer")
+	o := ownedUnderRepeatableRead(t, agentpb.TaskStatus_PENDING, "{}", true)
+	err := claimAfterOwnersWrite(t, o.ctx, o.st, agentpb.TaskStatus_RUNNING, func() error {
+		_, _, err := o.l.ClaimQueued(o.ctx, "t1", "claimer")
 		return err
 	})
 	if !errors.Is(err, ErrNotPending) {
 		t.Fatalf("claim of a task stored RUNNING before it: %v, want ErrNotPending", err)
 	}
-	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
-		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
-	}
+	o.wantOwnersLease(t)
 }
 
 // The same for a session's claim (it locks the lease row, then reads the
 // task): a task its owner stored PENDING (requeued) while the claim
 // waited is not claimed for the session it ran.
 func TestClaimForSessionReadsCommittedUnderARepeatableReadDefault(t *testing.T) {
-	st := openStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	l := repeatableReadLeases(t, ctx, st)
-	body := []byte(`{"sessionId":"ses-1"}`)
-	if err := st.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: body}}}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Claim(ctx, "t1", "owner"); err != nil {
-		t.Fatal(err)
-	}
-	err := claimAfterOwnersWrite(t, ctx, st, agentpb.TaskStatus_PENDING, func() error {
-		_, err := l.ClaimForSession(ctx, "t1", "r2", "ses-1")
+	o := ownedUnderRepeatableRead(t, agentpb.TaskStatus_RUNNING, `{"sessionId":"ses-1"}`, false)
+	err := claimAfterOwnersWrite(t, o.ctx, o.st, agentpb.TaskStatus_PENDING, func() error {
+		_, err := o.l.ClaimForSession(o.ctx, "t1", "r2", "ses-1")
 		return err
 	})
 	if !errors.Is(err, ErrNotSession) {
 		t.Fatalf("session claim of a task stored PENDING before it: %v, want ErrNotSession", err)
 	}
-	if ls, _, err := l.Lease(ctx, "t1"); err != nil || ls.Owner != "owner" {
-		t.Fatalf("lease %+v (%v), want the owner's still", ls, err)
-	}
+	o.wantOwnersLease(t)
 }
 
 // The fenced store's write is one pipelined implicit transaction (no
@@ -723,16 +743,9 @@ func TestClaimForSessionReadsCommittedUnderARepeatableReadDefault(t *testing.T) 
 // waited for either fences it or fails it (a serialization failure, which
 // the writer retries); it never lands past the claim.
 func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing.T) {
-	st := openStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	l := repeatableReadLeases(t, ctx, st)
-	putTask(t, st, "t1", agentpb.TaskStatus_PENDING)
-	a1, err := l.Claim(ctx, "t1", "owner")
-	if err != nil {
-		t.Fatal(err)
-	}
-	owner := &fencedStore{Store: st, pool: l.pool, replica: "owner", owned: map[string]int64{"t1": a1}, onFenced: func(string) {}}
+	o := ownedUnderRepeatableRead(t, agentpb.TaskStatus_PENDING, "{}", false)
+	st, ctx := o.st, o.ctx
+	owner := &fencedStore{Store: st, pool: o.l.pool, replica: "owner", owned: map[string]int64{"t1": o.attempt}, onFenced: func(string) {}}
 	// The claim, held open until the owner's write waits for it.
 	tx, err := st.Pool().Begin(ctx)
 	if err != nil {
@@ -764,4 +777,23 @@ func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing
 	if agentpb.TaskStatus(rec.Status) != agentpb.TaskStatus_PENDING {
 		t.Fatalf("the owner's write landed past the claim: %s (write: %v)", agentpb.TaskStatus(rec.Status), err)
 	}
+}
+
+// The sweep's claim (takeOver) of an expired lease whose owner, alive,
+// stores the task's end while the claim waits for its write: the claim
+// takes the lease, then reads the status, in one READ COMMITTED
+// transaction (here under a REPEATABLE READ default), so it sees the end
+// and claims nothing; the owner keeps its lease and releases it. (Read
+// before the take, the status was RUNNING: the ended task was claimed and
+// the sweep adopted it again.)
+func TestSweepClaimAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
+	o := ownedUnderRepeatableRead(t, agentpb.TaskStatus_RUNNING, "{}", true)
+	err := claimAfterOwnersWrite(t, o.ctx, o.st, agentpb.TaskStatus_SUCCESS, func() error {
+		_, err := o.l.claim(o.ctx, "t1", "sweeper", 0)
+		return err
+	})
+	if !errors.Is(err, ErrTaskEnded) {
+		t.Fatalf("sweep claim of a task stored SUCCESS while it waited: %v, want ErrTaskEnded", err)
+	}
+	o.wantOwnersLease(t)
 }

@@ -3,7 +3,6 @@ package fleet
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -58,23 +57,30 @@ func startBystander(t *testing.T, pg *postgres.Store, url, id string) *replica {
 // CANCELLED, whose record the release then fenced: the task went back to
 // the queue and ran.)
 func TestCancelWhileTheRequeueHandsTheTaskBackEndsCancelled(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	cancelInHandBack(t, func(h *requeueHooks, cancel func(string)) { h.stored = cancel })
+}
+
+// cancelInHandBack runs a live replica taking over a dead replica's
+// unstarted task, with a hook (set by pick) that cancels the task there
+// once, as a client would (cancelInHook): the task ends CANCELLED with the
+// cancel's reason, never started, and the client is told "cancelled".
+func cancelInHandBack(t *testing.T, pick func(h *requeueHooks, cancel func(string))) {
+	t.Helper()
+	d := newDeadTask(t, false)
 	var live atomic.Pointer[replica]
 	var out atomic.Pointer[task.CancelOutcome]
-	hooks := requeueHooks{stored: cancelInHook(t, id, &live, &out)}
-	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
-	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
+	var hooks requeueHooks
+	pick(&hooks, cancelInHook(t, d.id, &live, &out))
+	live.Store(startReplicaHooked(t, d.pg, d.url, "live", &testSlot{finish: true}, hooks))
+	msg := endsWith(t, live.Load(), d.id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
 	wantCancelledInHook(t, msg, &out)
 }
 
 // The same cancel sent from another replica (a command for the task's
 // owner, announced on the bus): CANCELLED, never run again.
 func TestCancelFromAnotherReplicaWhileTheRequeueHandsTheTaskBackEndsCancelled(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 	front := startBystander(t, pg, url, "front")
 	var sent atomic.Bool
 	hooks := requeueHooks{stored: func(tid string) {
@@ -96,37 +102,33 @@ func TestCancelFromAnotherReplicaWhileTheRequeueHandsTheTaskBackEndsCancelled(t 
 	}
 }
 
-// failQueueRowOnce makes PostgreSQL refuse the next queue row written for
-// task id, once (a real error of the statement, as when the database
-// fails at that moment): a trigger counts with a sequence, which a failed
-// transaction does not roll back.
-func failQueueRowOnce(t *testing.T, pg *postgres.Store, id string) {
+// failOnce makes PostgreSQL refuse, once, the first write that a trigger
+// named name sees (on: when and on what table it runs, e.g. "BEFORE
+// UPDATE ON fleet_commands"; when: its row condition, %[1]s the task's
+// id): a real error of the statement, as when the database fails at that
+// moment. The trigger counts with a sequence of the same name, which a
+// failed transaction does not roll back (failures reads it).
+func (d *deadTask) failOnce(t *testing.T, name, on, when string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
-		CREATE SEQUENCE queue_fail_once;
-		CREATE FUNCTION queue_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+	d.exec(t, strings.NewReplacer("NAME", name, "ON_WHAT", on, "WHEN_ROW", when).Replace(`
+		CREATE SEQUENCE NAME;
+		CREATE FUNCTION NAME() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
-			IF nextval('queue_fail_once') = 1 THEN
-				RAISE EXCEPTION 'the test refuses this queue row';
+			IF nextval('NAME') = 1 THEN
+				RAISE EXCEPTION 'the test refuses this write (NAME)';
 			END IF;
 			RETURN NEW;
 		END $$;
-		CREATE TRIGGER queue_fail_once BEFORE INSERT OR UPDATE ON fleet_queue
-			FOR EACH ROW WHEN (NEW.task_id = '%s') EXECUTE FUNCTION queue_fail_once();`, id))
-	if err != nil {
-		t.Fatal(err)
-	}
+		CREATE TRIGGER NAME ON_WHAT
+			FOR EACH ROW WHEN (WHEN_ROW) EXECUTE FUNCTION NAME();`))
 }
 
-// queueRowFailures is how often failQueueRowOnce's trigger ran.
-func queueRowFailures(t *testing.T, pg *postgres.Store) int64 {
+// failures is how often failOnce's trigger name ran.
+func (d *deadTask) failures(t *testing.T, name string) int64 {
 	t.Helper()
 	var n int64
 	var called bool
-	err := pg.Pool().QueryRow(context.Background(), `SELECT last_value, is_called FROM queue_fail_once`).Scan(&n, &called)
-	if err != nil {
+	if err := d.pg.Pool().QueryRow(d.ctx, `SELECT last_value, is_called FROM `+name).Scan(&n, &called); err != nil {
 		t.Fatal(err)
 	}
 	if !called {
@@ -139,13 +141,12 @@ func queueRowFailures(t *testing.T, pg *postgres.Store) int64 {
 // but not queued) is not left PENDING for good: the lease is not released
 // then, so it expires, is swept again and the task queued; it runs.
 func TestRequeueWhoseQueueRowFailsIsQueuedLater(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	failQueueRowOnce(t, pg, id)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
+	d.failOnce(t, "queue_fail_once", "BEFORE INSERT OR UPDATE ON fleet_queue", "NEW.task_id = '%[1]s'")
 	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
 	endsWith(t, live, id, agentpb.TaskStatus_SUCCESS, 1, 20*time.Second)
-	if n := queueRowFailures(t, pg); n < 1 {
+	if n := d.failures(t, "queue_fail_once"); n < 1 {
 		t.Fatalf("the queue row was never refused (%d)", n)
 	}
 }
@@ -154,9 +155,8 @@ func TestRequeueWhoseQueueRowFailsIsQueuedLater(t *testing.T) {
 // written again by the reconcile (after --fleet-requeue-after, 1 s here):
 // the task runs.
 func TestRequeueWhoseBusEntryFailsIsWrittenAgain(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 	opt, err := redis.ParseURL(url)
 	if err != nil {
 		t.Fatal(err)
@@ -195,15 +195,9 @@ func TestRequeueWhoseBusEntryFailsIsWrittenAgain(t *testing.T) {
 // claim used to take it, find it not PENDING and hand it back released,
 // for ever: RUNNING for good, never swept, its entry going round.
 func TestStaleBusEntryOfADeadReplicasRunningTaskIsNotRunAgain(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, true)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	leases, err := NewLeases(ctx, pg.Pool(), testLease)
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := newDeadTask(t, true)
+	pg, url, id := d.pg, d.url, d.id
+	ctx, leases := d.ctx, d.leases
 	waitFor(t, "the dead replica's lease to expire", 10*time.Second, func() bool {
 		l, ok, err := leases.Lease(ctx, id)
 		return err == nil && ok && l.Expired
@@ -237,9 +231,8 @@ func TestStaleBusEntryOfADeadReplicasRunningTaskIsNotRunAgain(t *testing.T) {
 // swept again, and the task stayed RUNNING for good — but leaves it to
 // expire: the next sweep takes the task over.
 func TestTakeOverThatCannotReadTheTaskLeavesTheLeaseToExpire(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, true)
+	d := newDeadTask(t, true)
+	pg, url, id := d.pg, d.url, d.id
 	var renamed atomic.Bool
 	back := make(chan error, 1)
 	hooks := requeueHooks{claimed: func(tid string) {
@@ -280,9 +273,8 @@ func TestTakeOverThatCannotReadTheTaskLeavesTheLeaseToExpire(t *testing.T) {
 // and the grace) is refused with a reason that says so: the commander ends
 // its planner (docs/protocol.md), and the task runs once, in a new session.
 func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 	other := startBystander(t, pg, url, "other")
 	refused := make(chan error, 1)
 	var once atomic.Bool
@@ -317,15 +309,7 @@ func TestLateReattachAfterTheRequeueIsRefusedSayingSo(t *testing.T) {
 // client "cancelled"; the task went back to the queue without a cancel row
 // and ran to SUCCESS.)
 func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	var live atomic.Pointer[replica]
-	var out atomic.Pointer[task.CancelOutcome]
-	hooks := requeueHooks{handBack: cancelInHook(t, id, &live, &out)}
-	live.Store(startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks))
-	msg := endsWith(t, live.Load(), id, agentpb.TaskStatus_CANCELLED, 0, 20*time.Second)
-	wantCancelledInHook(t, msg, &out)
+	cancelInHandBack(t, func(h *requeueHooks, cancel func(string)) { h.handBack = cancel })
 }
 
 // A cancel left for a task handed back to the queue, whose row's first
@@ -336,29 +320,9 @@ func TestCancelAfterTheHandBackDecidedEndsCancelled(t *testing.T) {
 // claimer that took the row first ran the task: SUCCESS, the cancel
 // lost.)
 func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
-		CREATE SEQUENCE take_fail_once;
-		CREATE FUNCTION take_fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-			IF nextval('take_fail_once') = 1 THEN
-				RAISE EXCEPTION 'the test refuses this take';
-			END IF;
-			RETURN NEW;
-		END $$;
-		CREATE TRIGGER take_fail_once BEFORE UPDATE ON fleet_commands
-			FOR EACH ROW WHEN (NEW.task_id = '%s' AND NEW.done AND NOT OLD.done) EXECUTE FUNCTION take_fail_once();`, id))
-	if err != nil {
-		t.Fatal(err)
-	}
-	leases, err := NewLeases(ctx, pg.Pool(), testLease)
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := newDeadTask(t, false)
+	pg, url, id, ctx, leases := d.pg, d.url, d.id, d.ctx, d.leases
+	d.failOnce(t, "take_fail_once", "BEFORE UPDATE ON fleet_commands", "NEW.task_id = '%[1]s' AND NEW.done AND NOT OLD.done")
 	var added atomic.Bool
 	hooks := requeueHooks{handBack: func(tid string) {
 		if tid != id || added.Swap(true) {
@@ -375,10 +339,8 @@ func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
 	if msg != "stopped by the test" {
 		t.Fatalf("message %q, want the cancel's reason", msg)
 	}
-	var n int64
-	var called bool
-	if err := pg.Pool().QueryRow(ctx, `SELECT last_value, is_called FROM take_fail_once`).Scan(&n, &called); err != nil || !called {
-		t.Fatalf("the take was never refused (%v)", err)
+	if d.failures(t, "take_fail_once") < 1 {
+		t.Fatal("the take was never refused")
 	}
 	waitFor(t, "the cancel's row to be closed", 10*time.Second, func() bool {
 		var n int
@@ -395,25 +357,15 @@ func TestQueuedCancelWhoseTakeFailsIsNotRun(t *testing.T) {
 // took the row (done), left the lease to expire; the sweep queued the task
 // again and the next claim, finding no cancel not done, ran it: SUCCESS.)
 func TestQueuedCancelWhoseAdoptionFailsIsNotLost(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_, err := pg.Pool().Exec(ctx, fmt.Sprintf(`
+	d := newDeadTask(t, false)
+	pg, url, id, ctx, leases := d.pg, d.url, d.id, d.ctx, d.leases
+	d.exec(t, `
 		CREATE FUNCTION refuse_reopen() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
 			RAISE EXCEPTION 'the test refuses to open a command again';
 		END $$;
 		CREATE TRIGGER refuse_reopen BEFORE UPDATE ON fleet_commands
-			FOR EACH ROW WHEN (NEW.task_id = '%s' AND OLD.done AND NOT NEW.done) EXECUTE FUNCTION refuse_reopen();`, id))
-	if err != nil {
-		t.Fatal(err)
-	}
-	leases, err := NewLeases(ctx, pg.Pool(), testLease)
-	if err != nil {
-		t.Fatal(err)
-	}
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s' AND OLD.done AND NOT NEW.done) EXECUTE FUNCTION refuse_reopen();`)
 	var added, failed atomic.Bool
 	hooks := requeueHooks{
 		handBack: func(tid string) {

@@ -9,7 +9,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS fleet_leases (
 	released BOOLEAN NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
+ALTER TABLE fleet_leases ADD COLUMN IF NOT EXISTS read_failures INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS fleet_queue (
 	task_id TEXT PRIMARY KEY,
 	queue TEXT NOT NULL,
@@ -105,38 +109,64 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 	return l.claim(ctx, taskID, replica, 0)
 }
 
+// takeFreeLease takes task $1's lease for replica $2 for $3 µs with the
+// next attempt when it is free: no row, released, or expired more than $4
+// µs ago (RETURNING attempt; no row: held).
+const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+	VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
+	ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
+		expires_at = excluded.expires_at, released = false
+	WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
+	RETURNING attempt`
+
 // claim is Claim where an expired lease counts as free only once it
-// expired more than grace ago.
+// expired more than grace ago (the sweep's takeover).
+//
+// The lease is taken first, then the status read, in one READ COMMITTED
+// transaction, as ClaimQueued does: a write of the owner (its lease
+// expired, but it is alive) holds the lease row FOR SHARE, so the take
+// waits for that write and then reads what it committed (an end: refused,
+// rolled back), or the write waits for the claim and is fenced. Read
+// before the take (as it was), the status was the one from before the
+// owner's write: a task the owner stored ended while the claim waited was
+// claimed and adopted again by the sweep.
 func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
 	var attempt int64
-	err := pgx.BeginFunc(ctx, l.pool, func(tx pgx.Tx) error {
-		var status int32
-		err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return task.ErrNotFound
-		}
-		if err != nil {
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		held := errors.Is(err, pgx.ErrNoRows)
+		if err != nil && !held {
 			return err
 		}
-		if task.Terminal(agentpb.TaskStatus(status)) {
-			return ErrTaskEnded
+		// Any refusal below rolls the take back. A task that does not
+		// exist or ended says so even when its lease is held.
+		if _, err := claimable(ctx, tx, taskID); err != nil {
+			return err
 		}
-		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
-			RETURNING attempt`, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
-		if errors.Is(err, pgx.ErrNoRows) {
+		if held {
 			return ErrLeaseHeld
-		}
-		if err != nil {
-			return err
 		}
 		_, err = tx.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
 		return err
 	})
 	return attempt, err
+}
+
+// claimable reads taskID's status in a claim's transaction: an error
+// (task.ErrNotFound, ErrTaskEnded, or the read's) refuses the claim.
+func claimable(ctx context.Context, tx pgx.Tx, taskID string) (agentpb.TaskStatus, error) {
+	var status int32
+	err := tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, task.ErrNotFound
+	}
+	if err != nil {
+		return 0, err
+	}
+	if st := agentpb.TaskStatus(status); task.Terminal(st) {
+		return st, ErrTaskEnded
+	}
+	return agentpb.TaskStatus(status), nil
 }
 
 // readCommitted begins the claims that read a row after waiting for its
@@ -169,12 +199,7 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		cancel = nil
-		err := tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
-			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
-			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
-				expires_at = excluded.expires_at, released = false
-			WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp()
-			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrLeaseHeld
 		}
@@ -185,35 +210,16 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 			l.claimQueuedStep(ctx, tx)
 		}
 		// Any refusal below rolls the take back.
-		var status int32
-		err = tx.QueryRow(ctx, `SELECT status FROM tasks WHERE id = $1`, taskID).Scan(&status)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return task.ErrNotFound
-		}
+		st, err := claimable(ctx, tx, taskID)
 		if err != nil {
 			return err
 		}
-		switch st := agentpb.TaskStatus(status); {
-		case task.Terminal(st):
-			return ErrTaskEnded
-		case st != agentpb.TaskStatus_PENDING:
+		if st != agentpb.TaskStatus_PENDING {
 			return ErrNotPending
 		}
 		// The queue row goes in the same round trip as the cancel is read.
-		var c command
-		var b []byte
-		err = tx.QueryRow(ctx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1)
-			SELECT id, task_id, kind, args FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel' ORDER BY id LIMIT 1`,
-			taskID).Scan(&c.ID, &c.TaskID, &c.Kind, &b)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		_ = json.Unmarshal(b, &c.Args)
-		cancel = &c
-		return nil
+		cancel, err = openCancel(ctx, tx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1) `, taskID)
+		return err
 	})
 	return attempt, cancel, err
 }
@@ -232,8 +238,20 @@ var ErrNotSession = errors.New("fleet: the task is not running that session")
 // task is read and the lease moves, so a write of the old owner is either
 // before the claim (and seen by it) or refused.
 func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID string) (int64, error) {
+	attempt, _, err := l.claimSession(ctx, taskID, replica, sessionID)
+	return attempt, err
+}
+
+// claimSession is ClaimForSession that returns too the oldest cancel asked
+// for the task and not done yet (nil: none), read in the same transaction:
+// a cancel whose owner stopped before the task's end was stored (killed,
+// or its store refusing the end), which the session's new owner must carry
+// out (Fleet.TakeSession: the re-attached session is stopped with it).
+func (l *Leases) claimSession(ctx context.Context, taskID, replica, sessionID string) (int64, *command, error) {
 	var attempt int64
+	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		cancel = nil
 		// The lease row first (the fenced store's order: lease, then
 		// task): a write of the old owner waits for this claim, or this
 		// claim for the write.
@@ -258,13 +276,35 @@ func (l *Leases) ClaimForSession(ctx context.Context, taskID, replica, sessionID
 		if st != agentpb.TaskStatus_RUNNING || storedSession(body) != sessionID {
 			return ErrNotSession
 		}
-		return tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
+		err = tx.QueryRow(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 			VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
 			ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
 				expires_at = excluded.expires_at, released = false
 			RETURNING attempt`, taskID, replica, micros(l.ttl)).Scan(&attempt)
+		if err != nil {
+			return err
+		}
+		cancel, err = openCancel(ctx, tx, "", taskID)
+		return err
 	})
-	return attempt, err
+	return attempt, cancel, err
+}
+
+// openCancel is the oldest cancel asked for taskID and not done yet (nil:
+// none); with, if not empty, a WITH clause of the same statement (on $1).
+func openCancel(ctx context.Context, tx pgx.Tx, with, taskID string) (*command, error) {
+	var c command
+	var b []byte
+	err := tx.QueryRow(ctx, with+`SELECT id, task_id, kind, args FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel' ORDER BY id LIMIT 1`,
+		taskID).Scan(&c.ID, &c.TaskID, &c.Kind, &b)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	_ = json.Unmarshal(b, &c.Args)
+	return &c, nil
 }
 
 // storedSession is the session id in a task record's body (the
@@ -406,6 +446,86 @@ func (l *Leases) Lease(ctx context.Context, taskID string) (lease, bool, error) 
 		return r, false, nil
 	}
 	return r, err == nil, err
+}
+
+// readFailed counts a claim of taskID by replica (with attempt) after
+// which the task could not be read (a takeover, or an adoption from the
+// bus, that failed to load it) and returns how many there were, by any
+// replica (0: the lease moved on meanwhile; nothing counted).
+func (l *Leases) readFailed(ctx context.Context, taskID, replica string, attempt int64) (int, error) {
+	var n int
+	err := l.pool.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
+		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
+		taskID, replica, attempt).Scan(&n)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	return n, err
+}
+
+// failUnread ends taskID FAILURE with msg without loading it (it could not
+// be read, see readFailed), under the lease replica holds with attempt: in
+// one transaction the lease row is locked and checked, the task's stored
+// status and end time set (and its message, when its body is a JSON
+// object), a terminal state event appended after its last stored one, and
+// the lease released. It returns the event stored; nil if the task had
+// ended already or the lease moved on (nothing written, the lease left as
+// it is unless the task had ended).
+func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt int64, msg string) (*store.Event, error) {
+	var out *store.Event
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		out = nil
+		var one int
+		err := tx.QueryRow(ctx, `SELECT 1 FROM fleet_leases WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released FOR UPDATE`,
+			taskID, replica, attempt).Scan(&one)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var status int32
+		var body []byte
+		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&status, &body)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return task.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if !task.Terminal(agentpb.TaskStatus(status)) {
+			var fields map[string]json.RawMessage
+			if json.Unmarshal(body, &fields) == nil && fields != nil {
+				fields["message"], _ = json.Marshal(msg)
+				body, _ = json.Marshal(fields)
+			}
+			var last int64
+			if err := tx.QueryRow(ctx, `SELECT COALESCE(MAX(seq), 0) FROM events WHERE task_id = $1`, taskID).Scan(&last); err != nil {
+				return err
+			}
+			now := time.Now()
+			ev := &dispatchv1.TaskEvent{TaskId: taskID, Seq: uint64(last) + 1, Time: timestamppb.New(now),
+				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_FAILURE, Message: msg}}}
+			data, err := proto.Marshal(ev)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO events (task_id, seq, data) VALUES ($1, $2, $3)`, taskID, last+1, data); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $2, ended_at = $3, body = $4 WHERE id = $1`,
+				taskID, int32(agentpb.TaskStatus_FAILURE), store.Micros(now), body); err != nil {
+				return err
+			}
+			out = &store.Event{TaskID: taskID, Seq: uint64(last) + 1, Data: data}
+		}
+		_, err = tx.Exec(ctx, `UPDATE fleet_leases SET released = true WHERE task_id = $1`, taskID)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // markReleased releases an ended task's lease whatever its attempt (the
@@ -575,7 +695,10 @@ func (l *Leases) OpenCommands(ctx context.Context, taskIDs []string) ([]command,
 }
 
 // TakeCommand marks command id done before it is carried out (so it runs
-// at most once); false if somebody took it already.
+// at most once); false if somebody took it already. For interject and
+// approve only: a cancel's row is never taken, it stays open until the
+// task's end is stored (closeIfEnded, CloseEnded), so that the task's next
+// owner carries it out if this one stops before that.
 func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 	tag, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET done = true WHERE id = $1 AND NOT done`, id)
 	return tag.RowsAffected() == 1, err
@@ -611,9 +734,10 @@ func (l *Leases) Result(ctx context.Context, id int64) (cmdResult, bool, error) 
 }
 
 // CloseEnded marks done the open commands of tasks that ended (nobody will
-// carry them out).
+// carry them out), and the cancels carried out (their result stored, the
+// row left open until then) whose task's end is stored now.
 func (l *Leases) CloseEnded(ctx context.Context) error {
-	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = '{"err":"the task ended","err_kind":"not_running"}'
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = COALESCE(c.result, '{"err":"the task ended","err_kind":"not_running"}')
 		FROM tasks t WHERE c.task_id = t.id AND NOT c.done AND t.status = ANY($1)`, terminalCodes)
 	return err
 }

@@ -61,8 +61,28 @@ func (testRunner) Interject(context.Context, string) (string, uint64, error) {
 // planner is the planner it serves ("" is "chat").
 type testSlot struct {
 	finish, upstream bool
-	planner          string
-	started          atomic.Int32
+	// stops: its sessions' commander acknowledges a stop at once
+	// (stopRunner).
+	stops   bool
+	planner string
+	started atomic.Int32
+}
+
+// stopRunner is a session whose commander acknowledges a stop at once: the
+// task ends with the stop's reason, CANCELLED for a client's cancel (as the
+// session's stopStatus), else FAILURE.
+type stopRunner struct{ t *task.Task }
+
+func (r stopRunner) Stop(reason string, code dispatchv1.StopCode) bool {
+	st := agentpb.TaskStatus_FAILURE
+	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
+		st = agentpb.TaskStatus_CANCELLED
+	}
+	return r.t.Finish(st, reason, "")
+}
+
+func (stopRunner) Interject(context.Context, string) (string, uint64, error) {
+	return "", 0, task.ErrNotRunning
 }
 
 func (s *testSlot) plannerName() string {
@@ -80,7 +100,11 @@ func (s *testSlot) PlannerCapabilities() []string {
 }
 func (s *testSlot) ServesTenant(string) bool { return true }
 func (s *testSlot) Deliver(t *task.Task) scheduler.Delivery {
-	if err := t.Start(testRunner{}, "commander", fmt.Sprintf("session-%d", s.started.Add(1))); err != nil {
+	var r task.Runner = testRunner{}
+	if s.stops {
+		r = stopRunner{t: t}
+	}
+	if err := t.Start(r, "commander", fmt.Sprintf("session-%d", s.started.Add(1))); err != nil {
 		return scheduler.TaskGone
 	}
 	if s.finish || s.upstream {
@@ -178,6 +202,54 @@ func storedStatus(t *testing.T, r *replica, id string) (agentpb.TaskStatus, stri
 	return snap.Status, snap.Message
 }
 
+// deadTask is the set-up of the tests of a dead replica's task: a store of
+// the test's own (pg), the bus (url), the task a replica "dead" left
+// RUNNING (id, see deadReplicaTask), a context that ends with the test
+// (ctx, 60 s at most) and the fleet's tables as a replica sees them
+// (leases, with testLease).
+type deadTask struct {
+	pg     *postgres.Store
+	url    string
+	id     string
+	ctx    context.Context
+	leases *Leases
+}
+
+// newDeadTask sets a deadTask up; upstream as deadReplicaTask's.
+func newDeadTask(t *testing.T, upstream bool) *deadTask {
+	t.Helper()
+	d := &deadTask{pg: openStore(t), url: redisURL(t)}
+	d.id = deadReplicaTask(t, d.pg, d.url, upstream)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	d.ctx = ctx
+	var err error
+	if d.leases, err = NewLeases(ctx, d.pg.Pool(), testLease); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// exec runs sql on the test's store (a trigger, a change of the stored
+// task), each %[1]s in it the task's id; args are its parameters.
+func (d *deadTask) exec(t *testing.T, sql string, args ...any) {
+	t.Helper()
+	if _, err := d.pg.Pool().Exec(d.ctx, strings.ReplaceAll(sql, "%[1]s", d.id), args...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ended waits up to within for the task to end as stored (read on r) and
+// returns its status and message.
+func (d *deadTask) ended(t *testing.T, r *replica, within time.Duration) (agentpb.TaskStatus, string) {
+	t.Helper()
+	waitFor(t, "the task to end", within, func() bool {
+		st, _ := storedStatus(t, r, d.id)
+		return task.Terminal(st)
+	})
+	return storedStatus(t, r, d.id)
+}
+
 // deadReplicaTask submits a task on a replica "dead" whose slot starts it
 // (recording an upstream packet when upstream) and then dies with the
 // task RUNNING; it returns the task's id once RUNNING is stored.
@@ -238,9 +310,8 @@ func watch(ctx context.Context, r *replica, id string) ([]*dispatchv1.TaskEvent,
 // the requeue counted) and runs to SUCCESS on a live replica's slot; its
 // watcher sees every event once, in order, the requeue among them.
 func TestDeadReplicasUnstartedTaskIsRequeuedAndRuns(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 
 	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -304,15 +375,9 @@ func TestDeadReplicasUnstartedTaskIsRequeuedAndRuns(t *testing.T) {
 // A RUNNING task of a dead replica whose commander sent something (an
 // upstream packet is recorded) is not run again: it ends FAILURE.
 func TestDeadReplicasStartedTaskStillFails(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, true)
-	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
-	waitFor(t, "the task to end", 20*time.Second, func() bool {
-		st, _ := storedStatus(t, live, id)
-		return task.Terminal(st)
-	})
-	st, msg := storedStatus(t, live, id)
+	d := newDeadTask(t, true)
+	live := startReplica(t, d.pg, d.url, "live", &testSlot{finish: true})
+	st, msg := d.ended(t, live, 20*time.Second)
 	if st != agentpb.TaskStatus_FAILURE || !strings.Contains(msg, "stopped renewing the task's lease") || live.slot.started.Load() != 0 {
 		t.Fatalf("status %s %q, started %d times on the live replica; want FAILURE, never started", st, msg, live.slot.started.Load())
 	}
@@ -321,21 +386,11 @@ func TestDeadReplicasStartedTaskStillFails(t *testing.T) {
 // A task requeued task.MaxRequeues times already is not requeued again:
 // FAILURE, saying so.
 func TestDeadReplicasTaskPastTheRequeueLimitFails(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := pg.Pool().Exec(ctx, `UPDATE tasks SET body = convert_to(jsonb_set(convert_from(body, 'UTF8')::jsonb, '{requeues}', to_jsonb($2::int))::text, 'UTF8') WHERE id = $1`,
-		id, task.MaxRequeues); err != nil {
-		t.Fatal(err)
-	}
-	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
-	waitFor(t, "the task to end", 20*time.Second, func() bool {
-		st, _ := storedStatus(t, live, id)
-		return task.Terminal(st)
-	})
-	st, msg := storedStatus(t, live, id)
+	d := newDeadTask(t, false)
+	d.exec(t, `UPDATE tasks SET body = convert_to(jsonb_set(convert_from(body, 'UTF8')::jsonb, '{requeues}', to_jsonb($1::int))::text, 'UTF8') WHERE id = '%[1]s'`,
+		task.MaxRequeues)
+	live := startReplica(t, d.pg, d.url, "live", &testSlot{finish: true})
+	st, msg := d.ended(t, live, 20*time.Second)
 	if st != agentpb.TaskStatus_FAILURE || !strings.Contains(msg, "not requeued again") || live.slot.started.Load() != 0 {
 		t.Fatalf("status %s %q, started %d times on the live replica; want FAILURE (not requeued again)", st, msg, live.slot.started.Load())
 	}
@@ -357,17 +412,11 @@ func testLogger(id string) *slog.Logger {
 // returned, checked 1..N.
 func raceTask(t *testing.T, pick func(*requeueHooks, func(string))) (*replica, []*dispatchv1.TaskEvent, chan error) {
 	t.Helper()
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
+	d := newDeadTask(t, false)
+	pg, url, id := d.pg, d.url, d.id
 	claimed := make(chan error, 1)
 	var once atomic.Bool
-	lctx, lcancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer lcancel()
-	leases, err := NewLeases(lctx, pg.Pool(), testLease)
-	if err != nil {
-		t.Fatal(err)
-	}
+	leases := d.leases
 	var hooks requeueHooks
 	pick(&hooks, func(tid string) {
 		if tid != id || once.Swap(true) {
@@ -451,28 +500,22 @@ func TestReattachAfterTheRequeueIsStoredIsRefused(t *testing.T) {
 }
 
 // A cancel asked while the dead replica still seemed to hold the task (a
-// command row for its owner) is honoured by the takeover: CANCELLED with
-// its reason, not requeued.
-func TestDeadReplicasUnstartedTaskWithACancelAskedIsCancelled(t *testing.T) {
-	pg := openStore(t)
-	url := redisURL(t)
-	id := deadReplicaTask(t, pg, url, false)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	leases, err := NewLeases(ctx, pg.Pool(), testLease)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
-		t.Fatal(err)
-	}
-	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
-	waitFor(t, "the task to end", 20*time.Second, func() bool {
-		st, _ := storedStatus(t, live, id)
-		return task.Terminal(st)
-	})
-	st, msg := storedStatus(t, live, id)
-	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
-		t.Fatalf("status %s %q, started %d times on the live replica; want CANCELLED, never started", st, msg, live.slot.started.Load())
+// command row for its owner, or one a replica that stopped before the
+// task's end was stored left open) is honoured by the takeover: CANCELLED
+// with its reason, not requeued (unstarted) nor FAILURE (started: it ended
+// FAILURE before, the cancel lost).
+func TestDeadReplicasTaskWithACancelAskedIsCancelled(t *testing.T) {
+	for name, upstream := range map[string]bool{"unstarted": false, "started": true} {
+		t.Run(name, func(t *testing.T) {
+			d := newDeadTask(t, upstream)
+			if _, err := d.leases.AddCommand(d.ctx, d.id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+				t.Fatal(err)
+			}
+			live := startReplica(t, d.pg, d.url, "live", &testSlot{finish: true})
+			st, msg := d.ended(t, live, 20*time.Second)
+			if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
+				t.Fatalf("status %s %q, started %d times on the live replica; want CANCELLED, never started", st, msg, live.slot.started.Load())
+			}
+		})
 	}
 }

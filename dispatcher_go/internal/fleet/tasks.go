@@ -100,6 +100,12 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 // takeFree claims a task nobody holds (pending on the bus, or left by a
 // dead replica) and ends it with status: ok false if another replica
 // holds it.
+//
+// A cancel (status CANCELLED) is written as a command row first, left
+// open until the end is stored (CloseEnded): if this replica stops before
+// (killed, its store refusing the end), the lease expires and the task's
+// next owner carries the cancel out (ClaimQueued, takeOver's cancelAsked,
+// TakeSession) instead of running the task again or ending it FAILURE.
 func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStatus, reason string) (bool, error) {
 	t, attempt, err := f.Take(ctx, id)
 	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) {
@@ -107,6 +113,11 @@ func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStat
 	}
 	if err != nil {
 		return false, err
+	}
+	if status == agentpb.TaskStatus_CANCELLED {
+		if _, err := f.leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
+			f.log.Warn("the cancel of a task nobody held is not written as a command; its end must be stored before this replica stops", "task_id", id, "error", err)
+		}
 	}
 	t.Finish(status, reason, "")
 	if err := f.writer.Flush(ctx); err != nil {
@@ -470,7 +481,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	case snap.Status != agentpb.TaskStatus_RUNNING || snap.SessionID != sessionID:
 		return fmt.Errorf("%w: the task's session is not %s", task.ErrNotRunning, sessionID)
 	}
-	attempt, err := f.ClaimSession(ctx, id, sessionID)
+	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
 	if err != nil {
 		return err
 	}
@@ -491,6 +502,21 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if snap.UpstreamSeq, err = f.upstreamSeq(ctx, id, last); err != nil {
 		return release(err)
 	}
+	if cmd != nil && snap.Stop == nil {
+		// A cancel asked of the task's last owner, whose stop was not
+		// stored (that owner was killed, or its store refused the stop,
+		// before the task's end was stored): the re-attached session is
+		// stopped with it (task.Reattached.Stop), as with a stop that was
+		// stored, and the task ends CANCELLED; nobody re-attaching, the
+		// waiter ends it CANCELLED too. The row stays open until that end
+		// is stored.
+		reason := cmd.Args.Reason
+		if reason == "" {
+			reason = "cancelled by client"
+		}
+		snap.Stop = &dispatchv1.StopSignal{Reason: reason, Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
+		f.log.Warn("a re-attaching session's task has a cancel its last owner did not end: the session is stopped", "task_id", id, "command", cmd.ID)
+	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
 		f.fenced.disown(id, attempt)
@@ -504,19 +530,30 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // ClaimSession implements task.Fleet: the lease of task id for session
 // sessionID re-attaching here (Leases.ClaimForSession), and the fenced
 // store's permission to write with it.
+//
+// An open cancel of the task (see claimSession) is carried out by the
+// reconcile's runCommands within a second: the copy here waits for, or
+// runs, the session.
 func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, error) {
-	attempt, err := f.leases.ClaimForSession(ctx, id, f.id, sessionID)
+	attempt, _, err := f.claimSession(ctx, id, sessionID)
+	return attempt, err
+}
+
+// claimSession is ClaimSession that returns too the oldest cancel open for
+// the task (nil: none), which the session's new owner must carry out.
+func (f *Fleet) claimSession(ctx context.Context, id, sessionID string) (int64, *command, error) {
+	attempt, cmd, err := f.leases.claimSession(ctx, id, f.id, sessionID)
 	switch {
 	case errors.Is(err, task.ErrNotFound):
-		return 0, err
+		return 0, nil, err
 	case errors.Is(err, ErrTaskEnded), errors.Is(err, ErrNotSession):
-		return 0, fmt.Errorf("%w: %v", task.ErrNotRunning, err)
+		return 0, nil, fmt.Errorf("%w: %v", task.ErrNotRunning, err)
 	case err != nil:
-		return 0, unavailable("claim the task", err)
+		return 0, nil, unavailable("claim the task", err)
 	}
 	f.dropped.Delete(id)
 	f.fenced.own(id, attempt)
-	return attempt, nil
+	return attempt, cmd, nil
 }
 
 // upstreamScanPage is how many events upstreamSeq reads at a time.

@@ -1,0 +1,163 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+)
+
+// A cancel sent from another replica to a task's owner, which carries it
+// out and is killed (kill -9) before the task's end is stored: the cancel
+// is not lost. Its command row stays open until the end is stored, so the
+// task's next owner ends it CANCELLED (the row was marked done when the
+// owner took it, and the next owner ended the task FAILURE, or a session
+// re-attached elsewhere ran on, the client having been told "cancelled").
+
+// cancelledOnAKilledOwner runs a task on replica "owner" (started: its
+// session recorded an upstream packet; its commander acknowledges a stop at
+// once) and cancels it from replica "sender" (a bystander: it never sweeps)
+// while PostgreSQL refuses the task's writes: the owner carries the cancel
+// out (its copy ends CANCELLED, not stored) and stores the command's
+// result; then it is killed as kill -9 would: the fleet's stop can write no
+// command row either (keepCancelOpen, the graceful drain's cover, is
+// refused), and its writer closes with the end unstored. It returns the
+// task's set-up (the task stored RUNNING, its lease expiring) and sender.
+func cancelledOnAKilledOwner(t *testing.T) (*deadTask, *replica) {
+	t.Helper()
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
+	sender := startBystander(t, pg, url, "sender")
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx, leases: leases}
+	allow := refuseTaskWrites(t, d)
+	out, err := sender.f.Cancel(ctx, nil, id, "stopped by the test", false)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	waitFor(t, "the owner to carry the cancel out", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel' AND result IS NOT NULL`, id).Scan(&n)
+		return err == nil && n == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_CANCELLED
+	})
+	killRefusingCommands(t, d, owner)
+	allow()
+	if st, _ := storedStatus(t, sender, id); st != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("stored %s: the test needs the end lost with the owner", st)
+	}
+	return d, sender
+}
+
+// killRefusingCommands kills r as kill -9 would (see replica.kill), with
+// PostgreSQL refusing any command row for d's task meanwhile: a killed
+// process writes none (the fleet's stop would, keepCancelOpen). It needs
+// refuseTaskWrites' function.
+func killRefusingCommands(t *testing.T, d *deadTask, r *replica) {
+	t.Helper()
+	d.exec(t, `CREATE TRIGGER refuse_task_commands BEFORE INSERT ON fleet_commands
+		FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION refuse_task_writes()`)
+	r.kill()
+	d.exec(t, `DROP TRIGGER refuse_task_commands ON fleet_commands`)
+}
+
+// The owner killed, its lease expires and another replica's sweep takes
+// the task over: CANCELLED with the cancel's reason (before: FAILURE, "its
+// dispatcher replica owner stopped renewing the task's lease…").
+func TestCancelOfAnOwnerKilledBeforeTheEndIsStoredEndsCancelledOnTakeover(t *testing.T) {
+	d, _ := cancelledOnAKilledOwner(t)
+	other := startReplica(t, d.pg, d.url, "other", &testSlot{finish: true})
+	st, msg := d.ended(t, other, 20*time.Second)
+	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || other.slot.started.Load() != 0 {
+		t.Fatalf("ended %s %q, started %d times on the next owner; want CANCELLED with the cancel's reason, never started", st, msg, other.slot.started.Load())
+	}
+}
+
+// The owner killed, the task's commander re-attaches its session to
+// another replica (the session hand-over: TakeSession claims the task at
+// once): the re-attached session is stopped with the cancel's reason and
+// the task ends CANCELLED (before: no stop, the session ran on).
+func TestCancelOfAnOwnerKilledBeforeTheEndIsStoredStopsTheReattachedSession(t *testing.T) {
+	d, sender := cancelledOnAKilledOwner(t)
+	var r *stopRunner
+	info, err := sender.mgr.Reattach(d.ctx, d.id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		r = &stopRunner{t: tk}
+		return r
+	})
+	switch {
+	case err == nil && info.Stop == nil:
+		t.Fatal("the session re-attached with no stop: the cancel is lost and the task runs on")
+	case err == nil:
+		if info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test" {
+			t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
+		}
+		// What the session server does with it (restop); the commander
+		// acknowledges at once.
+		r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
+	case errors.Is(err, task.ErrNotRunning):
+		// The new owner's reconcile carried the open cancel out between
+		// the take-over and the re-attach: the task ended CANCELLED while
+		// its session was being handed over, and the re-attach is refused
+		// (the commander ends its planner).
+		t.Logf("re-attach refused: %v", err)
+	default:
+		t.Fatalf("re-attach: %v", err)
+	}
+	st, msg := d.ended(t, sender, 10*time.Second)
+	if st != agentpb.TaskStatus_CANCELLED || !strings.HasPrefix(msg, "stopped by the test") {
+		t.Fatalf("ended %s %q, want CANCELLED with the cancel's reason", st, msg)
+	}
+}
+
+// A cancel of a task nobody holds (its replica died) is carried out by the
+// replica that received it (takeFree: it claims the task and ends it);
+// that replica is killed before the end is stored (PostgreSQL refused it
+// until then): the task's next owner ends it CANCELLED with the cancel's
+// reason (before: no row was written, and the sweep ended it FAILURE).
+func TestCancelOfAFreeTaskWhoseTakerIsKilledBeforeTheEndIsStoredEndsCancelled(t *testing.T) {
+	d := newDeadTask(t, true)
+	sender := startBystander(t, d.pg, d.url, "sender")
+	waitFor(t, "the dead replica's lease to expire", 10*time.Second, func() bool {
+		h, err := d.leases.Holder(d.ctx, d.id)
+		return err == nil && h.Owner == ""
+	})
+	allow := refuseTaskWrites(t, d)
+	ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
+	out, err := sender.f.Cancel(ctx, nil, d.id, "stopped by the test", false)
+	cancel()
+	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel: %+v %v; want carried out here", out, err)
+	}
+	killRefusingCommands(t, d, sender)
+	allow()
+	if st, _ := storedStatus(t, sender, d.id); st != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("stored %s: the test needs the end lost with the replica", st)
+	}
+	other := startReplica(t, d.pg, d.url, "other", &testSlot{finish: true})
+	st, msg := d.ended(t, other, 20*time.Second)
+	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || other.slot.started.Load() != 0 {
+		t.Fatalf("ended %s %q, started %d times on the next owner; want CANCELLED with the cancel's reason, never started", st, msg, other.slot.started.Load())
+	}
+}

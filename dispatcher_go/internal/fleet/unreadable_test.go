@@ -1,0 +1,64 @@
+package fleet
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+)
+
+// A dead replica's RUNNING task whose stored record cannot be read (its
+// body does not decode: every takeover fails to load it) ends FAILURE,
+// saying so, after DefaultMaxReadFailures takeovers, and is claimed no
+// more. (Each takeover left the lease to expire and the next sweep tried
+// again: claimed every lease + grace with a warning, RUNNING for good.)
+func TestUnreadableTaskEndsFailureAfterTheMaxReadFailures(t *testing.T) {
+	d := newDeadTask(t, false)
+	pg, url, id, ctx := d.pg, d.url, d.id, d.ctx
+	d.exec(t, `UPDATE tasks SET body = convert_to('{"instruction": 5}', 'UTF8') WHERE id = '%[1]s'`)
+	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
+	var status agentpb.TaskStatus
+	waitFor(t, "the unreadable task to end", 45*time.Second, func() bool {
+		st, err := live.f.leases.Status(ctx, id)
+		status = st
+		return err == nil && st != agentpb.TaskStatus_RUNNING
+	})
+	if status != agentpb.TaskStatus_FAILURE {
+		t.Fatalf("ended %s, want FAILURE", status)
+	}
+	ls, _, err := live.f.leases.Lease(ctx, id)
+	if err != nil || !ls.Released {
+		t.Fatalf("lease %+v (%v), want released", ls, err)
+	}
+	var failures int
+	if err := pg.Pool().QueryRow(ctx, `SELECT read_failures FROM fleet_leases WHERE task_id = $1`, id).Scan(&failures); err != nil || failures != DefaultMaxReadFailures {
+		t.Fatalf("%d read failures (%v), want %d", failures, err, DefaultMaxReadFailures)
+	}
+	rows, err := pg.ReadEvents(ctx, id, 0, 1000)
+	if err != nil || len(rows) == 0 {
+		t.Fatalf("events %d (%v)", len(rows), err)
+	}
+	last := &dispatchv1.TaskEvent{}
+	if err := proto.Unmarshal(rows[len(rows)-1].Data, last); err != nil {
+		t.Fatal(err)
+	}
+	st := last.GetState()
+	if st.GetStatus() != agentpb.TaskStatus_FAILURE || !strings.HasPrefix(st.GetMessage(), UnreadableMessage) ||
+		last.GetSeq() != uint64(len(rows)) || rows[len(rows)-1].Seq != last.GetSeq() {
+		t.Fatalf("last event seq %d (row %d of %d): %s %q; want FAILURE %q…", last.GetSeq(), rows[len(rows)-1].Seq, len(rows), st.GetStatus(), st.GetMessage(), UnreadableMessage)
+	}
+	var msg string
+	if err := pg.Pool().QueryRow(ctx, `SELECT convert_from(body, 'UTF8')::json ->> 'message' FROM tasks WHERE id = $1`, id).Scan(&msg); err != nil || msg != st.GetMessage() {
+		t.Fatalf("stored message %q (%v), want the event's", msg, err)
+	}
+	t.Logf("%s", msg)
+	// Claimed no more: the lease stays released, the task FAILURE.
+	time.Sleep(3 * (testLease + testGrace))
+	if ls, _, err := live.f.leases.Lease(ctx, id); err != nil || !ls.Released || live.slot.started.Load() != 0 {
+		t.Fatalf("lease %+v (%v), started %d times; want released, never started", ls, err, live.slot.started.Load())
+	}
+}
