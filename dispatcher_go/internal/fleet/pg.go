@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -41,7 +42,6 @@ CREATE TABLE IF NOT EXISTS fleet_leases (
 	released BOOLEAN NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
-ALTER TABLE fleet_leases ADD COLUMN IF NOT EXISTS read_failures INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS fleet_queue (
 	task_id TEXT PRIMARY KEY,
 	queue TEXT NOT NULL,
@@ -63,6 +63,27 @@ CREATE TABLE IF NOT EXISTS fleet_requests (
 	created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );`
 
+// addReadFailures adds fleet_leases.read_failures (a column newer than the
+// table) only when it is missing: ALTER TABLE takes an ACCESS EXCLUSIVE
+// lock before it looks whether the column exists, so an unconditional
+// ALTER ... ADD COLUMN IF NOT EXISTS at every replica start queued behind
+// any open reader of the table (a pg_dump) and queued every lease
+// statement behind itself meanwhile (the fenced writes' FOR SHARE, the
+// renewals): the fleet stalled past its leases. The check reads the
+// catalogue only.
+const addReadFailures = `DO $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_attribute
+		WHERE attrelid = 'fleet_leases'::regclass AND attname = 'read_failures' AND NOT attisdropped) THEN
+		ALTER TABLE fleet_leases ADD COLUMN read_failures INTEGER NOT NULL DEFAULT 0;
+	END IF;
+END $$`
+
+// schemaLockTimeout bounds the wait of the schema's one locking change
+// (addReadFailures, the first start after an upgrade): it fails fast with
+// a clear error rather than queue every lease statement behind itself.
+var schemaLockTimeout = 5 * time.Second
+
 // Leases is the fleet's state in PostgreSQL: who runs a task (owner
 // replica, lease expiry, attempt number as the fencing token), the queue of
 // tasks nobody runs yet (what the bus is rebuilt from), the commands sent to
@@ -82,8 +103,21 @@ func NewLeases(ctx context.Context, pool *pgxpool.Pool, ttl time.Duration) (*Lea
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLock)); err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, schema)
-		return err
+		if _, err := tx.Exec(ctx, schema); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`SET LOCAL lock_timeout = %d`, schemaLockTimeout.Milliseconds())); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, addReadFailures); err != nil {
+			var pe *pgconn.PgError
+			if errors.As(err, &pe) && pe.Code == "55P03" { // lock_not_available
+				return fmt.Errorf("adding column fleet_leases.read_failures needs a lock on fleet_leases that a long transaction holds (waited %s); "+
+					"end that transaction or add the column by hand (see docs/operations.md), then start again: %w", schemaLockTimeout, err)
+			}
+			return err
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("fleet: schema: %w", err)
