@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS fleet_leases (
 	expires_at TIMESTAMPTZ NOT NULL,
 	released BOOLEAN NOT NULL DEFAULT false
 );
-CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
 CREATE TABLE IF NOT EXISTS fleet_queue (
 	task_id TEXT PRIMARY KEY,
 	queue TEXT NOT NULL,
@@ -56,23 +55,29 @@ CREATE TABLE IF NOT EXISTS fleet_commands (
 	done BOOLEAN NOT NULL DEFAULT false,
 	result JSONB
 );
-CREATE INDEX IF NOT EXISTS fleet_commands_open ON fleet_commands (task_id) WHERE NOT done;
 CREATE TABLE IF NOT EXISTS fleet_requests (
 	request_id TEXT PRIMARY KEY,
 	task_id TEXT NOT NULL,
 	created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );`
 
-// addReadFailures adds fleet_leases.read_failures (a column newer than the
-// table) only when it is missing: ALTER TABLE takes an ACCESS EXCLUSIVE
-// lock before it looks whether the column exists, so an unconditional
+// addMissing adds the fleet's indexes and fleet_leases.read_failures (a
+// column newer than the table) only when they are missing: ALTER TABLE
+// takes an ACCESS EXCLUSIVE lock, and CREATE INDEX a SHARE lock, before
+// either looks whether its object exists, so an unconditional
 // ALTER ... ADD COLUMN IF NOT EXISTS at every replica start queued behind
 // any open reader of the table (a pg_dump) and queued every lease
 // statement behind itself meanwhile (the fenced writes' FOR SHARE, the
-// renewals): the fleet stalled past its leases. The check reads the
+// renewals): the fleet stalled past its leases. The checks read the
 // catalogue only.
-const addReadFailures = `DO $$
+const addMissing = `DO $$
 BEGIN
+	IF to_regclass('fleet_leases_live') IS NULL THEN
+		CREATE INDEX fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
+	END IF;
+	IF to_regclass('fleet_commands_open') IS NULL THEN
+		CREATE INDEX fleet_commands_open ON fleet_commands (task_id) WHERE NOT done;
+	END IF;
 	IF NOT EXISTS (SELECT 1 FROM pg_attribute
 		WHERE attrelid = 'fleet_leases'::regclass AND attname = 'read_failures' AND NOT attisdropped) THEN
 		ALTER TABLE fleet_leases ADD COLUMN read_failures INTEGER NOT NULL DEFAULT 0;
@@ -80,7 +85,7 @@ BEGIN
 END $$`
 
 // schemaLockTimeout bounds the wait of the schema's one locking change
-// (addReadFailures, the first start after an upgrade): it fails fast with
+// (addMissing: the first start after an upgrade): it fails fast with
 // a clear error rather than queue every lease statement behind itself.
 var schemaLockTimeout = 5 * time.Second
 
@@ -109,7 +114,7 @@ func NewLeases(ctx context.Context, pool *pgxpool.Pool, ttl time.Duration) (*Lea
 		if _, err := tx.Exec(ctx, fmt.Sprintf(`SET LOCAL lock_timeout = %d`, schemaLockTimeout.Milliseconds())); err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, addReadFailures); err != nil {
+		if _, err := tx.Exec(ctx, addMissing); err != nil {
 			var pe *pgconn.PgError
 			if errors.As(err, &pe) && pe.Code == "55P03" { // lock_not_available
 				return fmt.Errorf("adding column fleet_leases.read_failures needs a lock on fleet_leases that a long transaction holds (waited %s); "+

@@ -28,7 +28,7 @@ func holdReader(t *testing.T, ctx context.Context, conn *pgx.Conn) (end func()) 
 }
 
 // A replica's start, with the schema up to date, takes no lock that an
-// open reader of fleet_leases holds off: it returns at once, and a lease
+// open reader or writer of fleet_leases holds off: it returns at once, and a lease
 // statement of another replica (the fenced write's FOR SHARE) is not
 // queued behind it. (ALTER TABLE ... ADD COLUMN IF NOT EXISTS took ACCESS
 // EXCLUSIVE before it found the column: the start waited for the reader
@@ -40,7 +40,8 @@ func TestSchemaSetUpWaitsForNoReader(t *testing.T) {
 		t.Fatal(err)
 	}
 	putTask(t, st, "t1", 0)
-	if _, err := st.Pool().Exec(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at) VALUES ('t1', 'r1', 1, now() + interval '1 minute')`); err != nil {
+	if _, err := st.Pool().Exec(ctx, `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at) VALUES
+		('t1', 'r1', 1, now() + interval '1 minute'), ('t2', 'r1', 1, now() + interval '1 minute')`); err != nil {
 		t.Fatal(err)
 	}
 	reader, err := st.Pool().Acquire(ctx)
@@ -49,6 +50,16 @@ func TestSchemaSetUpWaitsForNoReader(t *testing.T) {
 	}
 	defer reader.Release()
 	defer holdReader(t, ctx, reader.Conn())()
+	// And a renewal of another lease under way (ROW EXCLUSIVE: CREATE
+	// INDEX IF NOT EXISTS waited for it, holding its SHARE lock queued).
+	writer, err := st.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = writer.Rollback(context.Background()) }()
+	if _, err := writer.Exec(ctx, `UPDATE fleet_leases SET expires_at = now() + interval '1 minute' WHERE task_id = 't2'`); err != nil {
+		t.Fatal(err)
+	}
 	setUp := make(chan error, 1)
 	go func() {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
