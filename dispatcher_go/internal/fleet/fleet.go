@@ -81,13 +81,14 @@ const (
 	// DefaultRequeueAfter is how long a task may wait in the queue table
 	// before its bus entry is written again (in case it was lost).
 	DefaultRequeueAfter = 30 * time.Second
-	// DefaultMaxReadFailures is how many claims of a task (by any
-	// replica: takeovers, adoptions from the bus) may fail to read it
-	// before the next one ends it FAILURE (UnreadableMessage) without
-	// reading it: each failed takeover leaves the lease to expire and the
-	// next sweep retries, so a task whose record or events cannot be read
-	// at all (a corrupt body, an event that does not decode) was claimed
-	// every lease + grace for good, RUNNING for good.
+	// DefaultMaxReadFailures is how many claims of a task in a row (by
+	// any replica: takeovers, adoptions from the bus) may find its stored
+	// body undecodable before the next one ends it FAILURE
+	// (UnreadableMessage) without reading it: each failed takeover leaves
+	// the lease to expire and the next sweep retries, so a task whose
+	// record cannot be read at all was claimed every lease + grace for
+	// good, RUNNING for good. Other read failures are not counted (see
+	// failUnreadable).
 	DefaultMaxReadFailures = 5
 )
 
@@ -703,7 +704,17 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 // FAILURE without reading it (Leases.failUnread) and releases its lease.
 // It reports whether it ended it; false leaves the caller's way (the
 // lease to expire and the next sweep to retry, or the queue).
+//
+// Only a stored body that does not decode counts (taskstore.ErrUnreadable):
+// it fails the same way at every read. A failed read of the store (a
+// connection reset, PostgreSQL restarting or overloaded, a timeout) or a
+// local error says nothing of the task; counted, a short outage ended
+// readable tasks FAILURE (on the bus path in milliseconds). A read that
+// succeeds resets the count (Leases.readOK).
 func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, what string, err error) bool {
+	if !errors.Is(err, taskstore.ErrUnreadable) {
+		return false
+	}
 	n, cerr := f.leases.readFailed(ctx, id, f.id, attempt)
 	if cerr != nil || n < f.opts.MaxReadFailures {
 		return false
@@ -720,6 +731,15 @@ func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, wh
 		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_FAILURE)})
 	}
 	return true
+}
+
+// readOK resets the count of failed reads of task id, which this
+// replica's claim (attempt) has just read (Leases.readOK); a reset that
+// fails leaves the count, which the next failure in a row adds to.
+func (f *Fleet) readOK(ctx context.Context, id string, attempt int64) {
+	if err := f.leases.readOK(ctx, id, f.id, attempt); err != nil {
+		f.log.Debug("resetting a task's failed reads failed", "task_id", id, "error", err)
+	}
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -782,6 +802,7 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 	if err != nil {
 		return err
 	}
+	f.readOK(ctx, id, attempt)
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
 		return err
@@ -1161,6 +1182,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		leave("read the task", err)
 		return
 	}
+	f.readOK(ctx, r.TaskID, attempt)
 	if snap.Status == agentpb.TaskStatus_PENDING {
 		f.log.Info("task of a replica that stopped renewing its lease goes back to the queue", "task_id", r.TaskID, "owner", r.Owner)
 		f.giveBack(ctx, nil, r.TaskID, attempt, queueName(snap.Planner, snap.Required))

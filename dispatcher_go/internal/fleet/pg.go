@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -100,6 +101,10 @@ type Leases struct {
 	// claimQueuedStep, when set (tests), is called inside ClaimQueued's
 	// transaction after its first statement.
 	claimQueuedStep func(ctx context.Context, tx pgx.Tx)
+	// failedBefore holds, by task id, the attempt of a claim of this
+	// replica's that found failed reads counted (readFailed), so that
+	// readOK resets the count only then (no statement otherwise).
+	failedBefore sync.Map
 }
 
 // NewLeases creates the fleet's tables if needed. ttl is the lease length.
@@ -150,13 +155,14 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 
 // takeFreeLease takes task $1's lease for replica $2 for $3 µs with the
 // next attempt when it is free: no row, released, or expired more than $4
-// µs ago (RETURNING attempt; no row: held).
+// µs ago (RETURNING attempt and the failed reads counted, see readFailed;
+// no row: held).
 const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 	VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
 	ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
 		expires_at = excluded.expires_at, released = false
 	WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
-	RETURNING attempt`
+	RETURNING attempt, read_failures`
 
 // claim is Claim where an expired lease counts as free only once it
 // expired more than grace ago (the sweep's takeover).
@@ -171,8 +177,9 @@ const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expire
 // claimed and adopted again by the sweep.
 func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
 	var attempt int64
+	var failures int
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
-		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt, &failures)
 		held := errors.Is(err, pgx.ErrNoRows)
 		if err != nil && !held {
 			return err
@@ -188,6 +195,9 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 		_, err = tx.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
 		return err
 	})
+	if err == nil {
+		l.claimedAfterFailures(taskID, attempt, failures)
+	}
 	return attempt, err
 }
 
@@ -235,10 +245,11 @@ var ErrNotPending = errors.New("fleet: the task is not pending")
 // record committed in between was claimed as a PENDING task.
 func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64, *command, error) {
 	var attempt int64
+	var failures int
 	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		cancel = nil
-		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt, &failures)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrLeaseHeld
 		}
@@ -272,6 +283,9 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 		cancel = &c
 		return nil
 	})
+	if err == nil {
+		l.claimedAfterFailures(taskID, attempt, failures)
+	}
 	return attempt, cancel, err
 }
 
@@ -467,17 +481,47 @@ func (l *Leases) Lease(ctx context.Context, taskID string) (lease, bool, error) 
 
 // readFailed counts a claim of taskID by replica (with attempt) after
 // which the task could not be read (a takeover, or an adoption from the
-// bus, that failed to load it) and returns how many there were, by any
-// replica (0: the lease moved on meanwhile; nothing counted).
+// bus, that found its stored body undecodable) and returns how many there
+// were in a row, by any replica (0: the lease moved on meanwhile; nothing
+// counted). It runs READ COMMITTED, as the claims do: it must count on
+// the row the claim just committed, whatever the server's default.
 func (l *Leases) readFailed(ctx context.Context, taskID, replica string, attempt int64) (int, error) {
+	l.failedBefore.Delete(taskID)
 	var n int
-	err := l.pool.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
-		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
-		taskID, replica, attempt).Scan(&n)
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
+			WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
+			taskID, replica, attempt).Scan(&n)
+	})
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, nil
 	}
 	return n, err
+}
+
+// claimedAfterFailures notes a claim (attempt) of taskID that found
+// failures failed reads counted (see readOK).
+func (l *Leases) claimedAfterFailures(taskID string, attempt int64, failures int) {
+	if failures > 0 {
+		l.failedBefore.Store(taskID, attempt)
+	} else {
+		l.failedBefore.Delete(taskID)
+	}
+}
+
+// readOK resets taskID's count of failed reads (readFailed) after this
+// replica's claim (attempt) read it: only failures in a row count. It
+// writes only when that claim found some counted.
+func (l *Leases) readOK(ctx context.Context, taskID, replica string, attempt int64) error {
+	if a, ok := l.failedBefore.Load(taskID); !ok || a.(int64) != attempt {
+		return nil
+	}
+	l.failedBefore.Delete(taskID)
+	return pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE fleet_leases SET read_failures = 0
+			WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND read_failures > 0`, taskID, replica, attempt)
+		return err
+	})
 }
 
 // failUnread ends taskID FAILURE with msg without loading it (it could not

@@ -1,14 +1,19 @@
 package fleet
 
 import (
+	"context"
+	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
 // A dead replica's RUNNING task whose stored record cannot be read (its
@@ -60,5 +65,55 @@ func TestUnreadableTaskEndsFailureAfterTheMaxReadFailures(t *testing.T) {
 	time.Sleep(3 * (testLease + testGrace))
 	if ls, _, err := live.f.leases.Lease(ctx, id); err != nil || !ls.Released || live.slot.started.Load() != 0 {
 		t.Fatalf("lease %+v (%v), started %d times; want released, never started", ls, err, live.slot.started.Load())
+	}
+}
+
+// A readable task whose adoptions from the bus fail for a while for a
+// reason that says nothing of the task (here a connection reset, more
+// times in a row than --fleet-max-read-failures) runs once they pass, and
+// its count of failed reads (here 4 left from earlier failures) is reset
+// by the read that succeeds. (Every failure was counted: the task ended
+// FAILURE "could not be read" after 5 adoptions within milliseconds.)
+func TestTransientReadFailuresDoNotEndAReadableTask(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var id atomic.Pointer[string]
+	var calls atomic.Int32
+	const failing = DefaultMaxReadFailures + 3
+	hooks := requeueHooks{
+		adopt: func(tid string) error {
+			// The test's one task (the first adopted).
+			if id.CompareAndSwap(nil, &tid); *id.Load() != tid {
+				return nil
+			}
+			n := calls.Add(1)
+			if n == 1 {
+				// Failures left from earlier claims, fewer than the max.
+				if _, err := pg.Pool().Exec(ctx, `UPDATE fleet_leases SET read_failures = $2 WHERE task_id = $1`, tid, DefaultMaxReadFailures-1); err != nil {
+					t.Error(err)
+				}
+			}
+			if n <= failing {
+				return fmt.Errorf("store read failed: %w", &pgconn.PgError{Code: "08006", Message: "connection reset by peer"})
+			}
+			return nil
+		},
+	}
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, hooks)
+	tk, err := live.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tid := tk.ID()
+	if msg := endsWith(t, live, tid, agentpb.TaskStatus_SUCCESS, 1, 30*time.Second); msg != "done" {
+		t.Fatalf("message %q", msg)
+	}
+	if n := calls.Load(); n <= failing {
+		t.Fatalf("%d adoptions, want more than the %d failed", n, failing)
+	}
+	var failures int
+	if err := pg.Pool().QueryRow(ctx, `SELECT read_failures FROM fleet_leases WHERE task_id = $1`, tid).Scan(&failures); err != nil || failures != 0 {
+		t.Fatalf("%d read failures counted (%v), want 0 after the read that succeeded", failures, err)
 	}
 }
