@@ -557,6 +557,10 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 		if !task.Terminal(agentpb.TaskStatus(status)) {
 			var fields map[string]json.RawMessage
 			if json.Unmarshal(body, &fields) == nil && fields != nil {
+				// An ended task keeps no secrets and no stop to carry
+				// out, as the store's encoder writes it.
+				delete(fields, "sealedConfig")
+				delete(fields, "stop")
 				fields["message"], _ = json.Marshal(msg)
 				body, _ = json.Marshal(fields)
 			}

@@ -24,7 +24,7 @@ import (
 func TestUnreadableTaskEndsFailureAfterTheMaxReadFailures(t *testing.T) {
 	d := newDeadTask(t, false)
 	pg, url, id, ctx := d.pg, d.url, d.id, d.ctx
-	d.exec(t, `UPDATE tasks SET body = convert_to('{"instruction": 5}', 'UTF8') WHERE id = '%[1]s'`)
+	d.exec(t, `UPDATE tasks SET body = convert_to('{"instruction": 5, "sealedConfig": "c2VhbGVk", "stop": {"reason": "r"}}', 'UTF8') WHERE id = '%[1]s'`)
 	live := startReplica(t, pg, url, "live", &testSlot{finish: true})
 	var status agentpb.TaskStatus
 	waitFor(t, "the unreadable task to end", 45*time.Second, func() bool {
@@ -57,8 +57,13 @@ func TestUnreadableTaskEndsFailureAfterTheMaxReadFailures(t *testing.T) {
 		t.Fatalf("last event seq %d (row %d of %d): %s %q; want FAILURE %q…", last.GetSeq(), rows[len(rows)-1].Seq, len(rows), st.GetStatus(), st.GetMessage(), UnreadableMessage)
 	}
 	var msg string
-	if err := pg.Pool().QueryRow(ctx, `SELECT convert_from(body, 'UTF8')::json ->> 'message' FROM tasks WHERE id = $1`, id).Scan(&msg); err != nil || msg != st.GetMessage() {
+	var sealed, stop bool
+	if err := pg.Pool().QueryRow(ctx, `SELECT b ->> 'message', b ? 'sealedConfig', b ? 'stop' FROM (SELECT convert_from(body, 'UTF8')::jsonb AS b FROM tasks WHERE id = $1) s`, id).
+		Scan(&msg, &sealed, &stop); err != nil || msg != st.GetMessage() {
 		t.Fatalf("stored message %q (%v), want the event's", msg, err)
+	}
+	if sealed || stop {
+		t.Fatalf("the ended record keeps its sealed config (%v) or its stop (%v)", sealed, stop)
 	}
 	t.Logf("%s", msg)
 	// Claimed no more: the lease stays released, the task FAILURE.
