@@ -762,6 +762,9 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 		reason = "cancelled by client"
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
+		if errors.Is(err, taskstore.ErrUnreadable) && f.cancelUnread(ctx, id, attempt, cmd.ID, reason) {
+			return
+		}
 		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue with its cancel", "task_id", id, "error", err)
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
@@ -772,6 +775,27 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 	}
 	f.log.Info("queued task cancelled: a cancel was asked while it was handed back to the queue", "task_id", id)
 	f.closeCancel(ctx, id, cmd.ID)
+}
+
+// cancelUnread ends CANCELLED, without reading it (Leases.endUnread), a
+// PENDING task claimed from the bus to carry out its cancel (command cid)
+// whose stored body does not decode: handed back, it was claimed again at
+// once, for good, at the bus's speed. It reports whether it ended it.
+func (f *Fleet) cancelUnread(ctx context.Context, id string, attempt, cid int64, reason string) bool {
+	ev, err := f.leases.endUnread(ctx, id, f.id, attempt, agentpb.TaskStatus_CANCELLED, reason)
+	if err != nil {
+		return false
+	}
+	f.fenced.disown(id, attempt)
+	f.log.Warn("queued task cancelled without reading it: its stored record does not decode", "task_id", id)
+	if ev != nil {
+		f.onWritten([]store.Event{*ev})
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_CANCELLED)})
+	}
+	if err := f.leases.closeIfEnded(ctx, cid, cmdResult{}); err != nil {
+		f.log.Debug("closing a carried out cancel failed; the reconcile closes it", "task_id", id, "command", cid, "error", err)
+	}
+	return true
 }
 
 // closeCancel marks done the cancel (command cid) that ended task id here,

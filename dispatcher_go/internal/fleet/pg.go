@@ -533,6 +533,12 @@ func (l *Leases) readOK(ctx context.Context, taskID, replica string, attempt int
 // ended already or the lease moved on (nothing written, the lease left as
 // it is unless the task had ended).
 func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt int64, msg string) (*store.Event, error) {
+	return l.endUnread(ctx, taskID, replica, attempt, agentpb.TaskStatus_FAILURE, msg)
+}
+
+// endUnread is failUnread ending the task with status (CANCELLED: a
+// cancel asked for a task that cannot be read, see cancelQueued).
+func (l *Leases) endUnread(ctx context.Context, taskID, replica string, attempt int64, status agentpb.TaskStatus, msg string) (*store.Event, error) {
 	var out *store.Event
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		out = nil
@@ -545,16 +551,16 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 		if err != nil {
 			return err
 		}
-		var status int32
+		var stored int32
 		var body []byte
-		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&status, &body)
+		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&stored, &body)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return task.ErrNotFound
 		}
 		if err != nil {
 			return err
 		}
-		if !task.Terminal(agentpb.TaskStatus(status)) {
+		if !task.Terminal(agentpb.TaskStatus(stored)) {
 			var fields map[string]json.RawMessage
 			if json.Unmarshal(body, &fields) == nil && fields != nil {
 				// An ended task keeps no secrets and no stop to carry
@@ -570,7 +576,7 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 			}
 			now := time.Now()
 			ev := &dispatchv1.TaskEvent{TaskId: taskID, Seq: uint64(last) + 1, Time: timestamppb.New(now),
-				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_FAILURE, Message: msg}}}
+				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: status, Message: msg}}}
 			data, err := proto.Marshal(ev)
 			if err != nil {
 				return err
@@ -579,7 +585,7 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 				return err
 			}
 			if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $2, ended_at = $3, body = $4 WHERE id = $1`,
-				taskID, int32(agentpb.TaskStatus_FAILURE), store.Micros(now), body); err != nil {
+				taskID, int32(status), store.Micros(now), body); err != nil {
 				return err
 			}
 			out = &store.Event{TaskID: taskID, Seq: uint64(last) + 1, Data: data}

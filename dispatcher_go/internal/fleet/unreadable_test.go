@@ -122,3 +122,63 @@ func TestTransientReadFailuresDoNotEndAReadableTask(t *testing.T) {
 		t.Fatalf("%d read failures counted (%v), want 0 after the read that succeeded", failures, err)
 	}
 }
+
+// A PENDING task whose stored body does not decode, queued with a cancel
+// asked for it (a cancel that came while it was handed back), ends
+// CANCELLED with the cancel's reason when a replica claims it from the
+// bus, without reading it, and its cancel is closed. (The claim's
+// adoption failed and handed it back with its cancel, claimed again at
+// once: PENDING for good, claimed at the bus's speed.)
+func TestUnreadableQueuedTaskWithACancelEndsCancelled(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := task.NewID()
+	putTask(t, pg, id, agentpb.TaskStatus_PENDING)
+	if _, err := pg.Pool().Exec(ctx, `UPDATE tasks SET body = convert_to('{"instruction": 5, "planner": "chat"}', 'UTF8') WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := leases.Enqueue(ctx, id, queueName("chat", nil)); err != nil {
+		t.Fatal(err)
+	}
+	var adoptions atomic.Int32
+	live := startReplicaHooked(t, pg, url, "live", &testSlot{finish: true}, requeueHooks{
+		adopt: func(tid string) error {
+			if tid == id {
+				adoptions.Add(1)
+			}
+			return nil
+		},
+	})
+	var status agentpb.TaskStatus
+	waitFor(t, "the unreadable task to end", 20*time.Second, func() bool {
+		st, err := leases.Status(ctx, id)
+		status = st
+		return err == nil && task.Terminal(st)
+	})
+	var msg string
+	if err := pg.Pool().QueryRow(ctx, `SELECT convert_from(body, 'UTF8')::jsonb ->> 'message' FROM tasks WHERE id = $1`, id).Scan(&msg); err != nil {
+		t.Fatal(err)
+	}
+	if status != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || live.slot.started.Load() != 0 {
+		t.Fatalf("ended %s %q, started %d times; want CANCELLED with the cancel's reason, never started", status, msg, live.slot.started.Load())
+	}
+	if n := adoptions.Load(); n != 1 {
+		t.Fatalf("%d adoptions, want 1", n)
+	}
+	waitFor(t, "the cancel's row to be closed", 10*time.Second, func() bool {
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND NOT done`, id).Scan(&n)
+		return err == nil && n == 0
+	})
+	if ls, _, err := leases.Lease(ctx, id); err != nil || !ls.Released {
+		t.Fatalf("lease %+v (%v), want released", ls, err)
+	}
+}
