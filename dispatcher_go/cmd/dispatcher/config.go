@@ -159,7 +159,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.DurationVar(&c.fleetLease, "fleet-lease", fleet.DefaultLease, "fleet: a task lease's length (renewed every third of it)")
 	fs.DurationVar(&c.fleetGrace, "fleet-grace", fleet.DefaultGrace, "fleet: how long past its expiry a lease is left for a hand-over before another replica ends the task (a dead replica's tasks end within lease + grace + 1s)")
 	fs.DurationVar(&c.fleetReclaim, "fleet-reclaim-idle", fleet.DefaultReclaimIdle, "fleet: how long a bus entry read by a replica may stay unacknowledged before another reclaims it")
-	fs.IntVar(&c.fleetReadFails, "fleet-max-read-failures", fleet.DefaultMaxReadFailures, "fleet: how many claims of a task (takeovers, adoptions from the bus, by any replica) may fail to read it before the next ends it FAILURE unread")
+	fs.IntVar(&c.fleetReadFails, "fleet-max-read-failures", fleet.DefaultMaxReadFailures, "fleet: how many claims of a task in a row (takeovers, adoptions from the bus, by any replica) may find its stored body undecodable before the next ends it FAILURE unread")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}

@@ -81,13 +81,14 @@ const (
 	// DefaultRequeueAfter is how long a task may wait in the queue table
 	// before its bus entry is written again (in case it was lost).
 	DefaultRequeueAfter = 30 * time.Second
-	// DefaultMaxReadFailures is how many claims of a task (by any
-	// replica: takeovers, adoptions from the bus) may fail to read it
-	// before the next one ends it FAILURE (UnreadableMessage) without
-	// reading it: each failed takeover leaves the lease to expire and the
-	// next sweep retries, so a task whose record or events cannot be read
-	// at all (a corrupt body, an event that does not decode) was claimed
-	// every lease + grace for good, RUNNING for good.
+	// DefaultMaxReadFailures is how many claims of a task in a row (by
+	// any replica: takeovers, adoptions from the bus) may find its stored
+	// body undecodable before the next one ends it FAILURE
+	// (UnreadableMessage) without reading it: each failed takeover leaves
+	// the lease to expire and the next sweep retries, so a task whose
+	// record cannot be read at all was claimed every lease + grace for
+	// good, RUNNING for good. Other read failures are not counted (see
+	// failUnreadable).
 	DefaultMaxReadFailures = 5
 )
 
@@ -707,7 +708,17 @@ func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue
 // FAILURE without reading it (Leases.failUnread) and releases its lease.
 // It reports whether it ended it; false leaves the caller's way (the
 // lease to expire and the next sweep to retry, or the queue).
+//
+// Only a stored body that does not decode counts (taskstore.ErrUnreadable):
+// it fails the same way at every read. A failed read of the store (a
+// connection reset, PostgreSQL restarting or overloaded, a timeout) or a
+// local error says nothing of the task; counted, a short outage ended
+// readable tasks FAILURE (on the bus path in milliseconds). A read that
+// succeeds resets the count (Leases.readOK).
 func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, what string, err error) bool {
+	if !errors.Is(err, taskstore.ErrUnreadable) {
+		return false
+	}
 	n, cerr := f.leases.readFailed(ctx, id, f.id, attempt)
 	if cerr != nil || n < f.opts.MaxReadFailures {
 		return false
@@ -724,6 +735,15 @@ func (f *Fleet) failUnreadable(ctx context.Context, id string, attempt int64, wh
 		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_FAILURE)})
 	}
 	return true
+}
+
+// readOK resets the count of failed reads of task id, which this
+// replica's claim (attempt) has just read (Leases.readOK); a reset that
+// fails leaves the count, which the next failure in a row adds to.
+func (f *Fleet) readOK(ctx context.Context, id string, attempt int64) {
+	if err := f.leases.readOK(ctx, id, f.id, attempt); err != nil {
+		f.log.Debug("resetting a task's failed reads failed", "task_id", id, "error", err)
+	}
 }
 
 // cancelQueued ends CANCELLED a task claimed from the bus for which a
@@ -746,6 +766,9 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 		reason = "cancelled by client"
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
+		if errors.Is(err, taskstore.ErrUnreadable) && f.cancelUnread(ctx, id, attempt, cmd.ID, reason) {
+			return
+		}
 		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue with its cancel", "task_id", id, "error", err)
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
@@ -756,6 +779,27 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 	}
 	f.log.Info("queued task cancelled: a cancel was asked while it was handed back to the queue", "task_id", id)
 	f.closeCancel(ctx, id, cmd.ID)
+}
+
+// cancelUnread ends CANCELLED, without reading it (Leases.endUnread), a
+// PENDING task claimed from the bus to carry out its cancel (command cid)
+// whose stored body does not decode: handed back, it was claimed again at
+// once, for good, at the bus's speed. It reports whether it ended it.
+func (f *Fleet) cancelUnread(ctx context.Context, id string, attempt, cid int64, reason string) bool {
+	ev, err := f.leases.endUnread(ctx, id, f.id, attempt, agentpb.TaskStatus_CANCELLED, reason)
+	if err != nil {
+		return false
+	}
+	f.fenced.disown(id, attempt)
+	f.log.Warn("queued task cancelled without reading it: its stored record does not decode", "task_id", id)
+	if ev != nil {
+		f.onWritten([]store.Event{*ev})
+		f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(agentpb.TaskStatus_CANCELLED)})
+	}
+	if err := f.leases.closeIfEnded(ctx, cid, cmdResult{}); err != nil {
+		f.log.Debug("closing a carried out cancel failed; the reconcile closes it", "task_id", id, "command", cid, "error", err)
+	}
+	return true
 }
 
 // closeCancel marks done the cancel (command cid) that ended task id here,
@@ -786,6 +830,7 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 	if err != nil {
 		return err
 	}
+	f.readOK(ctx, id, attempt)
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
 		return err
@@ -1165,6 +1210,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		leave("read the task", err)
 		return
 	}
+	f.readOK(ctx, r.TaskID, attempt)
 	if snap.Status == agentpb.TaskStatus_PENDING {
 		f.log.Info("task of a replica that stopped renewing its lease goes back to the queue", "task_id", r.TaskID, "owner", r.Owner)
 		f.giveBack(ctx, nil, r.TaskID, attempt, queueName(snap.Planner, snap.Required))

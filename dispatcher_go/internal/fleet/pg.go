@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -40,8 +42,6 @@ CREATE TABLE IF NOT EXISTS fleet_leases (
 	expires_at TIMESTAMPTZ NOT NULL,
 	released BOOLEAN NOT NULL DEFAULT false
 );
-CREATE INDEX IF NOT EXISTS fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
-ALTER TABLE fleet_leases ADD COLUMN IF NOT EXISTS read_failures INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS fleet_queue (
 	task_id TEXT PRIMARY KEY,
 	queue TEXT NOT NULL,
@@ -56,12 +56,39 @@ CREATE TABLE IF NOT EXISTS fleet_commands (
 	done BOOLEAN NOT NULL DEFAULT false,
 	result JSONB
 );
-CREATE INDEX IF NOT EXISTS fleet_commands_open ON fleet_commands (task_id) WHERE NOT done;
 CREATE TABLE IF NOT EXISTS fleet_requests (
 	request_id TEXT PRIMARY KEY,
 	task_id TEXT NOT NULL,
 	created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );`
+
+// addMissing adds the fleet's indexes and fleet_leases.read_failures (a
+// column newer than the table) only when they are missing: ALTER TABLE
+// takes an ACCESS EXCLUSIVE lock, and CREATE INDEX a SHARE lock, before
+// either looks whether its object exists, so an unconditional
+// ALTER ... ADD COLUMN IF NOT EXISTS at every replica start queued behind
+// any open reader of the table (a pg_dump) and queued every lease
+// statement behind itself meanwhile (the fenced writes' FOR SHARE, the
+// renewals): the fleet stalled past its leases. The checks read the
+// catalogue only.
+const addMissing = `DO $$
+BEGIN
+	IF to_regclass('fleet_leases_live') IS NULL THEN
+		CREATE INDEX fleet_leases_live ON fleet_leases (expires_at) WHERE NOT released;
+	END IF;
+	IF to_regclass('fleet_commands_open') IS NULL THEN
+		CREATE INDEX fleet_commands_open ON fleet_commands (task_id) WHERE NOT done;
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_attribute
+		WHERE attrelid = 'fleet_leases'::regclass AND attname = 'read_failures' AND NOT attisdropped) THEN
+		ALTER TABLE fleet_leases ADD COLUMN read_failures INTEGER NOT NULL DEFAULT 0;
+	END IF;
+END $$`
+
+// schemaLockTimeout bounds the wait of the schema's one locking change
+// (addMissing: the first start after an upgrade): it fails fast with
+// a clear error rather than queue every lease statement behind itself.
+var schemaLockTimeout = 5 * time.Second
 
 // Leases is the fleet's state in PostgreSQL: who runs a task (owner
 // replica, lease expiry, attempt number as the fencing token), the queue of
@@ -74,6 +101,10 @@ type Leases struct {
 	// claimQueuedStep, when set (tests), is called inside ClaimQueued's
 	// transaction after its first statement.
 	claimQueuedStep func(ctx context.Context, tx pgx.Tx)
+	// failedBefore holds, by task id, the attempt of a claim of this
+	// replica's that found failed reads counted (readFailed), so that
+	// readOK resets the count only then (no statement otherwise).
+	failedBefore sync.Map
 }
 
 // NewLeases creates the fleet's tables if needed. ttl is the lease length.
@@ -82,8 +113,21 @@ func NewLeases(ctx context.Context, pool *pgxpool.Pool, ttl time.Duration) (*Lea
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLock)); err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, schema)
-		return err
+		if _, err := tx.Exec(ctx, schema); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`SET LOCAL lock_timeout = %d`, schemaLockTimeout.Milliseconds())); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, addMissing); err != nil {
+			var pe *pgconn.PgError
+			if errors.As(err, &pe) && pe.Code == "55P03" { // lock_not_available
+				return fmt.Errorf("adding column fleet_leases.read_failures needs a lock on fleet_leases that a long transaction holds (waited %s); "+
+					"end that transaction or add the column by hand (see docs/operations.md), then start again: %w", schemaLockTimeout, err)
+			}
+			return err
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("fleet: schema: %w", err)
@@ -111,13 +155,14 @@ func (l *Leases) Claim(ctx context.Context, taskID, replica string) (int64, erro
 
 // takeFreeLease takes task $1's lease for replica $2 for $3 µs with the
 // next attempt when it is free: no row, released, or expired more than $4
-// µs ago (RETURNING attempt; no row: held).
+// µs ago (RETURNING attempt and the failed reads counted, see readFailed;
+// no row: held).
 const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expires_at)
 	VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 microsecond')
 	ON CONFLICT (task_id) DO UPDATE SET owner = excluded.owner, attempt = fleet_leases.attempt + 1,
 		expires_at = excluded.expires_at, released = false
 	WHERE fleet_leases.released OR fleet_leases.expires_at < clock_timestamp() - $4 * interval '1 microsecond'
-	RETURNING attempt`
+	RETURNING attempt, read_failures`
 
 // claim is Claim where an expired lease counts as free only once it
 // expired more than grace ago (the sweep's takeover).
@@ -132,8 +177,9 @@ const takeFreeLease = `INSERT INTO fleet_leases (task_id, owner, attempt, expire
 // claimed and adopted again by the sweep.
 func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.Duration) (int64, error) {
 	var attempt int64
+	var failures int
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
-		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), micros(grace)).Scan(&attempt, &failures)
 		held := errors.Is(err, pgx.ErrNoRows)
 		if err != nil && !held {
 			return err
@@ -149,6 +195,9 @@ func (l *Leases) claim(ctx context.Context, taskID, replica string, grace time.D
 		_, err = tx.Exec(ctx, `DELETE FROM fleet_queue WHERE task_id = $1`, taskID)
 		return err
 	})
+	if err == nil {
+		l.claimedAfterFailures(taskID, attempt, failures)
+	}
 	return attempt, err
 }
 
@@ -196,10 +245,11 @@ var ErrNotPending = errors.New("fleet: the task is not pending")
 // record committed in between was claimed as a PENDING task.
 func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64, *command, error) {
 	var attempt int64
+	var failures int
 	var cancel *command
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		cancel = nil
-		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt)
+		err := tx.QueryRow(ctx, takeFreeLease, taskID, replica, micros(l.ttl), 0).Scan(&attempt, &failures)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return ErrLeaseHeld
 		}
@@ -221,6 +271,9 @@ func (l *Leases) ClaimQueued(ctx context.Context, taskID, replica string) (int64
 		cancel, err = openCancel(ctx, tx, `WITH d AS (DELETE FROM fleet_queue WHERE task_id = $1) `, taskID)
 		return err
 	})
+	if err == nil {
+		l.claimedAfterFailures(taskID, attempt, failures)
+	}
 	return attempt, cancel, err
 }
 
@@ -450,17 +503,47 @@ func (l *Leases) Lease(ctx context.Context, taskID string) (lease, bool, error) 
 
 // readFailed counts a claim of taskID by replica (with attempt) after
 // which the task could not be read (a takeover, or an adoption from the
-// bus, that failed to load it) and returns how many there were, by any
-// replica (0: the lease moved on meanwhile; nothing counted).
+// bus, that found its stored body undecodable) and returns how many there
+// were in a row, by any replica (0: the lease moved on meanwhile; nothing
+// counted). It runs READ COMMITTED, as the claims do: it must count on
+// the row the claim just committed, whatever the server's default.
 func (l *Leases) readFailed(ctx context.Context, taskID, replica string, attempt int64) (int, error) {
+	l.failedBefore.Delete(taskID)
 	var n int
-	err := l.pool.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
-		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
-		taskID, replica, attempt).Scan(&n)
+	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `UPDATE fleet_leases SET read_failures = read_failures + 1
+			WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released RETURNING read_failures`,
+			taskID, replica, attempt).Scan(&n)
+	})
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, nil
 	}
 	return n, err
+}
+
+// claimedAfterFailures notes a claim (attempt) of taskID that found
+// failures failed reads counted (see readOK).
+func (l *Leases) claimedAfterFailures(taskID string, attempt int64, failures int) {
+	if failures > 0 {
+		l.failedBefore.Store(taskID, attempt)
+	} else {
+		l.failedBefore.Delete(taskID)
+	}
+}
+
+// readOK resets taskID's count of failed reads (readFailed) after this
+// replica's claim (attempt) read it: only failures in a row count. It
+// writes only when that claim found some counted.
+func (l *Leases) readOK(ctx context.Context, taskID, replica string, attempt int64) error {
+	if a, ok := l.failedBefore.Load(taskID); !ok || a.(int64) != attempt {
+		return nil
+	}
+	l.failedBefore.Delete(taskID)
+	return pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE fleet_leases SET read_failures = 0
+			WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND read_failures > 0`, taskID, replica, attempt)
+		return err
+	})
 }
 
 // failUnread ends taskID FAILURE with msg without loading it (it could not
@@ -472,6 +555,12 @@ func (l *Leases) readFailed(ctx context.Context, taskID, replica string, attempt
 // ended already or the lease moved on (nothing written, the lease left as
 // it is unless the task had ended).
 func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt int64, msg string) (*store.Event, error) {
+	return l.endUnread(ctx, taskID, replica, attempt, agentpb.TaskStatus_FAILURE, msg)
+}
+
+// endUnread is failUnread ending the task with status (CANCELLED: a
+// cancel asked for a task that cannot be read, see cancelQueued).
+func (l *Leases) endUnread(ctx context.Context, taskID, replica string, attempt int64, status agentpb.TaskStatus, msg string) (*store.Event, error) {
 	var out *store.Event
 	err := pgx.BeginTxFunc(ctx, l.pool, readCommitted, func(tx pgx.Tx) error {
 		out = nil
@@ -484,18 +573,22 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 		if err != nil {
 			return err
 		}
-		var status int32
+		var stored int32
 		var body []byte
-		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&status, &body)
+		err = tx.QueryRow(ctx, `SELECT status, body FROM tasks WHERE id = $1 FOR UPDATE`, taskID).Scan(&stored, &body)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return task.ErrNotFound
 		}
 		if err != nil {
 			return err
 		}
-		if !task.Terminal(agentpb.TaskStatus(status)) {
+		if !task.Terminal(agentpb.TaskStatus(stored)) {
 			var fields map[string]json.RawMessage
 			if json.Unmarshal(body, &fields) == nil && fields != nil {
+				// An ended task keeps no secrets and no stop to carry
+				// out, as the store's encoder writes it.
+				delete(fields, "sealedConfig")
+				delete(fields, "stop")
 				fields["message"], _ = json.Marshal(msg)
 				body, _ = json.Marshal(fields)
 			}
@@ -505,7 +598,7 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 			}
 			now := time.Now()
 			ev := &dispatchv1.TaskEvent{TaskId: taskID, Seq: uint64(last) + 1, Time: timestamppb.New(now),
-				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: agentpb.TaskStatus_FAILURE, Message: msg}}}
+				Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Status: status, Message: msg}}}
 			data, err := proto.Marshal(ev)
 			if err != nil {
 				return err
@@ -514,7 +607,7 @@ func (l *Leases) failUnread(ctx context.Context, taskID, replica string, attempt
 				return err
 			}
 			if _, err := tx.Exec(ctx, `UPDATE tasks SET status = $2, ended_at = $3, body = $4 WHERE id = $1`,
-				taskID, int32(agentpb.TaskStatus_FAILURE), store.Micros(now), body); err != nil {
+				taskID, int32(status), store.Micros(now), body); err != nil {
 				return err
 			}
 			out = &store.Event{TaskID: taskID, Seq: uint64(last) + 1, Data: data}

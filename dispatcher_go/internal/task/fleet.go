@@ -136,7 +136,6 @@ func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
 // another replica, so it is read from the shared store from now on.
 func (m *Manager) Forget(id string) {
 	if t := m.reg.Get(id); t != nil {
-		t.forget() // a caller still holding it ends nothing (Task.forget)
 		m.reg.remove(t)
 		m.store.Remove(id)
 	}

@@ -497,3 +497,30 @@ func TestLeaseLogWhenDurableNotAfterTheLoss(t *testing.T) {
 		t.Fatalf("after the loss: %v, want [1] (2's callback must not run)", got)
 	}
 }
+
+// A copy Drop is still stopping (its runner has not ended yet) and that a
+// new Adopt replaces ends when its runner does: Drop's clean-up, which
+// waits for the copy's end, must not wait for ever (goleak) — a copy
+// marked "forgotten, ends nothing" by the new Adopt left it waiting.
+func TestFleetDroppedCopyReplacedByAnAdoptStillEnds(t *testing.T) {
+	m, q, _, _ := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
+	old, err := m.Adopt(s, 0, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startOn(t, q, old)
+	m.Drop(s.ID, "lease lost")
+	s.Status = agentpb.TaskStatus_RUNNING
+	if _, err := m.Adopt(s, 3, false); err != nil {
+		t.Fatal(err)
+	}
+	if !old.Finish(agentpb.TaskStatus_FAILURE, "its runner stopped", "") {
+		t.Fatal("the dropped copy's runner could not end it")
+	}
+	select {
+	case <-old.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dropped copy never ended")
+	}
+}

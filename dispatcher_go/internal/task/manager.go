@@ -560,9 +560,7 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		return m.cancelRemote(ctx, nil, id, reason, wait)
 	}
 	if m.queue.Remove(t) {
-		if !t.Finish(agentpb.TaskStatus_CANCELLED, reason, "") && t.isForgotten() {
-			return m.cancelRemote(ctx, nil, id, reason, wait)
-		}
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil
 	}
 	r, st := t.runnerState()
@@ -578,12 +576,6 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		// the task may have been put back before it ended.
 		ok := t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		m.queue.Remove(t)
-		if !ok && t.isForgotten() {
-			// The fleet forgot this copy since the checks above (and may
-			// hold the task again, in a new copy): the cancel goes
-			// through the fleet, durably.
-			return m.cancelRemote(ctx, nil, id, reason, wait)
-		}
 		return CancelOutcome{Cancelled: ok, Status: t.Status(), Message: "cancelled"}, nil
 	}
 	decided := r.Stop(reason, dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL)

@@ -221,9 +221,6 @@ type Task struct {
 	// (HandBack): a cancel from then on is not recorded here but goes
 	// through the fleet.
 	handedBack bool
-	// forgotten is set once the fleet forgot this copy (Manager.Forget):
-	// it records nothing more (see forget).
-	forgotten bool
 	// attempt counts the task's starts and re-attaches (handover.go);
 	// upstreamSeq is the highest upstream seq its log held when it was
 	// restored (a re-attaching session resends what comes after it).
@@ -509,32 +506,12 @@ func (t *Task) CancelRequested() (reason string, ok bool) {
 	return t.cancelReason, t.cancelReason != ""
 }
 
-// forget marks a copy the fleet forgot (Manager.Forget): its Finish records
-// nothing and reports false. A caller that checked the copy before it was
-// forgotten (Manager.Cancel, stalled) must not end it: the fenced store
-// checks a write against the lease attempt this replica holds when the
-// write runs, so once the replica claimed the task again the stale copy's
-// end would be written under the new attempt, beside the new copy's.
-func (t *Task) forget() {
-	t.mu.Lock()
-	t.forgotten = true
-	t.mu.Unlock()
-}
-
-// isForgotten reports whether the fleet forgot this copy (forget).
-func (t *Task) isForgotten() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.forgotten
-}
-
 // Finish moves the task to a terminal status. Only the first call counts; it
 // reports whether this call ended the task. result is the task's answer (for
-// SUCCESS). The terminal state event seals the log. A copy the fleet forgot
-// is not ended (false).
+// SUCCESS). The terminal state event seals the log.
 func (t *Task) Finish(status agentpb.TaskStatus, message, result string) bool {
 	t.mu.Lock()
-	if Terminal(t.status) || t.forgotten {
+	if Terminal(t.status) {
 		t.mu.Unlock()
 		return false
 	}

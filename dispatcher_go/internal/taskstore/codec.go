@@ -2,6 +2,7 @@ package taskstore
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"time"
@@ -113,12 +114,17 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 	return store.TaskRecord{ID: snap.ID, Status: int32(snap.Status), CreatedAt: snap.CreatedAt, EndedAt: snap.EndedAt, Body: data}
 }
 
+// ErrUnreadable marks a stored task record whose body does not decode:
+// reading it again fails the same way (unlike a failed read of the
+// store). The fleet ends such a task after a few claims that failed so.
+var ErrUnreadable = errors.New("stored body does not decode")
+
 // decode reads a stored record: the one decoder of the format. Listing
 // stops here; a task brought back to life goes on with load.
 func decode(rec store.TaskRecord) (task.Snapshot, *body, error) {
 	var b body
 	if err := json.Unmarshal(rec.Body, &b); err != nil {
-		return task.Snapshot{}, nil, fmt.Errorf("task %s: stored body: %w", rec.ID, err)
+		return task.Snapshot{}, nil, fmt.Errorf("task %s: %w: %w", rec.ID, ErrUnreadable, err)
 	}
 	snap := task.Snapshot{
 		Summary: task.Summary{
