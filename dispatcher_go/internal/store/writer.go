@@ -205,6 +205,8 @@ type Writer struct {
 
 	wake chan struct{}
 	done chan struct{}
+
+	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
 
 // NewWriter starts a Writer on st. Close stops it.
@@ -305,6 +307,9 @@ func (w *Writer) notifyLocked(taskID string) {
 	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
 		case w.wake <- struct{}{}:
+			if trace != nil && n == 1 {
+				w.wokeAt = time.Since(traceBase)
+			}
 		default:
 		}
 	}
@@ -478,6 +483,11 @@ func (w *Writer) run() {
 	}
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	var fine *fineTimer // the pacing wait's precise twin (finetimer_linux.go)
+	if w.opts.Interval > 0 {
+		fine = newFineTimer()
+		defer fine.close()
+	}
 	commits := newTells()
 	for {
 		<-w.wake
@@ -486,6 +496,13 @@ func (w *Writer) run() {
 			sleepStart = time.Now()
 		}
 		w.mu.Lock()
+		if trace != nil && w.wokeAt != 0 {
+			d := time.Since(traceBase) - w.wokeAt
+			w.wokeAt = 0
+			trace.mu.Lock()
+			trace.add(&trace.wakeup, d)
+			trace.mu.Unlock()
+		}
 		if w.flyBlockedLocked() {
 			w.mu.Unlock()
 			continue // the write under way that holds it up wakes us
@@ -498,11 +515,27 @@ func (w *Writer) run() {
 				break
 			}
 			w.mu.Unlock()
+			var t0 time.Time
+			if trace != nil {
+				t0 = time.Now()
+			}
 			timer.Reset(wait)
+			fine.reset(wait)
+			fired := true
 			select {
 			case <-timer.C:
+			case <-fine.channel():
+				timer.Stop()
 			case <-w.wake:
 				timer.Stop()
+				fine.stop()
+				fired = false
+			}
+			if trace != nil && fired {
+				trace.mu.Lock()
+				trace.add(&trace.paceWant, wait)
+				trace.add(&trace.paceLate, time.Since(t0)-wait)
+				trace.mu.Unlock()
 			}
 			w.mu.Lock()
 		}
