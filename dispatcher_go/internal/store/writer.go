@@ -206,6 +206,11 @@ type Writer struct {
 	wake chan struct{}
 	done chan struct{}
 
+	// pacing: the Writer sleeps out the pacing wait right after a write,
+	// before anything is pending (under mu). A record queued meanwhile
+	// does not wake it: the timer does (see run).
+	pacing bool
+
 	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
 
@@ -304,7 +309,7 @@ func (w *Writer) notifyLocked(taskID string) {
 		return // the write under way that holds it up wakes the Writer when it ends
 	}
 	n := w.pendingLocked()
-	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
+	if n >= w.opts.MaxBatch || (!w.pacing && (n == 1 || w.slotFreeLocked())) {
 		select {
 		case w.wake <- struct{}{}:
 			if trace != nil && n == 1 {
@@ -515,28 +520,7 @@ func (w *Writer) run() {
 				break
 			}
 			w.mu.Unlock()
-			var t0 time.Time
-			if trace != nil {
-				t0 = time.Now()
-			}
-			timer.Reset(wait)
-			fine.reset(wait)
-			fired := true
-			select {
-			case <-timer.C:
-			case <-fine.channel():
-				timer.Stop()
-			case <-w.wake:
-				timer.Stop()
-				fine.stop()
-				fired = false
-			}
-			if trace != nil && fired {
-				trace.mu.Lock()
-				trace.add(&trace.paceWant, wait)
-				trace.add(&trace.paceLate, time.Since(t0)-wait)
-				trace.mu.Unlock()
-			}
+			w.paceSleep(timer, fine, wait)
 			w.mu.Lock()
 		}
 		if w.opts.Interval > 0 {
@@ -584,13 +568,52 @@ func (w *Writer) run() {
 			return
 		}
 		w.mu.Lock()
-		if w.pendingLocked() > 0 || len(w.waiters) > 0 {
+		if wait := w.pace.wait(time.Now()); w.opts.Interval > 0 && wait > 0 && !w.concurrentLocked() && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
+			// The next write must wait anyway (the bucket is empty: a
+			// steady stream): sleep it out now, so that the record that
+			// comes next need not wake the Writer only for it to go to
+			// sleep on the timer (one wake-up a write fewer). A flush,
+			// Close or a full batch still wakes it at once.
+			w.pacing = true
+			w.mu.Unlock()
+			w.paceSleep(timer, fine, wait)
+			w.mu.Lock()
+			w.pacing = false
+		}
+		if w.pendingLocked() > 0 || len(w.waiters) > 0 || w.closed {
 			select {
 			case w.wake <- struct{}{}:
 			default:
 			}
 		}
 		w.mu.Unlock()
+	}
+}
+
+// paceSleep waits out a pacing wait: until the Go timer or its precise
+// twin fires, or something wakes the Writer (the wake-up is taken: the
+// caller checks what is pending and the wait again).
+func (w *Writer) paceSleep(timer *time.Timer, fine *fineTimer, wait time.Duration) {
+	var t0 time.Time
+	if trace != nil {
+		t0 = time.Now()
+	}
+	timer.Reset(wait)
+	fine.reset(wait)
+	select {
+	case <-timer.C:
+	case <-fine.channel():
+		timer.Stop()
+	case <-w.wake:
+		timer.Stop()
+		fine.stop()
+		return
+	}
+	if trace != nil {
+		trace.mu.Lock()
+		trace.add(&trace.paceWant, wait)
+		trace.add(&trace.paceLate, time.Since(t0)-wait)
+		trace.mu.Unlock()
 	}
 }
 
