@@ -278,9 +278,9 @@ func pct(d []time.Duration, p int) float64 {
 // machine's load falls on both alike: 64 tasks × 50 events/s (in step, as
 // loadgen's sessions are; BENCH_TASKS n: n tasks sharing 4 000 events/s)
 // on SQLite. The variants: BENCH_PACING, a comma-separated list of
-// interval/burst[/fine+timer+behind] (e.g. "1ms/4,2ms/16,1ms/4/timer+behind":
-// fine adds a timerfd to the pacing wait, timer lets no record end it,
-// behind drops its sleep right after a write); by default Interval
+// interval/burst[/timer+behind] (e.g. "1ms/4,2ms/16,1ms/4/timer+behind":
+// timer lets no record end the pacing wait, behind drops its sleep right
+// after a write); by default Interval
 // BENCH_FLUSH_INTERVAL (default 2ms) with Burst 1 (a fixed least gap
 // between two writes' starts) against the default Burst. It reports each
 // variant's median over the rounds of the append → read p50/p99, the CPU
@@ -301,19 +301,18 @@ func BenchmarkRelayPacing(b *testing.B) {
 		tasks, rate = n, 4000/n
 	}
 	type variant struct {
-		name                string
-		interval            time.Duration
-		burst               int
-		fine, arrive, ahead bool
+		name          string
+		interval      time.Duration
+		burst         int
+		arrive, ahead bool
 	}
-	variants := []variant{{"burst1", interval, 1, false, true, true}, {"burstdefault", interval, 0, false, true, true}}
+	variants := []variant{{"burst1", interval, 1, true, true}, {"burstdefault", interval, 0, true, true}}
 	if spec := os.Getenv("BENCH_PACING"); spec != "" {
 		variants = nil
 		for _, v := range strings.Split(spec, ",") {
 			iv, bs, _ := strings.Cut(v, "/")
-			// "fine": a timerfd beside the pacing timer; "timer": no
-			// record ends a pacing wait; "behind": no pacing sleep
-			// right after a write
+			// "timer": no record ends a pacing wait; "behind": no
+			// pacing sleep right after a write
 			bs, opts, _ := strings.Cut(bs, "/")
 			d, err := time.ParseDuration(iv)
 			if err != nil {
@@ -324,7 +323,7 @@ func BenchmarkRelayPacing(b *testing.B) {
 				b.Fatalf("BENCH_PACING %q: %v", v, err)
 			}
 			variants = append(variants, variant{strings.Replace(strings.ReplaceAll(v, "/", "_"), "_", "_b", 1), d, n,
-				strings.Contains(opts, "fine"), !strings.Contains(opts, "timer"), !strings.Contains(opts, "behind")})
+				!strings.Contains(opts, "timer"), !strings.Contains(opts, "behind")})
 		}
 	}
 	for range b.N {
@@ -336,7 +335,7 @@ func BenchmarkRelayPacing(b *testing.B) {
 					b.Fatal(err)
 				}
 				cs := &countingStore{Store: sq}
-				restore := store.SetPacingVariants(v.fine, v.arrive, v.ahead)
+				restore := store.SetPacingVariants(v.arrive, v.ahead)
 				w := store.NewWriter(cs, store.WriterOptions{Interval: v.interval, Burst: v.burst})
 				restore()
 				cpu0, t0 := cpuTime(), time.Now()

@@ -65,8 +65,8 @@ func (p *pacer) start(now time.Time) {
 }
 
 // pacingVariants switches the pacing's parts for the Writers created
-// next (benchmarks only, through export_test.go; both on otherwise).
-var pacingVariants = struct{ fine, arrive, ahead bool }{false, true, true}
+// next (benchmarks only, through export_pacing_test.go; both on otherwise).
+var pacingVariants = struct{ arrive, ahead bool }{true, true}
 
 // DefaultStuckAfter is how long a write may take before the Writer counts
 // as unhealthy. A write is one transaction of what was pending: at most
@@ -219,11 +219,10 @@ type Writer struct {
 	pacing     bool
 	pacedUntil time.Time
 
-	// paceFine, paceArrive, paceAhead: a timerfd beside the pacing timer,
-	// the record that comes after pacedUntil ending the wait, and the
-	// pacing sleep right after a write (benchmarks compare them, see
-	// pacingVariants)
-	paceFine, paceArrive, paceAhead bool
+	// paceArrive, paceAhead: the record that comes after pacedUntil
+	// ending the wait, and the pacing sleep right after a write
+	// (benchmarks compare them, see pacingVariants)
+	paceArrive, paceAhead bool
 
 	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
@@ -233,7 +232,7 @@ func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
 	opts.InFlight = inFlight(st, opts.InFlight)
 	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{}),
-		paceFine: pacingVariants.fine, paceArrive: pacingVariants.arrive, paceAhead: pacingVariants.ahead}
+		paceArrive: pacingVariants.arrive, paceAhead: pacingVariants.ahead}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
 	go w.run()
@@ -503,11 +502,6 @@ func (w *Writer) run() {
 	}
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
-	var fine *fineTimer // the pacing wait's precise twin (finetimer_linux.go)
-	if w.opts.Interval > 0 && w.paceFine {
-		fine = newFineTimer()
-		defer fine.close()
-	}
 	commits := newTells()
 	for {
 		<-w.wake
@@ -534,7 +528,7 @@ func (w *Writer) run() {
 			if wait <= 0 {
 				break
 			}
-			w.paceSleep(timer, fine, wait)
+			w.paceSleep(timer, wait)
 		}
 		if w.opts.Interval > 0 {
 			w.pace.start(time.Now())
@@ -587,7 +581,7 @@ func (w *Writer) run() {
 			// comes next need not wake the Writer only for it to go to
 			// sleep on the timer (one wake-up a write fewer). A flush,
 			// Close or a full batch still wakes it at once.
-			w.paceSleep(timer, fine, wait)
+			w.paceSleep(timer, wait)
 		}
 		if w.pendingLocked() > 0 || len(w.waiters) > 0 || w.closed {
 			select {
@@ -600,24 +594,20 @@ func (w *Writer) run() {
 }
 
 // paceSleep waits out a pacing wait (called and returning with mu held):
-// until the Go timer or its precise twin fires, or something wakes the
+// until the timer fires, or something wakes the
 // Writer — a flush, Close, a full batch, or a record queued after the wait
 // ended (notifyLocked). The wake-up is taken: the caller checks what is
 // pending and the wait again.
-func (w *Writer) paceSleep(timer *time.Timer, fine *fineTimer, wait time.Duration) {
+func (w *Writer) paceSleep(timer *time.Timer, wait time.Duration) {
 	t0 := time.Now()
 	w.pacing, w.pacedUntil = true, t0.Add(wait)
 	w.mu.Unlock()
 	timer.Reset(wait)
-	fine.reset(wait)
 	woken := false
 	select {
 	case <-timer.C:
-	case <-fine.channel():
-		timer.Stop()
 	case <-w.wake:
 		timer.Stop()
-		fine.stop()
 		woken = true
 	}
 	if trace != nil {
