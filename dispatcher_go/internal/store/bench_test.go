@@ -278,9 +278,7 @@ func pct(d []time.Duration, p int) float64 {
 // machine's load falls on both alike: 64 tasks × 50 events/s (in step, as
 // loadgen's sessions are; BENCH_TASKS n: n tasks sharing 4 000 events/s)
 // on SQLite. The variants: BENCH_PACING, a comma-separated list of
-// interval/burst[/timer+behind] (e.g. "1ms/4,2ms/16,1ms/4/timer+behind":
-// timer lets no record end the pacing wait, behind drops its sleep right
-// after a write); by default Interval
+// interval/burst (e.g. "1ms/4,2ms/16"); by default Interval
 // BENCH_FLUSH_INTERVAL (default 2ms) with Burst 1 (a fixed least gap
 // between two writes' starts) against the default Burst. It reports each
 // variant's median over the rounds of the append → read p50/p99, the CPU
@@ -301,19 +299,15 @@ func BenchmarkRelayPacing(b *testing.B) {
 		tasks, rate = n, 4000/n
 	}
 	type variant struct {
-		name          string
-		interval      time.Duration
-		burst         int
-		arrive, ahead bool
+		name     string
+		interval time.Duration
+		burst    int
 	}
-	variants := []variant{{"burst1", interval, 1, true, true}, {"burstdefault", interval, 0, true, true}}
+	variants := []variant{{"burst1", interval, 1}, {"burstdefault", interval, 0}}
 	if spec := os.Getenv("BENCH_PACING"); spec != "" {
 		variants = nil
 		for _, v := range strings.Split(spec, ",") {
 			iv, bs, _ := strings.Cut(v, "/")
-			// "timer": no record ends a pacing wait; "behind": no
-			// pacing sleep right after a write
-			bs, opts, _ := strings.Cut(bs, "/")
 			d, err := time.ParseDuration(iv)
 			if err != nil {
 				b.Fatalf("BENCH_PACING %q: %v", v, err)
@@ -322,8 +316,7 @@ func BenchmarkRelayPacing(b *testing.B) {
 			if err != nil {
 				b.Fatalf("BENCH_PACING %q: %v", v, err)
 			}
-			variants = append(variants, variant{strings.Replace(strings.ReplaceAll(v, "/", "_"), "_", "_b", 1), d, n,
-				!strings.Contains(opts, "timer"), !strings.Contains(opts, "behind")})
+			variants = append(variants, variant{strings.ReplaceAll(v, "/", "_b"), d, n})
 		}
 	}
 	for range b.N {
@@ -335,9 +328,7 @@ func BenchmarkRelayPacing(b *testing.B) {
 					b.Fatal(err)
 				}
 				cs := &countingStore{Store: sq}
-				restore := store.SetPacingVariants(v.arrive, v.ahead)
 				w := store.NewWriter(cs, store.WriterOptions{Interval: v.interval, Burst: v.burst})
-				restore()
 				cpu0, t0 := cpuTime(), time.Now()
 				lats := relayOnce(b, eventlog.NewDurable(eventlog.Limits{}, w), tasks, rate)
 				cpu, wall := cpuTime()-cpu0, time.Since(t0)

@@ -32,11 +32,12 @@ type tracer struct {
 	apply  []time.Duration // per write: Apply
 	sizes  []int           // per write: events
 	slept  []time.Duration // per write: the Interval wait
-	// per pacing wait: the wait asked for, and how late it ended when the
-	// timer ended it, or when a wake-up did (a record after the wait, a
-	// flush; negative: before the wait's end)
-	paceWant, paceLate, paceWoken []time.Duration
-	wakeup                        []time.Duration // the first record's wake-up sent → the Writer running
+	// per pacing timer that fired: the wait asked for, and how late it
+	// fired (a Go timer under 1 ms fires ~1 ms late while the process is
+	// idle: the runtime's epoll_wait timeout is whole milliseconds,
+	// rounded up)
+	paceWant, paceLate []time.Duration
+	wakeup             []time.Duration // the first record's wake-up sent → the Writer running
 	// per write, of Apply's wall time: on the CPU, waiting for one
 	// (run queue), and the rest (blocked: I/O, locks)
 	applyCPU, applyRunq, applyBlocked []time.Duration
@@ -115,8 +116,8 @@ func (t *tracer) report() {
 	t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes = nil, nil, nil, nil, nil, nil, 0
 	acpu, arunq, ablk := t.applyCPU, t.applyRunq, t.applyBlocked
 	t.applyCPU, t.applyRunq, t.applyBlocked = nil, nil, nil
-	pwant, plate, pwoken, wakeup := t.paceWant, t.paceLate, t.paceWoken, t.wakeup
-	t.paceWant, t.paceLate, t.paceWoken, t.wakeup = nil, nil, nil, nil
+	pwant, plate, wakeup := t.paceWant, t.paceLate, t.wakeup
+	t.paceWant, t.paceLate, t.wakeup = nil, nil, nil
 	t.mu.Unlock()
 	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}, {Name: "/gc/pauses:seconds"}}
 	metrics.Read(s)
@@ -134,7 +135,6 @@ func (t *tracer) report() {
 	fmt.Fprintf(&b, "  slept per write        %s\n", pcts(slept))
 	fmt.Fprintf(&b, "  pace timer asked       %s\n", pcts(pwant))
 	fmt.Fprintf(&b, "  pace timer late by     %s\n", pcts(plate))
-	fmt.Fprintf(&b, "  pace woken, late by    %s\n", pcts(pwoken))
 	fmt.Fprintf(&b, "  writer wake-up         %s\n", pcts(wakeup))
 	sz := make([]time.Duration, len(sizes)) // reuse pcts: sizes as "µs"
 	for i, n := range sizes {

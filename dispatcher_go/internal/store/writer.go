@@ -64,10 +64,6 @@ func (p *pacer) start(now time.Time) {
 	p.tat = p.tat.Add(p.interval)
 }
 
-// pacingVariants switches the pacing's parts for the Writers created
-// next (benchmarks only, through export_pacing_test.go; both on otherwise).
-var pacingVariants = struct{ arrive, ahead bool }{true, true}
-
 // DefaultStuckAfter is how long a write may take before the Writer counts
 // as unhealthy. A write is one transaction of what was pending: at most
 // about MaxPending (16 384) events plus task records, which SQLite writes
@@ -210,20 +206,6 @@ type Writer struct {
 	wake chan struct{}
 	done chan struct{}
 
-	// pacing: the Writer sleeps out a pacing wait, until pacedUntil
-	// (under mu). A record queued meanwhile wakes it only once pacedUntil
-	// has passed (paceArrive): the Go timer of a wait under a millisecond
-	// fires up to a millisecond late while the process is idle (the
-	// runtime's epoll_wait timeout is whole milliseconds, rounded up), and
-	// at relay rates a record comes sooner than that.
-	pacing     bool
-	pacedUntil time.Time
-
-	// paceArrive, paceAhead: the record that comes after pacedUntil
-	// ending the wait, and the pacing sleep right after a write
-	// (benchmarks compare them, see pacingVariants)
-	paceArrive, paceAhead bool
-
 	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
 
@@ -231,8 +213,7 @@ type Writer struct {
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
 	opts.InFlight = inFlight(st, opts.InFlight)
-	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{}),
-		paceArrive: pacingVariants.arrive, paceAhead: pacingVariants.ahead}
+	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
 	go w.run()
@@ -323,7 +304,7 @@ func (w *Writer) notifyLocked(taskID string) {
 		return // the write under way that holds it up wakes the Writer when it ends
 	}
 	n := w.pendingLocked()
-	if n >= w.opts.MaxBatch || (!w.pacing && (n == 1 || w.slotFreeLocked())) || (w.pacing && w.paceArrive && !time.Now().Before(w.pacedUntil)) {
+	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
 		case w.wake <- struct{}{}:
 			if trace != nil && n == 1 {
@@ -528,7 +509,24 @@ func (w *Writer) run() {
 			if wait <= 0 {
 				break
 			}
-			w.paceSleep(timer, wait)
+			w.mu.Unlock()
+			var t0 time.Time
+			if trace != nil {
+				t0 = time.Now()
+			}
+			timer.Reset(wait)
+			select {
+			case <-timer.C:
+				if trace != nil {
+					trace.mu.Lock()
+					trace.add(&trace.paceWant, wait)
+					trace.add(&trace.paceLate, time.Since(t0)-wait)
+					trace.mu.Unlock()
+				}
+			case <-w.wake:
+				timer.Stop()
+			}
+			w.mu.Lock()
 		}
 		if w.opts.Interval > 0 {
 			w.pace.start(time.Now())
@@ -575,15 +573,7 @@ func (w *Writer) run() {
 			return
 		}
 		w.mu.Lock()
-		if wait := w.pace.wait(time.Now()); w.opts.Interval > 0 && w.paceAhead && wait > 0 && !w.concurrentLocked() && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
-			// The next write must wait anyway (the bucket is empty: a
-			// steady stream): sleep it out now, so that the record that
-			// comes next need not wake the Writer only for it to go to
-			// sleep on the timer (one wake-up a write fewer). A flush,
-			// Close or a full batch still wakes it at once.
-			w.paceSleep(timer, wait)
-		}
-		if w.pendingLocked() > 0 || len(w.waiters) > 0 || w.closed {
+		if w.pendingLocked() > 0 || len(w.waiters) > 0 {
 			select {
 			case w.wake <- struct{}{}:
 			default:
@@ -591,37 +581,6 @@ func (w *Writer) run() {
 		}
 		w.mu.Unlock()
 	}
-}
-
-// paceSleep waits out a pacing wait (called and returning with mu held):
-// until the timer fires, or something wakes the
-// Writer — a flush, Close, a full batch, or a record queued after the wait
-// ended (notifyLocked). The wake-up is taken: the caller checks what is
-// pending and the wait again.
-func (w *Writer) paceSleep(timer *time.Timer, wait time.Duration) {
-	t0 := time.Now()
-	w.pacing, w.pacedUntil = true, t0.Add(wait)
-	w.mu.Unlock()
-	timer.Reset(wait)
-	woken := false
-	select {
-	case <-timer.C:
-	case <-w.wake:
-		timer.Stop()
-		woken = true
-	}
-	if trace != nil {
-		trace.mu.Lock()
-		trace.add(&trace.paceWant, wait)
-		if woken {
-			trace.add(&trace.paceWoken, time.Since(t0)-wait)
-		} else {
-			trace.add(&trace.paceLate, time.Since(t0)-wait)
-		}
-		trace.mu.Unlock()
-	}
-	w.mu.Lock()
-	w.pacing = false
 }
 
 // write applies one batch, retrying until it succeeds or the Writer is
