@@ -32,6 +32,12 @@ type tracer struct {
 	apply  []time.Duration // per write: Apply
 	sizes  []int           // per write: events
 	slept  []time.Duration // per write: the Interval wait
+	// per pacing timer that fired: the wait asked for, and how late it
+	// fired (a Go timer under 1 ms fires ~1 ms late while the process is
+	// idle: the runtime's epoll_wait timeout is whole milliseconds,
+	// rounded up)
+	paceWant, paceLate []time.Duration
+	wakeup             []time.Duration // the first record's wake-up sent → the Writer running
 	// per write, of Apply's wall time: on the CPU, waiting for one
 	// (run queue), and the rest (blocked: I/O, locks)
 	applyCPU, applyRunq, applyBlocked []time.Duration
@@ -110,6 +116,8 @@ func (t *tracer) report() {
 	t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes = nil, nil, nil, nil, nil, nil, 0
 	acpu, arunq, ablk := t.applyCPU, t.applyRunq, t.applyBlocked
 	t.applyCPU, t.applyRunq, t.applyBlocked = nil, nil, nil
+	pwant, plate, wakeup := t.paceWant, t.paceLate, t.wakeup
+	t.paceWant, t.paceLate, t.wakeup = nil, nil, nil
 	t.mu.Unlock()
 	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}, {Name: "/gc/pauses:seconds"}}
 	metrics.Read(s)
@@ -125,6 +133,9 @@ func (t *tracer) report() {
 	fmt.Fprintf(&b, "    of which run queue   %s\n", pcts(arunq))
 	fmt.Fprintf(&b, "    of which blocked     %s\n", pcts(ablk))
 	fmt.Fprintf(&b, "  slept per write        %s\n", pcts(slept))
+	fmt.Fprintf(&b, "  pace timer asked       %s\n", pcts(pwant))
+	fmt.Fprintf(&b, "  pace timer late by     %s\n", pcts(plate))
+	fmt.Fprintf(&b, "  writer wake-up         %s\n", pcts(wakeup))
 	sz := make([]time.Duration, len(sizes)) // reuse pcts: sizes as "µs"
 	for i, n := range sizes {
 		sz[i] = time.Duration(n) * time.Microsecond

@@ -205,6 +205,8 @@ type Writer struct {
 
 	wake chan struct{}
 	done chan struct{}
+
+	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
 
 // NewWriter starts a Writer on st. Close stops it.
@@ -305,6 +307,9 @@ func (w *Writer) notifyLocked(taskID string) {
 	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
 		case w.wake <- struct{}{}:
+			if trace != nil && n == 1 {
+				w.wokeAt = time.Since(traceBase)
+			}
 		default:
 		}
 	}
@@ -486,6 +491,13 @@ func (w *Writer) run() {
 			sleepStart = time.Now()
 		}
 		w.mu.Lock()
+		if trace != nil && w.wokeAt != 0 {
+			d := time.Since(traceBase) - w.wokeAt
+			w.wokeAt = 0
+			trace.mu.Lock()
+			trace.add(&trace.wakeup, d)
+			trace.mu.Unlock()
+		}
 		if w.flyBlockedLocked() {
 			w.mu.Unlock()
 			continue // the write under way that holds it up wakes us
@@ -498,9 +510,19 @@ func (w *Writer) run() {
 				break
 			}
 			w.mu.Unlock()
+			var t0 time.Time
+			if trace != nil {
+				t0 = time.Now()
+			}
 			timer.Reset(wait)
 			select {
 			case <-timer.C:
+				if trace != nil {
+					trace.mu.Lock()
+					trace.add(&trace.paceWant, wait)
+					trace.add(&trace.paceLate, time.Since(t0)-wait)
+					trace.mu.Unlock()
+				}
 			case <-w.wake:
 				timer.Stop()
 			}

@@ -169,6 +169,7 @@ type Store struct {
 	// were ~6 % of the dispatcher's CPU under a flood (pprof).
 	wconn      *sql.Conn
 	insJournal *sql.Stmt
+	raw        *rawStmts // Apply's statements on wconn (rawapply.go; under writeMu)
 	journaled  atomic.Int64
 	lastFold   time.Time
 }
@@ -381,11 +382,6 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 		// copy those too, so that this write starts the WAL over.
 		_, _ = s.checkpoint(ctx)
 	}
-	tx, err := s.wconn.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("sqlite: apply: %w", err)
-	}
-	defer tx.Rollback()
 	// Long runs (a flood: few tasks, many events each) go straight into
 	// event_runs, where they cost a page or so per run anyway; short ones
 	// (relay rates: a run per task per write, of an event or two) into
@@ -399,27 +395,12 @@ func (s *Store) Apply(ctx context.Context, b store.Batch) error {
 			journal = append(journal, r)
 		}
 	}
-	if err := s.insertRuns(ctx, tx, direct); err != nil {
-		return applyError("sqlite: apply events", err)
-	}
+	var rows [][]byte
 	if len(journal) > 0 {
-		ins := tx.StmtContext(ctx, s.insJournal)
-		for rows := journalRows(journal); len(rows) > 0; rows = rows[1:] {
-			if _, err := ins.ExecContext(ctx, rows[0]); err != nil {
-				return applyError("sqlite: apply events", err)
-			}
-		}
+		rows = journalRows(journal)
 	}
-	for _, t := range b.Tasks {
-		if _, err := tx.ExecContext(ctx, `INSERT INTO tasks (id, status, created_at, ended_at, body) VALUES (?, ?, ?, ?, ?)
-			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
-			ended_at = excluded.ended_at, body = excluded.body`,
-			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body); err != nil {
-			return applyError("sqlite: apply task", err)
-		}
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("sqlite: commit: %w", err)
+	if err := s.applyRaw(ctx, direct, rows, b.Tasks); err != nil { // rawapply.go
+		return err
 	}
 	n := 0
 	for _, r := range journal {
@@ -669,6 +650,12 @@ func (s *Store) Close() error {
 		st.Close()
 	}
 	if s.wconn != nil {
+		s.writeMu.Lock()
+		if s.raw != nil {
+			_ = s.wconn.Raw(func(any) error { s.raw.close(); return nil })
+			s.raw = nil
+		}
+		s.writeMu.Unlock()
 		s.wconn.Close()
 	}
 	err := s.db.Close()
