@@ -15,8 +15,7 @@ import (
 // prepared statement under the statement's lock and wraps it in a new
 // sql.Stmt. At a write a millisecond those were a part of each write's CPU
 // (BenchmarkApplySmall). The statements below are prepared once on the
-// write connection (wconn, which only writes under writeMu use) and closed
-// with it; the transaction is the driver's own (BEGIN IMMEDIATE, as
+// write connection (wconn, used only under writeMu) and closed with it; the transaction is the driver's own (BEGIN IMMEDIATE, as
 // _txlock asks, and COMMIT), the same SQL as before.
 
 // rawConn is what Apply needs of modernc's connection.
@@ -25,12 +24,19 @@ type rawConn interface {
 	driver.ConnPrepareContext
 }
 
+// rawStmt is what Apply needs of a statement prepared on that connection
+// (checked once, at prepare: a driver without it is an error, not a panic).
+type rawStmt interface {
+	driver.Stmt
+	driver.StmtExecContext
+}
+
 // rawStmts are Apply's statements prepared on wconn (nil until the first
 // Apply; under writeMu).
 type rawStmts struct {
-	inserts map[int]driver.Stmt // the multi-row INSERT of runs per size in chunkSizes
-	journal driver.Stmt         // one journal row
-	task    driver.Stmt         // a task record's upsert
+	inserts map[int]rawStmt     // the multi-row INSERT of runs per size in chunkSizes
+	journal rawStmt             // one journal row
+	task    rawStmt             // a task record's upsert
 	args    []driver.NamedValue // reused for each statement's arguments
 }
 
@@ -40,14 +46,20 @@ const taskUpsert = `INSERT INTO tasks (id, status, created_at, ended_at, body) V
 			ended_at = excluded.ended_at, body = excluded.body`
 
 func (s *Store) prepareRaw(ctx context.Context, c rawConn) (*rawStmts, error) {
-	r := &rawStmts{inserts: make(map[int]driver.Stmt, len(chunkSizes))}
-	prep := func(q string) (driver.Stmt, error) {
+	r := &rawStmts{inserts: make(map[int]rawStmt, len(chunkSizes))}
+	prep := func(q string) (rawStmt, error) {
 		st, err := c.PrepareContext(ctx, q)
 		if err != nil {
 			r.close()
 			return nil, fmt.Errorf("sqlite: prepare: %w", err)
 		}
-		return st, nil
+		rs, ok := st.(rawStmt)
+		if !ok {
+			st.Close()
+			r.close()
+			return nil, fmt.Errorf("sqlite: prepare: driver statement %T cannot execute with a context", st)
+		}
+		return rs, nil
 	}
 	var err error
 	for _, n := range chunkSizes {
@@ -80,12 +92,12 @@ func (r *rawStmts) close() {
 }
 
 // exec runs st with vals as its arguments.
-func (r *rawStmts) exec(ctx context.Context, st driver.Stmt, vals ...driver.Value) error {
+func (r *rawStmts) exec(ctx context.Context, st rawStmt, vals ...driver.Value) error {
 	r.args = r.args[:0]
 	for i, v := range vals {
 		r.args = append(r.args, driver.NamedValue{Ordinal: i + 1, Value: v})
 	}
-	_, err := st.(driver.StmtExecContext).ExecContext(ctx, r.args)
+	_, err := st.ExecContext(ctx, r.args)
 	clear(r.args) // keeps no event data alive
 	return err
 }
@@ -138,7 +150,7 @@ func (r *rawStmts) writeIn(ctx context.Context, direct []run, journal [][]byte, 
 				driver.NamedValue{Ordinal: 4*i + 3, Value: int64(x.last)},
 				driver.NamedValue{Ordinal: 4*i + 4, Value: x.data})
 		}
-		_, err := r.inserts[n].(driver.StmtExecContext).ExecContext(ctx, r.args)
+		_, err := r.inserts[n].ExecContext(ctx, r.args)
 		clear(r.args)
 		if err != nil {
 			return applyError("sqlite: apply events", err)

@@ -650,13 +650,16 @@ func (s *Store) Close() error {
 		st.Close()
 	}
 	if s.wconn != nil {
+		// writeMu is held until wconn is closed: an Apply in between would
+		// prepare statements that nothing finalizes (the connection would
+		// close as a zombie and leave its WAL); after, its Raw fails.
 		s.writeMu.Lock()
 		if s.raw != nil {
 			_ = s.wconn.Raw(func(any) error { s.raw.close(); return nil })
 			s.raw = nil
 		}
-		s.writeMu.Unlock()
 		s.wconn.Close()
+		s.writeMu.Unlock()
 	}
 	err := s.db.Close()
 	if s.lock != nil {
