@@ -268,3 +268,48 @@ func TestStoredClientCancelStopOfAKilledOwnerEndsCancelledOnTakeover(t *testing.
 		t.Fatalf("ended %s %q, started %d times on the next owner; want CANCELLED with the cancel's reason, never started", st, msg, other.slot.started.Load())
 	}
 }
+
+// The stop of a cancel received by the owner's own API never waits for
+// its command row (KeepCancel writes it in the background): with each
+// insert of the task's command rows taking 2 s in PostgreSQL, CancelAs
+// (waiting for the task's end, as the API does) returns with the task
+// CANCELLED well within that, and the row is written afterwards.
+func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx}
+	d.exec(t, `
+		CREATE FUNCTION slow_commands() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			PERFORM pg_sleep(2);
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER slow_task_commands BEFORE INSERT ON fleet_commands
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION slow_commands();`)
+	began := time.Now()
+	out, err := owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", true)
+	took := time.Since(began)
+	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	if took > time.Second {
+		t.Fatalf("the cancel took %s: its stop waited for the command row's 2 s insert", took)
+	}
+	waitFor(t, "the cancel's row", 10*time.Second, func() bool {
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel'`, id).Scan(&n)
+		return err == nil && n == 1
+	})
+	t.Logf("cancelled in %s; the row written after %s", took, time.Since(began))
+}
