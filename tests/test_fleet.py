@@ -1022,6 +1022,22 @@ def test_cancel_carried_out_by_an_owner_killed_before_the_end_is_stored(
     before the end is stored. The cancel's row was left open (never marked done before
     the end is stored), so r2's sweep ends the task CANCELLED with the cancel's reason
     (before: the row was done, and the sweep ended the task FAILURE)."""
+    _cancel_of_an_owner_killed_before_the_end_is_stored(stack, fleet, via_owner=False)
+
+
+def test_cancel_received_by_an_owner_killed_before_the_end_is_stored(
+    stack: Stack, fleet: SimpleNamespace
+) -> None:
+    """The same with the cancel sent to the owner r1 itself, which stops the session
+    without any command row to carry out: it writes the cancel's row once the stop is
+    decided (in the background), left open until the end is stored, so r2's sweep ends
+    the task CANCELLED with the cancel's reason (before: no row, FAILURE)."""
+    _cancel_of_an_owner_killed_before_the_end_is_stored(stack, fleet, via_owner=True)
+
+
+def _cancel_of_an_owner_killed_before_the_end_is_stored(
+    stack: Stack, fleet: SimpleNamespace, via_owner: bool
+) -> None:
     d1, d2, _ = fleet.d
     llm = stack.scripted(tokens_per_sec=40, tokens=800)
     stack.commander(d1, llm.base_url, slots=1)
@@ -1031,28 +1047,38 @@ def test_cancel_carried_out_by_an_owner_killed_before_the_end_is_stored(
     w = FleetWatcher([d2.addr], task_id)
     w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
     _refuse_task_writes(fleet.e, task_id, True)
-    reason = "test: cancelled, then its owner died"
-    resp = d2.tasks.CancelTask(
-        tasks_pb2.CancelTaskRequest(task_id=task_id, reason=reason), timeout=10
-    )
-    assert resp.cancelled, resp
-    # r1 carried it out: the command's result stored, the commander stopped the planner.
-    wait_until(
-        lambda: (
-            _psql(
-                fleet.e,
-                f"SELECT count(*) FROM fleet_commands WHERE task_id = '{task_id}' "
-                "AND kind = 'cancel' AND result IS NOT NULL",
-            )
-            == "1"
-        ),
-        10,
-        "r1 to carry the cancel out",
-    )
-    llm.wait_streams(instruction, lambda r: bool(r) and r[0]["outcome"] != "active", 10, "closed")
-    d1.close_channel()
-    d1.proc.kill9()
-    _refuse_task_writes(fleet.e, task_id, False)
+    refusing = True
+    try:
+        reason = "test: cancelled, then its owner died"
+        resp = (d1 if via_owner else d2).tasks.CancelTask(
+            tasks_pb2.CancelTaskRequest(task_id=task_id, reason=reason), timeout=10
+        )
+        assert resp.cancelled, resp
+        # r1 carried it out: the command's result stored (sent from r2), or its own row
+        # written (received by r1), the commander stopped the planner.
+        row = "result IS NOT NULL" if not via_owner else "NOT done"
+        wait_until(
+            lambda: (
+                _psql(
+                    fleet.e,
+                    f"SELECT count(*) FROM fleet_commands WHERE task_id = '{task_id}' "
+                    f"AND kind = 'cancel' AND {row}",
+                )
+                == "1"
+            ),
+            10,
+            "r1 to carry the cancel out",
+        )
+        llm.wait_streams(
+            instruction, lambda r: bool(r) and r[0]["outcome"] != "active", 10, "closed"
+        )
+        d1.close_channel()
+        d1.proc.kill9()
+        _refuse_task_writes(fleet.e, task_id, False)
+        refusing = False
+    finally:
+        if refusing:
+            _refuse_task_writes(fleet.e, task_id, False)
     st = wait_status(d2.agent, task_id, timeout=WINDOW + 15)
     assert st.status == agent_pb2.CANCELLED and reason in st.message, st
 

@@ -178,6 +178,10 @@ type Fleet struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// bgMu orders KeepCancel's background writes (added to wg) with
+	// Close (closing: Close is waiting for wg, nothing more is added).
+	bgMu    sync.Mutex
+	closing bool
 }
 
 var _ task.Fleet = (*Fleet)(nil)
@@ -308,6 +312,9 @@ func (f *Fleet) Drain(ctx context.Context) {
 
 // Close stops the background work and closes the Redis client.
 func (f *Fleet) Close() {
+	f.bgMu.Lock()
+	f.closing = true
+	f.bgMu.Unlock()
 	f.cancel()
 	f.wg.Wait()
 	_ = f.rdb.Close()
@@ -763,7 +770,7 @@ func (f *Fleet) readOK(ctx context.Context, id string, attempt int64) {
 func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd command, queue string) {
 	reason := cmd.Args.Reason
 	if reason == "" {
-		reason = "cancelled by client"
+		reason = task.DefaultCancelReason
 	}
 	if err := f.adopt(ctx, id, attempt, false); err != nil {
 		if errors.Is(err, taskstore.ErrUnreadable) && f.cancelUnread(ctx, id, attempt, cmd.ID, reason) {
@@ -1031,6 +1038,46 @@ func (f *Fleet) keepCancelOpen(t *task.Task, attempt int64) {
 	}
 }
 
+// KeepCancel implements task.Fleet: a client's cancel that this replica's
+// own API decided on a task it holds (Manager.CancelAs) is written as a
+// cancel command row, as one sent from another replica is, left open
+// until the task's end is stored (the reconcile closes it then,
+// Leases.CloseEnded). If this replica is killed before that end is stored,
+// the task's next owner ends it CANCELLED with the cancel's reason
+// (takeOver's cancelAsked, ClaimQueued) or stops its re-attaching session
+// with it (TakeSession), instead of ending it FAILURE or letting the
+// session run on. The write is off the stop's path: in the background,
+// for at most 5 s (Close waits for it; a stopping fleet is when the row
+// matters, so the fleet's stop does not cut it short). This replica
+// carries out no cancel twice: the copy has the cancel recorded
+// (runCommands skips it). Nothing for a task this replica does not hold.
+func (f *Fleet) KeepCancel(id, reason string) {
+	if f.fenced.attempt(id) == 0 {
+		return
+	}
+	write := func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(f.ctx), 5*time.Second)
+		defer cancel()
+		if _, err := f.leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
+			f.log.Warn("a cancel asked here is not written as a command; if this replica dies before the task's end is stored, the cancel is lost", "task_id", id, "error", err)
+		}
+	}
+	f.bgMu.Lock()
+	if f.closing {
+		// Close waits for wg already: nothing may be added to it. The
+		// dispatcher is stopping; the caller may wait for this.
+		f.bgMu.Unlock()
+		write()
+		return
+	}
+	f.wg.Add(1)
+	f.bgMu.Unlock()
+	go func() {
+		defer f.wg.Done()
+		write()
+	}()
+}
+
 // reclaimLoop takes over bus entries another replica read but never
 // acknowledged (it died between the read and the claim).
 func (f *Fleet) reclaimLoop(ctx context.Context) {
@@ -1258,7 +1305,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 // cancelAsked ends t, the RUNNING task of an expired lease taken over with
 // attempt, CANCELLED when a cancel not done is open for it (asked of its
 // dead owner, or kept by a replica that stopped before the task's end was
-// stored: see keepCancelled, keepCancelOpen), and reports whether it did.
+// stored: see keepCancelled, keepCancelOpen, KeepCancel), or when its
+// stored stop is a client's cancel (its dead owner stopped the session for
+// a cancel and stored the stop, not the end), and reports whether it did.
 // The row is not taken first (as cancelQueued): it stays open until the
 // task's end is stored, for the next sweep if this replica dies before.
 func (f *Fleet) cancelAsked(ctx context.Context, r lease, t *task.Task, attempt int64) bool {
@@ -1272,12 +1321,20 @@ func (f *Fleet) cancelAsked(ctx context.Context, r lease, t *task.Task, attempt 
 		}
 		reason := c.Args.Reason
 		if reason == "" {
-			reason = "cancelled"
+			reason = task.DefaultCancelReason
 		}
 		f.watchOwned(t, attempt)
 		f.log.Warn("task of a dead replica cancelled: a cancel was asked before it was taken over", "task_id", r.TaskID, "owner", r.Owner)
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		f.closeCancel(ctx, r.TaskID, c.ID)
+		return true
+	}
+	// The copy has a cancel recorded when its stored stop is a client's
+	// cancel (task.Manager.Adopt).
+	if reason, ok := t.CancelRequested(); ok {
+		f.watchOwned(t, attempt)
+		f.log.Warn("task of a dead replica cancelled: its session was stopped for a client's cancel before it was taken over", "task_id", r.TaskID, "owner", r.Owner)
+		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		return true
 	}
 	return false

@@ -2,14 +2,13 @@ package fleet
 
 import (
 	"context"
-	"errors"
-	"strings"
 	"testing"
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
 
 // A cancel sent from another replica to a task's owner, which carries it
@@ -28,7 +27,13 @@ import (
 // command row either (keepCancelOpen, the graceful drain's cover, is
 // refused), and its writer closes with the end unstored. It returns the
 // task's set-up (the task stored RUNNING, its lease expiring) and sender.
-func cancelledOnAKilledOwner(t *testing.T) (*deadTask, *replica) {
+//
+// local: the client's cancel reaches the owner's own API instead
+// (Manager.CancelAs there, which writes no command row to send): the
+// cancel is made durable in the background once the stop is decided
+// (Fleet.KeepCancel), its row open with no result; this waits for that
+// row before the kill.
+func cancelledOnAKilledOwner(t *testing.T, local bool) (*deadTask, *replica) {
 	t.Helper()
 	pg, url := openStore(t), redisURL(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -53,14 +58,23 @@ func cancelledOnAKilledOwner(t *testing.T) (*deadTask, *replica) {
 	}
 	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx, leases: leases}
 	allow := refuseTaskWrites(t, d)
-	out, err := sender.f.Cancel(ctx, nil, id, "stopped by the test", false)
+	var out task.CancelOutcome
+	if local {
+		out, err = owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", false)
+	} else {
+		out, err = sender.f.Cancel(ctx, nil, id, "stopped by the test", false)
+	}
 	if err != nil || !out.Cancelled {
 		t.Fatalf("cancel: %+v %v", out, err)
 	}
-	waitFor(t, "the owner to carry the cancel out", 10*time.Second, func() bool {
+	row := `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel' AND NOT done AND result IS NOT NULL`
+	if local {
+		row = `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel' AND NOT done`
+	}
+	waitFor(t, "the owner to carry the cancel out and its row to be open", 10*time.Second, func() bool {
 		lt := owner.mgr.Registry().Get(id)
 		var n int
-		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel' AND result IS NOT NULL`, id).Scan(&n)
+		err := pg.Pool().QueryRow(ctx, row, id).Scan(&n)
 		return err == nil && n == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_CANCELLED
 	})
 	killRefusingCommands(t, d, owner)
@@ -87,7 +101,19 @@ func killRefusingCommands(t *testing.T, d *deadTask, r *replica) {
 // the task over: CANCELLED with the cancel's reason (before: FAILURE, "its
 // dispatcher replica owner stopped renewing the task's lease…").
 func TestCancelOfAnOwnerKilledBeforeTheEndIsStoredEndsCancelledOnTakeover(t *testing.T) {
-	d, _ := cancelledOnAKilledOwner(t)
+	endsCancelledOnTakeover(t, false)
+}
+
+// The same with the client's cancel received by the owner's own API: it
+// wrote no command row (the owner stopped the session itself), so the
+// sweep ended the task FAILURE; now the cancel's row is written once the
+// stop is decided, and the task ends CANCELLED.
+func TestLocalCancelOfAnOwnerKilledBeforeTheEndIsStoredEndsCancelledOnTakeover(t *testing.T) {
+	endsCancelledOnTakeover(t, true)
+}
+
+func endsCancelledOnTakeover(t *testing.T, local bool) {
+	d, _ := cancelledOnAKilledOwner(t, local)
 	other := startReplica(t, d.pg, d.url, "other", &testSlot{finish: true})
 	st, msg := d.ended(t, other, 20*time.Second)
 	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || other.slot.started.Load() != 0 {
@@ -100,33 +126,54 @@ func TestCancelOfAnOwnerKilledBeforeTheEndIsStoredEndsCancelledOnTakeover(t *tes
 // once): the re-attached session is stopped with the cancel's reason and
 // the task ends CANCELLED (before: no stop, the session ran on).
 func TestCancelOfAnOwnerKilledBeforeTheEndIsStoredStopsTheReattachedSession(t *testing.T) {
-	d, sender := cancelledOnAKilledOwner(t)
+	stopsTheReattachedSession(t, false, false)
+}
+
+// The same with the client's cancel received by the owner's own API.
+func TestLocalCancelOfAnOwnerKilledBeforeTheEndIsStoredStopsTheReattachedSession(t *testing.T) {
+	stopsTheReattachedSession(t, true, false)
+}
+
+// The new owner's reconcile running between the take-over (TakeSession,
+// which adopts the task with the open cancel as its stop) and the
+// re-attach does not carry the cancel out again: the adopted copy has it
+// recorded, so the session re-attaches and is stopped with it. (Before,
+// the reconcile stopped the copy waiting for its session: the task ended
+// CANCELLED "(while its session was being handed over)" and the re-attach
+// was refused.)
+func TestOpenCancelIsNotCarriedOutAgainBetweenTheTakeOverAndTheReattach(t *testing.T) {
+	stopsTheReattachedSession(t, false, true)
+}
+
+// stopsTheReattachedSession: see cancelledOnAKilledOwner for local;
+// reconcile runs the new owner's commands between its take-over and the
+// re-attach.
+func stopsTheReattachedSession(t *testing.T, local, reconcile bool) {
+	d, sender := cancelledOnAKilledOwner(t, local)
+	if reconcile {
+		if err := sender.f.TakeSession(d.ctx, d.id, "session-1", nil); err != nil {
+			t.Fatal(err)
+		}
+		sender.f.runCommands(d.ctx, []string{d.id})
+	}
 	var r *stopRunner
 	info, err := sender.mgr.Reattach(d.ctx, d.id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
 		r = &stopRunner{t: tk}
 		return r
 	})
 	switch {
-	case err == nil && info.Stop == nil:
-		t.Fatal("the session re-attached with no stop: the cancel is lost and the task runs on")
-	case err == nil:
-		if info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test" {
-			t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
-		}
-		// What the session server does with it (restop); the commander
-		// acknowledges at once.
-		r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
-	case errors.Is(err, task.ErrNotRunning):
-		// The new owner's reconcile carried the open cancel out between
-		// the take-over and the re-attach: the task ended CANCELLED while
-		// its session was being handed over, and the re-attach is refused
-		// (the commander ends its planner).
-		t.Logf("re-attach refused: %v", err)
-	default:
+	case err != nil:
 		t.Fatalf("re-attach: %v", err)
+	case info.Stop == nil:
+		t.Fatal("the session re-attached with no stop: the cancel is lost and the task runs on")
+	case info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test":
+		t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
 	}
+	// What the session server does with it (restop); the commander
+	// acknowledges at once.
+	r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
 	st, msg := d.ended(t, sender, 10*time.Second)
-	if st != agentpb.TaskStatus_CANCELLED || !strings.HasPrefix(msg, "stopped by the test") {
+	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" {
 		t.Fatalf("ended %s %q, want CANCELLED with the cancel's reason", st, msg)
 	}
 }
@@ -160,4 +207,109 @@ func TestCancelOfAFreeTaskWhoseTakerIsKilledBeforeTheEndIsStoredEndsCancelled(t 
 	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || other.slot.started.Load() != 0 {
 		t.Fatalf("ended %s %q, started %d times on the next owner; want CANCELLED with the cancel's reason, never started", st, msg, other.slot.started.Load())
 	}
+}
+
+// A task whose owner stopped its session for a client's cancel received by
+// its own API, and stored that stop (its commander had not acknowledged it
+// yet), then was killed before the cancel's row was written (PostgreSQL
+// refused it) and before the task's end: the sweep's takeover ends it
+// CANCELLED with the cancel's reason (before: FAILURE, "its dispatcher
+// replica owner stopped renewing the task's lease…": the takeover looked
+// only for open cancel rows, never at the stored stop).
+func TestStoredClientCancelStopOfAKilledOwnerEndsCancelledOnTakeover(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, fences: true})
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx, leases: leases}
+	d.exec(t, `
+		CREATE FUNCTION refuse_cancel_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			RAISE EXCEPTION 'the test refuses this write';
+		END $$;
+		CREATE TRIGGER refuse_task_commands BEFORE INSERT ON fleet_commands
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION refuse_cancel_rows();`)
+	out, err := owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", false)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	owner.kill()
+	d.exec(t, `DROP TRIGGER refuse_task_commands ON fleet_commands`)
+	snap, err := owner.ts.Load(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.Status != agentpb.TaskStatus_RUNNING || snap.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
+		t.Fatalf("stored %s with stop %v: the test needs the cancel's stop stored, not the end", snap.Status, snap.Stop)
+	}
+	var rows int
+	if err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1`, id).Scan(&rows); err != nil || rows != 0 {
+		t.Fatalf("%d command rows (%v): the test needs none", rows, err)
+	}
+	other := startReplica(t, pg, url, "other", &testSlot{finish: true})
+	st, msg := d.ended(t, other, 20*time.Second)
+	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" || other.slot.started.Load() != 0 {
+		t.Fatalf("ended %s %q, started %d times on the next owner; want CANCELLED with the cancel's reason, never started", st, msg, other.slot.started.Load())
+	}
+}
+
+// The stop of a cancel received by the owner's own API never waits for
+// its command row (KeepCancel writes it in the background): with each
+// insert of the task's command rows taking 2 s in PostgreSQL, CancelAs
+// (waiting for the task's end, as the API does) returns with the task
+// CANCELLED well within that, and the row is written afterwards.
+func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx}
+	d.exec(t, `
+		CREATE FUNCTION slow_commands() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			PERFORM pg_sleep(2);
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER slow_task_commands BEFORE INSERT ON fleet_commands
+			FOR EACH ROW WHEN (NEW.task_id = '%[1]s') EXECUTE FUNCTION slow_commands();`)
+	began := time.Now()
+	out, err := owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", true)
+	took := time.Since(began)
+	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	if took > time.Second {
+		t.Fatalf("the cancel took %s: its stop waited for the command row's 2 s insert", took)
+	}
+	waitFor(t, "the cancel's row", 10*time.Second, func() bool {
+		var n int
+		err := pg.Pool().QueryRow(ctx, `SELECT count(*) FROM fleet_commands WHERE task_id = $1 AND kind = 'cancel'`, id).Scan(&n)
+		return err == nil && n == 1
+	})
+	t.Logf("cancelled in %s; the row written after %s", took, time.Since(began))
 }

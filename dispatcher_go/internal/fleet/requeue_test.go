@@ -63,7 +63,10 @@ type testSlot struct {
 	finish, upstream bool
 	// stops: its sessions' commander acknowledges a stop at once
 	// (stopRunner).
-	stops   bool
+	stops bool
+	// fences: its sessions record a stop (Task.Fence: the stop stored
+	// with the task) and their commander never acknowledges it.
+	fences  bool
 	planner string
 	started atomic.Int32
 }
@@ -79,6 +82,19 @@ func (r stopRunner) Stop(reason string, code dispatchv1.StopCode) bool {
 		st = agentpb.TaskStatus_CANCELLED
 	}
 	return r.t.Finish(st, reason, "")
+}
+
+// fenceRunner is a session that records a stop (as the session's runner
+// does before it sends it) whose commander never acknowledges it.
+type fenceRunner struct{ t *task.Task }
+
+func (r fenceRunner) Stop(reason string, code dispatchv1.StopCode) bool {
+	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: reason, Code: code}}})
+	return true
+}
+
+func (fenceRunner) Interject(context.Context, string) (string, uint64, error) {
+	return "", 0, task.ErrNotRunning
 }
 
 func (stopRunner) Interject(context.Context, string) (string, uint64, error) {
@@ -103,6 +119,9 @@ func (s *testSlot) Deliver(t *task.Task) scheduler.Delivery {
 	var r task.Runner = testRunner{}
 	if s.stops {
 		r = stopRunner{t: t}
+	}
+	if s.fences {
+		r = fenceRunner{t: t}
 	}
 	if err := t.Start(r, "commander", fmt.Sprintf("session-%d", s.started.Add(1))); err != nil {
 		return scheduler.TaskGone

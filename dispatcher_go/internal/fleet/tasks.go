@@ -509,13 +509,16 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 		// stopped with it (task.Reattached.Stop), as with a stop that was
 		// stored, and the task ends CANCELLED; nobody re-attaching, the
 		// waiter ends it CANCELLED too. The row stays open until that end
-		// is stored.
+		// is stored. The adopted copy has the cancel recorded (a stop
+		// that is a client's cancel: task.Manager.Adopt), so this
+		// replica's reconcile does not carry it out again (that would end
+		// the copy waiting for its session and refuse the re-attach).
 		reason := cmd.Args.Reason
 		if reason == "" {
-			reason = "cancelled by client"
+			reason = task.DefaultCancelReason
 		}
 		snap.Stop = &dispatchv1.StopSignal{Reason: reason, Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
-		f.log.Warn("a re-attaching session's task has a cancel its last owner did not end: the session is stopped", "task_id", id, "command", cmd.ID)
+		f.log.Info("a re-attaching session's task has a cancel its last owner did not end: the session is stopped", "task_id", id, "command", cmd.ID)
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {

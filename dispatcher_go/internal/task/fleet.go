@@ -64,6 +64,13 @@ type Fleet interface {
 	// ClaimSession is TakeSession's claim alone, for a task this replica
 	// holds waiting for its session: the new attempt.
 	ClaimSession(ctx context.Context, id, sessionID string) (int64, error)
+	// KeepCancel makes durable a client's cancel that this replica
+	// decided on task id, which it holds (Manager.CancelAs): if the
+	// replica dies before the task's end is stored, the task's next owner
+	// carries the cancel out instead of ending the task FAILURE or letting
+	// its session run on. It must not block (the stop must not wait for
+	// it): the write runs in the background.
+	KeepCancel(id, reason string)
 }
 
 // SetFleet makes m a fleet replica (call once, before serving, like

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -62,6 +63,7 @@ type fakeFleet struct {
 	placed    []string
 	cancelled []string
 	callers   []*tenant.Caller // each Cancel's caller, in order
+	kept      []string         // each KeepCancel's task, in order
 	health    error
 	placeErr  error
 	requests  map[string]string
@@ -124,6 +126,11 @@ func (f *fakeFleet) TakeSession(ctx context.Context, id, sessionID string, serve
 }
 func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, error) {
 	return 0, ErrNotFound
+}
+func (f *fakeFleet) KeepCancel(id, _ string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.kept = append(f.kept, id)
 }
 
 func newFleetManager(t *testing.T) (*Manager, *fakeQueue, *fakeFleet, *memPersist) {
@@ -522,5 +529,87 @@ func TestFleetDroppedCopyReplacedByAnAdoptStillEnds(t *testing.T) {
 	case <-old.Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("the dropped copy never ended")
+	}
+}
+
+func (f *fakeFleet) keptCancels() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.kept)
+}
+
+// A client's cancel received by the replica that runs the task (CancelAs)
+// is made durable for the task's next owner (Fleet.KeepCancel) once the
+// stop was decided, never before it: a running task's and a queued one's.
+// A command's cancel (Cancel, from the fleet: its row exists) is not kept
+// again, nor is a second cancel. (The local cancel wrote nothing durable:
+// the owner killed before the task's end was stored, the cancel was lost.)
+func TestFleetLocalCancelIsKeptAfterTheStop(t *testing.T) {
+	m, q, f, _ := newFleetManager(t)
+	ctx := context.Background()
+	adopt := func() *Task {
+		s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "here", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
+		tk, err := m.Adopt(s, 0, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+	running := adopt()
+	q.take(running)
+	var keptAtStop []string
+	r := &fakeRunner{t: running, onStop: func(*fakeRunner, string, dispatchv1.StopCode) { keptAtStop = f.keptCancels() }}
+	if err := running.Start(r, "c1", "ses-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.CancelAs(ctx, tenant.Caller{Admin: true}, running.ID(), "by the client", false); err != nil {
+		t.Fatal(err)
+	}
+	if len(keptAtStop) != 0 || !slices.Equal(f.keptCancels(), []string{running.ID()}) {
+		t.Fatalf("kept before the stop %v, after %v; want none, then the task", keptAtStop, f.keptCancels())
+	}
+	if _, err := m.CancelAs(ctx, tenant.Caller{Admin: true}, running.ID(), "again", false); err != nil || len(f.keptCancels()) != 1 {
+		t.Fatalf("a second cancel: %v, kept %v", err, f.keptCancels())
+	}
+	queued := adopt()
+	if out, err := m.CancelAs(ctx, tenant.Caller{Admin: true}, queued.ID(), "", false); err != nil || queued.Status() != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("cancel of a queued task: %+v %v", out, err)
+	}
+	if !slices.Equal(f.keptCancels(), []string{running.ID(), queued.ID()}) {
+		t.Fatalf("kept %v, want the running and the queued task", f.keptCancels())
+	}
+	byCommand := adopt()
+	q.take(byCommand)
+	if err := byCommand.Start(&fakeRunner{t: byCommand}, "c1", "ses-2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Cancel(ctx, byCommand.ID(), "by a command", false); err != nil || len(f.keptCancels()) != 2 {
+		t.Fatalf("a command's cancel: %v, kept %v (its row exists)", err, f.keptCancels())
+	}
+}
+
+// A task adopted with a stored stop that is a client's cancel has the
+// cancel recorded (the fleet's reconcile does not carry it out again; a
+// takeover ends it CANCELLED; it is never requeued); another stop does
+// not make a cancel.
+func TestAdoptedClientCancelStopIsACancelRequested(t *testing.T) {
+	m, _, _, _ := newFleetManager(t)
+	adopt := func(code dispatchv1.StopCode, reason string) *Task {
+		s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+			CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}, Stop: &dispatchv1.StopSignal{Reason: reason, Code: code}}
+		tk, err := m.AdoptWaiting(s, 3, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+	if reason, ok := adopt(dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL, "by the client").CancelRequested(); !ok || reason != "by the client" {
+		t.Fatalf("client cancel stop: cancel requested %v %q", ok, reason)
+	}
+	if reason, ok := adopt(dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL, "").CancelRequested(); !ok || reason != DefaultCancelReason {
+		t.Fatalf("client cancel stop without a reason: cancel requested %v %q", ok, reason)
+	}
+	if _, ok := adopt(dispatchv1.StopCode_STOP_CODE_DEADLINE, "deadline").CancelRequested(); ok {
+		t.Fatal("a stop that is no client's cancel made a cancel requested")
 	}
 }

@@ -498,6 +498,9 @@ func (m *Manager) ConfigByIDAs(caller tenant.Caller, id string) (*agentpb.Common
 	return m.ConfigByID(id)
 }
 
+// DefaultCancelReason is the reason of a client's cancel that gives none.
+const DefaultCancelReason = "cancelled by client"
+
 // CancelAs is Cancel for caller: a task of another tenant is ErrNotFound,
 // as GetAs answers, and is left alone. In a fleet, a task this replica
 // does not run is checked by the fleet, after the stop is announced (the
@@ -512,14 +515,14 @@ func (m *Manager) CancelAs(ctx context.Context, caller tenant.Caller, id, reason
 	if _, err := m.GetAs(caller, id); err != nil {
 		return CancelOutcome{}, err
 	}
-	return m.Cancel(ctx, id, reason, wait)
+	return m.cancel(ctx, id, reason, wait, true)
 }
 
 // cancelRemote hands the cancel of a task this replica does not run to
 // the fleet.
 func (m *Manager) cancelRemote(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (CancelOutcome, error) {
 	if reason == "" {
-		reason = "cancelled by client"
+		reason = DefaultCancelReason
 	}
 	return m.fleet.Cancel(ctx, caller, id, reason, wait)
 }
@@ -528,8 +531,16 @@ func (m *Manager) cancelRemote(ctx context.Context, caller *tenant.Caller, id, r
 // sent; with wait, it waits up to the stop grace for the task to end so the
 // outcome it reports is the real one).
 func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (CancelOutcome, error) {
+	return m.cancel(ctx, id, reason, wait, false)
+}
+
+// cancel is Cancel; keep, for a client's cancel (CancelAs), makes a cancel
+// decided here on a task this fleet replica holds durable for the task's
+// next owner (Fleet.KeepCancel), once the stop is under way: a command's
+// cancel (Fleet.exec) has its row already.
+func (m *Manager) cancel(ctx context.Context, id, reason string, wait, keep bool) (CancelOutcome, error) {
 	if reason == "" {
-		reason = "cancelled by client"
+		reason = DefaultCancelReason
 	}
 	if m.fleet != nil {
 		if t := m.reg.Get(id); t == nil || t.disowned() {
@@ -559,8 +570,17 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		// it sees this one or this sees the copy gone.
 		return m.cancelRemote(ctx, nil, id, reason, wait)
 	}
+	// After the decision below (never before the stop: the write is in
+	// the background anyway), only for the first cancel (a later one
+	// finds the first's row, or the command's).
+	keepIt := func() {
+		if keep && first && m.fleet != nil {
+			m.fleet.KeepCancel(id, reason)
+		}
+	}
 	if m.queue.Remove(t) {
 		t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
+		keepIt()
 		return CancelOutcome{Cancelled: true, Status: agentpb.TaskStatus_CANCELLED, Message: "cancelled while pending"}, nil
 	}
 	r, st := t.runnerState()
@@ -576,9 +596,11 @@ func (m *Manager) Cancel(ctx context.Context, id, reason string, wait bool) (Can
 		// the task may have been put back before it ended.
 		ok := t.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 		m.queue.Remove(t)
+		keepIt()
 		return CancelOutcome{Cancelled: ok, Status: t.Status(), Message: "cancelled"}, nil
 	}
 	decided := r.Stop(reason, dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL)
+	keepIt()
 	if !wait {
 		return CancelOutcome{Cancelled: decided, Status: t.Status(), Message: "stop sent"}, nil
 	}

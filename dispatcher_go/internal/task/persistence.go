@@ -258,6 +258,18 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
 		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
 	}
+	if s.Stop.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && !Terminal(s.Status) {
+		// A client's cancel was decided (its stop stored, or, in a fleet,
+		// an open cancel its last owner did not end: Fleet.TakeSession):
+		// the cancel is recorded, as on the copy that decided it, so that
+		// it is not carried out again (the fleet's reconcile would end a
+		// copy waiting for its session, refusing the re-attach that is to
+		// be stopped with it) and the task is never put back in a queue.
+		t.cancelReason = s.Stop.GetReason()
+		if t.cancelReason == "" {
+			t.cancelReason = DefaultCancelReason
+		}
+	}
 	if m.fleet != nil {
 		t.lease = newLeaseLog(t.id, log, m.fleet)
 	}

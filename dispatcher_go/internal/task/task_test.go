@@ -225,7 +225,7 @@ func TestCancelRunningWaitsForTheRealOutcome(t *testing.T) {
 	}
 	cancelled := testutil.Async(func() (CancelOutcome, error) { return m.Cancel(context.Background(), tk.ID(), "", true) })
 	reason := testutil.Recv(t, stopped, testutil.Wait, "the stop")
-	testutil.WaitFor(t, testutil.Wait, func() bool { return testutil.Blocked("task.(*Manager).Cancel") }, "Cancel to wait for the outcome")
+	testutil.WaitFor(t, testutil.Wait, func() bool { return testutil.Blocked("task.(*Manager).cancel") }, "Cancel to wait for the outcome")
 	tk.Finish(agentpb.TaskStatus_CANCELLED, reason, "")
 	out := testutil.Recv(t, cancelled, testutil.Wait, "Cancel to return")
 	if out.Err != nil || !out.V.Cancelled || out.V.Status != agentpb.TaskStatus_CANCELLED {
