@@ -182,6 +182,9 @@ type Fleet struct {
 	// Close (closing: Close is waiting for wg, nothing more is added).
 	bgMu    sync.Mutex
 	closing bool
+	// keepSem bounds KeepCancel's row writes in flight (they share the
+	// store's pool with the writer that stores the tasks' ends).
+	keepSem chan struct{}
 }
 
 var _ task.Fleet = (*Fleet)(nil)
@@ -228,9 +231,10 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	f := &Fleet{
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
 		pg: pg, leases: leases, rdb: rdb, tails: tails,
-		idle: make(chan struct{}, 1),
-		pub:  make(chan pubBatch, 4096),
-		legs: newLegStats(),
+		idle:    make(chan struct{}, 1),
+		pub:     make(chan pubBatch, 4096),
+		legs:    newLegStats(),
+		keepSem: make(chan struct{}, keepCancelWrites),
 	}
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
@@ -1058,8 +1062,17 @@ func (f *Fleet) KeepCancel(id, reason string) {
 	write := func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(f.ctx), 5*time.Second)
 		defer cancel()
+		if f.keepSem != nil {
+			select {
+			case f.keepSem <- struct{}{}:
+				defer func() { <-f.keepSem }()
+			case <-ctx.Done():
+				f.log.Warn("a cancel asked here is not written as a command (too many waiting); if this replica dies before the task's stop or end is stored, the cancel is lost", "task_id", id)
+				return
+			}
+		}
 		if _, err := f.leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: reason}); err != nil {
-			f.log.Warn("a cancel asked here is not written as a command; if this replica dies before the task's end is stored, the cancel is lost", "task_id", id, "error", err)
+			f.log.Warn("a cancel asked here is not written as a command; if this replica dies before the task's stop or end is stored, the cancel is lost", "task_id", id, "error", err)
 		}
 	}
 	f.bgMu.Lock()
@@ -1077,6 +1090,11 @@ func (f *Fleet) KeepCancel(id, reason string) {
 		write()
 	}()
 }
+
+// keepCancelWrites is how many KeepCancel rows are written at once; a
+// burst of cancels waits its turn (at most 5 s) rather than take the
+// store's connections from the writes of the tasks' ends.
+const keepCancelWrites = 2
 
 // reclaimLoop takes over bus entries another replica read but never
 // acknowledged (it died between the read and the claim).
@@ -1311,10 +1329,9 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 // The row is not taken first (as cancelQueued): it stays open until the
 // task's end is stored, for the next sweep if this replica dies before.
 func (f *Fleet) cancelAsked(ctx context.Context, r lease, t *task.Task, attempt int64) bool {
-	cmds, err := f.leases.OpenCommands(ctx, []string{r.TaskID})
-	if err != nil {
-		return false
-	}
+	// A failed read of the rows still leaves the stored stop's cancel
+	// (below) to honour: it needs no database.
+	cmds, _ := f.leases.OpenCommands(ctx, []string{r.TaskID})
 	for _, c := range cmds {
 		if c.Kind != "cancel" {
 			continue

@@ -258,13 +258,16 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
 		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
 	}
-	if s.Stop.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && !Terminal(s.Status) {
+	if s.Stop.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && s.Status == agentpb.TaskStatus_RUNNING {
 		// A client's cancel was decided (its stop stored, or, in a fleet,
 		// an open cancel its last owner did not end: Fleet.TakeSession):
 		// the cancel is recorded, as on the copy that decided it, so that
 		// it is not carried out again (the fleet's reconcile would end a
 		// copy waiting for its session, refusing the re-attach that is to
 		// be stopped with it) and the task is never put back in a queue.
+		// RUNNING only: a PENDING copy's stop is cleared by Start, and a
+		// cancel recorded on it would outlive that (a store written by an
+		// older build can hold such a snapshot).
 		t.cancelReason = s.Stop.GetReason()
 		if t.cancelReason == "" {
 			t.cancelReason = DefaultCancelReason
