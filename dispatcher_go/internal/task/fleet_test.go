@@ -613,3 +613,20 @@ func TestAdoptedClientCancelStopIsACancelRequested(t *testing.T) {
 		t.Fatal("a stop that is no client's cancel made a cancel requested")
 	}
 }
+
+// A PENDING snapshot that still carries a client-cancel stop (written by
+// an older build: Requeue kept the stop) adopted to run has no cancel
+// recorded: Start clears its stop, and a recorded cancel would outlive it
+// (a drain's hand-back or a requeue would end the running task CANCELLED).
+func TestAdoptedPendingCopyWithAClientCancelStopHasNoCancelRequested(t *testing.T) {
+	m, _, _, _ := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING,
+		CreatedAt: time.Now()}, Stop: &dispatchv1.StopSignal{Reason: "old", Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}
+	tk, err := m.Adopt(s, 2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reason, ok := tk.CancelRequested(); ok {
+		t.Fatalf("a PENDING copy's stored stop made a cancel requested (%q)", reason)
+	}
+}
