@@ -7,6 +7,7 @@ import (
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store/postgres"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
 )
@@ -35,20 +36,8 @@ import (
 // row before the kill.
 func cancelledOnAKilledOwner(t *testing.T, local bool) (*deadTask, *replica) {
 	t.Helper()
-	pg, url := openStore(t), redisURL(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
 	sender := startBystander(t, pg, url, "sender")
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -217,19 +206,7 @@ func TestCancelOfAFreeTaskWhoseTakerIsKilledBeforeTheEndIsStoredEndsCancelled(t 
 // replica owner stopped renewing the task's lease…": the takeover looked
 // only for open cancel rows, never at the stored stop).
 func TestStoredClientCancelStopOfAKilledOwnerEndsCancelledOnTakeover(t *testing.T) {
-	pg, url := openStore(t), redisURL(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, fences: true})
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, fences: true})
 	leases, err := NewLeases(ctx, pg.Pool(), testLease)
 	if err != nil {
 		t.Fatal(err)
@@ -275,19 +252,7 @@ func TestStoredClientCancelStopOfAKilledOwnerEndsCancelledOnTakeover(t *testing.
 // (waiting for the task's end, as the API does) returns with the task
 // CANCELLED well within that, and the row is written afterwards.
 func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
-	pg, url := openStore(t), redisURL(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
 	d := &deadTask{pg: pg, url: url, id: id, ctx: ctx}
 	d.exec(t, `
 		CREATE FUNCTION slow_commands() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -312,4 +277,25 @@ func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
 		return err == nil && n == 1
 	})
 	t.Logf("cancelled in %s; the row written after %s", took, time.Since(began))
+}
+
+// runningOnOwner starts a replica "owner" with slot and a task running on
+// it: the store, the Redis URL, a context for the test, the owner and the
+// task's id.
+func runningOnOwner(t *testing.T, slot *testSlot) (*postgres.Store, string, context.Context, *replica, string) {
+	t.Helper()
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", slot)
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	return pg, url, ctx, owner, id
 }
