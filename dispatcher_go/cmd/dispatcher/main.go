@@ -25,6 +25,7 @@ import (
 
 	"github.com/agentdispatch/dispatcher/internal/addrfile"
 	"github.com/agentdispatch/dispatcher/internal/api"
+	"github.com/agentdispatch/dispatcher/internal/benchkit"
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	"github.com/agentdispatch/dispatcher/internal/store"
@@ -138,6 +139,9 @@ func serve(cfg *config, log *slog.Logger, tracing *telemetry.Tracing) error {
 	if err != nil {
 		return err
 	}
+	// Benchmarks only: DISPATCHER_CONN_TRACE follows marked tool calls
+	// through the sockets (benchkit.ConnTrace; off, lis is unchanged).
+	lis = benchkit.OpenConnTrace("DISPATCHER_CONN_TRACE").Listener(lis)
 	// A2A: its gRPC binding on this server, its card naming this port.
 	a2aSrv := newA2A(cfg, d, srv.Local(), lis.Addr().String(), log)
 	a2aSrv.RegisterGRPC(gs)

@@ -579,9 +579,14 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 		calls++
 		tool := f.plan.tools[int(calls-1)%len(f.plan.tools)]
 		callID := fmt.Sprintf("c%d", calls)
+		callArgs, mark := args, ""
+		if connTrace != nil {
+			mark = fmt.Sprintf(" ~T%d~", callMarks.Add(1))
+			callArgs = fmt.Sprintf(`{"text":%q,"mark":%q}`, f.payload, mark[1:])
+		}
 		sentAt := time.Now()
 		if err := send(&dispatchv1.UpstreamPacket{Payload: &dispatchv1.UpstreamPacket_ToolCall{ToolCall: &dispatchv1.ToolCallRequest{
-			ToolName: tool, ArgumentsJson: args, CallId: callID}}}); err != nil {
+			ToolName: tool, ArgumentsJson: callArgs, CallId: callID}}}); err != nil {
 			return false, err
 		}
 		for {
@@ -607,7 +612,7 @@ func (f *fleet) session(ctx context.Context, stream grpc.BidiStreamingClient[dis
 					}
 					f.toolCalls.Add(1)
 					f.toolRTT[tool].Add(time.Since(sentAt))
-					toolTrace.call(pkt, sid, tool, sentAt)
+					toolTrace.call(pkt, sid, tool, sentAt, mark)
 				}
 				if e := res.GetError(); e != nil {
 					f.toolErrors.Add(1)

@@ -329,6 +329,15 @@ func dialN(o *options, e *env, n int, token string, withKeepalive bool) ([]*grpc
 			Time: o.keepalive, Timeout: 5 * time.Second, PermitWithoutStream: true,
 		}))
 	}
+	if connTrace != nil {
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+			if err != nil {
+				return nil, err
+			}
+			return connTrace.Wrap(c), nil
+		}))
+	}
 	opts = append(opts, e.dialOptions...)
 	conns := make([]*grpc.ClientConn, 0, n)
 	for range n {

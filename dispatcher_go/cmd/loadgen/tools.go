@@ -186,6 +186,14 @@ func sameMillisecond(starts []atomic.Int32, ms int) (p50, p99 float64) {
 	return quantile(0.5), quantile(0.99)
 }
 
+// connTrace (LOADGEN_CONN_TRACE=FILE, benchmarks only) follows each tool
+// call's marker through loadgen's sockets (benchkit.ConnTrace); with it, a
+// call's arguments carry the marker its toolTrace line names.
+var connTrace = benchkit.OpenConnTrace("LOADGEN_CONN_TRACE")
+
+// callMarks numbers the markers of traced calls.
+var callMarks atomic.Int64
+
 // The commander's side of the tool trace (the dispatcher's is
 // DISPATCHER_TOOL_TRACE, internal/session/tooltrace.go), for benchmarks
 // only: with LOADGEN_TOOL_TRACE=FILE every measured call appends
@@ -214,7 +222,8 @@ func (t *toolTracer) received(p *dispatchv1.DownstreamPacket, at time.Time) {
 }
 
 // call writes one call's line.
-func (t *toolTracer) call(p *dispatchv1.DownstreamPacket, sid, tool string, sent time.Time) {
+// mark is " ~T<n>~" when the call carried a marker (connTrace), else "".
+func (t *toolTracer) call(p *dispatchv1.DownstreamPacket, sid, tool string, sent time.Time, mark string) {
 	if t == nil {
 		return
 	}
@@ -223,5 +232,5 @@ func (t *toolTracer) call(p *dispatchv1.DownstreamPacket, sid, tool string, sent
 	if v, ok := t.recv.LoadAndDelete(p); ok {
 		recv = v.(int64)
 	}
-	t.f.Printf("%s %s %s %d %d %d\n", sid, p.GetToolResult().GetCallId(), tool, sent.UnixNano(), recv, got)
+	t.f.Printf("%s %s %s %d %d %d%s\n", sid, p.GetToolResult().GetCallId(), tool, sent.UnixNano(), recv, got, mark)
 }
