@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -192,7 +194,7 @@ func TestMemoryFinishedLogKeepsEventsAsEncodings(t *testing.T) {
 func BenchmarkMemoryFlood(b *testing.B) {
 	const perTask = 20_000
 	m := NewMemory(Limits{})
-	text := strings.Repeat("x", 64)
+	text := []byte(strings.Repeat("x", 64))
 	var logs []Log // the tasks kept
 	var l Log
 	var before runtime.MemStats
@@ -213,9 +215,10 @@ func BenchmarkMemoryFlood(b *testing.B) {
 			}
 			logs = append(logs, l)
 		}
-		ev := content(text)
+		ev := content(string(text)) // the text copied, as the server does
 		ev.TaskId = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
-		ev.EmittedAtUs = int64(i)
+		ev.EmittedAtUs, ev.UpstreamSeq = int64(i), uint64(i%perTask+1)
+		ev.Time = timestamppb.Now()
 		if _, err := l.Append(ev, Capped); err != nil {
 			b.Fatal(err)
 		}
@@ -226,4 +229,70 @@ func BenchmarkMemoryFlood(b *testing.B) {
 	runtime.ReadMemStats(&after)
 	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/float64(b.N), "heapB/event")
 	runtime.KeepAlive(logs)
+}
+
+// A watcher that follows a memory log while it is filled, finished and
+// let go (pushed out by the next finished log) gets every event once, in
+// order, equal to what was appended: one reading alongside, one that read
+// half before the log let go and the rest after.
+func TestMemoryReaderAcrossRelease(t *testing.T) {
+	m := NewMemory(Limits{})
+	m.retainBytes = 1
+	a, err := m.Create("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 3000
+	texts := make([]string, n)
+	for i := range texts {
+		texts[i] = strings.Repeat(fmt.Sprint(i), i%9+1)
+	}
+	got := make(chan []*dispatchv1.TaskEvent, 1)
+	go func() { got <- readAllFrom(t, a, 7) }()
+	for i, text := range texts[:n-1] {
+		if _, err := a.Append(content(text), Capped); err != nil {
+			t.Fatalf("append %d: %v", i+1, err)
+		}
+	}
+	if _, err := a.Seal(content(texts[n-1])); err != nil {
+		t.Fatal(err)
+	}
+	var half []*dispatchv1.TaskEvent
+	for len(half) < n/2 {
+		evs, err := a.Read(context.Background(), uint64(len(half)), make([]*dispatchv1.TaskEvent, 0, 100))
+		if err != nil {
+			t.Fatal(err)
+		}
+		half = append(half, evs...)
+	}
+	b, err := m.Create("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Seal(content("b")); err != nil { // a is let go
+		t.Fatal(err)
+	}
+	for {
+		evs, err := a.Read(context.Background(), uint64(len(half)), make([]*dispatchv1.TaskEvent, 0, 100))
+		half = append(half, evs...)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, evs := range [][]*dispatchv1.TaskEvent{<-got, half} {
+		if len(evs) != n {
+			t.Fatalf("read %d events, want %d", len(evs), n)
+		}
+		for i, ev := range evs {
+			if ev.GetSeq() != uint64(i+1) || ev.GetContent().GetText() != texts[i] {
+				t.Fatalf("event %d: seq %d, %q", i+1, ev.GetSeq(), ev.GetContent().GetText())
+			}
+		}
+	}
+	if ml := a.(*memLog); func() bool { ml.mu.RLock(); defer ml.mu.RUnlock(); return ml.events != nil }() {
+		t.Fatal("a still holds its messages")
+	}
 }
