@@ -2,6 +2,7 @@
 # Profiles behind docs/benchmarks.md "Bottlenecks" (issue 7).
 #
 #   scripts/bench_profile.sh throughput   perf on the real dispatcher under loadgen's flood
+#   scripts/bench_profile.sh throughput-memory   the same with --storage-backend memory
 #   scripts/bench_profile.sh relay-200    perf on the dispatcher under 200 relay sessions
 #   scripts/bench_profile.sh stop         pprof CPU: 50 sessions × 50 pkt/s, each cancelled
 #   scripts/bench_profile.sh stop-flood   pprof CPU + goroutine samples + the stop's legs:
@@ -87,14 +88,18 @@ loadgen_profile() {
   (cd dispatcher_go && go tool pprof -top -nodecount=6 ../bin/loadgen "$OUT/loadgen-$WHAT.prof" 2>/dev/null | sed -n '4,12p')
 }
 
+# perf_scenario [--dispatcher ARG]... LOADGEN-ARGS...: perf on the dispatcher
+# (started with the --dispatcher arguments) under loadgen's load.
 perf_scenario() {
+  local dargs=()
+  while [ "${1:-}" = --dispatcher ]; do dargs+=("$2"); shift 2; done
   if ! command -v perf >/dev/null && [ "$(id -u)" = 0 ]; then
     # Debian's linux-perf; the project installs what it needs itself.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null ||
       { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends linux-perf >/dev/null; }
   fi
   command -v perf >/dev/null || { echo "perf is not installed (Debian: linux-perf)" >&2; exit 1; }
-  start_dispatcher
+  start_dispatcher ${dargs[@]+"${dargs[@]}"}
   start_loadgen 16s "$@"
   sleep 3 # past the warm-up
   perf record -F 499 -g -p "$DPID" -o "$OUT/perf-$WHAT.data" -- sleep 10 >/dev/null 2>&1
@@ -133,6 +138,10 @@ cpu_scenario() {
 
 case $WHAT in
   throughput) perf_scenario --scenario throughput --sessions 8 --packet-bytes 64 --streams-per-conn 2 ;;
+  throughput-memory)
+    perf_scenario --dispatcher --storage-backend --dispatcher memory \
+      --scenario throughput --sessions 8 --packet-bytes 64 --streams-per-conn 2
+    ;;
   relay-200) perf_scenario --scenario relay --sessions 200 --rate 20 --packet-bytes 32 ;;
   stop)
     start_dispatcher
@@ -191,5 +200,5 @@ case $WHAT in
       $PY scripts/bench_profile.py pyspy "$OUT/pyspy-$name.txt"
     done
     ;;
-  *) echo "usage: $0 throughput|relay-200|stop|stop-flood|idle|tools|policy|python" >&2; exit 2 ;;
+  *) echo "usage: $0 throughput|throughput-memory|relay-200|stop|stop-flood|idle|tools|policy|python" >&2; exit 2 ;;
 esac

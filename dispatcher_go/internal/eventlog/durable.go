@@ -58,12 +58,20 @@ type Sink interface {
 type Durable struct {
 	limits Limits
 	sink   Sink
-	// retainBytes bounds the events of finished logs kept in memory
-	// (RetainBytes; tests change it).
-	retainBytes int64
+	retainer
 
 	mu   sync.Mutex
 	logs map[string]struct{}
+}
+
+// retainer keeps the events of the most recently finished logs in memory,
+// within retainBytes, and lets the older ones go (memLog.release): a
+// durable log's readers then read the store, a memory log's read its
+// encodings (packed.go).
+type retainer struct {
+	// retainBytes bounds the events of finished logs kept in memory
+	// (RetainBytes; tests change it).
+	retainBytes int64
 
 	// retained are the finished logs still holding their events, oldest
 	// first, and their estimated bytes (memLog.heldBytes).
@@ -84,13 +92,13 @@ const RetainBytes = 16 << 20
 
 // NewDurable returns a Store whose logs obey limits and persist to sink.
 func NewDurable(limits Limits, sink Sink) *Durable {
-	return &Durable{limits: limits, sink: sink, retainBytes: RetainBytes, logs: make(map[string]struct{})}
+	return &Durable{limits: limits, sink: sink, retainer: retainer{retainBytes: RetainBytes}, logs: make(map[string]struct{})}
 }
 
 // retain keeps l (finished, every event durable, bytes held) among the
 // retained logs and lets the oldest go past retainBytes. It is called
 // without l's lock (it takes the locks of the logs it lets go).
-func (d *Durable) retain(l *memLog, bytes int64) {
+func (d *retainer) retain(l *memLog, bytes int64) {
 	d.retainMu.Lock()
 	d.retained = append(d.retained, retainedLog{l, bytes})
 	d.retainedBytes += bytes
@@ -130,7 +138,7 @@ func (d *Durable) Restore(taskID string, lastSeq uint64, sealed bool) (Log, erro
 	}
 	d.logs[taskID] = struct{}{}
 	l := &memLog{
-		limits: d.limits, sink: d.sink, owner: d, taskID: taskID,
+		limits: d.limits, sink: d.sink, owner: &d.retainer, taskID: taskID,
 		base: lastSeq, committed: lastSeq, sealed: sealed,
 		events:   make([]*dispatchv1.TaskEvent, 0, 16),
 		fencedCh: make(chan struct{}),

@@ -156,23 +156,27 @@ func TestReplacedEventHasNoBytes(t *testing.T) {
 	}
 }
 
-// A memory log keeps the bytes while the task runs and lets them go at
-// the seal (its events stay as long as the task).
-func TestMemoryEncodedUntilSealed(t *testing.T) {
+// A memory log hands out the bytes of every event it gave out, also once
+// its task has ended (they are what it keeps, packed.go), and none for an
+// event it did not give out.
+func TestMemoryEncodedAlsoWhenSealed(t *testing.T) {
 	l := newLog(t, Limits{})
 	if _, err := l.Append(content("a"), Capped); err != nil {
 		t.Fatal(err)
 	}
 	evs, _ := l.Read(context.Background(), 0, nil)
-	r := EncodedOf(l, evs, nil)
-	if want, _ := proto.Marshal(evs[0]); !bytes.Equal(r[0], want) {
+	want, _ := proto.Marshal(evs[0])
+	if r := EncodedOf(l, evs, nil); !bytes.Equal(r[0], want) {
 		t.Fatalf("bytes %x, want %x", r[0], want)
 	}
 	if _, err := l.Seal(content("end")); err != nil {
 		t.Fatal(err)
 	}
-	if r := EncodedOf(l, evs, nil); r[0] != nil {
-		t.Fatal("a sealed memory log still hands out bytes")
+	if r := EncodedOf(l, evs, nil); !bytes.Equal(r[0], want) {
+		t.Fatalf("sealed: bytes %x, want %x", r[0], want)
+	}
+	if r := EncodedOf(l, []*dispatchv1.TaskEvent{proto.Clone(evs[0]).(*dispatchv1.TaskEvent)}, nil); r[0] != nil {
+		t.Fatal("bytes for an event the log did not give out")
 	}
 }
 
@@ -264,16 +268,22 @@ func TestRawRingKeepsTheNewest(t *testing.T) {
 	}
 }
 
-// A reader far behind a log gets no bytes for the events out of the
-// window (it encodes them itself), and the log keeps at most the window's.
+// A reader far behind a durable log gets no bytes for the events out of
+// the window (it encodes them itself), and the log keeps at most the
+// window's.
 func TestEncodedOnlyForTheNewestEvents(t *testing.T) {
-	l := newLog(t, Limits{})
+	sink := &fakeSink{}
+	l, err := NewDurable(Limits{}, sink).Create("t")
+	if err != nil {
+		t.Fatal(err)
+	}
 	const n = rawWindow + 1000
 	for range n {
 		if _, err := l.Append(content("z"), Capped); err != nil {
 			t.Fatal(err)
 		}
 	}
+	sink.commitAll()
 	evs, _ := l.Read(context.Background(), 0, make([]*dispatchv1.TaskEvent, 0, n))
 	raws := EncodedOf(l, evs, nil)
 	for i, r := range raws {

@@ -16,9 +16,14 @@ import (
 const defaultBatch = 64
 
 // Memory is an in-memory Store. Its logs live as long as somebody holds them;
-// the Store only keeps names so that a task id cannot get two logs.
+// the Store only keeps names so that a task id cannot get two logs. A log
+// keeps every event, also as its encoding (packed.go); once its task has
+// finished and it is no longer among the most recently finished logs
+// (RetainBytes, as in Durable), it keeps only the encodings and its
+// readers decode the events they read.
 type Memory struct {
 	limits Limits
+	retainer
 
 	mu   sync.Mutex
 	logs map[string]struct{}
@@ -26,7 +31,7 @@ type Memory struct {
 
 // NewMemory returns a Store whose logs obey limits.
 func NewMemory(limits Limits) *Memory {
-	return &Memory{limits: limits, logs: make(map[string]struct{})}
+	return &Memory{limits: limits, retainer: retainer{retainBytes: RetainBytes}, logs: make(map[string]struct{})}
 }
 
 // Create implements Store.
@@ -37,7 +42,10 @@ func (m *Memory) Create(taskID string) (Log, error) {
 		return nil, ErrExists
 	}
 	m.logs[taskID] = struct{}{}
-	return &memLog{limits: m.limits, events: make([]*dispatchv1.TaskEvent, 0, 16)}, nil
+	return &memLog{
+		limits: m.limits, owner: &m.retainer, events: make([]*dispatchv1.TaskEvent, 0, 16),
+		packed: &packed{}, rawOff: true,
+	}, nil
 }
 
 // Remove implements Store.
@@ -63,9 +71,13 @@ type memLog struct {
 	// see events up to committed (what the sink reported durable), and the
 	// first base events live only in the store.
 	sink   Sink
-	owner  *Durable // keeps the events once the log is finished (nil: none)
+	owner  *retainer // keeps the events once the log is finished (nil: none)
 	taskID string
 	base   uint64
+	// packed holds every event's encoding (memory logs only: nil in
+	// durable ones): what a finished log keeps once it lets its events go
+	// (base > 0 then), and the bytes Encoded hands out (no raw ring).
+	packed *packed
 	// fencedCh is closed at Fence or Seal, sealedCh at Seal (durable logs
 	// only): they end a content append's wait for room once the append
 	// would be refused anyway.
@@ -174,23 +186,32 @@ func (l *memLog) Fence(ev *dispatchv1.TaskEvent) (uint64, error) {
 func (l *memLog) Seal(ev *dispatchv1.TaskEvent) (uint64, error) {
 	u := encodeUnnumbered(ev, &l.arena)
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.sealed {
+		l.mu.Unlock()
 		return 0, ErrSealed
 	}
 	seq := l.appendLocked(ev, u)
 	l.sealed = true
+	var retain int64 = -1
 	if l.sink == nil {
-		// Finished: the readers still to come are behind (they encode the
-		// events themselves); the bytes are not kept for as long as the
-		// events (which is as long as the task is kept).
+		// Finished, and every event is in packed (a memory log): kept a
+		// while for the late readers, then only as encodings (Commit does
+		// the same for a durable log once its last event is durable).
 		l.dropRawLocked()
+		if l.owner != nil && !l.retained {
+			l.retained = true
+			retain = l.heldBytesLocked()
+		}
 	}
 	if l.sealedCh != nil {
 		if !l.fenced.Load() {
 			close(l.fencedCh)
 		}
 		close(l.sealedCh) // releases every append waiting for room
+	}
+	l.mu.Unlock()
+	if retain >= 0 {
+		l.owner.retain(l, retain) // outside l.mu: it may release others
 	}
 	return seq, nil
 }
@@ -208,6 +229,9 @@ func (l *memLog) appendLocked(ev *dispatchv1.TaskEvent, u unnumbered) uint64 {
 	ev.Seq = seq
 	data := u.number(seq)
 	l.events = append(l.events, ev)
+	if l.packed != nil {
+		l.packed.put(seq, data, ev)
+	}
 	if !l.rawOff {
 		l.raw.put(seq, data)
 	}
@@ -307,13 +331,17 @@ func (l *memLog) dropRawLocked() {
 }
 
 // release lets the events of a finished log go once every one is
-// durable: readers still behind read the rest from the store (see Read).
+// durable: readers still behind read the rest from the store, or from the
+// encodings a memory log keeps (see Read).
 func (l *memLog) release() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed && l.committed == l.base+uint64(len(l.events)) {
 		l.base, l.events = l.committed, nil
 		l.dropRawLocked()
+		if l.packed != nil {
+			l.packed.trim()
+		}
 	}
 }
 
@@ -349,13 +377,20 @@ func (l *memLog) LastSeq() uint64 {
 }
 
 // Encoded implements Encoder. An event is matched by its seq and pointer:
-// only the events this log holds and gave out have bytes here.
+// only the events this log holds and gave out have bytes here — and, in a
+// memory log, the events it let go (seq <= base), which its readers got
+// decoded from the very bytes (a memory log replaces no event).
 func (l *memLog) Encoded(evs []*dispatchv1.TaskEvent, dst [][]byte) [][]byte {
 	dst = dst[:0]
 	l.mu.RLock()
 	for _, ev := range evs {
 		var data []byte
-		if s := ev.GetSeq(); s > l.base && s-l.base <= uint64(len(l.events)) && l.events[s-l.base-1] == ev {
+		s := ev.GetSeq()
+		held := s > l.base && s-l.base <= uint64(len(l.events)) && l.events[s-l.base-1] == ev
+		switch {
+		case l.packed != nil && (held || (s > 0 && s <= l.base)):
+			data = l.packed.get(s)
+		case held:
 			data = l.raw.get(s)
 		}
 		dst = append(dst, data)
@@ -375,6 +410,12 @@ func (l *memLog) Read(ctx context.Context, afterSeq uint64, dst []*dispatchv1.Ta
 	for {
 		l.mu.RLock()
 		if base := l.base; afterSeq < base {
+			if l.packed != nil {
+				// A memory log that let its events go: decode them.
+				dst, err := l.readPackedLocked(afterSeq, base, limit, dst)
+				l.mu.RUnlock()
+				return dst, err
+			}
 			// Not (or no longer) held by this process: read the store.
 			l.mu.RUnlock()
 			return l.readStored(ctx, afterSeq, base, limit, dst)
@@ -417,6 +458,20 @@ func (l *memLog) readStored(ctx context.Context, afterSeq, base uint64, limit in
 		return dst, ErrTrimmed
 	}
 	return append(dst, evs...), nil
+}
+
+// readPackedLocked decodes up to limit events after afterSeq, all older
+// than base, from a memory log's encodings; under the read lock.
+func (l *memLog) readPackedLocked(afterSeq, base uint64, limit int, dst []*dispatchv1.TaskEvent) ([]*dispatchv1.TaskEvent, error) {
+	end := min(base, afterSeq+uint64(limit))
+	for s := afterSeq + 1; s <= end; s++ {
+		ev, err := l.packed.event(s)
+		if err != nil {
+			return dst, err
+		}
+		dst = append(dst, ev)
+	}
+	return dst, nil
 }
 
 // waiter returns the channel the next append closes, or nil if the log
