@@ -85,6 +85,49 @@ func TestBadInputs(t *testing.T) {
 		}
 	})
 
+	t.Run("unknown enum values and bad configs", func(t *testing.T) {
+		// A mode or sandbox os the enum does not define was taken and sent
+		// on to the commander as a number, and the global config took steps
+		// <= 0, an undefined mode and a 3 MiB id (black-box attack run).
+		runs := map[string]*agentpb.RunAgentInstructionRequest{
+			"mode 77":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Mode: 77}},
+			"os 99":      {Instruction: "x", Sandbox: &agentpb.Sandbox{Os: 99}},
+			"long id":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Id: strings.Repeat("i", 257)}},
+			"mode -1":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Mode: -1}},
+			"steps zero": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
+		}
+		for name, req := range runs {
+			_, err := h.agent.RunAgentInstructionAsync(ctx, req)
+			wantCode(t, err, codes.InvalidArgument)
+			_, err = h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", RunningConfig: req.GetRunningConfig(), Sandbox: req.Sandbox})
+			wantCode(t, err, codes.InvalidArgument)
+			_, err = h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: req.GetRunningConfig()})
+			if req.GetRunningConfig() != nil {
+				wantCode(t, err, codes.InvalidArgument)
+			}
+			if name == "mode 77" && !strings.Contains(status.Convert(err).Message(), "mode 77 is not an InstanceMode") {
+				t.Fatalf("%s: %v, want the message to name the mode", name, err)
+			}
+		}
+		if cfg, err := h.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{}); err != nil || cfg.GetMode() != 0 || cfg.Steps != nil {
+			t.Fatalf("the global config changed: %v %v", cfg, err)
+		}
+		for _, m := range []agentpb.InstanceMode{agentpb.InstanceMode_MODEUNDEFINED, agentpb.InstanceMode_NORMAL, agentpb.InstanceMode_FAST} {
+			if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{Mode: m}}); err != nil {
+				t.Fatalf("mode %v: %v", m, err)
+			}
+		}
+		if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
+			t.Fatal(err)
+		}
+		// An unknown config id was "task not found: no config with that id".
+		_, err := h.agent.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: "no-such-config"})
+		wantCode(t, err, codes.NotFound)
+		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, `no config with id "no-such-config"`) {
+			t.Fatalf("GetCommonConfig unknown id: %q", msg)
+		}
+	})
+
 	t.Run("message over size limit", func(t *testing.T) {
 		big := testutil.Connect(t, ctx, h.conn, "planner:big")
 		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
