@@ -3,6 +3,8 @@ package api
 import (
 	"context"
 	"fmt"
+	"io"
+	"math"
 	"strings"
 	"testing"
 
@@ -125,6 +127,50 @@ func TestBadInputs(t *testing.T) {
 		wantCode(t, err, codes.NotFound)
 		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, `no config with id "no-such-config"`) {
 			t.Fatalf("GetCommonConfig unknown id: %q", msg)
+		}
+	})
+
+	t.Run("resume past the end of an ended task", func(t *testing.T) {
+		// It was an empty stream that ended OK, as if the client had read
+		// everything (black-box attack run).
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "nobody-serves-this"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId()}); err != nil {
+			t.Fatal(err)
+		}
+		last := waitTerminal(t, h, sub.GetTaskId()).GetLastSeq()
+		watch := func(after uint64, batch uint32) (int, error) {
+			w, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: sub.GetTaskId(), AfterSeq: after, MaxBatch: batch})
+			if err != nil {
+				return 0, err
+			}
+			n := 0
+			for {
+				if _, err := w.Recv(); err != nil {
+					if err == io.EOF {
+						return n, nil
+					}
+					return n, err
+				}
+				n++
+			}
+		}
+		if n, err := watch(last, 0); err != nil || n != 0 {
+			t.Fatalf("after_seq = last (%d): %d events, %v", last, n, err)
+		}
+		if n, err := watch(last-1, 0); err != nil || n != 1 {
+			t.Fatalf("after_seq = last-1: %d events, %v", n, err)
+		}
+		for _, after := range []uint64{last + 1, math.MaxUint64} {
+			for _, batch := range []uint32{0, 16} {
+				_, err := watch(after, batch)
+				wantCode(t, err, codes.OutOfRange)
+				if !strings.Contains(status.Convert(err).Message(), fmt.Sprintf("past the task's last event (seq %d)", last)) {
+					t.Fatalf("after_seq %d: %v", after, err)
+				}
+			}
 		}
 	})
 

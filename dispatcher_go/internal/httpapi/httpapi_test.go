@@ -251,6 +251,32 @@ func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
 	if !ended || len(seqs) == 0 || seqs[0] != 21 {
 		t.Fatalf("after_seq=20: %v ended=%v", seqs, ended)
 	}
+	// Resuming at the last event: nothing more, then end. Past it: 400
+	// OUT_OF_RANGE (it was an empty stream ending as if all had been read;
+	// black-box attack run).
+	last := fmt.Sprint(task["last_seq"])
+	for _, c := range []struct {
+		after  string
+		status int
+	}{{last, 200}, {strconv.Itoa(len(seqs) + 21), 400}, {"18446744073709551615", 400}} {
+		req, _ := http.NewRequest("GET", e.url+"/api/tasks/"+id+"/events", nil)
+		req.Header.Set("Last-Event-ID", c.after)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.status {
+			t.Fatalf("Last-Event-ID %s of %s: %d %s", c.after, last, resp.StatusCode, body)
+		}
+		if c.status == 200 && (strings.Contains(string(body), "id: ") || !strings.Contains(string(body), "event: end")) {
+			t.Fatalf("Last-Event-ID %s (the last): %s", c.after, body)
+		}
+		if c.status == 400 && !strings.Contains(string(body), `"code":"OUT_OF_RANGE"`) {
+			t.Fatalf("Last-Event-ID %s: %s", c.after, body)
+		}
+	}
 }
 
 // TestInterjectApproveAndCancelOverHTTP: a held tool call is approved over
