@@ -106,6 +106,10 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"GET", "/api/tasks?status=BOGUS", "", 400},
 		{"GET", "/api/tasks?page_size=x", "", 400},
 		{"GET", "/api/tasks?page_token=zzz", "", 400},
+		{"GET", "/api/tasks?page_token=%%%", "", 400}, // was the first page
+		{"POST", "/api/agent/task/submit", "{\"instruction\": \"\xff\"}", 400}, // was stored as U+FFFD
+		{"POST", "/api/tasks", "{\"instruction\": \"\xc3\x28\"}", 400},
+		{"GET", "/api/tasks/nope/events?after_seq=%zz", "", 400},
 		{"POST", "/api/tasks/nope/cancel", `{}`, 404},
 		{"POST", "/api/tasks/nope/interject", `{"text": "hi"}`, 404},
 		{"POST", "/api/tasks/nope/interject", `{"text": 3}`, 400},
@@ -130,6 +134,13 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		if r.StatusCode != c.want || eb.Error == "" || eb.Success || r.Header.Get("Content-Type") != "application/json" {
 			t.Errorf("%s %s %.60q: %d %+v (%s), want %d with a JSON error", c.method, c.path, c.body, r.StatusCode, eb, r.Header.Get("Content-Type"), c.want)
 		}
+	}
+	// An integer field out of its range says so (it was "must be a number,
+	// not number 1e20").
+	var eb errorBody
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"x","max_steps":1e20}`, &eb); r.StatusCode != 400 ||
+		!strings.Contains(eb.Error, `"max_steps" must be an integer of -2147483648..2147483647, not number 1e20`) {
+		t.Errorf("max_steps 1e20: %d %+v", r.StatusCode, eb)
 	}
 	// A bad resume point on a real task.
 	var sub map[string]any
