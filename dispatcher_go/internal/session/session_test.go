@@ -277,6 +277,28 @@ func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
 	}
 }
 
+// An outcome SessionOutcome does not define fails the task with a message
+// that names it: it was "the planner ended without an outcome" (black-box
+// attack run). The stream takes the next task.
+func TestUnknownOutcomeIsNamed(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: 99, Result: "weird"}))
+	c.recv()
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "the planner ended with outcome 99, which this dispatcher does not know" {
+		t.Fatalf("info %+v", info)
+	}
+	tk = e.submit(t, task.Spec{})
+	sid, _ = c.start()
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{}))
+	c.recv()
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "the planner ended without an outcome" {
+		t.Fatalf("info %+v", info)
+	}
+}
+
 // Instant built-ins run on the receiving goroutine, other calls on their
 // own: an echo sent behind a long sleep is answered while the sleep runs,
 // and the log keeps each call before its result.
