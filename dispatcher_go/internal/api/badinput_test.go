@@ -174,6 +174,26 @@ func TestBadInputs(t *testing.T) {
 		}
 	})
 
+	t.Run("approve a call that is not held", func(t *testing.T) {
+		// NOT_FOUND, but it said "task not found: no tool call …" of a task
+		// that runs (black-box attack run).
+		c := testutil.Connect(t, ctx, h.conn, "planner:holds")
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "holds"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sid, _ := c.Start()
+		_, err = h.tasks.ApproveToolCall(ctx, &dispatchv1.ApproveToolCallRequest{TaskId: sub.GetTaskId(), CallId: "never-held", Approve: true})
+		wantCode(t, err, codes.NotFound)
+		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, "no tool call with that call_id is held") {
+			t.Fatalf("approve: %q", msg)
+		}
+		c.Send(testutil.Up(sid, testutil.Success("ok")))
+		if got := waitTerminal(t, h, sub.GetTaskId()); got.GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Fatalf("task %v", got)
+		}
+	})
+
 	t.Run("message over size limit", func(t *testing.T) {
 		big := testutil.Connect(t, ctx, h.conn, "planner:big")
 		sub, _ := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "big"})
