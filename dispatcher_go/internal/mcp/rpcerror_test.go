@@ -68,6 +68,22 @@ func TestBadRequestsAreJSONRPCErrors(t *testing.T) {
 	if status != http.StatusOK || !strings.Contains(got, `"tools":[`) {
 		t.Fatalf("tools/list: %d %.200q", status, got)
 	}
+	// A version header that is no version: -32600 naming the versions (the
+	// SDK compared it as a string, took "bogus" for a version after
+	// 2026-07-28 and asked for a _meta field; black-box attack run).
+	req, _ := http.NewRequest("POST", hs.URL, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	req.Header.Set("MCP-Protocol-Version", "bogus")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !strings.Contains(string(b), `"code":-32600`) || !strings.Contains(string(b), `unsupported MCP-Protocol-Version \"bogus\" (supported: 2026-07-28`) {
+		t.Fatalf("MCP-Protocol-Version bogus: %d %s", resp.StatusCode, b)
+	}
 	// An integral id written as a float is still an integer.
 	status, _, got = do("POST", `{"jsonrpc":"2.0","id":4.0,"method":"tools/list"}`)
 	if status != http.StatusOK || !strings.Contains(got, `"id":4,`) {
