@@ -142,4 +142,22 @@ func TestGRPCRefusesBadListParams(t *testing.T) {
 	if _, err := c.GetTask(ctx, &a2apb.GetTaskRequest{Id: "x", HistoryLength: &neg}); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("GetTask history_length -1: %v, want InvalidArgument", err)
 	}
+	// Found by the black-box attack run: a status TaskState does not define
+	// listed every task; a negative history_length in SendMessage's
+	// configuration was dropped and the message sent.
+	if _, err := c.ListTasks(ctx, &a2apb.ListTasksRequest{Status: 99}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("ListTasks status 99: %v, want InvalidArgument", err)
+	}
+	msg := &a2apb.Message{MessageId: "m", Role: a2apb.Role_ROLE_USER, Parts: []*a2apb.Part{{Content: &a2apb.Part_Text{Text: "x"}}}}
+	cfg := &a2apb.SendMessageConfiguration{HistoryLength: &neg}
+	if _, err := c.SendMessage(ctx, &a2apb.SendMessageRequest{Message: msg, Configuration: cfg}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("SendMessage history_length -1: %v, want InvalidArgument", err)
+	}
+	s, err := c.SendStreamingMessage(ctx, &a2apb.SendMessageRequest{Message: msg, Configuration: cfg})
+	if err == nil {
+		_, err = s.Recv()
+	}
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("SendStreamingMessage history_length -1: %v, want InvalidArgument", err)
+	}
 }
