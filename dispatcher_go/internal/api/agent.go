@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math"
+	"strings"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -105,6 +106,11 @@ func (a *agentService) setModel(ctx context.Context, which task.StageModel, llm 
 	}
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
+	}
+	if strings.TrimSpace(llm.GetModelName()) == "" {
+		// It was stored: every task after it asked its planner for a
+		// model with no name.
+		return nil, status.Error(codes.InvalidArgument, "llmConfig.modelName is required")
 	}
 	return secret.Mask(a.s.d.Tasks().Configs().SetStageModel(which, llm)), nil
 }

@@ -122,8 +122,16 @@ func TestBadInputs(t *testing.T) {
 		if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
 			t.Fatal(err)
 		}
+		// An LLM config without a model name was stored.
+		_, err := h.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{}})
+		wantCode(t, err, codes.InvalidArgument)
+		_, err = h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: " "}})
+		wantCode(t, err, codes.InvalidArgument)
+		if m, err := h.agent.SetGlobalEmbeddingLLMConfig(ctx, &agentpb.SetGlobalEmbeddingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "e"}}); err != nil || m.GetModelName() != "e" {
+			t.Fatalf("a named model: %v %v", m, err)
+		}
 		// An unknown config id was "task not found: no config with that id".
-		_, err := h.agent.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: "no-such-config"})
+		_, err = h.agent.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: "no-such-config"})
 		wantCode(t, err, codes.NotFound)
 		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, `no config with id "no-such-config"`) {
 			t.Fatalf("GetCommonConfig unknown id: %q", msg)
