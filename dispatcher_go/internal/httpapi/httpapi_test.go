@@ -106,7 +106,7 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"GET", "/api/tasks?status=BOGUS", "", 400},
 		{"GET", "/api/tasks?page_size=x", "", 400},
 		{"GET", "/api/tasks?page_token=zzz", "", 400},
-		{"GET", "/api/tasks?page_token=%%%", "", 400}, // was the first page
+		{"GET", "/api/tasks?page_token=%%%", "", 400},                          // was the first page
 		{"POST", "/api/agent/task/submit", "{\"instruction\": \"\xff\"}", 400}, // was stored as U+FFFD
 		{"POST", "/api/tasks", "{\"instruction\": \"\xc3\x28\"}", 400},
 		{"GET", "/api/tasks/nope/events?after_seq=%zz", "", 400},
