@@ -48,11 +48,17 @@ func fixCode(err error) error {
 }
 
 func (g grpcService) SendMessage(ctx context.Context, r *a2apb.SendMessageRequest) (*a2apb.SendMessageResponse, error) {
+	if c := r.GetConfiguration(); c != nil && c.HistoryLength != nil && c.GetHistoryLength() < 0 {
+		return nil, errNegativeHistory
+	}
 	resp, err := g.Handler.SendMessage(ctx, r)
 	return resp, fixCode(err)
 }
 
 func (g grpcService) SendStreamingMessage(r *a2apb.SendMessageRequest, s grpc.ServerStreamingServer[a2apb.StreamResponse]) error {
+	if c := r.GetConfiguration(); c != nil && c.HistoryLength != nil && c.GetHistoryLength() < 0 {
+		return errNegativeHistory
+	}
 	return fixCode(g.Handler.SendStreamingMessage(r, s))
 }
 
@@ -75,6 +81,11 @@ func (g grpcService) ListTasks(ctx context.Context, r *a2apb.ListTasksRequest) (
 	// 0 for a request that leaves it unset.
 	if r.HistoryLength != nil && r.GetHistoryLength() < 0 {
 		return nil, errNegativeHistory
+	}
+	// The SDK's conversion reads a state TaskState does not define as no
+	// filter: every task was listed (the JSON-RPC binding refuses it).
+	if _, ok := a2apb.TaskState_name[int32(r.GetStatus())]; !ok {
+		return nil, status.Errorf(codes.InvalidArgument, "unknown status %d", int32(r.GetStatus()))
 	}
 	resp, err := g.Handler.ListTasks(ctx, r)
 	return resp, fixCode(err)

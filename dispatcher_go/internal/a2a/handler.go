@@ -245,6 +245,8 @@ func parseMessage(m *a2a.Message) (message, error) {
 				}
 			}
 			return out, a2a.NewError(a2a.ErrUnsupportedContentType, "data parts other than {\"approve\": bool} are not accepted")
+		case nil:
+			return out, a2a.NewError(a2a.ErrInvalidParams, "a message part has no content (text, data, url or raw)")
 		default:
 			return out, a2a.NewError(a2a.ErrUnsupportedContentType, "only text parts are accepted (file parts are not)")
 		}
@@ -264,6 +266,9 @@ func (h *handler) send(ctx context.Context, req *a2a.SendMessageRequest) (string
 	}
 	if req.Config != nil && req.Config.PushConfig != nil {
 		return "", 0, a2a.NewError(a2a.ErrPushNotificationNotSupported, "push notifications are not supported")
+	}
+	if req.Config != nil && req.Config.HistoryLength != nil && *req.Config.HistoryLength < 0 {
+		return "", 0, a2a.NewError(a2a.ErrInvalidParams, "configuration.historyLength must not be negative")
 	}
 	msg, err := parseMessage(req.Message)
 	if err != nil {

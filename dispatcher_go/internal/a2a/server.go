@@ -151,7 +151,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			r.Header.Set(a2a.SvcParamVersion, q)
 		}
 	}
+	legacy := false
 	if v := strings.TrimSpace(r.Header.Get(a2a.SvcParamVersion)); v == "" || v == "0.3" {
+		legacy = true
+	}
+	if r.Method == http.MethodPost && checkEnvelope(w, r) {
+		return
+	}
+	if legacy {
 		s.rpc0.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), legacyKey{}, true)))
 		return
 	}

@@ -2,7 +2,9 @@ package api
 
 import (
 	"context"
+	"errors"
 	"math"
+	"strings"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -46,6 +48,10 @@ func (a *agentService) GetGlobalCommonConfig(context.Context, *agentpb.GetGlobal
 // GetCommonConfig returns the global config or a task's resolved config by id, masked.
 func (a *agentService) GetCommonConfig(ctx context.Context, req *agentpb.GetCommonConfigRequest) (*agentpb.CommonConfig, error) {
 	cfg, err := a.s.d.Tasks().ConfigByIDAs(tenant.FromContext(ctx), req.GetId())
+	if errors.Is(err, task.ErrNotFound) {
+		// Not toStatus's "task not found: …": the id names a config.
+		return nil, status.Errorf(codes.NotFound, "no config with id %q (the global config, or a task's)", textcut.Shorten(req.GetId(), 64))
+	}
 	if err != nil {
 		return nil, toStatus(a.s.d.Logger(), err)
 	}
@@ -60,8 +66,8 @@ func (a *agentService) SetGlobalCommonConfig(ctx context.Context, req *agentpb.S
 	if req.GetCommonConfig() == nil {
 		return nil, status.Error(codes.InvalidArgument, "commonConfig is required")
 	}
-	if req.GetCommonConfig().GetTaskTimeout() < 0 {
-		return nil, status.Error(codes.InvalidArgument, "taskTimeout must not be negative")
+	if err := task.ValidateConfig(req.GetCommonConfig()); err != nil {
+		return nil, toStatus(a.s.d.Logger(), err)
 	}
 	id := a.s.d.Tasks().Configs().SetGlobal(req.GetCommonConfig())
 	return &agentpb.SetCommonConfigResponse{Success: true, Id: id}, nil
@@ -100,6 +106,11 @@ func (a *agentService) setModel(ctx context.Context, which task.StageModel, llm 
 	}
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
+	}
+	if strings.TrimSpace(llm.GetModelName()) == "" {
+		// It was stored: every task after it asked its planner for a
+		// model with no name.
+		return nil, status.Error(codes.InvalidArgument, "llmConfig.modelName is required")
 	}
 	return secret.Mask(a.s.d.Tasks().Configs().SetStageModel(which, llm)), nil
 }

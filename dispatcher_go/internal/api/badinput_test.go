@@ -3,6 +3,8 @@ package api
 import (
 	"context"
 	"fmt"
+	"io"
+	"math"
 	"strings"
 	"testing"
 
@@ -82,6 +84,121 @@ func TestBadInputs(t *testing.T) {
 		}
 		if _, err := h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{Statuses: []agentpb.TaskStatus{agentpb.TaskStatus_RUNNING}}); err != nil {
 			t.Fatal(err)
+		}
+	})
+
+	t.Run("unknown enum values and bad configs", func(t *testing.T) {
+		// A mode or sandbox os the enum does not define was taken and sent
+		// on to the commander as a number, and the global config took steps
+		// <= 0, an undefined mode and a 3 MiB id (black-box attack run).
+		runs := map[string]*agentpb.RunAgentInstructionRequest{
+			"mode 77":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Mode: 77}},
+			"os 99":      {Instruction: "x", Sandbox: &agentpb.Sandbox{Os: 99}},
+			"long id":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Id: strings.Repeat("i", 257)}},
+			"mode -1":    {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Mode: -1}},
+			"steps zero": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
+		}
+		for name, req := range runs {
+			_, err := h.agent.RunAgentInstructionAsync(ctx, req)
+			wantCode(t, err, codes.InvalidArgument)
+			_, err = h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", RunningConfig: req.GetRunningConfig(), Sandbox: req.Sandbox})
+			wantCode(t, err, codes.InvalidArgument)
+			_, err = h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: req.GetRunningConfig()})
+			if req.GetRunningConfig() != nil {
+				wantCode(t, err, codes.InvalidArgument)
+			}
+			if name == "mode 77" && !strings.Contains(status.Convert(err).Message(), "mode 77 is not an InstanceMode") {
+				t.Fatalf("%s: %v, want the message to name the mode", name, err)
+			}
+		}
+		if cfg, err := h.agent.GetGlobalCommonConfig(ctx, &agentpb.GetGlobalCommonConfigRequest{}); err != nil || cfg.GetMode() != 0 || cfg.Steps != nil {
+			t.Fatalf("the global config changed: %v %v", cfg, err)
+		}
+		for _, m := range []agentpb.InstanceMode{agentpb.InstanceMode_MODEUNDEFINED, agentpb.InstanceMode_NORMAL, agentpb.InstanceMode_FAST} {
+			if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{Mode: m}}); err != nil {
+				t.Fatalf("mode %v: %v", m, err)
+			}
+		}
+		if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
+			t.Fatal(err)
+		}
+		// An LLM config without a model name was stored.
+		_, err := h.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{}})
+		wantCode(t, err, codes.InvalidArgument)
+		_, err = h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: " "}})
+		wantCode(t, err, codes.InvalidArgument)
+		if m, err := h.agent.SetGlobalEmbeddingLLMConfig(ctx, &agentpb.SetGlobalEmbeddingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "e"}}); err != nil || m.GetModelName() != "e" {
+			t.Fatalf("a named model: %v %v", m, err)
+		}
+		// An unknown config id was "task not found: no config with that id".
+		_, err = h.agent.GetCommonConfig(ctx, &agentpb.GetCommonConfigRequest{Id: "no-such-config"})
+		wantCode(t, err, codes.NotFound)
+		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, `no config with id "no-such-config"`) {
+			t.Fatalf("GetCommonConfig unknown id: %q", msg)
+		}
+	})
+
+	t.Run("resume past the end of an ended task", func(t *testing.T) {
+		// It was an empty stream that ended OK, as if the client had read
+		// everything (black-box attack run).
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "nobody-serves-this"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.tasks.CancelTask(ctx, &dispatchv1.CancelTaskRequest{TaskId: sub.GetTaskId()}); err != nil {
+			t.Fatal(err)
+		}
+		last := waitTerminal(t, h, sub.GetTaskId()).GetLastSeq()
+		watch := func(after uint64, batch uint32) (int, error) {
+			w, err := h.tasks.WatchTask(ctx, &dispatchv1.WatchTaskRequest{TaskId: sub.GetTaskId(), AfterSeq: after, MaxBatch: batch})
+			if err != nil {
+				return 0, err
+			}
+			n := 0
+			for {
+				if _, err := w.Recv(); err != nil {
+					if err == io.EOF {
+						return n, nil
+					}
+					return n, err
+				}
+				n++
+			}
+		}
+		if n, err := watch(last, 0); err != nil || n != 0 {
+			t.Fatalf("after_seq = last (%d): %d events, %v", last, n, err)
+		}
+		if n, err := watch(last-1, 0); err != nil || n != 1 {
+			t.Fatalf("after_seq = last-1: %d events, %v", n, err)
+		}
+		for _, after := range []uint64{last + 1, math.MaxUint64} {
+			for _, batch := range []uint32{0, 16} {
+				_, err := watch(after, batch)
+				wantCode(t, err, codes.OutOfRange)
+				if !strings.Contains(status.Convert(err).Message(), fmt.Sprintf("past the task's last event (seq %d)", last)) {
+					t.Fatalf("after_seq %d: %v", after, err)
+				}
+			}
+		}
+	})
+
+	t.Run("approve a call that is not held", func(t *testing.T) {
+		// NOT_FOUND, but it said "task not found: no tool call …" of a task
+		// that runs (black-box attack run).
+		c := testutil.Connect(t, ctx, h.conn, "planner:holds")
+		sub, err := h.tasks.SubmitTask(ctx, &dispatchv1.SubmitTaskRequest{Instruction: "x", Planner: "holds"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sid, _ := c.Start()
+		_, err = h.tasks.ApproveToolCall(ctx, &dispatchv1.ApproveToolCallRequest{TaskId: sub.GetTaskId(), CallId: "never-held", Approve: true})
+		wantCode(t, err, codes.NotFound)
+		if msg := status.Convert(err).Message(); strings.Contains(msg, "task not found") || !strings.Contains(msg, "no tool call with that call_id is held") {
+			t.Fatalf("approve: %q", msg)
+		}
+		c.Send(testutil.Up(sid, testutil.Success("ok")))
+		if got := waitTerminal(t, h, sub.GetTaskId()); got.GetStatus() != agentpb.TaskStatus_SUCCESS {
+			t.Fatalf("task %v", got)
 		}
 	})
 

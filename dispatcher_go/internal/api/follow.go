@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -47,6 +49,9 @@ func (s *Server) follow(ctx context.Context, t *task.Task, after uint64, fn func
 // behind gets several). It never waits to fill a run. fn must not keep the
 // slice after it returns.
 func (s *Server) followBatches(ctx context.Context, t *task.Task, after uint64, limit int, fn func([]*dispatchv1.TaskEvent) error) error {
+	if err := pastTheEnd(t, after); err != nil {
+		return err
+	}
 	s.d.Watchers().Add(1)
 	defer s.d.Watchers().Add(-1)
 	ctx, cancel := s.streamContext(ctx)
@@ -99,4 +104,21 @@ func sendBatches(evs []*dispatchv1.TaskEvent, send func(*dispatchv1.WatchTaskRes
 		bytes += n
 	}
 	return send(&dispatchv1.WatchTaskResponse{Events: evs[start:]})
+}
+
+// pastTheEnd refuses to resume an ended task's log after a seq it never
+// reached: the log is complete (sealed before the task is done), so such a
+// resume point was not one the client got from us, and the stream it asked
+// for would be empty without saying why. A task still running waits for
+// its next events instead: on a fleet replica that does not run it, the
+// view of its log may lag the seqs a client got from the replica that does.
+func pastTheEnd(t *task.Task, after uint64) error {
+	select {
+	case <-t.Done():
+		if last := t.Log().LastSeq(); after > last {
+			return status.Errorf(codes.OutOfRange, "after_seq %d is past the task's last event (seq %d): the task has ended", after, last)
+		}
+	default:
+	}
+	return nil
 }

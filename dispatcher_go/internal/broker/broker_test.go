@@ -194,6 +194,38 @@ func TestSchemaCompilation(t *testing.T) {
 	}
 }
 
+// A deeply nested or huge schema is refused before the compiler sees it:
+// its time grows with the cube of the nesting, and a provider's hello of
+// one 2 000 levels deep kept a core busy for minutes (black-box attack
+// run). Brackets inside strings do not count.
+func TestSchemaDepthAndSizeAreBounded(t *testing.T) {
+	nest := func(n int) string {
+		return `{"type":"object","properties":{"a":` + strings.Repeat(`{"type":"object","properties":{"a":`, n-1) + `{}` + strings.Repeat(`}}`, n)
+	}
+	start := time.Now()
+	for name, src := range map[string]string{
+		"2000 levels": nest(2000),
+		"33 levels":   nest(33), // 67 objects deep
+		"arrays":      `{"allOf":` + strings.Repeat(`[`, 70) + strings.Repeat(`]`, 70) + `}`,
+		"over 64 KiB": `{"description":"` + strings.Repeat("d", maxSchemaBytes) + `"}`,
+	} {
+		if _, _, err := compileSchema(src); err == nil || !strings.Contains(err.Error(), "allowed") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("refusing took %v", d)
+	}
+	for name, src := range map[string]string{
+		"31 levels":          nest(31), // 63 objects deep
+		"brackets in string": `{"type":"object","description":"` + strings.Repeat(`{[\"`, 100) + `"}`,
+	} {
+		if _, _, err := compileSchema(src); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
 // A schema that accepts any object lets calls skip decoding their
 // arguments; anything that constrains them does not.
 func TestSchemaAnyObject(t *testing.T) {

@@ -9,6 +9,43 @@ import (
 	"github.com/santhosh-tekuri/jsonschema/v6"
 )
 
+// Bounds of a tool's argument schema (see compileSchema).
+const (
+	maxSchemaBytes = 64 << 10
+	maxSchemaDepth = 64 // JSON objects and arrays inside each other
+)
+
+// jsonDepth is the deepest nesting of objects and arrays in src (JSON;
+// brackets inside strings do not count). It stops counting past
+// maxSchemaDepth.
+func jsonDepth(src string) int {
+	depth, deepest, inString := 0, 0, false
+	for i := 0; i < len(src); i++ {
+		c := src[i]
+		switch {
+		case inString:
+			if c == '\\' {
+				i++
+			} else if c == '"' {
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+			if depth > deepest {
+				deepest = depth
+				if deepest > maxSchemaDepth {
+					return deepest
+				}
+			}
+		case c == '}' || c == ']':
+			depth--
+		}
+	}
+	return deepest
+}
+
 // schemaURL names the one schema each compiler holds.
 const schemaURL = "mem:///tool-arguments.json"
 
@@ -29,6 +66,16 @@ func (noLoader) Load(url string) (any, error) {
 func compileSchema(src string) (sch *jsonschema.Schema, anyObject bool, err error) {
 	if strings.TrimSpace(src) == "" {
 		return nil, true, nil
+	}
+	// The compiler's time grows with the cube of the nesting (a 30 KB
+	// schema of 800 nested "properties" took 25 s of a core, one of 2 000
+	// minutes, and a provider's hello waits for it) and with the size:
+	// bounded here, far beyond what a tool's arguments need.
+	if len(src) > maxSchemaBytes {
+		return nil, false, fmt.Errorf("%d bytes, over the %d allowed", len(src), maxSchemaBytes)
+	}
+	if d := jsonDepth(src); d > maxSchemaDepth {
+		return nil, false, fmt.Errorf("nested %d levels deep, over the %d allowed", d, maxSchemaDepth)
 	}
 	doc, err := jsonschema.UnmarshalJSON(strings.NewReader(src))
 	if err != nil {

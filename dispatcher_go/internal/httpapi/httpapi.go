@@ -241,6 +241,12 @@ func (h *handler) auth(next http.HandlerFunc) http.Handler {
 		}
 		// The token is compared in constant time (internal/tenant).
 		if c, ok := h.opts.Auth.Client(tok); ok {
+			// r.URL.Query() drops what it cannot decode: ?page_token=%%%
+			// listed the first page as if no token had been given.
+			if _, err := url.ParseQuery(r.URL.RawQuery); err != nil {
+				writeError(w, http.StatusBadRequest, "INVALID_ARGUMENT", "malformed query string: "+err.Error())
+				return
+			}
 			ctx := tenant.WithCaller(r.Context(), c)
 			if reload != nil && reload.HasTenants() {
 				// A request (an event stream) outlives a reload of the

@@ -106,6 +106,10 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		{"GET", "/api/tasks?status=BOGUS", "", 400},
 		{"GET", "/api/tasks?page_size=x", "", 400},
 		{"GET", "/api/tasks?page_token=zzz", "", 400},
+		{"GET", "/api/tasks?page_token=%%%", "", 400},                          // was the first page
+		{"POST", "/api/agent/task/submit", "{\"instruction\": \"\xff\"}", 400}, // was stored as U+FFFD
+		{"POST", "/api/tasks", "{\"instruction\": \"\xc3\x28\"}", 400},
+		{"GET", "/api/tasks/nope/events?after_seq=%zz", "", 400},
 		{"POST", "/api/tasks/nope/cancel", `{}`, 404},
 		{"POST", "/api/tasks/nope/interject", `{"text": "hi"}`, 404},
 		{"POST", "/api/tasks/nope/interject", `{"text": 3}`, 400},
@@ -130,6 +134,13 @@ func TestBadInputIs4xxJSON(t *testing.T) {
 		if r.StatusCode != c.want || eb.Error == "" || eb.Success || r.Header.Get("Content-Type") != "application/json" {
 			t.Errorf("%s %s %.60q: %d %+v (%s), want %d with a JSON error", c.method, c.path, c.body, r.StatusCode, eb, r.Header.Get("Content-Type"), c.want)
 		}
+	}
+	// An integer field out of its range says so (it was "must be a number,
+	// not number 1e20").
+	var eb errorBody
+	if r := e.do("POST", "/api/agent/task/submit", "", `{"instruction":"x","max_steps":1e20}`, &eb); r.StatusCode != 400 ||
+		!strings.Contains(eb.Error, `"max_steps" must be an integer of -2147483648..2147483647, not number 1e20`) {
+		t.Errorf("max_steps 1e20: %d %+v", r.StatusCode, eb)
 	}
 	// A bad resume point on a real task.
 	var sub map[string]any
@@ -250,6 +261,32 @@ func TestEventsResumeWithoutGapOrDuplicate(t *testing.T) {
 	resp.Body.Close()
 	if !ended || len(seqs) == 0 || seqs[0] != 21 {
 		t.Fatalf("after_seq=20: %v ended=%v", seqs, ended)
+	}
+	// Resuming at the last event: nothing more, then end. Past it: 400
+	// OUT_OF_RANGE (it was an empty stream ending as if all had been read;
+	// black-box attack run).
+	last := fmt.Sprint(task["last_seq"])
+	for _, c := range []struct {
+		after  string
+		status int
+	}{{last, 200}, {strconv.Itoa(len(seqs) + 21), 400}, {"18446744073709551615", 400}} {
+		req, _ := http.NewRequest("GET", e.url+"/api/tasks/"+id+"/events", nil)
+		req.Header.Set("Last-Event-ID", c.after)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.status {
+			t.Fatalf("Last-Event-ID %s of %s: %d %s", c.after, last, resp.StatusCode, body)
+		}
+		if c.status == 200 && (strings.Contains(string(body), "id: ") || !strings.Contains(string(body), "event: end")) {
+			t.Fatalf("Last-Event-ID %s (the last): %s", c.after, body)
+		}
+		if c.status == 400 && !strings.Contains(string(body), `"code":"OUT_OF_RANGE"`) {
+			t.Fatalf("Last-Event-ID %s: %s", c.after, body)
+		}
 	}
 }
 

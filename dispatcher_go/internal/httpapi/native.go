@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -136,9 +138,17 @@ func (h *handler) events(w http.ResponseWriter, r *http.Request) {
 		h.writeBad(w, err)
 		return
 	}
-	// Unknown ids get a JSON 404, not an empty stream.
-	if _, err := h.b.GetTask(r.Context(), &dispatchv1.GetTaskRequest{TaskId: id}); err != nil {
+	// Unknown ids get a JSON 404, not an empty stream; a resume point past
+	// an ended task's last event a JSON 400 (OUT_OF_RANGE), not an empty
+	// stream that ends as if all had been read (the stream cannot say so
+	// once it has started).
+	got, err := h.b.GetTask(r.Context(), &dispatchv1.GetTaskRequest{TaskId: id})
+	if err != nil {
 		h.writeStatus(w, err)
+		return
+	}
+	if tk := got.GetTask(); ended(tk.GetStatus()) && after > tk.GetLastSeq() {
+		h.writeStatus(w, status.Errorf(codes.OutOfRange, "after_seq %d is past the task's last event (seq %d): the task has ended", after, tk.GetLastSeq()))
 		return
 	}
 	s := startSSE(w)
@@ -184,4 +194,9 @@ func resumePoint(r *http.Request) (uint64, error) {
 		return 0, &badRequest{http.StatusBadRequest, "INVALID_ARGUMENT", name + " must be an event seq (a non-negative integer)"}
 	}
 	return n, nil
+}
+
+// ended reports whether s is a terminal status (the task's log is sealed).
+func ended(s agentpb.TaskStatus) bool {
+	return s == agentpb.TaskStatus_SUCCESS || s == agentpb.TaskStatus_FAILURE || s == agentpb.TaskStatus_CANCELLED
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -137,6 +138,11 @@ func (h *handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 	if len(bytes.TrimSpace(body)) == 0 {
 		body = []byte("{}")
 	}
+	if !utf8.Valid(body) {
+		// encoding/json would replace each bad byte with U+FFFD and store
+		// an instruction the client never wrote.
+		return nil, &badRequest{http.StatusBadRequest, "INVALID_ARGUMENT", "the body is not valid UTF-8 (JSON text must be)"}
+	}
 	return body, nil
 }
 
@@ -188,6 +194,12 @@ func jsonType(kind string) string {
 		return "an object"
 	case "slice":
 		return "an array"
+	case "int32":
+		return "an integer of -2147483648..2147483647"
+	case "int", "int64":
+		return "an integer"
+	case "uint", "uint32", "uint64":
+		return "a non-negative integer"
 	}
 	return "a number"
 }

@@ -3,10 +3,13 @@ package mcp
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/modelcontextprotocol/go-sdk/jsonrpc"
+	sdk "github.com/modelcontextprotocol/go-sdk/mcp"
 )
 
 // The SDK answers a POST it cannot take (a body that is not JSON, a message
@@ -42,12 +45,47 @@ func checkBody(w http.ResponseWriter, body []byte) bool {
 		}
 	}
 	for _, m := range msgs {
-		if _, err := jsonrpc.DecodeMessage(m); err != nil {
+		dm, err := jsonrpc.DecodeMessage(m)
+		if err != nil {
 			writeRPCErrorCode(w, http.StatusBadRequest, nil, jsonrpc.CodeInvalidRequest, "invalid request: "+err.Error())
 			return false
 		}
+		if !integralID(m) {
+			writeRPCErrorCode(w, http.StatusBadRequest, nil, jsonrpc.CodeInvalidRequest, "invalid request: a numeric id must be an integer")
+			return false
+		}
+		// The SDK answers initialize params it cannot read with error
+		// code 0 (its unmarshal error is no JSON-RPC error there).
+		if r, ok := dm.(*jsonrpc.Request); ok && r.Method == "initialize" && len(r.Params) > 0 && r.ID.IsValid() {
+			var p sdk.InitializeParams
+			if err := json.Unmarshal(r.Params, &p); err != nil {
+				writeRPCErrorCode(w, http.StatusBadRequest, r.ID.Raw(), jsonrpc.CodeInvalidParams, "invalid params: initialize: "+err.Error())
+				return false
+			}
+		}
 	}
 	return true
+}
+
+// integralID reports whether msg's id, if a number, is an integer that an
+// int64 holds: the SDK keeps a numeric id as an int64, so it answered id
+// 1.5 with id 1, an answer the client cannot match to its request.
+func integralID(msg json.RawMessage) bool {
+	var env struct {
+		ID json.RawMessage `json:"id"`
+	}
+	if json.Unmarshal(msg, &env) != nil || len(env.ID) == 0 {
+		return true
+	}
+	c := env.ID[0]
+	if c != '-' && (c < '0' || c > '9') {
+		return true // a string or null: not a number
+	}
+	if _, err := strconv.ParseInt(string(env.ID), 10, 64); err == nil {
+		return true
+	}
+	f, err := strconv.ParseFloat(string(env.ID), 64)
+	return err == nil && f == math.Trunc(f) && math.Abs(f) < 1<<63
 }
 
 // requestID is the id of body when it is one request (else nil: null).

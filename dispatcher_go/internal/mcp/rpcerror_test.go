@@ -43,6 +43,12 @@ func TestBadRequestsAreJSONRPCErrors(t *testing.T) {
 		{"unknown method", "POST", `{"jsonrpc":"2.0","id":7,"method":"no/such"}`, 400, -32601, float64(7)},
 		{"unknown method, string id", "POST", `{"jsonrpc":"2.0","id":"a","method":"no/such"}`, 400, -32601, "a"},
 		{"GET without a session", "GET", ``, 0, -32600, nil},
+		// Found by the black-box attack run: id 1.5 was answered with id 1,
+		// initialize params of the wrong type with error code 0.
+		{"fractional id", "POST", `{"jsonrpc":"2.0","id":1.5,"method":"tools/list"}`, 400, -32600, nil},
+		{"fractional id in a batch", "POST", `[{"jsonrpc":"2.0","id":2,"method":"tools/list"},{"jsonrpc":"2.0","id":-0.5,"method":"tools/list"}]`, 400, -32600, nil},
+		{"initialize params of the wrong type", "POST", `{"jsonrpc":"2.0","id":3,"method":"initialize","params":{"protocolVersion":5}}`, 400, -32602, float64(3)},
+		{"initialize params not an object", "POST", `{"jsonrpc":"2.0","id":"i","method":"initialize","params":[1]}`, 400, -32602, "i"},
 	} {
 		status, ct, got := do(c.method, c.body)
 		var e struct {
@@ -61,5 +67,26 @@ func TestBadRequestsAreJSONRPCErrors(t *testing.T) {
 	status, _, got := do("POST", `{"jsonrpc":"2.0","id":1,"method":"tools/list"}`)
 	if status != http.StatusOK || !strings.Contains(got, `"tools":[`) {
 		t.Fatalf("tools/list: %d %.200q", status, got)
+	}
+	// A version header that is no version: -32600 naming the versions (the
+	// SDK compared it as a string, took "bogus" for a version after
+	// 2026-07-28 and asked for a _meta field; black-box attack run).
+	req, _ := http.NewRequest("POST", hs.URL, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	req.Header.Set("MCP-Protocol-Version", "bogus")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !strings.Contains(string(b), `"code":-32600`) || !strings.Contains(string(b), `unsupported MCP-Protocol-Version \"bogus\" (supported: 2026-07-28`) {
+		t.Fatalf("MCP-Protocol-Version bogus: %d %s", resp.StatusCode, b)
+	}
+	// An integral id written as a float is still an integer.
+	status, _, got = do("POST", `{"jsonrpc":"2.0","id":4.0,"method":"tools/list"}`)
+	if status != http.StatusOK || !strings.Contains(got, `"id":4,`) {
+		t.Fatalf("tools/list id 4.0: %d %.200q", status, got)
 	}
 }

@@ -107,6 +107,13 @@ func NewServer(opts ServerOptions) http.Handler {
 		Logger:                       sdkLog,
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if v := r.Header.Get("MCP-Protocol-Version"); v != "" && !versionShaped(v) {
+			// The SDK orders versions as strings: "bogus" sorted after
+			// 2026-07-28 and was refused for a missing _meta field.
+			writeRPCErrorCode(w, http.StatusBadRequest, nil, -32600, fmt.Sprintf(
+				"unsupported MCP-Protocol-Version %q (supported: %s)", textcut.Shorten(v, 64), strings.Join(sdk.SupportedProtocolVersions(), ", ")))
+			return
+		}
 		var body []byte
 		if r.Method == http.MethodPost {
 			var ok bool
@@ -468,3 +475,17 @@ func (w warnOnly) WithAttrs(as []slog.Attr) slog.Handler { return warnOnly{w.Han
 
 // WithGroup keeps the filter.
 func (w warnOnly) WithGroup(name string) slog.Handler { return warnOnly{w.Handler.WithGroup(name)} }
+
+// versionShaped reports whether v looks like an MCP protocol version: a
+// date, YYYY-MM-DD.
+func versionShaped(v string) bool {
+	if len(v) != len("2025-06-18") || v[4] != '-' || v[7] != '-' {
+		return false
+	}
+	for i, c := range []byte(v) {
+		if i != 4 && i != 7 && (c < '0' || c > '9') {
+			return false
+		}
+	}
+	return true
+}

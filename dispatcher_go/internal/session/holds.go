@@ -107,7 +107,7 @@ func (r *run) ResolveHold(callID string, approve bool, reason string) (dispatchv
 	}
 	r.mu.Unlock()
 	if !ok {
-		return 0, 0, fmt.Errorf("%w: no tool call with that call_id is held (never held, already resolved or timed out)", task.ErrNotFound)
+		return 0, 0, errNotHeld{}
 	}
 	outcome := dispatchv1.HoldOutcome_HOLD_OUTCOME_REJECTED
 	d := policy.Decision{Action: policy.Deny, RuleID: h.decision.RuleID, Reason: "rejected by a client", PolicyVersion: h.decision.PolicyVersion}
@@ -127,3 +127,14 @@ func (r *run) ResolveHold(callID string, approve bool, reason string) (dispatchv
 }
 
 var _ task.Approver = (*run)(nil)
+
+// errNotHeld is ResolveHold's NotFound: about a call of a task that does
+// exist, so its text is not task.ErrNotFound's "task not found: …" (the
+// answer said the task was not found). It is task.ErrNotFound for errors.Is.
+type errNotHeld struct{}
+
+func (errNotHeld) Error() string {
+	return "no tool call with that call_id is held (never held, already resolved or timed out)"
+}
+
+func (errNotHeld) Unwrap() error { return task.ErrNotFound }

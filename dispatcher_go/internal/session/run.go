@@ -368,8 +368,12 @@ func (r *run) onResult(ev *dispatchv1.TaskEvent) {
 		if msg == "" {
 			msg = "the planner reported a failure"
 		}
-	default:
+	case dispatchv1.SessionOutcome_SESSION_OUTCOME_UNSPECIFIED:
 		msg = "the planner ended without an outcome"
+	default:
+		// A number SessionOutcome does not define (a newer or broken
+		// commander): not "without an outcome", which it did send.
+		msg = fmt.Sprintf("the planner ended with outcome %d, which this dispatcher does not know", int32(res.GetOutcome()))
 	}
 	r.end(status, msg, res.GetResult())
 }

@@ -270,9 +270,41 @@ func TestBadPacketsAreRejectedAndTheStreamGoesOn(t *testing.T) {
 	if r := c.recv().GetToolResult(); r.GetError().GetCode() != dispatchv1.ToolErrorCode_TOOL_ERROR_CODE_DENIED {
 		t.Fatalf("duplicate call_id: %v", r)
 	}
+	// A call_id longer than ApproveToolCall takes was run (black-box
+	// attack run): held by a policy, it could never have been approved.
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: strings.Repeat("c", 257), ToolName: "echo", ArgumentsJson: `{}`}))
+	if a := c.recv().GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_REJECTED || !strings.Contains(a.GetDetail(), "call_id of 257 bytes") {
+		t.Fatalf("long call_id: %v", a)
+	}
+	c.send(testutil.Up(sid, &dispatchv1.ToolCallRequest{CallId: strings.Repeat("c", 256), ToolName: "echo", ArgumentsJson: `{}`}))
+	if r := c.recv().GetToolResult(); r.GetError() != nil {
+		t.Fatalf("256-byte call_id: %v", r)
+	}
 	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: dispatchv1.SessionOutcome_SESSION_OUTCOME_FAILURE, Message: "gave up"}))
 	c.recv()
 	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "gave up" {
+		t.Fatalf("info %+v", info)
+	}
+}
+
+// An outcome SessionOutcome does not define fails the task with a message
+// that names it: it was "the planner ended without an outcome" (black-box
+// attack run). The stream takes the next task.
+func TestUnknownOutcomeIsNamed(t *testing.T) {
+	e := newEnv(t, Options{}, eventlog.Limits{})
+	c := e.connect(t, "planner:chat")
+	tk := e.submit(t, task.Spec{})
+	sid, _ := c.start()
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{Outcome: 99, Result: "weird"}))
+	c.recv()
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "the planner ended with outcome 99, which this dispatcher does not know" {
+		t.Fatalf("info %+v", info)
+	}
+	tk = e.submit(t, task.Spec{})
+	sid, _ = c.start()
+	c.send(testutil.Up(sid, &dispatchv1.FinalResult{}))
+	c.recv()
+	if info := waitDone(t, tk); info.Status != agentpb.TaskStatus_FAILURE || info.Message != "the planner ended without an outcome" {
 		t.Fatalf("info %+v", info)
 	}
 }

@@ -43,12 +43,21 @@ import (
 // the store (the acker then holds back acks, so the commander keeps its
 // packets; held-back calls time out uninvoked).
 
+// maxCallIDBytes bounds a tool call's call_id: what ApproveToolCall
+// accepts (task.Manager.Approve's bound).
+const maxCallIDBytes = 256
+
 // toolCall records a tool call and starts it, or refuses it.
 func (r *run) toolCall(ev *dispatchv1.TaskEvent, d policy.Decision) error {
 	lg := toolLegs{emitted: ev.GetEmittedAtUs(), received: toolStamp()}
 	tc := ev.GetToolCall()
 	if tc.GetCallId() == "" {
 		return r.sl.reject(r.sessionID, "tool_call without call_id")
+	}
+	if len(tc.GetCallId()) > maxCallIDBytes {
+		// ApproveToolCall takes call_ids up to this long: a longer one
+		// held by a policy could never be approved, only time out.
+		return r.sl.reject(r.sessionID, fmt.Sprintf("tool_call call_id of %d bytes, over the %d allowed", len(tc.GetCallId()), maxCallIDBytes))
 	}
 	if r.stopped.Load() {
 		r.sl.srv.stats.DeniedAfterStop.Add(1)

@@ -410,12 +410,32 @@ func validateSpec(s *Spec) error {
 			return fmt.Errorf("%w: label key or value too long", ErrInvalidArgument)
 		}
 	}
-	if s.RunningConfig.GetTaskTimeout() < 0 {
+	if err := ValidateConfig(s.RunningConfig); err != nil {
+		return err
+	}
+	if os := s.Sandbox.GetOs(); agentpb.SandboxOS_name[int32(os)] == "" {
+		return fmt.Errorf("%w: sandbox.os %d is not a SandboxOS", ErrInvalidArgument, os)
+	}
+	return nil
+}
+
+// ValidateConfig refuses a config (a task's running config, or the
+// global config) that no API should take: a negative taskTimeout, steps
+// <= 0, a mode InstanceMode does not define (a client's unknown enum value
+// would reach the commander as a number), an id too long to be an id.
+func ValidateConfig(rc *agentpb.CommonConfig) error {
+	if rc.GetTaskTimeout() < 0 {
 		return fmt.Errorf("%w: taskTimeout must not be negative", ErrInvalidArgument)
 	}
-	if rc := s.RunningConfig; rc != nil && rc.Steps != nil && rc.GetSteps() <= 0 {
+	if rc != nil && rc.Steps != nil && rc.GetSteps() <= 0 {
 		// The seed-001 API refuses max_steps <= 0; every API refuses it alike.
 		return fmt.Errorf("%w: steps must be positive", ErrInvalidArgument)
+	}
+	if mode := rc.GetMode(); agentpb.InstanceMode_name[int32(mode)] == "" {
+		return fmt.Errorf("%w: mode %d is not an InstanceMode (MODEUNDEFINED, NORMAL, FAST)", ErrInvalidArgument, mode)
+	}
+	if len(rc.GetId()) > maxShortField {
+		return fmt.Errorf("%w: config id of %d bytes is over the %d allowed", ErrInvalidArgument, len(rc.GetId()), maxShortField)
 	}
 	return nil
 }
