@@ -214,6 +214,7 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 	r.decided = true
 	r.stop = stopInfo{reason: reason, code: code, at: time.Now()}
 	r.mu.Unlock()
+	tDecided := stopStamp()
 	r.stopped.Store(true)
 	r.sl.srv.stats.StopsDecided.Add(1)
 	r.span.AddEvent("stop decided", trace.WithAttributes(attribute.String("stop.code", code.String()),
@@ -221,7 +222,9 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 
 	stop := &dispatchv1.StopSignal{Reason: reason, Code: code, RuleId: ruleID}
 	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
+	tFenced := stopStamp()
 	r.cancel()
+	stopTrace.decided(r.sessionID, tDecided, tFenced)
 
 	pkt := &dispatchv1.DownstreamPacket{SessionId: r.sessionID, Signal: &dispatchv1.DownstreamPacket_Stop{Stop: stop}}
 	if r.sl.out.setStop(pkt) {
@@ -390,6 +393,7 @@ func (r *run) onStopped(ev *dispatchv1.TaskEvent) {
 		}
 	}
 	_, _ = r.t.Record(ev, events.Stopped.Spec().Class)
+	stopTrace.stopped(r.sessionID, ev.GetTime().AsTime())
 	info, decided := r.stopState()
 	if decided {
 		r.end(stopStatus(info.code), info.reason+refused, "")
