@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """The stop's legs: joins DISPATCHER_STOP_TRACE and LOADGEN_STOP_TRACE.
 
-    scripts/stop_legs.py DISPATCHER_TRACE LOADGEN_TRACE
+    scripts/stop_legs.py DISPATCHER_TRACE LOADGEN_TRACE [WIRE]
 
 Both files hold Unix nanoseconds of one host (see
 internal/session/stoptrace.go and cmd/loadgen/commander.go). Prints each
 leg's p50 / p90 / p99 (ms) over all stops, then the slowest 1 % of stops
 (by decision → stopped received, the bench's `stop` row) split in the same
 legs (mean per leg, and how often each leg was the largest).
+
+WIRE, if given, holds lines "NS stop|stopped SESSION": when each stop and
+stopped crossed the loopback interface (kernel timestamps of a packet
+capture; the bench's stopcap tool). The transport legs are then split at
+the wire into the sending and the receiving process's parts.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ LEGS = [
     ("commander's Send → dispatcher handles stopped", "c_sent", "received"),
     ("dispatcher: stopped handled → recorded", "received", "recorded"),
 ]
+WIRE_LEGS = [
+    ("  dispatcher: Send → stop on the wire (grpc writer)", "sent", "w_stop"),
+    ("  commander: wire → Recv (reader, receiving goroutine)", "w_stop", "c_received"),
+    ("  commander: Send(stopped) → on the wire (grpc writer)", "c_sending", "w_stopped"),
+    ("  dispatcher: wire → stopped handled (reader, receive loop)", "w_stopped", "received"),
+]
 TOTAL = ("decided → stopped received (the bench row)", "decided", "received")
 
 
@@ -38,7 +49,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
     rows: dict[str, dict[str, int]] = {}
@@ -61,13 +72,22 @@ def main(argv: list[str]) -> int:
             if len(parts) != 5 or line.startswith("#"):
                 continue
             rows.setdefault(parts[0], {}).update(zip(c_names, map(int, parts[1:]), strict=True))
+    legs = list(LEGS)
+    if len(argv) == 4:
+        with open(argv[3]) as f:
+            for line in f:
+                ns, kind, sid = line.split()
+                if sid in rows:
+                    rows[sid].setdefault("w_" + kind, int(ns))
+        legs += WIRE_LEGS
+        d_names = [*d_names, "w_stop", "w_stopped"]
     full = [r for r in rows.values() if len(r) == len(d_names) + len(c_names) and r["taken"] > 0]
     print(
         f"stops joined: {len(full)} (dispatcher lines {sum('decided' in r for r in rows.values())})"
     )
-    width = max(len(n) for n, _, _ in [*LEGS, TOTAL])
+    width = max(len(n) for n, _, _ in [*legs, TOTAL])
     print(f"{'leg':<{width}}  p50 ms  p90 ms  p99 ms   max ms")
-    for name, a, b in [*LEGS, TOTAL]:
+    for name, a, b in [*legs, TOTAL]:
         v = [(r[b] - r[a]) / 1e6 for r in full]
         p50, p90, p99 = pct(v, 50), pct(v, 90), pct(v, 99)
         print(f"{name:<{width}}  {p50:6.3f}  {p90:6.3f}  {p99:6.3f}  {max(v):7.3f}")
@@ -78,7 +98,7 @@ def main(argv: list[str]) -> int:
     largest: Counter[str] = Counter()
     for r in slow:
         largest[max(LEGS, key=lambda leg: r[leg[2]] - r[leg[1]])[0]] += 1
-    for name, a, b in LEGS:
+    for name, a, b in legs:
         v = [(r[b] - r[a]) / 1e6 for r in slow]
         print(f"{name:<{width}}  mean {sum(v) / len(v):6.3f} ms  largest in {largest[name]}")
     print(
