@@ -2,6 +2,7 @@
 """The stop's legs: joins DISPATCHER_STOP_TRACE and LOADGEN_STOP_TRACE.
 
     scripts/stop_legs.py DISPATCHER_TRACE LOADGEN_TRACE [WIRE]
+    scripts/stop_legs.py - LOADGEN_TRACE WIRE
 
 Both files hold Unix nanoseconds of one host (see
 internal/session/stoptrace.go and cmd/loadgen/commander.go). Prints each
@@ -12,7 +13,10 @@ legs (mean per leg, and how often each leg was the largest).
 WIRE, if given, holds lines "NS stop|stopped SESSION": when each stop and
 stopped crossed the loopback interface (kernel timestamps of a packet
 capture; the bench's stopcap tool). The transport legs are then split at
-the wire into the sending and the receiving process's parts.
+the wire into the sending and the receiving process's parts. With "-" for
+DISPATCHER_TRACE (a dispatcher that writes none, e.g. main's binary) the
+dispatcher's side is the stop and stopped events' times loadgen's watcher
+got ("# events" lines) and the wire: decision → on the wire, wire → handled.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ WIRE_LEGS = [
     ("  dispatcher: wire → stopped handled (reader, receive loop)", "w_stopped", "received"),
 ]
 TOTAL = ("decided → stopped received (the bench row)", "decided", "received")
+EVENT_LEGS = [
+    ("dispatcher: decision → stop on the wire", "decided", "w_stop"),
+    ("commander: wire → Recv (reader, receiving goroutine)", "w_stop", "c_received"),
+    ("commander: Recv → Send(stopped) (session goroutine, leaks)", "c_received", "c_sending"),
+    ("commander: Send(stopped) → on the wire (grpc writer)", "c_sending", "w_stopped"),
+    ("dispatcher: wire → stopped handled (reader, receive loop)", "w_stopped", "received"),
+]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -56,7 +67,8 @@ def main(argv: list[str]) -> int:
     sched: dict[str, list[list[int]]] = {"dispatcher": [], "loadgen": []}
     d_names = ["decided", "fenced", "queued", "taken", "sent", "received", "recorded"]
     c_names = ["c_received", "c_seen", "c_sending", "c_sent"]
-    with open(argv[1]) as f:
+    events_only = argv[1] == "-"
+    with open("/dev/null" if events_only else argv[1]) as f:
         for line in f:
             parts = line.split()
             if line.startswith("# sched "):
@@ -69,6 +81,8 @@ def main(argv: list[str]) -> int:
             parts = line.split()
             if line.startswith("# sched "):
                 sched["loadgen"].append([int(x) for x in parts[2:]])
+            if line.startswith("# events ") and events_only:
+                rows.setdefault(parts[2], {}).update(decided=int(parts[3]), received=int(parts[4]))
             if len(parts) != 5 or line.startswith("#"):
                 continue
             rows.setdefault(parts[0], {}).update(zip(c_names, map(int, parts[1:]), strict=True))
@@ -81,7 +95,12 @@ def main(argv: list[str]) -> int:
                     rows[sid].setdefault("w_" + kind, int(ns))
         legs += WIRE_LEGS
         d_names = [*d_names, "w_stop", "w_stopped"]
-    full = [r for r in rows.values() if len(r) == len(d_names) + len(c_names) and r["taken"] > 0]
+    if events_only:
+        legs = list(EVENT_LEGS)
+        d_names = ["decided", "received", "w_stop", "w_stopped"]
+    full = [
+        r for r in rows.values() if len(r) == len(d_names) + len(c_names) and r.get("taken", 1) > 0
+    ]
     print(
         f"stops joined: {len(full)} (dispatcher lines {sum('decided' in r for r in rows.values())})"
     )
@@ -97,7 +116,7 @@ def main(argv: list[str]) -> int:
     print(f"\nthe slowest {len(slow)} stops (total ≥ {floor:.3f} ms):")
     largest: Counter[str] = Counter()
     for r in slow:
-        largest[max(LEGS, key=lambda leg: r[leg[2]] - r[leg[1]])[0]] += 1
+        largest[max(legs, key=lambda leg: r[leg[2]] - r[leg[1]])[0]] += 1
     for name, a, b in legs:
         v = [(r[b] - r[a]) / 1e6 for r in slow]
         print(f"{name:<{width}}  mean {sum(v) / len(v):6.3f} ms  largest in {largest[name]}")

@@ -103,7 +103,9 @@ func splitPhrase(phrase string) (string, string) {
 //
 // in Unix nanoseconds: the stop returned by Recv (the receiving
 // goroutine), taken by the session's goroutine, the stopped about to be
-// handed to Send (after the plan's leaked packets), and its Send returned.
+// handed to Send (after the plan's leaked packets), and its Send returned;
+// and per stopped task a line "# events SESSION STOP STOPPED": the stop
+// and stopped events' times as the watcher got them.
 // Every second a "# sched" line gives loadgen's own Go scheduler latencies.
 var stopTraceFile = func() *benchkit.TraceFile {
 	f := benchkit.OpenTrace("LOADGEN_STOP_TRACE")
