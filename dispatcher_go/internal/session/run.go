@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -222,9 +223,9 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 
 	stop := &dispatchv1.StopSignal{Reason: reason, Code: code, RuleId: ruleID}
 	// The fence first: no planner output is recorded after it. The task's
-	// record with the stop is built and queued (saveStop, the costliest
-	// step here) once the stop is in the outbox's stop lane, where the
-	// slot's sender can take it meanwhile; the record is queued either way.
+	// record with the stop is queued once the stop is on its way (saveStop:
+	// building it is the costliest step here, and the store gets it queued
+	// either way).
 	_, saveStop, _ := r.t.FenceSaveLater(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
 	tFenced := stopStamp()
 	r.cancel()
@@ -237,6 +238,12 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 		r.sl.finish(r, stopStatus(code), reason+" (before the commander started it)", "", false)
 		return true
 	}
+	// setStop started the slot's sender if none ran: the new goroutine
+	// waits in this P's run queue until this one blocks, and this one has
+	// the record, the grace timer and the log line (and, for a client's
+	// cancel, the RPC's answer) still to do. Yield, so that the stop is
+	// written first.
+	runtime.Gosched()
 	saveStop()
 	r.mu.Lock()
 	if !r.ended.Load() {
