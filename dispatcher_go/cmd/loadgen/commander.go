@@ -95,6 +95,24 @@ func splitPhrase(phrase string) (string, string) {
 	return phrase[:cut], phrase[cut:]
 }
 
+// The commander's side of the stop trace (the dispatcher's is
+// DISPATCHER_STOP_TRACE, internal/session/stoptrace.go), for benchmarks
+// only: with LOADGEN_STOP_TRACE=FILE every stop acknowledged appends
+//
+//	session received seen sending sent
+//
+// in Unix nanoseconds: the stop returned by Recv (the receiving
+// goroutine), taken by the session's goroutine, the stopped about to be
+// handed to Send (after the plan's leaked packets), and its Send returned;
+// and per stopped task a line "# events SESSION STOP STOPPED": the stop
+// and stopped events' times as the watcher got them.
+// Every second a "# sched" line gives loadgen's own Go scheduler latencies.
+var stopTraceFile = func() *benchkit.TraceFile {
+	f := benchkit.OpenTrace("LOADGEN_STOP_TRACE")
+	f.SchedEvery(time.Second)
+	return f
+}()
+
 // sessionTrace is what the commander side saw of one task.
 type sessionTrace struct {
 	mu          sync.Mutex
@@ -671,6 +689,7 @@ emit:
 	}
 
 	if stop != nil {
+		seen := time.Now()
 		for range f.plan.leakAfterStop {
 			// Careless: past the stop and the credit window.
 			p := contentPacket()
@@ -690,6 +709,10 @@ emit:
 			FinalUsage: &dispatchv1.Usage{OutputTokens: sent, Steps: 1, Model: "bench"},
 		}}}); err != nil {
 			return err
+		}
+		if stopTraceFile != nil {
+			stopTraceFile.Printf("%s %d %d %d %d\n", sid, tr.snapshot().stopRecv.UnixNano(), seen.UnixNano(),
+				tr.snapshot().stoppedSent.UnixNano(), time.Now().UnixNano())
 		}
 	} else {
 		tr.mu.Lock()

@@ -187,6 +187,11 @@ func stopOne(ctx context.Context, o *options, rg *rig, st *stopStats, rng *rand.
 			st.decisionToStopped.Add(stoppedAt.Sub(stopAt))
 		}
 	}
+	if tr, ok := f.trace(id); ok && stopTraceFile != nil && stopSeq > 0 && !stoppedAt.IsZero() {
+		// The events' own times (the dispatcher's clock, as recorded): the
+		// stop trace's ends when the dispatcher writes none.
+		stopTraceFile.Printf("# events %s %d %d\n", tr.sessionID, stopAt.UnixNano(), stoppedAt.UnixNano())
+	}
 	if tr, ok := f.trace(id); ok && !tr.stopRecv.IsZero() {
 		st.cancelToStopRecv.Add(tr.stopRecv.Sub(tCancel))
 		if stopSeq > 0 {

@@ -3,7 +3,10 @@ package benchkit
 import (
 	"bufio"
 	"fmt"
+	"math"
 	"os"
+	"runtime/metrics"
+	"slices"
 	"sync"
 	"time"
 )
@@ -48,4 +51,54 @@ func (t *TraceFile) Printf(format string, args ...any) {
 	t.mu.Lock()
 	fmt.Fprintf(t.w, format, args...)
 	t.mu.Unlock()
+}
+
+// SchedEvery appends, every interval for the process's life, a line
+//
+//	# sched N P50 P99 P999 MAX
+//
+// with the Go scheduler's latencies (runtime/metrics
+// /sched/latencies:seconds: a goroutine runnable → running) of that
+// interval: N samples, the rest bucket upper bounds in ns. The runtime
+// samples a fraction of the transitions; the quantiles are its histogram's.
+func (t *TraceFile) SchedEvery(interval time.Duration) {
+	if t == nil {
+		return
+	}
+	go func() {
+		s := []metrics.Sample{{Name: "/sched/latencies:seconds"}}
+		var last []uint64
+		for range time.Tick(interval) {
+			metrics.Read(s)
+			h := s[0].Value.Float64Histogram()
+			counts := slices.Clone(h.Counts)
+			if len(last) == len(counts) {
+				for i := range counts {
+					counts[i] -= last[i]
+				}
+			}
+			last = slices.Clone(h.Counts)
+			var n uint64
+			for _, c := range counts {
+				n += c
+			}
+			if n == 0 {
+				continue
+			}
+			q := func(f float64) int64 {
+				want, acc := uint64(float64(n)*f), uint64(0)
+				for i, c := range counts {
+					acc += c
+					if acc > want || (f == 1 && acc == n) {
+						if b := h.Buckets[i+1]; !math.IsInf(b, 1) {
+							return int64(b * 1e9)
+						}
+						return int64(h.Buckets[i] * 1e9)
+					}
+				}
+				return -1
+			}
+			t.Printf("# sched %d %d %d %d %d\n", n, q(.5), q(.99), q(.999), q(1))
+		}
+	}()
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -214,21 +215,36 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 	r.decided = true
 	r.stop = stopInfo{reason: reason, code: code, at: time.Now()}
 	r.mu.Unlock()
+	tDecided := stopStamp()
 	r.stopped.Store(true)
 	r.sl.srv.stats.StopsDecided.Add(1)
 	r.span.AddEvent("stop decided", trace.WithAttributes(attribute.String("stop.code", code.String()),
 		attribute.String("stop.reason", reason), attribute.String("policy.rule_id", ruleID)))
 
 	stop := &dispatchv1.StopSignal{Reason: reason, Code: code, RuleId: ruleID}
-	_, _ = r.t.Fence(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
+	// The fence first: no planner output is recorded after it. The task's
+	// record with the stop is queued once the stop is on its way (saveStop:
+	// building it is the costliest step here, and the store gets it queued
+	// either way).
+	_, saveStop, _ := r.t.FenceSaveLater(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_Stop{Stop: stop}})
+	tFenced := stopStamp()
 	r.cancel()
+	stopTrace.decided(r.sessionID, tDecided, tFenced)
 
 	pkt := &dispatchv1.DownstreamPacket{SessionId: r.sessionID, Signal: &dispatchv1.DownstreamPacket_Stop{Stop: stop}}
 	if r.sl.out.setStop(pkt) {
+		saveStop()
 		// The commander never heard of this session: nothing to wait for.
 		r.sl.finish(r, stopStatus(code), reason+" (before the commander started it)", "", false)
 		return true
 	}
+	// setStop started the slot's sender if none ran: the new goroutine
+	// waits in this P's run queue until this one blocks, and this one has
+	// the record, the grace timer and the log line (and, for a client's
+	// cancel, the RPC's answer) still to do. Yield, so that the stop is
+	// written first.
+	runtime.Gosched()
+	saveStop()
 	r.mu.Lock()
 	if !r.ended.Load() {
 		r.grace = time.AfterFunc(r.sl.srv.opts.StopGrace, r.graceExpired)
@@ -394,6 +410,7 @@ func (r *run) onStopped(ev *dispatchv1.TaskEvent) {
 		}
 	}
 	_, _ = r.t.Record(ev, events.Stopped.Spec().Class)
+	stopTrace.stopped(r.sessionID, ev.GetTime().AsTime())
 	info, decided := r.stopState()
 	if decided {
 		r.end(stopStatus(info.code), info.reason+refused, "")

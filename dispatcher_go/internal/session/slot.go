@@ -188,8 +188,14 @@ func (sl *slot) sendLoop(stream Stream) {
 				continue
 			}
 		}
+		if stopTrace != nil && p.GetStop() != nil {
+			stopTrace.took(p.GetSessionId(), false)
+		}
 		err := stream.Send(p)
 		toolTrace.sent(p)
+		if stopTrace != nil && p.GetStop() != nil {
+			stopTrace.took(p.GetSessionId(), true)
+		}
 		if startDone != nil {
 			sl.startMu.Lock()
 			sl.startErr = err

@@ -301,6 +301,7 @@ func (t *Task) snapshotLocked() Snapshot {
 // saveLocked queues t's snapshot behind its events. Caller holds t.mu (so
 // snapshots are queued in the order of the changes they show).
 func (t *Task) saveLocked() {
+	t.stopUnsaved = false // this record carries t.stop (see FenceSaveLater)
 	if t.persist != nil {
 		s := t.snapshotLocked()
 		t.persist.Save(&s)
