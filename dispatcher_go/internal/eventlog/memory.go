@@ -2,6 +2,7 @@ package eventlog
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -317,10 +318,23 @@ func (l *memLog) WhenDurable(seq uint64, f func()) {
 
 // heldBytesLocked estimates the memory of the events held: their wire
 // size where it was measured (Capped events under a byte limit), plus 64
-// bytes an event, plus their encodings while they are kept.
+// bytes an event, plus their encodings while they are kept (a durable
+// log's raw ring). A memory log counts all it holds, its messages at
+// memMessageBytes beside their wire size, and its packed encodings and
+// refs, so that its retained logs hold about RetainBytes of heap
+// (TestMemoryRetainedHeapNearBound).
 func (l *memLog) heldBytesLocked() int64 {
+	if l.packed != nil {
+		return l.cappedBytes + memMessageBytes*int64(len(l.events)) + l.packed.bytes()
+	}
 	return l.cappedBytes + l.raw.bytes + 64*int64(len(l.events))
 }
+
+// memMessageBytes is the heap of a content event's message beside its
+// wire size (its four objects and the log's pointer to it), measured by
+// TestMemoryRetainedHeapNearBound: ~200 bytes with or without a task id
+// and a time.
+const memMessageBytes = 200
 
 // dropRawLocked lets the events' encodings go for good: the log no longer
 // keeps any (readers encode what they send themselves). Logs do so once
@@ -468,6 +482,9 @@ func (l *memLog) readPackedLocked(afterSeq, base uint64, limit int, dst []*dispa
 		ev, err := l.packed.event(s)
 		if err != nil {
 			return dst, err
+		}
+		if ev.GetSeq() != s {
+			return dst, fmt.Errorf("eventlog: event %d decoded as seq %d", s, ev.GetSeq())
 		}
 		dst = append(dst, ev)
 	}

@@ -1,7 +1,9 @@
 package eventlog
 
 import (
+	"fmt"
 	"slices"
+	"unsafe"
 
 	"google.golang.org/protobuf/proto"
 
@@ -67,7 +69,7 @@ func (p *packed) put(seq uint64, data []byte, ev *dispatchv1.TaskEvent) {
 	}
 	last := len(p.chunks) - 1
 	if last < 0 || cap(p.chunks[last])-len(p.chunks[last]) < n {
-		size := max(p.next, packFirst)
+		size := max(p.next, packFirst, n) // n may exceed a young log's chunk
 		p.next = min(2*size, packChunk)
 		p.chunks = append(p.chunks, make([]byte, 0, size))
 		last++
@@ -90,15 +92,35 @@ func (p *packed) get(seq uint64) []byte {
 }
 
 // event is event seq, decoded from its encoding (a new message each call).
+// A seq with neither bytes nor a kept message is an error: decoding no
+// bytes would give an empty event (seq 0), from which a reader would read
+// the log again from its start.
 func (p *packed) event(seq uint64) (*dispatchv1.TaskEvent, error) {
 	if ev, ok := p.odd[seq]; ok {
 		return ev, nil
 	}
+	data := p.get(seq)
+	if data == nil {
+		return nil, fmt.Errorf("eventlog: no encoding kept for event %d (%d kept)", seq, len(p.refs))
+	}
 	ev := &dispatchv1.TaskEvent{}
-	if err := proto.Unmarshal(p.get(seq), ev); err != nil {
-		return nil, err
+	if err := proto.Unmarshal(data, ev); err != nil {
+		return nil, fmt.Errorf("eventlog: decoding event %d: %w", seq, err)
 	}
 	return ev, nil
+}
+
+// packedRefBytes is the size of a packedRef.
+const packedRefBytes = int64(unsafe.Sizeof(packedRef{}))
+
+// bytes is the memory p holds: its chunks and refs (and 64 bytes for an
+// odd event, beside its message's wire size, which the log counts).
+func (p *packed) bytes() int64 {
+	n := packedRefBytes*int64(cap(p.refs)) + 64*int64(len(p.odd))
+	for _, c := range p.chunks {
+		n += int64(cap(c))
+	}
+	return n
 }
 
 // trim gives back the room no event will use (the log is finished): the

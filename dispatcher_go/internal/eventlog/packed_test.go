@@ -8,6 +8,7 @@ import (
 	"io"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -91,21 +92,35 @@ func memEvents() []*dispatchv1.TaskEvent {
 // readAllFrom reads l from seq 0 in batches of batch events until EOF.
 func readAllFrom(t *testing.T, l Log, batch int) []*dispatchv1.TaskEvent {
 	t.Helper()
-	var all []*dispatchv1.TaskEvent
+	all, err := readUntil(context.Background(), l, nil, batch, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return all
+}
+
+// readUntil reads l after the events in all, in batches of batch events,
+// until EOF or (stop >= 0) until it holds at least stop events. It may
+// run in any goroutine (no t.Fatal).
+func readUntil(ctx context.Context, l Log, all []*dispatchv1.TaskEvent, batch, stop int) ([]*dispatchv1.TaskEvent, error) {
 	var after uint64
-	for {
-		evs, err := l.Read(context.Background(), after, make([]*dispatchv1.TaskEvent, 0, batch))
+	if len(all) > 0 {
+		after = all[len(all)-1].GetSeq()
+	}
+	for stop < 0 || len(all) < stop {
+		evs, err := l.Read(ctx, after, make([]*dispatchv1.TaskEvent, 0, batch))
 		all = append(all, evs...)
 		if len(evs) > 0 {
 			after = evs[len(evs)-1].GetSeq()
 		}
 		if errors.Is(err, io.EOF) {
-			return all
+			return all, nil
 		}
 		if err != nil {
-			t.Fatal(err)
+			return all, fmt.Errorf("read after %d: %w", after, err)
 		}
 	}
+	return all, nil
 }
 
 // A finished memory log stays whole while it is among the most recently
@@ -145,8 +160,7 @@ func TestMemoryFinishedLogKeepsEventsAsEncodings(t *testing.T) {
 			t.Fatalf("retained log: event %d is not the appended message", i+1)
 		}
 	}
-	// Push a out: the bound fits one log (estimated at 64 bytes an event
-	// beside the capped bytes).
+	// Push a out: a bound of 1 byte keeps only the newest log.
 	m.retainBytes = 1
 	b, _ := fill("b")
 	if ml := a.(*memLog); func() bool { ml.mu.RLock(); defer ml.mu.RUnlock(); return ml.events != nil }() {
@@ -233,8 +247,9 @@ func BenchmarkMemoryFlood(b *testing.B) {
 
 // A watcher that follows a memory log while it is filled, finished and
 // let go (pushed out by the next finished log) gets every event once, in
-// order, equal to what was appended: one reading alongside, one that read
-// half before the log let go and the rest after.
+// order, equal to what was appended: one reading alongside the appends
+// (it reads half, waits for the release, reads the rest), one that read
+// half after the seal and the rest after the release.
 func TestMemoryReaderAcrossRelease(t *testing.T) {
 	m := NewMemory(Limits{})
 	m.retainBytes = 1
@@ -247,8 +262,26 @@ func TestMemoryReaderAcrossRelease(t *testing.T) {
 	for i := range texts {
 		texts[i] = strings.Repeat(fmt.Sprint(i), i%9+1)
 	}
-	got := make(chan []*dispatchv1.TaskEvent, 1)
-	go func() { got <- readAllFrom(t, a, 7) }()
+	type result struct {
+		evs []*dispatchv1.TaskEvent
+		err error
+	}
+	got := make(chan result, 1)
+	halfway, released := make(chan struct{}), make(chan struct{})
+	release := sync.OnceFunc(func() { close(released) })
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() { cancel(); release(); <-got }() // on a failure too
+	go func() {
+		evs, err := readUntil(ctx, a, nil, 7, n/2)
+		if err != nil {
+			got <- result{evs, err}
+			return
+		}
+		close(halfway)
+		<-released
+		evs, err = readUntil(ctx, a, evs, 7, -1)
+		got <- result{evs, err}
+	}()
 	for i, text := range texts[:n-1] {
 		if _, err := a.Append(content(text), Capped); err != nil {
 			t.Fatalf("append %d: %v", i+1, err)
@@ -269,8 +302,24 @@ func TestMemoryReaderAcrossRelease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var early result
+	select {
+	case <-halfway:
+	case early = <-got:
+		got <- early // for the deferred wait
+		t.Fatalf("the reader alongside stopped early: %d events, %v", len(early.evs), early.err)
+	}
 	if _, err := b.Seal(content("b")); err != nil { // a is let go
 		t.Fatal(err)
+	}
+	if ml := a.(*memLog); func() bool { ml.mu.RLock(); defer ml.mu.RUnlock(); return ml.events != nil }() {
+		t.Fatal("a still holds its messages")
+	}
+	release()
+	alongside := <-got
+	got <- alongside // for the deferred wait
+	if alongside.err != nil {
+		t.Fatalf("the reader alongside: %v", alongside.err)
 	}
 	for {
 		evs, err := a.Read(context.Background(), uint64(len(half)), make([]*dispatchv1.TaskEvent, 0, 100))
@@ -282,7 +331,7 @@ func TestMemoryReaderAcrossRelease(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for _, evs := range [][]*dispatchv1.TaskEvent{<-got, half} {
+	for _, evs := range [][]*dispatchv1.TaskEvent{alongside.evs, half} {
 		if len(evs) != n {
 			t.Fatalf("read %d events, want %d", len(evs), n)
 		}
@@ -292,7 +341,116 @@ func TestMemoryReaderAcrossRelease(t *testing.T) {
 			}
 		}
 	}
-	if ml := a.(*memLog); func() bool { ml.mu.RLock(); defer ml.mu.RUnlock(); return ml.events != nil }() {
-		t.Fatal("a still holds its messages")
+}
+
+// The retained finished memory logs (their messages and their encodings)
+// hold about the bound in heap: the estimate counts the packed bytes and
+// refs beside the messages. Tasks of 64-byte content events, each sealed
+// and removed at once (as --max-tasks-kept evicts them): what is left is
+// what the retainer holds.
+func TestMemoryRetainedHeapNearBound(t *testing.T) {
+	t.Run("content", func(t *testing.T) { testRetainedHeap(t, false) })
+	t.Run("server", func(t *testing.T) { testRetainedHeap(t, true) })
+}
+
+func testRetainedHeap(t *testing.T, server bool) {
+	const (
+		tasks   = 24
+		perTask = 5_000
+		bound   = 4 << 20
+	)
+	m := NewMemory(DefaultLimits)
+	m.retainBytes = bound
+	text := strings.Repeat("x", 64)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range tasks {
+		id := fmt.Sprint("task-", i)
+		l, err := m.Create(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for j := range perTask - 1 {
+			ev := content(strings.Clone(text))
+			if server {
+				ev.TaskId = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+				ev.EmittedAtUs, ev.UpstreamSeq = int64(j), uint64(j+1)
+				ev.Time = timestamppb.Now()
+			}
+			if _, err := l.Append(ev, Capped); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := l.Seal(content("end")); err != nil {
+			t.Fatal(err)
+		}
+		m.Remove(id)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	held := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	m.retainMu.Lock()
+	estimate, logs := m.retainedBytes, len(m.retained)
+	m.retainMu.Unlock()
+	t.Logf("%d retained logs: heap %.2f MiB, estimate %.2f MiB, bound %.2f MiB",
+		logs, float64(held)/(1<<20), float64(estimate)/(1<<20), float64(bound)/(1<<20))
+	if logs == 0 || logs == tasks || estimate > bound {
+		t.Fatalf("%d of %d logs retained, estimate %d (bound %d)", logs, tasks, estimate, bound)
+	}
+	// The estimate within 15% of the heap the retained logs hold, and that
+	// heap within 15% of the bound (under it, but for the estimate's error).
+	if r := float64(held) / float64(estimate); r < 0.85 || r > 1.15 {
+		t.Fatalf("retained logs hold %d bytes, estimated at %d (%.2f×)", held, estimate, r)
+	}
+	if float64(held) > 1.15*bound {
+		t.Fatalf("retained logs hold %d bytes, bound %d", held, bound)
+	}
+	runtime.KeepAlive(m)
+}
+
+// A seq with no bytes and no kept message is an error, not an empty event
+// (seq 0, from which a reader would read the log again from its start);
+// so is an encoding of another seq than the one read.
+func TestPackedMissingOrWrongEventIsAnError(t *testing.T) {
+	var p packed
+	one, err := proto.Marshal(&dispatchv1.TaskEvent{Seq: 1, Kind: content("a").Kind})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.put(1, one, nil)
+	if ev, err := p.event(1); err != nil || ev.GetSeq() != 1 {
+		t.Fatalf("event 1: %v, %v", ev, err)
+	}
+	for _, s := range []uint64{0, 2} {
+		if ev, err := p.event(s); err == nil {
+			t.Fatalf("event %d: %v and no error", s, ev)
+		}
+	}
+	// A log that let go of its events whose seq 2 holds seq 1's bytes.
+	p.put(2, one, nil)
+	l := &memLog{packed: &p, base: 2, committed: 2, sealed: true}
+	evs, err := l.Read(context.Background(), 0, nil)
+	if err == nil || len(evs) != 1 || evs[0].GetSeq() != 1 {
+		t.Fatalf("read: %d events, %v", len(evs), err)
+	}
+	if evs, err := l.Read(context.Background(), 2, nil); !errors.Is(err, io.EOF) || len(evs) != 0 {
+		t.Fatalf("read after the last: %d events, %v", len(evs), err)
+	}
+}
+
+// A chunk is made to fit the event that opens it, whatever its size up
+// to packAlone (not made at packFirst, then grown by append), and the
+// next chunk doubles from there.
+func TestPackedChunkFitsItsFirstEvent(t *testing.T) {
+	var p packed
+	big := bytes.Repeat([]byte{7}, packAlone-1)
+	p.put(1, big, nil)
+	p.put(2, []byte("x"), nil)
+	if len(p.chunks) != 2 || cap(p.chunks[0]) != len(big) || cap(p.chunks[1]) != 2*len(big) {
+		t.Fatalf("%d chunks, the first of %d bytes", len(p.chunks), cap(p.chunks[0]))
+	}
+	if !bytes.Equal(p.get(1), big) || string(p.get(2)) != "x" {
+		t.Fatal("bytes changed")
 	}
 }
