@@ -350,9 +350,10 @@ func (c *cli) watch(ctx context.Context, tasks dispatchv1.TaskServiceClient, id 
 			}
 		}
 		if errors.Is(err, io.EOF) {
-			// Nothing after `after` and no terminal event: either the task
-			// had already ended (a resume past its end) or the server cut
-			// the stream; the caller asks GetTask which.
+			// Nothing after `after` and no terminal event: the task had
+			// already ended with `after` its last seq, or the server cut the
+			// stream; the caller asks GetTask which. (A resume past an ended
+			// task's last seq is OUT_OF_RANGE, returned below.)
 			return 0, errStreamEnded
 		}
 		if ctx.Err() != nil {

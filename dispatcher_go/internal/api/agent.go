@@ -107,10 +107,12 @@ func (a *agentService) setModel(ctx context.Context, which task.StageModel, llm 
 	if llm == nil {
 		return nil, status.Error(codes.InvalidArgument, "llmConfig is required")
 	}
-	if strings.TrimSpace(llm.GetModelName()) == "" {
-		// It was stored: every task after it asked its planner for a
-		// model with no name.
-		return nil, status.Error(codes.InvalidArgument, "llmConfig.modelName is required")
+	if n := llm.GetModelName(); n != "" && strings.TrimSpace(n) == "" {
+		// An empty name keeps the planner's default model (a config that
+		// sets only the key or the endpoint, or LLMConfig{} to restore the
+		// defaults: seed 001's ark_apikey is such a config); a name of
+		// spaces names no model.
+		return nil, status.Error(codes.InvalidArgument, "llmConfig.modelName is blank: leave it empty for the default model")
 	}
 	return secret.Mask(a.s.d.Tasks().Configs().SetStageModel(which, llm)), nil
 }

@@ -122,10 +122,12 @@ func TestBadInputs(t *testing.T) {
 		if _, err := h.agent.SetGlobalCommonConfig(ctx, &agentpb.SetGlobalCommonConfigRequest{CommonConfig: &agentpb.CommonConfig{}}); err != nil {
 			t.Fatal(err)
 		}
-		// An LLM config without a model name was stored.
-		_, err := h.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{}})
-		wantCode(t, err, codes.InvalidArgument)
-		_, err = h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: " "}})
+		// An LLM config without a model name keeps the default model (the
+		// commander falls back to it); a blank name is refused.
+		if _, err := h.agent.SetGlobalCommonLLMConfig(ctx, &agentpb.SetGlobalCommonLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{}}); err != nil {
+			t.Fatalf("an LLM config with no model name (the defaults): %v", err)
+		}
+		_, err := h.agent.SetGlobalGroundingLLMConfig(ctx, &agentpb.SetGlobalGroundingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: " "}})
 		wantCode(t, err, codes.InvalidArgument)
 		if m, err := h.agent.SetGlobalEmbeddingLLMConfig(ctx, &agentpb.SetGlobalEmbeddingLLMConfigRequest{LlmConfig: &agentpb.LLMConfig{ModelName: "e"}}); err != nil || m.GetModelName() != "e" {
 			t.Fatalf("a named model: %v %v", m, err)

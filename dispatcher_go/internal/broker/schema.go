@@ -11,7 +11,7 @@ import (
 
 // Bounds of a tool's argument schema (see compileSchema).
 const (
-	maxSchemaBytes = 64 << 10
+	maxSchemaBytes = 256 << 10
 	maxSchemaDepth = 64 // JSON objects and arrays inside each other
 )
 

@@ -1749,17 +1749,29 @@ func errKind(err error) string {
 	return "internal"
 }
 
-// kindErr is the inverse of errKind.
+// kindErr is the inverse of errKind: the error the other replica
+// returned, its text as it was (it already says what its class is: a
+// prefix here would repeat it, or name the task not found when only its
+// held call was), and its class for errors.Is.
 func kindErr(kind, msg string) error {
 	switch kind {
 	case "not_running":
-		return fmt.Errorf("%w: %s", task.ErrNotRunning, msg)
+		return remoteErr{msg, task.ErrNotRunning}
 	case "not_found":
-		return fmt.Errorf("%w: %s", task.ErrNotFound, msg)
+		return remoteErr{msg, task.ErrNotFound}
 	case "invalid":
-		return fmt.Errorf("%w: %s", task.ErrInvalidArgument, msg)
+		return remoteErr{msg, task.ErrInvalidArgument}
 	case "unavailable":
-		return fmt.Errorf("%w: %s", store.ErrUnavailable, msg)
+		return remoteErr{msg, store.ErrUnavailable}
 	}
 	return errors.New(msg)
 }
+
+// remoteErr is an error another replica returned for a command.
+type remoteErr struct {
+	msg   string
+	class error
+}
+
+func (e remoteErr) Error() string { return e.msg }
+func (e remoteErr) Unwrap() error { return e.class }
