@@ -10,10 +10,16 @@ leg's p50 / p90 / p99 (ms) over all stops, then the slowest 1 % of stops
 (by decision → stopped received, the bench's `stop` row) split in the same
 legs (mean per leg, and how often each leg was the largest).
 
-WIRE, if given, holds lines "NS stop|stopped SESSION": when each stop and
-stopped crossed the loopback interface (kernel timestamps of a packet
-capture; the bench's stopcap tool). The transport legs are then split at
-the wire into the sending and the receiving process's parts. With "-" for
+The dispatcher's "queued" stamp is taken just before setStop puts the stop
+in the stop lane, so the leg after it includes setStop; the task's record
+with the stop is queued after setStop (no stamp).
+
+WIRE, if given, holds lines "NS stop|stopped SESSION [user]": when each
+stop and stopped crossed the loopback interface (kernel timestamps of a
+packet capture; the bench's stopcap tool; "user" marks a row without one,
+stamped by stopcap after the packet, and such rows are counted). The
+transport legs are then split at the wire into the sending and the
+receiving process's parts. With "-" for
 DISPATCHER_TRACE (a dispatcher that writes none, e.g. main's binary) the
 dispatcher's side is the stop and stopped events' times loadgen's watcher
 got ("# events" lines) and the wire: decision → on the wire, wire → handled.
@@ -25,9 +31,9 @@ import sys
 from collections import Counter
 
 LEGS = [
-    ("decided → fenced (fence + task record queued)", "decided", "fenced"),
-    ("fenced → in the stop lane", "fenced", "queued"),
-    ("stop lane → sender took it", "queued", "taken"),
+    ("decided → fenced (fence event appended)", "decided", "fenced"),
+    ("fenced → context cancelled", "fenced", "queued"),
+    ("setStop (stop lane) → sender took it", "queued", "taken"),
     ("sender: grpc Send", "taken", "sent"),
     ("Send → commander's Recv (loopy, wire, reader)", "sent", "c_received"),
     ("commander: Recv → session goroutine", "c_received", "c_seen"),
@@ -87,12 +93,14 @@ def main(argv: list[str]) -> int:
                 continue
             rows.setdefault(parts[0], {}).update(zip(c_names, map(int, parts[1:]), strict=True))
     legs = list(LEGS)
+    user_stamped = 0
     if len(argv) == 4:
         with open(argv[3]) as f:
             for line in f:
-                ns, kind, sid = line.split()
-                if sid in rows:
-                    rows[sid].setdefault("w_" + kind, int(ns))
+                ns, kind, sid, *mark = line.split()
+                if sid in rows and "w_" + kind not in rows[sid]:
+                    rows[sid]["w_" + kind] = int(ns)
+                    user_stamped += mark == ["user"]
         legs += WIRE_LEGS
         d_names = [*d_names, "w_stop", "w_stopped"]
     if events_only:
@@ -104,6 +112,10 @@ def main(argv: list[str]) -> int:
     print(
         f"stops joined: {len(full)} (dispatcher lines {sum('decided' in r for r in rows.values())})"
     )
+    if user_stamped:
+        print(f"wire rows without a kernel timestamp (stamped later by stopcap): {user_stamped}")
+    if not full:
+        return 0
     width = max(len(n) for n, _, _ in [*legs, TOTAL])
     print(f"{'leg':<{width}}  p50 ms  p90 ms  p99 ms   max ms")
     for name, a, b in [*legs, TOTAL]:

@@ -4,10 +4,13 @@
 // (an AF_PACKET socket; needs root or CAP_NET_RAW) for the stop packets and
 // the stopped packets of loadgen's stop scenario and prints, for each,
 //
-//	NS stop|stopped SESSION
+//	NS stop|stopped SESSION [user]
 //
 // NS being the kernel's timestamp of the packet (SO_TIMESTAMPNS): on
 // loopback, the moment the sending process's write put it on the wire.
+// A packet that came without one gets the time stopcap read it, later than
+// the wire, and the row ends in "user" (their count is printed on exit;
+// stop_legs.py counts them too).
 // scripts/stop_legs.py splits the stop's transport legs there, into the
 // sending and the receiving process's parts. It runs until killed:
 //
@@ -26,12 +29,16 @@ import (
 	"os"
 	"os/signal"
 	"regexp"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
 )
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// userStamped counts the rows printed without a kernel timestamp.
+var userStamped atomic.Int64
 
 func main() {
 	log.SetFlags(0)
@@ -52,7 +59,13 @@ func main() {
 	_ = syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_RCVBUF, 8<<20)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	go func() { <-sig; os.Exit(0) }()
+	go func() {
+		<-sig
+		if n := userStamped.Load(); n > 0 {
+			log.Printf("stopcap: %d rows without a kernel timestamp (marked \"user\": the time read after the packet)", n)
+		}
+		os.Exit(0)
+	}()
 	buf := make([]byte, 65536)
 	oob := make([]byte, 256)
 	seen := map[string]bool{}
@@ -68,16 +81,15 @@ func main() {
 		if len(hits) == 0 {
 			continue
 		}
-		var ts int64
-		msgs, _ := syscall.ParseSocketControlMessage(oob[:oobn])
-		for _, m := range msgs {
-			if m.Header.Level == syscall.SOL_SOCKET && m.Header.Type == syscall.SO_TIMESTAMPNS {
-				tsp := (*syscall.Timespec)(unsafe.Pointer(&m.Data[0]))
-				ts = tsp.Nano()
-			}
-		}
-		if ts == 0 {
+		// No kernel timestamp: the time read now, after the packet was
+		// queued to us, so later than the wire by the capture's delay. The
+		// row says so ("user" after the session), and stop_legs.py counts
+		// such rows.
+		ts, kernel := kernelTime(oob[:oobn])
+		mark := ""
+		if !kernel {
 			ts = time.Now().UnixNano()
+			mark = " user"
 		}
 		for _, h := range hits {
 			k := h.dir + h.sid
@@ -85,9 +97,27 @@ func main() {
 				continue // loopback: the same packet seen going out and coming in
 			}
 			seen[k] = true
-			fmt.Printf("%d %s %s\n", ts, h.dir, h.sid)
+			if mark != "" {
+				userStamped.Add(1)
+			}
+			fmt.Printf("%d %s %s%s\n", ts, h.dir, h.sid, mark)
 		}
 	}
+}
+
+// kernelTime is the packet's SO_TIMESTAMPNS in oob (its control
+// messages), false if it has none.
+func kernelTime(oob []byte) (int64, bool) {
+	msgs, _ := syscall.ParseSocketControlMessage(oob)
+	for _, m := range msgs {
+		if m.Header.Level == syscall.SOL_SOCKET && m.Header.Type == syscall.SO_TIMESTAMPNS &&
+			len(m.Data) >= int(unsafe.Sizeof(syscall.Timespec{})) {
+			if ns := (*syscall.Timespec)(unsafe.Pointer(&m.Data[0])).Nano(); ns != 0 {
+				return ns, true
+			}
+		}
+	}
+	return 0, false
 }
 
 // hit is one stop or stopped found in a packet.

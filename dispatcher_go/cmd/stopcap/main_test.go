@@ -4,7 +4,9 @@ package main
 
 import (
 	"slices"
+	"syscall"
 	"testing"
+	"unsafe"
 
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
@@ -43,5 +45,22 @@ func TestMatchFindsEachPacketsSession(t *testing.T) {
 	ev := marshal(t, &dispatchv1.TaskEvent{TaskId: "t1", Kind: &dispatchv1.TaskEvent_Stop{Stop: &dispatchv1.StopSignal{Reason: "loadgen stop scenario"}}})
 	if got := match(ev); len(got) != 0 {
 		t.Fatalf("a watcher's event matched: %v", got)
+	}
+}
+
+// A packet with its SO_TIMESTAMPNS gives that time; one without gives
+// none, so that its row is marked.
+func TestKernelTime(t *testing.T) {
+	ts := syscall.Timespec{Sec: 1796602665, Nsec: 131274000}
+	oob := make([]byte, syscall.CmsgSpace(int(unsafe.Sizeof(ts))))
+	h := (*syscall.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = syscall.SOL_SOCKET, syscall.SO_TIMESTAMPNS
+	h.SetLen(syscall.CmsgLen(int(unsafe.Sizeof(ts))))
+	*(*syscall.Timespec)(unsafe.Pointer(&oob[syscall.CmsgLen(0)])) = ts
+	if got, ok := kernelTime(oob); !ok || got != ts.Nano() {
+		t.Fatalf("kernelTime = %d, %v; want %d, true", got, ok, ts.Nano())
+	}
+	if got, ok := kernelTime(nil); ok {
+		t.Fatalf("kernelTime(no control message) = %d, true", got)
 	}
 }

@@ -230,6 +230,9 @@ func (r *run) stopWith(reason string, code dispatchv1.StopCode, ruleID string) b
 	tFenced := stopStamp()
 	r.cancel()
 	stopTrace.decided(r.sessionID, tDecided, tFenced)
+	if stopTrace != nil && r.ended.Load() {
+		stopTrace.forget(r.sessionID) // ended meanwhile: endRun's forget may have run before
+	}
 
 	pkt := &dispatchv1.DownstreamPacket{SessionId: r.sessionID, Signal: &dispatchv1.DownstreamPacket_Stop{Stop: stop}}
 	if r.sl.out.setStop(pkt) {

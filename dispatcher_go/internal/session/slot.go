@@ -580,6 +580,7 @@ func (sl *slot) finish(r *run, status agentpb.TaskStatus, msg, result string, cl
 
 // endRun is finish once r is claimed (the caller set r.ended).
 func (sl *slot) endRun(r *run, status agentpb.TaskStatus, msg, result string, closeAck bool) {
+	stopTrace.forget(r.sessionID)
 	sl.cur.CompareAndSwap(r, nil)
 	sl.srv.untrack(r)
 	r.cancel()

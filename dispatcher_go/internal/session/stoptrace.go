@@ -14,13 +14,17 @@ import (
 //	session decided fenced queued taken sent received recorded
 //
 // all Unix nanoseconds on the dispatcher: decided (stopWith entered, the
-// stop event is stamped within µs), fenced (the fence event appended and
-// the task's record queued), queued (the stop in the outbox's stop lane),
-// taken (by the sender), sent (its Send returned: in grpc's control
-// buffer, not yet on the wire), received (the commander's stopped
-// handled, the time the event is recorded with), recorded (appended to
-// the task's log). cmd/loadgen's LOADGEN_STOP_TRACE writes the
-// commander's side of the same stops; scripts/stop_legs.py joins the two.
+// stop event is stamped within µs), fenced (the fence event appended; the
+// task's record with the stop is queued later, after setStop), queued
+// (the session's context cancelled, just before setStop puts the stop in
+// the outbox's stop lane: queued → taken includes setStop), taken (by the
+// sender), sent (its Send returned: in grpc's control buffer, not yet on
+// the wire), received (the commander's stopped handled, the time the
+// event is recorded with), recorded (appended to the task's log).
+// cmd/loadgen's LOADGEN_STOP_TRACE writes the commander's side of the same
+// stops; scripts/stop_legs.py joins the two. A stop that gets no stopped
+// (withdrawn before it went out, grace expired, stream lost) writes no
+// line: its entry is dropped when the session ends (forget).
 // Every second a "# sched" line gives the Go scheduler's latencies
 // (benchkit.TraceFile.SchedEvery). Off, it costs a nil test at each point.
 var stopTrace = func() *stopTracer {
@@ -51,7 +55,7 @@ func stopStamp() int64 {
 }
 
 // decided registers session sid's stop, decided at decided and fenced at
-// fenced, now queued.
+// fenced; now is its queued stamp (setStop comes next).
 func (t *stopTracer) decided(sid string, decided, fenced int64) {
 	if t == nil {
 		return
@@ -95,4 +99,22 @@ func (t *stopTracer) stopped(sid string, received time.Time) {
 		t.f.Printf("%s %d %d %d %d %d %d %d\n", sid, rec.decided, rec.fenced, rec.queued, rec.taken, rec.sent,
 			received.UnixNano(), now)
 	}
+}
+
+// forget drops sid's entry, if any: called when the session ends, so that a
+// stop that never got its stopped does not stay in the map.
+func (t *stopTracer) forget(sid string) {
+	if t == nil {
+		return
+	}
+	t.mu.Lock()
+	delete(t.recs, sid)
+	t.mu.Unlock()
+}
+
+// pending is the number of stops waiting for their stopped (tests).
+func (t *stopTracer) pending() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.recs)
 }
