@@ -53,7 +53,9 @@ func (p *lastRecord) Finished(context.Context, string) (task.Snapshot, error) {
 func (p *lastRecord) ListFinished(context.Context, []agentpb.TaskStatus, *task.ListKey, *task.ListKey, int, func(string) bool) ([]task.Info, error) {
 	return nil, nil
 }
-func (p *lastRecord) Recover(context.Context, int) (task.Recovered, error) { return task.Recovered{}, nil }
+func (p *lastRecord) Recover(context.Context, int) (task.Recovered, error) {
+	return task.Recovered{}, nil
+}
 
 // The stop goes out before the task's record with it is queued (stopWith,
 // FenceSaveLater), but the record is queued all the same, while the session
