@@ -178,8 +178,10 @@ type Fleet struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	// bgMu orders KeepCancel's background writes (added to wg) with
-	// Close (closing: Close is waiting for wg, nothing more is added).
+	// bgMu orders the goroutines started from outside the fleet's loops
+	// (goBackground: KeepCancel's writes, watchOwned's watches, added to
+	// wg) with Close (closing: Close is waiting for wg, nothing more is
+	// added).
 	bgMu    sync.Mutex
 	closing bool
 	// keepSem bounds KeepCancel's row writes in flight (they share the
@@ -971,9 +973,28 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 	return err
 }
 
-// watchOwned releases t's lease once it ended and its end is stored.
+// goBackground runs fn in a goroutine Close waits for, unless Close has
+// begun: then it starts nothing and reports false. Every goroutine that a
+// caller outside the fleet's own loops may start (an API call: a cancel's
+// takeFree, a re-attach's TakeSession, KeepCancel) goes through it: a
+// WaitGroup must not be added to from zero while Close waits on it, and
+// nothing may run past Close.
+func (f *Fleet) goBackground(fn func()) bool {
+	f.bgMu.Lock()
+	defer f.bgMu.Unlock()
+	if f.closing {
+		return false
+	}
+	f.wg.Go(fn)
+	return true
+}
+
+// watchOwned releases t's lease once it ended and its end is stored. Once
+// the fleet closes (then or later) it keeps t's cancel, if any, as a
+// command for the task's next owner (keepCancelOpen); asked for while the
+// fleet closes, it does only that, at once.
 func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
-	f.wg.Go(func() {
+	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
 		case <-f.ctx.Done():
@@ -1012,6 +1033,11 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 			}
 		}
 	})
+	if !started {
+		// Shutting down: the lease expires (as the watch does once the
+		// fleet stops).
+		f.keepCancelOpen(t, attempt)
+	}
 }
 
 // keepCancelOpen writes a cancel asked of t (a task this replica holds
@@ -1075,20 +1101,11 @@ func (f *Fleet) KeepCancel(id, reason string) {
 			f.log.Warn("a cancel asked here is not written as a command; if this replica dies before the task's stop or end is stored, the cancel is lost", "task_id", id, "error", err)
 		}
 	}
-	f.bgMu.Lock()
-	if f.closing {
+	if !f.goBackground(write) {
 		// Close waits for wg already: nothing may be added to it. The
 		// dispatcher is stopping; the caller may wait for this.
-		f.bgMu.Unlock()
 		write()
-		return
 	}
-	f.wg.Add(1)
-	f.bgMu.Unlock()
-	go func() {
-		defer f.wg.Done()
-		write()
-	}()
 }
 
 // keepCancelWrites is how many KeepCancel rows are written at once; a
