@@ -167,6 +167,9 @@ type Fleet struct {
 	// hooks are tests' look into takeOver's requeue (nil in production;
 	// set before Start).
 	hooks requeueHooks
+	// reconcileEvery is the reconcile's period (0: reconcileInterval);
+	// tests set it before Start.
+	reconcileEvery time.Duration
 
 	epochMu sync.Mutex
 	epoch   string
@@ -1461,12 +1464,19 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 	return true, ""
 }
 
-// reconcileLoop, every second: publishes the slot summary, rebuilds the
+// reconcileInterval is how often a replica reconciles (reconcileLoop).
+const reconcileInterval = time.Second
+
+// reconcileLoop, every second (reconcileInterval): publishes the slot summary, rebuilds the
 // bus if Redis lost its data, writes again the bus entries of tasks
 // waiting too long, closes the commands of ended tasks and carries out the
 // commands of this replica's tasks that a lost message did not announce.
 func (f *Fleet) reconcileLoop(ctx context.Context) {
-	t := time.NewTicker(time.Second)
+	every := f.reconcileEvery
+	if every <= 0 {
+		every = reconcileInterval
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	lastGC := time.Now()
 	for {

@@ -124,8 +124,8 @@ func (f *fakeFleet) TakeSession(ctx context.Context, id, sessionID string, serve
 	}
 	return ErrNotFound
 }
-func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, error) {
-	return 0, ErrNotFound
+func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, *dispatchv1.StopSignal, error) {
+	return 0, nil, ErrNotFound
 }
 func (f *fakeFleet) KeepCancel(id, _ string) {
 	f.mu.Lock()
