@@ -15,6 +15,9 @@ scripts/redis.sh with its own REDIS_STATE_DIR, so it never meets another run):
    CancelTask on r3 and submits the next one; CancelTask sent (client clock) ->
    ``stopped`` recorded by r1 (its event time) and -> ``stopped`` received by
    the watcher on r2. One machine, one clock.
+2b. cancel storm: then STORM tasks (BENCH_FLEET_STORM, default SESSIONS: every
+   slot) streaming on r1, cancelled all at once with CancelTask on r3: the same
+   two latencies, in rows of their own (the rows of part 2 stay storm-free).
 3. hand-over: SESSIONS new sessions on r1; kill -9 of r1 -> the commander
    re-attaches each to another replica; kill -> the ``re-attached`` event
    recorded again (and -> first content again), over the sessions of r1. r1
