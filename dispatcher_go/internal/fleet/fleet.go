@@ -187,6 +187,10 @@ type Fleet struct {
 	// added).
 	bgMu    sync.Mutex
 	closing bool
+	// watchMu guards watches: task id → the watch of its local copy
+	// (watchOwned), while it runs.
+	watchMu sync.Mutex
+	watches map[string]*ownedWatch
 	// keepSem bounds KeepCancel's row writes in flight (they share the
 	// store's pool with the writer that stores the tasks' ends).
 	keepSem chan struct{}
@@ -992,16 +996,49 @@ func (f *Fleet) goBackground(fn func()) bool {
 	return true
 }
 
+// ownedWatch is the watch (watchOwned) of t, a local copy of a task this
+// replica holds: the attempt it releases the lease with, which a session
+// re-attaching to t here moves on (ClaimSession claims the lease again,
+// with the next attempt).
+type ownedWatch struct {
+	t *task.Task
+	// attempt and done are guarded by Fleet.watchMu; done: the watch
+	// ended (released, or gave up as the fleet stopped).
+	attempt int64
+	done    bool
+}
+
 // watchOwned releases t's lease once it ended and its end is stored. Once
 // the fleet closes (then or later) it keeps t's cancel, if any, as a
 // command for the task's next owner (keepCancelOpen); asked for while the
 // fleet closes, it does only that, at once.
+//
+// A copy has one watch: asked again for a copy it watches (a re-attach of
+// its session here, ClaimSession; a drain's keepCancelled), it starts no
+// second one, the watch releases with attempt instead (the latest claim
+// of this replica's, which must already be held: fenced.own first). A
+// watch that ended (the task ended, its lease released or not held with
+// the attempt it had) is followed by a new one, which releases attempt at
+// once if t ended.
 func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
+	id := t.ID()
+	f.watchMu.Lock()
+	if w := f.watches[id]; w != nil && w.t == t && !w.done {
+		w.attempt = attempt
+		f.watchMu.Unlock()
+		return
+	}
+	w := &ownedWatch{t: t, attempt: attempt}
+	if f.watches == nil {
+		f.watches = map[string]*ownedWatch{}
+	}
+	f.watches[id] = w
+	f.watchMu.Unlock()
 	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
 		case <-f.ctx.Done():
-			f.keepCancelOpen(t, attempt)
+			f.keepCancelOpen(t, f.endWatch(w, false))
 			return
 		}
 		// Its end must be stored before the lease goes: the writer retries
@@ -1015,32 +1052,49 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 				break
 			}
 			if errors.Is(err, store.ErrWriterClosed) {
-				f.keepCancelOpen(t, attempt)
+				f.keepCancelOpen(t, f.endWatch(w, false))
 				return // shutting down: the lease expires
 			}
 			select {
 			case <-f.ctx.Done():
-				f.keepCancelOpen(t, attempt)
+				f.keepCancelOpen(t, f.endWatch(w, false))
 				return
 			case <-time.After(time.Second):
 			}
 		}
 		ctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
 		defer cancel()
-		if f.fenced.disown(t.ID(), attempt) {
+		if a := f.endWatch(w, true); a != 0 {
 			// Its end is stored (and this replica held the lease until
 			// then): a cancel waiting for it on any replica returns now.
-			f.announce(ctx, cmdMessage{TaskID: t.ID(), Kind: kindEnded, Status: int32(t.Status())})
-			if err := f.leases.Release(ctx, t.ID(), attempt); err != nil {
-				f.log.Debug("lease release failed; it expires", "task_id", t.ID(), "error", err)
+			f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(t.Status())})
+			if err := f.leases.Release(ctx, id, a); err != nil {
+				f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
 			}
 		}
 	})
 	if !started {
 		// Shutting down: the lease expires (as the watch does once the
 		// fleet stops).
-		f.keepCancelOpen(t, attempt)
+		f.keepCancelOpen(t, f.endWatch(w, false))
 	}
+}
+
+// endWatch ends watch w and returns the attempt it holds now. disown: only
+// if this replica still holds the task's lease with it, which it forgets
+// (0 if not: released meanwhile, or lost to another replica).
+func (f *Fleet) endWatch(w *ownedWatch, disown bool) int64 {
+	id := w.t.ID()
+	f.watchMu.Lock()
+	defer f.watchMu.Unlock()
+	w.done = true
+	if f.watches[id] == w {
+		delete(f.watches, id)
+	}
+	if disown && !f.fenced.disown(id, w.attempt) {
+		return 0
+	}
+	return w.attempt
 }
 
 // keepCancelOpen writes a cancel asked of t (a task this replica holds

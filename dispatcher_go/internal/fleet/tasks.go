@@ -537,10 +537,25 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // (task.Reattached.Stop), at once, as TakeSession does: the reconcile
 // would carry it out only up to a second later, the session running on
 // meanwhile. Its row stays open until the task's end is stored.
+//
+// The copy's watch (watchOwned) releases the lease with the new attempt
+// once the task ended: the one it started with is no longer this
+// replica's (before, nothing released the lease after such a re-attach:
+// no "ended" announcement, the lease renewed until the replica stopped).
 func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
 	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
-	if err != nil || cmd == nil {
+	if err != nil {
 		return attempt, nil, err
+	}
+	if t := f.mgr.Registry().Get(id); t != nil && !t.IsView() {
+		f.watchOwned(t, attempt)
+	} else {
+		// No copy here to watch (forgotten meanwhile): not held, its
+		// lease expires and the sweep takes the task over.
+		f.fenced.disown(id, attempt)
+	}
+	if cmd == nil {
+		return attempt, nil, nil
 	}
 	f.log.Info("a re-attaching session's task has an open cancel: the session is stopped", "task_id", id, "command", cmd.ID)
 	return attempt, cancelStop(*cmd), nil

@@ -1,0 +1,123 @@
+package fleet
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/agentdispatch/dispatcher/internal/tenant"
+)
+
+// A session whose stream broke re-attaches to the replica that holds its
+// task (the copy there waits for it: DetachLinkLost), which claims the
+// lease again for it with the next attempt (ClaimSession). The task's end
+// then releases the lease with that attempt and is announced, as for a
+// task that never lost its link. Before, the copy's watch (watchOwned)
+// released with the attempt it started with: once the re-attach moved the
+// lease on, nothing released it — no "ended" announcement (a cancel
+// waiting for the end on another replica waited for its poll), the task
+// held here for good (its lease renewed until the replica stopped, never
+// deleted by the GC, which deletes released leases only).
+
+// reattachedHere runs a task on replica "owner", breaks its session's
+// link and re-attaches the session there, times times: the owner, the
+// task, the runner of its last session, the attempt that session runs
+// with and a context for the test.
+func reattachedHere(t *testing.T, times int) (*replica, string, *stopRunner, int64, context.Context) {
+	t.Helper()
+	_, _, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	first := owner.f.fenced.attempt(id)
+	if first == 0 {
+		t.Fatal("the owner holds no lease of the running task")
+	}
+	lt := owner.mgr.Registry().Get(id)
+	var r *stopRunner
+	var runner task.Runner = stopRunner{t: lt}
+	var attempt int64
+	for i := range times {
+		if !lt.DetachLinkLost(runner, uint64(i+1), time.Minute) {
+			t.Fatalf("re-attach %d: the session did not detach (%s %q)", i+1, lt.Status(), lt.Info().Message)
+		}
+		// The re-attach's claim reads the task's stored session.
+		if err := owner.w.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+			r = &stopRunner{t: tk}
+			return r
+		})
+		if err != nil {
+			t.Fatalf("re-attach %d: %v", i+1, err)
+		}
+		if info.Stop != nil {
+			t.Fatalf("re-attach %d: stopped with %v", i+1, info.Stop)
+		}
+		runner, attempt = r, info.Attempt
+	}
+	if attempt != first+int64(times) || owner.f.fenced.attempt(id) != attempt {
+		t.Fatalf("attempt: re-attached with %d, held with %d; want %d (first %d)", attempt, owner.f.fenced.attempt(id), first+int64(times), first)
+	}
+	return owner, id, r, attempt, ctx
+}
+
+// endsReleasedAndAnnounced waits for task id's end (want) to be stored, and
+// then for its lease to be released and forgotten by owner, and for the
+// end to be announced (once) on the command channel, which ch hears.
+func endsReleasedAndAnnounced(t *testing.T, ctx context.Context, owner *replica, id string, want agentpb.TaskStatus, ch chan agentpb.TaskStatus) {
+	t.Helper()
+	waitFor(t, "the task's end to be stored", 10*time.Second, func() bool {
+		st, _ := storedStatus(t, owner, id)
+		return task.Terminal(st)
+	})
+	if st, msg := storedStatus(t, owner, id); st != want {
+		t.Fatalf("ended %s %q, want %s", st, msg, want)
+	}
+	select {
+	case st := <-ch:
+		if st != want {
+			t.Fatalf("the end was announced as %s, want %s", st, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the task's end was not announced within 5 s of its storing")
+	}
+	var released bool
+	if err := owner.f.pg.Pool().QueryRow(ctx, `SELECT released FROM fleet_leases WHERE task_id = $1`, id).Scan(&released); err != nil {
+		t.Fatal(err)
+	}
+	if a := owner.f.fenced.attempt(id); a != 0 || !released {
+		t.Fatalf("once the end is stored and announced: attempt held here %d, lease row released %v; want none, released", a, released)
+	}
+	// One watch, one release: no second announcement.
+	select {
+	case st := <-ch:
+		t.Fatalf("the end was announced again (%s)", st)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// The reviewer's probe: cancelled (through the owner's API) after a
+// re-attach to the same replica.
+func TestCancelAfterAReattachToTheSameReplicaReleasesTheLease(t *testing.T) {
+	owner, id, _, _, ctx := reattachedHere(t, 1)
+	ch := owner.f.ends.add(id)
+	defer owner.f.ends.remove(id, ch)
+	out, err := owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", true)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	endsReleasedAndAnnounced(t, ctx, owner, id, agentpb.TaskStatus_CANCELLED, ch)
+}
+
+// A task that ends on its own (SUCCESS) after two re-attaches to the same
+// replica (the watch follows each).
+func TestSuccessAfterReattachesToTheSameReplicaReleasesTheLease(t *testing.T) {
+	owner, id, r, _, ctx := reattachedHere(t, 2)
+	ch := owner.f.ends.add(id)
+	defer owner.f.ends.remove(id, ch)
+	if !r.t.Finish(agentpb.TaskStatus_SUCCESS, "done", "") {
+		t.Fatal("the task did not end")
+	}
+	endsReleasedAndAnnounced(t, ctx, owner, id, agentpb.TaskStatus_SUCCESS, ch)
+}
