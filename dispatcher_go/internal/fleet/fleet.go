@@ -981,11 +981,18 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 }
 
 // goBackground runs fn in a goroutine Close waits for, unless Close has
-// begun: then it starts nothing and reports false. Every goroutine that a
-// caller outside the fleet's own loops may start (an API call: a cancel's
-// takeFree, a re-attach's TakeSession, KeepCancel) goes through it: a
-// WaitGroup must not be added to from zero while Close waits on it, and
-// nothing may run past Close.
+// begun: then it starts nothing and reports false. The fleet's own work
+// that a caller outside its loops may start (an API call: a cancel's
+// takeFree, a re-attach's TakeSession or ClaimSession, KeepCancel) goes
+// through it: a WaitGroup must not be added to from zero while Close
+// waits on it, and none of it may run past Close.
+//
+// One goroutine does not: lost's f.mgr.Drop, the task manager's stop of
+// its copy (its session stopped, the copy ended and forgotten), which may
+// run past Close. It must stay a goroutine: lost runs inside the store
+// writer's callback (onFenced), and Drop's end of the copy is recorded
+// through that writer. Made to wait for it, Close would wait for a
+// session's stop too.
 func (f *Fleet) goBackground(fn func()) bool {
 	f.bgMu.Lock()
 	defer f.bgMu.Unlock()
@@ -1267,6 +1274,8 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	// never see them; they follow the fleet's view from here on.
 	f.mgr.Disown(id)
 	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
+	// Not goBackground (see there): the manager's work, which may run
+	// past Close; inline, it could deadlock in the writer's callback.
 	go f.mgr.Drop(id, reason)
 }
 
