@@ -24,8 +24,10 @@ import (
 // reattachedHere runs a task on replica "owner", breaks its session's
 // link and re-attaches the session there, times times: the owner, the
 // task, the runner of its last session, the attempt that session runs
-// with and a context for the test.
-func reattachedHere(t *testing.T, times int) (*replica, string, *stopRunner, int64, context.Context) {
+// with and a context for the test. flush: the owner's writer is flushed
+// before each re-attach (else the detach's record may still be on its
+// way to PostgreSQL when the re-attach claims the lease).
+func reattachedHere(t *testing.T, times int, flush bool) (*replica, string, *stopRunner, int64, context.Context) {
 	t.Helper()
 	_, _, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
 	first := owner.f.fenced.attempt(id)
@@ -40,9 +42,10 @@ func reattachedHere(t *testing.T, times int) (*replica, string, *stopRunner, int
 		if !lt.DetachLinkLost(runner, uint64(i+1), time.Minute) {
 			t.Fatalf("re-attach %d: the session did not detach (%s %q)", i+1, lt.Status(), lt.Info().Message)
 		}
-		// The re-attach's claim reads the task's stored session.
-		if err := owner.w.Flush(ctx); err != nil {
-			t.Fatal(err)
+		if flush {
+			if err := owner.w.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
 		}
 		info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
 			r = &stopRunner{t: tk}
@@ -100,7 +103,7 @@ func endsReleasedAndAnnounced(t *testing.T, ctx context.Context, owner *replica,
 // The reviewer's probe: cancelled (through the owner's API) after a
 // re-attach to the same replica.
 func TestCancelAfterAReattachToTheSameReplicaReleasesTheLease(t *testing.T) {
-	owner, id, _, _, ctx := reattachedHere(t, 1)
+	owner, id, _, _, ctx := reattachedHere(t, 1, true)
 	ch := owner.f.ends.add(id)
 	defer owner.f.ends.remove(id, ch)
 	out, err := owner.mgr.CancelAs(ctx, tenant.Caller{Admin: true}, id, "stopped by the test", true)
@@ -113,11 +116,34 @@ func TestCancelAfterAReattachToTheSameReplicaReleasesTheLease(t *testing.T) {
 // A task that ends on its own (SUCCESS) after two re-attaches to the same
 // replica (the watch follows each).
 func TestSuccessAfterReattachesToTheSameReplicaReleasesTheLease(t *testing.T) {
-	owner, id, r, _, ctx := reattachedHere(t, 2)
+	owner, id, r, _, ctx := reattachedHere(t, 2, true)
 	ch := owner.f.ends.add(id)
 	defer owner.f.ends.remove(id, ch)
 	if !r.t.Finish(agentpb.TaskStatus_SUCCESS, "done", "") {
 		t.Fatal("the task did not end")
+	}
+	endsReleasedAndAnnounced(t, ctx, owner, id, agentpb.TaskStatus_SUCCESS, ch)
+}
+
+// Sessions that re-attach to the replica holding their task right after
+// their link broke, while the record the detach wrote (and those the
+// session wrote before) are still on their way to PostgreSQL: the claim
+// (ClaimSession) moved the lease to the next attempt under them, so the
+// store refused them (fenced: written with the attempt before), and the
+// replica dropped its own session as if another replica had taken the
+// task ("task fenced"), which then ended FAILURE at the sweep (2 runs of
+// 3 with two re-attaches). The claim now stores the task's records
+// written before it first.
+func TestQuickReattachesToTheSameReplicaKeepTheSession(t *testing.T) {
+	owner, id, r, _, ctx := reattachedHere(t, 3, false)
+	ch := owner.f.ends.add(id)
+	defer owner.f.ends.remove(id, ch)
+	time.Sleep(testLease) // the renewals and sweeps of a lease
+	if n := owner.f.Fenced(); n != 0 {
+		t.Fatalf("%d write(s) of the owner fenced", n)
+	}
+	if !r.t.Finish(agentpb.TaskStatus_SUCCESS, "done", "") {
+		t.Fatalf("the task did not end: it is %s %q", r.t.Status(), r.t.Info().Message)
 	}
 	endsReleasedAndAnnounced(t, ctx, owner, id, agentpb.TaskStatus_SUCCESS, ch)
 }

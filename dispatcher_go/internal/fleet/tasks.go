@@ -542,7 +542,16 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // once the task ended: the one it started with is no longer this
 // replica's (before, nothing released the lease after such a re-attach:
 // no "ended" announcement, the lease renewed until the replica stopped).
+//
+// The records this replica wrote of the task before the claim (the
+// detach's, the last of the session before it) are stored first: written
+// after the claim, with the attempt before it, the store refuses them
+// (fenced) and this replica drops its own session as lost to another
+// replica. The claim also reads the task's stored session.
 func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+	if err := f.writer.FlushWhileHealthy(ctx); err != nil {
+		return 0, nil, unavailable("store the task's records before the claim", err)
+	}
 	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
 	if err != nil {
 		return attempt, nil, err
