@@ -1013,6 +1013,10 @@ type ownedWatch struct {
 	// ended (released, or gave up as the fleet stopped).
 	attempt int64
 	done    bool
+	// lost is closed when this replica lost the task's lease (Fleet.lost):
+	// a copy dropped without ending (its session went to another
+	// replica: Manager.Drop's abandon) would be waited for until Close.
+	lost chan struct{}
 }
 
 // watchOwned releases t's lease once it ended and its end is stored. Once
@@ -1035,7 +1039,7 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 		f.watchMu.Unlock()
 		return
 	}
-	w := &ownedWatch{t: t, attempt: attempt}
+	w := &ownedWatch{t: t, attempt: attempt, lost: make(chan struct{})}
 	if f.watches == nil {
 		f.watches = map[string]*ownedWatch{}
 	}
@@ -1044,6 +1048,8 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
+		case <-w.lost:
+			return // not held here: nothing to release or keep
 		case <-f.ctx.Done():
 			f.keepCancelOpen(t, f.endWatch(w, false))
 			return
@@ -1263,9 +1269,19 @@ func (f *Fleet) onFenced(id string) {
 // lost drops the local session of task id whose lease (attempt; 0: any)
 // this replica no longer holds. Whatever it records now is refused.
 func (f *Fleet) lost(id string, attempt int64, reason string) {
+	// The copy's watch ends with the lease (under watchMu, as it
+	// releases: it never follows an attempt this replica no longer holds).
+	f.watchMu.Lock()
 	if !f.fenced.disown(id, attempt) {
+		f.watchMu.Unlock()
 		return // released meanwhile (the task ended), or dropped already
 	}
+	if w := f.watches[id]; w != nil && !w.done {
+		w.done = true
+		delete(f.watches, id)
+		close(w.lost)
+	}
+	f.watchMu.Unlock()
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
 		return
 	}

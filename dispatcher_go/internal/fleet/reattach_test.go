@@ -147,3 +147,42 @@ func TestQuickReattachesToTheSameReplicaKeepTheSession(t *testing.T) {
 	}
 	endsReleasedAndAnnounced(t, ctx, owner, id, agentpb.TaskStatus_SUCCESS, ch)
 }
+
+// A session that re-attaches to another replica takes its task from the
+// replica it left, whose copy (waiting for the session) is dropped
+// without ending (Manager.Drop's abandon). The copy's watch there ends
+// with the lost lease. Before, it waited for the copy's end, which never
+// comes, until the fleet closed: a goroutine per task handed away.
+func TestWatchOfATaskWhoseSessionMovedToAnotherReplicaEnds(t *testing.T) {
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	lt := owner.mgr.Registry().Get(id)
+	if !lt.DetachLinkLost(stopRunner{t: lt}, 1, time.Minute) {
+		t.Fatal("the session did not detach")
+	}
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	watched := func() bool {
+		owner.f.watchMu.Lock()
+		defer owner.f.watchMu.Unlock()
+		return owner.f.watches[id] != nil
+	}
+	if !watched() {
+		t.Fatal("the owner does not watch its copy")
+	}
+	other := startReplica(t, pg, url, "other", &testSlot{})
+	if _, err := other.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		return stopRunner{t: tk}
+	}); err != nil {
+		t.Fatalf("re-attach to the other replica: %v", err)
+	}
+	waitFor(t, "the owner to drop its copy", 5*time.Second, func() bool {
+		return owner.f.fenced.attempt(id) == 0 && owner.mgr.Registry().Get(id) != lt
+	})
+	waitFor(t, "the owner's watch of the dropped copy to end", 2*time.Second, func() bool { return !watched() })
+	select {
+	case <-lt.Done():
+		t.Fatal("the dropped copy ended: the test needs one abandoned (dropped without ending)")
+	default:
+	}
+}
