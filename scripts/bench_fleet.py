@@ -15,6 +15,9 @@ scripts/redis.sh with its own REDIS_STATE_DIR, so it never meets another run):
    CancelTask on r3 and submits the next one; CancelTask sent (client clock) ->
    ``stopped`` recorded by r1 (its event time) and -> ``stopped`` received by
    the watcher on r2. One machine, one clock.
+2b. cancel storm: then STORM tasks (BENCH_FLEET_STORM, default SESSIONS: every
+   slot) streaming on r1, cancelled all at once with CancelTask on r3: the same
+   two latencies, in rows of their own (the rows of part 2 stay storm-free).
 3. hand-over: SESSIONS new sessions on r1; kill -9 of r1 -> the commander
    re-attaches each to another replica; kill -> the ``re-attached`` event
    recorded again (and -> first content again), over the sessions of r1. r1
@@ -78,6 +81,9 @@ SESSIONS = int(os.environ.get("BENCH_FLEET_SESSIONS", "16" if QUICK else "64"))
 #: shared cores and the latencies measured the machine, not the fleet.
 RATE = float(os.environ.get("BENCH_FLEET_RATE", "2.5"))
 RELAY_SECONDS = float(os.environ.get("BENCH_FLEET_RELAY_SECONDS", "10" if QUICK else "30"))
+#: Tasks of the cancel storm (part 2b): all cancelled at once; at most SESSIONS
+#: (the commander's slots), by default every one of them.
+STORM = min(SESSIONS, int(os.environ.get("BENCH_FLEET_STORM", str(SESSIONS))))
 WARMUP = 3.0
 FLOOD_SECONDS = 6 if QUICK else 15
 FLOOD_SESSIONS = 6
@@ -410,6 +416,85 @@ async def relay_and_cancel(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[
     return out
 
 
+async def cancel_storm(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[str, Any]:
+    """Part 2b, after the relay phase (whose stop rows stay storm-free): STORM
+    tasks on r1, each streaming with a watcher on r2, cancelled all at once
+    with CancelTask on r3 (the calls issued together, each timed from its own
+    send): -> ``stopped`` recorded (r1) and -> seen by the watcher on r2."""
+    out: dict[str, Any] = {"tasks": STORM, "recorded": [], "seen": [], "no_stopped": 0, "errors": 0}
+    ids = [await submit(stubs[0], f"fleet cancel storm {i}") for i in range(STORM)]
+    firsts = [asyncio.Event() for _ in ids]
+    stops: list[dict[str, Any]] = [{} for _ in ids]
+    ignored: list[float] = []
+    watchers = [
+        asyncio.create_task(watch(stubs[1], t, ignored, float("inf"), f, st))
+        for t, f, st in zip(ids, firsts, stops, strict=True)
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 60)
+    except TimeoutError:
+        out["errors"] += sum(not f.is_set() for f in firsts)
+        log(f"cancel storm: {out['errors']} of {STORM} tasks never streamed")
+    # Every session streaming for a moment, then the storm.
+    await asyncio.sleep(1.0)
+    sent: list[int] = [0] * len(ids)
+
+    async def cancel(i: int) -> None:
+        sent[i] = time.time_ns() // 1000
+        await stubs[2].CancelTask(
+            tasks_pb2.CancelTaskRequest(task_id=ids[i], reason="bench storm"), metadata=META
+        )
+
+    res = await asyncio.gather(*(cancel(i) for i in range(len(ids))), return_exceptions=True)
+    for r in res:
+        if isinstance(r, BaseException):
+            out["errors"] += 1
+            log(f"cancel storm: CancelTask: {r}")
+    done, pending = await asyncio.wait(watchers, timeout=30)
+    for w in pending:
+        w.cancel()
+    for w in done:
+        if (exc := w.exception()) is not None:
+            out["errors"] += 1
+            log(f"cancel storm: watcher: {exc}")
+    for t0_us, st in zip(sent, stops, strict=True):
+        if st:
+            out["recorded"].append((st["recorded_us"] - t0_us) / 1000)
+            out["seen"].append((st["recv_us"] - t0_us) / 1000)
+        else:
+            out["no_stopped"] += 1
+    out["spread_ms"] = (max(sent) - min(sent)) / 1000 if sent else 0.0
+    log(
+        f"cancel storm: {STORM} cancels sent within {out['spread_ms']:.1f} ms; "
+        f"{out['no_stopped']} without stopped, {out['errors']} errors"
+    )
+    return out
+
+
+def storm_rows(storm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cancel storm's two latency rows, named apart from the relay's."""
+    n = storm["tasks"]
+    return [
+        {
+            "name": f"cancel storm ({n} at once): CancelTask on r3 → stopped recorded (r1)",
+            "summary": latency_summary(storm["recorded"]),
+        },
+        {
+            "name": f"cancel storm ({n} at once): CancelTask on r3 → stopped seen on r2",
+            "summary": latency_summary(storm["seen"]),
+        },
+    ]
+
+
+def storm_check(storm: dict[str, Any]) -> dict[str, Any]:
+    return check(
+        "every cancel storm task stopped",
+        storm["no_stopped"] == 0 and storm["errors"] == 0,
+        f"{storm['tasks']} tasks, {storm['no_stopped']} without stopped, "
+        f"{storm['errors']} errors; sent within {storm['spread_ms']:.1f} ms",
+    )
+
+
 # --- part 3: hand-over ---------------------------------------------------------------
 
 
@@ -728,6 +813,8 @@ async def live_parts(
             "relay phase CPU (% of one core): "
             + ", ".join(f"{k} {v * 100:.0f}%" for k, v in split.items())
         )
+        log(f"cancel storm: {STORM} tasks cancelled at once")
+        res["storm"] = await cancel_storm(stubs)
         log("hand-over: kill -9 of r1")
         res["kill -9"] = await one_handover("kill -9", reps[0], chans[0], chans[1:], chans[2])
         await asyncio.get_running_loop().run_in_executor(None, reps[0].start)
@@ -791,6 +878,8 @@ def relay_only() -> int:
                     "relay phase CPU (% of one core): "
                     + ", ".join(f"{k} {v * 100:.0f}%" for k, v in split.items())
                 )
+                log(f"cancel storm: {STORM} tasks cancelled at once")
+                out["storm"] = await cancel_storm(stubs)
                 return out
             finally:
                 for c in chans:
@@ -820,7 +909,7 @@ def relay_only() -> int:
     }
     latencies: list[dict[str, Any]] = [
         {"name": k, "summary": latency_summary(v)} for k, v in rows.items()
-    ]
+    ] + storm_rows(rel["storm"])
     for lat in latencies:
         s = lat["summary"]
         print(
@@ -835,9 +924,19 @@ def relay_only() -> int:
         f"{SUBMIT_RETRIES[0]} submits retried)",
         file=sys.stderr,
     )
-    checks = [check("every relay task stopped", ok, f"{rel['tasks']} tasks")]
+    print(
+        f"check every cancel storm task stopped: "
+        f"{'ok' if storm_check(rel['storm'])['pass'] else 'FAILED'} "
+        f"({storm_check(rel['storm'])['detail']})",
+        file=sys.stderr,
+    )
+    checks = [
+        check("every relay task stopped", ok, f"{rel['tasks']} tasks"),
+        storm_check(rel["storm"]),
+    ]
     params = {
         "sessions": SESSIONS,
+        "cancel_storm": STORM,
         "model_tokens_per_s": RATE,
         "replicas": 3,
         "binary": DISPATCHER_BIN,
@@ -947,6 +1046,7 @@ def emit(res: dict[str, Any], took: float) -> int:
     k9, term = res["kill -9"], res["SIGTERM"]
     params = {
         "sessions": SESSIONS,
+        "cancel_storm": STORM,
         "model_tokens_per_s": RATE,
         "replicas": 3,
         "store": "postgres",
@@ -958,6 +1058,7 @@ def emit(res: dict[str, Any], took: float) -> int:
         {"name": "emit → watcher, other replica (r2)", "summary": other},
         {"name": "CancelTask on r3 → stopped recorded (r1)", "summary": stop_rec},
         {"name": "CancelTask on r3 → stopped seen on r2", "summary": stop_seen},
+        *storm_rows(res["storm"]),
         {"name": "kill -9 → re-attached recorded", "summary": latency_summary(k9["back"])},
         {"name": "kill -9 → first content again", "summary": latency_summary(k9["content_back"])},
         {"name": "SIGTERM → re-attached recorded", "summary": latency_summary(term["back"])},
@@ -1001,6 +1102,7 @@ def emit(res: dict[str, Any], took: float) -> int:
             rel["no_stopped"] == 0 and rel["errors"] == 0 and rel["tasks"] > 0,
             f"{rel['tasks']} tasks, {rel['no_stopped']} without stopped, {rel['errors']} errors",
         ),
+        storm_check(res["storm"]),
         check(
             "kill -9: sessions moved and streamed on",
             k9["flowing"] and k9["moved"] > 0 and k9["still_streaming"],

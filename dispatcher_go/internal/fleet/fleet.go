@@ -167,6 +167,9 @@ type Fleet struct {
 	// hooks are tests' look into takeOver's requeue (nil in production;
 	// set before Start).
 	hooks requeueHooks
+	// reconcileEvery is the reconcile's period (0: reconcileInterval);
+	// tests set it before Start.
+	reconcileEvery time.Duration
 
 	epochMu sync.Mutex
 	epoch   string
@@ -178,10 +181,16 @@ type Fleet struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
-	// bgMu orders KeepCancel's background writes (added to wg) with
-	// Close (closing: Close is waiting for wg, nothing more is added).
+	// bgMu orders the goroutines started from outside the fleet's loops
+	// (goBackground: KeepCancel's writes, watchOwned's watches, added to
+	// wg) with Close (closing: Close is waiting for wg, nothing more is
+	// added).
 	bgMu    sync.Mutex
 	closing bool
+	// watchMu guards watches: task id → the watch of its local copy
+	// (watchOwned), while it runs.
+	watchMu sync.Mutex
+	watches map[string]*ownedWatch
 	// keepSem bounds KeepCancel's row writes in flight (they share the
 	// store's pool with the writer that stores the tasks' ends).
 	keepSem chan struct{}
@@ -971,13 +980,78 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 	return err
 }
 
-// watchOwned releases t's lease once it ended and its end is stored.
+// goBackground runs fn in a goroutine Close waits for, unless Close has
+// begun: then it starts nothing and reports false. The fleet's own work
+// that a caller outside its loops may start (an API call: a cancel's
+// takeFree, a re-attach's TakeSession or ClaimSession, KeepCancel) goes
+// through it: a WaitGroup must not be added to from zero while Close
+// waits on it, and none of it may run past Close.
+//
+// One goroutine does not: lost's f.mgr.Drop, the task manager's stop of
+// its copy (its session stopped, the copy ended and forgotten), which may
+// run past Close. It must stay a goroutine: lost runs inside the store
+// writer's callback (onFenced), and Drop's end of the copy is recorded
+// through that writer. Made to wait for it, Close would wait for a
+// session's stop too.
+func (f *Fleet) goBackground(fn func()) bool {
+	f.bgMu.Lock()
+	defer f.bgMu.Unlock()
+	if f.closing {
+		return false
+	}
+	f.wg.Go(fn)
+	return true
+}
+
+// ownedWatch is the watch (watchOwned) of t, a local copy of a task this
+// replica holds: the attempt it releases the lease with, which a session
+// re-attaching to t here moves on (ClaimSession claims the lease again,
+// with the next attempt).
+type ownedWatch struct {
+	t *task.Task
+	// attempt and done are guarded by Fleet.watchMu; done: the watch
+	// ended (released, or gave up as the fleet stopped).
+	attempt int64
+	done    bool
+	// lost is closed when this replica lost the task's lease (Fleet.lost):
+	// a copy dropped without ending (its session went to another
+	// replica: Manager.Drop's abandon) would be waited for until Close.
+	lost chan struct{}
+}
+
+// watchOwned releases t's lease once it ended and its end is stored. Once
+// the fleet closes (then or later) it keeps t's cancel, if any, as a
+// command for the task's next owner (keepCancelOpen); asked for while the
+// fleet closes, it does only that, at once.
+//
+// A copy has one watch: asked again for a copy it watches (a re-attach of
+// its session here, ClaimSession; a drain's keepCancelled), it starts no
+// second one, the watch releases with attempt instead (the latest claim
+// of this replica's, which must already be held: fenced.own first). A
+// watch that ended (the task ended, its lease released or not held with
+// the attempt it had) is followed by a new one, which releases attempt at
+// once if t ended.
 func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
-	f.wg.Go(func() {
+	id := t.ID()
+	f.watchMu.Lock()
+	if w := f.watches[id]; w != nil && w.t == t && !w.done {
+		w.attempt = attempt
+		f.watchMu.Unlock()
+		return
+	}
+	w := &ownedWatch{t: t, attempt: attempt, lost: make(chan struct{})}
+	if f.watches == nil {
+		f.watches = map[string]*ownedWatch{}
+	}
+	f.watches[id] = w
+	f.watchMu.Unlock()
+	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
+		case <-w.lost:
+			return // not held here: nothing to release or keep
 		case <-f.ctx.Done():
-			f.keepCancelOpen(t, attempt)
+			f.keepCancelOpen(t, f.endWatch(w, false))
 			return
 		}
 		// Its end must be stored before the lease goes: the writer retries
@@ -991,27 +1065,49 @@ func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
 				break
 			}
 			if errors.Is(err, store.ErrWriterClosed) {
-				f.keepCancelOpen(t, attempt)
+				f.keepCancelOpen(t, f.endWatch(w, false))
 				return // shutting down: the lease expires
 			}
 			select {
 			case <-f.ctx.Done():
-				f.keepCancelOpen(t, attempt)
+				f.keepCancelOpen(t, f.endWatch(w, false))
 				return
 			case <-time.After(time.Second):
 			}
 		}
 		ctx, cancel := context.WithTimeout(f.ctx, 30*time.Second)
 		defer cancel()
-		if f.fenced.disown(t.ID(), attempt) {
+		if a := f.endWatch(w, true); a != 0 {
 			// Its end is stored (and this replica held the lease until
 			// then): a cancel waiting for it on any replica returns now.
-			f.announce(ctx, cmdMessage{TaskID: t.ID(), Kind: kindEnded, Status: int32(t.Status())})
-			if err := f.leases.Release(ctx, t.ID(), attempt); err != nil {
-				f.log.Debug("lease release failed; it expires", "task_id", t.ID(), "error", err)
+			f.announce(ctx, cmdMessage{TaskID: id, Kind: kindEnded, Status: int32(t.Status())})
+			if err := f.leases.Release(ctx, id, a); err != nil {
+				f.log.Debug("lease release failed; it expires", "task_id", id, "error", err)
 			}
 		}
 	})
+	if !started {
+		// Shutting down: the lease expires (as the watch does once the
+		// fleet stops).
+		f.keepCancelOpen(t, f.endWatch(w, false))
+	}
+}
+
+// endWatch ends watch w and returns the attempt it holds now. disown: only
+// if this replica still holds the task's lease with it, which it forgets
+// (0 if not: released meanwhile, or lost to another replica).
+func (f *Fleet) endWatch(w *ownedWatch, disown bool) int64 {
+	id := w.t.ID()
+	f.watchMu.Lock()
+	defer f.watchMu.Unlock()
+	w.done = true
+	if f.watches[id] == w {
+		delete(f.watches, id)
+	}
+	if disown && !f.fenced.disown(id, w.attempt) {
+		return 0
+	}
+	return w.attempt
 }
 
 // keepCancelOpen writes a cancel asked of t (a task this replica holds
@@ -1075,20 +1171,11 @@ func (f *Fleet) KeepCancel(id, reason string) {
 			f.log.Warn("a cancel asked here is not written as a command; if this replica dies before the task's stop or end is stored, the cancel is lost", "task_id", id, "error", err)
 		}
 	}
-	f.bgMu.Lock()
-	if f.closing {
+	if !f.goBackground(write) {
 		// Close waits for wg already: nothing may be added to it. The
 		// dispatcher is stopping; the caller may wait for this.
-		f.bgMu.Unlock()
 		write()
-		return
 	}
-	f.wg.Add(1)
-	f.bgMu.Unlock()
-	go func() {
-		defer f.wg.Done()
-		write()
-	}()
 }
 
 // keepCancelWrites is how many KeepCancel rows are written at once; a
@@ -1182,9 +1269,19 @@ func (f *Fleet) onFenced(id string) {
 // lost drops the local session of task id whose lease (attempt; 0: any)
 // this replica no longer holds. Whatever it records now is refused.
 func (f *Fleet) lost(id string, attempt int64, reason string) {
+	// The copy's watch ends with the lease (under watchMu, as it
+	// releases: it never follows an attempt this replica no longer holds).
+	f.watchMu.Lock()
 	if !f.fenced.disown(id, attempt) {
+		f.watchMu.Unlock()
 		return // released meanwhile (the task ended), or dropped already
 	}
+	if w := f.watches[id]; w != nil && !w.done {
+		w.done = true
+		delete(f.watches, id)
+		close(w.lost)
+	}
+	f.watchMu.Unlock()
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
 		return
 	}
@@ -1193,6 +1290,8 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	// never see them; they follow the fleet's view from here on.
 	f.mgr.Disown(id)
 	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
+	// Not goBackground (see there): the manager's work, which may run
+	// past Close; inline, it could deadlock in the writer's callback.
 	go f.mgr.Drop(id, reason)
 }
 
@@ -1444,12 +1543,19 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 	return true, ""
 }
 
-// reconcileLoop, every second: publishes the slot summary, rebuilds the
+// reconcileInterval is how often a replica reconciles (reconcileLoop).
+const reconcileInterval = time.Second
+
+// reconcileLoop, every second (reconcileInterval): publishes the slot summary, rebuilds the
 // bus if Redis lost its data, writes again the bus entries of tasks
 // waiting too long, closes the commands of ended tasks and carries out the
 // commands of this replica's tasks that a lost message did not announce.
 func (f *Fleet) reconcileLoop(ctx context.Context) {
-	t := time.NewTicker(time.Second)
+	every := f.reconcileEvery
+	if every <= 0 {
+		every = reconcileInterval
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	lastGC := time.Now()
 	for {

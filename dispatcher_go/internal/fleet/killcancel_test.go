@@ -299,3 +299,74 @@ func runningOnOwner(t *testing.T, slot *testSlot) (*postgres.Store, string, cont
 	})
 	return pg, url, ctx, owner, id
 }
+
+// A session whose stream to its replica broke (the copy there waits for it
+// to re-attach: DetachLinkLost) re-attaches to that same replica, which
+// still holds the task's lease, while a cancel of the task is open in
+// fleet_commands that the replica has not carried out: its announcement
+// was lost (the row is written here without one), and the reconcile that
+// would find it runs only every hour on this replica. The re-attach
+// honours the cancel at once, as a take-over does (TakeSession): the
+// session re-attaches with the cancel as its stop, and the task ends
+// CANCELLED with the cancel's reason. (Before, the re-attach's claim
+// (ClaimSession) read the open cancel and dropped it: the session
+// re-attached with no stop and ran on until the next reconcile.)
+func TestOpenCancelStopsASessionReattachingToTheReplicaItWaitsOn(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplicaWith(t, pg, url, "owner", &testSlot{upstream: true, stops: true},
+		func(f *Fleet) { f.reconcileEvery = time.Hour })
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	var lt *task.Task
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt = owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	if !lt.DetachLinkLost(stopRunner{t: lt}, 1, time.Minute) {
+		t.Fatal("the session did not detach")
+	}
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	leases, err := NewLeases(ctx, pg.Pool(), testLease)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "stopped by the test"}); err != nil {
+		t.Fatal(err)
+	}
+	if !lt.HandingOver() || lt.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("the copy is %s (handing over: %v): the test needs it waiting for its session", lt.Status(), lt.HandingOver())
+	}
+	var r *stopRunner
+	info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		r = &stopRunner{t: tk}
+		return r
+	})
+	switch {
+	case err != nil:
+		t.Fatalf("re-attach: %v", err)
+	case info.Stop == nil:
+		t.Fatal("the session re-attached with no stop: the open cancel waits for the reconcile and the session runs on")
+	case info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test":
+		t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
+	}
+	if reason, ok := lt.CancelRequested(); !ok || reason != "stopped by the test" {
+		t.Fatalf("cancel recorded on the copy: %q %v; want the open cancel's (so the reconcile does not carry it out again)", reason, ok)
+	}
+	// What the session server does with it (restop); the commander
+	// acknowledges at once.
+	r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
+	waitFor(t, "the task's end to be stored", 10*time.Second, func() bool {
+		st, _ := storedStatus(t, owner, id)
+		return task.Terminal(st)
+	})
+	if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" {
+		t.Fatalf("ended %s %q, want CANCELLED with the cancel's reason", st, msg)
+	}
+}

@@ -164,6 +164,13 @@ func startReplica(t *testing.T, pg *postgres.Store, url, id string, slot *testSl
 
 func startReplicaHooked(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot, hooks requeueHooks) *replica {
 	t.Helper()
+	return startReplicaWith(t, pg, url, id, slot, func(f *Fleet) { f.hooks = hooks })
+}
+
+// startReplicaWith is startReplica with set called on the fleet before it
+// starts (hooks, the reconcile's period).
+func startReplicaWith(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot, set func(*Fleet)) *replica {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	f, err := New(ctx, pg, Options{RedisURL: url, ReplicaID: id, Lease: testLease, Grace: testGrace,
@@ -171,7 +178,7 @@ func startReplicaHooked(t *testing.T, pg *postgres.Store, url, id string, slot *
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.hooks = hooks
+	set(f)
 	w := store.NewWriter(f.Store(), store.WriterOptions{})
 	ts, err := taskstore.New(taskstore.Options{Store: f.Store(), Writer: w, KeepRunning: true})
 	if err != nil {

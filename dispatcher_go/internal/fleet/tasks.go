@@ -513,11 +513,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 		// that is a client's cancel: task.Manager.Adopt), so this
 		// replica's reconcile does not carry it out again (that would end
 		// the copy waiting for its session and refuse the re-attach).
-		reason := cmd.Args.Reason
-		if reason == "" {
-			reason = task.DefaultCancelReason
-		}
-		snap.Stop = &dispatchv1.StopSignal{Reason: reason, Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
+		snap.Stop = cancelStop(*cmd)
 		f.log.Info("a re-attaching session's task has a cancel its last owner did not end: the session is stopped", "task_id", id, "command", cmd.ID)
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
@@ -534,12 +530,54 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // sessionID re-attaching here (Leases.ClaimForSession), and the fenced
 // store's permission to write with it.
 //
-// An open cancel of the task (see claimSession) is carried out by the
-// reconcile's runCommands within a second: the copy here waits for, or
-// runs, the session.
-func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, error) {
-	attempt, _, err := f.claimSession(ctx, id, sessionID)
-	return attempt, err
+// A cancel open for the task (see claimSession), which this replica has
+// not carried out (its announcement lost, or asked of another replica that
+// held the task meanwhile and stopped before the task's end was stored),
+// comes back as the stop the re-attached session is stopped with
+// (task.Reattached.Stop), at once, as TakeSession does: the reconcile
+// would carry it out only up to a second later, the session running on
+// meanwhile. Its row stays open until the task's end is stored.
+//
+// The copy's watch (watchOwned) releases the lease with the new attempt
+// once the task ended: the one it started with is no longer this
+// replica's (before, nothing released the lease after such a re-attach:
+// no "ended" announcement, the lease renewed until the replica stopped).
+//
+// The records this replica wrote of the task before the claim (the
+// detach's, the last of the session before it) are stored first: written
+// after the claim, with the attempt before it, the store refuses them
+// (fenced) and this replica drops its own session as lost to another
+// replica. The claim also reads the task's stored session.
+func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+	if err := f.writer.FlushWhileHealthy(ctx); err != nil {
+		return 0, nil, unavailable("store the task's records before the claim", err)
+	}
+	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
+	if err != nil {
+		return attempt, nil, err
+	}
+	if t := f.mgr.Registry().Get(id); t != nil && !t.IsView() {
+		f.watchOwned(t, attempt)
+	} else {
+		// No copy here to watch (forgotten meanwhile): not held, its
+		// lease expires and the sweep takes the task over.
+		f.fenced.disown(id, attempt)
+	}
+	if cmd == nil {
+		return attempt, nil, nil
+	}
+	f.log.Info("a re-attaching session's task has an open cancel: the session is stopped", "task_id", id, "command", cmd.ID)
+	return attempt, cancelStop(*cmd), nil
+}
+
+// cancelStop is the stop of cancel command c: a client's cancel with its
+// reason.
+func cancelStop(c command) *dispatchv1.StopSignal {
+	reason := c.Args.Reason
+	if reason == "" {
+		reason = task.DefaultCancelReason
+	}
+	return &dispatchv1.StopSignal{Reason: reason, Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
 }
 
 // claimSession is ClaimSession that returns too the oldest cancel open for

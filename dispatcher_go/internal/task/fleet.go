@@ -62,8 +62,10 @@ type Fleet interface {
 	// waiting for the session (Manager.AdoptWaiting).
 	TakeSession(ctx context.Context, id, sessionID string, serves func(tenant string) bool) error
 	// ClaimSession is TakeSession's claim alone, for a task this replica
-	// holds waiting for its session: the new attempt.
-	ClaimSession(ctx context.Context, id, sessionID string) (int64, error)
+	// holds waiting for its session: the new attempt, and the stop of a
+	// client's cancel open for the task that this replica has not carried
+	// out (nil: none), which the re-attached session is stopped with.
+	ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error)
 	// KeepCancel makes durable a client's cancel that this replica
 	// decided on task id, which it holds (Manager.CancelAs): if the
 	// replica dies before the task's end is stored, the task's next owner

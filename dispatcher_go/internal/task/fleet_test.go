@@ -68,6 +68,8 @@ type fakeFleet struct {
 	placeErr  error
 	requests  map[string]string
 	take      func(ctx context.Context, id, sessionID string, serves func(string) bool) error
+	// claim, when set, answers ClaimSession.
+	claim func(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error)
 	// viewLog, when set, is the log of every view Lookup returns (the
 	// events the replica running the task stored).
 	viewLog eventlog.Log
@@ -124,8 +126,11 @@ func (f *fakeFleet) TakeSession(ctx context.Context, id, sessionID string, serve
 	}
 	return ErrNotFound
 }
-func (f *fakeFleet) ClaimSession(context.Context, string, string) (int64, error) {
-	return 0, ErrNotFound
+func (f *fakeFleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+	if f.claim != nil {
+		return f.claim(ctx, id, sessionID)
+	}
+	return 0, nil, ErrNotFound
 }
 func (f *fakeFleet) KeepCancel(id, _ string) {
 	f.mu.Lock()
@@ -283,6 +288,43 @@ func TestFleetReattachTakesAnotherReplicasTaskOver(t *testing.T) {
 	// A second re-attach of the same session finds it attached here.
 	if _, err := m.Reattach(context.Background(), id, "ses-1", "c3", nil, mk); !errors.Is(err, ErrNotRunning) {
 		t.Fatalf("second re-attach: %v", err)
+	}
+}
+
+// A session re-attaching to the replica that holds its task's waiting
+// copy, whose claim (ClaimSession) finds a client's cancel open for the
+// task: the session re-attaches with that cancel as its stop, stored with
+// the task, and the copy has the cancel recorded (it is not carried out
+// again, the task is never requeued). Before, the claim's cancel was
+// dropped: no stop, the session ran on until the fleet's reconcile.
+func TestFleetReattachIsStoppedWithTheClaimsOpenCancel(t *testing.T) {
+	m, _, f, p := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
+	tk, err := m.Adopt(s, 3, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk.waitForReattach(time.Minute)
+	cancel := &dispatchv1.StopSignal{Reason: "by the client", Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}
+	f.claim = func(_ context.Context, id, ses string) (int64, *dispatchv1.StopSignal, error) {
+		if id != s.ID || ses != "ses-1" {
+			return 0, nil, ErrNotFound
+		}
+		return 4, cancel, nil
+	}
+	r, err := m.Reattach(context.Background(), s.ID, "ses-1", "c2", nil, func(tk *Task) Runner { return &fakeRunner{t: tk} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Attempt != 4 || r.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || r.Stop.GetReason() != "by the client" {
+		t.Fatalf("re-attached: attempt %d, stop %v; want attempt 4 stopped with the open cancel", r.Attempt, r.Stop)
+	}
+	if reason, ok := tk.CancelRequested(); !ok || reason != "by the client" {
+		t.Fatalf("cancel recorded: %q %v", reason, ok)
+	}
+	if st := p.last(s.ID).Stop; st.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
+		t.Fatalf("stored stop %v, want the cancel's (a later re-attach is stopped with it too)", st)
 	}
 }
 

@@ -313,7 +313,7 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	w.claiming = true
 	t.mu.Unlock()
 
-	attempt, err := m.claim(ctx, t, w, sessionID)
+	attempt, cancelStop, err := m.claim(ctx, t, w, sessionID)
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -327,6 +327,18 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	}
 	if w.timer != nil {
 		w.timer.Stop()
+	}
+	if cancelStop != nil && t.stop == nil {
+		// A client's cancel the claim found open and not carried out here
+		// (in a fleet: its announcement lost, or asked of a replica that
+		// held the task meanwhile): the session is stopped with it at
+		// once, as with a stop decided before the hand-over, and stored
+		// with the task. The cancel is recorded, as on a copy that decided
+		// it: it is not carried out again, and the task is never requeued.
+		t.stop = cancelStop
+		if t.cancelReason == "" {
+			t.cancelReason = cancelStop.GetReason()
+		}
 	}
 	t.runner = newRunner(t)
 	t.attempt = attempt
@@ -345,20 +357,21 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 
 // claim asks the Claimer for t's next attempt (without one: the attempt
 // after the one in memory). In a fleet the fleet claims the lease for the
-// session (unless it did already, loading the task: w.claimed).
-func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID string) (int64, error) {
+// session (unless it did already, loading the task: w.claimed), and
+// returns too the stop of a cancel open for the task (Fleet.ClaimSession).
+func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID string) (int64, *dispatchv1.StopSignal, error) {
 	if w.claimed > 0 {
-		return w.claimed, nil
+		return w.claimed, nil, nil
 	}
 	if m.fleet != nil {
 		return m.fleet.ClaimSession(ctx, t.id, sessionID)
 	}
 	if m.opts.Claimer == nil {
-		return t.Attempt() + 1, nil
+		return t.Attempt() + 1, nil, nil
 	}
 	attempt, err := m.opts.Claimer.Claim(ctx, t.id)
 	if err == nil && attempt <= 0 {
 		err = errors.New("the claimer returned no attempt")
 	}
-	return attempt, err
+	return attempt, nil, err
 }
