@@ -98,6 +98,22 @@ func TestPacerPacesOnlyUnderLoad(t *testing.T) {
 	if p.paces(now, 1) {
 		t.Fatalf("after a quiet spell a lone record is paced (load %.1f)", p.decayed(now))
 	}
+	// 4 records per interval again, then a stall of 20 intervals and the
+	// 80 records that arrived meanwhile in one write: the same rate, not
+	// paced (nor the write after it).
+	for range 200 {
+		now = now.Add(iv)
+		p.took(now, 4)
+	}
+	now = now.Add(20 * iv)
+	if p.paces(now, 80) {
+		t.Fatalf("a backlog after a stall is paced (load %.1f)", p.decayed(now))
+	}
+	p.took(now, 80)
+	now = now.Add(iv)
+	if p.paces(now, 4) {
+		t.Fatalf("the write after a stall's backlog is paced (load %.1f)", p.decayed(now))
+	}
 	// from 0 counts nothing.
 	q := newPacer(t0, iv, 4, 0)
 	q.took(t0, 1000)

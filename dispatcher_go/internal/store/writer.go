@@ -67,7 +67,7 @@ const paceTau = 8
 // waits interval (tests hold items pending until Flush with a long one;
 // with from > 0 only a write under load waits).
 func newPacer(created time.Time, interval time.Duration, burst, from int) pacer {
-	return pacer{interval: interval, burst: burst, tat: created.Add(time.Duration(burst) * interval), from: from}
+	return pacer{interval: interval, burst: burst, tat: created.Add(time.Duration(burst) * interval), from: from, loadAt: created}
 }
 
 // paces reports whether a write of the pending records must wait its turn
@@ -75,7 +75,7 @@ func newPacer(created time.Time, interval time.Duration, burst, from int) pacer 
 // the pending records, is at least from records per interval (a steady
 // rate of r records per interval keeps the load at r*paceTau).
 func (p *pacer) paces(now time.Time, pending int) bool {
-	return p.from <= 0 || p.decayed(now)+float64(pending) >= float64(p.from*paceTau)
+	return p.from <= 0 || p.decayed(now)+float64(pending)*p.spread(now) >= float64(p.from*paceTau)
 }
 
 // took counts n records taken into a write at now.
@@ -83,8 +83,22 @@ func (p *pacer) took(now time.Time, n int) {
 	if p.from <= 0 || n <= 0 {
 		return
 	}
-	p.load = p.decayed(now) + float64(n)
+	p.load = p.decayed(now) + float64(n)*p.spread(now)
 	p.loadAt = now
+}
+
+// spread is what a record taken at now adds to the load: the records of a
+// write arrived since the previous write, so each counts as spread over
+// that gap (its decayed share, (tau/gap)(1-e^(-gap/tau)): about 1 for a
+// gap well under tau). A backlog after a stall (the machine's, the
+// Writer's) then counts as the rate it arrived at, not as a flood: pacing
+// it would add a timer's wait to events already late.
+func (p *pacer) spread(now time.Time) float64 {
+	gap := float64(now.Sub(p.loadAt)) / float64(paceTau*p.interval)
+	if gap <= 1e-3 {
+		return 1
+	}
+	return -math.Expm1(-gap) / gap
 }
 
 // decayed is the load at now.
