@@ -58,6 +58,17 @@ const (
 	// relay-64 p99 3.8-4.2 vs 4.9-6.3 ms, the stop scenario's decision →
 	// stopped p99 1.8-1.9 vs 1.4-1.5 ms (docs/benchmarks.md, issue 16).
 	DefaultFlushInterval = time.Millisecond
+	// DefaultPaceFrom applies the flush interval only under load
+	// (store.WriterOptions.PaceFrom): from 6 records per interval (6 000
+	// a second at 1 ms) on average. Below, a write starts as soon as the
+	// previous one ended: a sub-millisecond pacing wait lasted about a
+	// millisecond (Go's timers), and relay-64 (3 200 events/s) waited for it
+	// at p50 and p99; a flood (the throughput scenario) is still written
+	// once per interval. 6 lies between relay-200's 4 000 events/s and the
+	// live row's 9 000 (one stream, rest-vs-grpc pinned): at 8, near that
+	// rate, the live row's CPU per event was 1.16 and 1.43x in two pairs;
+	// at 6 its writes are paced as before.
+	DefaultPaceFrom = 6
 
 	// The two below are not applied by New, where zero means something
 	// else; they are cmd/dispatcher's defaults for the matching flags.

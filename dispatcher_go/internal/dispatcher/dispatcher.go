@@ -150,6 +150,7 @@ func New(cfg Config) (*Dispatcher, error) {
 	if st := cfg.Store.Backend; st != nil {
 		writer = store.NewWriter(st, store.WriterOptions{
 			Interval: cfg.Store.FlushInterval,
+			PaceFrom: DefaultPaceFrom,
 			Logger:   log.With("component", "store"),
 			OnRejected: func(taskID, reason string) {
 				if m := tasks.Load(); m != nil {

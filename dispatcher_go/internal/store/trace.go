@@ -42,6 +42,7 @@ type tracer struct {
 	// (run queue), and the rest (blocked: I/O, locks)
 	applyCPU, applyRunq, applyBlocked []time.Duration
 	writes                            int
+	unpaced                           int // writes that did not wait their turn in the pacer (PaceFrom)
 	started                           time.Time
 	last                              *metrics.Float64Histogram // sched latencies at the last report
 	lastGC                            *metrics.Float64Histogram
@@ -112,8 +113,8 @@ func histDelta(now, before *metrics.Float64Histogram) string {
 
 func (t *tracer) report() {
 	t.mu.Lock()
-	queued, write, tell, apply, sizes, slept, writes := t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes
-	t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes = nil, nil, nil, nil, nil, nil, 0
+	queued, write, tell, apply, sizes, slept, writes, unpaced := t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes, t.unpaced
+	t.queued, t.write, t.tell, t.apply, t.sizes, t.slept, t.writes, t.unpaced = nil, nil, nil, nil, nil, nil, 0, 0
 	acpu, arunq, ablk := t.applyCPU, t.applyRunq, t.applyBlocked
 	t.applyCPU, t.applyRunq, t.applyBlocked = nil, nil, nil
 	pwant, plate, wakeup := t.paceWant, t.paceLate, t.wakeup
@@ -123,7 +124,7 @@ func (t *tracer) report() {
 	metrics.Read(s)
 	sched, gc := s[0].Value.Float64Histogram(), s[1].Value.Float64Histogram()
 	var b strings.Builder
-	fmt.Fprintf(&b, "store trace: %d writes\n", writes)
+	fmt.Fprintf(&b, "store trace: %d writes (%d of them not paced)\n", writes, unpaced)
 	fmt.Fprintf(&b, "  queued (persist→taken) %s\n", pcts(queued))
 	fmt.Fprintf(&b, "  write  (taken→applied) %s\n", pcts(write))
 	fmt.Fprintf(&b, "  tell   (applied→commit) %s\n", pcts(tell))

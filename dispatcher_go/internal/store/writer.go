@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"runtime"
 	"sync"
 	"time"
@@ -39,16 +40,74 @@ const writeBurst = 4
 // refilled one per interval. tat is the bucket's theoretical arrival time:
 // a write may start once now >= tat - (burst-1)*interval, and each start
 // moves tat to max(tat, now) + interval.
+//
+// With from > 0 the bucket applies only under load (paces): while records
+// are taken into writes at from or more per interval on average (load, a
+// count of them decaying with the time constant paceTau intervals). Below
+// that a write starts as soon as the previous one ended and is not counted
+// in the bucket, so no timer is on the way of an event at a moderate rate
+// (a Go timer asked for less than a millisecond fires about a millisecond
+// late: the runtime's epoll_wait timeout is whole milliseconds), while a
+// flood is still gathered into one write per interval.
 type pacer struct {
 	interval time.Duration
 	burst    int
 	tat      time.Time
+
+	from   int       // pace only from this many records per interval (0: always)
+	load   float64   // records taken, decayed with the time constant paceTau intervals
+	loadAt time.Time // when load was last updated
 }
 
+// paceTau is the time constant of the pacer's load, in intervals: the load
+// follows a change of rate within a few times that (8 ms at 1 ms).
+const paceTau = 8
+
 // newPacer starts with tat = created + burst*interval: the first write
-// waits interval (tests hold items pending until Flush with a long one).
-func newPacer(created time.Time, interval time.Duration, burst int) pacer {
-	return pacer{interval: interval, burst: burst, tat: created.Add(time.Duration(burst) * interval)}
+// waits interval (tests hold items pending until Flush with a long one;
+// with from > 0 only a write under load waits).
+func newPacer(created time.Time, interval time.Duration, burst, from int) pacer {
+	return pacer{interval: interval, burst: burst, tat: created.Add(time.Duration(burst) * interval), from: from, loadAt: created}
+}
+
+// paces reports whether a write of the pending records must wait its turn
+// in the bucket at now: always with from 0; else when the load, counting
+// the pending records, is at least from records per interval (a steady
+// rate of r records per interval keeps the load at r*paceTau).
+func (p *pacer) paces(now time.Time, pending int) bool {
+	return p.from <= 0 || p.decayed(now)+float64(pending)*p.spread(now) >= float64(p.from*paceTau)
+}
+
+// took counts n records taken into a write at now.
+func (p *pacer) took(now time.Time, n int) {
+	if p.from <= 0 || n <= 0 {
+		return
+	}
+	p.load = p.decayed(now) + float64(n)*p.spread(now)
+	p.loadAt = now
+}
+
+// spread is what a record taken at now adds to the load: the records of a
+// write arrived since the previous write, so each counts as spread over
+// that gap (its decayed share, (tau/gap)(1-e^(-gap/tau)): about 1 for a
+// gap well under tau). A backlog after a stall (the machine's, the
+// Writer's) then counts as the rate it arrived at, not as a flood: pacing
+// it would add a timer's wait to events already late.
+func (p *pacer) spread(now time.Time) float64 {
+	gap := float64(now.Sub(p.loadAt)) / float64(paceTau*p.interval)
+	if gap <= 1e-3 {
+		return 1
+	}
+	return -math.Expm1(-gap) / gap
+}
+
+// decayed is the load at now.
+func (p *pacer) decayed(now time.Time) float64 {
+	dt := now.Sub(p.loadAt)
+	if p.load == 0 || dt <= 0 {
+		return p.load
+	}
+	return p.load * math.Exp(-float64(dt)/float64(paceTau*p.interval))
 }
 
 // wait is how long a write must wait at now (<= 0: none).
@@ -91,6 +150,12 @@ type WriterOptions struct {
 	// previous one ended, before Interval paces them (default writeBurst;
 	// 1: every write waits Interval after the previous one started).
 	Burst int
+	// PaceFrom applies Interval only under load: while records (events
+	// and task records) are written at PaceFrom or more per Interval on
+	// average over the last few Intervals (see pacer). Below that rate a
+	// write starts as soon as the previous one ended, as with Interval 0.
+	// 0 (the default): Interval always applies.
+	PaceFrom int
 	// MaxBatch ends the Interval wait at once when this many items are
 	// pending (default 2048). It does not cap a batch: a write takes
 	// everything pending (at most about MaxPending items).
@@ -213,7 +278,7 @@ type Writer struct {
 func NewWriter(st Store, opts WriterOptions) *Writer {
 	opts.applyDefaults()
 	opts.InFlight = inFlight(st, opts.InFlight)
-	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst), wake: make(chan struct{}, 1), done: make(chan struct{})}
+	w := &Writer{st: st, opts: opts, pace: newPacer(time.Now(), opts.Interval, opts.Burst, opts.PaceFrom), wake: make(chan struct{}, 1), done: make(chan struct{})}
 	w.stuckTimer = time.AfterFunc(time.Hour, w.checkStuck)
 	w.stuckTimer.Stop()
 	go w.run()
@@ -312,6 +377,13 @@ func (w *Writer) notifyLocked(taskID string) {
 			}
 		default:
 		}
+	}
+}
+
+// tookLocked counts n records taken into a write in the pacer's load.
+func (w *Writer) tookLocked(n int) {
+	if w.opts.PaceFrom > 0 && w.opts.Interval > 0 {
+		w.pace.took(time.Now(), n)
 	}
 }
 
@@ -503,8 +575,10 @@ func (w *Writer) run() {
 			continue // the write under way that holds it up wakes us
 		}
 		// Wait out the interval unless the batch is full, a flush was
-		// asked for, or we are closing.
-		for w.opts.Interval > 0 && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
+		// asked for, we are closing, or the Writer is not under load
+		// (PaceFrom).
+		paced := w.opts.Interval > 0 && w.pace.paces(time.Now(), w.pendingLocked())
+		for paced && w.pendingLocked() > 0 && w.pendingLocked() < w.opts.MaxBatch && len(w.waiters) == 0 && !w.closed {
 			wait := w.pace.wait(time.Now())
 			if wait <= 0 {
 				break
@@ -528,8 +602,13 @@ func (w *Writer) run() {
 			}
 			w.mu.Lock()
 		}
-		if w.opts.Interval > 0 {
+		if paced {
 			w.pace.start(time.Now())
+		}
+		if trace != nil && !paced {
+			trace.mu.Lock()
+			trace.unpaced++
+			trace.mu.Unlock()
 		}
 		var slept time.Duration
 		if trace != nil {
@@ -540,6 +619,7 @@ func (w *Writer) run() {
 			continue
 		}
 		w.landLocked() // a flush or Close: the writes under way end first
+		w.tookLocked(w.pendingLocked())
 		events, tasks, waiters, closed := w.events, w.tasks, w.waiters, w.closed
 		w.events, w.spare, w.tasks, w.waiters = w.spare, nil, nil, nil
 		w.roomLocked()
