@@ -143,7 +143,7 @@ func parseConfig(args []string, getenv func(string) string, usage io.Writer) (*c
 	fs.StringVar(&c.postgresDSN, "postgres-dsn", "", "PostgreSQL connection string for --storage-backend postgres; env also POSTGRES_CONNECTION_STRING")
 	fs.StringVar(&c.dataDir, "data-dir", "./.data", "directory of the embedded (sqlite) store")
 	fs.DurationVar(&c.retention, "retention", dispatcher.DefaultRetention, "remove tasks and their events this long after they ended (0: keep forever)")
-	fs.DurationVar(&c.flushInterval, "event-flush-interval", dispatcher.DefaultFlushInterval, "paces the store writes under load (6 or more records per interval): a few back to back, then one per interval on average; below that rate, and with 0, a write starts as soon as the previous one ended")
+	fs.DurationVar(&c.flushInterval, "event-flush-interval", dispatcher.DefaultFlushInterval, "paces the store writes: a few back to back, then one per interval on average; with one write under way at a time (SQLite) only under load (6 or more records per interval), below that rate a write starts as soon as the previous one ended; 0: never paced")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 	fs.StringVar(&c.httpListen, "http-listen", "127.0.0.1:8088", "address of the HTTP API (seed-001 REST/SSE, native /api/tasks) and the web page; empty disables")

@@ -52,7 +52,8 @@ const (
 	// back, then one per interval on average; an idle writer writes an
 	// event at once. 0 (a write as soon as the previous one ended) cost
 	// 35-95 % more dispatcher CPU per event at 200 sessions × 20 events/s,
-	// each write having a fixed cost. With the write journal (a write of
+	// each write having a fixed cost (with one write at a time, SQLite,
+	// DefaultPaceFrom now writes such a rate unpaced: see there). With the write journal (a write of
 	// short runs ~25 µs of CPU), 1 ms against 2 ms in interleaved runs:
 	// one streaming session's relay p50 0.48-0.54 vs 1.63 ms (byclaw-peer),
 	// relay-64 p99 3.8-4.2 vs 4.9-6.3 ms, the stop scenario's decision →
@@ -60,14 +61,19 @@ const (
 	DefaultFlushInterval = time.Millisecond
 	// DefaultPaceFrom applies the flush interval only under load
 	// (store.WriterOptions.PaceFrom): from 6 records per interval (6 000
-	// a second at 1 ms) on average. Below, a write starts as soon as the
-	// previous one ended: a sub-millisecond pacing wait lasted about a
-	// millisecond (Go's timers), and relay-64 (3 200 events/s) waited for it
-	// at p50 and p99; a flood (the throughput scenario) is still written
-	// once per interval. 6 lies between relay-200's 4 000 events/s and the
-	// live row's 9 000 (one stream, rest-vs-grpc pinned): at 8, near that
-	// rate, the live row's CPU per event was 1.16 and 1.43x in two pairs;
-	// at 6 its writes are paced as before.
+	// a second at 1 ms) on average, and only with one write at a time
+	// (SQLite; PostgreSQL's writes in flight keep the interval always, or
+	// an unpaced writer starts a write for nearly every event). Below, a
+	// write starts as soon as the previous one ended: a sub-millisecond
+	// pacing wait lasted about a millisecond (Go's timers), and relay-64
+	// (3 200 events/s) waited for it at p50 and p99; a flood (the
+	// throughput scenario) is still written once per interval. The trade
+	// is the CPU cost of interval 0 above, below 6 per interval: relay-64's
+	// dispatcher CPU per packet about 1.19x with it, the throughput row
+	// unchanged. 6 lies between relay-200's 4 000 events/s and the live
+	// row's 9 000 (one stream, rest-vs-grpc pinned): at 8, near that rate,
+	// the live row's CPU per event was 1.16 and 1.43x in two pairs; at 6
+	// its writes are paced as before.
 	DefaultPaceFrom = 6
 
 	// The two below are not applied by New, where zero means something

@@ -218,7 +218,6 @@ func (w *Writer) launchLocked(slept time.Duration) bool {
 		w.answerFlushesLocked()
 		return true // nothing free: a write ending wakes the Writer
 	}
-	w.tookLocked(len(events) + len(tasks))
 	low := w.queued + 1
 	if len(events) > 0 {
 		low = events[0].n
