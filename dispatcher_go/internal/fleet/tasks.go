@@ -547,9 +547,12 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // detach's, the last of the session before it) are stored first: written
 // after the claim, with the attempt before it, the store refuses them
 // (fenced) and this replica drops its own session as lost to another
-// replica. The claim also reads the task's stored session.
+// replica. A slow store makes the re-attach wait (ctx bounds it: the
+// re-attach's own deadline), as the claim's lock on the lease row would
+// have; a store that does not answer within it refuses the re-attach
+// UNAVAILABLE. The claim also reads the task's stored session.
 func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
-	if err := f.writer.FlushWhileHealthy(ctx); err != nil {
+	if err := f.writer.Flush(ctx); err != nil {
 		return 0, nil, unavailable("store the task's records before the claim", err)
 	}
 	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
