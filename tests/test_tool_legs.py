@@ -3,19 +3,13 @@ trip is charged once, to the client (loadgen) or the server (dispatcher)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "tool_legs.py"
+from tests._scripts import load_script
 
 
 def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tool_legs", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tool_legs")
 
 
 def split(mod: ModuleType, legs: list[int]) -> tuple[int, int]:

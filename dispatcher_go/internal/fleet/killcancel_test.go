@@ -145,22 +145,7 @@ func stopsTheReattachedSession(t *testing.T, local, reconcile bool) {
 		}
 		sender.f.runCommands(d.ctx, []string{d.id})
 	}
-	var r *stopRunner
-	info, err := sender.mgr.Reattach(d.ctx, d.id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
-		r = &stopRunner{t: tk}
-		return r
-	})
-	switch {
-	case err != nil:
-		t.Fatalf("re-attach: %v", err)
-	case info.Stop == nil:
-		t.Fatal("the session re-attached with no stop: the cancel is lost and the task runs on")
-	case info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test":
-		t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
-	}
-	// What the session server does with it (restop); the commander
-	// acknowledges at once.
-	r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
+	reattachStoppedByTheCancel(t, d.ctx, sender.mgr, d.id, "the cancel is lost and the task runs on")
 	st, msg := d.ended(t, sender, 10*time.Second)
 	if st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" {
 		t.Fatalf("ended %s %q, want CANCELLED with the cancel's reason", st, msg)
@@ -343,19 +328,7 @@ func TestOpenCancelStopsASessionReattachingToTheReplicaItWaitsOn(t *testing.T) {
 	if !lt.HandingOver() || lt.Status() != agentpb.TaskStatus_RUNNING {
 		t.Fatalf("the copy is %s (handing over: %v): the test needs it waiting for its session", lt.Status(), lt.HandingOver())
 	}
-	var r *stopRunner
-	info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
-		r = &stopRunner{t: tk}
-		return r
-	})
-	switch {
-	case err != nil:
-		t.Fatalf("re-attach: %v", err)
-	case info.Stop == nil:
-		t.Fatal("the session re-attached with no stop: the open cancel waits for the reconcile and the session runs on")
-	case info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test":
-		t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
-	}
+	r, info := reattachWithTheCancelsStop(t, ctx, owner.mgr, id, "the open cancel waits for the reconcile and the session runs on")
 	if reason, ok := lt.CancelRequested(); !ok || reason != "stopped by the test" {
 		t.Fatalf("cancel recorded on the copy: %q %v; want the open cancel's (so the reconcile does not carry it out again)", reason, ok)
 	}
@@ -369,4 +342,33 @@ func TestOpenCancelStopsASessionReattachingToTheReplicaItWaitsOn(t *testing.T) {
 	if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_CANCELLED || msg != "stopped by the test" {
 		t.Fatalf("ended %s %q, want CANCELLED with the cancel's reason", st, msg)
 	}
+}
+
+// reattachWithTheCancelsStop re-attaches session-1 to task id on mgr and
+// fails the test unless the session comes back with the test's client
+// cancel as its stop (lost: what it means if there is none).
+func reattachWithTheCancelsStop(t *testing.T, ctx context.Context, mgr *task.Manager, id, lost string) (*stopRunner, task.Reattached) {
+	t.Helper()
+	var r *stopRunner
+	info, err := mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		r = &stopRunner{t: tk}
+		return r
+	})
+	switch {
+	case err != nil:
+		t.Fatalf("re-attach: %v", err)
+	case info.Stop == nil:
+		t.Fatal("the session re-attached with no stop: " + lost)
+	case info.Stop.GetCode() != dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL || info.Stop.GetReason() != "stopped by the test":
+		t.Fatalf("re-attached with stop %v, want the client's cancel with its reason", info.Stop)
+	}
+	return r, info
+}
+
+// reattachStoppedByTheCancel is reattachWithTheCancelsStop, then the
+// session server's restop with the commander acknowledging at once.
+func reattachStoppedByTheCancel(t *testing.T, ctx context.Context, mgr *task.Manager, id, lost string) {
+	t.Helper()
+	r, info := reattachWithTheCancelsStop(t, ctx, mgr, id, lost)
+	r.Stop(info.Stop.GetReason(), info.Stop.GetCode())
 }
