@@ -196,9 +196,25 @@ func TestWatchOfATaskWhoseSessionMovedToAnotherReplicaEnds(t *testing.T) {
 // claim's lock on the lease row would) instead of being refused
 // UNAVAILABLE — a refusal makes the commander give the session up. Here a
 // second transaction holds the task tables for 2 s, past the writer's
-// "stuck" mark (1 s).
+// "stuck" mark (1 s), but within the replica's lease: the write that
+// waits holds the task's lease row (FOR SHARE), so the lease is not renewed
+// meanwhile, and with the tests' 0.9 s lease the replica lost the task
+// during the stall (its copy dropped, now and then the task swept FAILURE
+// before the claim: this test failed in CI under load).
 func TestReattachToTheSameReplicaWaitsForASlowStore(t *testing.T) {
-	_, _, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplicaLeased(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, 8*time.Second, time.Second, func(*Fleet) {})
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
 	lt := owner.mgr.Registry().Get(id)
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
@@ -231,5 +247,8 @@ func TestReattachToTheSameReplicaWaitsForASlowStore(t *testing.T) {
 	}
 	if n := owner.f.Fenced(); n != 0 {
 		t.Fatalf("%d of the replica's own writes were fenced", n)
+	}
+	if a := owner.f.fenced.attempt(id); a != info.Attempt || owner.mgr.Registry().Get(id) != lt || info.Task != lt {
+		t.Fatalf("the replica holds attempt %d of the task (re-attached with %d) or dropped its copy: the stall cost the lease", a, info.Attempt)
 	}
 }

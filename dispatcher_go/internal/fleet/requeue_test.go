@@ -171,9 +171,15 @@ func startReplicaHooked(t *testing.T, pg *postgres.Store, url, id string, slot *
 // starts (hooks, the reconcile's period).
 func startReplicaWith(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot, set func(*Fleet)) *replica {
 	t.Helper()
+	return startReplicaLeased(t, pg, url, id, slot, testLease, testGrace, set)
+}
+
+// startReplicaLeased is startReplicaWith with the lease and grace given.
+func startReplicaLeased(t *testing.T, pg *postgres.Store, url, id string, slot *testSlot, lease, grace time.Duration, set func(*Fleet)) *replica {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	f, err := New(ctx, pg, Options{RedisURL: url, ReplicaID: id, Lease: testLease, Grace: testGrace,
+	f, err := New(ctx, pg, Options{RedisURL: url, ReplicaID: id, Lease: lease, Grace: grace,
 		ReclaimIdle: time.Second, RequeueAfter: time.Second, StopGrace: 200 * time.Millisecond, Logger: testLogger(id)})
 	if err != nil {
 		t.Fatal(err)
