@@ -253,7 +253,9 @@ func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
 	if err != nil || !out.Cancelled || out.Status != agentpb.TaskStatus_CANCELLED {
 		t.Fatalf("cancel: %+v %v", out, err)
 	}
-	if took > time.Second {
+	if took >= 2*time.Second {
+		// The insert alone takes 2 s: any wait for it shows here, and a
+		// loaded machine's slow cancel (well under that) does not.
 		t.Fatalf("the cancel took %s: its stop waited for the command row's 2 s insert", took)
 	}
 	waitFor(t, "the cancel's row", 10*time.Second, func() bool {
