@@ -46,7 +46,8 @@ model_up() {
   local model; model=$("$PY" "$ROOT/scripts/model_path.py")
   port_free 127.0.0.1 "$MODEL_PORT" || { log "port $MODEL_PORT is taken; set MODEL_PORT"; exit 1; }
   log "model server: SmolLM2-135M-Instruct ($model) on 127.0.0.1:$MODEL_PORT"
-  start model "$PY" -m llama_cpp.server --model "$model" --model_alias smollm2 \
+  # Unbuffered: the log tells at once when a client closed its stream (test-model reads it).
+  start model env PYTHONUNBUFFERED=1 "$PY" -m llama_cpp.server --model "$model" --model_alias smollm2 \
     --host 127.0.0.1 --port "$MODEL_PORT" --n_ctx 4096 --n_threads "$(nproc)"
   wait_for model 120 "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$MODEL_PORT/v1/models', timeout=2)"
 }
@@ -114,7 +115,7 @@ case "${1:-}" in
     trap 'stop_one model' EXIT
     MODEL_PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     model_up
-    LOCAL_LLM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1" DISPATCH_BIN_DIR="$BIN" \
+    LOCAL_LLM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1" LOCAL_LLM_LOG="$RUN/model.log" DISPATCH_BIN_DIR="$BIN" \
       "$ROOT/.venv/bin/pytest" -q -m model tests
     ;;
   *) echo "usage: $0 up|down|demo INSTRUCTION [GUI_INSTRUCTION]|model-test" >&2; exit 2 ;;

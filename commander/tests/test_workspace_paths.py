@@ -119,9 +119,13 @@ def call(ws: Workspace, op: str, path: str, flag: bool) -> dict[str, Any]:
     return ws.list_files(path, recursive=flag)
 
 
+# No wall-clock deadline: each example builds a directory tree on a disk the
+# other tests (PostgreSQL, builds) keep busy, and a shared CI machine can stall
+# one for seconds; Hypothesis would call that Flaky. What is checked is where
+# the tools write, not how fast.
 @settings(
     max_examples=300,
-    deadline=2000,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(op=st.sampled_from(["write", "read", "list"]), path=paths, flag=st.booleans())
