@@ -48,6 +48,13 @@ import (
 // DefaultAckInterval is the acker's period when Options.AckInterval is 0.
 const DefaultAckInterval = 20 * time.Millisecond
 
+// reattachTimeout bounds the claim of a re-attach. Under the commander's
+// handshake timeout (10 s by default): a claim that does not make it is
+// answered ErrReattachLater, and over, before the commander's next try
+// (which a claim still under way would refuse for good, as a session
+// attached to another stream).
+const reattachTimeout = 8 * time.Second
+
 // ackFlushTimeout bounds one flush of the acker; a store that does not
 // make it in time gets no acks (the commander keeps the packets).
 const ackFlushTimeout = 5 * time.Second
@@ -243,7 +250,7 @@ func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error)
 		return nil, task.Reattached{}, errBadReattach
 	}
 	sl.srv.supersede(sl, ra)
-	ctx, cancel := context.WithTimeout(sl.ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(sl.ctx, reattachTimeout)
 	defer cancel()
 	var r *run
 	info, err := ta.Reattach(ctx, ra.GetTaskId(), ra.GetSessionId(), sl.commanderID, sl.ServesTenant, func(t *task.Task) task.Runner {
