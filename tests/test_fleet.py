@@ -975,6 +975,66 @@ def test_cut_commander_link_session_moves_to_another_replica(
     print(f"\nlink to r1 reset: session re-attached to r2 {moved:.2f}s after; SUCCESS")
 
 
+def test_reattach_refused_for_now_is_retried_until_the_claim_succeeds(
+    stack: Stack, engines: SimpleNamespace
+) -> None:
+    """The replica running a session is killed while PostgreSQL refuses the claim of
+    its task's lease (a trigger on fleet_leases, as a database that fails for a
+    moment): the other replica cannot decide the re-attach and ends the commander's
+    stream UNAVAILABLE ("re-attach refused for now") instead of refusing it for
+    good; the commander keeps its session and re-attaches again with its backoff,
+    and once the database takes the claim the task is taken over and ends SUCCESS,
+    1..N exactly once. (Before, the first refusal made the commander abandon the
+    session, and the task ended FAILURE when the dead replica's lease was swept.)"""
+    d1, d2 = (_replica(stack, engines, i, _free_port(), lease=20, grace=10) for i in (1, 2))
+    llm = stack.scripted(tokens_per_sec=40, tokens=600)
+    cmd = stack.commander(f"{d1.addr},{d2.addr}", llm.base_url, slots=1)
+    d1.wait_slots(1, timeout=30)
+    task_id = _submit(d1, f"claim refused [{uuid.uuid4().hex[:8]}]", llm.model_config())
+    w = FleetWatcher([d2.addr], task_id)
+    w.wait(lambda evs: _contents(evs) >= 5, 30, "content flowing")
+    # Frozen first, so that no renewal of its own meets the trigger.
+    d1.proc.signal(signal.SIGSTOP)
+    _psql(
+        engines,
+        f"""
+        CREATE OR REPLACE FUNCTION refuse_lease_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'the test refuses this claim'; END $$;
+        CREATE TRIGGER refuse_lease_claim BEFORE UPDATE ON fleet_leases
+            FOR EACH ROW WHEN (NEW.task_id = '{task_id}') EXECUTE FUNCTION refuse_lease_claim();
+        """,
+    )
+    d1.close_channel()
+    d1.proc.kill9()
+    t_kill = time.time()
+    refused = "re-attach refused for now"
+    try:
+        wait_until(
+            lambda: d2.proc.log_text().count(refused) >= 3,
+            30,
+            "the re-attach refused for now three times on r2",
+            procs=[d2.proc, cmd],
+        )
+    finally:
+        _psql(engines, "DROP TRIGGER refuse_lease_claim ON fleet_leases")
+    t_heal = time.time()
+    assert f"UNAVAILABLE: {refused}" in cmd.log_text(), cmd.tail()
+    st = wait_status(d2.agent, task_id, timeout=90)
+    assert st.status == agent_pb2.SUCCESS, st
+    events = w.join(30)
+    _exactly_once_in_order(events)
+    re = _reattaches(events)
+    assert len(re) == 1, describe(events)
+    back = re[0].time.ToNanoseconds() / 1e9
+    assert "abandoned" not in cmd.log_text(), cmd.tail()
+    assert all(r["outcome"] == "completed" for r in llm.streams()), llm.streams()
+    print(
+        f"\nclaim refused by PostgreSQL for {t_heal - t_kill:.2f}s after the kill: "
+        f"{d2.proc.log_text().count(refused)} refusals for now, re-attached "
+        f"{back - t_heal:.2f}s after the database took claims again; SUCCESS"
+    )
+
+
 def _psql(engines: SimpleNamespace, sql: str) -> str:
     """Runs sql on the fleet's PostgreSQL (the psql of scripts/postgres.sh's install);
     returns what it printed (unaligned, tuples only)."""

@@ -208,6 +208,14 @@ class FakeDispatcher(
         #: a batch's packets are handled (``received``, the inbox) one by one.
         self.max_upstream_batch = max_upstream_batch
         self.streams_opened = 0
+        #: Answers a hello with ``reattach`` (None: the plain hello ack, as a
+        #: dispatcher refusing for good without a reason). It returns the ack to
+        #: send, or a status code and details to end the stream with before any ack.
+        self.on_reattach: (
+            Callable[[ipb.Reattach], ipb.DownstreamPacket | tuple[grpc.StatusCode, str]] | None
+        ) = None
+        #: The hellos with ``reattach`` received, in order.
+        self.reattaches: list[ipb.Reattach] = []
 
     async def next_slot(self, within: float = WAIT) -> FakeSlot:
         return await asyncio.wait_for(self.slots.get(), within)
@@ -226,7 +234,14 @@ class FakeDispatcher(
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "hello first")
         slot.hello = first.hello
         slot.received.append(first)
-        if self.ack_hello:
+        if first.hello.HasField("reattach"):
+            self.reattaches.append(first.hello.reattach)
+        if first.hello.HasField("reattach") and self.on_reattach is not None:
+            answer = self.on_reattach(first.hello.reattach)
+            if isinstance(answer, tuple):
+                await context.abort(*answer)
+            await context.write(answer)
+        elif self.ack_hello:
             await context.write(
                 ipb.DownstreamPacket(
                     ack=ipb.Ack(

@@ -16,6 +16,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/dispatcher"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/session"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
 
@@ -432,6 +433,18 @@ func TestUnknownErrorsDoNotLeak(t *testing.T) {
 	wantCode(t, err, codes.Internal)
 	if strings.Contains(err.Error(), "sk-") {
 		t.Fatal("internal text leaked")
+	}
+}
+
+// TestReattachLaterIsUnavailable: a re-attach refused for now ends the
+// stream UNAVAILABLE with its reason, which commanders retry (a final
+// refusal is an ack instead).
+func TestReattachLaterIsUnavailable(t *testing.T) {
+	t.Parallel()
+	err := toStatus(discard(), fmt.Errorf("%w (the fleet's database did not answer)", session.ErrReattachLater))
+	wantCode(t, err, codes.Unavailable)
+	if !strings.Contains(err.Error(), "re-attach refused for now") || !strings.Contains(err.Error(), "did not answer") {
+		t.Fatalf("status %v", err)
 	}
 }
 

@@ -34,6 +34,7 @@ var errorClasses = []struct {
 	{session.ErrProtocol, codes.FailedPrecondition},
 	{session.ErrStopNotAcknowledged, codes.Aborted},
 	{session.ErrShutdown, codes.Unavailable},
+	{session.ErrReattachLater, codes.Unavailable},
 	{session.ErrHelloTimeout, codes.DeadlineExceeded},
 	{broker.ErrHelloTimeout, codes.DeadlineExceeded},
 	{broker.ErrProtocol, codes.FailedPrecondition},

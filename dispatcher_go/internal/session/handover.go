@@ -7,6 +7,7 @@ import (
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
@@ -35,9 +36,24 @@ import (
 //     then ends FAILURE. A re-attach that finds the session still attached
 //     here to an older stream of the same commander ends that stream
 //     (supersede): the commander would not re-attach over a live one.
+//   - A re-attach refused for good (the task ended, is unknown or another
+//     tenant's, waits for another session) is answered in the hello's ack,
+//     without the session id: the commander gives the session up. One this
+//     dispatcher could not decide now (its store or the fleet's database
+//     did not answer, it is shutting down, a deadline) ends the stream
+//     UNAVAILABLE before any ack (ErrReattachLater): the commander
+//     reconnects and re-attaches again while its hand-over window lasts,
+//     and the task goes on waiting for it meanwhile.
 
 // DefaultAckInterval is the acker's period when Options.AckInterval is 0.
 const DefaultAckInterval = 20 * time.Millisecond
+
+// reattachTimeout bounds the claim of a re-attach. Under the commander's
+// handshake timeout (10 s by default): a claim that does not make it is
+// answered ErrReattachLater, and over, before the commander's next try
+// (which a claim still under way would refuse for good, as a session
+// attached to another stream).
+const reattachTimeout = 8 * time.Second
 
 // ackFlushTimeout bounds one flush of the acker; a store that does not
 // make it in time gets no acks (the commander keeps the packets).
@@ -180,19 +196,61 @@ func (s *Server) busySlots() int {
 	return n
 }
 
+// ErrReattachLater ends the stream of a re-attach refused for now, before
+// any ack (gRPC status UNAVAILABLE): the dispatcher could not decide it
+// (its store or the fleet's database did not answer in time, it is
+// shutting down). The task still waits for its session; the commander
+// reconnects with its backoff and re-attaches again, here or on another
+// replica, until its hand-over window runs out. A commander of any version
+// does so: a stream that ends before the hello's ack is a failed
+// connection attempt to it.
+var ErrReattachLater = errors.New("re-attach refused for now; reconnect and re-attach again")
+
+// Final refusals of a re-attach that reattach makes itself.
+var (
+	errNoHandOver  = errors.New("this dispatcher does not take sessions over")
+	errBadReattach = errors.New("reattach needs a task_id and a session_id")
+)
+
+// refusedForGood reports whether the re-attach refusal err is final: the
+// task ended, is unknown (or another tenant's), waits for another session
+// or is attached to another stream, or this dispatcher takes no session
+// over. Anything else (the store, the fleet's database, a deadline, the
+// manager closing) is for now: a later re-attach may succeed.
+func refusedForGood(err error) bool {
+	return errors.Is(err, task.ErrNotFound) || errors.Is(err, task.ErrNotRunning) ||
+		errors.Is(err, errNoHandOver) || errors.Is(err, errBadReattach)
+}
+
+// reattachLater is the error that ends the stream of a re-attach refused
+// for now with err: ErrReattachLater, with words for the commander's log.
+// The errors of the store and of the manager's shutdown are written for
+// clients; any other (a driver's error) stays in the dispatcher's log.
+func reattachLater(err error) error {
+	why := "the task could not be claimed"
+	switch {
+	case errors.Is(err, store.ErrUnavailable), errors.Is(err, task.ErrClosed):
+		why = err.Error()
+	case errors.Is(err, context.DeadlineExceeded):
+		why = "the task could not be claimed in time"
+	}
+	return fmt.Errorf("%w (%s)", ErrReattachLater, why)
+}
+
 // reattach takes over the task of ra on sl (called by Serve before the
 // slot is registered): the run continues the session from the seq the
-// task's log holds. A refusal says why, for the hello's ack.
+// task's log holds. A refusal says why, for the hello's ack (final:
+// refusedForGood) or the stream's status (for now: reattachLater).
 func (sl *slot) reattach(ra *dispatchv1.Reattach) (*run, task.Reattached, error) {
 	ta := sl.srv.opts.Reattacher
 	if ta == nil || !sl.srv.opts.HandOver {
-		return nil, task.Reattached{}, errors.New("this dispatcher does not take sessions over")
+		return nil, task.Reattached{}, errNoHandOver
 	}
 	if ra.GetTaskId() == "" || ra.GetSessionId() == "" || len(ra.GetTaskId()) > maxHelloField || len(ra.GetSessionId()) > maxHelloField {
-		return nil, task.Reattached{}, errors.New("reattach needs a task_id and a session_id")
+		return nil, task.Reattached{}, errBadReattach
 	}
 	sl.srv.supersede(sl, ra)
-	ctx, cancel := context.WithTimeout(sl.ctx, 10*time.Second)
+	ctx, cancel := context.WithTimeout(sl.ctx, reattachTimeout)
 	defer cancel()
 	var r *run
 	info, err := ta.Reattach(ctx, ra.GetTaskId(), ra.GetSessionId(), sl.commanderID, sl.ServesTenant, func(t *task.Task) task.Runner {

@@ -277,6 +277,12 @@ func (s *Server) openSlot(ctx context.Context, cancel context.CancelCauseFunc, a
 		// be the commander's first packet, ahead of a stop decided for the
 		// session right after it re-attached (the stop lane goes first).
 		r, info, rerr := sl.reattach(ra)
+		if rerr != nil && !refusedForGood(rerr) {
+			// Undecided: no ack; the stream ends UNAVAILABLE and the
+			// commander tries again (ErrReattachLater).
+			sl.log.Warn("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
+			return nil, reattachLater(rerr)
+		}
 		if rerr != nil {
 			sl.log.Info("re-attach refused", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
 		}

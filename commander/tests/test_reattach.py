@@ -1,0 +1,155 @@
+"""A session re-attaching after its stream was lost: what the slot does with each answer.
+
+A refusal the dispatcher could not decide (its store or the fleet's database
+did not answer, it was shutting down) ends the stream UNAVAILABLE before any
+ack: the slot tries again, with its backoff, until its hand-over window runs
+out. A final refusal (the hello's ack without the session id) gives the
+session up at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import grpc
+import pytest
+
+from commander import Commander, PlannerOutput, PlannerRegistry, SessionContext
+from commander._gen.dispatch.v1 import interaction_pb2 as ipb
+from commander.tests.conftest import fast_connection
+from commander.tests.fakes import DispatcherServer
+
+pytestmark = pytest.mark.anyio
+
+planners = PlannerRegistry()
+
+#: What the ``gated`` planner waits for, and what it says happened to it.
+gate: dict[str, anyio.Event] = {}
+
+
+@planners.register("gated")
+async def gated(ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
+    try:
+        yield "started"
+        await gate["go"].wait()
+        yield " done"
+    except BaseException:
+        gate["cancelled"].set()
+        raise
+
+
+LATER = (
+    grpc.StatusCode.UNAVAILABLE,
+    "re-attach refused for now; reconnect and re-attach again "
+    "(task store unavailable: writes are failing (retrying))",
+)
+
+
+def _taken(reattach: ipb.Reattach, recorded: int) -> ipb.DownstreamPacket:
+    return ipb.DownstreamPacket(
+        session_id=reattach.session_id,
+        ack=ipb.Ack(kind=ipb.ACK_KIND_HELLO, slot_id="slot-y", upstream_seq=recorded, attempt=2),
+    )
+
+
+async def _running_session(server: DispatcherServer) -> str:
+    """Start a ``gated`` session on the commander's slot; its first packet is recorded."""
+    gate["go"], gate["cancelled"] = anyio.Event(), anyio.Event()
+    slot = await server.servicer.next_slot()
+    session_id = await slot.start("x", planner="gated")
+    packet = await slot.recv_kind("content")
+    assert (packet.content.text, packet.seq) == ("started", 1)
+    return session_id
+
+
+async def test_a_reattach_refused_for_now_is_tried_again_until_it_is_taken() -> None:
+    server = DispatcherServer()
+    await server.start()
+    commander = Commander(
+        fast_connection(server.target), slots=1, planners=planners, handover_timeout=30.0
+    )
+    try:
+        async with commander:
+            session_id = await _running_session(server)
+            refusals = 2
+
+            def answer(
+                reattach: ipb.Reattach,
+            ) -> ipb.DownstreamPacket | tuple[grpc.StatusCode, str]:
+                nonlocal refusals
+                if refusals > 0:
+                    refusals -= 1
+                    return LATER
+                return _taken(reattach, recorded=1)
+
+            server.servicer.on_reattach = answer
+            await server.stop()  # the dispatcher restarts
+            await server.start()
+            # The two refused streams never reach the queue: the third took the session.
+            again = await server.servicer.next_slot()
+            tried = server.servicer.reattaches
+            assert [(r.session_id, r.task_id) for r in tried] == [(session_id, "task-1")] * 3
+            assert not gate["cancelled"].is_set()
+            gate["go"].set()
+            packets = await again.recv_until_terminal()
+            # "started" (seq 1) was recorded: only what came after it is written.
+            assert [(p.WhichOneof("payload"), p.seq) for p in packets] == [
+                ("content", 2),
+                ("result", 3),
+            ]
+            assert packets[-1].result.result == "started done"
+            assert packets[-1].result.outcome == ipb.SESSION_OUTCOME_SUCCESS
+    finally:
+        await server.stop()
+
+
+async def test_a_reattach_refused_for_now_until_the_window_ends_abandons_the_session() -> None:
+    server = DispatcherServer()
+    await server.start()
+    commander = Commander(
+        fast_connection(server.target), slots=1, planners=planners, handover_timeout=1.0
+    )
+    try:
+        async with commander:
+            await _running_session(server)
+            server.servicer.on_reattach = lambda reattach: LATER
+            await server.stop()
+            await server.start()
+            with anyio.fail_after(10):
+                await gate["cancelled"].wait()
+            tries = len(server.servicer.reattaches)
+            assert tries >= 2, tries  # retried within the window (0.05 s backoff, 1 s window)
+            # Given up: the slot's next hellos re-attach nothing; it takes new work.
+            server.servicer.on_reattach = None
+            slot = await server.servicer.next_slot()
+            assert slot.hello is not None and not slot.hello.HasField("reattach")
+            assert not commander.slots[0].busy
+    finally:
+        await server.stop()
+
+
+async def test_a_final_refusal_abandons_the_session_at_once() -> None:
+    server = DispatcherServer()
+    await server.start()
+    commander = Commander(
+        fast_connection(server.target), slots=1, planners=planners, handover_timeout=30.0
+    )
+    try:
+        async with commander:
+            await _running_session(server)
+            server.servicer.on_reattach = lambda reattach: ipb.DownstreamPacket(
+                ack=ipb.Ack(
+                    kind=ipb.ACK_KIND_HELLO,
+                    slot_id="slot-y",
+                    detail="re-attach refused: task is not running: the task ended FAILURE: x",
+                )
+            )
+            await server.stop()
+            await server.start()
+            with anyio.fail_after(5):  # far less than the 30 s window
+                await gate["cancelled"].wait()
+            assert len(server.servicer.reattaches) == 1
+            assert not commander.slots[0].busy
+    finally:
+        await server.stop()
