@@ -73,6 +73,9 @@ if [ "${1:-}" = --write-policy ] && [ -n "${2:-}" ]; then
 fi
 
 ROOT=$PWD
+# The commander and the bench scripts of this tree, whatever tree the venv's
+# editable install points at (worktrees share one venv).
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 BIN=$ROOT/bin
 OUT=${BENCH_OUT:-$ROOT/.run/bench}
 QUICK=${BENCH_QUICK:-0}
