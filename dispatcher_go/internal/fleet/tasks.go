@@ -555,17 +555,44 @@ func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, 
 	if err := f.writer.Flush(ctx); err != nil {
 		return 0, nil, unavailable("store the task's records before the claim", err)
 	}
-	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
+	if f.hooks.beforeSessionClaim != nil {
+		f.hooks.beforeSessionClaim(id)
+	}
+	attempt, cmd, err := f.claimSessionRow(ctx, id, sessionID)
 	if err != nil {
 		return attempt, nil, err
 	}
-	if t := f.mgr.Registry().Get(id); t != nil && !t.IsView() {
-		f.watchOwned(t, attempt)
-	} else {
-		// No copy here to watch (forgotten meanwhile): not held, its
-		// lease expires and the sweep takes the task over.
-		f.fenced.disown(id, attempt)
+	if f.hooks.sessionClaimed != nil {
+		f.hooks.sessionClaimed(id)
 	}
+	// Held only for the copy waiting here, if this replica did not lose
+	// its lease meanwhile (Fleet.lost, under watchMu too: a store stall
+	// longer than the lease; Manager.Drop abandons the copy): else the
+	// session would run on a dropped copy, the attempt claimed renewed by
+	// nobody or held for a copy nobody watches. Not held, the attempt
+	// claimed expires (not released: the task is RUNNING, the sweep takes
+	// it over); the re-attach takes the task afresh (TakeSession).
+	f.watchMu.Lock()
+	t := f.mgr.Registry().Get(id)
+	held := t != nil && !t.IsView() && !t.Disowned()
+	if held {
+		f.dropped.Delete(id)
+		f.fenced.own(id, attempt)
+	}
+	f.watchMu.Unlock()
+	if !held {
+		return 0, nil, task.ErrLeaseLost
+	}
+	if task.Terminal(t.Status()) {
+		// Ended while the claim ran (not by a stop: those wait for the
+		// claim, task.waiter.Stop): its end may have been written with
+		// the attempt before, which the store refused. Written again with
+		// the attempt held now, before the watch's flush: the stored end
+		// wins and the lease is released after it (the re-attach is
+		// refused: the task ended).
+		t.Resave()
+	}
+	f.watchOwned(t, attempt)
 	if cmd == nil {
 		return attempt, nil, nil
 	}
@@ -586,6 +613,18 @@ func cancelStop(c command) *dispatchv1.StopSignal {
 // claimSession is ClaimSession that returns too the oldest cancel open for
 // the task (nil: none), which the session's new owner must carry out.
 func (f *Fleet) claimSession(ctx context.Context, id, sessionID string) (int64, *command, error) {
+	attempt, cmd, err := f.claimSessionRow(ctx, id, sessionID)
+	if err != nil {
+		return 0, nil, err
+	}
+	f.dropped.Delete(id)
+	f.fenced.own(id, attempt)
+	return attempt, cmd, nil
+}
+
+// claimSessionRow is claimSession's claim of the lease row alone: this
+// replica does not hold the attempt yet (fenced.own).
+func (f *Fleet) claimSessionRow(ctx context.Context, id, sessionID string) (int64, *command, error) {
 	attempt, cmd, err := f.leases.claimSession(ctx, id, f.id, sessionID)
 	switch {
 	case errors.Is(err, task.ErrNotFound):
@@ -595,8 +634,6 @@ func (f *Fleet) claimSession(ctx context.Context, id, sessionID string) (int64, 
 	case err != nil:
 		return 0, nil, unavailable("claim the task", err)
 	}
-	f.dropped.Delete(id)
-	f.fenced.own(id, attempt)
 	return attempt, cmd, nil
 }
 

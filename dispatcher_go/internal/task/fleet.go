@@ -159,11 +159,20 @@ func (m *Manager) Forget(id string) {
 // store write that found the fence, before that write returns): a
 // watcher here then never sees a record the store refused, such as the
 // FAILURE that Drop ends the copy with. It is cheap and does not block.
-func (m *Manager) Disown(id string) {
-	if t := m.reg.Get(id); t != nil && t.lease != nil {
-		t.lease.lose()
+//
+// It returns the copy disowned (nil: none), the one Drop must stop.
+func (m *Manager) Disown(id string) *Task {
+	t := m.reg.Get(id)
+	if t == nil || t.lease == nil {
+		return nil
 	}
+	t.lease.lose()
+	return t
 }
+
+// Disowned reports whether t is the copy of a task this fleet replica no
+// longer holds the lease of (Disown).
+func (t *Task) Disowned() bool { return t.disowned() }
 
 // Drop stops the session of task id on this replica without ending the
 // task for anyone else: the replica lost the task's lease (its writes are
@@ -174,19 +183,30 @@ func (m *Manager) Disown(id string) {
 // first (see Disown): its watchers here follow the fleet's view of the
 // task, never the copy's local end.
 func (m *Manager) Drop(id, reason string) {
-	t := m.reg.Get(id)
-	if t == nil {
-		return
+	if t := m.reg.Get(id); t != nil {
+		m.DropCopy(t, reason)
 	}
+}
+
+// DropCopy is Drop of copy t: the one whose lease was lost, which may no
+// longer be the task's copy in the registry when this runs (a session
+// re-attaching here took the task afresh meanwhile: Reattach); the copy
+// that replaced it is left alone.
+func (m *Manager) DropCopy(t *Task, reason string) {
+	id := t.id
 	if t.lease != nil {
 		t.lease.lose()
+	}
+	forget := func() {
+		if m.reg.remove(t) {
+			m.store.Remove(id)
+		}
 	}
 	if t.abandon() {
 		// It waited for its session, which re-attached to another
 		// replica: that replica runs it now; this copy ends nothing and
 		// records nothing.
-		m.reg.remove(t)
-		m.store.Remove(id)
+		forget()
 		return
 	}
 	if m.queue.Remove(t) {
@@ -198,8 +218,7 @@ func (m *Manager) Drop(id, reason string) {
 	}
 	go func() {
 		<-t.Done()
-		m.reg.remove(t)
-		m.store.Remove(id)
+		forget()
 	}()
 }
 

@@ -63,11 +63,40 @@ type waiter struct {
 	// expired is the message format (with the window) the task ends with
 	// when the window runs out; "": HandOverExpiredMessage.
 	expired string
+	// pending is a stop decided while a re-attach claimed the task, and
+	// due that the window ran out meanwhile (guarded by t.mu, see Stop):
+	// the re-attach carries them out once the claim is decided.
+	pending *dispatchv1.StopSignal
+	due     time.Duration
 }
 
 // Stop implements Runner: there is no session to stop, so the task ends
 // here, as the stop decided (a client's cancel is CANCELLED).
+//
+// While a re-attach claims the task (claiming) the end waits for the
+// claim: in a fleet the claim moves the task's lease to the next attempt,
+// and an end written meanwhile with the attempt before was refused by the
+// store (fenced): the replica dropped the task as lost to another replica
+// and the store kept it RUNNING under a lease nobody renewed. The stop is
+// kept instead: a claim that succeeds stops the re-attached session with
+// it (Reattached.Stop, as a stop decided before the hand-over), one that
+// fails ends the task here as now. It counts as decided.
 func (w *waiter) Stop(reason string, code dispatchv1.StopCode) bool {
+	t := w.t
+	t.mu.Lock()
+	if w.claiming && t.runner == w && !w.gone && !Terminal(t.status) {
+		if w.pending == nil {
+			w.pending = &dispatchv1.StopSignal{Reason: reason, Code: code}
+		}
+		t.mu.Unlock()
+		return true
+	}
+	t.mu.Unlock()
+	return w.finish(reason, code)
+}
+
+// finish ends the task as stop (reason, code) decides.
+func (w *waiter) finish(reason string, code dispatchv1.StopCode) bool {
 	status := agentpb.TaskStatus_FAILURE
 	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 		status = agentpb.TaskStatus_CANCELLED
@@ -85,6 +114,11 @@ func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
 // CANCELLED).
 func (w *waiter) expire(window time.Duration) {
 	w.t.mu.Lock()
+	if w.claiming && w.t.runner == w && !w.gone {
+		// Decided once the claim is: a re-attach that fails ends the task
+		// then (else nothing would: the timer fired).
+		w.due = max(window, 1)
+	}
 	waiting := w.t.runner == w && !w.claiming && !w.gone
 	stop := w.t.stop
 	w.t.mu.Unlock()
@@ -208,6 +242,15 @@ func (m *Manager) AdoptWaiting(s Snapshot, lastSeq uint64, attempt int64) (*Task
 	return t, nil
 }
 
+// Resave queues t's record again: a fleet replica that holds t's lease
+// with a new attempt stores with it an end that may have been written (and
+// refused) with the attempt before.
+func (t *Task) Resave() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.saveLocked()
+}
+
 // abandon forgets the hand-over t waits for without ending t: the task
 // moved to another replica (whose session took it over), so this copy
 // records nothing more. False if t does not wait.
@@ -275,17 +318,44 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	if m.closed.Load() {
 		return Reattached{}, ErrClosed
 	}
+	var carried *dispatchv1.StopSignal
+	for retried := false; ; retried = true {
+		got, pending, err := m.reattach(ctx, taskID, sessionID, commanderID, serves, newRunner, retried, carried)
+		if !errors.Is(err, ErrLeaseLost) || retried {
+			return got, err
+		}
+		// This replica lost the task's lease while the claim ran (a store
+		// stall longer than the lease: Manager.Drop abandoned the copy):
+		// the session takes the task afresh, as on a replica that never
+		// held it (Fleet.TakeSession: loaded from the store, claimed with
+		// the next attempt). A stop kept for the claim goes with it.
+		carried = pending
+	}
+}
+
+// ErrLeaseLost is what a Fleet's ClaimSession answers when the replica
+// lost the task's lease (Drop) while it claimed: the claim is not held
+// and the copy is dropped; the re-attach takes the task afresh.
+var ErrLeaseLost = fmt.Errorf("%w: this dispatcher replica lost the task's lease while the session re-attached", ErrNotRunning)
+
+// reattach is one try of Reattach. fresh: a fleet takes the task afresh
+// (TakeSession) even if a copy waits here. carried is a stop to keep for
+// the session (see Reattach). pending is the stop kept while the claim ran
+// (ErrLeaseLost: for the next try).
+func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*Task) Runner, fresh bool, carried *dispatchv1.StopSignal) (Reattached, *dispatchv1.StopSignal, error) {
 	t := m.reg.Get(taskID)
-	if m.fleet != nil && (t == nil || Terminal(t.Status())) {
+	if m.fleet != nil && (t == nil || fresh || Terminal(t.Status()) || t.disowned() && t.HandingOver()) {
 		// In a fleet the task may be another replica's (dead, draining or
-		// cut off from the commander): take it over for the session.
+		// cut off from the commander): take it over for the session. So is
+		// a copy waiting here whose lease this replica lost (being
+		// dropped without ending: Manager.Drop).
 		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
-			return Reattached{}, err
+			return Reattached{}, nil, err
 		}
 		t = m.reg.Get(taskID)
 	}
 	if t == nil {
-		return Reattached{}, ErrNotFound
+		return Reattached{}, nil, ErrNotFound
 	}
 	t.mu.Lock()
 	w, waiting := t.runner.(*waiter)
@@ -295,49 +365,82 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 		// answer as an unknown task, so another tenant's tasks stay unseen
 		// (first: nothing of the task's state may tell that it exists).
 		t.mu.Unlock()
-		return Reattached{}, ErrNotFound
+		return Reattached{}, nil, ErrNotFound
 	case Terminal(t.status):
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+		return Reattached{}, nil, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
 	case t.sessionID != sessionID && t.requeues > 0:
 		st, n := t.status, t.requeues
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
+		return Reattached{}, nil, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+		return Reattached{}, nil, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
 	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
+		return Reattached{}, nil, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
 	}
 	w.claiming = true
+	if carried != nil {
+		w.pending = carried
+	}
 	t.mu.Unlock()
 
 	attempt, cancelStop, err := m.claim(ctx, t, w, sessionID)
 
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	w.claiming = false
-	if err != nil {
-		return Reattached{}, fmt.Errorf("claim the task: %w", err)
+	pending, due := w.pending, w.due
+	w.pending, w.due = nil, 0
+	dropped := w.gone || t.disowned()
+	switch {
+	case m.fleet != nil && (errors.Is(err, ErrLeaseLost) || err == nil && dropped):
+		// The copy was dropped while the claim ran (the fleet holds no
+		// attempt of the claim's for it: ClaimSession refused, or the
+		// lease it claimed was lost again at once): it records nothing
+		// more, and the session must not run on it.
+		t.mu.Unlock()
+		return Reattached{}, pending, ErrLeaseLost
+	case err != nil || t.runner != w || Terminal(t.status):
+		// Ended while the claim ran, not by a stop (those wait for the
+		// claim, see waiter.Stop): a fleet's ClaimSession wrote the end
+		// again with the attempt it claimed.
+		st, msg := t.status, t.message
+		t.mu.Unlock()
+		switch {
+		case dropped:
+		case pending != nil:
+			// The stop kept for the claim, which failed: as it would have.
+			w.finish(pending.GetReason(), pending.GetCode())
+		case due > 0:
+			w.expire(due)
+		}
+		if err != nil {
+			return Reattached{}, nil, fmt.Errorf("claim the task: %w", err)
+		}
+		return Reattached{}, nil, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, st, msg)
 	}
-	if t.runner != w || Terminal(t.status) {
-		// Ended (a cancel, the window) while the claim ran.
-		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
-	}
+	defer t.mu.Unlock()
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-	if cancelStop != nil && t.stop == nil {
-		// A client's cancel the claim found open and not carried out here
-		// (in a fleet: its announcement lost, or asked of a replica that
-		// held the task meanwhile): the session is stopped with it at
-		// once, as with a stop decided before the hand-over, and stored
-		// with the task. The cancel is recorded, as on a copy that decided
-		// it: it is not carried out again, and the task is never requeued.
-		t.stop = cancelStop
-		if t.cancelReason == "" {
-			t.cancelReason = cancelStop.GetReason()
+	for _, st := range []*dispatchv1.StopSignal{pending, cancelStop} {
+		if st == nil || t.stop != nil {
+			continue
+		}
+		// A stop decided while the claim ran (waiter.Stop), or a client's
+		// cancel the claim found open and not carried out here (in a
+		// fleet: its announcement lost, or asked of a replica that held
+		// the task meanwhile): the session is stopped with it at once, as
+		// with a stop decided before the hand-over, and stored with the
+		// task. A cancel is recorded, as on a copy that decided it: it is
+		// not carried out again, and the task is never requeued.
+		t.stop = st
+		if st.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && t.cancelReason == "" {
+			t.cancelReason = st.GetReason()
+			if t.cancelReason == "" {
+				t.cancelReason = DefaultCancelReason
+			}
 		}
 	}
 	t.runner = newRunner(t)
@@ -352,7 +455,7 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	ev.GetState().Message = fmt.Sprintf("running: session re-attached (attempt %d)", attempt)
 	_, _ = t.log.Append(ev, eventlog.Control)
 	t.saveLocked()
-	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil
+	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil, nil
 }
 
 // claim asks the Claimer for t's next attempt (without one: the attempt
