@@ -215,3 +215,81 @@ func fmtStored(t *testing.T, r *replica, id string) string {
 	}
 	return out
 }
+
+// Race 1 with a real stall, as it was found: a second transaction holds
+// the task tables for 2 s, longer than the tests' lease (0.9 s), while the
+// session re-attaches to the same replica; the waiting write holds the
+// lease row, so the renewals fail and the replica drops the copy. Before,
+// the re-attach answered success on the dropped copy in 6 runs of 6: the
+// claimed attempt held by nobody, the lease expired, and the sweep ended
+// the task FAILURE although its session ran. Now either the re-attach
+// succeeds and the task is this replica's (held, renewed, in the
+// registry, its end stored), or the sweep ended the task first (the stall
+// outlived lease and grace) and the re-attach is refused as ended.
+func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
+	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := tk.ID()
+	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
+		lt := owner.mgr.Registry().Get(id)
+		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
+	})
+	lt := owner.mgr.Registry().Get(id)
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tx, err := owner.f.pg.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `LOCK TABLE events, tasks IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	unlocked := make(chan struct{})
+	go func() {
+		defer close(unlocked)
+		time.Sleep(2 * time.Second)
+		_ = tx.Rollback(ctx)
+	}()
+	defer func() { <-unlocked }()
+	if !lt.DetachLinkLost(stopRunner{t: lt}, 1, time.Minute) {
+		t.Fatal("no detach")
+	}
+	var runner *stopRunner
+	info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		runner = &stopRunner{t: tk}
+		return runner
+	})
+	<-unlocked
+	if err != nil {
+		st, msg := storedStatus(t, owner, id)
+		if !task.Terminal(st) {
+			t.Fatalf("re-attach refused (%v), the task stored %s %q", err, st, msg)
+		}
+		t.Logf("the sweep ended the task first (%s %q): re-attach refused: %v", st, msg, err)
+		return
+	}
+	time.Sleep(2 * testLease)
+	if a := owner.f.fenced.attempt(id); a != info.Attempt || owner.mgr.Registry().Get(id) != info.Task {
+		t.Fatalf("re-attached with attempt %d on copy %p; held %d, registry %p", info.Attempt, info.Task, a, owner.mgr.Registry().Get(id))
+	}
+	if o, a, released, live := heldLease(t, ctx, owner, id); o != "owner" || a != info.Attempt || released || !live {
+		t.Fatalf("lease %s/%d released=%v live=%v; want the owner's, attempt %d, renewed", o, a, released, live, info.Attempt)
+	}
+	if !runner.t.Finish(agentpb.TaskStatus_SUCCESS, "done", "") {
+		t.Fatalf("the re-attached task did not end: %s %q", runner.t.Status(), runner.t.Info().Message)
+	}
+	waitFor(t, "the task's end to be stored", 10*time.Second, func() bool {
+		st, _ := storedStatus(t, owner, id)
+		return task.Terminal(st)
+	})
+	if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_SUCCESS {
+		t.Fatalf("stored %s %q, want SUCCESS", st, msg)
+	}
+}
