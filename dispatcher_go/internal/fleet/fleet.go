@@ -987,10 +987,10 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 // through it: a WaitGroup must not be added to from zero while Close
 // waits on it, and none of it may run past Close.
 //
-// One goroutine does not: lost's f.mgr.Drop, the task manager's stop of
-// its copy (its session stopped, the copy ended and forgotten), which may
-// run past Close. It must stay a goroutine: lost runs inside the store
-// writer's callback (onFenced), and Drop's end of the copy is recorded
+// One goroutine does not: lost's f.mgr.DropCopy, the task manager's stop
+// of its copy (its session stopped, the copy ended and forgotten), which
+// may run past Close. It must stay a goroutine: lost runs inside the store
+// writer's callback (onFenced), and DropCopy's end of the copy is recorded
 // through that writer. Made to wait for it, Close would wait for a
 // session's stop too.
 func (f *Fleet) goBackground(fn func()) bool {
@@ -1032,19 +1032,36 @@ type ownedWatch struct {
 // the attempt it had) is followed by a new one, which releases attempt at
 // once if t ended.
 func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
-	id := t.ID()
 	f.watchMu.Lock()
+	w := f.watchLocked(t, attempt)
+	f.watchMu.Unlock()
+	f.startWatch(w)
+}
+
+// watchLocked is watchOwned's entry for t (f.watchMu held): the new watch
+// to start (startWatch) once f.watchMu is released, nil if t's watch goes
+// on with attempt. Registered under the lock that holds the attempt
+// (ClaimSession), a loss of that attempt (Fleet.lost) ends the watch.
+func (f *Fleet) watchLocked(t *task.Task, attempt int64) *ownedWatch {
+	id := t.ID()
 	if w := f.watches[id]; w != nil && w.t == t && !w.done {
 		w.attempt = attempt
-		f.watchMu.Unlock()
-		return
+		return nil
 	}
 	w := &ownedWatch{t: t, attempt: attempt, lost: make(chan struct{})}
 	if f.watches == nil {
 		f.watches = map[string]*ownedWatch{}
 	}
 	f.watches[id] = w
-	f.watchMu.Unlock()
+	return w
+}
+
+// startWatch runs watch w (watchLocked; nil: nothing to start).
+func (f *Fleet) startWatch(w *ownedWatch) {
+	if w == nil {
+		return
+	}
+	t, id := w.t, w.t.ID()
 	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
@@ -1309,7 +1326,12 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	// Not goBackground (see there): the manager's work, which may run
 	// past Close; inline, it could deadlock in the writer's callback.
 	// The copy disowned, not whatever copy the registry holds by then.
-	go f.mgr.DropCopy(t, reason)
+	go func() {
+		if f.hooks.beforeDrop != nil {
+			f.hooks.beforeDrop(id)
+		}
+		f.mgr.DropCopy(t, reason)
+	}()
 }
 
 // sweepLoop takes over the tasks whose owner stopped renewing their lease
@@ -1493,6 +1515,12 @@ type requeueHooks struct {
 	// beforeSessionClaim is called by ClaimSession before it claims the
 	// lease row (the records before the claim are stored).
 	beforeSessionClaim func(id string)
+	// sessionHeld is called by ClaimSession once this replica holds the
+	// attempt it claimed for the copy (and watches it), before it returns.
+	sessionHeld func(id string)
+	// beforeDrop is called by lost's goroutine before it drops the copy
+	// it disowned (Manager.DropCopy).
+	beforeDrop func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

@@ -551,7 +551,8 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // re-attach's own deadline), as the claim's lock on the lease row would
 // have; a store that does not answer within it refuses the re-attach
 // UNAVAILABLE. The claim also reads the task's stored session.
-func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+	id := t.ID()
 	if err := f.writer.Flush(ctx); err != nil {
 		return 0, nil, unavailable("store the task's records before the claim", err)
 	}
@@ -565,19 +566,26 @@ func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, 
 	if f.hooks.sessionClaimed != nil {
 		f.hooks.sessionClaimed(id)
 	}
-	// Held only for the copy waiting here, if this replica did not lose
-	// its lease meanwhile (Fleet.lost, under watchMu too: a store stall
-	// longer than the lease; Manager.Drop abandons the copy): else the
-	// session would run on a dropped copy, the attempt claimed renewed by
-	// nobody or held for a copy nobody watches. Not held, the attempt
-	// claimed expires (not released: the task is RUNNING, the sweep takes
-	// it over); the re-attach takes the task afresh (TakeSession).
+	// Held only for t, the copy waiting here that the claim is for, if
+	// this replica did not lose its lease meanwhile (Fleet.lost, under
+	// watchMu too: a store stall longer than the lease; DropCopy abandons
+	// the copy) and the registry still holds t (not a copy another stream
+	// of the session took afresh meanwhile: that copy holds an attempt of
+	// its own). Else the session would run on a dropped copy, the attempt
+	// claimed renewed by nobody or held for a copy nobody watches. Not
+	// held, the attempt claimed expires (not released: the task is
+	// RUNNING, the sweep takes it over); the re-attach takes the task
+	// afresh (TakeSession) unless another copy holds it.
+	//
+	// The attempt and its watch are taken under one lock: a loss of the
+	// attempt (lost) after it ends the watch too.
 	f.watchMu.Lock()
-	t := f.mgr.Registry().Get(id)
-	held := t != nil && !t.IsView() && !t.Disowned()
+	held := f.mgr.Registry().Get(id) == t && !t.IsView() && !t.Disowned()
+	var w *ownedWatch
 	if held {
 		f.dropped.Delete(id)
 		f.fenced.own(id, attempt)
+		w = f.watchLocked(t, attempt)
 	}
 	f.watchMu.Unlock()
 	if !held {
@@ -592,7 +600,10 @@ func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, 
 		// refused: the task ended).
 		t.Resave()
 	}
-	f.watchOwned(t, attempt)
+	f.startWatch(w)
+	if f.hooks.sessionHeld != nil {
+		f.hooks.sessionHeld(id)
+	}
 	if cmd == nil {
 		return attempt, nil, nil
 	}

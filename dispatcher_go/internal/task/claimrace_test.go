@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 )
@@ -128,5 +130,92 @@ func TestCancelDuringAFailedClaimEndsTheTaskCancelled(t *testing.T) {
 	}
 	if info := tk.Info(); info.Status != agentpb.TaskStatus_CANCELLED || !strings.Contains(info.Message, "stop it") {
 		t.Fatalf("ended %s %q", info.Status, info.Message)
+	}
+}
+
+// A copy waiting for its session that this fleet replica lost the lease
+// of (disowned: Fleet.lost) ends nothing before Manager.DropCopy gets to
+// it, nor after: not when its window runs out, not by a stop through a
+// pointer held to it (a cancel, Fail, Shutdown). The attempt the fenced
+// store writes with may be a newer copy's by then (a re-attach took the
+// task afresh), so such an end was stored and overwrote that copy's
+// RUNNING. Before, the window's timer ended the disowned copy FAILURE.
+func TestADisownedWaitingCopyEndsNothing(t *testing.T) {
+	p := &memPersist{saved: map[string]Snapshot{}}
+	window := 30 * time.Millisecond
+	m := NewManager(eventlog.NewDurable(eventlog.Limits{}, nowSink{}), NewConfigStore(nil),
+		ManagerOptions{DefaultPlanner: "chat", StopGrace: 100 * time.Millisecond, Persistence: p, HandOverWindow: window})
+	m.SetQueue(&fakeQueue{})
+	m.SetFleet(&fakeFleet{p: p, requests: map[string]string{}})
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
+	tk, err := m.AdoptWaiting(s, 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Disown(s.ID) != tk {
+		t.Fatal("Disown did not return the copy")
+	}
+	time.Sleep(10 * window)
+	if tk.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("the disowned copy ended itself when its window ran out: %s %q", tk.Status(), tk.Info().Message)
+	}
+	r, _ := tk.runnerState()
+	if r.Stop("shutting down", dispatchv1.StopCode_STOP_CODE_SHUTDOWN) || tk.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("a stop of the disowned copy was decided: %s %q", tk.Status(), tk.Info().Message)
+	}
+	if st := p.last(s.ID).Status; Terminal(st) {
+		t.Fatalf("the disowned copy recorded its end: %s", st)
+	}
+}
+
+// Two streams of one session re-attach at once to a fleet replica that
+// does not hold the task: one takes it over (Fleet.TakeSession), the other
+// finds that copy and is refused (its session is attached). Before, both
+// took the task afresh, each with an attempt of its own, and the second
+// take forgot the first's copy while its session ran (two sessions, the
+// first's records written with the second's attempt).
+func TestTwoStreamsOfASessionTakeTheTaskOnce(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	id := NewID()
+	var takes atomic.Int32
+	entered := make(chan struct{}, 2)
+	release := make(chan struct{})
+	f.take = func(_ context.Context, tid, ses string, _ func(string) bool) error {
+		takes.Add(1)
+		entered <- struct{}{}
+		<-release
+		s := Snapshot{Summary: Summary{ID: tid, Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+			CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: ses}}
+		_, err := m.AdoptWaiting(s, 3, int64(1+takes.Load()))
+		return err
+	}
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := m.Reattach(context.Background(), id, "ses-1", "c", nil, func(tk *Task) Runner { return &fakeRunner{t: tk} })
+			errs <- err
+		}()
+	}
+	<-entered
+	select {
+	case <-entered:
+		// Both take: let them, the outcome shows the harm.
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	var ok, refused int
+	for range 2 {
+		switch err := <-errs; {
+		case err == nil:
+			ok++
+		case errors.Is(err, ErrNotRunning):
+			refused++
+		default:
+			t.Fatalf("re-attach: %v", err)
+		}
+	}
+	if n := takes.Load(); n != 1 || ok != 1 || refused != 1 {
+		t.Fatalf("%d take(s), %d re-attach(es) succeeded, %d refused; want 1, 1, 1", n, ok, refused)
 	}
 }

@@ -61,11 +61,13 @@ type Fleet interface {
 	// old owner's writes are fenced from then on) and loads the task here
 	// waiting for the session (Manager.AdoptWaiting).
 	TakeSession(ctx context.Context, id, sessionID string, serves func(tenant string) bool) error
-	// ClaimSession is TakeSession's claim alone, for a task this replica
-	// holds waiting for its session: the new attempt, and the stop of a
-	// client's cancel open for the task that this replica has not carried
-	// out (nil: none), which the re-attached session is stopped with.
-	ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error)
+	// ClaimSession is TakeSession's claim alone, for t, a task's copy this
+	// replica holds waiting for its session: the new attempt, and the stop
+	// of a client's cancel open for the task that this replica has not
+	// carried out (nil: none), which the re-attached session is stopped
+	// with. ErrLeaseLost if the attempt is not held for t: the replica
+	// lost the task's lease meanwhile, or t is no longer the task's copy.
+	ClaimSession(ctx context.Context, t *Task, sessionID string) (int64, *dispatchv1.StopSignal, error)
 	// KeepCancel makes durable a client's cancel that this replica
 	// decided on task id, which it holds (Manager.CancelAs): if the
 	// replica dies before the task's end is stored, the task's next owner
@@ -119,6 +121,17 @@ func (t *Task) Snapshot() Snapshot {
 func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
 	if m.reopen == nil {
 		return nil, errNoReopen
+	}
+	if old := m.reg.Get(s.ID); old != nil {
+		// The copy replaced records nothing more: the fleet claimed a new
+		// attempt for this one, and the fenced store writes whatever copy
+		// of the task with the attempt held now. Disowned (its watchers
+		// follow the fleet's view) and, if it waits for its session, its
+		// hand-over forgotten (it never ends itself: waiter.finish).
+		if old.lease != nil {
+			old.lease.lose()
+		}
+		old.abandon()
 	}
 	m.Forget(s.ID)
 	s.LastSeq = lastSeq

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -95,13 +96,29 @@ func (w *waiter) Stop(reason string, code dispatchv1.StopCode) bool {
 	return w.finish(reason, code)
 }
 
-// finish ends the task as stop (reason, code) decides.
+// finish ends the task as stop (reason, code) decides; nothing if the copy
+// was dropped (gone, disowned): a fleet replica that lost the task's lease
+// records nothing more of it, and the attempt held now may be a newer
+// copy's (a re-attach took the task afresh), whose records this one's end
+// would overwrite.
 func (w *waiter) finish(reason string, code dispatchv1.StopCode) bool {
+	if w.dropped() {
+		return false
+	}
 	status := agentpb.TaskStatus_FAILURE
 	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 		status = agentpb.TaskStatus_CANCELLED
 	}
 	return w.t.Finish(status, reason+" (while its session was being handed over)", "")
+}
+
+// dropped reports whether w's copy was dropped: abandoned (gone) or
+// disowned (a fleet replica lost the task's lease: Manager.DropCopy).
+func (w *waiter) dropped() bool {
+	w.t.mu.Lock()
+	gone := w.gone
+	w.t.mu.Unlock()
+	return gone || w.t.disowned()
 }
 
 // Interject implements Runner.
@@ -113,6 +130,9 @@ func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
 // decided before the hand-over decides the outcome (a client's cancel is
 // CANCELLED).
 func (w *waiter) expire(window time.Duration) {
+	if w.dropped() {
+		return // see finish
+	}
 	w.t.mu.Lock()
 	if w.claiming && w.t.runner == w && !w.gone {
 		// Decided once the claim is: a re-attach that fails ends the task
@@ -319,17 +339,19 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 		return Reattached{}, ErrClosed
 	}
 	var carried *dispatchv1.StopSignal
-	for retried := false; ; retried = true {
-		got, pending, err := m.reattach(ctx, taskID, sessionID, commanderID, serves, newRunner, retried, carried)
-		if !errors.Is(err, ErrLeaseLost) || retried {
+	var dropped *Task
+	for try := 0; ; try++ {
+		got, pending, tried, err := m.reattach(ctx, taskID, sessionID, commanderID, serves, newRunner, try > 0, dropped, carried)
+		if !errors.Is(err, ErrLeaseLost) || try > 0 {
 			return got, err
 		}
 		// This replica lost the task's lease while the claim ran (a store
-		// stall longer than the lease: Manager.Drop abandoned the copy):
-		// the session takes the task afresh, as on a replica that never
-		// held it (Fleet.TakeSession: loaded from the store, claimed with
-		// the next attempt). A stop kept for the claim goes with it.
-		carried = pending
+		// stall longer than the lease: Manager.DropCopy abandoned the
+		// copy): the session takes the task afresh, as on a replica that
+		// never held it (Fleet.TakeSession: loaded from the store, claimed
+		// with the next attempt), unless another stream of the session
+		// did meanwhile. A stop kept for the claim goes with it.
+		carried, dropped = pending, tried
 	}
 }
 
@@ -338,24 +360,28 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 // and the copy is dropped; the re-attach takes the task afresh.
 var ErrLeaseLost = fmt.Errorf("%w: this dispatcher replica lost the task's lease while the session re-attached", ErrNotRunning)
 
-// reattach is one try of Reattach. fresh: a fleet takes the task afresh
-// (TakeSession) even if a copy waits here. carried is a stop to keep for
-// the session (see Reattach). pending is the stop kept while the claim ran
-// (ErrLeaseLost: for the next try).
-func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*Task) Runner, fresh bool, carried *dispatchv1.StopSignal) (Reattached, *dispatchv1.StopSignal, error) {
-	t := m.reg.Get(taskID)
-	if m.fleet != nil && (t == nil || fresh || Terminal(t.Status()) || t.disowned() && t.HandingOver()) {
-		// In a fleet the task may be another replica's (dead, draining or
-		// cut off from the commander): take it over for the session. So is
-		// a copy waiting here whose lease this replica lost (being
-		// dropped without ending: Manager.Drop).
-		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
-			return Reattached{}, nil, err
-		}
-		t = m.reg.Get(taskID)
+// reattach is one try of Reattach, and the copy it tried (nil: none).
+// retry: the try before found its copy, dropped, dropped by this replica
+// while the claim ran (ErrLeaseLost); a fleet takes the task afresh
+// (TakeSession) if the registry holds that copy, a disowned one or none.
+// carried is a stop to keep for the session (see Reattach). pending is
+// the stop kept while the claim ran (ErrLeaseLost: for the next try).
+func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*Task) Runner, retry bool, dropped *Task, carried *dispatchv1.StopSignal) (Reattached, *dispatchv1.StopSignal, *Task, error) {
+	unlock := func() {}
+	if m.fleet != nil {
+		// One take of a task at a time here: two streams of a session
+		// re-attaching at once (or a retry and another stream) would each
+		// take it afresh, the second forgetting the first's copy while
+		// its session runs. The second finds the first's copy instead.
+		unlock = m.takes.lock(taskID)
+	}
+	t, err := m.pick(ctx, taskID, sessionID, serves, retry, dropped)
+	unlock()
+	if err != nil {
+		return Reattached{}, nil, nil, err
 	}
 	if t == nil {
-		return Reattached{}, nil, ErrNotFound
+		return Reattached{}, nil, nil, ErrNotFound
 	}
 	t.mu.Lock()
 	w, waiting := t.runner.(*waiter)
@@ -365,20 +391,20 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 		// answer as an unknown task, so another tenant's tasks stay unseen
 		// (first: nothing of the task's state may tell that it exists).
 		t.mu.Unlock()
-		return Reattached{}, nil, ErrNotFound
+		return Reattached{}, nil, nil, ErrNotFound
 	case Terminal(t.status):
 		t.mu.Unlock()
-		return Reattached{}, nil, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
 	case t.sessionID != sessionID && t.requeues > 0:
 		st, n := t.status, t.requeues
 		t.mu.Unlock()
-		return Reattached{}, nil, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
+		return Reattached{}, nil, t, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
-		return Reattached{}, nil, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
 	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
-		return Reattached{}, nil, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
 	}
 	w.claiming = true
 	if carried != nil {
@@ -392,15 +418,15 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 	w.claiming = false
 	pending, due := w.pending, w.due
 	w.pending, w.due = nil, 0
-	dropped := w.gone || t.disowned()
+	lost := w.gone || t.disowned()
 	switch {
-	case m.fleet != nil && (errors.Is(err, ErrLeaseLost) || err == nil && dropped):
+	case m.fleet != nil && (errors.Is(err, ErrLeaseLost) || err == nil && lost):
 		// The copy was dropped while the claim ran (the fleet holds no
 		// attempt of the claim's for it: ClaimSession refused, or the
 		// lease it claimed was lost again at once): it records nothing
 		// more, and the session must not run on it.
 		t.mu.Unlock()
-		return Reattached{}, pending, ErrLeaseLost
+		return Reattached{}, pending, t, ErrLeaseLost
 	case err != nil || t.runner != w || Terminal(t.status):
 		// Ended while the claim ran, not by a stop (those wait for the
 		// claim, see waiter.Stop): a fleet's ClaimSession wrote the end
@@ -408,7 +434,7 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 		st, msg := t.status, t.message
 		t.mu.Unlock()
 		switch {
-		case dropped:
+		case lost:
 		case pending != nil:
 			// The stop kept for the claim, which failed: as it would have.
 			w.finish(pending.GetReason(), pending.GetCode())
@@ -416,9 +442,9 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 			w.expire(due)
 		}
 		if err != nil {
-			return Reattached{}, nil, fmt.Errorf("claim the task: %w", err)
+			return Reattached{}, nil, t, fmt.Errorf("claim the task: %w", err)
 		}
-		return Reattached{}, nil, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, st, msg)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, st, msg)
 	}
 	defer t.mu.Unlock()
 	if w.timer != nil {
@@ -455,7 +481,33 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 	ev.GetState().Message = fmt.Sprintf("running: session re-attached (attempt %d)", attempt)
 	_, _ = t.log.Append(ev, eventlog.Control)
 	t.saveLocked()
-	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil, nil
+	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil, t, nil
+}
+
+// pick is the copy of task taskID that reattach claims (nil: none), taken
+// afresh first in a fleet when it must be (see reattach).
+func (m *Manager) pick(ctx context.Context, taskID, sessionID string, serves func(tenant string) bool, retry bool, dropped *Task) (*Task, error) {
+	t := m.reg.Get(taskID)
+	switch {
+	case retry && t != nil && t != dropped && !t.disowned():
+		// Another stream of the session took the task afresh while the
+		// claim ran (or the sweep's copy holds it): its copy holds an
+		// attempt of its own. Taken afresh again, that copy would be
+		// forgotten while its session runs (two sessions, and its records
+		// written with this one's attempt). This try goes on with that
+		// copy as a first try would: refused unless it waits for the
+		// session.
+	case m.fleet != nil && (t == nil || retry || Terminal(t.Status()) || t.disowned() && t.HandingOver()):
+		// In a fleet the task may be another replica's (dead, draining or
+		// cut off from the commander): take it over for the session. So is
+		// a copy waiting here whose lease this replica lost (being
+		// dropped without ending: Manager.DropCopy).
+		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
+			return nil, err
+		}
+		t = m.reg.Get(taskID)
+	}
+	return t, nil
 }
 
 // claim asks the Claimer for t's next attempt (without one: the attempt
@@ -467,7 +519,7 @@ func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID strin
 		return w.claimed, nil, nil
 	}
 	if m.fleet != nil {
-		return m.fleet.ClaimSession(ctx, t.id, sessionID)
+		return m.fleet.ClaimSession(ctx, t, sessionID)
 	}
 	if m.opts.Claimer == nil {
 		return t.Attempt() + 1, nil, nil
@@ -477,4 +529,40 @@ func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID strin
 		err = errors.New("the claimer returned no attempt")
 	}
 	return attempt, nil, err
+}
+
+// keyedMutex is a mutex per key (the zero value is ready); a key's entry
+// lives while it is held or waited for.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu sync.Mutex
+	n  int // holders and waiters
+}
+
+// lock locks key and returns its unlock.
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[key] = e
+	}
+	e.n++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.n--; e.n == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
 }
