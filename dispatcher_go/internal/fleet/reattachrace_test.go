@@ -2,7 +2,10 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -225,7 +228,9 @@ func fmtStored(t *testing.T, r *replica, id string) string {
 // the task FAILURE although its session ran. Now either the re-attach
 // succeeds and the task is this replica's (held, renewed, in the
 // registry, its end stored), or the sweep ended the task first (the stall
-// outlived lease and grace) and the re-attach is refused as ended.
+// outlived lease and grace) and the re-attach is refused (the sweep's copy
+// here ends the task; a run where the renewals outlast the stall hits no
+// race and is skipped).
 func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
 	pg, url := openStore(t), redisURL(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -268,12 +273,27 @@ func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
 	})
 	<-unlocked
 	if err != nil {
+		// The sweep's copy, ending the task, is registered here already
+		// (the re-attach found it: ended, or not waiting for the session);
+		// its end is stored shortly.
+		deadline := time.Now().Add(10 * time.Second)
 		st, msg := storedStatus(t, owner, id)
-		if !task.Terminal(st) {
+		for !task.Terminal(st) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+			st, msg = storedStatus(t, owner, id)
+		}
+		if !task.Terminal(st) || st == agentpb.TaskStatus_SUCCESS {
 			t.Fatalf("re-attach refused (%v), the task stored %s %q", err, st, msg)
 		}
 		t.Logf("the sweep ended the task first (%s %q): re-attach refused: %v", st, msg, err)
 		return
+	}
+	if info.Task == lt {
+		if lt.Disowned() {
+			t.Fatal("re-attached on the copy this replica dropped")
+		}
+		// The renewals outlasted the stall: the race was not hit.
+		t.Skip("this replica kept the lease through the stall: no drop to race with")
 	}
 	time.Sleep(2 * testLease)
 	if a := owner.f.fenced.attempt(id); a != info.Attempt || owner.mgr.Registry().Get(id) != info.Task {
@@ -291,5 +311,186 @@ func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
 	})
 	if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_SUCCESS {
 		t.Fatalf("stored %s %q, want SUCCESS", st, msg)
+	}
+}
+
+// Two re-attaches of the same session (the commander's second stream)
+// while the replica loses the task's lease: re-attach A claims the copy
+// waiting here; the replica loses the lease (its copy dropped) and
+// re-attach B takes the task afresh (a new copy, the next attempt) before
+// A's claim moves the lease row on. Before, A's claim held its attempt for
+// B's copy, A then took the task afresh again and forgot B's copy without
+// disowning it: both re-attaches succeeded, two sessions ran the task, and
+// the end B's copy recorded was stored under A's attempt. Now A is refused
+// (the session is attached to another stream) and no write of a copy that
+// does not hold the lease row's attempt is stored.
+func TestTwoReattachesOfASessionWhileTheReplicaLosesTheLeaseLeaveOneCopy(t *testing.T) {
+	var armed atomic.Bool
+	var bInfo task.Reattached
+	var bErr error
+	owner, id, lt, _, ctx := hookedOwner(t, func(owner **replica) requeueHooks {
+		return requeueHooks{beforeSessionClaim: func(id string) {
+			if !armed.Swap(false) {
+				return
+			}
+			r := *owner
+			r.f.lost(id, r.f.fenced.attempt(id), "test: this replica could not renew the task's lease")
+			waitFor(t, "the dropped copy to be forgotten", 5*time.Second, func() bool { return r.mgr.Registry().Get(id) == nil })
+			bInfo, bErr = r.mgr.Reattach(ctx0, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner { return stopRunner{t: tk} })
+		}}
+	})
+	armed.Store(true)
+	aInfo, aErr := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner { return stopRunner{t: tk} })
+	if armed.Load() {
+		t.Fatal("the hook did not run")
+	}
+	if bErr != nil {
+		t.Fatalf("re-attach B (the first to take the task afresh) refused: %v", bErr)
+	}
+	if aErr == nil {
+		t.Fatalf("both re-attaches succeeded: A on %p attempt %d, B on %p attempt %d (dropped copy %p)", aInfo.Task, aInfo.Attempt, bInfo.Task, bInfo.Attempt, lt)
+	}
+	if !strings.Contains(aErr.Error(), "attached to another stream") {
+		t.Fatalf("re-attach A refused with %v, want: attached to another stream", aErr)
+	}
+	if got := owner.mgr.Registry().Get(id); got != bInfo.Task {
+		t.Fatalf("the registry holds %p, not B's copy %p", got, bInfo.Task)
+	}
+	// B's copy ends; its end is stored only if it holds the lease row's
+	// attempt (A's claim moved the row past B's: then it is fenced).
+	bInfo.Task.Finish(agentpb.TaskStatus_FAILURE, "B's end", "")
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, row, _, _ := heldLease(t, ctx, owner, id)
+	if st, msg := storedStatus(t, owner, id); st == agentpb.TaskStatus_FAILURE && msg == "B's end" && row != bInfo.Attempt {
+		t.Fatalf("stored B's end, written by a copy holding attempt %d while the lease row is at %d", bInfo.Attempt, row)
+	}
+}
+
+// heldDrop is a beforeDrop hook that holds lost's DropCopy of the copy
+// until release (or the test's end): the copy stays registered, disowned.
+type heldDrop struct {
+	release chan struct{}
+	once    sync.Once
+}
+
+func newHeldDrop(t *testing.T) *heldDrop {
+	d := &heldDrop{release: make(chan struct{})}
+	t.Cleanup(d.let)
+	return d
+}
+
+func (d *heldDrop) hook(string) { <-d.release }
+func (d *heldDrop) let()        { d.once.Do(func() { close(d.release) }) }
+
+// reattachedAfresh checks that a re-attach (info, err) took the task
+// afresh: a copy other than the dropped lt, the registry's, held with
+// attempt info.Attempt (> first) and watched.
+func reattachedAfresh(t *testing.T, owner *replica, id string, lt *task.Task, first int64, info task.Reattached, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("re-attach refused: %v", err)
+	}
+	if info.Task == lt {
+		t.Fatal("re-attached on the dropped copy")
+	}
+	if got := owner.mgr.Registry().Get(id); got != info.Task || got == nil {
+		t.Fatalf("re-attached on a copy the registry does not hold (registry %p, re-attached %p, dropped copy %p)", got, info.Task, lt)
+	}
+	if a := owner.f.fenced.attempt(id); a != info.Attempt || a <= first {
+		t.Fatalf("the owner holds attempt %d; re-attached with %d (first %d)", a, info.Attempt, first)
+	}
+	owner.f.watchMu.Lock()
+	w := owner.f.watches[id]
+	owner.f.watchMu.Unlock()
+	if w == nil || w.t != info.Task || w.attempt != info.Attempt {
+		t.Fatal("no watch follows the re-attached copy with its attempt")
+	}
+}
+
+// Race 1 with the loss after the claim moved the lease row, the copy
+// still registered (lost's DropCopy not run yet) but disowned: the
+// re-attach takes the task afresh, the dropped copy in the registry
+// replaced.
+func TestReattachWhileTheLeaseIsLostAfterTheClaimTakesTheTaskAfresh(t *testing.T) {
+	var armed atomic.Bool
+	var held atomic.Int64
+	drop := newHeldDrop(t)
+	owner, id, lt, first, ctx := hookedOwner(t, func(owner **replica) requeueHooks {
+		return requeueHooks{beforeDrop: drop.hook, sessionClaimed: func(id string) {
+			if !armed.Swap(false) {
+				return
+			}
+			r := *owner
+			// The attempt held before the claim (the row moved past it).
+			r.f.lost(id, held.Load(), "test: this replica could not renew the task's lease")
+			if c := r.mgr.Registry().Get(id); c == nil || !c.Disowned() {
+				t.Error("the lost copy is not registered and disowned")
+			}
+		}}
+	})
+	held.Store(first)
+	armed.Store(true)
+	info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner { return stopRunner{t: tk} })
+	if armed.Load() {
+		t.Fatal("the hook did not run")
+	}
+	drop.let()
+	reattachedAfresh(t, owner, id, lt, first, info, err)
+	if lt.Status() != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("the dropped copy ended: %s %q", lt.Status(), lt.Info().Message)
+	}
+}
+
+// Race 1 with the loss of the attempt the claim just took, once this
+// replica holds it for the copy (a renewal of it failed at once): the
+// re-attach finds its copy dropped and takes the task afresh. Without the
+// re-attach's own check (Manager.reattach: w.gone, disowned) it succeeded
+// on the dropped copy.
+func TestReattachWhileTheClaimedLeaseIsLostTakesTheTaskAfresh(t *testing.T) {
+	var armed atomic.Bool
+	owner, id, lt, first, ctx := hookedOwner(t, func(owner **replica) requeueHooks {
+		return requeueHooks{sessionHeld: func(id string) {
+			if !armed.Swap(false) {
+				return
+			}
+			r := *owner
+			r.f.lost(id, r.f.fenced.attempt(id), "test: this replica could not renew the task's lease")
+		}}
+	})
+	armed.Store(true)
+	info, err := owner.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner { return stopRunner{t: tk} })
+	if armed.Load() {
+		t.Fatal("the hook did not run")
+	}
+	reattachedAfresh(t, owner, id, lt, first, info, err)
+}
+
+// ClaimSession for a copy this replica just lost the lease of (disowned,
+// still registered: lost's DropCopy not run yet) holds nothing: no
+// attempt, no watch of the dropped copy (which nothing would end: its
+// watch goroutine stayed until Close).
+func TestClaimSessionForADisownedCopyHoldsNothing(t *testing.T) {
+	drop := newHeldDrop(t)
+	owner, id, lt, first, ctx := hookedOwner(t, func(**replica) requeueHooks {
+		return requeueHooks{beforeDrop: drop.hook}
+	})
+	owner.f.lost(id, first, "test: this replica could not renew the task's lease")
+	if owner.mgr.Registry().Get(id) != lt || !lt.Disowned() {
+		t.Fatal("the lost copy is not registered and disowned")
+	}
+	_, _, err := owner.f.ClaimSession(ctx, lt, "session-1")
+	if !errors.Is(err, task.ErrLeaseLost) {
+		t.Fatalf("ClaimSession of a disowned copy: %v, want ErrLeaseLost", err)
+	}
+	if a := owner.f.fenced.attempt(id); a != 0 {
+		t.Fatalf("the owner holds attempt %d for the disowned copy", a)
+	}
+	owner.f.watchMu.Lock()
+	w := owner.f.watches[id]
+	owner.f.watchMu.Unlock()
+	if w != nil {
+		t.Fatalf("a watch of attempt %d follows the disowned copy", w.attempt)
 	}
 }
