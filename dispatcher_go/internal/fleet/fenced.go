@@ -30,9 +30,11 @@ import (
 // drops their session. Reads go to the store as they are.
 type fencedStore struct {
 	*postgres.Store
-	pool     *pgxpool.Pool
-	replica  string
-	onFenced func(taskID string)
+	pool    *pgxpool.Pool
+	replica string
+	// onFenced is told of a task whose records were refused, with the
+	// attempt they were written with (0: none held then).
+	onFenced func(taskID string, attempt int64)
 	// onWritten is told of the events written (after the commit): they go
 	// to the bus for watchers on other replicas.
 	onWritten func([]store.Event)
@@ -230,7 +232,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	s.legs.add(legApply, applied.Sub(began))
 	for id := range fenced {
 		if s.onFenced != nil {
-			s.onFenced(id)
+			s.onFenced(id, owned[id])
 		}
 	}
 	if len(written) > 0 && s.onWritten != nil {

@@ -987,10 +987,10 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 // through it: a WaitGroup must not be added to from zero while Close
 // waits on it, and none of it may run past Close.
 //
-// One goroutine does not: lost's f.mgr.Drop, the task manager's stop of
-// its copy (its session stopped, the copy ended and forgotten), which may
-// run past Close. It must stay a goroutine: lost runs inside the store
-// writer's callback (onFenced), and Drop's end of the copy is recorded
+// One goroutine does not: lost's f.mgr.DropCopy, the task manager's stop
+// of its copy (its session stopped, the copy ended and forgotten), which
+// may run past Close. It must stay a goroutine: lost runs inside the store
+// writer's callback (onFenced), and DropCopy's end of the copy is recorded
 // through that writer. Made to wait for it, Close would wait for a
 // session's stop too.
 func (f *Fleet) goBackground(fn func()) bool {
@@ -1032,19 +1032,36 @@ type ownedWatch struct {
 // the attempt it had) is followed by a new one, which releases attempt at
 // once if t ended.
 func (f *Fleet) watchOwned(t *task.Task, attempt int64) {
-	id := t.ID()
 	f.watchMu.Lock()
+	w := f.watchLocked(t, attempt)
+	f.watchMu.Unlock()
+	f.startWatch(w)
+}
+
+// watchLocked is watchOwned's entry for t (f.watchMu held): the new watch
+// to start (startWatch) once f.watchMu is released, nil if t's watch goes
+// on with attempt. Registered under the lock that holds the attempt
+// (ClaimSession), a loss of that attempt (Fleet.lost) ends the watch.
+func (f *Fleet) watchLocked(t *task.Task, attempt int64) *ownedWatch {
+	id := t.ID()
 	if w := f.watches[id]; w != nil && w.t == t && !w.done {
 		w.attempt = attempt
-		f.watchMu.Unlock()
-		return
+		return nil
 	}
 	w := &ownedWatch{t: t, attempt: attempt, lost: make(chan struct{})}
 	if f.watches == nil {
 		f.watches = map[string]*ownedWatch{}
 	}
 	f.watches[id] = w
-	f.watchMu.Unlock()
+	return w
+}
+
+// startWatch runs watch w (watchLocked; nil: nothing to start).
+func (f *Fleet) startWatch(w *ownedWatch) {
+	if w == nil {
+		return
+	}
+	t, id := w.t, w.t.ID()
 	started := f.goBackground(func() {
 		select {
 		case <-t.Done():
@@ -1260,10 +1277,18 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 	}
 }
 
-// onFenced is the fenced store's report of a refused write.
-func (f *Fleet) onFenced(id string) {
+// onFenced is the fenced store's report of a refused write, written with
+// attempt: the lease of that attempt is lost. A later attempt this replica
+// claimed meanwhile (a session re-attaching here, ClaimSession) is not.
+//
+// A write with no attempt (0: this replica held no lease of the task when
+// it was written) tells nothing of a lease held now, claimed after it.
+func (f *Fleet) onFenced(id string, attempt int64) {
 	f.fencedN.Add(1)
-	f.lost(id, 0, "this dispatcher replica lost the task's lease (fenced write); another replica took the task over")
+	if attempt == 0 {
+		return
+	}
+	f.lost(id, attempt, "this dispatcher replica lost the task's lease (fenced write); another replica took the task over")
 }
 
 // lost drops the local session of task id whose lease (attempt; 0: any)
@@ -1281,18 +1306,32 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 		delete(f.watches, id)
 		close(w.lost)
 	}
-	f.watchMu.Unlock()
 	if _, already := f.dropped.LoadOrStore(id, struct{}{}); already {
+		f.watchMu.Unlock()
 		return
 	}
 	// Disowned now, before the refused records are reported done to the
 	// copy's log (onFenced runs inside the store write): its watchers here
-	// never see them; they follow the fleet's view from here on.
-	f.mgr.Disown(id)
+	// never see them; they follow the fleet's view from here on. Under
+	// watchMu, with the lease: a session re-attaching to this copy
+	// (ClaimSession) either holds its new attempt before this (then the
+	// lease of attempt is not this replica's any more and nothing is
+	// dropped) or finds the copy disowned and takes the task afresh.
+	t := f.mgr.Disown(id)
+	f.watchMu.Unlock()
 	f.log.Warn("task fenced: its session on this replica is dropped", "task_id", id, "reason", reason)
+	if t == nil {
+		return
+	}
 	// Not goBackground (see there): the manager's work, which may run
 	// past Close; inline, it could deadlock in the writer's callback.
-	go f.mgr.Drop(id, reason)
+	// The copy disowned, not whatever copy the registry holds by then.
+	go func() {
+		if f.hooks.beforeDrop != nil {
+			f.hooks.beforeDrop(id)
+		}
+		f.mgr.DropCopy(t, reason)
+	}()
 }
 
 // sweepLoop takes over the tasks whose owner stopped renewing their lease
@@ -1469,6 +1508,19 @@ type requeueHooks struct {
 	// adopt is called by adopt before it loads a task claimed from the
 	// bus: an error it returns fails the adoption.
 	adopt func(id string) error
+	// sessionClaimed is called by ClaimSession once the lease row of a
+	// session re-attaching to this replica's copy moved to the new
+	// attempt (committed), before this replica holds that attempt.
+	sessionClaimed func(id string)
+	// beforeSessionClaim is called by ClaimSession before it claims the
+	// lease row (the records before the claim are stored).
+	beforeSessionClaim func(id string)
+	// sessionHeld is called by ClaimSession once this replica holds the
+	// attempt it claimed for the copy (and watches it), before it returns.
+	sessionHeld func(id string)
+	// beforeDrop is called by lost's goroutine before it drops the copy
+	// it disowned (Manager.DropCopy).
+	beforeDrop func(id string)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

@@ -170,7 +170,7 @@ func TestFencedWritesOfALostLeaseAreRefused(t *testing.T) {
 	var fenced []string
 	mk := func(replica string) *fencedStore {
 		return &fencedStore{Store: st, pool: st.Pool(), replica: replica, owned: map[string]int64{},
-			onFenced: func(id string) { mu.Lock(); fenced = append(fenced, replica+":"+id); mu.Unlock() }}
+			onFenced: func(id string, _ int64) { mu.Lock(); fenced = append(fenced, replica+":"+id); mu.Unlock() }}
 	}
 	r1, r2 := mk("r1"), mk("r2")
 	// A new task (no lease yet) may be written by its submitter.
@@ -337,7 +337,7 @@ func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
 	}
 	var fenced atomic.Int64
 	old := &fencedStore{Store: st, pool: st.Pool(), replica: "r1", owned: map[string]int64{},
-		onFenced: func(string) { fenced.Add(1) }}
+		onFenced: func(string, int64) { fenced.Add(1) }}
 	a1, err := l.Claim(ctx, "t1", "r1")
 	if err != nil {
 		t.Fatal(err)
@@ -531,7 +531,7 @@ func TestClaimQueuedAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	owner := &fencedStore{Store: st, pool: st.Pool(), replica: "owner", owned: map[string]int64{"t1": a1}, onFenced: func(string) {}}
+	owner := &fencedStore{Store: st, pool: st.Pool(), replica: "owner", owned: map[string]int64{"t1": a1}, onFenced: func(string, int64) {}}
 	waitFor(t, "the owner's lease to expire", 10*time.Second, func() bool {
 		ls, ok, err := l.Lease(ctx, "t1")
 		return err == nil && ok && ls.Expired
@@ -745,7 +745,7 @@ func TestClaimForSessionReadsCommittedUnderARepeatableReadDefault(t *testing.T) 
 func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing.T) {
 	o := ownedUnderRepeatableRead(t, agentpb.TaskStatus_PENDING, "{}", false)
 	st, ctx := o.st, o.ctx
-	owner := &fencedStore{Store: st, pool: o.l.pool, replica: "owner", owned: map[string]int64{"t1": o.attempt}, onFenced: func(string) {}}
+	owner := &fencedStore{Store: st, pool: o.l.pool, replica: "owner", owned: map[string]int64{"t1": o.attempt}, onFenced: func(string, int64) {}}
 	// The claim, held open until the owner's write waits for it.
 	tx, err := st.Pool().Begin(ctx)
 	if err != nil {

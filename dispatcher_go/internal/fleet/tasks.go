@@ -551,20 +551,58 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // re-attach's own deadline), as the claim's lock on the lease row would
 // have; a store that does not answer within it refuses the re-attach
 // UNAVAILABLE. The claim also reads the task's stored session.
-func (f *Fleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+	id := t.ID()
 	if err := f.writer.Flush(ctx); err != nil {
 		return 0, nil, unavailable("store the task's records before the claim", err)
 	}
-	attempt, cmd, err := f.claimSession(ctx, id, sessionID)
+	if f.hooks.beforeSessionClaim != nil {
+		f.hooks.beforeSessionClaim(id)
+	}
+	attempt, cmd, err := f.claimSessionRow(ctx, id, sessionID)
 	if err != nil {
 		return attempt, nil, err
 	}
-	if t := f.mgr.Registry().Get(id); t != nil && !t.IsView() {
-		f.watchOwned(t, attempt)
-	} else {
-		// No copy here to watch (forgotten meanwhile): not held, its
-		// lease expires and the sweep takes the task over.
-		f.fenced.disown(id, attempt)
+	if f.hooks.sessionClaimed != nil {
+		f.hooks.sessionClaimed(id)
+	}
+	// Held only for t, the copy waiting here that the claim is for, if
+	// this replica did not lose its lease meanwhile (Fleet.lost, under
+	// watchMu too: a store stall longer than the lease; DropCopy abandons
+	// the copy) and the registry still holds t (not a copy another stream
+	// of the session took afresh meanwhile: that copy holds an attempt of
+	// its own). Else the session would run on a dropped copy, the attempt
+	// claimed renewed by nobody or held for a copy nobody watches. Not
+	// held, the attempt claimed expires (not released: the task is
+	// RUNNING, the sweep takes it over); the re-attach takes the task
+	// afresh (TakeSession) unless another copy holds it.
+	//
+	// The attempt and its watch are taken under one lock: a loss of the
+	// attempt (lost) after it ends the watch too.
+	f.watchMu.Lock()
+	held := f.mgr.Registry().Get(id) == t && !t.IsView() && !t.Disowned()
+	var w *ownedWatch
+	if held {
+		f.dropped.Delete(id)
+		f.fenced.own(id, attempt)
+		w = f.watchLocked(t, attempt)
+	}
+	f.watchMu.Unlock()
+	if !held {
+		return 0, nil, task.ErrLeaseLost
+	}
+	if task.Terminal(t.Status()) {
+		// Ended while the claim ran (not by a stop: those wait for the
+		// claim, task.waiter.Stop): its end may have been written with
+		// the attempt before, which the store refused. Written again with
+		// the attempt held now, before the watch's flush: the stored end
+		// wins and the lease is released after it (the re-attach is
+		// refused: the task ended).
+		t.Resave()
+	}
+	f.startWatch(w)
+	if f.hooks.sessionHeld != nil {
+		f.hooks.sessionHeld(id)
 	}
 	if cmd == nil {
 		return attempt, nil, nil
@@ -586,6 +624,18 @@ func cancelStop(c command) *dispatchv1.StopSignal {
 // claimSession is ClaimSession that returns too the oldest cancel open for
 // the task (nil: none), which the session's new owner must carry out.
 func (f *Fleet) claimSession(ctx context.Context, id, sessionID string) (int64, *command, error) {
+	attempt, cmd, err := f.claimSessionRow(ctx, id, sessionID)
+	if err != nil {
+		return 0, nil, err
+	}
+	f.dropped.Delete(id)
+	f.fenced.own(id, attempt)
+	return attempt, cmd, nil
+}
+
+// claimSessionRow is claimSession's claim of the lease row alone: this
+// replica does not hold the attempt yet (fenced.own).
+func (f *Fleet) claimSessionRow(ctx context.Context, id, sessionID string) (int64, *command, error) {
 	attempt, cmd, err := f.leases.claimSession(ctx, id, f.id, sessionID)
 	switch {
 	case errors.Is(err, task.ErrNotFound):
@@ -595,8 +645,6 @@ func (f *Fleet) claimSession(ctx context.Context, id, sessionID string) (int64, 
 	case err != nil:
 		return 0, nil, unavailable("claim the task", err)
 	}
-	f.dropped.Delete(id)
-	f.fenced.own(id, attempt)
 	return attempt, cmd, nil
 }
 

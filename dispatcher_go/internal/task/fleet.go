@@ -61,11 +61,13 @@ type Fleet interface {
 	// old owner's writes are fenced from then on) and loads the task here
 	// waiting for the session (Manager.AdoptWaiting).
 	TakeSession(ctx context.Context, id, sessionID string, serves func(tenant string) bool) error
-	// ClaimSession is TakeSession's claim alone, for a task this replica
-	// holds waiting for its session: the new attempt, and the stop of a
-	// client's cancel open for the task that this replica has not carried
-	// out (nil: none), which the re-attached session is stopped with.
-	ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error)
+	// ClaimSession is TakeSession's claim alone, for t, a task's copy this
+	// replica holds waiting for its session: the new attempt, and the stop
+	// of a client's cancel open for the task that this replica has not
+	// carried out (nil: none), which the re-attached session is stopped
+	// with. ErrLeaseLost if the attempt is not held for t: the replica
+	// lost the task's lease meanwhile, or t is no longer the task's copy.
+	ClaimSession(ctx context.Context, t *Task, sessionID string) (int64, *dispatchv1.StopSignal, error)
 	// KeepCancel makes durable a client's cancel that this replica
 	// decided on task id, which it holds (Manager.CancelAs): if the
 	// replica dies before the task's end is stored, the task's next owner
@@ -120,6 +122,17 @@ func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
 	if m.reopen == nil {
 		return nil, errNoReopen
 	}
+	if old := m.reg.Get(s.ID); old != nil {
+		// The copy replaced records nothing more: the fleet claimed a new
+		// attempt for this one, and the fenced store writes whatever copy
+		// of the task with the attempt held now. Disowned (its watchers
+		// follow the fleet's view) and, if it waits for its session, its
+		// hand-over forgotten (it never ends itself: waiter.finish).
+		if old.lease != nil {
+			old.lease.lose()
+		}
+		old.abandon()
+	}
 	m.Forget(s.ID)
 	s.LastSeq = lastSeq
 	log, err := m.reopen.Restore(s.ID, lastSeq, Terminal(s.Status))
@@ -159,11 +172,20 @@ func (m *Manager) Forget(id string) {
 // store write that found the fence, before that write returns): a
 // watcher here then never sees a record the store refused, such as the
 // FAILURE that Drop ends the copy with. It is cheap and does not block.
-func (m *Manager) Disown(id string) {
-	if t := m.reg.Get(id); t != nil && t.lease != nil {
-		t.lease.lose()
+//
+// It returns the copy disowned (nil: none), the one Drop must stop.
+func (m *Manager) Disown(id string) *Task {
+	t := m.reg.Get(id)
+	if t == nil || t.lease == nil {
+		return nil
 	}
+	t.lease.lose()
+	return t
 }
+
+// Disowned reports whether t is the copy of a task this fleet replica no
+// longer holds the lease of (Disown).
+func (t *Task) Disowned() bool { return t.disowned() }
 
 // Drop stops the session of task id on this replica without ending the
 // task for anyone else: the replica lost the task's lease (its writes are
@@ -174,19 +196,30 @@ func (m *Manager) Disown(id string) {
 // first (see Disown): its watchers here follow the fleet's view of the
 // task, never the copy's local end.
 func (m *Manager) Drop(id, reason string) {
-	t := m.reg.Get(id)
-	if t == nil {
-		return
+	if t := m.reg.Get(id); t != nil {
+		m.DropCopy(t, reason)
 	}
+}
+
+// DropCopy is Drop of copy t: the one whose lease was lost, which may no
+// longer be the task's copy in the registry when this runs (a session
+// re-attaching here took the task afresh meanwhile: Reattach); the copy
+// that replaced it is left alone.
+func (m *Manager) DropCopy(t *Task, reason string) {
+	id := t.id
 	if t.lease != nil {
 		t.lease.lose()
+	}
+	forget := func() {
+		if m.reg.remove(t) {
+			m.store.Remove(id)
+		}
 	}
 	if t.abandon() {
 		// It waited for its session, which re-attached to another
 		// replica: that replica runs it now; this copy ends nothing and
 		// records nothing.
-		m.reg.remove(t)
-		m.store.Remove(id)
+		forget()
 		return
 	}
 	if m.queue.Remove(t) {
@@ -198,8 +231,7 @@ func (m *Manager) Drop(id, reason string) {
 	}
 	go func() {
 		<-t.Done()
-		m.reg.remove(t)
-		m.store.Remove(id)
+		forget()
 	}()
 }
 

@@ -126,9 +126,9 @@ func (f *fakeFleet) TakeSession(ctx context.Context, id, sessionID string, serve
 	}
 	return ErrNotFound
 }
-func (f *fakeFleet) ClaimSession(ctx context.Context, id, sessionID string) (int64, *dispatchv1.StopSignal, error) {
+func (f *fakeFleet) ClaimSession(ctx context.Context, t *Task, sessionID string) (int64, *dispatchv1.StopSignal, error) {
 	if f.claim != nil {
-		return f.claim(ctx, id, sessionID)
+		return f.claim(ctx, t.id, sessionID)
 	}
 	return 0, nil, ErrNotFound
 }

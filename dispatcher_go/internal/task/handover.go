@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -63,16 +64,61 @@ type waiter struct {
 	// expired is the message format (with the window) the task ends with
 	// when the window runs out; "": HandOverExpiredMessage.
 	expired string
+	// pending is a stop decided while a re-attach claimed the task, and
+	// due that the window ran out meanwhile (guarded by t.mu, see Stop):
+	// the re-attach carries them out once the claim is decided.
+	pending *dispatchv1.StopSignal
+	due     time.Duration
 }
 
 // Stop implements Runner: there is no session to stop, so the task ends
 // here, as the stop decided (a client's cancel is CANCELLED).
+//
+// While a re-attach claims the task (claiming) the end waits for the
+// claim: in a fleet the claim moves the task's lease to the next attempt,
+// and an end written meanwhile with the attempt before was refused by the
+// store (fenced): the replica dropped the task as lost to another replica
+// and the store kept it RUNNING under a lease nobody renewed. The stop is
+// kept instead: a claim that succeeds stops the re-attached session with
+// it (Reattached.Stop, as a stop decided before the hand-over), one that
+// fails ends the task here as now. It counts as decided.
 func (w *waiter) Stop(reason string, code dispatchv1.StopCode) bool {
+	t := w.t
+	t.mu.Lock()
+	if w.claiming && t.runner == w && !w.gone && !Terminal(t.status) {
+		if w.pending == nil {
+			w.pending = &dispatchv1.StopSignal{Reason: reason, Code: code}
+		}
+		t.mu.Unlock()
+		return true
+	}
+	t.mu.Unlock()
+	return w.finish(reason, code)
+}
+
+// finish ends the task as stop (reason, code) decides; nothing if the copy
+// was dropped (gone, disowned): a fleet replica that lost the task's lease
+// records nothing more of it, and the attempt held now may be a newer
+// copy's (a re-attach took the task afresh), whose records this one's end
+// would overwrite.
+func (w *waiter) finish(reason string, code dispatchv1.StopCode) bool {
+	if w.dropped() {
+		return false
+	}
 	status := agentpb.TaskStatus_FAILURE
 	if code == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL {
 		status = agentpb.TaskStatus_CANCELLED
 	}
 	return w.t.Finish(status, reason+" (while its session was being handed over)", "")
+}
+
+// dropped reports whether w's copy was dropped: abandoned (gone) or
+// disowned (a fleet replica lost the task's lease: Manager.DropCopy).
+func (w *waiter) dropped() bool {
+	w.t.mu.Lock()
+	gone := w.gone
+	w.t.mu.Unlock()
+	return gone || w.t.disowned()
 }
 
 // Interject implements Runner.
@@ -84,7 +130,15 @@ func (w *waiter) Interject(context.Context, string) (string, uint64, error) {
 // decided before the hand-over decides the outcome (a client's cancel is
 // CANCELLED).
 func (w *waiter) expire(window time.Duration) {
+	if w.dropped() {
+		return // see finish
+	}
 	w.t.mu.Lock()
+	if w.claiming && w.t.runner == w && !w.gone {
+		// Decided once the claim is: a re-attach that fails ends the task
+		// then (else nothing would: the timer fired).
+		w.due = max(window, 1)
+	}
 	waiting := w.t.runner == w && !w.claiming && !w.gone
 	stop := w.t.stop
 	w.t.mu.Unlock()
@@ -208,6 +262,15 @@ func (m *Manager) AdoptWaiting(s Snapshot, lastSeq uint64, attempt int64) (*Task
 	return t, nil
 }
 
+// Resave queues t's record again: a fleet replica that holds t's lease
+// with a new attempt stores with it an end that may have been written (and
+// refused) with the attempt before.
+func (t *Task) Resave() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.saveLocked()
+}
+
 // abandon forgets the hand-over t waits for without ending t: the task
 // moved to another replica (whose session took it over), so this copy
 // records nothing more. False if t does not wait.
@@ -275,17 +338,50 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	if m.closed.Load() {
 		return Reattached{}, ErrClosed
 	}
-	t := m.reg.Get(taskID)
-	if m.fleet != nil && (t == nil || Terminal(t.Status())) {
-		// In a fleet the task may be another replica's (dead, draining or
-		// cut off from the commander): take it over for the session.
-		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
-			return Reattached{}, err
+	var carried *dispatchv1.StopSignal
+	var dropped *Task
+	for try := 0; ; try++ {
+		got, pending, tried, err := m.reattach(ctx, taskID, sessionID, commanderID, serves, newRunner, try > 0, dropped, carried)
+		if !errors.Is(err, ErrLeaseLost) || try > 0 {
+			return got, err
 		}
-		t = m.reg.Get(taskID)
+		// This replica lost the task's lease while the claim ran (a store
+		// stall longer than the lease: Manager.DropCopy abandoned the
+		// copy): the session takes the task afresh, as on a replica that
+		// never held it (Fleet.TakeSession: loaded from the store, claimed
+		// with the next attempt), unless another stream of the session
+		// did meanwhile. A stop kept for the claim goes with it.
+		carried, dropped = pending, tried
+	}
+}
+
+// ErrLeaseLost is what a Fleet's ClaimSession answers when the replica
+// lost the task's lease (Drop) while it claimed: the claim is not held
+// and the copy is dropped; the re-attach takes the task afresh.
+var ErrLeaseLost = fmt.Errorf("%w: this dispatcher replica lost the task's lease while the session re-attached", ErrNotRunning)
+
+// reattach is one try of Reattach, and the copy it tried (nil: none).
+// retry: the try before found its copy, dropped, dropped by this replica
+// while the claim ran (ErrLeaseLost); a fleet takes the task afresh
+// (TakeSession) if the registry holds that copy, a disowned one or none.
+// carried is a stop to keep for the session (see Reattach). pending is
+// the stop kept while the claim ran (ErrLeaseLost: for the next try).
+func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID string, serves func(tenant string) bool, newRunner func(*Task) Runner, retry bool, dropped *Task, carried *dispatchv1.StopSignal) (Reattached, *dispatchv1.StopSignal, *Task, error) {
+	unlock := func() {}
+	if m.fleet != nil {
+		// One take of a task at a time here: two streams of a session
+		// re-attaching at once (or a retry and another stream) would each
+		// take it afresh, the second forgetting the first's copy while
+		// its session runs. The second finds the first's copy instead.
+		unlock = m.takes.lock(taskID)
+	}
+	t, err := m.pick(ctx, taskID, sessionID, serves, retry, dropped)
+	unlock()
+	if err != nil {
+		return Reattached{}, nil, nil, err
 	}
 	if t == nil {
-		return Reattached{}, ErrNotFound
+		return Reattached{}, nil, nil, ErrNotFound
 	}
 	t.mu.Lock()
 	w, waiting := t.runner.(*waiter)
@@ -295,49 +391,82 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 		// answer as an unknown task, so another tenant's tasks stay unseen
 		// (first: nothing of the task's state may tell that it exists).
 		t.mu.Unlock()
-		return Reattached{}, ErrNotFound
+		return Reattached{}, nil, nil, ErrNotFound
 	case Terminal(t.status):
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
 	case t.sessionID != sessionID && t.requeues > 0:
 		st, n := t.status, t.requeues
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
+		return Reattached{}, nil, t, fmt.Errorf("%w: %s", ErrNotRunning, RequeuedRefusal(n, sessionID, st == agentpb.TaskStatus_RUNNING))
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
 	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
-		return Reattached{}, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
 	}
 	w.claiming = true
+	if carried != nil {
+		w.pending = carried
+	}
 	t.mu.Unlock()
 
 	attempt, cancelStop, err := m.claim(ctx, t, w, sessionID)
 
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	w.claiming = false
-	if err != nil {
-		return Reattached{}, fmt.Errorf("claim the task: %w", err)
+	pending, due := w.pending, w.due
+	w.pending, w.due = nil, 0
+	lost := w.gone || t.disowned()
+	switch {
+	case m.fleet != nil && (errors.Is(err, ErrLeaseLost) || err == nil && lost):
+		// The copy was dropped while the claim ran (the fleet holds no
+		// attempt of the claim's for it: ClaimSession refused, or the
+		// lease it claimed was lost again at once): it records nothing
+		// more, and the session must not run on it.
+		t.mu.Unlock()
+		return Reattached{}, pending, t, ErrLeaseLost
+	case err != nil || t.runner != w || Terminal(t.status):
+		// Ended while the claim ran, not by a stop (those wait for the
+		// claim, see waiter.Stop): a fleet's ClaimSession wrote the end
+		// again with the attempt it claimed.
+		st, msg := t.status, t.message
+		t.mu.Unlock()
+		switch {
+		case lost:
+		case pending != nil:
+			// The stop kept for the claim, which failed: as it would have.
+			w.finish(pending.GetReason(), pending.GetCode())
+		case due > 0:
+			w.expire(due)
+		}
+		if err != nil {
+			return Reattached{}, nil, t, fmt.Errorf("claim the task: %w", err)
+		}
+		return Reattached{}, nil, t, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, st, msg)
 	}
-	if t.runner != w || Terminal(t.status) {
-		// Ended (a cancel, the window) while the claim ran.
-		return Reattached{}, fmt.Errorf("%w: the task ended %s: %s", ErrNotRunning, t.status, t.message)
-	}
+	defer t.mu.Unlock()
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-	if cancelStop != nil && t.stop == nil {
-		// A client's cancel the claim found open and not carried out here
-		// (in a fleet: its announcement lost, or asked of a replica that
-		// held the task meanwhile): the session is stopped with it at
-		// once, as with a stop decided before the hand-over, and stored
-		// with the task. The cancel is recorded, as on a copy that decided
-		// it: it is not carried out again, and the task is never requeued.
-		t.stop = cancelStop
-		if t.cancelReason == "" {
-			t.cancelReason = cancelStop.GetReason()
+	for _, st := range []*dispatchv1.StopSignal{pending, cancelStop} {
+		if st == nil || t.stop != nil {
+			continue
+		}
+		// A stop decided while the claim ran (waiter.Stop), or a client's
+		// cancel the claim found open and not carried out here (in a
+		// fleet: its announcement lost, or asked of a replica that held
+		// the task meanwhile): the session is stopped with it at once, as
+		// with a stop decided before the hand-over, and stored with the
+		// task. A cancel is recorded, as on a copy that decided it: it is
+		// not carried out again, and the task is never requeued.
+		t.stop = st
+		if st.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && t.cancelReason == "" {
+			t.cancelReason = st.GetReason()
+			if t.cancelReason == "" {
+				t.cancelReason = DefaultCancelReason
+			}
 		}
 	}
 	t.runner = newRunner(t)
@@ -352,7 +481,33 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	ev.GetState().Message = fmt.Sprintf("running: session re-attached (attempt %d)", attempt)
 	_, _ = t.log.Append(ev, eventlog.Control)
 	t.saveLocked()
-	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil
+	return Reattached{Task: t, Attempt: attempt, UpstreamSeq: t.upstreamSeq, StartedAt: t.startedAt, Stop: t.stop}, nil, t, nil
+}
+
+// pick is the copy of task taskID that reattach claims (nil: none), taken
+// afresh first in a fleet when it must be (see reattach).
+func (m *Manager) pick(ctx context.Context, taskID, sessionID string, serves func(tenant string) bool, retry bool, dropped *Task) (*Task, error) {
+	t := m.reg.Get(taskID)
+	switch {
+	case retry && t != nil && t != dropped && !t.disowned():
+		// Another stream of the session took the task afresh while the
+		// claim ran (or the sweep's copy holds it): its copy holds an
+		// attempt of its own. Taken afresh again, that copy would be
+		// forgotten while its session runs (two sessions, and its records
+		// written with this one's attempt). This try goes on with that
+		// copy as a first try would: refused unless it waits for the
+		// session.
+	case m.fleet != nil && (t == nil || retry || Terminal(t.Status()) || t.disowned() && t.HandingOver()):
+		// In a fleet the task may be another replica's (dead, draining or
+		// cut off from the commander): take it over for the session. So is
+		// a copy waiting here whose lease this replica lost (being
+		// dropped without ending: Manager.DropCopy).
+		if err := m.fleet.TakeSession(ctx, taskID, sessionID, serves); err != nil {
+			return nil, err
+		}
+		t = m.reg.Get(taskID)
+	}
+	return t, nil
 }
 
 // claim asks the Claimer for t's next attempt (without one: the attempt
@@ -364,7 +519,7 @@ func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID strin
 		return w.claimed, nil, nil
 	}
 	if m.fleet != nil {
-		return m.fleet.ClaimSession(ctx, t.id, sessionID)
+		return m.fleet.ClaimSession(ctx, t, sessionID)
 	}
 	if m.opts.Claimer == nil {
 		return t.Attempt() + 1, nil, nil
@@ -374,4 +529,40 @@ func (m *Manager) claim(ctx context.Context, t *Task, w *waiter, sessionID strin
 		err = errors.New("the claimer returned no attempt")
 	}
 	return attempt, nil, err
+}
+
+// keyedMutex is a mutex per key (the zero value is ready); a key's entry
+// lives while it is held or waited for.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu sync.Mutex
+	n  int // holders and waiters
+}
+
+// lock locks key and returns its unlock.
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[key] = e
+	}
+	e.n++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.n--; e.n == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
 }

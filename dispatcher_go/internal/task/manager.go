@@ -144,6 +144,9 @@ type Manager struct {
 	// fleet, when set, makes this manager one replica of a fleet (see
 	// Fleet); nil: single node.
 	fleet Fleet
+	// takes serialises, per task, a fleet re-attach's choice to take the
+	// task afresh and the take (Manager.reattach).
+	takes keyedMutex
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the

@@ -73,16 +73,20 @@ func (r *Registry) sandboxTenants(id string) []string {
 }
 
 // remove forgets t entirely (a submission that the queue refused).
-func (r *Registry) remove(t *Task) {
+// False if the registry does not hold t (another copy of its task, or none).
+func (r *Registry) remove(t *Task) bool {
 	r.mu.Lock()
-	if e, ok := r.byID[t.id]; ok && e.t == t {
-		r.order.Remove(e.orderEl)
-		if e.finishEl != nil {
-			r.finished.Remove(e.finishEl)
-		}
-		delete(r.byID, t.id)
+	defer r.mu.Unlock()
+	e, ok := r.byID[t.id]
+	if !ok || e.t != t {
+		return false
 	}
-	r.mu.Unlock()
+	r.order.Remove(e.orderEl)
+	if e.finishEl != nil {
+		r.finished.Remove(e.finishEl)
+	}
+	delete(r.byID, t.id)
+	return true
 }
 
 // finishedTask records that t ended and evicts beyond maxKept.
