@@ -51,8 +51,7 @@ const DefaultAckInterval = 20 * time.Millisecond
 // reattachTimeout bounds the claim of a re-attach. Under the commander's
 // handshake timeout (10 s by default): a claim that does not make it is
 // answered ErrReattachLater, and over, before the commander's next try
-// (which a claim still under way would refuse for good, as a session
-// attached to another stream).
+// (which a claim still under way refuses for now too: task.ErrClaimUnderWay).
 const reattachTimeout = 8 * time.Second
 
 // ackFlushTimeout bounds one flush of the acker; a store that does not
@@ -229,7 +228,7 @@ func refusedForGood(err error) bool {
 func reattachLater(err error) error {
 	why := "the task could not be claimed"
 	switch {
-	case errors.Is(err, store.ErrUnavailable), errors.Is(err, task.ErrClosed):
+	case errors.Is(err, store.ErrUnavailable), errors.Is(err, task.ErrClosed), errors.Is(err, task.ErrClaimUnderWay):
 		why = err.Error()
 	case errors.Is(err, context.DeadlineExceeded):
 		why = "the task could not be claimed in time"

@@ -47,6 +47,7 @@ func TestReattachRefusalFinalOrForNow(t *testing.T) {
 		{"fleet database", fmt.Errorf("claim the task: %w", fmt.Errorf("%w: claim the task: the fleet's database did not answer", store.ErrUnavailable)), false, "the fleet's database did not answer"},
 		{"store stalled", fmt.Errorf("%w: a write has been under way for more than 5s", store.ErrUnavailable), false, "under way"},
 		{"closing", task.ErrClosed, false, "shutting down"},
+		{"another claim under way", task.ErrClaimUnderWay, false, "claiming the task"},
 		{"deadline", fmt.Errorf("claim the task: claim task t-1: %w", context.DeadlineExceeded), false, "in time"},
 		{"driver error", errors.New("claim task t-1: open /secret/path/tasks.db: disk I/O error"), false, "could not be claimed"},
 	}

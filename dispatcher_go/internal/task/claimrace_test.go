@@ -219,3 +219,28 @@ func TestTwoStreamsOfASessionTakeTheTaskOnce(t *testing.T) {
 		t.Fatalf("%d take(s), %d re-attach(es) succeeded, %d refused; want 1, 1, 1", n, ok, refused)
 	}
 }
+
+// A second re-attach of the session while the first's claim still runs
+// (the commander gave the first stream up, the claim waits for a slow
+// store) is refused for now (ErrClaimUnderWay, which the session answers
+// UNAVAILABLE: the commander tries again), not as a session attached to
+// another stream (final: the commander would give the session up).
+// Once the first claim fails, the next try succeeds.
+func TestReattachWhileAnotherClaimRunsIsRefusedForNow(t *testing.T) {
+	m, tk, cl, errs, _ := linkLostWhileClaiming(t, time.Minute)
+	_, err := m.Reattach(context.Background(), tk.ID(), "ses", "c", nil, func(tk *Task) Runner { return &fakeRunner{t: tk} })
+	if !errors.Is(err, ErrClaimUnderWay) || errors.Is(err, ErrNotRunning) {
+		t.Fatalf("re-attach during another's claim: %v, want ErrClaimUnderWay (not ErrNotRunning)", err)
+	}
+	cl.release <- errors.New("store unavailable")
+	if err := <-errs; err == nil {
+		t.Fatal("the first re-attach succeeded on a failed claim")
+	}
+	// The claimer answers once more: this try gets it.
+	cl.claiming = make(chan struct{})
+	go func() { cl.release <- nil }()
+	info, err := m.Reattach(context.Background(), tk.ID(), "ses", "c", nil, func(tk *Task) Runner { return &fakeRunner{t: tk} })
+	if err != nil || info.Attempt != 9 {
+		t.Fatalf("the next try: %+v %v, want attempt 9", info, err)
+	}
+}

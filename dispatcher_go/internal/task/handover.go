@@ -355,6 +355,10 @@ func (m *Manager) Reattach(ctx context.Context, taskID, sessionID, commanderID s
 	}
 }
 
+// ErrClaimUnderWay refuses a re-attach for now: another re-attach of the
+// same session is claiming the task (its store or fleet claim is slow).
+var ErrClaimUnderWay = errors.New("another re-attach of the session is claiming the task; try again")
+
 // ErrLeaseLost is what a Fleet's ClaimSession answers when the replica
 // lost the task's lease (Drop) while it claimed: the claim is not held
 // and the copy is dropped; the re-attach takes the task afresh.
@@ -402,6 +406,13 @@ func (m *Manager) reattach(ctx context.Context, taskID, sessionID, commanderID s
 	case t.sessionID != sessionID:
 		t.mu.Unlock()
 		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is not %s", ErrNotRunning, sessionID)
+	case waiting && w.claiming && !w.gone:
+		// Another re-attach of the session claims the task now (a stream
+		// the commander gave up on while the claim waited for the store):
+		// not final, its claim may yet fail, and this stream may be the
+		// one the commander still reads.
+		t.mu.Unlock()
+		return Reattached{}, nil, t, ErrClaimUnderWay
 	case !waiting || w.claiming || w.gone:
 		t.mu.Unlock()
 		return Reattached{}, nil, t, fmt.Errorf("%w: the task's session is attached to another stream", ErrNotRunning)
