@@ -359,7 +359,25 @@ func TestTwoReattachesOfASessionWhileTheReplicaLosesTheLeaseLeaveOneCopy(t *test
 		t.Fatalf("re-attach B (the first to take the task afresh) refused: %v", bErr)
 	}
 	if aErr == nil {
-		t.Fatalf("both re-attaches succeeded: A on %p attempt %d, B on %p attempt %d (dropped copy %p)", aInfo.Task, aInfo.Attempt, bInfo.Task, bInfo.Attempt, lt)
+		// The other order: B's first write after A's claim moved the lease
+		// row past B's attempt was fenced, and B's copy was dropped (its
+		// session stopped) before A's retry looked: A took the task afresh.
+		// Still one session: A's holds the lease, B's copy ends and its end
+		// is not stored.
+		t.Logf("B's copy (attempt %d) was fenced before A's retry: A took the task afresh (attempt %d)", bInfo.Attempt, aInfo.Attempt)
+		reattachedAfresh(t, owner, id, lt, bInfo.Attempt, aInfo, aErr)
+		select {
+		case <-bInfo.Task.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("both re-attaches run: A on %p attempt %d, B on %p attempt %d (dropped copy %p)", aInfo.Task, aInfo.Attempt, bInfo.Task, bInfo.Attempt, lt)
+		}
+		if err := owner.w.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_RUNNING {
+			t.Fatalf("stored %s %q while A's session runs: B's dropped copy wrote past the fence", st, msg)
+		}
+		return
 	}
 	if !strings.Contains(aErr.Error(), "attached to another stream") {
 		t.Fatalf("re-attach A refused with %v, want: attached to another stream", aErr)
