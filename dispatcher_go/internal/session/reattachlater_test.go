@@ -194,7 +194,9 @@ func TestReattachRefusedForNowWaitsForTheNextTry(t *testing.T) {
 func TestReattachRefusedForNowStillEndsWithTheWindow(t *testing.T) {
 	claimer := &failingClaimer{}
 	claimer.fails.Store(1 << 20)
-	const window = 300 * time.Millisecond
+	// Long enough that a stall under -race on a loaded machine does not
+	// let the window pass before the first re-attach is refused.
+	const window = 2 * time.Second
 	e := claimerEnv(t, window, claimer)
 	tk, sid := detachedSession(t, e)
 
