@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -235,6 +236,26 @@ func reattachLater(err error) error {
 		why = "the task could not be claimed in time"
 	}
 	return fmt.Errorf("%w (%s)", ErrReattachLater, why)
+}
+
+// laterLogEvery paces the Warn line of the refusals for now: during an
+// outage every waiting session is refused about once per its commander's
+// retry, which would flood the log.
+const laterLogEvery = 10 * time.Second
+
+// logReattachLater logs a re-attach refused for now: at Warn at most once
+// per laterLogEvery for the whole server (with how many were logged at
+// Debug since the last Warn), else at Debug.
+func (s *Server) logReattachLater(log *slog.Logger, ra *dispatchv1.Reattach, err error) {
+	warned := false
+	s.laterWarn.Do(func() { warned = true })
+	if !warned {
+		s.laterQuiet.Add(1)
+		log.Debug("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", err.Error())
+		return
+	}
+	log.Warn("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", err.Error(),
+		"more_at_debug", s.laterQuiet.Swap(0), "warn_every", laterLogEvery)
 }
 
 // reattach takes over the task of ra on sl (called by Serve before the
