@@ -130,7 +130,37 @@ class ConnectionConfig:
 
 
 class ConnectFailed(Exception):
-    """One connection attempt failed before the stream became healthy (internal)."""
+    """One connection attempt failed before the stream became healthy (internal).
+
+    ``refused_for_now``: the dispatcher answered the hello "not now, try again"
+    (a re-attach it could not decide): the next attempts back off more.
+    """
+
+    def __init__(self, reason: str, *, refused_for_now: bool = False) -> None:
+        super().__init__(reason)
+        self.refused_for_now = refused_for_now
+
+
+#: How many times ``reconnect_initial`` the delay after refusals for now grows to
+#: (capped by ``reconnect_max``): 4 s by default.
+REFUSED_FOR_NOW_MAX_FACTOR = 8
+
+
+def urgent_delay(config: ConnectionConfig, refused: int) -> float:
+    """The reconnect delay, before jitter, of a slot whose session waits to re-attach,
+    after ``refused`` refusals for now since its last healthy stream.
+
+    ``reconnect_initial`` while nothing was refused (a dispatcher back after a
+    restart is found within it) and after the first refusal; then it doubles per
+    refusal up to ``REFUSED_FOR_NOW_MAX_FACTOR`` times ``reconnect_initial``
+    (capped by ``reconnect_max``): a dispatcher whose database does not answer
+    is not asked again every second by every waiting session.
+    """
+    initial = config.reconnect_initial
+    if refused <= 1:
+        return initial
+    cap = max(initial, min(config.reconnect_max, REFUSED_FOR_NOW_MAX_FACTOR * initial))
+    return float(min(cap, initial * 2 ** (refused - 1)))
 
 
 async def reconnect_forever(
@@ -150,8 +180,12 @@ async def reconnect_forever(
     dispatcher restart after a week of uptime is noticed within
     ``reconnect_initial`` (jittered, so that all commanders do not reconnect in
     the same instant), not after the maximum delay. While ``urgent()`` is true
-    (a session waits to re-attach) the delay stays at most ``reconnect_initial``
-    plus jitter: a dispatcher back after a restart is found within it.
+    (a session waits to re-attach) the delay is :func:`urgent_delay` plus
+    jitter: ``reconnect_initial`` until a dispatcher refuses the re-attach for
+    now, then growing with each such refusal. Other failures (a dispatcher
+    down) neither grow nor reset that count: with several addresses, a dead
+    one tried between two refusals must not bring the fast pace back. A
+    healthy stream resets it.
     """
 
     def log_retry(state: RetryCallState) -> None:
@@ -168,13 +202,19 @@ async def reconnect_forever(
     backoff = wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
     jitter = wait_random(0, config.reconnect_initial)
 
-    def wait(state: RetryCallState) -> float:
-        delay = backoff(state)
-        if urgent is not None and urgent():
-            delay = min(delay, config.reconnect_initial)
-        return delay + jitter(state)
-
     while not should_stop():
+        refused = 0  # refusals for now since the last healthy stream
+
+        def wait(state: RetryCallState) -> float:
+            nonlocal refused
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, ConnectFailed) and exc.refused_for_now:
+                refused += 1
+            delay = backoff(state)
+            if urgent is not None and urgent():
+                delay = min(delay, urgent_delay(config, refused))
+            return float(delay + jitter(state))
+
         retrying = AsyncRetrying(
             # initial * 2**n, capped, plus up to `initial` of jitter.
             wait=wait,
