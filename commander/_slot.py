@@ -211,6 +211,14 @@ class Slot:
             # out as one message (a resend after a re-attach too).
             stream.writer.enable_batches(first.ack.max_upstream_batch, _batch, _size)
         if session is not None and upstream is not None:
+            if first.session_id == session.session_id and upstream.abandoned is not None:
+                # Given up while the hello was on its way: end the stream, so that
+                # this dispatcher does not keep a busy slot for the session until
+                # the task's timeout (its task fails when its window passes).
+                raise StreamEnded(
+                    f"the dispatcher took session {session.session_id} back after the slot "
+                    "had given it up; ending the stream so that it lets the session go"
+                )
             if first.session_id == session.session_id:
                 stream.tg.start_soon(self._resume, session, upstream, stream, first.ack)
             else:

@@ -214,6 +214,8 @@ class FakeDispatcher(
         self.on_reattach: (
             Callable[[ipb.Reattach], ipb.DownstreamPacket | tuple[grpc.StatusCode, str]] | None
         ) = None
+        #: How long ``on_reattach``'s answer takes, in seconds.
+        self.reattach_delay = 0.0
         #: The hellos with ``reattach`` received, in order, and when (monotonic).
         self.reattaches: list[ipb.Reattach] = []
         self.reattached_at: list[float] = []
@@ -239,6 +241,7 @@ class FakeDispatcher(
             self.reattaches.append(first.hello.reattach)
             self.reattached_at.append(time.monotonic())
         if first.hello.HasField("reattach") and self.on_reattach is not None:
+            await asyncio.sleep(self.reattach_delay)
             answer = self.on_reattach(first.hello.reattach)
             if isinstance(answer, tuple):
                 await context.abort(*answer)

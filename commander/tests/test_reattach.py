@@ -216,3 +216,35 @@ async def test_the_reconnect_delay_grows_per_refusal_for_now_and_resets_on_a_hea
     assert len(delays) == len(bases), delays
     for delay, base in zip(delays, bases, strict=True):
         assert base <= delay <= base + 0.01, (delays, bases)
+
+
+async def test_a_reattach_taken_after_the_slot_gave_up_ends_that_stream() -> None:
+    """The dispatcher's ack comes after the hand-over window ran out: the slot ends
+    that stream (the dispatcher then fails the task when its own window passes)
+    instead of leaving the dispatcher a busy slot for a session nobody runs."""
+    server = DispatcherServer()
+    await server.start()
+    commander = Commander(
+        fast_connection(server.target), slots=1, planners=planners, handover_timeout=1.0
+    )
+    try:
+        async with commander:
+            await _running_session(server)
+            server.servicer.reattach_delay = 1.5  # beyond the window, within the handshake's
+            server.servicer.on_reattach = lambda reattach: _taken(reattach, recorded=1)
+            await server.stop()
+            await server.start()
+            with anyio.fail_after(10):
+                await gate["cancelled"].wait()
+            late = await server.servicer.next_slot()
+            assert late.hello is not None and late.hello.HasField("reattach")
+            with anyio.fail_after(5):
+                await late.ended.wait()
+            assert [p.WhichOneof("payload") for p in late.received] == ["hello"]
+            assert len(server.servicer.reattaches) == 1
+            server.servicer.on_reattach = None
+            fresh = await server.servicer.next_slot()
+            assert fresh.hello is not None and not fresh.hello.HasField("reattach")
+            assert not commander.slots[0].busy
+    finally:
+        await server.stop()
