@@ -128,7 +128,8 @@ class ReconnectingStream(Generic[Up, Down]):
             the attempt returned (not when it was cancelled).
         no_answer: the reason logged when the handshake times out.
         urgent: while it returns true, reconnect attempts keep the shortest
-            backoff (see :func:`~commander._connection.reconnect_forever`).
+            backoff, growing only after refusals for now (:class:`RefusedForNow`;
+            see :func:`~commander._connection.reconnect_forever`).
     """
 
     def __init__(
