@@ -148,17 +148,14 @@ REFUSED_FOR_NOW_MAX_FACTOR = 8
 
 def urgent_delay(config: ConnectionConfig, refused: int) -> float:
     """The reconnect delay, before jitter, of a slot whose session waits to re-attach,
-    after ``refused`` refusals for now since its last healthy stream.
+    after a refusal for now, the ``refused``-th since its last healthy stream.
 
-    ``reconnect_initial`` while nothing was refused (a dispatcher back after a
-    restart is found within it) and after the first refusal; then it doubles per
-    refusal up to ``REFUSED_FOR_NOW_MAX_FACTOR`` times ``reconnect_initial``
-    (capped by ``reconnect_max``): a dispatcher whose database does not answer
-    is not asked again every second by every waiting session.
+    ``reconnect_initial`` after the first; then it doubles per refusal up to
+    ``REFUSED_FOR_NOW_MAX_FACTOR`` times ``reconnect_initial`` (capped by
+    ``reconnect_max``): a dispatcher whose database does not answer is not asked
+    again every second by every waiting session.
     """
     initial = config.reconnect_initial
-    if refused <= 1:
-        return initial
     cap = max(initial, min(config.reconnect_max, REFUSED_FOR_NOW_MAX_FACTOR * initial))
     return float(min(cap, initial * 2 ** (refused - 1)))
 
@@ -180,12 +177,13 @@ async def reconnect_forever(
     dispatcher restart after a week of uptime is noticed within
     ``reconnect_initial`` (jittered, so that all commanders do not reconnect in
     the same instant), not after the maximum delay. While ``urgent()`` is true
-    (a session waits to re-attach) the delay is :func:`urgent_delay` plus
-    jitter: ``reconnect_initial`` until a dispatcher refuses the re-attach for
-    now, then growing with each such refusal. Other failures (a dispatcher
-    down) neither grow nor reset that count: with several addresses, a dead
-    one tried between two refusals must not bring the fast pace back. A
-    healthy stream resets it.
+    (a session waits to re-attach) the delay is at most ``reconnect_initial``
+    plus jitter (a dispatcher back after a restart is found within it), but
+    after a refusal for now it is :func:`urgent_delay`, growing with each
+    refusal since the last healthy stream. Another failure in between (an
+    address that is down) is followed by the short delay and does not reset
+    the count: with several addresses, the refusing dispatcher is still asked
+    less often each time, and a dead one is passed quickly.
     """
 
     def log_retry(state: RetryCallState) -> None:
@@ -208,11 +206,13 @@ async def reconnect_forever(
         def wait(state: RetryCallState) -> float:
             nonlocal refused
             exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, ConnectFailed) and exc.refused_for_now:
-                refused += 1
             delay = backoff(state)
             if urgent is not None and urgent():
-                delay = min(delay, urgent_delay(config, refused))
+                if isinstance(exc, ConnectFailed) and exc.refused_for_now:
+                    refused += 1
+                    delay = min(delay, urgent_delay(config, refused))
+                else:
+                    delay = min(delay, config.reconnect_initial)
             return float(delay + jitter(state))
 
         retrying = AsyncRetrying(

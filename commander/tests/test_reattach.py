@@ -195,7 +195,8 @@ async def test_the_reconnect_delay_grows_per_refusal_for_now_and_resets_on_a_hea
 ) -> None:
     """While a session waits (urgent), each refusal for now doubles the delay from
     ``reconnect_initial`` up to 8 times it (or ``reconnect_max``); another failure
-    (a dispatcher down) keeps it; a healthy stream starts it over."""
+    (an address that is down) is followed by the short delay and keeps the count;
+    a healthy stream starts it over."""
     config = ConnectionConfig(reconnect_initial=0.01, reconnect_max=1.0)
     # R: refused for now, F: another failure, H: a healthy stream that ended.
     script = list("RRRRRFRHRH")
@@ -212,7 +213,7 @@ async def test_the_reconnect_delay_grows_per_refusal_for_now_and_resets_on_a_hea
             config, attempt, name="t", should_stop=lambda: not script, urgent=lambda: True
         )
     delays = [float(str(r.args[3])) for r in caplog.records if isinstance(r.args, tuple)]
-    bases = [0.01, 0.02, 0.04, 0.08, 0.08, 0.08, 0.08, 0.01]
+    bases = [0.01, 0.02, 0.04, 0.08, 0.08, 0.01, 0.08, 0.01]
     assert len(delays) == len(bases), delays
     for delay, base in zip(delays, bases, strict=True):
         assert base <= delay <= base + 0.01, (delays, bases)
