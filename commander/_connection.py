@@ -130,7 +130,34 @@ class ConnectionConfig:
 
 
 class ConnectFailed(Exception):
-    """One connection attempt failed before the stream became healthy (internal)."""
+    """One connection attempt failed before the stream became healthy (internal).
+
+    ``refused_for_now``: the dispatcher answered the hello "not now, try again"
+    (a re-attach it could not decide): the next attempts back off more.
+    """
+
+    def __init__(self, reason: str, *, refused_for_now: bool = False) -> None:
+        super().__init__(reason)
+        self.refused_for_now = refused_for_now
+
+
+#: How many times ``reconnect_initial`` the delay after refusals for now grows to
+#: (capped by ``reconnect_max``): 4 s by default.
+REFUSED_FOR_NOW_MAX_FACTOR = 8
+
+
+def urgent_delay(config: ConnectionConfig, refused: int) -> float:
+    """The reconnect delay, before jitter, of a slot whose session waits to re-attach,
+    after a refusal for now, the ``refused``-th since its last healthy stream.
+
+    ``reconnect_initial`` after the first; then it doubles per refusal up to
+    ``REFUSED_FOR_NOW_MAX_FACTOR`` times ``reconnect_initial`` (capped by
+    ``reconnect_max``): a dispatcher whose database does not answer is not asked
+    again every second by every waiting session.
+    """
+    initial = config.reconnect_initial
+    cap = max(initial, min(config.reconnect_max, REFUSED_FOR_NOW_MAX_FACTOR * initial))
+    return float(min(cap, initial * 2 ** (refused - 1)))
 
 
 async def reconnect_forever(
@@ -150,8 +177,13 @@ async def reconnect_forever(
     dispatcher restart after a week of uptime is noticed within
     ``reconnect_initial`` (jittered, so that all commanders do not reconnect in
     the same instant), not after the maximum delay. While ``urgent()`` is true
-    (a session waits to re-attach) the delay stays at most ``reconnect_initial``
-    plus jitter: a dispatcher back after a restart is found within it.
+    (a session waits to re-attach) the delay is at most ``reconnect_initial``
+    plus jitter (a dispatcher back after a restart is found within it), but
+    after a refusal for now it is :func:`urgent_delay`, growing with each
+    refusal since the last healthy stream. Another failure in between (an
+    address that is down) is followed by the short delay and does not reset
+    the count: with several addresses, the refusing dispatcher is still asked
+    less often each time, and a dead one is passed quickly.
     """
 
     def log_retry(state: RetryCallState) -> None:
@@ -168,13 +200,21 @@ async def reconnect_forever(
     backoff = wait_exponential(multiplier=config.reconnect_initial, max=config.reconnect_max)
     jitter = wait_random(0, config.reconnect_initial)
 
-    def wait(state: RetryCallState) -> float:
-        delay = backoff(state)
-        if urgent is not None and urgent():
-            delay = min(delay, config.reconnect_initial)
-        return delay + jitter(state)
-
     while not should_stop():
+        refused = 0  # refusals for now since the last healthy stream
+
+        def wait(state: RetryCallState) -> float:
+            nonlocal refused
+            exc = state.outcome.exception() if state.outcome else None
+            delay = backoff(state)
+            if urgent is not None and urgent():
+                if isinstance(exc, ConnectFailed) and exc.refused_for_now:
+                    refused += 1
+                    delay = min(delay, urgent_delay(config, refused))
+                else:
+                    delay = min(delay, config.reconnect_initial)
+            return float(delay + jitter(state))
+
         retrying = AsyncRetrying(
             # initial * 2**n, capped, plus up to `initial` of jitter.
             wait=wait,

@@ -27,18 +27,19 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import grpc
 import grpc.aio
 from anyio.abc import TaskGroup
 
 from commander import _metrics
-from commander._connection import ConnectionConfig, now_us, open_stream
+from commander._connection import ConnectionConfig, describe_error, now_us, open_stream
 from commander._context import Planner
 from commander._errors import stop_code_name
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
 from commander._gen.dispatch.v1 import interaction_pb2_grpc
 from commander._handover import Upstream
 from commander._session import Session
-from commander._stream import ReconnectingStream, Stream, StreamEnded
+from commander._stream import ReconnectingStream, RefusedForNow, Stream, StreamEnded
 from commander._timeouts import DRAIN_EOF_TIMEOUT, LOCAL_STOP_SLACK
 from commander._writer import Outgoing, StreamWriter
 
@@ -53,6 +54,16 @@ _FENCED = frozenset({"content", "thought", "stage", "artifact", "error"})
 
 #: A slot's stream: upstream packets out, downstream packets in.
 SlotStream = Stream[ipb.UpstreamPacket, ipb.DownstreamPacket]
+
+
+#: How the status of a re-attach the dispatcher refused for now begins
+#: (``ErrReattachLater``, docs/protocol.md "Session hand-over").
+REATTACH_LATER = "re-attach refused for now"
+
+
+def _refused_for_now(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the stream ended UNAVAILABLE as a re-attach refused for now."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and REATTACH_LATER in (exc.details() or "")
 
 
 def _batch(packets: list[ipb.UpstreamPacket]) -> ipb.UpstreamPacket:
@@ -185,7 +196,13 @@ class Slot:
     async def _handshake(self, stream: SlotStream) -> None:
         session, upstream = self._session, self._upstream
         await stream.writer.write(self._hello_packet(session, upstream))
-        first = await stream.read_first()
+        try:
+            first = await stream.read_first()
+        except grpc.aio.AioRpcError as exc:
+            if session is not None and _refused_for_now(exc):
+                # Not decided: try again, less often each time (reconnect_forever).
+                raise RefusedForNow(describe_error(exc, "")) from exc
+            raise
         if first.WhichOneof("signal") != "ack" or first.ack.kind != ipb.ACK_KIND_HELLO:
             raise StreamEnded(f"expected ack HELLO, got {first.WhichOneof('signal') or 'nothing'}")
         self.slot_id = first.ack.slot_id
@@ -194,6 +211,14 @@ class Slot:
             # out as one message (a resend after a re-attach too).
             stream.writer.enable_batches(first.ack.max_upstream_batch, _batch, _size)
         if session is not None and upstream is not None:
+            if first.session_id == session.session_id and upstream.abandoned is not None:
+                # Given up while the hello was on its way: end the stream, so that
+                # this dispatcher does not keep a busy slot for the session until
+                # the task's timeout (its task fails when its window passes).
+                raise StreamEnded(
+                    f"the dispatcher took session {session.session_id} back after the slot "
+                    "had given it up; ending the stream so that it lets the session go"
+                )
             if first.session_id == session.session_id:
                 stream.tg.start_soon(self._resume, session, upstream, stream, first.ack)
             else:

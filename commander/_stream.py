@@ -52,6 +52,11 @@ class StreamEnded(Exception):
     """The dispatcher ended the stream, or broke its protocol (an expected end; internal)."""
 
 
+class RefusedForNow(StreamEnded):
+    """The dispatcher refused the handshake for now, "try again" (the handshake part
+    raises it): a failed attempt after which the next ones back off more (internal)."""
+
+
 #: Ends of a stream that are part of life (logged as a line, not a traceback).
 _EXPECTED = (StreamEnded, grpc.aio.AioRpcError, CallCancelled, TimeoutError, CommanderError)
 
@@ -123,7 +128,8 @@ class ReconnectingStream(Generic[Up, Down]):
             the attempt returned (not when it was cancelled).
         no_answer: the reason logged when the handshake times out.
         urgent: while it returns true, reconnect attempts keep the shortest
-            backoff (see :func:`~commander._connection.reconnect_forever`).
+            backoff, growing only after refusals for now (:class:`RefusedForNow`;
+            see :func:`~commander._connection.reconnect_forever`).
     """
 
     def __init__(
@@ -216,7 +222,7 @@ class ReconnectingStream(Generic[Up, Down]):
             return True  # no new stream while shutting down
         channel = self.connection.create_channel(self.target)
         broken: list[str] = []
-        healthy = False
+        healthy = refused_for_now = False
         writer: StreamWriter[Up] | None = None
         stream: Stream[Up, Down] | None = None
         try:
@@ -242,6 +248,7 @@ class ReconnectingStream(Generic[Up, Down]):
                     if not isinstance(exc, _EXPECTED):
                         _log.exception("%s: unexpected error on the stream", self.name)
                     broken.append(describe_error(exc, self._no_answer))
+                    refused_for_now = isinstance(exc, RefusedForNow)
                 self.abort()
         finally:
             self._stream = None
@@ -256,7 +263,7 @@ class ReconnectingStream(Generic[Up, Down]):
             self._target_index += 1
         reason = broken[0] if broken else "stream ended"
         if not healthy:
-            raise ConnectFailed(reason)
+            raise ConnectFailed(reason, refused_for_now=refused_for_now)
         if self._on_lost is not None:
             self._on_lost(reason)
         return True

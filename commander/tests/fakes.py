@@ -214,8 +214,11 @@ class FakeDispatcher(
         self.on_reattach: (
             Callable[[ipb.Reattach], ipb.DownstreamPacket | tuple[grpc.StatusCode, str]] | None
         ) = None
-        #: The hellos with ``reattach`` received, in order.
+        #: How long ``on_reattach``'s answer takes, in seconds.
+        self.reattach_delay = 0.0
+        #: The hellos with ``reattach`` received, in order, and when (monotonic).
         self.reattaches: list[ipb.Reattach] = []
+        self.reattached_at: list[float] = []
 
     async def next_slot(self, within: float = WAIT) -> FakeSlot:
         return await asyncio.wait_for(self.slots.get(), within)
@@ -236,7 +239,9 @@ class FakeDispatcher(
         slot.received.append(first)
         if first.hello.HasField("reattach"):
             self.reattaches.append(first.hello.reattach)
+            self.reattached_at.append(time.monotonic())
         if first.hello.HasField("reattach") and self.on_reattach is not None:
+            await asyncio.sleep(self.reattach_delay)
             answer = self.on_reattach(first.hello.reattach)
             if isinstance(answer, tuple):
                 await context.abort(*answer)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
@@ -199,10 +200,10 @@ func (s *Server) busySlots() int {
 // any ack (gRPC status UNAVAILABLE): the dispatcher could not decide it
 // (its store or the fleet's database did not answer in time, it is
 // shutting down). The task still waits for its session; the commander
-// reconnects with its backoff and re-attaches again, here or on another
-// replica, until its hand-over window runs out. A commander of any version
-// does so: a stream that ends before the hello's ack is a failed
-// connection attempt to it.
+// reconnects and re-attaches again, here or on another replica, until its
+// hand-over window runs out (the Python commander after 0.5, 1, 2, then
+// every 4 s, jittered). A commander of any version does so: a stream that
+// ends before the hello's ack is a failed connection attempt to it.
 var ErrReattachLater = errors.New("re-attach refused for now; reconnect and re-attach again")
 
 // Final refusals of a re-attach that reattach makes itself.
@@ -234,6 +235,26 @@ func reattachLater(err error) error {
 		why = "the task could not be claimed in time"
 	}
 	return fmt.Errorf("%w (%s)", ErrReattachLater, why)
+}
+
+// laterLogEvery paces the Warn line of the refusals for now: during an
+// outage every waiting session is refused about once per its commander's
+// retry, which would flood the log.
+const laterLogEvery = 10 * time.Second
+
+// logReattachLater logs a re-attach refused for now: at Warn at most once
+// per laterLogEvery for the whole server (with how many were logged at
+// Debug since the last Warn), else at Debug.
+func (s *Server) logReattachLater(log *slog.Logger, ra *dispatchv1.Reattach, err error) {
+	warned := false
+	s.laterWarn.Do(func() { warned = true })
+	if !warned {
+		s.laterQuiet.Add(1)
+		log.Debug("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", err.Error())
+		return
+	}
+	log.Warn("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", err.Error(),
+		"more_at_debug", s.laterQuiet.Swap(0), "warn_every", laterLogEvery)
 }
 
 // reattach takes over the task of ra on sl (called by Serve before the

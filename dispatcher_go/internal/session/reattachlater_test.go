@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -17,6 +19,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
+	"golang.org/x/time/rate"
 )
 
 // refusingReattacher refuses every re-attach with err.
@@ -195,7 +198,9 @@ func TestReattachRefusedForNowWaitsForTheNextTry(t *testing.T) {
 func TestReattachRefusedForNowStillEndsWithTheWindow(t *testing.T) {
 	claimer := &failingClaimer{}
 	claimer.fails.Store(1 << 20)
-	const window = 300 * time.Millisecond
+	// Long enough that a stall under -race on a loaded machine does not
+	// let the window pass before the first re-attach is refused.
+	const window = 2 * time.Second
 	e := claimerEnv(t, window, claimer)
 	tk, sid := detachedSession(t, e)
 
@@ -213,5 +218,71 @@ func TestReattachRefusedForNowStillEndsWithTheWindow(t *testing.T) {
 	p := c2.recv()
 	if a := p.GetAck(); p.GetSessionId() != "" || !strings.Contains(a.GetDetail(), "ended FAILURE") {
 		t.Fatalf("re-attach after the window: %v", p)
+	}
+}
+
+// levelCounter counts the records of one message per level.
+type levelCounter struct {
+	msg string
+	mu  sync.Mutex
+	n   map[slog.Level]int
+	// quiet: the more_at_debug attribute of each counted Warn record.
+	quiet []int64
+}
+
+func (h *levelCounter) Enabled(context.Context, slog.Level) bool { return true }
+func (h *levelCounter) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *levelCounter) WithGroup(string) slog.Handler            { return h }
+func (h *levelCounter) Handle(_ context.Context, r slog.Record) error {
+	if r.Message != h.msg {
+		return nil
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.n[r.Level]++
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "more_at_debug" {
+			h.quiet = append(h.quiet, a.Value.Int64())
+		}
+		return true
+	})
+	return nil
+}
+
+// TestReattachRefusedForNowLogsOneWarn: while re-attaches are refused for
+// now (about one per waiting session and second during an outage), one is
+// logged at Warn and the others at Debug until laterLogEvery has passed;
+// the next Warn says how many went to Debug.
+func TestReattachRefusedForNowLogsOneWarn(t *testing.T) {
+	e := handOverEnv(t)
+	logs := &levelCounter{msg: "re-attach refused for now: the commander will try again", n: map[slog.Level]int{}}
+	e.srv.log = slog.New(logs)
+	e.srv.opts.Reattacher = refusingReattacher{fmt.Errorf("%w: writes are failing (retrying)", store.ErrUnavailable)}
+	refuse := func(n int) {
+		for i := 0; i < n; i++ {
+			c := e.open(t, 64)
+			hello := testutil.Hello("cmd-1", "planner:chat")
+			hello.GetHello().Reattach = &dispatchv1.Reattach{TaskId: fmt.Sprintf("t-%d", i%2), SessionId: "ses-x", Attempt: 1}
+			c.send(hello)
+			if err := c.ended(); !errors.Is(err, ErrReattachLater) {
+				t.Fatalf("re-attach %d: %v", i, err)
+			}
+		}
+	}
+	refuse(5)
+	logs.mu.Lock()
+	warn, debug := logs.n[slog.LevelWarn], logs.n[slog.LevelDebug]
+	logs.mu.Unlock()
+	if warn != 1 || debug != 4 {
+		t.Fatalf("5 refusals in a row: %d at Warn, %d at Debug; want 1 and 4", warn, debug)
+	}
+	// The interval has passed: the next refusal is a Warn again, with the count.
+	e.srv.laterWarn = rate.Sometimes{Interval: time.Nanosecond}
+	time.Sleep(time.Millisecond)
+	refuse(1)
+	logs.mu.Lock()
+	defer logs.mu.Unlock()
+	if logs.n[slog.LevelWarn] != 2 || len(logs.quiet) != 2 || logs.quiet[0] != 0 || logs.quiet[1] != 4 {
+		t.Fatalf("after the interval: %d at Warn, more_at_debug %v; want 2 and [0 4]", logs.n[slog.LevelWarn], logs.quiet)
 	}
 }

@@ -39,6 +39,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/policy"
 	"github.com/agentdispatch/dispatcher/internal/scheduler"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
+	"golang.org/x/time/rate"
 )
 
 // Errors that end a ChatStream; the API layer maps them to gRPC codes.
@@ -149,6 +150,11 @@ type Server struct {
 	ackMu   sync.Mutex
 	runs    map[*run]struct{}
 	ackerOn bool
+
+	// Refusals for now (handover.go): one Warn line per laterLogEvery,
+	// the rest at Debug, counted in laterQuiet.
+	laterWarn  rate.Sometimes
+	laterQuiet atomic.Int64
 }
 
 // NewServer returns a Server.
@@ -163,7 +169,8 @@ func NewServer(sched *scheduler.Scheduler, b *broker.Broker, opts Options) *Serv
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	base, cancel := context.WithCancel(context.Background())
-	return &Server{opts: opts, sched: sched, broker: b, log: opts.Logger, base: base, cancelBase: cancel}
+	return &Server{opts: opts, sched: sched, broker: b, log: opts.Logger, base: base, cancelBase: cancel,
+		laterWarn: rate.Sometimes{Interval: laterLogEvery}}
 }
 
 // Stats returns the live counters.
@@ -280,7 +287,7 @@ func (s *Server) openSlot(ctx context.Context, cancel context.CancelCauseFunc, a
 		if rerr != nil && !refusedForGood(rerr) {
 			// Undecided: no ack; the stream ends UNAVAILABLE and the
 			// commander tries again (ErrReattachLater).
-			sl.log.Warn("re-attach refused for now: the commander will try again", "task_id", ra.GetTaskId(), "session_id", ra.GetSessionId(), "reason", rerr.Error())
+			s.logReattachLater(sl.log, ra, rerr)
 			return nil, reattachLater(rerr)
 		}
 		if rerr != nil {
