@@ -271,6 +271,31 @@ class Upstream:
         finally:
             lock.release()
 
+    def fold_held(self, text: str, is_finish: bool) -> bool:
+        """Fold a content chunk into the held packet at once, if ``send`` would
+        (no credit, the held packet not full, nobody else handing over); False
+        otherwise (then ``send`` the chunk's packet as usual).
+
+        The flood's common case without a task switch, a lock or a packet of
+        its own: the chunk's text is appended to the held packet, which keeps
+        its seq (it is the last kept packet, not yet handed to the writer).
+        """
+        held = self._held
+        if held is None or self._lock.locked() or self.abandoned is not None:
+            return False
+        chars = len(text)
+        tail = self._tail_chars
+        if tail < 0 or tail + chars > COALESCE_CHARS or len(self._unacked) >= self.limit:
+            return False
+        if not self._no_credit():
+            return False  # credit: ``send`` hands the held packet over first
+        content = held.content
+        content.text += text
+        content.is_finish = is_finish
+        self._content_chars += chars
+        self._tail_chars = -1 if is_finish else tail + chars
+        return True
+
     def _no_credit(self) -> bool:
         """Whether content that needs a seq of its own must wait (the held packet,
         not handed over yet, does not count)."""

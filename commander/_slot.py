@@ -442,6 +442,7 @@ class Slot:
             slot_index=self.index,
             cancel_timeout=self._s.stop_cancel_timeout,
             closed_timeout=self._s.closed_timeout,
+            fold=upstream.fold_held,
         )
         upstream.on_abandon(session.abandon)
         self._session, self._upstream = session, upstream
