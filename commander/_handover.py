@@ -108,6 +108,9 @@ class Upstream:
         #: The writer's non-blocking hand-over (``StreamWriter.send_nowait``), if
         #: given: then content without credit is *held* instead of waiting.
         self._nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None
+        #: The writer's ``take_fold``, if given: ``fold`` folds content with credit
+        #: into the session's packet still waiting in the writer's queue.
+        self._take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None
         #: The content packet numbered and kept but not yet handed to the writer
         #: (no credit): later chunks fold into it; handed over on an ack, or
         #: ahead of the next packet that does not wait for credit.
@@ -276,23 +279,35 @@ class Upstream:
         finally:
             lock.release()
 
-    def fold_held(self, text: str, is_finish: bool) -> bool:
-        """Fold a content chunk into the held packet at once, if ``send`` would
-        (no credit, the held packet not full, nobody else handing over); False
-        otherwise (then ``send`` the chunk's packet as usual).
+    def fold_content(self, text: str, is_finish: bool) -> bool:
+        """Fold a content chunk into the session's last packet at once, where
+        ``send`` would fold it; False otherwise (then ``send`` the chunk's packet
+        as usual). Two cases: no credit, into the held packet (not full); or
+        credit, into the packet still waiting in the writer's queue (the
+        writer's ``take_fold`` agrees: it counts the hand-over, and declines
+        when ``send`` would yield to the loop first). Never while another
+        producer hands over.
 
         The flood's common case without a task switch, a lock or a packet of
-        its own: the chunk's text is appended to the held packet, which keeps
-        its seq (it is the last kept packet, not yet handed to the writer).
+        its own: the chunk's text is appended to that packet, which keeps its
+        seq (it is the last kept packet, nothing can come between).
         """
-        held = self._held
-        if held is None or self._lock.locked() or self.abandoned is not None:
+        if self._lock.locked() or self.abandoned is not None:
             return False
         chars = len(text)
         tail = self._tail_chars
         if tail < 0 or tail + chars > COALESCE_CHARS or len(self._unacked) >= self.limit:
             return False
-        if not self._no_credit():
+        held = self._held
+        if held is None:
+            take = self._take_fold
+            if take is None or not self._unacked or self._writer is None or self._no_credit():
+                return False  # (no credit, nothing held: ``send`` holds it)
+            previous = self._unacked[-1]
+            if previous.seq <= self.acked or not take(previous):
+                return False
+            held = previous
+        elif not self._no_credit():
             return False  # credit: ``send`` hands the held packet over first
         content = held.content
         content.text += text
@@ -397,6 +412,7 @@ class Upstream:
             self._writer = None
             self.detached_at = time.monotonic()
         self._nowait, self._held = None, None  # a held packet is kept: resent on re-attach
+        self._take_fold = None
         self._tail_chars = -1
         self._notify()
 
@@ -404,17 +420,21 @@ class Upstream:
         self,
         writer: WriterSend,
         nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+        take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None,
     ) -> None:
         """Start on the stream that started the session (nothing is kept yet);
-        ``nowait``: the writer's ``send_nowait`` (content without credit is held)."""
+        ``nowait``: the writer's ``send_nowait`` (content without credit is held);
+        ``take_fold``: the writer's ``take_fold`` (see ``fold_content``)."""
         self._writer = writer
         self._nowait = nowait
+        self._take_fold = take_fold
 
     async def attach(
         self,
         writer: WriterSend,
         recorded: int,
         nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+        take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None,
     ) -> int:
         """Continue on a new stream whose dispatcher recorded up to ``recorded``.
 
@@ -433,6 +453,7 @@ class Upstream:
                 return resent
             self._writer = writer
             self._nowait, self._held = nowait, None
+            self._take_fold = take_fold
             self._tail_chars = -1
             self.detached_at = None
             self._notify()
@@ -445,6 +466,7 @@ class Upstream:
         self.abandoned = reason
         self._writer = None
         self._nowait, self._held = None, None
+        self._take_fold = None
         self._notify()
         if self._on_abandon is not None:
             self._on_abandon(reason)

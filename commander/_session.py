@@ -59,8 +59,8 @@ from commander._writer import Outgoing
 _log = logging.getLogger("commander.session")
 
 Send = Callable[[Outgoing[ipb.UpstreamPacket]], Awaitable[None]]
-#: Folds a content chunk's (text, is_finish) into the session's held packet at
-#: once, without a packet of its own; False when it cannot (``Upstream.fold_held``).
+#: Folds a content chunk's (text, is_finish) into the session's last packet at
+#: once, without a packet of its own; False when it cannot (``Upstream.fold_content``).
 Fold = Callable[[str, bool], bool]
 
 _FIELD_BY_TYPE: dict[type[Any], str] = {
@@ -542,7 +542,7 @@ class Session:
                 self._remember_answer(text)
                 fold = self._fold
                 if fold is not None and fold(text, item.is_finish):
-                    return  # folded into the held packet (a flood waiting for credit)
+                    return  # folded into the session's last packet, not yet written
                 packet = ipb.UpstreamPacket(
                     session_id=self.session_id, timestamp=now_us(), content=item
                 )
