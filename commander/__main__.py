@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=env("COMMANDER_CONTENT_WINDOW", str(CONTENT_WINDOW)),
         help="credit window: a session's content waits while this many of its packets (or "
-        "12 Ki characters of its content) are unacknowledged by the dispatcher, so that a "
+        "8 Ki characters of its content) are unacknowledged by the dispatcher, so that a "
         "stop's `stopped` (control never waits) queues behind at most that; 0: off "
         "(env COMMANDER_CONTENT_WINDOW; default %(default)s)",
     )

@@ -89,7 +89,7 @@ class Commander:
             dispatcher has recorded them (docs/protocol.md, "Session hand-over").
         content_window: the credit window: a session's content waits (folding
             into its packet still queued) while this many of its packets, or
-            12 Ki characters of its content, are unacknowledged, so that
+            8 Ki characters of its content, are unacknowledged, so that
             ``stopped`` queues behind at most that; control never waits for
             credit (0: no window).
     """

@@ -72,16 +72,11 @@ COALESCE_CHARS = 4 * 1024
 #: session's content are unacknowledged: folded packets are up to
 #: COALESCE_CHARS each, so a window of packets alone would let a flood put
 #: far more bytes ahead of a ``stopped`` than a window of small packets.
-#: With the dispatcher's 20 ms acks this is also a session's pace in a flood:
-#: each ack acknowledges all that was written (the dispatcher handles it within
-#: the round), so a flooding session writes WINDOW_CHARS per ack round (the
-#: held packet only fills ahead) and otherwise idles — it is not CPU-bound.
-#: 8 Ki: ~6.4 k chunks of 64 characters/s a session, ~25.6 k/s for
-#: scripts/bench_pyceiling.py's 4, below raw grpc.aio on a quiet machine
-#: (~31 k/s; 0.81-0.94 over runs). 12 Ki: ~9.6 k/s a session. 16 Ki let 8
-#: flooding sessions double the stop's decision → ``stopped``; 4 Ki kept it
-#: below main's but capped one commander's 4 flooding sessions at ~0.6x raw.
-WINDOW_CHARS = 12 * 1024
+#: This bounds how much content a ``stopped`` can queue behind (the stop-flood
+#: goal), so it is not raised for throughput: 16 Ki let 8 flooding sessions
+#: double the stop's decision → ``stopped``. With acks only on the dispatcher's
+#: 20 ms tick a flooding session writes about WINDOW_CHARS per ack round.
+WINDOW_CHARS = 8 * 1024
 
 
 def _merge_content(into: ipb.UpstreamPacket, packet: ipb.UpstreamPacket) -> bool:
