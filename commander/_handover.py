@@ -74,8 +74,9 @@ COALESCE_CHARS = 4 * 1024
 #: far more bytes ahead of a ``stopped`` than a window of small packets.
 #: This bounds how much content a ``stopped`` can queue behind (the stop-flood
 #: goal), so it is not raised for throughput: 16 Ki let 8 flooding sessions
-#: double the stop's decision → ``stopped``. With acks only on the dispatcher's
-#: 20 ms tick a flooding session writes about WINDOW_CHARS per ack round.
+#: double the stop's decision → ``stopped``. The dispatcher acks once 6 KiB of
+#: content text are stored, besides its 20 ms tick, so the window does not
+#: pace a flood (with the tick alone: WINDOW_CHARS per 20 ms).
 WINDOW_CHARS = 8 * 1024
 
 
