@@ -72,10 +72,11 @@ COALESCE_CHARS = 4 * 1024
 #: session's content are unacknowledged: folded packets are up to
 #: COALESCE_CHARS each, so a window of packets alone would let a flood put
 #: far more bytes ahead of a ``stopped`` than a window of small packets.
-#: With the dispatcher's 20 ms acks this is also a session's pace in a flood
-#: (about WINDOW_CHARS + COALESCE_CHARS per ack round): 16 Ki let 8 flooding
-#: sessions double the stop's decision → ``stopped``; 4 Ki kept it below main's
-#: but capped one commander's 4 flooding sessions at ~0.6x raw grpc.aio.
+#: This bounds how much content a ``stopped`` can queue behind (the stop-flood
+#: goal), so it is not raised for throughput: 16 Ki let 8 flooding sessions
+#: double the stop's decision → ``stopped``. The dispatcher acks once 6 KiB of
+#: content text are stored, besides its 20 ms tick, so the window does not
+#: pace a flood (with the tick alone: WINDOW_CHARS per 20 ms).
 WINDOW_CHARS = 8 * 1024
 
 
@@ -103,6 +104,9 @@ class Upstream:
         #: The writer's non-blocking hand-over (``StreamWriter.send_nowait``), if
         #: given: then content without credit is *held* instead of waiting.
         self._nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None
+        #: The writer's ``take_fold``, if given: ``fold`` folds content with credit
+        #: into the session's packet still waiting in the writer's queue.
+        self._take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None
         #: The content packet numbered and kept but not yet handed to the writer
         #: (no credit): later chunks fold into it; handed over on an ack, or
         #: ahead of the next packet that does not wait for credit.
@@ -271,6 +275,43 @@ class Upstream:
         finally:
             lock.release()
 
+    def fold_content(self, text: str, is_finish: bool) -> bool:
+        """Fold a content chunk into the session's last packet at once, where
+        ``send`` would fold it; False otherwise (then ``send`` the chunk's packet
+        as usual). Two cases: no credit, into the held packet (not full); or
+        credit, into the packet still waiting in the writer's queue (the
+        writer's ``take_fold`` agrees: it counts the hand-over, and declines
+        when ``send`` would yield to the loop first). Never while another
+        producer hands over.
+
+        The flood's common case without a task switch, a lock or a packet of
+        its own: the chunk's text is appended to that packet, which keeps its
+        seq (it is the last kept packet, nothing can come between).
+        """
+        if self._lock.locked() or self.abandoned is not None:
+            return False
+        chars = len(text)
+        tail = self._tail_chars
+        if tail < 0 or tail + chars > COALESCE_CHARS or len(self._unacked) >= self.limit:
+            return False
+        held = self._held
+        if held is None:
+            take = self._take_fold
+            if take is None or not self._unacked or self._writer is None or self._no_credit():
+                return False  # (no credit, nothing held: ``send`` holds it)
+            previous = self._unacked[-1]
+            if previous.seq <= self.acked or not take(previous):
+                return False
+            held = previous
+        elif not self._no_credit():
+            return False  # credit: ``send`` hands the held packet over first
+        content = held.content
+        content.text += text
+        content.is_finish = is_finish
+        self._content_chars += chars
+        self._tail_chars = -1 if is_finish else tail + chars
+        return True
+
     def _no_credit(self) -> bool:
         """Whether content that needs a seq of its own must wait (the held packet,
         not handed over yet, does not count)."""
@@ -367,6 +408,7 @@ class Upstream:
             self._writer = None
             self.detached_at = time.monotonic()
         self._nowait, self._held = None, None  # a held packet is kept: resent on re-attach
+        self._take_fold = None
         self._tail_chars = -1
         self._notify()
 
@@ -374,17 +416,21 @@ class Upstream:
         self,
         writer: WriterSend,
         nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+        take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None,
     ) -> None:
         """Start on the stream that started the session (nothing is kept yet);
-        ``nowait``: the writer's ``send_nowait`` (content without credit is held)."""
+        ``nowait``: the writer's ``send_nowait`` (content without credit is held);
+        ``take_fold``: the writer's ``take_fold`` (see ``fold_content``)."""
         self._writer = writer
         self._nowait = nowait
+        self._take_fold = take_fold
 
     async def attach(
         self,
         writer: WriterSend,
         recorded: int,
         nowait: Callable[[Outgoing[ipb.UpstreamPacket]], bool] | None = None,
+        take_fold: Callable[[ipb.UpstreamPacket], bool] | None = None,
     ) -> int:
         """Continue on a new stream whose dispatcher recorded up to ``recorded``.
 
@@ -403,6 +449,7 @@ class Upstream:
                 return resent
             self._writer = writer
             self._nowait, self._held = nowait, None
+            self._take_fold = take_fold
             self._tail_chars = -1
             self.detached_at = None
             self._notify()
@@ -415,6 +462,7 @@ class Upstream:
         self.abandoned = reason
         self._writer = None
         self._nowait, self._held = None, None
+        self._take_fold = None
         self._notify()
         if self._on_abandon is not None:
             self._on_abandon(reason)

@@ -59,6 +59,9 @@ from commander._writer import Outgoing
 _log = logging.getLogger("commander.session")
 
 Send = Callable[[Outgoing[ipb.UpstreamPacket]], Awaitable[None]]
+#: Folds a content chunk's (text, is_finish) into the session's last packet at
+#: once, without a packet of its own; False when it cannot (``Upstream.fold_content``).
+Fold = Callable[[str, bool], bool]
 
 _FIELD_BY_TYPE: dict[type[Any], str] = {
     ipb.ThoughtChain: "thought",
@@ -124,11 +127,13 @@ class Session:
         slot_index: int,
         cancel_timeout: float = STOP_CANCEL_TIMEOUT,
         closed_timeout: float = CLOSED_TIMEOUT,
+        fold: Fold | None = None,
     ) -> None:
         self.session_id = packet.session_id
         self.task_id = packet.start.task_id
         self._planner = planner
         self._send = send
+        self._fold = fold
         self._slot_index = slot_index
         self._cancel_timeout = cancel_timeout
         self._closed_timeout = closed_timeout
@@ -535,6 +540,9 @@ class Session:
                 # The common case, kept short: at most 4 bytes a character, such
                 # a chunk's packet is under the limit without measuring it.
                 self._remember_answer(text)
+                fold = self._fold
+                if fold is not None and fold(text, item.is_finish):
+                    return  # folded into the session's last packet, not yet written
                 packet = ipb.UpstreamPacket(
                     session_id=self.session_id, timestamp=now_us(), content=item
                 )

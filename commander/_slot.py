@@ -239,7 +239,7 @@ class Slot:
         away = time.monotonic() - (upstream.detached_at or time.monotonic())
         before = upstream.pending
         resent = await upstream.attach(
-            stream.writer.send, ack.upstream_seq, stream.writer.send_nowait
+            stream.writer.send, ack.upstream_seq, stream.writer.send_nowait, stream.writer.take_fold
         )
         if not upstream.attached:
             return  # the new stream broke meanwhile; the next one tries again
@@ -467,13 +467,14 @@ class Slot:
             slot_index=self.index,
             cancel_timeout=self._s.stop_cancel_timeout,
             closed_timeout=self._s.closed_timeout,
+            fold=upstream.fold_content,
         )
         upstream.on_abandon(session.abandon)
         self._session, self._upstream = session, upstream
         # The session runs in the slot's task group: it outlives this stream
         # (hand-over); without hand-over, _on_closed ends it with the stream.
         tg = self._tg if self.handover and self._tg is not None else stream.tg
-        upstream.attach_new(stream.writer.send, stream.writer.send_nowait)
+        upstream.attach_new(stream.writer.send, stream.writer.send_nowait, stream.writer.take_fold)
         tg.start_soon(self._run_session, session, upstream, tg)
 
     async def _run_session(self, session: Session, upstream: Upstream, tg: TaskGroup) -> None:

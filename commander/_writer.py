@@ -165,6 +165,19 @@ class StreamWriter(Generic[T]):
         out.taken = True
         return True
 
+    def take_fold(self, into: T) -> bool:
+        """Whether a producer may fold a message into ``into`` right now, itself:
+        True if ``into`` waits at the tail of the queue (not being written) and
+        no yield is due (it counts as a hand-over, as ``send`` would). The
+        producer then changes ``into`` in place before it awaits anything."""
+        queue = self._queue
+        if self._closed or not queue or queue[-1].message is not into:
+            return False
+        if self._since_yield + 1 >= YIELD_EVERY:
+            return False  # ``send`` yields to the loop first
+        self._since_yield += 1
+        return True
+
     async def send(self, out: Outgoing[T]) -> None:
         """Hand ``out`` to the writer; returns once it is queued (``out.taken``),
         or, ``out.fold_only``, once it was folded or found that it cannot be.

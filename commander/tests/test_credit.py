@@ -4,12 +4,15 @@ needs a seq of its own waits for the dispatcher's acks, control never does."""
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
+from commander._context import PlannerOutput, SessionContext
 from commander._gen.dispatch.v1 import interaction_pb2 as ipb
-from commander._handover import WINDOW_CHARS, Upstream
+from commander._handover import COALESCE_CHARS, WINDOW_CHARS, Upstream
+from commander._session import Session
 from commander._writer import Outgoing
 from commander.tests.test_writer import Call, Packet, content, running, shown
 
@@ -200,3 +203,91 @@ async def test_a_held_packet_is_resent_after_a_detach() -> None:
         await resent.until(lambda: len(resent.written) == 1)
     assert shown(call.written) == [(1, "a")]
     assert shown(resent.written) == [(2, "bc")]
+
+
+async def test_fold_content_folds_into_the_held_packet_only_where_send_would() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=1)
+    async with running(call) as writer:
+        up.attach_new(writer.send, writer.send_nowait)
+        assert not up.fold_content("x", False)  # nothing held
+        up.on_ack(0)
+        await up.send(content("a"))
+        await call.until(lambda: len(call.written) == 1)
+        assert not up.fold_content("x", False)  # no credit, but nothing held yet
+        await up.send(content("b"))  # held
+        assert up.fold_content("c", False)
+        await up._lock.acquire()  # another producer hands over: not now
+        assert not up.fold_content("x", False)
+        up._lock.release()
+        assert not up.fold_content("x" * COALESCE_CHARS, False)  # the held packet is full
+        assert up.fold_content("d", True)
+        assert not up.fold_content("e", False)  # past an answer's end
+        assert up.last_seq == 2 and up.pending == 2
+        up.on_ack(1)  # credit: the held packet goes out
+        await call.until(lambda: len(call.written) == 2)
+        assert not up.fold_content("e", False)  # nothing held: ``send`` numbers it
+    assert shown(call.written) == [(1, "a"), (2, "bcd")]
+    assert call.written[1].content.is_finish
+
+
+async def test_a_session_folds_a_flood_into_the_held_packet() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=1)
+    start = ipb.DownstreamPacket(session_id="s", start=ipb.StartSession(instruction="go"))
+
+    async def flood(ctx: SessionContext) -> AsyncIterator[PlannerOutput]:
+        for text in "abcdef":
+            yield ipb.ContentChunk(text=text)
+        yield ipb.FinalResult(outcome=ipb.SESSION_OUTCOME_SUCCESS, result="done")
+
+    folded: list[str] = []
+
+    def fold(text: str, is_finish: bool) -> bool:
+        if up.fold_content(text, is_finish):
+            folded.append(text)
+            return True
+        return False
+
+    session = Session(start, flood, up.send, slot_index=0, fold=fold)
+    async with running(call) as writer:
+        up.attach_new(writer.send, writer.send_nowait, writer.take_fold)
+        up.on_ack(0)
+        call.hold()  # "a" is being written when "b" comes: no credit for "b"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.run, tg)
+            await call.until(lambda: up.last_seq == 3)  # a, held "b…", the result
+            call.release()
+            # The result waits for nothing, yet goes out after the held packet.
+            await call.until(lambda: len(call.written) == 3)
+            session.closed.set()
+    assert shown(call.written) == [(1, "a"), (2, "bcdef"), (3, "result")]
+    assert folded == list("cdef")  # without a packet, lock or hand-over of their own
+
+
+async def test_fold_content_folds_into_the_queued_packet_and_keeps_the_yields() -> None:
+    call = Call()
+    up = Upstream("s", limit=100, window=64)
+    async with running(call) as writer:
+        up.attach_new(writer.send, writer.send_nowait, writer.take_fold)
+        up.on_ack(0)
+        call.hold()  # the stream is slow: packets wait in the writer's queue
+        await up.send(content("a"))
+        await call.until(lambda: call.writing is not None)  # "a" is being written
+        assert not up.fold_content("x", False)  # not into a packet being written
+        await up.send(content("b"))  # queued behind it
+        writer._since_yield = 0
+        assert up.fold_content("c", False)
+        assert up.fold_content("d", False)
+        assert up.fold_content("e", False)
+        # The fourth hand-over would yield to the loop: left to ``send``.
+        assert not up.fold_content("f", False)
+        await up.send(content("f"))  # folded by ``send`` (after its yield)
+        assert up.last_seq == 2
+        up.on_ack(2)  # "b…" acknowledged while still queued: never folded into again
+        assert not up.fold_content("g", False)
+        call.release()
+        await call.until(lambda: len(call.written) == 2)
+        up.detach()
+        assert not up.fold_content("g", False)
+    assert shown(call.written) == [(1, "a"), (2, "bcdef")]

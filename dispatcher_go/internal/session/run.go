@@ -60,6 +60,12 @@ type run struct {
 	// reattach before it runs); ackedSeq the highest acknowledged (acker).
 	upSeq    atomic.Uint64
 	ackedSeq atomic.Uint64
+	// ackMu orders ackedSeq's advance with the ack it queues (the acker
+	// and early acks, handover.go: ackUpTo).
+	ackMu sync.Mutex
+	// early counts what the receiving goroutine recorded since the last
+	// ack it asked for (handover.go: noteRecorded).
+	early earlyCount
 
 	stopped   atomic.Bool // the stop is decided (fast check on the packet path)
 	ended     atomic.Bool // finish ran
@@ -353,9 +359,10 @@ func (r *run) refuseUsage(err error) error {
 
 // record appends a planner event and handles refusals.
 func (r *run) record(ev *dispatchv1.TaskEvent, class eventlog.Class) error {
-	_, err := r.t.Record(ev, class)
+	seq, err := r.t.Record(ev, class)
 	switch {
 	case err == nil:
+		r.noteRecorded(seq, ev)
 		return nil
 	case errors.Is(err, eventlog.ErrFenced):
 		// Stopped: dropped by design, counted, never forwarded.
