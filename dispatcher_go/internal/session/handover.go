@@ -180,6 +180,7 @@ const EarlyAckBytes = 6 * 1024
 // last asked for (or saw go out): only that goroutine touches it.
 type earlyCount struct {
 	from  uint64 // the upstream seq counted from
+	last  uint64 // the upstream seq counted last
 	bytes int    // content text since from
 }
 
@@ -192,9 +193,14 @@ func (r *run) noteRecorded(seq uint64, ev *dispatchv1.TaskEvent) {
 		return // unnumbered: a commander without hand-over gets no acks
 	}
 	e := &r.early
-	if a := r.ackedSeq.Load(); a > e.from {
-		e.from, e.bytes = a, 0 // an ack went out since: count from it
+	if a := r.ackedSeq.Load(); a > e.from && a >= e.last {
+		// An ack went out since that covers all that was counted: count
+		// from it. One that covers only part (the tick's, snapshotted
+		// before its flush while more was recorded) keeps the count:
+		// counting too much only acks sooner, never past what is stored.
+		e.from, e.bytes = a, 0
 	}
+	e.last = up
 	e.bytes += len(ev.GetContent().GetText())
 	if e.bytes < EarlyAckBytes {
 		return
