@@ -266,15 +266,10 @@ func TestLocalCancelsStopDoesNotWaitForItsRow(t *testing.T) {
 	t.Logf("cancelled in %s; the row written after %s", took, time.Since(began))
 }
 
-// runningOnOwner starts a replica "owner" with slot and a task running on
-// it: the store, the Redis URL, a context for the test, the owner and the
-// task's id.
-func runningOnOwner(t *testing.T, slot *testSlot) (*postgres.Store, string, context.Context, *replica, string) {
+// submitRunning submits a chat task to owner and waits until it runs
+// there (its slot's first session): the task's id.
+func submitRunning(t *testing.T, owner *replica) string {
 	t.Helper()
-	pg, url := openStore(t), redisURL(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
-	owner := startReplica(t, pg, url, "owner", slot)
 	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
 	if err != nil {
 		t.Fatal(err)
@@ -284,6 +279,19 @@ func runningOnOwner(t *testing.T, slot *testSlot) (*postgres.Store, string, cont
 		lt := owner.mgr.Registry().Get(id)
 		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
 	})
+	return id
+}
+
+// runningOnOwner starts a replica "owner" with slot and a task running on
+// it: the store, the Redis URL, a context for the test, the owner and the
+// task's id.
+func runningOnOwner(t *testing.T, slot *testSlot) (*postgres.Store, string, context.Context, *replica, string) {
+	t.Helper()
+	pg, url := openStore(t), redisURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	owner := startReplica(t, pg, url, "owner", slot)
+	id := submitRunning(t, owner)
 	return pg, url, ctx, owner, id
 }
 

@@ -206,15 +206,7 @@ func TestReattachToTheSameReplicaWaitsForASlowStore(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	owner := startReplicaLeased(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, 8*time.Second, time.Second, func(*Fleet) {})
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
+	id := submitRunning(t, owner)
 	lt := owner.mgr.Registry().Get(id)
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)

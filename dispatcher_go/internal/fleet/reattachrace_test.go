@@ -35,15 +35,7 @@ func hookedOwner(t *testing.T, hooks func(owner **replica) requeueHooks) (*repli
 	t.Cleanup(cancel)
 	var owner *replica
 	owner = startReplicaHooked(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, hooks(&owner))
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
+	id := submitRunning(t, owner)
 	lt := owner.mgr.Registry().Get(id)
 	first := owner.f.fenced.attempt(id)
 	if first == 0 {
@@ -247,15 +239,7 @@ func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	owner := startReplica(t, pg, url, "owner", &testSlot{upstream: true, stops: true})
-	tk, err := owner.mgr.Submit(task.Spec{Instruction: "hi", Planner: "chat"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := tk.ID()
-	waitFor(t, "the task to start on its owner", 10*time.Second, func() bool {
-		lt := owner.mgr.Registry().Get(id)
-		return owner.slot.started.Load() == 1 && lt != nil && lt.Status() == agentpb.TaskStatus_RUNNING
-	})
+	id := submitRunning(t, owner)
 	lt := owner.mgr.Registry().Get(id)
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
