@@ -191,6 +191,29 @@ func TestWatchOfATaskWhoseSessionMovedToAnotherReplicaEnds(t *testing.T) {
 	}
 }
 
+// lockTaskTables holds the task tables (events, tasks) for d in a second
+// transaction of owner's PostgreSQL: the store stalls, and the write that
+// waits holds its tasks' lease rows. The test waits for the unlock before
+// its replicas stop; the channel closes at the unlock.
+func lockTaskTables(t *testing.T, ctx context.Context, owner *replica, d time.Duration) <-chan struct{} {
+	t.Helper()
+	tx, err := owner.f.pg.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `LOCK TABLE events, tasks IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	unlocked := make(chan struct{})
+	go func() {
+		defer close(unlocked)
+		time.Sleep(d)
+		_ = tx.Rollback(ctx)
+	}()
+	t.Cleanup(func() { <-unlocked })
+	return unlocked
+}
+
 // A store that is slow, not down, when a session re-attaches to the same
 // replica: the re-attach waits for the records before the claim (as the
 // claim's lock on the lease row would) instead of being refused
@@ -211,20 +234,7 @@ func TestReattachToTheSameReplicaWaitsForASlowStore(t *testing.T) {
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tx, err := owner.f.pg.Pool().Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(ctx, `LOCK TABLE events, tasks IN EXCLUSIVE MODE`); err != nil {
-		t.Fatal(err)
-	}
-	unlocked := make(chan struct{})
-	go func() {
-		defer close(unlocked)
-		time.Sleep(2 * time.Second)
-		_ = tx.Rollback(ctx)
-	}()
-	defer func() { <-unlocked }()
+	lockTaskTables(t, ctx, owner, 2*time.Second)
 	if !lt.DetachLinkLost(stopRunner{t: lt}, 1, time.Minute) {
 		t.Fatal("no detach")
 	}

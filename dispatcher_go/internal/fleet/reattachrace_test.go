@@ -244,20 +244,7 @@ func TestReattachToTheSameReplicaThroughAStallLongerThanTheLease(t *testing.T) {
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tx, err := owner.f.pg.Pool().Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(ctx, `LOCK TABLE events, tasks IN EXCLUSIVE MODE`); err != nil {
-		t.Fatal(err)
-	}
-	unlocked := make(chan struct{})
-	go func() {
-		defer close(unlocked)
-		time.Sleep(2 * time.Second)
-		_ = tx.Rollback(ctx)
-	}()
-	defer func() { <-unlocked }()
+	unlocked := lockTaskTables(t, ctx, owner, 2*time.Second)
 	if !lt.DetachLinkLost(stopRunner{t: lt}, 1, time.Minute) {
 		t.Fatal("no detach")
 	}
