@@ -123,3 +123,64 @@ func TestEarlyAckRidesTheStoresCommit(t *testing.T) {
 	default:
 	}
 }
+
+// TestAPartialTickAckKeepsTheEarlyCount: the tick's ack is snapshotted
+// before its flush; packets recorded during the flush are counted towards
+// the next early ack and an ack that covers only part of the count must not
+// reset it (it did: a flooding session whose window filled during the
+// flush waited for the next tick again).
+func TestAPartialTickAckKeepsTheEarlyCount(t *testing.T) {
+	b, err := broker.New(broker.Options{DefaultTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sched := scheduler.New(16)
+	sink := &gateSink{evs: make(map[uint64]uint64)}
+	mgr := task.NewManager(eventlog.NewDurable(eventlog.Limits{}, sink), task.NewConfigStore(nil),
+		task.ManagerOptions{DefaultPlanner: "chat", StopGrace: testutil.Wait})
+	mgr.SetQueue(sched)
+	flushing := make(chan struct{}, 16)
+	release := make(chan struct{})
+	srv := NewServer(sched, b, Options{StopGrace: testutil.Wait, HandOver: true, AckInterval: 10 * time.Millisecond,
+		Flush: func(ctx context.Context) error {
+			flushing <- struct{}{}
+			select {
+			case <-release:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}})
+	t.Cleanup(srv.Shutdown)
+	e := &env{srv: srv, sched: sched, mgr: mgr}
+	c := e.connect(t, "planner:chat")
+	e.submit(t, task.Spec{})
+	sid, _ := c.start()
+
+	// Packet 1 (half the early-ack bytes) is handled; the tick snapshots
+	// it and flushes.
+	c.send(upSeq(sid, 1, &dispatchv1.ContentChunk{Text: strings.Repeat("a", EarlyAckBytes/2)}))
+	select {
+	case <-flushing:
+	case <-time.After(testutil.Wait):
+		t.Fatal("the tick did not flush")
+	}
+	// Packet 2 (a third) is recorded while it flushes; both are durable.
+	c.send(upSeq(sid, 2, &dispatchv1.ContentChunk{Text: strings.Repeat("b", EarlyAckBytes/3)}))
+	sink.commitUp(t, 2)
+	c.noPacket(30 * time.Millisecond)
+	// The tick's ack covers packet 1 only. Later ticks' flushes hang (until
+	// the test ends): no more tick acks.
+	release <- struct{}{}
+	if p := c.recv(); p.GetAck().GetUpstreamSeq() != 1 {
+		t.Fatalf("want the tick's ack up to 1, got %v", p)
+	}
+	// Packet 3 (a quarter) brings what was recorded since the ack before
+	// the tick's to more than the early-ack bytes: acked once durable.
+	c.send(upSeq(sid, 3, &dispatchv1.ContentChunk{Text: strings.Repeat("c", EarlyAckBytes/4)}))
+	sink.commitUp(t, 3)
+	p := c.recv()
+	if a := p.GetAck(); a.GetKind() != dispatchv1.AckKind_ACK_KIND_RECORDED || a.GetUpstreamSeq() != 3 {
+		t.Fatalf("want the early ack up to 3, got %v", p)
+	}
+}
