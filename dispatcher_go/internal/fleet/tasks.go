@@ -436,23 +436,24 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	if err != nil {
 		return nil, 0, unavailable("claim the task", err)
 	}
-	// A failure from here leaves the lease to expire, not released: the
-	// task may be RUNNING (a dead replica's: a released lease is never
-	// swept, it would stay RUNNING for good) or PENDING with its queue row
-	// gone (the claim took it); the sweep deals with it once it expired.
+	// A failure from here hands the lease back (handBack: expired now,
+	// not released: the task may be RUNNING, a dead replica's, and a
+	// released lease is never swept, it would stay RUNNING for good; or
+	// PENDING with its queue row gone, the claim took it); the sweep deals
+	// with it after the grace.
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
-	t, err := f.mgr.Adopt(snap, last, false)
+	t, err := f.adoptHeld(snap, last, attempt, false)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, err
 	}
 	f.watchOwned(t, attempt)
@@ -485,12 +486,20 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if err != nil {
 		return err
 	}
-	// A failure from here leaves the lease to expire, not released (a
-	// released lease is never swept: the task would stay RUNNING for
-	// good); the sweep takes the task over then.
+	// A failure from here hands the lease back at once (handBack: expired,
+	// not released: a released lease is never swept, the task would stay
+	// RUNNING for good): a cancel takes the task at once, the sweep after
+	// the grace, and the session's next re-attach takes it anyway. Left
+	// to expire, the task sat under a lease nobody renewed for the lease
+	// and the grace, its cancels sent to this replica, which ignored them.
 	release := func(err error) error {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return unavailable("read the task", err)
+	}
+	if f.hooks.sessionTaken != nil {
+		if err := f.hooks.sessionTaken(id); err != nil {
+			return release(err)
+		}
 	}
 	if snap, err = f.ts.Load(ctx, id); err != nil {
 		return release(err)
@@ -518,12 +527,27 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return err
 	}
 	f.watchOwned(t, attempt)
 	f.log.Info("task taken over for its re-attaching session", "task_id", id, "attempt", attempt, "last_seq", last, "upstream_seq", snap.UpstreamSeq)
 	return nil
+}
+
+// handBack gives up task id's lease, which this replica claimed with
+// attempt and could not take the task with (TakeSession, Take): disowned,
+// and expired now in PostgreSQL (Leases.expireNow), if it is still that
+// attempt's. A failed write leaves it to expire.
+func (f *Fleet) handBack(id string, attempt int64) {
+	if !f.fenced.disown(id, attempt) {
+		return // lost or moved on meanwhile: not this replica's to give
+	}
+	ctx, cancel := context.WithTimeout(f.ctx, opTimeout)
+	defer cancel()
+	if err := f.leases.expireNow(ctx, id, f.id, attempt); err != nil {
+		f.log.Debug("handing a lease back failed; it expires", "task_id", id, "error", err)
+	}
 }
 
 // ClaimSession implements task.Fleet: the lease of task id for session
@@ -585,6 +609,9 @@ func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string
 	if held {
 		f.dropped.Delete(id)
 		f.fenced.own(id, attempt)
+		// What the copy records from now on carries the attempt (the
+		// fence is per copy: see fencedStore).
+		t.SetFenceToken(attempt)
 		w = f.watchLocked(t, attempt)
 	}
 	f.watchMu.Unlock()

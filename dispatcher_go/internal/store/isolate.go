@@ -95,7 +95,7 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 	for i, p := range events {
 		if p.data != nil {
 			// Encoded once by the log, shared with its readers.
-			j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: p.data})
+			j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: p.data, Token: p.token})
 			continue
 		}
 		if cap(arena)-len(arena) < perEvent {
@@ -117,7 +117,7 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 			j.replace(i, ph)
 			j.reject(p.taskID, why)
 		}
-		j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data})
+		j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data, Token: p.token})
 	}
 	for _, t := range tasks {
 		if t.Body == nil {

@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -112,22 +113,52 @@ func (t *Task) Snapshot() Snapshot {
 	return t.snapshotLocked()
 }
 
-// Adopt makes this replica the runner of a task the fleet claimed for it:
-// s is its stored state and lastSeq the seq of its newest stored event
-// (new events continue after it). A copy already held (e.g. a finished one
-// from an earlier attempt) is replaced. With run, the task goes to the
-// local queue (a slot of this replica starts it); without, the caller ends
-// it (Finish) or hands it back.
-func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
+// ErrNewerCopy refuses a fleet's Adopt: this replica holds a copy of the
+// task given a newer attempt than the one adopted (a re-attach took the
+// task for its session after the caller's claim). That copy stays.
+var ErrNewerCopy = errors.New("task: this replica holds a copy of the task with a newer attempt")
+
+// Adopt makes this replica the runner of a task the fleet claimed for it
+// with attempt (the copy's fencing token, see SetFenceToken): s is its stored
+// state and lastSeq the seq of its newest stored event (new events
+// continue after it). A copy already held (e.g. a finished one from an
+// earlier attempt) is replaced, unless it was given a newer attempt:
+// ErrNewerCopy then, nothing changed (a claim of the fleet's that another
+// claim of this replica's overtook must not replace the newer one's copy).
+// With run, the task goes to the local queue (a slot of this replica
+// starts it); without, the caller ends it (Finish) or hands it back.
+func (m *Manager) Adopt(s Snapshot, lastSeq uint64, attempt int64, run bool) (*Task, error) {
 	if m.reopen == nil {
 		return nil, errNoReopen
 	}
+	unlock := m.adopts.lock(s.ID)
+	t, err := m.adoptLocked(s, lastSeq, attempt)
+	unlock()
+	if err != nil || !run {
+		return t, err
+	}
+	if t.policyErr != nil {
+		t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile: "+t.policyErr.Error(), "")
+		return t, nil
+	}
+	if err := m.queue.Enqueue(t); err != nil {
+		t.Finish(agentpb.TaskStatus_FAILURE, "could not be queued on this replica: "+err.Error(), "")
+	}
+	return t, nil
+}
+
+// adoptLocked is Adopt's swap (m.adopts held for s.ID).
+func (m *Manager) adoptLocked(s Snapshot, lastSeq uint64, attempt int64) (*Task, error) {
 	if old := m.reg.Get(s.ID); old != nil {
-		// The copy replaced records nothing more: the fleet claimed a new
-		// attempt for this one, and the fenced store writes whatever copy
-		// of the task with the attempt held now. Disowned (its watchers
-		// follow the fleet's view) and, if it waits for its session, its
-		// hand-over forgotten (it never ends itself: waiter.finish).
+		if old.FenceToken() > attempt {
+			return nil, ErrNewerCopy
+		}
+		// The copy replaced records nothing more that is stored: the
+		// fleet claimed a new attempt for this one, and the fenced store
+		// writes only what carries the attempt of the task's lease.
+		// Disowned (its watchers follow the fleet's view) and, if it
+		// waits for its session, its hand-over forgotten (it never ends
+		// itself: waiter.finish).
 		if old.lease != nil {
 			old.lease.lose()
 		}
@@ -139,19 +170,40 @@ func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
 	if err != nil {
 		return nil, err
 	}
+	if attempt != 0 && !eventlog.SetToken(log, attempt) {
+		m.log.Error("a fleet copy's event log carries no fencing token: its events will be refused", "task_id", s.ID)
+	}
+	s.FenceToken = attempt
 	t := m.rebuild(s, log)
 	m.reg.add(t)
-	if !run {
-		return t, nil
-	}
-	if t.policyErr != nil {
-		t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile: "+t.policyErr.Error(), "")
-		return t, nil
-	}
-	if err := m.queue.Enqueue(t); err != nil {
-		t.Finish(agentpb.TaskStatus_FAILURE, "could not be queued on this replica: "+err.Error(), "")
-	}
 	return t, nil
+}
+
+// SetFenceToken gives t, a fleet replica's copy of its task, the fencing token
+// attempt: the lease attempt the replica now holds for this copy (a
+// session re-attaching to it claimed the next one). What t records from
+// now on carries it (its events and records); the fenced store writes
+// only what carries the attempt of the task's lease.
+func (t *Task) SetFenceToken(attempt int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.fence = attempt
+	eventlog.SetToken(t.log, attempt)
+}
+
+// FenceToken is t's fencing token (SetFenceToken; 0: none).
+func (t *Task) FenceToken() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.fence
+}
+
+// ForgetCopy is Forget of copy t only: nothing if the registry holds
+// another copy of its task (a newer one, taken since).
+func (m *Manager) ForgetCopy(t *Task) {
+	if m.reg.remove(t) {
+		m.store.Remove(t.id)
+	}
 }
 
 // Forget drops task id from memory (its log too): the fleet moved it to
