@@ -187,7 +187,10 @@ func TestForgottenCopyEndingAfterTheReplicaReclaimedTheTaskStoresNothing(t *test
 // Before, the lease was left to expire: the task sat for the lease and
 // the grace under a lease nobody renewed.
 func TestSessionTakeThatFailsAfterItsClaimHandsTheLeaseBack(t *testing.T) {
-	pg, url, ctx, _, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	if err := owner.w.Flush(ctx); err != nil { // RUNNING in session-1, stored
+		t.Fatal(err)
+	}
 	var armed atomic.Bool
 	armed.Store(true)
 	other := startReplicaHooked(t, pg, url, "other", &testSlot{planner: "other"}, requeueHooks{sessionTaken: func(string) error {
