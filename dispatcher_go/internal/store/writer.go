@@ -221,7 +221,6 @@ type pendingEvent struct {
 	taskID string
 	ev     *dispatchv1.TaskEvent
 	data   []byte        // ev encoded by the log (nil: newJob encodes it)
-	token  int64         // the log's fencing token when ev was appended (Event.Token)
 	at     time.Duration // since traceBase, when queued (trace only)
 	n      uint64        // its number in the queue (flights only)
 }
@@ -438,7 +437,7 @@ func (w *Writer) PersistEncoded(c eventlog.Committer, taskID string, ev *dispatc
 		w.mu.Unlock()
 		return // shutting down: the event stays in memory only
 	}
-	p := pendingEvent{c: c, taskID: taskID, ev: ev, data: data, token: eventlog.TokenOf(c), n: w.numberLocked()}
+	p := pendingEvent{c: c, taskID: taskID, ev: ev, data: data, n: w.numberLocked()}
 	if trace != nil {
 		p.at = time.Since(traceBase)
 	}
