@@ -606,15 +606,24 @@ func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string
 	f.watchMu.Lock()
 	held := f.mgr.Registry().Get(id) == t && !t.IsView() && !t.Disowned()
 	var w *ownedWatch
+	var tokenErr error
+	if held {
+		// What the copy records from now on carries the attempt (the
+		// fence is per copy: see fencedStore). A copy that cannot carry
+		// it would have all it records refused: not held.
+		if tokenErr = t.SetFenceToken(attempt); tokenErr != nil {
+			held = false
+		}
+	}
 	if held {
 		f.dropped.Delete(id)
 		f.fenced.own(id, attempt)
-		// What the copy records from now on carries the attempt (the
-		// fence is per copy: see fencedStore).
-		t.SetFenceToken(attempt)
 		w = f.watchLocked(t, attempt)
 	}
 	f.watchMu.Unlock()
+	if tokenErr != nil {
+		f.log.Error("fleet: a session's claim of its task: the copy cannot carry the attempt", "task_id", id, "error", tokenErr)
+	}
 	if !held {
 		return 0, nil, task.ErrLeaseLost
 	}

@@ -171,7 +171,10 @@ func (m *Manager) adoptLocked(s Snapshot, lastSeq uint64, attempt int64) (*Task,
 		return nil, err
 	}
 	if attempt != 0 && !eventlog.SetToken(log, attempt) {
-		m.log.Error("a fleet copy's event log carries no fencing token: its events will be refused", "task_id", s.ID)
+		// Every record of the copy would carry no token and be refused
+		// while it ran on: a silent loss of all it does.
+		m.store.Remove(s.ID)
+		return nil, fmt.Errorf("task %s: %w", s.ID, errNoFenceToken)
 	}
 	s.FenceToken = attempt
 	t := m.rebuild(s, log)
@@ -179,16 +182,24 @@ func (m *Manager) adoptLocked(s Snapshot, lastSeq uint64, attempt int64) (*Task,
 	return t, nil
 }
 
+// errNoFenceToken: the copy's event log cannot carry a fencing token (it
+// is not a durable log), so the fenced store would refuse all it records.
+var errNoFenceToken = errors.New("the task's event log carries no fencing token")
+
 // SetFenceToken gives t, a fleet replica's copy of its task, the fencing token
 // attempt: the lease attempt the replica now holds for this copy (a
 // session re-attaching to it claimed the next one). What t records from
 // now on carries it (its events and records); the fenced store writes
-// only what carries the attempt of the task's lease.
-func (t *Task) SetFenceToken(attempt int64) {
+// only what carries the attempt of the task's lease. An error if t's log
+// cannot carry a token (nothing changed then).
+func (t *Task) SetFenceToken(attempt int64) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if !eventlog.SetToken(t.log, attempt) {
+		return fmt.Errorf("task %s: %w", t.id, errNoFenceToken)
+	}
 	t.fence = attempt
-	eventlog.SetToken(t.log, attempt)
+	return nil
 }
 
 // FenceToken is t's fencing token (SetFenceToken; 0: none).
@@ -202,7 +213,7 @@ func (t *Task) FenceToken() int64 {
 // another copy of its task (a newer one, taken since).
 func (m *Manager) ForgetCopy(t *Task) {
 	if m.reg.remove(t) {
-		m.store.Remove(t.id)
+		m.forgotten(t)
 	}
 }
 
@@ -211,8 +222,19 @@ func (m *Manager) ForgetCopy(t *Task) {
 func (m *Manager) Forget(id string) {
 	if t := m.reg.Get(id); t != nil {
 		m.reg.remove(t)
-		m.store.Remove(id)
+		m.forgotten(t)
 	}
+}
+
+// forgotten drops the log of copy t, removed from the registry. Its
+// lease is lost (as in adoptLocked): a watcher still holding its Log()
+// follows the fleet's view, never a record of this copy's the store
+// refuses, and WhenDurable never fires for one.
+func (m *Manager) forgotten(t *Task) {
+	if t.lease != nil {
+		t.lease.lose()
+	}
+	m.store.Remove(t.id)
 }
 
 // Disown marks task id as no longer this replica's: it lost the task's

@@ -706,3 +706,73 @@ func TestFleetAdoptNeverReplacesACopyWithANewerAttempt(t *testing.T) {
 		t.Fatalf("adopt with a newer attempt: %v (replaced: %v)", err, m.Registry().Get(s.ID) == newest)
 	}
 }
+
+// A copy forgotten (Forget, ForgetCopy: the fleet moved its task away or
+// replaced it) has lost its lease: a watcher holding its Log() never sees
+// WhenDurable fire for what it records after (the store refuses it).
+func TestFleetForgottenCopyLosesItsLease(t *testing.T) {
+	for _, forget := range []struct {
+		name string
+		f    func(m *Manager, tk *Task)
+	}{
+		{"Forget", func(m *Manager, tk *Task) { m.Forget(tk.ID()) }},
+		{"ForgetCopy", func(m *Manager, tk *Task) { m.ForgetCopy(tk) }},
+	} {
+		t.Run(forget.name, func(t *testing.T) {
+			m, _, _, _ := newFleetManager(t)
+			s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING, CreatedAt: time.Now()}}
+			tk, err := m.Adopt(s, 2, 3, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			log := tk.Log()
+			forget.f(m, tk)
+			seq, err := tk.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Message: "after the forget"}}}, eventlog.Control)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fired := make(chan struct{}, 1)
+			log.WhenDurable(seq, func() { fired <- struct{}{} })
+			select {
+			case <-fired:
+				t.Fatalf("WhenDurable fired for event %d of a forgotten copy", seq)
+			case <-time.After(50 * time.Millisecond):
+			}
+		})
+	}
+}
+
+// opaqueStore's logs hide the durable log they wrap (no Unwrap): they
+// cannot carry a fencing token.
+type opaqueStore struct{ *eventlog.Durable }
+
+type opaqueLog struct{ eventlog.Log }
+
+func (s opaqueStore) Restore(id string, lastSeq uint64, sealed bool) (eventlog.Log, error) {
+	l, err := s.Durable.Restore(id, lastSeq, sealed)
+	if err != nil {
+		return nil, err
+	}
+	return opaqueLog{l}, nil
+}
+
+// A fleet copy whose log cannot carry the fencing token would have every
+// record refused while it ran on: Adopt fails, SetFenceToken says so.
+func TestFleetCopyWithoutFencingTokenIsRefused(t *testing.T) {
+	p := &memPersist{saved: map[string]Snapshot{}}
+	m := NewManager(opaqueStore{eventlog.NewDurable(eventlog.Limits{}, nowSink{})}, NewConfigStore(nil),
+		ManagerOptions{DefaultPlanner: "chat", StopGrace: 100 * time.Millisecond, Persistence: p})
+	m.SetQueue(&fakeQueue{})
+	m.SetFleet(&fakeFleet{p: p, requests: map[string]string{}})
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING, CreatedAt: time.Now()}}
+	if tk, err := m.Adopt(s, 2, 3, false); !errors.Is(err, errNoFenceToken) || tk != nil || m.Registry().Get(s.ID) != nil {
+		t.Fatalf("Adopt with attempt 3 of a log without a token: %v, %v, registered %v", tk, err, m.Registry().Get(s.ID) != nil)
+	}
+	tk, err := m.Adopt(s, 2, 0, false) // no fence: nothing to carry
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.SetFenceToken(4); !errors.Is(err, errNoFenceToken) || tk.FenceToken() != 0 {
+		t.Fatalf("SetFenceToken on a log without a token: %v, token %d", err, tk.FenceToken())
+	}
+}
