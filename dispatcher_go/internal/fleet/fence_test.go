@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -181,39 +182,52 @@ func TestForgottenCopyEndingAfterTheReplicaReclaimedTheTaskStoresNothing(t *test
 }
 
 // A re-attach's take (TakeSession) that fails after its claim (here a
-// hook; in production a failed read of the task) hands the lease back at
-// once: not released (the sweep still sees it) but expired, so a cancel
-// or another claim takes the task now and the sweep after the grace.
-// Before, the lease was left to expire: the task sat for the lease and
-// the grace under a lease nobody renewed.
+// hook; in production a failed read of the task) hands the lease back:
+// this replica gives it up, not released (the sweep still sees it). With
+// a client's cancel open for the task it expires at once, so the cancel
+// (or another claim) takes the task now, not after the lease and the
+// grace. Without one it is left to run out: the session may still
+// re-attach, and expired at once the sweeper would end the task after the
+// grace alone.
 func TestSessionTakeThatFailsAfterItsClaimHandsTheLeaseBack(t *testing.T) {
-	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
-	if err := owner.w.Flush(ctx); err != nil { // RUNNING in session-1, stored
-		t.Fatal(err)
-	}
-	var armed atomic.Bool
-	armed.Store(true)
-	other := startReplicaHooked(t, pg, url, "other", &testSlot{planner: "other"}, requeueHooks{sessionTaken: func(string) error {
-		if armed.Swap(false) {
-			return errors.New("test: the task's read after the claim failed")
-		}
-		return nil
-	}})
-	err := other.f.TakeSession(ctx, id, "session-1", nil)
-	if err == nil || armed.Load() {
-		t.Fatalf("take with a failing read: %v (hook ran: %v)", err, !armed.Load())
-	}
-	if a := other.f.fenced.attempt(id); a != 0 {
-		t.Fatalf("the failed take still holds attempt %d", a)
-	}
-	o, a, released, live := heldLease(t, ctx, other, id)
-	if o != "other" || released || live {
-		t.Fatalf("lease %s/%d released=%v live=%v; want other's, handed back: expired, not released", o, a, released, live)
-	}
-	// Free at once for a plain claim (a cancel's takeFree), not after the
-	// lease.
-	if _, err := other.f.leases.Claim(ctx, id, "third"); err != nil {
-		t.Fatalf("a claim right after the failed take: %v", err)
+	for _, cancelOpen := range []bool{false, true} {
+		t.Run(fmt.Sprintf("cancel open %v", cancelOpen), func(t *testing.T) {
+			pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+			if err := owner.w.Flush(ctx); err != nil { // RUNNING in session-1, stored
+				t.Fatal(err)
+			}
+			var armed atomic.Bool
+			armed.Store(true)
+			other := startReplicaHooked(t, pg, url, "other", &testSlot{planner: "other"}, requeueHooks{sessionTaken: func(string) error {
+				if armed.Swap(false) {
+					return errors.New("test: the task's read after the claim failed")
+				}
+				return nil
+			}})
+			if cancelOpen {
+				if _, err := other.f.leases.AddCommand(ctx, id, "cancel", cmdArgs{Reason: "test: a client's cancel"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			err := other.f.TakeSession(ctx, id, "session-1", nil)
+			if err == nil || armed.Load() {
+				t.Fatalf("take with a failing read: %v (hook ran: %v)", err, !armed.Load())
+			}
+			if a := other.f.fenced.attempt(id); a != 0 {
+				t.Fatalf("the failed take still holds attempt %d", a)
+			}
+			o, a, released, live := heldLease(t, ctx, other, id)
+			if o != "other" || released || live == cancelOpen {
+				t.Fatalf("lease %s/%d released=%v live=%v; want other's, handed back: not released, live %v", o, a, released, live, !cancelOpen)
+			}
+			_, err = other.f.leases.Claim(ctx, id, "third")
+			if cancelOpen && err != nil {
+				t.Fatalf("a claim right after the failed take, a cancel open: %v", err)
+			}
+			if !cancelOpen && !errors.Is(err, ErrLeaseHeld) {
+				t.Fatalf("a claim right after the failed take, no cancel open: %v, want %v", err, ErrLeaseHeld)
+			}
+		})
 	}
 }
 

@@ -1498,7 +1498,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if f.cancelAsked(ctx, r, t, attempt) {
 		return
 	}
-	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
+	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed, cut off, or gave it up after a failed take) and nobody took the session over within %s",
 		r.Owner, f.opts.Lease+f.opts.Grace)
 	if unstarted {
 		done, why := f.requeueUnstarted(ctx, r, t, attempt, queueName(snap.Planner, snap.Required))

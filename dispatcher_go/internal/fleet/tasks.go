@@ -436,11 +436,12 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	if err != nil {
 		return nil, 0, unavailable("claim the task", err)
 	}
-	// A failure from here hands the lease back (handBack: expired now,
-	// not released: the task may be RUNNING, a dead replica's, and a
-	// released lease is never swept, it would stay RUNNING for good; or
-	// PENDING with its queue row gone, the claim took it); the sweep deals
-	// with it after the grace.
+	// A failure from here hands the lease back (handBack: not released:
+	// the task may be RUNNING, a dead replica's, and a released lease is
+	// never swept, it would stay RUNNING for good; or PENDING with its
+	// queue row gone, the claim took it). Expired now if the task is
+	// PENDING or a cancel is open for it, else left to expire; the sweep
+	// deals with it after the grace.
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
 		f.handBack(id, attempt)
@@ -486,12 +487,13 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if err != nil {
 		return err
 	}
-	// A failure from here hands the lease back at once (handBack: expired,
-	// not released: a released lease is never swept, the task would stay
-	// RUNNING for good): a cancel takes the task at once, the sweep after
-	// the grace, and the session's next re-attach takes it anyway. Left
-	// to expire, the task sat under a lease nobody renewed for the lease
-	// and the grace, its cancels sent to this replica, which ignored them.
+	// A failure from here hands the lease back (handBack): disowned here;
+	// with a cancel open for the task, expired at once (not released: a
+	// released lease is never swept, the task would stay RUNNING for
+	// good), so the cancel takes the task now, not after the lease and
+	// the grace. Without one the lease is left to expire: the session's
+	// next re-attach takes the task anyway, and the sweep ends it only
+	// after the lease and the grace, as if this take had not run.
 	release := func(err error) error {
 		f.handBack(id, attempt)
 		return unavailable("read the task", err)
@@ -537,8 +539,9 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 
 // handBack gives up task id's lease, which this replica claimed with
 // attempt and could not take the task with (TakeSession, Take): disowned,
-// and expired now in PostgreSQL (Leases.expireNow), if it is still that
-// attempt's. A failed write leaves it to expire.
+// and, if the task is PENDING or a cancel is open for it, expired now in
+// PostgreSQL (Leases.expireNow), if it is still that attempt's. Otherwise
+// (and if that write fails) it is left to expire.
 func (f *Fleet) handBack(id string, attempt int64) {
 	if !f.fenced.disown(id, attempt) {
 		return // lost or moved on meanwhile: not this replica's to give
