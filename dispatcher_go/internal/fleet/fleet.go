@@ -1578,6 +1578,9 @@ type requeueHooks struct {
 	// sessionTaken is called by TakeSession once its claim succeeded,
 	// before it loads the task: an error it returns fails the take.
 	sessionTaken func(id string) error
+	// taken is called by Take once its claim succeeded with attempt,
+	// before it loads the task.
+	taken func(id string, attempt int64)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

@@ -99,7 +99,12 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 
 // takeFree claims a task nobody holds (pending on the bus, or left by a
 // dead replica) and ends it with status: ok false if another replica
-// holds it.
+// holds it, or if this replica's claim was overtaken before it took the
+// task (a session re-attaching here took it with a newer attempt,
+// task.ErrNewerCopy, or the claim's attempt was lost, task.ErrLeaseLost):
+// the caller then goes through the task's holder, as for ErrLeaseHeld (a
+// cancel: the command row, which this replica's own newer copy carries
+// out).
 //
 // A cancel (status CANCELLED) is written as a command row first, left
 // open until the end is stored (CloseEnded): if this replica stops before
@@ -108,7 +113,8 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 // TakeSession) instead of running the task again or ending it FAILURE.
 func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStatus, reason string) (bool, error) {
 	t, attempt, err := f.Take(ctx, id)
-	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) {
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) ||
+		errors.Is(err, task.ErrNewerCopy) || errors.Is(err, task.ErrLeaseLost) {
 		return false, nil
 	}
 	if err != nil {
@@ -442,6 +448,9 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	// queue row gone, the claim took it). Expired now if the task is
 	// PENDING or a cancel is open for it, else left to expire; the sweep
 	// deals with it after the grace.
+	if f.hooks.taken != nil {
+		f.hooks.taken(id, attempt)
+	}
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
 		f.handBack(id, attempt)
