@@ -54,10 +54,15 @@ type fencedStore struct {
 
 var _ store.Store = (*fencedStore)(nil)
 
-// own records that this replica holds taskID's lease with attempt.
+// own records that this replica holds taskID's lease with attempt. Never
+// a lower attempt than the one held: a claim overtaken by a newer one of
+// this replica's (a session re-attaching here) does not take the newer
+// attempt's place.
 func (s *fencedStore) own(taskID string, attempt int64) {
 	s.mu.Lock()
-	s.owned[taskID] = attempt
+	if attempt > s.owned[taskID] {
+		s.owned[taskID] = attempt
+	}
 	s.mu.Unlock()
 }
 
@@ -255,8 +260,10 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 				fenced = append(fenced, k)
 			}
 		}
-		for _, e := range b.Events {
-			check(e.TaskID, e.Token)
+		if len(written) < len(b.Events) { // else none was refused
+			for _, e := range b.Events {
+				check(e.TaskID, e.Token)
+			}
 		}
 		for _, t := range b.Tasks {
 			check(t.ID, t.Token)

@@ -720,9 +720,17 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 // RUNNING task with a released lease is never swept: RUNNING for good).
 // Another failure hands it back to the queue.
 func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue string, err error) {
-	if errors.Is(err, ErrNotPending) || errors.Is(err, task.ErrNewerCopy) || errors.Is(err, task.ErrLeaseLost) {
+	if errors.Is(err, task.ErrNewerCopy) {
+		// A session re-attaching here took the task (a newer attempt,
+		// held here) while it was loaded: that copy stays, and disown
+		// leaves its attempt alone.
 		f.fenced.disown(id, attempt)
-		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
+		f.log.Info("a task claimed from the bus was taken meanwhile by a session re-attaching here", "task_id", id, "attempt", attempt)
+		return
+	}
+	if errors.Is(err, ErrNotPending) || errors.Is(err, task.ErrLeaseLost) {
+		f.fenced.disown(id, attempt)
+		f.log.Warn("a task claimed from the bus is not pending or its lease was lost; its lease is left to expire", "task_id", id, "error", err)
 		return
 	}
 	if f.failUnreadable(ctx, id, attempt, "load the task", err) {
@@ -1412,11 +1420,13 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if r.Owner == f.id {
 		// A row of this replica's own: a session it dropped (or one of an
-		// earlier process with its id). The fence checks a write against
-		// the attempt this replica holds when the write runs, so the
-		// dropped copy must be gone and its last records written (and
-		// refused) before this replica holds the task again; else they
-		// would pass with the new attempt.
+		// earlier process with its id). The fence no longer needs the
+		// wait (a record carries the attempt its copy was given, so the
+		// dropped copy's last records are refused whatever this replica
+		// holds when they are written), but the sweep still takes the
+		// task only once that copy is gone and its records written: the
+		// claim's copy then replaces an ended one, never one still being
+		// dropped, and the end it loads is the one stored.
 		if t := f.mgr.Registry().Get(r.TaskID); t != nil && !t.IsView() {
 			select {
 			case <-t.Done():

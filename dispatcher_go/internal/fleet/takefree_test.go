@@ -68,3 +68,22 @@ func TestCancelWhoseClaimIsOvertakenGoesThroughTheCommandRow(t *testing.T) {
 		})
 	}
 }
+
+// A claim overtaken by a newer one of this replica's (own with a lower
+// attempt after a higher one) never lowers the attempt held: the newer
+// copy's records would be refused. Once disowned, any attempt is held.
+func TestFenceOwnNeverLowersTheAttemptHeld(t *testing.T) {
+	s := &fencedStore{owned: map[string]int64{}}
+	s.own("t", 3)
+	s.own("t", 2)
+	if a := s.attempt("t"); a != 3 {
+		t.Fatalf("held %d after own(3), own(2); want 3", a)
+	}
+	if !s.disown("t", 3) {
+		t.Fatal("disown of the attempt held")
+	}
+	s.own("t", 1)
+	if a := s.attempt("t"); a != 1 {
+		t.Fatalf("held %d after disown, own(1); want 1", a)
+	}
+}
