@@ -16,6 +16,12 @@ import (
 // when the writer builds the batch (the new attempt), not the old one it had
 // when queued, which the store would refuse while the copy keeps the event
 // in memory, reported durable (a gap in PostgreSQL).
+//
+// Not closed (store/isolate.go newJob): the writer may build the event's
+// batch before SetFenceToken and write it after the claim committed; the
+// event is then refused as before. Measured: 10 of 10 runs failed before
+// the fix, 2 of 40 after (that window).
+
 func TestEventRecordedInTheClaimWindowIsStored(t *testing.T) {
 	var armed atomic.Bool
 	var seq atomic.Uint64
@@ -61,6 +67,6 @@ func TestEventRecordedInTheClaimWindowIsStored(t *testing.T) {
 		}
 	}
 	if !found {
-		t.Errorf("event %d recorded by the live copy in the claim window is not stored (but in its memory log, reported durable=%v, copy not dropped=%v)", seq.Load(), durable.Load(), !lt.Disowned())
+		t.Errorf("event %d recorded by the live copy in the claim window is not stored (but in its memory log, reported durable=%v, copy not dropped=%v); if rare: its batch was built before SetFenceToken (the window left open, see newJob)", seq.Load(), durable.Load(), !lt.Disowned())
 	}
 }
