@@ -57,6 +57,9 @@ type observedLog struct {
 	fn func(*dispatchv1.TaskEvent)
 }
 
+// Unwrap is the log observed (eventlog.SetToken reaches it through this).
+func (l observedLog) Unwrap() eventlog.Log { return l.Log }
+
 func (l observedLog) Append(ev *dispatchv1.TaskEvent, class eventlog.Class) (uint64, error) {
 	seq, err := l.Log.Append(ev, class)
 	if err == nil {

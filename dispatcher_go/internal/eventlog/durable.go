@@ -41,6 +41,36 @@ type Sink interface {
 	ReadStored(ctx context.Context, taskID string, afterSeq uint64, limit int) ([]*dispatchv1.TaskEvent, error)
 }
 
+// SetToken sets the fencing token that l's events appended from now on
+// carry to its sink (TokenOf; store.Event.Token): a fleet replica's copy
+// of a task stamps what it records with the attempt it was given, and its
+// store writes only what carries the attempt of the task's lease. A log
+// that wraps another passes it on through Unwrap() Log. False if l is not
+// a durable log (nor wraps one): nothing carries a token.
+func SetToken(l Log, token int64) bool {
+	for l != nil {
+		switch x := l.(type) {
+		case *memLog:
+			x.token.Store(token)
+			return true
+		case interface{ Unwrap() Log }:
+			l = x.Unwrap()
+		default:
+			return false
+		}
+	}
+	return false
+}
+
+// TokenOf is the fencing token of the log c (a Committer a Sink was
+// given), as SetToken set it: 0 if none.
+func TokenOf(c Committer) int64 {
+	if l, ok := c.(*memLog); ok {
+		return l.token.Load()
+	}
+	return 0
+}
+
 // Durable is a Store whose logs keep serving live readers from memory while
 // every event is written to a Sink in batches. A reader sees an event only
 // once it is durable, so whatever a watcher was sent survives a crash and a

@@ -71,7 +71,10 @@ type memLog struct {
 	// Durable logs only (see Durable): sink persists each event, readers
 	// see events up to committed (what the sink reported durable), and the
 	// first base events live only in the store.
-	sink   Sink
+	sink Sink
+	// token is the fencing token the log's events carry to the sink
+	// (SetToken, TokenOf).
+	token  atomic.Int64
 	owner  *retainer // keeps the events once the log is finished (nil: none)
 	taskID string
 	base   uint64

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -23,17 +24,24 @@ import (
 // fencedStore is the PostgreSQL store with every write fenced: in the
 // transaction that writes a batch, the lease rows of the batch's tasks are
 // read (FOR SHARE, so a concurrent Claim waits for the write or the write
-// for the Claim) and only the records of tasks this replica may write are
-// written: a task with no lease row (a new task, before anybody claimed
-// it), or one whose lease this replica holds with the attempt it claimed.
-// The others are fenced: left out, and reported (onFenced) so the replica
-// drops their session. Reads go to the store as they are.
+// for the Claim) and only the records this replica may write are written:
+// those of a task with no lease row (a new task, before anybody claimed
+// it), and those that carry (store.Event.Token, store.TaskRecord.Token)
+// the attempt of the task's lease when this replica holds it. A record
+// carries the attempt its copy of the task was given (task.Manager.Adopt,
+// Task.SetFenceToken), not the one this replica holds when the record is
+// written: a copy this replica dropped, forgot or replaced (a session
+// re-attaching here took the task afresh, a sweep adopted it again) may
+// still record, and its records must not pass with a newer copy's
+// attempt. The others are fenced: left out, and reported (onFenced) with
+// the attempt they carry, so the replica drops that copy's session. Reads
+// go to the store as they are.
 type fencedStore struct {
 	*postgres.Store
 	pool    *pgxpool.Pool
 	replica string
 	// onFenced is told of a task whose records were refused, with the
-	// attempt they were written with (0: none held then).
+	// attempt they carry (0: none; once per attempt).
 	onFenced func(taskID string, attempt int64)
 	// onWritten is told of the events written (after the commit): they go
 	// to the bus for watchers on other replicas.
@@ -41,15 +49,20 @@ type fencedStore struct {
 	legs      *legStats
 
 	mu    sync.Mutex
-	owned map[string]int64 // task id → attempt this replica holds
+	owned map[string]int64 // task id → attempt this replica holds (renewed)
 }
 
 var _ store.Store = (*fencedStore)(nil)
 
-// own records that this replica holds taskID's lease with attempt.
+// own records that this replica holds taskID's lease with attempt. Never
+// a lower attempt than the one held: a claim overtaken by a newer one of
+// this replica's (a session re-attaching here) does not take the newer
+// attempt's place.
 func (s *fencedStore) own(taskID string, attempt int64) {
 	s.mu.Lock()
-	s.owned[taskID] = attempt
+	if attempt > s.owned[taskID] {
+		s.owned[taskID] = attempt
+	}
 	s.mu.Unlock()
 }
 
@@ -113,8 +126,8 @@ func (s *fencedStore) GetTask(ctx context.Context, id string) (store.TaskRecord,
 // held to its end). The first locks the lease rows of the batch's tasks
 // (FOR SHARE: a concurrent Claim waits for this write, or this write sees
 // the Claim); each write then carries the fence as a condition (no lease
-// row, or this replica's with the attempt it claimed), so nothing waits
-// for a decision made in Go. The events inserted come back (RETURNING) and
+// row, or this replica's with the attempt the record carries), so nothing
+// waits for a decision made in Go. The events inserted come back (RETURNING) and
 // only they go to the bus; the lease rows read tell which tasks were
 // fenced. Before, this was BEGIN, the lease read, the event insert, the
 // task upserts and COMMIT: five round trips, each a wait on a busy machine.
@@ -136,7 +149,6 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 			ids = append(ids, t.ID)
 		}
 	}
-	owned := s.ownedTasks()
 	var pb pgx.Batch
 	pb.Queue(`SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, ids)
 	if len(b.Events) > 0 {
@@ -145,7 +157,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 		data := make([][]byte, len(b.Events))
 		attempts := make([]int64, len(b.Events))
 		for i, e := range b.Events {
-			taskIDs[i], seqs[i], data[i], attempts[i] = e.TaskID, int64(e.Seq), e.Data, owned[e.TaskID]
+			taskIDs[i], seqs[i], data[i], attempts[i] = e.TaskID, int64(e.Seq), e.Data, e.Token
 		}
 		pb.Queue(`INSERT INTO events (task_id, seq, data)
 			SELECT e.task_id, e.seq, e.data FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bigint[]) AS e(task_id, seq, data, attempt)
@@ -159,9 +171,13 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 			WHERE NOT EXISTS (SELECT 1 FROM fleet_leases l WHERE l.task_id = $1 AND (l.owner <> $6 OR l.attempt <> $7))
 			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
 			ended_at = excluded.ended_at, body = excluded.body`,
-			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body, s.replica, owned[t.ID])
+			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body, s.replica, t.Token)
 	}
-	fenced := map[string]bool{}
+	type row struct {
+		owner   string
+		attempt int64
+	}
+	leases := map[string]row{}
 	var written []store.Event
 	began := time.Now()
 	err := func() error {
@@ -178,9 +194,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 				rows.Close()
 				return fmt.Errorf("fleet: read leases: %w", err)
 			}
-			if owner != s.replica || owned[id] != attempt {
-				fenced[id] = true
-			}
+			leases[id] = row{owner, attempt}
 		}
 		rows.Close()
 		if err := rows.Err(); err != nil {
@@ -230,9 +244,32 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 	}
 	applied := time.Now()
 	s.legs.add(legApply, applied.Sub(began))
-	for id := range fenced {
-		if s.onFenced != nil {
-			s.onFenced(id, owned[id])
+	if len(leases) > 0 && s.onFenced != nil {
+		// The records refused: each task's, once per attempt they carry.
+		type key struct {
+			id      string
+			attempt int64
+		}
+		var fenced []key
+		check := func(id string, token int64) {
+			l, ok := leases[id]
+			if !ok || l.owner == s.replica && l.attempt == token {
+				return
+			}
+			if k := (key{id, token}); !slices.Contains(fenced, k) {
+				fenced = append(fenced, k)
+			}
+		}
+		if len(written) < len(b.Events) { // else none was refused
+			for _, e := range b.Events {
+				check(e.TaskID, e.Token)
+			}
+		}
+		for _, t := range b.Tasks {
+			check(t.ID, t.Token)
+		}
+		for _, k := range fenced {
+			s.onFenced(k.id, k.attempt)
 		}
 	}
 	if len(written) > 0 && s.onWritten != nil {

@@ -187,6 +187,11 @@ type Fleet struct {
 	// added).
 	bgMu    sync.Mutex
 	closing bool
+	// drops are lost's drops of copies (Manager.DropCopy) under way,
+	// which Close waits for after wg; closed (under bgMu): Close waits
+	// for them now, nothing more is added.
+	drops  sync.WaitGroup
+	closed bool
 	// watchMu guards watches: task id → the watch of its local copy
 	// (watchOwned), while it runs.
 	watchMu sync.Mutex
@@ -330,6 +335,12 @@ func (f *Fleet) Close() {
 	f.bgMu.Unlock()
 	f.cancel()
 	f.wg.Wait()
+	// The drops lost started, the renewals' among them: none is added
+	// from here (lost starts none once closed).
+	f.bgMu.Lock()
+	f.closed = true
+	f.bgMu.Unlock()
+	f.drops.Wait()
 	_ = f.rdb.Close()
 	_ = f.tails.Close()
 }
@@ -709,9 +720,17 @@ func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 // RUNNING task with a released lease is never swept: RUNNING for good).
 // Another failure hands it back to the queue.
 func (f *Fleet) adoptFailed(ctx context.Context, id string, attempt int64, queue string, err error) {
-	if errors.Is(err, ErrNotPending) {
+	if errors.Is(err, task.ErrNewerCopy) {
+		// A session re-attaching here took the task (a newer attempt,
+		// held here) while it was loaded: that copy stays, and disown
+		// leaves its attempt alone.
 		f.fenced.disown(id, attempt)
-		f.log.Warn("a task claimed from the bus is not pending; its lease is left to expire", "task_id", id, "error", err)
+		f.log.Info("a task claimed from the bus was taken meanwhile by a session re-attaching here", "task_id", id, "attempt", attempt)
+		return
+	}
+	if errors.Is(err, ErrNotPending) || errors.Is(err, task.ErrLeaseLost) {
+		f.fenced.disown(id, attempt)
+		f.log.Warn("a task claimed from the bus is not pending or its lease was lost; its lease is left to expire", "task_id", id, "error", err)
 		return
 	}
 	if f.failUnreadable(ctx, id, attempt, "load the task", err) {
@@ -789,6 +808,12 @@ func (f *Fleet) cancelQueued(ctx context.Context, id string, attempt int64, cmd 
 		if errors.Is(err, taskstore.ErrUnreadable) && f.cancelUnread(ctx, id, attempt, cmd.ID, reason) {
 			return
 		}
+		if errors.Is(err, task.ErrNewerCopy) || errors.Is(err, task.ErrLeaseLost) {
+			// Not this claim's any more: its cancel row stays open for
+			// the task's holder.
+			f.fenced.disown(id, attempt)
+			return
+		}
 		f.log.Warn("adopting a claimed task to cancel it failed; it goes back to the queue with its cancel", "task_id", id, "error", err)
 		f.giveBack(ctx, nil, id, attempt, queue)
 		return
@@ -858,12 +883,28 @@ func (f *Fleet) adopt(ctx context.Context, id string, attempt int64, run bool) e
 	if run && snap.Status != agentpb.TaskStatus_PENDING {
 		return fmt.Errorf("%w: it is %s", ErrNotPending, snap.Status)
 	}
-	t, err := f.mgr.Adopt(snap, last, run)
+	t, err := f.adoptHeld(snap, last, attempt, run)
 	if err != nil {
 		return err
 	}
 	f.watchOwned(t, attempt)
 	return nil
+}
+
+// adoptHeld is Manager.Adopt of a task this replica claimed with attempt,
+// only while that is still the attempt it holds (task.ErrNewerCopy if
+// another claim of this replica's overtook it: a session re-attaching
+// here; nothing is adopted then, the newer claim's copy stays). A copy
+// held with a newer attempt is never replaced (Manager.Adopt checks that
+// under its own lock). Its copy carries attempt (the fencing token).
+func (f *Fleet) adoptHeld(snap task.Snapshot, last uint64, attempt int64, run bool) (*task.Task, error) {
+	if a := f.fenced.attempt(snap.ID); a != attempt {
+		if a > attempt {
+			return nil, task.ErrNewerCopy
+		}
+		return nil, fmt.Errorf("%w: the claim's attempt %d is not held here (holds %d)", task.ErrLeaseLost, attempt, a)
+	}
+	return f.mgr.Adopt(snap, last, attempt, run)
 }
 
 // giveBack puts a claimed PENDING task back in the queue and releases it:
@@ -891,7 +932,11 @@ func (f *Fleet) giveBack(ctx context.Context, t *task.Task, id string, attempt i
 	// Disowned before it is forgotten: a command announced meanwhile
 	// finds the task not held here, or its copy handed back.
 	f.fenced.disown(id, attempt)
-	f.mgr.Forget(id)
+	if t != nil {
+		f.mgr.ForgetCopy(t) // not a newer copy taken since
+	} else {
+		f.mgr.Forget(id)
+	}
 	if err := f.leases.Enqueue(ctx, id, queue); err != nil {
 		f.log.Warn("queue row not written; the task's lease is left to expire and the task queued again then", "task_id", id, "error", err)
 		return
@@ -987,12 +1032,13 @@ func (f *Fleet) xadd(ctx context.Context, id, queue string) error {
 // through it: a WaitGroup must not be added to from zero while Close
 // waits on it, and none of it may run past Close.
 //
-// One goroutine does not: lost's f.mgr.DropCopy, the task manager's stop
-// of its copy (its session stopped, the copy ended and forgotten), which
-// may run past Close. It must stay a goroutine: lost runs inside the store
-// writer's callback (onFenced), and DropCopy's end of the copy is recorded
-// through that writer. Made to wait for it, Close would wait for a
-// session's stop too.
+// lost's f.mgr.DropCopy, the task manager's stop of its copy (its session
+// told to stop, the copy ended or abandoned), runs in a goroutine of its
+// own (lost runs inside the store writer's callback, onFenced, and
+// DropCopy's end of the copy is recorded through that writer), counted in
+// drops, which Close waits for after wg: a renewal's loss while the fleet
+// stops is dropped before Close returns. One that the store writer reports
+// after Close (its last writes, fenced) only disowns the copy.
 func (f *Fleet) goBackground(fn func()) bool {
 	f.bgMu.Lock()
 	defer f.bgMu.Unlock()
@@ -1323,10 +1369,19 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 	if t == nil {
 		return
 	}
-	// Not goBackground (see there): the manager's work, which may run
-	// past Close; inline, it could deadlock in the writer's callback.
-	// The copy disowned, not whatever copy the registry holds by then.
+	// Not inline: it could deadlock in the writer's callback. Counted in
+	// drops (see goBackground), which Close waits for. The copy disowned,
+	// not whatever copy the registry holds by then.
+	f.bgMu.Lock()
+	if f.closed {
+		f.bgMu.Unlock()
+		f.log.Debug("fleet closed: the fenced copy is disowned, not dropped", "task_id", id)
+		return
+	}
+	f.drops.Add(1)
+	f.bgMu.Unlock()
 	go func() {
+		defer f.drops.Done()
 		if f.hooks.beforeDrop != nil {
 			f.hooks.beforeDrop(id)
 		}
@@ -1365,11 +1420,13 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if r.Owner == f.id {
 		// A row of this replica's own: a session it dropped (or one of an
-		// earlier process with its id). The fence checks a write against
-		// the attempt this replica holds when the write runs, so the
-		// dropped copy must be gone and its last records written (and
-		// refused) before this replica holds the task again; else they
-		// would pass with the new attempt.
+		// earlier process with its id). The fence no longer needs the
+		// wait (a record carries the attempt its copy was given, so the
+		// dropped copy's last records are refused whatever this replica
+		// holds when they are written), but the sweep still takes the
+		// task only once that copy is gone and its records written: the
+		// claim's copy then replaces an ended one, never one still being
+		// dropped, and the end it loads is the one stored.
 		if t := f.mgr.Registry().Get(r.TaskID); t != nil && !t.IsView() {
 			select {
 			case <-t.Done():
@@ -1436,7 +1493,14 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 		}
 		unstarted = up == 0
 	}
-	t, err := f.mgr.Adopt(snap, last, false)
+	t, err := f.adoptHeld(snap, last, attempt, false)
+	if errors.Is(err, task.ErrNewerCopy) {
+		// A session re-attaching here took the task (a newer attempt)
+		// while this takeover loaded it: that copy stays, and this
+		// claim's attempt is no longer the lease's.
+		f.log.Info("takeover of a task given up: a session re-attaching here took it meanwhile", "task_id", r.TaskID, "attempt", attempt)
+		return
+	}
 	if err != nil {
 		leave("adopt the task", err)
 		return
@@ -1444,7 +1508,7 @@ func (f *Fleet) takeOver(ctx context.Context, r lease) {
 	if f.cancelAsked(ctx, r, t, attempt) {
 		return
 	}
-	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed or cut off) and nobody took the session over within %s",
+	msg := fmt.Sprintf("its dispatcher replica %s stopped renewing the task's lease (crashed, cut off, or gave it up after a failed take) and nobody took the session over within %s",
 		r.Owner, f.opts.Lease+f.opts.Grace)
 	if unstarted {
 		done, why := f.requeueUnstarted(ctx, r, t, attempt, queueName(snap.Planner, snap.Required))
@@ -1521,6 +1585,12 @@ type requeueHooks struct {
 	// beforeDrop is called by lost's goroutine before it drops the copy
 	// it disowned (Manager.DropCopy).
 	beforeDrop func(id string)
+	// sessionTaken is called by TakeSession once its claim succeeded,
+	// before it loads the task: an error it returns fails the take.
+	sessionTaken func(id string) error
+	// taken is called by Take once its claim succeeded with attempt,
+	// before it loads the task.
+	taken func(id string, attempt int64)
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back
@@ -1574,7 +1644,7 @@ func (f *Fleet) requeueUnstarted(ctx context.Context, r lease, t *task.Task, att
 		// expire; the next sweep finds the task PENDING (and queues it) or
 		// still RUNNING (and requeues it).
 		f.fenced.disown(id, attempt)
-		f.mgr.Forget(id)
+		f.mgr.ForgetCopy(t)
 		f.log.Warn("requeue of a dead replica's task not stored; left for the next sweep", "task_id", id, "error", err)
 		// A cancel that reached the copy (whose end is refused now) is
 		// left for the task's next owner.

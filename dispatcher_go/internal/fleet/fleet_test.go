@@ -183,7 +183,7 @@ func TestFencedWritesOfALostLeaseAreRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	r1.own("t1", a1)
-	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 2, Data: []byte("b")}}}); err != nil {
+	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 2, Data: []byte("b"), Token: a1}}}); err != nil {
 		t.Fatal(err)
 	}
 	// r1 loses the lease (released by a drain, here): r2 takes it.
@@ -196,11 +196,11 @@ func TestFencedWritesOfALostLeaseAreRefused(t *testing.T) {
 	}
 	r2.own("t1", a2)
 	// r1, stale, still holds attempt 1 in memory: its writes are refused.
-	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("stale")}},
-		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_FAILURE), CreatedAt: time.Now(), Body: []byte("{}")}}}); err != nil {
+	if err := r1.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("stale"), Token: a1}},
+		Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_FAILURE), CreatedAt: time.Now(), Body: []byte("{}"), Token: a1}}}); err != nil {
 		t.Fatal(err)
 	}
-	if err := r2.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("new")}}}); err != nil {
+	if err := r2.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 3, Data: []byte("new"), Token: a2}}}); err != nil {
 		t.Fatal(err)
 	}
 	evs, err := st.ReadEvents(ctx, "t1", 0, 10)
@@ -355,7 +355,7 @@ func TestClaimForSessionTakesALiveLeaseAndFencesTheOldOwner(t *testing.T) {
 		t.Fatalf("claim for the session: attempt %d, %v; want %d", a2, err, a1+1)
 	}
 	// The old owner's next write is refused; its renewal no longer holds it.
-	if err := old.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("stale")}}}); err != nil {
+	if err := old.Apply(ctx, store.Batch{Events: []store.Event{{TaskID: "t1", Seq: 1, Data: []byte("stale"), Token: a1}}}); err != nil {
 		t.Fatal(err)
 	}
 	if evs, _ := st.ReadEvents(ctx, "t1", 0, 10); len(evs) != 0 || fenced.Load() != 1 {
@@ -550,7 +550,7 @@ func TestClaimQueuedAndAnExpiredOwnersWriteAreOrdered(t *testing.T) {
 		// The owner starts the task now: its write goes through unless it
 		// waits for this claim (then it is decided once the claim ends).
 		go func() {
-			written <- owner.Apply(context.Background(), store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}")}}})
+			written <- owner.Apply(context.Background(), store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}"), Token: a1}}})
 		}()
 		for {
 			var blocked bool
@@ -758,7 +758,7 @@ func TestFencedWriteAfterAClaimUnderARepeatableReadDefaultIsNotStored(t *testing
 	}
 	written := make(chan error, 1)
 	go func() {
-		written <- owner.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}")}}})
+		written <- owner.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: "t1", Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: []byte("{}"), Token: o.attempt}}})
 	}()
 	waitFor(t, "the owner's write to wait for the claim", 10*time.Second, func() bool {
 		var blocked bool

@@ -621,6 +621,25 @@ func (l *Leases) endUnread(ctx context.Context, taskID, replica string, attempt 
 	return out, nil
 }
 
+// expireNow ends replica's lease of taskID with attempt now, without
+// releasing it (a released lease is never swept: a RUNNING task would stay
+// so for good), if the task is PENDING or a cancel is open for it: the
+// task is free at once for a claim (a client's cancel, Fleet.takeFree; a
+// re-attach takes it anyway) and the sweep takes it over after the grace,
+// not after the lease and the grace. A RUNNING task with no cancel keeps
+// the lease until it expires: its session may still re-attach (the take
+// failed on a slow read), and the sweep ending it after the grace alone
+// would cut that time from the lease and the grace to the grace. Nothing
+// if the lease moved on.
+func (l *Leases) expireNow(ctx context.Context, taskID, replica string, attempt int64) error {
+	_, err := l.pool.Exec(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp()
+		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released AND expires_at > clock_timestamp()
+		AND (EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND status = $4)
+			OR EXISTS (SELECT 1 FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel'))`,
+		taskID, replica, attempt, int32(agentpb.TaskStatus_PENDING))
+	return err
+}
+
 // markReleased releases an ended task's lease whatever its attempt (the
 // sweeper found its owner gone after the end was stored).
 func (l *Leases) markReleased(ctx context.Context, taskID string) error {

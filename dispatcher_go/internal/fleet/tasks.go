@@ -99,7 +99,12 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 
 // takeFree claims a task nobody holds (pending on the bus, or left by a
 // dead replica) and ends it with status: ok false if another replica
-// holds it.
+// holds it, or if this replica's claim was overtaken before it took the
+// task (a session re-attaching here took it with a newer attempt,
+// task.ErrNewerCopy, or the claim's attempt was lost, task.ErrLeaseLost):
+// the caller then goes through the task's holder, as for ErrLeaseHeld (a
+// cancel: the command row, which this replica's own newer copy carries
+// out).
 //
 // A cancel (status CANCELLED) is written as a command row first, left
 // open until the end is stored (CloseEnded): if this replica stops before
@@ -108,7 +113,8 @@ func (f *Fleet) List(ctx context.Context, statuses []agentpb.TaskStatus, limit i
 // TakeSession) instead of running the task again or ending it FAILURE.
 func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStatus, reason string) (bool, error) {
 	t, attempt, err := f.Take(ctx, id)
-	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) {
+	if errors.Is(err, ErrLeaseHeld) || errors.Is(err, ErrTaskEnded) || errors.Is(err, task.ErrNotFound) ||
+		errors.Is(err, task.ErrNewerCopy) || errors.Is(err, task.ErrLeaseLost) {
 		return false, nil
 	}
 	if err != nil {
@@ -436,23 +442,28 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	if err != nil {
 		return nil, 0, unavailable("claim the task", err)
 	}
-	// A failure from here leaves the lease to expire, not released: the
-	// task may be RUNNING (a dead replica's: a released lease is never
-	// swept, it would stay RUNNING for good) or PENDING with its queue row
-	// gone (the claim took it); the sweep deals with it once it expired.
+	// A failure from here hands the lease back (handBack: not released:
+	// the task may be RUNNING, a dead replica's, and a released lease is
+	// never swept, it would stay RUNNING for good; or PENDING with its
+	// queue row gone, the claim took it). Expired now if the task is
+	// PENDING or a cancel is open for it, else left to expire; the sweep
+	// deals with it after the grace.
+	if f.hooks.taken != nil {
+		f.hooks.taken(id, attempt)
+	}
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, unavailable("read the task", err)
 	}
-	t, err := f.mgr.Adopt(snap, last, false)
+	t, err := f.adoptHeld(snap, last, attempt, false)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return nil, 0, err
 	}
 	f.watchOwned(t, attempt)
@@ -485,12 +496,21 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	if err != nil {
 		return err
 	}
-	// A failure from here leaves the lease to expire, not released (a
-	// released lease is never swept: the task would stay RUNNING for
-	// good); the sweep takes the task over then.
+	// A failure from here hands the lease back (handBack): disowned here;
+	// with a cancel open for the task, expired at once (not released: a
+	// released lease is never swept, the task would stay RUNNING for
+	// good), so the cancel takes the task now, not after the lease and
+	// the grace. Without one the lease is left to expire: the session's
+	// next re-attach takes the task anyway, and the sweep ends it only
+	// after the lease and the grace, as if this take had not run.
 	release := func(err error) error {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return unavailable("read the task", err)
+	}
+	if f.hooks.sessionTaken != nil {
+		if err := f.hooks.sessionTaken(id); err != nil {
+			return release(err)
+		}
 	}
 	if snap, err = f.ts.Load(ctx, id); err != nil {
 		return release(err)
@@ -518,12 +538,28 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
-		f.fenced.disown(id, attempt)
+		f.handBack(id, attempt)
 		return err
 	}
 	f.watchOwned(t, attempt)
 	f.log.Info("task taken over for its re-attaching session", "task_id", id, "attempt", attempt, "last_seq", last, "upstream_seq", snap.UpstreamSeq)
 	return nil
+}
+
+// handBack gives up task id's lease, which this replica claimed with
+// attempt and could not take the task with (TakeSession, Take): disowned,
+// and, if the task is PENDING or a cancel is open for it, expired now in
+// PostgreSQL (Leases.expireNow), if it is still that attempt's. Otherwise
+// (and if that write fails) it is left to expire.
+func (f *Fleet) handBack(id string, attempt int64) {
+	if !f.fenced.disown(id, attempt) {
+		return // lost or moved on meanwhile: not this replica's to give
+	}
+	ctx, cancel := context.WithTimeout(f.ctx, opTimeout)
+	defer cancel()
+	if err := f.leases.expireNow(ctx, id, f.id, attempt); err != nil {
+		f.log.Debug("handing a lease back failed; it expires", "task_id", id, "error", err)
+	}
 }
 
 // ClaimSession implements task.Fleet: the lease of task id for session
@@ -582,12 +618,24 @@ func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string
 	f.watchMu.Lock()
 	held := f.mgr.Registry().Get(id) == t && !t.IsView() && !t.Disowned()
 	var w *ownedWatch
+	var tokenErr error
+	if held {
+		// What the copy records from now on carries the attempt (the
+		// fence is per copy: see fencedStore). A copy that cannot carry
+		// it would have all it records refused: not held.
+		if tokenErr = t.SetFenceToken(attempt); tokenErr != nil {
+			held = false
+		}
+	}
 	if held {
 		f.dropped.Delete(id)
 		f.fenced.own(id, attempt)
 		w = f.watchLocked(t, attempt)
 	}
 	f.watchMu.Unlock()
+	if tokenErr != nil {
+		f.log.Error("fleet: a session's claim of its task: the copy cannot carry the attempt", "task_id", id, "error", tokenErr)
+	}
 	if !held {
 		return 0, nil, task.ErrLeaseLost
 	}

@@ -7,6 +7,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 )
 
@@ -92,10 +93,19 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 	j := &job{events: events, b: Batch{Events: make([]Event, 0, len(events)), Tasks: make([]TaskRecord, 0, len(tasks))}}
 	var arena []byte
 	perEvent := arenaPerEvent
+	// Each event carries its log's fencing token as it is when the batch
+	// is built, not when the event was queued: a fleet copy given a new
+	// attempt (Task.SetFenceToken, a session re-attaching to it) writes
+	// what it recorded just before under that attempt, which its new lease
+	// holds. What remains: a batch built before SetFenceToken whose write
+	// reads the task's lease after the claim that gave it committed; its
+	// events are refused (fleet's fencedStore) while the copy keeps them
+	// in memory, reported durable: a gap in the store, as before the fence
+	// was per copy.
 	for i, p := range events {
 		if p.data != nil {
 			// Encoded once by the log, shared with its readers.
-			j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: p.data})
+			j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: p.data, Token: eventlog.TokenOf(p.c)})
 			continue
 		}
 		if cap(arena)-len(arena) < perEvent {
@@ -117,7 +127,7 @@ func newJob(events []pendingEvent, tasks []TaskRecord, log func(msg string, args
 			j.replace(i, ph)
 			j.reject(p.taskID, why)
 		}
-		j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data})
+		j.b.Events = append(j.b.Events, Event{TaskID: p.taskID, Seq: p.ev.GetSeq(), Data: data, Token: eventlog.TokenOf(p.c)})
 	}
 	for _, t := range tasks {
 		if t.Body == nil {

@@ -58,6 +58,11 @@ type TaskRecord struct {
 	// Body is the rest of the task, encoded by the task package. nil
 	// means it could not be encoded: Writer sets such a record aside.
 	Body []byte
+	// Token is the fencing token the record was written under (0: none):
+	// a fleet replica's store writes it only while it is the token of the
+	// task's lease there (the attempt the writing copy was given). The
+	// other stores ignore it; it is not stored.
+	Token int64
 }
 
 // TaskKey is a task's place in the order of ListTasks: newest first by
@@ -83,6 +88,9 @@ type Event struct {
 	TaskID string
 	Seq    uint64
 	Data   []byte
+	// Token is as TaskRecord's: the fencing token of the log that
+	// appended the event when it did (eventlog.SetToken).
+	Token int64
 }
 
 // Batch is what one flush writes, in one transaction: events first, then

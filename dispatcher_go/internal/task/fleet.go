@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 
@@ -112,37 +113,29 @@ func (t *Task) Snapshot() Snapshot {
 	return t.snapshotLocked()
 }
 
-// Adopt makes this replica the runner of a task the fleet claimed for it:
-// s is its stored state and lastSeq the seq of its newest stored event
-// (new events continue after it). A copy already held (e.g. a finished one
-// from an earlier attempt) is replaced. With run, the task goes to the
-// local queue (a slot of this replica starts it); without, the caller ends
-// it (Finish) or hands it back.
-func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
+// ErrNewerCopy refuses a fleet's Adopt: this replica holds a copy of the
+// task given a newer attempt than the one adopted (a re-attach took the
+// task for its session after the caller's claim). That copy stays.
+var ErrNewerCopy = errors.New("task: this replica holds a copy of the task with a newer attempt")
+
+// Adopt makes this replica the runner of a task the fleet claimed for it
+// with attempt (the copy's fencing token, see SetFenceToken): s is its stored
+// state and lastSeq the seq of its newest stored event (new events
+// continue after it). A copy already held (e.g. a finished one from an
+// earlier attempt) is replaced, unless it was given a newer attempt:
+// ErrNewerCopy then, nothing changed (a claim of the fleet's that another
+// claim of this replica's overtook must not replace the newer one's copy).
+// With run, the task goes to the local queue (a slot of this replica
+// starts it); without, the caller ends it (Finish) or hands it back.
+func (m *Manager) Adopt(s Snapshot, lastSeq uint64, attempt int64, run bool) (*Task, error) {
 	if m.reopen == nil {
 		return nil, errNoReopen
 	}
-	if old := m.reg.Get(s.ID); old != nil {
-		// The copy replaced records nothing more: the fleet claimed a new
-		// attempt for this one, and the fenced store writes whatever copy
-		// of the task with the attempt held now. Disowned (its watchers
-		// follow the fleet's view) and, if it waits for its session, its
-		// hand-over forgotten (it never ends itself: waiter.finish).
-		if old.lease != nil {
-			old.lease.lose()
-		}
-		old.abandon()
-	}
-	m.Forget(s.ID)
-	s.LastSeq = lastSeq
-	log, err := m.reopen.Restore(s.ID, lastSeq, Terminal(s.Status))
-	if err != nil {
-		return nil, err
-	}
-	t := m.rebuild(s, log)
-	m.reg.add(t)
-	if !run {
-		return t, nil
+	unlock := m.adopts.lock(s.ID)
+	t, err := m.adoptLocked(s, lastSeq, attempt)
+	unlock()
+	if err != nil || !run {
+		return t, err
 	}
 	if t.policyErr != nil {
 		t.Finish(agentpb.TaskStatus_FAILURE, "its own policy does not compile: "+t.policyErr.Error(), "")
@@ -154,13 +147,94 @@ func (m *Manager) Adopt(s Snapshot, lastSeq uint64, run bool) (*Task, error) {
 	return t, nil
 }
 
+// adoptLocked is Adopt's swap (m.adopts held for s.ID).
+func (m *Manager) adoptLocked(s Snapshot, lastSeq uint64, attempt int64) (*Task, error) {
+	if old := m.reg.Get(s.ID); old != nil {
+		if old.FenceToken() > attempt {
+			return nil, ErrNewerCopy
+		}
+		// The copy replaced records nothing more that is stored: the
+		// fleet claimed a new attempt for this one, and the fenced store
+		// writes only what carries the attempt of the task's lease.
+		// Disowned (its watchers follow the fleet's view) and, if it
+		// waits for its session, its hand-over forgotten (it never ends
+		// itself: waiter.finish).
+		if old.lease != nil {
+			old.lease.lose()
+		}
+		old.abandon()
+	}
+	m.Forget(s.ID)
+	s.LastSeq = lastSeq
+	log, err := m.reopen.Restore(s.ID, lastSeq, Terminal(s.Status))
+	if err != nil {
+		return nil, err
+	}
+	if attempt != 0 && !eventlog.SetToken(log, attempt) {
+		// Every record of the copy would carry no token and be refused
+		// while it ran on: a silent loss of all it does.
+		m.store.Remove(s.ID)
+		return nil, fmt.Errorf("task %s: %w", s.ID, errNoFenceToken)
+	}
+	s.FenceToken = attempt
+	t := m.rebuild(s, log)
+	m.reg.add(t)
+	return t, nil
+}
+
+// errNoFenceToken: the copy's event log cannot carry a fencing token (it
+// is not a durable log), so the fenced store would refuse all it records.
+var errNoFenceToken = errors.New("the task's event log carries no fencing token")
+
+// SetFenceToken gives t, a fleet replica's copy of its task, the fencing token
+// attempt: the lease attempt the replica now holds for this copy (a
+// session re-attaching to it claimed the next one). What t records from
+// now on carries it (its events and records); the fenced store writes
+// only what carries the attempt of the task's lease. An error if t's log
+// cannot carry a token (nothing changed then).
+func (t *Task) SetFenceToken(attempt int64) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !eventlog.SetToken(t.log, attempt) {
+		return fmt.Errorf("task %s: %w", t.id, errNoFenceToken)
+	}
+	t.fence = attempt
+	return nil
+}
+
+// FenceToken is t's fencing token (SetFenceToken; 0: none).
+func (t *Task) FenceToken() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.fence
+}
+
+// ForgetCopy is Forget of copy t only: nothing if the registry holds
+// another copy of its task (a newer one, taken since).
+func (m *Manager) ForgetCopy(t *Task) {
+	if m.reg.remove(t) {
+		m.forgotten(t)
+	}
+}
+
 // Forget drops task id from memory (its log too): the fleet moved it to
 // another replica, so it is read from the shared store from now on.
 func (m *Manager) Forget(id string) {
 	if t := m.reg.Get(id); t != nil {
 		m.reg.remove(t)
-		m.store.Remove(id)
+		m.forgotten(t)
 	}
+}
+
+// forgotten drops the log of copy t, removed from the registry. Its
+// lease is lost (as in adoptLocked): a watcher still holding its Log()
+// follows the fleet's view, never a record of this copy's the store
+// refuses, and WhenDurable never fires for one.
+func (m *Manager) forgotten(t *Task) {
+	if t.lease != nil {
+		t.lease.lose()
+	}
+	m.store.Remove(t.id)
 }
 
 // Disown marks task id as no longer this replica's: it lost the task's

@@ -201,7 +201,7 @@ func TestFleetCancelAsChecksTheCaller(t *testing.T) {
 		t.Fatalf("Cancel of a remote task: %v, callers %v (want nil: no caller to check)", err, f.callers)
 	}
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "here", Planner: "chat", Tenant: "acme", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
-	local, err := m.Adopt(s, 0, true)
+	local, err := m.Adopt(s, 0, 0, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +235,7 @@ func TestFleetSubmitRefusedOrNotPlaced(t *testing.T) {
 func TestFleetAdoptRunsAndDropEnds(t *testing.T) {
 	m, q, _, p := newFleetManager(t)
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
-	tk, err := m.Adopt(s, 4, true)
+	tk, err := m.Adopt(s, 4, 0, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +251,7 @@ func TestFleetAdoptRunsAndDropEnds(t *testing.T) {
 		t.Fatal("the local end was not saved (the fenced store refuses it, not the manager)")
 	}
 	// Adopting again (a later attempt) replaces any copy.
-	if _, err := m.Adopt(s, 6, false); err != nil {
+	if _, err := m.Adopt(s, 6, 0, false); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -301,7 +301,7 @@ func TestFleetReattachIsStoppedWithTheClaimsOpenCancel(t *testing.T) {
 	m, _, f, p := newFleetManager(t)
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
 		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
-	tk, err := m.Adopt(s, 3, false)
+	tk, err := m.Adopt(s, 3, 0, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,7 +354,7 @@ func TestFleetDropOfAWaitingTaskEndsNothing(t *testing.T) {
 func TestFleetDroppedCopyWatchersFollowTheView(t *testing.T) {
 	m, _, f, _ := newFleetManager(t)
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
-	tk, err := m.Adopt(s, 0, true)
+	tk, err := m.Adopt(s, 0, 0, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -554,14 +554,14 @@ func TestLeaseLogWhenDurableNotAfterTheLoss(t *testing.T) {
 func TestFleetDroppedCopyReplacedByAnAdoptStillEnds(t *testing.T) {
 	m, q, _, _ := newFleetManager(t)
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
-	old, err := m.Adopt(s, 0, true)
+	old, err := m.Adopt(s, 0, 0, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	startOn(t, q, old)
 	m.Drop(s.ID, "lease lost")
 	s.Status = agentpb.TaskStatus_RUNNING
-	if _, err := m.Adopt(s, 3, false); err != nil {
+	if _, err := m.Adopt(s, 3, 0, false); err != nil {
 		t.Fatal(err)
 	}
 	if !old.Finish(agentpb.TaskStatus_FAILURE, "its runner stopped", "") {
@@ -591,7 +591,7 @@ func TestFleetLocalCancelIsKeptAfterTheStop(t *testing.T) {
 	ctx := context.Background()
 	adopt := func() *Task {
 		s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "here", Planner: "chat", Status: agentpb.TaskStatus_PENDING, CreatedAt: time.Now()}}
-		tk, err := m.Adopt(s, 0, true)
+		tk, err := m.Adopt(s, 0, 0, true)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -664,11 +664,115 @@ func TestAdoptedPendingCopyWithAClientCancelStopHasNoCancelRequested(t *testing.
 	m, _, _, _ := newFleetManager(t)
 	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_PENDING,
 		CreatedAt: time.Now()}, Stop: &dispatchv1.StopSignal{Reason: "old", Code: dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL}}
-	tk, err := m.Adopt(s, 2, false)
+	tk, err := m.Adopt(s, 2, 0, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if reason, ok := tk.CancelRequested(); ok {
 		t.Fatalf("a PENDING copy's stored stop made a cancel requested (%q)", reason)
+	}
+}
+
+// A fleet's Adopt never replaces a copy given a newer attempt (a re-attach
+// took the task after the adopting claim): ErrNewerCopy, that copy stays
+// registered and is not disowned. A copy of an older attempt is replaced.
+// Each copy's records carry its own attempt (Snapshot.FenceToken), also
+// after SetFenceToken moves it.
+func TestFleetAdoptNeverReplacesACopyWithANewerAttempt(t *testing.T) {
+	m, _, _, p := newFleetManager(t)
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING,
+		CreatedAt: time.Now(), StartedAt: time.Now(), SessionID: "ses-1"}}
+	newer, err := m.AdoptWaiting(s, 3, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Adopt(s, 3, 4, false); !errors.Is(err, ErrNewerCopy) {
+		t.Fatalf("adopt with an older attempt: %v, want ErrNewerCopy", err)
+	}
+	if m.Registry().Get(s.ID) != newer || newer.Disowned() || newer.FenceToken() != 5 {
+		t.Fatal("the copy with the newer attempt was replaced or disowned")
+	}
+	newer.Resave()
+	if got := p.last(s.ID).FenceToken; got != 5 {
+		t.Fatalf("the newer copy's record carries %d, want 5", got)
+	}
+	newer.SetFenceToken(6)
+	newer.Resave()
+	if got := p.last(s.ID).FenceToken; got != 6 {
+		t.Fatalf("after SetFenceToken(6) its record carries %d", got)
+	}
+	newest, err := m.Adopt(s, 3, 7, false)
+	if err != nil || m.Registry().Get(s.ID) != newest || !newer.Disowned() {
+		t.Fatalf("adopt with a newer attempt: %v (replaced: %v)", err, m.Registry().Get(s.ID) == newest)
+	}
+}
+
+// A copy forgotten (Forget, ForgetCopy: the fleet moved its task away or
+// replaced it) has lost its lease: a watcher holding its Log() never sees
+// WhenDurable fire for what it records after (the store refuses it).
+func TestFleetForgottenCopyLosesItsLease(t *testing.T) {
+	for _, forget := range []struct {
+		name string
+		f    func(m *Manager, tk *Task)
+	}{
+		{"Forget", func(m *Manager, tk *Task) { m.Forget(tk.ID()) }},
+		{"ForgetCopy", func(m *Manager, tk *Task) { m.ForgetCopy(tk) }},
+	} {
+		t.Run(forget.name, func(t *testing.T) {
+			m, _, _, _ := newFleetManager(t)
+			s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING, CreatedAt: time.Now()}}
+			tk, err := m.Adopt(s, 2, 3, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			log := tk.Log()
+			forget.f(m, tk)
+			seq, err := tk.Record(&dispatchv1.TaskEvent{Kind: &dispatchv1.TaskEvent_State{State: &dispatchv1.TaskState{Message: "after the forget"}}}, eventlog.Control)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fired := make(chan struct{}, 1)
+			log.WhenDurable(seq, func() { fired <- struct{}{} })
+			select {
+			case <-fired:
+				t.Fatalf("WhenDurable fired for event %d of a forgotten copy", seq)
+			case <-time.After(50 * time.Millisecond):
+			}
+		})
+	}
+}
+
+// opaqueStore's logs hide the durable log they wrap (no Unwrap): they
+// cannot carry a fencing token.
+type opaqueStore struct{ *eventlog.Durable }
+
+type opaqueLog struct{ eventlog.Log }
+
+func (s opaqueStore) Restore(id string, lastSeq uint64, sealed bool) (eventlog.Log, error) {
+	l, err := s.Durable.Restore(id, lastSeq, sealed)
+	if err != nil {
+		return nil, err
+	}
+	return opaqueLog{l}, nil
+}
+
+// A fleet copy whose log cannot carry the fencing token would have every
+// record refused while it ran on: Adopt fails, SetFenceToken says so.
+func TestFleetCopyWithoutFencingTokenIsRefused(t *testing.T) {
+	p := &memPersist{saved: map[string]Snapshot{}}
+	m := NewManager(opaqueStore{eventlog.NewDurable(eventlog.Limits{}, nowSink{})}, NewConfigStore(nil),
+		ManagerOptions{DefaultPlanner: "chat", StopGrace: 100 * time.Millisecond, Persistence: p})
+	m.SetQueue(&fakeQueue{})
+	m.SetFleet(&fakeFleet{p: p, requests: map[string]string{}})
+	s := Snapshot{Summary: Summary{ID: NewID(), Instruction: "x", Planner: "chat", Status: agentpb.TaskStatus_RUNNING, CreatedAt: time.Now()}}
+	if tk, err := m.Adopt(s, 2, 3, false); !errors.Is(err, errNoFenceToken) || tk != nil || m.Registry().Get(s.ID) != nil {
+		t.Fatalf("Adopt with attempt 3 of a log without a token: %v, %v, registered %v", tk, err, m.Registry().Get(s.ID) != nil)
+	}
+	tk, err := m.Adopt(s, 2, 0, false) // no fence: nothing to carry
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.SetFenceToken(4); !errors.Is(err, errNoFenceToken) || tk.FenceToken() != 0 {
+		t.Fatalf("SetFenceToken on a log without a token: %v, token %d", err, tk.FenceToken())
 	}
 }

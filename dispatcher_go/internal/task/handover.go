@@ -247,7 +247,7 @@ func (t *Task) waitForReattach(window time.Duration) {
 // window); Reattach then gives it its runner. A copy held already is
 // replaced.
 func (m *Manager) AdoptWaiting(s Snapshot, lastSeq uint64, attempt int64) (*Task, error) {
-	t, err := m.Adopt(s, lastSeq, false)
+	t, err := m.Adopt(s, lastSeq, attempt, false)
 	if err != nil {
 		return nil, err
 	}

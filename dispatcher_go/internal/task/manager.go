@@ -147,6 +147,9 @@ type Manager struct {
 	// takes serialises, per task, a fleet re-attach's choice to take the
 	// task afresh and the take (Manager.reattach).
 	takes keyedMutex
+	// adopts serialises, per task, a fleet's Adopt: its look at the copy
+	// held and the swap (a copy holding a newer attempt is never replaced).
+	adopts keyedMutex
 }
 
 // NewManager wires a manager. SetQueue must be called before Submit (the

@@ -102,6 +102,10 @@ type Snapshot struct {
 	UpstreamSeq uint64
 	// Stop is the stop decided for the task's running session, if any.
 	Stop *dispatchv1.StopSignal
+	// FenceToken is the fencing token of the copy the snapshot is of (a fleet
+	// lease's attempt, see Task.SetFenceToken; 0: none): its record carries it
+	// to the store (store.TaskRecord.Token). Not stored.
+	FenceToken int64
 }
 
 // Info is the snapshot as readers see it.
@@ -256,7 +260,7 @@ func (m *Manager) rebuild(s Snapshot, log eventlog.Log) *Task {
 		status:          s.Status, message: s.Message, result: s.Result, config: s.Config,
 		startedAt: s.StartedAt, endedAt: s.EndedAt, commanderID: s.CommanderID,
 		sessionID: s.SessionID, stats: s.Stats, usedSandbox: s.UsedSandbox,
-		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop,
+		sandboxKept: s.SandboxKept, requeues: s.Requeues, attempt: s.Attempt, upstreamSeq: s.UpstreamSeq, stop: s.Stop, fence: s.FenceToken,
 	}
 	if s.Stop.GetCode() == dispatchv1.StopCode_STOP_CODE_CLIENT_CANCEL && s.Status == agentpb.TaskStatus_RUNNING {
 		// A client's cancel was decided (its stop stored, or, in a fleet,
@@ -294,7 +298,7 @@ func (t *Task) snapshotLocked() Snapshot {
 		Required: t.required, Sandbox: t.sandbox, DestroySandbox: t.destroySandbox, UsedSandbox: t.usedSandbox,
 		SandboxKept: t.sandboxKept, Timeout: t.timeout, History: t.history, UserSystemPrompt: t.userPrompt,
 		Config: t.config, Requeues: t.requeues, Policy: t.policy, PolicyErr: t.policyErr,
-		Attempt: t.attempt, Stop: t.stop,
+		Attempt: t.attempt, Stop: t.stop, FenceToken: t.fence,
 	}
 }
 

@@ -226,6 +226,9 @@ type Task struct {
 	// restored (a re-attaching session resends what comes after it).
 	attempt     int64
 	upstreamSeq uint64
+	// fence is the fencing token of this copy (a fleet replica's lease
+	// attempt it was given, SetFenceToken; 0: none), which its records carry.
+	fence int64
 	// stop is the stop decided for the running session, if any (Fence);
 	// stopUnsaved: no record of the task queued since it was set (see
 	// FenceSaveLater).

@@ -111,7 +111,7 @@ func (s *Store) encode(snap *task.Snapshot) store.TaskRecord {
 		s.log.Error("task record not encodable", "task_id", snap.ID, "error", err)
 		data = nil
 	}
-	return store.TaskRecord{ID: snap.ID, Status: int32(snap.Status), CreatedAt: snap.CreatedAt, EndedAt: snap.EndedAt, Body: data}
+	return store.TaskRecord{ID: snap.ID, Status: int32(snap.Status), CreatedAt: snap.CreatedAt, EndedAt: snap.EndedAt, Body: data, Token: snap.FenceToken}
 }
 
 // ErrUnreadable marks a stored task record whose body does not decode:
