@@ -194,6 +194,8 @@ type Fleet struct {
 	// keepSem bounds KeepCancel's row writes in flight (they share the
 	// store's pool with the writer that stores the tasks' ends).
 	keepSem chan struct{}
+	// ann publishes the command channel's messages (announce), batched.
+	ann *announcer
 }
 
 var _ task.Fleet = (*Fleet)(nil)
@@ -245,6 +247,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs:    newLegStats(),
 		keepSem: make(chan struct{}, keepCancelWrites),
 	}
+	f.ann = &announcer{rdb: rdb, channel: cmdChannel}
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
 		rdb.AddHook(dialTimer{f.legs, "bus"})
@@ -1801,31 +1804,59 @@ const cmdBookQueue = 256
 // its store refusing the end), the task's next owner finds the cancel and
 // carries it out (ClaimQueued, takeOver's cancelAsked, TakeSession).
 // Another command is taken (at most once), carried out and its result
-// stored.
+// stored. The commands queued meanwhile are booked together: the results
+// of their cancels in one statement (a storm of cancels took one commit
+// each, in a row, beside the writes of the tasks being stopped).
 func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
+	var batch []cmdMessage
+	var ids []int64
+	var rs []cmdResult
 	for {
-		var c cmdMessage
+		batch, ids, rs = batch[:0], ids[:0], rs[:0]
 		select {
 		case <-ctx.Done():
 			return
-		case c = <-book:
+		case c := <-book:
+			batch = append(batch, c)
+		}
+	more:
+		for len(batch) < cmdBookQueue {
+			select {
+			case c := <-book:
+				batch = append(batch, c)
+			default:
+				break more
+			}
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if c.Kind == "cancel" {
-			if c.Result != nil {
-				_ = f.leases.SetResult(cctx, c.ID, *c.Result)
-			}
-		} else if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
-			res := c.Result
-			if res == nil && f.fenced.attempt(c.TaskID) != 0 {
-				r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
-				res = &r
-			}
-			if res != nil {
-				_ = f.leases.SetResult(cctx, c.ID, *res)
+		for _, c := range batch {
+			if c.Kind == "cancel" {
+				if c.Result != nil {
+					ids, rs = append(ids, c.ID), append(rs, *c.Result)
+				}
+			} else {
+				f.bookOne(cctx, c)
 			}
 		}
+		if len(ids) > 0 {
+			_ = f.leases.SetResults(cctx, ids, rs)
+		}
 		cancel()
+	}
+}
+
+// bookOne takes a command other than a cancel (at most once), carries it
+// out here if the task is still here, and stores its result.
+func (f *Fleet) bookOne(cctx context.Context, c cmdMessage) {
+	if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
+		res := c.Result
+		if res == nil && f.fenced.attempt(c.TaskID) != 0 {
+			r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
+			res = &r
+		}
+		if res != nil {
+			_ = f.leases.SetResult(cctx, c.ID, *res)
+		}
 	}
 }
 

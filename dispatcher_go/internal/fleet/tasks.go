@@ -152,9 +152,7 @@ func (f *Fleet) announce(ctx context.Context, m cmdMessage) {
 		m.Sent = time.Now().UnixMicro()
 	}
 	b, _ := json.Marshal(m)
-	cctx, cancel := context.WithTimeout(ctx, opTimeout)
-	_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
-	cancel()
+	f.ann.publish(ctx, b) // batched with the replica's other announcements
 }
 
 // The kinds of cmdChannel messages besides the commands' own
