@@ -196,6 +196,10 @@ type Fleet struct {
 	keepSem chan struct{}
 	// ann publishes the command channel's messages (announce), batched.
 	ann *announcer
+	// holders and cmdRows read tasks and write command rows for the
+	// concurrent cancels (and commands) of this replica, batched.
+	holders *batcher[string, holderResult]
+	cmdRows *batcher[newCommand, int64]
 }
 
 var _ task.Fleet = (*Fleet)(nil)
@@ -248,6 +252,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		keepSem: make(chan struct{}, keepCancelWrites),
 	}
 	f.ann = &announcer{rdb: rdb, channel: cmdChannel}
+	f.holders, f.cmdRows = newHolders(leases), newCommandWriter(leases)
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
 		rdb.AddHook(dialTimer{f.legs, "bus"})

@@ -134,7 +134,7 @@ func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStat
 // message did not announce), then the command itself on the channel, so
 // the owner acts on it without reading it back from PostgreSQL.
 func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int64, error) {
-	cid, err := f.leases.AddCommand(ctx, id, kind, args)
+	cid, err := f.addCommand(ctx, id, kind, args)
 	if err != nil {
 		return 0, unavailable("send the command", err)
 	}
@@ -244,7 +244,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 	}
 	f.announce(ctx, m)
 	f.legs.addID(legAnnounce, id, time.Since(began))
-	h, err := f.leases.Holder(ctx, id)
+	h, err := f.holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
