@@ -1833,26 +1833,29 @@ func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
 				break more
 			}
 		}
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		for _, c := range batch {
 			if c.Kind == "cancel" {
 				if c.Result != nil {
 					ids, rs = append(ids, c.ID), append(rs, *c.Result)
 				}
 			} else {
-				f.bookOne(cctx, c)
+				f.bookOne(ctx, c)
 			}
 		}
 		if len(ids) > 0 {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			_ = f.leases.SetResults(cctx, ids, rs)
+			cancel()
 		}
-		cancel()
 	}
 }
 
 // bookOne takes a command other than a cancel (at most once), carries it
-// out here if the task is still here, and stores its result.
-func (f *Fleet) bookOne(cctx context.Context, c cmdMessage) {
+// out here if the task is still here, and stores its result (10 s for all
+// of it, as each command had before).
+func (f *Fleet) bookOne(ctx context.Context, c cmdMessage) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
 	if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
 		res := c.Result
 		if res == nil && f.fenced.attempt(c.TaskID) != 0 {
