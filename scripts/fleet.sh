@@ -22,6 +22,13 @@ FLEET_GRPC_PORT=${FLEET_GRPC_PORT:-50051}
 FLEET_HTTP_PORT=${FLEET_HTTP_PORT:-8088}
 COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
 export PG_STATE_DIR=${PG_STATE_DIR:-/tmp/agentdispatch-fleet-pg}
+# A commit waits for its WAL write: with scripts/postgres.sh's default (off) a
+# PostgreSQL crash or `postgres.sh kill` drops the last few hundred ms of
+# acknowledged commits, so events a watcher was sent, and upstream packets
+# the commander was told were recorded (never resent), vanish: the task ends
+# SUCCESS with an "event_missing" hole. The fleet promises a PostgreSQL
+# restart loses no event.
+export PG_SYNCHRONOUS_COMMIT=${PG_SYNCHRONOUS_COMMIT:-on}
 export REDIS_STATE_DIR=${REDIS_STATE_DIR:-/tmp/agentdispatch-fleet-redis}
 mkdir -p "$RUN"
 
