@@ -664,7 +664,10 @@ func (f *Fleet) ack(ctx context.Context, key, id string) {
 func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	id, _ := m.Values["task"].(string)
 	_, _, ok := parseQueue(strings.TrimPrefix(key, queuePrefix))
-	if id == "" || !ok || len(id) > 256 {
+	if id == "" || !ok || len(id) > 256 || !isText(id) {
+		// Not text (a NUL byte, invalid UTF-8): PostgreSQL refuses it in
+		// every query, so its claim failed for good and the entry was
+		// reclaimed every --fleet-reclaim-idle forever.
 		f.log.Warn("poison bus entry acknowledged and dropped: not a task entry", "stream", key, "id", m.ID, "values", fmt.Sprint(m.Values))
 		f.ack(ctx, key, m.ID)
 		return

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -412,6 +413,11 @@ func validateSpec(s *Spec) error {
 		if len(k) > maxShortField || len(v) > maxShortField {
 			return fmt.Errorf("%w: label key or value too long", ErrInvalidArgument)
 		}
+	}
+	if rid := s.Labels[RequestIDLabel]; !utf8.ValidString(rid) || strings.ContainsRune(rid, 0) {
+		// A fleet keeps it as PostgreSQL text, which refuses both: the
+		// submit was answered UNAVAILABLE, and a client retried for good.
+		return fmt.Errorf("%w: label %s must be UTF-8 text without NUL bytes", ErrInvalidArgument, RequestIDLabel)
 	}
 	if err := ValidateConfig(s.RunningConfig); err != nil {
 		return err
