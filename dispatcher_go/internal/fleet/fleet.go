@@ -672,7 +672,10 @@ func (f *Fleet) ack(ctx context.Context, key, id string) {
 func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	id, _ := m.Values["task"].(string)
 	_, _, ok := parseQueue(strings.TrimPrefix(key, queuePrefix))
-	if id == "" || !ok || len(id) > 256 {
+	if id == "" || !ok || len(id) > 256 || !isText(id) {
+		// Not text (a NUL byte, invalid UTF-8): PostgreSQL refuses it in
+		// every query, so its claim failed for good and the entry was
+		// reclaimed every --fleet-reclaim-idle forever.
 		f.log.Warn("poison bus entry acknowledged and dropped: not a task entry", "stream", key, "id", m.ID, "values", fmt.Sprint(m.Values))
 		f.ack(ctx, key, m.ID)
 		return
@@ -1345,9 +1348,20 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 // sweepLoop takes over the tasks whose owner stopped renewing their lease
 // for longer than the grace: a running one ends FAILURE, one that had not
 // started goes back to the queue.
+//
+// It sweeps only once this replica has been up, and its PostgreSQL
+// reachable, for a lease and the grace in a row. A lease that expired
+// while no replica ran (the whole fleet restarted) or while PostgreSQL was
+// down says nothing of its session yet: its commander, alive, is still
+// reconnecting (its backoff reaches 4 s a try, address after address) and
+// its owner, alive, renews at its next tick (a third of the lease). A
+// replica that swept at its first tick ended such a task FAILURE 0.25 s
+// before its session re-attached (the fleet killed for 20 s and started
+// again: 1 task of 8).
 func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	ready := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -1360,7 +1374,13 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
-		if err == nil {
+		switch {
+		case err != nil:
+			if ctx.Err() == nil {
+				ready = time.Now() // PostgreSQL failed: wait again once it is back
+			}
+		case time.Since(ready) < f.opts.Lease+f.opts.Grace:
+		default:
 			for _, r := range rows {
 				f.takeOver(cctx, r)
 			}

@@ -6,20 +6,42 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE).
+// notText reports whether err is PostgreSQL refusing a string as text
+// (SQLSTATE 22021: a NUL byte or a byte sequence that is not UTF-8).
+func notText(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "22021"
+}
+
+// isText reports whether s can be a PostgreSQL text value (and so a task
+// id): valid UTF-8 without a NUL byte.
+func isText(s string) bool {
+	return utf8.ValidString(s) && !strings.ContainsRune(s, 0)
+}
+
+// unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE). An id
+// PostgreSQL cannot hold as text (a NUL byte, invalid UTF-8: SQLSTATE
+// 22021) names no task: NOT_FOUND, not a "did not answer" the client would
+// retry for good.
 func unavailable(what string, err error) error {
 	if errors.Is(err, task.ErrNotFound) || errors.Is(err, context.Canceled) {
 		return err
+	}
+	if notText(err) {
+		return fmt.Errorf("%w: %s: the id is not text (NUL byte or invalid UTF-8)", task.ErrNotFound, what)
 	}
 	return fmt.Errorf("%w: %s: the fleet's database did not answer", store.ErrUnavailable, what)
 }
@@ -31,6 +53,23 @@ func (f *Fleet) Reserve(ctx context.Context, requestID, taskID string) (string, 
 		return "", unavailable("client request id", err)
 	}
 	return got, nil
+}
+
+// Unreserve implements task.Fleet.
+func (f *Fleet) Unreserve(ctx context.Context, requestID, taskID string) error {
+	if err := f.leases.Unreserve(ctx, requestID, taskID); err != nil {
+		return unavailable("client request id", err)
+	}
+	return nil
+}
+
+// Rereserve implements task.Fleet.
+func (f *Fleet) Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error) {
+	moved, err := f.leases.Rereserve(ctx, requestID, oldTaskID, taskID)
+	if err != nil {
+		return false, unavailable("client request id", err)
+	}
+	return moved, nil
 }
 
 // Place implements task.Fleet: the queue row, then the bus entry. The

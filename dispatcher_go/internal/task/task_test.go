@@ -123,6 +123,9 @@ func TestSubmitValidates(t *testing.T) {
 		"negative cfg limit": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{TaskTimeout: proto.Int32(-5)}},
 		"negative steps":     {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(-5)}},
 		"zero steps":         {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
+		// A fleet keeps the request id as PostgreSQL text (no NUL, UTF-8).
+		"NUL request id":       {Instruction: "x", Labels: map[string]string{RequestIDLabel: "r\x00"}},
+		"non-UTF-8 request id": {Instruction: "x", Labels: map[string]string{RequestIDLabel: "\xff"}},
 	} {
 		if _, err := m.Submit(spec); !errors.Is(err, ErrInvalidArgument) {
 			t.Errorf("%s: err = %v, want ErrInvalidArgument", name, err)
