@@ -2,14 +2,16 @@ package fleet
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // batcher runs the requests made while one batch of them is under way
@@ -41,11 +43,14 @@ type batchCall[Req, Res any] struct {
 	lead chan struct{} // told to run the next batch (buffered 1)
 }
 
-// do runs req in the next batch and returns its result (nothing runs for
-// a caller whose ctx has ended).
+// do runs req in the next batch and returns its result. Nothing runs for
+// a caller whose ctx ends while it is queued: it leaves the queue and is
+// told ctx.Err() (so a client retrying after its deadline does not find
+// its first request carried out too). A caller already taken into a
+// running batch waits for it (its request may have landed).
 func (b *batcher[Req, Res]) do(ctx context.Context, req Req) (Res, error) {
+	var zero Res
 	if err := ctx.Err(); err != nil {
-		var zero Res
 		return zero, err
 	}
 	c := &batchCall[Req, Res]{req: req, done: make(chan struct{}), lead: make(chan struct{}, 1)}
@@ -55,43 +60,118 @@ func (b *batcher[Req, Res]) do(ctx context.Context, req Req) (Res, error) {
 	b.busy = true
 	b.mu.Unlock()
 	if !lead {
-		// Never abandoned: the runner may hand the next batch to c.
 		select {
 		case <-c.done:
 			return c.res, c.err
 		case <-c.lead:
+		case <-ctx.Done():
+			b.mu.Lock()
+			select {
+			case <-c.lead: // handed the next batch: it runs it (without c)
+				b.mu.Unlock()
+			default:
+				if i := slices.Index(b.pending, c); i >= 0 {
+					b.pending = slices.Delete(b.pending, i, i+1)
+					b.mu.Unlock()
+					return zero, ctx.Err()
+				}
+				b.mu.Unlock()
+				<-c.done // in the running batch
+				return c.res, c.err
+			}
 		}
 	}
 	b.mu.Lock()
 	batch := b.pending
 	b.pending = nil
 	b.mu.Unlock()
+	if ctx.Err() != nil {
+		// The leader's own deadline passed while it was queued: the others
+		// run, its request does not.
+		batch = slices.DeleteFunc(batch, func(m *batchCall[Req, Res]) bool { return m == c })
+		c.err = ctx.Err()
+	}
+	b.runBatch(ctx, batch)
+	return c.res, c.err
+}
+
+// errBatchPanic answers the requests of a batch whose run panicked.
+var errBatchPanic = errors.New("fleet: a batch's run panicked")
+
+// runBatch runs batch, answers its callers and hands the next batch to
+// the first caller queued for it, even if run panics (the panic goes on
+// up the runner's stack; the others are told errBatchPanic): a wedged
+// hand-over would hang every later request of the replica.
+func (b *batcher[Req, Res]) runBatch(ctx context.Context, batch []*batchCall[Req, Res]) {
+	answered := false
+	defer func() {
+		if !answered {
+			for _, m := range batch {
+				m.err = errBatchPanic
+				close(m.done)
+			}
+		}
+		b.mu.Lock()
+		if len(b.pending) > 0 {
+			b.pending[0].lead <- struct{}{}
+		} else {
+			b.busy = false
+		}
+		b.mu.Unlock()
+	}()
+	if len(batch) == 0 {
+		answered = true
+		return
+	}
 	reqs := make([]Req, len(batch))
 	for i, m := range batch {
 		reqs[i] = m.req
 	}
-	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.timeout)
-	res, err := b.run(bctx, reqs)
-	cancel()
-	if err == nil && len(res) != len(batch) {
-		err = errors.New("fleet: a batch answered for another number of requests")
-	}
-	for i, m := range batch {
-		if err != nil {
-			m.err = err
-		} else {
-			m.res = res[i]
+	res, err := b.runOnce(ctx, reqs)
+	if err != nil && len(batch) > 1 && dataException(err) {
+		// One bad element (a value PostgreSQL refuses) fails the statement
+		// of the whole batch: each runs alone, so only it fails. Never on
+		// a connection failure or timeout (each would wait for it again).
+		for _, m := range batch {
+			r, err := b.runOnce(ctx, []Req{m.req})
+			if err != nil {
+				m.err = err
+			} else {
+				m.res = r[0]
+			}
 		}
+	} else {
+		for i, m := range batch {
+			if err != nil {
+				m.err = err
+			} else {
+				m.res = res[i]
+			}
+		}
+	}
+	answered = true
+	for _, m := range batch {
 		close(m.done)
 	}
-	b.mu.Lock()
-	if len(b.pending) > 0 {
-		b.pending[0].lead <- struct{}{}
-	} else {
-		b.busy = false
+}
+
+// runOnce runs reqs as one batch under ctx without its cancellation,
+// bounded by b.timeout.
+func (b *batcher[Req, Res]) runOnce(ctx context.Context, reqs []Req) ([]Res, error) {
+	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.timeout)
+	defer cancel()
+	res, err := b.run(bctx, reqs)
+	if err == nil && len(res) != len(reqs) {
+		err = errors.New("fleet: a batch answered for another number of requests")
 	}
-	b.mu.Unlock()
-	return c.res, c.err
+	return res, err
+}
+
+// dataException reports whether err is PostgreSQL refusing a value
+// (SQLSTATE class 22: a NUL byte in text or jsonb, invalid UTF-8, ...).
+func dataException(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && strings.HasPrefix(pe.Code, "22")
 }
 
 // batchTimeout bounds one batch of reads or command rows.
@@ -183,8 +263,7 @@ func newCommandWriter(l *Leases) *batcher[newCommand, int64] {
 func (l *Leases) AddCommands(ctx context.Context, cs []newCommand) ([]int64, error) {
 	tasks, kinds, args := make([]string, len(cs)), make([]string, len(cs)), make([]string, len(cs))
 	for i, c := range cs {
-		b, _ := json.Marshal(c.Args)
-		tasks[i], kinds[i], args[i] = c.TaskID, c.Kind, string(b)
+		tasks[i], kinds[i], args[i] = c.TaskID, c.Kind, string(jsonbDoc(c.Args))
 	}
 	// The ids are drawn in the rows' order before the insert (a CTE with
 	// nextval is evaluated once), so each is matched to its command.

@@ -776,7 +776,7 @@ type cmdResult struct {
 
 // AddCommand stores a command for taskID's owner and returns its id.
 func (l *Leases) AddCommand(ctx context.Context, taskID, kind string, args cmdArgs) (int64, error) {
-	b, _ := json.Marshal(args)
+	b := jsonbDoc(args)
 	var id int64
 	err := l.pool.QueryRow(ctx, `INSERT INTO fleet_commands (task_id, kind, args) VALUES ($1, $2, $3) RETURNING id`, taskID, kind, b).Scan(&id)
 	return id, err
@@ -818,7 +818,7 @@ func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 // its task, not taken before (TakeCommand): the row stays open until the
 // end is stored.
 func (l *Leases) closeIfEnded(ctx context.Context, id int64, r cmdResult) error {
-	b, _ := json.Marshal(r)
+	b := jsonbDoc(r)
 	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = $2
 		FROM tasks t WHERE c.id = $1 AND NOT c.done AND t.id = c.task_id AND t.status = ANY($3)`, id, b, terminalCodes)
 	return err
@@ -826,7 +826,7 @@ func (l *Leases) closeIfEnded(ctx context.Context, id int64, r cmdResult) error 
 
 // SetResult stores what command id did.
 func (l *Leases) SetResult(ctx context.Context, id int64, r cmdResult) error {
-	b, _ := json.Marshal(r)
+	b := jsonbDoc(r)
 	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET result = $2 WHERE id = $1`, id, b)
 	return err
 }

@@ -269,6 +269,11 @@ const (
 // "already finished" (so a second CancelTask a moment after the first may
 // be told "cancelled" too).
 func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (task.CancelOutcome, error) {
+	if !isText(id) {
+		// No task has it (PostgreSQL cannot hold it); in a batched read it
+		// would fail the other cancels' reads too.
+		return task.CancelOutcome{}, fmt.Errorf("%w: the id is not text (NUL byte or invalid UTF-8)", task.ErrNotFound)
+	}
 	began := time.Now()
 	var ended <-chan agentpb.TaskStatus
 	if wait {
@@ -435,8 +440,16 @@ func (f *Fleet) running(ctx context.Context, id string) error {
 	return nil
 }
 
+// errNULText refuses an interject whose text has a NUL byte: the command
+// row (jsonb) cannot hold it as sent, and text delivered to a planner is
+// not altered on the way.
+var errNULText = fmt.Errorf("%w: text has a NUL byte", task.ErrInvalidArgument)
+
 // Interject implements task.Fleet: the owner delivers it and answers.
 func (f *Fleet) Interject(ctx context.Context, id, text string) (string, uint64, error) {
+	if strings.ContainsRune(text, 0) {
+		return "", 0, errNULText
+	}
 	if err := f.running(ctx, id); err != nil {
 		return "", 0, err
 	}

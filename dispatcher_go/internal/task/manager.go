@@ -754,6 +754,11 @@ func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint6
 	if strings.TrimSpace(text) == "" {
 		return "", 0, fmt.Errorf("%w: text is empty", ErrInvalidArgument)
 	}
+	if strings.ContainsRune(text, 0) {
+		// Refused on every deployment alike: a fleet's command row cannot
+		// hold it, and a planner's text is not altered on the way.
+		return "", 0, fmt.Errorf("%w: text has a NUL byte", ErrInvalidArgument)
+	}
 	t, err := m.Get(id)
 	if err != nil {
 		return "", 0, err

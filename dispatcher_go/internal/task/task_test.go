@@ -261,6 +261,11 @@ func TestInterject(t *testing.T) {
 	if _, _, err := m.Interject(context.Background(), tk.ID(), ""); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("empty: %v", err)
 	}
+	// Refused on every deployment alike (a fleet's command row cannot
+	// hold it; a planner's text is not altered on the way).
+	if _, _, err := m.Interject(context.Background(), tk.ID(), "a\x00b"); !errors.Is(err, ErrInvalidArgument) || len(r.inputs) != 0 {
+		t.Fatalf("a NUL byte: %v (delivered %v)", err, r.inputs)
+	}
 	_, seq, err := m.Interject(context.Background(), tk.ID(), "hi")
 	if err != nil || seq != 3 || len(r.inputs) != 1 {
 		t.Fatalf("seq=%d err=%v inputs=%v", seq, err, r.inputs)
