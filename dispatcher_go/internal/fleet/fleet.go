@@ -251,7 +251,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs:    newLegStats(),
 		keepSem: make(chan struct{}, keepCancelWrites),
 	}
-	f.ann = &announcer{rdb: rdb, channel: cmdChannel}
+	f.ann = &announcer{rdb: rdb, channel: cmdChannel, log: f.log}
 	f.holders, f.cmdRows = newHolders(leases), newCommandWriter(leases)
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
