@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -91,6 +92,12 @@ func TestAnnouncementsMadeMeanwhileGoOutAsOnePipeline(t *testing.T) {
 		defer a.mu.Unlock()
 		return len(a.pending) == stormSize-1
 	})
+	want := []string{"0"} // the order they were queued in
+	a.mu.Lock()
+	for _, m := range a.pending {
+		want = append(want, string(m.payload))
+	}
+	a.mu.Unlock()
 	if n := returned.Load(); n != 0 {
 		t.Fatalf("%d callers returned before their announcement went out", n)
 	}
@@ -99,13 +106,14 @@ func TestAnnouncementsMadeMeanwhileGoOutAsOnePipeline(t *testing.T) {
 	if p, n := h.pipelines.Load(), h.piped.Load(); p != 1 || n != stormSize-1 {
 		t.Fatalf("%d pipelines of %d commands in all; want 1 of %d", p, n, stormSize-1)
 	}
-	got := map[string]bool{}
-	for len(got) < stormSize {
+	for i, w := range want {
 		m, err := sub.ReceiveMessage(ctx)
 		if err != nil {
-			t.Fatalf("received %d of %d: %v", len(got), stormSize, err)
+			t.Fatalf("received %d of %d: %v", i, stormSize, err)
 		}
-		got[m.Payload] = true
+		if m.Payload != w {
+			t.Fatalf("message %d is %q; want %q (the order they were made in)", i, m.Payload, w)
+		}
 	}
 	a.mu.Lock()
 	busy := a.busy
@@ -121,21 +129,23 @@ func TestAnnouncementsMadeMeanwhileGoOutAsOnePipeline(t *testing.T) {
 }
 
 // stormOnOwner starts replica "owner" with stormSize slots whose commander
-// acknowledges a stop at once, and a bystander "sender"; it submits
-// stormSize tasks to the owner and waits until all run there.
+// acknowledges a stop at once, and a bystander "sender" (set runs on its
+// Fleet before it starts); it submits stormSize tasks to the owner and
+// waits until all run there.
 func stormOnOwner(t *testing.T, set func(*Fleet)) (context.Context, *replica, *replica, []string) {
 	t.Helper()
 	pg, url := openStore(t), redisURL(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	t.Cleanup(cancel)
-	owner := startReplicaWith(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, set)
+	owner := startReplicaWith(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, func(*Fleet) {})
 	slots := []*testSlot{owner.slot}
 	for len(slots) < stormSize {
 		s := &testSlot{upstream: true, stops: true}
 		owner.sched.AddSlot(s)
 		slots = append(slots, s)
 	}
-	sender := startBystander(t, pg, url, "sender")
+	sender := startReplicaWith(t, pg, url, "sender", &testSlot{planner: "other"}, set)
+	sender.f.draining.Store(true) // a bystander (startBystander)
 	ids := make([]string, stormSize)
 	for i := range ids {
 		tk, err := owner.mgr.Submit(task.Spec{Instruction: fmt.Sprintf("storm %d", i), Planner: "chat"})
@@ -282,8 +292,41 @@ func TestCancelsQueuedForBookingGetTheirOwnResults(t *testing.T) {
 // channel nobody reads): the owner's reconcile finds the cancels' rows and
 // carries every one out.
 func TestCancelStormWithItsAnnouncementsLostLandsByTheReconcile(t *testing.T) {
-	ctx, owner, sender, ids := stormOnOwner(t, func(*Fleet) {})
-	sender.f.ann.channel = "fleet:lost"
+	ctx, owner, sender, ids := stormOnOwner(t, func(f *Fleet) { f.ann.channel = "fleet:lost" })
 	cancelAll(t, ctx, sender, ids, false)
 	wantStormStored(t, ctx, owner, ids)
+}
+
+// A storm of cancels with a 300 ms deadline while Redis takes PUBLISH and
+// never answers: each CancelTask returns near its deadline (the
+// announcements' batch ran under context.Background()+opTimeout and held
+// the cancels 2 s). The announcement takes the whole deadline then, as a
+// Publish under the caller's ctx did before batching.
+func TestCancelStormWithRedisHungReturnsByTheCallersDeadline(t *testing.T) {
+	ctx, _, sender, ids := stormOnOwner(t, func(f *Fleet) { f.rdb.AddHook(&hangPublish{}) })
+	const deadline = 300 * time.Millisecond
+	took := make([]time.Duration, len(ids))
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			began := time.Now()
+			_, errs[i] = sender.f.Cancel(cctx, nil, id, "storm", false)
+			took[i] = time.Since(began)
+		})
+	}
+	wg.Wait()
+	worst := slices.Max(took)
+	failed := 0
+	for _, err := range errs {
+		if err != nil {
+			failed++
+		}
+	}
+	t.Logf("slowest cancel answered after %v; %d of %d failed (their deadline)", worst, failed, len(ids))
+	if worst > deadline+700*time.Millisecond {
+		t.Fatalf("a cancel with a %v deadline answered after %v", deadline, worst)
+	}
 }
