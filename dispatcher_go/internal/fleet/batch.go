@@ -210,9 +210,13 @@ func newHolders(l *Leases) *batcher[string, holderResult] {
 		}}
 }
 
-// Holders is Holder for several tasks in one read: the tasks found.
+// Holders is Holder for several tasks in one read: the tasks found. (A
+// NUL character in a task's body, JSON "\u0000" from an instruction with
+// a NUL byte, is read as U+FFFD: PostgreSQL's json refuses to extract a
+// field beside it (22P05), and such a task could not be cancelled from
+// another replica.)
 func (l *Leases) Holders(ctx context.Context, ids []string) (map[string]holder, error) {
-	rows, err := l.pool.Query(ctx, `SELECT t.id, t.status, t.ended_at, l.owner, convert_from(t.body, 'UTF8')::json ->> 'tenant' FROM tasks t
+	rows, err := l.pool.Query(ctx, `SELECT t.id, t.status, t.ended_at, l.owner, replace(convert_from(t.body, 'UTF8'), '\u0000', '\ufffd')::json ->> 'tenant' FROM tasks t
 		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
 		WHERE t.id = ANY($1)`, ids)
 	if err != nil {

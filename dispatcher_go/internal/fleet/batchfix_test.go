@@ -339,7 +339,8 @@ func TestBatchedStatementsWithANULByteFailNoOtherRequest(t *testing.T) {
 }
 
 // Holders reads the tasks of several tenants in one batch, each with its
-// own tenant (the cancel checks the caller against it).
+// own tenant (the cancel checks the caller against it), a task whose body
+// holds a NUL character too (its instruction had a NUL byte).
 func TestHoldersReadsEachTasksOwnTenant(t *testing.T) {
 	pg := openStore(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -348,18 +349,21 @@ func TestHoldersReadsEachTasksOwnTenant(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tenants := map[string]string{"ten-a1": "alpha", "ten-b1": "beta", "ten-a2": "alpha", "ten-none": ""}
+	tenants := map[string]string{"ten-a1": "alpha", "ten-b1": "beta", "ten-a2": "alpha", "ten-none": "", "ten-nul": "gamma"}
 	for id, ten := range tenants {
 		body := []byte("{}")
 		if ten != "" {
 			body = fmt.Appendf(nil, `{"tenant":%q}`, ten)
+		}
+		if id == "ten-nul" { // an instruction with a NUL byte, as stored
+			body = []byte(`{"instruction":"a\u0000b","tenant":"gamma"}`)
 		}
 		err := pg.Apply(ctx, store.Batch{Tasks: []store.TaskRecord{{ID: id, Status: int32(agentpb.TaskStatus_RUNNING), CreatedAt: time.Now(), Body: body}}})
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	got, err := leases.Holders(ctx, []string{"ten-a1", "ten-b1", "ten-a2", "ten-none", "ten-missing"})
+	got, err := leases.Holders(ctx, []string{"ten-a1", "ten-b1", "ten-a2", "ten-none", "ten-nul", "ten-missing"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,5 +374,8 @@ func TestHoldersReadsEachTasksOwnTenant(t *testing.T) {
 		if got[id].Tenant != ten {
 			t.Errorf("task %s: tenant %q; want %q", id, got[id].Tenant, ten)
 		}
+	}
+	if h, err := leases.Holder(ctx, "ten-nul"); err != nil || h.Tenant != "gamma" {
+		t.Errorf("Holder of a task with a NUL in its body: %+v %v", h, err)
 	}
 }

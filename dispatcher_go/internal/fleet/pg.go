@@ -660,7 +660,7 @@ func (l *Leases) Holder(ctx context.Context, taskID string) (holder, error) {
 	var st int32
 	var ended int64
 	var owner, tenant *string
-	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner, convert_from(t.body, 'UTF8')::json ->> 'tenant' FROM tasks t
+	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner, replace(convert_from(t.body, 'UTF8'), '\u0000', '\ufffd')::json ->> 'tenant' FROM tasks t
 		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
 		WHERE t.id = $1`, taskID).Scan(&st, &ended, &owner, &tenant)
 	if errors.Is(err, pgx.ErrNoRows) {
