@@ -274,6 +274,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 		// would fail the other cancels' reads too.
 		return task.CancelOutcome{}, fmt.Errorf("%w: the id is not text (NUL byte or invalid UTF-8)", task.ErrNotFound)
 	}
+	reason = noNUL(reason)
 	began := time.Now()
 	var ended <-chan agentpb.TaskStatus
 	if wait {
@@ -440,6 +441,11 @@ func (f *Fleet) running(ctx context.Context, id string) error {
 	return nil
 }
 
+// noNUL is a reason as the command carries it: a NUL byte as U+FFFD, in
+// its message as in its row (whose jsonb cannot hold a NUL). A cancel is
+// not refused for its reason's bytes.
+func noNUL(s string) string { return strings.ReplaceAll(s, "\x00", "\ufffd") }
+
 // errNULText refuses an interject whose text has a NUL byte: the command
 // row (jsonb) cannot hold it as sent, and text delivered to a planner is
 // not altered on the way.
@@ -463,6 +469,7 @@ func (f *Fleet) Interject(ctx context.Context, id, text string) (string, uint64,
 
 // Approve implements task.Fleet.
 func (f *Fleet) Approve(ctx context.Context, id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error) {
+	reason = noNUL(reason)
 	if err := f.running(ctx, id); err != nil {
 		return 0, 0, err
 	}
