@@ -23,7 +23,7 @@ import (
 // batch on its way sends the batch (its message and those queued since),
 // then hands the next batch, if any, to the first caller queued for it.
 // Every caller returns once its own message was answered (or failed), as
-// a plain Publish did.
+// a plain Publish did, or once its ctx ended.
 type announcer struct {
 	rdb     *redis.Client
 	channel string
