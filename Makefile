@@ -109,7 +109,7 @@ up: setup setup-model ## start dispatcher, model, commander, tool provider in th
 down: ## stop what `make up` started
 	scripts/stack.sh down
 
-up-fleet: setup setup-model ## a fleet on this machine: PostgreSQL, Redis, 3 dispatcher replicas (gRPC :50051-3, HTTP :8088-90), model, 2 commanders, tool provider
+up-fleet: setup setup-model ## a fleet on this machine: PostgreSQL, Redis, 3 dispatcher replicas (gRPC :50051-3, HTTP :8088-90), model, 2 commanders, a tool provider per replica
 	scripts/fleet.sh up
 
 down-fleet: ## stop what `make up-fleet` started

@@ -457,7 +457,9 @@ async def cancel_storm(stubs: list[tasks_pb2_grpc.TaskServiceStub]) -> dict[str,
         if (exc := w.exception()) is not None:
             out["errors"] += 1
             log(f"cancel storm: watcher: {exc}")
-    for t0_us, st in zip(sent, stops, strict=True):
+    for t0_us, st, tid in zip(sent, stops, ids, strict=True):
+        if st and DUMP_PATH:
+            DUMP.append(("storm", t0_us, st["recorded_us"], st["recv_us"], tid, 0))
         if st:
             out["recorded"].append((st["recorded_us"] - t0_us) / 1000)
             out["seen"].append((st["recv_us"] - t0_us) / 1000)

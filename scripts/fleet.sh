@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts and stops a fleet on one machine: PostgreSQL (scripts/postgres.sh),
 # Redis (scripts/redis.sh), three dispatcher replicas, the local model
-# (SmolLM2 behind llama-cpp-python), two commanders and the tool provider.
+# (SmolLM2 behind llama-cpp-python), two commanders and a tool provider per
+# replica.
 #
 #   scripts/fleet.sh up     start in the background (pids and logs in .run/fleet/)
 #   scripts/fleet.sh down   stop what `up` started (PostgreSQL and Redis too)
@@ -22,6 +23,13 @@ FLEET_GRPC_PORT=${FLEET_GRPC_PORT:-50051}
 FLEET_HTTP_PORT=${FLEET_HTTP_PORT:-8088}
 COMMANDER_SLOTS=${COMMANDER_SLOTS:-2}
 export PG_STATE_DIR=${PG_STATE_DIR:-/tmp/agentdispatch-fleet-pg}
+# A commit waits for its WAL write: with scripts/postgres.sh's default (off) a
+# PostgreSQL crash or `postgres.sh kill` drops the last few hundred ms of
+# acknowledged commits, so events a watcher was sent, and upstream packets
+# the commander was told were recorded (never resent), vanish: the task ends
+# SUCCESS with an "event_missing" hole. The fleet promises a PostgreSQL
+# restart loses no event.
+export PG_SYNCHRONOUS_COMMIT=${PG_SYNCHRONOUS_COMMIT:-on}
 export REDIS_STATE_DIR=${REDIS_STATE_DIR:-/tmp/agentdispatch-fleet-redis}
 mkdir -p "$RUN"
 
@@ -62,9 +70,17 @@ up() {
     wait_for "dispatcher-$n" 30 test -s "$RUN/dispatcher-$n.addr"
     addrs+=("$grpc")
   done
-  log "tool provider (workspace tools in $RUN/workspace) on replica-1"
+  # A replica offers the tools of the providers connected to it only (a
+  # provider's tools are not routed across replicas): one provider per
+  # replica, or a task whose session runs on replica 2 or 3 was not offered
+  # the workspace tools (and a call of one was "unknown tool"), and
+  # ListTools differed by replica. Each keeps to its replica's address (a
+  # second provider of the same tools on one replica is refused).
   mkdir -p "$RUN/workspace"
-  start tools "$ROOT/.venv/bin/commander-tools" --dispatcher "${addrs[0]}" --root "$RUN/workspace"
+  for n in 1 2 3; do
+    log "tool provider $n (workspace tools in $RUN/workspace) on replica-$n"
+    start "tools-$n" "$ROOT/.venv/bin/commander-tools" --dispatcher "${addrs[$((n - 1))]}" --root "$RUN/workspace"
+  done
   for c in 1 2; do
     # Every commander gets all three addresses (a lost stream, a move from a
     # draining replica, re-attaches its sessions to the next), each
@@ -81,7 +97,7 @@ up() {
 }
 
 down() {
-  for n in commander-1 commander-2 tools dispatcher-1 dispatcher-2 dispatcher-3 model; do stop_one "$n" 100; done
+  for n in commander-1 commander-2 tools tools-1 tools-2 tools-3 dispatcher-1 dispatcher-2 dispatcher-3 model; do stop_one "$n" 100; done
   scripts/redis.sh stop >/dev/null 2>&1 || true
   scripts/postgres.sh stop >/dev/null 2>&1 || true
 }

@@ -30,6 +30,8 @@ import glob
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 Legs = dict[tuple[str, str], dict[str, tuple[int, float]]]
 
@@ -60,21 +62,16 @@ def load_legs(d: str) -> tuple[Legs, dict[str, list[tuple[str, int, float]]]]:
     return legs, raw
 
 
-def report(d: str) -> None:
-    with open(f"{d}/dump.jsonl") as f:
-        bench = [json.loads(t) for t in f if t.strip()]
-    legs, raw = load_legs(d)
-
-    def get(r: str, leg: str, key: str) -> tuple[int, float] | None:
-        return legs.get((r, leg), {}).get(key)
-
-    # The wait of a stopped event before its write began: the per-event queued
-    # sample of the same task closest in time to its stopped_to_stored sample.
-    queued_at: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for key, end, dur in raw["recorded_to_write_per_event"]:
-        queued_at[key.rsplit(":", 1)[0]].append((end, dur))
+def stops(
+    d: str,
+    what: str,
+    rows: list[list[Any]],
+    get: Callable[[str, str, str], tuple[int, float] | None],
+    queued_at: dict[str, list[tuple[int, float]]],
+) -> None:
+    """The legs of the relay phase's stops ("stop") or of the cancel storm's."""
     cols: dict[str, list[float]] = defaultdict(list)
-    for _, t0, rec, recv, tid, _ in (b for b in bench if b[0] == "stop"):
+    for _, t0, rec, recv, tid, _ in rows:
         cols["total (recorded)"].append((rec - t0) / 1000)
         cols["seen on r2"].append((recv - t0) / 1000)
         cols["rec2seen"].append((recv - rec) / 1000)
@@ -93,9 +90,26 @@ def report(d: str) -> None:
         if st is not None and queued_at[tid]:
             at = st[0]
             cols["  of which queued"].append(min(queued_at[tid], key=lambda x: abs(x[0] - at))[1])
-    print(f"{d}: stops")
+    print(f"{d}: {what}s" if rows else f"{d}: no {what} samples")
     for name, xs in cols.items():
         print(line(name, xs))
+
+
+def report(d: str) -> None:
+    with open(f"{d}/dump.jsonl") as f:
+        bench = [json.loads(t) for t in f if t.strip()]
+    legs, raw = load_legs(d)
+
+    def get(r: str, leg: str, key: str) -> tuple[int, float] | None:
+        return legs.get((r, leg), {}).get(key)
+
+    # The wait of a stopped event before its write began: the per-event queued
+    # sample of the same task closest in time to its stopped_to_stored sample.
+    queued_at: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for key, end, dur in raw["recorded_to_write_per_event"]:
+        queued_at[key.rsplit(":", 1)[0]].append((end, dur))
+    for what in ("stop", "storm"):
+        stops(d, what, [b for b in bench if b[0] == what], get, queued_at)
 
     same: dict[str, list[float]] = defaultdict(list)
     other: dict[str, list[float]] = defaultdict(list)

@@ -199,6 +199,12 @@ type Fleet struct {
 	// keepSem bounds KeepCancel's row writes in flight (they share the
 	// store's pool with the writer that stores the tasks' ends).
 	keepSem chan struct{}
+	// ann publishes the command channel's messages (announce), batched.
+	ann *announcer
+	// holders and cmdRows read tasks and write command rows for the
+	// concurrent cancels (and commands) of this replica, batched.
+	holders *batcher[string, holderResult]
+	cmdRows *batcher[newCommand, int64]
 }
 
 var _ task.Fleet = (*Fleet)(nil)
@@ -250,6 +256,8 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		legs:    newLegStats(),
 		keepSem: make(chan struct{}, keepCancelWrites),
 	}
+	f.ann = &announcer{rdb: rdb, channel: cmdChannel, log: f.log}
+	f.holders, f.cmdRows = newHolders(leases), newCommandWriter(leases)
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
 		rdb.AddHook(dialTimer{f.legs, "bus"})
@@ -675,7 +683,10 @@ func (f *Fleet) ack(ctx context.Context, key, id string) {
 func (f *Fleet) take(ctx context.Context, key string, m redis.XMessage) {
 	id, _ := m.Values["task"].(string)
 	_, _, ok := parseQueue(strings.TrimPrefix(key, queuePrefix))
-	if id == "" || !ok || len(id) > 256 {
+	if id == "" || !ok || len(id) > 256 || !isText(id) {
+		// Not text (a NUL byte, invalid UTF-8): PostgreSQL refuses it in
+		// every query, so its claim failed for good and the entry was
+		// reclaimed every --fleet-reclaim-idle forever.
 		f.log.Warn("poison bus entry acknowledged and dropped: not a task entry", "stream", key, "id", m.ID, "values", fmt.Sprint(m.Values))
 		f.ack(ctx, key, m.ID)
 		return
@@ -1392,9 +1403,20 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 // sweepLoop takes over the tasks whose owner stopped renewing their lease
 // for longer than the grace: a running one ends FAILURE, one that had not
 // started goes back to the queue.
+//
+// It sweeps only once this replica has been up, and its PostgreSQL
+// reachable, for a lease and the grace in a row. A lease that expired
+// while no replica ran (the whole fleet restarted) or while PostgreSQL was
+// down says nothing of its session yet: its commander, alive, is still
+// reconnecting (its backoff reaches 4 s a try, address after address) and
+// its owner, alive, renews at its next tick (a third of the lease). A
+// replica that swept at its first tick ended such a task FAILURE 0.25 s
+// before its session re-attached (the fleet killed for 20 s and started
+// again: 1 task of 8).
 func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	ready := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -1407,7 +1429,13 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
-		if err == nil {
+		switch {
+		case err != nil:
+			if ctx.Err() == nil {
+				ready = time.Now() // PostgreSQL failed: wait again once it is back
+			}
+		case time.Since(ready) < f.opts.Lease+f.opts.Grace:
+		default:
 			for _, r := range rows {
 				f.takeOver(cctx, r)
 			}
@@ -1871,31 +1899,62 @@ const cmdBookQueue = 256
 // its store refusing the end), the task's next owner finds the cancel and
 // carries it out (ClaimQueued, takeOver's cancelAsked, TakeSession).
 // Another command is taken (at most once), carried out and its result
-// stored.
+// stored. The commands queued meanwhile are booked together: the results
+// of their cancels in one statement (a storm of cancels took one commit
+// each, in a row, beside the writes of the tasks being stopped).
 func (f *Fleet) cmdBookLoop(ctx context.Context, book <-chan cmdMessage) {
+	var batch []cmdMessage
+	var ids []int64
+	var rs []cmdResult
 	for {
-		var c cmdMessage
+		batch, ids, rs = batch[:0], ids[:0], rs[:0]
 		select {
 		case <-ctx.Done():
 			return
-		case c = <-book:
+		case c := <-book:
+			batch = append(batch, c)
 		}
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		if c.Kind == "cancel" {
-			if c.Result != nil {
-				_ = f.leases.SetResult(cctx, c.ID, *c.Result)
-			}
-		} else if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
-			res := c.Result
-			if res == nil && f.fenced.attempt(c.TaskID) != 0 {
-				r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
-				res = &r
-			}
-			if res != nil {
-				_ = f.leases.SetResult(cctx, c.ID, *res)
+	more:
+		for len(batch) < cmdBookQueue {
+			select {
+			case c := <-book:
+				batch = append(batch, c)
+			default:
+				break more
 			}
 		}
-		cancel()
+		for _, c := range batch {
+			if c.Kind == "cancel" {
+				if c.Result != nil {
+					ids, rs = append(ids, c.ID), append(rs, *c.Result)
+				}
+			} else {
+				f.bookOne(ctx, c)
+			}
+		}
+		if len(ids) > 0 {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_ = f.leases.SetResults(cctx, ids, rs)
+			cancel()
+		}
+	}
+}
+
+// bookOne takes a command other than a cancel (at most once), carries it
+// out here if the task is still here, and stores its result (10 s for all
+// of it, as each command had before).
+func (f *Fleet) bookOne(ctx context.Context, c cmdMessage) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if ok, err := f.leases.TakeCommand(cctx, c.ID); err == nil && ok {
+		res := c.Result
+		if res == nil && f.fenced.attempt(c.TaskID) != 0 {
+			r := f.exec(cctx, command{ID: c.ID, TaskID: c.TaskID, Kind: c.Kind, Args: c.Args})
+			res = &r
+		}
+		if res != nil {
+			_ = f.leases.SetResult(cctx, c.ID, *res)
+		}
 	}
 }
 

@@ -679,7 +679,7 @@ func (l *Leases) Holder(ctx context.Context, taskID string) (holder, error) {
 	var st int32
 	var ended int64
 	var owner, tenant *string
-	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner, convert_from(t.body, 'UTF8')::json ->> 'tenant' FROM tasks t
+	err := l.pool.QueryRow(ctx, `SELECT t.status, t.ended_at, l.owner, replace(convert_from(t.body, 'UTF8'), '\u0000', '\ufffd')::json ->> 'tenant' FROM tasks t
 		LEFT JOIN fleet_leases l ON l.task_id = t.id AND NOT l.released AND l.expires_at >= clock_timestamp()
 		WHERE t.id = $1`, taskID).Scan(&st, &ended, &owner, &tenant)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -752,6 +752,22 @@ func (l *Leases) Reserve(ctx context.Context, requestID, taskID string) (string,
 	return got, nil
 }
 
+// Unreserve removes requestID if it maps to taskID.
+func (l *Leases) Unreserve(ctx context.Context, requestID, taskID string) error {
+	_, err := l.pool.Exec(ctx, `DELETE FROM fleet_requests WHERE request_id = $1 AND task_id = $2`, requestID, taskID)
+	return err
+}
+
+// Rereserve maps requestID to taskID if it maps to oldTaskID.
+func (l *Leases) Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error) {
+	tag, err := l.pool.Exec(ctx, `UPDATE fleet_requests SET task_id = $3, created_at = clock_timestamp()
+		WHERE request_id = $1 AND task_id = $2`, requestID, oldTaskID, taskID)
+	if err != nil {
+		return false, err
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
 // command is a request for a task's owner (cancel, interject, approve).
 type command struct {
 	ID     int64
@@ -779,7 +795,7 @@ type cmdResult struct {
 
 // AddCommand stores a command for taskID's owner and returns its id.
 func (l *Leases) AddCommand(ctx context.Context, taskID, kind string, args cmdArgs) (int64, error) {
-	b, _ := json.Marshal(args)
+	b := jsonbDoc(args)
 	var id int64
 	err := l.pool.QueryRow(ctx, `INSERT INTO fleet_commands (task_id, kind, args) VALUES ($1, $2, $3) RETURNING id`, taskID, kind, b).Scan(&id)
 	return id, err
@@ -821,7 +837,7 @@ func (l *Leases) TakeCommand(ctx context.Context, id int64) (bool, error) {
 // its task, not taken before (TakeCommand): the row stays open until the
 // end is stored.
 func (l *Leases) closeIfEnded(ctx context.Context, id int64, r cmdResult) error {
-	b, _ := json.Marshal(r)
+	b := jsonbDoc(r)
 	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands c SET done = true, result = $2
 		FROM tasks t WHERE c.id = $1 AND NOT c.done AND t.id = c.task_id AND t.status = ANY($3)`, id, b, terminalCodes)
 	return err
@@ -829,7 +845,7 @@ func (l *Leases) closeIfEnded(ctx context.Context, id int64, r cmdResult) error 
 
 // SetResult stores what command id did.
 func (l *Leases) SetResult(ctx context.Context, id int64, r cmdResult) error {
-	b, _ := json.Marshal(r)
+	b := jsonbDoc(r)
 	_, err := l.pool.Exec(ctx, `UPDATE fleet_commands SET result = $2 WHERE id = $1`, id, b)
 	return err
 }

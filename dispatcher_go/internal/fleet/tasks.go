@@ -6,20 +6,42 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
 	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/task"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE).
+// notText reports whether err is PostgreSQL refusing a string as text
+// (SQLSTATE 22021: a NUL byte or a byte sequence that is not UTF-8).
+func notText(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "22021"
+}
+
+// isText reports whether s can be a PostgreSQL text value (and so a task
+// id): valid UTF-8 without a NUL byte.
+func isText(s string) bool {
+	return utf8.ValidString(s) && !strings.ContainsRune(s, 0)
+}
+
+// unavailable wraps a PostgreSQL failure for clients (UNAVAILABLE). An id
+// PostgreSQL cannot hold as text (a NUL byte, invalid UTF-8: SQLSTATE
+// 22021) names no task: NOT_FOUND, not a "did not answer" the client would
+// retry for good.
 func unavailable(what string, err error) error {
 	if errors.Is(err, task.ErrNotFound) || errors.Is(err, context.Canceled) {
 		return err
+	}
+	if notText(err) {
+		return fmt.Errorf("%w: %s: the id is not text (NUL byte or invalid UTF-8)", task.ErrNotFound, what)
 	}
 	return fmt.Errorf("%w: %s: the fleet's database did not answer", store.ErrUnavailable, what)
 }
@@ -31,6 +53,23 @@ func (f *Fleet) Reserve(ctx context.Context, requestID, taskID string) (string, 
 		return "", unavailable("client request id", err)
 	}
 	return got, nil
+}
+
+// Unreserve implements task.Fleet.
+func (f *Fleet) Unreserve(ctx context.Context, requestID, taskID string) error {
+	if err := f.leases.Unreserve(ctx, requestID, taskID); err != nil {
+		return unavailable("client request id", err)
+	}
+	return nil
+}
+
+// Rereserve implements task.Fleet.
+func (f *Fleet) Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error) {
+	moved, err := f.leases.Rereserve(ctx, requestID, oldTaskID, taskID)
+	if err != nil {
+		return false, unavailable("client request id", err)
+	}
+	return moved, nil
 }
 
 // Place implements task.Fleet: the queue row, then the bus entry. The
@@ -140,7 +179,7 @@ func (f *Fleet) takeFree(ctx context.Context, id string, status agentpb.TaskStat
 // message did not announce), then the command itself on the channel, so
 // the owner acts on it without reading it back from PostgreSQL.
 func (f *Fleet) command(ctx context.Context, id, kind string, args cmdArgs) (int64, error) {
-	cid, err := f.leases.AddCommand(ctx, id, kind, args)
+	cid, err := f.addCommand(ctx, id, kind, args)
 	if err != nil {
 		return 0, unavailable("send the command", err)
 	}
@@ -158,9 +197,7 @@ func (f *Fleet) announce(ctx context.Context, m cmdMessage) {
 		m.Sent = time.Now().UnixMicro()
 	}
 	b, _ := json.Marshal(m)
-	cctx, cancel := context.WithTimeout(ctx, opTimeout)
-	_ = f.rdb.Publish(cctx, cmdChannel, b).Err()
-	cancel()
+	f.ann.publish(ctx, b) // batched with the replica's other announcements
 }
 
 // The kinds of cmdChannel messages besides the commands' own
@@ -238,6 +275,12 @@ const (
 // "already finished" (so a second CancelTask a moment after the first may
 // be told "cancelled" too).
 func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason string, wait bool) (task.CancelOutcome, error) {
+	if !isText(id) {
+		// No task has it (PostgreSQL cannot hold it); in a batched read it
+		// would fail the other cancels' reads too.
+		return task.CancelOutcome{}, fmt.Errorf("%w: the id is not text (NUL byte or invalid UTF-8)", task.ErrNotFound)
+	}
+	reason = noNUL(reason)
 	began := time.Now()
 	var ended <-chan agentpb.TaskStatus
 	if wait {
@@ -252,7 +295,7 @@ func (f *Fleet) Cancel(ctx context.Context, caller *tenant.Caller, id, reason st
 	}
 	f.announce(ctx, m)
 	f.legs.addID(legAnnounce, id, time.Since(began))
-	h, err := f.leases.Holder(ctx, id)
+	h, err := f.holder(ctx, id)
 	if err != nil {
 		return task.CancelOutcome{}, unavailable("read the task", err)
 	}
@@ -404,8 +447,21 @@ func (f *Fleet) running(ctx context.Context, id string) error {
 	return nil
 }
 
+// noNUL is a reason as the command carries it: a NUL byte as U+FFFD, in
+// its message as in its row (whose jsonb cannot hold a NUL). A cancel is
+// not refused for its reason's bytes.
+func noNUL(s string) string { return strings.ReplaceAll(s, "\x00", "\ufffd") }
+
+// errNULText refuses an interject whose text has a NUL byte: the command
+// row (jsonb) cannot hold it as sent, and text delivered to a planner is
+// not altered on the way.
+var errNULText = fmt.Errorf("%w: text has a NUL byte", task.ErrInvalidArgument)
+
 // Interject implements task.Fleet: the owner delivers it and answers.
 func (f *Fleet) Interject(ctx context.Context, id, text string) (string, uint64, error) {
+	if strings.ContainsRune(text, 0) {
+		return "", 0, errNULText
+	}
 	if err := f.running(ctx, id); err != nil {
 		return "", 0, err
 	}
@@ -419,6 +475,7 @@ func (f *Fleet) Interject(ctx context.Context, id, text string) (string, uint64,
 
 // Approve implements task.Fleet.
 func (f *Fleet) Approve(ctx context.Context, id, callID string, approve bool, reason string) (dispatchv1.HoldOutcome, uint64, error) {
+	reason = noNUL(reason)
 	if err := f.running(ctx, id); err != nil {
 		return 0, 0, err
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -202,17 +203,78 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 			return nil, err
 		}
 		if rid := spec.Labels[RequestIDLabel]; rid != "" {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			existing, err := m.fleet.Reserve(ctx, rid, newID)
-			cancel()
-			if err != nil {
-				return nil, err
-			}
-			if existing != "" {
-				return m.Get(existing) // a duplicate: the first submission's task
-			}
+			return m.submitOnce(spec, rid, newID)
 		}
 	}
+	return m.create(spec, newID)
+}
+
+// DuplicateWait is how long a fleet submission whose client request id is
+// reserved for a task not stored yet waits for it: the first submission
+// may still be storing it (up to its 10 s flush and the bus). Past it,
+// the task is taken for one that will never be stored (its replica died
+// between the reservation and the store) and the id is reserved anew.
+var DuplicateWait = 15 * time.Second
+
+// submitOnce submits spec in a fleet under client request id rid: the
+// first submission with rid creates the task, the others get it. A
+// duplicate arriving while the first is still storing its task waits for
+// it (it was answered NOT_FOUND); a first submission that fails gives the
+// id back, so that a retry submits anew (every retry was NOT_FOUND for a
+// day).
+func (m *Manager) submitOnce(spec Spec, rid, newID string) (*Task, error) {
+	for try := 0; ; try++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		existing, err := m.fleet.Reserve(ctx, rid, newID)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		if existing == "" {
+			break // reserved for newID
+		}
+		t, err := m.waitForDuplicate(existing)
+		if !errors.Is(err, ErrNotFound) || try > 0 {
+			return t, err // a duplicate: the first submission's task
+		}
+		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
+		moved, err := m.fleet.Rereserve(ctx, rid, existing, newID)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		if moved {
+			break
+		}
+		// Another submission took it over (or gave it back) meanwhile:
+		// reserve again, and wait for that one's task.
+	}
+	t, err := m.create(spec, newID)
+	if err != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if uerr := m.fleet.Unreserve(ctx, rid, newID); uerr != nil {
+			m.log.Warn("client request id of a failed submission not given back", "client_request_id", rid, "error", uerr)
+		}
+		cancel()
+	}
+	return t, err
+}
+
+// waitForDuplicate returns task id, reserved by another submission, once
+// it is stored (ErrNotFound if it is not within DuplicateWait).
+func (m *Manager) waitForDuplicate(id string) (*Task, error) {
+	deadline := time.Now().Add(DuplicateWait)
+	for {
+		t, err := m.Get(id)
+		if !errors.Is(err, ErrNotFound) || time.Now().After(deadline) {
+			return t, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// create makes the task of a validated spec with id newID (see Submit).
+func (m *Manager) create(spec Spec, newID string) (*Task, error) {
 	planner := spec.Planner
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
@@ -415,6 +477,11 @@ func validateSpec(s *Spec) error {
 		if len(k) > maxShortField || len(v) > maxShortField {
 			return fmt.Errorf("%w: label key or value too long", ErrInvalidArgument)
 		}
+	}
+	if rid := s.Labels[RequestIDLabel]; !utf8.ValidString(rid) || strings.ContainsRune(rid, 0) {
+		// A fleet keeps it as PostgreSQL text, which refuses both: the
+		// submit was answered UNAVAILABLE, and a client retried for good.
+		return fmt.Errorf("%w: label %s must be UTF-8 text without NUL bytes", ErrInvalidArgument, RequestIDLabel)
 	}
 	if err := ValidateConfig(s.RunningConfig); err != nil {
 		return err
@@ -689,6 +756,11 @@ func (m *Manager) Fail(id, reason string) {
 func (m *Manager) Interject(ctx context.Context, id, text string) (string, uint64, error) {
 	if strings.TrimSpace(text) == "" {
 		return "", 0, fmt.Errorf("%w: text is empty", ErrInvalidArgument)
+	}
+	if strings.ContainsRune(text, 0) {
+		// Refused on every deployment alike: a fleet's command row cannot
+		// hold it, and a planner's text is not altered on the way.
+		return "", 0, fmt.Errorf("%w: text has a NUL byte", ErrInvalidArgument)
 	}
 	t, err := m.Get(id)
 	if err != nil {

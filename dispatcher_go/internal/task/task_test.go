@@ -123,6 +123,9 @@ func TestSubmitValidates(t *testing.T) {
 		"negative cfg limit": {Instruction: "x", RunningConfig: &agentpb.CommonConfig{TaskTimeout: proto.Int32(-5)}},
 		"negative steps":     {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(-5)}},
 		"zero steps":         {Instruction: "x", RunningConfig: &agentpb.CommonConfig{Steps: proto.Int32(0)}},
+		// A fleet keeps the request id as PostgreSQL text (no NUL, UTF-8).
+		"NUL request id":       {Instruction: "x", Labels: map[string]string{RequestIDLabel: "r\x00"}},
+		"non-UTF-8 request id": {Instruction: "x", Labels: map[string]string{RequestIDLabel: "\xff"}},
 	} {
 		if _, err := m.Submit(spec); !errors.Is(err, ErrInvalidArgument) {
 			t.Errorf("%s: err = %v, want ErrInvalidArgument", name, err)
@@ -257,6 +260,11 @@ func TestInterject(t *testing.T) {
 	_ = tk.Start(r, "c", "s")
 	if _, _, err := m.Interject(context.Background(), tk.ID(), ""); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("empty: %v", err)
+	}
+	// Refused on every deployment alike (a fleet's command row cannot
+	// hold it; a planner's text is not altered on the way).
+	if _, _, err := m.Interject(context.Background(), tk.ID(), "a\x00b"); !errors.Is(err, ErrInvalidArgument) || len(r.inputs) != 0 {
+		t.Fatalf("a NUL byte: %v (delivered %v)", err, r.inputs)
 	}
 	_, seq, err := m.Interject(context.Background(), tk.ID(), "hi")
 	if err != nil || seq != 3 || len(r.inputs) != 1 {
