@@ -275,13 +275,6 @@ type Writer struct {
 	wake chan struct{}
 	done chan struct{}
 
-	// pacing: the Writer is sleeping out its turn in the pacer right after
-	// a write (under load, see run); a record that arrives meanwhile does
-	// not wake it, the turn's timer does (under mu).
-	pacing bool
-	// wakes counts the wake-ups notifyLocked sent (tests; under mu).
-	wakes int
-
 	wokeAt time.Duration // trace only: when the wake-up now pending was sent (since traceBase; under mu)
 }
 
@@ -383,13 +376,9 @@ func (w *Writer) notifyLocked(taskID string) {
 		return // the write under way that holds it up wakes the Writer when it ends
 	}
 	n := w.pendingLocked()
-	if w.pacing && n < w.opts.MaxBatch {
-		return // the Writer's pacing timer starts the write (run)
-	}
 	if n == 1 || n >= w.opts.MaxBatch || w.slotFreeLocked() {
 		select {
 		case w.wake <- struct{}{}:
-			w.wakes++
 			if trace != nil && n == 1 {
 				w.wokeAt = time.Since(traceBase)
 			}
@@ -673,7 +662,6 @@ func (w *Writer) run() {
 			}
 			return
 		}
-		w.paceAhead(timer)
 		w.mu.Lock()
 		if w.pendingLocked() > 0 || len(w.waiters) > 0 {
 			select {
@@ -683,45 +671,6 @@ func (w *Writer) run() {
 		}
 		w.mu.Unlock()
 	}
-}
-
-// paceAhead, right after a write, sleeps out the next write's turn in the
-// pacer when the Writer is under load (PaceFrom) or always paced, so that
-// the next record need not wake the Writer only for it to start that same
-// wait (a goroutine wake-up per write at ~9 000 events/s from one stream;
-// notifyLocked sends none while pacing). It changes no record's wait: the
-// write would start at the same turn. A full batch (MaxBatch), Flush and
-// Close still wake it at once. With more than one write in flight the
-// Writer does not sleep here (its writes start from run's wait).
-func (w *Writer) paceAhead(timer *time.Timer) {
-	w.mu.Lock()
-	if w.opts.Interval <= 0 || w.concurrentLocked() || w.closed || len(w.waiters) > 0 || w.pendingLocked() >= w.opts.MaxBatch {
-		w.mu.Unlock()
-		return
-	}
-	now := time.Now()
-	wait := w.pace.wait(now)
-	if wait <= 0 || !w.pace.paces(now, w.pendingLocked()) {
-		w.mu.Unlock()
-		return
-	}
-	w.pacing = true
-	w.mu.Unlock()
-	timer.Reset(wait)
-	select {
-	case <-timer.C:
-	case <-w.wake:
-		timer.Stop()
-		// Passed on to run's wait, which takes what woke us (a flush,
-		// Close, a full batch).
-		select {
-		case w.wake <- struct{}{}:
-		default:
-		}
-	}
-	w.mu.Lock()
-	w.pacing = false
-	w.mu.Unlock()
 }
 
 // write applies one batch, retrying until it succeeds or the Writer is
