@@ -31,7 +31,13 @@ and a terminal event. It is served to one client
   same events, each sent as an SSE ``data: {json}`` line via StreamingResponse.
   Two event shapes: ``seed001`` (``{"type", "content"}``, what seed 001 sends)
   and ``full`` (also ``task_id``, ``seq``, ``timestamp``, what a gRPC
-  ``TaskEvent`` carries).
+  ``TaskEvent`` carries). Unpinned, the planner runs as fast as the loop
+  goes (the issue's reference row);
+- ``rest seed001, pinned at 9000 events/s``: the same server with its planner
+  paced at $BENCH_REST_PINNED_RATE the way the pinned gRPC writer's planner is
+  (sleeping until each event's time on the loop's clock, yielding between
+  events as unpinned): the same-rate comparison for the pinned gRPC row, since
+  at a paced rate both servers pay for waking per event or per few events.
 
 CPU per event: utime+stime of the server process (/proc/PID/stat, 10 ms
 ticks) from the request to the last byte, / content events. Bytes per event:
@@ -123,6 +129,10 @@ LIVE_ONE = "grpc live, one packet per message"
 #: event follows the rate it reaches; at this rate per-time costs dominate.
 LIVE_PINNED_RATE = float(os.environ.get("BENCH_REST_PINNED_RATE", "9000"))
 LIVE_PINNED = f"grpc live, batched, pinned at {LIVE_PINNED_RATE:.0f} events/s"
+#: The REST server's planner paced at the same rate (seed001 shape): the
+#: same-rate comparison for LIVE_PINNED ("rest seed001", unpaced, stays the
+#: issue's reference).
+REST_PINNED = f"rest seed001, pinned at {LIVE_PINNED_RATE:.0f} events/s"
 WORDS = (
     "the model streams tokens to the client while a planner thinks about the next action".split()
 )
@@ -155,6 +165,8 @@ class RunRequest(BaseModel):
     instruction: str
     events: int
     shape: str = "seed001"
+    #: events/s of the planner (0: as fast as the loop goes)
+    rate: float = 0.0
 
 
 def build_app() -> Any:
@@ -163,8 +175,12 @@ def build_app() -> Any:
 
     app = FastAPI()
 
-    async def planner(n: int) -> AsyncIterator[tuple[str, str]]:
-        for text in synthetic_events(n):
+    async def planner(n: int, rate: float) -> AsyncIterator[tuple[str, str]]:
+        t0 = time.monotonic()
+        for i, text in enumerate(synthetic_events(n)):
+            # Paced as _benchlib.write_session_batched paces the gRPC writer.
+            if rate > 0 and (ahead := i / rate - (time.monotonic() - t0)) > 0:
+                await asyncio.sleep(ahead)
             yield "content", text
             await asyncio.sleep(0)  # a real planner awaits its model between tokens
 
@@ -174,7 +190,7 @@ def build_app() -> Any:
 
         async def sse() -> AsyncIterator[str]:
             seq = 0
-            async for kind, text in planner(req.events):
+            async for kind, text in planner(req.events, req.rate):
                 seq += 1
                 ev: dict[str, Any] = {"type": kind, "content": text}
                 if req.shape == "full":
@@ -405,13 +421,14 @@ async def grpc_side(
 # --- REST side -----------------------------------------------------------------------
 
 
-async def rest_run(port: int, shape: str) -> int:
-    """POST /api/agent/run through the relay; returns the content events received."""
+async def rest_run(port: int, shape: str, rate: float = 0.0) -> int:
+    """POST /api/agent/run through the relay (the server's planner at rate
+    events/s, 0: unpaced); returns the content events received."""
     import httpx
 
     n = 0
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-        body = {"instruction": "rest bench", "events": EVENTS, "shape": shape}
+        body = {"instruction": "rest bench", "events": EVENTS, "shape": shape, "rate": rate}
         async with client.stream("POST", "/api/agent/run", json=body) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
@@ -431,6 +448,11 @@ async def rest_side(spid: int, sport: int) -> dict[str, dict[str, float]]:
         for _ in range(REPEAT):
             n += await rest_run(rport, shape)
         out[f"rest {shape}"] = meter.read(n)
+    meter = Meter(spid, relay)
+    n = 0
+    for _ in range(REPEAT):
+        n += await rest_run(rport, "seed001", LIVE_PINNED_RATE)
+    out[REST_PINNED] = meter.read(n)
     await relay.close()
     return out
 
@@ -518,18 +540,23 @@ def main() -> int:
         want = EVENTS if name in (LIVE, LIVE_PINNED, LIVE_ONE) else EVENTS * REPEAT
         got = int(r.get("fewest_events", r["events"]))  # the batched live row: its worst run
         checks.append(check(f"{name}: all events", got == want, f"{got}/{want}"))
-    for rest in ("rest seed001", "rest full"):
-        for g in (LIVE, LIVE_PINNED, LIVE_ONE, "grpc replay"):
-            cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
-            size = res[rest]["bytes_per_event"] / max(res[g]["bytes_per_event"], 1e-9)
-            print(
-                f"{rest} / {g}: CPU per event x{cpu:.2f}, bytes per event x{size:.2f}",
-                file=sys.stderr,
-            )
-            values += [
-                value(f"{rest} / {g}: CPU per event", round(cpu, 3), "ratio"),
-                value(f"{rest} / {g}: bytes per event", round(size, 3), "ratio"),
-            ]
+    pairs = [
+        (r, g)
+        for r in ("rest seed001", "rest full")
+        for g in (LIVE, LIVE_PINNED, LIVE_ONE, "grpc replay")
+    ]
+    pairs.append((REST_PINNED, LIVE_PINNED))  # the same rate on both sides
+    for rest, g in pairs:
+        cpu = res[rest]["cpu_us_per_event"] / max(res[g]["cpu_us_per_event"], 1e-9)
+        size = res[rest]["bytes_per_event"] / max(res[g]["bytes_per_event"], 1e-9)
+        print(
+            f"{rest} / {g}: CPU per event x{cpu:.2f}, bytes per event x{size:.2f}",
+            file=sys.stderr,
+        )
+        values += [
+            value(f"{rest} / {g}: CPU per event", round(cpu, 3), "ratio"),
+            value(f"{rest} / {g}: bytes per event", round(size, 3), "ratio"),
+        ]
     params = {
         "events": EVENTS,
         "repeat": REPEAT,
