@@ -1,8 +1,8 @@
 package fleet
 
 import (
-	"os"
 	"context"
+	"os"
 	"sync/atomic"
 	"testing"
 
