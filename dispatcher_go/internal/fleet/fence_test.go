@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentdispatch/dispatcher/internal/testutil"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -269,5 +270,54 @@ func TestCloseWaitsForTheDropOfALostCopy(t *testing.T) {
 	}
 	if owner.mgr.Registry().Get(id) == lt {
 		t.Fatal("the lost copy was not dropped")
+	}
+}
+
+// A client's cancel whose take of a dead replica's RUNNING task fails after
+// its claim (the read of the task) expires the lease it claimed at once:
+// its own cancel row is written only after the take, so no cancel is open
+// yet, and a lease left live made the client's retry see this replica as
+// the task's owner and send a command nobody carries out (the task ran on
+// until the lease and the grace ran out). The retry takes the task and
+// ends it CANCELLED.
+func TestCancelWhoseTakeFailsAfterItsClaimExpiresTheLease(t *testing.T) {
+	pg, url, ctx, owner, id := runningOnOwner(t, &testSlot{upstream: true, stops: true})
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	owner.kill()
+	cctx, ccancel := context.WithCancel(ctx)
+	defer ccancel()
+	var armed atomic.Bool
+	armed.Store(true)
+	r := startReplicaHooked(t, pg, url, "cancelling", &testSlot{planner: "other"}, requeueHooks{taken: func(string, int64) {
+		if armed.Swap(false) {
+			ccancel() // the read after the claim fails
+		}
+	}})
+	// The dead owner's lease runs out (no cancel asked meanwhile: a row
+	// open would make any hand-back expire the lease).
+	testutil.WaitFor(t, 20*time.Second, func() bool {
+		_, _, released, live := heldLease(t, ctx, r, id)
+		return released || !live
+	}, "the dead owner's lease to expire")
+	if _, err := r.f.Cancel(cctx, nil, id, "stopped by the test", false); err == nil || armed.Load() {
+		t.Fatalf("the cancel whose take failed: %v (took the task: %v)", err, !armed.Load())
+	}
+	if cmds, err := r.f.leases.OpenCommands(ctx, []string{id}); err != nil || len(cmds) != 0 {
+		t.Fatalf("open commands %+v %v; want none (the failed take wrote no row)", cmds, err)
+	}
+	if o, a, released, live := heldLease(t, ctx, r, id); o != "cancelling" || released || live {
+		t.Fatalf("lease %s/%d released=%v live=%v; want cancelling's, expired, not released", o, a, released, live)
+	}
+	out, err := r.f.Cancel(ctx, nil, id, "stopped by the test", false)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("the retry: %+v %v", out, err)
+	}
+	if err := r.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st, msg := storedStatus(t, r, id); st != agentpb.TaskStatus_CANCELLED {
+		t.Fatalf("after the retry the task is %s (%q), want CANCELLED", st, msg)
 	}
 }

@@ -631,12 +631,17 @@ func (l *Leases) endUnread(ctx context.Context, taskID, replica string, attempt 
 // failed on a slow read), and the sweep ending it after the grace alone
 // would cut that time from the lease and the grace to the grace. Nothing
 // if the lease moved on.
-func (l *Leases) expireNow(ctx context.Context, taskID, replica string, attempt int64) error {
+//
+// always expires it whatever the task's state: the take was a client's
+// cancel's (Take), whose own row is written only after the take, so no
+// cancel is open yet; left live, the lease would make the client's retry
+// see this replica as the owner and write a command nobody carries out.
+func (l *Leases) expireNow(ctx context.Context, taskID, replica string, attempt int64, always bool) error {
 	_, err := l.pool.Exec(ctx, `UPDATE fleet_leases SET expires_at = clock_timestamp()
 		WHERE task_id = $1 AND owner = $2 AND attempt = $3 AND NOT released AND expires_at > clock_timestamp()
-		AND (EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND status = $4)
+		AND ($5 OR EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND status = $4)
 			OR EXISTS (SELECT 1 FROM fleet_commands WHERE task_id = $1 AND NOT done AND kind = 'cancel'))`,
-		taskID, replica, attempt, int32(agentpb.TaskStatus_PENDING))
+		taskID, replica, attempt, int32(agentpb.TaskStatus_PENDING), always)
 	return err
 }
 

@@ -502,25 +502,25 @@ func (f *Fleet) Take(ctx context.Context, id string) (*task.Task, int64, error) 
 	// A failure from here hands the lease back (handBack: not released:
 	// the task may be RUNNING, a dead replica's, and a released lease is
 	// never swept, it would stay RUNNING for good; or PENDING with its
-	// queue row gone, the claim took it). Expired now if the task is
-	// PENDING or a cancel is open for it, else left to expire; the sweep
-	// deals with it after the grace.
+	// queue row gone, the claim took it), and expired now: this take is a
+	// client's cancel's, whose own row is written only after it (see
+	// Leases.expireNow); the sweep deals with it after the grace.
 	if f.hooks.taken != nil {
 		f.hooks.taken(id, attempt)
 	}
 	snap, err := f.ts.Load(ctx, id)
 	if err != nil {
-		f.handBack(id, attempt)
+		f.handBack(id, attempt, true)
 		return nil, 0, unavailable("read the task", err)
 	}
 	last, err := f.pg.LastSeq(ctx, id)
 	if err != nil {
-		f.handBack(id, attempt)
+		f.handBack(id, attempt, true)
 		return nil, 0, unavailable("read the task", err)
 	}
 	t, err := f.adoptHeld(snap, last, attempt, false)
 	if err != nil {
-		f.handBack(id, attempt)
+		f.handBack(id, attempt, true)
 		return nil, 0, err
 	}
 	f.watchOwned(t, attempt)
@@ -561,7 +561,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	// next re-attach takes the task anyway, and the sweep ends it only
 	// after the lease and the grace, as if this take had not run.
 	release := func(err error) error {
-		f.handBack(id, attempt)
+		f.handBack(id, attempt, false)
 		return unavailable("read the task", err)
 	}
 	if f.hooks.sessionTaken != nil {
@@ -595,7 +595,7 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 	}
 	t, err := f.mgr.AdoptWaiting(snap, last, attempt)
 	if err != nil {
-		f.handBack(id, attempt)
+		f.handBack(id, attempt, false)
 		return err
 	}
 	f.watchOwned(t, attempt)
@@ -608,13 +608,16 @@ func (f *Fleet) TakeSession(ctx context.Context, id, sessionID string, serves fu
 // and, if the task is PENDING or a cancel is open for it, expired now in
 // PostgreSQL (Leases.expireNow), if it is still that attempt's. Otherwise
 // (and if that write fails) it is left to expire.
-func (f *Fleet) handBack(id string, attempt int64) {
+//
+// always (Take: a client's cancel's take) expires it whatever the task's
+// state (Leases.expireNow).
+func (f *Fleet) handBack(id string, attempt int64, always bool) {
 	if !f.fenced.disown(id, attempt) {
 		return // lost or moved on meanwhile: not this replica's to give
 	}
 	ctx, cancel := context.WithTimeout(f.ctx, opTimeout)
 	defer cancel()
-	if err := f.leases.expireNow(ctx, id, f.id, attempt); err != nil {
+	if err := f.leases.expireNow(ctx, id, f.id, attempt, always); err != nil {
 		f.log.Debug("handing a lease back failed; it expires", "task_id", id, "error", err)
 	}
 }
