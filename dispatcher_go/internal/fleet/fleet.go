@@ -941,8 +941,16 @@ func (f *Fleet) giveBack(ctx context.Context, t *task.Task, id string, attempt i
 		f.hooks.handBack(id)
 	}
 	// Disowned before it is forgotten: a command announced meanwhile
-	// finds the task not held here, or its copy handed back.
-	f.fenced.disown(id, attempt)
+	// finds the task not held here, or its copy handed back. Not held
+	// with attempt any more (lost, or a session re-attached here took a
+	// newer one meanwhile): not this replica's to give back — forgetting
+	// by id would drop the newer copy and queue a RUNNING task.
+	if !f.fenced.disown(id, attempt) {
+		if t != nil {
+			f.mgr.ForgetCopy(t)
+		}
+		return
+	}
 	if t != nil {
 		f.mgr.ForgetCopy(t) // not a newer copy taken since
 	} else {

@@ -635,6 +635,7 @@ func (m *Manager) cancel(ctx context.Context, id, reason string, wait, keep bool
 	if reason == "" {
 		reason = DefaultCancelReason
 	}
+	reason = noNUL(reason)
 	if m.fleet != nil {
 		if t := m.reg.Get(id); t == nil || t.disowned() {
 			// Not run here: the fleet reads the task and sends the stop
@@ -782,6 +783,7 @@ func (m *Manager) ApproveToolCall(id, callID string, approve bool, reason string
 	if callID == "" || len(callID) > maxShortField || len(reason) > maxShortField*4 {
 		return 0, 0, fmt.Errorf("%w: call_id must be 1 to %d bytes, reason at most %d", ErrInvalidArgument, maxShortField, maxShortField*4)
 	}
+	reason = noNUL(reason)
 	t, err := m.Get(id)
 	if err != nil {
 		return 0, 0, err
@@ -874,3 +876,10 @@ func (m *Manager) attached() []*Task {
 
 // Closed reports whether Shutdown has begun.
 func (m *Manager) Closed() bool { return m.closed.Load() }
+
+// noNUL is a reason (a cancel's, an approval's) as every deployment keeps
+// it: a NUL byte as U+FFFD, so that the task's message and what the
+// planner reads are the same whichever replica took the call (a fleet's
+// command row, jsonb, cannot hold a NUL). A reason is not refused for its
+// bytes.
+func noNUL(s string) string { return strings.ReplaceAll(s, "\x00", "\ufffd") }

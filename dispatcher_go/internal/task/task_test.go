@@ -406,3 +406,19 @@ func TestStatsModels(t *testing.T) {
 		t.Fatalf("models not bounded: %q", got)
 	}
 }
+
+// A cancel's reason with a NUL byte is kept as U+FFFD on every deployment
+// (as a fleet's command row keeps it), not refused: the task's message is
+// the same whichever replica took the call.
+func TestCancelReasonNULIsReplaced(t *testing.T) {
+	t.Parallel()
+	m, _ := newManager(t, ManagerOptions{})
+	tk, _ := m.Submit(Spec{Instruction: "x"})
+	out, err := m.Cancel(context.Background(), tk.ID(), "a\x00b", true)
+	if err != nil || !out.Cancelled {
+		t.Fatalf("cancel: %+v %v", out, err)
+	}
+	if msg := tk.Snapshot().Message; !strings.Contains(msg, "a\ufffdb") || strings.ContainsRune(msg, 0) {
+		t.Fatalf("message %q, want the reason with U+FFFD for the NUL", msg)
+	}
+}
