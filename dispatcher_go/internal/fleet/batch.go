@@ -127,17 +127,28 @@ func (b *batcher[Req, Res]) runBatch(ctx context.Context, batch []*batchCall[Req
 	for i, m := range batch {
 		reqs[i] = m.req
 	}
-	res, err := b.runOnce(ctx, reqs)
+	res, err := b.runOnce(ctx, reqs, time.Now().Add(b.timeout))
 	if err != nil && len(batch) > 1 && dataException(err) {
 		// One bad element (a value PostgreSQL refuses) fails the statement
 		// of the whole batch: each runs alone, so only it fails. Never on
-		// a connection failure or timeout (each would wait for it again).
+		// a connection failure or timeout (each would wait for it again):
+		// the first such error is every remaining request's, and all of
+		// them together get one batch's time.
+		deadline := time.Now().Add(b.timeout)
+		var failed error
 		for _, m := range batch {
-			r, err := b.runOnce(ctx, []Req{m.req})
-			if err != nil {
-				m.err = err
-			} else {
+			if failed != nil {
+				m.err = failed
+				continue
+			}
+			r, err := b.runOnce(ctx, []Req{m.req}, deadline)
+			switch {
+			case err == nil:
 				m.res = r[0]
+			case dataException(err):
+				m.err = err
+			default:
+				m.err, failed = err, err
 			}
 		}
 	} else {
@@ -156,9 +167,9 @@ func (b *batcher[Req, Res]) runBatch(ctx context.Context, batch []*batchCall[Req
 }
 
 // runOnce runs reqs as one batch under ctx without its cancellation,
-// bounded by b.timeout.
-func (b *batcher[Req, Res]) runOnce(ctx context.Context, reqs []Req) ([]Res, error) {
-	bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.timeout)
+// until deadline.
+func (b *batcher[Req, Res]) runOnce(ctx context.Context, reqs []Req, deadline time.Time) ([]Res, error) {
+	bctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), deadline)
 	defer cancel()
 	res, err := b.run(bctx, reqs)
 	if err == nil && len(res) != len(reqs) {

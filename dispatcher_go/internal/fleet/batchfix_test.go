@@ -119,6 +119,44 @@ func TestABatchWithOneBadValueFailsOnlyThatRequest(t *testing.T) {
 			t.Errorf("request %d: %v", i, errs[i])
 		}
 	}
+
+	// A bad value, then the database goes away while the batch runs one
+	// by one: the first connection failure is every remaining request's,
+	// none of them run (each would have waited for its own timeout).
+	var gone atomic.Bool
+	h = newHeldBatcher(func(reqs []int) ([]int, error) {
+		switch {
+		case len(reqs) > 1:
+			return nil, bad22
+		case reqs[0] == 2 || gone.Load():
+			gone.Store(true)
+			return nil, down
+		}
+		return times10(reqs)
+	})
+	wg.Go(func() { _, _ = h.b.do(ctx, 0) })
+	<-h.held
+	for i := 1; i < 6; i++ {
+		wg.Go(func() { res[i], errs[i] = h.b.do(ctx, i) })
+	}
+	h.queued(t, 5)
+	close(h.release)
+	wg.Wait()
+	got := h.ran()
+	batch := got[1]
+	at := slices.Index(batch, 2)
+	if len(got) != 2+at+1 || !slices.Equal(got[len(got)-1], []int{2}) {
+		t.Fatalf("batches run %v; want [0], the batch, then its requests alone up to 2 only", got)
+	}
+	for k, i := range batch {
+		if k < at {
+			if errs[i] != nil || res[i] != i*10 {
+				t.Errorf("request %d (run alone before the failure) got %d %v", i, res[i], errs[i])
+			}
+		} else if !errors.As(errs[i], &down) {
+			t.Errorf("request %d: %v; want the connection failure", i, errs[i])
+		}
+	}
 }
 
 // A caller whose ctx ends while its request is queued leaves the queue:
