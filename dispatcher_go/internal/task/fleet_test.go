@@ -213,7 +213,7 @@ func TestFleetSubmitPlacesAndKeepsNothing(t *testing.T) {
 // concurrent submits of one id on three replicas.
 func TestFleetDuplicateWaitsForTheFirstSubmissionsTask(t *testing.T) {
 	m, _, f, p := newFleetManager(t)
-	f.requests["r-wait"] = "first"
+	f.requests[requestKey("", "r-wait")] = "first"
 	go func() {
 		time.Sleep(200 * time.Millisecond)
 		p.Save(&Snapshot{Summary: Summary{ID: "first", Status: agentpb.TaskStatus_PENDING}})
@@ -318,7 +318,7 @@ func TestFleetDuplicateOfASlowFirstSubmissionIsUnavailableNeverASecondTask(t *te
 func TestFleetDuplicateWaitEndsWithTheCallersContext(t *testing.T) {
 	m, _, f, _ := newFleetManager(t)
 	m.opts.DuplicateWait = time.Minute
-	f.requests["r-ctx"] = "being-created"
+	f.requests[requestKey("", "r-ctx")] = "being-created"
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	if _, err := m.SubmitContext(ctx, Spec{Instruction: "x", Labels: map[string]string{RequestIDLabel: "r-ctx"}}); !errors.Is(err, context.DeadlineExceeded) {
@@ -813,5 +813,31 @@ func TestAdoptedPendingCopyWithAClientCancelStopHasNoCancelRequested(t *testing.
 	}
 	if reason, ok := tk.CancelRequested(); ok {
 		t.Fatalf("a PENDING copy's stored stop made a cancel requested (%q)", reason)
+	}
+}
+
+// Client request ids are a tenant's own: bob's job-1 is not alice's (bob
+// was answered alice's task, and could follow it).
+func TestFleetRequestIDsAreScopedByTenant(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	labels := map[string]string{RequestIDLabel: "job-1"}
+	alice, err := m.Submit(Spec{Instruction: "a", Caller: tenant.Caller{Tenant: "alice"}, Labels: labels})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bob, err := m.Submit(Spec{Instruction: "b", Caller: tenant.Caller{Tenant: "bob"}, Labels: labels})
+	if err != nil || bob.ID() == alice.ID() {
+		t.Fatalf("bob's job-1: %v %v, alice's task %s", bob, err, alice.ID())
+	}
+	again, err := m.Submit(Spec{Instruction: "a", Caller: tenant.Caller{Tenant: "alice"}, Labels: labels})
+	if err != nil || again.ID() != alice.ID() {
+		t.Fatalf("alice's job-1 again: %v %v, want %s", again, err, alice.ID())
+	}
+	// The tenant is length-prefixed: ("ab", "c") and ("a", "bc") differ.
+	if requestKey("ab", "c") == requestKey("a", "bc") {
+		t.Fatal("request keys of different tenants collide")
+	}
+	if len(f.placed) != 2 {
+		t.Fatalf("placed %v, want alice's and bob's", f.placed)
 	}
 }

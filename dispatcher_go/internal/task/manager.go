@@ -226,6 +226,14 @@ const DefaultDuplicateWait = 5 * time.Second
 // client retries and then gets that task).
 var ErrFirstSubmissionPending = fmt.Errorf("%w: the first submission with this client_request_id is still being created; retry", store.ErrUnavailable)
 
+// requestKey is the key a fleet reserves for client request id rid of
+// tenant: ids are the tenant's own (another tenant's equal id is another
+// request). The tenant is length-prefixed, so no pair of (tenant, rid)
+// maps to the key of another.
+func requestKey(tenant, rid string) string {
+	return fmt.Sprintf("%d:%s%s", len(tenant), tenant, rid)
+}
+
 // submitOnce submits spec in a fleet under client request id rid: the
 // first submission with rid creates the task, the others get it. A
 // duplicate never takes the id over: it waits for the first submission's
@@ -239,7 +247,7 @@ func (m *Manager) submitOnce(ctx context.Context, spec Spec, rid, newID string) 
 	if err := m.precheck(&spec); err != nil {
 		return nil, err
 	}
-	key := rid
+	key := requestKey(spec.Caller.Tenant, rid)
 	wait := m.opts.DuplicateWait
 	if wait <= 0 {
 		wait = DefaultDuplicateWait
