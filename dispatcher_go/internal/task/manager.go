@@ -539,6 +539,10 @@ func validateSpec(s *Spec) error {
 		if c == "" || len(c) > maxShortField {
 			return fmt.Errorf("%w: required capability empty or too long", ErrInvalidArgument)
 		}
+		if !utf8.ValidString(c) || strings.ContainsRune(c, 0) {
+			// A fleet's queue names are PostgreSQL text: it was NOT_FOUND.
+			return fmt.Errorf("%w: required capability must be UTF-8 text without NUL bytes", ErrInvalidArgument)
+		}
 	}
 	if len(s.Labels) > maxLabels {
 		return fmt.Errorf("%w: too many labels (max %d)", ErrInvalidArgument, maxLabels)
