@@ -7,6 +7,11 @@
 #   scripts/fleet.sh up     start in the background (pids and logs in .run/fleet/)
 #   scripts/fleet.sh down   stop what `up` started (PostgreSQL and Redis too)
 #
+# An `up` that fails partway stops what it started (processes by the pids
+# it recorded; PostgreSQL and Redis only if they were not running before
+# it), never a fleet already up: `up` refuses to start while a process of
+# .run/fleet/*.pid is alive. FLEET_RUN_DIR moves .run/fleet (tests).
+#
 # Replica N (1..3): gRPC 127.0.0.1:5005N, HTTP 127.0.0.1:808(7+N) (bases
 # FLEET_GRPC_PORT=50051, FLEET_HTTP_PORT=8088), pid in
 # .run/fleet/dispatcher-N.pid, id replica-N. Each commander is given every
@@ -15,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-RUN=$ROOT/.run/fleet
+RUN=${FLEET_RUN_DIR:-$ROOT/.run/fleet}
 PY=$ROOT/.venv/bin/python
 BIN=$ROOT/bin
 MODEL_PORT=${MODEL_PORT:-8080}
@@ -35,19 +40,56 @@ mkdir -p "$RUN"
 
 log() { printf '\033[2m[fleet]\033[0m %s\n' "$*" >&2; }
 
+# What this `up` started ("NAME:PID", in order) and whether it started
+# PostgreSQL and Redis: what a failed `up` stops (undo_up).
+STARTED=()
+OWN_PG=0
+OWN_REDIS=0
+
 # start NAME CMD...: run CMD in the background, log to $RUN/NAME.log, pid in $RUN/NAME.pid
 start() {
   local name=$1; shift
   "$@" >"$RUN/$name.log" 2>&1 &
   echo $! >"$RUN/$name.pid"
+  STARTED+=("$name:$!")
+}
+
+# undo_up (EXIT trap of up): if up failed, stop what it started, newest
+# first, and nothing else: a process whose pid file names another pid is
+# not this run's.
+undo_up() {
+  local rc=$?
+  [ "$rc" -eq 0 ] && return 0
+  log "up failed: stopping what it started"
+  local i name pid
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+    name=${STARTED[i]%%:*} pid=${STARTED[i]#*:}
+    if [ "$(cat "$RUN/$name.pid" 2>/dev/null)" = "$pid" ]; then
+      stop_one "$name" 50
+    fi
+  done
+  if [ "$OWN_REDIS" = 1 ]; then scripts/redis.sh stop >/dev/null 2>&1 || true; fi
+  if [ "$OWN_PG" = 1 ]; then scripts/postgres.sh stop >/dev/null 2>&1 || true; fi
+  return "$rc"
 }
 
 # stop_one, wait_for, port_free
 . "$ROOT/scripts/_proclib.sh"
 
 up() {
-  local dsn redis
+  local dsn redis pidf
+  # A second `up` would overwrite the first's pid files, and its failure
+  # must not stop the first's processes.
+  for pidf in "$RUN"/*.pid; do
+    if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+      log "a fleet is up already ($pidf is alive): scripts/fleet.sh down first"
+      exit 1
+    fi
+  done
+  trap undo_up EXIT
+  scripts/postgres.sh dsn >/dev/null 2>&1 || OWN_PG=1
   dsn=$(scripts/postgres.sh start)
+  scripts/redis.sh url >/dev/null 2>&1 || OWN_REDIS=1
   redis=$(scripts/redis.sh start)
   log "PostgreSQL $dsn, Redis $redis"
   local model; model=$("$PY" "$ROOT/scripts/model_path.py")
@@ -55,6 +97,7 @@ up() {
   log "model server: SmolLM2 on 127.0.0.1:$MODEL_PORT"
   start model "$PY" -m llama_cpp.server --model "$model" --model_alias smollm2 \
     --host 127.0.0.1 --port "$MODEL_PORT" --n_ctx 4096 --n_threads "$(nproc)"
+  log "model pid $(cat "$RUN/model.pid")"
   wait_for model 120 "$PY" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$MODEL_PORT/v1/models', timeout=2)"
   local addrs=()
   for n in 1 2 3; do
@@ -93,6 +136,7 @@ up() {
       --llm-base-url "http://127.0.0.1:$MODEL_PORT/v1" --llm-model smollm2
   done
   wait_for commander-2 60 "$BIN/dispatchctl" --addr "${addrs[0]}" info --min-slots $((2 * COMMANDER_SLOTS))
+  trap - EXIT
   log "fleet is up: gRPC ${addrs[*]}, HTTP ports $FLEET_HTTP_PORT-$((FLEET_HTTP_PORT + 2)) (logs: $RUN/*.log)"
 }
 

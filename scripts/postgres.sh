@@ -8,7 +8,10 @@
 #   scripts/postgres.sh stop     stop the cluster and remove its directory
 #   scripts/postgres.sh kill     stop the server at once (immediate mode: no
 #                                checkpoint, clients cut off), keeping its data
-#   scripts/postgres.sh restart  start the killed server again, same port and data
+#   scripts/postgres.sh restart  start the killed server again, same port, data
+#                                and settings (those of its start, kept in the
+#                                state dir: the environment of the restart,
+#                                e.g. PG_SYNCHRONOUS_COMMIT, is not read)
 #
 # PG_SYNCHRONOUS_COMMIT=on makes a commit wait for its WAL write: the fault
 # tests kill the server and need every acknowledged commit to survive (with
@@ -85,14 +88,19 @@ running() {
 	as_user "$(pg_bindir)/pg_ctl" -D "$STATE_DIR/data" status >/dev/null 2>&1
 }
 
-pg_start() {
-	local bin=$1 port=$2 opts
+# server_opts are the server settings the environment asks for.
+server_opts() {
+	local opts
 	if [[ "${PG_DURABLE:-}" == 1 ]]; then
 		opts="-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c wal_level=minimal -c max_wal_senders=0 -c checkpoint_timeout=30min -c max_wal_size=4GB -c commit_delay=0"
 	else
 		opts="-c fsync=off -c synchronous_commit=${PG_SYNCHRONOUS_COMMIT:-off} -c full_page_writes=off"
 	fi
-	opts="$opts ${PG_EXTRA_OPTS:-}"
+	echo "$opts ${PG_EXTRA_OPTS:-}"
+}
+
+pg_start() {
+	local bin=$1 port=$2 opts=$3
 	as_user "$bin/pg_ctl" -D "$STATE_DIR/data" -l "$STATE_DIR/server.log" -w -t 60 \
 		-o "-c listen_addresses=127.0.0.1 -p $port -k $STATE_DIR $opts -c max_connections=200" \
 		start >&2 || { cat "$STATE_DIR/server.log" >&2; exit 1; }
@@ -107,7 +115,15 @@ kill_server() {
 restart_server() {
 	[[ -f "$STATE_DIR/port" && -d "$STATE_DIR/data" ]] || { log "no cluster in $STATE_DIR"; exit 1; }
 	if running; then return; fi
-	pg_start "$(pg_bindir)" "$(cat "$STATE_DIR/port")"
+	local opts
+	# The settings of the start: a fault test's restart (fleet.sh's
+	# synchronous_commit=on) must not fall back to the defaults.
+	if [[ -f "$STATE_DIR/opts" ]]; then
+		opts=$(cat "$STATE_DIR/opts")
+	else
+		opts=$(server_opts)
+	fi
+	pg_start "$(pg_bindir)" "$(cat "$STATE_DIR/port")" "$opts"
 }
 
 start() {
@@ -131,7 +147,8 @@ start() {
 	echo "$port" >"$STATE_DIR/port"
 	echo "$user" >"$STATE_DIR/user"
 	# Throwaway cluster: fsync off makes tests fast; never use for real data.
-	pg_start "$bin" "$port"
+	server_opts >"$STATE_DIR/opts"
+	pg_start "$bin" "$port" "$(cat "$STATE_DIR/opts")"
 	as_user "$bin/createdb" -h 127.0.0.1 -p "$port" -U "$user" "$DB_NAME"
 	log "started on 127.0.0.1:$port (state in $STATE_DIR)"
 	dsn

@@ -1,6 +1,7 @@
 package a2a
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/base64"
@@ -224,7 +225,7 @@ func decodeListToken(s string) (*listCursor, error) {
 		return nil, nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(s)
-	if err != nil || len(b) <= 8 || len(b) > 8+256 || !utf8.Valid(b[8:]) {
+	if err != nil || len(b) <= 8 || len(b) > 8+256 || !utf8.Valid(b[8:]) || bytes.IndexByte(b[8:], 0) >= 0 {
 		return nil, a2a.NewError(a2a.ErrInvalidParams, "invalid pageToken")
 	}
 	return &listCursor{at: time.Unix(0, int64(binary.BigEndian.Uint64(b))), id: string(b[8:])}, nil

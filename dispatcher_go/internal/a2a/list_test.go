@@ -1,6 +1,7 @@
 package a2a
 
 import (
+	"encoding/base64"
 	"testing"
 
 	"github.com/a2aproject/a2a-go/v2/a2a"
@@ -75,6 +76,9 @@ func TestListTasksOrderedByLastUpdate(t *testing.T) {
 	}
 	if _, err := tr.ListTasks(ctx, v1, &a2a.ListTasksRequest{PageToken: "not a token"}); err == nil {
 		t.Fatal("an invalid page token was accepted")
+	}
+	if _, err := tr.ListTasks(ctx, v1, &a2a.ListTasksRequest{PageToken: base64.RawURLEncoding.EncodeToString([]byte{0, 0, 0, 0, 0, 0, 0, 9, 'a', 0})}); err == nil {
+		t.Fatal("a page token whose id has a NUL byte was accepted")
 	}
 }
 

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -166,8 +167,8 @@ func decodePageToken(s string) (*task.ListKey, error) {
 	// A task id is never empty; 8 bytes alone is the token format of
 	// earlier versions (a sequence number), which must not read as 1970.
 	// The id goes into a store query: PostgreSQL refuses a text parameter
-	// that is not UTF-8 (task ids always are).
-	if err != nil || len(b) <= 8 || len(b) > 8+maxTokenID || !utf8.Valid(b[8:]) {
+	// that is not UTF-8 or has a NUL byte (task ids never do).
+	if err != nil || len(b) <= 8 || len(b) > 8+maxTokenID || !utf8.Valid(b[8:]) || bytes.IndexByte(b[8:], 0) >= 0 {
 		return nil, status.Error(codes.InvalidArgument, "invalid page_token")
 	}
 	return &task.ListKey{CreatedAt: store.FromMicros(int64(binary.BigEndian.Uint64(b))), ID: string(b[8:])}, nil

@@ -105,6 +105,10 @@ func TestListTasksNewestFirstFilterPaging(t *testing.T) {
 	// not read as a place in 1970 that would end the listing.
 	_, err = h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{PageToken: base64.RawURLEncoding.EncodeToString([]byte{0, 0, 0, 0, 0, 0, 0, 9})})
 	wantCode(t, err, codes.InvalidArgument)
+	// An id with a NUL byte is no task id (PostgreSQL cannot hold it as
+	// text): the token is invalid, not a "not found".
+	_, err = h.tasks.ListTasks(ctx, &dispatchv1.ListTasksRequest{PageToken: base64.RawURLEncoding.EncodeToString([]byte{0, 0, 0, 0, 0, 0, 0, 9, 'a', 0})})
+	wantCode(t, err, codes.InvalidArgument)
 }
 
 func TestInterjectAndCancelNative(t *testing.T) {

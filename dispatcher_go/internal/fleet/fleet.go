@@ -1307,8 +1307,11 @@ func (f *Fleet) reclaimLoop(ctx context.Context) {
 
 // renewLoop renews this replica's leases every third of the lease, and
 // drops the sessions of those it lost.
+// renewEvery is the period of renewLoop.
+func (f *Fleet) renewEvery() time.Duration { return f.opts.Lease / 3 }
+
 func (f *Fleet) renewLoop(ctx context.Context) {
-	t := time.NewTicker(f.opts.Lease / 3)
+	t := time.NewTicker(f.renewEvery())
 	defer t.Stop()
 	lastOK := time.Now()
 	for {
@@ -1413,7 +1416,8 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 // started goes back to the queue.
 //
 // It sweeps only once this replica has been up, and its PostgreSQL
-// reachable, for a lease and the grace in a row. A lease that expired
+// reachable, for a lease and the grace in a row (an outage of at least a
+// renewal tick starts the wait again, from the first sweep that succeeds). A lease that expired
 // while no replica ran (the whole fleet restarted) or while PostgreSQL was
 // down says nothing of its session yet: its commander, alive, is still
 // reconnecting (its backoff reaches 4 s a try, address after address) and
@@ -1425,6 +1429,7 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	ready := time.Now()
+	var downSince time.Time // the first failed sweep of an outage; zero: none
 	for {
 		select {
 		case <-ctx.Done():
@@ -1437,10 +1442,24 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
+		if err == nil && f.hooks.sweepErr != nil {
+			err = f.hooks.sweepErr()
+		}
+		if err == nil && !downSince.IsZero() {
+			// PostgreSQL is back: the wait starts now, not at the last
+			// failure (up to a tick earlier). A lone failure (an overloaded
+			// PostgreSQL's timeout) is no outage: resetting on every one
+			// would starve the sweep if one came every lease and grace.
+			if time.Since(downSince) >= f.renewEvery() {
+				ready = time.Now()
+				f.log.Info("PostgreSQL answers again: the sweep waits a lease and the grace", "down_for", time.Since(downSince).Round(time.Millisecond))
+			}
+			downSince = time.Time{}
+		}
 		switch {
 		case err != nil:
-			if ctx.Err() == nil {
-				ready = time.Now() // PostgreSQL failed: wait again once it is back
+			if ctx.Err() == nil && downSince.IsZero() {
+				downSince = time.Now()
 			}
 		case time.Since(ready) < f.opts.Lease+f.opts.Grace:
 		default:
@@ -1627,6 +1646,9 @@ type requeueHooks struct {
 	// taken is called by Take once its claim succeeded with attempt,
 	// before it loads the task.
 	taken func(id string, attempt int64)
+	// sweepErr, when set, is called by sweepLoop after each look-up of
+	// the expired leases that succeeded: an error it returns fails it.
+	sweepErr func() error
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

@@ -763,16 +763,6 @@ func (l *Leases) Unreserve(ctx context.Context, requestID, taskID string) error 
 	return err
 }
 
-// Rereserve maps requestID to taskID if it maps to oldTaskID.
-func (l *Leases) Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error) {
-	tag, err := l.pool.Exec(ctx, `UPDATE fleet_requests SET task_id = $3, created_at = clock_timestamp()
-		WHERE request_id = $1 AND task_id = $2`, requestID, oldTaskID, taskID)
-	if err != nil {
-		return false, err
-	}
-	return tag.RowsAffected() == 1, nil
-}
-
 // command is a request for a task's owner (cancel, interject, approve).
 type command struct {
 	ID     int64

@@ -2,7 +2,9 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,5 +57,31 @@ func TestSweepWaitsALeaseAndTheGraceAfterPostgreSQLIsBack(t *testing.T) {
 	st, _ := d.ended(t, live, 20*time.Second)
 	if took := time.Since(back); st != agentpb.TaskStatus_FAILURE || took < waitLease+waitGrace {
 		t.Fatalf("status %s %v after the table came back; want FAILURE after lease + grace (%v)", st, took, waitLease+waitGrace)
+	}
+}
+
+// A sweep that fails now and then (a timeout of an overloaded
+// PostgreSQL) is no outage: it does not start the wait again. Every
+// failure did, so a replica whose sweep failed once every lease and grace
+// never swept.
+func TestALoneFailedSweepDoesNotStarveTheSweep(t *testing.T) {
+	const lease, grace = 6 * time.Second, time.Second // a renewal tick of 2 s
+	d := newDeadTask(t, true)
+	var calls atomic.Int64
+	began := time.Now()
+	live := startReplicaLeased(t, d.pg, d.url, "live", &testSlot{finish: true}, lease, grace, func(f *Fleet) {
+		f.hooks.sweepErr = func() error {
+			if calls.Add(1)%4 == 0 { // one sweep in 4: every ~4 s, under lease + grace
+				return errors.New("timeout")
+			}
+			return nil
+		}
+	})
+	st, msg := d.ended(t, live, 3*(lease+grace))
+	if st != agentpb.TaskStatus_FAILURE || !strings.Contains(msg, "stopped renewing the task's lease") {
+		t.Fatalf("status %s %q, want FAILURE by the sweep", st, msg)
+	}
+	if took := time.Since(began); took < lease+grace {
+		t.Fatalf("swept %v after the replica started; want at least lease + grace (%v)", took, lease+grace)
 	}
 }

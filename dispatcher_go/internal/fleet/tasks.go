@@ -63,15 +63,6 @@ func (f *Fleet) Unreserve(ctx context.Context, requestID, taskID string) error {
 	return nil
 }
 
-// Rereserve implements task.Fleet.
-func (f *Fleet) Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error) {
-	moved, err := f.leases.Rereserve(ctx, requestID, oldTaskID, taskID)
-	if err != nil {
-		return false, unavailable("client request id", err)
-	}
-	return moved, nil
-}
-
 // Place implements task.Fleet: the queue row, then the bus entry. The
 // submitting replica's own idle slot competes for it like any other.
 func (f *Fleet) Place(ctx context.Context, t *task.Task) error {

@@ -35,9 +35,6 @@ type Fleet interface {
 	// Unreserve gives requestID back if it maps to taskID (a submission
 	// that failed before its task was stored): a retry submits anew.
 	Unreserve(ctx context.Context, requestID, taskID string) error
-	// Rereserve maps requestID to taskID if it still maps to oldTaskID (a
-	// task never stored: its submission died); false if it does not.
-	Rereserve(ctx context.Context, requestID, oldTaskID, taskID string) (bool, error)
 	// Place hands t, a new task whose record and first event are stored,
 	// to the fleet's bus; from then on it belongs to the replica that
 	// claims it.

@@ -12,6 +12,7 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/eventlog"
 	dispatchv1 "github.com/agentdispatch/dispatcher/internal/gen/dispatch/v1"
 	agentpb "github.com/agentdispatch/dispatcher/internal/gen/lybic/agent"
+	"github.com/agentdispatch/dispatcher/internal/store"
 	"github.com/agentdispatch/dispatcher/internal/tenant"
 	"github.com/agentdispatch/dispatcher/internal/testutil"
 )
@@ -73,6 +74,9 @@ type fakeFleet struct {
 	// viewLog, when set, is the log of every view Lookup returns (the
 	// events the replica running the task stored).
 	viewLog eventlog.Log
+	// slowLookup, when set, is waited for by the Lookup of a task id it
+	// holds (a slow previous-task look-up).
+	slowLookup map[string]chan struct{}
 }
 
 func (f *fakeFleet) Health() error { return f.health }
@@ -93,15 +97,6 @@ func (f *fakeFleet) Unreserve(_ context.Context, rid, id string) error {
 	}
 	return nil
 }
-func (f *fakeFleet) Rereserve(_ context.Context, rid, old, id string) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.requests[rid] != old {
-		return false, nil
-	}
-	f.requests[rid] = id
-	return true, nil
-}
 func (f *fakeFleet) Place(_ context.Context, t *Task) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -111,7 +106,19 @@ func (f *fakeFleet) Place(_ context.Context, t *Task) error {
 	f.placed = append(f.placed, t.ID())
 	return nil
 }
-func (f *fakeFleet) Lookup(_ context.Context, id string) (*Task, error) {
+func (f *fakeFleet) Lookup(ctx context.Context, id string) (*Task, error) {
+	f.mu.Lock()
+	gate := f.slowLookup[id]
+	f.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		// A previous task: its view needs a log (its conversation).
+		return NewView(f.p.last(id), eventlog.NewDurable(eventlog.Limits{}, nowSink{}).Stored(id, 0)), nil
+	}
 	if f.viewLog != nil {
 		return NewView(Snapshot{Summary: Summary{ID: id, Status: agentpb.TaskStatus_RUNNING}}, f.viewLog), nil
 	}
@@ -206,7 +213,7 @@ func TestFleetSubmitPlacesAndKeepsNothing(t *testing.T) {
 // concurrent submits of one id on three replicas.
 func TestFleetDuplicateWaitsForTheFirstSubmissionsTask(t *testing.T) {
 	m, _, f, p := newFleetManager(t)
-	f.requests["r-wait"] = "first"
+	f.requests[requestKey("", "r-wait")] = "first"
 	go func() {
 		time.Sleep(200 * time.Millisecond)
 		p.Save(&Snapshot{Summary: Summary{ID: "first", Status: agentpb.TaskStatus_PENDING}})
@@ -217,27 +224,105 @@ func TestFleetDuplicateWaitsForTheFirstSubmissionsTask(t *testing.T) {
 	}
 }
 
-// A submission that fails after reserving its client request id gives it
-// back: a retry with the same id submits anew (it was NOT_FOUND for a
-// day). One reserved for a task that is never stored (its replica died in
-// between) is taken over once DuplicateWait has passed.
+// A submission that fails before its task is stored gives its client
+// request id back: a retry with the same id submits anew (it was
+// NOT_FOUND for a day). A refusal that needs no I/O never holds it.
 func TestFleetRequestIDOfASubmissionThatFailedIsFreed(t *testing.T) {
 	m, _, f, _ := newFleetManager(t)
 	labels := map[string]string{RequestIDLabel: "r-fail"}
 	if _, err := m.Submit(Spec{Instruction: "x", PreviousTaskID: "nope", Labels: labels}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("submit with an unknown previous task: %v", err)
 	}
+	if _, err := m.Submit(Spec{Instruction: "x", PreviousTaskID: "no\x00pe", Labels: labels}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("submit with a previous task id that is not text: %v", err)
+	}
+	if len(f.requests) != 0 {
+		t.Fatalf("request ids held after refused submissions: %v", f.requests)
+	}
 	tk, err := m.Submit(Spec{Instruction: "x", Labels: labels})
 	if err != nil || len(f.placed) != 1 || f.placed[0] != tk.ID() {
 		t.Fatalf("retry with the same request id: %v, placed %v", err, f.placed)
 	}
+}
 
-	defer func(d time.Duration) { DuplicateWait = d }(DuplicateWait)
-	DuplicateWait = 100 * time.Millisecond
-	f.requests["r-dead"] = "never-stored"
-	tk, err = m.Submit(Spec{Instruction: "x", Labels: map[string]string{RequestIDLabel: "r-dead"}})
-	if err != nil || tk.ID() == "never-stored" || f.requests["r-dead"] != tk.ID() || f.placed[len(f.placed)-1] != tk.ID() {
-		t.Fatalf("request id of a task never stored: %v %v, requests %v", tk, err, f.requests)
+// A first submission that is slow (its previous-task look-up, its flush,
+// a stopped replica) keeps its client request id: duplicates are answered
+// UNAVAILABLE within DuplicateWait and never take the id over, and once
+// it stores its task every duplicate gets that task. A duplicate took
+// the id over after its wait and ran a second task.
+func TestFleetDuplicateOfASlowFirstSubmissionIsUnavailableNeverASecondTask(t *testing.T) {
+	m, _, f, p := newFleetManager(t)
+	m.opts.DuplicateWait = 300 * time.Millisecond
+	p.Save(&Snapshot{Summary: Summary{ID: "prev", Status: agentpb.TaskStatus_SUCCESS}})
+	gate := make(chan struct{})
+	f.slowLookup = map[string]chan struct{}{"prev": gate}
+	spec := Spec{Instruction: "once", PreviousTaskID: "prev", Labels: map[string]string{RequestIDLabel: "r-slow"}}
+	type answer struct {
+		t   *Task
+		err error
+	}
+	first := make(chan answer, 1)
+	go func() {
+		tk, err := m.Submit(spec)
+		first <- answer{tk, err}
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		f.mu.Lock()
+		n := len(f.requests)
+		f.mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first submission reserved no id")
+		}
+	}
+	var wg sync.WaitGroup
+	dups := make([]answer, 4)
+	for i := range dups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			began := time.Now()
+			tk, err := m.Submit(spec)
+			dups[i] = answer{tk, err}
+			if d := time.Since(began); d > 2*time.Second {
+				t.Errorf("duplicate answered after %v", d)
+			}
+		}()
+	}
+	wg.Wait()
+	for i, d := range dups {
+		if !errors.Is(d.err, ErrFirstSubmissionPending) || !errors.Is(d.err, store.ErrUnavailable) {
+			t.Fatalf("duplicate %d of a slow first submission: %v %v, want ErrFirstSubmissionPending", i, d.t, d.err)
+		}
+	}
+	close(gate)
+	a := <-first
+	if a.err != nil {
+		t.Fatal(a.err)
+	}
+	again, err := m.Submit(spec)
+	if err != nil || again.ID() != a.t.ID() {
+		t.Fatalf("duplicate after the first stored its task: %v %v, want %s", again, err, a.t.ID())
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.placed) != 1 || f.placed[0] != a.t.ID() {
+		t.Fatalf("placed %v, want only %s", f.placed, a.t.ID())
+	}
+}
+
+// A duplicate whose caller goes away stops waiting with the caller's
+// error, not the bound's.
+func TestFleetDuplicateWaitEndsWithTheCallersContext(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	m.opts.DuplicateWait = time.Minute
+	f.requests[requestKey("", "r-ctx")] = "being-created"
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := m.SubmitContext(ctx, Spec{Instruction: "x", Labels: map[string]string{RequestIDLabel: "r-ctx"}}); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("duplicate whose caller went away: %v", err)
 	}
 }
 
@@ -832,5 +917,31 @@ func TestFleetCopyWithoutFencingTokenIsRefused(t *testing.T) {
 	}
 	if err := tk.SetFenceToken(4); !errors.Is(err, errNoFenceToken) || tk.FenceToken() != 0 {
 		t.Fatalf("SetFenceToken on a log without a token: %v, token %d", err, tk.FenceToken())
+	}
+}
+
+// Client request ids are a tenant's own: bob's job-1 is not alice's (bob
+// was answered alice's task, and could follow it).
+func TestFleetRequestIDsAreScopedByTenant(t *testing.T) {
+	m, _, f, _ := newFleetManager(t)
+	labels := map[string]string{RequestIDLabel: "job-1"}
+	alice, err := m.Submit(Spec{Instruction: "a", Caller: tenant.Caller{Tenant: "alice"}, Labels: labels})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bob, err := m.Submit(Spec{Instruction: "b", Caller: tenant.Caller{Tenant: "bob"}, Labels: labels})
+	if err != nil || bob.ID() == alice.ID() {
+		t.Fatalf("bob's job-1: %v %v, alice's task %s", bob, err, alice.ID())
+	}
+	again, err := m.Submit(Spec{Instruction: "a", Caller: tenant.Caller{Tenant: "alice"}, Labels: labels})
+	if err != nil || again.ID() != alice.ID() {
+		t.Fatalf("alice's job-1 again: %v %v, want %s", again, err, alice.ID())
+	}
+	// The tenant is length-prefixed: ("ab", "c") and ("a", "bc") differ.
+	if requestKey("ab", "c") == requestKey("a", "bc") {
+		t.Fatal("request keys of different tenants collide")
+	}
+	if len(f.placed) != 2 {
+		t.Fatalf("placed %v, want alice's and bob's", f.placed)
 	}
 }

@@ -122,6 +122,10 @@ type ManagerOptions struct {
 	// left for the next run. 0: no hand-over (such tasks are FAILURE at
 	// Restore; Shutdown ends everything).
 	HandOverWindow time.Duration
+	// DuplicateWait bounds how long a fleet submission whose client
+	// request id another submission holds waits for that one's task
+	// before it is answered UNAVAILABLE (0: DefaultDuplicateWait).
+	DuplicateWait time.Duration
 	// Claimer takes a task when its session re-attaches (nil: the attempt
 	// after the one in memory).
 	Claimer Claimer
@@ -184,8 +188,15 @@ func (m *Manager) Configs() *ConfigStore { return m.configs }
 // Registry is the task registry.
 func (m *Manager) Registry() *Registry { return m.reg }
 
-// Submit validates spec, creates the task (PENDING) and queues it.
+// Submit is SubmitContext without a caller's context.
 func (m *Manager) Submit(spec Spec) (*Task, error) {
+	return m.SubmitContext(context.Background(), spec)
+}
+
+// SubmitContext validates spec, creates the task (PENDING) and queues it.
+// ctx bounds only the wait of a duplicate fleet submission (see
+// submitOnce): the task itself does not end with it.
+func (m *Manager) SubmitContext(ctx context.Context, spec Spec) (*Task, error) {
 	if m.closed.Load() {
 		return nil, ErrClosed
 	}
@@ -203,78 +214,139 @@ func (m *Manager) Submit(spec Spec) (*Task, error) {
 			return nil, err
 		}
 		if rid := spec.Labels[RequestIDLabel]; rid != "" {
-			return m.submitOnce(spec, rid, newID)
+			return m.submitOnce(ctx, spec, rid, newID)
 		}
 	}
-	return m.create(spec, newID)
+	t, _, err := m.create(spec, newID)
+	return t, err
 }
 
-// DuplicateWait is how long a fleet submission whose client request id is
-// reserved for a task not stored yet waits for it: the first submission
-// may still be storing it (up to its 10 s flush and the bus). Past it,
-// the task is taken for one that will never be stored (its replica died
-// between the reservation and the store) and the id is reserved anew.
-var DuplicateWait = 15 * time.Second
+// DefaultDuplicateWait is ManagerOptions.DuplicateWait's default.
+const DefaultDuplicateWait = 5 * time.Second
+
+// ErrFirstSubmissionPending answers a duplicate submission whose first
+// submission has not stored its task within the wait (UNAVAILABLE: the
+// client retries and then gets that task).
+var ErrFirstSubmissionPending = fmt.Errorf("%w: the first submission with this client_request_id is still being created; retry", store.ErrUnavailable)
+
+// requestKey is the key a fleet reserves for client request id rid of
+// tenant: ids are the tenant's own (another tenant's equal id is another
+// request). The tenant is length-prefixed, so no pair of (tenant, rid)
+// maps to the key of another.
+func requestKey(tenant, rid string) string {
+	return fmt.Sprintf("%d:%s%s", len(tenant), tenant, rid)
+}
 
 // submitOnce submits spec in a fleet under client request id rid: the
 // first submission with rid creates the task, the others get it. A
-// duplicate arriving while the first is still storing its task waits for
-// it (it was answered NOT_FOUND); a first submission that fails gives the
-// id back, so that a retry submits anew (every retry was NOT_FOUND for a
-// day).
-func (m *Manager) submitOnce(spec Spec, rid, newID string) (*Task, error) {
-	for try := 0; ; try++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		existing, err := m.fleet.Reserve(ctx, rid, newID)
-		cancel()
+// duplicate never takes the id over: it waits for the first submission's
+// task (within ctx and DuplicateWait), else it is answered
+// ErrFirstSubmissionPending. The first submission gives the id back only
+// if it failed before anything of its task was stored; from then on the
+// id is its task's.
+func (m *Manager) submitOnce(ctx context.Context, spec Spec, rid, newID string) (*Task, error) {
+	// The checks that need no I/O come before the reservation: a
+	// submission they refuse never holds the id.
+	if err := m.precheck(&spec); err != nil {
+		return nil, err
+	}
+	key := requestKey(spec.Caller.Tenant, rid)
+	wait := m.opts.DuplicateWait
+	if wait <= 0 {
+		wait = DefaultDuplicateWait
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	pending := func(err error) error {
+		if ctx.Err() != nil {
+			return ctx.Err() // the caller is gone
+		}
+		if wctx.Err() != nil {
+			return ErrFirstSubmissionPending
+		}
+		return err
+	}
+	for {
+		// Reserve is the atomic read of the reservation too: an id given
+		// back meanwhile is reserved here, for this submission.
+		existing, err := m.fleet.Reserve(wctx, key, newID)
 		if err != nil {
-			return nil, err
+			return nil, pending(err)
 		}
 		if existing == "" {
-			break // reserved for newID
-		}
-		t, err := m.waitForDuplicate(existing)
-		if !errors.Is(err, ErrNotFound) || try > 0 {
-			return t, err // a duplicate: the first submission's task
-		}
-		ctx, cancel = context.WithTimeout(context.Background(), 5*time.Second)
-		moved, err := m.fleet.Rereserve(ctx, rid, existing, newID)
-		cancel()
-		if err != nil {
-			return nil, err
-		}
-		if moved {
 			break
 		}
-		// Another submission took it over (or gave it back) meanwhile:
-		// reserve again, and wait for that one's task.
-	}
-	t, err := m.create(spec, newID)
-	if err != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if uerr := m.fleet.Unreserve(ctx, rid, newID); uerr != nil {
-			m.log.Warn("client request id of a failed submission not given back", "client_request_id", rid, "error", uerr)
+		t, err := m.lookupCtx(wctx, existing)
+		if err == nil {
+			return t, nil // a duplicate: the first submission's task
 		}
-		cancel()
+		if !errors.Is(err, ErrNotFound) {
+			return nil, pending(err)
+		}
+		select {
+		case <-wctx.Done():
+			return nil, pending(wctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	t, stored, err := m.create(spec, newID)
+	if err != nil && !stored {
+		uctx, ucancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if uerr := m.fleet.Unreserve(uctx, key, newID); uerr != nil {
+			m.log.Warn("client request id of a failed submission not given back", "client_request_id", rid, "error", uerr)
+		} else {
+			m.log.Info("client request id of a failed submission given back", "client_request_id", rid, "error", err)
+		}
+		ucancel()
 	}
 	return t, err
 }
 
-// waitForDuplicate returns task id, reserved by another submission, once
-// it is stored (ErrNotFound if it is not within DuplicateWait).
-func (m *Manager) waitForDuplicate(id string) (*Task, error) {
-	deadline := time.Now().Add(DuplicateWait)
-	for {
-		t, err := m.Get(id)
-		if !errors.Is(err, ErrNotFound) || time.Now().After(deadline) {
-			return t, err
-		}
-		time.Sleep(50 * time.Millisecond)
+// lookupCtx is Get of a fleet task within ctx.
+func (m *Manager) lookupCtx(ctx context.Context, id string) (*Task, error) {
+	if t := m.reg.Get(id); t != nil && !t.disowned() {
+		return t, nil
 	}
+	return m.fleet.Lookup(ctx, id)
+}
+
+// precheck refuses spec for what needs no I/O: a planner not served,
+// another tenant's sandbox, a start over MaxStartBytes, a previous task id
+// that is not text (create checks them again).
+func (m *Manager) precheck(spec *Spec) error {
+	planner := spec.Planner
+	if planner == "" {
+		planner = m.opts.DefaultPlanner
+	}
+	if len(m.opts.Planners) > 0 && !slices.Contains(m.opts.Planners, planner) {
+		return fmt.Errorf("%w: no commander of this deployment serves planner %q (its planners: %s)", ErrInvalidArgument, planner, strings.Join(m.opts.Planners, ", "))
+	}
+	if id := spec.Sandbox.GetId(); id != "" && !spec.Caller.Admin {
+		if slices.ContainsFunc(m.reg.sandboxTenants(id), func(u string) bool { return u != spec.Caller.Tenant }) {
+			return fmt.Errorf("%w: sandbox %q", ErrNotFound, id)
+		}
+	}
+	if id := spec.PreviousTaskID; id != "" && (!utf8.ValidString(id) || strings.ContainsRune(id, 0)) {
+		return fmt.Errorf("%w: previous task %q", ErrNotFound, id)
+	}
+	cfg := m.configs.Resolve(spec.RunningConfig)
+	if own := len(spec.Instruction) + len(spec.UserSystemPrompt) + proto.Size(cfg); own > MaxStartBytes {
+		return fmt.Errorf("%w: instruction and config of %d bytes exceed the %d bytes a task's start may carry", ErrInvalidArgument, own, MaxStartBytes)
+	}
+	return nil
 }
 
 // create makes the task of a validated spec with id newID (see Submit).
-func (m *Manager) create(spec Spec, newID string) (*Task, error) {
+// stored tells whether anything of the task may be stored (its record may
+// be written even though err is set).
+func (m *Manager) create(spec Spec, newID string) (_ *Task, stored bool, _ error) {
+	t, err := m.createTask(spec, newID, &stored)
+	return t, stored, err
+}
+
+// createTask is create; it sets *stored once anything of the task may be
+// stored.
+func (m *Manager) createTask(spec Spec, newID string, stored *bool) (*Task, error) {
 	planner := spec.Planner
 	if planner == "" {
 		planner = m.opts.DefaultPlanner
@@ -368,7 +440,7 @@ func (m *Manager) create(spec Spec, newID string) (*Task, error) {
 	_, _ = t.log.Append(t.stateEvent(), eventlog.Control)
 	t.mu.Unlock()
 	if m.fleet != nil {
-		return m.submitFleet(t)
+		return m.submitFleet(t, stored)
 	}
 	m.reg.add(t)
 	if err := m.queue.Enqueue(t); err != nil {
@@ -403,7 +475,7 @@ func (m *Manager) create(spec Spec, newID string) (*Task, error) {
 // submitFleet stores t and hands it to the fleet's bus: the replica that
 // claims it runs it, this one keeps nothing of it. The client gets the id
 // only once the task is stored and placed.
-func (m *Manager) submitFleet(t *Task) (*Task, error) {
+func (m *Manager) submitFleet(t *Task, stored *bool) (*Task, error) {
 	t.onFinish = nil
 	defer t.span.End()
 	drop := func() { m.store.Remove(t.id) }
@@ -411,6 +483,7 @@ func (m *Manager) submitFleet(t *Task) (*Task, error) {
 		drop()
 		return nil, errors.New("task: a fleet needs a store")
 	}
+	*stored = true // from here its record may be written
 	t.mu.Lock()
 	t.saveLocked()
 	t.mu.Unlock()
@@ -468,6 +541,10 @@ func validateSpec(s *Spec) error {
 	for _, c := range s.RequiredCapabilities {
 		if c == "" || len(c) > maxShortField {
 			return fmt.Errorf("%w: required capability empty or too long", ErrInvalidArgument)
+		}
+		if !utf8.ValidString(c) || strings.ContainsRune(c, 0) {
+			// A fleet's queue names are PostgreSQL text: it was NOT_FOUND.
+			return fmt.Errorf("%w: required capability must be UTF-8 text without NUL bytes", ErrInvalidArgument)
 		}
 	}
 	if len(s.Labels) > maxLabels {

@@ -126,6 +126,9 @@ func TestSubmitValidates(t *testing.T) {
 		// A fleet keeps the request id as PostgreSQL text (no NUL, UTF-8).
 		"NUL request id":       {Instruction: "x", Labels: map[string]string{RequestIDLabel: "r\x00"}},
 		"non-UTF-8 request id": {Instruction: "x", Labels: map[string]string{RequestIDLabel: "\xff"}},
+		// A fleet's queue names carry them as PostgreSQL text too.
+		"NUL capability":       {Instruction: "x", RequiredCapabilities: []string{"gpu\x00"}},
+		"non-UTF-8 capability": {Instruction: "x", RequiredCapabilities: []string{"\xff"}},
 	} {
 		if _, err := m.Submit(spec); !errors.Is(err, ErrInvalidArgument) {
 			t.Errorf("%s: err = %v, want ErrInvalidArgument", name, err)
