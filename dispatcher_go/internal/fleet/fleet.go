@@ -150,6 +150,13 @@ type Fleet struct {
 	dbOK    atomic.Bool
 	dbFails int
 	dbConn  *pgx.Conn
+	// dbSince is when (UnixNano) this replica's contact with PostgreSQL
+	// last began: its first answer after a failed ping, sweep or renewal
+	// (0: the last contact failed). The sweeper takes leases over only
+	// once it has been reachable for the grace (sweepLoop).
+	dbSince atomic.Int64
+	// renewNow wakes renewLoop (PostgreSQL answers again).
+	renewNow chan struct{}
 
 	// Set by Start.
 	mgr    *task.Manager
@@ -240,10 +247,11 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	f := &Fleet{
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
 		pg: pg, leases: leases, rdb: rdb, tails: tails,
-		idle:    make(chan struct{}, 1),
-		pub:     make(chan pubBatch, 4096),
-		legs:    newLegStats(),
-		keepSem: make(chan struct{}, keepCancelWrites),
+		idle:     make(chan struct{}, 1),
+		renewNow: make(chan struct{}, 1),
+		pub:      make(chan pubBatch, 4096),
+		legs:     newLegStats(),
+		keepSem:  make(chan struct{}, keepCancelWrites),
 	}
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
@@ -256,6 +264,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
 	cancel()
 	f.dbOK.Store(true) // NewLeases just used it
+	f.dbSince.Store(time.Now().UnixNano())
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	return f, nil
 }
@@ -485,8 +494,10 @@ func (f *Fleet) pingDB(ctx context.Context) {
 			f.dbConn = nil
 		}
 		f.dbFails++
+		f.dbFailed()
 	} else {
 		f.dbFails = 0
+		f.dbAnswered()
 	}
 	up := err == nil || f.dbFails < pingDownAfter
 	if was := f.dbOK.Swap(up); was != up {
@@ -496,6 +507,33 @@ func (f *Fleet) pingDB(ctx context.Context) {
 			f.log.Warn("fleet database (PostgreSQL) unreachable: new tasks are refused", "error", err)
 		}
 	}
+}
+
+// dbFailed notes a failed contact with PostgreSQL (a ping, a sweep, a
+// renewal): the sweeper's wait starts over at the next answer.
+func (f *Fleet) dbFailed() { f.dbSince.Store(0) }
+
+// dbAnswered notes an answer of PostgreSQL; the first after a failure
+// starts the sweeper's wait and wakes the renewal (the leases of the
+// copies kept through the outage are renewed before any sweeper may take
+// them over).
+func (f *Fleet) dbAnswered() {
+	if f.dbSince.CompareAndSwap(0, time.Now().UnixNano()) {
+		select {
+		case f.renewNow <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// dbReachableFor is how long PostgreSQL has answered this replica without
+// a failure (0: the last contact failed).
+func (f *Fleet) dbReachableFor() time.Duration {
+	since := f.dbSince.Load()
+	if since == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, since))
 }
 
 // pubBatch is a batch of stored events for the publisher.
@@ -1240,8 +1278,22 @@ func (f *Fleet) reclaimLoop(ctx context.Context) {
 	}
 }
 
-// renewLoop renews this replica's leases every third of the lease, and
-// drops the sessions of those it lost.
+// renewLoop renews this replica's leases every third of the lease (and
+// at once when PostgreSQL answers again), and drops the sessions of those
+// it lost.
+//
+// A failed renewal drops nothing until renewals have failed for longer
+// than the lease plus the grace: through a shorter database outage the
+// copies run on, and the first renewal that succeeds keeps each lease
+// nobody claimed meanwhile (same owner, same attempt: Renew does not look
+// at the expiry) and drops the others. That is as safe as before: every
+// write is fenced by owner and attempt, not by expiry, so a copy whose
+// lease was claimed (a re-attach elsewhere, a sweeper) is refused at its
+// next write either way; and no sweeper takes a lease over before it has
+// reached PostgreSQL for the grace (sweepLoop), while the owner renews
+// within a third of the lease of the database's return. Past lease +
+// grace the copies are dropped as before: a replica cut off from
+// PostgreSQL alone must not keep sessions whose tasks the others end.
 func (f *Fleet) renewLoop(ctx context.Context) {
 	t := time.NewTicker(f.opts.Lease / 3)
 	defer t.Stop()
@@ -1251,6 +1303,7 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-f.renewNow:
 		}
 		held := f.fenced.ownedTasks()
 		cctx, cancel := context.WithTimeout(ctx, f.opts.Lease/3)
@@ -1260,15 +1313,19 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
+			f.dbFailed()
 			f.log.Warn("lease renewal failed", "error", err)
-			if time.Since(lastOK) > f.opts.Lease {
+			if time.Since(lastOK) > f.opts.Lease+f.opts.Grace {
 				for id, a := range held {
-					f.lost(id, a, "this dispatcher replica could not renew the task's lease for longer than the lease")
+					f.lost(id, a, "this dispatcher replica could not renew the task's lease for longer than the lease and the grace")
 				}
 			}
 			continue
 		}
 		lastOK = time.Now()
+		if len(held) > 0 { // else Renew asked nothing
+			f.dbAnswered()
+		}
 		for id, a := range held {
 			if got[id] != a {
 				f.lost(id, a, "this dispatcher replica lost the task's lease; another replica took the task over")
@@ -1337,6 +1394,17 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 // sweepLoop takes over the tasks whose owner stopped renewing their lease
 // for longer than the grace: a running one ends FAILURE, one that had not
 // started goes back to the queue.
+//
+// A lease counts as expired for longer than the grace only while this
+// replica could see it so: it takes nothing over before PostgreSQL has
+// answered it for the grace without a failure (a ping, a sweep, a
+// renewal; dbReachableFor). A replica that just started, or that just
+// regained the database, finds leases that expired long ago (the whole
+// fleet was down, or PostgreSQL was) whose sessions are re-attaching at
+// that very moment: the commanders retry at most every 4 s (+ up to 0.5 s
+// of jitter) while they are refused for now, and at most every second
+// while no replica answers, so within the default grace (5 s) their
+// re-attach claims the lease first.
 func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -1352,9 +1420,15 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
+		if err != nil && ctx.Err() == nil {
+			f.dbFailed()
+		}
 		if err == nil {
-			for _, r := range rows {
-				f.takeOver(cctx, r)
+			f.dbAnswered()
+			if f.dbReachableFor() > f.opts.Grace {
+				for _, r := range rows {
+					f.takeOver(cctx, r)
+				}
 			}
 		}
 		cancel()
