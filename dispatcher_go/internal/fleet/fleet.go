@@ -21,7 +21,8 @@
 // replica writes a task only while it holds its lease with the attempt it
 // claimed; a replica that lost the lease (paused, cut off) is refused and
 // drops the session. Leases are renewed in the background; a lease expired
-// for longer than the grace is taken over by another replica, which ends
+// for longer than the grace (while the taker could reach PostgreSQL: see
+// sweepLoop) is taken over by another replica, which ends
 // the task FAILURE (or puts a task that had not started back on the bus).
 // A session re-attaching to any replica takes its task over at once
 // (TakeSession: the lease with the next attempt, whoever held it).
@@ -73,7 +74,9 @@ const (
 	// DefaultGrace is how long past its expiry a lease is left alone
 	// before another replica takes the task over (room for a session
 	// hand-over). A dead replica's running tasks end FAILURE within
-	// DefaultLease + DefaultGrace + one sweep (1 s).
+	// DefaultLease + DefaultGrace + one sweep (1 s), or DefaultGrace + one
+	// sweep after the sweeper's replica started or regained PostgreSQL,
+	// if that is later (sweepLoop).
 	DefaultGrace = 5 * time.Second
 	// DefaultReclaimIdle is how long a bus entry read by a replica may stay
 	// unacknowledged before another replica reclaims it (XAUTOCLAIM).
@@ -364,6 +367,19 @@ func (f *Fleet) Health() error {
 		return fmt.Errorf("%w: the fleet's database (PostgreSQL) is unreachable, so no new task is accepted until it is back", store.ErrUnavailable)
 	}
 	return nil
+}
+
+// Degraded names what of the fleet is down for new work (Health), for
+// the health probe's text: nil when nothing is.
+func (f *Fleet) Degraded() []string {
+	var out []string
+	if !f.dbOK.Load() {
+		out = append(out, "fleet database unreachable")
+	}
+	if !f.busUp() {
+		out = append(out, "bus unreachable")
+	}
+	return out
 }
 
 // SlotsServing is SlotCount for a caller: the slots of the whole fleet

@@ -199,6 +199,10 @@ func outage(t *testing.T, grace, down time.Duration) (*replica, *replica, string
 	waitFor(t, "both replicas to see the database down", down, func() bool {
 		return !owner.f.dbOK.Load() && !other.f.dbOK.Load()
 	})
+	// What the health probe says (chaos finding D5: it said "draining").
+	if got := other.f.Degraded(); len(got) != 1 || got[0] != "fleet database unreachable" {
+		t.Errorf("degraded %q during the outage, want the fleet database unreachable", got)
+	}
 	time.Sleep(time.Until(cut.Add(down)))
 	p.restore()
 	// The lease expired during the outage, for longer than the grace.
