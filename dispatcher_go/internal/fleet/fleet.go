@@ -74,10 +74,16 @@ const (
 	// DefaultGrace is how long past its expiry a lease is left alone
 	// before another replica takes the task over (room for a session
 	// hand-over). A dead replica's running tasks end FAILURE within
-	// DefaultLease + DefaultGrace + one sweep (1 s), or DefaultGrace + one
-	// sweep after the sweeper's replica started or regained PostgreSQL,
-	// if that is later (sweepLoop).
+	// DefaultLease + DefaultGrace + one sweep (1 s), or DefaultGrace +
+	// ReattachWindow + one sweep after the sweeper's replica started or
+	// regained PostgreSQL, if that is later (sweepLoop).
 	DefaultGrace = 5 * time.Second
+	// ReattachWindow is what the sweeper adds to the grace before it takes
+	// a lease over after its replica started or regained PostgreSQL: the
+	// commander's re-attach retry step (at most 4 s + 0.5 s of jitter)
+	// plus a claim. An absolute margin, not a multiple of the grace: the
+	// commander's retry does not shrink with a shorter grace.
+	ReattachWindow = 5 * time.Second
 	// DefaultReclaimIdle is how long a bus entry read by a replica may stay
 	// unacknowledged before another replica reclaims it (XAUTOCLAIM).
 	DefaultReclaimIdle = 10 * time.Second
@@ -153,11 +159,14 @@ type Fleet struct {
 	dbOK    atomic.Bool
 	dbFails int
 	dbConn  *pgx.Conn
-	// dbSince is when (UnixNano) this replica's contact with PostgreSQL
-	// last began: its first answer after a failed ping, sweep or renewal
-	// (0: the last contact failed). The sweeper takes leases over only
-	// once it has been reachable for the grace (sweepLoop).
+	// dbSince is when (UnixNano) this replica last started or found
+	// PostgreSQL reachable again after an outage (dbOK false: pingDownAfter
+	// failed pings in a row); 0 while it is down. A lone failed ping, a
+	// timed-out sweep or renewal do not count: the sweeper's wait
+	// (sweepLoop) restarts only with a real outage.
 	dbSince atomic.Int64
+	// reattachWindow is ReattachWindow (tests shorten it).
+	reattachWindow time.Duration
 	// renewNow wakes renewLoop (PostgreSQL answers again).
 	renewNow chan struct{}
 
@@ -255,6 +264,8 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 		pub:      make(chan pubBatch, 4096),
 		legs:     newLegStats(),
 		keepSem:  make(chan struct{}, keepCancelWrites),
+
+		reattachWindow: ReattachWindow,
 	}
 	f.hub = newTailHub(f, tails)
 	if f.legs != nil {
@@ -510,40 +521,35 @@ func (f *Fleet) pingDB(ctx context.Context) {
 			f.dbConn = nil
 		}
 		f.dbFails++
-		f.dbFailed()
 	} else {
+		if f.dbFails > 0 {
+			f.renewSoon() // a renewal may have failed meanwhile
+		}
 		f.dbFails = 0
-		f.dbAnswered()
 	}
 	up := err == nil || f.dbFails < pingDownAfter
 	if was := f.dbOK.Swap(up); was != up {
 		if up {
+			f.dbSince.Store(time.Now().UnixNano())
 			f.log.Info("fleet database (PostgreSQL) reachable again")
 		} else {
+			f.dbSince.Store(0)
 			f.log.Warn("fleet database (PostgreSQL) unreachable: new tasks are refused", "error", err)
 		}
 	}
 }
 
-// dbFailed notes a failed contact with PostgreSQL (a ping, a sweep, a
-// renewal): the sweeper's wait starts over at the next answer.
-func (f *Fleet) dbFailed() { f.dbSince.Store(0) }
-
-// dbAnswered notes an answer of PostgreSQL; the first after a failure
-// starts the sweeper's wait and wakes the renewal (the leases of the
-// copies kept through the outage are renewed before any sweeper may take
-// them over).
-func (f *Fleet) dbAnswered() {
-	if f.dbSince.CompareAndSwap(0, time.Now().UnixNano()) {
-		select {
-		case f.renewNow <- struct{}{}:
-		default:
-		}
+// renewSoon wakes renewLoop: PostgreSQL answers again, the leases a
+// failed renewal left are renewed at once.
+func (f *Fleet) renewSoon() {
+	select {
+	case f.renewNow <- struct{}{}:
+	default:
 	}
 }
 
-// dbReachableFor is how long PostgreSQL has answered this replica without
-// a failure (0: the last contact failed).
+// dbReachableFor is how long PostgreSQL has been up for this replica
+// (since its start or the end of its last outage; 0: down).
 func (f *Fleet) dbReachableFor() time.Duration {
 	since := f.dbSince.Load()
 	if since == 0 {
@@ -1298,50 +1304,58 @@ func (f *Fleet) reclaimLoop(ctx context.Context) {
 // at once when PostgreSQL answers again), and drops the sessions of those
 // it lost.
 //
-// A failed renewal drops nothing until renewals have failed for longer
-// than the lease plus the grace: through a shorter database outage the
-// copies run on, and the first renewal that succeeds keeps each lease
-// nobody claimed meanwhile (same owner, same attempt: Renew does not look
-// at the expiry) and drops the others. That is as safe as before: every
-// write is fenced by owner and attempt, not by expiry, so a copy whose
-// lease was claimed (a re-attach elsewhere, a sweeper) is refused at its
-// next write either way; and no sweeper takes a lease over before it has
-// reached PostgreSQL for the grace (sweepLoop), while the owner renews
-// within a third of the lease of the database's return. Past lease +
-// grace the copies are dropped as before: a replica cut off from
-// PostgreSQL alone must not keep sessions whose tasks the others end.
+// When renewals fail, the copies are dropped when the lease runs out (a
+// timer at the start of the last successful renewal + the lease, not at
+// the next failing tick): a replica cut off from PostgreSQL alone must
+// leave its sessions to the others before their sweepers end the tasks,
+// one grace later; the commanders re-attach there meanwhile.
 func (f *Fleet) renewLoop(ctx context.Context) {
-	t := time.NewTicker(f.opts.Lease / 3)
+	lease := f.opts.Lease
+	t := time.NewTicker(lease / 3)
 	defer t.Stop()
 	lastOK := time.Now()
+	drop := time.NewTimer(lease)
+	defer drop.Stop()
+	dropAll := func() {
+		for id, a := range f.fenced.ownedTasks() {
+			f.lost(id, a, "this dispatcher replica could not renew the task's lease within the lease")
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-drop.C:
+			dropAll()
+			continue
 		case <-t.C:
 		case <-f.renewNow:
 		}
 		held := f.fenced.ownedTasks()
-		cctx, cancel := context.WithTimeout(ctx, f.opts.Lease/3)
+		sent := time.Now()
+		// Within the lease still held: a renewal hanging past it must not
+		// delay the drop.
+		timeout := lease / 3
+		if left := time.Until(lastOK.Add(lease)); left > 0 && left < timeout {
+			timeout = left
+		}
+		cctx, cancel := context.WithTimeout(ctx, timeout)
 		got, err := f.leases.Renew(cctx, f.id, slices.Collect(maps.Keys(held)))
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return
 			}
-			f.dbFailed()
 			f.log.Warn("lease renewal failed", "error", err)
-			if time.Since(lastOK) > f.opts.Lease+f.opts.Grace {
-				for id, a := range held {
-					f.lost(id, a, "this dispatcher replica could not renew the task's lease for longer than the lease and the grace")
-				}
+			if !time.Now().Before(lastOK.Add(lease)) {
+				dropAll() // past the lease (what was claimed since, too)
 			}
 			continue
 		}
-		lastOK = time.Now()
-		if len(held) > 0 { // else Renew asked nothing
-			f.dbAnswered()
-		}
+		// The database set the expiry after sent: counting from sent
+		// drops early rather than late.
+		lastOK = sent
+		drop.Reset(time.Until(lastOK.Add(lease)))
 		for id, a := range held {
 			if got[id] != a {
 				f.lost(id, a, "this dispatcher replica lost the task's lease; another replica took the task over")
@@ -1413,17 +1427,22 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 //
 // A lease counts as expired for longer than the grace only while this
 // replica could see it so: it takes nothing over before PostgreSQL has
-// answered it for the grace without a failure (a ping, a sweep, a
-// renewal; dbReachableFor). A replica that just started, or that just
+// been up for it (since its start or the end of an outage: dbSince) for
+// the grace + reattachWindow. A replica that just started, or that just
 // regained the database, finds leases that expired long ago (the whole
 // fleet was down, or PostgreSQL was) whose sessions are re-attaching at
 // that very moment: the commanders retry at most every 4 s (+ up to 0.5 s
-// of jitter) while they are refused for now, and at most every second
-// while no replica answers, so within the default grace (5 s) their
-// re-attach claims the lease first.
+// of jitter), and a claim takes up to a few seconds more, so within the
+// wait their re-attach claims the lease first.
+//
+// Only a real outage (dbOK false) restarts the wait, not a failed sweep
+// or a lone lost ping; and a wait restarted again and again (a flapping
+// database) defers the rows it keeps finding for at most
+// 2 × (lease + grace) in all: a dead replica's tasks do not stay RUNNING.
 func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	var deferredSince, warned time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -1436,12 +1455,25 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
-		if err != nil && ctx.Err() == nil {
-			f.dbFailed()
-		}
 		if err == nil {
-			f.dbAnswered()
-			if f.dbReachableFor() > f.opts.Grace {
+			now := time.Now()
+			wait := f.opts.Grace + f.reattachWindow
+			up := f.dbReachableFor()
+			switch {
+			case len(rows) == 0 || up > wait:
+				deferredSince = time.Time{}
+			case deferredSince.IsZero():
+				deferredSince = now
+			}
+			capped := !deferredSince.IsZero() && now.Sub(deferredSince) > 2*(f.opts.Lease+f.opts.Grace)
+			if len(rows) > 0 && up <= wait && !capped {
+				if now.Sub(warned) >= 5*time.Second {
+					warned = now
+					f.log.Warn("expired leases left to their sessions' re-attach: the fleet database has been up for this replica only for a while",
+						"leases", len(rows), "up_for", up.Round(time.Millisecond), "wait", wait,
+						"deferred_for", now.Sub(deferredSince).Round(time.Millisecond))
+				}
+			} else {
 				for _, r := range rows {
 					f.takeOver(cctx, r)
 				}

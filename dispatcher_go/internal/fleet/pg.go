@@ -384,7 +384,7 @@ func (l *Leases) Release(ctx context.Context, taskID string, attempt int64) erro
 // ones it runs, fencedStore.ownedTasks) and returns them (task id →
 // attempt). A lease row of replica's that is not in held is left to
 // expire: a session this replica dropped (its lease could not be renewed
-// for longer than lease + grace, PostgreSQL down) or a task of an earlier process with
+// for a whole lease, PostgreSQL down) or a task of an earlier process with
 // the same --replica-id (restarted after a kill -9) runs nowhere here, and
 // renewing its row kept the task RUNNING forever, out of every sweeper's
 // reach. The rows a write of the task holds now (the fenced

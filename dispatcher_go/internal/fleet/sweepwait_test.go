@@ -15,15 +15,22 @@ import (
 	"github.com/agentdispatch/dispatcher/internal/task"
 )
 
-// The sweeper takes a lease over only once it has been expired for the
-// grace while its replica could reach PostgreSQL (sweepLoop): a replica
+// The sweeper takes a lease over only once its replica has reached
+// PostgreSQL for the grace + the re-attach window (sweepLoop): a replica
 // that starts long after a lease expired (the whole fleet was down) gives
-// the commanders' re-attach the grace to come first (chaos finding D9).
+// the commanders' re-attach that wait to come first (chaos finding D9).
 
-// lateReplicaGrace is the grace of the replica started late in these
-// tests: long enough for a re-attach 1.5 s after its start to come first
-// on a loaded machine, short enough for a quick test.
-const lateReplicaGrace = 3 * time.Second
+// lateReplicaGrace and testWindow make the wait of the replicas in these
+// tests (3 s): long enough for a re-attach 1.5 s after its start to come
+// first on a loaded machine, short enough for a quick test.
+const (
+	lateReplicaGrace = 1500 * time.Millisecond
+	testWindow       = 1500 * time.Millisecond
+	testWait         = lateReplicaGrace + testWindow
+)
+
+// shortWindow gives a replica the tests' re-attach window.
+func shortWindow(f *Fleet) { f.reattachWindow = testWindow }
 
 // startedLongAfterTheExpiry leaves a dead replica's RUNNING task with a
 // lease that expired a minute ago and starts replica "late" then; it
@@ -33,7 +40,7 @@ func startedLongAfterTheExpiry(t *testing.T) (*deadTask, *replica) {
 	t.Helper()
 	d := newDeadTask(t, true)
 	d.exec(t, `UPDATE fleet_leases SET expires_at = clock_timestamp() - interval '1 minute' WHERE task_id = '%[1]s'`)
-	late := startReplicaLeased(t, d.pg, d.url, "late", &testSlot{}, testLease, lateReplicaGrace, func(*Fleet) {})
+	late := startReplicaLeased(t, d.pg, d.url, "late", &testSlot{}, testLease, lateReplicaGrace, shortWindow)
 	time.Sleep(1500 * time.Millisecond)
 	if st, msg := storedStatus(t, late, d.id); st != agentpb.TaskStatus_RUNNING {
 		t.Fatalf("1.5 s after its start the replica had ended the task %s %q: it took the long-expired lease over before its grace, "+
@@ -55,7 +62,7 @@ func TestAReplicaStartedLongAfterALeaseExpiredLetsTheSessionReattachFirst(t *tes
 	}
 	// Past the wait, the re-attached task is the replica's own: renewed,
 	// never swept.
-	time.Sleep(lateReplicaGrace)
+	time.Sleep(testWait)
 	if st, msg := storedStatus(t, late, d.id); st != agentpb.TaskStatus_RUNNING {
 		t.Fatalf("the re-attached task ended %s %q", st, msg)
 	}
@@ -67,7 +74,7 @@ func TestAReplicaStartedLongAfterALeaseExpiredLetsTheSessionReattachFirst(t *tes
 // A session that re-attaches nowhere still ends FAILURE: after the wait.
 func TestAReplicaStartedLongAfterALeaseExpiredEndsAnUnclaimedTaskAfterTheGrace(t *testing.T) {
 	d, late := startedLongAfterTheExpiry(t)
-	st, msg := d.ended(t, late, lateReplicaGrace+5*time.Second)
+	st, msg := d.ended(t, late, testWait+5*time.Second)
 	if st != agentpb.TaskStatus_FAILURE {
 		t.Fatalf("ended %s %q, want FAILURE", st, msg)
 	}
@@ -184,8 +191,8 @@ func outage(t *testing.T, grace, down time.Duration) (*replica, *replica, string
 	pg := openStoreVia(t, direct, p)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
-	owner := startReplicaLeased(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, testLease, grace, func(*Fleet) {})
-	other := startReplicaLeased(t, pg, url, "other", &testSlot{}, testLease, grace, func(*Fleet) {})
+	owner := startReplicaLeased(t, pg, url, "owner", &testSlot{upstream: true, stops: true}, testLease, grace, shortWindow)
+	other := startReplicaLeased(t, pg, url, "other", &testSlot{}, testLease, grace, shortWindow)
 	id := submitRunning(t, owner)
 	if err := owner.w.Flush(ctx); err != nil {
 		t.Fatal(err)
@@ -196,7 +203,8 @@ func outage(t *testing.T, grace, down time.Duration) (*replica, *replica, string
 	}
 	p.cut()
 	cut := time.Now()
-	waitFor(t, "both replicas to see the database down", down, func() bool {
+	// Room for a loaded machine under -race: two failed pings each.
+	waitFor(t, "both replicas to see the database down", down+10*time.Second, func() bool {
 		return !owner.f.dbOK.Load() && !other.f.dbOK.Load()
 	})
 	// What the health probe says (chaos finding D5: it said "draining").
@@ -217,53 +225,128 @@ func outage(t *testing.T, grace, down time.Duration) (*replica, *replica, string
 	return owner, other, id, first, ctx
 }
 
-// PostgreSQL down for longer than the lease, shorter than lease + grace,
-// every replica and commander alive: the owner keeps its copy, renews the
-// lease it still holds (nobody claimed it) once the database is back, and
-// the task runs on, no re-attach needed (chaos finding D8: every running
-// task ended FAILURE).
-func TestADatabaseOutageLongerThanTheLeaseKeepsTheOwnersSession(t *testing.T) {
-	// Lease + grace (3.9 s) well past the outage (1.8 s): the owner's
-	// renewals resume before it would drop its copy, even on a loaded
-	// machine.
-	const grace = 3 * time.Second
-	owner, _, id, first, _ := outage(t, grace, 2*testLease)
-	lt := owner.mgr.Registry().Get(id)
-	time.Sleep(grace + 2*time.Second) // past every sweeper's wait
-	if st, msg := storedStatus(t, owner, id); st != agentpb.TaskStatus_RUNNING {
-		t.Fatalf("after the outage the task ended %s %q", st, msg)
+// PostgreSQL down for longer than lease + grace: the owner drops its
+// copy, the session's commander re-attaches once the database is back
+// (here, to the other replica 2 s after, 1 s before the end of its wait)
+// and the task runs on there: no sweeper took the lease over first.
+func TestADatabaseOutageLongerThanLeaseAndGraceLetsTheSessionReattachAfter(t *testing.T) {
+	const grace = lateReplicaGrace
+	_, other, id, first, ctx := outage(t, grace, testLease+grace+time.Second)
+	time.Sleep(2 * time.Second)
+	info, err := other.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
+		return stopRunner{t: tk}
+	})
+	if err != nil {
+		st, msg := storedStatus(t, other, id)
+		t.Fatalf("the re-attach 2 s after the database came back (wait %s) was refused: %v (task %s %q)", testWait, err, st, msg)
 	}
-	if a := owner.f.fenced.attempt(id); a != first || lt == nil || lt.Disowned() || owner.mgr.Registry().Get(id) != lt {
-		t.Fatalf("the owner holds attempt %d (had %d) or dropped its copy", a, first)
+	if info.Attempt <= first {
+		t.Fatalf("re-attached with attempt %d, want more than %d", info.Attempt, first)
 	}
-	if n := owner.f.Fenced(); n != 0 {
-		t.Fatalf("%d of the owner's writes were fenced", n)
+	time.Sleep(testWait + time.Second)
+	if st, msg := storedStatus(t, other, id); st != agentpb.TaskStatus_RUNNING {
+		t.Fatalf("the re-attached task ended %s %q", st, msg)
+	}
+	if a := other.f.fenced.attempt(id); a != info.Attempt {
+		t.Fatalf("the other replica holds attempt %d, re-attached with %d", a, info.Attempt)
 	}
 }
 
-// PostgreSQL down for longer than lease + grace: the owner drops its
-// copy, the session's commander re-attaches once the database is back
-// (here, to the other replica 0.5 s after) and the task runs on there:
-// no sweeper took the lease over first.
-func TestADatabaseOutageLongerThanLeaseAndGraceLetsTheSessionReattachAfter(t *testing.T) {
-	const grace = 1500 * time.Millisecond
-	_, other, id, first, ctx := outage(t, grace, testLease+grace+time.Second)
+// PostgreSQL cut from the owner alone (a partition), the other replica
+// healthy: the owner drops its copy when its lease runs out, a grace
+// before the other's sweeper may end the task, and the session's
+// commander re-attaches to the other meanwhile: the task runs on. Lease
+// and grace are the defaults' ratio (10 s : 5 s), shortened.
+func TestAReplicaCutFromTheDatabaseAloneLeavesItsSessionsToReattachElsewhere(t *testing.T) {
+	const lease, grace = 3 * time.Second, 1500 * time.Millisecond
+	direct, url := openStore(t), redisURL(t)
+	host := direct.Pool().Config().ConnConfig
+	p := newPGProxy(t, net.JoinHostPort(host.Host, strconv.Itoa(int(host.Port))))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	noWindow := func(f *Fleet) { f.reattachWindow = 0 } // the other is long up: no wait
+	owner := startReplicaLeased(t, openStoreVia(t, direct, p), url, "owner", &testSlot{upstream: true, stops: true}, lease, grace, noWindow)
+	other := startReplicaLeased(t, direct, url, "other", &testSlot{}, lease, grace, noWindow)
+	id := submitRunning(t, owner)
+	if err := owner.w.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := owner.f.fenced.attempt(id)
+	if first == 0 {
+		t.Fatal("the owner holds no lease of the running task")
+	}
+	time.Sleep(grace) // past the other's wait since its start
+	p.cut()
+	cut := time.Now()
+	waitFor(t, "the owner to drop its copy", lease+grace+5*time.Second, func() bool {
+		return owner.f.fenced.attempt(id) == 0
+	})
+	dropped := time.Since(cut)
+	t.Logf("the owner dropped its copy %s after the cut (lease %s, grace %s)", dropped, lease, grace)
+	// The commander finds its stream ended and re-attaches elsewhere.
 	time.Sleep(500 * time.Millisecond)
 	info, err := other.mgr.Reattach(ctx, id, "session-1", "commander", nil, func(tk *task.Task) task.Runner {
 		return stopRunner{t: tk}
 	})
 	if err != nil {
 		st, msg := storedStatus(t, other, id)
-		t.Fatalf("the re-attach 0.5 s after the database came back was refused: %v (task %s %q)", err, st, msg)
+		t.Fatalf("the re-attach 0.5 s after the owner dropped its copy (%s after the cut) was refused: %v (task %s %q)", dropped, err, st, msg)
 	}
 	if info.Attempt <= first {
 		t.Fatalf("re-attached with attempt %d, want more than %d", info.Attempt, first)
 	}
-	time.Sleep(grace + 2*time.Second)
+	time.Sleep(lease + grace)
 	if st, msg := storedStatus(t, other, id); st != agentpb.TaskStatus_RUNNING {
 		t.Fatalf("the re-attached task ended %s %q", st, msg)
 	}
 	if a := other.f.fenced.attempt(id); a != info.Attempt {
 		t.Fatalf("the other replica holds attempt %d, re-attached with %d", a, info.Attempt)
+	}
+}
+
+// blip closes every connection through the proxy and refuses new ones
+// for d.
+func (p *pgProxy) blip(d time.Duration) {
+	p.cut()
+	time.Sleep(d)
+	p.restore()
+}
+
+// PostgreSQL's connections closed for 50 ms every 2.5 s (a flapping
+// network, a proxy restarting): no real outage (dbOK stays up), so the
+// sweeper's wait is not restarted and a dead replica's task still ends
+// FAILURE soon after the wait.
+func TestAFlappingDatabaseDoesNotKeepADeadReplicasTaskRunning(t *testing.T) {
+	d := newDeadTask(t, true)
+	d.exec(t, `UPDATE fleet_leases SET expires_at = clock_timestamp() - interval '1 minute' WHERE task_id = '%[1]s'`)
+	host := d.pg.Pool().Config().ConnConfig
+	p := newPGProxy(t, net.JoinHostPort(host.Host, strconv.Itoa(int(host.Port))))
+	pg := openStoreVia(t, d.pg, p)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(2500 * time.Millisecond):
+				p.blip(50 * time.Millisecond)
+			}
+		}
+	})
+	t.Cleanup(func() { close(stop); wg.Wait() })
+	// A grace longer than the blips' period: any failure restarting the
+	// wait would starve it.
+	const grace = 3 * time.Second
+	started := time.Now()
+	r := startReplicaLeased(t, pg, d.url, "flapping", &testSlot{}, testLease, grace, shortWindow)
+	waitFor(t, "the dead replica's task to end", grace+testWindow+10*time.Second, func() bool {
+		snap, err := r.ts.Load(d.ctx, d.id)
+		return err == nil && task.Terminal(snap.Status)
+	})
+	st, msg := storedStatus(t, r, d.id)
+	t.Logf("ended %s %q %s after the replica started (wait %s)", st, msg, time.Since(started), grace+testWindow)
+	if st != agentpb.TaskStatus_FAILURE {
+		t.Fatalf("ended %s %q, want FAILURE", st, msg)
 	}
 }
