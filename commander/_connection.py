@@ -39,7 +39,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # sweeper may end the task: with the default lease (10 s, renewed every third) and
 # grace (5 s) a frozen replica's leases are taken over 11.7 s after the freeze at
 # the earliest (docs/operations.md "Timing budget"). The dispatcher's
-# EnforcementPolicy.MinTime is 5 s, so 6 s never trips ENHANCE_YOUR_CALM
+# EnforcementPolicy.MinTime is 3 s, so 6 s never trips ENHANCE_YOUR_CALM
 # "too_many_pings". Without max_pings_without_data=0 the Python client stops
 # pinging after two pings without data, and a long silent model call would go
 # unguarded. gRPC C-core (1.85) times an unanswered ping out by

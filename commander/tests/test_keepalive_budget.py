@@ -31,8 +31,10 @@ def test_keepalive_finds_a_frozen_dispatcher_before_the_sweeper_takes_over() -> 
     min_time = go_seconds(
         GO / "dispatcher" / "config.go", r"MinTime: (\d+) \* time\.(Second|Millisecond)"
     )
-    # Pings above the dispatcher's EnforcementPolicy.MinTime, with margin.
-    assert ping >= min_time + 1, (ping, min_time)
+    # Pings above the dispatcher's EnforcementPolicy.MinTime, with a margin of
+    # 3 s: an early ping (timer slack, a loaded commander) never trips
+    # too_many_pings.
+    assert ping >= min_time + 3, (ping, min_time)
     # Freeze -> found (a ping due at most `ping` later, unanswered for `answer`)
     # -> reconnected (first delay plus jitter, each at most reconnect_initial) and
     # re-attached, before the earliest takeover: the last renewal came up to a
