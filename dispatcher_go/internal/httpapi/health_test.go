@@ -37,3 +37,20 @@ func TestHealthSaysWhatIsDown(t *testing.T) {
 		}
 	}
 }
+
+// Not serving when asked, serving again by the time HealthText is asked
+// (nothing to say): 200 ok, not a 503 with no reason.
+func TestHealthIsOKWhenTheBackendHasNothingToSay(t *testing.T) {
+	s := httptest.NewServer(New(degradedBackend{&fakeBackend{}, ""}, Options{}))
+	defer s.Close()
+	r, err := http.Get(s.URL + "/api/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h map[string]string
+	err = json.NewDecoder(r.Body).Decode(&h)
+	_ = r.Body.Close()
+	if err != nil || r.StatusCode != http.StatusOK || h["status"] != "ok" {
+		t.Fatalf("health: %d %v (%v), want 200 ok", r.StatusCode, h, err)
+	}
+}

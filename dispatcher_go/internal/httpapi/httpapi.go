@@ -227,18 +227,18 @@ type healthTexter interface {
 // health is seed 001's {"status": "ok"}; 503 {"status": "draining"} while
 // the dispatcher drains, 503 {"status": "degraded: …"} while what new
 // work needs is down (the store, a fleet's database or bus: see
-// dispatcher.HealthText). No token needed (probes).
+// dispatcher.HealthText). No token needed (probes). A HealthText of ""
+// (serving again by the time it was asked) is 200 ok.
 func (h *handler) health(w http.ResponseWriter, r *http.Request) {
 	if !h.b.Serving(r.Context()) {
 		status := "draining"
 		if ht, ok := h.b.(healthTexter); ok {
-			status = "unavailable"
-			if s := ht.HealthText(r.Context()); s != "" {
-				status = s
-			}
+			status = ht.HealthText(r.Context())
 		}
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": status})
-		return
+		if status != "" {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": status})
+			return
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
