@@ -350,3 +350,67 @@ func TestAFlappingDatabaseDoesNotKeepADeadReplicasTaskRunning(t *testing.T) {
 		t.Fatalf("ended %s %q, want FAILURE", st, msg)
 	}
 }
+
+// PostgreSQL really down (two failed pings in a row) for 1.5 s every 3 s:
+// each outage restarts the sweeper's wait (3 s here), which never ends;
+// the cap on the deferment (2 × (lease + grace), 4.8 s here) still ends a
+// dead replica's task.
+func TestARepeatedDatabaseOutageDefersTheSweeperOnlyUpToTheCap(t *testing.T) {
+	d := newDeadTask(t, true)
+	d.exec(t, `UPDATE fleet_leases SET expires_at = clock_timestamp() - interval '1 minute' WHERE task_id = '%[1]s'`)
+	host := d.pg.Pool().Config().ConnConfig
+	p := newPGProxy(t, net.JoinHostPort(host.Host, strconv.Itoa(int(host.Port))))
+	pg := openStoreVia(t, d.pg, p)
+	r := startReplicaLeased(t, pg, d.url, "flapping", &testSlot{}, testLease, lateReplicaGrace, shortWindow)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var outages, downs int
+	wg.Go(func() { // counts the outages the replica saw (dbOK down)
+		was := true
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+				if ok := r.f.dbOK.Load(); ok != was {
+					was = ok
+					if !ok {
+						downs++
+					}
+				}
+			}
+		}
+	})
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(1500 * time.Millisecond):
+				p.blip(1500 * time.Millisecond)
+				outages++
+			}
+		}
+	})
+	started := time.Now()
+	var st agentpb.TaskStatus
+	waitFor(t, "the dead replica's task to end", 30*time.Second, func() bool {
+		// Read directly: the replica's own store is cut half the time.
+		var n int32
+		if err := d.pg.Pool().QueryRow(d.ctx, `SELECT status FROM tasks WHERE id = $1`, d.id).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		st = agentpb.TaskStatus(n)
+		return task.Terminal(st)
+	})
+	took := time.Since(started)
+	close(stop)
+	wg.Wait()
+	t.Logf("ended %s %s after the replica started, after %d outages (%d seen down)", st, took, outages, downs)
+	if st != agentpb.TaskStatus_FAILURE {
+		t.Fatalf("ended %s, want FAILURE", st)
+	}
+	if downs < 2 {
+		t.Fatalf("the replica saw the database down %d times: the test did not restart its wait", downs)
+	}
+}
