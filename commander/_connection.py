@@ -33,10 +33,13 @@ T = TypeVar("T")
 #: Default dispatcher address.
 DEFAULT_TARGET = "127.0.0.1:50051"
 
-# KeepAlive (DESIGN.md "KeepAlive"): ping every 10 s even without calls, give the
-# dispatcher 5 s to answer, so a frozen or black-holed dispatcher is found within
-# 15 s and the slot moves on (re-attaching its session elsewhere). The dispatcher's
-# EnforcementPolicy.MinTime is 5 s, so 10 s never trips ENHANCE_YOUR_CALM
+# KeepAlive (DESIGN.md "KeepAlive"): ping every 6 s even without calls, give the
+# dispatcher 3 s to answer, so a frozen or black-holed dispatcher is found within
+# 9 s and the slot moves on (re-attaching its session elsewhere) before a fleet's
+# sweeper may end the task: with the default lease (10 s, renewed every third) and
+# grace (5 s) a frozen replica's leases are taken over 11.7 s after the freeze at
+# the earliest (docs/operations.md "Timing budget"). The dispatcher's
+# EnforcementPolicy.MinTime is 3 s, so 6 s never trips ENHANCE_YOUR_CALM
 # "too_many_pings". Without max_pings_without_data=0 the Python client stops
 # pinging after two pings without data, and a long silent model call would go
 # unguarded. gRPC C-core (1.85) times an unanswered ping out by
@@ -44,9 +47,9 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # without it a frozen dispatcher was found only after 70 s
 # (tests/test_failover.py::test_frozen_dispatcher_is_found_by_the_commanders_keepalive).
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 6_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.http2.ping_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )

@@ -144,7 +144,7 @@ def test_default_keepalive_window(stack: Stack) -> None:
 
 def test_frozen_dispatcher_is_found_by_the_commanders_keepalive(stack: Stack) -> None:
     """The dispatcher freezes (SIGSTOP: its sockets stay open, nothing answers). The
-    commander's own keepalive (a ping every 10 s, 5 s for the answer,
+    commander's own keepalive (a ping every 6 s, 3 s for the answer,
     commander/_connection.py KEEPALIVE_OPTIONS) finds the stream dead, and the
     session goes on and waits to re-attach. Thawed, the dispatcher sees that stream
     end (link loss: the session waits --link-loss-window), the commander re-attaches
@@ -161,7 +161,7 @@ def test_frozen_dispatcher_is_found_by_the_commanders_keepalive(stack: Stack) ->
     d.proc.signal(signal.SIGSTOP)
     try:
         _procs.wait_until(
-            lambda: "stream lost" in cmd.log_text(), 10 + 5 + 5, "the commander finds it dead"
+            lambda: "stream lost" in cmd.log_text(), 6 + 3 + 5, "the commander finds it dead"
         )
         found = time.monotonic() - t0
     finally:
@@ -171,14 +171,14 @@ def test_frozen_dispatcher_is_found_by_the_commanders_keepalive(stack: Stack) ->
     events = watch.values()
     print(
         f"\nSIGSTOP dispatcher: the commander found its stream dead {found:.2f}s after "
-        f"(keepalive 10s+5s); task {agent_pb2.TaskStatus.Name(status.status)} after the thaw"
+        f"(keepalive 6s+3s); task {agent_pb2.TaskStatus.Name(status.status)} after the thaw"
     )
     assert status.status == agent_pb2.SUCCESS, status
     assert [e.seq for e in events] == list(range(1, len(events) + 1)), describe(events)
     assert any(
         kind(e) == "state" and "re-attached (attempt 2)" in e.state.message for e in events
     ), describe(events)
-    assert found < 10 + 5 + 3, f"the commander took {found:.2f}s"
+    assert found < 6 + 3 + 2, f"the commander took {found:.2f}s"
 
 
 def test_dispatcher_restart_commanders_reconnect(stack: Stack, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if c.listen != "127.0.0.1:50051" || c.queueSize != 1024 || c.stopGrace != 2*time.Second || c.toolTimeout != 30*time.Second ||
 		c.maxMsgBytes != 4<<20 || c.drainTimeout != 15*time.Second || c.kaTime != 5*time.Second || c.kaTimeout != 2*time.Second ||
-		c.kaMinTime != 5*time.Second || c.defaultPlanner != "chat" || c.maxTasksKept != 10000 || c.logFormat != "json" || c.logLevel != "info" {
+		c.kaMinTime != 3*time.Second || c.defaultPlanner != "chat" || c.maxTasksKept != 10000 || c.logFormat != "json" || c.logLevel != "info" {
 		t.Fatalf("defaults %+v", c)
 	}
 }

@@ -200,7 +200,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.IntVar(&o.upBatch, "up-batch", 0, "stop/relay/throughput/tools: the commanders send the packets they find waiting (handed over while a Send was under way) as one UpstreamBatch of at most this many (and what the dispatcher's hello ack announces), a lone packet alone; 0 = one packet per message, as before")
 	fs.IntVar(&o.leakAfterStop, "leak-after-stop", 3, "stop: content packets each planner still sends after the stop (the dispatcher must drop them)")
 	fs.Int64Var(&o.taskPackets, "task-packets", -1, "relay/throughput/tools: a session ends after this many packets (tools: calls) and its lane submits the next task; 0 = no limit (default: relay 0, throughput and tools 20000)")
-	fs.DurationVar(&o.keepalive, "keepalive", 10*time.Second, "commander connections' KeepAlive ping interval (0 = off)")
+	fs.DurationVar(&o.keepalive, "keepalive", 10*time.Second, "commander connections' KeepAlive ping interval, each ping answered within 3 s (0 = off); grpc-go raises any interval under 10 s to 10 s (internal.KeepaliveMinPingTime), so loadgen cannot ping every 6 s as the Python commander does (commander/_connection.py KEEPALIVE_OPTIONS)")
 	fs.StringVar(&o.label, "label", "", "name of this run in `loadgen report` (default SCENARIO@SESSIONS)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write loadgen's own CPU profile here (to show the load generator is not the bottleneck)")
 	fs.DurationVar(&o.timeout, "timeout", 0, "hard limit of the whole run (default: duration + 2m)")
@@ -326,7 +326,7 @@ func dialN(o *options, e *env, n int, token string, withKeepalive bool) ([]*grpc
 	}
 	if withKeepalive && o.keepalive > 0 {
 		opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
-			Time: o.keepalive, Timeout: 5 * time.Second, PermitWithoutStream: true,
+			Time: o.keepalive, Timeout: 3 * time.Second, PermitWithoutStream: true,
 		}))
 	}
 	if connTrace != nil {

@@ -36,3 +36,9 @@ func (l *Local) Watch(ctx context.Context, id string, afterSeq uint64, fn func(*
 func (l *Local) Serving(ctx context.Context) bool {
 	return l.s.d.Serving(ctx)
 }
+
+// HealthText says why the dispatcher does not accept work ("" when it
+// does): see Dispatcher.HealthText.
+func (l *Local) HealthText(ctx context.Context) string {
+	return l.s.d.HealthText(ctx)
+}

@@ -101,7 +101,9 @@ const (
 
 // DefaultKeepalive are the documented keepalive defaults: a dead peer is
 // noticed within Time+Timeout = 7 s of silence (docs/operations.md).
-var DefaultKeepalive = Keepalive{Time: 5 * time.Second, Timeout: 2 * time.Second, MinTime: 5 * time.Second}
+// MinTime is 3 s, well under the commander's 6 s pings: a ping that comes
+// early (a loaded commander, timer slack) is not counted as too many.
+var DefaultKeepalive = Keepalive{Time: 5 * time.Second, Timeout: 2 * time.Second, MinTime: 3 * time.Second}
 
 // DefaultEventLimits bound each task's event log (eventlog's figures).
 var DefaultEventLimits = eventlog.DefaultLimits

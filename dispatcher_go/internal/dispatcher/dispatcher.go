@@ -63,10 +63,12 @@ type Dispatcher struct {
 	// follow the dispatcher's health (TrackHealth).
 	healthMu    sync.Mutex
 	healthNames []string
-	policy      *policy.Engine
-	auth        *tenant.Auth
-	writer      *store.Writer // nil without a store
-	fleet       *fleet.Fleet  // nil: single node
+	// draining is set by Drain (HealthText).
+	draining atomic.Bool
+	policy   *policy.Engine
+	auth     *tenant.Auth
+	writer   *store.Writer // nil without a store
+	fleet    *fleet.Fleet  // nil: single node
 
 	// base ends every client stream (watchers, providers) and the
 	// background goroutines (bg) at shutdown.
@@ -358,6 +360,30 @@ func (d *Dispatcher) Serving(ctx context.Context) bool {
 	return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_SERVING
 }
 
+// HealthText says why the dispatcher does not accept work, for the HTTP
+// health probe ("" when it does): "draining" from Drain on, else
+// "degraded: …" naming what is down (the store's writes, the fleet's
+// database or bus). Running tasks go on while it is degraded.
+func (d *Dispatcher) HealthText(ctx context.Context) string {
+	if d.draining.Load() {
+		return "draining"
+	}
+	var why []string
+	if d.writer != nil && d.writer.Health() != nil {
+		why = append(why, "store writes failing")
+	}
+	if d.fleet != nil {
+		why = append(why, d.fleet.Degraded()...)
+	}
+	if len(why) == 0 {
+		if d.Serving(ctx) {
+			return ""
+		}
+		return "unavailable"
+	}
+	return "degraded: " + strings.Join(why, ", ")
+}
+
 // Watchers is the count of client streams reading task logs (see Watchers).
 func (d *Dispatcher) Watchers() *Watchers { return &d.watchers }
 
@@ -446,6 +472,7 @@ func (d *Dispatcher) Drain(ctx context.Context) {
 	// New work is refused before health says NOT_SERVING, so a client
 	// that saw NOT_SERVING is never handed a task that drain then fails.
 	d.tasks.Close()
+	d.draining.Store(true)
 	d.health.Shutdown()
 	if d.fleet != nil {
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)

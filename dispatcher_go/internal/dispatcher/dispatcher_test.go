@@ -131,6 +131,9 @@ func TestDrain(t *testing.T) {
 	ctx, cancel := d.StreamContext(t.Context())
 	defer cancel()
 	d.Watchers().Add(1) // a watcher that never ends
+	if h := d.HealthText(t.Context()); h != "" {
+		t.Fatalf("health text %q before Drain, want none", h)
+	}
 	start := time.Now()
 	dctx, dcancel := context.WithTimeout(t.Context(), 5*time.Second)
 	defer dcancel()
@@ -148,6 +151,9 @@ func TestDrain(t *testing.T) {
 	}
 	if d.Serving(t.Context()) {
 		t.Fatal("serving after Drain")
+	}
+	if h := d.HealthText(t.Context()); h != "draining" {
+		t.Fatalf("health text %q after Drain, want draining", h)
 	}
 	if _, err := d.Tasks().Submit(task.Spec{Instruction: "x"}); !errors.Is(err, task.ErrClosed) {
 		t.Fatalf("submit after Drain: %v", err)

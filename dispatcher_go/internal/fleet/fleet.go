@@ -21,7 +21,8 @@
 // replica writes a task only while it holds its lease with the attempt it
 // claimed; a replica that lost the lease (paused, cut off) is refused and
 // drops the session. Leases are renewed in the background; a lease expired
-// for longer than the grace is taken over by another replica, which ends
+// for longer than the grace (while the taker could reach PostgreSQL: see
+// sweepLoop) is taken over by another replica, which ends
 // the task FAILURE (or puts a task that had not started back on the bus).
 // A session re-attaching to any replica takes its task over at once
 // (TakeSession: the lease with the next attempt, whoever held it).
@@ -73,8 +74,16 @@ const (
 	// DefaultGrace is how long past its expiry a lease is left alone
 	// before another replica takes the task over (room for a session
 	// hand-over). A dead replica's running tasks end FAILURE within
-	// DefaultLease + DefaultGrace + one sweep (1 s).
+	// DefaultLease + DefaultGrace + one sweep (1 s), or DefaultGrace +
+	// ReattachWindow + one sweep after the sweeper's replica started or
+	// regained PostgreSQL, if that is later (sweepLoop).
 	DefaultGrace = 5 * time.Second
+	// ReattachWindow is what the sweeper adds to the grace before it takes
+	// a lease over after its replica started or regained PostgreSQL: the
+	// commander's re-attach retry step (at most 4 s + 0.5 s of jitter)
+	// plus a claim. An absolute margin, not a multiple of the grace: the
+	// commander's retry does not shrink with a shorter grace.
+	ReattachWindow = 5 * time.Second
 	// DefaultReclaimIdle is how long a bus entry read by a replica may stay
 	// unacknowledged before another replica reclaims it (XAUTOCLAIM).
 	DefaultReclaimIdle = 10 * time.Second
@@ -150,6 +159,16 @@ type Fleet struct {
 	dbOK    atomic.Bool
 	dbFails int
 	dbConn  *pgx.Conn
+	// dbSince is when (UnixNano) this replica last started or found
+	// PostgreSQL reachable again after an outage (dbOK false: pingDownAfter
+	// failed pings in a row); 0 while it is down. A lone failed ping, a
+	// timed-out sweep or renewal do not count: the sweeper's wait
+	// (sweepLoop) restarts only with a real outage.
+	dbSince atomic.Int64
+	// reattachWindow is ReattachWindow (tests shorten it).
+	reattachWindow time.Duration
+	// renewNow wakes renewLoop (PostgreSQL answers again).
+	renewNow chan struct{}
 
 	// Set by Start.
 	mgr    *task.Manager
@@ -251,10 +270,13 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	f := &Fleet{
 		opts: opts, id: opts.ReplicaID, log: opts.Logger.With("replica", opts.ReplicaID),
 		pg: pg, leases: leases, rdb: rdb, tails: tails,
-		idle:    make(chan struct{}, 1),
-		pub:     make(chan pubBatch, 4096),
-		legs:    newLegStats(),
-		keepSem: make(chan struct{}, keepCancelWrites),
+		idle:     make(chan struct{}, 1),
+		renewNow: make(chan struct{}, 1),
+		pub:      make(chan pubBatch, 4096),
+		legs:     newLegStats(),
+		keepSem:  make(chan struct{}, keepCancelWrites),
+
+		reattachWindow: ReattachWindow,
 	}
 	f.ann = &announcer{rdb: rdb, channel: cmdChannel, log: f.log}
 	f.holders, f.cmdRows = newHolders(leases), newCommandWriter(leases)
@@ -269,6 +291,7 @@ func New(ctx context.Context, pg *postgres.Store, opts Options) (*Fleet, error) 
 	f.busOK.Store(rdb.Ping(pctx).Err() == nil)
 	cancel()
 	f.dbOK.Store(true) // NewLeases just used it
+	f.dbSince.Store(time.Now().UnixNano())
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	return f, nil
 }
@@ -374,6 +397,19 @@ func (f *Fleet) Health() error {
 		return fmt.Errorf("%w: the fleet's database (PostgreSQL) is unreachable, so no new task is accepted until it is back", store.ErrUnavailable)
 	}
 	return nil
+}
+
+// Degraded names what of the fleet is down for new work (Health), for
+// the health probe's text: nil when nothing is.
+func (f *Fleet) Degraded() []string {
+	var out []string
+	if !f.dbOK.Load() {
+		out = append(out, "fleet database unreachable")
+	}
+	if !f.busUp() {
+		out = append(out, "bus unreachable")
+	}
+	return out
 }
 
 // SlotsServing is SlotCount for a caller: the slots of the whole fleet
@@ -505,16 +541,40 @@ func (f *Fleet) pingDB(ctx context.Context) {
 		}
 		f.dbFails++
 	} else {
+		if f.dbFails > 0 {
+			f.renewSoon() // a renewal may have failed meanwhile
+		}
 		f.dbFails = 0
 	}
 	up := err == nil || f.dbFails < pingDownAfter
 	if was := f.dbOK.Swap(up); was != up {
 		if up {
+			f.dbSince.Store(time.Now().UnixNano())
 			f.log.Info("fleet database (PostgreSQL) reachable again")
 		} else {
+			f.dbSince.Store(0)
 			f.log.Warn("fleet database (PostgreSQL) unreachable: new tasks are refused", "error", err)
 		}
 	}
+}
+
+// renewSoon wakes renewLoop: PostgreSQL answers again, the leases a
+// failed renewal left are renewed at once.
+func (f *Fleet) renewSoon() {
+	select {
+	case f.renewNow <- struct{}{}:
+	default:
+	}
+}
+
+// dbReachableFor is how long PostgreSQL has been up for this replica
+// (since its start or the end of its last outage; 0: down).
+func (f *Fleet) dbReachableFor() time.Duration {
+	since := f.dbSince.Load()
+	if since == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, since))
 }
 
 // pubBatch is a batch of stored events for the publisher.
@@ -1305,23 +1365,46 @@ func (f *Fleet) reclaimLoop(ctx context.Context) {
 	}
 }
 
-// renewLoop renews this replica's leases every third of the lease, and
-// drops the sessions of those it lost.
-// renewEvery is the period of renewLoop.
-func (f *Fleet) renewEvery() time.Duration { return f.opts.Lease / 3 }
-
+// renewLoop renews this replica's leases every third of the lease (and
+// at once when PostgreSQL answers again), and drops the sessions of those
+// it lost.
+//
+// When renewals fail, the copies are dropped when the lease runs out (a
+// timer at the start of the last successful renewal + the lease, not at
+// the next failing tick): a replica cut off from PostgreSQL alone must
+// leave its sessions to the others before their sweepers end the tasks,
+// one grace later; the commanders re-attach there meanwhile.
 func (f *Fleet) renewLoop(ctx context.Context) {
-	t := time.NewTicker(f.renewEvery())
+	lease := f.opts.Lease
+	t := time.NewTicker(lease / 3)
 	defer t.Stop()
 	lastOK := time.Now()
+	drop := time.NewTimer(lease)
+	defer drop.Stop()
+	dropAll := func() {
+		for id, a := range f.fenced.ownedTasks() {
+			f.lost(id, a, "this dispatcher replica could not renew the task's lease within the lease")
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-drop.C:
+			dropAll()
+			continue
 		case <-t.C:
+		case <-f.renewNow:
 		}
 		held := f.fenced.ownedTasks()
-		cctx, cancel := context.WithTimeout(ctx, f.opts.Lease/3)
+		sent := time.Now()
+		// Within the lease still held: a renewal hanging past it must not
+		// delay the drop.
+		timeout := lease / 3
+		if left := time.Until(lastOK.Add(lease)); left > 0 && left < timeout {
+			timeout = left
+		}
+		cctx, cancel := context.WithTimeout(ctx, timeout)
 		got, err := f.leases.Renew(cctx, f.id, slices.Collect(maps.Keys(held)))
 		cancel()
 		if err != nil {
@@ -1329,14 +1412,15 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 				return
 			}
 			f.log.Warn("lease renewal failed", "error", err)
-			if time.Since(lastOK) > f.opts.Lease {
-				for id, a := range held {
-					f.lost(id, a, "this dispatcher replica could not renew the task's lease for longer than the lease")
-				}
+			if !time.Now().Before(lastOK.Add(lease)) {
+				dropAll() // past the lease (what was claimed since, too)
 			}
 			continue
 		}
-		lastOK = time.Now()
+		// The database set the expiry after sent: counting from sent
+		// drops early rather than late.
+		lastOK = sent
+		drop.Reset(time.Until(lastOK.Add(lease)))
 		for id, a := range held {
 			if got[id] != a {
 				f.lost(id, a, "this dispatcher replica lost the task's lease; another replica took the task over")
@@ -1415,21 +1499,24 @@ func (f *Fleet) lost(id string, attempt int64, reason string) {
 // for longer than the grace: a running one ends FAILURE, one that had not
 // started goes back to the queue.
 //
-// It sweeps only once this replica has been up, and its PostgreSQL
-// reachable, for a lease and the grace in a row (an outage of at least a
-// renewal tick starts the wait again, from the first sweep that succeeds). A lease that expired
-// while no replica ran (the whole fleet restarted) or while PostgreSQL was
-// down says nothing of its session yet: its commander, alive, is still
-// reconnecting (its backoff reaches 4 s a try, address after address) and
-// its owner, alive, renews at its next tick (a third of the lease). A
-// replica that swept at its first tick ended such a task FAILURE 0.25 s
-// before its session re-attached (the fleet killed for 20 s and started
-// again: 1 task of 8).
+// A lease counts as expired for longer than the grace only while this
+// replica could see it so: it takes nothing over before PostgreSQL has
+// been up for it (since its start or the end of an outage: dbSince) for
+// the grace + reattachWindow. A replica that just started, or that just
+// regained the database, finds leases that expired long ago (the whole
+// fleet was down, or PostgreSQL was) whose sessions are re-attaching at
+// that very moment: the commanders retry at most every 4 s (+ up to 0.5 s
+// of jitter), and a claim takes up to a few seconds more, so within the
+// wait their re-attach claims the lease first.
+//
+// Only a real outage (dbOK false) restarts the wait, not a failed sweep
+// or a lone lost ping; and a wait restarted again and again (a flapping
+// database) defers the rows it keeps finding for at most
+// 2 × (lease + grace) in all: a dead replica's tasks do not stay RUNNING.
 func (f *Fleet) sweepLoop(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
-	ready := time.Now()
-	var downSince time.Time // the first failed sweep of an outage; zero: none
+	var deferredSince, warned time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -1442,29 +1529,28 @@ func (f *Fleet) sweepLoop(ctx context.Context) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		held := slices.Collect(maps.Keys(f.fenced.ownedTasks()))
 		rows, err := f.leases.Expired(cctx, f.id, held, f.opts.Grace, 32)
-		if err == nil && f.hooks.sweepErr != nil {
-			err = f.hooks.sweepErr()
-		}
-		if err == nil && !downSince.IsZero() {
-			// PostgreSQL is back: the wait starts now, not at the last
-			// failure (up to a tick earlier). A lone failure (an overloaded
-			// PostgreSQL's timeout) is no outage: resetting on every one
-			// would starve the sweep if one came every lease and grace.
-			if time.Since(downSince) >= f.renewEvery() {
-				ready = time.Now()
-				f.log.Info("PostgreSQL answers again: the sweep waits a lease and the grace", "down_for", time.Since(downSince).Round(time.Millisecond))
+		if err == nil {
+			now := time.Now()
+			wait := f.opts.Grace + f.reattachWindow
+			up := f.dbReachableFor()
+			switch {
+			case len(rows) == 0 || up > wait:
+				deferredSince = time.Time{}
+			case deferredSince.IsZero():
+				deferredSince = now
 			}
-			downSince = time.Time{}
-		}
-		switch {
-		case err != nil:
-			if ctx.Err() == nil && downSince.IsZero() {
-				downSince = time.Now()
-			}
-		case time.Since(ready) < f.opts.Lease+f.opts.Grace:
-		default:
-			for _, r := range rows {
-				f.takeOver(cctx, r)
+			capped := !deferredSince.IsZero() && now.Sub(deferredSince) > 2*(f.opts.Lease+f.opts.Grace)
+			if len(rows) > 0 && up <= wait && !capped {
+				if now.Sub(warned) >= 5*time.Second {
+					warned = now
+					f.log.Warn("expired leases left to their sessions' re-attach: the fleet database has been up for this replica only for a while",
+						"leases", len(rows), "up_for", up.Round(time.Millisecond), "wait", wait,
+						"deferred_for", now.Sub(deferredSince).Round(time.Millisecond))
+				}
+			} else {
+				for _, r := range rows {
+					f.takeOver(cctx, r)
+				}
 			}
 		}
 		cancel()
@@ -1646,9 +1732,6 @@ type requeueHooks struct {
 	// taken is called by Take once its claim succeeded with attempt,
 	// before it loads the task.
 	taken func(id string, attempt int64)
-	// sweepErr, when set, is called by sweepLoop after each look-up of
-	// the expired leases that succeeded: an error it returns fails it.
-	sweepErr func() error
 }
 
 // RequeueTakenOverMessage is the state message of a RUNNING task put back

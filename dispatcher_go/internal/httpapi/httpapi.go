@@ -219,12 +219,26 @@ func New(b Backend, opts Options) http.Handler {
 	return h.guard(mux)
 }
 
+// healthTexter is a Backend that says why it does not accept work.
+type healthTexter interface {
+	HealthText(ctx context.Context) string
+}
+
 // health is seed 001's {"status": "ok"}; 503 {"status": "draining"} while
-// the dispatcher drains. No token needed (probes).
+// the dispatcher drains, 503 {"status": "degraded: …"} while what new
+// work needs is down (the store, a fleet's database or bus: see
+// dispatcher.HealthText). No token needed (probes). A HealthText of ""
+// (serving again by the time it was asked) is 200 ok.
 func (h *handler) health(w http.ResponseWriter, r *http.Request) {
 	if !h.b.Serving(r.Context()) {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
-		return
+		status := "draining"
+		if ht, ok := h.b.(healthTexter); ok {
+			status = ht.HealthText(r.Context())
+		}
+		if status != "" {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": status})
+			return
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
