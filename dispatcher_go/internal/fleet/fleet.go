@@ -329,6 +329,9 @@ func (f *Fleet) Start(mgr *task.Manager, sched *scheduler.Scheduler, ts *tasksto
 	ctx, cancel := context.WithTimeout(f.ctx, 10*time.Second)
 	f.syncGlobal(ctx)
 	cancel()
+	// The sweeper's wait counts from here, not from New: syncGlobal above
+	// may have taken most of it on a slow database after a restart.
+	f.dbSince.Store(time.Now().UnixNano())
 	for _, loop := range []func(context.Context){f.pingLoop, f.dbPingLoop, f.publishLoop, f.pullLoop, f.reclaimLoop, f.renewLoop, f.sweepLoop, f.reconcileLoop, f.listenLoop, f.hub.run} {
 		f.wg.Go(func() { loop(f.ctx) })
 	}
@@ -1391,10 +1394,19 @@ func (f *Fleet) renewLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-drop.C:
+			if ctx.Err() != nil {
+				return // shutting down: its sessions are handed over, not dropped
+			}
 			dropAll()
 			continue
 		case <-t.C:
 		case <-f.renewNow:
+		}
+		if !time.Now().Before(lastOK.Add(lease)) {
+			// The tick and the drop came together and the tick won: drop
+			// first, not after a renewal that may hang for a third of
+			// the lease.
+			dropAll()
 		}
 		held := f.fenced.ownedTasks()
 		sent := time.Now()
