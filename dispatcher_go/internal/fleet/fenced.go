@@ -149,6 +149,27 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 			ids = append(ids, t.ID)
 		}
 	}
+	// A record whose attempt this replica does not hold (any more) is
+	// refused here too, even while the lease row still names it: a copy
+	// dropped when its lease ran out (renewals failing) must not store its
+	// end while nobody has claimed the task yet — its session is to be
+	// taken over, not ended by the copy that gave it up.
+	s.mu.Lock()
+	heldAs := func(id string, token int64) int64 {
+		if token != 0 && s.owned[id] != token {
+			return -1
+		}
+		return token
+	}
+	evAttempts := make([]int64, len(b.Events))
+	for i, e := range b.Events {
+		evAttempts[i] = heldAs(e.TaskID, e.Token)
+	}
+	taskAttempts := make([]int64, len(b.Tasks))
+	for i, t := range b.Tasks {
+		taskAttempts[i] = heldAs(t.ID, t.Token)
+	}
+	s.mu.Unlock()
 	var pb pgx.Batch
 	pb.Queue(`SELECT task_id, owner, attempt FROM fleet_leases WHERE task_id = ANY($1) FOR SHARE`, ids)
 	if len(b.Events) > 0 {
@@ -157,7 +178,7 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 		data := make([][]byte, len(b.Events))
 		attempts := make([]int64, len(b.Events))
 		for i, e := range b.Events {
-			taskIDs[i], seqs[i], data[i], attempts[i] = e.TaskID, int64(e.Seq), e.Data, e.Token
+			taskIDs[i], seqs[i], data[i], attempts[i] = e.TaskID, int64(e.Seq), e.Data, evAttempts[i]
 		}
 		pb.Queue(`INSERT INTO events (task_id, seq, data)
 			SELECT e.task_id, e.seq, e.data FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bigint[]) AS e(task_id, seq, data, attempt)
@@ -165,13 +186,13 @@ func (s *fencedStore) Apply(ctx context.Context, b store.Batch) error {
 			ON CONFLICT DO NOTHING RETURNING task_id, seq`,
 			taskIDs, seqs, data, attempts, s.replica)
 	}
-	for _, t := range b.Tasks {
+	for i, t := range b.Tasks {
 		pb.Queue(`INSERT INTO tasks (id, status, created_at, ended_at, body)
 			SELECT $1, $2, $3, $4, $5
 			WHERE NOT EXISTS (SELECT 1 FROM fleet_leases l WHERE l.task_id = $1 AND (l.owner <> $6 OR l.attempt <> $7))
 			ON CONFLICT (id) DO UPDATE SET status = excluded.status, created_at = excluded.created_at,
 			ended_at = excluded.ended_at, body = excluded.body`,
-			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body, s.replica, t.Token)
+			t.ID, t.Status, store.Micros(t.CreatedAt), store.Micros(t.EndedAt), t.Body, s.replica, taskAttempts[i])
 	}
 	type row struct {
 		owner   string

@@ -671,16 +671,19 @@ func (f *Fleet) ClaimSession(ctx context.Context, t *task.Task, sessionID string
 	var w *ownedWatch
 	var tokenErr error
 	if held {
+		// Held before the copy's records carry it: the fence refuses a
+		// record whose attempt this replica does not hold (fencedStore).
 		// What the copy records from now on carries the attempt (the
-		// fence is per copy: see fencedStore). A copy that cannot carry
-		// it would have all it records refused: not held.
+		// fence is per copy). A copy that cannot carry it would have all
+		// it records refused: not held.
+		f.fenced.own(id, attempt)
 		if tokenErr = t.SetFenceToken(attempt); tokenErr != nil {
 			held = false
+			f.fenced.disown(id, attempt)
 		}
 	}
 	if held {
 		f.dropped.Delete(id)
-		f.fenced.own(id, attempt)
 		w = f.watchLocked(t, attempt)
 	}
 	f.watchMu.Unlock()
