@@ -40,7 +40,9 @@ func (h *hangPublish) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.
 
 // With Redis hung, callers of publish with a 200 ms deadline return near
 // it (the batch under context.Background()+opTimeout held 64 of them for
-// 2 s), and a message still queued when its caller left is never sent.
+// 2 s), and a message still queued when its caller left is never sent:
+// the first caller's message hangs in Redis for 1 s, the 63 queued behind
+// it leave at their 200 ms deadline, and nothing of theirs goes out after.
 func TestAnnouncementsHonourTheirCallersDeadlineWhenRedisHangs(t *testing.T) {
 	rdb, err := newRedis(redisURL(t), 0)
 	if err != nil {
@@ -50,11 +52,17 @@ func TestAnnouncementsHonourTheirCallersDeadlineWhenRedisHangs(t *testing.T) {
 	h := &hangPublish{}
 	rdb.AddHook(h)
 	a := &announcer{rdb: rdb, channel: "storm-hang", log: testLogger("hang")}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		a.publish(ctx, []byte("first"))
+	})
+	waitFor(t, "the first message to reach Redis", 5*time.Second, func() bool { return h.sent.Load() == 1 })
 	const deadline = 200 * time.Millisecond
 	began := time.Now()
-	var wg sync.WaitGroup
-	took := make([]time.Duration, stormSize)
-	for i := range stormSize {
+	took := make([]time.Duration, stormSize-1)
+	for i := range stormSize - 1 {
 		wg.Go(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), deadline)
 			defer cancel()
@@ -64,8 +72,8 @@ func TestAnnouncementsHonourTheirCallersDeadlineWhenRedisHangs(t *testing.T) {
 	}
 	wg.Wait()
 	worst := slices.Max(took)
-	t.Logf("slowest caller returned after %v; %d messages reached Redis", worst, h.sent.Load())
-	if worst > deadline+400*time.Millisecond {
+	t.Logf("slowest queued caller returned after %v; %d messages reached Redis", worst, h.sent.Load())
+	if worst > deadline+600*time.Millisecond {
 		t.Fatalf("a caller with a %v deadline returned after %v", deadline, worst)
 	}
 	waitFor(t, "the announcer to be idle", 5*time.Second, func() bool {
@@ -73,8 +81,8 @@ func TestAnnouncementsHonourTheirCallersDeadlineWhenRedisHangs(t *testing.T) {
 		defer a.mu.Unlock()
 		return !a.busy && len(a.pending) == 0
 	})
-	if n := h.sent.Load(); n >= stormSize {
-		t.Fatalf("%d of %d messages sent although their callers had left while they were queued", n, stormSize)
+	if n := h.sent.Load(); n != 1 {
+		t.Fatalf("%d messages sent; want the first only (the others' callers left while they were queued)", n)
 	}
 }
 
