@@ -53,13 +53,11 @@ func (s *gateSink) commitUp(t *testing.T, up uint64) {
 	c.Commit(seq)
 }
 
-// TestEarlyAckRidesTheStoresCommit: with acks every hour, a session that
-// has EarlyAckBytes of content text recorded since its last ack gets one as
-// soon as the store has committed them — never before, never past what is
-// committed, and without a flush of its own — so that a commander's credit
-// window of characters is not paced by the ack interval. Many small
-// packets alone ask for nothing (a window of packets stays on the tick).
-func TestEarlyAckRidesTheStoresCommit(t *testing.T) {
+// gatedSession starts a hand-over server acking every interval (flush as
+// its store flush) over a gateSink, and a commander running one task: the
+// sink, the commander and its session.
+func gatedSession(t *testing.T, interval time.Duration, flush func(context.Context) error) (*gateSink, *commander, string) {
+	t.Helper()
 	b, err := broker.New(broker.Options{DefaultTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -69,14 +67,24 @@ func TestEarlyAckRidesTheStoresCommit(t *testing.T) {
 	mgr := task.NewManager(eventlog.NewDurable(eventlog.Limits{}, sink), task.NewConfigStore(nil),
 		task.ManagerOptions{DefaultPlanner: "chat", StopGrace: testutil.Wait})
 	mgr.SetQueue(sched)
-	flushed := make(chan struct{}, 1)
-	srv := NewServer(sched, b, Options{StopGrace: testutil.Wait, HandOver: true, AckInterval: time.Hour,
-		Flush: func(context.Context) error { flushed <- struct{}{}; return nil }})
+	srv := NewServer(sched, b, Options{StopGrace: testutil.Wait, HandOver: true, AckInterval: interval, Flush: flush})
 	t.Cleanup(srv.Shutdown)
 	e := &env{srv: srv, sched: sched, mgr: mgr}
 	c := e.connect(t, "planner:chat")
 	e.submit(t, task.Spec{})
 	sid, _ := c.start()
+	return sink, c, sid
+}
+
+// TestEarlyAckRidesTheStoresCommit: with acks every hour, a session that
+// has EarlyAckBytes of content text recorded since its last ack gets one as
+// soon as the store has committed them — never before, never past what is
+// committed, and without a flush of its own — so that a commander's credit
+// window of characters is not paced by the ack interval. Many small
+// packets alone ask for nothing (a window of packets stays on the tick).
+func TestEarlyAckRidesTheStoresCommit(t *testing.T) {
+	flushed := make(chan struct{}, 1)
+	sink, c, sid := gatedSession(t, time.Hour, func(context.Context) error { flushed <- struct{}{}; return nil })
 
 	// 128 small packets, one byte short of EarlyAckBytes in all, all
 	// durable: no ack.
@@ -130,32 +138,17 @@ func TestEarlyAckRidesTheStoresCommit(t *testing.T) {
 // reset it (it did: a flooding session whose window filled during the
 // flush waited for the next tick again).
 func TestAPartialTickAckKeepsTheEarlyCount(t *testing.T) {
-	b, err := broker.New(broker.Options{DefaultTimeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sched := scheduler.New(16)
-	sink := &gateSink{evs: make(map[uint64]uint64)}
-	mgr := task.NewManager(eventlog.NewDurable(eventlog.Limits{}, sink), task.NewConfigStore(nil),
-		task.ManagerOptions{DefaultPlanner: "chat", StopGrace: testutil.Wait})
-	mgr.SetQueue(sched)
 	flushing := make(chan struct{}, 16)
 	release := make(chan struct{})
-	srv := NewServer(sched, b, Options{StopGrace: testutil.Wait, HandOver: true, AckInterval: 10 * time.Millisecond,
-		Flush: func(ctx context.Context) error {
-			flushing <- struct{}{}
-			select {
-			case <-release:
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}})
-	t.Cleanup(srv.Shutdown)
-	e := &env{srv: srv, sched: sched, mgr: mgr}
-	c := e.connect(t, "planner:chat")
-	e.submit(t, task.Spec{})
-	sid, _ := c.start()
+	sink, c, sid := gatedSession(t, 10*time.Millisecond, func(ctx context.Context) error {
+		flushing <- struct{}{}
+		select {
+		case <-release:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	})
 
 	// Packet 1 (half the early-ack bytes) is handled; the tick snapshots
 	// it and flushes.
